@@ -1,0 +1,1127 @@
+//! The broker's shared state: a cheap-clone [`Broker`] handle over `Arc`.
+//!
+//! Each queue and topic sits behind its own std mutex, held only for short, non-async
+//! sections. The one place that holds several at once is a publish to a topic with bound
+//! queues (topic first, then queues in name order), which keeps it atomic and deadlock-free:
+//! every other path holds at most one queue lock at a time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::broker::error::BrokerError;
+use crate::broker::limits::{Limits, check_duration_ms};
+use crate::broker::names::{Pattern, validate_name};
+use crate::broker::queue::{
+    ConsumerState, DeadLetter, Delivery, Enqueued, FailOutcome, Job, JobState, LeaseId,
+    MAX_VISIBILITY_MS, NewJob, Queue, QueueCounts, QueuePolicy,
+};
+use crate::broker::subscription::{self, SubscribeSpec, SubscriberShared, Subscription};
+use crate::broker::time::{Millis, now_ms};
+use crate::broker::topic::{Appended, NewMessage, Retention, Topic, validate_retention};
+
+/// Longest long-poll wait.
+pub const MAX_LEASE_WAIT_MS: u64 = 60_000;
+/// Header carrying the topic sequence on jobs created by a binding.
+pub const HEADER_TOPIC_SEQUENCE: &str = "x-sluice-topic-sequence";
+
+/// Broker settings that are not per queue or topic.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Request limits.
+    pub limits: Limits,
+    /// How often leases are expired and scheduled jobs promoted when nobody is leasing.
+    pub tick_interval: Duration,
+    /// Batches buffered per subscription before the subscriber's reader waits.
+    pub subscriber_buffer: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            tick_interval: Duration::from_millis(10),
+            subscriber_buffer: 16,
+        }
+    }
+}
+
+/// Locks a mutex. A panic while holding one of the broker's locks is a bug that may have
+/// left the state half-changed, so it is not papered over.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock()
+        .expect("a broker lock was poisoned by an earlier panic")
+}
+
+pub(crate) struct QueueSlot {
+    name: Arc<str>,
+    queue: Mutex<Queue>,
+    /// Woken whenever jobs may have become visible; long-polling leases wait on it.
+    ready: Notify,
+    deleted: AtomicBool,
+}
+
+pub(crate) struct TopicSlot {
+    pub(crate) name: Arc<str>,
+    pub(crate) topic: Mutex<Topic>,
+    /// Mirror of the topic's next sequence, read without the lock by subscriptions.
+    pub(crate) next_seq: AtomicU64,
+    pub(crate) subscribers: Mutex<Vec<Arc<SubscriberShared>>>,
+    pub(crate) deleted: AtomicBool,
+    pub(crate) gaps: AtomicU64,
+}
+
+impl TopicSlot {
+    fn wake_subscribers(&self) {
+        for sub in lock(&self.subscribers).iter() {
+            sub.wake.notify_one();
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Registry {
+    pub(crate) subscriptions: Vec<Arc<SubscriberShared>>,
+    bindings: Vec<(Pattern, Arc<str>)>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: BrokerConfig,
+    queues: DashMap<Arc<str>, Arc<QueueSlot>>,
+    pub(crate) topics: DashMap<Arc<str>, Arc<TopicSlot>>,
+    /// Serialises topic creation, subscription registration and binding changes, so a new
+    /// topic and a new subscription always see each other.
+    pub(crate) registry: Mutex<Registry>,
+    pub(crate) shutdown: CancellationToken,
+    next_subscription: AtomicU64,
+}
+
+/// The broker. Clone it freely: clones share one state.
+#[derive(Clone)]
+pub struct Broker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// Parameters of a lease request, already defaulted by the caller where it wants.
+#[derive(Debug, Clone)]
+pub struct LeaseParams {
+    /// Most jobs.
+    pub max_jobs: usize,
+    /// Lease duration; `None` takes the queue policy's.
+    pub visibility_timeout_ms: Option<u64>,
+    /// Long-poll wait.
+    pub wait_ms: u64,
+    /// Consumer name.
+    pub consumer: String,
+    /// Peer address, for ListConsumers.
+    pub address: String,
+}
+
+/// Changes to a queue policy; `None` keeps the current (or default) value.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyPatch {
+    /// Default lease duration.
+    pub visibility_timeout_ms: Option<u64>,
+    /// Default max attempts.
+    pub max_attempts: Option<u32>,
+    /// Backoff.
+    pub backoff: Option<crate::broker::queue::Backoff>,
+    /// Dead-letter queue.
+    pub dead_letter_queue: Option<String>,
+    /// Max depth.
+    pub max_depth: Option<u64>,
+    /// Dedup window.
+    pub dedup_window_ms: Option<u64>,
+    /// Topic bindings (replaced whole).
+    pub topic_bindings: Option<Vec<String>>,
+    /// History limit.
+    pub history_limit: Option<u32>,
+}
+
+/// A queue's description.
+#[derive(Debug, Clone)]
+pub struct QueueInfo {
+    /// Name.
+    pub name: String,
+    /// Policy.
+    pub policy: QueuePolicy,
+    /// Paused.
+    pub paused: bool,
+}
+
+/// Stats of one topic.
+#[derive(Debug, Clone, Default)]
+pub struct TopicCounts {
+    /// Name.
+    pub name: String,
+    /// Oldest retained sequence (0 if empty).
+    pub first_sequence: u64,
+    /// Newest sequence (0 if none).
+    pub last_sequence: u64,
+    /// Retained messages.
+    pub retained_messages: u64,
+    /// Retained payload bytes.
+    pub retained_bytes: u64,
+    /// Open matching subscriptions.
+    pub subscribers: u32,
+    /// Gaps reported.
+    pub gaps: u64,
+    /// Published since start.
+    pub published: u64,
+    /// Published per second, last 10 s.
+    pub publish_rate: f64,
+}
+
+/// A whole-broker snapshot of counters.
+#[derive(Debug, Clone, Default)]
+pub struct StatsSnapshot {
+    /// Per queue, by name.
+    pub queues: Vec<(String, QueueCounts)>,
+    /// Per topic, by name.
+    pub topics: Vec<TopicCounts>,
+    /// When taken.
+    pub taken_at: Millis,
+}
+
+/// The result of a redrive.
+#[derive(Debug, Clone, Default)]
+pub struct RedriveOutcome {
+    /// Jobs moved back.
+    pub redriven: u64,
+    /// Requested ids that could not be moved.
+    pub skipped: Vec<Uuid>,
+}
+
+impl Broker {
+    /// A new, empty broker. Starts its expiry task, so it must be called inside a Tokio
+    /// runtime; the task ends when [`Broker::shutdown`] is called.
+    pub fn new(config: BrokerConfig) -> Self {
+        let broker = Self {
+            inner: Arc::new(Inner {
+                config,
+                queues: DashMap::new(),
+                topics: DashMap::new(),
+                registry: Mutex::new(Registry::default()),
+                shutdown: CancellationToken::new(),
+                next_subscription: AtomicU64::new(1),
+            }),
+        };
+        tokio::spawn(broker.clone().run_ticker());
+        broker
+    }
+
+    /// The limits this broker enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.config.limits
+    }
+
+    /// The token cancelled on shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Starts shutting down: long polls return, subscriptions and the expiry task end.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    async fn run_ticker(self) {
+        let mut interval = tokio::time::interval(self.inner.config.tick_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            let now = now_ms();
+            let queues: Vec<Arc<QueueSlot>> = self
+                .inner
+                .queues
+                .iter()
+                .map(|e| e.value().clone())
+                .collect();
+            for slot in queues {
+                let due = lock(&slot.queue).next_due().is_some_and(|t| t <= now);
+                if due {
+                    self.with_queue(&slot, |q| q.tick(now));
+                }
+            }
+            let topics: Vec<Arc<TopicSlot>> = self
+                .inner
+                .topics
+                .iter()
+                .map(|e| e.value().clone())
+                .collect();
+            for slot in topics {
+                lock(&slot.topic).enforce_retention(now);
+            }
+        }
+    }
+
+    // ---- queues: lookup and mutation helpers ------------------------------------------
+
+    fn existing_queue(&self, field: &str, name: &str) -> Result<Arc<QueueSlot>, BrokerError> {
+        validate_name(field, name)?;
+        self.inner
+            .queues
+            .get(name)
+            .map(|e| e.value().clone())
+            .ok_or_else(|| BrokerError::NotFound(format!("queue {name:?} does not exist")))
+    }
+
+    /// The queue, created with the default policy on first use.
+    fn queue_or_create(&self, field: &str, name: &str) -> Result<Arc<QueueSlot>, BrokerError> {
+        validate_name(field, name)?;
+        if let Some(slot) = self.inner.queues.get(name) {
+            return Ok(slot.value().clone());
+        }
+        let max = self.inner.config.limits.max_queues;
+        if self.inner.queues.len() >= max {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "{field}: cannot create queue {name:?}: the broker holds the maximum of {max} queues"
+            )));
+        }
+        Ok(self.queue_forced(name))
+    }
+
+    /// The queue, created regardless of the queue limit (dead letters must land).
+    fn queue_forced(&self, name: &str) -> Arc<QueueSlot> {
+        self.inner
+            .queues
+            .entry(Arc::from(name))
+            .or_insert_with(|| {
+                Arc::new(QueueSlot {
+                    name: Arc::from(name),
+                    queue: Mutex::new(Queue::new(name, QueuePolicy::default_for(name))),
+                    ready: Notify::new(),
+                    deleted: AtomicBool::new(false),
+                })
+            })
+            .value()
+            .clone()
+    }
+
+    /// Runs `f` on the locked queue, then wakes long-pollers if jobs are visible and moves
+    /// any dead letters to their queues (after the lock is released).
+    fn with_queue<R>(&self, slot: &QueueSlot, f: impl FnOnce(&mut Queue) -> R) -> R {
+        let (result, letters, visible) = {
+            let mut q = lock(&slot.queue);
+            let result = f(&mut q);
+            (result, q.take_dead_letters(), q.has_visible())
+        };
+        if visible {
+            slot.ready.notify_waiters();
+        }
+        if !letters.is_empty() {
+            self.route_dead_letters(letters);
+        }
+        result
+    }
+
+    fn route_dead_letters(&self, letters: Vec<DeadLetter>) {
+        let now = now_ms();
+        for letter in letters {
+            let target = self.queue_forced(&letter.target);
+            lock(&target.queue).insert_dead_letter(now, letter);
+            target.ready.notify_waiters();
+        }
+    }
+
+    // ---- producing ------------------------------------------------------------------
+
+    /// Validates and stores jobs in one queue, all or none.
+    pub fn enqueue(&self, queue: &str, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, BrokerError> {
+        let limits = &self.inner.config.limits;
+        validate_name("queue", queue)?;
+        limits.check_batch("jobs", jobs.len())?;
+        for (i, job) in jobs.iter().enumerate() {
+            limits.check_payload(&format!("jobs[{i}].payload"), job.payload.len())?;
+            limits.check_headers(&format!("jobs[{i}].headers"), &job.headers)?;
+            limits.check_key(&format!("jobs[{i}].kind"), &job.kind)?;
+            if let Some(k) = &job.idempotency_key {
+                limits.check_key(&format!("jobs[{i}].idempotency_key"), k)?;
+            }
+            if let Some(k) = &job.ordering_key {
+                limits.check_key(&format!("jobs[{i}].ordering_key"), k)?;
+            }
+        }
+        let slot = self.queue_or_create("queue", queue)?;
+        let now = now_ms();
+        self.with_queue(&slot, |q| q.enqueue(now, jobs))
+    }
+
+    /// Validates and appends messages to one topic, and enqueues them into every queue
+    /// bound to a matching pattern, atomically: if a bound queue is full nothing is written.
+    pub fn publish(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, BrokerError> {
+        let limits = &self.inner.config.limits;
+        validate_name("topic", topic)?;
+        limits.check_batch("messages", messages.len())?;
+        for (i, m) in messages.iter().enumerate() {
+            limits.check_payload(&format!("messages[{i}].payload"), m.payload.len())?;
+            limits.check_headers(&format!("messages[{i}].headers"), &m.headers)?;
+            limits.check_key(&format!("messages[{i}].key"), &m.key)?;
+            if let Some(k) = &m.idempotency_key {
+                limits.check_key(&format!("messages[{i}].idempotency_key"), k)?;
+            }
+        }
+        let slot = self.topic_or_create("topic", topic, None)?;
+        let targets = self.bound_queues(topic);
+        let now = now_ms();
+
+        let mut topic_guard = lock(&slot.topic);
+        let mut queue_guards: Vec<MutexGuard<'_, Queue>> =
+            targets.iter().map(|q| lock(&q.queue)).collect();
+        if !queue_guards.is_empty() {
+            let fresh =
+                topic_guard.count_new(now, messages.iter().map(|m| m.idempotency_key.clone()));
+            for q in &queue_guards {
+                q.check_capacity(fresh).map_err(|e| {
+                    BrokerError::ResourceExhausted(format!(
+                        "nothing published to {topic:?}: bound {e}"
+                    ))
+                })?;
+            }
+        }
+        let (results, stored) = topic_guard.append(now, messages);
+        slot.next_seq
+            .store(topic_guard.next_seq(), Ordering::Release);
+        drop(topic_guard);
+        if !stored.is_empty() {
+            for q in queue_guards.iter_mut() {
+                let jobs = stored
+                    .iter()
+                    .map(|m| {
+                        let mut headers = m.headers.clone();
+                        headers.insert(HEADER_TOPIC_SEQUENCE.into(), m.sequence.to_string());
+                        NewJob {
+                            payload: m.payload.clone(),
+                            headers,
+                            kind: topic.to_owned(),
+                            ..NewJob::default()
+                        }
+                    })
+                    .collect();
+                q.enqueue(now, jobs)
+                    .expect("capacity was checked under the same lock");
+            }
+        }
+        drop(queue_guards);
+        for q in &targets {
+            q.ready.notify_waiters();
+        }
+        slot.wake_subscribers();
+        Ok(results)
+    }
+
+    /// Queues bound to patterns that match `topic`, sorted by name (the lock order).
+    fn bound_queues(&self, topic: &str) -> Vec<Arc<QueueSlot>> {
+        let names: Vec<Arc<str>> = {
+            let registry = lock(&self.inner.registry);
+            let mut names: Vec<Arc<str>> = registry
+                .bindings
+                .iter()
+                .filter(|(p, _)| p.matches(topic))
+                .map(|(_, q)| q.clone())
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+        };
+        names
+            .iter()
+            .filter_map(|n| self.inner.queues.get(n).map(|e| e.value().clone()))
+            .collect()
+    }
+
+    fn rebuild_bindings(&self) {
+        let mut bindings = Vec::new();
+        for entry in self.inner.queues.iter() {
+            let q = lock(&entry.value().queue);
+            for pattern in &q.policy().topic_bindings {
+                if let Ok(p) = Pattern::parse("topic_bindings", pattern) {
+                    bindings.push((p, entry.key().clone()));
+                }
+            }
+        }
+        lock(&self.inner.registry).bindings = bindings;
+    }
+
+    // ---- consuming ------------------------------------------------------------------
+
+    /// Leases jobs, long-polling up to `wait_ms` when none is visible.
+    pub async fn lease(
+        &self,
+        queue: &str,
+        params: LeaseParams,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let limits = &self.inner.config.limits;
+        if params.max_jobs > limits.max_batch {
+            return Err(BrokerError::over_limit(
+                "max_jobs",
+                params.max_jobs as u64,
+                limits.max_batch as u64,
+                "jobs",
+            ));
+        }
+        if let Some(v) = params.visibility_timeout_ms {
+            check_duration_ms("visibility_timeout_ms", v, MAX_VISIBILITY_MS)?;
+        }
+        check_duration_ms("wait_ms", params.wait_ms, MAX_LEASE_WAIT_MS)?;
+        let slot = self.queue_or_create("queue", queue)?;
+        let consumer: Arc<str> = Arc::from(if params.consumer.is_empty() {
+            params.address.as_str()
+        } else {
+            params.consumer.as_str()
+        });
+        let max = params.max_jobs.max(1);
+        let give_up = tokio::time::Instant::now() + Duration::from_millis(params.wait_ms);
+        loop {
+            let notified = slot.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = now_ms();
+            let (jobs, next_due) = self.with_queue(&slot, |q| {
+                let visibility = params
+                    .visibility_timeout_ms
+                    .unwrap_or(q.policy().visibility_timeout_ms);
+                (
+                    q.lease(now, max, visibility, &consumer, &params.address),
+                    q.next_due(),
+                )
+            });
+            if !jobs.is_empty()
+                || tokio::time::Instant::now() >= give_up
+                || slot.deleted.load(Ordering::Acquire)
+            {
+                return Ok(jobs);
+            }
+            // Sleep until a job may be visible: a notification, the next due timer, or
+            // the end of the wait.
+            let mut wake_at = give_up;
+            if let Some(due) = next_due {
+                let in_ms = due.saturating_sub(now_ms());
+                wake_at = wake_at.min(tokio::time::Instant::now() + Duration::from_millis(in_ms));
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = self.inner.shutdown.cancelled() => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    fn parse_lease(field: &str, lease_id: &str) -> Result<LeaseId, BrokerError> {
+        lease_id.parse().map_err(|()| {
+            BrokerError::invalid(
+                field,
+                format!("{lease_id:?} is not a lease id (expected <queue>/<seq>/<nonce> as returned by Lease)"),
+            )
+        })
+    }
+
+    fn lease_queue(&self, lease: &LeaseId) -> Result<Arc<QueueSlot>, BrokerError> {
+        self.inner
+            .queues
+            .get(lease.queue.as_str())
+            .map(|e| e.value().clone())
+            .ok_or_else(|| {
+                BrokerError::FailedPrecondition(format!(
+                    "lease {lease} is stale: queue {:?} no longer exists",
+                    lease.queue
+                ))
+            })
+    }
+
+    /// Acks deliveries, all or none: if any lease is stale nothing is applied.
+    pub fn ack(&self, acks: Vec<(String, Option<Bytes>)>) -> Result<(), BrokerError> {
+        let limits = &self.inner.config.limits;
+        limits.check_batch("acks", acks.len())?;
+        let mut parsed = Vec::with_capacity(acks.len());
+        for (i, (lease_id, result)) in acks.into_iter().enumerate() {
+            let lease = Self::parse_lease(&format!("acks[{i}].lease_id"), &lease_id)?;
+            if let Some(r) = &result {
+                limits.check_payload(&format!("acks[{i}].result"), r.len())?;
+            }
+            parsed.push((lease, result));
+        }
+        let mut by_queue: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, (lease, _)) in parsed.iter().enumerate() {
+            by_queue.entry(lease.queue.clone()).or_default().push(i);
+        }
+        let mut names: Vec<String> = by_queue.keys().cloned().collect();
+        names.sort_unstable();
+        let mut slots = Vec::with_capacity(names.len());
+        for name in &names {
+            let first = by_queue[name][0];
+            slots.push(self.lease_queue(&parsed[first].0)?);
+        }
+        let now = now_ms();
+        {
+            let mut guards: Vec<MutexGuard<'_, Queue>> =
+                slots.iter().map(|s| lock(&s.queue)).collect();
+            let mut stale = Vec::new();
+            for (guard, name) in guards.iter().zip(&names) {
+                for &i in &by_queue[name] {
+                    if let Err(e) = guard.check_lease(now, &parsed[i].0) {
+                        stale.push(e.to_string());
+                    }
+                }
+            }
+            if !stale.is_empty() {
+                let shown: Vec<&str> = stale.iter().take(10).map(String::as_str).collect();
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "{} of {} leases are stale, nothing was acked: {}",
+                    stale.len(),
+                    parsed.len(),
+                    shown.join("; ")
+                )));
+            }
+            for (guard, name) in guards.iter_mut().zip(&names) {
+                for &i in &by_queue[name] {
+                    let (lease, result) = &mut parsed[i];
+                    guard
+                        .ack(now, lease, result.take())
+                        .expect("lease was checked under the same lock");
+                }
+            }
+        }
+        for slot in &slots {
+            if lock(&slot.queue).has_visible() {
+                slot.ready.notify_waiters();
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails a delivery (retry or dead-letter).
+    pub fn nack(
+        &self,
+        lease_id: &str,
+        error: String,
+        retry_delay_ms: Option<u64>,
+        dead_letter: bool,
+    ) -> Result<(JobState, Option<Millis>), BrokerError> {
+        let lease = Self::parse_lease("lease_id", lease_id)?;
+        self.inner.config.limits.check_error_text("error", &error)?;
+        if let Some(d) = retry_delay_ms {
+            check_duration_ms("retry_delay_ms", d, MAX_VISIBILITY_MS)?;
+        }
+        let slot = self.lease_queue(&lease)?;
+        let now = now_ms();
+        let outcome = self.with_queue(&slot, |q| {
+            q.nack(now, &lease, error, retry_delay_ms, dead_letter)
+        })?;
+        Ok(match outcome {
+            FailOutcome::Dead => (JobState::Dead, None),
+            FailOutcome::Retry { at } if at <= now => (JobState::Pending, Some(at)),
+            FailOutcome::Retry { at } => (JobState::Retrying, Some(at)),
+        })
+    }
+
+    /// Extends a live lease; returns the new deadline.
+    pub fn extend_lease(
+        &self,
+        lease_id: &str,
+        visibility_timeout_ms: u64,
+    ) -> Result<Millis, BrokerError> {
+        let lease = Self::parse_lease("lease_id", lease_id)?;
+        if visibility_timeout_ms == 0 {
+            return Err(BrokerError::invalid(
+                "visibility_timeout_ms",
+                "must be at least 1 ms",
+            ));
+        }
+        check_duration_ms(
+            "visibility_timeout_ms",
+            visibility_timeout_ms,
+            MAX_VISIBILITY_MS,
+        )?;
+        let slot = self.lease_queue(&lease)?;
+        let now = now_ms();
+        self.with_queue(&slot, |q| q.extend(now, &lease, visibility_timeout_ms))
+    }
+
+    // ---- inspection -------------------------------------------------------------------
+
+    fn parse_job_id(field: &str, id: &str) -> Result<Uuid, BrokerError> {
+        Uuid::parse_str(id)
+            .map_err(|e| BrokerError::invalid(field, format!("{id:?} is not a job id: {e}")))
+    }
+
+    fn queues_to_search(&self, queue: Option<&str>) -> Result<Vec<Arc<QueueSlot>>, BrokerError> {
+        Ok(match queue {
+            Some(name) => vec![self.existing_queue("queue", name)?],
+            None => self
+                .inner
+                .queues
+                .iter()
+                .map(|e| e.value().clone())
+                .collect(),
+        })
+    }
+
+    /// Finds a job by id, in one queue or in all; returns its queue and record. A dead
+    /// job is reported from its original queue rather than from the dead-letter queue that
+    /// holds its copy.
+    pub fn get_job(&self, id: &str, queue: Option<&str>) -> Result<(String, Job), BrokerError> {
+        let uuid = Self::parse_job_id("id", id)?;
+        let mut found: Option<(String, Job)> = None;
+        for slot in self.queues_to_search(queue)? {
+            if let Some(job) = lock(&slot.queue).get(&uuid) {
+                let better = match &found {
+                    None => true,
+                    Some((_, f)) => job.state == JobState::Dead && f.state != JobState::Dead,
+                };
+                if better {
+                    found = Some((slot.name.to_string(), job.clone()));
+                }
+            }
+        }
+        found.ok_or_else(|| BrokerError::NotFound(format!("job {id} not found")))
+    }
+
+    /// Cancels a job that is not leased.
+    pub fn cancel_job(&self, id: &str, queue: Option<&str>) -> Result<(String, Job), BrokerError> {
+        let uuid = Self::parse_job_id("id", id)?;
+        for slot in self.queues_to_search(queue)? {
+            let known = lock(&slot.queue)
+                .get(&uuid)
+                .is_some_and(|j| !j.state.is_finished());
+            if known {
+                let now = now_ms();
+                let job = self.with_queue(&slot, |q| q.cancel(now, &uuid))?;
+                return Ok((slot.name.to_string(), job));
+            }
+        }
+        // Not live anywhere: report the finished record's state, or that it is unknown.
+        let (_, job) = self.get_job(id, queue)?;
+        Err(BrokerError::FailedPrecondition(format!(
+            "job {id} is already {}",
+            job.state.as_str()
+        )))
+    }
+
+    /// A page of a queue's jobs in one state (live ones if `None`).
+    pub fn list_jobs(
+        &self,
+        queue: &str,
+        state: Option<JobState>,
+        page_size: usize,
+        page_token: &str,
+    ) -> Result<(Vec<Job>, Option<u64>), BrokerError> {
+        let limits = &self.inner.config.limits;
+        if page_size > limits.max_batch {
+            return Err(BrokerError::over_limit(
+                "page_size",
+                page_size as u64,
+                limits.max_batch as u64,
+                "jobs",
+            ));
+        }
+        let after = if page_token.is_empty() {
+            0
+        } else {
+            page_token.parse().map_err(|_| {
+                BrokerError::invalid(
+                    "page_token",
+                    format!("{page_token:?} is not a page token from ListJobs"),
+                )
+            })?
+        };
+        let slot = self.existing_queue("queue", queue)?;
+        let size = if page_size == 0 { 100 } else { page_size };
+        Ok(lock(&slot.queue).list(state, after, size))
+    }
+
+    /// The newest finished jobs of a queue.
+    pub fn job_history(&self, queue: &str, limit: usize) -> Result<Vec<Job>, BrokerError> {
+        let limits = &self.inner.config.limits;
+        if limit > limits.max_batch {
+            return Err(BrokerError::over_limit(
+                "limit",
+                limit as u64,
+                limits.max_batch as u64,
+                "jobs",
+            ));
+        }
+        let slot = self.existing_queue("queue", queue)?;
+        Ok(lock(&slot.queue).history(if limit == 0 { 100 } else { limit }))
+    }
+
+    // ---- queue administration -----------------------------------------------------------
+
+    fn apply_patch(
+        &self,
+        name: &str,
+        mut policy: QueuePolicy,
+        patch: PolicyPatch,
+    ) -> Result<QueuePolicy, BrokerError> {
+        if let Some(v) = patch.visibility_timeout_ms {
+            if v == 0 {
+                return Err(BrokerError::invalid(
+                    "policy.visibility_timeout_ms",
+                    "must be at least 1 ms",
+                ));
+            }
+            check_duration_ms("policy.visibility_timeout_ms", v, MAX_VISIBILITY_MS)?;
+            policy.visibility_timeout_ms = v;
+        }
+        if let Some(v) = patch.max_attempts {
+            if v == 0 {
+                return Err(BrokerError::invalid(
+                    "policy.max_attempts",
+                    "must be at least 1",
+                ));
+            }
+            policy.max_attempts = v;
+        }
+        if let Some(b) = patch.backoff {
+            if let crate::broker::queue::Backoff::Schedule(d) = &b
+                && let Some(bad) = d.iter().find(|d| **d > MAX_VISIBILITY_MS)
+            {
+                return Err(BrokerError::over_limit(
+                    "policy.backoff.delays_ms",
+                    *bad,
+                    MAX_VISIBILITY_MS,
+                    "ms",
+                ));
+            }
+            policy.backoff = b;
+        }
+        if let Some(dlq) = patch.dead_letter_queue {
+            validate_name("policy.dead_letter_queue", &dlq)?;
+            if dlq == name {
+                return Err(BrokerError::invalid(
+                    "policy.dead_letter_queue",
+                    format!("{dlq:?} is the queue itself"),
+                ));
+            }
+            policy.dead_letter_queue = dlq;
+        }
+        if let Some(v) = patch.max_depth {
+            if v == 0 {
+                return Err(BrokerError::invalid(
+                    "policy.max_depth",
+                    "must be at least 1",
+                ));
+            }
+            policy.max_depth = v;
+        }
+        if let Some(v) = patch.dedup_window_ms {
+            check_duration_ms("policy.dedup_window_ms", v, 7 * 24 * 3600 * 1000)?;
+            policy.dedup_window_ms = v;
+        }
+        if let Some(bindings) = patch.topic_bindings {
+            if bindings.len() > 100 {
+                return Err(BrokerError::over_limit(
+                    "policy.topic_bindings",
+                    bindings.len() as u64,
+                    100,
+                    "patterns",
+                ));
+            }
+            for (i, b) in bindings.iter().enumerate() {
+                Pattern::parse(&format!("policy.topic_bindings[{i}]"), b)?;
+            }
+            policy.topic_bindings = bindings;
+        }
+        if let Some(v) = patch.history_limit {
+            if v > 100_000 {
+                return Err(BrokerError::over_limit(
+                    "policy.history_limit",
+                    v as u64,
+                    100_000,
+                    "jobs",
+                ));
+            }
+            policy.history_limit = v;
+        }
+        Ok(policy)
+    }
+
+    fn info(slot: &QueueSlot) -> QueueInfo {
+        let q = lock(&slot.queue);
+        QueueInfo {
+            name: slot.name.to_string(),
+            policy: q.policy().clone(),
+            paused: q.is_paused(),
+        }
+    }
+
+    /// Creates a queue with a policy.
+    pub fn create_queue(&self, name: &str, patch: PolicyPatch) -> Result<QueueInfo, BrokerError> {
+        validate_name("name", name)?;
+        let policy = self.apply_patch(name, QueuePolicy::default_for(name), patch)?;
+        if self.inner.queues.contains_key(name) {
+            return Err(BrokerError::AlreadyExists(format!(
+                "queue {name:?} already exists (use UpdateQueue)"
+            )));
+        }
+        let slot = self.queue_or_create("name", name)?;
+        lock(&slot.queue).set_policy(policy);
+        self.rebuild_bindings();
+        Ok(Self::info(&slot))
+    }
+
+    /// Changes a queue's policy.
+    pub fn update_queue(&self, name: &str, patch: PolicyPatch) -> Result<QueueInfo, BrokerError> {
+        let slot = self.existing_queue("name", name)?;
+        let current = lock(&slot.queue).policy().clone();
+        let policy = self.apply_patch(name, current, patch)?;
+        lock(&slot.queue).set_policy(policy);
+        self.rebuild_bindings();
+        Ok(Self::info(&slot))
+    }
+
+    /// Cancels every unleased job of a queue.
+    pub fn purge_queue(&self, name: &str) -> Result<u64, BrokerError> {
+        let slot = self.existing_queue("name", name)?;
+        let now = now_ms();
+        Ok(self.with_queue(&slot, |q| q.purge(now)))
+    }
+
+    /// Deletes a queue and everything in it.
+    pub fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
+        validate_name("name", name)?;
+        let (_, slot) = self
+            .inner
+            .queues
+            .remove(name)
+            .ok_or_else(|| BrokerError::NotFound(format!("queue {name:?} does not exist")))?;
+        slot.deleted.store(true, Ordering::Release);
+        slot.ready.notify_waiters();
+        self.rebuild_bindings();
+        Ok(())
+    }
+
+    /// Pauses or resumes leasing.
+    pub fn set_paused(&self, name: &str, paused: bool) -> Result<QueueInfo, BrokerError> {
+        let slot = self.existing_queue("name", name)?;
+        self.with_queue(&slot, |q| q.set_paused(paused));
+        Ok(Self::info(&slot))
+    }
+
+    /// Every queue.
+    pub fn list_queues(&self) -> Vec<QueueInfo> {
+        let mut out: Vec<QueueInfo> = self
+            .inner
+            .queues
+            .iter()
+            .map(|e| Self::info(e.value()))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Moves dead jobs back to their original queues at most `rate_per_second` a second.
+    pub async fn redrive(
+        &self,
+        dead_letter_queue: &str,
+        ids: &[String],
+        rate_per_second: u32,
+        max_jobs: u64,
+    ) -> Result<RedriveOutcome, BrokerError> {
+        let limits = &self.inner.config.limits;
+        if ids.len() > limits.max_batch {
+            return Err(BrokerError::over_limit(
+                "job_ids",
+                ids.len() as u64,
+                limits.max_batch as u64,
+                "ids",
+            ));
+        }
+        let uuids = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Self::parse_job_id(&format!("job_ids[{i}]"), id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let slot = self.existing_queue("dead_letter_queue", dead_letter_queue)?;
+        let rate = if rate_per_second == 0 {
+            1_000
+        } else {
+            rate_per_second
+        } as usize;
+        // Ten steps a second keep the rate smooth.
+        let step = rate.div_ceil(10);
+        let mut outcome = RedriveOutcome::default();
+        let mut pending_ids: &[Uuid] = &uuids;
+        let mut ticker = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            ticker.tick().await;
+            let budget = if max_jobs == 0 {
+                step
+            } else {
+                step.min((max_jobs - outcome.redriven) as usize)
+            };
+            let (chunk, rest) = pending_ids.split_at(pending_ids.len().min(budget));
+            pending_ids = rest;
+            let (moved, skipped) = if uuids.is_empty() {
+                self.with_queue(&slot, |q| q.take_for_redrive(&[], budget))
+            } else {
+                self.with_queue(&slot, |q| q.take_for_redrive(chunk, budget))
+            };
+            outcome.skipped.extend(skipped);
+            let count = moved.len() as u64;
+            let now = now_ms();
+            for job in moved {
+                let target = self.queue_forced(&job.target);
+                self.with_queue(&target, |q| q.restore(now, job));
+            }
+            outcome.redriven += count;
+            let done = if uuids.is_empty() {
+                count < budget as u64
+            } else {
+                pending_ids.is_empty()
+            };
+            if done
+                || (max_jobs > 0 && outcome.redriven >= max_jobs)
+                || self.inner.shutdown.is_cancelled()
+            {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// Consumers seen on a queue.
+    pub fn list_consumers(
+        &self,
+        queue: &str,
+    ) -> Result<Vec<(Arc<str>, ConsumerState)>, BrokerError> {
+        let slot = self.existing_queue("queue", queue)?;
+        Ok(lock(&slot.queue).consumers())
+    }
+
+    // ---- topics ---------------------------------------------------------------------------
+
+    /// The topic, created (with `retention`, or the default) on first use. Creation runs
+    /// under the registry lock and attaches every matching subscription.
+    fn topic_or_create(
+        &self,
+        field: &str,
+        name: &str,
+        retention: Option<Retention>,
+    ) -> Result<Arc<TopicSlot>, BrokerError> {
+        if let Some(slot) = self.inner.topics.get(name) {
+            return Ok(slot.value().clone());
+        }
+        let registry = lock(&self.inner.registry);
+        if let Some(slot) = self.inner.topics.get(name) {
+            return Ok(slot.value().clone());
+        }
+        let max = self.inner.config.limits.max_topics;
+        if self.inner.topics.len() >= max {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "{field}: cannot create topic {name:?}: the broker holds the maximum of {max} topics"
+            )));
+        }
+        let slot = Arc::new(TopicSlot {
+            name: Arc::from(name),
+            topic: Mutex::new(Topic::new(name, retention.unwrap_or_default())),
+            next_seq: AtomicU64::new(1),
+            subscribers: Mutex::new(Vec::new()),
+            deleted: AtomicBool::new(false),
+            gaps: AtomicU64::new(0),
+        });
+        let matching: Vec<Arc<SubscriberShared>> = registry
+            .subscriptions
+            .iter()
+            .filter(|s| s.pattern.matches(name))
+            .cloned()
+            .collect();
+        for sub in &matching {
+            lock(&sub.new_topics).push(slot.clone());
+            sub.wake.notify_one();
+        }
+        *lock(&slot.subscribers) = matching;
+        self.inner.topics.insert(slot.name.clone(), slot.clone());
+        Ok(slot)
+    }
+
+    /// Creates a topic or changes its retention.
+    pub fn create_topic(&self, name: &str, retention: Retention) -> Result<Retention, BrokerError> {
+        validate_name("name", name)?;
+        validate_retention(&retention)?;
+        let slot = self.topic_or_create("name", name, Some(retention))?;
+        let mut topic = lock(&slot.topic);
+        topic.set_retention(retention, now_ms());
+        Ok(topic.retention())
+    }
+
+    /// Deletes a topic and its log.
+    pub fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
+        validate_name("name", name)?;
+        let _registry = lock(&self.inner.registry);
+        let (_, slot) = self
+            .inner
+            .topics
+            .remove(name)
+            .ok_or_else(|| BrokerError::NotFound(format!("topic {name:?} does not exist")))?;
+        slot.deleted.store(true, Ordering::Release);
+        slot.wake_subscribers();
+        Ok(())
+    }
+
+    /// Opens a subscription. Messages flow from a background task into a bounded buffer;
+    /// the returned [`Subscription`] is a stream that ends on shutdown.
+    pub fn subscribe(&self, spec: SubscribeSpec) -> Result<Subscription, BrokerError> {
+        let id = self.inner.next_subscription.fetch_add(1, Ordering::Relaxed);
+        subscription::open(self.inner.clone(), id, spec)
+    }
+
+    // ---- stats ------------------------------------------------------------------------------
+
+    /// Counters of the named queues and topics (all when the lists are empty).
+    pub fn stats(&self, queues: &[String], topics: &[String]) -> StatsSnapshot {
+        let now = now_ms();
+        let mut snapshot = StatsSnapshot {
+            taken_at: now,
+            ..StatsSnapshot::default()
+        };
+        for entry in self.inner.queues.iter() {
+            if !queues.is_empty() && !queues.iter().any(|q| **q == **entry.key()) {
+                continue;
+            }
+            let counts = lock(&entry.value().queue).counts(now);
+            snapshot.queues.push((entry.key().to_string(), counts));
+        }
+        snapshot.queues.sort_by(|a, b| a.0.cmp(&b.0));
+        for entry in self.inner.topics.iter() {
+            if !topics.is_empty() && !topics.iter().any(|t| **t == **entry.key()) {
+                continue;
+            }
+            let slot = entry.value();
+            let t = lock(&slot.topic);
+            let (retained_messages, retained_bytes) = t.retained();
+            let (published, publish_rate) = t.published(now);
+            let next = t.next_seq();
+            snapshot.topics.push(TopicCounts {
+                name: entry.key().to_string(),
+                first_sequence: if retained_messages == 0 {
+                    0
+                } else {
+                    t.first_seq()
+                },
+                last_sequence: next - 1,
+                retained_messages,
+                retained_bytes,
+                subscribers: lock(&slot.subscribers).len() as u32,
+                gaps: slot.gaps.load(Ordering::Relaxed),
+                published,
+                publish_rate,
+            });
+        }
+        snapshot.topics.sort_by(|a, b| a.name.cmp(&b.name));
+        snapshot
+    }
+}

@@ -1,0 +1,470 @@
+//! Unit tests of the queue state machine with explicit time: nothing here sleeps.
+
+use super::*;
+
+const T0: Millis = 1_700_000_000_000;
+
+fn consumer() -> Arc<str> {
+    Arc::from("worker-1")
+}
+
+fn queue_with(policy: impl FnOnce(&mut QueuePolicy)) -> Queue {
+    let mut p = QueuePolicy::default_for("jobs");
+    p.backoff = Backoff::Schedule(vec![0]);
+    policy(&mut p);
+    Queue::new("jobs", p)
+}
+
+fn job(payload: &'static str) -> NewJob {
+    NewJob {
+        payload: Bytes::from_static(payload.as_bytes()),
+        kind: "test".into(),
+        ..NewJob::default()
+    }
+}
+
+fn enqueue_one(q: &mut Queue, now: Millis, j: NewJob) -> Uuid {
+    q.enqueue(now, vec![j]).unwrap()[0].id
+}
+
+fn lease_one(q: &mut Queue, now: Millis, visibility: u64) -> Option<Delivery> {
+    q.lease(now, 1, visibility, &consumer(), "127.0.0.1:1")
+        .into_iter()
+        .next()
+}
+
+fn payloads(deliveries: &[Delivery]) -> Vec<&[u8]> {
+    deliveries.iter().map(|d| d.payload.as_ref()).collect()
+}
+
+#[test]
+fn lease_expires_exactly_at_the_deadline_and_not_before() {
+    let mut q = queue_with(|_| {});
+    let id = enqueue_one(&mut q, T0, job("a"));
+    let d = lease_one(&mut q, T0, 1_000).unwrap();
+    assert_eq!(d.deadline, T0 + 1_000);
+
+    // One millisecond before the deadline the job is still leased and invisible.
+    assert!(lease_one(&mut q, T0 + 999, 1_000).is_none());
+    assert_eq!(q.get(&id).unwrap().state, JobState::Leased);
+    assert_eq!(q.check_lease(T0 + 999, &d.lease_id), Ok(LeaseCheck::Live));
+
+    // At the deadline the lease is over (backoff [0]: visible at once) and counts as a
+    // failed attempt.
+    let again = lease_one(&mut q, T0 + 1_000, 1_000).unwrap();
+    assert_eq!(again.job_id, id);
+    assert_eq!(again.attempt, 2);
+    assert_ne!(again.lease_id, d.lease_id);
+    let job = q.get(&id).unwrap();
+    assert!(job.last_error.as_deref().unwrap().contains("lease expired"));
+    assert_eq!(q.counts(T0 + 1_000).failed, 1);
+}
+
+#[test]
+fn expiry_follows_the_backoff_policy() {
+    let mut q = queue_with(|p| p.backoff = Backoff::Schedule(vec![5_000]));
+    let id = enqueue_one(&mut q, T0, job("a"));
+    lease_one(&mut q, T0, 1_000).unwrap();
+    q.tick(T0 + 1_000);
+    let j = q.get(&id).unwrap();
+    assert_eq!(j.state, JobState::Retrying);
+    assert_eq!(j.run_at, T0 + 6_000);
+    assert!(lease_one(&mut q, T0 + 5_999, 1_000).is_none());
+    assert_eq!(lease_one(&mut q, T0 + 6_000, 1_000).unwrap().job_id, id);
+}
+
+#[test]
+fn a_stale_lease_is_rejected_after_the_job_is_leased_again() {
+    let mut q = queue_with(|_| {});
+    enqueue_one(&mut q, T0, job("a"));
+    let first = lease_one(&mut q, T0, 1_000).unwrap();
+    let second = lease_one(&mut q, T0 + 1_000, 1_000).unwrap();
+
+    let err = q.ack(T0 + 1_001, &first.lease_id, None).unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err}");
+    assert!(err.to_string().contains("delivered again"), "{err}");
+    // The late ack changed nothing: the second delivery is still live.
+    assert_eq!(
+        q.check_lease(T0 + 1_001, &second.lease_id),
+        Ok(LeaseCheck::Live)
+    );
+    assert!(
+        q.nack(T0 + 1_001, &first.lease_id, "x".into(), None, false)
+            .is_err()
+    );
+    assert!(q.extend(T0 + 1_001, &first.lease_id, 10).is_err());
+
+    q.ack(
+        T0 + 1_002,
+        &second.lease_id,
+        Some(Bytes::from_static(b"ok")),
+    )
+    .unwrap();
+    // Acking the same lease again is idempotent.
+    q.ack(T0 + 1_003, &second.lease_id, None).unwrap();
+    assert_eq!(q.counts(T0 + 1_003).completed, 1);
+    let job = q.get(&second.job_id).unwrap();
+    assert_eq!(job.state, JobState::Completed);
+    assert_eq!(job.result.as_deref(), Some(&b"ok"[..]));
+}
+
+#[test]
+fn an_expired_but_unticked_lease_cannot_be_acked() {
+    let mut q = queue_with(|_| {});
+    enqueue_one(&mut q, T0, job("a"));
+    let d = lease_one(&mut q, T0, 1_000).unwrap();
+    let err = q.ack(T0 + 1_000, &d.lease_id, None).unwrap_err();
+    assert!(err.to_string().contains("expired"), "{err}");
+}
+
+#[test]
+fn retries_then_dead_letters_with_the_recorded_headers() {
+    let mut q = queue_with(|p| {
+        p.max_attempts = 3;
+        p.backoff = Backoff::Schedule(vec![100, 200]);
+    });
+    let mut j = job("poison");
+    j.headers.insert("trace".into(), "t1".into());
+    let id = enqueue_one(&mut q, T0, j);
+
+    let d1 = lease_one(&mut q, T0, 1_000).unwrap();
+    assert_eq!(
+        q.nack(T0 + 10, &d1.lease_id, "boom 1".into(), None, false),
+        Ok(FailOutcome::Retry { at: T0 + 110 })
+    );
+    assert_eq!(q.get(&id).unwrap().state, JobState::Retrying);
+    assert!(lease_one(&mut q, T0 + 109, 1_000).is_none());
+    let d2 = lease_one(&mut q, T0 + 110, 1_000).unwrap();
+    assert_eq!(d2.attempt, 2);
+    assert_eq!(
+        q.nack(T0 + 120, &d2.lease_id, "boom 2".into(), None, false),
+        Ok(FailOutcome::Retry { at: T0 + 320 })
+    );
+    let d3 = lease_one(&mut q, T0 + 320, 1_000).unwrap();
+    assert_eq!(d3.attempt, 3);
+    assert!(q.take_dead_letters().is_empty());
+    assert_eq!(
+        q.nack(T0 + 330, &d3.lease_id, "boom 3".into(), None, false),
+        Ok(FailOutcome::Dead)
+    );
+
+    let dead = q.get(&id).unwrap();
+    assert_eq!(dead.state, JobState::Dead);
+    assert_eq!(dead.dead_letter_queue.as_deref(), Some("jobs.dlq"));
+    let letters = q.take_dead_letters();
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.target, "jobs.dlq");
+    assert_eq!(letter.job_id, id);
+    assert_eq!(letter.headers[HEADER_ORIGINAL_QUEUE], "jobs");
+    assert_eq!(letter.headers[HEADER_ATTEMPTS], "3");
+    assert_eq!(letter.headers[HEADER_LAST_ERROR], "boom 3");
+    assert_eq!(
+        letter.headers[HEADER_DEAD_LETTERED_AT],
+        (T0 + 330).to_string()
+    );
+    assert_eq!(letter.headers["trace"], "t1");
+    let counts = q.counts(T0 + 330);
+    assert_eq!((counts.failed, counts.dead, counts.pending), (3, 1, 0));
+}
+
+#[test]
+fn nack_with_dead_letter_or_explicit_delay() {
+    let mut q = queue_with(|p| p.max_attempts = 10);
+    let a = enqueue_one(&mut q, T0, job("a"));
+    let d = lease_one(&mut q, T0, 1_000).unwrap();
+    assert_eq!(
+        q.nack(T0, &d.lease_id, "bad input".into(), Some(7_000), false),
+        Ok(FailOutcome::Retry { at: T0 + 7_000 })
+    );
+    let d = lease_one(&mut q, T0 + 7_000, 1_000).unwrap();
+    assert_eq!(
+        q.nack(T0 + 7_000, &d.lease_id, "poison".into(), None, true),
+        Ok(FailOutcome::Dead)
+    );
+    assert_eq!(q.get(&a).unwrap().state, JobState::Dead);
+    assert_eq!(q.take_dead_letters()[0].headers[HEADER_ATTEMPTS], "2");
+}
+
+#[test]
+fn higher_priority_first_and_fifo_within_a_priority() {
+    let mut q = queue_with(|_| {});
+    for (payload, priority) in [
+        ("low1", 0),
+        ("high1", 9),
+        ("mid", 5),
+        ("high2", 9),
+        ("low2", 0),
+    ] {
+        let mut j = job(payload);
+        j.priority = priority;
+        enqueue_one(&mut q, T0, j);
+    }
+    let all = q.lease(T0, 10, 1_000, &consumer(), "");
+    assert_eq!(
+        payloads(&all),
+        [&b"high1"[..], b"high2", b"mid", b"low1", b"low2"]
+    );
+}
+
+#[test]
+fn delayed_jobs_are_invisible_until_their_time() {
+    let mut q = queue_with(|_| {});
+    let mut later = job("later");
+    later.run_at = Some(T0 + 5_000);
+    let id = enqueue_one(&mut q, T0, later);
+    enqueue_one(&mut q, T0, job("now"));
+    assert_eq!(q.get(&id).unwrap().state, JobState::Scheduled);
+    assert_eq!(q.counts(T0).scheduled, 1);
+    assert_eq!(q.next_due(), Some(T0 + 5_000));
+
+    let first = q.lease(T0 + 4_999, 10, 1_000, &consumer(), "");
+    assert_eq!(payloads(&first), [&b"now"[..]]);
+    let second = q.lease(T0 + 5_000, 10, 1_000, &consumer(), "");
+    assert_eq!(payloads(&second), [&b"later"[..]]);
+}
+
+#[test]
+fn ordering_keys_are_never_leased_concurrently_and_keep_enqueue_order() {
+    let mut q = queue_with(|_| {});
+    for (payload, key) in [
+        ("a1", "A"),
+        ("a2", "A"),
+        ("b1", "B"),
+        ("a3", "A"),
+        ("free", ""),
+    ] {
+        let mut j = job(payload);
+        j.ordering_key = (!key.is_empty()).then(|| key.to_string());
+        enqueue_one(&mut q, T0, j);
+    }
+    assert_eq!(q.counts(T0).pending, 5);
+    let batch = q.lease(T0, 10, 1_000, &consumer(), "");
+    assert_eq!(payloads(&batch), [&b"a1"[..], b"b1", b"free"]);
+    assert!(q.lease(T0, 10, 1_000, &consumer(), "").is_empty());
+
+    // a1 fails and retries: a2 must still wait behind it.
+    let a1 = &batch[0];
+    q.nack(T0 + 1, &a1.lease_id, "retry".into(), Some(50), false)
+        .unwrap();
+    assert!(q.lease(T0 + 2, 10, 1_000, &consumer(), "").is_empty());
+    let a1_again = lease_one(&mut q, T0 + 51, 1_000).unwrap();
+    assert_eq!(a1_again.payload.as_ref(), b"a1");
+    q.ack(T0 + 52, &a1_again.lease_id, None).unwrap();
+
+    let a2 = q.lease(T0 + 53, 10, 1_000, &consumer(), "");
+    assert_eq!(payloads(&a2), [&b"a2"[..]]);
+    q.ack(T0 + 54, &a2[0].lease_id, None).unwrap();
+    let a3 = q.lease(T0 + 55, 10, 1_000, &consumer(), "");
+    assert_eq!(payloads(&a3), [&b"a3"[..]]);
+}
+
+#[test]
+fn cancelling_a_waiting_ordered_job_keeps_the_rest_in_order() {
+    let mut q = queue_with(|_| {});
+    let mut ids = Vec::new();
+    for payload in ["k1", "k2", "k3"] {
+        let mut j = job(payload);
+        j.ordering_key = Some("K".into());
+        ids.push(enqueue_one(&mut q, T0, j));
+    }
+    q.cancel(T0, &ids[1]).unwrap();
+    let k1 = lease_one(&mut q, T0, 1_000).unwrap();
+    assert_eq!(k1.payload.as_ref(), b"k1");
+    q.ack(T0, &k1.lease_id, None).unwrap();
+    assert_eq!(
+        lease_one(&mut q, T0, 1_000).unwrap().payload.as_ref(),
+        b"k3"
+    );
+}
+
+#[test]
+fn idempotency_keys_dedupe_within_the_window_only() {
+    let mut q = queue_with(|p| p.dedup_window_ms = 1_000);
+    let keyed = |k: &str| NewJob {
+        idempotency_key: Some(k.into()),
+        ..job("x")
+    };
+    let first = q.enqueue(T0, vec![keyed("k1"), keyed("k1")]).unwrap();
+    assert!(!first[0].duplicate);
+    assert_eq!(
+        first[1],
+        Enqueued {
+            id: first[0].id,
+            duplicate: true
+        }
+    );
+
+    let inside = q.enqueue(T0 + 999, vec![keyed("k1")]).unwrap();
+    assert_eq!(
+        inside[0],
+        Enqueued {
+            id: first[0].id,
+            duplicate: true
+        }
+    );
+    assert_eq!(q.live_jobs(), 1);
+
+    let after = q.enqueue(T0 + 1_000, vec![keyed("k1")]).unwrap();
+    assert!(!after[0].duplicate);
+    assert_ne!(after[0].id, first[0].id);
+    assert_eq!(q.live_jobs(), 2);
+    assert_eq!(q.counts(T0 + 1_000).enqueued, 2);
+}
+
+#[test]
+fn a_full_queue_rejects_the_whole_batch() {
+    let mut q = queue_with(|p| p.max_depth = 3);
+    q.enqueue(T0, vec![job("1"), job("2")]).unwrap();
+    let err = q.enqueue(T0, vec![job("3"), job("4")]).unwrap_err();
+    assert!(matches!(err, BrokerError::ResourceExhausted(_)));
+    assert!(err.to_string().contains("max_depth 3"), "{err}");
+    assert_eq!(q.live_jobs(), 2);
+    // Duplicates do not count against depth.
+    q.enqueue(T0, vec![job("3")]).unwrap();
+    assert!(q.enqueue(T0, vec![job("4")]).is_err());
+}
+
+#[test]
+fn extend_moves_the_deadline() {
+    let mut q = queue_with(|_| {});
+    enqueue_one(&mut q, T0, job("a"));
+    let d = lease_one(&mut q, T0, 1_000).unwrap();
+    assert_eq!(q.extend(T0 + 900, &d.lease_id, 5_000), Ok(T0 + 5_900));
+    q.tick(T0 + 5_000);
+    assert_eq!(q.check_lease(T0 + 5_000, &d.lease_id), Ok(LeaseCheck::Live));
+    q.tick(T0 + 5_900);
+    assert!(q.check_lease(T0 + 5_900, &d.lease_id).is_err());
+}
+
+#[test]
+fn cancel_purge_and_history() {
+    let mut q = queue_with(|p| p.history_limit = 2);
+    let a = enqueue_one(&mut q, T0, job("a"));
+    let b = enqueue_one(&mut q, T0, job("b"));
+    enqueue_one(&mut q, T0, job("c"));
+    let leased = lease_one(&mut q, T0, 1_000).unwrap();
+    assert_eq!(leased.job_id, a);
+
+    let err = q.cancel(T0, &a).unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err}");
+    assert_eq!(q.cancel(T0, &b).unwrap().state, JobState::Cancelled);
+    assert!(q.cancel(T0, &b).is_err());
+    assert_eq!(q.purge(T0), 1);
+    assert_eq!(q.live_jobs(), 1);
+    q.ack(T0, &leased.lease_id, None).unwrap();
+
+    // History is bounded: the oldest finished job (b) is evicted.
+    let history = q.history(10);
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0].id, a);
+    assert!(q.get(&b).is_none());
+}
+
+#[test]
+fn list_pages_through_jobs_in_enqueue_order() {
+    let mut q = queue_with(|_| {});
+    for p in ["1", "2", "3", "4", "5"] {
+        enqueue_one(&mut q, T0, job(p));
+    }
+    lease_one(&mut q, T0, 1_000).unwrap();
+    let (page, next) = q.list(Some(JobState::Pending), 0, 2);
+    assert_eq!(
+        page.iter().map(|j| j.payload.as_ref()).collect::<Vec<_>>(),
+        [&b"2"[..], b"3"]
+    );
+    let (page, next) = q.list(Some(JobState::Pending), next.unwrap(), 2);
+    assert_eq!(
+        page.iter().map(|j| j.payload.as_ref()).collect::<Vec<_>>(),
+        [&b"4"[..], b"5"]
+    );
+    assert_eq!(next, None);
+    assert_eq!(q.list(Some(JobState::Leased), 0, 10).0.len(), 1);
+    assert_eq!(q.list(None, 0, 10).0.len(), 5);
+}
+
+#[test]
+fn dead_letters_can_be_redriven_with_attempts_reset() {
+    let mut q = queue_with(|p| p.max_attempts = 1);
+    let mut dlq = Queue::new("jobs.dlq", QueuePolicy::default_for("jobs.dlq"));
+    assert_eq!(dlq.policy().dead_letter_queue, "");
+    let id = enqueue_one(&mut q, T0, job("a"));
+    let d = lease_one(&mut q, T0, 1_000).unwrap();
+    q.nack(T0, &d.lease_id, "boom".into(), None, false).unwrap();
+    for letter in q.take_dead_letters() {
+        dlq.insert_dead_letter(T0, letter);
+    }
+    assert_eq!(dlq.get(&id).unwrap().state, JobState::Pending);
+
+    let (moved, skipped) = dlq.take_for_redrive(&[id, Uuid::nil()], 10);
+    assert_eq!(skipped, vec![Uuid::nil()]);
+    assert_eq!(moved.len(), 1);
+    assert!(dlq.get(&id).is_none());
+    assert!(!moved[0].headers.contains_key(HEADER_ORIGINAL_QUEUE));
+    q.restore(T0 + 1, moved.into_iter().next().unwrap());
+    let job = q.get(&id).unwrap();
+    assert_eq!((job.state, job.attempts), (JobState::Pending, 0));
+    assert_eq!(lease_one(&mut q, T0 + 1, 1_000).unwrap().job_id, id);
+}
+
+#[test]
+fn consumers_are_tracked_per_name() {
+    let mut q = queue_with(|_| {});
+    q.enqueue(T0, vec![job("a"), job("b")]).unwrap();
+    let ds = q.lease(T0, 2, 1_000, &consumer(), "10.0.0.1:5");
+    q.ack(T0 + 1, &ds[0].lease_id, None).unwrap();
+    q.nack(T0 + 1, &ds[1].lease_id, "x".into(), Some(10_000), false)
+        .unwrap();
+    let consumers = q.consumers();
+    assert_eq!(consumers.len(), 1);
+    let (name, state) = &consumers[0];
+    assert_eq!(&**name, "worker-1");
+    assert_eq!((state.leases_held, state.done, state.failed), (0, 1, 1));
+    assert_eq!(state.address, "10.0.0.1:5");
+    assert_eq!(q.counts(T0 + 1).consumers, 1);
+}
+
+#[test]
+fn paused_queues_hand_out_nothing() {
+    let mut q = queue_with(|_| {});
+    enqueue_one(&mut q, T0, job("a"));
+    q.set_paused(true);
+    assert!(lease_one(&mut q, T0, 1_000).is_none());
+    q.set_paused(false);
+    assert!(lease_one(&mut q, T0, 1_000).is_some());
+}
+
+#[test]
+fn lease_ids_round_trip() {
+    let id = LeaseId {
+        queue: "a.b-c".into(),
+        seq: 42,
+        nonce: 0xdead_beef,
+    };
+    assert_eq!(id.to_string(), "a.b-c/42/deadbeef");
+    assert_eq!(id.to_string().parse::<LeaseId>(), Ok(id));
+    for bad in ["", "x", "/1/2", "q/x/1", "q/1/zz"] {
+        assert!(bad.parse::<LeaseId>().is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn exponential_backoff_grows_and_caps() {
+    let b = Backoff::Exponential {
+        initial_ms: 100,
+        max_ms: 1_000,
+        jitter: false,
+    };
+    let delays: Vec<u64> = (1..=6).map(|n| b.delay_ms(n)).collect();
+    assert_eq!(delays, [100, 200, 400, 800, 1_000, 1_000]);
+    let jittered = Backoff::Exponential {
+        initial_ms: 100,
+        max_ms: 1_000,
+        jitter: true,
+    };
+    for _ in 0..100 {
+        let d = jittered.delay_ms(3);
+        assert!((200..=400).contains(&d), "{d}");
+    }
+    assert_eq!(Backoff::Schedule(vec![1, 5, 30]).delay_ms(7), 30);
+}

@@ -1,0 +1,683 @@
+//! The gRPC service: maps `sluice.v1` messages to domain calls and back. The only module
+//! that knows both protobuf and the domain.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::broker::core::{Broker, LeaseParams, PolicyPatch, QueueInfo, StatsSnapshot};
+use crate::broker::error::BrokerError;
+use crate::broker::limits::check_duration_ms;
+use crate::broker::names::Pattern;
+use crate::broker::queue::{self, Backoff, Delivery, Job, JobState, MAX_PRIORITY, NewJob};
+use crate::broker::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
+use crate::broker::topic::{NewMessage, Retention, StoredMessage};
+use crate::pb;
+
+/// Longest `delay_ms`, and furthest `run_at`: one year.
+const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
+
+type Reply<T> = Result<Response<T>, Status>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The `sluice.v1.Broker` gRPC service over a [`Broker`].
+#[derive(Clone)]
+pub struct BrokerService {
+    broker: Broker,
+}
+
+impl BrokerService {
+    /// Wraps a broker.
+    pub fn new(broker: Broker) -> Self {
+        Self { broker }
+    }
+}
+
+fn opt_string(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn job_spec(i: usize, spec: pb::JobSpec, now: u64) -> Result<NewJob, BrokerError> {
+    if spec.priority > MAX_PRIORITY as u32 {
+        return Err(BrokerError::over_limit(
+            format!("jobs[{i}].priority"),
+            spec.priority as u64,
+            MAX_PRIORITY as u64,
+            "",
+        ));
+    }
+    if spec.delay_ms > 0 && spec.run_at_unix_ms > 0 {
+        return Err(BrokerError::invalid(
+            format!("jobs[{i}].delay_ms"),
+            "delay_ms and run_at_unix_ms are exclusive: set one",
+        ));
+    }
+    check_duration_ms(&format!("jobs[{i}].delay_ms"), spec.delay_ms, MAX_DELAY_MS)?;
+    if spec.run_at_unix_ms > now + MAX_DELAY_MS {
+        return Err(BrokerError::invalid(
+            format!("jobs[{i}].run_at_unix_ms"),
+            format!(
+                "{} is more than {MAX_DELAY_MS} ms in the future",
+                spec.run_at_unix_ms
+            ),
+        ));
+    }
+    let run_at = if spec.delay_ms > 0 {
+        Some(now + spec.delay_ms)
+    } else if spec.run_at_unix_ms > 0 {
+        Some(spec.run_at_unix_ms)
+    } else {
+        None
+    };
+    Ok(NewJob {
+        payload: spec.payload,
+        headers: spec.headers,
+        kind: spec.kind,
+        priority: spec.priority as u8,
+        run_at,
+        max_attempts: (spec.max_attempts > 0).then_some(spec.max_attempts),
+        idempotency_key: opt_string(spec.idempotency_key),
+        ordering_key: opt_string(spec.ordering_key),
+    })
+}
+
+fn state_to_pb(state: JobState) -> pb::JobState {
+    match state {
+        JobState::Scheduled => pb::JobState::Scheduled,
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Leased => pb::JobState::Leased,
+        JobState::Retrying => pb::JobState::Retrying,
+        JobState::Completed => pb::JobState::Completed,
+        JobState::Dead => pb::JobState::Dead,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn state_from_pb(field: &str, value: i32) -> Result<Option<JobState>, BrokerError> {
+    Ok(match pb::JobState::try_from(value) {
+        Ok(pb::JobState::Unspecified) => None,
+        Ok(pb::JobState::Scheduled) => Some(JobState::Scheduled),
+        Ok(pb::JobState::Pending) => Some(JobState::Pending),
+        Ok(pb::JobState::Leased) => Some(JobState::Leased),
+        Ok(pb::JobState::Retrying) => Some(JobState::Retrying),
+        Ok(pb::JobState::Completed) => Some(JobState::Completed),
+        Ok(pb::JobState::Dead) => Some(JobState::Dead),
+        Ok(pb::JobState::Cancelled) => Some(JobState::Cancelled),
+        Err(_) => {
+            return Err(BrokerError::invalid(
+                field,
+                format!("{value} is not a JobState"),
+            ));
+        }
+    })
+}
+
+fn job_to_pb(queue: &str, job: Job) -> pb::Job {
+    pb::Job {
+        id: job.id.to_string(),
+        queue: queue.to_owned(),
+        kind: job.kind,
+        state: state_to_pb(job.state) as i32,
+        priority: job.priority as u32,
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        payload: job.payload,
+        headers: job.headers,
+        idempotency_key: job.idempotency_key.unwrap_or_default(),
+        ordering_key: job.ordering_key.map(|k| k.to_string()).unwrap_or_default(),
+        enqueued_at_unix_ms: job.enqueued_at,
+        run_at_unix_ms: job.run_at,
+        updated_at_unix_ms: job.updated_at,
+        finished_at_unix_ms: job.finished_at.unwrap_or(0),
+        lease_deadline_unix_ms: job.lease_deadline.unwrap_or(0),
+        consumer: job.consumer.map(|c| c.to_string()).unwrap_or_default(),
+        last_error: job.last_error.unwrap_or_default(),
+        result: job.result.unwrap_or_default(),
+        dead_letter_queue: job.dead_letter_queue.unwrap_or_default(),
+    }
+}
+
+fn delivery_to_pb(queue: &str, d: Delivery) -> pb::LeasedJob {
+    pb::LeasedJob {
+        job_id: d.job_id.to_string(),
+        lease_id: d.lease_id.to_string(),
+        queue: queue.to_owned(),
+        kind: d.kind,
+        payload: d.payload,
+        headers: d.headers,
+        priority: d.priority as u32,
+        attempt: d.attempt,
+        max_attempts: d.max_attempts,
+        enqueued_at_unix_ms: d.enqueued_at,
+        lease_deadline_unix_ms: d.deadline,
+        ordering_key: d.ordering_key.map(|k| k.to_string()).unwrap_or_default(),
+    }
+}
+
+fn message_to_pb(m: &StoredMessage) -> pb::Message {
+    pb::Message {
+        topic: m.topic.to_string(),
+        sequence: m.sequence,
+        key: m.key.clone(),
+        headers: m.headers.clone(),
+        payload: m.payload.clone(),
+        publish_time_unix_ms: m.publish_time,
+    }
+}
+
+fn batch_to_pb(batch: SubscriptionBatch) -> pb::SubscribeResponse {
+    pb::SubscribeResponse {
+        messages: batch.messages.iter().map(|m| message_to_pb(m)).collect(),
+        gaps: batch
+            .gaps
+            .into_iter()
+            .map(|g| pb::Gap {
+                topic: g.topic.to_string(),
+                first_missing: g.first_missing,
+                next_available: g.next_available,
+            })
+            .collect(),
+    }
+}
+
+fn policy_patch(p: Option<pb::QueuePolicy>, for_update: bool) -> PolicyPatch {
+    let Some(p) = p else {
+        return PolicyPatch::default();
+    };
+    let nonzero = |v: u64| (v > 0).then_some(v);
+    let backoff = p.backoff.and_then(|b| {
+        if !b.delays_ms.is_empty() {
+            Some(Backoff::Schedule(b.delays_ms))
+        } else if b.initial_ms > 0 || b.max_ms > 0 || b.no_jitter {
+            Some(Backoff::Exponential {
+                initial_ms: if b.initial_ms > 0 {
+                    b.initial_ms
+                } else {
+                    1_000
+                },
+                max_ms: if b.max_ms > 0 { b.max_ms } else { 300_000 },
+                jitter: !b.no_jitter,
+            })
+        } else {
+            None
+        }
+    });
+    let bindings = if !for_update || p.replace_bindings || !p.topic_bindings.is_empty() {
+        Some(p.topic_bindings)
+    } else {
+        None
+    };
+    PolicyPatch {
+        visibility_timeout_ms: nonzero(p.visibility_timeout_ms),
+        max_attempts: (p.max_attempts > 0).then_some(p.max_attempts),
+        backoff,
+        dead_letter_queue: opt_string(p.dead_letter_queue),
+        max_depth: nonzero(p.max_depth),
+        dedup_window_ms: nonzero(p.dedup_window_ms),
+        topic_bindings: bindings.filter(|b| for_update || !b.is_empty()),
+        history_limit: (p.history_limit > 0).then_some(p.history_limit),
+    }
+}
+
+fn policy_to_pb(p: &queue::QueuePolicy) -> pb::QueuePolicy {
+    let backoff = match &p.backoff {
+        Backoff::Schedule(d) => pb::BackoffPolicy {
+            delays_ms: d.clone(),
+            ..Default::default()
+        },
+        Backoff::Exponential {
+            initial_ms,
+            max_ms,
+            jitter,
+        } => pb::BackoffPolicy {
+            initial_ms: *initial_ms,
+            max_ms: *max_ms,
+            delays_ms: Vec::new(),
+            no_jitter: !jitter,
+        },
+    };
+    pb::QueuePolicy {
+        visibility_timeout_ms: p.visibility_timeout_ms,
+        max_attempts: p.max_attempts,
+        backoff: Some(backoff),
+        dead_letter_queue: p.dead_letter_queue.clone(),
+        max_depth: p.max_depth,
+        dedup_window_ms: p.dedup_window_ms,
+        topic_bindings: p.topic_bindings.clone(),
+        history_limit: p.history_limit,
+        replace_bindings: false,
+    }
+}
+
+fn queue_info_to_pb(info: QueueInfo) -> pb::QueueInfo {
+    pb::QueueInfo {
+        policy: Some(policy_to_pb(&info.policy)),
+        name: info.name,
+        paused: info.paused,
+    }
+}
+
+fn retention_to_pb(r: Retention) -> pb::RetentionPolicy {
+    pb::RetentionPolicy {
+        max_messages: r.max_messages,
+        max_bytes: r.max_bytes,
+        max_age_ms: r.max_age_ms,
+    }
+}
+
+fn stats_to_pb(s: StatsSnapshot) -> pb::StatsResponse {
+    pb::StatsResponse {
+        queues: s
+            .queues
+            .into_iter()
+            .map(|(name, c)| pb::QueueStats {
+                name,
+                pending: c.pending,
+                scheduled: c.scheduled,
+                leased: c.leased,
+                retrying: c.retrying,
+                completed: c.completed,
+                failed: c.failed,
+                dead: c.dead,
+                cancelled: c.cancelled,
+                oldest_pending_age_ms: c.oldest_pending_age_ms,
+                enqueue_rate: c.enqueue_rate,
+                ack_rate: c.ack_rate,
+                consumers: c.consumers,
+                paused: c.paused,
+                enqueued: c.enqueued,
+            })
+            .collect(),
+        topics: s
+            .topics
+            .into_iter()
+            .map(|t| pb::TopicStats {
+                name: t.name,
+                first_sequence: t.first_sequence,
+                last_sequence: t.last_sequence,
+                retained_messages: t.retained_messages,
+                retained_bytes: t.retained_bytes,
+                subscribers: t.subscribers,
+                gaps: t.gaps,
+                publish_rate: t.publish_rate,
+                published: t.published,
+            })
+            .collect(),
+        taken_at_unix_ms: s.taken_at,
+    }
+}
+
+fn peer(req: &Request<impl Sized>) -> String {
+    req.remote_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl pb::broker_server::Broker for BrokerService {
+    async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
+        let req = request.into_inner();
+        self.broker
+            .limits()
+            .check_batch("messages", req.messages.len())?;
+        let messages = req
+            .messages
+            .into_iter()
+            .map(|m| NewMessage {
+                payload: m.payload,
+                headers: m.headers,
+                key: m.key,
+                idempotency_key: opt_string(m.idempotency_key),
+            })
+            .collect();
+        let results = self.broker.publish(&req.topic, messages)?;
+        Ok(Response::new(pb::PublishResponse {
+            results: results
+                .into_iter()
+                .map(|r| pb::PublishResult {
+                    sequence: r.sequence,
+                    duplicate: r.duplicate,
+                })
+                .collect(),
+        }))
+    }
+
+    type SubscribeStream = BoxStream<pb::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Reply<Self::SubscribeStream> {
+        let req = request.into_inner();
+        let pattern = Pattern::parse("pattern", &req.pattern)?;
+        let start = match pb::StartPosition::try_from(req.start) {
+            Ok(pb::StartPosition::Unspecified | pb::StartPosition::Latest) => Start::Latest,
+            Ok(pb::StartPosition::Earliest) => Start::Earliest,
+            Ok(pb::StartPosition::Sequence) => Start::Sequence(req.start_sequence),
+            Ok(pb::StartPosition::Time) => Start::Time(req.start_time_unix_ms),
+            Err(_) => {
+                return Err(BrokerError::invalid(
+                    "start",
+                    format!("{} is not a StartPosition", req.start),
+                )
+                .into());
+            }
+        };
+        let on_gap = match pb::GapPolicy::try_from(req.on_gap) {
+            Ok(pb::GapPolicy::Unspecified | pb::GapPolicy::Notify) => GapPolicy::Notify,
+            Ok(pb::GapPolicy::EndStream) => GapPolicy::EndStream,
+            Err(_) => {
+                return Err(BrokerError::invalid(
+                    "on_gap",
+                    format!("{} is not a GapPolicy", req.on_gap),
+                )
+                .into());
+            }
+        };
+        let max_batch_limit = self.broker.limits().max_batch;
+        if req.max_batch as usize > max_batch_limit {
+            return Err(BrokerError::over_limit(
+                "max_batch",
+                req.max_batch as u64,
+                max_batch_limit as u64,
+                "messages",
+            )
+            .into());
+        }
+        for topic in req.resume_from.keys() {
+            crate::broker::names::validate_name("resume_from", topic)?;
+        }
+        let spec = SubscribeSpec {
+            pattern,
+            start,
+            resume_from: req.resume_from.into_iter().collect(),
+            on_gap,
+            max_batch: if req.max_batch == 0 {
+                max_batch_limit
+            } else {
+                req.max_batch as usize
+            },
+        };
+        let subscription = self.broker.subscribe(spec)?;
+        let stream = subscription.map(|item| item.map(batch_to_pb).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn create_topic(&self, request: Request<pb::CreateTopicRequest>) -> Reply<pb::TopicInfo> {
+        let req = request.into_inner();
+        let defaults = Retention::default();
+        let r = req.retention.unwrap_or_default();
+        let pick = |v: u64, d: u64| if v == 0 { d } else { v };
+        let retention = Retention {
+            max_messages: pick(r.max_messages, defaults.max_messages),
+            max_bytes: pick(r.max_bytes, defaults.max_bytes),
+            max_age_ms: pick(r.max_age_ms, defaults.max_age_ms),
+        };
+        let effective = self.broker.create_topic(&req.name, retention)?;
+        Ok(Response::new(pb::TopicInfo {
+            name: req.name,
+            retention: Some(retention_to_pb(effective)),
+        }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Reply<pb::DeleteTopicResponse> {
+        self.broker.delete_topic(&request.into_inner().name)?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<pb::EnqueueResponse> {
+        let req = request.into_inner();
+        self.broker.limits().check_batch("jobs", req.jobs.len())?;
+        let now = crate::broker::time::now_ms();
+        let jobs = req
+            .jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| job_spec(i, spec, now))
+            .collect::<Result<Vec<_>, _>>()?;
+        let results = self.broker.enqueue(&req.queue, jobs)?;
+        Ok(Response::new(pb::EnqueueResponse {
+            results: results
+                .into_iter()
+                .map(|r| pb::EnqueueResult {
+                    job_id: r.id.to_string(),
+                    duplicate: r.duplicate,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn lease(&self, request: Request<pb::LeaseRequest>) -> Reply<pb::LeaseResponse> {
+        let address = peer(&request);
+        let req = request.into_inner();
+        let params = LeaseParams {
+            max_jobs: req.max_jobs as usize,
+            visibility_timeout_ms: (req.visibility_timeout_ms > 0)
+                .then_some(req.visibility_timeout_ms),
+            wait_ms: req.wait_ms,
+            consumer: req.consumer,
+            address,
+        };
+        let jobs = self.broker.lease(&req.queue, params).await?;
+        Ok(Response::new(pb::LeaseResponse {
+            jobs: jobs
+                .into_iter()
+                .map(|d| delivery_to_pb(&req.queue, d))
+                .collect(),
+        }))
+    }
+
+    async fn ack(&self, request: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
+        let req = request.into_inner();
+        self.broker.limits().check_batch("acks", req.acks.len())?;
+        let acks = req
+            .acks
+            .into_iter()
+            .map(|a| (a.lease_id, (!a.result.is_empty()).then_some(a.result)))
+            .collect();
+        self.broker.ack(acks)?;
+        Ok(Response::new(pb::AckResponse {}))
+    }
+
+    async fn nack(&self, request: Request<pb::NackRequest>) -> Reply<pb::NackResponse> {
+        let req = request.into_inner();
+        let (state, at) = self.broker.nack(
+            &req.lease_id,
+            req.error,
+            (req.retry_delay_ms > 0).then_some(req.retry_delay_ms),
+            req.dead_letter,
+        )?;
+        Ok(Response::new(pb::NackResponse {
+            state: state_to_pb(state) as i32,
+            next_attempt_unix_ms: at.unwrap_or(0),
+        }))
+    }
+
+    async fn extend_lease(
+        &self,
+        request: Request<pb::ExtendLeaseRequest>,
+    ) -> Reply<pb::ExtendLeaseResponse> {
+        let req = request.into_inner();
+        let deadline = self
+            .broker
+            .extend_lease(&req.lease_id, req.visibility_timeout_ms)?;
+        Ok(Response::new(pb::ExtendLeaseResponse {
+            lease_deadline_unix_ms: deadline,
+        }))
+    }
+
+    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Reply<pb::Job> {
+        let req = request.into_inner();
+        let queue = opt_string(req.queue);
+        let (queue, job) = self.broker.get_job(&req.id, queue.as_deref())?;
+        Ok(Response::new(job_to_pb(&queue, job)))
+    }
+
+    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Reply<pb::Job> {
+        let req = request.into_inner();
+        let queue = opt_string(req.queue);
+        let (queue, job) = self.broker.cancel_job(&req.id, queue.as_deref())?;
+        Ok(Response::new(job_to_pb(&queue, job)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Reply<pb::ListJobsResponse> {
+        let req = request.into_inner();
+        let state = state_from_pb("state", req.state)?;
+        let (jobs, next) =
+            self.broker
+                .list_jobs(&req.queue, state, req.page_size as usize, &req.page_token)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.into_iter().map(|j| job_to_pb(&req.queue, j)).collect(),
+            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn job_history(
+        &self,
+        request: Request<pb::JobHistoryRequest>,
+    ) -> Reply<pb::JobHistoryResponse> {
+        let req = request.into_inner();
+        let jobs = self.broker.job_history(&req.queue, req.limit as usize)?;
+        Ok(Response::new(pb::JobHistoryResponse {
+            jobs: jobs.into_iter().map(|j| job_to_pb(&req.queue, j)).collect(),
+        }))
+    }
+
+    async fn create_queue(&self, request: Request<pb::CreateQueueRequest>) -> Reply<pb::QueueInfo> {
+        let req = request.into_inner();
+        let info = self
+            .broker
+            .create_queue(&req.name, policy_patch(req.policy, false))?;
+        Ok(Response::new(queue_info_to_pb(info)))
+    }
+
+    async fn update_queue(&self, request: Request<pb::UpdateQueueRequest>) -> Reply<pb::QueueInfo> {
+        let req = request.into_inner();
+        let info = self
+            .broker
+            .update_queue(&req.name, policy_patch(req.policy, true))?;
+        Ok(Response::new(queue_info_to_pb(info)))
+    }
+
+    async fn purge_queue(
+        &self,
+        request: Request<pb::PurgeQueueRequest>,
+    ) -> Reply<pb::PurgeQueueResponse> {
+        let purged = self.broker.purge_queue(&request.into_inner().name)?;
+        Ok(Response::new(pb::PurgeQueueResponse { purged }))
+    }
+
+    async fn delete_queue(
+        &self,
+        request: Request<pb::DeleteQueueRequest>,
+    ) -> Reply<pb::DeleteQueueResponse> {
+        self.broker.delete_queue(&request.into_inner().name)?;
+        Ok(Response::new(pb::DeleteQueueResponse {}))
+    }
+
+    async fn pause_queue(&self, request: Request<pb::PauseQueueRequest>) -> Reply<pb::QueueInfo> {
+        let info = self.broker.set_paused(&request.into_inner().name, true)?;
+        Ok(Response::new(queue_info_to_pb(info)))
+    }
+
+    async fn resume_queue(&self, request: Request<pb::ResumeQueueRequest>) -> Reply<pb::QueueInfo> {
+        let info = self.broker.set_paused(&request.into_inner().name, false)?;
+        Ok(Response::new(queue_info_to_pb(info)))
+    }
+
+    async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Reply<pb::RedriveResponse> {
+        let req = request.into_inner();
+        let outcome = self
+            .broker
+            .redrive(
+                &req.dead_letter_queue,
+                &req.job_ids,
+                req.rate_per_second,
+                req.max_jobs,
+            )
+            .await?;
+        Ok(Response::new(pb::RedriveResponse {
+            redriven: outcome.redriven,
+            skipped_ids: outcome.skipped.iter().map(|u| u.to_string()).collect(),
+        }))
+    }
+
+    async fn list_queues(
+        &self,
+        _request: Request<pb::ListQueuesRequest>,
+    ) -> Reply<pb::ListQueuesResponse> {
+        Ok(Response::new(pb::ListQueuesResponse {
+            queues: self
+                .broker
+                .list_queues()
+                .into_iter()
+                .map(queue_info_to_pb)
+                .collect(),
+        }))
+    }
+
+    async fn stats(&self, request: Request<pb::StatsRequest>) -> Reply<pb::StatsResponse> {
+        let req = request.into_inner();
+        Ok(Response::new(stats_to_pb(
+            self.broker.stats(&req.queues, &req.topics),
+        )))
+    }
+
+    type WatchStatsStream = BoxStream<pb::StatsResponse>;
+
+    async fn watch_stats(
+        &self,
+        request: Request<pb::WatchStatsRequest>,
+    ) -> Reply<Self::WatchStatsStream> {
+        let req = request.into_inner();
+        let interval_ms = match req.interval_ms {
+            0 => 1_000,
+            v if v < 100 => {
+                return Err(BrokerError::invalid(
+                    "interval_ms",
+                    format!("{v} ms is below the minimum of 100 ms"),
+                )
+                .into());
+            }
+            v => v as u64,
+        };
+        let filter = Arc::new(req.filter.unwrap_or_default());
+        let broker = self.broker.clone();
+        let mut interval = tokio::time::interval(Duration::from_millis(interval_ms));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ticks = tokio_stream::wrappers::IntervalStream::new(interval);
+        let shutdown = self.broker.shutdown_token().cancelled_owned();
+        let stream = ticks
+            .map(move |_| Ok(stats_to_pb(broker.stats(&filter.queues, &filter.topics))))
+            .take_until(shutdown);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_consumers(
+        &self,
+        request: Request<pb::ListConsumersRequest>,
+    ) -> Reply<pb::ListConsumersResponse> {
+        let req = request.into_inner();
+        let consumers = self.broker.list_consumers(&req.queue)?;
+        Ok(Response::new(pb::ListConsumersResponse {
+            consumers: consumers
+                .into_iter()
+                .map(|(name, c)| pb::ConsumerInfo {
+                    name: name.to_string(),
+                    address: c.address,
+                    leases_held: c.leases_held,
+                    last_seen_unix_ms: c.last_seen,
+                    done: c.done,
+                    failed: c.failed,
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,252 @@
+//! Subscriptions: a reader task per subscription that follows every matching topic's log by
+//! sequence number and pushes batches into a bounded channel.
+//!
+//! Publishers never wait for subscribers: they append to the log and wake the readers.
+//! A reader that is slower than retention finds its cursor below the oldest retained
+//! message and reports a gap (or ends with DATA_LOSS), so nothing is lost silently.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::sync::{Notify, mpsc};
+
+use crate::broker::core::{Inner, TopicSlot, lock};
+use crate::broker::error::BrokerError;
+use crate::broker::names::Pattern;
+use crate::broker::time::Millis;
+use crate::broker::topic::StoredMessage;
+
+/// Where a subscription starts in topics that exist when it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Start {
+    /// After the newest message.
+    #[default]
+    Latest,
+    /// At the oldest retained message.
+    Earliest,
+    /// At this sequence in every topic.
+    Sequence(u64),
+    /// At the first message published at or after this time.
+    Time(Millis),
+}
+
+/// What a subscription does when it fell behind retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GapPolicy {
+    /// Report the gap and go on.
+    #[default]
+    Notify,
+    /// End with DATA_LOSS.
+    EndStream,
+}
+
+/// A subscription request, already parsed.
+#[derive(Debug, Clone)]
+pub struct SubscribeSpec {
+    /// Topic pattern.
+    pub pattern: Pattern,
+    /// Start in existing topics.
+    pub start: Start,
+    /// Per-topic next sequence, overriding `start`.
+    pub resume_from: HashMap<String, u64>,
+    /// Gap policy.
+    pub on_gap: GapPolicy,
+    /// Most messages per batch (1..=1000).
+    pub max_batch: usize,
+}
+
+/// Messages missed to retention in one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GapNotice {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// First sequence not delivered.
+    pub first_missing: u64,
+    /// Where delivery goes on.
+    pub next_available: u64,
+}
+
+/// One batch handed to the subscriber.
+#[derive(Debug, Default)]
+pub struct SubscriptionBatch {
+    /// Gaps that happened before these messages.
+    pub gaps: Vec<GapNotice>,
+    /// Messages in sequence order per topic.
+    pub messages: Vec<Arc<StoredMessage>>,
+}
+
+/// The part of a subscription that publishers and topic creation reach.
+pub(crate) struct SubscriberShared {
+    pub(crate) id: u64,
+    pub(crate) pattern: Pattern,
+    /// Woken by publishes to matching topics and by topic creation.
+    pub(crate) wake: Notify,
+    /// Topics created after the subscription opened, not yet picked up by the reader.
+    pub(crate) new_topics: Mutex<Vec<Arc<TopicSlot>>>,
+}
+
+/// An open subscription: a stream of batches, ending when the broker shuts down or with
+/// an error (DATA_LOSS under [`GapPolicy::EndStream`]). Dropping it closes the subscription.
+pub struct Subscription {
+    rx: mpsc::Receiver<Result<SubscriptionBatch, BrokerError>>,
+}
+
+impl futures::Stream for Subscription {
+    type Item = Result<SubscriptionBatch, BrokerError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+struct Cursor {
+    slot: Arc<TopicSlot>,
+    next: u64,
+}
+
+/// Removes the subscription from the registry and its topics when the reader ends.
+struct Registration {
+    inner: Arc<Inner>,
+    shared: Arc<SubscriberShared>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut registry = lock(&self.inner.registry);
+        registry.subscriptions.retain(|s| s.id != self.shared.id);
+        for entry in self.inner.topics.iter() {
+            if self.shared.pattern.matches(entry.key()) {
+                lock(&entry.value().subscribers).retain(|s| s.id != self.shared.id);
+            }
+        }
+    }
+}
+
+pub(crate) fn open(
+    inner: Arc<Inner>,
+    id: u64,
+    spec: SubscribeSpec,
+) -> Result<Subscription, BrokerError> {
+    let max = inner.config.limits.max_subscriptions;
+    let shared = Arc::new(SubscriberShared {
+        id,
+        pattern: spec.pattern.clone(),
+        wake: Notify::new(),
+        new_topics: Mutex::new(Vec::new()),
+    });
+    let mut cursors = Vec::new();
+    {
+        let mut registry = lock(&inner.registry);
+        if registry.subscriptions.len() >= max {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "cannot subscribe to {:?}: the broker holds the maximum of {max} subscriptions",
+                spec.pattern.as_str()
+            )));
+        }
+        registry.subscriptions.push(shared.clone());
+        for entry in inner.topics.iter() {
+            if !spec.pattern.matches(entry.key()) {
+                continue;
+            }
+            let slot = entry.value().clone();
+            // Attach before reading the start position, so no publish in between is
+            // missed: the reader follows the log by sequence, the wake-up only hurries it.
+            lock(&slot.subscribers).push(shared.clone());
+            let next = {
+                let topic = lock(&slot.topic);
+                match spec.resume_from.get(&*slot.name) {
+                    Some(seq) => (*seq).max(1),
+                    None => match spec.start {
+                        Start::Latest => topic.next_seq(),
+                        Start::Earliest => topic.first_seq(),
+                        Start::Sequence(seq) => seq.max(1),
+                        Start::Time(t) => topic.seq_at_time(t),
+                    },
+                }
+            };
+            cursors.push(Cursor { slot, next });
+        }
+    }
+    let registration = Registration {
+        inner: inner.clone(),
+        shared,
+    };
+    let (tx, rx) = mpsc::channel(inner.config.subscriber_buffer.max(1));
+    tokio::spawn(run(registration, cursors, spec, tx));
+    Ok(Subscription { rx })
+}
+
+async fn run(
+    registration: Registration,
+    mut cursors: Vec<Cursor>,
+    spec: SubscribeSpec,
+    tx: mpsc::Sender<Result<SubscriptionBatch, BrokerError>>,
+) {
+    let shutdown = registration.inner.shutdown.clone();
+    let shared = registration.shared.clone();
+    let mut rotate = 0usize;
+    loop {
+        for slot in lock(&shared.new_topics).drain(..) {
+            // A topic created after the subscription opened is read from its start.
+            let next = spec
+                .resume_from
+                .get(&*slot.name)
+                .copied()
+                .unwrap_or(1)
+                .max(1);
+            cursors.push(Cursor { slot, next });
+        }
+        cursors.retain(|c| !c.slot.deleted.load(Ordering::Acquire));
+
+        let mut batch = SubscriptionBatch::default();
+        let n = cursors.len();
+        // Start at a different topic each round so one busy topic cannot starve others.
+        for k in 0..n {
+            let cursor = &mut cursors[(rotate + k) % n];
+            if cursor.slot.next_seq.load(Ordering::Acquire) <= cursor.next {
+                continue;
+            }
+            let room = spec.max_batch - batch.messages.len();
+            let read = lock(&cursor.slot.topic).read(cursor.next, room);
+            if let Some((first_missing, next_available)) = read.gap {
+                cursor.slot.gaps.fetch_add(1, Ordering::Relaxed);
+                if spec.on_gap == GapPolicy::EndStream {
+                    let err = BrokerError::DataLoss(format!(
+                        "subscription fell behind retention on topic {:?}: sequences {first_missing}..{} are gone (next available {next_available})",
+                        cursor.slot.name,
+                        next_available - 1
+                    ));
+                    let _ = tx.send(Err(err)).await;
+                    return;
+                }
+                batch.gaps.push(GapNotice {
+                    topic: cursor.slot.name.clone(),
+                    first_missing,
+                    next_available,
+                });
+            }
+            cursor.next = read.next;
+            batch.messages.extend(read.messages);
+            if batch.messages.len() >= spec.max_batch {
+                break;
+            }
+        }
+        rotate = rotate.wrapping_add(1);
+
+        if !batch.messages.is_empty() || !batch.gaps.is_empty() {
+            tokio::select! {
+                sent = tx.send(Ok(batch)) => if sent.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = shutdown.cancelled() => return,
+            _ = tx.closed() => return,
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Sluice: a message broker served over gRPC.
+//!
+//! One binary serves **topics** (publish / subscribe with wildcards and replay) and **work
+//! queues** (enqueue, lease / ack with visibility timeouts, retries with backoff,
+//! priorities, delays, ordering keys, dead-letter queues, job inspection).
+//!
+//! # Layout
+//!
+//! * [`pb`]: the generated protobuf and gRPC code of `proto/sluice/v1/sluice.proto`.
+//! * [`broker`]: the server. Domain modules (`queue`, `topic`, `subscription`, `core`)
+//!   never import tonic or protobuf; `broker::service` maps proto <-> domain and
+//!   `broker::error` maps errors to `tonic::Status`.
+//! * [`client`]: the typed Rust client; it never imports `broker`.
+//! * `broker/main.rs`: the `sluice` binary.
+//! * `tests/`: integration tests over real gRPC on `127.0.0.1:0`.
+
+/// Generated protobuf messages and gRPC stubs for `sluice.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("sluice.v1");
+
+    /// The encoded file descriptor set of `proto/`, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
+}
+
+pub mod broker;
+pub mod client;
