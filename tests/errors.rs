@@ -199,7 +199,11 @@ async fn header_priority_and_timing_limits() {
         ))
         .await
         .unwrap_err();
-    assert_status(err, Code::InvalidArgument, &["jobs[0].priority", "10", "9"]);
+    assert_status(
+        err,
+        Code::InvalidArgument,
+        &["jobs[0].priority: 10 exceeds the limit of 9"],
+    );
     let err = rpc
         .enqueue(enqueue(
             "h",
