@@ -56,6 +56,13 @@ impl BrokerError {
     }
 }
 
+impl BrokerError {
+    /// The gRPC status code this error maps to, for errors reported inside a stream.
+    pub fn grpc_code(&self) -> i32 {
+        tonic::Status::from(self.clone()).code() as i32
+    }
+}
+
 impl From<BrokerError> for tonic::Status {
     fn from(err: BrokerError) -> Self {
         let message = err.to_string();

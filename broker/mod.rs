@@ -6,6 +6,7 @@
 //! server (with health and reflection) around a [`Broker`].
 
 pub mod config;
+pub mod consume;
 pub mod core;
 pub mod error;
 pub mod limits;

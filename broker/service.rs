@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::broker::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
 use crate::broker::core::{Broker, LeaseParams, PolicyPatch, QueueInfo, StatsSnapshot};
 use crate::broker::error::BrokerError;
 use crate::broker::limits::check_duration_ms;
@@ -310,6 +311,32 @@ fn stats_to_pb(s: StatsSnapshot) -> pb::StatsResponse {
     }
 }
 
+fn consume_commands(r: pb::ConsumeRequest) -> ConsumeCommands {
+    ConsumeCommands {
+        credits: r.credits,
+        acks: r
+            .acks
+            .into_iter()
+            .map(|a| (a.lease_id, (!a.result.is_empty()).then_some(a.result)))
+            .collect(),
+        nacks: r
+            .nacks
+            .into_iter()
+            .map(|n| NackCommand {
+                lease_id: n.lease_id,
+                error: n.error,
+                retry_delay_ms: (n.retry_delay_ms > 0).then_some(n.retry_delay_ms),
+                dead_letter: n.dead_letter,
+            })
+            .collect(),
+        extends: r
+            .extends
+            .into_iter()
+            .map(|e| (e.lease_id, e.visibility_timeout_ms))
+            .collect(),
+    }
+}
+
 fn peer(req: &Request<impl Sized>) -> String {
     req.remote_addr().map(|a| a.to_string()).unwrap_or_default()
 }
@@ -495,6 +522,64 @@ impl pb::broker_server::Broker for BrokerService {
             state: state_to_pb(state) as i32,
             next_attempt_unix_ms: at.unwrap_or(0),
         }))
+    }
+
+    type ConsumeStream = BoxStream<pb::ConsumeResponse>;
+
+    async fn consume(
+        &self,
+        request: Request<tonic::Streaming<pb::ConsumeRequest>>,
+    ) -> Reply<Self::ConsumeStream> {
+        let address = peer(&request);
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            BrokerError::invalid("queue", "the stream ended before its first request")
+        })?;
+        if first.queue.is_empty() {
+            return Err(BrokerError::invalid(
+                "queue",
+                "the first ConsumeRequest of a stream must name the queue",
+            )
+            .into());
+        }
+        let spec = ConsumeSpec {
+            queue: first.queue.clone(),
+            consumer: first.consumer.clone(),
+            address,
+            visibility_timeout_ms: (first.visibility_timeout_ms > 0)
+                .then_some(first.visibility_timeout_ms),
+        };
+        // The client side ends at its first transport error; what it held is released.
+        let rest = inbound
+            .take_while(|r| futures::future::ready(r.is_ok()))
+            .filter_map(|r| futures::future::ready(r.ok()))
+            .map(consume_commands);
+        let commands = futures::stream::iter([consume_commands(first)]).chain(rest);
+        let queue = spec.queue.clone();
+        let events = self.broker.consume(spec, Box::pin(commands))?;
+        let responses = events.map(move |event| {
+            Ok(match event {
+                ConsumeEvent::Jobs(jobs) => pb::ConsumeResponse {
+                    jobs: jobs
+                        .into_iter()
+                        .map(|d| delivery_to_pb(&queue, d))
+                        .collect(),
+                    errors: Vec::new(),
+                },
+                ConsumeEvent::Refused(refused) => pb::ConsumeResponse {
+                    jobs: Vec::new(),
+                    errors: refused
+                        .into_iter()
+                        .map(|(lease_id, e)| pb::SettleError {
+                            lease_id,
+                            code: e.grpc_code(),
+                            message: e.to_string(),
+                        })
+                        .collect(),
+                },
+            })
+        });
+        Ok(Response::new(Box::pin(responses)))
     }
 
     async fn extend_lease(

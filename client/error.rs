@@ -41,6 +41,16 @@ pub enum ClientError {
         /// Where delivery goes on.
         next_available: u64,
     },
+    /// The broker refused an ack sent on a consume stream (e.g. the lease was stale).
+    #[error("ack of lease {lease_id} refused: {code}: {message}")]
+    Refused {
+        /// The lease.
+        lease_id: String,
+        /// The status code a unary Ack would have returned.
+        code: tonic::Code,
+        /// Why.
+        message: String,
+    },
     /// A request/reply call got no reply in time.
     #[error("no reply within {0:?}")]
     Timeout(std::time::Duration),
@@ -51,6 +61,7 @@ impl ClientError {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             Self::Status(s) => Some(s.code()),
+            Self::Refused { code, .. } => Some(*code),
             _ => None,
         }
     }

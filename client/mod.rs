@@ -27,10 +27,12 @@
 //! [`crate::pb`]; it never imports the server code.
 
 mod codec;
+mod consumer;
 mod error;
 mod subscribe;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -40,6 +42,7 @@ use crate::pb;
 use crate::pb::broker_client::BrokerClient;
 
 pub use codec::{CONTENT_TYPE, Codec, Json, Protobuf, Raw};
+pub use consumer::{ConsumeBuilder, Consumer};
 pub use error::{ClientError, Result};
 pub use subscribe::{Delivery, StartAt, Subscribe};
 
@@ -207,6 +210,20 @@ impl Client {
             request: pb::LeaseRequest {
                 queue: queue.to_owned(),
                 max_jobs: 1,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Starts a streaming consumer of `queue` (the fast path for workers): the broker
+    /// pushes jobs as credit allows and acks flow back on the same stream. Finish it with
+    /// [`ConsumeBuilder::open`].
+    pub fn consume(&self, queue: &str) -> ConsumeBuilder {
+        ConsumeBuilder {
+            rpc: self.rpc.clone(),
+            first: pb::ConsumeRequest {
+                queue: queue.to_owned(),
+                credits: 100,
                 ..Default::default()
             },
         }
@@ -472,6 +489,7 @@ impl LeaseBuilder {
             .map(|job| Lease {
                 rpc: self.rpc.clone(),
                 job,
+                ticket: None,
             })
             .collect())
     }
@@ -493,9 +511,24 @@ pub struct NackOutcome {
 pub struct Lease {
     rpc: BrokerClient<Channel>,
     job: pb::LeasedJob,
+    /// Set for leases from a consume stream: acks go on the stream, and dropping the last
+    /// clone gives the stream's credit back.
+    ticket: Option<Arc<consumer::StreamTicket>>,
 }
 
 impl Lease {
+    pub(crate) fn from_stream(
+        rpc: BrokerClient<Channel>,
+        job: pb::LeasedJob,
+        shared: Arc<consumer::StreamShared>,
+    ) -> Self {
+        Self {
+            rpc,
+            job,
+            ticket: Some(Arc::new(consumer::StreamTicket { shared })),
+        }
+    }
+
     /// The job id.
     pub fn job_id(&self) -> &str {
         &self.job.job_id
@@ -562,14 +595,24 @@ impl Lease {
     }
 
     /// Marks the job done and stores a result with it (shown by GetJob / JobHistory).
-    pub async fn ack_with_result(self, result: impl Into<Bytes>) -> Result<()> {
-        let request = pb::AckRequest {
-            acks: vec![pb::LeaseAck {
-                lease_id: self.job.lease_id,
-                result: result.into(),
-            }],
+    ///
+    /// For a lease from a [`Consumer`], the ack is queued on the stream and this returns
+    /// at once; a refusal arrives on the consumer as [`ClientError::Refused`].
+    pub async fn ack_with_result(mut self, result: impl Into<Bytes>) -> Result<()> {
+        let mut ack = pb::LeaseAck {
+            lease_id: std::mem::take(&mut self.job.lease_id),
+            result: result.into(),
         };
-        self.rpc.clone().ack(request).await?;
+        if let Some(ticket) = &self.ticket {
+            match ticket.shared.push_ack(ack) {
+                None => return Ok(()),
+                Some(back) => ack = back,
+            }
+        }
+        self.rpc
+            .clone()
+            .ack(pb::AckRequest { acks: vec![ack] })
+            .await?;
         Ok(())
     }
 
@@ -599,13 +642,13 @@ impl Lease {
     }
 
     async fn settle_failed(
-        self,
+        mut self,
         error: String,
         delay: Option<Duration>,
         dead_letter: bool,
     ) -> Result<NackOutcome> {
         let request = pb::NackRequest {
-            lease_id: self.job.lease_id,
+            lease_id: std::mem::take(&mut self.job.lease_id),
             error,
             retry_delay_ms: delay.map(millis).unwrap_or(0),
             dead_letter,

@@ -99,3 +99,42 @@ async fn shutdown_ends_subscriptions_and_long_polls_and_serve_returns() {
     assert!(leased.is_empty());
     within(&mut broker.handle).await.unwrap();
 }
+
+#[tokio::test]
+async fn watch_stats_streams_fresh_figures_until_cancelled() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut watch = client
+        .rpc()
+        .watch_stats(sluice::pb::WatchStatsRequest {
+            filter: None,
+            interval_ms: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within(watch.message()).await.unwrap().unwrap();
+    assert!(first.queues.is_empty());
+    client.enqueue("watched", "x").send().await.unwrap();
+    let seen = within(async {
+        loop {
+            let s = watch.message().await.unwrap().unwrap();
+            if let Some(q) = s.queues.iter().find(|q| q.name == "watched") {
+                return (q.pending, s.taken_at_unix_ms);
+            }
+        }
+    })
+    .await;
+    assert_eq!(seen.0, 1);
+    assert!(seen.1 >= first.taken_at_unix_ms);
+    let err = client
+        .rpc()
+        .watch_stats(sluice::pb::WatchStatsRequest {
+            filter: None,
+            interval_ms: 10,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("interval_ms"), "{}", err.message());
+}
