@@ -18,6 +18,7 @@ pub mod service;
 pub mod subscription;
 pub mod time;
 pub mod topic;
+pub mod wire;
 
 pub use self::core::{Broker, BrokerConfig};
 pub use self::error::BrokerError;

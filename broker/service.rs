@@ -16,7 +16,10 @@ use crate::broker::names::Pattern;
 use crate::broker::queue::{self, Backoff, Delivery, Job, JobState, MAX_PRIORITY, NewJob};
 use crate::broker::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
 use crate::broker::topic::{NewMessage, Retention, StoredMessage};
+use crate::broker::wire::{EncodedSubscribeResponse, broker_server};
 use crate::pb;
+use bytes::Bytes;
+use prost::Message as _;
 
 /// Longest `delay_ms`, and furthest `run_at`: one year.
 const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
@@ -169,9 +172,16 @@ fn message_to_pb(m: &StoredMessage) -> pb::Message {
     }
 }
 
-fn batch_to_pb(batch: SubscriptionBatch) -> pb::SubscribeResponse {
-    pb::SubscribeResponse {
-        messages: batch.messages.iter().map(|m| message_to_pb(m)).collect(),
+/// The message's protobuf bytes, encoded by the first subscriber that sends it.
+fn encoded_message(m: &StoredMessage) -> Bytes {
+    m.wire
+        .get_or_init(|| Bytes::from(message_to_pb(m).encode_to_vec()))
+        .clone()
+}
+
+fn batch_to_pb(batch: SubscriptionBatch) -> EncodedSubscribeResponse {
+    EncodedSubscribeResponse {
+        messages: batch.messages.iter().map(|m| encoded_message(m)).collect(),
         gaps: batch
             .gaps
             .into_iter()
@@ -342,7 +352,7 @@ fn peer(req: &Request<impl Sized>) -> String {
 }
 
 #[tonic::async_trait]
-impl pb::broker_server::Broker for BrokerService {
+impl broker_server::Broker for BrokerService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
         let req = request.into_inner();
         self.broker
@@ -370,7 +380,7 @@ impl pb::broker_server::Broker for BrokerService {
         }))
     }
 
-    type SubscribeStream = BoxStream<pb::SubscribeResponse>;
+    type SubscribeStream = BoxStream<EncodedSubscribeResponse>;
 
     async fn subscribe(
         &self,
