@@ -16,7 +16,7 @@ echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 
 echo "== Rust unit and integration tests"
-cargo nextest run --all-targets --no-fail-fast
+cargo nextest run --lib --bins --tests --no-fail-fast
 
 echo "== Rust doc tests"
 cargo test --doc --quiet
