@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::broker::cli;
 use crate::broker::core::BrokerConfig;
+use crate::broker::http::HttpOptions;
 use crate::broker::limits::Limits;
 use crate::broker::server::ServeOptions;
 
@@ -19,11 +21,34 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Subcommands.
+/// Subcommands: `serve` runs a broker; the others are admin commands, gRPC clients of a
+/// running broker (`--server`, env `SLUICE_SERVER`). Only the connection and output flags
+/// of admin commands have environment variables: a stray variable must never change what
+/// a command does to a queue.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the broker.
     Serve(ServeArgs),
+    /// List queues with their policy and counts.
+    Queues(cli::QueuesArgs),
+    /// Show queue and topic figures, once or continuously (`--watch`).
+    Stats(cli::StatsArgs),
+    /// Enqueue one job.
+    Enqueue(cli::EnqueueArgs),
+    /// Lease jobs (and optionally ack them at once).
+    Lease(cli::LeaseArgs),
+    /// Publish one message to a topic.
+    Publish(cli::PublishArgs),
+    /// Print messages of matching topics as they arrive.
+    Subscribe(cli::SubscribeArgs),
+    /// List a queue's jobs in one state without leasing them.
+    Jobs(cli::JobsArgs),
+    /// Move dead jobs from a dead-letter queue back to their queues, showing progress.
+    Redrive(cli::RedriveArgs),
+    /// Remove every job of a queue that is not leased.
+    Purge(cli::PurgeArgs),
+    /// List the workers seen on a queue.
+    Consumers(cli::ConsumersArgs),
 }
 
 /// `sluice serve` flags.
@@ -61,6 +86,10 @@ pub struct ServeArgs {
     /// How long open requests may take to finish after a shutdown signal, ms.
     #[arg(long, env = "SLUICE_DRAIN_TIMEOUT_MS", default_value_t = 5_000)]
     pub drain_timeout_ms: u64,
+    /// Address of the operations HTTP server (`/metrics`, `/healthz`, dashboard at `/`);
+    /// off when unset. Like `--listen`, a non-loopback address needs `--insecure`.
+    #[arg(long, env = "SLUICE_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -70,6 +99,14 @@ impl ServeArgs {
             return Err(format!(
                 "--listen {} is not a loopback address and authentication is not configured: pass --insecure (SLUICE_INSECURE=true) to serve it anyway",
                 self.listen
+            ));
+        }
+        if let Some(http) = self.http
+            && !http.ip().is_loopback()
+            && !self.insecure
+        {
+            return Err(format!(
+                "--http {http} is not a loopback address and authentication is not configured: pass --insecure (SLUICE_INSECURE=true) to serve it anyway"
             ));
         }
         if self.max_request_bytes < self.max_payload_bytes + 64 * 1024 {
@@ -92,6 +129,14 @@ impl ServeArgs {
             },
             tick_interval: Duration::from_millis(self.tick_ms.max(1)),
             ..BrokerConfig::default()
+        }
+    }
+
+    /// The operations HTTP server's settings.
+    pub fn http_options(&self) -> HttpOptions {
+        HttpOptions {
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            ..HttpOptions::default()
         }
     }
 

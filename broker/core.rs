@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::broker::error::BrokerError;
 use crate::broker::limits::{Limits, check_duration_ms};
 use crate::broker::names::{Pattern, validate_name};
+use crate::broker::observe::Observer;
 use crate::broker::queue::{
     ConsumerState, DeadLetter, Delivery, Enqueued, FailOutcome, Job, JobState, LeaseId,
     MAX_VISIBILITY_MS, NewJob, Queue, QueueCounts, QueuePolicy,
@@ -101,6 +102,8 @@ pub(crate) struct Inner {
     pub(crate) registry: Mutex<Registry>,
     pub(crate) shutdown: CancellationToken,
     next_subscription: AtomicU64,
+    /// Receives lease-to-ack and publish-to-deliver timings once something measures them.
+    pub(crate) observer: OnceLock<Arc<dyn Observer>>,
 }
 
 /// The broker. Clone it freely: clones share one state.
@@ -211,6 +214,7 @@ impl Broker {
                 registry: Mutex::new(Registry::default()),
                 shutdown: CancellationToken::new(),
                 next_subscription: AtomicU64::new(1),
+                observer: OnceLock::new(),
             }),
         };
         tokio::spawn(broker.clone().run_ticker());
@@ -230,6 +234,13 @@ impl Broker {
     /// Starts shutting down: long polls return, subscriptions and the expiry task end.
     pub fn shutdown(&self) {
         self.inner.shutdown.cancel();
+    }
+
+    /// Installs the [`Observer`] made by `make` unless one is installed already; returns
+    /// the installed one. A broker has at most one observer for its whole life, so the
+    /// hot paths read it with a single atomic load.
+    pub fn install_observer(&self, make: impl FnOnce() -> Arc<dyn Observer>) -> Arc<dyn Observer> {
+        self.inner.observer.get_or_init(make).clone()
     }
 
     async fn run_ticker(self) {
@@ -571,6 +582,7 @@ impl Broker {
             slots.push(self.lease_queue(&parsed[first].0)?);
         }
         let now = now_ms();
+        let mut acked: Vec<(usize, u64)> = Vec::new();
         {
             let mut guards: Vec<MutexGuard<'_, Queue>> =
                 slots.iter().map(|s| lock(&s.queue)).collect();
@@ -591,13 +603,20 @@ impl Broker {
                     shown.join("; ")
                 )));
             }
-            for (guard, name) in guards.iter_mut().zip(&names) {
+            for (q, (guard, name)) in guards.iter_mut().zip(&names).enumerate() {
                 for &i in &by_queue[name] {
                     let (lease, result) = &mut parsed[i];
-                    guard
+                    let held = guard
                         .ack(now, lease, result.take())
                         .expect("lease was checked under the same lock");
+                    acked.extend(held.map(|ms| (q, ms)));
                 }
+            }
+        }
+        // Reported after the locks are released: the observer may take its own.
+        if let Some(observer) = self.inner.observer.get() {
+            for (q, ms) in acked {
+                observer.job_acked(&names[q], Duration::from_millis(ms));
             }
         }
         for slot in &slots {

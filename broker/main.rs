@@ -1,19 +1,37 @@
-//! The `sluice` binary.
+//! The `sluice` binary: `sluice serve` runs the broker (gRPC, and the operations HTTP
+//! server with `--http`); every other subcommand is an admin client of a running broker.
 
 use clap::Parser;
 use sluice::broker::config::{Cli, Command};
+use sluice::broker::http::serve_http_with;
 use sluice::broker::{Broker, serve};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // Admin commands print their own results; only warnings of theirs are worth logging.
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
-            EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .init();
-    let cli = Cli::parse();
     match cli.command {
+        command @ (Command::Queues(_)
+        | Command::Stats(_)
+        | Command::Enqueue(_)
+        | Command::Lease(_)
+        | Command::Publish(_)
+        | Command::Subscribe(_)
+        | Command::Jobs(_)
+        | Command::Redrive(_)
+        | Command::Purge(_)
+        | Command::Consumers(_)) => sluice::broker::cli::run(command).await,
         Command::Serve(args) => {
             if let Err(e) = args.check() {
                 eprintln!("sluice: {e}");
@@ -26,10 +44,51 @@ async fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::from(1);
                 }
             };
+            let http_listener = match args.http {
+                None => None,
+                Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        eprintln!("sluice: cannot listen on {addr} (--http): {e}");
+                        return std::process::ExitCode::from(1);
+                    }
+                },
+            };
             let broker = Broker::new(args.broker_config());
-            match serve(listener, broker, args.serve_options(), shutdown_signal()).await {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
+            // The HTTP server stops with the broker's token, which `serve` cancels on
+            // shutdown, so both end together.
+            let http = http_listener.map(|listener| {
+                let token = broker.shutdown_token();
+                tokio::spawn(serve_http_with(
+                    listener,
+                    broker.clone(),
+                    args.http_options(),
+                    token.cancelled_owned(),
+                ))
+            });
+            let served = serve(
+                listener,
+                broker.clone(),
+                args.serve_options(),
+                shutdown_signal(),
+            )
+            .await;
+            // If gRPC failed on its own, the HTTP server must not keep the process alive.
+            broker.shutdown();
+            let http_result = match http {
+                Some(task) => match task.await {
+                    Ok(r) => r.map_err(|e| format!("HTTP server: {e}")),
+                    Err(e) => Err(format!("HTTP server task: {e}")),
+                },
+                None => Ok(()),
+            };
+            match (served, http_result) {
+                (Ok(()), Ok(())) => std::process::ExitCode::SUCCESS,
+                (Err(e), _) => {
+                    eprintln!("sluice: {e}");
+                    std::process::ExitCode::from(1)
+                }
+                (Ok(()), Err(e)) => {
                     eprintln!("sluice: {e}");
                     std::process::ExitCode::from(1)
                 }

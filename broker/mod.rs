@@ -1,16 +1,21 @@
 //! The broker: domain modules, and the gRPC service that exposes them.
 //!
-//! Domain modules ([`queue`], [`topic`], [`subscription`], [`core`], [`names`], [`limits`])
-//! know nothing of tonic or protobuf. [`service`] alone maps proto <-> domain and
-//! [`error`] alone maps [`BrokerError`] to `tonic::Status`. [`server`] assembles the gRPC
-//! server (with health and reflection) around a [`Broker`].
+//! Domain modules ([`queue`], [`topic`], [`subscription`], [`core`], [`names`], [`limits`],
+//! [`observe`]) know nothing of tonic, protobuf or HTTP. [`service`] alone maps proto <->
+//! domain and [`error`] alone maps [`BrokerError`] to `tonic::Status`. [`server`] assembles
+//! the gRPC server (with health and reflection) around a [`Broker`]; [`http`] serves
+//! `/metrics`, `/healthz` and the live dashboard; [`cli`] is the admin command line, a gRPC
+//! client of a running broker.
 
+pub mod cli;
 pub mod config;
 pub mod consume;
 pub mod core;
 pub mod error;
+pub mod http;
 pub mod limits;
 pub mod names;
+pub mod observe;
 pub mod queue;
 pub mod rate;
 pub mod server;

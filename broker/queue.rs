@@ -433,7 +433,9 @@ pub struct Queue {
     ids: HashMap<Uuid, u64>,
     ready: BTreeMap<(Reverse<u8>, u64), ()>,
     timers: BTreeMap<(Millis, u64), ()>,
-    leases: BTreeMap<(Millis, u64), ()>,
+    /// Leased jobs by (deadline, seq); the value is when the delivery was leased, kept
+    /// across extensions so lease-to-ack time covers the whole delivery.
+    leases: BTreeMap<(Millis, u64), Millis>,
     ordering: HashMap<Arc<str>, VecDeque<u64>>,
     dedup: HashMap<String, (Uuid, Millis)>,
     dedup_expiry: VecDeque<(Millis, String)>,
@@ -748,7 +750,7 @@ impl Queue {
             job.lease_nonce = nonce;
             job.consumer = Some(consumer.clone());
             job.updated_at = now;
-            self.leases.insert((deadline, seq), ());
+            self.leases.insert((deadline, seq), now);
             out.push(Delivery {
                 job_id: job.id,
                 lease_id: LeaseId {
@@ -824,16 +826,22 @@ impl Queue {
     }
 
     /// Acks a delivery. A repeat ack of the same lease is OK and changes nothing.
+    /// Returns how long the delivery was leased before this ack (ms), or `None` for a
+    /// repeat ack, so the caller can measure lease-to-ack time.
     pub fn ack(
         &mut self,
         now: Millis,
         lease: &LeaseId,
         result: Option<Bytes>,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Option<u64>, BrokerError> {
         if self.check_lease(now, lease)? == LeaseCheck::AlreadyAcked {
-            return Ok(());
+            return Ok(None);
         }
         let seq = lease.seq;
+        let leased_at = self.jobs[&seq]
+            .lease_deadline
+            .and_then(|d| self.leases.get(&(d, seq)).copied())
+            .unwrap_or(now);
         let consumer = self.end_lease(seq, now);
         if let Some(state) = consumer.as_ref().and_then(|c| self.consumers.get_mut(c)) {
             state.done += 1;
@@ -845,7 +853,7 @@ impl Queue {
         self.counts.completed += 1;
         self.ack_rate.record(now, 1);
         self.finish(seq, now);
-        Ok(())
+        Ok(Some(now.saturating_sub(leased_at)))
     }
 
     /// Fails a delivery: the job retries after `retry_delay_ms` (or the backoff policy's
@@ -885,8 +893,8 @@ impl Queue {
             .replace(now + visibility_ms)
             .expect("live lease");
         job.updated_at = now;
-        self.leases.remove(&(old, seq));
-        self.leases.insert((now + visibility_ms, seq), ());
+        let leased_at = self.leases.remove(&(old, seq)).unwrap_or(now);
+        self.leases.insert((now + visibility_ms, seq), leased_at);
         if let Some(state) = job
             .consumer
             .as_ref()

@@ -10,13 +10,15 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 
 use crate::broker::core::{Inner, TopicSlot, lock};
 use crate::broker::error::BrokerError;
 use crate::broker::names::Pattern;
-use crate::broker::time::Millis;
+use crate::broker::observe::Observer;
+use crate::broker::time::{Millis, now_ms};
 use crate::broker::topic::StoredMessage;
 
 /// Where a subscription starts in topics that exist when it opens.
@@ -92,13 +94,47 @@ pub(crate) struct SubscriberShared {
 /// an error (DATA_LOSS under [`GapPolicy::EndStream`]). Dropping it closes the subscription.
 pub struct Subscription {
     rx: mpsc::Receiver<Result<SubscriptionBatch, BrokerError>>,
+    inner: Arc<Inner>,
+    /// When it opened: older messages are replays, whose age is not delivery latency.
+    opened_at: Millis,
 }
 
 impl futures::Stream for Subscription {
     type Item = Result<SubscriptionBatch, BrokerError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        let polled = self.rx.poll_recv(cx);
+        // Publish-to-deliver is measured when the transport takes the batch, so time spent
+        // in the subscription's buffer counts.
+        if let Poll::Ready(Some(Ok(batch))) = &polled
+            && let Some(observer) = self.inner.observer.get()
+        {
+            report_delivery(observer.as_ref(), batch, self.opened_at, now_ms());
+        }
+        polled
+    }
+}
+
+/// Reports a batch's publish-to-deliver latencies of live messages (published after the
+/// subscription opened), one call per run of the same topic.
+fn report_delivery(
+    observer: &dyn Observer,
+    batch: &SubscriptionBatch,
+    opened_at: Millis,
+    now: Millis,
+) {
+    for run in batch
+        .messages
+        .chunk_by(|a, b| Arc::ptr_eq(&a.topic, &b.topic))
+    {
+        let mut latencies = run
+            .iter()
+            .filter(|m| m.publish_time >= opened_at)
+            .map(|m| Duration::from_millis(now.saturating_sub(m.publish_time)))
+            .peekable();
+        if latencies.peek().is_some() {
+            observer.messages_delivered(&run[0].topic, &mut latencies);
+        }
     }
 }
 
@@ -176,7 +212,11 @@ pub(crate) fn open(
     };
     let (tx, rx) = mpsc::channel(inner.config.subscriber_buffer.max(1));
     tokio::spawn(run(registration, cursors, spec, tx));
-    Ok(Subscription { rx })
+    Ok(Subscription {
+        rx,
+        inner,
+        opened_at: now_ms(),
+    })
 }
 
 async fn run(
