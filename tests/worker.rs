@@ -543,3 +543,37 @@ async fn reply_without_reply_to_names_the_message_and_the_header() {
         "message plain#1 has no \"reply_to\" header to reply to"
     );
 }
+
+#[tokio::test]
+async fn protobuf_handlers_get_decoded_messages_and_results_are_stored() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let gap = pb::Gap {
+        topic: "t".into(),
+        first_missing: 3,
+        next_available: 9,
+    };
+    let id = client
+        .enqueue_encoded("proto", &sluice::client::Protobuf, &gap)
+        .unwrap()
+        .kind("gap")
+        .send()
+        .await
+        .unwrap()
+        .job_id;
+    let worker = Worker::new(client.clone(), "proto")
+        .lease_wait(Duration::from_millis(100))
+        .handle_protobuf("gap", |job: JobContext<pb::Gap>| async move {
+            assert_eq!(job.kind(), "gap");
+            assert_eq!(job.queue(), "proto");
+            assert!(!job.is_last_attempt());
+            assert_eq!(job.headers()["content-type"], "application/protobuf");
+            Ok(Done::json(&serde_json::json!({
+                "missing": job.value.next_available - job.value.first_missing
+            })))
+        });
+    let (token, handle) = spawn(worker);
+    let job = wait_for_state(&client, &id, pb::JobState::Completed).await;
+    assert_eq!(job.result.as_ref(), br#"{"missing":6}"#);
+    assert_eq!(stop(token, handle).await.completed, 1);
+}

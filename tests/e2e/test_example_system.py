@@ -28,14 +28,17 @@ SIGNATURE = "\n\nThe Sluice Todo team"
 
 class SmtpRecorder:
     """aiosmtpd handler: records every accepted email; rejects recipients whose local part
-    starts with `reject` (550, a permanent failure); stalls the first RCPT of a recipient
-    starting with `slow` (so a worker can be killed mid-job), answering later ones at once."""
+    starts with `reject` (550, a permanent failure); answers the first RCPT of a recipient
+    starting with `busy` with 451 (a transient failure) and later ones with 250; stalls the
+    first RCPT of a recipient starting with `slow` (so a worker can be killed mid-job),
+    answering later ones at once."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.messages: list[dict] = []
         self.rejected: list[str] = []
         self.slow_rcpts = 0
+        self.busy_answered: set[str] = set()
         self.slow_started = threading.Event()
         self.release = threading.Event()
 
@@ -45,6 +48,12 @@ class SmtpRecorder:
             with self.lock:
                 self.rejected.append(address)
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        if local.startswith("busy"):
+            with self.lock:
+                first = address not in self.busy_answered
+                self.busy_answered.add(address)
+            if first:
+                return "451 4.3.0 Mailbox busy, try again later"
         if local.startswith("slow"):
             with self.lock:
                 self.slow_rcpts += 1
@@ -375,6 +384,25 @@ def test_poisoned_job_ends_in_the_dead_letter_queue(system):
     assert original.dead_letter_queue == "emails.dlq"
     assert system.smtp.to("reject-mallory@example.com") == []
     assert system.smtp.rejected == ["reject-mallory@example.com"]
+
+
+def test_transient_smtp_failure_retries_with_backoff_then_sends_once(system):
+    user = create_user(system, "Bea", "busy-bea@example.com")
+    [email] = wait_until(lambda: system.smtp.to("busy-bea@example.com"), 15, "Bea's email after a retry")
+    assert email["subject"] == "Welcome to Sluice Todo, Bea!"
+    assert email["body"] == welcome_body("Bea", user["id"])
+    job_id = email["message_id"].strip("<>").split("@")[0]
+    job = wait_until(
+        lambda: (j := system.sluice.get_job(job_id)).state == pb.JOB_STATE_COMPLETED and j,
+        10,
+        "the job to complete",
+    )
+    assert job.attempts == 2
+    assert "451" in job.last_error, job.last_error
+    # The queue's first backoff step is 1 s.
+    assert job.finished_at_unix_ms - job.enqueued_at_unix_ms >= 1000
+    time.sleep(0.5)
+    assert len(system.smtp.to("busy-bea@example.com")) == 1
 
 
 def test_worker_killed_mid_job_has_its_job_redelivered_and_done_once_more(system):
