@@ -40,6 +40,9 @@
 //! * **Extension.** While a handler runs, its lease is extended every
 //!   `visibility_timeout / 2` by `visibility_timeout`, so a long job keeps its lease and a
 //!   crashed worker's job is redelivered at most one visibility timeout after the crash.
+//!   If an extension finds the lease stale (it expired during a long pause and the job went
+//!   to another worker), the handler is aborted: its ack would be refused anyway, and the
+//!   job's new holder does the work.
 //! * **Settling.** `Ok(Done)` acks (storing the optional result); `Err(JobError)` nacks
 //!   with the error text so the queue's backoff and dead-letter policy apply;
 //!   [`JobError::permanent`] dead-letters at once; [`JobError::retry_after`] retries after

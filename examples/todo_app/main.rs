@@ -570,40 +570,60 @@ async fn list_todos(State(app): State<App>, Query(q): Query<TodoQuery>) -> ApiRe
 
 async fn complete_todo(State(app): State<App>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id("id", &id)?;
+    let completed_at = shared::now_rfc3339();
     let (mut todo, user) = {
         let db = app.db();
         let todo = find_todo(&db, id)?
             .ok_or_else(|| ApiError::not_found(format!("todo {id} does not exist")))?;
-        if todo.completed_at.is_some() {
-            return Err(ApiError::conflict(format!(
-                "todo {id} is already completed (at {})",
-                todo.completed_at.as_deref().unwrap_or("")
-            )));
-        }
         let user = find_user(&db, todo.user_id)?
             .ok_or_else(|| ApiError::not_found(format!("user {} does not exist", todo.user_id)))?;
+        // The condition makes two concurrent completions publish one event.
+        let changed = db.execute(
+            "UPDATE todos SET completed_at = ?1 WHERE id = ?2 AND completed_at IS NULL",
+            params![completed_at, id],
+        )?;
+        if changed == 0 {
+            let at = find_todo(&db, id)?
+                .and_then(|t| t.completed_at)
+                .unwrap_or_default();
+            return Err(ApiError::conflict(format!(
+                "todo {id} is already completed (at {at})"
+            )));
+        }
         (todo, user)
     };
-    // Cancel the reminder first: a todo completed before its reminder ran gets none.
+    todo.completed_at = Some(completed_at);
+    if let Err(e) = app
+        .client
+        .publish_json(TODO_COMPLETED, &todo.event(&user))
+        .await
+    {
+        // Undo, so the user can retry and the event is not lost.
+        app.db()
+            .execute("UPDATE todos SET completed_at = NULL WHERE id = ?1", [id])?;
+        return Err(e.into());
+    }
+    // A todo completed before its reminder ran gets no reminder.
     let reminder = match &todo.reminder_job_id {
         None => "none",
         Some(job_id) => match app.client.cancel_job(job_id).await {
             Ok(_) => "cancelled",
             // Leased (being sent right now) or finished: too late to cancel.
-            Err(e) if e.code() == Some(tonic::Code::FailedPrecondition) => "already_sent",
-            Err(e) if e.code() == Some(tonic::Code::NotFound) => "already_sent",
-            Err(e) => return Err(e.into()),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(tonic::Code::FailedPrecondition | tonic::Code::NotFound)
+                ) =>
+            {
+                "already_sent"
+            }
+            // The todo is completed and its event published; only the cancel failed.
+            Err(e) => {
+                tracing::warn!(todo_id = id, error = %e, "cannot cancel the reminder");
+                "cancel_failed"
+            }
         },
     };
-    let completed_at = shared::now_rfc3339();
-    todo.completed_at = Some(completed_at.clone());
-    app.client
-        .publish_json(TODO_COMPLETED, &todo.event(&user))
-        .await?;
-    app.db().execute(
-        "UPDATE todos SET completed_at = ?1 WHERE id = ?2",
-        params![completed_at, id],
-    )?;
     tracing::info!(todo_id = id, reminder, "todo completed");
     ok(
         StatusCode::OK,
