@@ -89,20 +89,29 @@ class SmtpRecorder:
 
 
 class WebhookRecorder(BaseHTTPRequestHandler):
+    """Records every POST. Answers 503 to the first delivery of a notification whose message
+    mentions "flaky" (transient) and 410 to any mentioning "gone" (permanent); 200 else."""
+
     received: list = []
     lock = threading.Lock()
 
     def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.lock:
+            earlier = [h for h in self.received if h["json"]["id"] == body["id"]]
             self.received.append(
                 {
                     "path": self.path,
                     "headers": {k.lower(): v for k, v in self.headers.items()},
-                    "json": json.loads(body),
+                    "json": body,
                 }
             )
-        self.send_response(200)
+        status = 200
+        if "gone" in body["message"]:
+            status = 410
+        elif "flaky" in body["message"] and not earlier:
+            status = 503
+        self.send_response(status)
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"ok")
@@ -314,6 +323,47 @@ def test_completing_a_todo_delivers_the_achievement_and_cancels_the_reminder(sys
     # Bob got his welcome email and no reminder.
     wait_until(lambda: system.smtp.to("bob@example.com"), 15, "Bob's welcome email")
     assert [m["subject"] for m in system.smtp.to("bob@example.com")] == ["Welcome to Sluice Todo, Bob!"]
+
+
+def complete_new_todo(system, user_id: int, title: str) -> int:
+    r = post(system, "/todos", {"user_id": user_id, "title": title})
+    assert r.status_code == 201, r.text
+    todo_id = r.json()["todo"]["id"]
+    r = requests.put(f"{system.app}/todos/{todo_id}/complete", timeout=10)
+    assert r.status_code == 200, r.text
+    return todo_id
+
+
+def hooks_for(system, todo_id: int) -> list:
+    with system.webhook.lock:
+        return [h for h in system.webhook.received if h["json"]["todo_id"] == todo_id]
+
+
+def test_webhook_failures_retry_when_transient_and_dead_letter_when_permanent(system):
+    user = create_user(system, "Hal", "hal@example.com")
+    flaky = complete_new_todo(system, user["id"], "flaky chore")
+    gone = complete_new_todo(system, user["id"], "gone chore")
+
+    first, second = wait_until(lambda: len(hooks_for(system, flaky)) == 2 and hooks_for(system, flaky), 15, "the retried webhook")
+    # The same notification, retried after the queue's 1 s backoff step.
+    assert first["json"]["id"] == second["json"]["id"] == first["headers"]["idempotency-key"]
+    job = system.sluice.get_job(first["json"]["id"])
+    assert (job.state, job.attempts) == (pb.JOB_STATE_COMPLETED, 2)
+    assert "503" in job.last_error, job.last_error
+
+    def dead():
+        return [j for j in system.sluice.list_jobs("notifications.dlq") if json.loads(j.payload)["todo_id"] == gone]
+
+    [job] = wait_until(dead, 15, "the notification job in notifications.dlq")
+    assert job.headers["x-sluice-attempts"] == "1"
+    assert "410 Gone" in job.headers["x-sluice-last-error"], job.headers["x-sluice-last-error"]
+    assert len(hooks_for(system, gone)) == 1
+    # Only the delivered one reaches the app.
+    def shown():
+        r = requests.get(f"{system.app}/users/{user['id']}/notifications", timeout=5)
+        return [n["todo_id"] for n in r.json()["notifications"]]
+
+    assert wait_until(shown, 15, "the delivered notification in the app") == [flaky]
 
 
 def test_due_reminder_then_one_overdue_email(system):

@@ -85,3 +85,12 @@ def test_notifications_without_a_webhook_are_stored_by_the_app_once(system):
     assert [x["id"] for x in notifications()] == [n["id"]]
     r = requests.get(f"{system.app}/users/999/notifications", timeout=5)
     assert (r.status_code, r.json()["error"]) == (404, "user 999 does not exist")
+
+
+def test_workers_stop_gracefully_on_sigterm(system):
+    for name, what in [("email_worker", "email worker stopped"), ("notification_worker", "notification worker stopped")]:
+        assert system.processes.kill(name, signal.SIGTERM) == 0
+        log = system.processes.log(name)
+        assert what in log, log[-2000:]
+        # The drain ended with nothing left to release.
+        assert "released: 0" in log, log[-2000:]
