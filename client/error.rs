@@ -54,6 +54,28 @@ pub enum ClientError {
     /// A request/reply call got no reply in time.
     #[error("no reply within {0:?}")]
     Timeout(std::time::Duration),
+    /// A client-side setting is out of range; the message names the setting, the allowed
+    /// range and the value.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The responder of a request/reply call answered with an error.
+    #[error("request to {topic:?} failed at the responder: {message}")]
+    Remote {
+        /// The request topic.
+        topic: String,
+        /// The responder's error text.
+        message: String,
+    },
+    /// A message could not be replied to because it carries no `reply-to` header.
+    #[error("message {topic}#{sequence} has no {header:?} header to reply to")]
+    NoReplyTo {
+        /// Topic of the message.
+        topic: String,
+        /// Its sequence.
+        sequence: u64,
+        /// The missing header's name.
+        header: &'static str,
+    },
 }
 
 impl ClientError {

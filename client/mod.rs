@@ -29,7 +29,9 @@
 mod codec;
 mod consumer;
 mod error;
+mod request;
 mod subscribe;
+mod worker;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,7 +46,12 @@ use crate::pb::broker_client::BrokerClient;
 pub use codec::{CONTENT_TYPE, Codec, Json, Protobuf, Raw};
 pub use consumer::{ConsumeBuilder, Consumer};
 pub use error::{ClientError, Result};
+pub use request::{CORRELATION_ID, ERROR_HEADER, REPLY_TO};
 pub use subscribe::{Delivery, StartAt, Subscribe};
+pub use worker::{
+    Done, Failure, JobContext, JobError, MAX_BATCH, MAX_CONCURRENCY, MAX_LEASE_WAIT,
+    MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT, UnknownKind, Worker, WorkerReport,
+};
 
 /// Largest message the client sends or accepts (a whole batch).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

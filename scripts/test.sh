@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: installs what the tests need
-# (idempotently), then the Rust unit, integration and doc tests.
+# (idempotently), then the Rust unit, integration and doc tests, then the end-to-end tests
+# of the example system and the Python and grpcurl clients.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +9,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "== installing cargo-nextest"
   cargo install cargo-nextest --locked
 fi
+echo "== installing test dependencies"
+bash scripts/install-test-deps.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -20,3 +23,7 @@ cargo nextest run --lib --bins --tests --no-fail-fast
 
 echo "== Rust doc tests"
 cargo test --doc --quiet
+
+echo "== end-to-end tests (example system, Python client, grpcurl)"
+cargo build --examples --bins
+timeout 600 python3 -m pytest tests/e2e -p no:cacheprovider -q

@@ -1,0 +1,156 @@
+//! Notification worker of the example system: leases the `notifications` queue (bound to
+//! `todo.completed`) with 2 concurrent handlers and delivers achievement notifications.
+//!
+//! With `WEBHOOK_URL` set, each notification is first POSTed there as JSON (header
+//! `Idempotency-Key: <job id>`): a 2xx response is success, 408 / 429 / 5xx / connection
+//! errors retry with the queue's backoff, other 4xx dead-letter the job at once. Every
+//! delivered notification is then published as `notification.delivered` (idempotency key =
+//! job id), which the todo app stores and shows at `GET /users/{id}/notifications`; with no
+//! webhook that topic is the only channel.
+//!
+//! ```text
+//! cargo run --example notification_worker -- --webhook-url http://127.0.0.1:8080/hook
+//! ```
+
+#[path = "../shared/mod.rs"]
+mod shared;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use shared::{NOTIFICATION_DELIVERED, NOTIFICATIONS, Notification, TODO_COMPLETED, TodoEvent};
+use sluice::client::{Client, Done, JobContext, JobError, Message, Worker};
+
+/// Notification worker of the Sluice example system.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Broker URL.
+    #[arg(long, env = "SLUICE_URL", default_value = shared::DEFAULT_SLUICE_URL)]
+    sluice_url: String,
+    /// Webhook receiving each notification as an HTTP POST with a JSON body (http:// only).
+    #[arg(long, env = "WEBHOOK_URL")]
+    webhook_url: Option<String>,
+    /// Handlers running at once.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 2)]
+    concurrency: usize,
+    /// Consumer name shown by ListConsumers (default: notification-worker-<pid>).
+    #[arg(long, env = "WORKER_NAME")]
+    name: Option<String>,
+    /// Lease duration in ms; extended at half of it while a notification is delivered.
+    #[arg(long, env = "VISIBILITY_TIMEOUT_MS", default_value_t = 30_000)]
+    visibility_timeout_ms: u64,
+}
+
+struct Notifier {
+    client: Client,
+    http: reqwest::Client,
+    webhook: Option<String>,
+}
+
+impl Notifier {
+    async fn deliver(&self, job: JobContext<TodoEvent>) -> Result<Done, JobError> {
+        let todo = &job.value;
+        let mut notification = Notification {
+            id: job.job_id().to_owned(),
+            user_id: todo.user_id,
+            todo_id: todo.todo_id,
+            title: "Achievement unlocked".to_owned(),
+            message: format!(
+                "{} completed \"{}\". Well done!",
+                todo.user_name, todo.title
+            ),
+            channel: "app".to_owned(),
+            delivered_at: shared::now_rfc3339(),
+        };
+        if let Some(url) = &self.webhook {
+            notification.channel = "webhook".to_owned();
+            let response = self
+                .http
+                .post(url)
+                .header("Idempotency-Key", job.job_id())
+                .json(&notification)
+                .send()
+                .await
+                .map_err(|e| JobError::retry(format!("webhook {url}: {e}")))?;
+            let status = response.status();
+            if !status.is_success() {
+                let message = format!("webhook {url} answered {status}");
+                let transient = status.is_server_error()
+                    || status == reqwest::StatusCode::REQUEST_TIMEOUT
+                    || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+                return Err(if transient {
+                    JobError::retry(message)
+                } else {
+                    JobError::permanent(message)
+                });
+            }
+        }
+        let payload = serde_json::to_vec(&notification)?;
+        // The idempotency key makes a retry after a failed ack publish nothing twice.
+        let message = Message::new(payload)
+            .header(sluice::client::CONTENT_TYPE, "application/json")
+            .key(notification.user_id.to_string())
+            .idempotency_key(notification.id.clone());
+        self.client
+            .publish_message(NOTIFICATION_DELIVERED, message)
+            .await?;
+        tracing::info!(
+            job_id = job.job_id(),
+            user_id = notification.user_id,
+            channel = %notification.channel,
+            "achievement notification delivered"
+        );
+        Ok(Done::json(&notification))
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    shared::init_logging();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("notification_worker: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let webhook = args.webhook_url.filter(|u| !u.is_empty());
+    if let Some(url) = &webhook
+        && !url.starts_with("http://")
+    {
+        return Err(format!(
+            "WEBHOOK_URL {url:?}: must start with http:// (this example is built without TLS)"
+        )
+        .into());
+    }
+    let client = shared::connect(&args.sluice_url, Duration::from_secs(30)).await?;
+    shared::ensure_topology(&client).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let notifier = Arc::new(Notifier {
+        client: client.clone(),
+        http,
+        webhook,
+    });
+    let name = args
+        .name
+        .unwrap_or_else(|| format!("notification-worker-{}", std::process::id()));
+    tracing::info!(consumer = %name, concurrency = args.concurrency, webhook = ?notifier.webhook, "notification worker started");
+    let worker = Worker::new(client, NOTIFICATIONS)
+        .consumer(name)
+        .concurrency(args.concurrency)
+        .visibility_timeout(Duration::from_millis(args.visibility_timeout_ms))
+        .handle_json(TODO_COMPLETED, move |job: JobContext<TodoEvent>| {
+            let notifier = notifier.clone();
+            async move { notifier.deliver(job).await }
+        });
+    let report = worker.run(shared::shutdown_signal()).await?;
+    tracing::info!(?report, "notification worker stopped");
+    Ok(())
+}

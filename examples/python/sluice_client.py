@@ -1,0 +1,210 @@
+"""A small Python client for Sluice, over stubs generated from proto/ with grpcio-tools.
+
+The stubs are generated into ``sluice_pb/`` beside this file (gitignored) by ``gen.sh``;
+importing this module runs it when they are missing or older than the proto file.
+
+    from sluice_client import SluiceClient
+
+    with SluiceClient("127.0.0.1:50051") as sluice:
+        job_id = sluice.enqueue("emails", b'{"to": "a@example.com"}', kind="welcome")
+        for job in sluice.lease("emails", max_jobs=10, wait_ms=1000, consumer="py-worker"):
+            sluice.ack(job.lease_id, result=b"sent")
+        sluice.publish("user.registered", b'{"id": 1}')
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+import grpc
+
+HERE = Path(__file__).resolve().parent
+GENERATED = HERE / "sluice_pb"
+PROTO = HERE.parent.parent / "proto" / "sluice" / "v1" / "sluice.proto"
+
+
+def ensure_generated() -> None:
+    """Runs gen.sh when the stubs are missing or older than the proto file."""
+    stub = GENERATED / "sluice" / "v1" / "sluice_pb2_grpc.py"
+    if not stub.exists() or stub.stat().st_mtime < PROTO.stat().st_mtime:
+        subprocess.run(["bash", str(HERE / "gen.sh")], check=True, stdout=subprocess.DEVNULL)
+
+
+ensure_generated()
+sys.path.insert(0, str(GENERATED))
+
+from sluice.v1 import sluice_pb2 as pb  # noqa: E402
+from sluice.v1 import sluice_pb2_grpc as pb_grpc  # noqa: E402
+
+__all__ = ["SluiceClient", "pb", "pb_grpc"]
+
+
+class SluiceClient:
+    """A connection to a Sluice broker (``host:port``, plaintext)."""
+
+    def __init__(self, target: str, timeout: float = 10.0):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.BrokerStub(self.channel)
+        # Per-call deadline for unary RPCs; long polls add their wait to it.
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "SluiceClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Blocks until the channel is connected (raises grpc.FutureTimeoutError)."""
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    # ---- topics --------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        headers: Optional[Mapping[str, str]] = None,
+        key: str = "",
+    ) -> int:
+        """Publishes one message; returns its sequence number."""
+        message = pb.PublishMessage(payload=payload, headers=dict(headers or {}), key=key)
+        response = self.stub.Publish(
+            pb.PublishRequest(topic=topic, messages=[message]), timeout=self.timeout
+        )
+        return response.results[0].sequence
+
+    def subscribe(
+        self, pattern: str, earliest: bool = False, timeout: Optional[float] = None
+    ) -> "Subscription":
+        """Subscribes to topics matching ``pattern`` (from the start of the retained log
+        with ``earliest``). Returns once the broker has registered the subscription, so a
+        message published after this call is delivered. Iterate the result for messages;
+        ``close()`` it (or let ``timeout`` seconds pass) to end it."""
+        start = pb.START_POSITION_EARLIEST if earliest else pb.START_POSITION_LATEST
+        return Subscription(
+            self.stub.Subscribe(pb.SubscribeRequest(pattern=pattern, start=start), timeout=timeout)
+        )
+
+    # ---- work queues ---------------------------------------------------------------
+
+    def enqueue(
+        self,
+        queue: str,
+        payload: bytes,
+        kind: str = "",
+        headers: Optional[Mapping[str, str]] = None,
+        priority: int = 0,
+        delay_ms: int = 0,
+        max_attempts: int = 0,
+        idempotency_key: str = "",
+    ) -> str:
+        """Enqueues one job; returns its id."""
+        job = pb.JobSpec(
+            payload=payload,
+            kind=kind,
+            headers=dict(headers or {}),
+            priority=priority,
+            delay_ms=delay_ms,
+            max_attempts=max_attempts,
+            idempotency_key=idempotency_key,
+        )
+        response = self.stub.Enqueue(pb.EnqueueRequest(queue=queue, jobs=[job]), timeout=self.timeout)
+        return response.results[0].job_id
+
+    def lease(
+        self,
+        queue: str,
+        max_jobs: int = 1,
+        visibility_timeout_ms: int = 0,
+        wait_ms: int = 0,
+        consumer: str = "",
+    ) -> list:
+        """Leases up to ``max_jobs`` jobs, long-polling up to ``wait_ms``."""
+        request = pb.LeaseRequest(
+            queue=queue,
+            max_jobs=max_jobs,
+            visibility_timeout_ms=visibility_timeout_ms,
+            wait_ms=wait_ms,
+            consumer=consumer,
+        )
+        return list(self.stub.Lease(request, timeout=self.timeout + wait_ms / 1000).jobs)
+
+    def ack(self, lease_id: str, result: bytes = b"") -> None:
+        """Settles a delivery as done."""
+        self.stub.Ack(
+            pb.AckRequest(acks=[pb.LeaseAck(lease_id=lease_id, result=result)]),
+            timeout=self.timeout,
+        )
+
+    def nack(
+        self, lease_id: str, error: str, retry_delay_ms: int = 0, dead_letter: bool = False
+    ) -> pb.NackResponse:
+        """Settles a delivery as failed (retry, or dead-letter now)."""
+        return self.stub.Nack(
+            pb.NackRequest(
+                lease_id=lease_id,
+                error=error,
+                retry_delay_ms=retry_delay_ms,
+                dead_letter=dead_letter,
+            ),
+            timeout=self.timeout,
+        )
+
+    def get_job(self, job_id: str) -> pb.Job:
+        return self.stub.GetJob(pb.GetJobRequest(id=job_id), timeout=self.timeout)
+
+    def list_jobs(self, queue: str, state: int = pb.JOB_STATE_UNSPECIFIED) -> list:
+        """Every job of ``queue`` in ``state`` (all live jobs by default), all pages."""
+        jobs, token = [], ""
+        while True:
+            response = self.stub.ListJobs(
+                pb.ListJobsRequest(queue=queue, state=state, page_token=token),
+                timeout=self.timeout,
+            )
+            jobs.extend(response.jobs)
+            token = response.next_page_token
+            if not token:
+                return jobs
+
+    def create_queue(self, name: str, **policy) -> pb.QueueInfo:
+        return self.stub.CreateQueue(
+            pb.CreateQueueRequest(name=name, policy=pb.QueuePolicy(**policy)),
+            timeout=self.timeout,
+        )
+
+    def stats(self) -> pb.StatsResponse:
+        return self.stub.Stats(pb.StatsRequest(), timeout=self.timeout)
+
+
+class Subscription:
+    """An open subscription: iterate it for ``pb.Message`` values."""
+
+    def __init__(self, call):
+        self._call = call
+        # The broker sends the response headers once the subscription is registered.
+        call.initial_metadata()
+
+    def __iter__(self) -> Iterator[pb.Message]:
+        try:
+            for batch in self._call:
+                yield from batch.messages
+        except grpc.RpcError as e:
+            # Our own close() and the deadline end the stream; anything else is an error.
+            if e.code() not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+
+    def close(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

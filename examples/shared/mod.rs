@@ -1,0 +1,202 @@
+//! Code shared by the example processes (`todo_app`, `email_worker`,
+//! `notification_worker`): the event and job payloads, the broker topology, and small
+//! helpers. Each example includes it with `#[path = "../shared/mod.rs"] mod shared;`.
+//!
+//! # Topology
+//!
+//! ```text
+//!  todo_app ── publish ──► topic user.registered ──┐ (binding)
+//!           ── publish ──► topic todo.overdue ─────┼──► queue emails ──► email_worker (x3)
+//!           ── enqueue (run_at = due_at) ──────────┘       │ (kind todo.reminder)
+//!                                                          └─ dead letters: emails.dlq
+//!           ── publish ──► topic todo.completed ─────► queue notifications ──► notification_worker (x2)
+//!                                                          └─ dead letters: notifications.dlq
+//!  notification_worker ── publish ──► topic notification.delivered ──► todo_app (subscriber)
+//! ```
+//!
+//! The app only publishes events (and schedules reminder jobs); the bindings route them
+//! into the workers' queues with `kind` = topic name. Every process runs [`ensure_topology`]
+//! at startup, so they can start in any order.
+
+// Each example uses only part of this module.
+#![allow(dead_code)]
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sluice::client::{Client, ClientError};
+use sluice::pb;
+
+/// Topic: a user signed up.
+pub const USER_REGISTERED: &str = "user.registered";
+/// Topic: a todo was completed.
+pub const TODO_COMPLETED: &str = "todo.completed";
+/// Topic: a todo is past its due time and not completed.
+pub const TODO_OVERDUE: &str = "todo.overdue";
+/// Topic: the notification worker delivered an achievement notification.
+pub const NOTIFICATION_DELIVERED: &str = "notification.delivered";
+/// Job kind of the reminder the app schedules for a todo's due time.
+pub const TODO_REMINDER: &str = "todo.reminder";
+
+/// Queue of the email worker.
+pub const EMAILS: &str = "emails";
+/// Queue of the notification worker.
+pub const NOTIFICATIONS: &str = "notifications";
+
+/// Default broker address.
+pub const DEFAULT_SLUICE_URL: &str = "http://127.0.0.1:50051";
+
+/// Payload of `user.registered`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserRegistered {
+    /// User id.
+    pub user_id: i64,
+    /// Display name.
+    pub name: String,
+    /// Email address.
+    pub email: String,
+    /// RFC 3339.
+    pub registered_at: String,
+}
+
+/// Payload of `todo.completed`, `todo.overdue` and of `todo.reminder` jobs: everything a
+/// worker needs, so workers never read the app's database.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TodoEvent {
+    /// Todo id.
+    pub todo_id: i64,
+    /// Owner.
+    pub user_id: i64,
+    /// Owner's name.
+    pub user_name: String,
+    /// Owner's email.
+    pub email: String,
+    /// Todo title.
+    pub title: String,
+    /// RFC 3339, if the todo has a due time.
+    pub due_at: Option<String>,
+    /// RFC 3339, for `todo.completed`.
+    pub completed_at: Option<String>,
+}
+
+/// Payload of `notification.delivered` (and of the webhook POST).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Notification {
+    /// The job that produced it (unique; the app stores each once).
+    pub id: String,
+    /// Recipient.
+    pub user_id: i64,
+    /// The completed todo.
+    pub todo_id: i64,
+    /// Short title.
+    pub title: String,
+    /// Text shown to the user.
+    pub message: String,
+    /// `webhook` when it was POSTed to `WEBHOOK_URL`, else `app`.
+    pub channel: String,
+    /// RFC 3339.
+    pub delivered_at: String,
+}
+
+/// The queue policies and topic bindings of the example system. Idempotent: creates the
+/// queues, or brings existing ones' bindings and policy to these values.
+pub async fn ensure_topology(client: &Client) -> Result<(), ClientError> {
+    let queues = [
+        (
+            EMAILS,
+            vec![USER_REGISTERED.to_owned(), TODO_OVERDUE.to_owned()],
+        ),
+        (NOTIFICATIONS, vec![TODO_COMPLETED.to_owned()]),
+    ];
+    for (name, bindings) in queues {
+        let policy = pb::QueuePolicy {
+            max_attempts: 5,
+            // Transient failures (SMTP 4xx, webhook 5xx) retry after 1 s, 5 s, 30 s, 2 min.
+            backoff: Some(pb::BackoffPolicy {
+                delays_ms: vec![1_000, 5_000, 30_000, 120_000],
+                ..Default::default()
+            }),
+            topic_bindings: bindings,
+            ..Default::default()
+        };
+        match client.create_queue(name, policy.clone()).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(tonic::Code::AlreadyExists) => {
+                let request = pb::UpdateQueueRequest {
+                    name: name.to_owned(),
+                    policy: Some(pb::QueuePolicy {
+                        replace_bindings: true,
+                        ..policy
+                    }),
+                };
+                client.rpc().update_queue(request).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Connects to the broker, retrying for up to `patience` so processes can start in any
+/// order.
+pub async fn connect(url: &str, patience: Duration) -> Result<Client, ClientError> {
+    let give_up = tokio::time::Instant::now() + patience;
+    loop {
+        match Client::connect(url).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() >= give_up => return Err(e),
+            Err(e) => {
+                tracing::info!(url, error = %e, "broker not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+/// Now as RFC 3339 UTC, seconds precision.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// A time as RFC 3339 UTC, seconds precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Unix seconds of a time.
+pub fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}

