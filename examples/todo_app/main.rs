@@ -718,9 +718,16 @@ async fn queue_status(State(app): State<App>) -> ApiResult {
             )
         })
         .collect();
+    // Workers that leased from each queue in the last 60 s, as the broker counts them.
+    let workers: serde_json::Map<String, Value> = stats
+        .queues
+        .iter()
+        .filter(|q| q.name == EMAILS || q.name == NOTIFICATIONS)
+        .map(|q| (q.name.clone(), json!(q.consumers)))
+        .collect();
     ok(
         StatusCode::OK,
-        json!({"success": true, "queues": queues, "topics": topics}),
+        json!({"success": true, "queues": queues, "topics": topics, "workers": workers}),
     )
 }
 
