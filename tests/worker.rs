@@ -120,7 +120,7 @@ async fn extension_keeps_a_long_job_alive_past_its_visibility_timeout() {
     let id = enqueue_email(&client, "slow", "welcome", "a@x.test").await;
     let calls = Arc::new(AtomicUsize::new(0));
     let worker = Worker::new(client.clone(), "slow")
-        .visibility_timeout(Duration::from_millis(300))
+        .visibility_timeout(Duration::from_millis(500))
         .lease_wait(Duration::from_millis(100))
         .handle_json("welcome", {
             let calls = calls.clone();
@@ -128,8 +128,8 @@ async fn extension_keeps_a_long_job_alive_past_its_visibility_timeout() {
                 let calls = calls.clone();
                 async move {
                     calls.fetch_add(1, Ordering::SeqCst);
-                    // More than four visibility timeouts.
-                    tokio::time::sleep(Duration::from_millis(1_300)).await;
+                    // More than three visibility timeouts.
+                    tokio::time::sleep(Duration::from_millis(1_600)).await;
                     Ok(())
                 }
             }
