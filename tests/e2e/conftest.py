@@ -29,8 +29,9 @@ def _die_with_parent() -> None:
 
 
 def _exit_on_sigterm(signum, frame):
-    # Turn SIGTERM (from `timeout`, CI) into an exception so fixture teardown still runs.
-    raise SystemExit(f"terminated by signal {signum}")
+    # Turn SIGTERM (from `timeout`, CI) into what Ctrl-C does: pytest stops the session
+    # and still runs fixture teardown, which kills the child processes.
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 
 signal.signal(signal.SIGTERM, _exit_on_sigterm)
