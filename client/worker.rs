@@ -330,7 +330,9 @@ where
 /// * **Settling.** `Ok(Done)` acks (storing the optional result); `Err(JobError)` nacks
 ///   with the error text so the queue's backoff and dead-letter policy apply;
 ///   [`JobError::permanent`] dead-letters at once; [`JobError::retry_after`] retries after
-///   an explicit delay. A handler that panics is nacked like an error.
+///   an explicit delay. A handler that panics is nacked like an error. Delivery is
+///   at-least-once: if the ack itself is lost (the connection drops), the lease expires and
+///   the job runs again, so handlers should be idempotent (the job id is a good key).
 /// * **Shutdown.** When the shutdown future resolves the worker stops leasing (an open long
 ///   poll is cancelled), lets running handlers finish for up to `drain_timeout`, then aborts
 ///   the rest and nacks them with a short retry delay so another worker takes them at once.
