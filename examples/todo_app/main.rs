@@ -76,6 +76,8 @@ struct App {
 
 impl App {
     /// The database. Every use is a few short statements, never held across an `.await`.
+    /// A poisoned lock is reused: each SQLite statement is atomic, so a panic between
+    /// statements cannot leave a half-written row behind.
     fn db(&self) -> MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
     }
