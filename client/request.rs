@@ -1,14 +1,5 @@
-//! Request/reply on top of topics (SPEC section 4).
-//!
-//! The requester subscribes to a private inbox topic `_inbox.<uuid>`, publishes the request
-//! with headers [`REPLY_TO`] (the inbox) and [`CORRELATION_ID`], and waits for the reply
-//! carrying the same correlation id, up to a timeout. A responder publishes its answer to
-//! the `reply_to` topic with the correlation id copied; an error answer carries the
-//! [`ERROR_HEADER`] header with the error text and an empty payload.
-//!
-//! Every request uses its own inbox, deleted once the call ends, so concurrent requests
-//! never see each other's replies and no inbox outlives its call (a reply arriving after
-//! the timeout re-creates the inbox topic, which then ages out with the default retention).
+//! Request/reply on top of topics (SPEC section 4): [`Client::request`] and the responder
+//! helpers [`Client::reply`] and [`Client::respond_json`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,10 +22,21 @@ pub const CORRELATION_ID: &str = "correlation_id";
 pub const ERROR_HEADER: &str = "reply_error";
 
 impl Client {
-    /// Publishes `payload` to `topic` as a request and waits up to `timeout` for the reply
-    /// (see the module docs of `request`). Fails with [`ClientError::Timeout`] when no
-    /// reply comes in time and [`ClientError::Remote`] when the responder answered with an
-    /// error.
+    /// Publishes `payload` to `topic` as a request and waits up to `timeout` for the reply.
+    /// Fails with [`ClientError::Timeout`] when no reply comes in time and
+    /// [`ClientError::Remote`] when the responder answered with an error.
+    ///
+    /// The requester subscribes to a private inbox topic `_inbox.<uuid>`, publishes the
+    /// request with headers [`REPLY_TO`] (the inbox) and [`CORRELATION_ID`], and waits for
+    /// the reply carrying the same correlation id. A responder publishes its answer to the
+    /// `reply_to` topic with the correlation id copied ([`Client::reply`] does that); an
+    /// error answer carries the [`ERROR_HEADER`] header with the error text and an empty
+    /// payload.
+    ///
+    /// Every request uses its own inbox, deleted once the call ends, so concurrent requests
+    /// never see each other's replies and no inbox outlives its call (a reply arriving
+    /// after the timeout re-creates the inbox topic, which then ages out with the default
+    /// retention).
     pub async fn request(
         &self,
         topic: &str,

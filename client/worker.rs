@@ -1,57 +1,5 @@
-//! The `Worker` runner: leases jobs from one queue and runs typed handlers per job `kind`.
-//!
-//! ```no_run
-//! # async fn demo() -> sluice::client::Result<()> {
-//! use std::time::Duration;
-//! use sluice::client::{Client, Done, JobError, Worker};
-//!
-//! #[derive(serde::Serialize, serde::Deserialize)]
-//! struct Welcome { email: String }
-//!
-//! let client = Client::connect("http://127.0.0.1:50051").await?;
-//! let worker = Worker::new(client, "emails")
-//!     .consumer("email-worker-1")
-//!     .concurrency(3)
-//!     .handle_json("user.registered", |job: sluice::client::JobContext<Welcome>| async move {
-//!         if job.value.email.is_empty() {
-//!             // Retrying cannot help: dead-letter at once.
-//!             return Err(JobError::permanent("field email: empty"));
-//!         }
-//!         Ok(Done::new())
-//!     });
-//! let report = worker.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
-//! println!("{report:?}");
-//! # Ok(()) }
-//! ```
-//!
-//! Semantics, in the order a delivery sees them:
-//!
-//! * **Leasing.** The worker leases in batches of up to `batch_size` jobs (never more than
-//!   free handler slots), long-polling up to `lease_wait` so an idle worker makes one
-//!   request per `lease_wait` instead of spinning. Every lease carries the `consumer` name,
-//!   which `ListConsumers` shows.
-//! * **Routing.** A job goes to the handler registered for its `kind`. A job whose kind has
-//!   no handler is nacked with an error naming the kind and the known kinds, so it retries
-//!   with backoff and dead-letters after `max_attempts` (a newer worker that knows the kind
-//!   may pick it up meanwhile, as in a rolling deploy); [`UnknownKind::DeadLetter`] sends it
-//!   to the dead-letter queue at once instead.
-//! * **Decoding.** A payload that does not decode as the handler's type is dead-lettered at
-//!   once: a retry would decode the same bytes the same way.
-//! * **Extension.** While a handler runs, its lease is extended every
-//!   `visibility_timeout / 2` by `visibility_timeout`, so a long job keeps its lease and a
-//!   crashed worker's job is redelivered at most one visibility timeout after the crash.
-//!   If an extension finds the lease stale (it expired during a long pause and the job went
-//!   to another worker), the handler is aborted: its ack would be refused anyway, and the
-//!   job's new holder does the work.
-//! * **Settling.** `Ok(Done)` acks (storing the optional result); `Err(JobError)` nacks
-//!   with the error text so the queue's backoff and dead-letter policy apply;
-//!   [`JobError::permanent`] dead-letters at once; [`JobError::retry_after`] retries after
-//!   an explicit delay. A handler that panics is nacked like an error.
-//! * **Shutdown.** When the shutdown future resolves the worker stops leasing (an open long
-//!   poll is cancelled), lets running handlers finish for up to `drain_timeout`, then aborts
-//!   the rest and nacks them with a short retry delay so another worker takes them at once.
-//!   The broker has no "release without counting an attempt" call: a released job's
-//!   attempt counts as failed.
+//! The [`Worker`] runner: typed handlers per job `kind`, lease extension, retries,
+//! dead-lettering and graceful drain.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -334,7 +282,62 @@ where
     }
 }
 
-/// Runs handlers for the jobs of one queue; see the [module docs](self).
+/// Leases jobs from one queue and runs typed handlers per job `kind`.
+///
+/// ```no_run
+/// # async fn demo() -> sluice::client::Result<()> {
+/// use std::time::Duration;
+/// use sluice::client::{Client, Done, JobError, Worker};
+///
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Welcome { email: String }
+///
+/// let client = Client::connect("http://127.0.0.1:50051").await?;
+/// let worker = Worker::new(client, "emails")
+///     .consumer("email-worker-1")
+///     .concurrency(3)
+///     .handle_json("user.registered", |job: sluice::client::JobContext<Welcome>| async move {
+///         if job.value.email.is_empty() {
+///             // Retrying cannot help: dead-letter at once.
+///             return Err(JobError::permanent("field email: empty"));
+///         }
+///         Ok(Done::new())
+///     });
+/// let report = worker.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+/// println!("{report:?}");
+/// # Ok(()) }
+/// ```
+///
+/// Semantics, in the order a delivery sees them:
+///
+/// * **Leasing.** The worker leases in batches of up to `batch_size` jobs (never more than
+///   free handler slots), long-polling up to `lease_wait` so an idle worker makes one
+///   request per `lease_wait` instead of spinning. Every lease carries the `consumer` name,
+///   which `ListConsumers` shows.
+/// * **Routing.** A job goes to the handler registered for its `kind`. A job whose kind has
+///   no handler is nacked with an error naming the kind and the known kinds, so it retries
+///   with backoff and dead-letters after `max_attempts` (a newer worker that knows the kind
+///   may pick it up meanwhile, as in a rolling deploy); [`UnknownKind::DeadLetter`] sends it
+///   to the dead-letter queue at once instead.
+/// * **Decoding.** A payload that does not decode as the handler's type is dead-lettered at
+///   once: a retry would decode the same bytes the same way.
+/// * **Extension.** While a handler runs, its lease is extended every
+///   `visibility_timeout / 2` by `visibility_timeout`, so a long job keeps its lease and a
+///   crashed worker's job is redelivered at most one visibility timeout after the crash.
+///   If an extension finds the lease stale (it expired during a long pause and the job went
+///   to another worker), the handler is aborted: its ack would be refused anyway, and the
+///   job's new holder does the work.
+/// * **Settling.** `Ok(Done)` acks (storing the optional result); `Err(JobError)` nacks
+///   with the error text so the queue's backoff and dead-letter policy apply;
+///   [`JobError::permanent`] dead-letters at once; [`JobError::retry_after`] retries after
+///   an explicit delay. A handler that panics is nacked like an error. Delivery is
+///   at-least-once: if the ack itself is lost (the connection drops), the lease expires and
+///   the job runs again, so handlers should be idempotent (the job id is a good key).
+/// * **Shutdown.** When the shutdown future resolves the worker stops leasing (an open long
+///   poll is cancelled), lets running handlers finish for up to `drain_timeout`, then aborts
+///   the rest and nacks them with a short retry delay so another worker takes them at once.
+///   The broker has no "release without counting an attempt" call: a released job's
+///   attempt counts as failed.
 #[must_use = "a worker does nothing until .run() is awaited"]
 pub struct Worker {
     client: Client,
@@ -516,8 +519,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Runs until `shutdown` resolves, then drains (see the [module docs](self)) and
-    /// returns what it did. Fails at once on a bad configuration, and on errors the broker
+    /// Runs until `shutdown` resolves, then drains, and returns what it did (see
+    /// [`Worker`] for the semantics). Fails at once on a bad configuration, and on errors the broker
     /// will keep answering the same way (an invalid queue name, say); connection losses
     /// are retried with backoff.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<WorkerReport> {

@@ -120,7 +120,7 @@ async fn extension_keeps_a_long_job_alive_past_its_visibility_timeout() {
     let id = enqueue_email(&client, "slow", "welcome", "a@x.test").await;
     let calls = Arc::new(AtomicUsize::new(0));
     let worker = Worker::new(client.clone(), "slow")
-        .visibility_timeout(Duration::from_millis(300))
+        .visibility_timeout(Duration::from_millis(500))
         .lease_wait(Duration::from_millis(100))
         .handle_json("welcome", {
             let calls = calls.clone();
@@ -128,8 +128,8 @@ async fn extension_keeps_a_long_job_alive_past_its_visibility_timeout() {
                 let calls = calls.clone();
                 async move {
                     calls.fetch_add(1, Ordering::SeqCst);
-                    // More than four visibility timeouts.
-                    tokio::time::sleep(Duration::from_millis(1_300)).await;
+                    // More than three visibility timeouts.
+                    tokio::time::sleep(Duration::from_millis(1_600)).await;
                     Ok(())
                 }
             }
@@ -576,4 +576,92 @@ async fn protobuf_handlers_get_decoded_messages_and_results_are_stored() {
     let job = wait_for_state(&client, &id, pb::JobState::Completed).await;
     assert_eq!(job.result.as_ref(), br#"{"missing":6}"#);
     assert_eq!(stop(token, handle).await.completed, 1);
+}
+
+/// A broker on a fixed loopback address, stopped by cancelling the returned token.
+async fn broker_at(addr: std::net::SocketAddr) -> (CancellationToken, JoinHandle<()>) {
+    use sluice::broker::{Broker, BrokerConfig, ServeOptions, serve};
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let stop = CancellationToken::new();
+    let options = ServeOptions {
+        drain_timeout: Duration::from_millis(500),
+        ..ServeOptions::default()
+    };
+    let handle = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            serve(
+                listener,
+                Broker::new(BrokerConfig::default()),
+                options,
+                async move { stop.cancelled().await },
+            )
+            .await
+            .unwrap();
+        }
+    });
+    (stop, handle)
+}
+
+#[tokio::test]
+async fn a_worker_rides_out_a_broker_restart() {
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let (stop_first, first) = broker_at(addr).await;
+    let client = Client::connect(format!("http://{addr}")).await.unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::new(client.clone(), "emails")
+        .lease_wait(Duration::from_millis(200))
+        .handle_json("welcome", {
+            let done = done.clone();
+            move |_job: JobContext<Email>| {
+                let done = done.clone();
+                async move {
+                    done.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            }
+        });
+    let (token, handle) = spawn(worker);
+    let before = enqueue_email(&client, "emails", "welcome", "a@x.test").await;
+    wait_for_state(&client, &before, pb::JobState::Completed).await;
+
+    // The broker goes away (its memory with it) and comes back on the same address.
+    stop_first.cancel();
+    within(first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !handle.is_finished(),
+        "the worker must keep retrying, not exit"
+    );
+    let (stop_second, second) = broker_at(addr).await;
+
+    let after = within(async {
+        loop {
+            match client
+                .enqueue_json(
+                    "emails",
+                    &Email {
+                        to: "b@x.test".into(),
+                    },
+                )
+                .unwrap()
+                .kind("welcome")
+                .send()
+                .await
+            {
+                Ok(e) => return e.job_id,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    wait_for_state(&client, &after, pb::JobState::Completed).await;
+    let report = stop(token, handle).await;
+    assert_eq!(report.completed, 2);
+    assert_eq!(done.load(Ordering::SeqCst), 2);
+    stop_second.cancel();
+    within(second).await.unwrap();
 }

@@ -15,9 +15,11 @@
 mod shared;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use futures::future::BoxFuture;
 use lettre::message::{Mailbox, Message, header::ContentType};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use shared::{EMAILS, TODO_OVERDUE, TODO_REMINDER, TodoEvent, USER_REGISTERED, UserRegistered};
@@ -134,20 +136,29 @@ impl Mailer {
     }
 }
 
-fn welcome(user: &UserRegistered) -> (String, String) {
-    (
-        format!("Welcome to Sluice Todo, {}!", user.name),
-        format!(
+/// One email to send.
+struct Email {
+    to: String,
+    subject: String,
+    body: String,
+}
+
+fn welcome(user: &UserRegistered) -> Email {
+    Email {
+        to: user.email.clone(),
+        subject: format!("Welcome to Sluice Todo, {}!", user.name),
+        body: format!(
             "Hi {},\n\nYour account (user #{}) is ready. Add your first todo with POST /todos.\n\nThe Sluice Todo team\n",
             user.name, user.user_id
         ),
-    )
+    }
 }
 
-fn reminder(todo: &TodoEvent) -> (String, String) {
-    (
-        format!("Reminder: \"{}\" is due", todo.title),
-        format!(
+fn reminder(todo: &TodoEvent) -> Email {
+    Email {
+        to: todo.email.clone(),
+        subject: format!("Reminder: \"{}\" is due", todo.title),
+        body: format!(
             "Hi {},\n\nYour todo #{} \"{}\" is due at {}.\nMark it done with PUT /todos/{}/complete.\n\nThe Sluice Todo team\n",
             todo.user_name,
             todo.todo_id,
@@ -155,20 +166,44 @@ fn reminder(todo: &TodoEvent) -> (String, String) {
             todo.due_at.as_deref().unwrap_or("(no due time)"),
             todo.todo_id
         ),
-    )
+    }
 }
 
-fn overdue(todo: &TodoEvent) -> (String, String) {
-    (
-        format!("Overdue: \"{}\"", todo.title),
-        format!(
+fn overdue(todo: &TodoEvent) -> Email {
+    Email {
+        to: todo.email.clone(),
+        subject: format!("Overdue: \"{}\"", todo.title),
+        body: format!(
             "Hi {},\n\nYour todo #{} \"{}\" was due at {} and is not done yet.\n\nThe Sluice Todo team\n",
             todo.user_name,
             todo.todo_id,
             todo.title,
             todo.due_at.as_deref().unwrap_or("(no due time)")
         ),
-    )
+    }
+}
+
+/// A handler that renders the job's payload as an email and sends it.
+fn email_handler<T: Send + 'static>(
+    mailer: Arc<Mailer>,
+    render: fn(&T) -> Email,
+) -> impl Fn(JobContext<T>) -> BoxFuture<'static, Result<Done, JobError>> + Send + Sync + 'static {
+    move |job: JobContext<T>| {
+        let mailer = mailer.clone();
+        Box::pin(async move {
+            let email = render(&job.value);
+            let sent = mailer
+                .send(job.job_id(), &email.to, &email.subject, email.body)
+                .await?;
+            tracing::info!(
+                job_id = job.job_id(),
+                kind = job.kind(),
+                attempt = job.attempt(),
+                "email {sent}"
+            );
+            Ok(Done::with_result(sent))
+        })
+    }
 }
 
 #[tokio::main]
@@ -208,7 +243,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             Transport::Outbox(args.outbox_dir.clone())
         }
     };
-    let mailer = std::sync::Arc::new(Mailer { transport, from });
+    let mailer = Arc::new(Mailer { transport, from });
 
     let client = shared::connect(&args.sluice_url, Duration::from_secs(30)).await?;
     shared::ensure_topology(&client).await?;
@@ -223,60 +258,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .concurrency(args.concurrency)
         .visibility_timeout(Duration::from_millis(args.visibility_timeout_ms))
         .drain_timeout(Duration::from_secs(10))
-        .handle_json(USER_REGISTERED, {
-            let mailer = mailer.clone();
-            move |job: JobContext<UserRegistered>| {
-                let mailer = mailer.clone();
-                async move {
-                    let (subject, body) = welcome(&job.value);
-                    let sent = mailer
-                        .send(job.job_id(), &job.value.email, &subject, body)
-                        .await?;
-                    tracing::info!(
-                        job_id = job.job_id(),
-                        user_id = job.value.user_id,
-                        "welcome email {sent}"
-                    );
-                    Ok(Done::with_result(sent))
-                }
-            }
-        })
-        .handle_json(TODO_REMINDER, {
-            let mailer = mailer.clone();
-            move |job: JobContext<TodoEvent>| {
-                let mailer = mailer.clone();
-                async move {
-                    let (subject, body) = reminder(&job.value);
-                    let sent = mailer
-                        .send(job.job_id(), &job.value.email, &subject, body)
-                        .await?;
-                    tracing::info!(
-                        job_id = job.job_id(),
-                        todo_id = job.value.todo_id,
-                        "reminder email {sent}"
-                    );
-                    Ok(Done::with_result(sent))
-                }
-            }
-        })
-        .handle_json(TODO_OVERDUE, {
-            let mailer = mailer.clone();
-            move |job: JobContext<TodoEvent>| {
-                let mailer = mailer.clone();
-                async move {
-                    let (subject, body) = overdue(&job.value);
-                    let sent = mailer
-                        .send(job.job_id(), &job.value.email, &subject, body)
-                        .await?;
-                    tracing::info!(
-                        job_id = job.job_id(),
-                        todo_id = job.value.todo_id,
-                        "overdue email {sent}"
-                    );
-                    Ok(Done::with_result(sent))
-                }
-            }
-        });
+        .handle_json(USER_REGISTERED, email_handler(mailer.clone(), welcome))
+        .handle_json(TODO_REMINDER, email_handler(mailer.clone(), reminder))
+        .handle_json(TODO_OVERDUE, email_handler(mailer, overdue));
     let report = worker.run(shared::shutdown_signal()).await?;
     tracing::info!(?report, "email worker stopped");
     Ok(())

@@ -76,6 +76,8 @@ struct App {
 
 impl App {
     /// The database. Every use is a few short statements, never held across an `.await`.
+    /// A poisoned lock is reused: each SQLite statement is atomic, so a panic between
+    /// statements cannot leave a half-written row behind.
     fn db(&self) -> MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -718,9 +720,16 @@ async fn queue_status(State(app): State<App>) -> ApiResult {
             )
         })
         .collect();
+    // Workers that leased from each queue in the last 60 s, as the broker counts them.
+    let workers: serde_json::Map<String, Value> = stats
+        .queues
+        .iter()
+        .filter(|q| q.name == EMAILS || q.name == NOTIFICATIONS)
+        .map(|q| (q.name.clone(), json!(q.consumers)))
+        .collect();
     ok(
         StatusCode::OK,
-        json!({"success": true, "queues": queues, "topics": topics}),
+        json!({"success": true, "queues": queues, "topics": topics, "workers": workers}),
     )
 }
 

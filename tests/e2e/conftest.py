@@ -19,6 +19,24 @@ sys.path.insert(0, str(ROOT / "examples" / "python"))
 from sluice_client import SluiceClient  # noqa: E402
 
 
+def _die_with_parent() -> None:
+    """Runs in each child before exec: the kernel SIGKILLs it if pytest dies, whatever
+    kills pytest (even SIGKILL), so no broker or worker outlives a test run."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _exit_on_sigterm(signum, frame):
+    # Turn SIGTERM (from `timeout`, CI) into what Ctrl-C does: pytest stops the session
+    # and still runs fixture teardown, which kills the child processes.
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
 def target_dir() -> Path:
     return Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 
@@ -76,7 +94,11 @@ class Processes:
         full_env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1", **(env or {})}
         with open(self.log_dir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                [str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, env=full_env
+                [str(a) for a in args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                preexec_fn=_die_with_parent,
             )
         self.procs[name] = proc
         self.every.append(proc)

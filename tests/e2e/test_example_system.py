@@ -499,6 +499,8 @@ def test_monitoring_endpoints(system):
     assert emails["cancelled"] >= 1
     assert notifications["completed"] >= 1
     assert status["topics"]["user.registered"]["published"] >= 5
+    # Workers seen in the last minute: the killed and the new email worker, one notifier.
+    assert status["workers"] == {"emails": 2, "notifications": 1}
 
     history = requests.get(f"{system.app}/jobs/history", timeout=5).json()["jobs"]
     kinds = {(j["kind"], j["state"]) for j in history}
