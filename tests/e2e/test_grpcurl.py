@@ -65,7 +65,7 @@ def call(target: str, rpc: str, data: dict, *flags: str) -> dict:
 
 
 def test_every_rpc_as_the_readme_shows_it(broker):
-    """One grpcurl call per RPC of sluice.v1.Broker, the ones in the README's grpcurl table."""
+    """One grpcurl call per RPC of sluice.v1.Broker, as the README's grpcurl tour shows them."""
     methods = {m.split(".")[-1] for m in grpcurl(broker, "list", "sluice.v1.Broker").split()}
     covered = set()
 
@@ -109,6 +109,21 @@ def test_every_rpc_as_the_readme_shows_it(broker):
     assert rpc("GetJob", {"id": job_id})["state"] == "JOB_STATE_COMPLETED"
     assert rpc("JobHistory", {"queue": "mail", "limit": 20})["jobs"][0]["id"] == job_id
     assert rpc("ListConsumers", {"queue": "mail"})["consumers"][0]["name"] == "me"
+
+    # A bidirectional stream: one request granting one credit; grpcurl half-closes after
+    # stdin, the broker sends the job it leased, then releases it as the stream ends.
+    streamed_id = rpc("Enqueue", {"queue": "mail", "jobs": [{"payload": "aGk=", "kind": "stream"}]})["results"][0]["jobId"]
+    consumed = subprocess.run(
+        [shutil.which("grpcurl"), "-plaintext", "-max-time", "5", "-d", "@", broker, "sluice.v1.Broker/Consume"],
+        input=json.dumps({"queue": "mail", "consumer": "grpcurl", "credits": 1}), capture_output=True, text=True, timeout=20,
+    )
+    covered.add("Consume")
+    assert streamed_id in consumed.stdout, consumed.stdout + consumed.stderr
+    released = rpc("GetJob", {"id": streamed_id})
+    assert released["state"] == "JOB_STATE_PENDING" and released["attempts"] == 1, released
+    assert "consumer stream closed" in released["lastError"], released
+    [job] = rpc("Lease", {"queue": "mail", "waitMs": 1000, "consumer": "me"})["jobs"]
+    rpc("Ack", {"acks": [{"leaseId": job["leaseId"]}]})
 
     later = rpc("Enqueue", {"queue": "mail", "jobs": [{"payload": "aGk=", "delayMs": "60000"}]})["results"][0]["jobId"]
     assert rpc("CancelJob", {"id": later})["state"] == "JOB_STATE_CANCELLED"
