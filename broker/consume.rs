@@ -55,6 +55,8 @@ pub struct ConsumeCommands {
     pub nacks: Vec<NackCommand>,
     /// Extensions (lease id, visibility timeout).
     pub extends: Vec<(String, u64)>,
+    /// Push no more jobs on this stream.
+    pub stop: bool,
 }
 
 /// One server message of a consume stream.
@@ -113,6 +115,7 @@ impl Broker {
         });
         let shutdown = self.inner.shutdown.clone();
         let mut credits: u64 = 0;
+        let mut stopped = false;
         // Deliveries of this stream not yet settled on it: (seq, nonce).
         let mut outstanding: HashSet<(u64, u64)> = HashSet::new();
         loop {
@@ -149,7 +152,12 @@ impl Broker {
             tokio::select! {
                 command = commands.next() => {
                     let Some(command) = command else { break };
-                    credits = (credits + command.credits as u64).min(MAX_CREDITS);
+                    stopped |= command.stop;
+                    credits = if stopped {
+                        0
+                    } else {
+                        (credits + command.credits as u64).min(MAX_CREDITS)
+                    };
                     let refused = self.settle(&slot, command, &mut outstanding);
                     if !refused.is_empty() {
                         tokio::select! {

@@ -344,6 +344,7 @@ fn consume_commands(r: pb::ConsumeRequest) -> ConsumeCommands {
             .into_iter()
             .map(|e| (e.lease_id, e.visibility_timeout_ms))
             .collect(),
+        stop: r.stop,
     }
 }
 

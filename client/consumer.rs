@@ -28,6 +28,8 @@ pub(crate) struct StreamShared {
     wake: Notify,
     /// The stream is gone: settle through unary calls instead.
     closed: AtomicBool,
+    /// The owner asked the broker to stop pushing jobs.
+    stop: AtomicBool,
 }
 
 impl StreamShared {
@@ -103,7 +105,10 @@ impl ConsumeBuilder {
         let shared = Arc::new(StreamShared::default());
         let (jobs_tx, jobs_rx) = mpsc::channel(64);
         tokio::spawn(run(self.rpc, inbound, out_tx, shared.clone(), jobs_tx));
-        Ok(Consumer { jobs: jobs_rx })
+        Ok(Consumer {
+            jobs: jobs_rx,
+            shared,
+        })
     }
 }
 
@@ -112,6 +117,17 @@ impl ConsumeBuilder {
 #[derive(Debug)]
 pub struct Consumer {
     jobs: mpsc::Receiver<Result<Lease>>,
+    shared: Arc<StreamShared>,
+}
+
+impl Consumer {
+    /// Asks the broker to push no more jobs, keeping the stream open so the leases held
+    /// can still be acked on it: the first step of a graceful drain. Jobs already on their
+    /// way still arrive; drop them (or the consumer) to release them.
+    pub fn stop_delivery(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+    }
 }
 
 impl Stream for Consumer {
@@ -134,8 +150,9 @@ async fn run(
             _ = shared.wake.notified() => {
                 let acks = std::mem::take(&mut *shared.acks.lock().expect("ack buffer lock"));
                 let credits = shared.credits.swap(0, Ordering::AcqRel);
-                if (!acks.is_empty() || credits > 0)
-                    && out.send(pb::ConsumeRequest { credits, acks, ..Default::default() }).await.is_err()
+                let stop = shared.stop.swap(false, Ordering::AcqRel);
+                if (!acks.is_empty() || credits > 0 || stop)
+                    && out.send(pb::ConsumeRequest { credits, acks, stop, ..Default::default() }).await.is_err()
                 {
                     break;
                 }
