@@ -1,7 +1,10 @@
 //! The `sluice` binary.
 
 use clap::Parser;
-use sluice::broker::config::{Cli, Command};
+use std::sync::Arc;
+
+use sluice::broker::config::{Cli, Command, ServeArgs, StorageKind};
+use sluice::broker::store::DirStorage;
 use sluice::broker::{Broker, serve};
 use tracing_subscriber::EnvFilter;
 
@@ -26,8 +29,26 @@ async fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::from(1);
                 }
             };
-            let broker = Broker::new(args.broker_config());
-            match serve(listener, broker, args.serve_options(), shutdown_signal()).await {
+            let broker = match args.storage {
+                StorageKind::Memory => Broker::new(args.broker_config()),
+                StorageKind::Wal => match open_wal(&args) {
+                    Ok(broker) => broker,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        eprintln!("sluice: {e}");
+                        return std::process::ExitCode::from(1);
+                    }
+                },
+            };
+            let result = serve(
+                listener,
+                broker.clone(),
+                args.serve_options(),
+                shutdown_signal(),
+            )
+            .await;
+            broker.close_storage();
+            match result {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("sluice: {e}");
@@ -36,6 +57,28 @@ async fn main() -> std::process::ExitCode {
             }
         }
     }
+}
+
+/// Opens the data directory and recovers the broker's state from it.
+fn open_wal(args: &ServeArgs) -> Result<Broker, String> {
+    let storage = DirStorage::open(&args.data_dir)
+        .map_err(|e| format!("cannot open --data-dir {}: {e}", args.data_dir.display()))?;
+    let started = std::time::Instant::now();
+    let (broker, report) =
+        Broker::open(args.broker_config(), Arc::new(storage), args.store_config())
+            .map_err(|e| e.to_string())?;
+    tracing::info!(
+        data_dir = %args.data_dir.display(),
+        fsync = %args.fsync,
+        snapshot = ?report.snapshot,
+        segments = report.segments,
+        records = report.entries,
+        truncated = report.truncated.len(),
+        ignored_records = report.anomalies,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered state from the write-ahead log"
+    );
+    Ok(broker)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -14,6 +14,7 @@ pub mod queue;
 pub mod rate;
 pub mod server;
 pub mod service;
+pub mod store;
 pub mod subscription;
 pub mod time;
 pub mod topic;
