@@ -474,13 +474,16 @@ pub(crate) fn snapshot_frames(
         }
     }
     for t in topics {
-        ops.push(op(Kind::TopicDef(pb::TopicDef {
-            name: t.name.clone(),
-            max_messages: t.retention.max_messages,
-            max_bytes: t.retention.max_bytes,
-            max_age_ms: t.retention.max_age_ms,
-            next_seq: t.next_seq,
-        })));
+        let def = |next_seq: u64| {
+            op(Kind::TopicDef(pb::TopicDef {
+                name: t.name.clone(),
+                max_messages: t.retention.max_messages,
+                max_bytes: t.retention.max_bytes,
+                max_age_ms: t.retention.max_age_ms,
+                next_seq,
+            }))
+        };
+        ops.push(def(0));
         for chunk in t.messages.chunks(SNAPSHOT_OPS_PER_ENTRY) {
             ops.push(op(Kind::Publish(pb::Publish {
                 topic: t.name.clone(),
@@ -488,6 +491,8 @@ pub(crate) fn snapshot_frames(
             })));
             flush(&mut out, &mut ops);
         }
+        // After the messages: it only matters when every message was evicted.
+        ops.push(def(t.next_seq));
         for (key, sequence, expires) in t.dedup {
             ops.push(op(Kind::TopicDedupKey(pb::TopicDedupKey {
                 topic: t.name.clone(),
