@@ -356,6 +356,9 @@ impl Broker {
             .journal
             .as_ref()
             .expect("only a broker with a log compacts");
+        let Some(_slot) = journal.compaction_slot() else {
+            return Ok(0);
+        };
         let (base, last, queues, topics) = {
             let _exclusive = journal.exclusive();
             let (base, last) = journal.roll();

@@ -413,17 +413,21 @@ fn all_payloads_valid(broker: &Broker) -> usize {
 #[tokio::test]
 async fn corruption_at_random_offsets_is_detected_never_delivered() {
     let pristine = tempfile::tempdir().unwrap();
+    // Small segments and no compaction while it runs, so the corpus always holds a
+    // snapshot (written by the second start, with the first run's state) and several
+    // segments.
     let small = StoreConfig {
         segment_bytes: 4096,
+        compact_after_bytes: Some(u64::MAX / 4),
         ..StoreConfig::default()
     };
-    {
+    for run in 0..2u64 {
         let (broker, _) = open_with(
             Arc::new(DirStorage::open(pristine.path()).unwrap()),
             small.clone(),
         )
         .unwrap();
-        for batch in 0..40u64 {
+        for batch in run * 20..run * 20 + 20 {
             let jobs = (0..10)
                 .map(|i| NewJob {
                     payload: checked_payload(batch * 10 + i),
@@ -602,5 +606,69 @@ async fn a_torn_tail_is_cut_and_a_headerless_new_segment_is_dropped() {
     assert_eq!(report.truncated.len(), 1, "{:?}", report.truncated);
     assert!(!empty.exists());
     assert_eq!(broker.list_jobs("q", None, 10, "").unwrap().0.len(), 2);
+    stop(&broker);
+}
+
+fn wal_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+#[tokio::test]
+async fn compaction_keeps_the_log_proportional_to_the_live_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        segment_bytes: 8192,
+        ..StoreConfig::default()
+    };
+    let storage = || Arc::new(DirStorage::open(dir.path()).unwrap());
+    let (broker, _) = open_with(storage(), config.clone()).unwrap();
+    broker
+        .create_queue(
+            "churn",
+            PolicyPatch {
+                history_limit: Some(10),
+                ..PolicyPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+    let body = "b".repeat(200);
+    for _ in 0..300 {
+        let jobs = (0..10).map(|_| job(&body)).collect();
+        broker.enqueue("churn", jobs).await.unwrap();
+        let got = broker.lease("churn", lease_params(10)).await.unwrap();
+        let acks = got.iter().map(|d| (d.lease_id.to_string(), None)).collect();
+        broker.ack(acks).await.unwrap();
+    }
+    let kept: Vec<_> = broker
+        .enqueue("churn", (0..5).map(|i| job(&format!("keep {i}"))).collect())
+        .await
+        .unwrap();
+    // About 1 MB went through the log; the live data is 5 jobs and 10 in history.
+    // Compaction runs in the background: wait for it, bounded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while wal_bytes(dir.path()) > 64 * 1024 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log still holds {} bytes",
+            wal_bytes(dir.path())
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop(&broker);
+
+    let (broker, report) = open_with(storage(), config).unwrap();
+    assert!(report.snapshot.is_some());
+    let (live, _) = broker.list_jobs("churn", None, 100, "").unwrap();
+    let ids: Vec<_> = live.iter().map(|j| j.id).collect();
+    assert_eq!(ids, kept.iter().map(|k| k.id).collect::<Vec<_>>());
+    let history = broker.job_history("churn", 100).unwrap();
+    assert_eq!(history.len(), 10);
+    assert!(history.iter().all(|j| j.state == JobState::Completed));
     stop(&broker);
 }

@@ -21,7 +21,7 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 pub use self::record::Batch;
@@ -88,6 +88,10 @@ pub struct StoreConfig {
     /// Appends wait (before changing anything) while this many bytes are buffered and not
     /// yet written, so a slow disk slows producers down instead of filling memory.
     pub max_buffered_bytes: usize,
+    /// Compaction runs once the log written since the last snapshot exceeds both this and
+    /// twice that snapshot's size; `None` means one segment. (Tests that need a log of
+    /// many segments set it very high.)
+    pub compact_after_bytes: Option<u64>,
 }
 
 impl Default for StoreConfig {
@@ -97,6 +101,7 @@ impl Default for StoreConfig {
             segment_bytes: 64 * 1024 * 1024,
             repair: false,
             max_buffered_bytes: 64 * 1024 * 1024,
+            compact_after_bytes: None,
         }
     }
 }
@@ -244,6 +249,9 @@ pub struct Journal {
     /// exactly the state at a segment boundary.
     gate: RwLock<()>,
     fsync: FsyncPolicy,
+    /// Held for a whole compaction; `true` once the log is closed, so a compaction never
+    /// deletes files under a broker that has stopped (or a test that reads them).
+    compaction: Mutex<bool>,
 }
 
 impl fmt::Debug for Journal {
@@ -265,6 +273,7 @@ impl Journal {
             wal: wal::Wal::start(storage, config, first_segment),
             gate: RwLock::new(()),
             fsync: config.fsync,
+            compaction: Mutex::new(false),
         }
     }
 
@@ -358,8 +367,22 @@ impl Journal {
             .map_err(BrokerError::StorageFailed)
     }
 
-    /// Stops the writer after it wrote (and synced) everything appended so far.
+    /// The right to compact, held for the whole compaction; `None` once closed.
+    pub(crate) fn compaction_slot(&self) -> Option<MutexGuard<'_, bool>> {
+        let slot = self
+            .compaction
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (!*slot).then_some(slot)
+    }
+
+    /// Waits for a running compaction, then stops the writer after it wrote (and
+    /// synced) everything appended so far.
     pub fn close(&self) {
+        *self
+            .compaction
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
         self.wal.close();
     }
 }

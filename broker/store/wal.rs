@@ -60,6 +60,7 @@ struct Shared {
     storage: Arc<dyn Storage>,
     fsync: FsyncPolicy,
     segment_bytes: u64,
+    compact_after: u64,
     max_buffered: usize,
     /// Bytes written to segments since the newest snapshot, and that snapshot's size:
     /// compaction is due once the log outgrows both a segment and twice the snapshot.
@@ -94,6 +95,9 @@ impl Wal {
             storage,
             fsync: config.fsync,
             segment_bytes: config.segment_bytes.max(4096),
+            compact_after: config
+                .compact_after_bytes
+                .unwrap_or(config.segment_bytes.max(4096)),
             max_buffered: config.max_buffered_bytes.max(1024 * 1024),
             growth: Mutex::new((0, 0)),
         });
@@ -368,7 +372,7 @@ impl Writer {
         let due = {
             let mut growth = lock(&self.shared.growth);
             growth.0 += written;
-            growth.0 >= self.shared.segment_bytes.max(2 * growth.1)
+            growth.0 >= self.shared.compact_after.max(2 * growth.1)
         };
         if full {
             let mut st = lock(&self.shared.state);
