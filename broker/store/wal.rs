@@ -215,10 +215,15 @@ impl Wal {
         let io = |what: &str, e: std::io::Error| {
             format!("compaction: cannot {what} {}: {e}", storage.describe(&tmp))
         };
-        let mut file = storage.create(&tmp).map_err(|e| io("create", e))?;
-        file.write_all(frames).map_err(|e| io("write", e))?;
-        file.sync().map_err(|e| io("fsync", e))?;
-        drop(file);
+        let written = storage.create(&tmp).and_then(|mut file| {
+            file.write_all(frames)?;
+            file.sync()
+        });
+        if let Err(e) = written {
+            // A partial snapshot must not eat the space the log needs (e.g. on ENOSPC).
+            let _ = storage.remove(&tmp);
+            return Err(io("write", e));
+        }
         storage.rename(&tmp, &name).map_err(|e| io("rename", e))?;
         storage
             .sync_dir()
