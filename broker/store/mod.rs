@@ -386,3 +386,37 @@ impl Journal {
         self.wal.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_policies_parse_and_bad_ones_name_the_flag_and_value() {
+        assert_eq!("always".parse(), Ok(FsyncPolicy::Always));
+        assert_eq!(
+            "interval:25".parse(),
+            Ok(FsyncPolicy::Interval(Duration::from_millis(25)))
+        );
+        assert_eq!(
+            FsyncPolicy::Interval(Duration::from_millis(25)).to_string(),
+            "interval:25"
+        );
+        let err = "interval:0".parse::<FsyncPolicy>().unwrap_err();
+        assert!(
+            err.contains("--fsync") && err.contains("1..=60000") && err.contains('0'),
+            "{err}"
+        );
+        let err = "sometimes".parse::<FsyncPolicy>().unwrap_err();
+        assert!(
+            err.contains("\"sometimes\"") && err.contains("interval:<ms>"),
+            "{err}"
+        );
+        assert!(
+            "interval:soon"
+                .parse::<FsyncPolicy>()
+                .unwrap_err()
+                .contains("soon")
+        );
+    }
+}
