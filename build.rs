@@ -5,6 +5,9 @@
 //! mapped to the types of the first pass except `SubscribeResponse`, which maps to a
 //! pre-encoded form: a topic message is then encoded to protobuf once, however many
 //! subscribers receive it.
+//!
+//! The internal WAL records (`proto/sluice/internal/wal.proto`) are compiled separately,
+//! without gRPC stubs, and kept out of the descriptor set: they are not part of the API.
 
 use prost::Message as _;
 
@@ -30,5 +33,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .extern_path(".sluice.v1", "crate::pb")
         .compile_fds(fds)?;
+
+    let internal = protox::compile(["proto/sluice/internal/wal.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .bytes(".")
+        .compile_fds(internal)?;
     Ok(())
 }

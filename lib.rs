@@ -9,7 +9,8 @@
 //! * [`pb`]: the generated protobuf and gRPC code of `proto/sluice/v1/sluice.proto`.
 //! * [`broker`]: the server. Domain modules (`queue`, `topic`, `subscription`, `core`)
 //!   never import tonic or protobuf; `broker::service` maps proto <-> domain and
-//!   `broker::error` maps errors to `tonic::Status`.
+//!   `broker::error` maps errors to `tonic::Status`. `broker::store` is the write-ahead
+//!   log (records in the internal `proto/sluice/internal/wal.proto`, never on the wire).
 //! * [`client`]: the typed Rust client; it never imports `broker`.
 //! * `broker/main.rs`: the `sluice` binary.
 //! * `tests/`: integration tests over real gRPC on `127.0.0.1:0`.

@@ -2,15 +2,17 @@
 //! environment variable `SLUICE_*`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::broker::cli;
 use crate::broker::core::BrokerConfig;
 use crate::broker::http::HttpOptions;
 use crate::broker::limits::Limits;
 use crate::broker::server::ServeOptions;
+use crate::broker::store::{FsyncPolicy, StoreConfig};
 
 /// Sluice: a message broker served over gRPC.
 #[derive(Debug, Parser)]
@@ -49,6 +51,15 @@ pub enum Command {
     Purge(cli::PurgeArgs),
     /// List the workers seen on a queue.
     Consumers(cli::ConsumersArgs),
+}
+
+/// Where the broker keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StorageKind {
+    /// A write-ahead log in `--data-dir`: state survives restarts and crashes.
+    Wal,
+    /// Memory only: everything is lost when the process stops.
+    Memory,
 }
 
 /// `sluice serve` flags.
@@ -90,6 +101,25 @@ pub struct ServeArgs {
     /// off when unset. Like `--listen`, a non-loopback address needs `--insecure`.
     #[arg(long, env = "SLUICE_HTTP", value_name = "ADDR")]
     pub http: Option<SocketAddr>,
+    /// Where the write-ahead log lives (created with mode 0700; files are 0600).
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
+    pub data_dir: PathBuf,
+    /// `wal` (durable, the default) or `memory` (nothing survives a restart).
+    #[arg(long, env = "SLUICE_STORAGE", value_enum, default_value_t = StorageKind::Wal)]
+    pub storage: StorageKind,
+    /// When the log is fsynced: `always` (before answering; concurrent requests share one
+    /// fsync) or `interval:<ms>` (answer at once, fsync every <ms>: a machine crash loses
+    /// up to that much acknowledged work).
+    #[arg(long, env = "SLUICE_FSYNC", default_value = "always")]
+    pub fsync: FsyncPolicy,
+    /// Size at which a log segment is closed and a new one started, bytes; compaction
+    /// runs when the log outgrows a segment and twice the last snapshot.
+    #[arg(long, env = "SLUICE_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub segment_bytes: u64,
+    /// Start even if the log is damaged outside its torn tail, cutting it at the first
+    /// bad record (what is dropped is logged).
+    #[arg(long, env = "SLUICE_REPAIR")]
+    pub repair: bool,
 }
 
 impl ServeArgs {
@@ -107,6 +137,12 @@ impl ServeArgs {
         {
             return Err(format!(
                 "--http {http} is not a loopback address and authentication is not configured: pass --insecure (SLUICE_INSECURE=true) to serve it anyway"
+            ));
+        }
+        if self.segment_bytes < 4096 {
+            return Err(format!(
+                "--segment-bytes {} is below the minimum of 4096",
+                self.segment_bytes
             ));
         }
         if self.max_request_bytes < self.max_payload_bytes + 64 * 1024 {
@@ -137,6 +173,16 @@ impl ServeArgs {
         HttpOptions {
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             ..HttpOptions::default()
+        }
+    }
+
+    /// The write-ahead log's settings.
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            fsync: self.fsync,
+            segment_bytes: self.segment_bytes,
+            repair: self.repair,
+            ..StoreConfig::default()
         }
     }
 

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::broker::core::{Broker, QueueSlot, lock};
+use crate::broker::core::{Broker, QueueSlot};
 use crate::broker::error::BrokerError;
 use crate::broker::limits::check_duration_ms;
 use crate::broker::queue::{Delivery, LeaseId, MAX_VISIBILITY_MS};
@@ -66,6 +66,8 @@ pub enum ConsumeEvent {
     Jobs(Vec<Delivery>),
     /// Settlements that were refused, by lease id.
     Refused(Vec<(String, BrokerError)>),
+    /// The stream ends with this error (the broker's log failed).
+    Failed(BrokerError),
 }
 
 /// The server side of a consume stream; ends on shutdown or when the client side ends.
@@ -126,15 +128,26 @@ impl Broker {
             if credits > 0 {
                 let max = credits.min(self.limits().max_batch as u64) as usize;
                 let now = now_ms();
-                let (jobs, due) = self.with_queue(&slot, |q| {
-                    let visibility = spec
-                        .visibility_timeout_ms
-                        .unwrap_or(q.policy().visibility_timeout_ms);
-                    (
-                        q.lease(now, max, visibility, &consumer, &spec.address),
-                        q.next_due(),
-                    )
-                });
+                // Leases are not logged, but the expiries a lease runs first are.
+                let leased = match self.begin() {
+                    Ok(_change) => self.with_queue(&slot, |q, _| {
+                        let visibility = spec
+                            .visibility_timeout_ms
+                            .unwrap_or(q.policy().visibility_timeout_ms);
+                        (
+                            q.lease(now, max, visibility, &consumer, &spec.address),
+                            q.next_due(),
+                        )
+                    }),
+                    Err(e) => Err(e),
+                };
+                let (jobs, due) = match leased {
+                    Ok((leased, _)) => leased,
+                    Err(e) => {
+                        let _ = tx.send(ConsumeEvent::Failed(e)).await;
+                        break;
+                    }
+                };
                 next_due = due;
                 if !jobs.is_empty() {
                     credits -= jobs.len() as u64;
@@ -158,7 +171,13 @@ impl Broker {
                     } else {
                         (credits + command.credits as u64).min(MAX_CREDITS)
                     };
-                    let refused = self.settle(&slot, command, &mut outstanding);
+                    let refused = match self.settle(&slot, command, &mut outstanding).await {
+                        Ok(refused) => refused,
+                        Err(e) => {
+                            let _ = tx.send(ConsumeEvent::Failed(e)).await;
+                            break;
+                        }
+                    };
                     if !refused.is_empty() {
                         tokio::select! {
                             sent = tx.send(ConsumeEvent::Refused(refused)) => if sent.is_err() { break },
@@ -172,130 +191,165 @@ impl Broker {
                 _ = tx.closed() => break,
             }
         }
-        self.release(&slot, outstanding);
+        self.release(&slot, outstanding).await;
     }
 
-    /// Applies one command's settlements one by one; returns the refused ones.
-    fn settle(
+    /// Applies one command's settlements one by one, logged like their unary forms and
+    /// durable before the stream goes on; returns the refused ones. An error means the
+    /// log failed (the broker is fail-stopped).
+    async fn settle(
         &self,
         slot: &QueueSlot,
         command: ConsumeCommands,
         outstanding: &mut HashSet<(u64, u64)>,
-    ) -> Vec<(String, BrokerError)> {
+    ) -> Result<Vec<(String, BrokerError)>, BrokerError> {
         let mut refused = Vec::new();
         let limits = self.limits();
-        let now = now_ms();
         let parse = |field: &str, id: &str| -> Result<LeaseId, BrokerError> {
             id.parse()
                 .map_err(|()| BrokerError::invalid(field, format!("{id:?} is not a lease id")))
         };
         // Settlements for another queue (leases from a unary Lease) go through the unary
-        // paths, which find their queue themselves.
+        // path, which finds their queue itself.
         let mut foreign_acks = Vec::new();
-        self.with_queue(slot, |q| {
-            for (lease_id, result) in command.acks {
-                let outcome = parse("acks.lease_id", &lease_id).and_then(|lease| {
-                    if lease.queue != q.name() {
-                        foreign_acks.push((lease_id.clone(), result));
-                        return Ok(());
+        let mut acked_after_ms = Vec::new();
+        self.admit().await?;
+        let now = now_ms();
+        let commit = {
+            let _change = self.begin()?;
+            let ((), commit) = self.with_queue(slot, |q, batch| {
+                for (lease_id, result) in command.acks {
+                    let outcome = parse("acks.lease_id", &lease_id).and_then(|lease| {
+                        if lease.queue != q.name() {
+                            foreign_acks.push((lease_id.clone(), result));
+                            return Ok(());
+                        }
+                        if let Some(r) = &result {
+                            limits.check_payload("acks.result", r.len())?;
+                        }
+                        acked_after_ms.extend(q.ack(now, &lease, result)?);
+                        if let Some(job) = q.job_by_seq(lease.seq) {
+                            batch.job_state(&slot.name, job);
+                        }
+                        outstanding.remove(&(lease.seq, lease.nonce));
+                        Ok(())
+                    });
+                    if let Err(e) = outcome {
+                        refused.push((lease_id, e));
                     }
-                    if let Some(r) = &result {
-                        limits.check_payload("acks.result", r.len())?;
-                    }
-                    q.ack(now, &lease, result)?;
-                    outstanding.remove(&(lease.seq, lease.nonce));
-                    Ok(())
-                });
-                if let Err(e) = outcome {
-                    refused.push((lease_id, e));
                 }
-            }
-            for nack in &command.nacks {
-                let outcome = parse("nacks.lease_id", &nack.lease_id).and_then(|lease| {
-                    limits.check_error_text("nacks.error", &nack.error)?;
-                    if lease.queue != q.name() {
-                        return Err(BrokerError::invalid(
-                            "nacks.lease_id",
-                            format!(
-                                "lease {lease} is not from queue {:?} of this stream",
-                                q.name()
-                            ),
-                        ));
+                for nack in &command.nacks {
+                    let outcome = parse("nacks.lease_id", &nack.lease_id).and_then(|lease| {
+                        limits.check_error_text("nacks.error", &nack.error)?;
+                        if lease.queue != q.name() {
+                            return Err(BrokerError::invalid(
+                                "nacks.lease_id",
+                                format!(
+                                    "lease {lease} is not from queue {:?} of this stream",
+                                    q.name()
+                                ),
+                            ));
+                        }
+                        q.nack(
+                            now,
+                            &lease,
+                            nack.error.clone(),
+                            nack.retry_delay_ms,
+                            nack.dead_letter,
+                        )?;
+                        if let Some(job) = q.job_by_seq(lease.seq) {
+                            batch.job_state(&slot.name, job);
+                        }
+                        outstanding.remove(&(lease.seq, lease.nonce));
+                        Ok(())
+                    });
+                    if let Err(e) = outcome {
+                        refused.push((nack.lease_id.clone(), e));
                     }
-                    q.nack(
-                        now,
-                        &lease,
-                        nack.error.clone(),
-                        nack.retry_delay_ms,
-                        nack.dead_letter,
-                    )?;
-                    outstanding.remove(&(lease.seq, lease.nonce));
-                    Ok(())
-                });
-                if let Err(e) = outcome {
-                    refused.push((nack.lease_id.clone(), e));
                 }
-            }
-            for (lease_id, timeout) in &command.extends {
-                let outcome = parse("extends.lease_id", lease_id).and_then(|lease| {
-                    if *timeout == 0 {
-                        return Err(BrokerError::invalid(
+                // Extensions are not logged: leases do not survive a restart anyway.
+                for (lease_id, timeout) in &command.extends {
+                    let outcome = parse("extends.lease_id", lease_id).and_then(|lease| {
+                        if *timeout == 0 {
+                            return Err(BrokerError::invalid(
+                                "extends.visibility_timeout_ms",
+                                "must be at least 1 ms",
+                            ));
+                        }
+                        check_duration_ms(
                             "extends.visibility_timeout_ms",
-                            "must be at least 1 ms",
-                        ));
+                            *timeout,
+                            MAX_VISIBILITY_MS,
+                        )?;
+                        if lease.queue != q.name() {
+                            return Err(BrokerError::invalid(
+                                "extends.lease_id",
+                                format!(
+                                    "lease {lease} is not from queue {:?} of this stream",
+                                    q.name()
+                                ),
+                            ));
+                        }
+                        q.extend(now, &lease, *timeout).map(|_| ())
+                    });
+                    if let Err(e) = outcome {
+                        refused.push((lease_id.clone(), e));
                     }
-                    check_duration_ms(
-                        "extends.visibility_timeout_ms",
-                        *timeout,
-                        MAX_VISIBILITY_MS,
-                    )?;
-                    if lease.queue != q.name() {
-                        return Err(BrokerError::invalid(
-                            "extends.lease_id",
-                            format!(
-                                "lease {lease} is not from queue {:?} of this stream",
-                                q.name()
-                            ),
-                        ));
-                    }
-                    q.extend(now, &lease, *timeout).map(|_| ())
-                });
-                if let Err(e) = outcome {
-                    refused.push((lease_id.clone(), e));
                 }
+            })?;
+            commit
+        };
+        if let Some(observer) = self.inner.observer.get() {
+            for ms in acked_after_ms {
+                observer.job_acked(&slot.name, Duration::from_millis(ms));
             }
-        });
+        }
+        self.durable(commit).await?;
         for (lease_id, result) in foreign_acks {
-            if let Err(e) = self.ack(vec![(lease_id.clone(), result)]) {
+            if let Err(e) = self.ack(vec![(lease_id.clone(), result)]).await {
                 refused.push((lease_id, e));
             }
         }
-        refused
+        Ok(refused)
     }
 
     /// Puts back what a closed stream held: visible again at once, as a failed attempt.
-    fn release(&self, slot: &QueueSlot, outstanding: HashSet<(u64, u64)>) {
+    async fn release(&self, slot: &QueueSlot, outstanding: HashSet<(u64, u64)>) {
         if outstanding.is_empty() {
             return;
         }
         let now = now_ms();
-        let queue = lock(&slot.queue).name().to_owned();
-        self.with_queue(slot, |q| {
-            for (seq, nonce) in outstanding {
-                let lease = LeaseId {
-                    queue: queue.clone(),
-                    seq,
-                    nonce,
-                };
-                // Already settled elsewhere or expired: nothing to release.
-                let _ = q.nack(
-                    now,
-                    &lease,
-                    "released: the consumer stream closed".into(),
-                    Some(0),
-                    false,
-                );
+        let commit = {
+            // After a storage failure nothing changes any more (fail-stop); the leases
+            // then simply expire.
+            let Ok(_change) = self.begin() else { return };
+            let released = self.with_queue(slot, |q, batch| {
+                for (seq, nonce) in outstanding {
+                    let lease = LeaseId {
+                        queue: q.name().to_owned(),
+                        seq,
+                        nonce,
+                    };
+                    // Already settled elsewhere or expired: nothing to release.
+                    let released = q.nack(
+                        now,
+                        &lease,
+                        "released: the consumer stream closed".into(),
+                        Some(0),
+                        false,
+                    );
+                    if released.is_ok()
+                        && let Some(job) = q.job_by_seq(seq)
+                    {
+                        batch.job_state(&slot.name, job);
+                    }
+                }
+            });
+            match released {
+                Ok(((), commit)) => commit,
+                Err(_) => return,
             }
-        });
+        };
+        let _ = self.durable(commit).await;
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLockReadGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +23,10 @@ use crate::broker::observe::Observer;
 use crate::broker::queue::{
     ConsumerState, DeadLetter, Delivery, Enqueued, FailOutcome, Job, JobState, LeaseId,
     MAX_VISIBILITY_MS, NewJob, Queue, QueueCounts, QueuePolicy,
+};
+use crate::broker::store::{
+    Batch, Commit, Journal, RecoveryError, RecoveryReport, SnapshotQueue, SnapshotTopic, Storage,
+    StoreConfig, recover,
 };
 use crate::broker::subscription::{self, SubscribeSpec, SubscriberShared, Subscription};
 use crate::broker::time::{Millis, now_ms};
@@ -62,7 +66,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub(crate) struct QueueSlot {
-    name: Arc<str>,
+    pub(crate) name: Arc<str>,
     pub(crate) queue: Mutex<Queue>,
     /// Woken whenever jobs may have become visible; long-polling leases wait on it.
     pub(crate) ready: Notify,
@@ -104,6 +108,8 @@ pub(crate) struct Inner {
     next_subscription: AtomicU64,
     /// Receives lease-to-ack and publish-to-deliver timings once something measures them.
     pub(crate) observer: OnceLock<Arc<dyn Observer>>,
+    /// The write-ahead log; `None` with memory storage.
+    journal: Option<Arc<Journal>>,
 }
 
 /// The broker. Clone it freely: clones share one state.
@@ -206,7 +212,13 @@ impl Broker {
     /// A new, empty broker. Starts its expiry task, so it must be called inside a Tokio
     /// runtime; the task ends when [`Broker::shutdown`] is called.
     pub fn new(config: BrokerConfig) -> Self {
-        let broker = Self {
+        let broker = Self::build(config, None);
+        tokio::spawn(broker.clone().run_ticker());
+        broker
+    }
+
+    fn build(config: BrokerConfig, journal: Option<Arc<Journal>>) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 config,
                 queues: DashMap::new(),
@@ -215,10 +227,188 @@ impl Broker {
                 shutdown: CancellationToken::new(),
                 next_subscription: AtomicU64::new(1),
                 observer: OnceLock::new(),
+                journal,
             }),
-        };
+        }
+    }
+
+    /// A broker whose state survives restarts: recovers it from the write-ahead log in
+    /// `storage` (see [`crate::broker::store`]), writes a snapshot of it so the old log
+    /// files can go, and logs every later change. Leased jobs are visible again. Must be
+    /// called inside a Tokio runtime; blocks while it reads the log.
+    pub fn open(
+        config: BrokerConfig,
+        storage: Arc<dyn Storage>,
+        store: StoreConfig,
+    ) -> Result<(Self, RecoveryReport), RecoveryError> {
+        let recovered = recover(&*storage, store.repair, now_ms())?;
+        let first = recovered.next_segment;
+        let journal = Arc::new(Journal::start(storage, &store, first));
+        let broker = Self::build(config, Some(journal.clone()));
+        for queue in recovered.queues {
+            let name: Arc<str> = Arc::from(queue.name());
+            broker.inner.queues.insert(
+                name.clone(),
+                Arc::new(QueueSlot {
+                    name,
+                    queue: Mutex::new(queue),
+                    ready: Notify::new(),
+                    deleted: AtomicBool::new(false),
+                }),
+            );
+        }
+        for topic in recovered.topics {
+            let name = topic.name().clone();
+            broker.inner.topics.insert(
+                name.clone(),
+                Arc::new(TopicSlot {
+                    name,
+                    next_seq: AtomicU64::new(topic.next_seq()),
+                    topic: Mutex::new(topic),
+                    subscribers: Mutex::new(Vec::new()),
+                    deleted: AtomicBool::new(false),
+                    gaps: AtomicU64::new(0),
+                }),
+            );
+        }
+        broker.rebuild_bindings();
+        // The recovered state becomes the base of the new log, so every older file (and
+        // any torn tail) is gone after this and recovery time stays proportional to the
+        // live data.
+        let (queues, topics) = broker.capture();
+        journal
+            .write_snapshot(first, 0, queues, topics, now_ms())
+            .map_err(|e| RecoveryError::Io(e.to_string()))?;
         tokio::spawn(broker.clone().run_ticker());
-        broker
+        tokio::spawn(broker.clone().run_compactor(journal));
+        Ok((broker, recovered.report))
+    }
+
+    /// Stops the write-ahead log after everything appended is written and synced (with
+    /// `--fsync interval:<ms>` this is what makes a clean shutdown lose nothing).
+    pub fn close_storage(&self) {
+        if let Some(journal) = &self.inner.journal {
+            journal.close();
+        }
+    }
+
+    // ---- durability hooks -------------------------------------------------------------
+
+    /// A batch that records changes when the broker has a log.
+    fn batch(&self) -> Batch {
+        if self.inner.journal.is_some() {
+            Batch::enabled()
+        } else {
+            Batch::disabled()
+        }
+    }
+
+    /// Waits while the log's buffer is full, and refuses changes after a storage failure.
+    pub(crate) async fn admit(&self) -> Result<(), BrokerError> {
+        match &self.inner.journal {
+            Some(journal) => journal.admit().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Starts a change: held (in sync code only) until its records are appended, so a
+    /// snapshot never sees half of it.
+    pub(crate) fn begin(&self) -> Result<Option<RwLockReadGuard<'_, ()>>, BrokerError> {
+        self.inner.journal.as_ref().map(|j| j.begin()).transpose()
+    }
+
+    /// Appends a batch; call while holding the lock of what it changed.
+    fn commit(&self, batch: Batch, at: Millis) -> Result<Commit, BrokerError> {
+        match &self.inner.journal {
+            Some(journal) => journal.append(batch, at),
+            None => Ok(Commit::NONE),
+        }
+    }
+
+    /// Waits until a commit is durable; call after releasing every lock.
+    pub(crate) async fn durable(&self, commit: Commit) -> Result<(), BrokerError> {
+        match &self.inner.journal {
+            Some(journal) => journal.durable(commit).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn run_compactor(self, journal: Arc<Journal>) {
+        loop {
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                _ = journal.compaction_due() => {}
+            }
+            let broker = self.clone();
+            match tokio::task::spawn_blocking(move || broker.compact()).await {
+                Ok(Ok(bytes)) => {
+                    tracing::info!(snapshot_bytes = bytes, "write-ahead log compacted")
+                }
+                // The log itself is intact (nothing was deleted), so this is not fail-stop;
+                // the next segment roll tries again.
+                Ok(Err(e)) => tracing::error!(error = %e, "write-ahead log compaction failed"),
+                Err(e) => tracing::error!(error = %e, "write-ahead log compaction panicked"),
+            }
+        }
+    }
+
+    /// Snapshots the state at a fresh segment boundary and deletes the files before it.
+    /// Blocking; returns the snapshot's size.
+    fn compact(&self) -> Result<u64, BrokerError> {
+        let journal = self
+            .inner
+            .journal
+            .as_ref()
+            .expect("only a broker with a log compacts");
+        let Some(_slot) = journal.compaction_slot() else {
+            return Ok(0);
+        };
+        let (base, last, queues, topics) = {
+            let _exclusive = journal.exclusive();
+            let (base, last) = journal.roll();
+            let (queues, topics) = self.capture();
+            (base, last, queues, topics)
+        };
+        journal.write_snapshot(base, last, queues, topics, now_ms())
+    }
+
+    /// Copies the persistent state of every queue and topic (payloads are shared, not
+    /// copied). Under the exclusive gate this is exactly the state the log describes.
+    fn capture(&self) -> (Vec<SnapshotQueue>, Vec<SnapshotTopic>) {
+        let queues = self
+            .inner
+            .queues
+            .iter()
+            .map(|entry| {
+                let q = lock(&entry.value().queue);
+                let mut history = q.history(usize::MAX);
+                history.reverse();
+                SnapshotQueue {
+                    name: entry.key().to_string(),
+                    policy: q.policy().clone(),
+                    paused: q.is_paused(),
+                    live: q.list(None, 0, usize::MAX).0,
+                    history,
+                    dedup: q.dedup_entries(),
+                }
+            })
+            .collect();
+        let topics = self
+            .inner
+            .topics
+            .iter()
+            .map(|entry| {
+                let t = lock(&entry.value().topic);
+                SnapshotTopic {
+                    name: entry.key().to_string(),
+                    retention: t.retention(),
+                    next_seq: t.next_seq(),
+                    messages: t.read(t.first_seq(), usize::MAX).messages,
+                    dedup: t.dedup_entries(),
+                }
+            })
+            .collect();
+        (queues, topics)
     }
 
     /// The limits this broker enforces.
@@ -261,7 +451,9 @@ impl Broker {
             for slot in queues {
                 let due = lock(&slot.queue).next_due().is_some_and(|t| t <= now);
                 if due {
-                    self.with_queue(&slot, |q| q.tick(now));
+                    // After a storage failure nothing changes any more (fail-stop).
+                    let Ok(_change) = self.begin() else { break };
+                    let _ = self.with_queue(&slot, |q, _| q.tick(now));
                 }
             }
             let topics: Vec<Arc<TopicSlot>> = self
@@ -323,13 +515,34 @@ impl Broker {
             .clone()
     }
 
-    /// Runs `f` on the locked queue, then wakes long-pollers if jobs are visible and moves
-    /// any dead letters to their queues (after the lock is released).
-    pub(crate) fn with_queue<R>(&self, slot: &QueueSlot, f: impl FnOnce(&mut Queue) -> R) -> R {
-        let (result, letters, visible) = {
+    /// Runs `f` on the locked queue, logs what it recorded in the batch plus any lease
+    /// expiries and dead letters (still under the lock, so log order is state order), then
+    /// wakes long-pollers if jobs are visible and moves dead letters to their queues
+    /// (after the lock is released). Call inside [`Broker::begin`]. The commit is an
+    /// error only if the log failed, after `f` ran.
+    pub(crate) fn with_queue<R>(
+        &self,
+        slot: &QueueSlot,
+        f: impl FnOnce(&mut Queue, &mut Batch) -> R,
+    ) -> Result<(R, Commit), BrokerError> {
+        let mut batch = self.batch();
+        let (result, letters, visible, commit) = {
             let mut q = lock(&slot.queue);
-            let result = f(&mut q);
-            (result, q.take_dead_letters(), q.has_visible())
+            let result = f(&mut q, &mut batch);
+            let expired = q.take_expired();
+            let letters = q.take_dead_letters();
+            if batch.is_enabled() {
+                for seq in expired {
+                    if let Some(job) = q.job_by_seq(seq) {
+                        batch.job_state(&slot.name, job);
+                    }
+                }
+                for letter in &letters {
+                    batch.dead_letter(letter);
+                }
+            }
+            let commit = self.commit(batch, now_ms());
+            (result, letters, q.has_visible(), commit)
         };
         if visible {
             slot.ready.notify_waiters();
@@ -337,7 +550,7 @@ impl Broker {
         if !letters.is_empty() {
             self.route_dead_letters(letters);
         }
-        result
+        Ok((result, commit?))
     }
 
     fn route_dead_letters(&self, letters: Vec<DeadLetter>) {
@@ -351,8 +564,12 @@ impl Broker {
 
     // ---- producing ------------------------------------------------------------------
 
-    /// Validates and stores jobs in one queue, all or none.
-    pub fn enqueue(&self, queue: &str, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, BrokerError> {
+    /// Validates and stores jobs in one queue, all or none; answers once they are durable.
+    pub async fn enqueue(
+        &self,
+        queue: &str,
+        jobs: Vec<NewJob>,
+    ) -> Result<Vec<Enqueued>, BrokerError> {
         let limits = &self.inner.config.limits;
         validate_name("queue", queue)?;
         limits.check_batch("jobs", jobs.len())?;
@@ -367,14 +584,32 @@ impl Broker {
                 limits.check_key(&format!("jobs[{i}].ordering_key"), k)?;
             }
         }
-        let slot = self.queue_or_create("queue", queue)?;
-        let now = now_ms();
-        self.with_queue(&slot, |q| q.enqueue(now, jobs))
+        self.admit().await?;
+        let (results, commit) = {
+            let _change = self.begin()?;
+            let slot = self.queue_or_create("queue", queue)?;
+            let now = now_ms();
+            self.with_queue(&slot, |q, batch| {
+                let out = q.enqueue(now, jobs)?;
+                if batch.is_enabled() {
+                    for e in out.iter().filter(|e| !e.duplicate) {
+                        if let Some(job) = q.get(&e.id) {
+                            batch.new_job(&slot.name, job);
+                        }
+                    }
+                }
+                Ok::<_, BrokerError>(out)
+            })?
+        };
+        let results = results?;
+        self.durable(commit).await?;
+        Ok(results)
     }
 
     /// Validates and appends messages to one topic, and enqueues them into every queue
     /// bound to a matching pattern, atomically: if a bound queue is full nothing is written.
-    pub fn publish(
+    /// Answers once the messages (and the bound queues' jobs) are durable.
+    pub async fn publish(
         &self,
         topic: &str,
         messages: Vec<NewMessage>,
@@ -390,9 +625,28 @@ impl Broker {
                 limits.check_key(&format!("messages[{i}].idempotency_key"), k)?;
             }
         }
+        self.admit().await?;
+        let (results, commit) = self.publish_locked(topic, messages)?;
+        self.durable(commit).await?;
+        Ok(results)
+    }
+
+    /// The locked part of [`Broker::publish`]: appends, fans out to bound queues, logs.
+    fn publish_locked(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<(Vec<Appended>, Commit), BrokerError> {
+        let change = self.begin()?;
         let slot = self.topic_or_create("topic", topic, None)?;
         let targets = self.bound_queues(topic);
         let now = now_ms();
+        let mut batch = self.batch();
+        let keys: Vec<Option<String>> = if batch.is_enabled() {
+            messages.iter().map(|m| m.idempotency_key.clone()).collect()
+        } else {
+            Vec::new()
+        };
 
         let mut topic_guard = lock(&slot.topic);
         let mut queue_guards: Vec<MutexGuard<'_, Queue>> =
@@ -411,7 +665,15 @@ impl Broker {
         let (results, stored) = topic_guard.append(now, messages);
         slot.next_seq
             .store(topic_guard.next_seq(), Ordering::Release);
-        drop(topic_guard);
+        if batch.is_enabled() {
+            let stored_keys = keys
+                .into_iter()
+                .zip(&results)
+                .filter(|(_, r)| !r.duplicate)
+                .map(|(k, _)| k)
+                .collect();
+            batch.published(topic, &stored, stored_keys);
+        }
         if !stored.is_empty() {
             for q in queue_guards.iter_mut() {
                 let jobs = stored
@@ -427,16 +689,29 @@ impl Broker {
                         }
                     })
                     .collect();
-                q.enqueue(now, jobs)
+                let out = q
+                    .enqueue(now, jobs)
                     .expect("capacity was checked under the same lock");
+                if batch.is_enabled() {
+                    for e in out.iter().filter(|e| !e.duplicate) {
+                        if let Some(job) = q.get(&e.id) {
+                            batch.new_job(q.name(), job);
+                        }
+                    }
+                }
             }
         }
+        // The topic lock is held until the record is appended, so publishes to one topic
+        // are logged in sequence order.
+        let commit = self.commit(batch, now);
+        drop(topic_guard);
         drop(queue_guards);
+        drop(change);
         for q in &targets {
             q.ready.notify_waiters();
         }
         slot.wake_subscribers();
-        Ok(results)
+        Ok((results, commit?))
     }
 
     /// Queues bound to patterns that match `topic`, sorted by name (the lock order).
@@ -506,15 +781,19 @@ impl Broker {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = now_ms();
-            let (jobs, next_due) = self.with_queue(&slot, |q| {
-                let visibility = params
-                    .visibility_timeout_ms
-                    .unwrap_or(q.policy().visibility_timeout_ms);
-                (
-                    q.lease(now, max, visibility, &consumer, &params.address),
-                    q.next_due(),
-                )
-            });
+            // Leases are not logged, but the expiries a lease runs first are.
+            let ((jobs, next_due), _) = {
+                let _change = self.begin()?;
+                self.with_queue(&slot, |q, _| {
+                    let visibility = params
+                        .visibility_timeout_ms
+                        .unwrap_or(q.policy().visibility_timeout_ms);
+                    (
+                        q.lease(now, max, visibility, &consumer, &params.address),
+                        q.next_due(),
+                    )
+                })?
+            };
             if !jobs.is_empty()
                 || tokio::time::Instant::now() >= give_up
                 || slot.deleted.load(Ordering::Acquire)
@@ -558,8 +837,9 @@ impl Broker {
             })
     }
 
-    /// Acks deliveries, all or none: if any lease is stale nothing is applied.
-    pub fn ack(&self, acks: Vec<(String, Option<Bytes>)>) -> Result<(), BrokerError> {
+    /// Acks deliveries, all or none: if any lease is stale nothing is applied. Answers
+    /// once the acks are durable.
+    pub async fn ack(&self, acks: Vec<(String, Option<Bytes>)>) -> Result<(), BrokerError> {
         let limits = &self.inner.config.limits;
         limits.check_batch("acks", acks.len())?;
         let mut parsed = Vec::with_capacity(acks.len());
@@ -576,6 +856,8 @@ impl Broker {
         }
         let mut names: Vec<String> = by_queue.keys().cloned().collect();
         names.sort_unstable();
+        self.admit().await?;
+        let change = self.begin()?;
         let mut slots = Vec::with_capacity(names.len());
         for name in &names {
             let first = by_queue[name][0];
@@ -583,7 +865,7 @@ impl Broker {
         }
         let now = now_ms();
         let mut acked: Vec<(usize, u64)> = Vec::new();
-        {
+        let commit = {
             let mut guards: Vec<MutexGuard<'_, Queue>> =
                 slots.iter().map(|s| lock(&s.queue)).collect();
             let mut stale = Vec::new();
@@ -603,6 +885,7 @@ impl Broker {
                     shown.join("; ")
                 )));
             }
+            let mut batch = self.batch();
             for (q, (guard, name)) in guards.iter_mut().zip(&names).enumerate() {
                 for &i in &by_queue[name] {
                     let (lease, result) = &mut parsed[i];
@@ -610,9 +893,14 @@ impl Broker {
                         .ack(now, lease, result.take())
                         .expect("lease was checked under the same lock");
                     acked.extend(held.map(|ms| (q, ms)));
+                    if let Some(job) = guard.job_by_seq(lease.seq) {
+                        batch.job_state(name, job);
+                    }
                 }
             }
-        }
+            self.commit(batch, now)
+        };
+        drop(change);
         // Reported after the locks are released: the observer may take its own.
         if let Some(observer) = self.inner.observer.get() {
             for (q, ms) in acked {
@@ -624,11 +912,11 @@ impl Broker {
                 slot.ready.notify_waiters();
             }
         }
-        Ok(())
+        self.durable(commit?).await
     }
 
-    /// Fails a delivery (retry or dead-letter).
-    pub fn nack(
+    /// Fails a delivery (retry or dead-letter); answers once that is durable.
+    pub async fn nack(
         &self,
         lease_id: &str,
         error: String,
@@ -640,11 +928,21 @@ impl Broker {
         if let Some(d) = retry_delay_ms {
             check_duration_ms("retry_delay_ms", d, MAX_VISIBILITY_MS)?;
         }
-        let slot = self.lease_queue(&lease)?;
+        self.admit().await?;
         let now = now_ms();
-        let outcome = self.with_queue(&slot, |q| {
-            q.nack(now, &lease, error, retry_delay_ms, dead_letter)
-        })?;
+        let (outcome, commit) = {
+            let _change = self.begin()?;
+            let slot = self.lease_queue(&lease)?;
+            self.with_queue(&slot, |q, batch| {
+                let outcome = q.nack(now, &lease, error, retry_delay_ms, dead_letter)?;
+                if let Some(job) = q.job_by_seq(lease.seq) {
+                    batch.job_state(&slot.name, job);
+                }
+                Ok::<_, BrokerError>(outcome)
+            })?
+        };
+        let outcome = outcome?;
+        self.durable(commit).await?;
         Ok(match outcome {
             FailOutcome::Dead => (JobState::Dead, None),
             FailOutcome::Retry { at } if at <= now => (JobState::Pending, Some(at)),
@@ -670,9 +968,12 @@ impl Broker {
             visibility_timeout_ms,
             MAX_VISIBILITY_MS,
         )?;
+        let _change = self.begin()?;
         let slot = self.lease_queue(&lease)?;
         let now = now_ms();
-        self.with_queue(&slot, |q| q.extend(now, &lease, visibility_timeout_ms))
+        // Not logged: leases do not survive a restart anyway.
+        self.with_queue(&slot, |q, _| q.extend(now, &lease, visibility_timeout_ms))?
+            .0
     }
 
     // ---- inspection -------------------------------------------------------------------
@@ -714,16 +1015,30 @@ impl Broker {
         found.ok_or_else(|| BrokerError::NotFound(format!("job {id} not found")))
     }
 
-    /// Cancels a job that is not leased.
-    pub fn cancel_job(&self, id: &str, queue: Option<&str>) -> Result<(String, Job), BrokerError> {
+    /// Cancels a job that is not leased; answers once that is durable.
+    pub async fn cancel_job(
+        &self,
+        id: &str,
+        queue: Option<&str>,
+    ) -> Result<(String, Job), BrokerError> {
         let uuid = Self::parse_job_id("id", id)?;
+        self.admit().await?;
         for slot in self.queues_to_search(queue)? {
             let known = lock(&slot.queue)
                 .get(&uuid)
                 .is_some_and(|j| !j.state.is_finished());
             if known {
                 let now = now_ms();
-                let job = self.with_queue(&slot, |q| q.cancel(now, &uuid))?;
+                let (job, commit) = {
+                    let _change = self.begin()?;
+                    self.with_queue(&slot, |q, batch| {
+                        let job = q.cancel(now, &uuid)?;
+                        batch.job_state(&slot.name, &job);
+                        Ok::<_, BrokerError>(job)
+                    })?
+                };
+                let job = job?;
+                self.durable(commit).await?;
                 return Ok((slot.name.to_string(), job));
             }
         }
@@ -882,8 +1197,21 @@ impl Broker {
         }
     }
 
+    /// Sets a queue's policy and logs it, under the queue's lock.
+    fn set_policy(&self, slot: &QueueSlot, policy: QueuePolicy) -> Result<Commit, BrokerError> {
+        let mut q = lock(&slot.queue);
+        q.set_policy(policy);
+        let mut batch = self.batch();
+        batch.queue_def(&slot.name, q.policy(), q.is_paused());
+        self.commit(batch, now_ms())
+    }
+
     /// Creates a queue with a policy.
-    pub fn create_queue(&self, name: &str, patch: PolicyPatch) -> Result<QueueInfo, BrokerError> {
+    pub async fn create_queue(
+        &self,
+        name: &str,
+        patch: PolicyPatch,
+    ) -> Result<QueueInfo, BrokerError> {
         validate_name("name", name)?;
         let policy = self.apply_patch(name, QueuePolicy::default_for(name), patch)?;
         if self.inner.queues.contains_key(name) {
@@ -891,47 +1219,96 @@ impl Broker {
                 "queue {name:?} already exists (use UpdateQueue)"
             )));
         }
-        let slot = self.queue_or_create("name", name)?;
-        lock(&slot.queue).set_policy(policy);
+        self.admit().await?;
+        let (slot, commit) = {
+            let _change = self.begin()?;
+            let slot = self.queue_or_create("name", name)?;
+            let commit = self.set_policy(&slot, policy);
+            (slot, commit)
+        };
         self.rebuild_bindings();
+        self.durable(commit?).await?;
         Ok(Self::info(&slot))
     }
 
     /// Changes a queue's policy.
-    pub fn update_queue(&self, name: &str, patch: PolicyPatch) -> Result<QueueInfo, BrokerError> {
+    pub async fn update_queue(
+        &self,
+        name: &str,
+        patch: PolicyPatch,
+    ) -> Result<QueueInfo, BrokerError> {
         let slot = self.existing_queue("name", name)?;
         let current = lock(&slot.queue).policy().clone();
         let policy = self.apply_patch(name, current, patch)?;
-        lock(&slot.queue).set_policy(policy);
+        self.admit().await?;
+        let commit = {
+            let _change = self.begin()?;
+            self.set_policy(&slot, policy)
+        };
         self.rebuild_bindings();
+        self.durable(commit?).await?;
         Ok(Self::info(&slot))
     }
 
     /// Cancels every unleased job of a queue.
-    pub fn purge_queue(&self, name: &str) -> Result<u64, BrokerError> {
+    pub async fn purge_queue(&self, name: &str) -> Result<u64, BrokerError> {
         let slot = self.existing_queue("name", name)?;
+        self.admit().await?;
         let now = now_ms();
-        Ok(self.with_queue(&slot, |q| q.purge(now)))
+        let (purged, commit) = {
+            let _change = self.begin()?;
+            self.with_queue(&slot, |q, batch| {
+                let ids = q.purge_ids(now);
+                if batch.is_enabled() {
+                    for id in &ids {
+                        if let Some(job) = q.get(id) {
+                            batch.job_state(&slot.name, job);
+                        }
+                    }
+                }
+                ids.len() as u64
+            })?
+        };
+        self.durable(commit).await?;
+        Ok(purged)
     }
 
     /// Deletes a queue and everything in it.
-    pub fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
+    pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
         validate_name("name", name)?;
-        let (_, slot) = self
-            .inner
-            .queues
-            .remove(name)
-            .ok_or_else(|| BrokerError::NotFound(format!("queue {name:?} does not exist")))?;
-        slot.deleted.store(true, Ordering::Release);
-        slot.ready.notify_waiters();
+        self.admit().await?;
+        let commit = {
+            let _change = self.begin()?;
+            let (_, slot) =
+                self.inner.queues.remove(name).ok_or_else(|| {
+                    BrokerError::NotFound(format!("queue {name:?} does not exist"))
+                })?;
+            let commit = {
+                let _q = lock(&slot.queue);
+                let mut batch = self.batch();
+                batch.queue_delete(name);
+                self.commit(batch, now_ms())
+            };
+            slot.deleted.store(true, Ordering::Release);
+            slot.ready.notify_waiters();
+            commit
+        };
         self.rebuild_bindings();
-        Ok(())
+        self.durable(commit?).await
     }
 
     /// Pauses or resumes leasing.
-    pub fn set_paused(&self, name: &str, paused: bool) -> Result<QueueInfo, BrokerError> {
+    pub async fn set_paused(&self, name: &str, paused: bool) -> Result<QueueInfo, BrokerError> {
         let slot = self.existing_queue("name", name)?;
-        self.with_queue(&slot, |q| q.set_paused(paused));
+        self.admit().await?;
+        let ((), commit) = {
+            let _change = self.begin()?;
+            self.with_queue(&slot, |q, batch| {
+                q.set_paused(paused);
+                batch.queue_paused(&slot.name, paused);
+            })?
+        };
+        self.durable(commit).await?;
         Ok(Self::info(&slot))
     }
 
@@ -989,18 +1366,30 @@ impl Broker {
             };
             let (chunk, rest) = pending_ids.split_at(pending_ids.len().min(budget));
             pending_ids = rest;
-            let (moved, skipped) = if uuids.is_empty() {
-                self.with_queue(&slot, |q| q.take_for_redrive(&[], budget))
-            } else {
-                self.with_queue(&slot, |q| q.take_for_redrive(chunk, budget))
+            self.admit().await?;
+            let (count, commit) = {
+                // One change from taking the jobs out to putting them back, so a snapshot
+                // never sees them in neither queue.
+                let _change = self.begin()?;
+                let ids: &[Uuid] = if uuids.is_empty() { &[] } else { chunk };
+                let ((moved, skipped), commit) = self.with_queue(&slot, |q, batch| {
+                    let (moved, skipped) = q.take_for_redrive(ids, budget);
+                    for job in &moved {
+                        batch.redriven(&slot.name, job);
+                    }
+                    (moved, skipped)
+                })?;
+                outcome.skipped.extend(skipped);
+                let count = moved.len() as u64;
+                let now = now_ms();
+                for job in moved {
+                    let target = self.queue_forced(&job.target);
+                    // Already logged with the take above.
+                    let ((), _logged) = self.with_queue(&target, |q, _| q.restore(now, job))?;
+                }
+                (count, commit)
             };
-            outcome.skipped.extend(skipped);
-            let count = moved.len() as u64;
-            let now = now_ms();
-            for job in moved {
-                let target = self.queue_forced(&job.target);
-                self.with_queue(&target, |q| q.restore(now, job));
-            }
+            self.durable(commit).await?;
             outcome.redriven += count;
             let done = if uuids.is_empty() {
                 count < budget as u64
@@ -1072,27 +1461,50 @@ impl Broker {
     }
 
     /// Creates a topic or changes its retention.
-    pub fn create_topic(&self, name: &str, retention: Retention) -> Result<Retention, BrokerError> {
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        retention: Retention,
+    ) -> Result<Retention, BrokerError> {
         validate_name("name", name)?;
         validate_retention(&retention)?;
-        let slot = self.topic_or_create("name", name, Some(retention))?;
-        let mut topic = lock(&slot.topic);
-        topic.set_retention(retention, now_ms());
-        Ok(topic.retention())
+        self.admit().await?;
+        let (effective, commit) = {
+            let _change = self.begin()?;
+            let slot = self.topic_or_create("name", name, Some(retention))?;
+            let mut topic = lock(&slot.topic);
+            let now = now_ms();
+            topic.set_retention(retention, now);
+            let mut batch = self.batch();
+            batch.topic_def(name, topic.retention());
+            (topic.retention(), self.commit(batch, now))
+        };
+        self.durable(commit?).await?;
+        Ok(effective)
     }
 
     /// Deletes a topic and its log.
-    pub fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
+    pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
         validate_name("name", name)?;
-        let _registry = lock(&self.inner.registry);
-        let (_, slot) = self
-            .inner
-            .topics
-            .remove(name)
-            .ok_or_else(|| BrokerError::NotFound(format!("topic {name:?} does not exist")))?;
-        slot.deleted.store(true, Ordering::Release);
-        slot.wake_subscribers();
-        Ok(())
+        self.admit().await?;
+        let commit = {
+            let _change = self.begin()?;
+            let _registry = lock(&self.inner.registry);
+            let (_, slot) =
+                self.inner.topics.remove(name).ok_or_else(|| {
+                    BrokerError::NotFound(format!("topic {name:?} does not exist"))
+                })?;
+            let commit = {
+                let _topic = lock(&slot.topic);
+                let mut batch = self.batch();
+                batch.topic_delete(name);
+                self.commit(batch, now_ms())
+            };
+            slot.deleted.store(true, Ordering::Release);
+            slot.wake_subscribers();
+            commit
+        };
+        self.durable(commit?).await
     }
 
     /// Opens a subscription. Messages flow from a background task into a bounded buffer;

@@ -31,6 +31,10 @@ pub enum BrokerError {
     /// The broker is shutting down (UNAVAILABLE).
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// The write-ahead log failed (a write or fsync error, e.g. a full disk): the broker
+    /// stopped acknowledging changes (fail-stop) until it is restarted (UNAVAILABLE).
+    #[error("{0}")]
+    StorageFailed(String),
 }
 
 impl BrokerError {
@@ -73,7 +77,9 @@ impl From<BrokerError> for tonic::Status {
             BrokerError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             BrokerError::ResourceExhausted(_) => tonic::Status::resource_exhausted(message),
             BrokerError::DataLoss(_) => tonic::Status::data_loss(message),
-            BrokerError::ShuttingDown => tonic::Status::unavailable(message),
+            BrokerError::ShuttingDown | BrokerError::StorageFailed(_) => {
+                tonic::Status::unavailable(message)
+            }
         }
     }
 }

@@ -2,8 +2,11 @@
 //! server with `--http`); every other subcommand is an admin client of a running broker.
 
 use clap::Parser;
-use sluice::broker::config::{Cli, Command};
+use std::sync::Arc;
+
+use sluice::broker::config::{Cli, Command, ServeArgs, StorageKind};
 use sluice::broker::http::serve_http_with;
+use sluice::broker::store::DirStorage;
 use sluice::broker::{Broker, serve};
 use tracing_subscriber::EnvFilter;
 
@@ -54,7 +57,17 @@ async fn main() -> std::process::ExitCode {
                     }
                 },
             };
-            let broker = Broker::new(args.broker_config());
+            let broker = match args.storage {
+                StorageKind::Memory => Broker::new(args.broker_config()),
+                StorageKind::Wal => match open_wal(&args) {
+                    Ok(broker) => broker,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        eprintln!("sluice: {e}");
+                        return std::process::ExitCode::from(1);
+                    }
+                },
+            };
             // The HTTP server stops with the broker's token, which `serve` cancels on
             // shutdown, so both end together.
             let http = http_listener.map(|listener| {
@@ -75,6 +88,7 @@ async fn main() -> std::process::ExitCode {
             .await;
             // If gRPC failed on its own, the HTTP server must not keep the process alive.
             broker.shutdown();
+            broker.close_storage();
             let http_result = match http {
                 Some(task) => match task.await {
                     Ok(r) => r.map_err(|e| format!("HTTP server: {e}")),
@@ -95,6 +109,28 @@ async fn main() -> std::process::ExitCode {
             }
         }
     }
+}
+
+/// Opens the data directory and recovers the broker's state from it.
+fn open_wal(args: &ServeArgs) -> Result<Broker, String> {
+    let storage = DirStorage::open(&args.data_dir)
+        .map_err(|e| format!("cannot open --data-dir {}: {e}", args.data_dir.display()))?;
+    let started = std::time::Instant::now();
+    let (broker, report) =
+        Broker::open(args.broker_config(), Arc::new(storage), args.store_config())
+            .map_err(|e| e.to_string())?;
+    tracing::info!(
+        data_dir = %args.data_dir.display(),
+        fsync = %args.fsync,
+        snapshot = ?report.snapshot,
+        segments = report.segments,
+        records = report.entries,
+        truncated = report.truncated.len(),
+        ignored_records = report.anomalies,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered state from the write-ahead log"
+    );
+    Ok(broker)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

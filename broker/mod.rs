@@ -1,11 +1,13 @@
 //! The broker: domain modules, and the gRPC service that exposes them.
 //!
-//! Domain modules ([`queue`], [`topic`], [`subscription`], [`core`], [`names`], [`limits`],
-//! [`observe`]) know nothing of tonic, protobuf or HTTP. [`service`] alone maps proto <->
-//! domain and [`error`] alone maps [`BrokerError`] to `tonic::Status`. [`server`] assembles
-//! the gRPC server (with health and reflection) around a [`Broker`]; [`http`] serves
-//! `/metrics`, `/healthz` and the live dashboard; [`cli`] is the admin command line, a gRPC
-//! client of a running broker.
+//! Domain modules ([`queue`], [`topic`], [`subscription`], [`consume`], [`core`], [`names`],
+//! [`limits`], [`observe`]) know nothing of tonic, protobuf or HTTP. [`service`] alone maps
+//! proto <-> domain and [`error`] alone maps [`BrokerError`] to `tonic::Status`. [`server`]
+//! assembles the gRPC server (with health and reflection) around a [`Broker`]; [`http`]
+//! serves `/metrics`, `/healthz` and the live dashboard; [`cli`] is the admin command line,
+//! a gRPC client of a running broker. [`store`] makes the state durable: a write-ahead log
+//! with group commit, recovery and compaction, driven by hooks in [`core`] that append each
+//! change's records under the lock of what it changed.
 
 pub mod cli;
 pub mod config;
@@ -20,6 +22,7 @@ pub mod queue;
 pub mod rate;
 pub mod server;
 pub mod service;
+pub mod store;
 pub mod subscription;
 pub mod time;
 pub mod topic;

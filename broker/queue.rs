@@ -245,6 +245,37 @@ pub struct Job {
     blocked: bool,
 }
 
+impl Job {
+    /// A job record rebuilt by recovery: pending, never attempted, no keys. Recovery sets
+    /// the other public fields from the log, then hands it to [`Queue::restore_job`].
+    pub fn restored(id: Uuid, kind: String, payload: Bytes, headers: Headers) -> Self {
+        Self {
+            id,
+            seq: 0,
+            kind,
+            payload,
+            headers,
+            priority: 0,
+            attempts: 0,
+            max_attempts: 1,
+            idempotency_key: None,
+            ordering_key: None,
+            state: JobState::Pending,
+            enqueued_at: 0,
+            run_at: 0,
+            updated_at: 0,
+            finished_at: None,
+            lease_deadline: None,
+            lease_nonce: 0,
+            consumer: None,
+            last_error: None,
+            result: None,
+            dead_letter_queue: None,
+            blocked: false,
+        }
+    }
+}
+
 /// Identifies one delivery: `<queue>/<job seq>/<nonce hex>`. The nonce is random per
 /// delivery, so a lease id from an earlier delivery (or an earlier broker run) never
 /// matches the current one.
@@ -448,6 +479,9 @@ pub struct Queue {
     ack_rate: RateMeter,
     consumers: HashMap<Arc<str>, ConsumerState>,
     outbox: Vec<DeadLetter>,
+    /// Seqs of jobs whose lease expired since the last [`Queue::take_expired`]: the
+    /// broker logs their new state (expiry is a state change that must survive a restart).
+    expired: Vec<u64>,
 }
 
 impl Queue {
@@ -475,6 +509,7 @@ impl Queue {
             ack_rate: RateMeter::default(),
             consumers: HashMap::new(),
             outbox: Vec::new(),
+            expired: Vec::new(),
         }
     }
 
@@ -702,6 +737,7 @@ impl Queue {
                 None,
                 false,
             );
+            self.expired.push(seq);
         }
         let before = self.ready.len();
         while let Some(&(run_at, seq)) = self.timers.keys().next() {
@@ -1052,6 +1088,12 @@ impl Queue {
 
     /// Cancels every job that is not leased; returns how many.
     pub fn purge(&mut self, now: Millis) -> u64 {
+        self.purge_ids(now).len() as u64
+    }
+
+    /// Cancels every job that is not leased; returns their ids (the WAL records each one,
+    /// because leased jobs survive a purge and leases are not persisted).
+    pub fn purge_ids(&mut self, now: Millis) -> Vec<Uuid> {
         let victims: Vec<u64> = self
             .jobs
             .iter()
@@ -1065,7 +1107,10 @@ impl Queue {
                 self.cancel_seq(*seq, now);
             }
         }
-        victims.len() as u64
+        victims
+            .iter()
+            .filter_map(|seq| self.jobs.get(seq).map(|j| j.id))
+            .collect()
     }
 
     /// Jobs in `state` (live ones if `None`), oldest first, after enqueue seq `after`.
@@ -1237,6 +1282,103 @@ impl Queue {
             job.headers,
             job.priority,
         );
+    }
+
+    /// Seqs of jobs whose lease expired since the last call (see [`Queue::job_by_seq`]).
+    pub fn take_expired(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.expired)
+    }
+
+    /// Looks a job up by its seq (e.g. a lease's).
+    pub fn job_by_seq(&self, seq: u64) -> Option<&Job> {
+        self.jobs.get(&seq)
+    }
+
+    /// Remembered idempotency keys: (key, job id, expiry), for snapshots.
+    pub fn dedup_entries(&self) -> Vec<(String, Uuid, Millis)> {
+        self.dedup
+            .iter()
+            .map(|(k, (id, expires))| (k.clone(), *id, *expires))
+            .collect()
+    }
+
+    /// Recovery: remembers an idempotency key until `expires`. Call in expiry order.
+    pub fn restore_dedup(&mut self, key: String, id: Uuid, expires: Millis) {
+        self.dedup.insert(key.clone(), (id, expires));
+        self.dedup_expiry.push_back((expires, key));
+    }
+
+    /// Recovery: adds a job rebuilt from the write-ahead log, after every job restored
+    /// before it (its seq is the next one, so call in enqueue order for live jobs and in
+    /// finish order for finished ones). A job that was leased is visible again, because
+    /// leases are not persisted: a crash causes a redelivery, never a loss. Ordering keys,
+    /// indexes and history are rebuilt exactly as [`Queue::enqueue`] would.
+    pub fn restore_job(&mut self, now: Millis, mut job: Job) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        job.seq = seq;
+        job.lease_deadline = None;
+        job.lease_nonce = 0;
+        job.blocked = false;
+        if let Some(old) = self.ids.insert(job.id, seq) {
+            // Recovery hands each id over once; a repeat would be a bug there, and the
+            // newest record wins like in `insert_with_id`.
+            self.forget(old, now);
+        }
+        if job.state.is_finished() {
+            self.jobs.insert(seq, job);
+            self.history.push_back(seq);
+            self.trim_history();
+            return;
+        }
+        if job.state == JobState::Leased {
+            job.state = JobState::Pending;
+        }
+        let updated_at = job.updated_at;
+        let key = job.ordering_key.clone();
+        self.jobs.insert(seq, job);
+        self.live += 1;
+        let mut active = true;
+        if let Some(key) = key {
+            let waiting = self.ordering.entry(key).or_default();
+            active = waiting.is_empty();
+            waiting.push_back(seq);
+        }
+        if active {
+            self.place(seq, now);
+        } else {
+            self.blocked += 1;
+        }
+        let job = self.jobs.get_mut(&seq).expect("restored job exists");
+        job.blocked = !active;
+        if !active {
+            job.state = JobState::Pending;
+        }
+        job.updated_at = updated_at;
+    }
+
+    /// Drops the record at `seq` entirely (used when recovery replaces a record).
+    fn forget(&mut self, seq: u64, now: Millis) {
+        let Some(state) = self.jobs.get(&seq).map(|j| j.state) else {
+            return;
+        };
+        if state.is_finished() {
+            self.history.retain(|s| *s != seq);
+        } else {
+            if state == JobState::Leased {
+                self.end_lease(seq, now);
+            } else {
+                self.unplace(seq);
+            }
+            if self.jobs[&seq].blocked {
+                self.blocked -= 1;
+            }
+            if let Some(key) = self.jobs[&seq].ordering_key.clone() {
+                self.release_ordering_key(&key, seq, now);
+            }
+            self.live -= 1;
+        }
+        self.jobs.remove(&seq);
     }
 
     /// The queue's counters.

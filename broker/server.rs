@@ -4,6 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::broker::core::Broker;
@@ -67,6 +68,16 @@ pub async fn serve(
         .max_decoding_message_size(options.max_request_bytes);
 
     let token = broker.shutdown_token();
+    // `Server::tcp_nodelay` only applies to listeners tonic binds itself; on this one,
+    // Nagle's algorithm meeting delayed ACKs held every small response back ~40 ms.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn
+            && let Err(e) = stream.set_nodelay(true)
+        {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        conn
+    });
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(options.max_streams_per_connection))
         .initial_stream_window_size(Some(1024 * 1024))
@@ -76,7 +87,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+        .serve_with_incoming_shutdown(incoming, {
             let token = token.clone();
             async move {
                 tokio::select! {

@@ -369,7 +369,7 @@ impl broker_server::Broker for BrokerService {
                 idempotency_key: opt_string(m.idempotency_key),
             })
             .collect();
-        let results = self.broker.publish(&req.topic, messages)?;
+        let results = self.broker.publish(&req.topic, messages).await?;
         Ok(Response::new(pb::PublishResponse {
             results: results
                 .into_iter()
@@ -452,7 +452,7 @@ impl broker_server::Broker for BrokerService {
             max_bytes: pick(r.max_bytes, defaults.max_bytes),
             max_age_ms: pick(r.max_age_ms, defaults.max_age_ms),
         };
-        let effective = self.broker.create_topic(&req.name, retention)?;
+        let effective = self.broker.create_topic(&req.name, retention).await?;
         Ok(Response::new(pb::TopicInfo {
             name: req.name,
             retention: Some(retention_to_pb(effective)),
@@ -463,7 +463,7 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Reply<pb::DeleteTopicResponse> {
-        self.broker.delete_topic(&request.into_inner().name)?;
+        self.broker.delete_topic(&request.into_inner().name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
@@ -477,7 +477,7 @@ impl broker_server::Broker for BrokerService {
             .enumerate()
             .map(|(i, spec)| job_spec(i, spec, now))
             .collect::<Result<Vec<_>, _>>()?;
-        let results = self.broker.enqueue(&req.queue, jobs)?;
+        let results = self.broker.enqueue(&req.queue, jobs).await?;
         Ok(Response::new(pb::EnqueueResponse {
             results: results
                 .into_iter()
@@ -517,18 +517,21 @@ impl broker_server::Broker for BrokerService {
             .into_iter()
             .map(|a| (a.lease_id, (!a.result.is_empty()).then_some(a.result)))
             .collect();
-        self.broker.ack(acks)?;
+        self.broker.ack(acks).await?;
         Ok(Response::new(pb::AckResponse {}))
     }
 
     async fn nack(&self, request: Request<pb::NackRequest>) -> Reply<pb::NackResponse> {
         let req = request.into_inner();
-        let (state, at) = self.broker.nack(
-            &req.lease_id,
-            req.error,
-            (req.retry_delay_ms > 0).then_some(req.retry_delay_ms),
-            req.dead_letter,
-        )?;
+        let (state, at) = self
+            .broker
+            .nack(
+                &req.lease_id,
+                req.error,
+                (req.retry_delay_ms > 0).then_some(req.retry_delay_ms),
+                req.dead_letter,
+            )
+            .await?;
         Ok(Response::new(pb::NackResponse {
             state: state_to_pb(state) as i32,
             next_attempt_unix_ms: at.unwrap_or(0),
@@ -570,6 +573,7 @@ impl broker_server::Broker for BrokerService {
         let events = self.broker.consume(spec, Box::pin(commands))?;
         let responses = events.map(move |event| {
             Ok(match event {
+                ConsumeEvent::Failed(e) => return Err(Status::from(e)),
                 ConsumeEvent::Jobs(jobs) => pb::ConsumeResponse {
                     jobs: jobs
                         .into_iter()
@@ -616,7 +620,7 @@ impl broker_server::Broker for BrokerService {
     async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Reply<pb::Job> {
         let req = request.into_inner();
         let queue = opt_string(req.queue);
-        let (queue, job) = self.broker.cancel_job(&req.id, queue.as_deref())?;
+        let (queue, job) = self.broker.cancel_job(&req.id, queue.as_deref()).await?;
         Ok(Response::new(job_to_pb(&queue, job)))
     }
 
@@ -650,7 +654,8 @@ impl broker_server::Broker for BrokerService {
         let req = request.into_inner();
         let info = self
             .broker
-            .create_queue(&req.name, policy_patch(req.policy, false))?;
+            .create_queue(&req.name, policy_patch(req.policy, false))
+            .await?;
         Ok(Response::new(queue_info_to_pb(info)))
     }
 
@@ -658,7 +663,8 @@ impl broker_server::Broker for BrokerService {
         let req = request.into_inner();
         let info = self
             .broker
-            .update_queue(&req.name, policy_patch(req.policy, true))?;
+            .update_queue(&req.name, policy_patch(req.policy, true))
+            .await?;
         Ok(Response::new(queue_info_to_pb(info)))
     }
 
@@ -666,7 +672,7 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::PurgeQueueRequest>,
     ) -> Reply<pb::PurgeQueueResponse> {
-        let purged = self.broker.purge_queue(&request.into_inner().name)?;
+        let purged = self.broker.purge_queue(&request.into_inner().name).await?;
         Ok(Response::new(pb::PurgeQueueResponse { purged }))
     }
 
@@ -674,17 +680,23 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::DeleteQueueRequest>,
     ) -> Reply<pb::DeleteQueueResponse> {
-        self.broker.delete_queue(&request.into_inner().name)?;
+        self.broker.delete_queue(&request.into_inner().name).await?;
         Ok(Response::new(pb::DeleteQueueResponse {}))
     }
 
     async fn pause_queue(&self, request: Request<pb::PauseQueueRequest>) -> Reply<pb::QueueInfo> {
-        let info = self.broker.set_paused(&request.into_inner().name, true)?;
+        let info = self
+            .broker
+            .set_paused(&request.into_inner().name, true)
+            .await?;
         Ok(Response::new(queue_info_to_pb(info)))
     }
 
     async fn resume_queue(&self, request: Request<pb::ResumeQueueRequest>) -> Reply<pb::QueueInfo> {
-        let info = self.broker.set_paused(&request.into_inner().name, false)?;
+        let info = self
+            .broker
+            .set_paused(&request.into_inner().name, false)
+            .await?;
         Ok(Response::new(queue_info_to_pb(info)))
     }
 

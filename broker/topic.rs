@@ -266,6 +266,55 @@ impl Topic {
         self.first_seq + idx as u64
     }
 
+    /// Remembered publish idempotency keys: (key, sequence, expiry), for snapshots.
+    pub fn dedup_entries(&self) -> Vec<(String, u64, Millis)> {
+        self.dedup
+            .iter()
+            .map(|(k, (seq, expires))| (k.clone(), *seq, *expires))
+            .collect()
+    }
+
+    /// Recovery: remembers a publish idempotency key until `expires`. Call in expiry order.
+    pub fn restore_dedup(&mut self, key: String, sequence: u64, expires: Millis) {
+        self.dedup.insert(key.clone(), (sequence, expires));
+        self.dedup_expiry.push_back((expires, key));
+    }
+
+    /// Recovery: re-appends a message from the write-ahead log with its original sequence
+    /// and time, applying retention as of its publish time as [`Topic::append`] did. A
+    /// sequence already below the next one is a repeat and changes nothing; one above it
+    /// (its predecessors were evicted before a snapshot) restarts the log there.
+    pub fn restore_message(&mut self, message: StoredMessage, idempotency_key: Option<String>) {
+        let sequence = message.sequence;
+        if sequence < self.next_seq() {
+            return;
+        }
+        if sequence > self.next_seq() {
+            self.log.clear();
+            self.bytes = 0;
+            self.first_seq = sequence;
+        }
+        let time = message.publish_time;
+        if let Some(key) = idempotency_key {
+            self.restore_dedup(key, sequence, time + PUBLISH_DEDUP_WINDOW_MS);
+        }
+        self.last_time = self.last_time.max(time);
+        self.bytes += message.payload.len() as u64;
+        self.log.push_back(Arc::new(StoredMessage {
+            topic: self.name.clone(),
+            ..message
+        }));
+        self.enforce_retention(time);
+    }
+
+    /// Recovery: moves an empty log's next sequence up to `next` (every earlier message
+    /// was evicted), so sequences are never reused.
+    pub fn restore_next_seq(&mut self, next: u64) {
+        if self.log.is_empty() && next > self.first_seq {
+            self.first_seq = next;
+        }
+    }
+
     /// Retained message count and payload bytes.
     pub fn retained(&self) -> (u64, u64) {
         (self.log.len() as u64, self.bytes)
@@ -346,6 +395,50 @@ mod tests {
         t.enforce_retention(T0 + 1_001);
         assert_eq!(t.retained(), (1, 1));
         assert_eq!(t.first_seq(), 3);
+    }
+
+    #[test]
+    fn restored_messages_keep_sequences_retention_and_dedup() {
+        let retention = Retention {
+            max_messages: 2,
+            ..Retention::default()
+        };
+        let mut t = Topic::new("t", retention);
+        let stored = |sequence: u64, payload: &'static str| StoredMessage {
+            topic: Arc::from("other"),
+            sequence,
+            key: String::new(),
+            headers: Headers::new(),
+            payload: Bytes::from_static(payload.as_bytes()),
+            publish_time: T0 + sequence,
+            wire: OnceLock::new(),
+        };
+        t.restore_message(stored(5, "a"), Some("k".into()));
+        t.restore_message(stored(6, "b"), None);
+        t.restore_message(stored(6, "b"), None);
+        t.restore_message(stored(7, "c"), None);
+        assert_eq!((t.first_seq(), t.next_seq()), (6, 8));
+        assert_eq!(&*t.read(6, 10).messages[0].topic, "t");
+        // The key is remembered with its original sequence even after eviction.
+        let (r, _) = t.append(
+            T0 + 10,
+            vec![NewMessage {
+                idempotency_key: Some("k".into()),
+                ..msg("again")
+            }],
+        );
+        assert_eq!(
+            r[0],
+            Appended {
+                sequence: 5,
+                duplicate: true
+            }
+        );
+
+        let mut empty = Topic::new("e", Retention::default());
+        empty.restore_next_seq(42);
+        let (r, _) = empty.append(T0, vec![msg("x")]);
+        assert_eq!(r[0].sequence, 42);
     }
 
     #[test]

@@ -468,3 +468,102 @@ fn exponential_backoff_grows_and_caps() {
     }
     assert_eq!(Backoff::Schedule(vec![1, 5, 30]).delay_ms(7), 30);
 }
+
+#[test]
+fn restored_jobs_rebuild_indexes_ordering_keys_history_and_dedup() {
+    let mut q = queue_with(|_| {});
+    let restored = |payload: &'static str, state: JobState| {
+        let mut j = Job::restored(
+            Uuid::now_v7(),
+            "test".into(),
+            Bytes::from_static(payload.as_bytes()),
+            Headers::new(),
+        );
+        j.state = state;
+        j.max_attempts = 5;
+        j.enqueued_at = T0;
+        j.run_at = T0;
+        j
+    };
+    // A leased job comes back visible (leases are not persisted), keeping its attempts.
+    let mut leased = restored("leased", JobState::Leased);
+    leased.attempts = 2;
+    let leased_id = leased.id;
+    // Two jobs on one ordering key: only the first is visible.
+    let mut first = restored("first", JobState::Pending);
+    first.ordering_key = Some(Arc::from("k"));
+    let mut second = restored("second", JobState::Pending);
+    second.ordering_key = Some(Arc::from("k"));
+    let second_id = second.id;
+    // A retrying job due later goes to the timers.
+    let mut later = restored("later", JobState::Retrying);
+    later.attempts = 1;
+    later.run_at = T0 + 5_000;
+    let mut done = restored("done", JobState::Completed);
+    done.finished_at = Some(T0);
+    let done_id = done.id;
+    for j in [leased, first, second, later, done] {
+        q.restore_job(T0, j);
+    }
+    q.restore_dedup("key".into(), done_id, T0 + 100_000);
+
+    let c = q.counts(T0);
+    assert_eq!((c.pending, c.retrying, c.leased), (3, 1, 0));
+    assert_eq!(q.live_jobs(), 4);
+    assert_eq!(q.get(&leased_id).unwrap().state, JobState::Pending);
+    assert_eq!(q.history(10)[0].id, done_id);
+    let got = q.lease(T0, 10, 60_000, &consumer(), "a");
+    assert_eq!(payloads(&got), [&b"leased"[..], b"first"]);
+    assert_eq!(got[0].attempt, 3);
+    // The second job of the key runs once the first is done.
+    q.ack(T0, &got[1].lease_id, None).unwrap();
+    assert_eq!(lease_one(&mut q, T0, 60_000).unwrap().job_id, second_id);
+    assert_eq!(
+        payloads(&q.lease(T0 + 5_000, 10, 60_000, &consumer(), "a")),
+        [&b"later"[..]]
+    );
+    // The restored idempotency key still deduplicates, until it expires.
+    let dup = q
+        .enqueue(
+            T0 + 5_010,
+            vec![NewJob {
+                idempotency_key: Some("key".into()),
+                ..job("x")
+            }],
+        )
+        .unwrap();
+    assert_eq!(
+        dup[0],
+        Enqueued {
+            id: done_id,
+            duplicate: true
+        }
+    );
+    let fresh = q
+        .enqueue(
+            T0 + 100_000,
+            vec![NewJob {
+                idempotency_key: Some("key".into()),
+                ..job("x")
+            }],
+        )
+        .unwrap();
+    assert!(!fresh[0].duplicate);
+}
+
+#[test]
+fn purge_reports_the_ids_it_cancelled_and_expiry_is_journaled() {
+    let mut q = queue_with(|_| {});
+    let a = enqueue_one(&mut q, T0, job("a"));
+    let b = enqueue_one(&mut q, T0, job("b"));
+    let d = lease_one(&mut q, T0, 100).unwrap();
+    assert_eq!(d.job_id, a);
+    assert_eq!(q.purge_ids(T0), vec![b]);
+    assert!(q.take_expired().is_empty());
+    q.tick(T0 + 100);
+    let expired = q.take_expired();
+    assert_eq!(expired, vec![d.lease_id.seq]);
+    assert_eq!(q.job_by_seq(expired[0]).unwrap().id, a);
+    assert_eq!(q.job_by_seq(expired[0]).unwrap().attempts, 1);
+    assert!(q.take_expired().is_empty());
+}

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -145,7 +146,9 @@ def processes(tmp_path_factory, request):
 def start_broker(processes: Processes, name: str = "broker") -> str:
     """Starts `sluice serve` on a free port; returns ``host:port`` once it answers."""
     port = free_port()
-    processes.start(name, [binary("sluice"), "serve", "--listen", f"127.0.0.1:{port}"])
+    # A fresh write-ahead log per broker, so no state leaks between tests or runs.
+    data_dir = tempfile.mkdtemp(prefix=f"sluice-e2e-{name}-")
+    processes.start(name, [binary("sluice"), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data_dir])
     target = f"127.0.0.1:{port}"
     client = SluiceClient(target)
     try:

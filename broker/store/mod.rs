@@ -1,0 +1,422 @@
+//! Durability: a write-ahead log (WAL) with group commit, recovery and compaction.
+//!
+//! * [`Storage`] is the file system as the WAL sees it (a directory of segment files);
+//!   [`DirStorage`] is the real one, tests inject faulty ones.
+//! * `wal` runs one writer thread that batches appended records, writes them and fsyncs
+//!   once per batch (group commit), then publishes the durable position.
+//! * `record` frames records (length + CRC32C) and converts domain changes into the
+//!   internal record messages of `proto/sluice/internal/wal.proto`.
+//! * `recovery` replays the newest snapshot and the segments after it into queues and
+//!   topics, truncating a torn tail and refusing to start on other damage.
+//!
+//! The broker appends a [`Batch`] of records *while holding the lock of the queue or topic
+//! it changed*, so the log order is the state order, gets a [`Commit`] position, releases
+//! the lock, and only then awaits [`Journal::durable`] before answering OK.
+
+mod record;
+mod recovery;
+mod wal;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+pub use self::record::Batch;
+pub(crate) use self::record::{SnapshotQueue, SnapshotTopic};
+pub(crate) use self::recovery::recover;
+pub use self::recovery::{RecoveryError, RecoveryReport};
+
+use crate::broker::error::BrokerError;
+use crate::broker::time::Millis;
+
+/// When appended records are fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Before any request that changed state is answered; concurrent requests share one
+    /// fsync (group commit).
+    Always,
+    /// Every so often; requests are answered as soon as their record is buffered, so a
+    /// crash (of the machine, not only the process) loses up to this much.
+    Interval(Duration),
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "always" {
+            return Ok(Self::Always);
+        }
+        if let Some(ms) = s.strip_prefix("interval:") {
+            let ms: u64 = ms
+                .parse()
+                .map_err(|_| format!("--fsync {s:?}: {ms:?} is not a number of milliseconds"))?;
+            if ms == 0 || ms > 60_000 {
+                return Err(format!(
+                    "--fsync {s:?}: the interval must be 1..=60000 ms, got {ms}"
+                ));
+            }
+            return Ok(Self::Interval(Duration::from_millis(ms)));
+        }
+        Err(format!(
+            "--fsync {s:?}: expected \"always\" or \"interval:<ms>\""
+        ))
+    }
+}
+
+impl fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Always => f.write_str("always"),
+            Self::Interval(d) => write!(f, "interval:{}", d.as_millis()),
+        }
+    }
+}
+
+/// WAL settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// When records are fsynced.
+    pub fsync: FsyncPolicy,
+    /// A segment is closed and a new one started once it reaches this size.
+    pub segment_bytes: u64,
+    /// Truncate at the first damaged record instead of refusing to start.
+    pub repair: bool,
+    /// Appends wait (before changing anything) while this many bytes are buffered and not
+    /// yet written, so a slow disk slows producers down instead of filling memory.
+    pub max_buffered_bytes: usize,
+    /// Compaction runs once the log written since the last snapshot exceeds both this and
+    /// twice that snapshot's size; `None` means one segment. (Tests that need a log of
+    /// many segments set it very high.)
+    pub compact_after_bytes: Option<u64>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            fsync: FsyncPolicy::Always,
+            segment_bytes: 64 * 1024 * 1024,
+            repair: false,
+            max_buffered_bytes: 64 * 1024 * 1024,
+            compact_after_bytes: None,
+        }
+    }
+}
+
+/// A file of the log, open for appending.
+pub trait StorageFile: Send {
+    /// Appends all of `data`.
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Makes everything written so far durable (fdatasync).
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// The directory the WAL lives in. Names are plain file names, never paths.
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// File names in the directory.
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// A whole file.
+    fn read(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// Creates (or empties) a file for appending.
+    fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>>;
+    /// Cuts a file to `len` bytes, durably.
+    fn truncate(&self, name: &str, len: u64) -> io::Result<()>;
+    /// Renames a file (atomically replacing `to`).
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Deletes a file.
+    fn remove(&self, name: &str) -> io::Result<()>;
+    /// Makes creations, renames and deletions durable.
+    fn sync_dir(&self) -> io::Result<()>;
+    /// How to name `name` to a user (its path).
+    fn describe(&self, name: &str) -> String;
+}
+
+/// The real [`Storage`]: a directory, mode 0700, with files of mode 0600.
+#[derive(Debug)]
+pub struct DirStorage {
+    dir: PathBuf,
+}
+
+impl DirStorage {
+    /// Opens `dir`, creating it (and its parents) if needed, and restricts it to its owner.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        #[cfg(not(unix))]
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+struct DirFile(std::fs::File);
+
+impl StorageFile for DirFile {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        io::Write::write_all(&mut self.0, data)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+impl Storage for DirStorage {
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            if let Some(name) = entry?.file_name().to_str() {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
+        std::fs::read(self.path(name))
+    }
+
+    fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        Ok(Box::new(DirFile(options.open(self.path(name))?)))
+    }
+
+    fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path(name))?;
+        file.set_len(len)?;
+        file.sync_all()
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        std::fs::rename(self.path(from), self.path(to))
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        std::fs::remove_file(self.path(name))
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            std::fs::File::open(&self.dir)?.sync_all()
+        }
+        #[cfg(not(unix))]
+        Ok(())
+    }
+
+    fn describe(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+}
+
+/// A log position to wait for before answering. `Commit::NONE` waits for nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[must_use = "a change is acknowledged only after its commit is durable"]
+pub struct Commit(u64);
+
+impl Commit {
+    /// Nothing to wait for (memory storage, or a request that changed nothing and saw
+    /// nothing unwritten).
+    pub const NONE: Commit = Commit(0);
+}
+
+/// The broker's handle on its WAL. Cheap to share behind an `Arc`.
+pub struct Journal {
+    wal: wal::Wal,
+    /// Mutations hold it shared from their first state change until every record of the
+    /// change is appended (including dead letters routed after the queue lock is
+    /// released); compaction holds it exclusively for a moment to take a snapshot that is
+    /// exactly the state at a segment boundary.
+    gate: RwLock<()>,
+    fsync: FsyncPolicy,
+    /// Held for a whole compaction; `true` once the log is closed, so a compaction never
+    /// deletes files under a broker that has stopped (or a test that reads them).
+    compaction: Mutex<bool>,
+}
+
+impl fmt::Debug for Journal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Journal")
+            .field("fsync", &self.fsync)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Journal {
+    /// Starts the writer on `storage`, appending to segment `first_segment` onwards.
+    pub(crate) fn start(
+        storage: Arc<dyn Storage>,
+        config: &StoreConfig,
+        first_segment: u64,
+    ) -> Self {
+        Self {
+            wal: wal::Wal::start(storage, config, first_segment),
+            gate: RwLock::new(()),
+            fsync: config.fsync,
+            compaction: Mutex::new(false),
+        }
+    }
+
+    /// Fails with UNAVAILABLE once the log has failed (fail-stop).
+    pub fn check(&self) -> Result<(), BrokerError> {
+        match self.wal.failure() {
+            Some(reason) => Err(BrokerError::StorageFailed(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits while too much is buffered, then checks for fail-stop. Call before taking
+    /// any lock.
+    pub async fn admit(&self) -> Result<(), BrokerError> {
+        self.wal.wait_for_space().await;
+        self.check()
+    }
+
+    /// Starts a mutation (see the `gate` field). Hold the guard only in sync code.
+    pub fn begin(&self) -> Result<RwLockReadGuard<'_, ()>, BrokerError> {
+        self.check()?;
+        Ok(self
+            .gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends a batch as one atomic record. An empty batch appends nothing and returns
+    /// the newest position, so a request that changed nothing still waits for whatever
+    /// it may have observed.
+    pub fn append(&self, batch: Batch, at: Millis) -> Result<Commit, BrokerError> {
+        let Some(frame) = batch.into_frame(at) else {
+            return Ok(Commit(self.wal.last_position()));
+        };
+        self.wal
+            .append(&frame)
+            .map(Commit)
+            .map_err(BrokerError::StorageFailed)
+    }
+
+    /// Resolves once `commit` is durable under the fsync policy; fails if the log failed.
+    pub async fn durable(&self, commit: Commit) -> Result<(), BrokerError> {
+        if commit == Commit::NONE {
+            return self.check();
+        }
+        match self.fsync {
+            FsyncPolicy::Always => self
+                .wal
+                .wait_durable(commit.0)
+                .await
+                .map_err(BrokerError::StorageFailed),
+            FsyncPolicy::Interval(_) => self.check(),
+        }
+    }
+
+    /// Resolves when the log has grown enough since the last snapshot to compact.
+    pub(crate) async fn compaction_due(&self) {
+        self.wal.compaction_due().await
+    }
+
+    /// Starts a new segment for the records appended from now on. Call under
+    /// [`Journal::exclusive`]; returns the new segment and the last position before it.
+    pub(crate) fn roll(&self) -> (u64, u64) {
+        self.wal.roll()
+    }
+
+    /// Writes a snapshot of the state before segment `base` (taken under
+    /// [`Journal::exclusive`] right after [`Journal::roll`] returned `(base, last)`), then
+    /// deletes the segments and snapshots it replaces. Blocks: run it off the runtime.
+    pub(crate) fn write_snapshot(
+        &self,
+        base: u64,
+        last: u64,
+        queues: Vec<SnapshotQueue>,
+        topics: Vec<SnapshotTopic>,
+        now: Millis,
+    ) -> Result<u64, BrokerError> {
+        // The records before the roll must be on disk before the files holding them go.
+        self.wal
+            .wait_written_blocking(last)
+            .map_err(BrokerError::StorageFailed)?;
+        let frames = record::snapshot_frames(base, queues, topics, now);
+        self.wal
+            .install_snapshot(base, &frames)
+            .map_err(BrokerError::StorageFailed)
+    }
+
+    /// The right to compact, held for the whole compaction; `None` once closed.
+    pub(crate) fn compaction_slot(&self) -> Option<MutexGuard<'_, bool>> {
+        let slot = self
+            .compaction
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (!*slot).then_some(slot)
+    }
+
+    /// Waits for a running compaction, then stops the writer after it wrote (and
+    /// synced) everything appended so far.
+    pub fn close(&self) {
+        *self
+            .compaction
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        self.wal.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_policies_parse_and_bad_ones_name_the_flag_and_value() {
+        assert_eq!("always".parse(), Ok(FsyncPolicy::Always));
+        assert_eq!(
+            "interval:25".parse(),
+            Ok(FsyncPolicy::Interval(Duration::from_millis(25)))
+        );
+        assert_eq!(
+            FsyncPolicy::Interval(Duration::from_millis(25)).to_string(),
+            "interval:25"
+        );
+        let err = "interval:0".parse::<FsyncPolicy>().unwrap_err();
+        assert!(
+            err.contains("--fsync") && err.contains("1..=60000") && err.contains('0'),
+            "{err}"
+        );
+        let err = "sometimes".parse::<FsyncPolicy>().unwrap_err();
+        assert!(
+            err.contains("\"sometimes\"") && err.contains("interval:<ms>"),
+            "{err}"
+        );
+        assert!(
+            "interval:soon"
+                .parse::<FsyncPolicy>()
+                .unwrap_err()
+                .contains("soon")
+        );
+    }
+}

@@ -1,0 +1,574 @@
+//! Record framing and the conversions between domain changes and WAL record messages.
+//!
+//! A segment or snapshot file is an 8-byte header ([`FILE_MAGIC`]) followed by frames:
+//!
+//! ```text
+//! magic u32 LE | len u32 LE | crc32c(len bytes ++ payload) u32 LE | payload (len bytes)
+//! ```
+//!
+//! The per-frame magic lets recovery tell a torn tail (no valid frame after the damage)
+//! from damage in the middle of a file (a valid frame follows it).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message as _;
+use uuid::Uuid;
+
+use crate::broker::queue::{Backoff, DeadLetter, Job, JobState, QueuePolicy, Redriven};
+use crate::broker::time::Millis;
+use crate::broker::topic::{Retention, StoredMessage};
+
+/// The generated record messages (internal; never on the wire).
+#[allow(missing_docs, clippy::all)]
+pub(crate) mod pb {
+    include!(concat!(env!("OUT_DIR"), "/sluice.internal.rs"));
+}
+
+pub(crate) use pb::op::Op as Kind;
+
+/// First bytes of every segment and snapshot file (format version 1).
+pub(crate) const FILE_MAGIC: &[u8; 8] = b"SLUICE\x01\n";
+/// First bytes of every frame.
+pub(crate) const FRAME_MAGIC: u32 = 0x5352_4C53;
+/// Frame header bytes.
+pub(crate) const FRAME_HEADER: usize = 12;
+/// Largest frame payload accepted on read: a batch is bounded by the request size limit,
+/// far below this.
+pub(crate) const MAX_FRAME: usize = 1 << 30;
+
+/// Appends one frame holding `payload` to `out`.
+pub(crate) fn frame_into(out: &mut Vec<u8>, payload: &[u8]) {
+    let len = (payload.len() as u32).to_le_bytes();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), payload);
+    out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FrameError {
+    /// The file ends inside the frame header or payload.
+    Truncated,
+    /// The header or checksum is wrong.
+    Corrupt(String),
+}
+
+/// Reads the frame at `at`: its payload and the offset after it.
+pub(crate) fn read_frame(data: &[u8], at: usize) -> Result<(&[u8], usize), FrameError> {
+    let Some(header) = data.get(at..at + FRAME_HEADER) else {
+        return Err(FrameError::Truncated);
+    };
+    let word = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+    let (magic, len, crc) = (word(0), word(4) as usize, word(8));
+    if magic != FRAME_MAGIC {
+        return Err(FrameError::Corrupt(format!(
+            "bad frame marker {magic:#010x} (expected {FRAME_MAGIC:#010x})"
+        )));
+    }
+    if len > MAX_FRAME {
+        return Err(FrameError::Corrupt(format!(
+            "frame length {len} exceeds the limit of {MAX_FRAME} bytes"
+        )));
+    }
+    let start = at + FRAME_HEADER;
+    let Some(payload) = data.get(start..start + len) else {
+        return Err(FrameError::Truncated);
+    };
+    let actual = crc32c::crc32c_append(crc32c::crc32c(&header[4..8]), payload);
+    if actual != crc {
+        return Err(FrameError::Corrupt(format!(
+            "checksum mismatch: stored {crc:#010x}, computed {actual:#010x} over {len} bytes"
+        )));
+    }
+    Ok((payload, start + len))
+}
+
+/// Whether any valid frame starts after `from` (a cheap scan for the frame marker, with
+/// a full check at each hit).
+pub(crate) fn valid_frame_after(data: &[u8], from: usize) -> bool {
+    let marker = FRAME_MAGIC.to_le_bytes();
+    let mut i = from;
+    while i + FRAME_HEADER <= data.len() {
+        if data[i..i + 4] == marker && read_frame(data, i).is_ok() {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The records of one change, appended atomically. A disabled batch (memory storage)
+/// ignores everything, so the broker's hooks cost one branch.
+#[derive(Debug, Default)]
+pub struct Batch {
+    ops: Option<Vec<pb::Op>>,
+}
+
+fn id_bytes(id: &Uuid) -> Bytes {
+    Bytes::copy_from_slice(id.as_bytes())
+}
+
+fn state_to_pb(state: JobState) -> pb::State {
+    match state {
+        JobState::Scheduled => pb::State::Scheduled,
+        JobState::Pending => pb::State::Pending,
+        JobState::Leased => pb::State::Leased,
+        JobState::Retrying => pb::State::Retrying,
+        JobState::Completed => pb::State::Completed,
+        JobState::Dead => pb::State::Dead,
+        JobState::Cancelled => pb::State::Cancelled,
+    }
+}
+
+pub(crate) fn state_from_pb(value: i32) -> Option<JobState> {
+    Some(match pb::State::try_from(value).ok()? {
+        pb::State::Scheduled => JobState::Scheduled,
+        pb::State::Pending => JobState::Pending,
+        pb::State::Leased => JobState::Leased,
+        pb::State::Retrying => JobState::Retrying,
+        pb::State::Completed => JobState::Completed,
+        pb::State::Dead => JobState::Dead,
+        pb::State::Cancelled => JobState::Cancelled,
+    })
+}
+
+pub(crate) fn policy_to_pb(p: &QueuePolicy) -> pb::Policy {
+    let mut out = pb::Policy {
+        visibility_timeout_ms: p.visibility_timeout_ms,
+        max_attempts: p.max_attempts,
+        dead_letter_queue: p.dead_letter_queue.clone(),
+        max_depth: p.max_depth,
+        dedup_window_ms: p.dedup_window_ms,
+        topic_bindings: p.topic_bindings.clone(),
+        history_limit: p.history_limit,
+        ..pb::Policy::default()
+    };
+    match &p.backoff {
+        Backoff::Schedule(d) => {
+            out.schedule = true;
+            out.delays_ms = d.clone();
+        }
+        Backoff::Exponential {
+            initial_ms,
+            max_ms,
+            jitter,
+        } => {
+            out.initial_ms = *initial_ms;
+            out.max_ms = *max_ms;
+            out.jitter = *jitter;
+        }
+    }
+    out
+}
+
+pub(crate) fn policy_from_pb(p: pb::Policy) -> QueuePolicy {
+    QueuePolicy {
+        visibility_timeout_ms: p.visibility_timeout_ms,
+        max_attempts: p.max_attempts.max(1),
+        backoff: if p.schedule {
+            Backoff::Schedule(p.delays_ms)
+        } else {
+            Backoff::Exponential {
+                initial_ms: p.initial_ms,
+                max_ms: p.max_ms,
+                jitter: p.jitter,
+            }
+        },
+        dead_letter_queue: p.dead_letter_queue,
+        max_depth: p.max_depth,
+        dedup_window_ms: p.dedup_window_ms,
+        topic_bindings: p.topic_bindings,
+        history_limit: p.history_limit,
+    }
+}
+
+fn job_image(queue: &str, job: &Job) -> pb::JobImage {
+    pb::JobImage {
+        queue: queue.to_owned(),
+        id: id_bytes(&job.id),
+        kind: job.kind.clone(),
+        payload: job.payload.clone(),
+        headers: job.headers.clone(),
+        priority: job.priority as u32,
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        idempotency_key: job.idempotency_key.clone(),
+        ordering_key: job.ordering_key.as_deref().map(str::to_owned),
+        state: state_to_pb(job.state) as i32,
+        enqueued_at: job.enqueued_at,
+        run_at: job.run_at,
+        updated_at: job.updated_at,
+        finished_at: job.finished_at,
+        last_error: job.last_error.clone(),
+        result: job.result.clone(),
+        dead_letter_queue: job.dead_letter_queue.clone(),
+    }
+}
+
+/// Rebuilds a job from its image; `None` if the id or state is malformed.
+pub(crate) fn job_from_image(image: pb::JobImage) -> Option<Job> {
+    let id = Uuid::from_slice(&image.id).ok()?;
+    let state = state_from_pb(image.state)?;
+    let mut job = Job::restored(id, image.kind, image.payload, image.headers);
+    job.priority = image.priority.min(9) as u8;
+    job.attempts = image.attempts;
+    job.max_attempts = image.max_attempts.max(1);
+    job.idempotency_key = image.idempotency_key;
+    job.ordering_key = image.ordering_key.map(Arc::from);
+    job.state = state;
+    job.enqueued_at = image.enqueued_at;
+    job.run_at = image.run_at;
+    job.updated_at = image.updated_at;
+    job.finished_at = image.finished_at;
+    job.last_error = image.last_error;
+    job.result = image.result;
+    job.dead_letter_queue = image.dead_letter_queue;
+    Some(job)
+}
+
+impl Batch {
+    /// A batch that records nothing (memory storage).
+    pub fn disabled() -> Self {
+        Self { ops: None }
+    }
+
+    /// A batch that records.
+    pub fn enabled() -> Self {
+        Self {
+            ops: Some(Vec::new()),
+        }
+    }
+
+    /// Whether changes are recorded at all.
+    pub fn is_enabled(&self) -> bool {
+        self.ops.is_some()
+    }
+
+    fn push(&mut self, op: Kind) {
+        if let Some(ops) = &mut self.ops {
+            ops.push(pb::Op { op: Some(op) });
+        }
+    }
+
+    /// A new job in `queue` (an enqueue, or a binding's copy of a published message).
+    pub fn new_job(&mut self, queue: &str, job: &Job) {
+        if self.is_enabled() {
+            self.push(Kind::Job(job_image(queue, job)));
+        }
+    }
+
+    /// A job's state after an ack, nack, expiry, cancel or purge.
+    pub fn job_state(&mut self, queue: &str, job: &Job) {
+        if self.is_enabled() {
+            self.push(Kind::JobUpdate(pb::JobUpdate {
+                queue: queue.to_owned(),
+                id: id_bytes(&job.id),
+                state: state_to_pb(job.state) as i32,
+                attempts: job.attempts,
+                run_at: job.run_at,
+                last_error: job.last_error.clone(),
+                result: job.result.clone(),
+                dead_letter_queue: job.dead_letter_queue.clone(),
+            }));
+        }
+    }
+
+    /// A dead job on its way to its dead-letter queue. Recorded with the death, under the
+    /// source queue's lock, so the copy is never lost even if the broker stops before it
+    /// is routed.
+    pub fn dead_letter(&mut self, letter: &DeadLetter) {
+        if self.is_enabled() {
+            self.push(Kind::Transfer(pb::Transfer {
+                target: letter.target.clone(),
+                id: id_bytes(&letter.job_id),
+                kind: letter.kind.clone(),
+                payload: letter.payload.clone(),
+                headers: letter.headers.clone(),
+                priority: letter.priority as u32,
+            }));
+        }
+    }
+
+    /// A dead job taken out of `from` and put back into its original queue.
+    pub fn redriven(&mut self, from: &str, job: &Redriven) {
+        if self.is_enabled() {
+            self.push(Kind::JobRemove(pb::JobRemove {
+                queue: from.to_owned(),
+                id: id_bytes(&job.job_id),
+            }));
+            self.push(Kind::Transfer(pb::Transfer {
+                target: job.target.clone(),
+                id: id_bytes(&job.job_id),
+                kind: job.kind.clone(),
+                payload: job.payload.clone(),
+                headers: job.headers.clone(),
+                priority: job.priority as u32,
+            }));
+        }
+    }
+
+    /// A queue's policy and pause state (create or update).
+    pub fn queue_def(&mut self, name: &str, policy: &QueuePolicy, paused: bool) {
+        if self.is_enabled() {
+            self.push(Kind::QueueDef(pb::QueueDef {
+                name: name.to_owned(),
+                policy: Some(policy_to_pb(policy)),
+                paused,
+            }));
+        }
+    }
+
+    /// A queue deleted.
+    pub fn queue_delete(&mut self, name: &str) {
+        self.push(Kind::QueueDelete(pb::QueueDelete {
+            name: name.to_owned(),
+        }));
+    }
+
+    /// A queue paused or resumed.
+    pub fn queue_paused(&mut self, name: &str, paused: bool) {
+        self.push(Kind::QueuePaused(pb::QueuePaused {
+            name: name.to_owned(),
+            paused,
+        }));
+    }
+
+    /// A topic created or its retention changed.
+    pub fn topic_def(&mut self, name: &str, retention: Retention) {
+        self.push(Kind::TopicDef(pb::TopicDef {
+            name: name.to_owned(),
+            max_messages: retention.max_messages,
+            max_bytes: retention.max_bytes,
+            max_age_ms: retention.max_age_ms,
+            next_seq: 0,
+        }));
+    }
+
+    /// A topic deleted.
+    pub fn topic_delete(&mut self, name: &str) {
+        self.push(Kind::TopicDelete(pb::TopicDelete {
+            name: name.to_owned(),
+        }));
+    }
+
+    /// Messages appended to `topic`, with the idempotency key each was published with.
+    pub fn published(
+        &mut self,
+        topic: &str,
+        messages: &[Arc<StoredMessage>],
+        keys: Vec<Option<String>>,
+    ) {
+        if self.is_enabled() && !messages.is_empty() {
+            let messages = messages
+                .iter()
+                .zip(keys.into_iter().chain(std::iter::repeat(None)))
+                .map(|(m, key)| message_to_pb(m, key))
+                .collect();
+            self.push(Kind::Publish(pb::Publish {
+                topic: topic.to_owned(),
+                messages,
+            }));
+        }
+    }
+
+    /// Encodes the batch as one framed [`pb::Entry`]; `None` if it holds nothing.
+    pub(crate) fn into_frame(self, at: Millis) -> Option<Vec<u8>> {
+        let ops = self.ops.filter(|o| !o.is_empty())?;
+        let entry = pb::Entry { at, ops };
+        let payload = entry.encode_to_vec();
+        let mut out = Vec::with_capacity(payload.len() + FRAME_HEADER);
+        frame_into(&mut out, &payload);
+        Some(out)
+    }
+}
+
+fn message_to_pb(m: &StoredMessage, idempotency_key: Option<String>) -> pb::Message {
+    pb::Message {
+        sequence: m.sequence,
+        key: m.key.clone(),
+        headers: m.headers.clone(),
+        payload: m.payload.clone(),
+        publish_time: m.publish_time,
+        idempotency_key,
+    }
+}
+
+/// One queue's state for a snapshot.
+#[derive(Debug)]
+pub(crate) struct SnapshotQueue {
+    pub name: String,
+    pub policy: QueuePolicy,
+    pub paused: bool,
+    /// Live jobs in enqueue order.
+    pub live: Vec<Job>,
+    /// Finished jobs, oldest first.
+    pub history: Vec<Job>,
+    pub dedup: Vec<(String, Uuid, Millis)>,
+}
+
+/// One topic's state for a snapshot.
+#[derive(Debug)]
+pub(crate) struct SnapshotTopic {
+    pub name: String,
+    pub retention: Retention,
+    pub next_seq: u64,
+    pub messages: Vec<Arc<StoredMessage>>,
+    pub dedup: Vec<(String, u64, Millis)>,
+}
+
+/// Most ops per snapshot entry, so no frame grows large.
+const SNAPSHOT_OPS_PER_ENTRY: usize = 256;
+
+/// The framed content of a snapshot file (header included): a begin marker, the state
+/// in entries of bounded size, an end marker with the entry count.
+pub(crate) fn snapshot_frames(
+    base: u64,
+    queues: Vec<SnapshotQueue>,
+    topics: Vec<SnapshotTopic>,
+    now: Millis,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(FILE_MAGIC);
+    let mut entries = 0u64;
+    let mut flush = |out: &mut Vec<u8>, ops: &mut Vec<pb::Op>| {
+        if !ops.is_empty() {
+            let entry = pb::Entry {
+                at: now,
+                ops: std::mem::take(ops),
+            };
+            frame_into(out, &entry.encode_to_vec());
+            entries += 1;
+        }
+    };
+    let mut ops = vec![pb::Op {
+        op: Some(Kind::SnapshotBegin(pb::SnapshotBegin {
+            base_segment: base,
+        })),
+    }];
+    let op = |k: Kind| pb::Op { op: Some(k) };
+    for q in queues {
+        ops.push(op(Kind::QueueDef(pb::QueueDef {
+            name: q.name.clone(),
+            policy: Some(policy_to_pb(&q.policy)),
+            paused: q.paused,
+        })));
+        for job in q.live.iter().chain(&q.history) {
+            ops.push(op(Kind::Job(job_image(&q.name, job))));
+            if ops.len() >= SNAPSHOT_OPS_PER_ENTRY {
+                flush(&mut out, &mut ops);
+            }
+        }
+        for (key, id, expires) in q.dedup {
+            ops.push(op(Kind::DedupKey(pb::DedupKey {
+                queue: q.name.clone(),
+                key,
+                id: id_bytes(&id),
+                expires,
+            })));
+            if ops.len() >= SNAPSHOT_OPS_PER_ENTRY {
+                flush(&mut out, &mut ops);
+            }
+        }
+    }
+    for t in topics {
+        let def = |next_seq: u64| {
+            op(Kind::TopicDef(pb::TopicDef {
+                name: t.name.clone(),
+                max_messages: t.retention.max_messages,
+                max_bytes: t.retention.max_bytes,
+                max_age_ms: t.retention.max_age_ms,
+                next_seq,
+            }))
+        };
+        ops.push(def(0));
+        for chunk in t.messages.chunks(SNAPSHOT_OPS_PER_ENTRY) {
+            ops.push(op(Kind::Publish(pb::Publish {
+                topic: t.name.clone(),
+                messages: chunk.iter().map(|m| message_to_pb(m, None)).collect(),
+            })));
+            flush(&mut out, &mut ops);
+        }
+        // After the messages: it only matters when every message was evicted.
+        ops.push(def(t.next_seq));
+        for (key, sequence, expires) in t.dedup {
+            ops.push(op(Kind::TopicDedupKey(pb::TopicDedupKey {
+                topic: t.name.clone(),
+                key,
+                sequence,
+                expires,
+            })));
+            if ops.len() >= SNAPSHOT_OPS_PER_ENTRY {
+                flush(&mut out, &mut ops);
+            }
+        }
+    }
+    flush(&mut out, &mut ops);
+    let end = pb::Entry {
+        at: now,
+        ops: vec![op(Kind::SnapshotEnd(pb::SnapshotEnd { entries }))],
+    };
+    frame_into(&mut out, &end.encode_to_vec());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::limits::Headers;
+
+    #[test]
+    fn frames_round_trip_and_damage_is_detected() {
+        let mut data = Vec::new();
+        frame_into(&mut data, b"hello");
+        frame_into(&mut data, b"world!");
+        let (p, next) = read_frame(&data, 0).unwrap();
+        assert_eq!(p, b"hello");
+        let (p, end) = read_frame(&data, next).unwrap();
+        assert_eq!((p, end), (&b"world!"[..], data.len()));
+        assert!(valid_frame_after(&data, 1));
+        assert!(!valid_frame_after(&data, next + 1));
+
+        let mut bad = data.clone();
+        bad[FRAME_HEADER + 1] ^= 0x40;
+        assert!(
+            matches!(read_frame(&bad, 0), Err(FrameError::Corrupt(m)) if m.contains("checksum"))
+        );
+        assert_eq!(
+            read_frame(&data[..next + 3], next),
+            Err(FrameError::Truncated)
+        );
+        assert_eq!(
+            read_frame(&data[..data.len() - 1], next),
+            Err(FrameError::Truncated)
+        );
+    }
+
+    #[test]
+    fn policies_and_jobs_survive_encoding() {
+        let mut policy = QueuePolicy::default_for("q");
+        policy.backoff = Backoff::Schedule(vec![1, 5, 30]);
+        policy.topic_bindings = vec!["user.*".into()];
+        assert_eq!(policy_from_pb(policy_to_pb(&policy)), policy);
+
+        let mut job = Job::restored(
+            Uuid::now_v7(),
+            "email".into(),
+            Bytes::from_static(b"body"),
+            Headers::from([("a".into(), "b".into())]),
+        );
+        job.ordering_key = Some(Arc::from("k"));
+        job.state = JobState::Retrying;
+        job.attempts = 2;
+        job.last_error = Some("boom".into());
+        let back = job_from_image(job_image("q", &job)).unwrap();
+        assert_eq!(back.id, job.id);
+        assert_eq!(back.payload, job.payload);
+        assert_eq!(back.headers, job.headers);
+        assert_eq!(back.ordering_key.as_deref(), Some("k"));
+        assert_eq!(back.state, JobState::Retrying);
+        assert_eq!(back.last_error.as_deref(), Some("boom"));
+    }
+}

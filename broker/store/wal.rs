@@ -1,0 +1,455 @@
+//! The WAL writer: group commit on a dedicated thread.
+//!
+//! Appenders copy a framed record into the shared buffer under a short mutex and get a
+//! position. The writer thread takes everything buffered at once, writes it, fsyncs once
+//! (policy `always`) and publishes the new durable position on a watch channel, which
+//! every waiting request reads: one fsync serves every request that arrived while the
+//! previous one ran. Any write or fsync error is final (fail-stop): the writer records
+//! the reason, logs it, wakes every waiter with it and stops; nothing is acknowledged
+//! after it, because the page cache can no longer be trusted to match the disk.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::{Notify, watch};
+
+use super::record::FILE_MAGIC;
+use super::{FsyncPolicy, Storage, StorageFile, StoreConfig};
+
+/// File name of segment `id`.
+pub(crate) fn segment_name(id: u64) -> String {
+    format!("{id:020}.wal")
+}
+
+/// File name of the snapshot holding the state before segment `base`.
+pub(crate) fn snapshot_name(base: u64) -> String {
+    format!("snap-{base:020}.wal")
+}
+
+/// What the writer has made durable, or why it stopped.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    durable: u64,
+    failed: Option<String>,
+}
+
+struct Chunk {
+    segment: u64,
+    data: Vec<u8>,
+}
+
+struct State {
+    chunks: Vec<Chunk>,
+    buffered: usize,
+    /// Segment that new appends go to.
+    segment: u64,
+    /// Position of the newest append (positions start at 1).
+    last: u64,
+    closing: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    progress: watch::Sender<Progress>,
+    failed: AtomicBool,
+    space: Notify,
+    compact: Notify,
+    storage: Arc<dyn Storage>,
+    fsync: FsyncPolicy,
+    segment_bytes: u64,
+    compact_after: u64,
+    max_buffered: usize,
+    /// Bytes written to segments since the newest snapshot, and that snapshot's size:
+    /// compaction is due once the log outgrows both a segment and twice the snapshot.
+    growth: Mutex<(u64, u64)>,
+}
+
+pub(crate) struct Wal {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Wal {
+    pub(crate) fn start(storage: Arc<dyn Storage>, config: &StoreConfig, first: u64) -> Self {
+        let (progress, _) = watch::channel(Progress::default());
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                chunks: Vec::new(),
+                buffered: 0,
+                segment: first,
+                last: 0,
+                closing: false,
+            }),
+            wake: Condvar::new(),
+            progress,
+            failed: AtomicBool::new(false),
+            space: Notify::new(),
+            compact: Notify::new(),
+            storage,
+            fsync: config.fsync,
+            segment_bytes: config.segment_bytes.max(4096),
+            compact_after: config
+                .compact_after_bytes
+                .unwrap_or(config.segment_bytes.max(4096)),
+            max_buffered: config.max_buffered_bytes.max(1024 * 1024),
+            growth: Mutex::new((0, 0)),
+        });
+        let thread = std::thread::Builder::new()
+            .name("sluice-wal".into())
+            .spawn({
+                let shared = shared.clone();
+                move || Writer::new(shared).run()
+            })
+            .expect("spawning the WAL writer thread");
+        Self {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    pub(crate) fn failure(&self) -> Option<String> {
+        if !self.shared.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.shared.progress.borrow().failed.clone()
+    }
+
+    pub(crate) fn last_position(&self) -> u64 {
+        lock(&self.shared.state).last
+    }
+
+    /// Buffers one framed record; returns its position.
+    pub(crate) fn append(&self, frame: &[u8]) -> Result<u64, String> {
+        if let Some(reason) = self.failure() {
+            return Err(reason);
+        }
+        let position = {
+            let mut st = lock(&self.shared.state);
+            if st.closing {
+                return Err("the write-ahead log is closed (the broker is stopping)".into());
+            }
+            let segment = st.segment;
+            match st.chunks.last_mut() {
+                Some(chunk) if chunk.segment == segment => chunk.data.extend_from_slice(frame),
+                _ => st.chunks.push(Chunk {
+                    segment,
+                    data: frame.to_vec(),
+                }),
+            }
+            st.buffered += frame.len();
+            st.last += 1;
+            st.last
+        };
+        self.shared.wake.notify_one();
+        Ok(position)
+    }
+
+    pub(crate) async fn wait_for_space(&self) {
+        loop {
+            let notified = self.shared.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if lock(&self.shared.state).buffered < self.shared.max_buffered
+                || self.shared.failed.load(Ordering::Acquire)
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) async fn wait_durable(&self, position: u64) -> Result<(), String> {
+        let mut rx = self.shared.progress.subscribe();
+        let progress = rx
+            .wait_for(|p| p.durable >= position || p.failed.is_some())
+            .await
+            .map_err(|_| "the write-ahead log writer stopped".to_owned())?;
+        match &progress.failed {
+            Some(reason) if progress.durable < position => Err(reason.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Blocking variant for the compactor's thread: waits until `position` is written
+    /// and synced.
+    pub(crate) fn wait_written_blocking(&self, position: u64) -> Result<(), String> {
+        if position == 0 {
+            return self.failure().map_or(Ok(()), Err);
+        }
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| "compaction needs a Tokio runtime".to_owned())?;
+        handle.block_on(self.wait_durable_any_policy(position))
+    }
+
+    async fn wait_durable_any_policy(&self, position: u64) -> Result<(), String> {
+        // With `interval` the writer syncs on its timer; a snapshot must not delete the
+        // segments before that, so it asks for a sync now.
+        self.shared.wake.notify_one();
+        self.wait_durable(position).await
+    }
+
+    pub(crate) async fn compaction_due(&self) {
+        self.shared.compact.notified().await
+    }
+
+    /// Sends later appends to a new segment; returns it and the last position before it.
+    pub(crate) fn roll(&self) -> (u64, u64) {
+        let mut st = lock(&self.shared.state);
+        st.segment += 1;
+        (st.segment, st.last)
+    }
+
+    /// Writes a snapshot file atomically (temporary name, fsync, rename, directory fsync)
+    /// and deletes the segments and snapshots before `base`. Returns the snapshot's size.
+    pub(crate) fn install_snapshot(&self, base: u64, frames: &[u8]) -> Result<u64, String> {
+        let storage = &self.shared.storage;
+        let name = snapshot_name(base);
+        let tmp = format!("{name}.tmp");
+        let io = |what: &str, e: std::io::Error| {
+            format!("compaction: cannot {what} {}: {e}", storage.describe(&tmp))
+        };
+        let written = storage.create(&tmp).and_then(|mut file| {
+            file.write_all(frames)?;
+            file.sync()
+        });
+        if let Err(e) = written {
+            // A partial snapshot must not eat the space the log needs (e.g. on ENOSPC).
+            let _ = storage.remove(&tmp);
+            return Err(io("write", e));
+        }
+        storage.rename(&tmp, &name).map_err(|e| io("rename", e))?;
+        storage
+            .sync_dir()
+            .map_err(|e| io("fsync the directory of", e))?;
+        let names = storage.list().map_err(|e| io("list the directory of", e))?;
+        for old in names {
+            let obsolete = parse_segment(&old).is_some_and(|id| id < base)
+                || parse_snapshot(&old).is_some_and(|id| id < base);
+            if obsolete && let Err(e) = storage.remove(&old) {
+                // A leftover is only disk space: recovery skips files older than the
+                // newest snapshot.
+                tracing::warn!(file = %storage.describe(&old), error = %e, "compaction could not delete an old file");
+            }
+        }
+        let size = frames.len() as u64;
+        *lock(&self.shared.growth) = (0, size);
+        Ok(size)
+    }
+
+    pub(crate) fn close(&self) {
+        lock(&self.shared.state).closing = true;
+        self.shared.wake.notify_one();
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        lock(&self.shared.state).closing = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+/// Parses a segment file name.
+pub(crate) fn parse_segment(name: &str) -> Option<u64> {
+    let id = name.strip_suffix(".wal")?;
+    (id.len() == 20 && id.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| id.parse().ok())
+        .flatten()
+}
+
+/// Parses a snapshot file name.
+pub(crate) fn parse_snapshot(name: &str) -> Option<u64> {
+    parse_segment(name.strip_prefix("snap-")?)
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    file: Option<(u64, Box<dyn StorageFile>, u64)>,
+    /// Newest position written but not yet synced.
+    unsynced: Option<u64>,
+    last_sync: Instant,
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            file: None,
+            unsynced: None,
+            last_sync: Instant::now(),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let (chunks, last, closing) = {
+                let mut st = lock(&self.shared.state);
+                loop {
+                    if !st.chunks.is_empty() || st.closing {
+                        break;
+                    }
+                    match (self.shared.fsync, self.unsynced) {
+                        (FsyncPolicy::Interval(every), Some(_)) => {
+                            let left = every.saturating_sub(self.last_sync.elapsed());
+                            if left.is_zero() {
+                                break;
+                            }
+                            st = self
+                                .shared
+                                .wake
+                                .wait_timeout(st, left)
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .0;
+                            if self.last_sync.elapsed() >= every {
+                                break;
+                            }
+                        }
+                        _ => {
+                            st = self
+                                .shared
+                                .wake
+                                .wait(st)
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        }
+                    }
+                }
+                st.buffered = 0;
+                (std::mem::take(&mut st.chunks), st.last, st.closing)
+            };
+            self.shared.space.notify_waiters();
+            if let Err(reason) = self.write(chunks, last, closing) {
+                self.fail(reason);
+                return;
+            }
+            if closing && lock(&self.shared.state).chunks.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn write(&mut self, chunks: Vec<Chunk>, last: u64, closing: bool) -> Result<(), String> {
+        let wrote = !chunks.is_empty();
+        for chunk in chunks {
+            self.write_chunk(chunk)?;
+        }
+        if wrote {
+            self.unsynced = Some(last);
+        }
+        let sync_now = match self.shared.fsync {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval(every) => closing || self.last_sync.elapsed() >= every,
+        };
+        if sync_now && let Some(position) = self.unsynced {
+            self.sync()?;
+            self.unsynced = None;
+            self.shared.progress.send_modify(|p| p.durable = position);
+        }
+        Ok(())
+    }
+
+    fn write_chunk(&mut self, chunk: Chunk) -> Result<(), String> {
+        if self.file.as_ref().map(|f| f.0) != Some(chunk.segment) {
+            self.open_segment(chunk.segment)?;
+        }
+        let (id, file, size) = self.file.as_mut().expect("segment open");
+        let name = segment_name(*id);
+        file.write_all(&chunk.data).map_err(|e| {
+            format!(
+                "write of {} bytes to {} failed: {e}",
+                chunk.data.len(),
+                self.shared.storage.describe(&name)
+            )
+        })?;
+        *size += chunk.data.len() as u64;
+        let written = chunk.data.len() as u64;
+        let full = *size >= self.shared.segment_bytes;
+        let segment = *id;
+        let due = {
+            let mut growth = lock(&self.shared.growth);
+            growth.0 += written;
+            growth.0 >= self.shared.compact_after.max(2 * growth.1)
+        };
+        if full {
+            let mut st = lock(&self.shared.state);
+            if st.segment == segment {
+                st.segment += 1;
+            }
+        }
+        if due {
+            self.shared.compact.notify_one();
+        }
+        Ok(())
+    }
+
+    fn open_segment(&mut self, id: u64) -> Result<(), String> {
+        // Everything in the previous segment is synced before a newer one exists:
+        // recovery treats damage anywhere but in the newest segment as real damage.
+        if self.file.is_some() {
+            self.sync()?;
+        }
+        let storage = &self.shared.storage;
+        let name = segment_name(id);
+        let mut file = storage
+            .create(&name)
+            .map_err(|e| format!("cannot create segment {}: {e}", storage.describe(&name)))?;
+        file.write_all(FILE_MAGIC)
+            .map_err(|e| format!("write to {} failed: {e}", storage.describe(&name)))?;
+        storage.sync_dir().map_err(|e| {
+            format!(
+                "fsync of the directory of {} failed: {e}",
+                storage.describe(&name)
+            )
+        })?;
+        self.file = Some((id, file, FILE_MAGIC.len() as u64));
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
+        self.last_sync = Instant::now();
+        let Some((id, file, _)) = self.file.as_mut() else {
+            return Ok(());
+        };
+        file.sync().map_err(|e| {
+            format!(
+                "fsync of {} failed: {e}",
+                self.shared.storage.describe(&segment_name(*id))
+            )
+        })
+    }
+
+    fn fail(&self, reason: String) {
+        let reason = format!(
+            "write-ahead log failed, the broker no longer accepts changes (fail-stop): {reason}"
+        );
+        tracing::error!(%reason, "storage failure: every later change is refused with UNAVAILABLE; fix the disk and restart the broker");
+        self.shared.failed.store(true, Ordering::Release);
+        self.shared
+            .progress
+            .send_modify(|p| p.failed = Some(reason.clone()));
+        self.shared.space.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_round_trip() {
+        assert_eq!(parse_segment(&segment_name(42)), Some(42));
+        assert_eq!(parse_snapshot(&snapshot_name(7)), Some(7));
+        assert_eq!(parse_segment(&snapshot_name(7)), None);
+        assert_eq!(parse_segment("00000000000000000001.wal.tmp"), None);
+        assert_eq!(parse_segment("1.wal"), None);
+    }
+}

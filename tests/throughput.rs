@@ -1,0 +1,145 @@
+//! S2-like throughput of the real binary with `--storage memory` versus the WAL. Not a
+//! timed test: ignored by default, run by hand (figures in README, "Durability"):
+//!
+//! ```text
+//! cargo test --release --test throughput -- --ignored --nocapture
+//! ```
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sluice::pb;
+use sluice::pb::broker_client::BrokerClient;
+use tonic::transport::Channel;
+
+const RUN: Duration = Duration::from_secs(5);
+
+async fn connect(url: &str) -> BrokerClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match BrokerClient::connect(url.to_owned()).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("broker did not start: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Runs 2 producers (batches of 100 x 256 B) and 4 workers (lease 100, ack the batch)
+/// for [`RUN`]; returns (enqueued/s, acked/s).
+async fn s2(storage_args: &[&str]) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(storage_args)
+        .env("SLUICE_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    connect(&url).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let enqueued = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let mut client = connect(&url).await;
+        let (stop, enqueued) = (stop.clone(), enqueued.clone());
+        tasks.push(tokio::spawn(async move {
+            let payload = Bytes::from(vec![b'x'; 256]);
+            while !stop.load(Ordering::Relaxed) {
+                let jobs = (0..100)
+                    .map(|_| pb::JobSpec {
+                        payload: payload.clone(),
+                        ..Default::default()
+                    })
+                    .collect();
+                client
+                    .enqueue(pb::EnqueueRequest {
+                        queue: "s2".into(),
+                        jobs,
+                    })
+                    .await
+                    .unwrap();
+                enqueued.fetch_add(100, Ordering::Relaxed);
+            }
+        }));
+    }
+    for w in 0..4 {
+        let mut client = connect(&url).await;
+        let (stop, acked) = (stop.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let jobs = client
+                    .lease(pb::LeaseRequest {
+                        queue: "s2".into(),
+                        max_jobs: 100,
+                        visibility_timeout_ms: 30_000,
+                        wait_ms: 100,
+                        consumer: format!("w{w}"),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .jobs;
+                if jobs.is_empty() {
+                    continue;
+                }
+                let n = jobs.len() as u64;
+                let acks = jobs
+                    .into_iter()
+                    .map(|j| pb::LeaseAck {
+                        lease_id: j.lease_id,
+                        ..Default::default()
+                    })
+                    .collect();
+                client.ack(pb::AckRequest { acks }).await.unwrap();
+                acked.fetch_add(n, Ordering::Relaxed);
+            }
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(RUN).await;
+    let (e, a) = (
+        enqueued.load(Ordering::Relaxed),
+        acked.load(Ordering::Relaxed),
+    );
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    (e as f64 / secs, a as f64 / secs)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement, run by hand with --release"]
+async fn s2_memory_versus_wal() {
+    for (name, args) in [
+        ("memory", &["--storage", "memory"][..]),
+        (
+            "wal, --fsync always",
+            &["--storage", "wal", "--fsync", "always"][..],
+        ),
+        (
+            "wal, --fsync interval:10",
+            &["--storage", "wal", "--fsync", "interval:10"][..],
+        ),
+    ] {
+        let (enqueued, acked) = s2(args).await;
+        eprintln!("S2 {name}: {enqueued:.0} enqueued jobs/s, {acked:.0} acked jobs/s");
+        assert!(acked > 0.0, "{name}: nothing acked");
+    }
+}
