@@ -115,13 +115,16 @@ fn parse_sample(line: &str) -> (String, BTreeMap<String, String>, f64) {
 /// Whether `sample` is a valid sample name of a family `family` of type `kind`.
 fn belongs(kind: &str, family: &str, sample: &str) -> bool {
     let suffix = sample.strip_prefix(family);
-    match (kind, suffix) {
-        ("counter", Some("_total" | "_created")) => true,
-        ("gauge" | "unknown", Some("")) => true,
-        ("histogram", Some("_bucket" | "_count" | "_sum" | "_created")) => true,
-        ("info", Some("_info")) => true,
-        _ => false,
-    }
+    matches!(
+        (kind, suffix),
+        ("counter", Some("_total" | "_created"))
+            | ("gauge" | "unknown", Some(""))
+            | (
+                "histogram",
+                Some("_bucket" | "_count" | "_sum" | "_created")
+            )
+            | ("info", Some("_info"))
+    )
 }
 
 fn parse_exposition(text: &str) -> Exposition {
