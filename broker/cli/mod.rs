@@ -318,6 +318,15 @@ fn payload_text(bytes: &[u8]) -> String {
     }
 }
 
+/// A table cell that is never blank, so columns stay aligned and parseable.
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_owned()
+    }
+}
+
 fn print_json(v: &Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, v).map_err(std::io::Error::from)?;
@@ -561,7 +570,7 @@ async fn queues(a: QueuesArgs) -> Result<()> {
         ">DEAD",
         ">CONSUMERS",
         "STATUS",
-        "DEAD-LETTER QUEUE",
+        "DLQ",
         "BINDINGS",
     ]);
     for q in &list.queues {
@@ -742,7 +751,7 @@ async fn lease(a: LeaseArgs) -> Result<()> {
         t.row(vec![
             j.job_id.clone(),
             j.lease_id.clone(),
-            j.kind.clone(),
+            or_dash(&j.kind),
             j.priority.to_string(),
             format!("{}/{}", j.attempt, j.max_attempts),
             payload_text(&j.payload),
@@ -920,7 +929,7 @@ async fn jobs(a: JobsArgs) -> Result<()> {
         ">PRIO",
         ">ATTEMPTS",
         ">AGE",
-        "LAST ERROR",
+        "LAST-ERROR",
         "PAYLOAD",
     ]);
     for j in &jobs {
@@ -932,11 +941,11 @@ async fn jobs(a: JobsArgs) -> Result<()> {
         t.row(vec![
             j.id.clone(),
             state_name(j.state),
-            j.kind.clone(),
+            or_dash(&j.kind),
             j.priority.to_string(),
             format!("{}/{}", j.attempts, j.max_attempts),
             age(now.saturating_sub(j.enqueued_at_unix_ms)),
-            payload_text(error.as_bytes()),
+            or_dash(&payload_text(error.as_bytes())),
             payload_text(&j.payload),
         ]);
     }
@@ -1077,12 +1086,12 @@ async fn consumers(a: ConsumersArgs) -> Result<()> {
         ">LEASES",
         ">DONE",
         ">FAILED",
-        ">LAST SEEN",
+        ">LAST-SEEN",
     ]);
     for c in &res.consumers {
         t.row(vec![
             c.name.clone(),
-            c.address.clone(),
+            or_dash(&c.address),
             c.leases_held.to_string(),
             count(c.done),
             count(c.failed),
