@@ -432,6 +432,9 @@ pub struct Queue {
     jobs: BTreeMap<u64, Job>,
     ids: HashMap<Uuid, u64>,
     ready: BTreeMap<(Reverse<u8>, u64), ()>,
+    /// The jobs of `ready` by (visible since, seq), so stats find the oldest pending job
+    /// exactly: delayed and retried jobs become visible out of enqueue order.
+    ready_since: BTreeMap<(Millis, u64), ()>,
     timers: BTreeMap<(Millis, u64), ()>,
     /// Leased jobs by (deadline, seq); the value is when the delivery was leased, kept
     /// across extensions so lease-to-ack time covers the whole delivery.
@@ -461,6 +464,7 @@ impl Queue {
             jobs: BTreeMap::new(),
             ids: HashMap::new(),
             ready: BTreeMap::new(),
+            ready_since: BTreeMap::new(),
             timers: BTreeMap::new(),
             leases: BTreeMap::new(),
             ordering: HashMap::new(),
@@ -665,6 +669,7 @@ impl Queue {
         } else {
             job.state = JobState::Pending;
             self.ready.insert((Reverse(job.priority), seq), ());
+            self.ready_since.insert((job.run_at, seq), ());
         }
     }
 
@@ -677,6 +682,7 @@ impl Queue {
         match job.state {
             JobState::Pending => {
                 self.ready.remove(&(Reverse(job.priority), seq));
+                self.ready_since.remove(&(job.run_at, seq));
             }
             JobState::Scheduled | JobState::Retrying => {
                 if job.state == JobState::Retrying {
@@ -716,6 +722,7 @@ impl Queue {
             job.state = JobState::Pending;
             job.updated_at = now;
             self.ready.insert((Reverse(job.priority), seq), ());
+            self.ready_since.insert((job.run_at, seq), ());
         }
         self.prune_dedup(now);
         self.ready.len().saturating_sub(before)
@@ -744,6 +751,7 @@ impl Queue {
             let deadline = now + visibility_ms;
             let nonce = fastrand::u64(1..);
             let job = self.jobs.get_mut(&seq).expect("ready job exists");
+            self.ready_since.remove(&(job.run_at, seq));
             job.state = JobState::Leased;
             job.attempts += 1;
             job.lease_deadline = Some(deadline);
@@ -1241,15 +1249,12 @@ impl Queue {
 
     /// The queue's counters.
     pub fn counts(&self, now: Millis) -> QueueCounts {
-        let oldest = (0..=MAX_PRIORITY)
-            .filter_map(|p| {
-                self.ready
-                    .range((Reverse(p), 0)..=(Reverse(p), u64::MAX))
-                    .next()
-            })
-            .filter_map(|((_, seq), _)| self.jobs.get(seq))
-            .map(|j| now.saturating_sub(j.run_at))
-            .max()
+        debug_assert_eq!(self.ready.len(), self.ready_since.len());
+        let oldest = self
+            .ready_since
+            .keys()
+            .next()
+            .map(|(since, _)| now.saturating_sub(*since))
             .unwrap_or(0);
         QueueCounts {
             pending: self.ready.len() as u64 + self.blocked,
