@@ -11,6 +11,8 @@
 //!   never import tonic or protobuf; `broker::service` maps proto <-> domain and
 //!   `broker::error` maps errors to `tonic::Status`.
 //! * [`client`]: the typed Rust client; it never imports `broker`.
+//! * `broker::http`: the operations HTTP server (`/metrics`, `/healthz`, live dashboard);
+//!   `broker::cli`: the admin commands of the binary (a gRPC client).
 //! * `broker/main.rs`: the `sluice` binary.
 //! * `tests/`: integration tests over real gRPC on `127.0.0.1:0`.
 

@@ -421,6 +421,9 @@ pub enum LeaseCheck {
 
 /// How long a consumer counts as active in stats after its last call.
 const CONSUMER_ACTIVE_MS: u64 = 60_000;
+/// Consumers remembered per queue before idle ones (no lease, not seen for
+/// [`CONSUMER_ACTIVE_MS`]) are forgotten.
+const MAX_IDLE_CONSUMERS: usize = 1_024;
 
 /// One work queue. See the module docs.
 #[derive(Debug)]
@@ -784,6 +787,13 @@ impl Queue {
     }
 
     fn touch_consumer(&mut self, consumer: &Arc<str>, address: &str, now: Millis) {
+        // Workers without a name are known by their peer address, which changes with every
+        // connection: forget idle ones once there are many, so the map stays bounded by
+        // the workers that are actually around.
+        if self.consumers.len() >= MAX_IDLE_CONSUMERS && !self.consumers.contains_key(consumer) {
+            self.consumers
+                .retain(|_, c| c.leases_held > 0 || c.last_seen + CONSUMER_ACTIVE_MS > now);
+        }
         let state = self.consumers.entry(consumer.clone()).or_default();
         state.last_seen = now;
         if state.address != address {

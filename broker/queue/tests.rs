@@ -499,3 +499,21 @@ fn ack_reports_lease_to_ack_time_across_extensions() {
     // A repeat ack changes nothing and reports nothing.
     assert_eq!(q.ack(T0 + 2_020, &d.lease_id, None).unwrap(), None);
 }
+
+#[test]
+fn idle_consumers_are_forgotten_once_there_are_many() {
+    let mut q = queue_with(|_| {});
+    enqueue_one(&mut q, T0, job("held"));
+    let holder: Arc<str> = Arc::from("holder");
+    assert_eq!(q.lease(T0, 1, 600_000, &holder, "a").len(), 1);
+    for i in 0..MAX_IDLE_CONSUMERS {
+        let name: Arc<str> = Arc::from(format!("127.0.0.1:{i}"));
+        q.lease(T0 + 1, 1, 1_000, &name, "b");
+    }
+    assert_eq!(q.consumers().len(), MAX_IDLE_CONSUMERS + 1);
+    // Long after, a new consumer arrives: only the one holding a lease is kept with it.
+    let late: Arc<str> = Arc::from("late");
+    q.lease(T0 + CONSUMER_ACTIVE_MS + 10, 1, 1_000, &late, "c");
+    let names: Vec<String> = q.consumers().iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(names, ["holder", "late"]);
+}
