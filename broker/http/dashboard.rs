@@ -1,7 +1,7 @@
 //! The live dashboard: one self-contained page (inline CSS and JS, canvas charts, no
 //! external resources) fed by server-sent events.
 //!
-//! One [`Sampler`] task per HTTP server takes the broker's stats every sample interval,
+//! One sampler task per HTTP server takes the broker's stats every sample interval,
 //! keeps a bounded history of totals for the charts, and publishes the newest frame on a
 //! `watch` channel. Every open page reads that channel, so the cost of a sample does not
 //! grow with the number of viewers, and a slow viewer only ever misses stale frames.
