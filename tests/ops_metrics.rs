@@ -754,3 +754,30 @@ async fn health_dashboard_feeds_and_shutdown() {
         .expect("serve returns on shutdown")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_shutdown_stops_only_http() {
+    let h = Harness::start(100).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(sluice::broker::http::serve_http(
+        listener,
+        h.broker.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    assert_eq!(http_get(addr, "/healthz").await.status, 200);
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(6), server)
+        .await
+        .expect("serve_http returns on its shutdown")
+        .unwrap()
+        .unwrap();
+    // The broker, its gRPC server and the harness's own HTTP server go on.
+    assert!(!h.broker.shutdown_token().is_cancelled());
+    let mut c = h.client().await;
+    c.stats(pb::StatsRequest::default()).await.unwrap();
+    assert_eq!(http_get(h.http, "/healthz").await.status, 200);
+}

@@ -19,6 +19,7 @@ use futures::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::broker::core::{Broker, StatsSnapshot};
 use crate::broker::http::{AppState, HttpOptions};
@@ -319,8 +320,8 @@ pub(crate) struct Sampler {
 
 impl Sampler {
     /// Takes a first frame now and starts sampling every `options.sample_interval`
-    /// until the broker shuts down.
-    pub(crate) fn start(broker: Broker, options: &HttpOptions) -> Self {
+    /// until `stop` is cancelled.
+    pub(crate) fn start(broker: Broker, options: &HttpOptions, stop: CancellationToken) -> Self {
         let interval = options.sample_interval.max(Duration::from_millis(50));
         let interval_ms = interval.as_millis() as u64;
         let shared = Arc::new(Shared {
@@ -333,7 +334,6 @@ impl Sampler {
             shared: shared.clone(),
             frames: rx,
         };
-        let token = broker.shutdown_token();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -341,7 +341,7 @@ impl Sampler {
             ticker.tick().await;
             loop {
                 tokio::select! {
-                    _ = token.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     _ = ticker.tick() => {}
                 }
                 let (frame, now) = take_frame(&broker, interval_ms, Some(totals));
@@ -396,11 +396,11 @@ pub(super) async fn history(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /api/events`: the newest frame at once, then every new one, as `stats` events,
-/// until the client leaves or the broker shuts down.
+/// until the client leaves or the server stops.
 pub(super) async fn events(
     State(state): State<AppState>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let shutdown = state.broker.shutdown_token().cancelled_owned();
+    let shutdown = state.stop.clone().cancelled_owned();
     let stream = WatchStream::new(state.sampler.frames.clone())
         .map(|frame| Ok(Event::default().event("stats").data(&*frame)))
         .take_until(shutdown);
