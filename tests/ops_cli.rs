@@ -487,3 +487,62 @@ async fn cli_dead_jobs_redrive_purge_and_errors() {
             .contains("cannot connect to http://127.0.0.1:1")
     );
 }
+
+/// A free loopback port (bound, then released for the binary to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_http_flag_and_sigterm() {
+    let (grpc, http) = (free_port(), free_port());
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{grpc}")])
+        .env("SLUICE_HTTP", format!("127.0.0.1:{http}"))
+        .env("SLUICE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http_addr: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(http_addr).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "no HTTP listener");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(common::http_get(http_addr, "/healthz").await.body, "ok\n");
+
+    let url = format!("http://127.0.0.1:{grpc}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["enqueue", "ops.bin", "x", "--json", "--server", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let metrics = common::http_get(http_addr, "/metrics").await.body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "sluice_jobs_enqueued_total{queue=\"ops.bin\"} 1"),
+        "{metrics}"
+    );
+
+    // SIGTERM stops gRPC and HTTP together, and the process exits cleanly.
+    let pid = server.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .expect("the server exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(tokio::net::TcpStream::connect(http_addr).await.is_err());
+}
