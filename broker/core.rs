@@ -578,6 +578,8 @@ impl Broker {
             slots.push(self.lease_queue(&parsed[first].0)?);
         }
         let now = now_ms();
+        // Lease-to-ack times, collected only when something measures them.
+        let observer = self.inner.observer.get();
         let mut acked: Vec<(usize, u64)> = Vec::new();
         {
             let mut guards: Vec<MutexGuard<'_, Queue>> =
@@ -605,12 +607,14 @@ impl Broker {
                     let held = guard
                         .ack(now, lease, result.take())
                         .expect("lease was checked under the same lock");
-                    acked.extend(held.map(|ms| (q, ms)));
+                    if observer.is_some() {
+                        acked.extend(held.map(|ms| (q, ms)));
+                    }
                 }
             }
         }
         // Reported after the locks are released: the observer may take its own.
-        if let Some(observer) = self.inner.observer.get() {
+        if let Some(observer) = observer {
             for (q, ms) in acked {
                 observer.job_acked(&names[q], Duration::from_millis(ms));
             }
