@@ -447,6 +447,25 @@ async fn dashboard_updates_live_in_chromium() {
         "throughput chart: {acked_px}"
     );
 
+    // Everything the page loaded came from the broker itself.
+    let foreign = cdp
+        .eval(
+            s,
+            "performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith(location.origin))",
+        )
+        .await;
+    assert_eq!(foreign, json!([]), "resources from elsewhere");
+    let trend_points = cdp
+        .eval(
+            s,
+            r#"document.querySelector('tr[data-queue="orders.process"] td.trend polyline').getAttribute('points').split(' ').length"#,
+        )
+        .await;
+    assert!(
+        trend_points.as_u64().unwrap() >= 3,
+        "trend sparkline: {trend_points}"
+    );
+
     // Laptop size: nothing sticks out sideways.
     let width = cdp.eval(s, "document.documentElement.scrollWidth").await;
     assert!(width.as_u64().unwrap() <= 1366, "page is {width} px wide");

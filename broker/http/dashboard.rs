@@ -32,8 +32,6 @@ pub const PAGE: &str = include_str!("dashboard.html");
 const MAX_WORKERS: usize = 200;
 /// Workers idle for longer than this (and holding no lease) are left out of frames.
 const WORKER_IDLE_MS: u64 = 10 * 60 * 1000;
-/// Most queues whose depth each history sample keeps, the deepest first.
-const MAX_SAMPLED_QUEUES: usize = 12;
 
 /// One queue's row.
 #[derive(Debug, Clone, Serialize)]
@@ -135,8 +133,6 @@ pub struct Sample {
     pub failed_per_s: f64,
     /// Messages published per second since the previous sample.
     pub published_per_s: f64,
-    /// Depth of the deepest queues, `(name, live jobs)`.
-    pub queues: Vec<(String, u64)>,
 }
 
 /// What an open page receives once per sample.
@@ -279,14 +275,6 @@ fn sample(queues: &[QueueView], totals: Totals, previous: Option<Totals>) -> Sam
         s.failed_per_s = per_second(totals.failed, p.failed, dt);
         s.published_per_s = per_second(totals.published, p.published, dt);
     }
-    let mut deepest: Vec<(String, u64)> = queues
-        .iter()
-        .filter(|q| q.depth > 0)
-        .map(|q| (q.name.clone(), q.depth))
-        .collect();
-    deepest.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    deepest.truncate(MAX_SAMPLED_QUEUES);
-    s.queues = deepest;
     s
 }
 
