@@ -546,3 +546,19 @@ async fn serve_with_http_flag_and_sigterm() {
     assert!(status.success(), "{status}");
     assert!(tokio::net::TcpStream::connect(http_addr).await.is_err());
 }
+
+#[tokio::test]
+async fn http_on_a_public_address_needs_insecure() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--http", "0.0.0.0:0"])
+        .env_remove("SLUICE_INSECURE")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("--http 0.0.0.0:0 is not a loopback address"),
+        "{err}"
+    );
+}
