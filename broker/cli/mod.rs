@@ -42,16 +42,16 @@ pub struct Connection {
 /// `sluice queues`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct QueuesArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
 }
 
 /// `sluice stats`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatsArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Keep printing fresh figures (WatchStats) until interrupted.
     #[arg(long)]
@@ -73,8 +73,8 @@ pub struct StatsArgs {
 /// `sluice enqueue`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EnqueueArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Queue name.
     pub queue: String,
@@ -106,8 +106,8 @@ pub struct EnqueueArgs {
 /// `sluice lease`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LeaseArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Queue name.
     pub queue: String,
@@ -131,8 +131,8 @@ pub struct LeaseArgs {
 /// `sluice publish`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PublishArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Topic name.
     pub topic: String,
@@ -152,8 +152,8 @@ pub struct PublishArgs {
 /// `sluice subscribe`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SubscribeArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Topic or pattern (`*` one token, `>` the rest).
     pub pattern: String,
@@ -168,8 +168,8 @@ pub struct SubscribeArgs {
 /// `sluice jobs`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct JobsArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Queue name.
     pub queue: String,
@@ -185,8 +185,8 @@ pub struct JobsArgs {
 /// `sluice redrive`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RedriveArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// The dead-letter queue to move jobs out of.
     pub dead_letter_queue: String,
@@ -204,8 +204,8 @@ pub struct RedriveArgs {
 /// `sluice purge`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PurgeArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Queue name.
     pub queue: String,
@@ -214,8 +214,8 @@ pub struct PurgeArgs {
 /// `sluice consumers`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumersArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Queue name.
     pub queue: String,
