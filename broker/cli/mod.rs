@@ -305,12 +305,18 @@ fn payload_json(bytes: &[u8]) -> (Value, &'static str) {
     }
 }
 
-/// A payload for a table cell: text (control characters escaped) cut to 60 characters.
-fn payload_text(bytes: &[u8]) -> String {
-    let text: String = match std::str::from_utf8(bytes) {
+/// A whole payload on one line: text with control characters escaped, or a note for
+/// binary data (use `--json` to get it as base64).
+fn payload_line(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
         Ok(s) => s.escape_debug().collect(),
         Err(_) => format!("<{} bytes, binary>", bytes.len()),
-    };
+    }
+}
+
+/// A payload for a table cell: [`payload_line`] cut to 60 characters.
+fn payload_text(bytes: &[u8]) -> String {
+    let text = payload_line(bytes);
     if text.chars().count() > 60 {
         format!("{}...", text.chars().take(57).collect::<String>())
     } else {
@@ -857,7 +863,7 @@ async fn subscribe(a: SubscribeArgs) -> Result<()> {
                     m.topic,
                     m.sequence,
                     key,
-                    payload_text(&m.payload)
+                    payload_line(&m.payload)
                 ))?;
             }
             seen += 1;
