@@ -925,6 +925,9 @@ impl Broker {
         slot.deleted.store(true, Ordering::Release);
         slot.ready.notify_waiters();
         self.rebuild_bindings();
+        if let Some(observer) = self.inner.observer.get() {
+            observer.queue_deleted(name);
+        }
         Ok(())
     }
 
@@ -1092,6 +1095,10 @@ impl Broker {
             .ok_or_else(|| BrokerError::NotFound(format!("topic {name:?} does not exist")))?;
         slot.deleted.store(true, Ordering::Release);
         slot.wake_subscribers();
+        drop(_registry);
+        if let Some(observer) = self.inner.observer.get() {
+            observer.topic_deleted(name);
+        }
         Ok(())
     }
 

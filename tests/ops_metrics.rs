@@ -462,6 +462,30 @@ async fn metrics_count_exactly_what_happened() {
         assert!(!m.families[name].help.is_empty());
     }
     assert_eq!(m.families["sluice_jobs_completed"].kind, "counter");
+
+    // Deleted queues and topics leave the exposition, histograms included.
+    drop(sub);
+    c.delete_queue(pb::DeleteQueueRequest {
+        name: "ops.metrics".into(),
+    })
+    .await
+    .unwrap();
+    c.delete_topic(pb::DeleteTopicRequest {
+        name: "ops.events".into(),
+    })
+    .await
+    .unwrap();
+    let after = parse_exposition(&http_get(h.http, "/metrics").await.body);
+    let mentions = |label: &str, value: &str| {
+        after
+            .samples
+            .iter()
+            .filter(|s| s.labels.get(label).map(String::as_str) == Some(value))
+            .count()
+    };
+    assert_eq!(mentions("queue", "ops.metrics"), 0);
+    assert_eq!(mentions("topic", "ops.events"), 0);
+    assert!(mentions("queue", "ops.later") > 0);
     assert_eq!(m.families["sluice_lease_to_ack_seconds"].kind, "histogram");
     assert!(m.samples.iter().all(|s| s.family.starts_with("sluice_")));
 }
