@@ -12,6 +12,8 @@
 //!   `broker::error` maps errors to `tonic::Status`. `broker::store` is the write-ahead
 //!   log (records in the internal `proto/sluice/internal/wal.proto`, never on the wire).
 //! * [`client`]: the typed Rust client; it never imports `broker`.
+//! * `broker::http`: the operations HTTP server (`/metrics`, `/healthz`, live dashboard);
+//!   `broker::cli`: the admin commands of the binary (a gRPC client).
 //! * `broker/main.rs`: the `sluice` binary.
 //! * `tests/`: integration tests over real gRPC on `127.0.0.1:0`.
 

@@ -864,6 +864,8 @@ impl Broker {
             slots.push(self.lease_queue(&parsed[first].0)?);
         }
         let now = now_ms();
+        // Lease-to-ack times, collected only when something measures them.
+        let observer = self.inner.observer.get();
         let mut acked: Vec<(usize, u64)> = Vec::new();
         let commit = {
             let mut guards: Vec<MutexGuard<'_, Queue>> =
@@ -892,7 +894,9 @@ impl Broker {
                     let held = guard
                         .ack(now, lease, result.take())
                         .expect("lease was checked under the same lock");
-                    acked.extend(held.map(|ms| (q, ms)));
+                    if observer.is_some() {
+                        acked.extend(held.map(|ms| (q, ms)));
+                    }
                     if let Some(job) = guard.job_by_seq(lease.seq) {
                         batch.job_state(name, job);
                     }
@@ -902,7 +906,7 @@ impl Broker {
         };
         drop(change);
         // Reported after the locks are released: the observer may take its own.
-        if let Some(observer) = self.inner.observer.get() {
+        if let Some(observer) = observer {
             for (q, ms) in acked {
                 observer.job_acked(&names[q], Duration::from_millis(ms));
             }
@@ -1294,6 +1298,9 @@ impl Broker {
             commit
         };
         self.rebuild_bindings();
+        if let Some(observer) = self.inner.observer.get() {
+            observer.queue_deleted(name);
+        }
         self.durable(commit?).await
     }
 
@@ -1504,6 +1511,9 @@ impl Broker {
             slot.wake_subscribers();
             commit
         };
+        if let Some(observer) = self.inner.observer.get() {
+            observer.topic_deleted(name);
+        }
         self.durable(commit?).await
     }
 

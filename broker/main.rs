@@ -9,17 +9,19 @@ use sluice::broker::http::serve_http_with;
 use sluice::broker::store::DirStorage;
 use sluice::broker::{Broker, serve};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // Admin commands print their own results; only warnings of theirs are worth logging.
-    let default_level = match cli.command {
-        Command::Serve(_) => "info",
-        _ => "warn",
+    // Admin commands print their results on stdout (often parsed as JSON), so their logs,
+    // warnings only, go to stderr.
+    let (default_level, writer) = match cli.command {
+        Command::Serve(_) => ("info", BoxMakeWriter::new(std::io::stdout)),
+        _ => ("warn", BoxMakeWriter::new(std::io::stderr)),
     };
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_env_filter(
             EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
         )

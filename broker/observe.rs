@@ -19,4 +19,11 @@ pub trait Observer: Any + Send + Sync {
     /// of messages published before the subscription opened are not reported: their age
     /// says nothing about delivery speed.
     fn messages_delivered(&self, topic: &str, latencies: &mut dyn Iterator<Item = Duration>);
+
+    /// `queue` was deleted: whatever was kept for it can go (a new queue of the same name
+    /// starts afresh).
+    fn queue_deleted(&self, queue: &str);
+
+    /// `topic` was deleted, as [`Observer::queue_deleted`].
+    fn topic_deleted(&self, topic: &str);
 }

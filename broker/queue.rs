@@ -452,6 +452,9 @@ pub enum LeaseCheck {
 
 /// How long a consumer counts as active in stats after its last call.
 const CONSUMER_ACTIVE_MS: u64 = 60_000;
+/// Consumers remembered per queue before idle ones (no lease, not seen for
+/// [`CONSUMER_ACTIVE_MS`]) are forgotten.
+const MAX_IDLE_CONSUMERS: usize = 1_024;
 
 /// One work queue. See the module docs.
 #[derive(Debug)]
@@ -463,6 +466,9 @@ pub struct Queue {
     jobs: BTreeMap<u64, Job>,
     ids: HashMap<Uuid, u64>,
     ready: BTreeMap<(Reverse<u8>, u64), ()>,
+    /// The jobs of `ready` by (visible since, seq), so stats find the oldest pending job
+    /// exactly: delayed and retried jobs become visible out of enqueue order.
+    ready_since: BTreeMap<(Millis, u64), ()>,
     timers: BTreeMap<(Millis, u64), ()>,
     /// Leased jobs by (deadline, seq); the value is when the delivery was leased, kept
     /// across extensions so lease-to-ack time covers the whole delivery.
@@ -495,6 +501,7 @@ impl Queue {
             jobs: BTreeMap::new(),
             ids: HashMap::new(),
             ready: BTreeMap::new(),
+            ready_since: BTreeMap::new(),
             timers: BTreeMap::new(),
             leases: BTreeMap::new(),
             ordering: HashMap::new(),
@@ -700,6 +707,7 @@ impl Queue {
         } else {
             job.state = JobState::Pending;
             self.ready.insert((Reverse(job.priority), seq), ());
+            self.ready_since.insert((job.run_at, seq), ());
         }
     }
 
@@ -712,6 +720,7 @@ impl Queue {
         match job.state {
             JobState::Pending => {
                 self.ready.remove(&(Reverse(job.priority), seq));
+                self.ready_since.remove(&(job.run_at, seq));
             }
             JobState::Scheduled | JobState::Retrying => {
                 if job.state == JobState::Retrying {
@@ -752,6 +761,7 @@ impl Queue {
             job.state = JobState::Pending;
             job.updated_at = now;
             self.ready.insert((Reverse(job.priority), seq), ());
+            self.ready_since.insert((job.run_at, seq), ());
         }
         self.prune_dedup(now);
         self.ready.len().saturating_sub(before)
@@ -780,6 +790,7 @@ impl Queue {
             let deadline = now + visibility_ms;
             let nonce = fastrand::u64(1..);
             let job = self.jobs.get_mut(&seq).expect("ready job exists");
+            self.ready_since.remove(&(job.run_at, seq));
             job.state = JobState::Leased;
             job.attempts += 1;
             job.lease_deadline = Some(deadline);
@@ -812,6 +823,13 @@ impl Queue {
     }
 
     fn touch_consumer(&mut self, consumer: &Arc<str>, address: &str, now: Millis) {
+        // Workers without a name are known by their peer address, which changes with every
+        // connection: forget idle ones once there are many, so the map stays bounded by
+        // the workers that are actually around.
+        if self.consumers.len() >= MAX_IDLE_CONSUMERS && !self.consumers.contains_key(consumer) {
+            self.consumers
+                .retain(|_, c| c.leases_held > 0 || c.last_seen + CONSUMER_ACTIVE_MS > now);
+        }
         let state = self.consumers.entry(consumer.clone()).or_default();
         state.last_seen = now;
         if state.address != address {
@@ -1383,15 +1401,12 @@ impl Queue {
 
     /// The queue's counters.
     pub fn counts(&self, now: Millis) -> QueueCounts {
-        let oldest = (0..=MAX_PRIORITY)
-            .filter_map(|p| {
-                self.ready
-                    .range((Reverse(p), 0)..=(Reverse(p), u64::MAX))
-                    .next()
-            })
-            .filter_map(|((_, seq), _)| self.jobs.get(seq))
-            .map(|j| now.saturating_sub(j.run_at))
-            .max()
+        debug_assert_eq!(self.ready.len(), self.ready_since.len());
+        let oldest = self
+            .ready_since
+            .keys()
+            .next()
+            .map(|(since, _)| now.saturating_sub(*since))
             .unwrap_or(0);
         QueueCounts {
             pending: self.ready.len() as u64 + self.blocked,

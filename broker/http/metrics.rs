@@ -103,6 +103,19 @@ impl Observer for Histograms {
             .observe(lease_to_ack.as_secs_f64());
     }
 
+    fn queue_deleted(&self, queue: &str) {
+        // Series of deleted queues would otherwise be exported (and kept) forever.
+        self.lease_to_ack.remove(&QueueLabel {
+            queue: queue.to_owned(),
+        });
+    }
+
+    fn topic_deleted(&self, topic: &str) {
+        self.publish_to_deliver.remove(&TopicLabel {
+            topic: topic.to_owned(),
+        });
+    }
+
     fn messages_delivered(&self, topic: &str, latencies: &mut dyn Iterator<Item = Duration>) {
         let histogram = self.publish_to_deliver.get_or_create(&TopicLabel {
             topic: topic.to_owned(),

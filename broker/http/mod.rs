@@ -6,8 +6,9 @@
 //!   `GET /api/events` (server-sent events, one frame per sample), with
 //!   `GET /api/stats` (the latest frame) and `GET /api/history` (the recent samples).
 //!
-//! It shares the broker's shutdown token: when the broker shuts down, open event streams
-//! end and [`serve_http`] returns, within the drain timeout.
+//! It follows the broker's shutdown token: when the broker shuts down, open event streams
+//! end and [`serve_http`] returns, within the drain timeout. Its own `shutdown` future
+//! stops only the HTTP server.
 
 pub mod dashboard;
 pub mod metrics;
@@ -22,6 +23,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::broker::core::Broker;
 use crate::broker::http::dashboard::Sampler;
@@ -52,9 +54,10 @@ impl Default for HttpOptions {
 /// Shared state of the handlers.
 #[derive(Clone)]
 struct AppState {
-    broker: Broker,
     metrics: Arc<Metrics>,
     sampler: Sampler,
+    /// Cancelled when this server stops (a child of the broker's shutdown token).
+    stop: CancellationToken,
 }
 
 /// Serves `/metrics`, `/healthz` and the dashboard for `broker` on `listener` with the
@@ -75,12 +78,14 @@ pub async fn serve_http_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr().ok();
-    let token = broker.shutdown_token();
-    let sampler = Sampler::start(broker.clone(), &options);
+    // A child token: the broker's shutdown stops this server, while `shutdown` stops only
+    // this server and leaves the broker (and gRPC) running.
+    let stop = broker.shutdown_token().child_token();
+    let sampler = Sampler::start(broker.clone(), &options, stop.clone());
     let state = AppState {
         metrics: Arc::new(Metrics::new(&broker)),
-        broker,
         sampler,
+        stop: stop.clone(),
     };
     let app = Router::new()
         .route("/", get(dashboard_page))
@@ -92,27 +97,30 @@ pub async fn serve_http_with(
         .with_state(state);
     tracing::info!(?addr, "sluice serving HTTP (metrics, health, dashboard)");
     let server = axum::serve(listener, app).with_graceful_shutdown({
-        let token = token.clone();
+        let stop = stop.clone();
         async move {
             tokio::select! {
                 _ = shutdown => {}
-                _ = token.cancelled() => {}
+                _ = stop.cancelled() => {}
             }
-            // Event streams end on the broker's token, so the graceful drain can finish.
-            token.cancel();
+            // Event streams and the sampler end on this token, so the drain can finish.
+            stop.cancel();
         }
     });
     let drain_limit = async {
-        token.cancelled().await;
+        stop.cancelled().await;
         tokio::time::sleep(options.drain_timeout).await;
     };
-    tokio::select! {
-        result = server => result?,
+    let result = tokio::select! {
+        result = server => result,
         _ = drain_limit => {
             tracing::warn!(timeout = ?options.drain_timeout, "HTTP drain timed out; closing open requests");
+            Ok(())
         }
-    }
-    Ok(())
+    };
+    // The sampler stops with the server even if it ended on an error.
+    stop.cancel();
+    result
 }
 
 async fn dashboard_page() -> Html<&'static str> {
@@ -134,7 +142,7 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
-    if state.broker.shutdown_token().is_cancelled() {
+    if state.stop.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     } else {
         (StatusCode::OK, "ok\n").into_response()

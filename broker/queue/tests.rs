@@ -567,3 +567,52 @@ fn purge_reports_the_ids_it_cancelled_and_expiry_is_journaled() {
     assert_eq!(q.job_by_seq(expired[0]).unwrap().attempts, 1);
     assert!(q.take_expired().is_empty());
 }
+
+#[test]
+fn oldest_pending_age_counts_from_when_each_job_became_visible() {
+    let mut q = queue_with(|_| {});
+    // `a` is enqueued first but only visible from T0 + 500; `b` is visible at once.
+    let mut delayed = job("a");
+    delayed.run_at = Some(T0 + 500);
+    enqueue_one(&mut q, T0, delayed);
+    enqueue_one(&mut q, T0 + 100, job("b"));
+    assert_eq!(q.counts(T0 + 300).oldest_pending_age_ms, 200);
+    q.tick(T0 + 500);
+    // Both visible: b has waited 600 ms, a only 100 ms.
+    assert_eq!(q.counts(T0 + 700).oldest_pending_age_ms, 600);
+    // Leasing takes a first (enqueue order within a priority); b still waits.
+    let first = lease_one(&mut q, T0 + 700, 1_000).unwrap();
+    assert_eq!(first.payload.as_ref(), b"a");
+    assert_eq!(q.counts(T0 + 700).oldest_pending_age_ms, 600);
+    lease_one(&mut q, T0 + 700, 1_000).unwrap();
+    assert_eq!(q.counts(T0 + 800).oldest_pending_age_ms, 0);
+}
+
+#[test]
+fn ack_reports_lease_to_ack_time_across_extensions() {
+    let mut q = queue_with(|_| {});
+    enqueue_one(&mut q, T0, job("a"));
+    let d = lease_one(&mut q, T0 + 10, 1_000).unwrap();
+    q.extend(T0 + 900, &d.lease_id, 5_000).unwrap();
+    assert_eq!(q.ack(T0 + 2_010, &d.lease_id, None).unwrap(), Some(2_000));
+    // A repeat ack changes nothing and reports nothing.
+    assert_eq!(q.ack(T0 + 2_020, &d.lease_id, None).unwrap(), None);
+}
+
+#[test]
+fn idle_consumers_are_forgotten_once_there_are_many() {
+    let mut q = queue_with(|_| {});
+    enqueue_one(&mut q, T0, job("held"));
+    let holder: Arc<str> = Arc::from("holder");
+    assert_eq!(q.lease(T0, 1, 600_000, &holder, "a").len(), 1);
+    for i in 0..MAX_IDLE_CONSUMERS {
+        let name: Arc<str> = Arc::from(format!("127.0.0.1:{i}"));
+        q.lease(T0 + 1, 1, 1_000, &name, "b");
+    }
+    assert_eq!(q.consumers().len(), MAX_IDLE_CONSUMERS + 1);
+    // Long after, a new consumer arrives: only the one holding a lease is kept with it.
+    let late: Arc<str> = Arc::from("late");
+    q.lease(T0 + CONSUMER_ACTIVE_MS + 10, 1, 1_000, &late, "c");
+    let names: Vec<String> = q.consumers().iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(names, ["holder", "late"]);
+}

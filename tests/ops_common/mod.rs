@@ -1,0 +1,129 @@
+//! Shared harness of the `ops_*` integration tests: a broker served in-process on
+//! `127.0.0.1:0` over real gRPC and the operations HTTP server, and a small HTTP client.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::header::{HOST, HeaderMap};
+use hyper::{Request, StatusCode};
+use sluice::broker::http::{HttpOptions, serve_http_with};
+use sluice::broker::{Broker, BrokerConfig, ServeOptions, serve};
+use sluice::pb::broker_client::BrokerClient;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// A running broker with gRPC and HTTP on ephemeral loopback ports.
+pub struct Harness {
+    pub broker: Broker,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub grpc_task: JoinHandle<()>,
+    pub http_task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Harness {
+    /// Starts a broker; the dashboard samples every `sample_ms`.
+    pub async fn start(sample_ms: u64) -> Self {
+        let broker = Broker::new(BrokerConfig::default());
+        let grpc_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
+        let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
+        let grpc = grpc_listener.local_addr().expect("gRPC addr");
+        let http = http_listener.local_addr().expect("HTTP addr");
+        let grpc_task = tokio::spawn({
+            let broker = broker.clone();
+            async move {
+                serve(
+                    grpc_listener,
+                    broker,
+                    ServeOptions::default(),
+                    std::future::pending(),
+                )
+                .await
+                .expect("gRPC server failed");
+            }
+        });
+        let http_task = tokio::spawn(serve_http_with(
+            http_listener,
+            broker.clone(),
+            HttpOptions {
+                sample_interval: Duration::from_millis(sample_ms),
+                ..HttpOptions::default()
+            },
+            std::future::pending(),
+        ));
+        Self {
+            broker,
+            grpc,
+            http,
+            grpc_task,
+            http_task,
+        }
+    }
+
+    /// The gRPC endpoint URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// A gRPC client of the broker.
+    pub async fn client(&self) -> BrokerClient<Channel> {
+        BrokerClient::connect(self.url())
+            .await
+            .expect("connect to the broker")
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.broker.shutdown();
+    }
+}
+
+/// A response read whole.
+pub struct HttpResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+/// Opens an HTTP/1.1 request and returns the response head and its body stream.
+pub async fn http_open(addr: SocketAddr, path: &str) -> hyper::Response<hyper::body::Incoming> {
+    let stream = TcpStream::connect(addr).await.expect("connect HTTP");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+    tokio::spawn(conn);
+    let request = Request::get(path)
+        .header(HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    sender.send_request(request).await.expect("HTTP request")
+}
+
+/// GETs `path` and reads the whole body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
+    let response = tokio::time::timeout(Duration::from_secs(10), async {
+        let res = http_open(addr, path).await;
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .expect("HTTP body")
+            .to_bytes();
+        HttpResponse {
+            status,
+            headers,
+            body: String::from_utf8(body.to_vec()).expect("UTF-8 body"),
+        }
+    })
+    .await;
+    response.unwrap_or_else(|_| panic!("GET {path} timed out"))
+}
