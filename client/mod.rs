@@ -49,8 +49,8 @@ pub use error::{ClientError, Result};
 pub use request::{CORRELATION_ID, ERROR_HEADER, REPLY_TO};
 pub use subscribe::{Delivery, StartAt, Subscribe};
 pub use worker::{
-    Done, Failure, JobContext, JobError, MAX_BATCH, MAX_CONCURRENCY, MAX_LEASE_WAIT,
-    MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT, UnknownKind, Worker, WorkerReport,
+    Done, Failure, JobContext, JobError, MAX_CONCURRENCY, MAX_VISIBILITY_TIMEOUT,
+    MIN_VISIBILITY_TIMEOUT, UnknownKind, Worker, WorkerReport,
 };
 
 /// Largest message the client sends or accepts (a whole batch).

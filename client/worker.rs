@@ -11,21 +11,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
+use futures::StreamExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::codec::{Codec, Json, Protobuf};
 use crate::client::error::{ClientError, Result};
-use crate::client::{Client, Lease};
+use crate::client::{Client, Consumer, Lease};
 use crate::pb;
 
 /// Most handlers one worker may run at once.
 pub const MAX_CONCURRENCY: usize = 10_000;
-/// Most jobs one Lease call may ask for (the broker's batch limit).
-pub const MAX_BATCH: usize = 1_000;
-/// Longest long poll the broker accepts.
-pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(60);
 /// Shortest visibility timeout the worker accepts: extension happens at half of it, and a
 /// shorter period would spend the lease on round trips.
 pub const MIN_VISIBILITY_TIMEOUT: Duration = Duration::from_millis(200);
@@ -310,10 +306,11 @@ where
 ///
 /// Semantics, in the order a delivery sees them:
 ///
-/// * **Leasing.** The worker leases in batches of up to `batch_size` jobs (never more than
-///   free handler slots), long-polling up to `lease_wait` so an idle worker makes one
-///   request per `lease_wait` instead of spinning. Every lease carries the `consumer` name,
-///   which `ListConsumers` shows.
+/// * **Delivery.** The worker holds one `Consume` stream (see
+///   [`crate::client::Client::consume`]) with a credit of `concurrency`: the broker pushes a
+///   job whenever a handler slot is free and the queue has one, with no polling and no
+///   round trip per job; acks travel back on the same stream. If the stream fails, the
+///   worker reopens it with backoff. The `consumer` name is shown by `ListConsumers`.
 /// * **Routing.** A job goes to the handler registered for its `kind`. A job whose kind has
 ///   no handler is nacked with an error naming the kind and the known kinds, so it retries
 ///   with backoff and dead-letters after `max_attempts` (a newer worker that knows the kind
@@ -333,19 +330,17 @@ where
 ///   an explicit delay. A handler that panics is nacked like an error. Delivery is
 ///   at-least-once: if the ack itself is lost (the connection drops), the lease expires and
 ///   the job runs again, so handlers should be idempotent (the job id is a good key).
-/// * **Shutdown.** When the shutdown future resolves the worker stops leasing (an open long
-///   poll is cancelled), lets running handlers finish for up to `drain_timeout`, then aborts
-///   the rest and nacks them with a short retry delay so another worker takes them at once.
-///   The broker has no "release without counting an attempt" call: a released job's
-///   attempt counts as failed.
+/// * **Shutdown.** When the shutdown future resolves the worker asks the broker to stop
+///   pushing jobs, lets running handlers finish (their acks still go on the stream) for up
+///   to `drain_timeout`, then aborts the rest and nacks them with a short retry delay so
+///   another worker takes them at once. Closing the stream then releases any job pushed
+///   but not started. A released job's attempt counts as failed.
 #[must_use = "a worker does nothing until .run() is awaited"]
 pub struct Worker {
     client: Client,
     queue: String,
     consumer: String,
     concurrency: usize,
-    batch_size: usize,
-    lease_wait: Duration,
     visibility_timeout: Duration,
     drain_timeout: Duration,
     unknown_kind: UnknownKind,
@@ -360,8 +355,6 @@ impl fmt::Debug for Worker {
             .field("queue", &self.queue)
             .field("consumer", &self.consumer)
             .field("concurrency", &self.concurrency)
-            .field("batch_size", &self.batch_size)
-            .field("lease_wait", &self.lease_wait)
             .field("visibility_timeout", &self.visibility_timeout)
             .field("drain_timeout", &self.drain_timeout)
             .field("unknown_kind", &self.unknown_kind)
@@ -371,8 +364,8 @@ impl fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// A worker for `queue` with defaults: concurrency 1, batches of up to 10, long polls
-    /// of 5 s, a 30 s visibility timeout, a 10 s drain, consumer name
+    /// A worker for `queue` with defaults: concurrency 1, a 30 s visibility timeout, a 10 s
+    /// drain, consumer name
     /// `<hostname-or-"worker">-<pid>`.
     pub fn new(client: Client, queue: impl Into<String>) -> Self {
         Self {
@@ -380,8 +373,6 @@ impl Worker {
             queue: queue.into(),
             consumer: default_consumer_name(),
             concurrency: 1,
-            batch_size: 10,
-            lease_wait: Duration::from_secs(5),
             visibility_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
             unknown_kind: UnknownKind::default(),
@@ -398,18 +389,6 @@ impl Worker {
     /// How many handlers run at once (1 to [`MAX_CONCURRENCY`]).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;
-        self
-    }
-
-    /// Most jobs leased per request (1 to [`MAX_BATCH`]); never more than free slots.
-    pub fn batch_size(mut self, n: usize) -> Self {
-        self.batch_size = n;
-        self
-    }
-
-    /// How long one lease request waits for a job when the queue is empty (up to 60 s).
-    pub fn lease_wait(mut self, d: Duration) -> Self {
-        self.lease_wait = d;
         self
     }
 
@@ -490,20 +469,6 @@ impl Worker {
                 self.concurrency.to_string(),
             );
         }
-        if !(1..=MAX_BATCH).contains(&self.batch_size) {
-            return bad(
-                "batch_size",
-                format!("1..={MAX_BATCH}"),
-                self.batch_size.to_string(),
-            );
-        }
-        if self.lease_wait > MAX_LEASE_WAIT {
-            return bad(
-                "lease_wait",
-                format!("0..={MAX_LEASE_WAIT:?}"),
-                format!("{:?}", self.lease_wait),
-            );
-        }
         if !(MIN_VISIBILITY_TIMEOUT..=MAX_VISIBILITY_TIMEOUT).contains(&self.visibility_timeout) {
             return bad(
                 "visibility_timeout",
@@ -533,55 +498,73 @@ impl Worker {
             counters: Counters::default(),
             abort: abort.clone(),
         });
-        let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut running = JoinSet::new();
         let mut retry_delay = Duration::from_millis(100);
+        let mut consumer: Option<Consumer> = None;
 
         tokio::pin!(shutdown);
-        let lease_result: Result<()> = loop {
+        let consume_result: Result<()> = loop {
             // Reap finished jobs so the set does not grow with the worker's lifetime.
             while running.try_join_next().is_some() {}
 
-            let first = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
-                () = &mut shutdown => break Ok(()),
-            };
-            let mut permits = vec![first];
-            while permits.len() < self.batch_size {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
-            }
-            let request = self
-                .client
-                .lease(&self.queue)
-                .max_jobs(permits.len() as u32)
-                .visibility_timeout(self.visibility_timeout)
-                .wait(self.lease_wait)
-                .consumer(self.consumer.clone())
-                .send();
-            // Dropping an open long poll is safe: the broker leases only after it wakes,
-            // so a cancelled poll has leased nothing.
-            let leased = tokio::select! {
-                r = request => r,
-                () = &mut shutdown => break Ok(()),
-            };
-            match leased {
-                Ok(leases) => {
-                    retry_delay = Duration::from_millis(100);
-                    for lease in leases {
-                        let permit = permits.pop().expect("at most max_jobs leases");
-                        let shared = shared.clone();
-                        running.spawn(async move {
-                            shared.process(lease).await;
-                            drop(permit);
-                        });
+            let stream = match consumer.as_mut() {
+                Some(stream) => stream,
+                None => {
+                    // The credit is the concurrency: the broker never pushes more jobs
+                    // than there are free handler slots.
+                    let open = self
+                        .client
+                        .consume(&self.queue)
+                        .prefetch(self.concurrency as u32)
+                        .visibility_timeout(self.visibility_timeout)
+                        .consumer(self.consumer.clone())
+                        .open();
+                    let opened = tokio::select! {
+                        r = open => r,
+                        () = &mut shutdown => break Ok(()),
+                    };
+                    match opened {
+                        Ok(stream) => {
+                            retry_delay = Duration::from_millis(100);
+                            consumer.insert(stream)
+                        }
+                        Err(e) if is_fatal(&e) => break Err(e),
+                        Err(e) => {
+                            tracing::warn!(queue = %self.queue, error = %e, "consume stream failed to open; retrying");
+                            tokio::select! {
+                                () = tokio::time::sleep(retry_delay) => {}
+                                () = &mut shutdown => break Ok(()),
+                            }
+                            retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
                     }
                 }
-                Err(e) if is_fatal(&e) => break Err(e),
-                Err(e) => {
-                    tracing::warn!(queue = %self.queue, error = %e, "lease failed; retrying");
+            };
+            let next = tokio::select! {
+                next = stream.next() => next,
+                () = &mut shutdown => break Ok(()),
+            };
+            match next {
+                Some(Ok(lease)) => {
+                    let shared = shared.clone();
+                    running.spawn(async move { shared.process(lease).await });
+                }
+                Some(Err(ClientError::Refused {
+                    lease_id, message, ..
+                })) => {
+                    // An ack the broker refused (the lease went stale first): the job was
+                    // or will be run again by whoever holds it now.
+                    tracing::warn!(lease_id = %lease_id, error = %message, "ack refused");
+                    shared.counters.completed.fetch_sub(1, Ordering::Relaxed);
+                    shared.counters.lost_leases.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Err(e)) if is_fatal(&e) => break Err(e),
+                ended => {
+                    if let Some(Err(e)) = ended {
+                        tracing::warn!(queue = %self.queue, error = %e, "consume stream failed; reopening");
+                    }
+                    consumer = None;
                     tokio::select! {
                         () = tokio::time::sleep(retry_delay) => {}
                         () = &mut shutdown => break Ok(()),
@@ -590,6 +573,10 @@ impl Worker {
                 }
             }
         };
+        // Keep the stream for the running handlers' acks, but take no more jobs.
+        if let Some(stream) = &consumer {
+            stream.stop_delivery();
+        }
 
         // Drain: let running handlers finish, then abort and release what is left.
         let drained = tokio::time::timeout(self.drain_timeout, async {
@@ -605,7 +592,9 @@ impl Worker {
             abort.cancel();
             while running.join_next().await.is_some() {}
         }
-        lease_result?;
+        // Closing the stream releases jobs that were pushed but never started.
+        drop(consumer);
+        consume_result?;
         Ok(shared.counters.report())
     }
 }

@@ -88,7 +88,6 @@ async fn concurrency_limit_is_respected_and_every_job_completes() {
     let peak = Arc::new(AtomicUsize::new(0));
     let worker = Worker::new(client.clone(), "emails")
         .concurrency(3)
-        .lease_wait(Duration::from_millis(200))
         .handle_json("welcome", {
             let (running, peak) = (running.clone(), peak.clone());
             move |job: JobContext<Email>| {
@@ -121,7 +120,6 @@ async fn extension_keeps_a_long_job_alive_past_its_visibility_timeout() {
     let calls = Arc::new(AtomicUsize::new(0));
     let worker = Worker::new(client.clone(), "slow")
         .visibility_timeout(Duration::from_millis(500))
-        .lease_wait(Duration::from_millis(100))
         .handle_json("welcome", {
             let calls = calls.clone();
             move |_job: JobContext<Email>| {
@@ -138,7 +136,6 @@ async fn extension_keeps_a_long_job_alive_past_its_visibility_timeout() {
     let rival_calls = Arc::new(AtomicUsize::new(0));
     let rival = Worker::new(client.clone(), "slow")
         .consumer("rival")
-        .lease_wait(Duration::from_millis(100))
         .handle_json("welcome", {
             let rival_calls = rival_calls.clone();
             move |_job: JobContext<Email>| {
@@ -169,19 +166,17 @@ async fn errors_retry_with_backoff_then_dead_letter() {
     client.create_queue("flaky", fast_retries(3)).await.unwrap();
     let id = enqueue_email(&client, "flaky", "welcome", "a@x.test").await;
     let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let worker = Worker::new(client.clone(), "flaky")
-        .lease_wait(Duration::from_millis(100))
-        .handle_json("welcome", {
-            let attempts = attempts.clone();
-            move |job: JobContext<Email>| {
-                attempts.lock().unwrap().push(job.attempt());
-                async move {
-                    // Any std error converts into a retryable JobError through `?`.
-                    Err::<(), _>(std::io::Error::other("smtp: 421 try again later"))?;
-                    Ok(())
-                }
+    let worker = Worker::new(client.clone(), "flaky").handle_json("welcome", {
+        let attempts = attempts.clone();
+        move |job: JobContext<Email>| {
+            attempts.lock().unwrap().push(job.attempt());
+            async move {
+                // Any std error converts into a retryable JobError through `?`.
+                Err::<(), _>(std::io::Error::other("smtp: 421 try again later"))?;
+                Ok(())
             }
-        });
+        }
+    });
     let (token, handle) = spawn(worker);
     let job = wait_for_state(&client, &id, pb::JobState::Dead).await;
     let report = stop(token, handle).await;
@@ -219,14 +214,15 @@ async fn permanent_errors_and_undecodable_payloads_dead_letter_at_once() {
         .await
         .unwrap()
         .job_id;
-    let worker = Worker::new(client.clone(), "mail")
-        .lease_wait(Duration::from_millis(100))
-        .handle_json("welcome", |job: JobContext<Email>| async move {
+    let worker = Worker::new(client.clone(), "mail").handle_json(
+        "welcome",
+        |job: JobContext<Email>| async move {
             Err::<(), _>(JobError::permanent(format!(
                 "550 mailbox {} does not exist",
                 job.value.to
             )))
-        });
+        },
+    );
     let (token, handle) = spawn(worker);
     let job = wait_for_state(&client, &rejected, pb::JobState::Dead).await;
     assert_eq!(job.attempts, 1);
@@ -257,11 +253,9 @@ async fn unknown_kinds_are_retried_or_dead_lettered_by_policy() {
     let b = enqueue_email(&client, "q2", "sms", "b@x.test").await;
     let handler = |_job: JobContext<Email>| async move { Ok(()) };
     let w1 = Worker::new(client.clone(), "q1")
-        .lease_wait(Duration::from_millis(100))
         .handle_json("welcome", handler)
         .handle_json("reminder", handler);
     let w2 = Worker::new(client.clone(), "q2")
-        .lease_wait(Duration::from_millis(100))
         .unknown_kind(UnknownKind::DeadLetter)
         .handle_json("welcome", handler);
     let (t1, h1) = spawn(w1);
@@ -286,7 +280,6 @@ async fn graceful_drain_finishes_in_flight_jobs_and_stops_leasing() {
     let started = Arc::new(tokio::sync::Notify::new());
     let worker = Worker::new(client.clone(), "drain")
         .consumer("drainer")
-        .lease_wait(Duration::from_secs(30))
         .drain_timeout(Duration::from_secs(5))
         .handle_json("welcome", {
             let started = started.clone();
@@ -345,7 +338,6 @@ async fn drain_timeout_releases_unfinished_jobs_for_redelivery() {
     let id = enqueue_email(&client, "stuck", "welcome", "a@x.test").await;
     let started = Arc::new(tokio::sync::Notify::new());
     let worker = Worker::new(client.clone(), "stuck")
-        .lease_wait(Duration::from_millis(100))
         .drain_timeout(Duration::from_millis(200))
         .handle_json("welcome", {
             let started = started.clone();
@@ -561,9 +553,9 @@ async fn protobuf_handlers_get_decoded_messages_and_results_are_stored() {
         .await
         .unwrap()
         .job_id;
-    let worker = Worker::new(client.clone(), "proto")
-        .lease_wait(Duration::from_millis(100))
-        .handle_protobuf("gap", |job: JobContext<pb::Gap>| async move {
+    let worker = Worker::new(client.clone(), "proto").handle_protobuf(
+        "gap",
+        |job: JobContext<pb::Gap>| async move {
             assert_eq!(job.kind(), "gap");
             assert_eq!(job.queue(), "proto");
             assert!(!job.is_last_attempt());
@@ -571,7 +563,8 @@ async fn protobuf_handlers_get_decoded_messages_and_results_are_stored() {
             Ok(Done::json(&serde_json::json!({
                 "missing": job.value.next_available - job.value.first_missing
             })))
-        });
+        },
+    );
     let (token, handle) = spawn(worker);
     let job = wait_for_state(&client, &id, pb::JobState::Completed).await;
     assert_eq!(job.result.as_ref(), br#"{"missing":6}"#);
@@ -612,18 +605,16 @@ async fn a_worker_rides_out_a_broker_restart() {
     let (stop_first, first) = broker_at(addr).await;
     let client = Client::connect(format!("http://{addr}")).await.unwrap();
     let done = Arc::new(AtomicUsize::new(0));
-    let worker = Worker::new(client.clone(), "emails")
-        .lease_wait(Duration::from_millis(200))
-        .handle_json("welcome", {
+    let worker = Worker::new(client.clone(), "emails").handle_json("welcome", {
+        let done = done.clone();
+        move |_job: JobContext<Email>| {
             let done = done.clone();
-            move |_job: JobContext<Email>| {
-                let done = done.clone();
-                async move {
-                    done.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
-                }
+            async move {
+                done.fetch_add(1, Ordering::SeqCst);
+                Ok(())
             }
-        });
+        }
+    });
     let (token, handle) = spawn(worker);
     let before = enqueue_email(&client, "emails", "welcome", "a@x.test").await;
     wait_for_state(&client, &before, pb::JobState::Completed).await;
