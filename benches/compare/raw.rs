@@ -12,11 +12,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::task::{Context, Poll};
+
 use futures::Stream;
 use sluice::pb;
-use sluice::pb::broker_server::{Broker, BrokerServer};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::{BoxFuture, http};
 use tonic::{Request, Response, Status};
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -65,9 +69,11 @@ pub async fn start() -> Result<RawServer, Box<dyn std::error::Error + Send + Syn
             .initial_stream_window_size(Some(1024 * 1024))
             .initial_connection_window_size(Some(4 * 1024 * 1024))
             .tcp_nodelay(true)
-            .add_service(BrokerServer::new(svc).max_decoding_message_size(64 * 1024 * 1024))
+            .add_service(Router(svc))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // `Server::tcp_nodelay` is ignored for a caller-supplied incoming stream, so
+                // the accepted sockets get TCP_NODELAY here.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 token.cancelled_owned(),
             );
         if let Err(e) = server.await {
@@ -77,15 +83,122 @@ pub async fn start() -> Result<RawServer, Box<dyn std::error::Error + Send + Syn
     Ok(RawServer { addr, stop })
 }
 
-fn not_in_baseline<T>() -> Reply<T> {
-    Err(Status::unimplemented(
-        "the raw-tonic baseline serves only Publish, Subscribe, Enqueue, Lease and Ack",
-    ))
+/// Routes the five RPCs of the baseline; anything else is UNIMPLEMENTED.
+#[derive(Clone)]
+struct Router(RawService);
+
+impl tonic::server::NamedService for Router {
+    const NAME: &'static str = "sluice.v1.Broker";
 }
 
-#[tonic::async_trait]
-impl Broker for RawService {
-    async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
+/// A unary handler from a closure.
+struct Unary<F>(F);
+
+impl<Req, Resp, F, Fut> tonic::server::UnaryService<Req> for Unary<F>
+where
+    F: FnMut(Request<Req>) -> Fut,
+    Fut: Future<Output = Reply<Resp>> + Send + 'static,
+{
+    type Response = Resp;
+    type Future = Fut;
+
+    fn call(&mut self, request: Request<Req>) -> Fut {
+        (self.0)(request)
+    }
+}
+
+/// The Subscribe handler.
+struct SubscribeSvc(RawService);
+
+impl tonic::server::ServerStreamingService<pb::SubscribeRequest> for SubscribeSvc {
+    type Response = pb::SubscribeResponse;
+    type ResponseStream = BoxStream<pb::SubscribeResponse>;
+    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, _request: Request<pb::SubscribeRequest>) -> Self::Future {
+        let rx = self.0.topic.subscribe();
+        Box::pin(async move {
+            let stream = futures::stream::unfold(rx, |mut rx| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(b) => return Some((Ok((*b).clone()), rx)),
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(stream) as BoxStream<pb::SubscribeResponse>))
+        })
+    }
+}
+
+fn grpc<Req, Resp>() -> tonic::server::Grpc<tonic_prost::ProstCodec<Resp, Req>>
+where
+    Req: prost::Message + Default + Send + 'static,
+    Resp: prost::Message + Send + 'static,
+{
+    tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+        .apply_max_message_size_config(Some(64 * 1024 * 1024), None)
+}
+
+impl<B> tonic::codegen::Service<http::Request<B>> for Router
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let s = self.0.clone();
+        match req.uri().path() {
+            "/sluice.v1.Broker/Publish" => Box::pin(async move {
+                let svc = Unary(move |r| {
+                    let s = s.clone();
+                    async move { s.publish(r) }
+                });
+                Ok(grpc().unary(svc, req).await)
+            }),
+            "/sluice.v1.Broker/Subscribe" => Box::pin(async move {
+                Ok(grpc().server_streaming(SubscribeSvc(s), req).await)
+            }),
+            "/sluice.v1.Broker/Enqueue" => Box::pin(async move {
+                let svc = Unary(move |r| {
+                    let s = s.clone();
+                    async move { s.enqueue(r) }
+                });
+                Ok(grpc().unary(svc, req).await)
+            }),
+            "/sluice.v1.Broker/Lease" => Box::pin(async move {
+                let svc = Unary(move |r| {
+                    let s = s.clone();
+                    async move { s.lease(r).await }
+                });
+                Ok(grpc().unary(svc, req).await)
+            }),
+            "/sluice.v1.Broker/Ack" => Box::pin(async move {
+                let svc = Unary(|_r: Request<pb::AckRequest>| async move {
+                    Ok(Response::new(pb::AckResponse {}))
+                });
+                Ok(grpc().unary(svc, req).await)
+            }),
+            _ => Box::pin(async move {
+                Ok(Status::unimplemented(
+                    "the raw-tonic baseline serves only Publish, Subscribe, Enqueue, Lease and Ack",
+                )
+                .into_http())
+            }),
+        }
+    }
+}
+
+impl RawService {
+    fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
         let req = request.into_inner();
         let n = req.messages.len() as u64;
         let first = self.sequence.fetch_add(n, Ordering::Relaxed) + 1;
@@ -114,44 +227,11 @@ impl Broker for RawService {
         }))
     }
 
-    type SubscribeStream = BoxStream<pb::SubscribeResponse>;
-
-    async fn subscribe(
-        &self,
-        _request: Request<pb::SubscribeRequest>,
-    ) -> Reply<Self::SubscribeStream> {
-        let rx = self.topic.subscribe();
-        let stream = futures::stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(b) => return Some((Ok((*b).clone()), rx)),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(stream)))
-    }
-
-    async fn create_topic(&self, _r: Request<pb::CreateTopicRequest>) -> Reply<pb::TopicInfo> {
-        not_in_baseline()
-    }
-
-    async fn delete_topic(
-        &self,
-        _r: Request<pb::DeleteTopicRequest>,
-    ) -> Reply<pb::DeleteTopicResponse> {
-        not_in_baseline()
-    }
-
-    async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<pb::EnqueueResponse> {
+    fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<pb::EnqueueResponse> {
         let req = request.into_inner();
         let n = req.jobs.len() as u64;
         let first = self.next_id.fetch_add(n, Ordering::Relaxed);
-        self.jobs
-            .lock()
-            .expect("jobs lock")
-            .extend(req.jobs.into_iter());
+        self.jobs.lock().expect("jobs lock").extend(req.jobs);
         self.job_added.notify_waiters();
         Ok(Response::new(pb::EnqueueResponse {
             results: (0..n)
@@ -195,100 +275,5 @@ impl Broker for RawService {
                 return Ok(Response::new(pb::LeaseResponse { jobs: vec![] }));
             }
         }
-    }
-
-    async fn ack(&self, _request: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
-        Ok(Response::new(pb::AckResponse {}))
-    }
-
-    async fn nack(&self, _r: Request<pb::NackRequest>) -> Reply<pb::NackResponse> {
-        not_in_baseline()
-    }
-
-    async fn extend_lease(
-        &self,
-        _r: Request<pb::ExtendLeaseRequest>,
-    ) -> Reply<pb::ExtendLeaseResponse> {
-        not_in_baseline()
-    }
-
-    async fn get_job(&self, _r: Request<pb::GetJobRequest>) -> Reply<pb::Job> {
-        not_in_baseline()
-    }
-
-    async fn cancel_job(&self, _r: Request<pb::CancelJobRequest>) -> Reply<pb::Job> {
-        not_in_baseline()
-    }
-
-    async fn list_jobs(&self, _r: Request<pb::ListJobsRequest>) -> Reply<pb::ListJobsResponse> {
-        not_in_baseline()
-    }
-
-    async fn job_history(
-        &self,
-        _r: Request<pb::JobHistoryRequest>,
-    ) -> Reply<pb::JobHistoryResponse> {
-        not_in_baseline()
-    }
-
-    async fn create_queue(&self, _r: Request<pb::CreateQueueRequest>) -> Reply<pb::QueueInfo> {
-        not_in_baseline()
-    }
-
-    async fn update_queue(&self, _r: Request<pb::UpdateQueueRequest>) -> Reply<pb::QueueInfo> {
-        not_in_baseline()
-    }
-
-    async fn purge_queue(
-        &self,
-        _r: Request<pb::PurgeQueueRequest>,
-    ) -> Reply<pb::PurgeQueueResponse> {
-        not_in_baseline()
-    }
-
-    async fn delete_queue(
-        &self,
-        _r: Request<pb::DeleteQueueRequest>,
-    ) -> Reply<pb::DeleteQueueResponse> {
-        not_in_baseline()
-    }
-
-    async fn pause_queue(&self, _r: Request<pb::PauseQueueRequest>) -> Reply<pb::QueueInfo> {
-        not_in_baseline()
-    }
-
-    async fn resume_queue(&self, _r: Request<pb::ResumeQueueRequest>) -> Reply<pb::QueueInfo> {
-        not_in_baseline()
-    }
-
-    async fn redrive(&self, _r: Request<pb::RedriveRequest>) -> Reply<pb::RedriveResponse> {
-        not_in_baseline()
-    }
-
-    async fn list_queues(
-        &self,
-        _r: Request<pb::ListQueuesRequest>,
-    ) -> Reply<pb::ListQueuesResponse> {
-        not_in_baseline()
-    }
-
-    async fn stats(&self, _r: Request<pb::StatsRequest>) -> Reply<pb::StatsResponse> {
-        not_in_baseline()
-    }
-
-    type WatchStatsStream = BoxStream<pb::StatsResponse>;
-
-    async fn watch_stats(
-        &self,
-        _r: Request<pb::WatchStatsRequest>,
-    ) -> Reply<Self::WatchStatsStream> {
-        not_in_baseline()
-    }
-
-    async fn list_consumers(
-        &self,
-        _r: Request<pb::ListConsumersRequest>,
-    ) -> Reply<pb::ListConsumersResponse> {
-        not_in_baseline()
     }
 }
