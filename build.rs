@@ -1,5 +1,10 @@
 //! Compiles `proto/` with protox (no system `protoc`), generates the tonic/prost code and
 //! writes the encoded file descriptor set that server reflection serves.
+//!
+//! The server trait is generated a second time, into `server/`, with every message
+//! mapped to the types of the first pass except `SubscribeResponse`, which maps to a
+//! pre-encoded form: a topic message is then encoded to protobuf once, however many
+//! subscribers receive it.
 
 use prost::Message as _;
 
@@ -9,6 +14,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(protos, ["proto"])?;
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("sluice_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .bytes(".")
+        .build_server(false)
+        .compile_fds(fds.clone())?;
+
+    let server_dir = out_dir.join("server");
+    std::fs::create_dir_all(&server_dir)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(&server_dir)
+        .extern_path(
+            ".sluice.v1.SubscribeResponse",
+            "crate::broker::wire::EncodedSubscribeResponse",
+        )
+        .extern_path(".sluice.v1", "crate::pb")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -26,3 +26,8 @@ pub mod pb {
 
 pub mod broker;
 pub mod client;
+
+/// Compiles the README's Rust examples as doc tests, so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("README.md")]
+pub struct ReadmeDoctests;

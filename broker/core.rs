@@ -62,9 +62,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 pub(crate) struct QueueSlot {
     name: Arc<str>,
-    queue: Mutex<Queue>,
+    pub(crate) queue: Mutex<Queue>,
     /// Woken whenever jobs may have become visible; long-polling leases wait on it.
-    ready: Notify,
+    pub(crate) ready: Notify,
     deleted: AtomicBool,
 }
 
@@ -277,7 +277,11 @@ impl Broker {
     }
 
     /// The queue, created with the default policy on first use.
-    fn queue_or_create(&self, field: &str, name: &str) -> Result<Arc<QueueSlot>, BrokerError> {
+    pub(crate) fn queue_or_create(
+        &self,
+        field: &str,
+        name: &str,
+    ) -> Result<Arc<QueueSlot>, BrokerError> {
         validate_name(field, name)?;
         if let Some(slot) = self.inner.queues.get(name) {
             return Ok(slot.value().clone());
@@ -310,7 +314,7 @@ impl Broker {
 
     /// Runs `f` on the locked queue, then wakes long-pollers if jobs are visible and moves
     /// any dead letters to their queues (after the lock is released).
-    fn with_queue<R>(&self, slot: &QueueSlot, f: impl FnOnce(&mut Queue) -> R) -> R {
+    pub(crate) fn with_queue<R>(&self, slot: &QueueSlot, f: impl FnOnce(&mut Queue) -> R) -> R {
         let (result, letters, visible) = {
             let mut q = lock(&slot.queue);
             let result = f(&mut q);

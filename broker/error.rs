@@ -44,10 +44,22 @@ impl BrokerError {
 
     /// An INVALID_ARGUMENT error for a value over a limit.
     pub fn over_limit(field: impl Into<String>, value: u64, limit: u64, unit: &str) -> Self {
+        let unit = if unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {unit}")
+        };
         Self::invalid(
             field,
-            format!("{value} {unit} exceeds the limit of {limit} {unit}"),
+            format!("{value}{unit} exceeds the limit of {limit}{unit}"),
         )
+    }
+}
+
+impl BrokerError {
+    /// The gRPC status code this error maps to, for errors reported inside a stream.
+    pub fn grpc_code(&self) -> i32 {
+        tonic::Status::from(self.clone()).code() as i32
     }
 }
 

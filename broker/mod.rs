@@ -6,6 +6,7 @@
 //! server (with health and reflection) around a [`Broker`].
 
 pub mod config;
+pub mod consume;
 pub mod core;
 pub mod error;
 pub mod limits;
@@ -17,6 +18,7 @@ pub mod service;
 pub mod subscription;
 pub mod time;
 pub mod topic;
+pub mod wire;
 
 pub use self::core::{Broker, BrokerConfig};
 pub use self::error::BrokerError;

@@ -8,7 +8,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::broker::core::Broker;
 use crate::broker::service::BrokerService;
-use crate::pb::broker_server::BrokerServer;
+use crate::broker::wire::broker_server::BrokerServer;
 
 /// Server settings.
 #[derive(Debug, Clone)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::broker::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
 use crate::broker::core::{Broker, LeaseParams, PolicyPatch, QueueInfo, StatsSnapshot};
 use crate::broker::error::BrokerError;
 use crate::broker::limits::check_duration_ms;
@@ -15,7 +16,10 @@ use crate::broker::names::Pattern;
 use crate::broker::queue::{self, Backoff, Delivery, Job, JobState, MAX_PRIORITY, NewJob};
 use crate::broker::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
 use crate::broker::topic::{NewMessage, Retention, StoredMessage};
+use crate::broker::wire::{EncodedSubscribeResponse, broker_server};
 use crate::pb;
+use bytes::Bytes;
+use prost::Message as _;
 
 /// Longest `delay_ms`, and furthest `run_at`: one year.
 const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
@@ -168,9 +172,16 @@ fn message_to_pb(m: &StoredMessage) -> pb::Message {
     }
 }
 
-fn batch_to_pb(batch: SubscriptionBatch) -> pb::SubscribeResponse {
-    pb::SubscribeResponse {
-        messages: batch.messages.iter().map(|m| message_to_pb(m)).collect(),
+/// The message's protobuf bytes, encoded by the first subscriber that sends it.
+fn encoded_message(m: &StoredMessage) -> Bytes {
+    m.wire
+        .get_or_init(|| Bytes::from(message_to_pb(m).encode_to_vec()))
+        .clone()
+}
+
+fn batch_to_pb(batch: SubscriptionBatch) -> EncodedSubscribeResponse {
+    EncodedSubscribeResponse {
+        messages: batch.messages.iter().map(|m| encoded_message(m)).collect(),
         gaps: batch
             .gaps
             .into_iter()
@@ -310,12 +321,38 @@ fn stats_to_pb(s: StatsSnapshot) -> pb::StatsResponse {
     }
 }
 
+fn consume_commands(r: pb::ConsumeRequest) -> ConsumeCommands {
+    ConsumeCommands {
+        credits: r.credits,
+        acks: r
+            .acks
+            .into_iter()
+            .map(|a| (a.lease_id, (!a.result.is_empty()).then_some(a.result)))
+            .collect(),
+        nacks: r
+            .nacks
+            .into_iter()
+            .map(|n| NackCommand {
+                lease_id: n.lease_id,
+                error: n.error,
+                retry_delay_ms: (n.retry_delay_ms > 0).then_some(n.retry_delay_ms),
+                dead_letter: n.dead_letter,
+            })
+            .collect(),
+        extends: r
+            .extends
+            .into_iter()
+            .map(|e| (e.lease_id, e.visibility_timeout_ms))
+            .collect(),
+    }
+}
+
 fn peer(req: &Request<impl Sized>) -> String {
     req.remote_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
 #[tonic::async_trait]
-impl pb::broker_server::Broker for BrokerService {
+impl broker_server::Broker for BrokerService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
         let req = request.into_inner();
         self.broker
@@ -343,7 +380,7 @@ impl pb::broker_server::Broker for BrokerService {
         }))
     }
 
-    type SubscribeStream = BoxStream<pb::SubscribeResponse>;
+    type SubscribeStream = BoxStream<EncodedSubscribeResponse>;
 
     async fn subscribe(
         &self,
@@ -495,6 +532,64 @@ impl pb::broker_server::Broker for BrokerService {
             state: state_to_pb(state) as i32,
             next_attempt_unix_ms: at.unwrap_or(0),
         }))
+    }
+
+    type ConsumeStream = BoxStream<pb::ConsumeResponse>;
+
+    async fn consume(
+        &self,
+        request: Request<tonic::Streaming<pb::ConsumeRequest>>,
+    ) -> Reply<Self::ConsumeStream> {
+        let address = peer(&request);
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            BrokerError::invalid("queue", "the stream ended before its first request")
+        })?;
+        if first.queue.is_empty() {
+            return Err(BrokerError::invalid(
+                "queue",
+                "the first ConsumeRequest of a stream must name the queue",
+            )
+            .into());
+        }
+        let spec = ConsumeSpec {
+            queue: first.queue.clone(),
+            consumer: first.consumer.clone(),
+            address,
+            visibility_timeout_ms: (first.visibility_timeout_ms > 0)
+                .then_some(first.visibility_timeout_ms),
+        };
+        // The client side ends at its first transport error; what it held is released.
+        let rest = inbound
+            .take_while(|r| futures::future::ready(r.is_ok()))
+            .filter_map(|r| futures::future::ready(r.ok()))
+            .map(consume_commands);
+        let commands = futures::stream::iter([consume_commands(first)]).chain(rest);
+        let queue = spec.queue.clone();
+        let events = self.broker.consume(spec, Box::pin(commands))?;
+        let responses = events.map(move |event| {
+            Ok(match event {
+                ConsumeEvent::Jobs(jobs) => pb::ConsumeResponse {
+                    jobs: jobs
+                        .into_iter()
+                        .map(|d| delivery_to_pb(&queue, d))
+                        .collect(),
+                    errors: Vec::new(),
+                },
+                ConsumeEvent::Refused(refused) => pb::ConsumeResponse {
+                    jobs: Vec::new(),
+                    errors: refused
+                        .into_iter()
+                        .map(|(lease_id, e)| pb::SettleError {
+                            lease_id,
+                            code: e.grpc_code(),
+                            message: e.to_string(),
+                        })
+                        .collect(),
+                },
+            })
+        });
+        Ok(Response::new(Box::pin(responses)))
     }
 
     async fn extend_lease(

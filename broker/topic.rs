@@ -5,7 +5,7 @@
 //! appender: it only finds, later, that the messages it had not read were evicted.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
@@ -66,6 +66,9 @@ pub struct StoredMessage {
     pub payload: Bytes,
     /// Append time (non-decreasing within the topic).
     pub publish_time: Millis,
+    /// The message as the transport encodes it, filled by the first subscriber that sends
+    /// it and reused by every other one (opaque to the domain).
+    pub wire: OnceLock<Bytes>,
 }
 
 /// The outcome of one appended message.
@@ -205,6 +208,7 @@ impl Topic {
                 headers: m.headers,
                 payload: m.payload,
                 publish_time: time,
+                wire: OnceLock::new(),
             });
             self.bytes += msg.payload.len() as u64;
             self.log.push_back(msg.clone());

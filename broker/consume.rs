@@ -1,0 +1,293 @@
+//! Streaming consumers: one long-lived session per worker stream, with credit-based flow
+//! control (the worker says how many unsettled jobs it can hold) and settlements flowing
+//! back on the same stream. This saves a round trip per lease and batches everything.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::broker::core::{Broker, QueueSlot, lock};
+use crate::broker::error::BrokerError;
+use crate::broker::limits::check_duration_ms;
+use crate::broker::queue::{Delivery, LeaseId, MAX_VISIBILITY_MS};
+use crate::broker::time::now_ms;
+
+/// Who consumes what.
+#[derive(Debug, Clone)]
+pub struct ConsumeSpec {
+    /// Queue name.
+    pub queue: String,
+    /// Worker name (empty: the address).
+    pub consumer: String,
+    /// Peer address.
+    pub address: String,
+    /// Lease duration; `None` takes the queue policy's.
+    pub visibility_timeout_ms: Option<u64>,
+}
+
+/// A failed delivery reported on the stream.
+#[derive(Debug, Clone)]
+pub struct NackCommand {
+    /// Lease id.
+    pub lease_id: String,
+    /// Error text.
+    pub error: String,
+    /// Explicit retry delay.
+    pub retry_delay_ms: Option<u64>,
+    /// Dead-letter now.
+    pub dead_letter: bool,
+}
+
+/// One client message of a consume stream.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumeCommands {
+    /// More credit.
+    pub credits: u32,
+    /// Acks (lease id, optional result).
+    pub acks: Vec<(String, Option<Bytes>)>,
+    /// Nacks.
+    pub nacks: Vec<NackCommand>,
+    /// Extensions (lease id, visibility timeout).
+    pub extends: Vec<(String, u64)>,
+}
+
+/// One server message of a consume stream.
+#[derive(Debug)]
+pub enum ConsumeEvent {
+    /// Newly leased jobs.
+    Jobs(Vec<Delivery>),
+    /// Settlements that were refused, by lease id.
+    Refused(Vec<(String, BrokerError)>),
+}
+
+/// The server side of a consume stream; ends on shutdown or when the client side ends.
+pub struct ConsumeStream {
+    rx: mpsc::Receiver<ConsumeEvent>,
+}
+
+impl Stream for ConsumeStream {
+    type Item = ConsumeEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ConsumeEvent>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// Most credit a stream may hold; more would let one worker hoard a queue.
+const MAX_CREDITS: u64 = 10_000;
+
+impl Broker {
+    /// Opens a consume session. `commands` is the client side of the stream.
+    pub fn consume<S>(&self, spec: ConsumeSpec, commands: S) -> Result<ConsumeStream, BrokerError>
+    where
+        S: Stream<Item = ConsumeCommands> + Send + Unpin + 'static,
+    {
+        if let Some(v) = spec.visibility_timeout_ms {
+            check_duration_ms("visibility_timeout_ms", v, MAX_VISIBILITY_MS)?;
+        }
+        let slot = self.queue_or_create("queue", &spec.queue)?;
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(self.clone().run_consumer(slot, spec, commands, tx));
+        Ok(ConsumeStream { rx })
+    }
+
+    async fn run_consumer<S>(
+        self,
+        slot: Arc<QueueSlot>,
+        spec: ConsumeSpec,
+        mut commands: S,
+        tx: mpsc::Sender<ConsumeEvent>,
+    ) where
+        S: Stream<Item = ConsumeCommands> + Send + Unpin + 'static,
+    {
+        let consumer: Arc<str> = Arc::from(if spec.consumer.is_empty() {
+            spec.address.as_str()
+        } else {
+            spec.consumer.as_str()
+        });
+        let shutdown = self.inner.shutdown.clone();
+        let mut credits: u64 = 0;
+        // Deliveries of this stream not yet settled on it: (seq, nonce).
+        let mut outstanding: HashSet<(u64, u64)> = HashSet::new();
+        loop {
+            let notified = slot.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut next_due = None;
+            if credits > 0 {
+                let max = credits.min(self.limits().max_batch as u64) as usize;
+                let now = now_ms();
+                let (jobs, due) = self.with_queue(&slot, |q| {
+                    let visibility = spec
+                        .visibility_timeout_ms
+                        .unwrap_or(q.policy().visibility_timeout_ms);
+                    (
+                        q.lease(now, max, visibility, &consumer, &spec.address),
+                        q.next_due(),
+                    )
+                });
+                next_due = due;
+                if !jobs.is_empty() {
+                    credits -= jobs.len() as u64;
+                    outstanding.extend(jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce)));
+                    tokio::select! {
+                        sent = tx.send(ConsumeEvent::Jobs(jobs)) => if sent.is_err() { break },
+                        _ = shutdown.cancelled() => break,
+                    }
+                    continue;
+                }
+            }
+            let wake_at = next_due.map(|due| {
+                tokio::time::Instant::now() + Duration::from_millis(due.saturating_sub(now_ms()))
+            });
+            tokio::select! {
+                command = commands.next() => {
+                    let Some(command) = command else { break };
+                    credits = (credits + command.credits as u64).min(MAX_CREDITS);
+                    let refused = self.settle(&slot, command, &mut outstanding);
+                    if !refused.is_empty() {
+                        tokio::select! {
+                            sent = tx.send(ConsumeEvent::Refused(refused)) => if sent.is_err() { break },
+                            _ = shutdown.cancelled() => break,
+                        }
+                    }
+                }
+                _ = &mut notified, if credits > 0 => {}
+                _ = async { tokio::time::sleep_until(wake_at.expect("guarded")).await }, if credits > 0 && wake_at.is_some() => {}
+                _ = shutdown.cancelled() => break,
+                _ = tx.closed() => break,
+            }
+        }
+        self.release(&slot, outstanding);
+    }
+
+    /// Applies one command's settlements one by one; returns the refused ones.
+    fn settle(
+        &self,
+        slot: &QueueSlot,
+        command: ConsumeCommands,
+        outstanding: &mut HashSet<(u64, u64)>,
+    ) -> Vec<(String, BrokerError)> {
+        let mut refused = Vec::new();
+        let limits = self.limits();
+        let now = now_ms();
+        let parse = |field: &str, id: &str| -> Result<LeaseId, BrokerError> {
+            id.parse()
+                .map_err(|()| BrokerError::invalid(field, format!("{id:?} is not a lease id")))
+        };
+        // Settlements for another queue (leases from a unary Lease) go through the unary
+        // paths, which find their queue themselves.
+        let mut foreign_acks = Vec::new();
+        self.with_queue(slot, |q| {
+            for (lease_id, result) in command.acks {
+                let outcome = parse("acks.lease_id", &lease_id).and_then(|lease| {
+                    if lease.queue != q.name() {
+                        foreign_acks.push((lease_id.clone(), result));
+                        return Ok(());
+                    }
+                    if let Some(r) = &result {
+                        limits.check_payload("acks.result", r.len())?;
+                    }
+                    q.ack(now, &lease, result)?;
+                    outstanding.remove(&(lease.seq, lease.nonce));
+                    Ok(())
+                });
+                if let Err(e) = outcome {
+                    refused.push((lease_id, e));
+                }
+            }
+            for nack in &command.nacks {
+                let outcome = parse("nacks.lease_id", &nack.lease_id).and_then(|lease| {
+                    limits.check_error_text("nacks.error", &nack.error)?;
+                    if lease.queue != q.name() {
+                        return Err(BrokerError::invalid(
+                            "nacks.lease_id",
+                            format!(
+                                "lease {lease} is not from queue {:?} of this stream",
+                                q.name()
+                            ),
+                        ));
+                    }
+                    q.nack(
+                        now,
+                        &lease,
+                        nack.error.clone(),
+                        nack.retry_delay_ms,
+                        nack.dead_letter,
+                    )?;
+                    outstanding.remove(&(lease.seq, lease.nonce));
+                    Ok(())
+                });
+                if let Err(e) = outcome {
+                    refused.push((nack.lease_id.clone(), e));
+                }
+            }
+            for (lease_id, timeout) in &command.extends {
+                let outcome = parse("extends.lease_id", lease_id).and_then(|lease| {
+                    if *timeout == 0 {
+                        return Err(BrokerError::invalid(
+                            "extends.visibility_timeout_ms",
+                            "must be at least 1 ms",
+                        ));
+                    }
+                    check_duration_ms(
+                        "extends.visibility_timeout_ms",
+                        *timeout,
+                        MAX_VISIBILITY_MS,
+                    )?;
+                    if lease.queue != q.name() {
+                        return Err(BrokerError::invalid(
+                            "extends.lease_id",
+                            format!(
+                                "lease {lease} is not from queue {:?} of this stream",
+                                q.name()
+                            ),
+                        ));
+                    }
+                    q.extend(now, &lease, *timeout).map(|_| ())
+                });
+                if let Err(e) = outcome {
+                    refused.push((lease_id.clone(), e));
+                }
+            }
+        });
+        for (lease_id, result) in foreign_acks {
+            if let Err(e) = self.ack(vec![(lease_id.clone(), result)]) {
+                refused.push((lease_id, e));
+            }
+        }
+        refused
+    }
+
+    /// Puts back what a closed stream held: visible again at once, as a failed attempt.
+    fn release(&self, slot: &QueueSlot, outstanding: HashSet<(u64, u64)>) {
+        if outstanding.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        let queue = lock(&slot.queue).name().to_owned();
+        self.with_queue(slot, |q| {
+            for (seq, nonce) in outstanding {
+                let lease = LeaseId {
+                    queue: queue.clone(),
+                    seq,
+                    nonce,
+                };
+                // Already settled elsewhere or expired: nothing to release.
+                let _ = q.nack(
+                    now,
+                    &lease,
+                    "released: the consumer stream closed".into(),
+                    Some(0),
+                    false,
+                );
+            }
+        });
+    }
+}

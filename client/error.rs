@@ -1,0 +1,71 @@
+//! The client's one error type.
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL given to `connect` is not usable.
+    #[error("invalid broker URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The connection could not be made.
+    #[error("cannot connect to the broker: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The broker refused the request; the status message says why.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// A payload could not be encoded.
+    #[error("cannot encode payload: {0}")]
+    Encode(String),
+    /// A payload could not be decoded as the expected type.
+    #[error("cannot decode payload of {context}: {reason}")]
+    Decode {
+        /// What was being decoded (topic and sequence, or job id).
+        context: String,
+        /// Why.
+        reason: String,
+    },
+    /// Messages were lost to retention before this subscriber read them. The subscription
+    /// goes on from `next_available`.
+    #[error(
+        "gap in topic {topic:?}: sequences {first_missing}..{next_available} were evicted before delivery"
+    )]
+    Gap {
+        /// Topic.
+        topic: String,
+        /// First missed sequence.
+        first_missing: u64,
+        /// Where delivery goes on.
+        next_available: u64,
+    },
+    /// The broker refused an ack sent on a consume stream (e.g. the lease was stale).
+    #[error("ack of lease {lease_id} refused: {code}: {message}")]
+    Refused {
+        /// The lease.
+        lease_id: String,
+        /// The status code a unary Ack would have returned.
+        code: tonic::Code,
+        /// Why.
+        message: String,
+    },
+    /// A request/reply call got no reply in time.
+    #[error("no reply within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+impl ClientError {
+    /// The gRPC status code, if the broker answered with an error.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Self::Status(s) => Some(s.code()),
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Result of client calls.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

@@ -1,0 +1,202 @@
+//! The streaming Consume RPC: credit-based flow control, acks on the stream, refusals,
+//! release of unsettled jobs when the stream closes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestBroker, within};
+use futures::StreamExt;
+use sluice::client::{ClientError, Job};
+use sluice::pb;
+use tonic::Code;
+
+async fn enqueue_n(client: &sluice::client::Client, queue: &str, n: usize) {
+    let jobs = (0..n).map(|i| Job::new(format!("{i}"))).collect();
+    client.enqueue_batch(queue, jobs).await.unwrap();
+}
+
+#[tokio::test]
+async fn credits_bound_the_jobs_in_flight_and_acks_on_the_stream_complete_them() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    enqueue_n(&client, "c", 10).await;
+    let mut consumer = client
+        .consume("c")
+        .prefetch(3)
+        .consumer("s1")
+        .open()
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(within(consumer.next()).await.unwrap().unwrap());
+    }
+    // No fourth job while three are unsettled.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), consumer.next())
+            .await
+            .is_err()
+    );
+    held.remove(0).ack().await.unwrap();
+    held.push(within(consumer.next()).await.unwrap().unwrap());
+    for lease in held.drain(..) {
+        lease.ack().await.unwrap();
+    }
+    for _ in 0..6 {
+        within(consumer.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .ack()
+            .await
+            .unwrap();
+    }
+    // Acks travel asynchronously; wait until the broker has applied them.
+    within(async {
+        loop {
+            let stats = client.stats().await.unwrap();
+            if stats.queues[0].completed == 10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let consumers = client
+        .rpc()
+        .list_consumers(pb::ListConsumersRequest { queue: "c".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .consumers;
+    assert_eq!((consumers[0].name.as_str(), consumers[0].done), ("s1", 10));
+}
+
+#[tokio::test]
+async fn an_idle_stream_waits_for_work_and_nacks_stay_exact() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut consumer = client.consume("idle").open().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.enqueue("idle", "late").send().await.unwrap();
+    let lease = within(consumer.next()).await.unwrap().unwrap();
+    assert_eq!(lease.payload().as_ref(), b"late");
+    let outcome = lease
+        .nack_after("try again", Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(outcome.state, pb::JobState::Retrying);
+    let again = within(consumer.next()).await.unwrap().unwrap();
+    assert_eq!(again.attempt(), 2);
+    assert_eq!(
+        again.dead_letter("poison").await.unwrap().state,
+        pb::JobState::Dead
+    );
+}
+
+#[tokio::test]
+async fn a_stale_ack_on_the_stream_is_refused_and_changes_nothing() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    client
+        .create_queue(
+            "st",
+            pb::QueuePolicy {
+                backoff: Some(pb::BackoffPolicy {
+                    delays_ms: vec![0],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    client.enqueue("st", "x").send().await.unwrap();
+    let mut consumer = client
+        .consume("st")
+        .prefetch(1)
+        .visibility_timeout(Duration::from_millis(150))
+        .open()
+        .await
+        .unwrap();
+    let stale = within(consumer.next()).await.unwrap().unwrap();
+    let live = client
+        .lease("st")
+        .wait(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(live.attempt(), 2);
+    let stale_id = stale.lease_id().to_owned();
+    stale.ack().await.unwrap();
+    match within(consumer.next()).await.unwrap() {
+        Err(ClientError::Refused {
+            lease_id,
+            code,
+            message,
+        }) => {
+            assert_eq!(lease_id, stale_id);
+            assert_eq!(code, Code::FailedPrecondition);
+            assert!(message.contains("stale"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    live.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn closing_the_stream_releases_unsettled_jobs_at_once() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    enqueue_n(&client, "rel", 5).await;
+    let mut consumer = client.consume("rel").prefetch(5).open().await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(within(consumer.next()).await.unwrap().unwrap());
+    }
+    drop(consumer);
+    let released = within(async {
+        loop {
+            let leases = client.lease("rel").max_jobs(10).send().await.unwrap();
+            if !leases.is_empty() {
+                return leases;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Released with the default 30 s visibility timeout still far away.
+    assert_eq!(released.len(), 5);
+    assert!(released.iter().all(|l| l.attempt() == 2));
+    client.ack_batch(released).await.unwrap();
+    drop(held);
+}
+
+#[tokio::test]
+async fn the_first_request_must_name_the_queue() {
+    let broker = TestBroker::start().await;
+    let mut rpc = broker.rpc().await;
+    let first = pb::ConsumeRequest {
+        credits: 1,
+        ..Default::default()
+    };
+    let err = rpc
+        .consume(futures::stream::iter([first]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("queue"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn shutdown_ends_consume_streams() {
+    let mut broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut consumer = client.consume("sd").open().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    broker.stop();
+    assert!(within(consumer.next()).await.is_none());
+    within(&mut broker.handle).await.unwrap();
+}

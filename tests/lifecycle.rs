@@ -1,0 +1,140 @@
+//! Server lifecycle: health, reflection, and a graceful shutdown that ends open streams.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestBroker, within};
+use futures::StreamExt;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+#[tokio::test]
+async fn health_reports_serving() {
+    let broker = TestBroker::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(broker.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "sluice.v1.Broker"] {
+        let response = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.status(), ServingStatus::Serving, "{service:?}");
+    }
+}
+
+#[tokio::test]
+async fn reflection_lists_the_broker_service() {
+    let broker = TestBroker::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(broker.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"sluice.v1.Broker".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_ends_subscriptions_and_long_polls_and_serve_returns() {
+    let mut broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut sub = client
+        .subscribe("events.>")
+        .reconnect(false)
+        .raw()
+        .await
+        .unwrap();
+    let poll = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .lease("jobs")
+                .wait(Duration::from_secs(60))
+                .send()
+                .await
+        })
+    };
+    client.publish("events.a", "before").await.unwrap();
+    assert_eq!(
+        within(sub.next()).await.unwrap().unwrap().value.as_ref(),
+        b"before"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    broker.stop();
+    // The subscription ends (no more items), the long poll returns empty, serve returns.
+    assert!(within(sub.next()).await.is_none());
+    let leased = within(poll).await.unwrap().unwrap();
+    assert!(leased.is_empty());
+    within(&mut broker.handle).await.unwrap();
+}
+
+#[tokio::test]
+async fn watch_stats_streams_fresh_figures_until_cancelled() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut watch = client
+        .rpc()
+        .watch_stats(sluice::pb::WatchStatsRequest {
+            filter: None,
+            interval_ms: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within(watch.message()).await.unwrap().unwrap();
+    assert!(first.queues.is_empty());
+    client.enqueue("watched", "x").send().await.unwrap();
+    let seen = within(async {
+        loop {
+            let s = watch.message().await.unwrap().unwrap();
+            if let Some(q) = s.queues.iter().find(|q| q.name == "watched") {
+                return (q.pending, s.taken_at_unix_ms);
+            }
+        }
+    })
+    .await;
+    assert_eq!(seen.0, 1);
+    assert!(seen.1 >= first.taken_at_unix_ms);
+    let err = client
+        .rpc()
+        .watch_stats(sluice::pb::WatchStatsRequest {
+            filter: None,
+            interval_ms: 10,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("interval_ms"), "{}", err.message());
+}

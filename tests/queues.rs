@@ -1,0 +1,555 @@
+//! Work-queue RPCs over real gRPC.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestBroker, within};
+use sluice::client::Job;
+use sluice::pb;
+use tonic::Code;
+
+fn policy(f: impl FnOnce(&mut pb::QueuePolicy)) -> pb::QueuePolicy {
+    let mut p = pb::QueuePolicy::default();
+    f(&mut p);
+    p
+}
+
+fn no_backoff() -> Option<pb::BackoffPolicy> {
+    Some(pb::BackoffPolicy {
+        delays_ms: vec![0],
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn enqueue_lease_ack_round_trip_with_result_and_history() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let enqueued = client
+        .enqueue("emails", "hello")
+        .kind("welcome")
+        .priority(3)
+        .header("trace", "abc")
+        .send()
+        .await
+        .unwrap();
+    assert!(!enqueued.duplicate);
+    assert_eq!(
+        uuid::Uuid::parse_str(&enqueued.job_id)
+            .unwrap()
+            .get_version_num(),
+        7
+    );
+
+    let leases = client.lease("emails").consumer("w1").send().await.unwrap();
+    assert_eq!(leases.len(), 1);
+    let lease = leases.into_iter().next().unwrap();
+    assert_eq!(lease.job_id(), enqueued.job_id);
+    assert_eq!(lease.kind(), "welcome");
+    assert_eq!(lease.payload().as_ref(), b"hello");
+    assert_eq!(lease.headers()["trace"], "abc");
+    assert_eq!(lease.attempt(), 1);
+    assert_eq!(lease.max_attempts(), 5);
+    assert_eq!(lease.job().priority, 3);
+    assert_eq!(lease.queue(), "emails");
+    lease.ack_with_result("sent").await.unwrap();
+
+    let job = client.get_job(&enqueued.job_id).await.unwrap();
+    assert_eq!(job.state(), pb::JobState::Completed);
+    assert_eq!(job.result.as_ref(), b"sent");
+    assert_eq!(job.queue, "emails");
+    assert_eq!(job.consumer, "w1");
+    assert!(job.finished_at_unix_ms >= job.enqueued_at_unix_ms);
+
+    let history = client
+        .rpc()
+        .job_history(pb::JobHistoryRequest {
+            queue: "emails".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.jobs.len(), 1);
+    assert_eq!(history.jobs[0].id, enqueued.job_id);
+}
+
+#[tokio::test]
+async fn batches_lease_by_priority_then_fifo() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let jobs = [("l1", 0), ("h1", 9), ("m", 4), ("h2", 9), ("l2", 0)]
+        .into_iter()
+        .map(|(p, prio)| Job::new(p).priority(prio))
+        .collect();
+    let ids = client.enqueue_batch("q", jobs).await.unwrap();
+    assert_eq!(ids.len(), 5);
+    let leases = client.lease("q").max_jobs(10).send().await.unwrap();
+    let order: Vec<&[u8]> = leases.iter().map(|l| l.payload().as_ref()).collect();
+    assert_eq!(order, [&b"h1"[..], b"h2", b"m", b"l1", b"l2"]);
+    client.ack_batch(leases).await.unwrap();
+    let stats = client.stats().await.unwrap();
+    let q = stats.queues.iter().find(|q| q.name == "q").unwrap();
+    assert_eq!((q.completed, q.pending, q.leased, q.enqueued), (5, 0, 0, 5));
+}
+
+#[tokio::test]
+async fn long_poll_wakes_on_enqueue_and_times_out_empty() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let started = Instant::now();
+    let empty = client
+        .lease("idle")
+        .wait(Duration::from_millis(200))
+        .send()
+        .await
+        .unwrap();
+    assert!(empty.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(190));
+
+    let waiter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let leases = client
+                .lease("wake")
+                .wait(Duration::from_secs(10))
+                .send()
+                .await
+                .unwrap();
+            (leases, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.enqueue("wake", "now").send().await.unwrap();
+    let (leases, elapsed) = within(waiter).await.unwrap();
+    assert_eq!(leases.len(), 1);
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    for l in leases {
+        l.ack().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn delayed_jobs_become_visible_at_their_time() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let enqueued_at = Instant::now();
+    let id = client
+        .enqueue("later", "x")
+        .delay(Duration::from_millis(300))
+        .send()
+        .await
+        .unwrap()
+        .job_id;
+    assert_eq!(
+        client.get_job(&id).await.unwrap().state(),
+        pb::JobState::Scheduled
+    );
+    assert!(client.lease("later").send().await.unwrap().is_empty());
+    let leases = client
+        .lease("later")
+        .wait(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 1);
+    assert!(enqueued_at.elapsed() >= Duration::from_millis(290));
+    leases.into_iter().next().unwrap().ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_stale_and_the_job_is_delivered_again() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    client
+        .create_queue("vt", policy(|p| p.backoff = no_backoff()))
+        .await
+        .unwrap();
+    client.enqueue("vt", "x").send().await.unwrap();
+    let first = client
+        .lease("vt")
+        .visibility_timeout(Duration::from_millis(200))
+        .send()
+        .await
+        .unwrap()
+        .remove(0);
+    let second = client
+        .lease("vt")
+        .visibility_timeout(Duration::from_secs(30))
+        .wait(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(second.job_id(), first.job_id());
+    assert_eq!(second.attempt(), 2);
+    let err = first.clone().ack().await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("stale"), "{err}");
+    // The late ack changed nothing: the live delivery still settles.
+    second.ack().await.unwrap();
+    let job = client.get_job(first.job_id()).await.unwrap();
+    assert_eq!((job.state(), job.attempts), (pb::JobState::Completed, 2));
+    assert!(
+        job.last_error.contains("lease expired"),
+        "{}",
+        job.last_error
+    );
+}
+
+#[tokio::test]
+async fn extend_keeps_the_lease_alive() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    client.enqueue("ext", "x").send().await.unwrap();
+    let mut lease = client
+        .lease("ext")
+        .visibility_timeout(Duration::from_millis(300))
+        .send()
+        .await
+        .unwrap()
+        .remove(0);
+    let before = lease.deadline_unix_ms();
+    lease.extend(Duration::from_secs(30)).await.unwrap();
+    assert!(lease.deadline_unix_ms() > before + 20_000);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(client.lease("ext").send().await.unwrap().is_empty());
+    lease.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn retries_dead_letter_with_headers_and_redrive_brings_jobs_back() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    client
+        .create_queue(
+            "work",
+            policy(|p| {
+                p.max_attempts = 2;
+                p.backoff = no_backoff();
+            }),
+        )
+        .await
+        .unwrap();
+    let id = client
+        .enqueue("work", "poison")
+        .send()
+        .await
+        .unwrap()
+        .job_id;
+
+    let l1 = client.lease("work").send().await.unwrap().remove(0);
+    let outcome = l1.nack("boom 1").await.unwrap();
+    assert_eq!(outcome.state, pb::JobState::Pending);
+    let l2 = client.lease("work").send().await.unwrap().remove(0);
+    assert_eq!(l2.attempt(), 2);
+    assert_eq!(l2.nack("boom 2").await.unwrap().state, pb::JobState::Dead);
+
+    let job = client.get_job(&id).await.unwrap();
+    assert_eq!(job.state(), pb::JobState::Dead);
+    assert_eq!(job.dead_letter_queue, "work.dlq");
+    assert_eq!(job.last_error, "boom 2");
+
+    let dead = client.lease("work.dlq").send().await.unwrap().remove(0);
+    assert_eq!(dead.job_id(), id);
+    assert_eq!(dead.headers()["x-sluice-original-queue"], "work");
+    assert_eq!(dead.headers()["x-sluice-attempts"], "2");
+    assert_eq!(dead.headers()["x-sluice-last-error"], "boom 2");
+    assert!(dead.headers().contains_key("x-sluice-dead-lettered-at"));
+    // Put it back so it can be redriven.
+    dead.nack_after("inspect later", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let redrive = client
+        .rpc()
+        .redrive(pb::RedriveRequest {
+            dead_letter_queue: "work.dlq".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redrive.redriven, 1);
+    let back = client.lease("work").send().await.unwrap().remove(0);
+    assert_eq!(back.job_id(), id);
+    assert_eq!(back.attempt(), 1);
+    assert!(!back.headers().contains_key("x-sluice-original-queue"));
+    back.ack().await.unwrap();
+    assert_eq!(
+        client.get_job(&id).await.unwrap().state(),
+        pb::JobState::Completed
+    );
+}
+
+#[tokio::test]
+async fn nack_as_poison_dead_letters_at_once_and_redrive_by_id_is_rate_limited() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            client
+                .enqueue("p", format!("{i}"))
+                .send()
+                .await
+                .unwrap()
+                .job_id,
+        );
+    }
+    for lease in client.lease("p").max_jobs(3).send().await.unwrap() {
+        assert_eq!(
+            lease.dead_letter("bad input").await.unwrap().state,
+            pb::JobState::Dead
+        );
+    }
+    let started = Instant::now();
+    let redrive = client
+        .rpc()
+        .redrive(pb::RedriveRequest {
+            dead_letter_queue: "p.dlq".into(),
+            job_ids: vec![
+                ids[0].clone(),
+                ids[2].clone(),
+                uuid::Uuid::now_v7().to_string(),
+            ],
+            rate_per_second: 10,
+            max_jobs: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redrive.redriven, 2);
+    assert_eq!(redrive.skipped_ids.len(), 1);
+    // 10 jobs a second, one per 100 ms step: the second job waits for the second step.
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    let back = client.lease("p").max_jobs(10).send().await.unwrap();
+    assert_eq!(back.len(), 2);
+    client.ack_batch(back).await.unwrap();
+}
+
+#[tokio::test]
+async fn idempotency_keys_return_the_original_job() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let a = client
+        .enqueue("idem", "x")
+        .idempotency_key("order-1")
+        .send()
+        .await
+        .unwrap();
+    let b = client
+        .enqueue("idem", "x")
+        .idempotency_key("order-1")
+        .send()
+        .await
+        .unwrap();
+    assert!(b.duplicate);
+    assert_eq!(a.job_id, b.job_id);
+    let leases = client.lease("idem").max_jobs(10).send().await.unwrap();
+    assert_eq!(leases.len(), 1);
+    client.ack_batch(leases).await.unwrap();
+}
+
+#[tokio::test]
+async fn ordering_keys_serialise_jobs_per_key() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let jobs = ["a1", "a2", "b1"]
+        .into_iter()
+        .map(|p| Job::new(p).ordering_key(&p[..1]))
+        .collect();
+    client.enqueue_batch("ord", jobs).await.unwrap();
+    let first = client.lease("ord").max_jobs(10).send().await.unwrap();
+    let payloads: Vec<&[u8]> = first.iter().map(|l| l.payload().as_ref()).collect();
+    assert_eq!(payloads, [&b"a1"[..], b"b1"]);
+    assert_eq!(first[0].job().ordering_key, "a");
+    client.ack_batch(first).await.unwrap();
+    let next = client.lease("ord").max_jobs(10).send().await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].payload().as_ref(), b"a2");
+    client.ack_batch(next).await.unwrap();
+}
+
+#[tokio::test]
+async fn cancel_list_purge_pause_and_delete() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut rpc = client.rpc();
+    let ids: Vec<String> = client
+        .enqueue_batch("adm", (0..5).map(|i| Job::new(format!("{i}"))).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.job_id)
+        .collect();
+    let leased = client.lease("adm").send().await.unwrap().remove(0);
+    assert_eq!(leased.job_id(), ids[0]);
+
+    let err = client.cancel_job(&ids[0]).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    let cancelled = client.cancel_job(&ids[1]).await.unwrap();
+    assert_eq!(cancelled.state(), pb::JobState::Cancelled);
+    let err = client.cancel_job(&ids[1]).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+
+    let page = rpc
+        .list_jobs(pb::ListJobsRequest {
+            queue: "adm".into(),
+            state: pb::JobState::Pending as i32,
+            page_size: 2,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        page.jobs.iter().map(|j| &j.id).collect::<Vec<_>>(),
+        [&ids[2], &ids[3]]
+    );
+    let rest = rpc
+        .list_jobs(pb::ListJobsRequest {
+            queue: "adm".into(),
+            state: pb::JobState::Pending as i32,
+            page_size: 2,
+            page_token: page.next_page_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.jobs.len(), 1);
+    assert!(rest.next_page_token.is_empty());
+
+    let purged = rpc
+        .purge_queue(pb::PurgeQueueRequest { name: "adm".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(purged.purged, 3);
+    leased.ack().await.unwrap();
+
+    // Paused: enqueue works, lease waits like an empty queue, resume wakes it.
+    let info = rpc
+        .pause_queue(pb::PauseQueueRequest { name: "adm".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.paused);
+    client.enqueue("adm", "after pause").send().await.unwrap();
+    assert!(client.lease("adm").send().await.unwrap().is_empty());
+    let waiter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .lease("adm")
+                .wait(Duration::from_secs(10))
+                .send()
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    rpc.resume_queue(pb::ResumeQueueRequest { name: "adm".into() })
+        .await
+        .unwrap();
+    let woke = within(waiter).await.unwrap().unwrap();
+    assert_eq!(woke.len(), 1);
+    client.ack_batch(woke).await.unwrap();
+
+    rpc.delete_queue(pb::DeleteQueueRequest { name: "adm".into() })
+        .await
+        .unwrap();
+    let err = rpc
+        .purge_queue(pb::PurgeQueueRequest { name: "adm".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn queue_admin_and_consumer_listing() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut rpc = client.rpc();
+    let created = client
+        .create_queue(
+            "orders",
+            policy(|p| {
+                p.max_attempts = 7;
+                p.visibility_timeout_ms = 5_000;
+                p.topic_bindings = vec!["order.*".into()];
+            }),
+        )
+        .await
+        .unwrap();
+    let p = created.policy.unwrap();
+    assert_eq!((p.max_attempts, p.visibility_timeout_ms), (7, 5_000));
+    assert_eq!(p.dead_letter_queue, "orders.dlq");
+    assert_eq!(p.topic_bindings, ["order.*"]);
+
+    let err = client
+        .create_queue("orders", pb::QueuePolicy::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::AlreadyExists));
+
+    let updated = rpc
+        .update_queue(pb::UpdateQueueRequest {
+            name: "orders".into(),
+            policy: Some(policy(|p| p.max_depth = 10)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .policy
+        .unwrap();
+    assert_eq!((updated.max_depth, updated.max_attempts), (10, 7));
+    assert_eq!(updated.topic_bindings, ["order.*"], "bindings kept");
+
+    let queues = rpc
+        .list_queues(pb::ListQueuesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(queues.queues.iter().any(|q| q.name == "orders"));
+
+    client.enqueue("orders", "a").send().await.unwrap();
+    client.enqueue("orders", "b").send().await.unwrap();
+    let l = client
+        .lease("orders")
+        .consumer("billing-1")
+        .send()
+        .await
+        .unwrap()
+        .remove(0);
+    l.ack().await.unwrap();
+    let _held = client
+        .lease("orders")
+        .consumer("billing-1")
+        .send()
+        .await
+        .unwrap()
+        .remove(0);
+    let consumers = rpc
+        .list_consumers(pb::ListConsumersRequest {
+            queue: "orders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .consumers;
+    assert_eq!(consumers.len(), 1);
+    let c = &consumers[0];
+    assert_eq!(
+        (c.name.as_str(), c.leases_held, c.done, c.failed),
+        ("billing-1", 1, 1, 0)
+    );
+    assert!(c.address.starts_with("127.0.0.1:"), "{}", c.address);
+
+    let stats = client.stats().await.unwrap();
+    let q = stats.queues.iter().find(|q| q.name == "orders").unwrap();
+    assert_eq!((q.leased, q.completed, q.consumers), (1, 1, 1));
+    assert!(q.ack_rate > 0.0 && q.enqueue_rate > 0.0);
+}
