@@ -40,7 +40,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "sluice,raw-tonic,rabbitmq,nats,jetstream,redis"
+        default_value = "sluice,sluice-consume,raw-tonic,rabbitmq,nats,jetstream,redis"
     )]
     systems: Vec<String>,
     /// Flags given to `sluice serve` for the durable table (whitespace separated).
@@ -79,6 +79,7 @@ struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum System {
     Sluice,
+    SluiceConsume,
     Raw,
     Rabbit,
     Nats,
@@ -87,8 +88,9 @@ enum System {
 }
 
 impl System {
-    const ALL: [System; 6] = [
+    const ALL: [System; 7] = [
         System::Sluice,
+        System::SluiceConsume,
         System::Raw,
         System::Rabbit,
         System::Nats,
@@ -99,6 +101,7 @@ impl System {
     fn key(self) -> &'static str {
         match self {
             System::Sluice => "sluice",
+            System::SluiceConsume => "sluice-consume",
             System::Raw => "raw-tonic",
             System::Rabbit => "rabbitmq",
             System::Nats => "nats",
@@ -110,6 +113,7 @@ impl System {
     fn label(self) -> &'static str {
         match self {
             System::Sluice => "Sluice",
+            System::SluiceConsume => "Sluice (Consume stream)",
             System::Raw => "raw tonic (transport limit)",
             System::Rabbit => "RabbitMQ (lapin)",
             System::Nats => "NATS core",
@@ -120,7 +124,7 @@ impl System {
 
     fn addr(self) -> Option<&'static str> {
         match self {
-            System::Sluice | System::Raw => None,
+            System::Sluice | System::SluiceConsume | System::Raw => None,
             System::Rabbit => Some(rabbit::ADDR),
             System::Nats | System::JetStream => Some(nats::ADDR),
             System::Redis => Some(redis_streams::ADDR),
@@ -291,11 +295,17 @@ async fn probe_sluice_args(durable: &[String]) -> Res<SluiceArgs> {
     Ok(SluiceArgs { memory, durable })
 }
 
+/// Whether a row is shown at all: the Consume-stream variant only exists for the
+/// work-queue scenarios.
+fn relevant(system: System, case: &Case) -> bool {
+    system != System::SluiceConsume || matches!(case.kind, Kind::S2 { .. } | Kind::S3Queue)
+}
+
 fn not_applicable(system: System, case: &Case) -> Option<String> {
     use Kind::*;
     let durable = case.storage == Storage::Durable;
     match system {
-        System::Sluice => None,
+        System::Sluice | System::SluiceConsume => None,
         System::Raw => match case.kind {
             _ if durable => Some("n/a (no storage)".into()),
             S5Backlog { .. } | S5Expiry { .. } => Some("n/a (no queue state)".into()),
@@ -350,7 +360,7 @@ async fn run_case(
     }
     let storage = case.storage;
     match system {
-        System::Sluice => {
+        System::Sluice | System::SluiceConsume => {
             let args = match (storage, &sluice_args.durable) {
                 (Storage::Memory, _) => sluice_args.memory.clone(),
                 (Storage::Durable, Ok(a)) => a.clone(),
@@ -367,6 +377,12 @@ async fn run_case(
             };
             let (addr, pid) = (proc.addr, Some(proc.pid()));
             let r = match case.kind {
+                S2 { batch } if system == System::SluiceConsume => {
+                    sluice_peer::s2_consume(addr, s, batch).await
+                }
+                S3Queue if system == System::SluiceConsume => {
+                    sluice_peer::s3_consume(addr, s, S3_RATE).await
+                }
                 S1 { subs, batch } => sluice_peer::s1(addr, s, subs, batch).await,
                 S2 { batch } => sluice_peer::s2(addr, s, batch).await,
                 S3Topic => sluice_peer::s3_topic(addr, s, S3_RATE).await,
@@ -541,19 +557,22 @@ fn verdicts(rows: &[Row]) -> Vec<String> {
         })
         .and_then(|r| number_after(main_text(r).0, ""))
     };
-    if let Some(v) = s2(System::Sluice) {
-        let best = [System::Rabbit, System::JetStream, System::Redis]
-            .into_iter()
-            .filter_map(|p| s2(p).map(|x| (p, x)))
-            .max_by(|a, b| a.1.total_cmp(&b.1));
+    let best = [System::Rabbit, System::JetStream, System::Redis]
+        .into_iter()
+        .filter_map(|p| s2(p).map(|x| (p, x)))
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    for sys in [System::Sluice, System::SluiceConsume] {
+        let Some(v) = s2(sys) else { continue };
         out.push(format!(
-            "S2 batch 100 >= 500,000 acked jobs/s: {} (measured {} jobs/s)",
+            "S2 batch 100 >= 500,000 acked jobs/s, {}: {} (measured {} jobs/s)",
+            sys.label(),
             yes(v >= 500_000.0),
             thousands(v as u64)
         ));
         if let Some((p, b)) = best {
             out.push(format!(
-                "S2 batch 100 >= 2x best peer: {} ({:.2}x {} at {} jobs/s)",
+                "S2 batch 100 >= 2x best peer, {}: {} ({:.2}x {} at {} jobs/s)",
+                sys.label(),
                 yes(v >= 2.0 * b),
                 v / b,
                 p.label(),
@@ -570,14 +589,17 @@ fn verdicts(rows: &[Row]) -> Vec<String> {
             p99
         ));
     }
-    if let Some(r) = measured(rows, System::Sluice, |c| matches!(c.kind, Kind::S3Queue))
-        && let Some(p99) = number_after(main_text(r).0, "p99")
-    {
-        out.push(format!(
-            "S3 enqueue->lease p99 <= 500 µs at 10k msg/s: {} (measured {} µs)",
-            yes(p99 <= 500.0),
-            p99
-        ));
+    for sys in [System::Sluice, System::SluiceConsume] {
+        if let Some(r) = measured(rows, sys, |c| matches!(c.kind, Kind::S3Queue))
+            && let Some(p99) = number_after(main_text(r).0, "p99")
+        {
+            out.push(format!(
+                "S3 enqueue->lease p99 <= 500 µs at 10k msg/s, {}: {} (measured {} µs)",
+                sys.label(),
+                yes(p99 <= 500.0),
+                p99
+            ));
+        }
     }
     for r in rows.iter().filter(|r| {
         r.system == System::Sluice
@@ -810,6 +832,9 @@ fn main() -> Result<(), BoxError> {
         let mut rows = Vec::new();
         for case in &cases {
             for &system in &systems {
+                if !relevant(system, case) {
+                    continue;
+                }
                 let t0 = Instant::now();
                 let outcome = match tokio::time::timeout(
                     case_limit(case),
@@ -831,11 +856,7 @@ fn main() -> Result<(), BoxError> {
                     case.storage.label(),
                     system.label(),
                     main,
-                    if matches!(outcome, Outcome::Measured { .. }) {
-                        String::new()
-                    } else {
-                        extra
-                    },
+                    extra,
                     secs
                 );
                 rows.push(Row {

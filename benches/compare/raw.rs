@@ -127,7 +127,9 @@ impl tonic::server::ServerStreamingService<pb::SubscribeRequest> for SubscribeSv
                     }
                 }
             });
-            Ok(Response::new(Box::pin(stream) as BoxStream<pb::SubscribeResponse>))
+            Ok(Response::new(
+                Box::pin(stream) as BoxStream<pb::SubscribeResponse>
+            ))
         })
     }
 }
@@ -164,9 +166,9 @@ where
                 });
                 Ok(grpc().unary(svc, req).await)
             }),
-            "/sluice.v1.Broker/Subscribe" => Box::pin(async move {
-                Ok(grpc().server_streaming(SubscribeSvc(s), req).await)
-            }),
+            "/sluice.v1.Broker/Subscribe" => {
+                Box::pin(async move { Ok(grpc().server_streaming(SubscribeSvc(s), req).await) })
+            }
             "/sluice.v1.Broker/Enqueue" => Box::pin(async move {
                 let svc = Unary(move |r| {
                     let s = s.clone();

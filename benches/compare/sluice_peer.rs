@@ -720,3 +720,184 @@ pub async fn s5_expiry(addr: SocketAddr, s: &Settings, m: u64) -> Res<Outcome> {
         None => Outcome::Failed("not all leases requeued within 60 s".into()),
     })
 }
+
+/// A worker on the streaming Consume RPC: grants `credits`, acks every delivered batch on
+/// the stream and grants the same number of credits again. Counts acks sent (the stream
+/// answers refused settlements only, in `errors`).
+async fn consume_worker(
+    addr: SocketAddr,
+    queue: String,
+    name: String,
+    credits: u32,
+    meter: Meter,
+    mut hist: Option<hdrhistogram::Histogram<u64>>,
+) -> Res<Option<hdrhistogram::Histogram<u64>>> {
+    let mut c = connect(addr).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ConsumeRequest>(64);
+    tx.send(pb::ConsumeRequest {
+        queue,
+        consumer: name,
+        visibility_timeout_ms: 60_000,
+        credits,
+        ..Default::default()
+    })
+    .await?;
+    let mut stream = c
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    while !meter.stopped() {
+        match tokio::time::timeout(Duration::from_millis(100), stream.message()).await {
+            Ok(Ok(Some(resp))) => {
+                for _ in &resp.errors {
+                    meter.error();
+                }
+                let n = resp.jobs.len();
+                if n == 0 {
+                    continue;
+                }
+                let acks = resp
+                    .jobs
+                    .into_iter()
+                    .map(|j| {
+                        if let Some(h) = hist.as_mut()
+                            && let Some(st) = stamp_of(&j.payload)
+                        {
+                            record_since(h, st);
+                        }
+                        pb::LeaseAck {
+                            lease_id: j.lease_id,
+                            result: Bytes::new(),
+                        }
+                    })
+                    .collect();
+                tx.send(pb::ConsumeRequest {
+                    credits: n as u32,
+                    acks,
+                    ..Default::default()
+                })
+                .await?;
+                meter.add(n as u64);
+            }
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {}
+        }
+    }
+    Ok(hist)
+}
+
+/// S2 on the streaming Consume RPC: 2 producers as in [`s2`], 4 Consume workers with
+/// `batch` credits each.
+pub async fn s2_consume(addr: SocketAddr, s: &Settings, batch: usize) -> Res<Outcome> {
+    let queue = format!("bench.s2c.{}", run_id());
+    let meter = Meter::new();
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let (queue, meter) = (queue.clone(), meter.clone());
+        tasks.push(tokio::spawn(async move {
+            if consume_worker(
+                addr,
+                queue,
+                format!("w{w}"),
+                batch as u32,
+                meter.clone(),
+                None,
+            )
+            .await
+            .is_err()
+            {
+                meter.error();
+            }
+        }));
+    }
+    let enqueued = Arc::new(AtomicU64::new(0));
+    for _ in 0..2 {
+        let producer = connect(addr).await?;
+        let req = enqueue_request(&queue, batch, 256);
+        for _ in 0..s.in_flight {
+            let (mut c, req, meter, enq) = (
+                producer.clone(),
+                req.clone(),
+                meter.clone(),
+                enqueued.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while !meter.stopped() {
+                    match c.enqueue(req.clone()).await {
+                        Ok(_) => {
+                            enq.fetch_add(batch as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+            }));
+        }
+    }
+    let (n, el) = meter.measure(s).await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(Outcome::Measured {
+        main: format!("{} jobs/s acked", thousands(rate(n, el))),
+        extra: format!(
+            "acks sent on the Consume stream, credits = batch; enqueued ≈{} jobs/s (incl. warm-up); errors {}",
+            thousands(rate(enqueued.load(Ordering::Relaxed), el + s.warmup)),
+            meter.errors.load(Ordering::Relaxed)
+        ),
+    })
+}
+
+/// S3 enqueue->lease on the streaming Consume RPC: open-loop Enqueue of 1 job, 2 Consume
+/// workers with 100 credits each.
+pub async fn s3_consume(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<Outcome> {
+    let queue = format!("bench.s3c.{}", run_id());
+    let producer = connect(addr).await?;
+    let meter = Meter::new();
+    let mut workers = Vec::new();
+    for w in 0..2 {
+        workers.push(tokio::spawn(consume_worker(
+            addr,
+            queue.clone(),
+            format!("w{w}"),
+            100,
+            meter.clone(),
+            Some(histogram()),
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let q = queue.clone();
+    let stats = open_loop(rate_per_s, s.window, move |seq, intended| {
+        let mut c = producer.clone();
+        let req = pb::EnqueueRequest {
+            queue: q.clone(),
+            jobs: vec![pb::JobSpec {
+                payload: Bytes::from(payload(128, seq, intended)),
+                ..Default::default()
+            }],
+        };
+        async move {
+            c.enqueue(req).await?;
+            Ok(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    meter.stop.store(true, Ordering::Relaxed);
+    let mut h = histogram();
+    for w in workers {
+        if let Some(x) = w.await?? {
+            h.add(x)?;
+        }
+    }
+    Ok(Outcome::Measured {
+        main: percentiles_short(&h),
+        extra: format!(
+            "sent {} in {:.1} s, failed {}; {}",
+            thousands(stats.sent),
+            stats.elapsed.as_secs_f64(),
+            stats.failed,
+            percentiles(&h)
+        ),
+    })
+}
