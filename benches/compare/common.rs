@@ -269,10 +269,21 @@ where
     let tasks = tokio::task::spawn_blocking(move || pacer.join().expect("pacer thread"))
         .await
         .expect("pacer join");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Sends still unanswered 2 s after the last one was due are abandoned (and counted as
+    // failed), so a saturated peer cannot stretch the run.
+    let deadline = Instant::now() + Duration::from_secs(2);
     for t in tasks {
         let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            if !t.is_finished() {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+            t.abort();
+            continue;
+        }
+        let abort = t.abort_handle();
         if tokio::time::timeout(left, t).await.is_err() {
+            abort.abort();
             failed.fetch_add(1, Ordering::Relaxed);
         }
     }

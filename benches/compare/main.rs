@@ -40,7 +40,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "sluice,sluice-consume,raw-tonic,rabbitmq,nats,jetstream,redis"
+        default_value = "sluice,sluice-consume,sluice-nodelay,raw-tonic,rabbitmq,nats,jetstream,redis"
     )]
     systems: Vec<String>,
     /// Flags given to `sluice serve` for the durable table (whitespace separated).
@@ -80,6 +80,7 @@ struct Args {
 enum System {
     Sluice,
     SluiceConsume,
+    SluiceNoDelay,
     Raw,
     Rabbit,
     Nats,
@@ -88,9 +89,10 @@ enum System {
 }
 
 impl System {
-    const ALL: [System; 7] = [
+    const ALL: [System; 8] = [
         System::Sluice,
         System::SluiceConsume,
+        System::SluiceNoDelay,
         System::Raw,
         System::Rabbit,
         System::Nats,
@@ -102,6 +104,7 @@ impl System {
         match self {
             System::Sluice => "sluice",
             System::SluiceConsume => "sluice-consume",
+            System::SluiceNoDelay => "sluice-nodelay",
             System::Raw => "raw-tonic",
             System::Rabbit => "rabbitmq",
             System::Nats => "nats",
@@ -114,6 +117,7 @@ impl System {
         match self {
             System::Sluice => "Sluice",
             System::SluiceConsume => "Sluice (Consume stream)",
+            System::SluiceNoDelay => "Sluice in-process, TCP_NODELAY (diagnostic)",
             System::Raw => "raw tonic (transport limit)",
             System::Rabbit => "RabbitMQ (lapin)",
             System::Nats => "NATS core",
@@ -124,7 +128,7 @@ impl System {
 
     fn addr(self) -> Option<&'static str> {
         match self {
-            System::Sluice | System::SluiceConsume | System::Raw => None,
+            System::Sluice | System::SluiceConsume | System::SluiceNoDelay | System::Raw => None,
             System::Rabbit => Some(rabbit::ADDR),
             System::Nats | System::JetStream => Some(nats::ADDR),
             System::Redis => Some(redis_streams::ADDR),
@@ -298,7 +302,14 @@ async fn probe_sluice_args(durable: &[String]) -> Res<SluiceArgs> {
 /// Whether a row is shown at all: the Consume-stream variant only exists for the
 /// work-queue scenarios.
 fn relevant(system: System, case: &Case) -> bool {
-    system != System::SluiceConsume || matches!(case.kind, Kind::S2 { .. } | Kind::S3Queue)
+    match system {
+        System::SluiceConsume => matches!(case.kind, Kind::S2 { .. } | Kind::S3Queue),
+        System::SluiceNoDelay => {
+            case.storage == Storage::Memory
+                && !matches!(case.kind, Kind::S5Backlog { .. } | Kind::S4 { subs: 1000 })
+        }
+        _ => true,
+    }
 }
 
 fn not_applicable(system: System, case: &Case) -> Option<String> {
@@ -306,6 +317,11 @@ fn not_applicable(system: System, case: &Case) -> Option<String> {
     let durable = case.storage == Storage::Durable;
     match system {
         System::Sluice | System::SluiceConsume => None,
+        System::SluiceNoDelay => match case.kind {
+            _ if durable => Some("n/a (diagnostic runs the memory broker only)".into()),
+            S5Backlog { .. } => Some("n/a (RSS would include the harness)".into()),
+            _ => None,
+        },
         System::Raw => match case.kind {
             _ if durable => Some("n/a (no storage)".into()),
             S5Backlog { .. } | S5Expiry { .. } => Some("n/a (no queue state)".into()),
@@ -394,6 +410,19 @@ async fn run_case(
             drop(proc);
             r
         }
+        System::SluiceNoDelay => {
+            let server = sluice_peer::InProcessSluice::start().await?;
+            let addr = server.addr;
+            match case.kind {
+                S1 { subs, batch } => sluice_peer::s1(addr, s, subs, batch).await,
+                S2 { batch } => sluice_peer::s2(addr, s, batch).await,
+                S3Topic => sluice_peer::s3_topic(addr, s, S3_RATE).await,
+                S3Queue => sluice_peer::s3_queue(addr, s, S3_RATE).await,
+                S4 { subs } => sluice_peer::s4(addr, None, s, S4_RATE, subs).await,
+                S5Expiry { m } => sluice_peer::s5_expiry(addr, s, m).await,
+                S5Backlog { .. } => unreachable!("filtered by not_applicable"),
+            }
+        }
         System::Raw => {
             let server = raw::start().await?;
             let addr = server.addr;
@@ -445,7 +474,7 @@ async fn run_case(
 fn case_limit(case: &Case) -> Duration {
     match case.kind {
         Kind::S5Backlog { .. } | Kind::S5Expiry { .. } => Duration::from_secs(400),
-        Kind::S4 { subs } if subs >= 100 => Duration::from_secs(120),
+        Kind::S4 { subs } if subs >= 100 => Duration::from_secs(90),
         _ => Duration::from_secs(60),
     }
 }

@@ -901,3 +901,59 @@ pub async fn s3_consume(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<
         ),
     })
 }
+
+/// Sluice's own broker and gRPC service, served in the harness process on a listener
+/// whose accepted sockets get TCP_NODELAY. A diagnostic: `sluice::broker::serve` hands
+/// tonic a caller-supplied incoming stream, for which tonic ignores
+/// `Server::tcp_nodelay`, so the release binary's sockets run with Nagle's algorithm on.
+/// Comparing this row with the binary's row isolates that cost.
+pub struct InProcessSluice {
+    /// Its address.
+    pub addr: SocketAddr,
+    broker: sluice::broker::Broker,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl InProcessSluice {
+    /// Starts it on 127.0.0.1:0 with the same HTTP/2 settings as `sluice serve`.
+    pub async fn start() -> Res<InProcessSluice> {
+        use sluice::broker::{Broker, BrokerConfig, limits::Limits, service::BrokerService};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let broker = Broker::new(BrokerConfig {
+            limits: Limits {
+                max_subscriptions: 100_000,
+                ..Limits::default()
+            },
+            ..BrokerConfig::default()
+        });
+        let service = sluice::broker::wire::broker_server::BrokerServer::new(BrokerService::new(
+            broker.clone(),
+        ))
+        .max_decoding_message_size(64 * 1024 * 1024);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let server = tonic::transport::Server::builder()
+                .max_concurrent_streams(Some(1024))
+                .initial_stream_window_size(Some(1024 * 1024))
+                .initial_connection_window_size(Some(4 * 1024 * 1024))
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    token.cancelled_owned(),
+                );
+            if let Err(e) = server.await {
+                eprintln!("in-process sluice server failed: {e}");
+            }
+        });
+        Ok(InProcessSluice { addr, broker, stop })
+    }
+}
+
+impl Drop for InProcessSluice {
+    fn drop(&mut self) {
+        self.broker.shutdown_token().cancel();
+        self.stop.cancel();
+    }
+}
