@@ -51,14 +51,17 @@ struct Args {
         allow_hyphen_values = true
     )]
     sluice_args: String,
-    /// S5 backlog size (default: 1,000,000 full, 200,000 quick).
+    /// S5 backlog size (default: 1,000,000 full, 50,000 quick; RabbitMQ is capped at
+    /// 200,000, stated in its row).
     #[arg(long)]
     backlog: Option<u64>,
-    /// Sluice-only extra S5 backlog run with this many jobs (default: 10,000,000 in full
-    /// mode, none in quick mode; 0 disables).
+    /// Sluice-only extra S5 backlog run with this many jobs (default: 2,000,000 in full
+    /// mode, none in quick mode; 0 disables). 10,000,000 does not fit the 10-minute budget
+    /// at the rates measured on the 2-core machine; pass it explicitly to run it.
     #[arg(long)]
     sluice_backlog: Option<u64>,
-    /// S5 expiring leases (default: 1,000,000 full, 200,000 quick).
+    /// S5 expiring leases (default: 1,000,000 full, 50,000 quick; RabbitMQ's analogue is
+    /// capped at 200,000, stated in its row).
     #[arg(long)]
     expiring: Option<u64>,
     /// Measurement window per figure, ms (default 3,000 full, 1,000 quick).
@@ -165,6 +168,9 @@ struct Row {
 
 const S3_RATE: u64 = 10_000;
 const S4_RATE: u64 = 20_000;
+/// Largest S5 set given to RabbitMQ (its confirmed publish rate on this machine makes
+/// larger sets exceed the run's time budget); its rows state the N used.
+const RABBIT_S5_CAP: u64 = 200_000;
 
 fn plan(args: &Args, s: &Settings) -> Vec<Case> {
     let want = |id: &str| args.scenarios.iter().any(|x| x.eq_ignore_ascii_case(id));
@@ -223,7 +229,12 @@ fn plan(args: &Args, s: &Settings) -> Vec<Case> {
         });
     }
     if want("S4") {
-        for subs in [1usize, 10, 100, 1000] {
+        let fanouts: &[usize] = if args.quick {
+            &[1, 100]
+        } else {
+            &[1, 10, 100, 1000]
+        };
+        for &subs in fanouts {
             cases.push(Case {
                 id: "S4",
                 variant: format!(
@@ -250,7 +261,7 @@ fn plan(args: &Args, s: &Settings) -> Vec<Case> {
         });
         let big = args
             .sluice_backlog
-            .unwrap_or(if args.quick { 0 } else { 10_000_000 });
+            .unwrap_or(if args.quick { 0 } else { 2_000_000 });
         if big > 0 {
             cases.push(Case {
                 id: "S5",
@@ -441,8 +452,9 @@ async fn run_case(
             S3Topic => rabbit::s3_topic(s, S3_RATE).await,
             S3Queue => rabbit::s3_queue(s, S3_RATE).await,
             S4 { subs } => rabbit::s4(s, S4_RATE, subs).await,
-            S5Backlog { n, .. } => rabbit::s5_backlog(s, n).await,
-            S5Expiry { m } => rabbit::s5_expiry(s, m).await,
+            // RabbitMQ confirms ~5-10k msg/s here: larger sets do not fit the time budget.
+            S5Backlog { n, .. } => rabbit::s5_backlog(s, n.min(RABBIT_S5_CAP)).await,
+            S5Expiry { m } => rabbit::s5_expiry(s, m.min(RABBIT_S5_CAP)).await,
         },
         System::Nats => match case.kind {
             S1 { subs, batch } => nats::core_s1(s, subs, batch).await,
@@ -474,7 +486,7 @@ async fn run_case(
 fn case_limit(case: &Case) -> Duration {
     match case.kind {
         Kind::S5Backlog { .. } | Kind::S5Expiry { .. } => Duration::from_secs(400),
-        Kind::S4 { subs } if subs >= 100 => Duration::from_secs(90),
+        Kind::S4 { subs } if subs >= 100 => Duration::from_secs(60),
         _ => Duration::from_secs(60),
     }
 }
@@ -791,21 +803,21 @@ fn main() -> Result<(), BoxError> {
     init_clock();
     let args = Args::parse();
     let quick = args.quick;
-    let window = Duration::from_millis(args.window_ms.unwrap_or(if quick { 1000 } else { 3000 }));
+    let window = Duration::from_millis(args.window_ms.unwrap_or(if quick { 700 } else { 3000 }));
     let s = Settings {
         quick,
         warmup: if quick {
-            Duration::from_millis(300)
+            Duration::from_millis(200)
         } else {
             Duration::from_millis(1000)
         },
         window,
         backlog: args
             .backlog
-            .unwrap_or(if quick { 200_000 } else { 1_000_000 }),
+            .unwrap_or(if quick { 50_000 } else { 1_000_000 }),
         expiring: args
             .expiring
-            .unwrap_or(if quick { 200_000 } else { 1_000_000 }),
+            .unwrap_or(if quick { 50_000 } else { 1_000_000 }),
         sluice_durable_args: args
             .sluice_args
             .split_whitespace()
@@ -897,6 +909,20 @@ fn main() -> Result<(), BoxError> {
                 // Let the peers settle (queue deletion, GC) between figures.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+        // Delete anything a figure cut off by its time limit left in the peers.
+        let mut swept = Vec::new();
+        if systems.contains(&System::Rabbit) {
+            swept.push(("RabbitMQ", rabbit::sweep().await));
+        }
+        if systems.contains(&System::JetStream) {
+            swept.push(("JetStream", nats::sweep().await));
+        }
+        if systems.contains(&System::Redis) {
+            swept.push(("Redis", redis_streams::sweep().await));
+        }
+        for (peer, n) in swept.into_iter().filter(|(_, n)| *n > 0) {
+            println!("cleanup: deleted {n} leftover bench entities in {peer}");
         }
         let total = started.elapsed();
         let load_end = loadavg();

@@ -655,3 +655,22 @@ pub async fn js_s5_backlog(s: &Settings, n: u64) -> Res<Outcome> {
     st.delete().await;
     r
 }
+
+/// Deletes every JetStream stream whose name starts with `bench_` (left behind when a
+/// figure was cut off by its time limit).
+pub async fn sweep() -> usize {
+    let Ok(c) = connect().await else { return 0 };
+    let js = jetstream::new(c);
+    let names: Vec<String> = js
+        .stream_names()
+        .filter_map(|n| async move { n.ok() })
+        .collect()
+        .await;
+    let mut n = 0;
+    for name in names.into_iter().filter(|n| n.starts_with("bench_")) {
+        if js.delete_stream(&name).await.is_ok() {
+            n += 1;
+        }
+    }
+    n
+}

@@ -680,3 +680,44 @@ pub async fn s5_expiry(s: &Settings, m: u64) -> Res<Outcome> {
     cleanup(std::slice::from_ref(&queue), None).await;
     r
 }
+
+/// Deletes every queue and exchange whose name starts with `bench.` (left behind when a
+/// figure was cut off by its time limit). Names come from `rabbitmqctl`.
+pub async fn sweep() -> usize {
+    let list = |what: &str| {
+        std::process::Command::new("rabbitmqctl")
+            .args([what, "-q", "name"])
+            .output()
+            .ok()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(|l| l.trim().to_string())
+                    .filter(|l| l.starts_with("bench."))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let queues = list("list_queues");
+    let exchanges = list("list_exchanges");
+    let n = queues.len() + exchanges.len();
+    if n == 0 {
+        return 0;
+    }
+    if let Ok(conn) = connect().await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        for q in &queues {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for e in &exchanges {
+            let _ = ch
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = conn.close(200, "bench sweep".into()).await;
+    }
+    n
+}

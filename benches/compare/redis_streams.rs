@@ -506,3 +506,19 @@ pub async fn s5_backlog(s: &Settings, n: u64) -> Res<Outcome> {
     del(&key).await;
     r
 }
+
+/// Deletes every key matching `bench:*` (left behind when a figure was cut off by its
+/// time limit).
+pub async fn sweep() -> usize {
+    let Ok(mut c) = connect().await else { return 0 };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("bench:*")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_default();
+    if keys.is_empty() {
+        return 0;
+    }
+    let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query_async(&mut c).await;
+    keys.len()
+}
