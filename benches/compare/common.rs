@@ -1,0 +1,360 @@
+//! Shared pieces of the harness: settings, outcomes, clocks, payloads, pacing, histograms,
+//! process memory.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// Boxed error used by every runner.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Result of a runner.
+pub type Res<T> = Result<T, BoxError>;
+
+/// Run-wide settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Quick mode: shorter windows, smaller backlogs.
+    pub quick: bool,
+    /// Warm-up before each throughput window.
+    pub warmup: Duration,
+    /// Length of each measurement window.
+    pub window: Duration,
+    /// Jobs in the S5 backlog.
+    pub backlog: u64,
+    /// Leases in the S5 expiry test.
+    pub expiring: u64,
+    /// Extra arguments for `sluice serve` (durable table).
+    pub sluice_durable_args: Vec<String>,
+    /// In-flight batches per publisher / producer (same for every system).
+    pub in_flight: usize,
+}
+
+/// Storage class of a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// Memory only, no disk.
+    Memory,
+    /// Durable: written to disk before acknowledged.
+    Durable,
+}
+
+impl Storage {
+    /// Label used in tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Storage::Memory => "memory",
+            Storage::Durable => "durable",
+        }
+    }
+}
+
+/// One measured figure set, or why there is none.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Measured: the main figure and extra labelled figures.
+    Measured {
+        /// Main figure, e.g. "1,234,567 msg/s".
+        main: String,
+        /// Secondary figures, e.g. "p99 120 µs".
+        extra: String,
+    },
+    /// The peer could not be reached.
+    Unavailable(String),
+    /// The combination does not apply (e.g. no durable storage).
+    NotApplicable(String),
+    /// The run failed.
+    Failed(String),
+}
+
+impl Outcome {
+    /// Converts a runner's result into an outcome.
+    pub fn from_result(r: Res<Outcome>) -> Outcome {
+        match r {
+            Ok(o) => o,
+            Err(e) => Outcome::Failed(one_line(&e.to_string())),
+        }
+    }
+}
+
+/// Shortens an error text to one line.
+pub fn one_line(s: &str) -> String {
+    let s = s.replace(['\n', '|'], " ");
+    if s.len() > 160 {
+        let mut end = 160;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &s[..end])
+    } else {
+        s
+    }
+}
+
+/// Formats an integer with thousands separators.
+pub fn thousands(v: u64) -> String {
+    let s = v.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Formats a rate per second.
+pub fn rate(count: u64, elapsed: Duration) -> u64 {
+    let secs = elapsed.as_secs_f64();
+    if secs <= 0.0 {
+        0
+    } else {
+        (count as f64 / secs).round() as u64
+    }
+}
+
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since the harness's clock base (one process, so comparable everywhere).
+pub fn now_ns() -> u64 {
+    base().elapsed().as_nanos() as u64
+}
+
+/// Starts the clock base.
+pub fn init_clock() {
+    let _ = base();
+}
+
+/// A payload of `size` bytes whose first 8 bytes carry `stamp_ns` (little endian) and the
+/// next 8 a sequence number; the rest is a fixed filler.
+pub fn payload(size: usize, seq: u64, stamp_ns: u64) -> Vec<u8> {
+    let mut v = vec![b'x'; size.max(16)];
+    v[..8].copy_from_slice(&stamp_ns.to_le_bytes());
+    v[8..16].copy_from_slice(&seq.to_le_bytes());
+    v.truncate(size.max(16));
+    v
+}
+
+/// The stamp written by [`payload`].
+pub fn stamp_of(p: &[u8]) -> Option<u64> {
+    p.get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+}
+
+/// A latency histogram in microseconds (1 µs .. 60 s, 3 significant digits).
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Records `now - stamp` in µs.
+pub fn record_since(h: &mut Histogram<u64>, stamp_ns: u64) {
+    let us = now_ns().saturating_sub(stamp_ns) / 1_000;
+    h.saturating_record(us.max(1));
+}
+
+/// p50 / p99 / p99.9 / max text of a histogram.
+pub fn percentiles(h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return "no samples".to_string();
+    }
+    format!(
+        "p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs ({} samples)",
+        thousands(h.value_at_quantile(0.50)),
+        thousands(h.value_at_quantile(0.99)),
+        thousands(h.value_at_quantile(0.999)),
+        thousands(h.max()),
+        thousands(h.len()),
+    )
+}
+
+/// Shared stop flag and counter of a closed-loop throughput test.
+#[derive(Clone, Default)]
+pub struct Meter {
+    /// Set when workers must stop.
+    pub stop: Arc<AtomicBool>,
+    /// Items counted (delivered / acked).
+    pub count: Arc<AtomicU64>,
+    /// Errors seen by workers.
+    pub errors: Arc<AtomicU64>,
+}
+
+impl Meter {
+    /// A fresh meter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether workers must stop.
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Adds `n` to the count.
+    pub fn add(&self, n: u64) {
+        self.count.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts an error.
+    pub fn error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Waits for the warm-up, then measures the count's growth over the window, then sets
+    /// the stop flag. Returns (items, elapsed).
+    pub async fn measure(&self, s: &Settings) -> (u64, Duration) {
+        tokio::time::sleep(s.warmup).await;
+        let c0 = self.count.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        tokio::time::sleep(s.window).await;
+        let c1 = self.count.load(Ordering::Relaxed);
+        let elapsed = t0.elapsed();
+        self.stop.store(true, Ordering::Relaxed);
+        (c1 - c0, elapsed)
+    }
+}
+
+/// Statistics of an open-loop generator.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenLoopStats {
+    /// Messages whose send was started.
+    pub sent: u64,
+    /// Sends that failed.
+    pub failed: u64,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+/// Open-loop generator: starts `send(seq, intended_ns)` at `rate` per second for
+/// `duration`, each on its own tokio task, paced by a dedicated OS thread so a slow send
+/// never delays the next one (no coordinated omission: receivers record latency against
+/// `intended_ns`, the time the message was due, not the time it was actually sent).
+pub async fn open_loop<F, Fut>(rate: u64, duration: Duration, send: F) -> OpenLoopStats
+where
+    F: Fn(u64, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Res<()>> + Send + 'static,
+{
+    let handle = tokio::runtime::Handle::current();
+    let failed = Arc::new(AtomicU64::new(0));
+    let failed2 = failed.clone();
+    let send = Arc::new(send);
+    let interval_ns = 1_000_000_000 / rate.max(1);
+    let total = rate * duration.as_millis() as u64 / 1000;
+    let started = Instant::now();
+    let pacer = std::thread::spawn(move || {
+        let start = now_ns();
+        let mut tasks = Vec::with_capacity(total as usize);
+        for seq in 0..total {
+            let intended = start + seq * interval_ns;
+            let now = now_ns();
+            if intended > now {
+                std::thread::sleep(Duration::from_nanos(intended - now));
+            }
+            let send = send.clone();
+            let failed = failed2.clone();
+            tasks.push(handle.spawn(async move {
+                if send(seq, intended).await.is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        tasks
+    });
+    let tasks = tokio::task::spawn_blocking(move || pacer.join().expect("pacer thread"))
+        .await
+        .expect("pacer join");
+    // Sends still unanswered 2 s after the last one was due are abandoned (and counted as
+    // failed), so a saturated peer cannot stretch the run.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for t in tasks {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            if !t.is_finished() {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+            t.abort();
+            continue;
+        }
+        let abort = t.abort_handle();
+        if tokio::time::timeout(left, t).await.is_err() {
+            abort.abort();
+            failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    OpenLoopStats {
+        sent: total,
+        failed: failed.load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Resident set size of a process, bytes, from `/proc/<pid>/status`.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The pid of the first process whose `comm` is `name`.
+pub fn pid_by_name(name: &str) -> Option<u32> {
+    let dir = std::fs::read_dir("/proc").ok()?;
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            && comm.trim() == name
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Formats bytes as MiB.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Signed difference of two RSS readings.
+pub fn rss_delta(before: Option<u64>, after: Option<u64>) -> Option<i64> {
+    Some(after? as i64 - before? as i64)
+}
+
+/// Polls `check` every `every` until it returns true or `limit` passes; returns the time
+/// it took, or `None` on time-out.
+pub async fn wait_until<F, Fut>(every: Duration, limit: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let t0 = Instant::now();
+    loop {
+        if check().await {
+            return Some(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A unique suffix for names the harness creates in peers.
+pub fn run_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        format!("{}{}", std::process::id(), t % 1_000_000)
+    })
+}
