@@ -91,30 +91,45 @@ async fn publish_confirmed(
     Ok(())
 }
 
+/// What a publishing loop sends: `batch` copies of `body` with `props`.
+struct Batch {
+    batch: usize,
+    body: Vec<u8>,
+    props: BasicProperties,
+}
+
+impl Batch {
+    fn new(batch: usize, size: usize, storage: Storage) -> Self {
+        Batch {
+            batch,
+            body: payload(size, 0, 0),
+            props: props(storage),
+        }
+    }
+}
+
 /// Starts `in_flight` publishing loops on one confirm channel; returns their handles.
 fn spawn_publishers(
     ch: &Channel,
     exchange: &str,
     key: &str,
-    batch: usize,
-    size: usize,
-    storage: Storage,
+    what: Batch,
     in_flight: usize,
     meter: &Meter,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    let what = Arc::new(what);
     (0..in_flight)
         .map(|_| {
-            let (ch, ex, key, meter) = (
+            let (ch, ex, key, meter, what) = (
                 ch.clone(),
                 exchange.to_string(),
                 key.to_string(),
                 meter.clone(),
+                what.clone(),
             );
-            let body = payload(size, 0, 0);
-            let p = props(storage);
             tokio::spawn(async move {
                 while !meter.stopped() {
-                    if publish_confirmed(&ch, &ex, &key, &body, batch, &p)
+                    if publish_confirmed(&ch, &ex, &key, &what.body, what.batch, &what.props)
                         .await
                         .is_err()
                     {
@@ -220,9 +235,7 @@ pub async fn s1(s: &Settings, subs: usize, batch: usize, storage: Storage) -> Re
             &ch,
             &ex,
             "",
-            batch,
-            128,
-            storage,
+            Batch::new(batch, 128, storage),
             s.in_flight,
             &meter,
         ));
@@ -329,9 +342,7 @@ pub async fn s2(s: &Settings, batch: usize, storage: Storage) -> Res<Outcome> {
                 &ch,
                 "",
                 &queue,
-                batch,
-                256,
-                storage,
+                Batch::new(batch, 256, storage),
                 s.in_flight,
                 &meter,
             ));
