@@ -30,9 +30,23 @@ pub async fn version() -> String {
         Ok(c) => {
             let info = c.server_info();
             let js = jetstream::new(c.clone());
-            let js_state = match js.query_account().await {
-                Ok(_) => "JetStream enabled",
-                Err(_) => "JetStream not available",
+            // Probe JetStream by creating and deleting a stream: account-info parsing
+            // differs between server versions, stream creation does not.
+            let probe = format!("bench_probe_{}", run_id());
+            let js_state = match js
+                .create_stream(stream::Config {
+                    name: probe.clone(),
+                    subjects: vec![format!("bench.probe.{}", run_id())],
+                    storage: stream::StorageType::Memory,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(_) => {
+                    let _ = js.delete_stream(&probe).await;
+                    "JetStream enabled".to_string()
+                }
+                Err(e) => format!("JetStream not usable: {e}"),
             };
             format!("nats-server {} ({js_state})", info.version)
         }

@@ -659,10 +659,12 @@ pub async fn s5_expiry(addr: SocketAddr, s: &Settings, m: u64) -> Res<Outcome> {
     create_queue(&mut admin, &queue, m + 1000, true).await?;
     let fill_time = fill(addr, &queue, m, s.in_flight).await?;
     // All leases end at `deadline`, whatever moment each was taken.
-    let deadline = now_ns() + 2 * fill_time.as_nanos() as u64 + 1_000_000_000;
+    // Leasing uses as many concurrent calls as filling did, so 3x the fill time plus 2 s
+    // leaves room for a slower lease path.
+    let deadline = now_ns() + 3 * fill_time.as_nanos() as u64 + 2_000_000_000;
     let leased = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..s.in_flight {
         let mut c = connect(addr).await?;
         let (queue, leased) = (queue.clone(), leased.clone());
         tasks.push(tokio::spawn(async move {
