@@ -22,6 +22,8 @@ pub struct SluiceProcess {
     child: Child,
     /// Its listen address.
     pub addr: SocketAddr,
+    /// Its own data directory (removed on drop), so no figure recovers another's state.
+    _data_dir: tempfile::TempDir,
 }
 
 impl SluiceProcess {
@@ -33,10 +35,13 @@ impl SluiceProcess {
             l.local_addr()?.port()
         };
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let data_dir = tempfile::Builder::new().prefix("sluice-bench-").tempdir()?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .arg("serve")
             .arg("--listen")
             .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir.path())
             .args(["--max-subscriptions", "100000"])
             .args(extra)
             .env("SLUICE_LOG", "warn")
@@ -57,7 +62,11 @@ impl SluiceProcess {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
                 // Stop piping stderr into a buffer nobody reads.
                 drop(child.stderr.take());
-                return Ok(Ok(SluiceProcess { child, addr }));
+                return Ok(Ok(SluiceProcess {
+                    child,
+                    addr,
+                    _data_dir: data_dir,
+                }));
             }
             if t0.elapsed() > Duration::from_secs(10) {
                 let _ = child.kill();
