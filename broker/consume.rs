@@ -205,9 +205,17 @@ impl Broker {
     ) -> Result<Vec<(String, BrokerError)>, BrokerError> {
         let mut refused = Vec::new();
         let limits = self.limits();
-        let parse = |field: &str, id: &str| -> Result<LeaseId, BrokerError> {
-            id.parse()
-                .map_err(|()| BrokerError::invalid(field, format!("{id:?} is not a lease id")))
+        let parse = Self::parse_lease;
+        // Nacks and extensions name a lease of this stream's queue.
+        let own = |field: &str, lease: &LeaseId, queue: &str| -> Result<(), BrokerError> {
+            if lease.queue == queue {
+                Ok(())
+            } else {
+                Err(BrokerError::invalid(
+                    field,
+                    format!("lease {lease} is not from queue {queue:?} of this stream"),
+                ))
+            }
         };
         // Settlements for another queue (leases from a unary Lease) go through the unary
         // path, which finds their queue itself.
@@ -240,16 +248,8 @@ impl Broker {
                 }
                 for nack in &command.nacks {
                     let outcome = parse("nacks.lease_id", &nack.lease_id).and_then(|lease| {
-                        limits.check_error_text("nacks.error", &nack.error)?;
-                        if lease.queue != q.name() {
-                            return Err(BrokerError::invalid(
-                                "nacks.lease_id",
-                                format!(
-                                    "lease {lease} is not from queue {:?} of this stream",
-                                    q.name()
-                                ),
-                            ));
-                        }
+                        self.check_nack("nacks.", &nack.error, nack.retry_delay_ms)?;
+                        own("nacks.lease_id", &lease, q.name())?;
                         q.nack(
                             now,
                             &lease,
@@ -270,26 +270,8 @@ impl Broker {
                 // Extensions are not logged: leases do not survive a restart anyway.
                 for (lease_id, timeout) in &command.extends {
                     let outcome = parse("extends.lease_id", lease_id).and_then(|lease| {
-                        if *timeout == 0 {
-                            return Err(BrokerError::invalid(
-                                "extends.visibility_timeout_ms",
-                                "must be at least 1 ms",
-                            ));
-                        }
-                        check_duration_ms(
-                            "extends.visibility_timeout_ms",
-                            *timeout,
-                            MAX_VISIBILITY_MS,
-                        )?;
-                        if lease.queue != q.name() {
-                            return Err(BrokerError::invalid(
-                                "extends.lease_id",
-                                format!(
-                                    "lease {lease} is not from queue {:?} of this stream",
-                                    q.name()
-                                ),
-                            ));
-                        }
+                        Self::check_visibility("extends.visibility_timeout_ms", *timeout)?;
+                        own("extends.lease_id", &lease, q.name())?;
                         q.extend(now, &lease, *timeout).map(|_| ())
                     });
                     if let Err(e) = outcome {

@@ -815,7 +815,33 @@ impl Broker {
         }
     }
 
-    fn parse_lease(field: &str, lease_id: &str) -> Result<LeaseId, BrokerError> {
+    /// Checks a lease duration: 1 ms to 12 h.
+    pub(crate) fn check_visibility(field: &str, ms: u64) -> Result<(), BrokerError> {
+        if ms == 0 {
+            return Err(BrokerError::invalid(field, "must be at least 1 ms"));
+        }
+        check_duration_ms(field, ms, MAX_VISIBILITY_MS)
+    }
+
+    /// Checks a nack's error text and explicit retry delay; `prefix` is the request path
+    /// of the nack (empty for the unary call, `nacks.` on a consume stream).
+    pub(crate) fn check_nack(
+        &self,
+        prefix: &str,
+        error: &str,
+        retry_delay_ms: Option<u64>,
+    ) -> Result<(), BrokerError> {
+        self.inner
+            .config
+            .limits
+            .check_error_text(&format!("{prefix}error"), error)?;
+        if let Some(d) = retry_delay_ms {
+            check_duration_ms(&format!("{prefix}retry_delay_ms"), d, MAX_VISIBILITY_MS)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn parse_lease(field: &str, lease_id: &str) -> Result<LeaseId, BrokerError> {
         lease_id.parse().map_err(|()| {
             BrokerError::invalid(
                 field,
@@ -928,10 +954,7 @@ impl Broker {
         dead_letter: bool,
     ) -> Result<(JobState, Option<Millis>), BrokerError> {
         let lease = Self::parse_lease("lease_id", lease_id)?;
-        self.inner.config.limits.check_error_text("error", &error)?;
-        if let Some(d) = retry_delay_ms {
-            check_duration_ms("retry_delay_ms", d, MAX_VISIBILITY_MS)?;
-        }
+        self.check_nack("", &error, retry_delay_ms)?;
         self.admit().await?;
         let now = now_ms();
         let (outcome, commit) = {
@@ -961,17 +984,7 @@ impl Broker {
         visibility_timeout_ms: u64,
     ) -> Result<Millis, BrokerError> {
         let lease = Self::parse_lease("lease_id", lease_id)?;
-        if visibility_timeout_ms == 0 {
-            return Err(BrokerError::invalid(
-                "visibility_timeout_ms",
-                "must be at least 1 ms",
-            ));
-        }
-        check_duration_ms(
-            "visibility_timeout_ms",
-            visibility_timeout_ms,
-            MAX_VISIBILITY_MS,
-        )?;
+        Self::check_visibility("visibility_timeout_ms", visibility_timeout_ms)?;
         let _change = self.begin()?;
         let slot = self.lease_queue(&lease)?;
         let now = now_ms();
@@ -1110,13 +1123,7 @@ impl Broker {
         patch: PolicyPatch,
     ) -> Result<QueuePolicy, BrokerError> {
         if let Some(v) = patch.visibility_timeout_ms {
-            if v == 0 {
-                return Err(BrokerError::invalid(
-                    "policy.visibility_timeout_ms",
-                    "must be at least 1 ms",
-                ));
-            }
-            check_duration_ms("policy.visibility_timeout_ms", v, MAX_VISIBILITY_MS)?;
+            Self::check_visibility("policy.visibility_timeout_ms", v)?;
             policy.visibility_timeout_ms = v;
         }
         if let Some(v) = patch.max_attempts {
