@@ -237,7 +237,7 @@ impl Broker {
                         }
                         acked_after_ms.extend(q.ack(now, &lease, result)?);
                         if let Some(job) = q.job_by_seq(lease.seq) {
-                            batch.job_state(&slot.name, job);
+                            batch.job_state(&slot.name, &job);
                         }
                         outstanding.remove(&(lease.seq, lease.nonce));
                         Ok(())
@@ -258,7 +258,7 @@ impl Broker {
                             nack.dead_letter,
                         )?;
                         if let Some(job) = q.job_by_seq(lease.seq) {
-                            batch.job_state(&slot.name, job);
+                            batch.job_state(&slot.name, &job);
                         }
                         outstanding.remove(&(lease.seq, lease.nonce));
                         Ok(())
@@ -323,7 +323,7 @@ impl Broker {
                     if released.is_ok()
                         && let Some(job) = q.job_by_seq(seq)
                     {
-                        batch.job_state(&slot.name, job);
+                        batch.job_state(&slot.name, &job);
                     }
                 }
             });

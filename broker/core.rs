@@ -534,7 +534,7 @@ impl Broker {
             if batch.is_enabled() {
                 for seq in expired {
                     if let Some(job) = q.job_by_seq(seq) {
-                        batch.job_state(&slot.name, job);
+                        batch.job_state(&slot.name, &job);
                     }
                 }
                 for letter in &letters {
@@ -594,7 +594,7 @@ impl Broker {
                 if batch.is_enabled() {
                     for e in out.iter().filter(|e| !e.duplicate) {
                         if let Some(job) = q.get(&e.id) {
-                            batch.new_job(&slot.name, job);
+                            batch.new_job(&slot.name, &job);
                         }
                     }
                 }
@@ -695,7 +695,7 @@ impl Broker {
                 if batch.is_enabled() {
                     for e in out.iter().filter(|e| !e.duplicate) {
                         if let Some(job) = q.get(&e.id) {
-                            batch.new_job(q.name(), job);
+                            batch.new_job(q.name(), &job);
                         }
                     }
                 }
@@ -924,7 +924,7 @@ impl Broker {
                         acked.extend(held.map(|ms| (q, ms)));
                     }
                     if let Some(job) = guard.job_by_seq(lease.seq) {
-                        batch.job_state(name, job);
+                        batch.job_state(name, &job);
                     }
                 }
             }
@@ -963,7 +963,7 @@ impl Broker {
             self.with_queue(&slot, |q, batch| {
                 let outcome = q.nack(now, &lease, error, retry_delay_ms, dead_letter)?;
                 if let Some(job) = q.job_by_seq(lease.seq) {
-                    batch.job_state(&slot.name, job);
+                    batch.job_state(&slot.name, &job);
                 }
                 Ok::<_, BrokerError>(outcome)
             })?
@@ -1025,7 +1025,7 @@ impl Broker {
                     Some((_, f)) => job.state == JobState::Dead && f.state != JobState::Dead,
                 };
                 if better {
-                    found = Some((slot.name.to_string(), job.clone()));
+                    found = Some((slot.name.to_string(), job.into_owned()));
                 }
             }
         }
@@ -1131,6 +1131,14 @@ impl Broker {
                 return Err(BrokerError::invalid(
                     "policy.max_attempts",
                     "must be at least 1",
+                ));
+            }
+            if v > crate::broker::queue::MAX_ATTEMPTS {
+                return Err(BrokerError::over_limit(
+                    "policy.max_attempts",
+                    v.into(),
+                    crate::broker::queue::MAX_ATTEMPTS.into(),
+                    "",
                 ));
             }
             policy.max_attempts = v;
@@ -1273,7 +1281,7 @@ impl Broker {
                 if batch.is_enabled() {
                     for id in &ids {
                         if let Some(job) = q.get(id) {
-                            batch.job_state(&slot.name, job);
+                            batch.job_state(&slot.name, &job);
                         }
                     }
                 }

@@ -5,15 +5,21 @@
 //! time. That keeps the semantics (visibility timeouts, retries, priorities, ordering keys,
 //! dedup windows) unit-testable with explicit clocks.
 //!
-//! Indexes, so that no operation scans every job:
+//! Live jobs are stored compactly by enqueue seq ([`slots`]); finished ones move to a
+//! bounded history of full [`Job`] records. Indexes, so that no operation scans every job:
 //! * `ready`: visible jobs by (priority desc, enqueue seq): leasing pops the front.
 //! * `timers`: scheduled and retrying jobs by (run_at, seq): promotion pops due entries.
-//! * `leases`: leased jobs by (deadline, seq): expiry pops due entries; extending moves one.
+//! * `deadlines`: leased jobs by (deadline, seq): expiry pops due entries; extending moves
+//!   one.
 //! * `ordering`: per ordering key, its live jobs in enqueue order; only the front one is in
 //!   the indexes above, the rest wait (`blocked`), so one key is never leased twice at once.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+mod deadlines;
+mod ready;
+mod slots;
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -25,6 +31,9 @@ use crate::broker::error::BrokerError;
 use crate::broker::limits::Headers;
 use crate::broker::rate::RateMeter;
 use crate::broker::time::Millis;
+use deadlines::Deadlines;
+use ready::Ready;
+use slots::{IdCodec, Kinds, PayloadRef, Payloads, Slot, Slots};
 
 /// Header naming the queue a dead-lettered job came from.
 pub const HEADER_ORIGINAL_QUEUE: &str = "x-sluice-original-queue";
@@ -41,6 +50,8 @@ pub const BROKER_HEADER_PREFIX: &str = "x-sluice-";
 pub const MAX_VISIBILITY_MS: u64 = 12 * 3600 * 1000;
 /// Highest priority.
 pub const MAX_PRIORITY: u8 = 9;
+/// Most deliveries a job may be given (per job or by policy).
+pub const MAX_ATTEMPTS: u32 = 10_000;
 
 /// How long to wait before retry number `n` (1-based) of a failed job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,7 +210,7 @@ pub struct NewJob {
 /// A job as stored, and as inspection sees it.
 #[derive(Debug, Clone)]
 pub struct Job {
-    /// Id (UUIDv7).
+    /// Id (UUIDv7; for jobs enqueued here it also encodes the queue and seq).
     pub id: Uuid,
     /// Enqueue order within the queue.
     pub seq: u64,
@@ -450,11 +461,27 @@ pub enum LeaseCheck {
     AlreadyAcked,
 }
 
+/// Hash maps of the queue: its keys are broker-made (seqs, ids) or short strings, and
+/// the maps sit on the lease and ack paths, so a fast seeded hasher pays off.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// How long a consumer counts as active in stats after its last call.
 const CONSUMER_ACTIVE_MS: u64 = 60_000;
 /// Consumers remembered per queue before idle ones (no lease, not seen for
 /// [`CONSUMER_ACTIVE_MS`]) are forgotten.
 const MAX_IDLE_CONSUMERS: usize = 1_024;
+
+/// The live delivery of a leased job.
+#[derive(Debug)]
+struct Lease {
+    nonce: u64,
+    deadline: Millis,
+    /// When the delivery was leased, kept across extensions so lease-to-ack time covers
+    /// the whole delivery.
+    leased_at: Millis,
+    updated_at: Millis,
+    consumer: Arc<str>,
+}
 
 /// One work queue. See the module docs.
 #[derive(Debug)]
@@ -463,27 +490,30 @@ pub struct Queue {
     policy: QueuePolicy,
     paused: bool,
     next_seq: u64,
-    jobs: BTreeMap<u64, Job>,
-    ids: HashMap<Uuid, u64>,
-    ready: BTreeMap<(Reverse<u8>, u64), ()>,
-    /// The jobs of `ready` by (visible since, seq), so stats find the oldest pending job
-    /// exactly: delayed and retried jobs become visible out of enqueue order.
-    ready_since: BTreeMap<(Millis, u64), ()>,
-    timers: BTreeMap<(Millis, u64), ()>,
-    /// Leased jobs by (deadline, seq); the value is when the delivery was leased, kept
-    /// across extensions so lease-to-ack time covers the whole delivery.
-    leases: BTreeMap<(Millis, u64), Millis>,
-    ordering: HashMap<Arc<str>, VecDeque<u64>>,
-    dedup: HashMap<String, (Uuid, Millis)>,
-    dedup_expiry: VecDeque<(Millis, String)>,
+    ids: IdCodec,
+    /// Live jobs.
+    slots: Slots,
+    payloads: Payloads,
+    kinds: Kinds,
+    /// Ids that are not derived from the seq (see [`Extra::id`]), live or in history.
+    foreign: FastMap<Uuid, u64>,
+    /// Finished jobs kept for inspection, by seq; `history` has them in finish order.
+    finished: FastMap<u64, Job>,
     history: VecDeque<u64>,
-    live: u64,
+    ready: Ready,
+    timers: BTreeSet<(Millis, u64)>,
+    /// Leased jobs by (deadline, seq), and their deliveries by seq.
+    deadlines: Deadlines,
+    leases: FastMap<u64, Lease>,
+    ordering: FastMap<Arc<str>, VecDeque<u64>>,
+    dedup: FastMap<String, (Uuid, Millis)>,
+    dedup_expiry: VecDeque<(Millis, String)>,
     blocked: u64,
     retrying: u64,
     counts: QueueCounts,
     enqueue_rate: RateMeter,
     ack_rate: RateMeter,
-    consumers: HashMap<Arc<str>, ConsumerState>,
+    consumers: FastMap<Arc<str>, ConsumerState>,
     outbox: Vec<DeadLetter>,
     /// Seqs of jobs whose lease expired since the last [`Queue::take_expired`]: the
     /// broker logs their new state (expiry is a state change that must survive a restart).
@@ -498,23 +528,26 @@ impl Queue {
             policy,
             paused: false,
             next_seq: 1,
-            jobs: BTreeMap::new(),
-            ids: HashMap::new(),
-            ready: BTreeMap::new(),
-            ready_since: BTreeMap::new(),
-            timers: BTreeMap::new(),
-            leases: BTreeMap::new(),
-            ordering: HashMap::new(),
-            dedup: HashMap::new(),
-            dedup_expiry: VecDeque::new(),
+            ids: IdCodec::random(),
+            slots: Slots::default(),
+            payloads: Payloads::default(),
+            kinds: Kinds::default(),
+            foreign: FastMap::default(),
+            finished: FastMap::default(),
             history: VecDeque::new(),
-            live: 0,
+            ready: Ready::default(),
+            timers: BTreeSet::new(),
+            deadlines: Deadlines::default(),
+            leases: FastMap::default(),
+            ordering: FastMap::default(),
+            dedup: FastMap::default(),
+            dedup_expiry: VecDeque::new(),
             blocked: 0,
             retrying: 0,
             counts: QueueCounts::default(),
             enqueue_rate: RateMeter::default(),
             ack_rate: RateMeter::default(),
-            consumers: HashMap::new(),
+            consumers: FastMap::default(),
             outbox: Vec::new(),
             expired: Vec::new(),
         }
@@ -548,7 +581,7 @@ impl Queue {
 
     /// Jobs that are not finished.
     pub fn live_jobs(&self) -> u64 {
-        self.live
+        self.slots.len() as u64
     }
 
     /// Whether a lease could return a job right now (before running `tick`).
@@ -558,8 +591,8 @@ impl Queue {
 
     /// The earliest time something is due: a scheduled job's run time or a lease deadline.
     pub fn next_due(&self) -> Option<Millis> {
-        let timer = self.timers.keys().next().map(|(t, _)| *t);
-        let lease = self.leases.keys().next().map(|(t, _)| *t);
+        let timer = self.timers.first().map(|(t, _)| *t);
+        let lease = self.deadlines.first();
         match (timer, lease) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -574,10 +607,11 @@ impl Queue {
 
     /// Whether `n` more live jobs fit under max depth.
     pub fn check_capacity(&self, n: u64) -> Result<(), BrokerError> {
-        if self.live + n > self.policy.max_depth {
+        let live = self.live_jobs();
+        if live + n > self.policy.max_depth {
             return Err(BrokerError::ResourceExhausted(format!(
                 "queue {:?} is full: {} live jobs + {} new exceeds max_depth {}",
-                self.name, self.live, n, self.policy.max_depth
+                self.name, live, n, self.policy.max_depth
             )));
         }
         Ok(())
@@ -615,118 +649,136 @@ impl Queue {
     ) -> Result<Vec<Enqueued>, BrokerError> {
         let new = self.count_new(now, jobs.iter().map(|j| j.idempotency_key.clone()));
         self.check_capacity(new)?;
+        let payloads = self.payloads.store(jobs.iter().map(|j| &j.payload));
         let mut out = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            out.push(self.insert(now, job));
+        for (job, payload) in jobs.into_iter().zip(payloads) {
+            out.push(self.insert(now, job, payload));
         }
         self.counts.enqueued += new;
         self.enqueue_rate.record(now, new);
         Ok(out)
     }
 
-    fn insert(&mut self, now: Millis, new: NewJob) -> Enqueued {
+    /// A new job's seq and id; past [`IdCodec::MAX_SEQ`] ids are random and mapped.
+    fn next_id(&mut self, now: Millis) -> (u64, Uuid, bool) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if seq <= IdCodec::MAX_SEQ {
+            (seq, self.ids.encode(seq, now), false)
+        } else {
+            (seq, Uuid::now_v7(), true)
+        }
+    }
+
+    fn insert(&mut self, now: Millis, new: NewJob, payload: PayloadRef) -> Enqueued {
         if let Some(key) = &new.idempotency_key
             && let Some((id, _)) = self.dedup.get(key)
         {
+            self.payloads.release(payload);
             return Enqueued {
                 id: *id,
                 duplicate: true,
             };
         }
-        let id = Uuid::now_v7();
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let (seq, id, foreign) = self.next_id(now);
         if let Some(key) = &new.idempotency_key {
             let expires = now + self.policy.dedup_window_ms;
             self.dedup.insert(key.clone(), (id, expires));
             self.dedup_expiry.push_back((expires, key.clone()));
         }
         let run_at = new.run_at.unwrap_or(now).max(now);
+        let kind = self.kinds.intern(&new.kind);
         let ordering_key: Option<Arc<str>> = new.ordering_key.map(Arc::from);
-        let mut job = Job {
-            id,
-            seq,
-            kind: new.kind,
-            payload: new.payload,
-            headers: new.headers,
-            priority: new.priority.min(MAX_PRIORITY),
-            attempts: 0,
-            max_attempts: new.max_attempts.unwrap_or(self.policy.max_attempts).max(1),
-            idempotency_key: new.idempotency_key,
-            ordering_key: ordering_key.clone(),
-            state: if run_at > now {
-                JobState::Scheduled
-            } else {
-                JobState::Pending
-            },
+        let mut slot = Slot {
+            payload,
+            kind,
             enqueued_at: now,
-            run_at,
-            updated_at: now,
-            finished_at: None,
-            lease_deadline: None,
-            lease_nonce: 0,
-            consumer: None,
-            last_error: None,
-            result: None,
-            dead_letter_queue: None,
+            attempts: 0,
+            max_attempts: clamp_attempts(new.max_attempts.unwrap_or(self.policy.max_attempts)),
+            priority: new.priority.min(MAX_PRIORITY),
+            state: JobState::Pending,
             blocked: false,
+            extra: None,
         };
-        let mut active = true;
-        if let Some(key) = ordering_key {
-            let waiting = self.ordering.entry(key).or_default();
-            active = waiting.is_empty();
-            waiting.push_back(seq);
+        if foreign
+            || kind == Kinds::OWN
+            || !new.headers.is_empty()
+            || new.idempotency_key.is_some()
+            || ordering_key.is_some()
+            || run_at > now
+        {
+            let extra = slot.extra_mut();
+            extra.id = foreign.then_some(id);
+            extra.kind = (kind == Kinds::OWN).then_some(new.kind);
+            extra.headers = new.headers;
+            extra.idempotency_key = new.idempotency_key;
+            extra.ordering_key = ordering_key.clone();
+            extra.run_at = run_at;
         }
-        job.blocked = !active;
-        self.jobs.insert(seq, job);
-        self.ids.insert(id, seq);
-        self.live += 1;
-        if active {
-            self.place(seq, now);
-        } else {
-            self.blocked += 1;
+        if foreign {
+            self.foreign.insert(id, seq);
         }
+        self.admit(seq, slot, ordering_key, now);
         Enqueued {
             id,
             duplicate: false,
         }
     }
 
+    /// Stores a new live slot and makes it visible, scheduled, or waiting behind its
+    /// ordering key.
+    fn admit(&mut self, seq: u64, mut slot: Slot, ordering_key: Option<Arc<str>>, now: Millis) {
+        let mut active = true;
+        if let Some(key) = ordering_key {
+            let waiting = self.ordering.entry(key).or_default();
+            active = waiting.is_empty();
+            waiting.push_back(seq);
+        }
+        slot.blocked = !active;
+        self.slots.insert(seq, slot);
+        if active {
+            self.place(seq, now);
+        } else {
+            self.blocked += 1;
+        }
+    }
+
     /// Puts an active job into `ready` or `timers` by its run time.
     fn place(&mut self, seq: u64, now: Millis) {
-        let job = self.jobs.get_mut(&seq).expect("placed job exists");
-        job.updated_at = now;
-        if job.run_at > now {
-            job.state = if job.attempts == 0 {
+        let slot = self.slots.get_mut(seq).expect("placed job exists");
+        slot.touch(now);
+        let run_at = slot.run_at();
+        if run_at > now {
+            slot.state = if slot.attempts == 0 {
                 JobState::Scheduled
             } else {
                 self.retrying += 1;
                 JobState::Retrying
             };
-            self.timers.insert((job.run_at, seq), ());
+            self.timers.insert((run_at, seq));
         } else {
-            job.state = JobState::Pending;
-            self.ready.insert((Reverse(job.priority), seq), ());
-            self.ready_since.insert((job.run_at, seq), ());
+            slot.state = JobState::Pending;
+            self.ready.push(slot.priority, seq, run_at);
         }
     }
 
-    /// Removes an active, unleased job from `ready` or `timers`.
-    fn unplace(&mut self, seq: u64) {
-        let job = &self.jobs[&seq];
-        if job.blocked {
+    /// Removes an active, unleased job from `ready` or `timers`. For a visible job, call
+    /// it after the slot is gone (the ready index drops its entry lazily).
+    fn unplace(&mut self, seq: u64, state: JobState, priority: u8, run_at: Millis, blocked: bool) {
+        if blocked {
             return;
         }
-        match job.state {
+        match state {
             JobState::Pending => {
-                self.ready.remove(&(Reverse(job.priority), seq));
-                self.ready_since.remove(&(job.run_at, seq));
+                let slots = &self.slots;
+                self.ready
+                    .remove(priority, seq, |s| slots.get(s).is_none() || s == seq);
             }
             JobState::Scheduled | JobState::Retrying => {
-                if job.state == JobState::Retrying {
+                if state == JobState::Retrying {
                     self.retrying -= 1;
                 }
-                self.timers.remove(&(job.run_at, seq));
+                self.timers.remove(&(run_at, seq));
             }
             _ => {}
         }
@@ -735,33 +787,35 @@ impl Queue {
     /// Makes due timers visible and expires due leases (each a failed attempt). Only due
     /// entries are touched. Returns how many jobs became visible.
     pub fn tick(&mut self, now: Millis) -> usize {
-        while let Some(&(deadline, seq)) = self.leases.keys().next() {
-            if deadline > now {
-                break;
+        while let Some((deadline, seqs)) = self.deadlines.pop_due(now) {
+            // Leases taken together expire together: they share one error text.
+            let error: Arc<str> = Arc::from(format!(
+                "lease expired at {deadline} (no ack within the visibility timeout)"
+            ));
+            for seq in seqs {
+                if self
+                    .leases
+                    .get(&seq)
+                    .is_some_and(|l| l.deadline == deadline)
+                {
+                    self.fail_attempt(seq, now, error.clone(), None, false);
+                    self.expired.push(seq);
+                }
             }
-            self.fail_attempt(
-                seq,
-                now,
-                format!("lease expired at {deadline} (no ack within the visibility timeout)"),
-                None,
-                false,
-            );
-            self.expired.push(seq);
         }
         let before = self.ready.len();
-        while let Some(&(run_at, seq)) = self.timers.keys().next() {
+        while let Some(&(run_at, seq)) = self.timers.first() {
             if run_at > now {
                 break;
             }
-            self.timers.remove(&(run_at, seq));
-            let job = self.jobs.get_mut(&seq).expect("timer job exists");
-            if job.state == JobState::Retrying {
+            self.timers.pop_first();
+            let slot = self.slots.get_mut(seq).expect("timer job exists");
+            if slot.state == JobState::Retrying {
                 self.retrying -= 1;
             }
-            job.state = JobState::Pending;
-            job.updated_at = now;
-            self.ready.insert((Reverse(job.priority), seq), ());
-            self.ready_since.insert((job.run_at, seq), ());
+            slot.state = JobState::Pending;
+            slot.touch(now);
+            self.ready.push(slot.priority, seq, run_at);
         }
         self.prune_dedup(now);
         self.ready.len().saturating_sub(before)
@@ -783,43 +837,117 @@ impl Queue {
             return Vec::new();
         }
         let mut out = Vec::with_capacity(max.min(self.ready.len()));
+        let deadline = now + visibility_ms;
         while out.len() < max {
-            let Some(((_, seq), ())) = self.ready.pop_first() else {
+            let slots = &self.slots;
+            let Some(seq) = self.ready.pop(|s| slots.get(s).is_none()) else {
                 break;
             };
-            let deadline = now + visibility_ms;
             let nonce = fastrand::u64(1..);
-            let job = self.jobs.get_mut(&seq).expect("ready job exists");
-            self.ready_since.remove(&(job.run_at, seq));
-            job.state = JobState::Leased;
-            job.attempts += 1;
-            job.lease_deadline = Some(deadline);
-            job.lease_nonce = nonce;
-            job.consumer = Some(consumer.clone());
-            job.updated_at = now;
-            self.leases.insert((deadline, seq), now);
+            let slot = self.slots.get_mut(seq).expect("ready job exists");
+            slot.state = JobState::Leased;
+            slot.attempts = slot.attempts.saturating_add(1);
+            slot.touch(now);
+            self.deadlines.insert(deadline, seq);
+            self.leases.insert(
+                seq,
+                Lease {
+                    nonce,
+                    deadline,
+                    leased_at: now,
+                    updated_at: now,
+                    consumer: consumer.clone(),
+                },
+            );
+            let slot = self.slots.get(seq).expect("ready job exists");
+            let extra = slot.extra.as_deref();
             out.push(Delivery {
-                job_id: job.id,
+                job_id: self.id_of(seq, slot),
                 lease_id: LeaseId {
-                    queue: self.name.to_string(),
+                    queue: String::from(&*self.name),
                     seq,
                     nonce,
                 },
-                kind: job.kind.clone(),
-                payload: job.payload.clone(),
-                headers: job.headers.clone(),
-                priority: job.priority,
-                attempt: job.attempts,
-                max_attempts: job.max_attempts,
-                enqueued_at: job.enqueued_at,
+                kind: self.kind_of(slot).to_owned(),
+                payload: self.payloads.get(slot.payload),
+                headers: extra.map(|e| e.headers.clone()).unwrap_or_default(),
+                priority: slot.priority,
+                attempt: u32::from(slot.attempts),
+                max_attempts: u32::from(slot.max_attempts),
+                enqueued_at: slot.enqueued_at,
                 deadline,
-                ordering_key: job.ordering_key.clone(),
+                ordering_key: extra.and_then(|e| e.ordering_key.clone()),
             });
         }
         if let Some(state) = self.consumers.get_mut(consumer) {
             state.leases_held += out.len() as u32;
         }
         out
+    }
+
+    fn id_of(&self, seq: u64, slot: &Slot) -> Uuid {
+        slot.own_id()
+            .unwrap_or_else(|| self.ids.encode(seq, slot.enqueued_at))
+    }
+
+    fn kind_of<'a>(&'a self, slot: &'a Slot) -> &'a str {
+        if slot.kind == Kinds::OWN {
+            slot.extra
+                .as_ref()
+                .and_then(|e| e.kind.as_deref())
+                .unwrap_or("")
+        } else {
+            self.kinds.name(slot.kind)
+        }
+    }
+
+    /// The seq of the job with `id`, live or in history.
+    fn seq_of(&self, id: &Uuid) -> Option<u64> {
+        if let Some(seq) = self.foreign.get(id) {
+            return Some(*seq);
+        }
+        let (seq, enqueued_at) = self.ids.decode(id)?;
+        let found = match self.slots.get(seq) {
+            Some(slot) => {
+                slot.own_id().is_none() && slot.enqueued_at & 0xffff_ffff_ffff == enqueued_at
+            }
+            None => self.finished.get(&seq).is_some_and(|j| j.id == *id),
+        };
+        found.then_some(seq)
+    }
+
+    /// The job record of a live slot, as inspection sees it.
+    fn materialize(&self, seq: u64, slot: &Slot) -> Job {
+        let extra = slot.extra.as_deref();
+        let lease = self.leases.get(&seq);
+        Job {
+            id: self.id_of(seq, slot),
+            seq,
+            kind: self.kind_of(slot).to_owned(),
+            payload: self.payloads.get(slot.payload),
+            headers: extra.map(|e| e.headers.clone()).unwrap_or_default(),
+            priority: slot.priority,
+            attempts: u32::from(slot.attempts),
+            max_attempts: u32::from(slot.max_attempts),
+            idempotency_key: extra.and_then(|e| e.idempotency_key.clone()),
+            ordering_key: extra.and_then(|e| e.ordering_key.clone()),
+            state: slot.state,
+            enqueued_at: slot.enqueued_at,
+            run_at: slot.run_at(),
+            updated_at: match (lease, extra) {
+                (Some(l), _) => l.updated_at,
+                (None, Some(e)) => e.updated_at,
+                (None, None) => slot.enqueued_at,
+            },
+            finished_at: None,
+            lease_deadline: lease.map(|l| l.deadline),
+            lease_nonce: lease.map_or(0, |l| l.nonce),
+            consumer: lease.map(|l| l.consumer.clone()),
+            last_error: extra.and_then(|e| e.last_error.as_deref().map(str::to_owned)),
+            result: None,
+            dead_letter_queue: None,
+            blocked: slot.blocked,
+        }
     }
 
     fn touch_consumer(&mut self, consumer: &Arc<str>, address: &str, now: Millis) {
@@ -841,7 +969,26 @@ impl Queue {
     pub fn check_lease(&self, now: Millis, lease: &LeaseId) -> Result<LeaseCheck, BrokerError> {
         let stale =
             |why: String| BrokerError::FailedPrecondition(format!("lease {lease} is stale: {why}"));
-        let Some(job) = self.jobs.get(&lease.seq) else {
+        if let Some(slot) = self.slots.get(lease.seq) {
+            let id = self.id_of(lease.seq, slot);
+            return match self.leases.get(&lease.seq) {
+                Some(l) if l.nonce != lease.nonce => Err(stale(format!(
+                    "job {id} was delivered again since (attempt {})",
+                    slot.attempts
+                ))),
+                Some(l) if l.deadline > now => Ok(LeaseCheck::Live),
+                Some(l) => Err(stale(format!(
+                    "it expired at {} (now {now}); the job will be delivered again",
+                    l.deadline
+                ))),
+                None => Err(stale(format!(
+                    "job {id} is {} since this lease ended (attempt {})",
+                    slot.state.as_str(),
+                    slot.attempts
+                ))),
+            };
+        }
+        let Some(job) = self.finished.get(&lease.seq) else {
             return Err(stale(
                 "its job no longer exists (finished and evicted from history, or purged)".into(),
             ));
@@ -852,13 +999,9 @@ impl Queue {
                 job.id, job.attempts
             )));
         }
-        match (job.state, job.lease_deadline) {
-            (JobState::Leased, Some(deadline)) if deadline > now => Ok(LeaseCheck::Live),
-            (JobState::Leased, Some(deadline)) => Err(stale(format!(
-                "it expired at {deadline} (now {now}); the job will be delivered again"
-            ))),
-            (JobState::Completed, _) => Ok(LeaseCheck::AlreadyAcked),
-            (state, _) => Err(stale(format!(
+        match job.state {
+            JobState::Completed => Ok(LeaseCheck::AlreadyAcked),
+            state => Err(stale(format!(
                 "job {} is {} since this lease ended",
                 job.id,
                 state.as_str()
@@ -866,17 +1009,17 @@ impl Queue {
         }
     }
 
-    fn end_lease(&mut self, seq: u64, now: Millis) -> Option<Arc<str>> {
-        let job = self.jobs.get_mut(&seq).expect("leased job exists");
-        if let Some(deadline) = job.lease_deadline.take() {
-            self.leases.remove(&(deadline, seq));
-        }
-        job.updated_at = now;
-        let consumer = job.consumer.clone();
-        if let Some(state) = consumer.as_ref().and_then(|c| self.consumers.get_mut(c)) {
+    /// Ends the live lease of `seq`, returning it.
+    fn end_lease(&mut self, seq: u64) -> Option<Lease> {
+        let lease = self.leases.remove(&seq)?;
+        let leases = &self.leases;
+        self.deadlines.remove(lease.deadline, |s| {
+            leases.get(&s).is_some_and(|l| l.deadline == lease.deadline)
+        });
+        if let Some(state) = self.consumers.get_mut(&lease.consumer) {
             state.leases_held = state.leases_held.saturating_sub(1);
         }
-        consumer
+        Some(lease)
     }
 
     /// Acks a delivery. A repeat ack of the same lease is OK and changes nothing.
@@ -892,21 +1035,18 @@ impl Queue {
             return Ok(None);
         }
         let seq = lease.seq;
-        let leased_at = self.jobs[&seq]
-            .lease_deadline
-            .and_then(|d| self.leases.get(&(d, seq)).copied())
-            .unwrap_or(now);
-        let consumer = self.end_lease(seq, now);
-        if let Some(state) = consumer.as_ref().and_then(|c| self.consumers.get_mut(c)) {
+        let ended = self.end_lease(seq).expect("live lease");
+        let leased_at = ended.leased_at;
+        if let Some(state) = self.consumers.get_mut(&ended.consumer) {
             state.done += 1;
             state.last_seen = now;
         }
-        let job = self.jobs.get_mut(&seq).expect("acked job exists");
-        job.state = JobState::Completed;
-        job.result = result;
         self.counts.completed += 1;
         self.ack_rate.record(now, 1);
-        self.finish(seq, now);
+        let job = self.finish(seq, now, JobState::Completed, Some(ended));
+        if let Some(job) = job {
+            job.result = result;
+        }
         Ok(Some(now.saturating_sub(leased_at)))
     }
 
@@ -925,7 +1065,13 @@ impl Queue {
                 "lease {lease} is stale: its job was already acked"
             )));
         }
-        Ok(self.fail_attempt(lease.seq, now, error, retry_delay_ms, dead_letter))
+        Ok(self.fail_attempt(
+            lease.seq,
+            now,
+            Arc::from(error),
+            retry_delay_ms,
+            dead_letter,
+        ))
     }
 
     /// Moves a live lease's deadline to `now + visibility_ms`; returns the new deadline.
@@ -941,21 +1087,16 @@ impl Queue {
             )));
         }
         let seq = lease.seq;
-        let job = self.jobs.get_mut(&seq).expect("leased job exists");
-        let old = job
-            .lease_deadline
-            .replace(now + visibility_ms)
-            .expect("live lease");
-        job.updated_at = now;
-        let leased_at = self.leases.remove(&(old, seq)).unwrap_or(now);
-        self.leases.insert((now + visibility_ms, seq), leased_at);
-        if let Some(state) = job
-            .consumer
-            .as_ref()
-            .and_then(|c| self.consumers.get_mut(c))
-        {
+        let live = self.leases.get_mut(&seq).expect("live lease");
+        let old = std::mem::replace(&mut live.deadline, now + visibility_ms);
+        live.updated_at = now;
+        if let Some(state) = self.consumers.get_mut(&live.consumer) {
             state.last_seen = now;
         }
+        let leases = &self.leases;
+        self.deadlines
+            .remove(old, |s| leases.get(&s).is_some_and(|l| l.deadline == old));
+        self.deadlines.insert(now + visibility_ms, seq);
         Ok(now + visibility_ms)
     }
 
@@ -963,72 +1104,98 @@ impl Queue {
         &mut self,
         seq: u64,
         now: Millis,
-        error: String,
+        error: Arc<str>,
         retry_delay_ms: Option<u64>,
         dead_letter: bool,
     ) -> FailOutcome {
-        let consumer = self.end_lease(seq, now);
-        if let Some(state) = consumer.as_ref().and_then(|c| self.consumers.get_mut(c)) {
+        let ended = self.end_lease(seq);
+        if let Some(state) = ended
+            .as_ref()
+            .and_then(|l| self.consumers.get_mut(&l.consumer))
+        {
             state.failed += 1;
         }
         self.counts.failed += 1;
-        let job = self.jobs.get_mut(&seq).expect("failed job exists");
-        job.last_error = Some(error);
-        if dead_letter || job.attempts >= job.max_attempts {
-            self.kill(seq, now);
+        let slot = self.slots.get_mut(seq).expect("failed job exists");
+        let attempts = u32::from(slot.attempts);
+        let last = attempts >= u32::from(slot.max_attempts);
+        let extra = slot.extra_mut();
+        extra.last_error = Some(error);
+        extra.updated_at = now;
+        if dead_letter || last {
+            self.kill(seq, now, ended);
             return FailOutcome::Dead;
         }
-        let delay = retry_delay_ms.unwrap_or_else(|| self.policy.backoff.delay_ms(job.attempts));
-        job.run_at = now + delay;
+        let delay = retry_delay_ms.unwrap_or_else(|| self.policy.backoff.delay_ms(attempts));
+        let slot = self.slots.get_mut(seq).expect("failed job exists");
+        slot.extra_mut().run_at = now + delay;
         self.place(seq, now);
         FailOutcome::Retry { at: now + delay }
     }
 
     /// Marks a job dead and queues its dead letter.
-    fn kill(&mut self, seq: u64, now: Millis) {
+    fn kill(&mut self, seq: u64, now: Millis, ended: Option<Lease>) {
         let target = self.policy.dead_letter_queue.clone();
-        let job = self.jobs.get_mut(&seq).expect("dead job exists");
-        job.state = JobState::Dead;
         self.counts.dead += 1;
+        let name = self.name.clone();
+        let job = self
+            .finish(seq, now, JobState::Dead, ended)
+            .expect("dead job exists");
         if !target.is_empty() {
             job.dead_letter_queue = Some(target.clone());
             let mut headers = job.headers.clone();
-            headers.insert(HEADER_ORIGINAL_QUEUE.into(), self.name.to_string());
+            headers.insert(HEADER_ORIGINAL_QUEUE.into(), name.to_string());
             headers.insert(HEADER_ATTEMPTS.into(), job.attempts.to_string());
             headers.insert(
                 HEADER_LAST_ERROR.into(),
                 job.last_error.clone().unwrap_or_default(),
             );
             headers.insert(HEADER_DEAD_LETTERED_AT.into(), now.to_string());
-            self.outbox.push(DeadLetter {
+            let letter = DeadLetter {
                 target,
                 job_id: job.id,
                 kind: job.kind.clone(),
                 payload: job.payload.clone(),
                 headers,
                 priority: job.priority,
-            });
+            };
+            self.outbox.push(letter);
         }
-        self.finish(seq, now);
     }
 
-    /// Moves a job that just reached a final state into history and frees its ordering key.
-    fn finish(&mut self, seq: u64, now: Millis) {
-        let job = self.jobs.get_mut(&seq).expect("finished job exists");
+    /// Moves a live job that reaches the final `state` into history, frees its ordering
+    /// key, and returns its record there (`None` if it was trimmed at once).
+    fn finish(
+        &mut self,
+        seq: u64,
+        now: Millis,
+        state: JobState,
+        ended: Option<Lease>,
+    ) -> Option<&mut Job> {
+        let slot = self.slots.get(seq).expect("finished job exists");
+        let mut job = self.materialize(seq, slot);
+        job.payload = self.payloads.detach(slot.payload);
+        if let Some(l) = ended {
+            job.lease_nonce = l.nonce;
+            job.consumer = Some(l.consumer);
+        }
+        let slot = self.slots.remove(seq).expect("finished job exists");
+        self.payloads.release(slot.payload);
+        job.state = state;
         job.finished_at = Some(now);
         job.updated_at = now;
         job.lease_deadline = None;
-        let key = job.ordering_key.clone();
-        let was_blocked = std::mem::replace(&mut job.blocked, false);
-        if was_blocked {
+        if std::mem::replace(&mut job.blocked, false) {
             self.blocked -= 1;
         }
-        self.live -= 1;
+        let key = job.ordering_key.clone();
+        self.finished.insert(seq, job);
         self.history.push_back(seq);
         if let Some(key) = key {
             self.release_ordering_key(&key, seq, now);
         }
         self.trim_history();
+        self.finished.get_mut(&seq)
     }
 
     fn release_ordering_key(&mut self, key: &Arc<str>, seq: u64, now: Millis) {
@@ -1046,8 +1213,8 @@ impl Queue {
             self.ordering.remove(key);
         }
         if let Some(next) = next {
-            let job = self.jobs.get_mut(&next).expect("waiting job exists");
-            job.blocked = false;
+            let slot = self.slots.get_mut(next).expect("waiting job exists");
+            slot.blocked = false;
             self.blocked -= 1;
             self.place(next, now);
         }
@@ -1056,52 +1223,49 @@ impl Queue {
     fn trim_history(&mut self) {
         while self.history.len() > self.policy.history_limit as usize {
             let seq = self.history.pop_front().expect("non-empty history");
-            if let Some(job) = self.jobs.remove(&seq) {
-                self.ids.remove(&job.id);
+            if let Some(job) = self.finished.remove(&seq)
+                && self.foreign.get(&job.id) == Some(&seq)
+            {
+                self.foreign.remove(&job.id);
             }
         }
     }
 
     /// Looks a job up by id.
-    pub fn get(&self, id: &Uuid) -> Option<&Job> {
-        self.ids.get(id).and_then(|seq| self.jobs.get(seq))
+    pub fn get(&self, id: &Uuid) -> Option<Cow<'_, Job>> {
+        self.job_by_seq(self.seq_of(id)?)
     }
 
     /// Cancels a scheduled, pending or retrying job.
     pub fn cancel(&mut self, now: Millis, id: &Uuid) -> Result<Job, BrokerError> {
-        let Some(&seq) = self.ids.get(id) else {
-            return Err(BrokerError::NotFound(format!(
-                "job {id} not found in queue {:?}",
-                self.name
+        let not_found =
+            || BrokerError::NotFound(format!("job {id} not found in queue {:?}", self.name));
+        let seq = self.seq_of(id).ok_or_else(not_found)?;
+        let Some(slot) = self.slots.get(seq) else {
+            let state = self.finished.get(&seq).ok_or_else(not_found)?.state;
+            return Err(BrokerError::FailedPrecondition(format!(
+                "job {id} is already {}",
+                state.as_str()
             )));
         };
-        let job = &self.jobs[&seq];
-        match job.state {
-            JobState::Leased => {
-                return Err(BrokerError::FailedPrecondition(format!(
-                    "job {id} is leased by {:?} until {}: ack or nack it, or wait for the lease to expire",
-                    job.consumer.as_deref().unwrap_or(""),
-                    job.lease_deadline.unwrap_or(0)
-                )));
-            }
-            state if state.is_finished() => {
-                return Err(BrokerError::FailedPrecondition(format!(
-                    "job {id} is already {}",
-                    state.as_str()
-                )));
-            }
-            _ => {}
+        if let Some(lease) = self.leases.get(&seq) {
+            debug_assert_eq!(slot.state, JobState::Leased);
+            return Err(BrokerError::FailedPrecondition(format!(
+                "job {id} is leased by {:?} until {}: ack or nack it, or wait for the lease to expire",
+                &*lease.consumer, lease.deadline
+            )));
         }
         self.cancel_seq(seq, now);
-        Ok(self.jobs[&seq].clone())
+        Ok(self.finished.get(&seq).cloned().expect("just cancelled"))
     }
 
     fn cancel_seq(&mut self, seq: u64, now: Millis) {
-        self.unplace(seq);
-        let job = self.jobs.get_mut(&seq).expect("cancelled job exists");
-        job.state = JobState::Cancelled;
+        let slot = self.slots.get(seq).expect("cancelled job exists");
+        let (state, priority, run_at, blocked) =
+            (slot.state, slot.priority, slot.run_at(), slot.blocked);
         self.counts.cancelled += 1;
-        self.finish(seq, now);
+        self.finish(seq, now, JobState::Cancelled, None);
+        self.unplace(seq, state, priority, run_at, blocked);
     }
 
     /// Cancels every job that is not leased; returns how many.
@@ -1112,23 +1276,22 @@ impl Queue {
     /// Cancels every job that is not leased; returns their ids (the WAL records each one,
     /// because leased jobs survive a purge and leases are not persisted).
     pub fn purge_ids(&mut self, now: Millis) -> Vec<Uuid> {
-        let victims: Vec<u64> = self
-            .jobs
-            .iter()
-            .filter(|(_, j)| !j.state.is_finished() && j.state != JobState::Leased)
-            .map(|(seq, _)| *seq)
+        let victims: Vec<(u64, Uuid)> = self
+            .slots
+            .iter_from(0)
+            .filter(|(_, s)| s.state != JobState::Leased)
+            .map(|(seq, s)| (seq, self.id_of(seq, s)))
             .collect();
-        for seq in &victims {
+        for (seq, _) in &victims {
             // Cancelling the front of an ordering key activates the next one, which is a
-            // victim too; its state is re-read here so either index is cleaned.
-            if !self.jobs[seq].state.is_finished() {
+            // victim too; its state is re-read when its turn comes.
+            if self.slots.get(*seq).is_some() {
                 self.cancel_seq(*seq, now);
             }
         }
-        victims
-            .iter()
-            .filter_map(|seq| self.jobs.get(seq).map(|j| j.id))
-            .collect()
+        debug_assert!(self.ready.is_empty());
+        self.ready.clear();
+        victims.into_iter().map(|(_, id)| id).collect()
     }
 
     /// Jobs in `state` (live ones if `None`), oldest first, after enqueue seq `after`.
@@ -1139,18 +1302,34 @@ impl Queue {
         after: u64,
         limit: usize,
     ) -> (Vec<Job>, Option<u64>) {
-        let mut matching = self
-            .jobs
-            .range(after.saturating_add(1)..)
-            .map(|(_, j)| j)
-            .filter(|j| match state {
-                Some(s) => j.state == s,
-                None => !j.state.is_finished(),
-            });
-        let page: Vec<Job> = matching.by_ref().take(limit).cloned().collect();
-        let more = matching.next().is_some();
+        let from = after.saturating_add(1);
+        let (page, more): (Vec<Job>, bool) = match state {
+            Some(s) if s.is_finished() => {
+                // History is bounded by the policy, so sorting the matches is cheap.
+                let mut matching: Vec<&Job> = self
+                    .finished
+                    .values()
+                    .filter(|j| j.seq >= from && j.state == s)
+                    .collect();
+                matching.sort_unstable_by_key(|j| j.seq);
+                let more = matching.len() > limit;
+                (matching.into_iter().take(limit).cloned().collect(), more)
+            }
+            _ => {
+                let mut matching = self
+                    .slots
+                    .iter_from(from)
+                    .filter(|(_, slot)| state.is_none_or(|s| slot.state == s));
+                let page = matching
+                    .by_ref()
+                    .take(limit)
+                    .map(|(seq, slot)| self.materialize(seq, slot))
+                    .collect();
+                (page, matching.next().is_some())
+            }
+        };
         let next = if more {
-            page.last().map(|j| j.seq)
+            page.last().map(|j: &Job| j.seq)
         } else {
             None
         };
@@ -1163,7 +1342,7 @@ impl Queue {
             .iter()
             .rev()
             .take(limit)
-            .filter_map(|seq| self.jobs.get(seq).cloned())
+            .filter_map(|seq| self.finished.get(seq).cloned())
             .collect()
     }
 
@@ -1190,77 +1369,56 @@ impl Queue {
         headers: Headers,
         priority: u8,
     ) {
-        if let Some(old) = self.ids.remove(&id) {
+        if let Some(old) = self.seq_of(&id) {
             // The same job has a record here already (it died here before, or it is
             // dead-lettered twice): the new record replaces it.
-            let state = self.jobs[&old].state;
-            if state.is_finished() {
-                self.history.retain(|s| *s != old);
-            } else if state == JobState::Leased {
-                self.end_lease(old, now);
-                self.live -= 1;
-            } else {
-                self.unplace(old);
-                self.live -= 1;
-            }
-            self.jobs.remove(&old);
+            self.forget(old, now);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.jobs.insert(
-            seq,
-            Job {
-                id,
-                seq,
-                kind,
-                payload,
-                headers,
-                priority,
-                attempts: 0,
-                max_attempts: self.policy.max_attempts,
-                idempotency_key: None,
-                ordering_key: None,
-                state: JobState::Pending,
-                enqueued_at: now,
-                run_at: now,
-                updated_at: now,
-                finished_at: None,
-                lease_deadline: None,
-                lease_nonce: 0,
-                consumer: None,
-                last_error: None,
-                result: None,
-                dead_letter_queue: None,
-                blocked: false,
-            },
-        );
-        self.ids.insert(id, seq);
-        self.live += 1;
-        self.place(seq, now);
+        let payload = self.payloads.store([payload].iter())[0];
+        let mut slot = Slot {
+            payload,
+            kind: Kinds::OWN,
+            enqueued_at: now,
+            attempts: 0,
+            max_attempts: clamp_attempts(self.policy.max_attempts),
+            priority: priority.min(MAX_PRIORITY),
+            state: JobState::Pending,
+            blocked: false,
+            extra: None,
+        };
+        let extra = slot.extra_mut();
+        extra.id = Some(id);
+        extra.kind = Some(kind);
+        extra.headers = headers;
+        self.foreign.insert(id, seq);
+        self.admit(seq, slot, None, now);
     }
 
     /// Takes jobs out of this dead-letter queue for redrive: the given ids, or else up to
     /// `max` of the oldest. Leased or finished jobs, and jobs with no original queue, are
     /// skipped (and listed when asked for by id).
     pub fn take_for_redrive(&mut self, ids: &[Uuid], max: usize) -> (Vec<Redriven>, Vec<Uuid>) {
-        let movable = |j: &Job| {
-            !j.state.is_finished()
-                && j.state != JobState::Leased
-                && j.headers.contains_key(HEADER_ORIGINAL_QUEUE)
+        let movable = |s: &Slot| {
+            s.state != JobState::Leased
+                && s.extra
+                    .as_ref()
+                    .is_some_and(|e| e.headers.contains_key(HEADER_ORIGINAL_QUEUE))
         };
         let mut skipped = Vec::new();
         let seqs: Vec<u64> = if ids.is_empty() {
-            self.jobs
-                .iter()
-                .filter(|(_, j)| movable(j))
+            self.slots
+                .iter_from(0)
+                .filter(|(_, s)| movable(s))
                 .take(max)
-                .map(|(s, _)| *s)
+                .map(|(seq, _)| seq)
                 .collect()
         } else {
             let mut seqs = Vec::new();
             for id in ids {
-                match self.ids.get(id) {
-                    Some(seq) if movable(&self.jobs[seq]) => seqs.push(*seq),
+                match self.seq_of(id) {
+                    Some(seq) if self.slots.get(seq).is_some_and(movable) => seqs.push(seq),
                     _ => skipped.push(*id),
                 }
             }
@@ -1268,10 +1426,10 @@ impl Queue {
         };
         let mut out = Vec::with_capacity(seqs.len());
         for seq in seqs {
-            self.unplace(seq);
-            let job = self.jobs.remove(&seq).expect("redriven job exists");
-            self.ids.remove(&job.id);
-            self.live -= 1;
+            let slot = self.slots.get(seq).expect("redriven job exists");
+            let mut job = self.materialize(seq, slot);
+            job.payload = self.payloads.detach(slot.payload);
+            self.forget(seq, 0);
             let target = job.headers[HEADER_ORIGINAL_QUEUE].clone();
             let headers = job
                 .headers
@@ -1307,9 +1465,13 @@ impl Queue {
         std::mem::take(&mut self.expired)
     }
 
-    /// Looks a job up by its seq (e.g. a lease's).
-    pub fn job_by_seq(&self, seq: u64) -> Option<&Job> {
-        self.jobs.get(&seq)
+    /// Looks a job up by its seq (e.g. a lease's): a live job's record is built on the
+    /// spot, a finished one is borrowed from history.
+    pub fn job_by_seq(&self, seq: u64) -> Option<Cow<'_, Job>> {
+        match self.slots.get(seq) {
+            Some(slot) => Some(Cow::Owned(self.materialize(seq, slot))),
+            None => self.finished.get(&seq).map(Cow::Borrowed),
+        }
     }
 
     /// Remembered idempotency keys: (key, job id, expiry), for snapshots.
@@ -1330,7 +1492,8 @@ impl Queue {
     /// before it (its seq is the next one, so call in enqueue order for live jobs and in
     /// finish order for finished ones). A job that was leased is visible again, because
     /// leases are not persisted: a crash causes a redelivery, never a loss. Ordering keys,
-    /// indexes and history are rebuilt exactly as [`Queue::enqueue`] would.
+    /// indexes and history are rebuilt exactly as [`Queue::enqueue`] would. The job keeps
+    /// its id, which is then mapped like a dead letter's.
     pub fn restore_job(&mut self, now: Millis, mut job: Job) {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -1338,75 +1501,86 @@ impl Queue {
         job.lease_deadline = None;
         job.lease_nonce = 0;
         job.blocked = false;
-        if let Some(old) = self.ids.insert(job.id, seq) {
+        if let Some(old) = self.seq_of(&job.id) {
             // Recovery hands each id over once; a repeat would be a bug there, and the
             // newest record wins like in `insert_with_id`.
             self.forget(old, now);
         }
+        self.foreign.insert(job.id, seq);
         if job.state.is_finished() {
-            self.jobs.insert(seq, job);
+            self.finished.insert(seq, job);
             self.history.push_back(seq);
             self.trim_history();
             return;
         }
+        let payload = self.payloads.store([job.payload].iter())[0];
+        let mut slot = Slot {
+            payload,
+            kind: Kinds::OWN,
+            enqueued_at: job.enqueued_at,
+            attempts: job.attempts.min(MAX_ATTEMPTS) as u16,
+            max_attempts: clamp_attempts(job.max_attempts),
+            priority: job.priority.min(MAX_PRIORITY),
+            state: JobState::Pending,
+            blocked: false,
+            extra: None,
+        };
+        let extra = slot.extra_mut();
+        extra.id = Some(job.id);
+        extra.kind = Some(job.kind);
+        extra.headers = job.headers;
+        extra.idempotency_key = job.idempotency_key;
+        extra.ordering_key = job.ordering_key.clone();
+        extra.run_at = job.run_at;
+        extra.last_error = job.last_error.map(Arc::from);
+        // A job that was leased is retried at once; others keep their run time.
         if job.state == JobState::Leased {
-            job.state = JobState::Pending;
+            extra.run_at = extra.run_at.min(now);
         }
         let updated_at = job.updated_at;
-        let key = job.ordering_key.clone();
-        self.jobs.insert(seq, job);
-        self.live += 1;
-        let mut active = true;
-        if let Some(key) = key {
-            let waiting = self.ordering.entry(key).or_default();
-            active = waiting.is_empty();
-            waiting.push_back(seq);
-        }
-        if active {
-            self.place(seq, now);
-        } else {
-            self.blocked += 1;
-        }
-        let job = self.jobs.get_mut(&seq).expect("restored job exists");
-        job.blocked = !active;
-        if !active {
-            job.state = JobState::Pending;
-        }
-        job.updated_at = updated_at;
+        self.admit(seq, slot, job.ordering_key, now);
+        let slot = self.slots.get_mut(seq).expect("restored job exists");
+        slot.extra_mut().updated_at = updated_at;
     }
 
-    /// Drops the record at `seq` entirely (used when recovery replaces a record).
+    /// Drops the record at `seq` entirely, live or finished, without counting it anywhere
+    /// (a dead letter replaced, a job redriven away, a record recovery replaces).
     fn forget(&mut self, seq: u64, now: Millis) {
-        let Some(state) = self.jobs.get(&seq).map(|j| j.state) else {
+        if let Some(job) = self.finished.remove(&seq) {
+            self.history.retain(|s| *s != seq);
+            if self.foreign.get(&job.id) == Some(&seq) {
+                self.foreign.remove(&job.id);
+            }
+            return;
+        }
+        let Some(slot) = self.slots.get(seq) else {
             return;
         };
-        if state.is_finished() {
-            self.history.retain(|s| *s != seq);
-        } else {
-            if state == JobState::Leased {
-                self.end_lease(seq, now);
-            } else {
-                self.unplace(seq);
-            }
-            if self.jobs[&seq].blocked {
-                self.blocked -= 1;
-            }
-            if let Some(key) = self.jobs[&seq].ordering_key.clone() {
-                self.release_ordering_key(&key, seq, now);
-            }
-            self.live -= 1;
+        if let Some(id) = slot.own_id() {
+            self.foreign.remove(&id);
         }
-        self.jobs.remove(&seq);
+        let ordering_key = slot.extra.as_ref().and_then(|e| e.ordering_key.clone());
+        let was_leased = self.end_lease(seq).is_some();
+        let slot = self.slots.remove(seq).expect("forgotten job exists");
+        self.payloads.release(slot.payload);
+        if !was_leased {
+            self.unplace(seq, slot.state, slot.priority, slot.run_at(), slot.blocked);
+        }
+        if slot.blocked {
+            self.blocked -= 1;
+        }
+        if let Some(key) = ordering_key {
+            self.release_ordering_key(&key, seq, now);
+        }
     }
 
     /// The queue's counters.
     pub fn counts(&self, now: Millis) -> QueueCounts {
-        debug_assert_eq!(self.ready.len(), self.ready_since.len());
+        let slots = &self.slots;
         let oldest = self
-            .ready_since
-            .keys()
-            .next()
-            .map(|(since, _)| now.saturating_sub(*since))
+            .ready
+            .oldest_since(|seq| slots.get(seq).map_or(now, Slot::run_at))
+            .map(|since| now.saturating_sub(since))
             .unwrap_or(0);
         QueueCounts {
             pending: self.ready.len() as u64 + self.blocked,
@@ -1436,6 +1610,11 @@ impl Queue {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
+}
+
+/// Attempts as a slot stores them: at most [`MAX_ATTEMPTS`].
+fn clamp_attempts(n: u32) -> u16 {
+    n.clamp(1, MAX_ATTEMPTS) as u16
 }
 
 #[cfg(test)]

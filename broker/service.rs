@@ -13,7 +13,9 @@ use crate::broker::core::{Broker, LeaseParams, PolicyPatch, QueueInfo, StatsSnap
 use crate::broker::error::BrokerError;
 use crate::broker::limits::check_duration_ms;
 use crate::broker::names::Pattern;
-use crate::broker::queue::{self, Backoff, Delivery, Job, JobState, MAX_PRIORITY, NewJob};
+use crate::broker::queue::{
+    self, Backoff, Delivery, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
+};
 use crate::broker::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
 use crate::broker::topic::{NewMessage, Retention, StoredMessage};
 use crate::broker::wire::{EncodedSubscribeResponse, broker_server};
@@ -50,6 +52,14 @@ fn job_spec(i: usize, spec: pb::JobSpec, now: u64) -> Result<NewJob, BrokerError
             format!("jobs[{i}].priority"),
             spec.priority as u64,
             MAX_PRIORITY as u64,
+            "",
+        ));
+    }
+    if spec.max_attempts > MAX_ATTEMPTS {
+        return Err(BrokerError::over_limit(
+            format!("jobs[{i}].max_attempts"),
+            spec.max_attempts as u64,
+            MAX_ATTEMPTS as u64,
             "",
         ));
     }

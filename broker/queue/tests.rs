@@ -616,3 +616,84 @@ fn idle_consumers_are_forgotten_once_there_are_many() {
     let names: Vec<String> = q.consumers().iter().map(|(n, _)| n.to_string()).collect();
     assert_eq!(names, ["holder", "late"]);
 }
+
+#[test]
+fn ids_find_live_and_finished_jobs_of_this_queue_only() {
+    let mut q = queue_with(|_| {});
+    let mut other = queue_with(|_| {});
+    let a = enqueue_one(&mut q, T0, job("a"));
+    let b = enqueue_one(&mut q, T0 + 5, job("b"));
+    let elsewhere = enqueue_one(&mut other, T0, job("x"));
+    assert_eq!(a.get_version_num(), 7);
+    assert!(a < b, "ids of one queue sort in enqueue order");
+    assert_eq!(q.get(&b).unwrap().payload.as_ref(), b"b");
+    // Same seq and time, another queue: not this job.
+    assert!(q.get(&elsewhere).is_none());
+    assert!(q.cancel(T0, &elsewhere).is_err());
+    // A forged id with this queue's tag and seq but another enqueue time is not found.
+    let forged = Uuid::from_u128(a.as_u128() ^ (1 << 80));
+    assert!(q.get(&forged).is_none());
+
+    let d = lease_one(&mut q, T0 + 10, 1_000).unwrap();
+    q.ack(T0 + 11, &d.lease_id, Some(Bytes::from_static(b"ok")))
+        .unwrap();
+    let done = q.get(&a).unwrap();
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(done.result.as_deref(), Some(&b"ok"[..]));
+    assert_eq!(done.payload.as_ref(), b"a");
+    assert_eq!(done.finished_at, Some(T0 + 11));
+}
+
+#[test]
+fn cancelled_jobs_in_the_middle_of_a_backlog_are_skipped_by_lease_and_stats() {
+    let mut q = queue_with(|_| {});
+    let ids: Vec<Uuid> = (0..10)
+        .map(|i| enqueue_one(&mut q, T0 + i, job("p")))
+        .collect();
+    for id in [ids[0], ids[3], ids[4], ids[9]] {
+        q.cancel(T0 + 20, &id).unwrap();
+    }
+    let counts = q.counts(T0 + 20);
+    assert_eq!(counts.pending, 6);
+    // The oldest visible job is now ids[1], enqueued at T0 + 1.
+    assert_eq!(counts.oldest_pending_age_ms, 19);
+    let leased: Vec<Uuid> = q
+        .lease(T0 + 20, 10, 1_000, &consumer(), "a")
+        .into_iter()
+        .map(|d| d.job_id)
+        .collect();
+    assert_eq!(leased, vec![ids[1], ids[2], ids[5], ids[6], ids[7], ids[8]]);
+    assert_eq!(q.counts(T0 + 20).pending, 0);
+}
+
+#[test]
+fn a_retried_job_goes_back_before_newer_jobs_of_its_priority() {
+    let mut q = queue_with(|_| {});
+    let a = enqueue_one(&mut q, T0, job("a"));
+    let d = lease_one(&mut q, T0, 1_000).unwrap();
+    let b = enqueue_one(&mut q, T0 + 1, job("b"));
+    q.nack(T0 + 2, &d.lease_id, "again".into(), Some(0), false)
+        .unwrap();
+    assert_eq!(lease_one(&mut q, T0 + 2, 1_000).unwrap().job_id, a);
+    assert_eq!(lease_one(&mut q, T0 + 2, 1_000).unwrap().job_id, b);
+}
+
+#[test]
+fn a_drained_backlog_frees_its_storage() {
+    let mut q = queue_with(|_| {});
+    let batch: Vec<NewJob> = (0..1_000).map(|_| job("0123456789")).collect();
+    for i in 0..10 {
+        q.enqueue(T0 + i, batch.clone()).unwrap();
+    }
+    assert_eq!(q.live_jobs(), 10_000);
+    while q.live_jobs() > 0 {
+        for d in q.lease(T0 + 100, 700, 1_000, &consumer(), "a") {
+            q.ack(T0 + 101, &d.lease_id, None).unwrap();
+        }
+    }
+    assert_eq!(q.slots.len(), 0);
+    assert!(q.leases.is_empty() && q.deadlines.is_empty());
+    assert!(q.ready.is_empty());
+    assert_eq!(q.finished.len(), q.policy().history_limit as usize);
+    assert!(q.foreign.is_empty());
+}
