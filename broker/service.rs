@@ -17,11 +17,9 @@ use crate::broker::queue::{
     self, Backoff, Delivery, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
 };
 use crate::broker::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
-use crate::broker::topic::{NewMessage, Retention, StoredMessage};
+use crate::broker::topic::{NewMessage, Retention};
 use crate::broker::wire::{EncodedSubscribeResponse, broker_server};
 use crate::pb;
-use bytes::Bytes;
-use prost::Message as _;
 
 /// Longest `delay_ms`, and furthest `run_at`: one year.
 const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
@@ -171,37 +169,19 @@ fn delivery_to_pb(queue: &str, d: Delivery) -> pb::LeasedJob {
     }
 }
 
-fn message_to_pb(m: &StoredMessage) -> pb::Message {
-    pb::Message {
-        topic: m.topic.to_string(),
-        sequence: m.sequence,
-        key: m.key.clone(),
-        headers: m.headers.clone(),
-        payload: m.payload.clone(),
-        publish_time_unix_ms: m.publish_time,
-    }
-}
-
-/// The message's protobuf bytes, encoded by the first subscriber that sends it.
-fn encoded_message(m: &StoredMessage) -> Bytes {
-    m.wire
-        .get_or_init(|| Bytes::from(message_to_pb(m).encode_to_vec()))
-        .clone()
-}
-
+/// The transport form of a batch: messages are written from their shared wire caches
+/// (see [`crate::broker::wire`]).
 fn batch_to_pb(batch: SubscriptionBatch) -> EncodedSubscribeResponse {
-    EncodedSubscribeResponse {
-        messages: batch.messages.iter().map(|m| encoded_message(m)).collect(),
-        gaps: batch
-            .gaps
-            .into_iter()
-            .map(|g| pb::Gap {
-                topic: g.topic.to_string(),
-                first_missing: g.first_missing,
-                next_available: g.next_available,
-            })
-            .collect(),
-    }
+    let gaps = batch
+        .gaps
+        .into_iter()
+        .map(|g| pb::Gap {
+            topic: g.topic.to_string(),
+            first_missing: g.first_missing,
+            next_available: g.next_available,
+        })
+        .collect();
+    EncodedSubscribeResponse::new(batch.messages, gaps)
 }
 
 fn policy_patch(p: Option<pb::QueuePolicy>, for_update: bool) -> PolicyPatch {

@@ -1,18 +1,23 @@
-//! Subscriptions: a reader task per subscription that follows every matching topic's log by
-//! sequence number and pushes batches into a bounded channel.
+//! Subscriptions: a stream per subscription that follows every matching topic's log by
+//! sequence number, reading when the transport asks for the next batch.
 //!
-//! Publishers never wait for subscribers: they append to the log and wake the readers.
+//! Publishers never wait for subscribers: they append to the log and wake the streams.
+//! There is no reader task or channel in between: reading happens in the task that sends
+//! the batches, so a publish costs the subscriber one task wake-up, not two, and whatever
+//! was published while the transport was busy is read as one batch.
 //! A reader that is slower than retention finds its cursor below the oldest retained
 //! message and reports a gap (or ends with DATA_LOSS), so nothing is lost silently.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use futures::task::AtomicWaker;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::broker::core::{Inner, TopicSlot, lock};
 use crate::broker::error::BrokerError;
@@ -84,17 +89,34 @@ pub struct SubscriptionBatch {
 pub(crate) struct SubscriberShared {
     pub(crate) id: u64,
     pub(crate) pattern: Pattern,
-    /// Woken by publishes to matching topics and by topic creation.
-    pub(crate) wake: Notify,
+    /// The task polling the subscription; woken by publishes to matching topics and by
+    /// topic creation and deletion.
+    waker: AtomicWaker,
     /// Topics created after the subscription opened, not yet picked up by the reader.
     pub(crate) new_topics: Mutex<Vec<Arc<TopicSlot>>>,
+}
+
+impl SubscriberShared {
+    /// Wakes the subscription's stream. Call after the change it must see is visible
+    /// (the topic's `next_seq` stored, the new topic pushed, `deleted` set): the stream
+    /// registers its waker before it looks, so either it sees the change or it is woken.
+    pub(crate) fn wake(&self) {
+        self.waker.wake();
+    }
 }
 
 /// An open subscription: a stream of batches, ending when the broker shuts down or with
 /// an error (DATA_LOSS under [`GapPolicy::EndStream`]). Dropping it closes the subscription.
 pub struct Subscription {
-    rx: mpsc::Receiver<Result<SubscriptionBatch, BrokerError>>,
-    inner: Arc<Inner>,
+    registration: Registration,
+    cursors: Vec<Cursor>,
+    spec: SubscribeSpec,
+    /// Which cursor the next read starts at (rotates so one busy topic cannot starve
+    /// others).
+    rotate: usize,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Set once the stream has ended (shutdown or an error was returned).
+    ended: bool,
     /// When it opened: older messages are replays, whose age is not delivery latency.
     opened_at: Millis,
 }
@@ -103,15 +125,89 @@ impl futures::Stream for Subscription {
     type Item = Result<SubscriptionBatch, BrokerError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let polled = self.rx.poll_recv(cx);
-        // Publish-to-deliver is measured when the transport takes the batch, so time spent
-        // in the subscription's buffer counts.
-        if let Poll::Ready(Some(Ok(batch))) = &polled
-            && let Some(observer) = self.inner.observer.get()
-        {
-            report_delivery(observer.as_ref(), batch, self.opened_at, now_ms());
+        let this = &mut *self;
+        if this.ended || this.shutdown.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            return Poll::Ready(None);
         }
-        polled
+        // Register before looking, so a publish that lands after the look wakes us.
+        this.registration.shared.waker.register(cx.waker());
+        match this.read() {
+            None => Poll::Pending,
+            Some(Err(e)) => {
+                this.ended = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Some(Ok(batch)) => {
+                // Publish-to-deliver is measured when the transport takes the batch.
+                if let Some(observer) = this.registration.inner.observer.get() {
+                    report_delivery(observer.as_ref(), &batch, this.opened_at, now_ms());
+                }
+                Poll::Ready(Some(Ok(batch)))
+            }
+        }
+    }
+}
+
+impl Subscription {
+    /// Reads what is available (up to `max_batch` messages) from every matching topic;
+    /// `None` when there is nothing new.
+    fn read(&mut self) -> Option<Result<SubscriptionBatch, BrokerError>> {
+        let shared = &self.registration.shared;
+        for slot in lock(&shared.new_topics).drain(..) {
+            // A topic created after the subscription opened is read from its start.
+            let next = self
+                .spec
+                .resume_from
+                .get(&*slot.name)
+                .copied()
+                .unwrap_or(1)
+                .max(1);
+            self.cursors.push(Cursor { slot, next });
+        }
+        self.cursors
+            .retain(|c| !c.slot.deleted.load(Ordering::Acquire));
+
+        let mut batch = SubscriptionBatch::default();
+        let n = self.cursors.len();
+        for k in 0..n {
+            let cursor = &mut self.cursors[(self.rotate + k) % n];
+            if cursor.slot.next_seq.load(Ordering::Acquire) <= cursor.next {
+                continue;
+            }
+            let room = self.spec.max_batch - batch.messages.len();
+            let read = lock(&cursor.slot.topic).read(cursor.next, room);
+            if let Some((first_missing, next_available)) = read.gap {
+                cursor.slot.gaps.fetch_add(1, Ordering::Relaxed);
+                if self.spec.on_gap == GapPolicy::EndStream {
+                    return Some(Err(BrokerError::DataLoss(format!(
+                        "subscription fell behind retention on topic {:?}: sequences {first_missing}..{} are gone (next available {next_available})",
+                        cursor.slot.name,
+                        next_available - 1
+                    ))));
+                }
+                batch.gaps.push(GapNotice {
+                    topic: cursor.slot.name.clone(),
+                    first_missing,
+                    next_available,
+                });
+            }
+            cursor.next = read.next;
+            if batch.messages.is_empty() {
+                batch.messages = read.messages;
+            } else {
+                batch.messages.extend(read.messages);
+            }
+            if batch.messages.len() >= self.spec.max_batch {
+                break;
+            }
+        }
+        self.rotate = self.rotate.wrapping_add(1);
+        if batch.messages.is_empty() && batch.gaps.is_empty() {
+            None
+        } else {
+            Some(Ok(batch))
+        }
     }
 }
 
@@ -143,7 +239,7 @@ struct Cursor {
     next: u64,
 }
 
-/// Removes the subscription from the registry and its topics when the reader ends.
+/// Removes the subscription from the registry and its topics when the stream is dropped.
 struct Registration {
     inner: Arc<Inner>,
     shared: Arc<SubscriberShared>,
@@ -170,7 +266,7 @@ pub(crate) fn open(
     let shared = Arc::new(SubscriberShared {
         id,
         pattern: spec.pattern.clone(),
-        wake: Notify::new(),
+        waker: AtomicWaker::new(),
         new_topics: Mutex::new(Vec::new()),
     });
     let mut cursors = Vec::new();
@@ -206,87 +302,14 @@ pub(crate) fn open(
             cursors.push(Cursor { slot, next });
         }
     }
-    let registration = Registration {
-        inner: inner.clone(),
-        shared,
-    };
-    let (tx, rx) = mpsc::channel(inner.config.subscriber_buffer.max(1));
-    tokio::spawn(run(registration, cursors, spec, tx));
+    let shutdown = Box::pin(inner.shutdown.clone().cancelled_owned());
     Ok(Subscription {
-        rx,
-        inner,
+        registration: Registration { inner, shared },
+        cursors,
+        spec,
+        rotate: 0,
+        shutdown,
+        ended: false,
         opened_at: now_ms(),
     })
-}
-
-async fn run(
-    registration: Registration,
-    mut cursors: Vec<Cursor>,
-    spec: SubscribeSpec,
-    tx: mpsc::Sender<Result<SubscriptionBatch, BrokerError>>,
-) {
-    let shutdown = registration.inner.shutdown.clone();
-    let shared = registration.shared.clone();
-    let mut rotate = 0usize;
-    loop {
-        for slot in lock(&shared.new_topics).drain(..) {
-            // A topic created after the subscription opened is read from its start.
-            let next = spec
-                .resume_from
-                .get(&*slot.name)
-                .copied()
-                .unwrap_or(1)
-                .max(1);
-            cursors.push(Cursor { slot, next });
-        }
-        cursors.retain(|c| !c.slot.deleted.load(Ordering::Acquire));
-
-        let mut batch = SubscriptionBatch::default();
-        let n = cursors.len();
-        // Start at a different topic each round so one busy topic cannot starve others.
-        for k in 0..n {
-            let cursor = &mut cursors[(rotate + k) % n];
-            if cursor.slot.next_seq.load(Ordering::Acquire) <= cursor.next {
-                continue;
-            }
-            let room = spec.max_batch - batch.messages.len();
-            let read = lock(&cursor.slot.topic).read(cursor.next, room);
-            if let Some((first_missing, next_available)) = read.gap {
-                cursor.slot.gaps.fetch_add(1, Ordering::Relaxed);
-                if spec.on_gap == GapPolicy::EndStream {
-                    let err = BrokerError::DataLoss(format!(
-                        "subscription fell behind retention on topic {:?}: sequences {first_missing}..{} are gone (next available {next_available})",
-                        cursor.slot.name,
-                        next_available - 1
-                    ));
-                    let _ = tx.send(Err(err)).await;
-                    return;
-                }
-                batch.gaps.push(GapNotice {
-                    topic: cursor.slot.name.clone(),
-                    first_missing,
-                    next_available,
-                });
-            }
-            cursor.next = read.next;
-            batch.messages.extend(read.messages);
-            if batch.messages.len() >= spec.max_batch {
-                break;
-            }
-        }
-        rotate = rotate.wrapping_add(1);
-
-        if !batch.messages.is_empty() || !batch.gaps.is_empty() {
-            tokio::select! {
-                sent = tx.send(Ok(batch)) => if sent.is_err() { return },
-                _ = shutdown.cancelled() => return,
-            }
-            continue;
-        }
-        tokio::select! {
-            _ = shared.wake.notified() => {}
-            _ = shutdown.cancelled() => return,
-            _ = tx.closed() => return,
-        }
-    }
 }

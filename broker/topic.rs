@@ -67,7 +67,8 @@ pub struct StoredMessage {
     /// Append time (non-decreasing within the topic).
     pub publish_time: Millis,
     /// The message as the transport encodes it, filled by the first subscriber that sends
-    /// it and reused by every other one (opaque to the domain).
+    /// it and reused by every other one (opaque to the domain; see
+    /// [`crate::broker::wire`]).
     pub wire: OnceLock<Bytes>,
 }
 

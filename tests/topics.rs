@@ -378,3 +378,66 @@ async fn the_client_subscription_resumes_after_a_connection_loss_without_missing
         ]
     );
 }
+
+#[tokio::test]
+async fn a_subscription_reads_on_demand_in_bounded_batches_and_closes_when_dropped() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut rpc = broker.rpc().await;
+    // Two topics under one pattern, so batches are read from both logs in turn.
+    let mut stream = rpc
+        .subscribe(pb::SubscribeRequest {
+            pattern: "burst.*".into(),
+            start: pb::StartPosition::Earliest as i32,
+            max_batch: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Published while nobody reads the stream: it is read when the transport asks.
+    for round in 0..10 {
+        for topic in ["burst.a", "burst.b"] {
+            let batch = (0..5)
+                .map(|i| Message::new(format!("{topic}/{}", round * 5 + i)))
+                .collect();
+            client.publish_batch(topic, batch).await.unwrap();
+        }
+    }
+    let mut next = std::collections::HashMap::from([("burst.a", 1u64), ("burst.b", 1u64)]);
+    let mut received = 0;
+    while received < 100 {
+        let response = within(stream.message()).await.unwrap().unwrap();
+        assert!(response.gaps.is_empty());
+        assert!(!response.messages.is_empty());
+        assert!(response.messages.len() <= 7, "max_batch bounds every batch");
+        for m in response.messages {
+            let expected = next.get_mut(m.topic.as_str()).unwrap();
+            assert_eq!(m.sequence, *expected, "in sequence order per topic");
+            assert_eq!(m.payload, format!("{}/{}", m.topic, m.sequence - 1));
+            *expected += 1;
+            received += 1;
+        }
+    }
+    assert_eq!(next["burst.a"], 51);
+    assert_eq!(next["burst.b"], 51);
+
+    // Live messages after the replay arrive too.
+    client.publish("burst.a", "live").await.unwrap();
+    let live = within(stream.message()).await.unwrap().unwrap();
+    assert_eq!(live.messages[0].payload, "live");
+    assert_eq!(live.messages[0].sequence, 51);
+
+    // Dropping the stream (the client going away) deregisters the subscription.
+    drop(stream);
+    within(async {
+        loop {
+            let stats = client.stats().await.unwrap();
+            if stats.topics.iter().all(|t| t.subscribers == 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}

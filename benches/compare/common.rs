@@ -153,8 +153,15 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-/// Records `now - stamp` in µs.
+/// Stamps (intended send times) before this are warm-up traffic of the running open-loop
+/// generator and are not recorded (see [`open_loop`]).
+static MEASURE_FROM_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Records `now - stamp` in µs, unless the stamp belongs to an open-loop warm-up.
 pub fn record_since(h: &mut Histogram<u64>, stamp_ns: u64) {
+    if stamp_ns < MEASURE_FROM_NS.load(Ordering::Relaxed) {
+        return;
+    }
     let us = now_ns().saturating_sub(stamp_ns) / 1_000;
     h.saturating_record(us.max(1));
 }
@@ -220,22 +227,48 @@ impl Meter {
     }
 }
 
-/// Statistics of an open-loop generator.
+/// Statistics of an open-loop generator (measured part, after the warm-up).
 #[derive(Debug, Clone, Copy)]
 pub struct OpenLoopStats {
     /// Messages whose send was started.
     pub sent: u64,
     /// Sends that failed.
     pub failed: u64,
-    /// Wall time of the run.
+    /// Wall time of the measured part.
     pub elapsed: Duration,
+    /// Generator lag, µs: how late sends started after their intended time (p99 and max).
+    /// It is part of every recorded latency, so it bounds what the harness can resolve.
+    pub lag_p99_us: u64,
+    /// See `lag_p99_us`.
+    pub lag_max_us: u64,
 }
 
-/// Open-loop generator: starts `send(seq, intended_ns)` at `rate` per second for
-/// `duration`, each on its own tokio task, paced by a dedicated OS thread so a slow send
-/// never delays the next one (no coordinated omission: receivers record latency against
-/// `intended_ns`, the time the message was due, not the time it was actually sent).
-pub async fn open_loop<F, Fut>(rate: u64, duration: Duration, send: F) -> OpenLoopStats
+impl OpenLoopStats {
+    /// "generator lag p99 X µs, max Y µs".
+    pub fn lag_text(&self) -> String {
+        format!(
+            "generator lag p99 {} µs, max {} µs",
+            thousands(self.lag_p99_us),
+            thousands(self.lag_max_us)
+        )
+    }
+}
+
+/// Open-loop generator: starts `send(seq, intended_ns)` at `rate` per second for `warmup`
+/// and then for `duration`, each on its own tokio task, paced by a dedicated OS thread so a
+/// slow send never delays the next one (no coordinated omission: receivers record latency
+/// against `intended_ns`, the time the message was due, not the time it was actually sent).
+///
+/// Messages due during the warm-up are sent like the others (connections, HTTP/2 windows,
+/// allocator and thread pools reach their steady state) but [`record_since`] drops their
+/// samples: the first few ms of a cold connection otherwise made up most of a 0.7 s run's
+/// p99.
+pub async fn open_loop<F, Fut>(
+    rate: u64,
+    warmup: Duration,
+    duration: Duration,
+    send: F,
+) -> OpenLoopStats
 where
     F: Fn(u64, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Res<()>> + Send + 'static,
@@ -245,10 +278,15 @@ where
     let failed2 = failed.clone();
     let send = Arc::new(send);
     let interval_ns = 1_000_000_000 / rate.max(1);
-    let total = rate * duration.as_millis() as u64 / 1000;
-    let started = Instant::now();
+    let warm = rate * warmup.as_millis() as u64 / 1000;
+    let total = warm + rate * duration.as_millis() as u64 / 1000;
+    let lag = Arc::new(std::sync::Mutex::new(histogram()));
+    let lag2 = lag.clone();
+    let started = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let started2 = started.clone();
     let pacer = std::thread::spawn(move || {
         let start = now_ns();
+        MEASURE_FROM_NS.store(start + warm * interval_ns, Ordering::Relaxed);
         let mut tasks = Vec::with_capacity(total as usize);
         for seq in 0..total {
             let intended = start + seq * interval_ns;
@@ -256,26 +294,41 @@ where
             if intended > now {
                 std::thread::sleep(Duration::from_nanos(intended - now));
             }
+            if seq == warm {
+                *started2.lock().expect("clock lock") = Instant::now();
+            }
             let send = send.clone();
             let failed = failed2.clone();
-            tasks.push(handle.spawn(async move {
-                if send(seq, intended).await.is_err() {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }));
+            let lag = lag2.clone();
+            let measured = seq >= warm;
+            tasks.push((
+                measured,
+                handle.spawn(async move {
+                    if measured {
+                        let late_us = now_ns().saturating_sub(intended) / 1_000;
+                        lag.lock()
+                            .expect("lag lock")
+                            .saturating_record(late_us.max(1));
+                    }
+                    if send(seq, intended).await.is_err() && measured {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }),
+            ));
         }
         tasks
     });
     let tasks = tokio::task::spawn_blocking(move || pacer.join().expect("pacer thread"))
         .await
         .expect("pacer join");
+    let elapsed = started.lock().expect("clock lock").elapsed();
     // Sends still unanswered 2 s after the last one was due are abandoned (and counted as
     // failed), so a saturated peer cannot stretch the run.
     let deadline = Instant::now() + Duration::from_secs(2);
-    for t in tasks {
+    for (measured, t) in tasks {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            if !t.is_finished() {
+            if !t.is_finished() && measured {
                 failed.fetch_add(1, Ordering::Relaxed);
             }
             t.abort();
@@ -284,13 +337,18 @@ where
         let abort = t.abort_handle();
         if tokio::time::timeout(left, t).await.is_err() {
             abort.abort();
-            failed.fetch_add(1, Ordering::Relaxed);
+            if measured {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
+    let lag = lag.lock().expect("lag lock");
     OpenLoopStats {
-        sent: total,
+        sent: total - warm,
         failed: failed.load(Ordering::Relaxed),
-        elapsed: started.elapsed(),
+        elapsed,
+        lag_p99_us: lag.value_at_quantile(0.99),
+        lag_max_us: lag.max(),
     }
 }
 

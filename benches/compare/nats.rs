@@ -163,7 +163,7 @@ async fn core_fanout(
     let mem = rss_delta(rss0, pid().and_then(rss_bytes));
     let publisher = connect().await?;
     let subj = subject.clone();
-    let st = open_loop(rate_per_s, s.window, move |seq, intended| {
+    let st = open_loop(rate_per_s, s.warmup, s.window, move |seq, intended| {
         let (c, subj) = (publisher.clone(), subj.clone());
         async move {
             c.publish(subj, Bytes::from(payload(128, seq, intended)))
@@ -482,7 +482,7 @@ async fn js_open_loop(
     s: &Settings,
 ) -> OpenLoopStats {
     let (js, subject) = (js.clone(), subject.to_string());
-    open_loop(rate_per_s, s.window, move |seq, intended| {
+    open_loop(rate_per_s, s.warmup, s.window, move |seq, intended| {
         let (js, subject) = (js.clone(), subject.clone());
         async move {
             js.publish(subject, Bytes::from(payload(128, seq, intended)))

@@ -374,7 +374,7 @@ async fn open_loop_publish(
     s: &Settings,
 ) -> OpenLoopStats {
     let (ch, ex, key) = (ch.clone(), exchange.to_string(), key.to_string());
-    open_loop(rate_per_s, s.window, move |seq, intended| {
+    open_loop(rate_per_s, s.warmup, s.window, move |seq, intended| {
         let (ch, ex, key) = (ch.clone(), ex.clone(), key.clone());
         async move {
             let body = payload(128, seq, intended);

@@ -294,23 +294,25 @@ pub async fn s2(s: &Settings, batch: usize) -> Res<Outcome> {
 async fn xadd_open_loop(key: &str, rate_per_s: u64, s: &Settings) -> Res<OpenLoopStats> {
     let c = connect().await?;
     let key = key.to_string();
-    Ok(open_loop(rate_per_s, s.window, move |seq, intended| {
-        let (mut c, key) = (c.clone(), key.clone());
-        async move {
-            redis::cmd("XADD")
-                .arg(&key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(100_000)
-                .arg("*")
-                .arg("p")
-                .arg(payload(128, seq, intended))
-                .query_async::<()>(&mut c)
-                .await?;
-            Ok(())
-        }
-    })
-    .await)
+    Ok(
+        open_loop(rate_per_s, s.warmup, s.window, move |seq, intended| {
+            let (mut c, key) = (c.clone(), key.clone());
+            async move {
+                redis::cmd("XADD")
+                    .arg(&key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(100_000)
+                    .arg("*")
+                    .arg("p")
+                    .arg(payload(128, seq, intended))
+                    .query_async::<()>(&mut c)
+                    .await?;
+                Ok(())
+            }
+        })
+        .await,
+    )
 }
 
 async fn fanout(

@@ -323,11 +323,12 @@ pub async fn s3_topic(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<Ou
     Ok(Outcome::Measured {
         main: percentiles_short(&h),
         extra: format!(
-            "sent {} in {:.1} s, failed {}; {}",
+            "sent {} in {:.1} s, failed {}; {}; {}",
             thousands(stats.sent),
             stats.elapsed.as_secs_f64(),
             stats.failed,
-            percentiles(&h)
+            percentiles(&h),
+            stats.lag_text()
         ),
     })
 }
@@ -393,7 +394,7 @@ async fn fanout_latency(
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t = topic.clone();
-    let stats = open_loop(rate_per_s, s.window, move |seq, intended| {
+    let stats = open_loop(rate_per_s, s.warmup, s.window, move |seq, intended| {
         let mut c = publisher.clone();
         let req = pb::PublishRequest {
             topic: t.clone(),
@@ -468,7 +469,7 @@ pub async fn s3_queue(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<Ou
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let q = queue.clone();
-    let stats = open_loop(rate_per_s, s.window, move |seq, intended| {
+    let stats = open_loop(rate_per_s, s.warmup, s.window, move |seq, intended| {
         let mut c = producer.clone();
         let req = pb::EnqueueRequest {
             queue: q.clone(),
@@ -492,11 +493,12 @@ pub async fn s3_queue(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<Ou
     Ok(Outcome::Measured {
         main: percentiles_short(&h),
         extra: format!(
-            "sent {} in {:.1} s, failed {}; {}",
+            "sent {} in {:.1} s, failed {}; {}; {}",
             thousands(stats.sent),
             stats.elapsed.as_secs_f64(),
             stats.failed,
-            percentiles(&h)
+            percentiles(&h),
+            stats.lag_text()
         ),
     })
 }
@@ -520,9 +522,10 @@ pub async fn s4(
             thousands(h.value_at_quantile(0.99))
         ),
         extra: format!(
-            "offered {} deliveries/s; {}; broker RSS per subscriber {}",
+            "offered {} deliveries/s; {}; {}; broker RSS per subscriber {}",
             thousands(rate_per_s * subs as u64),
             percentiles(&h),
+            stats.lag_text(),
             match mem {
                 Some(d) => format!("{} B", thousands((d.max(0) as u64) / subs as u64)),
                 None => "n/a".into(),
@@ -878,7 +881,7 @@ pub async fn s3_consume(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let q = queue.clone();
-    let stats = open_loop(rate_per_s, s.window, move |seq, intended| {
+    let stats = open_loop(rate_per_s, s.warmup, s.window, move |seq, intended| {
         let mut c = producer.clone();
         let req = pb::EnqueueRequest {
             queue: q.clone(),
@@ -904,11 +907,12 @@ pub async fn s3_consume(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<
     Ok(Outcome::Measured {
         main: percentiles_short(&h),
         extra: format!(
-            "sent {} in {:.1} s, failed {}; {}",
+            "sent {} in {:.1} s, failed {}; {}; {}",
             thousands(stats.sent),
             stats.elapsed.as_secs_f64(),
             stats.failed,
-            percentiles(&h)
+            percentiles(&h),
+            stats.lag_text()
         ),
     })
 }
