@@ -2,9 +2,10 @@
 //! writes the encoded file descriptor set that server reflection serves.
 //!
 //! The server trait is generated a second time, into `server/`, with every message
-//! mapped to the types of the first pass except `SubscribeResponse`, which maps to a
-//! pre-encoded form: a topic message is then encoded to protobuf once, however many
-//! subscribers receive it.
+//! mapped to the types of the first pass except the hot responses, which map to types that
+//! write the wire format directly: `SubscribeResponse` (a topic message is then encoded to
+//! protobuf once, however many subscribers receive it), `LeaseResponse` and
+//! `ConsumeResponse` (leased jobs are written from the queue's deliveries).
 //!
 //! The internal WAL records (`proto/sluice/internal/wal.proto`) are compiled separately,
 //! without gRPC stubs, and kept out of the descriptor set: they are not part of the API.
@@ -30,6 +31,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(
             ".sluice.v1.SubscribeResponse",
             "crate::broker::wire::EncodedSubscribeResponse",
+        )
+        .extern_path(
+            ".sluice.v1.LeaseResponse",
+            "crate::broker::wire::EncodedLeaseResponse",
+        )
+        .extern_path(
+            ".sluice.v1.ConsumeResponse",
+            "crate::broker::wire::EncodedConsumeResponse",
         )
         .extern_path(".sluice.v1", "crate::pb")
         .compile_fds(fds)?;

@@ -206,9 +206,13 @@ impl Broker {
         let mut refused = Vec::new();
         let limits = self.limits();
         let parse = Self::parse_lease;
+        let parse_own = |field: &str, lease_id: &str| {
+            LeaseId::parse_for(lease_id, &slot.name)
+                .ok_or_else(|| Self::bad_lease_id(field, lease_id))
+        };
         // Nacks and extensions name a lease of this stream's queue.
         let own = |field: &str, lease: &LeaseId, queue: &str| -> Result<(), BrokerError> {
-            if lease.queue == queue {
+            if *lease.queue == *queue {
                 Ok(())
             } else {
                 Err(BrokerError::invalid(
@@ -227,8 +231,8 @@ impl Broker {
             let _change = self.begin()?;
             let ((), commit) = self.with_queue(slot, |q, batch| {
                 for (lease_id, result) in command.acks {
-                    let outcome = parse("acks.lease_id", &lease_id).and_then(|lease| {
-                        if lease.queue != q.name() {
+                    let outcome = parse_own("acks.lease_id", &lease_id).and_then(|lease| {
+                        if *lease.queue != *q.name() {
                             foreign_acks.push((lease_id.clone(), result));
                             return Ok(());
                         }
@@ -308,7 +312,7 @@ impl Broker {
             let released = self.with_queue(slot, |q, batch| {
                 for (seq, nonce) in outstanding {
                     let lease = LeaseId {
-                        queue: q.name().to_owned(),
+                        queue: slot.name.clone(),
                         seq,
                         nonce,
                     };

@@ -857,18 +857,25 @@ impl Broker {
     }
 
     pub(crate) fn parse_lease(field: &str, lease_id: &str) -> Result<LeaseId, BrokerError> {
-        lease_id.parse().map_err(|()| {
-            BrokerError::invalid(
-                field,
-                format!("{lease_id:?} is not a lease id (expected <queue>/<seq>/<nonce> as returned by Lease)"),
-            )
-        })
+        lease_id
+            .parse()
+            .map_err(|()| Self::bad_lease_id(field, lease_id))
+    }
+
+    /// The error for a malformed lease id in `field`.
+    pub(crate) fn bad_lease_id(field: &str, lease_id: &str) -> BrokerError {
+        BrokerError::invalid(
+            field,
+            format!(
+                "{lease_id:?} is not a lease id (expected <queue>/<seq>/<nonce> as returned by Lease)"
+            ),
+        )
     }
 
     fn lease_queue(&self, lease: &LeaseId) -> Result<Arc<QueueSlot>, BrokerError> {
         self.inner
             .queues
-            .get(lease.queue.as_str())
+            .get(&*lease.queue)
             .map(|e| e.value().clone())
             .ok_or_else(|| {
                 BrokerError::FailedPrecondition(format!(
@@ -885,17 +892,20 @@ impl Broker {
         limits.check_batch("acks", acks.len())?;
         let mut parsed = Vec::with_capacity(acks.len());
         for (i, (lease_id, result)) in acks.into_iter().enumerate() {
-            let lease = Self::parse_lease(&format!("acks[{i}].lease_id"), &lease_id)?;
+            // Field names are formatted only for an error: this loop runs per ack.
+            let lease = lease_id
+                .parse::<LeaseId>()
+                .map_err(|()| Self::bad_lease_id(&format!("acks[{i}].lease_id"), &lease_id))?;
             if let Some(r) = &result {
                 limits.check_payload(&format!("acks[{i}].result"), r.len())?;
             }
             parsed.push((lease, result));
         }
-        let mut by_queue: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_queue: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
         for (i, (lease, _)) in parsed.iter().enumerate() {
             by_queue.entry(lease.queue.clone()).or_default().push(i);
         }
-        let mut names: Vec<String> = by_queue.keys().cloned().collect();
+        let mut names: Vec<Arc<str>> = by_queue.keys().cloned().collect();
         names.sort_unstable();
         self.admit().await?;
         let change = self.begin()?;

@@ -293,7 +293,7 @@ impl Job {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseId {
     /// Queue name.
-    pub queue: String,
+    pub queue: Arc<str>,
     /// The job's seq in that queue.
     pub seq: u64,
     /// The delivery nonce.
@@ -306,16 +306,36 @@ impl fmt::Display for LeaseId {
     }
 }
 
-impl FromStr for LeaseId {
-    type Err = ();
-
-    fn from_str(s: &str) -> Result<Self, ()> {
+impl LeaseId {
+    /// Splits a lease id into its queue name, seq and nonce.
+    fn split(s: &str) -> Result<(&str, u64, u64), ()> {
         let mut parts = s.rsplitn(3, '/');
         let nonce = u64::from_str_radix(parts.next().ok_or(())?, 16).map_err(|_| ())?;
         let seq = parts.next().ok_or(())?.parse().map_err(|_| ())?;
         let queue = parts.next().filter(|q| !q.is_empty()).ok_or(())?;
+        Ok((queue, seq, nonce))
+    }
+
+    /// Parses a lease id that most likely names `queue`, sharing its name if so (settling
+    /// a stream's leases then allocates nothing).
+    pub fn parse_for(s: &str, queue: &Arc<str>) -> Option<Self> {
+        let (name, seq, nonce) = Self::split(s).ok()?;
+        let queue = if name == &**queue {
+            queue.clone()
+        } else {
+            Arc::from(name)
+        };
+        Some(Self { queue, seq, nonce })
+    }
+}
+
+impl FromStr for LeaseId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (queue, seq, nonce) = Self::split(s)?;
         Ok(Self {
-            queue: queue.to_owned(),
+            queue: Arc::from(queue),
             seq,
             nonce,
         })
@@ -330,7 +350,7 @@ pub struct Delivery {
     /// The delivery's lease.
     pub lease_id: LeaseId,
     /// Job type.
-    pub kind: String,
+    pub kind: Arc<str>,
     /// Body.
     pub payload: Bytes,
     /// Headers.
@@ -483,6 +503,18 @@ struct Lease {
     consumer: Arc<str>,
 }
 
+/// A finished job in history: its live slot, moved (so finishing allocates nothing), and
+/// how it ended. The payload stays in its chunk until the record leaves history.
+#[derive(Debug)]
+struct Finished {
+    slot: Slot,
+    finished_at: Millis,
+    /// Nonce of the last delivery, so a repeat ack of it is recognised.
+    lease_nonce: u64,
+    consumer: Option<Arc<str>>,
+    result: Option<Bytes>,
+}
+
 /// One work queue. See the module docs.
 #[derive(Debug)]
 pub struct Queue {
@@ -498,7 +530,7 @@ pub struct Queue {
     /// Ids that are not derived from the seq (see [`Extra::id`]), live or in history.
     foreign: FastMap<Uuid, u64>,
     /// Finished jobs kept for inspection, by seq; `history` has them in finish order.
-    finished: FastMap<u64, Job>,
+    finished: FastMap<u64, Finished>,
     history: VecDeque<u64>,
     ready: Ready,
     timers: BTreeSet<(Millis, u64)>,
@@ -864,11 +896,11 @@ impl Queue {
             out.push(Delivery {
                 job_id: self.id_of(seq, slot),
                 lease_id: LeaseId {
-                    queue: String::from(&*self.name),
+                    queue: self.name.clone(),
                     seq,
                     nonce,
                 },
-                kind: self.kind_of(slot).to_owned(),
+                kind: self.shared_kind(slot),
                 payload: self.payloads.get(slot.payload),
                 headers: extra.map(|e| e.headers.clone()).unwrap_or_default(),
                 priority: slot.priority,
@@ -888,6 +920,15 @@ impl Queue {
     fn id_of(&self, seq: u64, slot: &Slot) -> Uuid {
         slot.own_id()
             .unwrap_or_else(|| self.ids.encode(seq, slot.enqueued_at))
+    }
+
+    /// The kind, shared (interned kinds cost no allocation).
+    fn shared_kind(&self, slot: &Slot) -> Arc<str> {
+        if slot.kind == Kinds::OWN {
+            Arc::from(self.kind_of(slot))
+        } else {
+            self.kinds.shared(slot.kind)
+        }
     }
 
     fn kind_of<'a>(&'a self, slot: &'a Slot) -> &'a str {
@@ -911,9 +952,28 @@ impl Queue {
             Some(slot) => {
                 slot.own_id().is_none() && slot.enqueued_at & 0xffff_ffff_ffff == enqueued_at
             }
-            None => self.finished.get(&seq).is_some_and(|j| j.id == *id),
+            None => self
+                .finished
+                .get(&seq)
+                .is_some_and(|f| self.id_of(seq, &f.slot) == *id),
         };
         found.then_some(seq)
+    }
+
+    /// The job record of a finished job, as inspection sees it.
+    fn materialize_finished(&self, seq: u64, f: &Finished) -> Job {
+        let mut job = self.materialize(seq, &f.slot);
+        job.finished_at = Some(f.finished_at);
+        job.updated_at = f.finished_at;
+        job.lease_nonce = f.lease_nonce;
+        job.consumer = f.consumer.clone();
+        job.result = f.result.clone();
+        job.dead_letter_queue = f
+            .slot
+            .extra
+            .as_ref()
+            .and_then(|e| e.dead_letter_queue.clone());
+        job
     }
 
     /// The job record of a live slot, as inspection sees it.
@@ -988,22 +1048,22 @@ impl Queue {
                 ))),
             };
         }
-        let Some(job) = self.finished.get(&lease.seq) else {
+        let Some(f) = self.finished.get(&lease.seq) else {
             return Err(stale(
                 "its job no longer exists (finished and evicted from history, or purged)".into(),
             ));
         };
-        if job.lease_nonce != lease.nonce {
+        let id = self.id_of(lease.seq, &f.slot);
+        if f.lease_nonce != lease.nonce {
             return Err(stale(format!(
-                "job {} was delivered again since (attempt {})",
-                job.id, job.attempts
+                "job {id} was delivered again since (attempt {})",
+                f.slot.attempts
             )));
         }
-        match job.state {
+        match f.slot.state {
             JobState::Completed => Ok(LeaseCheck::AlreadyAcked),
             state => Err(stale(format!(
-                "job {} is {} since this lease ended",
-                job.id,
+                "job {id} is {} since this lease ended",
                 state.as_str()
             ))),
         }
@@ -1043,9 +1103,8 @@ impl Queue {
         }
         self.counts.completed += 1;
         self.ack_rate.record(now, 1);
-        let job = self.finish(seq, now, JobState::Completed, Some(ended));
-        if let Some(job) = job {
-            job.result = result;
+        if let Some(f) = self.finish(seq, now, JobState::Completed, Some(ended)) {
+            f.result = result;
         }
         Ok(Some(now.saturating_sub(leased_at)))
     }
@@ -1135,61 +1194,60 @@ impl Queue {
 
     /// Marks a job dead and queues its dead letter.
     fn kill(&mut self, seq: u64, now: Millis, ended: Option<Lease>) {
-        let target = self.policy.dead_letter_queue.clone();
         self.counts.dead += 1;
-        let name = self.name.clone();
-        let job = self
-            .finish(seq, now, JobState::Dead, ended)
-            .expect("dead job exists");
+        let target = self.policy.dead_letter_queue.clone();
         if !target.is_empty() {
-            job.dead_letter_queue = Some(target.clone());
-            let mut headers = job.headers.clone();
-            headers.insert(HEADER_ORIGINAL_QUEUE.into(), name.to_string());
+            let slot = self.slots.get(seq).expect("dead job exists");
+            let job = self.materialize(seq, slot);
+            let mut headers = job.headers;
+            headers.insert(HEADER_ORIGINAL_QUEUE.into(), self.name.to_string());
             headers.insert(HEADER_ATTEMPTS.into(), job.attempts.to_string());
-            headers.insert(
-                HEADER_LAST_ERROR.into(),
-                job.last_error.clone().unwrap_or_default(),
-            );
+            headers.insert(HEADER_LAST_ERROR.into(), job.last_error.unwrap_or_default());
             headers.insert(HEADER_DEAD_LETTERED_AT.into(), now.to_string());
-            let letter = DeadLetter {
-                target,
+            self.outbox.push(DeadLetter {
+                target: target.clone(),
                 job_id: job.id,
-                kind: job.kind.clone(),
-                payload: job.payload.clone(),
+                kind: job.kind,
+                payload: job.payload,
                 headers,
                 priority: job.priority,
-            };
-            self.outbox.push(letter);
+            });
+            let slot = self.slots.get_mut(seq).expect("dead job exists");
+            slot.extra_mut().dead_letter_queue = Some(target);
         }
+        self.finish(seq, now, JobState::Dead, ended);
     }
 
-    /// Moves a live job that reaches the final `state` into history, frees its ordering
-    /// key, and returns its record there (`None` if it was trimmed at once).
+    /// Moves a live job that reaches the final `state` into history and frees its ordering
+    /// key; returns its record there (`None` if it was trimmed at once).
     fn finish(
         &mut self,
         seq: u64,
         now: Millis,
         state: JobState,
         ended: Option<Lease>,
-    ) -> Option<&mut Job> {
-        let slot = self.slots.get(seq).expect("finished job exists");
-        let mut job = self.materialize(seq, slot);
-        job.payload = self.payloads.detach(slot.payload);
-        if let Some(l) = ended {
-            job.lease_nonce = l.nonce;
-            job.consumer = Some(l.consumer);
-        }
-        let slot = self.slots.remove(seq).expect("finished job exists");
-        self.payloads.release(slot.payload);
-        job.state = state;
-        job.finished_at = Some(now);
-        job.updated_at = now;
-        job.lease_deadline = None;
-        if std::mem::replace(&mut job.blocked, false) {
+    ) -> Option<&mut Finished> {
+        let mut slot = self.slots.remove(seq).expect("finished job exists");
+        slot.state = state;
+        if std::mem::replace(&mut slot.blocked, false) {
             self.blocked -= 1;
         }
-        let key = job.ordering_key.clone();
-        self.finished.insert(seq, job);
+        slot.touch(now);
+        let key = slot.extra.as_ref().and_then(|e| e.ordering_key.clone());
+        let (lease_nonce, consumer) = match ended {
+            Some(l) => (l.nonce, Some(l.consumer)),
+            None => (0, None),
+        };
+        self.finished.insert(
+            seq,
+            Finished {
+                slot,
+                finished_at: now,
+                lease_nonce,
+                consumer,
+                result: None,
+            },
+        );
         self.history.push_back(seq);
         if let Some(key) = key {
             self.release_ordering_key(&key, seq, now);
@@ -1223,11 +1281,17 @@ impl Queue {
     fn trim_history(&mut self) {
         while self.history.len() > self.policy.history_limit as usize {
             let seq = self.history.pop_front().expect("non-empty history");
-            if let Some(job) = self.finished.remove(&seq)
-                && self.foreign.get(&job.id) == Some(&seq)
-            {
-                self.foreign.remove(&job.id);
+            if let Some(f) = self.finished.remove(&seq) {
+                self.drop_finished(f);
             }
+        }
+    }
+
+    /// Frees what a finished record held.
+    fn drop_finished(&mut self, f: Finished) {
+        self.payloads.release(f.slot.payload);
+        if let Some(id) = f.slot.own_id() {
+            self.foreign.remove(&id);
         }
     }
 
@@ -1242,7 +1306,7 @@ impl Queue {
             || BrokerError::NotFound(format!("job {id} not found in queue {:?}", self.name));
         let seq = self.seq_of(id).ok_or_else(not_found)?;
         let Some(slot) = self.slots.get(seq) else {
-            let state = self.finished.get(&seq).ok_or_else(not_found)?.state;
+            let state = self.finished.get(&seq).ok_or_else(not_found)?.slot.state;
             return Err(BrokerError::FailedPrecondition(format!(
                 "job {id} is already {}",
                 state.as_str()
@@ -1255,8 +1319,14 @@ impl Queue {
                 &*lease.consumer, lease.deadline
             )));
         }
+        // The record is taken before it finishes: history may keep nothing.
+        let mut job = self.materialize(seq, slot);
         self.cancel_seq(seq, now);
-        Ok(self.finished.get(&seq).cloned().expect("just cancelled"))
+        job.state = JobState::Cancelled;
+        job.finished_at = Some(now);
+        job.updated_at = now;
+        job.blocked = false;
+        Ok(job)
     }
 
     fn cancel_seq(&mut self, seq: u64, now: Millis) {
@@ -1306,14 +1376,20 @@ impl Queue {
         let (page, more): (Vec<Job>, bool) = match state {
             Some(s) if s.is_finished() => {
                 // History is bounded by the policy, so sorting the matches is cheap.
-                let mut matching: Vec<&Job> = self
+                let mut matching: Vec<(u64, &Finished)> = self
                     .finished
-                    .values()
-                    .filter(|j| j.seq >= from && j.state == s)
+                    .iter()
+                    .filter(|(seq, f)| **seq >= from && f.slot.state == s)
+                    .map(|(seq, f)| (*seq, f))
                     .collect();
-                matching.sort_unstable_by_key(|j| j.seq);
+                matching.sort_unstable_by_key(|(seq, _)| *seq);
                 let more = matching.len() > limit;
-                (matching.into_iter().take(limit).cloned().collect(), more)
+                let page = matching
+                    .into_iter()
+                    .take(limit)
+                    .map(|(seq, f)| self.materialize_finished(seq, f))
+                    .collect();
+                (page, more)
             }
             _ => {
                 let mut matching = self
@@ -1342,7 +1418,10 @@ impl Queue {
             .iter()
             .rev()
             .take(limit)
-            .filter_map(|seq| self.finished.get(seq).cloned())
+            .filter_map(|seq| {
+                let f = self.finished.get(seq)?;
+                Some(self.materialize_finished(*seq, f))
+            })
             .collect()
     }
 
@@ -1470,7 +1549,10 @@ impl Queue {
     pub fn job_by_seq(&self, seq: u64) -> Option<Cow<'_, Job>> {
         match self.slots.get(seq) {
             Some(slot) => Some(Cow::Owned(self.materialize(seq, slot))),
-            None => self.finished.get(&seq).map(Cow::Borrowed),
+            None => self
+                .finished
+                .get(&seq)
+                .map(|f| Cow::Owned(self.materialize_finished(seq, f))),
         }
     }
 
@@ -1507,12 +1589,6 @@ impl Queue {
             self.forget(old, now);
         }
         self.foreign.insert(job.id, seq);
-        if job.state.is_finished() {
-            self.finished.insert(seq, job);
-            self.history.push_back(seq);
-            self.trim_history();
-            return;
-        }
         let payload = self.payloads.store([job.payload].iter())[0];
         let mut slot = Slot {
             payload,
@@ -1521,7 +1597,7 @@ impl Queue {
             attempts: job.attempts.min(MAX_ATTEMPTS) as u16,
             max_attempts: clamp_attempts(job.max_attempts),
             priority: job.priority.min(MAX_PRIORITY),
-            state: JobState::Pending,
+            state: job.state,
             blocked: false,
             extra: None,
         };
@@ -1532,11 +1608,29 @@ impl Queue {
         extra.idempotency_key = job.idempotency_key;
         extra.ordering_key = job.ordering_key.clone();
         extra.run_at = job.run_at;
+        extra.updated_at = job.updated_at;
         extra.last_error = job.last_error.map(Arc::from);
+        extra.dead_letter_queue = job.dead_letter_queue;
+        if job.state.is_finished() {
+            self.finished.insert(
+                seq,
+                Finished {
+                    slot,
+                    finished_at: job.finished_at.unwrap_or(job.updated_at),
+                    lease_nonce: 0,
+                    consumer: None,
+                    result: job.result,
+                },
+            );
+            self.history.push_back(seq);
+            self.trim_history();
+            return;
+        }
         // A job that was leased is retried at once; others keep their run time.
         if job.state == JobState::Leased {
             extra.run_at = extra.run_at.min(now);
         }
+        slot.state = JobState::Pending;
         let updated_at = job.updated_at;
         self.admit(seq, slot, job.ordering_key, now);
         let slot = self.slots.get_mut(seq).expect("restored job exists");
@@ -1546,11 +1640,9 @@ impl Queue {
     /// Drops the record at `seq` entirely, live or finished, without counting it anywhere
     /// (a dead letter replaced, a job redriven away, a record recovery replaces).
     fn forget(&mut self, seq: u64, now: Millis) {
-        if let Some(job) = self.finished.remove(&seq) {
+        if let Some(f) = self.finished.remove(&seq) {
             self.history.retain(|s| *s != seq);
-            if self.foreign.get(&job.id) == Some(&seq) {
-                self.foreign.remove(&job.id);
-            }
+            self.drop_finished(f);
             return;
         }
         let Some(slot) = self.slots.get(seq) else {

@@ -13,12 +13,12 @@ use crate::broker::core::{Broker, LeaseParams, PolicyPatch, QueueInfo, StatsSnap
 use crate::broker::error::BrokerError;
 use crate::broker::limits::check_duration_ms;
 use crate::broker::names::Pattern;
-use crate::broker::queue::{
-    self, Backoff, Delivery, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
-};
+use crate::broker::queue::{self, Backoff, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob};
 use crate::broker::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
 use crate::broker::topic::{NewMessage, Retention};
-use crate::broker::wire::{EncodedSubscribeResponse, broker_server};
+use crate::broker::wire::{
+    EncodedConsumeResponse, EncodedLeaseResponse, EncodedSubscribeResponse, broker_server,
+};
 use crate::pb;
 
 /// Longest `delay_ms`, and furthest `run_at`: one year.
@@ -149,23 +149,6 @@ fn job_to_pb(queue: &str, job: Job) -> pb::Job {
         last_error: job.last_error.unwrap_or_default(),
         result: job.result.unwrap_or_default(),
         dead_letter_queue: job.dead_letter_queue.unwrap_or_default(),
-    }
-}
-
-fn delivery_to_pb(queue: &str, d: Delivery) -> pb::LeasedJob {
-    pb::LeasedJob {
-        job_id: d.job_id.to_string(),
-        lease_id: d.lease_id.to_string(),
-        queue: queue.to_owned(),
-        kind: d.kind,
-        payload: d.payload,
-        headers: d.headers,
-        priority: d.priority as u32,
-        attempt: d.attempt,
-        max_attempts: d.max_attempts,
-        enqueued_at_unix_ms: d.enqueued_at,
-        lease_deadline_unix_ms: d.deadline,
-        ordering_key: d.ordering_key.map(|k| k.to_string()).unwrap_or_default(),
     }
 }
 
@@ -479,7 +462,7 @@ impl broker_server::Broker for BrokerService {
         }))
     }
 
-    async fn lease(&self, request: Request<pb::LeaseRequest>) -> Reply<pb::LeaseResponse> {
+    async fn lease(&self, request: Request<pb::LeaseRequest>) -> Reply<EncodedLeaseResponse> {
         let address = peer(&request);
         let req = request.into_inner();
         let params = LeaseParams {
@@ -491,12 +474,11 @@ impl broker_server::Broker for BrokerService {
             address,
         };
         let jobs = self.broker.lease(&req.queue, params).await?;
-        Ok(Response::new(pb::LeaseResponse {
-            jobs: jobs
-                .into_iter()
-                .map(|d| delivery_to_pb(&req.queue, d))
-                .collect(),
-        }))
+        let queue = match jobs.first() {
+            Some(d) => d.lease_id.queue.clone(),
+            None => Arc::from(req.queue),
+        };
+        Ok(Response::new(EncodedLeaseResponse { queue, jobs }))
     }
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
@@ -528,7 +510,7 @@ impl broker_server::Broker for BrokerService {
         }))
     }
 
-    type ConsumeStream = BoxStream<pb::ConsumeResponse>;
+    type ConsumeStream = BoxStream<EncodedConsumeResponse>;
 
     async fn consume(
         &self,
@@ -559,19 +541,18 @@ impl broker_server::Broker for BrokerService {
             .filter_map(|r| futures::future::ready(r.ok()))
             .map(consume_commands);
         let commands = futures::stream::iter([consume_commands(first)]).chain(rest);
-        let queue = spec.queue.clone();
+        let queue: Arc<str> = Arc::from(spec.queue.as_str());
         let events = self.broker.consume(spec, Box::pin(commands))?;
         let responses = events.map(move |event| {
             Ok(match event {
                 ConsumeEvent::Failed(e) => return Err(Status::from(e)),
-                ConsumeEvent::Jobs(jobs) => pb::ConsumeResponse {
-                    jobs: jobs
-                        .into_iter()
-                        .map(|d| delivery_to_pb(&queue, d))
-                        .collect(),
+                ConsumeEvent::Jobs(jobs) => EncodedConsumeResponse {
+                    queue: queue.clone(),
+                    jobs,
                     errors: Vec::new(),
                 },
-                ConsumeEvent::Refused(refused) => pb::ConsumeResponse {
+                ConsumeEvent::Refused(refused) => EncodedConsumeResponse {
+                    queue: queue.clone(),
                     jobs: Vec::new(),
                     errors: refused
                         .into_iter()

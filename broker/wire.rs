@@ -28,6 +28,9 @@ mod generated {
 
 pub use generated::broker_server;
 
+mod leased;
+pub use leased::{EncodedConsumeResponse, EncodedLeaseResponse};
+
 /// `SubscribeResponse.messages` field number.
 const MESSAGES_TAG: u32 = 1;
 /// `SubscribeResponse.gaps` field number.

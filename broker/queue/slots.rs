@@ -196,6 +196,14 @@ impl Kinds {
         i
     }
 
+    /// The kind with number `i`, shared.
+    pub(super) fn shared(&self, i: u32) -> Arc<str> {
+        self.names
+            .get(i as usize)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""))
+    }
+
     /// The kind with number `i`.
     pub(super) fn name(&self, i: u32) -> &str {
         self.names.get(i as usize).map(|s| &**s).unwrap_or("")
@@ -218,6 +226,8 @@ pub(super) struct Extra {
     pub(super) updated_at: Millis,
     /// Shared: leases that expire together share one text.
     pub(super) last_error: Option<Arc<str>>,
+    /// Where a dead job was sent.
+    pub(super) dead_letter_queue: Option<String>,
 }
 
 /// One live job, compact. Finished jobs leave the slots for the history.
