@@ -11,11 +11,6 @@ use sluice::broker::{Broker, serve};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
-// The broker allocates and frees many small buffers per batch from several threads;
-// mimalloc's thread-local free lists beat glibc's arenas there (see BENCHMARKS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

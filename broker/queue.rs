@@ -732,20 +732,21 @@ impl Queue {
             blocked: false,
             extra: None,
         };
+        if run_at > now {
+            slot.extra_mut().run_at = run_at;
+        }
         if foreign
             || kind == Kinds::OWN
             || !new.headers.is_empty()
             || new.idempotency_key.is_some()
             || ordering_key.is_some()
-            || run_at > now
         {
-            let extra = slot.extra_mut();
-            extra.id = foreign.then_some(id);
-            extra.kind = (kind == Kinds::OWN).then_some(new.kind);
-            extra.headers = new.headers;
-            extra.idempotency_key = new.idempotency_key;
-            extra.ordering_key = ordering_key.clone();
-            extra.run_at = run_at;
+            let rare = slot.rare_mut();
+            rare.id = foreign.then_some(id);
+            rare.kind = (kind == Kinds::OWN).then_some(new.kind);
+            rare.headers = new.headers;
+            rare.idempotency_key = new.idempotency_key;
+            rare.ordering_key = ordering_key.clone();
         }
         if foreign {
             self.foreign.insert(id, seq);
@@ -892,7 +893,7 @@ impl Queue {
                 },
             );
             let slot = self.slots.get(seq).expect("ready job exists");
-            let extra = slot.extra.as_deref();
+            let rare = slot.rare();
             out.push(Delivery {
                 job_id: self.id_of(seq, slot),
                 lease_id: LeaseId {
@@ -902,13 +903,13 @@ impl Queue {
                 },
                 kind: self.shared_kind(slot),
                 payload: self.payloads.get(slot.payload),
-                headers: extra.map(|e| e.headers.clone()).unwrap_or_default(),
+                headers: rare.map(|r| r.headers.clone()).unwrap_or_default(),
                 priority: slot.priority,
                 attempt: u32::from(slot.attempts),
                 max_attempts: u32::from(slot.max_attempts),
                 enqueued_at: slot.enqueued_at,
                 deadline,
-                ordering_key: extra.and_then(|e| e.ordering_key.clone()),
+                ordering_key: rare.and_then(|r| r.ordering_key.clone()),
             });
         }
         if let Some(state) = self.consumers.get_mut(consumer) {
@@ -933,10 +934,7 @@ impl Queue {
 
     fn kind_of<'a>(&'a self, slot: &'a Slot) -> &'a str {
         if slot.kind == Kinds::OWN {
-            slot.extra
-                .as_ref()
-                .and_then(|e| e.kind.as_deref())
-                .unwrap_or("")
+            slot.rare().and_then(|r| r.kind.as_deref()).unwrap_or("")
         } else {
             self.kinds.name(slot.kind)
         }
@@ -968,29 +966,26 @@ impl Queue {
         job.lease_nonce = f.lease_nonce;
         job.consumer = f.consumer.clone();
         job.result = f.result.clone();
-        job.dead_letter_queue = f
-            .slot
-            .extra
-            .as_ref()
-            .and_then(|e| e.dead_letter_queue.clone());
+        job.dead_letter_queue = f.slot.rare().and_then(|r| r.dead_letter_queue.clone());
         job
     }
 
     /// The job record of a live slot, as inspection sees it.
     fn materialize(&self, seq: u64, slot: &Slot) -> Job {
         let extra = slot.extra.as_deref();
+        let rare = slot.rare();
         let lease = self.leases.get(&seq);
         Job {
             id: self.id_of(seq, slot),
             seq,
             kind: self.kind_of(slot).to_owned(),
             payload: self.payloads.get(slot.payload),
-            headers: extra.map(|e| e.headers.clone()).unwrap_or_default(),
+            headers: rare.map(|r| r.headers.clone()).unwrap_or_default(),
             priority: slot.priority,
             attempts: u32::from(slot.attempts),
             max_attempts: u32::from(slot.max_attempts),
-            idempotency_key: extra.and_then(|e| e.idempotency_key.clone()),
-            ordering_key: extra.and_then(|e| e.ordering_key.clone()),
+            idempotency_key: rare.and_then(|r| r.idempotency_key.clone()),
+            ordering_key: rare.and_then(|r| r.ordering_key.clone()),
             state: slot.state,
             enqueued_at: slot.enqueued_at,
             run_at: slot.run_at(),
@@ -1213,7 +1208,7 @@ impl Queue {
                 priority: job.priority,
             });
             let slot = self.slots.get_mut(seq).expect("dead job exists");
-            slot.extra_mut().dead_letter_queue = Some(target);
+            slot.rare_mut().dead_letter_queue = Some(target);
         }
         self.finish(seq, now, JobState::Dead, ended);
     }
@@ -1233,7 +1228,7 @@ impl Queue {
             self.blocked -= 1;
         }
         slot.touch(now);
-        let key = slot.extra.as_ref().and_then(|e| e.ordering_key.clone());
+        let key = slot.rare().and_then(|r| r.ordering_key.clone());
         let (lease_nonce, consumer) = match ended {
             Some(l) => (l.nonce, Some(l.consumer)),
             None => (0, None),
@@ -1467,10 +1462,10 @@ impl Queue {
             blocked: false,
             extra: None,
         };
-        let extra = slot.extra_mut();
-        extra.id = Some(id);
-        extra.kind = Some(kind);
-        extra.headers = headers;
+        let rare = slot.rare_mut();
+        rare.id = Some(id);
+        rare.kind = Some(kind);
+        rare.headers = headers;
         self.foreign.insert(id, seq);
         self.admit(seq, slot, None, now);
     }
@@ -1481,9 +1476,8 @@ impl Queue {
     pub fn take_for_redrive(&mut self, ids: &[Uuid], max: usize) -> (Vec<Redriven>, Vec<Uuid>) {
         let movable = |s: &Slot| {
             s.state != JobState::Leased
-                && s.extra
-                    .as_ref()
-                    .is_some_and(|e| e.headers.contains_key(HEADER_ORIGINAL_QUEUE))
+                && s.rare()
+                    .is_some_and(|r| r.headers.contains_key(HEADER_ORIGINAL_QUEUE))
         };
         let mut skipped = Vec::new();
         let seqs: Vec<u64> = if ids.is_empty() {
@@ -1601,16 +1595,17 @@ impl Queue {
             blocked: false,
             extra: None,
         };
+        let rare = slot.rare_mut();
+        rare.id = Some(job.id);
+        rare.kind = Some(job.kind);
+        rare.headers = job.headers;
+        rare.idempotency_key = job.idempotency_key;
+        rare.ordering_key = job.ordering_key.clone();
+        rare.dead_letter_queue = job.dead_letter_queue;
         let extra = slot.extra_mut();
-        extra.id = Some(job.id);
-        extra.kind = Some(job.kind);
-        extra.headers = job.headers;
-        extra.idempotency_key = job.idempotency_key;
-        extra.ordering_key = job.ordering_key.clone();
         extra.run_at = job.run_at;
         extra.updated_at = job.updated_at;
         extra.last_error = job.last_error.map(Arc::from);
-        extra.dead_letter_queue = job.dead_letter_queue;
         if job.state.is_finished() {
             self.finished.insert(
                 seq,
@@ -1651,7 +1646,7 @@ impl Queue {
         if let Some(id) = slot.own_id() {
             self.foreign.remove(&id);
         }
-        let ordering_key = slot.extra.as_ref().and_then(|e| e.ordering_key.clone());
+        let ordering_key = slot.rare().and_then(|r| r.ordering_key.clone());
         let was_leased = self.end_lease(seq).is_some();
         let slot = self.slots.remove(seq).expect("forgotten job exists");
         self.payloads.release(slot.payload);

@@ -7,8 +7,8 @@
 //! * payloads are copied into shared [`Payloads`] chunks, one per enqueue batch, so a job
 //!   holds three `u32`s instead of a `Bytes` and the decoded request buffer is freed;
 //! * job kinds are interned per queue ([`Kinds`]);
-//! * everything rare (headers, keys, delays, errors, ids from elsewhere) sits in a lazily
-//!   allocated [`Extra`].
+//! * what changes after enqueue (delays, retries) sits in a lazily allocated [`Extra`],
+//!   and what few jobs carry (headers, keys, ids from elsewhere) in its [`Rare`] part.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -210,9 +210,21 @@ impl Kinds {
     }
 }
 
-/// The rare parts of a live job, allocated only when one is set.
+/// The parts of a job that change after its enqueue (retries, delays), allocated on the
+/// first such change. Kept small: a million expiring leases allocate a million of these.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Extra {
+    /// When the job is (or was) visible for its next attempt.
+    pub(super) run_at: Millis,
+    pub(super) updated_at: Millis,
+    /// Shared: leases that expire together share one text.
+    pub(super) last_error: Option<Arc<str>>,
+    pub(super) rare: Option<Box<Rare>>,
+}
+
+/// What few jobs carry: headers, keys, an id from elsewhere, a kind past the table.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Rare {
     /// The job's id when it is not derived from its seq (dead letters, redriven and
     /// recovered jobs keep the id they were given elsewhere).
     pub(super) id: Option<Uuid>,
@@ -221,11 +233,6 @@ pub(super) struct Extra {
     pub(super) headers: Headers,
     pub(super) idempotency_key: Option<String>,
     pub(super) ordering_key: Option<Arc<str>>,
-    /// When the job is (or was) visible for its next attempt.
-    pub(super) run_at: Millis,
-    pub(super) updated_at: Millis,
-    /// Shared: leases that expire together share one text.
-    pub(super) last_error: Option<Arc<str>>,
     /// Where a dead job was sent.
     pub(super) dead_letter_queue: Option<String>,
 }
@@ -264,6 +271,16 @@ impl Slot {
         })
     }
 
+    /// The rare part, allocated on first use.
+    pub(super) fn rare_mut(&mut self) -> &mut Rare {
+        self.extra_mut().rare.get_or_insert_with(Box::default)
+    }
+
+    /// The rare part, if any.
+    pub(super) fn rare(&self) -> Option<&Rare> {
+        self.extra.as_ref().and_then(|e| e.rare.as_deref())
+    }
+
     /// Records a change at `now` (only jobs with an extra part have a change time of their
     /// own; the others have not changed since their enqueue).
     pub(super) fn touch(&mut self, now: Millis) {
@@ -274,7 +291,7 @@ impl Slot {
 
     /// The id given elsewhere, if not derived from the seq.
     pub(super) fn own_id(&self) -> Option<Uuid> {
-        self.extra.as_ref().and_then(|e| e.id)
+        self.rare().and_then(|r| r.id)
     }
 }
 
