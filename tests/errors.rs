@@ -217,6 +217,36 @@ async fn header_priority_and_timing_limits() {
         .unwrap_err();
     assert_status(err, Code::InvalidArgument, &["delay_ms", "exclusive"]);
     let err = rpc
+        .enqueue(enqueue(
+            "h",
+            vec![pb::JobSpec {
+                max_attempts: 10_001,
+                ..Default::default()
+            }],
+        ))
+        .await
+        .unwrap_err();
+    assert_status(
+        err,
+        Code::InvalidArgument,
+        &["jobs[0].max_attempts: 10001 exceeds the limit of 10000"],
+    );
+    let err = rpc
+        .create_queue(pb::CreateQueueRequest {
+            name: "h2".into(),
+            policy: Some(pb::QueuePolicy {
+                max_attempts: 10_001,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_status(
+        err,
+        Code::InvalidArgument,
+        &["policy.max_attempts: 10001 exceeds the limit of 10000"],
+    );
+    let err = rpc
         .lease(pb::LeaseRequest {
             queue: "h".into(),
             visibility_timeout_ms: 12 * 3600 * 1000 + 1,
