@@ -1044,9 +1044,8 @@ impl Queue {
         self.counts.completed += 1;
         self.ack_rate.record(now, 1);
         let job = self.finish(seq, now, JobState::Completed, Some(ended));
-        if let Some(job) = job {
-            job.result = result;
-        }
+        job.result = result;
+        self.trim_history();
         Ok(Some(now.saturating_sub(leased_at)))
     }
 
@@ -1138,9 +1137,7 @@ impl Queue {
         let target = self.policy.dead_letter_queue.clone();
         self.counts.dead += 1;
         let name = self.name.clone();
-        let job = self
-            .finish(seq, now, JobState::Dead, ended)
-            .expect("dead job exists");
+        let job = self.finish(seq, now, JobState::Dead, ended);
         if !target.is_empty() {
             job.dead_letter_queue = Some(target.clone());
             let mut headers = job.headers.clone();
@@ -1161,17 +1158,13 @@ impl Queue {
             };
             self.outbox.push(letter);
         }
+        self.trim_history();
     }
 
     /// Moves a live job that reaches the final `state` into history, frees its ordering
-    /// key, and returns its record there (`None` if it was trimmed at once).
-    fn finish(
-        &mut self,
-        seq: u64,
-        now: Millis,
-        state: JobState,
-        ended: Option<Lease>,
-    ) -> Option<&mut Job> {
+    /// key, and returns its record there. The caller trims the history once done with the
+    /// record: with a history limit of 0 it is dropped then.
+    fn finish(&mut self, seq: u64, now: Millis, state: JobState, ended: Option<Lease>) -> &mut Job {
         let slot = self.slots.get(seq).expect("finished job exists");
         let mut job = self.materialize(seq, slot);
         job.payload = self.payloads.detach(slot.payload);
@@ -1194,8 +1187,7 @@ impl Queue {
         if let Some(key) = key {
             self.release_ordering_key(&key, seq, now);
         }
-        self.trim_history();
-        self.finished.get_mut(&seq)
+        self.finished.get_mut(&seq).expect("just finished")
     }
 
     fn release_ordering_key(&mut self, key: &Arc<str>, seq: u64, now: Millis) {
@@ -1256,7 +1248,9 @@ impl Queue {
             )));
         }
         self.cancel_seq(seq, now);
-        Ok(self.finished.get(&seq).cloned().expect("just cancelled"))
+        let job = self.finished.get(&seq).cloned().expect("just cancelled");
+        self.trim_history();
+        Ok(job)
     }
 
     fn cancel_seq(&mut self, seq: u64, now: Millis) {
@@ -1287,6 +1281,7 @@ impl Queue {
             // victim too; its state is re-read when its turn comes.
             if self.slots.get(*seq).is_some() {
                 self.cancel_seq(*seq, now);
+                self.trim_history();
             }
         }
         debug_assert!(self.ready.is_empty());
@@ -1617,5 +1612,7 @@ fn clamp_attempts(n: u32) -> u16 {
     n.clamp(1, MAX_ATTEMPTS) as u16
 }
 
+#[cfg(test)]
+mod model_tests;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,51 @@
+//! Regression tests of queue bugs found by a randomized model-based test.
+
+use super::*;
+
+const T0: Millis = 1_700_000_000_000;
+
+fn plain_job(payload: &'static str) -> NewJob {
+    NewJob {
+        payload: Bytes::from_static(payload.as_bytes()),
+        kind: "test".into(),
+        ..NewJob::default()
+    }
+}
+
+#[test]
+fn with_no_history_kept_jobs_still_die_and_cancel() {
+    let mut p = QueuePolicy::default_for("jobs");
+    p.history_limit = 0;
+    p.max_attempts = 1;
+    let mut q = Queue::new("jobs", p);
+    let c: Arc<str> = Arc::from("w");
+    let ids: Vec<Uuid> = q
+        .enqueue(T0, vec![plain_job("a"), plain_job("b"), plain_job("c")])
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let ds = q.lease(T0, 2, 1_000, &c, "a");
+    // Its last attempt fails: it is dead-lettered (this used to panic).
+    assert_eq!(
+        q.nack(T0, &ds[0].lease_id, "boom".into(), None, false),
+        Ok(FailOutcome::Dead)
+    );
+    let letters = q.take_dead_letters();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].job_id, ids[0]);
+    assert_eq!(letters[0].payload.as_ref(), b"a");
+    // A lease expiring on its last attempt too.
+    q.tick(T0 + 1_000);
+    assert_eq!(q.take_dead_letters()[0].job_id, ids[1]);
+    // Cancel answers with the record it does not keep (this used to panic too).
+    let cancelled = q.cancel(T0 + 1_000, &ids[2]).unwrap();
+    assert_eq!(
+        (cancelled.id, cancelled.state),
+        (ids[2], JobState::Cancelled)
+    );
+    assert!(q.history(10).is_empty() && q.finished.is_empty());
+    assert!(q.get(&ids[2]).is_none());
+    let counts = q.counts(T0 + 1_000);
+    assert_eq!((counts.dead, counts.cancelled, counts.pending), (2, 1, 0));
+}
