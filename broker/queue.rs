@@ -684,7 +684,10 @@ impl Queue {
         if let Some(key) = &new.idempotency_key {
             let expires = now + self.policy.dedup_window_ms;
             self.dedup.insert(key.clone(), (id, expires));
-            self.dedup_expiry.push_back((expires, key.clone()));
+            // Kept in expiry order for `prune_dedup`: after the dedup window shrank
+            // (`set_policy`), a new key expires before keys remembered earlier.
+            let at = self.dedup_expiry.partition_point(|(e, _)| *e <= expires);
+            self.dedup_expiry.insert(at, (expires, key.clone()));
         }
         let run_at = new.run_at.unwrap_or(now).max(now);
         let kind = self.kinds.intern(&new.kind);

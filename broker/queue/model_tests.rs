@@ -49,3 +49,25 @@ fn with_no_history_kept_jobs_still_die_and_cancel() {
     let counts = q.counts(T0 + 1_000);
     assert_eq!((counts.dead, counts.cancelled, counts.pending), (2, 1, 0));
 }
+
+#[test]
+fn idempotency_keys_are_forgotten_after_a_shrunk_dedup_window() {
+    let mut q = Queue::new("jobs", QueuePolicy::default_for("jobs"));
+    let keyed = |k: &str| NewJob {
+        idempotency_key: Some(k.into()),
+        ..plain_job("x")
+    };
+    // Remembered for the default five minutes.
+    q.enqueue(T0, vec![keyed("old")]).unwrap();
+    let mut p = q.policy().clone();
+    p.dedup_window_ms = 1_000;
+    q.set_policy(p);
+    let first = q.enqueue(T0 + 1, vec![keyed("new")]).unwrap()[0];
+    assert!(q.enqueue(T0 + 1_000, vec![keyed("new")]).unwrap()[0].duplicate);
+    // Its one-second window is over even though "old" is still remembered.
+    let again = q.enqueue(T0 + 1_001, vec![keyed("new")]).unwrap()[0];
+    assert!(!again.duplicate, "{again:?}");
+    assert_ne!(again.id, first.id);
+    assert!(q.enqueue(T0 + 2_000, vec![keyed("old")]).unwrap()[0].duplicate);
+    assert!(!q.enqueue(T0 + 300_000, vec![keyed("old")]).unwrap()[0].duplicate);
+}
