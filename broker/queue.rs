@@ -1416,7 +1416,13 @@ impl Queue {
             let mut seqs = Vec::new();
             for id in ids {
                 match self.seq_of(id) {
-                    Some(seq) if self.slots.get(seq).is_some_and(movable) => seqs.push(seq),
+                    // An id given twice is moved once, then skipped like any id that is
+                    // no longer here.
+                    Some(seq)
+                        if self.slots.get(seq).is_some_and(movable) && !seqs.contains(&seq) =>
+                    {
+                        seqs.push(seq)
+                    }
                     _ => skipped.push(*id),
                 }
             }

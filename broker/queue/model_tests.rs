@@ -71,3 +71,30 @@ fn idempotency_keys_are_forgotten_after_a_shrunk_dedup_window() {
     assert!(q.enqueue(T0 + 2_000, vec![keyed("old")]).unwrap()[0].duplicate);
     assert!(!q.enqueue(T0 + 300_000, vec![keyed("old")]).unwrap()[0].duplicate);
 }
+
+#[test]
+fn a_redrive_naming_a_job_twice_moves_it_once() {
+    let mut p = QueuePolicy::default_for("jobs");
+    p.max_attempts = 1;
+    let mut q = Queue::new("jobs", p);
+    let mut dlq = Queue::new("jobs.dlq", QueuePolicy::default_for("jobs.dlq"));
+    let c: Arc<str> = Arc::from("w");
+    q.enqueue(T0, vec![plain_job("a"), plain_job("b")]).unwrap();
+    for d in q.lease(T0, 2, 1_000, &c, "a") {
+        q.nack(T0, &d.lease_id, "boom".into(), None, false).unwrap();
+    }
+    let letters = q.take_dead_letters();
+    let (a, b) = (letters[0].job_id, letters[1].job_id);
+    for letter in letters {
+        dlq.insert_dead_letter(T0, letter);
+    }
+    // Redrive takes ids from the request as given (this used to panic).
+    let (moved, skipped) = dlq.take_for_redrive(&[a, b, a], 10);
+    assert_eq!(moved.iter().map(|r| r.job_id).collect::<Vec<_>>(), [a, b]);
+    assert_eq!(skipped, [a]);
+    assert_eq!(dlq.live_jobs(), 0);
+    for r in moved {
+        q.restore(T0 + 1, r);
+    }
+    assert_eq!(q.live_jobs(), 2);
+}
