@@ -1095,10 +1095,14 @@ impl Queue {
         if let Some(state) = self.consumers.get_mut(&live.consumer) {
             state.last_seen = now;
         }
-        let leases = &self.leases;
-        self.deadlines
-            .remove(old, |s| leases.get(&s).is_some_and(|l| l.deadline == old));
-        self.deadlines.insert(now + visibility_ms, seq);
+        if old != now + visibility_ms {
+            // (Counting the lease out of a group it stays in would overcount the group
+            // if that compacts it.)
+            let leases = &self.leases;
+            self.deadlines
+                .remove(old, |s| leases.get(&s).is_some_and(|l| l.deadline == old));
+            self.deadlines.insert(now + visibility_ms, seq);
+        }
         Ok(now + visibility_ms)
     }
 

@@ -98,3 +98,24 @@ fn a_redrive_naming_a_job_twice_moves_it_once() {
     }
     assert_eq!(q.live_jobs(), 2);
 }
+
+#[test]
+fn extending_a_lease_to_its_own_deadline_keeps_the_deadline_index_exact() {
+    let mut q = Queue::new("jobs", QueuePolicy::default_for("jobs"));
+    let c: Arc<str> = Arc::from("w");
+    q.enqueue(T0, (0..100).map(|_| plain_job("x")).collect())
+        .unwrap();
+    let ds = q.lease(T0, 100, 1_000, &c, "a");
+    assert_eq!(ds.len(), 100);
+    for d in &ds[..82] {
+        q.ack(T0 + 1, &d.lease_id, None).unwrap();
+    }
+    // To the deadline it has already: the group of T0 + 1_000 is compacted on the way.
+    assert_eq!(q.extend(T0 + 1, &ds[82].lease_id, 999), Ok(T0 + 1_000));
+    for d in &ds[82..] {
+        q.ack(T0 + 2, &d.lease_id, None).unwrap();
+    }
+    assert!(q.leases.is_empty());
+    assert_eq!(q.next_due(), None);
+    assert!(q.deadlines.is_empty());
+}
