@@ -1420,7 +1420,7 @@ impl Broker {
                 let _change = self.begin()?;
                 let ids: &[Uuid] = if uuids.is_empty() { &[] } else { chunk };
                 let ((moved, skipped), commit) = self.with_queue(&slot, |q, batch| {
-                    let (moved, skipped) = q.take_for_redrive(ids, budget);
+                    let (moved, skipped) = q.take_for_redrive(now_ms(), ids, budget);
                     for job in &moved {
                         batch.redriven(&slot.name, job);
                     }

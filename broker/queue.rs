@@ -716,7 +716,10 @@ impl Queue {
         if let Some(key) = &new.idempotency_key {
             let expires = now + self.policy.dedup_window_ms;
             self.dedup.insert(key.clone(), (id, expires));
-            self.dedup_expiry.push_back((expires, key.clone()));
+            // Kept in expiry order for `prune_dedup`: after the dedup window shrank
+            // (`set_policy`), a new key expires before keys remembered earlier.
+            let at = self.dedup_expiry.partition_point(|(e, _)| *e <= expires);
+            self.dedup_expiry.insert(at, (expires, key.clone()));
         }
         let run_at = new.run_at.unwrap_or(now).max(now);
         let kind = self.kinds.intern(&new.kind);
@@ -1098,9 +1101,9 @@ impl Queue {
         }
         self.counts.completed += 1;
         self.ack_rate.record(now, 1);
-        if let Some(f) = self.finish(seq, now, JobState::Completed, Some(ended)) {
-            f.result = result;
-        }
+        let f = self.finish(seq, now, JobState::Completed, Some(ended));
+        f.result = result;
+        self.trim_history();
         Ok(Some(now.saturating_sub(leased_at)))
     }
 
@@ -1147,10 +1150,14 @@ impl Queue {
         if let Some(state) = self.consumers.get_mut(&live.consumer) {
             state.last_seen = now;
         }
-        let leases = &self.leases;
-        self.deadlines
-            .remove(old, |s| leases.get(&s).is_some_and(|l| l.deadline == old));
-        self.deadlines.insert(now + visibility_ms, seq);
+        if old != now + visibility_ms {
+            // (Counting the lease out of a group it stays in would overcount the group
+            // if that compacts it.)
+            let leases = &self.leases;
+            self.deadlines
+                .remove(old, |s| leases.get(&s).is_some_and(|l| l.deadline == old));
+            self.deadlines.insert(now + visibility_ms, seq);
+        }
         Ok(now + visibility_ms)
     }
 
@@ -1211,17 +1218,19 @@ impl Queue {
             slot.rare_mut().dead_letter_queue = Some(target);
         }
         self.finish(seq, now, JobState::Dead, ended);
+        self.trim_history();
     }
 
-    /// Moves a live job that reaches the final `state` into history and frees its ordering
-    /// key; returns its record there (`None` if it was trimmed at once).
+    /// Moves a live job that reaches the final `state` into history, frees its ordering
+    /// key, and returns its record there. The caller trims the history once done with the
+    /// record: with a history limit of 0 it is dropped then.
     fn finish(
         &mut self,
         seq: u64,
         now: Millis,
         state: JobState,
         ended: Option<Lease>,
-    ) -> Option<&mut Finished> {
+    ) -> &mut Finished {
         let mut slot = self.slots.remove(seq).expect("finished job exists");
         slot.state = state;
         if std::mem::replace(&mut slot.blocked, false) {
@@ -1247,8 +1256,7 @@ impl Queue {
         if let Some(key) = key {
             self.release_ordering_key(&key, seq, now);
         }
-        self.trim_history();
-        self.finished.get_mut(&seq)
+        self.finished.get_mut(&seq).expect("just finished")
     }
 
     fn release_ordering_key(&mut self, key: &Arc<str>, seq: u64, now: Millis) {
@@ -1321,6 +1329,7 @@ impl Queue {
         job.finished_at = Some(now);
         job.updated_at = now;
         job.blocked = false;
+        self.trim_history();
         Ok(job)
     }
 
@@ -1352,6 +1361,7 @@ impl Queue {
             // victim too; its state is re-read when its turn comes.
             if self.slots.get(*seq).is_some() {
                 self.cancel_seq(*seq, now);
+                self.trim_history();
             }
         }
         debug_assert!(self.ready.is_empty());
@@ -1473,7 +1483,12 @@ impl Queue {
     /// Takes jobs out of this dead-letter queue for redrive: the given ids, or else up to
     /// `max` of the oldest. Leased or finished jobs, and jobs with no original queue, are
     /// skipped (and listed when asked for by id).
-    pub fn take_for_redrive(&mut self, ids: &[Uuid], max: usize) -> (Vec<Redriven>, Vec<Uuid>) {
+    pub fn take_for_redrive(
+        &mut self,
+        now: Millis,
+        ids: &[Uuid],
+        max: usize,
+    ) -> (Vec<Redriven>, Vec<Uuid>) {
         let movable = |s: &Slot| {
             s.state != JobState::Leased
                 && s.rare()
@@ -1491,7 +1506,13 @@ impl Queue {
             let mut seqs = Vec::new();
             for id in ids {
                 match self.seq_of(id) {
-                    Some(seq) if self.slots.get(seq).is_some_and(movable) => seqs.push(seq),
+                    // An id given twice is moved once, then skipped like any id that is
+                    // no longer here.
+                    Some(seq)
+                        if self.slots.get(seq).is_some_and(movable) && !seqs.contains(&seq) =>
+                    {
+                        seqs.push(seq)
+                    }
                     _ => skipped.push(*id),
                 }
             }
@@ -1502,7 +1523,7 @@ impl Queue {
             let slot = self.slots.get(seq).expect("redriven job exists");
             let mut job = self.materialize(seq, slot);
             job.payload = self.payloads.detach(slot.payload);
-            self.forget(seq, 0);
+            self.forget(seq, now);
             let target = job.headers[HEADER_ORIGINAL_QUEUE].clone();
             let headers = job
                 .headers
@@ -1704,5 +1725,7 @@ fn clamp_attempts(n: u32) -> u16 {
     n.clamp(1, MAX_ATTEMPTS) as u16
 }
 
+#[cfg(test)]
+mod model_tests;
 #[cfg(test)]
 mod tests;

@@ -396,7 +396,7 @@ fn dead_letters_can_be_redriven_with_attempts_reset() {
     }
     assert_eq!(dlq.get(&id).unwrap().state, JobState::Pending);
 
-    let (moved, skipped) = dlq.take_for_redrive(&[id, Uuid::nil()], 10);
+    let (moved, skipped) = dlq.take_for_redrive(T0, &[id, Uuid::nil()], 10);
     assert_eq!(skipped, vec![Uuid::nil()]);
     assert_eq!(moved.len(), 1);
     assert!(dlq.get(&id).is_none());
