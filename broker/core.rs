@@ -1050,7 +1050,7 @@ impl Broker {
                     Some((_, f)) => job.state == JobState::Dead && f.state != JobState::Dead,
                 };
                 if better {
-                    found = Some((slot.name.to_string(), job.into_owned()));
+                    found = Some((slot.name.to_string(), job));
                 }
             }
         }

@@ -18,7 +18,6 @@ mod deadlines;
 mod ready;
 mod slots;
 
-use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
@@ -807,8 +806,7 @@ impl Queue {
         match state {
             JobState::Pending => {
                 let slots = &self.slots;
-                self.ready
-                    .remove(priority, seq, |s| slots.get(s).is_none() || s == seq);
+                self.ready.remove(priority, seq, |s| slots.get(s).is_none());
             }
             JobState::Scheduled | JobState::Retrying => {
                 if state == JobState::Retrying {
@@ -1028,10 +1026,12 @@ impl Queue {
         let stale =
             |why: String| BrokerError::FailedPrecondition(format!("lease {lease} is stale: {why}"));
         if let Some(slot) = self.slots.get(lease.seq) {
-            let id = self.id_of(lease.seq, slot);
+            // The id is only formatted into refusals; a live ack never builds it.
+            let id = || self.id_of(lease.seq, slot);
             return match self.leases.get(&lease.seq) {
                 Some(l) if l.nonce != lease.nonce => Err(stale(format!(
-                    "job {id} was delivered again since (attempt {})",
+                    "job {} was delivered again since (attempt {})",
+                    id(),
                     slot.attempts
                 ))),
                 Some(l) if l.deadline > now => Ok(LeaseCheck::Live),
@@ -1040,7 +1040,8 @@ impl Queue {
                     l.deadline
                 ))),
                 None => Err(stale(format!(
-                    "job {id} is {} since this lease ended (attempt {})",
+                    "job {} is {} since this lease ended (attempt {})",
+                    id(),
                     slot.state.as_str(),
                     slot.attempts
                 ))),
@@ -1051,29 +1052,37 @@ impl Queue {
                 "its job no longer exists (finished and evicted from history, or purged)".into(),
             ));
         };
-        let id = self.id_of(lease.seq, &f.slot);
+        let id = || self.id_of(lease.seq, &f.slot);
         if f.lease_nonce != lease.nonce {
             return Err(stale(format!(
-                "job {id} was delivered again since (attempt {})",
+                "job {} was delivered again since (attempt {})",
+                id(),
                 f.slot.attempts
             )));
         }
         match f.slot.state {
             JobState::Completed => Ok(LeaseCheck::AlreadyAcked),
             state => Err(stale(format!(
-                "job {id} is {} since this lease ended",
+                "job {} is {} since this lease ended",
+                id(),
                 state.as_str()
             ))),
         }
     }
 
+    /// Counts a lease that ended or moved out of the group of `deadline` (`leases` already
+    /// shows the change).
+    fn count_out_deadline(&mut self, deadline: Millis) {
+        let leases = &self.leases;
+        self.deadlines.remove(deadline, |s| {
+            leases.get(&s).is_some_and(|l| l.deadline == deadline)
+        });
+    }
+
     /// Ends the live lease of `seq`, returning it.
     fn end_lease(&mut self, seq: u64) -> Option<Lease> {
         let lease = self.leases.remove(&seq)?;
-        let leases = &self.leases;
-        self.deadlines.remove(lease.deadline, |s| {
-            leases.get(&s).is_some_and(|l| l.deadline == lease.deadline)
-        });
+        self.count_out_deadline(lease.deadline);
         if let Some(state) = self.consumers.get_mut(&lease.consumer) {
             state.leases_held = state.leases_held.saturating_sub(1);
         }
@@ -1101,9 +1110,7 @@ impl Queue {
         }
         self.counts.completed += 1;
         self.ack_rate.record(now, 1);
-        let f = self.finish(seq, now, JobState::Completed, Some(ended));
-        f.result = result;
-        self.trim_history();
+        self.finish(seq, now, JobState::Completed, Some(ended), result);
         Ok(Some(now.saturating_sub(leased_at)))
     }
 
@@ -1153,9 +1160,7 @@ impl Queue {
         if old != now + visibility_ms {
             // (Counting the lease out of a group it stays in would overcount the group
             // if that compacts it.)
-            let leases = &self.leases;
-            self.deadlines
-                .remove(old, |s| leases.get(&s).is_some_and(|l| l.deadline == old));
+            self.count_out_deadline(old);
             self.deadlines.insert(now + visibility_ms, seq);
         }
         Ok(now + visibility_ms)
@@ -1217,20 +1222,20 @@ impl Queue {
             let slot = self.slots.get_mut(seq).expect("dead job exists");
             slot.rare_mut().dead_letter_queue = Some(target);
         }
-        self.finish(seq, now, JobState::Dead, ended);
-        self.trim_history();
+        self.finish(seq, now, JobState::Dead, ended, None);
     }
 
-    /// Moves a live job that reaches the final `state` into history, frees its ordering
-    /// key, and returns its record there. The caller trims the history once done with the
-    /// record: with a history limit of 0 it is dropped then.
+    /// Moves a live job that reaches the final `state` into history (with the ack's
+    /// `result`), frees its ordering key and trims the history. Callers take what they
+    /// need from the live job first: with a history limit of 0 the record is gone at once.
     fn finish(
         &mut self,
         seq: u64,
         now: Millis,
         state: JobState,
         ended: Option<Lease>,
-    ) -> &mut Finished {
+        result: Option<Bytes>,
+    ) {
         let mut slot = self.slots.remove(seq).expect("finished job exists");
         slot.state = state;
         if std::mem::replace(&mut slot.blocked, false) {
@@ -1249,14 +1254,14 @@ impl Queue {
                 finished_at: now,
                 lease_nonce,
                 consumer,
-                result: None,
+                result,
             },
         );
         self.history.push_back(seq);
         if let Some(key) = key {
             self.release_ordering_key(&key, seq, now);
         }
-        self.finished.get_mut(&seq).expect("just finished")
+        self.trim_history();
     }
 
     fn release_ordering_key(&mut self, key: &Arc<str>, seq: u64, now: Millis) {
@@ -1299,7 +1304,7 @@ impl Queue {
     }
 
     /// Looks a job up by id.
-    pub fn get(&self, id: &Uuid) -> Option<Cow<'_, Job>> {
+    pub fn get(&self, id: &Uuid) -> Option<Job> {
         self.job_by_seq(self.seq_of(id)?)
     }
 
@@ -1329,7 +1334,6 @@ impl Queue {
         job.finished_at = Some(now);
         job.updated_at = now;
         job.blocked = false;
-        self.trim_history();
         Ok(job)
     }
 
@@ -1338,7 +1342,7 @@ impl Queue {
         let (state, priority, run_at, blocked) =
             (slot.state, slot.priority, slot.run_at(), slot.blocked);
         self.counts.cancelled += 1;
-        self.finish(seq, now, JobState::Cancelled, None);
+        self.finish(seq, now, JobState::Cancelled, None, None);
         self.unplace(seq, state, priority, run_at, blocked);
     }
 
@@ -1361,7 +1365,6 @@ impl Queue {
             // victim too; its state is re-read when its turn comes.
             if self.slots.get(*seq).is_some() {
                 self.cancel_seq(*seq, now);
-                self.trim_history();
             }
         }
         debug_assert!(self.ready.is_empty());
@@ -1521,8 +1524,7 @@ impl Queue {
         let mut out = Vec::with_capacity(seqs.len());
         for seq in seqs {
             let slot = self.slots.get(seq).expect("redriven job exists");
-            let mut job = self.materialize(seq, slot);
-            job.payload = self.payloads.detach(slot.payload);
+            let job = self.materialize(seq, slot);
             self.forget(seq, now);
             let target = job.headers[HEADER_ORIGINAL_QUEUE].clone();
             let headers = job
@@ -1561,13 +1563,13 @@ impl Queue {
 
     /// Looks a job up by its seq (e.g. a lease's): a live job's record is built on the
     /// spot, a finished one is borrowed from history.
-    pub fn job_by_seq(&self, seq: u64) -> Option<Cow<'_, Job>> {
+    pub fn job_by_seq(&self, seq: u64) -> Option<Job> {
         match self.slots.get(seq) {
-            Some(slot) => Some(Cow::Owned(self.materialize(seq, slot))),
+            Some(slot) => Some(self.materialize(seq, slot)),
             None => self
                 .finished
                 .get(&seq)
-                .map(|f| Cow::Owned(self.materialize_finished(seq, f))),
+                .map(|f| self.materialize_finished(seq, f)),
         }
     }
 

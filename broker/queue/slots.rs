@@ -141,16 +141,6 @@ impl Payloads {
         }
     }
 
-    /// The payload as a finished job keeps it: a copy when it is a small part of a bigger
-    /// chunk, so that history never pins whole chunks of jobs that are long gone.
-    pub(super) fn detach(&self, r: PayloadRef) -> Bytes {
-        let bytes = self.get(r);
-        match self.chunks.get(r.chunk as usize) {
-            Some(Some(c)) if c.data.len() > 4 * bytes.len() => Bytes::copy_from_slice(&bytes),
-            _ => bytes,
-        }
-    }
-
     /// Gives a reference back; frees its chunk with the last one.
     pub(super) fn release(&mut self, r: PayloadRef) {
         if r.chunk == u32::MAX {
