@@ -5,7 +5,8 @@
 //! mapped to the types of the first pass except the hot responses, which map to types that
 //! write the wire format directly: `SubscribeResponse` (a topic message is then encoded to
 //! protobuf once, however many subscribers receive it), `LeaseResponse` and
-//! `ConsumeResponse` (leased jobs are written from the queue's deliveries).
+//! `ConsumeResponse` (leased jobs are written from the queue's deliveries) and
+//! `EnqueueResponse` (job ids are formatted into the output buffer).
 //!
 //! The internal WAL records (`proto/sluice/internal/wal.proto`) are compiled separately,
 //! without gRPC stubs, and kept out of the descriptor set: they are not part of the API.
@@ -31,6 +32,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(
             ".sluice.v1.SubscribeResponse",
             "crate::broker::wire::EncodedSubscribeResponse",
+        )
+        .extern_path(
+            ".sluice.v1.EnqueueResponse",
+            "crate::broker::wire::EncodedEnqueueResponse",
         )
         .extern_path(
             ".sluice.v1.LeaseResponse",

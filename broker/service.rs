@@ -17,7 +17,8 @@ use crate::broker::queue::{self, Backoff, Job, JobState, MAX_ATTEMPTS, MAX_PRIOR
 use crate::broker::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
 use crate::broker::topic::{NewMessage, Retention};
 use crate::broker::wire::{
-    EncodedConsumeResponse, EncodedLeaseResponse, EncodedSubscribeResponse, broker_server,
+    EncodedConsumeResponse, EncodedEnqueueResponse, EncodedLeaseResponse, EncodedSubscribeResponse,
+    broker_server,
 };
 use crate::pb;
 
@@ -67,7 +68,10 @@ fn job_spec(i: usize, spec: pb::JobSpec, now: u64) -> Result<NewJob, BrokerError
             "delay_ms and run_at_unix_ms are exclusive: set one",
         ));
     }
-    check_duration_ms(&format!("jobs[{i}].delay_ms"), spec.delay_ms, MAX_DELAY_MS)?;
+    if spec.delay_ms > MAX_DELAY_MS {
+        // The field name is formatted only for the refusal: this runs for every job.
+        check_duration_ms(&format!("jobs[{i}].delay_ms"), spec.delay_ms, MAX_DELAY_MS)?;
+    }
     if spec.run_at_unix_ms > now + MAX_DELAY_MS {
         return Err(BrokerError::invalid(
             format!("jobs[{i}].run_at_unix_ms"),
@@ -440,7 +444,7 @@ impl broker_server::Broker for BrokerService {
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
-    async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<pb::EnqueueResponse> {
+    async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<EncodedEnqueueResponse> {
         let req = request.into_inner();
         self.broker.limits().check_batch("jobs", req.jobs.len())?;
         let now = crate::broker::time::now_ms();
@@ -451,15 +455,7 @@ impl broker_server::Broker for BrokerService {
             .map(|(i, spec)| job_spec(i, spec, now))
             .collect::<Result<Vec<_>, _>>()?;
         let results = self.broker.enqueue(&req.queue, jobs).await?;
-        Ok(Response::new(pb::EnqueueResponse {
-            results: results
-                .into_iter()
-                .map(|r| pb::EnqueueResult {
-                    job_id: r.id.to_string(),
-                    duplicate: r.duplicate,
-                })
-                .collect(),
-        }))
+        Ok(Response::new(EncodedEnqueueResponse { results }))
     }
 
     async fn lease(&self, request: Request<pb::LeaseRequest>) -> Reply<EncodedLeaseResponse> {

@@ -12,11 +12,8 @@
 
 use std::sync::Arc;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use prost::encoding::{
-    DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint, key_len,
-};
-use prost::{DecodeError, Message};
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
 use crate::broker::topic::StoredMessage;
 use crate::pb;
@@ -28,7 +25,41 @@ mod generated {
 
 pub use generated::broker_server;
 
+/// Implements `prost::Message` for a response type that is only ever encoded, from its
+/// inherent `put(&self, buf)` and `wire_len(&self)`; `clear` empties the listed fields.
+/// Decoding skips every field: a decoder of the same wire format is the `pb` type named.
+macro_rules! encode_only {
+    ($ty:ty, decoded_as = $pb:literal, clears = [$($field:ident),*]) => {
+        impl prost::Message for $ty {
+            fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+                self.put(buf)
+            }
+
+            #[doc = concat!("Never decoded: the decoder of this wire format is `", $pb, "`.")]
+            fn merge_field(
+                &mut self,
+                tag: u32,
+                wire_type: prost::encoding::WireType,
+                buf: &mut impl bytes::Buf,
+                ctx: prost::encoding::DecodeContext,
+            ) -> Result<(), prost::DecodeError> {
+                prost::encoding::skip_field(wire_type, tag, buf, ctx)
+            }
+
+            fn encoded_len(&self) -> usize {
+                self.wire_len()
+            }
+
+            fn clear(&mut self) {
+                $(self.$field.clear();)*
+            }
+        }
+    };
+}
+
+mod enqueued;
 mod leased;
+pub use enqueued::EncodedEnqueueResponse;
 pub use leased::{EncodedConsumeResponse, EncodedLeaseResponse};
 
 /// `SubscribeResponse.messages` field number.
@@ -189,8 +220,8 @@ impl EncodedSubscribeResponse {
     }
 }
 
-impl Message for EncodedSubscribeResponse {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
+impl EncodedSubscribeResponse {
+    fn put(&self, buf: &mut impl BufMut) {
         for m in &self.messages {
             buf.put_slice(entry(m));
         }
@@ -199,31 +230,22 @@ impl Message for EncodedSubscribeResponse {
         }
     }
 
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        // Only ever encoded; a decoder of this wire format is `pb::SubscribeResponse`.
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
+    fn wire_len(&self) -> usize {
         let messages: usize = self.messages.iter().map(|m| entry(m).len()).sum();
         messages + prost::encoding::message::encoded_len_repeated(GAPS_TAG, &self.gaps)
     }
-
-    fn clear(&mut self) {
-        self.messages.clear();
-        self.gaps.clear();
-    }
 }
+
+encode_only!(
+    EncodedSubscribeResponse,
+    decoded_as = "pb::SubscribeResponse",
+    clears = [messages, gaps]
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
     use std::sync::OnceLock;
 
     fn stored(sequence: u64, headers: &[(&str, &str)], key: &str) -> Arc<StoredMessage> {

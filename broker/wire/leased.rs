@@ -7,9 +7,8 @@
 
 use std::sync::Arc;
 
-use bytes::{Buf, BufMut};
-use prost::encoding::{DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint};
-use prost::{DecodeError, Message};
+use bytes::BufMut;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
 use super::{delimited_len, put_delimited, put_uint64, uint64_len};
 use crate::broker::queue::Delivery;
@@ -175,32 +174,23 @@ pub struct EncodedLeaseResponse {
     pub jobs: Vec<Delivery>,
 }
 
-impl Message for EncodedLeaseResponse {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
+impl EncodedLeaseResponse {
+    fn put(&self, buf: &mut impl BufMut) {
         for d in &self.jobs {
             put_job(&self.queue, d, buf);
         }
     }
 
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        // Only ever encoded; a decoder of this wire format is `pb::LeaseResponse`.
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
+    fn wire_len(&self) -> usize {
         jobs_len(&self.queue, &self.jobs)
     }
-
-    fn clear(&mut self) {
-        self.jobs.clear();
-    }
 }
+
+encode_only!(
+    EncodedLeaseResponse,
+    decoded_as = "pb::LeaseResponse",
+    clears = [jobs]
+);
 
 /// A `sluice.v1.ConsumeResponse`: newly leased jobs of the stream's queue and refused
 /// settlements. Encode-only.
@@ -214,8 +204,8 @@ pub struct EncodedConsumeResponse {
     pub errors: Vec<pb::SettleError>,
 }
 
-impl Message for EncodedConsumeResponse {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
+impl EncodedConsumeResponse {
+    fn put(&self, buf: &mut impl BufMut) {
         for d in &self.jobs {
             put_job(&self.queue, d, buf);
         }
@@ -224,33 +214,24 @@ impl Message for EncodedConsumeResponse {
         }
     }
 
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        // Only ever encoded; a decoder of this wire format is `pb::ConsumeResponse`.
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
+    fn wire_len(&self) -> usize {
         jobs_len(&self.queue, &self.jobs)
             + prost::encoding::message::encoded_len_repeated(ERRORS_TAG, &self.errors)
     }
-
-    fn clear(&mut self) {
-        self.jobs.clear();
-        self.errors.clear();
-    }
 }
+
+encode_only!(
+    EncodedConsumeResponse,
+    decoded_as = "pb::ConsumeResponse",
+    clears = [jobs, errors]
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::broker::queue::LeaseId;
     use bytes::Bytes;
+    use prost::Message;
 
     fn delivery(seq: u64, nonce: u64, headers: &[(&str, &str)], key: Option<&str>) -> Delivery {
         Delivery {

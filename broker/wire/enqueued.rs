@@ -1,0 +1,107 @@
+//! `EnqueueResponse` written straight from the queue's results.
+//!
+//! Every enqueued job gets its id back as a hyphenated UUID. Going through
+//! `pb::EnqueueResult` would allocate a `String` per job only to copy it into the HTTP/2
+//! buffer; here the id is formatted into the buffer itself.
+
+use bytes::BufMut;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+
+use super::{delimited_len, put_delimited, put_uint64, uint64_len};
+use crate::broker::queue::Enqueued;
+
+/// `EnqueueResponse.results` field number.
+const RESULTS_TAG: u32 = 1;
+
+/// `sluice.v1.EnqueueResult` field numbers.
+mod field {
+    pub const JOB_ID: u32 = 1;
+    pub const DUPLICATE: u32 = 2;
+}
+
+/// Length of a hyphenated UUID.
+const UUID_LEN: usize = 36;
+
+/// Length of `r` encoded as a `sluice.v1.EnqueueResult`.
+fn result_len(r: &Enqueued) -> usize {
+    delimited_len(field::JOB_ID, UUID_LEN) + uint64_len(field::DUPLICATE, r.duplicate.into())
+}
+
+/// A `sluice.v1.EnqueueResponse`: one result per request job, in request order.
+/// Encode-only.
+#[derive(Debug, Clone, Default)]
+pub struct EncodedEnqueueResponse {
+    /// The results.
+    pub results: Vec<Enqueued>,
+}
+
+impl EncodedEnqueueResponse {
+    fn put(&self, buf: &mut impl BufMut) {
+        let mut id = uuid::Uuid::encode_buffer();
+        for r in &self.results {
+            encode_key(RESULTS_TAG, WireType::LengthDelimited, buf);
+            encode_varint(result_len(r) as u64, buf);
+            put_delimited(
+                field::JOB_ID,
+                r.id.hyphenated().encode_lower(&mut id).as_bytes(),
+                buf,
+            );
+            // A bool is a varint 1 on the wire, and left out when false.
+            put_uint64(field::DUPLICATE, r.duplicate.into(), buf);
+        }
+    }
+
+    fn wire_len(&self) -> usize {
+        self.results
+            .iter()
+            .map(|r| {
+                let len = result_len(r);
+                key_len(RESULTS_TAG) + encoded_len_varint(len as u64) + len
+            })
+            .sum()
+    }
+}
+
+encode_only!(
+    EncodedEnqueueResponse,
+    decoded_as = "pb::EnqueueResponse",
+    clears = [results]
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb;
+    use prost::Message;
+
+    #[test]
+    fn is_what_prost_would_write() {
+        let results = vec![
+            Enqueued {
+                id: uuid::Uuid::now_v7(),
+                duplicate: false,
+            },
+            Enqueued {
+                id: uuid::Uuid::now_v7(),
+                duplicate: true,
+            },
+        ];
+        let encoded = EncodedEnqueueResponse {
+            results: results.clone(),
+        };
+        let prost_bytes = pb::EnqueueResponse {
+            results: results
+                .iter()
+                .map(|r| pb::EnqueueResult {
+                    job_id: r.id.to_string(),
+                    duplicate: r.duplicate,
+                })
+                .collect(),
+        }
+        .encode_to_vec();
+        let bytes = encoded.encode_to_vec();
+        assert_eq!(bytes.len(), encoded.encoded_len());
+        assert_eq!(bytes, prost_bytes);
+        assert!(EncodedEnqueueResponse::default().encode_to_vec().is_empty());
+    }
+}
