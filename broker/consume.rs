@@ -2,7 +2,7 @@
 //! control (the worker says how many unsettled jobs it can hold) and settlements flowing
 //! back on the same stream. This saves a round trip per lease and batches everything.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
 
 use crate::broker::core::{Broker, QueueSlot};
 use crate::broker::error::BrokerError;
@@ -71,20 +70,151 @@ pub enum ConsumeEvent {
 }
 
 /// The server side of a consume stream; ends on shutdown or when the client side ends.
+///
+/// There is no task behind it: jobs are leased when the transport polls the stream for
+/// its next message, that is when the connection can take more, and settlements are
+/// applied in the same poll. Dropping the stream puts back what it held.
 pub struct ConsumeStream {
-    rx: mpsc::Receiver<ConsumeEvent>,
+    events: Pin<Box<dyn Stream<Item = ConsumeEvent> + Send>>,
 }
 
 impl Stream for ConsumeStream {
     type Item = ConsumeEvent;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ConsumeEvent>> {
-        self.rx.poll_recv(cx)
+        self.events.as_mut().poll_next(cx)
     }
 }
 
 /// Most credit a stream may hold; more would let one worker hoard a queue.
 const MAX_CREDITS: u64 = 10_000;
+
+/// Lease nonces by job seq.
+type Leases = HashMap<u64, u64, foldhash::fast::RandomState>;
+
+/// Deliveries of one stream not yet settled on it, by seq (the value is the lease nonce).
+/// Dropped with the stream, they are put back at once as a failed attempt.
+struct Outstanding {
+    broker: Broker,
+    slot: Arc<QueueSlot>,
+    leases: Leases,
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        if self.leases.is_empty() {
+            return;
+        }
+        let leases = std::mem::take(&mut self.leases);
+        // Putting back is logged like a nack, and a log write is awaited; without a
+        // runtime (process exit) the leases simply expire.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (broker, slot) = (self.broker.clone(), self.slot.clone());
+            runtime.spawn(async move { broker.release(&slot, leases).await });
+        }
+    }
+}
+
+/// One consume stream's state between two of its messages.
+struct Session<S> {
+    broker: Broker,
+    slot: Arc<QueueSlot>,
+    spec: ConsumeSpec,
+    consumer: Arc<str>,
+    commands: S,
+    shutdown: tokio_util::sync::CancellationToken,
+    credits: u64,
+    stopped: bool,
+    ended: bool,
+    outstanding: Outstanding,
+}
+
+impl<S> Session<S>
+where
+    S: Stream<Item = ConsumeCommands> + Send + Unpin + 'static,
+{
+    /// The stream's next message: leased jobs as soon as there are credits and visible
+    /// jobs, refusals after a command with refused settlements; `None` at the end.
+    async fn next_event(&mut self) -> Option<ConsumeEvent> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            // Registered before looking, so a job made visible meanwhile is not missed.
+            let slot = self.slot.clone();
+            let notified = slot.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut next_due = None;
+            if self.credits > 0 {
+                match self.lease() {
+                    Ok((jobs, _)) if !jobs.is_empty() => {
+                        self.credits -= jobs.len() as u64;
+                        let leases = &mut self.outstanding.leases;
+                        leases.extend(jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce)));
+                        return Some(ConsumeEvent::Jobs(jobs));
+                    }
+                    Ok((_, due)) => next_due = due,
+                    Err(e) => return Some(self.fail(e)),
+                }
+            }
+            let wake_at = next_due.map(|due| {
+                tokio::time::Instant::now() + Duration::from_millis(due.saturating_sub(now_ms()))
+            });
+            let credits = self.credits;
+            tokio::select! {
+                command = self.commands.next() => {
+                    let Some(command) = command else {
+                        self.ended = true;
+                        return None;
+                    };
+                    self.stopped |= command.stop;
+                    self.credits = if self.stopped {
+                        0
+                    } else {
+                        (self.credits + command.credits as u64).min(MAX_CREDITS)
+                    };
+                    match self.broker.settle(&self.slot, command, &mut self.outstanding.leases).await {
+                        Ok(refused) if refused.is_empty() => {}
+                        Ok(refused) => return Some(ConsumeEvent::Refused(refused)),
+                        Err(e) => return Some(self.fail(e)),
+                    }
+                }
+                _ = &mut notified, if credits > 0 => {}
+                _ = async { tokio::time::sleep_until(wake_at.expect("guarded")).await }, if credits > 0 && wake_at.is_some() => {}
+                _ = self.shutdown.cancelled() => {
+                    self.ended = true;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Leases up to the stream's credit (at most a batch); also returns when the next
+    /// delayed job is due. Leases are not logged, but the expiries a lease runs first are.
+    fn lease(&self) -> Result<(Vec<Delivery>, Option<u64>), BrokerError> {
+        let max = self.credits.min(self.broker.limits().max_batch as u64) as usize;
+        let now = now_ms();
+        let _change = self.broker.begin()?;
+        let (leased, _) = self.broker.with_queue(&self.slot, |q, _| {
+            let visibility = self
+                .spec
+                .visibility_timeout_ms
+                .unwrap_or(q.policy().visibility_timeout_ms);
+            (
+                q.lease(now, max, visibility, &self.consumer, &self.spec.address),
+                q.next_due(),
+            )
+        })?;
+        Ok(leased)
+    }
+
+    /// Ends the stream with `e` (the broker's log failed).
+    fn fail(&mut self, e: BrokerError) -> ConsumeEvent {
+        self.ended = true;
+        ConsumeEvent::Failed(e)
+    }
+}
 
 impl Broker {
     /// Opens a consume session. `commands` is the client side of the stream.
@@ -96,102 +226,34 @@ impl Broker {
             check_duration_ms("visibility_timeout_ms", v, MAX_VISIBILITY_MS)?;
         }
         let slot = self.queue_or_create("queue", &spec.queue)?;
-        let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(self.clone().run_consumer(slot, spec, commands, tx));
-        Ok(ConsumeStream { rx })
-    }
-
-    async fn run_consumer<S>(
-        self,
-        slot: Arc<QueueSlot>,
-        spec: ConsumeSpec,
-        mut commands: S,
-        tx: mpsc::Sender<ConsumeEvent>,
-    ) where
-        S: Stream<Item = ConsumeCommands> + Send + Unpin + 'static,
-    {
         let consumer: Arc<str> = Arc::from(if spec.consumer.is_empty() {
             spec.address.as_str()
         } else {
             spec.consumer.as_str()
         });
-        let shutdown = self.inner.shutdown.clone();
-        let mut credits: u64 = 0;
-        let mut stopped = false;
-        // Deliveries of this stream not yet settled on it: (seq, nonce).
-        let mut outstanding: HashSet<(u64, u64)> = HashSet::new();
-        loop {
-            let notified = slot.ready.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let mut next_due = None;
-            if credits > 0 {
-                let max = credits.min(self.limits().max_batch as u64) as usize;
-                let now = now_ms();
-                // Leases are not logged, but the expiries a lease runs first are.
-                let leased = match self.begin() {
-                    Ok(_change) => self.with_queue(&slot, |q, _| {
-                        let visibility = spec
-                            .visibility_timeout_ms
-                            .unwrap_or(q.policy().visibility_timeout_ms);
-                        (
-                            q.lease(now, max, visibility, &consumer, &spec.address),
-                            q.next_due(),
-                        )
-                    }),
-                    Err(e) => Err(e),
-                };
-                let (jobs, due) = match leased {
-                    Ok((leased, _)) => leased,
-                    Err(e) => {
-                        let _ = tx.send(ConsumeEvent::Failed(e)).await;
-                        break;
-                    }
-                };
-                next_due = due;
-                if !jobs.is_empty() {
-                    credits -= jobs.len() as u64;
-                    outstanding.extend(jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce)));
-                    tokio::select! {
-                        sent = tx.send(ConsumeEvent::Jobs(jobs)) => if sent.is_err() { break },
-                        _ = shutdown.cancelled() => break,
-                    }
-                    continue;
-                }
-            }
-            let wake_at = next_due.map(|due| {
-                tokio::time::Instant::now() + Duration::from_millis(due.saturating_sub(now_ms()))
-            });
-            tokio::select! {
-                command = commands.next() => {
-                    let Some(command) = command else { break };
-                    stopped |= command.stop;
-                    credits = if stopped {
-                        0
-                    } else {
-                        (credits + command.credits as u64).min(MAX_CREDITS)
-                    };
-                    let refused = match self.settle(&slot, command, &mut outstanding).await {
-                        Ok(refused) => refused,
-                        Err(e) => {
-                            let _ = tx.send(ConsumeEvent::Failed(e)).await;
-                            break;
-                        }
-                    };
-                    if !refused.is_empty() {
-                        tokio::select! {
-                            sent = tx.send(ConsumeEvent::Refused(refused)) => if sent.is_err() { break },
-                            _ = shutdown.cancelled() => break,
-                        }
-                    }
-                }
-                _ = &mut notified, if credits > 0 => {}
-                _ = async { tokio::time::sleep_until(wake_at.expect("guarded")).await }, if credits > 0 && wake_at.is_some() => {}
-                _ = shutdown.cancelled() => break,
-                _ = tx.closed() => break,
-            }
-        }
-        self.release(&slot, outstanding).await;
+        let session = Session {
+            broker: self.clone(),
+            slot: slot.clone(),
+            spec,
+            consumer,
+            commands,
+            shutdown: self.inner.shutdown.clone(),
+            credits: 0,
+            stopped: false,
+            ended: false,
+            outstanding: Outstanding {
+                broker: self.clone(),
+                slot,
+                leases: HashMap::default(),
+            },
+        };
+        let events = futures::stream::unfold(session, |mut session| async move {
+            let event = session.next_event().await?;
+            Some((event, session))
+        });
+        Ok(ConsumeStream {
+            events: Box::pin(events),
+        })
     }
 
     /// Applies one command's settlements one by one, logged like their unary forms and
@@ -201,7 +263,7 @@ impl Broker {
         &self,
         slot: &QueueSlot,
         command: ConsumeCommands,
-        outstanding: &mut HashSet<(u64, u64)>,
+        outstanding: &mut Leases,
     ) -> Result<Vec<(String, BrokerError)>, BrokerError> {
         let mut refused = Vec::new();
         let limits = self.limits();
@@ -243,7 +305,7 @@ impl Broker {
                         if let Some(job) = q.job_by_seq(lease.seq) {
                             batch.job_state(&slot.name, &job);
                         }
-                        outstanding.remove(&(lease.seq, lease.nonce));
+                        outstanding.remove(&lease.seq);
                         Ok(())
                     });
                     if let Err(e) = outcome {
@@ -264,7 +326,7 @@ impl Broker {
                         if let Some(job) = q.job_by_seq(lease.seq) {
                             batch.job_state(&slot.name, &job);
                         }
-                        outstanding.remove(&(lease.seq, lease.nonce));
+                        outstanding.remove(&lease.seq);
                         Ok(())
                     });
                     if let Err(e) = outcome {
@@ -300,7 +362,7 @@ impl Broker {
     }
 
     /// Puts back what a closed stream held: visible again at once, as a failed attempt.
-    async fn release(&self, slot: &QueueSlot, outstanding: HashSet<(u64, u64)>) {
+    async fn release(&self, slot: &QueueSlot, outstanding: Leases) {
         if outstanding.is_empty() {
             return;
         }

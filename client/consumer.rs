@@ -181,13 +181,35 @@ async fn run(
             _ = jobs.closed() => break,
         }
     }
-    // Acks queued after the last send go through a unary call.
-    let leftover = {
+    // Acks queued after the last send go out last on the stream, or, if the stream is
+    // gone, through a unary call.
+    let mut leftover = {
         let mut acks = shared.acks.lock().expect("ack buffer lock");
         shared.closed.store(true, Ordering::Release);
         std::mem::take(&mut *acks)
     };
     if !leftover.is_empty() {
+        let last = pb::ConsumeRequest {
+            acks: std::mem::take(&mut leftover),
+            ..Default::default()
+        };
+        if let Err(unsent) = out.send(last).await {
+            leftover = unsent.0.acks;
+        }
+    }
+    // Close our side, then wait for the broker to end its own: it has then applied every
+    // settlement sent before. Dropping the response first would reset the call, and a
+    // reset can overtake the last acks. Jobs it pushes meanwhile are released by it.
+    drop(out);
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
+    drop(inbound);
+    if !leftover.is_empty() {
         let _ = rpc.clone().ack(pb::AckRequest { acks: leftover }).await;
     }
 }
+
+/// How long a closing stream waits for the broker to end its side.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
