@@ -302,9 +302,7 @@ impl Broker {
                             limits.check_payload("acks.result", r.len())?;
                         }
                         acked_after_ms.extend(q.ack(now, &lease, result)?);
-                        if let Some(job) = q.job_by_seq(lease.seq) {
-                            batch.job_state(&slot.name, &job);
-                        }
+                        batch.job_state_of(&slot.name, q, lease.seq);
                         outstanding.remove(&lease.seq);
                         Ok(())
                     });
@@ -323,9 +321,7 @@ impl Broker {
                             nack.retry_delay_ms,
                             nack.dead_letter,
                         )?;
-                        if let Some(job) = q.job_by_seq(lease.seq) {
-                            batch.job_state(&slot.name, &job);
-                        }
+                        batch.job_state_of(&slot.name, q, lease.seq);
                         outstanding.remove(&lease.seq);
                         Ok(())
                     });
@@ -386,10 +382,8 @@ impl Broker {
                         Some(0),
                         false,
                     );
-                    if released.is_ok()
-                        && let Some(job) = q.job_by_seq(seq)
-                    {
-                        batch.job_state(&slot.name, &job);
+                    if released.is_ok() {
+                        batch.job_state_of(&slot.name, q, seq);
                     }
                 }
             });

@@ -60,8 +60,8 @@ impl Default for BrokerConfig {
 }
 
 /// Runs a limit check with a placeholder field name and, only if it fails, again with the
-/// real one: formatting `messages[{i}].payload` and friends for every message of every
-/// publish was several percent of the broker's CPU at high publish rates.
+/// real one: formatting `messages[{i}].payload` (or `jobs[{i}].payload`) and friends for
+/// every message of every publish or enqueue was several percent of the broker's CPU.
 fn checked(
     field: impl Fn(&str) -> String,
     name: &str,
@@ -543,15 +543,11 @@ impl Broker {
             let result = f(&mut q, &mut batch);
             let expired = q.take_expired();
             let letters = q.take_dead_letters();
-            if batch.is_enabled() {
-                for seq in expired {
-                    if let Some(job) = q.job_by_seq(seq) {
-                        batch.job_state(&slot.name, &job);
-                    }
-                }
-                for letter in &letters {
-                    batch.dead_letter(letter);
-                }
+            for seq in expired {
+                batch.job_state_of(&slot.name, &q, seq);
+            }
+            for letter in &letters {
+                batch.dead_letter(letter);
             }
             let commit = self.commit(batch, now_ms());
             (result, letters, q.has_visible(), commit)
@@ -586,14 +582,17 @@ impl Broker {
         validate_name("queue", queue)?;
         limits.check_batch("jobs", jobs.len())?;
         for (i, job) in jobs.iter().enumerate() {
-            limits.check_payload(&format!("jobs[{i}].payload"), job.payload.len())?;
-            limits.check_headers(&format!("jobs[{i}].headers"), &job.headers)?;
-            limits.check_key(&format!("jobs[{i}].kind"), &job.kind)?;
+            let field = |name: &str| format!("jobs[{i}].{name}");
+            checked(field, "payload", |f| {
+                limits.check_payload(f, job.payload.len())
+            })?;
+            checked(field, "headers", |f| limits.check_headers(f, &job.headers))?;
+            checked(field, "kind", |f| limits.check_key(f, &job.kind))?;
             if let Some(k) = &job.idempotency_key {
-                limits.check_key(&format!("jobs[{i}].idempotency_key"), k)?;
+                checked(field, "idempotency_key", |f| limits.check_key(f, k))?;
             }
             if let Some(k) = &job.ordering_key {
-                limits.check_key(&format!("jobs[{i}].ordering_key"), k)?;
+                checked(field, "ordering_key", |f| limits.check_key(f, k))?;
             }
         }
         self.admit().await?;
@@ -948,9 +947,7 @@ impl Broker {
                     if observer.is_some() {
                         acked.extend(held.map(|ms| (q, ms)));
                     }
-                    if let Some(job) = guard.job_by_seq(lease.seq) {
-                        batch.job_state(name, &job);
-                    }
+                    batch.job_state_of(name, guard, lease.seq);
                 }
             }
             self.commit(batch, now)
@@ -987,9 +984,7 @@ impl Broker {
             let slot = self.lease_queue(&lease)?;
             self.with_queue(&slot, |q, batch| {
                 let outcome = q.nack(now, &lease, error, retry_delay_ms, dead_letter)?;
-                if let Some(job) = q.job_by_seq(lease.seq) {
-                    batch.job_state(&slot.name, &job);
-                }
+                batch.job_state_of(&slot.name, q, lease.seq);
                 Ok::<_, BrokerError>(outcome)
             })?
         };

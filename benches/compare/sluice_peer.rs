@@ -918,10 +918,10 @@ pub async fn s3_consume(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<
 }
 
 /// Sluice's own broker and gRPC service, served in the harness process on a listener
-/// whose accepted sockets get TCP_NODELAY. A diagnostic: `sluice::broker::serve` hands
-/// tonic a caller-supplied incoming stream, for which tonic ignores
-/// `Server::tcp_nodelay`, so the release binary's sockets run with Nagle's algorithm on.
-/// Comparing this row with the binary's row isolates that cost.
+/// whose accepted sockets get TCP_NODELAY (as `sluice serve` sets on its own). A
+/// diagnostic: broker and clients share one process and one runtime, so comparing this row
+/// with the binary's row shows what the process boundary (and a second scheduler on the
+/// same 2 cores) costs.
 pub struct InProcessSluice {
     /// Its address.
     pub addr: SocketAddr,

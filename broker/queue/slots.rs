@@ -163,7 +163,7 @@ impl Payloads {
 #[derive(Debug, Default)]
 pub(super) struct Kinds {
     names: Vec<Arc<str>>,
-    index: HashMap<Arc<str>, u32>,
+    index: HashMap<Arc<str>, u32, foldhash::fast::RandomState>,
 }
 
 impl Kinds {

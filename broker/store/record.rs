@@ -15,7 +15,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use uuid::Uuid;
 
-use crate::broker::queue::{Backoff, DeadLetter, Job, JobState, QueuePolicy, Redriven};
+use crate::broker::queue::{Backoff, DeadLetter, Job, JobState, Queue, QueuePolicy, Redriven};
 use crate::broker::time::Millis;
 use crate::broker::topic::{Retention, StoredMessage};
 
@@ -257,6 +257,17 @@ impl Batch {
     pub fn new_job(&mut self, queue: &str, job: &Job) {
         if self.is_enabled() {
             self.push(Kind::Job(job_image(queue, job)));
+        }
+    }
+
+    /// The state of job `seq` of queue `q` (named `queue`) after a change. The job's
+    /// record is built only when this batch is logged: settlements in memory mode would
+    /// otherwise build and drop one per job.
+    pub fn job_state_of(&mut self, queue: &str, q: &Queue, seq: u64) {
+        if self.is_enabled()
+            && let Some(job) = q.job_by_seq(seq)
+        {
+            self.job_state(queue, &job);
         }
     }
 
