@@ -460,3 +460,57 @@ async fn not_found_and_already_exists() {
     assert_status(err, Code::InvalidArgument, &["policy.topic_bindings[0]"]);
     assert!(client.stats().await.unwrap().queues.is_empty());
 }
+
+/// Per-job limits name the job's index and the field, and refuse the whole batch.
+#[tokio::test]
+async fn per_job_limits_name_the_job_and_refuse_the_whole_batch() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut rpc = client.rpc();
+    let long = "k".repeat(256);
+    let year_ms: u64 = 365 * 24 * 3600 * 1000;
+    let cases: Vec<(pb::JobSpec, &str, String)> = vec![
+        (
+            pb::JobSpec {
+                delay_ms: year_ms + 1,
+                ..spec("x")
+            },
+            "jobs[1].delay_ms",
+            format!("{} ms exceeds the limit of {year_ms} ms", year_ms + 1),
+        ),
+        (
+            pb::JobSpec {
+                kind: long.clone(),
+                ..spec("x")
+            },
+            "jobs[1].kind",
+            "256 bytes exceeds the limit of 255 bytes".into(),
+        ),
+        (
+            pb::JobSpec {
+                idempotency_key: long.clone(),
+                ..spec("x")
+            },
+            "jobs[1].idempotency_key",
+            "256 bytes exceeds the limit of 255 bytes".into(),
+        ),
+        (
+            pb::JobSpec {
+                ordering_key: long.clone(),
+                ..spec("x")
+            },
+            "jobs[1].ordering_key",
+            "256 bytes exceeds the limit of 255 bytes".into(),
+        ),
+    ];
+    for (bad, field, problem) in cases {
+        let err = rpc
+            .enqueue(enqueue("per-job", vec![spec("fine"), bad]))
+            .await
+            .unwrap_err();
+        assert_status(err, Code::InvalidArgument, &[field, &problem]);
+    }
+    // The valid first job of each batch was not enqueued either.
+    let depth = stats_of(&client, "per-job").await.map_or(0, |q| q.pending);
+    assert_eq!(depth, 0);
+}
