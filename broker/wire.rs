@@ -15,6 +15,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
+use crate::broker::limits::Headers;
 use crate::broker::topic::StoredMessage;
 use crate::pb;
 
@@ -103,7 +104,7 @@ fn message_len(m: &StoredMessage) -> usize {
         len += delimited_len(field::KEY, m.key.len());
     }
     if !m.headers.is_empty() {
-        len += headers_len(m);
+        len += headers_len(field::HEADERS, &m.headers);
     }
     if !m.payload.is_empty() {
         len += delimited_len(field::PAYLOAD, m.payload.len());
@@ -111,13 +112,41 @@ fn message_len(m: &StoredMessage) -> usize {
     len + uint64_len(field::PUBLISH_TIME, m.publish_time)
 }
 
-fn headers_len(m: &StoredMessage) -> usize {
+/// Length of a `map<string, string>` field (0 when empty and left out).
+fn headers_len(tag: u32, headers: &Headers) -> usize {
     prost::encoding::hash_map::encoded_len(
         prost::encoding::string::encoded_len,
         prost::encoding::string::encoded_len,
-        field::HEADERS,
-        &m.headers,
+        tag,
+        headers,
     )
+}
+
+/// Writes a `map<string, string>` field (nothing when empty).
+fn put_headers(tag: u32, headers: &Headers, buf: &mut impl BufMut) {
+    prost::encoding::hash_map::encode(
+        prost::encoding::string::encode,
+        prost::encoding::string::encoded_len,
+        prost::encoding::string::encode,
+        prost::encoding::string::encoded_len,
+        tag,
+        headers,
+        buf,
+    );
+}
+
+/// Length of a hyphenated UUID.
+const UUID_LEN: usize = 36;
+
+/// Length of a `string` field holding a hyphenated UUID.
+fn uuid_len(tag: u32) -> usize {
+    delimited_len(tag, UUID_LEN)
+}
+
+/// Writes a UUID as a hyphenated `string` field, formatted into `buf` itself.
+fn put_uuid(tag: u32, id: &uuid::Uuid, buf: &mut impl BufMut) {
+    let mut text = uuid::Uuid::encode_buffer();
+    put_delimited(tag, id.hyphenated().encode_lower(&mut text).as_bytes(), buf);
 }
 
 fn put_delimited(tag: u32, bytes: &[u8], buf: &mut impl BufMut) {
@@ -145,17 +174,7 @@ fn put_entry(m: &StoredMessage, buf: &mut impl BufMut) {
     if !m.key.is_empty() {
         put_delimited(field::KEY, m.key.as_bytes(), buf);
     }
-    if !m.headers.is_empty() {
-        prost::encoding::hash_map::encode(
-            prost::encoding::string::encode,
-            prost::encoding::string::encoded_len,
-            prost::encoding::string::encode,
-            prost::encoding::string::encoded_len,
-            field::HEADERS,
-            &m.headers,
-            buf,
-        );
-    }
+    put_headers(field::HEADERS, &m.headers, buf);
     if !m.payload.is_empty() {
         put_delimited(field::PAYLOAD, &m.payload, buf);
     }

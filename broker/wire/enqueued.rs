@@ -7,7 +7,7 @@
 use bytes::BufMut;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
-use super::{delimited_len, put_delimited, put_uint64, uint64_len};
+use super::{put_uint64, put_uuid, uint64_len, uuid_len};
 use crate::broker::queue::Enqueued;
 
 /// `EnqueueResponse.results` field number.
@@ -19,12 +19,9 @@ mod field {
     pub const DUPLICATE: u32 = 2;
 }
 
-/// Length of a hyphenated UUID.
-const UUID_LEN: usize = 36;
-
 /// Length of `r` encoded as a `sluice.v1.EnqueueResult`.
 fn result_len(r: &Enqueued) -> usize {
-    delimited_len(field::JOB_ID, UUID_LEN) + uint64_len(field::DUPLICATE, r.duplicate.into())
+    uuid_len(field::JOB_ID) + uint64_len(field::DUPLICATE, r.duplicate.into())
 }
 
 /// A `sluice.v1.EnqueueResponse`: one result per request job, in request order.
@@ -37,15 +34,10 @@ pub struct EncodedEnqueueResponse {
 
 impl EncodedEnqueueResponse {
     fn put(&self, buf: &mut impl BufMut) {
-        let mut id = uuid::Uuid::encode_buffer();
         for r in &self.results {
             encode_key(RESULTS_TAG, WireType::LengthDelimited, buf);
             encode_varint(result_len(r) as u64, buf);
-            put_delimited(
-                field::JOB_ID,
-                r.id.hyphenated().encode_lower(&mut id).as_bytes(),
-                buf,
-            );
+            put_uuid(field::JOB_ID, &r.id, buf);
             // A bool is a varint 1 on the wire, and left out when false.
             put_uint64(field::DUPLICATE, r.duplicate.into(), buf);
         }

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use bytes::BufMut;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
-use super::{delimited_len, put_delimited, put_uint64, uint64_len};
+use super::{
+    delimited_len, headers_len, put_delimited, put_headers, put_uint64, put_uuid, uint64_len,
+    uuid_len,
+};
 use crate::broker::queue::Delivery;
 use crate::pb;
 
@@ -34,9 +37,6 @@ mod field {
     pub const LEASE_DEADLINE: u32 = 11;
     pub const ORDERING_KEY: u32 = 12;
 }
-
-/// Length of a hyphenated UUID.
-const UUID_LEN: usize = 36;
 
 fn decimal_digits(mut v: u64) -> usize {
     let mut n = 1;
@@ -76,20 +76,10 @@ fn put_lease_id(d: &Delivery, buf: &mut impl BufMut) {
     }
 }
 
-fn headers_len(d: &Delivery) -> usize {
-    prost::encoding::hash_map::encoded_len(
-        prost::encoding::string::encoded_len,
-        prost::encoding::string::encoded_len,
-        field::HEADERS,
-        &d.headers,
-    )
-}
-
 /// Length of `d` encoded as a `sluice.v1.LeasedJob` of `queue` (proto3: default values
 /// left out, as prost does).
 fn job_len(queue: &str, d: &Delivery) -> usize {
-    let mut len =
-        delimited_len(field::JOB_ID, UUID_LEN) + delimited_len(field::LEASE_ID, lease_id_len(d));
+    let mut len = uuid_len(field::JOB_ID) + delimited_len(field::LEASE_ID, lease_id_len(d));
     let strings = [
         (field::QUEUE, queue.len()),
         (field::KIND, d.kind.len()),
@@ -105,7 +95,7 @@ fn job_len(queue: &str, d: &Delivery) -> usize {
         }
     }
     if !d.headers.is_empty() {
-        len += headers_len(d);
+        len += headers_len(field::HEADERS, &d.headers);
     }
     len + uint64_len(field::PRIORITY, d.priority.into())
         + uint64_len(field::ATTEMPT, d.attempt.into())
@@ -117,12 +107,7 @@ fn job_len(queue: &str, d: &Delivery) -> usize {
 fn put_job(queue: &str, d: &Delivery, buf: &mut impl BufMut) {
     encode_key(JOBS_TAG, WireType::LengthDelimited, buf);
     encode_varint(job_len(queue, d) as u64, buf);
-    let mut id = uuid::Uuid::encode_buffer();
-    put_delimited(
-        field::JOB_ID,
-        d.job_id.hyphenated().encode_lower(&mut id).as_bytes(),
-        buf,
-    );
+    put_uuid(field::JOB_ID, &d.job_id, buf);
     encode_key(field::LEASE_ID, WireType::LengthDelimited, buf);
     encode_varint(lease_id_len(d) as u64, buf);
     put_lease_id(d, buf);
@@ -135,17 +120,7 @@ fn put_job(queue: &str, d: &Delivery, buf: &mut impl BufMut) {
     if !d.payload.is_empty() {
         put_delimited(field::PAYLOAD, &d.payload, buf);
     }
-    if !d.headers.is_empty() {
-        prost::encoding::hash_map::encode(
-            prost::encoding::string::encode,
-            prost::encoding::string::encoded_len,
-            prost::encoding::string::encode,
-            prost::encoding::string::encoded_len,
-            field::HEADERS,
-            &d.headers,
-            buf,
-        );
-    }
+    put_headers(field::HEADERS, &d.headers, buf);
     put_uint64(field::PRIORITY, d.priority.into(), buf);
     put_uint64(field::ATTEMPT, d.attempt.into(), buf);
     put_uint64(field::MAX_ATTEMPTS, d.max_attempts.into(), buf);
