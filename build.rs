@@ -6,7 +6,8 @@
 //! write the wire format directly: `SubscribeResponse` (a topic message is then encoded to
 //! protobuf once, however many subscribers receive it), `LeaseResponse` and
 //! `ConsumeResponse` (leased jobs are written from the queue's deliveries) and
-//! `EnqueueResponse` (job ids are formatted into the output buffer).
+//! `EnqueueResponse` (job ids are formatted into the output buffer); and one request,
+//! `ConsumeRequest`, whose acks keep their lease ids as slices of the received buffer.
 //!
 //! The internal WAL records (`proto/sluice/internal/wal.proto`) are compiled separately,
 //! without gRPC stubs, and kept out of the descriptor set: they are not part of the API.
@@ -44,6 +45,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(
             ".sluice.v1.ConsumeResponse",
             "crate::broker::wire::EncodedConsumeResponse",
+        )
+        .extern_path(
+            ".sluice.v1.ConsumeRequest",
+            "crate::broker::wire::ReceivedConsumeRequest",
         )
         .extern_path(".sluice.v1", "crate::pb")
         .compile_fds(fds)?;

@@ -48,8 +48,9 @@ pub struct NackCommand {
 pub struct ConsumeCommands {
     /// More credit.
     pub credits: u32,
-    /// Acks (lease id, optional result).
-    pub acks: Vec<(String, Option<Bytes>)>,
+    /// Acks (lease id as received, optional result). The id stays a slice of the received
+    /// buffer (a stream acks every job it gets): it is checked as UTF-8 when parsed.
+    pub acks: Vec<(Bytes, Option<Bytes>)>,
     /// Nacks.
     pub nacks: Vec<NackCommand>,
     /// Extensions (lease id, visibility timeout).
@@ -292,10 +293,19 @@ impl Broker {
         let commit = {
             let _change = self.begin()?;
             let ((), commit) = self.with_queue(slot, |q, batch| {
-                for (lease_id, result) in command.acks {
-                    let outcome = parse("acks.lease_id", &lease_id).and_then(|lease| {
+                for (received, result) in command.acks {
+                    let lease_id = std::str::from_utf8(&received);
+                    let outcome = match lease_id {
+                        Ok(lease_id) => parse("acks.lease_id", lease_id),
+                        Err(_) => Err(Self::bad_lease_id(
+                            "acks.lease_id",
+                            &String::from_utf8_lossy(&received),
+                        )),
+                    };
+                    let outcome = outcome.and_then(|lease| {
                         if *lease.queue != *q.name() {
-                            foreign_acks.push((lease_id.clone(), result));
+                            let lease_id = lease_id.unwrap_or_default().to_owned();
+                            foreign_acks.push((lease_id, result));
                             return Ok(());
                         }
                         if let Some(r) = &result {
@@ -307,7 +317,7 @@ impl Broker {
                         Ok(())
                     });
                     if let Err(e) = outcome {
-                        refused.push((lease_id, e));
+                        refused.push((String::from_utf8_lossy(&received).into_owned(), e));
                     }
                 }
                 for nack in &command.nacks {

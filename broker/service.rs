@@ -18,7 +18,7 @@ use crate::broker::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionB
 use crate::broker::topic::{NewMessage, Retention};
 use crate::broker::wire::{
     EncodedConsumeResponse, EncodedEnqueueResponse, EncodedLeaseResponse, EncodedSubscribeResponse,
-    broker_server,
+    ReceivedConsumeRequest, broker_server,
 };
 use crate::pb;
 
@@ -298,7 +298,7 @@ fn stats_to_pb(s: StatsSnapshot) -> pb::StatsResponse {
     }
 }
 
-fn consume_commands(r: pb::ConsumeRequest) -> ConsumeCommands {
+fn consume_commands(r: ReceivedConsumeRequest) -> ConsumeCommands {
     ConsumeCommands {
         credits: r.credits,
         acks: r
@@ -510,7 +510,7 @@ impl broker_server::Broker for BrokerService {
 
     async fn consume(
         &self,
-        request: Request<tonic::Streaming<pb::ConsumeRequest>>,
+        request: Request<tonic::Streaming<ReceivedConsumeRequest>>,
     ) -> Reply<Self::ConsumeStream> {
         let address = peer(&request);
         let mut inbound = request.into_inner();

@@ -60,8 +60,10 @@ macro_rules! encode_only {
 
 mod enqueued;
 mod leased;
+mod received;
 pub use enqueued::EncodedEnqueueResponse;
 pub use leased::{EncodedConsumeResponse, EncodedLeaseResponse};
+pub use received::{ReceivedAck, ReceivedConsumeRequest};
 
 /// `SubscribeResponse.messages` field number.
 const MESSAGES_TAG: u32 = 1;
