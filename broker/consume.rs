@@ -93,29 +93,6 @@ const MAX_CREDITS: u64 = 10_000;
 /// Lease nonces by job seq.
 type Leases = HashMap<u64, u64, foldhash::fast::RandomState>;
 
-/// Deliveries of one stream not yet settled on it, by seq (the value is the lease nonce).
-/// Dropped with the stream, they are put back at once as a failed attempt.
-struct Outstanding {
-    broker: Broker,
-    slot: Arc<QueueSlot>,
-    leases: Leases,
-}
-
-impl Drop for Outstanding {
-    fn drop(&mut self) {
-        if self.leases.is_empty() {
-            return;
-        }
-        let leases = std::mem::take(&mut self.leases);
-        // Putting back is logged like a nack, and a log write is awaited; without a
-        // runtime (process exit) the leases simply expire.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (broker, slot) = (self.broker.clone(), self.slot.clone());
-            runtime.spawn(async move { broker.release(&slot, leases).await });
-        }
-    }
-}
-
 /// One consume stream's state between two of its messages.
 struct Session<S> {
     broker: Broker,
@@ -127,7 +104,24 @@ struct Session<S> {
     credits: u64,
     stopped: bool,
     ended: bool,
-    outstanding: Outstanding,
+    /// Deliveries of this stream not yet settled on it, by seq (the value is the lease
+    /// nonce). When the stream is dropped they are put back at once, as a failed attempt.
+    outstanding: Leases,
+}
+
+impl<S> Drop for Session<S> {
+    fn drop(&mut self) {
+        if self.outstanding.is_empty() {
+            return;
+        }
+        let leases = std::mem::take(&mut self.outstanding);
+        // Putting back is logged like a nack, and a log write is awaited; without a
+        // runtime (process exit) the leases simply expire.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (broker, slot) = (self.broker.clone(), self.slot.clone());
+            runtime.spawn(async move { broker.release(&slot, leases).await });
+        }
+    }
 }
 
 impl<S> Session<S>
@@ -151,8 +145,8 @@ where
                 match self.lease() {
                     Ok((jobs, _)) if !jobs.is_empty() => {
                         self.credits -= jobs.len() as u64;
-                        let leases = &mut self.outstanding.leases;
-                        leases.extend(jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce)));
+                        let leases = jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce));
+                        self.outstanding.extend(leases);
                         return Some(ConsumeEvent::Jobs(jobs));
                     }
                     Ok((_, due)) => next_due = due,
@@ -175,7 +169,7 @@ where
                     } else {
                         (self.credits + command.credits as u64).min(MAX_CREDITS)
                     };
-                    match self.broker.settle(&self.slot, command, &mut self.outstanding.leases).await {
+                    match self.broker.settle(&self.slot, command, &mut self.outstanding).await {
                         Ok(refused) if refused.is_empty() => {}
                         Ok(refused) => return Some(ConsumeEvent::Refused(refused)),
                         Err(e) => return Some(self.fail(e)),
@@ -234,7 +228,7 @@ impl Broker {
         });
         let session = Session {
             broker: self.clone(),
-            slot: slot.clone(),
+            slot,
             spec,
             consumer,
             commands,
@@ -242,11 +236,7 @@ impl Broker {
             credits: 0,
             stopped: false,
             ended: false,
-            outstanding: Outstanding {
-                broker: self.clone(),
-                slot,
-                leases: HashMap::default(),
-            },
+            outstanding: Leases::default(),
         };
         let events = futures::stream::unfold(session, |mut session| async move {
             let event = session.next_event().await?;

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::error::BrokerError;
-use crate::broker::limits::{Limits, check_duration_ms};
+use crate::broker::limits::{Limits, check_duration_ms, checked};
 use crate::broker::names::{Pattern, validate_name};
 use crate::broker::observe::Observer;
 use crate::broker::queue::{
@@ -57,17 +57,6 @@ impl Default for BrokerConfig {
             subscriber_buffer: 16,
         }
     }
-}
-
-/// Runs a limit check with a placeholder field name and, only if it fails, again with the
-/// real one: formatting `messages[{i}].payload` (or `jobs[{i}].payload`) and friends for
-/// every message of every publish or enqueue was several percent of the broker's CPU.
-fn checked(
-    field: impl Fn(&str) -> String,
-    name: &str,
-    check: impl Fn(&str) -> Result<(), BrokerError>,
-) -> Result<(), BrokerError> {
-    check("").or_else(|_| check(&field(name)))
 }
 
 /// Locks a mutex. A panic while holding one of the broker's locks is a bug that may have

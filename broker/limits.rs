@@ -144,3 +144,14 @@ pub fn check_duration_ms(field: &str, value: u64, max: u64) -> Result<(), Broker
     }
     Ok(())
 }
+
+/// Runs a limit check with a placeholder field name and, only if it fails, again with the
+/// real one: formatting `messages[{i}].payload` (or `jobs[{i}].payload`) and friends for
+/// every message of every publish or enqueue was several percent of the broker's CPU.
+pub fn checked(
+    field: impl Fn(&str) -> String,
+    name: &str,
+    check: impl Fn(&str) -> Result<(), BrokerError>,
+) -> Result<(), BrokerError> {
+    check("").or_else(|_| check(&field(name)))
+}

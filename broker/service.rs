@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::broker::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
 use crate::broker::core::{Broker, LeaseParams, PolicyPatch, QueueInfo, StatsSnapshot};
 use crate::broker::error::BrokerError;
-use crate::broker::limits::check_duration_ms;
+use crate::broker::limits::{check_duration_ms, checked};
 use crate::broker::names::Pattern;
 use crate::broker::queue::{self, Backoff, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob};
 use crate::broker::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
@@ -68,10 +68,11 @@ fn job_spec(i: usize, spec: pb::JobSpec, now: u64) -> Result<NewJob, BrokerError
             "delay_ms and run_at_unix_ms are exclusive: set one",
         ));
     }
-    if spec.delay_ms > MAX_DELAY_MS {
-        // The field name is formatted only for the refusal: this runs for every job.
-        check_duration_ms(&format!("jobs[{i}].delay_ms"), spec.delay_ms, MAX_DELAY_MS)?;
-    }
+    checked(
+        |name| format!("jobs[{i}].{name}"),
+        "delay_ms",
+        |f| check_duration_ms(f, spec.delay_ms, MAX_DELAY_MS),
+    )?;
     if spec.run_at_unix_ms > now + MAX_DELAY_MS {
         return Err(BrokerError::invalid(
             format!("jobs[{i}].run_at_unix_ms"),

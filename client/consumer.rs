@@ -183,20 +183,23 @@ async fn run(
     }
     // Acks queued after the last send go out last on the stream, or, if the stream is
     // gone, through a unary call.
-    let mut leftover = {
+    let leftover = {
         let mut acks = shared.acks.lock().expect("ack buffer lock");
         shared.closed.store(true, Ordering::Release);
         std::mem::take(&mut *acks)
     };
-    if !leftover.is_empty() {
+    let leftover = if leftover.is_empty() {
+        leftover
+    } else {
         let last = pb::ConsumeRequest {
-            acks: std::mem::take(&mut leftover),
+            acks: leftover,
             ..Default::default()
         };
-        if let Err(unsent) = out.send(last).await {
-            leftover = unsent.0.acks;
+        match out.send(last).await {
+            Ok(()) => Vec::new(),
+            Err(unsent) => unsent.0.acks,
         }
-    }
+    };
     // Close our side, then wait for the broker to end its own: it has then applied every
     // settlement sent before. Dropping the response first would reset the call, and a
     // reset can overtake the last acks. Jobs it pushes meanwhile are released by it.
