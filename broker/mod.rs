@@ -30,4 +30,4 @@ pub mod wire;
 
 pub use self::core::{Broker, BrokerConfig};
 pub use self::error::BrokerError;
-pub use self::server::{ServeOptions, serve};
+pub use self::server::{MAX_FRAME_BYTES, ServeOptions, serve};

@@ -56,6 +56,11 @@ pub use worker::{
 /// Largest message the client sends or accepts (a whole batch).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Largest HTTP/2 frame the client accepts (advertised in its SETTINGS; the HTTP/2 default
+/// is 16 KiB), so a batch of leased jobs or messages usually arrives in one frame. The
+/// broker advertises the same.
+pub const MAX_FRAME_BYTES: u32 = 256 * 1024;
+
 /// A connection to a Sluice broker. Cheap to clone: clones share one HTTP/2 connection.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -78,7 +83,8 @@ impl Client {
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .initial_stream_window_size(1024 * 1024)
-            .initial_connection_window_size(4 * 1024 * 1024);
+            .initial_connection_window_size(4 * 1024 * 1024)
+            .max_frame_size(MAX_FRAME_BYTES);
         Ok(Self::from_channel(endpoint.connect().await?))
     }
 

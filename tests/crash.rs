@@ -2,7 +2,8 @@
 //! consumers over gRPC, SIGKILLed at random moments (some during recovery) and restarted
 //! on the same data directory. A ledger of every acknowledged operation then checks:
 //! no acknowledged enqueue lost, no acked job delivered again, duplicates bounded by the
-//! leases in flight at each kill, no corrupt payload.
+//! leases in flight at each kill, no corrupt payload. A second broker on a directory in
+//! use is refused.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -324,4 +325,41 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_work() {
         "two jobs carry one payload"
     );
     assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+/// A second broker on a data directory in use exits at once, naming the directory and the
+/// lock, and leaves the running one serving.
+#[tokio::test]
+async fn a_second_broker_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut first = spawn_broker(dir.path(), port);
+    let mut client = connect(port, &mut first).await;
+
+    let second = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("SLUICE_LOG", "off")
+        .output()
+        .expect("running the sluice binary");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--data-dir")
+            && stderr.contains("in use by another broker")
+            && stderr.contains("LOCK"),
+        "{stderr}"
+    );
+
+    let stats = client.stats(pb::StatsRequest::default()).await;
+    assert!(stats.is_ok(), "the first broker stopped serving: {stats:?}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // A killed broker's lock goes with its process.
+    let port = free_port();
+    let mut third = spawn_broker(dir.path(), port);
+    connect(port, &mut third).await;
+    third.kill().unwrap();
+    third.wait().unwrap();
 }

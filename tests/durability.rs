@@ -291,6 +291,10 @@ impl Storage for Faulty {
     fn describe(&self, name: &str) -> String {
         self.inner.describe(name)
     }
+
+    fn release(&self) {
+        self.inner.release()
+    }
 }
 
 fn assert_unavailable(result: Result<impl std::fmt::Debug, BrokerError>, what: &str) {

@@ -68,6 +68,7 @@ pub async fn start() -> Result<RawServer, Box<dyn std::error::Error + Send + Syn
             .max_concurrent_streams(Some(1024))
             .initial_stream_window_size(Some(1024 * 1024))
             .initial_connection_window_size(Some(4 * 1024 * 1024))
+            .max_frame_size(Some(sluice::broker::MAX_FRAME_BYTES))
             .tcp_nodelay(true)
             .add_service(Router(svc))
             .serve_with_incoming_shutdown(

@@ -105,6 +105,7 @@ pub async fn connect(addr: SocketAddr) -> Res<Client> {
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(1024 * 1024))
         .initial_connection_window_size(Some(8 * 1024 * 1024))
+        .max_frame_size(sluice::client::MAX_FRAME_BYTES)
         .connect()
         .await?;
     Ok(BrokerClient::new(channel)
@@ -930,9 +931,9 @@ pub struct InProcessSluice {
 }
 
 impl InProcessSluice {
-    /// Starts it on 127.0.0.1:0 with the same HTTP/2 settings as `sluice serve`.
+    /// Starts it on 127.0.0.1:0, served by the same `serve` as `sluice serve`.
     pub async fn start() -> Res<InProcessSluice> {
-        use sluice::broker::{Broker, BrokerConfig, limits::Limits, service::BrokerService};
+        use sluice::broker::{Broker, BrokerConfig, limits::Limits};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let broker = Broker::new(BrokerConfig {
@@ -942,23 +943,14 @@ impl InProcessSluice {
             },
             ..BrokerConfig::default()
         });
-        let service = sluice::broker::wire::broker_server::BrokerServer::new(BrokerService::new(
-            broker.clone(),
-        ))
-        .max_decoding_message_size(64 * 1024 * 1024);
         let stop = tokio_util::sync::CancellationToken::new();
         let token = stop.clone();
+        let served = broker.clone();
         tokio::spawn(async move {
-            let server = tonic::transport::Server::builder()
-                .max_concurrent_streams(Some(1024))
-                .initial_stream_window_size(Some(1024 * 1024))
-                .initial_connection_window_size(Some(4 * 1024 * 1024))
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    token.cancelled_owned(),
-                );
-            if let Err(e) = server.await {
+            let options = sluice::broker::ServeOptions::default();
+            if let Err(e) =
+                sluice::broker::serve(listener, served, options, token.cancelled_owned()).await
+            {
                 eprintln!("in-process sluice server failed: {e}");
             }
         });

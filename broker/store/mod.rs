@@ -132,16 +132,26 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn sync_dir(&self) -> io::Result<()>;
     /// How to name `name` to a user (its path).
     fn describe(&self, name: &str) -> String;
+    /// Gives up exclusive use of the storage, once the log on it is closed, so another
+    /// broker may open it.
+    fn release(&self);
 }
+
+/// The file in a data directory whose lock marks the directory as in use.
+pub const LOCK_FILE: &str = "LOCK";
 
 /// The real [`Storage`]: a directory, mode 0700, with files of mode 0600.
 #[derive(Debug)]
 pub struct DirStorage {
     dir: PathBuf,
+    /// [`LOCK_FILE`], exclusively locked until [`Storage::release`] (or the process ends):
+    /// two brokers appending to one log would corrupt it.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 impl DirStorage {
-    /// Opens `dir`, creating it (and its parents) if needed, and restricts it to its owner.
+    /// Opens `dir`, creating it (and its parents) if needed, restricts it to its owner and
+    /// takes its lock. A directory another broker holds is refused (`WouldBlock`).
     pub fn open(dir: &Path) -> io::Result<Self> {
         #[cfg(unix)]
         {
@@ -154,8 +164,33 @@ impl DirStorage {
         }
         #[cfg(not(unix))]
         std::fs::create_dir_all(dir)?;
+        let lock_path = dir.join(LOCK_FILE);
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let lock = options.open(&lock_path)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "the directory is in use by another broker (it holds the lock on {})",
+                        lock_path.display()
+                    ),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot lock {}: {e}", lock_path.display()),
+                ));
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
+            lock: Mutex::new(Some(lock)),
         })
     }
 
@@ -226,6 +261,14 @@ impl Storage for DirStorage {
 
     fn describe(&self, name: &str) -> String {
         self.path(name).display().to_string()
+    }
+
+    fn release(&self) {
+        // Closing the file drops its lock.
+        self.lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
     }
 }
 
@@ -390,6 +433,26 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_directory_is_held_by_one_storage_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DirStorage::open(dir.path()).unwrap();
+        let refused = DirStorage::open(dir.path()).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::WouldBlock);
+        let message = refused.to_string();
+        assert!(
+            message.contains("in use by another broker")
+                && message.contains(&dir.path().join(LOCK_FILE).display().to_string()),
+            "{message}"
+        );
+        // The lock file is not a log file: recovery ignores it.
+        assert!(first.list().unwrap().contains(&LOCK_FILE.to_owned()));
+        first.release();
+        let second = DirStorage::open(dir.path()).unwrap();
+        drop(second);
+        DirStorage::open(dir.path()).unwrap();
+    }
 
     #[test]
     fn fsync_policies_parse_and_bad_ones_name_the_flag_and_value() {

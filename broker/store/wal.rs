@@ -249,6 +249,7 @@ impl Wal {
         if let Some(thread) = lock(&self.thread).take() {
             let _ = thread.join();
         }
+        self.shared.storage.release();
     }
 }
 
