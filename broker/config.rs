@@ -164,7 +164,6 @@ impl ServeArgs {
                 ..Limits::default()
             },
             tick_interval: Duration::from_millis(self.tick_ms.max(1)),
-            ..BrokerConfig::default()
         }
     }
 

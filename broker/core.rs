@@ -44,9 +44,6 @@ pub struct BrokerConfig {
     pub limits: Limits,
     /// How often leases are expired and scheduled jobs promoted when nobody is leasing.
     pub tick_interval: Duration,
-    /// Unused: subscriptions no longer buffer batches ahead of the transport (they read
-    /// the log when polled). Kept so existing configurations still compile.
-    pub subscriber_buffer: usize,
 }
 
 impl Default for BrokerConfig {
@@ -54,7 +51,6 @@ impl Default for BrokerConfig {
         Self {
             limits: Limits::default(),
             tick_interval: Duration::from_millis(10),
-            subscriber_buffer: 16,
         }
     }
 }

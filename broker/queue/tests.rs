@@ -385,10 +385,17 @@ fn list_pages_through_jobs_in_enqueue_order() {
 
 #[test]
 fn dead_letters_can_be_redriven_with_attempts_reset() {
-    let mut q = queue_with(|p| p.max_attempts = 1);
+    let mut q = queue_with(|p| p.max_attempts = 4);
     let mut dlq = Queue::new("jobs.dlq", QueuePolicy::default_for("jobs.dlq"));
     assert_eq!(dlq.policy().dead_letter_queue, "");
-    let id = enqueue_one(&mut q, T0, job("a"));
+    let id = enqueue_one(
+        &mut q,
+        T0,
+        NewJob {
+            max_attempts: Some(1),
+            ..job("a")
+        },
+    );
     let d = lease_one(&mut q, T0, 1_000).unwrap();
     q.nack(T0, &d.lease_id, "boom".into(), None, false).unwrap();
     for letter in q.take_dead_letters() {
@@ -404,6 +411,8 @@ fn dead_letters_can_be_redriven_with_attempts_reset() {
     q.restore(T0 + 1, moved.into_iter().next().unwrap());
     let job = q.get(&id).unwrap();
     assert_eq!((job.state, job.attempts), (JobState::Pending, 0));
+    // The per-job override does not travel through the DLQ: the queue's limit applies.
+    assert_eq!(job.max_attempts, 4);
     assert_eq!(lease_one(&mut q, T0 + 1, 1_000).unwrap().job_id, id);
 }
 
