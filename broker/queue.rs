@@ -16,6 +16,7 @@
 
 mod deadlines;
 mod ready;
+mod seq_map;
 mod slots;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -32,6 +33,7 @@ use crate::broker::rate::RateMeter;
 use crate::broker::time::Millis;
 use deadlines::Deadlines;
 use ready::Ready;
+use seq_map::SeqMap;
 use slots::{IdCodec, Kinds, PayloadRef, Payloads, Slot, Slots};
 
 /// Header naming the queue a dead-lettered job came from.
@@ -529,13 +531,13 @@ pub struct Queue {
     /// Ids that are not derived from the seq (see [`Extra::id`]), live or in history.
     foreign: FastMap<Uuid, u64>,
     /// Finished jobs kept for inspection, by seq; `history` has them in finish order.
-    finished: FastMap<u64, Finished>,
+    finished: SeqMap<Finished>,
     history: VecDeque<u64>,
     ready: Ready,
     timers: BTreeSet<(Millis, u64)>,
     /// Leased jobs by (deadline, seq), and their deliveries by seq.
     deadlines: Deadlines,
-    leases: FastMap<u64, Lease>,
+    leases: SeqMap<Lease>,
     ordering: FastMap<Arc<str>, VecDeque<u64>>,
     dedup: FastMap<String, (Uuid, Millis)>,
     dedup_expiry: VecDeque<(Millis, String)>,
@@ -564,12 +566,12 @@ impl Queue {
             payloads: Payloads::default(),
             kinds: Kinds::default(),
             foreign: FastMap::default(),
-            finished: FastMap::default(),
+            finished: SeqMap::default(),
             history: VecDeque::new(),
             ready: Ready::default(),
             timers: BTreeSet::new(),
             deadlines: Deadlines::default(),
-            leases: FastMap::default(),
+            leases: SeqMap::default(),
             ordering: FastMap::default(),
             dedup: FastMap::default(),
             dedup_expiry: VecDeque::new(),
