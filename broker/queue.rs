@@ -482,8 +482,9 @@ pub enum LeaseCheck {
     AlreadyAcked,
 }
 
-/// Hash maps of the queue: its keys are broker-made (seqs, ids) or short strings, and
-/// the maps sit on the lease and ack paths, so a fast seeded hasher pays off.
+/// Hash maps of the queue not keyed by seq (see [`SeqMap`] for those): their keys are
+/// broker-made ids or short strings, and the maps sit on the lease and ack paths, so a
+/// fast seeded hasher pays off.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// How long a consumer counts as active in stats after its last call.
