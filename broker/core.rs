@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::error::BrokerError;
-use crate::broker::limits::{Limits, check_duration_ms, checked};
+use crate::broker::limits::{Limits, check_duration_ms};
 use crate::broker::names::{Pattern, validate_name};
 use crate::broker::observe::Observer;
 use crate::broker::queue::{
@@ -567,18 +567,16 @@ impl Broker {
         validate_name("queue", queue)?;
         limits.check_batch("jobs", jobs.len())?;
         for (i, job) in jobs.iter().enumerate() {
-            let field = |name: &str| format!("jobs[{i}].{name}");
-            checked(field, "payload", |f| {
-                limits.check_payload(f, job.payload.len())
-            })?;
-            checked(field, "headers", |f| limits.check_headers(f, &job.headers))?;
-            checked(field, "kind", |f| limits.check_key(f, &job.kind))?;
-            if let Some(k) = &job.idempotency_key {
-                checked(field, "idempotency_key", |f| limits.check_key(f, k))?;
-            }
-            if let Some(k) = &job.ordering_key {
-                checked(field, "ordering_key", |f| limits.check_key(f, k))?;
-            }
+            limits.check_entry(
+                |name| format!("jobs[{i}].{name}"),
+                job.payload.len(),
+                &job.headers,
+                &[
+                    ("kind", Some(job.kind.as_str())),
+                    ("idempotency_key", job.idempotency_key.as_deref()),
+                    ("ordering_key", job.ordering_key.as_deref()),
+                ],
+            )?;
         }
         self.admit().await?;
         let (results, commit) = {
@@ -614,15 +612,15 @@ impl Broker {
         validate_name("topic", topic)?;
         limits.check_batch("messages", messages.len())?;
         for (i, m) in messages.iter().enumerate() {
-            let field = |name: &str| format!("messages[{i}].{name}");
-            checked(field, "payload", |f| {
-                limits.check_payload(f, m.payload.len())
-            })?;
-            checked(field, "headers", |f| limits.check_headers(f, &m.headers))?;
-            checked(field, "key", |f| limits.check_key(f, &m.key))?;
-            if let Some(k) = &m.idempotency_key {
-                checked(field, "idempotency_key", |f| limits.check_key(f, k))?;
-            }
+            limits.check_entry(
+                |name| format!("messages[{i}].{name}"),
+                m.payload.len(),
+                &m.headers,
+                &[
+                    ("key", Some(m.key.as_str())),
+                    ("idempotency_key", m.idempotency_key.as_deref()),
+                ],
+            )?;
         }
         self.admit().await?;
         let (results, commit) = self.publish_locked(topic, messages)?;

@@ -123,6 +123,26 @@ impl Limits {
         Ok(())
     }
 
+    /// Checks one entry of a publish or enqueue batch: its payload, its headers and its
+    /// short keys (`(name, value)`, absent ones skipped). `field` turns a name into the
+    /// entry's field path (`jobs[3].kind`); it runs only for a refusal.
+    pub fn check_entry(
+        &self,
+        field: impl Fn(&str) -> String,
+        payload_len: usize,
+        headers: &Headers,
+        keys: &[(&str, Option<&str>)],
+    ) -> Result<(), BrokerError> {
+        checked(&field, "payload", |f| self.check_payload(f, payload_len))?;
+        checked(&field, "headers", |f| self.check_headers(f, headers))?;
+        for (name, key) in keys {
+            if let Some(key) = key {
+                checked(&field, name, |f| self.check_key(f, key))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Checks a nack's error text.
     pub fn check_error_text(&self, field: &str, text: &str) -> Result<(), BrokerError> {
         if text.len() > self.max_error_bytes {
