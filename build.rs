@@ -6,7 +6,8 @@
 //! write the wire format directly: `SubscribeResponse` (a topic message is then encoded to
 //! protobuf once, however many subscribers receive it), `LeaseResponse` and
 //! `ConsumeResponse` (leased jobs are written from the queue's deliveries) and
-//! `EnqueueResponse` (job ids are formatted into the output buffer); and one request,
+//! `EnqueueResponse` and `EnqueueStreamResponse` (job ids are formatted into the output
+//! buffer); and one request,
 //! `ConsumeRequest`, whose acks keep their lease ids as slices of the received buffer.
 //!
 //! The internal WAL records (`proto/sluice/internal/wal.proto`) are compiled separately,
@@ -37,6 +38,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(
             ".sluice.v1.EnqueueResponse",
             "crate::broker::wire::EncodedEnqueueResponse",
+        )
+        .extern_path(
+            ".sluice.v1.EnqueueStreamResponse",
+            "crate::broker::wire::EncodedEnqueueStreamResponse",
         )
         .extern_path(
             ".sluice.v1.LeaseResponse",

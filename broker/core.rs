@@ -37,6 +37,16 @@ pub const MAX_LEASE_WAIT_MS: u64 = 60_000;
 /// Header carrying the topic sequence on jobs created by a binding.
 pub const HEADER_TOPIC_SEQUENCE: &str = "x-sluice-topic-sequence";
 
+/// The result of a change that is applied and appended to the log but may not be durable
+/// yet: [`Broker::confirm`] waits for it. Log positions only grow, so confirming changes in
+/// the order they were logged never waits out of turn.
+#[derive(Debug)]
+#[must_use = "a change is acknowledged only after it is confirmed durable"]
+pub struct Logged<T> {
+    value: T,
+    commit: Commit,
+}
+
 /// Broker settings that are not per queue or topic.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -563,6 +573,18 @@ impl Broker {
         queue: &str,
         jobs: Vec<NewJob>,
     ) -> Result<Vec<Enqueued>, BrokerError> {
+        let logged = self.enqueue_logged(queue, jobs).await?;
+        self.confirm(logged).await
+    }
+
+    /// [`Broker::enqueue`] up to the log append: the jobs are stored (visible to workers)
+    /// and their records appended, but not yet durable. A pipelined stream answers
+    /// requests in order through [`Broker::confirm`], so their fsyncs overlap.
+    pub async fn enqueue_logged(
+        &self,
+        queue: &str,
+        jobs: Vec<NewJob>,
+    ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
         let limits = &self.inner.config.limits;
         validate_name("queue", queue)?;
         limits.check_batch("jobs", jobs.len())?;
@@ -595,9 +617,16 @@ impl Broker {
                 Ok::<_, BrokerError>(out)
             })?
         };
-        let results = results?;
-        self.durable(commit).await?;
-        Ok(results)
+        Ok(Logged {
+            value: results?,
+            commit,
+        })
+    }
+
+    /// Waits until a logged change is durable, then hands back its result.
+    pub async fn confirm<T>(&self, logged: Logged<T>) -> Result<T, BrokerError> {
+        self.durable(logged.commit).await?;
+        Ok(logged.value)
     }
 
     /// Validates and appends messages to one topic, and enqueues them into every queue
@@ -608,6 +637,17 @@ impl Broker {
         topic: &str,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<Appended>, BrokerError> {
+        let logged = self.publish_logged(topic, messages).await?;
+        self.confirm(logged).await
+    }
+
+    /// [`Broker::publish`] up to the log append: the messages are appended (and delivered
+    /// to live subscribers) but not yet durable; see [`Broker::enqueue_logged`].
+    pub async fn publish_logged(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Logged<Vec<Appended>>, BrokerError> {
         let limits = &self.inner.config.limits;
         validate_name("topic", topic)?;
         limits.check_batch("messages", messages.len())?;
@@ -623,9 +663,8 @@ impl Broker {
             )?;
         }
         self.admit().await?;
-        let (results, commit) = self.publish_locked(topic, messages)?;
-        self.durable(commit).await?;
-        Ok(results)
+        let (value, commit) = self.publish_locked(topic, messages)?;
+        Ok(Logged { value, commit })
     }
 
     /// The locked part of [`Broker::publish`]: appends, fans out to bound queues, logs.

@@ -1,6 +1,7 @@
 //! The gRPC service: maps `sluice.v1` messages to domain calls and back. The only module
 //! that knows both protobuf and the domain.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,16 +10,18 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::broker::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
-use crate::broker::core::{Broker, LeaseParams, PolicyPatch, QueueInfo, StatsSnapshot};
+use crate::broker::core::{Broker, LeaseParams, Logged, PolicyPatch, QueueInfo, StatsSnapshot};
 use crate::broker::error::BrokerError;
 use crate::broker::limits::{check_duration_ms, checked};
 use crate::broker::names::Pattern;
-use crate::broker::queue::{self, Backoff, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob};
+use crate::broker::queue::{
+    self, Backoff, Enqueued, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
+};
 use crate::broker::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
-use crate::broker::topic::{NewMessage, Retention};
+use crate::broker::topic::{Appended, NewMessage, Retention};
 use crate::broker::wire::{
-    EncodedConsumeResponse, EncodedEnqueueResponse, EncodedLeaseResponse, EncodedSubscribeResponse,
-    ReceivedConsumeRequest, broker_server,
+    EncodedConsumeResponse, EncodedEnqueueResponse, EncodedEnqueueStreamResponse,
+    EncodedLeaseResponse, EncodedSubscribeResponse, ReceivedConsumeRequest, broker_server,
 };
 use crate::pb;
 
@@ -330,33 +333,152 @@ fn peer(req: &Request<impl Sized>) -> String {
     req.remote_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
+/// Requests a produce stream holds applied but unanswered while their fsyncs are pending:
+/// enough to keep group commits full, small enough that one stream cannot hoard memory.
+const STREAM_PIPELINE: usize = 256;
+
+/// Validates and applies one Publish request, up to the log append.
+async fn publish_logged(
+    broker: &Broker,
+    req: pb::PublishRequest,
+) -> Result<Logged<Vec<Appended>>, BrokerError> {
+    broker
+        .limits()
+        .check_batch("messages", req.messages.len())?;
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|m| NewMessage {
+            payload: m.payload,
+            headers: m.headers,
+            key: m.key,
+            idempotency_key: opt_string(m.idempotency_key),
+        })
+        .collect();
+    broker.publish_logged(&req.topic, messages).await
+}
+
+fn publish_response(results: Vec<Appended>) -> pb::PublishResponse {
+    pb::PublishResponse {
+        results: results
+            .into_iter()
+            .map(|r| pb::PublishResult {
+                sequence: r.sequence,
+                duplicate: r.duplicate,
+            })
+            .collect(),
+    }
+}
+
+/// Validates and applies one Enqueue request, up to the log append.
+async fn enqueue_logged(
+    broker: &Broker,
+    req: pb::EnqueueRequest,
+) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
+    broker.limits().check_batch("jobs", req.jobs.len())?;
+    let now = crate::broker::time::now_ms();
+    let jobs = req
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| job_spec(i, spec, now))
+        .collect::<Result<Vec<_>, _>>()?;
+    broker.enqueue_logged(&req.queue, jobs).await
+}
+
+/// Serves a PublishStream or EnqueueStream: applies requests one at a time in stream order,
+/// and answers each in order once durable (`answer` builds the response from the results,
+/// or from the refusal), with the fsyncs of up to [`STREAM_PIPELINE`] requests
+/// overlapping. A request the codec cannot read ends the stream with its status. On
+/// shutdown reading stops and what was read is answered.
+fn produce_stream<Req, T, Resp, Apply, Applied>(
+    broker: Broker,
+    inbound: tonic::Streaming<Req>,
+    mut apply: Apply,
+    answer: fn(Result<T, BrokerError>) -> Resp,
+) -> BoxStream<Resp>
+where
+    Req: Send + 'static,
+    T: Send + 'static,
+    Resp: Send + 'static,
+    Apply: FnMut(Req) -> Applied + Send + 'static,
+    Applied: Future<Output = Result<Logged<T>, BrokerError>> + Send + 'static,
+{
+    let shutdown = broker.shutdown_token().cancelled_owned();
+    // `then` runs one request's validation, admission and append before reading the next,
+    // so requests are applied in stream order; `buffered` overlaps only the durability
+    // waits, and answers in order.
+    let answers = inbound
+        .take_until(shutdown)
+        .then(move |request| {
+            let applied = request.map(&mut apply);
+            async move {
+                match applied {
+                    Ok(applied) => Ok(applied.await),
+                    Err(status) => Err(status),
+                }
+            }
+        })
+        .map(move |applied| {
+            let broker = broker.clone();
+            async move {
+                let logged = applied?;
+                let confirmed = match logged {
+                    Ok(logged) => broker.confirm(logged).await,
+                    Err(refused) => Err(refused),
+                };
+                Ok(answer(confirmed))
+            }
+        })
+        .buffered(STREAM_PIPELINE);
+    Box::pin(answers)
+}
+
+/// The status a refused request would have had as a unary call, for a stream's answer.
+fn refusal(e: BrokerError) -> pb::Refusal {
+    let status = Status::from(e);
+    pb::Refusal {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+    }
+}
+
 #[tonic::async_trait]
 impl broker_server::Broker for BrokerService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
-        let req = request.into_inner();
-        self.broker
-            .limits()
-            .check_batch("messages", req.messages.len())?;
-        let messages = req
-            .messages
-            .into_iter()
-            .map(|m| NewMessage {
-                payload: m.payload,
-                headers: m.headers,
-                key: m.key,
-                idempotency_key: opt_string(m.idempotency_key),
-            })
-            .collect();
-        let results = self.broker.publish(&req.topic, messages).await?;
-        Ok(Response::new(pb::PublishResponse {
-            results: results
-                .into_iter()
-                .map(|r| pb::PublishResult {
-                    sequence: r.sequence,
-                    duplicate: r.duplicate,
-                })
-                .collect(),
-        }))
+        let broker = &self.broker;
+        let logged = publish_logged(broker, request.into_inner()).await?;
+        Ok(Response::new(publish_response(
+            broker.confirm(logged).await?,
+        )))
+    }
+
+    type PublishStreamStream = BoxStream<pb::PublishStreamResponse>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::PublishRequest>>,
+    ) -> Reply<Self::PublishStreamStream> {
+        let broker = self.broker.clone();
+        let apply = move |req| {
+            let broker = broker.clone();
+            async move { publish_logged(&broker, req).await }
+        };
+        Ok(Response::new(produce_stream(
+            self.broker.clone(),
+            request.into_inner(),
+            apply,
+            |answer| match answer {
+                Ok(results) => pb::PublishStreamResponse {
+                    results: publish_response(results).results,
+                    refused: None,
+                },
+                Err(e) => pb::PublishStreamResponse {
+                    results: Vec::new(),
+                    refused: Some(refusal(e)),
+                },
+            },
+        )))
     }
 
     type SubscribeStream = BoxStream<EncodedSubscribeResponse>;
@@ -446,17 +568,38 @@ impl broker_server::Broker for BrokerService {
     }
 
     async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<EncodedEnqueueResponse> {
-        let req = request.into_inner();
-        self.broker.limits().check_batch("jobs", req.jobs.len())?;
-        let now = crate::broker::time::now_ms();
-        let jobs = req
-            .jobs
-            .into_iter()
-            .enumerate()
-            .map(|(i, spec)| job_spec(i, spec, now))
-            .collect::<Result<Vec<_>, _>>()?;
-        let results = self.broker.enqueue(&req.queue, jobs).await?;
+        let broker = &self.broker;
+        let logged = enqueue_logged(broker, request.into_inner()).await?;
+        let results = broker.confirm(logged).await?;
         Ok(Response::new(EncodedEnqueueResponse { results }))
+    }
+
+    type EnqueueStreamStream = BoxStream<EncodedEnqueueStreamResponse>;
+
+    async fn enqueue_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::EnqueueRequest>>,
+    ) -> Reply<Self::EnqueueStreamStream> {
+        let broker = self.broker.clone();
+        let apply = move |req| {
+            let broker = broker.clone();
+            async move { enqueue_logged(&broker, req).await }
+        };
+        Ok(Response::new(produce_stream(
+            self.broker.clone(),
+            request.into_inner(),
+            apply,
+            |answer| match answer {
+                Ok(results) => EncodedEnqueueStreamResponse {
+                    results,
+                    refused: None,
+                },
+                Err(e) => EncodedEnqueueStreamResponse {
+                    results: Vec::new(),
+                    refused: Some(refusal(e)),
+                },
+            },
+        )))
     }
 
     async fn lease(&self, request: Request<pb::LeaseRequest>) -> Reply<EncodedLeaseResponse> {

@@ -52,7 +52,7 @@ macro_rules! encode_only {
             }
 
             fn clear(&mut self) {
-                $(self.$field.clear();)*
+                $(self.$field = Default::default();)*
             }
         }
     };
@@ -61,7 +61,7 @@ macro_rules! encode_only {
 mod enqueued;
 mod leased;
 mod received;
-pub use enqueued::EncodedEnqueueResponse;
+pub use enqueued::{EncodedEnqueueResponse, EncodedEnqueueStreamResponse};
 pub use leased::{EncodedConsumeResponse, EncodedLeaseResponse};
 pub use received::{ReceivedAck, ReceivedConsumeRequest};
 

@@ -51,6 +51,17 @@ pub enum ClientError {
         /// Why.
         message: String,
     },
+    /// A request sent on a [`crate::client::Publisher`] or [`crate::client::Enqueuer`]
+    /// stream got no answer: the stream broke first (the connection failed, or the broker
+    /// could not read an earlier request). It may or may not have been applied: send it
+    /// again with an idempotency key to be sure. The next request opens a new stream.
+    #[error("no answer on the {rpc} stream: it ended first ({reason})")]
+    Unanswered {
+        /// The streaming RPC.
+        rpc: &'static str,
+        /// How the stream ended.
+        reason: String,
+    },
     /// A request/reply call got no reply in time.
     #[error("no reply within {0:?}")]
     Timeout(std::time::Duration),

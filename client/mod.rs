@@ -29,6 +29,7 @@
 mod codec;
 mod consumer;
 mod error;
+mod producer;
 mod request;
 mod subscribe;
 mod worker;
@@ -46,6 +47,7 @@ use crate::pb::broker_client::BrokerClient;
 pub use codec::{CONTENT_TYPE, Codec, Json, Protobuf, Raw};
 pub use consumer::{ConsumeBuilder, Consumer};
 pub use error::{ClientError, Result};
+pub use producer::{Enqueuer, Publisher};
 pub use request::{CORRELATION_ID, ERROR_HEADER, REPLY_TO};
 pub use subscribe::{Delivery, StartAt, Subscribe};
 pub use worker::{
@@ -156,6 +158,13 @@ impl Client {
             .results)
     }
 
+    /// A publisher that sends its requests over one `PublishStream` call, up to 256 in
+    /// flight at once: for producers that publish many small batches, it saves the set-up
+    /// of one call per request. Clones share the stream.
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.rpc.clone())
+    }
+
     /// Starts a subscription to a topic name or pattern (`user.*`, `todo.>`); finish it
     /// with [`Subscribe::raw`], [`Subscribe::json`] or [`Subscribe::decoded`].
     pub fn subscribe(&self, pattern: &str) -> Subscribe {
@@ -214,6 +223,12 @@ impl Client {
                 duplicate: r.duplicate,
             })
             .collect())
+    }
+
+    /// An enqueuer that sends its requests over one `EnqueueStream` call; see
+    /// [`Client::publisher`].
+    pub fn enqueuer(&self) -> Enqueuer {
+        Enqueuer::new(self.rpc.clone())
     }
 
     /// Starts a lease request; finish it with [`LeaseBuilder::send`].

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use common::*;
+use sluice_peer::Produce;
 
 /// Command-line flags.
 #[derive(Debug, Parser)]
@@ -40,7 +41,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "sluice,sluice-consume,sluice-nodelay,raw-tonic,rabbitmq,nats,jetstream,redis"
+        default_value = "sluice,sluice-streams,sluice-nodelay,raw-tonic,raw-tonic-streams,rabbitmq,nats,jetstream,redis"
     )]
     systems: Vec<String>,
     /// Flags given to `sluice serve` for the durable table (whitespace separated).
@@ -82,9 +83,12 @@ struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum System {
     Sluice,
-    SluiceConsume,
+    SluiceStreams,
     SluiceNoDelay,
     Raw,
+    /// The baseline driven through `PublishStream`, so that "Sluice (streams)" has a
+    /// transport limit measured the same way it produces.
+    RawStreams,
     Rabbit,
     Nats,
     JetStream,
@@ -92,11 +96,12 @@ enum System {
 }
 
 impl System {
-    const ALL: [System; 8] = [
+    const ALL: [System; 9] = [
         System::Sluice,
-        System::SluiceConsume,
+        System::SluiceStreams,
         System::SluiceNoDelay,
         System::Raw,
+        System::RawStreams,
         System::Rabbit,
         System::Nats,
         System::JetStream,
@@ -106,9 +111,10 @@ impl System {
     fn key(self) -> &'static str {
         match self {
             System::Sluice => "sluice",
-            System::SluiceConsume => "sluice-consume",
+            System::SluiceStreams => "sluice-streams",
             System::SluiceNoDelay => "sluice-nodelay",
             System::Raw => "raw-tonic",
+            System::RawStreams => "raw-tonic-streams",
             System::Rabbit => "rabbitmq",
             System::Nats => "nats",
             System::JetStream => "jetstream",
@@ -119,9 +125,10 @@ impl System {
     fn label(self) -> &'static str {
         match self {
             System::Sluice => "Sluice",
-            System::SluiceConsume => "Sluice (Consume stream)",
+            System::SluiceStreams => "Sluice (streams)",
             System::SluiceNoDelay => "Sluice in-process, TCP_NODELAY (diagnostic)",
             System::Raw => "raw tonic (transport limit)",
+            System::RawStreams => "raw tonic, streams (transport limit)",
             System::Rabbit => "RabbitMQ (lapin)",
             System::Nats => "NATS core",
             System::JetStream => "NATS JetStream",
@@ -131,7 +138,11 @@ impl System {
 
     fn addr(self) -> Option<&'static str> {
         match self {
-            System::Sluice | System::SluiceConsume | System::SluiceNoDelay | System::Raw => None,
+            System::Sluice
+            | System::SluiceStreams
+            | System::SluiceNoDelay
+            | System::Raw
+            | System::RawStreams => None,
             System::Rabbit => Some(rabbit::ADDR),
             System::Nats | System::JetStream => Some(nats::ADDR),
             System::Redis => Some(redis_streams::ADDR),
@@ -310,11 +321,16 @@ async fn probe_sluice_args(durable: &[String]) -> Res<SluiceArgs> {
     Ok(SluiceArgs { memory, durable })
 }
 
-/// Whether a row is shown at all: the Consume-stream variant only exists for the
-/// work-queue scenarios.
+/// Whether a row is shown at all: the stream variants only exist where a stream RPC
+/// carries the scenario's traffic (the raw baseline serves PublishStream only, so its
+/// stream row covers the topic scenarios).
 fn relevant(system: System, case: &Case) -> bool {
     match system {
-        System::SluiceConsume => matches!(case.kind, Kind::S2 { .. } | Kind::S3Queue),
+        System::SluiceStreams => matches!(
+            case.kind,
+            Kind::S1 { .. } | Kind::S2 { .. } | Kind::S3Topic | Kind::S3Queue
+        ),
+        System::RawStreams => matches!(case.kind, Kind::S1 { .. } | Kind::S3Topic),
         System::SluiceNoDelay => {
             case.storage == Storage::Memory
                 && !matches!(case.kind, Kind::S5Backlog { .. } | Kind::S4 { subs: 1000 })
@@ -327,13 +343,13 @@ fn not_applicable(system: System, case: &Case) -> Option<String> {
     use Kind::*;
     let durable = case.storage == Storage::Durable;
     match system {
-        System::Sluice | System::SluiceConsume => None,
+        System::Sluice | System::SluiceStreams => None,
         System::SluiceNoDelay => match case.kind {
             _ if durable => Some("n/a (diagnostic runs the memory broker only)".into()),
             S5Backlog { .. } => Some("n/a (RSS would include the harness)".into()),
             _ => None,
         },
-        System::Raw => match case.kind {
+        System::Raw | System::RawStreams => match case.kind {
             _ if durable => Some("n/a (no storage)".into()),
             S5Backlog { .. } | S5Expiry { .. } => Some("n/a (no queue state)".into()),
             _ => None,
@@ -387,7 +403,7 @@ async fn run_case(
     }
     let storage = case.storage;
     match system {
-        System::Sluice | System::SluiceConsume => {
+        System::Sluice | System::SluiceStreams => {
             let args = match (storage, &sluice_args.durable) {
                 (Storage::Memory, _) => sluice_args.memory.clone(),
                 (Storage::Durable, Ok(a)) => a.clone(),
@@ -403,16 +419,21 @@ async fn run_case(
                 Err(e) => return Err(format!("sluice serve failed: {e}").into()),
             };
             let (addr, pid) = (proc.addr, Some(proc.pid()));
+            let how = if system == System::SluiceStreams {
+                Produce::Stream
+            } else {
+                Produce::Unary
+            };
             let r = match case.kind {
-                S2 { batch } if system == System::SluiceConsume => {
-                    sluice_peer::s2_consume(addr, s, batch).await
+                S2 { batch } if system == System::SluiceStreams => {
+                    sluice_peer::s2_consume(addr, s, how, batch).await
                 }
-                S3Queue if system == System::SluiceConsume => {
-                    sluice_peer::s3_consume(addr, s, S3_RATE).await
+                S3Queue if system == System::SluiceStreams => {
+                    sluice_peer::s3_consume(addr, s, how, S3_RATE).await
                 }
-                S1 { subs, batch } => sluice_peer::s1(addr, s, subs, batch).await,
+                S1 { subs, batch } => sluice_peer::s1(addr, s, how, subs, batch).await,
                 S2 { batch } => sluice_peer::s2(addr, s, batch).await,
-                S3Topic => sluice_peer::s3_topic(addr, s, S3_RATE).await,
+                S3Topic => sluice_peer::s3_topic(addr, s, how, S3_RATE).await,
                 S3Queue => sluice_peer::s3_queue(addr, s, S3_RATE).await,
                 S4 { subs } => sluice_peer::s4(addr, pid, s, S4_RATE, subs).await,
                 S5Backlog { n, .. } => sluice_peer::s5_backlog(addr, pid, s, n).await,
@@ -425,9 +446,9 @@ async fn run_case(
             let server = sluice_peer::InProcessSluice::start().await?;
             let addr = server.addr;
             match case.kind {
-                S1 { subs, batch } => sluice_peer::s1(addr, s, subs, batch).await,
+                S1 { subs, batch } => sluice_peer::s1(addr, s, Produce::Unary, subs, batch).await,
                 S2 { batch } => sluice_peer::s2(addr, s, batch).await,
-                S3Topic => sluice_peer::s3_topic(addr, s, S3_RATE).await,
+                S3Topic => sluice_peer::s3_topic(addr, s, Produce::Unary, S3_RATE).await,
                 S3Queue => sluice_peer::s3_queue(addr, s, S3_RATE).await,
                 S4 { subs } => sluice_peer::s4(addr, None, s, S4_RATE, subs).await,
                 S5Expiry { m } => sluice_peer::s5_expiry(addr, s, m).await,
@@ -438,12 +459,21 @@ async fn run_case(
             let server = raw::start().await?;
             let addr = server.addr;
             match case.kind {
-                S1 { subs, batch } => sluice_peer::s1(addr, s, subs, batch).await,
+                S1 { subs, batch } => sluice_peer::s1(addr, s, Produce::Unary, subs, batch).await,
                 S2 { batch } => sluice_peer::s2(addr, s, batch).await,
-                S3Topic => sluice_peer::s3_topic(addr, s, S3_RATE).await,
+                S3Topic => sluice_peer::s3_topic(addr, s, Produce::Unary, S3_RATE).await,
                 S3Queue => sluice_peer::s3_queue(addr, s, S3_RATE).await,
                 S4 { subs } => sluice_peer::s4(addr, None, s, S4_RATE, subs).await,
                 S5Backlog { .. } | S5Expiry { .. } => unreachable!("filtered by not_applicable"),
+            }
+        }
+        System::RawStreams => {
+            let server = raw::start().await?;
+            let addr = server.addr;
+            match case.kind {
+                S1 { subs, batch } => sluice_peer::s1(addr, s, Produce::Stream, subs, batch).await,
+                S3Topic => sluice_peer::s3_topic(addr, s, Produce::Stream, S3_RATE).await,
+                _ => unreachable!("filtered by relevant"),
             }
         }
         System::Rabbit => match case.kind {
@@ -576,21 +606,26 @@ fn main_text(r: &Row) -> (&str, &str) {
 fn verdicts(rows: &[Row]) -> Vec<String> {
     let mut out = Vec::new();
     let yes = |b: bool| if b { "MET" } else { "MISSED" };
-    if let Some(r) = measured(rows, System::Sluice, |c| {
-        matches!(
-            c.kind,
-            Kind::S1 {
-                subs: 1,
-                batch: 100
-            }
-        ) && c.storage == Storage::Memory
-    }) && let Some(v) = number_after(main_text(r).0, "")
-    {
-        out.push(format!(
-            "S1 1:1 batch 100 >= 1,000,000 delivered msg/s: {} (measured {} msg/s)",
-            yes(v >= 1_000_000.0),
-            thousands(v as u64)
-        ));
+    for sys in [System::Sluice, System::SluiceStreams] {
+        let Some(r) = measured(rows, sys, |c| {
+            matches!(
+                c.kind,
+                Kind::S1 {
+                    subs: 1,
+                    batch: 100
+                }
+            ) && c.storage == Storage::Memory
+        }) else {
+            continue;
+        };
+        if let Some(v) = number_after(main_text(r).0, "") {
+            out.push(format!(
+                "S1 1:1 batch 100 >= 1,000,000 delivered msg/s, {}: {} (measured {} msg/s)",
+                sys.label(),
+                yes(v >= 1_000_000.0),
+                thousands(v as u64)
+            ));
+        }
     }
     let s2 = |sys: System| {
         measured(rows, sys, |c| {
@@ -602,7 +637,7 @@ fn verdicts(rows: &[Row]) -> Vec<String> {
         .into_iter()
         .filter_map(|p| s2(p).map(|x| (p, x)))
         .max_by(|a, b| a.1.total_cmp(&b.1));
-    for sys in [System::Sluice, System::SluiceConsume] {
+    for sys in [System::Sluice, System::SluiceStreams] {
         let Some(v) = s2(sys) else { continue };
         out.push(format!(
             "S2 batch 100 >= 500,000 acked jobs/s, {}: {} (measured {} jobs/s)",
@@ -621,16 +656,19 @@ fn verdicts(rows: &[Row]) -> Vec<String> {
             ));
         }
     }
-    if let Some(r) = measured(rows, System::Sluice, |c| matches!(c.kind, Kind::S3Topic))
-        && let Some(p99) = number_after(main_text(r).0, "p99")
-    {
-        out.push(format!(
-            "S3 publish->deliver p99 <= 500 µs at 10k msg/s: {} (measured {} µs)",
-            yes(p99 <= 500.0),
-            p99
-        ));
+    for sys in [System::Sluice, System::SluiceStreams] {
+        if let Some(r) = measured(rows, sys, |c| matches!(c.kind, Kind::S3Topic))
+            && let Some(p99) = number_after(main_text(r).0, "p99")
+        {
+            out.push(format!(
+                "S3 publish->deliver p99 <= 500 µs at 10k msg/s, {}: {} (measured {} µs)",
+                sys.label(),
+                yes(p99 <= 500.0),
+                p99
+            ));
+        }
     }
-    for sys in [System::Sluice, System::SluiceConsume] {
+    for sys in [System::Sluice, System::SluiceStreams] {
         if let Some(r) = measured(rows, sys, |c| matches!(c.kind, Kind::S3Queue))
             && let Some(p99) = number_after(main_text(r).0, "p99")
         {
@@ -741,13 +779,21 @@ fn report(
          anywhere (Sluice subscriptions have no acks); work-queue consumers ack every \
          delivery (Sluice Ack batch, RabbitMQ manual `multiple` ack per batch with prefetch = \
          batch, JetStream explicit acks, Redis XACK + XDEL).\n\
+         - Two Sluice rows: \"Sluice\" makes one unary call per Publish, Enqueue, Lease and \
+         Ack; \"Sluice (streams)\" is what the Rust client's fast paths do: its `Publisher` / \
+         `Enqueuer` pipeline the same requests over one PublishStream / EnqueueStream call \
+         per connection (each request still answered once applied), and its workers take \
+         jobs from a Consume stream with credits = batch and send acks back on it. Like the \
+         peers' clients (lapin, async-nats, redis), it pipelines on one connection instead \
+         of paying one HTTP/2 stream per request.\n\
          - Memory table: Sluice `--storage` memory, RabbitMQ transient queues and messages, \
          JetStream memory storage, Redis (no persistence configured). Durable table: Sluice \
          `{}`, RabbitMQ durable queues + persistent messages, JetStream file storage.\n\
          - Sluice runs as the release binary (`target/release/sluice serve`, a fresh process \
          per figure, so its RSS can be read from `/proc/<pid>/status`); the raw-tonic \
          baseline serves the same `sluice.v1` RPCs in the harness process with no broker \
-         logic (broadcast channel / deque), marking gRPC's own limit.\n\
+         logic (broadcast channel / deque), marking gRPC's own limit; its streams row \
+         publishes over `PublishStream` like Sluice (streams).\n\
          - Latency (S3, S4): open loop, a pacing thread starts every send at its intended \
          time on its own task, and receivers record `receive time - intended send time` in \
          an HdrHistogram (µs, 3 significant digits), so a stalled broker is charged for every \

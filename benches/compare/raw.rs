@@ -1,6 +1,7 @@
 //! The raw-tonic baseline: the same `sluice.v1` RPCs served by a bare tonic server with no
-//! broker behind them. Publish hands each batch to a broadcast channel that Subscribe
-//! streams out; Enqueue appends to an in-memory deque that Lease pops; Ack only answers.
+//! broker behind them. Publish (and each request of PublishStream) hands its batch to a
+//! broadcast channel that Subscribe streams out; Enqueue appends to an in-memory deque
+//! that Lease pops; Ack only answers.
 //! No validation, no retention, no lease bookkeeping: what is left is the cost of gRPC
 //! (HTTP/2, protobuf, tonic, tokio) for the same bytes, which marks the transport's limit.
 
@@ -16,7 +17,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::task::{Context, Poll};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use sluice::pb;
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
@@ -84,7 +85,7 @@ pub async fn start() -> Result<RawServer, Box<dyn std::error::Error + Send + Syn
     Ok(RawServer { addr, stop })
 }
 
-/// Routes the five RPCs of the baseline; anything else is UNIMPLEMENTED.
+/// Routes the six RPCs of the baseline; anything else is UNIMPLEMENTED.
 #[derive(Clone)]
 struct Router(RawService);
 
@@ -135,6 +136,35 @@ impl tonic::server::ServerStreamingService<pb::SubscribeRequest> for SubscribeSv
     }
 }
 
+/// The PublishStream handler: the producer side of the baseline for clients that pipeline
+/// over one stream (the Rust client's `Publisher`), so Sluice's stream path has a transport
+/// limit to be compared with.
+struct PublishStreamSvc(RawService);
+
+impl tonic::server::StreamingService<pb::PublishRequest> for PublishStreamSvc {
+    type Response = pb::PublishStreamResponse;
+    type ResponseStream = BoxStream<pb::PublishStreamResponse>;
+    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<tonic::Streaming<pb::PublishRequest>>) -> Self::Future {
+        let s = self.0.clone();
+        // Answering inside the request stream's own poll keeps the answers in request order
+        // with no task or queue per stream; a request the codec cannot read passes its status
+        // through, which ends the stream as the broker does.
+        let answers = request.into_inner().map(move |r| {
+            r.map(|req| pb::PublishStreamResponse {
+                results: s.publish_batch(req),
+                refused: None,
+            })
+        });
+        Box::pin(async move {
+            Ok(Response::new(
+                Box::pin(answers) as BoxStream<pb::PublishStreamResponse>
+            ))
+        })
+    }
+}
+
 fn grpc<Req, Resp>() -> tonic::server::Grpc<tonic_prost::ProstCodec<Resp, Req>>
 where
     Req: prost::Message + Default + Send + 'static,
@@ -167,6 +197,9 @@ where
                 });
                 Ok(grpc().unary(svc, req).await)
             }),
+            "/sluice.v1.Broker/PublishStream" => {
+                Box::pin(async move { Ok(grpc().streaming(PublishStreamSvc(s), req).await) })
+            }
             "/sluice.v1.Broker/Subscribe" => {
                 Box::pin(async move { Ok(grpc().server_streaming(SubscribeSvc(s), req).await) })
             }
@@ -192,7 +225,8 @@ where
             }),
             _ => Box::pin(async move {
                 Ok(Status::unimplemented(
-                    "the raw-tonic baseline serves only Publish, Subscribe, Enqueue, Lease and Ack",
+                    "the raw-tonic baseline serves only Publish, PublishStream, Subscribe, \
+                     Enqueue, Lease and Ack",
                 )
                 .into_http())
             }),
@@ -202,7 +236,14 @@ where
 
 impl RawService {
     fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
-        let req = request.into_inner();
+        Ok(Response::new(pb::PublishResponse {
+            results: self.publish_batch(request.into_inner()),
+        }))
+    }
+
+    /// One publish as both Publish and PublishStream apply it, so the unary and the stream
+    /// rows of the baseline pay for exactly the same work per batch.
+    fn publish_batch(&self, req: pb::PublishRequest) -> Vec<pb::PublishResult> {
         let n = req.messages.len() as u64;
         let first = self.sequence.fetch_add(n, Ordering::Relaxed) + 1;
         let batch = pb::SubscribeResponse {
@@ -220,14 +261,12 @@ impl RawService {
             gaps: vec![],
         };
         let _ = self.topic.send(Arc::new(batch));
-        Ok(Response::new(pb::PublishResponse {
-            results: (0..n)
-                .map(|i| pb::PublishResult {
-                    sequence: first + i,
-                    duplicate: false,
-                })
-                .collect(),
-        }))
+        (0..n)
+            .map(|i| pb::PublishResult {
+                sequence: first + i,
+                duplicate: false,
+            })
+            .collect()
     }
 
     fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<pb::EnqueueResponse> {

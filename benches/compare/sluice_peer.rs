@@ -100,17 +100,84 @@ impl Drop for SluiceProcess {
 }
 
 /// Opens one HTTP/2 connection.
-pub async fn connect(addr: SocketAddr) -> Res<Client> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+async fn channel(addr: SocketAddr) -> Res<Channel> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(1024 * 1024))
         .initial_connection_window_size(Some(8 * 1024 * 1024))
         .max_frame_size(sluice::client::MAX_FRAME_BYTES)
         .connect()
-        .await?;
-    Ok(BrokerClient::new(channel)
+        .await?)
+}
+
+/// Opens one HTTP/2 connection for the generated client.
+pub async fn connect(addr: SocketAddr) -> Res<Client> {
+    Ok(BrokerClient::new(channel(addr).await?)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024))
+}
+
+/// How a runner sends Publish and Enqueue requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Produce {
+    /// One unary call per request (the raw-tonic baseline serves only these).
+    Unary,
+    /// The Rust client's `Publisher` / `Enqueuer`: requests pipelined over one
+    /// PublishStream / EnqueueStream call per connection.
+    Stream,
+}
+
+/// One producer connection, sending the way its [`Produce`] says.
+#[derive(Clone)]
+enum Producer {
+    Unary(Client),
+    Stream(sluice::client::Publisher, sluice::client::Enqueuer),
+}
+
+impl Producer {
+    async fn open(addr: SocketAddr, how: Produce) -> Res<Producer> {
+        Ok(match how {
+            Produce::Unary => Producer::Unary(connect(addr).await?),
+            Produce::Stream => {
+                let client = sluice::client::Client::from_channel(channel(addr).await?);
+                Producer::Stream(client.publisher(), client.enqueuer())
+            }
+        })
+    }
+
+    async fn publish(&self, req: &pb::PublishRequest) -> Res<()> {
+        match self {
+            Producer::Unary(c) => {
+                c.clone().publish(req.clone()).await?;
+            }
+            Producer::Stream(p, _) => {
+                let messages = req
+                    .messages
+                    .iter()
+                    .map(|m| sluice::client::Message::new(m.payload.clone()))
+                    .collect();
+                p.publish_batch(&req.topic, messages).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn enqueue(&self, req: &pb::EnqueueRequest) -> Res<()> {
+        match self {
+            Producer::Unary(c) => {
+                c.clone().enqueue(req.clone()).await?;
+            }
+            Producer::Stream(_, e) => {
+                let jobs = req
+                    .jobs
+                    .iter()
+                    .map(|j| sluice::client::Job::new(j.payload.clone()))
+                    .collect();
+                e.enqueue_batch(&req.queue, jobs).await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn publish_request(topic: &str, batch: usize, size: usize) -> pb::PublishRequest {
@@ -177,7 +244,13 @@ fn spawn_counting_subscriber(
 
 /// S1: one publisher (`in_flight` concurrent calls of `batch` messages) and `subs`
 /// subscribers, each on its own connection; delivered messages per second.
-pub async fn s1(addr: SocketAddr, s: &Settings, subs: usize, batch: usize) -> Res<Outcome> {
+pub async fn s1(
+    addr: SocketAddr,
+    s: &Settings,
+    how: Produce,
+    subs: usize,
+    batch: usize,
+) -> Res<Outcome> {
     let topic = format!("bench.s1.{}", run_id());
     let meter = Meter::new();
     let gaps = Arc::new(AtomicU64::new(0));
@@ -192,11 +265,11 @@ pub async fn s1(addr: SocketAddr, s: &Settings, subs: usize, batch: usize) -> Re
         ));
     }
     let published = Arc::new(AtomicU64::new(0));
-    let publisher = connect(addr).await?;
+    let publisher = Producer::open(addr, how).await?;
     let req = publish_request(&topic, batch, 128);
     let mut pubs = Vec::new();
     for _ in 0..s.in_flight {
-        let (mut c, req, meter, published) = (
+        let (c, req, meter, published) = (
             publisher.clone(),
             req.clone(),
             meter.clone(),
@@ -204,7 +277,7 @@ pub async fn s1(addr: SocketAddr, s: &Settings, subs: usize, batch: usize) -> Re
         );
         pubs.push(tokio::spawn(async move {
             while !meter.stopped() {
-                match c.publish(req.clone()).await {
+                match c.publish(&req).await {
                     Ok(_) => {
                         published.fetch_add(batch as u64, Ordering::Relaxed);
                     }
@@ -236,15 +309,16 @@ pub async fn s1(addr: SocketAddr, s: &Settings, subs: usize, batch: usize) -> Re
 /// S2: 2 producers (each `in_flight` concurrent Enqueue calls of `batch` jobs) and 4
 /// workers (Lease `batch`, then Ack all of them in one call); acked jobs per second.
 pub async fn s2(addr: SocketAddr, s: &Settings, batch: usize) -> Res<Outcome> {
+    let how = Produce::Unary;
     let queue = format!("bench.s2.{}", run_id());
     let meter = Meter::new();
     let mut tasks = Vec::new();
     let enqueued = Arc::new(AtomicU64::new(0));
     for _ in 0..2 {
-        let producer = connect(addr).await?;
+        let producer = Producer::open(addr, how).await?;
         let req = enqueue_request(&queue, batch, 256);
         for _ in 0..s.in_flight {
-            let (mut c, req, meter, enq) = (
+            let (c, req, meter, enq) = (
                 producer.clone(),
                 req.clone(),
                 meter.clone(),
@@ -252,7 +326,7 @@ pub async fn s2(addr: SocketAddr, s: &Settings, batch: usize) -> Res<Outcome> {
             );
             tasks.push(tokio::spawn(async move {
                 while !meter.stopped() {
-                    match c.enqueue(req.clone()).await {
+                    match c.enqueue(&req).await {
                         Ok(_) => {
                             enq.fetch_add(batch as u64, Ordering::Relaxed);
                         }
@@ -319,8 +393,13 @@ pub async fn s2(addr: SocketAddr, s: &Settings, batch: usize) -> Res<Outcome> {
 }
 
 /// S3 publish->deliver: open-loop Publish of 1 message at `rate_per_s`, one subscriber.
-pub async fn s3_topic(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<Outcome> {
-    let (h, stats) = fanout_latency(addr, s, rate_per_s, 1, None).await?;
+pub async fn s3_topic(
+    addr: SocketAddr,
+    s: &Settings,
+    how: Produce,
+    rate_per_s: u64,
+) -> Res<Outcome> {
+    let (h, stats) = fanout_latency(addr, s, how, rate_per_s, 1, None).await?;
     Ok(Outcome::Measured {
         main: percentiles_short(&h),
         extra: format!(
@@ -353,12 +432,13 @@ pub fn percentiles_short(h: &hdrhistogram::Histogram<u64>) -> String {
 async fn fanout_latency(
     addr: SocketAddr,
     s: &Settings,
+    how: Produce,
     rate_per_s: u64,
     subs: usize,
     pid: Option<(u32, &mut Option<i64>)>,
 ) -> Res<(hdrhistogram::Histogram<u64>, OpenLoopStats)> {
     let topic = format!("bench.lat.{}", run_id());
-    let publisher = connect(addr).await?;
+    let publisher = Producer::open(addr, how).await?;
     let rss0 = pid.as_ref().and_then(|(p, _)| rss_bytes(*p));
     let meter = Meter::new();
     let mut readers = Vec::new();
@@ -396,7 +476,7 @@ async fn fanout_latency(
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t = topic.clone();
     let stats = open_loop(rate_per_s, s.warmup, s.window, move |seq, intended| {
-        let mut c = publisher.clone();
+        let c = publisher.clone();
         let req = pb::PublishRequest {
             topic: t.clone(),
             messages: vec![pb::PublishMessage {
@@ -404,10 +484,7 @@ async fn fanout_latency(
                 ..Default::default()
             }],
         };
-        async move {
-            c.publish(req).await?;
-            Ok(())
-        }
+        async move { c.publish(&req).await }
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -514,7 +591,15 @@ pub async fn s4(
     subs: usize,
 ) -> Res<Outcome> {
     let mut mem = None;
-    let (h, stats) = fanout_latency(addr, s, rate_per_s, subs, pid.map(|p| (p, &mut mem))).await?;
+    let (h, stats) = fanout_latency(
+        addr,
+        s,
+        Produce::Unary,
+        rate_per_s,
+        subs,
+        pid.map(|p| (p, &mut mem)),
+    )
+    .await?;
     let delivered = h.len();
     Ok(Outcome::Measured {
         main: format!(
@@ -804,7 +889,12 @@ async fn consume_worker(
 
 /// S2 on the streaming Consume RPC: 2 producers as in [`s2`], 4 Consume workers with
 /// `batch` credits each.
-pub async fn s2_consume(addr: SocketAddr, s: &Settings, batch: usize) -> Res<Outcome> {
+pub async fn s2_consume(
+    addr: SocketAddr,
+    s: &Settings,
+    how: Produce,
+    batch: usize,
+) -> Res<Outcome> {
     let queue = format!("bench.s2c.{}", run_id());
     let meter = Meter::new();
     let mut tasks = Vec::new();
@@ -828,10 +918,10 @@ pub async fn s2_consume(addr: SocketAddr, s: &Settings, batch: usize) -> Res<Out
     }
     let enqueued = Arc::new(AtomicU64::new(0));
     for _ in 0..2 {
-        let producer = connect(addr).await?;
+        let producer = Producer::open(addr, how).await?;
         let req = enqueue_request(&queue, batch, 256);
         for _ in 0..s.in_flight {
-            let (mut c, req, meter, enq) = (
+            let (c, req, meter, enq) = (
                 producer.clone(),
                 req.clone(),
                 meter.clone(),
@@ -839,7 +929,7 @@ pub async fn s2_consume(addr: SocketAddr, s: &Settings, batch: usize) -> Res<Out
             );
             tasks.push(tokio::spawn(async move {
                 while !meter.stopped() {
-                    match c.enqueue(req.clone()).await {
+                    match c.enqueue(&req).await {
                         Ok(_) => {
                             enq.fetch_add(batch as u64, Ordering::Relaxed);
                         }
@@ -856,7 +946,11 @@ pub async fn s2_consume(addr: SocketAddr, s: &Settings, batch: usize) -> Res<Out
     Ok(Outcome::Measured {
         main: format!("{} jobs/s acked", thousands(rate(n, el))),
         extra: format!(
-            "acks sent on the Consume stream, credits = batch; enqueued ≈{} jobs/s (incl. warm-up); errors {}",
+            "acks sent on the Consume stream, credits = batch; {}; enqueued ≈{} jobs/s (incl. warm-up); errors {}",
+            match how {
+                Produce::Unary => "Enqueue calls",
+                Produce::Stream => "EnqueueStream",
+            },
             thousands(rate(enqueued.load(Ordering::Relaxed), el + s.warmup)),
             meter.errors.load(Ordering::Relaxed)
         ),
@@ -865,9 +959,14 @@ pub async fn s2_consume(addr: SocketAddr, s: &Settings, batch: usize) -> Res<Out
 
 /// S3 enqueue->lease on the streaming Consume RPC: open-loop Enqueue of 1 job, 2 Consume
 /// workers with 100 credits each.
-pub async fn s3_consume(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<Outcome> {
+pub async fn s3_consume(
+    addr: SocketAddr,
+    s: &Settings,
+    how: Produce,
+    rate_per_s: u64,
+) -> Res<Outcome> {
     let queue = format!("bench.s3c.{}", run_id());
-    let producer = connect(addr).await?;
+    let producer = Producer::open(addr, how).await?;
     let meter = Meter::new();
     let mut workers = Vec::new();
     for w in 0..2 {
@@ -883,7 +982,7 @@ pub async fn s3_consume(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<
     tokio::time::sleep(Duration::from_millis(200)).await;
     let q = queue.clone();
     let stats = open_loop(rate_per_s, s.warmup, s.window, move |seq, intended| {
-        let mut c = producer.clone();
+        let c = producer.clone();
         let req = pb::EnqueueRequest {
             queue: q.clone(),
             jobs: vec![pb::JobSpec {
@@ -891,10 +990,7 @@ pub async fn s3_consume(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<
                 ..Default::default()
             }],
         };
-        async move {
-            c.enqueue(req).await?;
-            Ok(())
-        }
+        async move { c.enqueue(&req).await }
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;

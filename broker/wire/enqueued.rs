@@ -9,6 +9,7 @@ use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, k
 
 use super::{put_uint64, put_uuid, uint64_len, uuid_len};
 use crate::broker::queue::Enqueued;
+use crate::pb;
 
 /// `EnqueueResponse.results` field number.
 const RESULTS_TAG: u32 = 1;
@@ -34,7 +35,15 @@ pub struct EncodedEnqueueResponse {
 
 impl EncodedEnqueueResponse {
     fn put(&self, buf: &mut impl BufMut) {
-        for r in &self.results {
+        Self::put_results(&self.results, buf)
+    }
+
+    fn wire_len(&self) -> usize {
+        Self::results_len(&self.results)
+    }
+
+    fn put_results(results: &[Enqueued], buf: &mut impl BufMut) {
+        for r in results {
             encode_key(RESULTS_TAG, WireType::LengthDelimited, buf);
             encode_varint(result_len(r) as u64, buf);
             put_uuid(field::JOB_ID, &r.id, buf);
@@ -43,8 +52,8 @@ impl EncodedEnqueueResponse {
         }
     }
 
-    fn wire_len(&self) -> usize {
-        self.results
+    fn results_len(results: &[Enqueued]) -> usize {
+        results
             .iter()
             .map(|r| {
                 let len = result_len(r);
@@ -58,6 +67,43 @@ encode_only!(
     EncodedEnqueueResponse,
     decoded_as = "pb::EnqueueResponse",
     clears = [results]
+);
+
+/// `EnqueueStreamResponse.refused` field number (its `results` are those of
+/// `EnqueueResponse`, under the same number).
+const REFUSED_TAG: u32 = 2;
+
+/// A `sluice.v1.EnqueueStreamResponse`: the results of one request, or why it was
+/// refused. Encode-only.
+#[derive(Debug, Clone, Default)]
+pub struct EncodedEnqueueStreamResponse {
+    /// The results (none when refused).
+    pub results: Vec<Enqueued>,
+    /// Why the request was refused.
+    pub refused: Option<pb::Refusal>,
+}
+
+impl EncodedEnqueueStreamResponse {
+    fn put(&self, buf: &mut impl BufMut) {
+        EncodedEnqueueResponse::put_results(&self.results, buf);
+        if let Some(refused) = &self.refused {
+            prost::encoding::message::encode(REFUSED_TAG, refused, buf);
+        }
+    }
+
+    fn wire_len(&self) -> usize {
+        EncodedEnqueueResponse::results_len(&self.results)
+            + self
+                .refused
+                .as_ref()
+                .map_or(0, |r| prost::encoding::message::encoded_len(REFUSED_TAG, r))
+    }
+}
+
+encode_only!(
+    EncodedEnqueueStreamResponse,
+    decoded_as = "pb::EnqueueStreamResponse",
+    clears = [results, refused]
 );
 
 #[cfg(test)]
@@ -95,5 +141,24 @@ mod tests {
         assert_eq!(bytes.len(), encoded.encoded_len());
         assert_eq!(bytes, prost_bytes);
         assert!(EncodedEnqueueResponse::default().encode_to_vec().is_empty());
+
+        let answered = EncodedEnqueueStreamResponse {
+            results: results.clone(),
+            refused: None,
+        };
+        assert_eq!(answered.encode_to_vec(), prost_bytes);
+        let refusal = pb::Refusal {
+            code: 3,
+            message: "jobs[0].priority is 10, above the limit of 9".into(),
+        };
+        let refused = EncodedEnqueueStreamResponse {
+            results: Vec::new(),
+            refused: Some(refusal.clone()),
+        };
+        let bytes = refused.encode_to_vec();
+        assert_eq!(bytes.len(), refused.encoded_len());
+        let decoded = pb::EnqueueStreamResponse::decode(bytes.as_slice()).unwrap();
+        assert!(decoded.results.is_empty());
+        assert_eq!(decoded.refused, Some(refusal));
     }
 }

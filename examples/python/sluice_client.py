@@ -17,7 +17,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import grpc
 
@@ -117,6 +117,16 @@ class SluiceClient:
         )
         response = self.stub.Enqueue(pb.EnqueueRequest(queue=queue, jobs=[job]), timeout=self.timeout)
         return response.results[0].job_id
+
+    def enqueue_stream(self, queue: str, jobs: Iterable[pb.JobSpec]) -> list:
+        """Enqueues each job as its own request over one EnqueueStream call, pipelined.
+        Returns one answer per job, in order: its id, or the ``pb.Refusal`` saying why it
+        was refused (a refused job changes nothing; the others are still enqueued)."""
+        requests = (pb.EnqueueRequest(queue=queue, jobs=[job]) for job in jobs)
+        return [
+            response.refused if response.HasField("refused") else response.results[0].job_id
+            for response in self.stub.EnqueueStream(requests, timeout=self.timeout)
+        ]
 
     def lease(
         self,

@@ -26,9 +26,13 @@ impl TestBroker {
     }
 
     pub async fn start_with(config: BrokerConfig) -> Self {
+        Self::serving(Broker::new(config)).await
+    }
+
+    /// Serves an existing broker (e.g. one opened on a data directory).
+    pub async fn serving(broker: Broker) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let broker = Broker::new(config);
         let (stop, stopped) = oneshot::channel::<()>();
         let options = ServeOptions {
             drain_timeout: Duration::from_secs(2),

@@ -59,6 +59,18 @@ def test_enqueue_lease_ack(broker):
     assert state["consumer"] == "grpcurl"
 
 
+def split_json(text: str) -> list:
+    """The JSON objects grpcurl prints one after another for a stream's responses."""
+    decoder, objects, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        obj, i = decoder.raw_decode(text, i)
+        objects.append(obj)
+    return objects
+
+
 def call(target: str, rpc: str, data: dict, *flags: str) -> dict:
     out = grpcurl(target, *flags, f"sluice.v1.Broker/{rpc}", data=data)
     return json.loads(out) if out.strip() else {}
@@ -124,6 +136,29 @@ def test_every_rpc_as_the_readme_shows_it(broker):
     assert "consumer stream closed" in released["lastError"], released
     [job] = rpc("Lease", {"queue": "mail", "waitMs": 1000, "consumer": "me"})["jobs"]
     rpc("Ack", {"acks": [{"leaseId": job["leaseId"]}]})
+
+    # Pipelined producing: several requests on one stream, one answer each, in order; a
+    # refused request is answered with its status and the stream goes on.
+    published = subprocess.run(
+        [shutil.which("grpcurl"), "-plaintext", "-max-time", "5", "-d", "@", broker, "sluice.v1.Broker/PublishStream"],
+        input=json.dumps({"topic": "piped", "messages": [{"payload": "YQ=="}]}) + json.dumps({"topic": "piped", "messages": [{"payload": "Yg=="}]}),
+        capture_output=True, text=True, timeout=20,
+    )
+    covered.add("PublishStream")
+    assert published.returncode == 0, published.stderr
+    answers = split_json(published.stdout)
+    assert [a["results"][0]["sequence"] for a in answers] == ["1", "2"], published.stdout
+    enqueued = subprocess.run(
+        [shutil.which("grpcurl"), "-plaintext", "-max-time", "5", "-d", "@", broker, "sluice.v1.Broker/EnqueueStream"],
+        input="".join(json.dumps({"queue": "piped", "jobs": [{"payload": "aGk=", "priority": p}]}) for p in [1, 12, 2]),
+        capture_output=True, text=True, timeout=20,
+    )
+    covered.add("EnqueueStream")
+    assert enqueued.returncode == 0, enqueued.stderr
+    first, refused, third = split_json(enqueued.stdout)
+    assert refused["refused"]["code"] == 3 and "jobs[0].priority" in refused["refused"]["message"], refused
+    leased = rpc("Lease", {"queue": "piped", "maxJobs": 10, "waitMs": 1000})["jobs"]
+    assert [j["jobId"] for j in leased] == [third["results"][0]["jobId"], first["results"][0]["jobId"]]
 
     later = rpc("Enqueue", {"queue": "mail", "jobs": [{"payload": "aGk=", "delayMs": "60000"}]})["results"][0]["jobId"]
     assert rpc("CancelJob", {"id": later})["state"] == "JOB_STATE_CANCELLED"

@@ -1,5 +1,5 @@
 """The Python client generated from proto/ drives the broker: enqueue, lease, ack, nack to
-the dead-letter queue, publish and subscribe."""
+the dead-letter queue, publish and subscribe, and pipelined enqueues on EnqueueStream."""
 
 import json
 
@@ -69,3 +69,18 @@ def test_publish_and_subscribe(sluice):
     with sluice.subscribe("py.orders.created", earliest=True, timeout=10) as replay:
         first = next(iter(replay))
     assert first.sequence == 1
+
+
+def test_enqueue_stream_answers_in_order_and_refuses_only_the_bad_job(sluice):
+    jobs = [pb.JobSpec(payload=f"job-{i}".encode(), priority=10 if i == 40 else 0) for i in range(100)]
+    answers = sluice.enqueue_stream("py.streamed", jobs)
+    assert len(answers) == 100
+    refusal = answers[40]
+    assert isinstance(refusal, pb.Refusal)
+    assert refusal.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "jobs[0].priority" in refusal.message and "10" in refusal.message
+    ids = [a for i, a in enumerate(answers) if i != 40]
+    assert all(isinstance(a, str) for a in ids)
+    leased = sluice.lease("py.streamed", max_jobs=1000, wait_ms=1000)
+    assert [j.job_id for j in leased] == ids
+    assert [j.payload for j in leased] == [f"job-{i}".encode() for i in range(100) if i != 40]
