@@ -69,6 +69,33 @@ pub struct Client {
     rpc: BrokerClient<Channel>,
 }
 
+/// One Publish request, for the unary call or a [`Publisher`] stream.
+fn publish_request(topic: &str, messages: Vec<Message>) -> pb::PublishRequest {
+    pb::PublishRequest {
+        topic: topic.to_owned(),
+        messages: messages.into_iter().map(|m| m.0).collect(),
+    }
+}
+
+/// One Enqueue request, for the unary call or an [`Enqueuer`] stream.
+fn enqueue_request(queue: &str, jobs: Vec<Job>) -> pb::EnqueueRequest {
+    pb::EnqueueRequest {
+        queue: queue.to_owned(),
+        jobs: jobs.into_iter().map(|j| j.0).collect(),
+    }
+}
+
+/// The results of an Enqueue request.
+fn enqueued(results: Vec<pb::EnqueueResult>) -> Vec<Enqueued> {
+    results
+        .into_iter()
+        .map(|r| Enqueued {
+            job_id: r.job_id,
+            duplicate: r.duplicate,
+        })
+        .collect()
+}
+
 fn millis(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
 }
@@ -145,14 +172,10 @@ impl Client {
         topic: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<pb::PublishResult>> {
-        let request = pb::PublishRequest {
-            topic: topic.to_owned(),
-            messages: messages.into_iter().map(|m| m.0).collect(),
-        };
         Ok(self
             .rpc
             .clone()
-            .publish(request)
+            .publish(publish_request(topic, messages))
             .await?
             .into_inner()
             .results)
@@ -205,10 +228,7 @@ impl Client {
 
     /// Enqueues up to 1,000 jobs into one queue in one call, all or none.
     pub async fn enqueue_batch(&self, queue: &str, jobs: Vec<Job>) -> Result<Vec<Enqueued>> {
-        let request = pb::EnqueueRequest {
-            queue: queue.to_owned(),
-            jobs: jobs.into_iter().map(|j| j.0).collect(),
-        };
+        let request = enqueue_request(queue, jobs);
         let results = self
             .rpc
             .clone()
@@ -216,13 +236,7 @@ impl Client {
             .await?
             .into_inner()
             .results;
-        Ok(results
-            .into_iter()
-            .map(|r| Enqueued {
-                job_id: r.job_id,
-                duplicate: r.duplicate,
-            })
-            .collect())
+        Ok(enqueued(results))
     }
 
     /// An enqueuer that sends its requests over one `EnqueueStream` call; see

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::client::error::{ClientError, Result};
-use crate::client::{Enqueued, Job, Message};
+use crate::client::{Enqueued, Job, Message, enqueue_request, enqueued, publish_request};
 use crate::pb;
 use crate::pb::broker_client::BrokerClient;
 
@@ -187,11 +187,7 @@ impl Publisher {
         topic: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<pb::PublishResult>> {
-        let request = pb::PublishRequest {
-            topic: topic.to_owned(),
-            messages: messages.into_iter().map(|m| m.0).collect(),
-        };
-        let answer = self.pipeline.call(request).await?;
+        let answer = self.pipeline.call(publish_request(topic, messages)).await?;
         refused(answer.refused)?;
         Ok(answer.results)
     }
@@ -222,19 +218,8 @@ impl Enqueuer {
 
     /// Enqueues up to 1,000 jobs into one queue as one request, all or none.
     pub async fn enqueue_batch(&self, queue: &str, jobs: Vec<Job>) -> Result<Vec<Enqueued>> {
-        let request = pb::EnqueueRequest {
-            queue: queue.to_owned(),
-            jobs: jobs.into_iter().map(|j| j.0).collect(),
-        };
-        let answer = self.pipeline.call(request).await?;
+        let answer = self.pipeline.call(enqueue_request(queue, jobs)).await?;
         refused(answer.refused)?;
-        Ok(answer
-            .results
-            .into_iter()
-            .map(|r| Enqueued {
-                job_id: r.job_id,
-                duplicate: r.duplicate,
-            })
-            .collect())
+        Ok(enqueued(answer.results))
     }
 }
