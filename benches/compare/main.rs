@@ -788,7 +788,12 @@ fn report(
          of paying one HTTP/2 stream per request.\n\
          - Memory table: Sluice `--storage` memory, RabbitMQ transient queues and messages, \
          JetStream memory storage, Redis (no persistence configured). Durable table: Sluice \
-         `{}`, RabbitMQ durable queues + persistent messages, JetStream file storage.\n\
+         `{}`, RabbitMQ durable queues + persistent messages, JetStream file storage. What \
+         an answer promises differs: Sluice answers a durable write after its fdatasync \
+         (group commit), RabbitMQ confirms a persistent message once it is written to disk, \
+         while JetStream acknowledges file-stored messages before any fsync (nats-server \
+         syncs file stores every 2 minutes by default, `sync_interval`), so its durable rows \
+         promise less.\n\
          - Sluice runs as the release binary (`target/release/sluice serve`, a fresh process \
          per figure, so its RSS can be read from `/proc/<pid>/status`); the raw-tonic \
          baseline serves the same `sluice.v1` RPCs in the harness process with no broker \
