@@ -183,7 +183,9 @@ impl Client {
 
     /// A publisher that sends its requests over one `PublishStream` call, up to 256 in
     /// flight at once: for producers that publish many small batches, it saves the set-up
-    /// of one call per request. Clones share the stream.
+    /// of one call per request. Clones share the stream, which is opened on the first
+    /// request and again after it broke. Call it inside a Tokio runtime: the stream is
+    /// driven by a task of its own.
     pub fn publisher(&self) -> Publisher {
         Publisher::new(self.rpc.clone())
     }
