@@ -1,7 +1,7 @@
 //! The broker: domain modules, and the gRPC service that exposes them.
 //!
-//! Domain modules ([`queue`], [`topic`], [`subscription`], [`consume`], [`core`], [`names`],
-//! [`limits`], [`observe`]) know nothing of tonic, protobuf or HTTP. [`service`] alone maps
+//! Domain modules ([`queue`], [`topic`], [`dedup`], [`subscription`], [`consume`], [`core`],
+//! [`names`], [`limits`], [`observe`]) know nothing of tonic, protobuf or HTTP. [`service`] alone maps
 //! proto <-> domain and [`error`] alone maps [`BrokerError`] to `tonic::Status`. [`server`]
 //! assembles the gRPC server (with health and reflection) around a [`Broker`]; [`http`]
 //! serves `/metrics`, `/healthz` and the live dashboard; [`cli`] is the admin command line,
@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod consume;
 pub mod core;
+pub mod dedup;
 pub mod error;
 pub mod http;
 pub mod limits;

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use uuid::Uuid;
 
+use crate::broker::dedup::DedupWindow;
 use crate::broker::error::BrokerError;
 use crate::broker::limits::Headers;
 use crate::broker::rate::RateMeter;
@@ -540,8 +541,7 @@ pub struct Queue {
     deadlines: Deadlines,
     leases: SeqMap<Lease>,
     ordering: FastMap<Arc<str>, VecDeque<u64>>,
-    dedup: FastMap<String, (Uuid, Millis)>,
-    dedup_expiry: VecDeque<(Millis, String)>,
+    dedup: DedupWindow<Uuid>,
     blocked: u64,
     retrying: u64,
     counts: QueueCounts,
@@ -574,8 +574,7 @@ impl Queue {
             deadlines: Deadlines::default(),
             leases: SeqMap::default(),
             ordering: FastMap::default(),
-            dedup: FastMap::default(),
-            dedup_expiry: VecDeque::new(),
+            dedup: DedupWindow::default(),
             blocked: 0,
             retrying: 0,
             counts: QueueCounts::default(),
@@ -651,24 +650,12 @@ impl Queue {
         Ok(())
     }
 
-    fn prune_dedup(&mut self, now: Millis) {
-        while let Some((expires, _)) = self.dedup_expiry.front() {
-            if *expires > now {
-                break;
-            }
-            let (expires, key) = self.dedup_expiry.pop_front().expect("front exists");
-            if self.dedup.get(&key).is_some_and(|(_, e)| *e == expires) {
-                self.dedup.remove(&key);
-            }
-        }
-    }
-
     /// How many of `jobs` are new (not duplicates of remembered keys or of each other).
     pub fn count_new(&mut self, now: Millis, keys: impl Iterator<Item = Option<String>>) -> u64 {
-        self.prune_dedup(now);
+        self.dedup.prune(now);
         let mut seen = HashSet::new();
         keys.filter(|k| match k {
-            Some(k) => !self.dedup.contains_key(k) && seen.insert(k.clone()),
+            Some(k) => !self.dedup.contains(k) && seen.insert(k.clone()),
             None => true,
         })
         .count() as u64
@@ -706,22 +693,18 @@ impl Queue {
 
     fn insert(&mut self, now: Millis, new: NewJob, payload: PayloadRef) -> Enqueued {
         if let Some(key) = &new.idempotency_key
-            && let Some((id, _)) = self.dedup.get(key)
+            && let Some(id) = self.dedup.get(key)
         {
             self.payloads.release(payload);
             return Enqueued {
-                id: *id,
+                id,
                 duplicate: true,
             };
         }
         let (seq, id, foreign) = self.next_id(now);
         if let Some(key) = &new.idempotency_key {
             let expires = now + self.policy.dedup_window_ms;
-            self.dedup.insert(key.clone(), (id, expires));
-            // Kept in expiry order for `prune_dedup`: after the dedup window shrank
-            // (`set_policy`), a new key expires before keys remembered earlier.
-            let at = self.dedup_expiry.partition_point(|(e, _)| *e <= expires);
-            self.dedup_expiry.insert(at, (expires, key.clone()));
+            self.dedup.insert(key.clone(), id, expires);
         }
         let run_at = new.run_at.unwrap_or(now).max(now);
         let kind = self.kinds.intern(&new.kind);
@@ -854,7 +837,7 @@ impl Queue {
             slot.touch(now);
             self.ready.push(slot.priority, seq, run_at);
         }
-        self.prune_dedup(now);
+        self.dedup.prune(now);
         self.ready.len().saturating_sub(before)
     }
 
@@ -1579,15 +1562,14 @@ impl Queue {
     /// Remembered idempotency keys: (key, job id, expiry), for snapshots.
     pub fn dedup_entries(&self) -> Vec<(String, Uuid, Millis)> {
         self.dedup
-            .iter()
-            .map(|(k, (id, expires))| (k.clone(), *id, *expires))
+            .entries()
+            .map(|(k, id, expires)| (k.to_owned(), id, expires))
             .collect()
     }
 
-    /// Recovery: remembers an idempotency key until `expires`. Call in expiry order.
+    /// Recovery: remembers an idempotency key until `expires`, in any order.
     pub fn restore_dedup(&mut self, key: String, id: Uuid, expires: Millis) {
-        self.dedup.insert(key.clone(), (id, expires));
-        self.dedup_expiry.push_back((expires, key));
+        self.dedup.insert(key, id, expires);
     }
 
     /// Recovery: adds a job rebuilt from the write-ahead log, after every job restored

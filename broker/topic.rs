@@ -4,11 +4,12 @@
 //! subscriptions read from it by sequence number, so a slow reader never holds up an
 //! appender: it only finds, later, that the messages it had not read were evicted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
+use crate::broker::dedup::DedupWindow;
 use crate::broker::error::BrokerError;
 use crate::broker::limits::Headers;
 use crate::broker::rate::RateMeter;
@@ -103,8 +104,7 @@ pub struct Topic {
     first_seq: u64,
     bytes: u64,
     last_time: Millis,
-    dedup: HashMap<String, (u64, Millis)>,
-    dedup_expiry: VecDeque<(Millis, String)>,
+    dedup: DedupWindow<u64>,
     publish_rate: RateMeter,
     published: u64,
 }
@@ -119,8 +119,7 @@ impl Topic {
             first_seq: 1,
             bytes: 0,
             last_time: 0,
-            dedup: HashMap::new(),
-            dedup_expiry: VecDeque::new(),
+            dedup: DedupWindow::default(),
             publish_rate: RateMeter::default(),
             published: 0,
         }
@@ -154,25 +153,13 @@ impl Topic {
 
     /// How many of these idempotency keys are new (not remembered, not repeated).
     pub fn count_new(&mut self, now: Millis, keys: impl Iterator<Item = Option<String>>) -> u64 {
-        self.prune_dedup(now);
+        self.dedup.prune(now);
         let mut seen = std::collections::HashSet::new();
         keys.filter(|k| match k {
-            Some(k) => !self.dedup.contains_key(k) && seen.insert(k.clone()),
+            Some(k) => !self.dedup.contains(k) && seen.insert(k.clone()),
             None => true,
         })
         .count() as u64
-    }
-
-    fn prune_dedup(&mut self, now: Millis) {
-        while let Some((expires, _)) = self.dedup_expiry.front() {
-            if *expires > now {
-                break;
-            }
-            let (expires, key) = self.dedup_expiry.pop_front().expect("front exists");
-            if self.dedup.get(&key).is_some_and(|(_, e)| *e == expires) {
-                self.dedup.remove(&key);
-            }
-        }
     }
 
     /// Appends messages in order. Returns each one's outcome and the newly stored messages.
@@ -181,17 +168,17 @@ impl Topic {
         now: Millis,
         messages: Vec<NewMessage>,
     ) -> (Vec<Appended>, Vec<Arc<StoredMessage>>) {
-        self.prune_dedup(now);
+        self.dedup.prune(now);
         let time = now.max(self.last_time);
         self.last_time = time;
         let mut results = Vec::with_capacity(messages.len());
         let mut stored = Vec::with_capacity(messages.len());
         for m in messages {
             if let Some(key) = &m.idempotency_key
-                && let Some((sequence, _)) = self.dedup.get(key)
+                && let Some(sequence) = self.dedup.get(key)
             {
                 results.push(Appended {
-                    sequence: *sequence,
+                    sequence,
                     duplicate: true,
                 });
                 continue;
@@ -199,8 +186,7 @@ impl Topic {
             let sequence = self.next_seq();
             if let Some(key) = m.idempotency_key {
                 let expires = now + PUBLISH_DEDUP_WINDOW_MS;
-                self.dedup.insert(key.clone(), (sequence, expires));
-                self.dedup_expiry.push_back((expires, key));
+                self.dedup.insert(key, sequence, expires);
             }
             let msg = Arc::new(StoredMessage {
                 topic: self.name.clone(),
@@ -270,15 +256,14 @@ impl Topic {
     /// Remembered publish idempotency keys: (key, sequence, expiry), for snapshots.
     pub fn dedup_entries(&self) -> Vec<(String, u64, Millis)> {
         self.dedup
-            .iter()
-            .map(|(k, (seq, expires))| (k.clone(), *seq, *expires))
+            .entries()
+            .map(|(k, seq, expires)| (k.to_owned(), seq, expires))
             .collect()
     }
 
-    /// Recovery: remembers a publish idempotency key until `expires`. Call in expiry order.
+    /// Recovery: remembers a publish idempotency key until `expires`, in any order.
     pub fn restore_dedup(&mut self, key: String, sequence: u64, expires: Millis) {
-        self.dedup.insert(key.clone(), (sequence, expires));
-        self.dedup_expiry.push_back((expires, key));
+        self.dedup.insert(key, sequence, expires);
     }
 
     /// Recovery: re-appends a message from the write-ahead log with its original sequence
@@ -462,5 +447,23 @@ mod tests {
         assert_eq!(t.seq_at_time(T0 + 11), 3);
         let (r, _) = t.append(T0 + PUBLISH_DEDUP_WINDOW_MS, vec![keyed]);
         assert!(!r[0].duplicate);
+    }
+
+    #[test]
+    fn dedup_keys_restored_out_of_expiry_order_expire_on_time() {
+        // A snapshot lists its keys in map order, so a later expiry can come first.
+        let mut t = Topic::new("t", Retention::default());
+        t.restore_dedup("late".into(), 1, T0 + 2_000);
+        t.restore_dedup("early".into(), 2, T0 + 1_000);
+        let keyed = |k: &str| NewMessage {
+            idempotency_key: Some(k.into()),
+            ..msg("x")
+        };
+        let (r, _) = t.append(T0 + 1_500, vec![keyed("early"), keyed("late")]);
+        assert!(
+            !r[0].duplicate,
+            "the window of \"early\" ended at T0 + 1,000"
+        );
+        assert!(r[1].duplicate);
     }
 }

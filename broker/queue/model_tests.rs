@@ -1040,10 +1040,9 @@ impl World {
             ensure!(
                 ctx,
                 !out.duplicate,
-                "a new job with key {:?} reported as a duplicate; queue dedup {:?} expiry {:?}, model {:?}",
+                "a new job with key {:?} reported as a duplicate; queue dedup {:?}, model {:?}",
                 j.idempotency_key,
                 self.queues[k].dedup,
-                self.queues[k].dedup_expiry,
                 m.dedup
             );
             ensure_eq!(ctx, out.id.get_version_num(), 7, "id version");
@@ -1781,12 +1780,7 @@ impl World {
                 "{}: blocked, retrying",
                 q.name
             );
-            ensure!(
-                ctx,
-                q.dedup.is_empty() && q.dedup_expiry.is_empty(),
-                "{}: dedup",
-                q.name
-            );
+            ensure!(ctx, q.dedup.is_empty(), "{}: dedup", q.name);
             ensure!(
                 ctx,
                 !format!("{:?}", q.payloads).contains("Some("),
