@@ -258,6 +258,40 @@ pub struct Job {
     blocked: bool,
 }
 
+/// What a job's state-change record holds: the fields an ack, nack, expiry, cancel or
+/// purge can change. Cheaper than a [`Job`]: no payload, headers or kind are copied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobUpdate {
+    /// Id.
+    pub id: Uuid,
+    /// State after the change.
+    pub state: JobState,
+    /// Deliveries so far.
+    pub attempts: u32,
+    /// When it becomes visible (retries).
+    pub run_at: Millis,
+    /// Error of the last failed attempt.
+    pub last_error: Option<String>,
+    /// Ack result.
+    pub result: Option<Bytes>,
+    /// Where a dead job was sent.
+    pub dead_letter_queue: Option<String>,
+}
+
+impl From<&Job> for JobUpdate {
+    fn from(job: &Job) -> Self {
+        Self {
+            id: job.id,
+            state: job.state,
+            attempts: job.attempts,
+            run_at: job.run_at,
+            last_error: job.last_error.clone(),
+            result: job.result.clone(),
+            dead_letter_queue: job.dead_letter_queue.clone(),
+        }
+    }
+}
+
 impl Job {
     /// A job record rebuilt by recovery: pending, never attempted, no keys. Recovery sets
     /// the other public fields from the log, then hands it to [`Queue::restore_job`].
@@ -1545,6 +1579,32 @@ impl Queue {
     /// Seqs of jobs whose lease expired since the last call (see [`Queue::job_by_seq`]).
     pub fn take_expired(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.expired)
+    }
+
+    /// The state-change record of the job with this seq (live or finished), without
+    /// materializing the whole [`Job`].
+    pub fn job_update(&self, seq: u64) -> Option<JobUpdate> {
+        let (slot, finished) = match self.slots.get(seq) {
+            Some(slot) => (slot, None),
+            None => {
+                let f = self.finished.get(&seq)?;
+                (&f.slot, Some(f))
+            }
+        };
+        Some(JobUpdate {
+            id: self.id_of(seq, slot),
+            state: slot.state,
+            attempts: u32::from(slot.attempts),
+            run_at: slot.run_at(),
+            last_error: slot
+                .extra
+                .as_deref()
+                .and_then(|e| e.last_error.as_deref().map(str::to_owned)),
+            result: finished.and_then(|f| f.result.clone()),
+            dead_letter_queue: finished
+                .and_then(|f| f.slot.rare())
+                .and_then(|r| r.dead_letter_queue.clone()),
+        })
     }
 
     /// Looks a job up by its seq (e.g. a lease's): a live job's record is built on the

@@ -784,7 +784,16 @@ fn check_queue(ctx: &Ctx, q: &Queue, m: &Model, now: Millis, full: bool) {
     for mj in m.live.values().chain(m.history.iter()) {
         let got = q.get(&mj.id);
         ensure!(ctx, got.is_some(), "{name}: get({}) found nothing", mj.id);
-        compare_job(ctx, &got.unwrap(), mj, false);
+        let got = got.unwrap();
+        compare_job(ctx, &got, mj, false);
+        // The WAL's state-change record is read without materializing the job.
+        ensure_eq!(
+            ctx,
+            q.job_update(got.seq),
+            Some(JobUpdate::from(&got)),
+            "{name}: job_update({})",
+            mj.id
+        );
     }
 }
 

@@ -15,7 +15,9 @@ use bytes::Bytes;
 use prost::Message as _;
 use uuid::Uuid;
 
-use crate::broker::queue::{Backoff, DeadLetter, Job, JobState, Queue, QueuePolicy, Redriven};
+use crate::broker::queue::{
+    Backoff, DeadLetter, Job, JobState, JobUpdate, Queue, QueuePolicy, Redriven,
+};
 use crate::broker::time::Millis;
 use crate::broker::topic::{Retention, StoredMessage};
 
@@ -265,26 +267,30 @@ impl Batch {
     /// otherwise build and drop one per job.
     pub fn job_state_of(&mut self, queue: &str, q: &Queue, seq: u64) {
         if self.is_enabled()
-            && let Some(job) = q.job_by_seq(seq)
+            && let Some(update) = q.job_update(seq)
         {
-            self.job_state(queue, &job);
+            self.job_update(queue, update);
         }
     }
 
     /// A job's state after an ack, nack, expiry, cancel or purge.
     pub fn job_state(&mut self, queue: &str, job: &Job) {
         if self.is_enabled() {
-            self.push(Kind::JobUpdate(pb::JobUpdate {
-                queue: queue.to_owned(),
-                id: id_bytes(&job.id),
-                state: state_to_pb(job.state) as i32,
-                attempts: job.attempts,
-                run_at: job.run_at,
-                last_error: job.last_error.clone(),
-                result: job.result.clone(),
-                dead_letter_queue: job.dead_letter_queue.clone(),
-            }));
+            self.job_update(queue, JobUpdate::from(job));
         }
+    }
+
+    fn job_update(&mut self, queue: &str, update: JobUpdate) {
+        self.push(Kind::JobUpdate(pb::JobUpdate {
+            queue: queue.to_owned(),
+            id: id_bytes(&update.id),
+            state: state_to_pb(update.state) as i32,
+            attempts: update.attempts,
+            run_at: update.run_at,
+            last_error: update.last_error,
+            result: update.result,
+            dead_letter_queue: update.dead_letter_queue,
+        }));
     }
 
     /// A dead job on its way to its dead-letter queue. Recorded with the death, under the
