@@ -158,79 +158,49 @@ async fn header_priority_and_timing_limits() {
     let broker = TestBroker::start().await;
     let mut rpc = broker.rpc().await;
     let many: HashMap<String, String> = (0..65).map(|i| (format!("h{i}"), "v".into())).collect();
-    let err = rpc
-        .enqueue(enqueue(
-            "h",
-            vec![pb::JobSpec {
+    let long_value = HashMap::from([("k".to_string(), "v".repeat(4097))]);
+    let refused: [(pb::JobSpec, &[&str]); 5] = [
+        (
+            pb::JobSpec {
                 headers: many,
                 ..Default::default()
-            }],
-        ))
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
-        Code::InvalidArgument,
-        &["jobs[0].headers", "65 headers", "limit of 64"],
-    );
-    let long_value = HashMap::from([("k".to_string(), "v".repeat(4097))]);
-    let err = rpc
-        .enqueue(enqueue(
-            "h",
-            vec![pb::JobSpec {
+            },
+            &["jobs[0].headers", "65 headers", "limit of 64"],
+        ),
+        (
+            pb::JobSpec {
                 headers: long_value,
                 ..Default::default()
-            }],
-        ))
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
-        Code::InvalidArgument,
-        &["jobs[0].headers[\"k\"]", "4097", "4096"],
-    );
-    let err = rpc
-        .enqueue(enqueue(
-            "h",
-            vec![pb::JobSpec {
+            },
+            &["jobs[0].headers[\"k\"]", "4097", "4096"],
+        ),
+        (
+            pb::JobSpec {
                 priority: 10,
                 ..Default::default()
-            }],
-        ))
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
-        Code::InvalidArgument,
-        &["jobs[0].priority: 10 exceeds the limit of 9"],
-    );
-    let err = rpc
-        .enqueue(enqueue(
-            "h",
-            vec![pb::JobSpec {
+            },
+            &["jobs[0].priority: 10 exceeds the limit of 9"],
+        ),
+        (
+            pb::JobSpec {
                 delay_ms: 10,
                 run_at_unix_ms: 10,
                 ..Default::default()
-            }],
-        ))
-        .await
-        .unwrap_err();
-    assert_status(err, Code::InvalidArgument, &["delay_ms", "exclusive"]);
-    let err = rpc
-        .enqueue(enqueue(
-            "h",
-            vec![pb::JobSpec {
+            },
+            &["delay_ms", "exclusive"],
+        ),
+        (
+            pb::JobSpec {
                 max_attempts: 10_001,
                 ..Default::default()
-            }],
-        ))
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
-        Code::InvalidArgument,
-        &["jobs[0].max_attempts: 10001 exceeds the limit of 10000"],
-    );
+            },
+            &["jobs[0].max_attempts: 10001 exceeds the limit of 10000"],
+        ),
+    ];
+    for (spec, fragments) in refused {
+        let err = rpc.enqueue(enqueue("h", vec![spec])).await.unwrap_err();
+        assert_status(err, Code::InvalidArgument, fragments);
+    }
     let err = rpc
         .create_queue(pb::CreateQueueRequest {
             name: "h2".into(),
