@@ -339,7 +339,7 @@ const STREAM_PIPELINE: usize = 256;
 
 /// Validates and applies one Publish request, up to the log append.
 async fn publish_logged(
-    broker: &Broker,
+    broker: Broker,
     req: pb::PublishRequest,
 ) -> Result<Logged<Vec<Appended>>, BrokerError> {
     broker
@@ -358,21 +358,19 @@ async fn publish_logged(
     broker.publish_logged(&req.topic, messages).await
 }
 
-fn publish_response(results: Vec<Appended>) -> pb::PublishResponse {
-    pb::PublishResponse {
-        results: results
-            .into_iter()
-            .map(|r| pb::PublishResult {
-                sequence: r.sequence,
-                duplicate: r.duplicate,
-            })
-            .collect(),
-    }
+fn publish_results(results: Vec<Appended>) -> Vec<pb::PublishResult> {
+    results
+        .into_iter()
+        .map(|r| pb::PublishResult {
+            sequence: r.sequence,
+            duplicate: r.duplicate,
+        })
+        .collect()
 }
 
 /// Validates and applies one Enqueue request, up to the log append.
 async fn enqueue_logged(
-    broker: &Broker,
+    broker: Broker,
     req: pb::EnqueueRequest,
 ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
     broker.limits().check_batch("jobs", req.jobs.len())?;
@@ -391,27 +389,27 @@ async fn enqueue_logged(
 /// or from the refusal), with the fsyncs of up to [`STREAM_PIPELINE`] requests
 /// overlapping. A request the codec cannot read ends the stream with its status. On
 /// shutdown reading stops and what was read is answered.
-fn produce_stream<Req, T, Resp, Apply, Applied>(
+fn produce_stream<Req, T, Resp, Applied>(
     broker: Broker,
     inbound: tonic::Streaming<Req>,
-    mut apply: Apply,
+    apply: fn(Broker, Req) -> Applied,
     answer: fn(Result<T, BrokerError>) -> Resp,
 ) -> BoxStream<Resp>
 where
     Req: Send + 'static,
     T: Send + 'static,
     Resp: Send + 'static,
-    Apply: FnMut(Req) -> Applied + Send + 'static,
     Applied: Future<Output = Result<Logged<T>, BrokerError>> + Send + 'static,
 {
     let shutdown = broker.shutdown_token().cancelled_owned();
+    let applying = broker.clone();
     // `then` runs one request's validation, admission and append before reading the next,
     // so requests are applied in stream order; `buffered` overlaps only the durability
     // waits, and answers in order.
     let answers = inbound
         .take_until(shutdown)
         .then(move |request| {
-            let applied = request.map(&mut apply);
+            let applied = request.map(|req| apply(applying.clone(), req));
             async move {
                 match applied {
                     Ok(applied) => Ok(applied.await),
@@ -434,23 +432,28 @@ where
     Box::pin(answers)
 }
 
-/// The status a refused request would have had as a unary call, for a stream's answer.
-fn refusal(e: BrokerError) -> pb::Refusal {
-    let status = Status::from(e);
-    pb::Refusal {
-        code: status.code() as i32,
-        message: status.message().to_owned(),
+/// A stream's answer to one request: its results, or (with no results) the status the
+/// unary call would have returned.
+fn answer_parts<T: Default>(answer: Result<T, BrokerError>) -> (T, Option<pb::Refusal>) {
+    match answer {
+        Ok(results) => (results, None),
+        Err(e) => {
+            let status = Status::from(e);
+            let refusal = pb::Refusal {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+            };
+            (T::default(), Some(refusal))
+        }
     }
 }
 
 #[tonic::async_trait]
 impl broker_server::Broker for BrokerService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
-        let broker = &self.broker;
-        let logged = publish_logged(broker, request.into_inner()).await?;
-        Ok(Response::new(publish_response(
-            broker.confirm(logged).await?,
-        )))
+        let logged = publish_logged(self.broker.clone(), request.into_inner()).await?;
+        let results = publish_results(self.broker.confirm(logged).await?);
+        Ok(Response::new(pb::PublishResponse { results }))
     }
 
     type PublishStreamStream = BoxStream<pb::PublishStreamResponse>;
@@ -459,24 +462,13 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<tonic::Streaming<pb::PublishRequest>>,
     ) -> Reply<Self::PublishStreamStream> {
-        let broker = self.broker.clone();
-        let apply = move |req| {
-            let broker = broker.clone();
-            async move { publish_logged(&broker, req).await }
-        };
         Ok(Response::new(produce_stream(
             self.broker.clone(),
             request.into_inner(),
-            apply,
-            |answer| match answer {
-                Ok(results) => pb::PublishStreamResponse {
-                    results: publish_response(results).results,
-                    refused: None,
-                },
-                Err(e) => pb::PublishStreamResponse {
-                    results: Vec::new(),
-                    refused: Some(refusal(e)),
-                },
+            publish_logged,
+            |answer| {
+                let (results, refused) = answer_parts(answer.map(publish_results));
+                pb::PublishStreamResponse { results, refused }
             },
         )))
     }
@@ -568,9 +560,8 @@ impl broker_server::Broker for BrokerService {
     }
 
     async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<EncodedEnqueueResponse> {
-        let broker = &self.broker;
-        let logged = enqueue_logged(broker, request.into_inner()).await?;
-        let results = broker.confirm(logged).await?;
+        let logged = enqueue_logged(self.broker.clone(), request.into_inner()).await?;
+        let results = self.broker.confirm(logged).await?;
         Ok(Response::new(EncodedEnqueueResponse { results }))
     }
 
@@ -580,24 +571,13 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<tonic::Streaming<pb::EnqueueRequest>>,
     ) -> Reply<Self::EnqueueStreamStream> {
-        let broker = self.broker.clone();
-        let apply = move |req| {
-            let broker = broker.clone();
-            async move { enqueue_logged(&broker, req).await }
-        };
         Ok(Response::new(produce_stream(
             self.broker.clone(),
             request.into_inner(),
-            apply,
-            |answer| match answer {
-                Ok(results) => EncodedEnqueueStreamResponse {
-                    results,
-                    refused: None,
-                },
-                Err(e) => EncodedEnqueueStreamResponse {
-                    results: Vec::new(),
-                    refused: Some(refusal(e)),
-                },
+            enqueue_logged,
+            |answer| {
+                let (results, refused) = answer_parts(answer);
+                EncodedEnqueueStreamResponse { results, refused }
             },
         )))
     }
