@@ -346,6 +346,9 @@ impl Broker {
                 _ = self.inner.shutdown.cancelled() => return,
                 _ = journal.compaction_due() => {}
             }
+            if !journal.compaction_still_due() {
+                continue;
+            }
             let broker = self.clone();
             match tokio::task::spawn_blocking(move || broker.compact()).await {
                 Ok(Ok(bytes)) => {

@@ -383,6 +383,11 @@ impl Journal {
         self.wal.compaction_due().await
     }
 
+    /// Whether the log is still big enough to compact when a compaction could start.
+    pub(crate) fn compaction_still_due(&self) -> bool {
+        self.wal.compaction_still_due()
+    }
+
     /// Starts a new segment for the records appended from now on. Call under
     /// [`Journal::exclusive`]; returns the new segment and the last position before it.
     pub(crate) fn roll(&self) -> (u64, u64) {

@@ -62,9 +62,42 @@ struct Shared {
     segment_bytes: u64,
     compact_after: u64,
     max_buffered: usize,
-    /// Bytes written to segments since the newest snapshot, and that snapshot's size:
-    /// compaction is due once the log outgrows both a segment and twice the snapshot.
-    growth: Mutex<(u64, u64)>,
+    /// What the log holds beside the newest snapshot; decides when to compact.
+    growth: Mutex<LogSize>,
+}
+
+/// The bytes of the segments a snapshot has not yet replaced, per segment, and that
+/// snapshot's size. Compaction is due once these segments outgrow both the configured
+/// threshold and twice the snapshot.
+///
+/// Counted per segment because a compaction takes time: what is written to the segments
+/// after its roll stays in the log once it finishes, so it must still count then.
+#[derive(Default)]
+struct LogSize {
+    segments: Vec<(u64, u64)>,
+    bytes: u64,
+    snapshot: u64,
+}
+
+impl LogSize {
+    fn add(&mut self, segment: u64, written: u64) {
+        match self.segments.last_mut() {
+            Some((id, bytes)) if *id == segment => *bytes += written,
+            _ => self.segments.push((segment, written)),
+        }
+        self.bytes += written;
+    }
+
+    /// A snapshot of everything before segment `base`, `size` bytes long, replaced them.
+    fn replaced(&mut self, base: u64, size: u64) {
+        self.segments.retain(|&(id, _)| id >= base);
+        self.bytes = self.segments.iter().map(|&(_, bytes)| bytes).sum();
+        self.snapshot = size;
+    }
+
+    fn compaction_due(&self, threshold: u64) -> bool {
+        self.bytes >= threshold.max(2 * self.snapshot)
+    }
 }
 
 pub(crate) struct Wal {
@@ -99,7 +132,7 @@ impl Wal {
                 .compact_after_bytes
                 .unwrap_or(config.segment_bytes.max(4096)),
             max_buffered: config.max_buffered_bytes.max(1024 * 1024),
-            growth: Mutex::new((0, 0)),
+            growth: Mutex::new(LogSize::default()),
         });
         let thread = std::thread::Builder::new()
             .name("sluice-wal".into())
@@ -199,6 +232,12 @@ impl Wal {
         self.shared.compact.notified().await
     }
 
+    /// Whether the log is still big enough to compact: a wake-up stored while the last
+    /// compaction ran may be stale once it finished.
+    pub(crate) fn compaction_still_due(&self) -> bool {
+        lock(&self.shared.growth).compaction_due(self.shared.compact_after)
+    }
+
     /// Sends later appends to a new segment; returns it and the last position before it.
     pub(crate) fn roll(&self) -> (u64, u64) {
         let mut st = lock(&self.shared.state);
@@ -239,7 +278,7 @@ impl Wal {
             }
         }
         let size = frames.len() as u64;
-        *lock(&self.shared.growth) = (0, size);
+        lock(&self.shared.growth).replaced(base, size);
         Ok(size)
     }
 
@@ -377,8 +416,8 @@ impl Writer {
         let segment = *id;
         let due = {
             let mut growth = lock(&self.shared.growth);
-            growth.0 += written;
-            growth.0 >= self.shared.compact_after.max(2 * growth.1)
+            growth.add(segment, written);
+            growth.compaction_due(self.shared.compact_after)
         };
         if full {
             let mut st = lock(&self.shared.state);
@@ -444,6 +483,27 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_during_a_compaction_still_count_after_it() {
+        let mut log = LogSize::default();
+        log.add(1, 6000);
+        log.add(2, 6000);
+        assert!(log.compaction_due(8192));
+        // The compaction rolled to segment 3; while it wrote its snapshot, 9000 bytes
+        // went to segments 3 and 4, which stay in the log.
+        log.add(3, 5000);
+        log.add(4, 4000);
+        log.replaced(3, 4000);
+        assert_eq!(log.bytes, 9000);
+        assert!(log.compaction_due(8192), "9000 >= max(8192, 2 * 4000)");
+        log.replaced(5, 6000);
+        assert_eq!(log.bytes, 0);
+        log.add(5, 11_000);
+        assert!(!log.compaction_due(8192), "11000 < 2 * 6000");
+        log.add(5, 1000);
+        assert!(log.compaction_due(8192));
+    }
 
     #[test]
     fn file_names_round_trip() {
