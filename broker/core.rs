@@ -413,7 +413,7 @@ impl Broker {
                     name: entry.key().to_string(),
                     retention: t.retention(),
                     next_seq: t.next_seq(),
-                    messages: t.read(t.first_seq(), usize::MAX).messages,
+                    messages: t.read(t.first_seq(), usize::MAX).slices,
                     dedup: t.dedup_entries(),
                 }
             })
@@ -704,24 +704,24 @@ impl Broker {
         let (results, stored) = topic_guard.append(now, messages);
         slot.next_seq
             .store(topic_guard.next_seq(), Ordering::Release);
-        if batch.is_enabled() {
-            let stored_keys = keys
-                .into_iter()
-                .zip(&results)
-                .filter(|(_, r)| !r.duplicate)
-                .map(|(k, _)| k)
-                .collect();
-            batch.published(topic, &stored, stored_keys);
-        }
-        if !stored.is_empty() {
+        if let Some(block) = &stored {
+            if batch.is_enabled() {
+                let stored_keys = keys
+                    .into_iter()
+                    .zip(&results)
+                    .filter(|(_, r)| !r.duplicate)
+                    .map(|(k, _)| k)
+                    .collect();
+                batch.published(topic, block, stored_keys);
+            }
             for q in queue_guards.iter_mut() {
-                let jobs = stored
-                    .iter()
+                let jobs = block
+                    .messages()
                     .map(|m| {
-                        let mut headers = m.headers.clone();
+                        let mut headers = m.entry.headers().cloned().unwrap_or_default();
                         headers.insert(HEADER_TOPIC_SEQUENCE.into(), m.sequence.to_string());
                         NewJob {
-                            payload: m.payload.clone(),
+                            payload: m.entry.payload.clone(),
                             headers,
                             kind: topic.to_owned(),
                             ..NewJob::default()

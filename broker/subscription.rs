@@ -24,7 +24,7 @@ use crate::broker::error::BrokerError;
 use crate::broker::names::Pattern;
 use crate::broker::observe::Observer;
 use crate::broker::time::{Millis, now_ms};
-use crate::broker::topic::StoredMessage;
+use crate::broker::topic::BlockSlice;
 
 /// Where a subscription starts in topics that exist when it opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,8 +81,8 @@ pub struct GapNotice {
 pub struct SubscriptionBatch {
     /// Gaps that happened before these messages.
     pub gaps: Vec<GapNotice>,
-    /// Messages in sequence order per topic.
-    pub messages: Vec<Arc<StoredMessage>>,
+    /// Messages in sequence order per topic, as runs of the blocks that hold them.
+    pub messages: Vec<BlockSlice>,
 }
 
 /// The part of a subscription that publishers and topic creation reach.
@@ -169,13 +169,14 @@ impl Subscription {
             .retain(|c| !c.slot.deleted.load(Ordering::Acquire));
 
         let mut batch = SubscriptionBatch::default();
+        let mut count = 0;
         let n = self.cursors.len();
         for k in 0..n {
             let cursor = &mut self.cursors[(self.rotate + k) % n];
             if cursor.slot.next_seq.load(Ordering::Acquire) <= cursor.next {
                 continue;
             }
-            let room = self.spec.max_batch - batch.messages.len();
+            let room = self.spec.max_batch - count;
             let read = lock(&cursor.slot.topic).read(cursor.next, room);
             if let Some((first_missing, next_available)) = read.gap {
                 cursor.slot.gaps.fetch_add(1, Ordering::Relaxed);
@@ -192,13 +193,14 @@ impl Subscription {
                     next_available,
                 });
             }
+            count += read.slices.iter().map(BlockSlice::len).sum::<usize>();
             cursor.next = read.next;
             if batch.messages.is_empty() {
-                batch.messages = read.messages;
+                batch.messages = read.slices;
             } else {
-                batch.messages.extend(read.messages);
+                batch.messages.extend(read.slices);
             }
-            if batch.messages.len() >= self.spec.max_batch {
+            if count >= self.spec.max_batch {
                 break;
             }
         }
@@ -221,15 +223,18 @@ fn report_delivery(
 ) {
     for run in batch
         .messages
-        .chunk_by(|a, b| Arc::ptr_eq(&a.topic, &b.topic))
+        .chunk_by(|a, b| Arc::ptr_eq(&a.block.topic, &b.block.topic))
     {
         let mut latencies = run
             .iter()
-            .filter(|m| m.publish_time >= opened_at)
-            .map(|m| Duration::from_millis(now.saturating_sub(m.publish_time)))
+            .filter(|s| s.block.publish_time >= opened_at)
+            .flat_map(|s| {
+                let latency = Duration::from_millis(now.saturating_sub(s.block.publish_time));
+                std::iter::repeat_n(latency, s.len())
+            })
             .peekable();
         if latencies.peek().is_some() {
-            observer.messages_delivered(&run[0].topic, &mut latencies);
+            observer.messages_delivered(&run[0].block.topic, &mut latencies);
         }
     }
 }

@@ -3,20 +3,18 @@
 //! the retained messages themselves and writes each one's cached protobuf entry. On the
 //! wire it is exactly a `sluice.v1.SubscribeResponse`.
 //!
-//! A message is encoded once, by the first subscriber that sends it, and the bytes are
-//! kept in [`StoredMessage::wire`] for every other subscriber. The cache holds the whole
-//! `SubscribeResponse.messages` entry (field key, length, `sluice.v1.Message`), so writing
-//! a response is one copy per message; and the messages of one response that were not
-//! encoded yet are encoded together into one buffer, each cache a slice of it, so
-//! encoding costs one allocation per response rather than a few per message.
+//! A block of messages (one publish) is encoded once, by the first subscriber that sends
+//! any of it, and the bytes are kept in [`MessageBlock::wire`] for every other subscriber.
+//! The cache holds each message's whole `SubscribeResponse.messages` entry (field key,
+//! length, `sluice.v1.Message`) one after another in one buffer, so any run of a block's
+//! messages is one contiguous slice: writing a response costs one copy per block it
+//! touches, and encoding costs one allocation per block rather than a few per message.
 
-use std::sync::Arc;
-
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
 use crate::broker::limits::Headers;
-use crate::broker::topic::StoredMessage;
+use crate::broker::topic::{BlockSlice, EncodedBlock, MessageBlock, MessageRef};
 use crate::pb;
 
 #[allow(missing_docs, clippy::all)]
@@ -94,26 +92,6 @@ fn uint64_len(tag: u32, v: u64) -> usize {
     }
 }
 
-/// Length of `m` encoded as a `sluice.v1.Message` (proto3: default values left out, as
-/// prost does).
-fn message_len(m: &StoredMessage) -> usize {
-    let mut len = 0;
-    if !m.topic.is_empty() {
-        len += delimited_len(field::TOPIC, m.topic.len());
-    }
-    len += uint64_len(field::SEQUENCE, m.sequence);
-    if !m.key.is_empty() {
-        len += delimited_len(field::KEY, m.key.len());
-    }
-    if !m.headers.is_empty() {
-        len += headers_len(field::HEADERS, &m.headers);
-    }
-    if !m.payload.is_empty() {
-        len += delimited_len(field::PAYLOAD, m.payload.len());
-    }
-    len + uint64_len(field::PUBLISH_TIME, m.publish_time)
-}
-
 /// Length of a `map<string, string>` field (0 when empty and left out).
 fn headers_len(tag: u32, headers: &Headers) -> usize {
     prost::encoding::hash_map::encoded_len(
@@ -164,87 +142,122 @@ fn put_uint64(tag: u32, v: u64, buf: &mut impl BufMut) {
     }
 }
 
-/// Writes `m` as one `SubscribeResponse.messages` entry straight from the stored fields
-/// (no intermediate `pb::Message`, whose topic and headers would be copied first).
-fn put_entry(m: &StoredMessage, buf: &mut impl BufMut) {
-    encode_key(MESSAGES_TAG, WireType::LengthDelimited, buf);
-    encode_varint(message_len(m) as u64, buf);
-    if !m.topic.is_empty() {
-        put_delimited(field::TOPIC, m.topic.as_bytes(), buf);
-    }
-    put_uint64(field::SEQUENCE, m.sequence, buf);
-    if !m.key.is_empty() {
-        put_delimited(field::KEY, m.key.as_bytes(), buf);
-    }
-    put_headers(field::HEADERS, &m.headers, buf);
-    if !m.payload.is_empty() {
-        put_delimited(field::PAYLOAD, &m.payload, buf);
-    }
-    put_uint64(field::PUBLISH_TIME, m.publish_time, buf);
+/// The fields every message of a block repeats (topic and publish time), encoded once per
+/// block rather than once per message.
+struct SharedFields {
+    topic: Vec<u8>,
+    publish_time: Vec<u8>,
 }
 
-fn entry_len(m: &StoredMessage) -> usize {
-    delimited_len(MESSAGES_TAG, message_len(m))
+impl SharedFields {
+    fn of(block: &MessageBlock) -> Self {
+        let mut topic = Vec::new();
+        if !block.topic.is_empty() {
+            put_delimited(field::TOPIC, block.topic.as_bytes(), &mut topic);
+        }
+        let mut publish_time = Vec::new();
+        put_uint64(field::PUBLISH_TIME, block.publish_time, &mut publish_time);
+        Self {
+            topic,
+            publish_time,
+        }
+    }
+
+    /// Length of `m` encoded as a `sluice.v1.Message` (proto3: default values left out,
+    /// as prost does).
+    fn message_len(&self, m: MessageRef<'_>) -> usize {
+        let entry = m.entry;
+        let mut len = self.topic.len() + uint64_len(field::SEQUENCE, m.sequence);
+        if !entry.key().is_empty() {
+            len += delimited_len(field::KEY, entry.key().len());
+        }
+        if let Some(headers) = entry.headers() {
+            len += headers_len(field::HEADERS, headers);
+        }
+        if !entry.payload.is_empty() {
+            len += delimited_len(field::PAYLOAD, entry.payload.len());
+        }
+        len + self.publish_time.len()
+    }
+
+    /// Writes `m`, whose encoded length is `len`, as one `SubscribeResponse.messages`
+    /// entry straight from the stored fields, in field-number order as prost does.
+    fn put_entry(&self, m: MessageRef<'_>, len: usize, buf: &mut Vec<u8>) {
+        encode_key(MESSAGES_TAG, WireType::LengthDelimited, buf);
+        encode_varint(len as u64, buf);
+        buf.extend_from_slice(&self.topic);
+        put_uint64(field::SEQUENCE, m.sequence, buf);
+        let entry = m.entry;
+        if !entry.key().is_empty() {
+            put_delimited(field::KEY, entry.key().as_bytes(), buf);
+        }
+        if let Some(headers) = entry.headers() {
+            put_headers(field::HEADERS, headers, buf);
+        }
+        if !entry.payload.is_empty() {
+            put_delimited(field::PAYLOAD, &entry.payload, buf);
+        }
+        buf.extend_from_slice(&self.publish_time);
+    }
 }
 
-/// Fills the wire cache of every message that has none, all of them in one buffer.
-/// Another subscriber may fill some of the same caches meanwhile; its bytes are equal, and
-/// whichever lands first is kept.
-pub fn encode_missing(messages: &[Arc<StoredMessage>]) {
-    let mut pending = Vec::new();
-    let mut total = 0;
-    for m in messages.iter().filter(|m| m.wire.get().is_none()) {
-        let len = entry_len(m);
-        total += len;
-        pending.push((m, len));
-    }
-    if pending.is_empty() {
-        return;
-    }
-    let mut buf = BytesMut::with_capacity(total);
-    for (m, _) in &pending {
-        put_entry(m, &mut buf);
+/// Encodes every message of `block` into one buffer.
+fn encode_block(block: &MessageBlock) -> EncodedBlock {
+    let shared = SharedFields::of(block);
+    // `ends` first holds each message's length, computed once, then where its entry ends.
+    let mut ends: Vec<usize> = block.messages().map(|m| shared.message_len(m)).collect();
+    let total: usize = ends
+        .iter()
+        .map(|&len| delimited_len(MESSAGES_TAG, len))
+        .sum();
+    let mut buf = Vec::with_capacity(total);
+    for (m, end) in block.messages().zip(ends.iter_mut()) {
+        shared.put_entry(m, *end, &mut buf);
+        *end = buf.len();
     }
     debug_assert_eq!(buf.len(), total);
-    let buf = buf.freeze();
-    let mut start = 0;
-    for (m, len) in pending {
-        let _ = m.wire.set(buf.slice(start..start + len));
-        start += len;
+    EncodedBlock {
+        bytes: Bytes::from(buf),
+        ends,
     }
 }
 
-/// The message's cached entry, encoded alone if no batch encoded it first.
-fn entry(m: &StoredMessage) -> &Bytes {
-    m.wire.get_or_init(|| {
-        let mut buf = BytesMut::with_capacity(entry_len(m));
-        put_entry(m, &mut buf);
-        buf.freeze()
-    })
+/// The block's encoding, made now if no subscriber made it first. Two subscribers that
+/// get here together both encode it (equal bytes, the first one kept) rather than one
+/// blocking a runtime thread on the other.
+fn encoded(block: &MessageBlock) -> &EncodedBlock {
+    if let Some(done) = block.wire.get() {
+        return done;
+    }
+    let _ = block.wire.set(encode_block(block));
+    block
+        .wire
+        .get()
+        .expect("set just above, by this caller or another")
 }
 
-/// A `sluice.v1.SubscribeResponse` made of retained messages (written from their wire
-/// caches) and gap notices. Encode-only: the server never decodes it.
+/// A `sluice.v1.SubscribeResponse` made of runs of retained messages (written from their
+/// blocks' wire caches) and gap notices. Encode-only: the server never decodes it.
 #[derive(Debug, Clone, Default)]
 pub struct EncodedSubscribeResponse {
     /// The messages, in delivery order.
-    pub messages: Vec<Arc<StoredMessage>>,
+    pub messages: Vec<BlockSlice>,
     /// Gap notices.
     pub gaps: Vec<pb::Gap>,
 }
 
 impl EncodedSubscribeResponse {
-    /// A response of these messages and gaps, encoding the messages not encoded yet.
-    pub fn new(messages: Vec<Arc<StoredMessage>>, gaps: Vec<pb::Gap>) -> Self {
-        encode_missing(&messages);
+    /// A response of these messages and gaps, encoding the blocks not encoded yet.
+    pub fn new(messages: Vec<BlockSlice>, gaps: Vec<pb::Gap>) -> Self {
+        for slice in &messages {
+            encoded(&slice.block);
+        }
         Self { messages, gaps }
     }
-}
 
-impl EncodedSubscribeResponse {
     fn put(&self, buf: &mut impl BufMut) {
-        for m in &self.messages {
-            buf.put_slice(entry(m));
+        for s in &self.messages {
+            buf.put_slice(encoded(&s.block).run(s.start, s.end));
         }
         for g in &self.gaps {
             prost::encoding::message::encode(GAPS_TAG, g, buf);
@@ -252,7 +265,11 @@ impl EncodedSubscribeResponse {
     }
 
     fn wire_len(&self) -> usize {
-        let messages: usize = self.messages.iter().map(|m| entry(m).len()).sum();
+        let messages: usize = self
+            .messages
+            .iter()
+            .map(|s| encoded(&s.block).run(s.start, s.end).len())
+            .sum();
         messages + prost::encoding::message::encoded_len_repeated(GAPS_TAG, &self.gaps)
     }
 }
@@ -266,72 +283,97 @@ encode_only!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::topic::BlockEntry;
     use prost::Message;
-    use std::sync::OnceLock;
+    use std::sync::{Arc, OnceLock};
 
-    fn stored(sequence: u64, headers: &[(&str, &str)], key: &str) -> Arc<StoredMessage> {
-        Arc::new(StoredMessage {
+    fn entry(headers: &[(&str, &str)], key: &str) -> BlockEntry {
+        let headers = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        BlockEntry::new(key.into(), headers, Bytes::from_static(b"payload"))
+    }
+
+    fn block(first_sequence: u64, entries: Vec<BlockEntry>) -> Arc<MessageBlock> {
+        Arc::new(MessageBlock {
             topic: Arc::from("t"),
-            sequence,
-            key: key.into(),
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            payload: Bytes::from_static(b"payload"),
+            first_sequence,
             publish_time: 42,
+            payload_bytes: entries.iter().map(|e| e.payload.len() as u64).sum(),
+            entries,
             wire: OnceLock::new(),
         })
     }
 
-    fn as_pb(m: &StoredMessage) -> pb::Message {
+    fn as_pb(m: MessageRef<'_>) -> pb::Message {
         pb::Message {
             topic: m.topic.to_string(),
             sequence: m.sequence,
-            key: m.key.clone(),
-            headers: m.headers.clone(),
-            payload: m.payload.clone(),
+            key: m.entry.key().to_owned(),
+            headers: m.entry.headers().cloned().unwrap_or_default(),
+            payload: m.entry.payload.clone(),
             publish_time_unix_ms: m.publish_time,
+        }
+    }
+
+    fn slice(block: &Arc<MessageBlock>, start: usize, end: usize) -> BlockSlice {
+        BlockSlice {
+            block: block.clone(),
+            start,
+            end,
         }
     }
 
     #[test]
     fn is_a_subscribe_response_on_the_wire() {
-        let messages = vec![
-            stored(7, &[("a", "b")], "k"),
-            stored(8, &[], ""),
-            stored(9, &[("x", "1"), ("y", "2")], "key"),
-        ];
-        // One cache is filled alone first (another subscriber got there before).
-        let _ = entry(&messages[1]);
+        let first = block(
+            7,
+            vec![
+                entry(&[("a", "b")], "k"),
+                entry(&[], ""),
+                entry(&[("x", "1"), ("y", "2")], "key"),
+            ],
+        );
+        let second = block(10, vec![entry(&[], "z"), entry(&[("h", "v")], "")]);
+        // The second block was encoded before (another subscriber got there first).
+        encoded(&second);
         let gap = pb::Gap {
             topic: "t".into(),
             first_missing: 1,
             next_available: 5,
         };
-        let encoded = EncodedSubscribeResponse::new(messages.clone(), vec![gap.clone()]);
-        assert!(messages.iter().all(|m| m.wire.get().is_some()));
-        let bytes = encoded.encode_to_vec();
-        assert_eq!(bytes.len(), encoded.encoded_len());
+        // A run from inside the first block, then the start of the second.
+        let runs = vec![slice(&first, 1, 3), slice(&second, 0, 1)];
+        let response = EncodedSubscribeResponse::new(runs.clone(), vec![gap.clone()]);
+        assert!(first.wire.get().is_some());
+        let bytes = response.encode_to_vec();
+        assert_eq!(bytes.len(), response.encoded_len());
         let decoded = pb::SubscribeResponse::decode(bytes.as_slice()).unwrap();
-        let expected: Vec<pb::Message> = messages.iter().map(|m| as_pb(m)).collect();
+        let expected: Vec<pb::Message> =
+            runs.iter().flat_map(|s| s.messages().map(as_pb)).collect();
+        assert_eq!(
+            expected.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+            [8, 9, 10]
+        );
         assert_eq!(decoded.messages, expected);
         assert_eq!(decoded.gaps, vec![gap]);
         // Each cached entry is exactly what prost writes for the same message.
-        for (m, pb_message) in messages.iter().zip(&expected) {
+        let cache = first.wire.get().unwrap();
+        for (i, m) in first.messages().enumerate() {
             let mut alone = Vec::new();
-            prost::encoding::message::encode(MESSAGES_TAG, pb_message, &mut alone);
-            assert_eq!(m.wire.get().unwrap().len(), alone.len());
+            prost::encoding::message::encode(MESSAGES_TAG, &as_pb(m), &mut alone);
+            assert_eq!(cache.run(i, i + 1), &alone[..]);
         }
     }
 
     #[test]
-    fn cached_entries_are_reused_by_later_responses() {
-        let messages = vec![stored(1, &[], ""), stored(2, &[], "")];
-        let first = EncodedSubscribeResponse::new(messages.clone(), vec![]).encode_to_vec();
-        let cached = messages[0].wire.get().unwrap().as_ptr();
-        let second = EncodedSubscribeResponse::new(messages.clone(), vec![]).encode_to_vec();
+    fn cached_blocks_are_reused_by_later_responses() {
+        let b = block(1, vec![entry(&[], ""), entry(&[], "")]);
+        let first = EncodedSubscribeResponse::new(vec![slice(&b, 0, 2)], vec![]).encode_to_vec();
+        let cached = b.wire.get().unwrap().bytes.as_ptr();
+        let second = EncodedSubscribeResponse::new(vec![slice(&b, 0, 2)], vec![]).encode_to_vec();
         assert_eq!(first, second);
-        assert_eq!(messages[0].wire.get().unwrap().as_ptr(), cached);
+        assert_eq!(b.wire.get().unwrap().bytes.as_ptr(), cached);
     }
 }

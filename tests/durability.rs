@@ -613,13 +613,29 @@ async fn a_torn_tail_is_cut_and_a_headerless_new_segment_is_dropped() {
     stop(&broker);
 }
 
+/// The bytes of the log's files in `dir`, snapshots included. A file the compactor
+/// deletes meanwhile counts as empty.
 fn wal_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .unwrap()
-        .map(|e| e.unwrap())
+        .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().ends_with(".wal"))
-        .map(|e| e.metadata().unwrap().len())
+        .map(|e| e.metadata().map_or(0, |m| m.len()))
         .sum()
+}
+
+/// The size of the biggest complete snapshot file in `dir` (0 if none).
+fn largest_snapshot(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("snap-") && name.ends_with(".wal")
+        })
+        .map(|e| e.metadata().map_or(0, |m| m.len()))
+        .max()
+        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -674,5 +690,95 @@ async fn compaction_keeps_the_log_proportional_to_the_live_data() {
     let history = broker.job_history("churn", 100).unwrap();
     assert_eq!(history.len(), 10);
     assert!(history.iter().all(|j| j.state == JobState::Completed));
+    stop(&broker);
+}
+
+#[tokio::test]
+async fn retained_topic_messages_survive_a_snapshot() {
+    use futures::StreamExt;
+    use sluice::broker::names::Pattern;
+    use sluice::broker::subscription::{Start, SubscribeSpec};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        segment_bytes: 8192,
+        ..StoreConfig::default()
+    };
+    let storage = || Arc::new(DirStorage::open(dir.path()).unwrap());
+    let (broker, _) = open_with(storage(), config.clone()).unwrap();
+    let retention = Retention {
+        max_messages: 300,
+        ..Retention::default()
+    };
+    broker.create_topic("events", retention).await.unwrap();
+    // 2,000 messages of 200 B in blocks of 40: the last 300 are retained, starting inside
+    // a block, and more than one snapshot entry (256 messages) holds them.
+    let body = "m".repeat(200);
+    for batch in 0..50 {
+        let messages = (0..40)
+            .map(|i| NewMessage {
+                payload: Bytes::from(body.clone()),
+                key: if i % 2 == 0 {
+                    format!("k{batch}-{i}")
+                } else {
+                    String::new()
+                },
+                headers: if i % 3 == 0 {
+                    [("n".to_string(), i.to_string())].into()
+                } else {
+                    Default::default()
+                },
+                ..NewMessage::default()
+            })
+            .collect();
+        broker.publish("events", messages).await.unwrap();
+    }
+    // Compaction runs in the background, as often as the log outgrows twice the last
+    // snapshot; wait (bounded) for a snapshot that holds all 300 retained payloads, so
+    // it was captured with the oldest block partly evicted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while largest_snapshot(dir.path()) < 300 * 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no snapshot holds the retained messages; the largest has {} bytes",
+            largest_snapshot(dir.path())
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop(&broker);
+
+    let (broker, report) = open_with(storage(), config).unwrap();
+    assert!(report.snapshot.is_some());
+    let mut subscription = broker
+        .subscribe(SubscribeSpec {
+            pattern: Pattern::parse("pattern", "events").unwrap(),
+            start: Start::Earliest,
+            resume_from: Default::default(),
+            on_gap: Default::default(),
+            max_batch: 1000,
+        })
+        .unwrap();
+    let batch = subscription.next().await.unwrap().unwrap();
+    let got: Vec<(u64, String, Option<String>)> = batch
+        .messages
+        .iter()
+        .flat_map(|s| s.messages())
+        .map(|m| {
+            let header = m.entry.headers().and_then(|h| h.get("n").cloned());
+            (m.sequence, m.entry.key().to_owned(), header)
+        })
+        .collect();
+    let expected: Vec<(u64, String, Option<String>)> = (1701..=2000u64)
+        .map(|seq| {
+            let (batch, i) = ((seq - 1) / 40, (seq - 1) % 40);
+            let key = if i % 2 == 0 {
+                format!("k{batch}-{i}")
+            } else {
+                String::new()
+            };
+            (seq, key, (i % 3 == 0).then(|| i.to_string()))
+        })
+        .collect();
+    assert_eq!(got, expected);
     stop(&broker);
 }

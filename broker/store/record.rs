@@ -19,7 +19,7 @@ use crate::broker::queue::{
     Backoff, DeadLetter, Job, JobState, JobUpdate, Queue, QueuePolicy, Redriven,
 };
 use crate::broker::time::Millis;
-use crate::broker::topic::{Retention, StoredMessage};
+use crate::broker::topic::{BlockSlice, MessageBlock, MessageRef, Retention};
 
 /// The generated record messages (internal; never on the wire).
 #[allow(missing_docs, clippy::all)]
@@ -372,15 +372,10 @@ impl Batch {
     }
 
     /// Messages appended to `topic`, with the idempotency key each was published with.
-    pub fn published(
-        &mut self,
-        topic: &str,
-        messages: &[Arc<StoredMessage>],
-        keys: Vec<Option<String>>,
-    ) {
-        if self.is_enabled() && !messages.is_empty() {
-            let messages = messages
-                .iter()
+    pub fn published(&mut self, topic: &str, block: &MessageBlock, keys: Vec<Option<String>>) {
+        if self.is_enabled() {
+            let messages = block
+                .messages()
                 .zip(keys.into_iter().chain(std::iter::repeat(None)))
                 .map(|(m, key)| message_to_pb(m, key))
                 .collect();
@@ -402,12 +397,12 @@ impl Batch {
     }
 }
 
-fn message_to_pb(m: &StoredMessage, idempotency_key: Option<String>) -> pb::Message {
+fn message_to_pb(m: MessageRef<'_>, idempotency_key: Option<String>) -> pb::Message {
     pb::Message {
         sequence: m.sequence,
-        key: m.key.clone(),
-        headers: m.headers.clone(),
-        payload: m.payload.clone(),
+        key: m.entry.key().to_owned(),
+        headers: m.entry.headers().cloned().unwrap_or_default(),
+        payload: m.entry.payload.clone(),
         publish_time: m.publish_time,
         idempotency_key,
     }
@@ -432,7 +427,8 @@ pub(crate) struct SnapshotTopic {
     pub name: String,
     pub retention: Retention,
     pub next_seq: u64,
-    pub messages: Vec<Arc<StoredMessage>>,
+    /// Retained messages, as runs of their blocks.
+    pub messages: Vec<BlockSlice>,
     pub dedup: Vec<(String, u64, Millis)>,
 }
 
@@ -501,10 +497,16 @@ pub(crate) fn snapshot_frames(
             }))
         };
         ops.push(def(0));
-        for chunk in t.messages.chunks(SNAPSHOT_OPS_PER_ENTRY) {
+        let mut messages = t.messages.iter().flat_map(|s| s.messages()).peekable();
+        while messages.peek().is_some() {
+            let chunk = messages
+                .by_ref()
+                .take(SNAPSHOT_OPS_PER_ENTRY)
+                .map(|m| message_to_pb(m, None))
+                .collect();
             ops.push(op(Kind::Publish(pb::Publish {
                 topic: t.name.clone(),
-                messages: chunk.iter().map(|m| message_to_pb(m, None)).collect(),
+                messages: chunk,
             })));
             flush(&mut out, &mut ops);
         }

@@ -9,7 +9,6 @@
 //! to cut the log at the first bad record (files after it are renamed `*.damaged`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Arc;
 
 use prost::Message as _;
 use uuid::Uuid;
@@ -22,7 +21,7 @@ use super::record::{
 use super::wal::{parse_segment, parse_snapshot};
 use crate::broker::queue::{Job, Queue, QueuePolicy};
 use crate::broker::time::Millis;
-use crate::broker::topic::{Retention, StoredMessage, Topic};
+use crate::broker::topic::{BlockEntry, Retention, Topic};
 
 /// Why the broker refuses to start on its data directory.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -463,20 +462,9 @@ impl Replay {
             Kind::TopicDelete(d) => return self.topics.remove(&d.name).is_some(),
             Kind::Publish(p) => {
                 let topic = self.topic(&p.topic);
-                let name: Arc<str> = topic.name().clone();
                 for m in p.messages {
-                    topic.restore_message(
-                        StoredMessage {
-                            topic: name.clone(),
-                            sequence: m.sequence,
-                            key: m.key,
-                            headers: m.headers,
-                            payload: m.payload,
-                            publish_time: m.publish_time,
-                            wire: std::sync::OnceLock::new(),
-                        },
-                        m.idempotency_key,
-                    );
+                    let entry = BlockEntry::new(m.key, m.headers, m.payload);
+                    topic.restore_message(m.sequence, m.publish_time, entry, m.idempotency_key);
                 }
             }
             Kind::TopicDedupKey(d) => {
