@@ -41,7 +41,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "sluice,sluice-streams,sluice-nodelay,raw-tonic,raw-tonic-streams,rabbitmq,nats,jetstream,redis"
+        default_value = "sluice,sluice-streams,sluice-nodelay,raw-tonic,raw-tonic-streams,raw-tonic-streams-process,rabbitmq,nats,jetstream,redis"
     )]
     systems: Vec<String>,
     /// Flags given to `sluice serve` for the durable table (whitespace separated).
@@ -77,6 +77,10 @@ struct Args {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
+    /// Internal: serve the raw-tonic baseline and nothing else (how the harness starts
+    /// `raw-tonic-streams-process`).
+    #[arg(long, hide = true)]
+    serve_raw: bool,
 }
 
 /// The systems under test.
@@ -89,6 +93,9 @@ enum System {
     /// The baseline driven through `PublishStream`, so that "Sluice (streams)" has a
     /// transport limit measured the same way it produces.
     RawStreams,
+    /// The streams baseline in a process of its own, as a broker runs: the transport's
+    /// limit for two processes sharing the machine.
+    RawStreamsProcess,
     Rabbit,
     Nats,
     JetStream,
@@ -96,12 +103,13 @@ enum System {
 }
 
 impl System {
-    const ALL: [System; 9] = [
+    const ALL: [System; 10] = [
         System::Sluice,
         System::SluiceStreams,
         System::SluiceNoDelay,
         System::Raw,
         System::RawStreams,
+        System::RawStreamsProcess,
         System::Rabbit,
         System::Nats,
         System::JetStream,
@@ -115,6 +123,7 @@ impl System {
             System::SluiceNoDelay => "sluice-nodelay",
             System::Raw => "raw-tonic",
             System::RawStreams => "raw-tonic-streams",
+            System::RawStreamsProcess => "raw-tonic-streams-process",
             System::Rabbit => "rabbitmq",
             System::Nats => "nats",
             System::JetStream => "jetstream",
@@ -129,6 +138,7 @@ impl System {
             System::SluiceNoDelay => "Sluice in-process, TCP_NODELAY (diagnostic)",
             System::Raw => "raw tonic (transport limit)",
             System::RawStreams => "raw tonic, streams (transport limit)",
+            System::RawStreamsProcess => "raw tonic, streams, own process (transport limit)",
             System::Rabbit => "RabbitMQ (lapin)",
             System::Nats => "NATS core",
             System::JetStream => "NATS JetStream",
@@ -142,7 +152,8 @@ impl System {
             | System::SluiceStreams
             | System::SluiceNoDelay
             | System::Raw
-            | System::RawStreams => None,
+            | System::RawStreams
+            | System::RawStreamsProcess => None,
             System::Rabbit => Some(rabbit::ADDR),
             System::Nats | System::JetStream => Some(nats::ADDR),
             System::Redis => Some(redis_streams::ADDR),
@@ -330,7 +341,9 @@ fn relevant(system: System, case: &Case) -> bool {
             case.kind,
             Kind::S1 { .. } | Kind::S2 { .. } | Kind::S3Topic | Kind::S3Queue
         ),
-        System::RawStreams => matches!(case.kind, Kind::S1 { .. } | Kind::S3Topic),
+        System::RawStreams | System::RawStreamsProcess => {
+            matches!(case.kind, Kind::S1 { .. } | Kind::S3Topic)
+        }
         System::SluiceNoDelay => {
             case.storage == Storage::Memory
                 && !matches!(case.kind, Kind::S5Backlog { .. } | Kind::S4 { subs: 1000 })
@@ -349,7 +362,7 @@ fn not_applicable(system: System, case: &Case) -> Option<String> {
             S5Backlog { .. } => Some("n/a (RSS would include the harness)".into()),
             _ => None,
         },
-        System::Raw | System::RawStreams => match case.kind {
+        System::Raw | System::RawStreams | System::RawStreamsProcess => match case.kind {
             _ if durable => Some("n/a (no storage)".into()),
             S5Backlog { .. } | S5Expiry { .. } => Some("n/a (no queue state)".into()),
             _ => None,
@@ -469,6 +482,15 @@ async fn run_case(
         }
         System::RawStreams => {
             let server = raw::start().await?;
+            let addr = server.addr;
+            match case.kind {
+                S1 { subs, batch } => sluice_peer::s1(addr, s, Produce::Stream, subs, batch).await,
+                S3Topic => sluice_peer::s3_topic(addr, s, Produce::Stream, S3_RATE).await,
+                _ => unreachable!("filtered by relevant"),
+            }
+        }
+        System::RawStreamsProcess => {
+            let server = raw::RawProcess::start()?;
             let addr = server.addr;
             match case.kind {
                 S1 { subs, batch } => sluice_peer::s1(addr, s, Produce::Stream, subs, batch).await,
@@ -798,7 +820,11 @@ fn report(
          per figure, so its RSS can be read from `/proc/<pid>/status`); the raw-tonic \
          baseline serves the same `sluice.v1` RPCs in the harness process with no broker \
          logic (broadcast channel / deque), marking gRPC's own limit; its streams row \
-         publishes over `PublishStream` like Sluice (streams).\n\
+         publishes over `PublishStream` like Sluice (streams). \"raw tonic, streams, own \
+         process\" is the same server in a process of its own (the harness binary re-run \
+         with `--serve-raw`), as every broker runs: two processes share the 2 cores and every \
+         hand-off between them is a wake-up across processes, so it is the transport's limit \
+         for Sluice (streams).\n\
          - Latency (S3, S4): open loop, a pacing thread starts every send at its intended \
          time on its own task, and receivers record `receive time - intended send time` in \
          an HdrHistogram (µs, 3 significant digits), so a stalled broker is charged for every \
@@ -853,6 +879,9 @@ fn report(
 fn main() -> Result<(), BoxError> {
     init_clock();
     let args = Args::parse();
+    if args.serve_raw {
+        return raw::serve_alone();
+    }
     let quick = args.quick;
     let window = Duration::from_millis(args.window_ms.unwrap_or(if quick { 700 } else { 3000 }));
     let s = Settings {

@@ -85,6 +85,62 @@ pub async fn start() -> Result<RawServer, Box<dyn std::error::Error + Send + Syn
     Ok(RawServer { addr, stop })
 }
 
+/// Serves the baseline on its own (the harness re-run as `--serve-raw`): prints the
+/// address on stdout, then serves until stdin closes, which happens when the harness
+/// kills its [`RawProcess`] or exits.
+pub fn serve_alone() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // The same runtime shape as `sluice serve` (one worker per core).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let server = start().await?;
+        println!("{}", server.addr);
+        tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
+            .await??;
+        Ok(())
+    })
+}
+
+/// The baseline in a process of its own, as a broker runs, so that its rows pay for the
+/// same cross-process hand-offs as every broker's; stopped on drop.
+pub struct RawProcess {
+    /// Its address.
+    pub addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl RawProcess {
+    /// Starts the harness binary again as `--serve-raw` and reads the address it prints.
+    pub fn start() -> Result<RawProcess, Box<dyn std::error::Error + Send + Sync>> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--serve-raw")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        match line.trim().parse() {
+            Ok(addr) => Ok(RawProcess { addr, child }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(format!("the raw-tonic process printed {line:?}, not its address").into())
+            }
+        }
+    }
+}
+
+impl Drop for RawProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Routes the six RPCs of the baseline; anything else is UNIMPLEMENTED.
 #[derive(Clone)]
 struct Router(RawService);
