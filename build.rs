@@ -10,10 +10,15 @@
 //! buffer); and one request,
 //! `ConsumeRequest`, whose acks keep their lease ids as slices of the received buffer.
 //!
+//! Client and server stubs use `grpc_codec.rs` instead of `tonic_prost::ProstCodec`.
+//!
 //! The internal WAL records (`proto/sluice/internal/wal.proto`) are compiled separately,
 //! without gRPC stubs, and kept out of the descriptor set: they are not part of the API.
 
 use prost::Message as _;
+
+/// Both sides' gRPC codec: prost's, reserving each message's length before writing it.
+const CODEC: &str = "crate::grpc_codec::Codec";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/sluice/v1/sluice.proto"];
@@ -24,12 +29,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".")
         .build_server(false)
+        .codec_path(CODEC)
         .compile_fds(fds.clone())?;
 
     let server_dir = out_dir.join("server");
     std::fs::create_dir_all(&server_dir)?;
     tonic_prost_build::configure()
         .build_client(false)
+        .codec_path(CODEC)
         .out_dir(&server_dir)
         .extern_path(
             ".sluice.v1.SubscribeResponse",

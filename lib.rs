@@ -29,6 +29,7 @@ pub mod pb {
 
 pub mod broker;
 pub mod client;
+pub mod grpc_codec;
 
 /// Compiles the README's Rust examples as doc tests, so they cannot rot.
 #[cfg(doctest)]
