@@ -375,12 +375,12 @@ async fn enqueue_logged(
 ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
     broker.limits().check_batch("jobs", req.jobs.len())?;
     let now = crate::broker::time::now_ms();
-    let jobs = req
-        .jobs
-        .into_iter()
-        .enumerate()
-        .map(|(i, spec)| job_spec(i, spec, now))
-        .collect::<Result<Vec<_>, _>>()?;
+    // A fresh vector, not `collect`: collecting in place would reuse the request's
+    // allocation and then shrink it to fit the smaller `NewJob`s, copying them all.
+    let mut jobs = Vec::with_capacity(req.jobs.len());
+    for (i, spec) in req.jobs.into_iter().enumerate() {
+        jobs.push(job_spec(i, spec, now)?);
+    }
     broker.enqueue_logged(&req.queue, jobs).await
 }
 
