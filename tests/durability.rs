@@ -638,13 +638,28 @@ fn largest_snapshot(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// 8 KiB segments, so a few hundred kilobytes of records make compaction run.
+fn small_segments() -> StoreConfig {
+    StoreConfig {
+        segment_bytes: 8192,
+        ..StoreConfig::default()
+    }
+}
+
+/// Polls `done` until it succeeds; compaction runs in the background, so the wait is
+/// bounded (20 s) and a timeout fails with `done`'s last message.
+async fn wait_for_compaction(done: impl Fn() -> Result<(), String>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while let Err(why) = done() {
+        assert!(std::time::Instant::now() < deadline, "{why}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn compaction_keeps_the_log_proportional_to_the_live_data() {
     let dir = tempfile::tempdir().unwrap();
-    let config = StoreConfig {
-        segment_bytes: 8192,
-        ..StoreConfig::default()
-    };
+    let config = small_segments();
     let storage = || Arc::new(DirStorage::open(dir.path()).unwrap());
     let (broker, _) = open_with(storage(), config.clone()).unwrap();
     broker
@@ -671,15 +686,13 @@ async fn compaction_keeps_the_log_proportional_to_the_live_data() {
         .unwrap();
     // About 1 MB went through the log; the live data is 5 jobs and 10 in history.
     // Compaction runs in the background: wait for it, bounded.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while wal_bytes(dir.path()) > 64 * 1024 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the log still holds {} bytes",
-            wal_bytes(dir.path())
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for_compaction(|| {
+        let held = wal_bytes(dir.path());
+        (held <= 64 * 1024)
+            .then_some(())
+            .ok_or(format!("the log still holds {held} bytes"))
+    })
+    .await;
     stop(&broker);
 
     let (broker, report) = open_with(storage(), config).unwrap();
@@ -700,10 +713,7 @@ async fn retained_topic_messages_survive_a_snapshot() {
     use sluice::broker::subscription::{Start, SubscribeSpec};
 
     let dir = tempfile::tempdir().unwrap();
-    let config = StoreConfig {
-        segment_bytes: 8192,
-        ..StoreConfig::default()
-    };
+    let config = small_segments();
     let storage = || Arc::new(DirStorage::open(dir.path()).unwrap());
     let (broker, _) = open_with(storage(), config.clone()).unwrap();
     let retention = Retention {
@@ -736,15 +746,13 @@ async fn retained_topic_messages_survive_a_snapshot() {
     // Compaction runs in the background, as often as the log outgrows twice the last
     // snapshot; wait (bounded) for a snapshot that holds all 300 retained payloads, so
     // it was captured with the oldest block partly evicted.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while largest_snapshot(dir.path()) < 300 * 200 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no snapshot holds the retained messages; the largest has {} bytes",
-            largest_snapshot(dir.path())
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for_compaction(|| {
+        let largest = largest_snapshot(dir.path());
+        (largest >= 300 * 200).then_some(()).ok_or(format!(
+            "no snapshot holds the retained messages; the largest has {largest} bytes"
+        ))
+    })
+    .await;
     stop(&broker);
 
     let (broker, report) = open_with(storage(), config).unwrap();
