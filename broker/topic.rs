@@ -75,6 +75,25 @@ pub struct MessageBlock {
 }
 
 impl MessageBlock {
+    /// A block of `entries` from `first_sequence`, all published at `publish_time`, not
+    /// encoded yet.
+    pub fn new(
+        topic: Arc<str>,
+        first_sequence: u64,
+        publish_time: Millis,
+        entries: Vec<BlockEntry>,
+    ) -> Self {
+        let payload_bytes = entries.iter().map(|e| e.payload.len() as u64).sum();
+        Self {
+            topic,
+            first_sequence,
+            publish_time,
+            entries,
+            payload_bytes,
+            wire: OnceLock::new(),
+        }
+    }
+
     /// The sequence after the block's last message.
     pub fn end_sequence(&self) -> u64 {
         self.first_sequence + self.entries.len() as u64
@@ -297,7 +316,6 @@ impl Topic {
         let time = now.max(self.last_time);
         self.last_time = time;
         let first_sequence = self.next_seq;
-        let bytes_before = self.bytes;
         let mut results = Vec::with_capacity(messages.len());
         let mut entries = Vec::with_capacity(messages.len());
         for m in messages {
@@ -315,7 +333,6 @@ impl Topic {
                 let expires = now + PUBLISH_DEDUP_WINDOW_MS;
                 self.dedup.insert(key, sequence, expires);
             }
-            self.bytes += m.payload.len() as u64;
             entries.push(BlockEntry::new(m.key, m.headers, m.payload));
             results.push(Appended {
                 sequence,
@@ -325,14 +342,12 @@ impl Topic {
         if entries.is_empty() {
             return (results, None);
         }
-        let block = Arc::new(MessageBlock {
-            topic: self.name.clone(),
+        let block = Arc::new(MessageBlock::new(
+            self.name.clone(),
             first_sequence,
-            publish_time: time,
+            time,
             entries,
-            payload_bytes: self.bytes - bytes_before,
-            wire: OnceLock::new(),
-        });
+        ));
         self.push_block(block.clone());
         self.published += block.entries.len() as u64;
         self.publish_rate.record(now, block.entries.len() as u64);
@@ -347,6 +362,7 @@ impl Topic {
             self.first_seq = block.first_sequence;
         }
         self.next_seq = block.end_sequence();
+        self.bytes += block.payload_bytes;
         self.log.push_back(block);
     }
 
@@ -463,26 +479,26 @@ impl Topic {
             self.restore_dedup(key, sequence, publish_time + PUBLISH_DEDUP_WINDOW_MS);
         }
         self.last_time = self.last_time.max(publish_time);
-        self.bytes += entry.payload.len() as u64;
         // Recovery owns the topic: no reader shares its blocks yet.
         let joined = match self.log.back_mut().and_then(Arc::get_mut) {
             Some(last) if last.publish_time == publish_time => {
-                last.payload_bytes += entry.payload.len() as u64;
+                let len = entry.payload.len() as u64;
+                last.payload_bytes += len;
                 last.entries.push(entry);
+                self.bytes += len;
                 self.next_seq += 1;
                 None
             }
             _ => Some(entry),
         };
         if let Some(entry) = joined {
-            self.push_block(Arc::new(MessageBlock {
-                topic: self.name.clone(),
-                first_sequence: sequence,
+            let name = self.name.clone();
+            self.push_block(Arc::new(MessageBlock::new(
+                name,
+                sequence,
                 publish_time,
-                payload_bytes: entry.payload.len() as u64,
-                entries: vec![entry],
-                wire: OnceLock::new(),
-            }));
+                vec![entry],
+            )));
         }
         self.enforce_retention(publish_time);
     }

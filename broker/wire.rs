@@ -285,7 +285,7 @@ mod tests {
     use super::*;
     use crate::broker::topic::BlockEntry;
     use prost::Message;
-    use std::sync::{Arc, OnceLock};
+    use std::sync::Arc;
 
     fn entry(headers: &[(&str, &str)], key: &str) -> BlockEntry {
         let headers = headers
@@ -296,14 +296,12 @@ mod tests {
     }
 
     fn block(first_sequence: u64, entries: Vec<BlockEntry>) -> Arc<MessageBlock> {
-        Arc::new(MessageBlock {
-            topic: Arc::from("t"),
+        Arc::new(MessageBlock::new(
+            Arc::from("t"),
             first_sequence,
-            publish_time: 42,
-            payload_bytes: entries.iter().map(|e| e.payload.len() as u64).sum(),
+            42,
             entries,
-            wire: OnceLock::new(),
-        })
+        ))
     }
 
     fn as_pb(m: MessageRef<'_>) -> pb::Message {

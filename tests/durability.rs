@@ -613,27 +613,31 @@ async fn a_torn_tail_is_cut_and_a_headerless_new_segment_is_dropped() {
     stop(&broker);
 }
 
-/// The bytes of the log's files in `dir`, snapshots included. A file the compactor
-/// deletes meanwhile counts as empty.
-fn wal_bytes(dir: &Path) -> u64 {
+/// The log's files in `dir` (segments and complete snapshots) with their sizes. A file the
+/// compactor deletes meanwhile counts as empty.
+fn log_files(dir: &Path) -> Vec<(String, u64)> {
     std::fs::read_dir(dir)
         .unwrap()
         .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".wal"))
-        .map(|e| e.metadata().map_or(0, |m| m.len()))
-        .sum()
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, e.metadata().map_or(0, |m| m.len()))
+        })
+        .filter(|(name, _)| name.ends_with(".wal"))
+        .collect()
+}
+
+/// The bytes of the log's files in `dir`, snapshots included.
+fn wal_bytes(dir: &Path) -> u64 {
+    log_files(dir).iter().map(|(_, len)| len).sum()
 }
 
 /// The size of the biggest complete snapshot file in `dir` (0 if none).
 fn largest_snapshot(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with("snap-") && name.ends_with(".wal")
-        })
-        .map(|e| e.metadata().map_or(0, |m| m.len()))
+    log_files(dir)
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("snap-"))
+        .map(|(_, len)| len)
         .max()
         .unwrap_or(0)
 }

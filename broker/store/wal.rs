@@ -75,7 +75,6 @@ struct Shared {
 #[derive(Default)]
 struct LogSize {
     segments: Vec<(u64, u64)>,
-    bytes: u64,
     snapshot: u64,
 }
 
@@ -85,18 +84,21 @@ impl LogSize {
             Some((id, bytes)) if *id == segment => *bytes += written,
             _ => self.segments.push((segment, written)),
         }
-        self.bytes += written;
     }
 
     /// A snapshot of everything before segment `base`, `size` bytes long, replaced them.
     fn replaced(&mut self, base: u64, size: u64) {
         self.segments.retain(|&(id, _)| id >= base);
-        self.bytes = self.segments.iter().map(|&(_, bytes)| bytes).sum();
         self.snapshot = size;
     }
 
+    /// Bytes in the segments no snapshot replaced (a handful between compactions).
+    fn bytes(&self) -> u64 {
+        self.segments.iter().map(|&(_, bytes)| bytes).sum()
+    }
+
     fn compaction_due(&self, threshold: u64) -> bool {
-        self.bytes >= threshold.max(2 * self.snapshot)
+        self.bytes() >= threshold.max(2 * self.snapshot)
     }
 }
 
@@ -495,10 +497,10 @@ mod tests {
         log.add(3, 5000);
         log.add(4, 4000);
         log.replaced(3, 4000);
-        assert_eq!(log.bytes, 9000);
+        assert_eq!(log.bytes(), 9000);
         assert!(log.compaction_due(8192), "9000 >= max(8192, 2 * 4000)");
         log.replaced(5, 6000);
-        assert_eq!(log.bytes, 0);
+        assert_eq!(log.bytes(), 0);
         log.add(5, 11_000);
         assert!(!log.compaction_due(8192), "11000 < 2 * 6000");
         log.add(5, 1000);
