@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::broker::auth::Authenticator;
 use crate::broker::cli;
 use crate::broker::core::BrokerConfig;
 use crate::broker::http::HttpOptions;
 use crate::broker::limits::Limits;
-use crate::broker::server::ServeOptions;
+use crate::broker::server::{ServeOptions, TlsSettings};
 use crate::broker::store::{FsyncPolicy, StoreConfig};
 
 /// Sluice: a message broker served over gRPC.
@@ -51,6 +52,9 @@ pub enum Command {
     Purge(cli::PurgeArgs),
     /// List the workers seen on a queue.
     Consumers(cli::ConsumersArgs),
+    /// Make a new random bearer token and print it with the SHA-256 line for the tokens
+    /// file (`--hash` prints the hash of a token read from stdin instead).
+    Token(cli::TokenArgs),
 }
 
 /// Where the broker keeps its state.
@@ -65,13 +69,31 @@ pub enum StorageKind {
 /// `sluice serve` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// gRPC listen address. Binding a non-loopback address needs `--insecure` until auth
-    /// lands, so a broker is never exposed by accident.
+    /// gRPC listen address. A non-loopback address needs `--tokens-file` (or `--insecure`),
+    /// so a broker is never exposed by accident.
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Allow a non-loopback listen address without authentication.
     #[arg(long, env = "SLUICE_INSECURE")]
     pub insecure: bool,
+    /// Bearer tokens (TOML: `[[token]]` tables with `name`, `sha256` and the name patterns
+    /// each of `publish`, `subscribe`, `enqueue`, `consume`, `admin` may act on). When set,
+    /// every broker RPC needs a known token and is denied what its patterns do not cover.
+    /// Reloaded on SIGHUP.
+    #[arg(long, env = "SLUICE_TOKENS_FILE", value_name = "PATH")]
+    pub tokens_file: Option<PathBuf>,
+    /// Serve TLS with this PEM certificate chain (needs `--tls-key`).
+    #[arg(long, env = "SLUICE_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env = "SLUICE_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this PEM CA (mutual TLS; needs `--tls-cert`).
+    #[arg(long, env = "SLUICE_TLS_CLIENT_CA", value_name = "PATH")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Most open client connections; more are closed as they arrive and logged.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
     /// Largest message or job payload, bytes.
     #[arg(long, env = "SLUICE_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
@@ -125,19 +147,33 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Refuses settings that are unsafe or inconsistent.
     pub fn check(&self) -> Result<(), String> {
-        if !self.listen.ip().is_loopback() && !self.insecure {
+        if !self.listen.ip().is_loopback() && !self.insecure && self.tokens_file.is_none() {
             return Err(format!(
-                "--listen {} is not a loopback address and authentication is not configured: pass --insecure (SLUICE_INSECURE=true) to serve it anyway",
+                "--listen {} is not a loopback address and authentication is not configured: set --tokens-file, or pass --insecure (SLUICE_INSECURE=true) to serve it anyway",
                 self.listen
             ));
         }
+        // The operations server has no authentication of its own: tokens do not cover it.
         if let Some(http) = self.http
             && !http.ip().is_loopback()
             && !self.insecure
         {
             return Err(format!(
-                "--http {http} is not a loopback address and authentication is not configured: pass --insecure (SLUICE_INSECURE=true) to serve it anyway"
+                "--http {http} is not a loopback address and the operations server has no authentication: pass --insecure (SLUICE_INSECURE=true) to serve it anyway"
             ));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err("--tls-cert needs --tls-key".into()),
+            (None, Some(_)) => return Err("--tls-key needs --tls-cert".into()),
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(
+                "--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked during a TLS handshake".into(),
+            );
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections 0 is below the minimum of 1".into());
         }
         if self.segment_bytes < 4096 {
             return Err(format!(
@@ -185,12 +221,33 @@ impl ServeArgs {
         }
     }
 
-    /// The server's settings.
-    pub fn serve_options(&self) -> ServeOptions {
-        ServeOptions {
+    /// The server's settings, with the TLS files and the tokens file read.
+    pub fn serve_options(&self) -> Result<ServeOptions, String> {
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsSettings {
+                cert_pem: read("--tls-cert", cert)?,
+                key_pem: read("--tls-key", key)?,
+                client_ca_pem: match &self.tls_client_ca {
+                    Some(ca) => Some(read("--tls-client-ca", ca)?),
+                    None => None,
+                },
+            }),
+            _ => None,
+        };
+        let auth = match &self.tokens_file {
+            Some(path) => Some(Authenticator::from_file(path)?),
+            None => None,
+        };
+        Ok(ServeOptions {
             max_request_bytes: self.max_request_bytes,
             max_streams_per_connection: self.max_streams_per_connection,
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
-        }
+            max_connections: self.max_connections,
+            tls,
+            auth,
+        })
     }
 }

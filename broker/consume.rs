@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
+use crate::broker::auth::{Access, Action};
 use crate::broker::core::{Broker, QueueSlot};
 use crate::broker::error::BrokerError;
 use crate::broker::limits::check_duration_ms;
@@ -20,6 +21,9 @@ use crate::broker::time::now_ms;
 /// Who consumes what.
 #[derive(Debug, Clone)]
 pub struct ConsumeSpec {
+    /// What the stream may do: it was allowed to consume `queue`; acks it sends for
+    /// leases of other queues are checked against this too.
+    pub access: Access,
     /// Queue name.
     pub queue: String,
     /// Worker name (empty: the address).
@@ -169,7 +173,7 @@ where
                     } else {
                         (self.credits + command.credits as u64).min(MAX_CREDITS)
                     };
-                    match self.broker.settle(&self.slot, command, &mut self.outstanding).await {
+                    match self.broker.settle(&self.slot, &self.spec.access, command, &mut self.outstanding).await {
                         Ok(refused) if refused.is_empty() => {}
                         Ok(refused) => return Some(ConsumeEvent::Refused(refused)),
                         Err(e) => return Some(self.fail(e)),
@@ -253,6 +257,7 @@ impl Broker {
     async fn settle(
         &self,
         slot: &QueueSlot,
+        access: &Access,
         command: ConsumeCommands,
         outstanding: &mut Leases,
     ) -> Result<Vec<(String, BrokerError)>, BrokerError> {
@@ -350,6 +355,12 @@ impl Broker {
         }
         self.durable(commit).await?;
         for (lease_id, result) in foreign_acks {
+            let queue = LeaseId::queue_of(&lease_id).unwrap_or_default();
+            let allowed = access.check(Action::Consume, "acks.lease_id", queue);
+            if let Err(e) = allowed {
+                refused.push((lease_id, e));
+                continue;
+            }
             if let Err(e) = self.ack(vec![(lease_id.clone(), result)]).await {
                 refused.push((lease_id, e));
             }

@@ -28,6 +28,14 @@ pub enum BrokerError {
     /// A subscriber fell behind retention under the end-stream gap policy (DATA_LOSS).
     #[error("{0}")]
     DataLoss(String),
+    /// The request carried no known bearer token while the broker requires one
+    /// (UNAUTHENTICATED).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The token is known but its grant does not cover the action on that name
+    /// (PERMISSION_DENIED).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The broker is shutting down (UNAVAILABLE).
     #[error("the broker is shutting down")]
     ShuttingDown,
@@ -77,6 +85,8 @@ impl From<BrokerError> for tonic::Status {
             BrokerError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             BrokerError::ResourceExhausted(_) => tonic::Status::resource_exhausted(message),
             BrokerError::DataLoss(_) => tonic::Status::data_loss(message),
+            BrokerError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
+            BrokerError::PermissionDenied(_) => tonic::Status::permission_denied(message),
             BrokerError::ShuttingDown | BrokerError::StorageFailed(_) => {
                 tonic::Status::unavailable(message)
             }

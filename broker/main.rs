@@ -36,11 +36,22 @@ async fn main() -> std::process::ExitCode {
         | Command::Jobs(_)
         | Command::Redrive(_)
         | Command::Purge(_)
-        | Command::Consumers(_)) => sluice::broker::cli::run(command).await,
+        | Command::Consumers(_)
+        | Command::Token(_)) => sluice::broker::cli::run(command).await,
         Command::Serve(args) => {
             if let Err(e) = args.check() {
                 eprintln!("sluice: {e}");
                 return std::process::ExitCode::from(2);
+            }
+            let options = match args.serve_options() {
+                Ok(options) => options,
+                Err(e) => {
+                    eprintln!("sluice: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            if let Some(auth) = &options.auth {
+                tokio::spawn(reload_tokens_on_hangup(auth.clone()));
             }
             let listener = match tokio::net::TcpListener::bind(args.listen).await {
                 Ok(l) => l,
@@ -81,13 +92,7 @@ async fn main() -> std::process::ExitCode {
                     token.cancelled_owned(),
                 ))
             });
-            let served = serve(
-                listener,
-                broker.clone(),
-                args.serve_options(),
-                shutdown_signal(),
-            )
-            .await;
+            let served = serve(listener, broker.clone(), options, shutdown_signal()).await;
             // If gRPC failed on its own, the HTTP server must not keep the process alive.
             broker.shutdown();
             broker.close_storage();
@@ -133,6 +138,26 @@ fn open_wal(args: &ServeArgs) -> Result<Broker, String> {
         "recovered state from the write-ahead log"
     );
     Ok(broker)
+}
+
+/// Reads the tokens file again on each SIGHUP (to rotate tokens without a restart); a
+/// file that does not parse is logged and the tokens in use stay.
+async fn reload_tokens_on_hangup(auth: sluice::broker::auth::Authenticator) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match auth.reload() {
+                Ok(n) => tracing::info!(hashes = n, "tokens file reloaded"),
+                Err(e) => tracing::error!("tokens file not reloaded, the old tokens stay: {e}"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(auth);
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -1,7 +1,7 @@
 //! The broker: domain modules, and the gRPC service that exposes them.
 //!
 //! Domain modules ([`queue`], [`topic`], [`dedup`], [`subscription`], [`consume`], [`core`],
-//! [`names`], [`limits`], [`observe`]) know nothing of tonic, protobuf or HTTP. [`service`] alone maps
+//! [`names`], [`limits`], [`observe`], [`auth`]) know nothing of tonic, protobuf or HTTP. [`service`] alone maps
 //! proto <-> domain and [`error`] alone maps [`BrokerError`] to `tonic::Status`. [`server`]
 //! assembles the gRPC server (with health and reflection) around a [`Broker`]; [`http`]
 //! serves `/metrics`, `/healthz` and the live dashboard; [`cli`] is the admin command line,
@@ -9,6 +9,7 @@
 //! with group commit, recovery and compaction, driven by hooks in [`core`] that append each
 //! change's records under the lock of what it changed.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod consume;
@@ -31,4 +32,4 @@ pub mod wire;
 
 pub use self::core::{Broker, BrokerConfig};
 pub use self::error::BrokerError;
-pub use self::server::{MAX_FRAME_BYTES, ServeOptions, serve};
+pub use self::server::{MAX_FRAME_BYTES, ServeOptions, TlsSettings, serve};

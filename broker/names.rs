@@ -129,6 +129,29 @@ impl Pattern {
         }
         names.next().is_none()
     }
+
+    /// Whether every name `other` matches is also matched by `self`: a permission rule
+    /// `user.>` covers a subscription to `user.*`, but `user.*` does not cover `user.>`.
+    /// One pass over both token lists.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        let mut theirs = other.tokens.iter();
+        for token in &self.tokens {
+            let Some(their) = theirs.next() else {
+                return false;
+            };
+            let ok = match (token, their) {
+                (PatternToken::Rest, _) => return true,
+                (PatternToken::One, PatternToken::Rest) => false,
+                (PatternToken::One, _) => true,
+                (PatternToken::Literal(a), PatternToken::Literal(b)) => a == b,
+                (PatternToken::Literal(_), _) => false,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        theirs.next().is_none()
+    }
 }
 
 impl std::fmt::Display for Pattern {

@@ -352,6 +352,12 @@ impl LeaseId {
         Ok((queue, seq, nonce))
     }
 
+    /// The queue a lease id names, if it is well formed (to check a permission before the
+    /// settlement itself parses and checks the id).
+    pub fn queue_of(s: &str) -> Option<&str> {
+        Self::split(s).ok().map(|(queue, _, _)| queue)
+    }
+
     /// Parses a lease id that most likely names `queue`, sharing its name if so (settling
     /// a stream's leases then allocates nothing).
     pub fn parse_for(s: &str, queue: &Arc<str>) -> Option<Self> {

@@ -1,12 +1,20 @@
-//! Assembles the gRPC server: the broker service, health checking and reflection.
+//! Assembles the gRPC server: the broker service, health checking and reflection, with
+//! TLS (and client certificates) when configured, and a cap on open connections.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use crate::broker::auth::Authenticator;
 use crate::broker::core::Broker;
 use crate::broker::service::BrokerService;
 use crate::broker::wire::broker_server::BrokerServer;
@@ -20,6 +28,12 @@ pub struct ServeOptions {
     pub max_streams_per_connection: u32,
     /// How long open requests may take to finish after shutdown starts.
     pub drain_timeout: Duration,
+    /// Most open client connections; more are closed as they arrive (and logged).
+    pub max_connections: usize,
+    /// Serve TLS with this certificate (and require client certificates if it has a CA).
+    pub tls: Option<TlsSettings>,
+    /// Require a bearer token on every broker RPC (health and reflection stay open).
+    pub auth: Option<Authenticator>,
 }
 
 impl Default for ServeOptions {
@@ -28,7 +42,100 @@ impl Default for ServeOptions {
             max_request_bytes: 64 * 1024 * 1024,
             max_streams_per_connection: 1_024,
             drain_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
+            tls: None,
+            auth: None,
         }
+    }
+}
+
+/// The server's TLS material, PEM-encoded.
+#[derive(Clone)]
+pub struct TlsSettings {
+    /// Certificate chain, leaf first.
+    pub cert_pem: Vec<u8>,
+    /// Its private key.
+    pub key_pem: Vec<u8>,
+    /// With a CA, clients must present a certificate it signed (mutual TLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    // The private key is never printed, not even in a debug dump of the options.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("cert_pem", &format!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"<redacted>")
+            .field(
+                "client_ca_pem",
+                &self.client_ca_pem.as_ref().map(|c| c.len()),
+            )
+            .finish()
+    }
+}
+
+impl TlsSettings {
+    fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        let identity = tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem);
+        let config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        match &self.client_ca_pem {
+            Some(ca) => config.client_ca_root(tonic::transport::Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+}
+
+/// An accepted connection holding one of the server's connection slots until it closes.
+struct AdmittedConnection {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connected for AdmittedConnection {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for AdmittedConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AdmittedConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -70,21 +177,41 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let service = BrokerServer::new(BrokerService::new(broker.clone()))
+    let service = BrokerServer::new(BrokerService::new(broker.clone(), options.auth.clone()))
         .max_decoding_message_size(options.max_request_bytes);
 
     let token = broker.shutdown_token();
-    // `Server::tcp_nodelay` only applies to listeners tonic binds itself; on this one,
-    // Nagle's algorithm meeting delayed ACKs held every small response back ~40 ms.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(stream) = &conn
-            && let Err(e) = stream.set_nodelay(true)
-        {
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    let max_connections = options.max_connections;
+    let incoming = TcpListenerStream::new(listener).filter_map(move |conn| {
+        let stream = match conn {
+            Ok(stream) => stream,
+            Err(e) => return Some(Err(e)),
+        };
+        // A gRPC client cannot be told why before the HTTP/2 handshake, so the refusal is
+        // logged here and the client sees its connection closed (UNAVAILABLE).
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                peer = ?stream.peer_addr().ok(),
+                "connection refused: {max_connections} connections are open, the limit of --max-connections"
+            );
+            return None;
+        };
+        // `Server::tcp_nodelay` only applies to listeners tonic binds itself; on this one,
+        // Nagle's algorithm meeting delayed ACKs held every small response back ~40 ms.
+        if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        conn
+        Some(Ok::<_, std::io::Error>(AdmittedConnection {
+            stream,
+            _slot: slot,
+        }))
     });
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        builder = builder.tls_config(tls.server_config())?;
+    }
+    let server = builder
         .max_concurrent_streams(Some(options.max_streams_per_connection))
         .initial_stream_window_size(Some(1024 * 1024))
         .initial_connection_window_size(Some(4 * 1024 * 1024))
@@ -109,7 +236,16 @@ pub async fn serve(
                     .await;
             }
         });
-    tracing::info!(?addr, "sluice serving gRPC");
+    tracing::info!(
+        ?addr,
+        tls = options.tls.is_some(),
+        client_certificates = options
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_pem.is_some()),
+        tokens = options.auth.is_some(),
+        "sluice serving gRPC"
+    );
     let drain_limit = async {
         token.cancelled().await;
         tokio::time::sleep(options.drain_timeout).await;

@@ -9,13 +9,14 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::broker::auth::{Access, Action, Authenticator};
 use crate::broker::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
 use crate::broker::core::{Broker, LeaseParams, Logged, PolicyPatch, QueueInfo, StatsSnapshot};
 use crate::broker::error::BrokerError;
 use crate::broker::limits::{check_duration_ms, checked};
 use crate::broker::names::Pattern;
 use crate::broker::queue::{
-    self, Backoff, Enqueued, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
+    self, Backoff, Enqueued, Job, JobState, LeaseId, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
 };
 use crate::broker::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
 use crate::broker::topic::{Appended, NewMessage, Retention};
@@ -35,12 +36,36 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[derive(Clone)]
 pub struct BrokerService {
     broker: Broker,
+    /// `None`: no tokens file, every request may do anything.
+    auth: Option<Authenticator>,
 }
 
 impl BrokerService {
-    /// Wraps a broker.
-    pub fn new(broker: Broker) -> Self {
-        Self { broker }
+    /// Wraps a broker; `auth` set means every request needs a known bearer token and
+    /// may do only what its grant allows.
+    pub fn new(broker: Broker, auth: Option<Authenticator>) -> Self {
+        Self { broker, auth }
+    }
+
+    /// What a request may do, from its `authorization` metadata. Every RPC asks first,
+    /// before it looks at its message, so a refused request changes nothing.
+    fn access<T>(&self, req: &Request<T>) -> Result<Access, Status> {
+        let Some(auth) = &self.auth else {
+            return Ok(Access::open());
+        };
+        let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+        auth.authenticate(header)
+            .map(Access::granted)
+            .map_err(|failure| Status::from(failure.into_error()))
+    }
+}
+
+/// Refuses a settlement of a lease whose queue the request may not consume from. A
+/// malformed id passes: the settlement itself refuses it with the field.
+fn check_lease(access: &Access, field: &str, lease_id: &str) -> Result<(), BrokerError> {
+    match LeaseId::queue_of(lease_id) {
+        Some(queue) => access.check(Action::Consume, field, queue),
+        None => Ok(()),
     }
 }
 
@@ -260,6 +285,54 @@ fn retention_to_pb(r: Retention) -> pb::RetentionPolicy {
     }
 }
 
+/// Who may read a job: its producer, its workers, its admins.
+const JOB_READERS: &[Action] = &[Action::Enqueue, Action::Consume, Action::Admin];
+/// Who may put jobs into a queue or take them back out (cancel): its producers and
+/// admins.
+const QUEUE_WRITERS: &[Action] = &[Action::Enqueue, Action::Admin];
+
+/// A policy reaches beyond its queue: a topic binding reads topics, so it needs
+/// `subscribe` covering its pattern, and a dead-letter queue receives jobs, so it needs
+/// `enqueue` or `admin` on it. Without these checks, admin on one queue would read every
+/// topic or fill any queue.
+fn check_policy_reach(access: &Access, patch: &PolicyPatch) -> Result<(), BrokerError> {
+    for (i, binding) in patch.topic_bindings.iter().flatten().enumerate() {
+        let field = format!("policy.topic_bindings[{i}]");
+        let pattern = Pattern::parse(&field, binding)?;
+        access.check_pattern(Action::Subscribe, &field, &pattern)?;
+    }
+    if let Some(dlq) = &patch.dead_letter_queue {
+        access.check_any(QUEUE_WRITERS, "policy.dead_letter_queue", dlq)?;
+    }
+    Ok(())
+}
+
+/// Stats name queues and topics: each named one needs admin on it.
+fn check_stats_filter(
+    access: &Access,
+    queues: &[String],
+    topics: &[String],
+) -> Result<(), BrokerError> {
+    for q in queues {
+        access.check(Action::Admin, "queues", q)?;
+    }
+    for t in topics {
+        access.check(Action::Admin, "topics", t)?;
+    }
+    Ok(())
+}
+
+/// Stats without a filter show only what the request may administer.
+fn visible(mut snapshot: StatsSnapshot, access: &Access) -> StatsSnapshot {
+    snapshot
+        .queues
+        .retain(|(name, _)| access.allows_name(Action::Admin, name));
+    snapshot
+        .topics
+        .retain(|t| access.allows_name(Action::Admin, &t.name));
+    snapshot
+}
+
 fn stats_to_pb(s: StatsSnapshot) -> pb::StatsResponse {
     pb::StatsResponse {
         queues: s
@@ -340,8 +413,10 @@ const STREAM_PIPELINE: usize = 256;
 /// Validates and applies one Publish request, up to the log append.
 async fn publish_logged(
     broker: Broker,
+    access: Access,
     req: pb::PublishRequest,
 ) -> Result<Logged<Vec<Appended>>, BrokerError> {
+    access.check(Action::Publish, "topic", &req.topic)?;
     broker
         .limits()
         .check_batch("messages", req.messages.len())?;
@@ -371,8 +446,10 @@ fn publish_results(results: Vec<Appended>) -> Vec<pb::PublishResult> {
 /// Validates and applies one Enqueue request, up to the log append.
 async fn enqueue_logged(
     broker: Broker,
+    access: Access,
     req: pb::EnqueueRequest,
 ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
+    access.check(Action::Enqueue, "queue", &req.queue)?;
     broker.limits().check_batch("jobs", req.jobs.len())?;
     let now = crate::broker::time::now_ms();
     // A fresh vector, not `collect`: collecting in place would reuse the request's
@@ -391,8 +468,9 @@ async fn enqueue_logged(
 /// shutdown reading stops and what was read is answered.
 fn produce_stream<Req, T, Resp, Applied>(
     broker: Broker,
+    access: Access,
     inbound: tonic::Streaming<Req>,
-    apply: fn(Broker, Req) -> Applied,
+    apply: fn(Broker, Access, Req) -> Applied,
     answer: fn(Result<T, BrokerError>) -> Resp,
 ) -> BoxStream<Resp>
 where
@@ -409,7 +487,7 @@ where
     let answers = inbound
         .take_until(shutdown)
         .then(move |request| {
-            let applied = request.map(|req| apply(applying.clone(), req));
+            let applied = request.map(|req| apply(applying.clone(), access.clone(), req));
             async move {
                 match applied {
                     Ok(applied) => Ok(applied.await),
@@ -451,7 +529,8 @@ fn answer_parts<T: Default>(answer: Result<T, BrokerError>) -> (T, Option<pb::Re
 #[tonic::async_trait]
 impl broker_server::Broker for BrokerService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
-        let logged = publish_logged(self.broker.clone(), request.into_inner()).await?;
+        let access = self.access(&request)?;
+        let logged = publish_logged(self.broker.clone(), access, request.into_inner()).await?;
         let results = publish_results(self.broker.confirm(logged).await?);
         Ok(Response::new(pb::PublishResponse { results }))
     }
@@ -462,8 +541,10 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<tonic::Streaming<pb::PublishRequest>>,
     ) -> Reply<Self::PublishStreamStream> {
+        let access = self.access(&request)?;
         Ok(Response::new(produce_stream(
             self.broker.clone(),
+            access,
             request.into_inner(),
             publish_logged,
             |answer| {
@@ -479,8 +560,10 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Reply<Self::SubscribeStream> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
         let pattern = Pattern::parse("pattern", &req.pattern)?;
+        access.check_pattern(Action::Subscribe, "pattern", &pattern)?;
         let start = match pb::StartPosition::try_from(req.start) {
             Ok(pb::StartPosition::Unspecified | pb::StartPosition::Latest) => Start::Latest,
             Ok(pb::StartPosition::Earliest) => Start::Earliest,
@@ -535,7 +618,9 @@ impl broker_server::Broker for BrokerService {
     }
 
     async fn create_topic(&self, request: Request<pb::CreateTopicRequest>) -> Reply<pb::TopicInfo> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
+        access.check(Action::Admin, "name", &req.name)?;
         let defaults = Retention::default();
         let r = req.retention.unwrap_or_default();
         let pick = |v: u64, d: u64| if v == 0 { d } else { v };
@@ -555,12 +640,16 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Reply<pb::DeleteTopicResponse> {
-        self.broker.delete_topic(&request.into_inner().name).await?;
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, "name", &name)?;
+        self.broker.delete_topic(&name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
     async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<EncodedEnqueueResponse> {
-        let logged = enqueue_logged(self.broker.clone(), request.into_inner()).await?;
+        let access = self.access(&request)?;
+        let logged = enqueue_logged(self.broker.clone(), access, request.into_inner()).await?;
         let results = self.broker.confirm(logged).await?;
         Ok(Response::new(EncodedEnqueueResponse { results }))
     }
@@ -571,8 +660,10 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<tonic::Streaming<pb::EnqueueRequest>>,
     ) -> Reply<Self::EnqueueStreamStream> {
+        let access = self.access(&request)?;
         Ok(Response::new(produce_stream(
             self.broker.clone(),
+            access,
             request.into_inner(),
             enqueue_logged,
             |answer| {
@@ -583,8 +674,10 @@ impl broker_server::Broker for BrokerService {
     }
 
     async fn lease(&self, request: Request<pb::LeaseRequest>) -> Reply<EncodedLeaseResponse> {
+        let access = self.access(&request)?;
         let address = peer(&request);
         let req = request.into_inner();
+        access.check(Action::Consume, "queue", &req.queue)?;
         let params = LeaseParams {
             max_jobs: req.max_jobs as usize,
             visibility_timeout_ms: (req.visibility_timeout_ms > 0)
@@ -602,8 +695,12 @@ impl broker_server::Broker for BrokerService {
     }
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
         self.broker.limits().check_batch("acks", req.acks.len())?;
+        for ack in &req.acks {
+            check_lease(&access, "acks.lease_id", &ack.lease_id)?;
+        }
         let acks = req
             .acks
             .into_iter()
@@ -614,7 +711,9 @@ impl broker_server::Broker for BrokerService {
     }
 
     async fn nack(&self, request: Request<pb::NackRequest>) -> Reply<pb::NackResponse> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
+        check_lease(&access, "lease_id", &req.lease_id)?;
         let (state, at) = self
             .broker
             .nack(
@@ -636,6 +735,7 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<tonic::Streaming<ReceivedConsumeRequest>>,
     ) -> Reply<Self::ConsumeStream> {
+        let access = self.access(&request)?;
         let address = peer(&request);
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
@@ -648,7 +748,9 @@ impl broker_server::Broker for BrokerService {
             )
             .into());
         }
+        access.check(Action::Consume, "queue", &first.queue)?;
         let spec = ConsumeSpec {
+            access,
             queue: first.queue.clone(),
             consumer: first.consumer.clone(),
             address,
@@ -692,7 +794,9 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::ExtendLeaseRequest>,
     ) -> Reply<pb::ExtendLeaseResponse> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
+        check_lease(&access, "lease_id", &req.lease_id)?;
         let deadline = self
             .broker
             .extend_lease(&req.lease_id, req.visibility_timeout_ms)?;
@@ -702,15 +806,33 @@ impl broker_server::Broker for BrokerService {
     }
 
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Reply<pb::Job> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
         let queue = opt_string(req.queue);
+        if let Some(queue) = &queue {
+            access.check_any(JOB_READERS, "queue", queue)?;
+        }
         let (queue, job) = self.broker.get_job(&req.id, queue.as_deref())?;
+        access.check_any(JOB_READERS, "id", &queue)?;
         Ok(Response::new(job_to_pb(&queue, job)))
     }
 
     async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Reply<pb::Job> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
-        let queue = opt_string(req.queue);
+        let queue = match opt_string(req.queue) {
+            Some(queue) => {
+                access.check_any(QUEUE_WRITERS, "queue", &queue)?;
+                Some(queue)
+            }
+            // The job's queue decides the permission: find it before changing anything.
+            None if self.auth.is_some() => {
+                let (queue, _) = self.broker.get_job(&req.id, None)?;
+                access.check_any(QUEUE_WRITERS, "id", &queue)?;
+                Some(queue)
+            }
+            None => None,
+        };
         let (queue, job) = self.broker.cancel_job(&req.id, queue.as_deref()).await?;
         Ok(Response::new(job_to_pb(&queue, job)))
     }
@@ -719,7 +841,9 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Reply<pb::ListJobsResponse> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
+        access.check(Action::Admin, "queue", &req.queue)?;
         let state = state_from_pb("state", req.state)?;
         let (jobs, next) =
             self.broker
@@ -734,7 +858,9 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::JobHistoryRequest>,
     ) -> Reply<pb::JobHistoryResponse> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
+        access.check(Action::Admin, "queue", &req.queue)?;
         let jobs = self.broker.job_history(&req.queue, req.limit as usize)?;
         Ok(Response::new(pb::JobHistoryResponse {
             jobs: jobs.into_iter().map(|j| job_to_pb(&req.queue, j)).collect(),
@@ -742,20 +868,22 @@ impl broker_server::Broker for BrokerService {
     }
 
     async fn create_queue(&self, request: Request<pb::CreateQueueRequest>) -> Reply<pb::QueueInfo> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
-        let info = self
-            .broker
-            .create_queue(&req.name, policy_patch(req.policy, false))
-            .await?;
+        access.check(Action::Admin, "name", &req.name)?;
+        let patch = policy_patch(req.policy, false);
+        check_policy_reach(&access, &patch)?;
+        let info = self.broker.create_queue(&req.name, patch).await?;
         Ok(Response::new(queue_info_to_pb(info)))
     }
 
     async fn update_queue(&self, request: Request<pb::UpdateQueueRequest>) -> Reply<pb::QueueInfo> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
-        let info = self
-            .broker
-            .update_queue(&req.name, policy_patch(req.policy, true))
-            .await?;
+        access.check(Action::Admin, "name", &req.name)?;
+        let patch = policy_patch(req.policy, true);
+        check_policy_reach(&access, &patch)?;
+        let info = self.broker.update_queue(&req.name, patch).await?;
         Ok(Response::new(queue_info_to_pb(info)))
     }
 
@@ -763,7 +891,10 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::PurgeQueueRequest>,
     ) -> Reply<pb::PurgeQueueResponse> {
-        let purged = self.broker.purge_queue(&request.into_inner().name).await?;
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, "name", &name)?;
+        let purged = self.broker.purge_queue(&name).await?;
         Ok(Response::new(pb::PurgeQueueResponse { purged }))
     }
 
@@ -771,28 +902,33 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::DeleteQueueRequest>,
     ) -> Reply<pb::DeleteQueueResponse> {
-        self.broker.delete_queue(&request.into_inner().name).await?;
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, "name", &name)?;
+        self.broker.delete_queue(&name).await?;
         Ok(Response::new(pb::DeleteQueueResponse {}))
     }
 
     async fn pause_queue(&self, request: Request<pb::PauseQueueRequest>) -> Reply<pb::QueueInfo> {
-        let info = self
-            .broker
-            .set_paused(&request.into_inner().name, true)
-            .await?;
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, "name", &name)?;
+        let info = self.broker.set_paused(&name, true).await?;
         Ok(Response::new(queue_info_to_pb(info)))
     }
 
     async fn resume_queue(&self, request: Request<pb::ResumeQueueRequest>) -> Reply<pb::QueueInfo> {
-        let info = self
-            .broker
-            .set_paused(&request.into_inner().name, false)
-            .await?;
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, "name", &name)?;
+        let info = self.broker.set_paused(&name, false).await?;
         Ok(Response::new(queue_info_to_pb(info)))
     }
 
     async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Reply<pb::RedriveResponse> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
+        access.check(Action::Admin, "dead_letter_queue", &req.dead_letter_queue)?;
         let outcome = self
             .broker
             .redrive(
@@ -810,23 +946,26 @@ impl broker_server::Broker for BrokerService {
 
     async fn list_queues(
         &self,
-        _request: Request<pb::ListQueuesRequest>,
+        request: Request<pb::ListQueuesRequest>,
     ) -> Reply<pb::ListQueuesResponse> {
+        let access = self.access(&request)?;
         Ok(Response::new(pb::ListQueuesResponse {
             queues: self
                 .broker
                 .list_queues()
                 .into_iter()
+                .filter(|q| access.allows_name(Action::Admin, &q.name))
                 .map(queue_info_to_pb)
                 .collect(),
         }))
     }
 
     async fn stats(&self, request: Request<pb::StatsRequest>) -> Reply<pb::StatsResponse> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
-        Ok(Response::new(stats_to_pb(
-            self.broker.stats(&req.queues, &req.topics),
-        )))
+        check_stats_filter(&access, &req.queues, &req.topics)?;
+        let snapshot = self.broker.stats(&req.queues, &req.topics);
+        Ok(Response::new(stats_to_pb(visible(snapshot, &access))))
     }
 
     type WatchStatsStream = BoxStream<pb::StatsResponse>;
@@ -835,6 +974,7 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::WatchStatsRequest>,
     ) -> Reply<Self::WatchStatsStream> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
         let interval_ms = match req.interval_ms {
             0 => 1_000,
@@ -848,13 +988,17 @@ impl broker_server::Broker for BrokerService {
             v => v as u64,
         };
         let filter = Arc::new(req.filter.unwrap_or_default());
+        check_stats_filter(&access, &filter.queues, &filter.topics)?;
         let broker = self.broker.clone();
         let mut interval = tokio::time::interval(Duration::from_millis(interval_ms));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ticks = tokio_stream::wrappers::IntervalStream::new(interval);
         let shutdown = self.broker.shutdown_token().cancelled_owned();
         let stream = ticks
-            .map(move |_| Ok(stats_to_pb(broker.stats(&filter.queues, &filter.topics))))
+            .map(move |_| {
+                let snapshot = broker.stats(&filter.queues, &filter.topics);
+                Ok(stats_to_pb(visible(snapshot, &access)))
+            })
             .take_until(shutdown);
         Ok(Response::new(Box::pin(stream)))
     }
@@ -863,7 +1007,9 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::ListConsumersRequest>,
     ) -> Reply<pb::ListConsumersResponse> {
+        let access = self.access(&request)?;
         let req = request.into_inner();
+        access.check(Action::Admin, "queue", &req.queue)?;
         let consumers = self.broker.list_consumers(&req.queue)?;
         Ok(Response::new(pb::ListConsumersResponse {
             consumers: consumers

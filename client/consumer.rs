@@ -7,15 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::client::Rpc;
 use futures::Stream;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::client::error::{ClientError, Result};
 use crate::client::{Lease, millis};
 use crate::pb;
-use crate::pb::broker_client::BrokerClient;
 
 /// State shared by a consumer's background task and the leases it handed out.
 #[derive(Debug, Default)]
@@ -66,7 +65,7 @@ impl Drop for StreamTicket {
 #[must_use = "call .open().await to start consuming"]
 #[derive(Debug)]
 pub struct ConsumeBuilder {
-    pub(crate) rpc: BrokerClient<Channel>,
+    pub(crate) rpc: Rpc,
     pub(crate) first: pb::ConsumeRequest,
 }
 
@@ -139,7 +138,7 @@ impl Stream for Consumer {
 }
 
 async fn run(
-    rpc: BrokerClient<Channel>,
+    rpc: Rpc,
     mut inbound: tonic::Streaming<pb::ConsumeResponse>,
     out: mpsc::Sender<pb::ConsumeRequest>,
     shared: Arc<StreamShared>,

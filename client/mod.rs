@@ -32,6 +32,7 @@ mod error;
 mod producer;
 mod request;
 mod subscribe;
+mod transport;
 mod worker;
 
 use std::collections::HashMap;
@@ -39,7 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::pb;
 use crate::pb::broker_client::BrokerClient;
@@ -50,6 +51,7 @@ pub use error::{ClientError, Result};
 pub use producer::{Enqueuer, Publisher};
 pub use request::{CORRELATION_ID, ERROR_HEADER, REPLY_TO};
 pub use subscribe::{Delivery, StartAt, Subscribe};
+pub use transport::{ConnectOptions, MAX_FRAME_BYTES, Rpc, Transport};
 pub use worker::{
     Done, Failure, JobContext, JobError, MAX_CONCURRENCY, MAX_VISIBILITY_TIMEOUT,
     MIN_VISIBILITY_TIMEOUT, UnknownKind, Worker, WorkerReport,
@@ -58,15 +60,10 @@ pub use worker::{
 /// Largest message the client sends or accepts (a whole batch).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Largest HTTP/2 frame the client accepts (advertised in its SETTINGS; the HTTP/2 default
-/// is 16 KiB), so a batch of leased jobs or messages usually arrives in one frame. The
-/// broker advertises the same.
-pub const MAX_FRAME_BYTES: u32 = 256 * 1024;
-
 /// A connection to a Sluice broker. Cheap to clone: clones share one HTTP/2 connection.
 #[derive(Clone, Debug)]
 pub struct Client {
-    rpc: BrokerClient<Channel>,
+    rpc: Rpc,
 }
 
 /// One Publish request, for the unary call or a [`Publisher`] stream.
@@ -101,26 +98,26 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Client {
-    /// Connects to `url`, e.g. `http://127.0.0.1:50051`.
+    /// Connects to `url`, e.g. `http://127.0.0.1:50051`, without a token or TLS.
     pub async fn connect(url: impl Into<String>) -> Result<Self> {
-        let url = url.into();
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| ClientError::InvalidUrl {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .initial_stream_window_size(1024 * 1024)
-            .initial_connection_window_size(4 * 1024 * 1024)
-            .max_frame_size(MAX_FRAME_BYTES);
-        Ok(Self::from_channel(endpoint.connect().await?))
+        Self::connect_with(url, ConnectOptions::new()).await
     }
 
-    /// Wraps an existing channel.
+    /// Connects to `url` with a bearer token and TLS settings; see [`ConnectOptions`].
+    pub async fn connect_with(url: impl Into<String>, options: ConnectOptions) -> Result<Self> {
+        let channel = options.endpoint(&url.into())?.connect().await?;
+        Ok(Self::from_transport(options.transport(channel)?))
+    }
+
+    /// Wraps an existing channel (no token).
     pub fn from_channel(channel: Channel) -> Self {
+        Self::from_transport(Transport::new(channel))
+    }
+
+    /// Wraps an existing transport.
+    pub fn from_transport(transport: Transport) -> Self {
         Self {
-            rpc: BrokerClient::new(channel)
+            rpc: BrokerClient::new(transport)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         }
@@ -128,7 +125,7 @@ impl Client {
 
     /// The generated gRPC client, for RPCs this wrapper does not cover (queue
     /// administration, stats, redrive...).
-    pub fn rpc(&self) -> BrokerClient<Channel> {
+    pub fn rpc(&self) -> Rpc {
         self.rpc.clone()
     }
 
@@ -431,7 +428,7 @@ pub struct Enqueued {
 #[must_use = "call .send().await to enqueue"]
 #[derive(Debug)]
 pub struct EnqueueBuilder {
-    rpc: BrokerClient<Channel>,
+    rpc: Rpc,
     queue: String,
     job: Job,
 }
@@ -490,7 +487,7 @@ impl EnqueueBuilder {
 #[must_use = "call .send().await to lease"]
 #[derive(Debug)]
 pub struct LeaseBuilder {
-    rpc: BrokerClient<Channel>,
+    rpc: Rpc,
     request: pb::LeaseRequest,
 }
 
@@ -553,7 +550,7 @@ pub struct NackOutcome {
 #[must_use = "a lease must be acked or nacked, or it expires and the job is redelivered"]
 #[derive(Debug, Clone)]
 pub struct Lease {
-    rpc: BrokerClient<Channel>,
+    rpc: Rpc,
     job: pb::LeasedJob,
     /// Set for leases from a consume stream: acks go on the stream, and dropping the last
     /// clone gives the stream's credit back.
@@ -562,7 +559,7 @@ pub struct Lease {
 
 impl Lease {
     pub(crate) fn from_stream(
-        rpc: BrokerClient<Channel>,
+        rpc: Rpc,
         job: pb::LeasedJob,
         shared: Arc<consumer::StreamShared>,
     ) -> Self {

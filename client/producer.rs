@@ -11,14 +11,13 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 
+use crate::client::Rpc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::client::error::{ClientError, Result};
 use crate::client::{Enqueued, Job, Message, enqueue_request, enqueued, publish_request};
 use crate::pb;
-use crate::pb::broker_client::BrokerClient;
 
 /// Requests one stream keeps unanswered at most; the broker holds as many (it answers each
 /// once durable), so more would only wait in its socket buffer.
@@ -35,7 +34,7 @@ type Opened<Resp> = Pin<
 >;
 
 /// Opens the stream RPC over a stream of requests.
-type Open<Req, Resp> = fn(BrokerClient<Channel>, ReceiverStream<Req>) -> Opened<Resp>;
+type Open<Req, Resp> = fn(Rpc, ReceiverStream<Req>) -> Opened<Resp>;
 
 /// The caller's side of a pipelined stream.
 #[derive(Debug)]
@@ -54,7 +53,7 @@ impl<Req, Resp> Clone for Pipeline<Req, Resp> {
 }
 
 impl<Req: Send + 'static, Resp: Send + 'static> Pipeline<Req, Resp> {
-    fn start(rpc: BrokerClient<Channel>, name: &'static str, open: Open<Req, Resp>) -> Self {
+    fn start(rpc: Rpc, name: &'static str, open: Open<Req, Resp>) -> Self {
         let (requests, rx) = mpsc::channel(PIPELINE);
         tokio::spawn(drive(rpc, name, open, rx));
         Self { requests, name }
@@ -79,7 +78,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Pipeline<Req, Resp> {
 /// oldest waiting caller. Stops when every handle is dropped, after the answers of what
 /// was sent.
 async fn drive<Req, Resp>(
-    rpc: BrokerClient<Channel>,
+    rpc: Rpc,
     name: &'static str,
     open: Open<Req, Resp>,
     mut incoming: mpsc::Receiver<Pending<Req, Resp>>,
@@ -165,7 +164,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub(crate) fn new(rpc: BrokerClient<Channel>) -> Self {
+    pub(crate) fn new(rpc: Rpc) -> Self {
         let open: Open<_, _> = |mut rpc, requests| {
             Box::pin(async move { Ok(rpc.publish_stream(requests).await?.into_inner()) })
         };
@@ -201,7 +200,7 @@ pub struct Enqueuer {
 }
 
 impl Enqueuer {
-    pub(crate) fn new(rpc: BrokerClient<Channel>) -> Self {
+    pub(crate) fn new(rpc: Rpc) -> Self {
         let open: Open<_, _> = |mut rpc, requests| {
             Box::pin(async move { Ok(rpc.enqueue_stream(requests).await?.into_inner()) })
         };

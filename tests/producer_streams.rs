@@ -40,10 +40,7 @@ fn enqueue(queue: &str, payload: &str, priority: u32) -> pb::EnqueueRequest {
     }
 }
 
-async fn topic_messages(
-    rpc: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
-    topic: &str,
-) -> u64 {
+async fn topic_messages(rpc: &mut sluice::client::Rpc, topic: &str) -> u64 {
     let stats = rpc
         .stats(pb::StatsRequest {
             topics: vec![topic.into()],

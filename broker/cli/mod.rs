@@ -1,5 +1,6 @@
 //! The admin command line (`sluice queues`, `sluice stats`, `sluice enqueue`, ...): a gRPC
-//! client of a running broker, built on the generated [`BrokerClient`].
+//! client of a running broker, built on the generated client over the typed client's
+//! [`Transport`](crate::client::Transport) (so it sends the same token and TLS settings).
 //!
 //! Every command prints a human table by default and JSON with `--json` (one object per
 //! line for streaming commands). Errors go to stderr with the gRPC status code, and the
@@ -17,8 +18,8 @@ use base64::Engine as _;
 use bytes::Bytes;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
+use crate::client::{ConnectOptions, Rpc};
 use crate::pb;
 use crate::pb::broker_client::BrokerClient;
 use table::{Table, age, count, rate};
@@ -37,6 +38,29 @@ pub struct Connection {
     /// Print JSON instead of tables (one object per line for streams).
     #[arg(long, env = "SLUICE_JSON")]
     pub json: bool,
+    /// Bearer token, for a broker started with `--tokens-file`.
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA that signed the broker's certificate, for an `https://` server URL.
+    #[arg(long, env = "SLUICE_CA_CERT", value_name = "PATH")]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// PEM client certificate, for a broker that requires one (needs `--client-key`).
+    #[arg(long, env = "SLUICE_CLIENT_CERT", value_name = "PATH")]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// PEM key of `--client-cert`.
+    #[arg(long, env = "SLUICE_CLIENT_KEY", value_name = "PATH")]
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+/// `sluice token`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenArgs {
+    /// Read a token from stdin and print only its SHA-256 (for rotating a token you have).
+    #[arg(long)]
+    pub hash: bool,
+    /// The identity to put in the printed `[[token]]` table.
+    #[arg(long, default_value = "my-client")]
+    pub name: String,
 }
 
 /// `sluice queues`.
@@ -255,10 +279,29 @@ impl CliError {
 
 type Result<T> = std::result::Result<T, CliError>;
 
-async fn connect(conn: &Connection) -> Result<BrokerClient<Channel>> {
-    let endpoint = Channel::from_shared(conn.server.clone())
-        .map_err(|e| CliError::Usage(format!("--server {:?}: {e}", conn.server)))?
-        .connect_timeout(Duration::from_secs(5));
+async fn connect(conn: &Connection) -> Result<Rpc> {
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| CliError::Usage(format!("{flag} {}: {e}", path.display())))
+    };
+    let mut options = ConnectOptions::new().token(conn.token.clone().unwrap_or_default());
+    if let Some(ca) = &conn.ca_cert {
+        options = options.ca_certificate_pem(read("--ca-cert", ca)?);
+    }
+    match (&conn.client_cert, &conn.client_key) {
+        (Some(cert), Some(key)) => {
+            options = options
+                .client_identity_pem(read("--client-cert", cert)?, read("--client-key", key)?);
+        }
+        (None, None) => {}
+        _ => {
+            return Err(CliError::Usage(
+                "--client-cert and --client-key go together".into(),
+            ));
+        }
+    }
+    let usage =
+        |e: crate::client::ClientError| CliError::Usage(format!("--server {:?}: {e}", conn.server));
+    let endpoint = options.endpoint(&conn.server).map_err(usage)?;
     let channel = endpoint
         .connect()
         .await
@@ -266,8 +309,38 @@ async fn connect(conn: &Connection) -> Result<BrokerClient<Channel>> {
             server: conn.server.clone(),
             source,
         })?;
+    let transport = options.transport(channel).map_err(usage)?;
     // Admin replies (job listings) may be large; the broker bounds them by page size.
-    Ok(BrokerClient::new(channel).max_decoding_message_size(256 * 1024 * 1024))
+    Ok(BrokerClient::new(transport).max_decoding_message_size(256 * 1024 * 1024))
+}
+
+fn token(a: TokenArgs) -> Result<()> {
+    use crate::broker::auth::{generate_token, hash_token};
+    if a.hash {
+        let mut token = String::new();
+        std::io::stdin().read_to_string(&mut token)?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(CliError::Usage("--hash: no token on stdin".into()));
+        }
+        println!("{}", hash_token(token));
+        return Ok(());
+    }
+    let token = generate_token();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "# token (give it to the client; it is not stored anywhere):"
+    )?;
+    writeln!(out, "# {token}")?;
+    writeln!(out, "[[token]]")?;
+    writeln!(out, "name = {:?}", a.name)?;
+    writeln!(out, "sha256 = {:?}", hash_token(&token))?;
+    writeln!(
+        out,
+        "# publish = [\"events.>\"]  subscribe, enqueue, consume and admin likewise"
+    )?;
+    Ok(())
 }
 
 fn payload(arg: &str) -> Result<Bytes> {
@@ -517,6 +590,7 @@ pub async fn run(command: crate::broker::config::Command) -> ExitCode {
         Command::Redrive(a) => redrive(a).await,
         Command::Purge(a) => purge(a).await,
         Command::Consumers(a) => consumers(a).await,
+        Command::Token(a) => token(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -959,7 +1033,7 @@ async fn jobs(a: JobsArgs) -> Result<()> {
 }
 
 /// Jobs in a queue that a redrive may move (not leased, not finished).
-async fn movable(client: &mut BrokerClient<Channel>, queue: &str) -> Result<u64> {
+async fn movable(client: &mut Rpc, queue: &str) -> Result<u64> {
     let s = client
         .stats(pb::StatsRequest {
             queues: vec![queue.to_owned()],

@@ -42,11 +42,54 @@ from sluice.v1 import sluice_pb2_grpc as pb_grpc  # noqa: E402
 __all__ = ["SluiceClient", "pb", "pb_grpc"]
 
 
-class SluiceClient:
-    """A connection to a Sluice broker (``host:port``, plaintext)."""
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call, over TLS or plaintext
+    (grpc's own call credentials refuse plaintext channels, even on loopback)."""
 
-    def __init__(self, target: str, timeout: float = 10.0):
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, token: str):
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        metadata = list(details.metadata or []) + [self.header]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+
+class SluiceClient:
+    """A connection to a Sluice broker (``host:port``): plaintext, or TLS when
+    ``root_certificates`` (the PEM CA that signed the broker's certificate) is given; with
+    ``token``, every call carries it as a bearer token."""
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 10.0,
+        token: Optional[str] = None,
+        root_certificates: Optional[bytes] = None,
+    ):
+        if root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.secure_channel(target, credentials)
+        else:
+            self.channel = grpc.insecure_channel(target)
+        if token:
+            self.channel = grpc.intercept_channel(self.channel, _BearerToken(token))
         self.stub = pb_grpc.BrokerStub(self.channel)
         # Per-call deadline for unary RPCs; long polls add their wait to it.
         self.timeout = timeout

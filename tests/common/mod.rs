@@ -6,11 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use sluice::broker::{Broker, BrokerConfig, ServeOptions, serve};
-use sluice::client::Client;
-use sluice::pb::broker_client::BrokerClient;
+use sluice::client::{Client, Rpc};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 /// A broker serving gRPC on an ephemeral loopback port.
 pub struct TestBroker {
@@ -31,13 +29,18 @@ impl TestBroker {
 
     /// Serves an existing broker (e.g. one opened on a data directory).
     pub async fn serving(broker: Broker) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
         let options = ServeOptions {
             drain_timeout: Duration::from_secs(2),
             ..ServeOptions::default()
         };
+        Self::serving_with(broker, options).await
+    }
+
+    /// Serves an existing broker with these server options (TLS, tokens, limits).
+    pub async fn serving_with(broker: Broker, options: ServeOptions) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn({
             let broker = broker.clone();
             async move {
@@ -64,7 +67,7 @@ impl TestBroker {
         Client::connect(self.url()).await.unwrap()
     }
 
-    pub async fn rpc(&self) -> BrokerClient<Channel> {
+    pub async fn rpc(&self) -> Rpc {
         self.client().await.rpc()
     }
 
@@ -81,4 +84,13 @@ pub async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), fut)
         .await
         .expect("timed out after 10 s")
+}
+
+/// A loopback port that was free a moment ago, for a broker started as a process.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

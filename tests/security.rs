@@ -1,0 +1,1001 @@
+//! SPEC §7: bearer tokens with per-action name patterns (deny by default), TLS and mutual
+//! TLS, the connection cap, and the `sluice serve` / admin CLI flags that set them up.
+//! Brokers run on 127.0.0.1:0 in-process, and the binary for the flag tests.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{TestBroker, free_port, within};
+use futures::StreamExt;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use sluice::broker::auth::{Authenticator, Tokens, hash_token};
+use sluice::broker::{Broker, BrokerConfig, ServeOptions, TlsSettings};
+use sluice::client::{Client, ConnectOptions, Rpc};
+use sluice::pb;
+use tonic::Code;
+
+const PRODUCER: &str = "producer-token";
+const WORKER: &str = "worker-token";
+const OPS: &str = "ops-token";
+const TEAM: &str = "team-token";
+
+fn tokens() -> Tokens {
+    Tokens::parse(&format!(
+        r#"
+[[token]]
+name = "producer"
+sha256 = "{}"
+publish = ["user.*"]
+enqueue = ["emails"]
+
+[[token]]
+name = "worker"
+sha256 = "{}"
+consume = ["emails"]
+subscribe = ["user.>"]
+
+[[token]]
+name = "ops"
+sha256 = "{}"
+admin = [">"]
+consume = ["audit"]
+enqueue = ["audit"]
+
+[[token]]
+name = "team"
+sha256 = "{}"
+admin = ["team.>"]
+subscribe = ["team.>"]
+"#,
+        hash_token(PRODUCER),
+        hash_token(WORKER),
+        hash_token(OPS),
+        hash_token(TEAM)
+    ))
+    .unwrap()
+}
+
+async fn broker_with_tokens() -> TestBroker {
+    let options = ServeOptions {
+        drain_timeout: Duration::from_secs(2),
+        auth: Some(Authenticator::from_tokens(tokens())),
+        ..ServeOptions::default()
+    };
+    TestBroker::serving_with(Broker::new(BrokerConfig::default()), options).await
+}
+
+async fn rpc_with(b: &TestBroker, token: &str) -> Rpc {
+    Client::connect_with(b.url(), ConnectOptions::new().token(token))
+        .await
+        .unwrap()
+        .rpc()
+}
+
+fn job(payload: &'static str) -> pb::JobSpec {
+    pb::JobSpec {
+        payload: Bytes::from_static(payload.as_bytes()),
+        ..Default::default()
+    }
+}
+
+fn enqueue(queue: &str) -> pb::EnqueueRequest {
+    pb::EnqueueRequest {
+        queue: queue.into(),
+        jobs: vec![job("x")],
+    }
+}
+
+fn lease(queue: &str) -> pb::LeaseRequest {
+    pb::LeaseRequest {
+        queue: queue.into(),
+        max_jobs: 10,
+        ..Default::default()
+    }
+}
+
+fn publish(topic: &str) -> pb::PublishRequest {
+    pb::PublishRequest {
+        topic: topic.into(),
+        messages: vec![pb::PublishMessage {
+            payload: Bytes::from_static(b"m"),
+            ..Default::default()
+        }],
+    }
+}
+
+fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, text: &str) {
+    let status = r.expect_err("expected a refusal");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(text),
+        "{:?} should contain {text:?}",
+        status.message()
+    );
+}
+
+/// Every broker RPC, called once with empty or minimal requests; returns each outcome.
+async fn call_every_rpc(rpc: &mut Rpc) -> Vec<(&'static str, Result<(), tonic::Status>)> {
+    fn unit<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Result<(), tonic::Status> {
+        r.map(|_| ())
+    }
+    let one = |r: pb::ConsumeRequest| futures::stream::iter([r]);
+    vec![
+        ("Publish", unit(rpc.publish(publish("user.a")).await)),
+        (
+            "PublishStream",
+            unit(
+                rpc.publish_stream(futures::stream::iter([publish("user.a")]))
+                    .await,
+            ),
+        ),
+        (
+            "Subscribe",
+            unit(
+                rpc.subscribe(pb::SubscribeRequest {
+                    pattern: "user.*".into(),
+                    ..Default::default()
+                })
+                .await,
+            ),
+        ),
+        (
+            "CreateTopic",
+            unit(
+                rpc.create_topic(pb::CreateTopicRequest {
+                    name: "t".into(),
+                    ..Default::default()
+                })
+                .await,
+            ),
+        ),
+        (
+            "DeleteTopic",
+            unit(
+                rpc.delete_topic(pb::DeleteTopicRequest { name: "t".into() })
+                    .await,
+            ),
+        ),
+        ("Enqueue", unit(rpc.enqueue(enqueue("emails")).await)),
+        (
+            "EnqueueStream",
+            unit(
+                rpc.enqueue_stream(futures::stream::iter([enqueue("emails")]))
+                    .await,
+            ),
+        ),
+        ("Lease", unit(rpc.lease(lease("emails")).await)),
+        (
+            "Ack",
+            unit(
+                rpc.ack(pb::AckRequest {
+                    acks: vec![pb::LeaseAck {
+                        lease_id: "emails/1/1".into(),
+                        result: Bytes::new(),
+                    }],
+                })
+                .await,
+            ),
+        ),
+        (
+            "Nack",
+            unit(
+                rpc.nack(pb::NackRequest {
+                    lease_id: "emails/1/1".into(),
+                    ..Default::default()
+                })
+                .await,
+            ),
+        ),
+        (
+            "Consume",
+            unit(
+                rpc.consume(one(pb::ConsumeRequest {
+                    queue: "emails".into(),
+                    credits: 1,
+                    ..Default::default()
+                }))
+                .await,
+            ),
+        ),
+        (
+            "ExtendLease",
+            unit(
+                rpc.extend_lease(pb::ExtendLeaseRequest {
+                    lease_id: "emails/1/1".into(),
+                    visibility_timeout_ms: 1000,
+                })
+                .await,
+            ),
+        ),
+        (
+            "GetJob",
+            unit(
+                rpc.get_job(pb::GetJobRequest {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    queue: "emails".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "CancelJob",
+            unit(
+                rpc.cancel_job(pb::CancelJobRequest {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    queue: "emails".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "ListJobs",
+            unit(
+                rpc.list_jobs(pb::ListJobsRequest {
+                    queue: "emails".into(),
+                    ..Default::default()
+                })
+                .await,
+            ),
+        ),
+        (
+            "JobHistory",
+            unit(
+                rpc.job_history(pb::JobHistoryRequest {
+                    queue: "emails".into(),
+                    limit: 10,
+                })
+                .await,
+            ),
+        ),
+        (
+            "CreateQueue",
+            unit(
+                rpc.create_queue(pb::CreateQueueRequest {
+                    name: "q".into(),
+                    ..Default::default()
+                })
+                .await,
+            ),
+        ),
+        (
+            "UpdateQueue",
+            unit(
+                rpc.update_queue(pb::UpdateQueueRequest {
+                    name: "q".into(),
+                    ..Default::default()
+                })
+                .await,
+            ),
+        ),
+        (
+            "PurgeQueue",
+            unit(
+                rpc.purge_queue(pb::PurgeQueueRequest { name: "q".into() })
+                    .await,
+            ),
+        ),
+        (
+            "PauseQueue",
+            unit(
+                rpc.pause_queue(pb::PauseQueueRequest { name: "q".into() })
+                    .await,
+            ),
+        ),
+        (
+            "ResumeQueue",
+            unit(
+                rpc.resume_queue(pb::ResumeQueueRequest { name: "q".into() })
+                    .await,
+            ),
+        ),
+        (
+            "DeleteQueue",
+            unit(
+                rpc.delete_queue(pb::DeleteQueueRequest { name: "q".into() })
+                    .await,
+            ),
+        ),
+        (
+            "Redrive",
+            unit(
+                rpc.redrive(pb::RedriveRequest {
+                    dead_letter_queue: "emails.dlq".into(),
+                    ..Default::default()
+                })
+                .await,
+            ),
+        ),
+        (
+            "ListQueues",
+            unit(rpc.list_queues(pb::ListQueuesRequest {}).await),
+        ),
+        ("Stats", unit(rpc.stats(pb::StatsRequest::default()).await)),
+        (
+            "WatchStats",
+            unit(rpc.watch_stats(pb::WatchStatsRequest::default()).await),
+        ),
+        (
+            "ListConsumers",
+            unit(
+                rpc.list_consumers(pb::ListConsumersRequest {
+                    queue: "emails".into(),
+                })
+                .await,
+            ),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn every_broker_rpc_needs_a_known_token_and_health_does_not() {
+    let b = broker_with_tokens().await;
+    let mut anonymous = b.rpc().await;
+    let outcomes = within(call_every_rpc(&mut anonymous)).await;
+    // One entry per RPC of the service: a new RPC must be added here.
+    assert_eq!(outcomes.len(), 27);
+    for (rpc, outcome) in outcomes {
+        let status = outcome.expect_err(rpc);
+        assert_eq!(status.code(), Code::Unauthenticated, "{rpc}: {status:?}");
+        assert!(status.message().contains("Bearer"), "{rpc}: {status:?}");
+    }
+    let mut stranger = rpc_with(&b, "not-a-token").await;
+    for (rpc, outcome) in within(call_every_rpc(&mut stranger)).await {
+        let status = outcome.expect_err(rpc);
+        assert_eq!(status.code(), Code::Unauthenticated, "{rpc}: {status:?}");
+        assert!(status.message().contains("not known"), "{rpc}: {status:?}");
+    }
+    // Nothing was created or enqueued by the refused calls.
+    assert!(b.broker.list_queues().is_empty());
+
+    // Health stays open, for load balancers and orchestrators.
+    let channel = tonic::transport::Channel::from_shared(b.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "sluice.v1.Broker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+#[tokio::test]
+async fn a_token_may_do_what_its_patterns_cover_and_nothing_else() {
+    let b = broker_with_tokens().await;
+    let mut producer = rpc_with(&b, PRODUCER).await;
+    let mut worker = rpc_with(&b, WORKER).await;
+    let mut ops = rpc_with(&b, OPS).await;
+
+    // Publish: user.* only.
+    producer.publish(publish("user.registered")).await.unwrap();
+    assert_code(
+        producer.publish(publish("billing.paid")).await,
+        Code::PermissionDenied,
+        "topic: token \"producer\" may not publish \"billing.paid\" (its publish patterns: user.*)",
+    );
+    assert_code(
+        worker.publish(publish("user.registered")).await,
+        Code::PermissionDenied,
+        "(its publish patterns: none)",
+    );
+    // A stream is refused request by request, in its answers.
+    let mut answers = producer
+        .publish_stream(futures::stream::iter([
+            publish("user.a"),
+            publish("billing.b"),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers.next().await.unwrap().unwrap();
+    assert!(first.refused.is_none() && first.results.len() == 1);
+    let second = answers.next().await.unwrap().unwrap();
+    let refusal = second.refused.expect("refused");
+    assert_eq!(refusal.code, Code::PermissionDenied as i32);
+    assert!(refusal.message.contains("billing.b"), "{refusal:?}");
+
+    // Subscribe: the grant must cover the whole pattern.
+    worker
+        .subscribe(pb::SubscribeRequest {
+            pattern: "user.*".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_code(
+        worker
+            .subscribe(pb::SubscribeRequest {
+                pattern: ">".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::PermissionDenied,
+        "may not subscribe \">\"",
+    );
+
+    // Enqueue, then lease and ack: producer enqueues, only the worker consumes.
+    let id = producer
+        .enqueue(enqueue("emails"))
+        .await
+        .unwrap()
+        .into_inner()
+        .results[0]
+        .job_id
+        .clone();
+    assert_code(
+        producer.enqueue(enqueue("emails.dlq")).await,
+        Code::PermissionDenied,
+        "may not enqueue \"emails.dlq\"",
+    );
+    assert_code(
+        producer.lease(lease("emails")).await,
+        Code::PermissionDenied,
+        "may not consume \"emails\"",
+    );
+    let leased = worker
+        .lease(lease("emails"))
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(leased.len(), 1);
+    let lease_id = leased[0].lease_id.clone();
+    // Another token cannot settle the worker's lease, and trying changes nothing.
+    let ack = |lease_id: &str| pb::AckRequest {
+        acks: vec![pb::LeaseAck {
+            lease_id: lease_id.into(),
+            result: Bytes::new(),
+        }],
+    };
+    assert_code(
+        producer.ack(ack(&lease_id)).await,
+        Code::PermissionDenied,
+        "acks.lease_id: token \"producer\" may not consume \"emails\"",
+    );
+    assert_code(
+        producer
+            .nack(pb::NackRequest {
+                lease_id: lease_id.clone(),
+                error: "no".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::PermissionDenied,
+        "lease_id",
+    );
+    assert_code(
+        producer
+            .extend_lease(pb::ExtendLeaseRequest {
+                lease_id: lease_id.clone(),
+                visibility_timeout_ms: 1_000,
+            })
+            .await,
+        Code::PermissionDenied,
+        "lease_id",
+    );
+    worker.ack(ack(&lease_id)).await.unwrap();
+
+    // Job status: its producer may read it, without naming the queue too; only a
+    // producer or admin may cancel.
+    let get = |queue: &str| pb::GetJobRequest {
+        id: id.clone(),
+        queue: queue.into(),
+    };
+    let job = producer.get_job(get("")).await.unwrap().into_inner();
+    assert_eq!(job.state, pb::JobState::Completed as i32);
+    worker.get_job(get("emails")).await.unwrap();
+    let pending = producer
+        .enqueue(enqueue("emails"))
+        .await
+        .unwrap()
+        .into_inner()
+        .results[0]
+        .job_id
+        .clone();
+    assert_code(
+        worker
+            .cancel_job(pb::CancelJobRequest {
+                id: pending.clone(),
+                queue: String::new(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "needs one of: enqueue, admin",
+    );
+    producer
+        .cancel_job(pb::CancelJobRequest {
+            id: pending,
+            queue: String::new(),
+        })
+        .await
+        .unwrap();
+
+    // Administration: admin patterns only; listings show what the token administers.
+    let create = |name: &str| pb::CreateQueueRequest {
+        name: name.into(),
+        ..Default::default()
+    };
+    assert_code(
+        producer.create_queue(create("reports")).await,
+        Code::PermissionDenied,
+        "name: token \"producer\" may not admin \"reports\"",
+    );
+    ops.create_queue(create("reports")).await.unwrap();
+    let names = |r: pb::ListQueuesResponse| -> Vec<String> {
+        let mut n: Vec<String> = r.queues.into_iter().map(|q| q.name).collect();
+        n.sort();
+        n
+    };
+    let all = names(
+        ops.list_queues(pb::ListQueuesRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert!(all.contains(&"emails".to_owned()) && all.contains(&"reports".to_owned()));
+    let seen = producer
+        .list_queues(pb::ListQueuesRequest {})
+        .await
+        .unwrap();
+    assert!(names(seen.into_inner()).is_empty());
+    let stats = producer.stats(pb::StatsRequest::default()).await.unwrap();
+    assert!(stats.into_inner().queues.is_empty());
+    assert_code(
+        producer
+            .stats(pb::StatsRequest {
+                queues: vec!["emails".into()],
+                topics: vec![],
+            })
+            .await,
+        Code::PermissionDenied,
+        "queues: token \"producer\" may not admin \"emails\"",
+    );
+    let stats = ops
+        .stats(pb::StatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stats.queues.iter().any(|q| q.name == "emails"));
+}
+
+#[tokio::test]
+async fn a_queue_policy_may_reach_only_topics_and_queues_the_token_may() {
+    let b = broker_with_tokens().await;
+    let mut team = rpc_with(&b, TEAM).await;
+    let create = |bindings: &[&str], dlq: &str| pb::CreateQueueRequest {
+        name: "team.jobs".into(),
+        policy: Some(pb::QueuePolicy {
+            topic_bindings: bindings.iter().map(|b| b.to_string()).collect(),
+            dead_letter_queue: dlq.into(),
+            ..Default::default()
+        }),
+    };
+    // A binding reads a topic: without subscribe on it, admin of the queue is not enough.
+    assert_code(
+        team.create_queue(create(&["billing.>"], "")).await,
+        Code::PermissionDenied,
+        "policy.topic_bindings[0]: token \"team\" may not subscribe \"billing.>\"",
+    );
+    // A dead-letter queue receives jobs: it needs enqueue or admin there.
+    assert_code(
+        team.create_queue(create(&[], "emails")).await,
+        Code::PermissionDenied,
+        "policy.dead_letter_queue: token \"team\" may not act on \"emails\"",
+    );
+    assert!(
+        b.broker.list_queues().is_empty(),
+        "refusals changed nothing"
+    );
+    team.create_queue(create(&["team.events.*"], "team.jobs.dead"))
+        .await
+        .unwrap();
+    assert_code(
+        team.update_queue(pb::UpdateQueueRequest {
+            name: "team.jobs".into(),
+            policy: Some(pb::QueuePolicy {
+                topic_bindings: vec![">".into()],
+                ..Default::default()
+            }),
+        })
+        .await,
+        Code::PermissionDenied,
+        "may not subscribe \">\"",
+    );
+}
+
+#[tokio::test]
+async fn a_consume_stream_needs_consume_and_refuses_acks_of_other_queues() {
+    let b = broker_with_tokens().await;
+    let mut producer = rpc_with(&b, PRODUCER).await;
+    let mut worker = rpc_with(&b, WORKER).await;
+    let mut ops = rpc_with(&b, OPS).await;
+    producer.enqueue(enqueue("emails")).await.unwrap();
+    ops.enqueue(enqueue("audit")).await.unwrap();
+    let audit_lease = ops.lease(lease("audit")).await.unwrap().into_inner().jobs[0]
+        .lease_id
+        .clone();
+
+    let open = |credits| pb::ConsumeRequest {
+        queue: "emails".into(),
+        credits,
+        ..Default::default()
+    };
+    assert_code(
+        producer.consume(futures::stream::iter([open(1)])).await,
+        Code::PermissionDenied,
+        "queue: token \"producer\" may not consume \"emails\"",
+    );
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(open(1)).await.unwrap();
+    let mut events = worker
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let jobs = within(events.next()).await.unwrap().unwrap().jobs;
+    assert_eq!(jobs.len(), 1);
+    // The worker acks its own job and, on the same stream, one of a queue it may not
+    // consume: that one is refused, and stays leased to ops.
+    tx.send(pb::ConsumeRequest {
+        acks: vec![
+            pb::LeaseAck {
+                lease_id: jobs[0].lease_id.clone(),
+                result: Bytes::new(),
+            },
+            pb::LeaseAck {
+                lease_id: audit_lease.clone(),
+                result: Bytes::new(),
+            },
+        ],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let refused = within(events.next()).await.unwrap().unwrap().errors;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].lease_id, audit_lease);
+    assert_eq!(refused[0].code, Code::PermissionDenied as i32);
+    assert!(refused[0].message.contains("may not consume \"audit\""));
+    ops.ack(pb::AckRequest {
+        acks: vec![pb::LeaseAck {
+            lease_id: audit_lease,
+            result: Bytes::new(),
+        }],
+    })
+    .await
+    .unwrap();
+}
+
+/// A CA, a server certificate for `localhost` and 127.0.0.1, and a client certificate,
+/// all PEM; plus a client certificate from a CA the server does not trust.
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+    stranger_cert: String,
+    stranger_key: String,
+}
+
+fn pki() -> Pki {
+    let ca = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    };
+    let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>, names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let authority = ca("sluice test CA");
+    let (server_cert, server_key) = leaf(&authority, vec!["localhost".into(), "127.0.0.1".into()]);
+    let (client_cert, client_key) = leaf(&authority, vec!["worker-1".into()]);
+    let (stranger_cert, stranger_key) = leaf(&ca("another CA"), vec!["worker-2".into()]);
+    Pki {
+        ca: authority.pem(),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+        stranger_cert,
+        stranger_key,
+    }
+}
+
+async fn tls_broker(pki: &Pki, client_ca: bool) -> TestBroker {
+    let options = ServeOptions {
+        drain_timeout: Duration::from_secs(2),
+        tls: Some(TlsSettings {
+            cert_pem: pki.server_cert.clone().into_bytes(),
+            key_pem: pki.server_key.clone().into_bytes(),
+            client_ca_pem: client_ca.then(|| pki.ca.clone().into_bytes()),
+        }),
+        ..ServeOptions::default()
+    };
+    TestBroker::serving_with(Broker::new(BrokerConfig::default()), options).await
+}
+
+async fn works(url: &str, options: ConnectOptions) -> Result<(), String> {
+    let client = tokio::time::timeout(Duration::from_secs(5), Client::connect_with(url, options))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    client
+        .enqueue("tls", "over TLS")
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn tls_serves_clients_that_trust_its_ca() {
+    let pki = pki();
+    let b = tls_broker(&pki, false).await;
+    let url = format!("https://localhost:{}", b.addr.port());
+    let trusting = ConnectOptions::new().ca_certificate_pem(pki.ca.clone());
+    works(&url, trusting.clone()).await.unwrap();
+    // By IP address too: the certificate names 127.0.0.1.
+    works(&format!("https://127.0.0.1:{}", b.addr.port()), trusting)
+        .await
+        .unwrap();
+    let err = works(&url, ConnectOptions::new()).await.unwrap_err();
+    assert!(err.contains("needs the CA"), "{err}");
+    let wrong = ConnectOptions::new().ca_certificate_pem(pki_other_ca());
+    assert!(works(&url, wrong).await.is_err());
+    // Plain HTTP/2 to a TLS port gets no service.
+    assert!(
+        works(
+            &format!("http://127.0.0.1:{}", b.addr.port()),
+            ConnectOptions::new()
+        )
+        .await
+        .is_err()
+    );
+    assert_eq!(b.broker.stats(&[], &[]).queues.len(), 1);
+}
+
+fn pki_other_ca() -> String {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .self_signed(&KeyPair::generate().unwrap())
+        .unwrap()
+        .pem()
+}
+
+#[tokio::test]
+async fn mutual_tls_admits_only_clients_with_a_certificate_from_its_ca() {
+    let pki = pki();
+    let b = tls_broker(&pki, true).await;
+    let url = format!("https://localhost:{}", b.addr.port());
+    let base = ConnectOptions::new().ca_certificate_pem(pki.ca.clone());
+    works(
+        &url,
+        base.clone()
+            .client_identity_pem(pki.client_cert.clone(), pki.client_key.clone()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        works(&url, base.clone()).await.is_err(),
+        "no client certificate"
+    );
+    assert!(
+        works(
+            &url,
+            base.client_identity_pem(pki.stranger_cert.clone(), pki.stranger_key.clone())
+        )
+        .await
+        .is_err(),
+        "a certificate from another CA"
+    );
+    let queues = b.broker.stats(&[], &[]).queues;
+    assert_eq!(queues.len(), 1);
+    assert_eq!(queues[0].1.pending, 1, "only the admitted client enqueued");
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_until_one_frees() {
+    let options = ServeOptions {
+        drain_timeout: Duration::from_secs(2),
+        max_connections: 2,
+        ..ServeOptions::default()
+    };
+    let b = TestBroker::serving_with(Broker::new(BrokerConfig::default()), options).await;
+    let first = b.client().await;
+    let second = b.client().await;
+    first.publish("cap", "1").await.unwrap();
+    second.publish("cap", "2").await.unwrap();
+    let third = works(&b.url(), ConnectOptions::new()).await;
+    assert!(third.is_err(), "a third connection was served");
+    drop(first);
+    // The freed slot is taken by the next connection once the server sees the close.
+    within(async {
+        loop {
+            if works(&b.url(), ConnectOptions::new()).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    second.publish("cap", "3").await.unwrap();
+}
+
+// ---- the binary: flags, `sluice token`, SIGHUP reload ---------------------------------
+
+fn sluice() -> tokio::process::Command {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+async fn run(cmd: &mut tokio::process::Command) -> Output {
+    within(cmd.kill_on_drop(true).output()).await.unwrap()
+}
+
+/// `sluice token` prints a token (in a comment) and its `[[token]]` table.
+async fn new_token(name: &str) -> (String, String) {
+    let out = run(sluice().args(["token", "--name", name])).await;
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let token = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# sk_"))
+        .map(|t| format!("sk_{t}"))
+        .next()
+        .expect("a token line");
+    let table: String = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    (token, table)
+}
+
+#[tokio::test]
+async fn serve_with_tokens_and_tls_and_rotate_tokens_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let path = |name: &str| dir.path().join(name);
+    for (name, pem) in [
+        ("ca.pem", &pki.ca),
+        ("server.pem", &pki.server_cert),
+        ("server.key", &pki.server_key),
+    ] {
+        std::fs::write(path(name), pem).unwrap();
+    }
+    let (old, old_table) = new_token("ops").await;
+    let (new, new_table) = new_token("ops").await;
+    assert_ne!(old, new);
+    // `--hash` gives the same hash as the printed table.
+    let mut hasher = sluice()
+        .args(["token", "--hash"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncWriteExt;
+    let mut stdin = hasher.stdin.take().unwrap();
+    stdin.write_all(old.as_bytes()).await.unwrap();
+    drop(stdin);
+    let hashed = within(hasher.wait_with_output()).await.unwrap();
+    let hash = String::from_utf8(hashed.stdout).unwrap();
+    assert!(old_table.contains(hash.trim()), "{old_table} / {hash}");
+
+    let tokens = path("tokens.toml");
+    std::fs::write(&tokens, format!("{old_table}admin = [\">\"]\n")).unwrap();
+    let port = free_port();
+    let mut server = sluice()
+        .args(["serve", "--storage", "memory", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tokens-file")
+        .arg(&tokens)
+        .arg("--tls-cert")
+        .arg(path("server.pem"))
+        .arg("--tls-key")
+        .arg(path("server.key"))
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("https://localhost:{port}");
+    let queues = |token: &str| {
+        let mut cmd = sluice();
+        cmd.args(["queues", "--json", "--server", &url, "--ca-cert"])
+            .arg(path("ca.pem"))
+            .env_remove("SLUICE_TOKEN");
+        if !token.is_empty() {
+            cmd.args(["--token", token]);
+        }
+        cmd
+    };
+    within(async {
+        loop {
+            if run(&mut queues(&old)).await.status.success() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let anonymous = run(&mut queues("")).await;
+    assert_eq!(anonymous.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&anonymous.stderr);
+    assert!(stderr.contains("Bearer"), "{stderr}");
+
+    // Rotation: the file now holds only the new token; SIGHUP makes it take effect.
+    std::fs::write(&tokens, format!("{new_table}admin = [\">\"]\n")).unwrap();
+    let pid = server.id().unwrap().to_string();
+    let hup = run(tokio::process::Command::new("kill").args(["-HUP", &pid])).await;
+    assert!(hup.status.success());
+    within(async {
+        loop {
+            let old_refused = !run(&mut queues(&old)).await.status.success();
+            if old_refused && run(&mut queues(&new)).await.status.success() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    server.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn serve_refuses_unsafe_or_incomplete_security_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--listen", "0.0.0.0:0"],
+            "authentication is not configured: set --tokens-file",
+        ),
+        (&["--tls-cert", "c.pem"], "--tls-cert needs --tls-key"),
+        (
+            &["--tls-client-ca", "ca.pem"],
+            "--tls-client-ca needs --tls-cert",
+        ),
+        (&["--max-connections", "0"], "--max-connections 0"),
+        (
+            &["--tokens-file", "/nonexistent/tokens.toml"],
+            "cannot read tokens file",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = run(sluice()
+            .args(["serve", "--storage", "memory"])
+            .args(args)
+            .current_dir(dir.path()))
+        .await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    let bad = dir.path().join("tokens.toml");
+    std::fs::write(&bad, "[[token]]\nname = \"x\"\nsha256 = \"abc\"\n").unwrap();
+    let out = run(sluice()
+        .args(["serve", "--storage", "memory", "--tokens-file"])
+        .arg(&bad))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("token[0] (\"x\").sha256"), "{stderr}");
+}
