@@ -28,9 +28,9 @@ use sluice::client::{Done, JobContext, JobError, Worker};
 /// Email worker of the Sluice example system.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Broker URL.
-    #[arg(long, env = "SLUICE_URL", default_value = shared::DEFAULT_SLUICE_URL)]
-    sluice_url: String,
+    /// How to reach the broker.
+    #[command(flatten)]
+    broker: shared::BrokerArgs,
     /// SMTP server, `smtp://host:port` (plain SMTP, no TLS). Unset: write `.eml` files.
     #[arg(long, env = "SMTP_URL")]
     smtp_url: Option<String>,
@@ -245,7 +245,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let mailer = Arc::new(Mailer { transport, from });
 
-    let client = shared::connect(&args.sluice_url, Duration::from_secs(30)).await?;
+    let client = shared::connect(&args.broker, Duration::from_secs(30)).await?;
     shared::ensure_topology(&client).await?;
     let name = args
         .name

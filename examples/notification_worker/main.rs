@@ -25,9 +25,9 @@ use sluice::client::{Client, Done, JobContext, JobError, Message, Worker};
 /// Notification worker of the Sluice example system.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Broker URL.
-    #[arg(long, env = "SLUICE_URL", default_value = shared::DEFAULT_SLUICE_URL)]
-    sluice_url: String,
+    /// How to reach the broker.
+    #[command(flatten)]
+    broker: shared::BrokerArgs,
     /// Webhook receiving each notification as an HTTP POST with a JSON body (http:// only).
     #[arg(long, env = "WEBHOOK_URL")]
     webhook_url: Option<String>,
@@ -128,7 +128,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
-    let client = shared::connect(&args.sluice_url, Duration::from_secs(30)).await?;
+    let client = shared::connect(&args.broker, Duration::from_secs(30)).await?;
     shared::ensure_topology(&client).await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))

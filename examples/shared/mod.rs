@@ -24,7 +24,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sluice::client::{Client, ClientError};
+use sluice::client::{Client, ClientError, ConnectOptions};
 use sluice::pb;
 
 /// Topic: a user signed up.
@@ -137,12 +137,48 @@ pub async fn ensure_topology(client: &Client) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// How an example process reaches the broker: its URL and, for a broker started with
+/// `--tokens-file` or TLS, a bearer token and the CA that signed its certificate.
+#[derive(Debug, clap::Args)]
+pub struct BrokerArgs {
+    /// Broker URL (`https://` when the broker serves TLS).
+    #[arg(long = "sluice-url", env = "SLUICE_URL", default_value = DEFAULT_SLUICE_URL)]
+    pub url: String,
+    /// Bearer token for a broker with auth on (see `sluice token`).
+    #[arg(long = "sluice-token", env = "SLUICE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM file of the CA that signed the broker's TLS certificate.
+    #[arg(long = "sluice-ca-cert", env = "SLUICE_CA_CERT", value_name = "PATH")]
+    pub ca_cert: Option<std::path::PathBuf>,
+}
+
+impl BrokerArgs {
+    fn options(&self) -> Result<ConnectOptions, ClientError> {
+        let mut options = ConnectOptions::new();
+        if let Some(token) = &self.token {
+            options = options.token(token.clone());
+        }
+        if let Some(path) = &self.ca_cert {
+            let pem = std::fs::read(path).map_err(|e| {
+                ClientError::Config(format!(
+                    "--sluice-ca-cert: cannot read {}: {e}",
+                    path.display()
+                ))
+            })?;
+            options = options.ca_certificate_pem(pem);
+        }
+        Ok(options)
+    }
+}
+
 /// Connects to the broker, retrying for up to `patience` so processes can start in any
 /// order.
-pub async fn connect(url: &str, patience: Duration) -> Result<Client, ClientError> {
+pub async fn connect(broker: &BrokerArgs, patience: Duration) -> Result<Client, ClientError> {
+    let options = broker.options()?;
+    let url = broker.url.as_str();
     let give_up = tokio::time::Instant::now() + patience;
     loop {
-        match Client::connect(url).await {
+        match Client::connect_with(url, options.clone()).await {
             Ok(c) => return Ok(c),
             Err(e) if tokio::time::Instant::now() >= give_up => return Err(e),
             Err(e) => {

@@ -54,9 +54,9 @@ struct Args {
     /// HTTP listen address.
     #[arg(long, env = "TODO_LISTEN", default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
-    /// Broker URL.
-    #[arg(long, env = "SLUICE_URL", default_value = shared::DEFAULT_SLUICE_URL)]
-    sluice_url: String,
+    /// How to reach the broker.
+    #[command(flatten)]
+    broker: shared::BrokerArgs,
     /// SQLite database file.
     #[arg(long, env = "TODO_DB", default_value = "todo_app.sqlite3")]
     db: PathBuf,
@@ -979,7 +979,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let db = open_db(&args.db).map_err(|e| format!("TODO_DB {}: {e}", args.db.display()))?;
-    let client = shared::connect(&args.sluice_url, Duration::from_secs(30)).await?;
+    let client = shared::connect(&args.broker, Duration::from_secs(30)).await?;
     shared::ensure_topology(&client).await?;
     let app = App {
         db: Arc::new(Mutex::new(db)),

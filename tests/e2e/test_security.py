@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import requests
 
 from conftest import binary, free_port, wait_until
 from sluice_client import SluiceClient
@@ -55,8 +56,23 @@ def secured(processes, tmp_path_factory):
     make_pki(d)
     producer, producer_table = new_token("producer")
     ops, ops_table = new_token("ops")
+    # Least privilege for the example system: each process runs ensure_topology (admin on
+    # its queues; subscribe on the topics they bind), then does its own work.
+    app, app_table = new_token("todo-app")
+    worker, worker_table = new_token("workers")
     (d / "tokens.toml").write_text(
-        producer_table + 'enqueue = ["emails"]\n' + ops_table + 'admin = [">"]\nconsume = [">"]\n'
+        producer_table + 'enqueue = ["emails"]\n'
+        + ops_table + 'admin = [">"]\nconsume = [">"]\n'
+        + app_table
+        + 'publish = ["user.registered", "todo.>"]\n'
+        + 'subscribe = ["user.registered", "todo.>", "notification.delivered"]\n'
+        + 'enqueue = ["emails"]\n'
+        + 'admin = ["emails", "notifications"]\n'
+        + worker_table
+        + 'publish = ["notification.delivered"]\n'
+        + 'subscribe = ["user.registered", "todo.>"]\n'
+        + 'consume = ["emails", "notifications"]\n'
+        + 'admin = ["emails", "notifications"]\n'
     )
     port = free_port()
     processes.start(
@@ -78,7 +94,10 @@ def secured(processes, tmp_path_factory):
         return True
 
     wait_until(ready, 15, f"TLS broker on {target}")
-    return {"target": target, "ca": ca, "ca_path": d / "ca.pem", "producer": producer, "ops": ops}
+    return {
+        "target": target, "ca": ca, "ca_path": d / "ca.pem", "producer": producer, "ops": ops,
+        "app": app, "worker": worker, "work": d,
+    }
 
 
 def grpcurl(s, *args, token=None, data=None):
@@ -135,3 +154,57 @@ def test_python_client_over_tls_with_a_token(secured):
         with pytest.raises(grpc.RpcError) as err:
             anonymous.stats()
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_example_system_runs_against_a_secured_broker(secured, processes):
+    """The todo app and both workers reach a TLS broker with their own tokens
+    (SLUICE_URL https://, SLUICE_TOKEN, SLUICE_CA_CERT) and every flow still works."""
+    work = secured["work"]
+    url = f"https://{secured['target']}"
+    tls = {"SLUICE_URL": url, "SLUICE_CA_CERT": str(secured["ca_path"])}
+    listen = f"127.0.0.1:{free_port()}"
+    processes.start(
+        "secured-todo_app",
+        [binary("todo_app")],
+        env={**tls, "SLUICE_TOKEN": secured["app"], "TODO_LISTEN": listen,
+             "TODO_DB": str(work / "todo.sqlite3")},
+    )
+    outbox = work / "outbox"
+    processes.start(
+        "secured-email_worker",
+        [binary("email_worker")],
+        env={**tls, "SLUICE_TOKEN": secured["worker"], "OUTBOX_DIR": str(outbox), "SMTP_URL": ""},
+    )
+    processes.start(
+        "secured-notification_worker",
+        [binary("notification_worker")],
+        env={**tls, "SLUICE_TOKEN": secured["worker"], "WEBHOOK_URL": ""},
+    )
+    app = f"http://{listen}"
+
+    def healthy():
+        processes.check_alive("secured-todo_app")
+        return requests.get(f"{app}/healthz", timeout=2).ok
+
+    wait_until(healthy, 30, "todo_app on a secured broker")
+
+    r = requests.post(f"{app}/users", json={"name": "Tess", "email": "tess@example.com"}, timeout=10)
+    assert r.status_code == 201, r.text
+    user_id = r.json()["user"]["id"]
+    [eml] = wait_until(lambda: list(outbox.glob("*.eml")), 20, "the welcome email in the outbox")
+    assert b"tess@example.com" in eml.read_bytes()
+
+    r = requests.post(f"{app}/todos", json={"user_id": user_id, "title": "Rotate keys"}, timeout=10)
+    assert r.status_code == 201, r.text
+    todo_id = r.json()["todo"]["id"]
+    r = requests.put(f"{app}/todos/{todo_id}/complete", timeout=10)
+    assert r.ok, r.text
+
+    def notifications():
+        url = f"{app}/users/{user_id}/notifications"
+        return requests.get(url, timeout=5).json()["notifications"]
+
+    [n] = wait_until(notifications, 20, "the achievement notification")
+    assert n["todo_id"] == todo_id
+    for name in ("secured-todo_app", "secured-email_worker", "secured-notification_worker"):
+        processes.check_alive(name)
