@@ -85,6 +85,33 @@ impl TlsSettings {
     }
 }
 
+/// Paces the warning about connections refused at the limit: a client that reconnects in a
+/// tight loop would otherwise write one log line per attempt. The first refusal is
+/// reported at once, later ones at most once per [`RefusalReport::INTERVAL`], with the
+/// number refused in between.
+#[derive(Debug, Default)]
+struct RefusalReport {
+    last: Option<std::time::Instant>,
+    unreported: u64,
+}
+
+impl RefusalReport {
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    /// Counts one refusal at `now`; returns how many refusals to report now, if any.
+    fn refused(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.unreported += 1;
+        let due = self
+            .last
+            .is_none_or(|last| now.duration_since(last) >= Self::INTERVAL);
+        if !due {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unreported))
+    }
+}
+
 /// An accepted connection holding one of the server's connection slots until it closes.
 struct AdmittedConnection {
     stream: TcpStream,
@@ -183,6 +210,7 @@ pub async fn serve(
     let token = broker.shutdown_token();
     let slots = Arc::new(Semaphore::new(options.max_connections));
     let max_connections = options.max_connections;
+    let mut refusals = RefusalReport::default();
     let incoming = TcpListenerStream::new(listener).filter_map(move |conn| {
         let stream = match conn {
             Ok(stream) => stream,
@@ -191,10 +219,13 @@ pub async fn serve(
         // A gRPC client cannot be told why before the HTTP/2 handshake, so the refusal is
         // logged here and the client sees its connection closed (UNAVAILABLE).
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                peer = ?stream.peer_addr().ok(),
-                "connection refused: {max_connections} connections are open, the limit of --max-connections"
-            );
+            if let Some(refused) = refusals.refused(std::time::Instant::now()) {
+                tracing::warn!(
+                    peer = ?stream.peer_addr().ok(),
+                    refused,
+                    "connection refused: {max_connections} connections are open, the limit of --max-connections"
+                );
+            }
             return None;
         };
         // `Server::tcp_nodelay` only applies to listeners tonic binds itself; on this one,
@@ -260,4 +291,22 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_reported_at_once_then_at_most_once_per_interval() {
+        let mut report = RefusalReport::default();
+        let start = std::time::Instant::now();
+        assert_eq!(report.refused(start), Some(1));
+        for i in 1..=5 {
+            assert_eq!(report.refused(start + Duration::from_millis(i * 100)), None);
+        }
+        // The next report carries the five held back and the one that triggers it.
+        assert_eq!(report.refused(start + RefusalReport::INTERVAL), Some(6));
+        assert_eq!(report.refused(start + RefusalReport::INTERVAL * 3), Some(1));
+    }
 }
