@@ -139,11 +139,15 @@ where
             return None;
         }
         loop {
-            // Registered before looking, so a job made visible meanwhile is not missed.
+            // Registered before looking, so a job made visible meanwhile is not missed; and
+            // only with credits, since a wake-up reaches one waiter (`QueueSlot::wake_one`)
+            // and a stream that cannot lease must not hold it while others could.
             let slot = self.slot.clone();
             let notified = slot.ready.notified();
             tokio::pin!(notified);
-            notified.as_mut().enable();
+            if self.credits > 0 {
+                notified.as_mut().enable();
+            }
             let mut next_due = None;
             if self.credits > 0 {
                 match self.lease() {

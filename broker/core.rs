@@ -75,9 +75,22 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct QueueSlot {
     pub(crate) name: Arc<str>,
     pub(crate) queue: Mutex<Queue>,
-    /// Woken whenever jobs may have become visible; long-polling leases wait on it.
+    /// Wakes one waiting lease (a long poll, or a consume stream with credits) when jobs
+    /// may have become visible; [`QueueSlot::wake_one`] says how the wake-up is passed on.
     pub(crate) ready: Notify,
     deleted: AtomicBool,
+}
+
+impl QueueSlot {
+    /// Wakes one waiter, not all: with many idle workers on a queue, waking every one per
+    /// enqueue would have all but one take the lock and find nothing. The woken waiter
+    /// leases through [`Broker::with_queue`], which calls this again while jobs remain
+    /// visible, so a batch reaches as many waiters as it has jobs, one hand-off at a time.
+    /// A woken waiter that leaves without leasing drops its `Notified`, and tokio passes
+    /// the wake-up to the next waiter (or keeps it for the next to come).
+    pub(crate) fn wake_one(&self) {
+        self.ready.notify_one();
+    }
 }
 
 pub(crate) struct TopicSlot {
@@ -551,7 +564,7 @@ impl Broker {
             (result, letters, q.has_visible(), commit)
         };
         if visible {
-            slot.ready.notify_waiters();
+            slot.wake_one();
         }
         if !letters.is_empty() {
             self.route_dead_letters(letters);
@@ -564,7 +577,7 @@ impl Broker {
         for letter in letters {
             let target = self.queue_forced(&letter.target);
             lock(&target.queue).insert_dead_letter(now, letter);
-            target.ready.notify_waiters();
+            target.wake_one();
         }
     }
 
@@ -747,7 +760,7 @@ impl Broker {
         drop(queue_guards);
         drop(change);
         for q in &targets {
-            q.ready.notify_waiters();
+            q.wake_one();
         }
         slot.wake_subscribers();
         Ok((results, commit?))
@@ -986,7 +999,7 @@ impl Broker {
         }
         for slot in &slots {
             if lock(&slot.queue).has_visible() {
-                slot.ready.notify_waiters();
+                slot.wake_one();
             }
         }
         self.durable(commit?).await
@@ -1354,6 +1367,7 @@ impl Broker {
                 self.commit(batch, now_ms())
             };
             slot.deleted.store(true, Ordering::Release);
+            // Every waiter must see the deletion, not one.
             slot.ready.notify_waiters();
             commit
         };

@@ -96,6 +96,35 @@ async fn an_idle_stream_waits_for_work_and_nacks_stay_exact() {
 }
 
 #[tokio::test]
+async fn a_stream_without_credits_does_not_hold_up_other_waiters() {
+    // A wake-up goes to one waiter: a stream whose only credit is in use must not be that
+    // waiter, or the long poll below would sleep through the job until its wait ran out.
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut consumer = client.consume("nc").prefetch(1).open().await.unwrap();
+    client.enqueue("nc", "first").send().await.unwrap();
+    let held = within(consumer.next()).await.unwrap().unwrap();
+    assert_eq!(held.payload().as_ref(), b"first");
+    let waiter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .lease("nc")
+                .wait(Duration::from_secs(30))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.enqueue("nc", "second").send().await.unwrap();
+    let leases = within(waiter).await.unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].payload().as_ref(), b"second");
+    held.ack().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_stale_ack_on_the_stream_is_refused_and_changes_nothing() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;

@@ -132,6 +132,41 @@ async fn long_poll_wakes_on_enqueue_and_times_out_empty() {
 }
 
 #[tokio::test]
+async fn one_batch_reaches_every_long_poll_waiter() {
+    // Each enqueue wakes one waiter; the woken one passes the wake-up on while jobs remain,
+    // so eight waiters on an empty queue get one job each from a single batch of eight,
+    // long before their 30 s wait would end.
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let waiters: Vec<_> = (0..8)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .lease("herd")
+                    .max_jobs(1)
+                    .wait(Duration::from_secs(30))
+                    .send()
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let jobs = (0..8).map(|i| Job::new(format!("{i}"))).collect();
+    client.enqueue_batch("herd", jobs).await.unwrap();
+    let mut payloads = Vec::new();
+    for waiter in waiters {
+        let leases = within(waiter).await.unwrap();
+        assert_eq!(leases.len(), 1);
+        payloads.push(String::from_utf8(leases[0].payload().to_vec()).unwrap());
+    }
+    payloads.sort();
+    let expected: Vec<String> = (0..8).map(|i| i.to_string()).collect();
+    assert_eq!(payloads, expected);
+}
+
+#[tokio::test]
 async fn delayed_jobs_become_visible_at_their_time() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
