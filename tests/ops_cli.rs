@@ -3,8 +3,6 @@
 
 #[path = "ops_common/mod.rs"]
 mod common;
-#[path = "common/mod.rs"]
-mod test_broker;
 
 use std::collections::HashMap;
 use std::process::Output;
@@ -12,9 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::Harness;
+use common::test_broker::free_port;
 use serde_json::Value;
 use sluice::pb;
-use test_broker::free_port;
 
 /// Runs `sluice <args>` with `SLUICE_SERVER` pointing at the harness.
 async fn sluice(h: &Harness, args: &[&str]) -> Output {

@@ -799,7 +799,7 @@ async fn health_dashboard_feeds_and_shutdown() {
         .expect("serve_http returns on shutdown")
         .unwrap()
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(6), &mut h.grpc_task)
+    tokio::time::timeout(Duration::from_secs(6), &mut h.grpc.handle)
         .await
         .expect("serve returns on shutdown")
         .unwrap();

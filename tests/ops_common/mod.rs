@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../common/mod.rs"]
+pub mod test_broker;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -11,18 +14,20 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::header::{HOST, HeaderMap};
 use hyper::{Request, StatusCode};
 use sluice::broker::http::{HttpOptions, serve_http_with};
-use sluice::broker::{Broker, BrokerConfig, ServeOptions, serve};
+use sluice::broker::{Broker, BrokerConfig};
 use sluice::pb::broker_client::BrokerClient;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-/// A running broker with gRPC and HTTP on ephemeral loopback ports.
+use test_broker::TestBroker;
+
+/// A running broker with gRPC (the integration tests' [`TestBroker`]) and the
+/// operations HTTP server on ephemeral loopback ports.
 pub struct Harness {
     pub broker: Broker,
-    pub grpc: SocketAddr,
+    pub grpc: TestBroker,
     pub http: SocketAddr,
-    pub grpc_task: JoinHandle<()>,
     pub http_task: JoinHandle<std::io::Result<()>>,
 }
 
@@ -30,23 +35,9 @@ impl Harness {
     /// Starts a broker; the dashboard samples every `sample_ms`.
     pub async fn start(sample_ms: u64) -> Self {
         let broker = Broker::new(BrokerConfig::default());
-        let grpc_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
+        let grpc = TestBroker::serving(broker.clone()).await;
         let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
-        let grpc = grpc_listener.local_addr().expect("gRPC addr");
         let http = http_listener.local_addr().expect("HTTP addr");
-        let grpc_task = tokio::spawn({
-            let broker = broker.clone();
-            async move {
-                serve(
-                    grpc_listener,
-                    broker,
-                    ServeOptions::default(),
-                    std::future::pending(),
-                )
-                .await
-                .expect("gRPC server failed");
-            }
-        });
         let http_task = tokio::spawn(serve_http_with(
             http_listener,
             broker.clone(),
@@ -60,14 +51,13 @@ impl Harness {
             broker,
             grpc,
             http,
-            grpc_task,
             http_task,
         }
     }
 
     /// The gRPC endpoint URL.
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+        self.grpc.url()
     }
 
     /// A gRPC client of the broker.
