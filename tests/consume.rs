@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestBroker, within};
+use common::{TestBroker, long_poll, within};
 use futures::StreamExt;
 use sluice::client::{ClientError, Job};
 use sluice::pb;
@@ -105,20 +105,10 @@ async fn a_stream_without_credits_does_not_hold_up_other_waiters() {
     client.enqueue("nc", "first").send().await.unwrap();
     let held = within(consumer.next()).await.unwrap().unwrap();
     assert_eq!(held.payload().as_ref(), b"first");
-    let waiter = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            client
-                .lease("nc")
-                .wait(Duration::from_secs(30))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
+    let waiter = long_poll(&client, "nc", Duration::from_secs(30));
     tokio::time::sleep(Duration::from_millis(200)).await;
     client.enqueue("nc", "second").send().await.unwrap();
-    let leases = within(waiter).await.unwrap();
+    let leases = within(waiter).await.unwrap().unwrap();
     assert_eq!(leases.len(), 1);
     assert_eq!(leases[0].payload().as_ref(), b"second");
     held.ack().await.unwrap();

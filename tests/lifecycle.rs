@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestBroker, within};
+use common::{TestBroker, long_poll, within};
 use futures::StreamExt;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -75,16 +75,7 @@ async fn shutdown_ends_subscriptions_and_long_polls_and_serve_returns() {
         .raw()
         .await
         .unwrap();
-    let poll = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            client
-                .lease("jobs")
-                .wait(Duration::from_secs(60))
-                .send()
-                .await
-        })
-    };
+    let poll = long_poll(&client, "jobs", Duration::from_secs(60));
     client.publish("events.a", "before").await.unwrap();
     assert_eq!(
         within(sub.next()).await.unwrap().unwrap().value.as_ref(),

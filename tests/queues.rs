@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestBroker, within};
+use common::{TestBroker, long_poll, within};
 use sluice::client::Job;
 use sluice::pb;
 use tonic::Code;
@@ -108,22 +108,12 @@ async fn long_poll_wakes_on_enqueue_and_times_out_empty() {
     assert!(empty.is_empty());
     assert!(started.elapsed() >= Duration::from_millis(190));
 
-    let waiter = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let leases = client
-                .lease("wake")
-                .wait(Duration::from_secs(10))
-                .send()
-                .await
-                .unwrap();
-            (leases, started.elapsed())
-        })
-    };
+    let started = Instant::now();
+    let waiter = long_poll(&client, "wake", Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(100)).await;
     client.enqueue("wake", "now").send().await.unwrap();
-    let (leases, elapsed) = within(waiter).await.unwrap();
+    let leases = within(waiter).await.unwrap().unwrap();
+    let elapsed = started.elapsed();
     assert_eq!(leases.len(), 1);
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
     for l in leases {
@@ -139,25 +129,14 @@ async fn one_batch_reaches_every_long_poll_waiter() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
     let waiters: Vec<_> = (0..8)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                client
-                    .lease("herd")
-                    .max_jobs(1)
-                    .wait(Duration::from_secs(30))
-                    .send()
-                    .await
-                    .unwrap()
-            })
-        })
+        .map(|_| long_poll(&client, "herd", Duration::from_secs(30)))
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let jobs = (0..8).map(|i| Job::new(format!("{i}"))).collect();
     client.enqueue_batch("herd", jobs).await.unwrap();
     let mut payloads = Vec::new();
     for waiter in waiters {
-        let leases = within(waiter).await.unwrap();
+        let leases = within(waiter).await.unwrap().unwrap();
         assert_eq!(leases.len(), 1);
         payloads.push(String::from_utf8(leases[0].payload().to_vec()).unwrap());
     }
@@ -475,16 +454,7 @@ async fn cancel_list_purge_pause_and_delete() {
     assert!(info.paused);
     client.enqueue("adm", "after pause").send().await.unwrap();
     assert!(client.lease("adm").send().await.unwrap().is_empty());
-    let waiter = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            client
-                .lease("adm")
-                .wait(Duration::from_secs(10))
-                .send()
-                .await
-        })
-    };
+    let waiter = long_poll(&client, "adm", Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(100)).await;
     rpc.resume_queue(pb::ResumeQueueRequest { name: "adm".into() })
         .await

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use sluice::broker::{Broker, BrokerConfig, ServeOptions, serve};
-use sluice::client::{Client, Rpc};
+use sluice::client::{Client, ClientError, Lease, Rpc};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -84,6 +84,18 @@ pub async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), fut)
         .await
         .expect("timed out after 10 s")
+}
+
+/// A long-polling Lease of one job from `queue`, waiting up to `wait`, on a task of its
+/// own so the test can change the queue meanwhile.
+pub fn long_poll(
+    client: &Client,
+    queue: &str,
+    wait: Duration,
+) -> JoinHandle<Result<Vec<Lease>, ClientError>> {
+    let client = client.clone();
+    let queue = queue.to_owned();
+    tokio::spawn(async move { client.lease(&queue).wait(wait).send().await })
 }
 
 /// A loopback port that was free a moment ago, for a broker started as a process.
