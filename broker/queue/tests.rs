@@ -362,6 +362,30 @@ fn cancel_purge_and_history() {
 }
 
 #[test]
+fn a_repeat_ack_is_ok_until_the_job_leaves_history() {
+    let mut q = queue_with(|p| p.history_limit = 1);
+    enqueue_one(&mut q, T0, job("a"));
+    let first = lease_one(&mut q, T0, 1_000).unwrap();
+    q.ack(T0, &first.lease_id, None).unwrap();
+    assert_eq!(
+        q.check_lease(T0, &first.lease_id),
+        Ok(LeaseCheck::AlreadyAcked)
+    );
+    q.ack(T0 + 1, &first.lease_id, None).unwrap();
+    assert_eq!(q.counts(T0 + 1).completed, 1, "a repeat ack counts once");
+
+    // A second finished job pushes the first out of a one-entry history.
+    enqueue_one(&mut q, T0, job("b"));
+    let second = lease_one(&mut q, T0, 1_000).unwrap();
+    q.ack(T0, &second.lease_id, None).unwrap();
+    let err = q.ack(T0 + 2, &first.lease_id, None).unwrap_err();
+    assert!(
+        matches!(&err, BrokerError::FailedPrecondition(m) if m.contains("evicted from history")),
+        "{err}"
+    );
+}
+
+#[test]
 fn list_pages_through_jobs_in_enqueue_order() {
     let mut q = queue_with(|_| {});
     for p in ["1", "2", "3", "4", "5"] {
