@@ -858,7 +858,9 @@ impl Queue {
                     .get(&seq)
                     .is_some_and(|l| l.deadline == deadline)
                 {
-                    self.fail_attempt(seq, now, error.clone(), None, false);
+                    // The attempt failed at its deadline, however late this tick noticed
+                    // it, so the backoff runs from there.
+                    self.fail_attempt(seq, deadline, error.clone(), None, false);
                     self.expired.push(seq);
                 }
             }

@@ -345,7 +345,7 @@ impl Model {
         for (deadline, seq) in due {
             let error =
                 format!("lease expired at {deadline} (no ack within the visibility timeout)");
-            self.fail(seq, now, error, None, false);
+            self.fail(seq, deadline, error, None, false);
             self.expired.push(seq);
         }
         let due: Vec<u64> = self

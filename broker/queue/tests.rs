@@ -338,6 +338,31 @@ fn extend_moves_the_deadline() {
 }
 
 #[test]
+fn the_backoff_after_an_expiry_runs_from_the_deadline_not_from_the_tick() {
+    let mut q = queue_with(|p| p.backoff = Backoff::Schedule(vec![1_000]));
+    let id = enqueue_one(&mut q, T0, job("a"));
+    lease_one(&mut q, T0, 1_000).unwrap();
+
+    // The tick that notices the expiry comes 7 ms late; the retry is still due one
+    // backoff after the deadline.
+    q.tick(T0 + 1_007);
+    let j = q.get(&id).unwrap();
+    assert_eq!(j.state, JobState::Retrying);
+    assert_eq!(j.run_at, T0 + 2_000);
+    assert!(lease_one(&mut q, T0 + 1_999, 1_000).is_none());
+    let retried = lease_one(&mut q, T0 + 2_000, 1_000).unwrap();
+    assert_eq!(retried.job_id, id);
+    q.ack(T0 + 2_000, &retried.lease_id, None).unwrap();
+
+    // A tick later than the whole backoff makes the job visible at once.
+    let other = enqueue_one(&mut q, T0 + 2_000, job("b"));
+    lease_one(&mut q, T0 + 2_000, 1_000).unwrap();
+    q.tick(T0 + 4_500);
+    assert_eq!(q.get(&other).unwrap().run_at, T0 + 4_000);
+    assert_eq!(lease_one(&mut q, T0 + 4_500, 1_000).unwrap().job_id, other);
+}
+
+#[test]
 fn cancel_purge_and_history() {
     let mut q = queue_with(|p| p.history_limit = 2);
     let a = enqueue_one(&mut q, T0, job("a"));
