@@ -139,74 +139,56 @@ where
             return None;
         }
         loop {
-            // The wake-up registration lives only in this block: a command leaves it
-            // before its settlements are awaited (a durable settle waits for an fsync), so
-            // a wake-up this stream received meanwhile passes on to the next waiter at once
-            // instead of waiting for this stream's next turn.
-            let command = {
-                // Registered before looking, so a job made visible meanwhile is not missed;
-                // and only with credits, since a wake-up reaches one waiter
-                // (`QueueSlot::wake_one`) and a stream that cannot lease must not hold it
-                // while others could.
-                let slot = self.slot.clone();
-                let notified = slot.ready.notified();
-                tokio::pin!(notified);
-                if self.credits > 0 {
-                    notified.as_mut().enable();
+            // Registered before looking, so a job made visible meanwhile is not missed; and
+            // only with credits, since a wake-up reaches one waiter (`QueueSlot::wake_one`)
+            // and a stream that cannot lease must not hold it while others could.
+            let slot = self.slot.clone();
+            let notified = slot.ready.notified();
+            tokio::pin!(notified);
+            if self.credits > 0 {
+                notified.as_mut().enable();
+            }
+            let mut next_due = None;
+            if self.credits > 0 {
+                match self.lease() {
+                    Ok((jobs, _)) if !jobs.is_empty() => {
+                        self.credits -= jobs.len() as u64;
+                        let leases = jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce));
+                        self.outstanding.extend(leases);
+                        return Some(ConsumeEvent::Jobs(jobs));
+                    }
+                    Ok((_, due)) => next_due = due,
+                    Err(e) => return Some(self.fail(e)),
                 }
-                let mut next_due = None;
-                if self.credits > 0 {
-                    match self.lease() {
-                        Ok((jobs, _)) if !jobs.is_empty() => {
-                            self.credits -= jobs.len() as u64;
-                            let leases = jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce));
-                            self.outstanding.extend(leases);
-                            return Some(ConsumeEvent::Jobs(jobs));
-                        }
-                        Ok((_, due)) => next_due = due,
+            }
+            let wake_at = next_due.map(|due| {
+                tokio::time::Instant::now() + Duration::from_millis(due.saturating_sub(now_ms()))
+            });
+            let credits = self.credits;
+            tokio::select! {
+                command = self.commands.next() => {
+                    let Some(command) = command else {
+                        self.ended = true;
+                        return None;
+                    };
+                    self.stopped |= command.stop;
+                    self.credits = if self.stopped {
+                        0
+                    } else {
+                        (self.credits + command.credits as u64).min(MAX_CREDITS)
+                    };
+                    match self.broker.settle(&self.slot, &self.spec.access, command, &mut self.outstanding).await {
+                        Ok(refused) if refused.is_empty() => {}
+                        Ok(refused) => return Some(ConsumeEvent::Refused(refused)),
                         Err(e) => return Some(self.fail(e)),
                     }
                 }
-                let wake_at = next_due.map(|due| {
-                    tokio::time::Instant::now()
-                        + Duration::from_millis(due.saturating_sub(now_ms()))
-                });
-                let credits = self.credits;
-                tokio::select! {
-                    command = self.commands.next() => match command {
-                        Some(command) => command,
-                        None => {
-                            self.ended = true;
-                            return None;
-                        }
-                    },
-                    _ = &mut notified, if credits > 0 => continue,
-                    _ = async { tokio::time::sleep_until(wake_at.expect("guarded")).await }, if credits > 0 && wake_at.is_some() => continue,
-                    _ = self.shutdown.cancelled() => {
-                        self.ended = true;
-                        return None;
-                    }
+                _ = &mut notified, if credits > 0 => {}
+                _ = async { tokio::time::sleep_until(wake_at.expect("guarded")).await }, if credits > 0 && wake_at.is_some() => {}
+                _ = self.shutdown.cancelled() => {
+                    self.ended = true;
+                    return None;
                 }
-            };
-            self.stopped |= command.stop;
-            self.credits = if self.stopped {
-                0
-            } else {
-                (self.credits + command.credits as u64).min(MAX_CREDITS)
-            };
-            match self
-                .broker
-                .settle(
-                    &self.slot,
-                    &self.spec.access,
-                    command,
-                    &mut self.outstanding,
-                )
-                .await
-            {
-                Ok(refused) if refused.is_empty() => {}
-                Ok(refused) => return Some(ConsumeEvent::Refused(refused)),
-                Err(e) => return Some(self.fail(e)),
             }
         }
     }
