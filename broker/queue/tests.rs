@@ -60,17 +60,35 @@ fn lease_expires_exactly_at_the_deadline_and_not_before() {
     assert_eq!(q.counts(T0 + 1_000).failed, 1);
 }
 
-#[test]
-fn expiry_follows_the_backoff_policy() {
-    let mut q = queue_with(|p| p.backoff = Backoff::Schedule(vec![5_000]));
+/// A queue whose one job was enqueued and leased for 1 s at `T0` under a fixed backoff,
+/// after a tick at `tick_at` (at or past the lease's deadline, `T0 + 1_000`) expired the
+/// lease.
+fn expired_by_tick(backoff_ms: u64, tick_at: Millis) -> (Queue, Uuid) {
+    let mut q = queue_with(|p| p.backoff = Backoff::Schedule(vec![backoff_ms]));
     let id = enqueue_one(&mut q, T0, job("a"));
     lease_one(&mut q, T0, 1_000).unwrap();
-    q.tick(T0 + 1_000);
-    let j = q.get(&id).unwrap();
-    assert_eq!(j.state, JobState::Retrying);
-    assert_eq!(j.run_at, T0 + 6_000);
-    assert!(lease_one(&mut q, T0 + 5_999, 1_000).is_none());
-    assert_eq!(lease_one(&mut q, T0 + 6_000, 1_000).unwrap().job_id, id);
+    q.tick(tick_at);
+    (q, id)
+}
+
+#[test]
+fn expiry_follows_the_backoff_policy_from_the_deadline() {
+    // A tick on time, and one that notices the expiry 7 ms late: either way the retry is
+    // due one backoff after the deadline, not after the tick.
+    for (backoff, tick_at) in [(5_000, T0 + 1_000), (1_000, T0 + 1_007)] {
+        let (mut q, id) = expired_by_tick(backoff, tick_at);
+        let due = T0 + 1_000 + backoff;
+        let j = q.get(&id).unwrap();
+        assert_eq!(j.state, JobState::Retrying);
+        assert_eq!(j.run_at, due);
+        assert!(lease_one(&mut q, due - 1, 1_000).is_none());
+        assert_eq!(lease_one(&mut q, due, 1_000).unwrap().job_id, id);
+    }
+
+    // A tick later than the whole backoff makes the job visible at once.
+    let (mut q, id) = expired_by_tick(1_000, T0 + 2_500);
+    assert_eq!(q.get(&id).unwrap().run_at, T0 + 2_000);
+    assert_eq!(lease_one(&mut q, T0 + 2_500, 1_000).unwrap().job_id, id);
 }
 
 #[test]
@@ -335,31 +353,6 @@ fn extend_moves_the_deadline() {
     assert_eq!(q.check_lease(T0 + 5_000, &d.lease_id), Ok(LeaseCheck::Live));
     q.tick(T0 + 5_900);
     assert!(q.check_lease(T0 + 5_900, &d.lease_id).is_err());
-}
-
-#[test]
-fn the_backoff_after_an_expiry_runs_from_the_deadline_not_from_the_tick() {
-    let mut q = queue_with(|p| p.backoff = Backoff::Schedule(vec![1_000]));
-    let id = enqueue_one(&mut q, T0, job("a"));
-    lease_one(&mut q, T0, 1_000).unwrap();
-
-    // The tick that notices the expiry comes 7 ms late; the retry is still due one
-    // backoff after the deadline.
-    q.tick(T0 + 1_007);
-    let j = q.get(&id).unwrap();
-    assert_eq!(j.state, JobState::Retrying);
-    assert_eq!(j.run_at, T0 + 2_000);
-    assert!(lease_one(&mut q, T0 + 1_999, 1_000).is_none());
-    let retried = lease_one(&mut q, T0 + 2_000, 1_000).unwrap();
-    assert_eq!(retried.job_id, id);
-    q.ack(T0 + 2_000, &retried.lease_id, None).unwrap();
-
-    // A tick later than the whole backoff makes the job visible at once.
-    let other = enqueue_one(&mut q, T0 + 2_000, job("b"));
-    lease_one(&mut q, T0 + 2_000, 1_000).unwrap();
-    q.tick(T0 + 4_500);
-    assert_eq!(q.get(&other).unwrap().run_at, T0 + 4_000);
-    assert_eq!(lease_one(&mut q, T0 + 4_500, 1_000).unwrap().job_id, other);
 }
 
 #[test]
