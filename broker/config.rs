@@ -66,6 +66,48 @@ pub enum StorageKind {
     Memory,
 }
 
+/// `--max-memory-bytes`: `auto`, or a byte count (0: no budget).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryBudgetArg {
+    /// Half of the memory the process may use (see [`auto_memory_budget`]).
+    Auto,
+    /// This many bytes; 0 is no budget.
+    Bytes(u64),
+}
+
+fn parse_memory_budget(s: &str) -> Result<MemoryBudgetArg, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(MemoryBudgetArg::Auto);
+    }
+    s.parse()
+        .map(MemoryBudgetArg::Bytes)
+        .map_err(|e| format!("{s:?} is neither `auto` nor a number of bytes: {e}"))
+}
+
+/// Half of the memory this process may use: the machine's (`MemTotal` of
+/// `/proc/meminfo`) or its cgroup's limit (v2 `memory.max`, v1 `memory.limit_in_bytes`),
+/// whichever is lower; 0 (no budget) where neither can be read. Half, because payloads
+/// are not all a broker holds (indexes, per-job records, buffers, the log's batches).
+pub fn auto_memory_budget() -> u64 {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let machine = read("/proc/meminfo").and_then(|info| {
+        let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib.saturating_mul(1024))
+    });
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|p| read(p)?.trim().parse::<u64>().ok());
+    let total = match (machine, cgroup) {
+        (Some(m), Some(c)) => m.min(c),
+        (m, c) => m.or(c).unwrap_or(0),
+    };
+    total / 2
+}
+
 /// `sluice serve` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -103,9 +145,19 @@ pub struct ServeArgs {
     /// Most open subscriptions.
     #[arg(long, env = "SLUICE_MAX_SUBSCRIPTIONS", default_value_t = 10_000)]
     pub max_subscriptions: usize,
-    /// Most queues.
+    /// Most queues. Dead-letter queues count, also one a policy names before its first
+    /// dead letter creates it.
     #[arg(long, env = "SLUICE_MAX_QUEUES", default_value_t = 10_000)]
     pub max_queues: usize,
+    /// Most topics; creating one more (by Publish or CreateTopic) is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SLUICE_MAX_TOPICS", default_value_t = 10_000)]
+    pub max_topics: usize,
+    /// Budget for retained payload bytes across the broker (topic logs, and queued, held
+    /// and finished-but-in-history jobs); past it Publish and Enqueue are
+    /// RESOURCE_EXHAUSTED. `auto` (the default): half of the machine's memory, or of the
+    /// cgroup's memory limit if lower (no budget where neither is known); `0`: no budget.
+    #[arg(long, env = "SLUICE_MAX_MEMORY_BYTES", default_value = "auto", value_parser = parse_memory_budget)]
+    pub max_memory_bytes: MemoryBudgetArg,
     /// Most concurrent streams per HTTP/2 connection.
     #[arg(
         long,
@@ -197,6 +249,11 @@ impl ServeArgs {
                 max_payload_bytes: self.max_payload_bytes,
                 max_subscriptions: self.max_subscriptions,
                 max_queues: self.max_queues,
+                max_topics: self.max_topics,
+                max_memory_bytes: match self.max_memory_bytes {
+                    MemoryBudgetArg::Auto => auto_memory_budget(),
+                    MemoryBudgetArg::Bytes(n) => n,
+                },
                 ..Limits::default()
             },
             tick_interval: Duration::from_millis(self.tick_ms.max(1)),

@@ -5,7 +5,7 @@
 //! queues (topic first, then queues in name order), which keeps it atomic and deadlock-free:
 //! every other path holds at most one queue lock at a time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLockReadGuard};
 use std::time::Duration;
@@ -16,12 +16,17 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::broker::auth::{Access, Action};
 use crate::broker::error::BrokerError;
-use crate::broker::limits::{Limits, check_duration_ms};
+use crate::broker::limits::{
+    Limits, MAX_BACKOFF_STEPS, MAX_DEDUP_WINDOW_MS, MAX_HISTORY_LIMIT, MAX_QUEUE_DEPTH,
+    MAX_REDRIVE_RATE, MAX_RETRY_DELAY_MS, MAX_TOPIC_BINDINGS, check_count, check_duration_ms,
+};
+use crate::broker::memory::{Accounted, MemoryBudget};
 use crate::broker::names::{Pattern, validate_name};
 use crate::broker::observe::Observer;
 use crate::broker::queue::{
-    ConsumerState, DeadLetter, Delivery, Enqueued, FailOutcome, Job, JobState, LeaseId,
+    Backoff, ConsumerState, DeadLetter, Delivery, Enqueued, FailOutcome, Job, JobState, LeaseId,
     MAX_VISIBILITY_MS, NewJob, Queue, QueueCounts, QueuePolicy,
 };
 use crate::broker::store::{
@@ -111,6 +116,28 @@ impl TopicSlot {
     }
 }
 
+/// What `--max-queues` counts: every queue, and every dead-letter queue a policy names
+/// that does not exist yet. A dead-letter queue is created by its first dead letter, which
+/// must never be refused, so its slot is taken when a policy names it (the queue's
+/// creation, CreateQueue, UpdateQueue) and the limit is checked then.
+#[derive(Default)]
+struct QueueCatalog {
+    /// Dead-letter queue names the policies of existing queues name, with how many do.
+    dead_letter_refs: HashMap<Arc<str>, u32>,
+    /// How many of those names are not queues (yet): slots held for them.
+    reserved: usize,
+}
+
+/// How a queue comes to be created, for [`Broker::create_queue_slot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Creation {
+    /// On a request: refused past `--max-queues`.
+    Counted,
+    /// For a dead letter: its slot was taken when a policy named it, so it is never
+    /// refused; a dead-letter queue of its own it takes only if that fits.
+    DeadLetters,
+}
+
 #[derive(Default)]
 pub(crate) struct Registry {
     pub(crate) subscriptions: Vec<Arc<SubscriberShared>>,
@@ -120,6 +147,9 @@ pub(crate) struct Registry {
 pub(crate) struct Inner {
     pub(crate) config: BrokerConfig,
     queues: DashMap<Arc<str>, Arc<QueueSlot>>,
+    /// Held while queues are created or deleted and while a policy's dead-letter queue
+    /// changes (never while a queue or registry lock is held), so the queue count is exact.
+    catalog: Mutex<QueueCatalog>,
     pub(crate) topics: DashMap<Arc<str>, Arc<TopicSlot>>,
     /// Serialises topic creation, subscription registration and binding changes, so a new
     /// topic and a new subscription always see each other.
@@ -130,6 +160,8 @@ pub(crate) struct Inner {
     pub(crate) observer: OnceLock<Arc<dyn Observer>>,
     /// The write-ahead log; `None` with memory storage.
     journal: Option<Arc<Journal>>,
+    /// Retained payload bytes, against `--max-memory-bytes`.
+    memory: MemoryBudget,
 }
 
 /// The broker. Clone it freely: clones share one state.
@@ -217,6 +249,10 @@ pub struct StatsSnapshot {
     pub topics: Vec<TopicCounts>,
     /// When taken.
     pub taken_at: Millis,
+    /// The memory budget for retained payload bytes (0: none).
+    pub memory_budget_bytes: u64,
+    /// Payload bytes retained now, broker-wide.
+    pub memory_used_bytes: u64,
 }
 
 /// The result of a redrive.
@@ -240,14 +276,16 @@ impl Broker {
     fn build(config: BrokerConfig, journal: Option<Arc<Journal>>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                config,
                 queues: DashMap::new(),
+                catalog: Mutex::new(QueueCatalog::default()),
                 topics: DashMap::new(),
                 registry: Mutex::new(Registry::default()),
                 shutdown: CancellationToken::new(),
                 next_subscription: AtomicU64::new(1),
                 observer: OnceLock::new(),
                 journal,
+                memory: MemoryBudget::new(config.limits.max_memory_bytes),
+                config,
             }),
         }
     }
@@ -291,6 +329,32 @@ impl Broker {
                 }),
             );
         }
+        {
+            // Recovered state was within the limits when it was written; it is kept whole
+            // even if `--max-queues` is lower now.
+            let mut catalog = lock(&broker.inner.catalog);
+            for entry in broker.inner.queues.iter() {
+                let dlq = lock(&entry.value().queue)
+                    .policy()
+                    .dead_letter_queue
+                    .clone();
+                broker.add_dead_letter_ref(&mut catalog, &dlq);
+            }
+        }
+        let held: u64 = broker
+            .inner
+            .queues
+            .iter()
+            .map(|e| lock(&e.value().queue).payload_bytes())
+            .chain(
+                broker
+                    .inner
+                    .topics
+                    .iter()
+                    .map(|e| lock(&e.value().topic).retained().1),
+            )
+            .sum();
+        broker.inner.memory.changed(0, held);
         broker.rebuild_bindings();
         // The recovered state becomes the base of the new log, so every older file (and
         // any torn tail) is gone after this and recovery time stays proportional to the
@@ -439,6 +503,17 @@ impl Broker {
         &self.inner.config.limits
     }
 
+    /// Locks a queue to change it: what it then holds in payloads goes to the memory
+    /// budget when the lock is released.
+    pub(crate) fn lock_queue<'a>(&'a self, slot: &'a QueueSlot) -> Accounted<'a, Queue> {
+        Accounted::new(lock(&slot.queue), &self.inner.memory)
+    }
+
+    /// [`Broker::lock_queue`] for a topic.
+    fn lock_topic<'a>(&'a self, slot: &'a TopicSlot) -> Accounted<'a, Topic> {
+        Accounted::new(lock(&slot.topic), &self.inner.memory)
+    }
+
     /// The token cancelled on shutdown.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.inner.shutdown.clone()
@@ -486,7 +561,7 @@ impl Broker {
                 .map(|e| e.value().clone())
                 .collect();
             for slot in topics {
-                lock(&slot.topic).enforce_retention(now);
+                self.lock_topic(&slot).enforce_retention(now);
             }
         }
     }
@@ -512,30 +587,125 @@ impl Broker {
         if let Some(slot) = self.inner.queues.get(name) {
             return Ok(slot.value().clone());
         }
-        let max = self.inner.config.limits.max_queues;
-        if self.inner.queues.len() >= max {
-            return Err(BrokerError::ResourceExhausted(format!(
-                "{field}: cannot create queue {name:?}: the broker holds the maximum of {max} queues"
-            )));
-        }
-        Ok(self.queue_forced(name))
+        self.create_queue_slot(
+            field,
+            name,
+            QueuePolicy::default_for(name),
+            Creation::Counted,
+        )
     }
 
-    /// The queue, created regardless of the queue limit (dead letters must land).
-    fn queue_forced(&self, name: &str) -> Arc<QueueSlot> {
-        self.inner
-            .queues
-            .entry(Arc::from(name))
-            .or_insert_with(|| {
-                Arc::new(QueueSlot {
-                    name: Arc::from(name),
-                    queue: Mutex::new(Queue::new(name, QueuePolicy::default_for(name))),
-                    ready: Notify::new(),
-                    deleted: AtomicBool::new(false),
-                })
-            })
-            .value()
-            .clone()
+    /// Takes a slot for the dead-letter queue `dlq` a policy names (none for `""`).
+    fn add_dead_letter_ref(&self, catalog: &mut QueueCatalog, dlq: &str) {
+        if dlq.is_empty() {
+            return;
+        }
+        match catalog.dead_letter_refs.get_mut(dlq) {
+            Some(n) => *n += 1,
+            None => {
+                catalog.dead_letter_refs.insert(Arc::from(dlq), 1);
+                if !self.inner.queues.contains_key(dlq) {
+                    catalog.reserved += 1;
+                }
+            }
+        }
+    }
+
+    /// Gives back what [`Broker::add_dead_letter_ref`] took.
+    fn drop_dead_letter_ref(&self, catalog: &mut QueueCatalog, dlq: &str) {
+        let Some(n) = catalog.dead_letter_refs.get_mut(dlq) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            catalog.dead_letter_refs.remove(dlq);
+            if !self.inner.queues.contains_key(dlq) {
+                catalog.reserved -= 1;
+            }
+        }
+    }
+
+    /// How many more slots naming `dlq` as a dead-letter queue takes (0 or 1); `own` is a
+    /// queue being created in the same step.
+    fn dead_letter_slot(&self, catalog: &QueueCatalog, dlq: &str, own: &str) -> usize {
+        usize::from(
+            !dlq.is_empty()
+                && dlq != own
+                && !self.inner.queues.contains_key(dlq)
+                && !catalog.dead_letter_refs.contains_key(dlq),
+        )
+    }
+
+    /// The error for a queue count past `--max-queues`.
+    fn too_many_queues(&self, field: &str, what: String, in_use: usize) -> BrokerError {
+        let max = self.inner.config.limits.max_queues;
+        BrokerError::ResourceExhausted(format!(
+            "{field}: cannot create {what}: the broker holds the maximum of {max} queues ({in_use} in use, dead-letter queues named by policies included)"
+        ))
+    }
+
+    /// Creates the queue `name` with `policy` unless it exists (then returns that one). The
+    /// queue and the dead-letter queue its policy names both count against `--max-queues`
+    /// (see [`QueueCatalog`]), and both must be valid names.
+    fn create_queue_slot(
+        &self,
+        field: &str,
+        name: &str,
+        mut policy: QueuePolicy,
+        how: Creation,
+    ) -> Result<Arc<QueueSlot>, BrokerError> {
+        let dlq = policy.dead_letter_queue.clone();
+        if how == Creation::Counted && !dlq.is_empty() {
+            validate_name("dead_letter_queue", &dlq).map_err(|e| {
+                BrokerError::invalid(
+                    field,
+                    format!(
+                        "queue {name:?} would dead-letter into {dlq:?}, which is not a valid queue name ({e}); use a shorter name or set policy.dead_letter_queue"
+                    ),
+                )
+            })?;
+        }
+        let mut catalog = lock(&self.inner.catalog);
+        if let Some(slot) = self.inner.queues.get(name) {
+            return Ok(slot.value().clone());
+        }
+        let in_use = self.inner.queues.len() + catalog.reserved;
+        let own = usize::from(!catalog.dead_letter_refs.contains_key(name));
+        let extra = self.dead_letter_slot(&catalog, &dlq, name);
+        if in_use + own + extra > self.inner.config.limits.max_queues {
+            match how {
+                Creation::Counted => {
+                    let what = if extra > 0 {
+                        format!("queue {name:?} with its dead-letter queue {dlq:?}")
+                    } else {
+                        format!("queue {name:?}")
+                    };
+                    return Err(self.too_many_queues(field, what, in_use));
+                }
+                Creation::DeadLetters => {
+                    // Its own slot was taken when a policy named it; a dead-letter queue
+                    // of its own does not fit, so its dead jobs stay in it as dead records.
+                    tracing::warn!(
+                        queue = name,
+                        dead_letter_queue = %dlq,
+                        "dead-letter queue created without a dead-letter queue of its own: --max-queues is reached"
+                    );
+                    policy.dead_letter_queue.clear();
+                }
+            }
+        }
+        let slot = Arc::new(QueueSlot {
+            name: Arc::from(name),
+            queue: Mutex::new(Queue::new(name, policy.clone())),
+            ready: Notify::new(),
+            deleted: AtomicBool::new(false),
+        });
+        self.inner.queues.insert(slot.name.clone(), slot.clone());
+        if catalog.dead_letter_refs.contains_key(name) {
+            catalog.reserved -= 1;
+        }
+        self.add_dead_letter_ref(&mut catalog, &policy.dead_letter_queue);
+        Ok(slot)
     }
 
     /// Runs `f` on the locked queue, logs what it recorded in the batch plus any lease
@@ -550,7 +720,7 @@ impl Broker {
     ) -> Result<(R, Commit), BrokerError> {
         let mut batch = self.batch();
         let (result, letters, visible, commit) = {
-            let mut q = lock(&slot.queue);
+            let mut q = self.lock_queue(slot);
             let result = f(&mut q, &mut batch);
             let expired = q.take_expired();
             let letters = q.take_dead_letters();
@@ -575,8 +745,15 @@ impl Broker {
     fn route_dead_letters(&self, letters: Vec<DeadLetter>) {
         let now = now_ms();
         for letter in letters {
-            let target = self.queue_forced(&letter.target);
-            lock(&target.queue).insert_dead_letter(now, letter);
+            let target = self
+                .create_queue_slot(
+                    "dead_letter_queue",
+                    &letter.target,
+                    QueuePolicy::default_for(&letter.target),
+                    Creation::DeadLetters,
+                )
+                .expect("a dead-letter queue is never refused");
+            self.lock_queue(&target).insert_dead_letter(now, letter);
             target.wake_one();
         }
     }
@@ -615,6 +792,10 @@ impl Broker {
                     ("ordering_key", job.ordering_key.as_deref()),
                 ],
             )?;
+        }
+        if self.inner.memory.is_limited() {
+            let bytes = jobs.iter().map(|j| j.payload.len() as u64).sum();
+            self.inner.memory.check("jobs", bytes)?;
         }
         self.admit().await?;
         let (results, commit) = {
@@ -690,8 +871,16 @@ impl Broker {
         messages: Vec<NewMessage>,
     ) -> Result<(Vec<Appended>, Commit), BrokerError> {
         let change = self.begin()?;
-        let slot = self.topic_or_create("topic", topic, None)?;
         let targets = self.bound_queues(topic);
+        if self.inner.memory.is_limited() {
+            // Each bound queue keeps its own copy (a job), so each copy counts.
+            let bytes: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
+            let copies = 1 + targets.len() as u64;
+            self.inner
+                .memory
+                .check("messages", bytes.saturating_mul(copies))?;
+        }
+        let slot = self.topic_or_create("topic", topic, None)?;
         let now = now_ms();
         let mut batch = self.batch();
         let keys: Vec<Option<String>> = if batch.is_enabled() {
@@ -700,9 +889,9 @@ impl Broker {
             Vec::new()
         };
 
-        let mut topic_guard = lock(&slot.topic);
-        let mut queue_guards: Vec<MutexGuard<'_, Queue>> =
-            targets.iter().map(|q| lock(&q.queue)).collect();
+        let mut topic_guard = self.lock_topic(&slot);
+        let mut queue_guards: Vec<Accounted<'_, Queue>> =
+            targets.iter().map(|q| self.lock_queue(q)).collect();
         if !queue_guards.is_empty() {
             let fresh =
                 topic_guard.count_new(now, messages.iter().map(|m| m.idempotency_key.clone()));
@@ -888,7 +1077,7 @@ impl Broker {
             .limits
             .check_error_text(&format!("{prefix}error"), error)?;
         if let Some(d) = retry_delay_ms {
-            check_duration_ms(&format!("{prefix}retry_delay_ms"), d, MAX_VISIBILITY_MS)?;
+            check_duration_ms(&format!("{prefix}retry_delay_ms"), d, MAX_RETRY_DELAY_MS)?;
         }
         Ok(())
     }
@@ -956,8 +1145,8 @@ impl Broker {
         let observer = self.inner.observer.get();
         let mut acked: Vec<(usize, u64)> = Vec::new();
         let commit = {
-            let mut guards: Vec<MutexGuard<'_, Queue>> =
-                slots.iter().map(|s| lock(&s.queue)).collect();
+            let mut guards: Vec<Accounted<'_, Queue>> =
+                slots.iter().map(|s| self.lock_queue(s)).collect();
             let mut stale = Vec::new();
             for (guard, name) in guards.iter().zip(&names) {
                 for &i in &by_queue[name] {
@@ -1202,15 +1391,31 @@ impl Broker {
             policy.max_attempts = v;
         }
         if let Some(b) = patch.backoff {
-            if let crate::broker::queue::Backoff::Schedule(d) = &b
-                && let Some(bad) = d.iter().find(|d| **d > MAX_VISIBILITY_MS)
-            {
-                return Err(BrokerError::over_limit(
-                    "policy.backoff.delays_ms",
-                    *bad,
-                    MAX_VISIBILITY_MS,
-                    "ms",
-                ));
+            match &b {
+                Backoff::Exponential {
+                    initial_ms, max_ms, ..
+                } => {
+                    check_duration_ms(
+                        "policy.backoff.initial_ms",
+                        *initial_ms,
+                        MAX_RETRY_DELAY_MS,
+                    )?;
+                    check_duration_ms("policy.backoff.max_ms", *max_ms, MAX_RETRY_DELAY_MS)?;
+                }
+                Backoff::Schedule(delays) => {
+                    check_count(
+                        "policy.backoff.delays_ms",
+                        delays.len() as u64,
+                        MAX_BACKOFF_STEPS as u64,
+                    )?;
+                    for (i, d) in delays.iter().enumerate() {
+                        check_duration_ms(
+                            &format!("policy.backoff.delays_ms[{i}]"),
+                            *d,
+                            MAX_RETRY_DELAY_MS,
+                        )?;
+                    }
+                }
             }
             policy.backoff = b;
         }
@@ -1231,18 +1436,19 @@ impl Broker {
                     "must be at least 1",
                 ));
             }
+            check_count("policy.max_depth", v, MAX_QUEUE_DEPTH)?;
             policy.max_depth = v;
         }
         if let Some(v) = patch.dedup_window_ms {
-            check_duration_ms("policy.dedup_window_ms", v, 7 * 24 * 3600 * 1000)?;
+            check_duration_ms("policy.dedup_window_ms", v, MAX_DEDUP_WINDOW_MS)?;
             policy.dedup_window_ms = v;
         }
         if let Some(bindings) = patch.topic_bindings {
-            if bindings.len() > 100 {
+            if bindings.len() as u64 > MAX_TOPIC_BINDINGS {
                 return Err(BrokerError::over_limit(
                     "policy.topic_bindings",
                     bindings.len() as u64,
-                    100,
+                    MAX_TOPIC_BINDINGS,
                     "patterns",
                 ));
             }
@@ -1252,11 +1458,11 @@ impl Broker {
             policy.topic_bindings = bindings;
         }
         if let Some(v) = patch.history_limit {
-            if v > 100_000 {
+            if u64::from(v) > MAX_HISTORY_LIMIT {
                 return Err(BrokerError::over_limit(
                     "policy.history_limit",
-                    v as u64,
-                    100_000,
+                    v.into(),
+                    MAX_HISTORY_LIMIT,
                     "jobs",
                 ));
             }
@@ -1274,13 +1480,37 @@ impl Broker {
         }
     }
 
-    /// Sets a queue's policy and logs it, under the queue's lock.
-    fn set_policy(&self, slot: &QueueSlot, policy: QueuePolicy) -> Result<Commit, BrokerError> {
-        let mut q = lock(&slot.queue);
+    /// Sets a queue's policy and logs it, under the queue's lock. A new dead-letter queue
+    /// takes its slot now (see [`QueueCatalog`]); past `--max-queues` nothing changes.
+    /// The outer error refuses the change; the inner one is the log's.
+    fn set_policy(
+        &self,
+        slot: &QueueSlot,
+        policy: QueuePolicy,
+    ) -> Result<Result<Commit, BrokerError>, BrokerError> {
+        let mut catalog = lock(&self.inner.catalog);
+        let q = lock(&slot.queue);
+        let old = q.policy().dead_letter_queue.clone();
+        let new = &policy.dead_letter_queue;
+        if old != *new {
+            let extra = self.dead_letter_slot(&catalog, new, "");
+            let in_use = self.inner.queues.len() + catalog.reserved;
+            if in_use + extra > self.inner.config.limits.max_queues {
+                return Err(self.too_many_queues(
+                    "policy.dead_letter_queue",
+                    format!("dead-letter queue {new:?}"),
+                    in_use,
+                ));
+            }
+            self.add_dead_letter_ref(&mut catalog, new);
+            self.drop_dead_letter_ref(&mut catalog, &old);
+        }
+        drop(catalog);
+        let mut q = Accounted::new(q, &self.inner.memory);
         q.set_policy(policy);
         let mut batch = self.batch();
         batch.queue_def(&slot.name, q.policy(), q.is_paused());
-        self.commit(batch, now_ms())
+        Ok(self.commit(batch, now_ms()))
     }
 
     /// Creates a queue with a policy.
@@ -1299,8 +1529,8 @@ impl Broker {
         self.admit().await?;
         let (slot, commit) = {
             let _change = self.begin()?;
-            let slot = self.queue_or_create("name", name)?;
-            let commit = self.set_policy(&slot, policy);
+            let slot = self.create_queue_slot("name", name, policy.clone(), Creation::Counted)?;
+            let commit = self.set_policy(&slot, policy)?;
             (slot, commit)
         };
         self.rebuild_bindings();
@@ -1320,7 +1550,7 @@ impl Broker {
         self.admit().await?;
         let commit = {
             let _change = self.begin()?;
-            self.set_policy(&slot, policy)
+            self.set_policy(&slot, policy)?
         };
         self.rebuild_bindings();
         self.durable(commit?).await?;
@@ -1356,12 +1586,22 @@ impl Broker {
         self.admit().await?;
         let commit = {
             let _change = self.begin()?;
+            let mut catalog = lock(&self.inner.catalog);
             let (_, slot) =
                 self.inner.queues.remove(name).ok_or_else(|| {
                     BrokerError::NotFound(format!("queue {name:?} does not exist"))
                 })?;
+            // A dead-letter queue that policies still name keeps its slot: its next dead
+            // letter creates it again.
+            if catalog.dead_letter_refs.contains_key(name) {
+                catalog.reserved += 1;
+            }
             let commit = {
-                let _q = lock(&slot.queue);
+                let q = lock(&slot.queue);
+                self.drop_dead_letter_ref(&mut catalog, &q.policy().dead_letter_queue);
+                // Everything it held goes with it.
+                self.inner.memory.changed(q.payload_bytes(), 0);
+                drop(catalog);
                 let mut batch = self.batch();
                 batch.queue_delete(name);
                 self.commit(batch, now_ms())
@@ -1405,13 +1645,22 @@ impl Broker {
         out
     }
 
-    /// Moves dead jobs back to their original queues at most `rate_per_second` a second.
+    /// Moves dead jobs back to the queues they were dead-lettered from (the origin the
+    /// broker recorded, never a header), at most `rate_per_second` a second. Jobs the
+    /// broker never dead-lettered have no origin and are skipped.
+    ///
+    /// Before anything moves, every queue the request would move jobs into is checked:
+    /// `access` must allow `enqueue` or `admin` on it (PERMISSION_DENIED otherwise), and
+    /// one that no longer exists must fit under `--max-queues` (RESOURCE_EXHAUSTED). Jobs
+    /// dead-lettered into the queue while the redrive runs, from queues not checked then,
+    /// stay where they are.
     pub async fn redrive(
         &self,
         dead_letter_queue: &str,
         ids: &[String],
         rate_per_second: u32,
         max_jobs: u64,
+        access: &Access,
     ) -> Result<RedriveOutcome, BrokerError> {
         let limits = &self.inner.config.limits;
         if ids.len() > limits.max_batch {
@@ -1422,12 +1671,31 @@ impl Broker {
                 "ids",
             ));
         }
+        check_count("rate_per_second", rate_per_second.into(), MAX_REDRIVE_RATE)?;
+        check_count("max_jobs", max_jobs, MAX_QUEUE_DEPTH)?;
         let uuids = ids
             .iter()
             .enumerate()
             .map(|(i, id)| Self::parse_job_id(&format!("job_ids[{i}]"), id))
             .collect::<Result<Vec<_>, _>>()?;
         let slot = self.existing_queue("dead_letter_queue", dead_letter_queue)?;
+        let field = if uuids.is_empty() {
+            "dead_letter_queue"
+        } else {
+            "job_ids"
+        };
+        let limit = usize::try_from(max_jobs)
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or(usize::MAX);
+        let targets = lock(&slot.queue).redrive_targets(&uuids, limit);
+        for target in &targets {
+            access.check_any(&[Action::Enqueue, Action::Admin], field, target)?;
+        }
+        self.check_queue_room(field, targets.iter().map(String::as_str))?;
+        for target in &targets {
+            self.queue_or_create(field, target)?;
+        }
         let rate = if rate_per_second == 0 {
             1_000
         } else {
@@ -1454,7 +1722,8 @@ impl Broker {
                 let _change = self.begin()?;
                 let ids: &[Uuid] = if uuids.is_empty() { &[] } else { chunk };
                 let ((moved, skipped), commit) = self.with_queue(&slot, |q, batch| {
-                    let (moved, skipped) = q.take_for_redrive(now_ms(), ids, budget);
+                    let (moved, skipped) = q
+                        .take_for_redrive(now_ms(), ids, budget, |origin| targets.contains(origin));
                     for job in &moved {
                         batch.redriven(&slot.name, job);
                     }
@@ -1464,7 +1733,17 @@ impl Broker {
                 let count = moved.len() as u64;
                 let now = now_ms();
                 for job in moved {
-                    let target = self.queue_forced(&job.target);
+                    // Checked and created above; only a deletion since then makes it
+                    // again here, and a job already taken out must land.
+                    let target = match self.inner.queues.get(job.target.as_str()) {
+                        Some(slot) => slot.value().clone(),
+                        None => self.create_queue_slot(
+                            field,
+                            &job.target,
+                            QueuePolicy::default_for(&job.target),
+                            Creation::DeadLetters,
+                        )?,
+                    };
                     // Already logged with the take above.
                     let ((), _logged) = self.with_queue(&target, |q, _| q.restore(now, job))?;
                 }
@@ -1484,6 +1763,40 @@ impl Broker {
                 return Ok(outcome);
             }
         }
+    }
+
+    /// Refuses, before anything is created, queues `names` (with default policies) that
+    /// would not all fit under `--max-queues`.
+    fn check_queue_room<'a>(
+        &self,
+        field: &str,
+        names: impl Iterator<Item = &'a str>,
+    ) -> Result<(), BrokerError> {
+        let catalog = lock(&self.inner.catalog);
+        let takes_slot = |name: &str| {
+            !name.is_empty()
+                && !self.inner.queues.contains_key(name)
+                && !catalog.dead_letter_refs.contains_key(name)
+        };
+        let mut new: BTreeSet<String> = BTreeSet::new();
+        for name in names {
+            let dlq = QueuePolicy::default_for(name).dead_letter_queue;
+            for n in [name, dlq.as_str()] {
+                if takes_slot(n) {
+                    new.insert(n.to_owned());
+                }
+            }
+        }
+        let in_use = self.inner.queues.len() + catalog.reserved;
+        if in_use + new.len() > self.inner.config.limits.max_queues {
+            let names: Vec<String> = new.into_iter().collect();
+            return Err(self.too_many_queues(
+                field,
+                format!("queues {}", names.join(", ")),
+                in_use,
+            ));
+        }
+        Ok(())
     }
 
     /// Consumers seen on a queue.
@@ -1553,7 +1866,7 @@ impl Broker {
         let (effective, commit) = {
             let _change = self.begin()?;
             let slot = self.topic_or_create("name", name, Some(retention))?;
-            let mut topic = lock(&slot.topic);
+            let mut topic = self.lock_topic(&slot);
             let now = now_ms();
             topic.set_retention(retention, now);
             let mut batch = self.batch();
@@ -1576,7 +1889,8 @@ impl Broker {
                     BrokerError::NotFound(format!("topic {name:?} does not exist"))
                 })?;
             let commit = {
-                let _topic = lock(&slot.topic);
+                let topic = lock(&slot.topic);
+                self.inner.memory.changed(topic.retained().1, 0);
                 let mut batch = self.batch();
                 batch.topic_delete(name);
                 self.commit(batch, now_ms())
@@ -1605,6 +1919,8 @@ impl Broker {
         let now = now_ms();
         let mut snapshot = StatsSnapshot {
             taken_at: now,
+            memory_budget_bytes: self.inner.memory.limit(),
+            memory_used_bytes: self.inner.memory.used(),
             ..StatsSnapshot::default()
         };
         for entry in self.inner.queues.iter() {

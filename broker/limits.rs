@@ -3,9 +3,36 @@
 use std::collections::HashMap;
 
 use crate::broker::error::BrokerError;
+use crate::broker::queue::BROKER_HEADER_PREFIX;
 
 /// Application headers of a message or job.
 pub type Headers = HashMap<String, String>;
+
+/// Longest backoff delay (`initial_ms`, `max_ms`, each schedule entry) and explicit nack
+/// retry delay: 12 hours, the longest lease.
+pub const MAX_RETRY_DELAY_MS: u64 = 12 * 3600 * 1000;
+/// Most entries in a backoff schedule.
+pub const MAX_BACKOFF_STEPS: usize = 100;
+/// Longest dedup window of a queue: 7 days.
+pub const MAX_DEDUP_WINDOW_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Highest `max_depth` of a queue.
+pub const MAX_QUEUE_DEPTH: u64 = 1_000_000_000;
+/// Highest `history_limit` of a queue.
+pub const MAX_HISTORY_LIMIT: u64 = 100_000;
+/// Most topic bindings of a queue.
+pub const MAX_TOPIC_BINDINGS: u64 = 100;
+/// Highest retention `max_messages` of a topic.
+pub const MAX_RETENTION_MESSAGES: u64 = 1_000_000_000;
+/// Highest retention `max_bytes` of a topic: 1 TiB.
+pub const MAX_RETENTION_BYTES: u64 = 1 << 40;
+/// Longest retention `max_age_ms` of a topic: 365 days.
+pub const MAX_RETENTION_AGE_MS: u64 = 365 * 24 * 3600 * 1000;
+/// Longest `delay_ms` of a job, and furthest `run_at_unix_ms` ahead: 365 days.
+pub const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
+/// Longest WatchStats `interval_ms`: 1 hour.
+pub const MAX_WATCH_INTERVAL_MS: u64 = 3600 * 1000;
+/// Highest Redrive `rate_per_second`.
+pub const MAX_REDRIVE_RATE: u64 = 100_000;
 
 /// The limits a broker enforces on requests.
 #[derive(Debug, Clone)]
@@ -28,6 +55,9 @@ pub struct Limits {
     pub max_queues: usize,
     /// Most topics on the broker.
     pub max_topics: usize,
+    /// Budget for retained payload bytes across the broker (topic logs and queued or held
+    /// jobs); 0 is no budget. Past it, Publish and Enqueue are RESOURCE_EXHAUSTED.
+    pub max_memory_bytes: u64,
 }
 
 impl Default for Limits {
@@ -41,7 +71,8 @@ impl Default for Limits {
             max_error_bytes: 4096,
             max_subscriptions: 10_000,
             max_queues: 10_000,
-            max_topics: 100_000,
+            max_topics: 10_000,
+            max_memory_bytes: 0,
         }
     }
 }
@@ -89,6 +120,14 @@ impl Limits {
         for (key, value) in headers {
             if key.is_empty() {
                 return Err(BrokerError::invalid(field, "a header key is empty"));
+            }
+            if is_reserved_header(key) {
+                return Err(BrokerError::invalid(
+                    format!("{field}[{key:?}]"),
+                    format!(
+                        "header keys starting with {BROKER_HEADER_PREFIX:?} (in any case) are reserved for headers the broker sets"
+                    ),
+                ));
             }
             if key.len() > self.max_header_bytes {
                 return Err(BrokerError::over_limit(
@@ -155,6 +194,24 @@ impl Limits {
         }
         Ok(())
     }
+}
+
+/// Whether a header key is in the broker's namespace (`x-sluice-`, compared without case,
+/// so a worker reading `X-Sluice-Attempts` is not fooled either). Producers may not set
+/// such headers: what the broker records there (the queue a dead letter came from, its
+/// attempts and last error, a binding's topic sequence) is then always its own.
+pub fn is_reserved_header(key: &str) -> bool {
+    key.len() >= BROKER_HEADER_PREFIX.len()
+        && key.as_bytes()[..BROKER_HEADER_PREFIX.len()]
+            .eq_ignore_ascii_case(BROKER_HEADER_PREFIX.as_bytes())
+}
+
+/// Checks a count against an inclusive maximum.
+pub fn check_count(field: &str, value: u64, max: u64) -> Result<(), BrokerError> {
+    if value > max {
+        return Err(BrokerError::over_limit(field, value, max, ""));
+    }
+    Ok(())
 }
 
 /// Checks a duration against an inclusive maximum.

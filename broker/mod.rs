@@ -18,6 +18,7 @@ pub mod dedup;
 pub mod error;
 pub mod http;
 pub mod limits;
+pub(crate) mod memory;
 pub mod names;
 pub mod observe;
 pub mod queue;

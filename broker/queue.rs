@@ -37,7 +37,9 @@ use ready::Ready;
 use seq_map::SeqMap;
 use slots::{IdCodec, Kinds, PayloadRef, Payloads, Slot, Slots};
 
-/// Header naming the queue a dead-lettered job came from.
+/// Header naming the queue a dead-lettered job came from. Informational only: where a
+/// redrive returns a job is the origin the broker recorded ([`Job::origin`]), never a
+/// header.
 pub const HEADER_ORIGINAL_QUEUE: &str = "x-sluice-original-queue";
 /// Header with the attempts a dead-lettered job made.
 pub const HEADER_ATTEMPTS: &str = "x-sluice-attempts";
@@ -45,7 +47,8 @@ pub const HEADER_ATTEMPTS: &str = "x-sluice-attempts";
 pub const HEADER_LAST_ERROR: &str = "x-sluice-last-error";
 /// Header with the time (unix ms) a job was dead-lettered.
 pub const HEADER_DEAD_LETTERED_AT: &str = "x-sluice-dead-lettered-at";
-/// Prefix of the headers the broker adds; redrive strips them.
+/// Prefix of the headers the broker adds; redrive strips them, and producers may not set
+/// them (see [`crate::broker::limits::Limits::check_headers`]).
 pub const BROKER_HEADER_PREFIX: &str = "x-sluice-";
 
 /// Longest visibility timeout: 12 hours.
@@ -254,6 +257,10 @@ pub struct Job {
     pub result: Option<Bytes>,
     /// Where it was dead-lettered to.
     pub dead_letter_queue: Option<String>,
+    /// For a dead letter: the queue the broker moved it from, where a redrive returns it.
+    /// Set only by the broker's dead-letter move (and kept by the log), so a job that was
+    /// never dead-lettered has none.
+    pub origin: Option<String>,
     /// Waiting behind an earlier job with the same ordering key.
     blocked: bool,
 }
@@ -318,6 +325,7 @@ impl Job {
             last_error: None,
             result: None,
             dead_letter_queue: None,
+            origin: None,
             blocked: false,
         }
     }
@@ -437,6 +445,8 @@ pub enum FailOutcome {
 pub struct DeadLetter {
     /// The dead-letter queue.
     pub target: String,
+    /// The queue it died in: recorded with the copy as its [`Job::origin`].
+    pub origin: String,
     /// Job id (kept across the move).
     pub job_id: Uuid,
     /// Job type.
@@ -452,7 +462,7 @@ pub struct DeadLetter {
 /// A job leaving a dead-letter queue for the queue it came from.
 #[derive(Debug, Clone)]
 pub struct Redriven {
-    /// The original queue.
+    /// The queue it was dead-lettered from, as the broker recorded it.
     pub target: String,
     /// Job id.
     pub job_id: Uuid,
@@ -652,6 +662,12 @@ impl Queue {
         self.paused = paused;
     }
 
+    /// Payload bytes the queue holds: its live jobs' and those of finished jobs still in
+    /// history (the broker's memory budget counts them).
+    pub fn payload_bytes(&self) -> u64 {
+        self.payloads.bytes()
+    }
+
     /// Jobs that are not finished.
     pub fn live_jobs(&self) -> u64 {
         self.slots.len() as u64
@@ -743,7 +759,7 @@ impl Queue {
         }
         let (seq, id, foreign) = self.next_id(now);
         if let Some(key) = &new.idempotency_key {
-            let expires = now + self.policy.dedup_window_ms;
+            let expires = now.saturating_add(self.policy.dedup_window_ms);
             self.dedup.insert(key.clone(), id, expires);
         }
         let run_at = new.run_at.unwrap_or(now).max(now);
@@ -899,7 +915,7 @@ impl Queue {
             return Vec::new();
         }
         let mut out = Vec::with_capacity(max.min(self.ready.len()));
-        let deadline = now + visibility_ms;
+        let deadline = now.saturating_add(visibility_ms);
         while out.len() < max {
             let slots = &self.slots;
             let Some(seq) = self.ready.pop(|s| slots.get(s).is_none()) else {
@@ -1030,6 +1046,7 @@ impl Queue {
             last_error: extra.and_then(|e| e.last_error.as_deref().map(str::to_owned)),
             result: None,
             dead_letter_queue: None,
+            origin: rare.and_then(|r| r.origin.clone()),
             blocked: slot.blocked,
         }
     }
@@ -1039,8 +1056,9 @@ impl Queue {
         // connection: forget idle ones once there are many, so the map stays bounded by
         // the workers that are actually around.
         if self.consumers.len() >= MAX_IDLE_CONSUMERS && !self.consumers.contains_key(consumer) {
-            self.consumers
-                .retain(|_, c| c.leases_held > 0 || c.last_seen + CONSUMER_ACTIVE_MS > now);
+            self.consumers.retain(|_, c| {
+                c.leases_held > 0 || c.last_seen.saturating_add(CONSUMER_ACTIVE_MS) > now
+            });
         }
         let state = self.consumers.entry(consumer.clone()).or_default();
         state.last_seen = now;
@@ -1179,19 +1197,20 @@ impl Queue {
             )));
         }
         let seq = lease.seq;
+        let deadline = now.saturating_add(visibility_ms);
         let live = self.leases.get_mut(&seq).expect("live lease");
-        let old = std::mem::replace(&mut live.deadline, now + visibility_ms);
+        let old = std::mem::replace(&mut live.deadline, deadline);
         live.updated_at = now;
         if let Some(state) = self.consumers.get_mut(&live.consumer) {
             state.last_seen = now;
         }
-        if old != now + visibility_ms {
+        if old != deadline {
             // (Counting the lease out of a group it stays in would overcount the group
             // if that compacts it.)
             self.count_out_deadline(old);
-            self.deadlines.insert(now + visibility_ms, seq);
+            self.deadlines.insert(deadline, seq);
         }
-        Ok(now + visibility_ms)
+        Ok(deadline)
     }
 
     fn fail_attempt(
@@ -1221,10 +1240,12 @@ impl Queue {
             return FailOutcome::Dead;
         }
         let delay = retry_delay_ms.unwrap_or_else(|| self.policy.backoff.delay_ms(attempts));
+        // Saturating: no delay, however it was configured, can wrap into the past.
+        let at = now.saturating_add(delay);
         let slot = self.slots.get_mut(seq).expect("failed job exists");
-        slot.extra_mut().run_at = now + delay;
+        slot.extra_mut().run_at = at;
         self.place(seq, now);
-        FailOutcome::Retry { at: now + delay }
+        FailOutcome::Retry { at }
     }
 
     /// Marks a job dead and queues its dead letter.
@@ -1241,6 +1262,7 @@ impl Queue {
             headers.insert(HEADER_DEAD_LETTERED_AT.into(), now.to_string());
             self.outbox.push(DeadLetter {
                 target: target.clone(),
+                origin: self.name.to_string(),
                 job_id: job.id,
                 kind: job.kind,
                 payload: job.payload,
@@ -1461,8 +1483,8 @@ impl Queue {
             .collect()
     }
 
-    /// Stores a dead letter from another queue. Dead letters ignore max depth: losing
-    /// them would be a silent drop.
+    /// Stores a dead letter from another queue, recording where it came from (its
+    /// [`Job::origin`]). Dead letters ignore max depth: losing them would be a silent drop.
     pub fn insert_dead_letter(&mut self, now: Millis, dead: DeadLetter) {
         self.insert_with_id(
             now,
@@ -1471,10 +1493,12 @@ impl Queue {
             dead.payload,
             dead.headers,
             dead.priority,
+            Some(dead.origin),
         );
         self.counts.enqueued += 1;
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn insert_with_id(
         &mut self,
         now: Millis,
@@ -1483,6 +1507,7 @@ impl Queue {
         payload: Bytes,
         headers: Headers,
         priority: u8,
+        origin: Option<String>,
     ) {
         if let Some(old) = self.seq_of(&id) {
             // The same job has a record here already (it died here before, or it is
@@ -1507,24 +1532,63 @@ impl Queue {
         rare.id = Some(id);
         rare.kind = Some(kind);
         rare.headers = headers;
+        rare.origin = origin;
         self.foreign.insert(id, seq);
         self.admit(seq, slot, None, now);
     }
 
+    /// Whether a redrive may move this job: it is not leased and the broker recorded the
+    /// queue it was dead-lettered from.
+    fn redrivable(slot: &Slot) -> Option<&str> {
+        if slot.state == JobState::Leased {
+            return None;
+        }
+        slot.rare().and_then(|r| r.origin.as_deref())
+    }
+
+    /// The distinct queues a redrive of `ids` (or, when empty, of up to `max` of the oldest
+    /// movable jobs) would move jobs into, so the broker can check them all before anything
+    /// moves. Reads the queue once; moves nothing.
+    pub fn redrive_targets(&self, ids: &[Uuid], max: usize) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        if ids.is_empty() {
+            for origin in self
+                .slots
+                .iter_from(0)
+                .filter_map(|(_, s)| Self::redrivable(s))
+                .take(max)
+            {
+                if !out.contains(origin) {
+                    out.insert(origin.to_owned());
+                }
+            }
+        } else {
+            for id in ids {
+                if let Some(origin) = self
+                    .seq_of(id)
+                    .and_then(|seq| self.slots.get(seq))
+                    .and_then(Self::redrivable)
+                {
+                    out.insert(origin.to_owned());
+                }
+            }
+        }
+        out
+    }
+
     /// Takes jobs out of this dead-letter queue for redrive: the given ids, or else up to
-    /// `max` of the oldest. Leased or finished jobs, and jobs with no original queue, are
-    /// skipped (and listed when asked for by id).
+    /// `max` of the oldest movable ones. A job returns to its recorded origin (never to a
+    /// queue a header names). Leased or finished jobs, jobs the broker never dead-lettered
+    /// (no origin), and jobs whose origin `allowed` refuses stay here (and are listed when
+    /// asked for by id).
     pub fn take_for_redrive(
         &mut self,
         now: Millis,
         ids: &[Uuid],
         max: usize,
+        allowed: impl Fn(&str) -> bool,
     ) -> (Vec<Redriven>, Vec<Uuid>) {
-        let movable = |s: &Slot| {
-            s.state != JobState::Leased
-                && s.rare()
-                    .is_some_and(|r| r.headers.contains_key(HEADER_ORIGINAL_QUEUE))
-        };
+        let movable = |s: &Slot| Self::redrivable(s).is_some_and(&allowed);
         let mut skipped = Vec::new();
         let seqs: Vec<u64> = if ids.is_empty() {
             self.slots
@@ -1554,7 +1618,7 @@ impl Queue {
             let slot = self.slots.get(seq).expect("redriven job exists");
             let job = self.materialize(seq, slot);
             self.forget(seq, now);
-            let target = job.headers[HEADER_ORIGINAL_QUEUE].clone();
+            let target = job.origin.expect("only jobs with an origin are moved");
             let headers = job
                 .headers
                 .into_iter()
@@ -1572,7 +1636,8 @@ impl Queue {
         (out, skipped)
     }
 
-    /// Puts a redriven job back, attempts reset, replacing its dead record.
+    /// Puts a redriven job back, attempts reset, replacing its dead record. It is an
+    /// ordinary job here again: it has no origin.
     pub fn restore(&mut self, now: Millis, job: Redriven) {
         self.insert_with_id(
             now,
@@ -1581,6 +1646,7 @@ impl Queue {
             job.payload,
             job.headers,
             job.priority,
+            None,
         );
     }
 
@@ -1678,6 +1744,7 @@ impl Queue {
         rare.idempotency_key = job.idempotency_key;
         rare.ordering_key = job.ordering_key.clone();
         rare.dead_letter_queue = job.dead_letter_queue;
+        rare.origin = job.origin;
         let extra = slot.extra_mut();
         extra.run_at = job.run_at;
         extra.updated_at = job.updated_at;
@@ -1756,7 +1823,9 @@ impl Queue {
             consumers: self
                 .consumers
                 .values()
-                .filter(|c| c.leases_held > 0 || c.last_seen + CONSUMER_ACTIVE_MS > now)
+                .filter(|c| {
+                    c.leases_held > 0 || c.last_seen.saturating_add(CONSUMER_ACTIVE_MS) > now
+                })
                 .count() as u32,
             paused: self.paused,
             ..self.counts.clone()

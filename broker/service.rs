@@ -13,7 +13,7 @@ use crate::broker::auth::{Access, Action, Authenticator};
 use crate::broker::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
 use crate::broker::core::{Broker, LeaseParams, Logged, PolicyPatch, QueueInfo, StatsSnapshot};
 use crate::broker::error::BrokerError;
-use crate::broker::limits::{check_duration_ms, checked};
+use crate::broker::limits::{MAX_DELAY_MS, MAX_WATCH_INTERVAL_MS, check_duration_ms, checked};
 use crate::broker::names::Pattern;
 use crate::broker::queue::{
     self, Backoff, Enqueued, Job, JobState, LeaseId, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
@@ -25,9 +25,6 @@ use crate::broker::wire::{
     EncodedLeaseResponse, EncodedSubscribeResponse, ReceivedConsumeRequest, broker_server,
 };
 use crate::pb;
-
-/// Longest `delay_ms`, and furthest `run_at`: one year.
-const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
 
 type Reply<T> = Result<Response<T>, Status>;
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -322,8 +319,17 @@ fn check_stats_filter(
     Ok(())
 }
 
-/// Stats without a filter show only what the request may administer.
+/// Stats without a filter show only what the request may administer; the broker-wide
+/// memory figures only to whom may administer everything.
 fn visible(mut snapshot: StatsSnapshot, access: &Access) -> StatsSnapshot {
+    let everything = Pattern::parse("admin", ">").expect("\">\" is a pattern");
+    if access
+        .check_pattern(Action::Admin, "", &everything)
+        .is_err()
+    {
+        snapshot.memory_budget_bytes = 0;
+        snapshot.memory_used_bytes = 0;
+    }
     snapshot
         .queues
         .retain(|(name, _)| access.allows_name(Action::Admin, name));
@@ -372,6 +378,8 @@ fn stats_to_pb(s: StatsSnapshot) -> pb::StatsResponse {
             })
             .collect(),
         taken_at_unix_ms: s.taken_at,
+        memory_budget_bytes: s.memory_budget_bytes,
+        memory_used_bytes: s.memory_used_bytes,
     }
 }
 
@@ -936,6 +944,7 @@ impl broker_server::Broker for BrokerService {
                 &req.job_ids,
                 req.rate_per_second,
                 req.max_jobs,
+                &access,
             )
             .await?;
         Ok(Response::new(pb::RedriveResponse {
@@ -985,7 +994,10 @@ impl broker_server::Broker for BrokerService {
                 )
                 .into());
             }
-            v => v as u64,
+            v => {
+                check_duration_ms("interval_ms", v.into(), MAX_WATCH_INTERVAL_MS)?;
+                v.into()
+            }
         };
         let filter = Arc::new(req.filter.unwrap_or_default());
         check_stats_filter(&access, &filter.queues, &filter.topics)?;

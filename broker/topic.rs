@@ -11,7 +11,10 @@ use bytes::Bytes;
 
 use crate::broker::dedup::DedupWindow;
 use crate::broker::error::BrokerError;
-use crate::broker::limits::Headers;
+use crate::broker::limits::{
+    Headers, MAX_RETENTION_AGE_MS, MAX_RETENTION_BYTES, MAX_RETENTION_MESSAGES, check_count,
+    check_duration_ms,
+};
 use crate::broker::rate::RateMeter;
 use crate::broker::time::Millis;
 
@@ -330,7 +333,7 @@ impl Topic {
             }
             let sequence = first_sequence + entries.len() as u64;
             if let Some(key) = m.idempotency_key {
-                let expires = now + PUBLISH_DEDUP_WINDOW_MS;
+                let expires = now.saturating_add(PUBLISH_DEDUP_WINDOW_MS);
                 self.dedup.insert(key, sequence, expires);
             }
             entries.push(BlockEntry::new(m.key, m.headers, m.payload));
@@ -476,7 +479,11 @@ impl Topic {
             self.next_seq = sequence;
         }
         if let Some(key) = idempotency_key {
-            self.restore_dedup(key, sequence, publish_time + PUBLISH_DEDUP_WINDOW_MS);
+            self.restore_dedup(
+                key,
+                sequence,
+                publish_time.saturating_add(PUBLISH_DEDUP_WINDOW_MS),
+            );
         }
         self.last_time = self.last_time.max(publish_time);
         // Recovery owns the topic: no reader shares its blocks yet.
@@ -531,7 +538,20 @@ pub fn validate_retention(r: &Retention) -> Result<(), BrokerError> {
             "every limit must be at least 1",
         ));
     }
-    Ok(())
+    check_count(
+        "retention.max_messages",
+        r.max_messages,
+        MAX_RETENTION_MESSAGES,
+    )?;
+    if r.max_bytes > MAX_RETENTION_BYTES {
+        return Err(BrokerError::over_limit(
+            "retention.max_bytes",
+            r.max_bytes,
+            MAX_RETENTION_BYTES,
+            "bytes",
+        ));
+    }
+    check_duration_ms("retention.max_age_ms", r.max_age_ms, MAX_RETENTION_AGE_MS)
 }
 
 #[cfg(test)]

@@ -613,6 +613,210 @@ async fn a_queue_policy_may_reach_only_topics_and_queues_the_token_may() {
     );
 }
 
+const EVIL: &str = "evil-token";
+const DLQ_ADMIN: &str = "dlq-admin-token";
+
+/// A broker for the redrive cases: `evil` may enqueue to and administer only `evil`;
+/// `dlq-admin` administers only `payments.dlq`; `ops` may do anything.
+async fn redrive_broker() -> TestBroker {
+    let tokens = Tokens::parse(&format!(
+        r#"
+[[token]]
+name = "evil"
+sha256 = "{}"
+enqueue = ["evil"]
+admin = ["evil"]
+
+[[token]]
+name = "dlq-admin"
+sha256 = "{}"
+admin = ["payments.dlq"]
+
+[[token]]
+name = "ops"
+sha256 = "{}"
+admin = [">"]
+enqueue = [">"]
+consume = [">"]
+"#,
+        hash_token(EVIL),
+        hash_token(DLQ_ADMIN),
+        hash_token(OPS)
+    ))
+    .unwrap();
+    let options = ServeOptions {
+        drain_timeout: Duration::from_secs(2),
+        auth: Some(Authenticator::from_tokens(tokens)),
+        ..ServeOptions::default()
+    };
+    TestBroker::serving_with(Broker::new(BrokerConfig::default()), options).await
+}
+
+fn queue_names(b: &TestBroker) -> Vec<String> {
+    let mut names: Vec<String> = b.broker.list_queues().into_iter().map(|q| q.name).collect();
+    names.sort();
+    names
+}
+
+/// Issue 17, item 1: the attack. A token with enqueue + admin on `evil` only enqueued a
+/// job whose `x-sluice-original-queue` header named `payments` and redrove `evil`: the job
+/// landed in `payments` (and invalid names in the header made queues that could never be
+/// deleted). Now producers may not write `x-sluice-*` headers at all (in any case), and a
+/// redrive follows only the origin the broker recorded: a job never dead-lettered by the
+/// broker is skipped. On the old code the redrive moved 1 job into `payments`.
+#[tokio::test]
+async fn a_header_written_by_a_client_never_steers_a_redrive() {
+    let b = redrive_broker().await;
+    let mut evil = rpc_with(&b, EVIL).await;
+    let with_header = |key: &str, value: &str| pb::EnqueueRequest {
+        queue: "evil".into(),
+        jobs: vec![pb::JobSpec {
+            payload: Bytes::from_static(b"steal"),
+            headers: [(key.to_owned(), value.to_owned())].into(),
+            ..Default::default()
+        }],
+    };
+    for (key, value) in [
+        ("x-sluice-original-queue", "payments"),
+        ("X-Sluice-Original-Queue", "payments"),
+        ("x-sluice-original-queue", ""),
+        ("x-sluice-original-queue", "bad name!/.."),
+    ] {
+        assert_code(
+            evil.enqueue(with_header(key, value)).await,
+            Code::InvalidArgument,
+            &format!("jobs[0].headers[{key:?}]: header keys starting with \"x-sluice-\""),
+        );
+    }
+    assert!(queue_names(&b).is_empty(), "refusals created nothing");
+
+    // A job that was never dead-lettered has no origin: a redrive of all, or by id,
+    // moves nothing and creates nothing.
+    let id = evil
+        .enqueue(with_header("note", "x-sluice-original-queue: payments"))
+        .await
+        .unwrap()
+        .into_inner()
+        .results[0]
+        .job_id
+        .clone();
+    let redrive = |job_ids: Vec<String>| pb::RedriveRequest {
+        dead_letter_queue: "evil".into(),
+        job_ids,
+        rate_per_second: 1_000,
+        max_jobs: 0,
+    };
+    let all = evil.redrive(redrive(vec![])).await.unwrap().into_inner();
+    assert_eq!(all.redriven, 0);
+    let by_id = evil
+        .redrive(redrive(vec![id.clone()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((by_id.redriven, by_id.skipped_ids), (0, vec![id]));
+    assert_eq!(
+        queue_names(&b),
+        ["evil"],
+        "no payments, no queue with a bad name"
+    );
+}
+
+/// Issue 17, item 1: a redrive needs `admin` on the dead-letter queue and `enqueue` (or
+/// `admin`) on every queue it moves jobs into. A token that administers only
+/// `payments.dlq` is refused before anything moves, by id or for all, with the token, the
+/// action and the queue named. On the old code `admin` on the DLQ was enough: the job
+/// moved into `payments`.
+#[tokio::test]
+async fn a_redrive_into_a_queue_the_token_may_not_write_is_denied_and_moves_nothing() {
+    let b = redrive_broker().await;
+    let mut ops = rpc_with(&b, OPS).await;
+    let id = ops
+        .enqueue(pb::EnqueueRequest {
+            queue: "payments".into(),
+            jobs: vec![job("charge")],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results[0]
+        .job_id
+        .clone();
+    let leased = ops
+        .lease(lease("payments"))
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    ops.nack(pb::NackRequest {
+        lease_id: leased[0].lease_id.clone(),
+        error: "poison".into(),
+        dead_letter: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dead = ops
+        .get_job(pb::GetJobRequest {
+            id: id.clone(),
+            queue: "payments.dlq".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dead.state, pb::JobState::Pending as i32);
+
+    let mut dlq_admin = rpc_with(&b, DLQ_ADMIN).await;
+    let redrive = |job_ids: Vec<String>| pb::RedriveRequest {
+        dead_letter_queue: "payments.dlq".into(),
+        job_ids,
+        rate_per_second: 1_000,
+        max_jobs: 0,
+    };
+    for ids in [vec![], vec![id.clone()]] {
+        let field = if ids.is_empty() {
+            "dead_letter_queue"
+        } else {
+            "job_ids"
+        };
+        assert_code(
+            dlq_admin.redrive(redrive(ids)).await,
+            Code::PermissionDenied,
+            &format!(
+                "{field}: token \"dlq-admin\" may not act on \"payments\" (needs one of: enqueue, admin)"
+            ),
+        );
+    }
+    let still = ops
+        .list_jobs(pb::ListJobsRequest {
+            queue: "payments.dlq".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(still.len(), 1, "nothing moved");
+    // A token that may write into the origin moves it back.
+    let done = ops
+        .redrive(redrive(vec![id.clone()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.redriven, 1);
+    let back = ops
+        .get_job(pb::GetJobRequest {
+            id,
+            queue: "payments".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (back.state, back.attempts),
+        (pb::JobState::Pending as i32, 0)
+    );
+}
+
 #[tokio::test]
 async fn a_consume_stream_needs_consume_and_refuses_acks_of_other_queues() {
     let b = broker_with_tokens().await;

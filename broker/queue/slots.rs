@@ -53,6 +53,8 @@ struct Chunk {
 pub(super) struct Payloads {
     chunks: Vec<Option<Chunk>>,
     free: Vec<u32>,
+    /// Sum of the lengths of the payloads stored and not yet released.
+    bytes: u64,
 }
 
 impl Payloads {
@@ -87,6 +89,7 @@ impl Payloads {
             .filter(|n| *n < Self::OWN_CHUNK_BYTES)
             .sum();
         let mut out = Vec::with_capacity(payloads.size_hint().0);
+        self.bytes += payloads.clone().map(|p| p.len() as u64).sum::<u64>();
         let mut left = small_total;
         let mut buf: Vec<u8> = Vec::new();
         // Refs into `buf` wait here for its chunk number, given when it is sealed.
@@ -131,6 +134,11 @@ impl Payloads {
         }
     }
 
+    /// Payload bytes stored and not yet released (what the memory budget counts).
+    pub(super) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// The payload bytes (no copy).
     pub(super) fn get(&self, r: PayloadRef) -> Bytes {
         match self.chunks.get(r.chunk as usize) {
@@ -146,6 +154,7 @@ impl Payloads {
         if r.chunk == u32::MAX {
             return;
         }
+        self.bytes -= u64::from(r.len);
         let i = r.chunk as usize;
         let Some(Some(c)) = self.chunks.get_mut(i) else {
             return;
@@ -225,6 +234,8 @@ pub(super) struct Rare {
     pub(super) ordering_key: Option<Arc<str>>,
     /// Where a dead job was sent.
     pub(super) dead_letter_queue: Option<String>,
+    /// The queue a dead letter was moved from (see [`super::Job::origin`]).
+    pub(super) origin: Option<String>,
 }
 
 /// One live job, compact. Finished jobs leave the slots for the history.

@@ -445,9 +445,11 @@ fn dead_letters_can_be_redriven_with_attempts_reset() {
     }
     assert_eq!(dlq.get(&id).unwrap().state, JobState::Pending);
 
-    let (moved, skipped) = dlq.take_for_redrive(T0, &[id, Uuid::nil()], 10);
+    assert_eq!(dlq.get(&id).unwrap().origin.as_deref(), Some("jobs"));
+    let (moved, skipped) = dlq.take_for_redrive(T0, &[id, Uuid::nil()], 10, |_| true);
     assert_eq!(skipped, vec![Uuid::nil()]);
     assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].target, "jobs");
     assert!(dlq.get(&id).is_none());
     assert!(!moved[0].headers.contains_key(HEADER_ORIGINAL_QUEUE));
     q.restore(T0 + 1, moved.into_iter().next().unwrap());
@@ -456,6 +458,144 @@ fn dead_letters_can_be_redriven_with_attempts_reset() {
     // The per-job override does not travel through the DLQ: the queue's limit applies.
     assert_eq!(job.max_attempts, 4);
     assert_eq!(lease_one(&mut q, T0 + 1, 1_000).unwrap().job_id, id);
+    assert_eq!(
+        q.get(&id).unwrap().origin,
+        None,
+        "back home it is an ordinary job"
+    );
+}
+
+/// Where a dead job returns is what the broker recorded when it dead-lettered it. A job
+/// enqueued into a dead-letter queue with a header naming another queue has no origin:
+/// a redrive leaves it (by id it is skipped), and the header never picks a target. On the
+/// old code the header alone made the job movable, into the queue it named.
+#[test]
+fn a_redrive_follows_the_recorded_origin_never_a_header() {
+    let mut q = queue_with(|p| p.max_attempts = 1);
+    let mut dlq = Queue::new("jobs.dlq", QueuePolicy::default_for("jobs.dlq"));
+    let dead = enqueue_one(&mut q, T0, job("dead"));
+    let d = lease_one(&mut q, T0, 1_000).unwrap();
+    q.nack(T0, &d.lease_id, "boom".into(), None, false).unwrap();
+    let mut letters = q.take_dead_letters();
+    assert_eq!(letters[0].origin, "jobs");
+    // What the broker wrote as headers is informational: changing them changes nothing.
+    letters[0]
+        .headers
+        .insert(HEADER_ORIGINAL_QUEUE.into(), "payments".into());
+    for letter in letters {
+        dlq.insert_dead_letter(T0, letter);
+    }
+    let forged = enqueue_one(
+        &mut dlq,
+        T0,
+        NewJob {
+            headers: Headers::from([(HEADER_ORIGINAL_QUEUE.into(), "payments".into())]),
+            ..job("forged")
+        },
+    );
+    assert_eq!(dlq.get(&forged).unwrap().origin, None);
+    assert_eq!(
+        dlq.redrive_targets(&[], usize::MAX),
+        BTreeSet::from(["jobs".to_owned()])
+    );
+    assert!(dlq.redrive_targets(&[forged], 10).is_empty());
+
+    let (moved, skipped) = dlq.take_for_redrive(T0 + 1, &[forged], 10, |_| true);
+    assert!(moved.is_empty());
+    assert_eq!(skipped, [forged]);
+    let (moved, skipped) = dlq.take_for_redrive(T0 + 1, &[], 10, |_| true);
+    assert!(skipped.is_empty());
+    assert_eq!(moved.len(), 1);
+    assert_eq!((moved[0].job_id, moved[0].target.as_str()), (dead, "jobs"));
+    assert_eq!(
+        dlq.get(&forged).unwrap().state,
+        JobState::Pending,
+        "left in place"
+    );
+}
+
+/// A redrive moves nothing into a queue the caller refuses (`allowed`): those jobs stay,
+/// and by id they are listed as skipped.
+#[test]
+fn a_redrive_leaves_jobs_whose_origin_is_not_allowed() {
+    let mut dlq = Queue::new("jobs.dlq", QueuePolicy::default_for("jobs.dlq"));
+    let letter = |origin: &str| DeadLetter {
+        target: "jobs.dlq".into(),
+        origin: origin.into(),
+        job_id: Uuid::now_v7(),
+        kind: String::new(),
+        payload: Bytes::from_static(b"x"),
+        headers: Headers::new(),
+        priority: 0,
+    };
+    let (a, b) = (letter("a"), letter("b"));
+    let (ida, idb) = (a.job_id, b.job_id);
+    dlq.insert_dead_letter(T0, a);
+    dlq.insert_dead_letter(T0, b);
+    let (moved, skipped) = dlq.take_for_redrive(T0, &[ida, idb], 10, |o| o == "b");
+    assert_eq!(skipped, [ida]);
+    assert_eq!(moved.iter().map(|r| r.job_id).collect::<Vec<_>>(), [idb]);
+    let (moved, _) = dlq.take_for_redrive(T0, &[], 10, |o| o == "b");
+    assert!(moved.is_empty());
+    assert_eq!(dlq.live_jobs(), 1);
+}
+
+/// Time arithmetic saturates: a retry, lease or dedup window at the end of time stays
+/// there instead of wrapping into the past (where a u64::MAX backoff made the job retry
+/// at once, and with jitter, never).
+#[test]
+fn time_arithmetic_saturates_at_the_end_of_time() {
+    let mut q = queue_with(|p| {
+        p.backoff = Backoff::Exponential {
+            initial_ms: u64::MAX,
+            max_ms: u64::MAX,
+            jitter: false,
+        };
+        p.max_attempts = 3;
+        p.dedup_window_ms = u64::MAX;
+    });
+    let id = enqueue_one(
+        &mut q,
+        T0,
+        NewJob {
+            idempotency_key: Some("k".into()),
+            ..job("a")
+        },
+    );
+    let d = lease_one(&mut q, T0, u64::MAX).unwrap();
+    assert_eq!(d.deadline, u64::MAX);
+    assert_eq!(q.extend(T0 + 1, &d.lease_id, u64::MAX), Ok(u64::MAX));
+    assert_eq!(
+        q.nack(T0 + 2, &d.lease_id, "boom".into(), None, false),
+        Ok(FailOutcome::Retry { at: u64::MAX })
+    );
+    assert_eq!(q.get(&id).unwrap().state, JobState::Retrying);
+    assert!(
+        lease_one(&mut q, T0 + 3, 1_000).is_none(),
+        "not retried at once"
+    );
+    assert_eq!(q.next_due(), Some(u64::MAX));
+    // An explicit retry delay saturates too.
+    let id2 = enqueue_one(&mut q, T0, job("b"));
+    let d = lease_one(&mut q, u64::MAX - 5, 1_000).unwrap();
+    assert_eq!(d.job_id, id2);
+    assert_eq!(d.deadline, u64::MAX);
+    assert_eq!(
+        q.nack(u64::MAX - 4, &d.lease_id, "x".into(), Some(1_000), false),
+        Ok(FailOutcome::Retry { at: u64::MAX })
+    );
+    // The key is remembered to the end of time.
+    assert!(
+        q.enqueue(
+            T0 + 10,
+            vec![NewJob {
+                idempotency_key: Some("k".into()),
+                ..job("c")
+            }]
+        )
+        .unwrap()[0]
+            .duplicate
+    );
 }
 
 #[test]

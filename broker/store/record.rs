@@ -207,6 +207,7 @@ fn job_image(queue: &str, job: &Job) -> pb::JobImage {
         last_error: job.last_error.clone(),
         result: job.result.clone(),
         dead_letter_queue: job.dead_letter_queue.clone(),
+        origin: job.origin.clone(),
     }
 }
 
@@ -228,6 +229,7 @@ pub(crate) fn job_from_image(image: pb::JobImage) -> Option<Job> {
     job.last_error = image.last_error;
     job.result = image.result;
     job.dead_letter_queue = image.dead_letter_queue;
+    job.origin = image.origin;
     Some(job)
 }
 
@@ -305,6 +307,7 @@ impl Batch {
                 payload: letter.payload.clone(),
                 headers: letter.headers.clone(),
                 priority: letter.priority as u32,
+                origin: Some(letter.origin.clone()),
             }));
         }
     }
@@ -323,6 +326,7 @@ impl Batch {
                 payload: job.payload.clone(),
                 headers: job.headers.clone(),
                 priority: job.priority as u32,
+                origin: None,
             }));
         }
     }

@@ -386,7 +386,7 @@ impl Replay {
                 let q = self.queue(&name);
                 q.remove(&job.id);
                 if let Some(key) = &job.idempotency_key {
-                    let expires = job.enqueued_at + q.policy.dedup_window_ms;
+                    let expires = job.enqueued_at.saturating_add(q.policy.dedup_window_ms);
                     q.dedup.insert(key.clone(), (job.id, expires));
                 }
                 q.insert(job);
@@ -423,6 +423,7 @@ impl Replay {
                 q.remove(&id);
                 let mut job = Job::restored(id, t.kind, t.payload, t.headers);
                 job.priority = t.priority.min(9) as u8;
+                job.origin = t.origin;
                 job.max_attempts = q.policy.max_attempts;
                 job.enqueued_at = at;
                 job.run_at = at;
