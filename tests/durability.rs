@@ -175,6 +175,8 @@ async fn queues_topics_bindings_and_jobs_survive_restarts() {
         assert_eq!(dlq.len(), 1);
         assert_eq!(dlq[0].id, b);
         assert_eq!(dlq[0].headers["x-sluice-last-error"], "poison");
+        // Where a redrive returns it is what the broker recorded, kept by log and snapshot.
+        assert_eq!(dlq[0].origin.as_deref(), Some("work"), "round {round}");
         let (_, jd) = broker.get_job(&d.to_string(), None).unwrap();
         assert_eq!(jd.state, JobState::Cancelled);
         // The lease did not survive: the job is visible again.

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use common::TestBroker;
+use sluice::broker::BrokerConfig;
 use sluice::client::{Client, Job};
 use sluice::pb;
 use tonic::Code;
@@ -483,4 +484,413 @@ async fn per_job_limits_name_the_job_and_refuse_the_whole_batch() {
     // The valid first job of each batch was not enqueued either.
     let depth = stats_of(&client, "per-job").await.map_or(0, |q| q.pending);
     assert_eq!(depth, 0);
+}
+
+fn broker_config(limits: impl FnOnce(&mut sluice::broker::limits::Limits)) -> BrokerConfig {
+    let mut config = BrokerConfig::default();
+    limits(&mut config.limits);
+    config
+}
+
+/// Lease one job of `queue` and nack it as poison, so it is dead-lettered.
+async fn dead_letter_one(rpc: &mut sluice::client::Rpc, queue: &str) {
+    let jobs = rpc
+        .lease(pb::LeaseRequest {
+            queue: queue.into(),
+            max_jobs: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    rpc.nack(pb::NackRequest {
+        lease_id: jobs[0].lease_id.clone(),
+        error: "poison".into(),
+        dead_letter: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// Issue 17, items 1 and 10: dead-letter queues, the queues named by policies and redrive
+/// targets all count against `--max-queues`. A queue's dead-letter queue takes its slot
+/// when a policy names it (an auto-created queue takes two), so dead letters, which are
+/// never refused, never pass the limit. On the old code, 5 queues were created and their
+/// dead letters forced 5 dead-letter queues more: 10 queues under `--max-queues 5`.
+#[tokio::test]
+async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
+    let broker = TestBroker::start_with(broker_config(|l| l.max_queues = 5)).await;
+    let client = broker.client().await;
+    let mut rpc = client.rpc();
+    let mut created = Vec::new();
+    for i in 0..10 {
+        let name = format!("q{i}");
+        match rpc.enqueue(enqueue(&name, vec![spec("x")])).await {
+            Ok(_) => created.push(name),
+            Err(err) => {
+                assert_status(
+                    err,
+                    Code::ResourceExhausted,
+                    &[
+                        &format!(
+                            "queue: cannot create queue \"{name}\" with its dead-letter queue \"{name}.dlq\""
+                        ),
+                        "maximum of 5 queues (4 in use",
+                    ],
+                );
+                break;
+            }
+        }
+    }
+    for name in &created {
+        dead_letter_one(&mut rpc, name).await;
+    }
+    let queues = broker.broker.list_queues().len();
+    assert!(queues <= 5, "{queues} queues under --max-queues 5");
+    assert_eq!(created, ["q0", "q1"]);
+    assert_eq!(queues, 4, "q0, q1 and their dead-letter queues");
+
+    // A policy naming a dead-letter queue that does not exist takes its slot at once.
+    let create = |name: &str, dlq: &str| pb::CreateQueueRequest {
+        name: name.into(),
+        policy: Some(pb::QueuePolicy {
+            dead_letter_queue: dlq.into(),
+            ..Default::default()
+        }),
+    };
+    assert_status(
+        rpc.create_queue(create("z", "graveyard"))
+            .await
+            .unwrap_err(),
+        Code::ResourceExhausted,
+        &["name: cannot create queue \"z\" with its dead-letter queue \"graveyard\""],
+    );
+    rpc.create_queue(create("z", "q0.dlq")).await.unwrap();
+    assert_status(
+        rpc.update_queue(pb::UpdateQueueRequest {
+            name: "z".into(),
+            policy: Some(pb::QueuePolicy {
+                dead_letter_queue: "graveyard".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err(),
+        Code::ResourceExhausted,
+        &[
+            "policy.dead_letter_queue: cannot create dead-letter queue \"graveyard\"",
+            "maximum of 5",
+        ],
+    );
+    let z = broker
+        .broker
+        .list_queues()
+        .into_iter()
+        .find(|q| q.name == "z")
+        .unwrap();
+    assert_eq!(
+        z.policy.dead_letter_queue, "q0.dlq",
+        "the refused update changed nothing"
+    );
+
+    // Redrive into a queue that no longer exists must find room for it first.
+    rpc.delete_queue(pb::DeleteQueueRequest { name: "q0".into() })
+        .await
+        .unwrap();
+    rpc.create_queue(create("w", "q1.dlq")).await.unwrap();
+    assert_eq!(broker.broker.list_queues().len(), 5);
+    assert_status(
+        rpc.redrive(pb::RedriveRequest {
+            dead_letter_queue: "q0.dlq".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+        Code::ResourceExhausted,
+        &["dead_letter_queue: cannot create queues q0", "maximum of 5"],
+    );
+    assert_eq!(
+        stats_of(&client, "q0.dlq").await.unwrap().pending,
+        1,
+        "nothing moved"
+    );
+    assert_eq!(broker.broker.list_queues().len(), 5);
+    // Once there is room, it goes home.
+    rpc.delete_queue(pb::DeleteQueueRequest { name: "w".into() })
+        .await
+        .unwrap();
+    let done = rpc
+        .redrive(pb::RedriveRequest {
+            dead_letter_queue: "q0.dlq".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.redriven, 1);
+    assert_eq!(stats_of(&client, "q0").await.unwrap().pending, 1);
+}
+
+/// Issue 17, item 9: every duration and count of a policy or request has a maximum. Each
+/// field is tried at its limit + 1 and at u64::MAX (or u32::MAX where the field is 32-bit):
+/// INVALID_ARGUMENT naming the field, the limit and the value, and nothing changes. On the
+/// old code backoff `initial_ms`/`max_ms` of u64::MAX were accepted (the retry wrapped to
+/// "now"), as were retention, depth, WatchStats interval and Redrive rate and size.
+#[tokio::test]
+async fn every_duration_and_count_is_range_checked() {
+    const H12: u64 = 12 * 3600 * 1000;
+    const DAY: u64 = 24 * 3600 * 1000;
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut rpc = client.rpc();
+    rpc.create_queue(pb::CreateQueueRequest {
+        name: "t".into(),
+        policy: None,
+    })
+    .await
+    .unwrap();
+    client.enqueue("t", "job").send().await.unwrap();
+    let lease_id = rpc
+        .lease(pb::LeaseRequest {
+            queue: "t".into(),
+            max_jobs: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs[0]
+        .lease_id
+        .clone();
+    let before = broker.broker.list_queues()[0].policy.clone();
+
+    // (field, limit, value)
+    type Case = (&'static str, u64, u64);
+    // (field, limit, the policy that sets it to a value)
+    type PolicyCase = (&'static str, u64, fn(u64) -> pb::QueuePolicy);
+    let policy_cases: [PolicyCase; 7] = [
+        ("policy.visibility_timeout_ms", H12, |v| pb::QueuePolicy {
+            visibility_timeout_ms: v,
+            ..Default::default()
+        }),
+        ("policy.backoff.initial_ms", H12, |v| pb::QueuePolicy {
+            backoff: Some(pb::BackoffPolicy {
+                initial_ms: v,
+                max_ms: v,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ("policy.backoff.max_ms", H12, |v| pb::QueuePolicy {
+            backoff: Some(pb::BackoffPolicy {
+                initial_ms: 1,
+                max_ms: v,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ("policy.backoff.delays_ms[1]", H12, |v| pb::QueuePolicy {
+            backoff: Some(pb::BackoffPolicy {
+                delays_ms: vec![1, v],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ("policy.dedup_window_ms", 7 * DAY, |v| pb::QueuePolicy {
+            dedup_window_ms: v,
+            ..Default::default()
+        }),
+        ("policy.max_depth", 1_000_000_000, |v| pb::QueuePolicy {
+            max_depth: v,
+            ..Default::default()
+        }),
+        ("policy.history_limit", 100_000, |v| pb::QueuePolicy {
+            history_limit: v as u32,
+            ..Default::default()
+        }),
+    ];
+    let mut tried = 0;
+    for (field, limit, policy) in policy_cases {
+        let max = if field == "policy.history_limit" {
+            u32::MAX as u64
+        } else {
+            u64::MAX
+        };
+        for value in [limit + 1, max] {
+            for update in [false, true] {
+                let result = if update {
+                    rpc.update_queue(pb::UpdateQueueRequest {
+                        name: "t".into(),
+                        policy: Some(policy(value)),
+                    })
+                    .await
+                    .map(drop)
+                } else {
+                    rpc.create_queue(pb::CreateQueueRequest {
+                        name: "t2".into(),
+                        policy: Some(policy(value)),
+                    })
+                    .await
+                    .map(drop)
+                };
+                let err = result.expect_err(&format!("{field} = {value} was accepted"));
+                assert_status(
+                    err,
+                    Code::InvalidArgument,
+                    &[
+                        &format!("{field}: {value}"),
+                        &format!("exceeds the limit of {limit}"),
+                    ],
+                );
+                tried += 1;
+            }
+        }
+    }
+    let schedule = pb::QueuePolicy {
+        backoff: Some(pb::BackoffPolicy {
+            delays_ms: vec![1; 101],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert_status(
+        rpc.update_queue(pb::UpdateQueueRequest {
+            name: "t".into(),
+            policy: Some(schedule),
+        })
+        .await
+        .unwrap_err(),
+        Code::InvalidArgument,
+        &["policy.backoff.delays_ms: 101 exceeds the limit of 100"],
+    );
+
+    let mut request_cases: Vec<Case> = Vec::new();
+    for (field, limit) in [
+        ("jobs[0].delay_ms", 365 * DAY),
+        ("retention.max_messages", 1_000_000_000),
+        ("retention.max_bytes", 1 << 40),
+        ("retention.max_age_ms", 365 * DAY),
+        ("visibility_timeout_ms", H12),
+        ("wait_ms", 60_000),
+        ("retry_delay_ms", H12),
+        ("max_jobs", 1_000_000_000),
+    ] {
+        request_cases.push((field, limit, limit + 1));
+        request_cases.push((field, limit, u64::MAX));
+    }
+    for (field, limit, value) in request_cases {
+        let result = match field {
+            "jobs[0].delay_ms" => rpc
+                .enqueue(enqueue(
+                    "t",
+                    vec![pb::JobSpec {
+                        delay_ms: value,
+                        ..Default::default()
+                    }],
+                ))
+                .await
+                .map(drop),
+            f if f.starts_with("retention.") => {
+                let mut retention = pb::RetentionPolicy::default();
+                match f {
+                    "retention.max_messages" => retention.max_messages = value,
+                    "retention.max_bytes" => retention.max_bytes = value,
+                    _ => retention.max_age_ms = value,
+                }
+                rpc.create_topic(pb::CreateTopicRequest {
+                    name: "t".into(),
+                    retention: Some(retention),
+                })
+                .await
+                .map(drop)
+            }
+            "visibility_timeout_ms" => rpc
+                .extend_lease(pb::ExtendLeaseRequest {
+                    lease_id: lease_id.clone(),
+                    visibility_timeout_ms: value,
+                })
+                .await
+                .map(drop),
+            "wait_ms" => rpc
+                .lease(pb::LeaseRequest {
+                    queue: "t".into(),
+                    wait_ms: value,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            "retry_delay_ms" => rpc
+                .nack(pb::NackRequest {
+                    lease_id: lease_id.clone(),
+                    retry_delay_ms: value,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            _ => rpc
+                .redrive(pb::RedriveRequest {
+                    dead_letter_queue: "t".into(),
+                    max_jobs: value,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        };
+        let err = result.expect_err(&format!("{field} = {value} was accepted"));
+        assert_status(
+            err,
+            Code::InvalidArgument,
+            &[
+                &format!("{field}: {value}"),
+                &format!("exceeds the limit of {limit}"),
+            ],
+        );
+        tried += 1;
+    }
+    // 32-bit fields at limit + 1 and u32::MAX.
+    for value in [100_001u32, u32::MAX] {
+        let err = rpc
+            .redrive(pb::RedriveRequest {
+                dead_letter_queue: "t".into(),
+                rate_per_second: value,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_status(
+            err,
+            Code::InvalidArgument,
+            &[&format!(
+                "rate_per_second: {value} exceeds the limit of 100000"
+            )],
+        );
+    }
+    for value in [3_600_001u32, u32::MAX] {
+        let err = rpc
+            .watch_stats(pb::WatchStatsRequest {
+                interval_ms: value,
+                filter: None,
+            })
+            .await
+            .map(drop)
+            .unwrap_err();
+        assert_status(
+            err,
+            Code::InvalidArgument,
+            &[&format!(
+                "interval_ms: {value} ms exceeds the limit of 3600000 ms"
+            )],
+        );
+    }
+    assert_eq!(tried, 28 + 16);
+
+    // Nothing changed: the policy, the lease (still live), no new queue or topic.
+    let queues = broker.broker.list_queues();
+    assert_eq!(queues.len(), 1, "only t: no dead-letter queue made, no t2");
+    assert_eq!(queues[0].policy, before);
+    let stats = stats_of(&client, "t").await.unwrap();
+    assert_eq!((stats.leased, stats.retrying, stats.enqueued), (1, 0, 1));
+    assert!(client.stats().await.unwrap().topics.is_empty());
 }

@@ -495,12 +495,18 @@ mod tests {
             assert_eq!(&p.get(*r), b);
         }
         assert_eq!(p.chunks.iter().flatten().count(), 2);
+        assert_eq!(
+            p.bytes(),
+            3 + 16 * 1024 + 5,
+            "what the memory budget counts"
+        );
         p.release(refs[0]);
         assert_eq!(p.get(refs[3]), Bytes::from_static(b"three"));
         for r in &refs[1..] {
             p.release(*r);
         }
         assert_eq!(p.chunks.iter().flatten().count(), 0);
+        assert_eq!(p.bytes(), 0);
         // Freed chunk numbers are reused.
         let again = p.store([Bytes::from_static(b"x")].iter());
         assert!(again[0].chunk < 2);

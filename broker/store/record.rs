@@ -586,7 +586,9 @@ mod tests {
         job.state = JobState::Retrying;
         job.attempts = 2;
         job.last_error = Some("boom".into());
+        job.origin = Some("payments".into());
         let back = job_from_image(job_image("q", &job)).unwrap();
+        assert_eq!(back.origin.as_deref(), Some("payments"));
         assert_eq!(back.id, job.id);
         assert_eq!(back.payload, job.payload);
         assert_eq!(back.headers, job.headers);
