@@ -232,3 +232,29 @@ pub fn checked(
 ) -> Result<(), BrokerError> {
     check("").or_else(|_| check(&field(name)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn producers_may_not_write_the_brokers_headers() {
+        let limits = Limits::default();
+        for key in ["x-sluice-original-queue", "X-SLUICE-attempts", "x-sluice-"] {
+            let headers = Headers::from([(key.to_owned(), "payments".to_owned())]);
+            let err = limits
+                .check_headers("jobs[0].headers", &headers)
+                .unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!(
+                    "jobs[0].headers[{key:?}]: header keys starting with"
+                )),
+                "{err}"
+            );
+        }
+        for key in ["x-sluice", "sluice-x", "x-sluicer", "trace"] {
+            let headers = Headers::from([(key.to_owned(), String::new())]);
+            limits.check_headers("h", &headers).unwrap();
+        }
+    }
+}

@@ -322,9 +322,10 @@ fn check_stats_filter(
 /// Stats without a filter show only what the request may administer; the broker-wide
 /// memory figures only to whom may administer everything.
 fn visible(mut snapshot: StatsSnapshot, access: &Access) -> StatsSnapshot {
-    let everything = Pattern::parse("admin", ">").expect("\">\" is a pattern");
+    static EVERYTHING: std::sync::LazyLock<Pattern> =
+        std::sync::LazyLock::new(|| Pattern::parse("admin", ">").expect("\">\" is a pattern"));
     if access
-        .check_pattern(Action::Admin, "", &everything)
+        .check_pattern(Action::Admin, "", &EVERYTHING)
         .is_err()
     {
         snapshot.memory_budget_bytes = 0;

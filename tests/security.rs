@@ -815,6 +815,20 @@ async fn a_redrive_into_a_queue_the_token_may_not_write_is_denied_and_moves_noth
         (back.state, back.attempts),
         (pb::JobState::Pending as i32, 0)
     );
+
+    // The broker-wide memory figures are for whom administers everything.
+    let all = ops
+        .stats(pb::StatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.memory_used_bytes, 6, "\"charge\" is held by payments");
+    let some = dlq_admin
+        .stats(pb::StatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((some.memory_budget_bytes, some.memory_used_bytes), (0, 0));
 }
 
 #[tokio::test]
