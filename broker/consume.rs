@@ -161,8 +161,11 @@ where
                     Err(e) => return Some(self.fail(e)),
                 }
             }
-            let wake_at = next_due.map(|due| {
-                tokio::time::Instant::now() + Duration::from_millis(due.saturating_sub(now_ms()))
+            // A due time too far ahead for the clock (a retry saturated at the end of
+            // time) is no wake-up at all.
+            let wake_at = next_due.and_then(|due| {
+                tokio::time::Instant::now()
+                    .checked_add(Duration::from_millis(due.saturating_sub(now_ms())))
             });
             let credits = self.credits;
             tokio::select! {

@@ -1046,7 +1046,13 @@ impl Broker {
             let mut wake_at = give_up;
             if let Some(due) = next_due {
                 let in_ms = due.saturating_sub(now_ms());
-                wake_at = wake_at.min(tokio::time::Instant::now() + Duration::from_millis(in_ms));
+                // Past what the clock can hold (a retry saturated at the end of time), the
+                // end of the wait comes first anyway.
+                if let Some(at) =
+                    tokio::time::Instant::now().checked_add(Duration::from_millis(in_ms))
+                {
+                    wake_at = wake_at.min(at);
+                }
             }
             tokio::select! {
                 _ = &mut notified => {}
