@@ -308,3 +308,56 @@ impl ServeArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let all = ["sluice", "serve"].iter().chain(args).copied();
+        match Cli::try_parse_from(all).unwrap().command {
+            Command::Serve(serve) => serve,
+            _ => unreachable!("a serve command"),
+        }
+    }
+
+    #[test]
+    fn topic_and_memory_limits_come_from_flags() {
+        let limits = serve(&["--max-topics", "10", "--max-memory-bytes", "12345"])
+            .broker_config()
+            .limits;
+        assert_eq!((limits.max_topics, limits.max_memory_bytes), (10, 12_345));
+        assert_eq!(
+            serve(&["--max-memory-bytes", "0"])
+                .broker_config()
+                .limits
+                .max_memory_bytes,
+            0
+        );
+        let defaults = serve(&[]).broker_config().limits;
+        assert_eq!(defaults.max_topics, 10_000);
+        // `auto`: half of what the machine (or cgroup) has, never more than it has.
+        assert_eq!(defaults.max_memory_bytes, auto_memory_budget());
+        if cfg!(target_os = "linux") {
+            let total = std::fs::read_to_string("/proc/meminfo").unwrap();
+            let kib: u64 = total
+                .lines()
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(defaults.max_memory_bytes > 0);
+            assert!(defaults.max_memory_bytes <= kib * 1024 / 2);
+        }
+        let err = Cli::try_parse_from(["sluice", "serve", "--max-memory-bytes", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"lots\" is neither `auto` nor a number of bytes"),
+            "{err}"
+        );
+    }
+}
