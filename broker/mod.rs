@@ -1,7 +1,8 @@
 //! The broker: domain modules, and the gRPC service that exposes them.
 //!
 //! Domain modules ([`queue`], [`topic`], [`dedup`], [`subscription`], [`consume`], [`core`],
-//! [`names`], [`limits`], [`observe`], [`auth`]) know nothing of tonic, protobuf or HTTP. [`service`] alone maps
+//! [`names`], [`limits`], [`observe`], [`auth`], and `memory`, the budget for retained
+//! payloads) know nothing of tonic, protobuf or HTTP. [`service`] alone maps
 //! proto <-> domain and [`error`] alone maps [`BrokerError`] to `tonic::Status`. [`server`]
 //! assembles the gRPC server (with health and reflection) around a [`Broker`]; [`http`]
 //! serves `/metrics`, `/healthz` and the live dashboard; [`cli`] is the admin command line,
