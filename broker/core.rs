@@ -1586,9 +1586,15 @@ impl Broker {
         Ok(purged)
     }
 
-    /// Deletes a queue and everything in it.
+    /// Deletes a queue and everything in it. A queue whose name is not valid can still be
+    /// deleted by that exact name: older brokers made such queues when a redrive followed
+    /// a header (issue 17), and their data directories bring them back.
     pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
-        validate_name("name", name)?;
+        if let Err(invalid) = validate_name("name", name)
+            && !self.inner.queues.contains_key(name)
+        {
+            return Err(invalid);
+        }
         self.admit().await?;
         let commit = {
             let _change = self.begin()?;
@@ -1964,5 +1970,36 @@ impl Broker {
         }
         snapshot.topics.sort_by(|a, b| a.name.cmp(&b.name));
         snapshot
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data directory written by an older broker can hold queues with invalid names
+    /// (a redrive once followed a header): they load, and DeleteQueue removes them by
+    /// their exact name. A name that is invalid and unknown is still INVALID_ARGUMENT.
+    #[tokio::test]
+    async fn a_queue_with_an_invalid_name_from_older_data_can_be_deleted() {
+        let broker = Broker::new(BrokerConfig::default());
+        for name in ["bad name!/..", ""] {
+            // Like recovery, which loads every queue of the log: no name check.
+            broker
+                .create_queue_slot(
+                    "name",
+                    name,
+                    QueuePolicy::default_for(name),
+                    Creation::DeadLetters,
+                )
+                .unwrap();
+        }
+        assert_eq!(broker.list_queues().len(), 2);
+        broker.delete_queue("bad name!/..").await.unwrap();
+        broker.delete_queue("").await.unwrap();
+        assert!(broker.list_queues().is_empty());
+        let err = broker.delete_queue("other bad!").await.unwrap_err();
+        assert!(matches!(err, BrokerError::InvalidArgument { .. }), "{err}");
+        broker.shutdown();
     }
 }
