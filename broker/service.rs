@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::broker::auth::{Access, Action, Authenticator};
+use crate::broker::auth::{Access, Action, Authenticator, Credentials, Recheck, StreamGuard};
 use crate::broker::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
 use crate::broker::core::{Broker, LeaseParams, Logged, PolicyPatch, QueueInfo, StatsSnapshot};
 use crate::broker::error::BrokerError;
@@ -57,6 +58,94 @@ impl BrokerService {
         auth.authenticate(header)
             .map(Access::granted)
             .map_err(|failure| Status::from(failure.into_error()))
+    }
+
+    /// A stream's credentials, from its `authorization` metadata (`None` without a
+    /// tokens file); asked first, like [`BrokerService::access`].
+    fn credentials<T>(&self, req: &Request<T>) -> Result<Option<Credentials>, Status> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+        auth.credentials(header)
+            .map(Some)
+            .map_err(|failure| Status::from(failure.into_error()))
+    }
+
+    /// What a stream may do until it ends. With tokens, the stream is registered so that a
+    /// reload ends it if its token is revoked or `recheck` fails on the new grant.
+    fn hold_stream(&self, credentials: Option<Credentials>, recheck: Recheck) -> StreamAuth {
+        let shutdown = self.broker.shutdown_token();
+        match (&self.auth, credentials) {
+            (Some(auth), Some(credentials)) => {
+                let guard = auth.hold_stream(credentials, &shutdown, recheck);
+                StreamAuth {
+                    access: guard.access(),
+                    ends_on: guard.token(),
+                    guard: Some(guard),
+                }
+            }
+            _ => StreamAuth {
+                access: Access::open(),
+                ends_on: shutdown,
+                guard: None,
+            },
+        }
+    }
+}
+
+/// A stream's authorization: what it may do (its token's grant as of the last reload),
+/// the token it ends on (shutdown, or a reload that revoked it), and its registration.
+struct StreamAuth {
+    access: Access,
+    ends_on: CancellationToken,
+    guard: Option<StreamGuard>,
+}
+
+impl StreamAuth {
+    /// The response stream: `stream`, which must end when `ends_on` is cancelled, then
+    /// the reload's refusal if a reload ended it.
+    fn respond<T: Send + 'static>(
+        self,
+        stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    ) -> BoxStream<T> {
+        match self.guard {
+            None => Box::pin(stream),
+            Some(guard) => Box::pin(Guarded {
+                inner: Box::pin(stream),
+                guard,
+                done: false,
+            }),
+        }
+    }
+}
+
+/// A response stream registered for tokens reloads: it ends on its guard's token, and
+/// then reports why (UNAUTHENTICATED or PERMISSION_DENIED) as its last item. Holding the
+/// guard keeps the registration for as long as the stream is open.
+struct Guarded<T> {
+    inner: BoxStream<T>,
+    guard: StreamGuard,
+    done: bool,
+}
+
+impl<T> Stream for Guarded<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        match self.inner.as_mut().poll_next(cx) {
+            std::task::Poll::Ready(None) => {
+                self.done = true;
+                std::task::Poll::Ready(self.guard.ended().map(|e| Err(Status::from(e))))
+            }
+            other => other,
+        }
     }
 }
 
@@ -464,11 +553,13 @@ async fn enqueue_logged(
 /// Serves a PublishStream or EnqueueStream: applies requests one at a time in stream order,
 /// and answers each in order once durable (`answer` builds the response from the results,
 /// or from the refusal), with the fsyncs of up to [`STREAM_PIPELINE`] requests
-/// overlapping. A request the codec cannot read ends the stream with its status. On
-/// shutdown reading stops and what was read is answered.
+/// overlapping. A request the codec cannot read ends the stream with its status. When
+/// `ends_on` is cancelled (shutdown, or a reload revoked the token) reading stops and what
+/// was read is answered.
 fn produce_stream<Req, T, Resp, Applied>(
     broker: Broker,
     access: Access,
+    ends_on: CancellationToken,
     inbound: tonic::Streaming<Req>,
     apply: fn(Broker, Access, Req) -> Applied,
     answer: fn(Result<T, BrokerError>) -> Resp,
@@ -479,7 +570,7 @@ where
     Resp: Send + 'static,
     Applied: Future<Output = Result<Logged<T>, BrokerError>> + Send + 'static,
 {
-    let shutdown = broker.shutdown_token().cancelled_owned();
+    let shutdown = ends_on.cancelled_owned();
     let applying = broker.clone();
     // `then` runs one request's validation, admission and append before reading the next,
     // so requests are applied in stream order; `buffered` overlaps only the durability
@@ -541,17 +632,22 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<tonic::Streaming<pb::PublishRequest>>,
     ) -> Reply<Self::PublishStreamStream> {
-        let access = self.access(&request)?;
-        Ok(Response::new(produce_stream(
+        let credentials = self.credentials(&request)?;
+        // Each request is checked with the token's grant in force; a reload need only
+        // find the token still known.
+        let stream = self.hold_stream(credentials, Box::new(|_| Ok(())));
+        let answers = produce_stream(
             self.broker.clone(),
-            access,
+            stream.access.clone(),
+            stream.ends_on.clone(),
             request.into_inner(),
             publish_logged,
             |answer| {
                 let (results, refused) = answer_parts(answer.map(publish_results));
                 pb::PublishStreamResponse { results, refused }
             },
-        )))
+        );
+        Ok(Response::new(stream.respond(answers)))
     }
 
     type SubscribeStream = BoxStream<EncodedSubscribeResponse>;
@@ -560,7 +656,10 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Reply<Self::SubscribeStream> {
-        let access = self.access(&request)?;
+        let credentials = self.credentials(&request)?;
+        let access = credentials
+            .as_ref()
+            .map_or_else(Access::open, Credentials::access);
         let req = request.into_inner();
         let pattern = Pattern::parse("pattern", &req.pattern)?;
         access.check_pattern(Action::Subscribe, "pattern", &pattern)?;
@@ -612,9 +711,17 @@ impl broker_server::Broker for BrokerService {
                 req.max_batch as usize
             },
         };
+        let recheck_pattern = spec.pattern.clone();
         let subscription = self.broker.subscribe(spec)?;
-        let stream = subscription.map(|item| item.map(batch_to_pb).map_err(Status::from));
-        Ok(Response::new(Box::pin(stream)))
+        let stream = self.hold_stream(
+            credentials,
+            Box::new(move |access| {
+                access.check_pattern(Action::Subscribe, "pattern", &recheck_pattern)
+            }),
+        );
+        let subscription = subscription.ending_on(stream.ends_on.clone());
+        let batches = subscription.map(|item| item.map(batch_to_pb).map_err(Status::from));
+        Ok(Response::new(stream.respond(batches)))
     }
 
     async fn create_topic(&self, request: Request<pb::CreateTopicRequest>) -> Reply<pb::TopicInfo> {
@@ -660,17 +767,20 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<tonic::Streaming<pb::EnqueueRequest>>,
     ) -> Reply<Self::EnqueueStreamStream> {
-        let access = self.access(&request)?;
-        Ok(Response::new(produce_stream(
+        let credentials = self.credentials(&request)?;
+        let stream = self.hold_stream(credentials, Box::new(|_| Ok(())));
+        let answers = produce_stream(
             self.broker.clone(),
-            access,
+            stream.access.clone(),
+            stream.ends_on.clone(),
             request.into_inner(),
             enqueue_logged,
             |answer| {
                 let (results, refused) = answer_parts(answer);
                 EncodedEnqueueStreamResponse { results, refused }
             },
-        )))
+        );
+        Ok(Response::new(stream.respond(answers)))
     }
 
     async fn lease(&self, request: Request<pb::LeaseRequest>) -> Reply<EncodedLeaseResponse> {
@@ -735,7 +845,10 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<tonic::Streaming<ReceivedConsumeRequest>>,
     ) -> Reply<Self::ConsumeStream> {
-        let access = self.access(&request)?;
+        let credentials = self.credentials(&request)?;
+        let access = credentials
+            .as_ref()
+            .map_or_else(Access::open, Credentials::access);
         let address = peer(&request);
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
@@ -749,13 +862,20 @@ impl broker_server::Broker for BrokerService {
             .into());
         }
         access.check(Action::Consume, "queue", &first.queue)?;
+        let recheck_queue = first.queue.clone();
+        let stream = self.hold_stream(
+            credentials,
+            Box::new(move |access| access.check(Action::Consume, "queue", &recheck_queue)),
+        );
         let spec = ConsumeSpec {
-            access,
+            // Acks of other queues' leases are checked with the grant in force.
+            access: stream.access.clone(),
             queue: first.queue.clone(),
             consumer: first.consumer.clone(),
             address,
             visibility_timeout_ms: (first.visibility_timeout_ms > 0)
                 .then_some(first.visibility_timeout_ms),
+            ends_on: Some(stream.ends_on.clone()),
         };
         // The client side ends at its first transport error; what it held is released.
         let rest = inbound
@@ -787,7 +907,7 @@ impl broker_server::Broker for BrokerService {
                 },
             })
         });
-        Ok(Response::new(Box::pin(responses)))
+        Ok(Response::new(stream.respond(responses)))
     }
 
     async fn extend_lease(
@@ -974,7 +1094,10 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::WatchStatsRequest>,
     ) -> Reply<Self::WatchStatsStream> {
-        let access = self.access(&request)?;
+        let credentials = self.credentials(&request)?;
+        let access = credentials
+            .as_ref()
+            .map_or_else(Access::open, Credentials::access);
         let req = request.into_inner();
         let interval_ms = match req.interval_ms {
             0 => 1_000,
@@ -989,18 +1112,25 @@ impl broker_server::Broker for BrokerService {
         };
         let filter = Arc::new(req.filter.unwrap_or_default());
         check_stats_filter(&access, &filter.queues, &filter.topics)?;
+        // Without a filter a watcher sees what its grant in force lets it administer;
+        // with one, a reload must leave admin on every name it lists.
+        let stream = self.hold_stream(credentials, {
+            let filter = filter.clone();
+            Box::new(move |access| check_stats_filter(access, &filter.queues, &filter.topics))
+        });
+        let access = stream.access.clone();
         let broker = self.broker.clone();
         let mut interval = tokio::time::interval(Duration::from_millis(interval_ms));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ticks = tokio_stream::wrappers::IntervalStream::new(interval);
-        let shutdown = self.broker.shutdown_token().cancelled_owned();
-        let stream = ticks
+        let shutdown = stream.ends_on.clone().cancelled_owned();
+        let snapshots = ticks
             .map(move |_| {
                 let snapshot = broker.stats(&filter.queues, &filter.topics);
                 Ok(stats_to_pb(visible(snapshot, &access)))
             })
             .take_until(shutdown);
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(stream.respond(snapshots)))
     }
 
     async fn list_consumers(

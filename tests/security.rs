@@ -677,6 +677,258 @@ async fn a_consume_stream_needs_consume_and_refuses_acks_of_other_queues() {
     .unwrap();
 }
 
+// ---- a tokens reload reaches open streams ------------------------------------------
+
+/// `tokens()` with `worker` and `ops` changed: `None` drops the token, `Some(extra)`
+/// keeps it with only the lines given.
+fn tokens_with(worker: Option<&str>, ops: Option<&str>) -> Tokens {
+    let mut text = format!(
+        "[[token]]\nname = \"producer\"\nsha256 = \"{}\"\npublish = [\"user.*\", \"team.*\"]\nenqueue = [\"emails\"]\n\n[[token]]\nname = \"team\"\nsha256 = \"{}\"\nadmin = [\"team.>\"]\nsubscribe = [\"team.>\"]\n",
+        hash_token(PRODUCER),
+        hash_token(TEAM)
+    );
+    if let Some(lines) = worker {
+        text += &format!(
+            "\n[[token]]\nname = \"worker\"\nsha256 = \"{}\"\n{lines}\n",
+            hash_token(WORKER)
+        );
+    }
+    if let Some(lines) = ops {
+        text += &format!(
+            "\n[[token]]\nname = \"ops\"\nsha256 = \"{}\"\n{lines}\n",
+            hash_token(OPS)
+        );
+    }
+    Tokens::parse(&text).unwrap()
+}
+
+/// A broker serving `tokens()`, and its authenticator to reload in-process.
+async fn broker_with_reloadable_tokens() -> (TestBroker, Authenticator) {
+    let auth = Authenticator::from_tokens(tokens());
+    let options = ServeOptions {
+        drain_timeout: Duration::from_secs(2),
+        auth: Some(auth.clone()),
+        ..ServeOptions::default()
+    };
+    let b = TestBroker::serving_with(Broker::new(BrokerConfig::default()), options).await;
+    (b, auth)
+}
+
+/// The status a stream ends with: it must end (within 10 s) with an error, after
+/// skipping whatever it still delivers.
+async fn ends_with<T: std::fmt::Debug>(
+    mut stream: tonic::Streaming<T>,
+) -> (tonic::Status, Duration) {
+    let started = std::time::Instant::now();
+    within(async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return (status, started.elapsed()),
+                None => panic!("the stream ended without a status"),
+            }
+        }
+    })
+    .await
+}
+
+fn subscribe_to(pattern: &str) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        pattern: pattern.into(),
+        ..Default::default()
+    }
+}
+
+/// A consume stream of `queue` with one credit, and the sender of its next requests.
+async fn open_consume(
+    rpc: &mut Rpc,
+    queue: &str,
+) -> (
+    tokio::sync::mpsc::Sender<pb::ConsumeRequest>,
+    tonic::Streaming<pb::ConsumeResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::ConsumeRequest {
+        queue: queue.into(),
+        credits: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let events = rpc
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, events)
+}
+
+#[tokio::test]
+async fn a_reload_ends_every_open_stream_of_a_revoked_token() {
+    let (b, auth) = broker_with_reloadable_tokens().await;
+    let mut worker = rpc_with(&b, WORKER).await;
+    let mut ops = rpc_with(&b, OPS).await;
+    let mut team = rpc_with(&b, TEAM).await;
+    let mut producer = rpc_with(&b, PRODUCER).await;
+    // Each stream's handler has registered it once its response has started.
+    let subscription = worker
+        .subscribe(subscribe_to("user.>"))
+        .await
+        .unwrap()
+        .into_inner();
+    let (_commands, consume) = open_consume(&mut worker, "emails").await;
+    let mut watch = ops
+        .watch_stats(pb::WatchStatsRequest {
+            interval_ms: 100,
+            filter: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    within(watch.next()).await.unwrap().unwrap();
+    let (publishes, inbound) = tokio::sync::mpsc::channel(4);
+    let publish_stream = ops
+        .publish_stream(tokio_stream::wrappers::ReceiverStream::new(inbound))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut unchanged = team
+        .subscribe(subscribe_to("team.>"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Worker and ops are dropped from the file; producer and team stay as they were.
+    let ended = auth.replace(tokens_with(None, None));
+    assert_eq!(
+        ended, 4,
+        "subscribe, consume, watch and publish streams ended"
+    );
+    for (name, (status, took)) in [
+        ("Subscribe", ends_with(subscription).await),
+        ("Consume", ends_with(consume).await),
+        ("WatchStats", ends_with(watch).await),
+        ("PublishStream", ends_with(publish_stream).await),
+    ] {
+        assert_eq!(status.code(), Code::Unauthenticated, "{name}: {status:?}");
+        assert!(
+            status.message().contains("revoked"),
+            "{name}: {:?}",
+            status.message()
+        );
+        println!("{name} ended {took:?} after the reload");
+    }
+    drop(publishes);
+    // A new call with the revoked token is refused too.
+    assert_code(
+        worker.subscribe(subscribe_to("user.>")).await,
+        Code::Unauthenticated,
+        "not known",
+    );
+    // The team's stream, whose token did not change, still delivers.
+    producer.publish(publish("team.a")).await.unwrap();
+    let batch = within(unchanged.next()).await.unwrap().unwrap();
+    assert_eq!(batch.messages.len(), 1);
+}
+
+#[tokio::test]
+async fn a_reload_that_withdraws_a_grant_ends_only_the_streams_that_needed_it() {
+    let (b, auth) = broker_with_reloadable_tokens().await;
+    let mut worker = rpc_with(&b, WORKER).await;
+    let mut ops = rpc_with(&b, OPS).await;
+    let mut producer = rpc_with(&b, PRODUCER).await;
+    let subscription = worker
+        .subscribe(subscribe_to("user.>"))
+        .await
+        .unwrap()
+        .into_inner();
+    let (commands, mut consume) = open_consume(&mut worker, "emails").await;
+    let filtered = ops
+        .watch_stats(pb::WatchStatsRequest {
+            interval_ms: 100,
+            filter: Some(pb::StatsRequest {
+                queues: vec!["emails".into()],
+                topics: Vec::new(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut unfiltered = ops
+        .watch_stats(pb::WatchStatsRequest {
+            interval_ms: 100,
+            filter: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    producer.enqueue(enqueue("emails")).await.unwrap();
+    let before = within(unfiltered.next()).await.unwrap().unwrap();
+    assert!(
+        before.queues.iter().any(|q| q.name == "emails"),
+        "{before:?}"
+    );
+
+    // The worker keeps consume on "emails" but loses subscribe; ops keeps admin on
+    // "audit" only.
+    let ended = auth.replace(tokens_with(
+        Some("consume = [\"emails\"]"),
+        Some("admin = [\"audit\"]"),
+    ));
+    assert_eq!(ended, 2, "the subscription and the filtered watch");
+    let (status, _) = ends_with(subscription).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("token \"worker\" may not subscribe \"user.>\""),
+        "{:?}",
+        status.message()
+    );
+    let (status, _) = ends_with(filtered).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("token \"ops\" may not admin \"emails\""),
+        "{:?}",
+        status.message()
+    );
+    // The consume stream still has its grant and goes on.
+    let jobs = within(consume.next()).await.unwrap().unwrap().jobs;
+    assert_eq!(jobs.len(), 1);
+    commands
+        .send(pb::ConsumeRequest {
+            acks: vec![pb::LeaseAck {
+                lease_id: jobs[0].lease_id.clone(),
+                result: Bytes::new(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    producer.enqueue(enqueue("emails")).await.unwrap();
+    commands
+        .send(pb::ConsumeRequest {
+            credits: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let jobs = within(consume.next()).await.unwrap().unwrap().jobs;
+    assert_eq!(jobs.len(), 1, "a job enqueued after the reload");
+    // The unfiltered watch goes on, showing only what the new grant covers.
+    within(async {
+        loop {
+            let snapshot = unfiltered.next().await.unwrap().unwrap();
+            if snapshot.queues.iter().all(|q| q.name != "emails") {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// A CA, a server certificate for `localhost` and 127.0.0.1, and a client certificate,
 /// all PEM; plus a client certificate from a CA the server does not trust.
 struct Pki {
@@ -957,6 +1209,73 @@ async fn serve_with_tokens_and_tls_and_rotate_tokens_on_sighup() {
         }
     })
     .await;
+    server.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn sighup_ends_the_open_subscription_of_a_revoked_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (revoked, revoked_table) = new_token("leaving").await;
+    let (kept, kept_table) = new_token("staying").await;
+    let tokens = dir.path().join("tokens.toml");
+    let both = format!(
+        "{revoked_table}subscribe = [\">\"]\n\n{kept_table}subscribe = [\">\"]\npublish = [\">\"]\n"
+    );
+    std::fs::write(&tokens, both).unwrap();
+    let port = free_port();
+    let mut server = sluice()
+        .args(["serve", "--storage", "memory", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tokens-file")
+        .arg(&tokens)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let connect = |token: String| {
+        let url = url.clone();
+        async move {
+            loop {
+                match Client::connect_with(url.clone(), ConnectOptions::new().token(token.clone()))
+                    .await
+                {
+                    Ok(client) => return client.rpc(),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+    };
+    let mut leaving = within(connect(revoked.clone())).await;
+    let mut staying = within(connect(kept.clone())).await;
+    let subscription = within(leaving.subscribe(subscribe_to("news.>")))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut unchanged = within(staying.subscribe(subscribe_to("news.>")))
+        .await
+        .unwrap()
+        .into_inner();
+
+    std::fs::write(
+        &tokens,
+        format!("{kept_table}subscribe = [\">\"]\npublish = [\">\"]\n"),
+    )
+    .unwrap();
+    let pid = server.id().unwrap().to_string();
+    let hup = run(tokio::process::Command::new("kill").args(["-HUP", &pid])).await;
+    assert!(hup.status.success());
+    let (status, took) = ends_with(subscription).await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("revoked"),
+        "{:?}",
+        status.message()
+    );
+    println!("the subscription ended {took:?} after SIGHUP");
+    staying.publish(publish("news.a")).await.unwrap();
+    let batch = within(unchanged.next()).await.unwrap().unwrap();
+    assert_eq!(batch.messages.len(), 1);
     server.kill().await.unwrap();
 }
 
