@@ -492,7 +492,11 @@ fn consume_commands(r: ReceivedConsumeRequest) -> ConsumeCommands {
 }
 
 fn peer(req: &Request<impl Sized>) -> String {
-    req.remote_addr().map(|a| a.to_string()).unwrap_or_default()
+    req.extensions()
+        .get::<crate::broker::server::ConnectionInfo>()
+        .and_then(|info| info.remote_addr())
+        .map(|a| a.to_string())
+        .unwrap_or_default()
 }
 
 /// Requests a produce stream holds applied but unanswered while their fsyncs are pending:

@@ -1094,6 +1094,208 @@ async fn connections_over_the_cap_are_closed_until_one_frees() {
     second.publish("cap", "3").await.unwrap();
 }
 
+// ---- connection slots: handshake deadline, idle timeout, keepalive -------------------
+
+/// A broker on plaintext (or TLS with `pki`) with these connection settings.
+async fn broker_with_connections(
+    max_connections: usize,
+    handshake_ms: u64,
+    idle_ms: Option<u64>,
+    keepalive_ms: Option<u64>,
+    pki: Option<&Pki>,
+) -> TestBroker {
+    let options = ServeOptions {
+        drain_timeout: Duration::from_secs(2),
+        max_connections,
+        handshake_timeout: Duration::from_millis(handshake_ms),
+        idle_timeout: idle_ms.map(Duration::from_millis),
+        keepalive_interval: keepalive_ms.map(Duration::from_millis),
+        keepalive_timeout: Duration::from_millis(keepalive_ms.unwrap_or(20_000)),
+        tls: pki.map(|pki| TlsSettings {
+            cert_pem: pki.server_cert.clone().into_bytes(),
+            key_pem: pki.server_key.clone().into_bytes(),
+            client_ca_pem: None,
+        }),
+        ..ServeOptions::default()
+    };
+    TestBroker::serving_with(Broker::new(BrokerConfig::default()), options).await
+}
+
+/// Reads until the server closes the connection (EOF or reset); returns how long it took.
+async fn closed_by_server(socket: &mut tokio::net::TcpStream) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    within(async {
+        loop {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    started.elapsed()
+}
+
+/// An HTTP/2 connection that sends the client preface and an empty SETTINGS frame, then
+/// never answers anything (not even PINGs).
+async fn mute_http2(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    socket
+}
+
+#[tokio::test]
+async fn silent_sockets_lose_their_slots_at_the_handshake_deadline() {
+    let b = broker_with_connections(10, 500, None, None, None).await;
+    let opened = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(tokio::net::TcpStream::connect(b.addr).await.unwrap());
+    }
+    // The ten silent sockets hold every slot: a real client is refused...
+    let first = works(&b.url(), ConnectOptions::new()).await;
+    assert!(
+        first.is_err(),
+        "a client was served while 10 of 10 slots were held"
+    );
+    // ...until the deadline frees them.
+    within(async {
+        while works(&b.url(), ConnectOptions::new()).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let served_after = opened.elapsed();
+    // Each silent socket was closed by the server, around the deadline.
+    let mut longest = Duration::ZERO;
+    for socket in &mut silent {
+        longest = longest.max(closed_by_server(socket).await);
+    }
+    let closed_after = opened.elapsed();
+    println!(
+        "a client was served {served_after:?} after 10 silent sockets took every slot; all were closed {closed_after:?} after they opened"
+    );
+    assert!(
+        closed_after < Duration::from_secs(3),
+        "silent sockets closed only after {closed_after:?} (deadline 500 ms)"
+    );
+    assert!(
+        served_after < Duration::from_secs(3),
+        "served only after {served_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_closed_at_the_deadline() {
+    use tokio::io::AsyncWriteExt;
+    let pki = pki();
+    let b = broker_with_connections(10_000, 500, None, None, Some(&pki)).await;
+    let mut stalled = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    // The header of a ClientHello record, then nothing.
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+        .await
+        .unwrap();
+    let took = closed_by_server(&mut stalled).await;
+    println!("a stalled TLS ClientHello was closed after {took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // TLS still serves real clients.
+    let url = format!("https://localhost:{}", b.addr.port());
+    works(
+        &url,
+        ConnectOptions::new().ca_certificate_pem(pki.ca.clone()),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn no_connection_waits_on_a_silent_one() {
+    let pki = pki();
+    for tls in [false, true] {
+        // A deadline far longer than the test: a client that waited on a silent socket
+        // would show it.
+        let b = broker_with_connections(10_000, 30_000, None, None, tls.then_some(&pki)).await;
+        let mut silent = Vec::new();
+        for _ in 0..20 {
+            silent.push(tokio::net::TcpStream::connect(b.addr).await.unwrap());
+        }
+        let (url, options) = if tls {
+            (
+                format!("https://localhost:{}", b.addr.port()),
+                ConnectOptions::new().ca_certificate_pem(pki.ca.clone()),
+            )
+        } else {
+            (b.url(), ConnectOptions::new())
+        };
+        let started = std::time::Instant::now();
+        works(&url, options.clone()).await.unwrap();
+        let first = started.elapsed();
+        assert!(first < Duration::from_secs(5), "tls {tls}: {first:?}");
+        // Sequential connects, each with its first RPC.
+        let started = std::time::Instant::now();
+        let mut slowest = Duration::ZERO;
+        for _ in 0..if tls { 50 } else { 300 } {
+            let one = std::time::Instant::now();
+            works(&url, options.clone()).await.unwrap();
+            slowest = slowest.max(one.elapsed());
+        }
+        let total = started.elapsed();
+        println!(
+            "tls {tls}: first client {first:?} beside 20 silent sockets; sequential connect + first RPC: total {total:?}, slowest {slowest:?}"
+        );
+        assert!(slowest < Duration::from_secs(5), "tls {tls}: {slowest:?}");
+        drop(silent);
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_and_one_with_an_open_stream_is_not() {
+    let b = broker_with_connections(10_000, 5_000, Some(300), None, None).await;
+    let mut idle = mute_http2(b.addr).await;
+    let client = b.client().await;
+    let mut rpc = client.rpc();
+    let mut subscription = rpc
+        .subscribe(pb::SubscribeRequest {
+            pattern: "idle.>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let took = closed_by_server(&mut idle).await;
+    println!("an idle connection was closed after {took:?} (idle timeout 300 ms)");
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    // Well past the idle timeout, the connection with the open subscription still works.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let other = b.client().await;
+    other.publish("idle.a", "still here").await.unwrap();
+    let batch = within(subscription.next()).await.unwrap().unwrap();
+    assert_eq!(batch.messages.len(), 1);
+}
+
+#[tokio::test]
+async fn keepalive_pings_drop_a_peer_that_does_not_answer() {
+    let b = broker_with_connections(10_000, 5_000, None, Some(200), None).await;
+    let mut mute = mute_http2(b.addr).await;
+    let took = closed_by_server(&mut mute).await;
+    println!(
+        "a peer that answers no PING was dropped after {took:?} (interval and timeout 200 ms)"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // A live client answers the pings and stays.
+    let client = b.client().await;
+    client.publish("alive", "1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    client.publish("alive", "2").await.unwrap();
+}
+
 // ---- the binary: flags, `sluice token`, SIGHUP reload ---------------------------------
 
 fn sluice() -> tokio::process::Command {
