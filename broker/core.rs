@@ -130,6 +130,8 @@ pub(crate) struct Inner {
     pub(crate) observer: OnceLock<Arc<dyn Observer>>,
     /// The write-ahead log; `None` with memory storage.
     journal: Option<Arc<Journal>>,
+    /// The stats snapshot shared by watchers (see [`crate::broker::stats`]).
+    pub(crate) stats: crate::broker::stats::StatsHub,
 }
 
 /// The broker. Clone it freely: clones share one state.
@@ -248,6 +250,7 @@ impl Broker {
                 next_subscription: AtomicU64::new(1),
                 observer: OnceLock::new(),
                 journal,
+                stats: Default::default(),
             }),
         }
     }

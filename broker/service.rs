@@ -411,24 +411,20 @@ fn check_stats_filter(
     Ok(())
 }
 
-/// Stats without a filter show only what the request may administer.
-fn visible(mut snapshot: StatsSnapshot, access: &Access) -> StatsSnapshot {
-    snapshot
-        .queues
-        .retain(|(name, _)| access.allows_name(Action::Admin, name));
-    snapshot
-        .topics
-        .retain(|t| access.allows_name(Action::Admin, &t.name));
-    snapshot
-}
-
-fn stats_to_pb(s: StatsSnapshot) -> pb::StatsResponse {
+/// The part of a snapshot a request sees: the queues and topics it names (all when it
+/// names none) that it may administer. Built from a shared snapshot without copying the
+/// rest of it.
+fn stats_view(s: &StatsSnapshot, filter: &pb::StatsRequest, access: &Access) -> pb::StatsResponse {
+    let named = |names: &[String], name: &str| names.is_empty() || names.iter().any(|n| n == name);
     pb::StatsResponse {
         queues: s
             .queues
-            .into_iter()
+            .iter()
+            .filter(|(name, _)| {
+                named(&filter.queues, name) && access.allows_name(Action::Admin, name)
+            })
             .map(|(name, c)| pb::QueueStats {
-                name,
+                name: name.clone(),
                 pending: c.pending,
                 scheduled: c.scheduled,
                 leased: c.leased,
@@ -447,9 +443,12 @@ fn stats_to_pb(s: StatsSnapshot) -> pb::StatsResponse {
             .collect(),
         topics: s
             .topics
-            .into_iter()
+            .iter()
+            .filter(|t| {
+                named(&filter.topics, &t.name) && access.allows_name(Action::Admin, &t.name)
+            })
             .map(|t| pb::TopicStats {
-                name: t.name,
+                name: t.name.clone(),
                 first_sequence: t.first_sequence,
                 last_sequence: t.last_sequence,
                 retained_messages: t.retained_messages,
@@ -1088,8 +1087,12 @@ impl broker_server::Broker for BrokerService {
         let access = self.access(&request)?;
         let req = request.into_inner();
         check_stats_filter(&access, &req.queues, &req.topics)?;
-        let snapshot = self.broker.stats(&req.queues, &req.topics);
-        Ok(Response::new(stats_to_pb(visible(snapshot, &access))))
+        // While someone watches, the shared snapshot is at most one tick old: reuse it.
+        let response = match self.broker.recent_stats() {
+            Some(shared) => stats_view(&shared, &req, &access),
+            None => stats_view(&self.broker.stats(&req.queues, &req.topics), &req, &access),
+        };
+        Ok(Response::new(response))
     }
 
     type WatchStatsStream = BoxStream<pb::StatsResponse>;
@@ -1123,17 +1126,28 @@ impl broker_server::Broker for BrokerService {
             Box::new(move |access| check_stats_filter(access, &filter.queues, &filter.topics))
         });
         let access = stream.access.clone();
-        let broker = self.broker.clone();
+        // Every watcher samples the one shared snapshot at its own interval.
         let mut interval = tokio::time::interval(Duration::from_millis(interval_ms));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let ticks = tokio_stream::wrappers::IntervalStream::new(interval);
         let shutdown = stream.ends_on.clone().cancelled_owned();
-        let snapshots = ticks
-            .map(move |_| {
-                let snapshot = broker.stats(&filter.queues, &filter.topics);
-                Ok(stats_to_pb(visible(snapshot, &access)))
-            })
-            .take_until(shutdown);
+        let watch = self.broker.watch_stats();
+        // Successive frames are at least 90% of the interval apart in `taken_at` (the
+        // shared snapshot's ticks jitter a little), so no frame repeats the last one.
+        let spacing = interval_ms - interval_ms / 10;
+        let snapshots = futures::stream::unfold(
+            (interval, watch, 0),
+            move |(mut interval, mut watch, last)| {
+                let (filter, access) = (filter.clone(), access.clone());
+                async move {
+                    interval.tick().await;
+                    let due = if last == 0 { 0 } else { last + spacing };
+                    let snapshot = watch.taken_since(due).await?;
+                    let view = stats_view(&snapshot, &filter, &access);
+                    Some((Ok(view), (interval, watch, snapshot.taken_at)))
+                }
+            },
+        )
+        .take_until(shutdown);
         Ok(Response::new(stream.respond(snapshots)))
     }
 
