@@ -167,6 +167,7 @@ async fn enqueue_latency(client: &mut BrokerClient<Channel>, n: usize) -> (f64, 
 
 /// Enqueue latency over 10,000 queues, alone and with 20 WatchStats watchers at 100 ms
 /// (issue 17, item 11: each watcher computed its own snapshot every tick).
+/// `SLUICE_BENCH_BIN` runs another build of the binary (e.g. an older one, to compare).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, run by hand (--release for the README's figures)"]
 async fn enqueue_latency_with_20_stats_watchers_over_10000_queues() {
@@ -175,7 +176,9 @@ async fn enqueue_latency_with_20_stats_watchers_over_10000_queues() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let binary =
+        std::env::var("SLUICE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").into());
+    let mut child = Command::new(binary)
         .args(["serve", "--storage", "memory", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
         .env("SLUICE_LOG", "warn")
@@ -204,7 +207,7 @@ async fn enqueue_latency_with_20_stats_watchers_over_10000_queues() {
     for c in creators {
         c.await.unwrap();
     }
-    let (alone_p50, alone_p99) = enqueue_latency(&mut client, 2_000).await;
+    let (alone_p50, alone_p99) = enqueue_latency(&mut client, 500).await;
     let mut watchers = Vec::new();
     for _ in 0..20 {
         let mut watcher = connect(&url).await;
@@ -225,7 +228,7 @@ async fn enqueue_latency_with_20_stats_watchers_over_10000_queues() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (watched_p50, watched_p99) = enqueue_latency(&mut client, 2_000).await;
+    let (watched_p50, watched_p99) = enqueue_latency(&mut client, 500).await;
     child.kill().unwrap();
     child.wait().unwrap();
     let mut frames = 0;
