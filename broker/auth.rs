@@ -26,8 +26,14 @@ use std::sync::{Arc, RwLock};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::broker::error::BrokerError;
 use crate::broker::names::Pattern;
+
+pub mod streams;
+
+pub use streams::{Credentials, Recheck, StreamGuard};
 
 /// Something a token may be allowed to do on a name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -179,17 +185,32 @@ impl Grant {
 /// What one request may do: anything (the broker runs without tokens) or what its
 /// token's grant allows. Cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct Access(Option<Arc<Grant>>);
+pub struct Access(Holder);
+
+#[derive(Debug, Clone, Default)]
+enum Holder {
+    /// Authentication is off.
+    #[default]
+    Open,
+    /// A grant fixed for the request.
+    Granted(Arc<Grant>),
+    /// An open stream's grant, replaced at each tokens reload (see [`streams`]).
+    Stream(Arc<streams::HeldStream>),
+}
 
 impl Access {
     /// Everything is allowed: authentication is off.
     pub fn open() -> Self {
-        Self(None)
+        Self(Holder::Open)
     }
 
     /// What `grant` allows.
     pub fn granted(grant: Arc<Grant>) -> Self {
-        Self(Some(grant))
+        Self(Holder::Granted(grant))
+    }
+
+    fn live(held: Arc<streams::HeldStream>) -> Self {
+        Self(Holder::Stream(held))
     }
 
     /// See [`Grant::check`].
@@ -222,12 +243,21 @@ impl Access {
         &self,
         check: impl FnOnce(&Grant) -> Result<(), BrokerError>,
     ) -> Result<(), BrokerError> {
-        self.0.as_deref().map_or(Ok(()), check)
+        self.read(Ok(()), check)
+    }
+
+    /// `f` of the grant in force, or `open` when authentication is off.
+    fn read<R>(&self, open: R, f: impl FnOnce(&Grant) -> R) -> R {
+        match &self.0 {
+            Holder::Open => open,
+            Holder::Granted(grant) => f(grant),
+            Holder::Stream(held) => f(&held.grant.read().unwrap_or_else(|e| e.into_inner())),
+        }
     }
 
     /// Whether `action` on `name` is allowed (for listings that show only what may be seen).
     pub fn allows_name(&self, action: Action, name: &str) -> bool {
-        self.0.as_ref().is_none_or(|g| g.allows_name(action, name))
+        self.read(true, |g| g.allows_name(action, name))
     }
 }
 
@@ -339,8 +369,14 @@ impl Tokens {
 
     /// The grant of `token`, if it is one of these.
     pub fn authenticate(&self, token: &str) -> Option<Arc<Grant>> {
+        self.credentials(token).map(|c| c.grant)
+    }
+
+    /// The hash and grant of `token`, if it is one of these.
+    fn credentials(&self, token: &str) -> Option<Credentials> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        self.by_hash.get(&digest).cloned()
+        let grant = self.by_hash.get(&digest)?.clone();
+        Some(Credentials { digest, grant })
     }
 
     /// How many distinct hashes are known.
@@ -372,6 +408,8 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
 pub struct Authenticator {
     path: Option<PathBuf>,
     tokens: Arc<RwLock<Arc<Tokens>>>,
+    /// Open streams, re-checked at each reload.
+    streams: Arc<streams::Registry>,
 }
 
 /// Why a request carried no acceptable credentials.
@@ -411,6 +449,7 @@ impl Authenticator {
         Ok(Self {
             path: Some(path),
             tokens: Arc::new(RwLock::new(Arc::new(tokens))),
+            streams: Arc::default(),
         })
     }
 
@@ -419,19 +458,51 @@ impl Authenticator {
         Self {
             path: None,
             tokens: Arc::new(RwLock::new(Arc::new(tokens))),
+            streams: Arc::default(),
         }
     }
 
     /// Reads the tokens file again. On an error the tokens in use stay as they were.
-    /// Returns how many hashes are now known.
+    /// Returns how many hashes are now known. Open streams are re-checked as in
+    /// [`Authenticator::replace`].
     pub fn reload(&self) -> Result<usize, String> {
         let Some(path) = &self.path else {
             return Ok(self.current().len());
         };
         let tokens = Tokens::load(path)?;
         let n = tokens.len();
-        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
+        self.replace(tokens);
         Ok(n)
+    }
+
+    /// Puts `tokens` in use (what a reload does once the file is read), then ends every
+    /// open stream whose token is no longer known (UNAUTHENTICATED) or no longer grants
+    /// what the stream needs (PERMISSION_DENIED). Returns how many streams it ended.
+    pub fn replace(&self, tokens: Tokens) -> usize {
+        let tokens = Arc::new(tokens);
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = tokens.clone();
+        let ended = self.streams.review(&tokens);
+        if ended > 0 {
+            tracing::info!(
+                ended,
+                open = self.streams.len(),
+                "tokens reloaded: streams whose token was revoked or lost its grant were ended"
+            );
+        }
+        ended
+    }
+
+    /// Registers a stream opened with `credentials`, to be re-checked with `recheck` at
+    /// each reload. The stream must end when the guard's token is cancelled (a child of
+    /// `parent`, normally the broker's shutdown token) and report the guard's reason.
+    pub fn hold_stream(
+        &self,
+        credentials: Credentials,
+        parent: &CancellationToken,
+        recheck: Recheck,
+    ) -> StreamGuard {
+        self.streams
+            .hold(credentials, parent, recheck, || self.current())
     }
 
     fn current(&self) -> Arc<Tokens> {
@@ -443,6 +514,12 @@ impl Authenticator {
 
     /// The grant of an `authorization` header value (`Bearer <token>`), or why none.
     pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Arc<Grant>, AuthFailure> {
+        self.credentials(authorization).map(|c| c.grant)
+    }
+
+    /// The token hash and grant of an `authorization` header value, or why none: what a
+    /// stream needs to be re-checked at reloads ([`Authenticator::hold_stream`]).
+    pub fn credentials(&self, authorization: Option<&[u8]>) -> Result<Credentials, AuthFailure> {
         let value = authorization.ok_or(AuthFailure::Missing)?;
         let value = std::str::from_utf8(value).map_err(|_| AuthFailure::Malformed)?;
         let (scheme, token) = value.trim().split_once(' ').ok_or(AuthFailure::Malformed)?;
@@ -450,7 +527,7 @@ impl Authenticator {
             return Err(AuthFailure::Malformed);
         }
         self.current()
-            .authenticate(token.trim())
+            .credentials(token.trim())
             .ok_or(AuthFailure::Unknown)
     }
 }

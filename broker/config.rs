@@ -136,6 +136,20 @@ pub struct ServeArgs {
     /// Most open client connections; more are closed as they arrive and logged.
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Longest a connection may take from its TCP accept to the HTTP/2 client preface
+    /// (TLS handshake included), ms; a connection still silent then is closed and its
+    /// slot freed.
+    #[arg(long, env = "SLUICE_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// A connection with no open call or stream for this long is closed, ms; 0: never.
+    #[arg(long, env = "SLUICE_IDLE_TIMEOUT_MS", default_value_t = 300_000)]
+    pub idle_timeout_ms: u64,
+    /// How often an HTTP/2 PING checks that a connection's peer is alive, ms; 0: never.
+    #[arg(long, env = "SLUICE_KEEPALIVE_INTERVAL_MS", default_value_t = 60_000)]
+    pub keepalive_interval_ms: u64,
+    /// How long a keepalive PING may go unanswered before the connection is closed, ms.
+    #[arg(long, env = "SLUICE_KEEPALIVE_TIMEOUT_MS", default_value_t = 20_000)]
+    pub keepalive_timeout_ms: u64,
     /// Largest message or job payload, bytes.
     #[arg(long, env = "SLUICE_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
@@ -227,6 +241,14 @@ impl ServeArgs {
         if self.max_connections == 0 {
             return Err("--max-connections 0 is below the minimum of 1".into());
         }
+        for (flag, value) in [
+            ("--handshake-timeout-ms", self.handshake_timeout_ms),
+            ("--keepalive-timeout-ms", self.keepalive_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} 0 is below the minimum of 1"));
+            }
+        }
         if self.segment_bytes < 4096 {
             return Err(format!(
                 "--segment-bytes {} is below the minimum of 4096",
@@ -303,6 +325,12 @@ impl ServeArgs {
             max_streams_per_connection: self.max_streams_per_connection,
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             max_connections: self.max_connections,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            idle_timeout: (self.idle_timeout_ms > 0)
+                .then(|| Duration::from_millis(self.idle_timeout_ms)),
+            keepalive_interval: (self.keepalive_interval_ms > 0)
+                .then(|| Duration::from_millis(self.keepalive_interval_ms)),
+            keepalive_timeout: Duration::from_millis(self.keepalive_timeout_ms),
             tls,
             auth,
         })

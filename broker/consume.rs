@@ -32,6 +32,9 @@ pub struct ConsumeSpec {
     pub address: String,
     /// Lease duration; `None` takes the queue policy's.
     pub visibility_timeout_ms: Option<u64>,
+    /// Ends the stream besides the broker's shutdown (e.g. a tokens reload that revoked
+    /// its token); a child of the broker's shutdown token. `None`: shutdown only.
+    pub ends_on: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// A failed delivery reported on the stream.
@@ -237,13 +240,17 @@ impl Broker {
         } else {
             spec.consumer.as_str()
         });
+        let shutdown = spec
+            .ends_on
+            .clone()
+            .unwrap_or_else(|| self.inner.shutdown.clone());
         let session = Session {
             broker: self.clone(),
             slot,
             spec,
             consumer,
             commands,
-            shutdown: self.inner.shutdown.clone(),
+            shutdown,
             credits: 0,
             stopped: false,
             ended: false,

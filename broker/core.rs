@@ -162,6 +162,8 @@ pub(crate) struct Inner {
     journal: Option<Arc<Journal>>,
     /// Retained payload bytes, against `--max-memory-bytes`.
     memory: MemoryBudget,
+    /// The stats snapshot shared by watchers (see [`crate::broker::stats`]).
+    pub(crate) stats: crate::broker::stats::StatsHub,
 }
 
 /// The broker. Clone it freely: clones share one state.
@@ -284,6 +286,7 @@ impl Broker {
                 next_subscription: AtomicU64::new(1),
                 observer: OnceLock::new(),
                 journal,
+                stats: Default::default(),
                 memory: MemoryBudget::new(config.limits.max_memory_bytes),
                 config,
             }),

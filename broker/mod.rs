@@ -1,8 +1,8 @@
 //! The broker: domain modules, and the gRPC service that exposes them.
 //!
 //! Domain modules ([`queue`], [`topic`], [`dedup`], [`subscription`], [`consume`], [`core`],
-//! [`names`], [`limits`], [`observe`], [`auth`], and `memory`, the budget for retained
-//! payloads) know nothing of tonic, protobuf or HTTP. [`service`] alone maps
+//! [`names`], [`limits`], [`observe`], [`auth`], [`stats`], and `memory`, the budget for
+//! retained payloads) know nothing of tonic, protobuf or HTTP. [`service`] alone maps
 //! proto <-> domain and [`error`] alone maps [`BrokerError`] to `tonic::Status`. [`server`]
 //! assembles the gRPC server (with health and reflection) around a [`Broker`]; [`http`]
 //! serves `/metrics`, `/healthz` and the live dashboard; [`cli`] is the admin command line,
@@ -26,6 +26,7 @@ pub mod queue;
 pub mod rate;
 pub mod server;
 pub mod service;
+pub mod stats;
 pub mod store;
 pub mod subscription;
 pub mod time;

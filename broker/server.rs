@@ -1,18 +1,17 @@
 //! Assembles the gRPC server: the broker service, health checking and reflection, with
-//! TLS (and client certificates) when configured, and a cap on open connections.
+//! TLS (and client certificates) when configured, a cap on open connections, a deadline
+//! on each connection's handshake, idle connections closed and dead peers dropped by
+//! keepalive pings.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio::net::TcpListener;
+
+mod accept;
+mod idle;
+
+pub use accept::ConnectionInfo;
 
 use crate::broker::auth::Authenticator;
 use crate::broker::core::Broker;
@@ -30,6 +29,16 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Most open client connections; more are closed as they arrive (and logged).
     pub max_connections: usize,
+    /// Longest a connection may take from its TCP accept to the HTTP/2 client preface,
+    /// TLS handshake included; a connection still silent then is closed, freeing its slot.
+    pub handshake_timeout: Duration,
+    /// A connection with no open request (call or stream) for this long is closed;
+    /// `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// How often an HTTP/2 PING is sent to check the peer is alive; `None`: never.
+    pub keepalive_interval: Option<Duration>,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
     /// Serve TLS with this certificate (and require client certificates if it has a CA).
     pub tls: Option<TlsSettings>,
     /// Require a bearer token on every broker RPC (health and reflection stay open).
@@ -43,6 +52,10 @@ impl Default for ServeOptions {
             max_streams_per_connection: 1_024,
             drain_timeout: Duration::from_secs(5),
             max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(300)),
+            keepalive_interval: Some(Duration::from_secs(60)),
+            keepalive_timeout: Duration::from_secs(20),
             tls: None,
             auth: None,
         }
@@ -74,98 +87,6 @@ impl std::fmt::Debug for TlsSettings {
     }
 }
 
-impl TlsSettings {
-    fn server_config(&self) -> tonic::transport::ServerTlsConfig {
-        let identity = tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem);
-        let config = tonic::transport::ServerTlsConfig::new().identity(identity);
-        match &self.client_ca_pem {
-            Some(ca) => config.client_ca_root(tonic::transport::Certificate::from_pem(ca)),
-            None => config,
-        }
-    }
-}
-
-/// Paces the warning about connections refused at the limit: a client that reconnects in a
-/// tight loop would otherwise write one log line per attempt. The first refusal is
-/// reported at once, later ones at most once per [`RefusalReport::INTERVAL`], with the
-/// number refused in between.
-#[derive(Debug, Default)]
-struct RefusalReport {
-    last: Option<std::time::Instant>,
-    unreported: u64,
-}
-
-impl RefusalReport {
-    const INTERVAL: Duration = Duration::from_secs(1);
-
-    /// Counts one refusal at `now`; returns how many refusals to report now, if any.
-    fn refused(&mut self, now: std::time::Instant) -> Option<u64> {
-        self.unreported += 1;
-        let due = self
-            .last
-            .is_none_or(|last| now.duration_since(last) >= Self::INTERVAL);
-        if !due {
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.unreported))
-    }
-}
-
-/// An accepted connection holding one of the server's connection slots until it closes.
-struct AdmittedConnection {
-    stream: TcpStream,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl Connected for AdmittedConnection {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-impl AsyncRead for AdmittedConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for AdmittedConnection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
 /// Largest HTTP/2 frame the broker accepts (advertised in its SETTINGS; the HTTP/2
 /// default is 16 KiB). A batch of a hundred 256 B jobs is about 40 KiB: in one frame it
 /// costs the sender and receiver one frame's bookkeeping instead of three, while the cap
@@ -181,6 +102,9 @@ pub enum ServeError {
     /// Reflection could not load the descriptor set.
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS certificate, key or client CA did not load.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Serves `broker` on `listener` until `shutdown` resolves, then ends open streams, waits
@@ -208,65 +132,58 @@ pub async fn serve(
         .max_decoding_message_size(options.max_request_bytes);
 
     let token = broker.shutdown_token();
-    let slots = Arc::new(Semaphore::new(options.max_connections));
-    let max_connections = options.max_connections;
-    let mut refusals = RefusalReport::default();
-    let incoming = TcpListenerStream::new(listener).filter_map(move |conn| {
-        let stream = match conn {
-            Ok(stream) => stream,
-            Err(e) => return Some(Err(e)),
-        };
-        // A gRPC client cannot be told why before the HTTP/2 handshake, so the refusal is
-        // logged here and the client sees its connection closed (UNAVAILABLE).
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            if let Some(refused) = refusals.refused(std::time::Instant::now()) {
-                tracing::warn!(
-                    peer = ?stream.peer_addr().ok(),
-                    refused,
-                    "connection refused: {max_connections} connections are open, the limit of --max-connections"
-                );
-            }
-            return None;
-        };
-        // `Server::tcp_nodelay` only applies to listeners tonic binds itself; on this one,
-        // Nagle's algorithm meeting delayed ACKs held every small response back ~40 ms.
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        Some(Ok::<_, std::io::Error>(AdmittedConnection {
-            stream,
-            _slot: slot,
-        }))
-    });
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &options.tls {
-        builder = builder.tls_config(tls.server_config())?;
-    }
-    let server = builder
+    let accept = accept::AcceptOptions {
+        max_connections: options.max_connections,
+        handshake_timeout: options.handshake_timeout,
+        idle_timeout: options.idle_timeout,
+    };
+    // TLS handshakes run in the accept loop's per-connection tasks, not in tonic.
+    let tls = options
+        .tls
+        .as_ref()
+        .map(accept::Tls::new)
+        .transpose()
+        .map_err(ServeError::Tls)?;
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(options.max_streams_per_connection))
         .initial_stream_window_size(Some(1024 * 1024))
         .initial_connection_window_size(Some(4 * 1024 * 1024))
-        .tcp_nodelay(true)
         .max_frame_size(Some(MAX_FRAME_BYTES))
+        .http2_keepalive_interval(options.keepalive_interval)
+        .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .layer(idle::CountRequests)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, {
-            let token = token.clone();
-            async move {
-                tokio::select! {
-                    _ = shutdown => {}
-                    _ = token.cancelled() => {}
-                }
-                // Ending the broker's token ends open subscriptions and long polls, so the
-                // server's graceful drain can finish.
-                token.cancel();
-                health_reporter
-                    .set_not_serving::<BrokerServer<BrokerService>>()
-                    .await;
+        .add_service(service);
+    let stop = token.child_token();
+    let signal = {
+        let token = token.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = token.cancelled() => {}
             }
-        });
+            // Ending the broker's token ends open subscriptions and long polls, so the
+            // server's graceful drain can finish.
+            token.cancel();
+            health_reporter
+                .set_not_serving::<BrokerServer<BrokerService>>()
+                .await;
+        }
+    };
+    let server = async move {
+        match tls {
+            Some(tls) => {
+                let incoming = accept::incoming(listener, tls, accept, stop);
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+            None => {
+                let incoming = accept::incoming(listener, accept::Plain, accept, stop);
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+        }
+    };
     tracing::info!(
         ?addr,
         tls = options.tls.is_some(),
@@ -291,22 +208,4 @@ pub async fn serve(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusals_are_reported_at_once_then_at_most_once_per_interval() {
-        let mut report = RefusalReport::default();
-        let start = std::time::Instant::now();
-        assert_eq!(report.refused(start), Some(1));
-        for i in 1..=5 {
-            assert_eq!(report.refused(start + Duration::from_millis(i * 100)), None);
-        }
-        // The next report carries the five held back and the one that triggers it.
-        assert_eq!(report.refused(start + RefusalReport::INTERVAL), Some(6));
-        assert_eq!(report.refused(start + RefusalReport::INTERVAL * 3), Some(1));
-    }
 }

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::broker::auth::{Access, Action, Authenticator};
+use crate::broker::auth::{Access, Action, Authenticator, Credentials, Recheck, StreamGuard};
 use crate::broker::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
 use crate::broker::core::{Broker, LeaseParams, Logged, PolicyPatch, QueueInfo, StatsSnapshot};
 use crate::broker::error::BrokerError;
@@ -54,6 +55,94 @@ impl BrokerService {
         auth.authenticate(header)
             .map(Access::granted)
             .map_err(|failure| Status::from(failure.into_error()))
+    }
+
+    /// A stream's credentials, from its `authorization` metadata (`None` without a
+    /// tokens file); asked first, like [`BrokerService::access`].
+    fn credentials<T>(&self, req: &Request<T>) -> Result<Option<Credentials>, Status> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+        auth.credentials(header)
+            .map(Some)
+            .map_err(|failure| Status::from(failure.into_error()))
+    }
+
+    /// What a stream may do until it ends. With tokens, the stream is registered so that a
+    /// reload ends it if its token is revoked or `recheck` fails on the new grant.
+    fn hold_stream(&self, credentials: Option<Credentials>, recheck: Recheck) -> StreamAuth {
+        let shutdown = self.broker.shutdown_token();
+        match (&self.auth, credentials) {
+            (Some(auth), Some(credentials)) => {
+                let guard = auth.hold_stream(credentials, &shutdown, recheck);
+                StreamAuth {
+                    access: guard.access(),
+                    ends_on: guard.token(),
+                    guard: Some(guard),
+                }
+            }
+            _ => StreamAuth {
+                access: Access::open(),
+                ends_on: shutdown,
+                guard: None,
+            },
+        }
+    }
+}
+
+/// A stream's authorization: what it may do (its token's grant as of the last reload),
+/// the token it ends on (shutdown, or a reload that revoked it), and its registration.
+struct StreamAuth {
+    access: Access,
+    ends_on: CancellationToken,
+    guard: Option<StreamGuard>,
+}
+
+impl StreamAuth {
+    /// The response stream: `stream`, which must end when `ends_on` is cancelled, then
+    /// the reload's refusal if a reload ended it.
+    fn respond<T: Send + 'static>(
+        self,
+        stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    ) -> BoxStream<T> {
+        match self.guard {
+            None => Box::pin(stream),
+            Some(guard) => Box::pin(Guarded {
+                inner: Box::pin(stream),
+                guard,
+                done: false,
+            }),
+        }
+    }
+}
+
+/// A response stream registered for tokens reloads: it ends on its guard's token, and
+/// then reports why (UNAUTHENTICATED or PERMISSION_DENIED) as its last item. Holding the
+/// guard keeps the registration for as long as the stream is open.
+struct Guarded<T> {
+    inner: BoxStream<T>,
+    guard: StreamGuard,
+    done: bool,
+}
+
+impl<T> Stream for Guarded<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        match self.inner.as_mut().poll_next(cx) {
+            std::task::Poll::Ready(None) => {
+                self.done = true;
+                std::task::Poll::Ready(self.guard.ended().map(|e| Err(Status::from(e))))
+            }
+            other => other,
+        }
     }
 }
 
@@ -319,34 +408,25 @@ fn check_stats_filter(
     Ok(())
 }
 
-/// Stats without a filter show only what the request may administer; the broker-wide
-/// memory figures only to whom may administer everything.
-fn visible(mut snapshot: StatsSnapshot, access: &Access) -> StatsSnapshot {
+/// The part of a snapshot a request sees: the queues and topics it names (all when it
+/// names none) that it may administer. Built from a shared snapshot without copying the
+/// rest of it. The broker-wide memory figures go only to whom may administer everything.
+fn stats_view(s: &StatsSnapshot, filter: &pb::StatsRequest, access: &Access) -> pb::StatsResponse {
+    let named = |names: &[String], name: &str| names.is_empty() || names.iter().any(|n| n == name);
     static EVERYTHING: std::sync::LazyLock<Pattern> =
         std::sync::LazyLock::new(|| Pattern::parse("admin", ">").expect("\">\" is a pattern"));
-    if access
+    let sees_memory = access
         .check_pattern(Action::Admin, "", &EVERYTHING)
-        .is_err()
-    {
-        snapshot.memory_budget_bytes = 0;
-        snapshot.memory_used_bytes = 0;
-    }
-    snapshot
-        .queues
-        .retain(|(name, _)| access.allows_name(Action::Admin, name));
-    snapshot
-        .topics
-        .retain(|t| access.allows_name(Action::Admin, &t.name));
-    snapshot
-}
-
-fn stats_to_pb(s: StatsSnapshot) -> pb::StatsResponse {
+        .is_ok();
     pb::StatsResponse {
         queues: s
             .queues
-            .into_iter()
+            .iter()
+            .filter(|(name, _)| {
+                named(&filter.queues, name) && access.allows_name(Action::Admin, name)
+            })
             .map(|(name, c)| pb::QueueStats {
-                name,
+                name: name.clone(),
                 pending: c.pending,
                 scheduled: c.scheduled,
                 leased: c.leased,
@@ -365,9 +445,12 @@ fn stats_to_pb(s: StatsSnapshot) -> pb::StatsResponse {
             .collect(),
         topics: s
             .topics
-            .into_iter()
+            .iter()
+            .filter(|t| {
+                named(&filter.topics, &t.name) && access.allows_name(Action::Admin, &t.name)
+            })
             .map(|t| pb::TopicStats {
-                name: t.name,
+                name: t.name.clone(),
                 first_sequence: t.first_sequence,
                 last_sequence: t.last_sequence,
                 retained_messages: t.retained_messages,
@@ -379,8 +462,8 @@ fn stats_to_pb(s: StatsSnapshot) -> pb::StatsResponse {
             })
             .collect(),
         taken_at_unix_ms: s.taken_at,
-        memory_budget_bytes: s.memory_budget_bytes,
-        memory_used_bytes: s.memory_used_bytes,
+        memory_budget_bytes: if sees_memory { s.memory_budget_bytes } else { 0 },
+        memory_used_bytes: if sees_memory { s.memory_used_bytes } else { 0 },
     }
 }
 
@@ -412,7 +495,11 @@ fn consume_commands(r: ReceivedConsumeRequest) -> ConsumeCommands {
 }
 
 fn peer(req: &Request<impl Sized>) -> String {
-    req.remote_addr().map(|a| a.to_string()).unwrap_or_default()
+    req.extensions()
+        .get::<crate::broker::server::ConnectionInfo>()
+        .and_then(|info| info.remote_addr())
+        .map(|a| a.to_string())
+        .unwrap_or_default()
 }
 
 /// Requests a produce stream holds applied but unanswered while their fsyncs are pending:
@@ -473,11 +560,13 @@ async fn enqueue_logged(
 /// Serves a PublishStream or EnqueueStream: applies requests one at a time in stream order,
 /// and answers each in order once durable (`answer` builds the response from the results,
 /// or from the refusal), with the fsyncs of up to [`STREAM_PIPELINE`] requests
-/// overlapping. A request the codec cannot read ends the stream with its status. On
-/// shutdown reading stops and what was read is answered.
+/// overlapping. A request the codec cannot read ends the stream with its status. When
+/// `ends_on` is cancelled (shutdown, or a reload revoked the token) reading stops and what
+/// was read is answered.
 fn produce_stream<Req, T, Resp, Applied>(
     broker: Broker,
     access: Access,
+    ends_on: CancellationToken,
     inbound: tonic::Streaming<Req>,
     apply: fn(Broker, Access, Req) -> Applied,
     answer: fn(Result<T, BrokerError>) -> Resp,
@@ -488,7 +577,7 @@ where
     Resp: Send + 'static,
     Applied: Future<Output = Result<Logged<T>, BrokerError>> + Send + 'static,
 {
-    let shutdown = broker.shutdown_token().cancelled_owned();
+    let shutdown = ends_on.cancelled_owned();
     let applying = broker.clone();
     // `then` runs one request's validation, admission and append before reading the next,
     // so requests are applied in stream order; `buffered` overlaps only the durability
@@ -550,17 +639,22 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<tonic::Streaming<pb::PublishRequest>>,
     ) -> Reply<Self::PublishStreamStream> {
-        let access = self.access(&request)?;
-        Ok(Response::new(produce_stream(
+        let credentials = self.credentials(&request)?;
+        // Each request is checked with the token's grant in force; a reload need only
+        // find the token still known.
+        let stream = self.hold_stream(credentials, Box::new(|_| Ok(())));
+        let answers = produce_stream(
             self.broker.clone(),
-            access,
+            stream.access.clone(),
+            stream.ends_on.clone(),
             request.into_inner(),
             publish_logged,
             |answer| {
                 let (results, refused) = answer_parts(answer.map(publish_results));
                 pb::PublishStreamResponse { results, refused }
             },
-        )))
+        );
+        Ok(Response::new(stream.respond(answers)))
     }
 
     type SubscribeStream = BoxStream<EncodedSubscribeResponse>;
@@ -569,7 +663,10 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Reply<Self::SubscribeStream> {
-        let access = self.access(&request)?;
+        let credentials = self.credentials(&request)?;
+        let access = credentials
+            .as_ref()
+            .map_or_else(Access::open, Credentials::access);
         let req = request.into_inner();
         let pattern = Pattern::parse("pattern", &req.pattern)?;
         access.check_pattern(Action::Subscribe, "pattern", &pattern)?;
@@ -621,9 +718,17 @@ impl broker_server::Broker for BrokerService {
                 req.max_batch as usize
             },
         };
+        let recheck_pattern = spec.pattern.clone();
         let subscription = self.broker.subscribe(spec)?;
-        let stream = subscription.map(|item| item.map(batch_to_pb).map_err(Status::from));
-        Ok(Response::new(Box::pin(stream)))
+        let stream = self.hold_stream(
+            credentials,
+            Box::new(move |access| {
+                access.check_pattern(Action::Subscribe, "pattern", &recheck_pattern)
+            }),
+        );
+        let subscription = subscription.ending_on(stream.ends_on.clone());
+        let batches = subscription.map(|item| item.map(batch_to_pb).map_err(Status::from));
+        Ok(Response::new(stream.respond(batches)))
     }
 
     async fn create_topic(&self, request: Request<pb::CreateTopicRequest>) -> Reply<pb::TopicInfo> {
@@ -669,17 +774,20 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<tonic::Streaming<pb::EnqueueRequest>>,
     ) -> Reply<Self::EnqueueStreamStream> {
-        let access = self.access(&request)?;
-        Ok(Response::new(produce_stream(
+        let credentials = self.credentials(&request)?;
+        let stream = self.hold_stream(credentials, Box::new(|_| Ok(())));
+        let answers = produce_stream(
             self.broker.clone(),
-            access,
+            stream.access.clone(),
+            stream.ends_on.clone(),
             request.into_inner(),
             enqueue_logged,
             |answer| {
                 let (results, refused) = answer_parts(answer);
                 EncodedEnqueueStreamResponse { results, refused }
             },
-        )))
+        );
+        Ok(Response::new(stream.respond(answers)))
     }
 
     async fn lease(&self, request: Request<pb::LeaseRequest>) -> Reply<EncodedLeaseResponse> {
@@ -744,7 +852,10 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<tonic::Streaming<ReceivedConsumeRequest>>,
     ) -> Reply<Self::ConsumeStream> {
-        let access = self.access(&request)?;
+        let credentials = self.credentials(&request)?;
+        let access = credentials
+            .as_ref()
+            .map_or_else(Access::open, Credentials::access);
         let address = peer(&request);
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
@@ -758,13 +869,20 @@ impl broker_server::Broker for BrokerService {
             .into());
         }
         access.check(Action::Consume, "queue", &first.queue)?;
+        let recheck_queue = first.queue.clone();
+        let stream = self.hold_stream(
+            credentials,
+            Box::new(move |access| access.check(Action::Consume, "queue", &recheck_queue)),
+        );
         let spec = ConsumeSpec {
-            access,
+            // Acks of other queues' leases are checked with the grant in force.
+            access: stream.access.clone(),
             queue: first.queue.clone(),
             consumer: first.consumer.clone(),
             address,
             visibility_timeout_ms: (first.visibility_timeout_ms > 0)
                 .then_some(first.visibility_timeout_ms),
+            ends_on: Some(stream.ends_on.clone()),
         };
         // The client side ends at its first transport error; what it held is released.
         let rest = inbound
@@ -796,7 +914,7 @@ impl broker_server::Broker for BrokerService {
                 },
             })
         });
-        Ok(Response::new(Box::pin(responses)))
+        Ok(Response::new(stream.respond(responses)))
     }
 
     async fn extend_lease(
@@ -974,8 +1092,12 @@ impl broker_server::Broker for BrokerService {
         let access = self.access(&request)?;
         let req = request.into_inner();
         check_stats_filter(&access, &req.queues, &req.topics)?;
-        let snapshot = self.broker.stats(&req.queues, &req.topics);
-        Ok(Response::new(stats_to_pb(visible(snapshot, &access))))
+        // While someone watches, the shared snapshot is at most one tick old: reuse it.
+        let response = match self.broker.recent_stats() {
+            Some(shared) => stats_view(&shared, &req, &access),
+            None => stats_view(&self.broker.stats(&req.queues, &req.topics), &req, &access),
+        };
+        Ok(Response::new(response))
     }
 
     type WatchStatsStream = BoxStream<pb::StatsResponse>;
@@ -984,7 +1106,10 @@ impl broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::WatchStatsRequest>,
     ) -> Reply<Self::WatchStatsStream> {
-        let access = self.access(&request)?;
+        let credentials = self.credentials(&request)?;
+        let access = credentials
+            .as_ref()
+            .map_or_else(Access::open, Credentials::access);
         let req = request.into_inner();
         let interval_ms = match req.interval_ms {
             0 => 1_000,
@@ -1002,18 +1127,36 @@ impl broker_server::Broker for BrokerService {
         };
         let filter = Arc::new(req.filter.unwrap_or_default());
         check_stats_filter(&access, &filter.queues, &filter.topics)?;
-        let broker = self.broker.clone();
+        // Without a filter a watcher sees what its grant in force lets it administer;
+        // with one, a reload must leave admin on every name it lists.
+        let stream = self.hold_stream(credentials, {
+            let filter = filter.clone();
+            Box::new(move |access| check_stats_filter(access, &filter.queues, &filter.topics))
+        });
+        let access = stream.access.clone();
+        // Every watcher samples the one shared snapshot at its own interval.
         let mut interval = tokio::time::interval(Duration::from_millis(interval_ms));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let ticks = tokio_stream::wrappers::IntervalStream::new(interval);
-        let shutdown = self.broker.shutdown_token().cancelled_owned();
-        let stream = ticks
-            .map(move |_| {
-                let snapshot = broker.stats(&filter.queues, &filter.topics);
-                Ok(stats_to_pb(visible(snapshot, &access)))
-            })
-            .take_until(shutdown);
-        Ok(Response::new(Box::pin(stream)))
+        let shutdown = stream.ends_on.clone().cancelled_owned();
+        let watch = self.broker.watch_stats();
+        // Successive frames are at least 90% of the interval apart in `taken_at` (the
+        // shared snapshot's ticks jitter a little), so no frame repeats the last one.
+        let spacing = interval_ms - interval_ms / 10;
+        let snapshots = futures::stream::unfold(
+            (interval, watch, 0),
+            move |(mut interval, mut watch, last)| {
+                let (filter, access) = (filter.clone(), access.clone());
+                async move {
+                    interval.tick().await;
+                    let due = if last == 0 { 0 } else { last + spacing };
+                    let snapshot = watch.taken_since(due).await?;
+                    let view = stats_view(&snapshot, &filter, &access);
+                    Some((Ok(view), (interval, watch, snapshot.taken_at)))
+                }
+            },
+        )
+        .take_until(shutdown);
+        Ok(Response::new(stream.respond(snapshots)))
     }
 
     async fn list_consumers(

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::task::AtomicWaker;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::broker::core::{Inner, TopicSlot, lock};
 use crate::broker::error::BrokerError;
@@ -150,6 +150,14 @@ impl futures::Stream for Subscription {
 }
 
 impl Subscription {
+    /// Ends the subscription when `token` is cancelled instead of at shutdown; `token`
+    /// must be a child of the broker's shutdown token (e.g. one a tokens reload cancels
+    /// when it revokes the subscriber's token).
+    pub fn ending_on(mut self, token: CancellationToken) -> Self {
+        self.shutdown = Box::pin(token.cancelled_owned());
+        self
+    }
+
     /// Reads what is available (up to `max_batch` messages) from every matching topic;
     /// `None` when there is nothing new.
     fn read(&mut self) -> Option<Result<SubscriptionBatch, BrokerError>> {

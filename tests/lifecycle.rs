@@ -129,3 +129,70 @@ async fn watch_stats_streams_fresh_figures_until_cancelled() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("interval_ms"), "{}", err.message());
 }
+
+#[tokio::test]
+async fn watchers_share_one_stats_snapshot_per_tick() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    for i in 0..20 {
+        client
+            .enqueue(&format!("shared.{i}"), "x")
+            .send()
+            .await
+            .unwrap();
+    }
+    let open = |interval_ms: u32, queues: Vec<String>| {
+        let mut rpc = client.rpc();
+        async move {
+            rpc.watch_stats(sluice::pb::WatchStatsRequest {
+                filter: Some(sluice::pb::StatsRequest {
+                    queues,
+                    topics: Vec::new(),
+                }),
+                interval_ms,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let mut watchers = Vec::new();
+    for _ in 0..20 {
+        watchers.push((open(100, Vec::new()).await, 20));
+    }
+    // Other intervals and a filter read the same snapshots.
+    watchers.push((open(300, Vec::new()).await, 20));
+    watchers.push((open(200, vec!["shared.3".into()]).await, 1));
+    let before = broker.broker.stats_snapshots_computed();
+    let started = std::time::Instant::now();
+    let frames =
+        futures::future::join_all(watchers.into_iter().map(|(mut watch, queues)| async move {
+            let mut taken = Vec::new();
+            for _ in 0..5 {
+                let frame = within(watch.message()).await.unwrap().unwrap();
+                assert_eq!(frame.queues.len(), queues);
+                taken.push(frame.taken_at_unix_ms);
+            }
+            taken
+        }))
+        .await;
+    let elapsed = started.elapsed();
+    let computed = broker.broker.stats_snapshots_computed() - before;
+    let sent: usize = frames.iter().map(Vec::len).sum();
+    println!(
+        "{} watchers got {sent} frames in {elapsed:?} from {computed} computed snapshots",
+        frames.len()
+    );
+    // One snapshot per 100 ms tick at most, however many watchers (one per frame before).
+    let ticks = (elapsed.as_millis() / 100) as u64 + 2;
+    assert!(
+        computed <= ticks,
+        "{computed} snapshots in {elapsed:?} (at most {ticks} ticks)"
+    );
+    for taken in &frames {
+        assert!(
+            taken.windows(2).all(|w| w[1] > w[0]),
+            "a frame repeated: {taken:?}"
+        );
+    }
+}

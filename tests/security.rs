@@ -895,6 +895,258 @@ async fn a_consume_stream_needs_consume_and_refuses_acks_of_other_queues() {
     .unwrap();
 }
 
+// ---- a tokens reload reaches open streams ------------------------------------------
+
+/// `tokens()` with `worker` and `ops` changed: `None` drops the token, `Some(extra)`
+/// keeps it with only the lines given.
+fn tokens_with(worker: Option<&str>, ops: Option<&str>) -> Tokens {
+    let mut text = format!(
+        "[[token]]\nname = \"producer\"\nsha256 = \"{}\"\npublish = [\"user.*\", \"team.*\"]\nenqueue = [\"emails\"]\n\n[[token]]\nname = \"team\"\nsha256 = \"{}\"\nadmin = [\"team.>\"]\nsubscribe = [\"team.>\"]\n",
+        hash_token(PRODUCER),
+        hash_token(TEAM)
+    );
+    if let Some(lines) = worker {
+        text += &format!(
+            "\n[[token]]\nname = \"worker\"\nsha256 = \"{}\"\n{lines}\n",
+            hash_token(WORKER)
+        );
+    }
+    if let Some(lines) = ops {
+        text += &format!(
+            "\n[[token]]\nname = \"ops\"\nsha256 = \"{}\"\n{lines}\n",
+            hash_token(OPS)
+        );
+    }
+    Tokens::parse(&text).unwrap()
+}
+
+/// A broker serving `tokens()`, and its authenticator to reload in-process.
+async fn broker_with_reloadable_tokens() -> (TestBroker, Authenticator) {
+    let auth = Authenticator::from_tokens(tokens());
+    let options = ServeOptions {
+        drain_timeout: Duration::from_secs(2),
+        auth: Some(auth.clone()),
+        ..ServeOptions::default()
+    };
+    let b = TestBroker::serving_with(Broker::new(BrokerConfig::default()), options).await;
+    (b, auth)
+}
+
+/// The status a stream ends with: it must end (within 10 s) with an error, after
+/// skipping whatever it still delivers.
+async fn ends_with<T: std::fmt::Debug>(
+    mut stream: tonic::Streaming<T>,
+) -> (tonic::Status, Duration) {
+    let started = std::time::Instant::now();
+    within(async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return (status, started.elapsed()),
+                None => panic!("the stream ended without a status"),
+            }
+        }
+    })
+    .await
+}
+
+fn subscribe_to(pattern: &str) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        pattern: pattern.into(),
+        ..Default::default()
+    }
+}
+
+/// A consume stream of `queue` with one credit, and the sender of its next requests.
+async fn open_consume(
+    rpc: &mut Rpc,
+    queue: &str,
+) -> (
+    tokio::sync::mpsc::Sender<pb::ConsumeRequest>,
+    tonic::Streaming<pb::ConsumeResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::ConsumeRequest {
+        queue: queue.into(),
+        credits: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let events = rpc
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, events)
+}
+
+#[tokio::test]
+async fn a_reload_ends_every_open_stream_of_a_revoked_token() {
+    let (b, auth) = broker_with_reloadable_tokens().await;
+    let mut worker = rpc_with(&b, WORKER).await;
+    let mut ops = rpc_with(&b, OPS).await;
+    let mut team = rpc_with(&b, TEAM).await;
+    let mut producer = rpc_with(&b, PRODUCER).await;
+    // Each stream's handler has registered it once its response has started.
+    let subscription = worker
+        .subscribe(subscribe_to("user.>"))
+        .await
+        .unwrap()
+        .into_inner();
+    let (_commands, consume) = open_consume(&mut worker, "emails").await;
+    let mut watch = ops
+        .watch_stats(pb::WatchStatsRequest {
+            interval_ms: 100,
+            filter: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    within(watch.next()).await.unwrap().unwrap();
+    let (publishes, inbound) = tokio::sync::mpsc::channel(4);
+    let publish_stream = ops
+        .publish_stream(tokio_stream::wrappers::ReceiverStream::new(inbound))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut unchanged = team
+        .subscribe(subscribe_to("team.>"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Worker and ops are dropped from the file; producer and team stay as they were.
+    let ended = auth.replace(tokens_with(None, None));
+    assert_eq!(
+        ended, 4,
+        "subscribe, consume, watch and publish streams ended"
+    );
+    for (name, (status, took)) in [
+        ("Subscribe", ends_with(subscription).await),
+        ("Consume", ends_with(consume).await),
+        ("WatchStats", ends_with(watch).await),
+        ("PublishStream", ends_with(publish_stream).await),
+    ] {
+        assert_eq!(status.code(), Code::Unauthenticated, "{name}: {status:?}");
+        assert!(
+            status.message().contains("revoked"),
+            "{name}: {:?}",
+            status.message()
+        );
+        println!("{name} ended {took:?} after the reload");
+    }
+    drop(publishes);
+    // A new call with the revoked token is refused too.
+    assert_code(
+        worker.subscribe(subscribe_to("user.>")).await,
+        Code::Unauthenticated,
+        "not known",
+    );
+    // The team's stream, whose token did not change, still delivers.
+    producer.publish(publish("team.a")).await.unwrap();
+    let batch = within(unchanged.next()).await.unwrap().unwrap();
+    assert_eq!(batch.messages.len(), 1);
+}
+
+#[tokio::test]
+async fn a_reload_that_withdraws_a_grant_ends_only_the_streams_that_needed_it() {
+    let (b, auth) = broker_with_reloadable_tokens().await;
+    let mut worker = rpc_with(&b, WORKER).await;
+    let mut ops = rpc_with(&b, OPS).await;
+    let mut producer = rpc_with(&b, PRODUCER).await;
+    let subscription = worker
+        .subscribe(subscribe_to("user.>"))
+        .await
+        .unwrap()
+        .into_inner();
+    let (commands, mut consume) = open_consume(&mut worker, "emails").await;
+    let filtered = ops
+        .watch_stats(pb::WatchStatsRequest {
+            interval_ms: 100,
+            filter: Some(pb::StatsRequest {
+                queues: vec!["emails".into()],
+                topics: Vec::new(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut unfiltered = ops
+        .watch_stats(pb::WatchStatsRequest {
+            interval_ms: 100,
+            filter: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    producer.enqueue(enqueue("emails")).await.unwrap();
+    let before = within(unfiltered.next()).await.unwrap().unwrap();
+    assert!(
+        before.queues.iter().any(|q| q.name == "emails"),
+        "{before:?}"
+    );
+
+    // The worker keeps consume on "emails" but loses subscribe; ops keeps admin on
+    // "audit" only.
+    let ended = auth.replace(tokens_with(
+        Some("consume = [\"emails\"]"),
+        Some("admin = [\"audit\"]"),
+    ));
+    assert_eq!(ended, 2, "the subscription and the filtered watch");
+    let (status, _) = ends_with(subscription).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("token \"worker\" may not subscribe \"user.>\""),
+        "{:?}",
+        status.message()
+    );
+    let (status, _) = ends_with(filtered).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("token \"ops\" may not admin \"emails\""),
+        "{:?}",
+        status.message()
+    );
+    // The consume stream still has its grant and goes on.
+    let jobs = within(consume.next()).await.unwrap().unwrap().jobs;
+    assert_eq!(jobs.len(), 1);
+    commands
+        .send(pb::ConsumeRequest {
+            acks: vec![pb::LeaseAck {
+                lease_id: jobs[0].lease_id.clone(),
+                result: Bytes::new(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    producer.enqueue(enqueue("emails")).await.unwrap();
+    commands
+        .send(pb::ConsumeRequest {
+            credits: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let jobs = within(consume.next()).await.unwrap().unwrap().jobs;
+    assert_eq!(jobs.len(), 1, "a job enqueued after the reload");
+    // The unfiltered watch goes on, showing only what the new grant covers.
+    within(async {
+        loop {
+            let snapshot = unfiltered.next().await.unwrap().unwrap();
+            if snapshot.queues.iter().all(|q| q.name != "emails") {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// A CA, a server certificate for `localhost` and 127.0.0.1, and a client certificate,
 /// all PEM; plus a client certificate from a CA the server does not trust.
 struct Pki {
@@ -1060,6 +1312,208 @@ async fn connections_over_the_cap_are_closed_until_one_frees() {
     second.publish("cap", "3").await.unwrap();
 }
 
+// ---- connection slots: handshake deadline, idle timeout, keepalive -------------------
+
+/// A broker on plaintext (or TLS with `pki`) with these connection settings.
+async fn broker_with_connections(
+    max_connections: usize,
+    handshake_ms: u64,
+    idle_ms: Option<u64>,
+    keepalive_ms: Option<u64>,
+    pki: Option<&Pki>,
+) -> TestBroker {
+    let options = ServeOptions {
+        drain_timeout: Duration::from_secs(2),
+        max_connections,
+        handshake_timeout: Duration::from_millis(handshake_ms),
+        idle_timeout: idle_ms.map(Duration::from_millis),
+        keepalive_interval: keepalive_ms.map(Duration::from_millis),
+        keepalive_timeout: Duration::from_millis(keepalive_ms.unwrap_or(20_000)),
+        tls: pki.map(|pki| TlsSettings {
+            cert_pem: pki.server_cert.clone().into_bytes(),
+            key_pem: pki.server_key.clone().into_bytes(),
+            client_ca_pem: None,
+        }),
+        ..ServeOptions::default()
+    };
+    TestBroker::serving_with(Broker::new(BrokerConfig::default()), options).await
+}
+
+/// Reads until the server closes the connection (EOF or reset); returns how long it took.
+async fn closed_by_server(socket: &mut tokio::net::TcpStream) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    within(async {
+        loop {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    started.elapsed()
+}
+
+/// An HTTP/2 connection that sends the client preface and an empty SETTINGS frame, then
+/// never answers anything (not even PINGs).
+async fn mute_http2(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    socket
+}
+
+#[tokio::test]
+async fn silent_sockets_lose_their_slots_at_the_handshake_deadline() {
+    let b = broker_with_connections(10, 500, None, None, None).await;
+    let opened = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(tokio::net::TcpStream::connect(b.addr).await.unwrap());
+    }
+    // The ten silent sockets hold every slot: a real client is refused...
+    let first = works(&b.url(), ConnectOptions::new()).await;
+    assert!(
+        first.is_err(),
+        "a client was served while 10 of 10 slots were held"
+    );
+    // ...until the deadline frees them.
+    within(async {
+        while works(&b.url(), ConnectOptions::new()).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let served_after = opened.elapsed();
+    // Each silent socket was closed by the server, around the deadline.
+    let mut longest = Duration::ZERO;
+    for socket in &mut silent {
+        longest = longest.max(closed_by_server(socket).await);
+    }
+    let closed_after = opened.elapsed();
+    println!(
+        "a client was served {served_after:?} after 10 silent sockets took every slot; all were closed {closed_after:?} after they opened"
+    );
+    assert!(
+        closed_after < Duration::from_secs(3),
+        "silent sockets closed only after {closed_after:?} (deadline 500 ms)"
+    );
+    assert!(
+        served_after < Duration::from_secs(3),
+        "served only after {served_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_closed_at_the_deadline() {
+    use tokio::io::AsyncWriteExt;
+    let pki = pki();
+    let b = broker_with_connections(10_000, 500, None, None, Some(&pki)).await;
+    let mut stalled = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    // The header of a ClientHello record, then nothing.
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+        .await
+        .unwrap();
+    let took = closed_by_server(&mut stalled).await;
+    println!("a stalled TLS ClientHello was closed after {took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // TLS still serves real clients.
+    let url = format!("https://localhost:{}", b.addr.port());
+    works(
+        &url,
+        ConnectOptions::new().ca_certificate_pem(pki.ca.clone()),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn no_connection_waits_on_a_silent_one() {
+    let pki = pki();
+    for tls in [false, true] {
+        // A deadline far longer than the test: a client that waited on a silent socket
+        // would show it.
+        let b = broker_with_connections(10_000, 30_000, None, None, tls.then_some(&pki)).await;
+        let mut silent = Vec::new();
+        for _ in 0..20 {
+            silent.push(tokio::net::TcpStream::connect(b.addr).await.unwrap());
+        }
+        let (url, options) = if tls {
+            (
+                format!("https://localhost:{}", b.addr.port()),
+                ConnectOptions::new().ca_certificate_pem(pki.ca.clone()),
+            )
+        } else {
+            (b.url(), ConnectOptions::new())
+        };
+        let started = std::time::Instant::now();
+        works(&url, options.clone()).await.unwrap();
+        let first = started.elapsed();
+        assert!(first < Duration::from_secs(5), "tls {tls}: {first:?}");
+        // Sequential connects, each with its first RPC.
+        let started = std::time::Instant::now();
+        let mut slowest = Duration::ZERO;
+        for _ in 0..if tls { 50 } else { 300 } {
+            let one = std::time::Instant::now();
+            works(&url, options.clone()).await.unwrap();
+            slowest = slowest.max(one.elapsed());
+        }
+        let total = started.elapsed();
+        println!(
+            "tls {tls}: first client {first:?} beside 20 silent sockets; sequential connect + first RPC: total {total:?}, slowest {slowest:?}"
+        );
+        assert!(slowest < Duration::from_secs(5), "tls {tls}: {slowest:?}");
+        drop(silent);
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_and_one_with_an_open_stream_is_not() {
+    let b = broker_with_connections(10_000, 5_000, Some(300), None, None).await;
+    let mut idle = mute_http2(b.addr).await;
+    let client = b.client().await;
+    let mut rpc = client.rpc();
+    let mut subscription = rpc
+        .subscribe(pb::SubscribeRequest {
+            pattern: "idle.>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let took = closed_by_server(&mut idle).await;
+    println!("an idle connection was closed after {took:?} (idle timeout 300 ms)");
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    // Well past the idle timeout, the connection with the open subscription still works.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let other = b.client().await;
+    other.publish("idle.a", "still here").await.unwrap();
+    let batch = within(subscription.next()).await.unwrap().unwrap();
+    assert_eq!(batch.messages.len(), 1);
+}
+
+#[tokio::test]
+async fn keepalive_pings_drop_a_peer_that_does_not_answer() {
+    let b = broker_with_connections(10_000, 5_000, None, Some(200), None).await;
+    let mut mute = mute_http2(b.addr).await;
+    let took = closed_by_server(&mut mute).await;
+    println!(
+        "a peer that answers no PING was dropped after {took:?} (interval and timeout 200 ms)"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // A live client answers the pings and stays.
+    let client = b.client().await;
+    client.publish("alive", "1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    client.publish("alive", "2").await.unwrap();
+}
+
 // ---- the binary: flags, `sluice token`, SIGHUP reload ---------------------------------
 
 fn sluice() -> tokio::process::Command {
@@ -1175,6 +1629,73 @@ async fn serve_with_tokens_and_tls_and_rotate_tokens_on_sighup() {
         }
     })
     .await;
+    server.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn sighup_ends_the_open_subscription_of_a_revoked_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (revoked, revoked_table) = new_token("leaving").await;
+    let (kept, kept_table) = new_token("staying").await;
+    let tokens = dir.path().join("tokens.toml");
+    let both = format!(
+        "{revoked_table}subscribe = [\">\"]\n\n{kept_table}subscribe = [\">\"]\npublish = [\">\"]\n"
+    );
+    std::fs::write(&tokens, both).unwrap();
+    let port = free_port();
+    let mut server = sluice()
+        .args(["serve", "--storage", "memory", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tokens-file")
+        .arg(&tokens)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let connect = |token: String| {
+        let url = url.clone();
+        async move {
+            loop {
+                match Client::connect_with(url.clone(), ConnectOptions::new().token(token.clone()))
+                    .await
+                {
+                    Ok(client) => return client.rpc(),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+    };
+    let mut leaving = within(connect(revoked.clone())).await;
+    let mut staying = within(connect(kept.clone())).await;
+    let subscription = within(leaving.subscribe(subscribe_to("news.>")))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut unchanged = within(staying.subscribe(subscribe_to("news.>")))
+        .await
+        .unwrap()
+        .into_inner();
+
+    std::fs::write(
+        &tokens,
+        format!("{kept_table}subscribe = [\">\"]\npublish = [\">\"]\n"),
+    )
+    .unwrap();
+    let pid = server.id().unwrap().to_string();
+    let hup = run(tokio::process::Command::new("kill").args(["-HUP", &pid])).await;
+    assert!(hup.status.success());
+    let (status, took) = ends_with(subscription).await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("revoked"),
+        "{:?}",
+        status.message()
+    );
+    println!("the subscription ended {took:?} after SIGHUP");
+    staying.publish(publish("news.a")).await.unwrap();
+    let batch = within(unchanged.next()).await.unwrap().unwrap();
+    assert_eq!(batch.messages.len(), 1);
     server.kill().await.unwrap();
 }
 

@@ -143,3 +143,99 @@ async fn s2_memory_versus_wal() {
         assert!(acked > 0.0, "{name}: nothing acked");
     }
 }
+
+/// The p50 and p99 of `n` sequential single-job enqueues, ms.
+async fn enqueue_latency(client: &mut BrokerClient<Channel>, n: usize) -> (f64, f64) {
+    let mut took = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = Instant::now();
+        client
+            .enqueue(pb::EnqueueRequest {
+                queue: format!("q{}", i % 10_000),
+                jobs: vec![pb::JobSpec {
+                    payload: Bytes::from_static(b"x"),
+                    ..Default::default()
+                }],
+            })
+            .await
+            .unwrap();
+        took.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    took.sort_by(f64::total_cmp);
+    (took[n / 2], took[n * 99 / 100])
+}
+
+/// Enqueue latency over 10,000 queues, alone and with 20 WatchStats watchers at 100 ms
+/// (issue 17, item 11: each watcher computed its own snapshot every tick).
+/// `SLUICE_BENCH_BIN` runs another build of the binary (e.g. an older one, to compare).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand (--release for the README's figures)"]
+async fn enqueue_latency_with_20_stats_watchers_over_10000_queues() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let binary =
+        std::env::var("SLUICE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").into());
+    let mut child = Command::new(binary)
+        .args(["serve", "--storage", "memory", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .env("SLUICE_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut client = connect(&url).await;
+    let creators: Vec<_> = (0..8)
+        .map(|k| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut client = connect(&url).await;
+                for i in (k..10_000).step_by(8) {
+                    client
+                        .enqueue(pb::EnqueueRequest {
+                            queue: format!("q{i}"),
+                            jobs: vec![pb::JobSpec::default()],
+                        })
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for c in creators {
+        c.await.unwrap();
+    }
+    let (alone_p50, alone_p99) = enqueue_latency(&mut client, 500).await;
+    let mut watchers = Vec::new();
+    for _ in 0..20 {
+        let mut watcher = connect(&url).await;
+        let mut frames = watcher
+            .watch_stats(pb::WatchStatsRequest {
+                filter: None,
+                interval_ms: 100,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        watchers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Ok(Some(_)) = frames.message().await {
+                n += 1;
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (watched_p50, watched_p99) = enqueue_latency(&mut client, 500).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut frames = 0;
+    for w in watchers {
+        frames += w.await.unwrap();
+    }
+    eprintln!(
+        "enqueue over 10,000 queues: alone p50 {alone_p50:.2} ms p99 {alone_p99:.2} ms; with 20 watchers at 100 ms p50 {watched_p50:.2} ms p99 {watched_p99:.2} ms ({frames} frames)"
+    );
+}
