@@ -404,14 +404,28 @@ impl Topic {
     /// Reads up to `max` messages from sequence `from`. A cursor below the oldest retained
     /// message reports a gap and reads on from the oldest one.
     pub fn read(&self, from: u64, max: usize) -> ReadBatch {
+        self.read_before(from, max, u64::MAX)
+    }
+
+    /// [`Topic::read`] of the messages before sequence `end` only (the durable end of the
+    /// log, for subscribers). A gap is reported only once `end` reaches past it: its
+    /// "next available" sequence must name a message that is there to stay.
+    pub fn read_before(&self, from: u64, max: usize, end: u64) -> ReadBatch {
+        let end = end.min(self.next_seq);
         let mut gap = None;
         let mut next = from;
         if from < self.first_seq {
+            if end < self.first_seq {
+                return ReadBatch {
+                    next: from,
+                    ..ReadBatch::default()
+                };
+            }
             gap = Some((from, self.first_seq));
             next = self.first_seq;
         }
         let mut slices = Vec::new();
-        let mut room = max;
+        let mut room = usize::try_from(end.saturating_sub(next)).map_or(max, |left| left.min(max));
         let mut i = self.log.partition_point(|b| b.end_sequence() <= next);
         while room > 0
             && let Some(block) = self.log.get(i)
@@ -651,6 +665,39 @@ mod tests {
         let (r, block) = t.append(T0 + 3, vec![keyed]);
         assert!(block.is_none());
         assert!(r[0].duplicate);
+    }
+
+    #[test]
+    fn reads_stop_at_the_end_they_are_given_and_gaps_wait_for_it() {
+        let retention = Retention {
+            max_messages: 3,
+            ..Retention::default()
+        };
+        let mut t = Topic::new("t", retention);
+        t.append(T0, vec![msg("1"), msg("2")]);
+        t.append(T0 + 1, vec![msg("3"), msg("4")]);
+        // Messages 3 and 4 are appended but only 1..=2 are durable (end 3).
+        let durable = t.read_before(1, 10, 3);
+        assert_eq!(durable.gap, Some((1, 2)), "message 1 was evicted");
+        assert_eq!(sequences(&durable), [2]);
+        assert_eq!(durable.next, 3);
+        let nothing = t.read_before(3, 10, 3);
+        assert!(nothing.slices.is_empty() && nothing.gap.is_none());
+        assert_eq!(nothing.next, 3);
+        // `max` still applies below the end.
+        assert_eq!(sequences(&t.read_before(2, 2, 5)), [2, 3]);
+        // Retention evicted past the durable end: the gap (and where it would go on) is
+        // not reported before the end reaches it.
+        t.append(T0 + 2, vec![msg("5"), msg("6"), msg("7")]);
+        assert_eq!(t.first_seq(), 5);
+        let waiting = t.read_before(1, 10, 4);
+        assert!(waiting.slices.is_empty() && waiting.gap.is_none());
+        assert_eq!(waiting.next, 1);
+        let reached = t.read_before(1, 10, 5);
+        assert_eq!(reached.gap, Some((1, 5)));
+        assert!(reached.slices.is_empty());
+        assert_eq!(reached.next, 5);
+        assert_eq!(sequences(&t.read_before(1, 10, 7)), [5, 6]);
     }
 
     /// The log as a plain per-message list, evicting one message at a time: what the
