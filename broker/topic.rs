@@ -667,39 +667,6 @@ mod tests {
         assert!(r[0].duplicate);
     }
 
-    #[test]
-    fn reads_stop_at_the_end_they_are_given_and_gaps_wait_for_it() {
-        let retention = Retention {
-            max_messages: 3,
-            ..Retention::default()
-        };
-        let mut t = Topic::new("t", retention);
-        t.append(T0, vec![msg("1"), msg("2")]);
-        t.append(T0 + 1, vec![msg("3"), msg("4")]);
-        // Messages 3 and 4 are appended but only 1..=2 are durable (end 3).
-        let durable = t.read_before(1, 10, 3);
-        assert_eq!(durable.gap, Some((1, 2)), "message 1 was evicted");
-        assert_eq!(sequences(&durable), [2]);
-        assert_eq!(durable.next, 3);
-        let nothing = t.read_before(3, 10, 3);
-        assert!(nothing.slices.is_empty() && nothing.gap.is_none());
-        assert_eq!(nothing.next, 3);
-        // `max` still applies below the end.
-        assert_eq!(sequences(&t.read_before(2, 2, 5)), [2, 3]);
-        // Retention evicted past the durable end: the gap (and where it would go on) is
-        // not reported before the end reaches it.
-        t.append(T0 + 2, vec![msg("5"), msg("6"), msg("7")]);
-        assert_eq!(t.first_seq(), 5);
-        let waiting = t.read_before(1, 10, 4);
-        assert!(waiting.slices.is_empty() && waiting.gap.is_none());
-        assert_eq!(waiting.next, 1);
-        let reached = t.read_before(1, 10, 5);
-        assert_eq!(reached.gap, Some((1, 5)));
-        assert!(reached.slices.is_empty());
-        assert_eq!(reached.next, 5);
-        assert_eq!(sequences(&t.read_before(1, 10, 7)), [5, 6]);
-    }
-
     /// The log as a plain per-message list, evicting one message at a time: what the
     /// block log must be indistinguishable from.
     #[derive(Default)]
@@ -808,6 +775,18 @@ mod tests {
                     .collect();
                 assert_eq!(sequences(&read), expected, "{at}: read({from}, {max})");
                 assert_eq!(read.gap.is_some(), from < t.first_seq(), "{at}");
+                // Up to a durable end: the same messages below it, and a gap only once
+                // the end reaches where the reader goes on.
+                let end = rng.u64(model.first.saturating_sub(3).max(1)..model.next + 2);
+                let durable = t.read_before(from, max, end);
+                let below: Vec<u64> = expected.iter().copied().filter(|&s| s < end).collect();
+                let at = format!("{at}: read_before({from}, {max}, {end})");
+                let first = t.first_seq();
+                let held_back = from < first && end < first;
+                let start = if held_back { from } else { from.max(first) };
+                assert_eq!(sequences(&durable), below, "{at}");
+                assert_eq!(durable.gap.is_some(), from < first && !held_back, "{at}");
+                assert_eq!(durable.next, start + below.len() as u64, "{at}");
                 let time = now.saturating_sub(rng.u64(0..40));
                 let expected_seq = model
                     .messages

@@ -79,6 +79,14 @@ fn payload(producer: usize, n: u64) -> (String, Bytes) {
     (id, Bytes::from(format!("{body}#{crc:08x}")))
 }
 
+/// The next `count` payloads of `producer`, numbered on from `next`.
+fn payloads(producer: usize, next: &Mutex<u64>, count: u64) -> Vec<(String, Bytes)> {
+    let mut n = next.lock().unwrap();
+    let first = *n + 1;
+    *n += count;
+    (first..=*n).map(|i| payload(producer, i)).collect()
+}
+
 /// The payload's id, if its checksum holds.
 fn check(payload: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(payload).ok()?;
@@ -111,15 +119,7 @@ async fn produce(
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::Relaxed) {
-        let batch: Vec<(String, Bytes)> = {
-            let mut n = next.lock().unwrap();
-            (0..20)
-                .map(|_| {
-                    *n += 1;
-                    payload(producer, *n)
-                })
-                .collect()
-        };
+        let batch = payloads(producer, &next, 20);
         let jobs = batch
             .iter()
             .map(|(_, p)| pb::JobSpec {
@@ -310,15 +310,7 @@ async fn publish(
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::Relaxed) {
-        let batch: Vec<(String, Bytes)> = {
-            let mut n = next.lock().unwrap();
-            (0..10)
-                .map(|_| {
-                    *n += 1;
-                    payload(PUBLISHER, *n)
-                })
-                .collect()
-        };
+        let batch = payloads(PUBLISHER, &next, 10);
         let messages = batch
             .iter()
             .map(|(_, p)| pb::PublishMessage {

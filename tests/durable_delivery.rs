@@ -6,20 +6,23 @@
 
 mod common;
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::storage::{FileHook, HookedStorage};
 use common::within;
 use futures::StreamExt;
 use sluice::broker::names::Pattern;
 use sluice::broker::queue::NewJob;
-use sluice::broker::store::{DirStorage, FsyncPolicy, Storage, StorageFile, StoreConfig};
+use sluice::broker::store::{DirStorage, FsyncPolicy, StoreConfig};
 use sluice::broker::subscription::{Start, SubscribeSpec, Subscription};
 use sluice::broker::topic::NewMessage;
 use sluice::broker::{Broker, BrokerConfig};
+use tokio::task::JoinHandle;
 
 /// Which call of a log file the gate holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,10 +50,6 @@ impl Gate {
         })
     }
 
-    fn close(&self) {
-        *self.closed.lock().unwrap() = true;
-    }
-
     fn open(&self) {
         *self.closed.lock().unwrap() = false;
         self.opened.notify_all();
@@ -69,8 +68,14 @@ impl Gate {
         }
     }
 
-    /// Waits until the writer is held at the gate.
-    async fn until_held(&self) {
+    /// Closes the gate, spawns `request` and waits until the writer is held at the gate
+    /// (with the request's record: nothing else writes meanwhile).
+    async fn hold<T: Send + 'static>(
+        &self,
+        request: impl Future<Output = T> + Send + 'static,
+    ) -> JoinHandle<T> {
+        *self.closed.lock().unwrap() = true;
+        let task = tokio::spawn(request);
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.held.load(Ordering::SeqCst) == 0 {
             assert!(
@@ -79,69 +84,26 @@ impl Gate {
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        task
     }
 }
 
-#[derive(Debug)]
-struct Gated {
-    inner: DirStorage,
-    gate: Arc<Gate>,
-}
-
-struct GatedFile {
-    inner: Box<dyn StorageFile>,
-    gate: Arc<Gate>,
-}
-
-impl StorageFile for GatedFile {
-    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        self.gate.pass(Hold::Write);
-        self.inner.write_all(data)
+impl FileHook for Gate {
+    fn before_write(&self) -> io::Result<()> {
+        self.pass(Hold::Write);
+        Ok(())
     }
 
-    fn sync(&mut self) -> io::Result<()> {
-        self.gate.pass(Hold::Sync);
-        self.inner.sync()
-    }
-}
-
-impl Storage for Gated {
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.inner.list()
-    }
-    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
-        self.inner.read(name)
-    }
-    fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
-        Ok(Box::new(GatedFile {
-            inner: self.inner.create(name)?,
-            gate: self.gate.clone(),
-        }))
-    }
-    fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
-        self.inner.truncate(name, len)
-    }
-    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        self.inner.remove(name)
-    }
-    fn sync_dir(&self) -> io::Result<()> {
-        self.inner.sync_dir()
-    }
-    fn describe(&self, name: &str) -> String {
-        self.inner.describe(name)
-    }
-    fn release(&self) {
-        self.inner.release()
+    fn before_sync(&self) -> io::Result<()> {
+        self.pass(Hold::Sync);
+        Ok(())
     }
 }
 
 fn open(dir: &std::path::Path, gate: &Arc<Gate>, fsync: FsyncPolicy) -> Broker {
-    let storage = Arc::new(Gated {
+    let storage = Arc::new(HookedStorage {
         inner: DirStorage::open(dir).unwrap(),
-        gate: gate.clone(),
+        hook: gate.clone(),
     });
     let config = StoreConfig {
         fsync,
@@ -208,12 +170,12 @@ async fn a_subscriber_sees_a_message_only_once_its_fsync_is_done() {
     assert_eq!(next_batch(&mut earliest).await, [(1, "first".into())]);
 
     // The second message is appended and written; the writer is held in its fsync.
-    gate.close();
-    let publish = tokio::spawn({
-        let broker = broker.clone();
-        async move { broker.publish("t", message("second")).await }
-    });
-    gate.until_held().await;
+    let publish = gate
+        .hold({
+            let broker = broker.clone();
+            async move { broker.publish("t", message("second")).await }
+        })
+        .await;
     assert!(
         futures::poll!(earliest.next()).is_pending(),
         "a subscriber was handed a message whose fsync had not finished"
@@ -251,12 +213,12 @@ async fn with_interval_fsync_an_answer_waits_for_the_write_and_not_for_the_fsync
     assert_eq!(next_batch(&mut subscription).await, [(1, "m1".into())]);
 
     // The writer is held inside a write; what is appended now is not written yet.
-    gate.close();
-    let held = tokio::spawn({
-        let broker = broker.clone();
-        async move { broker.enqueue("q", job("b")).await }
-    });
-    gate.until_held().await;
+    let held = gate
+        .hold({
+            let broker = broker.clone();
+            async move { broker.enqueue("q", job("b")).await }
+        })
+        .await;
     let mut enqueue = Box::pin(broker.enqueue("q", job("c")));
     let mut publish = Box::pin(broker.publish("t", message("m2")));
     assert!(
