@@ -196,8 +196,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_STORAGE", value_enum, default_value_t = StorageKind::Wal)]
     pub storage: StorageKind,
     /// When the log is fsynced: `always` (before answering; concurrent requests share one
-    /// fsync) or `interval:<ms>` (answer at once, fsync every <ms>: a machine crash loses
-    /// up to that much acknowledged work).
+    /// fsync) or `interval:<ms>` (answer once written to the kernel, fsync every <ms>: a
+    /// process crash loses nothing acknowledged, a machine crash up to that much).
     #[arg(long, env = "SLUICE_FSYNC", default_value = "always")]
     pub fsync: FsyncPolicy,
     /// Size at which a log segment is closed and a new one started, bytes; compaction

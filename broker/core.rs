@@ -30,8 +30,8 @@ use crate::broker::queue::{
     MAX_VISIBILITY_MS, NewJob, Queue, QueueCounts, QueuePolicy,
 };
 use crate::broker::store::{
-    Batch, Commit, Journal, RecoveryError, RecoveryReport, SnapshotQueue, SnapshotTopic, Storage,
-    StoreConfig, recover,
+    Batch, Commit, DurableListener, Journal, RecoveryError, RecoveryReport, SnapshotQueue,
+    SnapshotTopic, Storage, StoreConfig, recover,
 };
 use crate::broker::subscription::{self, SubscribeSpec, SubscriberShared, Subscription};
 use crate::broker::time::{Millis, now_ms};
@@ -101,8 +101,12 @@ impl QueueSlot {
 pub(crate) struct TopicSlot {
     pub(crate) name: Arc<str>,
     pub(crate) topic: Mutex<Topic>,
-    /// Mirror of the topic's next sequence, read without the lock by subscriptions.
-    pub(crate) next_seq: AtomicU64,
+    /// The sequence after the newest message that is durable under the fsync policy:
+    /// subscriptions read up to it (without the topic lock to check it), so nobody ever
+    /// sees a message a crash could take back, or a sequence that could name another
+    /// message after a restart. Advanced by the log's writer once a publish's record is
+    /// durable (see [`DurableListener`]); with memory storage, by the publish itself.
+    pub(crate) durable_seq: AtomicU64,
     pub(crate) subscribers: Mutex<Vec<Arc<SubscriberShared>>>,
     pub(crate) deleted: AtomicBool,
     pub(crate) gaps: AtomicU64,
@@ -113,6 +117,20 @@ impl TopicSlot {
         for sub in lock(&self.subscribers).iter() {
             sub.wake();
         }
+    }
+
+    /// Makes the messages before sequence `end` readable and wakes the subscriptions.
+    fn advance_durable(&self, end: u64) {
+        if self.durable_seq.fetch_max(end, Ordering::AcqRel) < end {
+            self.wake_subscribers();
+        }
+    }
+}
+
+/// The log's writer tells a topic the end of each publish once its record is durable.
+impl DurableListener for TopicSlot {
+    fn durable(&self, end: u64) {
+        self.advance_durable(end);
     }
 }
 
@@ -226,7 +244,9 @@ pub struct TopicCounts {
     pub name: String,
     /// Oldest retained sequence (0 if empty).
     pub first_sequence: u64,
-    /// Newest sequence (0 if none).
+    /// Newest appended sequence (0 if none). It counts, as the retained messages do, a
+    /// publish whose record is not yet durable (for about one fsync), which subscribers
+    /// are delivered only once it is.
     pub last_sequence: u64,
     /// Retained messages.
     pub retained_messages: u64,
@@ -324,7 +344,7 @@ impl Broker {
                 name.clone(),
                 Arc::new(TopicSlot {
                     name,
-                    next_seq: AtomicU64::new(topic.next_seq()),
+                    durable_seq: AtomicU64::new(topic.next_seq()),
                     topic: Mutex::new(topic),
                     subscribers: Mutex::new(Vec::new()),
                     deleted: AtomicBool::new(false),
@@ -907,8 +927,6 @@ impl Broker {
             }
         }
         let (results, stored) = topic_guard.append(now, messages);
-        slot.next_seq
-            .store(topic_guard.next_seq(), Ordering::Release);
         if let Some(block) = &stored {
             if batch.is_enabled() {
                 let stored_keys = keys
@@ -946,15 +964,28 @@ impl Broker {
             }
         }
         // The topic lock is held until the record is appended, so publishes to one topic
-        // are logged in sequence order.
-        let commit = self.commit(batch, now);
+        // are logged in sequence order. Subscribers are told of the new messages once
+        // they are durable: by the log's writer (one registration per publish, which
+        // holds even if this request is cancelled), or here without a log.
+        let end = stored.as_ref().map(|block| block.end_sequence());
+        let commit = match (&self.inner.journal, end) {
+            (Some(journal), Some(end)) => {
+                let listener: Arc<dyn DurableListener> = slot.clone();
+                journal.append_with(batch, now, Some((listener, end)))
+            }
+            _ => self.commit(batch, now),
+        };
         drop(topic_guard);
         drop(queue_guards);
         drop(change);
         for q in &targets {
             q.wake_one();
         }
-        slot.wake_subscribers();
+        if self.inner.journal.is_none()
+            && let Some(end) = end
+        {
+            slot.advance_durable(end);
+        }
         Ok((results, commit?))
     }
 
@@ -1849,7 +1880,7 @@ impl Broker {
         let slot = Arc::new(TopicSlot {
             name: Arc::from(name),
             topic: Mutex::new(Topic::new(name, retention.unwrap_or_default())),
-            next_seq: AtomicU64::new(1),
+            durable_seq: AtomicU64::new(1),
             subscribers: Mutex::new(Vec::new()),
             deleted: AtomicBool::new(false),
             gaps: AtomicU64::new(0),

@@ -1,7 +1,11 @@
 //! Subscriptions: a stream per subscription that follows every matching topic's log by
 //! sequence number, reading when the transport asks for the next batch.
 //!
-//! Publishers never wait for subscribers: they append to the log and wake the streams.
+//! Publishers never wait for subscribers: they append to the log, and the streams are
+//! woken once the messages are durable under the fsync policy (see
+//! [`TopicSlot::durable_seq`]): a subscriber reads only up to there, so it never sees a
+//! message that a crash could take back, nor a sequence that could name another message
+//! after a restart.
 //! There is no reader task or channel in between: reading happens in the task that sends
 //! the batches, so a publish costs the subscriber one task wake-up, not two, and whatever
 //! was published while the transport was busy is read as one batch.
@@ -98,7 +102,7 @@ pub(crate) struct SubscriberShared {
 
 impl SubscriberShared {
     /// Wakes the subscription's stream. Call after the change it must see is visible
-    /// (the topic's `next_seq` stored, the new topic pushed, `deleted` set): the stream
+    /// (the topic's `durable_seq` stored, the new topic pushed, `deleted` set): the stream
     /// registers its waker before it looks, so either it sees the change or it is woken.
     pub(crate) fn wake(&self) {
         self.waker.wake();
@@ -181,11 +185,12 @@ impl Subscription {
         let n = self.cursors.len();
         for k in 0..n {
             let cursor = &mut self.cursors[(self.rotate + k) % n];
-            if cursor.slot.next_seq.load(Ordering::Acquire) <= cursor.next {
+            let durable = cursor.slot.durable_seq.load(Ordering::Acquire);
+            if durable <= cursor.next {
                 continue;
             }
             let room = self.spec.max_batch - count;
-            let read = lock(&cursor.slot.topic).read(cursor.next, room);
+            let read = lock(&cursor.slot.topic).read_before(cursor.next, room, durable);
             if let Some((first_missing, next_available)) = read.gap {
                 cursor.slot.gaps.fetch_add(1, Ordering::Relaxed);
                 if self.spec.on_gap == GapPolicy::EndStream {
@@ -302,11 +307,14 @@ pub(crate) fn open(
             lock(&slot.subscribers).push(shared.clone());
             let next = {
                 let topic = lock(&slot.topic);
+                // "Latest" and "earliest" count only durable messages: a start position
+                // names a sequence that no crash can give to another message.
+                let durable = slot.durable_seq.load(Ordering::Acquire);
                 match spec.resume_from.get(&*slot.name) {
                     Some(seq) => (*seq).max(1),
                     None => match spec.start {
-                        Start::Latest => topic.next_seq(),
-                        Start::Earliest => topic.first_seq(),
+                        Start::Latest => durable,
+                        Start::Earliest => topic.first_seq().min(durable),
                         Start::Sequence(seq) => seq.max(1),
                         Start::Time(t) => topic.seq_at_time(t),
                     },

@@ -407,14 +407,28 @@ impl Topic {
     /// Reads up to `max` messages from sequence `from`. A cursor below the oldest retained
     /// message reports a gap and reads on from the oldest one.
     pub fn read(&self, from: u64, max: usize) -> ReadBatch {
+        self.read_before(from, max, u64::MAX)
+    }
+
+    /// [`Topic::read`] of the messages before sequence `end` only (the durable end of the
+    /// log, for subscribers). A gap is reported only once `end` reaches past it: its
+    /// "next available" sequence must name a message that is there to stay.
+    pub fn read_before(&self, from: u64, max: usize, end: u64) -> ReadBatch {
+        let end = end.min(self.next_seq);
         let mut gap = None;
         let mut next = from;
         if from < self.first_seq {
+            if end < self.first_seq {
+                return ReadBatch {
+                    next: from,
+                    ..ReadBatch::default()
+                };
+            }
             gap = Some((from, self.first_seq));
             next = self.first_seq;
         }
         let mut slices = Vec::new();
-        let mut room = max;
+        let mut room = usize::try_from(end.saturating_sub(next)).map_or(max, |left| left.min(max));
         let mut i = self.log.partition_point(|b| b.end_sequence() <= next);
         while room > 0
             && let Some(block) = self.log.get(i)
@@ -781,6 +795,18 @@ mod tests {
                     .collect();
                 assert_eq!(sequences(&read), expected, "{at}: read({from}, {max})");
                 assert_eq!(read.gap.is_some(), from < t.first_seq(), "{at}");
+                // Up to a durable end: the same messages below it, and a gap only once
+                // the end reaches where the reader goes on.
+                let end = rng.u64(model.first.saturating_sub(3).max(1)..model.next + 2);
+                let durable = t.read_before(from, max, end);
+                let below: Vec<u64> = expected.iter().copied().filter(|&s| s < end).collect();
+                let at = format!("{at}: read_before({from}, {max}, {end})");
+                let first = t.first_seq();
+                let held_back = from < first && end < first;
+                let start = if held_back { from } else { from.max(first) };
+                assert_eq!(sequences(&durable), below, "{at}");
+                assert_eq!(durable.gap.is_some(), from < first && !held_back, "{at}");
+                assert_eq!(durable.next, start + below.len() as u64, "{at}");
                 let time = now.saturating_sub(rng.u64(0..40));
                 let expected_seq = model
                     .messages

@@ -1,13 +1,17 @@
-//! Crash test: the real `sluice` binary with the write-ahead log, producers and lease/ack
-//! consumers over gRPC, SIGKILLed at random moments (some during recovery) and restarted
-//! on the same data directory. A ledger of every acknowledged operation then checks:
-//! no acknowledged enqueue lost, no acked job delivered again, duplicates bounded by the
-//! leases in flight at each kill, no corrupt payload. A second broker on a directory in
-//! use is refused.
+//! Crash test: the real `sluice` binary with the write-ahead log, producers, a publisher,
+//! lease/ack consumers and a live subscriber over gRPC, SIGKILLed at random moments (some
+//! during recovery) and restarted on the same data directory, under each fsync policy. A
+//! ledger of every acknowledged operation then checks: no acknowledged enqueue lost, no
+//! acked job delivered again, duplicates bounded by the leases in flight at each kill, no
+//! corrupt payload; and for the topic, that the subscriber (resuming right after its last
+//! sequence after each kill) received every acknowledged publish exactly once under its
+//! sequence, that no sequence ever named two payloads, that the broker still holds every
+//! acknowledged publish, and that the subscriber never saw a gap. A second broker on a
+//! directory in use is refused.
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,9 +25,16 @@ use sluice::pb::broker_client::BrokerClient;
 use tonic::transport::Channel;
 
 const QUEUE: &str = "crash";
+const TOPIC: &str = "crash-events";
 const KILL_CYCLES: usize = 8;
+/// The publisher's id in payload ids (the enqueue producers are 0 and 1).
+const PUBLISHER: usize = 9;
 
 fn spawn_broker(dir: &Path, port: u16) -> Child {
+    spawn_broker_with(dir, port, "always")
+}
+
+fn spawn_broker_with(dir: &Path, port: u16, fsync: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--data-dir")
@@ -35,7 +46,7 @@ fn spawn_broker(dir: &Path, port: u16) -> Child {
             "--storage",
             "wal",
             "--fsync",
-            "always",
+            fsync,
         ])
         .env("SLUICE_LOG", "warn")
         .stdout(Stdio::null())
@@ -66,6 +77,14 @@ fn payload(producer: usize, n: u64) -> (String, Bytes) {
     let body = format!("{id}:{}", "z".repeat(256 - id.len() - 10));
     let crc = crc32c::crc32c(body.as_bytes());
     (id, Bytes::from(format!("{body}#{crc:08x}")))
+}
+
+/// The next `count` payloads of `producer`, numbered on from `next`.
+fn payloads(producer: usize, next: &Mutex<u64>, count: u64) -> Vec<(String, Bytes)> {
+    let mut n = next.lock().unwrap();
+    let first = *n + 1;
+    *n += count;
+    (first..=*n).map(|i| payload(producer, i)).collect()
 }
 
 /// The payload's id, if its checksum holds.
@@ -100,15 +119,7 @@ async fn produce(
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::Relaxed) {
-        let batch: Vec<(String, Bytes)> = {
-            let mut n = next.lock().unwrap();
-            (0..20)
-                .map(|_| {
-                    *n += 1;
-                    payload(producer, *n)
-                })
-                .collect()
-        };
+        let batch = payloads(producer, &next, 20);
         let jobs = batch
             .iter()
             .map(|(_, p)| pb::JobSpec {
@@ -207,19 +218,183 @@ async fn consume(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_at_random_moments_loses_no_acknowledged_work() {
+/// What the topic side of a run saw: acknowledged publishes and the live subscriber's
+/// deliveries, each naming a payload under a sequence.
+#[derive(Default)]
+struct TopicLedger {
+    /// Acknowledged publishes: payload id -> sequence.
+    acknowledged: HashMap<String, u64>,
+    /// The first payload anyone (a publish answer or a delivery) named under a sequence.
+    named: HashMap<u64, String>,
+    /// What the subscriber received under each sequence (the first payload it got there).
+    received: HashMap<u64, String>,
+    /// The subscriber's last sequence; it resumes at the next one after a kill.
+    last: u64,
+    /// Sequences that named two different payloads.
+    reused: BTreeSet<u64>,
+    /// Deliveries that were not the subscriber's last sequence + 1: (last, got).
+    out_of_order: Vec<(u64, u64)>,
+    gaps: Vec<String>,
+    corrupt: u64,
+}
+
+impl TopicLedger {
+    /// Notes that `sequence` named payload `id`, as a publish answer or a delivery saw it.
+    fn name(&mut self, sequence: u64, id: &str) {
+        match self.named.get(&sequence) {
+            Some(first) if first != id => {
+                self.reused.insert(sequence);
+            }
+            Some(_) => {}
+            None => {
+                self.named.insert(sequence, id.to_owned());
+            }
+        }
+    }
+
+    fn acknowledge(&mut self, sequence: u64, id: String) {
+        self.name(sequence, &id);
+        self.acknowledged.insert(id, sequence);
+    }
+
+    fn receive(&mut self, sequence: u64, id: String) {
+        if sequence != self.last + 1 {
+            self.out_of_order.push((self.last, sequence));
+        }
+        self.name(sequence, &id);
+        self.received.entry(sequence).or_insert(id);
+        self.last = sequence;
+    }
+
+    /// Acknowledged publishes that `log` (sequence -> payload id) does not hold under
+    /// their sequence, in sequence order.
+    fn absent_from(&self, log: &HashMap<u64, String>) -> Vec<u64> {
+        let mut absent: Vec<u64> = self
+            .acknowledged
+            .iter()
+            .filter(|(id, seq)| log.get(seq) != Some(id))
+            .map(|(_, seq)| *seq)
+            .collect();
+        absent.sort_unstable();
+        absent
+    }
+}
+
+/// Reads [`TOPIC`] from sequence 1 up to `newest` (or for at most 20 s): the log as the
+/// broker kept it, sequence -> payload id.
+async fn replay(mut client: BrokerClient<Channel>, newest: u64) -> HashMap<u64, String> {
+    let mut log = HashMap::new();
+    let request = pb::SubscribeRequest {
+        pattern: TOPIC.into(),
+        resume_from: [(TOPIC.to_owned(), 1)].into(),
+        ..Default::default()
+    };
+    let mut stream = client.subscribe(request).await.unwrap().into_inner();
+    let mut last = 0;
+    while last < newest {
+        let next = tokio::time::timeout(Duration::from_secs(20), stream.message()).await;
+        let Ok(Ok(Some(batch))) = next else { break };
+        for m in batch.messages {
+            last = m.sequence;
+            log.insert(m.sequence, check(&m.payload).unwrap_or_default());
+        }
+    }
+    log
+}
+
+/// Publishes batches of 10 to [`TOPIC`] and records each acknowledged sequence.
+async fn publish(
+    mut client: BrokerClient<Channel>,
+    next: Arc<Mutex<u64>>,
+    topic: Arc<Mutex<TopicLedger>>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let batch = payloads(PUBLISHER, &next, 10);
+        let messages = batch
+            .iter()
+            .map(|(_, p)| pb::PublishMessage {
+                payload: p.clone(),
+                ..Default::default()
+            })
+            .collect();
+        let reply = client
+            .publish(pb::PublishRequest {
+                topic: TOPIC.into(),
+                messages,
+            })
+            .await;
+        match reply {
+            Ok(r) => {
+                let mut t = topic.lock().unwrap();
+                for (result, (id, _)) in r.into_inner().results.iter().zip(batch) {
+                    t.acknowledge(result.sequence, id);
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Follows [`TOPIC`] from the ledger's last sequence + 1, as a reconnecting subscriber
+/// does, until the stream ends (the broker died) or `stop` is set.
+async fn subscribe(
+    mut client: BrokerClient<Channel>,
+    topic: Arc<Mutex<TopicLedger>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut stream = loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let from = topic.lock().unwrap().last + 1;
+        let request = pb::SubscribeRequest {
+            pattern: TOPIC.into(),
+            resume_from: [(TOPIC.to_owned(), from)].into(),
+            ..Default::default()
+        };
+        match client.subscribe(request).await {
+            Ok(reply) => break reply.into_inner(),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(Some(batch)) = stream.message().await else {
+            return;
+        };
+        let mut t = topic.lock().unwrap();
+        for gap in batch.gaps {
+            t.gaps.push(format!(
+                "gap: sequences {}..{} missed",
+                gap.first_missing, gap.next_available
+            ));
+        }
+        for m in batch.messages {
+            match check(&m.payload) {
+                Some(id) => t.receive(m.sequence, id),
+                None => t.corrupt += 1,
+            }
+        }
+    }
+}
+
+/// One crash run under `--fsync <fsync>`: [`KILL_CYCLES`] cycles of 2 enqueue producers,
+/// 1 publisher, 2 lease/ack consumers and a subscriber against the real binary, each
+/// ended by a SIGKILL at a random moment (a third of them during recovery), then a
+/// restart that drains the queue and lets the subscriber catch up; asserts the ledger.
+async fn crash_ledger(fsync: &str, seed: u64) {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let counters: Vec<Arc<Mutex<u64>>> = (0..2).map(|_| Arc::new(Mutex::new(0))).collect();
-    let mut rng = fastrand::Rng::with_seed(0xC4A5);
+    let topic = Arc::new(Mutex::new(TopicLedger::default()));
+    let counters: Vec<Arc<Mutex<u64>>> = (0..3).map(|_| Arc::new(Mutex::new(0))).collect();
+    let mut rng = fastrand::Rng::with_seed(seed);
     let mut allowed_duplicates = 0usize;
     let mut kills_during_recovery = 0;
 
     for cycle in 0..KILL_CYCLES {
         let port = free_port();
-        let mut child = spawn_broker(dir.path(), port);
+        let mut child = spawn_broker_with(dir.path(), port, fsync);
         if cycle % 3 == 1 {
             // Kill it while it recovers (or just after): no client is running, so no lease
             // is in flight, and the next start must still find everything.
@@ -227,12 +402,26 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_work() {
             child.kill().unwrap();
             child.wait().unwrap();
             kills_during_recovery += 1;
-            child = spawn_broker(dir.path(), port);
+            child = spawn_broker_with(dir.path(), port, fsync);
         }
-        let client = connect(port, &mut child).await;
+        let mut client = connect(port, &mut child).await;
+        if cycle == 0 {
+            // Retention far above what a run publishes: a gap can only be a defect.
+            client
+                .create_topic(pb::CreateTopicRequest {
+                    name: TOPIC.into(),
+                    retention: Some(pb::RetentionPolicy {
+                        max_messages: 10_000_000,
+                        max_bytes: 1 << 30,
+                        max_age_ms: 0,
+                    }),
+                })
+                .await
+                .unwrap();
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
-        for (p, next) in counters.iter().enumerate() {
+        for (p, next) in counters[..2].iter().enumerate() {
             tasks.push(tokio::spawn(produce(
                 client.clone(),
                 p,
@@ -241,6 +430,17 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_work() {
                 stop.clone(),
             )));
         }
+        tasks.push(tokio::spawn(publish(
+            client.clone(),
+            counters[2].clone(),
+            topic.clone(),
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(subscribe(
+            client.clone(),
+            topic.clone(),
+            stop.clone(),
+        )));
         for _ in 0..2 {
             tasks.push(tokio::spawn(consume(
                 client.clone(),
@@ -264,14 +464,31 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_work() {
         l.in_flight.clear();
     }
 
-    // Final run: drain everything that is left.
+    // Final run: drain the queue, and let the subscriber catch up with the newest
+    // acknowledged publish.
     let port = free_port();
-    let mut child = spawn_broker(dir.path(), port);
+    let mut child = spawn_broker_with(dir.path(), port, fsync);
     let client = connect(port, &mut child).await;
     let stop = Arc::new(AtomicBool::new(false));
-    consume(client.clone(), ledger.clone(), stop, true).await;
+    let subscriber = tokio::spawn(subscribe(client.clone(), topic.clone(), stop.clone()));
+    consume(client.clone(), ledger.clone(), stop.clone(), true).await;
+    let newest = topic
+        .lock()
+        .unwrap()
+        .acknowledged
+        .values()
+        .max()
+        .copied()
+        .unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while topic.lock().unwrap().last < newest && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kept = replay(client.clone(), newest).await;
+    stop.store(true, Ordering::Relaxed);
     child.kill().unwrap();
     child.wait().unwrap();
+    subscriber.await.unwrap();
 
     let l = ledger.lock().unwrap();
     let lost: Vec<&String> = l
@@ -290,12 +507,17 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_work() {
         .map(|(_, (_, payload_id))| payload_id)
         .collect();
     let invented: Vec<&&String> = phantom.iter().filter(|p| !l.maybe.contains(**p)).collect();
+    let t = topic.lock().unwrap();
+    let missed = t.absent_from(&t.received);
+    let lost_publishes = t.absent_from(&kept);
     eprintln!(
-        "crash test: {KILL_CYCLES} kill cycles ({kills_during_recovery} during recovery) in {:.1} s; \
-         {} enqueues acknowledged, {} unacknowledged attempts, {} jobs delivered, {} acks \
-         acknowledged, {duplicates} duplicate deliveries (allowed {allowed_duplicates}), \
-         {} lost, {} acked-then-redelivered, {} corrupt, {} delivered jobs from \
-         unacknowledged enqueues",
+        "crash test (--fsync {fsync}): {KILL_CYCLES} kill cycles ({kills_during_recovery} during \
+         recovery) in {:.1} s; {} enqueues acknowledged, {} unacknowledged attempts, {} jobs \
+         delivered, {} acks acknowledged, {duplicates} duplicate deliveries (allowed \
+         {allowed_duplicates}), {} lost, {} acked-then-redelivered, {} corrupt, {} delivered \
+         jobs from unacknowledged enqueues; topic: {} publishes acknowledged, {} lost, {} messages \
+         received, {} acknowledged publishes the subscriber missed, {} sequences reused, {} \
+         out of order, {} gaps, {} corrupt",
         started.elapsed().as_secs_f64(),
         l.enqueued.len(),
         l.maybe.len(),
@@ -305,6 +527,14 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_work() {
         l.violations.len(),
         l.corrupt,
         phantom.len(),
+        t.acknowledged.len(),
+        lost_publishes.len(),
+        t.received.len(),
+        missed.len(),
+        t.reused.len(),
+        t.out_of_order.len(),
+        t.gaps.len(),
+        t.corrupt,
     );
     assert!(l.enqueued.len() > 1000, "too little work to mean anything");
     assert!(lost.is_empty(), "acknowledged enqueues lost: {lost:?}");
@@ -319,7 +549,43 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_work() {
         enqueued_ids.len() == l.enqueued.len(),
         "two jobs carry one payload"
     );
+    assert!(
+        t.acknowledged.len() > 500,
+        "too few publishes to mean anything"
+    );
+    assert!(
+        lost_publishes.is_empty(),
+        "acknowledged publishes the broker no longer holds under their sequence: {lost_publishes:?}"
+    );
+    assert!(
+        missed.is_empty(),
+        "acknowledged publishes the subscriber did not receive under their sequence: {missed:?}"
+    );
+    assert!(
+        t.reused.is_empty(),
+        "sequences that named two payloads: {:?}",
+        t.reused
+    );
+    assert!(
+        t.out_of_order.is_empty(),
+        "deliveries that were not last + 1 (last, got): {:?}",
+        t.out_of_order
+    );
+    assert!(t.gaps.is_empty(), "{:?}", t.gaps);
+    assert_eq!(t.corrupt, 0, "corrupt messages delivered");
     assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_random_moments_loses_no_acknowledged_work() {
+    crash_ledger("always", 0xC4A5).await;
+}
+
+/// With `--fsync interval:<ms>` a request is answered once its record is written to the
+/// kernel, so killing the process (not the machine) loses nothing acknowledged either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_with_interval_fsync_loses_no_acknowledged_work() {
+    crash_ledger("interval:50", 0x1A7E).await;
 }
 
 /// A second broker on a data directory in use exits at once, naming the directory and the

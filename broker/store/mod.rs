@@ -3,7 +3,8 @@
 //! * [`Storage`] is the file system as the WAL sees it (a directory of segment files);
 //!   [`DirStorage`] is the real one, tests inject faulty ones.
 //! * `wal` runs one writer thread that batches appended records, writes them and fsyncs
-//!   once per batch (group commit), then publishes the durable position.
+//!   once per batch (group commit), then tells the [`DurableListener`]s of the records
+//!   and publishes the written and synced positions.
 //! * `record` frames records (length + CRC32C) and converts domain changes into the
 //!   internal record messages of `proto/sluice/internal/wal.proto`.
 //! * `recovery` replays the newest snapshot and the segments after it into queues and
@@ -28,6 +29,7 @@ pub use self::record::Batch;
 pub(crate) use self::record::{SnapshotQueue, SnapshotTopic};
 pub(crate) use self::recovery::recover;
 pub use self::recovery::{RecoveryError, RecoveryReport};
+pub use self::wal::DurableListener;
 
 use crate::broker::error::BrokerError;
 use crate::broker::time::Millis;
@@ -38,8 +40,9 @@ pub enum FsyncPolicy {
     /// Before any request that changed state is answered; concurrent requests share one
     /// fsync (group commit).
     Always,
-    /// Every so often; requests are answered as soon as their record is buffered, so a
-    /// crash (of the machine, not only the process) loses up to this much.
+    /// Every so often; requests are answered as soon as their record is written to the
+    /// kernel, so a crash of the process loses nothing acknowledged, and a crash of the
+    /// machine up to this much.
     Interval(Duration),
 }
 
@@ -354,28 +357,40 @@ impl Journal {
     /// the newest position, so a request that changed nothing still waits for whatever
     /// it may have observed.
     pub fn append(&self, batch: Batch, at: Millis) -> Result<Commit, BrokerError> {
+        self.append_with(batch, at, None)
+    }
+
+    /// [`Journal::append`], and once the record is durable under the fsync policy (what
+    /// [`Journal::durable`] waits for) tells `listener` its mark, whether or not anyone
+    /// still waits for the commit. The listener runs on the writer's thread before any
+    /// request of the same write is answered: it must be quick and never block. An empty
+    /// batch appends nothing and tells nothing.
+    pub fn append_with(
+        &self,
+        batch: Batch,
+        at: Millis,
+        listener: Option<(Arc<dyn DurableListener>, u64)>,
+    ) -> Result<Commit, BrokerError> {
         let Some(frame) = batch.into_frame(at) else {
             return Ok(Commit(self.wal.last_position()));
         };
         self.wal
-            .append(&frame)
+            .append(&frame, listener)
             .map(Commit)
             .map_err(BrokerError::StorageFailed)
     }
 
-    /// Resolves once `commit` is durable under the fsync policy; fails if the log failed.
+    /// Resolves once `commit` is durable under the fsync policy (fsynced with `always`,
+    /// written to the kernel with `interval`); fails if the log failed.
     pub async fn durable(&self, commit: Commit) -> Result<(), BrokerError> {
         if commit == Commit::NONE {
             return self.check();
         }
-        match self.fsync {
-            FsyncPolicy::Always => self
-                .wal
-                .wait_durable(commit.0)
-                .await
-                .map_err(BrokerError::StorageFailed),
-            FsyncPolicy::Interval(_) => self.check(),
-        }
+        let reached = match self.fsync {
+            FsyncPolicy::Always => self.wal.wait_synced(commit.0).await,
+            FsyncPolicy::Interval(_) => self.wal.wait_written(commit.0).await,
+        };
+        reached.map_err(BrokerError::StorageFailed)
     }
 
     /// Resolves when the log has grown enough since the last snapshot to compact.

@@ -1,12 +1,16 @@
 //! The WAL writer: group commit on a dedicated thread.
 //!
 //! Appenders copy a framed record into the shared buffer under a short mutex and get a
-//! position. The writer thread takes everything buffered at once, writes it, fsyncs once
-//! (policy `always`) and publishes the new durable position on a watch channel, which
-//! every waiting request reads: one fsync serves every request that arrived while the
-//! previous one ran. Any write or fsync error is final (fail-stop): the writer records
-//! the reason, logs it, wakes every waiter with it and stops; nothing is acknowledged
-//! after it, because the page cache can no longer be trusted to match the disk.
+//! position. The writer thread takes everything buffered at once, writes it (one write
+//! for many requests), fsyncs once (policy `always`; policy `interval` fsyncs on its
+//! timer) and publishes the new written and synced positions on a watch channel, which
+//! every waiting request reads: one write and one fsync serve every request that arrived
+//! while the previous ones ran. An append may carry a [`DurableListener`], told (on the
+//! writer thread, before any waiter is woken) once its record is durable under the
+//! policy, whether or not the request that appended it is still waiting.
+//! Any write or fsync error is final (fail-stop): the writer records the reason, logs
+//! it, wakes every waiter with it and stops; nothing is acknowledged after it, because
+//! the page cache can no longer be trusted to match the disk.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -28,12 +32,25 @@ pub(crate) fn snapshot_name(base: u64) -> String {
     format!("snap-{base:020}.wal")
 }
 
-/// What the writer has made durable, or why it stopped.
+/// What the writer has written and made durable, or why it stopped.
 #[derive(Debug, Clone, Default)]
 struct Progress {
-    durable: u64,
+    /// Every record up to here is written to the kernel (survives a process crash).
+    written: u64,
+    /// Every record up to here is fsynced (survives a machine crash).
+    synced: u64,
     failed: Option<String>,
 }
+
+/// Told when the record an append carried it with is durable under the fsync policy
+/// (fsynced with `always`, written with `interval`).
+pub trait DurableListener: Send + Sync {
+    /// The record appended with `mark` is durable, and so is everything before it.
+    fn durable(&self, mark: u64);
+}
+
+/// A listener and the mark it is told, registered by one append.
+type Listening = (Arc<dyn DurableListener>, u64);
 
 struct Chunk {
     segment: u64,
@@ -47,6 +64,8 @@ struct State {
     segment: u64,
     /// Position of the newest append (positions start at 1).
     last: u64,
+    /// Listeners of the buffered records, in append order.
+    listeners: Vec<Listening>,
     closing: bool,
 }
 
@@ -120,6 +139,7 @@ impl Wal {
                 buffered: 0,
                 segment: first,
                 last: 0,
+                listeners: Vec::new(),
                 closing: false,
             }),
             wake: Condvar::new(),
@@ -160,8 +180,9 @@ impl Wal {
         lock(&self.shared.state).last
     }
 
-    /// Buffers one framed record; returns its position.
-    pub(crate) fn append(&self, frame: &[u8]) -> Result<u64, String> {
+    /// Buffers one framed record; returns its position. `listener` is told once the
+    /// record is durable under the policy (never, if the log fails first).
+    pub(crate) fn append(&self, frame: &[u8], listener: Option<Listening>) -> Result<u64, String> {
         if let Some(reason) = self.failure() {
             return Err(reason);
         }
@@ -180,6 +201,9 @@ impl Wal {
             }
             st.buffered += frame.len();
             st.last += 1;
+            if let Some(listener) = listener {
+                st.listeners.push(listener);
+            }
             st.last
         };
         self.shared.wake.notify_one();
@@ -200,14 +224,24 @@ impl Wal {
         }
     }
 
-    pub(crate) async fn wait_durable(&self, position: u64) -> Result<(), String> {
+    /// Waits until `position` is fsynced.
+    pub(crate) async fn wait_synced(&self, position: u64) -> Result<(), String> {
+        self.wait_for(position, |p| p.synced).await
+    }
+
+    /// Waits until `position` is written to the kernel.
+    pub(crate) async fn wait_written(&self, position: u64) -> Result<(), String> {
+        self.wait_for(position, |p| p.written).await
+    }
+
+    async fn wait_for(&self, position: u64, reached: fn(&Progress) -> u64) -> Result<(), String> {
         let mut rx = self.shared.progress.subscribe();
         let progress = rx
-            .wait_for(|p| p.durable >= position || p.failed.is_some())
+            .wait_for(|p| reached(p) >= position || p.failed.is_some())
             .await
             .map_err(|_| "the write-ahead log writer stopped".to_owned())?;
         match &progress.failed {
-            Some(reason) if progress.durable < position => Err(reason.clone()),
+            Some(reason) if reached(&progress) < position => Err(reason.clone()),
             _ => Ok(()),
         }
     }
@@ -227,7 +261,7 @@ impl Wal {
         // With `interval` the writer syncs on its timer; a snapshot must not delete the
         // segments before that, so it asks for a sync now.
         self.shared.wake.notify_one();
-        self.wait_durable(position).await
+        self.wait_synced(position).await
     }
 
     pub(crate) async fn compaction_due(&self) {
@@ -320,6 +354,9 @@ struct Writer {
     /// Newest position written but not yet synced.
     unsynced: Option<u64>,
     last_sync: Instant,
+    /// Listeners of the records being written, moved from the buffer's list each round
+    /// (both keep their capacity, so neither allocates once grown).
+    listeners: Vec<Listening>,
 }
 
 impl Writer {
@@ -329,6 +366,7 @@ impl Writer {
             file: None,
             unsynced: None,
             last_sync: Instant::now(),
+            listeners: Vec::new(),
         }
     }
 
@@ -366,6 +404,7 @@ impl Writer {
                     }
                 }
                 st.buffered = 0;
+                self.listeners.append(&mut st.listeners);
                 (std::mem::take(&mut st.chunks), st.last, st.closing)
             };
             self.shared.space.notify_waiters();
@@ -379,6 +418,10 @@ impl Writer {
         }
     }
 
+    /// Writes `chunks` (everything appended up to `last`), fsyncs when the policy says
+    /// so, tells the listeners of these records once they are durable under the policy,
+    /// and only then publishes the progress that answers the requests: whoever hears a
+    /// request's answer can already read what it made visible.
     fn write(&mut self, chunks: Vec<Chunk>, last: u64, closing: bool) -> Result<(), String> {
         let wrote = !chunks.is_empty();
         for chunk in chunks {
@@ -391,12 +434,43 @@ impl Writer {
             FsyncPolicy::Always => true,
             FsyncPolicy::Interval(every) => closing || self.last_sync.elapsed() >= every,
         };
-        if sync_now && let Some(position) = self.unsynced {
-            self.sync()?;
-            self.unsynced = None;
-            self.shared.progress.send_modify(|p| p.durable = position);
+        let synced = match self.unsynced {
+            Some(position) if sync_now => {
+                self.sync()?;
+                self.unsynced = None;
+                Some(position)
+            }
+            _ => None,
+        };
+        // Under `interval` a record is durable once written: a process crash keeps it.
+        if synced.is_some() || matches!(self.shared.fsync, FsyncPolicy::Interval(_)) {
+            self.notify_listeners();
+        }
+        if wrote || synced.is_some() {
+            self.shared.progress.send_modify(|p| {
+                if wrote {
+                    p.written = last;
+                }
+                if let Some(position) = synced {
+                    p.synced = position;
+                }
+            });
         }
         Ok(())
+    }
+
+    /// Tells the listeners of the records just made durable, in append order. Of a run of
+    /// appends with one listener (a busy topic) only the last is told: marks only grow.
+    fn notify_listeners(&mut self) {
+        let mut listeners = self.listeners.drain(..).peekable();
+        while let Some((listener, mark)) = listeners.next() {
+            let same_next = listeners.peek().is_some_and(|(next, _)| {
+                std::ptr::addr_eq(Arc::as_ptr(next), Arc::as_ptr(&listener))
+            });
+            if !same_next {
+                listener.durable(mark);
+            }
+        }
     }
 
     fn write_chunk(&mut self, chunk: Chunk) -> Result<(), String> {

@@ -10,6 +10,8 @@ use sluice::client::{Client, ClientError, Lease, Rpc};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod storage;
+
 /// A broker serving gRPC on an ephemeral loopback port.
 pub struct TestBroker {
     pub addr: SocketAddr,

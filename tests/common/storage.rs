@@ -1,0 +1,78 @@
+//! A real data directory whose log files run a test's hook before every write and fsync:
+//! to fail them (a full disk, an I/O error) or hold the writer inside one.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use sluice::broker::store::{DirStorage, Storage, StorageFile};
+
+/// What happens before each write and fsync of a file of a [`HookedStorage`]; an error
+/// is returned in place of the call's.
+pub trait FileHook: fmt::Debug + Send + Sync + 'static {
+    /// Before `write_all`.
+    fn before_write(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Before `sync`.
+    fn before_sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// [`DirStorage`] with `hook` run before every write and fsync of its files.
+#[derive(Debug)]
+pub struct HookedStorage<H> {
+    pub inner: DirStorage,
+    pub hook: Arc<H>,
+}
+
+struct HookedFile<H> {
+    inner: Box<dyn StorageFile>,
+    hook: Arc<H>,
+}
+
+impl<H: FileHook> StorageFile for HookedFile<H> {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.hook.before_write()?;
+        self.inner.write_all(data)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.hook.before_sync()?;
+        self.inner.sync()
+    }
+}
+
+impl<H: FileHook> Storage for HookedStorage<H> {
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
+        self.inner.read(name)
+    }
+    fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
+        Ok(Box::new(HookedFile {
+            inner: self.inner.create(name)?,
+            hook: self.hook.clone(),
+        }))
+    }
+    fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
+        self.inner.truncate(name, len)
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.inner.remove(name)
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        self.inner.sync_dir()
+    }
+    fn describe(&self, name: &str) -> String {
+        self.inner.describe(name)
+    }
+    fn release(&self) {
+        self.inner.release()
+    }
+}
