@@ -11,7 +11,9 @@ use tonic::{Request, Response, Status};
 
 use crate::broker::auth::{Access, Action, Authenticator};
 use crate::broker::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
-use crate::broker::core::{Broker, LeaseParams, Logged, PolicyPatch, QueueInfo, StatsSnapshot};
+use crate::broker::core::{
+    Broker, LeaseParams, Logged, PolicyPatch, QueueInfo, StatsSnapshot, StorageStatus,
+};
 use crate::broker::error::BrokerError;
 use crate::broker::limits::{check_duration_ms, checked};
 use crate::broker::names::Pattern;
@@ -372,6 +374,23 @@ fn stats_to_pb(s: StatsSnapshot) -> pb::StatsResponse {
             })
             .collect(),
         taken_at_unix_ms: s.taken_at,
+        storage: Some(storage_to_pb(s.storage)),
+    }
+}
+
+fn storage_to_pb(s: StorageStatus) -> pb::StorageStats {
+    pb::StorageStats {
+        engine: s.engine.to_owned(),
+        fsync: s.fsync.unwrap_or_default(),
+        failed: s.failure.is_some(),
+        failure_reason: s.failure.unwrap_or_default(),
+        recovery: Some(pb::RecoveryStats {
+            torn_tail_bytes: s.recovery.torn_tail_bytes,
+            torn_tail_records: s.recovery.torn_tail_records,
+            files_repaired: s.recovery.files_repaired,
+            missing_files: s.recovery.missing,
+            records_replayed: s.recovery.entries,
+        }),
     }
 }
 
