@@ -237,13 +237,16 @@ async fn queues_topics_bindings_and_jobs_survive_restarts() {
 
 /// Wraps the real storage; once `fail` is set, writes fail with ENOSPC (when `enospc`)
 /// and fsyncs fail with EIO; with `all_writes`, so does every other change to the
-/// directory (creating, cutting, renaming, deleting files, syncing it).
+/// directory (creating, cutting, renaming, deleting files, syncing it). While `stall` is
+/// set, a failing write waits first, so a test can have many changes in flight when it
+/// fails.
 #[derive(Debug)]
 struct Faulty {
     inner: DirStorage,
     fail: Arc<AtomicBool>,
     enospc: bool,
     all_writes: bool,
+    stall: Arc<AtomicBool>,
 }
 
 impl Faulty {
@@ -259,10 +262,15 @@ struct FaultyFile {
     inner: Box<dyn StorageFile>,
     fail: Arc<AtomicBool>,
     enospc: bool,
+    stall: Arc<AtomicBool>,
 }
 
 impl StorageFile for FaultyFile {
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        // The WAL writer's own thread waits here, not the test.
+        while self.fail.load(Ordering::SeqCst) && self.stall.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         if self.enospc && self.fail.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(28));
         }
@@ -290,6 +298,7 @@ impl Storage for Faulty {
             inner: self.inner.create(name)?,
             fail: self.fail.clone(),
             enospc: self.enospc,
+            stall: self.stall.clone(),
         }))
     }
     fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
@@ -340,6 +349,7 @@ async fn fail_stop_case(enospc: bool) {
         fail: fail.clone(),
         enospc,
         all_writes: false,
+        stall: Arc::default(),
     });
     let (broker, _) = open_with(storage, StoreConfig::default()).unwrap();
     let kept = broker.enqueue("q", vec![job("before")]).await.unwrap()[0].id;
@@ -387,10 +397,13 @@ async fn fail_stop_case(enospc: bool) {
     assert!(broker.get_job(&kept.to_string(), Some("q")).is_ok());
     stop(&broker);
 
-    // What was acknowledged before the failure is still there after a restart.
+    // What was acknowledged before the failure is still there after a restart, and
+    // nothing that was refused (written, but not fsynced) comes back.
     let broker = open(dir.path());
     let (_, job) = broker.get_job(&kept.to_string(), Some("q")).unwrap();
     assert_eq!(job.payload.as_ref(), b"before");
+    let (jobs, _) = broker.list_jobs("q", None, 100, "").unwrap();
+    assert_eq!(jobs.len(), 1, "enospc {enospc}: {jobs:?}");
     stop(&broker);
 }
 
@@ -714,9 +727,9 @@ fn small_segments() -> StoreConfig {
     }
 }
 
-/// Polls `done` until it succeeds; compaction runs in the background, so the wait is
-/// bounded (20 s) and a timeout fails with `done`'s last message.
-async fn wait_for_compaction(done: impl Fn() -> Result<(), String>) {
+/// Polls `done` until it succeeds (compaction, the WAL writer run in the background), so
+/// the wait is bounded (20 s) and a timeout fails with `done`'s last message.
+async fn wait_until(done: impl Fn() -> Result<(), String>) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while let Err(why) = done() {
         assert!(std::time::Instant::now() < deadline, "{why}");
@@ -754,7 +767,7 @@ async fn compaction_keeps_the_log_proportional_to_the_live_data() {
         .unwrap();
     // About 1 MB went through the log; the live data is 5 jobs and 10 in history.
     // Compaction runs in the background: wait for it, bounded.
-    wait_for_compaction(|| {
+    wait_until(|| {
         let held = wal_bytes(dir.path());
         (held <= 64 * 1024)
             .then_some(())
@@ -814,7 +827,7 @@ async fn retained_topic_messages_survive_a_snapshot() {
     // Compaction runs in the background, as often as the log outgrows twice the last
     // snapshot; wait (bounded) for a snapshot that holds all 300 retained payloads, so
     // it was captured with the oldest block partly evicted.
-    wait_for_compaction(|| {
+    wait_until(|| {
         let largest = largest_snapshot(dir.path());
         (largest >= 300 * 200).then_some(()).ok_or(format!(
             "no snapshot holds the retained messages; the largest has {largest} bytes"
@@ -1083,11 +1096,13 @@ async fn a_fail_stopped_broker_is_not_serving_and_never_shows_what_it_refused() 
     use tonic_health::pb::health_check_response::ServingStatus;
     let dir = tempfile::tempdir().unwrap();
     let fail = Arc::new(AtomicBool::new(false));
+    let stall = Arc::new(AtomicBool::new(true));
     let storage = Arc::new(Faulty {
         inner: DirStorage::open(dir.path()).unwrap(),
         fail: fail.clone(),
         enospc: true,
         all_writes: false,
+        stall: stall.clone(),
     });
     let (broker, _) = open_with(storage, StoreConfig::default()).unwrap();
     let served = ops_common::Harness::serve(broker.clone(), 1000).await;
@@ -1103,23 +1118,37 @@ async fn a_fail_stopped_broker_is_not_serving_and_never_shows_what_it_refused() 
         200
     );
 
-    // The disk fills while changes are in flight: they are applied in memory, appended,
-    // and refused when the write fails.
+    // The disk fills while changes are in flight: they are applied in memory and
+    // appended, and the write that fails holds until all of them are.
     fail.store(true, Ordering::SeqCst);
     let mut tasks = Vec::new();
     for i in 0..16 {
         let broker = broker.clone();
         tasks.push(tokio::spawn(async move {
-            let jobs = (0..10).map(|j| job(&format!("refused {i}.{j}"))).collect();
-            let queue = if i % 4 == 0 { "new-queue" } else { "q" };
-            let enqueued = broker.enqueue(queue, jobs).await.map(|_| ());
-            let published = broker
-                .publish("t", vec![message(&format!("refused {i}"))])
-                .await
-                .map(|_| ());
-            enqueued.and(published)
+            if i % 2 == 0 {
+                let jobs = (0..10).map(|j| job(&format!("refused {i}.{j}"))).collect();
+                let queue = if i % 4 == 0 { "new-queue" } else { "q" };
+                broker.enqueue(queue, jobs).await.map(|_| ())
+            } else {
+                let refused = message(&format!("refused {i}"));
+                broker.publish("t", vec![refused]).await.map(|_| ())
+            }
         }));
     }
+    let in_flight = || {
+        let stats = broker.stats(&[], &[]);
+        let pending: Vec<(&str, u64)> = stats
+            .queues
+            .iter()
+            .map(|(name, c)| (name.as_str(), c.pending))
+            .collect();
+        let last = stats.topics[0].last_sequence;
+        (pending == [("new-queue", 40), ("q", 41)] && last == 9)
+            .then_some(())
+            .ok_or(format!("in flight: {pending:?}, topic at {last}"))
+    };
+    wait_until(in_flight).await;
+    stall.store(false, Ordering::SeqCst);
     for task in tasks {
         assert_unavailable(task.await.unwrap(), "a change racing the failure");
     }
@@ -1190,6 +1219,14 @@ async fn a_fail_stopped_broker_is_not_serving_and_never_shows_what_it_refused() 
         "/healthz: {body}"
     );
     stop(&broker);
+
+    // A restart shows the same: what was acknowledged, nothing refused.
+    let broker = open(dir.path());
+    let names: Vec<String> = broker.list_queues().into_iter().map(|q| q.name).collect();
+    assert_eq!(names, ["q"]);
+    assert_eq!(broker.list_jobs("q", None, 100, "").unwrap().0.len(), 1);
+    assert_eq!(broker.stats(&[], &["t".into()]).topics[0].last_sequence, 1);
+    stop(&broker);
 }
 
 #[tokio::test]
@@ -1211,6 +1248,7 @@ async fn a_restart_on_a_disk_that_refuses_writes_serves_reads_and_refuses_change
         fail: Arc::new(AtomicBool::new(true)),
         enospc: true,
         all_writes: true,
+        stall: Arc::default(),
     });
     let (broker, _) = open_with(storage, StoreConfig::default())
         .expect("a broker on a full disk starts, read-only");

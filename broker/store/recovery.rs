@@ -820,3 +820,36 @@ impl Replay {
         (queues, topics)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_segments_are_named_one_run_at_a_time() {
+        assert!(missing_segments(4, 10, &[4, 5, 6, 7, 8, 9, 10]).is_empty());
+        assert!(missing_segments(4, 3, &[]).is_empty(), "an empty range");
+        assert_eq!(
+            missing_segments(4, 10, &[2, 4, 5, 9]),
+            [
+                format!("{} to {} (3 segments)", segment_name(6), segment_name(8)),
+                segment_name(10),
+            ]
+        );
+        assert_eq!(missing_segments(1, 1, &[]), [segment_name(1)]);
+    }
+
+    #[test]
+    fn a_torn_tail_counts_the_records_it_cut() {
+        let mut data = FILE_MAGIC.to_vec();
+        super::super::record::frame_into(&mut data, b"whole");
+        let whole = data.len();
+        super::super::record::frame_into(&mut data, b"partly written");
+        data.truncate(data.len() - 3);
+        assert_eq!(torn_records(&data, FILE_MAGIC.len()), 2);
+        assert_eq!(torn_records(&data, whole), 1);
+        assert_eq!(torn_records(&data, data.len()), 0);
+        // Garbage that is not a frame header is one partial record.
+        assert_eq!(torn_records(&[0u8; 40], 0), 1);
+    }
+}
