@@ -205,7 +205,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub segment_bytes: u64,
     /// Start even if the log is damaged outside its torn tail, cutting it at the first
-    /// bad record (what is dropped is logged).
+    /// bad record, or misses files its MANIFEST names, starting with those that are there
+    /// (what is dropped is logged).
     #[arg(long, env = "SLUICE_REPAIR")]
     pub repair: bool,
 }

@@ -182,6 +182,8 @@ pub(crate) struct Inner {
     memory: MemoryBudget,
     /// The stats snapshot shared by watchers (see [`crate::broker::stats`]).
     pub(crate) stats: crate::broker::stats::StatsHub,
+    /// What recovery did at startup (WAL storage only), for Stats.
+    recovery: OnceLock<RecoveryReport>,
 }
 
 /// The broker. Clone it freely: clones share one state.
@@ -275,6 +277,21 @@ pub struct StatsSnapshot {
     pub memory_budget_bytes: u64,
     /// Payload bytes retained now, broker-wide.
     pub memory_used_bytes: u64,
+    /// The storage and its state.
+    pub storage: StorageStatus,
+}
+
+/// The broker's storage, as Stats shows it.
+#[derive(Debug, Clone, Default)]
+pub struct StorageStatus {
+    /// `"wal"` or `"memory"`.
+    pub engine: &'static str,
+    /// The fsync policy (`None` with memory storage).
+    pub fsync: Option<String>,
+    /// Why the log failed (fail-stop), if it did.
+    pub failure: Option<String>,
+    /// What recovery did at startup.
+    pub recovery: RecoveryReport,
 }
 
 /// The result of a redrive.
@@ -306,6 +323,7 @@ impl Broker {
                 next_subscription: AtomicU64::new(1),
                 observer: OnceLock::new(),
                 journal,
+                recovery: OnceLock::new(),
                 stats: Default::default(),
                 memory: MemoryBudget::new(config.limits.max_memory_bytes),
                 config,
@@ -324,11 +342,62 @@ impl Broker {
     ) -> Result<(Self, RecoveryReport), RecoveryError> {
         let recovered = recover(&*storage, store.repair, now_ms())?;
         let first = recovered.next_segment;
-        let journal = Arc::new(Journal::start(storage, &store, first));
+        let journal = Arc::new(Journal::start(storage, &store, &recovered));
         let broker = Self::build(config, Some(journal.clone()));
-        for queue in recovered.queues {
+        let _ = broker.inner.recovery.set(recovered.report.clone());
+        broker.install_state(recovered.queues, recovered.topics);
+        // The recovered state becomes the base of the new log, so every older file (and
+        // any torn tail) is gone after this and recovery time stays proportional to the
+        // live data. A disk that cannot take it (full, failing) still serves what it
+        // holds: the broker starts fail-stopped, read-only.
+        let unwritable = recovered.write_failure.or_else(|| {
+            let (queues, topics) = broker.capture();
+            journal
+                .write_snapshot(first, 0, queues, topics, now_ms())
+                .err()
+                .map(|e| e.to_string())
+        });
+        match unwritable {
+            Some(reason) => journal.fail_stop(format!(
+                "the data directory cannot be written at startup, so the broker serves reads only: {reason}"
+            )),
+            None => {
+                tokio::spawn(broker.clone().run_failure_watch(journal.clone()));
+            }
+        }
+        tokio::spawn(broker.clone().run_ticker());
+        tokio::spawn(broker.clone().run_compactor(journal));
+        Ok((broker, recovered.report))
+    }
+
+    /// Puts recovered (or reloaded) queues and topics in place of the current ones: a
+    /// queue or topic that is not among them goes, as if deleted.
+    fn install_state(&self, queues: Vec<Queue>, topics: Vec<Topic>) {
+        let mut queues: HashMap<String, Queue> = queues
+            .into_iter()
+            .map(|q| (q.name().to_owned(), q))
+            .collect();
+        let current: Vec<Arc<str>> = self.inner.queues.iter().map(|e| e.key().clone()).collect();
+        for name in current {
+            let Some(slot) = self.inner.queues.get(&name).map(|e| e.value().clone()) else {
+                continue;
+            };
+            match queues.remove(&*name) {
+                Some(queue) => *lock(&slot.queue) = queue,
+                None => {
+                    self.inner.queues.remove(&name);
+                    slot.deleted.store(true, Ordering::Release);
+                    if let Some(observer) = self.inner.observer.get() {
+                        observer.queue_deleted(&name);
+                    }
+                }
+            }
+            // Waiters re-read the queue (or see it deleted).
+            slot.ready.notify_waiters();
+        }
+        for queue in queues.into_values() {
             let name: Arc<str> = Arc::from(queue.name());
-            broker.inner.queues.insert(
+            self.inner.queues.insert(
                 name.clone(),
                 Arc::new(QueueSlot {
                     name,
@@ -338,57 +407,157 @@ impl Broker {
                 }),
             );
         }
-        for topic in recovered.topics {
-            let name = topic.name().clone();
-            broker.inner.topics.insert(
-                name.clone(),
-                Arc::new(TopicSlot {
-                    name,
+        {
+            let registry = lock(&self.inner.registry);
+            let mut topics: HashMap<Arc<str>, Topic> =
+                topics.into_iter().map(|t| (t.name().clone(), t)).collect();
+            let current: Vec<Arc<str>> =
+                self.inner.topics.iter().map(|e| e.key().clone()).collect();
+            for name in current {
+                let Some(slot) = self.inner.topics.get(&name).map(|e| e.value().clone()) else {
+                    continue;
+                };
+                match topics.remove(&name) {
+                    Some(topic) => {
+                        let mut held = lock(&slot.topic);
+                        slot.durable_seq.store(topic.next_seq(), Ordering::Release);
+                        *held = topic;
+                    }
+                    None => {
+                        self.inner.topics.remove(&name);
+                        slot.deleted.store(true, Ordering::Release);
+                        if let Some(observer) = self.inner.observer.get() {
+                            observer.topic_deleted(&name);
+                        }
+                    }
+                }
+                slot.wake_subscribers();
+            }
+            for topic in topics.into_values() {
+                let name = topic.name().clone();
+                let slot = Arc::new(TopicSlot {
+                    name: name.clone(),
                     durable_seq: AtomicU64::new(topic.next_seq()),
                     topic: Mutex::new(topic),
                     subscribers: Mutex::new(Vec::new()),
                     deleted: AtomicBool::new(false),
                     gaps: AtomicU64::new(0),
-                }),
-            );
+                });
+                let matching: Vec<Arc<SubscriberShared>> = registry
+                    .subscriptions
+                    .iter()
+                    .filter(|s| s.pattern.matches(&name))
+                    .cloned()
+                    .collect();
+                for sub in &matching {
+                    lock(&sub.new_topics).push(slot.clone());
+                    sub.wake();
+                }
+                *lock(&slot.subscribers) = matching;
+                self.inner.topics.insert(name, slot);
+            }
         }
         {
             // Recovered state was within the limits when it was written; it is kept whole
             // even if `--max-queues` is lower now.
-            let mut catalog = lock(&broker.inner.catalog);
-            for entry in broker.inner.queues.iter() {
+            let mut catalog = lock(&self.inner.catalog);
+            *catalog = QueueCatalog::default();
+            for entry in self.inner.queues.iter() {
                 let dlq = lock(&entry.value().queue)
                     .policy()
                     .dead_letter_queue
                     .clone();
-                broker.add_dead_letter_ref(&mut catalog, &dlq);
+                self.add_dead_letter_ref(&mut catalog, &dlq);
             }
         }
-        let held: u64 = broker
+        // Nothing changes while state is installed (startup, or under the exclusive gate),
+        // so the sum is exact.
+        let held: u64 = self
             .inner
             .queues
             .iter()
             .map(|e| lock(&e.value().queue).payload_bytes())
             .chain(
-                broker
-                    .inner
+                self.inner
                     .topics
                     .iter()
                     .map(|e| lock(&e.value().topic).retained().1),
             )
             .sum();
-        broker.inner.memory.changed(0, held);
-        broker.rebuild_bindings();
-        // The recovered state becomes the base of the new log, so every older file (and
-        // any torn tail) is gone after this and recovery time stays proportional to the
-        // live data.
-        let (queues, topics) = broker.capture();
-        journal
-            .write_snapshot(first, 0, queues, topics, now_ms())
-            .map_err(|e| RecoveryError::Io(e.to_string()))?;
-        tokio::spawn(broker.clone().run_ticker());
-        tokio::spawn(broker.clone().run_compactor(journal));
-        Ok((broker, recovered.report))
+        self.inner.memory.reset(held);
+        self.rebuild_bindings();
+    }
+
+    /// Waits for the log to fail, then shows only what is durable: the state is reloaded
+    /// from disk and swapped in before the refused requests get their answer, so nothing
+    /// refused is ever visible after the refusal (see [`Journal::settle`]).
+    async fn run_failure_watch(self, journal: Arc<Journal>) {
+        tokio::select! {
+            _ = self.inner.shutdown.cancelled() => {
+                // Stopping: nobody is left to show anything to.
+                journal.settle();
+                return;
+            }
+            _ = journal.failed() => {}
+        }
+        let broker = self.clone();
+        let reloading = journal.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || broker.revert_to_durable(&reloading)).await;
+        match outcome {
+            Ok(Ok(())) => tracing::warn!(
+                "after the storage failure the broker shows the state that is durable on disk (read-only)"
+            ),
+            Ok(Err(e)) => tracing::error!(
+                error = %e,
+                "after the storage failure the durable state could not be reloaded; changes that were refused may still show until a restart"
+            ),
+            Err(e) => tracing::error!(error = %e, "reloading the durable state panicked"),
+        }
+        journal.settle();
+    }
+
+    /// Blocking: replaces the live state with what is durable on disk.
+    fn revert_to_durable(&self, journal: &Journal) -> Result<(), RecoveryError> {
+        // No compaction deletes files while they are read, and no change is half-made.
+        let Some(_slot) = journal.compaction_slot() else {
+            return Ok(());
+        };
+        let _exclusive = journal.exclusive();
+        let durable = journal.reload(now_ms())?;
+        self.install_state(durable.queues, durable.topics);
+        Ok(())
+    }
+
+    /// Why the write-ahead log failed (fail-stop), if it did; always `None` with memory
+    /// storage.
+    pub fn storage_failure(&self) -> Option<String> {
+        self.inner.journal.as_ref().and_then(|j| j.failure())
+    }
+
+    /// Resolves with the reason once the write-ahead log fails; never with memory
+    /// storage.
+    pub async fn storage_failed(&self) -> String {
+        match &self.inner.journal {
+            Some(journal) => journal.failed().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The storage engine and its state.
+    pub fn storage_status(&self) -> StorageStatus {
+        match &self.inner.journal {
+            None => StorageStatus {
+                engine: "memory",
+                ..StorageStatus::default()
+            },
+            Some(journal) => StorageStatus {
+                engine: "wal",
+                fsync: Some(journal.fsync().to_string()),
+                failure: journal.failure(),
+                recovery: self.inner.recovery.get().cloned().unwrap_or_default(),
+            },
+        }
     }
 
     /// Stops the write-ahead log after everything appended is written and synced (with
@@ -1967,6 +2136,7 @@ impl Broker {
             taken_at: now,
             memory_budget_bytes: self.inner.memory.limit(),
             memory_used_bytes: self.inner.memory.used(),
+            storage: self.storage_status(),
             ..StatsSnapshot::default()
         };
         for entry in self.inner.queues.iter() {

@@ -133,6 +133,9 @@ fn open_wal(args: &ServeArgs) -> Result<Broker, String> {
         segments = report.segments,
         records = report.entries,
         truncated = report.truncated.len(),
+        torn_tail_bytes = report.torn_tail_bytes,
+        torn_tail_records = report.torn_tail_records,
+        files_repaired = report.files_repaired,
         ignored_records = report.anomalies,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered state from the write-ahead log"

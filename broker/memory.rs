@@ -81,6 +81,12 @@ impl MemoryBudget {
         Ok(())
     }
 
+    /// Sets the bytes in use, when the whole state is installed at once (recovery, or
+    /// the reload of the durable state after a storage failure).
+    pub(crate) fn reset(&self, used: u64) {
+        self.used.store(used, Ordering::Relaxed);
+    }
+
     /// Counts a change of held bytes from `before` to `after`.
     pub(crate) fn changed(&self, before: u64, after: u64) {
         if after > before {

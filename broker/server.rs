@@ -120,6 +120,10 @@ pub async fn serve(
     health_reporter
         .set_serving::<BrokerServer<BrokerService>>()
         .await;
+    tokio::spawn(report_storage_failure(
+        broker.clone(),
+        health_reporter.clone(),
+    ));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -209,3 +213,25 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// Turns health NOT_SERVING (for the broker service and the whole server, `""`) once
+/// the write-ahead log fails: the broker is read-only then (fail-stop), and a load
+/// balancer must stop sending it traffic. Ends with the broker.
+async fn report_storage_failure(
+    broker: Broker,
+    health_reporter: tonic_health::server::HealthReporter,
+) {
+    let token = broker.shutdown_token();
+    let reason = tokio::select! {
+        reason = broker.storage_failed() => reason,
+        _ = token.cancelled() => return,
+    };
+    health_reporter
+        .set_not_serving::<BrokerServer<BrokerService>>()
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    tracing::error!(%reason, "health is NOT_SERVING: the broker is fail-stopped (read-only)");
+}
+

@@ -12,7 +12,9 @@ use tonic::{Request, Response, Status};
 
 use crate::broker::auth::{Access, Action, Authenticator, Credentials, Recheck, StreamGuard};
 use crate::broker::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
-use crate::broker::core::{Broker, LeaseParams, Logged, PolicyPatch, QueueInfo, StatsSnapshot};
+use crate::broker::core::{
+    Broker, LeaseParams, Logged, PolicyPatch, QueueInfo, StatsSnapshot, StorageStatus,
+};
 use crate::broker::error::BrokerError;
 use crate::broker::limits::{MAX_DELAY_MS, MAX_WATCH_INTERVAL_MS, check_duration_ms, checked};
 use crate::broker::names::Pattern;
@@ -464,6 +466,23 @@ fn stats_view(s: &StatsSnapshot, filter: &pb::StatsRequest, access: &Access) -> 
         taken_at_unix_ms: s.taken_at,
         memory_budget_bytes: if sees_memory { s.memory_budget_bytes } else { 0 },
         memory_used_bytes: if sees_memory { s.memory_used_bytes } else { 0 },
+        storage: Some(storage_to_pb(&s.storage)),
+    }
+}
+
+fn storage_to_pb(s: &StorageStatus) -> pb::StorageStats {
+    pb::StorageStats {
+        engine: s.engine.to_owned(),
+        fsync: s.fsync.clone().unwrap_or_default(),
+        failed: s.failure.is_some(),
+        failure_reason: s.failure.clone().unwrap_or_default(),
+        recovery: Some(pb::RecoveryStats {
+            torn_tail_bytes: s.recovery.torn_tail_bytes,
+            torn_tail_records: s.recovery.torn_tail_records,
+            files_repaired: s.recovery.files_repaired,
+            missing_files: s.recovery.missing.clone(),
+            records_replayed: s.recovery.entries,
+        }),
     }
 }
 

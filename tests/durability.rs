@@ -1,6 +1,10 @@
 //! Durability in-process: state survives restarts (from the log and from snapshots), a
 //! failed fsync or a full disk stops every acknowledgement (fail-stop), and corruption at
-//! random offsets of random log files is detected without panics or garbage.
+//! random offsets of random log files is detected without panics or garbage; a missing log
+//! file is named and refused; a fail-stopped broker is NOT_SERVING and shows only what is
+//! durable.
+
+mod ops_common;
 
 use std::io;
 use std::path::Path;
@@ -234,22 +238,41 @@ async fn queues_topics_bindings_and_jobs_survive_restarts() {
 }
 
 /// Wraps the real storage; once `fail` is set, writes fail with ENOSPC (when `enospc`)
-/// and fsyncs fail with EIO.
+/// and fsyncs fail with EIO; with `all_writes`, so does every other change to the
+/// directory (creating, cutting, renaming, deleting files, syncing it). While `stall` is
+/// set, a failing write waits first, so a test can have many changes in flight when it
+/// fails.
 #[derive(Debug)]
 struct Faulty {
     inner: DirStorage,
     fail: Arc<AtomicBool>,
     enospc: bool,
+    all_writes: bool,
+    stall: Arc<AtomicBool>,
+}
+
+impl Faulty {
+    fn refuse(&self) -> io::Result<()> {
+        if self.all_writes && self.fail.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(28));
+        }
+        Ok(())
+    }
 }
 
 struct FaultyFile {
     inner: Box<dyn StorageFile>,
     fail: Arc<AtomicBool>,
     enospc: bool,
+    stall: Arc<AtomicBool>,
 }
 
 impl StorageFile for FaultyFile {
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        // The WAL writer's own thread waits here, not the test.
+        while self.fail.load(Ordering::SeqCst) && self.stall.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         if self.enospc && self.fail.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(28));
         }
@@ -272,22 +295,28 @@ impl Storage for Faulty {
         self.inner.read(name)
     }
     fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
+        self.refuse()?;
         Ok(Box::new(FaultyFile {
             inner: self.inner.create(name)?,
             fail: self.fail.clone(),
             enospc: self.enospc,
+            stall: self.stall.clone(),
         }))
     }
     fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
+        self.refuse()?;
         self.inner.truncate(name, len)
     }
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.refuse()?;
         self.inner.rename(from, to)
     }
     fn remove(&self, name: &str) -> io::Result<()> {
+        self.refuse()?;
         self.inner.remove(name)
     }
     fn sync_dir(&self) -> io::Result<()> {
+        self.refuse()?;
         self.inner.sync_dir()
     }
     fn describe(&self, name: &str) -> String {
@@ -321,6 +350,8 @@ async fn fail_stop_case(enospc: bool) {
         inner: DirStorage::open(dir.path()).unwrap(),
         fail: fail.clone(),
         enospc,
+        all_writes: false,
+        stall: Arc::default(),
     });
     let (broker, _) = open_with(storage, StoreConfig::default()).unwrap();
     let kept = broker.enqueue("q", vec![job("before")]).await.unwrap()[0].id;
@@ -368,10 +399,13 @@ async fn fail_stop_case(enospc: bool) {
     assert!(broker.get_job(&kept.to_string(), Some("q")).is_ok());
     stop(&broker);
 
-    // What was acknowledged before the failure is still there after a restart.
+    // What was acknowledged before the failure is still there after a restart, and
+    // nothing that was refused (written, but not fsynced) comes back.
     let broker = open(dir.path());
     let (_, job) = broker.get_job(&kept.to_string(), Some("q")).unwrap();
     assert_eq!(job.payload.as_ref(), b"before");
+    let (jobs, _) = broker.list_jobs("q", None, 100, "").unwrap();
+    assert_eq!(jobs.len(), 1, "enospc {enospc}: {jobs:?}");
     stop(&broker);
 }
 
@@ -550,16 +584,19 @@ fn newest_segment(dir: &Path) -> std::path::PathBuf {
 async fn a_torn_tail_is_cut_and_a_headerless_new_segment_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let broker = open(dir.path());
+    let mut sizes = Vec::new();
     for i in 0..3 {
         broker
             .enqueue("q", vec![job(&format!("job {i}"))])
             .await
             .unwrap();
+        sizes.push(std::fs::metadata(newest_segment(dir.path())).unwrap().len());
     }
     stop(&broker);
     // The broker died while writing the last record: its last bytes never made it.
     let segment = newest_segment(dir.path());
     let len = std::fs::metadata(&segment).unwrap().len();
+    let cut = sizes[2] - sizes[1] - 3;
     std::fs::OpenOptions::new()
         .write(true)
         .open(&segment)
@@ -589,6 +626,30 @@ async fn a_torn_tail_is_cut_and_a_headerless_new_segment_is_dropped() {
     let (jobs, _) = broker.list_jobs("q", None, 10, "").unwrap();
     let payloads: Vec<&[u8]> = jobs.iter().map(|j| j.payload.as_ref()).collect();
     assert_eq!(payloads, [&b"job 0"[..], b"job 1"]);
+    // What was cut shows in Stats, over gRPC too.
+    let recovery = broker.stats(&[], &[]).storage.recovery;
+    assert_eq!(
+        (recovery.torn_tail_bytes, recovery.torn_tail_records),
+        (cut, 1)
+    );
+    let served = ops_common::Harness::serve(broker.clone(), 1000).await;
+    let stats = served
+        .client()
+        .await
+        .stats(sluice::pb::StatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let storage = stats.storage.expect("storage stats");
+    assert_eq!(
+        (storage.engine.as_str(), storage.fsync.as_str()),
+        ("wal", "always")
+    );
+    let recovery = storage.recovery.expect("recovery stats");
+    assert_eq!(
+        (recovery.torn_tail_bytes, recovery.torn_tail_records),
+        (cut, 1)
+    );
     stop(&broker);
     // The restart wrote a snapshot and removed the old files; it opens cleanly again.
     let (broker, report) = open_with(
@@ -601,8 +662,10 @@ async fn a_torn_tail_is_cut_and_a_headerless_new_segment_is_dropped() {
     assert_eq!(broker.list_jobs("q", None, 10, "").unwrap().0.len(), 2);
     stop(&broker);
 
-    // A newer segment was created but the broker died before its header was written.
-    let empty = dir.path().join(format!("{:020}.wal", 999));
+    // The next segment was created but the broker died before its header was written.
+    let empty = dir
+        .path()
+        .join(format!("{:020}.wal", snapshot_base(dir.path())));
     std::fs::write(&empty, b"SLU").unwrap();
     let (broker, report) = open_with(
         Arc::new(DirStorage::open(dir.path()).unwrap()),
@@ -613,6 +676,20 @@ async fn a_torn_tail_is_cut_and_a_headerless_new_segment_is_dropped() {
     assert!(!empty.exists());
     assert_eq!(broker.list_jobs("q", None, 10, "").unwrap().0.len(), 2);
     stop(&broker);
+}
+
+/// The base of the newest snapshot in `dir`: the segment the broker appends to next.
+fn snapshot_base(dir: &Path) -> u64 {
+    log_files(dir)
+        .iter()
+        .filter_map(|(name, _)| {
+            name.strip_prefix("snap-")?
+                .strip_suffix(".wal")?
+                .parse()
+                .ok()
+        })
+        .max()
+        .expect("a snapshot")
 }
 
 /// The log's files in `dir` (segments and complete snapshots) with their sizes. A file the
@@ -652,9 +729,9 @@ fn small_segments() -> StoreConfig {
     }
 }
 
-/// Polls `done` until it succeeds; compaction runs in the background, so the wait is
-/// bounded (20 s) and a timeout fails with `done`'s last message.
-async fn wait_for_compaction(done: impl Fn() -> Result<(), String>) {
+/// Polls `done` until it succeeds (compaction, the WAL writer run in the background), so
+/// the wait is bounded (20 s) and a timeout fails with `done`'s last message.
+async fn wait_until(done: impl Fn() -> Result<(), String>) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while let Err(why) = done() {
         assert!(std::time::Instant::now() < deadline, "{why}");
@@ -692,7 +769,7 @@ async fn compaction_keeps_the_log_proportional_to_the_live_data() {
         .unwrap();
     // About 1 MB went through the log; the live data is 5 jobs and 10 in history.
     // Compaction runs in the background: wait for it, bounded.
-    wait_for_compaction(|| {
+    wait_until(|| {
         let held = wal_bytes(dir.path());
         (held <= 64 * 1024)
             .then_some(())
@@ -752,7 +829,7 @@ async fn retained_topic_messages_survive_a_snapshot() {
     // Compaction runs in the background, as often as the log outgrows twice the last
     // snapshot; wait (bounded) for a snapshot that holds all 300 retained payloads, so
     // it was captured with the oldest block partly evicted.
-    wait_for_compaction(|| {
+    wait_until(|| {
         let largest = largest_snapshot(dir.path());
         (largest >= 300 * 200).then_some(()).ok_or(format!(
             "no snapshot holds the retained messages; the largest has {largest} bytes"
@@ -794,5 +871,438 @@ async fn retained_topic_messages_survive_a_snapshot() {
         })
         .collect();
     assert_eq!(got, expected);
+    stop(&broker);
+}
+
+/// A log of 1,800 jobs (150 of them acked) in a snapshot and several segments: 600 jobs
+/// before a restart (so its snapshot holds them), 1,200 after it in 8 KiB segments that
+/// are never compacted. Returns the directory with the broker stopped.
+async fn snapshot_and_segments() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        segment_bytes: 8192,
+        compact_after_bytes: Some(u64::MAX),
+        ..StoreConfig::default()
+    };
+    for (round, batches) in [(0, 6), (1, 12)] {
+        let (broker, _) = open_with(
+            Arc::new(DirStorage::open(dir.path()).unwrap()),
+            config.clone(),
+        )
+        .unwrap();
+        for b in 0..batches {
+            let jobs = (0..100)
+                .map(|i| job(&format!("round {round} batch {b} job {i}")))
+                .collect();
+            broker.enqueue("q", jobs).await.unwrap();
+        }
+        if round == 1 {
+            let got = broker.lease("q", lease_params(150)).await.unwrap();
+            let acks = got.iter().map(|d| (d.lease_id.to_string(), None)).collect();
+            broker.ack(acks).await.unwrap();
+        }
+        stop(&broker);
+    }
+    dir
+}
+
+/// A copy of the log files of `from` (not its lock) in a new directory.
+fn copy_log(from: &Path) -> tempfile::TempDir {
+    let to = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "LOCK" {
+            std::fs::copy(entry.path(), to.path().join(entry.file_name())).unwrap();
+        }
+    }
+    to
+}
+
+/// Jobs the broker holds in queue `q`: live ones plus finished ones (its history).
+fn jobs_held(broker: &Broker) -> usize {
+    let c = &broker.stats(&["q".into()], &[]).queues[0].1;
+    let live = c.pending + c.scheduled + c.leased + c.retrying;
+    live as usize + broker.job_history("q", 1000).unwrap().len()
+}
+
+/// How many of queue `q`'s jobs are acked (in its history).
+fn acked(broker: &Broker) -> usize {
+    broker.job_history("q", 1000).unwrap().len()
+}
+
+#[tokio::test]
+async fn a_missing_snapshot_or_segment_is_named_and_refused_unless_repair() {
+    let pristine = snapshot_and_segments().await;
+    let segments: Vec<String> = {
+        let mut names: Vec<String> = log_files(pristine.path())
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|n| !n.starts_with("snap-"))
+            .collect();
+        names.sort();
+        names
+    };
+    assert!(
+        segments.len() >= 4,
+        "a log of several segments: {segments:?}"
+    );
+    let snapshot = format!("snap-{:020}.wal", snapshot_base(pristine.path()));
+    {
+        let whole = copy_log(pristine.path());
+        let broker = open(whole.path());
+        assert_eq!(jobs_held(&broker), 1800, "the complete log");
+        assert_eq!(acked(&broker), 150);
+        stop(&broker);
+    }
+    let cases = [
+        ("the snapshot", snapshot.clone()),
+        ("a middle segment", segments[segments.len() / 2].clone()),
+        ("the newest segment", segments.last().unwrap().clone()),
+    ];
+    for (what, file) in cases {
+        let dir = copy_log(pristine.path());
+        std::fs::remove_file(dir.path().join(&file)).unwrap();
+        let storage = || Arc::new(DirStorage::open(dir.path()).unwrap());
+        let refused = open_with(storage(), StoreConfig::default())
+            .err()
+            .unwrap_or_else(|| panic!("deleting {what} ({file}): the broker started"));
+        let message = refused.to_string();
+        assert!(
+            matches!(refused, RecoveryError::Missing { .. })
+                && message.contains(&file)
+                && message.contains("MANIFEST")
+                && message.contains("--repair"),
+            "deleting {what}: {message}"
+        );
+        // The refusal changed nothing: it refuses again, the same way.
+        let again = open_with(storage(), StoreConfig::default()).err().unwrap();
+        assert_eq!(again.to_string(), message);
+
+        let (broker, report) = open_with(
+            storage(),
+            StoreConfig {
+                repair: true,
+                ..StoreConfig::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(report.missing, vec![file.clone()], "deleting {what}");
+        let storage_stats = broker.stats(&[], &[]).storage;
+        assert!(storage_stats.recovery.files_repaired >= 1);
+        let (held, acked) = (jobs_held(&broker), acked(&broker));
+        assert!(
+            held < 1800 || acked < 150,
+            "deleting {what} lost nothing: {held} jobs, {acked} acked"
+        );
+        println!("{message}");
+        println!(
+            "deleting {what} ({file}): refused; with --repair started with {held} of 1800 jobs, {acked} of 150 acked"
+        );
+        stop(&broker);
+        // The repaired log is whole again: it starts without --repair, with the same jobs.
+        let broker = open(dir.path());
+        assert_eq!(jobs_held(&broker), held, "after repairing {what}");
+        stop(&broker);
+    }
+}
+
+#[tokio::test]
+async fn a_data_directory_without_a_manifest_starts_and_gets_one() {
+    let pristine = snapshot_and_segments().await;
+    let legacy = copy_log(pristine.path());
+    std::fs::remove_file(legacy.path().join("MANIFEST")).unwrap();
+    let broker = open(legacy.path());
+    assert_eq!(jobs_held(&broker), 1800);
+    stop(&broker);
+    assert!(
+        legacy.path().join("MANIFEST").exists(),
+        "a manifest is written"
+    );
+    let broker = open(legacy.path());
+    assert_eq!(jobs_held(&broker), 1800);
+    stop(&broker);
+
+    // Without a manifest, the numbering still shows a segment missing in the middle.
+    let gap = copy_log(pristine.path());
+    std::fs::remove_file(gap.path().join("MANIFEST")).unwrap();
+    let mut segments: Vec<String> = log_files(gap.path())
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|n| !n.starts_with("snap-"))
+        .collect();
+    segments.sort();
+    let middle = segments[segments.len() / 2].clone();
+    std::fs::remove_file(gap.path().join(&middle)).unwrap();
+    let refused = open_with(
+        Arc::new(DirStorage::open(gap.path()).unwrap()),
+        StoreConfig::default(),
+    )
+    .err()
+    .expect("a gap in the numbering is refused");
+    assert!(refused.to_string().contains(&middle), "{refused}");
+}
+
+/// gRPC health of `service` ("" for the whole server).
+async fn health(
+    url: &str,
+    service: &str,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+/// Waits (bounded, 10 s) until gRPC health says NOT_SERVING for the broker service and
+/// the whole server, and `/healthz` answers 503; returns the `/healthz` body.
+async fn wait_not_serving(served: &ops_common::Harness) -> String {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let grpc = [
+            health(&served.url(), "").await,
+            health(&served.url(), "sluice.v1.Broker").await,
+        ];
+        let http = ops_common::http_get(served.http, "/healthz").await;
+        if grpc == [ServingStatus::NotServing; 2] && http.status == 503 {
+            return http.body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still serving: gRPC {grpc:?}, /healthz {} {:?}",
+            http.status,
+            http.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn spec(payload: &str) -> sluice::pb::JobSpec {
+    sluice::pb::JobSpec {
+        payload: Bytes::from(payload.to_owned()),
+        ..sluice::pb::JobSpec::default()
+    }
+}
+
+#[tokio::test]
+async fn a_fail_stopped_broker_is_not_serving_and_never_shows_what_it_refused() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let stall = Arc::new(AtomicBool::new(true));
+    let storage = Arc::new(Faulty {
+        inner: DirStorage::open(dir.path()).unwrap(),
+        fail: fail.clone(),
+        enospc: true,
+        all_writes: false,
+        stall: stall.clone(),
+    });
+    let (broker, _) = open_with(storage, StoreConfig::default()).unwrap();
+    let served = ops_common::Harness::serve(broker.clone(), 1000).await;
+    let kept = broker.enqueue("q", vec![job("kept")]).await.unwrap()[0].id;
+    let message = |p: &str| NewMessage {
+        payload: Bytes::from(p.to_owned()),
+        ..NewMessage::default()
+    };
+    broker.publish("t", vec![message("kept")]).await.unwrap();
+    assert_eq!(health(&served.url(), "").await, ServingStatus::Serving);
+    assert_eq!(
+        ops_common::http_get(served.http, "/healthz").await.status,
+        200
+    );
+
+    // The disk fills while changes are in flight: they are applied in memory and
+    // appended, and the write that fails holds until all of them are.
+    fail.store(true, Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let broker = broker.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                let jobs = (0..10).map(|j| job(&format!("refused {i}.{j}"))).collect();
+                let queue = if i % 4 == 0 { "new-queue" } else { "q" };
+                broker.enqueue(queue, jobs).await.map(|_| ())
+            } else {
+                let refused = message(&format!("refused {i}"));
+                broker.publish("t", vec![refused]).await.map(|_| ())
+            }
+        }));
+    }
+    let in_flight = || {
+        let stats = broker.stats(&[], &[]);
+        let pending: Vec<(&str, u64)> = stats
+            .queues
+            .iter()
+            .map(|(name, c)| (name.as_str(), c.pending))
+            .collect();
+        let last = stats.topics[0].last_sequence;
+        (pending == [("new-queue", 40), ("q", 41)] && last == 9)
+            .then_some(())
+            .ok_or(format!("in flight: {pending:?}, topic at {last}"))
+    };
+    wait_until(in_flight).await;
+    stall.store(false, Ordering::SeqCst);
+    for task in tasks {
+        assert_unavailable(task.await.unwrap(), "a change racing the failure");
+    }
+
+    // Once refused, nothing of it shows: not in ListJobs, Stats, ListQueues.
+    let mut client = served.client().await;
+    let listed = client
+        .list_jobs(sluice::pb::ListJobsRequest {
+            queue: "q".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    let listed: Vec<&[u8]> = listed.iter().map(|j| j.payload.as_ref()).collect();
+    assert_eq!(
+        listed,
+        [&b"kept"[..]],
+        "ListJobs shows only the acknowledged job"
+    );
+    let stats = client
+        .stats(sluice::pb::StatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let queues: Vec<(&str, u64)> = stats
+        .queues
+        .iter()
+        .map(|q| (q.name.as_str(), q.pending))
+        .collect();
+    assert_eq!(queues, [("q", 1)], "Stats shows no refused job or queue");
+    assert_eq!(stats.topics.len(), 1);
+    assert_eq!(
+        (
+            stats.topics[0].last_sequence,
+            stats.topics[0].retained_messages
+        ),
+        (1, 1),
+        "Stats shows no refused message"
+    );
+    let storage = stats.storage.expect("storage stats");
+    assert!(storage.failed);
+    assert!(
+        storage.failure_reason.contains("fail-stop")
+            && storage.failure_reason.contains("os error 28"),
+        "{}",
+        storage.failure_reason
+    );
+    let got = client
+        .get_job(sluice::pb::GetJobRequest {
+            id: kept.to_string(),
+            queue: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.payload.as_ref(), b"kept");
+    let names: Vec<String> = broker.list_queues().into_iter().map(|q| q.name).collect();
+    assert_eq!(names, ["q"]);
+    let read = broker.stats(&[], &["t".into()]);
+    assert_eq!(read.topics[0].last_sequence, 1);
+
+    // Health tells load balancers to go elsewhere, with the reason.
+    let body = wait_not_serving(&served).await;
+    assert!(
+        body.contains("fail-stop") && body.contains("os error 28"),
+        "/healthz: {body}"
+    );
+    stop(&broker);
+
+    // A restart shows the same: what was acknowledged, nothing refused.
+    let broker = open(dir.path());
+    let names: Vec<String> = broker.list_queues().into_iter().map(|q| q.name).collect();
+    assert_eq!(names, ["q"]);
+    assert_eq!(broker.list_jobs("q", None, 100, "").unwrap().0.len(), 1);
+    assert_eq!(broker.stats(&[], &["t".into()]).topics[0].last_sequence, 1);
+    stop(&broker);
+}
+
+#[tokio::test]
+async fn a_restart_on_a_disk_that_refuses_writes_serves_reads_and_refuses_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path());
+    let ids: Vec<_> = broker
+        .enqueue("q", vec![job("a"), job("b"), job("c")])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    stop(&broker);
+
+    // The disk is full (or read-only): no file can be created, written, cut or renamed.
+    let storage = Arc::new(Faulty {
+        inner: DirStorage::open(dir.path()).unwrap(),
+        fail: Arc::new(AtomicBool::new(true)),
+        enospc: true,
+        all_writes: true,
+        stall: Arc::default(),
+    });
+    let (broker, _) = open_with(storage, StoreConfig::default())
+        .expect("a broker on a full disk starts, read-only");
+    let served = ops_common::Harness::serve(broker.clone(), 1000).await;
+    let mut client = served.client().await;
+    let got = client
+        .get_job(sluice::pb::GetJobRequest {
+            id: ids[1].to_string(),
+            queue: "q".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.payload.as_ref(), b"b");
+    let listed = client
+        .list_jobs(sluice::pb::ListJobsRequest {
+            queue: "q".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(listed.len(), 3);
+    let stats = client
+        .stats(sluice::pb::StatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.queues[0].pending, 3);
+    let storage = stats.storage.expect("storage stats");
+    assert!(storage.failed, "{storage:?}");
+    assert!(
+        storage.failure_reason.contains("startup"),
+        "{}",
+        storage.failure_reason
+    );
+    let refused = client
+        .enqueue(sluice::pb::EnqueueRequest {
+            queue: "q".into(),
+            jobs: vec![spec("d")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("fail-stop"), "{refused:?}");
+    let body = wait_not_serving(&served).await;
+    assert!(body.contains("startup"), "/healthz: {body}");
+    stop(&broker);
+
+    // Nothing on disk changed: a restart on a good disk has the same jobs.
+    let broker = open(dir.path());
+    assert_eq!(broker.list_jobs("q", None, 10, "").unwrap().0.len(), 3);
     stop(&broker);
 }

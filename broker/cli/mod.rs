@@ -483,12 +483,60 @@ fn topic_stats_json(t: &pb::TopicStats) -> Value {
     })
 }
 
+fn storage_json(s: &pb::StorageStats) -> Value {
+    let r = s.recovery.clone().unwrap_or_default();
+    json!({
+        "engine": s.engine,
+        "fsync": s.fsync,
+        "failed": s.failed,
+        "failure_reason": s.failure_reason,
+        "recovery": {
+            "torn_tail_bytes": r.torn_tail_bytes,
+            "torn_tail_records": r.torn_tail_records,
+            "files_repaired": r.files_repaired,
+            "missing_files": r.missing_files,
+            "records_replayed": r.records_replayed,
+        },
+    })
+}
+
 fn stats_json(s: &pb::StatsResponse) -> Value {
     json!({
         "taken_at_unix_ms": s.taken_at_unix_ms,
         "queues": s.queues.iter().map(queue_stats_json).collect::<Vec<_>>(),
         "topics": s.topics.iter().map(topic_stats_json).collect::<Vec<_>>(),
+        "storage": s.storage.as_ref().map(storage_json),
     })
+}
+
+/// One line on the storage: its engine and policy, a fail-stop first of all, and what
+/// recovery cut or repaired (only when it did).
+fn storage_text(s: &pb::StorageStats) -> String {
+    let mut line = format!("storage: {}", s.engine);
+    if !s.fsync.is_empty() {
+        line.push_str(&format!(" (fsync {})", s.fsync));
+    }
+    if s.failed {
+        line.push_str(&format!(
+            "; FAIL-STOPPED, changes are refused: {}",
+            s.failure_reason
+        ));
+    }
+    let r = s.recovery.clone().unwrap_or_default();
+    if r.torn_tail_bytes > 0 {
+        line.push_str(&format!(
+            "; recovery cut a torn tail of {} bytes ({} records)",
+            r.torn_tail_bytes, r.torn_tail_records
+        ));
+    }
+    if r.files_repaired > 0 {
+        line.push_str(&format!("; --repair changed {} files", r.files_repaired));
+    }
+    if !r.missing_files.is_empty() {
+        line.push_str(&format!("; started without {}", r.missing_files.join(", ")));
+    }
+    line.push('\n');
+    line
 }
 
 fn queue_table(queues: &[pb::QueueStats]) -> Table {
@@ -569,6 +617,10 @@ fn stats_text(s: &pb::StatsResponse) -> String {
         out.push_str("no topics\n");
     } else {
         out.push_str(&topic_table(&s.topics).render());
+    }
+    if let Some(storage) = &s.storage {
+        out.push('\n');
+        out.push_str(&storage_text(storage));
     }
     out
 }

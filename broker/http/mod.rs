@@ -1,7 +1,8 @@
 //! The operations HTTP server (axum), on its own address next to gRPC:
 //!
 //! * `GET /metrics`: OpenMetrics / Prometheus text ([`metrics`]).
-//! * `GET /healthz`: `200 ok` while serving, `503` once shutdown has begun.
+//! * `GET /healthz`: `200 ok` while serving; `503` with the reason once shutdown has
+//!   begun or while the broker is fail-stopped (its write-ahead log failed).
 //! * `GET /`: the live dashboard page ([`dashboard`]), fed by
 //!   `GET /api/events` (server-sent events, one frame per sample), with
 //!   `GET /api/stats` (the latest frame) and `GET /api/history` (the recent samples).
@@ -54,6 +55,7 @@ impl Default for HttpOptions {
 /// Shared state of the handlers.
 #[derive(Clone)]
 struct AppState {
+    broker: Broker,
     metrics: Arc<Metrics>,
     sampler: Sampler,
     /// Cancelled when this server stops (a child of the broker's shutdown token).
@@ -83,6 +85,7 @@ pub async fn serve_http_with(
     let stop = broker.shutdown_token().child_token();
     let sampler = Sampler::start(broker.clone(), &options, stop.clone());
     let state = AppState {
+        broker: broker.clone(),
         metrics: Arc::new(Metrics::new(&broker)),
         sampler,
         stop: stop.clone(),
@@ -144,6 +147,12 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
 async fn healthz(State(state): State<AppState>) -> Response {
     if state.stop.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if let Some(reason) = state.broker.storage_failure() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("fail-stopped (read-only): {reason}\n"),
+        )
+            .into_response()
     } else {
         (StatusCode::OK, "ok\n").into_response()
     }

@@ -8,12 +8,15 @@
 //! * `record` frames records (length + CRC32C) and converts domain changes into the
 //!   internal record messages of `proto/sluice/internal/wal.proto`.
 //! * `recovery` replays the newest snapshot and the segments after it into queues and
-//!   topics, truncating a torn tail and refusing to start on other damage.
+//!   topics, truncating a torn tail and refusing to start on other damage or on missing
+//!   files; after a failure it reloads what is durable, read-only.
+//! * `manifest` names the files the log is made of (the MANIFEST file).
 //!
 //! The broker appends a [`Batch`] of records *while holding the lock of the queue or topic
 //! it changed*, so the log order is the state order, gets a [`Commit`] position, releases
 //! the lock, and only then awaits [`Journal::durable`] before answering OK.
 
+mod manifest;
 mod record;
 mod recovery;
 mod wal;
@@ -27,7 +30,7 @@ use std::time::Duration;
 
 pub use self::record::Batch;
 pub(crate) use self::record::{SnapshotQueue, SnapshotTopic};
-pub(crate) use self::recovery::recover;
+pub(crate) use self::recovery::{Recovered, recover};
 pub use self::recovery::{RecoveryError, RecoveryReport};
 pub use self::wal::DurableListener;
 
@@ -284,6 +287,8 @@ impl Commit {
     /// Nothing to wait for (memory storage, or a request that changed nothing and saw
     /// nothing unwritten).
     pub const NONE: Commit = Commit(0);
+    /// A change appended after the log failed: never durable.
+    const NEVER: Commit = Commit(u64::MAX);
 }
 
 /// The broker's handle on its WAL. Cheap to share behind an `Arc`.
@@ -298,6 +303,10 @@ pub struct Journal {
     /// Held for a whole compaction; `true` once the log is closed, so a compaction never
     /// deletes files under a broker that has stopped (or a test that reads them).
     compaction: Mutex<bool>,
+    /// `true` once the broker, after a failure, shows only what is durable (see
+    /// [`Journal::settled`]); requests refused by the failure get their answer then, so
+    /// nobody can see what was refused after being told so.
+    settled: tokio::sync::watch::Sender<bool>,
 }
 
 impl fmt::Debug for Journal {
@@ -309,18 +318,65 @@ impl fmt::Debug for Journal {
 }
 
 impl Journal {
-    /// Starts the writer on `storage`, appending to segment `first_segment` onwards.
+    /// Starts the writer on `storage` with what `recovered` found, appending to its next
+    /// segment onwards.
     pub(crate) fn start(
         storage: Arc<dyn Storage>,
         config: &StoreConfig,
-        first_segment: u64,
+        recovered: &Recovered,
     ) -> Self {
         Self {
-            wal: wal::Wal::start(storage, config, first_segment),
+            wal: wal::Wal::start(storage, config, recovered.next_segment, recovered.claimed),
             gate: RwLock::new(()),
             fsync: config.fsync,
             compaction: Mutex::new(false),
+            settled: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// The fsync policy.
+    pub fn fsync(&self) -> FsyncPolicy {
+        self.fsync
+    }
+
+    /// Why the log failed (fail-stop), if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.wal.failure()
+    }
+
+    /// Resolves with the reason once the log has failed.
+    pub async fn failed(&self) -> String {
+        self.wal.failed().await
+    }
+
+    /// Fails the log without a write error (the startup snapshot or a recovery clean-up
+    /// could not be written): the broker serves reads and refuses every change.
+    pub(crate) fn fail_stop(&self, reason: String) {
+        self.wal.fail_stop(reason);
+        self.settle();
+    }
+
+    /// Reads the state that is durable on disk, without changing any file: everything up
+    /// to where the writer knew the log was durable when it failed, and nothing after.
+    /// Call only after [`Journal::failed`], under [`Journal::exclusive`] and the
+    /// compaction slot, so nothing changes the state or the files meanwhile.
+    pub(crate) fn reload(&self, now: Millis) -> Result<Recovered, RecoveryError> {
+        let end = self.wal.durable_end().ok_or_else(|| {
+            RecoveryError::Io("the write-ahead log has not failed; nothing to reload".into())
+        })?;
+        recovery::reload(self.wal.storage(), end, now)
+    }
+
+    /// Marks the state shown as the durable one, releasing the answers of the requests
+    /// the failure refused.
+    pub(crate) fn settle(&self) {
+        self.settled.send_replace(true);
+    }
+
+    /// Waits (after a failure) until the broker shows only the durable state.
+    async fn settled(&self) {
+        let mut rx = self.settled.subscribe();
+        let _ = rx.wait_for(|settled| *settled).await;
     }
 
     /// Fails with UNAVAILABLE once the log has failed (fail-stop).
@@ -374,10 +430,13 @@ impl Journal {
         let Some(frame) = batch.into_frame(at) else {
             return Ok(Commit(self.wal.last_position()));
         };
-        self.wal
-            .append(&frame, listener)
-            .map(Commit)
-            .map_err(BrokerError::StorageFailed)
+        match self.wal.append(&frame, listener) {
+            Ok(position) => Ok(Commit(position)),
+            // The change was applied in memory already: its commit never becomes durable,
+            // so it is refused by `durable`, once the state shown is the durable one.
+            Err(_) if self.wal.failure().is_some() => Ok(Commit::NEVER),
+            Err(reason) => Err(BrokerError::StorageFailed(reason)),
+        }
     }
 
     /// Resolves once `commit` is durable under the fsync policy (fsynced with `always`,
@@ -390,7 +449,13 @@ impl Journal {
             FsyncPolicy::Always => self.wal.wait_synced(commit.0).await,
             FsyncPolicy::Interval(_) => self.wal.wait_written(commit.0).await,
         };
-        reached.map_err(BrokerError::StorageFailed)
+        let result = reached.map_err(BrokerError::StorageFailed);
+        if result.is_err() {
+            // The refused change may still show until the broker reloaded the durable
+            // state; the refusal is answered once it cannot be seen any more.
+            self.settled().await;
+        }
+        result
     }
 
     /// Resolves when the log has grown enough since the last snapshot to compact.

@@ -1,12 +1,21 @@
 //! Recovery: rebuilds queues and topics from the newest snapshot and the segments after
 //! it.
 //!
+//! Missing files: the MANIFEST (see `manifest`) names the current snapshot and the newest
+//! segment, and segments are numbered consecutively from the snapshot's base, so a
+//! missing snapshot or segment is named, and the broker refuses to start unless
+//! `--repair` asks it to start with the files that are there. A data directory from a
+//! version without manifests is checked for consecutive numbering only, then given one.
+//!
 //! Damage handling: the newest segment may end in a torn write (the broker died while
 //! appending): a bad frame there with no valid frame after it is cut off, since no request
 //! was acknowledged for it (its fsync never returned). Any other bad frame (in an older
 //! segment, in a snapshot, or followed by valid frames) is damage to acknowledged data,
 //! and the broker refuses to start, naming the file and offset, unless `--repair` asks it
 //! to cut the log at the first bad record (files after it are renamed `*.damaged`).
+//!
+//! After a storage failure the running broker reloads its state read-only (`reload`),
+//! reading no further than where the writer knew the log was durable.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -14,11 +23,12 @@ use prost::Message as _;
 use uuid::Uuid;
 
 use super::Storage;
+use super::manifest::{self, MANIFEST, Manifest};
 use super::record::{
-    FILE_MAGIC, FrameError, Kind, job_from_image, pb, policy_from_pb, read_frame, state_from_pb,
-    valid_frame_after,
+    FILE_MAGIC, FRAME_HEADER, FRAME_MAGIC, FrameError, Kind, MAX_FRAME, job_from_image, pb,
+    policy_from_pb, read_frame, state_from_pb, valid_frame_after,
 };
-use super::wal::{parse_segment, parse_snapshot};
+use super::wal::{DurableEnd, parse_segment, parse_snapshot, segment_name, snapshot_name};
 use crate::broker::queue::{Job, Queue, QueuePolicy};
 use crate::broker::time::Millis;
 use crate::broker::topic::{BlockEntry, Retention, Topic};
@@ -26,7 +36,7 @@ use crate::broker::topic::{BlockEntry, Retention, Topic};
 /// Why the broker refuses to start on its data directory.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RecoveryError {
-    /// A file could not be listed, read, truncated or renamed.
+    /// A file could not be listed or read.
     #[error("cannot recover the write-ahead log: {0}")]
     Io(String),
     /// A record is damaged outside the tail of the newest segment.
@@ -41,9 +51,22 @@ pub enum RecoveryError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Files the log needs are not in the data directory.
+    #[error(
+        "the write-ahead log in {dir} is missing {}; {expected}. Refusing to start, because acknowledged data would be lost; restore the missing files from a backup, or start once with --repair (SLUICE_REPAIR=true) to start with the files that are there, losing what the missing ones held",
+        .missing.join(", ")
+    )]
+    Missing {
+        /// The data directory.
+        dir: String,
+        /// The missing files (a run of consecutive segments is one entry).
+        missing: Vec<String>,
+        /// What the manifest (or, without one, the numbering) says the log is made of.
+        expected: String,
+    },
 }
 
-/// What recovery found and did, for the startup log line.
+/// What recovery found and did, for the startup log line and Stats.
 #[derive(Debug, Clone, Default)]
 pub struct RecoveryReport {
     /// The snapshot it started from (its base segment).
@@ -54,6 +77,14 @@ pub struct RecoveryReport {
     pub entries: u64,
     /// Torn tails cut off, and repairs made: one line each, with file and bytes dropped.
     pub truncated: Vec<String>,
+    /// Bytes cut off as a torn tail (a record the broker died while writing).
+    pub torn_tail_bytes: u64,
+    /// Records (whole or partial) in those bytes.
+    pub torn_tail_records: u64,
+    /// Files `--repair` changed or did without: cut, set aside as `*.damaged`, missing.
+    pub files_repaired: u64,
+    /// Files the log needed but that were missing (only with `--repair`).
+    pub missing: Vec<String>,
     /// Records that referred to a job or queue that no longer existed (ignored).
     pub anomalies: u64,
 }
@@ -64,6 +95,11 @@ pub(crate) struct Recovered {
     pub topics: Vec<Topic>,
     /// The segment the new log starts with.
     pub next_segment: u64,
+    /// What the manifest on disk claims after recovery.
+    pub claimed: Manifest,
+    /// The first clean-up write (truncating a torn tail, deleting a leftover, rewriting
+    /// the manifest) that failed: the state is complete, but the broker must not write.
+    pub write_failure: Option<String>,
     pub report: RecoveryReport,
 }
 
@@ -116,13 +152,120 @@ fn scan(data: &[u8], newest: bool, mut apply: impl FnMut(pb::Entry)) -> Scan {
     Scan::Clean
 }
 
-/// Rebuilds state from `storage`. `now` decides what is due, expired or out of retention.
+/// How many records (whole or partial) the torn bytes from `at` held: frame headers are
+/// followed while they are readable; unreadable bytes count as one partial record.
+fn torn_records(data: &[u8], at: usize) -> u64 {
+    let mut records = 0;
+    let mut i = at;
+    while i < data.len() {
+        records += 1;
+        let Some(header) = data.get(i..i + FRAME_HEADER) else {
+            break;
+        };
+        let magic = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+        let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
+        if magic != FRAME_MAGIC || len > MAX_FRAME {
+            break;
+        }
+        i += FRAME_HEADER + len;
+    }
+    records
+}
+
+/// The missing members of `first..=last` given the sorted `present` ids, one entry per
+/// run of consecutive ids.
+fn missing_segments(first: u64, last: u64, present: &[u64]) -> Vec<String> {
+    let mut missing = Vec::new();
+    let mut expect = first;
+    let mut gap = |from: u64, to: u64| {
+        missing.push(if from == to {
+            segment_name(from)
+        } else {
+            format!(
+                "{} to {} ({} segments)",
+                segment_name(from),
+                segment_name(to),
+                to - from + 1
+            )
+        })
+    };
+    for &id in present.iter().filter(|id| (first..=last).contains(*id)) {
+        if id > expect {
+            gap(expect, id - 1);
+        }
+        expect = id + 1;
+    }
+    if expect <= last {
+        gap(expect, last);
+    }
+    missing
+}
+
+/// How recovery treats the directory.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// At startup: cleans up (torn tails, leftovers, the manifest); refuses damage and
+    /// missing files unless `repair`.
+    Startup { repair: bool },
+    /// After a storage failure: reads the log up to `end` and changes nothing.
+    Reload { end: DurableEnd },
+}
+
+/// The file changes recovery makes at startup. A failure does not stop recovery (the
+/// state it reads is the same): the first one is kept, and the broker starts
+/// fail-stopped with it, serving reads.
+struct Cleanup {
+    enabled: bool,
+    failure: Option<String>,
+}
+
+impl Cleanup {
+    fn run(&mut self, what: impl FnOnce() -> String, op: impl FnOnce() -> std::io::Result<()>) {
+        if !self.enabled {
+            return;
+        }
+        if let Err(e) = op() {
+            let reason = format!("{}: {e}", what());
+            tracing::error!(%reason, "recovery could not change the data directory");
+            self.failure.get_or_insert(reason);
+        }
+    }
+}
+
+/// Rebuilds state from `storage` at startup. `now` decides what is due, expired or out
+/// of retention.
 pub(crate) fn recover(
     storage: &dyn Storage,
     repair: bool,
     now: Millis,
 ) -> Result<Recovered, RecoveryError> {
+    recover_with(storage, Mode::Startup { repair }, now)
+}
+
+/// Rebuilds the durable state after a storage failure, reading no record past `end`
+/// and changing no file.
+pub(crate) fn reload(
+    storage: &dyn Storage,
+    end: DurableEnd,
+    now: Millis,
+) -> Result<Recovered, RecoveryError> {
+    recover_with(storage, Mode::Reload { end }, now)
+}
+
+fn recover_with(
+    storage: &dyn Storage,
+    mode: Mode,
+    now: Millis,
+) -> Result<Recovered, RecoveryError> {
     let io = |what: String, e: std::io::Error| RecoveryError::Io(format!("{what}: {e}"));
+    let (repair, end) = match mode {
+        Mode::Startup { repair } => (repair, None),
+        Mode::Reload { end } => (false, Some(end)),
+    };
+    let mut cleanup = Cleanup {
+        enabled: end.is_none(),
+        failure: None,
+    };
     let names = storage
         .list()
         .map_err(|e| io(format!("cannot list {}", storage.describe("")), e))?;
@@ -130,24 +273,136 @@ pub(crate) fn recover(
     let mut snapshots = Vec::new();
     for name in names {
         if name.ends_with(".tmp") {
-            // An interrupted snapshot: the segments it would replace are all still there.
-            storage
-                .remove(&name)
-                .map_err(|e| io(format!("cannot delete {}", storage.describe(&name)), e))?;
+            // An interrupted snapshot or manifest: the files it would replace are all
+            // still there.
+            cleanup.run(
+                || format!("cannot delete {}", storage.describe(&name)),
+                || storage.remove(&name),
+            );
         } else if let Some(id) = parse_snapshot(&name) {
             snapshots.push(id);
         } else if let Some(id) = parse_segment(&name) {
-            segments.push(id);
+            // After a failure, segments past the durable end hold nothing durable.
+            if end.is_none_or(|end| id <= end.segment) {
+                segments.push(id);
+            }
         }
     }
     segments.sort_unstable();
     snapshots.sort_unstable();
 
-    let mut replay = Replay::default();
     let mut report = RecoveryReport::default();
+    let claimed = match manifest::read(storage) {
+        Ok(claimed) => claimed,
+        Err(why) if repair => {
+            let line = format!(
+                "--repair: {why}; rebuilt it from the files present, checking their numbering only"
+            );
+            tracing::warn!("{line}");
+            report.truncated.push(line);
+            report.files_repaired += 1;
+            None
+        }
+        Err(why) => {
+            return Err(RecoveryError::Io(format!(
+                "{why}. Refusing to start: it says which files make up the log; start once with --repair (SLUICE_REPAIR=true) to rebuild it from the files present"
+            )));
+        }
+    };
+    if claimed.is_none() && end.is_none() && (!segments.is_empty() || !snapshots.is_empty()) {
+        tracing::info!(
+            dir = %storage.describe(""),
+            "no {MANIFEST}: a data directory written by an earlier version; checking that its segments are consecutive, then writing one"
+        );
+    }
+
+    // Which files the log is made of, and which of them are missing.
     let base = snapshots.last().copied();
+    let mut missing = Vec::new();
+    let (start, claim) = match (claimed, base) {
+        (Some(m), _) => {
+            let claim = format!(
+                "{} names {} and {}",
+                storage.describe(MANIFEST),
+                m.snapshot.map_or("no snapshot".to_owned(), |s| format!(
+                    "snapshot {}",
+                    snapshot_name(s)
+                )),
+                m.newest.map_or("no segment".to_owned(), |n| format!(
+                    "newest segment {}",
+                    segment_name(n)
+                )),
+            );
+            let start = match (m.snapshot, base) {
+                (Some(s), b) if b.is_none_or(|b| b < s) => {
+                    missing.push(snapshot_name(s));
+                    s
+                }
+                (_, Some(b)) => b,
+                _ => 1,
+            };
+            (start, claim)
+        }
+        (None, Some(b)) => (
+            b,
+            format!(
+                "without a {MANIFEST}, the log starts at snapshot {}",
+                snapshot_name(b)
+            ),
+        ),
+        (None, None) => {
+            let claim = format!("without a {MANIFEST} or a snapshot, the log starts at segment 1");
+            match segments.first() {
+                Some(&first) if first > 1 => {
+                    missing.push(format!(
+                        "the snapshot of the state before {} (snap-*.wal)",
+                        segment_name(first)
+                    ));
+                    (first, claim)
+                }
+                _ => (1, claim),
+            }
+        }
+    };
+    let mut last = segments
+        .last()
+        .copied()
+        .max(claimed.and_then(|m| m.newest))
+        .unwrap_or(0);
+    if let Some(end) = end {
+        last = last.min(end.segment);
+    }
+    let expected = if last >= start {
+        format!(
+            "{claim}, so the log needs segments {} to {} (numbered consecutively)",
+            segment_name(start),
+            segment_name(last)
+        )
+    } else {
+        format!("{claim}, so the log needs no segment")
+    };
+    missing.extend(missing_segments(start, last, &segments));
+    if !missing.is_empty() {
+        if !repair {
+            return Err(RecoveryError::Missing {
+                dir: storage.describe(""),
+                missing,
+                expected,
+            });
+        }
+        let line = format!(
+            "--repair: the write-ahead log is missing {} ({expected}); started with the files that are there, losing what the missing ones held",
+            missing.join(", ")
+        );
+        tracing::warn!("{line}");
+        report.truncated.push(line);
+        report.files_repaired += missing.len() as u64;
+        report.missing = missing;
+    }
+
+    let mut replay = Replay::default();
     if let Some(base) = base {
-        let name = super::wal::snapshot_name(base);
+        let name = snapshot_name(base);
         let data = storage
             .read(&name)
             .map_err(|e| io(format!("cannot read {}", storage.describe(&name)), e))?;
@@ -180,25 +435,43 @@ pub(crate) fn recover(
             );
             tracing::warn!("{line}");
             report.truncated.push(line);
+            report.files_repaired += 1;
         }
         report.snapshot = Some(base);
         for old in snapshots.iter().filter(|s| **s < base) {
-            let _ = storage.remove(&super::wal::snapshot_name(*old));
+            let old = snapshot_name(*old);
+            cleanup.run(
+                || format!("cannot delete {}", storage.describe(&old)),
+                || storage.remove(&old),
+            );
         }
     }
     let base_id = base.unwrap_or(0);
     for old in segments.iter().filter(|s| **s < base_id) {
         // Left over from a compaction that stopped before deleting them; the snapshot
         // already holds everything they held.
-        let _ = storage.remove(&super::wal::segment_name(*old));
+        let old = segment_name(*old);
+        cleanup.run(
+            || format!("cannot delete {}", storage.describe(&old)),
+            || storage.remove(&old),
+        );
     }
     let live: Vec<u64> = segments.iter().copied().filter(|s| *s >= base_id).collect();
+    // The newest segment still part of the log once torn and damaged ones are dealt with.
+    let mut kept = None;
     for (i, id) in live.iter().enumerate() {
-        let name = super::wal::segment_name(*id);
+        let name = segment_name(*id);
         let newest = i + 1 == live.len();
-        let data = storage
+        let mut data = storage
             .read(&name)
             .map_err(|e| io(format!("cannot read {}", storage.describe(&name)), e))?;
+        if let Some(end) = end.filter(|end| end.segment == *id) {
+            // What follows the durable end was refused; only a header means no records.
+            if end.bytes <= FILE_MAGIC.len() as u64 {
+                break;
+            }
+            data.truncate(end.bytes as usize);
+        }
         report.segments += 1;
         let cut = match scan(&data, newest, |entry| {
             report.entries += 1;
@@ -206,13 +479,16 @@ pub(crate) fn recover(
         }) {
             Scan::Clean => None,
             Scan::Torn(at) => {
+                let (bytes, records) = ((data.len() - at) as u64, torn_records(&data, at));
                 let line = format!(
-                    "torn tail: cut {} bytes (an unacknowledged, partly written record) from {} at byte offset {at}",
-                    data.len() - at,
+                    "torn tail: cut {bytes} bytes ({records} unacknowledged, partly written record{}) from {} at byte offset {at}",
+                    if records == 1 { "" } else { "s" },
                     storage.describe(&name)
                 );
-                tracing::warn!("{line}");
+                tracing::warn!(bytes, records, file = %storage.describe(&name), "{line}");
                 report.truncated.push(line);
+                report.torn_tail_bytes += bytes;
+                report.torn_tail_records += records;
                 Some(at)
             }
             Scan::Damaged(at, reason) => {
@@ -228,50 +504,78 @@ pub(crate) fn recover(
                     storage.describe(&name),
                     data.len() - at
                 );
+                report.files_repaired += 1;
                 for later in &live[i + 1..] {
-                    let later_name = super::wal::segment_name(*later);
+                    let later_name = segment_name(*later);
                     let damaged = format!("{later_name}.damaged");
-                    storage.rename(&later_name, &damaged).map_err(|e| {
-                        io(
-                            format!("cannot rename {}", storage.describe(&later_name)),
-                            e,
-                        )
-                    })?;
+                    cleanup.run(
+                        || format!("cannot rename {}", storage.describe(&later_name)),
+                        || storage.rename(&later_name, &damaged),
+                    );
                     line.push_str(&format!(
                         "; set aside the later segment {} as {damaged}",
                         storage.describe(&later_name)
                     ));
+                    report.files_repaired += 1;
                 }
                 tracing::warn!("{line}");
                 report.truncated.push(line);
                 Some(at)
             }
         };
-        if let Some(at) = cut {
-            if at <= FILE_MAGIC.len() {
-                storage
-                    .remove(&name)
-                    .map_err(|e| io(format!("cannot delete {}", storage.describe(&name)), e))?;
-            } else {
-                storage
-                    .truncate(&name, at as u64)
-                    .map_err(|e| io(format!("cannot truncate {}", storage.describe(&name)), e))?;
+        match cut {
+            None => kept = Some(*id),
+            Some(at) if at <= FILE_MAGIC.len() => cleanup.run(
+                || format!("cannot delete {}", storage.describe(&name)),
+                || storage.remove(&name),
+            ),
+            Some(at) => {
+                kept = Some(*id);
+                cleanup.run(
+                    || format!("cannot truncate {}", storage.describe(&name)),
+                    || storage.truncate(&name, at as u64),
+                );
             }
-            if !newest {
-                break;
+        }
+        if cut.is_some() && !newest {
+            break;
+        }
+    }
+    cleanup.run(
+        || format!("cannot fsync {}", storage.describe("")),
+        || storage.sync_dir(),
+    );
+    // The manifest now claims what is there: the files it named (legacy directories get
+    // their first one, and a repaired log its new shape).
+    let now_claimed = Manifest {
+        snapshot: base,
+        newest: kept,
+    };
+    let mut claimed = claimed.unwrap_or_default();
+    if cleanup.enabled && cleanup.failure.is_none() && claimed != now_claimed {
+        match manifest::write(storage, &now_claimed) {
+            Ok(()) => claimed = now_claimed,
+            Err(e) => {
+                tracing::error!(reason = %e, "recovery could not write the manifest");
+                cleanup.failure = Some(e);
             }
         }
     }
-    storage
-        .sync_dir()
-        .map_err(|e| io(format!("cannot fsync {}", storage.describe("")), e))?;
     report.anomalies = replay.anomalies;
-    let next_segment = segments.last().map_or(1, |s| s + 1).max(base_id).max(1);
+    let next_segment = segments
+        .last()
+        .copied()
+        .max(claimed.newest)
+        .map_or(1, |s| s + 1)
+        .max(base_id)
+        .max(1);
     let (queues, topics) = replay.finish(now);
     Ok(Recovered {
         queues,
         topics,
         next_segment,
+        claimed,
+        write_failure: cleanup.failure,
         report,
     })
 }
@@ -515,5 +819,38 @@ impl Replay {
             })
             .collect();
         (queues, topics)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_segments_are_named_one_run_at_a_time() {
+        assert!(missing_segments(4, 10, &[4, 5, 6, 7, 8, 9, 10]).is_empty());
+        assert!(missing_segments(4, 3, &[]).is_empty(), "an empty range");
+        assert_eq!(
+            missing_segments(4, 10, &[2, 4, 5, 9]),
+            [
+                format!("{} to {} (3 segments)", segment_name(6), segment_name(8)),
+                segment_name(10),
+            ]
+        );
+        assert_eq!(missing_segments(1, 1, &[]), [segment_name(1)]);
+    }
+
+    #[test]
+    fn a_torn_tail_counts_the_records_it_cut() {
+        let mut data = FILE_MAGIC.to_vec();
+        super::super::record::frame_into(&mut data, b"whole");
+        let whole = data.len();
+        super::super::record::frame_into(&mut data, b"partly written");
+        data.truncate(data.len() - 3);
+        assert_eq!(torn_records(&data, FILE_MAGIC.len()), 2);
+        assert_eq!(torn_records(&data, whole), 1);
+        assert_eq!(torn_records(&data, data.len()), 0);
+        // Garbage that is not a frame header is one partial record.
+        assert_eq!(torn_records(&[0u8; 40], 0), 1);
     }
 }

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use tokio::sync::{Notify, watch};
 
+use super::manifest::{self, Manifest};
 use super::record::FILE_MAGIC;
 use super::{FsyncPolicy, Storage, StorageFile, StoreConfig};
 
@@ -83,6 +84,27 @@ struct Shared {
     max_buffered: usize,
     /// What the log holds beside the newest snapshot; decides when to compact.
     growth: Mutex<LogSize>,
+    /// What the manifest on disk claims. Held while the manifest is rewritten, so the
+    /// writer (new segments) and the compactor (new snapshots) never overwrite each
+    /// other's claim.
+    manifest: Mutex<Manifest>,
+    /// The first segment this writer appends to: nothing at or after it is durable until
+    /// the writer has written it.
+    first: u64,
+    /// Where the durable log ends, set when the writer fails (see [`DurableEnd`]).
+    durable_end: Mutex<Option<DurableEnd>>,
+}
+
+/// Where the durable part of the log ends once the writer failed: everything before
+/// byte `bytes` of segment `segment` (and nothing in later segments). With `always`
+/// that is what was fsynced; with `interval`, what was written (acknowledged records
+/// the kernel holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DurableEnd {
+    /// The last segment with durable records.
+    pub segment: u64,
+    /// Its durable length; the records after it were refused.
+    pub bytes: u64,
 }
 
 /// The bytes of the segments a snapshot has not yet replaced, per segment, and that
@@ -131,7 +153,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Wal {
-    pub(crate) fn start(storage: Arc<dyn Storage>, config: &StoreConfig, first: u64) -> Self {
+    /// Starts the writer thread; `claimed` is what the manifest on disk says now.
+    pub(crate) fn start(
+        storage: Arc<dyn Storage>,
+        config: &StoreConfig,
+        first: u64,
+        claimed: Manifest,
+    ) -> Self {
         let (progress, _) = watch::channel(Progress::default());
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -155,6 +183,9 @@ impl Wal {
                 .unwrap_or(config.segment_bytes.max(4096)),
             max_buffered: config.max_buffered_bytes.max(1024 * 1024),
             growth: Mutex::new(LogSize::default()),
+            manifest: Mutex::new(claimed),
+            first,
+            durable_end: Mutex::new(None),
         });
         let thread = std::thread::Builder::new()
             .name("sluice-wal".into())
@@ -174,6 +205,34 @@ impl Wal {
             return None;
         }
         self.shared.progress.borrow().failed.clone()
+    }
+
+    /// Resolves with the reason once the log has failed.
+    pub(crate) async fn failed(&self) -> String {
+        let mut rx = self.shared.progress.subscribe();
+        match rx.wait_for(|p| p.failed.is_some()).await {
+            Ok(p) => p.failed.clone().unwrap_or_default(),
+            Err(_) => "the write-ahead log writer stopped".to_owned(),
+        }
+    }
+
+    /// Fails the log from outside the writer (the startup snapshot could not be written):
+    /// from now on every change is refused.
+    pub(crate) fn fail_stop(&self, reason: String) {
+        lock(&self.shared.durable_end).get_or_insert(DurableEnd {
+            segment: self.shared.first,
+            bytes: 0,
+        });
+        self.shared.mark_failed(reason);
+    }
+
+    /// Where the durable log ends, once the log has failed.
+    pub(crate) fn durable_end(&self) -> Option<DurableEnd> {
+        *lock(&self.shared.durable_end)
+    }
+
+    pub(crate) fn storage(&self) -> &dyn Storage {
+        &*self.shared.storage
     }
 
     pub(crate) fn last_position(&self) -> u64 {
@@ -303,6 +362,14 @@ impl Wal {
         storage
             .sync_dir()
             .map_err(|e| io("fsync the directory of", e))?;
+        // The old files go only once the manifest no longer needs them; until then a crash
+        // leaves both, and recovery starts from the newest snapshot.
+        self.shared.claim(|m| {
+            m.snapshot = Some(base);
+            if m.newest.is_some_and(|n| n < base) {
+                m.newest = None;
+            }
+        })?;
         let names = storage.list().map_err(|e| io("list the directory of", e))?;
         for old in names {
             let obsolete = parse_segment(&old).is_some_and(|id| id < base)
@@ -335,6 +402,32 @@ impl Drop for Wal {
     }
 }
 
+impl Shared {
+    /// Rewrites the manifest with `change` applied; what it claims changes only if the
+    /// new manifest is on disk.
+    fn claim(&self, change: impl FnOnce(&mut Manifest)) -> Result<(), String> {
+        let mut claimed = lock(&self.manifest);
+        let mut next = *claimed;
+        change(&mut next);
+        if next != *claimed {
+            manifest::write(&*self.storage, &next)?;
+            *claimed = next;
+        }
+        Ok(())
+    }
+
+    fn mark_failed(&self, reason: String) {
+        let reason = format!(
+            "write-ahead log failed, the broker no longer accepts changes (fail-stop): {reason}"
+        );
+        tracing::error!(%reason, "storage failure: every later change is refused with UNAVAILABLE; fix the disk and restart the broker");
+        self.failed.store(true, Ordering::Release);
+        self.progress
+            .send_modify(|p| p.failed = Some(reason.clone()));
+        self.space.notify_waiters();
+    }
+}
+
 /// Parses a segment file name.
 pub(crate) fn parse_segment(name: &str) -> Option<u64> {
     let id = name.strip_suffix(".wal")?;
@@ -350,7 +443,10 @@ pub(crate) fn parse_snapshot(name: &str) -> Option<u64> {
 
 struct Writer {
     shared: Arc<Shared>,
+    /// The segment being appended to and the bytes written to it.
     file: Option<(u64, Box<dyn StorageFile>, u64)>,
+    /// Bytes of the open segment known to be fsynced.
+    synced: u64,
     /// Newest position written but not yet synced.
     unsynced: Option<u64>,
     last_sync: Instant,
@@ -364,6 +460,7 @@ impl Writer {
         Self {
             shared,
             file: None,
+            synced: 0,
             unsynced: None,
             last_sync: Instant::now(),
             listeners: Vec::new(),
@@ -520,19 +617,22 @@ impl Writer {
             .map_err(|e| format!("cannot create segment {}: {e}", storage.describe(&name)))?;
         file.write_all(FILE_MAGIC)
             .map_err(|e| format!("write to {} failed: {e}", storage.describe(&name)))?;
+        self.file = Some((id, file, FILE_MAGIC.len() as u64));
+        self.synced = FILE_MAGIC.len() as u64;
         storage.sync_dir().map_err(|e| {
             format!(
                 "fsync of the directory of {} failed: {e}",
                 storage.describe(&name)
             )
         })?;
-        self.file = Some((id, file, FILE_MAGIC.len() as u64));
-        Ok(())
+        // Claimed only once it exists, so a crash in between never makes a complete log
+        // look damaged.
+        self.shared.claim(|m| m.newest = Some(id))
     }
 
     fn sync(&mut self) -> Result<(), String> {
         self.last_sync = Instant::now();
-        let Some((id, file, _)) = self.file.as_mut() else {
+        let Some((id, file, size)) = self.file.as_mut() else {
             return Ok(());
         };
         file.sync().map_err(|e| {
@@ -540,19 +640,43 @@ impl Writer {
                 "fsync of {} failed: {e}",
                 self.shared.storage.describe(&segment_name(*id))
             )
-        })
+        })?;
+        self.synced = *size;
+        Ok(())
     }
 
+    /// Records where the durable log ends, cuts what was refused off the segment (so a
+    /// restart does not bring it back), then fails every waiter.
     fn fail(&self, reason: String) {
-        let reason = format!(
-            "write-ahead log failed, the broker no longer accepts changes (fail-stop): {reason}"
-        );
-        tracing::error!(%reason, "storage failure: every later change is refused with UNAVAILABLE; fix the disk and restart the broker");
-        self.shared.failed.store(true, Ordering::Release);
-        self.shared
-            .progress
-            .send_modify(|p| p.failed = Some(reason.clone()));
-        self.shared.space.notify_waiters();
+        let end = match &self.file {
+            None => DurableEnd {
+                segment: self.shared.first,
+                bytes: 0,
+            },
+            Some((id, _, written)) => DurableEnd {
+                segment: *id,
+                bytes: match self.shared.fsync {
+                    FsyncPolicy::Always => self.synced,
+                    FsyncPolicy::Interval(_) => *written,
+                },
+            },
+        };
+        if let Some((id, _, written)) = &self.file {
+            // Bytes past `written` are a partial write; with `always`, those past the last
+            // fsync were never acknowledged. Cutting them frees space on a full disk.
+            let name = segment_name(*id);
+            if let Err(e) = self.shared.storage.truncate(&name, end.bytes) {
+                tracing::error!(
+                    file = %self.shared.storage.describe(&name),
+                    written = *written,
+                    durable = end.bytes,
+                    error = %e,
+                    "cannot cut the refused records off the segment; a restart may bring them back"
+                );
+            }
+        }
+        *lock(&self.shared.durable_end) = Some(end);
+        self.shared.mark_failed(reason);
     }
 }
 

@@ -34,7 +34,11 @@ pub struct Harness {
 impl Harness {
     /// Starts a broker; the dashboard samples every `sample_ms`.
     pub async fn start(sample_ms: u64) -> Self {
-        let broker = Broker::new(BrokerConfig::default());
+        Self::serve(Broker::new(BrokerConfig::default()), sample_ms).await
+    }
+
+    /// Serves an existing broker (e.g. one opened on a data directory).
+    pub async fn serve(broker: Broker, sample_ms: u64) -> Self {
         let grpc = TestBroker::serving(broker.clone()).await;
         let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
         let http = http_listener.local_addr().expect("HTTP addr");

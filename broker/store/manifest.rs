@@ -1,0 +1,156 @@
+//! The MANIFEST: which files make up the log, so recovery can tell a complete data
+//! directory from one that lost a file.
+//!
+//! It names the current snapshot and the newest segment created; the segments in between
+//! are numbered consecutively, so the manifest and the numbering together name every file
+//! the log needs. It is a small text file, replaced atomically (temporary file, fsync,
+//! rename, directory fsync) through [`Storage`], and ends with a CRC32C of the lines
+//! before it, so a damaged manifest is never mistaken for a valid one.
+//!
+//! Claims only ever follow the files: a segment is created (and its directory entry
+//! synced) before the manifest names it, and a snapshot is renamed into place before the
+//! manifest names it, so a crash between the two leaves a directory whose files are a
+//! superset of what the manifest claims, which recovery accepts.
+
+use std::io;
+
+use super::Storage;
+use super::wal::{segment_name, snapshot_name};
+
+/// The manifest's file name.
+pub(crate) const MANIFEST: &str = "MANIFEST";
+const HEADER: &str = "sluice-manifest 1";
+
+/// What the manifest claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Manifest {
+    /// Base of the current snapshot (it holds the state before this segment).
+    pub snapshot: Option<u64>,
+    /// The newest segment created; every segment from the snapshot's base (or 1) up to
+    /// it is part of the log.
+    pub newest: Option<u64>,
+}
+
+impl Manifest {
+    fn encode(&self) -> String {
+        let mut text = format!("{HEADER}\n");
+        if let Some(base) = self.snapshot {
+            text.push_str(&format!("snapshot {}\n", snapshot_name(base)));
+        }
+        if let Some(newest) = self.newest {
+            text.push_str(&format!("newest {}\n", segment_name(newest)));
+        }
+        let crc = crc32c::crc32c(text.as_bytes());
+        text.push_str(&format!("crc32c {crc:08x}\n"));
+        text
+    }
+
+    fn decode(data: &[u8]) -> Result<Self, String> {
+        let text = std::str::from_utf8(data).map_err(|_| "not UTF-8 text".to_owned())?;
+        let body_end = text
+            .trim_end_matches('\n')
+            .rfind('\n')
+            .map(|i| i + 1)
+            .ok_or("no checksum line")?;
+        let (body, last) = text.split_at(body_end);
+        let crc = last
+            .trim_end()
+            .strip_prefix("crc32c ")
+            .and_then(|c| u32::from_str_radix(c, 16).ok())
+            .ok_or("the last line is not \"crc32c <hex>\"")?;
+        if crc != crc32c::crc32c(body.as_bytes()) {
+            return Err(format!(
+                "checksum mismatch (stored {crc:08x}, computed {:08x})",
+                crc32c::crc32c(body.as_bytes())
+            ));
+        }
+        let mut lines = body.lines();
+        if lines.next() != Some(HEADER) {
+            return Err(format!("the first line is not {HEADER:?}"));
+        }
+        let mut manifest = Self::default();
+        for line in lines {
+            let bad = || format!("unrecognised line {line:?}");
+            match line.split_once(' ') {
+                Some(("snapshot", name)) => {
+                    manifest.snapshot = Some(super::wal::parse_snapshot(name).ok_or_else(bad)?)
+                }
+                Some(("newest", name)) => {
+                    manifest.newest = Some(super::wal::parse_segment(name).ok_or_else(bad)?)
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(manifest)
+    }
+}
+
+/// Reads the manifest; `Ok(None)` if there is none (a directory written by a version
+/// without manifests, or a new one).
+pub(crate) fn read(storage: &dyn Storage) -> Result<Option<Manifest>, String> {
+    match storage.read(MANIFEST) {
+        Ok(data) => Manifest::decode(&data)
+            .map(Some)
+            .map_err(|why| format!("{} is damaged: {why}", storage.describe(MANIFEST))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", storage.describe(MANIFEST))),
+    }
+}
+
+/// Replaces the manifest atomically and durably.
+pub(crate) fn write(storage: &dyn Storage, manifest: &Manifest) -> Result<(), String> {
+    let tmp = format!("{MANIFEST}.tmp");
+    let failed = |what: &str, e: io::Error| {
+        format!(
+            "cannot {what} the manifest {}: {e}",
+            storage.describe(MANIFEST)
+        )
+    };
+    let written = storage.create(&tmp).and_then(|mut file| {
+        file.write_all(manifest.encode().as_bytes())?;
+        file.sync()
+    });
+    if let Err(e) = written {
+        let _ = storage.remove(&tmp);
+        return Err(failed("write", e));
+    }
+    storage
+        .rename(&tmp, MANIFEST)
+        .map_err(|e| failed("rename into place", e))?;
+    storage
+        .sync_dir()
+        .map_err(|e| failed("fsync the directory of", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_round_trips_and_damage_is_detected() {
+        for manifest in [
+            Manifest::default(),
+            Manifest {
+                snapshot: Some(7),
+                newest: None,
+            },
+            Manifest {
+                snapshot: Some(7),
+                newest: Some(12),
+            },
+        ] {
+            let text = manifest.encode();
+            assert_eq!(Manifest::decode(text.as_bytes()), Ok(manifest), "{text}");
+        }
+        let text = Manifest {
+            snapshot: Some(7),
+            newest: Some(12),
+        }
+        .encode();
+        let flipped = text.replace("00012.wal", "00013.wal");
+        let err = Manifest::decode(flipped.as_bytes()).unwrap_err();
+        assert!(err.contains("checksum mismatch"), "{err}");
+        let cut = &text[..text.len() - 4];
+        assert!(Manifest::decode(cut.as_bytes()).is_err());
+    }
+}
