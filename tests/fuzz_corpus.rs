@@ -2,6 +2,9 @@
 //! `cargo fuzz cmin`, and a `regression-*` file for every defect the fuzzers found)
 //! through the fuzz targets' own checks, so the suite runs them on stable without a
 //! fuzzer. See `tests/fuzz/targets.rs` for what each target checks.
+//!
+//! `SLUICE_FUZZ_CORPUS=<dir>` replays `<dir>/<target>/` instead: a fuzzer's whole working
+//! corpus, say, through this debug build, whose overflow checks the fuzz build lacks.
 
 #[path = "fuzz/targets.rs"]
 mod targets;
@@ -11,7 +14,11 @@ use std::path::PathBuf;
 
 /// Runs `target` on every file of its corpus directory; a failure names the file.
 fn replay(target: &str, run: fn(&[u8])) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fuzz/corpus/{target}"));
+    let root = std::env::var_os("SLUICE_FUZZ_CORPUS").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/corpus"),
+        PathBuf::from,
+    );
+    let dir = root.join(target);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
         .map(|entry| entry.expect("a directory entry").path())

@@ -484,8 +484,9 @@ fn broker_state(broker: &Broker) -> Vec<String> {
 ///
 /// `data` is a sequence of requests, each a kind byte (`% 3`: Enqueue, Publish,
 /// CreateQueue), a `u16 LE` length and that many bytes of the request's protobuf encoding.
-/// Properties: nothing panics, a refusal is a client error with a message, and a refused
-/// request changes nothing.
+/// Properties: nothing panics, a refusal is a client error with a message, a refused
+/// request changes nothing, and the broker never holds more queues or topics than its
+/// limits, or a queue with a name it would refuse.
 pub fn requests(data: &[u8]) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -543,6 +544,23 @@ pub fn requests(data: &[u8]) {
                     Err(_) => continue,
                 },
             };
+            let queues = broker.list_queues();
+            let limits = broker.limits();
+            assert!(
+                queues.len() <= limits.max_queues,
+                "{} queues, past the limit of {}",
+                queues.len(),
+                limits.max_queues
+            );
+            for info in &queues {
+                validate_name("name", &info.name)
+                    .unwrap_or_else(|e| panic!("the broker holds a queue it should refuse: {e}"));
+            }
+            let topics = broker.stats(&[], &[]).topics.len();
+            assert!(
+                topics <= limits.max_topics,
+                "{topics} topics, past the limit"
+            );
             if let Some(status) = refused {
                 assert!(
                     !matches!(
