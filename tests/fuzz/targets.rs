@@ -17,7 +17,7 @@ use sluice::broker::limits::Limits;
 use sluice::broker::names::{MAX_NAME_BYTES, Pattern, validate_name};
 use sluice::broker::queue::{LeaseId, NewJob, Queue};
 use sluice::broker::service::BrokerService;
-use sluice::broker::store::{Storage, StorageFile};
+use sluice::broker::store::{Storage, StorageFile, StoreConfig};
 use sluice::broker::topic::{Retention, Topic};
 use sluice::broker::wire::broker_server::Broker as _;
 use sluice::broker::{Broker, BrokerConfig};
@@ -172,6 +172,25 @@ fn recovered_state(queues: &[Queue], topics: &[Topic]) -> Vec<String> {
     state
 }
 
+/// Starts a broker on `storage` as the binary does (recovery, then a snapshot of what it
+/// recovered that replaces the old log files) and stops it.
+fn reopen(storage: &MemStorage, repair: bool) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime");
+    runtime.block_on(async {
+        let store = StoreConfig {
+            repair,
+            ..StoreConfig::default()
+        };
+        let (broker, _) = Broker::open(BrokerConfig::default(), Arc::new(storage.clone()), store)
+            .unwrap_or_else(|e| panic!("a broker does not start on a log recovery accepted: {e}"));
+        broker.shutdown();
+        broker.close_storage();
+    });
+}
+
 /// WAL recovery (the framed record reader, the record decoder and the replay of
 /// `broker/store`) over a data directory built from `data`; it must refuse damage with an
 /// error, never panic or allocate without bound.
@@ -185,9 +204,10 @@ fn recovered_state(queues: &[Queue], topics: &[Topic]) -> Vec<String> {
 /// * bit 3: the log is two files: the records (or bytes) are split between them at the
 ///   fraction `data[0] >> 4` / 16.
 ///
-/// Properties: recovery that succeeds leaves every file no longer than before, and a
-/// second recovery of what it left succeeds with the same state; recovery that refuses
-/// damage succeeds with `--repair`.
+/// Properties: recovery that succeeds leaves every file no longer than before, a second
+/// recovery of what it left succeeds with the same state, and so does the recovery of the
+/// snapshot a broker started on it writes; recovery that refuses damage succeeds with
+/// `--repair`.
 pub fn wal(data: &[u8]) {
     let Some((&flags, rest)) = data.split_first() else {
         return;
@@ -256,6 +276,15 @@ pub fn wal(data: &[u8]) {
                 first,
                 recovered_state(&queues, &topics),
                 "a second recovery of what recovery left rebuilds another state"
+            );
+            reopen(&storage, repair);
+            let (queues, topics, _) = fuzzing::recover(&storage, false, NOW).unwrap_or_else(|e| {
+                panic!("recovery of the snapshot a broker started on this log wrote fails: {e}")
+            });
+            assert_eq!(
+                first,
+                recovered_state(&queues, &topics),
+                "the snapshot a broker started on this log wrote holds another state"
             );
         }
         Err(e) => {
