@@ -298,14 +298,36 @@ pub fn wal(data: &[u8]) {
 
 // ---- (2) Lease ids --------------------------------------------------------------------
 
-/// `LeaseId` parsing (`broker/queue.rs`): `FromStr`, `queue_of` and `parse_for` agree on
-/// every string, a parsed id prints back to an id that parses equal, and an id built from
+/// The reference reading of a lease id: everything before the last two `/` is the queue
+/// (not empty), then a decimal seq and a hex nonce.
+fn naive_lease_id(s: &str) -> Option<(String, u64, u64)> {
+    let parts: Vec<&str> = s.split('/').collect();
+    let n = parts.len();
+    if n < 3 {
+        return None;
+    }
+    let nonce = u64::from_str_radix(parts[n - 1], 16).ok()?;
+    let seq = parts[n - 2].parse().ok()?;
+    let queue = parts[..n - 2].join("/");
+    (!queue.is_empty()).then_some((queue, seq, nonce))
+}
+
+/// `LeaseId` parsing (`broker/queue.rs`): `FromStr` reads every string as the reference
+/// does, `queue_of` and `parse_for` agree with it, a parsed id prints back to an id that parses equal, and an id built from
 /// a valid queue name and any seq and nonce survives printing and parsing unchanged.
 /// `data` is the text; from 16 bytes on, its first 16 bytes are also a seq and a nonce
 /// and the rest a queue name.
 pub fn lease_id(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let parsed = text.parse::<LeaseId>();
+    assert_eq!(
+        parsed
+            .as_ref()
+            .ok()
+            .map(|id| (id.queue.to_string(), id.seq, id.nonce)),
+        naive_lease_id(&text),
+        "{text:?} parses unlike the reference"
+    );
     assert_eq!(
         LeaseId::queue_of(&text),
         parsed.as_ref().ok().map(|id| &*id.queue),
