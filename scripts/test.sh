@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: installs what the tests need
-# (idempotently), then the Rust unit, integration and doc tests, then the end-to-end tests
-# of the example system and the Python and grpcurl clients.
+# (idempotently), checks formatting, lints and the dependencies (cargo deny: advisories,
+# licences), then runs the Rust unit, integration and doc tests (the fuzz corpus replay,
+# tests/fuzz_corpus.rs, among them), then the end-to-end tests of the example system and
+# the Python and grpcurl clients.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +19,9 @@ cargo fmt --all -- --check
 
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+
+echo "== cargo deny (advisories, licenses)"
+bash scripts/cargo-deny.sh advisories licenses
 
 echo "== Rust unit and integration tests"
 cargo nextest run --lib --bins --tests --no-fail-fast
