@@ -234,4 +234,3 @@ async fn report_storage_failure(
         .await;
     tracing::error!(%reason, "health is NOT_SERVING: the broker is fail-stopped (read-only)");
 }
-

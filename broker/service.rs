@@ -417,9 +417,7 @@ fn stats_view(s: &StatsSnapshot, filter: &pb::StatsRequest, access: &Access) -> 
     let named = |names: &[String], name: &str| names.is_empty() || names.iter().any(|n| n == name);
     static EVERYTHING: std::sync::LazyLock<Pattern> =
         std::sync::LazyLock::new(|| Pattern::parse("admin", ">").expect("\">\" is a pattern"));
-    let sees_memory = access
-        .check_pattern(Action::Admin, "", &EVERYTHING)
-        .is_ok();
+    let sees_memory = access.check_pattern(Action::Admin, "", &EVERYTHING).is_ok();
     pb::StatsResponse {
         queues: s
             .queues
@@ -464,7 +462,11 @@ fn stats_view(s: &StatsSnapshot, filter: &pb::StatsRequest, access: &Access) -> 
             })
             .collect(),
         taken_at_unix_ms: s.taken_at,
-        memory_budget_bytes: if sees_memory { s.memory_budget_bytes } else { 0 },
+        memory_budget_bytes: if sees_memory {
+            s.memory_budget_bytes
+        } else {
+            0
+        },
         memory_used_bytes: if sees_memory { s.memory_used_bytes } else { 0 },
         storage: Some(storage_to_pb(&s.storage)),
     }
