@@ -22,8 +22,10 @@ if ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   else
-    echo "chromium is missing and cannot be installed here (needs root and apt-get): the dashboard test will say SKIPPED" >&2
+    echo "chromium is missing and cannot be installed here (needs root and apt-get): the dashboard test (tests/ops_dashboard.rs) fails without it" >&2
+    exit 1
   fi
+  command -v chromium >/dev/null || { echo "chromium is not on PATH after apt-get install chromium" >&2; exit 1; }
 fi
 if ! command -v openssl >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

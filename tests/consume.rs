@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestBroker, long_poll, within};
+use common::{TestBroker, long_poll, wait_for_consumer, within};
 use futures::StreamExt;
 use sluice::client::{ClientError, Job};
 use sluice::pb;
@@ -77,8 +77,14 @@ async fn credits_bound_the_jobs_in_flight_and_acks_on_the_stream_complete_them()
 async fn an_idle_stream_waits_for_work_and_nacks_stay_exact() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
-    let mut consumer = client.consume("idle").open().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut consumer = client
+        .consume("idle")
+        .consumer("idle-stream")
+        .open()
+        .await
+        .unwrap();
+    // Listed once it has looked at the (empty) queue: from then on it waits for work.
+    wait_for_consumer(&client, "idle", "idle-stream").await;
     client.enqueue("idle", "late").send().await.unwrap();
     let lease = within(consumer.next()).await.unwrap().unwrap();
     assert_eq!(lease.payload().as_ref(), b"late");
@@ -105,8 +111,7 @@ async fn a_stream_without_credits_does_not_hold_up_other_waiters() {
     client.enqueue("nc", "first").send().await.unwrap();
     let held = within(consumer.next()).await.unwrap().unwrap();
     assert_eq!(held.payload().as_ref(), b"first");
-    let waiter = long_poll(&client, "nc", Duration::from_secs(30));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiter = long_poll(&client, "nc", Duration::from_secs(30)).await;
     client.enqueue("nc", "second").send().await.unwrap();
     let leases = within(waiter).await.unwrap().unwrap();
     assert_eq!(leases.len(), 1);
@@ -213,8 +218,13 @@ async fn the_first_request_must_name_the_queue() {
 async fn shutdown_ends_consume_streams() {
     let mut broker = TestBroker::start().await;
     let client = broker.client().await;
-    let mut consumer = client.consume("sd").open().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut consumer = client
+        .consume("sd")
+        .consumer("sd-stream")
+        .open()
+        .await
+        .unwrap();
+    wait_for_consumer(&client, "sd", "sd-stream").await;
     broker.stop();
     assert!(within(consumer.next()).await.is_none());
     within(&mut broker.handle).await.unwrap();

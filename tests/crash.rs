@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::free_port;
+use common::{SERVE_LOG, serve_addrs};
 use sluice::pb;
 use sluice::pb::broker_client::BrokerClient;
 use tonic::transport::Channel;
@@ -30,13 +30,14 @@ const KILL_CYCLES: usize = 8;
 /// The publisher's id in payload ids (the enqueue producers are 0 and 1).
 const PUBLISHER: usize = 9;
 
-fn spawn_broker(dir: &Path, port: u16) -> Child {
-    spawn_broker_with(dir, port, "always")
+fn spawn_broker(dir: &Path) -> Child {
+    spawn_broker_with(dir, "always")
 }
 
-fn spawn_broker_with(dir: &Path, port: u16, fsync: &str) -> Child {
+/// Starts the binary on a port of its own choosing; [`connect`] reads which from its log.
+fn spawn_broker_with(dir: &Path, fsync: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir)
         // Small segments, so rolls and compactions happen between kills too.
@@ -48,28 +49,20 @@ fn spawn_broker_with(dir: &Path, port: u16, fsync: &str) -> Child {
             "--fsync",
             fsync,
         ])
-        .env("SLUICE_LOG", "warn")
-        .stdout(Stdio::null())
+        .env("SLUICE_LOG", SERVE_LOG)
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("starting the sluice binary")
 }
 
-async fn connect(port: u16, child: &mut Child) -> BrokerClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the broker exited during startup: {status}");
-        }
-        if let Ok(client) = BrokerClient::connect(format!("http://127.0.0.1:{port}")).await {
-            return client;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the broker did not start in 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Connects to `child` once it logs the address it listens on (it binds before logging).
+async fn connect(child: &mut Child) -> BrokerClient<Channel> {
+    let stdout = child.stdout.take().expect("the broker's stdout is piped");
+    let addr = serve_addrs(stdout, false).await.grpc;
+    BrokerClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to the broker")
 }
 
 fn payload(producer: usize, n: u64) -> (String, Bytes) {
@@ -150,6 +143,7 @@ async fn produce(
             }
         };
         if failed {
+            // A retrying producer's back-off while the broker is down.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -173,6 +167,7 @@ async fn consume(
             })
             .await;
         let Ok(leased) = leased else {
+            // A retrying consumer's back-off while the broker is down.
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
@@ -331,6 +326,7 @@ async fn publish(
                     t.acknowledge(result.sequence, id);
                 }
             }
+            // A retrying publisher's back-off while the broker is down.
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
@@ -355,6 +351,7 @@ async fn subscribe(
         };
         match client.subscribe(request).await {
             Ok(reply) => break reply.into_inner(),
+            // A reconnecting subscriber's back-off while the broker is down.
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     };
@@ -393,8 +390,7 @@ async fn crash_ledger(fsync: &str, seed: u64) {
     let mut kills_during_recovery = 0;
 
     for cycle in 0..KILL_CYCLES {
-        let port = free_port();
-        let mut child = spawn_broker_with(dir.path(), port, fsync);
+        let mut child = spawn_broker_with(dir.path(), fsync);
         if cycle % 3 == 1 {
             // Kill it while it recovers (or just after): no client is running, so no lease
             // is in flight, and the next start must still find everything.
@@ -402,9 +398,9 @@ async fn crash_ledger(fsync: &str, seed: u64) {
             child.kill().unwrap();
             child.wait().unwrap();
             kills_during_recovery += 1;
-            child = spawn_broker_with(dir.path(), port, fsync);
+            child = spawn_broker_with(dir.path(), fsync);
         }
-        let mut client = connect(port, &mut child).await;
+        let mut client = connect(&mut child).await;
         if cycle == 0 {
             // Retention far above what a run publishes: a gap can only be a defect.
             client
@@ -449,6 +445,7 @@ async fn crash_ledger(fsync: &str, seed: u64) {
                 false,
             )));
         }
+        // The load runs for a random while, then the kill comes at that random moment.
         tokio::time::sleep(Duration::from_millis(rng.u64(300..1200))).await;
         child.kill().unwrap();
         child.wait().unwrap();
@@ -466,9 +463,8 @@ async fn crash_ledger(fsync: &str, seed: u64) {
 
     // Final run: drain the queue, and let the subscriber catch up with the newest
     // acknowledged publish.
-    let port = free_port();
-    let mut child = spawn_broker_with(dir.path(), port, fsync);
-    let client = connect(port, &mut child).await;
+    let mut child = spawn_broker_with(dir.path(), fsync);
+    let client = connect(&mut child).await;
     let stop = Arc::new(AtomicBool::new(false));
     let subscriber = tokio::spawn(subscribe(client.clone(), topic.clone(), stop.clone()));
     consume(client.clone(), ledger.clone(), stop.clone(), true).await;
@@ -593,12 +589,11 @@ async fn sigkill_with_interval_fsync_loses_no_acknowledged_work() {
 #[tokio::test]
 async fn a_second_broker_on_the_same_data_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut first = spawn_broker(dir.path(), port);
-    let mut client = connect(port, &mut first).await;
+    let mut first = spawn_broker(dir.path());
+    let mut client = connect(&mut first).await;
 
     let second = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir.path())
         .env("SLUICE_LOG", "off")
@@ -618,9 +613,8 @@ async fn a_second_broker_on_the_same_data_directory_is_refused() {
     first.kill().unwrap();
     first.wait().unwrap();
     // A killed broker's lock goes with its process.
-    let port = free_port();
-    let mut third = spawn_broker(dir.path(), port);
-    connect(port, &mut third).await;
+    let mut third = spawn_broker(dir.path());
+    connect(&mut third).await;
     third.kill().unwrap();
     third.wait().unwrap();
 }

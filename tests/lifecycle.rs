@@ -75,13 +75,12 @@ async fn shutdown_ends_subscriptions_and_long_polls_and_serve_returns() {
         .raw()
         .await
         .unwrap();
-    let poll = long_poll(&client, "jobs", Duration::from_secs(60));
+    let poll = long_poll(&client, "jobs", Duration::from_secs(60)).await;
     client.publish("events.a", "before").await.unwrap();
     assert_eq!(
         within(sub.next()).await.unwrap().unwrap().value.as_ref(),
         b"before"
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
 
     broker.stop();
     // The subscription ends (no more items), the long poll returns empty, serve returns.

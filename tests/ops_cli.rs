@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::Harness;
-use common::test_broker::free_port;
+use common::test_broker::{SERVE_LOG, serve_addrs};
 use serde_json::Value;
 use sluice::pb;
 
@@ -490,30 +490,25 @@ async fn cli_dead_jobs_redrive_purge_and_errors() {
     );
 }
 
-/// A free loopback port (bound, then released for the binary to take).
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_with_http_flag_and_sigterm() {
-    let (grpc, http) = (free_port(), free_port());
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{grpc}")])
-        .env("SLUICE_HTTP", format!("127.0.0.1:{http}"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("SLUICE_HTTP", "127.0.0.1:0")
         .env("SLUICE_STORAGE", "memory")
-        .env("SLUICE_LOG", "warn")
-        .stdout(std::process::Stdio::null())
+        .env("SLUICE_LOG", SERVE_LOG)
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let http_addr: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(http_addr).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "no HTTP listener");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Both ports are the ones the process bound, read from its start-up log.
+    let stdout = server.stdout.take().unwrap().into_owned_fd().unwrap();
+    let addrs = serve_addrs(std::fs::File::from(stdout), true).await;
+    let http_addr = addrs.http.unwrap();
     assert_eq!(common::http_get(http_addr, "/healthz").await.body, "ok\n");
 
-    let url = format!("http://127.0.0.1:{grpc}");
+    let url = format!("http://{}", addrs.grpc);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["enqueue", "ops.bin", "x", "--json", "--server", &url])
         .output()

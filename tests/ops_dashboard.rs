@@ -4,7 +4,8 @@
 //! as `test-artifacts/dashboard.png`.
 //!
 //! Needs Debian's `chromium` (or `SLUICE_CHROMIUM=/path/to/chrome`); without one the test
-//! prints why and passes without checking.
+//! fails and says how to install it (`scripts/install-test-deps.sh` does), so a machine
+//! without a browser cannot report the dashboard as checked.
 
 #[path = "ops_common/mod.rs"]
 mod common;
@@ -183,14 +184,45 @@ fn artifacts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("test-artifacts")
 }
 
+/// Waits until the dashboard's sampler has taken `n` more samples (each a new
+/// `/api/stats` frame), so activity before and after falls into different chart points
+/// however late a loaded machine runs the sampler.
+async fn after_samples(http: std::net::SocketAddr, n: usize) {
+    let taken_at = || async {
+        let frame = common::http_get(http, "/api/stats").await;
+        let frame: Value = serde_json::from_str(&frame.body).expect("a JSON frame");
+        frame["taken_at_unix_ms"]
+            .as_u64()
+            .expect("taken_at_unix_ms")
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut last = taken_at().await;
+    for _ in 0..n {
+        loop {
+            let now = taken_at().await;
+            if now > last {
+                last = now;
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the dashboard took no new sample in 10 s"
+            );
+            // A poll interval (a tenth of the test's sample interval).
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_updates_live_in_chromium() {
-    let Some(chromium) = find_chromium() else {
-        println!(
-            "SKIPPED dashboard_updates_live_in_chromium: no chromium found (apt-get install -y chromium, or set SLUICE_CHROMIUM)"
-        );
-        return;
-    };
+    let chromium = find_chromium().unwrap_or_else(|| {
+        panic!(
+            "no chromium found on PATH (looked for chromium, chromium-browser, google-chrome): \
+             run scripts/install-test-deps.sh (apt-get install -y chromium), or set \
+             SLUICE_CHROMIUM=/path/to/chrome"
+        )
+    });
     let h = Harness::start(200).await;
     let mut c = h.client().await;
 
@@ -302,7 +334,7 @@ async fn dashboard_updates_live_in_chromium() {
     enqueue(&mut c, "orders.process", 25, 0).await;
     enqueue(&mut c, "email.send", 12, 0).await;
     enqueue(&mut c, "email.send", 3, 600_000).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    after_samples(h.http, 3).await;
     c.publish(pb::PublishRequest {
         topic: "user.registered".into(),
         messages: (0..5)
@@ -377,7 +409,7 @@ async fn dashboard_updates_live_in_chromium() {
     );
 
     // More work: the same page follows.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    after_samples(h.http, 3).await;
     c.ack(pb::AckRequest {
         acks: held
             .iter()
@@ -390,7 +422,7 @@ async fn dashboard_updates_live_in_chromium() {
     .await
     .unwrap();
     enqueue(&mut c, "orders.process", 10, 0).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    after_samples(h.http, 3).await;
     lease_and_ack(&mut c, "orders.process", "order-worker-2", 12, 12).await;
     let orders = cdp
         .wait_for(
@@ -417,7 +449,6 @@ async fn dashboard_updates_live_in_chromium() {
     .await;
 
     // The charts drew their series: pixels in the pending and acked colours.
-    tokio::time::sleep(Duration::from_millis(800)).await;
     let coloured = |id: &str, rgb: (i32, i32, i32)| {
         format!(
             r#"(() => {{
@@ -433,20 +464,20 @@ async fn dashboard_updates_live_in_chromium() {
             rgb.0, rgb.1, rgb.2
         )
     };
-    let pending_px = cdp
-        .eval(s, &coloured("depth-chart", (0x4e, 0xa1, 0xff)))
-        .await;
-    assert!(
-        pending_px.as_u64().unwrap() > 20,
-        "depth chart: {pending_px}"
-    );
-    let acked_px = cdp
-        .eval(s, &coloured("rate-chart", (0x34, 0xd3, 0x99)))
-        .await;
-    assert!(
-        acked_px.as_u64().unwrap() > 20,
-        "throughput chart: {acked_px}"
-    );
+    cdp.wait_for(
+        s,
+        &coloured("depth-chart", (0x4e, 0xa1, 0xff)),
+        "the depth chart's pending series (over 20 pixels)",
+        |v| v.as_u64().is_some_and(|n| n > 20),
+    )
+    .await;
+    cdp.wait_for(
+        s,
+        &coloured("rate-chart", (0x34, 0xd3, 0x99)),
+        "the throughput chart's acked series (over 20 pixels)",
+        |v| v.as_u64().is_some_and(|n| n > 20),
+    )
+    .await;
 
     // Everything the page loaded came from the broker itself.
     let foreign = cdp
@@ -456,16 +487,13 @@ async fn dashboard_updates_live_in_chromium() {
         )
         .await;
     assert_eq!(foreign, json!([]), "resources from elsewhere");
-    let trend_points = cdp
-        .eval(
-            s,
-            r#"document.querySelector('tr[data-queue="orders.process"] td.trend polyline').getAttribute('points').split(' ').length"#,
-        )
-        .await;
-    assert!(
-        trend_points.as_u64().unwrap() >= 3,
-        "trend sparkline: {trend_points}"
-    );
+    cdp.wait_for(
+        s,
+        r#"document.querySelector('tr[data-queue="orders.process"] td.trend polyline').getAttribute('points').split(' ').length"#,
+        "a trend sparkline of 3 points or more",
+        |v| v.as_u64().is_some_and(|n| n >= 3),
+    )
+    .await;
 
     // Laptop size: nothing sticks out sideways.
     let width = cdp.eval(s, "document.documentElement.scrollWidth").await;

@@ -109,8 +109,7 @@ async fn long_poll_wakes_on_enqueue_and_times_out_empty() {
     assert!(started.elapsed() >= Duration::from_millis(190));
 
     let started = Instant::now();
-    let waiter = long_poll(&client, "wake", Duration::from_secs(10));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = long_poll(&client, "wake", Duration::from_secs(10)).await;
     client.enqueue("wake", "now").send().await.unwrap();
     let leases = within(waiter).await.unwrap().unwrap();
     let elapsed = started.elapsed();
@@ -128,10 +127,10 @@ async fn one_batch_reaches_every_long_poll_waiter() {
     // long before their 30 s wait would end.
     let broker = TestBroker::start().await;
     let client = broker.client().await;
-    let waiters: Vec<_> = (0..8)
-        .map(|_| long_poll(&client, "herd", Duration::from_secs(30)))
-        .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut waiters = Vec::new();
+    for _ in 0..8 {
+        waiters.push(long_poll(&client, "herd", Duration::from_secs(30)).await);
+    }
     let jobs = (0..8).map(|i| Job::new(format!("{i}"))).collect();
     client.enqueue_batch("herd", jobs).await.unwrap();
     let mut payloads = Vec::new();
@@ -228,6 +227,7 @@ async fn extend_keeps_the_lease_alive() {
     let before = lease.deadline_unix_ms();
     lease.extend(Duration::from_secs(30)).await.unwrap();
     assert!(lease.deadline_unix_ms() > before + 20_000);
+    // Past the original 300 ms timeout: the time passing is what is tested.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(client.lease("ext").send().await.unwrap().is_empty());
     lease.ack().await.unwrap();
@@ -276,6 +276,8 @@ async fn retries_dead_letter_with_headers_and_redrive_brings_jobs_back() {
     dead.nack_after("inspect later", Duration::from_millis(1))
         .await
         .unwrap();
+    // Waits out the 1 ms retry delay (time, not something to register), so the dead
+    // letter is visible again for the redrive.
     tokio::time::sleep(Duration::from_millis(20)).await;
 
     let redrive = client
@@ -454,8 +456,7 @@ async fn cancel_list_purge_pause_and_delete() {
     assert!(info.paused);
     client.enqueue("adm", "after pause").send().await.unwrap();
     assert!(client.lease("adm").send().await.unwrap().is_empty());
-    let waiter = long_poll(&client, "adm", Duration::from_secs(10));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = long_poll(&client, "adm", Duration::from_secs(10)).await;
     rpc.resume_queue(pb::ResumeQueueRequest { name: "adm".into() })
         .await
         .unwrap();

@@ -8,7 +8,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{TestBroker, free_port, within};
+use common::{SERVE_LOG, TestBroker, serve_addrs, within};
 use futures::StreamExt;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use sluice::broker::auth::{Authenticator, Tokens, hash_token};
@@ -1490,7 +1490,8 @@ async fn an_idle_connection_is_closed_and_one_with_an_open_stream_is_not() {
     let took = closed_by_server(&mut idle).await;
     println!("an idle connection was closed after {took:?} (idle timeout 300 ms)");
     assert!(took >= Duration::from_millis(250), "{took:?}");
-    // Well past the idle timeout, the connection with the open subscription still works.
+    // Well past the idle timeout (the time passing is what is tested), the connection with
+    // the open subscription still works.
     tokio::time::sleep(Duration::from_millis(900)).await;
     let other = b.client().await;
     other.publish("idle.a", "still here").await.unwrap();
@@ -1510,6 +1511,7 @@ async fn keepalive_pings_drop_a_peer_that_does_not_answer() {
     // A live client answers the pings and stays.
     let client = b.client().await;
     client.publish("alive", "1").await.unwrap();
+    // Five ping intervals pass (the time passing is what is tested).
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     client.publish("alive", "2").await.unwrap();
 }
@@ -1575,20 +1577,24 @@ async fn serve_with_tokens_and_tls_and_rotate_tokens_on_sighup() {
 
     let tokens = path("tokens.toml");
     std::fs::write(&tokens, format!("{old_table}admin = [\">\"]\n")).unwrap();
-    let port = free_port();
     let mut server = sluice()
-        .args(["serve", "--storage", "memory", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
+        .args(["serve", "--storage", "memory", "--listen", "127.0.0.1:0"])
         .arg("--tokens-file")
         .arg(&tokens)
         .arg("--tls-cert")
         .arg(path("server.pem"))
         .arg("--tls-key")
         .arg(path("server.key"))
-        .stdout(std::process::Stdio::null())
+        .env("SLUICE_LOG", SERVE_LOG)
+        .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let stdout = server.stdout.take().unwrap().into_owned_fd().unwrap();
+    let port = serve_addrs(std::fs::File::from(stdout), false)
+        .await
+        .grpc
+        .port();
     let url = format!("https://localhost:{port}");
     let queues = |token: &str| {
         let mut cmd = sluice();
@@ -1600,15 +1606,13 @@ async fn serve_with_tokens_and_tls_and_rotate_tokens_on_sighup() {
         }
         cmd
     };
-    within(async {
-        loop {
-            if run(&mut queues(&old)).await.status.success() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    // The broker listens before it logs its address, so the first call is served.
+    let first = run(&mut queues(&old)).await;
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let anonymous = run(&mut queues("")).await;
     assert_eq!(anonymous.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&anonymous.stderr);
@@ -1642,28 +1646,28 @@ async fn sighup_ends_the_open_subscription_of_a_revoked_token() {
         "{revoked_table}subscribe = [\">\"]\n\n{kept_table}subscribe = [\">\"]\npublish = [\">\"]\n"
     );
     std::fs::write(&tokens, both).unwrap();
-    let port = free_port();
     let mut server = sluice()
-        .args(["serve", "--storage", "memory", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
+        .args(["serve", "--storage", "memory", "--listen", "127.0.0.1:0"])
         .arg("--tokens-file")
         .arg(&tokens)
-        .stdout(std::process::Stdio::null())
+        .env("SLUICE_LOG", SERVE_LOG)
+        .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
+    let stdout = server.stdout.take().unwrap().into_owned_fd().unwrap();
+    let url = format!(
+        "http://{}",
+        serve_addrs(std::fs::File::from(stdout), false).await.grpc
+    );
+    // The broker listens before it logs its address, so one attempt connects.
     let connect = |token: String| {
         let url = url.clone();
         async move {
-            loop {
-                match Client::connect_with(url.clone(), ConnectOptions::new().token(token.clone()))
-                    .await
-                {
-                    Ok(client) => return client.rpc(),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
+            Client::connect_with(url, ConnectOptions::new().token(token))
+                .await
+                .expect("connect to the broker")
+                .rpc()
         }
     };
     let mut leaving = within(connect(revoked.clone())).await;

@@ -5,12 +5,15 @@
 //! cargo test --release --test throughput -- --ignored --nocapture
 //! ```
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{SERVE_LOG, serve_addrs};
 use sluice::pb;
 use sluice::pb::broker_client::BrokerClient;
 use tonic::transport::Channel;
@@ -18,36 +21,32 @@ use tonic::transport::Channel;
 const RUN: Duration = Duration::from_secs(5);
 
 async fn connect(url: &str) -> BrokerClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match BrokerClient::connect(url.to_owned()).await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => panic!("broker did not start: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
+    BrokerClient::connect(url.to_owned())
+        .await
+        .expect("connect to the broker")
+}
+
+/// The URL of a `sluice serve` child started with `--listen 127.0.0.1:0` and a piped
+/// stdout, read from its start-up log (it listens before it logs).
+async fn url_of(child: &mut std::process::Child) -> String {
+    let stdout = child.stdout.take().expect("the broker's stdout is piped");
+    format!("http://{}", serve_addrs(stdout, false).await.grpc)
 }
 
 /// Runs 2 producers (batches of 100 x 256 B) and 4 workers (lease 100, ack the batch)
 /// for [`RUN`]; returns (enqueued/s, acked/s).
 async fn s2(storage_args: &[&str]) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir.path())
         .args(storage_args)
-        .env("SLUICE_LOG", "warn")
-        .stdout(Stdio::null())
+        .env("SLUICE_LOG", SERVE_LOG)
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    connect(&url).await;
+    let url = url_of(&mut child).await;
     let stop = Arc::new(AtomicBool::new(false));
     let enqueued = Arc::new(AtomicU64::new(0));
     let acked = Arc::new(AtomicU64::new(0));
@@ -109,6 +108,7 @@ async fn s2(storage_args: &[&str]) -> (f64, f64) {
         }));
     }
     let start = Instant::now();
+    // The measurement window: its length is what the rates are per.
     tokio::time::sleep(RUN).await;
     let (e, a) = (
         enqueued.load(Ordering::Relaxed),
@@ -171,21 +171,15 @@ async fn enqueue_latency(client: &mut BrokerClient<Channel>, n: usize) -> (f64, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, run by hand (--release for the README's figures)"]
 async fn enqueue_latency_with_20_stats_watchers_over_10000_queues() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let binary =
         std::env::var("SLUICE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").into());
     let mut child = Command::new(binary)
-        .args(["serve", "--storage", "memory", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .env("SLUICE_LOG", "warn")
-        .stdout(Stdio::null())
+        .args(["serve", "--storage", "memory", "--listen", "127.0.0.1:0"])
+        .env("SLUICE_LOG", SERVE_LOG)
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
+    let url = url_of(&mut child).await;
     let mut client = connect(&url).await;
     let creators: Vec<_> = (0..8)
         .map(|k| {
@@ -219,15 +213,20 @@ async fn enqueue_latency_with_20_stats_watchers_over_10000_queues() {
             .await
             .unwrap()
             .into_inner();
+        // Measured only once every watcher is ticking: each has had its first frame.
+        frames
+            .message()
+            .await
+            .unwrap()
+            .expect("a first stats frame");
         watchers.push(tokio::spawn(async move {
-            let mut n = 0u64;
+            let mut n = 1u64;
             while let Ok(Some(_)) = frames.message().await {
                 n += 1;
             }
             n
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let (watched_p50, watched_p99) = enqueue_latency(&mut client, 500).await;
     child.kill().unwrap();
     child.wait().unwrap();

@@ -94,6 +94,8 @@ async fn replay_from_earliest_sequence_and_time() {
     for i in 1..=3 {
         client.publish("log", format!("old{i}")).await.unwrap();
     }
+    // Publish times are whole milliseconds: the old messages fall strictly before the
+    // cut and the new one strictly after it (time passing is what replay by time needs).
     tokio::time::sleep(Duration::from_millis(20)).await;
     let cut = SystemTime::now();
     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -95,6 +95,7 @@ async fn concurrency_limit_is_respected_and_every_job_completes() {
                 async move {
                     let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                     peak.fetch_max(now, Ordering::SeqCst);
+                    // The work itself: long enough for three handlers to overlap.
                     tokio::time::sleep(Duration::from_millis(150)).await;
                     running.fetch_sub(1, Ordering::SeqCst);
                     Ok(Done::with_result(format!("sent to {}", job.value.to)))
@@ -118,14 +119,16 @@ async fn extension_keeps_a_long_job_alive_past_its_visibility_timeout() {
     let client = broker.client().await;
     let id = enqueue_email(&client, "slow", "welcome", "a@x.test").await;
     let calls = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(tokio::sync::Notify::new());
     let worker = Worker::new(client.clone(), "slow")
         .visibility_timeout(Duration::from_millis(500))
         .handle_json("welcome", {
-            let calls = calls.clone();
+            let (calls, started) = (calls.clone(), started.clone());
             move |_job: JobContext<Email>| {
-                let calls = calls.clone();
+                let (calls, started) = (calls.clone(), started.clone());
                 async move {
                     calls.fetch_add(1, Ordering::SeqCst);
+                    started.notify_one();
                     // More than three visibility timeouts.
                     tokio::time::sleep(Duration::from_millis(1_600)).await;
                     Ok(())
@@ -147,7 +150,8 @@ async fn extension_keeps_a_long_job_alive_past_its_visibility_timeout() {
             }
         });
     let (token, handle) = spawn(worker);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The rival starts once the first worker holds the job.
+    within(started.notified()).await;
     let (rival_token, rival_handle) = spawn(rival);
     let job = wait_for_state(&client, &id, pb::JobState::Completed).await;
     assert_eq!(job.attempts, 1);
@@ -287,6 +291,7 @@ async fn graceful_drain_finishes_in_flight_jobs_and_stops_leasing() {
                 let started = started.clone();
                 async move {
                     started.notify_one();
+                    // An in-flight job the drain must wait for.
                     tokio::time::sleep(Duration::from_millis(400)).await;
                     Ok(())
                 }
@@ -324,6 +329,7 @@ async fn graceful_drain_finishes_in_flight_jobs_and_stops_leasing() {
     );
     // Nothing is leased after shutdown.
     let later = enqueue_email(&client, "drain", "welcome", "b@x.test").await;
+    // A negative: time for a lease that must not happen to show (no state to wait on).
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         client.get_job(&later).await.unwrap().state(),
@@ -345,6 +351,7 @@ async fn drain_timeout_releases_unfinished_jobs_for_redelivery() {
                 let started = started.clone();
                 async move {
                     started.notify_one();
+                    // A job that outlives the drain timeout.
                     tokio::time::sleep(Duration::from_secs(60)).await;
                     Ok(())
                 }
@@ -355,9 +362,14 @@ async fn drain_timeout_releases_unfinished_jobs_for_redelivery() {
     let report = stop(token, handle).await;
     assert_eq!(report.released, 1);
     assert_eq!(report.completed, 0);
-    // Released with a 1 ms retry delay: another worker can lease it right away.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let leases = client.lease("stuck").send().await.unwrap();
+    // Released with a 1 ms retry delay: another worker can lease it right away (a long
+    // poll returns as soon as the delay has passed, far before its wait ends).
+    let leases = client
+        .lease("stuck")
+        .wait(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(leases.len(), 1);
     assert_eq!(leases[0].job_id(), id);
     assert_eq!(leases[0].attempt(), 2);
@@ -572,9 +584,9 @@ async fn protobuf_handlers_get_decoded_messages_and_results_are_stored() {
 }
 
 /// A broker on a fixed loopback address, stopped by cancelling the returned token.
-async fn broker_at(addr: std::net::SocketAddr) -> (CancellationToken, JoinHandle<()>) {
+/// Serves a fresh in-memory broker on `listener` until the token is cancelled.
+async fn broker_on(listener: tokio::net::TcpListener) -> (CancellationToken, JoinHandle<()>) {
     use sluice::broker::{Broker, BrokerConfig, ServeOptions, serve};
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let stop = CancellationToken::new();
     let options = ServeOptions {
         drain_timeout: Duration::from_millis(500),
@@ -598,11 +610,9 @@ async fn broker_at(addr: std::net::SocketAddr) -> (CancellationToken, JoinHandle
 
 #[tokio::test]
 async fn a_worker_rides_out_a_broker_restart() {
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
-    let (stop_first, first) = broker_at(addr).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_first, first) = broker_on(listener).await;
     let client = Client::connect(format!("http://{addr}")).await.unwrap();
     let done = Arc::new(AtomicUsize::new(0));
     let worker = Worker::new(client.clone(), "emails").handle_json("welcome", {
@@ -622,12 +632,15 @@ async fn a_worker_rides_out_a_broker_restart() {
     // The broker goes away (its memory with it) and comes back on the same address.
     stop_first.cancel();
     within(first).await.unwrap();
+    // An outage of a while, which the worker must ride out.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !handle.is_finished(),
         "the worker must keep retrying, not exit"
     );
-    let (stop_second, second) = broker_at(addr).await;
+    // The restart takes the same address again: that is the scenario under test.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (stop_second, second) = broker_on(listener).await;
 
     let after = within(async {
         loop {

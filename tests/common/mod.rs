@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sluice::broker::{Broker, BrokerConfig, ServeOptions, serve};
@@ -89,22 +90,124 @@ pub async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
 }
 
 /// A long-polling Lease of one job from `queue`, waiting up to `wait`, on a task of its
-/// own so the test can change the queue meanwhile.
-pub fn long_poll(
+/// own so the test can change the queue meanwhile. Returns once the poll is waiting: each
+/// poll leases under a name of its own, and a lease registers its waker before it looks
+/// at the queue and names its consumer, so once `ListConsumers` shows that name a job
+/// made visible reaches the poll through its wake-up, not through its first look.
+pub async fn long_poll(
     client: &Client,
     queue: &str,
     wait: Duration,
 ) -> JoinHandle<Result<Vec<Lease>, ClientError>> {
-    let client = client.clone();
-    let queue = queue.to_owned();
-    tokio::spawn(async move { client.lease(&queue).wait(wait).send().await })
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = format!("long-poll-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let poll = tokio::spawn({
+        let client = client.clone();
+        let queue = queue.to_owned();
+        let name = name.clone();
+        async move { client.lease(&queue).consumer(name).wait(wait).send().await }
+    });
+    wait_for_consumer(client, queue, &name).await;
+    poll
 }
 
-/// A loopback port that was free a moment ago, for a broker started as a process.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Waits (up to 10 s) until `ListConsumers` of `queue` shows a consumer named `name`: it
+/// has leased, or is waiting in a long poll or a consume stream with credits.
+pub async fn wait_for_consumer(client: &Client, queue: &str, name: &str) {
+    let mut rpc = client.rpc();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = rpc
+            .list_consumers(sluice::pb::ListConsumersRequest {
+                queue: queue.to_owned(),
+            })
+            .await;
+        if let Ok(listed) = listed
+            && listed.get_ref().consumers.iter().any(|c| c.name == name)
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumer {name:?} did not appear on {queue:?} within 10 s"
+        );
+        // A poll interval, not a wait for something to happen by itself.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The `SLUICE_LOG` filter a `sluice serve` process needs for [`serve_addrs`]: the
+/// addresses it bound are in its `info` start-up lines.
+pub const SERVE_LOG: &str = "info";
+
+/// Where a `sluice serve` process started with `--listen 127.0.0.1:0` (and `--http
+/// 127.0.0.1:0`) listens, as its start-up log says.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeAddrs {
+    pub grpc: SocketAddr,
+    pub http: Option<SocketAddr>,
+}
+
+/// Reads the addresses a `sluice serve` process bound from its log on `stdout` (which must
+/// be piped, with `SLUICE_LOG` at [`SERVE_LOG`]): the port is the one the process holds,
+/// never one released by the test and bound again. Waits for the HTTP line too when
+/// `http` is set; panics if the process ends (its stdout closes) or 20 s pass first. The
+/// rest of the log is read and dropped, so a full pipe never blocks the broker.
+pub async fn serve_addrs(stdout: impl std::io::Read + Send + 'static, http: bool) -> ServeAddrs {
+    let (found, addrs) = oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let mut found = Some(found);
+        let (mut grpc, mut http_addr) = (None, None);
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let line = strip_ansi(&line);
+            if line.contains("sluice serving gRPC") {
+                grpc = logged_addr(&line);
+            } else if line.contains("sluice serving HTTP") {
+                http_addr = logged_addr(&line);
+            }
+            if let Some(grpc) = grpc
+                && (!http || http_addr.is_some())
+                && let Some(found) = found.take()
+            {
+                let _ = found.send(ServeAddrs {
+                    grpc,
+                    http: http_addr,
+                });
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), addrs)
+        .await
+        .expect("the broker did not log its listening address within 20 s")
+        .expect("the broker exited before logging its listening address")
+}
+
+/// The `addr=` field of a log line, written `addr=Some(127.0.0.1:5)` or `addr=127.0.0.1:5`.
+fn logged_addr(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("addr=")? + "addr=".len()..];
+    let rest = rest.strip_prefix("Some(").unwrap_or(rest);
+    let end = rest
+        .find(|c: char| c == ')' || c.is_whitespace())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// `line` without terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
