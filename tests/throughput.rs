@@ -174,7 +174,16 @@ async fn enqueue_latency_with_20_stats_watchers_over_10000_queues() {
     let binary =
         std::env::var("SLUICE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").into());
     let mut child = Command::new(binary)
-        .args(["serve", "--storage", "memory", "--listen", "127.0.0.1:0"])
+        // Each queue also holds a slot for its dead-letter queue under --max-queues.
+        .args([
+            "serve",
+            "--storage",
+            "memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-queues",
+            "20000",
+        ])
         .env("SLUICE_LOG", SERVE_LOG)
         .stdout(Stdio::piped())
         .spawn()
