@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Access, Grant, Tokens};
 use crate::broker::error::BrokerError;
+use crate::broker::sync::{self, lock};
 
 /// What a request authenticated with: the SHA-256 of its token and the token's grant.
 #[derive(Debug, Clone)]
@@ -66,7 +67,7 @@ impl HeldStream {
         };
         match (self.recheck)(&Access::granted(grant.clone())) {
             Ok(()) => {
-                *self.grant.write().unwrap_or_else(|e| e.into_inner()) = grant.clone();
+                *sync::write(&self.grant) = grant.clone();
                 true
             }
             Err(BrokerError::PermissionDenied(why)) => {
@@ -145,10 +146,6 @@ impl Registry {
     pub(super) fn len(&self) -> usize {
         lock(&self.open).len()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// An open stream's registration; dropping it (with the stream) unregisters it.

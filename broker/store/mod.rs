@@ -35,6 +35,7 @@ pub use self::recovery::{RecoveryError, RecoveryReport};
 pub use self::wal::DurableListener;
 
 use crate::broker::error::BrokerError;
+use crate::broker::sync::{self, lock};
 use crate::broker::time::Millis;
 
 /// When appended records are fsynced.
@@ -271,10 +272,7 @@ impl Storage for DirStorage {
 
     fn release(&self) {
         // Closing the file drops its lock.
-        self.lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        lock(&self.lock).take();
     }
 }
 
@@ -389,7 +387,7 @@ impl Journal {
 
     /// Waits while too much is buffered, then checks for fail-stop. Call before taking
     /// any lock.
-    pub async fn admit(&self) -> Result<(), BrokerError> {
+    pub async fn wait_for_log_space(&self) -> Result<(), BrokerError> {
         self.wal.wait_for_space().await;
         self.check()
     }
@@ -397,16 +395,11 @@ impl Journal {
     /// Starts a mutation (see the `gate` field). Hold the guard only in sync code.
     pub fn begin(&self) -> Result<RwLockReadGuard<'_, ()>, BrokerError> {
         self.check()?;
-        Ok(self
-            .gate
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))
+        Ok(sync::read(&self.gate))
     }
 
     pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
-        self.gate
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        sync::write(&self.gate)
     }
 
     /// Appends a batch as one atomic record. An empty batch appends nothing and returns
@@ -497,20 +490,14 @@ impl Journal {
 
     /// The right to compact, held for the whole compaction; `None` once closed.
     pub(crate) fn compaction_slot(&self) -> Option<MutexGuard<'_, bool>> {
-        let slot = self
-            .compaction
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slot = lock(&self.compaction);
         (!*slot).then_some(slot)
     }
 
     /// Waits for a running compaction, then stops the writer after it wrote (and
     /// synced) everything appended so far.
     pub fn close(&self) {
-        *self
-            .compaction
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        *lock(&self.compaction) = true;
         self.wal.close();
     }
 }

@@ -13,7 +13,7 @@
 //! the page cache can no longer be trusted to match the disk.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -22,6 +22,7 @@ use tokio::sync::{Notify, watch};
 use super::manifest::{self, Manifest};
 use super::record::FILE_MAGIC;
 use super::{FsyncPolicy, Storage, StorageFile, StoreConfig};
+use crate::broker::sync::{self, lock};
 
 /// File name of segment `id`.
 pub(crate) fn segment_name(id: u64) -> String {
@@ -146,10 +147,6 @@ impl LogSize {
 pub(crate) struct Wal {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Wal {
@@ -481,22 +478,13 @@ impl Writer {
                             if left.is_zero() {
                                 break;
                             }
-                            st = self
-                                .shared
-                                .wake
-                                .wait_timeout(st, left)
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .0;
+                            st = sync::wait_timeout(&self.shared.wake, st, left);
                             if self.last_sync.elapsed() >= every {
                                 break;
                             }
                         }
                         _ => {
-                            st = self
-                                .shared
-                                .wake
-                                .wait(st)
-                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            st = sync::wait(&self.shared.wake, st);
                         }
                     }
                 }
