@@ -31,7 +31,7 @@ use crate::broker::queue::{
 };
 use crate::broker::store::{
     Batch, Commit, DurableListener, Journal, RecoveryError, RecoveryReport, SnapshotQueue,
-    SnapshotTopic, Storage, StoreConfig, recover,
+    SnapshotTopic, Storage, StoreConfig, StoreError, recover,
 };
 use crate::broker::subscription::{self, SubscribeSpec, SubscriberShared, Subscription};
 use crate::broker::sync::lock;
@@ -349,12 +349,9 @@ impl Broker {
             journal
                 .write_snapshot(first, 0, queues, topics, now_ms())
                 .err()
-                .map(|e| e.to_string())
         });
         match unwritable {
-            Some(reason) => journal.fail_stop(format!(
-                "the data directory cannot be written at startup, so the broker serves reads only: {reason}"
-            )),
+            Some(reason) => journal.fail_stop(StoreError::UnwritableAtStartup(Box::new(reason))),
             None => {
                 tokio::spawn(broker.clone().run_failure_watch(journal.clone()));
             }
@@ -526,14 +523,18 @@ impl Broker {
     /// Why the write-ahead log failed (fail-stop), if it did; always `None` with memory
     /// storage.
     pub fn storage_failure(&self) -> Option<String> {
-        self.inner.journal.as_ref().and_then(|j| j.failure())
+        self.inner
+            .journal
+            .as_ref()
+            .and_then(|j| j.failure())
+            .map(|e| e.to_string())
     }
 
     /// Resolves with the reason once the write-ahead log fails; never with memory
     /// storage.
     pub async fn storage_failed(&self) -> String {
         match &self.inner.journal {
-            Some(journal) => journal.failed().await,
+            Some(journal) => journal.failed().await.to_string(),
             None => std::future::pending().await,
         }
     }
@@ -548,7 +549,7 @@ impl Broker {
             Some(journal) => StorageStatus {
                 engine: "wal",
                 fsync: Some(journal.fsync().to_string()),
-                failure: journal.failure(),
+                failure: journal.failure().map(|e| e.to_string()),
                 recovery: self.inner.recovery.get().cloned().unwrap_or_default(),
             },
         }
@@ -642,7 +643,7 @@ impl Broker {
             let (queues, topics) = self.capture();
             (base, last, queues, topics)
         };
-        journal.write_snapshot(base, last, queues, topics, now_ms())
+        Ok(journal.write_snapshot(base, last, queues, topics, now_ms())?)
     }
 
     /// Copies the persistent state of every queue and topic (payloads are shared, not

@@ -16,6 +16,7 @@
 //! it changed*, so the log order is the state order, gets a [`Commit`] position, releases
 //! the lock, and only then awaits [`Journal::durable`] before answering OK.
 
+mod error;
 mod manifest;
 mod record;
 mod recovery;
@@ -28,6 +29,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+pub use self::error::{FileOp, ManifestDefect, StoreError};
 pub use self::record::Batch;
 pub(crate) use self::record::{SnapshotQueue, SnapshotTopic};
 pub(crate) use self::recovery::{Recovered, recover};
@@ -338,18 +340,18 @@ impl Journal {
     }
 
     /// Why the log failed (fail-stop), if it did.
-    pub fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<StoreError> {
         self.wal.failure()
     }
 
     /// Resolves with the reason once the log has failed.
-    pub async fn failed(&self) -> String {
+    pub async fn failed(&self) -> StoreError {
         self.wal.failed().await
     }
 
     /// Fails the log without a write error (the startup snapshot or a recovery clean-up
     /// could not be written): the broker serves reads and refuses every change.
-    pub(crate) fn fail_stop(&self, reason: String) {
+    pub(crate) fn fail_stop(&self, reason: StoreError) {
         self.wal.fail_stop(reason);
         self.settle();
     }
@@ -359,9 +361,7 @@ impl Journal {
     /// Call only after [`Journal::failed`], under [`Journal::exclusive`] and the
     /// compaction slot, so nothing changes the state or the files meanwhile.
     pub(crate) fn reload(&self, now: Millis) -> Result<Recovered, RecoveryError> {
-        let end = self.wal.durable_end().ok_or_else(|| {
-            RecoveryError::Io("the write-ahead log has not failed; nothing to reload".into())
-        })?;
+        let end = self.wal.durable_end().ok_or(RecoveryError::NotFailed)?;
         recovery::reload(self.wal.storage(), end, now)
     }
 
@@ -477,15 +477,11 @@ impl Journal {
         queues: Vec<SnapshotQueue>,
         topics: Vec<SnapshotTopic>,
         now: Millis,
-    ) -> Result<u64, BrokerError> {
+    ) -> Result<u64, StoreError> {
         // The records before the roll must be on disk before the files holding them go.
-        self.wal
-            .wait_written_blocking(last)
-            .map_err(BrokerError::StorageFailed)?;
+        self.wal.wait_written_blocking(last)?;
         let frames = record::snapshot_frames(base, queues, topics, now);
-        self.wal
-            .install_snapshot(base, &frames)
-            .map_err(BrokerError::StorageFailed)
+        self.wal.install_snapshot(base, &frames)
     }
 
     /// The right to compact, held for the whole compaction; `None` once closed.
