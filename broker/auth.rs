@@ -410,7 +410,7 @@ pub struct Authenticator {
     path: Option<PathBuf>,
     tokens: Arc<RwLock<Arc<Tokens>>>,
     /// Open streams, re-checked at each reload.
-    streams: Arc<streams::Registry>,
+    streams: Arc<streams::OpenStreams>,
 }
 
 /// Why a request carried no acceptable credentials.

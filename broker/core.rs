@@ -150,8 +150,10 @@ enum Creation {
     DeadLetters,
 }
 
+/// Where published messages go besides the topic's log: the live subscriptions, and the
+/// bindings that copy a topic's messages into queues.
 #[derive(Default)]
-pub(crate) struct Registry {
+pub(crate) struct Routing {
     pub(crate) subscriptions: Vec<Arc<SubscriberShared>>,
     bindings: Vec<(Pattern, Arc<str>)>,
 }
@@ -165,7 +167,7 @@ pub(crate) struct Inner {
     pub(crate) topics: DashMap<Arc<str>, Arc<SharedTopic>>,
     /// Serialises topic creation, subscription registration and binding changes, so a new
     /// topic and a new subscription always see each other.
-    pub(crate) registry: Mutex<Registry>,
+    pub(crate) registry: Mutex<Routing>,
     pub(crate) shutdown: CancellationToken,
     next_subscription: AtomicU64,
     /// Receives lease-to-ack and publish-to-deliver timings once something measures them.
@@ -312,7 +314,7 @@ impl Broker {
                 queues: DashMap::new(),
                 catalog: Mutex::new(QueueCatalog::default()),
                 topics: DashMap::new(),
-                registry: Mutex::new(Registry::default()),
+                registry: Mutex::new(Routing::default()),
                 shutdown: CancellationToken::new(),
                 next_subscription: AtomicU64::new(1),
                 observer: OnceLock::new(),

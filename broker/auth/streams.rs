@@ -92,12 +92,12 @@ impl HeldStream {
 
 /// The streams open under an authenticator.
 #[derive(Debug, Default)]
-pub(super) struct Registry {
+pub(super) struct OpenStreams {
     next_id: AtomicU64,
     open: Mutex<HashMap<u64, Arc<HeldStream>>>,
 }
 
-impl Registry {
+impl OpenStreams {
     /// Registers a stream opened with `credentials`; it ends when `parent` is cancelled or
     /// a reload withdraws what `recheck` needs.
     ///
@@ -151,7 +151,7 @@ impl Registry {
 /// An open stream's registration; dropping it (with the stream) unregisters it.
 #[derive(Debug)]
 pub struct StreamGuard {
-    registry: Arc<Registry>,
+    registry: Arc<OpenStreams>,
     id: u64,
     held: Arc<HeldStream>,
 }

@@ -55,13 +55,14 @@ pub trait DurableListener: Send + Sync {
 /// A listener and the mark it is told, registered by one append.
 type Listening = (Arc<dyn DurableListener>, u64);
 
-struct Chunk {
+/// Framed records appended for one segment, not yet handed to the writer.
+struct SegmentBuffer {
     segment: u64,
     data: Vec<u8>,
 }
 
 struct State {
-    chunks: Vec<Chunk>,
+    chunks: Vec<SegmentBuffer>,
     buffered: usize,
     /// Segment that new appends go to.
     segment: u64,
@@ -255,7 +256,7 @@ impl Wal {
             let segment = st.segment;
             match st.chunks.last_mut() {
                 Some(chunk) if chunk.segment == segment => chunk.data.extend_from_slice(frame),
-                _ => st.chunks.push(Chunk {
+                _ => st.chunks.push(SegmentBuffer {
                     segment,
                     data: frame.to_vec(),
                 }),
@@ -515,7 +516,12 @@ impl Writer {
     /// so, tells the listeners of these records once they are durable under the policy,
     /// and only then publishes the progress that answers the requests: whoever hears a
     /// request's answer can already read what it made visible.
-    fn write(&mut self, chunks: Vec<Chunk>, last: u64, closing: bool) -> Result<(), StoreError> {
+    fn write(
+        &mut self,
+        chunks: Vec<SegmentBuffer>,
+        last: u64,
+        closing: bool,
+    ) -> Result<(), StoreError> {
         let wrote = !chunks.is_empty();
         for chunk in chunks {
             self.write_chunk(chunk)?;
@@ -566,7 +572,7 @@ impl Writer {
         }
     }
 
-    fn write_chunk(&mut self, chunk: Chunk) -> Result<(), StoreError> {
+    fn write_chunk(&mut self, chunk: SegmentBuffer) -> Result<(), StoreError> {
         if self.file.as_ref().map(|f| f.0) != Some(chunk.segment) {
             self.open_segment(chunk.segment)?;
         }
