@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::error::BrokerError;
 use crate::broker::names::Pattern;
+use crate::broker::sync;
 
 pub mod streams;
 
@@ -251,7 +252,7 @@ impl Access {
         match &self.0 {
             Holder::Open => open,
             Holder::Granted(grant) => f(grant),
-            Holder::Stream(held) => f(&held.grant.read().unwrap_or_else(|e| e.into_inner())),
+            Holder::Stream(held) => f(&sync::read(&held.grant)),
         }
     }
 
@@ -409,7 +410,7 @@ pub struct Authenticator {
     path: Option<PathBuf>,
     tokens: Arc<RwLock<Arc<Tokens>>>,
     /// Open streams, re-checked at each reload.
-    streams: Arc<streams::Registry>,
+    streams: Arc<streams::OpenStreams>,
 }
 
 /// Why a request carried no acceptable credentials.
@@ -480,7 +481,7 @@ impl Authenticator {
     /// what the stream needs (PERMISSION_DENIED). Returns how many streams it ended.
     pub fn replace(&self, tokens: Tokens) -> usize {
         let tokens = Arc::new(tokens);
-        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = tokens.clone();
+        *sync::write(&self.tokens) = tokens.clone();
         let ended = self.streams.review(&tokens);
         if ended > 0 {
             tracing::info!(
@@ -506,10 +507,7 @@ impl Authenticator {
     }
 
     fn current(&self) -> Arc<Tokens> {
-        self.tokens
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        sync::read(&self.tokens).clone()
     }
 
     /// The grant of an `authorization` header value (`Bearer <token>`), or why none.

@@ -12,10 +12,10 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
 use crate::broker::auth::{Access, Action};
-use crate::broker::core::{Broker, QueueSlot};
+use crate::broker::core::{Broker, SharedQueue};
 use crate::broker::error::BrokerError;
 use crate::broker::limits::check_duration_ms;
-use crate::broker::queue::{Delivery, LeaseId, MAX_VISIBILITY_MS};
+use crate::broker::queue::{Delivery, LeaseId, LeaseIdError, MAX_VISIBILITY_MS};
 use crate::broker::time::now_ms;
 
 /// Who consumes what.
@@ -103,7 +103,7 @@ type Leases = HashMap<u64, u64, foldhash::fast::RandomState>;
 /// One consume stream's state between two of its messages.
 struct Session<S> {
     broker: Broker,
-    slot: Arc<QueueSlot>,
+    slot: Arc<SharedQueue>,
     spec: ConsumeSpec,
     consumer: Arc<str>,
     commands: S,
@@ -143,7 +143,7 @@ where
         }
         loop {
             // Registered before looking, so a job made visible meanwhile is not missed; and
-            // only with credits, since a wake-up reaches one waiter (`QueueSlot::wake_one`)
+            // only with credits, since a wake-up reaches one waiter (`SharedQueue::wake_one`)
             // and a stream that cannot lease must not hold it while others could.
             let slot = self.slot.clone();
             let notified = slot.ready.notified();
@@ -270,7 +270,7 @@ impl Broker {
     /// log failed (the broker is fail-stopped).
     async fn settle(
         &self,
-        slot: &QueueSlot,
+        slot: &SharedQueue,
         access: &Access,
         command: ConsumeCommands,
         outstanding: &mut Leases,
@@ -279,8 +279,8 @@ impl Broker {
         let limits = self.limits();
         // Leases of a stream name its queue: sharing the name costs no allocation.
         let parse = |field: &str, lease_id: &str| {
-            LeaseId::parse_for(lease_id, &slot.name)
-                .ok_or_else(|| Self::bad_lease_id(field, lease_id))
+            LeaseId::try_parse_for(lease_id, &slot.name)
+                .map_err(|why| Self::bad_lease_id(field, lease_id, why))
         };
         // Nacks and extensions name a lease of this stream's queue.
         let own = |field: &str, lease: &LeaseId, queue: &str| -> Result<(), BrokerError> {
@@ -297,7 +297,7 @@ impl Broker {
         // path, which finds their queue itself.
         let mut foreign_acks = Vec::new();
         let mut acked_after_ms = Vec::new();
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         let now = now_ms();
         let commit = {
             let _change = self.begin()?;
@@ -309,6 +309,7 @@ impl Broker {
                         Err(_) => Err(Self::bad_lease_id(
                             "acks.lease_id",
                             &String::from_utf8_lossy(&received),
+                            LeaseIdError::NotUtf8,
                         )),
                     };
                     let outcome = outcome.and_then(|lease| {
@@ -383,7 +384,7 @@ impl Broker {
     }
 
     /// Puts back what a closed stream held: visible again at once, as a failed attempt.
-    async fn release(&self, slot: &QueueSlot, outstanding: Leases) {
+    async fn release(&self, slot: &SharedQueue, outstanding: Leases) {
         if outstanding.is_empty() {
             return;
         }

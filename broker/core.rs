@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLockReadGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,13 +27,14 @@ use crate::broker::names::{Pattern, validate_name};
 use crate::broker::observe::Observer;
 use crate::broker::queue::{
     Backoff, ConsumerState, DeadLetter, Delivery, Enqueued, FailOutcome, Job, JobState, LeaseId,
-    MAX_VISIBILITY_MS, NewJob, Queue, QueueCounts, QueuePolicy,
+    LeaseIdError, MAX_VISIBILITY_MS, NewJob, Queue, QueueCounts, QueuePolicy,
 };
 use crate::broker::store::{
     Batch, Commit, DurableListener, Journal, RecoveryError, RecoveryReport, SnapshotQueue,
-    SnapshotTopic, Storage, StoreConfig, recover,
+    SnapshotTopic, Storage, StoreConfig, StoreError, recover,
 };
 use crate::broker::subscription::{self, SubscribeSpec, SubscriberShared, Subscription};
+use crate::broker::sync::lock;
 use crate::broker::time::{Millis, now_ms};
 use crate::broker::topic::{Appended, NewMessage, Retention, Topic, validate_retention};
 
@@ -70,23 +71,16 @@ impl Default for BrokerConfig {
     }
 }
 
-/// Locks a mutex. A panic while holding one of the broker's locks is a bug that may have
-/// left the state half-changed, so it is not papered over.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock()
-        .expect("a broker lock was poisoned by an earlier panic")
-}
-
-pub(crate) struct QueueSlot {
+pub(crate) struct SharedQueue {
     pub(crate) name: Arc<str>,
     pub(crate) queue: Mutex<Queue>,
     /// Wakes one waiting lease (a long poll, or a consume stream with credits) when jobs
-    /// may have become visible; [`QueueSlot::wake_one`] says how the wake-up is passed on.
+    /// may have become visible; [`SharedQueue::wake_one`] says how the wake-up is passed on.
     pub(crate) ready: Notify,
     deleted: AtomicBool,
 }
 
-impl QueueSlot {
+impl SharedQueue {
     /// Wakes one waiter, not all: with many idle workers on a queue, waking every one per
     /// enqueue would have all but one take the lock and find nothing. The woken waiter
     /// leases through [`Broker::with_queue`], which calls this again while jobs remain
@@ -98,7 +92,7 @@ impl QueueSlot {
     }
 }
 
-pub(crate) struct TopicSlot {
+pub(crate) struct SharedTopic {
     pub(crate) name: Arc<str>,
     pub(crate) topic: Mutex<Topic>,
     /// The sequence after the newest message that is durable under the fsync policy:
@@ -112,7 +106,7 @@ pub(crate) struct TopicSlot {
     pub(crate) gaps: AtomicU64,
 }
 
-impl TopicSlot {
+impl SharedTopic {
     fn wake_subscribers(&self) {
         for sub in lock(&self.subscribers).iter() {
             sub.wake();
@@ -128,7 +122,7 @@ impl TopicSlot {
 }
 
 /// The log's writer tells a topic the end of each publish once its record is durable.
-impl DurableListener for TopicSlot {
+impl DurableListener for SharedTopic {
     fn durable(&self, end: u64) {
         self.advance_durable(end);
     }
@@ -156,22 +150,24 @@ enum Creation {
     DeadLetters,
 }
 
+/// Where published messages go besides the topic's log: the live subscriptions, and the
+/// bindings that copy a topic's messages into queues.
 #[derive(Default)]
-pub(crate) struct Registry {
+pub(crate) struct Routing {
     pub(crate) subscriptions: Vec<Arc<SubscriberShared>>,
     bindings: Vec<(Pattern, Arc<str>)>,
 }
 
 pub(crate) struct Inner {
     pub(crate) config: BrokerConfig,
-    queues: DashMap<Arc<str>, Arc<QueueSlot>>,
+    queues: DashMap<Arc<str>, Arc<SharedQueue>>,
     /// Held while queues are created or deleted and while a policy's dead-letter queue
     /// changes (never while a queue or registry lock is held), so the queue count is exact.
     catalog: Mutex<QueueCatalog>,
-    pub(crate) topics: DashMap<Arc<str>, Arc<TopicSlot>>,
+    pub(crate) topics: DashMap<Arc<str>, Arc<SharedTopic>>,
     /// Serialises topic creation, subscription registration and binding changes, so a new
     /// topic and a new subscription always see each other.
-    pub(crate) registry: Mutex<Registry>,
+    pub(crate) registry: Mutex<Routing>,
     pub(crate) shutdown: CancellationToken,
     next_subscription: AtomicU64,
     /// Receives lease-to-ack and publish-to-deliver timings once something measures them.
@@ -318,7 +314,7 @@ impl Broker {
                 queues: DashMap::new(),
                 catalog: Mutex::new(QueueCatalog::default()),
                 topics: DashMap::new(),
-                registry: Mutex::new(Registry::default()),
+                registry: Mutex::new(Routing::default()),
                 shutdown: CancellationToken::new(),
                 next_subscription: AtomicU64::new(1),
                 observer: OnceLock::new(),
@@ -355,12 +351,9 @@ impl Broker {
             journal
                 .write_snapshot(first, 0, queues, topics, now_ms())
                 .err()
-                .map(|e| e.to_string())
         });
         match unwritable {
-            Some(reason) => journal.fail_stop(format!(
-                "the data directory cannot be written at startup, so the broker serves reads only: {reason}"
-            )),
+            Some(reason) => journal.fail_stop(StoreError::UnwritableAtStartup(Box::new(reason))),
             None => {
                 tokio::spawn(broker.clone().run_failure_watch(journal.clone()));
             }
@@ -399,7 +392,7 @@ impl Broker {
             let name: Arc<str> = Arc::from(queue.name());
             self.inner.queues.insert(
                 name.clone(),
-                Arc::new(QueueSlot {
+                Arc::new(SharedQueue {
                     name,
                     queue: Mutex::new(queue),
                     ready: Notify::new(),
@@ -435,7 +428,7 @@ impl Broker {
             }
             for topic in topics.into_values() {
                 let name = topic.name().clone();
-                let slot = Arc::new(TopicSlot {
+                let slot = Arc::new(SharedTopic {
                     name: name.clone(),
                     durable_seq: AtomicU64::new(topic.next_seq()),
                     topic: Mutex::new(topic),
@@ -532,14 +525,18 @@ impl Broker {
     /// Why the write-ahead log failed (fail-stop), if it did; always `None` with memory
     /// storage.
     pub fn storage_failure(&self) -> Option<String> {
-        self.inner.journal.as_ref().and_then(|j| j.failure())
+        self.inner
+            .journal
+            .as_ref()
+            .and_then(|j| j.failure())
+            .map(|e| e.to_string())
     }
 
     /// Resolves with the reason once the write-ahead log fails; never with memory
     /// storage.
     pub async fn storage_failed(&self) -> String {
         match &self.inner.journal {
-            Some(journal) => journal.failed().await,
+            Some(journal) => journal.failed().await.to_string(),
             None => std::future::pending().await,
         }
     }
@@ -554,7 +551,7 @@ impl Broker {
             Some(journal) => StorageStatus {
                 engine: "wal",
                 fsync: Some(journal.fsync().to_string()),
-                failure: journal.failure(),
+                failure: journal.failure().map(|e| e.to_string()),
                 recovery: self.inner.recovery.get().cloned().unwrap_or_default(),
             },
         }
@@ -580,9 +577,9 @@ impl Broker {
     }
 
     /// Waits while the log's buffer is full, and refuses changes after a storage failure.
-    pub(crate) async fn admit(&self) -> Result<(), BrokerError> {
+    pub(crate) async fn wait_for_log_space(&self) -> Result<(), BrokerError> {
         match &self.inner.journal {
-            Some(journal) => journal.admit().await,
+            Some(journal) => journal.wait_for_log_space().await,
             None => Ok(()),
         }
     }
@@ -648,7 +645,7 @@ impl Broker {
             let (queues, topics) = self.capture();
             (base, last, queues, topics)
         };
-        journal.write_snapshot(base, last, queues, topics, now_ms())
+        Ok(journal.write_snapshot(base, last, queues, topics, now_ms())?)
     }
 
     /// Copies the persistent state of every queue and topic (payloads are shared, not
@@ -697,12 +694,12 @@ impl Broker {
 
     /// Locks a queue to change it: what it then holds in payloads goes to the memory
     /// budget when the lock is released.
-    pub(crate) fn lock_queue<'a>(&'a self, slot: &'a QueueSlot) -> Accounted<'a, Queue> {
+    pub(crate) fn lock_queue<'a>(&'a self, slot: &'a SharedQueue) -> Accounted<'a, Queue> {
         Accounted::new(lock(&slot.queue), &self.inner.memory)
     }
 
     /// [`Broker::lock_queue`] for a topic.
-    fn lock_topic<'a>(&'a self, slot: &'a TopicSlot) -> Accounted<'a, Topic> {
+    fn lock_topic<'a>(&'a self, slot: &'a SharedTopic) -> Accounted<'a, Topic> {
         Accounted::new(lock(&slot.topic), &self.inner.memory)
     }
 
@@ -732,7 +729,7 @@ impl Broker {
                 _ = interval.tick() => {}
             }
             let now = now_ms();
-            let queues: Vec<Arc<QueueSlot>> = self
+            let queues: Vec<Arc<SharedQueue>> = self
                 .inner
                 .queues
                 .iter()
@@ -746,7 +743,7 @@ impl Broker {
                     let _ = self.with_queue(&slot, |q, _| q.tick(now));
                 }
             }
-            let topics: Vec<Arc<TopicSlot>> = self
+            let topics: Vec<Arc<SharedTopic>> = self
                 .inner
                 .topics
                 .iter()
@@ -760,7 +757,7 @@ impl Broker {
 
     // ---- queues: lookup and mutation helpers ------------------------------------------
 
-    fn existing_queue(&self, field: &str, name: &str) -> Result<Arc<QueueSlot>, BrokerError> {
+    fn existing_queue(&self, field: &str, name: &str) -> Result<Arc<SharedQueue>, BrokerError> {
         validate_name(field, name)?;
         self.inner
             .queues
@@ -774,7 +771,7 @@ impl Broker {
         &self,
         field: &str,
         name: &str,
-    ) -> Result<Arc<QueueSlot>, BrokerError> {
+    ) -> Result<Arc<SharedQueue>, BrokerError> {
         validate_name(field, name)?;
         if let Some(slot) = self.inner.queues.get(name) {
             return Ok(slot.value().clone());
@@ -845,7 +842,7 @@ impl Broker {
         name: &str,
         mut policy: QueuePolicy,
         how: Creation,
-    ) -> Result<Arc<QueueSlot>, BrokerError> {
+    ) -> Result<Arc<SharedQueue>, BrokerError> {
         let dlq = policy.dead_letter_queue.clone();
         if how == Creation::Counted && !dlq.is_empty() {
             validate_name("dead_letter_queue", &dlq).map_err(|e| {
@@ -886,7 +883,7 @@ impl Broker {
                 }
             }
         }
-        let slot = Arc::new(QueueSlot {
+        let slot = Arc::new(SharedQueue {
             name: Arc::from(name),
             queue: Mutex::new(Queue::new(name, policy.clone())),
             ready: Notify::new(),
@@ -907,7 +904,7 @@ impl Broker {
     /// error only if the log failed, after `f` ran.
     pub(crate) fn with_queue<R>(
         &self,
-        slot: &QueueSlot,
+        slot: &SharedQueue,
         f: impl FnOnce(&mut Queue, &mut Batch) -> R,
     ) -> Result<(R, Commit), BrokerError> {
         let mut batch = self.batch();
@@ -989,7 +986,7 @@ impl Broker {
             let bytes = jobs.iter().map(|j| j.payload.len() as u64).sum();
             self.inner.memory.check("jobs", bytes)?;
         }
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         let (results, commit) = {
             let _change = self.begin()?;
             let slot = self.queue_or_create("queue", queue)?;
@@ -1051,7 +1048,7 @@ impl Broker {
                 ],
             )?;
         }
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         let (value, commit) = self.publish_locked(topic, messages)?;
         Ok(Logged { value, commit })
     }
@@ -1159,7 +1156,7 @@ impl Broker {
     }
 
     /// Queues bound to patterns that match `topic`, sorted by name (the lock order).
-    fn bound_queues(&self, topic: &str) -> Vec<Arc<QueueSlot>> {
+    fn bound_queues(&self, topic: &str) -> Vec<Arc<SharedQueue>> {
         let names: Vec<Arc<str>> = {
             let registry = lock(&self.inner.registry);
             let mut names: Vec<Arc<str>> = registry
@@ -1294,20 +1291,20 @@ impl Broker {
     pub(crate) fn parse_lease(field: &str, lease_id: &str) -> Result<LeaseId, BrokerError> {
         lease_id
             .parse()
-            .map_err(|()| Self::bad_lease_id(field, lease_id))
+            .map_err(|why| Self::bad_lease_id(field, lease_id, why))
     }
 
     /// The error for a malformed lease id in `field`.
-    pub(crate) fn bad_lease_id(field: &str, lease_id: &str) -> BrokerError {
+    pub(crate) fn bad_lease_id(field: &str, lease_id: &str, why: LeaseIdError) -> BrokerError {
         BrokerError::invalid(
             field,
             format!(
-                "{lease_id:?} is not a lease id (expected <queue>/<seq>/<nonce> as returned by Lease)"
+                "{lease_id:?} is not a lease id: {why} (expected <queue>/<seq>/<nonce> as returned by Lease)"
             ),
         )
     }
 
-    fn lease_queue(&self, lease: &LeaseId) -> Result<Arc<QueueSlot>, BrokerError> {
+    fn lease_queue(&self, lease: &LeaseId) -> Result<Arc<SharedQueue>, BrokerError> {
         self.inner
             .queues
             .get(&*lease.queue)
@@ -1328,9 +1325,9 @@ impl Broker {
         let mut parsed = Vec::with_capacity(acks.len());
         for (i, (lease_id, result)) in acks.into_iter().enumerate() {
             // Field names are formatted only for an error: this loop runs per ack.
-            let lease = lease_id
-                .parse::<LeaseId>()
-                .map_err(|()| Self::bad_lease_id(&format!("acks[{i}].lease_id"), &lease_id))?;
+            let lease = lease_id.parse::<LeaseId>().map_err(|why| {
+                Self::bad_lease_id(&format!("acks[{i}].lease_id"), &lease_id, why)
+            })?;
             if let Some(r) = &result {
                 limits.check_payload(&format!("acks[{i}].result"), r.len())?;
             }
@@ -1342,7 +1339,7 @@ impl Broker {
         }
         let mut names: Vec<Arc<str>> = by_queue.keys().cloned().collect();
         names.sort_unstable();
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         let change = self.begin()?;
         let mut slots = Vec::with_capacity(names.len());
         for name in &names {
@@ -1413,7 +1410,7 @@ impl Broker {
     ) -> Result<(JobState, Option<Millis>), BrokerError> {
         let lease = Self::parse_lease("lease_id", lease_id)?;
         self.check_nack("", &error, retry_delay_ms)?;
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         let now = now_ms();
         let (outcome, commit) = {
             let _change = self.begin()?;
@@ -1456,7 +1453,7 @@ impl Broker {
             .map_err(|e| BrokerError::invalid(field, format!("{id:?} is not a job id: {e}")))
     }
 
-    fn queues_to_search(&self, queue: Option<&str>) -> Result<Vec<Arc<QueueSlot>>, BrokerError> {
+    fn queues_to_search(&self, queue: Option<&str>) -> Result<Vec<Arc<SharedQueue>>, BrokerError> {
         Ok(match queue {
             Some(name) => vec![self.existing_queue("queue", name)?],
             None => self
@@ -1495,7 +1492,7 @@ impl Broker {
         queue: Option<&str>,
     ) -> Result<(String, Job), BrokerError> {
         let uuid = Self::parse_job_id("id", id)?;
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         for slot in self.queues_to_search(queue)? {
             let known = lock(&slot.queue)
                 .get(&uuid)
@@ -1680,7 +1677,7 @@ impl Broker {
         Ok(policy)
     }
 
-    fn info(slot: &QueueSlot) -> QueueInfo {
+    fn info(slot: &SharedQueue) -> QueueInfo {
         let q = lock(&slot.queue);
         QueueInfo {
             name: slot.name.to_string(),
@@ -1694,7 +1691,7 @@ impl Broker {
     /// The outer error refuses the change; the inner one is the log's.
     fn set_policy(
         &self,
-        slot: &QueueSlot,
+        slot: &SharedQueue,
         policy: QueuePolicy,
     ) -> Result<Result<Commit, BrokerError>, BrokerError> {
         let mut catalog = lock(&self.inner.catalog);
@@ -1735,7 +1732,7 @@ impl Broker {
                 "queue {name:?} already exists (use UpdateQueue)"
             )));
         }
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         let (slot, commit) = {
             let _change = self.begin()?;
             let slot = self.create_queue_slot("name", name, policy.clone(), Creation::Counted)?;
@@ -1756,7 +1753,7 @@ impl Broker {
         let slot = self.existing_queue("name", name)?;
         let current = lock(&slot.queue).policy().clone();
         let policy = self.apply_patch(name, current, patch)?;
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         let commit = {
             let _change = self.begin()?;
             self.set_policy(&slot, policy)?
@@ -1769,7 +1766,7 @@ impl Broker {
     /// Cancels every unleased job of a queue.
     pub async fn purge_queue(&self, name: &str) -> Result<u64, BrokerError> {
         let slot = self.existing_queue("name", name)?;
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         let now = now_ms();
         let (purged, commit) = {
             let _change = self.begin()?;
@@ -1798,7 +1795,7 @@ impl Broker {
         {
             return Err(invalid);
         }
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         let commit = {
             let _change = self.begin()?;
             let mut catalog = lock(&self.inner.catalog);
@@ -1836,7 +1833,7 @@ impl Broker {
     /// Pauses or resumes leasing.
     pub async fn set_paused(&self, name: &str, paused: bool) -> Result<QueueInfo, BrokerError> {
         let slot = self.existing_queue("name", name)?;
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         let ((), commit) = {
             let _change = self.begin()?;
             self.with_queue(&slot, |q, batch| {
@@ -1930,7 +1927,7 @@ impl Broker {
             };
             let (chunk, rest) = pending_ids.split_at(pending_ids.len().min(budget));
             pending_ids = rest;
-            self.admit().await?;
+            self.wait_for_log_space().await?;
             let (count, commit) = {
                 // One change from taking the jobs out to putting them back, so a snapshot
                 // never sees them in neither queue.
@@ -2032,7 +2029,7 @@ impl Broker {
         field: &str,
         name: &str,
         retention: Option<Retention>,
-    ) -> Result<Arc<TopicSlot>, BrokerError> {
+    ) -> Result<Arc<SharedTopic>, BrokerError> {
         if let Some(slot) = self.inner.topics.get(name) {
             return Ok(slot.value().clone());
         }
@@ -2046,7 +2043,7 @@ impl Broker {
                 "{field}: cannot create topic {name:?}: the broker holds the maximum of {max} topics"
             )));
         }
-        let slot = Arc::new(TopicSlot {
+        let slot = Arc::new(SharedTopic {
             name: Arc::from(name),
             topic: Mutex::new(Topic::new(name, retention.unwrap_or_default())),
             durable_seq: AtomicU64::new(1),
@@ -2077,7 +2074,7 @@ impl Broker {
     ) -> Result<Retention, BrokerError> {
         validate_name("name", name)?;
         validate_retention(&retention)?;
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         let (effective, commit) = {
             let _change = self.begin()?;
             let slot = self.topic_or_create("name", name, Some(retention))?;
@@ -2095,7 +2092,7 @@ impl Broker {
     /// Deletes a topic and its log.
     pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
         validate_name("name", name)?;
-        self.admit().await?;
+        self.wait_for_log_space().await?;
         let commit = {
             let _change = self.begin()?;
             let _registry = lock(&self.inner.registry);

@@ -1,5 +1,7 @@
 //! The broker's one error type, and the one place it becomes a gRPC status.
 
+use crate::broker::store::StoreError;
+
 /// Why the broker refused a request. Every variant's text is written for the user: it
 /// names the field, the limit and the value, or the state that made the request invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,7 +44,7 @@ pub enum BrokerError {
     /// The write-ahead log failed (a write or fsync error, e.g. a full disk): the broker
     /// stopped acknowledging changes (fail-stop) until it is restarted (UNAVAILABLE).
     #[error("{0}")]
-    StorageFailed(String),
+    StorageFailed(#[from] StoreError),
 }
 
 impl BrokerError {

@@ -31,6 +31,7 @@ pub mod service;
 pub mod stats;
 pub mod store;
 pub mod subscription;
+pub(crate) mod sync;
 pub mod time;
 pub mod topic;
 pub mod wire;

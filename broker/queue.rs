@@ -35,7 +35,7 @@ use crate::broker::time::Millis;
 use deadlines::Deadlines;
 use ready::Ready;
 use seq_map::SeqMap;
-use slots::{IdCodec, Kinds, PayloadRef, Payloads, Slot, Slots};
+use slots::{IdCodec, Kinds, LiveJob, PayloadRef, Payloads, Slots};
 
 /// Header naming the queue a dead-lettered job came from. Informational only: where a
 /// redrive returns a job is the origin the broker recorded ([`Job::origin`]), never a
@@ -350,13 +350,46 @@ impl fmt::Display for LeaseId {
     }
 }
 
+/// Why a string is not a lease id (`<queue>/<seq>/<nonce hex>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseIdError {
+    /// Fewer than three `/`-separated parts.
+    #[error("it has {found} of the 3 parts separated by \"/\"")]
+    MissingParts {
+        /// How many parts it has.
+        found: usize,
+    },
+    /// Nothing before the seq.
+    #[error("the queue name is empty")]
+    EmptyQueue,
+    /// The middle part is not a decimal `u64`.
+    #[error("the seq is not a number")]
+    SeqNotANumber,
+    /// The last part is not a hexadecimal `u64`.
+    #[error("the nonce is not hexadecimal")]
+    NonceNotHex,
+    /// The bytes are not UTF-8 text (a consume stream's acks carry raw bytes).
+    #[error("it is not UTF-8 text")]
+    NotUtf8,
+}
+
 impl LeaseId {
     /// Splits a lease id into its queue name, seq and nonce.
-    fn split(s: &str) -> Result<(&str, u64, u64), ()> {
+    fn split(s: &str) -> Result<(&str, u64, u64), LeaseIdError> {
+        // The queue name may itself hold "/": the seq and the nonce are the last two parts.
         let mut parts = s.rsplitn(3, '/');
-        let nonce = u64::from_str_radix(parts.next().ok_or(())?, 16).map_err(|_| ())?;
-        let seq = parts.next().ok_or(())?.parse().map_err(|_| ())?;
-        let queue = parts.next().filter(|q| !q.is_empty()).ok_or(())?;
+        let nonce = parts.next().unwrap_or_default();
+        let seq = parts
+            .next()
+            .ok_or(LeaseIdError::MissingParts { found: 1 })?;
+        let queue = parts
+            .next()
+            .ok_or(LeaseIdError::MissingParts { found: 2 })?;
+        if queue.is_empty() {
+            return Err(LeaseIdError::EmptyQueue);
+        }
+        let seq = seq.parse().map_err(|_| LeaseIdError::SeqNotANumber)?;
+        let nonce = u64::from_str_radix(nonce, 16).map_err(|_| LeaseIdError::NonceNotHex)?;
         Ok((queue, seq, nonce))
     }
 
@@ -369,20 +402,25 @@ impl LeaseId {
     /// Parses a lease id that most likely names `queue`, sharing its name if so (settling
     /// a stream's leases then allocates nothing).
     pub fn parse_for(s: &str, queue: &Arc<str>) -> Option<Self> {
-        let (name, seq, nonce) = Self::split(s).ok()?;
+        Self::try_parse_for(s, queue).ok()
+    }
+
+    /// [`LeaseId::parse_for`], saying why `s` is not a lease id.
+    pub fn try_parse_for(s: &str, queue: &Arc<str>) -> Result<Self, LeaseIdError> {
+        let (name, seq, nonce) = Self::split(s)?;
         let queue = if name == &**queue {
             queue.clone()
         } else {
             Arc::from(name)
         };
-        Some(Self { queue, seq, nonce })
+        Ok(Self { queue, seq, nonce })
     }
 }
 
 impl FromStr for LeaseId {
-    type Err = ();
+    type Err = LeaseIdError;
 
-    fn from_str(s: &str) -> Result<Self, ()> {
+    fn from_str(s: &str) -> Result<Self, LeaseIdError> {
         let (queue, seq, nonce) = Self::split(s)?;
         Ok(Self {
             queue: Arc::from(queue),
@@ -560,7 +598,7 @@ struct Lease {
 /// how it ended. The payload stays in its chunk until the record leaves history.
 #[derive(Debug)]
 struct Finished {
-    slot: Slot,
+    slot: LiveJob,
     finished_at: Millis,
     /// Nonce of the last delivery, so a repeat ack of it is recognised.
     lease_nonce: u64,
@@ -765,7 +803,7 @@ impl Queue {
         let run_at = new.run_at.unwrap_or(now).max(now);
         let kind = self.kinds.intern(&new.kind);
         let ordering_key: Option<Arc<str>> = new.ordering_key.map(Arc::from);
-        let mut slot = Slot {
+        let mut slot = LiveJob {
             payload,
             kind,
             enqueued_at: now,
@@ -804,7 +842,7 @@ impl Queue {
 
     /// Stores a new live slot and makes it visible, scheduled, or waiting behind its
     /// ordering key.
-    fn admit(&mut self, seq: u64, mut slot: Slot, ordering_key: Option<Arc<str>>, now: Millis) {
+    fn admit(&mut self, seq: u64, mut slot: LiveJob, ordering_key: Option<Arc<str>>, now: Millis) {
         let mut active = true;
         if let Some(key) = ordering_key {
             let waiting = self.ordering.entry(key).or_default();
@@ -963,13 +1001,13 @@ impl Queue {
         out
     }
 
-    fn id_of(&self, seq: u64, slot: &Slot) -> Uuid {
+    fn id_of(&self, seq: u64, slot: &LiveJob) -> Uuid {
         slot.own_id()
             .unwrap_or_else(|| self.ids.encode(seq, slot.enqueued_at))
     }
 
     /// The kind, shared (interned kinds cost no allocation).
-    fn shared_kind(&self, slot: &Slot) -> Arc<str> {
+    fn shared_kind(&self, slot: &LiveJob) -> Arc<str> {
         if slot.kind == Kinds::OWN {
             Arc::from(self.kind_of(slot))
         } else {
@@ -977,7 +1015,7 @@ impl Queue {
         }
     }
 
-    fn kind_of<'a>(&'a self, slot: &'a Slot) -> &'a str {
+    fn kind_of<'a>(&'a self, slot: &'a LiveJob) -> &'a str {
         if slot.kind == Kinds::OWN {
             slot.rare().and_then(|r| r.kind.as_deref()).unwrap_or("")
         } else {
@@ -1016,7 +1054,7 @@ impl Queue {
     }
 
     /// The job record of a live slot, as inspection sees it.
-    fn materialize(&self, seq: u64, slot: &Slot) -> Job {
+    fn materialize(&self, seq: u64, slot: &LiveJob) -> Job {
         let extra = slot.extra.as_deref();
         let rare = slot.rare();
         let lease = self.leases.get(&seq);
@@ -1517,7 +1555,7 @@ impl Queue {
         let seq = self.next_seq;
         self.next_seq += 1;
         let payload = self.payloads.store([payload].iter())[0];
-        let mut slot = Slot {
+        let mut slot = LiveJob {
             payload,
             kind: Kinds::OWN,
             enqueued_at: now,
@@ -1539,7 +1577,7 @@ impl Queue {
 
     /// Whether a redrive may move this job: it is not leased and the broker recorded the
     /// queue it was dead-lettered from.
-    fn redrivable(slot: &Slot) -> Option<&str> {
+    fn redrivable(slot: &LiveJob) -> Option<&str> {
         if slot.state == JobState::Leased {
             return None;
         }
@@ -1588,7 +1626,7 @@ impl Queue {
         max: usize,
         allowed: impl Fn(&str) -> bool,
     ) -> (Vec<Redriven>, Vec<Uuid>) {
-        let movable = |s: &Slot| Self::redrivable(s).is_some_and(&allowed);
+        let movable = |s: &LiveJob| Self::redrivable(s).is_some_and(&allowed);
         let mut skipped = Vec::new();
         let seqs: Vec<u64> = if ids.is_empty() {
             self.slots
@@ -1726,7 +1764,7 @@ impl Queue {
         }
         self.foreign.insert(job.id, seq);
         let payload = self.payloads.store([job.payload].iter())[0];
-        let mut slot = Slot {
+        let mut slot = LiveJob {
             payload,
             kind: Kinds::OWN,
             enqueued_at: job.enqueued_at,
@@ -1809,7 +1847,7 @@ impl Queue {
         let slots = &self.slots;
         let oldest = self
             .ready
-            .oldest_since(|seq| slots.get(seq).map_or(now, Slot::run_at))
+            .oldest_since(|seq| slots.get(seq).map_or(now, LiveJob::run_at))
             .map(|since| now.saturating_sub(since))
             .unwrap_or(0);
         QueueCounts {

@@ -150,7 +150,7 @@ impl<T> Stream for Guarded<T> {
 
 /// Refuses a settlement of a lease whose queue the request may not consume from. A
 /// malformed id passes: the settlement itself refuses it with the field.
-fn check_lease(access: &Access, field: &str, lease_id: &str) -> Result<(), BrokerError> {
+fn authorize_lease(access: &Access, field: &str, lease_id: &str) -> Result<(), BrokerError> {
     match LeaseId::queue_of(lease_id) {
         Some(queue) => access.check(Action::Consume, field, queue),
         None => Ok(()),
@@ -837,7 +837,7 @@ impl broker_server::Broker for BrokerService {
         let req = request.into_inner();
         self.broker.limits().check_batch("acks", req.acks.len())?;
         for ack in &req.acks {
-            check_lease(&access, "acks.lease_id", &ack.lease_id)?;
+            authorize_lease(&access, "acks.lease_id", &ack.lease_id)?;
         }
         let acks = req
             .acks
@@ -851,7 +851,7 @@ impl broker_server::Broker for BrokerService {
     async fn nack(&self, request: Request<pb::NackRequest>) -> Reply<pb::NackResponse> {
         let access = self.access(&request)?;
         let req = request.into_inner();
-        check_lease(&access, "lease_id", &req.lease_id)?;
+        authorize_lease(&access, "lease_id", &req.lease_id)?;
         let (state, at) = self
             .broker
             .nack(
@@ -944,7 +944,7 @@ impl broker_server::Broker for BrokerService {
     ) -> Reply<pb::ExtendLeaseResponse> {
         let access = self.access(&request)?;
         let req = request.into_inner();
-        check_lease(&access, "lease_id", &req.lease_id)?;
+        authorize_lease(&access, "lease_id", &req.lease_id)?;
         let deadline = self
             .broker
             .extend_lease(&req.lease_id, req.visibility_timeout_ms)?;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::broker::core::{Broker, StatsSnapshot};
+use crate::broker::sync::lock;
 use crate::broker::time::now_ms;
 
 /// How often the shared snapshot is recomputed while anyone watches; also the oldest
@@ -37,10 +38,6 @@ impl Default for StatsHub {
             computed: AtomicU64::new(0),
         }
     }
-}
-
-fn lock(m: &Mutex<bool>) -> std::sync::MutexGuard<'_, bool> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A watcher's view of the shared snapshots. Dropping it stops the publisher once no

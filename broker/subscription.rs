@@ -3,7 +3,7 @@
 //!
 //! Publishers never wait for subscribers: they append to the log, and the streams are
 //! woken once the messages are durable under the fsync policy (see
-//! [`TopicSlot::durable_seq`]): a subscriber reads only up to there, so it never sees a
+//! [`SharedTopic::durable_seq`]): a subscriber reads only up to there, so it never sees a
 //! message that a crash could take back, nor a sequence that could name another message
 //! after a restart.
 //! There is no reader task or channel in between: reading happens in the task that sends
@@ -23,10 +23,11 @@ use std::time::Duration;
 use futures::task::AtomicWaker;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::broker::core::{Inner, TopicSlot, lock};
+use crate::broker::core::{Inner, SharedTopic};
 use crate::broker::error::BrokerError;
 use crate::broker::names::Pattern;
 use crate::broker::observe::Observer;
+use crate::broker::sync::lock;
 use crate::broker::time::{Millis, now_ms};
 use crate::broker::topic::BlockSlice;
 
@@ -97,7 +98,7 @@ pub(crate) struct SubscriberShared {
     /// topic creation and deletion.
     waker: AtomicWaker,
     /// Topics created after the subscription opened, not yet picked up by the reader.
-    pub(crate) new_topics: Mutex<Vec<Arc<TopicSlot>>>,
+    pub(crate) new_topics: Mutex<Vec<Arc<SharedTopic>>>,
 }
 
 impl SubscriberShared {
@@ -253,7 +254,7 @@ fn report_delivery(
 }
 
 struct Cursor {
-    slot: Arc<TopicSlot>,
+    slot: Arc<SharedTopic>,
     next: u64,
 }
 

@@ -253,6 +253,33 @@ async fn header_priority_and_timing_limits() {
     );
 }
 
+/// A malformed lease id is refused with what is wrong with it, not only that it is wrong.
+#[tokio::test]
+async fn a_malformed_lease_id_is_refused_with_the_reason() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut rpc = client.rpc();
+    for (lease_id, why) in [
+        ("garbage", "it has 1 of the 3 parts"),
+        ("q/seven/ff", "the seq is not a number"),
+        ("q/7/xyz", "the nonce is not hexadecimal"),
+        ("/7/ff", "the queue name is empty"),
+    ] {
+        let err = rpc
+            .nack(pb::NackRequest {
+                lease_id: lease_id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_status(
+            err,
+            Code::InvalidArgument,
+            &["lease_id", "not a lease id", why],
+        );
+    }
+}
+
 #[tokio::test]
 async fn unknown_and_malformed_leases() {
     let broker = TestBroker::start().await;

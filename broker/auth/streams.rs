@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Access, Grant, Tokens};
 use crate::broker::error::BrokerError;
+use crate::broker::sync::{self, lock};
 
 /// What a request authenticated with: the SHA-256 of its token and the token's grant.
 #[derive(Debug, Clone)]
@@ -66,7 +67,7 @@ impl HeldStream {
         };
         match (self.recheck)(&Access::granted(grant.clone())) {
             Ok(()) => {
-                *self.grant.write().unwrap_or_else(|e| e.into_inner()) = grant.clone();
+                *sync::write(&self.grant) = grant.clone();
                 true
             }
             Err(BrokerError::PermissionDenied(why)) => {
@@ -91,12 +92,12 @@ impl HeldStream {
 
 /// The streams open under an authenticator.
 #[derive(Debug, Default)]
-pub(super) struct Registry {
+pub(super) struct OpenStreams {
     next_id: AtomicU64,
     open: Mutex<HashMap<u64, Arc<HeldStream>>>,
 }
 
-impl Registry {
+impl OpenStreams {
     /// Registers a stream opened with `credentials`; it ends when `parent` is cancelled or
     /// a reload withdraws what `recheck` needs.
     ///
@@ -147,14 +148,10 @@ impl Registry {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// An open stream's registration; dropping it (with the stream) unregisters it.
 #[derive(Debug)]
 pub struct StreamGuard {
-    registry: Arc<Registry>,
+    registry: Arc<OpenStreams>,
     id: u64,
     held: Arc<HeldStream>,
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::core::{Broker, StatsSnapshot};
 use crate::broker::http::{AppState, HttpOptions};
+use crate::broker::sync::lock;
 use crate::broker::time::Millis;
 
 /// The page served at `/`.
@@ -335,7 +336,7 @@ impl Sampler {
                 let (frame, now) = take_frame(&broker, interval_ms, Some(totals));
                 totals = now;
                 {
-                    let mut history = shared.history.lock().expect("history lock poisoned");
+                    let mut history = lock(&shared.history);
                     if history.len() == shared.capacity {
                         history.pop_front();
                     }
@@ -353,7 +354,7 @@ impl Sampler {
     }
 
     fn history_json(&self) -> String {
-        let history = self.shared.history.lock().expect("history lock poisoned");
+        let history = lock(&self.shared.history);
         serde_json::to_string(&*history).expect("samples serialise")
     }
 }

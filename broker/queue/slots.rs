@@ -1,7 +1,7 @@
 //! Compact storage of a queue's live jobs.
 //!
 //! A backlog of millions of small jobs is the case to optimise for memory (SPEC §9 S5), so
-//! a live job is a 40-byte [`Slot`] and nothing else in the common case:
+//! a live job is a 40-byte [`LiveJob`] and nothing else in the common case:
 //! * slots live in fixed pages addressed by enqueue seq, so finding a job by seq (a lease
 //!   id) or by id (which encodes the seq, see [`IdCodec`]) needs no hash map;
 //! * payloads are copied into shared [`Payloads`] chunks, one per enqueue batch, so a job
@@ -240,7 +240,7 @@ pub(super) struct Rare {
 
 /// One live job, compact. Finished jobs leave the slots for the history.
 #[derive(Debug)]
-pub(super) struct Slot {
+pub(super) struct LiveJob {
     pub(super) payload: PayloadRef,
     /// Interned kind, or [`Kinds::OWN`].
     pub(super) kind: u32,
@@ -254,7 +254,7 @@ pub(super) struct Slot {
     pub(super) extra: Option<Box<Extra>>,
 }
 
-impl Slot {
+impl LiveJob {
     /// When the job is (or was) visible for its next attempt.
     pub(super) fn run_at(&self) -> Millis {
         self.extra.as_ref().map_or(self.enqueued_at, |e| e.run_at)
@@ -301,7 +301,7 @@ const PAGE_SLOTS: usize = 1 << PAGE_BITS;
 
 #[derive(Debug)]
 struct Page {
-    slots: Box<[Option<Slot>]>,
+    slots: Box<[Option<LiveJob>]>,
     live: u32,
 }
 
@@ -327,7 +327,7 @@ impl Slots {
     }
 
     /// Stores the job at `seq`, which must be above every seq stored before.
-    pub(super) fn insert(&mut self, seq: u64, slot: Slot) {
+    pub(super) fn insert(&mut self, seq: u64, slot: LiveJob) {
         let (page_no, i) = Self::locate(seq);
         if self.pages.is_empty() {
             self.base = page_no;
@@ -354,19 +354,19 @@ impl Slots {
     }
 
     /// The job at `seq`.
-    pub(super) fn get(&self, seq: u64) -> Option<&Slot> {
+    pub(super) fn get(&self, seq: u64) -> Option<&LiveJob> {
         let (at, i) = self.page_index(seq)?;
         self.pages[at].as_ref()?.slots[i].as_ref()
     }
 
     /// The job at `seq`, to change it.
-    pub(super) fn get_mut(&mut self, seq: u64) -> Option<&mut Slot> {
+    pub(super) fn get_mut(&mut self, seq: u64) -> Option<&mut LiveJob> {
         let (at, i) = self.page_index(seq)?;
         self.pages[at].as_mut()?.slots[i].as_mut()
     }
 
     /// Takes the job at `seq` out.
-    pub(super) fn remove(&mut self, seq: u64) -> Option<Slot> {
+    pub(super) fn remove(&mut self, seq: u64) -> Option<LiveJob> {
         let (at, i) = self.page_index(seq)?;
         let page = self.pages[at].as_mut()?;
         let slot = page.slots[i].take()?;
@@ -386,7 +386,7 @@ impl Slots {
     }
 
     /// Live jobs with seq at least `from`, in seq order.
-    pub(super) fn iter_from(&self, from: u64) -> impl Iterator<Item = (u64, &Slot)> {
+    pub(super) fn iter_from(&self, from: u64) -> impl Iterator<Item = (u64, &LiveJob)> {
         let (first_page, _) = Self::locate(from);
         let skip = first_page.saturating_sub(self.base) as usize;
         let base = self.base;
@@ -458,7 +458,7 @@ mod tests {
 
     #[test]
     fn a_live_job_costs_forty_bytes() {
-        assert_eq!(std::mem::size_of::<Option<Slot>>(), 40);
+        assert_eq!(std::mem::size_of::<Option<LiveJob>>(), 40);
     }
 
     #[test]
@@ -526,7 +526,7 @@ mod tests {
     #[test]
     fn pages_are_freed_when_empty_and_iterated_in_order() {
         let mut s = Slots::default();
-        let slot = |enqueued_at| Slot {
+        let slot = |enqueued_at| LiveJob {
             payload: PayloadRef::EMPTY,
             kind: 0,
             enqueued_at,

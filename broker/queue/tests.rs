@@ -888,3 +888,25 @@ fn a_drained_backlog_frees_its_storage() {
     assert_eq!(q.finished.len(), q.policy().history_limit as usize);
     assert!(q.foreign.is_empty());
 }
+
+#[test]
+fn a_malformed_lease_id_says_what_is_wrong() {
+    use LeaseIdError::*;
+    for (bad, why) in [
+        ("", MissingParts { found: 1 }),
+        ("x", MissingParts { found: 1 }),
+        ("q/1", MissingParts { found: 2 }),
+        ("/1/2", EmptyQueue),
+        ("q/x/1", SeqNotANumber),
+        ("q/-1/1", SeqNotANumber),
+        ("q/1/zz", NonceNotHex),
+        ("q/1/", NonceNotHex),
+    ] {
+        assert_eq!(bad.parse::<LeaseId>(), Err(why), "{bad:?}");
+        assert_eq!(LeaseId::try_parse_for(bad, &Arc::from("q")), Err(why));
+    }
+    assert_eq!(
+        MissingParts { found: 2 }.to_string(),
+        "it has 2 of the 3 parts separated by \"/\""
+    );
+}

@@ -13,13 +13,15 @@
 //! superset of what the manifest claims, which recovery accepts.
 
 use std::io;
+use std::sync::Arc;
 
 use super::Storage;
+use super::error::{FileOp, ManifestDefect, StoreError};
 use super::wal::{segment_name, snapshot_name};
 
 /// The manifest's file name.
 pub(crate) const MANIFEST: &str = "MANIFEST";
-const HEADER: &str = "sluice-manifest 1";
+pub(super) const HEADER: &str = "sluice-manifest 1";
 
 /// What the manifest claims.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,32 +47,30 @@ impl Manifest {
         text
     }
 
-    fn decode(data: &[u8]) -> Result<Self, String> {
-        let text = std::str::from_utf8(data).map_err(|_| "not UTF-8 text".to_owned())?;
+    fn decode(data: &[u8]) -> Result<Self, ManifestDefect> {
+        let text = std::str::from_utf8(data).map_err(|_| ManifestDefect::NotUtf8)?;
         let body_end = text
             .trim_end_matches('\n')
             .rfind('\n')
             .map(|i| i + 1)
-            .ok_or("no checksum line")?;
+            .ok_or(ManifestDefect::NoChecksumLine)?;
         let (body, last) = text.split_at(body_end);
-        let crc = last
+        let stored = last
             .trim_end()
             .strip_prefix("crc32c ")
             .and_then(|c| u32::from_str_radix(c, 16).ok())
-            .ok_or("the last line is not \"crc32c <hex>\"")?;
-        if crc != crc32c::crc32c(body.as_bytes()) {
-            return Err(format!(
-                "checksum mismatch (stored {crc:08x}, computed {:08x})",
-                crc32c::crc32c(body.as_bytes())
-            ));
+            .ok_or(ManifestDefect::BadChecksumLine)?;
+        let computed = crc32c::crc32c(body.as_bytes());
+        if stored != computed {
+            return Err(ManifestDefect::ChecksumMismatch { stored, computed });
         }
         let mut lines = body.lines();
         if lines.next() != Some(HEADER) {
-            return Err(format!("the first line is not {HEADER:?}"));
+            return Err(ManifestDefect::BadHeader);
         }
         let mut manifest = Self::default();
         for line in lines {
-            let bad = || format!("unrecognised line {line:?}");
+            let bad = || ManifestDefect::UnrecognisedLine(line.to_owned());
             match line.split_once(' ') {
                 Some(("snapshot", name)) => {
                     manifest.snapshot = Some(super::wal::parse_snapshot(name).ok_or_else(bad)?)
@@ -87,39 +87,46 @@ impl Manifest {
 
 /// Reads the manifest; `Ok(None)` if there is none (a directory written by a version
 /// without manifests, or a new one).
-pub(crate) fn read(storage: &dyn Storage) -> Result<Option<Manifest>, String> {
+pub(crate) fn read(storage: &dyn Storage) -> Result<Option<Manifest>, StoreError> {
     match storage.read(MANIFEST) {
-        Ok(data) => Manifest::decode(&data)
-            .map(Some)
-            .map_err(|why| format!("{} is damaged: {why}", storage.describe(MANIFEST))),
+        Ok(data) => {
+            Manifest::decode(&data)
+                .map(Some)
+                .map_err(|defect| StoreError::ManifestDamaged {
+                    file: storage.describe(MANIFEST),
+                    defect,
+                })
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", storage.describe(MANIFEST))),
+        Err(e) => Err(failed(storage, FileOp::Read, e)),
+    }
+}
+
+fn failed(storage: &dyn Storage, op: FileOp, e: io::Error) -> StoreError {
+    StoreError::Manifest {
+        op,
+        file: storage.describe(MANIFEST),
+        source: Arc::new(e),
     }
 }
 
 /// Replaces the manifest atomically and durably.
-pub(crate) fn write(storage: &dyn Storage, manifest: &Manifest) -> Result<(), String> {
+pub(crate) fn write(storage: &dyn Storage, manifest: &Manifest) -> Result<(), StoreError> {
     let tmp = format!("{MANIFEST}.tmp");
-    let failed = |what: &str, e: io::Error| {
-        format!(
-            "cannot {what} the manifest {}: {e}",
-            storage.describe(MANIFEST)
-        )
-    };
     let written = storage.create(&tmp).and_then(|mut file| {
         file.write_all(manifest.encode().as_bytes())?;
         file.sync()
     });
     if let Err(e) = written {
         let _ = storage.remove(&tmp);
-        return Err(failed("write", e));
+        return Err(failed(storage, FileOp::Write, e));
     }
     storage
         .rename(&tmp, MANIFEST)
-        .map_err(|e| failed("rename into place", e))?;
+        .map_err(|e| failed(storage, FileOp::Rename, e))?;
     storage
         .sync_dir()
-        .map_err(|e| failed("fsync the directory of", e))
+        .map_err(|e| failed(storage, FileOp::FsyncDir, e))
 }
 
 #[cfg(test)]
@@ -148,7 +155,9 @@ mod tests {
         }
         .encode();
         let flipped = text.replace("00012.wal", "00013.wal");
-        let err = Manifest::decode(flipped.as_bytes()).unwrap_err();
+        let err = Manifest::decode(flipped.as_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("checksum mismatch"), "{err}");
         let cut = &text[..text.len() - 4];
         assert!(Manifest::decode(cut.as_bytes()).is_err());

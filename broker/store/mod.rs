@@ -16,6 +16,7 @@
 //! it changed*, so the log order is the state order, gets a [`Commit`] position, releases
 //! the lock, and only then awaits [`Journal::durable`] before answering OK.
 
+mod error;
 mod manifest;
 mod record;
 mod recovery;
@@ -28,6 +29,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+pub use self::error::{FileOp, ManifestDefect, StoreError};
 pub use self::record::Batch;
 pub(crate) use self::record::{SnapshotQueue, SnapshotTopic};
 pub(crate) use self::recovery::{Recovered, recover};
@@ -35,6 +37,7 @@ pub use self::recovery::{RecoveryError, RecoveryReport};
 pub use self::wal::DurableListener;
 
 use crate::broker::error::BrokerError;
+use crate::broker::sync::{self, lock};
 use crate::broker::time::Millis;
 
 /// When appended records are fsynced.
@@ -271,10 +274,7 @@ impl Storage for DirStorage {
 
     fn release(&self) {
         // Closing the file drops its lock.
-        self.lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        lock(&self.lock).take();
     }
 }
 
@@ -340,18 +340,18 @@ impl Journal {
     }
 
     /// Why the log failed (fail-stop), if it did.
-    pub fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<StoreError> {
         self.wal.failure()
     }
 
     /// Resolves with the reason once the log has failed.
-    pub async fn failed(&self) -> String {
+    pub async fn failed(&self) -> StoreError {
         self.wal.failed().await
     }
 
     /// Fails the log without a write error (the startup snapshot or a recovery clean-up
     /// could not be written): the broker serves reads and refuses every change.
-    pub(crate) fn fail_stop(&self, reason: String) {
+    pub(crate) fn fail_stop(&self, reason: StoreError) {
         self.wal.fail_stop(reason);
         self.settle();
     }
@@ -361,9 +361,7 @@ impl Journal {
     /// Call only after [`Journal::failed`], under [`Journal::exclusive`] and the
     /// compaction slot, so nothing changes the state or the files meanwhile.
     pub(crate) fn reload(&self, now: Millis) -> Result<Recovered, RecoveryError> {
-        let end = self.wal.durable_end().ok_or_else(|| {
-            RecoveryError::Io("the write-ahead log has not failed; nothing to reload".into())
-        })?;
+        let end = self.wal.durable_end().ok_or(RecoveryError::NotFailed)?;
         recovery::reload(self.wal.storage(), end, now)
     }
 
@@ -389,7 +387,7 @@ impl Journal {
 
     /// Waits while too much is buffered, then checks for fail-stop. Call before taking
     /// any lock.
-    pub async fn admit(&self) -> Result<(), BrokerError> {
+    pub async fn wait_for_log_space(&self) -> Result<(), BrokerError> {
         self.wal.wait_for_space().await;
         self.check()
     }
@@ -397,16 +395,11 @@ impl Journal {
     /// Starts a mutation (see the `gate` field). Hold the guard only in sync code.
     pub fn begin(&self) -> Result<RwLockReadGuard<'_, ()>, BrokerError> {
         self.check()?;
-        Ok(self
-            .gate
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))
+        Ok(sync::read(&self.gate))
     }
 
     pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
-        self.gate
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        sync::write(&self.gate)
     }
 
     /// Appends a batch as one atomic record. An empty batch appends nothing and returns
@@ -484,33 +477,23 @@ impl Journal {
         queues: Vec<SnapshotQueue>,
         topics: Vec<SnapshotTopic>,
         now: Millis,
-    ) -> Result<u64, BrokerError> {
+    ) -> Result<u64, StoreError> {
         // The records before the roll must be on disk before the files holding them go.
-        self.wal
-            .wait_written_blocking(last)
-            .map_err(BrokerError::StorageFailed)?;
+        self.wal.wait_written_blocking(last)?;
         let frames = record::snapshot_frames(base, queues, topics, now);
-        self.wal
-            .install_snapshot(base, &frames)
-            .map_err(BrokerError::StorageFailed)
+        self.wal.install_snapshot(base, &frames)
     }
 
     /// The right to compact, held for the whole compaction; `None` once closed.
     pub(crate) fn compaction_slot(&self) -> Option<MutexGuard<'_, bool>> {
-        let slot = self
-            .compaction
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slot = lock(&self.compaction);
         (!*slot).then_some(slot)
     }
 
     /// Waits for a running compaction, then stops the writer after it wrote (and
     /// synced) everything appended so far.
     pub fn close(&self) {
-        *self
-            .compaction
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        *lock(&self.compaction) = true;
         self.wal.close();
     }
 }

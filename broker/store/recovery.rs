@@ -23,6 +23,7 @@ use prost::Message as _;
 use uuid::Uuid;
 
 use super::Storage;
+use super::error::{FileOp, StoreError};
 use super::manifest::{self, MANIFEST, Manifest};
 use super::record::{
     FILE_MAGIC, FRAME_HEADER, FRAME_MAGIC, FrameError, Kind, MAX_FRAME, job_from_image, pb,
@@ -38,7 +39,17 @@ use crate::broker::topic::{BlockEntry, Retention, Topic};
 pub enum RecoveryError {
     /// A file could not be listed or read.
     #[error("cannot recover the write-ahead log: {0}")]
-    Io(String),
+    Io(#[from] StoreError),
+    /// The manifest cannot be read or is damaged; `--repair` rebuilds it.
+    #[error(
+        "cannot recover the write-ahead log: {0}. Refusing to start: it says which files make up the log; start once with --repair (SLUICE_REPAIR=true) to rebuild it from the files present"
+    )]
+    Manifest(StoreError),
+    /// A reload was asked for while the log is still writable.
+    #[error(
+        "cannot recover the write-ahead log: the write-ahead log has not failed; nothing to reload"
+    )]
+    NotFailed,
     /// A record is damaged outside the tail of the newest segment.
     #[error(
         "write-ahead log file {file} is damaged at byte offset {offset}: {reason}. Refusing to start, because acknowledged data would be lost; restore the data directory from a backup, or start once with --repair (SLUICE_REPAIR=true) to cut the log at this record, dropping it and every record after it"
@@ -99,7 +110,7 @@ pub(crate) struct Recovered {
     pub claimed: Manifest,
     /// The first clean-up write (truncating a torn tail, deleting a leftover, rewriting
     /// the manifest) that failed: the state is complete, but the broker must not write.
-    pub write_failure: Option<String>,
+    pub write_failure: Option<StoreError>,
     pub report: RecoveryReport,
 }
 
@@ -216,16 +227,23 @@ enum Mode {
 /// fail-stopped with it, serving reads.
 struct Cleanup {
     enabled: bool,
-    failure: Option<String>,
+    failure: Option<StoreError>,
 }
 
 impl Cleanup {
-    fn run(&mut self, what: impl FnOnce() -> String, op: impl FnOnce() -> std::io::Result<()>) {
+    /// Runs `op` (a file operation `what` on the file `file()` names), remembering the
+    /// first failure.
+    fn run(
+        &mut self,
+        what: FileOp,
+        file: impl FnOnce() -> String,
+        op: impl FnOnce() -> std::io::Result<()>,
+    ) {
         if !self.enabled {
             return;
         }
         if let Err(e) = op() {
-            let reason = format!("{}: {e}", what());
+            let reason = StoreError::io(what, file(), e);
             tracing::error!(%reason, "recovery could not change the data directory");
             self.failure.get_or_insert(reason);
         }
@@ -257,7 +275,6 @@ fn recover_with(
     mode: Mode,
     now: Millis,
 ) -> Result<Recovered, RecoveryError> {
-    let io = |what: String, e: std::io::Error| RecoveryError::Io(format!("{what}: {e}"));
     let (repair, end) = match mode {
         Mode::Startup { repair } => (repair, None),
         Mode::Reload { end } => (false, Some(end)),
@@ -268,7 +285,7 @@ fn recover_with(
     };
     let names = storage
         .list()
-        .map_err(|e| io(format!("cannot list {}", storage.describe("")), e))?;
+        .map_err(|e| StoreError::io(FileOp::List, storage.describe(""), e))?;
     let mut segments = Vec::new();
     let mut snapshots = Vec::new();
     for name in names {
@@ -276,7 +293,8 @@ fn recover_with(
             // An interrupted snapshot or manifest: the files it would replace are all
             // still there.
             cleanup.run(
-                || format!("cannot delete {}", storage.describe(&name)),
+                FileOp::Remove,
+                || storage.describe(&name),
                 || storage.remove(&name),
             );
         } else if let Some(id) = parse_snapshot(&name) {
@@ -303,11 +321,7 @@ fn recover_with(
             report.files_repaired += 1;
             None
         }
-        Err(why) => {
-            return Err(RecoveryError::Io(format!(
-                "{why}. Refusing to start: it says which files make up the log; start once with --repair (SLUICE_REPAIR=true) to rebuild it from the files present"
-            )));
-        }
+        Err(why) => return Err(RecoveryError::Manifest(why)),
     };
     if claimed.is_none() && end.is_none() && (!segments.is_empty() || !snapshots.is_empty()) {
         tracing::info!(
@@ -405,7 +419,7 @@ fn recover_with(
         let name = snapshot_name(base);
         let data = storage
             .read(&name)
-            .map_err(|e| io(format!("cannot read {}", storage.describe(&name)), e))?;
+            .map_err(|e| StoreError::io(FileOp::Read, storage.describe(&name), e))?;
         let mut complete = false;
         let outcome = scan(&data, false, |entry| {
             complete |= entry
@@ -441,7 +455,8 @@ fn recover_with(
         for old in snapshots.iter().filter(|s| **s < base) {
             let old = snapshot_name(*old);
             cleanup.run(
-                || format!("cannot delete {}", storage.describe(&old)),
+                FileOp::Remove,
+                || storage.describe(&old),
                 || storage.remove(&old),
             );
         }
@@ -452,7 +467,8 @@ fn recover_with(
         // already holds everything they held.
         let old = segment_name(*old);
         cleanup.run(
-            || format!("cannot delete {}", storage.describe(&old)),
+            FileOp::Remove,
+            || storage.describe(&old),
             || storage.remove(&old),
         );
     }
@@ -464,7 +480,7 @@ fn recover_with(
         let newest = i + 1 == live.len();
         let mut data = storage
             .read(&name)
-            .map_err(|e| io(format!("cannot read {}", storage.describe(&name)), e))?;
+            .map_err(|e| StoreError::io(FileOp::Read, storage.describe(&name), e))?;
         if let Some(end) = end.filter(|end| end.segment == *id) {
             // What follows the durable end was refused; only a header means no records.
             if end.bytes <= FILE_MAGIC.len() as u64 {
@@ -509,7 +525,8 @@ fn recover_with(
                     let later_name = segment_name(*later);
                     let damaged = format!("{later_name}.damaged");
                     cleanup.run(
-                        || format!("cannot rename {}", storage.describe(&later_name)),
+                        FileOp::Rename,
+                        || storage.describe(&later_name),
                         || storage.rename(&later_name, &damaged),
                     );
                     line.push_str(&format!(
@@ -526,13 +543,15 @@ fn recover_with(
         match cut {
             None => kept = Some(*id),
             Some(at) if at <= FILE_MAGIC.len() => cleanup.run(
-                || format!("cannot delete {}", storage.describe(&name)),
+                FileOp::Remove,
+                || storage.describe(&name),
                 || storage.remove(&name),
             ),
             Some(at) => {
                 kept = Some(*id);
                 cleanup.run(
-                    || format!("cannot truncate {}", storage.describe(&name)),
+                    FileOp::Truncate,
+                    || storage.describe(&name),
                     || storage.truncate(&name, at as u64),
                 );
             }
@@ -542,7 +561,8 @@ fn recover_with(
         }
     }
     cleanup.run(
-        || format!("cannot fsync {}", storage.describe("")),
+        FileOp::Fsync,
+        || storage.describe(""),
         || storage.sync_dir(),
     );
     // The manifest now claims what is there: the files it named (legacy directories get

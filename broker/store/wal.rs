@@ -13,15 +13,17 @@
 //! the page cache can no longer be trusted to match the disk.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tokio::sync::{Notify, watch};
 
+use super::error::{FileOp, StoreError};
 use super::manifest::{self, Manifest};
 use super::record::FILE_MAGIC;
 use super::{FsyncPolicy, Storage, StorageFile, StoreConfig};
+use crate::broker::sync::{self, lock};
 
 /// File name of segment `id`.
 pub(crate) fn segment_name(id: u64) -> String {
@@ -40,7 +42,7 @@ struct Progress {
     written: u64,
     /// Every record up to here is fsynced (survives a machine crash).
     synced: u64,
-    failed: Option<String>,
+    failed: Option<StoreError>,
 }
 
 /// Told when the record an append carried it with is durable under the fsync policy
@@ -53,13 +55,14 @@ pub trait DurableListener: Send + Sync {
 /// A listener and the mark it is told, registered by one append.
 type Listening = (Arc<dyn DurableListener>, u64);
 
-struct Chunk {
+/// Framed records appended for one segment, not yet handed to the writer.
+struct SegmentBuffer {
     segment: u64,
     data: Vec<u8>,
 }
 
 struct State {
-    chunks: Vec<Chunk>,
+    chunks: Vec<SegmentBuffer>,
     buffered: usize,
     /// Segment that new appends go to.
     segment: u64,
@@ -148,10 +151,6 @@ pub(crate) struct Wal {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl Wal {
     /// Starts the writer thread; `claimed` is what the manifest on disk says now.
     pub(crate) fn start(
@@ -200,7 +199,7 @@ impl Wal {
         }
     }
 
-    pub(crate) fn failure(&self) -> Option<String> {
+    pub(crate) fn failure(&self) -> Option<StoreError> {
         if !self.shared.failed.load(Ordering::Acquire) {
             return None;
         }
@@ -208,17 +207,17 @@ impl Wal {
     }
 
     /// Resolves with the reason once the log has failed.
-    pub(crate) async fn failed(&self) -> String {
+    pub(crate) async fn failed(&self) -> StoreError {
         let mut rx = self.shared.progress.subscribe();
         match rx.wait_for(|p| p.failed.is_some()).await {
-            Ok(p) => p.failed.clone().unwrap_or_default(),
-            Err(_) => "the write-ahead log writer stopped".to_owned(),
+            Ok(p) => p.failed.clone().unwrap_or(StoreError::WriterStopped),
+            Err(_) => StoreError::WriterStopped,
         }
     }
 
     /// Fails the log from outside the writer (the startup snapshot could not be written):
     /// from now on every change is refused.
-    pub(crate) fn fail_stop(&self, reason: String) {
+    pub(crate) fn fail_stop(&self, reason: StoreError) {
         lock(&self.shared.durable_end).get_or_insert(DurableEnd {
             segment: self.shared.first,
             bytes: 0,
@@ -241,19 +240,23 @@ impl Wal {
 
     /// Buffers one framed record; returns its position. `listener` is told once the
     /// record is durable under the policy (never, if the log fails first).
-    pub(crate) fn append(&self, frame: &[u8], listener: Option<Listening>) -> Result<u64, String> {
+    pub(crate) fn append(
+        &self,
+        frame: &[u8],
+        listener: Option<Listening>,
+    ) -> Result<u64, StoreError> {
         if let Some(reason) = self.failure() {
             return Err(reason);
         }
         let position = {
             let mut st = lock(&self.shared.state);
             if st.closing {
-                return Err("the write-ahead log is closed (the broker is stopping)".into());
+                return Err(StoreError::Closed);
             }
             let segment = st.segment;
             match st.chunks.last_mut() {
                 Some(chunk) if chunk.segment == segment => chunk.data.extend_from_slice(frame),
-                _ => st.chunks.push(Chunk {
+                _ => st.chunks.push(SegmentBuffer {
                     segment,
                     data: frame.to_vec(),
                 }),
@@ -284,21 +287,25 @@ impl Wal {
     }
 
     /// Waits until `position` is fsynced.
-    pub(crate) async fn wait_synced(&self, position: u64) -> Result<(), String> {
+    pub(crate) async fn wait_synced(&self, position: u64) -> Result<(), StoreError> {
         self.wait_for(position, |p| p.synced).await
     }
 
     /// Waits until `position` is written to the kernel.
-    pub(crate) async fn wait_written(&self, position: u64) -> Result<(), String> {
+    pub(crate) async fn wait_written(&self, position: u64) -> Result<(), StoreError> {
         self.wait_for(position, |p| p.written).await
     }
 
-    async fn wait_for(&self, position: u64, reached: fn(&Progress) -> u64) -> Result<(), String> {
+    async fn wait_for(
+        &self,
+        position: u64,
+        reached: fn(&Progress) -> u64,
+    ) -> Result<(), StoreError> {
         let mut rx = self.shared.progress.subscribe();
         let progress = rx
             .wait_for(|p| reached(p) >= position || p.failed.is_some())
             .await
-            .map_err(|_| "the write-ahead log writer stopped".to_owned())?;
+            .map_err(|_| StoreError::WriterStopped)?;
         match &progress.failed {
             Some(reason) if reached(&progress) < position => Err(reason.clone()),
             _ => Ok(()),
@@ -307,16 +314,15 @@ impl Wal {
 
     /// Blocking variant for the compactor's thread: waits until `position` is written
     /// and synced.
-    pub(crate) fn wait_written_blocking(&self, position: u64) -> Result<(), String> {
+    pub(crate) fn wait_written_blocking(&self, position: u64) -> Result<(), StoreError> {
         if position == 0 {
             return self.failure().map_or(Ok(()), Err);
         }
-        let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| "compaction needs a Tokio runtime".to_owned())?;
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| StoreError::NoRuntime)?;
         handle.block_on(self.wait_durable_any_policy(position))
     }
 
-    async fn wait_durable_any_policy(&self, position: u64) -> Result<(), String> {
+    async fn wait_durable_any_policy(&self, position: u64) -> Result<(), StoreError> {
         // With `interval` the writer syncs on its timer; a snapshot must not delete the
         // segments before that, so it asks for a sync now.
         self.shared.wake.notify_one();
@@ -342,12 +348,12 @@ impl Wal {
 
     /// Writes a snapshot file atomically (temporary name, fsync, rename, directory fsync)
     /// and deletes the segments and snapshots before `base`. Returns the snapshot's size.
-    pub(crate) fn install_snapshot(&self, base: u64, frames: &[u8]) -> Result<u64, String> {
+    pub(crate) fn install_snapshot(&self, base: u64, frames: &[u8]) -> Result<u64, StoreError> {
         let storage = &self.shared.storage;
         let name = snapshot_name(base);
         let tmp = format!("{name}.tmp");
-        let io = |what: &str, e: std::io::Error| {
-            format!("compaction: cannot {what} {}: {e}", storage.describe(&tmp))
+        let io = |op: FileOp, e: std::io::Error| {
+            StoreError::Compaction(Box::new(StoreError::io(op, storage.describe(&tmp), e)))
         };
         let written = storage.create(&tmp).and_then(|mut file| {
             file.write_all(frames)?;
@@ -356,21 +362,23 @@ impl Wal {
         if let Err(e) = written {
             // A partial snapshot must not eat the space the log needs (e.g. on ENOSPC).
             let _ = storage.remove(&tmp);
-            return Err(io("write", e));
+            return Err(io(FileOp::Write, e));
         }
-        storage.rename(&tmp, &name).map_err(|e| io("rename", e))?;
         storage
-            .sync_dir()
-            .map_err(|e| io("fsync the directory of", e))?;
+            .rename(&tmp, &name)
+            .map_err(|e| io(FileOp::Rename, e))?;
+        storage.sync_dir().map_err(|e| io(FileOp::FsyncDir, e))?;
         // The old files go only once the manifest no longer needs them; until then a crash
         // leaves both, and recovery starts from the newest snapshot.
-        self.shared.claim(|m| {
-            m.snapshot = Some(base);
-            if m.newest.is_some_and(|n| n < base) {
-                m.newest = None;
-            }
-        })?;
-        let names = storage.list().map_err(|e| io("list the directory of", e))?;
+        self.shared
+            .claim(|m| {
+                m.snapshot = Some(base);
+                if m.newest.is_some_and(|n| n < base) {
+                    m.newest = None;
+                }
+            })
+            .map_err(|e| StoreError::Compaction(Box::new(e)))?;
+        let names = storage.list().map_err(|e| io(FileOp::List, e))?;
         for old in names {
             let obsolete = parse_segment(&old).is_some_and(|id| id < base)
                 || parse_snapshot(&old).is_some_and(|id| id < base);
@@ -405,7 +413,7 @@ impl Drop for Wal {
 impl Shared {
     /// Rewrites the manifest with `change` applied; what it claims changes only if the
     /// new manifest is on disk.
-    fn claim(&self, change: impl FnOnce(&mut Manifest)) -> Result<(), String> {
+    fn claim(&self, change: impl FnOnce(&mut Manifest)) -> Result<(), StoreError> {
         let mut claimed = lock(&self.manifest);
         let mut next = *claimed;
         change(&mut next);
@@ -416,10 +424,8 @@ impl Shared {
         Ok(())
     }
 
-    fn mark_failed(&self, reason: String) {
-        let reason = format!(
-            "write-ahead log failed, the broker no longer accepts changes (fail-stop): {reason}"
-        );
+    fn mark_failed(&self, reason: StoreError) {
+        let reason = StoreError::FailStopped(Box::new(reason));
         tracing::error!(%reason, "storage failure: every later change is refused with UNAVAILABLE; fix the disk and restart the broker");
         self.failed.store(true, Ordering::Release);
         self.progress
@@ -481,22 +487,13 @@ impl Writer {
                             if left.is_zero() {
                                 break;
                             }
-                            st = self
-                                .shared
-                                .wake
-                                .wait_timeout(st, left)
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .0;
+                            st = sync::wait_timeout(&self.shared.wake, st, left);
                             if self.last_sync.elapsed() >= every {
                                 break;
                             }
                         }
                         _ => {
-                            st = self
-                                .shared
-                                .wake
-                                .wait(st)
-                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            st = sync::wait(&self.shared.wake, st);
                         }
                     }
                 }
@@ -519,7 +516,12 @@ impl Writer {
     /// so, tells the listeners of these records once they are durable under the policy,
     /// and only then publishes the progress that answers the requests: whoever hears a
     /// request's answer can already read what it made visible.
-    fn write(&mut self, chunks: Vec<Chunk>, last: u64, closing: bool) -> Result<(), String> {
+    fn write(
+        &mut self,
+        chunks: Vec<SegmentBuffer>,
+        last: u64,
+        closing: bool,
+    ) -> Result<(), StoreError> {
         let wrote = !chunks.is_empty();
         for chunk in chunks {
             self.write_chunk(chunk)?;
@@ -570,19 +572,18 @@ impl Writer {
         }
     }
 
-    fn write_chunk(&mut self, chunk: Chunk) -> Result<(), String> {
+    fn write_chunk(&mut self, chunk: SegmentBuffer) -> Result<(), StoreError> {
         if self.file.as_ref().map(|f| f.0) != Some(chunk.segment) {
             self.open_segment(chunk.segment)?;
         }
         let (id, file, size) = self.file.as_mut().expect("segment open");
         let name = segment_name(*id);
-        file.write_all(&chunk.data).map_err(|e| {
-            format!(
-                "write of {} bytes to {} failed: {e}",
-                chunk.data.len(),
-                self.shared.storage.describe(&name)
-            )
-        })?;
+        file.write_all(&chunk.data)
+            .map_err(|e| StoreError::Append {
+                bytes: chunk.data.len(),
+                file: self.shared.storage.describe(&name),
+                source: Arc::new(e),
+            })?;
         *size += chunk.data.len() as u64;
         let written = chunk.data.len() as u64;
         let full = *size >= self.shared.segment_bytes;
@@ -604,7 +605,7 @@ impl Writer {
         Ok(())
     }
 
-    fn open_segment(&mut self, id: u64) -> Result<(), String> {
+    fn open_segment(&mut self, id: u64) -> Result<(), StoreError> {
         // Everything in the previous segment is synced before a newer one exists:
         // recovery treats damage anywhere but in the newest segment as real damage.
         if self.file.is_some() {
@@ -614,31 +615,29 @@ impl Writer {
         let name = segment_name(id);
         let mut file = storage
             .create(&name)
-            .map_err(|e| format!("cannot create segment {}: {e}", storage.describe(&name)))?;
+            .map_err(|e| StoreError::io(FileOp::Create, storage.describe(&name), e))?;
         file.write_all(FILE_MAGIC)
-            .map_err(|e| format!("write to {} failed: {e}", storage.describe(&name)))?;
+            .map_err(|e| StoreError::io(FileOp::Write, storage.describe(&name), e))?;
         self.file = Some((id, file, FILE_MAGIC.len() as u64));
         self.synced = FILE_MAGIC.len() as u64;
-        storage.sync_dir().map_err(|e| {
-            format!(
-                "fsync of the directory of {} failed: {e}",
-                storage.describe(&name)
-            )
-        })?;
+        storage
+            .sync_dir()
+            .map_err(|e| StoreError::io(FileOp::FsyncDir, storage.describe(&name), e))?;
         // Claimed only once it exists, so a crash in between never makes a complete log
         // look damaged.
         self.shared.claim(|m| m.newest = Some(id))
     }
 
-    fn sync(&mut self) -> Result<(), String> {
+    fn sync(&mut self) -> Result<(), StoreError> {
         self.last_sync = Instant::now();
         let Some((id, file, size)) = self.file.as_mut() else {
             return Ok(());
         };
         file.sync().map_err(|e| {
-            format!(
-                "fsync of {} failed: {e}",
-                self.shared.storage.describe(&segment_name(*id))
+            StoreError::io(
+                FileOp::Fsync,
+                self.shared.storage.describe(&segment_name(*id)),
+                e,
             )
         })?;
         self.synced = *size;
@@ -647,7 +646,7 @@ impl Writer {
 
     /// Records where the durable log ends, cuts what was refused off the segment (so a
     /// restart does not bring it back), then fails every waiter.
-    fn fail(&self, reason: String) {
+    fn fail(&self, reason: StoreError) {
         let end = match &self.file {
             None => DurableEnd {
                 segment: self.shared.first,
