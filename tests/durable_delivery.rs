@@ -239,3 +239,47 @@ async fn with_interval_fsync_an_answer_waits_for_the_write_and_not_for_the_fsync
     assert_eq!(next_batch(&mut subscription).await, [(2, "m2".into())]);
     stop(&broker);
 }
+
+/// Panics in the writer thread's next write once armed, as a bug in the writer would.
+#[derive(Debug, Default)]
+struct PanicOnWrite {
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl FileHook for PanicOnWrite {
+    fn before_write(&self) -> io::Result<()> {
+        if self.armed.load(Ordering::SeqCst) {
+            panic!("injected: the WAL writer panics in a write");
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_writer_that_panics_fails_the_log_instead_of_leaving_requests_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Arc::new(PanicOnWrite::default());
+    let storage = Arc::new(HookedStorage {
+        inner: DirStorage::open(dir.path()).unwrap(),
+        hook: hook.clone(),
+    });
+    let broker = Broker::open(BrokerConfig::default(), storage, StoreConfig::default())
+        .unwrap()
+        .0;
+    broker.enqueue("q", job("before")).await.unwrap();
+    hook.armed.store(true, Ordering::SeqCst);
+    // Without a guard the writer thread dies and this request waits for ever.
+    let refused = within(broker.enqueue("q", job("after")))
+        .await
+        .expect_err("a change the writer never wrote is refused");
+    assert!(
+        matches!(refused, sluice::broker::BrokerError::StorageFailed(_)),
+        "{refused:?}"
+    );
+    let later = broker.publish("t", message("later")).await.unwrap_err();
+    assert!(
+        matches!(later, sluice::broker::BrokerError::StorageFailed(_)),
+        "{later:?}"
+    );
+    broker.shutdown();
+}

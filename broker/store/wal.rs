@@ -190,7 +190,18 @@ impl Wal {
             .name("sluice-wal".into())
             .spawn({
                 let shared = shared.clone();
-                move || Writer::new(shared).run()
+                move || {
+                    let writer = Writer::new(shared.clone());
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                        writer.run()
+                    }));
+                    // A panic in the writer is a bug, and nothing it had not made durable
+                    // may be acknowledged: fail the log so every waiter is refused at once
+                    // (fail-stop) instead of waiting for a writer that is gone.
+                    if ran.is_err() && !shared.failed.load(Ordering::Acquire) {
+                        shared.mark_failed(StoreError::WriterStopped);
+                    }
+                }
             })
             .expect("spawning the WAL writer thread");
         Self {
