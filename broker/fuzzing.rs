@@ -18,3 +18,12 @@ pub fn recover(
     let recovered = crate::broker::store::recover(storage, repair, now)?;
     Ok((recovered.queues, recovered.topics, recovered.report))
 }
+
+/// The header every log file starts with.
+pub const FILE_MAGIC: &[u8] = crate::broker::store::FILE_MAGIC;
+
+/// Appends one framed record holding `payload` to `out`, as the writer frames records, so
+/// a target can build logs whose framing and checksums are valid.
+pub fn frame(out: &mut Vec<u8>, payload: &[u8]) {
+    crate::broker::store::frame_into(out, payload);
+}

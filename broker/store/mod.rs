@@ -31,7 +31,7 @@ use std::time::Duration;
 
 pub use self::error::{FileOp, ManifestDefect, StoreError};
 pub use self::record::Batch;
-pub(crate) use self::record::{SnapshotQueue, SnapshotTopic};
+pub(crate) use self::record::{FILE_MAGIC, SnapshotQueue, SnapshotTopic, frame_into};
 pub(crate) use self::recovery::{Recovered, recover};
 pub use self::recovery::{RecoveryError, RecoveryReport};
 pub use self::wal::DurableListener;

@@ -25,10 +25,6 @@ use sluice::pb;
 
 // ---- (1) WAL records ------------------------------------------------------------------
 
-/// First bytes of a log file (`broker/store/record.rs`).
-const FILE_MAGIC: &[u8; 8] = b"SLUICE\x01\n";
-/// First bytes of a frame.
-const FRAME_MAGIC: u32 = 0x5352_4C53;
 /// The recovery clock: any fixed time works, a fixed one keeps runs reproducible.
 const NOW: u64 = 1_800_000_000_000;
 
@@ -130,15 +126,6 @@ impl Storage for MemStorage {
     fn release(&self) {}
 }
 
-fn frame(out: &mut Vec<u8>, payload: &[u8]) {
-    let len = (payload.len() as u32).to_le_bytes();
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), payload);
-    out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
-    out.extend_from_slice(&len);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(payload);
-}
-
 /// What recovery rebuilt, in a comparable form.
 fn recovered_state(queues: &[Queue], topics: &[Topic]) -> Vec<String> {
     let mut state: Vec<String> = queues
@@ -234,9 +221,9 @@ pub fn wal(data: &[u8]) {
             records.len()
         };
         for part in [&records[..split], &records[split..]] {
-            let mut body = FILE_MAGIC.to_vec();
+            let mut body = fuzzing::FILE_MAGIC.to_vec();
             for record in part {
-                frame(&mut body, record);
+                fuzzing::frame(&mut body, record);
             }
             bodies.push(body);
         }
