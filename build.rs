@@ -10,7 +10,7 @@
 //! buffer); and one request,
 //! `ConsumeRequest`, whose acks keep their lease ids as slices of the received buffer.
 //!
-//! Client and server stubs use `grpc_codec.rs` instead of `tonic_prost::ProstCodec`.
+//! Client and server stubs use `proto/codec.rs` (`crate::pb::codec`) instead of `tonic_prost::ProstCodec`.
 //!
 //! The internal WAL records (`proto/sluice/internal/wal.proto`) are compiled separately,
 //! without gRPC stubs, and kept out of the descriptor set: they are not part of the API.
@@ -18,7 +18,7 @@
 use prost::Message as _;
 
 /// Both sides' gRPC codec: prost's, reserving each message's length before writing it.
-const CODEC: &str = "crate::grpc_codec::Codec";
+const CODEC: &str = "crate::pb::codec::Codec";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/sluice/v1/sluice.proto"];
@@ -40,27 +40,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .out_dir(&server_dir)
         .extern_path(
             ".sluice.v1.SubscribeResponse",
-            "crate::broker::wire::EncodedSubscribeResponse",
+            "crate::broker::grpc::wire::EncodedSubscribeResponse",
         )
         .extern_path(
             ".sluice.v1.EnqueueResponse",
-            "crate::broker::wire::EncodedEnqueueResponse",
+            "crate::broker::grpc::wire::EncodedEnqueueResponse",
         )
         .extern_path(
             ".sluice.v1.EnqueueStreamResponse",
-            "crate::broker::wire::EncodedEnqueueStreamResponse",
+            "crate::broker::grpc::wire::EncodedEnqueueStreamResponse",
         )
         .extern_path(
             ".sluice.v1.LeaseResponse",
-            "crate::broker::wire::EncodedLeaseResponse",
+            "crate::broker::grpc::wire::EncodedLeaseResponse",
         )
         .extern_path(
             ".sluice.v1.ConsumeResponse",
-            "crate::broker::wire::EncodedConsumeResponse",
+            "crate::broker::grpc::wire::EncodedConsumeResponse",
         )
         .extern_path(
             ".sluice.v1.ConsumeRequest",
-            "crate::broker::wire::ReceivedConsumeRequest",
+            "crate::broker::grpc::wire::ReceivedConsumeRequest",
         )
         .extern_path(".sluice.v1", "crate::pb")
         .compile_fds(fds)?;

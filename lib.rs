@@ -17,19 +17,11 @@
 //! * `broker/main.rs`: the `sluice` binary.
 //! * `tests/`: integration tests over real gRPC on `127.0.0.1:0`.
 
-/// Generated protobuf messages and gRPC stubs for `sluice.v1`.
-#[allow(missing_docs, clippy::all)]
-pub mod pb {
-    tonic::include_proto!("sluice.v1");
-
-    /// The encoded file descriptor set of `proto/`, served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
-}
+#[path = "proto/mod.rs"]
+pub mod pb;
 
 pub mod broker;
 pub mod client;
-pub mod grpc_codec;
 
 /// Compiles the README's Rust examples as doc tests, so they cannot rot.
 #[cfg(doctest)]

@@ -2,10 +2,10 @@
 //! (`tests/fuzz_corpus.rs`): crate-private functions they drive, exposed as they are and
 //! nothing more. Not part of the broker's API.
 
-use crate::broker::queue::Queue;
+use crate::broker::domain::queue::Queue;
+use crate::broker::domain::time::Millis;
+use crate::broker::domain::topic::Topic;
 use crate::broker::store::{RecoveryError, RecoveryReport, Storage};
-use crate::broker::time::Millis;
-use crate::broker::topic::Topic;
 
 /// Recovery as [`crate::broker::Broker::open`] runs it (the framed record reader, the
 /// record decoder and the replay) over the log in `storage`: the queues and topics it

@@ -1,41 +1,32 @@
-//! The broker: domain modules, and the gRPC service that exposes them.
+//! The broker, one folder per concern:
 //!
-//! Domain modules ([`queue`], [`topic`], [`dedup`], [`subscription`], [`consume`], [`core`],
-//! [`names`], [`limits`], [`observe`], [`auth`], [`stats`], and `memory`, the budget for
-//! retained payloads) know nothing of tonic, protobuf or HTTP. [`service`] alone maps
-//! proto <-> domain and [`error`] alone maps [`BrokerError`] to `tonic::Status`. [`server`]
-//! assembles the gRPC server (with health and reflection) around a [`Broker`]; [`http`]
-//! serves `/metrics`, `/healthz` and the live dashboard; [`cli`] is the admin command line,
-//! a gRPC client of a running broker. [`store`] makes the state durable: a write-ahead log
-//! with group commit, recovery and compaction, driven by hooks in [`core`] that append each
-//! change's records under the lock of what it changed.
+//! * [`domain`]: the queue state machine, the topic log, deduplication, names, limits and
+//!   time. Pure data structures that take `now` as an argument; no tonic, protobuf, HTTP,
+//!   locks or I/O.
+//! * [`engine`]: the shared [`Broker`] handle that holds the domain objects behind locks,
+//!   journals each change to the store, and runs the background tasks (expiry ticker,
+//!   compactor, stats). Split by concern: queues, topics, admin, consume, subscriptions.
+//! * [`store`]: durability. The write-ahead log (records, group commit, recovery,
+//!   compaction, manifest).
+//! * [`auth`]: bearer tokens and their grants, and the re-check of open streams on reload.
+//! * [`grpc`]: the transport. Server assembly, the accept loop, the service, the one
+//!   proto <-> domain conversion module, the error -> `tonic::Status` mapping and the
+//!   hand-written encoders of the hot responses.
+//! * [`ops`]: the operations HTTP server: `/metrics`, `/healthz` and the live dashboard.
+//!
+//! The `sluice` binary (clap configuration, `main`, the admin CLI) lives in `broker/bin/`
+//! and uses this library like any other program.
 
 pub mod auth;
-pub mod cli;
-pub mod config;
-pub mod consume;
-pub mod core;
-pub mod dedup;
-pub mod error;
+pub mod domain;
+pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod http;
-pub mod limits;
-pub(crate) mod memory;
-pub mod names;
-pub mod observe;
-pub mod queue;
-pub mod rate;
-pub mod server;
-pub mod service;
-pub mod stats;
+pub mod grpc;
+pub mod ops;
 pub mod store;
-pub mod subscription;
 pub(crate) mod sync;
-pub mod time;
-pub mod topic;
-pub mod wire;
 
-pub use self::core::{Broker, BrokerConfig};
-pub use self::error::BrokerError;
-pub use self::server::{MAX_FRAME_BYTES, ServeOptions, TlsSettings, serve};
+pub use self::domain::error::BrokerError;
+pub use self::engine::{Broker, BrokerConfig};
+pub use self::grpc::server::{MAX_FRAME_BYTES, ServeOptions, TlsSettings, serve};

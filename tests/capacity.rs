@@ -2,29 +2,51 @@
 //! `--max-memory-bytes` caps the payload bytes the broker retains (topic logs and jobs):
 //! past either, Publish and Enqueue (and CreateTopic) are RESOURCE_EXHAUSTED naming the
 //! limit, and nothing already accepted is dropped. Brokers are configured through the
-//! `sluice serve` flags, parsed as the binary parses them.
+//! `sluice serve` flags of a real `sluice serve` process.
 
 mod common;
 
 use bytes::Bytes;
-use clap::Parser;
-use common::{TestBroker, within};
+use common::{SERVE_LOG, serve_addrs, within};
 use futures::StreamExt;
-use sluice::broker::config::{Cli, Command};
 use sluice::client::{Client, ClientError, StartAt};
 use sluice::pb;
 use tonic::Code;
 
-/// A broker started with these `sluice serve` flags (memory storage).
-async fn serve(flags: &[&str]) -> TestBroker {
-    let args = ["sluice", "serve", "--storage", "memory"]
-        .iter()
-        .chain(flags)
-        .copied();
-    let Command::Serve(serve) = Cli::try_parse_from(args).unwrap().command else {
-        unreachable!("a serve command")
-    };
-    TestBroker::start_with(serve.broker_config()).await
+/// A `sluice serve` process (memory storage) started with these flags, killed on drop: the
+/// flags are parsed exactly as a user's would be.
+struct Served {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Served {
+    async fn client(&self) -> Client {
+        Client::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect to the broker")
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn serve(flags: &[&str]) -> Served {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--storage", "memory", "--listen", "127.0.0.1:0"])
+        .args(flags)
+        .env("SLUICE_LOG", SERVE_LOG)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start sluice serve");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let addr = serve_addrs(stdout, false).await.grpc;
+    Served { child, addr }
 }
 
 fn assert_status(err: tonic::Status, code: Code, needles: &[&str]) {

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use sluice::broker::core::{LeaseParams, PolicyPatch};
-use sluice::broker::queue::{JobState, NewJob};
+use sluice::broker::domain::queue::{JobState, NewJob};
+use sluice::broker::domain::topic::{NewMessage, Retention};
+use sluice::broker::engine::{LeaseParams, PolicyPatch};
 use sluice::broker::store::{
     DirStorage, RecoveryError, RecoveryReport, Storage, StorageFile, StoreConfig,
 };
-use sluice::broker::topic::{NewMessage, Retention};
 use sluice::broker::{Broker, BrokerConfig, BrokerError};
 
 fn open_with(
@@ -120,7 +120,7 @@ async fn queues_topics_bindings_and_jobs_survive_restarts() {
                         ..job("c")
                     },
                     NewJob {
-                        run_at: Some(sluice::broker::time::now_ms() + 3_600_000),
+                        run_at: Some(sluice::broker::domain::time::now_ms() + 3_600_000),
                         ..job("d")
                     },
                 ],
@@ -792,8 +792,8 @@ async fn compaction_keeps_the_log_proportional_to_the_live_data() {
 #[tokio::test]
 async fn retained_topic_messages_survive_a_snapshot() {
     use futures::StreamExt;
-    use sluice::broker::names::Pattern;
-    use sluice::broker::subscription::{Start, SubscribeSpec};
+    use sluice::broker::domain::names::Pattern;
+    use sluice::broker::engine::subscription::{Start, SubscribeSpec};
 
     let dir = tempfile::tempdir().unwrap();
     let config = small_segments();

@@ -16,11 +16,11 @@ use bytes::Bytes;
 use common::storage::{FileHook, HookedStorage};
 use common::within;
 use futures::StreamExt;
-use sluice::broker::names::Pattern;
-use sluice::broker::queue::NewJob;
+use sluice::broker::domain::names::Pattern;
+use sluice::broker::domain::queue::NewJob;
+use sluice::broker::domain::topic::NewMessage;
+use sluice::broker::engine::subscription::{Start, SubscribeSpec, Subscription};
 use sluice::broker::store::{DirStorage, FsyncPolicy, StoreConfig};
-use sluice::broker::subscription::{Start, SubscribeSpec, Subscription};
-use sluice::broker::topic::NewMessage;
 use sluice::broker::{Broker, BrokerConfig};
 use tokio::task::JoinHandle;
 

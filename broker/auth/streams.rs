@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use super::{Access, Grant, Tokens};
-use crate::broker::error::BrokerError;
+use crate::broker::domain::error::BrokerError;
 use crate::broker::sync::{self, lock};
 
 /// What a request authenticated with: the SHA-256 of its token and the token's grant.

@@ -166,7 +166,7 @@ impl StoreError {
 }
 
 /// Two store errors are equal when they say the same thing: `io::Error` has no equality,
-/// and [`crate::broker::error::BrokerError`] (which wraps this) is compared in tests.
+/// and [`crate::broker::domain::error::BrokerError`] (which wraps this) is compared in tests.
 impl PartialEq for StoreError {
     fn eq(&self, other: &Self) -> bool {
         self.to_string() == other.to_string()

@@ -36,9 +36,9 @@ pub(crate) use self::recovery::{Recovered, recover};
 pub use self::recovery::{RecoveryError, RecoveryReport};
 pub use self::wal::DurableListener;
 
-use crate::broker::error::BrokerError;
+use crate::broker::domain::error::BrokerError;
+use crate::broker::domain::time::Millis;
 use crate::broker::sync::{self, lock};
-use crate::broker::time::Millis;
 
 /// When appended records are fsynced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

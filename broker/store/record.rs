@@ -15,11 +15,11 @@ use bytes::Bytes;
 use prost::Message as _;
 use uuid::Uuid;
 
-use crate::broker::queue::{
+use crate::broker::domain::queue::{
     Backoff, DeadLetter, Job, JobState, JobUpdate, Queue, QueuePolicy, Redriven,
 };
-use crate::broker::time::Millis;
-use crate::broker::topic::{BlockSlice, MessageBlock, MessageRef, Retention};
+use crate::broker::domain::time::Millis;
+use crate::broker::domain::topic::{BlockSlice, MessageBlock, MessageRef, Retention};
 
 /// The generated record messages (internal; never on the wire).
 #[allow(missing_docs, clippy::all)]
@@ -540,7 +540,7 @@ pub(crate) fn snapshot_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::limits::Headers;
+    use crate::broker::domain::limits::Headers;
 
     #[test]
     fn frames_round_trip_and_damage_is_detected() {

@@ -30,9 +30,9 @@ use super::record::{
     policy_from_pb, read_frame, state_from_pb, valid_frame_after,
 };
 use super::wal::{DurableEnd, parse_segment, parse_snapshot, segment_name, snapshot_name};
-use crate::broker::queue::{Job, Queue, QueuePolicy};
-use crate::broker::time::Millis;
-use crate::broker::topic::{BlockEntry, Retention, Topic};
+use crate::broker::domain::queue::{Job, Queue, QueuePolicy};
+use crate::broker::domain::time::Millis;
+use crate::broker::domain::topic::{BlockEntry, Retention, Topic};
 
 /// Why the broker refuses to start on its data directory.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -11,15 +11,15 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use prost::Message as _;
-use sluice::broker::core::PolicyPatch;
+use sluice::broker::domain::limits::Limits;
+use sluice::broker::domain::names::{MAX_NAME_BYTES, Pattern, validate_name};
+use sluice::broker::domain::queue::{LeaseId, NewJob, Queue};
+use sluice::broker::domain::topic::{Retention, Topic};
+use sluice::broker::engine::PolicyPatch;
 use sluice::broker::fuzzing;
-use sluice::broker::limits::Limits;
-use sluice::broker::names::{MAX_NAME_BYTES, Pattern, validate_name};
-use sluice::broker::queue::{LeaseId, NewJob, Queue};
-use sluice::broker::service::BrokerService;
+use sluice::broker::grpc::service::BrokerService;
+use sluice::broker::grpc::wire::broker_server::Broker as _;
 use sluice::broker::store::{Storage, StorageFile, StoreConfig};
-use sluice::broker::topic::{Retention, Topic};
-use sluice::broker::wire::broker_server::Broker as _;
 use sluice::broker::{Broker, BrokerConfig};
 use sluice::pb;
 
@@ -305,7 +305,7 @@ fn naive_lease_id(s: &str) -> Option<(String, u64, u64)> {
     (!queue.is_empty()).then_some((queue, seq, nonce))
 }
 
-/// `LeaseId` parsing (`broker/queue.rs`): `FromStr` reads every string as the reference
+/// `LeaseId` parsing (`broker/domain/queue/mod.rs`): `FromStr` reads every string as the reference
 /// does, `queue_of` and `parse_for` agree with it, a parsed id prints back to an id that parses equal, and an id built from
 /// a valid queue name and any seq and nonce survives printing and parsing unchanged.
 /// `data` is the text; from 16 bytes on, its first 16 bytes are also a seq and a nonce
@@ -391,7 +391,7 @@ fn naive_matches(pattern: &[&str], name: &[&str]) -> bool {
     }
 }
 
-/// Name validation and pattern parsing and matching (`broker/names.rs`) against a naive
+/// Name validation and pattern parsing and matching (`broker/domain/names.rs`) against a naive
 /// reference. `data` is up to three lines: a pattern, a second pattern and a name (a
 /// missing line is the first one again). Checked: validity of each line both as a name and
 /// as a pattern, refusals that name their field, `matches` of both patterns against the
@@ -522,8 +522,8 @@ fn broker_state(broker: &Broker) -> Vec<String> {
     state
 }
 
-/// Request mapping and validation (`broker/service.rs`, `broker/limits.rs`,
-/// `broker/core.rs`) through the gRPC service itself, called in process on an in-memory
+/// Request mapping and validation (`broker/grpc/service.rs`, `broker/domain/limits.rs`,
+/// `broker/engine/`) through the gRPC service itself, called in process on an in-memory
 /// broker with small limits that already holds queues `q` (one job), `dlq` and `bound`
 /// (bound to `t.>`) and topic `t.a`.
 ///

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper::header::{HOST, HeaderMap};
 use hyper::{Request, StatusCode};
-use sluice::broker::http::{HttpOptions, serve_http_with};
+use sluice::broker::ops::{HttpOptions, serve_http_with};
 use sluice::broker::{Broker, BrokerConfig};
 use sluice::pb::broker_client::BrokerClient;
 use tokio::net::{TcpListener, TcpStream};

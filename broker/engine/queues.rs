@@ -1,0 +1,501 @@
+//! Work-queue operations on jobs: enqueue, lease, ack, nack, extend, cancel, get, list
+//! and history, and routing dead letters.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::broker::domain::error::BrokerError;
+use crate::broker::domain::limits::{MAX_RETRY_DELAY_MS, check_duration_ms};
+use crate::broker::domain::names::validate_name;
+use crate::broker::domain::queue::{
+    DeadLetter, Delivery, Enqueued, FailOutcome, Job, JobState, LeaseId, LeaseIdError,
+    MAX_VISIBILITY_MS, NewJob, Queue, QueuePolicy,
+};
+use crate::broker::domain::time::{Millis, now_ms};
+use crate::broker::engine::memory::Accounted;
+use crate::broker::sync::lock;
+
+use super::catalog::Creation;
+use super::{Broker, Logged, MAX_LEASE_WAIT_MS, SharedQueue};
+
+/// Parameters of a lease request, already defaulted by the caller where it wants.
+#[derive(Debug, Clone)]
+pub struct LeaseParams {
+    /// Most jobs.
+    pub max_jobs: usize,
+    /// Lease duration; `None` takes the queue policy's.
+    pub visibility_timeout_ms: Option<u64>,
+    /// Long-poll wait.
+    pub wait_ms: u64,
+    /// Consumer name.
+    pub consumer: String,
+    /// Peer address, for ListConsumers.
+    pub address: String,
+}
+
+impl Broker {
+    pub(super) fn route_dead_letters(&self, letters: Vec<DeadLetter>) {
+        let now = now_ms();
+        for letter in letters {
+            let target = self
+                .create_queue_slot(
+                    "dead_letter_queue",
+                    &letter.target,
+                    QueuePolicy::default_for(&letter.target),
+                    Creation::DeadLetters,
+                )
+                .expect("a dead-letter queue is never refused");
+            self.lock_queue(&target).insert_dead_letter(now, letter);
+            target.wake_one();
+        }
+    }
+
+    // ---- producing ------------------------------------------------------------------
+
+    /// Validates and stores jobs in one queue, all or none; answers once they are durable.
+    pub async fn enqueue(
+        &self,
+        queue: &str,
+        jobs: Vec<NewJob>,
+    ) -> Result<Vec<Enqueued>, BrokerError> {
+        let logged = self.enqueue_logged(queue, jobs).await?;
+        self.confirm(logged).await
+    }
+
+    /// [`Broker::enqueue`] up to the log append: the jobs are stored (visible to workers)
+    /// and their records appended, but not yet durable. A pipelined stream answers
+    /// requests in order through [`Broker::confirm`], so their fsyncs overlap.
+    pub async fn enqueue_logged(
+        &self,
+        queue: &str,
+        jobs: Vec<NewJob>,
+    ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
+        let limits = &self.inner.config.limits;
+        validate_name("queue", queue)?;
+        limits.check_batch("jobs", jobs.len())?;
+        for (i, job) in jobs.iter().enumerate() {
+            limits.check_entry(
+                |name| format!("jobs[{i}].{name}"),
+                job.payload.len(),
+                &job.headers,
+                &[
+                    ("kind", Some(job.kind.as_str())),
+                    ("idempotency_key", job.idempotency_key.as_deref()),
+                    ("ordering_key", job.ordering_key.as_deref()),
+                ],
+            )?;
+        }
+        if self.inner.memory.is_limited() {
+            let bytes = jobs.iter().map(|j| j.payload.len() as u64).sum();
+            self.inner.memory.check("jobs", bytes)?;
+        }
+        self.wait_for_log_space().await?;
+        let (results, commit) = {
+            let _change = self.begin()?;
+            let slot = self.queue_or_create("queue", queue)?;
+            let now = now_ms();
+            self.with_queue(&slot, |q, batch| {
+                let out = q.enqueue(now, jobs)?;
+                if batch.is_enabled() {
+                    for e in out.iter().filter(|e| !e.duplicate) {
+                        if let Some(job) = q.get(&e.id) {
+                            batch.new_job(&slot.name, &job);
+                        }
+                    }
+                }
+                Ok::<_, BrokerError>(out)
+            })?
+        };
+        Ok(Logged {
+            value: results?,
+            commit,
+        })
+    }
+
+    /// Leases jobs, long-polling up to `wait_ms` when none is visible.
+    pub async fn lease(
+        &self,
+        queue: &str,
+        params: LeaseParams,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let limits = &self.inner.config.limits;
+        if params.max_jobs > limits.max_batch {
+            return Err(BrokerError::over_limit(
+                "max_jobs",
+                params.max_jobs as u64,
+                limits.max_batch as u64,
+                "jobs",
+            ));
+        }
+        if let Some(v) = params.visibility_timeout_ms {
+            check_duration_ms("visibility_timeout_ms", v, MAX_VISIBILITY_MS)?;
+        }
+        check_duration_ms("wait_ms", params.wait_ms, MAX_LEASE_WAIT_MS)?;
+        let slot = self.queue_or_create("queue", queue)?;
+        let consumer: Arc<str> = Arc::from(if params.consumer.is_empty() {
+            params.address.as_str()
+        } else {
+            params.consumer.as_str()
+        });
+        let max = params.max_jobs.max(1);
+        let give_up = tokio::time::Instant::now() + Duration::from_millis(params.wait_ms);
+        loop {
+            let notified = slot.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = now_ms();
+            // Leases are not logged, but the expiries a lease runs first are.
+            let ((jobs, next_due), _) = {
+                let _change = self.begin()?;
+                self.with_queue(&slot, |q, _| {
+                    let visibility = params
+                        .visibility_timeout_ms
+                        .unwrap_or(q.policy().visibility_timeout_ms);
+                    (
+                        q.lease(now, max, visibility, &consumer, &params.address),
+                        q.next_due(),
+                    )
+                })?
+            };
+            if !jobs.is_empty()
+                || tokio::time::Instant::now() >= give_up
+                || slot.deleted.load(Ordering::Acquire)
+            {
+                return Ok(jobs);
+            }
+            // Sleep until a job may be visible: a notification, the next due timer, or
+            // the end of the wait.
+            let mut wake_at = give_up;
+            if let Some(due) = next_due {
+                let in_ms = due.saturating_sub(now_ms());
+                // Past what the clock can hold (a retry saturated at the end of time), the
+                // end of the wait comes first anyway.
+                if let Some(at) =
+                    tokio::time::Instant::now().checked_add(Duration::from_millis(in_ms))
+                {
+                    wake_at = wake_at.min(at);
+                }
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = self.inner.shutdown.cancelled() => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    /// Checks a lease duration: 1 ms to 12 h.
+    pub(crate) fn check_visibility(field: &str, ms: u64) -> Result<(), BrokerError> {
+        if ms == 0 {
+            return Err(BrokerError::invalid(field, "must be at least 1 ms"));
+        }
+        check_duration_ms(field, ms, MAX_VISIBILITY_MS)
+    }
+
+    /// Checks a nack's error text and explicit retry delay; `prefix` is the request path
+    /// of the nack (empty for the unary call, `nacks.` on a consume stream).
+    pub(crate) fn check_nack(
+        &self,
+        prefix: &str,
+        error: &str,
+        retry_delay_ms: Option<u64>,
+    ) -> Result<(), BrokerError> {
+        self.inner
+            .config
+            .limits
+            .check_error_text(&format!("{prefix}error"), error)?;
+        if let Some(d) = retry_delay_ms {
+            check_duration_ms(&format!("{prefix}retry_delay_ms"), d, MAX_RETRY_DELAY_MS)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn parse_lease(field: &str, lease_id: &str) -> Result<LeaseId, BrokerError> {
+        lease_id
+            .parse()
+            .map_err(|why| Self::bad_lease_id(field, lease_id, why))
+    }
+
+    /// The error for a malformed lease id in `field`.
+    pub(crate) fn bad_lease_id(field: &str, lease_id: &str, why: LeaseIdError) -> BrokerError {
+        BrokerError::invalid(
+            field,
+            format!(
+                "{lease_id:?} is not a lease id: {why} (expected <queue>/<seq>/<nonce> as returned by Lease)"
+            ),
+        )
+    }
+
+    pub(super) fn lease_queue(&self, lease: &LeaseId) -> Result<Arc<SharedQueue>, BrokerError> {
+        self.inner
+            .queues
+            .get(&*lease.queue)
+            .map(|e| e.value().clone())
+            .ok_or_else(|| {
+                BrokerError::FailedPrecondition(format!(
+                    "lease {lease} is stale: queue {:?} no longer exists",
+                    lease.queue
+                ))
+            })
+    }
+
+    /// Acks deliveries, all or none: if any lease is stale nothing is applied. Answers
+    /// once the acks are durable.
+    pub async fn ack(&self, acks: Vec<(String, Option<Bytes>)>) -> Result<(), BrokerError> {
+        let limits = &self.inner.config.limits;
+        limits.check_batch("acks", acks.len())?;
+        let mut parsed = Vec::with_capacity(acks.len());
+        for (i, (lease_id, result)) in acks.into_iter().enumerate() {
+            // Field names are formatted only for an error: this loop runs per ack.
+            let lease = lease_id.parse::<LeaseId>().map_err(|why| {
+                Self::bad_lease_id(&format!("acks[{i}].lease_id"), &lease_id, why)
+            })?;
+            if let Some(r) = &result {
+                limits.check_payload(&format!("acks[{i}].result"), r.len())?;
+            }
+            parsed.push((lease, result));
+        }
+        let mut by_queue: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+        for (i, (lease, _)) in parsed.iter().enumerate() {
+            by_queue.entry(lease.queue.clone()).or_default().push(i);
+        }
+        let mut names: Vec<Arc<str>> = by_queue.keys().cloned().collect();
+        names.sort_unstable();
+        self.wait_for_log_space().await?;
+        let change = self.begin()?;
+        let mut slots = Vec::with_capacity(names.len());
+        for name in &names {
+            let first = by_queue[name][0];
+            slots.push(self.lease_queue(&parsed[first].0)?);
+        }
+        let now = now_ms();
+        // Lease-to-ack times, collected only when something measures them.
+        let observer = self.inner.observer.get();
+        let mut acked: Vec<(usize, u64)> = Vec::new();
+        let commit = {
+            let mut guards: Vec<Accounted<'_, Queue>> =
+                slots.iter().map(|s| self.lock_queue(s)).collect();
+            let mut stale = Vec::new();
+            for (guard, name) in guards.iter().zip(&names) {
+                for &i in &by_queue[name] {
+                    if let Err(e) = guard.check_lease(now, &parsed[i].0) {
+                        stale.push(e.to_string());
+                    }
+                }
+            }
+            if !stale.is_empty() {
+                let shown: Vec<&str> = stale.iter().take(10).map(String::as_str).collect();
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "{} of {} leases are stale, nothing was acked: {}",
+                    stale.len(),
+                    parsed.len(),
+                    shown.join("; ")
+                )));
+            }
+            let mut batch = self.batch();
+            for (q, (guard, name)) in guards.iter_mut().zip(&names).enumerate() {
+                for &i in &by_queue[name] {
+                    let (lease, result) = &mut parsed[i];
+                    let held = guard
+                        .ack(now, lease, result.take())
+                        .expect("lease was checked under the same lock");
+                    if observer.is_some() {
+                        acked.extend(held.map(|ms| (q, ms)));
+                    }
+                    batch.job_state_of(name, guard, lease.seq);
+                }
+            }
+            self.commit(batch, now)
+        };
+        drop(change);
+        // Reported after the locks are released: the observer may take its own.
+        if let Some(observer) = observer {
+            for (q, ms) in acked {
+                observer.job_acked(&names[q], Duration::from_millis(ms));
+            }
+        }
+        for slot in &slots {
+            if lock(&slot.queue).has_visible() {
+                slot.wake_one();
+            }
+        }
+        self.durable(commit?).await
+    }
+
+    /// Fails a delivery (retry or dead-letter); answers once that is durable.
+    pub async fn nack(
+        &self,
+        lease_id: &str,
+        error: String,
+        retry_delay_ms: Option<u64>,
+        dead_letter: bool,
+    ) -> Result<(JobState, Option<Millis>), BrokerError> {
+        let lease = Self::parse_lease("lease_id", lease_id)?;
+        self.check_nack("", &error, retry_delay_ms)?;
+        self.wait_for_log_space().await?;
+        let now = now_ms();
+        let (outcome, commit) = {
+            let _change = self.begin()?;
+            let slot = self.lease_queue(&lease)?;
+            self.with_queue(&slot, |q, batch| {
+                let outcome = q.nack(now, &lease, error, retry_delay_ms, dead_letter)?;
+                batch.job_state_of(&slot.name, q, lease.seq);
+                Ok::<_, BrokerError>(outcome)
+            })?
+        };
+        let outcome = outcome?;
+        self.durable(commit).await?;
+        Ok(match outcome {
+            FailOutcome::Dead => (JobState::Dead, None),
+            FailOutcome::Retry { at } if at <= now => (JobState::Pending, Some(at)),
+            FailOutcome::Retry { at } => (JobState::Retrying, Some(at)),
+        })
+    }
+
+    /// Extends a live lease; returns the new deadline.
+    pub fn extend_lease(
+        &self,
+        lease_id: &str,
+        visibility_timeout_ms: u64,
+    ) -> Result<Millis, BrokerError> {
+        let lease = Self::parse_lease("lease_id", lease_id)?;
+        Self::check_visibility("visibility_timeout_ms", visibility_timeout_ms)?;
+        let _change = self.begin()?;
+        let slot = self.lease_queue(&lease)?;
+        let now = now_ms();
+        // Not logged: leases do not survive a restart anyway.
+        self.with_queue(&slot, |q, _| q.extend(now, &lease, visibility_timeout_ms))?
+            .0
+    }
+
+    // ---- inspection -------------------------------------------------------------------
+
+    pub(super) fn parse_job_id(field: &str, id: &str) -> Result<Uuid, BrokerError> {
+        Uuid::parse_str(id)
+            .map_err(|e| BrokerError::invalid(field, format!("{id:?} is not a job id: {e}")))
+    }
+
+    pub(super) fn queues_to_search(
+        &self,
+        queue: Option<&str>,
+    ) -> Result<Vec<Arc<SharedQueue>>, BrokerError> {
+        Ok(match queue {
+            Some(name) => vec![self.existing_queue("queue", name)?],
+            None => self
+                .inner
+                .queues
+                .iter()
+                .map(|e| e.value().clone())
+                .collect(),
+        })
+    }
+
+    /// Finds a job by id, in one queue or in all; returns its queue and record. A dead
+    /// job is reported from its original queue rather than from the dead-letter queue that
+    /// holds its copy.
+    pub fn get_job(&self, id: &str, queue: Option<&str>) -> Result<(String, Job), BrokerError> {
+        let uuid = Self::parse_job_id("id", id)?;
+        let mut found: Option<(String, Job)> = None;
+        for slot in self.queues_to_search(queue)? {
+            if let Some(job) = lock(&slot.queue).get(&uuid) {
+                let better = match &found {
+                    None => true,
+                    Some((_, f)) => job.state == JobState::Dead && f.state != JobState::Dead,
+                };
+                if better {
+                    found = Some((slot.name.to_string(), job));
+                }
+            }
+        }
+        found.ok_or_else(|| BrokerError::NotFound(format!("job {id} not found")))
+    }
+
+    /// Cancels a job that is not leased; answers once that is durable.
+    pub async fn cancel_job(
+        &self,
+        id: &str,
+        queue: Option<&str>,
+    ) -> Result<(String, Job), BrokerError> {
+        let uuid = Self::parse_job_id("id", id)?;
+        self.wait_for_log_space().await?;
+        for slot in self.queues_to_search(queue)? {
+            let known = lock(&slot.queue)
+                .get(&uuid)
+                .is_some_and(|j| !j.state.is_finished());
+            if known {
+                let now = now_ms();
+                let (job, commit) = {
+                    let _change = self.begin()?;
+                    self.with_queue(&slot, |q, batch| {
+                        let job = q.cancel(now, &uuid)?;
+                        batch.job_state(&slot.name, &job);
+                        Ok::<_, BrokerError>(job)
+                    })?
+                };
+                let job = job?;
+                self.durable(commit).await?;
+                return Ok((slot.name.to_string(), job));
+            }
+        }
+        // Not live anywhere: report the finished record's state, or that it is unknown.
+        let (_, job) = self.get_job(id, queue)?;
+        Err(BrokerError::FailedPrecondition(format!(
+            "job {id} is already {}",
+            job.state.as_str()
+        )))
+    }
+
+    /// A page of a queue's jobs in one state (live ones if `None`).
+    pub fn list_jobs(
+        &self,
+        queue: &str,
+        state: Option<JobState>,
+        page_size: usize,
+        page_token: &str,
+    ) -> Result<(Vec<Job>, Option<u64>), BrokerError> {
+        let limits = &self.inner.config.limits;
+        if page_size > limits.max_batch {
+            return Err(BrokerError::over_limit(
+                "page_size",
+                page_size as u64,
+                limits.max_batch as u64,
+                "jobs",
+            ));
+        }
+        let after = if page_token.is_empty() {
+            0
+        } else {
+            page_token.parse().map_err(|_| {
+                BrokerError::invalid(
+                    "page_token",
+                    format!("{page_token:?} is not a page token from ListJobs"),
+                )
+            })?
+        };
+        let slot = self.existing_queue("queue", queue)?;
+        let size = if page_size == 0 { 100 } else { page_size };
+        Ok(lock(&slot.queue).list(state, after, size))
+    }
+
+    /// The newest finished jobs of a queue.
+    pub fn job_history(&self, queue: &str, limit: usize) -> Result<Vec<Job>, BrokerError> {
+        let limits = &self.inner.config.limits;
+        if limit > limits.max_batch {
+            return Err(BrokerError::over_limit(
+                "limit",
+                limit as u64,
+                limits.max_batch as u64,
+                "jobs",
+            ));
+        }
+        let slot = self.existing_queue("queue", queue)?;
+        Ok(lock(&slot.queue).history(if limit == 0 { 100 } else { limit }))
+    }
+
+    // ---- queue administration -----------------------------------------------------------
+}

@@ -1,0 +1,11 @@
+//! The gRPC transport: everything that knows tonic and protobuf.
+//!
+//! [`server`] assembles the server (accept loop, TLS, health, reflection) around a
+//! [`Broker`](crate::broker::Broker); [`service`] implements the RPCs; [`status`] maps
+//! [`BrokerError`](crate::broker::BrokerError) to `tonic::Status`, in one place; [`wire`]
+//! holds the hand-written encoders of the hot responses.
+
+pub mod server;
+pub mod service;
+pub mod status;
+pub mod wire;

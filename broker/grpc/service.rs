@@ -1,0 +1,1207 @@
+//! The gRPC service: maps `sluice.v1` messages to domain calls and back. The only module
+//! that knows both protobuf and the domain.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::broker::auth::{Access, Action, Authenticator, Credentials, Recheck, StreamGuard};
+use crate::broker::domain::error::BrokerError;
+use crate::broker::domain::limits::{
+    MAX_DELAY_MS, MAX_WATCH_INTERVAL_MS, check_duration_ms, checked,
+};
+use crate::broker::domain::names::Pattern;
+use crate::broker::domain::queue::{
+    self, Backoff, Enqueued, Job, JobState, LeaseId, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
+};
+use crate::broker::domain::topic::{Appended, NewMessage, Retention};
+use crate::broker::engine::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
+use crate::broker::engine::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
+use crate::broker::engine::{
+    Broker, LeaseParams, Logged, PolicyPatch, QueueInfo, StatsSnapshot, StorageStatus,
+};
+use crate::broker::grpc::status;
+use crate::broker::grpc::wire::{
+    EncodedConsumeResponse, EncodedEnqueueResponse, EncodedEnqueueStreamResponse,
+    EncodedLeaseResponse, EncodedSubscribeResponse, ReceivedConsumeRequest, broker_server,
+};
+use crate::pb;
+
+type Reply<T> = Result<Response<T>, Status>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The `sluice.v1.Broker` gRPC service over a [`Broker`].
+#[derive(Clone)]
+pub struct BrokerService {
+    broker: Broker,
+    /// `None`: no tokens file, every request may do anything.
+    auth: Option<Authenticator>,
+}
+
+impl BrokerService {
+    /// Wraps a broker; `auth` set means every request needs a known bearer token and
+    /// may do only what its grant allows.
+    pub fn new(broker: Broker, auth: Option<Authenticator>) -> Self {
+        Self { broker, auth }
+    }
+
+    /// What a request may do, from its `authorization` metadata. Every RPC asks first,
+    /// before it looks at its message, so a refused request changes nothing.
+    fn access<T>(&self, req: &Request<T>) -> Result<Access, Status> {
+        let Some(auth) = &self.auth else {
+            return Ok(Access::open());
+        };
+        let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+        auth.authenticate(header)
+            .map(Access::granted)
+            .map_err(|failure| Status::from(failure.into_error()))
+    }
+
+    /// A stream's credentials, from its `authorization` metadata (`None` without a
+    /// tokens file); asked first, like [`BrokerService::access`].
+    fn credentials<T>(&self, req: &Request<T>) -> Result<Option<Credentials>, Status> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+        auth.credentials(header)
+            .map(Some)
+            .map_err(|failure| Status::from(failure.into_error()))
+    }
+
+    /// What a stream may do until it ends. With tokens, the stream is registered so that a
+    /// reload ends it if its token is revoked or `recheck` fails on the new grant.
+    fn hold_stream(&self, credentials: Option<Credentials>, recheck: Recheck) -> StreamAuth {
+        let shutdown = self.broker.shutdown_token();
+        match (&self.auth, credentials) {
+            (Some(auth), Some(credentials)) => {
+                let guard = auth.hold_stream(credentials, &shutdown, recheck);
+                StreamAuth {
+                    access: guard.access(),
+                    ends_on: guard.token(),
+                    guard: Some(guard),
+                }
+            }
+            _ => StreamAuth {
+                access: Access::open(),
+                ends_on: shutdown,
+                guard: None,
+            },
+        }
+    }
+}
+
+/// A stream's authorization: what it may do (its token's grant as of the last reload),
+/// the token it ends on (shutdown, or a reload that revoked it), and its registration.
+struct StreamAuth {
+    access: Access,
+    ends_on: CancellationToken,
+    guard: Option<StreamGuard>,
+}
+
+impl StreamAuth {
+    /// The response stream: `stream`, which must end when `ends_on` is cancelled, then
+    /// the reload's refusal if a reload ended it.
+    fn respond<T: Send + 'static>(
+        self,
+        stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    ) -> BoxStream<T> {
+        match self.guard {
+            None => Box::pin(stream),
+            Some(guard) => Box::pin(Guarded {
+                inner: Box::pin(stream),
+                guard,
+                done: false,
+            }),
+        }
+    }
+}
+
+/// A response stream registered for tokens reloads: it ends on its guard's token, and
+/// then reports why (UNAUTHENTICATED or PERMISSION_DENIED) as its last item. Holding the
+/// guard keeps the registration for as long as the stream is open.
+struct Guarded<T> {
+    inner: BoxStream<T>,
+    guard: StreamGuard,
+    done: bool,
+}
+
+impl<T> Stream for Guarded<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        match self.inner.as_mut().poll_next(cx) {
+            std::task::Poll::Ready(None) => {
+                self.done = true;
+                std::task::Poll::Ready(self.guard.ended().map(|e| Err(Status::from(e))))
+            }
+            other => other,
+        }
+    }
+}
+
+/// Refuses a settlement of a lease whose queue the request may not consume from. A
+/// malformed id passes: the settlement itself refuses it with the field.
+fn authorize_lease(access: &Access, field: &str, lease_id: &str) -> Result<(), BrokerError> {
+    match LeaseId::queue_of(lease_id) {
+        Some(queue) => access.check(Action::Consume, field, queue),
+        None => Ok(()),
+    }
+}
+
+fn opt_string(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn job_spec(i: usize, spec: pb::JobSpec, now: u64) -> Result<NewJob, BrokerError> {
+    if spec.priority > MAX_PRIORITY as u32 {
+        return Err(BrokerError::over_limit(
+            format!("jobs[{i}].priority"),
+            spec.priority as u64,
+            MAX_PRIORITY as u64,
+            "",
+        ));
+    }
+    if spec.max_attempts > MAX_ATTEMPTS {
+        return Err(BrokerError::over_limit(
+            format!("jobs[{i}].max_attempts"),
+            spec.max_attempts as u64,
+            MAX_ATTEMPTS as u64,
+            "",
+        ));
+    }
+    if spec.delay_ms > 0 && spec.run_at_unix_ms > 0 {
+        return Err(BrokerError::invalid(
+            format!("jobs[{i}].delay_ms"),
+            "delay_ms and run_at_unix_ms are exclusive: set one",
+        ));
+    }
+    checked(
+        |name| format!("jobs[{i}].{name}"),
+        "delay_ms",
+        |f| check_duration_ms(f, spec.delay_ms, MAX_DELAY_MS),
+    )?;
+    if spec.run_at_unix_ms > now + MAX_DELAY_MS {
+        return Err(BrokerError::invalid(
+            format!("jobs[{i}].run_at_unix_ms"),
+            format!(
+                "{} is more than {MAX_DELAY_MS} ms in the future",
+                spec.run_at_unix_ms
+            ),
+        ));
+    }
+    let run_at = if spec.delay_ms > 0 {
+        Some(now + spec.delay_ms)
+    } else if spec.run_at_unix_ms > 0 {
+        Some(spec.run_at_unix_ms)
+    } else {
+        None
+    };
+    Ok(NewJob {
+        payload: spec.payload,
+        headers: spec.headers,
+        kind: spec.kind,
+        priority: spec.priority as u8,
+        run_at,
+        max_attempts: (spec.max_attempts > 0).then_some(spec.max_attempts),
+        idempotency_key: opt_string(spec.idempotency_key),
+        ordering_key: opt_string(spec.ordering_key),
+    })
+}
+
+fn state_to_pb(state: JobState) -> pb::JobState {
+    match state {
+        JobState::Scheduled => pb::JobState::Scheduled,
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Leased => pb::JobState::Leased,
+        JobState::Retrying => pb::JobState::Retrying,
+        JobState::Completed => pb::JobState::Completed,
+        JobState::Dead => pb::JobState::Dead,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn state_from_pb(field: &str, value: i32) -> Result<Option<JobState>, BrokerError> {
+    Ok(match pb::JobState::try_from(value) {
+        Ok(pb::JobState::Unspecified) => None,
+        Ok(pb::JobState::Scheduled) => Some(JobState::Scheduled),
+        Ok(pb::JobState::Pending) => Some(JobState::Pending),
+        Ok(pb::JobState::Leased) => Some(JobState::Leased),
+        Ok(pb::JobState::Retrying) => Some(JobState::Retrying),
+        Ok(pb::JobState::Completed) => Some(JobState::Completed),
+        Ok(pb::JobState::Dead) => Some(JobState::Dead),
+        Ok(pb::JobState::Cancelled) => Some(JobState::Cancelled),
+        Err(_) => {
+            return Err(BrokerError::invalid(
+                field,
+                format!("{value} is not a JobState"),
+            ));
+        }
+    })
+}
+
+fn job_to_pb(queue: &str, job: Job) -> pb::Job {
+    pb::Job {
+        id: job.id.to_string(),
+        queue: queue.to_owned(),
+        kind: job.kind,
+        state: state_to_pb(job.state) as i32,
+        priority: job.priority as u32,
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        payload: job.payload,
+        headers: job.headers,
+        idempotency_key: job.idempotency_key.unwrap_or_default(),
+        ordering_key: job.ordering_key.map(|k| k.to_string()).unwrap_or_default(),
+        enqueued_at_unix_ms: job.enqueued_at,
+        run_at_unix_ms: job.run_at,
+        updated_at_unix_ms: job.updated_at,
+        finished_at_unix_ms: job.finished_at.unwrap_or(0),
+        lease_deadline_unix_ms: job.lease_deadline.unwrap_or(0),
+        consumer: job.consumer.map(|c| c.to_string()).unwrap_or_default(),
+        last_error: job.last_error.unwrap_or_default(),
+        result: job.result.unwrap_or_default(),
+        dead_letter_queue: job.dead_letter_queue.unwrap_or_default(),
+    }
+}
+
+/// The transport form of a batch: messages are written from their shared wire caches
+/// (see [`crate::broker::grpc::wire`]).
+fn batch_to_pb(batch: SubscriptionBatch) -> EncodedSubscribeResponse {
+    let gaps = batch
+        .gaps
+        .into_iter()
+        .map(|g| pb::Gap {
+            topic: g.topic.to_string(),
+            first_missing: g.first_missing,
+            next_available: g.next_available,
+        })
+        .collect();
+    EncodedSubscribeResponse::new(batch.messages, gaps)
+}
+
+fn policy_patch(p: Option<pb::QueuePolicy>, for_update: bool) -> PolicyPatch {
+    let Some(p) = p else {
+        return PolicyPatch::default();
+    };
+    let nonzero = |v: u64| (v > 0).then_some(v);
+    let backoff = p.backoff.and_then(|b| {
+        if !b.delays_ms.is_empty() {
+            Some(Backoff::Schedule(b.delays_ms))
+        } else if b.initial_ms > 0 || b.max_ms > 0 || b.no_jitter {
+            Some(Backoff::Exponential {
+                initial_ms: if b.initial_ms > 0 {
+                    b.initial_ms
+                } else {
+                    1_000
+                },
+                max_ms: if b.max_ms > 0 { b.max_ms } else { 300_000 },
+                jitter: !b.no_jitter,
+            })
+        } else {
+            None
+        }
+    });
+    let bindings = if !for_update || p.replace_bindings || !p.topic_bindings.is_empty() {
+        Some(p.topic_bindings)
+    } else {
+        None
+    };
+    PolicyPatch {
+        visibility_timeout_ms: nonzero(p.visibility_timeout_ms),
+        max_attempts: (p.max_attempts > 0).then_some(p.max_attempts),
+        backoff,
+        dead_letter_queue: opt_string(p.dead_letter_queue),
+        max_depth: nonzero(p.max_depth),
+        dedup_window_ms: nonzero(p.dedup_window_ms),
+        topic_bindings: bindings.filter(|b| for_update || !b.is_empty()),
+        history_limit: (p.history_limit > 0).then_some(p.history_limit),
+    }
+}
+
+fn policy_to_pb(p: &queue::QueuePolicy) -> pb::QueuePolicy {
+    let backoff = match &p.backoff {
+        Backoff::Schedule(d) => pb::BackoffPolicy {
+            delays_ms: d.clone(),
+            ..Default::default()
+        },
+        Backoff::Exponential {
+            initial_ms,
+            max_ms,
+            jitter,
+        } => pb::BackoffPolicy {
+            initial_ms: *initial_ms,
+            max_ms: *max_ms,
+            delays_ms: Vec::new(),
+            no_jitter: !jitter,
+        },
+    };
+    pb::QueuePolicy {
+        visibility_timeout_ms: p.visibility_timeout_ms,
+        max_attempts: p.max_attempts,
+        backoff: Some(backoff),
+        dead_letter_queue: p.dead_letter_queue.clone(),
+        max_depth: p.max_depth,
+        dedup_window_ms: p.dedup_window_ms,
+        topic_bindings: p.topic_bindings.clone(),
+        history_limit: p.history_limit,
+        replace_bindings: false,
+    }
+}
+
+fn queue_info_to_pb(info: QueueInfo) -> pb::QueueInfo {
+    pb::QueueInfo {
+        policy: Some(policy_to_pb(&info.policy)),
+        name: info.name,
+        paused: info.paused,
+    }
+}
+
+fn retention_to_pb(r: Retention) -> pb::RetentionPolicy {
+    pb::RetentionPolicy {
+        max_messages: r.max_messages,
+        max_bytes: r.max_bytes,
+        max_age_ms: r.max_age_ms,
+    }
+}
+
+/// Who may read a job: its producer, its workers, its admins.
+const JOB_READERS: &[Action] = &[Action::Enqueue, Action::Consume, Action::Admin];
+/// Who may put jobs into a queue or take them back out (cancel): its producers and
+/// admins.
+const QUEUE_WRITERS: &[Action] = &[Action::Enqueue, Action::Admin];
+
+/// A policy reaches beyond its queue: a topic binding reads topics, so it needs
+/// `subscribe` covering its pattern, and a dead-letter queue receives jobs, so it needs
+/// `enqueue` or `admin` on it. Without these checks, admin on one queue would read every
+/// topic or fill any queue.
+fn check_policy_reach(access: &Access, patch: &PolicyPatch) -> Result<(), BrokerError> {
+    for (i, binding) in patch.topic_bindings.iter().flatten().enumerate() {
+        let field = format!("policy.topic_bindings[{i}]");
+        let pattern = Pattern::parse(&field, binding)?;
+        access.check_pattern(Action::Subscribe, &field, &pattern)?;
+    }
+    if let Some(dlq) = &patch.dead_letter_queue {
+        access.check_any(QUEUE_WRITERS, "policy.dead_letter_queue", dlq)?;
+    }
+    Ok(())
+}
+
+/// Stats name queues and topics: each named one needs admin on it.
+fn check_stats_filter(
+    access: &Access,
+    queues: &[String],
+    topics: &[String],
+) -> Result<(), BrokerError> {
+    for q in queues {
+        access.check(Action::Admin, "queues", q)?;
+    }
+    for t in topics {
+        access.check(Action::Admin, "topics", t)?;
+    }
+    Ok(())
+}
+
+/// The part of a snapshot a request sees: the queues and topics it names (all when it
+/// names none) that it may administer. Built from a shared snapshot without copying the
+/// rest of it. The broker-wide memory figures go only to whom may administer everything.
+fn stats_view(s: &StatsSnapshot, filter: &pb::StatsRequest, access: &Access) -> pb::StatsResponse {
+    let named = |names: &[String], name: &str| names.is_empty() || names.iter().any(|n| n == name);
+    static EVERYTHING: std::sync::LazyLock<Pattern> =
+        std::sync::LazyLock::new(|| Pattern::parse("admin", ">").expect("\">\" is a pattern"));
+    let sees_memory = access.check_pattern(Action::Admin, "", &EVERYTHING).is_ok();
+    pb::StatsResponse {
+        queues: s
+            .queues
+            .iter()
+            .filter(|(name, _)| {
+                named(&filter.queues, name) && access.allows_name(Action::Admin, name)
+            })
+            .map(|(name, c)| pb::QueueStats {
+                name: name.clone(),
+                pending: c.pending,
+                scheduled: c.scheduled,
+                leased: c.leased,
+                retrying: c.retrying,
+                completed: c.completed,
+                failed: c.failed,
+                dead: c.dead,
+                cancelled: c.cancelled,
+                oldest_pending_age_ms: c.oldest_pending_age_ms,
+                enqueue_rate: c.enqueue_rate,
+                ack_rate: c.ack_rate,
+                consumers: c.consumers,
+                paused: c.paused,
+                enqueued: c.enqueued,
+            })
+            .collect(),
+        topics: s
+            .topics
+            .iter()
+            .filter(|t| {
+                named(&filter.topics, &t.name) && access.allows_name(Action::Admin, &t.name)
+            })
+            .map(|t| pb::TopicStats {
+                name: t.name.clone(),
+                first_sequence: t.first_sequence,
+                last_sequence: t.last_sequence,
+                retained_messages: t.retained_messages,
+                retained_bytes: t.retained_bytes,
+                subscribers: t.subscribers,
+                gaps: t.gaps,
+                publish_rate: t.publish_rate,
+                published: t.published,
+            })
+            .collect(),
+        taken_at_unix_ms: s.taken_at,
+        memory_budget_bytes: if sees_memory {
+            s.memory_budget_bytes
+        } else {
+            0
+        },
+        memory_used_bytes: if sees_memory { s.memory_used_bytes } else { 0 },
+        storage: Some(storage_to_pb(&s.storage)),
+    }
+}
+
+fn storage_to_pb(s: &StorageStatus) -> pb::StorageStats {
+    pb::StorageStats {
+        engine: s.engine.to_owned(),
+        fsync: s.fsync.clone().unwrap_or_default(),
+        failed: s.failure.is_some(),
+        failure_reason: s.failure.clone().unwrap_or_default(),
+        recovery: Some(pb::RecoveryStats {
+            torn_tail_bytes: s.recovery.torn_tail_bytes,
+            torn_tail_records: s.recovery.torn_tail_records,
+            files_repaired: s.recovery.files_repaired,
+            missing_files: s.recovery.missing.clone(),
+            records_replayed: s.recovery.entries,
+        }),
+    }
+}
+
+fn consume_commands(r: ReceivedConsumeRequest) -> ConsumeCommands {
+    ConsumeCommands {
+        credits: r.credits,
+        acks: r
+            .acks
+            .into_iter()
+            .map(|a| (a.lease_id, (!a.result.is_empty()).then_some(a.result)))
+            .collect(),
+        nacks: r
+            .nacks
+            .into_iter()
+            .map(|n| NackCommand {
+                lease_id: n.lease_id,
+                error: n.error,
+                retry_delay_ms: (n.retry_delay_ms > 0).then_some(n.retry_delay_ms),
+                dead_letter: n.dead_letter,
+            })
+            .collect(),
+        extends: r
+            .extends
+            .into_iter()
+            .map(|e| (e.lease_id, e.visibility_timeout_ms))
+            .collect(),
+        stop: r.stop,
+    }
+}
+
+fn peer(req: &Request<impl Sized>) -> String {
+    req.extensions()
+        .get::<crate::broker::grpc::server::ConnectionInfo>()
+        .and_then(|info| info.remote_addr())
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
+/// Requests a produce stream holds applied but unanswered while their fsyncs are pending:
+/// enough to keep group commits full, small enough that one stream cannot hoard memory.
+const STREAM_PIPELINE: usize = 256;
+
+/// Validates and applies one Publish request, up to the log append.
+async fn publish_logged(
+    broker: Broker,
+    access: Access,
+    req: pb::PublishRequest,
+) -> Result<Logged<Vec<Appended>>, BrokerError> {
+    access.check(Action::Publish, "topic", &req.topic)?;
+    broker
+        .limits()
+        .check_batch("messages", req.messages.len())?;
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|m| NewMessage {
+            payload: m.payload,
+            headers: m.headers,
+            key: m.key,
+            idempotency_key: opt_string(m.idempotency_key),
+        })
+        .collect();
+    broker.publish_logged(&req.topic, messages).await
+}
+
+fn publish_results(results: Vec<Appended>) -> Vec<pb::PublishResult> {
+    results
+        .into_iter()
+        .map(|r| pb::PublishResult {
+            sequence: r.sequence,
+            duplicate: r.duplicate,
+        })
+        .collect()
+}
+
+/// Validates and applies one Enqueue request, up to the log append.
+async fn enqueue_logged(
+    broker: Broker,
+    access: Access,
+    req: pb::EnqueueRequest,
+) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
+    access.check(Action::Enqueue, "queue", &req.queue)?;
+    broker.limits().check_batch("jobs", req.jobs.len())?;
+    let now = crate::broker::domain::time::now_ms();
+    // A fresh vector, not `collect`: collecting in place would reuse the request's
+    // allocation and then shrink it to fit the smaller `NewJob`s, copying them all.
+    let mut jobs = Vec::with_capacity(req.jobs.len());
+    for (i, spec) in req.jobs.into_iter().enumerate() {
+        jobs.push(job_spec(i, spec, now)?);
+    }
+    broker.enqueue_logged(&req.queue, jobs).await
+}
+
+/// Serves a PublishStream or EnqueueStream: applies requests one at a time in stream order,
+/// and answers each in order once durable (`answer` builds the response from the results,
+/// or from the refusal), with the fsyncs of up to [`STREAM_PIPELINE`] requests
+/// overlapping. A request the codec cannot read ends the stream with its status. When
+/// `ends_on` is cancelled (shutdown, or a reload revoked the token) reading stops and what
+/// was read is answered.
+fn produce_stream<Req, T, Resp, Applied>(
+    broker: Broker,
+    access: Access,
+    ends_on: CancellationToken,
+    inbound: tonic::Streaming<Req>,
+    apply: fn(Broker, Access, Req) -> Applied,
+    answer: fn(Result<T, BrokerError>) -> Resp,
+) -> BoxStream<Resp>
+where
+    Req: Send + 'static,
+    T: Send + 'static,
+    Resp: Send + 'static,
+    Applied: Future<Output = Result<Logged<T>, BrokerError>> + Send + 'static,
+{
+    let shutdown = ends_on.cancelled_owned();
+    let applying = broker.clone();
+    // `then` runs one request's validation, admission and append before reading the next,
+    // so requests are applied in stream order; `buffered` overlaps only the durability
+    // waits, and answers in order.
+    let answers = inbound
+        .take_until(shutdown)
+        .then(move |request| {
+            let applied = request.map(|req| apply(applying.clone(), access.clone(), req));
+            async move {
+                match applied {
+                    Ok(applied) => Ok(applied.await),
+                    Err(status) => Err(status),
+                }
+            }
+        })
+        .map(move |applied| {
+            let broker = broker.clone();
+            async move {
+                let logged = applied?;
+                let confirmed = match logged {
+                    Ok(logged) => broker.confirm(logged).await,
+                    Err(refused) => Err(refused),
+                };
+                Ok(answer(confirmed))
+            }
+        })
+        .buffered(STREAM_PIPELINE);
+    Box::pin(answers)
+}
+
+/// A stream's answer to one request: its results, or (with no results) the status the
+/// unary call would have returned.
+fn answer_parts<T: Default>(answer: Result<T, BrokerError>) -> (T, Option<pb::Refusal>) {
+    match answer {
+        Ok(results) => (results, None),
+        Err(e) => {
+            let refusal = pb::Refusal {
+                code: status::code(&e) as i32,
+                message: e.to_string(),
+            };
+            (T::default(), Some(refusal))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl broker_server::Broker for BrokerService {
+    async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
+        let access = self.access(&request)?;
+        let logged = publish_logged(self.broker.clone(), access, request.into_inner()).await?;
+        let results = publish_results(self.broker.confirm(logged).await?);
+        Ok(Response::new(pb::PublishResponse { results }))
+    }
+
+    type PublishStreamStream = BoxStream<pb::PublishStreamResponse>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::PublishRequest>>,
+    ) -> Reply<Self::PublishStreamStream> {
+        let credentials = self.credentials(&request)?;
+        // Each request is checked with the token's grant in force; a reload need only
+        // find the token still known.
+        let stream = self.hold_stream(credentials, Box::new(|_| Ok(())));
+        let answers = produce_stream(
+            self.broker.clone(),
+            stream.access.clone(),
+            stream.ends_on.clone(),
+            request.into_inner(),
+            publish_logged,
+            |answer| {
+                let (results, refused) = answer_parts(answer.map(publish_results));
+                pb::PublishStreamResponse { results, refused }
+            },
+        );
+        Ok(Response::new(stream.respond(answers)))
+    }
+
+    type SubscribeStream = BoxStream<EncodedSubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Reply<Self::SubscribeStream> {
+        let credentials = self.credentials(&request)?;
+        let access = credentials
+            .as_ref()
+            .map_or_else(Access::open, Credentials::access);
+        let req = request.into_inner();
+        let pattern = Pattern::parse("pattern", &req.pattern)?;
+        access.check_pattern(Action::Subscribe, "pattern", &pattern)?;
+        let start = match pb::StartPosition::try_from(req.start) {
+            Ok(pb::StartPosition::Unspecified | pb::StartPosition::Latest) => Start::Latest,
+            Ok(pb::StartPosition::Earliest) => Start::Earliest,
+            Ok(pb::StartPosition::Sequence) => Start::Sequence(req.start_sequence),
+            Ok(pb::StartPosition::Time) => Start::Time(req.start_time_unix_ms),
+            Err(_) => {
+                return Err(BrokerError::invalid(
+                    "start",
+                    format!("{} is not a StartPosition", req.start),
+                )
+                .into());
+            }
+        };
+        let on_gap = match pb::GapPolicy::try_from(req.on_gap) {
+            Ok(pb::GapPolicy::Unspecified | pb::GapPolicy::Notify) => GapPolicy::Notify,
+            Ok(pb::GapPolicy::EndStream) => GapPolicy::EndStream,
+            Err(_) => {
+                return Err(BrokerError::invalid(
+                    "on_gap",
+                    format!("{} is not a GapPolicy", req.on_gap),
+                )
+                .into());
+            }
+        };
+        let max_batch_limit = self.broker.limits().max_batch;
+        if req.max_batch as usize > max_batch_limit {
+            return Err(BrokerError::over_limit(
+                "max_batch",
+                req.max_batch as u64,
+                max_batch_limit as u64,
+                "messages",
+            )
+            .into());
+        }
+        for topic in req.resume_from.keys() {
+            crate::broker::domain::names::validate_name("resume_from", topic)?;
+        }
+        let spec = SubscribeSpec {
+            pattern,
+            start,
+            resume_from: req.resume_from.into_iter().collect(),
+            on_gap,
+            max_batch: if req.max_batch == 0 {
+                max_batch_limit
+            } else {
+                req.max_batch as usize
+            },
+        };
+        let recheck_pattern = spec.pattern.clone();
+        let subscription = self.broker.subscribe(spec)?;
+        let stream = self.hold_stream(
+            credentials,
+            Box::new(move |access| {
+                access.check_pattern(Action::Subscribe, "pattern", &recheck_pattern)
+            }),
+        );
+        let subscription = subscription.ending_on(stream.ends_on.clone());
+        let batches = subscription.map(|item| item.map(batch_to_pb).map_err(Status::from));
+        Ok(Response::new(stream.respond(batches)))
+    }
+
+    async fn create_topic(&self, request: Request<pb::CreateTopicRequest>) -> Reply<pb::TopicInfo> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        access.check(Action::Admin, "name", &req.name)?;
+        let defaults = Retention::default();
+        let r = req.retention.unwrap_or_default();
+        let pick = |v: u64, d: u64| if v == 0 { d } else { v };
+        let retention = Retention {
+            max_messages: pick(r.max_messages, defaults.max_messages),
+            max_bytes: pick(r.max_bytes, defaults.max_bytes),
+            max_age_ms: pick(r.max_age_ms, defaults.max_age_ms),
+        };
+        let effective = self.broker.create_topic(&req.name, retention).await?;
+        Ok(Response::new(pb::TopicInfo {
+            name: req.name,
+            retention: Some(retention_to_pb(effective)),
+        }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Reply<pb::DeleteTopicResponse> {
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, "name", &name)?;
+        self.broker.delete_topic(&name).await?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<EncodedEnqueueResponse> {
+        let access = self.access(&request)?;
+        let logged = enqueue_logged(self.broker.clone(), access, request.into_inner()).await?;
+        let results = self.broker.confirm(logged).await?;
+        Ok(Response::new(EncodedEnqueueResponse { results }))
+    }
+
+    type EnqueueStreamStream = BoxStream<EncodedEnqueueStreamResponse>;
+
+    async fn enqueue_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::EnqueueRequest>>,
+    ) -> Reply<Self::EnqueueStreamStream> {
+        let credentials = self.credentials(&request)?;
+        let stream = self.hold_stream(credentials, Box::new(|_| Ok(())));
+        let answers = produce_stream(
+            self.broker.clone(),
+            stream.access.clone(),
+            stream.ends_on.clone(),
+            request.into_inner(),
+            enqueue_logged,
+            |answer| {
+                let (results, refused) = answer_parts(answer);
+                EncodedEnqueueStreamResponse { results, refused }
+            },
+        );
+        Ok(Response::new(stream.respond(answers)))
+    }
+
+    async fn lease(&self, request: Request<pb::LeaseRequest>) -> Reply<EncodedLeaseResponse> {
+        let access = self.access(&request)?;
+        let address = peer(&request);
+        let req = request.into_inner();
+        access.check(Action::Consume, "queue", &req.queue)?;
+        let params = LeaseParams {
+            max_jobs: req.max_jobs as usize,
+            visibility_timeout_ms: (req.visibility_timeout_ms > 0)
+                .then_some(req.visibility_timeout_ms),
+            wait_ms: req.wait_ms,
+            consumer: req.consumer,
+            address,
+        };
+        let jobs = self.broker.lease(&req.queue, params).await?;
+        let queue = match jobs.first() {
+            Some(d) => d.lease_id.queue.clone(),
+            None => Arc::from(req.queue),
+        };
+        Ok(Response::new(EncodedLeaseResponse { queue, jobs }))
+    }
+
+    async fn ack(&self, request: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        self.broker.limits().check_batch("acks", req.acks.len())?;
+        for ack in &req.acks {
+            authorize_lease(&access, "acks.lease_id", &ack.lease_id)?;
+        }
+        let acks = req
+            .acks
+            .into_iter()
+            .map(|a| (a.lease_id, (!a.result.is_empty()).then_some(a.result)))
+            .collect();
+        self.broker.ack(acks).await?;
+        Ok(Response::new(pb::AckResponse {}))
+    }
+
+    async fn nack(&self, request: Request<pb::NackRequest>) -> Reply<pb::NackResponse> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        authorize_lease(&access, "lease_id", &req.lease_id)?;
+        let (state, at) = self
+            .broker
+            .nack(
+                &req.lease_id,
+                req.error,
+                (req.retry_delay_ms > 0).then_some(req.retry_delay_ms),
+                req.dead_letter,
+            )
+            .await?;
+        Ok(Response::new(pb::NackResponse {
+            state: state_to_pb(state) as i32,
+            next_attempt_unix_ms: at.unwrap_or(0),
+        }))
+    }
+
+    type ConsumeStream = BoxStream<EncodedConsumeResponse>;
+
+    async fn consume(
+        &self,
+        request: Request<tonic::Streaming<ReceivedConsumeRequest>>,
+    ) -> Reply<Self::ConsumeStream> {
+        let credentials = self.credentials(&request)?;
+        let access = credentials
+            .as_ref()
+            .map_or_else(Access::open, Credentials::access);
+        let address = peer(&request);
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            BrokerError::invalid("queue", "the stream ended before its first request")
+        })?;
+        if first.queue.is_empty() {
+            return Err(BrokerError::invalid(
+                "queue",
+                "the first ConsumeRequest of a stream must name the queue",
+            )
+            .into());
+        }
+        access.check(Action::Consume, "queue", &first.queue)?;
+        let recheck_queue = first.queue.clone();
+        let stream = self.hold_stream(
+            credentials,
+            Box::new(move |access| access.check(Action::Consume, "queue", &recheck_queue)),
+        );
+        let spec = ConsumeSpec {
+            // Acks of other queues' leases are checked with the grant in force.
+            access: stream.access.clone(),
+            queue: first.queue.clone(),
+            consumer: first.consumer.clone(),
+            address,
+            visibility_timeout_ms: (first.visibility_timeout_ms > 0)
+                .then_some(first.visibility_timeout_ms),
+            ends_on: Some(stream.ends_on.clone()),
+        };
+        // The client side ends at its first transport error; what it held is released.
+        let rest = inbound
+            .take_while(|r| futures::future::ready(r.is_ok()))
+            .filter_map(|r| futures::future::ready(r.ok()))
+            .map(consume_commands);
+        let commands = futures::stream::iter([consume_commands(first)]).chain(rest);
+        let queue: Arc<str> = Arc::from(spec.queue.as_str());
+        let events = self.broker.consume(spec, Box::pin(commands))?;
+        let responses = events.map(move |event| {
+            Ok(match event {
+                ConsumeEvent::Failed(e) => return Err(Status::from(e)),
+                ConsumeEvent::Jobs(jobs) => EncodedConsumeResponse {
+                    queue: queue.clone(),
+                    jobs,
+                    errors: Vec::new(),
+                },
+                ConsumeEvent::Refused(refused) => EncodedConsumeResponse {
+                    queue: queue.clone(),
+                    jobs: Vec::new(),
+                    errors: refused
+                        .into_iter()
+                        .map(|(lease_id, e)| pb::SettleError {
+                            lease_id,
+                            code: status::code(&e) as i32,
+                            message: e.to_string(),
+                        })
+                        .collect(),
+                },
+            })
+        });
+        Ok(Response::new(stream.respond(responses)))
+    }
+
+    async fn extend_lease(
+        &self,
+        request: Request<pb::ExtendLeaseRequest>,
+    ) -> Reply<pb::ExtendLeaseResponse> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        authorize_lease(&access, "lease_id", &req.lease_id)?;
+        let deadline = self
+            .broker
+            .extend_lease(&req.lease_id, req.visibility_timeout_ms)?;
+        Ok(Response::new(pb::ExtendLeaseResponse {
+            lease_deadline_unix_ms: deadline,
+        }))
+    }
+
+    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Reply<pb::Job> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        let queue = opt_string(req.queue);
+        if let Some(queue) = &queue {
+            access.check_any(JOB_READERS, "queue", queue)?;
+        }
+        let (queue, job) = self.broker.get_job(&req.id, queue.as_deref())?;
+        access.check_any(JOB_READERS, "id", &queue)?;
+        Ok(Response::new(job_to_pb(&queue, job)))
+    }
+
+    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Reply<pb::Job> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        let queue = match opt_string(req.queue) {
+            Some(queue) => {
+                access.check_any(QUEUE_WRITERS, "queue", &queue)?;
+                Some(queue)
+            }
+            // The job's queue decides the permission: find it before changing anything.
+            None if self.auth.is_some() => {
+                let (queue, _) = self.broker.get_job(&req.id, None)?;
+                access.check_any(QUEUE_WRITERS, "id", &queue)?;
+                Some(queue)
+            }
+            None => None,
+        };
+        let (queue, job) = self.broker.cancel_job(&req.id, queue.as_deref()).await?;
+        Ok(Response::new(job_to_pb(&queue, job)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Reply<pb::ListJobsResponse> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        access.check(Action::Admin, "queue", &req.queue)?;
+        let state = state_from_pb("state", req.state)?;
+        let (jobs, next) =
+            self.broker
+                .list_jobs(&req.queue, state, req.page_size as usize, &req.page_token)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.into_iter().map(|j| job_to_pb(&req.queue, j)).collect(),
+            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn job_history(
+        &self,
+        request: Request<pb::JobHistoryRequest>,
+    ) -> Reply<pb::JobHistoryResponse> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        access.check(Action::Admin, "queue", &req.queue)?;
+        let jobs = self.broker.job_history(&req.queue, req.limit as usize)?;
+        Ok(Response::new(pb::JobHistoryResponse {
+            jobs: jobs.into_iter().map(|j| job_to_pb(&req.queue, j)).collect(),
+        }))
+    }
+
+    async fn create_queue(&self, request: Request<pb::CreateQueueRequest>) -> Reply<pb::QueueInfo> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        access.check(Action::Admin, "name", &req.name)?;
+        let patch = policy_patch(req.policy, false);
+        check_policy_reach(&access, &patch)?;
+        let info = self.broker.create_queue(&req.name, patch).await?;
+        Ok(Response::new(queue_info_to_pb(info)))
+    }
+
+    async fn update_queue(&self, request: Request<pb::UpdateQueueRequest>) -> Reply<pb::QueueInfo> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        access.check(Action::Admin, "name", &req.name)?;
+        let patch = policy_patch(req.policy, true);
+        check_policy_reach(&access, &patch)?;
+        let info = self.broker.update_queue(&req.name, patch).await?;
+        Ok(Response::new(queue_info_to_pb(info)))
+    }
+
+    async fn purge_queue(
+        &self,
+        request: Request<pb::PurgeQueueRequest>,
+    ) -> Reply<pb::PurgeQueueResponse> {
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, "name", &name)?;
+        let purged = self.broker.purge_queue(&name).await?;
+        Ok(Response::new(pb::PurgeQueueResponse { purged }))
+    }
+
+    async fn delete_queue(
+        &self,
+        request: Request<pb::DeleteQueueRequest>,
+    ) -> Reply<pb::DeleteQueueResponse> {
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, "name", &name)?;
+        self.broker.delete_queue(&name).await?;
+        Ok(Response::new(pb::DeleteQueueResponse {}))
+    }
+
+    async fn pause_queue(&self, request: Request<pb::PauseQueueRequest>) -> Reply<pb::QueueInfo> {
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, "name", &name)?;
+        let info = self.broker.set_paused(&name, true).await?;
+        Ok(Response::new(queue_info_to_pb(info)))
+    }
+
+    async fn resume_queue(&self, request: Request<pb::ResumeQueueRequest>) -> Reply<pb::QueueInfo> {
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        access.check(Action::Admin, "name", &name)?;
+        let info = self.broker.set_paused(&name, false).await?;
+        Ok(Response::new(queue_info_to_pb(info)))
+    }
+
+    async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Reply<pb::RedriveResponse> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        access.check(Action::Admin, "dead_letter_queue", &req.dead_letter_queue)?;
+        let outcome = self
+            .broker
+            .redrive(
+                &req.dead_letter_queue,
+                &req.job_ids,
+                req.rate_per_second,
+                req.max_jobs,
+                &access,
+            )
+            .await?;
+        Ok(Response::new(pb::RedriveResponse {
+            redriven: outcome.redriven,
+            skipped_ids: outcome.skipped.iter().map(|u| u.to_string()).collect(),
+        }))
+    }
+
+    async fn list_queues(
+        &self,
+        request: Request<pb::ListQueuesRequest>,
+    ) -> Reply<pb::ListQueuesResponse> {
+        let access = self.access(&request)?;
+        Ok(Response::new(pb::ListQueuesResponse {
+            queues: self
+                .broker
+                .list_queues()
+                .into_iter()
+                .filter(|q| access.allows_name(Action::Admin, &q.name))
+                .map(queue_info_to_pb)
+                .collect(),
+        }))
+    }
+
+    async fn stats(&self, request: Request<pb::StatsRequest>) -> Reply<pb::StatsResponse> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        check_stats_filter(&access, &req.queues, &req.topics)?;
+        // While someone watches, the shared snapshot is at most one tick old: reuse it.
+        let response = match self.broker.recent_stats() {
+            Some(shared) => stats_view(&shared, &req, &access),
+            None => stats_view(&self.broker.stats(&req.queues, &req.topics), &req, &access),
+        };
+        Ok(Response::new(response))
+    }
+
+    type WatchStatsStream = BoxStream<pb::StatsResponse>;
+
+    async fn watch_stats(
+        &self,
+        request: Request<pb::WatchStatsRequest>,
+    ) -> Reply<Self::WatchStatsStream> {
+        let credentials = self.credentials(&request)?;
+        let access = credentials
+            .as_ref()
+            .map_or_else(Access::open, Credentials::access);
+        let req = request.into_inner();
+        let interval_ms = match req.interval_ms {
+            0 => 1_000,
+            v if v < 100 => {
+                return Err(BrokerError::invalid(
+                    "interval_ms",
+                    format!("{v} ms is below the minimum of 100 ms"),
+                )
+                .into());
+            }
+            v => {
+                check_duration_ms("interval_ms", v.into(), MAX_WATCH_INTERVAL_MS)?;
+                v.into()
+            }
+        };
+        let filter = Arc::new(req.filter.unwrap_or_default());
+        check_stats_filter(&access, &filter.queues, &filter.topics)?;
+        // Without a filter a watcher sees what its grant in force lets it administer;
+        // with one, a reload must leave admin on every name it lists.
+        let stream = self.hold_stream(credentials, {
+            let filter = filter.clone();
+            Box::new(move |access| check_stats_filter(access, &filter.queues, &filter.topics))
+        });
+        let access = stream.access.clone();
+        // Every watcher samples the one shared snapshot at its own interval.
+        let mut interval = tokio::time::interval(Duration::from_millis(interval_ms));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shutdown = stream.ends_on.clone().cancelled_owned();
+        let watch = self.broker.watch_stats();
+        // Successive frames are at least 90% of the interval apart in `taken_at` (the
+        // shared snapshot's ticks jitter a little), so no frame repeats the last one.
+        let spacing = interval_ms - interval_ms / 10;
+        let snapshots = futures::stream::unfold(
+            (interval, watch, 0),
+            move |(mut interval, mut watch, last)| {
+                let (filter, access) = (filter.clone(), access.clone());
+                async move {
+                    interval.tick().await;
+                    let due = if last == 0 { 0 } else { last + spacing };
+                    let snapshot = watch.taken_since(due).await?;
+                    let view = stats_view(&snapshot, &filter, &access);
+                    Some((Ok(view), (interval, watch, snapshot.taken_at)))
+                }
+            },
+        )
+        .take_until(shutdown);
+        Ok(Response::new(stream.respond(snapshots)))
+    }
+
+    async fn list_consumers(
+        &self,
+        request: Request<pb::ListConsumersRequest>,
+    ) -> Reply<pb::ListConsumersResponse> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        access.check(Action::Admin, "queue", &req.queue)?;
+        let consumers = self.broker.list_consumers(&req.queue)?;
+        Ok(Response::new(pb::ListConsumersResponse {
+            consumers: consumers
+                .into_iter()
+                .map(|(name, c)| pb::ConsumerInfo {
+                    name: name.to_string(),
+                    address: c.address,
+                    leases_held: c.leases_held,
+                    last_seen_unix_ms: c.last_seen,
+                    done: c.done,
+                    failed: c.failed,
+                })
+                .collect(),
+        }))
+    }
+}

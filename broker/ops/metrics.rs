@@ -1,0 +1,373 @@
+//! `/metrics`: the broker's figures in the OpenMetrics text format (Prometheus' text
+//! exposition format 1.0), encoded by the `prometheus-client` crate.
+//!
+//! Two sources feed it:
+//! * Queue and topic counters and gauges are read from [`Broker::stats`] at scrape time by a
+//!   [`Collector`], so they are exactly what `Stats` reports and deleted queues disappear.
+//! * Histograms of lease-to-ack time and publish-to-deliver latency are fed by the broker's
+//!   [`Observer`] hook as events happen, because a snapshot cannot reconstruct them.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::broker::domain::observe::Observer;
+use crate::broker::domain::queue::QueueCounts;
+use crate::broker::engine::Broker;
+
+/// The content type of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upper bounds (seconds) of the lease-to-ack buckets: handlers run from milliseconds to
+/// many minutes, and the default visibility timeout is 30 s.
+const LEASE_TO_ACK_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0, 120.0, 600.0,
+];
+
+/// Upper bounds (seconds) of the publish-to-deliver buckets: the broker measures in whole
+/// milliseconds, so the first bucket holds deliveries within the same millisecond.
+const PUBLISH_TO_DELIVER_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+/// Labels of a per-queue histogram.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
+}
+
+/// Labels of a per-topic histogram.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicLabel {
+    topic: String,
+}
+
+fn lease_to_ack_histogram() -> Histogram {
+    Histogram::new(LEASE_TO_ACK_BUCKETS)
+}
+
+fn publish_to_deliver_histogram() -> Histogram {
+    Histogram::new(PUBLISH_TO_DELIVER_BUCKETS)
+}
+
+/// The histograms the broker's [`Observer`] hook feeds. Cloning shares the same series.
+#[derive(Debug, Clone)]
+pub struct Histograms {
+    lease_to_ack: Family<QueueLabel, Histogram, fn() -> Histogram>,
+    publish_to_deliver: Family<TopicLabel, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        Self {
+            lease_to_ack: Family::new_with_constructor(lease_to_ack_histogram),
+            publish_to_deliver: Family::new_with_constructor(publish_to_deliver_histogram),
+        }
+    }
+}
+
+impl Histograms {
+    /// The histograms installed on `broker`, installing them if it has no observer yet.
+    /// Every HTTP server of one broker so shares the same series.
+    pub fn installed_on(broker: &Broker) -> Self {
+        let observer = broker.install_observer(|| Arc::new(Self::default()));
+        let any: Arc<dyn Any + Send + Sync> = observer;
+        match any.downcast::<Self>() {
+            Ok(h) => (*h).clone(),
+            Err(_) => {
+                tracing::warn!(
+                    "another observer is installed on this broker; /metrics histograms stay empty"
+                );
+                Self::default()
+            }
+        }
+    }
+}
+
+impl Observer for Histograms {
+    fn job_acked(&self, queue: &str, lease_to_ack: Duration) {
+        self.lease_to_ack
+            .get_or_create(&QueueLabel {
+                queue: queue.to_owned(),
+            })
+            .observe(lease_to_ack.as_secs_f64());
+    }
+
+    fn queue_deleted(&self, queue: &str) {
+        // Series of deleted queues would otherwise be exported (and kept) forever.
+        self.lease_to_ack.remove(&QueueLabel {
+            queue: queue.to_owned(),
+        });
+    }
+
+    fn topic_deleted(&self, topic: &str) {
+        self.publish_to_deliver.remove(&TopicLabel {
+            topic: topic.to_owned(),
+        });
+    }
+
+    fn messages_delivered(&self, topic: &str, latencies: &mut dyn Iterator<Item = Duration>) {
+        let histogram = self.publish_to_deliver.get_or_create(&TopicLabel {
+            topic: topic.to_owned(),
+        });
+        for latency in latencies {
+            histogram.observe(latency.as_secs_f64());
+        }
+    }
+}
+
+/// Reads one counter of a queue's stats.
+type CountOf = fn(&QueueCounts) -> u64;
+
+/// Encodes the broker's stats at scrape time.
+#[derive(Clone)]
+struct StatsCollector {
+    broker: Broker,
+}
+
+impl std::fmt::Debug for StatsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsCollector").finish_non_exhaustive()
+    }
+}
+
+/// Writes one metric family whose samples are `(labels, value)` pairs. Families with no
+/// sample are left out, as OpenMetrics allows.
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut samples = samples.into_iter().peekable();
+    if samples.peek().is_none() {
+        return Ok(());
+    }
+    let mut metric = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, value) in samples {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.broker.stats(&[], &[]);
+        let queues = &s.queues;
+        let topics = &s.topics;
+        let q = |name: &str| [("queue", name.to_owned())];
+        let t = |name: &str| [("topic", name.to_owned())];
+
+        family(
+            &mut e,
+            "sluice_queue_jobs",
+            "Live jobs of a queue by state (pending, scheduled, leased, retrying).",
+            MetricType::Gauge,
+            queues.iter().flat_map(|(name, c)| {
+                [
+                    ("pending", c.pending),
+                    ("scheduled", c.scheduled),
+                    ("leased", c.leased),
+                    ("retrying", c.retrying),
+                ]
+                .map(|(state, n)| {
+                    (
+                        [("queue", name.clone()), ("state", state.to_owned())],
+                        ConstGauge::new(n as i64),
+                    )
+                })
+            }),
+        )?;
+        let counters: [(&str, &str, CountOf); 5] = [
+            (
+                "sluice_jobs_enqueued",
+                "Jobs enqueued into a queue since the broker started (dead letters and topic bindings included).",
+                |c| c.enqueued,
+            ),
+            (
+                "sluice_jobs_completed",
+                "Jobs acked since the broker started.",
+                |c| c.completed,
+            ),
+            (
+                "sluice_job_deliveries_failed",
+                "Failed deliveries (nacks and lease expiries) since the broker started.",
+                |c| c.failed,
+            ),
+            (
+                "sluice_jobs_dead_lettered",
+                "Jobs that ran out of attempts or were nacked as poison since the broker started.",
+                |c| c.dead,
+            ),
+            (
+                "sluice_jobs_cancelled",
+                "Jobs cancelled or purged since the broker started.",
+                |c| c.cancelled,
+            ),
+        ];
+        for (name, help, get) in counters {
+            family(
+                &mut e,
+                name,
+                help,
+                MetricType::Counter,
+                queues
+                    .iter()
+                    .map(|(n, c)| (q(n), ConstCounter::new(get(c)))),
+            )?;
+        }
+        family(
+            &mut e,
+            "sluice_queue_oldest_pending_age_seconds",
+            "How long the oldest visible job of a queue has waited for a worker.",
+            MetricType::Gauge,
+            queues.iter().map(|(n, c)| {
+                (
+                    q(n),
+                    ConstGauge::new(c.oldest_pending_age_ms as f64 / 1000.0),
+                )
+            }),
+        )?;
+        family(
+            &mut e,
+            "sluice_queue_consumers",
+            "Consumers of a queue seen in the last 60 s or holding leases.",
+            MetricType::Gauge,
+            queues
+                .iter()
+                .map(|(n, c)| (q(n), ConstGauge::new(c.consumers as i64))),
+        )?;
+        family(
+            &mut e,
+            "sluice_queue_paused",
+            "1 while leasing from the queue is paused.",
+            MetricType::Gauge,
+            queues
+                .iter()
+                .map(|(n, c)| (q(n), ConstGauge::new(i64::from(c.paused)))),
+        )?;
+
+        family(
+            &mut e,
+            "sluice_topic_messages_published",
+            "Messages appended to a topic since the broker started.",
+            MetricType::Counter,
+            topics
+                .iter()
+                .map(|c| (t(&c.name), ConstCounter::new(c.published))),
+        )?;
+        family(
+            &mut e,
+            "sluice_topic_retained_messages",
+            "Messages in a topic's retention log.",
+            MetricType::Gauge,
+            topics
+                .iter()
+                .map(|c| (t(&c.name), ConstGauge::new(c.retained_messages as i64))),
+        )?;
+        family(
+            &mut e,
+            "sluice_topic_retained_bytes",
+            "Payload bytes in a topic's retention log.",
+            MetricType::Gauge,
+            topics
+                .iter()
+                .map(|c| (t(&c.name), ConstGauge::new(c.retained_bytes as i64))),
+        )?;
+        family(
+            &mut e,
+            "sluice_topic_first_sequence",
+            "Oldest retained sequence of a topic (0 when its log is empty).",
+            MetricType::Gauge,
+            topics
+                .iter()
+                .map(|c| (t(&c.name), ConstGauge::new(c.first_sequence as i64))),
+        )?;
+        family(
+            &mut e,
+            "sluice_topic_last_sequence",
+            "Newest sequence of a topic (0 before its first message).",
+            MetricType::Gauge,
+            topics
+                .iter()
+                .map(|c| (t(&c.name), ConstGauge::new(c.last_sequence as i64))),
+        )?;
+        family(
+            &mut e,
+            "sluice_topic_subscribers",
+            "Open subscriptions whose pattern matches a topic.",
+            MetricType::Gauge,
+            topics
+                .iter()
+                .map(|c| (t(&c.name), ConstGauge::new(c.subscribers as i64))),
+        )?;
+        family(
+            &mut e,
+            "sluice_topic_subscriber_gaps",
+            "Gap notices (or DATA_LOSS ends) given to subscribers that fell behind retention.",
+            MetricType::Counter,
+            topics
+                .iter()
+                .map(|c| (t(&c.name), ConstCounter::new(c.gaps))),
+        )?;
+        for (name, help, n) in [
+            ("sluice_queues", "Queues the broker holds.", queues.len()),
+            ("sluice_topics", "Topics the broker holds.", topics.len()),
+        ] {
+            let gauge = ConstGauge::new(n as i64);
+            gauge.encode(e.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The `/metrics` registry of one broker.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    /// A registry over `broker`: its stats at scrape time, and its timing histograms.
+    pub fn new(broker: &Broker) -> Self {
+        let histograms = Histograms::installed_on(broker);
+        let mut registry = Registry::default();
+        registry.register(
+            "sluice_build",
+            "The broker's version",
+            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register(
+            "sluice_lease_to_ack_seconds",
+            "Time from a job's lease to its ack, per queue (whole milliseconds)",
+            histograms.lease_to_ack,
+        );
+        registry.register(
+            "sluice_publish_to_deliver_seconds",
+            "Time from a message's publish to its hand-over to a subscriber's stream, per topic; live deliveries only, not replays (whole milliseconds)",
+            histograms.publish_to_deliver,
+        );
+        registry.register_collector(Box::new(StatsCollector {
+            broker: broker.clone(),
+        }));
+        Self { registry }
+    }
+
+    /// The exposition text, ending with `# EOF`.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
