@@ -14,6 +14,8 @@
 //!
 //! The internal WAL records (`proto/sluice/internal/wal.proto`) are compiled separately,
 //! without gRPC stubs, and kept out of the descriptor set: they are not part of the API.
+//!
+//! Without the `server` feature only the first pass runs: the rest is the broker's.
 
 use prost::Message as _;
 
@@ -31,6 +33,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(false)
         .codec_path(CODEC)
         .compile_fds(fds.clone())?;
+
+    // The rest is the broker's (included only by `broker/grpc/wire` and `broker/store`),
+    // and a client-only build has no broker.
+    if std::env::var_os("CARGO_FEATURE_SERVER").is_none() {
+        return Ok(());
+    }
 
     let server_dir = out_dir.join("server");
     std::fs::create_dir_all(&server_dir)?;
