@@ -12,7 +12,7 @@
 //!
 //! Client and server stubs use `proto/codec.rs` (`crate::pb::codec`) instead of `tonic_prost::ProstCodec`.
 //!
-//! The internal WAL records (`proto/sluice/internal/wal.proto`) are compiled separately,
+//! The internal WAL records (`broker/store/wal.proto`, beside the code that writes them) are compiled separately,
 //! without gRPC stubs, and kept out of the descriptor set: they are not part of the API.
 //!
 //! Without the `server` feature only the first pass runs: the rest is the broker's.
@@ -73,7 +73,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".sluice.v1", "crate::pb")
         .compile_fds(fds)?;
 
-    let internal = protox::compile(["proto/sluice/internal/wal.proto"], ["proto"])?;
+    println!("cargo:rerun-if-changed=broker/store/wal.proto");
+    let internal = protox::compile(["broker/store/wal.proto"], ["broker/store"])?;
     tonic_prost_build::configure()
         .build_client(false)
         .build_server(false)

@@ -36,8 +36,7 @@
 //! # Layout
 //!
 //! * `proto/`: `sluice/v1/sluice.proto` is the wire contract, `proto/mod.rs` and
-//!   `proto/codec.rs` are [`pb`]; `sluice/internal/wal.proto` holds the write-ahead log's
-//!   records (never on the wire).
+//!   `proto/codec.rs` are [`pb`].
 //! * `client/`: the typed client; it never imports `broker`.
 //! * `broker/domain/`: pure state machines (queue, topic log, dedup, names, limits, time)
 //!   that take `now` as an argument. A change to lease expiry goes in `domain/queue/`
@@ -45,7 +44,7 @@
 //! * `broker/engine/`: the shared `Broker` handle: locks, journaling, background tasks (the
 //!   ticker that drives expiry is `background.rs`), stats, consume streams, subscriptions.
 //! * `broker/store/`: the write-ahead log. A change to the WAL format goes in `record.rs`
-//!   (framing, record conversion) and `proto/sluice/internal/wal.proto`; replay in
+//!   (framing, record conversion) and `wal.proto` (the records, never on the wire); replay in
 //!   `recovery.rs`.
 //! * `broker/auth/`: tokens, grants, the re-check of open streams.
 //! * `broker/grpc/`: the transport. A change to an RPC's mapping goes in `service.rs` and
