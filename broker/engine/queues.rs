@@ -39,8 +39,9 @@ pub struct LeaseParams {
 }
 
 impl Broker {
-    pub(super) fn route_dead_letters(&self, letters: Vec<DeadLetter>) {
-        let now = now_ms();
+    /// Moves dead letters into their dead-letter queues, at `now` (the time of the change
+    /// that killed them).
+    pub(super) fn route_dead_letters(&self, letters: Vec<DeadLetter>, now: Millis) {
         for letter in letters {
             let target = self
                 .create_queue_slot(
@@ -99,7 +100,7 @@ impl Broker {
             let _change = self.begin()?;
             let slot = self.queue_or_create("queue", queue)?;
             let now = now_ms();
-            self.with_queue(&slot, |q, batch| {
+            self.with_queue(&slot, now, |q, batch| {
                 let out = q.enqueue(now, jobs)?;
                 if batch.is_enabled() {
                     for e in out.iter().filter(|e| !e.duplicate) {
@@ -152,7 +153,7 @@ impl Broker {
             // Leases are not logged, but the expiries a lease runs first are.
             let ((jobs, next_due), _) = {
                 let _change = self.begin()?;
-                self.with_queue(&slot, |q, _| {
+                self.with_queue(&slot, now, |q, _| {
                     let visibility = params
                         .visibility_timeout_ms
                         .unwrap_or(q.policy().visibility_timeout_ms);
@@ -172,7 +173,7 @@ impl Broker {
             // the end of the wait.
             let mut wake_at = give_up;
             if let Some(due) = next_due {
-                let in_ms = due.saturating_sub(now_ms());
+                let in_ms = due.saturating_sub(now);
                 // Past what the clock can hold (a retry saturated at the end of time), the
                 // end of the wait comes first anyway.
                 if let Some(at) =
@@ -342,7 +343,7 @@ impl Broker {
         let (outcome, commit) = {
             let _change = self.begin()?;
             let slot = self.lease_queue(&lease)?;
-            self.with_queue(&slot, |q, batch| {
+            self.with_queue(&slot, now, |q, batch| {
                 let outcome = q.nack(now, &lease, error, retry_delay_ms, dead_letter)?;
                 batch.job_state_of(&slot.name, q, lease.seq);
                 Ok::<_, BrokerError>(outcome)
@@ -369,8 +370,10 @@ impl Broker {
         let slot = self.lease_queue(&lease)?;
         let now = now_ms();
         // Not logged: leases do not survive a restart anyway.
-        self.with_queue(&slot, |q, _| q.extend(now, &lease, visibility_timeout_ms))?
-            .0
+        self.with_queue(&slot, now, |q, _| {
+            q.extend(now, &lease, visibility_timeout_ms)
+        })?
+        .0
     }
 
     // ---- inspection -------------------------------------------------------------------
@@ -431,7 +434,7 @@ impl Broker {
                 let now = now_ms();
                 let (job, commit) = {
                     let _change = self.begin()?;
-                    self.with_queue(&slot, |q, batch| {
+                    self.with_queue(&slot, now, |q, batch| {
                         let job = q.cancel(now, &uuid)?;
                         batch.job_state(&slot.name, &job);
                         Ok::<_, BrokerError>(job)
