@@ -64,21 +64,36 @@ impl Broker {
         queue: &str,
         jobs: Vec<NewJob>,
     ) -> Result<Vec<Enqueued>, BrokerError> {
-        let logged = self.enqueue_logged(queue, jobs).await?;
+        let logged = self
+            .enqueue_logged(queue, jobs.into_iter().map(Ok), now_ms())
+            .await?;
         self.confirm(logged).await
     }
 
     /// [`Broker::enqueue`] up to the log append: the jobs are stored (visible to workers)
     /// and their records appended, but not yet durable. A pipelined stream answers
     /// requests in order through [`Broker::confirm`], so their fsyncs overlap.
+    ///
+    /// Every check of the request is made here, once. `jobs` may still be converting from
+    /// a transport's form: a job that fails to convert refuses the request after the
+    /// batch size is checked and before the queue name and the jobs' limits are. `now` is
+    /// the request's time (the one its jobs' delays were resolved with).
     pub async fn enqueue_logged(
         &self,
         queue: &str,
-        jobs: Vec<NewJob>,
+        jobs: impl ExactSizeIterator<Item = Result<NewJob, BrokerError>>,
+        now: Millis,
     ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
         let limits = &self.inner.config.limits;
-        validate_name("queue", queue)?;
         limits.check_batch("jobs", jobs.len())?;
+        // A fresh vector, not `collect`: collecting in place would reuse the request's
+        // allocation and then shrink it to fit the smaller `NewJob`s, copying them all.
+        let mut converted = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            converted.push(job?);
+        }
+        let jobs = converted;
+        validate_name("queue", queue)?;
         for (i, job) in jobs.iter().enumerate() {
             limits.check_entry(
                 |name| format!("jobs[{i}].{name}"),
@@ -99,7 +114,6 @@ impl Broker {
         let (results, commit) = {
             let _change = self.begin()?;
             let slot = self.queue_or_create("queue", queue)?;
-            let now = now_ms();
             self.with_queue(&slot, now, |q, batch| {
                 let out = q.enqueue(now, jobs)?;
                 if batch.is_enabled() {

@@ -30,15 +30,16 @@ impl Broker {
     }
 
     /// [`Broker::publish`] up to the log append: the messages are appended (and delivered
-    /// to live subscribers) but not yet durable; see [`Broker::enqueue_logged`].
+    /// to live subscribers) but not yet durable; see [`Broker::enqueue_logged`]. Every
+    /// check of the request is made here, once.
     pub async fn publish_logged(
         &self,
         topic: &str,
         messages: Vec<NewMessage>,
     ) -> Result<Logged<Vec<Appended>>, BrokerError> {
         let limits = &self.inner.config.limits;
-        validate_name("topic", topic)?;
         limits.check_batch("messages", messages.len())?;
+        validate_name("topic", topic)?;
         for (i, m) in messages.iter().enumerate() {
             limits.check_entry(
                 |name| format!("messages[{i}].{name}"),

@@ -530,16 +530,14 @@ fn peer(req: &Request<impl Sized>) -> String {
 /// enough to keep group commits full, small enough that one stream cannot hoard memory.
 const STREAM_PIPELINE: usize = 256;
 
-/// Validates and applies one Publish request, up to the log append.
+/// Authorizes one Publish request and applies it (the broker validates it), up to the
+/// log append.
 async fn publish_logged(
     broker: Broker,
     access: Access,
     req: pb::PublishRequest,
 ) -> Result<Logged<Vec<Appended>>, BrokerError> {
     access.check(Action::Publish, "topic", &req.topic)?;
-    broker
-        .limits()
-        .check_batch("messages", req.messages.len())?;
     let messages = req
         .messages
         .into_iter()
@@ -563,22 +561,23 @@ fn publish_results(results: Vec<Appended>) -> Vec<pb::PublishResult> {
         .collect()
 }
 
-/// Validates and applies one Enqueue request, up to the log append.
+/// Authorizes one Enqueue request, converts its jobs and applies it (the broker validates
+/// it), up to the log append.
 async fn enqueue_logged(
     broker: Broker,
     access: Access,
     req: pb::EnqueueRequest,
 ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
     access.check(Action::Enqueue, "queue", &req.queue)?;
-    broker.limits().check_batch("jobs", req.jobs.len())?;
+    // The one clock reading of the request: delays resolve with it and jobs are stored
+    // at it. The broker checks the rest, converting the jobs as it goes.
     let now = crate::broker::domain::time::now_ms();
-    // A fresh vector, not `collect`: collecting in place would reuse the request's
-    // allocation and then shrink it to fit the smaller `NewJob`s, copying them all.
-    let mut jobs = Vec::with_capacity(req.jobs.len());
-    for (i, spec) in req.jobs.into_iter().enumerate() {
-        jobs.push(job_spec(i, spec, now)?);
-    }
-    broker.enqueue_logged(&req.queue, jobs).await
+    let jobs = req
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| job_spec(i, spec, now));
+    broker.enqueue_logged(&req.queue, jobs, now).await
 }
 
 /// Serves a PublishStream or EnqueueStream: applies requests one at a time in stream order,
