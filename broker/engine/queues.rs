@@ -18,10 +18,27 @@ use crate::broker::domain::queue::{
 };
 use crate::broker::domain::time::{Millis, now_ms};
 use crate::broker::engine::memory::Accounted;
+use crate::broker::store::Batch;
 use crate::broker::sync::lock;
 
 use super::catalog::Creation;
 use super::{Broker, Logged, MAX_LEASE_WAIT_MS, SharedQueue};
+
+/// Stores `jobs` in the locked queue `q` (named `name`) and records in `batch` each job
+/// it stored, from what the queue holds; with nothing logged, no record is made.
+pub(super) fn enqueue_recording(
+    batch: &mut Batch,
+    name: &str,
+    q: &mut Queue,
+    now: Millis,
+    jobs: Vec<NewJob>,
+) -> Result<Vec<Enqueued>, BrokerError> {
+    if batch.is_enabled() {
+        q.enqueue_recorded(now, jobs, |job| batch.new_job(name, job))
+    } else {
+        q.enqueue(now, jobs)
+    }
+}
 
 /// Parameters of a lease request, already defaulted by the caller where it wants.
 #[derive(Debug, Clone)]
@@ -115,15 +132,7 @@ impl Broker {
             let _change = self.begin()?;
             let slot = self.queue_or_create("queue", queue)?;
             self.with_queue(&slot, now, |q, batch| {
-                let out = q.enqueue(now, jobs)?;
-                if batch.is_enabled() {
-                    for e in out.iter().filter(|e| !e.duplicate) {
-                        if let Some(job) = q.get(&e.id) {
-                            batch.new_job(&slot.name, &job);
-                        }
-                    }
-                }
-                Ok::<_, BrokerError>(out)
+                enqueue_recording(batch, &slot.name, q, now, jobs)
             })?
         };
         Ok(Logged {
