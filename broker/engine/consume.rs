@@ -314,7 +314,7 @@ impl Broker {
                     let outcome = outcome.and_then(|lease| {
                         if *lease.queue != *q.name() {
                             let lease_id = lease_id.unwrap_or_default().to_owned();
-                            foreign_acks.push((lease_id, result));
+                            foreign_acks.push((lease_id, lease, result));
                             return Ok(());
                         }
                         if let Some(r) = &result {
@@ -368,14 +368,18 @@ impl Broker {
             }
         }
         self.durable(commit).await?;
-        for (lease_id, result) in foreign_acks {
-            let queue = LeaseId::queue_of(&lease_id).unwrap_or_default();
-            let allowed = access.check(Action::Consume, "acks.lease_id", queue);
-            if let Err(e) = allowed {
-                refused.push((lease_id, e));
-                continue;
-            }
-            if let Err(e) = self.ack(vec![(lease_id.clone(), result)]).await {
+        // Each is settled as a one-ack Ack of its own (its fields are named as there), at
+        // this command's time.
+        for (lease_id, lease, result) in foreign_acks {
+            let settled = async {
+                access.check(Action::Consume, "acks.lease_id", &lease.queue)?;
+                if let Some(r) = &result {
+                    limits.check_payload("acks[0].result", r.len())?;
+                }
+                self.wait_for_log_space().await?;
+                self.ack_leases(vec![(lease, result)], now).await
+            };
+            if let Err(e) = settled.await {
                 refused.push((lease_id, e));
             }
         }

@@ -17,7 +17,7 @@ use crate::broker::domain::limits::{
 };
 use crate::broker::domain::names::Pattern;
 use crate::broker::domain::queue::{
-    self, Backoff, Enqueued, Job, JobState, LeaseId, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
+    self, Backoff, Enqueued, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
 };
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
@@ -148,15 +148,6 @@ impl<T> Stream for Guarded<T> {
             }
             other => other,
         }
-    }
-}
-
-/// Refuses a settlement of a lease whose queue the request may not consume from. A
-/// malformed id passes: the settlement itself refuses it with the field.
-fn authorize_lease(access: &Access, field: &str, lease_id: &str) -> Result<(), BrokerError> {
-    match LeaseId::queue_of(lease_id) {
-        Some(queue) => access.check(Action::Consume, field, queue),
-        None => Ok(()),
     }
 }
 
@@ -835,27 +826,23 @@ impl broker_server::Broker for BrokerService {
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
         let access = self.access(&request)?;
-        let req = request.into_inner();
-        self.broker.limits().check_batch("acks", req.acks.len())?;
-        for ack in &req.acks {
-            authorize_lease(&access, "acks.lease_id", &ack.lease_id)?;
-        }
-        let acks = req
+        let acks = request
+            .into_inner()
             .acks
             .into_iter()
             .map(|a| (a.lease_id, (!a.result.is_empty()).then_some(a.result)))
             .collect();
-        self.broker.ack(acks).await?;
+        self.broker.ack_as(&access, acks).await?;
         Ok(Response::new(pb::AckResponse {}))
     }
 
     async fn nack(&self, request: Request<pb::NackRequest>) -> Reply<pb::NackResponse> {
         let access = self.access(&request)?;
         let req = request.into_inner();
-        authorize_lease(&access, "lease_id", &req.lease_id)?;
         let (state, at) = self
             .broker
-            .nack(
+            .nack_as(
+                &access,
                 &req.lease_id,
                 req.error,
                 (req.retry_delay_ms > 0).then_some(req.retry_delay_ms),
@@ -945,10 +932,9 @@ impl broker_server::Broker for BrokerService {
     ) -> Reply<pb::ExtendLeaseResponse> {
         let access = self.access(&request)?;
         let req = request.into_inner();
-        authorize_lease(&access, "lease_id", &req.lease_id)?;
-        let deadline = self
-            .broker
-            .extend_lease(&req.lease_id, req.visibility_timeout_ms)?;
+        let deadline =
+            self.broker
+                .extend_lease_as(&access, &req.lease_id, req.visibility_timeout_ms)?;
         Ok(Response::new(pb::ExtendLeaseResponse {
             lease_deadline_unix_ms: deadline,
         }))

@@ -463,8 +463,7 @@ impl LeaseId {
         Ok((queue, seq, nonce))
     }
 
-    /// The queue a lease id names, if it is well formed (to check a permission before the
-    /// settlement itself parses and checks the id).
+    /// The queue a lease id names, if it is well formed, without building a [`LeaseId`].
     pub fn queue_of(s: &str) -> Option<&str> {
         Self::split(s).ok().map(|(queue, _, _)| queue)
     }
@@ -1306,11 +1305,36 @@ impl Queue {
         lease: &LeaseId,
         result: Option<Bytes>,
     ) -> Result<Option<u64>, BrokerError> {
-        if self.check_lease(now, lease)? == LeaseCheck::AlreadyAcked {
-            return Ok(None);
+        Ok(match self.check_lease(now, lease)? {
+            LeaseCheck::AlreadyAcked => None,
+            LeaseCheck::Live => self.complete(now, lease.seq, result),
+        })
+    }
+
+    /// [`Queue::ack`] of a lease that [`Queue::check_lease`] accepted at `now` under the
+    /// same lock (an Ack checks all its leases before it applies any), without checking
+    /// it again. A lease that is no longer live was acked since, by an earlier ack of the
+    /// same request: like any repeat ack it changes nothing and returns `None`.
+    pub fn ack_checked(
+        &mut self,
+        now: Millis,
+        lease: &LeaseId,
+        result: Option<Bytes>,
+    ) -> Option<u64> {
+        let live = self
+            .leases
+            .get(&lease.seq)
+            .is_some_and(|l| l.nonce == lease.nonce);
+        if live {
+            self.complete(now, lease.seq, result)
+        } else {
+            None
         }
-        let seq = lease.seq;
-        let ended = self.end_lease(seq).expect("live lease");
+    }
+
+    /// Completes the leased job `seq`; returns how long it was leased (ms).
+    fn complete(&mut self, now: Millis, seq: u64, result: Option<Bytes>) -> Option<u64> {
+        let ended = self.end_lease(seq)?;
         let leased_at = ended.leased_at;
         if let Some(state) = self.consumers.get_mut(&ended.consumer) {
             state.done += 1;
@@ -1319,7 +1343,7 @@ impl Queue {
         self.counts.completed += 1;
         self.ack_rate.record(now, 1);
         self.finish(seq, now, JobState::Completed, Some(ended), result);
-        Ok(Some(now.saturating_sub(leased_at)))
+        Some(now.saturating_sub(leased_at))
     }
 
     /// Fails a delivery: the job retries after `retry_delay_ms` (or the backoff policy's
