@@ -931,7 +931,7 @@ impl Queue {
         if foreign {
             self.foreign.insert(id, seq);
         }
-        self.admit(seq, slot, ordering_key, now);
+        self.add_live_slot(seq, slot, ordering_key, now);
         Enqueued {
             id,
             duplicate: false,
@@ -940,7 +940,13 @@ impl Queue {
 
     /// Stores a new live slot and makes it visible, scheduled, or waiting behind its
     /// ordering key.
-    fn admit(&mut self, seq: u64, mut slot: LiveJob, ordering_key: Option<Arc<str>>, now: Millis) {
+    fn add_live_slot(
+        &mut self,
+        seq: u64,
+        mut slot: LiveJob,
+        ordering_key: Option<Arc<str>>,
+        now: Millis,
+    ) {
         let mut active = true;
         if let Some(key) = ordering_key {
             let waiting = self.ordering.entry(key).or_default();
@@ -1720,7 +1726,7 @@ impl Queue {
         rare.headers = headers;
         rare.origin = origin;
         self.foreign.insert(id, seq);
-        self.admit(seq, slot, None, now);
+        self.add_live_slot(seq, slot, None, now);
     }
 
     /// Whether a redrive may move this job: it is not leased and the broker recorded the
@@ -1956,7 +1962,7 @@ impl Queue {
         }
         slot.state = JobState::Pending;
         let updated_at = job.updated_at;
-        self.admit(seq, slot, job.ordering_key, now);
+        self.add_live_slot(seq, slot, job.ordering_key, now);
         let slot = self.slots.get_mut(seq).expect("restored job exists");
         slot.extra_mut().updated_at = updated_at;
     }
