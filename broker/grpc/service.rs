@@ -593,9 +593,9 @@ where
 {
     let shutdown = ends_on.cancelled_owned();
     let applying = broker.clone();
-    // `then` runs one request's validation, wait for log space and append before reading the next,
-    // so requests are applied in stream order; `buffered` overlaps only the durability
-    // waits, and answers in order.
+    // `then` runs one request's validation, wait for log space and append before reading
+    // the next, so requests are applied in stream order; `buffered` overlaps only the
+    // durability waits, and answers in order.
     let answers = inbound
         .take_until(shutdown)
         .then(move |request| {
