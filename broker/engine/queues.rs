@@ -332,7 +332,7 @@ impl Broker {
     /// once. Answers once the acks are durable.
     pub(super) async fn ack_leases(
         &self,
-        acks: Vec<(LeaseId, Option<Bytes>)>,
+        mut acks: Vec<(LeaseId, Option<Bytes>)>,
         now: Millis,
     ) -> Result<(), BrokerError> {
         let mut by_queue: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
@@ -370,7 +370,6 @@ impl Broker {
                     shown.join("; ")
                 )));
             }
-            let mut acks = acks;
             let mut batch = self.batch();
             for (q, (guard, name)) in guards.iter_mut().zip(&names).enumerate() {
                 for &i in &by_queue[name] {

@@ -970,3 +970,21 @@ fn enqueue_records_each_stored_job_as_get_shows_it() {
     );
     assert!(recorded[0].2 && !recorded[1].2);
 }
+
+/// `ack_checked` applies a lease `check_lease` accepted without checking it again; once
+/// the lease is acked (its record may already be gone from history) it is a no-op.
+#[test]
+fn ack_checked_acks_a_checked_lease_once() {
+    let mut q = queue_with(|p| p.history_limit = 0);
+    enqueue_one(&mut q, T0, job("a"));
+    let d = lease_one(&mut q, T0, 1_000).unwrap();
+    assert_eq!(q.check_lease(T0 + 10, &d.lease_id), Ok(LeaseCheck::Live));
+    assert_eq!(q.ack_checked(T0 + 10, &d.lease_id, None), Some(10));
+    assert!(
+        q.check_lease(T0 + 10, &d.lease_id).is_err(),
+        "not in history"
+    );
+    assert_eq!(q.ack_checked(T0 + 10, &d.lease_id, None), None);
+    let c = q.counts(T0 + 10);
+    assert_eq!((c.completed, c.leased, q.live_jobs()), (1, 0, 0));
+}
