@@ -17,7 +17,7 @@ use crate::broker::domain::limits::{
 };
 use crate::broker::domain::names::Pattern;
 use crate::broker::domain::queue::{
-    self, Backoff, Enqueued, Job, JobState, LeaseId, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
+    self, Backoff, Enqueued, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
 };
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
@@ -148,15 +148,6 @@ impl<T> Stream for Guarded<T> {
             }
             other => other,
         }
-    }
-}
-
-/// Refuses a settlement of a lease whose queue the request may not consume from. A
-/// malformed id passes: the settlement itself refuses it with the field.
-fn authorize_lease(access: &Access, field: &str, lease_id: &str) -> Result<(), BrokerError> {
-    match LeaseId::queue_of(lease_id) {
-        Some(queue) => access.check(Action::Consume, field, queue),
-        None => Ok(()),
     }
 }
 
@@ -530,16 +521,14 @@ fn peer(req: &Request<impl Sized>) -> String {
 /// enough to keep group commits full, small enough that one stream cannot hoard memory.
 const STREAM_PIPELINE: usize = 256;
 
-/// Validates and applies one Publish request, up to the log append.
+/// Authorizes one Publish request and applies it (the broker validates it), up to the
+/// log append.
 async fn publish_logged(
     broker: Broker,
     access: Access,
     req: pb::PublishRequest,
 ) -> Result<Logged<Vec<Appended>>, BrokerError> {
     access.check(Action::Publish, "topic", &req.topic)?;
-    broker
-        .limits()
-        .check_batch("messages", req.messages.len())?;
     let messages = req
         .messages
         .into_iter()
@@ -563,22 +552,23 @@ fn publish_results(results: Vec<Appended>) -> Vec<pb::PublishResult> {
         .collect()
 }
 
-/// Validates and applies one Enqueue request, up to the log append.
+/// Authorizes one Enqueue request, converts its jobs and applies it (the broker validates
+/// it), up to the log append.
 async fn enqueue_logged(
     broker: Broker,
     access: Access,
     req: pb::EnqueueRequest,
 ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
     access.check(Action::Enqueue, "queue", &req.queue)?;
-    broker.limits().check_batch("jobs", req.jobs.len())?;
+    // The one clock reading of the request: delays resolve with it and jobs are stored
+    // at it. The broker checks the rest, converting the jobs as it goes.
     let now = crate::broker::domain::time::now_ms();
-    // A fresh vector, not `collect`: collecting in place would reuse the request's
-    // allocation and then shrink it to fit the smaller `NewJob`s, copying them all.
-    let mut jobs = Vec::with_capacity(req.jobs.len());
-    for (i, spec) in req.jobs.into_iter().enumerate() {
-        jobs.push(job_spec(i, spec, now)?);
-    }
-    broker.enqueue_logged(&req.queue, jobs).await
+    let jobs = req
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| job_spec(i, spec, now));
+    broker.enqueue_logged(&req.queue, jobs, now).await
 }
 
 /// Serves a PublishStream or EnqueueStream: applies requests one at a time in stream order,
@@ -603,9 +593,9 @@ where
 {
     let shutdown = ends_on.cancelled_owned();
     let applying = broker.clone();
-    // `then` runs one request's validation, admission and append before reading the next,
-    // so requests are applied in stream order; `buffered` overlaps only the durability
-    // waits, and answers in order.
+    // `then` runs one request's validation, wait for log space and append before reading
+    // the next, so requests are applied in stream order; `buffered` overlaps only the
+    // durability waits, and answers in order.
     let answers = inbound
         .take_until(shutdown)
         .then(move |request| {
@@ -836,27 +826,23 @@ impl broker_server::Broker for BrokerService {
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
         let access = self.access(&request)?;
-        let req = request.into_inner();
-        self.broker.limits().check_batch("acks", req.acks.len())?;
-        for ack in &req.acks {
-            authorize_lease(&access, "acks.lease_id", &ack.lease_id)?;
-        }
-        let acks = req
+        let acks = request
+            .into_inner()
             .acks
             .into_iter()
             .map(|a| (a.lease_id, (!a.result.is_empty()).then_some(a.result)))
             .collect();
-        self.broker.ack(acks).await?;
+        self.broker.ack_as(&access, acks).await?;
         Ok(Response::new(pb::AckResponse {}))
     }
 
     async fn nack(&self, request: Request<pb::NackRequest>) -> Reply<pb::NackResponse> {
         let access = self.access(&request)?;
         let req = request.into_inner();
-        authorize_lease(&access, "lease_id", &req.lease_id)?;
         let (state, at) = self
             .broker
-            .nack(
+            .nack_as(
+                &access,
                 &req.lease_id,
                 req.error,
                 (req.retry_delay_ms > 0).then_some(req.retry_delay_ms),
@@ -946,10 +932,9 @@ impl broker_server::Broker for BrokerService {
     ) -> Reply<pb::ExtendLeaseResponse> {
         let access = self.access(&request)?;
         let req = request.into_inner();
-        authorize_lease(&access, "lease_id", &req.lease_id)?;
-        let deadline = self
-            .broker
-            .extend_lease(&req.lease_id, req.visibility_timeout_ms)?;
+        let deadline =
+            self.broker
+                .extend_lease_as(&access, &req.lease_id, req.visibility_timeout_ms)?;
         Ok(Response::new(pb::ExtendLeaseResponse {
             lease_deadline_unix_ms: deadline,
         }))
