@@ -1,5 +1,7 @@
 //! Every documented refusal, over real gRPC: the status code, a message naming the field,
 //! the limit and the value, and the guarantee that a rejected request changes nothing.
+//! Each refusal is its own `assert_refused(request, code, message parts)`, alike on
+//! purpose: a case reads as the request and what the broker must answer to it.
 
 mod common;
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use common::Harness;
-use common::test_broker::{eventually, rpc};
+use common::test_broker::{eventually, eventually_within, rpc};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use sluice::client::Rpc;
@@ -113,6 +113,8 @@ impl Cdp {
                 tokio::time::Instant::now() < deadline,
                 "the page never showed {what}; last value: {v}"
             );
+            // A poll interval: each poll is a round trip to the browser. (Not `eventually`:
+            // every poll needs `self` mutably.)
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -232,20 +234,15 @@ async fn dashboard_updates_live_in_chromium() {
 
     // Chromium writes its DevTools port and browser path once it listens.
     let port_file = profile.join("DevToolsActivePort");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let ws_url = loop {
-        if let Ok(text) = std::fs::read_to_string(&port_file) {
-            let mut lines = text.lines();
-            if let (Some(port), Some(path)) = (lines.next(), lines.next()) {
-                break format!("ws://127.0.0.1:{port}{path}");
-            }
+    let ws_url = eventually_within(Duration::from_secs(20), || async {
+        let text = std::fs::read_to_string(&port_file).unwrap_or_default();
+        let mut lines = text.lines();
+        match (lines.next(), lines.next()) {
+            (Some(port), Some(path)) => Ok(format!("ws://127.0.0.1:{port}{path}")),
+            _ => Err("chromium did not open DevTools"),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "chromium did not open DevTools"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     let (ws, _) = tokio_tungstenite::connect_async(&ws_url)
         .await
         .expect("connect to DevTools");

@@ -121,216 +121,153 @@ fn publish(topic: &str) -> pb::PublishRequest {
 }
 
 /// Every broker RPC, called once with empty or minimal requests; returns each outcome.
+/// One call per RPC, alike on purpose: the test asserts every RPC by name.
 async fn call_every_rpc(rpc: &mut Rpc) -> Vec<(&'static str, Result<(), tonic::Status>)> {
-    fn unit<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Result<(), tonic::Status> {
-        r.map(|_| ())
-    }
     let one = |r: pb::ConsumeRequest| futures::stream::iter([r]);
-    vec![
-        ("Publish", unit(rpc.publish(publish("user.a")).await)),
-        (
-            "PublishStream",
-            unit(
-                rpc.publish_stream(futures::stream::iter([publish("user.a")]))
-                    .await,
-            ),
-        ),
-        (
-            "Subscribe",
-            unit(
-                rpc.subscribe(pb::SubscribeRequest {
-                    pattern: "user.*".into(),
-                    ..Default::default()
-                })
-                .await,
-            ),
-        ),
-        (
-            "CreateTopic",
-            unit(
-                rpc.create_topic(pb::CreateTopicRequest {
-                    name: "t".into(),
-                    ..Default::default()
-                })
-                .await,
-            ),
-        ),
-        (
-            "DeleteTopic",
-            unit(
-                rpc.delete_topic(pb::DeleteTopicRequest { name: "t".into() })
-                    .await,
-            ),
-        ),
-        ("Enqueue", unit(rpc.enqueue(enqueue("emails")).await)),
-        (
-            "EnqueueStream",
-            unit(
-                rpc.enqueue_stream(futures::stream::iter([enqueue("emails")]))
-                    .await,
-            ),
-        ),
-        ("Lease", unit(rpc.lease(lease("emails")).await)),
-        (
-            "Ack",
-            unit(
-                rpc.ack(pb::AckRequest {
-                    acks: vec![pb::LeaseAck {
-                        lease_id: "emails/1/1".into(),
-                        result: Bytes::new(),
-                    }],
-                })
-                .await,
-            ),
-        ),
-        (
-            "Nack",
-            unit(
-                rpc.nack(pb::NackRequest {
-                    lease_id: "emails/1/1".into(),
-                    ..Default::default()
-                })
-                .await,
-            ),
-        ),
-        (
-            "Consume",
-            unit(
-                rpc.consume(one(pb::ConsumeRequest {
-                    queue: "emails".into(),
-                    credits: 1,
-                    ..Default::default()
-                }))
-                .await,
-            ),
-        ),
-        (
-            "ExtendLease",
-            unit(
-                rpc.extend_lease(pb::ExtendLeaseRequest {
-                    lease_id: "emails/1/1".into(),
-                    visibility_timeout_ms: 1000,
-                })
-                .await,
-            ),
-        ),
-        (
-            "GetJob",
-            unit(
-                rpc.get_job(pb::GetJobRequest {
-                    id: uuid::Uuid::now_v7().to_string(),
-                    queue: "emails".into(),
-                })
-                .await,
-            ),
-        ),
-        (
-            "CancelJob",
-            unit(
-                rpc.cancel_job(pb::CancelJobRequest {
-                    id: uuid::Uuid::now_v7().to_string(),
-                    queue: "emails".into(),
-                })
-                .await,
-            ),
-        ),
-        (
-            "ListJobs",
-            unit(
-                rpc.list_jobs(pb::ListJobsRequest {
-                    queue: "emails".into(),
-                    ..Default::default()
-                })
-                .await,
-            ),
-        ),
-        (
-            "JobHistory",
-            unit(
-                rpc.job_history(pb::JobHistoryRequest {
-                    queue: "emails".into(),
-                    limit: 10,
-                })
-                .await,
-            ),
-        ),
-        (
-            "CreateQueue",
-            unit(
-                rpc.create_queue(pb::CreateQueueRequest {
-                    name: "q".into(),
-                    ..Default::default()
-                })
-                .await,
-            ),
-        ),
-        (
-            "UpdateQueue",
-            unit(
-                rpc.update_queue(pb::UpdateQueueRequest {
-                    name: "q".into(),
-                    ..Default::default()
-                })
-                .await,
-            ),
-        ),
-        (
-            "PurgeQueue",
-            unit(
-                rpc.purge_queue(pb::PurgeQueueRequest { name: "q".into() })
-                    .await,
-            ),
-        ),
-        (
-            "PauseQueue",
-            unit(
-                rpc.pause_queue(pb::PauseQueueRequest { name: "q".into() })
-                    .await,
-            ),
-        ),
-        (
-            "ResumeQueue",
-            unit(
-                rpc.resume_queue(pb::ResumeQueueRequest { name: "q".into() })
-                    .await,
-            ),
-        ),
-        (
-            "DeleteQueue",
-            unit(
-                rpc.delete_queue(pb::DeleteQueueRequest { name: "q".into() })
-                    .await,
-            ),
-        ),
-        (
-            "Redrive",
-            unit(
-                rpc.redrive(pb::RedriveRequest {
-                    dead_letter_queue: "emails.dlq".into(),
-                    ..Default::default()
-                })
-                .await,
-            ),
-        ),
-        (
-            "ListQueues",
-            unit(rpc.list_queues(pb::ListQueuesRequest {}).await),
-        ),
-        ("Stats", unit(rpc.stats(pb::StatsRequest::default()).await)),
-        (
-            "WatchStats",
-            unit(rpc.watch_stats(pb::WatchStatsRequest::default()).await),
-        ),
-        (
-            "ListConsumers",
-            unit(
-                rpc.list_consumers(pb::ListConsumersRequest {
-                    queue: "emails".into(),
-                })
-                .await,
-            ),
-        ),
-    ]
+    let mut outcomes = Vec::new();
+    macro_rules! call {
+        ($name:literal, $call:expr) => {
+            outcomes.push(($name, $call.await.map(drop)))
+        };
+    }
+    call!("Publish", rpc.publish(publish("user.a")));
+    call!(
+        "PublishStream",
+        rpc.publish_stream(futures::stream::iter([publish("user.a")]))
+    );
+    call!(
+        "Subscribe",
+        rpc.subscribe(pb::SubscribeRequest {
+            pattern: "user.*".into(),
+            ..Default::default()
+        })
+    );
+    call!(
+        "CreateTopic",
+        rpc.create_topic(pb::CreateTopicRequest {
+            name: "t".into(),
+            ..Default::default()
+        })
+    );
+    call!(
+        "DeleteTopic",
+        rpc.delete_topic(pb::DeleteTopicRequest { name: "t".into() })
+    );
+    call!("Enqueue", rpc.enqueue(enqueue("emails")));
+    call!(
+        "EnqueueStream",
+        rpc.enqueue_stream(futures::stream::iter([enqueue("emails")]))
+    );
+    call!("Lease", rpc.lease(lease("emails")));
+    call!(
+        "Ack",
+        rpc.ack(pb::AckRequest {
+            acks: vec![pb::LeaseAck {
+                lease_id: "emails/1/1".into(),
+                result: Bytes::new(),
+            }],
+        })
+    );
+    call!(
+        "Nack",
+        rpc.nack(pb::NackRequest {
+            lease_id: "emails/1/1".into(),
+            ..Default::default()
+        })
+    );
+    call!(
+        "Consume",
+        rpc.consume(one(pb::ConsumeRequest {
+            queue: "emails".into(),
+            credits: 1,
+            ..Default::default()
+        }))
+    );
+    call!(
+        "ExtendLease",
+        rpc.extend_lease(pb::ExtendLeaseRequest {
+            lease_id: "emails/1/1".into(),
+            visibility_timeout_ms: 1000,
+        })
+    );
+    call!(
+        "GetJob",
+        rpc.get_job(pb::GetJobRequest {
+            id: uuid::Uuid::now_v7().to_string(),
+            queue: "emails".into(),
+        })
+    );
+    call!(
+        "CancelJob",
+        rpc.cancel_job(pb::CancelJobRequest {
+            id: uuid::Uuid::now_v7().to_string(),
+            queue: "emails".into(),
+        })
+    );
+    call!(
+        "ListJobs",
+        rpc.list_jobs(pb::ListJobsRequest {
+            queue: "emails".into(),
+            ..Default::default()
+        })
+    );
+    call!(
+        "JobHistory",
+        rpc.job_history(pb::JobHistoryRequest {
+            queue: "emails".into(),
+            limit: 10,
+        })
+    );
+    call!(
+        "CreateQueue",
+        rpc.create_queue(pb::CreateQueueRequest {
+            name: "q".into(),
+            ..Default::default()
+        })
+    );
+    call!(
+        "UpdateQueue",
+        rpc.update_queue(pb::UpdateQueueRequest {
+            name: "q".into(),
+            ..Default::default()
+        })
+    );
+    call!(
+        "PurgeQueue",
+        rpc.purge_queue(pb::PurgeQueueRequest { name: "q".into() })
+    );
+    call!(
+        "PauseQueue",
+        rpc.pause_queue(pb::PauseQueueRequest { name: "q".into() })
+    );
+    call!(
+        "ResumeQueue",
+        rpc.resume_queue(pb::ResumeQueueRequest { name: "q".into() })
+    );
+    call!(
+        "DeleteQueue",
+        rpc.delete_queue(pb::DeleteQueueRequest { name: "q".into() })
+    );
+    call!(
+        "Redrive",
+        rpc.redrive(pb::RedriveRequest {
+            dead_letter_queue: "emails.dlq".into(),
+            ..Default::default()
+        })
+    );
+    call!("ListQueues", rpc.list_queues(pb::ListQueuesRequest {}));
+    call!("Stats", rpc.stats(pb::StatsRequest::default()));
+    call!(
+        "WatchStats",
+        rpc.watch_stats(pb::WatchStatsRequest::default())
+    );
+    call!(
+        "ListConsumers",
+        rpc.list_consumers(pb::ListConsumersRequest {
+            queue: "emails".into(),
+        })
+    );
+    outcomes
 }
 
 #[tokio::test]

@@ -93,6 +93,7 @@ impl TimedHandler {
             Box::pin(async move {
                 this.calls.fetch_add(1, Ordering::SeqCst);
                 this.started.notify_one();
+                // The job's work: time in flight is the point.
                 tokio::time::sleep(this.work).await;
                 Ok(())
             })

@@ -440,14 +440,15 @@ pub async fn drained<T>(
 }
 
 /// The outcome of a backlog run (`n` jobs filled in `fill_time`, drained in
-/// `drain_time`): both rates, and the server's RSS growth, which `rss_note` words from
-/// (bytes grown, bytes per queued item).
+/// `drain_time`): both rates, and the RSS growth of the `server` process per queued item
+/// (`item` names it, with any note).
 pub fn backlog_outcome(
     n: u64,
     fill_time: Duration,
     drain_time: Duration,
     rss_growth: Option<i64>,
-    rss_note: impl Fn(u64, f64) -> String,
+    server: &str,
+    item: &str,
 ) -> Outcome {
     Outcome::Measured {
         main: format!(
@@ -457,7 +458,11 @@ pub fn backlog_outcome(
             thousands(rate(n, drain_time))
         ),
         extra: match rss_growth {
-            Some(d) => rss_note(d.max(0) as u64, d as f64 / n as f64),
+            Some(d) => format!(
+                "{server} RSS +{} = {:.0} B per queued {item}",
+                mib(d.max(0) as u64),
+                d as f64 / n as f64
+            ),
             None => "RSS n/a".into(),
         },
     }

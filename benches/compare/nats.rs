@@ -614,17 +614,14 @@ pub async fn js_s5_backlog(s: &Settings, n: u64) -> Res<Outcome> {
             )));
         }
         let drain_time = drained(&meter, n, t1, workers).await?;
+        let rss_growth = rss_delta(rss0, rss1);
         let outcome = backlog_outcome(
             n,
             fill_time,
             drain_time,
-            rss_delta(rss0, rss1),
-            |grown, per| {
-                format!(
-                    "nats-server RSS +{} = {per:.0} B per queued message",
-                    mib(grown)
-                )
-            },
+            rss_growth,
+            "nats-server",
+            "message",
         );
         Ok::<_, BoxError>(outcome)
     }

@@ -576,12 +576,15 @@ pub async fn s5_backlog(s: &Settings, n: u64) -> Res<Outcome> {
             let _ = c.close(200, "bench done".into()).await;
         }
         let _ = admin.close(200, "bench done".into()).await;
-        let outcome = backlog_outcome(n, fill_time, drain?, rss_delta(rss0, rss1), |grown, per| {
-            format!(
-                "beam.smp RSS +{} = {per:.0} B per queued message (classic queue; RabbitMQ may page to disk)",
-                mib(grown)
-            )
-        });
+        let item = "message (classic queue; RabbitMQ may page to disk)";
+        let outcome = backlog_outcome(
+            n,
+            fill_time,
+            drain?,
+            rss_delta(rss0, rss1),
+            "beam.smp",
+            item,
+        );
         Ok::<_, BoxError>(outcome)
     }
     .await;

@@ -467,17 +467,14 @@ pub async fn s5_backlog(s: &Settings, n: u64) -> Res<Outcome> {
             )));
         }
         let drain_time = drained(&meter, n, t1, workers).await?;
+        let rss_growth = rss_delta(rss0, rss1);
         let outcome = backlog_outcome(
             n,
             fill_time,
             drain_time,
-            rss_delta(rss0, rss1),
-            |grown, per| {
-                format!(
-                    "redis-server RSS +{} = {per:.0} B per queued entry",
-                    mib(grown)
-                )
-            },
+            rss_growth,
+            "redis-server",
+            "entry",
         );
         Ok::<_, BoxError>(outcome)
     }

@@ -735,18 +735,10 @@ pub async fn s5_backlog(addr: SocketAddr, pid: Option<u32>, s: &Settings, n: u64
     }
     let drain_time = t0.elapsed();
     let rss_growth = rss_delta(rss0, rss1);
+    let over_payload = rss_growth.map_or(0.0, |d| d as f64 / n as f64 - 128.0);
+    let item = format!("job ({over_payload:.0} B over the 128 B payload)");
     Ok(backlog_outcome(
-        n,
-        fill_time,
-        drain_time,
-        rss_growth,
-        |grown, per| {
-            format!(
-                "broker RSS +{} = {per:.0} B per queued job ({:.0} B over the 128 B payload)",
-                mib(grown),
-                per - 128.0
-            )
-        },
+        n, fill_time, drain_time, rss_growth, "broker", &item,
     ))
 }
 
