@@ -101,24 +101,17 @@ impl From<JobState> for pb::JobState {
 }
 
 /// The state a request's `field` names: `None` for `JOB_STATE_UNSPECIFIED`, an error for a
-/// value that is no `JobState`.
+/// value that is no `JobState`. The inverse of the `From` above, found through it so the
+/// mapping is written once.
 pub(super) fn job_state(field: &str, value: i32) -> Result<Option<JobState>, BrokerError> {
-    Ok(match pb::JobState::try_from(value) {
-        Ok(pb::JobState::Unspecified) => None,
-        Ok(pb::JobState::Scheduled) => Some(JobState::Scheduled),
-        Ok(pb::JobState::Pending) => Some(JobState::Pending),
-        Ok(pb::JobState::Leased) => Some(JobState::Leased),
-        Ok(pb::JobState::Retrying) => Some(JobState::Retrying),
-        Ok(pb::JobState::Completed) => Some(JobState::Completed),
-        Ok(pb::JobState::Dead) => Some(JobState::Dead),
-        Ok(pb::JobState::Cancelled) => Some(JobState::Cancelled),
-        Err(_) => {
-            return Err(BrokerError::invalid(
-                field,
-                format!("{value} is not a JobState"),
-            ));
-        }
-    })
+    if value == pb::JobState::Unspecified as i32 {
+        return Ok(None);
+    }
+    JobState::ALL
+        .into_iter()
+        .find(|s| pb::JobState::from(*s) as i32 == value)
+        .map(Some)
+        .ok_or_else(|| BrokerError::invalid(field, format!("{value} is not a JobState")))
 }
 
 /// A job of `queue` as GetJob, ListJobs and the others show it.
@@ -434,5 +427,27 @@ impl From<RedriveOutcome> for pb::RedriveResponse {
             redriven: outcome.redriven,
             skipped_ids: outcome.skipped.iter().map(|u| u.to_string()).collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_api_job_state_maps_to_a_domain_state_and_back() {
+        assert_eq!(job_state("state", 0).unwrap(), None);
+        let api: Vec<pb::JobState> = (1..)
+            .map_while(|value| pb::JobState::try_from(value).ok())
+            .collect();
+        assert_eq!(api.len(), JobState::ALL.len());
+        for state in api {
+            let domain = job_state("state", state as i32)
+                .unwrap()
+                .expect("not unspecified");
+            assert_eq!(pb::JobState::from(domain), state);
+        }
+        let err = job_state("state", 8).unwrap_err();
+        assert_eq!(err.to_string(), "state: 8 is not a JobState");
     }
 }

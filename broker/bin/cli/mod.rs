@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 
-use sluice::client::{ConnectOptions, Rpc};
+use sluice::client::{ConnectOptions, Rpc, job_state_name, job_state_named};
 use sluice::pb;
 use sluice::pb::broker_client::BrokerClient;
 use table::{Table, age, count, rate};
@@ -423,31 +423,19 @@ fn print_text(s: &str) -> Result<()> {
 }
 
 fn state_name(state: i32) -> String {
-    pb::JobState::try_from(state)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("JOB_STATE_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| state.to_string())
+    job_state_name(state).unwrap_or_else(|| state.to_string())
 }
 
 fn parse_state(s: &str) -> Result<pb::JobState> {
-    Ok(match s.to_ascii_lowercase().as_str() {
-        "live" | "all" => pb::JobState::Unspecified,
-        "scheduled" => pb::JobState::Scheduled,
-        "pending" => pb::JobState::Pending,
-        "leased" => pb::JobState::Leased,
-        "retrying" => pb::JobState::Retrying,
-        "completed" => pb::JobState::Completed,
-        "dead" | "failed" => pb::JobState::Dead,
-        "cancelled" => pb::JobState::Cancelled,
-        other => {
-            return Err(CliError::Usage(format!(
-                "--state {other:?}: expected live, scheduled, pending, leased, retrying, completed, dead or cancelled"
-            )));
-        }
-    })
+    match s.to_ascii_lowercase().as_str() {
+        "live" | "all" => Ok(pb::JobState::Unspecified),
+        "failed" => Ok(pb::JobState::Dead),
+        name => job_state_named(name).ok_or_else(|| {
+            CliError::Usage(format!(
+                "--state {name:?}: expected live, scheduled, pending, leased, retrying, completed, dead or cancelled"
+            ))
+        }),
+    }
 }
 
 fn queue_stats_json(q: &pb::QueueStats) -> Value {

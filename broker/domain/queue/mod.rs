@@ -172,6 +172,18 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// Every state, for conversions that map a foreign enum back by searching it (one
+    /// exhaustive match per conversion, the other direction derived from it).
+    pub const ALL: [Self; 7] = [
+        Self::Scheduled,
+        Self::Pending,
+        Self::Leased,
+        Self::Retrying,
+        Self::Completed,
+        Self::Dead,
+        Self::Cancelled,
+    ];
+
     /// Whether the job is done with (it lives on only in history).
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Completed | Self::Dead | Self::Cancelled)
