@@ -169,12 +169,8 @@ pub(super) fn policy_patch(p: Option<pb::QueuePolicy>, for_update: bool) -> Poli
             Some(Backoff::Schedule(b.delays_ms))
         } else if b.initial_ms > 0 || b.max_ms > 0 || b.no_jitter {
             Some(Backoff::Exponential {
-                initial_ms: if b.initial_ms > 0 {
-                    b.initial_ms
-                } else {
-                    1_000
-                },
-                max_ms: if b.max_ms > 0 { b.max_ms } else { 300_000 },
+                initial_ms: given(b.initial_ms).unwrap_or(Backoff::DEFAULT_INITIAL_MS),
+                max_ms: given(b.max_ms).unwrap_or(Backoff::DEFAULT_MAX_MS),
                 jitter: !b.no_jitter,
             })
         } else {
@@ -449,5 +445,39 @@ mod tests {
         }
         let err = job_state("state", 8).unwrap_err();
         assert_eq!(err.to_string(), "state: 8 is not a JobState");
+    }
+
+    #[test]
+    fn an_exponential_backoff_with_one_bound_gets_the_default_other() {
+        let backoff = |b: pb::BackoffPolicy| {
+            let policy = pb::QueuePolicy {
+                backoff: Some(b),
+                ..Default::default()
+            };
+            policy_patch(Some(policy), true).backoff
+        };
+        assert_eq!(
+            backoff(pb::BackoffPolicy {
+                initial_ms: 50,
+                ..Default::default()
+            }),
+            Some(Backoff::Exponential {
+                initial_ms: 50,
+                max_ms: Backoff::DEFAULT_MAX_MS,
+                jitter: true,
+            })
+        );
+        assert_eq!(
+            backoff(pb::BackoffPolicy {
+                no_jitter: true,
+                ..Default::default()
+            }),
+            Some(Backoff::Exponential {
+                initial_ms: Backoff::DEFAULT_INITIAL_MS,
+                max_ms: Backoff::DEFAULT_MAX_MS,
+                jitter: false,
+            })
+        );
+        assert_eq!(backoff(pb::BackoffPolicy::default()), None);
     }
 }

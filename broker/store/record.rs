@@ -136,6 +136,9 @@ pub(crate) fn state_from_pb(value: i32) -> Option<JobState> {
         .find(|s| state_to_pb(*s) as i32 == value)
 }
 
+/// The record form of a policy. Not the API's `QueuePolicy` (mapped in `grpc::convert`):
+/// a record keeps the policy as it is, with no "unset means default" reading, and its
+/// format must not follow API changes.
 pub(crate) fn policy_to_pb(p: &QueuePolicy) -> pb::Policy {
     let mut out = pb::Policy {
         visibility_timeout_ms: p.visibility_timeout_ms,
@@ -165,6 +168,7 @@ pub(crate) fn policy_to_pb(p: &QueuePolicy) -> pb::Policy {
     out
 }
 
+/// The policy a record holds.
 pub(crate) fn policy_from_pb(p: pb::Policy) -> QueuePolicy {
     QueuePolicy {
         visibility_timeout_ms: p.visibility_timeout_ms,

@@ -78,14 +78,19 @@ pub enum Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Self::Exponential {
-            initial_ms: 1_000,
-            max_ms: 300_000,
+            initial_ms: Self::DEFAULT_INITIAL_MS,
+            max_ms: Self::DEFAULT_MAX_MS,
             jitter: true,
         }
     }
 }
 
 impl Backoff {
+    /// First delay of the default exponential backoff, and of one that sets only its cap.
+    pub const DEFAULT_INITIAL_MS: u64 = 1_000;
+    /// Cap of the default exponential backoff, and of one that sets only its first delay.
+    pub const DEFAULT_MAX_MS: u64 = 300_000;
+
     /// Delay before retry number `retry` (1 for the first retry).
     pub fn delay_ms(&self, retry: u32) -> u64 {
         match self {
