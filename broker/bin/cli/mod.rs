@@ -438,63 +438,18 @@ fn parse_state(s: &str) -> Result<pb::JobState> {
     }
 }
 
-fn queue_stats_json(q: &pb::QueueStats) -> Value {
-    json!({
-        "name": q.name,
-        "pending": q.pending,
-        "scheduled": q.scheduled,
-        "leased": q.leased,
-        "retrying": q.retrying,
-        "enqueued": q.enqueued,
-        "completed": q.completed,
-        "failed": q.failed,
-        "dead": q.dead,
-        "cancelled": q.cancelled,
-        "oldest_pending_age_ms": q.oldest_pending_age_ms,
-        "enqueue_rate": q.enqueue_rate,
-        "ack_rate": q.ack_rate,
-        "consumers": q.consumers,
-        "paused": q.paused,
-    })
-}
-
-fn topic_stats_json(t: &pb::TopicStats) -> Value {
-    json!({
-        "name": t.name,
-        "first_sequence": t.first_sequence,
-        "last_sequence": t.last_sequence,
-        "retained_messages": t.retained_messages,
-        "retained_bytes": t.retained_bytes,
-        "subscribers": t.subscribers,
-        "gaps": t.gaps,
-        "published": t.published,
-        "publish_rate": t.publish_rate,
-    })
-}
-
-fn storage_json(s: &pb::StorageStats) -> Value {
-    let r = s.recovery.clone().unwrap_or_default();
-    json!({
-        "engine": s.engine,
-        "fsync": s.fsync,
-        "failed": s.failed,
-        "failure_reason": s.failure_reason,
-        "recovery": {
-            "torn_tail_bytes": r.torn_tail_bytes,
-            "torn_tail_records": r.torn_tail_records,
-            "files_repaired": r.files_repaired,
-            "missing_files": r.missing_files,
-            "records_replayed": r.records_replayed,
-        },
-    })
-}
-
+/// A Stats response for `--json`: the queue, topic and storage messages as they are.
 fn stats_json(s: &pb::StatsResponse) -> Value {
+    // A broker always reports what recovery did; print zeros rather than null if not.
+    let storage = s.storage.clone().map(|mut storage| {
+        storage.recovery.get_or_insert_default();
+        storage
+    });
     json!({
         "taken_at_unix_ms": s.taken_at_unix_ms,
-        "queues": s.queues.iter().map(queue_stats_json).collect::<Vec<_>>(),
-        "topics": s.topics.iter().map(topic_stats_json).collect::<Vec<_>>(),
-        "storage": s.storage.as_ref().map(storage_json),
+        "queues": s.queues,
+        "topics": s.topics,
+        "storage": storage,
     })
 }
 
@@ -672,7 +627,7 @@ async fn queues(a: QueuesArgs) -> Result<()> {
                         "topic_bindings": policy.topic_bindings,
                         "history_limit": policy.history_limit,
                     },
-                    "stats": by_name.get(q.name.as_str()).map(|s| queue_stats_json(s)),
+                    "stats": by_name.get(q.name.as_str()),
                 })
             })
             .collect();
@@ -1181,21 +1136,7 @@ async fn consumers(a: ConsumersArgs) -> Result<()> {
         .await?
         .into_inner();
     if a.conn.json {
-        let out: Vec<Value> = res
-            .consumers
-            .iter()
-            .map(|c| {
-                json!({
-                    "name": c.name,
-                    "address": c.address,
-                    "leases_held": c.leases_held,
-                    "last_seen_unix_ms": c.last_seen_unix_ms,
-                    "done": c.done,
-                    "failed": c.failed,
-                })
-            })
-            .collect();
-        return print_json(&json!({ "queue": a.queue, "consumers": out }));
+        return print_json(&json!({ "queue": a.queue, "consumers": res.consumers }));
     }
     if res.consumers.is_empty() {
         return print_text(&format!("no consumers seen on {}\n", a.queue));

@@ -546,8 +546,9 @@ pub struct ConsumerState {
     pub failed: u64,
 }
 
-/// Counters for stats.
-#[derive(Debug, Clone, Default)]
+/// Counters for stats. Serialized as they are by the dashboard (`ops`), whose JSON rows
+/// use these field names.
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct QueueCounts {
     /// Visible, or waiting behind an ordering key.
     pub pending: u64,
