@@ -19,7 +19,7 @@ mod ready;
 mod seq_map;
 mod slots;
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -764,13 +764,7 @@ impl Queue {
 
     /// How many of `jobs` are new (not duplicates of remembered keys or of each other).
     pub fn count_new(&mut self, now: Millis, keys: impl Iterator<Item = Option<String>>) -> u64 {
-        self.dedup.prune(now);
-        let mut seen = HashSet::new();
-        keys.filter(|k| match k {
-            Some(k) => !self.dedup.contains(k) && seen.insert(k.clone()),
-            None => true,
-        })
-        .count() as u64
+        self.dedup.count_new(now, keys)
     }
 
     /// Stores jobs, all or none: if the new ones do not fit under max depth nothing is
