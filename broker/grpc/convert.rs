@@ -10,6 +10,7 @@ use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::limits::{
     MAX_DELAY_MS, MAX_WATCH_INTERVAL_MS, check_duration_ms, checked,
 };
+use crate::broker::domain::names::{Pattern, validate_name};
 use crate::broker::domain::queue::{
     Backoff, ConsumerState, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob, QueueCounts,
     QueuePolicy,
@@ -17,8 +18,9 @@ use crate::broker::domain::queue::{
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::consume::{ConsumeCommands, NackCommand};
-use crate::broker::engine::subscription::{GapPolicy, Start, SubscriptionBatch};
+use crate::broker::engine::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
 use crate::broker::engine::{PolicyPatch, QueueInfo, RedriveOutcome, StorageStatus, TopicCounts};
+use crate::broker::grpc::status;
 use crate::broker::grpc::wire::{EncodedSubscribeResponse, ReceivedConsumeRequest};
 use crate::pb;
 
@@ -391,8 +393,41 @@ pub(super) fn publish_results(results: Vec<Appended>) -> Vec<pb::PublishResult> 
         .collect()
 }
 
+/// A Subscribe request as the engine takes it, with its `pattern` already parsed (and
+/// authorized). `max_batch_limit` is the most messages per batch, and the default.
+pub(super) fn subscribe_spec(
+    req: pb::SubscribeRequest,
+    pattern: Pattern,
+    max_batch_limit: usize,
+) -> Result<SubscribeSpec, BrokerError> {
+    let start = start(&req)?;
+    let on_gap = gap_policy(req.on_gap)?;
+    if req.max_batch as usize > max_batch_limit {
+        return Err(BrokerError::over_limit(
+            "max_batch",
+            req.max_batch as u64,
+            max_batch_limit as u64,
+            "messages",
+        ));
+    }
+    for topic in req.resume_from.keys() {
+        validate_name("resume_from", topic)?;
+    }
+    Ok(SubscribeSpec {
+        pattern,
+        start,
+        resume_from: req.resume_from.into_iter().collect(),
+        on_gap,
+        max_batch: if req.max_batch == 0 {
+            max_batch_limit
+        } else {
+            req.max_batch as usize
+        },
+    })
+}
+
 /// Where a Subscribe request starts in the topics it matches.
-pub(super) fn start(req: &pb::SubscribeRequest) -> Result<Start, BrokerError> {
+fn start(req: &pb::SubscribeRequest) -> Result<Start, BrokerError> {
     match pb::StartPosition::try_from(req.start) {
         Ok(pb::StartPosition::Unspecified | pb::StartPosition::Latest) => Ok(Start::Latest),
         Ok(pb::StartPosition::Earliest) => Ok(Start::Earliest),
@@ -406,7 +441,7 @@ pub(super) fn start(req: &pb::SubscribeRequest) -> Result<Start, BrokerError> {
 }
 
 /// A Subscribe request's `on_gap`.
-pub(super) fn gap_policy(value: i32) -> Result<GapPolicy, BrokerError> {
+fn gap_policy(value: i32) -> Result<GapPolicy, BrokerError> {
     match pb::GapPolicy::try_from(value) {
         Ok(pb::GapPolicy::Unspecified | pb::GapPolicy::Notify) => Ok(GapPolicy::Notify),
         Ok(pb::GapPolicy::EndStream) => Ok(GapPolicy::EndStream),
@@ -414,6 +449,27 @@ pub(super) fn gap_policy(value: i32) -> Result<GapPolicy, BrokerError> {
             "on_gap",
             format!("{value} is not a GapPolicy"),
         )),
+    }
+}
+
+/// A refusal reported inside a stream's response rather than as the stream's status: the
+/// code and text the unary call's status would carry.
+impl From<&BrokerError> for pb::Refusal {
+    fn from(e: &BrokerError) -> Self {
+        Self {
+            code: status::code(e) as i32,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A consume stream's refused settlement of `lease_id`.
+pub(super) fn settle_error(lease_id: String, e: &BrokerError) -> pb::SettleError {
+    let pb::Refusal { code, message } = e.into();
+    pb::SettleError {
+        lease_id,
+        code,
+        message,
     }
 }
 

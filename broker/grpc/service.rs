@@ -16,13 +16,12 @@ use crate::broker::domain::names::Pattern;
 use crate::broker::domain::queue::{Enqueued, LeaseId};
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec};
-use crate::broker::engine::subscription::SubscribeSpec;
 use crate::broker::engine::{Broker, LeaseParams, Logged, PolicyPatch, StatsSnapshot};
+use crate::broker::grpc::convert;
 use crate::broker::grpc::wire::{
     EncodedConsumeResponse, EncodedEnqueueResponse, EncodedEnqueueStreamResponse,
     EncodedLeaseResponse, EncodedSubscribeResponse, ReceivedConsumeRequest, broker_server,
 };
-use crate::broker::grpc::{convert, status};
 use crate::pb;
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -326,13 +325,7 @@ where
 fn answer_parts<T: Default>(answer: Result<T, BrokerError>) -> (T, Option<pb::Refusal>) {
     match answer {
         Ok(results) => (results, None),
-        Err(e) => {
-            let refusal = pb::Refusal {
-                code: status::code(&e) as i32,
-                message: e.to_string(),
-            };
-            (T::default(), Some(refusal))
-        }
+        Err(e) => (T::default(), Some(pb::Refusal::from(&e))),
     }
 }
 
@@ -382,32 +375,7 @@ impl broker_server::Broker for BrokerService {
         let req = request.into_inner();
         let pattern = Pattern::parse("pattern", &req.pattern)?;
         access.check_pattern(Action::Subscribe, "pattern", &pattern)?;
-        let start = convert::start(&req)?;
-        let on_gap = convert::gap_policy(req.on_gap)?;
-        let max_batch_limit = self.broker.limits().max_batch;
-        if req.max_batch as usize > max_batch_limit {
-            return Err(BrokerError::over_limit(
-                "max_batch",
-                req.max_batch as u64,
-                max_batch_limit as u64,
-                "messages",
-            )
-            .into());
-        }
-        for topic in req.resume_from.keys() {
-            crate::broker::domain::names::validate_name("resume_from", topic)?;
-        }
-        let spec = SubscribeSpec {
-            pattern,
-            start,
-            resume_from: req.resume_from.into_iter().collect(),
-            on_gap,
-            max_batch: if req.max_batch == 0 {
-                max_batch_limit
-            } else {
-                req.max_batch as usize
-            },
-        };
+        let spec = convert::subscribe_spec(req, pattern, self.broker.limits().max_batch)?;
         let recheck_pattern = spec.pattern.clone();
         let subscription = self.broker.subscribe(spec)?;
         let stream = self.hold_stream(
@@ -566,8 +534,7 @@ impl broker_server::Broker for BrokerService {
             queue: first.queue.clone(),
             consumer: first.consumer.clone(),
             address,
-            visibility_timeout_ms: (first.visibility_timeout_ms > 0)
-                .then_some(first.visibility_timeout_ms),
+            visibility_timeout_ms: convert::given(first.visibility_timeout_ms),
             ends_on: Some(stream.ends_on.clone()),
         };
         // The client side ends at its first transport error; what it held is released.
@@ -591,11 +558,7 @@ impl broker_server::Broker for BrokerService {
                     jobs: Vec::new(),
                     errors: refused
                         .into_iter()
-                        .map(|(lease_id, e)| pb::SettleError {
-                            lease_id,
-                            code: status::code(&e) as i32,
-                            message: e.to_string(),
-                        })
+                        .map(|(lease_id, e)| convert::settle_error(lease_id, &e))
                         .collect(),
                 },
             })
