@@ -12,15 +12,17 @@
 //!
 //! Client and server stubs use `proto/codec.rs` (`crate::pb::codec`) instead of `tonic_prost::ProstCodec`.
 //!
-//! The internal WAL records (`proto/sluice/internal/wal.proto`) are compiled separately,
+//! The internal WAL records (`broker/store/wal.proto`, beside the code that writes them) are compiled separately,
 //! without gRPC stubs, and kept out of the descriptor set: they are not part of the API.
+//!
+//! Without the `server` feature only the first pass runs: the rest is the broker's.
 
 use prost::Message as _;
 
 /// Both sides' gRPC codec: prost's, reserving each message's length before writing it.
 const CODEC: &str = "crate::pb::codec::Codec";
 
-/// The messages that derive `serde::Serialize`.
+/// The messages that derive `serde::Serialize` (with the `server` feature).
 const SERIALIZED: [&str; 5] = [
     ".sluice.v1.QueueStats",
     ".sluice.v1.TopicStats",
@@ -39,11 +41,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".")
         .build_server(false)
         .codec_path(CODEC);
-    // The admin CLI prints these with `--json` field for field, so they serialize as they are.
+    // The admin CLI (`server`) prints these with `--json` field for field, so they serialize
+    // as they are; `pb` is built without serde too.
     for message in SERIALIZED {
-        messages = messages.type_attribute(message, "#[derive(serde::Serialize)]");
+        messages = messages.type_attribute(
+            message,
+            "#[cfg_attr(feature = \"server\", derive(serde::Serialize))]",
+        );
     }
     messages.compile_fds(fds.clone())?;
+
+    // The rest is the broker's (included only by `broker/grpc/wire` and `broker/store`),
+    // and a client-only build has no broker.
+    if std::env::var_os("CARGO_FEATURE_SERVER").is_none() {
+        return Ok(());
+    }
 
     let server_dir = out_dir.join("server");
     std::fs::create_dir_all(&server_dir)?;
@@ -78,7 +90,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".sluice.v1", "crate::pb")
         .compile_fds(fds)?;
 
-    let internal = protox::compile(["proto/sluice/internal/wal.proto"], ["proto"])?;
+    println!("cargo:rerun-if-changed=broker/store/wal.proto");
+    let internal = protox::compile(["broker/store/wal.proto"], ["broker/store"])?;
     tonic_prost_build::configure()
         .build_client(false)
         .build_server(false)

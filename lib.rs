@@ -4,23 +4,66 @@
 //! queues** (enqueue, lease / ack with visibility timeouts, retries with backoff,
 //! priorities, delays, ordering keys, dead-letter queues, job inspection).
 //!
+//! # Cargo features
+//!
+//! * `server` (default): the broker ([`broker`]) and the `sluice` binary; implies `client`.
+//! * `client`: the typed client ([`client`]). A program that only talks to a broker depends
+//!   on `sluice = { version = "0.1", default-features = false, features = ["client"] }`,
+//!   which leaves out the broker and what only it needs (axum, clap, prometheus-client,
+//!   the write-ahead log's and the TLS server's crates).
+//!
+//! [`pb`] is always built.
+//!
+//! # Public API
+//!
+//! * [`client`]: all of it ([`client::Client`], the workers, producers and subscriptions).
+//! * [`pb`]: the messages and gRPC stubs generated from `proto/sluice/v1/sluice.proto`,
+//!   and the codec both sides use.
+//! * [`broker`], the items it lists at its top level:
+//!   * serving: `serve`, `ServeOptions`, `TlsSettings`, `MAX_FRAME_BYTES` (gRPC) and
+//!     `serve_http`, `serve_http_with`, `HttpOptions` (metrics, health, dashboard);
+//!   * the handle both take: `Broker` (`Broker::new` in memory, `Broker::open` over a
+//!     storage), `BrokerConfig`, `Limits`, `BrokerError`;
+//!   * pluggable storage: the `Storage` and `StorageFile` traits, `DirStorage` (a
+//!     directory), `StoreConfig`, `FsyncPolicy`, and what recovery reports:
+//!     `RecoveryReport`, `RecoveryError`, `StoreError` (`FileOp`, `ManifestDefect`);
+//!   * bearer tokens: `Authenticator`, `Tokens`, `hash_token`, `generate_token`;
+//!   * what the broker writes that clients read: `HEADER_LAST_ERROR`, `now_ms`.
+//!
+//! Everything else is private to the crate. The hidden `broker::testing` module hands
+//! internals to the tests, fuzz targets and benchmarks; it is not API and changes freely.
+//!
 //! # Layout
 //!
-//! * [`pb`]: the generated protobuf and gRPC code of `proto/sluice/v1/sluice.proto`.
-//! * [`broker`]: the server. Domain modules (`queue`, `topic`, `subscription`, `core`)
-//!   never import tonic or protobuf; `broker::service` maps proto <-> domain and
-//!   `broker::error` maps errors to `tonic::Status`. `broker::store` is the write-ahead
-//!   log (records in the internal `proto/sluice/internal/wal.proto`, never on the wire).
-//! * [`client`]: the typed Rust client; it never imports `broker`.
-//! * `broker::http`: the operations HTTP server (`/metrics`, `/healthz`, live dashboard);
-//!   `broker::cli`: the admin commands of the binary (a gRPC client).
-//! * `broker/main.rs`: the `sluice` binary.
-//! * `tests/`: integration tests over real gRPC on `127.0.0.1:0`.
+//! * `proto/`: `sluice/v1/sluice.proto` is the wire contract, `proto/mod.rs` and
+//!   `proto/codec.rs` are [`pb`].
+//! * `client/`: the typed client; it never imports `broker`.
+//! * `broker/domain/`: pure state machines (queue, topic log, dedup, names, limits, time)
+//!   that take `now` as an argument. A change to lease expiry goes in `domain/queue/`
+//!   (`deadlines.rs` groups the deadlines, `Queue::tick` expires them).
+//! * `broker/engine/`: the shared `Broker` handle: locks, journaling, background tasks (the
+//!   ticker that drives expiry is `background.rs`), stats, consume streams, subscriptions.
+//! * `broker/store/`: the write-ahead log. A change to the WAL format goes in `record.rs`
+//!   (framing, record conversion) and `wal.proto` (the records, never on the wire); replay in
+//!   `recovery.rs`.
+//! * `broker/auth/`: tokens, grants, the re-check of open streams.
+//! * `broker/grpc/`: the transport. A change to an RPC goes in `service.rs` (access checks,
+//!   the broker call) and `convert.rs` (every proto <-> domain conversion, each mapped
+//!   once); errors become statuses in `status.rs` only; `wire/` writes the hot responses
+//!   by hand.
+//! * `broker/ops/`: the HTTP server: `metrics.rs`, and the dashboard (`dashboard.rs`, the
+//!   page `dashboard.html`).
+//! * `broker/bin/`: the `sluice` binary (clap config, `main`, admin CLI), a program using
+//!   this library's API.
+//! * `tests/`: integration tests over real gRPC on `127.0.0.1:0`; `tests/fuzz/` the fuzz
+//!   targets; `benches/compare/` the comparison harness.
 
 #[path = "proto/mod.rs"]
 pub mod pb;
 
+#[cfg(feature = "server")]
 pub mod broker;
+#[cfg(feature = "client")]
 pub mod client;
 
 /// Compiles the README's Rust examples as doc tests, so they cannot rot.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: installs what the tests need
-# (idempotently), checks formatting, lints and the dependencies (cargo deny: advisories,
-# licences), then runs the Rust unit, integration and doc tests (the fuzz corpus replay,
+# (idempotently), checks formatting, lints, that the client builds without the server's
+# crates, and the dependencies (cargo deny: advisories, licences), then runs the Rust unit, integration and doc tests (the fuzz corpus replay,
 # tests/fuzz_corpus.rs, among them), then the end-to-end tests of the example system and
 # the Python and grpcurl clients.
 set -euo pipefail
@@ -19,6 +19,18 @@ cargo fmt --all -- --check
 
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+
+echo "== client-only build (default-features = false, features = [\"client\"])"
+cargo clippy --lib --no-default-features --features client -- -D warnings
+# A client-only dependency must not pull in the server's HTTP, CLI or metrics crates.
+server_deps=$(cargo tree -e normal --no-default-features --features client --prefix none |
+  grep -oE '^(axum|clap|prometheus-client) v[^ ]+' | sort -u || true)
+if [ -n "$server_deps" ]; then
+  echo "error: the client-only build depends on server crates:" >&2
+  echo "$server_deps" >&2
+  echo "make them optional and enable them only in the 'server' feature (Cargo.toml)" >&2
+  exit 1
+fi
 
 echo "== cargo deny (advisories, licenses)"
 bash scripts/cargo-deny.sh advisories licenses

@@ -12,13 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use sluice::broker::domain::queue::{JobState, NewJob};
-use sluice::broker::domain::topic::{NewMessage, Retention};
-use sluice::broker::engine::{LeaseParams, PolicyPatch};
-use sluice::broker::store::{
-    DirStorage, RecoveryError, RecoveryReport, Storage, StorageFile, StoreConfig,
+use sluice::broker::testing::{JobState, LeaseParams, NewJob, NewMessage, PolicyPatch, Retention};
+use sluice::broker::{
+    Broker, BrokerConfig, BrokerError, DirStorage, RecoveryError, RecoveryReport, Storage,
+    StorageFile, StoreConfig,
 };
-use sluice::broker::{Broker, BrokerConfig, BrokerError};
 
 fn open_with(
     storage: Arc<dyn Storage>,
@@ -120,7 +118,7 @@ async fn queues_topics_bindings_and_jobs_survive_restarts() {
                         ..job("c")
                     },
                     NewJob {
-                        run_at: Some(sluice::broker::domain::time::now_ms() + 3_600_000),
+                        run_at: Some(sluice::broker::now_ms() + 3_600_000),
                         ..job("d")
                     },
                 ],
@@ -792,8 +790,7 @@ async fn compaction_keeps_the_log_proportional_to_the_live_data() {
 #[tokio::test]
 async fn retained_topic_messages_survive_a_snapshot() {
     use futures::StreamExt;
-    use sluice::broker::domain::names::Pattern;
-    use sluice::broker::engine::subscription::{Start, SubscribeSpec};
+    use sluice::broker::testing::{Pattern, Start, SubscribeSpec};
 
     let dir = tempfile::tempdir().unwrap();
     let config = small_segments();

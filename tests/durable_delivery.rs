@@ -16,12 +16,8 @@ use bytes::Bytes;
 use common::storage::{FileHook, HookedStorage};
 use common::within;
 use futures::StreamExt;
-use sluice::broker::domain::names::Pattern;
-use sluice::broker::domain::queue::NewJob;
-use sluice::broker::domain::topic::NewMessage;
-use sluice::broker::engine::subscription::{Start, SubscribeSpec, Subscription};
-use sluice::broker::store::{DirStorage, FsyncPolicy, StoreConfig};
-use sluice::broker::{Broker, BrokerConfig};
+use sluice::broker::testing::{NewJob, NewMessage, Pattern, Start, SubscribeSpec, Subscription};
+use sluice::broker::{Broker, BrokerConfig, DirStorage, FsyncPolicy, StoreConfig};
 use tokio::task::JoinHandle;
 
 /// Which call of a log file the gate holds.

@@ -513,7 +513,7 @@ async fn per_job_limits_name_the_job_and_refuse_the_whole_batch() {
     assert_eq!(depth, 0);
 }
 
-fn broker_config(limits: impl FnOnce(&mut sluice::broker::domain::limits::Limits)) -> BrokerConfig {
+fn broker_config(limits: impl FnOnce(&mut sluice::broker::Limits)) -> BrokerConfig {
     let mut config = BrokerConfig::default();
     limits(&mut config.limits);
     config

@@ -229,7 +229,7 @@ async fn dashboard_updates_live_in_chromium() {
     let profile = std::env::temp_dir().join(format!(
         "sluice-dashboard-{}-{}",
         std::process::id(),
-        sluice::broker::domain::time::now_ms()
+        sluice::broker::now_ms()
     ));
     let mut browser = tokio::process::Command::new(&chromium)
         .args([

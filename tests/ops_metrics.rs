@@ -811,7 +811,7 @@ async fn http_shutdown_stops_only_http() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(sluice::broker::ops::serve_http(
+    let server = tokio::spawn(sluice::broker::serve_http(
         listener,
         h.broker.clone(),
         async move {

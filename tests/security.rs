@@ -11,7 +11,7 @@ use bytes::Bytes;
 use common::{SERVE_LOG, TestBroker, serve_addrs, within};
 use futures::StreamExt;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use sluice::broker::auth::{Authenticator, Tokens, hash_token};
+use sluice::broker::{Authenticator, Tokens, hash_token};
 use sluice::broker::{Broker, BrokerConfig, ServeOptions, TlsSettings};
 use sluice::client::{Client, ConnectOptions, Rpc};
 use sluice::pb;

@@ -1029,7 +1029,7 @@ pub struct InProcessSluice {
 impl InProcessSluice {
     /// Starts it on 127.0.0.1:0, served by the same `serve` as `sluice serve`.
     pub async fn start() -> Res<InProcessSluice> {
-        use sluice::broker::{Broker, BrokerConfig, domain::limits::Limits};
+        use sluice::broker::{Broker, BrokerConfig, Limits};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let broker = Broker::new(BrokerConfig {

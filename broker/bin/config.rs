@@ -8,12 +8,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::cli;
-use sluice::broker::auth::Authenticator;
-use sluice::broker::domain::limits::Limits;
-use sluice::broker::engine::BrokerConfig;
-use sluice::broker::grpc::server::{ServeOptions, TlsSettings};
-use sluice::broker::ops::HttpOptions;
-use sluice::broker::store::{FsyncPolicy, StoreConfig};
+use sluice::broker::{
+    Authenticator, BrokerConfig, FsyncPolicy, HttpOptions, Limits, ServeOptions, StoreConfig,
+    TlsSettings,
+};
 
 /// Sluice: a message broker served over gRPC.
 #[derive(Debug, Parser)]

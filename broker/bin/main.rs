@@ -8,9 +8,7 @@ use clap::Parser;
 use std::sync::Arc;
 
 use crate::config::{Cli, Command, ServeArgs, StorageKind};
-use sluice::broker::ops::serve_http_with;
-use sluice::broker::store::DirStorage;
-use sluice::broker::{Broker, serve};
+use sluice::broker::{Broker, DirStorage, serve, serve_http_with};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
@@ -148,7 +146,7 @@ fn open_wal(args: &ServeArgs) -> Result<Broker, String> {
 
 /// Reads the tokens file again on each SIGHUP (to rotate tokens without a restart); a
 /// file that does not parse is logged and the tokens in use stay.
-async fn reload_tokens_on_hangup(auth: sluice::broker::auth::Authenticator) {
+async fn reload_tokens_on_hangup(auth: sluice::broker::Authenticator) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -84,6 +84,7 @@ impl<V: Copy> DedupWindow<V> {
     }
 
     /// Whether nothing is remembered (not even an entry waiting to be pruned).
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.expiry.is_empty()
     }

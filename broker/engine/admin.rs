@@ -266,7 +266,7 @@ impl Broker {
         let now = now_ms();
         let (purged, commit) = {
             let _change = self.begin()?;
-            self.with_queue(&slot, |q, batch| {
+            self.with_queue(&slot, now, |q, batch| {
                 let ids = q.purge_ids(now);
                 if batch.is_enabled() {
                     for id in &ids {
@@ -332,7 +332,7 @@ impl Broker {
         self.wait_for_log_space().await?;
         let ((), commit) = {
             let _change = self.begin()?;
-            self.with_queue(&slot, |q, batch| {
+            self.with_queue(&slot, now_ms(), |q, batch| {
                 q.set_paused(paused);
                 batch.queue_paused(&slot.name, paused);
             })?
@@ -429,9 +429,10 @@ impl Broker {
                 // never sees them in neither queue.
                 let _change = self.begin()?;
                 let ids: &[Uuid] = if uuids.is_empty() { &[] } else { chunk };
-                let ((moved, skipped), commit) = self.with_queue(&slot, |q, batch| {
-                    let (moved, skipped) = q
-                        .take_for_redrive(now_ms(), ids, budget, |origin| targets.contains(origin));
+                let now = now_ms();
+                let ((moved, skipped), commit) = self.with_queue(&slot, now, |q, batch| {
+                    let (moved, skipped) =
+                        q.take_for_redrive(now, ids, budget, |origin| targets.contains(origin));
                     for job in &moved {
                         batch.redriven(&slot.name, job);
                     }
@@ -439,7 +440,6 @@ impl Broker {
                 })?;
                 outcome.skipped.extend(skipped);
                 let count = moved.len() as u64;
-                let now = now_ms();
                 for job in moved {
                     // Checked and created above; only a deletion since then makes it
                     // again here, and a job already taken out must land.
@@ -453,7 +453,8 @@ impl Broker {
                         )?,
                     };
                     // Already logged with the take above.
-                    let ((), _logged) = self.with_queue(&target, |q, _| q.restore(now, job))?;
+                    let ((), _logged) =
+                        self.with_queue(&target, now, |q, _| q.restore(now, job))?;
                 }
                 (count, commit)
             };

@@ -81,7 +81,7 @@ impl Broker {
                 if due {
                     // After a storage failure nothing changes any more (fail-stop).
                     let Ok(_change) = self.begin() else { break };
-                    let _ = self.with_queue(&slot, |q, _| q.tick(now));
+                    let _ = self.with_queue(&slot, now, |q, _| q.tick(now));
                 }
             }
             let topics: Vec<Arc<SharedTopic>> = self

@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::names::validate_name;
 use crate::broker::domain::queue::{Queue, QueuePolicy};
-use crate::broker::domain::time::now_ms;
+use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Retention, Topic};
 use crate::broker::engine::subscription::SubscriberShared;
 use crate::broker::store::{Batch, Commit};
@@ -188,11 +188,14 @@ impl Broker {
     /// Runs `f` on the locked queue, logs what it recorded in the batch plus any lease
     /// expiries and dead letters (still under the lock, so log order is state order), then
     /// wakes long-pollers if jobs are visible and moves dead letters to their queues
-    /// (after the lock is released). Call inside [`Broker::begin`]. The commit is an
-    /// error only if the log failed, after `f` ran.
+    /// (after the lock is released). `now` is the request's time, the one `f` works
+    /// with: the record carries it, so recovery dates the change as it was made. Call
+    /// inside [`Broker::begin`]. The commit is an error only if the log failed, after `f`
+    /// ran.
     pub(crate) fn with_queue<R>(
         &self,
         slot: &SharedQueue,
+        now: Millis,
         f: impl FnOnce(&mut Queue, &mut Batch) -> R,
     ) -> Result<(R, Commit), BrokerError> {
         let mut batch = self.batch();
@@ -207,14 +210,14 @@ impl Broker {
             for letter in &letters {
                 batch.dead_letter(letter);
             }
-            let commit = self.commit(batch, now_ms());
+            let commit = self.commit(batch, now);
             (result, letters, q.has_visible(), commit)
         };
         if visible {
             slot.wake_one();
         }
         if !letters.is_empty() {
-            self.route_dead_letters(letters);
+            self.route_dead_letters(letters, now);
         }
         Ok((result, commit?))
     }

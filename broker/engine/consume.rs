@@ -151,7 +151,7 @@ where
             if self.credits > 0 {
                 notified.as_mut().enable();
             }
-            let mut next_due = None;
+            let mut due_in_ms = None;
             if self.credits > 0 {
                 match self.lease() {
                     Ok((jobs, _)) if !jobs.is_empty() => {
@@ -160,16 +160,14 @@ where
                         self.outstanding.extend(leases);
                         return Some(ConsumeEvent::Jobs(jobs));
                     }
-                    Ok((_, due)) => next_due = due,
+                    Ok((_, due)) => due_in_ms = due,
                     Err(e) => return Some(self.fail(e)),
                 }
             }
             // A due time too far ahead for the clock (a retry saturated at the end of
             // time) is no wake-up at all.
-            let wake_at = next_due.and_then(|due| {
-                tokio::time::Instant::now()
-                    .checked_add(Duration::from_millis(due.saturating_sub(now_ms())))
-            });
+            let wake_at = due_in_ms
+                .and_then(|ms| tokio::time::Instant::now().checked_add(Duration::from_millis(ms)));
             let credits = self.credits;
             tokio::select! {
                 command = self.commands.next() => {
@@ -199,13 +197,14 @@ where
         }
     }
 
-    /// Leases up to the stream's credit (at most a batch); also returns when the next
-    /// delayed job is due. Leases are not logged, but the expiries a lease runs first are.
+    /// Leases up to the stream's credit (at most a batch); also returns in how many ms
+    /// the next delayed job is due. Leases are not logged, but the expiries a lease runs
+    /// first are.
     fn lease(&self) -> Result<(Vec<Delivery>, Option<u64>), BrokerError> {
         let max = self.credits.min(self.broker.limits().max_batch as u64) as usize;
         let now = now_ms();
         let _change = self.broker.begin()?;
-        let (leased, _) = self.broker.with_queue(&self.slot, |q, _| {
+        let ((leased, next_due), _) = self.broker.with_queue(&self.slot, now, |q, _| {
             let visibility = self
                 .spec
                 .visibility_timeout_ms
@@ -215,7 +214,7 @@ where
                 q.next_due(),
             )
         })?;
-        Ok(leased)
+        Ok((leased, next_due.map(|due| due.saturating_sub(now))))
     }
 
     /// Ends the stream with `e` (the broker's log failed).
@@ -301,7 +300,7 @@ impl Broker {
         let now = now_ms();
         let commit = {
             let _change = self.begin()?;
-            let ((), commit) = self.with_queue(slot, |q, batch| {
+            let ((), commit) = self.with_queue(slot, now, |q, batch| {
                 for (received, result) in command.acks {
                     let lease_id = std::str::from_utf8(&received);
                     let outcome = match lease_id {
@@ -315,7 +314,7 @@ impl Broker {
                     let outcome = outcome.and_then(|lease| {
                         if *lease.queue != *q.name() {
                             let lease_id = lease_id.unwrap_or_default().to_owned();
-                            foreign_acks.push((lease_id, result));
+                            foreign_acks.push((lease_id, lease, result));
                             return Ok(());
                         }
                         if let Some(r) = &result {
@@ -369,14 +368,18 @@ impl Broker {
             }
         }
         self.durable(commit).await?;
-        for (lease_id, result) in foreign_acks {
-            let queue = LeaseId::queue_of(&lease_id).unwrap_or_default();
-            let allowed = access.check(Action::Consume, "acks.lease_id", queue);
-            if let Err(e) = allowed {
-                refused.push((lease_id, e));
-                continue;
-            }
-            if let Err(e) = self.ack(vec![(lease_id.clone(), result)]).await {
+        // Each is settled as a one-ack Ack of its own (its fields are named as there), at
+        // this command's time.
+        for (lease_id, lease, result) in foreign_acks {
+            let settled = async {
+                access.check(Action::Consume, "acks.lease_id", &lease.queue)?;
+                if let Some(r) = &result {
+                    limits.check_payload("acks[0].result", r.len())?;
+                }
+                self.wait_for_log_space().await?;
+                self.ack_leases(vec![(lease, result)], now).await
+            };
+            if let Err(e) = settled.await {
                 refused.push((lease_id, e));
             }
         }
@@ -393,7 +396,7 @@ impl Broker {
             // After a storage failure nothing changes any more (fail-stop); the leases
             // then simply expire.
             let Ok(_change) = self.begin() else { return };
-            let released = self.with_queue(slot, |q, batch| {
+            let released = self.with_queue(slot, now, |q, batch| {
                 for (seq, nonce) in outstanding {
                     let lease = LeaseId {
                         queue: slot.name.clone(),

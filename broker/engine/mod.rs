@@ -35,10 +35,11 @@ use crate::broker::engine::subscription::SubscriberShared;
 use crate::broker::store::{Commit, DurableListener, Journal, RecoveryReport};
 use crate::broker::sync::lock;
 
-pub use admin::{PolicyPatch, QueueInfo, RedriveOutcome};
+pub(crate) use admin::RedriveOutcome;
+pub use admin::{PolicyPatch, QueueInfo};
 use catalog::QueueCatalog;
 pub use queues::LeaseParams;
-pub use stats::{StatsSnapshot, TopicCounts};
+pub use stats::StatsSnapshot;
 pub use storage::StorageStatus;
 
 /// Longest long-poll wait.

@@ -9,8 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use uuid::Uuid;
 
+use crate::broker::auth::{Access, Action};
 use crate::broker::domain::error::BrokerError;
-use crate::broker::domain::limits::{MAX_RETRY_DELAY_MS, check_duration_ms};
+use crate::broker::domain::limits::{MAX_RETRY_DELAY_MS, check_duration_ms, checked};
 use crate::broker::domain::names::validate_name;
 use crate::broker::domain::queue::{
     DeadLetter, Delivery, Enqueued, FailOutcome, Job, JobState, LeaseId, LeaseIdError,
@@ -18,10 +19,27 @@ use crate::broker::domain::queue::{
 };
 use crate::broker::domain::time::{Millis, now_ms};
 use crate::broker::engine::memory::Accounted;
+use crate::broker::store::Batch;
 use crate::broker::sync::lock;
 
 use super::catalog::Creation;
 use super::{Broker, Logged, MAX_LEASE_WAIT_MS, SharedQueue};
+
+/// Stores `jobs` in the locked queue `q` (named `name`) and records in `batch` each job
+/// it stored, from what the queue holds; with nothing logged, no record is made.
+pub(super) fn enqueue_recording(
+    batch: &mut Batch,
+    name: &str,
+    q: &mut Queue,
+    now: Millis,
+    jobs: Vec<NewJob>,
+) -> Result<Vec<Enqueued>, BrokerError> {
+    if batch.is_enabled() {
+        q.enqueue_recorded(now, jobs, |job| batch.new_job(name, job))
+    } else {
+        q.enqueue(now, jobs)
+    }
+}
 
 /// Parameters of a lease request, already defaulted by the caller where it wants.
 #[derive(Debug, Clone)]
@@ -39,8 +57,9 @@ pub struct LeaseParams {
 }
 
 impl Broker {
-    pub(super) fn route_dead_letters(&self, letters: Vec<DeadLetter>) {
-        let now = now_ms();
+    /// Moves dead letters into their dead-letter queues, at `now` (the time of the change
+    /// that killed them).
+    pub(super) fn route_dead_letters(&self, letters: Vec<DeadLetter>, now: Millis) {
         for letter in letters {
             let target = self
                 .create_queue_slot(
@@ -63,21 +82,36 @@ impl Broker {
         queue: &str,
         jobs: Vec<NewJob>,
     ) -> Result<Vec<Enqueued>, BrokerError> {
-        let logged = self.enqueue_logged(queue, jobs).await?;
+        let logged = self
+            .enqueue_logged(queue, jobs.into_iter().map(Ok), now_ms())
+            .await?;
         self.confirm(logged).await
     }
 
     /// [`Broker::enqueue`] up to the log append: the jobs are stored (visible to workers)
     /// and their records appended, but not yet durable. A pipelined stream answers
     /// requests in order through [`Broker::confirm`], so their fsyncs overlap.
+    ///
+    /// Every check of the request is made here, once. `jobs` may still be converting from
+    /// a transport's form: a job that fails to convert refuses the request after the
+    /// batch size is checked and before the queue name and the jobs' limits are. `now` is
+    /// the request's time (the one its jobs' delays were resolved with).
     pub async fn enqueue_logged(
         &self,
         queue: &str,
-        jobs: Vec<NewJob>,
+        jobs: impl ExactSizeIterator<Item = Result<NewJob, BrokerError>>,
+        now: Millis,
     ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
         let limits = &self.inner.config.limits;
-        validate_name("queue", queue)?;
         limits.check_batch("jobs", jobs.len())?;
+        // A fresh vector, not `collect`: collecting in place would reuse the request's
+        // allocation and then shrink it to fit the smaller `NewJob`s, copying them all.
+        let mut converted = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            converted.push(job?);
+        }
+        let jobs = converted;
+        validate_name("queue", queue)?;
         for (i, job) in jobs.iter().enumerate() {
             limits.check_entry(
                 |name| format!("jobs[{i}].{name}"),
@@ -98,17 +132,8 @@ impl Broker {
         let (results, commit) = {
             let _change = self.begin()?;
             let slot = self.queue_or_create("queue", queue)?;
-            let now = now_ms();
-            self.with_queue(&slot, |q, batch| {
-                let out = q.enqueue(now, jobs)?;
-                if batch.is_enabled() {
-                    for e in out.iter().filter(|e| !e.duplicate) {
-                        if let Some(job) = q.get(&e.id) {
-                            batch.new_job(&slot.name, &job);
-                        }
-                    }
-                }
-                Ok::<_, BrokerError>(out)
+            self.with_queue(&slot, now, |q, batch| {
+                enqueue_recording(batch, &slot.name, q, now, jobs)
             })?
         };
         Ok(Logged {
@@ -152,7 +177,7 @@ impl Broker {
             // Leases are not logged, but the expiries a lease runs first are.
             let ((jobs, next_due), _) = {
                 let _change = self.begin()?;
-                self.with_queue(&slot, |q, _| {
+                self.with_queue(&slot, now, |q, _| {
                     let visibility = params
                         .visibility_timeout_ms
                         .unwrap_or(q.policy().visibility_timeout_ms);
@@ -172,7 +197,7 @@ impl Broker {
             // the end of the wait.
             let mut wake_at = give_up;
             if let Some(due) = next_due {
-                let in_ms = due.saturating_sub(now_ms());
+                let in_ms = due.saturating_sub(now);
                 // Past what the clock can hold (a retry saturated at the end of time), the
                 // end of the wait comes first anyway.
                 if let Some(at) =
@@ -205,20 +230,30 @@ impl Broker {
         error: &str,
         retry_delay_ms: Option<u64>,
     ) -> Result<(), BrokerError> {
-        self.inner
-            .config
-            .limits
-            .check_error_text(&format!("{prefix}error"), error)?;
+        // Field paths are formatted only for a refusal: a stream nacks per job.
+        let field = |name: &str| format!("{prefix}{name}");
+        let limits = &self.inner.config.limits;
+        checked(field, "error", |f| limits.check_error_text(f, error))?;
         if let Some(d) = retry_delay_ms {
-            check_duration_ms(&format!("{prefix}retry_delay_ms"), d, MAX_RETRY_DELAY_MS)?;
+            checked(field, "retry_delay_ms", |f| {
+                check_duration_ms(f, d, MAX_RETRY_DELAY_MS)
+            })?;
         }
         Ok(())
     }
 
-    pub(crate) fn parse_lease(field: &str, lease_id: &str) -> Result<LeaseId, BrokerError> {
-        lease_id
-            .parse()
-            .map_err(|why| Self::bad_lease_id(field, lease_id, why))
+    /// Parses the lease id in `field` and refuses it unless `access` may consume from its
+    /// queue. A malformed id is refused as such, whatever the access.
+    fn authorized_lease(
+        access: &Access,
+        field: &str,
+        lease_id: &str,
+    ) -> Result<LeaseId, BrokerError> {
+        let lease = lease_id
+            .parse::<LeaseId>()
+            .map_err(|why| Self::bad_lease_id(field, lease_id, why))?;
+        access.check(Action::Consume, field, &lease.queue)?;
+        Ok(lease)
     }
 
     /// The error for a malformed lease id in `field`.
@@ -245,35 +280,73 @@ impl Broker {
     }
 
     /// Acks deliveries, all or none: if any lease is stale nothing is applied. Answers
-    /// once the acks are durable.
+    /// once the acks are durable. [`Broker::ack_as`] with access to every queue.
     pub async fn ack(&self, acks: Vec<(String, Option<Bytes>)>) -> Result<(), BrokerError> {
+        self.ack_as(&Access::open(), acks).await
+    }
+
+    /// [`Broker::ack`] for a request that may settle only leases of the queues `access`
+    /// lets it consume from. Each lease id is parsed once. Refusals come in this order:
+    /// the batch size; a lease of a queue it may not consume from; the first malformed
+    /// lease id or oversized result; stale leases.
+    pub async fn ack_as(
+        &self,
+        access: &Access,
+        acks: Vec<(String, Option<Bytes>)>,
+    ) -> Result<(), BrokerError> {
         let limits = &self.inner.config.limits;
         limits.check_batch("acks", acks.len())?;
         let mut parsed = Vec::with_capacity(acks.len());
+        // The first malformed id or oversized result, refused once every permission is
+        // known to hold.
+        let mut invalid = None;
         for (i, (lease_id, result)) in acks.into_iter().enumerate() {
-            // Field names are formatted only for an error: this loop runs per ack.
-            let lease = lease_id.parse::<LeaseId>().map_err(|why| {
-                Self::bad_lease_id(&format!("acks[{i}].lease_id"), &lease_id, why)
-            })?;
-            if let Some(r) = &result {
-                limits.check_payload(&format!("acks[{i}].result"), r.len())?;
+            // Field paths are formatted only for a refusal: this loop runs per ack.
+            let field = |name: &str| format!("acks[{i}].{name}");
+            let lease = match lease_id.parse::<LeaseId>() {
+                Ok(lease) => lease,
+                Err(why) => {
+                    invalid.get_or_insert_with(|| {
+                        Self::bad_lease_id(&field("lease_id"), &lease_id, why)
+                    });
+                    continue;
+                }
+            };
+            access.check(Action::Consume, "acks.lease_id", &lease.queue)?;
+            if let Some(r) = &result
+                && invalid.is_none()
+                && let Err(e) = checked(field, "result", |f| limits.check_payload(f, r.len()))
+            {
+                invalid = Some(e);
             }
             parsed.push((lease, result));
         }
+        if let Some(e) = invalid {
+            return Err(e);
+        }
+        self.wait_for_log_space().await?;
+        self.ack_leases(parsed, now_ms()).await
+    }
+
+    /// Acks parsed and authorized leases at `now`, all or none; each lease is checked
+    /// once. Answers once the acks are durable.
+    pub(super) async fn ack_leases(
+        &self,
+        mut acks: Vec<(LeaseId, Option<Bytes>)>,
+        now: Millis,
+    ) -> Result<(), BrokerError> {
         let mut by_queue: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
-        for (i, (lease, _)) in parsed.iter().enumerate() {
+        for (i, (lease, _)) in acks.iter().enumerate() {
             by_queue.entry(lease.queue.clone()).or_default().push(i);
         }
         let mut names: Vec<Arc<str>> = by_queue.keys().cloned().collect();
         names.sort_unstable();
-        self.wait_for_log_space().await?;
         let change = self.begin()?;
         let mut slots = Vec::with_capacity(names.len());
         for name in &names {
             let first = by_queue[name][0];
-            slots.push(self.lease_queue(&parsed[first].0)?);
+            slots.push(self.lease_queue(&acks[first].0)?);
         }
-        let now = now_ms();
         // Lease-to-ack times, collected only when something measures them.
         let observer = self.inner.observer.get();
         let mut acked: Vec<(usize, u64)> = Vec::new();
@@ -283,7 +356,7 @@ impl Broker {
             let mut stale = Vec::new();
             for (guard, name) in guards.iter().zip(&names) {
                 for &i in &by_queue[name] {
-                    if let Err(e) = guard.check_lease(now, &parsed[i].0) {
+                    if let Err(e) = guard.check_lease(now, &acks[i].0) {
                         stale.push(e.to_string());
                     }
                 }
@@ -293,17 +366,15 @@ impl Broker {
                 return Err(BrokerError::FailedPrecondition(format!(
                     "{} of {} leases are stale, nothing was acked: {}",
                     stale.len(),
-                    parsed.len(),
+                    acks.len(),
                     shown.join("; ")
                 )));
             }
             let mut batch = self.batch();
             for (q, (guard, name)) in guards.iter_mut().zip(&names).enumerate() {
                 for &i in &by_queue[name] {
-                    let (lease, result) = &mut parsed[i];
-                    let held = guard
-                        .ack(now, lease, result.take())
-                        .expect("lease was checked under the same lock");
+                    let (lease, result) = &mut acks[i];
+                    let held = guard.ack_checked(now, lease, result.take());
                     if observer.is_some() {
                         acked.extend(held.map(|ms| (q, ms)));
                     }
@@ -328,6 +399,7 @@ impl Broker {
     }
 
     /// Fails a delivery (retry or dead-letter); answers once that is durable.
+    /// [`Broker::nack_as`] with access to every queue.
     pub async fn nack(
         &self,
         lease_id: &str,
@@ -335,14 +407,34 @@ impl Broker {
         retry_delay_ms: Option<u64>,
         dead_letter: bool,
     ) -> Result<(JobState, Option<Millis>), BrokerError> {
-        let lease = Self::parse_lease("lease_id", lease_id)?;
+        self.nack_as(
+            &Access::open(),
+            lease_id,
+            error,
+            retry_delay_ms,
+            dead_letter,
+        )
+        .await
+    }
+
+    /// [`Broker::nack`] for a request that may settle only leases of the queues `access`
+    /// lets it consume from.
+    pub async fn nack_as(
+        &self,
+        access: &Access,
+        lease_id: &str,
+        error: String,
+        retry_delay_ms: Option<u64>,
+        dead_letter: bool,
+    ) -> Result<(JobState, Option<Millis>), BrokerError> {
+        let lease = Self::authorized_lease(access, "lease_id", lease_id)?;
         self.check_nack("", &error, retry_delay_ms)?;
         self.wait_for_log_space().await?;
         let now = now_ms();
         let (outcome, commit) = {
             let _change = self.begin()?;
             let slot = self.lease_queue(&lease)?;
-            self.with_queue(&slot, |q, batch| {
+            self.with_queue(&slot, now, |q, batch| {
                 let outcome = q.nack(now, &lease, error, retry_delay_ms, dead_letter)?;
                 batch.job_state_of(&slot.name, q, lease.seq);
                 Ok::<_, BrokerError>(outcome)
@@ -357,20 +449,34 @@ impl Broker {
         })
     }
 
-    /// Extends a live lease; returns the new deadline.
+    /// Extends a live lease; returns the new deadline. [`Broker::extend_lease_as`] with
+    /// access to every queue.
     pub fn extend_lease(
         &self,
         lease_id: &str,
         visibility_timeout_ms: u64,
     ) -> Result<Millis, BrokerError> {
-        let lease = Self::parse_lease("lease_id", lease_id)?;
+        self.extend_lease_as(&Access::open(), lease_id, visibility_timeout_ms)
+    }
+
+    /// [`Broker::extend_lease`] for a request that may extend only leases of the queues
+    /// `access` lets it consume from.
+    pub fn extend_lease_as(
+        &self,
+        access: &Access,
+        lease_id: &str,
+        visibility_timeout_ms: u64,
+    ) -> Result<Millis, BrokerError> {
+        let lease = Self::authorized_lease(access, "lease_id", lease_id)?;
         Self::check_visibility("visibility_timeout_ms", visibility_timeout_ms)?;
         let _change = self.begin()?;
         let slot = self.lease_queue(&lease)?;
         let now = now_ms();
         // Not logged: leases do not survive a restart anyway.
-        self.with_queue(&slot, |q, _| q.extend(now, &lease, visibility_timeout_ms))?
-            .0
+        self.with_queue(&slot, now, |q, _| {
+            q.extend(now, &lease, visibility_timeout_ms)
+        })?
+        .0
     }
 
     // ---- inspection -------------------------------------------------------------------
@@ -431,7 +537,7 @@ impl Broker {
                 let now = now_ms();
                 let (job, commit) = {
                     let _change = self.begin()?;
-                    self.with_queue(&slot, |q, batch| {
+                    self.with_queue(&slot, now, |q, batch| {
                         let job = q.cancel(now, &uuid)?;
                         batch.job_state(&slot.name, &job);
                         Ok::<_, BrokerError>(job)
@@ -498,4 +604,49 @@ impl Broker {
     }
 
     // ---- queue administration -----------------------------------------------------------
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::engine::{BrokerConfig, PolicyPatch};
+
+    fn lease_params(max_jobs: usize) -> LeaseParams {
+        LeaseParams {
+            max_jobs,
+            visibility_timeout_ms: None,
+            wait_ms: 0,
+            consumer: "worker".into(),
+            address: "127.0.0.1:1".into(),
+        }
+    }
+
+    /// An Ack that names one lease twice acks it once, even when the acks between them
+    /// push its record out of history: the second is a repeat ack, not a broker panic.
+    #[tokio::test]
+    async fn an_ack_naming_a_lease_twice_acks_it_once() {
+        let broker = Broker::new(BrokerConfig::default());
+        let policy = PolicyPatch {
+            history_limit: Some(1),
+            ..PolicyPatch::default()
+        };
+        broker.create_queue("q", policy).await.unwrap();
+        let jobs = ["a", "b"].map(|p| NewJob {
+            payload: Bytes::from_static(p.as_bytes()),
+            ..NewJob::default()
+        });
+        broker.enqueue("q", jobs.to_vec()).await.unwrap();
+        let got = broker.lease("q", lease_params(2)).await.unwrap();
+        let [a, b] = [0, 1].map(|i| got[i].lease_id.to_string());
+        broker
+            .ack(vec![(a.clone(), None), (b, None), (a, None)])
+            .await
+            .unwrap();
+        let history = broker.job_history("q", 10).unwrap();
+        assert_eq!(history.len(), 1);
+        let slot = broker.existing_queue("queue", "q").unwrap();
+        let counts = lock(&slot.queue).counts(now_ms());
+        assert_eq!((counts.completed, counts.leased), (2, 0));
+        broker.shutdown();
+    }
 }

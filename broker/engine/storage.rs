@@ -37,9 +37,9 @@ pub struct StorageStatus {
 
 impl Broker {
     /// A broker whose state survives restarts: recovers it from the write-ahead log in
-    /// `storage` (see [`crate::broker::store`]), writes a snapshot of it so the old log
-    /// files can go, and logs every later change. Leased jobs are visible again. Must be
-    /// called inside a Tokio runtime; blocks while it reads the log.
+    /// `storage` (any [`Storage`](crate::broker::Storage)), writes a snapshot of it so the
+    /// old log files can go, and logs every later change. Leased jobs are visible again.
+    /// Must be called inside a Tokio runtime; blocks while it reads the log.
     pub fn open(
         config: BrokerConfig,
         storage: Arc<dyn Storage>,

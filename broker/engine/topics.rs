@@ -14,6 +14,7 @@ use crate::broker::engine::subscription::{self, SubscribeSpec, Subscription};
 use crate::broker::store::{Commit, DurableListener};
 use crate::broker::sync::lock;
 
+use super::queues::enqueue_recording;
 use super::{Broker, HEADER_TOPIC_SEQUENCE, Logged, SharedQueue};
 
 impl Broker {
@@ -30,15 +31,16 @@ impl Broker {
     }
 
     /// [`Broker::publish`] up to the log append: the messages are appended (and delivered
-    /// to live subscribers) but not yet durable; see [`Broker::enqueue_logged`].
+    /// to live subscribers) but not yet durable; see [`Broker::enqueue_logged`]. Every
+    /// check of the request is made here, once.
     pub async fn publish_logged(
         &self,
         topic: &str,
         messages: Vec<NewMessage>,
     ) -> Result<Logged<Vec<Appended>>, BrokerError> {
         let limits = &self.inner.config.limits;
-        validate_name("topic", topic)?;
         limits.check_batch("messages", messages.len())?;
+        validate_name("topic", topic)?;
         for (i, m) in messages.iter().enumerate() {
             limits.check_entry(
                 |name| format!("messages[{i}].{name}"),
@@ -105,7 +107,7 @@ impl Broker {
                     .collect();
                 batch.published(topic, block, stored_keys);
             }
-            for q in queue_guards.iter_mut() {
+            for (q, target) in queue_guards.iter_mut().zip(&targets) {
                 let jobs = block
                     .messages()
                     .map(|m| {
@@ -119,16 +121,8 @@ impl Broker {
                         }
                     })
                     .collect();
-                let out = q
-                    .enqueue(now, jobs)
+                enqueue_recording(&mut batch, &target.name, q, now, jobs)
                     .expect("capacity was checked under the same lock");
-                if batch.is_enabled() {
-                    for e in out.iter().filter(|e| !e.duplicate) {
-                        if let Some(job) = q.get(&e.id) {
-                            batch.new_job(q.name(), &job);
-                        }
-                    }
-                }
             }
         }
         // The topic lock is held until the record is appended, so publishes to one topic

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::broker::auth::{Access, Action, Authenticator, Credentials, Recheck, StreamGuard};
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::names::Pattern;
-use crate::broker::domain::queue::{Enqueued, LeaseId};
+use crate::broker::domain::queue::Enqueued;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec};
 use crate::broker::engine::{Broker, LeaseParams, Logged, PolicyPatch, StatsSnapshot};
@@ -143,15 +143,6 @@ impl<T> Stream for Guarded<T> {
     }
 }
 
-/// Refuses a settlement of a lease whose queue the request may not consume from. A
-/// malformed id passes: the settlement itself refuses it with the field.
-fn authorize_lease(access: &Access, field: &str, lease_id: &str) -> Result<(), BrokerError> {
-    match LeaseId::queue_of(lease_id) {
-        Some(queue) => access.check(Action::Consume, field, queue),
-        None => Ok(()),
-    }
-}
-
 /// Who may read a job: its producer, its workers, its admins.
 const JOB_READERS: &[Action] = &[Action::Enqueue, Action::Consume, Action::Admin];
 /// Who may put jobs into a queue or take them back out (cancel): its producers and
@@ -237,36 +228,35 @@ fn peer(req: &Request<impl Sized>) -> String {
 /// enough to keep group commits full, small enough that one stream cannot hoard memory.
 const STREAM_PIPELINE: usize = 256;
 
-/// Validates and applies one Publish request, up to the log append.
+/// Authorizes one Publish request and applies it (the broker validates it), up to the
+/// log append.
 async fn publish_logged(
     broker: Broker,
     access: Access,
     req: pb::PublishRequest,
 ) -> Result<Logged<Vec<Appended>>, BrokerError> {
     access.check(Action::Publish, "topic", &req.topic)?;
-    broker
-        .limits()
-        .check_batch("messages", req.messages.len())?;
     let messages = req.messages.into_iter().map(NewMessage::from).collect();
     broker.publish_logged(&req.topic, messages).await
 }
 
-/// Validates and applies one Enqueue request, up to the log append.
+/// Authorizes one Enqueue request, converts its jobs and applies it (the broker validates
+/// it), up to the log append.
 async fn enqueue_logged(
     broker: Broker,
     access: Access,
     req: pb::EnqueueRequest,
 ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
     access.check(Action::Enqueue, "queue", &req.queue)?;
-    broker.limits().check_batch("jobs", req.jobs.len())?;
+    // The one clock reading of the request: delays resolve with it and jobs are stored
+    // at it. The broker checks the rest, converting the jobs as it goes.
     let now = crate::broker::domain::time::now_ms();
-    // A fresh vector, not `collect`: collecting in place would reuse the request's
-    // allocation and then shrink it to fit the smaller `NewJob`s, copying them all.
-    let mut jobs = Vec::with_capacity(req.jobs.len());
-    for (i, spec) in req.jobs.into_iter().enumerate() {
-        jobs.push(convert::new_job(i, spec, now)?);
-    }
-    broker.enqueue_logged(&req.queue, jobs).await
+    let jobs = req
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| convert::new_job(i, spec, now));
+    broker.enqueue_logged(&req.queue, jobs, now).await
 }
 
 /// Serves a PublishStream or EnqueueStream: applies requests one at a time in stream order,
@@ -291,9 +281,9 @@ where
 {
     let shutdown = ends_on.cancelled_owned();
     let applying = broker.clone();
-    // `then` runs one request's validation, admission and append before reading the next,
-    // so requests are applied in stream order; `buffered` overlaps only the durability
-    // waits, and answers in order.
+    // `then` runs one request's validation, wait for log space and append before reading
+    // the next, so requests are applied in stream order; `buffered` overlaps only the
+    // durability waits, and answers in order.
     let answers = inbound
         .take_until(shutdown)
         .then(move |request| {
@@ -467,27 +457,23 @@ impl broker_server::Broker for BrokerService {
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
         let access = self.access(&request)?;
-        let req = request.into_inner();
-        self.broker.limits().check_batch("acks", req.acks.len())?;
-        for ack in &req.acks {
-            authorize_lease(&access, "acks.lease_id", &ack.lease_id)?;
-        }
-        let acks = req
+        let acks = request
+            .into_inner()
             .acks
             .into_iter()
             .map(|a| (a.lease_id, (!a.result.is_empty()).then_some(a.result)))
             .collect();
-        self.broker.ack(acks).await?;
+        self.broker.ack_as(&access, acks).await?;
         Ok(Response::new(pb::AckResponse {}))
     }
 
     async fn nack(&self, request: Request<pb::NackRequest>) -> Reply<pb::NackResponse> {
         let access = self.access(&request)?;
         let req = request.into_inner();
-        authorize_lease(&access, "lease_id", &req.lease_id)?;
         let (state, at) = self
             .broker
-            .nack(
+            .nack_as(
+                &access,
                 &req.lease_id,
                 req.error,
                 (req.retry_delay_ms > 0).then_some(req.retry_delay_ms),
@@ -572,10 +558,9 @@ impl broker_server::Broker for BrokerService {
     ) -> Reply<pb::ExtendLeaseResponse> {
         let access = self.access(&request)?;
         let req = request.into_inner();
-        authorize_lease(&access, "lease_id", &req.lease_id)?;
-        let deadline = self
-            .broker
-            .extend_lease(&req.lease_id, req.visibility_timeout_ms)?;
+        let deadline =
+            self.broker
+                .extend_lease_as(&access, &req.lease_id, req.visibility_timeout_ms)?;
         Ok(Response::new(pb::ExtendLeaseResponse {
             lease_deadline_unix_ms: deadline,
         }))

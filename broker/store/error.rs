@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::manifest::HEADER;
 
-/// A file operation of the store, as it reads in "cannot <op> <file>".
+/// A file operation of the store, as it reads in `"cannot <op> <file>"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileOp {
     /// Creating a file.

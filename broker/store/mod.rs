@@ -6,7 +6,7 @@
 //!   once per batch (group commit), then tells the [`DurableListener`]s of the records
 //!   and publishes the written and synced positions.
 //! * `record` frames records (length + CRC32C) and converts domain changes into the
-//!   internal record messages of `proto/sluice/internal/wal.proto`.
+//!   internal record messages of `broker/store/wal.proto`.
 //! * `recovery` replays the newest snapshot and the segments after it into queues and
 //!   topics, truncating a torn tail and refusing to start on other damage or on missing
 //!   files; after a failure it reloads what is durable, read-only.

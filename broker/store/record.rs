@@ -16,7 +16,7 @@ use prost::Message as _;
 use uuid::Uuid;
 
 use crate::broker::domain::queue::{
-    Backoff, DeadLetter, Job, JobState, JobUpdate, Queue, QueuePolicy, Redriven,
+    Backoff, DeadLetter, Job, JobRecord, JobState, JobUpdate, Queue, QueuePolicy, Redriven,
 };
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{BlockSlice, MessageBlock, MessageRef, Retention};
@@ -190,27 +190,28 @@ pub(crate) fn policy_from_pb(p: pb::Policy) -> QueuePolicy {
     }
 }
 
-fn job_image(queue: &str, job: &Job) -> pb::JobImage {
+/// The image of a job's record: what the record borrows is copied here, once.
+fn job_image(queue: &str, job: JobRecord<'_>) -> pb::JobImage {
     pb::JobImage {
         queue: queue.to_owned(),
         id: id_bytes(&job.id),
-        kind: job.kind.clone(),
-        payload: job.payload.clone(),
+        kind: job.kind.to_owned(),
+        payload: job.payload,
         headers: job.headers.clone(),
         priority: job.priority as u32,
         attempts: job.attempts,
         max_attempts: job.max_attempts,
-        idempotency_key: job.idempotency_key.clone(),
-        ordering_key: job.ordering_key.as_deref().map(str::to_owned),
+        idempotency_key: job.idempotency_key.map(str::to_owned),
+        ordering_key: job.ordering_key.map(|k| String::from(&**k)),
         state: state_to_pb(job.state) as i32,
         enqueued_at: job.enqueued_at,
         run_at: job.run_at,
         updated_at: job.updated_at,
         finished_at: job.finished_at,
-        last_error: job.last_error.clone(),
-        result: job.result.clone(),
-        dead_letter_queue: job.dead_letter_queue.clone(),
-        origin: job.origin.clone(),
+        last_error: job.last_error.map(str::to_owned),
+        result: job.result.cloned(),
+        dead_letter_queue: job.dead_letter_queue.map(str::to_owned),
+        origin: job.origin.map(str::to_owned),
     }
 }
 
@@ -260,8 +261,9 @@ impl Batch {
         }
     }
 
-    /// A new job in `queue` (an enqueue, or a binding's copy of a published message).
-    pub fn new_job(&mut self, queue: &str, job: &Job) {
+    /// A new job in `queue` (an enqueue, or a binding's copy of a published message), as
+    /// [`Queue::enqueue_recorded`] hands it over.
+    pub fn new_job(&mut self, queue: &str, job: JobRecord<'_>) {
         if self.is_enabled() {
             self.push(Kind::Job(job_image(queue, job)));
         }
@@ -476,7 +478,7 @@ pub(crate) fn snapshot_frames(
             paused: q.paused,
         })));
         for job in q.live.iter().chain(&q.history) {
-            ops.push(op(Kind::Job(job_image(&q.name, job))));
+            ops.push(op(Kind::Job(job_image(&q.name, job.record()))));
             if ops.len() >= SNAPSHOT_OPS_PER_ENTRY {
                 flush(&mut out, &mut ops);
             }
@@ -604,7 +606,7 @@ mod tests {
         job.attempts = 2;
         job.last_error = Some("boom".into());
         job.origin = Some("payments".into());
-        let back = job_from_image(job_image("q", &job)).unwrap();
+        let back = job_from_image(job_image("q", job.record())).unwrap();
         assert_eq!(back.origin.as_deref(), Some("payments"));
         assert_eq!(back.id, job.id);
         assert_eq!(back.payload, job.payload);

@@ -279,148 +279,238 @@ fn recover_with(
         Mode::Startup { repair } => (repair, None),
         Mode::Reload { end } => (false, Some(end)),
     };
-    let mut cleanup = Cleanup {
-        enabled: end.is_none(),
-        failure: None,
+    let mut run = Recovery {
+        storage,
+        repair,
+        end,
+        cleanup: Cleanup {
+            enabled: end.is_none(),
+            failure: None,
+        },
+        report: RecoveryReport::default(),
+        replay: Replay::default(),
     };
-    let names = storage
-        .list()
-        .map_err(|e| StoreError::io(FileOp::List, storage.describe(""), e))?;
-    let mut segments = Vec::new();
-    let mut snapshots = Vec::new();
-    for name in names {
-        if name.ends_with(".tmp") {
-            // An interrupted snapshot or manifest: the files it would replace are all
-            // still there.
-            cleanup.run(
-                FileOp::Remove,
-                || storage.describe(&name),
-                || storage.remove(&name),
-            );
-        } else if let Some(id) = parse_snapshot(&name) {
-            snapshots.push(id);
-        } else if let Some(id) = parse_segment(&name) {
-            // After a failure, segments past the durable end hold nothing durable.
-            if end.is_none_or(|end| id <= end.segment) {
-                segments.push(id);
-            }
-        }
+    let files = run.inventory()?;
+    let claimed = run.read_manifest(&files)?;
+    let base = files.snapshots.last().copied();
+    run.check_complete(&files, claimed, base)?;
+    if let Some(base) = base {
+        run.replay_snapshot(base)?;
+        run.remove_files(files.snapshots.iter().filter(|s| **s < base), snapshot_name);
     }
-    segments.sort_unstable();
-    snapshots.sort_unstable();
-
-    let mut report = RecoveryReport::default();
-    let claimed = match manifest::read(storage) {
-        Ok(claimed) => claimed,
-        Err(why) if repair => {
-            let line = format!(
-                "--repair: {why}; rebuilt it from the files present, checking their numbering only"
-            );
-            tracing::warn!("{line}");
-            report.truncated.push(line);
-            report.files_repaired += 1;
-            None
-        }
-        Err(why) => return Err(RecoveryError::Manifest(why)),
-    };
-    if claimed.is_none() && end.is_none() && (!segments.is_empty() || !snapshots.is_empty()) {
-        tracing::info!(
-            dir = %storage.describe(""),
-            "no {MANIFEST}: a data directory written by an earlier version; checking that its segments are consecutive, then writing one"
-        );
-    }
-
-    // Which files the log is made of, and which of them are missing.
-    let base = snapshots.last().copied();
-    let mut missing = Vec::new();
-    let (start, claim) = match (claimed, base) {
-        (Some(m), _) => {
-            let claim = format!(
-                "{} names {} and {}",
-                storage.describe(MANIFEST),
-                m.snapshot.map_or("no snapshot".to_owned(), |s| format!(
-                    "snapshot {}",
-                    snapshot_name(s)
-                )),
-                m.newest.map_or("no segment".to_owned(), |n| format!(
-                    "newest segment {}",
-                    segment_name(n)
-                )),
-            );
-            let start = match (m.snapshot, base) {
-                (Some(s), b) if b.is_none_or(|b| b < s) => {
-                    missing.push(snapshot_name(s));
-                    s
-                }
-                (_, Some(b)) => b,
-                _ => 1,
-            };
-            (start, claim)
-        }
-        (None, Some(b)) => (
-            b,
-            format!(
-                "without a {MANIFEST}, the log starts at snapshot {}",
-                snapshot_name(b)
-            ),
-        ),
-        (None, None) => {
-            let claim = format!("without a {MANIFEST} or a snapshot, the log starts at segment 1");
-            match segments.first() {
-                Some(&first) if first > 1 => {
-                    missing.push(format!(
-                        "the snapshot of the state before {} (snap-*.wal)",
-                        segment_name(first)
-                    ));
-                    (first, claim)
-                }
-                _ => (1, claim),
-            }
-        }
-    };
-    let mut last = segments
-        .last()
+    let base_id = base.unwrap_or(0);
+    // Segments before the snapshot are left over from a compaction that stopped before
+    // deleting them; the snapshot already holds everything they held.
+    run.remove_files(
+        files.segments.iter().filter(|s| **s < base_id),
+        segment_name,
+    );
+    let live: Vec<u64> = files
+        .segments
+        .iter()
         .copied()
-        .max(claimed.and_then(|m| m.newest))
-        .unwrap_or(0);
-    if let Some(end) = end {
-        last = last.min(end.segment);
+        .filter(|s| *s >= base_id)
+        .collect();
+    let kept = run.replay_segments(&live)?;
+    run.finish(&files, claimed, base, kept, now)
+}
+
+/// The data directory's snapshot and segment files, each sorted by number.
+struct Inventory {
+    segments: Vec<u64>,
+    snapshots: Vec<u64>,
+}
+
+/// How a segment's replay ended.
+enum SegmentEnd {
+    /// The segment starts past the durable end of a reload: it and later ones hold
+    /// nothing durable.
+    PastDurableEnd,
+    /// Every record was read.
+    Clean,
+    /// The log ends at this byte offset (a torn tail, or damage cut by `--repair`).
+    CutAt(usize),
+}
+
+/// One run of recovery over a data directory: what it may change, and what it found.
+struct Recovery<'a> {
+    storage: &'a dyn Storage,
+    repair: bool,
+    /// On a reload, where the durable log ends.
+    end: Option<DurableEnd>,
+    cleanup: Cleanup,
+    report: RecoveryReport,
+    replay: Replay,
+}
+
+impl Recovery<'_> {
+    /// Lists the directory, removing the leftovers of interrupted writes.
+    fn inventory(&mut self) -> Result<Inventory, RecoveryError> {
+        let storage = self.storage;
+        let names = storage
+            .list()
+            .map_err(|e| StoreError::io(FileOp::List, storage.describe(""), e))?;
+        let mut files = Inventory {
+            segments: Vec::new(),
+            snapshots: Vec::new(),
+        };
+        for name in names {
+            if name.ends_with(".tmp") {
+                // An interrupted snapshot or manifest: the files it would replace are all
+                // still there.
+                self.cleanup.run(
+                    FileOp::Remove,
+                    || storage.describe(&name),
+                    || storage.remove(&name),
+                );
+            } else if let Some(id) = parse_snapshot(&name) {
+                files.snapshots.push(id);
+            } else if let Some(id) = parse_segment(&name) {
+                // After a failure, segments past the durable end hold nothing durable.
+                if self.end.is_none_or(|end| id <= end.segment) {
+                    files.segments.push(id);
+                }
+            }
+        }
+        files.segments.sort_unstable();
+        files.snapshots.sort_unstable();
+        Ok(files)
     }
-    let expected = if last >= start {
-        format!(
-            "{claim}, so the log needs segments {} to {} (numbered consecutively)",
-            segment_name(start),
-            segment_name(last)
-        )
-    } else {
-        format!("{claim}, so the log needs no segment")
-    };
-    missing.extend(missing_segments(start, last, &segments));
-    if !missing.is_empty() {
-        if !repair {
+
+    /// What the manifest claims; `None` for a directory from before manifests, or one
+    /// whose manifest `--repair` rebuilds.
+    fn read_manifest(&mut self, files: &Inventory) -> Result<Option<Manifest>, RecoveryError> {
+        let claimed = match manifest::read(self.storage) {
+            Ok(claimed) => claimed,
+            Err(why) if self.repair => {
+                self.repaired(
+                    1,
+                    format!(
+                        "--repair: {why}; rebuilt it from the files present, checking their numbering only"
+                    ),
+                );
+                None
+            }
+            Err(why) => return Err(RecoveryError::Manifest(why)),
+        };
+        if claimed.is_none()
+            && self.end.is_none()
+            && (!files.segments.is_empty() || !files.snapshots.is_empty())
+        {
+            tracing::info!(
+                dir = %self.storage.describe(""),
+                "no {MANIFEST}: a data directory written by an earlier version; checking that its segments are consecutive, then writing one"
+            );
+        }
+        Ok(claimed)
+    }
+
+    /// Refuses a log with missing files (or, with `--repair`, reports them): the snapshot
+    /// the manifest names, and the segments numbered from the log's start to its newest.
+    fn check_complete(
+        &mut self,
+        files: &Inventory,
+        claimed: Option<Manifest>,
+        base: Option<u64>,
+    ) -> Result<(), RecoveryError> {
+        let storage = self.storage;
+        let mut missing = Vec::new();
+        let (start, claim) = match (claimed, base) {
+            (Some(m), _) => {
+                let claim = format!(
+                    "{} names {} and {}",
+                    storage.describe(MANIFEST),
+                    m.snapshot.map_or("no snapshot".to_owned(), |s| format!(
+                        "snapshot {}",
+                        snapshot_name(s)
+                    )),
+                    m.newest.map_or("no segment".to_owned(), |n| format!(
+                        "newest segment {}",
+                        segment_name(n)
+                    )),
+                );
+                let start = match (m.snapshot, base) {
+                    (Some(s), b) if b.is_none_or(|b| b < s) => {
+                        missing.push(snapshot_name(s));
+                        s
+                    }
+                    (_, Some(b)) => b,
+                    _ => 1,
+                };
+                (start, claim)
+            }
+            (None, Some(b)) => (
+                b,
+                format!(
+                    "without a {MANIFEST}, the log starts at snapshot {}",
+                    snapshot_name(b)
+                ),
+            ),
+            (None, None) => {
+                let claim =
+                    format!("without a {MANIFEST} or a snapshot, the log starts at segment 1");
+                match files.segments.first() {
+                    Some(&first) if first > 1 => {
+                        missing.push(format!(
+                            "the snapshot of the state before {} (snap-*.wal)",
+                            segment_name(first)
+                        ));
+                        (first, claim)
+                    }
+                    _ => (1, claim),
+                }
+            }
+        };
+        let mut last = files
+            .segments
+            .last()
+            .copied()
+            .max(claimed.and_then(|m| m.newest))
+            .unwrap_or(0);
+        if let Some(end) = self.end {
+            last = last.min(end.segment);
+        }
+        let expected = if last >= start {
+            format!(
+                "{claim}, so the log needs segments {} to {} (numbered consecutively)",
+                segment_name(start),
+                segment_name(last)
+            )
+        } else {
+            format!("{claim}, so the log needs no segment")
+        };
+        missing.extend(missing_segments(start, last, &files.segments));
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if !self.repair {
             return Err(RecoveryError::Missing {
                 dir: storage.describe(""),
                 missing,
                 expected,
             });
         }
-        let line = format!(
-            "--repair: the write-ahead log is missing {} ({expected}); started with the files that are there, losing what the missing ones held",
-            missing.join(", ")
+        self.repaired(
+            missing.len() as u64,
+            format!(
+                "--repair: the write-ahead log is missing {} ({expected}); started with the files that are there, losing what the missing ones held",
+                missing.join(", ")
+            ),
         );
-        tracing::warn!("{line}");
-        report.truncated.push(line);
-        report.files_repaired += missing.len() as u64;
-        report.missing = missing;
+        self.report.missing = missing;
+        Ok(())
     }
 
-    let mut replay = Replay::default();
-    if let Some(base) = base {
+    /// Replays the snapshot the log starts from; damage to it is refused unless
+    /// `--repair`, which keeps what precedes the damage.
+    fn replay_snapshot(&mut self, base: u64) -> Result<(), RecoveryError> {
         let name = snapshot_name(base);
-        let data = storage
+        let data = self
+            .storage
             .read(&name)
-            .map_err(|e| StoreError::io(FileOp::Read, storage.describe(&name), e))?;
+            .map_err(|e| StoreError::io(FileOp::Read, self.storage.describe(&name), e))?;
         let mut complete = false;
+        let replay = &mut self.replay;
         let outcome = scan(&data, false, |entry| {
             complete |= entry
                 .ops
@@ -435,96 +525,133 @@ fn recover_with(
             Scan::Damaged(at, why) => Some((at, why)),
         };
         if let Some((offset, reason)) = damage {
-            if !repair {
+            if !self.repair {
                 return Err(RecoveryError::Damaged {
-                    file: storage.describe(&name),
+                    file: self.storage.describe(&name),
                     offset: offset as u64,
                     reason,
                 });
             }
-            let line = format!(
-                "--repair: snapshot {} is damaged at byte offset {offset} ({reason}); kept the {offset} bytes before it, dropped {} bytes",
-                storage.describe(&name),
-                data.len() - offset
+            self.repaired(
+                1,
+                format!(
+                    "--repair: snapshot {} is damaged at byte offset {offset} ({reason}); kept the {offset} bytes before it, dropped {} bytes",
+                    self.storage.describe(&name),
+                    data.len() - offset
+                ),
             );
-            tracing::warn!("{line}");
-            report.truncated.push(line);
-            report.files_repaired += 1;
         }
-        report.snapshot = Some(base);
-        for old in snapshots.iter().filter(|s| **s < base) {
-            let old = snapshot_name(*old);
-            cleanup.run(
+        self.report.snapshot = Some(base);
+        Ok(())
+    }
+
+    /// Removes the files `ids` name (superseded by the snapshot).
+    fn remove_files<'i>(&mut self, ids: impl Iterator<Item = &'i u64>, name: fn(u64) -> String) {
+        let storage = self.storage;
+        for id in ids {
+            let old = name(*id);
+            self.cleanup.run(
                 FileOp::Remove,
                 || storage.describe(&old),
                 || storage.remove(&old),
             );
         }
     }
-    let base_id = base.unwrap_or(0);
-    for old in segments.iter().filter(|s| **s < base_id) {
-        // Left over from a compaction that stopped before deleting them; the snapshot
-        // already holds everything they held.
-        let old = segment_name(*old);
-        cleanup.run(
-            FileOp::Remove,
-            || storage.describe(&old),
-            || storage.remove(&old),
-        );
+
+    /// Replays the segments after the snapshot, in order, cutting the log where a torn
+    /// tail or (with `--repair`) damage ends it. Returns the newest segment still part of
+    /// the log.
+    fn replay_segments(&mut self, live: &[u64]) -> Result<Option<u64>, RecoveryError> {
+        let storage = self.storage;
+        let mut kept = None;
+        for (i, id) in live.iter().enumerate() {
+            let name = segment_name(*id);
+            let cut = match self.replay_segment(&name, *id, &live[i + 1..])? {
+                SegmentEnd::PastDurableEnd => break,
+                SegmentEnd::Clean => {
+                    kept = Some(*id);
+                    continue;
+                }
+                SegmentEnd::CutAt(at) => at,
+            };
+            if cut <= FILE_MAGIC.len() {
+                self.cleanup.run(
+                    FileOp::Remove,
+                    || storage.describe(&name),
+                    || storage.remove(&name),
+                );
+            } else {
+                kept = Some(*id);
+                self.cleanup.run(
+                    FileOp::Truncate,
+                    || storage.describe(&name),
+                    || storage.truncate(&name, cut as u64),
+                );
+            }
+            if i + 1 < live.len() {
+                break;
+            }
+        }
+        Ok(kept)
     }
-    let live: Vec<u64> = segments.iter().copied().filter(|s| *s >= base_id).collect();
-    // The newest segment still part of the log once torn and damaged ones are dealt with.
-    let mut kept = None;
-    for (i, id) in live.iter().enumerate() {
-        let name = segment_name(*id);
-        let newest = i + 1 == live.len();
+
+    /// Replays one segment; `later` are the segments after it, set aside when `--repair`
+    /// cuts the log inside this one.
+    fn replay_segment(
+        &mut self,
+        name: &str,
+        id: u64,
+        later: &[u64],
+    ) -> Result<SegmentEnd, RecoveryError> {
+        let storage = self.storage;
         let mut data = storage
-            .read(&name)
-            .map_err(|e| StoreError::io(FileOp::Read, storage.describe(&name), e))?;
-        if let Some(end) = end.filter(|end| end.segment == *id) {
+            .read(name)
+            .map_err(|e| StoreError::io(FileOp::Read, storage.describe(name), e))?;
+        if let Some(end) = self.end.filter(|end| end.segment == id) {
             // What follows the durable end was refused; only a header means no records.
             if end.bytes <= FILE_MAGIC.len() as u64 {
-                break;
+                return Ok(SegmentEnd::PastDurableEnd);
             }
             data.truncate(end.bytes as usize);
         }
-        report.segments += 1;
-        let cut = match scan(&data, newest, |entry| {
+        self.report.segments += 1;
+        let (report, replay) = (&mut self.report, &mut self.replay);
+        let outcome = scan(&data, later.is_empty(), |entry| {
             report.entries += 1;
             replay.apply(entry);
-        }) {
-            Scan::Clean => None,
+        });
+        match outcome {
+            Scan::Clean => Ok(SegmentEnd::Clean),
             Scan::Torn(at) => {
                 let (bytes, records) = ((data.len() - at) as u64, torn_records(&data, at));
                 let line = format!(
                     "torn tail: cut {bytes} bytes ({records} unacknowledged, partly written record{}) from {} at byte offset {at}",
                     if records == 1 { "" } else { "s" },
-                    storage.describe(&name)
+                    storage.describe(name)
                 );
-                tracing::warn!(bytes, records, file = %storage.describe(&name), "{line}");
-                report.truncated.push(line);
-                report.torn_tail_bytes += bytes;
-                report.torn_tail_records += records;
-                Some(at)
+                tracing::warn!(bytes, records, file = %storage.describe(name), "{line}");
+                self.report.truncated.push(line);
+                self.report.torn_tail_bytes += bytes;
+                self.report.torn_tail_records += records;
+                Ok(SegmentEnd::CutAt(at))
             }
             Scan::Damaged(at, reason) => {
-                if !repair {
+                if !self.repair {
                     return Err(RecoveryError::Damaged {
-                        file: storage.describe(&name),
+                        file: storage.describe(name),
                         offset: at as u64,
                         reason,
                     });
                 }
                 let mut line = format!(
                     "--repair: {} is damaged at byte offset {at} ({reason}); dropped its last {} bytes",
-                    storage.describe(&name),
+                    storage.describe(name),
                     data.len() - at
                 );
-                report.files_repaired += 1;
-                for later in &live[i + 1..] {
+                for later in later {
                     let later_name = segment_name(*later);
                     let damaged = format!("{later_name}.damaged");
-                    cleanup.run(
+                    self.cleanup.run(
                         FileOp::Rename,
                         || storage.describe(&later_name),
                         || storage.rename(&later_name, &damaged),
@@ -533,71 +660,69 @@ fn recover_with(
                         "; set aside the later segment {} as {damaged}",
                         storage.describe(&later_name)
                     ));
-                    report.files_repaired += 1;
                 }
-                tracing::warn!("{line}");
-                report.truncated.push(line);
-                Some(at)
+                self.repaired(1 + later.len() as u64, line);
+                Ok(SegmentEnd::CutAt(at))
             }
+        }
+    }
+
+    /// Records what `--repair` did to `files` files.
+    fn repaired(&mut self, files: u64, line: String) {
+        tracing::warn!("{line}");
+        self.report.truncated.push(line);
+        self.report.files_repaired += files;
+    }
+
+    /// Syncs the directory, makes the manifest claim what is there (legacy directories
+    /// get their first one, and a repaired log its new shape), and builds the state.
+    fn finish(
+        mut self,
+        files: &Inventory,
+        claimed: Option<Manifest>,
+        base: Option<u64>,
+        kept: Option<u64>,
+        now: Millis,
+    ) -> Result<Recovered, RecoveryError> {
+        let storage = self.storage;
+        self.cleanup.run(
+            FileOp::Fsync,
+            || storage.describe(""),
+            || storage.sync_dir(),
+        );
+        let now_claimed = Manifest {
+            snapshot: base,
+            newest: kept,
         };
-        match cut {
-            None => kept = Some(*id),
-            Some(at) if at <= FILE_MAGIC.len() => cleanup.run(
-                FileOp::Remove,
-                || storage.describe(&name),
-                || storage.remove(&name),
-            ),
-            Some(at) => {
-                kept = Some(*id);
-                cleanup.run(
-                    FileOp::Truncate,
-                    || storage.describe(&name),
-                    || storage.truncate(&name, at as u64),
-                );
+        let mut claimed = claimed.unwrap_or_default();
+        if self.cleanup.enabled && self.cleanup.failure.is_none() && claimed != now_claimed {
+            match manifest::write(storage, &now_claimed) {
+                Ok(()) => claimed = now_claimed,
+                Err(e) => {
+                    tracing::error!(reason = %e, "recovery could not write the manifest");
+                    self.cleanup.failure = Some(e);
+                }
             }
         }
-        if cut.is_some() && !newest {
-            break;
-        }
+        self.report.anomalies = self.replay.anomalies;
+        let next_segment = files
+            .segments
+            .last()
+            .copied()
+            .max(claimed.newest)
+            .map_or(1, |s| s + 1)
+            .max(base.unwrap_or(0))
+            .max(1);
+        let (queues, topics) = self.replay.finish(now);
+        Ok(Recovered {
+            queues,
+            topics,
+            next_segment,
+            claimed,
+            write_failure: self.cleanup.failure,
+            report: self.report,
+        })
     }
-    cleanup.run(
-        FileOp::Fsync,
-        || storage.describe(""),
-        || storage.sync_dir(),
-    );
-    // The manifest now claims what is there: the files it named (legacy directories get
-    // their first one, and a repaired log its new shape).
-    let now_claimed = Manifest {
-        snapshot: base,
-        newest: kept,
-    };
-    let mut claimed = claimed.unwrap_or_default();
-    if cleanup.enabled && cleanup.failure.is_none() && claimed != now_claimed {
-        match manifest::write(storage, &now_claimed) {
-            Ok(()) => claimed = now_claimed,
-            Err(e) => {
-                tracing::error!(reason = %e, "recovery could not write the manifest");
-                cleanup.failure = Some(e);
-            }
-        }
-    }
-    report.anomalies = replay.anomalies;
-    let next_segment = segments
-        .last()
-        .copied()
-        .max(claimed.newest)
-        .map_or(1, |s| s + 1)
-        .max(base_id)
-        .max(1);
-    let (queues, topics) = replay.finish(now);
-    Ok(Recovered {
-        queues,
-        topics,
-        next_segment,
-        claimed,
-        write_failure: cleanup.failure,
-        report,
-    })
 }
 
 struct RQueue {

@@ -5,7 +5,7 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 
-use sluice::broker::store::{DirStorage, Storage, StorageFile};
+use sluice::broker::{DirStorage, Storage, StorageFile};
 
 /// What happens before each write and fsync of a file of a [`HookedStorage`]; an error
 /// is returned in place of the call's.

@@ -11,16 +11,12 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use prost::Message as _;
-use sluice::broker::domain::limits::Limits;
-use sluice::broker::domain::names::{MAX_NAME_BYTES, Pattern, validate_name};
-use sluice::broker::domain::queue::{LeaseId, NewJob, Queue};
-use sluice::broker::domain::topic::{Retention, Topic};
-use sluice::broker::engine::PolicyPatch;
-use sluice::broker::fuzzing;
-use sluice::broker::grpc::service::BrokerService;
-use sluice::broker::grpc::wire::broker_server::Broker as _;
-use sluice::broker::store::{Storage, StorageFile, StoreConfig};
-use sluice::broker::{Broker, BrokerConfig};
+use sluice::broker::testing::broker_server::Broker as _;
+use sluice::broker::testing::{
+    self, BrokerService, LeaseId, MAX_NAME_BYTES, NewJob, Pattern, PolicyPatch, Queue, Retention,
+    Topic, validate_name,
+};
+use sluice::broker::{Broker, BrokerConfig, Limits, Storage, StorageFile, StoreConfig};
 use sluice::pb;
 
 // ---- (1) WAL records ------------------------------------------------------------------
@@ -221,9 +217,9 @@ pub fn wal(data: &[u8]) {
             records.len()
         };
         for part in [&records[..split], &records[split..]] {
-            let mut body = fuzzing::FILE_MAGIC.to_vec();
+            let mut body = testing::FILE_MAGIC.to_vec();
             for record in part {
-                fuzzing::frame(&mut body, record);
+                testing::frame(&mut body, record);
             }
             bodies.push(body);
         }
@@ -247,7 +243,7 @@ pub fn wal(data: &[u8]) {
 
     let storage = MemStorage::with(files);
     let original = storage.deep_copy();
-    match fuzzing::recover(&storage, repair, NOW) {
+    match testing::recover(&storage, repair, NOW) {
         Ok((queues, topics, _)) => {
             for (name, data) in storage.files.lock().unwrap().iter() {
                 // The MANIFEST is the log's index, which recovery writes (for a directory
@@ -263,7 +259,7 @@ pub fn wal(data: &[u8]) {
                 );
             }
             let first = recovered_state(&queues, &topics);
-            let (queues, topics, _) = fuzzing::recover(&storage, repair, NOW)
+            let (queues, topics, _) = testing::recover(&storage, repair, NOW)
                 .unwrap_or_else(|e| panic!("a second recovery of what recovery left fails: {e}"));
             assert_eq!(
                 first,
@@ -271,7 +267,7 @@ pub fn wal(data: &[u8]) {
                 "a second recovery of what recovery left rebuilds another state"
             );
             reopen(&storage, repair);
-            let (queues, topics, _) = fuzzing::recover(&storage, false, NOW).unwrap_or_else(|e| {
+            let (queues, topics, _) = testing::recover(&storage, false, NOW).unwrap_or_else(|e| {
                 panic!("recovery of the snapshot a broker started on this log wrote fails: {e}")
             });
             assert_eq!(
@@ -283,7 +279,7 @@ pub fn wal(data: &[u8]) {
         Err(e) => {
             let message = e.to_string();
             assert!(!repair, "recovery with --repair still refuses: {message}");
-            fuzzing::recover(&original, true, NOW)
+            testing::recover(&original, true, NOW)
                 .unwrap_or_else(|e| panic!("--repair does not recover from {message}: {e}"));
         }
     }

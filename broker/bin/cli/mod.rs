@@ -316,7 +316,7 @@ async fn connect(conn: &Connection) -> Result<Rpc> {
 }
 
 fn token(a: TokenArgs) -> Result<()> {
-    use sluice::broker::auth::{generate_token, hash_token};
+    use sluice::broker::{generate_token, hash_token};
     if a.hash {
         let mut token = String::new();
         std::io::stdin().read_to_string(&mut token)?;
@@ -997,7 +997,7 @@ async fn jobs(a: JobsArgs) -> Result<()> {
     if jobs.is_empty() {
         return print_text(&format!("no {} jobs in {}\n", a.state, a.queue));
     }
-    let now = sluice::broker::domain::time::now_ms();
+    let now = sluice::broker::now_ms();
     let mut t = Table::new(&[
         "JOB",
         "STATE",
@@ -1012,7 +1012,7 @@ async fn jobs(a: JobsArgs) -> Result<()> {
         // A dead-lettered copy carries its history in headers; show its original error.
         let error = j
             .headers
-            .get(sluice::broker::domain::queue::HEADER_LAST_ERROR)
+            .get(sluice::broker::HEADER_LAST_ERROR)
             .unwrap_or(&j.last_error);
         t.row(vec![
             j.id.clone(),
@@ -1141,7 +1141,7 @@ async fn consumers(a: ConsumersArgs) -> Result<()> {
     if res.consumers.is_empty() {
         return print_text(&format!("no consumers seen on {}\n", a.queue));
     }
-    let now = sluice::broker::domain::time::now_ms();
+    let now = sluice::broker::now_ms();
     let mut t = Table::new(&[
         "CONSUMER",
         "ADDRESS",

@@ -316,7 +316,77 @@ impl From<&Job> for JobUpdate {
     }
 }
 
+/// The headers of a job without any (an empty map allocates nothing).
+static NO_HEADERS: std::sync::LazyLock<Headers> = std::sync::LazyLock::new(Headers::new);
+
+/// A job's whole record as the log keeps it (a new job's, or any job's in a snapshot),
+/// borrowed from where the job is held: the log copies what it keeps once, and shares the
+/// payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord<'a> {
+    /// Id.
+    pub id: Uuid,
+    /// Job type.
+    pub kind: &'a str,
+    /// Body.
+    pub payload: Bytes,
+    /// Headers.
+    pub headers: &'a Headers,
+    /// Priority.
+    pub priority: u8,
+    /// Deliveries so far.
+    pub attempts: u32,
+    /// Deliveries allowed.
+    pub max_attempts: u32,
+    /// Dedup key.
+    pub idempotency_key: Option<&'a str>,
+    /// Serialisation key.
+    pub ordering_key: Option<&'a Arc<str>>,
+    /// State.
+    pub state: JobState,
+    /// Enqueue time.
+    pub enqueued_at: Millis,
+    /// When it is (or was) visible for its next attempt.
+    pub run_at: Millis,
+    /// Last change.
+    pub updated_at: Millis,
+    /// When it finished.
+    pub finished_at: Option<Millis>,
+    /// Last failure.
+    pub last_error: Option<&'a str>,
+    /// Ack result.
+    pub result: Option<&'a Bytes>,
+    /// Where it was dead-lettered to.
+    pub dead_letter_queue: Option<&'a str>,
+    /// For a dead letter: the queue the broker moved it from.
+    pub origin: Option<&'a str>,
+}
+
 impl Job {
+    /// The job's record as the log keeps it.
+    pub fn record(&self) -> JobRecord<'_> {
+        JobRecord {
+            id: self.id,
+            kind: &self.kind,
+            payload: self.payload.clone(),
+            headers: &self.headers,
+            priority: self.priority,
+            attempts: self.attempts,
+            max_attempts: self.max_attempts,
+            idempotency_key: self.idempotency_key.as_deref(),
+            ordering_key: self.ordering_key.as_ref(),
+            state: self.state,
+            enqueued_at: self.enqueued_at,
+            run_at: self.run_at,
+            updated_at: self.updated_at,
+            finished_at: self.finished_at,
+            last_error: self.last_error.as_deref(),
+            result: self.result.as_ref(),
+            dead_letter_queue: self.dead_letter_queue.as_deref(),
+            origin: self.origin.as_deref(),
+        }
+    }
+
     /// A job record rebuilt by recovery: pending, never attempted, no keys. Recovery sets
     /// the other public fields from the log, then hands it to [`Queue::restore_job`].
     pub fn restored(id: Uuid, kind: String, payload: Bytes, headers: Headers) -> Self {
@@ -410,8 +480,7 @@ impl LeaseId {
         Ok((queue, seq, nonce))
     }
 
-    /// The queue a lease id names, if it is well formed (to check a permission before the
-    /// settlement itself parses and checks the id).
+    /// The queue a lease id names, if it is well formed, without building a [`LeaseId`].
     pub fn queue_of(s: &str) -> Option<&str> {
         Self::split(s).ok().map(|(queue, _, _)| queue)
     }
@@ -774,8 +843,37 @@ impl Queue {
         now: Millis,
         jobs: Vec<NewJob>,
     ) -> Result<Vec<Enqueued>, BrokerError> {
+        self.store_new_jobs(now, jobs).map(|(out, _)| out)
+    }
+
+    /// [`Queue::enqueue`], handing `record` the log record of each job it stored (not of
+    /// the duplicates), in enqueue order, borrowed from the queue: the caller logs the
+    /// jobs without looking them up again or copying them whole.
+    pub fn enqueue_recorded(
+        &mut self,
+        now: Millis,
+        jobs: Vec<NewJob>,
+        mut record: impl FnMut(JobRecord<'_>),
+    ) -> Result<Vec<Enqueued>, BrokerError> {
+        let (out, stored) = self.store_new_jobs(now, jobs)?;
+        for seq in stored {
+            if let Some(slot) = self.slots.get(seq) {
+                record(self.record_of(seq, slot));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The body of [`Queue::enqueue`]; also returns the seqs of the jobs it stored, which
+    /// are consecutive (a duplicate takes none).
+    fn store_new_jobs(
+        &mut self,
+        now: Millis,
+        jobs: Vec<NewJob>,
+    ) -> Result<(Vec<Enqueued>, std::ops::Range<u64>), BrokerError> {
         let new = self.count_new(now, jobs.iter().map(|j| j.idempotency_key.clone()));
         self.check_capacity(new)?;
+        let first = self.next_seq;
         let payloads = self.payloads.store(jobs.iter().map(|j| &j.payload));
         let mut out = Vec::with_capacity(jobs.len());
         for (job, payload) in jobs.into_iter().zip(payloads) {
@@ -783,7 +881,7 @@ impl Queue {
         }
         self.counts.enqueued += new;
         self.enqueue_rate.record(now, new);
-        Ok(out)
+        Ok((out, first..self.next_seq))
     }
 
     /// A new job's seq and id; past [`IdCodec::MAX_SEQ`] ids are random and mapped.
@@ -845,7 +943,7 @@ impl Queue {
         if foreign {
             self.foreign.insert(id, seq);
         }
-        self.admit(seq, slot, ordering_key, now);
+        self.add_live_slot(seq, slot, ordering_key, now);
         Enqueued {
             id,
             duplicate: false,
@@ -854,7 +952,13 @@ impl Queue {
 
     /// Stores a new live slot and makes it visible, scheduled, or waiting behind its
     /// ordering key.
-    fn admit(&mut self, seq: u64, mut slot: LiveJob, ordering_key: Option<Arc<str>>, now: Millis) {
+    fn add_live_slot(
+        &mut self,
+        seq: u64,
+        mut slot: LiveJob,
+        ordering_key: Option<Arc<str>>,
+        now: Millis,
+    ) {
         let mut active = true;
         if let Some(key) = ordering_key {
             let waiting = self.ordering.entry(key).or_default();
@@ -1065,38 +1169,63 @@ impl Queue {
         job
     }
 
-    /// The job record of a live slot, as inspection sees it.
-    fn materialize(&self, seq: u64, slot: &LiveJob) -> Job {
+    /// The log record of a live slot.
+    fn record_of<'a>(&'a self, seq: u64, slot: &'a LiveJob) -> JobRecord<'a> {
         let extra = slot.extra.as_deref();
         let rare = slot.rare();
-        let lease = self.leases.get(&seq);
-        Job {
+        JobRecord {
             id: self.id_of(seq, slot),
-            seq,
-            kind: self.kind_of(slot).to_owned(),
+            kind: self.kind_of(slot),
             payload: self.payloads.get(slot.payload),
-            headers: rare.map(|r| r.headers.clone()).unwrap_or_default(),
+            headers: rare.map_or(&NO_HEADERS, |r| &r.headers),
             priority: slot.priority,
             attempts: u32::from(slot.attempts),
             max_attempts: u32::from(slot.max_attempts),
-            idempotency_key: rare.and_then(|r| r.idempotency_key.clone()),
-            ordering_key: rare.and_then(|r| r.ordering_key.clone()),
+            idempotency_key: rare.and_then(|r| r.idempotency_key.as_deref()),
+            ordering_key: rare.and_then(|r| r.ordering_key.as_ref()),
             state: slot.state,
             enqueued_at: slot.enqueued_at,
             run_at: slot.run_at(),
-            updated_at: match (lease, extra) {
+            updated_at: match (self.leases.get(&seq), extra) {
                 (Some(l), _) => l.updated_at,
                 (None, Some(e)) => e.updated_at,
                 (None, None) => slot.enqueued_at,
             },
             finished_at: None,
+            last_error: extra.and_then(|e| e.last_error.as_deref()),
+            result: None,
+            dead_letter_queue: None,
+            origin: rare.and_then(|r| r.origin.as_deref()),
+        }
+    }
+
+    /// The job record of a live slot, as inspection sees it.
+    fn materialize(&self, seq: u64, slot: &LiveJob) -> Job {
+        let lease = self.leases.get(&seq);
+        let record = self.record_of(seq, slot);
+        Job {
+            id: record.id,
+            seq,
+            kind: record.kind.to_owned(),
+            payload: record.payload,
+            headers: record.headers.clone(),
+            priority: record.priority,
+            attempts: record.attempts,
+            max_attempts: record.max_attempts,
+            idempotency_key: record.idempotency_key.map(str::to_owned),
+            ordering_key: record.ordering_key.cloned(),
+            state: record.state,
+            enqueued_at: record.enqueued_at,
+            run_at: record.run_at,
+            updated_at: record.updated_at,
+            finished_at: None,
             lease_deadline: lease.map(|l| l.deadline),
             lease_nonce: lease.map_or(0, |l| l.nonce),
             consumer: lease.map(|l| l.consumer.clone()),
-            last_error: extra.and_then(|e| e.last_error.as_deref().map(str::to_owned)),
+            last_error: record.last_error.map(str::to_owned),
             result: None,
             dead_letter_queue: None,
-            origin: rare.and_then(|r| r.origin.clone()),
+            origin: record.origin.map(str::to_owned),
             blocked: slot.blocked,
         }
     }
@@ -1194,11 +1323,36 @@ impl Queue {
         lease: &LeaseId,
         result: Option<Bytes>,
     ) -> Result<Option<u64>, BrokerError> {
-        if self.check_lease(now, lease)? == LeaseCheck::AlreadyAcked {
-            return Ok(None);
+        Ok(match self.check_lease(now, lease)? {
+            LeaseCheck::AlreadyAcked => None,
+            LeaseCheck::Live => self.complete(now, lease.seq, result),
+        })
+    }
+
+    /// [`Queue::ack`] of a lease that [`Queue::check_lease`] accepted at `now` under the
+    /// same lock (an Ack checks all its leases before it applies any), without checking
+    /// it again. A lease that is no longer live was acked since, by an earlier ack of the
+    /// same request: like any repeat ack it changes nothing and returns `None`.
+    pub fn ack_checked(
+        &mut self,
+        now: Millis,
+        lease: &LeaseId,
+        result: Option<Bytes>,
+    ) -> Option<u64> {
+        let live = self
+            .leases
+            .get(&lease.seq)
+            .is_some_and(|l| l.nonce == lease.nonce);
+        if live {
+            self.complete(now, lease.seq, result)
+        } else {
+            None
         }
-        let seq = lease.seq;
-        let ended = self.end_lease(seq).expect("live lease");
+    }
+
+    /// Completes the leased job `seq`; returns how long it was leased (ms).
+    fn complete(&mut self, now: Millis, seq: u64, result: Option<Bytes>) -> Option<u64> {
+        let ended = self.end_lease(seq)?;
         let leased_at = ended.leased_at;
         if let Some(state) = self.consumers.get_mut(&ended.consumer) {
             state.done += 1;
@@ -1207,7 +1361,7 @@ impl Queue {
         self.counts.completed += 1;
         self.ack_rate.record(now, 1);
         self.finish(seq, now, JobState::Completed, Some(ended), result);
-        Ok(Some(now.saturating_sub(leased_at)))
+        Some(now.saturating_sub(leased_at))
     }
 
     /// Fails a delivery: the job retries after `retry_delay_ms` (or the backoff policy's
@@ -1584,7 +1738,7 @@ impl Queue {
         rare.headers = headers;
         rare.origin = origin;
         self.foreign.insert(id, seq);
-        self.admit(seq, slot, None, now);
+        self.add_live_slot(seq, slot, None, now);
     }
 
     /// Whether a redrive may move this job: it is not leased and the broker recorded the
@@ -1820,7 +1974,7 @@ impl Queue {
         }
         slot.state = JobState::Pending;
         let updated_at = job.updated_at;
-        self.admit(seq, slot, job.ordering_key, now);
+        self.add_live_slot(seq, slot, job.ordering_key, now);
         let slot = self.slots.get_mut(seq).expect("restored job exists");
         slot.extra_mut().updated_at = updated_at;
     }

@@ -910,3 +910,81 @@ fn a_malformed_lease_id_says_what_is_wrong() {
         "it has 2 of the 3 parts separated by \"/\""
     );
 }
+
+/// What `enqueue_recorded` hands the log for each stored job is the record `get` shows
+/// (and nothing for a duplicate), so a new job's log record needs no lookup by id.
+#[test]
+fn enqueue_records_each_stored_job_as_get_shows_it() {
+    let mut q = queue_with(|_| {});
+    enqueue_one(
+        &mut q,
+        T0,
+        NewJob {
+            idempotency_key: Some("seen".into()),
+            ..job("earlier")
+        },
+    );
+    let jobs = vec![
+        NewJob {
+            headers: Headers::from([("trace".into(), "1".into())]),
+            idempotency_key: Some("fresh".into()),
+            ordering_key: Some("account-7".into()),
+            priority: 4,
+            max_attempts: Some(2),
+            ..job("keyed")
+        },
+        NewJob {
+            idempotency_key: Some("seen".into()),
+            ..job("duplicate")
+        },
+        // Waits behind the first job of its ordering key.
+        NewJob {
+            ordering_key: Some("account-7".into()),
+            ..job("blocked")
+        },
+        NewJob {
+            kind: "a kind of its own".into(),
+            run_at: Some(T0 + 60_000),
+            ..job("scheduled")
+        },
+    ];
+    let mut recorded = Vec::new();
+    let out = q
+        .enqueue_recorded(T0 + 5, jobs, |record| {
+            recorded.push((record.id, format!("{record:?}"), !record.headers.is_empty()))
+        })
+        .unwrap();
+    assert!(out[1].duplicate);
+    let stored: Vec<Uuid> = [0, 2, 3].iter().map(|&i| out[i].id).collect();
+    assert_eq!(
+        recorded.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(),
+        stored
+    );
+    for (id, record, _) in &recorded {
+        assert_eq!(*record, format!("{:?}", q.get(id).unwrap().record()));
+    }
+    let states: Vec<JobState> = stored.iter().map(|id| q.get(id).unwrap().state).collect();
+    assert_eq!(
+        states,
+        [JobState::Pending, JobState::Pending, JobState::Scheduled]
+    );
+    assert!(recorded[0].2 && !recorded[1].2);
+}
+
+/// `ack_checked` applies a lease `check_lease` accepted without checking it again; once
+/// the lease is acked (its record may already be gone from history) it is a no-op.
+#[test]
+fn ack_checked_acks_a_checked_lease_once() {
+    let mut q = queue_with(|p| p.history_limit = 0);
+    enqueue_one(&mut q, T0, job("a"));
+    let d = lease_one(&mut q, T0, 1_000).unwrap();
+    assert_eq!(q.check_lease(T0 + 10, &d.lease_id), Ok(LeaseCheck::Live));
+    assert_eq!(q.ack_checked(T0 + 10, &d.lease_id, None), Some(10));
+    assert!(
+        q.check_lease(T0 + 10, &d.lease_id).is_err(),
+        "not in history"
+    );
+    assert_eq!(q.ack_checked(T0 + 10, &d.lease_id, None), None);
+    let c = q.counts(T0 + 10);
+    assert_eq!((c.completed, c.leased, q.live_jobs()), (1, 0, 0));
+}

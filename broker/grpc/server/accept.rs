@@ -53,9 +53,6 @@ pub(super) trait Handshake: Clone + Send + Sync + 'static {
         &self,
         tcp: TcpStream,
     ) -> impl std::future::Future<Output = io::Result<Self::Io>> + Send;
-
-    /// The client's certificate chain, if the transport checked one.
-    fn peer_certs(io: &Self::Io) -> Option<Arc<Vec<CertificateDer<'static>>>>;
 }
 
 /// Plaintext HTTP/2.
@@ -67,10 +64,6 @@ impl Handshake for Plain {
 
     async fn handshake(&self, tcp: TcpStream) -> io::Result<TcpStream> {
         Ok(tcp)
-    }
-
-    fn peer_certs(_: &TcpStream) -> Option<Arc<Vec<CertificateDer<'static>>>> {
-        None
     }
 }
 
@@ -123,13 +116,6 @@ impl Handshake for Tls {
     async fn handshake(&self, tcp: TcpStream) -> io::Result<Self::Io> {
         self.0.accept(tcp).await
     }
-
-    fn peer_certs(io: &Self::Io) -> Option<Arc<Vec<CertificateDer<'static>>>> {
-        let (_, session) = io.get_ref();
-        session
-            .peer_certificates()
-            .map(|certs| Arc::new(certs.iter().map(|c| c.clone().into_owned()).collect()))
-    }
 }
 
 /// Who is on the other end of a connection: what every request of it carries in its
@@ -137,8 +123,6 @@ impl Handshake for Tls {
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     remote_addr: Option<SocketAddr>,
-    local_addr: Option<SocketAddr>,
-    peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
     pub(super) activity: Arc<Activity>,
 }
 
@@ -146,16 +130,6 @@ impl ConnectionInfo {
     /// The peer's address.
     pub fn remote_addr(&self) -> Option<SocketAddr> {
         self.remote_addr
-    }
-
-    /// The address the connection was accepted on.
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.local_addr
-    }
-
-    /// The client's certificate chain (mutual TLS), leaf first.
-    pub fn peer_certs(&self) -> Option<Arc<Vec<CertificateDer<'static>>>> {
-        self.peer_certs.clone()
     }
 }
 
@@ -358,7 +332,6 @@ async fn admit<H: Handshake>(
     options: &AcceptOptions,
 ) -> io::Result<Connection<H::Io>> {
     let remote_addr = tcp.peer_addr().ok();
-    let local_addr = tcp.local_addr().ok();
     let mut io = handshake.handshake(tcp).await?;
     let mut preface = [0u8; PREFACE.len()];
     io.read_exact(&mut preface).await?;
@@ -372,14 +345,11 @@ async fn admit<H: Handshake>(
     if let Some(timeout) = options.idle_timeout {
         tokio::spawn(IdleWatch::new(activity.clone(), timeout).run());
     }
-    let peer_certs = H::peer_certs(&io);
     Ok(Connection {
         io,
         preface_left: PREFACE.len(),
         info: ConnectionInfo {
             remote_addr,
-            local_addr,
-            peer_certs,
             activity,
         },
         _slot: slot,

@@ -61,7 +61,7 @@ mod leased;
 mod received;
 pub use enqueued::{EncodedEnqueueResponse, EncodedEnqueueStreamResponse};
 pub use leased::{EncodedConsumeResponse, EncodedLeaseResponse};
-pub use received::{ReceivedAck, ReceivedConsumeRequest};
+pub use received::ReceivedConsumeRequest;
 
 /// `SubscribeResponse.messages` field number.
 const MESSAGES_TAG: u32 = 1;
