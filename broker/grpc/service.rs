@@ -441,8 +441,7 @@ impl broker_server::Broker for BrokerService {
         access.check(Action::Consume, "queue", &req.queue)?;
         let params = LeaseParams {
             max_jobs: req.max_jobs as usize,
-            visibility_timeout_ms: (req.visibility_timeout_ms > 0)
-                .then_some(req.visibility_timeout_ms),
+            visibility_timeout_ms: convert::given(req.visibility_timeout_ms),
             wait_ms: req.wait_ms,
             consumer: req.consumer,
             address,
@@ -461,7 +460,7 @@ impl broker_server::Broker for BrokerService {
             .into_inner()
             .acks
             .into_iter()
-            .map(|a| (a.lease_id, (!a.result.is_empty()).then_some(a.result)))
+            .map(|a| (a.lease_id, convert::given(a.result)))
             .collect();
         self.broker.ack_as(&access, acks).await?;
         Ok(Response::new(pb::AckResponse {}))
@@ -476,7 +475,7 @@ impl broker_server::Broker for BrokerService {
                 &access,
                 &req.lease_id,
                 req.error,
-                (req.retry_delay_ms > 0).then_some(req.retry_delay_ms),
+                convert::given(req.retry_delay_ms),
                 req.dead_letter,
             )
             .await?;
