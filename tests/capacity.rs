@@ -7,6 +7,7 @@
 mod common;
 
 use bytes::Bytes;
+use common::rpc::{assert_status, create_topic_keeping};
 use common::{SERVE_LOG, serve_addrs, within};
 use futures::StreamExt;
 use sluice::client::{Client, ClientError, StartAt};
@@ -47,13 +48,6 @@ async fn serve(flags: &[&str]) -> Served {
     let stdout = child.stdout.take().expect("piped stdout");
     let addr = serve_addrs(stdout, false).await.grpc;
     Served { child, addr }
-}
-
-fn assert_status(err: tonic::Status, code: Code, needles: &[&str]) {
-    assert_eq!(err.code(), code, "{err:?}");
-    for n in needles {
-        assert!(err.message().contains(n), "{:?} lacks {n:?}", err.message());
-    }
 }
 
 /// (budget, in use) as Stats shows them.
@@ -156,15 +150,7 @@ async fn publishing_past_the_memory_budget_is_refused_and_keeps_what_was_accepte
 
     // Retention evicts, and what it evicts leaves the budget.
     let mut rpc = client.rpc();
-    rpc.create_topic(pb::CreateTopicRequest {
-        name: "log".into(),
-        retention: Some(pb::RetentionPolicy {
-            max_messages: 4,
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
+    create_topic_keeping(&mut rpc, "log", 4).await;
     assert_eq!(memory(&client).await, (10_000, 4_000));
     for i in 0..20 {
         client.publish("log", kb(i)).await.unwrap();

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestBroker, long_poll, wait_for_consumer, within};
+use common::{TestBroker, eventually, long_poll, wait_for_consumer, within};
 use futures::StreamExt;
 use sluice::client::{ClientError, Job};
 use sluice::pb;
@@ -53,13 +53,10 @@ async fn credits_bound_the_jobs_in_flight_and_acks_on_the_stream_complete_them()
             .unwrap();
     }
     // Acks travel asynchronously; wait until the broker has applied them.
-    within(async {
-        loop {
-            let stats = client.stats().await.unwrap();
-            if stats.queues[0].completed == 10 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    eventually(|| async {
+        match client.stats().await.unwrap().queues[0].completed {
+            10 => Ok(()),
+            n => Err(format!("{n} of 10 jobs completed")),
         }
     })
     .await;
@@ -181,13 +178,11 @@ async fn closing_the_stream_releases_unsettled_jobs_at_once() {
         held.push(within(consumer.next()).await.unwrap().unwrap());
     }
     drop(consumer);
-    let released = within(async {
-        loop {
-            let leases = client.lease("rel").max_jobs(10).send().await.unwrap();
-            if !leases.is_empty() {
-                return leases;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    let released = eventually(|| async {
+        let leases = client.lease("rel").max_jobs(10).send().await.unwrap();
+        match leases.is_empty() {
+            true => Err("the closed stream's jobs are not released"),
+            false => Ok(leases),
         }
     })
     .await;

@@ -478,6 +478,8 @@ async fn crash_ledger(fsync: &str, seed: u64) {
         .unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(20);
     while topic.lock().unwrap().last < newest && Instant::now() < deadline {
+        // A poll of the subscriber's progress; past the deadline the checks below report
+        // what it missed, which says more than a time-out would.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let kept = replay(client.clone(), newest).await;

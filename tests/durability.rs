@@ -10,13 +10,16 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
-use sluice::broker::testing::{JobState, LeaseParams, NewJob, NewMessage, PolicyPatch, Retention};
-use sluice::broker::{
-    Broker, BrokerConfig, BrokerError, DirStorage, RecoveryError, RecoveryReport, Storage,
-    StorageFile, StoreConfig,
-};
+use ops_common::test_broker::storage::{FileHook, HookedStorage};
+use ops_common::test_broker::{eventually, eventually_within, health, rpc};
+use sluice::broker::testing::{JobState, NewJob};
+use sluice::broker::testing::{LeaseParams, PolicyPatch};
+use sluice::broker::testing::{NewMessage, Retention};
+use sluice::broker::{Broker, BrokerConfig, BrokerError};
+use sluice::broker::{DirStorage, RecoveryError, RecoveryReport, Storage, StoreConfig};
 
 fn open_with(
     storage: Arc<dyn Storage>,
@@ -235,94 +238,49 @@ async fn queues_topics_bindings_and_jobs_survive_restarts() {
     stop(&broker);
 }
 
-/// Wraps the real storage; once `fail` is set, writes fail with ENOSPC (when `enospc`)
-/// and fsyncs fail with EIO; with `all_writes`, so does every other change to the
-/// directory (creating, cutting, renaming, deleting files, syncing it). While `stall` is
-/// set, a failing write waits first, so a test can have many changes in flight when it
-/// fails.
-#[derive(Debug)]
-struct Faulty {
-    inner: DirStorage,
-    fail: Arc<AtomicBool>,
+/// Disk faults for a [`HookedStorage`]: once `fail` is set, writes fail with ENOSPC
+/// (when `enospc`) and fsyncs fail with EIO; with `all_writes`, so does every other change
+/// to the directory (creating, cutting, renaming, deleting files, syncing it). While
+/// `stall` is set, a failing write waits first, so a test can have many changes in flight
+/// when it fails.
+#[derive(Debug, Default)]
+struct DiskFault {
+    fail: AtomicBool,
     enospc: bool,
     all_writes: bool,
-    stall: Arc<AtomicBool>,
+    stall: AtomicBool,
 }
 
-impl Faulty {
-    fn refuse(&self) -> io::Result<()> {
-        if self.all_writes && self.fail.load(Ordering::SeqCst) {
+impl DiskFault {
+    fn failing(&self) -> bool {
+        self.fail.load(Ordering::SeqCst)
+    }
+}
+
+impl FileHook for DiskFault {
+    fn before_write(&self) -> io::Result<()> {
+        // The WAL writer's own thread waits here (a poll of the flag), not the test.
+        while self.failing() && self.stall.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.enospc && self.failing() {
             return Err(io::Error::from_raw_os_error(28));
         }
         Ok(())
     }
-}
 
-struct FaultyFile {
-    inner: Box<dyn StorageFile>,
-    fail: Arc<AtomicBool>,
-    enospc: bool,
-    stall: Arc<AtomicBool>,
-}
-
-impl StorageFile for FaultyFile {
-    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        // The WAL writer's own thread waits here, not the test.
-        while self.fail.load(Ordering::SeqCst) && self.stall.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        if self.enospc && self.fail.load(Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(28));
-        }
-        self.inner.write_all(data)
-    }
-
-    fn sync(&mut self) -> io::Result<()> {
-        if self.fail.load(Ordering::SeqCst) {
+    fn before_sync(&self) -> io::Result<()> {
+        if self.failing() {
             return Err(io::Error::from_raw_os_error(5));
         }
-        self.inner.sync()
-    }
-}
-
-impl Storage for Faulty {
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.inner.list()
-    }
-    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
-        self.inner.read(name)
-    }
-    fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
-        self.refuse()?;
-        Ok(Box::new(FaultyFile {
-            inner: self.inner.create(name)?,
-            fail: self.fail.clone(),
-            enospc: self.enospc,
-            stall: self.stall.clone(),
-        }))
-    }
-    fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
-        self.refuse()?;
-        self.inner.truncate(name, len)
-    }
-    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.refuse()?;
-        self.inner.rename(from, to)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        self.refuse()?;
-        self.inner.remove(name)
-    }
-    fn sync_dir(&self) -> io::Result<()> {
-        self.refuse()?;
-        self.inner.sync_dir()
-    }
-    fn describe(&self, name: &str) -> String {
-        self.inner.describe(name)
+        Ok(())
     }
 
-    fn release(&self) {
-        self.inner.release()
+    fn before_change(&self) -> io::Result<()> {
+        if self.all_writes && self.failing() {
+            return Err(io::Error::from_raw_os_error(28));
+        }
+        Ok(())
     }
 }
 
@@ -343,18 +301,15 @@ fn assert_unavailable(result: Result<impl std::fmt::Debug, BrokerError>, what: &
 
 async fn fail_stop_case(enospc: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let fail = Arc::new(AtomicBool::new(false));
-    let storage = Arc::new(Faulty {
-        inner: DirStorage::open(dir.path()).unwrap(),
-        fail: fail.clone(),
+    let fault = Arc::new(DiskFault {
         enospc,
-        all_writes: false,
-        stall: Arc::default(),
+        ..DiskFault::default()
     });
+    let storage = HookedStorage::open(dir.path(), fault.clone());
     let (broker, _) = open_with(storage, StoreConfig::default()).unwrap();
     let kept = broker.enqueue("q", vec![job("before")]).await.unwrap()[0].id;
     let leased = broker.lease("q", lease_params(1)).await.unwrap();
-    fail.store(true, Ordering::SeqCst);
+    fault.fail.store(true, Ordering::SeqCst);
 
     // Concurrent requests in flight when the disk fails: none is acknowledged.
     let mut tasks = Vec::new();
@@ -631,13 +586,7 @@ async fn a_torn_tail_is_cut_and_a_headerless_new_segment_is_dropped() {
         (cut, 1)
     );
     let served = ops_common::Harness::serve(broker.clone(), 1000).await;
-    let stats = served
-        .client()
-        .await
-        .stats(sluice::pb::StatsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = rpc::stats(&mut served.rpc().await).await;
     let storage = stats.storage.expect("storage stats");
     assert_eq!(
         (storage.engine.as_str(), storage.fsync.as_str()),
@@ -727,14 +676,10 @@ fn small_segments() -> StoreConfig {
     }
 }
 
-/// Polls `done` until it succeeds (compaction, the WAL writer run in the background), so
-/// the wait is bounded (20 s) and a timeout fails with `done`'s last message.
+/// Waits until `done` succeeds (compaction, the WAL writer run in the background), bounded
+/// (20 s); a timeout fails with `done`'s last message.
 async fn wait_until(done: impl Fn() -> Result<(), String>) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while let Err(why) = done() {
-        assert!(std::time::Instant::now() < deadline, "{why}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually_within(Duration::from_secs(20), || std::future::ready(done())).await
 }
 
 #[tokio::test]
@@ -1039,48 +984,26 @@ async fn a_data_directory_without_a_manifest_starts_and_gets_one() {
     assert!(refused.to_string().contains(&middle), "{refused}");
 }
 
-/// gRPC health of `service` ("" for the whole server).
-async fn health(
-    url: &str,
-    service: &str,
-) -> tonic_health::pb::health_check_response::ServingStatus {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status()
-}
-
 /// Waits (bounded, 10 s) until gRPC health says NOT_SERVING for the broker service and
 /// the whole server, and `/healthz` answers 503; returns the `/healthz` body.
 async fn wait_not_serving(served: &ops_common::Harness) -> String {
     use tonic_health::pb::health_check_response::ServingStatus;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    eventually(|| async {
         let grpc = [
             health(&served.url(), "").await,
             health(&served.url(), "sluice.v1.Broker").await,
         ];
         let http = ops_common::http_get(served.http, "/healthz").await;
         if grpc == [ServingStatus::NotServing; 2] && http.status == 503 {
-            return http.body;
+            Ok(http.body)
+        } else {
+            Err(format!(
+                "still serving: gRPC {grpc:?}, /healthz {} {:?}",
+                http.status, http.body
+            ))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still serving: gRPC {grpc:?}, /healthz {} {:?}",
-            http.status,
-            http.body
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 fn spec(payload: &str) -> sluice::pb::JobSpec {
@@ -1094,15 +1017,12 @@ fn spec(payload: &str) -> sluice::pb::JobSpec {
 async fn a_fail_stopped_broker_is_not_serving_and_never_shows_what_it_refused() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let dir = tempfile::tempdir().unwrap();
-    let fail = Arc::new(AtomicBool::new(false));
-    let stall = Arc::new(AtomicBool::new(true));
-    let storage = Arc::new(Faulty {
-        inner: DirStorage::open(dir.path()).unwrap(),
-        fail: fail.clone(),
+    let fault = Arc::new(DiskFault {
         enospc: true,
-        all_writes: false,
-        stall: stall.clone(),
+        stall: AtomicBool::new(true),
+        ..DiskFault::default()
     });
+    let storage = HookedStorage::open(dir.path(), fault.clone());
     let (broker, _) = open_with(storage, StoreConfig::default()).unwrap();
     let served = ops_common::Harness::serve(broker.clone(), 1000).await;
     let kept = broker.enqueue("q", vec![job("kept")]).await.unwrap()[0].id;
@@ -1119,7 +1039,7 @@ async fn a_fail_stopped_broker_is_not_serving_and_never_shows_what_it_refused() 
 
     // The disk fills while changes are in flight: they are applied in memory and
     // appended, and the write that fails holds until all of them are.
-    fail.store(true, Ordering::SeqCst);
+    fault.fail.store(true, Ordering::SeqCst);
     let mut tasks = Vec::new();
     for i in 0..16 {
         let broker = broker.clone();
@@ -1147,33 +1067,21 @@ async fn a_fail_stopped_broker_is_not_serving_and_never_shows_what_it_refused() 
             .ok_or(format!("in flight: {pending:?}, topic at {last}"))
     };
     wait_until(in_flight).await;
-    stall.store(false, Ordering::SeqCst);
+    fault.stall.store(false, Ordering::SeqCst);
     for task in tasks {
         assert_unavailable(task.await.unwrap(), "a change racing the failure");
     }
 
     // Once refused, nothing of it shows: not in ListJobs, Stats, ListQueues.
-    let mut client = served.client().await;
-    let listed = client
-        .list_jobs(sluice::pb::ListJobsRequest {
-            queue: "q".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let mut client = served.rpc().await;
+    let listed = rpc::list_jobs(&mut client, "q").await;
     let listed: Vec<&[u8]> = listed.iter().map(|j| j.payload.as_ref()).collect();
     assert_eq!(
         listed,
         [&b"kept"[..]],
         "ListJobs shows only the acknowledged job"
     );
-    let stats = client
-        .stats(sluice::pb::StatsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = rpc::stats(&mut client).await;
     let queues: Vec<(&str, u64)> = stats
         .queues
         .iter()
@@ -1197,14 +1105,7 @@ async fn a_fail_stopped_broker_is_not_serving_and_never_shows_what_it_refused() 
         "{}",
         storage.failure_reason
     );
-    let got = client
-        .get_job(sluice::pb::GetJobRequest {
-            id: kept.to_string(),
-            queue: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = rpc::get_job(&mut client, &kept.to_string(), "").await;
     assert_eq!(got.payload.as_ref(), b"kept");
     let names: Vec<String> = broker.list_queues().into_iter().map(|q| q.name).collect();
     assert_eq!(names, ["q"]);
@@ -1242,41 +1143,22 @@ async fn a_restart_on_a_disk_that_refuses_writes_serves_reads_and_refuses_change
     stop(&broker);
 
     // The disk is full (or read-only): no file can be created, written, cut or renamed.
-    let storage = Arc::new(Faulty {
-        inner: DirStorage::open(dir.path()).unwrap(),
-        fail: Arc::new(AtomicBool::new(true)),
+    let fault = DiskFault {
+        fail: AtomicBool::new(true),
         enospc: true,
         all_writes: true,
-        stall: Arc::default(),
-    });
+        ..DiskFault::default()
+    };
+    let storage = HookedStorage::open(dir.path(), Arc::new(fault));
     let (broker, _) = open_with(storage, StoreConfig::default())
         .expect("a broker on a full disk starts, read-only");
     let served = ops_common::Harness::serve(broker.clone(), 1000).await;
-    let mut client = served.client().await;
-    let got = client
-        .get_job(sluice::pb::GetJobRequest {
-            id: ids[1].to_string(),
-            queue: "q".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut client = served.rpc().await;
+    let got = rpc::get_job(&mut client, &ids[1].to_string(), "q").await;
     assert_eq!(got.payload.as_ref(), b"b");
-    let listed = client
-        .list_jobs(sluice::pb::ListJobsRequest {
-            queue: "q".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let listed = rpc::list_jobs(&mut client, "q").await;
     assert_eq!(listed.len(), 3);
-    let stats = client
-        .stats(sluice::pb::StatsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = rpc::stats(&mut client).await;
     assert_eq!(stats.queues[0].pending, 3);
     let storage = stats.storage.expect("storage stats");
     assert!(storage.failed, "{storage:?}");

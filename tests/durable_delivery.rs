@@ -10,14 +10,18 @@ use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::storage::{FileHook, HookedStorage};
-use common::within;
+use common::{eventually, within};
 use futures::StreamExt;
-use sluice::broker::testing::{NewJob, NewMessage, Pattern, Start, SubscribeSpec, Subscription};
-use sluice::broker::{Broker, BrokerConfig, DirStorage, FsyncPolicy, StoreConfig};
+use sluice::broker::testing::NewJob;
+use sluice::broker::testing::NewMessage;
+use sluice::broker::testing::Pattern;
+use sluice::broker::testing::{Start, SubscribeSpec, Subscription};
+use sluice::broker::{Broker, BrokerConfig};
+use sluice::broker::{FsyncPolicy, StoreConfig};
 use tokio::task::JoinHandle;
 
 /// Which call of a log file the gate holds.
@@ -72,14 +76,13 @@ impl Gate {
     ) -> JoinHandle<T> {
         *self.closed.lock().unwrap() = true;
         let task = tokio::spawn(request);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.held.load(Ordering::SeqCst) == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the writer never reached the gate"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        eventually(|| async {
+            match self.held.load(Ordering::SeqCst) {
+                0 => Err("the writer never reached the gate"),
+                _ => Ok(()),
+            }
+        })
+        .await;
         task
     }
 }
@@ -97,10 +100,7 @@ impl FileHook for Gate {
 }
 
 fn open(dir: &std::path::Path, gate: &Arc<Gate>, fsync: FsyncPolicy) -> Broker {
-    let storage = Arc::new(HookedStorage {
-        inner: DirStorage::open(dir).unwrap(),
-        hook: gate.clone(),
-    });
+    let storage = HookedStorage::open(dir, gate.clone());
     let config = StoreConfig {
         fsync,
         ..StoreConfig::default()
@@ -255,10 +255,7 @@ impl FileHook for PanicOnWrite {
 async fn a_writer_that_panics_fails_the_log_instead_of_leaving_requests_waiting() {
     let dir = tempfile::tempdir().unwrap();
     let hook = Arc::new(PanicOnWrite::default());
-    let storage = Arc::new(HookedStorage {
-        inner: DirStorage::open(dir.path()).unwrap(),
-        hook: hook.clone(),
-    });
+    let storage = HookedStorage::open(dir.path(), hook.clone());
     let broker = Broker::open(BrokerConfig::default(), storage, StoreConfig::default())
         .unwrap()
         .0;

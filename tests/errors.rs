@@ -1,5 +1,7 @@
 //! Every documented refusal, over real gRPC: the status code, a message naming the field,
 //! the limit and the value, and the guarantee that a rejected request changes nothing.
+//! Each refusal is its own `assert_refused(request, code, message parts)`, alike on
+//! purpose: a case reads as the request and what the broker must answer to it.
 
 mod common;
 
@@ -7,6 +9,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use common::TestBroker;
+use common::rpc::{assert_refused, assert_status};
 use sluice::broker::BrokerConfig;
 use sluice::client::{Client, Job};
 use sluice::pb;
@@ -20,13 +23,6 @@ async fn stats_of(client: &Client, queue: &str) -> Option<pb::QueueStats> {
         .queues
         .into_iter()
         .find(|q| q.name == queue)
-}
-
-fn assert_status(err: tonic::Status, code: Code, needles: &[&str]) {
-    assert_eq!(err.code(), code, "{err:?}");
-    for n in needles {
-        assert!(err.message().contains(n), "{:?} lacks {n:?}", err.message());
-    }
 }
 
 fn enqueue(queue: &str, jobs: Vec<pb::JobSpec>) -> pb::EnqueueRequest {
@@ -49,32 +45,30 @@ async fn bad_names_are_invalid_and_create_nothing() {
     let client = broker.client().await;
     let mut rpc = client.rpc();
     for name in ["", "a..b", "has space", "wild.*", &"x".repeat(256)] {
-        let err = rpc
-            .enqueue(enqueue(name, vec![spec("x")]))
-            .await
-            .unwrap_err();
-        assert_status(err, Code::InvalidArgument, &["queue"]);
-        let err = rpc
-            .publish(pb::PublishRequest {
+        assert_refused(
+            rpc.enqueue(enqueue(name, vec![spec("x")])).await,
+            Code::InvalidArgument,
+            &["queue"],
+        );
+        assert_refused(
+            rpc.publish(pb::PublishRequest {
                 topic: name.into(),
                 messages: vec![pb::PublishMessage::default()],
             })
-            .await
-            .unwrap_err();
-        assert_status(err, Code::InvalidArgument, &["topic"]);
+            .await,
+            Code::InvalidArgument,
+            &["topic"],
+        );
     }
     let stats = client.stats().await.unwrap();
     assert!(stats.queues.is_empty() && stats.topics.is_empty());
 
-    let err = rpc
-        .subscribe(pb::SubscribeRequest {
+    assert_refused(
+        rpc.subscribe(pb::SubscribeRequest {
             pattern: "a.>.b".into(),
             ..Default::default()
         })
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
+        .await,
         Code::InvalidArgument,
         &["pattern", "'>' must be the last token"],
     );
@@ -87,29 +81,23 @@ async fn oversize_payload_rejects_the_whole_batch() {
     let mut rpc = client.rpc();
     client.enqueue("big", "seed").send().await.unwrap();
     let too_big = Bytes::from(vec![0u8; 1024 * 1024 + 1]);
-    let err = rpc
-        .enqueue(enqueue("big", vec![spec("ok"), spec(too_big.clone())]))
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
+    assert_refused(
+        rpc.enqueue(enqueue("big", vec![spec("ok"), spec(too_big.clone())]))
+            .await,
         Code::InvalidArgument,
         &["jobs[1].payload", "1048577 bytes", "limit of 1048576"],
     );
     assert_eq!(stats_of(&client, "big").await.unwrap().pending, 1);
 
-    let err = rpc
-        .publish(pb::PublishRequest {
+    assert_refused(
+        rpc.publish(pb::PublishRequest {
             topic: "big".into(),
             messages: vec![pb::PublishMessage {
                 payload: too_big,
                 ..Default::default()
             }],
         })
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
+        .await,
         Code::InvalidArgument,
         &["messages[0].payload", "1048577"],
     );
@@ -125,33 +113,35 @@ async fn oversize_payload_rejects_the_whole_batch() {
 async fn oversize_and_empty_batches_are_invalid() {
     let broker = TestBroker::start().await;
     let mut rpc = broker.rpc().await;
-    let err = rpc
-        .enqueue(enqueue("b", (0..1001).map(|_| spec("x")).collect()))
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
+    assert_refused(
+        rpc.enqueue(enqueue("b", (0..1001).map(|_| spec("x")).collect()))
+            .await,
         Code::InvalidArgument,
         &["jobs", "1001 entries", "limit of 1000"],
     );
-    let err = rpc.enqueue(enqueue("b", vec![])).await.unwrap_err();
-    assert_status(err, Code::InvalidArgument, &["jobs", "at least 1"]);
-    let err = rpc
-        .ack(pb::AckRequest {
+    assert_refused(
+        rpc.enqueue(enqueue("b", vec![])).await,
+        Code::InvalidArgument,
+        &["jobs", "at least 1"],
+    );
+    assert_refused(
+        rpc.ack(pb::AckRequest {
             acks: (0..1001).map(|_| pb::LeaseAck::default()).collect(),
         })
-        .await
-        .unwrap_err();
-    assert_status(err, Code::InvalidArgument, &["acks", "1001"]);
-    let err = rpc
-        .lease(pb::LeaseRequest {
+        .await,
+        Code::InvalidArgument,
+        &["acks", "1001"],
+    );
+    assert_refused(
+        rpc.lease(pb::LeaseRequest {
             queue: "b".into(),
             max_jobs: 1001,
             ..Default::default()
         })
-        .await
-        .unwrap_err();
-    assert_status(err, Code::InvalidArgument, &["max_jobs", "1001"]);
+        .await,
+        Code::InvalidArgument,
+        &["max_jobs", "1001"],
+    );
 }
 
 #[tokio::test]
@@ -199,46 +189,44 @@ async fn header_priority_and_timing_limits() {
         ),
     ];
     for (spec, fragments) in refused {
-        let err = rpc.enqueue(enqueue("h", vec![spec])).await.unwrap_err();
-        assert_status(err, Code::InvalidArgument, fragments);
+        assert_refused(
+            rpc.enqueue(enqueue("h", vec![spec])).await,
+            Code::InvalidArgument,
+            fragments,
+        );
     }
-    let err = rpc
-        .create_queue(pb::CreateQueueRequest {
+    assert_refused(
+        rpc.create_queue(pb::CreateQueueRequest {
             name: "h2".into(),
             policy: Some(pb::QueuePolicy {
                 max_attempts: 10_001,
                 ..Default::default()
             }),
         })
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
+        .await,
         Code::InvalidArgument,
         &["policy.max_attempts: 10001 exceeds the limit of 10000"],
     );
-    let err = rpc
-        .lease(pb::LeaseRequest {
+    assert_refused(
+        rpc.lease(pb::LeaseRequest {
             queue: "h".into(),
             visibility_timeout_ms: 12 * 3600 * 1000 + 1,
             ..Default::default()
         })
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
+        .await,
         Code::InvalidArgument,
         &["visibility_timeout_ms", "43200001"],
     );
-    let err = rpc
-        .lease(pb::LeaseRequest {
+    assert_refused(
+        rpc.lease(pb::LeaseRequest {
             queue: "h".into(),
             wait_ms: 60_001,
             ..Default::default()
         })
-        .await
-        .unwrap_err();
-    assert_status(err, Code::InvalidArgument, &["wait_ms", "60001", "60000"]);
+        .await,
+        Code::InvalidArgument,
+        &["wait_ms", "60001", "60000"],
+    );
     // Nothing above created the queue's jobs.
     assert!(
         broker
@@ -265,15 +253,12 @@ async fn a_malformed_lease_id_is_refused_with_the_reason() {
         ("q/7/xyz", "the nonce is not hexadecimal"),
         ("/7/ff", "the queue name is empty"),
     ] {
-        let err = rpc
-            .nack(pb::NackRequest {
+        assert_refused(
+            rpc.nack(pb::NackRequest {
                 lease_id: lease_id.into(),
                 ..Default::default()
             })
-            .await
-            .unwrap_err();
-        assert_status(
-            err,
+            .await,
             Code::InvalidArgument,
             &["lease_id", "not a lease id", why],
         );
@@ -285,41 +270,36 @@ async fn unknown_and_malformed_leases() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
     let mut rpc = client.rpc();
-    let err = rpc
-        .ack(pb::AckRequest {
+    assert_refused(
+        rpc.ack(pb::AckRequest {
             acks: vec![pb::LeaseAck {
                 lease_id: "garbage".into(),
                 ..Default::default()
             }],
         })
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
+        .await,
         Code::InvalidArgument,
         &["acks[0].lease_id", "not a lease id"],
     );
-    let err = rpc
-        .nack(pb::NackRequest {
+    assert_refused(
+        rpc.nack(pb::NackRequest {
             lease_id: "nope/1/ff".into(),
             ..Default::default()
         })
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
+        .await,
         Code::FailedPrecondition,
         &["stale", "no longer exists"],
     );
     client.enqueue("l", "x").send().await.unwrap();
-    let err = rpc
-        .extend_lease(pb::ExtendLeaseRequest {
+    assert_refused(
+        rpc.extend_lease(pb::ExtendLeaseRequest {
             lease_id: "l/1/abc".into(),
             visibility_timeout_ms: 1000,
         })
-        .await
-        .unwrap_err();
-    assert_status(err, Code::FailedPrecondition, &["stale"]);
+        .await,
+        Code::FailedPrecondition,
+        &["stale"],
+    );
 }
 
 #[tokio::test]
@@ -339,9 +319,8 @@ async fn a_batch_ack_with_one_stale_lease_acks_nothing() {
         })
         .collect();
     acks[1].lease_id = format!("s/2/{:x}", 12345u64);
-    let err = client.rpc().ack(pb::AckRequest { acks }).await.unwrap_err();
-    assert_status(
-        err,
+    assert_refused(
+        client.rpc().ack(pb::AckRequest { acks }).await,
         Code::FailedPrecondition,
         &["1 of 2 leases are stale", "nothing was acked"],
     );
@@ -367,23 +346,21 @@ async fn a_full_queue_is_resource_exhausted_for_enqueue_and_bound_publish() {
         .await
         .unwrap();
     client.enqueue("small", "1").send().await.unwrap();
-    let err = rpc
-        .enqueue(enqueue("small", vec![spec("2"), spec("3")]))
-        .await
-        .unwrap_err();
-    assert_status(err, Code::ResourceExhausted, &["small", "max_depth 2"]);
+    assert_refused(
+        rpc.enqueue(enqueue("small", vec![spec("2"), spec("3")]))
+            .await,
+        Code::ResourceExhausted,
+        &["small", "max_depth 2"],
+    );
     assert_eq!(stats_of(&client, "small").await.unwrap().pending, 1);
 
     client.publish("feed.a", "fits").await.unwrap();
-    let err = rpc
-        .publish(pb::PublishRequest {
+    assert_refused(
+        rpc.publish(pb::PublishRequest {
             topic: "feed.a".into(),
             messages: vec![pb::PublishMessage::default()],
         })
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
+        .await,
         Code::ResourceExhausted,
         &["nothing published", "small"],
     );
@@ -407,14 +384,15 @@ async fn not_found_and_already_exists() {
     assert_eq!(err.code(), Some(Code::NotFound));
     let err = client.get_job("not-a-uuid").await.unwrap_err();
     assert_eq!(err.code(), Some(Code::InvalidArgument));
-    let err = rpc
-        .update_queue(pb::UpdateQueueRequest {
+    assert_refused(
+        rpc.update_queue(pb::UpdateQueueRequest {
             name: "ghost".into(),
             policy: None,
         })
-        .await
-        .unwrap_err();
-    assert_status(err, Code::NotFound, &["ghost"]);
+        .await,
+        Code::NotFound,
+        &["ghost"],
+    );
     let err = rpc
         .delete_topic(pb::DeleteTopicRequest {
             name: "ghost".into(),
@@ -430,32 +408,30 @@ async fn not_found_and_already_exists() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = rpc
-        .create_queue(pb::CreateQueueRequest {
+    assert_refused(
+        rpc.create_queue(pb::CreateQueueRequest {
             name: "q".into(),
             policy: Some(pb::QueuePolicy {
                 dead_letter_queue: "q".into(),
                 ..Default::default()
             }),
         })
-        .await
-        .unwrap_err();
-    assert_status(
-        err,
+        .await,
         Code::InvalidArgument,
         &["policy.dead_letter_queue", "the queue itself"],
     );
-    let err = rpc
-        .create_queue(pb::CreateQueueRequest {
+    assert_refused(
+        rpc.create_queue(pb::CreateQueueRequest {
             name: "q".into(),
             policy: Some(pb::QueuePolicy {
                 topic_bindings: vec!["bad..pattern".into()],
                 ..Default::default()
             }),
         })
-        .await
-        .unwrap_err();
-    assert_status(err, Code::InvalidArgument, &["policy.topic_bindings[0]"]);
+        .await,
+        Code::InvalidArgument,
+        &["policy.topic_bindings[0]"],
+    );
     assert!(client.stats().await.unwrap().queues.is_empty());
 }
 
@@ -502,11 +478,12 @@ async fn per_job_limits_name_the_job_and_refuse_the_whole_batch() {
         ),
     ];
     for (bad, field, problem) in cases {
-        let err = rpc
-            .enqueue(enqueue("per-job", vec![spec("fine"), bad]))
-            .await
-            .unwrap_err();
-        assert_status(err, Code::InvalidArgument, &[field, &problem]);
+        assert_refused(
+            rpc.enqueue(enqueue("per-job", vec![spec("fine"), bad]))
+                .await,
+            Code::InvalidArgument,
+            &[field, &problem],
+        );
     }
     // The valid first job of each batch was not enqueued either.
     let depth = stats_of(&client, "per-job").await.map_or(0, |q| q.pending);
@@ -521,16 +498,7 @@ fn broker_config(limits: impl FnOnce(&mut sluice::broker::Limits)) -> BrokerConf
 
 /// Lease one job of `queue` and nack it as poison, so it is dead-lettered.
 async fn dead_letter_one(rpc: &mut sluice::client::Rpc, queue: &str) {
-    let jobs = rpc
-        .lease(pb::LeaseRequest {
-            queue: queue.into(),
-            max_jobs: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let jobs = common::rpc::lease(rpc, queue, "", 1).await;
     rpc.nack(pb::NackRequest {
         lease_id: jobs[0].lease_id.clone(),
         error: "poison".into(),
@@ -587,15 +555,13 @@ async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
             ..Default::default()
         }),
     };
-    assert_status(
-        rpc.create_queue(create("z", "graveyard"))
-            .await
-            .unwrap_err(),
+    assert_refused(
+        rpc.create_queue(create("z", "graveyard")).await,
         Code::ResourceExhausted,
         &["name: cannot create queue \"z\" with its dead-letter queue \"graveyard\""],
     );
     rpc.create_queue(create("z", "q0.dlq")).await.unwrap();
-    assert_status(
+    assert_refused(
         rpc.update_queue(pb::UpdateQueueRequest {
             name: "z".into(),
             policy: Some(pb::QueuePolicy {
@@ -603,8 +569,7 @@ async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
                 ..Default::default()
             }),
         })
-        .await
-        .unwrap_err(),
+        .await,
         Code::ResourceExhausted,
         &[
             "policy.dead_letter_queue: cannot create dead-letter queue \"graveyard\"",
@@ -628,13 +593,12 @@ async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
         .unwrap();
     rpc.create_queue(create("w", "q1.dlq")).await.unwrap();
     assert_eq!(broker.broker.list_queues().len(), 5);
-    assert_status(
+    assert_refused(
         rpc.redrive(pb::RedriveRequest {
             dead_letter_queue: "q0.dlq".into(),
             ..Default::default()
         })
-        .await
-        .unwrap_err(),
+        .await,
         Code::ResourceExhausted,
         &["dead_letter_queue: cannot create queues q0", "maximum of 5"],
     );
@@ -782,13 +746,12 @@ async fn every_duration_and_count_is_range_checked() {
         }),
         ..Default::default()
     };
-    assert_status(
+    assert_refused(
         rpc.update_queue(pb::UpdateQueueRequest {
             name: "t".into(),
             policy: Some(schedule),
         })
-        .await
-        .unwrap_err(),
+        .await,
         Code::InvalidArgument,
         &["policy.backoff.delays_ms: 101 exceeds the limit of 100"],
     );
@@ -878,16 +841,13 @@ async fn every_duration_and_count_is_range_checked() {
     }
     // 32-bit fields at limit + 1 and u32::MAX.
     for value in [100_001u32, u32::MAX] {
-        let err = rpc
-            .redrive(pb::RedriveRequest {
+        assert_refused(
+            rpc.redrive(pb::RedriveRequest {
                 dead_letter_queue: "t".into(),
                 rate_per_second: value,
                 ..Default::default()
             })
-            .await
-            .unwrap_err();
-        assert_status(
-            err,
+            .await,
             Code::InvalidArgument,
             &[&format!(
                 "rate_per_second: {value} exceeds the limit of 100000"
@@ -895,16 +855,13 @@ async fn every_duration_and_count_is_range_checked() {
         );
     }
     for value in [3_600_001u32, u32::MAX] {
-        let err = rpc
-            .watch_stats(pb::WatchStatsRequest {
+        assert_refused(
+            rpc.watch_stats(pb::WatchStatsRequest {
                 interval_ms: value,
                 filter: None,
             })
             .await
-            .map(drop)
-            .unwrap_err();
-        assert_status(
-            err,
+            .map(drop),
             Code::InvalidArgument,
             &[&format!(
                 "interval_ms: {value} ms exceeds the limit of 3600000 ms"

@@ -4,11 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestBroker, long_poll, within};
+use common::{TestBroker, channel, health, long_poll, within};
 use futures::StreamExt;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -17,33 +15,16 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 #[tokio::test]
 async fn health_reports_serving() {
     let broker = TestBroker::start().await;
-    let channel = tonic::transport::Endpoint::from_shared(broker.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
     for service in ["", "sluice.v1.Broker"] {
-        let response = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(response.status(), ServingStatus::Serving, "{service:?}");
+        let status = health(&broker.url(), service).await;
+        assert_eq!(status, ServingStatus::Serving, "{service:?}");
     }
 }
 
 #[tokio::test]
 async fn reflection_lists_the_broker_service() {
     let broker = TestBroker::start().await;
-    let channel = tonic::transport::Endpoint::from_shared(broker.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut reflection = ServerReflectionClient::new(channel);
+    let mut reflection = ServerReflectionClient::new(channel(&broker.url()).await);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),

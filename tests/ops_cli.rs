@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::Harness;
-use common::test_broker::{SERVE_LOG, serve_addrs};
+use common::test_broker::{SERVE_LOG, eventually, serve_addrs};
 use serde_json::Value;
 use sluice::pb;
 
@@ -97,31 +97,17 @@ async fn cli_produces_consumes_and_reports() {
     assert_eq!(words[..2], ["enqueued", "job"]);
     assert!(is_uuid(words[2]), "{out}");
     assert_eq!(words[3..], ["in", "ops.cli"]);
-    let first = json(
-        &h,
-        &[
-            "enqueue",
-            "ops.cli",
-            "second",
-            "--idempotency-key",
-            "k1",
-            "--json",
-        ],
-    )
-    .await;
+    let keyed = [
+        "enqueue",
+        "ops.cli",
+        "second",
+        "--idempotency-key",
+        "k1",
+        "--json",
+    ];
+    let first = json(&h, &keyed).await;
     assert_eq!(first["duplicate"], false);
-    let again = json(
-        &h,
-        &[
-            "enqueue",
-            "ops.cli",
-            "second",
-            "--idempotency-key",
-            "k1",
-            "--json",
-        ],
-    )
-    .await;
+    let again = json(&h, &keyed).await;
     assert_eq!(again["duplicate"], true);
     assert_eq!(again["job_id"], first["job_id"]);
     ok(
@@ -295,36 +281,35 @@ async fn cli_produces_consumes_and_reports() {
                 .unwrap()
         }
     });
-    let mut c = h.client().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    // Publish until the subscriber (a separate process that needs time to start) is
+    let mut c = h.rpc().await;
+    // Wait until the subscriber (a separate process that needs time to start) is
     // attached: the topic's subscriber count says when.
-    loop {
-        let s = c
-            .stats(pb::StatsRequest {
-                queues: vec![],
-                topics: vec!["ops.live".into()],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if s.topics.first().is_some_and(|t| t.subscribers > 0) {
-            break;
+    eventually(|| {
+        let mut c = c.clone();
+        async move {
+            let s = c
+                .stats(pb::StatsRequest {
+                    queues: vec![],
+                    topics: vec!["ops.live".into()],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if s.topics.first().is_some_and(|t| t.subscribers > 0) {
+                return Ok(());
+            }
+            if s.topics.is_empty() {
+                c.create_topic(pb::CreateTopicRequest {
+                    name: "ops.live".into(),
+                    retention: None,
+                })
+                .await
+                .unwrap();
+            }
+            Err("the subscriber has not attached")
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "subscriber never attached"
-        );
-        if s.topics.is_empty() {
-            c.create_topic(pb::CreateTopicRequest {
-                name: "ops.live".into(),
-                retention: None,
-            })
-            .await
-            .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     c.publish(pb::PublishRequest {
         topic: "ops.live".into(),
         messages: vec![pb::PublishMessage {
@@ -345,7 +330,7 @@ async fn cli_produces_consumes_and_reports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_dead_jobs_redrive_purge_and_errors() {
     let h = Harness::start(200).await;
-    let mut c = h.client().await;
+    let mut c = h.rpc().await;
 
     // 12 poison jobs end in ops.fail.dlq.
     c.enqueue(pb::EnqueueRequest {

@@ -17,12 +17,12 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use common::Harness;
+use common::test_broker::{eventually, eventually_within, rpc};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
+use sluice::client::Rpc;
 use sluice::pb;
-use sluice::pb::broker_client::BrokerClient;
 use tokio_tungstenite::tungstenite::Message;
-use tonic::transport::Channel;
 
 fn find_chromium() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SLUICE_CHROMIUM") {
@@ -113,6 +113,8 @@ impl Cdp {
                 tokio::time::Instant::now() < deadline,
                 "the page never showed {what}; last value: {v}"
             );
+            // A poll interval: each poll is a round trip to the browser. (Not `eventually`:
+            // every poll needs `self` mutably.)
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -131,40 +133,22 @@ fn row_js(selector: &str) -> String {
     )
 }
 
+/// Leases `lease` jobs of `queue` as `consumer` and acks the first `ack` of them; returns
+/// the ones still held.
 async fn lease_and_ack(
-    c: &mut BrokerClient<Channel>,
+    c: &mut Rpc,
     queue: &str,
     consumer: &str,
     lease: u32,
     ack: usize,
 ) -> Vec<pb::LeasedJob> {
-    let jobs = c
-        .lease(pb::LeaseRequest {
-            queue: queue.into(),
-            max_jobs: lease,
-            consumer: consumer.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let jobs = rpc::lease(c, queue, consumer, lease).await;
     assert_eq!(jobs.len(), lease as usize);
-    c.ack(pb::AckRequest {
-        acks: jobs[..ack]
-            .iter()
-            .map(|j| pb::LeaseAck {
-                lease_id: j.lease_id.clone(),
-                result: Bytes::new(),
-            })
-            .collect(),
-    })
-    .await
-    .unwrap();
+    rpc::ack(c, &jobs[..ack]).await;
     jobs[ack..].to_vec()
 }
 
-async fn enqueue(c: &mut BrokerClient<Channel>, queue: &str, n: usize, delay_ms: u64) {
+async fn enqueue(c: &mut Rpc, queue: &str, n: usize, delay_ms: u64) {
     c.enqueue(pb::EnqueueRequest {
         queue: queue.into(),
         jobs: (0..n)
@@ -195,22 +179,15 @@ async fn after_samples(http: std::net::SocketAddr, n: usize) {
             .as_u64()
             .expect("taken_at_unix_ms")
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut last = taken_at().await;
     for _ in 0..n {
-        loop {
+        last = eventually(|| async {
             let now = taken_at().await;
-            if now > last {
-                last = now;
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the dashboard took no new sample in 10 s"
-            );
-            // A poll interval (a tenth of the test's sample interval).
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            (now > last)
+                .then_some(now)
+                .ok_or("the dashboard took no new sample")
+        })
+        .await;
     }
 }
 
@@ -224,7 +201,7 @@ async fn dashboard_updates_live_in_chromium() {
         )
     });
     let h = Harness::start(200).await;
-    let mut c = h.client().await;
+    let mut c = h.rpc().await;
 
     let profile = std::env::temp_dir().join(format!(
         "sluice-dashboard-{}-{}",
@@ -257,20 +234,15 @@ async fn dashboard_updates_live_in_chromium() {
 
     // Chromium writes its DevTools port and browser path once it listens.
     let port_file = profile.join("DevToolsActivePort");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let ws_url = loop {
-        if let Ok(text) = std::fs::read_to_string(&port_file) {
-            let mut lines = text.lines();
-            if let (Some(port), Some(path)) = (lines.next(), lines.next()) {
-                break format!("ws://127.0.0.1:{port}{path}");
-            }
+    let ws_url = eventually_within(Duration::from_secs(20), || async {
+        let text = std::fs::read_to_string(&port_file).unwrap_or_default();
+        let mut lines = text.lines();
+        match (lines.next(), lines.next()) {
+            (Some(port), Some(path)) => Ok(format!("ws://127.0.0.1:{port}{path}")),
+            _ => Err("chromium did not open DevTools"),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "chromium did not open DevTools"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     let (ws, _) = tokio_tungstenite::connect_async(&ws_url)
         .await
         .expect("connect to DevTools");

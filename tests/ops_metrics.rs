@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::test_broker::rpc::{self, queue_stats, topic_stats};
 use common::{Harness, http_get, http_open};
 use futures::StreamExt as _;
 use http_body_util::BodyExt as _;
@@ -253,26 +254,12 @@ fn message(payload: &str) -> pb::PublishMessage {
     }
 }
 
-fn queue_stats<'a>(s: &'a pb::StatsResponse, name: &str) -> &'a pb::QueueStats {
-    s.queues
-        .iter()
-        .find(|q| q.name == name)
-        .unwrap_or_else(|| panic!("no stats for queue {name}"))
-}
-
-fn topic_stats<'a>(s: &'a pb::StatsResponse, name: &str) -> &'a pb::TopicStats {
-    s.topics
-        .iter()
-        .find(|t| t.name == name)
-        .unwrap_or_else(|| panic!("no stats for topic {name}"))
-}
-
 // ---- tests ------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_exactly_what_happened() {
     let h = Harness::start(100).await;
-    let mut c = h.client().await;
+    let mut c = h.rpc().await;
 
     // 10 jobs enqueued; 4 leased; 3 acked; 1 nacked as poison (dead-lettered).
     c.enqueue(pb::EnqueueRequest {
@@ -297,40 +284,13 @@ async fn metrics_count_exactly_what_happened() {
     })
     .await
     .unwrap();
-    let leased = c
-        .lease(pb::LeaseRequest {
-            queue: "ops.metrics".into(),
-            max_jobs: 4,
-            consumer: "metrics-worker".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let leased = rpc::lease(&mut c, "ops.metrics", "metrics-worker", 4).await;
     assert_eq!(leased.len(), 4);
     // Held a little, so lease-to-ack lands above the first bucket.
     tokio::time::sleep(Duration::from_millis(30)).await;
-    c.ack(pb::AckRequest {
-        acks: leased[..3]
-            .iter()
-            .map(|j| pb::LeaseAck {
-                lease_id: j.lease_id.clone(),
-                result: Bytes::new(),
-            })
-            .collect(),
-    })
-    .await
-    .unwrap();
+    rpc::ack(&mut c, &leased[..3]).await;
     // A repeat ack is not a second completion.
-    c.ack(pb::AckRequest {
-        acks: vec![pb::LeaseAck {
-            lease_id: leased[0].lease_id.clone(),
-            result: Bytes::new(),
-        }],
-    })
-    .await
-    .unwrap();
+    rpc::ack(&mut c, &leased[..1]).await;
     c.nack(pb::NackRequest {
         lease_id: leased[3].lease_id.clone(),
         error: "poison".into(),
@@ -494,7 +454,7 @@ async fn metrics_count_exactly_what_happened() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_watch_and_consumers_report_every_figure() {
     let h = Harness::start(100).await;
-    let mut c = h.client().await;
+    let mut c = h.rpc().await;
 
     c.enqueue(pb::EnqueueRequest {
         queue: "ops.stats".into(),
@@ -511,39 +471,9 @@ async fn stats_watch_and_consumers_report_every_figure() {
     })
     .await
     .unwrap();
-    let a = c
-        .lease(pb::LeaseRequest {
-            queue: "ops.stats".into(),
-            max_jobs: 3,
-            consumer: "worker-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
-    let b = c
-        .lease(pb::LeaseRequest {
-            queue: "ops.stats".into(),
-            max_jobs: 1,
-            consumer: "worker-b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
-    c.ack(pb::AckRequest {
-        acks: a[..2]
-            .iter()
-            .map(|j| pb::LeaseAck {
-                lease_id: j.lease_id.clone(),
-                result: Bytes::new(),
-            })
-            .collect(),
-    })
-    .await
-    .unwrap();
+    let a = rpc::lease(&mut c, "ops.stats", "worker-a", 3).await;
+    let b = rpc::lease(&mut c, "ops.stats", "worker-b", 1).await;
+    rpc::ack(&mut c, &a[..2]).await;
     let nacked = c
         .nack(pb::NackRequest {
             lease_id: b[0].lease_id.clone(),
@@ -557,15 +487,7 @@ async fn stats_watch_and_consumers_report_every_figure() {
     assert_eq!(nacked.state, pb::JobState::Retrying as i32);
 
     // A topic that keeps 2 messages; a subscriber from sequence 1 finds a gap.
-    c.create_topic(pb::CreateTopicRequest {
-        name: "ops.small".into(),
-        retention: Some(pb::RetentionPolicy {
-            max_messages: 2,
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
+    rpc::create_topic_keeping(&mut c, "ops.small", 2).await;
     c.publish(pb::PublishRequest {
         topic: "ops.small".into(),
         messages: (0..5).map(|i| message(&format!("m{i}"))).collect(),
@@ -593,11 +515,7 @@ async fn stats_watch_and_consumers_report_every_figure() {
 
     // Let the oldest pending job age measurably.
     tokio::time::sleep(Duration::from_millis(120)).await;
-    let s = c
-        .stats(pb::StatsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let s = rpc::stats(&mut c).await;
     let q = queue_stats(&s, "ops.stats");
     assert_eq!(q.enqueued, 7);
     assert_eq!(q.pending, 2, "6 ready - 4 leased");
@@ -707,7 +625,7 @@ async fn stats_watch_and_consumers_report_every_figure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_dashboard_feeds_and_shutdown() {
     let h = Harness::start(100).await;
-    let mut c = h.client().await;
+    let mut c = h.rpc().await;
 
     let health = http_get(h.http, "/healthz").await;
     assert_eq!(
@@ -827,7 +745,7 @@ async fn http_shutdown_stops_only_http() {
         .unwrap();
     // The broker, its gRPC server and the harness's own HTTP server go on.
     assert!(!h.broker.shutdown_token().is_cancelled());
-    let mut c = h.client().await;
+    let mut c = h.rpc().await;
     c.stats(pb::StatsRequest::default()).await.unwrap();
     assert_eq!(http_get(h.http, "/healthz").await.status, 200);
 }

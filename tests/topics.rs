@@ -5,7 +5,8 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use common::{TestBroker, within};
+use common::rpc::create_topic_keeping;
+use common::{TestBroker, eventually, within};
 use futures::{Stream, StreamExt};
 use sluice::client::{ClientError, Delivery, Message, StartAt};
 use sluice::pb;
@@ -183,17 +184,7 @@ async fn bound_queues_receive_every_matching_publish_as_jobs() {
 async fn a_slow_subscriber_never_blocks_publishers_or_a_fast_subscriber_and_sees_a_gap() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
-    client
-        .rpc()
-        .create_topic(pb::CreateTopicRequest {
-            name: "firehose".into(),
-            retention: Some(pb::RetentionPolicy {
-                max_messages: 100,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    create_topic_keeping(&mut client.rpc(), "firehose", 100).await;
     // The slow subscriber never reads until the end; small batches fill its buffers fast.
     let mut slow = client
         .subscribe("firehose")
@@ -260,17 +251,7 @@ async fn a_slow_subscriber_never_blocks_publishers_or_a_fast_subscriber_and_sees
 async fn gap_policy_end_stream_ends_with_data_loss() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
-    client
-        .rpc()
-        .create_topic(pb::CreateTopicRequest {
-            name: "strict".into(),
-            retention: Some(pb::RetentionPolicy {
-                max_messages: 2,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    create_topic_keeping(&mut client.rpc(), "strict", 2).await;
     for i in 0..5 {
         client.publish("strict", format!("{i}")).await.unwrap();
     }
@@ -295,17 +276,7 @@ async fn publish_idempotency_and_topic_admin() {
     let a = client.publish_batch("idem", vec![m(), m()]).await.unwrap();
     assert_eq!((a[0].sequence, a[0].duplicate), (1, false));
     assert_eq!((a[1].sequence, a[1].duplicate), (1, true));
-    let info = rpc
-        .create_topic(pb::CreateTopicRequest {
-            name: "idem".into(),
-            retention: Some(pb::RetentionPolicy {
-                max_messages: 10,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let info = create_topic_keeping(&mut rpc, "idem", 10).await;
     assert_eq!(info.retention.unwrap().max_messages, 10);
     rpc.delete_topic(pb::DeleteTopicRequest {
         name: "idem".into(),
@@ -432,13 +403,11 @@ async fn a_subscription_reads_on_demand_in_bounded_batches_and_closes_when_dropp
 
     // Dropping the stream (the client going away) deregisters the subscription.
     drop(stream);
-    within(async {
-        loop {
-            let stats = client.stats().await.unwrap();
-            if stats.topics.iter().all(|t| t.subscribers == 0) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    eventually(|| async {
+        let stats = client.stats().await.unwrap();
+        match stats.topics.iter().all(|t| t.subscribers == 0) {
+            true => Ok(()),
+            false => Err(format!("subscribers remain: {:?}", stats.topics)),
         }
     })
     .await;

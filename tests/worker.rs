@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestBroker, within};
+use common::{TestBroker, eventually, within};
+use futures::future::BoxFuture;
 use sluice::client::{
     Client, ClientError, Done, JobContext, JobError, UnknownKind, Worker, WorkerReport,
 };
@@ -42,13 +43,11 @@ async fn stop(
 
 /// Polls GetJob until the job is in `state`.
 async fn wait_for_state(client: &Client, id: &str, state: pb::JobState) -> pb::Job {
-    within(async {
-        loop {
-            let job = client.get_job(id).await.unwrap();
-            if job.state() == state {
-                return job;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    eventually(|| async {
+        let job = client.get_job(id).await.unwrap();
+        match job.state() == state {
+            true => Ok(job),
+            false => Err(format!("job {id} is {:?}, not {state:?}", job.state())),
         }
     })
     .await
@@ -63,6 +62,43 @@ async fn enqueue_email(client: &Client, queue: &str, kind: &str, to: &str) -> St
         .await
         .unwrap()
         .job_id
+}
+
+/// A handler of `Email` jobs that takes `work` to do each (the time a job stays in flight
+/// is what the tests using it are about); it counts its calls and signals each start, so
+/// a test can wait until a job is in flight.
+#[derive(Clone)]
+struct TimedHandler {
+    work: Duration,
+    calls: Arc<AtomicUsize>,
+    started: Arc<tokio::sync::Notify>,
+}
+
+impl TimedHandler {
+    fn new(work: Duration) -> Self {
+        Self {
+            work,
+            calls: Arc::default(),
+            started: Arc::default(),
+        }
+    }
+
+    fn handler(
+        &self,
+    ) -> impl Fn(JobContext<Email>) -> BoxFuture<'static, Result<(), JobError>> + Send + Sync + 'static
+    {
+        let this = self.clone();
+        move |_job| {
+            let this = this.clone();
+            Box::pin(async move {
+                this.calls.fetch_add(1, Ordering::SeqCst);
+                this.started.notify_one();
+                // The job's work: time in flight is the point.
+                tokio::time::sleep(this.work).await;
+                Ok(())
+            })
+        }
+    }
 }
 
 fn fast_retries(max_attempts: u32) -> pb::QueuePolicy {
@@ -118,49 +154,28 @@ async fn extension_keeps_a_long_job_alive_past_its_visibility_timeout() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
     let id = enqueue_email(&client, "slow", "welcome", "a@x.test").await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let started = Arc::new(tokio::sync::Notify::new());
+    // More than three visibility timeouts.
+    let slow = TimedHandler::new(Duration::from_millis(1_600));
     let worker = Worker::new(client.clone(), "slow")
         .visibility_timeout(Duration::from_millis(500))
-        .handle_json("welcome", {
-            let (calls, started) = (calls.clone(), started.clone());
-            move |_job: JobContext<Email>| {
-                let (calls, started) = (calls.clone(), started.clone());
-                async move {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    started.notify_one();
-                    // More than three visibility timeouts.
-                    tokio::time::sleep(Duration::from_millis(1_600)).await;
-                    Ok(())
-                }
-            }
-        });
+        .handle_json("welcome", slow.handler());
     // A second worker competing for the queue would get the job if the lease lapsed.
-    let rival_calls = Arc::new(AtomicUsize::new(0));
-    let rival = Worker::new(client.clone(), "slow")
+    let rival = TimedHandler::new(Duration::ZERO);
+    let rival_worker = Worker::new(client.clone(), "slow")
         .consumer("rival")
-        .handle_json("welcome", {
-            let rival_calls = rival_calls.clone();
-            move |_job: JobContext<Email>| {
-                let rival_calls = rival_calls.clone();
-                async move {
-                    rival_calls.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
-                }
-            }
-        });
+        .handle_json("welcome", rival.handler());
     let (token, handle) = spawn(worker);
     // The rival starts once the first worker holds the job.
-    within(started.notified()).await;
-    let (rival_token, rival_handle) = spawn(rival);
+    within(slow.started.notified()).await;
+    let (rival_token, rival_handle) = spawn(rival_worker);
     let job = wait_for_state(&client, &id, pb::JobState::Completed).await;
     assert_eq!(job.attempts, 1);
     let report = stop(token, handle).await;
     stop(rival_token, rival_handle).await;
     assert_eq!(report.completed, 1);
     assert_eq!(report.lost_leases, 0);
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert_eq!(rival_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(slow.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(rival.calls.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
@@ -281,24 +296,14 @@ async fn graceful_drain_finishes_in_flight_jobs_and_stops_leasing() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
     let first = enqueue_email(&client, "drain", "welcome", "a@x.test").await;
-    let started = Arc::new(tokio::sync::Notify::new());
+    // An in-flight job the drain must wait for.
+    let in_flight = TimedHandler::new(Duration::from_millis(400));
     let worker = Worker::new(client.clone(), "drain")
         .consumer("drainer")
         .drain_timeout(Duration::from_secs(5))
-        .handle_json("welcome", {
-            let started = started.clone();
-            move |_job: JobContext<Email>| {
-                let started = started.clone();
-                async move {
-                    started.notify_one();
-                    // An in-flight job the drain must wait for.
-                    tokio::time::sleep(Duration::from_millis(400)).await;
-                    Ok(())
-                }
-            }
-        });
+        .handle_json("welcome", in_flight.handler());
     let (token, handle) = spawn(worker);
-    within(started.notified()).await;
+    within(in_flight.started.notified()).await;
     // The consumer name is visible while it holds the lease.
     let consumers = client
         .rpc()
@@ -342,23 +347,13 @@ async fn drain_timeout_releases_unfinished_jobs_for_redelivery() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
     let id = enqueue_email(&client, "stuck", "welcome", "a@x.test").await;
-    let started = Arc::new(tokio::sync::Notify::new());
+    // A job that outlives the drain timeout.
+    let stuck = TimedHandler::new(Duration::from_secs(60));
     let worker = Worker::new(client.clone(), "stuck")
         .drain_timeout(Duration::from_millis(200))
-        .handle_json("welcome", {
-            let started = started.clone();
-            move |_job: JobContext<Email>| {
-                let started = started.clone();
-                async move {
-                    started.notify_one();
-                    // A job that outlives the drain timeout.
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                    Ok(())
-                }
-            }
-        });
+        .handle_json("welcome", stuck.handler());
     let (token, handle) = spawn(worker);
-    within(started.notified()).await;
+    within(stuck.started.notified()).await;
     let report = stop(token, handle).await;
     assert_eq!(report.released, 1);
     assert_eq!(report.completed, 0);
@@ -642,24 +637,13 @@ async fn a_worker_rides_out_a_broker_restart() {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (stop_second, second) = broker_on(listener).await;
 
-    let after = within(async {
-        loop {
-            match client
-                .enqueue_json(
-                    "emails",
-                    &Email {
-                        to: "b@x.test".into(),
-                    },
-                )
-                .unwrap()
-                .kind("welcome")
-                .send()
-                .await
-            {
-                Ok(e) => return e.job_id,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+    // The client reconnects on its own; an enqueue goes through once it has.
+    let after = eventually(|| async {
+        let email = Email {
+            to: "b@x.test".into(),
+        };
+        let sent = client.enqueue_json("emails", &email).unwrap();
+        sent.kind("welcome").send().await.map(|e| e.job_id)
     })
     .await;
     wait_for_state(&client, &after, pb::JobState::Completed).await;

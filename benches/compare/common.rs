@@ -213,6 +213,15 @@ impl Meter {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The outcome of a measured window: `items` counted in `elapsed` as a rate (`unit`
+    /// says of what, e.g. "msg/s delivered"), and the errors the workers saw.
+    pub fn outcome(&self, items: u64, elapsed: Duration, unit: &str) -> Outcome {
+        Outcome::Measured {
+            main: format!("{} {unit}", thousands(rate(items, elapsed))),
+            extra: format!("errors {}", self.errors.load(Ordering::Relaxed)),
+        }
+    }
+
     /// Waits for the warm-up, then measures the count's growth over the window, then sets
     /// the stop flag. Returns (items, elapsed).
     pub async fn measure(&self, s: &Settings) -> (u64, Duration) {
@@ -402,6 +411,87 @@ where
             return None;
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+/// Waits (up to 300 s, polling every 5 ms) until `meter` has counted `n` drained jobs,
+/// then stops it and awaits `workers`; returns the time since `started`. Every peer's
+/// backlog drain ends through this one wait, so none is timed differently.
+pub async fn drained<T>(
+    meter: &Meter,
+    n: u64,
+    started: Instant,
+    workers: Vec<tokio::task::JoinHandle<T>>,
+) -> Res<Duration> {
+    let done = wait_until(Duration::from_millis(5), Duration::from_secs(300), || {
+        let c = meter.count.load(Ordering::Relaxed);
+        async move { c >= n }
+    })
+    .await;
+    let drain_time = started.elapsed();
+    meter.stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    match done {
+        Some(_) => Ok(drain_time),
+        None => Err("drain did not finish within 300 s".into()),
+    }
+}
+
+/// The outcome of a backlog run (`n` jobs filled in `fill_time`, drained in
+/// `drain_time`): both rates, and the RSS growth of the `server` process per queued item
+/// (`item` names it, with any note).
+pub fn backlog_outcome(
+    n: u64,
+    fill_time: Duration,
+    drain_time: Duration,
+    rss_growth: Option<i64>,
+    server: &str,
+    item: &str,
+) -> Outcome {
+    Outcome::Measured {
+        main: format!(
+            "N={}: enqueue {} jobs/s, drain {} jobs/s",
+            thousands(n),
+            thousands(rate(n, fill_time)),
+            thousands(rate(n, drain_time))
+        ),
+        extra: match rss_growth {
+            Some(d) => format!(
+                "{server} RSS +{} = {:.0} B per queued {item}",
+                mib(d.max(0) as u64),
+                d as f64 / n as f64
+            ),
+            None => "RSS n/a".into(),
+        },
+    }
+}
+
+/// The outcome of a fan-out run: deliveries per second over the open-loop window `st`
+/// with their latencies `h`, against what `subs` subscribers were offered at
+/// `rate_per_s`, and the RSS growth `mem` of the `server` process per subscriber.
+pub fn fanout_outcome(
+    h: &Histogram<u64>,
+    st: OpenLoopStats,
+    mem: Option<i64>,
+    rate_per_s: u64,
+    subs: usize,
+    server: &str,
+) -> Outcome {
+    Outcome::Measured {
+        main: format!(
+            "{} deliveries/s, p99 {} µs",
+            thousands(rate(h.len(), st.elapsed)),
+            thousands(h.value_at_quantile(0.99))
+        ),
+        extra: format!(
+            "offered {} deliveries/s; {}; {server} RSS per subscriber {}",
+            thousands(rate_per_s * subs as u64),
+            percentiles(h),
+            mem.map(|d| format!("{} B", thousands(d.max(0) as u64 / subs as u64)))
+                .unwrap_or_else(|| "n/a".into())
+        ),
     }
 }
 

@@ -6,6 +6,11 @@
 //! subscriptions are not acked); work-queue consumers are one shared durable pull consumer
 //! with `AckPolicy::Explicit`, fetching `batch` messages, acking each and flushing once per
 //! batch. Memory table: `StorageType::Memory`; durable table: `StorageType::File`.
+//!
+//! Its load loops (publishers, fillers, workers, subscribers) look like the other peers'
+//! on purpose and are not shared: each peer is measured through its own client code, and
+//! a shared loop could bias one; what is shared (`common.rs`) is pacing, metering, the
+//! drain wait and the wording of outcomes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -195,29 +200,6 @@ fn latency_outcome(h: &hdrhistogram::Histogram<u64>, st: OpenLoopStats, note: &s
     }
 }
 
-fn fanout_outcome(
-    h: &hdrhistogram::Histogram<u64>,
-    st: OpenLoopStats,
-    mem: Option<i64>,
-    rate_per_s: u64,
-    subs: usize,
-) -> Outcome {
-    Outcome::Measured {
-        main: format!(
-            "{} deliveries/s, p99 {} µs",
-            thousands(rate(h.len(), st.elapsed)),
-            thousands(h.value_at_quantile(0.99))
-        ),
-        extra: format!(
-            "offered {} deliveries/s; {}; nats-server RSS per subscriber {}",
-            thousands(rate_per_s * subs as u64),
-            percentiles(h),
-            mem.map(|d| format!("{} B", thousands(d.max(0) as u64 / subs as u64)))
-                .unwrap_or_else(|| "n/a".into())
-        ),
-    }
-}
-
 /// Core S3 publish->deliver.
 pub async fn core_s3(s: &Settings, rate_per_s: u64) -> Res<Outcome> {
     let (h, st, _) = core_fanout(s, rate_per_s, 1).await?;
@@ -227,7 +209,7 @@ pub async fn core_s3(s: &Settings, rate_per_s: u64) -> Res<Outcome> {
 /// Core S4 fan-out.
 pub async fn core_s4(s: &Settings, rate_per_s: u64, subs: usize) -> Res<Outcome> {
     let (h, st, mem) = core_fanout(s, rate_per_s, subs).await?;
-    Ok(fanout_outcome(&h, st, mem, rate_per_s, subs))
+    Ok(fanout_outcome(&h, st, mem, rate_per_s, subs, "nats-server"))
 }
 
 /// A JetStream stream created for one measurement and deleted afterwards.
@@ -355,10 +337,7 @@ pub async fn js_s1(s: &Settings, subs: usize, batch: usize, storage: Storage) ->
         for t in tasks {
             let _ = t.await;
         }
-        Ok::<_, BoxError>(Outcome::Measured {
-            main: format!("{} msg/s delivered", thousands(rate(n, el))),
-            extra: format!("errors {}", meter.errors.load(Ordering::Relaxed)),
-        })
+        Ok::<_, BoxError>(meter.outcome(n, el, "msg/s delivered"))
     }
     .await;
     st.delete().await;
@@ -549,7 +528,7 @@ pub async fn js_s3_topic(s: &Settings, rate_per_s: u64) -> Res<Outcome> {
 /// JetStream S4 fan-out (one no-ack consumer per subscriber).
 pub async fn js_s4(s: &Settings, rate_per_s: u64, subs: usize) -> Res<Outcome> {
     let (h, st, mem) = js_fanout(s, rate_per_s, subs).await?;
-    Ok(fanout_outcome(&h, st, mem, rate_per_s, subs))
+    Ok(fanout_outcome(&h, st, mem, rate_per_s, subs, "nats-server"))
 }
 
 /// JetStream S3 enqueue->lease: work-queue stream, 2 workers fetching up to 100.
@@ -634,36 +613,17 @@ pub async fn js_s5_backlog(s: &Settings, n: u64) -> Res<Outcome> {
                 None,
             )));
         }
-        let done = wait_until(Duration::from_millis(5), Duration::from_secs(300), || {
-            let c = meter.count.load(Ordering::Relaxed);
-            async move { c >= n }
-        })
-        .await;
-        let drain_time = t1.elapsed();
-        meter.stop.store(true, Ordering::Relaxed);
-        for w in workers {
-            let _ = w.await;
-        }
-        if done.is_none() {
-            return Err("drain did not finish within 300 s".into());
-        }
-        let d = rss_delta(rss0, rss1);
-        Ok::<_, BoxError>(Outcome::Measured {
-            main: format!(
-                "N={}: enqueue {} jobs/s, drain {} jobs/s",
-                thousands(n),
-                thousands(rate(n, fill_time)),
-                thousands(rate(n, drain_time))
-            ),
-            extra: match d {
-                Some(d) => format!(
-                    "nats-server RSS +{} = {:.0} B per queued message",
-                    mib(d.max(0) as u64),
-                    d as f64 / n as f64
-                ),
-                None => "RSS n/a".into(),
-            },
-        })
+        let drain_time = drained(&meter, n, t1, workers).await?;
+        let rss_growth = rss_delta(rss0, rss1);
+        let outcome = backlog_outcome(
+            n,
+            fill_time,
+            drain_time,
+            rss_growth,
+            "nats-server",
+            "message",
+        );
+        Ok::<_, BoxError>(outcome)
     }
     .await;
     st.delete().await;

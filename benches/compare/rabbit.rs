@@ -5,6 +5,11 @@
 //! prefetch equal to the batch size; topic subscribers consume with `no_ack` (Sluice
 //! subscriptions are not acked either). Durable table: durable queues and exchanges and
 //! persistent messages (delivery mode 2).
+//!
+//! Its load loops (publishers, fillers, workers, subscribers) look like the other peers'
+//! on purpose and are not shared: each peer is measured through its own client code, and
+//! a shared loop could bias one; what is shared (`common.rs`) is pacing, metering, the
+//! drain wait and the wording of outcomes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -247,10 +252,7 @@ pub async fn s1(s: &Settings, subs: usize, batch: usize, storage: Storage) -> Re
             let _ = c.close(200, "bench done".into()).await;
         }
         let _ = pub_conn.close(200, "bench done".into()).await;
-        Ok::<_, BoxError>(Outcome::Measured {
-            main: format!("{} msg/s delivered", thousands(rate(n, el))),
-            extra: format!("errors {}", meter.errors.load(Ordering::Relaxed)),
-        })
+        Ok::<_, BoxError>(meter.outcome(n, el, "msg/s delivered"))
     }
     .await;
     cleanup(&queues, Some(&ex)).await;
@@ -355,10 +357,7 @@ pub async fn s2(s: &Settings, batch: usize, storage: Storage) -> Res<Outcome> {
         for c in conns {
             let _ = c.close(200, "bench done".into()).await;
         }
-        Ok::<_, BoxError>(Outcome::Measured {
-            main: format!("{} jobs/s acked", thousands(rate(n, el))),
-            extra: format!("errors {}", meter.errors.load(Ordering::Relaxed)),
-        })
+        Ok::<_, BoxError>(meter.outcome(n, el, "jobs/s acked"))
     }
     .await;
     cleanup(std::slice::from_ref(&queue), None).await;
@@ -465,20 +464,7 @@ pub async fn s3_topic(s: &Settings, rate_per_s: u64) -> Res<Outcome> {
 /// S4 fan-out.
 pub async fn s4(s: &Settings, rate_per_s: u64, subs: usize) -> Res<Outcome> {
     let (h, st, mem) = fanout(s, rate_per_s, subs).await?;
-    Ok(Outcome::Measured {
-        main: format!(
-            "{} deliveries/s, p99 {} µs",
-            thousands(rate(h.len(), st.elapsed)),
-            thousands(h.value_at_quantile(0.99))
-        ),
-        extra: format!(
-            "offered {} deliveries/s; {}; beam.smp RSS per subscriber {}",
-            thousands(rate_per_s * subs as u64),
-            percentiles(&h),
-            mem.map(|d| format!("{} B", thousands(d.max(0) as u64 / subs as u64)))
-                .unwrap_or_else(|| "n/a".into())
-        ),
-    })
+    Ok(fanout_outcome(&h, st, mem, rate_per_s, subs, "beam.smp"))
 }
 
 /// S3 enqueue->lease: confirmed open-loop publishing to a queue, 2 consumers with
@@ -585,40 +571,21 @@ pub async fn s5_backlog(s: &Settings, n: u64) -> Res<Outcome> {
             let meter = meter.clone();
             tasks.push(tokio::spawn(work_consumer(consumer, 1000, meter, None)));
         }
-        let done = wait_until(Duration::from_millis(5), Duration::from_secs(300), || {
-            let c = meter.count.load(Ordering::Relaxed);
-            async move { c >= n }
-        })
-        .await;
-        let drain_time = t0.elapsed();
-        meter.stop.store(true, Ordering::Relaxed);
-        for t in tasks {
-            let _ = t.await;
-        }
+        let drain = drained(&meter, n, t0, tasks).await;
         for c in conns {
             let _ = c.close(200, "bench done".into()).await;
         }
         let _ = admin.close(200, "bench done".into()).await;
-        if done.is_none() {
-            return Err("drain did not finish within 300 s".into());
-        }
-        let d = rss_delta(rss0, rss1);
-        Ok::<_, BoxError>(Outcome::Measured {
-            main: format!(
-                "N={}: enqueue {} jobs/s, drain {} jobs/s",
-                thousands(n),
-                thousands(rate(n, fill_time)),
-                thousands(rate(n, drain_time))
-            ),
-            extra: match d {
-                Some(d) => format!(
-                    "beam.smp RSS +{} = {:.0} B per queued message (classic queue; RabbitMQ may page to disk)",
-                    mib(d.max(0) as u64),
-                    d as f64 / n as f64
-                ),
-                None => "RSS n/a".into(),
-            },
-        })
+        let item = "message (classic queue; RabbitMQ may page to disk)";
+        let outcome = backlog_outcome(
+            n,
+            fill_time,
+            drain?,
+            rss_delta(rss0, rss1),
+            "beam.smp",
+            item,
+        );
+        Ok::<_, BoxError>(outcome)
     }
     .await;
     cleanup(std::slice::from_ref(&queue), None).await;

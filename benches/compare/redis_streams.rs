@@ -5,6 +5,11 @@
 //! subscribers XREAD BLOCK from the last id (no acks, like Sluice subscriptions).
 //! Work queue: a consumer group; workers XREADGROUP COUNT `batch`, then XACK + XDEL the
 //! whole batch in one pipeline (the job is gone once acked, as in Sluice).
+//!
+//! Its load loops (publishers, fillers, workers, subscribers) look like the other peers'
+//! on purpose and are not shared: each peer is measured through its own client code, and
+//! a shared loop could bias one; what is shared (`common.rs`) is pacing, metering, the
+//! drain wait and the wording of outcomes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -173,10 +178,7 @@ pub async fn s1(s: &Settings, subs: usize, batch: usize) -> Res<Outcome> {
         for t in tasks {
             let _ = t.await;
         }
-        Ok::<_, BoxError>(Outcome::Measured {
-            main: format!("{} msg/s delivered", thousands(rate(n, el))),
-            extra: format!("errors {}", meter.errors.load(Ordering::Relaxed)),
-        })
+        Ok::<_, BoxError>(meter.outcome(n, el, "msg/s delivered"))
     }
     .await;
     del(&key).await;
@@ -281,10 +283,7 @@ pub async fn s2(s: &Settings, batch: usize) -> Res<Outcome> {
         for t in tasks {
             let _ = t.await;
         }
-        Ok::<_, BoxError>(Outcome::Measured {
-            main: format!("{} jobs/s acked", thousands(rate(n, el))),
-            extra: format!("errors {}", meter.errors.load(Ordering::Relaxed)),
-        })
+        Ok::<_, BoxError>(meter.outcome(n, el, "jobs/s acked"))
     }
     .await;
     del(&key).await;
@@ -372,20 +371,14 @@ pub async fn s3_topic(s: &Settings, rate_per_s: u64) -> Res<Outcome> {
 /// S4 fan-out (one connection per XREAD subscriber).
 pub async fn s4(s: &Settings, rate_per_s: u64, subs: usize) -> Res<Outcome> {
     let (h, st, mem) = fanout(s, rate_per_s, subs).await?;
-    Ok(Outcome::Measured {
-        main: format!(
-            "{} deliveries/s, p99 {} µs",
-            thousands(rate(h.len(), st.elapsed)),
-            thousands(h.value_at_quantile(0.99))
-        ),
-        extra: format!(
-            "offered {} deliveries/s; {}; redis-server RSS per subscriber {}",
-            thousands(rate_per_s * subs as u64),
-            percentiles(&h),
-            mem.map(|d| format!("{} B", thousands(d.max(0) as u64 / subs as u64)))
-                .unwrap_or_else(|| "n/a".into())
-        ),
-    })
+    Ok(fanout_outcome(
+        &h,
+        st,
+        mem,
+        rate_per_s,
+        subs,
+        "redis-server",
+    ))
 }
 
 /// S3 enqueue->lease (XADD -> XREADGROUP BLOCK, 2 workers, XACK + XDEL).
@@ -473,36 +466,17 @@ pub async fn s5_backlog(s: &Settings, n: u64) -> Res<Outcome> {
                 None,
             )));
         }
-        let done = wait_until(Duration::from_millis(5), Duration::from_secs(300), || {
-            let c = meter.count.load(Ordering::Relaxed);
-            async move { c >= n }
-        })
-        .await;
-        let drain_time = t1.elapsed();
-        meter.stop.store(true, Ordering::Relaxed);
-        for w in workers {
-            let _ = w.await;
-        }
-        if done.is_none() {
-            return Err("drain did not finish within 300 s".into());
-        }
-        let d = rss_delta(rss0, rss1);
-        Ok::<_, BoxError>(Outcome::Measured {
-            main: format!(
-                "N={}: enqueue {} jobs/s, drain {} jobs/s",
-                thousands(n),
-                thousands(rate(n, fill_time)),
-                thousands(rate(n, drain_time))
-            ),
-            extra: match d {
-                Some(d) => format!(
-                    "redis-server RSS +{} = {:.0} B per queued entry",
-                    mib(d.max(0) as u64),
-                    d as f64 / n as f64
-                ),
-                None => "RSS n/a".into(),
-            },
-        })
+        let drain_time = drained(&meter, n, t1, workers).await?;
+        let rss_growth = rss_delta(rss0, rss1);
+        let outcome = backlog_outcome(
+            n,
+            fill_time,
+            drain_time,
+            rss_growth,
+            "redis-server",
+            "entry",
+        );
+        Ok::<_, BoxError>(outcome)
     }
     .await;
     del(&key).await;

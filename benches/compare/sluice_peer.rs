@@ -1,5 +1,10 @@
 //! Sluice runners over real gRPC. The same runners drive the raw-tonic baseline, which
 //! serves the same `sluice.v1` RPCs without a broker behind them.
+//!
+//! Its load loops (publishers, fillers, workers, subscribers) look like the other peers'
+//! on purpose and are not shared: each peer is measured through its own client code, and
+//! a shared loop could bias one; what is shared (`common.rs`) is pacing, metering, the
+//! drain wait and the wording of outcomes.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -729,24 +734,12 @@ pub async fn s5_backlog(addr: SocketAddr, pid: Option<u32>, s: &Settings, n: u64
         t.await??;
     }
     let drain_time = t0.elapsed();
-    let per_job = rss_delta(rss0, rss1).map(|d| d as f64 / n as f64);
-    Ok(Outcome::Measured {
-        main: format!(
-            "N={}: enqueue {} jobs/s, drain {} jobs/s",
-            thousands(n),
-            thousands(rate(n, fill_time)),
-            thousands(rate(n, drain_time))
-        ),
-        extra: match per_job {
-            Some(b) => format!(
-                "broker RSS +{} = {:.0} B per queued job ({:.0} B over the 128 B payload)",
-                mib(rss_delta(rss0, rss1).unwrap_or(0).max(0) as u64),
-                b,
-                b - 128.0
-            ),
-            None => "RSS n/a".into(),
-        },
-    })
+    let rss_growth = rss_delta(rss0, rss1);
+    let over_payload = rss_growth.map_or(0.0, |d| d as f64 / n as f64 - 128.0);
+    let item = format!("job ({over_payload:.0} B over the 128 B payload)");
+    Ok(backlog_outcome(
+        n, fill_time, drain_time, rss_growth, "broker", &item,
+    ))
 }
 
 /// S5 expiry: `m` jobs leased with deadlines that all fall at the same instant; the time
@@ -980,6 +973,8 @@ pub async fn s3_consume(
         )));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // Shaped like the S2 publish and S3 lease runs' loops, kept apart: the request each
+    // sends and the way it is answered are what the scenario measures.
     let q = queue.clone();
     let stats = open_loop(rate_per_s, s.warmup, s.window, move |seq, intended| {
         let c = producer.clone();

@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 use lettre::message::{Mailbox, Message, header::ContentType};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use shared::{EMAILS, TODO_OVERDUE, TODO_REMINDER, TodoEvent, USER_REGISTERED, UserRegistered};
-use sluice::client::{Done, JobContext, JobError, Worker};
+use sluice::client::{Done, JobContext, JobError};
 
 /// Email worker of the Sluice example system.
 #[derive(Debug, Parser)]
@@ -44,15 +44,9 @@ struct Args {
         default_value = "Sluice Todo <no-reply@todo.example>"
     )]
     from: String,
-    /// Handlers running at once.
-    #[arg(long, env = "CONCURRENCY", default_value_t = 3)]
-    concurrency: usize,
-    /// Consumer name shown by ListConsumers (default: email-worker-<pid>).
-    #[arg(long, env = "WORKER_NAME")]
-    name: Option<String>,
-    /// Lease duration in ms; extended at half of it while an email is being sent.
-    #[arg(long, env = "VISIBILITY_TIMEOUT_MS", default_value_t = 30_000)]
-    visibility_timeout_ms: u64,
+    /// Handlers (3 by default), consumer name and lease duration.
+    #[command(flatten)]
+    worker: shared::WorkerArgs<3>,
     /// SMTP command timeout in ms.
     #[arg(long, env = "SMTP_TIMEOUT_MS", default_value_t = 30_000)]
     smtp_timeout_ms: u64,
@@ -208,15 +202,7 @@ fn email_handler<T: Send + 'static>(
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    shared::init_logging();
-    let args = Args::parse();
-    match run(args).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("email_worker: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    shared::process_main("email_worker", run).await
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -245,23 +231,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let mailer = Arc::new(Mailer { transport, from });
 
-    let client = shared::connect(&args.broker, Duration::from_secs(30)).await?;
-    shared::ensure_topology(&client).await?;
-    let name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("email-worker-{}", std::process::id()));
-    tracing::info!(consumer = %name, concurrency = args.concurrency, "email worker started");
-
-    let worker = Worker::new(client, EMAILS)
-        .consumer(name)
-        .concurrency(args.concurrency)
-        .visibility_timeout(Duration::from_millis(args.visibility_timeout_ms))
-        .drain_timeout(Duration::from_secs(10))
-        .handle_json(USER_REGISTERED, email_handler(mailer.clone(), welcome))
-        .handle_json(TODO_REMINDER, email_handler(mailer.clone(), reminder))
-        .handle_json(TODO_OVERDUE, email_handler(mailer, overdue));
-    let report = worker.run(shared::shutdown_signal()).await?;
-    tracing::info!(?report, "email worker stopped");
+    let client = shared::join_system(&args.broker).await?;
+    shared::run_worker(client, EMAILS, &args.worker, "email worker", |worker| {
+        worker
+            .drain_timeout(Duration::from_secs(10))
+            .handle_json(USER_REGISTERED, email_handler(mailer.clone(), welcome))
+            .handle_json(TODO_REMINDER, email_handler(mailer.clone(), reminder))
+            .handle_json(TODO_OVERDUE, email_handler(mailer, overdue))
+    })
+    .await?;
     Ok(())
 }

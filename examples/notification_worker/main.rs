@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use shared::{NOTIFICATION_DELIVERED, NOTIFICATIONS, Notification, TODO_COMPLETED, TodoEvent};
-use sluice::client::{Client, Done, JobContext, JobError, Message, Worker};
+use sluice::client::{Client, Done, JobContext, JobError, Message};
 
 /// Notification worker of the Sluice example system.
 #[derive(Debug, Parser)]
@@ -31,15 +31,9 @@ struct Args {
     /// Webhook receiving each notification as an HTTP POST with a JSON body (http:// only).
     #[arg(long, env = "WEBHOOK_URL")]
     webhook_url: Option<String>,
-    /// Handlers running at once.
-    #[arg(long, env = "CONCURRENCY", default_value_t = 2)]
-    concurrency: usize,
-    /// Consumer name shown by ListConsumers (default: notification-worker-<pid>).
-    #[arg(long, env = "WORKER_NAME")]
-    name: Option<String>,
-    /// Lease duration in ms; extended at half of it while a notification is delivered.
-    #[arg(long, env = "VISIBILITY_TIMEOUT_MS", default_value_t = 30_000)]
-    visibility_timeout_ms: u64,
+    /// Handlers (2 by default), consumer name and lease duration.
+    #[command(flatten)]
+    worker: shared::WorkerArgs<2>,
 }
 
 struct Notifier {
@@ -107,15 +101,7 @@ impl Notifier {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    shared::init_logging();
-    let args = Args::parse();
-    match run(args).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("notification_worker: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    shared::process_main("notification_worker", run).await
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -128,8 +114,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
-    let client = shared::connect(&args.broker, Duration::from_secs(30)).await?;
-    shared::ensure_topology(&client).await?;
+    let client = shared::join_system(&args.broker).await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
@@ -138,19 +123,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         http,
         webhook,
     });
-    let name = args
-        .name
-        .unwrap_or_else(|| format!("notification-worker-{}", std::process::id()));
-    tracing::info!(consumer = %name, concurrency = args.concurrency, webhook = ?notifier.webhook, "notification worker started");
-    let worker = Worker::new(client, NOTIFICATIONS)
-        .consumer(name)
-        .concurrency(args.concurrency)
-        .visibility_timeout(Duration::from_millis(args.visibility_timeout_ms))
-        .handle_json(TODO_COMPLETED, move |job: JobContext<TodoEvent>| {
-            let notifier = notifier.clone();
-            async move { notifier.deliver(job).await }
-        });
-    let report = worker.run(shared::shutdown_signal()).await?;
-    tracing::info!(?report, "notification worker stopped");
+    tracing::info!(webhook = ?notifier.webhook, "delivering notifications");
+    let args = &args.worker;
+    shared::run_worker(
+        client,
+        NOTIFICATIONS,
+        args,
+        "notification worker",
+        |worker| {
+            worker.handle_json(TODO_COMPLETED, move |job: JobContext<TodoEvent>| {
+                let notifier = notifier.clone();
+                async move { notifier.deliver(job).await }
+            })
+        },
+    )
+    .await?;
     Ok(())
 }

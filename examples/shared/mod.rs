@@ -21,10 +21,12 @@
 // Each example uses only part of this module.
 #![allow(dead_code)]
 
+use std::future::Future;
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sluice::client::{Client, ClientError, ConnectOptions};
+use sluice::client::{Client, ClientError, ConnectOptions, Worker};
 use sluice::pb;
 
 /// Topic: a user signed up.
@@ -173,7 +175,7 @@ impl BrokerArgs {
 
 /// Connects to the broker, retrying for up to `patience` so processes can start in any
 /// order.
-pub async fn connect(broker: &BrokerArgs, patience: Duration) -> Result<Client, ClientError> {
+async fn connect(broker: &BrokerArgs, patience: Duration) -> Result<Client, ClientError> {
     let options = broker.options()?;
     let url = broker.url.as_str();
     let give_up = tokio::time::Instant::now() + patience;
@@ -187,6 +189,75 @@ pub async fn connect(broker: &BrokerArgs, patience: Duration) -> Result<Client, 
             }
         }
     }
+}
+
+/// How long a process keeps trying to reach the broker at startup.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Joins the example system: connects (retrying for [`CONNECT_PATIENCE`]) and runs
+/// [`ensure_topology`], so every process can be the first one started.
+pub async fn join_system(broker: &BrokerArgs) -> Result<Client, ClientError> {
+    let client = connect(broker, CONNECT_PATIENCE).await?;
+    ensure_topology(&client).await?;
+    Ok(client)
+}
+
+/// The `main` of every example process: logging, then its flags, then `run`. An error
+/// is printed as `<program>: <error>` and exits with status 1.
+pub async fn process_main<A, F>(program: &str, run: impl FnOnce(A) -> F) -> ExitCode
+where
+    A: clap::Parser,
+    F: Future<Output = Result<(), Box<dyn std::error::Error>>>,
+{
+    init_logging();
+    let args = A::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The flags every example worker takes; `CONCURRENCY` is the default number of
+/// handlers, which differs per worker.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs<const CONCURRENCY: usize> {
+    /// Handlers running at once.
+    #[arg(long, env = "CONCURRENCY", default_value_t = CONCURRENCY)]
+    pub concurrency: usize,
+    /// Consumer name shown by ListConsumers (default: the worker and the process id,
+    /// e.g. `email-worker-4242`).
+    #[arg(long, env = "WORKER_NAME")]
+    pub name: Option<String>,
+    /// Lease duration in ms; the worker extends it at half of it while a job runs.
+    #[arg(long, env = "VISIBILITY_TIMEOUT_MS", default_value_t = 30_000)]
+    pub visibility_timeout_ms: u64,
+}
+
+/// Runs a worker of `queue` until Ctrl-C or SIGTERM, logging `<what> started` and
+/// `<what> stopped` (with its report). Its consumer name is `--name`, or `what` with
+/// dashes for spaces and the process id. `handlers` adds the job kinds it handles.
+pub async fn run_worker<const CONCURRENCY: usize>(
+    client: Client,
+    queue: &str,
+    args: &WorkerArgs<CONCURRENCY>,
+    what: &str,
+    handlers: impl FnOnce(Worker) -> Worker,
+) -> Result<(), ClientError> {
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", what.replace(' ', "-"), std::process::id()));
+    tracing::info!(consumer = %name, concurrency = args.concurrency, "{what} started");
+    let worker = Worker::new(client, queue)
+        .consumer(name)
+        .concurrency(args.concurrency)
+        .visibility_timeout(Duration::from_millis(args.visibility_timeout_ms));
+    let report = handlers(worker).run(shutdown_signal()).await?;
+    tracing::info!(?report, "{what} stopped");
+    Ok(())
 }
 
 /// Now as RFC 3339 UTC, seconds precision.

@@ -960,21 +960,12 @@ fn router(app: App) -> Router {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    shared::init_logging();
-    let args = Args::parse();
-    match run(args).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("todo_app: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    shared::process_main("todo_app", run).await
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let db = open_db(&args.db).map_err(|e| format!("TODO_DB {}: {e}", args.db.display()))?;
-    let client = shared::connect(&args.broker, Duration::from_secs(30)).await?;
-    shared::ensure_topology(&client).await?;
+    let client = shared::join_system(&args.broker).await?;
     let app = App {
         db: Arc::new(Mutex::new(db)),
         client,

@@ -11,7 +11,17 @@ use sluice::client::{Client, ClientError, Lease, Rpc};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod rpc;
 pub mod storage;
+
+/// The server options of the tests: a short drain, so stopping a broker never holds a
+/// test up for long.
+pub fn serve_options() -> ServeOptions {
+    ServeOptions {
+        drain_timeout: Duration::from_secs(2),
+        ..ServeOptions::default()
+    }
+}
 
 /// A broker serving gRPC on an ephemeral loopback port.
 pub struct TestBroker {
@@ -32,11 +42,12 @@ impl TestBroker {
 
     /// Serves an existing broker (e.g. one opened on a data directory).
     pub async fn serving(broker: Broker) -> Self {
-        let options = ServeOptions {
-            drain_timeout: Duration::from_secs(2),
-            ..ServeOptions::default()
-        };
-        Self::serving_with(broker, options).await
+        Self::serving_with(broker, serve_options()).await
+    }
+
+    /// A new broker (default configuration) served with `options` (TLS, tokens, limits).
+    pub async fn start_serving(options: ServeOptions) -> Self {
+        Self::serving_with(Broker::new(BrokerConfig::default()), options).await
     }
 
     /// Serves an existing broker with these server options (TLS, tokens, limits).
@@ -82,11 +93,71 @@ impl TestBroker {
     }
 }
 
+/// A plain gRPC channel to `url`, for the services beside the broker's (health,
+/// reflection).
+pub async fn channel(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// What gRPC health at `url` says of `service` ("" for the whole server).
+pub async fn health(
+    url: &str,
+    service: &str,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    tonic_health::pb::health_client::HealthClient::new(channel(url).await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
 /// Awaits `fut` for at most 10 s, so a broken test fails instead of hanging.
 pub async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), fut)
         .await
         .expect("timed out after 10 s")
+}
+
+/// Polls `check` until it returns `Ok`, and returns that value: for a test to wait on
+/// state it can observe (a stats field, a job's state, a consumer registered) rather than
+/// sleep. Fails after 10 s with `check`'s last `Err`.
+pub async fn eventually<T, E, F>(check: impl FnMut() -> F) -> T
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    eventually_within(Duration::from_secs(10), check).await
+}
+
+/// [`eventually`] with a deadline of `limit`, for state that background work (compaction,
+/// a child process) reaches more slowly.
+pub async fn eventually_within<T, E, F>(limit: Duration, mut check: impl FnMut() -> F) -> T
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    // Polled often at first, so a wait that ends at once costs next to nothing, then less
+    // often, so a slow one does not busy the machine.
+    let mut interval = Duration::from_millis(1);
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(why) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "not within {limit:?}: {why}"
+            ),
+        }
+        tokio::time::sleep(interval).await;
+        interval = (interval * 2).min(Duration::from_millis(20));
+    }
 }
 
 /// A long-polling Lease of one job from `queue`, waiting up to `wait`, on a task of its
@@ -114,26 +185,19 @@ pub async fn long_poll(
 /// Waits (up to 10 s) until `ListConsumers` of `queue` shows a consumer named `name`: it
 /// has leased, or is waiting in a long poll or a consume stream with credits.
 pub async fn wait_for_consumer(client: &Client, queue: &str, name: &str) {
-    let mut rpc = client.rpc();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let listed = rpc
+    eventually(|| async {
+        let listed = client
+            .rpc()
             .list_consumers(sluice::pb::ListConsumersRequest {
                 queue: queue.to_owned(),
             })
             .await;
-        if let Ok(listed) = listed
-            && listed.get_ref().consumers.iter().any(|c| c.name == name)
-        {
-            return;
+        match listed {
+            Ok(listed) if listed.get_ref().consumers.iter().any(|c| c.name == name) => Ok(()),
+            _ => Err(format!("consumer {name:?} did not appear on {queue:?}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "consumer {name:?} did not appear on {queue:?} within 10 s"
-        );
-        // A poll interval, not a wait for something to happen by itself.
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    })
+    .await
 }
 
 /// The `SLUICE_LOG` filter a `sluice serve` process needs for [`serve_addrs`]: the

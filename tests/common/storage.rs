@@ -1,14 +1,16 @@
-//! A real data directory whose log files run a test's hook before every write and fsync:
-//! to fail them (a full disk, an I/O error) or hold the writer inside one.
+//! The fault-injecting storage of the tests: a real data directory whose files run a
+//! test's hook before every write and fsync, and the directory before every change to it,
+//! to fail them (a full disk, an I/O error), hold the writer inside one or panic there.
 
 use std::fmt;
 use std::io;
+use std::path::Path;
 use std::sync::Arc;
 
 use sluice::broker::{DirStorage, Storage, StorageFile};
 
-/// What happens before each write and fsync of a file of a [`HookedStorage`]; an error
-/// is returned in place of the call's.
+/// What happens before each write and fsync of a file of a [`HookedStorage`], and before
+/// each change to its directory; an error is returned in place of the call's.
 pub trait FileHook: fmt::Debug + Send + Sync + 'static {
     /// Before `write_all`.
     fn before_write(&self) -> io::Result<()> {
@@ -18,13 +20,28 @@ pub trait FileHook: fmt::Debug + Send + Sync + 'static {
     fn before_sync(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Before creating, cutting, renaming or removing a file, and syncing the directory.
+    fn before_change(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
-/// [`DirStorage`] with `hook` run before every write and fsync of its files.
+/// [`DirStorage`] with `hook` run before every write and fsync of its files and every
+/// change to the directory.
 #[derive(Debug)]
 pub struct HookedStorage<H> {
     pub inner: DirStorage,
     pub hook: Arc<H>,
+}
+
+impl<H: FileHook> HookedStorage<H> {
+    /// The storage of the data directory `dir`, with `hook`.
+    pub fn open(dir: &Path, hook: Arc<H>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: DirStorage::open(dir).unwrap(),
+            hook,
+        })
+    }
 }
 
 struct HookedFile<H> {
@@ -52,21 +69,26 @@ impl<H: FileHook> Storage for HookedStorage<H> {
         self.inner.read(name)
     }
     fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
+        self.hook.before_change()?;
         Ok(Box::new(HookedFile {
             inner: self.inner.create(name)?,
             hook: self.hook.clone(),
         }))
     }
     fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
+        self.hook.before_change()?;
         self.inner.truncate(name, len)
     }
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.hook.before_change()?;
         self.inner.rename(from, to)
     }
     fn remove(&self, name: &str) -> io::Result<()> {
+        self.hook.before_change()?;
         self.inner.remove(name)
     }
     fn sync_dir(&self) -> io::Result<()> {
+        self.hook.before_change()?;
         self.inner.sync_dir()
     }
     fn describe(&self, name: &str) -> String {

@@ -13,11 +13,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper::header::{HOST, HeaderMap};
 use hyper::{Request, StatusCode};
-use sluice::broker::{Broker, BrokerConfig, HttpOptions, serve_http_with};
-use sluice::pb::broker_client::BrokerClient;
+use sluice::broker::{Broker, BrokerConfig};
+use sluice::broker::{HttpOptions, serve_http_with};
+use sluice::client::Rpc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 use test_broker::TestBroker;
 
@@ -63,11 +63,9 @@ impl Harness {
         self.grpc.url()
     }
 
-    /// A gRPC client of the broker.
-    pub async fn client(&self) -> BrokerClient<Channel> {
-        BrokerClient::connect(self.url())
-            .await
-            .expect("connect to the broker")
+    /// A raw gRPC client of the broker.
+    pub async fn rpc(&self) -> Rpc {
+        self.grpc.rpc().await
     }
 }
 
