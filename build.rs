@@ -22,17 +22,34 @@ use prost::Message as _;
 /// Both sides' gRPC codec: prost's, reserving each message's length before writing it.
 const CODEC: &str = "crate::pb::codec::Codec";
 
+/// The messages that derive `serde::Serialize` (with the `server` feature).
+const SERIALIZED: [&str; 5] = [
+    ".sluice.v1.QueueStats",
+    ".sluice.v1.TopicStats",
+    ".sluice.v1.StorageStats",
+    ".sluice.v1.RecoveryStats",
+    ".sluice.v1.ConsumerInfo",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/sluice/v1/sluice.proto"];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("sluice_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure()
+    let mut messages = tonic_prost_build::configure()
         .bytes(".")
         .build_server(false)
-        .codec_path(CODEC)
-        .compile_fds(fds.clone())?;
+        .codec_path(CODEC);
+    // The admin CLI (`server`) prints these with `--json` field for field, so they serialize
+    // as they are; `pb` is built without serde too.
+    for message in SERIALIZED {
+        messages = messages.type_attribute(
+            message,
+            "#[cfg_attr(feature = \"server\", derive(serde::Serialize))]",
+        );
+    }
+    messages.compile_fds(fds.clone())?;
 
     // The rest is the broker's (included only by `broker/grpc/wire` and `broker/store`),
     // and a client-only build has no broker.

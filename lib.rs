@@ -47,9 +47,10 @@
 //!   (framing, record conversion) and `wal.proto` (the records, never on the wire); replay in
 //!   `recovery.rs`.
 //! * `broker/auth/`: tokens, grants, the re-check of open streams.
-//! * `broker/grpc/`: the transport. A change to an RPC's mapping goes in `service.rs` and
-//!   its proto <-> domain conversions; errors become statuses in `status.rs` only; `wire/`
-//!   writes the hot responses by hand.
+//! * `broker/grpc/`: the transport. A change to an RPC goes in `service.rs` (access checks,
+//!   the broker call) and `convert.rs` (every proto <-> domain conversion, each mapped
+//!   once); errors become statuses in `status.rs` only; `wire/` writes the hot responses
+//!   by hand.
 //! * `broker/ops/`: the HTTP server: `metrics.rs`, and the dashboard (`dashboard.rs`, the
 //!   page `dashboard.html`).
 //! * `broker/bin/`: the `sluice` binary (clap config, `main`, admin CLI), a program using

@@ -545,6 +545,26 @@ pub struct NackOutcome {
     pub next_attempt_unix_ms: u64,
 }
 
+/// A job state's name as people read and type it: `pending`, `dead`, ... (the generated
+/// `JOB_STATE_*` name, without its prefix, in lower case). `None` for a value this client
+/// does not know (a state of a newer broker).
+pub fn job_state_name(state: i32) -> Option<String> {
+    let state = pb::JobState::try_from(state).ok()?;
+    Some(
+        state
+            .as_str_name()
+            .trim_start_matches("JOB_STATE_")
+            .to_ascii_lowercase(),
+    )
+}
+
+/// The state a [`job_state_name`] names, in any case; `None` for any other text, including
+/// `unspecified`, which names no state.
+pub fn job_state_named(name: &str) -> Option<pb::JobState> {
+    pb::JobState::from_str_name(&format!("JOB_STATE_{}", name.to_ascii_uppercase()))
+        .filter(|state| *state != pb::JobState::Unspecified)
+}
+
 /// One leased job. Settle it with [`Lease::ack`] or [`Lease::nack`]; a lease left alone
 /// expires and the job is delivered again.
 #[must_use = "a lease must be acked or nacked, or it expires and the job is redelivered"]
@@ -710,5 +730,26 @@ impl Lease {
         let response = self.rpc.clone().extend_lease(request).await?.into_inner();
         self.job.lease_deadline_unix_ms = response.lease_deadline_unix_ms;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_state_names_read_back_as_their_states() {
+        assert_eq!(
+            job_state_name(pb::JobState::Dead as i32).as_deref(),
+            Some("dead")
+        );
+        assert_eq!(job_state_name(99), None);
+        for state in (1..).map_while(|value| pb::JobState::try_from(value).ok()) {
+            let name = job_state_name(state as i32).expect("a known state");
+            assert_eq!(job_state_named(&name), Some(state));
+            assert_eq!(job_state_named(&name.to_uppercase()), Some(state));
+        }
+        assert_eq!(job_state_named("unspecified"), None);
+        assert_eq!(job_state_named("JOB_STATE_DEAD"), None);
     }
 }

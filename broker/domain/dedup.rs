@@ -2,7 +2,7 @@
 //! the window names what it created (a job id, a topic sequence), and a repeat gets that
 //! back instead of creating another.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::broker::domain::time::Millis;
 
@@ -65,6 +65,19 @@ impl<V: Copy> DedupWindow<V> {
         self.expiry.insert(at, (expires, key));
     }
 
+    /// How many of these idempotency keys (`None`: no key) would create something new:
+    /// neither remembered at `now` nor repeated earlier in `keys`. Prunes first. A batch
+    /// checks its room with this before storing anything.
+    pub fn count_new(&mut self, now: Millis, keys: impl Iterator<Item = Option<String>>) -> u64 {
+        self.prune(now);
+        let mut seen = HashSet::new();
+        keys.filter(|k| match k {
+            Some(k) => !self.contains(k) && seen.insert(k.clone()),
+            None => true,
+        })
+        .count() as u64
+    }
+
     /// Every remembered key with its value and expiry, for snapshots.
     pub fn entries(&self) -> impl Iterator<Item = (&str, V, Millis)> {
         self.keys.iter().map(|(k, (v, e))| (k.as_str(), *v, *e))
@@ -117,6 +130,16 @@ mod tests {
         assert_eq!(w.get("k"), Some(2), "the stale entry at 100 is skipped");
         w.prune(200);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn count_new_skips_remembered_and_repeated_keys() {
+        let mut w = DedupWindow::default();
+        w.insert("old".into(), 1u64, 100);
+        let keys = ["old", "a", "a", "b"].map(|k| Some(k.to_owned()));
+        let batch = || keys.clone().into_iter().chain([None, None]);
+        assert_eq!(w.count_new(99, batch()), 4, "a, b and two keyless");
+        assert_eq!(w.count_new(100, batch()), 5, "old expired at 100");
     }
 
     #[test]

@@ -299,13 +299,7 @@ impl Topic {
 
     /// How many of these idempotency keys are new (not remembered, not repeated).
     pub fn count_new(&mut self, now: Millis, keys: impl Iterator<Item = Option<String>>) -> u64 {
-        self.dedup.prune(now);
-        let mut seen = std::collections::HashSet::new();
-        keys.filter(|k| match k {
-            Some(k) => !self.dedup.contains(k) && seen.insert(k.clone()),
-            None => true,
-        })
-        .count() as u64
+        self.dedup.count_new(now, keys)
     }
 
     /// Appends messages in order, as one block. Returns each one's outcome and the block

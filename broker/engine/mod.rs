@@ -35,6 +35,7 @@ use crate::broker::engine::subscription::SubscriberShared;
 use crate::broker::store::{Commit, DurableListener, Journal, RecoveryReport};
 use crate::broker::sync::lock;
 
+pub(crate) use admin::RedriveOutcome;
 pub use admin::{PolicyPatch, QueueInfo};
 use catalog::QueueCatalog;
 pub use queues::LeaseParams;

@@ -123,8 +123,9 @@ impl Broker {
     }
 }
 
-/// Stats of one topic.
-#[derive(Debug, Clone, Default)]
+/// Stats of one topic. Serialized as they are by the dashboard (`ops`), whose JSON rows
+/// use these field names.
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct TopicCounts {
     /// Name.
     pub name: String,

@@ -1,5 +1,5 @@
-//! The gRPC service: maps `sluice.v1` messages to domain calls and back. The only module
-//! that knows both protobuf and the domain.
+//! The gRPC service: checks each request's access and calls the broker. The conversions
+//! between `sluice.v1` messages and domain types live in `grpc::convert`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,20 +12,12 @@ use tonic::{Request, Response, Status};
 
 use crate::broker::auth::{Access, Action, Authenticator, Credentials, Recheck, StreamGuard};
 use crate::broker::domain::error::BrokerError;
-use crate::broker::domain::limits::{
-    MAX_DELAY_MS, MAX_WATCH_INTERVAL_MS, check_duration_ms, checked,
-};
 use crate::broker::domain::names::Pattern;
-use crate::broker::domain::queue::{
-    self, Backoff, Enqueued, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob,
-};
+use crate::broker::domain::queue::Enqueued;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
-use crate::broker::engine::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, NackCommand};
-use crate::broker::engine::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
-use crate::broker::engine::{
-    Broker, LeaseParams, Logged, PolicyPatch, QueueInfo, StatsSnapshot, StorageStatus,
-};
-use crate::broker::grpc::status;
+use crate::broker::engine::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec};
+use crate::broker::engine::{Broker, LeaseParams, Logged, PolicyPatch, StatsSnapshot};
+use crate::broker::grpc::convert;
 use crate::broker::grpc::wire::{
     EncodedConsumeResponse, EncodedEnqueueResponse, EncodedEnqueueStreamResponse,
     EncodedLeaseResponse, EncodedSubscribeResponse, ReceivedConsumeRequest, broker_server,
@@ -151,222 +143,6 @@ impl<T> Stream for Guarded<T> {
     }
 }
 
-fn opt_string(s: String) -> Option<String> {
-    (!s.is_empty()).then_some(s)
-}
-
-fn job_spec(i: usize, spec: pb::JobSpec, now: u64) -> Result<NewJob, BrokerError> {
-    if spec.priority > MAX_PRIORITY as u32 {
-        return Err(BrokerError::over_limit(
-            format!("jobs[{i}].priority"),
-            spec.priority as u64,
-            MAX_PRIORITY as u64,
-            "",
-        ));
-    }
-    if spec.max_attempts > MAX_ATTEMPTS {
-        return Err(BrokerError::over_limit(
-            format!("jobs[{i}].max_attempts"),
-            spec.max_attempts as u64,
-            MAX_ATTEMPTS as u64,
-            "",
-        ));
-    }
-    if spec.delay_ms > 0 && spec.run_at_unix_ms > 0 {
-        return Err(BrokerError::invalid(
-            format!("jobs[{i}].delay_ms"),
-            "delay_ms and run_at_unix_ms are exclusive: set one",
-        ));
-    }
-    checked(
-        |name| format!("jobs[{i}].{name}"),
-        "delay_ms",
-        |f| check_duration_ms(f, spec.delay_ms, MAX_DELAY_MS),
-    )?;
-    if spec.run_at_unix_ms > now + MAX_DELAY_MS {
-        return Err(BrokerError::invalid(
-            format!("jobs[{i}].run_at_unix_ms"),
-            format!(
-                "{} is more than {MAX_DELAY_MS} ms in the future",
-                spec.run_at_unix_ms
-            ),
-        ));
-    }
-    let run_at = if spec.delay_ms > 0 {
-        Some(now + spec.delay_ms)
-    } else if spec.run_at_unix_ms > 0 {
-        Some(spec.run_at_unix_ms)
-    } else {
-        None
-    };
-    Ok(NewJob {
-        payload: spec.payload,
-        headers: spec.headers,
-        kind: spec.kind,
-        priority: spec.priority as u8,
-        run_at,
-        max_attempts: (spec.max_attempts > 0).then_some(spec.max_attempts),
-        idempotency_key: opt_string(spec.idempotency_key),
-        ordering_key: opt_string(spec.ordering_key),
-    })
-}
-
-fn state_to_pb(state: JobState) -> pb::JobState {
-    match state {
-        JobState::Scheduled => pb::JobState::Scheduled,
-        JobState::Pending => pb::JobState::Pending,
-        JobState::Leased => pb::JobState::Leased,
-        JobState::Retrying => pb::JobState::Retrying,
-        JobState::Completed => pb::JobState::Completed,
-        JobState::Dead => pb::JobState::Dead,
-        JobState::Cancelled => pb::JobState::Cancelled,
-    }
-}
-
-fn state_from_pb(field: &str, value: i32) -> Result<Option<JobState>, BrokerError> {
-    Ok(match pb::JobState::try_from(value) {
-        Ok(pb::JobState::Unspecified) => None,
-        Ok(pb::JobState::Scheduled) => Some(JobState::Scheduled),
-        Ok(pb::JobState::Pending) => Some(JobState::Pending),
-        Ok(pb::JobState::Leased) => Some(JobState::Leased),
-        Ok(pb::JobState::Retrying) => Some(JobState::Retrying),
-        Ok(pb::JobState::Completed) => Some(JobState::Completed),
-        Ok(pb::JobState::Dead) => Some(JobState::Dead),
-        Ok(pb::JobState::Cancelled) => Some(JobState::Cancelled),
-        Err(_) => {
-            return Err(BrokerError::invalid(
-                field,
-                format!("{value} is not a JobState"),
-            ));
-        }
-    })
-}
-
-fn job_to_pb(queue: &str, job: Job) -> pb::Job {
-    pb::Job {
-        id: job.id.to_string(),
-        queue: queue.to_owned(),
-        kind: job.kind,
-        state: state_to_pb(job.state) as i32,
-        priority: job.priority as u32,
-        attempts: job.attempts,
-        max_attempts: job.max_attempts,
-        payload: job.payload,
-        headers: job.headers,
-        idempotency_key: job.idempotency_key.unwrap_or_default(),
-        ordering_key: job.ordering_key.map(|k| k.to_string()).unwrap_or_default(),
-        enqueued_at_unix_ms: job.enqueued_at,
-        run_at_unix_ms: job.run_at,
-        updated_at_unix_ms: job.updated_at,
-        finished_at_unix_ms: job.finished_at.unwrap_or(0),
-        lease_deadline_unix_ms: job.lease_deadline.unwrap_or(0),
-        consumer: job.consumer.map(|c| c.to_string()).unwrap_or_default(),
-        last_error: job.last_error.unwrap_or_default(),
-        result: job.result.unwrap_or_default(),
-        dead_letter_queue: job.dead_letter_queue.unwrap_or_default(),
-    }
-}
-
-/// The transport form of a batch: messages are written from their shared wire caches
-/// (see [`crate::broker::grpc::wire`]).
-fn batch_to_pb(batch: SubscriptionBatch) -> EncodedSubscribeResponse {
-    let gaps = batch
-        .gaps
-        .into_iter()
-        .map(|g| pb::Gap {
-            topic: g.topic.to_string(),
-            first_missing: g.first_missing,
-            next_available: g.next_available,
-        })
-        .collect();
-    EncodedSubscribeResponse::new(batch.messages, gaps)
-}
-
-fn policy_patch(p: Option<pb::QueuePolicy>, for_update: bool) -> PolicyPatch {
-    let Some(p) = p else {
-        return PolicyPatch::default();
-    };
-    let nonzero = |v: u64| (v > 0).then_some(v);
-    let backoff = p.backoff.and_then(|b| {
-        if !b.delays_ms.is_empty() {
-            Some(Backoff::Schedule(b.delays_ms))
-        } else if b.initial_ms > 0 || b.max_ms > 0 || b.no_jitter {
-            Some(Backoff::Exponential {
-                initial_ms: if b.initial_ms > 0 {
-                    b.initial_ms
-                } else {
-                    1_000
-                },
-                max_ms: if b.max_ms > 0 { b.max_ms } else { 300_000 },
-                jitter: !b.no_jitter,
-            })
-        } else {
-            None
-        }
-    });
-    let bindings = if !for_update || p.replace_bindings || !p.topic_bindings.is_empty() {
-        Some(p.topic_bindings)
-    } else {
-        None
-    };
-    PolicyPatch {
-        visibility_timeout_ms: nonzero(p.visibility_timeout_ms),
-        max_attempts: (p.max_attempts > 0).then_some(p.max_attempts),
-        backoff,
-        dead_letter_queue: opt_string(p.dead_letter_queue),
-        max_depth: nonzero(p.max_depth),
-        dedup_window_ms: nonzero(p.dedup_window_ms),
-        topic_bindings: bindings.filter(|b| for_update || !b.is_empty()),
-        history_limit: (p.history_limit > 0).then_some(p.history_limit),
-    }
-}
-
-fn policy_to_pb(p: &queue::QueuePolicy) -> pb::QueuePolicy {
-    let backoff = match &p.backoff {
-        Backoff::Schedule(d) => pb::BackoffPolicy {
-            delays_ms: d.clone(),
-            ..Default::default()
-        },
-        Backoff::Exponential {
-            initial_ms,
-            max_ms,
-            jitter,
-        } => pb::BackoffPolicy {
-            initial_ms: *initial_ms,
-            max_ms: *max_ms,
-            delays_ms: Vec::new(),
-            no_jitter: !jitter,
-        },
-    };
-    pb::QueuePolicy {
-        visibility_timeout_ms: p.visibility_timeout_ms,
-        max_attempts: p.max_attempts,
-        backoff: Some(backoff),
-        dead_letter_queue: p.dead_letter_queue.clone(),
-        max_depth: p.max_depth,
-        dedup_window_ms: p.dedup_window_ms,
-        topic_bindings: p.topic_bindings.clone(),
-        history_limit: p.history_limit,
-        replace_bindings: false,
-    }
-}
-
-fn queue_info_to_pb(info: QueueInfo) -> pb::QueueInfo {
-    pb::QueueInfo {
-        policy: Some(policy_to_pb(&info.policy)),
-        name: info.name,
-        paused: info.paused,
-    }
-}
-
-fn retention_to_pb(r: Retention) -> pb::RetentionPolicy {
-    pb::RetentionPolicy {
-        max_messages: r.max_messages,
-        max_bytes: r.max_bytes,
-        max_age_ms: r.max_age_ms,
-    }
-}
-
 /// Who may read a job: its producer, its workers, its admins.
 const JOB_READERS: &[Action] = &[Action::Enqueue, Action::Consume, Action::Admin];
 /// Who may put jobs into a queue or take them back out (cancel): its producers and
@@ -419,23 +195,7 @@ fn stats_view(s: &StatsSnapshot, filter: &pb::StatsRequest, access: &Access) -> 
             .filter(|(name, _)| {
                 named(&filter.queues, name) && access.allows_name(Action::Admin, name)
             })
-            .map(|(name, c)| pb::QueueStats {
-                name: name.clone(),
-                pending: c.pending,
-                scheduled: c.scheduled,
-                leased: c.leased,
-                retrying: c.retrying,
-                completed: c.completed,
-                failed: c.failed,
-                dead: c.dead,
-                cancelled: c.cancelled,
-                oldest_pending_age_ms: c.oldest_pending_age_ms,
-                enqueue_rate: c.enqueue_rate,
-                ack_rate: c.ack_rate,
-                consumers: c.consumers,
-                paused: c.paused,
-                enqueued: c.enqueued,
-            })
+            .map(|(name, c)| convert::queue_stats(name, c))
             .collect(),
         topics: s
             .topics
@@ -443,17 +203,7 @@ fn stats_view(s: &StatsSnapshot, filter: &pb::StatsRequest, access: &Access) -> 
             .filter(|t| {
                 named(&filter.topics, &t.name) && access.allows_name(Action::Admin, &t.name)
             })
-            .map(|t| pb::TopicStats {
-                name: t.name.clone(),
-                first_sequence: t.first_sequence,
-                last_sequence: t.last_sequence,
-                retained_messages: t.retained_messages,
-                retained_bytes: t.retained_bytes,
-                subscribers: t.subscribers,
-                gaps: t.gaps,
-                publish_rate: t.publish_rate,
-                published: t.published,
-            })
+            .map(pb::TopicStats::from)
             .collect(),
         taken_at_unix_ms: s.taken_at,
         memory_budget_bytes: if sees_memory {
@@ -462,50 +212,7 @@ fn stats_view(s: &StatsSnapshot, filter: &pb::StatsRequest, access: &Access) -> 
             0
         },
         memory_used_bytes: if sees_memory { s.memory_used_bytes } else { 0 },
-        storage: Some(storage_to_pb(&s.storage)),
-    }
-}
-
-fn storage_to_pb(s: &StorageStatus) -> pb::StorageStats {
-    pb::StorageStats {
-        engine: s.engine.to_owned(),
-        fsync: s.fsync.clone().unwrap_or_default(),
-        failed: s.failure.is_some(),
-        failure_reason: s.failure.clone().unwrap_or_default(),
-        recovery: Some(pb::RecoveryStats {
-            torn_tail_bytes: s.recovery.torn_tail_bytes,
-            torn_tail_records: s.recovery.torn_tail_records,
-            files_repaired: s.recovery.files_repaired,
-            missing_files: s.recovery.missing.clone(),
-            records_replayed: s.recovery.entries,
-        }),
-    }
-}
-
-fn consume_commands(r: ReceivedConsumeRequest) -> ConsumeCommands {
-    ConsumeCommands {
-        credits: r.credits,
-        acks: r
-            .acks
-            .into_iter()
-            .map(|a| (a.lease_id, (!a.result.is_empty()).then_some(a.result)))
-            .collect(),
-        nacks: r
-            .nacks
-            .into_iter()
-            .map(|n| NackCommand {
-                lease_id: n.lease_id,
-                error: n.error,
-                retry_delay_ms: (n.retry_delay_ms > 0).then_some(n.retry_delay_ms),
-                dead_letter: n.dead_letter,
-            })
-            .collect(),
-        extends: r
-            .extends
-            .into_iter()
-            .map(|e| (e.lease_id, e.visibility_timeout_ms))
-            .collect(),
-        stop: r.stop,
+        storage: Some(pb::StorageStats::from(&s.storage)),
     }
 }
 
@@ -529,27 +236,8 @@ async fn publish_logged(
     req: pb::PublishRequest,
 ) -> Result<Logged<Vec<Appended>>, BrokerError> {
     access.check(Action::Publish, "topic", &req.topic)?;
-    let messages = req
-        .messages
-        .into_iter()
-        .map(|m| NewMessage {
-            payload: m.payload,
-            headers: m.headers,
-            key: m.key,
-            idempotency_key: opt_string(m.idempotency_key),
-        })
-        .collect();
+    let messages = req.messages.into_iter().map(NewMessage::from).collect();
     broker.publish_logged(&req.topic, messages).await
-}
-
-fn publish_results(results: Vec<Appended>) -> Vec<pb::PublishResult> {
-    results
-        .into_iter()
-        .map(|r| pb::PublishResult {
-            sequence: r.sequence,
-            duplicate: r.duplicate,
-        })
-        .collect()
 }
 
 /// Authorizes one Enqueue request, converts its jobs and applies it (the broker validates
@@ -567,7 +255,7 @@ async fn enqueue_logged(
         .jobs
         .into_iter()
         .enumerate()
-        .map(|(i, spec)| job_spec(i, spec, now));
+        .map(|(i, spec)| convert::new_job(i, spec, now));
     broker.enqueue_logged(&req.queue, jobs, now).await
 }
 
@@ -627,13 +315,7 @@ where
 fn answer_parts<T: Default>(answer: Result<T, BrokerError>) -> (T, Option<pb::Refusal>) {
     match answer {
         Ok(results) => (results, None),
-        Err(e) => {
-            let refusal = pb::Refusal {
-                code: status::code(&e) as i32,
-                message: e.to_string(),
-            };
-            (T::default(), Some(refusal))
-        }
+        Err(e) => (T::default(), Some(pb::Refusal::from(&e))),
     }
 }
 
@@ -642,7 +324,7 @@ impl broker_server::Broker for BrokerService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
         let access = self.access(&request)?;
         let logged = publish_logged(self.broker.clone(), access, request.into_inner()).await?;
-        let results = publish_results(self.broker.confirm(logged).await?);
+        let results = convert::publish_results(self.broker.confirm(logged).await?);
         Ok(Response::new(pb::PublishResponse { results }))
     }
 
@@ -663,7 +345,7 @@ impl broker_server::Broker for BrokerService {
             request.into_inner(),
             publish_logged,
             |answer| {
-                let (results, refused) = answer_parts(answer.map(publish_results));
+                let (results, refused) = answer_parts(answer.map(convert::publish_results));
                 pb::PublishStreamResponse { results, refused }
             },
         );
@@ -683,54 +365,7 @@ impl broker_server::Broker for BrokerService {
         let req = request.into_inner();
         let pattern = Pattern::parse("pattern", &req.pattern)?;
         access.check_pattern(Action::Subscribe, "pattern", &pattern)?;
-        let start = match pb::StartPosition::try_from(req.start) {
-            Ok(pb::StartPosition::Unspecified | pb::StartPosition::Latest) => Start::Latest,
-            Ok(pb::StartPosition::Earliest) => Start::Earliest,
-            Ok(pb::StartPosition::Sequence) => Start::Sequence(req.start_sequence),
-            Ok(pb::StartPosition::Time) => Start::Time(req.start_time_unix_ms),
-            Err(_) => {
-                return Err(BrokerError::invalid(
-                    "start",
-                    format!("{} is not a StartPosition", req.start),
-                )
-                .into());
-            }
-        };
-        let on_gap = match pb::GapPolicy::try_from(req.on_gap) {
-            Ok(pb::GapPolicy::Unspecified | pb::GapPolicy::Notify) => GapPolicy::Notify,
-            Ok(pb::GapPolicy::EndStream) => GapPolicy::EndStream,
-            Err(_) => {
-                return Err(BrokerError::invalid(
-                    "on_gap",
-                    format!("{} is not a GapPolicy", req.on_gap),
-                )
-                .into());
-            }
-        };
-        let max_batch_limit = self.broker.limits().max_batch;
-        if req.max_batch as usize > max_batch_limit {
-            return Err(BrokerError::over_limit(
-                "max_batch",
-                req.max_batch as u64,
-                max_batch_limit as u64,
-                "messages",
-            )
-            .into());
-        }
-        for topic in req.resume_from.keys() {
-            crate::broker::domain::names::validate_name("resume_from", topic)?;
-        }
-        let spec = SubscribeSpec {
-            pattern,
-            start,
-            resume_from: req.resume_from.into_iter().collect(),
-            on_gap,
-            max_batch: if req.max_batch == 0 {
-                max_batch_limit
-            } else {
-                req.max_batch as usize
-            },
-        };
+        let spec = convert::subscribe_spec(req, pattern, self.broker.limits().max_batch)?;
         let recheck_pattern = spec.pattern.clone();
         let subscription = self.broker.subscribe(spec)?;
         let stream = self.hold_stream(
@@ -740,7 +375,10 @@ impl broker_server::Broker for BrokerService {
             }),
         );
         let subscription = subscription.ending_on(stream.ends_on.clone());
-        let batches = subscription.map(|item| item.map(batch_to_pb).map_err(Status::from));
+        let batches = subscription.map(|item| {
+            item.map(EncodedSubscribeResponse::from)
+                .map_err(Status::from)
+        });
         Ok(Response::new(stream.respond(batches)))
     }
 
@@ -748,18 +386,11 @@ impl broker_server::Broker for BrokerService {
         let access = self.access(&request)?;
         let req = request.into_inner();
         access.check(Action::Admin, "name", &req.name)?;
-        let defaults = Retention::default();
-        let r = req.retention.unwrap_or_default();
-        let pick = |v: u64, d: u64| if v == 0 { d } else { v };
-        let retention = Retention {
-            max_messages: pick(r.max_messages, defaults.max_messages),
-            max_bytes: pick(r.max_bytes, defaults.max_bytes),
-            max_age_ms: pick(r.max_age_ms, defaults.max_age_ms),
-        };
+        let retention = Retention::from(req.retention.unwrap_or_default());
         let effective = self.broker.create_topic(&req.name, retention).await?;
         Ok(Response::new(pb::TopicInfo {
             name: req.name,
-            retention: Some(retention_to_pb(effective)),
+            retention: Some(effective.into()),
         }))
     }
 
@@ -810,8 +441,7 @@ impl broker_server::Broker for BrokerService {
         access.check(Action::Consume, "queue", &req.queue)?;
         let params = LeaseParams {
             max_jobs: req.max_jobs as usize,
-            visibility_timeout_ms: (req.visibility_timeout_ms > 0)
-                .then_some(req.visibility_timeout_ms),
+            visibility_timeout_ms: convert::given(req.visibility_timeout_ms),
             wait_ms: req.wait_ms,
             consumer: req.consumer,
             address,
@@ -830,7 +460,7 @@ impl broker_server::Broker for BrokerService {
             .into_inner()
             .acks
             .into_iter()
-            .map(|a| (a.lease_id, (!a.result.is_empty()).then_some(a.result)))
+            .map(|a| (a.lease_id, convert::given(a.result)))
             .collect();
         self.broker.ack_as(&access, acks).await?;
         Ok(Response::new(pb::AckResponse {}))
@@ -845,12 +475,12 @@ impl broker_server::Broker for BrokerService {
                 &access,
                 &req.lease_id,
                 req.error,
-                (req.retry_delay_ms > 0).then_some(req.retry_delay_ms),
+                convert::given(req.retry_delay_ms),
                 req.dead_letter,
             )
             .await?;
         Ok(Response::new(pb::NackResponse {
-            state: state_to_pb(state) as i32,
+            state: pb::JobState::from(state) as i32,
             next_attempt_unix_ms: at.unwrap_or(0),
         }))
     }
@@ -889,16 +519,15 @@ impl broker_server::Broker for BrokerService {
             queue: first.queue.clone(),
             consumer: first.consumer.clone(),
             address,
-            visibility_timeout_ms: (first.visibility_timeout_ms > 0)
-                .then_some(first.visibility_timeout_ms),
+            visibility_timeout_ms: convert::given(first.visibility_timeout_ms),
             ends_on: Some(stream.ends_on.clone()),
         };
         // The client side ends at its first transport error; what it held is released.
         let rest = inbound
             .take_while(|r| futures::future::ready(r.is_ok()))
             .filter_map(|r| futures::future::ready(r.ok()))
-            .map(consume_commands);
-        let commands = futures::stream::iter([consume_commands(first)]).chain(rest);
+            .map(ConsumeCommands::from);
+        let commands = futures::stream::iter([ConsumeCommands::from(first)]).chain(rest);
         let queue: Arc<str> = Arc::from(spec.queue.as_str());
         let events = self.broker.consume(spec, Box::pin(commands))?;
         let responses = events.map(move |event| {
@@ -914,11 +543,7 @@ impl broker_server::Broker for BrokerService {
                     jobs: Vec::new(),
                     errors: refused
                         .into_iter()
-                        .map(|(lease_id, e)| pb::SettleError {
-                            lease_id,
-                            code: status::code(&e) as i32,
-                            message: e.to_string(),
-                        })
+                        .map(|(lease_id, e)| convert::settle_error(lease_id, &e))
                         .collect(),
                 },
             })
@@ -943,19 +568,19 @@ impl broker_server::Broker for BrokerService {
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Reply<pb::Job> {
         let access = self.access(&request)?;
         let req = request.into_inner();
-        let queue = opt_string(req.queue);
+        let queue = convert::given(req.queue);
         if let Some(queue) = &queue {
             access.check_any(JOB_READERS, "queue", queue)?;
         }
         let (queue, job) = self.broker.get_job(&req.id, queue.as_deref())?;
         access.check_any(JOB_READERS, "id", &queue)?;
-        Ok(Response::new(job_to_pb(&queue, job)))
+        Ok(Response::new(convert::job(&queue, job)))
     }
 
     async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Reply<pb::Job> {
         let access = self.access(&request)?;
         let req = request.into_inner();
-        let queue = match opt_string(req.queue) {
+        let queue = match convert::given(req.queue) {
             Some(queue) => {
                 access.check_any(QUEUE_WRITERS, "queue", &queue)?;
                 Some(queue)
@@ -969,7 +594,7 @@ impl broker_server::Broker for BrokerService {
             None => None,
         };
         let (queue, job) = self.broker.cancel_job(&req.id, queue.as_deref()).await?;
-        Ok(Response::new(job_to_pb(&queue, job)))
+        Ok(Response::new(convert::job(&queue, job)))
     }
 
     async fn list_jobs(
@@ -979,12 +604,15 @@ impl broker_server::Broker for BrokerService {
         let access = self.access(&request)?;
         let req = request.into_inner();
         access.check(Action::Admin, "queue", &req.queue)?;
-        let state = state_from_pb("state", req.state)?;
+        let state = convert::job_state("state", req.state)?;
         let (jobs, next) =
             self.broker
                 .list_jobs(&req.queue, state, req.page_size as usize, &req.page_token)?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.into_iter().map(|j| job_to_pb(&req.queue, j)).collect(),
+            jobs: jobs
+                .into_iter()
+                .map(|j| convert::job(&req.queue, j))
+                .collect(),
             next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
         }))
     }
@@ -998,7 +626,10 @@ impl broker_server::Broker for BrokerService {
         access.check(Action::Admin, "queue", &req.queue)?;
         let jobs = self.broker.job_history(&req.queue, req.limit as usize)?;
         Ok(Response::new(pb::JobHistoryResponse {
-            jobs: jobs.into_iter().map(|j| job_to_pb(&req.queue, j)).collect(),
+            jobs: jobs
+                .into_iter()
+                .map(|j| convert::job(&req.queue, j))
+                .collect(),
         }))
     }
 
@@ -1006,20 +637,20 @@ impl broker_server::Broker for BrokerService {
         let access = self.access(&request)?;
         let req = request.into_inner();
         access.check(Action::Admin, "name", &req.name)?;
-        let patch = policy_patch(req.policy, false);
+        let patch = convert::policy_patch(req.policy, false);
         check_policy_reach(&access, &patch)?;
         let info = self.broker.create_queue(&req.name, patch).await?;
-        Ok(Response::new(queue_info_to_pb(info)))
+        Ok(Response::new(info.into()))
     }
 
     async fn update_queue(&self, request: Request<pb::UpdateQueueRequest>) -> Reply<pb::QueueInfo> {
         let access = self.access(&request)?;
         let req = request.into_inner();
         access.check(Action::Admin, "name", &req.name)?;
-        let patch = policy_patch(req.policy, true);
+        let patch = convert::policy_patch(req.policy, true);
         check_policy_reach(&access, &patch)?;
         let info = self.broker.update_queue(&req.name, patch).await?;
-        Ok(Response::new(queue_info_to_pb(info)))
+        Ok(Response::new(info.into()))
     }
 
     async fn purge_queue(
@@ -1049,7 +680,7 @@ impl broker_server::Broker for BrokerService {
         let name = request.into_inner().name;
         access.check(Action::Admin, "name", &name)?;
         let info = self.broker.set_paused(&name, true).await?;
-        Ok(Response::new(queue_info_to_pb(info)))
+        Ok(Response::new(info.into()))
     }
 
     async fn resume_queue(&self, request: Request<pb::ResumeQueueRequest>) -> Reply<pb::QueueInfo> {
@@ -1057,7 +688,7 @@ impl broker_server::Broker for BrokerService {
         let name = request.into_inner().name;
         access.check(Action::Admin, "name", &name)?;
         let info = self.broker.set_paused(&name, false).await?;
-        Ok(Response::new(queue_info_to_pb(info)))
+        Ok(Response::new(info.into()))
     }
 
     async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Reply<pb::RedriveResponse> {
@@ -1074,10 +705,7 @@ impl broker_server::Broker for BrokerService {
                 &access,
             )
             .await?;
-        Ok(Response::new(pb::RedriveResponse {
-            redriven: outcome.redriven,
-            skipped_ids: outcome.skipped.iter().map(|u| u.to_string()).collect(),
-        }))
+        Ok(Response::new(outcome.into()))
     }
 
     async fn list_queues(
@@ -1091,7 +719,7 @@ impl broker_server::Broker for BrokerService {
                 .list_queues()
                 .into_iter()
                 .filter(|q| access.allows_name(Action::Admin, &q.name))
-                .map(queue_info_to_pb)
+                .map(pb::QueueInfo::from)
                 .collect(),
         }))
     }
@@ -1119,20 +747,7 @@ impl broker_server::Broker for BrokerService {
             .as_ref()
             .map_or_else(Access::open, Credentials::access);
         let req = request.into_inner();
-        let interval_ms = match req.interval_ms {
-            0 => 1_000,
-            v if v < 100 => {
-                return Err(BrokerError::invalid(
-                    "interval_ms",
-                    format!("{v} ms is below the minimum of 100 ms"),
-                )
-                .into());
-            }
-            v => {
-                check_duration_ms("interval_ms", v.into(), MAX_WATCH_INTERVAL_MS)?;
-                v.into()
-            }
-        };
+        let interval_ms = convert::watch_interval_ms(req.interval_ms)?;
         let filter = Arc::new(req.filter.unwrap_or_default());
         check_stats_filter(&access, &filter.queues, &filter.topics)?;
         // Without a filter a watcher sees what its grant in force lets it administer;
@@ -1178,14 +793,7 @@ impl broker_server::Broker for BrokerService {
         Ok(Response::new(pb::ListConsumersResponse {
             consumers: consumers
                 .into_iter()
-                .map(|(name, c)| pb::ConsumerInfo {
-                    name: name.to_string(),
-                    address: c.address,
-                    leases_held: c.leases_held,
-                    last_seen_unix_ms: c.last_seen,
-                    done: c.done,
-                    failed: c.failed,
-                })
+                .map(|(name, c)| convert::consumer_info(&name, c))
                 .collect(),
         }))
     }

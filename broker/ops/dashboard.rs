@@ -21,7 +21,9 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::domain::queue::QueueCounts;
 use crate::broker::domain::time::Millis;
+use crate::broker::engine::stats::TopicCounts;
 use crate::broker::engine::{Broker, StatsSnapshot};
 use crate::broker::ops::{AppState, HttpOptions};
 use crate::broker::sync::lock;
@@ -34,64 +36,26 @@ const MAX_WORKERS: usize = 200;
 /// Workers idle for longer than this (and holding no lease) are left out of frames.
 const WORKER_IDLE_MS: u64 = 10 * 60 * 1000;
 
-/// One queue's row.
+/// One queue's row: its counters as the engine's snapshot holds them, and its depth.
 #[derive(Debug, Clone, Serialize)]
-pub struct QueueView {
+pub struct QueueRow<'a> {
     /// Name.
-    pub name: String,
-    /// Visible jobs.
-    pub pending: u64,
-    /// Jobs waiting for their first run time.
-    pub scheduled: u64,
-    /// Leased jobs.
-    pub leased: u64,
-    /// Jobs waiting for a retry.
-    pub retrying: u64,
-    /// Live jobs (the sum of the four above).
+    pub name: &'a str,
+    /// The snapshot's counters, as fields of the row.
+    #[serde(flatten)]
+    pub counts: &'a QueueCounts,
+    /// Live jobs (pending, scheduled, leased and retrying), the charts' trend line.
     pub depth: u64,
-    /// Enqueued since start.
-    pub enqueued: u64,
-    /// Acked since start.
-    pub completed: u64,
-    /// Failed deliveries since start.
-    pub failed: u64,
-    /// Dead-lettered since start.
-    pub dead: u64,
-    /// Cancelled or purged since start.
-    pub cancelled: u64,
-    /// Age of the oldest visible job, ms.
-    pub oldest_pending_age_ms: u64,
-    /// Enqueues per second over the last 10 s.
-    pub enqueue_rate: f64,
-    /// Acks per second over the last 10 s.
-    pub ack_rate: f64,
-    /// Active consumers.
-    pub consumers: u32,
-    /// Leasing paused.
-    pub paused: bool,
 }
 
-/// One topic's row.
-#[derive(Debug, Clone, Serialize)]
-pub struct TopicView {
-    /// Name.
-    pub name: String,
-    /// Oldest retained sequence (0 if empty).
-    pub first_sequence: u64,
-    /// Newest sequence.
-    pub last_sequence: u64,
-    /// Retained messages.
-    pub retained_messages: u64,
-    /// Retained payload bytes.
-    pub retained_bytes: u64,
-    /// Open matching subscriptions.
-    pub subscribers: u32,
-    /// Gaps reported to subscribers since start.
-    pub gaps: u64,
-    /// Published since start.
-    pub published: u64,
-    /// Publishes per second over the last 10 s.
-    pub publish_rate: f64,
+impl<'a> QueueRow<'a> {
+    fn of((name, counts): &'a (String, QueueCounts)) -> Self {
+        Self {
+            name,
+            counts,
+            depth: counts.pending + counts.scheduled + counts.leased + counts.retrying,
+        }
+    }
 }
 
 /// One worker's row.
@@ -136,21 +100,22 @@ pub struct Sample {
     pub published_per_s: f64,
 }
 
-/// What an open page receives once per sample.
+/// What an open page receives once per sample: the engine's snapshot as it is, with the
+/// workers and the chart point.
 #[derive(Debug, Clone, Serialize)]
-pub struct Frame {
+pub struct Frame<'a> {
     /// When the stats were taken, unix ms.
     pub taken_at_unix_ms: Millis,
     /// The sample interval, ms (the charts' x step).
     pub interval_ms: u64,
     /// Queues by name.
-    pub queues: Vec<QueueView>,
+    pub queues: Vec<QueueRow<'a>>,
     /// Topics by name.
-    pub topics: Vec<TopicView>,
+    pub topics: &'a [TopicCounts],
     /// Workers, most recently seen first.
     pub workers: Vec<WorkerView>,
     /// The chart point of this frame.
-    pub sample: Sample,
+    pub sample: &'a Sample,
 }
 
 /// Counter totals of one snapshot, for throughput between samples.
@@ -179,57 +144,18 @@ impl Totals {
     }
 }
 
-fn queue_views(s: &StatsSnapshot) -> Vec<QueueView> {
-    s.queues
+fn worker_views(broker: &Broker, s: &StatsSnapshot) -> Vec<WorkerView> {
+    let now = s.taken_at;
+    let mut out: Vec<WorkerView> = s
+        .queues
         .iter()
-        .map(|(name, c)| QueueView {
-            name: name.clone(),
-            pending: c.pending,
-            scheduled: c.scheduled,
-            leased: c.leased,
-            retrying: c.retrying,
-            depth: c.pending + c.scheduled + c.leased + c.retrying,
-            enqueued: c.enqueued,
-            completed: c.completed,
-            failed: c.failed,
-            dead: c.dead,
-            cancelled: c.cancelled,
-            oldest_pending_age_ms: c.oldest_pending_age_ms,
-            enqueue_rate: c.enqueue_rate,
-            ack_rate: c.ack_rate,
-            consumers: c.consumers,
-            paused: c.paused,
-        })
-        .collect()
-}
-
-fn topic_views(s: &StatsSnapshot) -> Vec<TopicView> {
-    s.topics
-        .iter()
-        .map(|t| TopicView {
-            name: t.name.clone(),
-            first_sequence: t.first_sequence,
-            last_sequence: t.last_sequence,
-            retained_messages: t.retained_messages,
-            retained_bytes: t.retained_bytes,
-            subscribers: t.subscribers,
-            gaps: t.gaps,
-            published: t.published,
-            publish_rate: t.publish_rate,
-        })
-        .collect()
-}
-
-fn worker_views(broker: &Broker, queues: &[QueueView], now: Millis) -> Vec<WorkerView> {
-    let mut out: Vec<WorkerView> = queues
-        .iter()
-        .filter_map(|q| broker.list_consumers(&q.name).ok().map(|c| (q, c)))
-        .flat_map(|(q, consumers)| {
+        .filter_map(|(queue, _)| broker.list_consumers(queue).ok().map(|c| (queue, c)))
+        .flat_map(|(queue, consumers)| {
             consumers
                 .into_iter()
                 .filter(|(_, c)| c.leases_held > 0 || c.last_seen + WORKER_IDLE_MS > now)
                 .map(|(name, c)| WorkerView {
-                    queue: q.name.clone(),
+                    queue: queue.clone(),
                     name: name.to_string(),
                     address: c.address,
                     leases_held: c.leases_held,
@@ -258,41 +184,46 @@ fn per_second(now: u64, before: u64, elapsed_ms: u64) -> f64 {
     now.saturating_sub(before) as f64 * 1000.0 / elapsed_ms as f64
 }
 
-fn sample(queues: &[QueueView], totals: Totals, previous: Option<Totals>) -> Sample {
-    let mut s = Sample {
+fn sample(s: &StatsSnapshot, totals: Totals, previous: Option<Totals>) -> Sample {
+    let mut sample = Sample {
         t: totals.at,
         ..Sample::default()
     };
-    for q in queues {
-        s.pending += q.pending;
-        s.scheduled += q.scheduled;
-        s.leased += q.leased;
-        s.retrying += q.retrying;
+    for (_, c) in &s.queues {
+        sample.pending += c.pending;
+        sample.scheduled += c.scheduled;
+        sample.leased += c.leased;
+        sample.retrying += c.retrying;
     }
     if let Some(p) = previous {
         let dt = totals.at.saturating_sub(p.at);
-        s.enqueued_per_s = per_second(totals.enqueued, p.enqueued, dt);
-        s.acked_per_s = per_second(totals.completed, p.completed, dt);
-        s.failed_per_s = per_second(totals.failed, p.failed, dt);
-        s.published_per_s = per_second(totals.published, p.published, dt);
+        sample.enqueued_per_s = per_second(totals.enqueued, p.enqueued, dt);
+        sample.acked_per_s = per_second(totals.completed, p.completed, dt);
+        sample.failed_per_s = per_second(totals.failed, p.failed, dt);
+        sample.published_per_s = per_second(totals.published, p.published, dt);
     }
-    s
+    sample
 }
 
-/// Takes one frame of the broker's state.
-fn take_frame(broker: &Broker, interval_ms: u64, previous: Option<Totals>) -> (Frame, Totals) {
+/// Takes one frame of the broker's state: the frame, encoded, and its chart point.
+fn take_frame(
+    broker: &Broker,
+    interval_ms: u64,
+    previous: Option<Totals>,
+) -> (Arc<str>, Sample, Totals) {
     let stats = broker.stats(&[], &[]);
     let totals = Totals::of(&stats);
-    let queues = queue_views(&stats);
+    let sample = sample(&stats, totals, previous);
     let frame = Frame {
         taken_at_unix_ms: stats.taken_at,
         interval_ms,
-        workers: worker_views(broker, &queues, stats.taken_at),
-        topics: topic_views(&stats),
-        sample: sample(&queues, totals, previous),
-        queues,
+        queues: stats.queues.iter().map(QueueRow::of).collect(),
+        topics: &stats.topics,
+        workers: worker_views(broker, &stats),
+        sample: &sample,
     };
-    (frame, totals)
+    let encoded = encode(&frame);
+    (encoded, sample, totals)
 }
 
 struct Shared {
@@ -317,8 +248,8 @@ impl Sampler {
             history: Mutex::new(VecDeque::with_capacity(options.history.min(4096))),
             capacity: options.history.max(1),
         });
-        let (first, mut totals) = take_frame(&broker, interval_ms, None);
-        let (tx, rx) = watch::channel(encode(&first));
+        let (first, _, mut totals) = take_frame(&broker, interval_ms, None);
+        let (tx, rx) = watch::channel(first);
         let sampler = Self {
             shared: shared.clone(),
             frames: rx,
@@ -333,17 +264,17 @@ impl Sampler {
                     _ = stop.cancelled() => return,
                     _ = ticker.tick() => {}
                 }
-                let (frame, now) = take_frame(&broker, interval_ms, Some(totals));
+                let (frame, sample, now) = take_frame(&broker, interval_ms, Some(totals));
                 totals = now;
                 {
                     let mut history = lock(&shared.history);
                     if history.len() == shared.capacity {
                         history.pop_front();
                     }
-                    history.push_back(frame.sample.clone());
+                    history.push_back(sample);
                 }
                 // Nobody may be watching; the frame is still kept for the next viewer.
-                tx.send_replace(encode(&frame));
+                tx.send_replace(frame);
             }
         });
         sampler
@@ -394,4 +325,86 @@ pub(super) async fn events(
         .map(|frame| Ok(Event::default().event("stats").data(&*frame)))
         .take_until(shutdown);
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(row: &serde_json::Value) -> Vec<&str> {
+        let mut names: Vec<&str> = row
+            .as_object()
+            .expect("a row is an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn frame_rows_have_the_fields_the_page_reads() {
+        let snapshot = StatsSnapshot {
+            queues: vec![(
+                "q".into(),
+                QueueCounts {
+                    pending: 1,
+                    leased: 2,
+                    ..QueueCounts::default()
+                },
+            )],
+            topics: vec![TopicCounts {
+                name: "t".into(),
+                ..TopicCounts::default()
+            }],
+            ..StatsSnapshot::default()
+        };
+        let sample = Sample::default();
+        let frame = Frame {
+            taken_at_unix_ms: 0,
+            interval_ms: 1_000,
+            queues: snapshot.queues.iter().map(QueueRow::of).collect(),
+            topics: &snapshot.topics,
+            workers: Vec::new(),
+            sample: &sample,
+        };
+        let json = serde_json::to_value(&frame).expect("frames serialise");
+        assert_eq!(
+            fields(&json["queues"][0]),
+            [
+                "ack_rate",
+                "cancelled",
+                "completed",
+                "consumers",
+                "dead",
+                "depth",
+                "enqueue_rate",
+                "enqueued",
+                "failed",
+                "leased",
+                "name",
+                "oldest_pending_age_ms",
+                "paused",
+                "pending",
+                "retrying",
+                "scheduled",
+            ]
+        );
+        assert_eq!(json["queues"][0]["name"], "q");
+        assert_eq!(json["queues"][0]["depth"], 3);
+        assert_eq!(
+            fields(&json["topics"][0]),
+            [
+                "first_sequence",
+                "gaps",
+                "last_sequence",
+                "name",
+                "publish_rate",
+                "published",
+                "retained_bytes",
+                "retained_messages",
+                "subscribers",
+            ]
+        );
+    }
 }

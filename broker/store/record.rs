@@ -113,6 +113,10 @@ fn id_bytes(id: &Uuid) -> Bytes {
     Bytes::copy_from_slice(id.as_bytes())
 }
 
+/// The record value of a state. The WAL has its own `State` enum rather than the API's
+/// `JobState`: it is the file format, which must read back the same whatever the API
+/// does (no `UNSPECIFIED`, other numbers). This match is its one mapping; the way back
+/// ([`state_from_pb`]) searches it.
 fn state_to_pb(state: JobState) -> pb::State {
     match state {
         JobState::Scheduled => pb::State::Scheduled,
@@ -125,18 +129,16 @@ fn state_to_pb(state: JobState) -> pb::State {
     }
 }
 
+/// The state a record value names; `None` for a value no state maps to.
 pub(crate) fn state_from_pb(value: i32) -> Option<JobState> {
-    Some(match pb::State::try_from(value).ok()? {
-        pb::State::Scheduled => JobState::Scheduled,
-        pb::State::Pending => JobState::Pending,
-        pb::State::Leased => JobState::Leased,
-        pb::State::Retrying => JobState::Retrying,
-        pb::State::Completed => JobState::Completed,
-        pb::State::Dead => JobState::Dead,
-        pb::State::Cancelled => JobState::Cancelled,
-    })
+    JobState::ALL
+        .into_iter()
+        .find(|s| state_to_pb(*s) as i32 == value)
 }
 
+/// The record form of a policy. Not the API's `QueuePolicy` (mapped in `grpc::convert`):
+/// a record keeps the policy as it is, with no "unset means default" reading, and its
+/// format must not follow API changes.
 pub(crate) fn policy_to_pb(p: &QueuePolicy) -> pb::Policy {
     let mut out = pb::Policy {
         visibility_timeout_ms: p.visibility_timeout_ms,
@@ -166,6 +168,7 @@ pub(crate) fn policy_to_pb(p: &QueuePolicy) -> pb::Policy {
     out
 }
 
+/// The policy a record holds.
 pub(crate) fn policy_from_pb(p: pb::Policy) -> QueuePolicy {
     QueuePolicy {
         visibility_timeout_ms: p.visibility_timeout_ms,
@@ -569,6 +572,20 @@ mod tests {
             read_frame(&data[..data.len() - 1], next),
             Err(FrameError::Truncated)
         );
+    }
+
+    #[test]
+    fn every_record_state_maps_to_a_domain_state_and_back() {
+        let records: Vec<pb::State> = (0..)
+            .map_while(|value| pb::State::try_from(value).ok())
+            .collect();
+        assert_eq!(records.len(), JobState::ALL.len());
+        for record in records {
+            let state = state_from_pb(record as i32).expect("every record state is known");
+            assert_eq!(state_to_pb(state), record);
+        }
+        let past_the_last = JobState::ALL.len() as i32;
+        assert_eq!(state_from_pb(past_the_last), None);
     }
 
     #[test]

@@ -734,13 +734,7 @@ async fn queue_status(State(app): State<App>) -> ApiResult {
 }
 
 fn job_state(state: i32) -> String {
-    pb::JobState::try_from(state)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("JOB_STATE_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| format!("unknown({state})"))
+    sluice::client::job_state_name(state).unwrap_or_else(|| format!("unknown({state})"))
 }
 
 fn job_json(job: &pb::Job) -> Value {

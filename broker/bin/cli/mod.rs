@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 
-use sluice::client::{ConnectOptions, Rpc};
+use sluice::client::{ConnectOptions, Rpc, job_state_name, job_state_named};
 use sluice::pb;
 use sluice::pb::broker_client::BrokerClient;
 use table::{Table, age, count, rate};
@@ -423,90 +423,33 @@ fn print_text(s: &str) -> Result<()> {
 }
 
 fn state_name(state: i32) -> String {
-    pb::JobState::try_from(state)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("JOB_STATE_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| state.to_string())
+    job_state_name(state).unwrap_or_else(|| state.to_string())
 }
 
 fn parse_state(s: &str) -> Result<pb::JobState> {
-    Ok(match s.to_ascii_lowercase().as_str() {
-        "live" | "all" => pb::JobState::Unspecified,
-        "scheduled" => pb::JobState::Scheduled,
-        "pending" => pb::JobState::Pending,
-        "leased" => pb::JobState::Leased,
-        "retrying" => pb::JobState::Retrying,
-        "completed" => pb::JobState::Completed,
-        "dead" | "failed" => pb::JobState::Dead,
-        "cancelled" => pb::JobState::Cancelled,
-        other => {
-            return Err(CliError::Usage(format!(
-                "--state {other:?}: expected live, scheduled, pending, leased, retrying, completed, dead or cancelled"
-            )));
-        }
-    })
+    match s.to_ascii_lowercase().as_str() {
+        "live" | "all" => Ok(pb::JobState::Unspecified),
+        "failed" => Ok(pb::JobState::Dead),
+        name => job_state_named(name).ok_or_else(|| {
+            CliError::Usage(format!(
+                "--state {name:?}: expected live, scheduled, pending, leased, retrying, completed, dead or cancelled"
+            ))
+        }),
+    }
 }
 
-fn queue_stats_json(q: &pb::QueueStats) -> Value {
-    json!({
-        "name": q.name,
-        "pending": q.pending,
-        "scheduled": q.scheduled,
-        "leased": q.leased,
-        "retrying": q.retrying,
-        "enqueued": q.enqueued,
-        "completed": q.completed,
-        "failed": q.failed,
-        "dead": q.dead,
-        "cancelled": q.cancelled,
-        "oldest_pending_age_ms": q.oldest_pending_age_ms,
-        "enqueue_rate": q.enqueue_rate,
-        "ack_rate": q.ack_rate,
-        "consumers": q.consumers,
-        "paused": q.paused,
-    })
-}
-
-fn topic_stats_json(t: &pb::TopicStats) -> Value {
-    json!({
-        "name": t.name,
-        "first_sequence": t.first_sequence,
-        "last_sequence": t.last_sequence,
-        "retained_messages": t.retained_messages,
-        "retained_bytes": t.retained_bytes,
-        "subscribers": t.subscribers,
-        "gaps": t.gaps,
-        "published": t.published,
-        "publish_rate": t.publish_rate,
-    })
-}
-
-fn storage_json(s: &pb::StorageStats) -> Value {
-    let r = s.recovery.clone().unwrap_or_default();
-    json!({
-        "engine": s.engine,
-        "fsync": s.fsync,
-        "failed": s.failed,
-        "failure_reason": s.failure_reason,
-        "recovery": {
-            "torn_tail_bytes": r.torn_tail_bytes,
-            "torn_tail_records": r.torn_tail_records,
-            "files_repaired": r.files_repaired,
-            "missing_files": r.missing_files,
-            "records_replayed": r.records_replayed,
-        },
-    })
-}
-
+/// A Stats response for `--json`: the queue, topic and storage messages as they are.
 fn stats_json(s: &pb::StatsResponse) -> Value {
+    // A broker always reports what recovery did; print zeros rather than null if not.
+    let storage = s.storage.clone().map(|mut storage| {
+        storage.recovery.get_or_insert_default();
+        storage
+    });
     json!({
         "taken_at_unix_ms": s.taken_at_unix_ms,
-        "queues": s.queues.iter().map(queue_stats_json).collect::<Vec<_>>(),
-        "topics": s.topics.iter().map(topic_stats_json).collect::<Vec<_>>(),
-        "storage": s.storage.as_ref().map(storage_json),
+        "queues": s.queues,
+        "topics": s.topics,
+        "storage": storage,
     })
 }
 
@@ -684,7 +627,7 @@ async fn queues(a: QueuesArgs) -> Result<()> {
                         "topic_bindings": policy.topic_bindings,
                         "history_limit": policy.history_limit,
                     },
-                    "stats": by_name.get(q.name.as_str()).map(|s| queue_stats_json(s)),
+                    "stats": by_name.get(q.name.as_str()),
                 })
             })
             .collect();
@@ -1193,21 +1136,7 @@ async fn consumers(a: ConsumersArgs) -> Result<()> {
         .await?
         .into_inner();
     if a.conn.json {
-        let out: Vec<Value> = res
-            .consumers
-            .iter()
-            .map(|c| {
-                json!({
-                    "name": c.name,
-                    "address": c.address,
-                    "leases_held": c.leases_held,
-                    "last_seen_unix_ms": c.last_seen_unix_ms,
-                    "done": c.done,
-                    "failed": c.failed,
-                })
-            })
-            .collect();
-        return print_json(&json!({ "queue": a.queue, "consumers": out }));
+        return print_json(&json!({ "queue": a.queue, "consumers": res.consumers }));
     }
     if res.consumers.is_empty() {
         return print_text(&format!("no consumers seen on {}\n", a.queue));

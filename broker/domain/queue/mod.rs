@@ -19,7 +19,7 @@ mod ready;
 mod seq_map;
 mod slots;
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -78,14 +78,19 @@ pub enum Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Self::Exponential {
-            initial_ms: 1_000,
-            max_ms: 300_000,
+            initial_ms: Self::DEFAULT_INITIAL_MS,
+            max_ms: Self::DEFAULT_MAX_MS,
             jitter: true,
         }
     }
 }
 
 impl Backoff {
+    /// First delay of the default exponential backoff, and of one that sets only its cap.
+    pub const DEFAULT_INITIAL_MS: u64 = 1_000;
+    /// Cap of the default exponential backoff, and of one that sets only its first delay.
+    pub const DEFAULT_MAX_MS: u64 = 300_000;
+
     /// Delay before retry number `retry` (1 for the first retry).
     pub fn delay_ms(&self, retry: u32) -> u64 {
         match self {
@@ -172,6 +177,18 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// Every state, for conversions that map a foreign enum back by searching it (one
+    /// exhaustive match per conversion, the other direction derived from it).
+    pub const ALL: [Self; 7] = [
+        Self::Scheduled,
+        Self::Pending,
+        Self::Leased,
+        Self::Retrying,
+        Self::Completed,
+        Self::Dead,
+        Self::Cancelled,
+    ];
+
     /// Whether the job is done with (it lives on only in history).
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Completed | Self::Dead | Self::Cancelled)
@@ -598,8 +615,9 @@ pub struct ConsumerState {
     pub failed: u64,
 }
 
-/// Counters for stats.
-#[derive(Debug, Clone, Default)]
+/// Counters for stats. Serialized as they are by the dashboard (`ops`), whose JSON rows
+/// use these field names.
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct QueueCounts {
     /// Visible, or waiting behind an ordering key.
     pub pending: u64,
@@ -815,13 +833,7 @@ impl Queue {
 
     /// How many of `jobs` are new (not duplicates of remembered keys or of each other).
     pub fn count_new(&mut self, now: Millis, keys: impl Iterator<Item = Option<String>>) -> u64 {
-        self.dedup.prune(now);
-        let mut seen = HashSet::new();
-        keys.filter(|k| match k {
-            Some(k) => !self.dedup.contains(k) && seen.insert(k.clone()),
-            None => true,
-        })
-        .count() as u64
+        self.dedup.count_new(now, keys)
     }
 
     /// Stores jobs, all or none: if the new ones do not fit under max depth nothing is

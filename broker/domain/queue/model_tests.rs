@@ -28,7 +28,7 @@
 //! seeds run, from which, and for how many steps (for longer soaks).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 
 use super::*;
