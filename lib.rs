@@ -58,6 +58,10 @@
 //! * `tests/`: integration tests over real gRPC on `127.0.0.1:0`; `tests/fuzz/` the fuzz
 //!   targets; `benches/compare/` the comparison harness.
 
+// Everything that is not the documented API above is `pub(crate)`, so the compiler finds
+// dead code.
+#![warn(unreachable_pub)]
+
 #[path = "proto/mod.rs"]
 pub mod pb;
 

@@ -12,8 +12,9 @@ use crate::broker::store::{RecoveryError, RecoveryReport, Storage};
 pub use crate::broker::domain::names::{MAX_NAME_BYTES, Pattern, validate_name};
 pub use crate::broker::domain::queue::{JobState, LeaseId, NewJob, Queue};
 pub use crate::broker::domain::topic::{NewMessage, Retention, Topic};
+pub use crate::broker::engine::admin::PolicyPatch;
+pub use crate::broker::engine::queues::LeaseParams;
 pub use crate::broker::engine::subscription::{Start, SubscribeSpec, Subscription};
-pub use crate::broker::engine::{LeaseParams, PolicyPatch};
 pub use crate::broker::grpc::service::BrokerService;
 pub use crate::broker::grpc::wire::broker_server;
 

@@ -32,9 +32,9 @@ use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::names::Pattern;
 use crate::broker::sync;
 
-pub mod streams;
+pub(super) mod streams;
 
-pub use streams::{Credentials, Recheck, StreamGuard};
+pub(crate) use streams::{Credentials, Recheck, StreamGuard};
 
 /// Something a token may be allowed to do on a name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -34,7 +34,7 @@ impl Credentials {
 
 /// A re-check of what an open stream needs, run against its token's new grant after a
 /// reload.
-pub type Recheck = Box<dyn Fn(&Access) -> Result<(), BrokerError> + Send + Sync>;
+pub(crate) type Recheck = Box<dyn Fn(&Access) -> Result<(), BrokerError> + Send + Sync>;
 
 /// One open stream, as the registry sees it.
 pub(super) struct HeldStream {

@@ -11,7 +11,7 @@ type KeyMap<V> = HashMap<String, (V, Millis), foldhash::fast::RandomState>;
 
 /// Idempotency keys remembered until their expiry, pruned oldest first.
 #[derive(Debug, Clone)]
-pub struct DedupWindow<V> {
+pub(crate) struct DedupWindow<V> {
     keys: KeyMap<V>,
     /// Every remembered key by expiry, in expiry order. A key remembered again keeps its
     /// older entry here; pruning skips an entry whose key now expires later.
@@ -29,7 +29,7 @@ impl<V> Default for DedupWindow<V> {
 
 impl<V: Copy> DedupWindow<V> {
     /// Forgets the keys whose expiry is at or before `now`.
-    pub fn prune(&mut self, now: Millis) {
+    pub(crate) fn prune(&mut self, now: Millis) {
         while let Some((expires, _)) = self.expiry.front() {
             if *expires > now {
                 break;
@@ -42,19 +42,19 @@ impl<V: Copy> DedupWindow<V> {
     }
 
     /// What `key` named, while it is remembered (call [`DedupWindow::prune`] first).
-    pub fn get(&self, key: &str) -> Option<V> {
+    pub(crate) fn get(&self, key: &str) -> Option<V> {
         self.keys.get(key).map(|(v, _)| *v)
     }
 
     /// Whether `key` is remembered.
-    pub fn contains(&self, key: &str) -> bool {
+    pub(crate) fn contains(&self, key: &str) -> bool {
         self.keys.contains_key(key)
     }
 
     /// Remembers `key` as naming `value` until `expires`. Expiries arrive out of order
     /// when a queue's window shrank, or when a snapshot is restored (its keys come in map
     /// order), so the entry is placed by expiry; the usual case appends.
-    pub fn insert(&mut self, key: String, value: V, expires: Millis) {
+    pub(crate) fn insert(&mut self, key: String, value: V, expires: Millis) {
         self.keys.insert(key.clone(), (value, expires));
         let at = match self.expiry.back() {
             Some((last, _)) if *last > expires => {
@@ -68,7 +68,11 @@ impl<V: Copy> DedupWindow<V> {
     /// How many of these idempotency keys (`None`: no key) would create something new:
     /// neither remembered at `now` nor repeated earlier in `keys`. Prunes first. A batch
     /// checks its room with this before storing anything.
-    pub fn count_new(&mut self, now: Millis, keys: impl Iterator<Item = Option<String>>) -> u64 {
+    pub(crate) fn count_new(
+        &mut self,
+        now: Millis,
+        keys: impl Iterator<Item = Option<String>>,
+    ) -> u64 {
         self.prune(now);
         let mut seen = HashSet::new();
         keys.filter(|k| match k {
@@ -79,13 +83,13 @@ impl<V: Copy> DedupWindow<V> {
     }
 
     /// Every remembered key with its value and expiry, for snapshots.
-    pub fn entries(&self) -> impl Iterator<Item = (&str, V, Millis)> {
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&str, V, Millis)> {
         self.keys.iter().map(|(k, (v, e))| (k.as_str(), *v, *e))
     }
 
     /// Whether nothing is remembered (not even an entry waiting to be pruned).
     #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.expiry.is_empty()
     }
 }

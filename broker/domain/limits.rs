@@ -6,33 +6,33 @@ use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::queue::BROKER_HEADER_PREFIX;
 
 /// Application headers of a message or job.
-pub type Headers = HashMap<String, String>;
+pub(crate) type Headers = HashMap<String, String>;
 
 /// Longest backoff delay (`initial_ms`, `max_ms`, each schedule entry) and explicit nack
 /// retry delay: 12 hours, the longest lease.
-pub const MAX_RETRY_DELAY_MS: u64 = 12 * 3600 * 1000;
+pub(crate) const MAX_RETRY_DELAY_MS: u64 = 12 * 3600 * 1000;
 /// Most entries in a backoff schedule.
-pub const MAX_BACKOFF_STEPS: usize = 100;
+pub(crate) const MAX_BACKOFF_STEPS: usize = 100;
 /// Longest dedup window of a queue: 7 days.
-pub const MAX_DEDUP_WINDOW_MS: u64 = 7 * 24 * 3600 * 1000;
+pub(crate) const MAX_DEDUP_WINDOW_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Highest `max_depth` of a queue.
-pub const MAX_QUEUE_DEPTH: u64 = 1_000_000_000;
+pub(crate) const MAX_QUEUE_DEPTH: u64 = 1_000_000_000;
 /// Highest `history_limit` of a queue.
-pub const MAX_HISTORY_LIMIT: u64 = 100_000;
+pub(crate) const MAX_HISTORY_LIMIT: u64 = 100_000;
 /// Most topic bindings of a queue.
-pub const MAX_TOPIC_BINDINGS: u64 = 100;
+pub(crate) const MAX_TOPIC_BINDINGS: u64 = 100;
 /// Highest retention `max_messages` of a topic.
-pub const MAX_RETENTION_MESSAGES: u64 = 1_000_000_000;
+pub(crate) const MAX_RETENTION_MESSAGES: u64 = 1_000_000_000;
 /// Highest retention `max_bytes` of a topic: 1 TiB.
-pub const MAX_RETENTION_BYTES: u64 = 1 << 40;
+pub(crate) const MAX_RETENTION_BYTES: u64 = 1 << 40;
 /// Longest retention `max_age_ms` of a topic: 365 days.
-pub const MAX_RETENTION_AGE_MS: u64 = 365 * 24 * 3600 * 1000;
+pub(crate) const MAX_RETENTION_AGE_MS: u64 = 365 * 24 * 3600 * 1000;
 /// Longest `delay_ms` of a job, and furthest `run_at_unix_ms` ahead: 365 days.
-pub const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
+pub(crate) const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
 /// Longest WatchStats `interval_ms`: 1 hour.
-pub const MAX_WATCH_INTERVAL_MS: u64 = 3600 * 1000;
+pub(crate) const MAX_WATCH_INTERVAL_MS: u64 = 3600 * 1000;
 /// Highest Redrive `rate_per_second`.
-pub const MAX_REDRIVE_RATE: u64 = 100_000;
+pub(crate) const MAX_REDRIVE_RATE: u64 = 100_000;
 
 /// The limits a broker enforces on requests.
 #[derive(Debug, Clone)]
@@ -200,14 +200,14 @@ impl Limits {
 /// so a worker reading `X-Sluice-Attempts` is not fooled either). Producers may not set
 /// such headers: what the broker records there (the queue a dead letter came from, its
 /// attempts and last error, a binding's topic sequence) is then always its own.
-pub fn is_reserved_header(key: &str) -> bool {
+pub(crate) fn is_reserved_header(key: &str) -> bool {
     key.len() >= BROKER_HEADER_PREFIX.len()
         && key.as_bytes()[..BROKER_HEADER_PREFIX.len()]
             .eq_ignore_ascii_case(BROKER_HEADER_PREFIX.as_bytes())
 }
 
 /// Checks a count against an inclusive maximum.
-pub fn check_count(field: &str, value: u64, max: u64) -> Result<(), BrokerError> {
+pub(crate) fn check_count(field: &str, value: u64, max: u64) -> Result<(), BrokerError> {
     if value > max {
         return Err(BrokerError::over_limit(field, value, max, ""));
     }
@@ -215,7 +215,7 @@ pub fn check_count(field: &str, value: u64, max: u64) -> Result<(), BrokerError>
 }
 
 /// Checks a duration against an inclusive maximum.
-pub fn check_duration_ms(field: &str, value: u64, max: u64) -> Result<(), BrokerError> {
+pub(crate) fn check_duration_ms(field: &str, value: u64, max: u64) -> Result<(), BrokerError> {
     if value > max {
         return Err(BrokerError::over_limit(field, value, max, "ms"));
     }
@@ -225,7 +225,7 @@ pub fn check_duration_ms(field: &str, value: u64, max: u64) -> Result<(), Broker
 /// Runs a limit check with a placeholder field name and, only if it fails, again with the
 /// real one: formatting `messages[{i}].payload` (or `jobs[{i}].payload`) and friends for
 /// every message of every publish or enqueue was several percent of the broker's CPU.
-pub fn checked(
+pub(crate) fn checked(
     field: impl Fn(&str) -> String,
     name: &str,
     check: impl Fn(&str) -> Result<(), BrokerError>,

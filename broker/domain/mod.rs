@@ -2,12 +2,12 @@
 //! operation takes `now` as an argument, so the state machines are unit-tested without
 //! sleeping; nothing here knows tonic, protobuf, HTTP, locks or files.
 
-pub mod dedup;
-pub mod error;
-pub mod limits;
-pub mod names;
-pub mod observe;
-pub mod queue;
-pub mod rate;
-pub mod time;
-pub mod topic;
+pub(super) mod dedup;
+pub(super) mod error;
+pub(super) mod limits;
+pub(super) mod names;
+pub(super) mod observe;
+pub(super) mod queue;
+pub(super) mod rate;
+pub(super) mod time;
+pub(super) mod topic;

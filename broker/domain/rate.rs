@@ -7,7 +7,7 @@ const WINDOW_SECS: usize = 10;
 /// Counts events per second over the last [`WINDOW_SECS`] seconds. Recording is O(1) and
 /// allocation-free; the caller passes `now`, so it is tested without sleeping.
 #[derive(Debug, Clone, Default)]
-pub struct RateMeter {
+pub(crate) struct RateMeter {
     /// Events per second, indexed by `second % WINDOW_SECS`.
     buckets: [u64; WINDOW_SECS],
     /// The second each bucket currently counts.
@@ -16,7 +16,7 @@ pub struct RateMeter {
 
 impl RateMeter {
     /// Records `n` events at `now`.
-    pub fn record(&mut self, now: Millis, n: u64) {
+    pub(crate) fn record(&mut self, now: Millis, n: u64) {
         let second = now / 1000;
         let slot = (second as usize) % WINDOW_SECS;
         if self.seconds[slot] != second {
@@ -27,7 +27,7 @@ impl RateMeter {
     }
 
     /// Events per second over the last window, ending at `now`.
-    pub fn per_second(&self, now: Millis) -> f64 {
+    pub(crate) fn per_second(&self, now: Millis) -> f64 {
         let second = now / 1000;
         let total: u64 = self
             .seconds

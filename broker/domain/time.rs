@@ -2,7 +2,7 @@
 //! as `now` so the state machines are tested without sleeping.
 
 /// Unix epoch milliseconds.
-pub type Millis = u64;
+pub(crate) type Millis = u64;
 
 /// The current wall-clock time.
 pub fn now_ms() -> Millis {

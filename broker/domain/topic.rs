@@ -19,7 +19,7 @@ use crate::broker::domain::rate::RateMeter;
 use crate::broker::domain::time::Millis;
 
 /// How long a publish idempotency key is remembered.
-pub const PUBLISH_DEDUP_WINDOW_MS: u64 = 120_000;
+pub(crate) const PUBLISH_DEDUP_WINDOW_MS: u64 = 120_000;
 
 /// Retention limits; the oldest messages go first when any is exceeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -539,7 +539,7 @@ impl Topic {
 }
 
 /// Checks retention values given by a user (zero means "default" and is resolved before).
-pub fn validate_retention(r: &Retention) -> Result<(), BrokerError> {
+pub(crate) fn validate_retention(r: &Retention) -> Result<(), BrokerError> {
     if r.max_messages == 0 || r.max_bytes == 0 || r.max_age_ms == 0 {
         return Err(BrokerError::invalid(
             "retention",

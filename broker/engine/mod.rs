@@ -5,15 +5,15 @@
 //! queues (topic first, then queues in name order), which keeps it atomic and deadlock-free:
 //! every other path holds at most one queue lock at a time.
 
-pub mod consume;
+pub(super) mod consume;
 pub(crate) mod memory;
-pub mod stats;
-pub mod subscription;
+pub(super) mod stats;
+pub(super) mod subscription;
 
-mod admin;
+pub(crate) mod admin;
 mod background;
 mod catalog;
-mod queues;
+pub(crate) mod queues;
 mod storage;
 mod topics;
 
@@ -36,16 +36,16 @@ use crate::broker::store::{Commit, DurableListener, Journal, RecoveryReport};
 use crate::broker::sync::lock;
 
 pub(crate) use admin::RedriveOutcome;
-pub use admin::{PolicyPatch, QueueInfo};
+pub(super) use admin::{PolicyPatch, QueueInfo};
 use catalog::QueueCatalog;
-pub use queues::LeaseParams;
-pub use stats::StatsSnapshot;
-pub use storage::StorageStatus;
+pub(super) use queues::LeaseParams;
+pub(super) use stats::StatsSnapshot;
+pub(super) use storage::StorageStatus;
 
 /// Longest long-poll wait.
-pub const MAX_LEASE_WAIT_MS: u64 = 60_000;
+pub(super) const MAX_LEASE_WAIT_MS: u64 = 60_000;
 /// Header carrying the topic sequence on jobs created by a binding.
-pub const HEADER_TOPIC_SEQUENCE: &str = "x-sluice-topic-sequence";
+pub(super) const HEADER_TOPIC_SEQUENCE: &str = "x-sluice-topic-sequence";
 
 /// The result of a change that is applied and appended to the log but may not be durable
 /// yet: [`Broker::confirm`] waits for it. Log positions only grow, so confirming changes in

@@ -18,7 +18,7 @@ use crate::broker::sync::lock;
 
 /// How often the shared snapshot is recomputed while anyone watches; also the oldest
 /// snapshot a one-off Stats request reuses.
-pub const STATS_TICK: Duration = Duration::from_millis(100);
+pub(crate) const STATS_TICK: Duration = Duration::from_millis(100);
 
 /// The latest shared snapshot and its publisher's state.
 #[derive(Debug)]

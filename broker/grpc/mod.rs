@@ -7,7 +7,7 @@
 //! holds the hand-written encoders of the hot responses.
 
 mod convert;
-pub mod server;
-pub mod service;
-pub mod status;
-pub mod wire;
+pub(super) mod server;
+pub(super) mod service;
+pub(super) mod status;
+pub(super) mod wire;

@@ -6,7 +6,7 @@ use crate::broker::domain::error::BrokerError;
 
 /// The gRPC code of `err`. Streams that report a refusal inside a response (a refused
 /// request on a produce stream) use this, without building a whole [`Status`].
-pub fn code(err: &BrokerError) -> Code {
+pub(crate) fn code(err: &BrokerError) -> Code {
     match err {
         BrokerError::InvalidArgument { .. } => Code::InvalidArgument,
         BrokerError::NotFound(_) => Code::NotFound,

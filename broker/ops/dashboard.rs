@@ -29,7 +29,7 @@ use crate::broker::ops::{AppState, HttpOptions};
 use crate::broker::sync::lock;
 
 /// The page served at `/`.
-pub const PAGE: &str = include_str!("dashboard.html");
+pub(crate) const PAGE: &str = include_str!("dashboard.html");
 
 /// Most worker rows in a frame: the busiest and most recently seen first.
 const MAX_WORKERS: usize = 200;
@@ -38,7 +38,7 @@ const WORKER_IDLE_MS: u64 = 10 * 60 * 1000;
 
 /// One queue's row: its counters as the engine's snapshot holds them, and its depth.
 #[derive(Debug, Clone, Serialize)]
-pub struct QueueRow<'a> {
+pub(crate) struct QueueRow<'a> {
     /// Name.
     pub name: &'a str,
     /// The snapshot's counters, as fields of the row.
@@ -60,7 +60,7 @@ impl<'a> QueueRow<'a> {
 
 /// One worker's row.
 #[derive(Debug, Clone, Serialize)]
-pub struct WorkerView {
+pub(crate) struct WorkerView {
     /// The queue it leases from.
     pub queue: String,
     /// Its consumer name.
@@ -79,7 +79,7 @@ pub struct WorkerView {
 
 /// Whole-broker totals and throughput at one moment: one point of the charts.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// When, unix ms.
     pub t: Millis,
     /// Visible jobs, all queues.
@@ -103,7 +103,7 @@ pub struct Sample {
 /// What an open page receives once per sample: the engine's snapshot as it is, with the
 /// workers and the chart point.
 #[derive(Debug, Clone, Serialize)]
-pub struct Frame<'a> {
+pub(crate) struct Frame<'a> {
     /// When the stats were taken, unix ms.
     pub taken_at_unix_ms: Millis,
     /// The sample interval, ms (the charts' x step).

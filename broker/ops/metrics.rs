@@ -26,7 +26,7 @@ use crate::broker::domain::queue::QueueCounts;
 use crate::broker::engine::Broker;
 
 /// The content type of the exposition.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds (seconds) of the lease-to-ack buckets: handlers run from milliseconds to
 /// many minutes, and the default visibility timeout is 30 s.
@@ -62,7 +62,7 @@ fn publish_to_deliver_histogram() -> Histogram {
 
 /// The histograms the broker's [`Observer`] hook feeds. Cloning shares the same series.
 #[derive(Debug, Clone)]
-pub struct Histograms {
+pub(crate) struct Histograms {
     lease_to_ack: Family<QueueLabel, Histogram, fn() -> Histogram>,
     publish_to_deliver: Family<TopicLabel, Histogram, fn() -> Histogram>,
 }
@@ -79,7 +79,7 @@ impl Default for Histograms {
 impl Histograms {
     /// The histograms installed on `broker`, installing them if it has no observer yet.
     /// Every HTTP server of one broker so shares the same series.
-    pub fn installed_on(broker: &Broker) -> Self {
+    pub(crate) fn installed_on(broker: &Broker) -> Self {
         let observer = broker.install_observer(|| Arc::new(Self::default()));
         let any: Arc<dyn Any + Send + Sync> = observer;
         match any.downcast::<Self>() {
@@ -334,13 +334,13 @@ impl Collector for StatsCollector {
 
 /// The `/metrics` registry of one broker.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
 }
 
 impl Metrics {
     /// A registry over `broker`: its stats at scrape time, and its timing histograms.
-    pub fn new(broker: &Broker) -> Self {
+    pub(crate) fn new(broker: &Broker) -> Self {
         let histograms = Histograms::installed_on(broker);
         let mut registry = Registry::default();
         registry.register(
@@ -365,7 +365,7 @@ impl Metrics {
     }
 
     /// The exposition text, ending with `# EOF`.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

@@ -11,8 +11,8 @@
 //! end and [`serve_http`] returns, within the drain timeout. Its own `shutdown` future
 //! stops only the HTTP server.
 
-pub mod dashboard;
-pub mod metrics;
+pub(super) mod dashboard;
+pub(super) mod metrics;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -30,11 +30,11 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::Duration;
 
 pub use self::error::{FileOp, ManifestDefect, StoreError};
-pub use self::record::Batch;
+pub(crate) use self::record::Batch;
 pub(crate) use self::record::{FILE_MAGIC, SnapshotQueue, SnapshotTopic, frame_into};
 pub(crate) use self::recovery::{Recovered, recover};
 pub use self::recovery::{RecoveryError, RecoveryReport};
-pub use self::wal::DurableListener;
+pub(crate) use self::wal::DurableListener;
 
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::time::Millis;
@@ -147,7 +147,7 @@ pub trait Storage: Send + Sync + fmt::Debug {
 }
 
 /// The file in a data directory whose lock marks the directory as in use.
-pub const LOCK_FILE: &str = "LOCK";
+pub(super) const LOCK_FILE: &str = "LOCK";
 
 /// The real [`Storage`]: a directory, mode 0700, with files of mode 0600.
 #[derive(Debug)]
@@ -281,18 +281,18 @@ impl Storage for DirStorage {
 /// A log position to wait for before answering. `Commit::NONE` waits for nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[must_use = "a change is acknowledged only after its commit is durable"]
-pub struct Commit(u64);
+pub(crate) struct Commit(u64);
 
 impl Commit {
     /// Nothing to wait for (memory storage, or a request that changed nothing and saw
     /// nothing unwritten).
-    pub const NONE: Commit = Commit(0);
+    pub(crate) const NONE: Commit = Commit(0);
     /// A change appended after the log failed: never durable.
     const NEVER: Commit = Commit(u64::MAX);
 }
 
 /// The broker's handle on its WAL. Cheap to share behind an `Arc`.
-pub struct Journal {
+pub(super) struct Journal {
     wal: wal::Wal,
     /// Mutations hold it shared from their first state change until every record of the
     /// change is appended (including dead letters routed after the queue lock is
@@ -335,17 +335,17 @@ impl Journal {
     }
 
     /// The fsync policy.
-    pub fn fsync(&self) -> FsyncPolicy {
+    pub(super) fn fsync(&self) -> FsyncPolicy {
         self.fsync
     }
 
     /// Why the log failed (fail-stop), if it did.
-    pub fn failure(&self) -> Option<StoreError> {
+    pub(super) fn failure(&self) -> Option<StoreError> {
         self.wal.failure()
     }
 
     /// Resolves with the reason once the log has failed.
-    pub async fn failed(&self) -> StoreError {
+    pub(super) async fn failed(&self) -> StoreError {
         self.wal.failed().await
     }
 
@@ -378,7 +378,7 @@ impl Journal {
     }
 
     /// Fails with UNAVAILABLE once the log has failed (fail-stop).
-    pub fn check(&self) -> Result<(), BrokerError> {
+    pub(super) fn check(&self) -> Result<(), BrokerError> {
         match self.wal.failure() {
             Some(reason) => Err(BrokerError::StorageFailed(reason)),
             None => Ok(()),
@@ -387,13 +387,13 @@ impl Journal {
 
     /// Waits while too much is buffered, then checks for fail-stop. Call before taking
     /// any lock.
-    pub async fn wait_for_log_space(&self) -> Result<(), BrokerError> {
+    pub(super) async fn wait_for_log_space(&self) -> Result<(), BrokerError> {
         self.wal.wait_for_space().await;
         self.check()
     }
 
     /// Starts a mutation (see the `gate` field). Hold the guard only in sync code.
-    pub fn begin(&self) -> Result<RwLockReadGuard<'_, ()>, BrokerError> {
+    pub(super) fn begin(&self) -> Result<RwLockReadGuard<'_, ()>, BrokerError> {
         self.check()?;
         Ok(sync::read(&self.gate))
     }
@@ -405,7 +405,7 @@ impl Journal {
     /// Appends a batch as one atomic record. An empty batch appends nothing and returns
     /// the newest position, so a request that changed nothing still waits for whatever
     /// it may have observed.
-    pub fn append(&self, batch: Batch, at: Millis) -> Result<Commit, BrokerError> {
+    pub(super) fn append(&self, batch: Batch, at: Millis) -> Result<Commit, BrokerError> {
         self.append_with(batch, at, None)
     }
 
@@ -414,7 +414,7 @@ impl Journal {
     /// still waits for the commit. The listener runs on the writer's thread before any
     /// request of the same write is answered: it must be quick and never block. An empty
     /// batch appends nothing and tells nothing.
-    pub fn append_with(
+    pub(super) fn append_with(
         &self,
         batch: Batch,
         at: Millis,
@@ -434,7 +434,7 @@ impl Journal {
 
     /// Resolves once `commit` is durable under the fsync policy (fsynced with `always`,
     /// written to the kernel with `interval`); fails if the log failed.
-    pub async fn durable(&self, commit: Commit) -> Result<(), BrokerError> {
+    pub(super) async fn durable(&self, commit: Commit) -> Result<(), BrokerError> {
         if commit == Commit::NONE {
             return self.check();
         }
@@ -492,7 +492,7 @@ impl Journal {
 
     /// Waits for a running compaction, then stops the writer after it wrote (and
     /// synced) everything appended so far.
-    pub fn close(&self) {
+    pub(super) fn close(&self) {
         *lock(&self.compaction) = true;
         self.wal.close();
     }

@@ -22,7 +22,7 @@ use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{BlockSlice, MessageBlock, MessageRef, Retention};
 
 /// The generated record messages (internal; never on the wire).
-#[allow(missing_docs, clippy::all)]
+#[allow(missing_docs, unreachable_pub, clippy::all)]
 pub(crate) mod pb {
     include!(concat!(env!("OUT_DIR"), "/sluice.internal.rs"));
 }
@@ -105,7 +105,7 @@ pub(crate) fn valid_frame_after(data: &[u8], from: usize) -> bool {
 /// The records of one change, appended atomically. A disabled batch (memory storage)
 /// ignores everything, so the broker's hooks cost one branch.
 #[derive(Debug, Default)]
-pub struct Batch {
+pub(crate) struct Batch {
     ops: Option<Vec<pb::Op>>,
 }
 
@@ -239,19 +239,19 @@ pub(crate) fn job_from_image(image: pb::JobImage) -> Option<Job> {
 
 impl Batch {
     /// A batch that records nothing (memory storage).
-    pub fn disabled() -> Self {
+    pub(crate) fn disabled() -> Self {
         Self { ops: None }
     }
 
     /// A batch that records.
-    pub fn enabled() -> Self {
+    pub(crate) fn enabled() -> Self {
         Self {
             ops: Some(Vec::new()),
         }
     }
 
     /// Whether changes are recorded at all.
-    pub fn is_enabled(&self) -> bool {
+    pub(crate) fn is_enabled(&self) -> bool {
         self.ops.is_some()
     }
 
@@ -263,7 +263,7 @@ impl Batch {
 
     /// A new job in `queue` (an enqueue, or a binding's copy of a published message), as
     /// [`Queue::enqueue_recorded`] hands it over.
-    pub fn new_job(&mut self, queue: &str, job: JobRecord<'_>) {
+    pub(crate) fn new_job(&mut self, queue: &str, job: JobRecord<'_>) {
         if self.is_enabled() {
             self.push(Kind::Job(job_image(queue, job)));
         }
@@ -272,7 +272,7 @@ impl Batch {
     /// The state of job `seq` of queue `q` (named `queue`) after a change. The job's
     /// record is built only when this batch is logged: settlements in memory mode would
     /// otherwise build and drop one per job.
-    pub fn job_state_of(&mut self, queue: &str, q: &Queue, seq: u64) {
+    pub(crate) fn job_state_of(&mut self, queue: &str, q: &Queue, seq: u64) {
         if self.is_enabled()
             && let Some(update) = q.job_update(seq)
         {
@@ -281,7 +281,7 @@ impl Batch {
     }
 
     /// A job's state after an ack, nack, expiry, cancel or purge.
-    pub fn job_state(&mut self, queue: &str, job: &Job) {
+    pub(crate) fn job_state(&mut self, queue: &str, job: &Job) {
         if self.is_enabled() {
             self.job_update(queue, JobUpdate::from(job));
         }
@@ -303,7 +303,7 @@ impl Batch {
     /// A dead job on its way to its dead-letter queue. Recorded with the death, under the
     /// source queue's lock, so the copy is never lost even if the broker stops before it
     /// is routed.
-    pub fn dead_letter(&mut self, letter: &DeadLetter) {
+    pub(crate) fn dead_letter(&mut self, letter: &DeadLetter) {
         if self.is_enabled() {
             self.push(Kind::Transfer(pb::Transfer {
                 target: letter.target.clone(),
@@ -318,7 +318,7 @@ impl Batch {
     }
 
     /// A dead job taken out of `from` and put back into its original queue.
-    pub fn redriven(&mut self, from: &str, job: &Redriven) {
+    pub(crate) fn redriven(&mut self, from: &str, job: &Redriven) {
         if self.is_enabled() {
             self.push(Kind::JobRemove(pb::JobRemove {
                 queue: from.to_owned(),
@@ -337,7 +337,7 @@ impl Batch {
     }
 
     /// A queue's policy and pause state (create or update).
-    pub fn queue_def(&mut self, name: &str, policy: &QueuePolicy, paused: bool) {
+    pub(crate) fn queue_def(&mut self, name: &str, policy: &QueuePolicy, paused: bool) {
         if self.is_enabled() {
             self.push(Kind::QueueDef(pb::QueueDef {
                 name: name.to_owned(),
@@ -348,14 +348,14 @@ impl Batch {
     }
 
     /// A queue deleted.
-    pub fn queue_delete(&mut self, name: &str) {
+    pub(crate) fn queue_delete(&mut self, name: &str) {
         self.push(Kind::QueueDelete(pb::QueueDelete {
             name: name.to_owned(),
         }));
     }
 
     /// A queue paused or resumed.
-    pub fn queue_paused(&mut self, name: &str, paused: bool) {
+    pub(crate) fn queue_paused(&mut self, name: &str, paused: bool) {
         self.push(Kind::QueuePaused(pb::QueuePaused {
             name: name.to_owned(),
             paused,
@@ -363,7 +363,7 @@ impl Batch {
     }
 
     /// A topic created or its retention changed.
-    pub fn topic_def(&mut self, name: &str, retention: Retention) {
+    pub(crate) fn topic_def(&mut self, name: &str, retention: Retention) {
         self.push(Kind::TopicDef(pb::TopicDef {
             name: name.to_owned(),
             max_messages: retention.max_messages,
@@ -374,14 +374,19 @@ impl Batch {
     }
 
     /// A topic deleted.
-    pub fn topic_delete(&mut self, name: &str) {
+    pub(crate) fn topic_delete(&mut self, name: &str) {
         self.push(Kind::TopicDelete(pb::TopicDelete {
             name: name.to_owned(),
         }));
     }
 
     /// Messages appended to `topic`, with the idempotency key each was published with.
-    pub fn published(&mut self, topic: &str, block: &MessageBlock, keys: Vec<Option<String>>) {
+    pub(crate) fn published(
+        &mut self,
+        topic: &str,
+        block: &MessageBlock,
+        keys: Vec<Option<String>>,
+    ) {
         if self.is_enabled() {
             let messages = block
                 .messages()

@@ -47,7 +47,7 @@ struct Progress {
 
 /// Told when the record an append carried it with is durable under the fsync policy
 /// (fsynced with `always`, written with `interval`).
-pub trait DurableListener: Send + Sync {
+pub(crate) trait DurableListener: Send + Sync {
     /// The record appended with `mark` is durable, and so is everything before it.
     fn durable(&self, mark: u64);
 }

@@ -40,23 +40,23 @@ use slots::{IdCodec, Kinds, LiveJob, PayloadRef, Payloads, Slots};
 /// Header naming the queue a dead-lettered job came from. Informational only: where a
 /// redrive returns a job is the origin the broker recorded ([`Job::origin`]), never a
 /// header.
-pub const HEADER_ORIGINAL_QUEUE: &str = "x-sluice-original-queue";
+pub(crate) const HEADER_ORIGINAL_QUEUE: &str = "x-sluice-original-queue";
 /// Header with the attempts a dead-lettered job made.
-pub const HEADER_ATTEMPTS: &str = "x-sluice-attempts";
+pub(crate) const HEADER_ATTEMPTS: &str = "x-sluice-attempts";
 /// Header with a dead-lettered job's last error.
 pub const HEADER_LAST_ERROR: &str = "x-sluice-last-error";
 /// Header with the time (unix ms) a job was dead-lettered.
-pub const HEADER_DEAD_LETTERED_AT: &str = "x-sluice-dead-lettered-at";
+pub(crate) const HEADER_DEAD_LETTERED_AT: &str = "x-sluice-dead-lettered-at";
 /// Prefix of the headers the broker adds; redrive strips them, and producers may not set
 /// them (see [`crate::broker::domain::limits::Limits::check_headers`]).
-pub const BROKER_HEADER_PREFIX: &str = "x-sluice-";
+pub(crate) const BROKER_HEADER_PREFIX: &str = "x-sluice-";
 
 /// Longest visibility timeout: 12 hours.
-pub const MAX_VISIBILITY_MS: u64 = 12 * 3600 * 1000;
+pub(crate) const MAX_VISIBILITY_MS: u64 = 12 * 3600 * 1000;
 /// Highest priority.
-pub const MAX_PRIORITY: u8 = 9;
+pub(crate) const MAX_PRIORITY: u8 = 9;
 /// Most deliveries a job may be given (per job or by policy).
-pub const MAX_ATTEMPTS: u32 = 10_000;
+pub(crate) const MAX_ATTEMPTS: u32 = 10_000;
 
 /// How long to wait before retry number `n` (1-based) of a failed job.
 #[derive(Debug, Clone, PartialEq, Eq)]

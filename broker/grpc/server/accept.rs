@@ -121,14 +121,14 @@ impl Handshake for Tls {
 /// Who is on the other end of a connection: what every request of it carries in its
 /// extensions (tonic's `Connected`).
 #[derive(Debug, Clone)]
-pub struct ConnectionInfo {
+pub(crate) struct ConnectionInfo {
     remote_addr: Option<SocketAddr>,
     pub(super) activity: Arc<Activity>,
 }
 
 impl ConnectionInfo {
     /// The peer's address.
-    pub fn remote_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn remote_addr(&self) -> Option<SocketAddr> {
         self.remote_addr
     }
 }

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 mod accept;
 mod idle;
 
-pub use accept::ConnectionInfo;
+pub(crate) use accept::ConnectionInfo;
 
 use crate::broker::auth::Authenticator;
 use crate::broker::engine::Broker;

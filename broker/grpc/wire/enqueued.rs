@@ -16,8 +16,8 @@ const RESULTS_TAG: u32 = 1;
 
 /// `sluice.v1.EnqueueResult` field numbers.
 mod field {
-    pub const JOB_ID: u32 = 1;
-    pub const DUPLICATE: u32 = 2;
+    pub(super) const JOB_ID: u32 = 1;
+    pub(super) const DUPLICATE: u32 = 2;
 }
 
 /// Length of `r` encoded as a `sluice.v1.EnqueueResult`.

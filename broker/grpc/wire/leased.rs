@@ -24,18 +24,18 @@ const ERRORS_TAG: u32 = 2;
 
 /// `sluice.v1.LeasedJob` field numbers.
 mod field {
-    pub const JOB_ID: u32 = 1;
-    pub const LEASE_ID: u32 = 2;
-    pub const QUEUE: u32 = 3;
-    pub const KIND: u32 = 4;
-    pub const PAYLOAD: u32 = 5;
-    pub const HEADERS: u32 = 6;
-    pub const PRIORITY: u32 = 7;
-    pub const ATTEMPT: u32 = 8;
-    pub const MAX_ATTEMPTS: u32 = 9;
-    pub const ENQUEUED_AT: u32 = 10;
-    pub const LEASE_DEADLINE: u32 = 11;
-    pub const ORDERING_KEY: u32 = 12;
+    pub(super) const JOB_ID: u32 = 1;
+    pub(super) const LEASE_ID: u32 = 2;
+    pub(super) const QUEUE: u32 = 3;
+    pub(super) const KIND: u32 = 4;
+    pub(super) const PAYLOAD: u32 = 5;
+    pub(super) const HEADERS: u32 = 6;
+    pub(super) const PRIORITY: u32 = 7;
+    pub(super) const ATTEMPT: u32 = 8;
+    pub(super) const MAX_ATTEMPTS: u32 = 9;
+    pub(super) const ENQUEUED_AT: u32 = 10;
+    pub(super) const LEASE_DEADLINE: u32 = 11;
+    pub(super) const ORDERING_KEY: u32 = 12;
 }
 
 fn decimal_digits(mut v: u64) -> usize {

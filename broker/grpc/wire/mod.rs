@@ -17,7 +17,7 @@ use crate::broker::domain::limits::Headers;
 use crate::broker::domain::topic::{BlockSlice, EncodedBlock, MessageBlock, MessageRef};
 use crate::pb;
 
-#[allow(missing_docs, clippy::all)]
+#[allow(missing_docs, unreachable_pub, clippy::all)]
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/server/sluice.v1.rs"));
 }
@@ -59,9 +59,9 @@ macro_rules! encode_only {
 mod enqueued;
 mod leased;
 mod received;
-pub use enqueued::{EncodedEnqueueResponse, EncodedEnqueueStreamResponse};
-pub use leased::{EncodedConsumeResponse, EncodedLeaseResponse};
-pub use received::ReceivedConsumeRequest;
+pub(crate) use enqueued::{EncodedEnqueueResponse, EncodedEnqueueStreamResponse};
+pub(crate) use leased::{EncodedConsumeResponse, EncodedLeaseResponse};
+pub(crate) use received::ReceivedConsumeRequest;
 
 /// `SubscribeResponse.messages` field number.
 const MESSAGES_TAG: u32 = 1;
@@ -70,12 +70,12 @@ const GAPS_TAG: u32 = 2;
 
 /// `sluice.v1.Message` field numbers.
 mod field {
-    pub const TOPIC: u32 = 1;
-    pub const SEQUENCE: u32 = 2;
-    pub const KEY: u32 = 3;
-    pub const HEADERS: u32 = 4;
-    pub const PAYLOAD: u32 = 5;
-    pub const PUBLISH_TIME: u32 = 6;
+    pub(super) const TOPIC: u32 = 1;
+    pub(super) const SEQUENCE: u32 = 2;
+    pub(super) const KEY: u32 = 3;
+    pub(super) const HEADERS: u32 = 4;
+    pub(super) const PAYLOAD: u32 = 5;
+    pub(super) const PUBLISH_TIME: u32 = 6;
 }
 
 /// Length of a length-delimited field holding `len` bytes.
