@@ -31,7 +31,10 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 
+use std::fmt;
+
 use super::*;
+use crate::broker::domain::limits::Headers;
 
 const T0: Millis = 1_700_000_000_000;
 /// Seeds are `ORDINARY_SEEDS + i` or `BULK_SEEDS + i`.

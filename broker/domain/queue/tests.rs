@@ -1,6 +1,7 @@
 //! Unit tests of the queue state machine with explicit time: nothing here sleeps.
 
 use super::*;
+use crate::broker::domain::limits::Headers;
 
 const T0: Millis = 1_700_000_000_000;
 
