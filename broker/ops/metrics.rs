@@ -24,6 +24,7 @@ use prometheus_client::registry::Registry;
 use crate::broker::domain::observe::Observer;
 use crate::broker::domain::queue::QueueCounts;
 use crate::broker::engine::Broker;
+use crate::broker::engine::stats::TopicCounts;
 
 /// The content type of the exposition.
 pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -166,161 +167,8 @@ impl Collector for StatsCollector {
         let s = self.broker.stats(&[], &[]);
         let queues = &s.queues;
         let topics = &s.topics;
-        let q = |name: &str| [("queue", name.to_owned())];
-        let t = |name: &str| [("topic", name.to_owned())];
-
-        family(
-            &mut e,
-            "sluice_queue_jobs",
-            "Live jobs of a queue by state (pending, scheduled, leased, retrying).",
-            MetricType::Gauge,
-            queues.iter().flat_map(|(name, c)| {
-                [
-                    ("pending", c.pending),
-                    ("scheduled", c.scheduled),
-                    ("leased", c.leased),
-                    ("retrying", c.retrying),
-                ]
-                .map(|(state, n)| {
-                    (
-                        [("queue", name.clone()), ("state", state.to_owned())],
-                        ConstGauge::new(n as i64),
-                    )
-                })
-            }),
-        )?;
-        let counters: [(&str, &str, CountOf); 5] = [
-            (
-                "sluice_jobs_enqueued",
-                "Jobs enqueued into a queue since the broker started (dead letters and topic bindings included).",
-                |c| c.enqueued,
-            ),
-            (
-                "sluice_jobs_completed",
-                "Jobs acked since the broker started.",
-                |c| c.completed,
-            ),
-            (
-                "sluice_job_deliveries_failed",
-                "Failed deliveries (nacks and lease expiries) since the broker started.",
-                |c| c.failed,
-            ),
-            (
-                "sluice_jobs_dead_lettered",
-                "Jobs that ran out of attempts or were nacked as poison since the broker started.",
-                |c| c.dead,
-            ),
-            (
-                "sluice_jobs_cancelled",
-                "Jobs cancelled or purged since the broker started.",
-                |c| c.cancelled,
-            ),
-        ];
-        for (name, help, get) in counters {
-            family(
-                &mut e,
-                name,
-                help,
-                MetricType::Counter,
-                queues
-                    .iter()
-                    .map(|(n, c)| (q(n), ConstCounter::new(get(c)))),
-            )?;
-        }
-        family(
-            &mut e,
-            "sluice_queue_oldest_pending_age_seconds",
-            "How long the oldest visible job of a queue has waited for a worker.",
-            MetricType::Gauge,
-            queues.iter().map(|(n, c)| {
-                (
-                    q(n),
-                    ConstGauge::new(c.oldest_pending_age_ms as f64 / 1000.0),
-                )
-            }),
-        )?;
-        family(
-            &mut e,
-            "sluice_queue_consumers",
-            "Consumers of a queue seen in the last 60 s or holding leases.",
-            MetricType::Gauge,
-            queues
-                .iter()
-                .map(|(n, c)| (q(n), ConstGauge::new(c.consumers as i64))),
-        )?;
-        family(
-            &mut e,
-            "sluice_queue_paused",
-            "1 while leasing from the queue is paused.",
-            MetricType::Gauge,
-            queues
-                .iter()
-                .map(|(n, c)| (q(n), ConstGauge::new(i64::from(c.paused)))),
-        )?;
-
-        family(
-            &mut e,
-            "sluice_topic_messages_published",
-            "Messages appended to a topic since the broker started.",
-            MetricType::Counter,
-            topics
-                .iter()
-                .map(|c| (t(&c.name), ConstCounter::new(c.published))),
-        )?;
-        family(
-            &mut e,
-            "sluice_topic_retained_messages",
-            "Messages in a topic's retention log.",
-            MetricType::Gauge,
-            topics
-                .iter()
-                .map(|c| (t(&c.name), ConstGauge::new(c.retained_messages as i64))),
-        )?;
-        family(
-            &mut e,
-            "sluice_topic_retained_bytes",
-            "Payload bytes in a topic's retention log.",
-            MetricType::Gauge,
-            topics
-                .iter()
-                .map(|c| (t(&c.name), ConstGauge::new(c.retained_bytes as i64))),
-        )?;
-        family(
-            &mut e,
-            "sluice_topic_first_sequence",
-            "Oldest retained sequence of a topic (0 when its log is empty).",
-            MetricType::Gauge,
-            topics
-                .iter()
-                .map(|c| (t(&c.name), ConstGauge::new(c.first_sequence as i64))),
-        )?;
-        family(
-            &mut e,
-            "sluice_topic_last_sequence",
-            "Newest sequence of a topic (0 before its first message).",
-            MetricType::Gauge,
-            topics
-                .iter()
-                .map(|c| (t(&c.name), ConstGauge::new(c.last_sequence as i64))),
-        )?;
-        family(
-            &mut e,
-            "sluice_topic_subscribers",
-            "Open subscriptions whose pattern matches a topic.",
-            MetricType::Gauge,
-            topics
-                .iter()
-                .map(|c| (t(&c.name), ConstGauge::new(c.subscribers as i64))),
-        )?;
-        family(
-            &mut e,
-            "sluice_topic_subscriber_gaps",
-            "Gap notices (or DATA_LOSS ends) given to subscribers that fell behind retention.",
-            MetricType::Counter,
-            topics
-                .iter()
-                .map(|c| (t(&c.name), ConstCounter::new(c.gaps))),
-        )?;
+        encode_queues(&mut e, queues)?;
+        encode_topics(&mut e, topics)?;
         for (name, help, n) in [
             ("sluice_queues", "Queues the broker holds.", queues.len()),
             ("sluice_topics", "Topics the broker holds.", topics.len()),
@@ -330,6 +178,182 @@ impl Collector for StatsCollector {
         }
         Ok(())
     }
+}
+
+/// The per-queue families: jobs by state, the lifetime counters, age, consumers, pause.
+fn encode_queues(
+    e: &mut DescriptorEncoder,
+    queues: &[(String, QueueCounts)],
+) -> Result<(), std::fmt::Error> {
+    let q = |name: &str| [("queue", name.to_owned())];
+    family(
+        e,
+        "sluice_queue_jobs",
+        "Live jobs of a queue by state (pending, scheduled, leased, retrying).",
+        MetricType::Gauge,
+        queues.iter().flat_map(|(name, c)| {
+            [
+                ("pending", c.pending),
+                ("scheduled", c.scheduled),
+                ("leased", c.leased),
+                ("retrying", c.retrying),
+            ]
+            .map(|(state, n)| {
+                (
+                    [("queue", name.clone()), ("state", state.to_owned())],
+                    ConstGauge::new(n as i64),
+                )
+            })
+        }),
+    )?;
+    let counters: [(&str, &str, CountOf); 5] = [
+        (
+            "sluice_jobs_enqueued",
+            "Jobs enqueued into a queue since the broker started (dead letters and topic bindings included).",
+            |c| c.enqueued,
+        ),
+        (
+            "sluice_jobs_completed",
+            "Jobs acked since the broker started.",
+            |c| c.completed,
+        ),
+        (
+            "sluice_job_deliveries_failed",
+            "Failed deliveries (nacks and lease expiries) since the broker started.",
+            |c| c.failed,
+        ),
+        (
+            "sluice_jobs_dead_lettered",
+            "Jobs that ran out of attempts or were nacked as poison since the broker started.",
+            |c| c.dead,
+        ),
+        (
+            "sluice_jobs_cancelled",
+            "Jobs cancelled or purged since the broker started.",
+            |c| c.cancelled,
+        ),
+    ];
+    for (name, help, get) in counters {
+        family(
+            e,
+            name,
+            help,
+            MetricType::Counter,
+            queues
+                .iter()
+                .map(|(n, c)| (q(n), ConstCounter::new(get(c)))),
+        )?;
+    }
+    family(
+        e,
+        "sluice_queue_oldest_pending_age_seconds",
+        "How long the oldest visible job of a queue has waited for a worker.",
+        MetricType::Gauge,
+        queues.iter().map(|(n, c)| {
+            (
+                q(n),
+                ConstGauge::new(c.oldest_pending_age_ms as f64 / 1000.0),
+            )
+        }),
+    )?;
+    family(
+        e,
+        "sluice_queue_consumers",
+        "Consumers of a queue seen in the last 60 s or holding leases.",
+        MetricType::Gauge,
+        queues
+            .iter()
+            .map(|(n, c)| (q(n), ConstGauge::new(c.consumers as i64))),
+    )?;
+    family(
+        e,
+        "sluice_queue_paused",
+        "1 while leasing from the queue is paused.",
+        MetricType::Gauge,
+        queues
+            .iter()
+            .map(|(n, c)| (q(n), ConstGauge::new(i64::from(c.paused)))),
+    )?;
+    Ok(())
+}
+
+/// A per-topic family: name, help, type and the count it reports.
+type TopicFamily = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&TopicCounts) -> u64,
+);
+
+/// The per-topic families: published and gap notices (counters), the retention log's size
+/// and sequences, and subscribers (gauges), in that order of exposition.
+fn encode_topics(e: &mut DescriptorEncoder, topics: &[TopicCounts]) -> Result<(), std::fmt::Error> {
+    let t = |name: &str| [("topic", name.to_owned())];
+    let families: [TopicFamily; 7] = [
+        (
+            "sluice_topic_messages_published",
+            "Messages appended to a topic since the broker started.",
+            MetricType::Counter,
+            |c| c.published,
+        ),
+        (
+            "sluice_topic_retained_messages",
+            "Messages in a topic's retention log.",
+            MetricType::Gauge,
+            |c| c.retained_messages,
+        ),
+        (
+            "sluice_topic_retained_bytes",
+            "Payload bytes in a topic's retention log.",
+            MetricType::Gauge,
+            |c| c.retained_bytes,
+        ),
+        (
+            "sluice_topic_first_sequence",
+            "Oldest retained sequence of a topic (0 when its log is empty).",
+            MetricType::Gauge,
+            |c| c.first_sequence,
+        ),
+        (
+            "sluice_topic_last_sequence",
+            "Newest sequence of a topic (0 before its first message).",
+            MetricType::Gauge,
+            |c| c.last_sequence,
+        ),
+        (
+            "sluice_topic_subscribers",
+            "Open subscriptions whose pattern matches a topic.",
+            MetricType::Gauge,
+            |c| u64::from(c.subscribers),
+        ),
+        (
+            "sluice_topic_subscriber_gaps",
+            "Gap notices (or DATA_LOSS ends) given to subscribers that fell behind retention.",
+            MetricType::Counter,
+            |c| c.gaps,
+        ),
+    ];
+    for (name, help, kind, get) in families {
+        let samples = topics.iter().map(|c| (t(&c.name), get(c)));
+        if matches!(kind, MetricType::Counter) {
+            family(
+                e,
+                name,
+                help,
+                kind,
+                samples.map(|(l, n)| (l, ConstCounter::new(n))),
+            )?;
+        } else {
+            family(
+                e,
+                name,
+                help,
+                kind,
+                samples.map(|(l, n)| (l, ConstGauge::new(n as i64))),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The `/metrics` registry of one broker.
