@@ -14,7 +14,9 @@ use crate::broker::domain::limits::{
     MAX_RETRY_DELAY_MS, MAX_TOPIC_BINDINGS, check_count, check_duration_ms,
 };
 use crate::broker::domain::names::{Pattern, validate_name};
-use crate::broker::domain::queue::{Backoff, ConsumerState, QueuePolicy};
+use crate::broker::domain::queue::{
+    Backoff, ConsumerState, MAX_IN_FLIGHT, MAX_RATE_PER_SECOND, QueuePolicy, RateLimit,
+};
 use crate::broker::domain::time::now_ms;
 use crate::broker::engine::memory::Accounted;
 use crate::broker::store::Commit;
@@ -42,6 +44,11 @@ pub struct PolicyPatch {
     pub topic_bindings: Option<Vec<String>>,
     /// History limit.
     pub history_limit: Option<u32>,
+    /// Rate limit as asked for, checked when applied: per second and burst both 0 remove
+    /// the limit, burst 0 takes `per_second`.
+    pub rate_limit: Option<RateLimit>,
+    /// In-flight limit; 0 removes it.
+    pub max_in_flight: Option<u32>,
 }
 
 /// A queue's description.
@@ -170,7 +177,35 @@ impl Broker {
             }
             policy.history_limit = v;
         }
+        if let Some(rate) = patch.rate_limit {
+            policy.rate_limit = Self::checked_rate_limit(rate)?;
+        }
+        if let Some(v) = patch.max_in_flight {
+            check_count("policy.max_in_flight", v.into(), MAX_IN_FLIGHT.into())?;
+            policy.max_in_flight = (v > 0).then_some(v);
+        }
         Ok(policy)
+    }
+
+    /// The rate limit `asked` sets: none for 0 and 0, a burst of `per_second` for burst 0.
+    fn checked_rate_limit(asked: RateLimit) -> Result<Option<RateLimit>, BrokerError> {
+        let RateLimit { per_second, burst } = asked;
+        if per_second == 0 {
+            if burst > 0 {
+                return Err(BrokerError::invalid(
+                    "policy.rate_limit.per_second",
+                    format!("0 with burst {burst}: set per_second (or both 0 for no limit)"),
+                ));
+            }
+            return Ok(None);
+        }
+        let max = u64::from(MAX_RATE_PER_SECOND);
+        check_count("policy.rate_limit.per_second", per_second.into(), max)?;
+        check_count("policy.rate_limit.burst", burst.into(), max)?;
+        Ok(Some(RateLimit {
+            per_second,
+            burst: if burst == 0 { per_second } else { burst },
+        }))
     }
 
     pub(super) fn info(slot: &SharedQueue) -> QueueInfo {

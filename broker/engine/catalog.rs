@@ -211,7 +211,7 @@ impl Broker {
                 batch.dead_letter(letter);
             }
             let commit = self.commit(batch, now);
-            (result, letters, q.has_visible(), commit)
+            (result, letters, q.has_visible(now), commit)
         };
         if visible {
             slot.wake_one();

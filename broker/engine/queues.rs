@@ -391,7 +391,7 @@ impl Broker {
             }
         }
         for slot in &slots {
-            if lock(&slot.queue).has_visible() {
+            if lock(&slot.queue).has_visible(now) {
                 slot.wake_one();
             }
         }

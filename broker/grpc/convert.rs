@@ -13,7 +13,7 @@ use crate::broker::domain::limits::{
 use crate::broker::domain::names::{Pattern, validate_name};
 use crate::broker::domain::queue::{
     Backoff, ConsumerState, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob, QueueCounts,
-    QueuePolicy,
+    QueuePolicy, RateLimit,
 };
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
@@ -194,6 +194,11 @@ pub(super) fn policy_patch(p: Option<pb::QueuePolicy>, for_update: bool) -> Poli
         dedup_window_ms: given(p.dedup_window_ms),
         topic_bindings: bindings.filter(|b| for_update || !b.is_empty()),
         history_limit: given(p.history_limit),
+        rate_limit: p.rate_limit.map(|r| RateLimit {
+            per_second: r.per_second,
+            burst: r.burst,
+        }),
+        max_in_flight: p.max_in_flight,
     }
 }
 
@@ -225,6 +230,11 @@ impl From<&QueuePolicy> for pb::QueuePolicy {
             topic_bindings: p.topic_bindings.clone(),
             history_limit: p.history_limit,
             replace_bindings: false,
+            rate_limit: p.rate_limit.map(|r| pb::RateLimit {
+                per_second: r.per_second,
+                burst: r.burst,
+            }),
+            max_in_flight: p.max_in_flight,
         }
     }
 }
@@ -279,6 +289,12 @@ pub(super) fn queue_stats(name: &str, c: &QueueCounts) -> pb::QueueStats {
         consumers: c.consumers,
         paused: c.paused,
         enqueued: c.enqueued,
+        max_in_flight: c.max_in_flight,
+        rate_limit_per_second: c.rate_limit_per_second,
+        rate_limit_burst: c.rate_limit_burst,
+        rate_tokens: c.rate_tokens,
+        rate_limited_ms: c.rate_limited_ms,
+        in_flight_limited_ms: c.in_flight_limited_ms,
     }
 }
 

@@ -16,7 +16,8 @@ use prost::Message as _;
 use uuid::Uuid;
 
 use crate::broker::domain::queue::{
-    Backoff, DeadLetter, Job, JobRecord, JobState, JobUpdate, Queue, QueuePolicy, Redriven,
+    Backoff, DeadLetter, Job, JobRecord, JobState, JobUpdate, Queue, QueuePolicy, RateLimit,
+    Redriven,
 };
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{BlockSlice, MessageBlock, MessageRef, Retention};
@@ -148,6 +149,9 @@ pub(crate) fn policy_to_pb(p: &QueuePolicy) -> pb::Policy {
         dedup_window_ms: p.dedup_window_ms,
         topic_bindings: p.topic_bindings.clone(),
         history_limit: p.history_limit,
+        max_in_flight: p.max_in_flight.unwrap_or(0),
+        rate_per_second: p.rate_limit.map_or(0, |r| r.per_second),
+        rate_burst: p.rate_limit.map_or(0, |r| r.burst),
         ..pb::Policy::default()
     };
     match &p.backoff {
@@ -187,6 +191,11 @@ pub(crate) fn policy_from_pb(p: pb::Policy) -> QueuePolicy {
         dedup_window_ms: p.dedup_window_ms,
         topic_bindings: p.topic_bindings,
         history_limit: p.history_limit,
+        rate_limit: (p.rate_per_second > 0).then(|| RateLimit {
+            per_second: p.rate_per_second,
+            burst: p.rate_burst.max(1),
+        }),
+        max_in_flight: (p.max_in_flight > 0).then_some(p.max_in_flight),
     }
 }
 

@@ -124,6 +124,7 @@ impl Queue {
             .oldest_since(|seq| slots.get(seq).map_or(now, LiveJob::run_at))
             .map(|since| now.saturating_sub(since))
             .unwrap_or(0);
+        let throttle = self.throttle_counts(now);
         QueueCounts {
             pending: self.ready.len() as u64 + self.blocked,
             scheduled: self.timers.len() as u64 - self.retrying,
@@ -140,6 +141,12 @@ impl Queue {
                 })
                 .count() as u32,
             paused: self.paused,
+            max_in_flight: self.policy.max_in_flight.unwrap_or(0),
+            rate_limit_per_second: self.policy.rate_limit.map_or(0, |r| r.per_second),
+            rate_limit_burst: self.policy.rate_limit.map_or(0, |r| r.burst),
+            rate_tokens: throttle.tokens,
+            rate_limited_ms: throttle.rate_limited_ms,
+            in_flight_limited_ms: throttle.in_flight_limited_ms,
             ..self.counts.clone()
         }
     }

@@ -30,6 +30,7 @@ mod redrive;
 mod restore;
 mod seq_map;
 mod slots;
+mod throttle;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -45,6 +46,7 @@ use deadlines::Deadlines;
 use ready::Ready;
 use seq_map::SeqMap;
 use slots::{IdCodec, Kinds, LiveJob, PayloadRef, Payloads, Slots};
+use throttle::Throttle;
 
 use job::NO_HEADERS;
 pub use job::*;
@@ -98,6 +100,20 @@ pub struct QueueCounts {
     pub consumers: u32,
     /// Leasing paused.
     pub paused: bool,
+    /// The policy's `max_in_flight` (0: no limit); `leased` is how much of it is used.
+    pub max_in_flight: u32,
+    /// The policy's rate limit, jobs a second (0: no limit).
+    pub rate_limit_per_second: u32,
+    /// The policy's rate limit burst (0: no limit).
+    pub rate_limit_burst: u32,
+    /// Whole tokens in the rate limit's bucket: jobs it would let out now.
+    pub rate_tokens: u64,
+    /// Milliseconds since start that the rate limit held visible jobs back from a lease
+    /// that asked for them.
+    pub rate_limited_ms: u64,
+    /// Milliseconds since start that `max_in_flight` held visible jobs back from a lease
+    /// that asked for them (until a lease ended).
+    pub in_flight_limited_ms: u64,
 }
 
 /// Whether a lease may settle its job.
@@ -175,6 +191,8 @@ pub struct Queue {
     ack_rate: RateMeter,
     consumers: FastMap<Arc<str>, ConsumerState>,
     outbox: Vec<DeadLetter>,
+    /// The state of the policy's rate and in-flight limits.
+    throttle: Throttle,
     /// Seqs of jobs whose lease expired since the last [`Queue::take_expired`]: the
     /// broker logs their new state (expiry is a state change that must survive a restart).
     expired: Vec<u64>,
@@ -185,6 +203,7 @@ impl Queue {
     pub fn new(name: &str, policy: QueuePolicy) -> Self {
         Self {
             name: Arc::from(name),
+            throttle: Throttle::new(policy.rate_limit),
             policy,
             paused: false,
             next_seq: 1,
@@ -222,9 +241,11 @@ impl Queue {
         &self.policy
     }
 
-    /// Replaces the policy. Live jobs keep the attempts they were given.
+    /// Replaces the policy. Live jobs keep the attempts they were given; a changed rate
+    /// limit starts with a full bucket.
     pub fn set_policy(&mut self, policy: QueuePolicy) {
-        self.policy = policy;
+        let old_rate = std::mem::replace(&mut self.policy, policy).rate_limit;
+        self.rate_limit_changed(old_rate);
         self.trim_history();
     }
 
@@ -249,19 +270,26 @@ impl Queue {
         self.slots.len() as u64
     }
 
-    /// Whether a lease could return a job right now (before running `tick`).
-    pub fn has_visible(&self) -> bool {
-        !self.paused && !self.ready.is_empty()
+    /// Whether a lease could return a job at `now` (before running `tick`): jobs are
+    /// visible and the rate and in-flight limits let one out.
+    pub fn has_visible(&self, now: Millis) -> bool {
+        !self.paused
+            && !self.ready.is_empty()
+            && self.capacity(now).is_none_or(|(room, _)| room > 0)
     }
 
-    /// The earliest time something is due: a scheduled job's run time or a lease deadline.
+    /// The earliest time something is due: a scheduled job's run time, a lease deadline,
+    /// or the rate limit's next token while it holds visible jobs back (so a waiting
+    /// lease wakes when the bucket lets one out).
     pub fn next_due(&self) -> Option<Millis> {
-        let timer = self.timers.first().map(|(t, _)| *t);
-        let lease = self.deadlines.first();
-        match (timer, lease) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.timers.first().map(|(t, _)| *t),
+            self.deadlines.first(),
+            self.throttle_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Whether `n` more live jobs fit under max depth.
@@ -495,11 +523,13 @@ impl Queue {
             self.ready.push(slot.priority, seq, run_at);
         }
         self.dedup.prune(now);
+        self.refill(now);
         self.ready.len().saturating_sub(before)
     }
 
     /// Leases up to `max` visible jobs for `visibility_ms`, highest priority first, FIFO
-    /// within a priority. Runs [`Queue::tick`] first, so due work is never missed.
+    /// within a priority, and no more than the rate and in-flight limits let out at `now`.
+    /// Runs [`Queue::tick`] first, so due work is never missed.
     pub fn lease(
         &mut self,
         now: Millis,
@@ -513,9 +543,11 @@ impl Queue {
         if self.paused {
             return Vec::new();
         }
-        let mut out = Vec::with_capacity(max.min(self.ready.len()));
+        let capacity = self.capacity(now);
+        let allowed = capacity.map_or(max, |(room, _)| max.min(room as usize));
+        let mut out = Vec::with_capacity(allowed.min(self.ready.len()));
         let deadline = now.saturating_add(visibility_ms);
-        while out.len() < max {
+        while out.len() < allowed {
             let slots = &self.slots;
             let Some(seq) = self.ready.pop(|s| slots.get(s).is_none()) else {
                 break;
@@ -558,6 +590,14 @@ impl Queue {
         }
         if let Some(state) = self.consumers.get_mut(consumer) {
             state.leases_held += out.len() as u32;
+        }
+        self.spend(now, out.len() as u64);
+        if let Some((_, limit)) = capacity
+            && out.len() == allowed
+            && allowed < max
+            && !self.ready.is_empty()
+        {
+            self.note_throttled(now, limit);
         }
         out
     }
@@ -749,9 +789,10 @@ impl Queue {
         });
     }
 
-    /// Ends the live lease of `seq`, returning it.
-    fn end_lease(&mut self, seq: u64) -> Option<Lease> {
+    /// Ends the live lease of `seq` at `now`, returning it.
+    fn end_lease(&mut self, seq: u64, now: Millis) -> Option<Lease> {
         let lease = self.leases.remove(&seq)?;
+        self.note_lease_ended(now);
         self.count_out_deadline(lease.deadline);
         if let Some(state) = self.consumers.get_mut(&lease.consumer) {
             state.leases_held = state.leases_held.saturating_sub(1);
@@ -797,7 +838,7 @@ impl Queue {
 
     /// Completes the leased job `seq`; returns how long it was leased (ms).
     fn complete(&mut self, now: Millis, seq: u64, result: Option<Bytes>) -> Option<u64> {
-        let ended = self.end_lease(seq)?;
+        let ended = self.end_lease(seq, now)?;
         let leased_at = ended.leased_at;
         if let Some(state) = self.consumers.get_mut(&ended.consumer) {
             state.done += 1;
@@ -870,7 +911,7 @@ impl Queue {
         retry_delay_ms: Option<u64>,
         dead_letter: bool,
     ) -> FailOutcome {
-        let ended = self.end_lease(seq);
+        let ended = self.end_lease(seq, now);
         if let Some(state) = ended
             .as_ref()
             .and_then(|l| self.consumers.get_mut(&l.consumer))
@@ -1086,7 +1127,7 @@ impl Queue {
             self.foreign.remove(&id);
         }
         let ordering_key = slot.rare().and_then(|r| r.ordering_key.clone());
-        let was_leased = self.end_lease(seq).is_some();
+        let was_leased = self.end_lease(seq, now).is_some();
         let slot = self.slots.remove(seq).expect("forgotten job exists");
         self.payloads.release(slot.payload);
         if !was_leased {

@@ -640,7 +640,7 @@ fn check_queue(ctx: &Ctx, q: &Queue, m: &Model, now: Millis, full: bool) {
     );
     ensure_eq!(ctx, q.live_jobs(), m.live.len() as u64, "{name}: live jobs");
     let has_visible = !m.paused && !visible.is_empty();
-    ensure_eq!(ctx, q.has_visible(), has_visible, "{name}: has_visible");
+    ensure_eq!(ctx, q.has_visible(now), has_visible, "{name}: has_visible");
 
     // Indexes.
     ensure_eq!(ctx, q.ready.len(), visible.len(), "{name}: ready index");

@@ -1,5 +1,5 @@
-//! A queue's policy (visibility, attempts, backoff, dead-letter queue, history) and the
-//! limits on it.
+//! A queue's policy (visibility, attempts, backoff, dead-letter queue, history, rate and
+//! in-flight limits) and the limits on it.
 
 /// Longest visibility timeout: 12 hours.
 pub(crate) const MAX_VISIBILITY_MS: u64 = 12 * 3600 * 1000;
@@ -7,6 +7,21 @@ pub(crate) const MAX_VISIBILITY_MS: u64 = 12 * 3600 * 1000;
 pub(crate) const MAX_PRIORITY: u8 = 9;
 /// Most deliveries a job may be given (per job or by policy).
 pub(crate) const MAX_ATTEMPTS: u32 = 10_000;
+/// Highest rate limit and burst, jobs per second: past it a limit limits nothing a
+/// broker could hand out anyway.
+pub(crate) const MAX_RATE_PER_SECOND: u32 = 1_000_000;
+/// Highest `max_in_flight` (leases held at once).
+pub(crate) const MAX_IN_FLIGHT: u32 = 1_000_000;
+
+/// How fast a queue hands out jobs: a token bucket of `burst` tokens refilled at
+/// `per_second`; every job leased takes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Tokens added a second (at least 1).
+    pub per_second: u32,
+    /// Most tokens held, so most jobs leased at once after a pause (at least 1).
+    pub burst: u32,
+}
 
 /// How long to wait before retry number `n` (1-based) of a failed job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +99,10 @@ pub struct QueuePolicy {
     pub topic_bindings: Vec<String>,
     /// Finished jobs kept for inspection.
     pub history_limit: u32,
+    /// How fast jobs are handed out; `None` is no limit.
+    pub rate_limit: Option<RateLimit>,
+    /// Most jobs leased at once, by every consumer together; `None` is no limit.
+    pub max_in_flight: Option<u32>,
 }
 
 impl QueuePolicy {
@@ -103,6 +122,8 @@ impl QueuePolicy {
             dedup_window_ms: 300_000,
             topic_bindings: Vec::new(),
             history_limit: 1_000,
+            rate_limit: None,
+            max_in_flight: None,
         }
     }
 }
