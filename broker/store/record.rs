@@ -608,6 +608,21 @@ mod tests {
         policy.backoff = Backoff::Schedule(vec![1, 5, 30]);
         policy.topic_bindings = vec!["user.*".into()];
         assert_eq!(policy_from_pb(policy_to_pb(&policy)), policy);
+        policy.rate_limit = Some(RateLimit {
+            per_second: 10,
+            burst: 25,
+        });
+        policy.max_in_flight = Some(3);
+        assert_eq!(policy_from_pb(policy_to_pb(&policy)), policy);
+        // A record written before the limits existed has none.
+        let old = pb::Policy {
+            max_in_flight: 0,
+            rate_per_second: 0,
+            rate_burst: 0,
+            ..policy_to_pb(&policy)
+        };
+        let loaded = policy_from_pb(old);
+        assert_eq!((loaded.rate_limit, loaded.max_in_flight), (None, None));
 
         let mut job = Job::restored(
             Uuid::now_v7(),

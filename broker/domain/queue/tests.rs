@@ -989,3 +989,155 @@ fn ack_checked_acks_a_checked_lease_once() {
     let c = q.counts(T0 + 10);
     assert_eq!((c.completed, c.leased, q.live_jobs()), (1, 0, 0));
 }
+
+// ---- rate and in-flight limits ------------------------------------------------------
+
+fn limited(rate: Option<(u32, u32)>, max_in_flight: Option<u32>) -> Queue {
+    queue_with(|p| {
+        p.rate_limit = rate.map(|(per_second, burst)| RateLimit { per_second, burst });
+        p.max_in_flight = max_in_flight;
+    })
+}
+
+fn enqueue_n(q: &mut Queue, now: Millis, n: usize) {
+    q.enqueue(now, (0..n).map(|_| job("j")).collect()).unwrap();
+}
+
+#[test]
+fn a_rate_limit_hands_out_its_burst_then_one_job_per_token() {
+    let mut q = limited(Some((10, 10)), None);
+    enqueue_n(&mut q, T0, 30);
+    let mut now = T0;
+    let mut leased = 0;
+    while leased < 30 {
+        let got = q.lease(now, 100, 60_000, &consumer(), "a").len();
+        leased += got;
+        // Never more than the burst plus what the clock refilled.
+        let allowed = 10 + (now - T0) * 10 / 1_000;
+        assert!(leased as u64 <= allowed, "{leased} leased by {now}");
+        if leased < 30 {
+            // A waiter sleeps until the next token, as `next_due` says, and no longer.
+            assert!(!q.has_visible(now));
+            let due = q.next_due().expect("the next token is due");
+            assert!(due > now);
+            now = due;
+            assert!(q.has_visible(now));
+        }
+    }
+    // 10 at once, then 20 more at 10 a second.
+    assert_eq!(now, T0 + 2_000);
+}
+
+#[test]
+fn a_rate_limit_counts_the_time_it_held_jobs_back_once() {
+    let mut q = limited(Some((10, 1)), None);
+    enqueue_n(&mut q, T0, 3);
+    assert_eq!(q.lease(T0, 5, 60_000, &consumer(), "a").len(), 1);
+    // Cut short at T0 with more visible: held back until the next token at T0 + 100.
+    assert_eq!(q.counts(T0 + 40).rate_limited_ms, 40);
+    // A second refusal within the same wait adds nothing.
+    assert!(lease_one(&mut q, T0 + 50, 60_000).is_none());
+    let counts = q.counts(T0 + 100);
+    assert_eq!(counts.rate_limited_ms, 100);
+    assert_eq!(
+        (counts.rate_limit_per_second, counts.rate_limit_burst),
+        (10, 1)
+    );
+    assert_eq!(counts.rate_tokens, 1);
+    assert!(lease_one(&mut q, T0 + 100, 60_000).is_some());
+    // Asking for exactly what the bucket gave is not being held back.
+    assert_eq!(q.counts(T0 + 1_000).rate_limited_ms, 100);
+}
+
+#[test]
+fn a_long_idle_bucket_is_full_but_not_fuller() {
+    let mut q = limited(Some((10, 3)), None);
+    enqueue_n(&mut q, T0, 10);
+    assert_eq!(q.lease(T0, 10, 60_000, &consumer(), "a").len(), 3);
+    assert_eq!(q.lease(T0 + 60_000, 10, 60_000, &consumer(), "a").len(), 3);
+}
+
+#[test]
+fn max_in_flight_hands_out_free_slots_only_and_an_ack_frees_one() {
+    let mut q = limited(None, Some(3));
+    enqueue_n(&mut q, T0, 5);
+    let first = q.lease(T0, 10, 1_000, &consumer(), "a");
+    assert_eq!(first.len(), 3);
+    assert!(lease_one(&mut q, T0 + 10, 1_000).is_none());
+    assert!(!q.has_visible(T0 + 10));
+    // Capacity returns with a lease, not with the clock: only the deadlines are due.
+    assert_eq!(q.next_due(), Some(T0 + 1_000));
+    let counts = q.counts(T0 + 10);
+    assert_eq!((counts.leased, counts.max_in_flight), (3, 3));
+
+    q.ack(T0 + 50, &first[0].lease_id, None).unwrap();
+    assert!(q.has_visible(T0 + 50));
+    assert_eq!(q.counts(T0 + 50).in_flight_limited_ms, 50);
+    assert!(lease_one(&mut q, T0 + 50, 1_000).is_some());
+    assert!(lease_one(&mut q, T0 + 50, 1_000).is_none());
+
+    // A nack frees a slot too, and so does an expired lease.
+    q.nack(
+        T0 + 60,
+        &first[1].lease_id,
+        "boom".into(),
+        Some(60_000),
+        false,
+    )
+    .unwrap();
+    assert!(lease_one(&mut q, T0 + 60, 1_000).is_some());
+    assert!(lease_one(&mut q, T0 + 60, 1_000).is_none());
+    assert!(lease_one(&mut q, T0 + 1_000, 1_000).is_some());
+}
+
+#[test]
+fn competing_consumers_never_hold_more_than_max_in_flight() {
+    let mut q = limited(Some((50, 5)), Some(4));
+    enqueue_n(&mut q, T0, 200);
+    let workers: Vec<Arc<str>> = (0..5).map(|i| Arc::from(format!("w{i}"))).collect();
+    let mut held: Vec<Vec<LeaseId>> = vec![Vec::new(); workers.len()];
+    let mut done = 0;
+    let mut now = T0;
+    while done < 200 {
+        for (i, w) in workers.iter().enumerate() {
+            let got = q.lease(now, 1 + i % 3, 60_000, w, "a");
+            held[i].extend(got.into_iter().map(|d| d.lease_id));
+            assert!(held.iter().map(Vec::len).sum::<usize>() <= 4);
+            // Each acks one in two rounds, so slots free unevenly.
+            if (now / 7 + i as u64) % 2 == 0
+                && let Some(lease) = held[i].pop()
+            {
+                q.ack(now, &lease, None).unwrap();
+                done += 1;
+            }
+        }
+        now += 7;
+    }
+    // 200 jobs at 50 a second after a burst of 5: at least 3.9 s.
+    assert!(now - T0 >= 3_900, "{}", now - T0);
+}
+
+#[test]
+fn a_changed_rate_limit_starts_full_and_an_unchanged_one_keeps_its_tokens() {
+    let mut q = limited(Some((1, 2)), None);
+    enqueue_n(&mut q, T0, 10);
+    assert_eq!(q.lease(T0, 10, 60_000, &consumer(), "a").len(), 2);
+    let same = q.policy().clone();
+    q.set_policy(same.clone());
+    assert!(lease_one(&mut q, T0, 60_000).is_none());
+    q.set_policy(QueuePolicy {
+        rate_limit: Some(RateLimit {
+            per_second: 1,
+            burst: 3,
+        }),
+        ..same.clone()
+    });
+    assert_eq!(q.lease(T0, 10, 60_000, &consumer(), "a").len(), 3);
+    // Without a limit the rest goes at once, and nothing waits for a token.
+    q.set_policy(QueuePolicy {
+        rate_limit: None,
+        ..same
+    });
+    assert_eq!(q.lease(T0, 10, 60_000, &consumer(), "a").len(), 5);
+    assert_eq!(q.next_due(), Some(T0 + 60_000));
+}
