@@ -10,6 +10,7 @@ use crate::broker::domain::time::Millis;
 use crate::broker::store::{RecoveryError, RecoveryReport, Storage};
 
 pub use crate::broker::domain::names::{MAX_NAME_BYTES, Pattern, validate_name};
+pub use crate::broker::domain::queue::policy::RateLimit;
 pub use crate::broker::domain::queue::{JobState, LeaseId, NewJob, Queue};
 pub use crate::broker::domain::topic::{NewMessage, Retention, Topic};
 pub use crate::broker::engine::admin::PolicyPatch;

@@ -1185,3 +1185,59 @@ async fn a_restart_on_a_disk_that_refuses_writes_serves_reads_and_refuses_change
     assert_eq!(broker.list_jobs("q", None, 10, "").unwrap().0.len(), 3);
     stop(&broker);
 }
+
+#[tokio::test]
+async fn queue_limits_survive_a_restart_and_still_hold() {
+    use sluice::broker::testing::RateLimit;
+
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let broker = open(dir.path());
+        broker
+            .create_queue(
+                "emails",
+                PolicyPatch {
+                    rate_limit: Some(RateLimit {
+                        per_second: 1,
+                        burst: 0,
+                    }),
+                    ..PolicyPatch::default()
+                },
+            )
+            .await
+            .unwrap();
+        broker
+            .update_queue(
+                "emails",
+                PolicyPatch {
+                    max_in_flight: Some(2),
+                    ..PolicyPatch::default()
+                },
+            )
+            .await
+            .unwrap();
+        broker
+            .enqueue("emails", (0..5).map(|i| job(&format!("{i}"))).collect())
+            .await
+            .unwrap();
+        stop(&broker);
+    }
+    let broker = open(dir.path());
+    let emails = broker
+        .list_queues()
+        .into_iter()
+        .find(|q| q.name == "emails")
+        .unwrap();
+    assert_eq!(
+        emails.policy.rate_limit,
+        Some(RateLimit {
+            per_second: 1,
+            burst: 1,
+        })
+    );
+    assert_eq!(emails.policy.max_in_flight, Some(2));
+    // A restarted bucket is full (one token): one job, not the two slots' worth.
+    let leased = broker.lease("emails", lease_params(10)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    stop(&broker);
+}

@@ -559,3 +559,266 @@ async fn queue_admin_and_consumer_listing() {
     assert_eq!((q.leased, q.completed, q.consumers), (1, 1, 1));
     assert!(q.ack_rate > 0.0 && q.enqueue_rate > 0.0);
 }
+
+// ---- rate and in-flight limits ------------------------------------------------------
+
+async fn create_limited(
+    client: &sluice::client::Client,
+    name: &str,
+    rate: Option<(u32, u32)>,
+    max_in_flight: Option<u32>,
+) {
+    client
+        .create_queue(
+            name,
+            policy(|p| {
+                p.rate_limit = rate.map(|(per_second, burst)| pb::RateLimit { per_second, burst });
+                p.max_in_flight = max_in_flight;
+            }),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn competing_consumers_never_hold_more_than_max_in_flight() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    create_limited(&client, "emails", None, Some(3)).await;
+    let jobs = (0..40).map(|i| Job::new(format!("{i}"))).collect();
+    client.enqueue_batch("emails", jobs).await.unwrap();
+
+    // Counted after a lease arrives and before its ack is sent, so never above what the
+    // broker holds leased.
+    let held = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let (client, held, most) = (client.clone(), held.clone(), most.clone());
+        workers.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                let leases = client
+                    .lease("emails")
+                    .consumer(format!("w{w}"))
+                    .max_jobs(2)
+                    .wait(Duration::from_millis(500))
+                    .send()
+                    .await
+                    .unwrap();
+                if leases.is_empty() {
+                    return seen;
+                }
+                let now = held.fetch_add(leases.len(), Ordering::SeqCst) + leases.len();
+                most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                for lease in leases {
+                    seen.push(lease.job_id().to_owned());
+                    held.fetch_sub(1, Ordering::SeqCst);
+                    lease.ack().await.unwrap();
+                }
+            }
+        }));
+    }
+    let mut seen = Vec::new();
+    for worker in workers {
+        seen.extend(within(worker).await.unwrap());
+    }
+    assert!(most.load(Ordering::SeqCst) <= 3, "{most:?} held at once");
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 40, "every job leased once");
+    let stats = client.stats().await.unwrap();
+    let emails = stats.queues.iter().find(|q| q.name == "emails").unwrap();
+    assert_eq!((emails.completed, emails.max_in_flight), (40, 3));
+    // Six workers on three slots: some of them were held back.
+    assert!(emails.in_flight_limited_ms > 0);
+}
+
+#[tokio::test]
+async fn a_rate_limit_paces_long_polls_and_consume_streams_alike() {
+    use futures::StreamExt;
+
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    create_limited(&client, "emails", Some((20, 5)), None).await;
+    let started = Instant::now();
+    let jobs = (0..30).map(|i| Job::new(format!("{i}"))).collect();
+    client.enqueue_batch("emails", jobs).await.unwrap();
+
+    let mut tasks = Vec::new();
+    for w in 0..3 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let leases = client
+                    .lease("emails")
+                    .consumer(format!("poll{w}"))
+                    .max_jobs(10)
+                    .wait(Duration::from_millis(700))
+                    .send()
+                    .await
+                    .unwrap();
+                if leases.is_empty() {
+                    return got;
+                }
+                for lease in leases {
+                    got.push(lease.job_id().to_owned());
+                    lease.ack().await.unwrap();
+                }
+            }
+        }));
+    }
+    let stream = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut consumer = client
+                .consume("emails")
+                .prefetch(10)
+                .consumer("stream")
+                .open()
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            while let Ok(Some(lease)) =
+                tokio::time::timeout(Duration::from_millis(700), consumer.next()).await
+            {
+                let lease = lease.unwrap();
+                got.push(lease.job_id().to_owned());
+                lease.ack().await.unwrap();
+            }
+            got
+        })
+    };
+    tasks.push(stream);
+    let mut seen = Vec::new();
+    for task in tasks {
+        seen.extend(within(task).await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 30, "every job handed out once");
+    // A burst of 5, then 25 at 20 a second: 1.25 s at the least, however many consumers.
+    // (The consumers' final 700 ms of waiting for nothing comes on top.)
+    assert!(elapsed >= Duration::from_millis(1_250), "{elapsed:?}");
+    let stats = client.stats().await.unwrap();
+    let emails = stats.queues.iter().find(|q| q.name == "emails").unwrap();
+    assert_eq!(
+        (emails.rate_limit_per_second, emails.rate_limit_burst),
+        (20, 5)
+    );
+    assert!(emails.rate_limited_ms > 0);
+    assert!(emails.rate_tokens <= 5);
+}
+
+#[tokio::test]
+async fn limits_are_checked_named_and_removable() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut rpc = client.rpc();
+    let create =
+        |name: &str, rate: Option<(u32, u32)>, max_in_flight: Option<u32>| pb::CreateQueueRequest {
+            name: name.into(),
+            policy: Some(policy(|p| {
+                p.rate_limit = rate.map(|(per_second, burst)| pb::RateLimit { per_second, burst });
+                p.max_in_flight = max_in_flight;
+            })),
+        };
+    for (request, needles) in [
+        (
+            create("a", Some((0, 5)), None),
+            &["policy.rate_limit.per_second", "burst 5"][..],
+        ),
+        (
+            create("a", Some((2_000_000, 0)), None),
+            &["policy.rate_limit.per_second", "2000000", "1000000"][..],
+        ),
+        (
+            create("a", Some((10, 1_000_001)), None),
+            &["policy.rate_limit.burst", "1000001"][..],
+        ),
+        (
+            create("a", None, Some(1_000_001)),
+            &["policy.max_in_flight", "1000001", "1000000"][..],
+        ),
+    ] {
+        let err = rpc.create_queue(request).await.unwrap_err();
+        common::rpc::assert_status(err, Code::InvalidArgument, needles);
+    }
+
+    // Burst defaults to the rate; an update without the fields keeps them.
+    let info = rpc
+        .create_queue(create("emails", Some((10, 0)), Some(4)))
+        .await
+        .unwrap()
+        .into_inner();
+    let p = info.policy.unwrap();
+    assert_eq!(
+        p.rate_limit,
+        Some(pb::RateLimit {
+            per_second: 10,
+            burst: 10
+        })
+    );
+    assert_eq!(p.max_in_flight, Some(4));
+    let update = |p: pb::QueuePolicy| pb::UpdateQueueRequest {
+        name: "emails".into(),
+        policy: Some(p),
+    };
+    let kept = rpc
+        .update_queue(update(policy(|p| p.max_attempts = 7)))
+        .await
+        .unwrap()
+        .into_inner()
+        .policy
+        .unwrap();
+    assert_eq!(
+        (kept.rate_limit, kept.max_in_flight),
+        (p.rate_limit, Some(4))
+    );
+    // Zeros remove them.
+    let removed = rpc
+        .update_queue(update(policy(|p| {
+            p.rate_limit = Some(pb::RateLimit::default());
+            p.max_in_flight = Some(0);
+        })))
+        .await
+        .unwrap()
+        .into_inner()
+        .policy
+        .unwrap();
+    assert_eq!((removed.rate_limit, removed.max_in_flight), (None, None));
+}
+
+#[tokio::test]
+async fn a_long_poll_wakes_when_a_limit_frees_capacity() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    create_limited(&client, "slots", None, Some(1)).await;
+    create_limited(&client, "paced", Some((2, 1)), None).await;
+    for queue in ["slots", "paced"] {
+        let jobs = vec![Job::new("a"), Job::new("b")];
+        client.enqueue_batch(queue, jobs).await.unwrap();
+    }
+
+    // An ack frees the one slot: the waiting poll gets the second job at once.
+    let first = client.lease("slots").send().await.unwrap().remove(0);
+    let poll = long_poll(&client, "slots", Duration::from_secs(20)).await;
+    let acked = Instant::now();
+    first.ack().await.unwrap();
+    assert_eq!(within(poll).await.unwrap().unwrap().len(), 1);
+    assert!(acked.elapsed() < Duration::from_secs(10));
+
+    // The bucket's next token wakes the poll on its own: half a second at 2 a second.
+    assert_eq!(client.lease("paced").send().await.unwrap().len(), 1);
+    let started = Instant::now();
+    let poll = long_poll(&client, "paced", Duration::from_secs(20)).await;
+    assert_eq!(within(poll).await.unwrap().unwrap().len(), 1);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+}
