@@ -139,6 +139,36 @@ async fn cli_produces_consumes_and_reports() {
     assert_eq!(q["stats"]["pending"], 3);
     assert_eq!(q["stats"]["enqueued"], 4);
 
+    // limit: set on the queue, shown in the table and the JSON, removed with zeros.
+    let out = ok(
+        &h,
+        &["limit", "ops.cli", "--rate", "10", "--max-in-flight", "3"],
+    )
+    .await;
+    assert_eq!(out.trim(), "ops.cli: 10/s burst 10, 3 in flight");
+    let rows = table(&ok(&h, &["queues"]).await);
+    assert_eq!(rows[0]["LIMITS"], "10/s burst 10, 3 in flight");
+    let queues = json(&h, &["queues", "--json"]).await;
+    let q = &queues["queues"][0];
+    assert_eq!(q["policy"]["limits"]["rate_limit"]["burst"], 10);
+    assert_eq!(q["stats"]["max_in_flight"], 3);
+    assert_eq!(q["stats"]["rate_limit_per_second"], 10);
+    let removed = json(
+        &h,
+        &[
+            "limit",
+            "ops.cli",
+            "--rate",
+            "0",
+            "--max-in-flight",
+            "0",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(removed["limits"]["rate_limit"], Value::Null);
+    assert_eq!(removed["limits"]["max_in_flight"], Value::Null);
+
     // lease --ack: the priority-3 job first, then FIFO.
     let out = ok(
         &h,

@@ -48,6 +48,8 @@ pub enum Command {
     Redrive(cli::RedriveArgs),
     /// Remove every job of a queue that is not leased.
     Purge(cli::PurgeArgs),
+    /// Set or remove a queue's rate and in-flight limits.
+    Limit(cli::LimitArgs),
     /// List the workers seen on a queue.
     Consumers(cli::ConsumersArgs),
     /// Make a new random bearer token and print it with the SHA-256 line for the tokens

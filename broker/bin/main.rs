@@ -37,6 +37,7 @@ async fn main() -> std::process::ExitCode {
         | Command::Jobs(_)
         | Command::Redrive(_)
         | Command::Purge(_)
+        | Command::Limit(_)
         | Command::Consumers(_)
         | Command::Token(_)) => crate::cli::run(command).await,
         Command::Serve(args) => {

@@ -235,6 +235,25 @@ pub struct PurgeArgs {
     pub queue: String,
 }
 
+/// `sluice limit`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Where the broker is and how to print.
+    #[command(flatten)]
+    pub conn: Connection,
+    /// Queue name.
+    pub queue: String,
+    /// Jobs handed out per second (0 removes the rate limit).
+    #[arg(long)]
+    pub rate: Option<u32>,
+    /// Most jobs handed out at once after a quiet spell (default: the rate).
+    #[arg(long, requires = "rate")]
+    pub burst: Option<u32>,
+    /// Most jobs leased at once by all consumers together (0 removes the limit).
+    #[arg(long)]
+    pub max_in_flight: Option<u32>,
+}
+
 /// `sluice consumers`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumersArgs {
@@ -585,6 +604,7 @@ pub async fn run(command: crate::config::Command) -> ExitCode {
         Command::Jobs(a) => jobs(a).await,
         Command::Redrive(a) => redrive(a).await,
         Command::Purge(a) => purge(a).await,
+        Command::Limit(a) => limit(a).await,
         Command::Consumers(a) => consumers(a).await,
         Command::Token(a) => token(a),
     };
@@ -626,6 +646,7 @@ async fn queues(a: QueuesArgs) -> Result<()> {
                         "dedup_window_ms": policy.dedup_window_ms,
                         "topic_bindings": policy.topic_bindings,
                         "history_limit": policy.history_limit,
+                        "limits": limits_json(&policy),
                     },
                     "stats": by_name.get(q.name.as_str()),
                 })
@@ -648,9 +669,11 @@ async fn queues(a: QueuesArgs) -> Result<()> {
         "STATUS",
         "DLQ",
         "BINDINGS",
+        "LIMITS",
     ]);
     for q in &list.queues {
         let policy = q.policy.clone().unwrap_or_default();
+        let limits = limits_text(&policy);
         let s = by_name.get(q.name.as_str()).copied().cloned();
         let s = s.unwrap_or_default();
         t.row(vec![
@@ -673,6 +696,7 @@ async fn queues(a: QueuesArgs) -> Result<()> {
             } else {
                 policy.topic_bindings.join(",")
             },
+            limits,
         ]);
     }
     print_text(&t.render())
@@ -1124,6 +1148,61 @@ async fn purge(a: PurgeArgs) -> Result<()> {
             count(res.purged),
             a.queue
         ))
+    }
+}
+
+async fn limit(a: LimitArgs) -> Result<()> {
+    if a.rate.is_none() && a.max_in_flight.is_none() {
+        return Err(CliError::Usage(
+            "give --rate (and --burst) or --max-in-flight".into(),
+        ));
+    }
+    let mut client = connect(&a.conn).await?;
+    let info = client
+        .update_queue(pb::UpdateQueueRequest {
+            name: a.queue.clone(),
+            policy: Some(pb::QueuePolicy {
+                rate_limit: a.rate.map(|per_second| pb::RateLimit {
+                    per_second,
+                    burst: a.burst.unwrap_or(0),
+                }),
+                max_in_flight: a.max_in_flight,
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner();
+    let policy = info.policy.unwrap_or_default();
+    if a.conn.json {
+        print_json(&json!({ "queue": a.queue, "limits": limits_json(&policy) }))
+    } else {
+        print_text(&format!("{}: {}\n", a.queue, limits_text(&policy)))
+    }
+}
+
+/// A policy's rate and in-flight limits as JSON (null for none).
+fn limits_json(policy: &pb::QueuePolicy) -> Value {
+    json!({
+        "rate_limit": policy.rate_limit.map(|r| json!({
+            "per_second": r.per_second,
+            "burst": r.burst,
+        })),
+        "max_in_flight": policy.max_in_flight,
+    })
+}
+
+/// A policy's rate and in-flight limits in a few words: `10/s burst 20, 5 in flight`,
+/// `-` for none.
+fn limits_text(policy: &pb::QueuePolicy) -> String {
+    let rate = policy
+        .rate_limit
+        .map(|r| format!("{}/s burst {}", r.per_second, r.burst));
+    let in_flight = policy.max_in_flight.map(|n| format!("{n} in flight"));
+    let parts: Vec<String> = rate.into_iter().chain(in_flight).collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
     }
 }
 

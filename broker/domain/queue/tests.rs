@@ -1104,7 +1104,7 @@ fn competing_consumers_never_hold_more_than_max_in_flight() {
             held[i].extend(got.into_iter().map(|d| d.lease_id));
             assert!(held.iter().map(Vec::len).sum::<usize>() <= 4);
             // Each acks one in two rounds, so slots free unevenly.
-            if (now / 7 + i as u64) % 2 == 0
+            if (now / 7 + i as u64).is_multiple_of(2)
                 && let Some(lease) = held[i].pop()
             {
                 q.ack(now, &lease, None).unwrap();
