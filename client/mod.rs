@@ -29,6 +29,7 @@
 mod codec;
 mod consumer;
 mod error;
+mod policy;
 mod producer;
 mod request;
 mod subscribe;
@@ -48,6 +49,7 @@ use crate::pb::broker_client::BrokerClient;
 pub use codec::{CONTENT_TYPE, Codec, Json, Protobuf, Raw};
 pub use consumer::{ConsumeBuilder, Consumer};
 pub use error::{ClientError, Result};
+pub use policy::Policy;
 pub use producer::{Enqueuer, Publisher};
 pub use request::{CORRELATION_ID, ERROR_HEADER, REPLY_TO};
 pub use subscribe::{Delivery, StartAt, Subscribe};
@@ -301,13 +303,30 @@ impl Client {
         Ok(self.rpc.clone().cancel_job(request).await?.into_inner())
     }
 
-    /// Creates a queue with a policy.
-    pub async fn create_queue(&self, name: &str, policy: pb::QueuePolicy) -> Result<pb::QueueInfo> {
+    /// Creates a queue with a policy (a [`Policy`] or the message itself).
+    pub async fn create_queue(
+        &self,
+        name: &str,
+        policy: impl Into<pb::QueuePolicy>,
+    ) -> Result<pb::QueueInfo> {
         let request = pb::CreateQueueRequest {
             name: name.to_owned(),
-            policy: Some(policy),
+            policy: Some(policy.into()),
         };
         Ok(self.rpc.clone().create_queue(request).await?.into_inner())
+    }
+
+    /// Changes the fields `policy` sets of a queue's policy.
+    pub async fn update_queue(
+        &self,
+        name: &str,
+        policy: impl Into<pb::QueuePolicy>,
+    ) -> Result<pb::QueueInfo> {
+        let request = pb::UpdateQueueRequest {
+            name: name.to_owned(),
+            policy: Some(policy.into()),
+        };
+        Ok(self.rpc.clone().update_queue(request).await?.into_inner())
     }
 
     /// Counters of every queue and topic.

@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{TestBroker, long_poll, within};
-use sluice::client::Job;
+use sluice::client::{Job, Policy};
 use sluice::pb;
 use tonic::Code;
 
@@ -562,22 +562,21 @@ async fn queue_admin_and_consumer_listing() {
 
 // ---- rate and in-flight limits ------------------------------------------------------
 
+/// Creates `name` with the limits given, through the client's typed policy.
 async fn create_limited(
     client: &sluice::client::Client,
     name: &str,
     rate: Option<(u32, u32)>,
     max_in_flight: Option<u32>,
 ) {
-    client
-        .create_queue(
-            name,
-            policy(|p| {
-                p.rate_limit = rate.map(|(per_second, burst)| pb::RateLimit { per_second, burst });
-                p.max_in_flight = max_in_flight;
-            }),
-        )
-        .await
-        .unwrap();
+    let mut policy = Policy::new();
+    if let Some((per_second, burst)) = rate {
+        policy = policy.rate_limit(per_second, burst);
+    }
+    if let Some(n) = max_in_flight {
+        policy = policy.max_in_flight(n);
+    }
+    client.create_queue(name, policy).await.unwrap();
 }
 
 #[tokio::test]
@@ -790,6 +789,28 @@ async fn limits_are_checked_named_and_removable() {
         .await
         .unwrap()
         .into_inner()
+        .policy
+        .unwrap();
+    assert_eq!((removed.rate_limit, removed.max_in_flight), (None, None));
+    // The client's typed policy sets and removes them the same way.
+    let set = client
+        .update_queue("emails", Policy::new().rate_limit(5, 0).max_in_flight(2))
+        .await
+        .unwrap()
+        .policy
+        .unwrap();
+    assert_eq!(
+        set.rate_limit,
+        Some(pb::RateLimit {
+            per_second: 5,
+            burst: 5
+        })
+    );
+    assert_eq!(set.max_in_flight, Some(2));
+    let removed = client
+        .update_queue("emails", Policy::new().no_rate_limit().max_in_flight(0))
+        .await
+        .unwrap()
         .policy
         .unwrap();
     assert_eq!((removed.rate_limit, removed.max_in_flight), (None, None));
