@@ -232,6 +232,14 @@ class SluiceClient:
             timeout=self.timeout,
         )
 
+    def update_queue(self, name: str, **policy) -> pb.QueueInfo:
+        """Changes the policy fields given, e.g. ``rate_limit={"per_second": 10, "burst": 20}``
+        or ``max_in_flight=5`` (``0`` removes a limit, as does a rate of 0 with burst 0)."""
+        return self.stub.UpdateQueue(
+            pb.UpdateQueueRequest(name=name, policy=pb.QueuePolicy(**policy)),
+            timeout=self.timeout,
+        )
+
     def stats(self) -> pb.StatsResponse:
         return self.stub.Stats(pb.StatsRequest(), timeout=self.timeout)
 
