@@ -178,3 +178,21 @@ def test_every_rpc_as_the_readme_shows_it(broker):
     assert covered == methods, f"not covered: {methods - covered}"
     health = json.loads(grpcurl(broker, "grpc.health.v1.Health/Check", data={}))
     assert health["status"] == "SERVING"
+
+
+def test_queue_limits_as_the_readme_shows_them(broker):
+    """The README's rate and in-flight limits section, call by call: set, see in Stats,
+    a lease within them, remove."""
+    call(broker, "Enqueue", {"queue": "limited", "jobs": [{"payload": "aGk="}] * 4})
+    info = call(broker, "UpdateQueue", {"name": "limited", "policy": {"rate_limit": {"per_second": 10, "burst": 20}, "max_in_flight": 3}})
+    assert info["policy"]["rateLimit"] == {"perSecond": 10, "burst": 20}
+    assert info["policy"]["maxInFlight"] == 3
+    jobs = call(broker, "Lease", {"queue": "limited", "maxJobs": 10, "consumer": "me"})["jobs"]
+    assert len(jobs) == 3
+    [stats] = call(broker, "Stats", {"queues": ["limited"]})["queues"]
+    assert (stats["leased"], stats["maxInFlight"], stats["rateLimitPerSecond"]) == ("3", 3, 10)
+    # 20 less the 3 taken, refilled at 10 a second since.
+    assert 17 <= int(stats["rateTokens"]) <= 20
+    removed = call(broker, "UpdateQueue", {"name": "limited", "policy": {"rate_limit": {}, "max_in_flight": 0}})
+    assert "rateLimit" not in removed["policy"] and "maxInFlight" not in removed["policy"]
+    assert len(call(broker, "Lease", {"queue": "limited", "maxJobs": 10, "consumer": "me"})["jobs"]) == 1

@@ -84,3 +84,23 @@ def test_enqueue_stream_answers_in_order_and_refuses_only_the_bad_job(sluice):
     leased = sluice.lease("py.streamed", max_jobs=1000, wait_ms=1000)
     assert [j.job_id for j in leased] == ids
     assert [j.payload for j in leased] == [f"job-{i}".encode() for i in range(100) if i != 40]
+
+
+def test_queue_limits_set_shown_and_removed(sluice):
+    sluice.create_queue("py.limited", rate_limit={"per_second": 5, "burst": 2}, max_in_flight=1)
+    for i in range(3):
+        sluice.enqueue("py.limited", b"x")
+    # One slot: one job, however many are asked for.
+    [job] = sluice.lease("py.limited", max_jobs=10, consumer="py")
+    [stats] = [q for q in sluice.stats().queues if q.name == "py.limited"]
+    assert (stats.leased, stats.max_in_flight, stats.rate_limit_burst) == (1, 1, 2)
+    assert stats.rate_tokens in (1, 2)  # 2 less the one taken, refilling at 5 a second
+    sluice.ack(job.lease_id)
+    # The ack freed the slot, and the bucket has a token left.
+    assert len(sluice.lease("py.limited", max_jobs=10, consumer="py")) == 1
+    info = sluice.update_queue("py.limited", rate_limit={}, max_in_flight=0)
+    assert not info.policy.HasField("rate_limit") and not info.policy.HasField("max_in_flight")
+    with pytest.raises(grpc.RpcError) as err:
+        sluice.update_queue("py.limited", rate_limit={"burst": 3})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "policy.rate_limit.per_second" in err.value.details()
