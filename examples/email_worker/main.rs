@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 use lettre::message::{Mailbox, Message, header::ContentType};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use shared::{EMAILS, TODO_OVERDUE, TODO_REMINDER, TodoEvent, USER_REGISTERED, UserRegistered};
-use sluice::client::{Done, JobContext, JobError};
+use sluice::client::{Done, JobContext, JobError, Policy};
 
 /// Email worker of the Sluice example system.
 #[derive(Debug, Parser)]
@@ -50,6 +50,13 @@ struct Args {
     /// SMTP command timeout in ms.
     #[arg(long, env = "SMTP_TIMEOUT_MS", default_value_t = 30_000)]
     smtp_timeout_ms: u64,
+    /// Most emails sent per second, by all email workers together (the `emails` queue's
+    /// rate limit, set when this worker starts; 0 removes it). Unset: left as it is.
+    #[arg(long, env = "EMAIL_RATE_LIMIT")]
+    rate_limit: Option<u32>,
+    /// Emails sent at once after a quiet spell under `--rate-limit`: 1 spaces them evenly.
+    #[arg(long, env = "EMAIL_RATE_BURST", default_value_t = 1)]
+    rate_burst: u32,
 }
 
 /// Where emails go.
@@ -232,6 +239,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mailer = Arc::new(Mailer { transport, from });
 
     let client = shared::join_system(&args.broker).await?;
+    if let Some(per_second) = args.rate_limit {
+        // The limit is the queue's, so it holds however many workers run; an SMTP relay's
+        // sending quota is the usual reason for one.
+        let policy = match per_second {
+            0 => Policy::new().no_rate_limit(),
+            n => Policy::new().rate_limit(n, args.rate_burst),
+        };
+        client.update_queue(EMAILS, policy).await?;
+        tracing::info!(
+            per_second,
+            burst = args.rate_burst,
+            "emails queue rate limit set"
+        );
+    }
     shared::run_worker(client, EMAILS, &args.worker, "email worker", |worker| {
         worker
             .drain_timeout(Duration::from_secs(10))

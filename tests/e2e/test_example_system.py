@@ -525,3 +525,41 @@ def test_monitoring_endpoints(system):
     assert {"email-worker-a", "email-worker-b"} <= email_names
     assert [w["name"] for w in workers["notifications"]] == ["notification-worker-a"]
     assert next(w for w in workers["notifications"])["done"] >= 1
+
+
+def test_a_rate_limited_email_queue_sends_30_emails_in_3_s_each_once(system):
+    """`EMAIL_RATE_LIMIT=10` on a second email worker limits the queue, so both workers
+    together send 10 emails a second, evenly (burst 1): 30 take at least 2.9 s."""
+    system.processes.start(
+        "email-worker-limited",
+        [binary("email_worker")],
+        env={
+            "SLUICE_URL": system.sluice_url,
+            "SMTP_URL": f"smtp://127.0.0.1:{system.smtp_port}",
+            "WORKER_NAME": "email-worker-limited",
+            "EMAIL_RATE_LIMIT": "10",
+        },
+    )
+
+    def limited():
+        system.processes.check_alive("email-worker-limited")
+        [emails] = [q for q in system.sluice.stats().queues if q.name == "emails"]
+        return emails.rate_limit_per_second == 10 and emails
+
+    wait_until(limited, 20, "the emails queue's rate limit")
+    try:
+        started = time.monotonic()
+        addresses = [f"paced-{i}@example.com" for i in range(30)]
+        for i, address in enumerate(addresses):
+            create_user(system, f"Paced {i}", address)
+        wait_until(lambda: all(system.smtp.to(a) for a in addresses), 30, "30 paced emails")
+        elapsed = time.monotonic() - started
+        # One now, then 29 at 10 a second; the bound leaves room for a coarse clock.
+        assert elapsed >= 2.5, elapsed
+        time.sleep(0.5)
+        assert [len(system.smtp.to(a)) for a in addresses] == [1] * 30, "each sent once"
+        [emails] = [q for q in system.sluice.stats().queues if q.name == "emails"]
+        assert emails.rate_limited_ms > 0
+    finally:
+        system.sluice.update_queue("emails", rate_limit={})
+        system.processes.kill("email-worker-limited")
