@@ -170,6 +170,14 @@ impl Model {
                 .any(|(_, o)| o.ordering_key == j.ordering_key)
     }
 
+    /// Jobs a lease may take under `max_in_flight`: all of them without it.
+    fn in_flight_room(&self) -> usize {
+        let leased = self.live.values().filter(|j| j.lease.is_some()).count();
+        self.policy
+            .max_in_flight
+            .map_or(usize::MAX, |max| (max as usize).saturating_sub(leased))
+    }
+
     /// Jobs a lease may take now, best first.
     fn visible(&self) -> Vec<u64> {
         let mut v: Vec<&MJob> = self
@@ -639,7 +647,7 @@ fn check_queue(ctx: &Ctx, q: &Queue, m: &Model, now: Millis, full: bool) {
         "{name}: oldest pending age"
     );
     ensure_eq!(ctx, q.live_jobs(), m.live.len() as u64, "{name}: live jobs");
-    let has_visible = !m.paused && !visible.is_empty();
+    let has_visible = !m.paused && !visible.is_empty() && m.in_flight_room() > 0;
     ensure_eq!(ctx, q.has_visible(now), has_visible, "{name}: has_visible");
 
     // Indexes.
@@ -856,6 +864,9 @@ fn random_policy(rng: &mut fastrand::Rng, name: &str, bulk: bool) -> QueuePolicy
     if !p.dead_letter_queue.is_empty() && rng.u8(0..10) == 0 {
         // Keep dead jobs here.
         p.dead_letter_queue = String::new();
+    }
+    if rng.u8(0..4) == 0 {
+        p.max_in_flight = Some(rng.u32(1..6));
     }
     p
 }
@@ -1131,7 +1142,8 @@ impl World {
         let expected: Vec<u64> = if m.paused {
             Vec::new()
         } else {
-            m.visible().into_iter().take(max).collect()
+            let room = m.in_flight_room();
+            m.visible().into_iter().take(max.min(room)).collect()
         };
         ensure_eq!(
             ctx,
@@ -1715,7 +1727,8 @@ impl World {
                 let m = &mut self.models[k];
                 m.tick(now, &self.queues[k].expired);
                 m.consumers.entry(consumer.to_string()).or_default();
-                let expected = m.visible();
+                let room = m.in_flight_room();
+                let expected: Vec<u64> = m.visible().into_iter().take(room).collect();
                 ensure_eq!(
                     self.ctx,
                     got.iter().map(|d| d.lease_id.seq).collect::<Vec<_>>(),
