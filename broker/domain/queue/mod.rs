@@ -69,7 +69,8 @@ pub struct ConsumerState {
 }
 
 /// Counters for stats. Serialized as they are by the dashboard (`ops`), whose JSON rows
-/// use these field names.
+/// use these field names; the limits' figures are left out of them (the page does not
+/// show them; Stats and the CLI do).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct QueueCounts {
     /// Visible, or waiting behind an ordering key.
@@ -101,18 +102,24 @@ pub struct QueueCounts {
     /// Leasing paused.
     pub paused: bool,
     /// The policy's `max_in_flight` (0: no limit); `leased` is how much of it is used.
+    #[serde(skip)]
     pub max_in_flight: u32,
     /// The policy's rate limit, jobs a second (0: no limit).
+    #[serde(skip)]
     pub rate_limit_per_second: u32,
     /// The policy's rate limit burst (0: no limit).
+    #[serde(skip)]
     pub rate_limit_burst: u32,
     /// Whole tokens in the rate limit's bucket: jobs it would let out now.
+    #[serde(skip)]
     pub rate_tokens: u64,
     /// Milliseconds since start that the rate limit held visible jobs back from a lease
     /// that asked for them.
+    #[serde(skip)]
     pub rate_limited_ms: u64,
     /// Milliseconds since start that `max_in_flight` held visible jobs back from a lease
     /// that asked for them (until a lease ended).
+    #[serde(skip)]
     pub in_flight_limited_ms: u64,
 }
 
