@@ -31,6 +31,7 @@ mod consumer;
 mod error;
 mod producer;
 mod request;
+mod retry;
 mod subscribe;
 mod transport;
 mod worker;
@@ -47,7 +48,7 @@ use crate::pb::broker_client::BrokerClient;
 
 pub use codec::{CONTENT_TYPE, Codec, Json, Protobuf, Raw};
 pub use consumer::{ConsumeBuilder, Consumer};
-pub use error::{ClientError, Result};
+pub use error::{ClientError, Result, root_cause};
 pub use producer::{Enqueuer, Publisher};
 pub use request::{CORRELATION_ID, ERROR_HEADER, REPLY_TO};
 pub use subscribe::{Delivery, StartAt, Subscribe};
