@@ -90,6 +90,11 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Why the call failed at bottom, for a log line: see [`root_cause`].
+    pub fn root_cause(&self) -> String {
+        root_cause(self)
+    }
+
     /// The gRPC status code, if the broker answered with an error.
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
@@ -100,5 +105,45 @@ impl ClientError {
     }
 }
 
+/// The text of the innermost error in `error`'s `source()` chain, e.g. `Connection refused
+/// (os error 111)` under a transport error whose own text is only "transport error"; a
+/// gRPC status reads as its message (its `Display` lists metadata and details too).
+pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = error;
+    while let Some(source) = innermost.source() {
+        innermost = source;
+    }
+    match innermost.downcast_ref::<tonic::Status>() {
+        Some(status) => status.message().to_owned(),
+        None => innermost.to_string(),
+    }
+}
+
 /// Result of client calls.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that, like tonic's and hyper's, says little itself and keeps the cause
+    /// as its source.
+    #[derive(Debug, thiserror::Error)]
+    #[error("transport error")]
+    struct Wrapper(#[source] std::io::Error);
+
+    #[test]
+    fn root_cause_walks_to_the_innermost_error() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let expected = refused.to_string();
+        assert_eq!(root_cause(&Wrapper(refused)), expected);
+    }
+
+    #[test]
+    fn root_cause_of_a_status_is_its_message() {
+        let refused = ClientError::from(tonic::Status::not_found("queue \"email\" does not exist"));
+        assert_eq!(refused.root_cause(), "queue \"email\" does not exist");
+        let config = ClientError::Config("concurrency: 0".into());
+        assert_eq!(config.root_cause(), config.to_string());
+    }
+}

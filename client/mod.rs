@@ -32,6 +32,7 @@ mod error;
 mod policy;
 mod producer;
 mod request;
+mod retry;
 mod subscribe;
 mod transport;
 mod worker;
@@ -48,7 +49,7 @@ use crate::pb::broker_client::BrokerClient;
 
 pub use codec::{CONTENT_TYPE, Codec, Json, Protobuf, Raw};
 pub use consumer::{ConsumeBuilder, Consumer};
-pub use error::{ClientError, Result};
+pub use error::{ClientError, Result, root_cause};
 pub use policy::Policy;
 pub use producer::{Enqueuer, Publisher};
 pub use request::{CORRELATION_ID, ERROR_HEADER, REPLY_TO};

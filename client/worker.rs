@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::codec::{Codec, Json, Protobuf};
 use crate::client::error::{ClientError, Result};
+use crate::client::retry::Reconnect;
 use crate::client::{Client, Consumer, Lease};
 use crate::pb;
 
@@ -499,7 +500,7 @@ impl Worker {
             abort: abort.clone(),
         });
         let mut running = JoinSet::new();
-        let mut retry_delay = Duration::from_millis(100);
+        let mut reconnect = Reconnect::new(RECONNECT_FIRST_DELAY, RECONNECT_MAX_DELAY);
         let mut consumer: Option<Consumer> = None;
 
         tokio::pin!(shutdown);
@@ -525,17 +526,23 @@ impl Worker {
                     };
                     match opened {
                         Ok(stream) => {
-                            retry_delay = Duration::from_millis(100);
+                            if let Some(cause) = reconnect.succeeded() {
+                                tracing::info!(queue = %self.queue, after = %cause, "consume stream open again");
+                            }
                             consumer.insert(stream)
                         }
                         Err(e) if is_fatal(&e) => break Err(e),
                         Err(e) => {
-                            tracing::warn!(queue = %self.queue, error = %e, "consume stream failed to open; retrying");
+                            let delay = retry_later(
+                                &self.queue,
+                                &mut reconnect,
+                                &e,
+                                "consume stream failed to open",
+                            );
                             tokio::select! {
-                                () = tokio::time::sleep(retry_delay) => {}
+                                () = tokio::time::sleep(delay) => {}
                                 () = &mut shutdown => break Ok(()),
                             }
-                            retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
                             continue;
                         }
                     }
@@ -561,15 +568,21 @@ impl Worker {
                 }
                 Some(Err(e)) if is_fatal(&e) => break Err(e),
                 ended => {
-                    if let Some(Err(e)) = ended {
-                        tracing::warn!(queue = %self.queue, error = %e, "consume stream failed; reopening");
-                    }
+                    let delay = match ended {
+                        Some(Err(e)) => {
+                            retry_later(&self.queue, &mut reconnect, &e, "consume stream failed")
+                        }
+                        _ => {
+                            reconnect
+                                .failed("the broker ended the consume stream".into())
+                                .delay
+                        }
+                    };
                     consumer = None;
                     tokio::select! {
-                        () = tokio::time::sleep(retry_delay) => {}
+                        () = tokio::time::sleep(delay) => {}
                         () = &mut shutdown => break Ok(()),
                     }
-                    retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
                 }
             }
         };
@@ -597,6 +610,28 @@ impl Worker {
         consume_result?;
         Ok(shared.counters.report())
     }
+}
+
+/// The first wait before reopening a consume stream that failed.
+const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
+/// The longest wait between attempts to reopen it (a broker that is down for long is
+/// retried this often).
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// Records a failure to consume from `queue` and returns how long to wait before the next
+/// attempt. Logs at WARN when the cause is new (the broker went away, or fails in a new
+/// way) and at DEBUG while it stays the same, so a broker that is down for minutes costs
+/// one warning, not one per attempt.
+fn retry_later(queue: &str, reconnect: &mut Reconnect, e: &ClientError, what: &str) -> Duration {
+    let cause = e.root_cause();
+    let failed = reconnect.failed(cause.clone());
+    let retry_in = format!("{:?}", failed.delay);
+    if failed.new_cause {
+        tracing::warn!(queue, %cause, %retry_in, "{what}; retrying with backoff");
+    } else {
+        tracing::debug!(queue, %cause, %retry_in, "{what}; retrying");
+    }
+    failed.delay
 }
 
 /// Errors that a retry of the same Lease request cannot fix.

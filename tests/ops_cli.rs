@@ -494,15 +494,23 @@ async fn cli_dead_jobs_redrive_purge_and_errors() {
     assert_eq!(missing.status.code(), Some(1));
     let err = String::from_utf8(missing.stderr).unwrap();
     assert!(err.contains("does not exist"), "{err}");
+    // In Sluice's words: the code as gRPC names it, then the broker's message, without
+    // tonic's generic sentence for the code.
+    assert_eq!(
+        err, "sluice: NOT_FOUND: queue \"ops.nosuch\" does not exist\n",
+        "{err}"
+    );
     let bad = sluice(&h, &["jobs", "ops.fail", "--state", "bogus"]).await;
     assert_eq!(bad.status.code(), Some(2));
     let unreachable = sluice(&h, &["queues", "--server", "http://127.0.0.1:1"]).await;
     assert_eq!(unreachable.status.code(), Some(1));
+    let err = String::from_utf8(unreachable.stderr).unwrap();
     assert!(
-        String::from_utf8(unreachable.stderr)
-            .unwrap()
-            .contains("cannot connect to http://127.0.0.1:1")
+        err.contains("cannot connect to http://127.0.0.1:1"),
+        "{err}"
     );
+    // The cause, not tonic's bare "transport error".
+    assert!(err.to_lowercase().contains("connection refused"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,5 +574,40 @@ async fn http_on_a_public_address_needs_insecure() {
     assert!(
         err.contains("--http 0.0.0.0:0 is not a loopback address"),
         "{err}"
+    );
+}
+
+/// A log that is not written to a terminal (a pipe here; a file or a collector in
+/// production) is plain text: no colour codes, whatever the terminal settings.
+#[tokio::test]
+async fn serve_log_on_a_pipe_has_no_colour_codes() {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--storage", "memory"])
+        .env("SLUICE_LOG", SERVE_LOG)
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(server.stdout.take().unwrap()).lines();
+    let mut log = String::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("sluice serving gRPC") {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the broker logs its address within 20 s");
+    assert!(log.contains("sluice serving gRPC"), "{log}");
+    assert!(log.contains("INFO"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a piped log: {log:?}"
     );
 }

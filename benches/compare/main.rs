@@ -10,6 +10,7 @@
 //! reported as unavailable, a combination that does not apply as n/a.
 
 mod common;
+mod disk;
 mod nats;
 mod rabbit;
 mod raw;
@@ -754,10 +755,93 @@ fn command_for(args: &Args, case: &Case, system: System) -> String {
     c
 }
 
+/// The disk probe's one-line summary for the console.
+fn disk_summary(d: &disk::Disk, in_flight: usize) -> String {
+    format!(
+        "appending {} syncs/s ({}); preallocated {} syncs/s ({}); {in_flight} in flight x preallocated = {}/s",
+        thousands(d.appending.per_sec),
+        d.appending.latency_text(),
+        thousands(d.preallocated.per_sec),
+        d.preallocated.latency_text(),
+        thousands(d.in_flight_limit(in_flight))
+    )
+}
+
+/// The report's Disk section: the figures, what they mean, and the durable S1 batch 1
+/// rows of this run as a share of the ceiling the disk sets.
+fn disk_section(md: &mut String, s: &Settings, disk: &Result<disk::Disk, String>, rows: &[Row]) {
+    let _ = writeln!(md, "## Disk (the durable path's physical limit)\n");
+    let d = match disk {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = writeln!(md, "The disk probe failed: {e}\n");
+            return;
+        }
+    };
+    let _ = writeln!(
+        md,
+        "Measured once in this run, before the first figure, in a fresh directory made like \
+         the durable Sluice's data directory ({}): 512 B written then `fdatasync` \
+         (`File::sync_data`), back to back, {} ms warm-up then a {} ms window; appending grows \
+         the file, so every sync also commits its new size (Sluice's WAL appends); \
+         preallocated overwrites a 64 MiB file written and synced beforehand, so only the \
+         data goes to disk. A durable answer waits for a sync: {} writers in flight that \
+         each wait for a sync of their own are answered at most {} x the syncs/s (group \
+         commit can share one sync between them).\n",
+        d.filesystem,
+        s.warmup.as_millis(),
+        s.window.as_millis(),
+        s.in_flight,
+        s.in_flight
+    );
+    let _ = writeln!(md, "| figure | appending | preallocated |\n|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| write + fdatasync per second | {} | {} |",
+        thousands(d.appending.per_sec),
+        thousands(d.preallocated.per_sec)
+    );
+    for (name, q) in [("p50", 0.50), ("p99", 0.99)] {
+        let _ = writeln!(
+            md,
+            "| write + fdatasync {name} | {} µs | {} µs |",
+            thousands(d.appending.latency.value_at_quantile(q)),
+            thousands(d.preallocated.latency.value_at_quantile(q))
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| {n} in flight x syncs/s | {} /s | {} /s |\n",
+        thousands(d.appending.per_sec * s.in_flight as u64),
+        thousands(d.in_flight_limit(s.in_flight)),
+        n = s.in_flight
+    );
+    let limit = d.in_flight_limit(s.in_flight);
+    for sys in [System::Sluice, System::SluiceStreams] {
+        if let Some(r) = measured(rows, sys, |c| {
+            matches!(c.kind, Kind::S1 { subs: 1, batch: 1 }) && c.storage == Storage::Durable
+        }) && let Some(v) = number_after(main_text(r).0, "")
+            && limit > 0
+        {
+            let _ = writeln!(
+                md,
+                "- S1 batch 1 durable, {}: {} msg/s = {:.0}% of {} in flight x preallocated ({}/s)",
+                sys.label(),
+                thousands(v as u64),
+                100.0 * v / limit as f64,
+                s.in_flight,
+                thousands(limit)
+            );
+        }
+    }
+    let _ = writeln!(md);
+}
+
 fn report(
     args: &Args,
     s: &Settings,
     rows: &[Row],
+    disk: Option<&Result<disk::Disk, String>>,
     versions: &[(String, String)],
     load: (&str, &str),
     total: Duration,
@@ -845,6 +929,9 @@ fn report(
         }
         let _ = writeln!(md);
     }
+    if let Some(disk) = disk {
+        disk_section(&mut md, s, disk, rows);
+    }
     let _ = writeln!(md, "## Results\n");
     let mut last = ("", String::new(), Storage::Memory);
     for r in rows {
@@ -861,6 +948,20 @@ fn report(
                 md,
                 "| system | result | details | reproduce |\n|---|---|---|---|"
             );
+            if r.case.storage == Storage::Durable
+                && let Some(Ok(d)) = disk
+            {
+                let _ = writeln!(
+                    md,
+                    "| disk: fdatasync, same filesystem (limit, no broker) | {} syncs/s preallocated, x{} in flight = {}/s | appending {} syncs/s; write + fdatasync p99 {} µs appending, {} µs preallocated | measured once per run (Disk section) |",
+                    thousands(d.preallocated.per_sec),
+                    s.in_flight,
+                    thousands(d.in_flight_limit(s.in_flight)),
+                    thousands(d.appending.per_sec),
+                    thousands(d.appending.latency.value_at_quantile(0.99)),
+                    thousands(d.preallocated.latency.value_at_quantile(0.99))
+                );
+            }
             last = head;
         }
         let (main, extra) = outcome_cells(&r.outcome);
@@ -950,6 +1051,27 @@ fn main() -> Result<(), BoxError> {
         for (k, v) in &versions {
             println!("{k}: {v}");
         }
+        // The disk's own sync rate, measured while nothing else runs, whenever a durable
+        // figure will be: the ceiling those figures are read against.
+        let durable_measured = cases.iter().any(|c| {
+            c.storage == Storage::Durable
+                && systems
+                    .iter()
+                    .any(|&sys| relevant(sys, c) && not_applicable(sys, c).is_none())
+        });
+        let disk = if durable_measured {
+            let (warmup, window) = (s.warmup, s.window);
+            let d = tokio::task::spawn_blocking(move || disk::measure(warmup, window))
+                .await?
+                .map_err(|e| one_line(&e.to_string()));
+            match &d {
+                Ok(d) => println!("disk ({}): {}", d.filesystem, disk_summary(d, s.in_flight)),
+                Err(e) => println!("disk: probe failed: {e}"),
+            }
+            Some(d)
+        } else {
+            None
+        };
         let mut rows = Vec::new();
         for case in &cases {
             for &system in &systems {
@@ -1018,7 +1140,15 @@ fn main() -> Result<(), BoxError> {
         );
         let _ = rows.iter().map(|r| r.secs).sum::<f64>();
         if !args.no_write {
-            let md = report(&args, &s, &rows, &versions, (&load_start, &load_end), total);
+            let md = report(
+                &args,
+                &s,
+                &rows,
+                disk.as_ref(),
+                &versions,
+                (&load_start, &load_end),
+                total,
+            );
             let path = args
                 .out
                 .clone()

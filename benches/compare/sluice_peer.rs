@@ -40,7 +40,7 @@ impl SluiceProcess {
             l.local_addr()?.port()
         };
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let data_dir = tempfile::Builder::new().prefix("sluice-bench-").tempdir()?;
+        let data_dir = data_dir()?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .arg("serve")
             .arg("--listen")
@@ -95,6 +95,12 @@ impl SluiceProcess {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_else(|| "unknown".into())
     }
+}
+
+/// A fresh directory for a `sluice serve` data dir (removed on drop). The disk probe
+/// measures in one made here too, so its figures are those of the brokers' filesystem.
+pub fn data_dir() -> std::io::Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix("sluice-bench-").tempdir()
 }
 
 impl Drop for SluiceProcess {

@@ -5,6 +5,7 @@ mod cli;
 mod config;
 
 use clap::Parser;
+use std::io::IsTerminal as _;
 use std::sync::Arc;
 
 use crate::config::{Cli, Command, ServeArgs, StorageKind};
@@ -17,16 +18,30 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Admin commands print their results on stdout (often parsed as JSON), so their logs,
     // warnings only, go to stderr.
-    let (default_level, writer) = match cli.command {
-        Command::Serve(_) => ("info", BoxMakeWriter::new(std::io::stdout)),
-        _ => ("warn", BoxMakeWriter::new(std::io::stderr)),
+    let (default_level, writer, to_terminal) = match cli.command {
+        Command::Serve(_) => (
+            "info",
+            BoxMakeWriter::new(std::io::stdout),
+            std::io::stdout().is_terminal(),
+        ),
+        _ => (
+            "warn",
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::stderr().is_terminal(),
+        ),
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_writer(writer)
         .with_env_filter(
             EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .init();
+        );
+    // Colour codes only on a terminal: a log redirected to a file or read by a collector
+    // must be plain text. On a terminal the library's default stays (it honours NO_COLOR).
+    if to_terminal {
+        logs.init();
+    } else {
+        logs.with_ansi(false).init();
+    }
     match cli.command {
         command @ (Command::Queues(_)
         | Command::Stats(_)

@@ -8,7 +8,8 @@
 //! rejected the address or the message) dead-letters the job at once into `emails.dlq`.
 //!
 //! ```text
-//! cargo run --example email_worker -- --smtp-url smtp://127.0.0.1:2525
+//! python3 examples/smtp_sink.py --port 2525         # prints each email (--reject, --stall)
+//! cargo run --release --example email_worker -- --smtp-url smtp://127.0.0.1:2525
 //! ```
 
 #[path = "../shared/mod.rs"]

@@ -9,7 +9,8 @@
 //! webhook that topic is the only channel.
 //!
 //! ```text
-//! cargo run --example notification_worker -- --webhook-url http://127.0.0.1:8080/hook
+//! python3 examples/webhook_sink.py --port 8080     # a receiver that prints each POST
+//! cargo run --release --example notification_worker -- --webhook-url http://127.0.0.1:8080/hook
 //! ```
 
 #[path = "../shared/mod.rs"]
@@ -66,7 +67,11 @@ impl Notifier {
                 .json(&notification)
                 .send()
                 .await
-                .map_err(|e| JobError::retry(format!("webhook {url}: {e}")))?;
+                // reqwest's own text is only "error sending request for url (...)": the
+                // cause (connection refused, a timeout) is what the job's last error needs.
+                .map_err(|e| {
+                    JobError::retry(format!("webhook {url}: {}", sluice::client::root_cause(&e)))
+                })?;
             let status = response.status();
             if !status.is_success() {
                 let message = format!("webhook {url} answered {status}");

@@ -174,22 +174,61 @@ impl BrokerArgs {
 }
 
 /// Connects to the broker, retrying for up to `patience` so processes can start in any
-/// order.
+/// order. Waits [`CONNECT_FIRST_DELAY`], doubling up to [`CONNECT_MAX_DELAY`], between
+/// attempts, and warns once per cause (not once per attempt).
 async fn connect(broker: &BrokerArgs, patience: Duration) -> Result<Client, ClientError> {
     let options = broker.options()?;
     let url = broker.url.as_str();
     let give_up = tokio::time::Instant::now() + patience;
+    let mut delay = CONNECT_FIRST_DELAY;
+    let mut last_cause = None;
     loop {
         match Client::connect_with(url, options.clone()).await {
-            Ok(c) => return Ok(c),
+            Ok(c) => {
+                if last_cause.is_some() {
+                    tracing::info!(url, "broker reachable");
+                }
+                return Ok(c);
+            }
             Err(e) if tokio::time::Instant::now() >= give_up => return Err(e),
             Err(e) => {
-                tracing::info!(url, error = %e, "broker not reachable yet; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                let cause = unreachable_cause(url, &e);
+                if last_cause.as_ref() != Some(&cause) {
+                    tracing::warn!(
+                        url,
+                        %cause,
+                        "broker not reachable yet; retrying for up to {patience:?}"
+                    );
+                }
+                last_cause = Some(cause);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(CONNECT_MAX_DELAY);
             }
         }
     }
 }
+
+/// Why `url` could not be reached, in a few words: `connection refused by
+/// 127.0.0.1:50051` when nothing listens there (the broker is not started yet), else the
+/// innermost error (the client's own text is only "transport error").
+fn unreachable_cause(url: &str, e: &ClientError) -> String {
+    let refused = std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .filter_map(|e| e.downcast_ref::<std::io::Error>())
+    .any(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+    if refused {
+        let addr = url.split_once("://").map_or(url, |(_, rest)| rest);
+        format!("connection refused by {}", addr.trim_end_matches('/'))
+    } else {
+        e.root_cause()
+    }
+}
+
+/// The first wait between attempts to reach the broker at startup.
+const CONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
+/// The longest wait between them.
+const CONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
 
 /// How long a process keeps trying to reach the broker at startup.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
@@ -277,15 +316,21 @@ pub fn unix_secs(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), in colour only when stderr is
+/// a terminal (a log redirected to a file stays plain text).
 pub fn init_logging() {
-    tracing_subscriber::fmt()
+    use std::io::IsTerminal as _;
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        logs.init();
+    } else {
+        logs.with_ansi(false).init();
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -678,7 +678,7 @@ async fn overdue_todos(State(app): State<App>) -> ApiResult {
             "count": rows.len(),
             "todos": rows.iter().map(|(t, _)| t.json()).collect::<Vec<_>>(),
             "events_published": published,
-            "message": format!("{} overdue todo(s), {published} reminder email(s) queued", rows.len()),
+            "message": format!("{} overdue todo(s), {published} overdue email(s) queued", rows.len()),
         }),
     )
 }

@@ -258,7 +258,8 @@ fn logged_addr(line: &str) -> Option<SocketAddr> {
     rest[..end].parse().ok()
 }
 
-/// `line` without terminal colour codes (`ESC [ ... m`).
+/// `line` without terminal colour codes (`ESC [ ... m`). The broker writes none to a pipe
+/// (colour only on a terminal); this keeps the parsing independent of that.
 fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars();

@@ -397,6 +397,10 @@ def test_due_reminder_then_one_overdue_email(system):
     overdue = r.json()
     assert todo["id"] in [t["id"] for t in overdue["todos"]]
     assert overdue["events_published"] >= 1
+    # It queues overdue emails (the reminders were scheduled when the todos were made).
+    assert overdue["message"] == (
+        f'{overdue["count"]} overdue todo(s), {overdue["events_published"]} overdue email(s) queued'
+    )
 
     def overdue_emails():
         return [m for m in system.smtp.to("carol@example.com") if m["subject"].startswith("Overdue")]
@@ -410,6 +414,7 @@ def test_due_reminder_then_one_overdue_email(system):
     again = requests.get(f"{system.app}/todos/overdue", timeout=10).json()
     assert todo["id"] in [t["id"] for t in again["todos"]]
     assert again["events_published"] == 0
+    assert again["message"].endswith(", 0 overdue email(s) queued"), again["message"]
     time.sleep(0.5)
     assert len(overdue_emails()) == 1
     # The reminder already ran, so completing cannot cancel it.

@@ -270,16 +270,18 @@ pub enum CliError {
     /// Bad arguments.
     #[error("{0}")]
     Usage(String),
-    /// The broker could not be reached.
-    #[error("cannot connect to {server}: {source}")]
+    /// The broker could not be reached. Says why in the operating system's words
+    /// (tonic's own text is only "transport error").
+    #[error("cannot connect to {server}: {}", sluice::client::root_cause(.source))]
     Connect {
         /// The endpoint.
         server: String,
         /// Why.
         source: tonic::transport::Error,
     },
-    /// The broker answered with an error.
-    #[error("{}: {}", .0.code(), .0.message())]
+    /// The broker answered with an error: its code as the protocol names it and the
+    /// broker's message (tonic's `Display` of a code is a generic English sentence).
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(#[from] tonic::Status),
     /// Reading a payload or writing output failed.
     #[error("{0}")]
@@ -297,6 +299,31 @@ impl CliError {
 }
 
 type Result<T> = std::result::Result<T, CliError>;
+
+/// A gRPC status code as the protocol spells it (`NOT_FOUND`), as grpcurl and the other
+/// gRPC tools print it.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
 
 async fn connect(conn: &Connection) -> Result<Rpc> {
     let read = |flag: &str, path: &std::path::Path| {
