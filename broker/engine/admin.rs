@@ -405,15 +405,7 @@ impl Broker {
         max_jobs: u64,
         access: &Access,
     ) -> Result<RedriveOutcome, BrokerError> {
-        let limits = &self.inner.config.limits;
-        if ids.len() > limits.max_batch {
-            return Err(BrokerError::over_limit(
-                "job_ids",
-                ids.len() as u64,
-                limits.max_batch as u64,
-                "ids",
-            ));
-        }
+        self.check_batch("job_ids", ids.len(), "ids")?;
         check_count("rate_per_second", rate_per_second.into(), MAX_REDRIVE_RATE)?;
         check_count("max_jobs", max_jobs, MAX_QUEUE_DEPTH)?;
         let uuids = ids

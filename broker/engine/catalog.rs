@@ -16,7 +16,7 @@ use crate::broker::engine::subscription::SubscriberShared;
 use crate::broker::store::{Batch, Commit};
 use crate::broker::sync::lock;
 
-use super::{Broker, SharedQueue, SharedTopic};
+use super::{Broker, Routing, SharedQueue, SharedTopic};
 
 /// What `--max-queues` counts: every queue, and every dead-letter queue a policy names
 /// that does not exist yet. A dead-letter queue is created by its first dead letter, which
@@ -277,10 +277,18 @@ impl Broker {
                 "{field}: cannot create topic {name:?}: the broker holds the maximum of {max} topics"
             )));
         }
+        let topic = Topic::new(name, retention.unwrap_or_default());
+        Ok(self.register_topic(&registry, topic))
+    }
+
+    /// Makes `topic` one of the broker's topics: its shared slot (durable up to what it
+    /// holds), attached to every open subscription whose pattern matches its name. At
+    /// creation and when recovered state is installed, with the routing lock held.
+    pub(super) fn register_topic(&self, registry: &Routing, topic: Topic) -> Arc<SharedTopic> {
         let slot = Arc::new(SharedTopic {
-            name: Arc::from(name),
-            topic: Mutex::new(Topic::new(name, retention.unwrap_or_default())),
-            durable_seq: AtomicU64::new(1),
+            name: topic.name().clone(),
+            durable_seq: AtomicU64::new(topic.next_seq()),
+            topic: Mutex::new(topic),
             subscribers: Mutex::new(Vec::new()),
             deleted: AtomicBool::new(false),
             gaps: AtomicU64::new(0),
@@ -288,7 +296,7 @@ impl Broker {
         let matching: Vec<Arc<SubscriberShared>> = registry
             .subscriptions
             .iter()
-            .filter(|s| s.pattern.matches(name))
+            .filter(|s| s.pattern.matches(&slot.name))
             .cloned()
             .collect();
         for sub in &matching {
@@ -297,6 +305,6 @@ impl Broker {
         }
         *lock(&slot.subscribers) = matching;
         self.inner.topics.insert(slot.name.clone(), slot.clone());
-        Ok(slot)
+        slot
     }
 }

@@ -25,6 +25,7 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::limits::Limits;
 use crate::broker::domain::names::Pattern;
 use crate::broker::domain::observe::Observer;
@@ -196,6 +197,15 @@ impl Broker {
                 config,
             }),
         }
+    }
+
+    /// Refuses a request for more than `--max-batch` items: `n` of them, in `field`.
+    pub(crate) fn check_batch(&self, field: &str, n: usize, unit: &str) -> Result<(), BrokerError> {
+        let max = self.inner.config.limits.max_batch;
+        if n > max {
+            return Err(BrokerError::over_limit(field, n as u64, max as u64, unit));
+        }
+        Ok(())
     }
 
     /// The limits this broker enforces.

@@ -148,15 +148,7 @@ impl Broker {
         queue: &str,
         params: LeaseParams,
     ) -> Result<Vec<Delivery>, BrokerError> {
-        let limits = &self.inner.config.limits;
-        if params.max_jobs > limits.max_batch {
-            return Err(BrokerError::over_limit(
-                "max_jobs",
-                params.max_jobs as u64,
-                limits.max_batch as u64,
-                "jobs",
-            ));
-        }
+        self.check_batch("max_jobs", params.max_jobs, "jobs")?;
         if let Some(v) = params.visibility_timeout_ms {
             check_duration_ms("visibility_timeout_ms", v, MAX_VISIBILITY_MS)?;
         }
@@ -564,15 +556,7 @@ impl Broker {
         page_size: usize,
         page_token: &str,
     ) -> Result<(Vec<Job>, Option<u64>), BrokerError> {
-        let limits = &self.inner.config.limits;
-        if page_size > limits.max_batch {
-            return Err(BrokerError::over_limit(
-                "page_size",
-                page_size as u64,
-                limits.max_batch as u64,
-                "jobs",
-            ));
-        }
+        self.check_batch("page_size", page_size, "jobs")?;
         let after = if page_token.is_empty() {
             0
         } else {
@@ -590,15 +574,7 @@ impl Broker {
 
     /// The newest finished jobs of a queue.
     pub fn job_history(&self, queue: &str, limit: usize) -> Result<Vec<Job>, BrokerError> {
-        let limits = &self.inner.config.limits;
-        if limit > limits.max_batch {
-            return Err(BrokerError::over_limit(
-                "limit",
-                limit as u64,
-                limits.max_batch as u64,
-                "jobs",
-            ));
-        }
+        self.check_batch("limit", limit, "jobs")?;
         let slot = self.existing_queue("queue", queue)?;
         Ok(lock(&slot.queue).history(if limit == 0 { 100 } else { limit }))
     }

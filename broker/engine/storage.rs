@@ -3,7 +3,7 @@
 //! reload of durable state.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLockReadGuard};
 
 use tokio::sync::Notify;
@@ -12,7 +12,6 @@ use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::queue::Queue;
 use crate::broker::domain::time::{Millis, now_ms};
 use crate::broker::domain::topic::Topic;
-use crate::broker::engine::subscription::SubscriberShared;
 use crate::broker::store::{
     Batch, Commit, Journal, RecoveryError, RecoveryReport, SnapshotQueue, SnapshotTopic, Storage,
     StoreConfig, StoreError, recover,
@@ -20,7 +19,7 @@ use crate::broker::store::{
 use crate::broker::sync::lock;
 
 use super::catalog::QueueCatalog;
-use super::{Broker, BrokerConfig, Logged, SharedQueue, SharedTopic};
+use super::{Broker, BrokerConfig, Logged, SharedQueue};
 
 /// The broker's storage, as Stats shows it.
 #[derive(Debug, Clone, Default)]
@@ -136,27 +135,7 @@ impl Broker {
                 slot.wake_subscribers();
             }
             for topic in topics.into_values() {
-                let name = topic.name().clone();
-                let slot = Arc::new(SharedTopic {
-                    name: name.clone(),
-                    durable_seq: AtomicU64::new(topic.next_seq()),
-                    topic: Mutex::new(topic),
-                    subscribers: Mutex::new(Vec::new()),
-                    deleted: AtomicBool::new(false),
-                    gaps: AtomicU64::new(0),
-                });
-                let matching: Vec<Arc<SubscriberShared>> = registry
-                    .subscriptions
-                    .iter()
-                    .filter(|s| s.pattern.matches(&name))
-                    .cloned()
-                    .collect();
-                for sub in &matching {
-                    lock(&sub.new_topics).push(slot.clone());
-                    sub.wake();
-                }
-                *lock(&slot.subscribers) = matching;
-                self.inner.topics.insert(name, slot);
+                self.register_topic(&registry, topic);
             }
         }
         {
