@@ -613,6 +613,8 @@ async fn competing_consumers_never_hold_more_than_max_in_flight() {
                 }
                 let now = held.fetch_add(leases.len(), Ordering::SeqCst) + leases.len();
                 most.fetch_max(now, Ordering::SeqCst);
+                // Holds the jobs a moment, as a worker does, so the six workers' leases
+                // overlap and press on the limit: the time held is the point.
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 for lease in leases {
                     seen.push(lease.job_id().to_owned());
