@@ -36,11 +36,18 @@ impl Reconnect {
 
     /// Records a failed attempt and its cause.
     pub(crate) fn failed(&mut self, cause: String) -> Failed {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.cap);
+        let delay = self.next_delay();
         let new_cause = self.cause.as_ref() != Some(&cause);
         self.cause = Some(cause);
         Failed { delay, new_cause }
+    }
+
+    /// The delay before the next attempt; the one after it is twice as long, up to the
+    /// cap. For loops that retry without reporting a cause.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        delay
     }
 
     /// Records a successful attempt: the next failure starts from the first delay again.

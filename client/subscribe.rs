@@ -13,6 +13,7 @@ use tonic::Code;
 
 use crate::client::codec::{Codec, Json, Raw};
 use crate::client::error::{ClientError, Result};
+use crate::client::retry::Reconnect;
 use crate::pb;
 
 /// Where a new subscription starts.
@@ -56,6 +57,8 @@ pub struct Subscribe {
     buffer: usize,
 }
 
+/// How long to wait before the first reconnect attempt after a connection loss.
+const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(50);
 /// How long to wait between reconnect attempts, at most.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 
@@ -203,7 +206,7 @@ async fn follow(
     tx: mpsc::Sender<Result<pb::Message>>,
 ) {
     let mut stream = Some(first);
-    let mut delay = Duration::from_millis(50);
+    let mut retry = Reconnect::new(FIRST_RECONNECT_DELAY, MAX_RECONNECT_DELAY);
     loop {
         if let Some(mut s) = stream.take() {
             loop {
@@ -213,7 +216,7 @@ async fn follow(
                 };
                 match item {
                     Ok(Some(batch)) => {
-                        delay = Duration::from_millis(50);
+                        retry.succeeded();
                         for gap in batch.gaps {
                             request
                                 .resume_from
@@ -248,10 +251,9 @@ async fn follow(
             return;
         }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(retry.next_delay()) => {}
             _ = tx.closed() => return,
         }
-        delay = (delay * 2).min(MAX_RECONNECT_DELAY);
         // Topics already delivered from resume by sequence. For the others, "latest" on
         // reconnect would skip what was published while disconnected: they restart at the
         // time the subscription was first opened instead (nothing from them was delivered

@@ -282,7 +282,7 @@ impl Queue {
     pub fn has_visible(&self, now: Millis) -> bool {
         !self.paused
             && !self.ready.is_empty()
-            && self.capacity(now).is_none_or(|(room, _)| room > 0)
+            && self.lease_room(now).is_none_or(|(room, _)| room > 0)
     }
 
     /// The earliest time something is due: a scheduled job's run time, a lease deadline,
@@ -550,8 +550,8 @@ impl Queue {
         if self.paused {
             return Vec::new();
         }
-        let capacity = self.capacity(now);
-        let allowed = capacity.map_or(max, |(room, _)| max.min(room as usize));
+        let room = self.lease_room(now);
+        let allowed = room.map_or(max, |(n, _)| max.min(n as usize));
         let mut out = Vec::with_capacity(allowed.min(self.ready.len()));
         let deadline = now.saturating_add(visibility_ms);
         while out.len() < allowed {
@@ -599,7 +599,7 @@ impl Queue {
             state.leases_held += out.len() as u32;
         }
         self.spend(now, out.len() as u64);
-        if let Some((_, limit)) = capacity
+        if let Some((_, limit)) = room
             && out.len() == allowed
             && allowed < max
             && !self.ready.is_empty()

@@ -61,7 +61,7 @@ fn bucket_of(rate: Option<RateLimit>) -> Option<TokenBucket> {
 impl Queue {
     /// How many jobs the limits let a lease take at `now`, and which limit says so;
     /// `None` without limits.
-    pub(super) fn capacity(&self, now: Millis) -> Option<(u64, Limit)> {
+    pub(super) fn lease_room(&self, now: Millis) -> Option<(u64, Limit)> {
         let in_flight = self.in_flight_room().map(|n| (n, Limit::InFlight));
         let rate = self
             .throttle
