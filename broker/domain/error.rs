@@ -38,6 +38,10 @@ pub enum BrokerError {
     /// (PERMISSION_DENIED).
     #[error("{0}")]
     PermissionDenied(String),
+    /// The storage engine (Redis) cannot be reached, or could not confirm a change in
+    /// time (UNAVAILABLE); the text says which, and whether the change may have happened.
+    #[error("{0}")]
+    Unavailable(String),
     /// The broker is shutting down (UNAVAILABLE).
     #[error("the broker is shutting down")]
     ShuttingDown,

@@ -17,10 +17,12 @@ use crate::broker::domain::queue::{
 };
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
-use crate::broker::engine::consume::{ConsumeCommands, NackCommand};
-use crate::broker::engine::stats::TopicCounts;
-use crate::broker::engine::subscription::{GapPolicy, Start, SubscribeSpec, SubscriptionBatch};
-use crate::broker::engine::{PolicyPatch, QueueInfo, RedriveOutcome, StorageStatus};
+use crate::broker::engine::local::consume::{ConsumeCommands, NackCommand};
+use crate::broker::engine::local::stats::TopicCounts;
+use crate::broker::engine::local::subscription::{
+    GapPolicy, Start, SubscribeSpec, SubscriptionBatch,
+};
+use crate::broker::engine::local::{PolicyPatch, QueueInfo, RedriveOutcome, StorageStatus};
 use crate::broker::grpc::status;
 use crate::broker::grpc::wire::{EncodedSubscribeResponse, ReceivedConsumeRequest};
 use crate::pb;

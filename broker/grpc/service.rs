@@ -15,8 +15,8 @@ use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::names::Pattern;
 use crate::broker::domain::queue::Enqueued;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
-use crate::broker::engine::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec};
-use crate::broker::engine::{Broker, LeaseParams, Logged, PolicyPatch, StatsSnapshot};
+use crate::broker::engine::local::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec};
+use crate::broker::engine::local::{Broker, LeaseParams, Logged, PolicyPatch, StatsSnapshot};
 use crate::broker::grpc::convert;
 use crate::broker::grpc::wire::{
     EncodedConsumeResponse, EncodedEnqueueResponse, EncodedEnqueueStreamResponse,

@@ -16,7 +16,9 @@ pub(crate) fn code(err: &BrokerError) -> Code {
         BrokerError::DataLoss(_) => Code::DataLoss,
         BrokerError::Unauthenticated(_) => Code::Unauthenticated,
         BrokerError::PermissionDenied(_) => Code::PermissionDenied,
-        BrokerError::ShuttingDown | BrokerError::StorageFailed(_) => Code::Unavailable,
+        BrokerError::Unavailable(_) | BrokerError::ShuttingDown | BrokerError::StorageFailed(_) => {
+            Code::Unavailable
+        }
     }
 }
 

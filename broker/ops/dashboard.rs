@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::domain::queue::QueueCounts;
 use crate::broker::domain::time::Millis;
-use crate::broker::engine::stats::TopicCounts;
-use crate::broker::engine::{Broker, StatsSnapshot};
+use crate::broker::engine::local::stats::TopicCounts;
+use crate::broker::engine::local::{Broker, StatsSnapshot};
 use crate::broker::ops::{AppState, HttpOptions};
 use crate::broker::sync::lock;
 

@@ -26,7 +26,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::engine::Broker;
+use crate::broker::engine::local::Broker;
 use crate::broker::ops::dashboard::Sampler;
 use crate::broker::ops::metrics::Metrics;
 

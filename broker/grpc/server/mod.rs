@@ -14,7 +14,7 @@ mod idle;
 pub(crate) use accept::ConnectionInfo;
 
 use crate::broker::auth::Authenticator;
-use crate::broker::engine::Broker;
+use crate::broker::engine::local::Broker;
 use crate::broker::grpc::service::BrokerService;
 use crate::broker::grpc::wire::broker_server::BrokerServer;
 

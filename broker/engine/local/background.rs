@@ -13,7 +13,7 @@ impl Broker {
     /// Waits for the log to fail, then shows only what is durable: the state is reloaded
     /// from disk and swapped in before the refused requests get their answer, so nothing
     /// refused is ever visible after the refusal (see [`Journal::settle`]).
-    pub(super) async fn run_failure_watch(self, journal: Arc<Journal>) {
+    pub(in crate::broker) async fn run_failure_watch(self, journal: Arc<Journal>) {
         tokio::select! {
             _ = self.inner.shutdown.cancelled() => {
                 // Stopping: nobody is left to show anything to.
@@ -39,7 +39,7 @@ impl Broker {
         journal.settle();
     }
 
-    pub(super) async fn run_compactor(self, journal: Arc<Journal>) {
+    pub(in crate::broker) async fn run_compactor(self, journal: Arc<Journal>) {
         loop {
             tokio::select! {
                 _ = self.inner.shutdown.cancelled() => return,
@@ -61,7 +61,7 @@ impl Broker {
         }
     }
 
-    pub(super) async fn run_ticker(self) {
+    pub(in crate::broker) async fn run_ticker(self) {
         let mut interval = tokio::time::interval(self.inner.config.tick_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

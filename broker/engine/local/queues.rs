@@ -18,7 +18,7 @@ use crate::broker::domain::queue::{
     MAX_VISIBILITY_MS, NewJob, Queue, QueuePolicy,
 };
 use crate::broker::domain::time::{Millis, now_ms};
-use crate::broker::engine::memory::Accounted;
+use crate::broker::engine::local::memory::Accounted;
 use crate::broker::store::Batch;
 use crate::broker::sync::lock;
 
@@ -27,7 +27,7 @@ use super::{Broker, Logged, MAX_LEASE_WAIT_MS, SharedQueue};
 
 /// Stores `jobs` in the locked queue `q` (named `name`) and records in `batch` each job
 /// it stored, from what the queue holds; with nothing logged, no record is made.
-pub(super) fn enqueue_recording(
+pub(in crate::broker) fn enqueue_recording(
     batch: &mut Batch,
     name: &str,
     q: &mut Queue,
@@ -59,7 +59,7 @@ pub struct LeaseParams {
 impl Broker {
     /// Moves dead letters into their dead-letter queues, at `now` (the time of the change
     /// that killed them).
-    pub(super) fn route_dead_letters(&self, letters: Vec<DeadLetter>, now: Millis) {
+    pub(in crate::broker) fn route_dead_letters(&self, letters: Vec<DeadLetter>, now: Millis) {
         for letter in letters {
             let target = self
                 .create_queue_slot(
@@ -258,7 +258,10 @@ impl Broker {
         )
     }
 
-    pub(super) fn lease_queue(&self, lease: &LeaseId) -> Result<Arc<SharedQueue>, BrokerError> {
+    pub(in crate::broker) fn lease_queue(
+        &self,
+        lease: &LeaseId,
+    ) -> Result<Arc<SharedQueue>, BrokerError> {
         self.inner
             .queues
             .get(&*lease.queue)
@@ -322,7 +325,7 @@ impl Broker {
 
     /// Acks parsed and authorized leases at `now`, all or none; each lease is checked
     /// once. Answers once the acks are durable.
-    pub(super) async fn ack_leases(
+    pub(in crate::broker) async fn ack_leases(
         &self,
         mut acks: Vec<(LeaseId, Option<Bytes>)>,
         now: Millis,
@@ -473,12 +476,12 @@ impl Broker {
 
     // ---- inspection -------------------------------------------------------------------
 
-    pub(super) fn parse_job_id(field: &str, id: &str) -> Result<Uuid, BrokerError> {
+    pub(in crate::broker) fn parse_job_id(field: &str, id: &str) -> Result<Uuid, BrokerError> {
         Uuid::parse_str(id)
             .map_err(|e| BrokerError::invalid(field, format!("{id:?} is not a job id: {e}")))
     }
 
-    pub(super) fn queues_to_search(
+    pub(in crate::broker) fn queues_to_search(
         &self,
         queue: Option<&str>,
     ) -> Result<Vec<Arc<SharedQueue>>, BrokerError> {
@@ -585,7 +588,7 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::engine::{BrokerConfig, PolicyPatch};
+    use crate::broker::engine::local::{BrokerConfig, PolicyPatch};
 
     fn lease_params(max_jobs: usize) -> LeaseParams {
         LeaseParams {

@@ -28,7 +28,7 @@ use crate::broker::domain::names::Pattern;
 use crate::broker::domain::observe::Observer;
 use crate::broker::domain::time::{Millis, now_ms};
 use crate::broker::domain::topic::BlockSlice;
-use crate::broker::engine::{Inner, SharedTopic};
+use crate::broker::engine::local::{Inner, SharedTopic};
 use crate::broker::sync::lock;
 
 /// Where a subscription starts in topics that exist when it opens.

@@ -9,8 +9,8 @@ use crate::broker::domain::names::{Pattern, validate_name};
 use crate::broker::domain::queue::{NewJob, Queue};
 use crate::broker::domain::time::now_ms;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention, validate_retention};
-use crate::broker::engine::memory::Accounted;
-use crate::broker::engine::subscription::{self, SubscribeSpec, Subscription};
+use crate::broker::engine::local::memory::Accounted;
+use crate::broker::engine::local::subscription::{self, SubscribeSpec, Subscription};
 use crate::broker::store::{Commit, DurableListener};
 use crate::broker::sync::lock;
 
@@ -58,7 +58,7 @@ impl Broker {
     }
 
     /// The locked part of [`Broker::publish`]: appends, fans out to bound queues, logs.
-    pub(super) fn publish_locked(
+    pub(in crate::broker) fn publish_locked(
         &self,
         topic: &str,
         messages: Vec<NewMessage>,
@@ -152,7 +152,7 @@ impl Broker {
     }
 
     /// Queues bound to patterns that match `topic`, sorted by name (the lock order).
-    pub(super) fn bound_queues(&self, topic: &str) -> Vec<Arc<SharedQueue>> {
+    pub(in crate::broker) fn bound_queues(&self, topic: &str) -> Vec<Arc<SharedQueue>> {
         let names: Vec<Arc<str>> = {
             let registry = lock(&self.inner.registry);
             let mut names: Vec<Arc<str>> = registry
@@ -171,7 +171,7 @@ impl Broker {
             .collect()
     }
 
-    pub(super) fn rebuild_bindings(&self) {
+    pub(in crate::broker) fn rebuild_bindings(&self) {
         let mut bindings = Vec::new();
         for entry in self.inner.queues.iter() {
             let q = lock(&entry.value().queue);

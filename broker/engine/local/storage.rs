@@ -73,7 +73,7 @@ impl Broker {
 
     /// Puts recovered (or reloaded) queues and topics in place of the current ones: a
     /// queue or topic that is not among them goes, as if deleted.
-    pub(super) fn install_state(&self, queues: Vec<Queue>, topics: Vec<Topic>) {
+    pub(in crate::broker) fn install_state(&self, queues: Vec<Queue>, topics: Vec<Topic>) {
         let mut queues: HashMap<String, Queue> = queues
             .into_iter()
             .map(|q| (q.name().to_owned(), q))
@@ -170,7 +170,10 @@ impl Broker {
     }
 
     /// Blocking: replaces the live state with what is durable on disk.
-    pub(super) fn revert_to_durable(&self, journal: &Journal) -> Result<(), RecoveryError> {
+    pub(in crate::broker) fn revert_to_durable(
+        &self,
+        journal: &Journal,
+    ) -> Result<(), RecoveryError> {
         // No compaction deletes files while they are read, and no change is half-made.
         let Some(_slot) = journal.compaction_slot() else {
             return Ok(());
@@ -227,7 +230,7 @@ impl Broker {
     // ---- durability hooks -------------------------------------------------------------
 
     /// A batch that records changes when the broker has a log.
-    pub(super) fn batch(&self) -> Batch {
+    pub(in crate::broker) fn batch(&self) -> Batch {
         if self.inner.journal.is_some() {
             Batch::enabled()
         } else {
@@ -250,7 +253,11 @@ impl Broker {
     }
 
     /// Appends a batch; call while holding the lock of what it changed.
-    pub(super) fn commit(&self, batch: Batch, at: Millis) -> Result<Commit, BrokerError> {
+    pub(in crate::broker) fn commit(
+        &self,
+        batch: Batch,
+        at: Millis,
+    ) -> Result<Commit, BrokerError> {
         match &self.inner.journal {
             Some(journal) => journal.append(batch, at),
             None => Ok(Commit::NONE),
@@ -267,7 +274,7 @@ impl Broker {
 
     /// Snapshots the state at a fresh segment boundary and deletes the files before it.
     /// Blocking; returns the snapshot's size.
-    pub(super) fn compact(&self) -> Result<u64, BrokerError> {
+    pub(in crate::broker) fn compact(&self) -> Result<u64, BrokerError> {
         let journal = self
             .inner
             .journal
@@ -287,7 +294,7 @@ impl Broker {
 
     /// Copies the persistent state of every queue and topic (payloads are shared, not
     /// copied). Under the exclusive gate this is exactly the state the log describes.
-    pub(super) fn capture(&self) -> (Vec<SnapshotQueue>, Vec<SnapshotTopic>) {
+    pub(in crate::broker) fn capture(&self) -> (Vec<SnapshotQueue>, Vec<SnapshotTopic>) {
         let queues = self
             .inner
             .queues

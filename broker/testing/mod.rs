@@ -13,9 +13,9 @@ pub use crate::broker::domain::names::{MAX_NAME_BYTES, Pattern, validate_name};
 pub use crate::broker::domain::queue::policy::RateLimit;
 pub use crate::broker::domain::queue::{JobState, LeaseId, NewJob, Queue};
 pub use crate::broker::domain::topic::{NewMessage, Retention, Topic};
-pub use crate::broker::engine::admin::PolicyPatch;
-pub use crate::broker::engine::queues::LeaseParams;
-pub use crate::broker::engine::subscription::{Start, SubscribeSpec, Subscription};
+pub use crate::broker::engine::local::admin::PolicyPatch;
+pub use crate::broker::engine::local::queues::LeaseParams;
+pub use crate::broker::engine::local::subscription::{Start, SubscribeSpec, Subscription};
 pub use crate::broker::grpc::service::BrokerService;
 pub use crate::broker::grpc::wire::broker_server;
 
@@ -39,3 +39,5 @@ pub const FILE_MAGIC: &[u8] = crate::broker::store::FILE_MAGIC;
 pub fn frame(out: &mut Vec<u8>, payload: &[u8]) {
     crate::broker::store::frame_into(out, payload);
 }
+
+pub mod redis;

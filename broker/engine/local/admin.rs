@@ -18,7 +18,7 @@ use crate::broker::domain::queue::{
     Backoff, ConsumerState, MAX_IN_FLIGHT, MAX_RATE_PER_SECOND, QueuePolicy, RateLimit,
 };
 use crate::broker::domain::time::now_ms;
-use crate::broker::engine::memory::Accounted;
+use crate::broker::engine::local::memory::Accounted;
 use crate::broker::store::Commit;
 use crate::broker::sync::lock;
 
@@ -72,7 +72,7 @@ pub struct RedriveOutcome {
 }
 
 impl Broker {
-    pub(super) fn apply_patch(
+    pub(in crate::broker) fn apply_patch(
         &self,
         name: &str,
         mut policy: QueuePolicy,
@@ -208,7 +208,7 @@ impl Broker {
         }))
     }
 
-    pub(super) fn info(slot: &SharedQueue) -> QueueInfo {
+    pub(in crate::broker) fn info(slot: &SharedQueue) -> QueueInfo {
         let q = lock(&slot.queue);
         QueueInfo {
             name: slot.name.to_string(),
@@ -220,7 +220,7 @@ impl Broker {
     /// Sets a queue's policy and logs it, under the queue's lock. A new dead-letter queue
     /// takes its slot now (see [`QueueCatalog`]); past `--max-queues` nothing changes.
     /// The outer error refuses the change; the inner one is the log's.
-    pub(super) fn set_policy(
+    pub(in crate::broker) fn set_policy(
         &self,
         slot: &SharedQueue,
         policy: QueuePolicy,
@@ -516,7 +516,7 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::engine::BrokerConfig;
+    use crate::broker::engine::local::BrokerConfig;
 
     /// A data directory written by an older broker can hold queues with invalid names
     /// (a redrive once followed a header): they load, and DeleteQueue removes them by

@@ -16,7 +16,7 @@ use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::limits::check_duration_ms;
 use crate::broker::domain::queue::{Delivery, LeaseId, LeaseIdError, MAX_VISIBILITY_MS};
 use crate::broker::domain::time::now_ms;
-use crate::broker::engine::{Broker, SharedQueue};
+use crate::broker::engine::local::{Broker, SharedQueue};
 
 /// Who consumes what.
 #[derive(Debug, Clone)]

@@ -12,7 +12,7 @@ use crate::broker::domain::names::validate_name;
 use crate::broker::domain::queue::{Queue, QueuePolicy};
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Retention, Topic};
-use crate::broker::engine::subscription::SubscriberShared;
+use crate::broker::engine::local::subscription::SubscriberShared;
 use crate::broker::store::{Batch, Commit};
 use crate::broker::sync::lock;
 
@@ -23,16 +23,16 @@ use super::{Broker, Routing, SharedQueue, SharedTopic};
 /// must never be refused, so its slot is taken when a policy names it (the queue's
 /// creation, CreateQueue, UpdateQueue) and the limit is checked then.
 #[derive(Default)]
-pub(super) struct QueueCatalog {
+pub(in crate::broker) struct QueueCatalog {
     /// Dead-letter queue names the policies of existing queues name, with how many do.
-    pub(super) dead_letter_refs: HashMap<Arc<str>, u32>,
+    pub(in crate::broker) dead_letter_refs: HashMap<Arc<str>, u32>,
     /// How many of those names are not queues (yet): slots held for them.
-    pub(super) reserved: usize,
+    pub(in crate::broker) reserved: usize,
 }
 
 /// How a queue comes to be created, for [`Broker::create_queue_slot`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Creation {
+pub(in crate::broker) enum Creation {
     /// On a request: refused past `--max-queues`.
     Counted,
     /// For a dead letter: its slot was taken when a policy named it, so it is never
@@ -41,7 +41,7 @@ pub(super) enum Creation {
 }
 
 impl Broker {
-    pub(super) fn existing_queue(
+    pub(in crate::broker) fn existing_queue(
         &self,
         field: &str,
         name: &str,
@@ -73,7 +73,7 @@ impl Broker {
     }
 
     /// Takes a slot for the dead-letter queue `dlq` a policy names (none for `""`).
-    pub(super) fn add_dead_letter_ref(&self, catalog: &mut QueueCatalog, dlq: &str) {
+    pub(in crate::broker) fn add_dead_letter_ref(&self, catalog: &mut QueueCatalog, dlq: &str) {
         if dlq.is_empty() {
             return;
         }
@@ -89,7 +89,7 @@ impl Broker {
     }
 
     /// Gives back what [`Broker::add_dead_letter_ref`] took.
-    pub(super) fn drop_dead_letter_ref(&self, catalog: &mut QueueCatalog, dlq: &str) {
+    pub(in crate::broker) fn drop_dead_letter_ref(&self, catalog: &mut QueueCatalog, dlq: &str) {
         let Some(n) = catalog.dead_letter_refs.get_mut(dlq) else {
             return;
         };
@@ -104,7 +104,12 @@ impl Broker {
 
     /// How many more slots naming `dlq` as a dead-letter queue takes (0 or 1); `own` is a
     /// queue being created in the same step.
-    pub(super) fn dead_letter_slot(&self, catalog: &QueueCatalog, dlq: &str, own: &str) -> usize {
+    pub(in crate::broker) fn dead_letter_slot(
+        &self,
+        catalog: &QueueCatalog,
+        dlq: &str,
+        own: &str,
+    ) -> usize {
         usize::from(
             !dlq.is_empty()
                 && dlq != own
@@ -114,7 +119,12 @@ impl Broker {
     }
 
     /// The error for a queue count past `--max-queues`.
-    pub(super) fn too_many_queues(&self, field: &str, what: String, in_use: usize) -> BrokerError {
+    pub(in crate::broker) fn too_many_queues(
+        &self,
+        field: &str,
+        what: String,
+        in_use: usize,
+    ) -> BrokerError {
         let max = self.inner.config.limits.max_queues;
         BrokerError::ResourceExhausted(format!(
             "{field}: cannot create {what}: the broker holds the maximum of {max} queues ({in_use} in use, dead-letter queues named by policies included)"
@@ -124,7 +134,7 @@ impl Broker {
     /// Creates the queue `name` with `policy` unless it exists (then returns that one). The
     /// queue and the dead-letter queue its policy names both count against `--max-queues`
     /// (see [`QueueCatalog`]), and both must be valid names.
-    pub(super) fn create_queue_slot(
+    pub(in crate::broker) fn create_queue_slot(
         &self,
         field: &str,
         name: &str,
@@ -224,7 +234,7 @@ impl Broker {
 
     /// Refuses, before anything is created, queues `names` (with default policies) that
     /// would not all fit under `--max-queues`.
-    pub(super) fn check_queue_room<'a>(
+    pub(in crate::broker) fn check_queue_room<'a>(
         &self,
         field: &str,
         names: impl Iterator<Item = &'a str>,
@@ -258,7 +268,7 @@ impl Broker {
 
     /// The topic, created (with `retention`, or the default) on first use. Creation runs
     /// under the registry lock and attaches every matching subscription.
-    pub(super) fn topic_or_create(
+    pub(in crate::broker) fn topic_or_create(
         &self,
         field: &str,
         name: &str,
@@ -284,7 +294,11 @@ impl Broker {
     /// Makes `topic` one of the broker's topics: its shared slot (durable up to what it
     /// holds), attached to every open subscription whose pattern matches its name. At
     /// creation and when recovered state is installed, with the routing lock held.
-    pub(super) fn register_topic(&self, registry: &Routing, topic: Topic) -> Arc<SharedTopic> {
+    pub(in crate::broker) fn register_topic(
+        &self,
+        registry: &Routing,
+        topic: Topic,
+    ) -> Arc<SharedTopic> {
         let slot = Arc::new(SharedTopic {
             name: topic.name().clone(),
             durable_seq: AtomicU64::new(topic.next_seq()),

@@ -1,0 +1,97 @@
+//! The connection to Redis: one standalone server or a Redis Cluster, behind one
+//! `redis::aio::ConnectionLike` so scripts and commands are written once.
+//!
+//! Which of the two it is comes from the server itself (`INFO cluster`), so
+//! `--redis redis://127.0.0.1:7000` works whether that address is a standalone server or
+//! one seed of a cluster.
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use crate::broker::domain::error::BrokerError;
+
+/// A cheap-clone connection (both kinds multiplex requests over their sockets and
+/// reconnect by themselves).
+#[derive(Clone)]
+pub(crate) enum RedisConn {
+    /// A standalone server.
+    Single(ConnectionManager),
+    /// A Redis Cluster: commands are routed by their keys' slots.
+    Cluster(ClusterConnection),
+}
+
+impl RedisConn {
+    /// Whether this is a cluster (scripts must then keep every key in one slot).
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The error a user sees when Redis cannot be reached or refuses a command: UNAVAILABLE,
+/// naming what was being done.
+pub(crate) fn unavailable(doing: &str, e: redis::RedisError) -> BrokerError {
+    BrokerError::Unavailable(format!("redis: {doing}: {e}"))
+}
+
+/// Connects to `seeds` (`redis://host:port` URLs; several only for a cluster).
+pub(crate) async fn connect(seeds: &[String]) -> Result<RedisConn, BrokerError> {
+    let first = seeds
+        .first()
+        .ok_or_else(|| BrokerError::invalid("redis", "no Redis address given"))?;
+    let client = redis::Client::open(first.as_str())
+        .map_err(|e| BrokerError::invalid("redis", format!("{first:?}: {e}")))?;
+    let mut probe = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| unavailable(&format!("connecting to {first}"), e))?;
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut probe)
+        .await
+        .map_err(|e| unavailable(&format!("INFO cluster on {first}"), e))?;
+    if info.contains("cluster_enabled:1") {
+        let cluster = ClusterClientBuilder::new(seeds.to_vec())
+            .build()
+            .map_err(|e| BrokerError::invalid("redis", format!("{seeds:?}: {e}")))?;
+        let conn = cluster
+            .get_async_connection()
+            .await
+            .map_err(|e| unavailable("connecting to the cluster", e))?;
+        Ok(RedisConn::Cluster(conn))
+    } else {
+        let conn = ConnectionManager::new_with_config(client, ConnectionManagerConfig::new())
+            .await
+            .map_err(|e| unavailable(&format!("connecting to {first}"), e))?;
+        Ok(RedisConn::Single(conn))
+    }
+}

@@ -1,0 +1,5 @@
+//! The Redis engine: queues and topics kept in Redis (a standalone server or a Redis
+//! Cluster), so several Sluice nodes serve the same state and none holds any of it.
+
+pub(crate) mod conn;
+pub(crate) mod keys;
