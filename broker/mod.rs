@@ -36,6 +36,7 @@ pub use self::ops::{HttpOptions, serve_http, serve_http_with};
 // The shared handle both servers take, its settings and its error.
 pub use self::domain::error::BrokerError;
 pub use self::domain::limits::Limits;
+pub use self::engine::Engine;
 pub use self::engine::local::{Broker, BrokerConfig};
 
 // Pluggable storage: the write-ahead log over a `Storage`, and what recovery reports.

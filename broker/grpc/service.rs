@@ -15,8 +15,10 @@ use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::names::Pattern;
 use crate::broker::domain::queue::Enqueued;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
-use crate::broker::engine::local::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec};
-use crate::broker::engine::local::{Broker, LeaseParams, Logged, PolicyPatch, StatsSnapshot};
+use crate::broker::engine::{
+    ConsumeCommands, ConsumeEvent, ConsumeSpec, Engine, LeaseParams, Logged, PolicyPatch,
+    StatsSnapshot,
+};
 use crate::broker::grpc::convert;
 use crate::broker::grpc::wire::{
     EncodedConsumeResponse, EncodedEnqueueResponse, EncodedEnqueueStreamResponse,
@@ -27,18 +29,18 @@ use crate::pb;
 type Reply<T> = Result<Response<T>, Status>;
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// The `sluice.v1.Broker` gRPC service over a [`Broker`].
+/// The `sluice.v1.Broker` gRPC service over an [`Engine`].
 #[derive(Clone)]
-pub struct BrokerService {
-    broker: Broker,
+pub struct BrokerService<E> {
+    broker: E,
     /// `None`: no tokens file, every request may do anything.
     auth: Option<Authenticator>,
 }
 
-impl BrokerService {
-    /// Wraps a broker; `auth` set means every request needs a known bearer token and
+impl<E: Engine> BrokerService<E> {
+    /// Wraps an engine; `auth` set means every request needs a known bearer token and
     /// may do only what its grant allows.
-    pub fn new(broker: Broker, auth: Option<Authenticator>) -> Self {
+    pub fn new(broker: E, auth: Option<Authenticator>) -> Self {
         Self { broker, auth }
     }
 
@@ -230,8 +232,8 @@ const STREAM_PIPELINE: usize = 256;
 
 /// Authorizes one Publish request and applies it (the broker validates it), up to the
 /// log append.
-async fn publish_logged(
-    broker: Broker,
+async fn publish_logged<E: Engine>(
+    broker: E,
     access: Access,
     req: pb::PublishRequest,
 ) -> Result<Logged<Vec<Appended>>, BrokerError> {
@@ -242,8 +244,8 @@ async fn publish_logged(
 
 /// Authorizes one Enqueue request, converts its jobs and applies it (the broker validates
 /// it), up to the log append.
-async fn enqueue_logged(
-    broker: Broker,
+async fn enqueue_logged<E: Engine>(
+    broker: E,
     access: Access,
     req: pb::EnqueueRequest,
 ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
@@ -265,15 +267,16 @@ async fn enqueue_logged(
 /// overlapping. A request the codec cannot read ends the stream with its status. When
 /// `ends_on` is cancelled (shutdown, or a reload revoked the token) reading stops and what
 /// was read is answered.
-fn produce_stream<Req, T, Resp, Applied>(
-    broker: Broker,
+fn produce_stream<E, Req, T, Resp, Applied>(
+    broker: E,
     access: Access,
     ends_on: CancellationToken,
     inbound: tonic::Streaming<Req>,
-    apply: fn(Broker, Access, Req) -> Applied,
+    apply: fn(E, Access, Req) -> Applied,
     answer: fn(Result<T, BrokerError>) -> Resp,
 ) -> BoxStream<Resp>
 where
+    E: Engine,
     Req: Send + 'static,
     T: Send + 'static,
     Resp: Send + 'static,
@@ -320,7 +323,7 @@ fn answer_parts<T: Default>(answer: Result<T, BrokerError>) -> (T, Option<pb::Re
 }
 
 #[tonic::async_trait]
-impl broker_server::Broker for BrokerService {
+impl<E: Engine> broker_server::Broker for BrokerService<E> {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
         let access = self.access(&request)?;
         let logged = publish_logged(self.broker.clone(), access, request.into_inner()).await?;
@@ -367,14 +370,16 @@ impl broker_server::Broker for BrokerService {
         access.check_pattern(Action::Subscribe, "pattern", &pattern)?;
         let spec = convert::subscribe_spec(req, pattern, self.broker.limits().max_batch)?;
         let recheck_pattern = spec.pattern.clone();
-        let subscription = self.broker.subscribe(spec)?;
         let stream = self.hold_stream(
             credentials,
             Box::new(move |access| {
                 access.check_pattern(Action::Subscribe, "pattern", &recheck_pattern)
             }),
         );
-        let subscription = subscription.ending_on(stream.ends_on.clone());
+        let subscription = self
+            .broker
+            .subscribe(spec, stream.ends_on.clone())
+            .await?;
         let batches = subscription.map(|item| {
             item.map(EncodedSubscribeResponse::from)
                 .map_err(Status::from)
@@ -529,7 +534,7 @@ impl broker_server::Broker for BrokerService {
             .map(ConsumeCommands::from);
         let commands = futures::stream::iter([ConsumeCommands::from(first)]).chain(rest);
         let queue: Arc<str> = Arc::from(spec.queue.as_str());
-        let events = self.broker.consume(spec, Box::pin(commands))?;
+        let events = self.broker.consume(spec, Box::pin(commands)).await?;
         let responses = events.map(move |event| {
             Ok(match event {
                 ConsumeEvent::Failed(e) => return Err(Status::from(e)),
@@ -557,9 +562,10 @@ impl broker_server::Broker for BrokerService {
     ) -> Reply<pb::ExtendLeaseResponse> {
         let access = self.access(&request)?;
         let req = request.into_inner();
-        let deadline =
-            self.broker
-                .extend_lease_as(&access, &req.lease_id, req.visibility_timeout_ms)?;
+        let deadline = self
+            .broker
+            .extend_lease_as(&access, &req.lease_id, req.visibility_timeout_ms)
+            .await?;
         Ok(Response::new(pb::ExtendLeaseResponse {
             lease_deadline_unix_ms: deadline,
         }))
@@ -572,7 +578,7 @@ impl broker_server::Broker for BrokerService {
         if let Some(queue) = &queue {
             access.check_any(JOB_READERS, "queue", queue)?;
         }
-        let (queue, job) = self.broker.get_job(&req.id, queue.as_deref())?;
+        let (queue, job) = self.broker.get_job(&req.id, queue.as_deref()).await?;
         access.check_any(JOB_READERS, "id", &queue)?;
         Ok(Response::new(convert::job(&queue, job)))
     }
@@ -587,7 +593,7 @@ impl broker_server::Broker for BrokerService {
             }
             // The job's queue decides the permission: find it before changing anything.
             None if self.auth.is_some() => {
-                let (queue, _) = self.broker.get_job(&req.id, None)?;
+                let (queue, _) = self.broker.get_job(&req.id, None).await?;
                 access.check_any(QUEUE_WRITERS, "id", &queue)?;
                 Some(queue)
             }
@@ -605,9 +611,10 @@ impl broker_server::Broker for BrokerService {
         let req = request.into_inner();
         access.check(Action::Admin, "queue", &req.queue)?;
         let state = convert::job_state("state", req.state)?;
-        let (jobs, next) =
-            self.broker
-                .list_jobs(&req.queue, state, req.page_size as usize, &req.page_token)?;
+        let (jobs, next) = self
+            .broker
+            .list_jobs(&req.queue, state, req.page_size as usize, &req.page_token)
+            .await?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs
                 .into_iter()
@@ -624,7 +631,10 @@ impl broker_server::Broker for BrokerService {
         let access = self.access(&request)?;
         let req = request.into_inner();
         access.check(Action::Admin, "queue", &req.queue)?;
-        let jobs = self.broker.job_history(&req.queue, req.limit as usize)?;
+        let jobs = self
+            .broker
+            .job_history(&req.queue, req.limit as usize)
+            .await?;
         Ok(Response::new(pb::JobHistoryResponse {
             jobs: jobs
                 .into_iter()
@@ -717,6 +727,7 @@ impl broker_server::Broker for BrokerService {
             queues: self
                 .broker
                 .list_queues()
+                .await?
                 .into_iter()
                 .filter(|q| access.allows_name(Action::Admin, &q.name))
                 .map(pb::QueueInfo::from)
@@ -731,7 +742,11 @@ impl broker_server::Broker for BrokerService {
         // While someone watches, the shared snapshot is at most one tick old: reuse it.
         let response = match self.broker.recent_stats() {
             Some(shared) => stats_view(&shared, &req, &access),
-            None => stats_view(&self.broker.stats(&req.queues, &req.topics), &req, &access),
+            None => stats_view(
+                &self.broker.stats(&req.queues, &req.topics).await?,
+                &req,
+                &access,
+            ),
         };
         Ok(Response::new(response))
     }
@@ -789,7 +804,7 @@ impl broker_server::Broker for BrokerService {
         let access = self.access(&request)?;
         let req = request.into_inner();
         access.check(Action::Admin, "queue", &req.queue)?;
-        let consumers = self.broker.list_consumers(&req.queue)?;
+        let consumers = self.broker.list_consumers(&req.queue).await?;
         Ok(Response::new(pb::ListConsumersResponse {
             consumers: consumers
                 .into_iter()

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::domain::queue::QueueCounts;
 use crate::broker::domain::time::Millis;
 use crate::broker::engine::local::stats::TopicCounts;
-use crate::broker::engine::local::{Broker, StatsSnapshot};
+use crate::broker::engine::{Engine, StatsSnapshot};
 use crate::broker::ops::{AppState, HttpOptions};
 use crate::broker::sync::lock;
 
@@ -144,12 +144,16 @@ impl Totals {
     }
 }
 
-fn worker_views(broker: &Broker, s: &StatsSnapshot) -> Vec<WorkerView> {
+async fn worker_views<E: Engine>(broker: &E, s: &StatsSnapshot) -> Vec<WorkerView> {
     let now = s.taken_at;
-    let mut out: Vec<WorkerView> = s
-        .queues
-        .iter()
-        .filter_map(|(queue, _)| broker.list_consumers(queue).ok().map(|c| (queue, c)))
+    let mut seen = Vec::with_capacity(s.queues.len());
+    for (queue, _) in &s.queues {
+        if let Ok(consumers) = broker.list_consumers(queue).await {
+            seen.push((queue, consumers));
+        }
+    }
+    let mut out: Vec<WorkerView> = seen
+        .into_iter()
         .flat_map(|(queue, consumers)| {
             consumers
                 .into_iter()
@@ -205,13 +209,21 @@ fn sample(s: &StatsSnapshot, totals: Totals, previous: Option<Totals>) -> Sample
     sample
 }
 
-/// Takes one frame of the broker's state: the frame, encoded, and its chart point.
-fn take_frame(
-    broker: &Broker,
+/// Takes one frame of the broker's state: the frame, encoded, and its chart point; `None`
+/// when the engine cannot be read (Redis unreachable), so the last frame stays up.
+async fn take_frame<E: Engine>(
+    broker: &E,
     interval_ms: u64,
     previous: Option<Totals>,
-) -> (Arc<str>, Sample, Totals) {
-    let stats = broker.stats(&[], &[]);
+) -> Option<(Arc<str>, Sample, Totals)> {
+    let stats = match broker.stats(&[], &[]).await {
+        Ok(stats) => stats,
+        Err(e) => {
+            tracing::warn!(error = %e, "dashboard: reading stats failed; keeping the last frame");
+            return None;
+        }
+    };
+    let workers = worker_views(broker, &stats).await;
     let totals = Totals::of(&stats);
     let sample = sample(&stats, totals, previous);
     let frame = Frame {
@@ -219,11 +231,11 @@ fn take_frame(
         interval_ms,
         queues: stats.queues.iter().map(QueueRow::of).collect(),
         topics: &stats.topics,
-        workers: worker_views(broker, &stats),
+        workers,
         sample: &sample,
     };
     let encoded = encode(&frame);
-    (encoded, sample, totals)
+    Some((encoded, sample, totals))
 }
 
 struct Shared {
@@ -241,14 +253,21 @@ pub(crate) struct Sampler {
 impl Sampler {
     /// Takes a first frame now and starts sampling every `options.sample_interval`
     /// until `stop` is cancelled.
-    pub(crate) fn start(broker: Broker, options: &HttpOptions, stop: CancellationToken) -> Self {
+    pub(crate) async fn start<E: Engine>(
+        broker: E,
+        options: &HttpOptions,
+        stop: CancellationToken,
+    ) -> Self {
         let interval = options.sample_interval.max(Duration::from_millis(50));
         let interval_ms = interval.as_millis() as u64;
         let shared = Arc::new(Shared {
             history: Mutex::new(VecDeque::with_capacity(options.history.min(4096))),
             capacity: options.history.max(1),
         });
-        let (first, _, mut totals) = take_frame(&broker, interval_ms, None);
+        let (first, mut totals) = match take_frame(&broker, interval_ms, None).await {
+            Some((frame, _, totals)) => (frame, Some(totals)),
+            None => (Arc::from("{}"), None),
+        };
         let (tx, rx) = watch::channel(first);
         let sampler = Self {
             shared: shared.clone(),
@@ -264,8 +283,11 @@ impl Sampler {
                     _ = stop.cancelled() => return,
                     _ = ticker.tick() => {}
                 }
-                let (frame, sample, now) = take_frame(&broker, interval_ms, Some(totals));
-                totals = now;
+                let Some((frame, sample, now)) = take_frame(&broker, interval_ms, totals).await
+                else {
+                    continue;
+                };
+                totals = Some(now);
                 {
                     let mut history = lock(&shared.history);
                     if history.len() == shared.capacity {
@@ -306,19 +328,19 @@ fn json(body: impl Into<axum::body::Body>) -> Response {
 }
 
 /// `GET /api/stats`: the newest frame.
-pub(super) async fn latest(State(state): State<AppState>) -> Response {
+pub(super) async fn latest<E: Engine>(State(state): State<AppState<E>>) -> Response {
     json(state.sampler.latest().to_string())
 }
 
 /// `GET /api/history`: the kept samples, oldest first.
-pub(super) async fn history(State(state): State<AppState>) -> Response {
+pub(super) async fn history<E: Engine>(State(state): State<AppState<E>>) -> Response {
     json(state.sampler.history_json())
 }
 
 /// `GET /api/events`: the newest frame at once, then every new one, as `stats` events,
 /// until the client leaves or the server stops.
-pub(super) async fn events(
-    State(state): State<AppState>,
+pub(super) async fn events<E: Engine>(
+    State(state): State<AppState<E>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let shutdown = state.stop.clone().cancelled_owned();
     let stream = WatchStream::new(state.sampler.frames.clone())

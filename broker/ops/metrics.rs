@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 
 use crate::broker::domain::observe::Observer;
 use crate::broker::domain::queue::QueueCounts;
-use crate::broker::engine::local::Broker;
+use crate::broker::engine::{Engine, StatsSnapshot};
 use crate::broker::engine::local::stats::TopicCounts;
 
 /// The content type of the exposition.
@@ -80,7 +80,7 @@ impl Default for Histograms {
 impl Histograms {
     /// The histograms installed on `broker`, installing them if it has no observer yet.
     /// Every HTTP server of one broker so shares the same series.
-    pub(crate) fn installed_on(broker: &Broker) -> Self {
+    pub(crate) fn installed_on<E: Engine>(broker: &E) -> Self {
         let observer = broker.install_observer(|| Arc::new(Self::default()));
         let any: Arc<dyn Any + Send + Sync> = observer;
         match any.downcast::<Self>() {
@@ -130,10 +130,10 @@ impl Observer for Histograms {
 /// Reads one counter of a queue's stats.
 type CountOf = fn(&QueueCounts) -> u64;
 
-/// Encodes the broker's stats at scrape time.
-#[derive(Clone)]
+/// Encodes the stats read for the scrape being rendered (see [`Metrics::render`]).
+#[derive(Clone, Default)]
 struct StatsCollector {
-    broker: Broker,
+    scrape: Arc<std::sync::Mutex<Option<StatsSnapshot>>>,
 }
 
 impl std::fmt::Debug for StatsCollector {
@@ -164,7 +164,9 @@ fn family<L: EncodeLabelSet, M: EncodeMetric>(
 
 impl Collector for StatsCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = self.broker.stats(&[], &[]);
+        let Some(s) = crate::broker::sync::lock(&self.scrape).take() else {
+            return Ok(());
+        };
         let queues = &s.queues;
         let topics = &s.topics;
         encode_queues(&mut e, queues)?;
@@ -360,11 +362,15 @@ fn encode_topics(e: &mut DescriptorEncoder, topics: &[TopicCounts]) -> Result<()
 #[derive(Debug)]
 pub(crate) struct Metrics {
     registry: Registry,
+    /// The stats of the scrape in progress; the render lock keeps concurrent scrapes from
+    /// taking each other's.
+    scrape: Arc<std::sync::Mutex<Option<StatsSnapshot>>>,
+    rendering: std::sync::Mutex<()>,
 }
 
 impl Metrics {
     /// A registry over `broker`: its stats at scrape time, and its timing histograms.
-    pub(crate) fn new(broker: &Broker) -> Self {
+    pub(crate) fn new<E: Engine>(broker: &E) -> Self {
         let histograms = Histograms::installed_on(broker);
         let mut registry = Registry::default();
         registry.register(
@@ -382,14 +388,20 @@ impl Metrics {
             "Time from a message's publish to its hand-over to a subscriber's stream, per topic; live deliveries only, not replays (whole milliseconds)",
             histograms.publish_to_deliver,
         );
-        registry.register_collector(Box::new(StatsCollector {
-            broker: broker.clone(),
-        }));
-        Self { registry }
+        let collector = StatsCollector::default();
+        let scrape = collector.scrape.clone();
+        registry.register_collector(Box::new(collector));
+        Self {
+            registry,
+            scrape,
+            rendering: std::sync::Mutex::new(()),
+        }
     }
 
-    /// The exposition text, ending with `# EOF`.
-    pub(crate) fn render(&self) -> String {
+    /// The exposition text of `stats` and the histograms, ending with `# EOF`.
+    pub(crate) fn render(&self, stats: StatsSnapshot) -> String {
+        let _one_at_a_time = crate::broker::sync::lock(&self.rendering);
+        *crate::broker::sync::lock(&self.scrape) = Some(stats);
         let mut out = String::with_capacity(16 * 1024);
         text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

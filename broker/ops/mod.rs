@@ -26,7 +26,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::engine::local::Broker;
+use crate::broker::engine::Engine;
 use crate::broker::ops::dashboard::Sampler;
 use crate::broker::ops::metrics::Metrics;
 
@@ -54,8 +54,8 @@ impl Default for HttpOptions {
 
 /// Shared state of the handlers.
 #[derive(Clone)]
-struct AppState {
-    broker: Broker,
+struct AppState<E> {
+    broker: E,
     metrics: Arc<Metrics>,
     sampler: Sampler,
     /// Cancelled when this server stops (a child of the broker's shutdown token).
@@ -64,18 +64,18 @@ struct AppState {
 
 /// Serves `/metrics`, `/healthz` and the dashboard for `broker` on `listener` with the
 /// default [`HttpOptions`], until `shutdown` resolves or the broker shuts down.
-pub async fn serve_http(
+pub async fn serve_http<E: Engine>(
     listener: TcpListener,
-    broker: Broker,
+    broker: E,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     serve_http_with(listener, broker, HttpOptions::default(), shutdown).await
 }
 
 /// [`serve_http`] with explicit settings.
-pub async fn serve_http_with(
+pub async fn serve_http_with<E: Engine>(
     listener: TcpListener,
-    broker: Broker,
+    broker: E,
     options: HttpOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -83,7 +83,7 @@ pub async fn serve_http_with(
     // A child token: the broker's shutdown stops this server, while `shutdown` stops only
     // this server and leaves the broker (and gRPC) running.
     let stop = broker.shutdown_token().child_token();
-    let sampler = Sampler::start(broker.clone(), &options, stop.clone());
+    let sampler = Sampler::start(broker.clone(), &options, stop.clone()).await;
     let state = AppState {
         broker: broker.clone(),
         metrics: Arc::new(Metrics::new(&broker)),
@@ -92,11 +92,11 @@ pub async fn serve_http_with(
     };
     let app = Router::new()
         .route("/", get(dashboard_page))
-        .route("/metrics", get(metrics_text))
-        .route("/healthz", get(healthz))
-        .route("/api/stats", get(dashboard::latest))
-        .route("/api/history", get(dashboard::history))
-        .route("/api/events", get(dashboard::events))
+        .route("/metrics", get(metrics_text::<E>))
+        .route("/healthz", get(healthz::<E>))
+        .route("/api/stats", get(dashboard::latest::<E>))
+        .route("/api/history", get(dashboard::history::<E>))
+        .route("/api/events", get(dashboard::events::<E>))
         .with_state(state);
     tracing::info!(?addr, "sluice serving HTTP (metrics, health, dashboard)");
     let server = axum::serve(listener, app).with_graceful_shutdown({
@@ -130,11 +130,21 @@ async fn dashboard_page() -> Html<&'static str> {
     Html(dashboard::PAGE)
 }
 
-async fn metrics_text(State(state): State<AppState>) -> Response {
-    // Encoding takes each queue's lock briefly; off the async workers it cannot delay
-    // other requests on a broker with many queues.
+async fn metrics_text<E: Engine>(State(state): State<AppState<E>>) -> Response {
+    let stats = match state.broker.stats(&[], &[]).await {
+        Ok(stats) => stats,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("reading stats failed: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    // Encoding many queues' families takes a while; off the async workers it cannot
+    // delay other requests.
     let metrics = state.metrics.clone();
-    match tokio::task::spawn_blocking(move || metrics.render()).await {
+    match tokio::task::spawn_blocking(move || metrics.render(stats)).await {
         Ok(body) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -144,7 +154,7 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn healthz(State(state): State<AppState>) -> Response {
+async fn healthz<E: Engine>(State(state): State<AppState<E>>) -> Response {
     if state.stop.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     } else if let Some(reason) = state.broker.storage_failure() {

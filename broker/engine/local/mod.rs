@@ -5,13 +5,14 @@
 //! queues (topic first, then queues in name order), which keeps it atomic and deadlock-free:
 //! every other path holds at most one queue lock at a time.
 
-pub(in crate::broker) mod consume;
+pub(crate) mod consume;
 pub(crate) mod memory;
-pub(in crate::broker) mod stats;
-pub(in crate::broker) mod subscription;
+pub(crate) mod stats;
+pub(crate) mod subscription;
 
 pub(crate) mod admin;
 mod background;
+mod engine;
 mod catalog;
 pub(crate) mod queues;
 mod storage;
@@ -39,9 +40,7 @@ use crate::broker::sync::lock;
 pub(crate) use admin::RedriveOutcome;
 pub(in crate::broker) use admin::{PolicyPatch, QueueInfo};
 use catalog::QueueCatalog;
-pub(in crate::broker) use queues::LeaseParams;
-pub(in crate::broker) use stats::StatsSnapshot;
-pub(in crate::broker) use storage::StorageStatus;
+pub(crate) use storage::StorageStatus;
 
 /// Longest long-poll wait.
 pub(in crate::broker) const MAX_LEASE_WAIT_MS: u64 = 60_000;

@@ -14,7 +14,7 @@ mod idle;
 pub(crate) use accept::ConnectionInfo;
 
 use crate::broker::auth::Authenticator;
-use crate::broker::engine::local::Broker;
+use crate::broker::engine::Engine;
 use crate::broker::grpc::service::BrokerService;
 use crate::broker::grpc::wire::broker_server::BrokerServer;
 
@@ -109,16 +109,16 @@ pub enum ServeError {
 
 /// Serves `broker` on `listener` until `shutdown` resolves, then ends open streams, waits
 /// up to the drain timeout for requests in flight, and returns.
-pub async fn serve(
+pub async fn serve<E: Engine>(
     listener: TcpListener,
-    broker: Broker,
+    broker: E,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().ok();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<BrokerServer<BrokerService>>()
+        .set_serving::<BrokerServer<BrokerService<E>>>()
         .await;
     tokio::spawn(report_storage_failure(
         broker.clone(),
@@ -172,7 +172,7 @@ pub async fn serve(
             // server's graceful drain can finish.
             token.cancel();
             health_reporter
-                .set_not_serving::<BrokerServer<BrokerService>>()
+                .set_not_serving::<BrokerServer<BrokerService<E>>>()
                 .await;
         }
     };
@@ -217,8 +217,8 @@ pub async fn serve(
 /// Turns health NOT_SERVING (for the broker service and the whole server, `""`) once
 /// the write-ahead log fails: the broker is read-only then (fail-stop), and a load
 /// balancer must stop sending it traffic. Ends with the broker.
-async fn report_storage_failure(
-    broker: Broker,
+async fn report_storage_failure<E: Engine>(
+    broker: E,
     health_reporter: tonic_health::server::HealthReporter,
 ) {
     let token = broker.shutdown_token();
@@ -227,7 +227,7 @@ async fn report_storage_failure(
         _ = token.cancelled() => return,
     };
     health_reporter
-        .set_not_serving::<BrokerServer<BrokerService>>()
+        .set_not_serving::<BrokerServer<BrokerService<E>>>()
         .await;
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)

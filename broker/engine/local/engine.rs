@@ -1,0 +1,228 @@
+//! The in-process engine behind the [`Engine`] interface: each method is the broker's own.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::auth::Access;
+use crate::broker::domain::error::BrokerError;
+use crate::broker::domain::limits::Limits;
+use crate::broker::domain::observe::Observer;
+use crate::broker::domain::queue::{ConsumerState, Delivery, Enqueued, Job, JobState, NewJob};
+use crate::broker::domain::time::Millis;
+use crate::broker::domain::topic::{Appended, NewMessage, Retention};
+use crate::broker::engine::{
+    ConsumeCommandStream, ConsumeSpec, ConsumeStream, Engine, LeaseParams, Logged, PolicyPatch,
+    QueueInfo, RedriveOutcome, StatsSnapshot, StatsWatch, SubscribeSpec, SubscriptionStream,
+};
+
+use super::Broker;
+
+impl Engine for Broker {
+    fn limits(&self) -> &Limits {
+        Broker::limits(self)
+    }
+
+    fn shutdown_token(&self) -> CancellationToken {
+        Broker::shutdown_token(self)
+    }
+
+    fn storage_failure(&self) -> Option<String> {
+        Broker::storage_failure(self)
+    }
+
+    fn storage_failed(&self) -> impl Future<Output = String> + Send {
+        Broker::storage_failed(self)
+    }
+
+    fn publish_logged(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+    ) -> impl Future<Output = Result<Logged<Vec<Appended>>, BrokerError>> + Send {
+        Broker::publish_logged(self, topic, messages)
+    }
+
+    fn enqueue_logged(
+        &self,
+        queue: &str,
+        jobs: impl ExactSizeIterator<Item = Result<NewJob, BrokerError>> + Send,
+        now: Millis,
+    ) -> impl Future<Output = Result<Logged<Vec<Enqueued>>, BrokerError>> + Send {
+        Broker::enqueue_logged(self, queue, jobs, now)
+    }
+
+    fn confirm<T: Send>(
+        &self,
+        logged: Logged<T>,
+    ) -> impl Future<Output = Result<T, BrokerError>> + Send {
+        Broker::confirm(self, logged)
+    }
+
+    async fn subscribe(
+        &self,
+        spec: SubscribeSpec,
+        ends_on: CancellationToken,
+    ) -> Result<SubscriptionStream, BrokerError> {
+        Ok(Broker::subscribe(self, spec)?.ending_on(ends_on).boxed())
+    }
+
+    fn create_topic(
+        &self,
+        name: &str,
+        retention: Retention,
+    ) -> impl Future<Output = Result<Retention, BrokerError>> + Send {
+        Broker::create_topic(self, name, retention)
+    }
+
+    fn delete_topic(&self, name: &str) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        Broker::delete_topic(self, name)
+    }
+
+    fn lease(
+        &self,
+        queue: &str,
+        params: LeaseParams,
+    ) -> impl Future<Output = Result<Vec<Delivery>, BrokerError>> + Send {
+        Broker::lease(self, queue, params)
+    }
+
+    fn ack_as(
+        &self,
+        access: &Access,
+        acks: Vec<(String, Option<Bytes>)>,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        Broker::ack_as(self, access, acks)
+    }
+
+    fn nack_as(
+        &self,
+        access: &Access,
+        lease_id: &str,
+        error: String,
+        retry_delay_ms: Option<u64>,
+        dead_letter: bool,
+    ) -> impl Future<Output = Result<(JobState, Option<Millis>), BrokerError>> + Send {
+        Broker::nack_as(self, access, lease_id, error, retry_delay_ms, dead_letter)
+    }
+
+    async fn extend_lease_as(
+        &self,
+        access: &Access,
+        lease_id: &str,
+        visibility_timeout_ms: u64,
+    ) -> Result<Millis, BrokerError> {
+        Broker::extend_lease_as(self, access, lease_id, visibility_timeout_ms)
+    }
+
+    async fn consume(
+        &self,
+        spec: ConsumeSpec,
+        commands: ConsumeCommandStream,
+    ) -> Result<ConsumeStream, BrokerError> {
+        Broker::consume(self, spec, commands)
+    }
+
+    async fn get_job(&self, id: &str, queue: Option<&str>) -> Result<(String, Job), BrokerError> {
+        Broker::get_job(self, id, queue)
+    }
+
+    fn cancel_job(
+        &self,
+        id: &str,
+        queue: Option<&str>,
+    ) -> impl Future<Output = Result<(String, Job), BrokerError>> + Send {
+        Broker::cancel_job(self, id, queue)
+    }
+
+    async fn list_jobs(
+        &self,
+        queue: &str,
+        state: Option<JobState>,
+        page_size: usize,
+        page_token: &str,
+    ) -> Result<(Vec<Job>, Option<u64>), BrokerError> {
+        Broker::list_jobs(self, queue, state, page_size, page_token)
+    }
+
+    async fn job_history(&self, queue: &str, limit: usize) -> Result<Vec<Job>, BrokerError> {
+        Broker::job_history(self, queue, limit)
+    }
+
+    fn create_queue(
+        &self,
+        name: &str,
+        patch: PolicyPatch,
+    ) -> impl Future<Output = Result<QueueInfo, BrokerError>> + Send {
+        Broker::create_queue(self, name, patch)
+    }
+
+    fn update_queue(
+        &self,
+        name: &str,
+        patch: PolicyPatch,
+    ) -> impl Future<Output = Result<QueueInfo, BrokerError>> + Send {
+        Broker::update_queue(self, name, patch)
+    }
+
+    fn purge_queue(&self, name: &str) -> impl Future<Output = Result<u64, BrokerError>> + Send {
+        Broker::purge_queue(self, name)
+    }
+
+    fn delete_queue(&self, name: &str) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        Broker::delete_queue(self, name)
+    }
+
+    fn set_paused(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> impl Future<Output = Result<QueueInfo, BrokerError>> + Send {
+        Broker::set_paused(self, name, paused)
+    }
+
+    async fn list_queues(&self) -> Result<Vec<QueueInfo>, BrokerError> {
+        Ok(Broker::list_queues(self))
+    }
+
+    fn redrive(
+        &self,
+        dead_letter_queue: &str,
+        ids: &[String],
+        rate_per_second: u32,
+        max_jobs: u64,
+        access: &Access,
+    ) -> impl Future<Output = Result<RedriveOutcome, BrokerError>> + Send {
+        Broker::redrive(self, dead_letter_queue, ids, rate_per_second, max_jobs, access)
+    }
+
+    async fn list_consumers(
+        &self,
+        queue: &str,
+    ) -> Result<Vec<(Arc<str>, ConsumerState)>, BrokerError> {
+        Broker::list_consumers(self, queue)
+    }
+
+    async fn stats(
+        &self,
+        queues: &[String],
+        topics: &[String],
+    ) -> Result<StatsSnapshot, BrokerError> {
+        Ok(Broker::stats(self, queues, topics))
+    }
+
+    fn recent_stats(&self) -> Option<Arc<StatsSnapshot>> {
+        Broker::recent_stats(self)
+    }
+
+    fn watch_stats(&self) -> StatsWatch {
+        Broker::watch_stats(self)
+    }
+
+    fn install_observer(&self, make: impl FnOnce() -> Arc<dyn Observer>) -> Arc<dyn Observer> {
+        Broker::install_observer(self, make)
+    }
+}
