@@ -36,14 +36,24 @@ pub(crate) use self::local::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec
 pub(crate) use self::local::queues::LeaseParams;
 pub(crate) use self::local::stats::{StatsSnapshot, StatsWatch};
 pub(crate) use self::local::subscription::{SubscribeSpec, SubscriptionBatch};
-pub(crate) use self::local::Logged;
 
 /// A subscription's batches, whichever engine serves them. Boxed once per stream.
 pub(crate) type SubscriptionStream =
     Pin<Box<dyn Stream<Item = Result<SubscriptionBatch, BrokerError>> + Send + 'static>>;
 
 /// The client side of a consume stream as the engine reads it.
-pub(crate) type ConsumeCommandStream = Pin<Box<dyn Stream<Item = ConsumeCommands> + Send + 'static>>;
+pub(crate) type ConsumeCommandStream =
+    Pin<Box<dyn Stream<Item = ConsumeCommands> + Send + 'static>>;
+
+/// The result of a change that is applied (and written to the engine's log or primary)
+/// but may not be durable yet: [`Engine::confirm`] waits for `commit`, which says what to
+/// wait for (a log position, or the Redis shard to `WAIT` on).
+#[derive(Debug)]
+#[must_use = "a change is acknowledged only after it is confirmed durable"]
+pub struct Logged<T, C> {
+    pub(crate) value: T,
+    pub(crate) commit: C,
+}
 
 mod sealed {
     /// Only this crate's engines implement [`super::Engine`]: the interface changes with
@@ -61,6 +71,9 @@ mod sealed {
 /// requests applies them in order while their durability waits (fsync, or Redis `WAIT`)
 /// overlap.
 pub trait Engine: sealed::Sealed + Clone + Send + Sync + 'static {
+    /// What a logged change waits for before it is answered.
+    type Commit: Send + 'static;
+
     /// The request limits in force.
     fn limits(&self) -> &Limits;
     /// Cancelled when the engine shuts down; every stream ends on it.
@@ -75,7 +88,7 @@ pub trait Engine: sealed::Sealed + Clone + Send + Sync + 'static {
         &self,
         topic: &str,
         messages: Vec<NewMessage>,
-    ) -> impl Future<Output = Result<Logged<Vec<Appended>>, BrokerError>> + Send;
+    ) -> impl Future<Output = Result<Logged<Vec<Appended>, Self::Commit>, BrokerError>> + Send;
     /// Enqueues jobs (converted one by one; the first refusal refuses the batch), up to
     /// the durability wait. `now` is the request's one clock reading.
     fn enqueue_logged(
@@ -83,11 +96,11 @@ pub trait Engine: sealed::Sealed + Clone + Send + Sync + 'static {
         queue: &str,
         jobs: impl ExactSizeIterator<Item = Result<NewJob, BrokerError>> + Send,
         now: Millis,
-    ) -> impl Future<Output = Result<Logged<Vec<Enqueued>>, BrokerError>> + Send;
+    ) -> impl Future<Output = Result<Logged<Vec<Enqueued>, Self::Commit>, BrokerError>> + Send;
     /// Waits until a logged change is durable, then hands back its result.
     fn confirm<T: Send>(
         &self,
-        logged: Logged<T>,
+        logged: Logged<T, Self::Commit>,
     ) -> impl Future<Output = Result<T, BrokerError>> + Send;
 
     /// Opens a subscription that ends when `ends_on` (or the engine's shutdown) fires.

@@ -236,7 +236,7 @@ async fn publish_logged<E: Engine>(
     broker: E,
     access: Access,
     req: pb::PublishRequest,
-) -> Result<Logged<Vec<Appended>>, BrokerError> {
+) -> Result<Logged<Vec<Appended>, E::Commit>, BrokerError> {
     access.check(Action::Publish, "topic", &req.topic)?;
     let messages = req.messages.into_iter().map(NewMessage::from).collect();
     broker.publish_logged(&req.topic, messages).await
@@ -248,7 +248,7 @@ async fn enqueue_logged<E: Engine>(
     broker: E,
     access: Access,
     req: pb::EnqueueRequest,
-) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
+) -> Result<Logged<Vec<Enqueued>, E::Commit>, BrokerError> {
     access.check(Action::Enqueue, "queue", &req.queue)?;
     // The one clock reading of the request: delays resolve with it and jobs are stored
     // at it. The broker checks the rest, converting the jobs as it goes.
@@ -280,7 +280,7 @@ where
     Req: Send + 'static,
     T: Send + 'static,
     Resp: Send + 'static,
-    Applied: Future<Output = Result<Logged<T>, BrokerError>> + Send + 'static,
+    Applied: Future<Output = Result<Logged<T, E::Commit>, BrokerError>> + Send + 'static,
 {
     let shutdown = ends_on.cancelled_owned();
     let applying = broker.clone();
@@ -376,10 +376,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
                 access.check_pattern(Action::Subscribe, "pattern", &recheck_pattern)
             }),
         );
-        let subscription = self
-            .broker
-            .subscribe(spec, stream.ends_on.clone())
-            .await?;
+        let subscription = self.broker.subscribe(spec, stream.ends_on.clone()).await?;
         let batches = subscription.map(|item| {
             item.map(EncodedSubscribeResponse::from)
                 .map_err(Status::from)

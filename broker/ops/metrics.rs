@@ -23,8 +23,8 @@ use prometheus_client::registry::Registry;
 
 use crate::broker::domain::observe::Observer;
 use crate::broker::domain::queue::QueueCounts;
-use crate::broker::engine::{Engine, StatsSnapshot};
 use crate::broker::engine::local::stats::TopicCounts;
+use crate::broker::engine::{Engine, StatsSnapshot};
 
 /// The content type of the exposition.
 pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -281,7 +281,8 @@ impl Storage for DirStorage {
 /// A log position to wait for before answering. `Commit::NONE` waits for nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[must_use = "a change is acknowledged only after its commit is durable"]
-pub(crate) struct Commit(u64);
+#[allow(unreachable_pub)] // Named by the sealed `Engine` trait's `Commit`; not constructible outside.
+pub struct Commit(u64);
 
 impl Commit {
     /// Nothing to wait for (memory storage, or a request that changed nothing and saw

@@ -15,13 +15,17 @@ use crate::broker::domain::queue::{ConsumerState, Delivery, Enqueued, Job, JobSt
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::{
-    ConsumeCommandStream, ConsumeSpec, ConsumeStream, Engine, LeaseParams, Logged, PolicyPatch,
-    QueueInfo, RedriveOutcome, StatsSnapshot, StatsWatch, SubscribeSpec, SubscriptionStream,
+    ConsumeCommandStream, ConsumeSpec, ConsumeStream, Engine, LeaseParams, PolicyPatch, QueueInfo,
+    RedriveOutcome, StatsSnapshot, StatsWatch, SubscribeSpec, SubscriptionStream,
 };
 
-use super::Broker;
+use crate::broker::store::Commit;
+
+use super::{Broker, Logged};
 
 impl Engine for Broker {
+    type Commit = Commit;
+
     fn limits(&self) -> &Limits {
         Broker::limits(self)
     }
@@ -196,7 +200,14 @@ impl Engine for Broker {
         max_jobs: u64,
         access: &Access,
     ) -> impl Future<Output = Result<RedriveOutcome, BrokerError>> + Send {
-        Broker::redrive(self, dead_letter_queue, ids, rate_per_second, max_jobs, access)
+        Broker::redrive(
+            self,
+            dead_letter_queue,
+            ids,
+            rate_per_second,
+            max_jobs,
+            access,
+        )
     }
 
     async fn list_consumers(

@@ -12,8 +12,8 @@ pub(crate) mod subscription;
 
 pub(crate) mod admin;
 mod background;
-mod engine;
 mod catalog;
+mod engine;
 pub(crate) mod queues;
 mod storage;
 mod topics;
@@ -47,15 +47,10 @@ pub(in crate::broker) const MAX_LEASE_WAIT_MS: u64 = 60_000;
 /// Header carrying the topic sequence on jobs created by a binding.
 pub(in crate::broker) const HEADER_TOPIC_SEQUENCE: &str = "x-sluice-topic-sequence";
 
-/// The result of a change that is applied and appended to the log but may not be durable
-/// yet: [`Broker::confirm`] waits for it. Log positions only grow, so confirming changes in
-/// the order they were logged never waits out of turn.
-#[derive(Debug)]
-#[must_use = "a change is acknowledged only after it is confirmed durable"]
-pub struct Logged<T> {
-    value: T,
-    commit: Commit,
-}
+/// The in-process engine's logged change: its durability wait is a log position. Log
+/// positions only grow, so confirming changes in the order they were logged never waits
+/// out of turn.
+pub(crate) type Logged<T> = crate::broker::engine::Logged<T, Commit>;
 
 /// Broker settings that are not per queue or topic.
 #[derive(Debug, Clone)]
