@@ -26,6 +26,7 @@
 //! This module talks to the broker only through the generated gRPC stubs in
 //! [`crate::pb`]; it never imports the server code.
 
+mod balance;
 mod codec;
 mod consumer;
 mod error;
@@ -109,6 +110,40 @@ impl Client {
     /// Connects to `url` with a bearer token and TLS settings; see [`ConnectOptions`].
     pub async fn connect_with(url: impl Into<String>, options: ConnectOptions) -> Result<Self> {
         let channel = options.endpoint(&url.into())?.connect().await?;
+        Ok(Self::from_transport(options.transport(channel)?))
+    }
+
+    /// Connects to several brokers serving the same queues and topics (e.g. Sluice nodes
+    /// over one Redis) and spreads requests over them. A broker that stops accepting
+    /// connections is left out within about half a second (requests sent to it before
+    /// that fail with UNAVAILABLE, as with one broker) and taken back once it accepts
+    /// again; while every broker is down, requests fail with UNAVAILABLE. Connections are
+    /// made on first use, so this succeeds while brokers are still starting.
+    ///
+    /// `options` apply to every URL (one token, one CA).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> sluice::client::Result<()> {
+    /// use sluice::client::{Client, ConnectOptions};
+    /// let client = Client::connect_any(
+    ///     ["http://127.0.0.1:50051", "http://127.0.0.1:50052", "http://127.0.0.1:50053"],
+    ///     ConnectOptions::new(),
+    /// )?;
+    /// client.enqueue("emails", "hello").send().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Needs a Tokio runtime (it starts the task that checks the brokers).
+    pub fn connect_any<I, S>(urls: I, options: ConnectOptions) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let endpoints = urls
+            .into_iter()
+            .map(|url| options.endpoint(&url.into()))
+            .collect::<Result<Vec<_>>>()?;
+        let channel = balance::balanced(endpoints)?;
         Ok(Self::from_transport(options.transport(channel)?))
     }
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import grpc
 
@@ -74,7 +74,9 @@ class _BearerToken(
 class SluiceClient:
     """A connection to a Sluice broker (``host:port``): plaintext, or TLS when
     ``root_certificates`` (the PEM CA that signed the broker's certificate) is given; with
-    ``token``, every call carries it as a bearer token."""
+    ``token``, every call carries it as a bearer token. ``options`` are gRPC channel
+    options (e.g. ``("grpc.lb_policy_name", "round_robin")`` for a target naming several
+    brokers, see ``several_brokers.py``)."""
 
     def __init__(
         self,
@@ -82,12 +84,13 @@ class SluiceClient:
         timeout: float = 10.0,
         token: Optional[str] = None,
         root_certificates: Optional[bytes] = None,
+        options: Sequence[tuple[str, object]] = (),
     ):
         if root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self.channel = grpc.secure_channel(target, credentials)
+            self.channel = grpc.secure_channel(target, credentials, options=options)
         else:
-            self.channel = grpc.insecure_channel(target)
+            self.channel = grpc.insecure_channel(target, options=options)
         if token:
             self.channel = grpc.intercept_channel(self.channel, _BearerToken(token))
         self.stub = pb_grpc.BrokerStub(self.channel)
