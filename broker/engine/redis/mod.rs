@@ -3,3 +3,4 @@
 
 pub(crate) mod conn;
 pub(crate) mod keys;
+pub(crate) mod queue;

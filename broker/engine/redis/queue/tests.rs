@@ -1,0 +1,3 @@
+//! The Redis queue store against a real `redis-server`.
+
+use super::*;
