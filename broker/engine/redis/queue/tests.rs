@@ -109,7 +109,28 @@ async fn redis_queue_enqueue_lease_ack() {
 
     let err = s.enqueue("nope", vec![job("x")]).await.unwrap_err();
     assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
+    // Every kind of key exists before the delete, none after.
+    let keyed = NewJob {
+        idempotency_key: Some("i".into()),
+        ordering_key: Some("o".into()),
+        ..job("b")
+    };
+    s.enqueue("q", vec![keyed, job("c")]).await.unwrap();
+    let mut c = s.conn.clone();
+    let pattern = format!("{}*", QueueKeys::new("q").base());
+    let before: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(before.len() > 5, "{before:?}");
     s.delete("q").await.unwrap();
+    let after: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(after.is_empty(), "{after:?}");
     assert!(s.info("q").await.unwrap().is_none());
     assert!(s.names().await.unwrap().is_empty());
     let err = s.delete("q").await.unwrap_err();
@@ -541,4 +562,93 @@ async fn redis_queue_rate_limit_lets_out_the_burst() {
     assert_eq!(lease(&s, "q", 10).await.len(), 2);
     assert!(lease(&s, "q", 10).await.is_empty());
     assert!(s.next_due("q").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn redis_queue_visible_jobs_publish_a_wake_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (srv, s) = store().await;
+    assert!(s.ensure("q", &policy("q")).await.unwrap());
+    assert_eq!(s.names().await.unwrap(), vec!["q".to_owned()]);
+    let channel = QueueKeys::new("q").key("wake");
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", srv.port))
+        .await
+        .unwrap();
+    let cmd = format!(
+        "*2\r\n$10\r\nSSUBSCRIBE\r\n${}\r\n{channel}\r\n",
+        channel.len()
+    );
+    sock.write_all(cmd.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let read_until = async |sock: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, what: &str| {
+        let mut buf = [0u8; 512];
+        while !String::from_utf8_lossy(seen).contains(what) {
+            let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+                .await
+                .expect("a reply in time")
+                .unwrap();
+            assert!(n > 0, "connection closed");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    read_until(&mut sock, &mut seen, "ssubscribe").await;
+    s.enqueue("q", vec![job("a"), job("b")]).await.unwrap();
+    read_until(&mut sock, &mut seen, "smessage").await;
+    read_until(&mut sock, &mut seen, "\r\n2\r\n").await;
+}
+
+/// On a (one-node) Redis Cluster every script keeps to its queue's slot, and dead letters
+/// cross slots through the node.
+#[tokio::test]
+async fn redis_queue_works_on_a_cluster() {
+    let srv = RedisServer::start_with(&["--cluster-enabled", "yes"]);
+    let port = srv.port.to_string();
+    let cli = |args: &[&str]| {
+        std::process::Command::new("redis-cli")
+            .args(["-p", &port])
+            .args(args)
+            .output()
+            .expect("redis-cli runs")
+    };
+    assert!(
+        cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"])
+            .status
+            .success()
+    );
+    let start = Instant::now();
+    while !String::from_utf8_lossy(&cli(&["CLUSTER", "INFO"]).stdout).contains("cluster_state:ok") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "cluster never ok"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let conn = connect(&[srv.url()]).await.expect("connect");
+    assert!(conn.is_cluster());
+    let s = QueueStore::new(conn);
+    let p = QueuePolicy {
+        max_attempts: 1,
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let keyed = NewJob {
+        idempotency_key: Some("i".into()),
+        ordering_key: Some("o".into()),
+        ..job("a")
+    };
+    let id = s.enqueue("q", vec![keyed]).await.unwrap()[0].id;
+    let d = lease(&s, "q", 1).await.remove(0);
+    assert_eq!(
+        s.nack(&d.lease_id, "bad".into(), None, false)
+            .await
+            .unwrap(),
+        (JobState::Dead, None)
+    );
+    assert_eq!(s.move_dead_letters("q").await.unwrap(), 1);
+    let moved = s.get("q.dlq", &id).await.unwrap().unwrap();
+    assert_eq!(moved.origin.as_deref(), Some("q"));
+    assert_eq!(s.counts("q").await.unwrap().dead, 1);
+    s.delete("q").await.unwrap();
+    assert_eq!(s.names().await.unwrap(), vec!["q.dlq".to_owned()]);
 }
