@@ -60,7 +60,10 @@
 //!   [`QueueStore::ack`] reports every lease's result; when any is an error nothing was
 //!   applied.
 //! * The enqueue and ack rates of [`QueueCounts`] and the limits' held-back times are not
-//!   kept (0); the oldest pending age is that of the oldest front of each priority.
+//!   kept (0); the oldest pending age is that of the oldest front of each priority (a job
+//!   behind a newer-visible one of its priority is not seen).
+//! * Times saturate at 2^53 - 1 ms (Lua numbers are doubles), not at `u64::MAX`.
+//! * Job ids are UUIDv7s made by the node, not ids that encode the seq.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};

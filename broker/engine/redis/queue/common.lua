@@ -23,6 +23,15 @@ local function I(n)
   return string.format('%d', n)
 end
 
+-- The end of time: Lua numbers are doubles, exact up to 2^53, so times and delays
+-- saturate there (285 000 years from now) rather than at u64::MAX.
+local END = 9007199254740991
+
+-- `now + delay`, saturating at the end of time.
+local function after(now, delay)
+  return math.min(now + delay, END)
+end
+
 local function job_key(seq)
   return B .. ':job:' .. I(seq)
 end
@@ -257,7 +266,7 @@ local function fail_attempt(seq, now, err, retry_delay, dead_letter, rand)
     return -1
   end
   local delay = retry_delay or backoff_ms(attempts, rand, seq)
-  local at = now + delay
+  local at = after(now, delay)
   redis.call('HSET', k, 'run_at', I(at))
   place(seq, now)
   return at

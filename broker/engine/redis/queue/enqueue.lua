@@ -59,12 +59,12 @@ for i = 0, n - 1 do
     local k = job_key(seq)
     if ik ~= '' then
       redis.call('HSET', K_IDEM, ik, id)
-      redis.call('ZADD', K_IDEMEXP, now + window, ik)
+      redis.call('ZADD', K_IDEMEXP, after(now, window), ik)
       redis.call('HSET', k, 'ikey', ik)
     end
     local at = now
     if run_at ~= '' then
-      at = math.max(tonumber(run_at), now)
+      at = math.min(math.max(tonumber(run_at), now), END)
     end
     local attempts = mnum('max_attempts')
     if max_att ~= '' then

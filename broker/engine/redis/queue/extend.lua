@@ -11,7 +11,7 @@ if why == 'acked' then
 elseif why ~= 'live' then
   return fail('SLUICE_STALE', why)
 end
-local deadline = now + tonumber(ARGV[4])
+local deadline = after(now, tonumber(ARGV[4]))
 redis.call('ZADD', K_LEASED, deadline, I(seq))
 redis.call('HSET', job_key(seq), 'deadline', I(deadline), 'upd_at', I(now))
 local name = jget(seq, 'consumer')

@@ -38,7 +38,7 @@ if M.paused ~= '1' then
   if ARGV[3] ~= '' then
     vis = tonumber(ARGV[3])
   end
-  local deadline = now + vis
+  local deadline = after(now, vis)
   if allowed > 0 then
     local popped = redis.call('ZPOPMIN', K_READY, allowed)
     for i = 1, #popped, 2 do

@@ -384,9 +384,12 @@ async fn redis_queue_ordering_key_is_never_leased_twice_at_once() {
         ordering_key: Some("o".into()),
         ..job(p)
     };
-    s.enqueue("q", vec![keyed("1"), keyed("2"), job("free")])
+    let ids = s
+        .enqueue("q", vec![keyed("1"), keyed("2"), keyed("3"), job("free")])
         .await
         .unwrap();
+    // Cancelling a waiting job keeps the rest in order.
+    s.cancel("q", &ids[2].id).await.unwrap();
     assert_eq!(s.counts("q").await.unwrap().pending, 3);
     let got = lease(&s, "q", 10).await;
     assert_eq!(payloads(&got), vec![&b"1"[..], b"free"]);
@@ -652,3 +655,42 @@ async fn redis_queue_works_on_a_cluster() {
     s.delete("q").await.unwrap();
     assert_eq!(s.names().await.unwrap(), vec!["q.dlq".to_owned()]);
 }
+
+#[tokio::test]
+async fn redis_queue_times_saturate_at_the_end_of_time() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        backoff: Backoff::Exponential {
+            initial_ms: u64::MAX,
+            max_ms: u64::MAX,
+            jitter: true,
+        },
+        dedup_window_ms: u64::MAX,
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let keyed = NewJob {
+        idempotency_key: Some("k".into()),
+        run_at: Some(u64::MAX),
+        ..job("a")
+    };
+    let id = s.enqueue("q", vec![keyed.clone(), job("b")]).await.unwrap()[0].id;
+    assert_eq!(s.get("q", &id).await.unwrap().unwrap().run_at, END_OF_TIME);
+    let d = s
+        .lease("q", 1, Some(u64::MAX), "w", "a")
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(d.deadline, END_OF_TIME);
+    assert_eq!(s.extend(&d.lease_id, u64::MAX).await.unwrap(), END_OF_TIME);
+    assert_eq!(
+        s.nack(&d.lease_id, "x".into(), None, false).await.unwrap(),
+        (JobState::Retrying, Some(END_OF_TIME))
+    );
+    assert!(lease(&s, "q", 1).await.is_empty());
+    assert_eq!(s.next_due("q").await.unwrap(), Some(END_OF_TIME));
+    assert!(s.enqueue("q", vec![keyed]).await.unwrap()[0].duplicate);
+}
+
+/// Where the scripts' times saturate.
+const END_OF_TIME: Millis = (1 << 53) - 1;
