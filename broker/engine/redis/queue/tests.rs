@@ -694,3 +694,34 @@ async fn redis_queue_times_saturate_at_the_end_of_time() {
 
 /// Where the scripts' times saturate.
 const END_OF_TIME: Millis = (1 << 53) - 1;
+
+/// A second death of the same job (after a redrive it has a new seq in its queue) replaces
+/// its record in the dead-letter queue, even a leased one.
+#[tokio::test]
+async fn redis_queue_a_new_death_replaces_the_dead_letter_record() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    let id = s.enqueue("q", vec![job("a")]).await.unwrap()[0].id;
+    let d = lease(&s, "q", 1).await.remove(0);
+    s.nack(&d.lease_id, "first".into(), None, true)
+        .await
+        .unwrap();
+    assert_eq!(s.move_dead_letters("q").await.unwrap(), 1);
+    let held = lease(&s, "q.dlq", 1).await.remove(0);
+    assert_eq!(held.job_id, id);
+    let mut dead = s.get("q", &id).await.unwrap().unwrap();
+    dead.last_error = Some("second".into());
+    s.insert_dead_letter("q", dead.seq + 100, dead)
+        .await
+        .unwrap();
+    let counts = s.counts("q.dlq").await.unwrap();
+    assert_eq!((counts.pending, counts.leased, counts.enqueued), (1, 0, 2));
+    let record = s.get("q.dlq", &id).await.unwrap().unwrap();
+    assert_eq!(
+        record.headers.get(HEADER_LAST_ERROR).map(String::as_str),
+        Some("second")
+    );
+    let results = s.ack("q.dlq", vec![(held.lease_id, None)]).await.unwrap();
+    assert!(results[0].is_err());
+    assert_eq!(s.consumers("q.dlq").await.unwrap()[0].1.leases_held, 0);
+}
