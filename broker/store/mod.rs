@@ -32,6 +32,7 @@ use std::time::Duration;
 pub use self::error::{FileOp, ManifestDefect, StoreError};
 pub(crate) use self::record::Batch;
 pub(crate) use self::record::{FILE_MAGIC, SnapshotQueue, SnapshotTopic, frame_into};
+pub(crate) use self::record::{decode_policy, encode_policy};
 pub(crate) use self::recovery::{Recovered, recover};
 pub use self::recovery::{RecoveryError, RecoveryReport};
 pub(crate) use self::wal::DurableListener;

@@ -199,6 +199,17 @@ pub(crate) fn policy_from_pb(p: pb::Policy) -> QueuePolicy {
     }
 }
 
+/// A policy as the bytes of its record form ([`policy_to_pb`]), for stores that keep a
+/// policy outside the log (the Redis engine's queue meta).
+pub(crate) fn encode_policy(p: &QueuePolicy) -> Vec<u8> {
+    policy_to_pb(p).encode_to_vec()
+}
+
+/// The policy [`encode_policy`] wrote; `None` if the bytes are not a policy record.
+pub(crate) fn decode_policy(bytes: &[u8]) -> Option<QueuePolicy> {
+    pb::Policy::decode(bytes).ok().map(policy_from_pb)
+}
+
 /// The image of a job's record: what the record borrows is copied here, once.
 fn job_image(queue: &str, job: JobRecord<'_>) -> pb::JobImage {
     pb::JobImage {

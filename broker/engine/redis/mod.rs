@@ -3,4 +3,5 @@
 
 pub(crate) mod conn;
 pub(crate) mod keys;
+pub(crate) mod queue;
 pub(crate) mod replication;

@@ -1,0 +1,370 @@
+-- Shared by every queue script: prepended to each one (see queue.rs). KEYS[1] is the
+-- queue's key prefix `sluice:{q:<name>}`; every other key is built from it here, so it
+-- carries the same hash tag and stays in the queue's cluster slot. ARGV[1] is the queue
+-- name, for messages.
+local B = KEYS[1]
+local NAME = ARGV[1]
+local K_META = B .. ':meta'
+local K_READY = B .. ':ready'
+local K_TIMERS = B .. ':timers'
+local K_LEASED = B .. ':leased'
+local K_LIVE = B .. ':live'
+local K_IDS = B .. ':ids'
+local K_IDEM = B .. ':idem'
+local K_IDEMEXP = B .. ':idemexp'
+local K_HISTORY = B .. ':history'
+local K_OUTBOX = B .. ':outbox'
+local K_CONSUMERS = B .. ':consumers'
+local K_WAKE = B .. ':wake'
+
+-- Integers as decimal text: Lua's own number formatting switches to exponents past 14
+-- digits, and Rust parses these fields as u64.
+local function I(n)
+  return string.format('%d', n)
+end
+
+-- The end of time: Lua numbers are doubles, exact up to 2^53, so times and delays
+-- saturate there (285 000 years from now) rather than at u64::MAX.
+local END = 9007199254740991
+
+-- `now + delay`, saturating at the end of time.
+local function after(now, delay)
+  return math.min(now + delay, END)
+end
+
+local function job_key(seq)
+  return B .. ':job:' .. I(seq)
+end
+
+local function ord_key(k)
+  return B .. ':ord:' .. k
+end
+
+local function dl_key(seq)
+  return B .. ':dl:' .. I(seq)
+end
+
+-- Redis's clock, so every node agrees on time.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function fail(code, msg)
+  return redis.error_reply(code .. ' ' .. msg)
+end
+
+local function quoted(s)
+  return '"' .. s .. '"'
+end
+
+local function no_queue()
+  return fail('SLUICE_NOTFOUND', 'queue ' .. quoted(NAME) .. ' does not exist')
+end
+
+-- The meta hash as a table (nil if the queue does not exist).
+local M = nil
+local function load_meta()
+  local raw = redis.call('HGETALL', K_META)
+  if #raw == 0 then
+    return false
+  end
+  M = {}
+  for i = 1, #raw, 2 do
+    M[raw[i]] = raw[i + 1]
+  end
+  return true
+end
+
+local function mnum(field)
+  return tonumber(M[field] or '0') or 0
+end
+
+local function mincr(field, by)
+  redis.call('HINCRBY', K_META, field, by)
+end
+
+-- Counts jobs made visible, so the script ends with a wake-up for long polls (only if
+-- some are still visible when it ends).
+local WOKE = 0
+local function wake()
+  if WOKE > 0 and redis.call('ZCARD', K_READY) > 0 then
+    redis.call('SPUBLISH', K_WAKE, I(WOKE))
+  end
+end
+
+local function ready_score(prio, seq)
+  return (9 - prio) * 17592186044416 + seq
+end
+
+local function jget(seq, field)
+  return redis.call('HGET', job_key(seq), field)
+end
+
+-- Consumers: one JSON object per name (a address, h leases held, s last seen, d done,
+-- f failed).
+local function consumer_get(name)
+  local raw = redis.call('HGET', K_CONSUMERS, name)
+  if raw then
+    return cjson.decode(raw)
+  end
+  return { a = '', h = 0, s = 0, d = 0, f = 0 }
+end
+
+local function consumer_put(name, c)
+  redis.call('HSET', K_CONSUMERS, name, cjson.encode(c))
+end
+
+-- Puts an active job into ready or timers by its run time.
+local function place(seq, now)
+  local k = job_key(seq)
+  local run_at = tonumber(redis.call('HGET', k, 'run_at'))
+  redis.call('HSET', k, 'upd_at', I(now))
+  if run_at > now then
+    if tonumber(redis.call('HGET', k, 'attempts')) == 0 then
+      redis.call('HSET', k, 'state', 'scheduled')
+    else
+      redis.call('HSET', k, 'state', 'retrying')
+      mincr('retrying', 1)
+    end
+    redis.call('ZADD', K_TIMERS, run_at, I(seq))
+  else
+    redis.call('HSET', k, 'state', 'pending')
+    local prio = tonumber(redis.call('HGET', k, 'prio'))
+    redis.call('ZADD', K_READY, ready_score(prio, seq), I(seq))
+    WOKE = WOKE + 1
+  end
+end
+
+-- Removes an active, unleased job from ready or timers.
+local function unplace(seq)
+  local k = job_key(seq)
+  if redis.call('HEXISTS', k, 'blocked') == 1 then
+    return
+  end
+  local state = redis.call('HGET', k, 'state')
+  if state == 'pending' then
+    redis.call('ZREM', K_READY, I(seq))
+  elseif state == 'scheduled' or state == 'retrying' then
+    if state == 'retrying' then
+      mincr('retrying', -1)
+    end
+    redis.call('ZREM', K_TIMERS, I(seq))
+  end
+end
+
+-- Ends the live lease of `seq`; returns its consumer (or nil).
+local function end_lease(seq, now)
+  if redis.call('ZREM', K_LEASED, I(seq)) == 0 then
+    return nil
+  end
+  local k = job_key(seq)
+  redis.call('HDEL', k, 'deadline')
+  local name = redis.call('HGET', k, 'consumer')
+  if name then
+    local c = consumer_get(name)
+    c.h = math.max(0, c.h - 1)
+    consumer_put(name, c)
+  end
+  return name
+end
+
+local function trim_history()
+  local limit = mnum('history_limit')
+  while redis.call('LLEN', K_HISTORY) > limit do
+    local seq = redis.call('LPOP', K_HISTORY)
+    local k = B .. ':job:' .. seq
+    local id = redis.call('HGET', k, 'id')
+    if id and redis.call('HGET', K_IDS, id) == seq then
+      redis.call('HDEL', K_IDS, id)
+    end
+    redis.call('DEL', k)
+  end
+end
+
+-- The next job of an ordering key becomes active when the front one finishes.
+local function release_ordering_key(key, seq, now)
+  local lk = ord_key(key)
+  local front = redis.call('LINDEX', lk, 0)
+  redis.call('LREM', lk, 1, I(seq))
+  if front == I(seq) then
+    local nxt = redis.call('LINDEX', lk, 0)
+    if nxt then
+      local n = tonumber(nxt)
+      redis.call('HDEL', job_key(n), 'blocked')
+      mincr('blocked', -1)
+      place(n, now)
+    end
+  end
+end
+
+-- Moves a live job that reaches a final state into history, frees its ordering key,
+-- queues its dead letter, and trims history.
+local function finish(seq, now, state, result)
+  local k = job_key(seq)
+  redis.call('HSET', k, 'state', state, 'fin_at', I(now), 'upd_at', I(now))
+  if redis.call('HDEL', k, 'blocked') == 1 then
+    mincr('blocked', -1)
+  end
+  if result then
+    redis.call('HSET', k, 'result', result)
+  end
+  redis.call('ZREM', K_LIVE, I(seq))
+  redis.call('RPUSH', K_HISTORY, I(seq))
+  local okey = redis.call('HGET', k, 'okey')
+  if okey then
+    release_ordering_key(okey, seq, now)
+  end
+  if state == 'dead' and redis.call('HEXISTS', k, 'dlq') == 1 then
+    -- A copy, since history may drop the record before the dead letter moves.
+    redis.call('COPY', k, dl_key(seq), 'REPLACE')
+    redis.call('RPUSH', K_OUTBOX, I(seq))
+  end
+  trim_history()
+end
+
+-- Delay before retry number `retry`; `rand` is a node-made random number for jitter.
+local function backoff_ms(retry, rand, seq)
+  local sched = M.b_sched or ''
+  if sched ~= '' then
+    local delays = {}
+    for d in string.gmatch(sched, '%d+') do
+      delays[#delays + 1] = tonumber(d)
+    end
+    local i = math.min(math.max(retry, 1), #delays)
+    return delays[i] or 0
+  end
+  local shift = math.min(math.max(retry - 1, 0), 40)
+  local full = math.min(mnum('b_init') * (2 ^ shift), mnum('b_max'))
+  if M.b_jitter == '1' and full > 1 then
+    local lo = math.floor(full / 2)
+    -- Several jobs failing in one script share `rand`: their seqs spread it.
+    return lo + ((rand + seq * 2654435761) % (full - lo + 1))
+  end
+  return full
+end
+
+-- Fails the delivery of `seq` at `now`: retry later, or die.
+local function fail_attempt(seq, now, err, retry_delay, dead_letter, rand)
+  local name = end_lease(seq, now)
+  if name then
+    local c = consumer_get(name)
+    c.f = c.f + 1
+    consumer_put(name, c)
+  end
+  mincr('failed', 1)
+  local k = job_key(seq)
+  local attempts = tonumber(redis.call('HGET', k, 'attempts'))
+  local last = attempts >= tonumber(redis.call('HGET', k, 'max_att'))
+  redis.call('HSET', k, 'error', err, 'upd_at', I(now))
+  if dead_letter or last then
+    mincr('dead', 1)
+    if (M.dlq or '') ~= '' then
+      redis.call('HSET', k, 'dlq', M.dlq)
+    end
+    finish(seq, now, 'dead', nil)
+    return -1
+  end
+  local delay = retry_delay or backoff_ms(attempts, rand, seq)
+  local at = after(now, delay)
+  redis.call('HSET', k, 'run_at', I(at))
+  place(seq, now)
+  return at
+end
+
+-- Forgets idempotency keys whose window ended.
+local function prune_idem(now)
+  local old = redis.call('ZRANGEBYSCORE', K_IDEMEXP, '-inf', now, 'LIMIT', 0, 1000)
+  for _, key in ipairs(old) do
+    redis.call('HDEL', K_IDEM, key)
+    redis.call('ZREM', K_IDEMEXP, key)
+  end
+end
+
+-- Expires due leases (each a failed attempt at its deadline) and makes due timers
+-- visible. Returns how many jobs changed.
+local function tick(now, rand)
+  local changed = 0
+  local due = redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'WITHSCORES')
+  for i = 1, #due, 2 do
+    local seq = tonumber(due[i])
+    local deadline = tonumber(due[i + 1])
+    fail_attempt(seq, deadline,
+      'lease expired at ' .. I(deadline) .. ' (no ack within the visibility timeout)',
+      nil, false, rand)
+    changed = changed + 1
+  end
+  local timers = redis.call('ZRANGEBYSCORE', K_TIMERS, '-inf', now)
+  for _, s in ipairs(timers) do
+    local seq = tonumber(s)
+    local k = job_key(seq)
+    redis.call('ZREM', K_TIMERS, s)
+    if redis.call('HGET', k, 'state') == 'retrying' then
+      mincr('retrying', -1)
+    end
+    redis.call('HSET', k, 'state', 'pending', 'upd_at', I(now))
+    local prio = tonumber(redis.call('HGET', k, 'prio'))
+    redis.call('ZADD', K_READY, ready_score(prio, seq), s)
+    WOKE = WOKE + 1
+    changed = changed + 1
+  end
+  prune_idem(now)
+  return changed
+end
+
+-- The rate limit's bucket: thousandths of a token held at `now`.
+local function bucket_milli(now)
+  local ps = mnum('rate_ps')
+  local burst = mnum('rate_burst') * 1000
+  if M.tok == nil then
+    return burst
+  end
+  local gained = math.max(0, now - mnum('tok_at')) * ps
+  return math.min(mnum('tok') + gained, burst)
+end
+
+-- How many jobs the limits let a lease take now; nil without limits.
+local function lease_room(now)
+  local room = nil
+  if mnum('max_in_flight') > 0 then
+    room = math.max(0, mnum('max_in_flight') - redis.call('ZCARD', K_LEASED))
+  end
+  if mnum('rate_ps') > 0 then
+    local tokens = math.floor(bucket_milli(now) / 1000)
+    if room == nil or tokens < room then
+      room = tokens
+    end
+  end
+  return room
+end
+
+-- The stale-lease check shared by ack, nack and extend. Returns 'live', 'acked' or the
+-- reason the lease is stale (the caller prefixes "lease <id> is stale: ").
+local function check_lease(seq, nonce, now)
+  local k = job_key(seq)
+  local f = redis.call('HMGET', k, 'id', 'state', 'attempts', 'nonce', 'deadline')
+  local id, state, attempts, jn, deadline = f[1], f[2], f[3], f[4], f[5]
+  if not id then
+    return 'its job no longer exists (finished and evicted from history, or purged)'
+  end
+  if state == 'completed' or state == 'dead' or state == 'cancelled' then
+    if jn ~= nonce then
+      return 'job ' .. id .. ' was delivered again since (attempt ' .. attempts .. ')'
+    end
+    if state == 'completed' then
+      return 'acked'
+    end
+    return 'job ' .. id .. ' is ' .. state .. ' since this lease ended'
+  end
+  if state == 'leased' then
+    if jn ~= nonce then
+      return 'job ' .. id .. ' was delivered again since (attempt ' .. attempts .. ')'
+    end
+    if tonumber(deadline) > now then
+      return 'live'
+    end
+    return 'it expired at ' .. deadline .. ' (now ' .. I(now) ..
+      '); the job will be delivered again'
+  end
+  return 'job ' .. id .. ' is ' .. state .. ' since this lease ended (attempt ' .. attempts .. ')'
+end

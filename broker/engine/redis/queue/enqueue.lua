@@ -1,0 +1,96 @@
+-- Stores a batch of jobs, all or none. ARGV: name, job count, then 9 values per job: id,
+-- kind, payload, encoded headers, priority, run_at ('' for now), max attempts ('' for the
+-- policy's), idempotency key and ordering key ('' for none, else '=' then the key).
+-- Returns {id, duplicate (0/1)} per job.
+if not load_meta() then
+  return no_queue()
+end
+local now = now_ms()
+prune_idem(now)
+local n = tonumber(ARGV[2])
+local F = 9
+
+-- The job an idempotency key names while its window lasts.
+local function idem_get(key)
+  local exp = redis.call('ZSCORE', K_IDEMEXP, key)
+  if exp and tonumber(exp) > now then
+    return redis.call('HGET', K_IDEM, key)
+  end
+  return nil
+end
+
+-- How many jobs are new: not duplicates of remembered keys or of each other.
+local seen = {}
+local new = 0
+for i = 0, n - 1 do
+  local ik = ARGV[3 + i * F + 7]
+  if ik == '' then
+    new = new + 1
+  else
+    ik = string.sub(ik, 2)
+    if not seen[ik] and not idem_get(ik) then
+      new = new + 1
+    end
+    seen[ik] = true
+  end
+end
+local live = redis.call('ZCARD', K_LIVE)
+if live + new > mnum('max_depth') then
+  return fail('SLUICE_FULL', 'queue ' .. quoted(NAME) .. ' is full: ' .. I(live) ..
+    ' live jobs + ' .. I(new) .. ' new exceeds max_depth ' .. M.max_depth)
+end
+
+local window = mnum('dedup_ms')
+local out = {}
+for i = 0, n - 1 do
+  local b = 3 + i * F
+  local id, kind, payload, headers = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
+  local prio = math.min(tonumber(ARGV[b + 4]), 9)
+  local run_at, max_att, ik, ok = ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8]
+  local dup = nil
+  if ik ~= '' then
+    ik = string.sub(ik, 2)
+    dup = idem_get(ik)
+  end
+  if dup then
+    out[#out + 1] = { dup, 1 }
+  else
+    local seq = redis.call('HINCRBY', K_META, 'seq', 1)
+    local k = job_key(seq)
+    if ik ~= '' then
+      redis.call('HSET', K_IDEM, ik, id)
+      redis.call('ZADD', K_IDEMEXP, after(now, window), ik)
+      redis.call('HSET', k, 'ikey', ik)
+    end
+    local at = now
+    if run_at ~= '' then
+      at = math.min(math.max(tonumber(run_at), now), END)
+    end
+    local attempts = mnum('max_attempts')
+    if max_att ~= '' then
+      attempts = tonumber(max_att)
+    end
+    attempts = math.min(math.max(attempts, 1), 10000)
+    redis.call('HSET', k, 'id', id, 'kind', kind, 'payload', payload, 'headers', headers,
+      'prio', I(prio), 'attempts', 0, 'max_att', I(attempts), 'state', 'pending',
+      'enq_at', I(now), 'run_at', I(at), 'upd_at', I(now))
+    redis.call('HSET', K_IDS, id, I(seq))
+    redis.call('ZADD', K_LIVE, seq, I(seq))
+    local active = true
+    if ok ~= '' then
+      ok = string.sub(ok, 2)
+      redis.call('HSET', k, 'okey', ok)
+      active = redis.call('RPUSH', ord_key(ok), I(seq)) == 1
+    end
+    if active then
+      place(seq, now)
+    else
+      redis.call('HSET', k, 'blocked', 1)
+      mincr('blocked', 1)
+    end
+    out[#out + 1] = { id, 0 }
+  end
+end
+mincr('enqueued', new)
+wake()
+return out

@@ -1,0 +1,70 @@
+-- Leases up to `max` visible jobs, highest priority first, FIFO within a priority, within
+-- the paused flag and the in-flight and rate limits; due timers and leases are handled
+-- first. ARGV: name, max, visibility ms ('' for the policy's), consumer, address, a random
+-- number (jitter of expiries' backoff), then `max` lease nonces (hex). Returns one array
+-- per delivery: id, seq, kind, payload, headers, priority, attempt, max attempts,
+-- enqueued at, deadline, ordering key ('' or '=' then the key), nonce.
+if not load_meta() then
+  return no_queue()
+end
+local now = now_ms()
+tick(now, tonumber(ARGV[6]))
+
+-- Workers without a name are known by their peer address: idle ones are forgotten once
+-- there are many, so the hash stays bounded by the workers that are around.
+local cname = ARGV[4]
+if redis.call('HEXISTS', K_CONSUMERS, cname) == 0 and redis.call('HLEN', K_CONSUMERS) >= 1024 then
+  local all = redis.call('HGETALL', K_CONSUMERS)
+  for i = 1, #all, 2 do
+    local c = cjson.decode(all[i + 1])
+    if c.h == 0 and c.s + 60000 <= now then
+      redis.call('HDEL', K_CONSUMERS, all[i])
+    end
+  end
+end
+local c = consumer_get(cname)
+c.s = now
+c.a = ARGV[5]
+
+local out = {}
+if M.paused ~= '1' then
+  local max = tonumber(ARGV[2])
+  local room = lease_room(now)
+  local allowed = max
+  if room ~= nil and room < max then
+    allowed = room
+  end
+  local vis = mnum('vis')
+  if ARGV[3] ~= '' then
+    vis = tonumber(ARGV[3])
+  end
+  local deadline = after(now, vis)
+  if allowed > 0 then
+    local popped = redis.call('ZPOPMIN', K_READY, allowed)
+    for i = 1, #popped, 2 do
+      local seq = tonumber(popped[i])
+      local nonce = ARGV[6 + #out + 1]
+      local k = job_key(seq)
+      redis.call('HINCRBY', k, 'attempts', 1)
+      redis.call('HSET', k, 'state', 'leased', 'nonce', nonce, 'deadline', I(deadline),
+        'consumer', cname, 'upd_at', I(now))
+      redis.call('ZADD', K_LEASED, deadline, I(seq))
+      local f = redis.call('HMGET', k, 'id', 'kind', 'payload', 'headers', 'prio',
+        'attempts', 'max_att', 'enq_at', 'okey')
+      local okey = ''
+      if f[9] then
+        okey = '=' .. f[9]
+      end
+      out[#out + 1] = { f[1], seq, f[2], f[3], f[4], tonumber(f[5]), tonumber(f[6]),
+        tonumber(f[7]), tonumber(f[8]), deadline, okey, nonce }
+    end
+    c.h = c.h + #out
+  end
+  if mnum('rate_ps') > 0 then
+    local milli = math.max(0, bucket_milli(now) - #out * 1000)
+    redis.call('HSET', K_META, 'tok', I(milli), 'tok_at', I(math.max(mnum('tok_at'), now)))
+  end
+end
+consumer_put(cname, c)
+wake()
+return out

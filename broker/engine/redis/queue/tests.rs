@@ -1,0 +1,727 @@
+//! The Redis queue store against a real `redis-server` (each test starts its own).
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::broker::engine::redis::conn::connect;
+use crate::broker::testing::redis::RedisServer;
+
+async fn store() -> (RedisServer, QueueStore) {
+    let server = RedisServer::start();
+    let conn = connect(&[server.url()]).await.expect("connect");
+    (server, QueueStore::new(conn))
+}
+
+/// A policy with short leases and fixed, small retry delays (no jitter).
+fn policy(name: &str) -> QueuePolicy {
+    QueuePolicy {
+        visibility_timeout_ms: 100,
+        backoff: Backoff::Schedule(vec![50]),
+        ..QueuePolicy::default_for(name)
+    }
+}
+
+fn job(payload: &str) -> NewJob {
+    NewJob {
+        payload: Bytes::from(payload.to_owned()),
+        kind: "k".into(),
+        ..NewJob::default()
+    }
+}
+
+async fn lease(s: &QueueStore, q: &str, max: usize) -> Vec<Delivery> {
+    s.lease(q, max, None, "w", "127.0.0.1:1").await.unwrap()
+}
+
+/// Leases until something comes back (sweeping between tries), or panics after 5 s.
+async fn lease_eventually(s: &QueueStore, q: &str, max: usize) -> Vec<Delivery> {
+    let start = Instant::now();
+    loop {
+        let got = lease(s, q, max).await;
+        if !got.is_empty() {
+            return got;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "nothing became visible"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn payloads(d: &[Delivery]) -> Vec<&[u8]> {
+    d.iter().map(|d| d.payload.as_ref()).collect()
+}
+
+#[tokio::test]
+async fn redis_queue_enqueue_lease_ack() {
+    let (_srv, s) = store().await;
+    assert!(s.create("q", &policy("q")).await.is_ok());
+    let err = s.create("q", &policy("q")).await.unwrap_err();
+    assert!(matches!(err, BrokerError::AlreadyExists(_)), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "queue \"q\" already exists (use UpdateQueue)"
+    );
+    assert!(!s.ensure("q", &policy("q")).await.unwrap());
+    assert_eq!(s.names().await.unwrap(), vec!["q".to_owned()]);
+    let (p, paused) = s.info("q").await.unwrap().unwrap();
+    assert_eq!((p, paused), (policy("q"), false));
+
+    let mut j = job("a");
+    j.headers.insert("h".into(), "v".into());
+    let out = s.enqueue("q", vec![j]).await.unwrap();
+    assert!(!out[0].duplicate);
+    let got = lease(&s, "q", 10).await;
+    assert_eq!(got.len(), 1);
+    let d = &got[0];
+    assert_eq!((d.job_id, d.attempt, &*d.kind), (out[0].id, 1, "k"));
+    assert_eq!(d.headers.get("h").map(String::as_str), Some("v"));
+    let results = s
+        .ack(
+            "q",
+            vec![(d.lease_id.clone(), Some(Bytes::from_static(b"ok")))],
+        )
+        .await
+        .unwrap();
+    assert!(results[0].is_ok());
+    // A repeat ack of the same lease is OK.
+    let again = s.ack("q", vec![(d.lease_id.clone(), None)]).await.unwrap();
+    assert!(again[0].is_ok());
+    let done = s.get("q", &d.job_id).await.unwrap().unwrap();
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(done.result.as_deref(), Some(&b"ok"[..]));
+    assert_eq!(done.consumer.as_deref(), Some("w"));
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!(
+        (
+            counts.enqueued,
+            counts.completed,
+            counts.pending,
+            counts.leased
+        ),
+        (1, 1, 0, 0)
+    );
+    let consumers = s.consumers("q").await.unwrap();
+    assert_eq!(consumers.len(), 1);
+    assert_eq!((consumers[0].1.done, consumers[0].1.leases_held), (1, 0));
+    assert_eq!(consumers[0].1.address, "127.0.0.1:1");
+
+    let err = s.enqueue("nope", vec![job("x")]).await.unwrap_err();
+    assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
+    // Every kind of key exists before the delete, none after.
+    let keyed = NewJob {
+        idempotency_key: Some("i".into()),
+        ordering_key: Some("o".into()),
+        ..job("b")
+    };
+    s.enqueue("q", vec![keyed, job("c")]).await.unwrap();
+    let mut c = s.conn.clone();
+    let pattern = format!("{}*", QueueKeys::new("q").base());
+    let before: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(before.len() > 5, "{before:?}");
+    s.delete("q").await.unwrap();
+    let after: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(after.is_empty(), "{after:?}");
+    assert!(s.info("q").await.unwrap().is_none());
+    assert!(s.names().await.unwrap().is_empty());
+    let err = s.delete("q").await.unwrap_err();
+    assert_eq!(err.to_string(), "queue \"q\" does not exist");
+}
+
+#[tokio::test]
+async fn redis_queue_priorities_then_fifo() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    let jobs = [("a", 1), ("b", 5), ("c", 1), ("d", 9)].map(|(p, prio)| NewJob {
+        priority: prio,
+        ..job(p)
+    });
+    s.enqueue("q", jobs.to_vec()).await.unwrap();
+    let got = lease(&s, "q", 10).await;
+    assert_eq!(payloads(&got), vec![&b"d"[..], b"b", b"a", b"c"]);
+}
+
+#[tokio::test]
+async fn redis_queue_delayed_job_becomes_visible() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    let now = crate::broker::domain::time::now_ms();
+    let out = s
+        .enqueue(
+            "q",
+            vec![NewJob {
+                run_at: Some(now + 150),
+                ..job("later")
+            }],
+        )
+        .await
+        .unwrap();
+    let j = s.get("q", &out[0].id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Scheduled);
+    assert_eq!(s.counts("q").await.unwrap().scheduled, 1);
+    assert!(s.next_due("q").await.unwrap().is_some());
+    assert!(lease(&s, "q", 1).await.is_empty());
+    let got = lease_eventually(&s, "q", 1).await;
+    assert_eq!(got[0].job_id, out[0].id);
+}
+
+#[tokio::test]
+async fn redis_queue_expired_lease_is_redelivered_and_old_lease_is_stale() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        backoff: Backoff::Schedule(vec![0]),
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    s.enqueue("q", vec![job("a")]).await.unwrap();
+    let first = s.lease("q", 1, Some(50), "w", "a").await.unwrap();
+    let second = lease_eventually(&s, "q", 1).await;
+    assert_eq!(second[0].job_id, first[0].job_id);
+    assert_eq!(second[0].attempt, 2);
+    assert_ne!(second[0].lease_id, first[0].lease_id);
+    let results = s
+        .ack("q", vec![(first[0].lease_id.clone(), None)])
+        .await
+        .unwrap();
+    let err = results[0].as_ref().unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err}");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "lease {} is stale: job {} was delivered again since (attempt 2)",
+            first[0].lease_id, first[0].job_id
+        )),
+        "{err}"
+    );
+    // The stale ack in the batch stops the live one too: all or none.
+    let mixed = s
+        .ack(
+            "q",
+            vec![
+                (second[0].lease_id.clone(), None),
+                (first[0].lease_id.clone(), None),
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(mixed[0].is_ok() && mixed[1].is_err());
+    assert_eq!(
+        s.get("q", &first[0].job_id).await.unwrap().unwrap().state,
+        JobState::Leased
+    );
+    let job = s.get("q", &first[0].job_id).await.unwrap().unwrap();
+    assert!(
+        job.last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("lease expired at ")),
+        "{job:?}"
+    );
+    let consumers = s.consumers("q").await.unwrap();
+    assert_eq!(consumers[0].1.failed, 1);
+}
+
+#[tokio::test]
+async fn redis_queue_nack_retries_after_backoff_then_dies_into_the_dlq_once() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        max_attempts: 2,
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let mut j = job("a");
+    j.headers.insert("mine".into(), "1".into());
+    let id = s.enqueue("q", vec![j]).await.unwrap()[0].id;
+    let d = lease(&s, "q", 1).await.remove(0);
+    let (state, at) = s
+        .nack(&d.lease_id, "boom".into(), None, false)
+        .await
+        .unwrap();
+    assert_eq!(state, JobState::Retrying);
+    assert!(at.is_some());
+    assert_eq!(s.counts("q").await.unwrap().retrying, 1);
+    // Nacking the same lease again is stale.
+    let err = s
+        .nack(&d.lease_id, "x".into(), None, false)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("is stale: job")
+            && err
+                .to_string()
+                .contains("is retrying since this lease ended"),
+        "{err}"
+    );
+    let d2 = lease_eventually(&s, "q", 1).await.remove(0);
+    assert_eq!(d2.attempt, 2);
+    let (state, at) = s
+        .nack(&d2.lease_id, "boom2".into(), None, false)
+        .await
+        .unwrap();
+    assert_eq!((state, at), (JobState::Dead, None));
+    let dead = s.get("q", &id).await.unwrap().unwrap();
+    assert_eq!(dead.state, JobState::Dead);
+    assert_eq!(dead.dead_letter_queue.as_deref(), Some("q.dlq"));
+
+    assert_eq!(s.move_dead_letters("q").await.unwrap(), 1);
+    assert_eq!(s.move_dead_letters("q").await.unwrap(), 0);
+    let moved = s.get("q.dlq", &id).await.unwrap().unwrap();
+    assert_eq!(moved.origin.as_deref(), Some("q"));
+    assert_eq!(moved.state, JobState::Pending);
+    assert_eq!(moved.headers.get("mine").map(String::as_str), Some("1"));
+    assert_eq!(
+        moved.headers.get(HEADER_ORIGINAL_QUEUE).map(String::as_str),
+        Some("q")
+    );
+    assert_eq!(
+        moved.headers.get(HEADER_ATTEMPTS).map(String::as_str),
+        Some("2")
+    );
+    assert_eq!(
+        moved.headers.get(HEADER_LAST_ERROR).map(String::as_str),
+        Some("boom2")
+    );
+    assert!(moved.headers.contains_key(HEADER_DEAD_LETTERED_AT));
+    assert_eq!(s.counts("q.dlq").await.unwrap().pending, 1);
+    assert!(s.names().await.unwrap().contains(&"q.dlq".to_owned()));
+
+    // A crash after the insert and before the outbox was cleared: the retry does not
+    // store the letter twice.
+    let keys = QueueKeys::new("q");
+    let mut c = s.conn.clone();
+    let seq = dead.seq;
+    redis::cmd("RPUSH")
+        .arg(keys.key("outbox"))
+        .arg(seq)
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    redis::cmd("COPY")
+        .arg(keys.key(&format!("job:{seq}")))
+        .arg(keys.key(&format!("dl:{seq}")))
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(s.move_dead_letters("q").await.unwrap(), 1);
+    let counts = s.counts("q.dlq").await.unwrap();
+    assert_eq!((counts.pending, counts.enqueued), (1, 1));
+}
+
+#[tokio::test]
+async fn redis_queue_nack_with_dead_letter_and_explicit_delay() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    s.enqueue("q", vec![job("a"), job("b")]).await.unwrap();
+    let got = lease(&s, "q", 2).await;
+    let (state, at) = s
+        .nack(&got[0].lease_id, "poison".into(), None, true)
+        .await
+        .unwrap();
+    assert_eq!((state, at), (JobState::Dead, None));
+    let (state, at) = s
+        .nack(&got[1].lease_id, "later".into(), Some(0), false)
+        .await
+        .unwrap();
+    assert_eq!(state, JobState::Pending);
+    assert!(at.is_some());
+    let again = lease(&s, "q", 2).await;
+    assert_eq!(payloads(&again), vec![&b"b"[..]]);
+}
+
+#[tokio::test]
+async fn redis_queue_idempotency_key_returns_the_first_id() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    let keyed = |p: &str| NewJob {
+        idempotency_key: Some("k1".into()),
+        ..job(p)
+    };
+    let out = s.enqueue("q", vec![keyed("a"), keyed("b")]).await.unwrap();
+    assert_eq!((out[0].duplicate, out[1].duplicate), (false, true));
+    assert_eq!(out[0].id, out[1].id);
+    let later = s.enqueue("q", vec![keyed("c")]).await.unwrap();
+    assert_eq!(
+        later[0],
+        Enqueued {
+            id: out[0].id,
+            duplicate: true
+        }
+    );
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!((counts.enqueued, counts.pending), (1, 1));
+}
+
+#[tokio::test]
+async fn redis_queue_max_depth_refuses_the_whole_batch() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        max_depth: 2,
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    s.enqueue("q", vec![job("a")]).await.unwrap();
+    let err = s.enqueue("q", vec![job("b"), job("c")]).await.unwrap_err();
+    assert!(matches!(err, BrokerError::ResourceExhausted(_)), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "queue \"q\" is full: 1 live jobs + 2 new exceeds max_depth 2"
+    );
+    assert_eq!(s.counts("q").await.unwrap().pending, 1);
+}
+
+#[tokio::test]
+async fn redis_queue_ordering_key_is_never_leased_twice_at_once() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    let keyed = |p: &str| NewJob {
+        ordering_key: Some("o".into()),
+        ..job(p)
+    };
+    let ids = s
+        .enqueue("q", vec![keyed("1"), keyed("2"), keyed("3"), job("free")])
+        .await
+        .unwrap();
+    // Cancelling a waiting job keeps the rest in order.
+    s.cancel("q", &ids[2].id).await.unwrap();
+    assert_eq!(s.counts("q").await.unwrap().pending, 3);
+    let got = lease(&s, "q", 10).await;
+    assert_eq!(payloads(&got), vec![&b"1"[..], b"free"]);
+    assert!(lease(&s, "q", 10).await.is_empty());
+    let first = got.iter().find(|d| d.payload == "1").unwrap();
+    assert_eq!(first.ordering_key.as_deref(), Some("o"));
+    s.ack("q", vec![(first.lease_id.clone(), None)])
+        .await
+        .unwrap();
+    let next = lease(&s, "q", 10).await;
+    assert_eq!(payloads(&next), vec![&b"2"[..]]);
+}
+
+#[tokio::test]
+async fn redis_queue_cancel_and_purge() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    let ids: Vec<Uuid> = s
+        .enqueue("q", vec![job("a"), job("b"), job("c")])
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let cancelled = s.cancel("q", &ids[0]).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(cancelled.payload, "a");
+    let err = s.cancel("q", &ids[0]).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("job {} is already cancelled", ids[0])
+    );
+    let missing = Uuid::now_v7();
+    let err = s.cancel("q", &missing).await.unwrap_err();
+    assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
+    let leased = lease(&s, "q", 1).await.remove(0);
+    let err = s.cancel("q", &leased.job_id).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with(&format!("job {} is leased by \"w\" until ", leased.job_id)),
+        "{err}"
+    );
+    assert_eq!(s.purge("q").await.unwrap(), 1);
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!((counts.pending, counts.leased, counts.cancelled), (0, 1, 2));
+}
+
+#[tokio::test]
+async fn redis_queue_list_and_history_pages() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        history_limit: 2,
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let jobs: Vec<NewJob> = (0..5).map(|i| job(&i.to_string())).collect();
+    s.enqueue("q", jobs).await.unwrap();
+    let (page, next) = s.list("q", None, 2, None).await.unwrap();
+    assert_eq!(page.iter().map(|j| j.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(next, Some(2));
+    let (page, next) = s.list("q", Some(JobState::Pending), 2, next).await.unwrap();
+    assert_eq!(page.iter().map(|j| j.seq).collect::<Vec<_>>(), vec![3, 4]);
+    let (page, next) = s.list("q", None, 2, next).await.unwrap();
+    assert_eq!((page.len(), next), (1, None));
+    // Three finish; history keeps the newest two.
+    let got = lease(&s, "q", 3).await;
+    let acks = got.iter().map(|d| (d.lease_id.clone(), None)).collect();
+    s.ack("q", acks).await.unwrap();
+    let history = s.history("q", 10).await.unwrap();
+    assert_eq!(
+        history.iter().map(|j| j.seq).collect::<Vec<_>>(),
+        vec![3, 2]
+    );
+    assert!(s.get("q", &got[0].job_id).await.unwrap().is_none());
+    let (done, _) = s
+        .list("q", Some(JobState::Completed), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(done.len(), 2);
+    let (leased, _) = s.list("q", Some(JobState::Leased), 10, None).await.unwrap();
+    assert!(leased.is_empty());
+    // The ack of an evicted job's lease is a stale lease, not an error of the call.
+    let stale = s
+        .ack("q", vec![(got[0].lease_id.clone(), None)])
+        .await
+        .unwrap();
+    assert!(
+        stale[0]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("its job no longer exists")
+    );
+}
+
+#[tokio::test]
+async fn redis_queue_extend_moves_the_deadline() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    s.enqueue("q", vec![job("a")]).await.unwrap();
+    let d = lease(&s, "q", 1).await.remove(0);
+    let deadline = s.extend(&d.lease_id, 60_000).await.unwrap();
+    assert!(deadline >= d.deadline + 50_000);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(s.sweep("q").await.unwrap(), 0);
+    assert!(lease(&s, "q", 1).await.is_empty());
+    s.ack("q", vec![(d.lease_id.clone(), None)])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let err = s.extend(&d.lease_id, 1_000).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("lease {} is stale: its job was already acked", d.lease_id)
+    );
+}
+
+#[tokio::test]
+async fn redis_queue_paused_queue_leases_nothing() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    s.enqueue("q", vec![job("a")]).await.unwrap();
+    s.set_paused("q", true).await.unwrap();
+    assert!(s.info("q").await.unwrap().unwrap().1);
+    assert!(lease(&s, "q", 1).await.is_empty());
+    assert!(s.counts("q").await.unwrap().paused);
+    s.set_paused("q", false).await.unwrap();
+    assert_eq!(lease(&s, "q", 1).await.len(), 1);
+}
+
+#[tokio::test]
+async fn redis_queue_max_in_flight_and_policy_change() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        max_in_flight: Some(2),
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let jobs: Vec<NewJob> = (0..4).map(|i| job(&i.to_string())).collect();
+    s.enqueue("q", jobs).await.unwrap();
+    let got = lease(&s, "q", 10).await;
+    assert_eq!(got.len(), 2);
+    assert!(lease(&s, "q", 10).await.is_empty());
+    s.ack("q", vec![(got[0].lease_id.clone(), None)])
+        .await
+        .unwrap();
+    assert_eq!(lease(&s, "q", 10).await.len(), 1);
+    let open = QueuePolicy {
+        max_in_flight: None,
+        ..p
+    };
+    s.set_policy("q", &open).await.unwrap();
+    assert_eq!(s.info("q").await.unwrap().unwrap().0, open);
+    assert_eq!(lease(&s, "q", 10).await.len(), 1);
+    let err = s.set_policy("nope", &open).await.unwrap_err();
+    assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
+}
+
+#[tokio::test]
+async fn redis_queue_rate_limit_lets_out_the_burst() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        rate_limit: Some(crate::broker::domain::queue::RateLimit {
+            per_second: 1,
+            burst: 2,
+        }),
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let jobs: Vec<NewJob> = (0..4).map(|i| job(&i.to_string())).collect();
+    s.enqueue("q", jobs).await.unwrap();
+    assert_eq!(lease(&s, "q", 10).await.len(), 2);
+    assert!(lease(&s, "q", 10).await.is_empty());
+    assert!(s.next_due("q").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn redis_queue_visible_jobs_publish_a_wake_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (srv, s) = store().await;
+    assert!(s.ensure("q", &policy("q")).await.unwrap());
+    assert_eq!(s.names().await.unwrap(), vec!["q".to_owned()]);
+    let channel = QueueKeys::new("q").key("wake");
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", srv.port))
+        .await
+        .unwrap();
+    let cmd = format!(
+        "*2\r\n$10\r\nSSUBSCRIBE\r\n${}\r\n{channel}\r\n",
+        channel.len()
+    );
+    sock.write_all(cmd.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let read_until = async |sock: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, what: &str| {
+        let mut buf = [0u8; 512];
+        while !String::from_utf8_lossy(seen).contains(what) {
+            let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+                .await
+                .expect("a reply in time")
+                .unwrap();
+            assert!(n > 0, "connection closed");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    read_until(&mut sock, &mut seen, "ssubscribe").await;
+    s.enqueue("q", vec![job("a"), job("b")]).await.unwrap();
+    read_until(&mut sock, &mut seen, "smessage").await;
+    read_until(&mut sock, &mut seen, "\r\n2\r\n").await;
+}
+
+/// On a (one-node) Redis Cluster every script keeps to its queue's slot, and dead letters
+/// cross slots through the node.
+#[tokio::test]
+async fn redis_queue_works_on_a_cluster() {
+    let srv = RedisServer::start_with(&["--cluster-enabled", "yes"]);
+    let port = srv.port.to_string();
+    let cli = |args: &[&str]| {
+        std::process::Command::new("redis-cli")
+            .args(["-p", &port])
+            .args(args)
+            .output()
+            .expect("redis-cli runs")
+    };
+    assert!(
+        cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"])
+            .status
+            .success()
+    );
+    let start = Instant::now();
+    while !String::from_utf8_lossy(&cli(&["CLUSTER", "INFO"]).stdout).contains("cluster_state:ok") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "cluster never ok"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let conn = connect(&[srv.url()]).await.expect("connect");
+    assert!(conn.is_cluster());
+    let s = QueueStore::new(conn);
+    let p = QueuePolicy {
+        max_attempts: 1,
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let keyed = NewJob {
+        idempotency_key: Some("i".into()),
+        ordering_key: Some("o".into()),
+        ..job("a")
+    };
+    let id = s.enqueue("q", vec![keyed]).await.unwrap()[0].id;
+    let d = lease(&s, "q", 1).await.remove(0);
+    assert_eq!(
+        s.nack(&d.lease_id, "bad".into(), None, false)
+            .await
+            .unwrap(),
+        (JobState::Dead, None)
+    );
+    assert_eq!(s.move_dead_letters("q").await.unwrap(), 1);
+    let moved = s.get("q.dlq", &id).await.unwrap().unwrap();
+    assert_eq!(moved.origin.as_deref(), Some("q"));
+    assert_eq!(s.counts("q").await.unwrap().dead, 1);
+    s.delete("q").await.unwrap();
+    assert_eq!(s.names().await.unwrap(), vec!["q.dlq".to_owned()]);
+}
+
+#[tokio::test]
+async fn redis_queue_times_saturate_at_the_end_of_time() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        backoff: Backoff::Exponential {
+            initial_ms: u64::MAX,
+            max_ms: u64::MAX,
+            jitter: true,
+        },
+        dedup_window_ms: u64::MAX,
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let keyed = NewJob {
+        idempotency_key: Some("k".into()),
+        run_at: Some(u64::MAX),
+        ..job("a")
+    };
+    let id = s.enqueue("q", vec![keyed.clone(), job("b")]).await.unwrap()[0].id;
+    assert_eq!(s.get("q", &id).await.unwrap().unwrap().run_at, END_OF_TIME);
+    let d = s
+        .lease("q", 1, Some(u64::MAX), "w", "a")
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(d.deadline, END_OF_TIME);
+    assert_eq!(s.extend(&d.lease_id, u64::MAX).await.unwrap(), END_OF_TIME);
+    assert_eq!(
+        s.nack(&d.lease_id, "x".into(), None, false).await.unwrap(),
+        (JobState::Retrying, Some(END_OF_TIME))
+    );
+    assert!(lease(&s, "q", 1).await.is_empty());
+    assert_eq!(s.next_due("q").await.unwrap(), Some(END_OF_TIME));
+    assert!(s.enqueue("q", vec![keyed]).await.unwrap()[0].duplicate);
+}
+
+/// Where the scripts' times saturate.
+const END_OF_TIME: Millis = (1 << 53) - 1;
+
+/// A second death of the same job (after a redrive it has a new seq in its queue) replaces
+/// its record in the dead-letter queue, even a leased one.
+#[tokio::test]
+async fn redis_queue_a_new_death_replaces_the_dead_letter_record() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    let id = s.enqueue("q", vec![job("a")]).await.unwrap()[0].id;
+    let d = lease(&s, "q", 1).await.remove(0);
+    s.nack(&d.lease_id, "first".into(), None, true)
+        .await
+        .unwrap();
+    assert_eq!(s.move_dead_letters("q").await.unwrap(), 1);
+    let held = lease(&s, "q.dlq", 1).await.remove(0);
+    assert_eq!(held.job_id, id);
+    let mut dead = s.get("q", &id).await.unwrap().unwrap();
+    dead.last_error = Some("second".into());
+    s.insert_dead_letter("q", dead.seq + 100, dead)
+        .await
+        .unwrap();
+    let counts = s.counts("q.dlq").await.unwrap();
+    assert_eq!((counts.pending, counts.leased, counts.enqueued), (1, 0, 2));
+    let record = s.get("q.dlq", &id).await.unwrap().unwrap();
+    assert_eq!(
+        record.headers.get(HEADER_LAST_ERROR).map(String::as_str),
+        Some("second")
+    );
+    let results = s.ack("q.dlq", vec![(held.lease_id, None)]).await.unwrap();
+    assert!(results[0].is_err());
+    assert_eq!(s.consumers("q.dlq").await.unwrap()[0].1.leases_held, 0);
+}
