@@ -3,3 +3,6 @@
 
 pub(crate) mod conn;
 pub(crate) mod keys;
+pub(crate) mod subscription;
+pub(crate) mod topic;
+pub(crate) mod wake;
