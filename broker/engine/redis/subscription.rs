@@ -321,3 +321,302 @@ impl Reader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::broker::domain::names::Pattern;
+    use crate::broker::domain::topic::{NewMessage, Retention};
+    use crate::broker::engine::redis::conn::connect;
+    use crate::broker::testing::redis::RedisServer;
+
+    /// A generous bound for anything that should take milliseconds.
+    const SOON: Duration = Duration::from_secs(10);
+
+    struct Setup {
+        _server: RedisServer,
+        store: TopicStore,
+        /// A store over another connection, as another node would publish.
+        other: TopicStore,
+        wakes: Wakes,
+        shutdown: CancellationToken,
+    }
+
+    impl Drop for Setup {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    async fn setup() -> Setup {
+        let server = RedisServer::start();
+        let store = TopicStore::new(connect(&[server.url()]).await.unwrap());
+        let other = TopicStore::new(connect(&[server.url()]).await.unwrap());
+        let shutdown = CancellationToken::new();
+        let wakes = Wakes::start(vec![server.url()], shutdown.clone());
+        Setup {
+            _server: server,
+            store,
+            other,
+            wakes,
+            shutdown,
+        }
+    }
+
+    fn spec(pattern: &str, start: Start) -> SubscribeSpec {
+        SubscribeSpec {
+            pattern: Pattern::parse("pattern", pattern).unwrap(),
+            start,
+            resume_from: HashMap::new(),
+            on_gap: GapPolicy::Notify,
+            max_batch: 100,
+        }
+    }
+
+    fn msgs(payloads: &[&str]) -> Vec<NewMessage> {
+        payloads
+            .iter()
+            .map(|p| NewMessage {
+                payload: Bytes::copy_from_slice(p.as_bytes()),
+                ..NewMessage::default()
+            })
+            .collect()
+    }
+
+    /// (topic, sequence, payload) of every message of a batch.
+    fn contents(batch: &SubscriptionBatch) -> Vec<(String, u64, String)> {
+        batch
+            .messages
+            .iter()
+            .flat_map(|s| {
+                s.messages().map(|m| {
+                    (
+                        m.topic.to_string(),
+                        m.sequence,
+                        String::from_utf8(m.entry.payload.to_vec()).unwrap(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Collects messages from `stream` until `n` arrived.
+    async fn take<S>(stream: &mut S, n: usize) -> Vec<(String, u64, String)>
+    where
+        S: Stream<Item = Result<SubscriptionBatch, BrokerError>> + Unpin,
+    {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let batch = tokio::time::timeout(SOON, stream.next())
+                .await
+                .expect("a batch in time")
+                .expect("the stream goes on")
+                .expect("no error");
+            got.extend(contents(&batch));
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_wildcard_follows_two_topics_in_order_including_a_later_one() {
+        let s = setup().await;
+        s.store.publish("ev.a", msgs(&["a1", "a2"])).await.unwrap();
+        s.store.publish("other", msgs(&["no"])).await.unwrap();
+        let stream = subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            spec("ev.*", Start::Earliest),
+            s.shutdown.child_token(),
+        );
+        let mut stream = Box::pin(stream);
+        assert_eq!(
+            take(&mut stream, 2).await,
+            [
+                ("ev.a".into(), 1, "a1".into()),
+                ("ev.a".into(), 2, "a2".into())
+            ]
+        );
+        // Created after the subscription opened: read from its start.
+        s.other.publish("ev.b", msgs(&["b1", "b2"])).await.unwrap();
+        s.other.publish("ev.a", msgs(&["a3"])).await.unwrap();
+        s.other.publish("ev.b", msgs(&["b3"])).await.unwrap();
+        s.other.publish("other", msgs(&["no"])).await.unwrap();
+        let got = take(&mut stream, 4).await;
+        let of = |topic: &str| -> Vec<(u64, String)> {
+            got.iter()
+                .filter(|m| m.0 == topic)
+                .map(|m| (m.1, m.2.clone()))
+                .collect()
+        };
+        assert_eq!(of("ev.a"), [(3, "a3".to_string())]);
+        assert_eq!(
+            of("ev.b"),
+            [(1, "b1".into()), (2, "b2".into()), (3, "b3".to_string())]
+        );
+        assert_eq!(got.len(), 4, "nothing from topics that do not match");
+    }
+
+    #[tokio::test]
+    async fn replays_from_a_sequence_a_time_and_resume_positions() {
+        let s = setup().await;
+        s.store.publish("t", msgs(&["1", "2", "3"])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        s.store.publish("t", msgs(&["4"])).await.unwrap();
+        let at = s.store.read("t", 4, 1).await.unwrap().slices[0]
+            .block
+            .publish_time;
+
+        let mut by_seq = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            spec("t", Start::Sequence(2)),
+            s.shutdown.child_token(),
+        ));
+        let got = take(&mut by_seq, 3).await;
+        assert_eq!(got.iter().map(|m| m.1).collect::<Vec<_>>(), [2, 3, 4]);
+
+        let mut by_time = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            spec("t", Start::Time(at)),
+            s.shutdown.child_token(),
+        ));
+        assert_eq!(take(&mut by_time, 1).await[0].1, 4);
+
+        let mut resumed = spec("t", Start::Latest);
+        resumed.resume_from.insert("t".into(), 3);
+        let mut resumed = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            resumed,
+            s.shutdown.child_token(),
+        ));
+        let got = take(&mut resumed, 2).await;
+        assert_eq!(got.iter().map(|m| m.1).collect::<Vec<_>>(), [3, 4]);
+    }
+
+    #[tokio::test]
+    async fn batches_hold_at_most_max_batch_and_gaps_follow_the_policy() {
+        let s = setup().await;
+        let small = Retention {
+            max_messages: 3,
+            ..Retention::default()
+        };
+        s.store.create("t", small).await.unwrap();
+        s.store
+            .publish("t", msgs(&["1", "2", "3", "4", "5"]))
+            .await
+            .unwrap();
+
+        let mut notify = spec("t", Start::Sequence(1));
+        notify.max_batch = 2;
+        let mut stream = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            notify,
+            s.shutdown.child_token(),
+        ));
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(
+            first.gaps,
+            [GapNotice {
+                topic: "t".into(),
+                first_missing: 1,
+                next_available: 3
+            }]
+        );
+        assert_eq!(
+            contents(&first).iter().map(|m| m.1).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        let second = stream.next().await.unwrap().unwrap();
+        assert!(second.gaps.is_empty());
+        assert_eq!(
+            contents(&second).iter().map(|m| m.1).collect::<Vec<_>>(),
+            [5]
+        );
+
+        let mut end = spec("t", Start::Sequence(1));
+        end.on_gap = GapPolicy::EndStream;
+        let mut stream = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            end,
+            s.shutdown.child_token(),
+        ));
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(
+            err,
+            BrokerError::DataLoss(
+                "subscription fell behind retention on topic \"t\": sequences 1..2 are gone (next available 3)".into()
+            )
+        );
+        assert!(
+            stream.next().await.is_none(),
+            "the stream ends after the error"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_publish_on_another_connection_wakes_the_subscriber_before_its_poll() {
+        let s = setup().await;
+        s.store.create("live", Retention::default()).await.unwrap();
+        let mut stream = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            spec("live", Start::Latest),
+            s.shutdown.child_token(),
+        ));
+        // Let it open and settle into its wait (the hub's connect wakes it once).
+        let idle = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+        assert!(idle.is_err(), "nothing to deliver yet");
+        // Each publish lands at a random point of the subscriber's poll period; by the
+        // poll alone half of them would take over POLL_INTERVAL / 2, by the wake none.
+        let mut latencies = Vec::new();
+        for i in 0..6 {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(10..200))).await;
+            let sent = Instant::now();
+            s.other.publish("live", msgs(&["x"])).await.unwrap();
+            let got = take(&mut stream, 1).await;
+            latencies.push(sent.elapsed());
+            assert_eq!(got[0].1, i + 1);
+        }
+        latencies.sort();
+        let median = latencies[latencies.len() / 2];
+        assert!(
+            median < POLL_INTERVAL / 2,
+            "median wake latency {median:?} (all: {latencies:?})"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_when_cancelled_and_drops_deleted_topics() {
+        let s = setup().await;
+        s.store.publish("t", msgs(&["1"])).await.unwrap();
+        let ends_on = s.shutdown.child_token();
+        let mut stream = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            spec("t", Start::Earliest),
+            ends_on.clone(),
+        ));
+        assert_eq!(take(&mut stream, 1).await[0].1, 1);
+        // Deleted and created again: a new topic, read from its start.
+        s.other.delete("t").await.unwrap();
+        s.other.publish("t", msgs(&["new"])).await.unwrap();
+        let got = take(&mut stream, 1).await;
+        assert_eq!((got[0].1, got[0].2.as_str()), (1, "new"));
+
+        let waiting = tokio::spawn(async move { stream.next().await.is_none() });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ends_on.cancel();
+        let ended = tokio::time::timeout(SOON, waiting).await.unwrap().unwrap();
+        assert!(ended, "the stream ends without another batch");
+    }
+}

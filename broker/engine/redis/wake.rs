@@ -417,3 +417,123 @@ async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::engine::redis::conn::connect;
+    use crate::broker::testing::redis::RedisServer;
+    use std::time::Instant;
+
+    async fn until_connected(wakes: &Wakes, connected: bool) {
+        let start = Instant::now();
+        while wakes.hub.connected.load(Ordering::Acquire) != connected {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "connected stays {}",
+                !connected
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_publish_from_another_connection_wakes_the_watch() {
+        let server = RedisServer::start();
+        let shutdown = CancellationToken::new();
+        let wakes = Wakes::start(vec![server.url()], shutdown.clone());
+        let other = connect(&[server.url()]).await.unwrap();
+        let (a, b) = (
+            "sluice:{t:a}:wake".to_string(),
+            "sluice:{t:b}:wake".to_string(),
+        );
+        // Until the hub is connected, a watch does not wait for its subscription: wait
+        // for the connection so the first publish is not lost (the poll would catch it,
+        // but this test shows the push).
+        until_connected(&wakes, true).await;
+        let mut watch = wakes.watch(&[a.clone(), b.clone()]).await;
+        // Nothing fired yet (the connect's wake-everyone happened before the watch).
+        assert!(watch.wait(Duration::from_millis(20)).await.is_empty());
+
+        for _ in 0..3 {
+            wakes.publish(&other, &b).await.unwrap();
+            // A generous bound: a timeout returns no channel, so this fails if only the
+            // timeout ended the wait.
+            assert_eq!(watch.wait(Duration::from_secs(10)).await, [b.clone()]);
+        }
+        // A wake that lands before the wait starts is not lost.
+        publish(&other, &a).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(watch.wait(Duration::from_secs(10)).await, [a.clone()]);
+        shutdown.cancel();
+    }
+
+    /// A `redis-server` on a given port (the port of one that was killed), killed on drop.
+    struct SamePort(std::process::Child, std::path::PathBuf);
+
+    impl SamePort {
+        fn start(port: u16) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("sluice-redis-again-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let start = Instant::now();
+            loop {
+                let out = std::process::Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "PING"])
+                    .output();
+                if out.is_ok_and(|o| o.stdout.starts_with(b"PONG")) {
+                    return Self(child, dir);
+                }
+                assert!(start.elapsed() < Duration::from_secs(10), "no restart");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    impl Drop for SamePort {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+
+    #[tokio::test]
+    async fn resubscribes_after_a_redis_restart() {
+        let mut server = RedisServer::start();
+        let port = server.port;
+        let shutdown = CancellationToken::new();
+        let wakes = Wakes::start(vec![server.url()], shutdown.clone());
+        until_connected(&wakes, true).await;
+        let channel = "sluice:{q:jobs}:wake".to_string();
+        let mut watch = wakes.watch(std::slice::from_ref(&channel)).await;
+
+        server.kill();
+        until_connected(&wakes, false).await;
+        // While Redis is down a waiter still returns at its poll.
+        let start = Instant::now();
+        watch.wait(POLL_INTERVAL).await;
+        assert!(start.elapsed() < Duration::from_secs(5));
+
+        let _again = SamePort::start(port);
+        until_connected(&wakes, true).await;
+        // The reconnect wakes every waiter once (wakes may have been lost); take that.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        watch.wait(Duration::from_millis(20)).await;
+        let other = connect(&[format!("redis://127.0.0.1:{port}")])
+            .await
+            .unwrap();
+        publish(&other, &channel).await.unwrap();
+        assert_eq!(watch.wait(Duration::from_secs(10)).await, [channel]);
+        shutdown.cancel();
+    }
+}
