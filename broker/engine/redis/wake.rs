@@ -459,12 +459,12 @@ mod tests {
             wakes.publish(&other, &b).await.unwrap();
             // A generous bound: a timeout returns no channel, so this fails if only the
             // timeout ended the wait.
-            assert_eq!(watch.wait(Duration::from_secs(10)).await, [b.clone()]);
+            assert_eq!(watch.wait(Duration::from_secs(10)).await, [b.as_str()]);
         }
         // A wake that lands before the wait starts is not lost.
         publish(&other, &a).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(watch.wait(Duration::from_secs(10)).await, [a.clone()]);
+        assert_eq!(watch.wait(Duration::from_secs(10)).await, [a.as_str()]);
         shutdown.cancel();
     }
 
@@ -485,13 +485,15 @@ mod tests {
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap();
+            // Owned at once, so a failed wait below still kills it.
+            let server = Self(child, dir);
             let start = Instant::now();
             loop {
                 let out = std::process::Command::new("redis-cli")
                     .args(["-p", &port.to_string(), "PING"])
                     .output();
                 if out.is_ok_and(|o| o.stdout.starts_with(b"PONG")) {
-                    return Self(child, dir);
+                    return server;
                 }
                 assert!(start.elapsed() < Duration::from_secs(10), "no restart");
                 std::thread::sleep(Duration::from_millis(20));
