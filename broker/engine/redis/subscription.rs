@@ -236,6 +236,7 @@ impl Reader {
         self.spec.resume_from.get(name).copied().unwrap_or(1).max(1)
     }
 
+    /// Stops following a deleted topic.
     fn drop_topic(&mut self, name: &str) {
         self.cursors.remove(name);
         self.dirty.remove(name);
@@ -618,5 +619,58 @@ mod tests {
         ends_on.cancel();
         let ended = tokio::time::timeout(SOON, waiting).await.unwrap().unwrap();
         assert!(ended, "the stream ends without another batch");
+    }
+
+    #[tokio::test]
+    async fn works_on_a_one_node_cluster() {
+        let server = RedisServer::start_with(&["--cluster-enabled", "yes"]);
+        let port = server.port.to_string();
+        let cli = |args: &[&str]| {
+            std::process::Command::new("redis-cli")
+                .args(["-p", &port])
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        assert!(cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]).contains("OK"));
+        let start = Instant::now();
+        while !cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            assert!(start.elapsed() < SOON, "the cluster never got ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let conn = connect(&[server.url()]).await.unwrap();
+        assert!(conn.is_cluster());
+        let store = TopicStore::new(conn);
+        let shutdown = CancellationToken::new();
+        let wakes = Wakes::start(vec![server.url()], shutdown.clone());
+        store.publish("c.one", msgs(&["1", "2"])).await.unwrap();
+        let mut stream = Box::pin(subscribe(
+            store.clone(),
+            wakes,
+            spec("c.*", Start::Earliest),
+            shutdown.child_token(),
+        ));
+        assert_eq!(take(&mut stream, 2).await.len(), 2);
+        // A topic in another slot, created later, and a publish woken through the
+        // cluster connection's pushes.
+        store.publish("c.two", msgs(&["a"])).await.unwrap();
+        assert_eq!(take(&mut stream, 1).await[0].0, "c.two");
+        let mut latencies = Vec::new();
+        for seq in 3..7 {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(10..200))).await;
+            let sent = Instant::now();
+            store.publish("c.one", msgs(&["x"])).await.unwrap();
+            assert_eq!(take(&mut stream, 1).await[0].1, seq);
+            latencies.push(sent.elapsed());
+        }
+        latencies.sort();
+        assert!(
+            latencies[1] < POLL_INTERVAL / 2,
+            "wake latencies {latencies:?}"
+        );
+        store.delete("c.two").await.unwrap();
+        assert_eq!(store.names().await.unwrap(), ["c.one"]);
+        shutdown.cancel();
     }
 }

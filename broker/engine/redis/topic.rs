@@ -80,6 +80,7 @@ fn epoch() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
 
+/// The error for a topic that does not exist (the in-process engine's wording).
 fn not_found(name: &str) -> BrokerError {
     BrokerError::NotFound(format!("topic {name:?} does not exist"))
 }

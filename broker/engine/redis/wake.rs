@@ -50,6 +50,8 @@ pub(crate) struct Signal {
 }
 
 impl Signal {
+    /// A wake: bump the generation first, so a waiter that looks after being notified
+    /// (or just before waiting) sees it.
     fn fire(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.notify.notify_waiters();
@@ -58,6 +60,7 @@ impl Signal {
 
 /// What the hub's task is asked to do.
 struct Subscribe {
+    /// The shard channel.
     channel: String,
     /// Answered once the server confirmed the subscription (dropped if it failed).
     done: oneshot::Sender<()>,
@@ -67,12 +70,14 @@ struct Subscribe {
 struct Hub {
     /// Every channel some waiter asked for, subscribed or to be subscribed.
     channels: Mutex<HashMap<String, Arc<Signal>>>,
+    /// Subscriptions for the task to make.
     requests: mpsc::UnboundedSender<Subscribe>,
     /// Whether the task holds a live connection (if not, nobody waits for a confirmation).
     connected: AtomicBool,
 }
 
 impl Hub {
+    /// Wakes the waiters of `channel` (nobody waits on a channel not in the map).
     fn fire(&self, channel: &str) {
         let signal = lock(&self.channels).get(channel).cloned();
         if let Some(signal) = signal {
@@ -80,6 +85,7 @@ impl Hub {
         }
     }
 
+    /// Wakes every waiter (after a reconnect, when wakes may have been lost).
     fn fire_all(&self) {
         let signals: Vec<Arc<Signal>> = lock(&self.channels).values().cloned().collect();
         for signal in signals {
@@ -98,7 +104,7 @@ impl Wakes {
     /// Starts the hub's task, which connects to `seeds` (the same addresses as
     /// [`crate::broker::engine::redis::conn::connect`]) on its own connection and keeps
     /// reconnecting until `shutdown` is cancelled. Returns at once: until the connection
-    /// is up, waiters simply poll.
+    /// is up, waiters simply poll. Call inside a Tokio runtime (it spawns the task).
     pub(crate) fn start(seeds: Vec<String>, shutdown: CancellationToken) -> Self {
         let (requests, rx) = mpsc::unbounded_channel();
         let hub = Arc::new(Hub {
@@ -143,6 +149,7 @@ pub(crate) async fn publish(conn: &RedisConn, channel: &str) -> Result<(), Broke
 
 /// A set of channels a waiter follows, with the generation of each it has seen.
 pub(crate) struct Watch {
+    /// (channel, its signal, the generation last seen).
     entries: Vec<(String, Arc<Signal>, u64)>,
 }
 
@@ -239,11 +246,14 @@ impl Watch {
 
 /// The hub's subscriber connection.
 enum SubConn {
+    /// A standalone server.
     Single(MultiplexedConnection),
+    /// A Redis Cluster (it reconnects and re-subscribes by itself).
     Cluster(ClusterConnection),
 }
 
 impl SubConn {
+    /// Subscribes to one shard channel, returning once the server confirmed it.
     async fn ssubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
         match self {
             // One channel per command: the multiplexed connection expects one
@@ -259,6 +269,7 @@ impl SubConn {
         }
     }
 
+    /// A round trip, to tell a live connection from a dead one.
     async fn ping(&mut self) -> redis::RedisResult<()> {
         let cmd = redis::cmd("PING");
         match self {
