@@ -718,4 +718,75 @@ mod tests {
             Err(BrokerError::NotFound(_))
         ));
     }
+
+    /// Random publishes and retention changes, against the in-process topic (which
+    /// evicts one message at a time, checked by its own model test): the same
+    /// sequences, retained counts and bytes, gaps and reads. Age is left out (Redis's
+    /// clock is not the test's).
+    #[tokio::test]
+    async fn count_and_byte_retention_match_the_in_process_topic() {
+        use crate::broker::domain::topic::Topic;
+        let server = RedisServer::start();
+        let s = store(&server).await;
+        for seed in 0..4 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let name = format!("m{seed}");
+            let mut retention = Retention {
+                max_messages: rng.u64(1..20),
+                max_bytes: rng.u64(1..40),
+                ..Retention::default()
+            };
+            let mut model = Topic::new(&name, retention);
+            s.create(&name, retention).await.unwrap();
+            let now = 1_700_000_000_000;
+            for step in 0..60 {
+                let at = format!("seed {seed} step {step}");
+                if rng.u32(0..8) == 0 {
+                    retention.max_messages = rng.u64(1..20);
+                    retention.max_bytes = rng.u64(1..40);
+                    model.set_retention(retention, now);
+                    s.create(&name, retention).await.unwrap();
+                } else {
+                    let batch: Vec<NewMessage> = (0..rng.usize(1..8))
+                        .map(|_| {
+                            let n = rng.usize(0..6);
+                            let key = (rng.u32(0..4) == 0).then(|| format!("k{}", rng.u32(0..5)));
+                            NewMessage {
+                                payload: Bytes::from(vec![b'a' + n as u8; n]),
+                                idempotency_key: key,
+                                ..NewMessage::default()
+                            }
+                        })
+                        .collect();
+                    let (expected, _) = model.append(now, batch.clone());
+                    let got = s.publish(&name, batch).await.unwrap();
+                    assert_eq!(got, expected, "{at}");
+                }
+                let counts = s.counts(&name).await.unwrap();
+                let (retained, bytes) = model.retained();
+                assert_eq!(
+                    (counts.retained_messages, counts.retained_bytes),
+                    (retained, bytes),
+                    "{at}"
+                );
+                assert_eq!(counts.last_sequence, model.next_seq() - 1, "{at}");
+                let from = rng.u64(1..model.next_seq() + 2);
+                let max = rng.usize(1..12);
+                let want = model.read(from, max);
+                let got = s.read(&name, from, max).await.unwrap();
+                let seqs = |slices: &[BlockSlice]| -> Vec<(u64, Bytes)> {
+                    slices
+                        .iter()
+                        .flat_map(|s| s.messages().map(|m| (m.sequence, m.entry.payload.clone())))
+                        .collect()
+                };
+                assert_eq!(
+                    seqs(&got.slices),
+                    seqs(&want.slices),
+                    "{at}: read({from}, {max})"
+                );
+                assert_eq!((got.gap, got.next), (want.gap, want.next), "{at}");
+            }
+        }
+    }
 }
