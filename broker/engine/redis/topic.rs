@@ -80,6 +80,19 @@ fn epoch() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
 
+/// The error for a change that Redis did not confirm: when the request may have reached
+/// Redis before the connection failed or timed out, the text says the change may have
+/// happened (a publish retried with its idempotency keys is then safe).
+fn unconfirmed(doing: &str, e: redis::RedisError) -> BrokerError {
+    if (e.is_timeout() || e.is_connection_dropped() || e.is_io_error())
+        && !e.is_connection_refusal()
+    {
+        unavailable(&format!("{doing} (it may or may not have happened)"), e)
+    } else {
+        unavailable(doing, e)
+    }
+}
+
 /// The error for a topic that does not exist (the in-process engine's wording).
 fn not_found(name: &str) -> BrokerError {
     BrokerError::NotFound(format!("topic {name:?} does not exist"))
@@ -125,7 +138,7 @@ impl TopicStore {
             .arg(retention.max_age_ms)
             .invoke_async(&mut c)
             .await
-            .map_err(|e| unavailable(&format!("creating topic {name:?}"), e))?;
+            .map_err(|e| unconfirmed(&format!("creating topic {name:?}"), e))?;
         // Also when it existed: a publish racing a delete may have left it out.
         self.catalog_add(name).await?;
         Ok(retention)
@@ -140,7 +153,7 @@ impl TopicStore {
             .key(keys.base())
             .invoke_async(&mut c)
             .await
-            .map_err(|e| unavailable(&format!("deleting topic {name:?}"), e))?;
+            .map_err(|e| unconfirmed(&format!("deleting topic {name:?}"), e))?;
         let _: i64 = redis::cmd("SREM")
             .arg(catalog("topics"))
             .arg(name)
@@ -206,7 +219,7 @@ impl TopicStore {
         let out: Vec<i64> = invocation
             .invoke_async(&mut c)
             .await
-            .map_err(|e| unavailable(&format!("publishing to topic {name:?}"), e))?;
+            .map_err(|e| unconfirmed(&format!("publishing to topic {name:?}"), e))?;
         if out.first() == Some(&1) {
             self.catalog_add(name).await?;
         }
@@ -788,5 +801,20 @@ mod tests {
                 assert_eq!((got.gap, got.next), (want.gap, want.next), "{at}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_redis_that_is_gone_is_unavailable() {
+        let mut server = RedisServer::start();
+        let s = store(&server).await;
+        s.publish("t", vec![msg("a")]).await.unwrap();
+        server.kill();
+        // Whether the connection is found broken (the script may have run: the text
+        // says so) or refused depends on when the kill is noticed.
+        let err = s.publish("t", vec![msg("b")]).await.unwrap_err();
+        assert!(
+            matches!(&err, BrokerError::Unavailable(text) if text.starts_with("redis: publishing to topic \"t\"")),
+            "{err:?}"
+        );
     }
 }

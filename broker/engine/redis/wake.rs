@@ -120,6 +120,13 @@ impl Wakes {
     /// server confirmed them (or at once while the connection is down, or after
     /// [`POLL_INTERVAL`] at the latest). A wake that comes after this returns is seen by
     /// the watch's next [`Watch::wait`], even if it comes before the wait starts.
+    ///
+    /// Only the waiter that first asks for a channel waits for its confirmation; another
+    /// one asking while it is under way goes on at once, so a wake in that window costs
+    /// it one poll.
+    ///
+    /// How a caller waits (a queue's long poll, say): watch, then look at Redis, then
+    /// `wait(POLL_INTERVAL)` and look again, in a loop.
     pub(crate) async fn watch(&self, channels: &[String]) -> Watch {
         let mut watch = Watch {
             entries: Vec::new(),
