@@ -5,3 +5,6 @@ pub(crate) mod conn;
 pub(crate) mod keys;
 pub(crate) mod queue;
 pub(crate) mod replication;
+pub(crate) mod subscription;
+pub(crate) mod topic;
+pub(crate) mod wake;

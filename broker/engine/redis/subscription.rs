@@ -1,0 +1,676 @@
+//! Subscriptions over Redis topics: a stream per subscription that follows every topic
+//! in the catalog matching its pattern, by sequence, as
+//! `engine::local::subscription` does in process.
+//!
+//! The stream reads in the task that polls it. It looks at a topic when the topic's
+//! `<base>:wake` channel fired, when its last read filled the batch (there may be more),
+//! and at every [`POLL_INTERVAL`] (the safety net for lost pub/sub messages); it re-reads
+//! the catalog when `keys::catalog("wake")` fired and at every poll, picking up topics
+//! created later (read from their start) and dropping deleted ones. A topic deleted and
+//! created again under the same name (a new epoch) is read from its new start.
+//!
+//! A Redis failure ends the stream with UNAVAILABLE: the client resumes from the
+//! sequences it saw (`resume_from`), which is the same path as a node going away.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::Stream;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::domain::error::BrokerError;
+use crate::broker::domain::topic::BlockSlice;
+use crate::broker::engine::local::subscription::{
+    GapNotice, GapPolicy, Start, SubscribeSpec, SubscriptionBatch,
+};
+use crate::broker::engine::redis::keys::{TopicKeys, catalog};
+use crate::broker::engine::redis::topic::TopicStore;
+use crate::broker::engine::redis::wake::{POLL_INTERVAL, Wakes, Watch};
+
+/// Where the subscription is in one topic.
+struct Cursor {
+    next: u64,
+    /// The topic incarnation the cursor belongs to.
+    epoch: String,
+}
+
+/// The subscription's state between batches.
+struct Reader {
+    store: TopicStore,
+    wakes: Wakes,
+    spec: SubscribeSpec,
+    ends_on: CancellationToken,
+    watch: Option<Watch>,
+    cursors: BTreeMap<String, Cursor>,
+    /// Topics to read at the next look (woken, or not read to the end yet).
+    dirty: BTreeSet<String>,
+    /// Whether to re-read the catalog at the next look.
+    catalog_dirty: bool,
+    /// Which cursor the next read starts at (rotates so one busy topic cannot starve
+    /// others).
+    rotate: usize,
+    ended: bool,
+}
+
+/// The wake channel of topic `name`.
+fn wake_channel(name: &str) -> String {
+    TopicKeys::new(name).key("wake")
+}
+
+/// Opens a subscription: a stream of batches of at most `spec.max_batch` messages, in
+/// order and without gaps per topic (a gap left by retention is reported, or ends the
+/// stream with DATA_LOSS under [`GapPolicy::EndStream`]). It ends when `ends_on` is
+/// cancelled, or with an error.
+pub(crate) fn subscribe(
+    store: TopicStore,
+    wakes: Wakes,
+    spec: SubscribeSpec,
+    ends_on: CancellationToken,
+) -> impl Stream<Item = Result<SubscriptionBatch, BrokerError>> + Send + 'static {
+    let reader = Reader {
+        store,
+        wakes,
+        spec,
+        ends_on,
+        watch: None,
+        cursors: BTreeMap::new(),
+        dirty: BTreeSet::new(),
+        catalog_dirty: true,
+        rotate: 0,
+        ended: false,
+    };
+    futures::stream::unfold(reader, |mut reader| async move {
+        let item = reader.next_batch().await?;
+        if item.is_err() {
+            reader.ended = true;
+        }
+        Some((item, reader))
+    })
+}
+
+impl Reader {
+    /// The next batch; `None` once the subscription ended.
+    async fn next_batch(&mut self) -> Option<Result<SubscriptionBatch, BrokerError>> {
+        if self.ended || self.ends_on.is_cancelled() {
+            return None;
+        }
+        if self.watch.is_none() {
+            let ends_on = self.ends_on.clone();
+            let opened = tokio::select! {
+                _ = ends_on.cancelled() => return None,
+                r = self.open() => r,
+            };
+            if let Err(e) = opened {
+                return Some(Err(e));
+            }
+        }
+        loop {
+            let ends_on = self.ends_on.clone();
+            let looked = tokio::select! {
+                _ = ends_on.cancelled() => return None,
+                r = self.look() => r,
+            };
+            match looked {
+                Err(e) => return Some(Err(e)),
+                Ok(Some(batch)) => return Some(Ok(batch)),
+                Ok(None) => {}
+            }
+            let watch = self.watch.as_mut().expect("opened above");
+            let fired = tokio::select! {
+                _ = ends_on.cancelled() => return None,
+                fired = watch.wait(POLL_INTERVAL) => fired,
+            };
+            if fired.is_empty() {
+                // The poll: look at everything, in case a wake was lost.
+                self.catalog_dirty = true;
+                self.dirty.extend(self.cursors.keys().cloned());
+            }
+            let catalog_channel = catalog("wake");
+            for channel in fired {
+                if channel == catalog_channel {
+                    self.catalog_dirty = true;
+                } else if let Some(name) = self
+                    .cursors
+                    .keys()
+                    .find(|n| wake_channel(n) == channel)
+                    .cloned()
+                {
+                    self.dirty.insert(name);
+                }
+            }
+        }
+    }
+
+    /// Watches the catalog, then places a cursor in every matching topic as `spec.start`
+    /// and `spec.resume_from` say. Watching comes first so no change after the look is
+    /// missed.
+    async fn open(&mut self) -> Result<(), BrokerError> {
+        self.watch = Some(self.wakes.watch(&[catalog("wake")]).await);
+        let names = self.matching_names().await?;
+        let channels: Vec<String> = names.iter().map(|n| wake_channel(n)).collect();
+        if let Some(watch) = self.watch.as_mut() {
+            watch.add(&self.wakes, &channels).await;
+        }
+        for name in names {
+            let position = self.store.read(&name, 0, 0).await;
+            let read = match position {
+                Ok(read) => read,
+                // Deleted since the catalog was read.
+                Err(BrokerError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let next = match self.spec.resume_from.get(&name) {
+                Some(seq) => (*seq).max(1),
+                None => match self.spec.start {
+                    Start::Latest => read.next_seq,
+                    Start::Earliest => read.first_seq,
+                    Start::Sequence(seq) => seq.max(1),
+                    Start::Time(t) => match self.store.seq_at(&name, t).await {
+                        Ok(seq) => seq,
+                        Err(BrokerError::NotFound(_)) => continue,
+                        Err(e) => return Err(e),
+                    },
+                },
+            };
+            self.dirty.insert(name.clone());
+            self.cursors.insert(
+                name,
+                Cursor {
+                    next,
+                    epoch: read.epoch,
+                },
+            );
+        }
+        self.catalog_dirty = false;
+        Ok(())
+    }
+
+    /// The catalog's topics that match the pattern.
+    async fn matching_names(&self) -> Result<Vec<String>, BrokerError> {
+        let mut names = self.store.names().await?;
+        names.retain(|n| self.spec.pattern.matches(n));
+        Ok(names)
+    }
+
+    /// Picks up topics created since the last look (from their start, or their
+    /// `resume_from`) and drops deleted ones.
+    async fn refresh_catalog(&mut self) -> Result<(), BrokerError> {
+        let names = self.matching_names().await?;
+        let new: Vec<String> = names
+            .iter()
+            .filter(|n| !self.cursors.contains_key(*n))
+            .cloned()
+            .collect();
+        let gone: Vec<String> = self
+            .cursors
+            .keys()
+            .filter(|n| names.binary_search(n).is_err())
+            .cloned()
+            .collect();
+        for name in gone {
+            self.drop_topic(&name);
+        }
+        if !new.is_empty() {
+            let channels: Vec<String> = new.iter().map(|n| wake_channel(n)).collect();
+            if let Some(watch) = self.watch.as_mut() {
+                watch.add(&self.wakes, &channels).await;
+            }
+            for name in new {
+                let next = self.start_of_new(&name);
+                self.dirty.insert(name.clone());
+                self.cursors.insert(
+                    name,
+                    Cursor {
+                        next,
+                        // Learned at the first read.
+                        epoch: String::new(),
+                    },
+                );
+            }
+        }
+        self.catalog_dirty = false;
+        Ok(())
+    }
+
+    /// Where a topic created after the subscription opened is read from.
+    fn start_of_new(&self, name: &str) -> u64 {
+        self.spec.resume_from.get(name).copied().unwrap_or(1).max(1)
+    }
+
+    /// Stops following a deleted topic.
+    fn drop_topic(&mut self, name: &str) {
+        self.cursors.remove(name);
+        self.dirty.remove(name);
+        if let Some(watch) = self.watch.as_mut() {
+            watch.remove(&wake_channel(name));
+        }
+    }
+
+    /// Reads what is available (up to `max_batch` messages) from the topics to look at;
+    /// `None` when there is nothing new.
+    async fn look(&mut self) -> Result<Option<SubscriptionBatch>, BrokerError> {
+        if self.catalog_dirty {
+            self.refresh_catalog().await?;
+        }
+        let names: Vec<String> = self.cursors.keys().cloned().collect();
+        let mut batch = SubscriptionBatch::default();
+        let mut count = 0;
+        let n = names.len();
+        for k in 0..n {
+            if count >= self.spec.max_batch {
+                break;
+            }
+            let name = &names[(self.rotate + k) % n];
+            if !self.dirty.contains(name) {
+                continue;
+            }
+            let room = self.spec.max_batch - count;
+            let cursor = &self.cursors[name];
+            let mut read = match self.store.read(name, cursor.next, room).await {
+                Ok(read) => read,
+                Err(BrokerError::NotFound(_)) => {
+                    self.drop_topic(name);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let cursor = self.cursors.get_mut(name).expect("read above");
+            if cursor.epoch != read.epoch {
+                let fresh = cursor.epoch.is_empty();
+                cursor.epoch = read.epoch.clone();
+                if !fresh {
+                    // Deleted and created again: a new topic, read from its start.
+                    cursor.next = self.spec.resume_from.get(name).copied().unwrap_or(1).max(1);
+                    read = match self.store.read(name, cursor.next, room).await {
+                        Ok(read) => read,
+                        Err(BrokerError::NotFound(_)) => {
+                            self.drop_topic(name);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                }
+            }
+            let cursor = self.cursors.get_mut(name).expect("read above");
+            if let Some((first_missing, next_available)) = read.gap {
+                if self.spec.on_gap == GapPolicy::EndStream {
+                    return Err(BrokerError::DataLoss(format!(
+                        "subscription fell behind retention on topic {name:?}: sequences {first_missing}..{} are gone (next available {next_available})",
+                        next_available - 1
+                    )));
+                }
+                batch.gaps.push(GapNotice {
+                    topic: name.as_str().into(),
+                    first_missing,
+                    next_available,
+                });
+            }
+            let got: usize = read.slices.iter().map(BlockSlice::len).sum();
+            count += got;
+            cursor.next = read.next;
+            // A full read may have left more behind; otherwise this topic is done until
+            // its next wake.
+            if got < room {
+                self.dirty.remove(name);
+            }
+            batch.messages.extend(read.slices);
+        }
+        self.rotate = self.rotate.wrapping_add(1);
+        if batch.messages.is_empty() && batch.gaps.is_empty() {
+            Ok(None)
+        } else {
+            Ok(Some(batch))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::broker::domain::names::Pattern;
+    use crate::broker::domain::topic::{NewMessage, Retention};
+    use crate::broker::engine::redis::conn::connect;
+    use crate::broker::testing::redis::RedisServer;
+
+    /// A generous bound for anything that should take milliseconds.
+    const SOON: Duration = Duration::from_secs(10);
+
+    struct Setup {
+        _server: RedisServer,
+        store: TopicStore,
+        /// A store over another connection, as another node would publish.
+        other: TopicStore,
+        wakes: Wakes,
+        shutdown: CancellationToken,
+    }
+
+    impl Drop for Setup {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    async fn setup() -> Setup {
+        let server = RedisServer::start();
+        let store = TopicStore::new(connect(&[server.url()]).await.unwrap());
+        let other = TopicStore::new(connect(&[server.url()]).await.unwrap());
+        let shutdown = CancellationToken::new();
+        let wakes = Wakes::start(vec![server.url()], shutdown.clone());
+        Setup {
+            _server: server,
+            store,
+            other,
+            wakes,
+            shutdown,
+        }
+    }
+
+    fn spec(pattern: &str, start: Start) -> SubscribeSpec {
+        SubscribeSpec {
+            pattern: Pattern::parse("pattern", pattern).unwrap(),
+            start,
+            resume_from: HashMap::new(),
+            on_gap: GapPolicy::Notify,
+            max_batch: 100,
+        }
+    }
+
+    fn msgs(payloads: &[&str]) -> Vec<NewMessage> {
+        payloads
+            .iter()
+            .map(|p| NewMessage {
+                payload: Bytes::copy_from_slice(p.as_bytes()),
+                ..NewMessage::default()
+            })
+            .collect()
+    }
+
+    /// (topic, sequence, payload) of every message of a batch.
+    fn contents(batch: &SubscriptionBatch) -> Vec<(String, u64, String)> {
+        batch
+            .messages
+            .iter()
+            .flat_map(|s| {
+                s.messages().map(|m| {
+                    (
+                        m.topic.to_string(),
+                        m.sequence,
+                        String::from_utf8(m.entry.payload.to_vec()).unwrap(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Collects messages from `stream` until `n` arrived.
+    async fn take<S>(stream: &mut S, n: usize) -> Vec<(String, u64, String)>
+    where
+        S: Stream<Item = Result<SubscriptionBatch, BrokerError>> + Unpin,
+    {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let batch = tokio::time::timeout(SOON, stream.next())
+                .await
+                .expect("a batch in time")
+                .expect("the stream goes on")
+                .expect("no error");
+            got.extend(contents(&batch));
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_wildcard_follows_two_topics_in_order_including_a_later_one() {
+        let s = setup().await;
+        s.store.publish("ev.a", msgs(&["a1", "a2"])).await.unwrap();
+        s.store.publish("other", msgs(&["no"])).await.unwrap();
+        let stream = subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            spec("ev.*", Start::Earliest),
+            s.shutdown.child_token(),
+        );
+        let mut stream = Box::pin(stream);
+        assert_eq!(
+            take(&mut stream, 2).await,
+            [
+                ("ev.a".into(), 1, "a1".into()),
+                ("ev.a".into(), 2, "a2".into())
+            ]
+        );
+        // Created after the subscription opened: read from its start.
+        s.other.publish("ev.b", msgs(&["b1", "b2"])).await.unwrap();
+        s.other.publish("ev.a", msgs(&["a3"])).await.unwrap();
+        s.other.publish("ev.b", msgs(&["b3"])).await.unwrap();
+        s.other.publish("other", msgs(&["no"])).await.unwrap();
+        let got = take(&mut stream, 4).await;
+        let of = |topic: &str| -> Vec<(u64, String)> {
+            got.iter()
+                .filter(|m| m.0 == topic)
+                .map(|m| (m.1, m.2.clone()))
+                .collect()
+        };
+        assert_eq!(of("ev.a"), [(3, "a3".to_string())]);
+        assert_eq!(
+            of("ev.b"),
+            [(1, "b1".into()), (2, "b2".into()), (3, "b3".to_string())]
+        );
+        assert_eq!(got.len(), 4, "nothing from topics that do not match");
+    }
+
+    #[tokio::test]
+    async fn replays_from_a_sequence_a_time_and_resume_positions() {
+        let s = setup().await;
+        s.store.publish("t", msgs(&["1", "2", "3"])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        s.store.publish("t", msgs(&["4"])).await.unwrap();
+        let at = s.store.read("t", 4, 1).await.unwrap().slices[0]
+            .block
+            .publish_time;
+
+        let mut by_seq = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            spec("t", Start::Sequence(2)),
+            s.shutdown.child_token(),
+        ));
+        let got = take(&mut by_seq, 3).await;
+        assert_eq!(got.iter().map(|m| m.1).collect::<Vec<_>>(), [2, 3, 4]);
+
+        let mut by_time = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            spec("t", Start::Time(at)),
+            s.shutdown.child_token(),
+        ));
+        assert_eq!(take(&mut by_time, 1).await[0].1, 4);
+
+        let mut resumed = spec("t", Start::Latest);
+        resumed.resume_from.insert("t".into(), 3);
+        let mut resumed = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            resumed,
+            s.shutdown.child_token(),
+        ));
+        let got = take(&mut resumed, 2).await;
+        assert_eq!(got.iter().map(|m| m.1).collect::<Vec<_>>(), [3, 4]);
+    }
+
+    #[tokio::test]
+    async fn batches_hold_at_most_max_batch_and_gaps_follow_the_policy() {
+        let s = setup().await;
+        let small = Retention {
+            max_messages: 3,
+            ..Retention::default()
+        };
+        s.store.create("t", small).await.unwrap();
+        s.store
+            .publish("t", msgs(&["1", "2", "3", "4", "5"]))
+            .await
+            .unwrap();
+
+        let mut notify = spec("t", Start::Sequence(1));
+        notify.max_batch = 2;
+        let mut stream = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            notify,
+            s.shutdown.child_token(),
+        ));
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(
+            first.gaps,
+            [GapNotice {
+                topic: "t".into(),
+                first_missing: 1,
+                next_available: 3
+            }]
+        );
+        assert_eq!(
+            contents(&first).iter().map(|m| m.1).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        let second = stream.next().await.unwrap().unwrap();
+        assert!(second.gaps.is_empty());
+        assert_eq!(
+            contents(&second).iter().map(|m| m.1).collect::<Vec<_>>(),
+            [5]
+        );
+
+        let mut end = spec("t", Start::Sequence(1));
+        end.on_gap = GapPolicy::EndStream;
+        let mut stream = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            end,
+            s.shutdown.child_token(),
+        ));
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(
+            err,
+            BrokerError::DataLoss(
+                "subscription fell behind retention on topic \"t\": sequences 1..2 are gone (next available 3)".into()
+            )
+        );
+        assert!(
+            stream.next().await.is_none(),
+            "the stream ends after the error"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_publish_on_another_connection_wakes_the_subscriber_before_its_poll() {
+        let s = setup().await;
+        s.store.create("live", Retention::default()).await.unwrap();
+        let mut stream = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            spec("live", Start::Latest),
+            s.shutdown.child_token(),
+        ));
+        // Let it open and settle into its wait (the hub's connect wakes it once).
+        let idle = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+        assert!(idle.is_err(), "nothing to deliver yet");
+        // Each publish lands at a random point of the subscriber's poll period; by the
+        // poll alone half of them would take over POLL_INTERVAL / 2, by the wake none.
+        let mut latencies = Vec::new();
+        for i in 0..6 {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(10..200))).await;
+            let sent = Instant::now();
+            s.other.publish("live", msgs(&["x"])).await.unwrap();
+            let got = take(&mut stream, 1).await;
+            latencies.push(sent.elapsed());
+            assert_eq!(got[0].1, i + 1);
+        }
+        latencies.sort();
+        let median = latencies[latencies.len() / 2];
+        assert!(
+            median < POLL_INTERVAL / 2,
+            "median wake latency {median:?} (all: {latencies:?})"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_when_cancelled_and_drops_deleted_topics() {
+        let s = setup().await;
+        s.store.publish("t", msgs(&["1"])).await.unwrap();
+        let ends_on = s.shutdown.child_token();
+        let mut stream = Box::pin(subscribe(
+            s.store.clone(),
+            s.wakes.clone(),
+            spec("t", Start::Earliest),
+            ends_on.clone(),
+        ));
+        assert_eq!(take(&mut stream, 1).await[0].1, 1);
+        // Deleted and created again: a new topic, read from its start.
+        s.other.delete("t").await.unwrap();
+        s.other.publish("t", msgs(&["new"])).await.unwrap();
+        let got = take(&mut stream, 1).await;
+        assert_eq!((got[0].1, got[0].2.as_str()), (1, "new"));
+
+        let waiting = tokio::spawn(async move { stream.next().await.is_none() });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ends_on.cancel();
+        let ended = tokio::time::timeout(SOON, waiting).await.unwrap().unwrap();
+        assert!(ended, "the stream ends without another batch");
+    }
+
+    #[tokio::test]
+    async fn works_on_a_one_node_cluster() {
+        let server = RedisServer::start_with(&["--cluster-enabled", "yes"]);
+        let port = server.port.to_string();
+        let cli = |args: &[&str]| {
+            std::process::Command::new("redis-cli")
+                .args(["-p", &port])
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        assert!(cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]).contains("OK"));
+        let start = Instant::now();
+        while !cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            assert!(start.elapsed() < SOON, "the cluster never got ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let conn = connect(&[server.url()]).await.unwrap();
+        assert!(conn.is_cluster());
+        let store = TopicStore::new(conn);
+        let shutdown = CancellationToken::new();
+        let wakes = Wakes::start(vec![server.url()], shutdown.clone());
+        store.publish("c.one", msgs(&["1", "2"])).await.unwrap();
+        let mut stream = Box::pin(subscribe(
+            store.clone(),
+            wakes,
+            spec("c.*", Start::Earliest),
+            shutdown.child_token(),
+        ));
+        assert_eq!(take(&mut stream, 2).await.len(), 2);
+        // A topic in another slot, created later, and a publish woken through the
+        // cluster connection's pushes.
+        store.publish("c.two", msgs(&["a"])).await.unwrap();
+        assert_eq!(take(&mut stream, 1).await[0].0, "c.two");
+        let mut latencies = Vec::new();
+        for seq in 3..7 {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(10..200))).await;
+            let sent = Instant::now();
+            store.publish("c.one", msgs(&["x"])).await.unwrap();
+            assert_eq!(take(&mut stream, 1).await[0].1, seq);
+            latencies.push(sent.elapsed());
+        }
+        latencies.sort();
+        assert!(
+            latencies[1] < POLL_INTERVAL / 2,
+            "wake latencies {latencies:?}"
+        );
+        store.delete("c.two").await.unwrap();
+        assert_eq!(store.names().await.unwrap(), ["c.one"]);
+        shutdown.cancel();
+    }
+}
