@@ -4,9 +4,12 @@
 //! * `domain`: the queue state machine, the topic log, deduplication, names, limits and
 //!   time. Pure data structures that take `now` as an argument; no tonic, protobuf, HTTP,
 //!   locks or I/O.
-//! * `engine`: the shared [`Broker`] handle that holds the domain objects behind locks,
-//!   journals each change to the store, and runs the background tasks (expiry ticker,
-//!   compactor, stats). Split by concern: queues, topics, admin, consume, subscriptions.
+//! * `engine`: where queues and topics live, behind one interface, [`Engine`]. `local` is
+//!   the in-process [`Broker`]: the domain objects behind locks, each change journaled to
+//!   the store, background tasks (expiry ticker, compactor, stats). `redis` is the
+//!   [`RedisEngine`]: the same semantics as Lua scripts over Redis (standalone or cluster),
+//!   so several stateless nodes serve one state. `checks` holds the request checks both
+//!   run first.
 //! * `store`: durability. The write-ahead log (records, group commit, recovery,
 //!   compaction, manifest) over a pluggable [`Storage`].
 //! * `auth`: bearer tokens and their grants, and the re-check of open streams on reload.
@@ -38,6 +41,7 @@ pub use self::domain::error::BrokerError;
 pub use self::domain::limits::Limits;
 pub use self::engine::Engine;
 pub use self::engine::local::{Broker, BrokerConfig};
+pub use self::engine::redis::{RedisCommit, RedisConfig, RedisEngine};
 
 // Pluggable storage: the write-ahead log over a `Storage`, and what recovery reports.
 pub use self::store::{

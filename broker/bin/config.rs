@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::cli;
 use sluice::broker::{
-    Authenticator, BrokerConfig, FsyncPolicy, HttpOptions, Limits, ServeOptions, StoreConfig,
-    TlsSettings,
+    Authenticator, BrokerConfig, FsyncPolicy, HttpOptions, Limits, RedisConfig, ServeOptions,
+    StoreConfig, TlsSettings,
 };
 
 /// Sluice: a message broker served over gRPC.
@@ -64,6 +64,9 @@ pub enum StorageKind {
     Wal,
     /// Memory only: everything is lost when the process stops.
     Memory,
+    /// Redis (`--redis`, a standalone server or a Redis Cluster): several `sluice serve`
+    /// nodes on the same Redis serve the same queues and topics.
+    Redis,
 }
 
 /// `--max-memory-bytes`: `auto`, or a byte count (0: no budget).
@@ -192,9 +195,22 @@ pub struct ServeArgs {
     /// Where the write-ahead log lives (created with mode 0700; files are 0600).
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
     pub data_dir: PathBuf,
-    /// `wal` (durable, the default) or `memory` (nothing survives a restart).
+    /// `wal` (durable, the default), `memory` (nothing survives a restart) or `redis`
+    /// (state in Redis, shared by every node started on it).
     #[arg(long, env = "SLUICE_STORAGE", value_enum, default_value_t = StorageKind::Wal)]
     pub storage: StorageKind,
+    /// With `--storage redis`: `redis://host:port` of a standalone server, or
+    /// comma-separated seed nodes of a Redis Cluster.
+    #[arg(long, env = "SLUICE_REDIS", value_name = "URLS", value_delimiter = ',')]
+    pub redis: Vec<String>,
+    /// With `--storage redis`: replicas every change must reach before it is answered
+    /// (Redis `WAIT`); 0 answers once the primary has it.
+    #[arg(long, env = "SLUICE_REDIS_REPLICAS", default_value_t = 0)]
+    pub redis_replicas: u32,
+    /// With `--storage redis`: how long an answer waits for `--redis-replicas`, ms; past
+    /// it the request is UNAVAILABLE with its outcome unknown.
+    #[arg(long, env = "SLUICE_REDIS_TIMEOUT_MS", default_value_t = 1_000)]
+    pub redis_timeout_ms: u64,
     /// When the log is fsynced: `always` (before answering; concurrent requests share one
     /// fsync) or `interval:<ms>` (answer once written to the kernel, fsync every <ms>: a
     /// process crash loses nothing acknowledged, a machine crash up to that much).
@@ -214,6 +230,20 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Refuses settings that are unsafe or inconsistent.
     pub fn check(&self) -> Result<(), String> {
+        match (self.storage, self.redis.is_empty()) {
+            (StorageKind::Redis, true) => {
+                return Err(
+                    "--storage redis needs --redis <redis://host:port[,...]> (SLUICE_REDIS)".into(),
+                );
+            }
+            (StorageKind::Wal | StorageKind::Memory, false) => {
+                return Err(format!(
+                    "--redis is set but --storage is {:?}: pass --storage redis to keep state in Redis",
+                    self.storage
+                ));
+            }
+            _ => {}
+        }
         if !self.listen.ip().is_loopback() && !self.insecure && self.tokens_file.is_none() {
             return Err(format!(
                 "--listen {} is not a loopback address and authentication is not configured: set --tokens-file, or pass --insecure (SLUICE_INSECURE=true) to serve it anyway",
@@ -265,7 +295,17 @@ impl ServeArgs {
         Ok(())
     }
 
-    /// The broker's settings.
+    /// The Redis engine's settings.
+    pub fn redis_config(&self) -> RedisConfig {
+        RedisConfig {
+            replicas: self.redis_replicas,
+            replica_timeout: Duration::from_millis(self.redis_timeout_ms),
+            limits: self.broker_config().limits,
+            ..RedisConfig::new(self.redis.clone())
+        }
+    }
+
+    /// The in-process engine's settings.
     pub fn broker_config(&self) -> BrokerConfig {
         BrokerConfig {
             limits: Limits {

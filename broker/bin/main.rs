@@ -9,7 +9,7 @@ use std::io::IsTerminal as _;
 use std::sync::Arc;
 
 use crate::config::{Cli, Command, ServeArgs, StorageKind};
-use sluice::broker::{Broker, DirStorage, serve, serve_http_with};
+use sluice::broker::{Broker, DirStorage, Engine, RedisEngine, serve, serve_http_with};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
@@ -87,50 +87,78 @@ async fn main() -> std::process::ExitCode {
                     }
                 },
             };
-            let broker = match args.storage {
-                StorageKind::Memory => Broker::new(args.broker_config()),
+            match args.storage {
+                StorageKind::Memory => {
+                    let broker = Broker::new(args.broker_config());
+                    run(broker, listener, http_listener, options, &args).await
+                }
                 StorageKind::Wal => match open_wal(&args) {
-                    Ok(broker) => broker,
+                    Ok(broker) => run(broker, listener, http_listener, options, &args).await,
                     Err(e) => {
                         tracing::error!("{e}");
                         eprintln!("sluice: {e}");
-                        return std::process::ExitCode::from(1);
+                        std::process::ExitCode::from(1)
                     }
                 },
-            };
-            // The HTTP server stops with the broker's token, which `serve` cancels on
-            // shutdown, so both end together.
-            let http = http_listener.map(|listener| {
-                let token = broker.shutdown_token();
-                tokio::spawn(serve_http_with(
-                    listener,
-                    broker.clone(),
-                    args.http_options(),
-                    token.cancelled_owned(),
-                ))
-            });
-            let served = serve(listener, broker.clone(), options, shutdown_signal()).await;
-            // If gRPC failed on its own, the HTTP server must not keep the process alive.
-            broker.shutdown();
-            broker.close_storage();
-            let http_result = match http {
-                Some(task) => match task.await {
-                    Ok(r) => r.map_err(|e| format!("HTTP server: {e}")),
-                    Err(e) => Err(format!("HTTP server task: {e}")),
+                StorageKind::Redis => match RedisEngine::connect(args.redis_config()).await {
+                    Ok(engine) => {
+                        tracing::info!(
+                            redis = ?args.redis,
+                            cluster = engine.is_cluster(),
+                            replicas = args.redis_replicas,
+                            "state in Redis"
+                        );
+                        run(engine, listener, http_listener, options, &args).await
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        eprintln!("sluice: cannot use --redis {}: {e}", args.redis.join(","));
+                        std::process::ExitCode::from(1)
+                    }
                 },
-                None => Ok(()),
-            };
-            match (served, http_result) {
-                (Ok(()), Ok(())) => std::process::ExitCode::SUCCESS,
-                (Err(e), _) => {
-                    eprintln!("sluice: {e}");
-                    std::process::ExitCode::from(1)
-                }
-                (Ok(()), Err(e)) => {
-                    eprintln!("sluice: {e}");
-                    std::process::ExitCode::from(1)
-                }
             }
+        }
+    }
+}
+
+/// Serves `engine` over gRPC (and HTTP with `--http`) until a shutdown signal.
+async fn run<E: Engine>(
+    engine: E,
+    listener: tokio::net::TcpListener,
+    http_listener: Option<tokio::net::TcpListener>,
+    options: sluice::broker::ServeOptions,
+    args: &ServeArgs,
+) -> std::process::ExitCode {
+    // The HTTP server stops with the engine's token, which `serve` cancels on shutdown,
+    // so both end together.
+    let http = http_listener.map(|listener| {
+        let token = engine.shutdown_token();
+        tokio::spawn(serve_http_with(
+            listener,
+            engine.clone(),
+            args.http_options(),
+            token.cancelled_owned(),
+        ))
+    });
+    let served = serve(listener, engine.clone(), options, shutdown_signal()).await;
+    // If gRPC failed on its own, the HTTP server must not keep the process alive.
+    engine.close();
+    let http_result = match http {
+        Some(task) => match task.await {
+            Ok(r) => r.map_err(|e| format!("HTTP server: {e}")),
+            Err(e) => Err(format!("HTTP server task: {e}")),
+        },
+        None => Ok(()),
+    };
+    match (served, http_result) {
+        (Ok(()), Ok(())) => std::process::ExitCode::SUCCESS,
+        (Err(e), _) => {
+            eprintln!("sluice: {e}");
+            std::process::ExitCode::from(1)
+        }
+        (Ok(()), Err(e)) => {
+            eprintln!("sluice: {e}");
+            std::process::ExitCode::from(1)
         }
     }
 }

@@ -9,8 +9,8 @@
 //! policies, lease ids) is in `domain` and shared by both; each engine enforces the rest
 //! where its state is (the queue's own lock, or the queue's one Redis script).
 
+pub(crate) mod checks;
 pub(crate) mod local;
-#[allow(dead_code)] // Wired in below once its stores land.
 pub(crate) mod redis;
 
 use std::future::Future;
@@ -30,6 +30,7 @@ use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 
 pub(crate) use self::local::Broker;
+pub(crate) use self::redis::RedisEngine;
 
 pub(crate) use self::local::admin::{PolicyPatch, QueueInfo, RedriveOutcome};
 pub(crate) use self::local::consume::{ConsumeCommands, ConsumeEvent, ConsumeSpec, ConsumeStream};
@@ -60,6 +61,7 @@ mod sealed {
     /// the broker's insides.
     pub trait Sealed {}
     impl Sealed for super::Broker {}
+    impl Sealed for super::RedisEngine {}
 }
 
 /// What the transport asks of an engine: every RPC of `sluice.v1.Broker`, with the
@@ -82,6 +84,9 @@ pub trait Engine: sealed::Sealed + Clone + Send + Sync + 'static {
     fn storage_failure(&self) -> Option<String>;
     /// Resolves when the engine stops accepting changes, with the reason.
     fn storage_failed(&self) -> impl Future<Output = String> + Send;
+    /// Shuts the engine down: long polls return, streams and background tasks end, and
+    /// the in-process engine closes its log.
+    fn close(&self);
 
     /// Appends messages to a topic, up to the durability wait.
     fn publish_logged(

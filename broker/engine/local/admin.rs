@@ -18,6 +18,7 @@ use crate::broker::domain::queue::{
     Backoff, ConsumerState, MAX_IN_FLIGHT, MAX_RATE_PER_SECOND, QueuePolicy, RateLimit,
 };
 use crate::broker::domain::time::now_ms;
+use crate::broker::engine::checks;
 use crate::broker::engine::local::memory::Accounted;
 use crate::broker::store::Commit;
 use crate::broker::sync::lock;
@@ -71,15 +72,17 @@ pub struct RedriveOutcome {
     pub skipped: Vec<Uuid>,
 }
 
-impl Broker {
-    pub(in crate::broker) fn apply_patch(
-        &self,
+impl PolicyPatch {
+    /// `policy` (of queue `name`) with this patch applied, every field checked; changes
+    /// nothing on a refusal. Shared by every engine.
+    pub(crate) fn apply_to(
+        self,
         name: &str,
         mut policy: QueuePolicy,
-        patch: PolicyPatch,
     ) -> Result<QueuePolicy, BrokerError> {
+        let patch = self;
         if let Some(v) = patch.visibility_timeout_ms {
-            Self::check_visibility("policy.visibility_timeout_ms", v)?;
+            checks::visibility("policy.visibility_timeout_ms", v)?;
             policy.visibility_timeout_ms = v;
         }
         if let Some(v) = patch.max_attempts {
@@ -207,7 +210,9 @@ impl Broker {
             burst: if burst == 0 { per_second } else { burst },
         }))
     }
+}
 
+impl Broker {
     pub(in crate::broker) fn info(slot: &SharedQueue) -> QueueInfo {
         let q = lock(&slot.queue);
         QueueInfo {
@@ -257,7 +262,7 @@ impl Broker {
         patch: PolicyPatch,
     ) -> Result<QueueInfo, BrokerError> {
         validate_name("name", name)?;
-        let policy = self.apply_patch(name, QueuePolicy::default_for(name), patch)?;
+        let policy = patch.apply_to(name, QueuePolicy::default_for(name))?;
         if self.inner.queues.contains_key(name) {
             return Err(BrokerError::AlreadyExists(format!(
                 "queue {name:?} already exists (use UpdateQueue)"
@@ -283,7 +288,7 @@ impl Broker {
     ) -> Result<QueueInfo, BrokerError> {
         let slot = self.existing_queue("name", name)?;
         let current = lock(&slot.queue).policy().clone();
-        let policy = self.apply_patch(name, current, patch)?;
+        let policy = patch.apply_to(name, current)?;
         self.wait_for_log_space().await?;
         let commit = {
             let _change = self.begin()?;
@@ -411,7 +416,7 @@ impl Broker {
         let uuids = ids
             .iter()
             .enumerate()
-            .map(|(i, id)| Self::parse_job_id(&format!("job_ids[{i}]"), id))
+            .map(|(i, id)| checks::job_id(&format!("job_ids[{i}]"), id))
             .collect::<Result<Vec<_>, _>>()?;
         let slot = self.existing_queue("dead_letter_queue", dead_letter_queue)?;
         let field = if uuids.is_empty() {

@@ -16,6 +16,7 @@ use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::limits::check_duration_ms;
 use crate::broker::domain::queue::{Delivery, LeaseId, LeaseIdError, MAX_VISIBILITY_MS};
 use crate::broker::domain::time::now_ms;
+use crate::broker::engine::checks;
 use crate::broker::engine::local::{Broker, SharedQueue};
 
 /// Who consumes what.
@@ -84,6 +85,13 @@ pub enum ConsumeEvent {
 /// applied in the same poll. Dropping the stream puts back what it held.
 pub struct ConsumeStream {
     events: Pin<Box<dyn Stream<Item = ConsumeEvent> + Send>>,
+}
+
+impl ConsumeStream {
+    /// A stream of `events` (each engine builds its own session).
+    pub(crate) fn new(events: Pin<Box<dyn Stream<Item = ConsumeEvent> + Send>>) -> Self {
+        Self { events }
+    }
 }
 
 impl Stream for ConsumeStream {
@@ -279,7 +287,7 @@ impl Broker {
         // Leases of a stream name its queue: sharing the name costs no allocation.
         let parse = |field: &str, lease_id: &str| {
             LeaseId::try_parse_for(lease_id, &slot.name)
-                .map_err(|why| Self::bad_lease_id(field, lease_id, why))
+                .map_err(|why| checks::bad_lease_id(field, lease_id, why))
         };
         // Nacks and extensions name a lease of this stream's queue.
         let own = |field: &str, lease: &LeaseId, queue: &str| -> Result<(), BrokerError> {
@@ -305,7 +313,7 @@ impl Broker {
                     let lease_id = std::str::from_utf8(&received);
                     let outcome = match lease_id {
                         Ok(lease_id) => parse("acks.lease_id", lease_id),
-                        Err(_) => Err(Self::bad_lease_id(
+                        Err(_) => Err(checks::bad_lease_id(
                             "acks.lease_id",
                             &String::from_utf8_lossy(&received),
                             LeaseIdError::NotUtf8,
@@ -331,7 +339,12 @@ impl Broker {
                 }
                 for nack in &command.nacks {
                     let outcome = parse("nacks.lease_id", &nack.lease_id).and_then(|lease| {
-                        self.check_nack("nacks.", &nack.error, nack.retry_delay_ms)?;
+                        checks::nack(
+                            &self.inner.config.limits,
+                            "nacks.",
+                            &nack.error,
+                            nack.retry_delay_ms,
+                        )?;
                         own("nacks.lease_id", &lease, q.name())?;
                         q.nack(
                             now,
@@ -351,7 +364,7 @@ impl Broker {
                 // Extensions are not logged: leases do not survive a restart anyway.
                 for (lease_id, timeout) in &command.extends {
                     let outcome = parse("extends.lease_id", lease_id).and_then(|lease| {
-                        Self::check_visibility("extends.visibility_timeout_ms", *timeout)?;
+                        checks::visibility("extends.visibility_timeout_ms", *timeout)?;
                         own("extends.lease_id", &lease, q.name())?;
                         q.extend(now, &lease, *timeout).map(|_| ())
                     });

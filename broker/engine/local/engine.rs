@@ -42,6 +42,11 @@ impl Engine for Broker {
         Broker::storage_failed(self)
     }
 
+    fn close(&self) {
+        Broker::shutdown(self);
+        Broker::close_storage(self);
+    }
+
     fn publish_logged(
         &self,
         topic: &str,

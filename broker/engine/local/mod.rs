@@ -195,11 +195,7 @@ impl Broker {
 
     /// Refuses a request for more than `--max-batch` items: `n` of them, in `field`.
     pub(crate) fn check_batch(&self, field: &str, n: usize, unit: &str) -> Result<(), BrokerError> {
-        let max = self.inner.config.limits.max_batch;
-        if n > max {
-            return Err(BrokerError::over_limit(field, n as u64, max as u64, unit));
-        }
-        Ok(())
+        super::checks::batch(&self.inner.config.limits, field, n, unit)
     }
 
     /// The limits this broker enforces.

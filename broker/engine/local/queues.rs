@@ -7,17 +7,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use uuid::Uuid;
 
-use crate::broker::auth::{Access, Action};
+use crate::broker::auth::Access;
 use crate::broker::domain::error::BrokerError;
-use crate::broker::domain::limits::{MAX_RETRY_DELAY_MS, check_duration_ms, checked};
-use crate::broker::domain::names::validate_name;
+use crate::broker::domain::limits::check_duration_ms;
 use crate::broker::domain::queue::{
-    DeadLetter, Delivery, Enqueued, FailOutcome, Job, JobState, LeaseId, LeaseIdError,
-    MAX_VISIBILITY_MS, NewJob, Queue, QueuePolicy,
+    DeadLetter, Delivery, Enqueued, FailOutcome, Job, JobState, LeaseId, MAX_VISIBILITY_MS, NewJob,
+    Queue, QueuePolicy,
 };
 use crate::broker::domain::time::{Millis, now_ms};
+use crate::broker::engine::checks;
 use crate::broker::engine::local::memory::Accounted;
 use crate::broker::store::Batch;
 use crate::broker::sync::lock;
@@ -103,27 +102,7 @@ impl Broker {
         now: Millis,
     ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
         let limits = &self.inner.config.limits;
-        limits.check_batch("jobs", jobs.len())?;
-        // A fresh vector, not `collect`: collecting in place would reuse the request's
-        // allocation and then shrink it to fit the smaller `NewJob`s, copying them all.
-        let mut converted = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            converted.push(job?);
-        }
-        let jobs = converted;
-        validate_name("queue", queue)?;
-        for (i, job) in jobs.iter().enumerate() {
-            limits.check_entry(
-                |name| format!("jobs[{i}].{name}"),
-                job.payload.len(),
-                &job.headers,
-                &[
-                    ("kind", Some(job.kind.as_str())),
-                    ("idempotency_key", job.idempotency_key.as_deref()),
-                    ("ordering_key", job.ordering_key.as_deref()),
-                ],
-            )?;
-        }
+        let jobs = checks::enqueue(limits, queue, jobs)?;
         if self.inner.memory.is_limited() {
             let bytes = jobs.iter().map(|j| j.payload.len() as u64).sum();
             self.inner.memory.check("jobs", bytes)?;
@@ -206,58 +185,6 @@ impl Broker {
         }
     }
 
-    /// Checks a lease duration: 1 ms to 12 h.
-    pub(crate) fn check_visibility(field: &str, ms: u64) -> Result<(), BrokerError> {
-        if ms == 0 {
-            return Err(BrokerError::invalid(field, "must be at least 1 ms"));
-        }
-        check_duration_ms(field, ms, MAX_VISIBILITY_MS)
-    }
-
-    /// Checks a nack's error text and explicit retry delay; `prefix` is the request path
-    /// of the nack (empty for the unary call, `nacks.` on a consume stream).
-    pub(crate) fn check_nack(
-        &self,
-        prefix: &str,
-        error: &str,
-        retry_delay_ms: Option<u64>,
-    ) -> Result<(), BrokerError> {
-        // Field paths are formatted only for a refusal: a stream nacks per job.
-        let field = |name: &str| format!("{prefix}{name}");
-        let limits = &self.inner.config.limits;
-        checked(field, "error", |f| limits.check_error_text(f, error))?;
-        if let Some(d) = retry_delay_ms {
-            checked(field, "retry_delay_ms", |f| {
-                check_duration_ms(f, d, MAX_RETRY_DELAY_MS)
-            })?;
-        }
-        Ok(())
-    }
-
-    /// Parses the lease id in `field` and refuses it unless `access` may consume from its
-    /// queue. A malformed id is refused as such, whatever the access.
-    fn authorized_lease(
-        access: &Access,
-        field: &str,
-        lease_id: &str,
-    ) -> Result<LeaseId, BrokerError> {
-        let lease = lease_id
-            .parse::<LeaseId>()
-            .map_err(|why| Self::bad_lease_id(field, lease_id, why))?;
-        access.check(Action::Consume, field, &lease.queue)?;
-        Ok(lease)
-    }
-
-    /// The error for a malformed lease id in `field`.
-    pub(crate) fn bad_lease_id(field: &str, lease_id: &str, why: LeaseIdError) -> BrokerError {
-        BrokerError::invalid(
-            field,
-            format!(
-                "{lease_id:?} is not a lease id: {why} (expected <queue>/<seq>/<nonce> as returned by Lease)"
-            ),
-        )
-    }
-
     pub(in crate::broker) fn lease_queue(
         &self,
         lease: &LeaseId,
@@ -289,36 +216,7 @@ impl Broker {
         access: &Access,
         acks: Vec<(String, Option<Bytes>)>,
     ) -> Result<(), BrokerError> {
-        let limits = &self.inner.config.limits;
-        limits.check_batch("acks", acks.len())?;
-        let mut parsed = Vec::with_capacity(acks.len());
-        // The first malformed id or oversized result, refused once every permission is
-        // known to hold.
-        let mut invalid = None;
-        for (i, (lease_id, result)) in acks.into_iter().enumerate() {
-            // Field paths are formatted only for a refusal: this loop runs per ack.
-            let field = |name: &str| format!("acks[{i}].{name}");
-            let lease = match lease_id.parse::<LeaseId>() {
-                Ok(lease) => lease,
-                Err(why) => {
-                    invalid.get_or_insert_with(|| {
-                        Self::bad_lease_id(&field("lease_id"), &lease_id, why)
-                    });
-                    continue;
-                }
-            };
-            access.check(Action::Consume, "acks.lease_id", &lease.queue)?;
-            if let Some(r) = &result
-                && invalid.is_none()
-                && let Err(e) = checked(field, "result", |f| limits.check_payload(f, r.len()))
-            {
-                invalid = Some(e);
-            }
-            parsed.push((lease, result));
-        }
-        if let Some(e) = invalid {
-            return Err(e);
-        }
+        let parsed = checks::acks(&self.inner.config.limits, access, acks)?;
         self.wait_for_log_space().await?;
         self.ack_leases(parsed, now_ms()).await
     }
@@ -357,13 +255,7 @@ impl Broker {
                 }
             }
             if !stale.is_empty() {
-                let shown: Vec<&str> = stale.iter().take(10).map(String::as_str).collect();
-                return Err(BrokerError::FailedPrecondition(format!(
-                    "{} of {} leases are stale, nothing was acked: {}",
-                    stale.len(),
-                    acks.len(),
-                    shown.join("; ")
-                )));
+                return Err(checks::stale_acks(&stale, acks.len()));
             }
             let mut batch = self.batch();
             for (q, (guard, name)) in guards.iter_mut().zip(&names).enumerate() {
@@ -422,8 +314,8 @@ impl Broker {
         retry_delay_ms: Option<u64>,
         dead_letter: bool,
     ) -> Result<(JobState, Option<Millis>), BrokerError> {
-        let lease = Self::authorized_lease(access, "lease_id", lease_id)?;
-        self.check_nack("", &error, retry_delay_ms)?;
+        let lease = checks::authorized_lease(access, "lease_id", lease_id)?;
+        checks::nack(&self.inner.config.limits, "", &error, retry_delay_ms)?;
         self.wait_for_log_space().await?;
         let now = now_ms();
         let (outcome, commit) = {
@@ -462,8 +354,8 @@ impl Broker {
         lease_id: &str,
         visibility_timeout_ms: u64,
     ) -> Result<Millis, BrokerError> {
-        let lease = Self::authorized_lease(access, "lease_id", lease_id)?;
-        Self::check_visibility("visibility_timeout_ms", visibility_timeout_ms)?;
+        let lease = checks::authorized_lease(access, "lease_id", lease_id)?;
+        checks::visibility("visibility_timeout_ms", visibility_timeout_ms)?;
         let _change = self.begin()?;
         let slot = self.lease_queue(&lease)?;
         let now = now_ms();
@@ -475,11 +367,6 @@ impl Broker {
     }
 
     // ---- inspection -------------------------------------------------------------------
-
-    pub(in crate::broker) fn parse_job_id(field: &str, id: &str) -> Result<Uuid, BrokerError> {
-        Uuid::parse_str(id)
-            .map_err(|e| BrokerError::invalid(field, format!("{id:?} is not a job id: {e}")))
-    }
 
     pub(in crate::broker) fn queues_to_search(
         &self,
@@ -500,7 +387,7 @@ impl Broker {
     /// job is reported from its original queue rather than from the dead-letter queue that
     /// holds its copy.
     pub fn get_job(&self, id: &str, queue: Option<&str>) -> Result<(String, Job), BrokerError> {
-        let uuid = Self::parse_job_id("id", id)?;
+        let uuid = checks::job_id("id", id)?;
         let mut found: Option<(String, Job)> = None;
         for slot in self.queues_to_search(queue)? {
             if let Some(job) = lock(&slot.queue).get(&uuid) {
@@ -522,7 +409,7 @@ impl Broker {
         id: &str,
         queue: Option<&str>,
     ) -> Result<(String, Job), BrokerError> {
-        let uuid = Self::parse_job_id("id", id)?;
+        let uuid = checks::job_id("id", id)?;
         self.wait_for_log_space().await?;
         for slot in self.queues_to_search(queue)? {
             let known = lock(&slot.queue)
@@ -560,16 +447,7 @@ impl Broker {
         page_token: &str,
     ) -> Result<(Vec<Job>, Option<u64>), BrokerError> {
         self.check_batch("page_size", page_size, "jobs")?;
-        let after = if page_token.is_empty() {
-            0
-        } else {
-            page_token.parse().map_err(|_| {
-                BrokerError::invalid(
-                    "page_token",
-                    format!("{page_token:?} is not a page token from ListJobs"),
-                )
-            })?
-        };
+        let after = checks::page_token(page_token)?;
         let slot = self.existing_queue("queue", queue)?;
         let size = if page_size == 0 { 100 } else { page_size };
         Ok(lock(&slot.queue).list(state, after, size))

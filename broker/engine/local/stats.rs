@@ -6,10 +6,13 @@
 //! snapshot at most once per [`STATS_TICK`] while anyone watches, and each watcher reads
 //! the latest one and keeps what it may see. The task stops when the last watcher goes.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::{Broker, StorageStatus};
 use crate::broker::domain::queue::QueueCounts;
@@ -62,64 +65,94 @@ impl StatsWatch {
     }
 }
 
-impl Broker {
-    /// Follows the whole-broker snapshot, recomputed at most once per [`STATS_TICK`]
-    /// while any watch is open, whatever the number of watchers.
-    pub fn watch_stats(&self) -> StatsWatch {
-        let hub = &self.inner.stats;
-        let mut running = lock(&hub.running);
-        let latest = hub.latest.subscribe();
+impl StatsHub {
+    /// A new watcher; `start` is called to spawn the publisher (which must run
+    /// [`StatsHub::publish`]) when none runs.
+    pub(crate) fn watch(&self, start: impl FnOnce()) -> StatsWatch {
+        let mut running = lock(&self.running);
+        let latest = self.latest.subscribe();
         if !*running {
             *running = true;
-            tokio::spawn(self.clone().publish_stats());
+            start();
         }
         StatsWatch { latest }
     }
 
     /// The shared snapshot if one was taken within the last [`STATS_TICK`] (while
     /// someone watches): a one-off Stats request can use it instead of a new one.
-    pub fn recent_stats(&self) -> Option<Arc<StatsSnapshot>> {
-        let latest = self.inner.stats.latest.borrow().clone()?;
+    pub(crate) fn recent(&self) -> Option<Arc<StatsSnapshot>> {
+        let latest = self.latest.borrow().clone()?;
         let fresh = now_ms().saturating_sub(latest.taken_at) <= STATS_TICK.as_millis() as u64;
         fresh.then_some(latest)
+    }
+
+    /// The publisher: one snapshot per tick from `take` (`None`: none this tick) until
+    /// no watcher is left or `shutdown`.
+    pub(crate) async fn publish<F>(&self, shutdown: CancellationToken, mut take: impl FnMut() -> F)
+    where
+        F: Future<Output = Option<StatsSnapshot>>,
+    {
+        let mut ticks = tokio::time::interval(STATS_TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = shutdown.cancelled() => {
+                    *lock(&self.running) = false;
+                    return;
+                }
+            }
+            {
+                let mut running = lock(&self.running);
+                if self.latest.receiver_count() == 0 {
+                    *running = false;
+                    return;
+                }
+            }
+            let Some(snapshot) = take().await else {
+                continue;
+            };
+            self.computed.fetch_add(1, Ordering::Relaxed);
+            self.latest.send_replace(Some(Arc::new(snapshot)));
+        }
+    }
+}
+
+impl Broker {
+    /// Follows the whole-broker snapshot, recomputed at most once per [`STATS_TICK`]
+    /// while any watch is open, whatever the number of watchers.
+    pub fn watch_stats(&self) -> StatsWatch {
+        self.inner.stats.watch(|| {
+            let broker = self.clone();
+            tokio::spawn(async move {
+                let shutdown = broker.inner.shutdown.clone();
+                broker
+                    .inner
+                    .stats
+                    .publish(shutdown, || {
+                        // Off the runtime's workers: the walk over every queue takes a
+                        // while on a big broker, and enqueues must not wait behind it.
+                        let broker = broker.clone();
+                        async move {
+                            tokio::task::spawn_blocking(move || broker.stats(&[], &[]))
+                                .await
+                                .ok()
+                        }
+                    })
+                    .await;
+            });
+        })
+    }
+
+    /// The shared snapshot if one was taken within the last [`STATS_TICK`] (while
+    /// someone watches): a one-off Stats request can use it instead of a new one.
+    pub fn recent_stats(&self) -> Option<Arc<StatsSnapshot>> {
+        self.inner.stats.recent()
     }
 
     /// How many shared snapshots have been computed since the broker started.
     pub fn stats_snapshots_computed(&self) -> u64 {
         self.inner.stats.computed.load(Ordering::Relaxed)
-    }
-
-    /// The publisher: one snapshot per tick until no watcher is left or shutdown.
-    async fn publish_stats(self) {
-        let hub = &self.inner.stats;
-        let mut ticks = tokio::time::interval(STATS_TICK);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let shutdown = self.inner.shutdown.clone();
-        loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
-                _ = shutdown.cancelled() => {
-                    *lock(&hub.running) = false;
-                    return;
-                }
-            }
-            {
-                let mut running = lock(&hub.running);
-                if hub.latest.receiver_count() == 0 {
-                    *running = false;
-                    return;
-                }
-            }
-            // Off the runtime's workers: the walk over every queue takes a while on a big
-            // broker, and enqueues must not wait behind it.
-            let broker = self.clone();
-            let Ok(snapshot) = tokio::task::spawn_blocking(move || broker.stats(&[], &[])).await
-            else {
-                continue;
-            };
-            hub.computed.fetch_add(1, Ordering::Relaxed);
-            hub.latest.send_replace(Some(Arc::new(snapshot)));
-        }
     }
 }
 

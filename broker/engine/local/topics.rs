@@ -9,6 +9,7 @@ use crate::broker::domain::names::{Pattern, validate_name};
 use crate::broker::domain::queue::{NewJob, Queue};
 use crate::broker::domain::time::now_ms;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention, validate_retention};
+use crate::broker::engine::checks;
 use crate::broker::engine::local::memory::Accounted;
 use crate::broker::engine::local::subscription::{self, SubscribeSpec, Subscription};
 use crate::broker::store::{Commit, DurableListener};
@@ -38,20 +39,7 @@ impl Broker {
         topic: &str,
         messages: Vec<NewMessage>,
     ) -> Result<Logged<Vec<Appended>>, BrokerError> {
-        let limits = &self.inner.config.limits;
-        limits.check_batch("messages", messages.len())?;
-        validate_name("topic", topic)?;
-        for (i, m) in messages.iter().enumerate() {
-            limits.check_entry(
-                |name| format!("messages[{i}].{name}"),
-                m.payload.len(),
-                &m.headers,
-                &[
-                    ("key", Some(m.key.as_str())),
-                    ("idempotency_key", m.idempotency_key.as_deref()),
-                ],
-            )?;
-        }
+        checks::publish(&self.inner.config.limits, topic, &messages)?;
         self.wait_for_log_space().await?;
         let (value, commit) = self.publish_locked(topic, messages)?;
         Ok(Logged { value, commit })

@@ -1,10 +1,194 @@
 //! The Redis engine: queues and topics kept in Redis (a standalone server or a Redis
 //! Cluster), so several Sluice nodes serve the same state and none holds any of it.
+//!
+//! * `queue`: work queues as Lua scripts, one script call per operation, each in its
+//!   queue's slot (hash tag `{q:<name>}`).
+//! * `topic` and `subscription`: topics as Redis Streams with explicit sequence ids, and
+//!   the subscriptions that read them.
+//! * `wake`: sharded pub/sub (`SPUBLISH`) wakes long polls, consume streams and
+//!   subscribers on every node within milliseconds; a slow poll is the safety net.
+//! * `replication`: an answer waits until its change is on `--redis-replicas` replicas
+//!   (`WAIT`, one in flight per shard, shared by the requests that arrive meanwhile).
+//! * `background`: the sweep every node runs: lease expiry and due timers of queues
+//!   nobody is leasing from, dead letters on their way, topic retention by age.
+//!
+//! Each node keeps only caches that a miss repairs (which queues it has seen exist).
+//! Time is Redis's, so nodes with skewed clocks agree on deadlines.
 
+mod background;
 pub(crate) mod conn;
+mod consume;
+mod engine;
 pub(crate) mod keys;
 pub(crate) mod queue;
+mod redrive;
 pub(crate) mod replication;
 pub(crate) mod subscription;
 pub(crate) mod topic;
 pub(crate) mod wake;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::domain::error::BrokerError;
+use crate::broker::domain::limits::Limits;
+use crate::broker::domain::observe::Observer;
+use crate::broker::domain::queue::QueuePolicy;
+use crate::broker::engine::local::stats::StatsHub;
+use crate::broker::sync::lock;
+
+use self::conn::RedisConn;
+use self::keys::QueueKeys;
+use self::queue::QueueStore;
+use self::replication::Replication;
+use self::topic::TopicStore;
+use self::wake::Wakes;
+
+/// How to reach Redis and how durable an answer must be.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://host:port` of a standalone server, or several seed nodes of a cluster.
+    pub seeds: Vec<String>,
+    /// Replicas each change must reach before it is answered (`WAIT`); 0 answers once the
+    /// primary has it.
+    pub replicas: u32,
+    /// How long an answer waits for the replicas before it is UNAVAILABLE (outcome
+    /// unknown).
+    pub replica_timeout: Duration,
+    /// Request limits.
+    pub limits: Limits,
+    /// How often each node sweeps (lease expiry, due timers, dead letters, retention).
+    pub sweep_interval: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults for `seeds`: no replicas to wait for, a 1 s replica timeout, the default
+    /// limits and a 100 ms sweep.
+    pub fn new(seeds: Vec<String>) -> Self {
+        Self {
+            seeds,
+            replicas: 0,
+            replica_timeout: Duration::from_secs(1),
+            limits: Limits::default(),
+            sweep_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// What a change made through the Redis engine waits for before it is answered: the
+/// key whose shard must `WAIT` for the replicas (`None`: nothing to wait for).
+#[derive(Debug)]
+pub struct RedisCommit(Option<String>);
+
+/// The Redis engine. Clone it freely: clones share one set of connections.
+#[derive(Clone)]
+pub struct RedisEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisConfig,
+    conn: RedisConn,
+    queues: QueueStore,
+    topics: TopicStore,
+    wakes: Wakes,
+    replication: Replication,
+    shutdown: CancellationToken,
+    /// Queues this node has seen exist: enqueue and lease create a missing queue (as the
+    /// in-process engine does) without asking Redis first each time. A queue deleted by
+    /// another node is found missing by its next script, which repairs this.
+    known: Mutex<HashSet<String>>,
+    stats: StatsHub,
+    observer: OnceLock<Arc<dyn Observer>>,
+}
+
+impl RedisEngine {
+    /// Connects to Redis (a standalone server or a cluster, told apart by the server) and
+    /// starts this node's wake-up subscriber and sweep. Must be called inside a Tokio
+    /// runtime; the tasks end on [`RedisEngine::shutdown`].
+    pub async fn connect(config: RedisConfig) -> Result<Self, BrokerError> {
+        let conn = conn::connect(&config.seeds).await?;
+        let shutdown = CancellationToken::new();
+        let wakes = Wakes::start(config.seeds.clone(), shutdown.clone());
+        let replication = Replication::new(conn.clone(), config.replicas, config.replica_timeout);
+        let engine = Self {
+            inner: Arc::new(Inner {
+                queues: QueueStore::new(conn.clone()),
+                topics: TopicStore::new(conn.clone()),
+                conn,
+                wakes,
+                replication,
+                shutdown,
+                known: Mutex::new(HashSet::new()),
+                stats: StatsHub::default(),
+                observer: OnceLock::new(),
+                config,
+            }),
+        };
+        tokio::spawn(engine.clone().sweep());
+        Ok(engine)
+    }
+
+    /// Starts shutting down: long polls return, streams and the sweep end.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Whether the connection is to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.inner.conn.is_cluster()
+    }
+
+    /// Makes sure queue `name` exists (creating it with the default policy, counted
+    /// against `--max-queues`), unless this node has seen it already.
+    async fn ensure_queue(&self, field: &str, name: &str) -> Result<(), BrokerError> {
+        if lock(&self.inner.known).contains(name) {
+            return Ok(());
+        }
+        crate::broker::domain::names::validate_name(field, name)?;
+        if self.inner.queues.info(name).await?.is_none() {
+            self.check_queue_room(field, name).await?;
+            self.inner
+                .queues
+                .ensure(name, &QueuePolicy::default_for(name))
+                .await?;
+        }
+        lock(&self.inner.known).insert(name.to_owned());
+        Ok(())
+    }
+
+    /// Refuses to create queue `name` once the cluster holds `--max-queues` queues.
+    async fn check_queue_room(&self, field: &str, name: &str) -> Result<(), BrokerError> {
+        let max = self.inner.config.limits.max_queues;
+        let in_use = self.inner.queues.names().await?.len();
+        if in_use >= max {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "{field}: cannot create queue {name:?}: the broker holds the maximum of {max} queues ({in_use} in use)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forgets that queue `name` exists (it was deleted here or elsewhere).
+    fn forget_queue(&self, name: &str) {
+        lock(&self.inner.known).remove(name);
+    }
+
+    /// What a change to queue `name` waits for.
+    fn queue_commit(&self, name: &str) -> RedisCommit {
+        RedisCommit(
+            (self.inner.config.replicas > 0).then(|| QueueKeys::new(name).base().to_owned()),
+        )
+    }
+
+    /// Waits until a change to the shard holding `commit`'s key is on the replicas.
+    async fn durable(&self, commit: RedisCommit) -> Result<(), BrokerError> {
+        match commit.0 {
+            Some(key) => self.inner.replication.confirm(&key).await,
+            None => Ok(()),
+        }
+    }
+}

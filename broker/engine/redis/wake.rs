@@ -134,12 +134,6 @@ impl Wakes {
         watch.add(self, channels).await;
         watch
     }
-
-    /// Sends a wake on `channel` (SPUBLISH), for a change made from Rust rather than in a
-    /// script.
-    pub(crate) async fn publish(&self, conn: &RedisConn, channel: &str) -> Result<(), BrokerError> {
-        publish(conn, channel).await
-    }
 }
 
 /// Sends a wake on `channel` (SPUBLISH; the payload is not read).

@@ -1,0 +1,505 @@
+//! The Redis engine behind the [`Engine`] interface: the shared request checks, then the
+//! queue's or topic's script, then the durability wait.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::auth::Access;
+use crate::broker::domain::error::BrokerError;
+use crate::broker::domain::limits::{Limits, check_duration_ms};
+use crate::broker::domain::names::validate_name;
+use crate::broker::domain::observe::Observer;
+use crate::broker::domain::queue::{
+    ConsumerState, Delivery, Enqueued, Job, JobState, LeaseId, NewJob, QueuePolicy,
+};
+use crate::broker::domain::time::{Millis, now_ms};
+use crate::broker::domain::topic::{Appended, NewMessage, Retention, validate_retention};
+use crate::broker::engine::local::{MAX_LEASE_WAIT_MS, StorageStatus};
+use crate::broker::engine::{
+    ConsumeCommandStream, ConsumeSpec, ConsumeStream, Engine, LeaseParams, Logged, PolicyPatch,
+    QueueInfo, RedriveOutcome, StatsSnapshot, StatsWatch, SubscribeSpec, SubscriptionStream,
+    checks,
+};
+
+use super::background::POLL;
+use super::keys::{QueueKeys, TopicKeys};
+use super::{RedisCommit, RedisEngine};
+
+impl RedisEngine {
+    /// A queue's policy and pause state, or NOT_FOUND naming `field`'s queue.
+    async fn existing_queue(&self, name: &str) -> Result<(QueuePolicy, bool), BrokerError> {
+        match self.inner.queues.info(name).await? {
+            Some(info) => Ok(info),
+            None => {
+                self.forget_queue(name);
+                Err(BrokerError::NotFound(format!(
+                    "queue {name:?} does not exist"
+                )))
+            }
+        }
+    }
+
+    /// Acks checked leases: all or nothing, which the engine can promise within one
+    /// queue (one script). Leases of several queues are refused: on a cluster their
+    /// queues live on different shards, where no script sees them together.
+    pub(super) async fn ack_leases(
+        &self,
+        access: &Access,
+        acks: Vec<(String, Option<Bytes>)>,
+    ) -> Result<(), BrokerError> {
+        let parsed = checks::acks(&self.inner.config.limits, access, acks)?;
+        let queue = parsed[0].0.queue.clone();
+        if let Some((other, _)) = parsed.iter().find(|(lease, _)| lease.queue != queue) {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "acks name leases of queue {queue:?} and of queue {:?}: the Redis engine acks the leases of one queue at a time, all or nothing; send one Ack per queue",
+                other.queue
+            )));
+        }
+        let total = parsed.len();
+        let results = self.inner.queues.ack(&queue, parsed).await?;
+        let stale: Vec<String> = results
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
+        if !stale.is_empty() {
+            return Err(checks::stale_acks(&stale, total));
+        }
+        self.durable(self.queue_commit(&queue)).await
+    }
+
+    /// Moves the dead letters of `queue` on to their dead-letter queues now rather than
+    /// at the next sweep (which retries whatever this could not move).
+    pub(super) async fn route_dead_letters(&self, queue: &str) {
+        if let Err(e) = self.inner.queues.move_dead_letters(queue).await {
+            tracing::debug!(queue, error = %e, "dead letters wait for the next sweep");
+        }
+    }
+
+    fn info(name: &str, (policy, paused): (QueuePolicy, bool)) -> QueueInfo {
+        QueueInfo {
+            name: name.to_owned(),
+            policy,
+            paused,
+        }
+    }
+
+    /// The queues a job is looked for in: `queue`, or every queue.
+    async fn queues_to_search(&self, queue: Option<&str>) -> Result<Vec<String>, BrokerError> {
+        match queue {
+            Some(name) => {
+                self.existing_queue(name).await?;
+                Ok(vec![name.to_owned()])
+            }
+            None => self.inner.queues.names().await,
+        }
+    }
+}
+
+impl Engine for RedisEngine {
+    type Commit = RedisCommit;
+
+    fn limits(&self) -> &Limits {
+        &self.inner.config.limits
+    }
+
+    fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    fn storage_failure(&self) -> Option<String> {
+        // Redis being unreachable is refused per request (UNAVAILABLE) and heals by
+        // itself; nothing makes this node stop for good.
+        None
+    }
+
+    async fn storage_failed(&self) -> String {
+        std::future::pending().await
+    }
+
+    fn close(&self) {
+        self.shutdown();
+    }
+
+    async fn publish_logged(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Logged<Vec<Appended>, RedisCommit>, BrokerError> {
+        checks::publish(&self.inner.config.limits, topic, &messages)?;
+        let value = self.inner.topics.publish(topic, messages).await?;
+        let commit = RedisCommit(
+            (self.inner.config.replicas > 0).then(|| TopicKeys::new(topic).base().to_owned()),
+        );
+        Ok(Logged { value, commit })
+    }
+
+    async fn enqueue_logged(
+        &self,
+        queue: &str,
+        jobs: impl ExactSizeIterator<Item = Result<NewJob, BrokerError>> + Send,
+        _now: Millis,
+    ) -> Result<Logged<Vec<Enqueued>, RedisCommit>, BrokerError> {
+        let jobs = checks::enqueue(&self.inner.config.limits, queue, jobs)?;
+        self.ensure_queue("queue", queue).await?;
+        let value = match self.inner.queues.enqueue(queue, jobs).await {
+            Err(BrokerError::NotFound(_)) => {
+                // Deleted by another node since this one last saw it: nothing was stored.
+                self.forget_queue(queue);
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "queue {queue:?} was deleted while this request was on its way; nothing was enqueued: send it again to enqueue into a new queue of that name"
+                )));
+            }
+            other => other?,
+        };
+        Ok(Logged {
+            value,
+            commit: self.queue_commit(queue),
+        })
+    }
+
+    async fn confirm<T: Send>(&self, logged: Logged<T, RedisCommit>) -> Result<T, BrokerError> {
+        self.durable(logged.commit).await?;
+        Ok(logged.value)
+    }
+
+    async fn subscribe(
+        &self,
+        spec: SubscribeSpec,
+        ends_on: CancellationToken,
+    ) -> Result<SubscriptionStream, BrokerError> {
+        Ok(Box::pin(super::subscription::subscribe(
+            self.inner.topics.clone(),
+            self.inner.wakes.clone(),
+            spec,
+            ends_on,
+        )))
+    }
+
+    async fn create_topic(
+        &self,
+        name: &str,
+        retention: Retention,
+    ) -> Result<Retention, BrokerError> {
+        validate_name("name", name)?;
+        validate_retention(&retention)?;
+        self.inner.topics.create(name, retention).await
+    }
+
+    async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
+        validate_name("name", name)?;
+        self.inner.topics.delete(name).await
+    }
+
+    async fn lease(&self, queue: &str, params: LeaseParams) -> Result<Vec<Delivery>, BrokerError> {
+        checks::batch(
+            &self.inner.config.limits,
+            "max_jobs",
+            params.max_jobs,
+            "jobs",
+        )?;
+        if let Some(v) = params.visibility_timeout_ms {
+            checks::visibility("visibility_timeout_ms", v)?;
+        }
+        check_duration_ms("wait_ms", params.wait_ms, MAX_LEASE_WAIT_MS)?;
+        self.ensure_queue("queue", queue).await?;
+        let consumer = if params.consumer.is_empty() {
+            params.address.as_str()
+        } else {
+            params.consumer.as_str()
+        };
+        let max = params.max_jobs.max(1);
+        let give_up = tokio::time::Instant::now() + Duration::from_millis(params.wait_ms);
+        let mut watch = None;
+        loop {
+            let jobs = self
+                .inner
+                .queues
+                .lease(
+                    queue,
+                    max,
+                    params.visibility_timeout_ms,
+                    consumer,
+                    &params.address,
+                )
+                .await?;
+            let now = tokio::time::Instant::now();
+            if !jobs.is_empty() || now >= give_up {
+                return Ok(jobs);
+            }
+            // Armed, then one more look, so a job enqueued between the look and the arming
+            // is not missed; then sleep until a wake-up, the poll or the end of the wait.
+            let Some(watch) = watch.as_mut() else {
+                let channel = QueueKeys::new(queue).key("wake");
+                watch = Some(self.inner.wakes.watch(&[channel]).await);
+                continue;
+            };
+            // A delayed job or a lease due sooner than the poll: look again then (the
+            // due time is Redis's clock, close enough to this node's for a nap).
+            let mut nap = POLL.min(give_up - now);
+            if let Some(due) = self.inner.queues.next_due(queue).await? {
+                nap = nap.min(Duration::from_millis(due.saturating_sub(now_ms()).max(1)));
+            }
+            tokio::select! {
+                _ = watch.wait(nap) => {}
+                _ = self.inner.shutdown.cancelled() => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    fn ack_as(
+        &self,
+        access: &Access,
+        acks: Vec<(String, Option<Bytes>)>,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        self.ack_leases(access, acks)
+    }
+
+    async fn nack_as(
+        &self,
+        access: &Access,
+        lease_id: &str,
+        error: String,
+        retry_delay_ms: Option<u64>,
+        dead_letter: bool,
+    ) -> Result<(JobState, Option<Millis>), BrokerError> {
+        let lease = checks::authorized_lease(access, "lease_id", lease_id)?;
+        checks::nack(&self.inner.config.limits, "", &error, retry_delay_ms)?;
+        let outcome = self
+            .inner
+            .queues
+            .nack(&lease, error, retry_delay_ms, dead_letter)
+            .await?;
+        self.durable(self.queue_commit(&lease.queue)).await?;
+        if outcome.0 == JobState::Dead {
+            self.route_dead_letters(&lease.queue).await;
+        }
+        Ok(outcome)
+    }
+
+    async fn extend_lease_as(
+        &self,
+        access: &Access,
+        lease_id: &str,
+        visibility_timeout_ms: u64,
+    ) -> Result<Millis, BrokerError> {
+        let lease: LeaseId = checks::authorized_lease(access, "lease_id", lease_id)?;
+        checks::visibility("visibility_timeout_ms", visibility_timeout_ms)?;
+        self.inner
+            .queues
+            .extend(&lease, visibility_timeout_ms)
+            .await
+    }
+
+    fn consume(
+        &self,
+        spec: ConsumeSpec,
+        commands: ConsumeCommandStream,
+    ) -> impl Future<Output = Result<ConsumeStream, BrokerError>> + Send {
+        self.open_consume(spec, commands)
+    }
+
+    async fn get_job(&self, id: &str, queue: Option<&str>) -> Result<(String, Job), BrokerError> {
+        let uuid = checks::job_id("id", id)?;
+        let mut found: Option<(String, Job)> = None;
+        for name in self.queues_to_search(queue).await? {
+            if let Some(job) = self.inner.queues.get(&name, &uuid).await? {
+                // A dead job is reported from its original queue rather than from the
+                // dead-letter queue that holds its copy.
+                let better = match &found {
+                    None => true,
+                    Some((_, f)) => job.state == JobState::Dead && f.state != JobState::Dead,
+                };
+                if better {
+                    found = Some((name, job));
+                }
+            }
+        }
+        found.ok_or_else(|| BrokerError::NotFound(format!("job {id} not found")))
+    }
+
+    async fn cancel_job(
+        &self,
+        id: &str,
+        queue: Option<&str>,
+    ) -> Result<(String, Job), BrokerError> {
+        let uuid = checks::job_id("id", id)?;
+        for name in self.queues_to_search(queue).await? {
+            if self.inner.queues.get(&name, &uuid).await?.is_none() {
+                continue;
+            }
+            let job = self.inner.queues.cancel(&name, &uuid).await?;
+            self.durable(self.queue_commit(&name)).await?;
+            return Ok((name, job));
+        }
+        Err(BrokerError::NotFound(format!("job {id} not found")))
+    }
+
+    async fn list_jobs(
+        &self,
+        queue: &str,
+        state: Option<JobState>,
+        page_size: usize,
+        page_token: &str,
+    ) -> Result<(Vec<Job>, Option<u64>), BrokerError> {
+        checks::batch(&self.inner.config.limits, "page_size", page_size, "jobs")?;
+        let after = checks::page_token(page_token)?;
+        self.existing_queue(queue).await?;
+        let size = if page_size == 0 { 100 } else { page_size };
+        self.inner
+            .queues
+            .list(queue, state, size, (after > 0).then_some(after))
+            .await
+    }
+
+    async fn job_history(&self, queue: &str, limit: usize) -> Result<Vec<Job>, BrokerError> {
+        checks::batch(&self.inner.config.limits, "limit", limit, "jobs")?;
+        self.existing_queue(queue).await?;
+        self.inner
+            .queues
+            .history(queue, if limit == 0 { 100 } else { limit })
+            .await
+    }
+
+    async fn create_queue(&self, name: &str, patch: PolicyPatch) -> Result<QueueInfo, BrokerError> {
+        validate_name("name", name)?;
+        let policy = patch.apply_to(name, QueuePolicy::default_for(name))?;
+        if self.inner.queues.info(name).await?.is_some() {
+            return Err(BrokerError::AlreadyExists(format!(
+                "queue {name:?} already exists (use UpdateQueue)"
+            )));
+        }
+        self.check_queue_room("name", name).await?;
+        self.inner.queues.create(name, &policy).await?;
+        self.durable(self.queue_commit(name)).await?;
+        Ok(Self::info(name, (policy, false)))
+    }
+
+    async fn update_queue(&self, name: &str, patch: PolicyPatch) -> Result<QueueInfo, BrokerError> {
+        let (current, paused) = self.existing_queue(name).await?;
+        let policy = patch.apply_to(name, current)?;
+        self.inner.queues.set_policy(name, &policy).await?;
+        self.durable(self.queue_commit(name)).await?;
+        Ok(Self::info(name, (policy, paused)))
+    }
+
+    async fn purge_queue(&self, name: &str) -> Result<u64, BrokerError> {
+        self.existing_queue(name).await?;
+        let purged = self.inner.queues.purge(name).await?;
+        self.durable(self.queue_commit(name)).await?;
+        Ok(purged)
+    }
+
+    async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
+        validate_name("name", name)?;
+        self.forget_queue(name);
+        self.inner.queues.delete(name).await?;
+        self.durable(self.queue_commit(name)).await
+    }
+
+    async fn set_paused(&self, name: &str, paused: bool) -> Result<QueueInfo, BrokerError> {
+        let (policy, _) = self.existing_queue(name).await?;
+        self.inner.queues.set_paused(name, paused).await?;
+        self.durable(self.queue_commit(name)).await?;
+        Ok(Self::info(name, (policy, paused)))
+    }
+
+    async fn list_queues(&self) -> Result<Vec<QueueInfo>, BrokerError> {
+        let mut out = Vec::new();
+        for name in self.inner.queues.names().await? {
+            // Deleted since the catalog was read: not listed.
+            if let Some(info) = self.inner.queues.info(&name).await? {
+                out.push(Self::info(&name, info));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn redrive(
+        &self,
+        dead_letter_queue: &str,
+        ids: &[String],
+        rate_per_second: u32,
+        max_jobs: u64,
+        access: &Access,
+    ) -> Result<RedriveOutcome, BrokerError> {
+        self.redrive_dead_letters(dead_letter_queue, ids, rate_per_second, max_jobs, access)
+            .await
+    }
+
+    async fn list_consumers(
+        &self,
+        queue: &str,
+    ) -> Result<Vec<(Arc<str>, ConsumerState)>, BrokerError> {
+        self.existing_queue(queue).await?;
+        self.inner.queues.consumers(queue).await
+    }
+
+    async fn stats(
+        &self,
+        queues: &[String],
+        topics: &[String],
+    ) -> Result<StatsSnapshot, BrokerError> {
+        let named =
+            |names: &[String], name: &str| names.is_empty() || names.iter().any(|n| n == name);
+        let mut snapshot = StatsSnapshot {
+            taken_at: now_ms(),
+            storage: StorageStatus {
+                engine: "redis",
+                fsync: Some(format!("replicas={}", self.inner.config.replicas)),
+                failure: None,
+                recovery: Default::default(),
+            },
+            ..StatsSnapshot::default()
+        };
+        for name in self.inner.queues.names().await? {
+            if !named(queues, &name) {
+                continue;
+            }
+            match self.inner.queues.counts(&name).await {
+                Ok(counts) => snapshot.queues.push((name, counts)),
+                Err(BrokerError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for name in self.inner.topics.names().await? {
+            if !named(topics, &name) {
+                continue;
+            }
+            match self.inner.topics.counts(&name).await {
+                Ok(counts) => snapshot.topics.push(counts),
+                Err(BrokerError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(snapshot)
+    }
+
+    fn recent_stats(&self) -> Option<Arc<StatsSnapshot>> {
+        self.inner.stats.recent()
+    }
+
+    fn watch_stats(&self) -> StatsWatch {
+        self.inner.stats.watch(|| {
+            let engine = self.clone();
+            tokio::spawn(async move {
+                let shutdown = engine.inner.shutdown.clone();
+                engine
+                    .inner
+                    .stats
+                    .publish(shutdown, || {
+                        let engine = engine.clone();
+                        async move { engine.stats(&[], &[]).await.ok() }
+                    })
+                    .await;
+            });
+        })
+    }
+
+    fn install_observer(&self, make: impl FnOnce() -> Arc<dyn Observer>) -> Arc<dyn Observer> {
+        self.inner.observer.get_or_init(make).clone()
+    }
+}
