@@ -1,6 +1,7 @@
 //! The Redis engine: queues and topics kept in Redis (a standalone server or a Redis
 //! Cluster), so several Sluice nodes serve the same state and none holds any of it.
 
+pub(crate) mod binding;
 pub(crate) mod conn;
 pub(crate) mod keys;
 pub(crate) mod queue;
