@@ -371,3 +371,259 @@ fn parked_rows(queue: &str, rows: Vec<Value>) -> Result<Vec<Parked>, BrokerError
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::broker::domain::queue::{HEADER_ORIGINAL_QUEUE, Job, JobState, NewJob, QueuePolicy};
+    use crate::broker::engine::redis::conn::connect;
+    use crate::broker::testing::redis::RedisServer;
+
+    async fn store() -> (RedisServer, QueueStore) {
+        let server = RedisServer::start();
+        let conn = connect(&[server.url()]).await.expect("connect");
+        (server, QueueStore::new(conn))
+    }
+
+    /// Creates `queue` (dead-lettering into `<queue>.dlq`) and kills one job per payload
+    /// into its dead-letter queue; returns their ids.
+    async fn dead_letters(s: &QueueStore, queue: &str, payloads: &[&str]) -> Vec<Uuid> {
+        s.ensure(queue, &QueuePolicy::default_for(queue))
+            .await
+            .unwrap();
+        let jobs = payloads
+            .iter()
+            .map(|p| NewJob {
+                payload: Bytes::from(p.to_string()),
+                kind: "k".into(),
+                headers: [("user".to_owned(), p.to_string())].into(),
+                priority: 3,
+                ..NewJob::default()
+            })
+            .collect();
+        let ids: Vec<Uuid> = s
+            .enqueue(queue, jobs)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        let leased = s
+            .lease(queue, payloads.len(), None, "w", "a")
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), payloads.len());
+        for d in leased {
+            s.nack(&d.lease_id, "boom".into(), None, true)
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            s.move_dead_letters(queue).await.unwrap(),
+            payloads.len() as u64
+        );
+        ids
+    }
+
+    async fn job(s: &QueueStore, queue: &str, id: &Uuid) -> Option<Job> {
+        s.get(queue, id).await.unwrap()
+    }
+
+    fn allowed(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// Every job goes back to its recorded origin with the broker's headers stripped,
+    /// attempts reset and its dead record there replaced; the dead-letter queue keeps
+    /// nothing of it.
+    #[tokio::test]
+    async fn redis_redrive_returns_dead_letters_to_their_origins() {
+        let (_srv, s) = store().await;
+        let a = dead_letters(&s, "a", &["a1", "a2"]).await;
+        let b = dead_letters(&s, "b", &["b1"]).await;
+        // Both dead-letter into their own queue: move b's into a.dlq to mix origins.
+        let dead_b = job(&s, "b.dlq", &b[0]).await.unwrap();
+        s.cancel("b.dlq", &b[0]).await.unwrap();
+        let mut dead_b_in_b = job(&s, "b", &b[0]).await.unwrap();
+        dead_b_in_b.dead_letter_queue = Some("a.dlq".into());
+        s.insert_dead_letter("b", dead_b_in_b.seq + 100, dead_b_in_b)
+            .await
+            .unwrap();
+        assert_eq!(dead_b.origin.as_deref(), Some("b"));
+        let dead_a = job(&s, "a.dlq", &a[0]).await.unwrap();
+        assert_eq!(
+            dead_a
+                .headers
+                .get(HEADER_ORIGINAL_QUEUE)
+                .map(String::as_str),
+            Some("a")
+        );
+
+        assert_eq!(
+            s.redrive_targets("a.dlq", &[], 0).await.unwrap(),
+            allowed(&["a", "b"])
+        );
+        assert_eq!(
+            s.redrive_targets("a.dlq", &[], 1).await.unwrap(),
+            allowed(&["a"])
+        );
+        let report = s
+            .redrive("a.dlq", &[], 0, 0, &allowed(&["a", "b"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            report.by_origin,
+            [("a".to_owned(), 2), ("b".to_owned(), 1)].into()
+        );
+        assert!(report.skipped.is_empty());
+        assert_eq!(report.clone().into_outcome().redriven, 3);
+
+        let dlq = s.counts("a.dlq").await.unwrap();
+        assert_eq!((dlq.pending, dlq.scheduled, dlq.retrying), (0, 0, 0));
+        for (queue, id, payload) in [("a", a[0], "a1"), ("a", a[1], "a2"), ("b", b[0], "b1")] {
+            assert!(job(&s, "a.dlq", &id).await.is_none());
+            let back = job(&s, queue, &id).await.unwrap();
+            assert_eq!(back.state, JobState::Pending);
+            assert_eq!((back.attempts, back.priority), (0, 3));
+            assert_eq!(back.payload, payload.as_bytes());
+            assert_eq!(back.origin, None);
+            assert_eq!(
+                back.headers,
+                [("user".to_owned(), payload.to_owned())].into()
+            );
+        }
+        // The dead records were replaced: one live job each, none dead in history.
+        let counts = s.counts("a").await.unwrap();
+        assert_eq!(counts.pending, 2);
+        assert!(s.history("a", 10).await.unwrap().is_empty());
+        let leased = s.lease("a", 10, None, "w", "a").await.unwrap();
+        assert_eq!(leased.len(), 2);
+        assert!(leased.iter().all(|d| d.attempt == 1));
+    }
+
+    /// Requested ids that are not movable are skipped: unknown, leased, given twice, or
+    /// from an origin the caller did not allow.
+    #[tokio::test]
+    async fn redis_redrive_by_id_skips_what_it_may_not_move() {
+        let (_srv, s) = store().await;
+        let ids = dead_letters(&s, "q", &["1", "2", "3"]).await;
+        let leased = s.lease("q.dlq", 1, None, "w", "a").await.unwrap();
+        assert_eq!(leased[0].job_id, ids[0]);
+        let unknown = Uuid::now_v7();
+        let ask = [ids[0], ids[1], ids[1], unknown, ids[2]];
+        assert_eq!(
+            s.redrive_targets("q.dlq", &ask, 0).await.unwrap(),
+            allowed(&["q"])
+        );
+        let report = s
+            .redrive("q.dlq", &ask, 0, 0, &allowed(&["q"]))
+            .await
+            .unwrap();
+        assert_eq!(report.by_origin, [("q".to_owned(), 2)].into());
+        assert_eq!(report.skipped, vec![ids[0], ids[1], unknown]);
+        // Not allowed: stays.
+        let other = dead_letters(&s, "r", &["4"]).await;
+        let report = s
+            .redrive("r.dlq", &other, 0, 0, &allowed(&["q"]))
+            .await
+            .unwrap();
+        assert_eq!(report.redriven(), 0);
+        assert_eq!(report.skipped, other);
+        assert!(job(&s, "r.dlq", &other[0]).await.is_some());
+        // A missing dead-letter queue is NotFound, with the in-process wording.
+        let err = s.redrive_targets("nope", &[], 0).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            BrokerError::NotFound("queue \"nope\" does not exist".into()).to_string()
+        );
+    }
+
+    /// `max_jobs` caps a redrive and `rate_per_second` paces it (a batch per 100 ms).
+    #[tokio::test]
+    async fn redis_redrive_is_capped_and_paced() {
+        let (_srv, s) = store().await;
+        dead_letters(&s, "q", &["1", "2", "3", "4", "5"]).await;
+        let start = Instant::now();
+        let report = s
+            .redrive("q.dlq", &[], 10, 3, &allowed(&["q"]))
+            .await
+            .unwrap();
+        assert_eq!(report.redriven(), 3);
+        // One job a tick at 10/s: ticks at 0, 100 and 200 ms.
+        assert!(start.elapsed() >= Duration::from_millis(150));
+        assert_eq!(s.counts("q.dlq").await.unwrap().pending, 2);
+        let err = s
+            .redrive("q.dlq", &[], 100_001, 0, &allowed(&["q"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BrokerError::InvalidArgument { .. }), "{err}");
+        assert!(err.to_string().contains("rate_per_second"), "{err}");
+    }
+
+    /// A node that stops after parking jobs (and after storing some of them) leaves them
+    /// parked; once its ownership ends, the next redrive finishes the moves, storing each
+    /// job once. While owned, nobody else claims them.
+    #[tokio::test]
+    async fn redis_redrive_finishes_moves_a_stopped_node_left() {
+        let (_srv, s) = store().await;
+        let ids = dead_letters(&s, "q", &["1", "2"]).await;
+        let (parked, _) = s
+            .take_for_redrive("q.dlq", &[], 10, &allowed(&["q"]))
+            .await
+            .unwrap();
+        assert_eq!(parked.len(), 2);
+        // Step 2 ran for the first job only, then the node "stopped".
+        assert!(
+            s.put_redriven(parked[0].letter.as_ref().unwrap())
+                .await
+                .unwrap()
+        );
+        assert!(job(&s, "q.dlq", &ids[0]).await.is_none());
+        assert!(s.list("q.dlq", None, 10, None).await.unwrap().0.is_empty());
+        // Still owned: nothing to claim, and a redrive finds nothing to move.
+        assert_eq!(s.resume_redrives("q.dlq").await.unwrap().redriven(), 0);
+        // End the ownership (as 60 s would).
+        let mut c = s.conn.clone();
+        let _: () = redis::cmd("ZADD")
+            .arg(QueueKeys::new("q.dlq").key("rdbox"))
+            .arg("XX")
+            .arg(0)
+            .arg(parked[0].seq)
+            .arg(0)
+            .arg(parked[1].seq)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let report = s
+            .redrive("q.dlq", &[], 0, 0, &allowed(&["q"]))
+            .await
+            .unwrap();
+        // The first was stored before the stop: its retry stores nothing.
+        assert_eq!(report.by_origin, [("q".to_owned(), 1)].into());
+        assert_eq!(s.counts("q").await.unwrap().pending, 2);
+        for id in &ids {
+            assert_eq!(job(&s, "q", id).await.unwrap().state, JobState::Pending);
+        }
+        // Nothing is left parked, and no token remains.
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*rd*")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(keys.is_empty(), "{keys:?}");
+        // Deleting a queue with parked jobs leaves no key behind.
+        let more = dead_letters(&s, "z", &["9"]).await;
+        s.take_for_redrive("z.dlq", &more, 10, &allowed(&["z"]))
+            .await
+            .unwrap();
+        s.delete("z.dlq").await.unwrap();
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg("*z.dlq*")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
