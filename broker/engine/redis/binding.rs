@@ -198,3 +198,261 @@ async fn read_batch(
         Err(e) => Err(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::broker::domain::limits::Headers;
+    use crate::broker::domain::queue::{Delivery, QueuePolicy};
+    use crate::broker::domain::topic::{NewMessage, Retention};
+    use crate::broker::engine::redis::conn::connect;
+    use crate::broker::testing::redis::RedisServer;
+
+    async fn stores() -> (RedisServer, QueueStore, TopicStore) {
+        let server = RedisServer::start();
+        let conn = connect(&[server.url()]).await.expect("connect");
+        (server, QueueStore::new(conn.clone()), TopicStore::new(conn))
+    }
+
+    fn patterns(list: &[&str]) -> Vec<Pattern> {
+        list.iter()
+            .map(|p| Pattern::parse("topic_bindings", p).unwrap())
+            .collect()
+    }
+
+    async fn bound_queue(q: &QueueStore, name: &str, bindings: &[&str], max_depth: u64) {
+        let policy = QueuePolicy {
+            topic_bindings: bindings.iter().map(|b| b.to_string()).collect(),
+            max_depth,
+            ..QueuePolicy::default_for(name)
+        };
+        q.create(name, &policy).await.unwrap();
+    }
+
+    fn msg(payload: &str) -> NewMessage {
+        NewMessage {
+            payload: Bytes::from(payload.to_owned()),
+            ..NewMessage::default()
+        }
+    }
+
+    async fn publish(t: &TopicStore, topic: &str, payloads: &[&str]) {
+        t.publish(topic, payloads.iter().map(|p| msg(p)).collect())
+            .await
+            .unwrap();
+    }
+
+    async fn drain(q: &QueueStore, queue: &str) -> Vec<Delivery> {
+        q.lease(queue, 100, None, "w", "a").await.unwrap()
+    }
+
+    /// (kind, payload, sequence header) of each delivery.
+    fn seen(d: &[Delivery]) -> Vec<(String, String, String)> {
+        d.iter()
+            .map(|d| {
+                (
+                    d.kind.to_string(),
+                    String::from_utf8(d.payload.to_vec()).unwrap(),
+                    d.headers[HEADER_TOPIC_SEQUENCE].clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// A binding takes what is published after it starts, once each, even with two pumps
+    /// racing; jobs look as the in-process engine makes them; the cursor stays.
+    #[tokio::test]
+    async fn redis_binding_copies_each_publish_once_with_concurrent_pumps() {
+        let (_srv, q, t) = stores().await;
+        bound_queue(&q, "jobs", &["orders.*"], 1000).await;
+        let p = patterns(&["orders.*"]);
+        publish(&t, "orders.eu", &["before"]).await;
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 0);
+        let headers: Headers = [("h".to_owned(), "v".to_owned())].into();
+        t.publish(
+            "orders.eu",
+            vec![
+                NewMessage {
+                    headers: headers.clone(),
+                    ..msg("m1")
+                },
+                msg("m2"),
+                msg("m3"),
+            ],
+        )
+        .await
+        .unwrap();
+        publish(&t, "other", &["not bound"]).await;
+        let pumps: Vec<_> = (0..2)
+            .map(|_| {
+                let (q, t, p) = (q.clone(), t.clone(), p.clone());
+                tokio::spawn(async move { pump_bindings(&q, &t, "jobs", &p).await })
+            })
+            .collect();
+        let mut total = 0;
+        for pump in pumps {
+            total += pump.await.unwrap().unwrap();
+        }
+        assert_eq!(total, 3);
+        let got = drain(&q, "jobs").await;
+        assert_eq!(
+            seen(&got),
+            [("m1", 2), ("m2", 3), ("m3", 4)].map(|(p, s)| (
+                "orders.eu".to_owned(),
+                p.to_owned(),
+                s.to_string()
+            ))
+        );
+        assert_eq!(got[0].headers.get("h"), Some(&"v".to_owned()));
+        assert_eq!(got[0].headers.len(), 2);
+        assert!(got.iter().all(|d| d.priority == 0));
+        assert_eq!(q.counts("jobs").await.unwrap().enqueued, 3);
+        let epoch = t.read("orders.eu", 1, 0).await.unwrap().epoch;
+        let state = q.bind_state("jobs").await.unwrap();
+        assert_eq!(
+            state.cursors,
+            [("orders.eu".to_owned(), cursor(&epoch, 5))].into()
+        );
+        assert_eq!(state.started, ["orders.*".to_owned()].into());
+        // Again: nothing new.
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 0);
+        publish(&t, "orders.eu", &["m4"]).await;
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 1);
+        assert_eq!(seen(&drain(&q, "jobs").await)[0].2, "5");
+    }
+
+    /// Many batches, four pumps racing: every message becomes exactly one job.
+    #[tokio::test]
+    async fn redis_binding_racing_pumps_over_many_batches() {
+        let (_srv, q, t) = stores().await;
+        bound_queue(&q, "jobs", &["feed"], 10_000).await;
+        let p = patterns(&["feed"]);
+        pump_bindings(&q, &t, "jobs", &p).await.unwrap();
+        let payloads: Vec<String> = (0..250).map(|i| i.to_string()).collect();
+        for chunk in payloads.chunks(50) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            publish(&t, "feed", &refs).await;
+        }
+        let pumps: Vec<_> = (0..4)
+            .map(|_| {
+                let (q, t, p) = (q.clone(), t.clone(), p.clone());
+                tokio::spawn(async move { pump_bindings(&q, &t, "jobs", &p).await })
+            })
+            .collect();
+        let mut total = 0;
+        for pump in pumps {
+            total += pump.await.unwrap().unwrap();
+        }
+        assert_eq!(total, 250);
+        let mut sequences = Vec::new();
+        loop {
+            let got = drain(&q, "jobs").await;
+            if got.is_empty() {
+                break;
+            }
+            sequences.extend(seen(&got).into_iter().map(|g| g.2.parse::<u64>().unwrap()));
+        }
+        assert_eq!(sequences, (1..=250).collect::<Vec<_>>());
+    }
+
+    /// A topic created after the binding started is taken from its first message, as is
+    /// a topic deleted and created again.
+    #[tokio::test]
+    async fn redis_binding_takes_topics_created_later_from_the_start() {
+        let (_srv, q, t) = stores().await;
+        bound_queue(&q, "jobs", &["orders.>"], 1000).await;
+        let p = patterns(&["orders.>"]);
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 0);
+        publish(&t, "orders.us", &["u1", "u2"]).await;
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 2);
+        let got = seen(&drain(&q, "jobs").await);
+        assert_eq!(
+            got.iter().map(|g| g.2.as_str()).collect::<Vec<_>>(),
+            ["1", "2"]
+        );
+        t.delete("orders.us").await.unwrap();
+        publish(&t, "orders.us", &["again"]).await;
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 1);
+        let got = seen(&drain(&q, "jobs").await);
+        assert_eq!(got[0].1, "again");
+        assert_eq!(got[0].2, "1");
+    }
+
+    /// Messages retention dropped before they were pumped are skipped and counted.
+    #[tokio::test]
+    async fn redis_binding_skips_and_counts_what_retention_dropped() {
+        let (_srv, q, t) = stores().await;
+        bound_queue(&q, "jobs", &["feed"], 1000).await;
+        let p = patterns(&["feed"]);
+        t.create(
+            "feed",
+            Retention {
+                max_messages: 2,
+                ..Retention::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 0);
+        publish(&t, "feed", &["1", "2", "3", "4", "5"]).await;
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 2);
+        let got = seen(&drain(&q, "jobs").await);
+        assert_eq!(
+            got.iter().map(|g| g.1.as_str()).collect::<Vec<_>>(),
+            ["4", "5"]
+        );
+        assert_eq!(q.bind_state("jobs").await.unwrap().trimmed, 3);
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 0);
+        assert_eq!(q.bind_state("jobs").await.unwrap().trimmed, 3);
+    }
+
+    /// A full queue takes what fits; the rest waits in the topic for room.
+    #[tokio::test]
+    async fn redis_binding_waits_for_room_in_a_full_queue() {
+        let (_srv, q, t) = stores().await;
+        bound_queue(&q, "jobs", &["feed"], 2).await;
+        let p = patterns(&["feed"]);
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 0);
+        publish(&t, "feed", &["1", "2", "3"]).await;
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 2);
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 0);
+        let got = drain(&q, "jobs").await;
+        q.ack(
+            "jobs",
+            got.iter().map(|d| (d.lease_id.clone(), None)).collect(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 1);
+        assert_eq!(seen(&drain(&q, "jobs").await)[0].1, "3");
+    }
+
+    /// A removed binding is forgotten (pattern and cursors); added again, it starts at
+    /// the topic's next message.
+    #[tokio::test]
+    async fn redis_binding_removed_and_added_again_starts_afresh() {
+        let (_srv, q, t) = stores().await;
+        bound_queue(&q, "jobs", &["feed"], 1000).await;
+        let p = patterns(&["feed"]);
+        publish(&t, "feed", &["0"]).await;
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 0);
+        publish(&t, "feed", &["1"]).await;
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 1);
+        assert_eq!(pump_bindings(&q, &t, "jobs", &[]).await.unwrap(), 0);
+        assert_eq!(q.bind_state("jobs").await.unwrap(), Default::default());
+        publish(&t, "feed", &["while unbound"]).await;
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 0);
+        publish(&t, "feed", &["3"]).await;
+        assert_eq!(pump_bindings(&q, &t, "jobs", &p).await.unwrap(), 1);
+        let got = seen(&drain(&q, "jobs").await);
+        assert_eq!(
+            got.iter().map(|g| g.1.as_str()).collect::<Vec<_>>(),
+            ["1", "3"]
+        );
+        // A missing queue with bindings to start is NotFound.
+        let err = pump_bindings(&q, &t, "nope", &p).await.unwrap_err();
+        assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
+    }
+}
