@@ -16,6 +16,7 @@
 //! Time is Redis's, so nodes with skewed clocks agree on deadlines.
 
 mod background;
+pub(crate) mod binding;
 pub(crate) mod conn;
 mod consume;
 mod engine;

@@ -962,5 +962,7 @@ impl QueueStore {
     }
 }
 
+pub(crate) mod binding;
+pub(crate) mod redrive;
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,12 @@ end
 for _, s in ipairs(redis.call('LRANGE', K_OUTBOX, 0, -1)) do
   redis.call('DEL', B .. ':dl:' .. s)
 end
+-- Jobs a redrive parked in flight (queue/redrive.rs), and the redrive tokens and topic
+-- binding cursors (queue/binding.rs) this queue keeps.
+for _, s in ipairs(redis.call('ZRANGE', B .. ':rdbox', 0, -1)) do
+  redis.call('DEL', B .. ':rd:' .. s)
+end
+redis.call('DEL', B .. ':rdbox', B .. ':rdseen', B .. ':bind')
 redis.call('DEL', K_META, K_READY, K_TIMERS, K_LEASED, K_LIVE, K_IDS, K_IDEM, K_IDEMEXP,
   K_HISTORY, K_OUTBOX, K_CONSUMERS)
 return 1
