@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use super::RedisEngine;
 
-/// Topics are trimmed by age once every this many sweeps (age retention is coarse).
-const TOPIC_SWEEP_EVERY: u32 = 10;
+/// Every this many sweeps, topics are trimmed by age (age retention is coarse), the
+/// bindings are read again (a binding made on another node), and redrives a stopped node
+/// left half done are finished.
+const SLOW_SWEEP_EVERY: u32 = 10;
 
 impl RedisEngine {
     /// Sweeps every `sweep_interval` until shutdown. A failure (Redis unreachable) is
@@ -24,7 +26,7 @@ impl RedisEngine {
                 _ = self.inner.shutdown.cancelled() => return,
             }
             round = round.wrapping_add(1);
-            match self.sweep_once(round % TOPIC_SWEEP_EVERY == 0).await {
+            match self.sweep_once(round % SLOW_SWEEP_EVERY == 1).await {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!("redis sweep works again");
@@ -39,9 +41,24 @@ impl RedisEngine {
         }
     }
 
-    /// One sweep over every queue (and every topic when `topics`).
-    async fn sweep_once(&self, topics: bool) -> Result<(), crate::broker::BrokerError> {
+    /// One sweep over every queue (and the slow part when `slow`).
+    async fn sweep_once(&self, slow: bool) -> Result<(), crate::broker::BrokerError> {
         let queues = &self.inner.queues;
+        if slow {
+            self.refresh_bindings().await?;
+        }
+        let bindings: Vec<(String, Vec<crate::broker::domain::names::Pattern>)> =
+            crate::broker::sync::lock(&self.inner.bindings)
+                .iter()
+                .map(|(q, p)| (q.clone(), p.clone()))
+                .collect();
+        for (queue, patterns) in bindings {
+            match super::binding::pump_bindings(queues, &self.inner.topics, &queue, &patterns).await
+            {
+                Ok(_) | Err(crate::broker::BrokerError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         for name in queues.names().await? {
             if self.inner.shutdown.is_cancelled() {
                 return Ok(());
@@ -53,8 +70,11 @@ impl RedisEngine {
                 Err(e) => return Err(e),
             }
             queues.move_dead_letters(&name).await?;
+            if slow {
+                queues.resume_redrives(&name).await?;
+            }
         }
-        if topics {
+        if slow {
             for name in self.inner.topics.names().await? {
                 match self.inner.topics.sweep(&name).await {
                     Ok(()) | Err(crate::broker::BrokerError::NotFound(_)) => {}

@@ -131,6 +131,7 @@ impl Engine for RedisEngine {
     ) -> Result<Logged<Vec<Appended>, RedisCommit>, BrokerError> {
         checks::publish(&self.inner.config.limits, topic, &messages)?;
         let value = self.inner.topics.publish(topic, messages).await?;
+        self.pump_published(topic).await?;
         let commit = RedisCommit(
             (self.inner.config.replicas > 0).then(|| TopicKeys::new(topic).base().to_owned()),
         );
@@ -374,6 +375,8 @@ impl Engine for RedisEngine {
         }
         self.check_queue_room("name", name).await?;
         self.inner.queues.create(name, &policy).await?;
+        // The first pump starts the bindings at each topic's next message.
+        self.pump(name, &policy.topic_bindings).await?;
         self.durable(self.queue_commit(name)).await?;
         Ok(Self::info(name, (policy, false)))
     }
@@ -382,6 +385,7 @@ impl Engine for RedisEngine {
         let (current, paused) = self.existing_queue(name).await?;
         let policy = patch.apply_to(name, current)?;
         self.inner.queues.set_policy(name, &policy).await?;
+        self.pump(name, &policy.topic_bindings).await?;
         self.durable(self.queue_commit(name)).await?;
         Ok(Self::info(name, (policy, paused)))
     }

@@ -28,7 +28,7 @@ pub(crate) mod subscription;
 pub(crate) mod topic;
 pub(crate) mod wake;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::limits::Limits;
+use crate::broker::domain::names::Pattern;
 use crate::broker::domain::observe::Observer;
 use crate::broker::domain::queue::QueuePolicy;
 use crate::broker::engine::local::stats::StatsHub;
@@ -102,6 +103,9 @@ struct Inner {
     /// in-process engine does) without asking Redis first each time. A queue deleted by
     /// another node is found missing by its next script, which repairs this.
     known: Mutex<HashSet<String>>,
+    /// The topic bindings of every queue that has some, as of this node's last look
+    /// (its own policy changes, and the sweep's refresh): a publish here pumps them.
+    bindings: Mutex<HashMap<String, Vec<Pattern>>>,
     stats: StatsHub,
     observer: OnceLock<Arc<dyn Observer>>,
 }
@@ -124,6 +128,7 @@ impl RedisEngine {
                 replication,
                 shutdown,
                 known: Mutex::new(HashSet::new()),
+                bindings: Mutex::new(HashMap::new()),
                 stats: StatsHub::default(),
                 observer: OnceLock::new(),
                 config,

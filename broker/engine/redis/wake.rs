@@ -468,7 +468,7 @@ mod tests {
         assert!(watch.wait(Duration::from_millis(20)).await.is_empty());
 
         for _ in 0..3 {
-            wakes.publish(&other, &b).await.unwrap();
+            publish(&other, &b).await.unwrap();
             // A generous bound: a timeout returns no channel, so this fails if only the
             // timeout ended the wait.
             assert_eq!(watch.wait(Duration::from_secs(10)).await, [b.as_str()]);
