@@ -542,7 +542,7 @@ async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
     for name in &created {
         dead_letter_one(&mut rpc, name).await;
     }
-    let queues = broker.broker.list_queues().len();
+    let queues = broker.broker().list_queues().len();
     assert!(queues <= 5, "{queues} queues under --max-queues 5");
     assert_eq!(created, ["q0", "q1"]);
     assert_eq!(queues, 4, "q0, q1 and their dead-letter queues");
@@ -577,7 +577,7 @@ async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
         ],
     );
     let z = broker
-        .broker
+        .broker()
         .list_queues()
         .into_iter()
         .find(|q| q.name == "z")
@@ -592,7 +592,7 @@ async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
         .await
         .unwrap();
     rpc.create_queue(create("w", "q1.dlq")).await.unwrap();
-    assert_eq!(broker.broker.list_queues().len(), 5);
+    assert_eq!(broker.broker().list_queues().len(), 5);
     assert_refused(
         rpc.redrive(pb::RedriveRequest {
             dead_letter_queue: "q0.dlq".into(),
@@ -607,7 +607,7 @@ async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
         1,
         "nothing moved"
     );
-    assert_eq!(broker.broker.list_queues().len(), 5);
+    assert_eq!(broker.broker().list_queues().len(), 5);
     // Once there is room, it goes home.
     rpc.delete_queue(pb::DeleteQueueRequest { name: "w".into() })
         .await
@@ -655,7 +655,7 @@ async fn every_duration_and_count_is_range_checked() {
         .jobs[0]
         .lease_id
         .clone();
-    let before = broker.broker.list_queues()[0].policy.clone();
+    let before = broker.broker().list_queues()[0].policy.clone();
 
     // (field, limit, value)
     type Case = (&'static str, u64, u64);
@@ -871,7 +871,7 @@ async fn every_duration_and_count_is_range_checked() {
     assert_eq!(tried, 28 + 16);
 
     // Nothing changed: the policy, the lease (still live), no new queue or topic.
-    let queues = broker.broker.list_queues();
+    let queues = broker.broker().list_queues();
     assert_eq!(queues.len(), 1, "only t: no dead-letter queue made, no t2");
     assert_eq!(queues[0].policy, before);
     let stats = stats_of(&client, "t").await.unwrap();

@@ -143,7 +143,7 @@ async fn watchers_share_one_stats_snapshot_per_tick() {
     // Other intervals and a filter read the same snapshots.
     watchers.push((open(300, Vec::new()).await, 20));
     watchers.push((open(200, vec!["shared.3".into()]).await, 1));
-    let before = broker.broker.stats_snapshots_computed();
+    let before = broker.broker().stats_snapshots_computed();
     let started = std::time::Instant::now();
     let frames =
         futures::future::join_all(watchers.into_iter().map(|(mut watch, queues)| async move {
@@ -157,7 +157,7 @@ async fn watchers_share_one_stats_snapshot_per_tick() {
         }))
         .await;
     let elapsed = started.elapsed();
-    let computed = broker.broker.stats_snapshots_computed() - before;
+    let computed = broker.broker().stats_snapshots_computed() - before;
     let sent: usize = frames.iter().map(Vec::len).sum();
     println!(
         "{} watchers got {sent} frames in {elapsed:?} from {computed} computed snapshots",

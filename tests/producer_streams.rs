@@ -286,7 +286,7 @@ async fn streamed_enqueues_are_durable_when_answered() {
         }
         served.stop();
         within(&mut served.handle).await.unwrap();
-        served.broker.close_storage();
+        served.broker().close_storage();
     }
     let reopened = open();
     let listed = reopened.list_jobs("durable", None, 1000, "").unwrap().0;

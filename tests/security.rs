@@ -289,7 +289,7 @@ async fn every_broker_rpc_needs_a_known_token_and_health_does_not() {
         assert!(status.message().contains("not known"), "{rpc}: {status:?}");
     }
     // Nothing was created or enqueued by the refused calls.
-    assert!(b.broker.list_queues().is_empty());
+    assert!(b.broker().list_queues().is_empty());
 
     // Health stays open, for load balancers and orchestrators.
     assert_eq!(
@@ -524,7 +524,7 @@ async fn a_queue_policy_may_reach_only_topics_and_queues_the_token_may() {
         &["policy.dead_letter_queue: token \"team\" may not act on \"emails\""],
     );
     assert!(
-        b.broker.list_queues().is_empty(),
+        b.broker().list_queues().is_empty(),
         "refusals changed nothing"
     );
     team.create_queue(create(&["team.events.*"], "team.jobs.dead"))
@@ -571,7 +571,12 @@ async fn redrive_broker() -> TestBroker {
 }
 
 fn queue_names(b: &TestBroker) -> Vec<String> {
-    let mut names: Vec<String> = b.broker.list_queues().into_iter().map(|q| q.name).collect();
+    let mut names: Vec<String> = b
+        .broker()
+        .list_queues()
+        .into_iter()
+        .map(|q| q.name)
+        .collect();
     names.sort();
     names
 }
@@ -1163,7 +1168,7 @@ async fn tls_serves_clients_that_trust_its_ca() {
         .await
         .is_err()
     );
-    assert_eq!(b.broker.stats(&[], &[]).queues.len(), 1);
+    assert_eq!(b.broker().stats(&[], &[]).queues.len(), 1);
 }
 
 fn pki_other_ca() -> String {
@@ -1201,7 +1206,7 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_its_ca() {
         .is_err(),
         "a certificate from another CA"
     );
-    let queues = b.broker.stats(&[], &[]).queues;
+    let queues = b.broker().stats(&[], &[]).queues;
     assert_eq!(queues.len(), 1);
     assert_eq!(queues[0].1.pending, 1, "only the admitted client enqueued");
 }

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sluice::broker::{Broker, BrokerConfig, ServeOptions, serve};
+use sluice::broker::testing::redis::RedisServer;
+use sluice::broker::{Broker, BrokerConfig, Engine, RedisConfig, RedisEngine, ServeOptions, serve};
 use sluice::client::{Client, ClientError, Lease, Rpc};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -23,10 +24,25 @@ pub fn serve_options() -> ServeOptions {
     }
 }
 
+/// Which engine [`TestBroker::start`], [`TestBroker::start_with`] and
+/// [`TestBroker::start_serving`] serve: `SLUICE_TEST_ENGINE=redis` runs the same tests
+/// against the Redis engine, each broker on a `redis-server` of its own (on a free port,
+/// killed with the broker); anything else (the default) is the in-process engine. Tests
+/// that build a [`Broker`] themselves (a data directory, hooked storage) always run on it.
+pub fn engine_under_test() -> &'static str {
+    match std::env::var("SLUICE_TEST_ENGINE").as_deref() {
+        Ok("redis") => "redis",
+        _ => "local",
+    }
+}
+
 /// A broker serving gRPC on an ephemeral loopback port.
 pub struct TestBroker {
     pub addr: SocketAddr,
-    pub broker: Broker,
+    /// The in-process engine, when that is what is served.
+    local: Option<Broker>,
+    /// The Redis engine and its server, when that is what is served.
+    redis: Option<(RedisEngine, RedisServer)>,
     stop: Option<oneshot::Sender<()>>,
     pub handle: JoinHandle<()>,
 }
@@ -37,7 +53,33 @@ impl TestBroker {
     }
 
     pub async fn start_with(config: BrokerConfig) -> Self {
-        Self::serving(Broker::new(config)).await
+        Self::start_engine(config, serve_options()).await
+    }
+
+    /// The engine under test ([`engine_under_test`]) with `config`, served with `options`.
+    async fn start_engine(config: BrokerConfig, options: ServeOptions) -> Self {
+        if engine_under_test() != "redis" {
+            return Self::serving_with(Broker::new(config), options).await;
+        }
+        let server = RedisServer::start();
+        let engine = RedisEngine::connect(RedisConfig {
+            limits: config.limits,
+            sweep_interval: config.tick_interval.max(Duration::from_millis(10)),
+            ..RedisConfig::new(vec![server.url()])
+        })
+        .await
+        .expect("the Redis engine connects to its own redis-server");
+        let mut served = Self::serve_engine(engine.clone(), options).await;
+        served.redis = Some((engine, server));
+        served
+    }
+
+    /// The in-process engine this serves; panics when the Redis engine is under test
+    /// (a test that looks inside the in-process engine runs on it only).
+    pub fn broker(&self) -> &Broker {
+        self.local.as_ref().unwrap_or_else(|| {
+            panic!("this test looks inside the in-process engine, but SLUICE_TEST_ENGINE=redis")
+        })
     }
 
     /// Serves an existing broker (e.g. one opened on a data directory).
@@ -47,27 +89,31 @@ impl TestBroker {
 
     /// A new broker (default configuration) served with `options` (TLS, tokens, limits).
     pub async fn start_serving(options: ServeOptions) -> Self {
-        Self::serving_with(Broker::new(BrokerConfig::default()), options).await
+        Self::start_engine(BrokerConfig::default(), options).await
     }
 
     /// Serves an existing broker with these server options (TLS, tokens, limits).
     pub async fn serving_with(broker: Broker, options: ServeOptions) -> Self {
+        let mut served = Self::serve_engine(broker.clone(), options).await;
+        served.local = Some(broker);
+        served
+    }
+
+    async fn serve_engine<E: Engine>(engine: E, options: ServeOptions) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn({
-            let broker = broker.clone();
-            async move {
-                serve(listener, broker, options, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-            }
+        let handle = tokio::spawn(async move {
+            serve(listener, engine, options, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
         });
         Self {
             addr,
-            broker,
+            local: None,
+            redis: None,
             stop: Some(stop),
             handle,
         }
