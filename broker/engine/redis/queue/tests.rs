@@ -725,3 +725,56 @@ async fn redis_queue_a_new_death_replaces_the_dead_letter_record() {
     assert!(results[0].is_err());
     assert_eq!(s.consumers("q.dlq").await.unwrap()[0].1.leases_held, 0);
 }
+
+/// A store with a test clock: the scripts' time is the clock's, not Redis's, and the
+/// clock's argument does not shift the scripts' own (`define` and `dead_letters_done`
+/// read every argument there is).
+#[tokio::test]
+async fn redis_queue_test_clock_drives_the_scripts_time() {
+    const T0: Millis = 1_700_000_000_000;
+    let srv = RedisServer::start();
+    let conn = connect(&[srv.url()]).await.expect("connect");
+    let clock = Arc::new(std::sync::atomic::AtomicU64::new(T0));
+    let s = QueueStore::with_clock(conn, clock.clone());
+    let set = |t: Millis| clock.store(t, std::sync::atomic::Ordering::SeqCst);
+    s.create("q", &policy("q")).await.unwrap();
+    assert_eq!(s.info("q").await.unwrap().unwrap().0, policy("q"));
+    let delayed = NewJob {
+        run_at: Some(T0 + 1_000),
+        ..job("a")
+    };
+    let id = s.enqueue("q", vec![delayed]).await.unwrap()[0].id;
+    let j = s.get("q", &id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.enqueued_at, j.run_at, j.state),
+        (T0, T0 + 1_000, JobState::Scheduled)
+    );
+    set(T0 + 999);
+    assert!(lease(&s, "q", 1).await.is_empty());
+    set(T0 + 1_000);
+    let d = lease(&s, "q", 1).await.remove(0);
+    assert_eq!(d.deadline, T0 + 1_100);
+    // Its lease expires at its deadline only, whatever Redis's own time says.
+    set(T0 + 1_099);
+    assert_eq!(s.sweep("q").await.unwrap(), 0);
+    set(T0 + 1_100);
+    assert_eq!(s.sweep("q").await.unwrap(), 1);
+    let j = s.get("q", &id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.run_at), (JobState::Retrying, T0 + 1_150));
+    let d = lease_at(&s, &set, T0 + 1_150).await;
+    s.nack(&d.lease_id, "x".into(), None, true).await.unwrap();
+    assert_eq!(s.move_dead_letters("q").await.unwrap(), 1);
+    let dead = s.get("q.dlq", &id).await.unwrap().unwrap();
+    assert_eq!(
+        dead.headers
+            .get(HEADER_DEAD_LETTERED_AT)
+            .map(String::as_str),
+        Some((T0 + 1_150).to_string().as_str())
+    );
+}
+
+/// Leases one job at `t`.
+async fn lease_at(s: &QueueStore, set: &impl Fn(Millis), t: Millis) -> Delivery {
+    set(t);
+    lease(s, "q", 1).await.remove(0)
+}
