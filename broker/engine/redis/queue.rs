@@ -992,6 +992,8 @@ impl QueueStore {
 }
 
 #[cfg(test)]
+mod model;
+#[cfg(test)]
 mod test_clock;
 #[cfg(test)]
 mod tests;

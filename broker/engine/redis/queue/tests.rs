@@ -778,3 +778,73 @@ async fn lease_at(s: &QueueStore, set: &impl Fn(Millis), t: Millis) -> Delivery 
     set(t);
     lease(s, "q", 1).await.remove(0)
 }
+
+/// Regression (found by the model run): a job cancelled (or purged) after a failed
+/// delivery kept that delivery's nonce and consumer, so its finished record named a lease
+/// that had not ended it. No lease finishes a cancelled job, as in the in-process queue.
+#[tokio::test]
+async fn redis_queue_a_cancelled_retry_names_no_lease() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        backoff: Backoff::Schedule(vec![60_000]),
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let ids: Vec<Uuid> = s
+        .enqueue("q", vec![job("a"), job("b")])
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let ds = lease(&s, "q", 2).await;
+    for d in &ds {
+        s.nack(&d.lease_id, "x".into(), None, false).await.unwrap();
+    }
+    let cancelled = s.cancel("q", &ids[0]).await.unwrap();
+    assert_eq!((cancelled.lease_nonce, cancelled.consumer), (0, None));
+    assert_eq!(s.purge("q").await.unwrap(), 1);
+    for id in &ids {
+        let j = s.get("q", id).await.unwrap().unwrap();
+        assert_eq!(j.state, JobState::Cancelled);
+        assert_eq!((j.lease_nonce, j.consumer), (0, None), "{id}");
+    }
+    let late = s
+        .ack("q", vec![(ds[0].lease_id.clone(), None)])
+        .await
+        .unwrap();
+    assert!(matches!(late[0], Err(BrokerError::FailedPrecondition(_))));
+}
+
+/// Regression (found by the model run): with a dedup window of 0 ms, a key repeated in
+/// one batch stored the repeat as a new job while counting it as a duplicate (for the
+/// enqueued counter and max depth). A repeat in the batch is a duplicate of the first.
+#[tokio::test]
+async fn redis_queue_a_key_repeated_in_a_batch_is_a_duplicate_with_no_window() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        dedup_window_ms: 0,
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let keyed = NewJob {
+        idempotency_key: Some("k".into()),
+        ..job("a")
+    };
+    let out = s
+        .enqueue("q", vec![keyed.clone(), keyed.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        out[1],
+        Enqueued {
+            id: out[0].id,
+            duplicate: true
+        }
+    );
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!((counts.pending, counts.enqueued), (1, 1));
+    // The window is over after the batch: the key is new again.
+    let again = s.enqueue("q", vec![keyed]).await.unwrap();
+    assert!(!again[0].duplicate);
+}
