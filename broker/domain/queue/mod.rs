@@ -1155,6 +1155,6 @@ fn clamp_attempts(n: u32) -> u16 {
 }
 
 #[cfg(test)]
-mod model_tests;
+pub(crate) mod model_tests;
 #[cfg(test)]
 mod tests;

@@ -342,12 +342,30 @@ fn jitter_seed() -> u64 {
 #[derive(Clone)]
 pub(crate) struct QueueStore {
     conn: RedisConn,
+    /// A test's clock (ms): the scripts' time instead of Redis's `TIME` (see
+    /// [`QueueStore::with_clock`]).
+    #[cfg(test)]
+    clock: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl QueueStore {
     /// Queues kept through `conn`.
     pub(crate) fn new(conn: RedisConn) -> Self {
-        Self { conn }
+        Self {
+            conn,
+            #[cfg(test)]
+            clock: None,
+        }
+    }
+
+    /// Queues kept through `conn` whose scripts take the time from `clock` (ms), so a test
+    /// drives time explicitly (see `queue/test_clock.rs`).
+    #[cfg(test)]
+    pub(crate) fn with_clock(conn: RedisConn, clock: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self {
+            conn,
+            clock: Some(clock),
+        }
     }
 
     /// Runs a script invocation.
@@ -358,6 +376,17 @@ impl QueueStore {
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, BrokerError> {
         let mut c = self.conn.clone();
+        #[cfg(test)]
+        if let Some(clock) = &self.clock {
+            let mut c = test_clock::ClockConn {
+                inner: c,
+                now: clock.load(std::sync::atomic::Ordering::SeqCst),
+            };
+            return invocation
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| script_error(doing, lease, e));
+        }
         invocation
             .invoke_async(&mut c)
             .await
@@ -964,5 +993,9 @@ impl QueueStore {
 
 pub(crate) mod binding;
 pub(crate) mod redrive;
+#[cfg(test)]
+mod model;
+#[cfg(test)]
+mod test_clock;
 #[cfg(test)]
 mod tests;

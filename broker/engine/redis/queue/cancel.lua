@@ -21,6 +21,9 @@ if state == 'leased' then
   return fail('SLUICE_PRECOND', 'job ' .. id .. ' is leased by ' .. quoted(f[1] or '') ..
     ' until ' .. (f[2] or '0') .. ': ack or nack it, or wait for the lease to expire')
 end
+-- No lease finishes a cancelled job: its record names none (a retrying job's earlier
+-- delivery is not the one that ended it), as the in-process queue's does.
+redis.call('HDEL', k, 'nonce', 'consumer')
 -- The record is taken before it finishes: history may keep nothing.
 local before = redis.call('HGETALL', k)
 unplace(seq)

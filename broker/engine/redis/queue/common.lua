@@ -44,8 +44,19 @@ local function dl_key(seq)
   return B .. ':dl:' .. I(seq)
 end
 
+-- A test's clock (test builds only, see queue/test_clock.rs): a last argument
+-- "\0now=<ms>" is the time, taken off ARGV before the script reads it.
+local TEST_NOW = nil
+if string.sub(ARGV[#ARGV] or '', 1, 5) == '\0now=' then
+  TEST_NOW = tonumber(string.sub(ARGV[#ARGV], 6))
+  ARGV[#ARGV] = nil
+end
+
 -- Redis's clock, so every node agrees on time.
 local function now_ms()
+  if TEST_NOW then
+    return TEST_NOW
+  end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end

@@ -41,6 +41,9 @@ if live + new > mnum('max_depth') then
 end
 
 local window = mnum('dedup_ms')
+-- Keys stored by this batch: a repeat in the batch is a duplicate even when the window
+-- (0 ms) is over before the batch ends.
+local stored = {}
 local out = {}
 for i = 0, n - 1 do
   local b = 3 + i * F
@@ -50,7 +53,7 @@ for i = 0, n - 1 do
   local dup = nil
   if ik ~= '' then
     ik = string.sub(ik, 2)
-    dup = idem_get(ik)
+    dup = stored[ik] or idem_get(ik)
   end
   if dup then
     out[#out + 1] = { dup, 1 }
@@ -58,6 +61,7 @@ for i = 0, n - 1 do
     local seq = redis.call('HINCRBY', K_META, 'seq', 1)
     local k = job_key(seq)
     if ik ~= '' then
+      stored[ik] = id
       redis.call('HSET', K_IDEM, ik, id)
       redis.call('ZADD', K_IDEMEXP, after(now, window), ik)
       redis.call('HSET', k, 'ikey', ik)

@@ -12,6 +12,8 @@ for _, s in ipairs(redis.call('ZRANGE', K_LIVE, 0, -1)) do
   -- too: its state is read when its turn comes.
   if redis.call('ZSCORE', K_LIVE, s) and jget(seq, 'state') ~= 'leased' then
     unplace(seq)
+    -- No lease finishes it (see cancel.lua).
+    redis.call('HDEL', job_key(seq), 'nonce', 'consumer')
     mincr('cancelled', 1)
     finish(seq, now, 'cancelled', nil)
     n = n + 1

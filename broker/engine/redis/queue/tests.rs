@@ -725,3 +725,126 @@ async fn redis_queue_a_new_death_replaces_the_dead_letter_record() {
     assert!(results[0].is_err());
     assert_eq!(s.consumers("q.dlq").await.unwrap()[0].1.leases_held, 0);
 }
+
+/// A store with a test clock: the scripts' time is the clock's, not Redis's, and the
+/// clock's argument does not shift the scripts' own (`define` and `dead_letters_done`
+/// read every argument there is).
+#[tokio::test]
+async fn redis_queue_test_clock_drives_the_scripts_time() {
+    const T0: Millis = 1_700_000_000_000;
+    let srv = RedisServer::start();
+    let conn = connect(&[srv.url()]).await.expect("connect");
+    let clock = Arc::new(std::sync::atomic::AtomicU64::new(T0));
+    let s = QueueStore::with_clock(conn, clock.clone());
+    let set = |t: Millis| clock.store(t, std::sync::atomic::Ordering::SeqCst);
+    s.create("q", &policy("q")).await.unwrap();
+    assert_eq!(s.info("q").await.unwrap().unwrap().0, policy("q"));
+    let delayed = NewJob {
+        run_at: Some(T0 + 1_000),
+        ..job("a")
+    };
+    let id = s.enqueue("q", vec![delayed]).await.unwrap()[0].id;
+    let j = s.get("q", &id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.enqueued_at, j.run_at, j.state),
+        (T0, T0 + 1_000, JobState::Scheduled)
+    );
+    set(T0 + 999);
+    assert!(lease(&s, "q", 1).await.is_empty());
+    set(T0 + 1_000);
+    let d = lease(&s, "q", 1).await.remove(0);
+    assert_eq!(d.deadline, T0 + 1_100);
+    // Its lease expires at its deadline only, whatever Redis's own time says.
+    set(T0 + 1_099);
+    assert_eq!(s.sweep("q").await.unwrap(), 0);
+    set(T0 + 1_100);
+    assert_eq!(s.sweep("q").await.unwrap(), 1);
+    let j = s.get("q", &id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.run_at), (JobState::Retrying, T0 + 1_150));
+    let d = lease_at(&s, &set, T0 + 1_150).await;
+    s.nack(&d.lease_id, "x".into(), None, true).await.unwrap();
+    assert_eq!(s.move_dead_letters("q").await.unwrap(), 1);
+    let dead = s.get("q.dlq", &id).await.unwrap().unwrap();
+    assert_eq!(
+        dead.headers
+            .get(HEADER_DEAD_LETTERED_AT)
+            .map(String::as_str),
+        Some((T0 + 1_150).to_string().as_str())
+    );
+}
+
+/// Leases one job at `t`.
+async fn lease_at(s: &QueueStore, set: &impl Fn(Millis), t: Millis) -> Delivery {
+    set(t);
+    lease(s, "q", 1).await.remove(0)
+}
+
+/// Regression (found by the model run): a job cancelled (or purged) after a failed
+/// delivery kept that delivery's nonce and consumer, so its finished record named a lease
+/// that had not ended it. No lease finishes a cancelled job, as in the in-process queue.
+#[tokio::test]
+async fn redis_queue_a_cancelled_retry_names_no_lease() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        backoff: Backoff::Schedule(vec![60_000]),
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let ids: Vec<Uuid> = s
+        .enqueue("q", vec![job("a"), job("b")])
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let ds = lease(&s, "q", 2).await;
+    for d in &ds {
+        s.nack(&d.lease_id, "x".into(), None, false).await.unwrap();
+    }
+    let cancelled = s.cancel("q", &ids[0]).await.unwrap();
+    assert_eq!((cancelled.lease_nonce, cancelled.consumer), (0, None));
+    assert_eq!(s.purge("q").await.unwrap(), 1);
+    for id in &ids {
+        let j = s.get("q", id).await.unwrap().unwrap();
+        assert_eq!(j.state, JobState::Cancelled);
+        assert_eq!((j.lease_nonce, j.consumer), (0, None), "{id}");
+    }
+    let late = s
+        .ack("q", vec![(ds[0].lease_id.clone(), None)])
+        .await
+        .unwrap();
+    assert!(matches!(late[0], Err(BrokerError::FailedPrecondition(_))));
+}
+
+/// Regression (found by the model run): with a dedup window of 0 ms, a key repeated in
+/// one batch stored the repeat as a new job while counting it as a duplicate (for the
+/// enqueued counter and max depth). A repeat in the batch is a duplicate of the first.
+#[tokio::test]
+async fn redis_queue_a_key_repeated_in_a_batch_is_a_duplicate_with_no_window() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        dedup_window_ms: 0,
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let keyed = NewJob {
+        idempotency_key: Some("k".into()),
+        ..job("a")
+    };
+    let out = s
+        .enqueue("q", vec![keyed.clone(), keyed.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        out[1],
+        Enqueued {
+            id: out[0].id,
+            duplicate: true
+        }
+    );
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!((counts.pending, counts.enqueued), (1, 1));
+    // The window is over after the batch: the key is new again.
+    let again = s.enqueue("q", vec![keyed]).await.unwrap();
+    assert!(!again[0].duplicate);
+}
