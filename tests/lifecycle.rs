@@ -143,6 +143,9 @@ async fn watchers_share_one_stats_snapshot_per_tick() {
     // Other intervals and a filter read the same snapshots.
     watchers.push((open(300, Vec::new()).await, 20));
     watchers.push((open(200, vec!["shared.3".into()]).await, 1));
+    if !common::checked_on_this_engine("the in-process count of shared snapshots") {
+        return;
+    }
     let before = broker.broker().stats_snapshots_computed();
     let started = std::time::Instant::now();
     let frames =

@@ -192,3 +192,27 @@ pub(crate) fn stale_acks(stale: &[String], total: usize) -> BrokerError {
         shown.join("; ")
     ))
 }
+
+/// The refusal of a queue past `--max-queues`: creating `what` (for `field`) would pass
+/// `max` with `in_use` queues counted.
+pub(crate) fn too_many_queues(max: usize, field: &str, what: String, in_use: usize) -> BrokerError {
+    BrokerError::ResourceExhausted(format!(
+        "{field}: cannot create {what}: the broker holds the maximum of {max} queues ({in_use} in use, dead-letter queues named by policies included)"
+    ))
+}
+
+/// Refuses a queue whose policy dead-letters into a name that is not a valid queue name
+/// (a default `<name>.dlq` past the name limit).
+pub(crate) fn dead_letter_name(field: &str, name: &str, dlq: &str) -> Result<(), BrokerError> {
+    if dlq.is_empty() {
+        return Ok(());
+    }
+    validate_name("dead_letter_queue", dlq).map_err(|e| {
+        BrokerError::invalid(
+            field,
+            format!(
+                "queue {name:?} would dead-letter into {dlq:?}, which is not a valid queue name ({e}); use a shorter name or set policy.dead_letter_queue"
+            ),
+        )
+    })
+}

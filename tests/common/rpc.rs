@@ -120,3 +120,12 @@ pub async fn create_topic_keeping(rpc: &mut Rpc, name: &str, max_messages: u64) 
     .unwrap()
     .into_inner()
 }
+
+/// Every queue, as ListQueues answers (read through gRPC, so any engine).
+pub async fn list_queues(rpc: &mut Rpc) -> Vec<pb::QueueInfo> {
+    rpc.list_queues(pb::ListQueuesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .queues
+}

@@ -125,10 +125,12 @@ impl Broker {
         what: String,
         in_use: usize,
     ) -> BrokerError {
-        let max = self.inner.config.limits.max_queues;
-        BrokerError::ResourceExhausted(format!(
-            "{field}: cannot create {what}: the broker holds the maximum of {max} queues ({in_use} in use, dead-letter queues named by policies included)"
-        ))
+        super::super::checks::too_many_queues(
+            self.inner.config.limits.max_queues,
+            field,
+            what,
+            in_use,
+        )
     }
 
     /// Creates the queue `name` with `policy` unless it exists (then returns that one). The
@@ -143,14 +145,7 @@ impl Broker {
     ) -> Result<Arc<SharedQueue>, BrokerError> {
         let dlq = policy.dead_letter_queue.clone();
         if how == Creation::Counted && !dlq.is_empty() {
-            validate_name("dead_letter_queue", &dlq).map_err(|e| {
-                BrokerError::invalid(
-                    field,
-                    format!(
-                        "queue {name:?} would dead-letter into {dlq:?}, which is not a valid queue name ({e}); use a shorter name or set policy.dead_letter_queue"
-                    ),
-                )
-            })?;
+            super::super::checks::dead_letter_name(field, name, &dlq)?;
         }
         let mut catalog = lock(&self.inner.catalog);
         if let Some(slot) = self.inner.queues.get(name) {

@@ -373,7 +373,9 @@ impl Engine for RedisEngine {
                 "queue {name:?} already exists (use UpdateQueue)"
             )));
         }
-        self.check_queue_room("name", name).await?;
+        checks::dead_letter_name("name", name, &policy.dead_letter_queue)?;
+        self.check_queue_room("name", name, &policy.dead_letter_queue)
+            .await?;
         self.inner.queues.create(name, &policy).await?;
         // The first pump starts the bindings at each topic's next message.
         self.pump(name, &policy.topic_bindings).await?;
@@ -383,7 +385,10 @@ impl Engine for RedisEngine {
 
     async fn update_queue(&self, name: &str, patch: PolicyPatch) -> Result<QueueInfo, BrokerError> {
         let (current, paused) = self.existing_queue(name).await?;
+        let old = current.dead_letter_queue.clone();
         let policy = patch.apply_to(name, current)?;
+        self.check_dead_letter_room(&old, &policy.dead_letter_queue)
+            .await?;
         self.inner.queues.set_policy(name, &policy).await?;
         self.pump(name, &policy.topic_bindings).await?;
         self.durable(self.queue_commit(name)).await?;

@@ -28,7 +28,7 @@ pub(crate) mod subscription;
 pub(crate) mod topic;
 pub(crate) mod wake;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -39,6 +39,7 @@ use crate::broker::domain::limits::Limits;
 use crate::broker::domain::names::Pattern;
 use crate::broker::domain::observe::Observer;
 use crate::broker::domain::queue::QueuePolicy;
+use crate::broker::engine::checks;
 use crate::broker::engine::local::stats::StatsHub;
 use crate::broker::sync::lock;
 
@@ -156,24 +157,108 @@ impl RedisEngine {
         }
         crate::broker::domain::names::validate_name(field, name)?;
         if self.inner.queues.info(name).await?.is_none() {
-            self.check_queue_room(field, name).await?;
-            self.inner
-                .queues
-                .ensure(name, &QueuePolicy::default_for(name))
+            let policy = QueuePolicy::default_for(name);
+            checks::dead_letter_name(field, name, &policy.dead_letter_queue)?;
+            self.check_queue_room(field, name, &policy.dead_letter_queue)
                 .await?;
+            self.inner.queues.ensure(name, &policy).await?;
         }
         lock(&self.inner.known).insert(name.to_owned());
         Ok(())
     }
 
-    /// Refuses to create queue `name` once the cluster holds `--max-queues` queues.
-    async fn check_queue_room(&self, field: &str, name: &str) -> Result<(), BrokerError> {
+    /// What `--max-queues` counts, as the in-process engine counts it: every queue, and
+    /// every dead-letter queue a policy names that does not exist yet (its first dead
+    /// letter creates it and must never be refused, so its slot is taken when a policy
+    /// names it). Reads every policy: queue creation is rare.
+    async fn queues_in_use(&self) -> Result<(BTreeSet<String>, BTreeSet<String>), BrokerError> {
+        let existing: BTreeSet<String> = self.inner.queues.names().await?.into_iter().collect();
+        let mut reserved = BTreeSet::new();
+        for name in &existing {
+            if let Some((policy, _)) = self.inner.queues.info(name).await? {
+                let dlq = policy.dead_letter_queue;
+                if !dlq.is_empty() && !existing.contains(&dlq) {
+                    reserved.insert(dlq);
+                }
+            }
+        }
+        Ok((existing, reserved))
+    }
+
+    /// Refuses to create queue `name` (dead-lettering into `dlq`) past `--max-queues`.
+    async fn check_queue_room(
+        &self,
+        field: &str,
+        name: &str,
+        dlq: &str,
+    ) -> Result<(), BrokerError> {
+        let (existing, reserved) = self.queues_in_use().await?;
+        let in_use = existing.len() + reserved.len();
+        let own = usize::from(!reserved.contains(name));
+        let extra = usize::from(
+            !dlq.is_empty() && dlq != name && !existing.contains(dlq) && !reserved.contains(dlq),
+        );
         let max = self.inner.config.limits.max_queues;
-        let in_use = self.inner.queues.names().await?.len();
-        if in_use >= max {
-            return Err(BrokerError::ResourceExhausted(format!(
-                "{field}: cannot create queue {name:?}: the broker holds the maximum of {max} queues ({in_use} in use)"
-            )));
+        if in_use + own + extra > max {
+            let what = if extra > 0 {
+                format!("queue {name:?} with its dead-letter queue {dlq:?}")
+            } else {
+                format!("queue {name:?}")
+            };
+            return Err(checks::too_many_queues(max, field, what, in_use));
+        }
+        Ok(())
+    }
+
+    /// Refuses a policy change of queue `name` to dead-letter queue `dlq` (from `old`)
+    /// that would pass `--max-queues`.
+    async fn check_dead_letter_room(&self, old: &str, dlq: &str) -> Result<(), BrokerError> {
+        if old == dlq || dlq.is_empty() {
+            return Ok(());
+        }
+        let (existing, reserved) = self.queues_in_use().await?;
+        let in_use = existing.len() + reserved.len();
+        let extra = usize::from(!existing.contains(dlq) && !reserved.contains(dlq));
+        let max = self.inner.config.limits.max_queues;
+        if in_use + extra > max {
+            return Err(checks::too_many_queues(
+                max,
+                "policy.dead_letter_queue",
+                format!("dead-letter queue {dlq:?}"),
+                in_use,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a redrive whose queues to create (`targets` that do not exist, with their
+    /// default dead-letter queues) would pass `--max-queues`.
+    async fn check_redrive_room(
+        &self,
+        field: &str,
+        targets: impl Iterator<Item = &String>,
+    ) -> Result<(), BrokerError> {
+        let (existing, reserved) = self.queues_in_use().await?;
+        let takes_slot = |n: &str| !n.is_empty() && !existing.contains(n) && !reserved.contains(n);
+        let mut new = BTreeSet::new();
+        for name in targets {
+            let dlq = QueuePolicy::default_for(name).dead_letter_queue;
+            for n in [name.as_str(), dlq.as_str()] {
+                if takes_slot(n) {
+                    new.insert(n.to_owned());
+                }
+            }
+        }
+        let in_use = existing.len() + reserved.len();
+        let max = self.inner.config.limits.max_queues;
+        if in_use + new.len() > max {
+            let names: Vec<String> = new.into_iter().collect();
+            return Err(checks::too_many_queues(
+                max,
+                field,
+                format!("queues {}", names.join(", ")),
+                in_use,
+            ));
         }
         Ok(())
     }

@@ -41,10 +41,7 @@ impl RedisEngine {
         for target in &targets {
             access.check_any(&[Action::Enqueue, Action::Admin], field, target)?;
         }
-        let existing = queues.names().await?;
-        for target in targets.iter().filter(|t| !existing.contains(t)) {
-            self.check_queue_room(field, target).await?;
-        }
+        self.check_redrive_room(field, targets.iter()).await?;
         let report = queues
             .redrive(
                 dead_letter_queue,
