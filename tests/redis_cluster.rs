@@ -1,0 +1,355 @@
+//! Several Sluice nodes over one Redis: the Redis engine's promises across nodes and
+//! across Redis failures.
+//!
+//! * Cross-node (three in-process nodes over a 3+3 Redis Cluster): a job enqueued on one
+//!   node, leased on a second and acked on a third is completed everywhere; a subscriber
+//!   on one node receives what two others publish, in order, without gaps; an ordering
+//!   key is never leased on two nodes at once; a long poll on one node wakes when
+//!   another enqueues.
+//! * Failover ledger (the real `sluice` binary, `--redis-replicas 1`, over a 3+3 Redis
+//!   Cluster): producers, workers and a publisher spread over three nodes while the Redis
+//!   primary of the queue's slot is SIGKILLed (its replica takes over) and one Sluice node
+//!   is SIGKILLed; nothing acknowledged is lost, nothing acked is delivered again.
+//! * What `--redis-replicas` buys: with the replication link cut before the primary dies,
+//!   `--redis-replicas 0` loses acknowledged enqueues once the replica is promoted, and
+//!   `--redis-replicas 1` refuses them (UNAVAILABLE) instead, losing nothing acknowledged.
+//!
+//! Every Redis and Sluice process is the test's own (free ports), stopped by PID.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use sluice::broker::testing::redis::{RedisCluster, RedisServer};
+use sluice::broker::{RedisConfig, RedisEngine, serve};
+use sluice::client::{Client, ClientError, Job, StartAt};
+use sluice::pb;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use common::{eventually, long_poll, serve_options, within};
+
+/// One Sluice node served in this process from a [`RedisEngine`].
+struct Node {
+    addr: SocketAddr,
+    engine: RedisEngine,
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<()>,
+}
+
+impl Node {
+    /// Connects a Redis engine with `config` and serves it on a free loopback port.
+    async fn start(config: RedisConfig) -> Self {
+        let engine = RedisEngine::connect(config)
+            .await
+            .expect("the Redis engine connects");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = engine.clone();
+        let handle = tokio::spawn(async move {
+            serve(listener, served, serve_options(), async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            addr,
+            engine,
+            stop: Some(stop),
+            handle,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.url()).await.unwrap()
+    }
+
+    /// Stops serving and ends the engine's background tasks.
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.engine.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.handle).await;
+    }
+}
+
+/// Three nodes over one Redis Cluster, each with its own engine (own connections, own
+/// wake-up subscriber, own sweep), as three machines would be.
+async fn three_nodes(cluster: &RedisCluster) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(
+            Node::start(RedisConfig {
+                sweep_interval: Duration::from_millis(20),
+                ..RedisConfig::new(cluster.seeds())
+            })
+            .await,
+        );
+    }
+    nodes
+}
+
+/// The job's state as `client`'s node reads it.
+async fn state_of(client: &Client, job_id: &str) -> pb::JobState {
+    client.get_job(job_id).await.unwrap().state()
+}
+
+/// The cross-node promises, over one 3+3 Redis Cluster and three in-process nodes
+/// (one cluster for the four parts: starting one costs seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_over_a_redis_cluster_act_as_one_broker() {
+    let started = Instant::now();
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 1))
+        .await
+        .unwrap();
+    let nodes = three_nodes(&cluster).await;
+    let (a, b, c) = (
+        nodes[0].client().await,
+        nodes[1].client().await,
+        nodes[2].client().await,
+    );
+
+    enqueue_on_a_lease_on_b_ack_on_c(&a, &b, &c).await;
+    a_subscriber_on_c_receives_what_a_and_b_publish(&a, &b, &c).await;
+    an_ordering_key_is_leased_on_one_node_at_a_time([&a, &b, &c]).await;
+    a_long_poll_on_b_wakes_when_a_enqueues(&a, &b).await;
+
+    for node in nodes {
+        node.stop().await;
+    }
+    drop(cluster);
+    eprintln!(
+        "cross-node test: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+async fn enqueue_on_a_lease_on_b_ack_on_c(a: &Client, b: &Client, c: &Client) {
+    let enqueued = a.enqueue("xnode", "hello").kind("k").send().await.unwrap();
+    let leases = within(b.lease("xnode").wait(Duration::from_secs(5)).send())
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].job_id(), enqueued.job_id);
+    assert_eq!(leases[0].payload().as_ref(), b"hello");
+    assert_eq!(state_of(a, &enqueued.job_id).await, pb::JobState::Leased);
+    // The ack goes to the third node: a lease is not tied to the node that granted it.
+    c.rpc()
+        .ack(pb::AckRequest {
+            acks: vec![pb::LeaseAck {
+                lease_id: leases[0].lease_id().to_owned(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    assert_eq!(state_of(a, &enqueued.job_id).await, pb::JobState::Completed);
+    assert_eq!(state_of(b, &enqueued.job_id).await, pb::JobState::Completed);
+    // Nothing left to lease on any node.
+    for client in [a, b, c] {
+        assert!(client.lease("xnode").send().await.unwrap().is_empty());
+    }
+}
+
+async fn a_subscriber_on_c_receives_what_a_and_b_publish(a: &Client, b: &Client, c: &Client) {
+    const TOPIC: &str = "xnode-events";
+    const EACH: usize = 100;
+    a.rpc()
+        .create_topic(pb::CreateTopicRequest {
+            name: TOPIC.into(),
+            retention: None,
+        })
+        .await
+        .unwrap();
+    let mut stream = c
+        .subscribe(TOPIC)
+        .start(StartAt::Sequence(1))
+        .raw()
+        .await
+        .unwrap();
+    // Two publishers, one on A and one on B, interleaving their publishes.
+    let publishers: Vec<_> = [("A", a.clone()), ("B", b.clone())]
+        .into_iter()
+        .map(|(name, client)| {
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for i in 0..EACH {
+                    let payload = format!("{name}-{i}");
+                    let sequence = client.publish(TOPIC, payload.clone()).await.unwrap();
+                    acknowledged.push((sequence, payload));
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    let mut acknowledged: BTreeMap<u64, String> = BTreeMap::new();
+    for p in publishers {
+        for (sequence, payload) in p.await.unwrap() {
+            assert!(
+                acknowledged.insert(sequence, payload).is_none(),
+                "sequence {sequence} acknowledged twice"
+            );
+        }
+    }
+    let mut received = Vec::new();
+    while received.len() < 2 * EACH {
+        let delivery = within(stream.next())
+            .await
+            .expect("the subscription goes on")
+            .expect("a delivery, not an error");
+        received.push((
+            delivery.sequence,
+            String::from_utf8(delivery.value.to_vec()).unwrap(),
+        ));
+    }
+    let sequences: Vec<u64> = received.iter().map(|(s, _)| *s).collect();
+    let expected: Vec<u64> = (1..=(2 * EACH) as u64).collect();
+    assert_eq!(sequences, expected, "in order, without gaps");
+    let acknowledged: Vec<(u64, String)> = acknowledged.into_iter().collect();
+    assert_eq!(received, acknowledged, "each under its acknowledged sequence");
+    // The publishers really interleaved (else the test says little about ordering).
+    let switches = received
+        .windows(2)
+        .filter(|w| w[0].1.as_bytes()[0] != w[1].1.as_bytes()[0])
+        .count();
+    eprintln!("topic: {} messages, {switches} switches between publishers", received.len());
+    assert!(switches > 1, "the publishers did not interleave");
+}
+
+/// One lease of an ordering-keyed job, as its worker saw it.
+#[derive(Debug, Clone)]
+struct Held {
+    key: String,
+    index: usize,
+    node: usize,
+    /// When the lease answer arrived (after the server granted the lease).
+    leased: Instant,
+    /// When the worker sent its ack (before the server released the key).
+    acking: Instant,
+}
+
+async fn an_ordering_key_is_leased_on_one_node_at_a_time(clients: [&Client; 3]) {
+    const QUEUE: &str = "xnode-ordered";
+    const JOBS: usize = 60;
+    const KEYS: [&str; 3] = ["alpha", "beta", "gamma"];
+    let jobs = (0..JOBS)
+        .map(|i| Job::new(format!("{i}")).ordering_key(KEYS[i % KEYS.len()]))
+        .collect();
+    clients[0].enqueue_batch(QUEUE, jobs).await.unwrap();
+
+    let held = Arc::new(Mutex::new(Vec::<Held>::new()));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for (node, client) in clients.iter().enumerate() {
+        for w in 0..2 {
+            let client = (*client).clone();
+            let held = held.clone();
+            let acked = acked.clone();
+            let mut rng = fastrand::Rng::with_seed((node * 10 + w) as u64);
+            workers.push(tokio::spawn(async move {
+                while acked.load(Ordering::SeqCst) < JOBS {
+                    let leases = client
+                        .lease(QUEUE)
+                        .max_jobs(1)
+                        .visibility_timeout(Duration::from_secs(30))
+                        .wait(Duration::from_millis(200))
+                        .send()
+                        .await
+                        .unwrap();
+                    for lease in leases {
+                        let leased = Instant::now();
+                        let index: usize = std::str::from_utf8(lease.payload())
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        // Work long enough that a second lease of the key would overlap.
+                        tokio::time::sleep(Duration::from_millis(rng.u64(5..25))).await;
+                        let acking = Instant::now();
+                        held.lock().unwrap().push(Held {
+                            key: KEYS[index % KEYS.len()].to_owned(),
+                            index,
+                            node,
+                            leased,
+                            acking,
+                        });
+                        lease.ack().await.unwrap();
+                        acked.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }));
+        }
+    }
+    within(async {
+        for w in workers {
+            w.await.unwrap();
+        }
+    })
+    .await;
+
+    let held = held.lock().unwrap().clone();
+    assert_eq!(held.len(), JOBS, "each job leased and acked once");
+    let mut by_key: HashMap<&str, Vec<&Held>> = HashMap::new();
+    for h in &held {
+        by_key.entry(h.key.as_str()).or_default().push(h);
+    }
+    let mut nodes_used = HashSet::new();
+    for (key, mut leases) in by_key {
+        leases.sort_by_key(|h| h.leased);
+        for pair in leases.windows(2) {
+            assert!(
+                pair[1].leased >= pair[0].acking,
+                "key {key}: job {} leased on node {} before job {} (node {}) was acked",
+                pair[1].index,
+                pair[1].node,
+                pair[0].index,
+                pair[0].node
+            );
+        }
+        // And in enqueue order.
+        let order: Vec<usize> = leases.iter().map(|h| h.index).collect();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(order, sorted, "key {key}: leased out of enqueue order");
+        nodes_used.extend(leases.iter().map(|h| h.node));
+    }
+    eprintln!("ordering keys: {JOBS} jobs leased on nodes {nodes_used:?}");
+    assert!(nodes_used.len() > 1, "only one node leased: {nodes_used:?}");
+}
+
+async fn a_long_poll_on_b_wakes_when_a_enqueues(a: &Client, b: &Client) {
+    const QUEUE: &str = "xnode-poll";
+    // The queue exists before the poll, so the poll waits on it.
+    a.rpc()
+        .create_queue(pb::CreateQueueRequest {
+            name: QUEUE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let poll = long_poll(b, QUEUE, Duration::from_secs(10)).await;
+    let enqueued_at = Instant::now();
+    let job = a.enqueue(QUEUE, "wake").send().await.unwrap();
+    let leases = within(poll).await.unwrap().unwrap();
+    let waited = enqueued_at.elapsed();
+    eprintln!("long poll on B returned {waited:?} after the enqueue on A");
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].job_id(), job.job_id);
+    assert!(
+        waited < Duration::from_secs(2),
+        "the 10 s poll returned {waited:?} after the enqueue"
+    );
+}
