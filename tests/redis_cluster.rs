@@ -353,3 +353,278 @@ async fn a_long_poll_on_b_wakes_when_a_enqueues(a: &Client, b: &Client) {
         "the 10 s poll returned {waited:?} after the enqueue"
     );
 }
+
+// ---- what --redis-replicas buys ---------------------------------------------------------
+
+/// A TCP proxy between a replica and its primary, so a test can cut the replication link
+/// at a moment of its choosing: [`LinkProxy::cut`] closes every connection through it and
+/// stops accepting new ones (the replica's reconnects are refused).
+struct LinkProxy {
+    port: u16,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl LinkProxy {
+    async fn start(upstream: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = tokio_util::sync::CancellationToken::new();
+        let token = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut inbound = tokio::select! {
+                    _ = token.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((s, _)) => s,
+                        Err(_) => continue,
+                    },
+                };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    // Either side closing, or the cut, drops both sockets.
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Self { port, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.cancel();
+    }
+}
+
+/// A command on a connection of its own to the server on `port`.
+async fn redis_cmd<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> T {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+/// Polls `INFO replication` of the server on `port` (every 20 ms, at most 10 s) until
+/// `ready` holds.
+async fn wait_replication(port: u16, what: &str, ready: impl Fn(&str) -> bool) {
+    let start = Instant::now();
+    loop {
+        let info: String = redis_cmd(port, &["INFO", "replication"]).await;
+        if ready(&info) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "waited 10 s for {what}:\n{info}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What one run of [`cut_link_then_lose_primary`] measured.
+#[derive(Debug)]
+struct CutOutcome {
+    /// Enqueues attempted after the cut.
+    attempted: usize,
+    /// ... acknowledged.
+    acknowledged: usize,
+    /// ... refused as UNAVAILABLE (outcome unknown).
+    unavailable: usize,
+    /// The slowest refusal.
+    slowest_refusal: Duration,
+    /// Acknowledged enqueues (before and after the cut) the promoted replica lacks.
+    lost: usize,
+    /// Enqueues made before the cut (acknowledged, on the replica by then) it lacks.
+    lost_before_cut: usize,
+    /// Enqueues after the cut whose retry (same idempotency key) on the promoted replica
+    /// found the original: they reached the replica after all.
+    retried_duplicates: usize,
+}
+
+/// A standalone primary with one replica linked through a [`LinkProxy`]; a node with
+/// `--redis-replicas replicas` enqueues 20 jobs, the link is cut, the node enqueues
+/// `after` more (concurrently, each with an idempotency key), the primary is SIGKILLed and
+/// the replica promoted (`REPLICAOF NO ONE`, as an operator or Sentinel would); a node on
+/// the promoted replica then looks for every acknowledged job and retries every
+/// enqueue made after the cut with its key.
+async fn cut_link_then_lose_primary(replicas: u32, after: usize) -> CutOutcome {
+    const BEFORE: usize = 20;
+    const QUEUE: &str = "durable";
+    let mut primary = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let proxy = LinkProxy::start(primary.port).await;
+    let proxy_port = proxy.port.to_string();
+    let replica = tokio::task::spawn_blocking(move || {
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &proxy_port])
+    })
+    .await
+    .unwrap();
+    wait_replication(primary.port, "the replica to sync", |i| {
+        i.contains("state=online")
+    })
+    .await;
+
+    let timeout = Duration::from_millis(500);
+    let node = Node::start(RedisConfig {
+        replicas,
+        replica_timeout: timeout,
+        ..RedisConfig::new(vec![primary.url()])
+    })
+    .await;
+    let client = node.client().await;
+    let mut acknowledged = Vec::new();
+    for i in 0..BEFORE {
+        let key = format!("before-{i}");
+        let job = client
+            .enqueue(QUEUE, key.clone())
+            .idempotency_key(key)
+            .send()
+            .await
+            .unwrap();
+        acknowledged.push(job.job_id);
+    }
+    // Whatever `replicas` is, the jobs before the cut are on the replica before it.
+    let synced: i64 = {
+        let client = redis::Client::open(primary.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("test-fence")
+            .arg("")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        redis::cmd("WAIT")
+            .arg(1)
+            .arg(5000)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(synced, 1, "the replica has the jobs from before the cut");
+
+    proxy.cut();
+    wait_replication(primary.port, "the primary to lose its replica", |i| {
+        i.contains("connected_slaves:0")
+    })
+    .await;
+
+    let attempts: Vec<_> = (0..after)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let key = format!("after-{i}");
+                let start = Instant::now();
+                let result = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    client.enqueue(QUEUE, key.clone()).idempotency_key(key).send(),
+                )
+                .await
+                .expect("an answer within 10 s");
+                (result, start.elapsed())
+            })
+        })
+        .collect();
+    let (mut acknowledged_after, mut unavailable, mut slowest_refusal) = (0, 0, Duration::ZERO);
+    for attempt in attempts {
+        let (result, took) = attempt.await.unwrap();
+        match result {
+            Ok(job) => {
+                acknowledged_after += 1;
+                acknowledged.push(job.job_id);
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+                unavailable += 1;
+                slowest_refusal = slowest_refusal.max(took);
+            }
+        }
+    }
+
+    primary.kill();
+    node.stop().await;
+    let _: () = redis_cmd(replica.port, &["REPLICAOF", "NO", "ONE"]).await;
+    let reader = Node::start(RedisConfig::new(vec![replica.url()])).await;
+    let client = reader.client().await;
+    let mut lost = 0;
+    let mut lost_before_cut = 0;
+    for (i, id) in acknowledged.iter().enumerate() {
+        match client.get_job(id).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+                lost += 1;
+                if i < BEFORE {
+                    lost_before_cut += 1;
+                }
+            }
+            Err(e) => panic!("reading job {id} on the promoted replica: {e}"),
+        }
+    }
+    let mut retried_duplicates = 0;
+    for i in 0..after {
+        let key = format!("after-{i}");
+        let job = client
+            .enqueue(QUEUE, key.clone())
+            .idempotency_key(key)
+            .send()
+            .await
+            .unwrap();
+        retried_duplicates += usize::from(job.duplicate);
+    }
+    reader.stop().await;
+    drop(replica);
+    CutOutcome {
+        attempted: after,
+        acknowledged: acknowledged_after,
+        unavailable,
+        slowest_refusal,
+        lost,
+        lost_before_cut,
+        retried_duplicates,
+    }
+}
+
+/// `--redis-replicas 0` answers once the primary has a change: with the replication link
+/// cut, every enqueue is acknowledged, and all of them are gone once the primary dies and
+/// its replica is promoted. (The durability table of the README quotes these numbers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_replicas_a_cut_link_loses_acknowledged_enqueues() {
+    let started = Instant::now();
+    let outcome = cut_link_then_lose_primary(0, 50).await;
+    eprintln!(
+        "--redis-replicas 0, link cut, primary killed, replica promoted ({:.1} s): {outcome:?}",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(outcome.acknowledged, outcome.attempted, "{outcome:?}");
+    assert_eq!(outcome.lost_before_cut, 0, "{outcome:?}");
+    assert!(outcome.lost > 0, "expected acknowledged enqueues to be lost: {outcome:?}");
+    assert_eq!(outcome.retried_duplicates, 0, "{outcome:?}");
+}
+
+/// `--redis-replicas 1` answers once a replica has a change: with the replication link
+/// cut, every enqueue is refused as UNAVAILABLE (outcome unknown) within the timeout, and
+/// nothing acknowledged is lost when the primary dies and its replica is promoted; the
+/// refused enqueues, retried there with their keys, are created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_one_replica_a_cut_link_refuses_enqueues_and_loses_nothing_acknowledged() {
+    let started = Instant::now();
+    let outcome = cut_link_then_lose_primary(1, 50).await;
+    eprintln!(
+        "--redis-replicas 1, link cut, primary killed, replica promoted ({:.1} s): {outcome:?}",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(outcome.acknowledged, 0, "{outcome:?}");
+    assert_eq!(outcome.unavailable, outcome.attempted, "{outcome:?}");
+    // The timeout is 500 ms; the bound is generous for a loaded machine.
+    assert!(outcome.slowest_refusal < Duration::from_secs(5), "{outcome:?}");
+    assert_eq!(outcome.lost, 0, "{outcome:?}");
+    assert_eq!(outcome.retried_duplicates, 0, "{outcome:?}");
+}
