@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::StreamExt;
 use sluice::broker::testing::redis::{RedisCluster, RedisServer};
 use sluice::broker::{RedisConfig, RedisEngine, serve};
@@ -34,7 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use common::{eventually, long_poll, serve_options, within};
+use common::{long_poll, serve_options, within};
 
 /// One Sluice node served in this process from a [`RedisEngine`].
 struct Node {
@@ -132,10 +131,7 @@ async fn three_nodes_over_a_redis_cluster_act_as_one_broker() {
         node.stop().await;
     }
     drop(cluster);
-    eprintln!(
-        "cross-node test: {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("cross-node test: {:.1} s", started.elapsed().as_secs_f64());
 }
 
 async fn enqueue_on_a_lease_on_b_ack_on_c(a: &Client, b: &Client, c: &Client) {
@@ -220,13 +216,19 @@ async fn a_subscriber_on_c_receives_what_a_and_b_publish(a: &Client, b: &Client,
     let expected: Vec<u64> = (1..=(2 * EACH) as u64).collect();
     assert_eq!(sequences, expected, "in order, without gaps");
     let acknowledged: Vec<(u64, String)> = acknowledged.into_iter().collect();
-    assert_eq!(received, acknowledged, "each under its acknowledged sequence");
+    assert_eq!(
+        received, acknowledged,
+        "each under its acknowledged sequence"
+    );
     // The publishers really interleaved (else the test says little about ordering).
     let switches = received
         .windows(2)
         .filter(|w| w[0].1.as_bytes()[0] != w[1].1.as_bytes()[0])
         .count();
-    eprintln!("topic: {} messages, {switches} switches between publishers", received.len());
+    eprintln!(
+        "topic: {} messages, {switches} switches between publishers",
+        received.len()
+    );
     assert!(switches > 1, "the publishers did not interleave");
 }
 
@@ -381,8 +383,7 @@ impl LinkProxy {
                 };
                 let token = token.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", upstream)).await
-                    else {
+                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", upstream)).await else {
                         return;
                     };
                     // Either side closing, or the cut, drops both sockets.
@@ -525,7 +526,10 @@ async fn cut_link_then_lose_primary(replicas: u32, after: usize) -> CutOutcome {
                 let start = Instant::now();
                 let result = tokio::time::timeout(
                     Duration::from_secs(10),
-                    client.enqueue(QUEUE, key.clone()).idempotency_key(key).send(),
+                    client
+                        .enqueue(QUEUE, key.clone())
+                        .idempotency_key(key)
+                        .send(),
                 )
                 .await
                 .expect("an answer within 10 s");
@@ -605,7 +609,10 @@ async fn without_replicas_a_cut_link_loses_acknowledged_enqueues() {
     );
     assert_eq!(outcome.acknowledged, outcome.attempted, "{outcome:?}");
     assert_eq!(outcome.lost_before_cut, 0, "{outcome:?}");
-    assert!(outcome.lost > 0, "expected acknowledged enqueues to be lost: {outcome:?}");
+    assert!(
+        outcome.lost > 0,
+        "expected acknowledged enqueues to be lost: {outcome:?}"
+    );
     assert_eq!(outcome.retried_duplicates, 0, "{outcome:?}");
 }
 
@@ -624,7 +631,556 @@ async fn with_one_replica_a_cut_link_refuses_enqueues_and_loses_nothing_acknowle
     assert_eq!(outcome.acknowledged, 0, "{outcome:?}");
     assert_eq!(outcome.unavailable, outcome.attempted, "{outcome:?}");
     // The timeout is 500 ms; the bound is generous for a loaded machine.
-    assert!(outcome.slowest_refusal < Duration::from_secs(5), "{outcome:?}");
+    assert!(
+        outcome.slowest_refusal < Duration::from_secs(5),
+        "{outcome:?}"
+    );
     assert_eq!(outcome.lost, 0, "{outcome:?}");
     assert_eq!(outcome.retried_duplicates, 0, "{outcome:?}");
+}
+
+// ---- failover ledger: the real binary over a Redis Cluster --------------------------------
+
+const LEDGER_QUEUE: &str = "ledger";
+/// Leases long enough that a worker's ack retried across a failover normally lands, short
+/// enough that a lease whose answer was lost comes back before the drain ends.
+const LEDGER_VISIBILITY: Duration = Duration::from_secs(6);
+
+/// A `sluice serve --storage redis` process, SIGKILLed by PID when dropped.
+struct SluiceProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl SluiceProcess {
+    async fn start(seeds: &[String]) -> Self {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--storage", "redis"])
+            .arg("--redis")
+            .arg(seeds.join(","))
+            .args(["--redis-replicas", "1", "--redis-timeout-ms", "1000"])
+            .env("SLUICE_LOG", common::SERVE_LOG)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the sluice binary");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let addr = common::serve_addrs(stdout, false).await.grpc;
+        Self {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SluiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A payload naming its producer and number.
+fn ledger_payload(producer: &str, n: u64) -> String {
+    format!("{producer}-{n}")
+}
+
+/// Everything acknowledged, as the clients saw it.
+#[derive(Default)]
+struct FailoverLedger {
+    /// Acknowledged enqueues: job id -> payload id.
+    enqueued: HashMap<String, String>,
+    /// Payload id -> the job id its acknowledged enqueue answered (idempotency keys make
+    /// a retry answer the same job).
+    job_of: HashMap<String, String>,
+    /// Deliveries per job id.
+    deliveries: HashMap<String, u32>,
+    /// Jobs whose ack was acknowledged.
+    acked: HashSet<String>,
+    /// Leased, ack not (yet) acknowledged.
+    in_flight: HashSet<String>,
+    /// Acknowledged publishes: sequence -> payload id.
+    published: HashMap<u64, String>,
+    violations: Vec<String>,
+    /// Failed attempts per gRPC code (retried).
+    errors: BTreeMap<String, u64>,
+}
+
+impl FailoverLedger {
+    fn error(&mut self, e: &ClientError) {
+        let code = e
+            .code()
+            .map_or("transport".to_owned(), |c| format!("{c:?}"));
+        *self.errors.entry(code).or_default() += 1;
+    }
+}
+
+/// Whether a failed request may be retried as is: the node or Redis was unreachable, or
+/// the answer was lost (outcome unknown).
+fn retryable(e: &ClientError) -> bool {
+    !matches!(
+        e.code(),
+        Some(
+            tonic::Code::InvalidArgument
+                | tonic::Code::NotFound
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated
+        )
+    )
+}
+
+/// A client failing over between the nodes, each call with a deadline.
+fn any_client(urls: &[String]) -> Client {
+    Client::connect_any(urls.to_vec(), sluice::client::ConnectOptions::new()).unwrap()
+}
+
+/// Awaits `fut` for at most 5 s; a node killed mid-call must not hang the test.
+async fn bounded<T>(
+    fut: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Option<Result<T, ClientError>> {
+    tokio::time::timeout(Duration::from_secs(5), fut).await.ok()
+}
+
+/// Enqueues batches of 10 with idempotency keys until `stop`, retrying each batch with the
+/// same keys until it is acknowledged (or `give_up` passes).
+async fn ledger_producer(
+    client: Client,
+    name: &'static str,
+    ledger: Arc<Mutex<FailoverLedger>>,
+    stop: Arc<AtomicBool>,
+    give_up: Instant,
+) {
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let batch: Vec<String> = (0..10)
+            .map(|_| {
+                n += 1;
+                ledger_payload(name, n)
+            })
+            .collect();
+        loop {
+            let jobs = batch
+                .iter()
+                .map(|p| Job::new(p.clone()).idempotency_key(p.clone()))
+                .collect();
+            match bounded(client.enqueue_batch(LEDGER_QUEUE, jobs)).await {
+                Some(Ok(results)) => {
+                    let mut l = ledger.lock().unwrap();
+                    for (r, p) in results.iter().zip(&batch) {
+                        if let Some(earlier) = l.job_of.insert(p.clone(), r.job_id.clone())
+                            && earlier != r.job_id
+                        {
+                            l.violations.push(format!(
+                                "payload {p} acknowledged as job {earlier} and as job {}",
+                                r.job_id
+                            ));
+                        }
+                        l.enqueued.insert(r.job_id.clone(), p.clone());
+                    }
+                    break;
+                }
+                Some(Err(e)) if retryable(&e) => ledger.lock().unwrap().error(&e),
+                Some(Err(e)) => panic!("enqueue refused: {e}"),
+                None => {
+                    *ledger
+                        .lock()
+                        .unwrap()
+                        .errors
+                        .entry("timeout".into())
+                        .or_default() += 1
+                }
+            }
+            if Instant::now() > give_up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Leases and acks until `stop` (or, draining, until every acknowledged enqueue is acked
+/// or `give_up` passes). An ack whose outcome is unknown is retried until acknowledged or
+/// refused as stale (then the job stays in flight: it may come back).
+async fn ledger_worker(
+    client: Client,
+    name: String,
+    ledger: Arc<Mutex<FailoverLedger>>,
+    stop: Arc<AtomicBool>,
+    drain: bool,
+    give_up: Instant,
+) {
+    loop {
+        if Instant::now() > give_up || (!drain && stop.load(Ordering::Relaxed)) {
+            return;
+        }
+        if drain {
+            let l = ledger.lock().unwrap();
+            if l.enqueued.keys().all(|id| l.acked.contains(id)) {
+                return;
+            }
+        }
+        let leased = bounded(
+            client
+                .lease(LEDGER_QUEUE)
+                .max_jobs(20)
+                .visibility_timeout(LEDGER_VISIBILITY)
+                .wait(Duration::from_millis(200))
+                .consumer(name.clone())
+                .send(),
+        )
+        .await;
+        let leases = match leased {
+            Some(Ok(leases)) => leases,
+            Some(Err(e)) => {
+                assert!(retryable(&e), "lease refused: {e}");
+                ledger.lock().unwrap().error(&e);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            None => continue,
+        };
+        if leases.is_empty() {
+            continue;
+        }
+        {
+            let mut l = ledger.lock().unwrap();
+            for lease in &leases {
+                let id = lease.job_id().to_owned();
+                if l.acked.contains(&id) {
+                    l.violations
+                        .push(format!("job {id} delivered again after its ack"));
+                }
+                *l.deliveries.entry(id.clone()).or_default() += 1;
+                l.in_flight.insert(id);
+            }
+        }
+        let request = pb::AckRequest {
+            acks: leases
+                .iter()
+                .map(|l| pb::LeaseAck {
+                    lease_id: l.lease_id().to_owned(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        loop {
+            let acked = bounded(async {
+                client
+                    .rpc()
+                    .ack(request.clone())
+                    .await
+                    .map_err(ClientError::from)
+            })
+            .await;
+            match acked {
+                Some(Ok(_)) => {
+                    let mut l = ledger.lock().unwrap();
+                    for lease in &leases {
+                        l.in_flight.remove(lease.job_id());
+                        l.acked.insert(lease.job_id().to_owned());
+                    }
+                    break;
+                }
+                // Stale: an earlier attempt may have landed, or the lease was lost.
+                Some(Err(e)) if !retryable(&e) => break,
+                Some(Err(e)) => ledger.lock().unwrap().error(&e),
+                None => {}
+            }
+            if Instant::now() > give_up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Publishes batches of 10 with idempotency keys until `stop`, retrying each batch with
+/// the same keys until acknowledged.
+async fn ledger_publisher(
+    client: Client,
+    topic: String,
+    ledger: Arc<Mutex<FailoverLedger>>,
+    stop: Arc<AtomicBool>,
+    give_up: Instant,
+) {
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let batch: Vec<String> = (0..10)
+            .map(|_| {
+                n += 1;
+                ledger_payload("pub", n)
+            })
+            .collect();
+        loop {
+            let messages = batch
+                .iter()
+                .map(|p| sluice::client::Message::new(p.clone()).idempotency_key(p.clone()))
+                .collect();
+            match bounded(client.publish_batch(&topic, messages)).await {
+                Some(Ok(sequences)) => {
+                    let mut l = ledger.lock().unwrap();
+                    for (result, p) in sequences.into_iter().zip(&batch) {
+                        let seq = result.sequence;
+                        if let Some(other) = l.published.insert(seq, p.clone())
+                            && &other != p
+                        {
+                            l.violations
+                                .push(format!("sequence {seq} named {other} and {p}"));
+                        }
+                    }
+                    break;
+                }
+                Some(Err(e)) if retryable(&e) => ledger.lock().unwrap().error(&e),
+                Some(Err(e)) => panic!("publish refused: {e}"),
+                None => {
+                    *ledger
+                        .lock()
+                        .unwrap()
+                        .errors
+                        .entry("timeout".into())
+                        .or_default() += 1
+                }
+            }
+            if Instant::now() > give_up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Three `sluice serve --storage redis --redis-replicas 1` processes over a 3+3 Redis
+/// Cluster, with 2 producers, 3 workers and a publisher spread over them through
+/// `connect_any`; at random moments the Redis primary of the queue's (and the topic's)
+/// slot is SIGKILLed (its replica takes over; a new replica is then added, as an operator
+/// would, since `--redis-replicas 1` refuses writes to a shard without one) and one Sluice
+/// node is SIGKILLed. Then: every acknowledged enqueue is acked in the end, no acked job
+/// is delivered again, duplicates are bounded by the leases in flight, every idempotency
+/// key names one job, and every acknowledged publish is read back under its sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_of_a_redis_primary_and_a_sluice_node_loses_nothing_acknowledged() {
+    let started = Instant::now();
+    let seed = std::env::var("SLUICE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 1))
+        .await
+        .unwrap();
+    let seeds = cluster.seeds();
+    let victim = cluster.primary_for_key(&format!("{{q:{LEDGER_QUEUE}}}"));
+    // The topic on the same shard, so the failover hits it too.
+    let topic = (0..)
+        .map(|i| format!("ledger-events-{i}"))
+        .find(|t| cluster.primary_for_key(&format!("{{t:{t}}}")) == victim)
+        .unwrap();
+
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(SluiceProcess::start(&seeds).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    let admin = Client::connect(urls[0].clone()).await.unwrap();
+    admin
+        .rpc()
+        .create_topic(pb::CreateTopicRequest {
+            name: topic.clone(),
+            retention: Some(pb::RetentionPolicy {
+                max_messages: 10_000_000,
+                max_bytes: 1 << 30,
+                max_age_ms: 0,
+            }),
+        })
+        .await
+        .unwrap();
+
+    let ledger = Arc::new(Mutex::new(FailoverLedger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let give_up = Instant::now() + Duration::from_secs(40);
+    let mut tasks = Vec::new();
+    for name in ["p0", "p1"] {
+        tasks.push(tokio::spawn(ledger_producer(
+            any_client(&urls),
+            name,
+            ledger.clone(),
+            stop.clone(),
+            give_up,
+        )));
+    }
+    for w in 0..3 {
+        tasks.push(tokio::spawn(ledger_worker(
+            any_client(&urls),
+            format!("worker-{w}"),
+            ledger.clone(),
+            stop.clone(),
+            false,
+            give_up,
+        )));
+    }
+    tasks.push(tokio::spawn(ledger_publisher(
+        any_client(&urls),
+        topic.clone(),
+        ledger.clone(),
+        stop.clone(),
+        give_up,
+    )));
+
+    // The Redis primary dies at a random moment; its replica takes over, and a new
+    // replica joins the promoted one.
+    tokio::time::sleep(Duration::from_millis(rng.u64(500..1500))).await;
+    let before_redis_kill = ledger.lock().unwrap().enqueued.len();
+    let redis_killed = Instant::now();
+    let mut cluster = tokio::task::spawn_blocking(move || {
+        let mut cluster = cluster;
+        cluster.kill(victim);
+        cluster.wait_for_failover(victim, Duration::from_secs(20));
+        cluster
+    })
+    .await
+    .unwrap();
+    let failed_over = redis_killed.elapsed();
+    let promoted = cluster.primary_for_key(&format!("{{q:{LEDGER_QUEUE}}}"));
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.add_replica(promoted, Duration::from_secs(20));
+        cluster
+    })
+    .await
+    .unwrap();
+    let replica_back = redis_killed.elapsed();
+
+    // One Sluice node dies at a random moment; its clients go on through the others.
+    tokio::time::sleep(Duration::from_millis(rng.u64(200..1000))).await;
+    let before_node_kill = ledger.lock().unwrap().enqueued.len();
+    let dead_node = rng.usize(0..nodes.len());
+    nodes[dead_node].kill();
+    tokio::time::sleep(Duration::from_millis(rng.u64(800..1500))).await;
+    let before_stop = ledger.lock().unwrap().enqueued.len();
+
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Leases received whose ack was not acknowledged may be delivered once more.
+    let allowed_duplicates = {
+        let mut l = ledger.lock().unwrap();
+        let n = l.in_flight.len();
+        l.in_flight.clear();
+        n
+    };
+
+    // Drain through the surviving nodes: leases lost with an answer come back after
+    // their visibility timeout.
+    let living: Vec<String> = urls
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != dead_node)
+        .map(|(_, u)| u.clone())
+        .collect();
+    let drain_until = Instant::now() + LEDGER_VISIBILITY + Duration::from_secs(10);
+    ledger_worker(
+        any_client(&living),
+        "drain".into(),
+        ledger.clone(),
+        stop.clone(),
+        true,
+        drain_until,
+    )
+    .await;
+
+    // Every acknowledged publish, replayed from sequence 1 on a surviving node.
+    let reader = Client::connect(living[0].clone()).await.unwrap();
+    let newest = ledger
+        .lock()
+        .unwrap()
+        .published
+        .keys()
+        .max()
+        .copied()
+        .unwrap_or(0);
+    let mut replayed: HashMap<u64, String> = HashMap::new();
+    let mut stream = reader
+        .subscribe(&topic)
+        .start(StartAt::Sequence(1))
+        .raw()
+        .await
+        .unwrap();
+    let mut last = 0;
+    while last < newest {
+        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await
+        else {
+            break;
+        };
+        last = d.sequence;
+        replayed.insert(d.sequence, String::from_utf8_lossy(&d.value).into_owned());
+    }
+
+    let l = ledger.lock().unwrap();
+    let mut lost: Vec<(&String, pb::JobState)> = Vec::new();
+    for (id, payload) in &l.enqueued {
+        if !l.acked.contains(id) {
+            let state = reader
+                .get_job(id)
+                .await
+                .map_or(pb::JobState::Unspecified, |j| j.state());
+            if state != pb::JobState::Completed {
+                lost.push((payload, state));
+            }
+        }
+    }
+    let duplicates: u32 = l.deliveries.values().map(|n| n - 1).sum();
+    let lost_publishes: Vec<u64> = l
+        .published
+        .iter()
+        .filter(|(seq, p)| replayed.get(seq) != Some(p))
+        .map(|(seq, _)| *seq)
+        .collect();
+    eprintln!(
+        "failover ledger (seed {seed}, {:.1} s): Redis primary {victim} killed after {} \
+         acknowledged enqueues, failed over in {:.1} s, new replica in sync after {:.1} s; \
+         sluice node {dead_node} killed after {before_node_kill}; {before_stop} at stop; \
+         {} enqueues acknowledged, {} jobs delivered, {} acks acknowledged, {duplicates} \
+         duplicate deliveries (allowed {allowed_duplicates}), {} lost, {} violations; \
+         {} publishes acknowledged, {} replayed, {} lost; retried errors: {:?}",
+        started.elapsed().as_secs_f64(),
+        before_redis_kill,
+        failed_over.as_secs_f64(),
+        replica_back.as_secs_f64(),
+        l.enqueued.len(),
+        l.deliveries.len(),
+        l.acked.len(),
+        lost.len(),
+        l.violations.len(),
+        l.published.len(),
+        replayed.len(),
+        lost_publishes.len(),
+        l.errors,
+    );
+    assert!(l.violations.is_empty(), "{:?}", l.violations);
+    assert!(
+        lost.is_empty(),
+        "acknowledged enqueues not completed: {lost:?}"
+    );
+    assert!(
+        duplicates as usize <= allowed_duplicates,
+        "{duplicates} duplicates > {allowed_duplicates} leases in flight at the end"
+    );
+    assert!(
+        lost_publishes.is_empty(),
+        "acknowledged publishes not read back under their sequence: {lost_publishes:?}"
+    );
+    assert!(
+        before_stop > before_node_kill && before_node_kill > before_redis_kill,
+        "work went on after each kill"
+    );
+    assert!(l.enqueued.len() > 100, "too little work to mean anything");
+    assert!(l.published.len() > 50, "too few publishes to mean anything");
+    drop(l);
+    drop(nodes);
+    drop(cluster);
 }
