@@ -992,9 +992,9 @@ impl QueueStore {
 }
 
 pub(crate) mod binding;
+pub(crate) mod redrive;
 #[cfg(test)]
 mod model;
-pub(crate) mod redrive;
 #[cfg(test)]
 mod test_clock;
 #[cfg(test)]
