@@ -189,27 +189,7 @@ impl RedisCluster {
     pub fn start(primaries: usize, replicas_per_primary: usize) -> Self {
         assert!(primaries >= 3, "a Redis Cluster needs at least 3 primaries");
         let total = primaries * (1 + replicas_per_primary);
-        let nodes: Vec<RedisServer> = (0..total)
-            .map(|_| {
-                RedisServer::start_in(|dir| {
-                    vec![
-                        "--cluster-enabled".into(),
-                        "yes".into(),
-                        "--cluster-config-file".into(),
-                        dir.join("nodes.conf").display().to_string(),
-                        // Failures are detected after 1 s, so a failover test takes seconds.
-                        "--cluster-node-timeout".into(),
-                        "1000".into(),
-                        // The bus port is chosen explicitly (Redis 7.0): the default,
-                        // port + 10000, can be taken or above 65535 for an ephemeral port.
-                        "--cluster-port".into(),
-                        free_port().to_string(),
-                        "--appendonly".into(),
-                        "yes".into(),
-                    ]
-                })
-            })
-            .collect();
+        let nodes: Vec<RedisServer> = (0..total).map(|_| Self::start_node()).collect();
         let cluster = Self { nodes };
         let addrs: Vec<String> = cluster
             .nodes
@@ -236,6 +216,66 @@ impl RedisCluster {
             |c| c.healthy() && c.replicas_in_sync(replicas_per_primary),
         );
         cluster
+    }
+
+    /// One cluster-enabled server, not yet part of any cluster.
+    fn start_node() -> RedisServer {
+        RedisServer::start_in(|dir| {
+            vec![
+                "--cluster-enabled".into(),
+                "yes".into(),
+                "--cluster-config-file".into(),
+                dir.join("nodes.conf").display().to_string(),
+                // Failures are detected after 1 s, so a failover test takes seconds.
+                "--cluster-node-timeout".into(),
+                "1000".into(),
+                // The bus port is chosen explicitly (Redis 7.0): the default,
+                // port + 10000, can be taken or above 65535 for an ephemeral port.
+                "--cluster-port".into(),
+                free_port().to_string(),
+                "--appendonly".into(),
+                "yes".into(),
+            ]
+        })
+    }
+
+    /// Starts a new node and makes it a replica of the primary on `primary_port` (as an
+    /// operator replaces a crashed node: after a failover the promoted replica has no
+    /// replica of its own). Waits (at most `limit`, else panics) until the new replica is
+    /// in sync and every living node says `cluster_state:ok`; returns its port.
+    pub fn add_replica(&mut self, primary_port: u16, limit: Duration) -> u16 {
+        let node = Self::start_node();
+        let port = node.port;
+        self.nodes.push(node);
+        let id = cli(primary_port, &["CLUSTER", "MYID"])
+            .map(|s| s.trim().to_owned())
+            .expect("CLUSTER MYID answers");
+        let bus = cli(primary_port, &["CONFIG", "GET", "cluster-port"])
+            .and_then(|s| s.lines().nth(1).map(str::to_owned))
+            .expect("CONFIG GET cluster-port answers");
+        let met = cli(
+            port,
+            &[
+                "CLUSTER",
+                "MEET",
+                "127.0.0.1",
+                &primary_port.to_string(),
+                &bus,
+            ],
+        );
+        assert!(
+            met.as_deref().is_some_and(|s| s.starts_with("OK")),
+            "CLUSTER MEET: {met:?}"
+        );
+        // REPLICATE needs the new node to know the primary (the handshake takes a moment).
+        self.wait_until(limit, "the new node to replicate the primary", |_| {
+            cli(port, &["CLUSTER", "REPLICATE", &id]).is_some_and(|s| s.starts_with("OK"))
+        });
+        self.wait_until(limit, "the new replica to be in sync", |c| {
+            cli(port, &["INFO", "replication"]).is_some_and(|i| i.contains("master_link_status:up"))
+                && c.healthy()
+        });
+        port
     }
 
     /// `redis://127.0.0.1:<port>` of every node still running, primaries and replicas.

@@ -1,0 +1,1221 @@
+//! Several Sluice nodes over one Redis: the Redis engine's promises across nodes and
+//! across Redis failures.
+//!
+//! * Cross-node (three in-process nodes over a 3+3 Redis Cluster): a job enqueued on one
+//!   node, leased on a second and acked on a third is completed everywhere; a subscriber
+//!   on one node receives what two others publish, in order, without gaps; an ordering
+//!   key is never leased on two nodes at once; a long poll on one node wakes when
+//!   another enqueues.
+//! * Failover ledger (the real `sluice` binary, `--redis-replicas 1`, over a 3+3 Redis
+//!   Cluster): producers, workers and a publisher spread over three nodes while the Redis
+//!   primary of the queue's slot is SIGKILLed (its replica takes over) and one Sluice node
+//!   is SIGKILLed; nothing acknowledged is lost, nothing acked is delivered again.
+//! * What `--redis-replicas` buys: with the replication link cut before the primary dies,
+//!   `--redis-replicas 0` loses acknowledged enqueues once the replica is promoted, and
+//!   `--redis-replicas 1` refuses them (UNAVAILABLE) instead, losing nothing acknowledged.
+//!
+//! Every Redis and Sluice process is the test's own (free ports), stopped by PID.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use sluice::broker::testing::redis::{RedisCluster, RedisServer};
+use sluice::broker::{RedisConfig, RedisEngine, serve};
+use sluice::client::{Client, ClientError, Job, StartAt};
+use sluice::pb;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use common::{long_poll, serve_options, within};
+
+/// One Sluice node served in this process from a [`RedisEngine`].
+struct Node {
+    addr: SocketAddr,
+    engine: RedisEngine,
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<()>,
+}
+
+impl Node {
+    /// Connects a Redis engine with `config` and serves it on a free loopback port.
+    async fn start(config: RedisConfig) -> Self {
+        let engine = RedisEngine::connect(config)
+            .await
+            .expect("the Redis engine connects");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = engine.clone();
+        let handle = tokio::spawn(async move {
+            serve(listener, served, serve_options(), async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            addr,
+            engine,
+            stop: Some(stop),
+            handle,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.url()).await.unwrap()
+    }
+
+    /// Stops serving and ends the engine's background tasks.
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.engine.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.handle).await;
+    }
+}
+
+/// Three nodes over one Redis Cluster, each with its own engine (own connections, own
+/// wake-up subscriber, own sweep), as three machines would be.
+async fn three_nodes(cluster: &RedisCluster) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(
+            Node::start(RedisConfig {
+                sweep_interval: Duration::from_millis(20),
+                ..RedisConfig::new(cluster.seeds())
+            })
+            .await,
+        );
+    }
+    nodes
+}
+
+/// The job's state as `client`'s node reads it.
+async fn state_of(client: &Client, job_id: &str) -> pb::JobState {
+    client.get_job(job_id).await.unwrap().state()
+}
+
+/// The cross-node promises, over one 3+3 Redis Cluster and three in-process nodes
+/// (one cluster for the four parts: starting one costs seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_over_a_redis_cluster_act_as_one_broker() {
+    let started = Instant::now();
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 1))
+        .await
+        .unwrap();
+    let nodes = three_nodes(&cluster).await;
+    let (a, b, c) = (
+        nodes[0].client().await,
+        nodes[1].client().await,
+        nodes[2].client().await,
+    );
+
+    enqueue_on_a_lease_on_b_ack_on_c(&a, &b, &c).await;
+    a_subscriber_on_c_receives_what_a_and_b_publish(&a, &b, &c).await;
+    an_ordering_key_is_leased_on_one_node_at_a_time([&a, &b, &c]).await;
+    a_long_poll_on_b_wakes_when_a_enqueues(&a, &b).await;
+
+    for node in nodes {
+        node.stop().await;
+    }
+    drop(cluster);
+    eprintln!("cross-node test: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+async fn enqueue_on_a_lease_on_b_ack_on_c(a: &Client, b: &Client, c: &Client) {
+    let enqueued = a.enqueue("xnode", "hello").kind("k").send().await.unwrap();
+    let leases = within(b.lease("xnode").wait(Duration::from_secs(5)).send())
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].job_id(), enqueued.job_id);
+    assert_eq!(leases[0].payload().as_ref(), b"hello");
+    assert_eq!(state_of(a, &enqueued.job_id).await, pb::JobState::Leased);
+    // The ack goes to the third node: a lease is not tied to the node that granted it.
+    c.rpc()
+        .ack(pb::AckRequest {
+            acks: vec![pb::LeaseAck {
+                lease_id: leases[0].lease_id().to_owned(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    assert_eq!(state_of(a, &enqueued.job_id).await, pb::JobState::Completed);
+    assert_eq!(state_of(b, &enqueued.job_id).await, pb::JobState::Completed);
+    // Nothing left to lease on any node.
+    for client in [a, b, c] {
+        assert!(client.lease("xnode").send().await.unwrap().is_empty());
+    }
+}
+
+async fn a_subscriber_on_c_receives_what_a_and_b_publish(a: &Client, b: &Client, c: &Client) {
+    const TOPIC: &str = "xnode-events";
+    const EACH: usize = 100;
+    a.rpc()
+        .create_topic(pb::CreateTopicRequest {
+            name: TOPIC.into(),
+            retention: None,
+        })
+        .await
+        .unwrap();
+    let mut stream = c
+        .subscribe(TOPIC)
+        .start(StartAt::Sequence(1))
+        .raw()
+        .await
+        .unwrap();
+    // Two publishers, one on A and one on B, interleaving their publishes.
+    let publishers: Vec<_> = [("A", a.clone()), ("B", b.clone())]
+        .into_iter()
+        .map(|(name, client)| {
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for i in 0..EACH {
+                    let payload = format!("{name}-{i}");
+                    let sequence = client.publish(TOPIC, payload.clone()).await.unwrap();
+                    acknowledged.push((sequence, payload));
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    let mut acknowledged: BTreeMap<u64, String> = BTreeMap::new();
+    for p in publishers {
+        for (sequence, payload) in p.await.unwrap() {
+            assert!(
+                acknowledged.insert(sequence, payload).is_none(),
+                "sequence {sequence} acknowledged twice"
+            );
+        }
+    }
+    let mut received = Vec::new();
+    while received.len() < 2 * EACH {
+        let delivery = within(stream.next())
+            .await
+            .expect("the subscription goes on")
+            .expect("a delivery, not an error");
+        received.push((
+            delivery.sequence,
+            String::from_utf8(delivery.value.to_vec()).unwrap(),
+        ));
+    }
+    let sequences: Vec<u64> = received.iter().map(|(s, _)| *s).collect();
+    let expected: Vec<u64> = (1..=(2 * EACH) as u64).collect();
+    assert_eq!(sequences, expected, "in order, without gaps");
+    let acknowledged: Vec<(u64, String)> = acknowledged.into_iter().collect();
+    assert_eq!(
+        received, acknowledged,
+        "each under its acknowledged sequence"
+    );
+    // The publishers really interleaved (else the test says little about ordering).
+    let switches = received
+        .windows(2)
+        .filter(|w| w[0].1.as_bytes()[0] != w[1].1.as_bytes()[0])
+        .count();
+    eprintln!(
+        "topic: {} messages, {switches} switches between publishers",
+        received.len()
+    );
+    assert!(switches > 1, "the publishers did not interleave");
+}
+
+/// One lease of an ordering-keyed job, as its worker saw it.
+#[derive(Debug, Clone)]
+struct Held {
+    key: String,
+    index: usize,
+    node: usize,
+    /// When the lease answer arrived (after the server granted the lease).
+    leased: Instant,
+    /// When the worker sent its ack (before the server released the key).
+    acking: Instant,
+}
+
+async fn an_ordering_key_is_leased_on_one_node_at_a_time(clients: [&Client; 3]) {
+    const QUEUE: &str = "xnode-ordered";
+    const JOBS: usize = 60;
+    const KEYS: [&str; 3] = ["alpha", "beta", "gamma"];
+    let jobs = (0..JOBS)
+        .map(|i| Job::new(format!("{i}")).ordering_key(KEYS[i % KEYS.len()]))
+        .collect();
+    clients[0].enqueue_batch(QUEUE, jobs).await.unwrap();
+
+    let held = Arc::new(Mutex::new(Vec::<Held>::new()));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for (node, client) in clients.iter().enumerate() {
+        for w in 0..2 {
+            let client = (*client).clone();
+            let held = held.clone();
+            let acked = acked.clone();
+            let mut rng = fastrand::Rng::with_seed((node * 10 + w) as u64);
+            workers.push(tokio::spawn(async move {
+                while acked.load(Ordering::SeqCst) < JOBS {
+                    let leases = client
+                        .lease(QUEUE)
+                        .max_jobs(1)
+                        .visibility_timeout(Duration::from_secs(30))
+                        .wait(Duration::from_millis(200))
+                        .send()
+                        .await
+                        .unwrap();
+                    for lease in leases {
+                        let leased = Instant::now();
+                        let index: usize = std::str::from_utf8(lease.payload())
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        // Work long enough that a second lease of the key would overlap.
+                        tokio::time::sleep(Duration::from_millis(rng.u64(5..25))).await;
+                        let acking = Instant::now();
+                        held.lock().unwrap().push(Held {
+                            key: KEYS[index % KEYS.len()].to_owned(),
+                            index,
+                            node,
+                            leased,
+                            acking,
+                        });
+                        lease.ack().await.unwrap();
+                        acked.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }));
+        }
+    }
+    within(async {
+        for w in workers {
+            w.await.unwrap();
+        }
+    })
+    .await;
+
+    let held = held.lock().unwrap().clone();
+    assert_eq!(held.len(), JOBS, "each job leased and acked once");
+    let mut by_key: HashMap<&str, Vec<&Held>> = HashMap::new();
+    for h in &held {
+        by_key.entry(h.key.as_str()).or_default().push(h);
+    }
+    let mut nodes_used = HashSet::new();
+    for (key, mut leases) in by_key {
+        leases.sort_by_key(|h| h.leased);
+        for pair in leases.windows(2) {
+            assert!(
+                pair[1].leased >= pair[0].acking,
+                "key {key}: job {} leased on node {} before job {} (node {}) was acked",
+                pair[1].index,
+                pair[1].node,
+                pair[0].index,
+                pair[0].node
+            );
+        }
+        // And in enqueue order.
+        let order: Vec<usize> = leases.iter().map(|h| h.index).collect();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(order, sorted, "key {key}: leased out of enqueue order");
+        nodes_used.extend(leases.iter().map(|h| h.node));
+    }
+    eprintln!("ordering keys: {JOBS} jobs leased on nodes {nodes_used:?}");
+    assert!(nodes_used.len() > 1, "only one node leased: {nodes_used:?}");
+}
+
+async fn a_long_poll_on_b_wakes_when_a_enqueues(a: &Client, b: &Client) {
+    const QUEUE: &str = "xnode-poll";
+    // The queue exists before the poll, so the poll waits on it.
+    a.rpc()
+        .create_queue(pb::CreateQueueRequest {
+            name: QUEUE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let poll = long_poll(b, QUEUE, Duration::from_secs(10)).await;
+    let enqueued_at = Instant::now();
+    let job = a.enqueue(QUEUE, "wake").send().await.unwrap();
+    let leases = within(poll).await.unwrap().unwrap();
+    let waited = enqueued_at.elapsed();
+    eprintln!("long poll on B returned {waited:?} after the enqueue on A");
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].job_id(), job.job_id);
+    assert!(
+        waited < Duration::from_secs(2),
+        "the 10 s poll returned {waited:?} after the enqueue"
+    );
+}
+
+// ---- what --redis-replicas buys ---------------------------------------------------------
+
+/// A TCP proxy between a replica and its primary, so a test can cut the replication link
+/// at a moment of its choosing: [`LinkProxy::cut`] closes every connection through it and
+/// stops accepting new ones (the replica's reconnects are refused).
+struct LinkProxy {
+    port: u16,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl LinkProxy {
+    async fn start(upstream: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = tokio_util::sync::CancellationToken::new();
+        let token = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut inbound = tokio::select! {
+                    _ = token.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((s, _)) => s,
+                        Err(_) => continue,
+                    },
+                };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    // Either side closing, or the cut, drops both sockets.
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Self { port, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.cancel();
+    }
+}
+
+/// A command on a connection of its own to the server on `port`.
+async fn redis_cmd<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> T {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+/// Polls `INFO replication` of the server on `port` (every 20 ms, at most 10 s) until
+/// `ready` holds.
+async fn wait_replication(port: u16, what: &str, ready: impl Fn(&str) -> bool) {
+    let start = Instant::now();
+    loop {
+        let info: String = redis_cmd(port, &["INFO", "replication"]).await;
+        if ready(&info) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "waited 10 s for {what}:\n{info}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What one run of [`cut_link_then_lose_primary`] measured.
+#[derive(Debug)]
+struct CutOutcome {
+    /// Enqueues attempted after the cut.
+    attempted: usize,
+    /// ... acknowledged.
+    acknowledged: usize,
+    /// ... refused as UNAVAILABLE (outcome unknown).
+    unavailable: usize,
+    /// How long the first enqueue after the cut, sent alone, took to be answered.
+    lone_answer: Duration,
+    /// The slowest refusal (the others were sent at once: a request queues behind the
+    /// WAIT in flight on the node's connection, then joins the next one).
+    slowest_refusal: Duration,
+    /// Acknowledged enqueues (before and after the cut) the promoted replica lacks.
+    lost: usize,
+    /// Enqueues made before the cut (acknowledged, on the replica by then) it lacks.
+    lost_before_cut: usize,
+    /// Enqueues after the cut whose retry (same idempotency key) on the promoted replica
+    /// found the original: they reached the replica after all.
+    retried_duplicates: usize,
+}
+
+/// A standalone primary with one replica linked through a [`LinkProxy`]; a node with
+/// `--redis-replicas replicas` enqueues 20 jobs, the link is cut, the node enqueues
+/// `after` more (concurrently, each with an idempotency key), the primary is SIGKILLed and
+/// the replica promoted (`REPLICAOF NO ONE`, as an operator or Sentinel would); a node on
+/// the promoted replica then looks for every acknowledged job and retries every
+/// enqueue made after the cut with its key.
+async fn cut_link_then_lose_primary(replicas: u32, after: usize) -> CutOutcome {
+    const BEFORE: usize = 20;
+    const QUEUE: &str = "durable";
+    let mut primary = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let proxy = LinkProxy::start(primary.port).await;
+    let proxy_port = proxy.port.to_string();
+    let replica = tokio::task::spawn_blocking(move || {
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &proxy_port])
+    })
+    .await
+    .unwrap();
+    wait_replication(primary.port, "the replica to sync", |i| {
+        i.contains("state=online")
+    })
+    .await;
+
+    let timeout = Duration::from_millis(500);
+    let node = Node::start(RedisConfig {
+        replicas,
+        replica_timeout: timeout,
+        ..RedisConfig::new(vec![primary.url()])
+    })
+    .await;
+    let client = node.client().await;
+    let mut acknowledged = Vec::new();
+    for i in 0..BEFORE {
+        let key = format!("before-{i}");
+        let job = client
+            .enqueue(QUEUE, key.clone())
+            .idempotency_key(key)
+            .send()
+            .await
+            .unwrap();
+        acknowledged.push(job.job_id);
+    }
+    // Whatever `replicas` is, the jobs before the cut are on the replica before it.
+    let synced: i64 = {
+        let client = redis::Client::open(primary.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("test-fence")
+            .arg("")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        redis::cmd("WAIT")
+            .arg(1)
+            .arg(5000)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(synced, 1, "the replica has the jobs from before the cut");
+
+    proxy.cut();
+    wait_replication(primary.port, "the primary to lose its replica", |i| {
+        i.contains("connected_slaves:0")
+    })
+    .await;
+
+    // The first enqueue after the cut alone (how long one answer takes), the rest at once.
+    let attempt = |i: usize| {
+        let client = client.clone();
+        async move {
+            let key = format!("after-{i}");
+            let start = Instant::now();
+            let result = tokio::time::timeout(
+                Duration::from_secs(10),
+                client
+                    .enqueue(QUEUE, key.clone())
+                    .idempotency_key(key)
+                    .send(),
+            )
+            .await
+            .expect("an answer within 10 s");
+            (result, start.elapsed())
+        }
+    };
+    let lone = attempt(0).await;
+    let lone_answer = lone.1;
+    let mut attempts = vec![tokio::spawn(async move { lone })];
+    attempts.extend((1..after).map(|i| tokio::spawn(attempt(i))));
+    let (mut acknowledged_after, mut unavailable, mut slowest_refusal) = (0, 0, Duration::ZERO);
+    for attempt in attempts {
+        let (result, took) = attempt.await.unwrap();
+        match result {
+            Ok(job) => {
+                acknowledged_after += 1;
+                acknowledged.push(job.job_id);
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+                unavailable += 1;
+                slowest_refusal = slowest_refusal.max(took);
+            }
+        }
+    }
+
+    primary.kill();
+    node.stop().await;
+    let _: () = redis_cmd(replica.port, &["REPLICAOF", "NO", "ONE"]).await;
+    let reader = Node::start(RedisConfig::new(vec![replica.url()])).await;
+    let client = reader.client().await;
+    let mut lost = 0;
+    let mut lost_before_cut = 0;
+    for (i, id) in acknowledged.iter().enumerate() {
+        match client.get_job(id).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+                lost += 1;
+                if i < BEFORE {
+                    lost_before_cut += 1;
+                }
+            }
+            Err(e) => panic!("reading job {id} on the promoted replica: {e}"),
+        }
+    }
+    let mut retried_duplicates = 0;
+    for i in 0..after {
+        let key = format!("after-{i}");
+        let job = client
+            .enqueue(QUEUE, key.clone())
+            .idempotency_key(key)
+            .send()
+            .await
+            .unwrap();
+        retried_duplicates += usize::from(job.duplicate);
+    }
+    reader.stop().await;
+    drop(replica);
+    CutOutcome {
+        attempted: after,
+        acknowledged: acknowledged_after,
+        unavailable,
+        lone_answer,
+        slowest_refusal,
+        lost,
+        lost_before_cut,
+        retried_duplicates,
+    }
+}
+
+/// `--redis-replicas 0` answers once the primary has a change: with the replication link
+/// cut, every enqueue is acknowledged, and all of them are gone once the primary dies and
+/// its replica is promoted. (The durability table of the README quotes these numbers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_replicas_a_cut_link_loses_acknowledged_enqueues() {
+    let started = Instant::now();
+    let outcome = cut_link_then_lose_primary(0, 50).await;
+    eprintln!(
+        "--redis-replicas 0, link cut, primary killed, replica promoted ({:.1} s): {outcome:?}",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(outcome.acknowledged, outcome.attempted, "{outcome:?}");
+    assert_eq!(outcome.lost_before_cut, 0, "{outcome:?}");
+    assert!(
+        outcome.lost > 0,
+        "expected acknowledged enqueues to be lost: {outcome:?}"
+    );
+    assert_eq!(outcome.retried_duplicates, 0, "{outcome:?}");
+}
+
+/// `--redis-replicas 1` answers once a replica has a change: with the replication link
+/// cut, every enqueue is refused as UNAVAILABLE (outcome unknown) within the timeout, and
+/// nothing acknowledged is lost when the primary dies and its replica is promoted; the
+/// refused enqueues, retried there with their keys, are created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_one_replica_a_cut_link_refuses_enqueues_and_loses_nothing_acknowledged() {
+    let started = Instant::now();
+    let outcome = cut_link_then_lose_primary(1, 50).await;
+    eprintln!(
+        "--redis-replicas 1, link cut, primary killed, replica promoted ({:.1} s): {outcome:?}",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(outcome.acknowledged, 0, "{outcome:?}");
+    assert_eq!(outcome.unavailable, outcome.attempted, "{outcome:?}");
+    // The timeout is 500 ms: a lone request is refused after about that, one sent with
+    // others after a few of them; the bounds are generous for a loaded machine.
+    assert!(
+        outcome.lone_answer >= Duration::from_millis(500)
+            && outcome.lone_answer < Duration::from_secs(3),
+        "{outcome:?}"
+    );
+    assert!(
+        outcome.slowest_refusal < Duration::from_secs(5),
+        "{outcome:?}"
+    );
+    assert_eq!(outcome.lost, 0, "{outcome:?}");
+    assert_eq!(outcome.retried_duplicates, 0, "{outcome:?}");
+}
+
+// ---- failover ledger: the real binary over a Redis Cluster --------------------------------
+
+const LEDGER_QUEUE: &str = "ledger";
+/// Leases long enough that a worker's ack retried across a failover normally lands, short
+/// enough that a lease whose answer was lost comes back before the drain ends.
+const LEDGER_VISIBILITY: Duration = Duration::from_secs(6);
+
+/// A `sluice serve --storage redis` process, SIGKILLed by PID when dropped.
+struct SluiceProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl SluiceProcess {
+    async fn start(seeds: &[String]) -> Self {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--storage", "redis"])
+            .arg("--redis")
+            .arg(seeds.join(","))
+            .args(["--redis-replicas", "1", "--redis-timeout-ms", "1000"])
+            .env("SLUICE_LOG", common::SERVE_LOG)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the sluice binary");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let addr = common::serve_addrs(stdout, false).await.grpc;
+        Self {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SluiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A payload naming its producer and number.
+fn ledger_payload(producer: &str, n: u64) -> String {
+    format!("{producer}-{n}")
+}
+
+/// Everything acknowledged, as the clients saw it.
+#[derive(Default)]
+struct FailoverLedger {
+    /// Acknowledged enqueues: job id -> payload id.
+    enqueued: HashMap<String, String>,
+    /// Payload id -> the job id its acknowledged enqueue answered (idempotency keys make
+    /// a retry answer the same job).
+    job_of: HashMap<String, String>,
+    /// Deliveries per job id.
+    deliveries: HashMap<String, u32>,
+    /// Jobs whose ack was acknowledged.
+    acked: HashSet<String>,
+    /// Leased, ack not (yet) acknowledged.
+    in_flight: HashSet<String>,
+    /// Acknowledged publishes: sequence -> payload id.
+    published: HashMap<u64, String>,
+    violations: Vec<String>,
+    /// Failed attempts per gRPC code (retried).
+    errors: BTreeMap<String, u64>,
+}
+
+impl FailoverLedger {
+    fn error(&mut self, e: &ClientError) {
+        let code = e
+            .code()
+            .map_or("transport".to_owned(), |c| format!("{c:?}"));
+        *self.errors.entry(code).or_default() += 1;
+    }
+}
+
+/// Whether a failed request may be retried as is: the node or Redis was unreachable, or
+/// the answer was lost (outcome unknown).
+fn retryable(e: &ClientError) -> bool {
+    !matches!(
+        e.code(),
+        Some(
+            tonic::Code::InvalidArgument
+                | tonic::Code::NotFound
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated
+        )
+    )
+}
+
+/// A client failing over between the nodes, each call with a deadline.
+fn any_client(urls: &[String]) -> Client {
+    Client::connect_any(urls.to_vec(), sluice::client::ConnectOptions::new()).unwrap()
+}
+
+/// Awaits `fut` for at most 5 s; a node killed mid-call must not hang the test.
+async fn bounded<T>(
+    fut: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Option<Result<T, ClientError>> {
+    tokio::time::timeout(Duration::from_secs(5), fut).await.ok()
+}
+
+/// Enqueues batches of 10 with idempotency keys until `stop`, retrying each batch with the
+/// same keys until it is acknowledged (or `give_up` passes).
+async fn ledger_producer(
+    client: Client,
+    name: &'static str,
+    ledger: Arc<Mutex<FailoverLedger>>,
+    stop: Arc<AtomicBool>,
+    give_up: Instant,
+) {
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let batch: Vec<String> = (0..10)
+            .map(|_| {
+                n += 1;
+                ledger_payload(name, n)
+            })
+            .collect();
+        loop {
+            let jobs = batch
+                .iter()
+                .map(|p| Job::new(p.clone()).idempotency_key(p.clone()))
+                .collect();
+            match bounded(client.enqueue_batch(LEDGER_QUEUE, jobs)).await {
+                Some(Ok(results)) => {
+                    let mut l = ledger.lock().unwrap();
+                    for (r, p) in results.iter().zip(&batch) {
+                        if let Some(earlier) = l.job_of.insert(p.clone(), r.job_id.clone())
+                            && earlier != r.job_id
+                        {
+                            l.violations.push(format!(
+                                "payload {p} acknowledged as job {earlier} and as job {}",
+                                r.job_id
+                            ));
+                        }
+                        l.enqueued.insert(r.job_id.clone(), p.clone());
+                    }
+                    break;
+                }
+                Some(Err(e)) if retryable(&e) => ledger.lock().unwrap().error(&e),
+                Some(Err(e)) => panic!("enqueue refused: {e}"),
+                None => {
+                    *ledger
+                        .lock()
+                        .unwrap()
+                        .errors
+                        .entry("timeout".into())
+                        .or_default() += 1
+                }
+            }
+            if Instant::now() > give_up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Leases and acks until `stop` (or, draining, until every acknowledged enqueue is acked
+/// or `give_up` passes). An ack whose outcome is unknown is retried until acknowledged or
+/// refused as stale (then the job stays in flight: it may come back).
+async fn ledger_worker(
+    client: Client,
+    name: String,
+    ledger: Arc<Mutex<FailoverLedger>>,
+    stop: Arc<AtomicBool>,
+    drain: bool,
+    give_up: Instant,
+) {
+    loop {
+        if Instant::now() > give_up || (!drain && stop.load(Ordering::Relaxed)) {
+            return;
+        }
+        if drain {
+            let l = ledger.lock().unwrap();
+            if l.enqueued.keys().all(|id| l.acked.contains(id)) {
+                return;
+            }
+        }
+        let leased = bounded(
+            client
+                .lease(LEDGER_QUEUE)
+                .max_jobs(20)
+                .visibility_timeout(LEDGER_VISIBILITY)
+                .wait(Duration::from_millis(200))
+                .consumer(name.clone())
+                .send(),
+        )
+        .await;
+        let leases = match leased {
+            Some(Ok(leases)) => leases,
+            Some(Err(e)) => {
+                assert!(retryable(&e), "lease refused: {e}");
+                ledger.lock().unwrap().error(&e);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            None => continue,
+        };
+        if leases.is_empty() {
+            continue;
+        }
+        {
+            let mut l = ledger.lock().unwrap();
+            for lease in &leases {
+                let id = lease.job_id().to_owned();
+                if l.acked.contains(&id) {
+                    l.violations
+                        .push(format!("job {id} delivered again after its ack"));
+                }
+                *l.deliveries.entry(id.clone()).or_default() += 1;
+                l.in_flight.insert(id);
+            }
+        }
+        let request = pb::AckRequest {
+            acks: leases
+                .iter()
+                .map(|l| pb::LeaseAck {
+                    lease_id: l.lease_id().to_owned(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        loop {
+            let acked = bounded(async {
+                client
+                    .rpc()
+                    .ack(request.clone())
+                    .await
+                    .map_err(ClientError::from)
+            })
+            .await;
+            match acked {
+                Some(Ok(_)) => {
+                    let mut l = ledger.lock().unwrap();
+                    for lease in &leases {
+                        l.in_flight.remove(lease.job_id());
+                        l.acked.insert(lease.job_id().to_owned());
+                    }
+                    break;
+                }
+                // Stale: an earlier attempt may have landed, or the lease was lost.
+                Some(Err(e)) if !retryable(&e) => break,
+                Some(Err(e)) => ledger.lock().unwrap().error(&e),
+                None => {}
+            }
+            if Instant::now() > give_up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Publishes batches of 10 with idempotency keys until `stop`, retrying each batch with
+/// the same keys until acknowledged.
+async fn ledger_publisher(
+    client: Client,
+    topic: String,
+    ledger: Arc<Mutex<FailoverLedger>>,
+    stop: Arc<AtomicBool>,
+    give_up: Instant,
+) {
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let batch: Vec<String> = (0..10)
+            .map(|_| {
+                n += 1;
+                ledger_payload("pub", n)
+            })
+            .collect();
+        loop {
+            let messages = batch
+                .iter()
+                .map(|p| sluice::client::Message::new(p.clone()).idempotency_key(p.clone()))
+                .collect();
+            match bounded(client.publish_batch(&topic, messages)).await {
+                Some(Ok(sequences)) => {
+                    let mut l = ledger.lock().unwrap();
+                    for (result, p) in sequences.into_iter().zip(&batch) {
+                        let seq = result.sequence;
+                        if let Some(other) = l.published.insert(seq, p.clone())
+                            && &other != p
+                        {
+                            l.violations
+                                .push(format!("sequence {seq} named {other} and {p}"));
+                        }
+                    }
+                    break;
+                }
+                Some(Err(e)) if retryable(&e) => ledger.lock().unwrap().error(&e),
+                Some(Err(e)) => panic!("publish refused: {e}"),
+                None => {
+                    *ledger
+                        .lock()
+                        .unwrap()
+                        .errors
+                        .entry("timeout".into())
+                        .or_default() += 1
+                }
+            }
+            if Instant::now() > give_up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Three `sluice serve --storage redis --redis-replicas 1` processes over a 3+3 Redis
+/// Cluster, with 2 producers, 3 workers and a publisher spread over them through
+/// `connect_any`; at random moments the Redis primary of the queue's (and the topic's)
+/// slot is SIGKILLed (its replica takes over; a new replica is then added, as an operator
+/// would, since `--redis-replicas 1` refuses writes to a shard without one) and one Sluice
+/// node is SIGKILLed. Then: every acknowledged enqueue is acked in the end, no acked job
+/// is delivered again, duplicates are bounded by the leases in flight, every idempotency
+/// key names one job, and every acknowledged publish is read back under its sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_of_a_redis_primary_and_a_sluice_node_loses_nothing_acknowledged() {
+    let started = Instant::now();
+    let seed = std::env::var("SLUICE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 1))
+        .await
+        .unwrap();
+    let seeds = cluster.seeds();
+    let victim = cluster.primary_for_key(&format!("{{q:{LEDGER_QUEUE}}}"));
+    // The topic on the same shard, so the failover hits it too.
+    let topic = (0..)
+        .map(|i| format!("ledger-events-{i}"))
+        .find(|t| cluster.primary_for_key(&format!("{{t:{t}}}")) == victim)
+        .unwrap();
+
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(SluiceProcess::start(&seeds).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    let admin = Client::connect(urls[0].clone()).await.unwrap();
+    admin
+        .rpc()
+        .create_topic(pb::CreateTopicRequest {
+            name: topic.clone(),
+            retention: Some(pb::RetentionPolicy {
+                max_messages: 10_000_000,
+                max_bytes: 1 << 30,
+                max_age_ms: 0,
+            }),
+        })
+        .await
+        .unwrap();
+
+    let ledger = Arc::new(Mutex::new(FailoverLedger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let give_up = Instant::now() + Duration::from_secs(40);
+    let mut tasks = Vec::new();
+    for name in ["p0", "p1"] {
+        tasks.push(tokio::spawn(ledger_producer(
+            any_client(&urls),
+            name,
+            ledger.clone(),
+            stop.clone(),
+            give_up,
+        )));
+    }
+    for w in 0..3 {
+        tasks.push(tokio::spawn(ledger_worker(
+            any_client(&urls),
+            format!("worker-{w}"),
+            ledger.clone(),
+            stop.clone(),
+            false,
+            give_up,
+        )));
+    }
+    tasks.push(tokio::spawn(ledger_publisher(
+        any_client(&urls),
+        topic.clone(),
+        ledger.clone(),
+        stop.clone(),
+        give_up,
+    )));
+
+    // The Redis primary dies at a random moment; its replica takes over, and a new
+    // replica joins the promoted one.
+    tokio::time::sleep(Duration::from_millis(rng.u64(500..1500))).await;
+    let before_redis_kill = ledger.lock().unwrap().enqueued.len();
+    let redis_killed = Instant::now();
+    let mut cluster = tokio::task::spawn_blocking(move || {
+        let mut cluster = cluster;
+        cluster.kill(victim);
+        cluster.wait_for_failover(victim, Duration::from_secs(20));
+        cluster
+    })
+    .await
+    .unwrap();
+    let failed_over = redis_killed.elapsed();
+    let promoted = cluster.primary_for_key(&format!("{{q:{LEDGER_QUEUE}}}"));
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.add_replica(promoted, Duration::from_secs(20));
+        cluster
+    })
+    .await
+    .unwrap();
+    let replica_back = redis_killed.elapsed();
+
+    // One Sluice node dies at a random moment; its clients go on through the others.
+    tokio::time::sleep(Duration::from_millis(rng.u64(200..1000))).await;
+    let before_node_kill = ledger.lock().unwrap().enqueued.len();
+    let dead_node = rng.usize(0..nodes.len());
+    nodes[dead_node].kill();
+    tokio::time::sleep(Duration::from_millis(rng.u64(800..1500))).await;
+    // Work goes on through the surviving nodes (a generous wait on a loaded machine).
+    let progressed = Instant::now();
+    while ledger.lock().unwrap().enqueued.len() < before_node_kill + 100
+        && progressed.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before_stop = ledger.lock().unwrap().enqueued.len();
+
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Leases received whose ack was not acknowledged may be delivered once more.
+    let allowed_duplicates = {
+        let mut l = ledger.lock().unwrap();
+        let n = l.in_flight.len();
+        l.in_flight.clear();
+        n
+    };
+
+    // Drain through the surviving nodes: leases lost with an answer come back after
+    // their visibility timeout.
+    let living: Vec<String> = urls
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != dead_node)
+        .map(|(_, u)| u.clone())
+        .collect();
+    let drain_until = Instant::now() + LEDGER_VISIBILITY + Duration::from_secs(10);
+    ledger_worker(
+        any_client(&living),
+        "drain".into(),
+        ledger.clone(),
+        stop.clone(),
+        true,
+        drain_until,
+    )
+    .await;
+
+    // Every acknowledged publish, replayed from sequence 1 on a surviving node.
+    let reader = Client::connect(living[0].clone()).await.unwrap();
+    let newest = ledger
+        .lock()
+        .unwrap()
+        .published
+        .keys()
+        .max()
+        .copied()
+        .unwrap_or(0);
+    let mut replayed: HashMap<u64, String> = HashMap::new();
+    let mut stream = reader
+        .subscribe(&topic)
+        .start(StartAt::Sequence(1))
+        .raw()
+        .await
+        .unwrap();
+    let mut last = 0;
+    while last < newest {
+        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await
+        else {
+            break;
+        };
+        last = d.sequence;
+        replayed.insert(d.sequence, String::from_utf8_lossy(&d.value).into_owned());
+    }
+
+    // An acknowledged enqueue the workers never saw acked may still have been completed
+    // (an ack whose answer was lost, then refused as stale on retry): ask.
+    let unacked: Vec<(String, String)> = {
+        let l = ledger.lock().unwrap();
+        l.enqueued
+            .iter()
+            .filter(|(id, _)| !l.acked.contains(*id))
+            .map(|(id, p)| (id.clone(), p.clone()))
+            .collect()
+    };
+    let mut lost: Vec<(String, pb::JobState)> = Vec::new();
+    for (id, payload) in unacked {
+        let state = reader
+            .get_job(&id)
+            .await
+            .map_or(pb::JobState::Unspecified, |j| j.state());
+        if state != pb::JobState::Completed {
+            lost.push((payload, state));
+        }
+    }
+    let l = ledger.lock().unwrap();
+    let duplicates: u32 = l.deliveries.values().map(|n| n - 1).sum();
+    // Retried publishes carry their idempotency keys, so the log has no holes either.
+    let holes: Vec<u64> = (1..=last).filter(|s| !replayed.contains_key(s)).collect();
+    let lost_publishes: Vec<u64> = l
+        .published
+        .iter()
+        .filter(|(seq, p)| replayed.get(seq) != Some(p))
+        .map(|(seq, _)| *seq)
+        .collect();
+    eprintln!(
+        "failover ledger (seed {seed}, {:.1} s): Redis primary {victim} killed after {} \
+         acknowledged enqueues, failed over in {:.1} s, new replica in sync after {:.1} s; \
+         sluice node {dead_node} killed after {before_node_kill}; {before_stop} at stop; \
+         {} enqueues acknowledged, {} jobs delivered, {} acks acknowledged, {duplicates} \
+         duplicate deliveries (allowed {allowed_duplicates}), {} lost, {} violations; \
+         {} publishes acknowledged, {} replayed ({} holes), {} lost; retried errors: {:?}",
+        started.elapsed().as_secs_f64(),
+        before_redis_kill,
+        failed_over.as_secs_f64(),
+        replica_back.as_secs_f64(),
+        l.enqueued.len(),
+        l.deliveries.len(),
+        l.acked.len(),
+        lost.len(),
+        l.violations.len(),
+        l.published.len(),
+        replayed.len(),
+        holes.len(),
+        lost_publishes.len(),
+        l.errors,
+    );
+    assert!(l.violations.is_empty(), "{:?}", l.violations);
+    assert!(
+        lost.is_empty(),
+        "acknowledged enqueues not completed: {lost:?}"
+    );
+    assert!(
+        duplicates as usize <= allowed_duplicates,
+        "{duplicates} duplicates > {allowed_duplicates} leases in flight at the end"
+    );
+    assert!(
+        lost_publishes.is_empty(),
+        "acknowledged publishes not read back under their sequence: {lost_publishes:?}"
+    );
+    assert!(
+        before_stop >= before_node_kill + 100,
+        "work went on after both kills"
+    );
+    assert!(
+        holes.is_empty(),
+        "sequences missing from the replay: {holes:?}"
+    );
+    assert!(l.enqueued.len() > 100, "too little work to mean anything");
+    assert!(l.published.len() > 50, "too few publishes to mean anything");
+    drop(l);
+    drop(nodes);
+    drop(cluster);
+}
