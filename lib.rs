@@ -22,8 +22,10 @@
 //! * [`broker`], the items it lists at its top level:
 //!   * serving: `serve`, `ServeOptions`, `TlsSettings`, `MAX_FRAME_BYTES` (gRPC) and
 //!     `serve_http`, `serve_http_with`, `HttpOptions` (metrics, health, dashboard);
-//!   * the handle both take: `Broker` (`Broker::new` in memory, `Broker::open` over a
-//!     storage), `BrokerConfig`, `Limits`, `BrokerError`;
+//!   * the engines both take, behind the sealed `Engine` trait: `Broker` (in this process:
+//!     `Broker::new` in memory, `Broker::open` over a storage), `BrokerConfig`, and
+//!     `RedisEngine` (state in Redis, shared by several nodes: `RedisEngine::connect`),
+//!     `RedisConfig`, `RedisCommit`; `Limits`, `BrokerError`;
 //!   * pluggable storage: the `Storage` and `StorageFile` traits, `DirStorage` (a
 //!     directory), `StoreConfig`, `FsyncPolicy`, and what recovery reports:
 //!     `RecoveryReport`, `RecoveryError`, `StoreError` (`FileOp`, `ManifestDefect`);
@@ -41,8 +43,13 @@
 //! * `broker/domain/`: pure state machines (queue, topic log, dedup, names, limits, time)
 //!   that take `now` as an argument. A change to lease expiry goes in `domain/queue/`
 //!   (`deadlines.rs` groups the deadlines, `Queue::tick` expires them).
-//! * `broker/engine/`: the shared `Broker` handle: locks, journaling, background tasks (the
-//!   ticker that drives expiry is `background.rs`), stats, consume streams, subscriptions.
+//! * `broker/engine/`: the `Engine` interface the transport calls (`mod.rs`) and the
+//!   request checks every engine runs first (`checks.rs`). `engine/local/` is the
+//!   in-process `Broker` handle: locks, journaling, background tasks (the ticker that
+//!   drives expiry is `background.rs`), stats, consume streams, subscriptions.
+//!   `engine/redis/` is the Redis engine: each queue operation one Lua script in the
+//!   queue's slot (`queue.rs`, `queue/*.lua`), topics as Streams (`topic.rs`), pub/sub
+//!   wake-ups (`wake.rs`), replica `WAIT`s (`replication.rs`), the nodes' sweep.
 //! * `broker/store/`: the write-ahead log. A change to the WAL format goes in `record.rs`
 //!   (framing, record conversion) and `wal.proto` (the records, never on the wire); replay in
 //!   `recovery.rs`.

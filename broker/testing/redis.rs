@@ -153,8 +153,8 @@ struct NodeLine {
     slots: Vec<(u32, u32)>,
 }
 
-/// Parses `CLUSTER NODES`: `<id> <ip:port@cport> <flags> <primary> <ping> <pong> <epoch>
-/// <link> <slot>...`. Importing / migrating entries (`[...]`) are not owned slots.
+/// Parses `CLUSTER NODES`: per line a node's id, `ip:port@cport`, flags, primary, ping,
+/// pong, epoch, link state and the slots it owns. Importing / migrating entries (`[...]`) are not owned slots.
 fn parse_nodes(text: &str) -> Vec<NodeLine> {
     text.lines()
         .filter_map(|line| {

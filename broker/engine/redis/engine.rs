@@ -216,7 +216,7 @@ impl Engine for RedisEngine {
         let give_up = tokio::time::Instant::now() + Duration::from_millis(params.wait_ms);
         let mut watch = None;
         loop {
-            let jobs = self
+            let leased = self
                 .inner
                 .queues
                 .lease(
@@ -226,7 +226,17 @@ impl Engine for RedisEngine {
                     consumer,
                     &params.address,
                 )
-                .await?;
+                .await;
+            let jobs = match leased {
+                // Deleted by another node since this one saw it: Lease creates it again,
+                // as on a first use.
+                Err(BrokerError::NotFound(_)) => {
+                    self.forget_queue(queue);
+                    self.ensure_queue("queue", queue).await?;
+                    continue;
+                }
+                other => other?,
+            };
             let now = tokio::time::Instant::now();
             if !jobs.is_empty() || now >= give_up {
                 return Ok(jobs);
