@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::auth::Access;
@@ -172,12 +173,18 @@ impl Engine for RedisEngine {
         spec: SubscribeSpec,
         ends_on: CancellationToken,
     ) -> Result<SubscriptionStream, BrokerError> {
-        Ok(Box::pin(super::subscription::subscribe(
+        let slot = self.subscription_slot(spec.pattern.as_str())?;
+        let batches = super::subscription::subscribe(
             self.inner.topics.clone(),
             self.inner.wakes.clone(),
             spec,
             ends_on,
-        )))
+        );
+        // The slot goes with the stream: given back when the stream is dropped.
+        Ok(Box::pin(batches.map(move |batch| {
+            let _held = &slot;
+            batch
+        })))
     }
 
     async fn create_topic(

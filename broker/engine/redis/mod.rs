@@ -29,6 +29,7 @@ pub(crate) mod topic;
 pub(crate) mod wake;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -109,6 +110,19 @@ struct Inner {
     bindings: Mutex<HashMap<String, Vec<Pattern>>>,
     stats: StatsHub,
     observer: OnceLock<Arc<dyn Observer>>,
+    /// Subscriptions open on this node, against `--max-subscriptions` (a node's own
+    /// resources: each holds a task's worth of reads).
+    subscriptions: Arc<AtomicUsize>,
+}
+
+/// One open subscription's place under `--max-subscriptions`; given back when dropped
+/// (with the stream that holds it).
+pub(crate) struct SubscriptionSlot(Arc<AtomicUsize>);
+
+impl Drop for SubscriptionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl RedisEngine {
@@ -132,6 +146,7 @@ impl RedisEngine {
                 bindings: Mutex::new(HashMap::new()),
                 stats: StatsHub::default(),
                 observer: OnceLock::new(),
+                subscriptions: Arc::new(AtomicUsize::new(0)),
                 config,
             }),
         };
@@ -261,6 +276,24 @@ impl RedisEngine {
             ));
         }
         Ok(())
+    }
+
+    /// Takes a place for a subscription to `pattern`, or refuses it past
+    /// `--max-subscriptions` (as the in-process engine words it).
+    fn subscription_slot(&self, pattern: &str) -> Result<SubscriptionSlot, BrokerError> {
+        let max = self.inner.config.limits.max_subscriptions;
+        let open = &self.inner.subscriptions;
+        if open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "cannot subscribe to {pattern:?}: the broker holds the maximum of {max} subscriptions"
+            )));
+        }
+        Ok(SubscriptionSlot(open.clone()))
     }
 
     /// Forgets that queue `name` exists (it was deleted here or elsewhere).
