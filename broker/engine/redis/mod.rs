@@ -130,7 +130,9 @@ impl RedisEngine {
     /// starts this node's wake-up subscriber and sweep. Must be called inside a Tokio
     /// runtime; the tasks end on [`RedisEngine::shutdown`].
     pub async fn connect(config: RedisConfig) -> Result<Self, BrokerError> {
-        let conn = conn::connect(&config.seeds).await?;
+        // Replies wait at most a second past the replica timeout (a WAIT's longest).
+        let response_timeout = config.replica_timeout + Duration::from_secs(1);
+        let conn = conn::connect_with(&config.seeds, response_timeout).await?;
         let shutdown = CancellationToken::new();
         let wakes = Wakes::start(config.seeds.clone(), shutdown.clone());
         let replication = Replication::new(conn.clone(), config.replicas, config.replica_timeout);
