@@ -3,7 +3,8 @@
 
 use crate::broker::domain::time::Millis;
 
-const WINDOW_SECS: usize = 10;
+/// The seconds a [`RateMeter`] counts over (the Redis engine's scripts count over as many).
+pub(crate) const WINDOW_SECS: usize = 10;
 
 /// Counts events per second over the last [`WINDOW_SECS`] seconds. Recording is O(1) and
 /// allocation-free; the caller passes `now`, so it is tested without sleeping.

@@ -4,7 +4,8 @@
 //! * `queue`: work queues as Lua scripts, one script call per operation, each in its
 //!   queue's slot (hash tag `{q:<name>}`).
 //! * `topic` and `subscription`: topics as Redis Streams with explicit sequence ids, and
-//!   the subscriptions that read them.
+//!   the subscriptions that read them (each node writes how many of its subscriptions
+//!   follow each topic, with a heartbeat, for Stats: see `topic/subscribers.rs`).
 //! * `wake`: sharded pub/sub (`SPUBLISH`) wakes long polls, consume streams and
 //!   subscribers on every node within milliseconds; a slow poll is the safety net.
 //! * `replication`: an answer waits until its change is on `--redis-replicas` replicas
@@ -127,8 +128,8 @@ impl Drop for SubscriptionSlot {
 
 impl RedisEngine {
     /// Connects to Redis (a standalone server or a cluster, told apart by the server) and
-    /// starts this node's wake-up subscriber and sweep. Must be called inside a Tokio
-    /// runtime; the tasks end on [`RedisEngine::shutdown`].
+    /// starts this node's wake-up subscriber, sweep and subscriber-count heartbeat. Must
+    /// be called inside a Tokio runtime; the tasks end on [`RedisEngine::shutdown`].
     pub async fn connect(config: RedisConfig) -> Result<Self, BrokerError> {
         // Replies wait at most a second past the replica timeout (a WAIT's longest).
         let response_timeout = config.replica_timeout + Duration::from_secs(1);
@@ -153,6 +154,14 @@ impl RedisEngine {
             }),
         };
         tokio::spawn(engine.clone().sweep());
+        tokio::spawn(
+            engine
+                .inner
+                .topics
+                .subscribers()
+                .clone()
+                .heartbeat(engine.inner.shutdown.clone()),
+        );
         Ok(engine)
     }
 

@@ -12,9 +12,16 @@
 //!   `max_attempts`, `b_sched` or `b_init`/`b_max`/`b_jitter`, `dlq`, `history_limit`,
 //!   `dedup_ms`, `max_depth`, `max_in_flight`, `rate_ps`, `rate_burst`), `policy` (the
 //!   whole policy in its write-ahead-log record form, read back by [`QueueStore::info`]),
-//!   `paused`, the rate limit's bucket (`tok` thousandths of a token at `tok_at`), and
-//!   counters: `blocked`, `retrying`, `enqueued`, `completed`, `failed`, `dead`,
-//!   `cancelled`. A queue exists while its meta hash does.
+//!   `paused`, the rate limit's bucket (`tok` thousandths of a token at `tok_at`), the
+//!   time the limits held visible jobs back (as `domain::queue::throttle`: `rl_ms` counted
+//!   by the rate limit up to `rl_until`, `if_ms` by `max_in_flight` plus the open interval
+//!   since `if_since`), and counters: `blocked`, `retrying`, `enqueued`, `completed`,
+//!   `failed`, `dead`, `cancelled`. A queue exists while its meta hash does.
+//! * `:rates` hash: jobs enqueued and acked per second over the last 10 seconds, as
+//!   `domain::rate::RateMeter` counts them: slot `second % 10` holds a count (`e<slot>`,
+//!   `a<slot>`) and the second it counts (`es<slot>`, `as<slot>`); a new second
+//!   overwrites its slot, so the hash stays at 40 fields. Written by the enqueue and ack
+//!   scripts, summed by the counts script.
 //! * `:ready` zset: visible jobs, scored `(9 - priority) * 2^44 + seq`, so `ZPOPMIN`
 //!   leases by priority, then FIFO.
 //! * `:timers` zset: scheduled and retrying jobs by run time.
@@ -59,9 +66,8 @@
 //! * An ack batch is all or none within its queue (as the in-process broker is), and
 //!   [`QueueStore::ack`] reports every lease's result; when any is an error nothing was
 //!   applied.
-//! * The enqueue and ack rates of [`QueueCounts`] and the limits' held-back times are not
-//!   kept (0); the oldest pending age is that of the oldest front of each priority (a job
-//!   behind a newer-visible one of its priority is not seen).
+//! * The oldest pending age is that of the oldest front of each priority (a job behind a
+//!   newer-visible one of its priority is not seen).
 //! * Times saturate at 2^53 - 1 ms (Lua numbers are doubles), not at `u64::MAX`.
 //! * Job ids are UUIDv7s made by the node, not ids that encode the seq.
 
@@ -80,6 +86,7 @@ use crate::broker::domain::queue::{
     HEADER_LAST_ERROR, HEADER_ORIGINAL_QUEUE, Job, JobState, LeaseId, NewJob, QueueCounts,
     QueuePolicy,
 };
+use crate::broker::domain::rate::WINDOW_SECS;
 use crate::broker::domain::time::Millis;
 use crate::broker::store::{decode_policy, encode_policy};
 
@@ -900,7 +907,7 @@ impl QueueStore {
         .map(|_| ())
     }
 
-    /// The queue's counters (see the module docs for those not kept).
+    /// The queue's counters.
     pub(crate) async fn counts(&self, queue: &str) -> Result<QueueCounts, BrokerError> {
         let keys = QueueKeys::new(queue);
         let mut inv = script!("counts.lua").key(keys.base());
@@ -925,6 +932,10 @@ impl QueueStore {
             rate_limit_per_second,
             rate_limit_burst,
             rate_tokens,
+            rate_limited_ms,
+            in_flight_limited_ms,
+            enqueued_in_window,
+            acked_in_window,
         ] = n[..]
         else {
             return Err(malformed("counts", format!("{} numbers", n.len())));
@@ -946,7 +957,10 @@ impl QueueStore {
             rate_limit_per_second: rate_limit_per_second as u32,
             rate_limit_burst: rate_limit_burst as u32,
             rate_tokens,
-            ..QueueCounts::default()
+            rate_limited_ms,
+            in_flight_limited_ms,
+            enqueue_rate: enqueued_in_window as f64 / WINDOW_SECS as f64,
+            ack_rate: acked_in_window as f64 / WINDOW_SECS as f64,
         })
     }
 

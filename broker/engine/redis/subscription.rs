@@ -23,7 +23,7 @@ use crate::broker::engine::local::subscription::{
     GapNotice, GapPolicy, Start, SubscribeSpec, SubscriptionBatch,
 };
 use crate::broker::engine::redis::keys::{TopicKeys, catalog};
-use crate::broker::engine::redis::topic::TopicStore;
+use crate::broker::engine::redis::topic::{Subscribers, TopicStore};
 use crate::broker::engine::redis::wake::{POLL_INTERVAL, Wakes, Watch};
 
 /// Where the subscription is in one topic.
@@ -31,6 +31,37 @@ struct Cursor {
     next: u64,
     /// The topic incarnation the cursor belongs to.
     epoch: String,
+}
+
+/// The topics a subscription follows, counted in this node's [`Subscribers`] while it
+/// follows them (and no longer once the subscription is dropped).
+struct Following {
+    subscribers: Subscribers,
+    topics: BTreeSet<String>,
+}
+
+impl Following {
+    /// Counts `topic` as followed (written to Redis before this returns).
+    async fn add(&mut self, topic: &str) {
+        if self.topics.insert(topic.to_owned()) {
+            self.subscribers.add(topic).await;
+        }
+    }
+
+    /// Stops counting `topic`.
+    fn remove(&mut self, topic: &str) {
+        if self.topics.remove(topic) {
+            self.subscribers.remove(topic);
+        }
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        for topic in std::mem::take(&mut self.topics) {
+            self.subscribers.remove(&topic);
+        }
+    }
 }
 
 /// The subscription's state between batches.
@@ -49,6 +80,8 @@ struct Reader {
     /// others).
     rotate: usize,
     ended: bool,
+    /// The topics of `cursors`, as counted for Stats.
+    following: Following,
 }
 
 /// The wake channel of topic `name`.
@@ -66,7 +99,12 @@ pub(crate) fn subscribe(
     spec: SubscribeSpec,
     ends_on: CancellationToken,
 ) -> impl Stream<Item = Result<SubscriptionBatch, BrokerError>> + Send + 'static {
+    let following = Following {
+        subscribers: store.subscribers().clone(),
+        topics: BTreeSet::new(),
+    };
     let reader = Reader {
+        following,
         store,
         wakes,
         spec,
@@ -171,6 +209,7 @@ impl Reader {
                     },
                 },
             };
+            self.following.add(&name).await;
             self.dirty.insert(name.clone());
             self.cursors.insert(
                 name,
@@ -216,6 +255,7 @@ impl Reader {
             }
             for name in new {
                 let next = self.start_of_new(&name);
+                self.following.add(&name).await;
                 self.dirty.insert(name.clone());
                 self.cursors.insert(
                     name,
@@ -238,6 +278,7 @@ impl Reader {
 
     /// Stops following a deleted topic.
     fn drop_topic(&mut self, name: &str) {
+        self.following.remove(name);
         self.cursors.remove(name);
         self.dirty.remove(name);
         if let Some(watch) = self.watch.as_mut() {
@@ -292,6 +333,11 @@ impl Reader {
             }
             let cursor = self.cursors.get_mut(name).expect("read above");
             if let Some((first_missing, next_available)) = read.gap {
+                // Counted for Stats whatever the gap policy, as the in-process engine
+                // does; a failure to count does not fail the subscription.
+                if let Err(e) = self.store.note_gap(name).await {
+                    tracing::debug!(topic = %name, error = %e, "a gap notice was not counted");
+                }
                 if self.spec.on_gap == GapPolicy::EndStream {
                     return Err(BrokerError::DataLoss(format!(
                         "subscription fell behind retention on topic {name:?}: sequences {first_missing}..{} are gone (next available {next_available})",
@@ -562,6 +608,61 @@ mod tests {
             stream.next().await.is_none(),
             "the stream ends after the error"
         );
+        // Both gap notices are counted, the one that ended a stream too (as in process),
+        // and every node's Stats sees them.
+        assert_eq!(s.other.counts("t").await.unwrap().gaps, 2);
+    }
+
+    /// Stats' subscriber count adds up the subscriptions of every node that follow a
+    /// topic (a wildcard one too), is there by their first delivery, drops when one
+    /// ends, and leaves out a node that stopped writing for longer than the stale bound.
+    #[tokio::test]
+    async fn subscribers_are_counted_across_nodes() {
+        let s = setup().await;
+        s.store.create("t", Retention::default()).await.unwrap();
+        s.store.create("u", Retention::default()).await.unwrap();
+        s.store.publish("t", msgs(&["1"])).await.unwrap();
+        let open = |store: &TopicStore, pattern: &str| {
+            Box::pin(subscribe(
+                store.clone(),
+                s.wakes.clone(),
+                spec(pattern, Start::Earliest),
+                s.shutdown.child_token(),
+            ))
+        };
+        let mut here = open(&s.store, "t");
+        let mut there = open(&s.other, "t");
+        let mut wild = open(&s.other, ">");
+        for stream in [&mut here, &mut there, &mut wild] {
+            assert_eq!(take(stream, 1).await[0].1, 1);
+        }
+        assert_eq!(s.store.counts("t").await.unwrap().subscribers, 3);
+        assert_eq!(s.other.counts("u").await.unwrap().subscribers, 1);
+
+        drop(wild);
+        let start = std::time::Instant::now();
+        while s.store.counts("u").await.unwrap().subscribers != 0
+            || s.store.counts("t").await.unwrap().subscribers != 2
+        {
+            assert!(start.elapsed() < SOON, "the drop was not counted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        // A node that stopped: its last write is older than the stale bound.
+        let mut c = connect(&[s._server.url()]).await.unwrap();
+        let old: u64 = {
+            let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
+            secs * 1000 - crate::broker::engine::redis::topic::subscribers::STALE_MS - 1
+        };
+        let _: i64 = redis::cmd("HSET")
+            .arg(TopicKeys::new("t").key("subs"))
+            .arg("gone")
+            .arg(format!("7 {old} 1"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(s.store.counts("t").await.unwrap().subscribers, 2);
+        drop((here, there));
     }
 
     #[tokio::test]

@@ -49,6 +49,11 @@ static READ: LazyLock<Script> = topic_script!("read.lua");
 static SEQ_AT: LazyLock<Script> = topic_script!("seq_at.lua");
 static STATS: LazyLock<Script> = topic_script!("stats.lua");
 static SWEEP: LazyLock<Script> = topic_script!("sweep.lua");
+static SUBS_PUT: LazyLock<Script> = topic_script!("subs_put.lua");
+static GAP: LazyLock<Script> = topic_script!("gap.lua");
+
+pub(crate) mod subscribers;
+pub(crate) use subscribers::Subscribers;
 
 /// What [`TopicStore::read`] found.
 #[derive(Debug, Default)]
@@ -73,6 +78,8 @@ pub(crate) struct TopicRead {
 #[derive(Clone)]
 pub(crate) struct TopicStore {
     conn: RedisConn,
+    /// This node's subscriptions per topic, written to Redis for Stats.
+    subscribers: Subscribers,
 }
 
 /// A fresh incarnation nonce for a topic being created.
@@ -101,7 +108,27 @@ fn not_found(name: &str) -> BrokerError {
 impl TopicStore {
     /// Topics over `conn`.
     pub(crate) fn new(conn: RedisConn) -> Self {
-        Self { conn }
+        Self {
+            subscribers: Subscribers::new(conn.clone()),
+            conn,
+        }
+    }
+
+    /// This node's count of open subscriptions per topic.
+    pub(crate) fn subscribers(&self) -> &Subscribers {
+        &self.subscribers
+    }
+
+    /// Counts a gap notice a subscription of this node sent for topic `name` (nothing if
+    /// the topic is gone).
+    pub(crate) async fn note_gap(&self, name: &str) -> Result<(), BrokerError> {
+        let mut c = self.conn.clone();
+        let _: i64 = GAP
+            .key(TopicKeys::new(name).base())
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| unavailable(&format!("counting a gap of topic {name:?}"), e))?;
+        Ok(())
     }
 
     /// Adds `name` to the catalog and wakes the nodes' subscriptions to look at it.
@@ -299,18 +326,20 @@ impl TopicStore {
         seq.ok_or_else(|| not_found(name))
     }
 
-    /// The topic's counters. Node-wide figures Redis does not keep are zero:
-    /// `subscribers`, `gaps` and `publish_rate`; `published` counts every message since
-    /// the topic was created.
+    /// The topic's counters, for the whole cluster: `subscribers` adds up every node's
+    /// open subscriptions (as of its last write, see [`subscribers`]), `gaps` counts the
+    /// gap notices of every node, `published` every message since the topic was created.
+    /// `publish_rate` is not kept (0).
     pub(crate) async fn counts(&self, name: &str) -> Result<TopicCounts, BrokerError> {
         let keys = TopicKeys::new(name);
         let mut c = self.conn.clone();
-        let out: Option<(u64, u64, u64)> = STATS
+        let out: Option<(u64, u64, u64, u64, u64)> = STATS
             .key(keys.base())
+            .arg(subscribers::STALE_MS)
             .invoke_async(&mut c)
             .await
             .map_err(|e| unavailable(&format!("reading the counters of topic {name:?}"), e))?;
-        let (first, next, bytes) = out.ok_or_else(|| not_found(name))?;
+        let (first, next, bytes, subscribers, gaps) = out.ok_or_else(|| not_found(name))?;
         let retained = next - first;
         Ok(TopicCounts {
             name: name.to_owned(),
@@ -319,6 +348,8 @@ impl TopicStore {
             retained_messages: retained,
             retained_bytes: bytes,
             published: next - 1,
+            subscribers: subscribers.min(u64::from(u32::MAX)) as u32,
+            gaps,
             ..TopicCounts::default()
         })
     }

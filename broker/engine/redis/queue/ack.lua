@@ -22,6 +22,7 @@ end
 if not ok then
   return out
 end
+local acked = 0
 for i = 0, n - 1 do
   local seq, nonce, result = tonumber(ARGV[3 + i * 3]), ARGV[4 + i * 3], ARGV[5 + i * 3]
   -- A lease named twice is acked once: the second finds it settled.
@@ -34,6 +35,7 @@ for i = 0, n - 1 do
       consumer_put(name, c)
     end
     mincr('completed', 1)
+    acked = acked + 1
     local r = nil
     if result ~= '' then
       r = string.sub(result, 2)
@@ -41,6 +43,7 @@ for i = 0, n - 1 do
     finish(seq, now, 'completed', r)
   end
 end
+rate_record('a', now, acked)
 out[1] = 1
 wake()
 return out

@@ -16,6 +16,8 @@ local K_HISTORY = B .. ':history'
 local K_OUTBOX = B .. ':outbox'
 local K_CONSUMERS = B .. ':consumers'
 local K_WAKE = B .. ':wake'
+-- The enqueue and ack rates: per-second counts in 10 slots (see `rate_record`).
+local K_RATES = B .. ':rates'
 
 -- Integers as decimal text: Lua's own number formatting switches to exponents past 14
 -- digits, and Rust parses these fields as u64.
@@ -95,6 +97,26 @@ local function mincr(field, by)
   redis.call('HINCRBY', K_META, field, by)
 end
 
+-- The seconds a rate is counted over: `domain::rate::RateMeter`'s window.
+local RATE_WINDOW = 10
+
+-- Counts `n` events of `kind` ('e' enqueued, 'a' acked) at `now`, as `RateMeter::record`
+-- does: slot `second % RATE_WINDOW` holds the count (field `<kind><slot>`) of the second
+-- in field `<kind>s<slot>`, and a new second overwrites the slot. So the hash never holds
+-- more than 40 fields and needs no pruning.
+local function rate_record(kind, now, n)
+  if n <= 0 then
+    return
+  end
+  local second = math.floor(now / 1000)
+  local slot = I(second % RATE_WINDOW)
+  if redis.call('HGET', K_RATES, kind .. 's' .. slot) == I(second) then
+    redis.call('HINCRBY', K_RATES, kind .. slot, n)
+  else
+    redis.call('HSET', K_RATES, kind .. 's' .. slot, I(second), kind .. slot, I(n))
+  end
+end
+
 -- Counts jobs made visible, so the script ends with a wake-up for long polls (only if
 -- some are still visible when it ends).
 local WOKE = 0
@@ -168,6 +190,13 @@ end
 local function end_lease(seq, now)
   if redis.call('ZREM', K_LEASED, I(seq)) == 0 then
     return nil
+  end
+  -- A slot under max_in_flight is free again: the open held-back interval ends (as
+  -- `Queue::note_lease_ended`).
+  if M.if_since then
+    mincr('if_ms', math.max(0, now - tonumber(M.if_since)))
+    redis.call('HDEL', K_META, 'if_since')
+    M.if_since = nil
   end
   local k = job_key(seq)
   redis.call('HDEL', k, 'deadline')
@@ -334,19 +363,22 @@ local function bucket_milli(now)
   return math.min(mnum('tok') + gained, burst)
 end
 
--- How many jobs the limits let a lease take now; nil without limits.
+-- How many jobs the limits let a lease take now, and which limit says so ('inflight' or
+-- 'rate', the rate limit only when it allows fewer); nil without limits.
 local function lease_room(now)
-  local room = nil
+  local room, limit = nil, nil
   if mnum('max_in_flight') > 0 then
     room = math.max(0, mnum('max_in_flight') - redis.call('ZCARD', K_LEASED))
+    limit = 'inflight'
   end
   if mnum('rate_ps') > 0 then
     local tokens = math.floor(bucket_milli(now) / 1000)
     if room == nil or tokens < room then
       room = tokens
+      limit = 'rate'
     end
   end
-  return room
+  return room, limit
 end
 
 -- The stale-lease check shared by ack, nack and extend. Returns 'live', 'acked' or the

@@ -1,6 +1,7 @@
 -- The queue's counters. ARGV: name. Returns {pending, scheduled, leased, retrying,
 -- enqueued, completed, failed, dead, cancelled, oldest pending age ms, active consumers,
--- paused (0/1), max in flight, rate per second, rate burst, rate tokens}.
+-- paused (0/1), max in flight, rate per second, rate burst, rate tokens, rate-limited ms,
+-- in-flight-limited ms, jobs enqueued and jobs acked over the rate window}.
 if not load_meta() then
   return no_queue()
 end
@@ -33,7 +34,30 @@ local paused = 0
 if M.paused == '1' then
   paused = 1
 end
+-- Held back by the rate limit: not past now (a wait counted ahead shows as it happens).
+local rate_limited = math.max(0, mnum('rl_ms') - math.max(0, mnum('rl_until') - now))
+local in_flight_limited = mnum('if_ms')
+if M.if_since then
+  in_flight_limited = in_flight_limited + math.max(0, now - tonumber(M.if_since))
+end
+-- The events of the seconds in the window ending now (`RateMeter::per_second`).
+local second = math.floor(now / 1000)
+local window = { e = 0, a = 0 }
+local r = redis.call('HGETALL', K_RATES)
+local fields = {}
+for i = 1, #r, 2 do
+  fields[r[i]] = r[i + 1]
+end
+for _, kind in ipairs({ 'e', 'a' }) do
+  for slot = 0, RATE_WINDOW - 1 do
+    local s = tonumber(fields[kind .. 's' .. slot] or '-1')
+    if s >= 0 and s + RATE_WINDOW > second and s <= second then
+      window[kind] = window[kind] + tonumber(fields[kind .. slot] or '0')
+    end
+  end
+end
 return { ready + mnum('blocked'), redis.call('ZCARD', K_TIMERS) - retrying,
   redis.call('ZCARD', K_LEASED), retrying, mnum('enqueued'), mnum('completed'),
   mnum('failed'), mnum('dead'), mnum('cancelled'), oldest, active, paused,
-  mnum('max_in_flight'), mnum('rate_ps'), mnum('rate_burst'), tokens }
+  mnum('max_in_flight'), mnum('rate_ps'), mnum('rate_burst'), tokens, rate_limited,
+  in_flight_limited, window.e, window.a }

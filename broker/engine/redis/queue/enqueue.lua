@@ -96,5 +96,6 @@ for i = 0, n - 1 do
   end
 end
 mincr('enqueued', new)
+rate_record('e', now, new)
 wake()
 return out

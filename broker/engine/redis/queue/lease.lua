@@ -29,7 +29,7 @@ c.a = ARGV[5]
 local out = {}
 if M.paused ~= '1' then
   local max = tonumber(ARGV[2])
-  local room = lease_room(now)
+  local room, limit = lease_room(now)
   local allowed = max
   if room ~= nil and room < max then
     allowed = room
@@ -62,7 +62,33 @@ if M.paused ~= '1' then
   end
   if mnum('rate_ps') > 0 then
     local milli = math.max(0, bucket_milli(now) - #out * 1000)
-    redis.call('HSET', K_META, 'tok', I(milli), 'tok_at', I(math.max(mnum('tok_at'), now)))
+    local at = math.max(mnum('tok_at'), now)
+    redis.call('HSET', K_META, 'tok', I(milli), 'tok_at', I(at))
+    M.tok, M.tok_at = I(milli), I(at)
+  end
+  -- A lease the limit cut short while jobs stayed visible: count the time they are held
+  -- back, as `Queue::note_throttled` does. max_in_flight opens an interval that the next
+  -- lease end closes (`end_lease`); the rate limit counts up to its next token, each
+  -- instant once (`rl_until` is the end of what is counted already).
+  if room ~= nil and #out == allowed and allowed < max and redis.call('ZCARD', K_READY) > 0 then
+    if limit == 'inflight' then
+      if not M.if_since then
+        redis.call('HSET', K_META, 'if_since', I(now))
+        M.if_since = I(now)
+      end
+    else
+      local milli = bucket_milli(now)
+      if milli < 1000 then
+        local ps = mnum('rate_ps')
+        local until_ms = math.max(mnum('tok_at'), now) + math.ceil((1000 - milli) / ps)
+        local rl_until = mnum('rl_until')
+        local from = math.max(now, rl_until)
+        if until_ms > from then
+          mincr('rl_ms', until_ms - from)
+        end
+        redis.call('HSET', K_META, 'rl_until', I(math.max(rl_until, until_ms)))
+      end
+    end
   end
 end
 consumer_put(cname, c)

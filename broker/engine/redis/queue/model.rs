@@ -11,7 +11,7 @@
 //! Dead letters are moved after every step (`move_dead_letters`, as the engine's caller
 //! does after each call that can kill jobs) and each one is read back from the
 //! dead-letter queue. After the last step everything is drained, and with no history
-//! kept no key of either queue may be left but its meta and consumers hashes.
+//! kept no key of either queue may be left but its meta, consumers and rates hashes.
 //!
 //! Where the store differs on purpose (see `queue.rs`'s module docs) the run adapts:
 //!
@@ -25,12 +25,15 @@
 //!   the history and the dead-letter queue.
 //! * The oldest pending age is that of the oldest front of each priority.
 //! * Job ids are the node's UUIDv7s; the model takes them from the answers.
+//! * A redrive goes through [`QueueStore::redrive_targets`] and [`QueueStore::redrive`],
+//!   which report counts, not jobs: the jobs moved are those that left the dead-letter
+//!   queue's live jobs, read back from the origin in the order it stored them. The model's `max` 0 (move nothing) is
+//!   not sent (the store's 0 is "no cap").
 //!
 //! Not compared: the store's internals (its zsets and lists; only the leftover keys at the
 //! end), lease checks without settling (the store has none), which leases expired in a
-//! sweep (it does not say; their effects are compared), redrive (not in the store yet:
-//! the generator's redrives do nothing), the enqueue and ack rates and the consumers'
-//! addresses and last-seen times.
+//! sweep (it does not say; their effects are compared), the enqueue and ack rates and the
+//! consumers' addresses and last-seen times.
 //!
 //! The same environment variables as the in-process run choose seeds and steps
 //! (`SLUICE_MODEL_SEED`, `SLUICE_MODEL_SEEDS`, `SLUICE_MODEL_FIRST_SEED`,
@@ -221,13 +224,71 @@ impl QueueUnderTest for RedisQueue {
 
     fn redrive(
         &mut self,
-        _: &mut Self,
-        _: Millis,
-        _: &[Uuid],
-        _: usize,
-        _: bool,
+        main: &mut Self,
+        now: Millis,
+        ids: &[Uuid],
+        max: usize,
+        allowed: bool,
     ) -> Option<(Vec<Redriven>, Vec<Uuid>)> {
-        None
+        // The model's `max` 0 moves nothing; the store's `max_jobs` 0 is "no cap".
+        if ids.is_empty() && max == 0 {
+            return Some((Vec::new(), Vec::new()));
+        }
+        let max_jobs = max as u64;
+        // What the redrive takes is what leaves the dead-letter queue's live jobs, in
+        // seq order (the order the model moves them in).
+        let before = self.list(None, 0, ALL).0;
+        let targets = self
+            .at(now, self.store.redrive_targets(self.name, ids, max_jobs))
+            .expect("redrive_targets");
+        assert!(
+            targets.iter().all(|t| t == main.name),
+            "redrive targets {targets:?} outside {}",
+            main.name
+        );
+        let allowed = if allowed { targets } else { Default::default() };
+        let report = self
+            .at(
+                now,
+                self.store.redrive(self.name, ids, 0, max_jobs, &allowed),
+            )
+            .expect("redrive");
+        let after: std::collections::HashSet<Uuid> =
+            self.list(None, 0, ALL).0.iter().map(|j| j.id).collect();
+        let taken: std::collections::HashSet<Uuid> = before
+            .iter()
+            .filter(|j| !after.contains(&j.id))
+            .map(|j| j.id)
+            .collect();
+        // In the order the origin stored them (its live jobs by seq), which the model
+        // checks against the order it moves them in.
+        let moved: Vec<Redriven> = main
+            .list(None, 0, ALL)
+            .0
+            .into_iter()
+            .filter(|j| taken.contains(&j.id))
+            .map(|stored| Redriven {
+                target: main.name.to_owned(),
+                job_id: stored.id,
+                kind: stored.kind,
+                payload: stored.payload,
+                headers: stored.headers,
+                priority: stored.priority,
+            })
+            .collect();
+        assert_eq!(
+            moved.len(),
+            taken.len(),
+            "redriven jobs missing from {}",
+            main.name
+        );
+        let expected: std::collections::BTreeMap<String, u64> = if moved.is_empty() {
+            Default::default()
+        } else {
+            [(main.name.to_owned(), moved.len() as u64)].into()
+        };
+        assert_eq!(report.by_origin, expected, "redrive report");
+        Some((moved, report.skipped))
     }
 
     fn get(&self, id: &Uuid) -> Option<Job> {
@@ -282,7 +343,9 @@ impl QueueUnderTest for RedisQueue {
             .expect("the queue exists");
         policy.history_limit = 0;
         QueueUnderTest::set_policy(self, policy);
-        let keys = self.keys();
+        let mut keys = self.keys();
+        // The rates hash is bounded (40 fields) and kept while the queue is.
+        keys.retain(|k| k != ":rates");
         if keys != [":consumers", ":meta"] {
             ctx.fail(format_args!("{}: keys left: {keys:?}", self.name));
         }

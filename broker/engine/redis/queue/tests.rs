@@ -848,3 +848,130 @@ async fn redis_queue_a_key_repeated_in_a_batch_is_a_duplicate_with_no_window() {
     let again = s.enqueue("q", vec![keyed]).await.unwrap();
     assert!(!again[0].duplicate);
 }
+
+/// The rates and the limits' held-back times against the in-process queue: the same
+/// enqueues, leases (some cut short by `max_in_flight` or the rate limit) and acks at the
+/// same times, through the test clock, give the same `enqueue_rate`, `ack_rate`,
+/// `rate_limited_ms` and `in_flight_limited_ms` at every step, including a window that
+/// slides past old seconds and a wait counted ahead of the clock.
+#[tokio::test]
+async fn redis_queue_rates_and_held_back_times_match_the_in_process_queue() {
+    use crate::broker::domain::queue::{Queue, RateLimit};
+    const T0: Millis = 1_700_000_000_000;
+    let srv = RedisServer::start();
+    let conn = connect(&[srv.url()]).await.expect("connect");
+    let clock = Arc::new(std::sync::atomic::AtomicU64::new(T0));
+    let s = QueueStore::with_clock(conn, clock.clone());
+    let set = |t: Millis| clock.store(t, std::sync::atomic::Ordering::SeqCst);
+    let consumer: Arc<str> = Arc::from("w");
+    for (name, rate_limit, max_in_flight) in [
+        ("inflight", None, Some(2)),
+        (
+            "rate",
+            Some(RateLimit {
+                per_second: 4,
+                burst: 2,
+            }),
+            None,
+        ),
+        (
+            "both",
+            Some(RateLimit {
+                per_second: 3,
+                burst: 3,
+            }),
+            Some(2),
+        ),
+    ] {
+        let p = QueuePolicy {
+            rate_limit,
+            max_in_flight,
+            visibility_timeout_ms: 60_000,
+            ..policy(name)
+        };
+        s.create(name, &p).await.unwrap();
+        let mut local = Queue::new(name, p);
+        let mut held: Vec<(LeaseId, LeaseId)> = Vec::new();
+        let compare = |local: &Queue, c: QueueCounts, t: Millis, step: &str| {
+            let l = local.counts(t);
+            assert_eq!(
+                (
+                    c.enqueue_rate,
+                    c.ack_rate,
+                    c.rate_limited_ms,
+                    c.in_flight_limited_ms
+                ),
+                (
+                    l.enqueue_rate,
+                    l.ack_rate,
+                    l.rate_limited_ms,
+                    l.in_flight_limited_ms
+                ),
+                "{name} at {step} (t0 + {})",
+                t - T0
+            );
+        };
+        // (time after T0, enqueue n, lease max, ack the oldest n held)
+        let steps: [(Millis, usize, usize, usize); 12] = [
+            (0, 6, 4, 0),
+            (40, 0, 3, 0),
+            (100, 2, 0, 1),
+            (150, 0, 5, 0),
+            (260, 0, 5, 1),
+            (900, 1, 1, 2),
+            (1_500, 3, 6, 0),
+            (2_300, 0, 6, 3),
+            (4_000, 5, 6, 1),
+            (9_800, 0, 2, 2),
+            (12_100, 0, 6, 6),
+            (25_000, 1, 0, 0),
+        ];
+        for (i, (dt, enqueue, lease_max, ack)) in steps.into_iter().enumerate() {
+            let t = T0 + dt;
+            set(t);
+            if enqueue > 0 {
+                let jobs: Vec<NewJob> = (0..enqueue).map(|k| job(&format!("{i}.{k}"))).collect();
+                s.enqueue(name, jobs.clone()).await.unwrap();
+                local.enqueue(t, jobs).unwrap();
+            }
+            for _ in 0..ack.min(held.len()) {
+                let (remote, mine) = held.remove(0);
+                assert!(s.ack(name, vec![(remote, None)]).await.unwrap()[0].is_ok());
+                local.ack(t, &mine, None).unwrap();
+            }
+            if lease_max > 0 {
+                let remote = s
+                    .lease(name, lease_max, None, "w", "127.0.0.1:1")
+                    .await
+                    .unwrap();
+                let mine = local.lease(t, lease_max, 60_000, &consumer, "127.0.0.1:1");
+                assert_eq!(remote.len(), mine.len(), "{name} step {i}: leased");
+                held.extend(
+                    remote
+                        .into_iter()
+                        .map(|d| d.lease_id)
+                        .zip(mine.into_iter().map(|d| d.lease_id)),
+                );
+            }
+            compare(
+                &local,
+                s.counts(name).await.unwrap(),
+                t,
+                &format!("step {i}"),
+            );
+            // Read again a little later: open intervals grow, waits counted ahead show.
+            set(t + 30);
+            compare(
+                &local,
+                s.counts(name).await.unwrap(),
+                t + 30,
+                &format!("step {i} + 30 ms"),
+            );
+        }
+        let c = s.counts(name).await.unwrap();
+        assert!(
+            c.rate_limited_ms > 0 || c.in_flight_limited_ms > 0,
+            "{name}: {c:?}"
+        );
+    }
+}

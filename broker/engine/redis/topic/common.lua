@@ -16,7 +16,9 @@
 -- `:meta` is a hash: first (oldest retained seq; = next when empty), next (the next seq
 -- to assign), cum (cumulative bytes of the last message), last_time, epoch (a nonce set
 -- when the topic is created: idempotency keys and subscribers' cursors belong to one
--- incarnation of a name), max_messages, max_bytes, max_age_ms.
+-- incarnation of a name), max_messages, max_bytes, max_age_ms, gaps (gap notices sent by
+-- subscriptions, gap.lua). `:subs` is a hash of each node's count of open subscriptions
+-- (subs_put.lua).
 
 -- Numbers as Redis arguments: Lua would print large ones as `1.7e+12`.
 local function num(x)

@@ -4,6 +4,7 @@
 if redis.call('EXISTS', meta) == 0 then
   return 0
 end
-redis.call('DEL', meta, log)
+-- The nodes' subscriber counts go too: a topic created again is counted afresh.
+redis.call('DEL', meta, log, base .. ':subs')
 redis.call('SPUBLISH', base .. ':wake', '1')
 return 1
