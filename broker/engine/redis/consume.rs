@@ -316,25 +316,18 @@ impl RedisEngine {
         Ok(refused)
     }
 
-    /// Puts back what a closed stream held: visible again at once, as a failed attempt.
+    /// Puts back what a closed stream held: visible again at once (together), each a
+    /// failed attempt.
     async fn release(&self, queue: &Arc<str>, outstanding: HashMap<u64, u64>) {
-        for (seq, nonce) in outstanding {
-            let lease = LeaseId {
-                queue: queue.clone(),
-                seq,
-                nonce,
-            };
-            // Already settled elsewhere or expired: nothing to release.
-            let _ = self
-                .inner
-                .queues
-                .nack(
-                    &lease,
-                    "released: the consumer stream closed".into(),
-                    Some(0),
-                    false,
-                )
-                .await;
+        let released = self
+            .inner
+            .queues
+            .release(queue, "released: the consumer stream closed", outstanding)
+            .await;
+        if let Err(e) = released {
+            // Redis is unreachable: the leases expire instead, at their deadlines.
+            tracing::debug!(queue = &**queue, error = %e, "closed stream's leases left to expire");
+            return;
         }
         let _ = self.durable(self.queue_commit(queue)).await;
         // A release can kill a job that was on its last attempt.

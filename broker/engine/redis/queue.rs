@@ -708,6 +708,25 @@ impl QueueStore {
         Ok((state, Some(at)))
     }
 
+    /// Puts back the deliveries `(seq, nonce)` of queue `name` that a closed consume
+    /// stream held: visible again at once, each a failed attempt, all in one script.
+    /// Returns how many were still live to put back.
+    pub(crate) async fn release(
+        &self,
+        name: &str,
+        error: &str,
+        held: impl IntoIterator<Item = (u64, u64)>,
+    ) -> Result<u64, BrokerError> {
+        let keys = QueueKeys::new(name);
+        let mut inv = script!("release.lua").key(keys.base());
+        inv.arg(name).arg(error).arg(jitter_seed());
+        for (seq, nonce) in held {
+            inv.arg(seq).arg(format!("{nonce:x}"));
+        }
+        self.run(&format!("releasing leases of queue {name:?}"), None, &inv)
+            .await
+    }
+
     /// Moves a live lease's deadline to now + `visibility_ms`; returns it.
     pub(crate) async fn extend(
         &self,
