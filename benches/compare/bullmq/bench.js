@@ -66,11 +66,12 @@ function connection() {
   return new IORedis(urls[0], opts);
 }
 
-/// `WAIT n 1000` on the connection `queue` adds with (cluster: the primary of the
-/// queue's slot, the connection its adds travelled on).
+/// `WAIT n 1000` on the connection `queue` adds with: the ioredis instance given to the
+/// Queue, which BullMQ uses as it is (cluster: the primary of the queue's slot, the
+/// connection its adds travelled on).
 async function waitReplicas(queue) {
   if (wait <= 0) return;
-  const client = await queue.client;
+  const client = queue.s6Connection;
   if (client.isCluster) {
     const slot = require('cluster-key-slot')(PREFIX);
     const owner = client.slots[slot] && client.slots[slot][0];
@@ -129,6 +130,7 @@ async function producers() {
     conns.push(c);
     const q = new Queue(QUEUE, { connection: c, prefix: PREFIX });
     await q.waitUntilReady();
+    q.s6Connection = c;
     qs.push(q);
   }
   return qs;
