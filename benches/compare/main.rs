@@ -1,9 +1,11 @@
 //! Side-by-side benchmark of Sluice against RabbitMQ, NATS (core and JetStream), Redis
 //! Streams and a raw-tonic baseline, on one machine, in one run: the five scenarios of
-//! SPEC section 9. Prints a table and writes `BENCHMARKS.md`.
+//! SPEC section 9. Prints a table and writes `BENCHMARKS.md`. Scenario S6 (Sluice's Redis
+//! engine against BullMQ, on private redis-servers; `s6.rs`) runs only when named.
 //!
 //! ```text
 //! cargo bench --bench compare -- [--quick] [--scenarios S1,S3] [--systems sluice,redis]
+//! cargo bench --bench compare -- --quick --scenarios S6 --out /tmp/s6.md
 //! ```
 //!
 //! Every figure is measured in the run that prints it; a peer that cannot be reached is
@@ -15,6 +17,7 @@ mod nats;
 mod rabbit;
 mod raw;
 mod redis_streams;
+mod s6;
 mod sluice_peer;
 
 use std::fmt::Write as _;
@@ -35,7 +38,7 @@ struct Args {
     /// Short windows and small backlogs (whole run under 2 minutes).
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run, comma separated (S1..S5).
+    /// Scenarios to run, comma separated (S1..S6; S6 only when named).
     #[arg(long, value_delimiter = ',', default_value = "S1,S2,S3,S4,S5")]
     scenarios: Vec<String>,
     /// Systems to run, comma separated.
@@ -1022,7 +1025,17 @@ fn main() -> Result<(), BoxError> {
         let started = Instant::now();
         let load_start = loadavg();
         let cases = plan(&args, &s);
-        let sluice_args = probe_sluice_args(&s.sluice_durable_args).await?;
+        let run_s6 = args.scenarios.iter().any(|x| x.eq_ignore_ascii_case("S6"));
+        // An S6-only run starts no `sluice serve` and reaches no peer (nor 6379).
+        let sluice_args = if cases.is_empty() {
+            SluiceArgs {
+                memory: vec![],
+                durable: Err("not run".into()),
+            }
+        } else {
+            probe_sluice_args(&s.sluice_durable_args).await?
+        };
+        let peers = |sys: System| !cases.is_empty() && systems.contains(&sys);
         let mut versions = vec![(
             "Sluice".to_string(),
             format!(
@@ -1035,15 +1048,29 @@ fn main() -> Result<(), BoxError> {
                 }
             ),
         )];
-        if systems.contains(&System::Rabbit) {
+        if peers(System::Rabbit) {
             versions.push(("RabbitMQ".into(), rabbit::version()));
         }
-        if systems.contains(&System::Nats) || systems.contains(&System::JetStream) {
+        if peers(System::Nats) || peers(System::JetStream) {
             versions.push(("NATS".into(), nats::version().await));
         }
-        if systems.contains(&System::Redis) {
+        if peers(System::Redis) {
             versions.push(("Redis".into(), redis_streams::version().await));
         }
+        let bullmq = if run_s6 {
+            let b = s6::ensure_bullmq().await;
+            versions.push((
+                "S6".into(),
+                format!(
+                    "private redis-server 7 processes; {}",
+                    b.clone()
+                        .unwrap_or_else(|e| format!("BullMQ unavailable: {e}"))
+                ),
+            ));
+            Some(b)
+        } else {
+            None
+        };
         versions.push((
             "clients".into(),
             "tonic 0.14, lapin 4, async-nats 0.50, redis 1 (tokio)".into(),
@@ -1114,22 +1141,26 @@ fn main() -> Result<(), BoxError> {
         }
         // Delete anything a figure cut off by its time limit left in the peers.
         let mut swept = Vec::new();
-        if systems.contains(&System::Rabbit) {
+        if peers(System::Rabbit) {
             swept.push(("RabbitMQ", rabbit::sweep().await));
         }
-        if systems.contains(&System::JetStream) {
+        if peers(System::JetStream) {
             swept.push(("JetStream", nats::sweep().await));
         }
-        if systems.contains(&System::Redis) {
+        if peers(System::Redis) {
             swept.push(("Redis", redis_streams::sweep().await));
         }
+        let s6_rows = match &bullmq {
+            Some(b) => s6::run(&s, b).await,
+            None => Vec::new(),
+        };
         for (peer, n) in swept.into_iter().filter(|(_, n)| *n > 0) {
             println!("cleanup: deleted {n} leftover bench entities in {peer}");
         }
         let total = started.elapsed();
         let load_end = loadavg();
         println!("\n== Issue 5 targets ==");
-        for v in verdicts(&rows) {
+        for v in verdicts(&rows).into_iter().chain(s6::verdicts(&s6_rows)) {
             println!("{v}");
         }
         println!(
@@ -1140,7 +1171,7 @@ fn main() -> Result<(), BoxError> {
         );
         let _ = rows.iter().map(|r| r.secs).sum::<f64>();
         if !args.no_write {
-            let md = report(
+            let mut md = report(
                 &args,
                 &s,
                 &rows,
@@ -1149,6 +1180,13 @@ fn main() -> Result<(), BoxError> {
                 (&load_start, &load_end),
                 total,
             );
+            if let Some(b) = &bullmq {
+                let command = format!(
+                    "cargo bench --bench compare -- {}--scenarios S6",
+                    if args.quick { "--quick " } else { "" }
+                );
+                s6::report(&mut md, &s6_rows, b, &command);
+            }
             let path = args
                 .out
                 .clone()
