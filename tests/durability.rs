@@ -622,6 +622,17 @@ async fn a_torn_tail_is_cut_and_a_headerless_new_segment_is_dropped() {
     assert_eq!(report.truncated.len(), 1, "{:?}", report.truncated);
     assert!(!empty.exists());
     assert_eq!(broker.list_jobs("q", None, 10, "").unwrap().0.len(), 2);
+    // The log goes on in the dropped segment's number: a gap in the numbering would make
+    // the next start refuse the log as missing a segment (the crash test found this).
+    broker.enqueue("q", vec![job("job 3")]).await.unwrap();
+    stop(&broker);
+    let (broker, report) = open_with(
+        Arc::new(DirStorage::open(dir.path()).unwrap()),
+        StoreConfig::default(),
+    )
+    .expect("the log after a dropped headerless segment opens");
+    assert!(report.truncated.is_empty(), "{:?}", report.truncated);
+    assert_eq!(broker.list_jobs("q", None, 10, "").unwrap().0.len(), 3);
     stop(&broker);
 }
 

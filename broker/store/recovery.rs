@@ -232,20 +232,24 @@ struct Cleanup {
 
 impl Cleanup {
     /// Runs `op` (a file operation `what` on the file `file()` names), remembering the
-    /// first failure.
+    /// first failure; returns whether it ran and succeeded.
     fn run(
         &mut self,
         what: FileOp,
         file: impl FnOnce() -> String,
         op: impl FnOnce() -> std::io::Result<()>,
-    ) {
+    ) -> bool {
         if !self.enabled {
-            return;
+            return false;
         }
-        if let Err(e) = op() {
-            let reason = StoreError::io(what, file(), e);
-            tracing::error!(%reason, "recovery could not change the data directory");
-            self.failure.get_or_insert(reason);
+        match op() {
+            Ok(()) => true,
+            Err(e) => {
+                let reason = StoreError::io(what, file(), e);
+                tracing::error!(%reason, "recovery could not change the data directory");
+                self.failure.get_or_insert(reason);
+                false
+            }
         }
     }
 }
@@ -289,6 +293,7 @@ fn recover_with(
         },
         report: RecoveryReport::default(),
         replay: Replay::default(),
+        removed: Vec::new(),
     };
     let files = run.inventory()?;
     let claimed = run.read_manifest(&files)?;
@@ -341,6 +346,9 @@ struct Recovery<'a> {
     cleanup: Cleanup,
     report: RecoveryReport,
     replay: Replay,
+    /// Segments recovery removed (a newest segment torn inside its header): the next
+    /// segment takes the number again, so the log stays numbered consecutively.
+    removed: Vec<u64>,
 }
 
 impl Recovery<'_> {
@@ -575,11 +583,14 @@ impl Recovery<'_> {
                 SegmentEnd::CutAt(at) => at,
             };
             if cut <= FILE_MAGIC.len() {
-                self.cleanup.run(
+                let removed = self.cleanup.run(
                     FileOp::Remove,
                     || storage.describe(&name),
                     || storage.remove(&name),
                 );
+                if removed {
+                    self.removed.push(*id);
+                }
             } else {
                 kept = Some(*id);
                 self.cleanup.run(
@@ -705,9 +716,14 @@ impl Recovery<'_> {
             }
         }
         self.report.anomalies = self.replay.anomalies;
+        // Numbered after the newest segment still on disk: one removed above is numbered
+        // again, or the log would skip a number and the next recovery refuse it as a
+        // missing segment.
         let next_segment = files
             .segments
-            .last()
+            .iter()
+            .rev()
+            .find(|id| !self.removed.contains(id))
             .copied()
             .max(claimed.newest)
             .map_or(1, |s| s + 1)
