@@ -278,8 +278,12 @@ mod tests {
     #[tokio::test]
     async fn a_confirmed_write_is_on_the_replica() {
         let (primary, replica) = primary_and_replica().await;
-        let conn = conn::connect(&[primary.url()]).await.unwrap();
-        let replication = Replication::new(conn.clone(), 1, Duration::from_millis(400));
+        let conn = conn::connect_with(&[primary.url()], Duration::from_secs(6))
+            .await
+            .unwrap();
+        // Generous: on a loaded machine the replica may take a while to acknowledge; a
+        // confirmed write returns as soon as it does.
+        let replication = Replication::new(conn.clone(), 1, Duration::from_secs(5));
         let key = QueueKeys::new("jobs").key("ready");
         for i in 0..100 {
             let mut c = conn.clone();
@@ -391,9 +395,12 @@ mod tests {
     #[tokio::test]
     async fn on_a_cluster_the_wait_goes_to_the_keys_primary() {
         let cluster = RedisCluster::start(3, 1);
-        let conn = conn::connect(&cluster.seeds()).await.unwrap();
+        let conn = conn::connect_with(&cluster.seeds(), Duration::from_secs(6))
+            .await
+            .unwrap();
         assert!(conn.is_cluster());
-        let replication = Replication::new(conn.clone(), 1, Duration::from_millis(400));
+        // Generous, as above: a confirmed write returns as soon as its replica answers.
+        let replication = Replication::new(conn.clone(), 1, Duration::from_secs(5));
         // A queue on every primary.
         let mut keys = HashMap::new();
         for i in 0.. {
