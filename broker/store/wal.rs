@@ -66,6 +66,10 @@ struct State {
     buffered: usize,
     /// Segment that new appends go to.
     segment: u64,
+    /// Whether anything was appended to `segment` yet. A roll past a segment nothing was
+    /// appended to would leave its number without a file: a later crash before the
+    /// snapshot that covers it lands would then find the log missing a segment.
+    segment_used: bool,
     /// Position of the newest append (positions start at 1).
     last: u64,
     /// Listeners of the buffered records, in append order.
@@ -165,6 +169,7 @@ impl Wal {
                 chunks: Vec::new(),
                 buffered: 0,
                 segment: first,
+                segment_used: false,
                 last: 0,
                 listeners: Vec::new(),
                 closing: false,
@@ -265,6 +270,7 @@ impl Wal {
                 return Err(StoreError::Closed);
             }
             let segment = st.segment;
+            st.segment_used = true;
             match st.chunks.last_mut() {
                 Some(chunk) if chunk.segment == segment => chunk.data.extend_from_slice(frame),
                 _ => st.chunks.push(SegmentBuffer {
@@ -351,9 +357,14 @@ impl Wal {
     }
 
     /// Sends later appends to a new segment; returns it and the last position before it.
+    /// When nothing was appended to the current segment yet, it is that new segment: the
+    /// numbers of the files stay consecutive.
     pub(crate) fn roll(&self) -> (u64, u64) {
         let mut st = lock(&self.shared.state);
-        st.segment += 1;
+        if st.segment_used {
+            st.segment += 1;
+            st.segment_used = false;
+        }
         (st.segment, st.last)
     }
 
@@ -608,6 +619,7 @@ impl Writer {
             let mut st = lock(&self.shared.state);
             if st.segment == segment {
                 st.segment += 1;
+                st.segment_used = false;
             }
         }
         if due {
