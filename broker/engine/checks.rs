@@ -78,6 +78,15 @@ pub(crate) fn job_id(field: &str, id: &str) -> Result<Uuid, BrokerError> {
         .map_err(|e| BrokerError::invalid(field, format!("{id:?} is not a job id: {e}")))
 }
 
+/// Parses a Redrive's job ids (`job_ids[i]`); their count is checked first, with
+/// [`batch`].
+pub(crate) fn job_ids(ids: &[String]) -> Result<Vec<Uuid>, BrokerError> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| job_id(&format!("job_ids[{i}]"), id))
+        .collect()
+}
+
 /// Parses a ListJobs page token (empty: the first page).
 pub(crate) fn page_token(page_token: &str) -> Result<u64, BrokerError> {
     if page_token.is_empty() {

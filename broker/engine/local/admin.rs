@@ -413,11 +413,7 @@ impl Broker {
         self.check_batch("job_ids", ids.len(), "ids")?;
         check_count("rate_per_second", rate_per_second.into(), MAX_REDRIVE_RATE)?;
         check_count("max_jobs", max_jobs, MAX_QUEUE_DEPTH)?;
-        let uuids = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| checks::job_id(&format!("job_ids[{i}]"), id))
-            .collect::<Result<Vec<_>, _>>()?;
+        let uuids = checks::job_ids(ids)?;
         let slot = self.existing_queue("dead_letter_queue", dead_letter_queue)?;
         let field = if uuids.is_empty() {
             "dead_letter_queue"

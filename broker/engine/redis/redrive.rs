@@ -24,11 +24,7 @@ impl RedisEngine {
         access: &Access,
     ) -> Result<RedriveOutcome, BrokerError> {
         checks::batch(&self.inner.config.limits, "job_ids", ids.len(), "ids")?;
-        let uuids = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| checks::job_id(&format!("job_ids[{i}]"), id))
-            .collect::<Result<Vec<_>, _>>()?;
+        let uuids = checks::job_ids(ids)?;
         let field = if uuids.is_empty() {
             "dead_letter_queue"
         } else {

@@ -411,3 +411,28 @@ local function check_lease(seq, nonce, now)
   end
   return 'job ' .. id .. ' is ' .. state .. ' since this lease ended (attempt ' .. attempts .. ')'
 end
+
+-- Forgets the record of job `seq` (as a string, from `:ids`) entirely, live or finished,
+-- without counting it anywhere: a dead letter or a redriven job that replaces an earlier
+-- record of the same id.
+local function forget_record(old, now)
+  local ok = B .. ':job:' .. old
+  local seq = tonumber(old)
+  local state = redis.call('HGET', ok, 'state')
+  if state == 'completed' or state == 'dead' or state == 'cancelled' then
+    redis.call('LREM', K_HISTORY, 0, old)
+  elseif state then
+    if not end_lease(seq, now) then
+      unplace(seq)
+    end
+    if redis.call('HDEL', ok, 'blocked') == 1 then
+      mincr('blocked', -1)
+    end
+    redis.call('ZREM', K_LIVE, old)
+    local okey = redis.call('HGET', ok, 'okey')
+    if okey then
+      release_ordering_key(okey, seq, now)
+    end
+  end
+  redis.call('DEL', ok)
+end

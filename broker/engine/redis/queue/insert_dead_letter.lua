@@ -15,25 +15,7 @@ if old then
   if redis.call('HGET', ok, 'dltoken') == token then
     return 0
   end
-  -- Forget the old record entirely, live or finished, without counting it anywhere.
-  local seq = tonumber(old)
-  local state = redis.call('HGET', ok, 'state')
-  if state == 'completed' or state == 'dead' or state == 'cancelled' then
-    redis.call('LREM', K_HISTORY, 0, old)
-  elseif state then
-    if not end_lease(seq, now) then
-      unplace(seq)
-    end
-    if redis.call('HDEL', ok, 'blocked') == 1 then
-      mincr('blocked', -1)
-    end
-    redis.call('ZREM', K_LIVE, old)
-    local okey = redis.call('HGET', ok, 'okey')
-    if okey then
-      release_ordering_key(okey, seq, now)
-    end
-  end
-  redis.call('DEL', ok)
+  forget_record(old, now)
 end
 local seq = redis.call('HINCRBY', K_META, 'seq', 1)
 local k = job_key(seq)
