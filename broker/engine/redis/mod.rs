@@ -109,6 +109,9 @@ struct Inner {
     /// The topic bindings of every queue that has some, as of this node's last look
     /// (its own policy changes, and the sweep's refresh): a publish here pumps them.
     bindings: Mutex<HashMap<String, Vec<Pattern>>>,
+    /// The catalog's queues as of the sweep's last slow round (read once a second, not
+    /// every sweep); each sweep also covers the queues this node knows.
+    catalog: Mutex<Option<Vec<String>>>,
     stats: StatsHub,
     observer: OnceLock<Arc<dyn Observer>>,
     /// Subscriptions open on this node, against `--max-subscriptions` (a node's own
@@ -147,6 +150,7 @@ impl RedisEngine {
                 shutdown,
                 known: Mutex::new(HashSet::new()),
                 bindings: Mutex::new(HashMap::new()),
+                catalog: Mutex::new(None),
                 stats: StatsHub::default(),
                 observer: OnceLock::new(),
                 subscriptions: Arc::new(AtomicUsize::new(0)),

@@ -197,6 +197,113 @@ impl Row {
     }
 }
 
+/// A lease's arguments after the queue name: `max`, the visibility timeout ('' for the
+/// policy's), the consumer, its address, a jitter seed and `max` fresh nonces.
+fn lease_args(
+    inv: &mut ScriptInvocation<'_>,
+    max: usize,
+    visibility_ms: Option<u64>,
+    consumer: &str,
+    address: &str,
+) {
+    let max = max.max(1);
+    inv.arg(max)
+        .arg(visibility_ms.map_or_else(String::new, |v| v.to_string()))
+        .arg(consumer)
+        .arg(address)
+        .arg(jitter_seed());
+    for _ in 0..max {
+        inv.arg(format!("{:x}", fastrand::u64(1..)));
+    }
+}
+
+/// The deliveries a lease script returned, leases of queue `name`.
+fn deliveries(name: &str, rows: Vec<Value>) -> Result<Vec<Delivery>, BrokerError> {
+    let queue: Arc<str> = Arc::from(name);
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut r = Row::new("lease", row)?;
+        let id: String = r.next()?;
+        let seq: u64 = r.next()?;
+        let kind: String = r.next()?;
+        let payload: Vec<u8> = r.next()?;
+        let headers: Vec<u8> = r.next()?;
+        let priority: u8 = r.next()?;
+        let attempt: u32 = r.next()?;
+        let max_attempts: u32 = r.next()?;
+        let enqueued_at: Millis = r.next()?;
+        let deadline: Millis = r.next()?;
+        let ordering_key: String = r.next()?;
+        let nonce: String = r.next()?;
+        let headers = if headers.is_empty() {
+            Headers::new()
+        } else {
+            HeadersRecord::decode(headers.as_slice())
+                .map_err(|e| malformed("lease headers", e))?
+                .headers
+        };
+        out.push(Delivery {
+            job_id: Uuid::parse_str(&id).map_err(|e| malformed("lease", e))?,
+            lease_id: LeaseId {
+                queue: queue.clone(),
+                seq,
+                nonce: u64::from_str_radix(&nonce, 16).map_err(|e| malformed("lease nonce", e))?,
+            },
+            kind: Arc::from(kind),
+            payload: Bytes::from(payload),
+            headers,
+            priority,
+            attempt,
+            max_attempts,
+            enqueued_at,
+            deadline,
+            ordering_key: ordering_key.strip_prefix('=').map(Arc::from),
+        });
+    }
+    Ok(out)
+}
+
+/// An ack's arguments after the queue name: the count, then seq, nonce and result
+/// ('' for none, else '=' then the bytes) per ack.
+fn ack_args(inv: &mut ScriptInvocation<'_>, queue: &str, acks: &[(LeaseId, Option<Bytes>)]) {
+    inv.arg(acks.len());
+    for (lease, result) in acks {
+        debug_assert_eq!(&*lease.queue, queue, "acks are grouped by queue");
+        inv.arg(lease.seq).arg(format!("{:x}", lease.nonce));
+        match result {
+            Some(r) => inv.arg([b"=".as_slice(), r.as_ref()].concat()),
+            None => inv.arg(""),
+        };
+    }
+}
+
+/// One result per ack from the ack script's reply.
+fn ack_results(
+    acks: &[(LeaseId, Option<Bytes>)],
+    reply: Value,
+) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
+    let mut row = Row::new("ack", reply)?;
+    let _applied: i64 = row.next()?;
+    let mut out = Vec::with_capacity(acks.len());
+    for (lease, _) in acks {
+        let why: String = row.next()?;
+        out.push(match why.as_str() {
+            "live" | "acked" => Ok(()),
+            why => Err(stale(lease, why)),
+        });
+    }
+    Ok(out)
+}
+
+/// What a sweep of one queue did and found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Swept {
+    /// Jobs whose lease expired or whose timer came due.
+    pub(crate) changed: u64,
+    /// Dead letters waiting in the queue's outbox to move to their dead-letter queues.
+    pub(crate) dead_letters: u64,
+}
+
 /// A job's hash fields, read into a [`Job`].
 struct Fields<'a> {
     queue: &'a str,
@@ -578,63 +685,13 @@ impl QueueStore {
         address: &str,
     ) -> Result<Vec<Delivery>, BrokerError> {
         let keys = QueueKeys::new(name);
-        let max = max.max(1);
         let mut inv = script!("lease.lua").key(keys.base());
-        inv.arg(name)
-            .arg(max)
-            .arg(visibility_ms.map_or_else(String::new, |v| v.to_string()))
-            .arg(consumer)
-            .arg(address)
-            .arg(jitter_seed());
-        for _ in 0..max {
-            inv.arg(format!("{:x}", fastrand::u64(1..)));
-        }
+        inv.arg(name);
+        lease_args(&mut inv, max, visibility_ms, consumer, address);
         let rows: Vec<Value> = self
             .run(&format!("leasing from queue {name:?}"), None, &inv)
             .await?;
-        let queue: Arc<str> = Arc::from(name);
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let mut r = Row::new("lease", row)?;
-            let id: String = r.next()?;
-            let seq: u64 = r.next()?;
-            let kind: String = r.next()?;
-            let payload: Vec<u8> = r.next()?;
-            let headers: Vec<u8> = r.next()?;
-            let priority: u8 = r.next()?;
-            let attempt: u32 = r.next()?;
-            let max_attempts: u32 = r.next()?;
-            let enqueued_at: Millis = r.next()?;
-            let deadline: Millis = r.next()?;
-            let ordering_key: String = r.next()?;
-            let nonce: String = r.next()?;
-            let headers = if headers.is_empty() {
-                Headers::new()
-            } else {
-                HeadersRecord::decode(headers.as_slice())
-                    .map_err(|e| malformed("lease headers", e))?
-                    .headers
-            };
-            out.push(Delivery {
-                job_id: Uuid::parse_str(&id).map_err(|e| malformed("lease", e))?,
-                lease_id: LeaseId {
-                    queue: queue.clone(),
-                    seq,
-                    nonce: u64::from_str_radix(&nonce, 16)
-                        .map_err(|e| malformed("lease nonce", e))?,
-                },
-                kind: Arc::from(kind),
-                payload: Bytes::from(payload),
-                headers,
-                priority,
-                attempt,
-                max_attempts,
-                enqueued_at,
-                deadline,
-                ordering_key: ordering_key.strip_prefix('=').map(Arc::from),
-            });
-        }
-        Ok(out)
+        deliveries(name, rows)
     }
 
     /// Acks leases of `queue`, all or none: one result per ack, and when any is an error
@@ -646,29 +703,52 @@ impl QueueStore {
     ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
         let keys = QueueKeys::new(queue);
         let mut inv = script!("ack.lua").key(keys.base());
-        inv.arg(queue).arg(acks.len());
-        for (lease, result) in &acks {
-            debug_assert_eq!(&*lease.queue, queue, "acks are grouped by queue");
-            inv.arg(lease.seq).arg(format!("{:x}", lease.nonce));
-            match result {
-                Some(r) => inv.arg([b"=".as_slice(), r.as_ref()].concat()),
-                None => inv.arg(""),
-            };
-        }
+        inv.arg(queue);
+        ack_args(&mut inv, queue, &acks);
         let reply: Value = self
             .run(&format!("acking in queue {queue:?}"), None, &inv)
             .await?;
-        let mut row = Row::new("ack", reply)?;
-        let _applied: i64 = row.next()?;
-        let mut out = Vec::with_capacity(acks.len());
-        for (lease, _) in &acks {
-            let why: String = row.next()?;
-            out.push(match why.as_str() {
-                "live" | "acked" => Ok(()),
-                why => Err(stale(lease, why)),
-            });
-        }
-        Ok(out)
+        ack_results(&acks, reply)
+    }
+
+    /// [`Self::ack`] then [`Self::lease`] in one script, one round trip: what a Consume
+    /// stream does when a worker settles jobs and asks for more (as BullMQ's
+    /// `moveToFinished` fetches the next job). The lease runs whether or not the acks
+    /// were applied.
+    pub(crate) async fn ack_lease(
+        &self,
+        queue: &str,
+        acks: &[(LeaseId, Option<Bytes>)],
+        lease: (usize, Option<u64>, &str, &str),
+    ) -> Result<(Vec<Result<(), BrokerError>>, Vec<Delivery>), BrokerError> {
+        static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+            // The two scripts' bodies as functions of their own arguments (a parameter
+            // named ARGV shadows the global), after the shared steps, then the glue.
+            Script::new(&format!(
+                "{COMMON}\nlocal function ack_part(ARGV)\n{}\nend\n\
+                 local function lease_part(ARGV)\n{}\nend\n{}",
+                include_str!("queue/ack.lua"),
+                include_str!("queue/lease.lua"),
+                include_str!("queue/ack_lease.lua"),
+            ))
+        });
+        let (max, visibility_ms, consumer, address) = lease;
+        let keys = QueueKeys::new(queue);
+        let mut inv = SCRIPT.key(keys.base());
+        inv.arg(queue);
+        ack_args(&mut inv, queue, acks);
+        lease_args(&mut inv, max, visibility_ms, consumer, address);
+        let reply: Value = self
+            .run(
+                &format!("acking and leasing in queue {queue:?}"),
+                None,
+                &inv,
+            )
+            .await?;
+        let mut row = Row::new("ack and lease", reply)?;
+        let acked = ack_results(acks, row.next()?)?;
+        let leased = deliveries(queue, row.next()?)?;
+        Ok((acked, leased))
     }
 
     /// Fails a delivery: it retries after `retry_delay_ms` (or the backoff's delay), or
@@ -826,14 +906,19 @@ impl QueueStore {
         rows.into_iter().map(|v| job_of(queue, v)).collect()
     }
 
-    /// Expires due leases and makes due timers visible; returns how many jobs changed.
-    /// Idempotent; 0 for a missing queue.
-    pub(crate) async fn sweep(&self, queue: &str) -> Result<u64, BrokerError> {
+    /// Expires due leases and makes due timers visible; returns how many jobs changed
+    /// and how many dead letters wait to move. Idempotent; zeros for a missing queue.
+    pub(crate) async fn sweep(&self, queue: &str) -> Result<Swept, BrokerError> {
         let keys = QueueKeys::new(queue);
         let mut inv = script!("sweep.lua").key(keys.base());
         inv.arg(queue).arg(jitter_seed());
-        self.run(&format!("sweeping queue {queue:?}"), None, &inv)
-            .await
+        let (changed, dead_letters) = self
+            .run(&format!("sweeping queue {queue:?}"), None, &inv)
+            .await?;
+        Ok(Swept {
+            changed,
+            dead_letters,
+        })
     }
 
     /// Moves the queue's dead letters into their dead-letter queues (created with the

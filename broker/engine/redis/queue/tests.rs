@@ -494,7 +494,7 @@ async fn redis_queue_extend_moves_the_deadline() {
     let deadline = s.extend(&d.lease_id, 60_000).await.unwrap();
     assert!(deadline >= d.deadline + 50_000);
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(s.sweep("q").await.unwrap(), 0);
+    assert_eq!(s.sweep("q").await.unwrap().changed, 0);
     assert!(lease(&s, "q", 1).await.is_empty());
     s.ack("q", vec![(d.lease_id.clone(), None)])
         .await
@@ -756,9 +756,9 @@ async fn redis_queue_test_clock_drives_the_scripts_time() {
     assert_eq!(d.deadline, T0 + 1_100);
     // Its lease expires at its deadline only, whatever Redis's own time says.
     set(T0 + 1_099);
-    assert_eq!(s.sweep("q").await.unwrap(), 0);
+    assert_eq!(s.sweep("q").await.unwrap().changed, 0);
     set(T0 + 1_100);
-    assert_eq!(s.sweep("q").await.unwrap(), 1);
+    assert_eq!(s.sweep("q").await.unwrap().changed, 1);
     let j = s.get("q", &id).await.unwrap().unwrap();
     assert_eq!((j.state, j.run_at), (JobState::Retrying, T0 + 1_150));
     let d = lease_at(&s, &set, T0 + 1_150).await;
@@ -974,4 +974,51 @@ async fn redis_queue_rates_and_held_back_times_match_the_in_process_queue() {
             "{name}: {c:?}"
         );
     }
+}
+
+/// A Consume stream's settle-and-refill: acks and the next lease in one script. A stale
+/// ack applies none of the batch's acks, and the lease still happens.
+#[tokio::test]
+async fn redis_queue_ack_then_lease_in_one_script() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    s.enqueue("q", vec![job("a"), job("b"), job("c"), job("d")])
+        .await
+        .unwrap();
+    let first = lease(&s, "q", 1).await.remove(0);
+    let lease_args = (2, Some(60_000), "w", "127.0.0.1:1");
+    let (acked, next) = s
+        .ack_lease(
+            "q",
+            &[(first.lease_id.clone(), Some(Bytes::from_static(b"r")))],
+            lease_args,
+        )
+        .await
+        .unwrap();
+    assert!(acked.iter().all(Result::is_ok), "{acked:?}");
+    assert_eq!(
+        next.iter().map(|d| &d.payload[..]).collect::<Vec<_>>(),
+        [&b"b"[..], b"c"]
+    );
+    let done = s.get("q", &first.job_id).await.unwrap().unwrap();
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(done.result.as_deref(), Some(&b"r"[..]));
+
+    // One stale lease (`first`, acked already under another nonce) among live ones.
+    let stale = LeaseId {
+        nonce: first.lease_id.nonce ^ 1,
+        ..first.lease_id.clone()
+    };
+    let acks = [(next[0].lease_id.clone(), None), (stale, None)];
+    let (acked, more) = s.ack_lease("q", &acks, lease_args).await.unwrap();
+    assert!(acked[0].is_ok() && acked[1].is_err(), "{acked:?}");
+    assert_eq!(more.len(), 1, "the lease happens whatever the acks did");
+    let held = s.get("q", &next[0].job_id).await.unwrap().unwrap();
+    assert_eq!(held.state, JobState::Leased, "all or nothing: not acked");
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!((counts.completed, counts.leased), (1, 3));
+
+    // A queue that does not exist is an error, as for a lease.
+    let err = s.ack_lease("nope", &[], lease_args).await.unwrap_err();
+    assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
 }
