@@ -1,6 +1,6 @@
 """The TypeScript client (client/typescript) against real brokers: its node test runner file
 (test/e2e.test.ts: enqueue, lease and ack, Consume with acks, publish and subscribe with
-replay, refused calls' statuses, bearer tokens) and the README's example, run as pasted."""
+replay, refused calls' statuses, bearer tokens over TLS) and the README's example, run as pasted."""
 
 import os
 import re
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, binary, free_port, wait_until
 from sluice_client import SluiceClient
-from test_security import new_token
+from test_security import make_pki, new_token
 
 PACKAGE = ROOT / "client" / "typescript"
 
@@ -27,9 +27,10 @@ def built_typescript():
 
 @pytest.fixture(scope="module")
 def token_broker(processes, tmp_path_factory):
-    """A broker with a tokens file; returns (target, token): the token may enqueue on
-    ts.jobs and nothing else."""
+    """A broker with a tokens file and a TLS certificate; returns (target, token, path of
+    the CA's PEM): the token may enqueue on ts.jobs and nothing else."""
     d = tmp_path_factory.mktemp("ts-tokens")
+    make_pki(d)
     token, table = new_token("ts-producer")
     (d / "tokens.toml").write_text(table + 'enqueue = ["ts.jobs"]\n')
     port = free_port()
@@ -38,18 +39,20 @@ def token_broker(processes, tmp_path_factory):
         [
             binary("sluice"), "serve", "--storage", "memory",
             "--listen", f"127.0.0.1:{port}", "--tokens-file", d / "tokens.toml",
+            "--tls-cert", d / "server.pem", "--tls-key", d / "server.key",
         ],
     )
-    target = f"127.0.0.1:{port}"
+    target = f"localhost:{port}"
+    ca = d / "ca.pem"
 
     def ready():
         processes.check_alive("ts-token-broker")
-        with SluiceClient(target, token=token) as c:
+        with SluiceClient(target, token=token, root_certificates=ca.read_bytes()) as c:
             c.stats()
         return True
 
-    wait_until(ready, 15, f"broker with tokens on {target}")
-    return target, token
+    wait_until(ready, 15, f"broker with tokens and TLS on {target}")
+    return target, token, ca
 
 
 def node(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -60,10 +63,15 @@ def node(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_typescript_client_e2e(built_typescript, broker, token_broker):
-    secured, token = token_broker
+    secured, token, ca = token_broker
     run = node(
         "--test", "--test-reporter=tap", "dist/test/e2e.test.js",
-        env={"SLUICE_TARGET": broker, "SLUICE_SECURED_TARGET": secured, "SLUICE_TOKEN": token},
+        env={
+            "SLUICE_TARGET": broker,
+            "SLUICE_SECURED_TARGET": secured,
+            "SLUICE_TOKEN": token,
+            "SLUICE_CA_FILE": str(ca),
+        },
     )
     output = run.stdout + run.stderr
     assert run.returncode == 0, output

@@ -354,7 +354,11 @@ export class SluiceClient {
    * @param options - where to start (replay), per-topic resume points, gap handler
    */
   subscribe(pattern: string, options: SubscribeOptions = {}): Promise<Subscription> {
-    const request = SubscribeRequest.fromPartial({ pattern, resumeFrom: options.resumeFrom, ...start(options.from) });
+    const request = SubscribeRequest.fromPartial({
+      pattern,
+      resumeFrom: options.resumeFrom,
+      ...start(options.from),
+    });
     const call = this.stub.subscribe(request, this.metadata(), {});
     return new Promise((resolve, reject) => {
       // The broker sends its response headers once the subscription is registered; a
@@ -402,7 +406,11 @@ export class Subscription implements AsyncIterable<Message> {
   constructor(
     private readonly call: ClientReadableStream<SubscribeResponse>,
     private readonly onGap: (gap: Gap) => void,
-  ) {}
+  ) {
+    // The iterator sees the stream's errors; this keeps the CANCELLED that close()
+    // brings about from being an unhandled 'error' event when nobody iterates.
+    call.on("error", () => {});
+  }
 
   /** Ends the subscription (idempotent). */
   close(): void {

@@ -2,9 +2,11 @@
 // client's test (tests/e2e/test_python_client.py). tests/e2e/test_typescript_client.py
 // starts the brokers and runs this file with node's test runner:
 //   SLUICE_TARGET          a broker without authentication
-//   SLUICE_SECURED_TARGET  a broker with a tokens file, where
-//   SLUICE_TOKEN           may enqueue on "ts.jobs" and do nothing else.
+//   SLUICE_SECURED_TARGET  a broker with a tokens file and a TLS certificate, where
+//   SLUICE_TOKEN           may enqueue on "ts.jobs" and do nothing else;
+//   SLUICE_CA_FILE         the PEM of the CA that signed the broker's certificate.
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { after, describe, test } from "node:test";
 
 import { JobState, SluiceClient, SluiceError, status, type LeasedJob, type Message } from "sluice-client";
@@ -206,10 +208,11 @@ describe("a broker without authentication", () => {
   });
 });
 
-describe("a broker with bearer tokens", () => {
+describe("a broker with bearer tokens, over TLS", () => {
   const target = env("SLUICE_SECURED_TARGET");
-  const anonymous = new SluiceClient(target);
-  const producer = new SluiceClient(target, { token: env("SLUICE_TOKEN") });
+  const rootCertificates = readFileSync(env("SLUICE_CA_FILE"));
+  const anonymous = new SluiceClient(target, { rootCertificates });
+  const producer = new SluiceClient(target, { rootCertificates, token: env("SLUICE_TOKEN") });
   after(() => {
     anonymous.close();
     producer.close();
@@ -229,5 +232,8 @@ describe("a broker with bearer tokens", () => {
     assert.match(subscribe.details, /subscribe/);
     const consume = await refused(() => producer.lease("ts.jobs"), status.PERMISSION_DENIED);
     assert.match(consume.details, /consume/);
+    // A stream the broker refuses ends its loop with the status.
+    const stream = await refused(() => take(producer.consume("ts.jobs"), 1), status.PERMISSION_DENIED);
+    assert.match(stream.details, /consume/);
   });
 });
