@@ -563,10 +563,33 @@ fn queue_table(queues: &[pb::QueueStats]) -> Table {
             count(q.failed),
             count(q.dead),
             q.consumers.to_string(),
-            if q.paused { "paused" } else { "active" }.into(),
+            queue_status(q.paused, q.created_by_consumer),
         ]);
     }
     t
+}
+
+/// A queue's STATUS cell: paused or active, plus `consumer-created` while only consumers
+/// have named it (see [`CONSUMER_CREATED_NOTE`]).
+fn queue_status(paused: bool, created_by_consumer: bool) -> String {
+    let state = if paused { "paused" } else { "active" };
+    if created_by_consumer {
+        format!("{state},consumer-created")
+    } else {
+        state.to_owned()
+    }
+}
+
+/// Printed under a table that shows a `consumer-created` queue.
+const CONSUMER_CREATED_NOTE: &str = "consumer-created: a Lease or Consume created the queue and nothing has enqueued to it or set its policy since; check the worker's queue name for a typo\n";
+
+/// A queue table's text, with [`CONSUMER_CREATED_NOTE`] under it when a row needs it.
+fn queue_table_text<'a>(t: &Table, mut flags: impl Iterator<Item = &'a pb::QueueStats>) -> String {
+    let mut out = t.render();
+    if flags.any(|q| q.created_by_consumer) {
+        out.push_str(CONSUMER_CREATED_NOTE);
+    }
+    out
 }
 
 fn topic_table(topics: &[pb::TopicStats]) -> Table {
@@ -600,7 +623,7 @@ fn stats_text(s: &pb::StatsResponse) -> String {
     if s.queues.is_empty() {
         out.push_str("no queues\n");
     } else {
-        out.push_str(&queue_table(&s.queues).render());
+        out.push_str(&queue_table_text(&queue_table(&s.queues), s.queues.iter()));
     }
     out.push('\n');
     if s.topics.is_empty() {
@@ -712,7 +735,7 @@ async fn queues(a: QueuesArgs) -> Result<()> {
             count(s.completed),
             count(s.dead),
             s.consumers.to_string(),
-            if q.paused { "paused" } else { "active" }.into(),
+            queue_status(q.paused, s.created_by_consumer),
             if policy.dead_letter_queue.is_empty() {
                 "-".into()
             } else {
@@ -726,7 +749,7 @@ async fn queues(a: QueuesArgs) -> Result<()> {
             limits,
         ]);
     }
-    print_text(&t.render())
+    print_text(&queue_table_text(&t, stats.queues.iter()))
 }
 
 async fn stats(a: StatsArgs) -> Result<()> {

@@ -97,5 +97,6 @@ for i = 0, n - 1 do
 end
 mincr('enqueued', new)
 rate_record('e', now, new)
+named_by_producer()
 wake()
 return out

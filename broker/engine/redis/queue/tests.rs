@@ -63,7 +63,7 @@ async fn redis_queue_enqueue_lease_ack() {
         err.to_string(),
         "queue \"q\" already exists (use UpdateQueue)"
     );
-    assert!(!s.ensure("q", &policy("q")).await.unwrap());
+    assert!(!s.ensure("q", &policy("q"), false).await.unwrap());
     assert_eq!(s.names().await.unwrap(), vec!["q".to_owned()]);
     let (p, paused) = s.info("q").await.unwrap().unwrap();
     assert_eq!((p, paused), (policy("q"), false));
@@ -572,7 +572,7 @@ async fn redis_queue_visible_jobs_publish_a_wake_up() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let (srv, s) = store().await;
-    assert!(s.ensure("q", &policy("q")).await.unwrap());
+    assert!(s.ensure("q", &policy("q"), false).await.unwrap());
     assert_eq!(s.names().await.unwrap(), vec!["q".to_owned()]);
     let channel = QueueKeys::new("q").key("wake");
     let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", srv.port))
