@@ -975,3 +975,49 @@ async fn redis_queue_rates_and_held_back_times_match_the_in_process_queue() {
         );
     }
 }
+
+#[tokio::test]
+async fn redis_queue_created_by_consumer_until_something_names_it() {
+    let (_srv, s) = store().await;
+    let marked = |name: &'static str| {
+        let s = s.clone();
+        async move {
+            assert!(s.ensure(name, &policy(name), true).await.unwrap());
+            assert!(s.counts(name).await.unwrap().created_by_consumer);
+        }
+    };
+    // Leases leave the mark: only consumers named the queue.
+    marked("typo").await;
+    assert!(lease(&s, "typo", 10).await.is_empty());
+    assert!(s.counts("typo").await.unwrap().created_by_consumer);
+    // An ensure of an existing queue (a second node's Lease) does not mark it again.
+    marked("early").await;
+    s.enqueue("early", vec![job("a")]).await.unwrap();
+    assert!(!s.counts("early").await.unwrap().created_by_consumer);
+    assert!(!s.ensure("early", &policy("early"), true).await.unwrap());
+    assert!(!s.counts("early").await.unwrap().created_by_consumer);
+
+    // A dead letter clears it in its dead-letter queue.
+    marked("src.dlq").await;
+    s.create("src", &policy("src")).await.unwrap();
+    s.enqueue(
+        "src",
+        vec![NewJob {
+            max_attempts: Some(1),
+            ..job("b")
+        }],
+    )
+    .await
+    .unwrap();
+    let d = lease(&s, "src", 1).await.remove(0);
+    s.nack(&d.lease_id, "boom".into(), None, false).await.unwrap();
+    assert_eq!(s.move_dead_letters("src").await.unwrap(), 1);
+    assert!(!s.counts("src.dlq").await.unwrap().created_by_consumer);
+
+    // So do a policy and a pause.
+    s.set_policy("typo", &policy("typo")).await.unwrap();
+    assert!(!s.counts("typo").await.unwrap().created_by_consumer);
+    marked("paused").await;
+    s.set_paused("paused", true).await.unwrap();
+    assert!(!s.counts("paused").await.unwrap().created_by_consumer);
+}
