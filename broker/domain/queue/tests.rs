@@ -1164,7 +1164,9 @@ fn only_what_names_a_queue_on_purpose_clears_its_created_by_consumer_mark() {
     let mut source = queue_with(|p| p.max_attempts = 1);
     enqueue_one(&mut source, T0, job("b"));
     let d = lease_one(&mut source, T0, 1_000).unwrap();
-    source.nack(T0, &d.lease_id, "boom".into(), None, false).unwrap();
+    source
+        .nack(T0, &d.lease_id, "boom".into(), None, false)
+        .unwrap();
     let mut letters = source.take_dead_letters();
     let mut dlq = marked();
     dlq.insert_dead_letter(T0, letters.pop().unwrap());

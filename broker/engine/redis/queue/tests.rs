@@ -1010,7 +1010,9 @@ async fn redis_queue_created_by_consumer_until_something_names_it() {
     .await
     .unwrap();
     let d = lease(&s, "src", 1).await.remove(0);
-    s.nack(&d.lease_id, "boom".into(), None, false).await.unwrap();
+    s.nack(&d.lease_id, "boom".into(), None, false)
+        .await
+        .unwrap();
     assert_eq!(s.move_dead_letters("src").await.unwrap(), 1);
     assert!(!s.counts("src.dlq").await.unwrap().created_by_consumer);
 
