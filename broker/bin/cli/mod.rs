@@ -580,16 +580,15 @@ fn queue_status(paused: bool, created_by_consumer: bool) -> String {
     }
 }
 
-/// Printed under a table that shows a `consumer-created` queue.
-const CONSUMER_CREATED_NOTE: &str = "consumer-created: a Lease or Consume created the queue and nothing has enqueued to it or set its policy since; check the worker's queue name for a typo\n";
+/// Said on stderr (stdout keeps the table a table) after a table that shows a
+/// `consumer-created` queue.
+const CONSUMER_CREATED_NOTE: &str = "note: consumer-created: a Lease or Consume created the queue and nothing has enqueued to it or set its policy since; check the worker's queue name for a typo";
 
-/// A queue table's text, with [`CONSUMER_CREATED_NOTE`] under it when a row needs it.
-fn queue_table_text<'a>(t: &Table, mut flags: impl Iterator<Item = &'a pb::QueueStats>) -> String {
-    let mut out = t.render();
-    if flags.any(|q| q.created_by_consumer) {
-        out.push_str(CONSUMER_CREATED_NOTE);
+/// Says [`CONSUMER_CREATED_NOTE`] on stderr if one of `queues` needs it.
+fn note_consumer_created<'a>(mut queues: impl Iterator<Item = &'a pb::QueueStats>) {
+    if queues.any(|q| q.created_by_consumer) {
+        eprintln!("{CONSUMER_CREATED_NOTE}");
     }
-    out
 }
 
 fn topic_table(topics: &[pb::TopicStats]) -> Table {
@@ -623,7 +622,7 @@ fn stats_text(s: &pb::StatsResponse) -> String {
     if s.queues.is_empty() {
         out.push_str("no queues\n");
     } else {
-        out.push_str(&queue_table_text(&queue_table(&s.queues), s.queues.iter()));
+        out.push_str(&queue_table(&s.queues).render());
     }
     out.push('\n');
     if s.topics.is_empty() {
@@ -749,7 +748,9 @@ async fn queues(a: QueuesArgs) -> Result<()> {
             limits,
         ]);
     }
-    print_text(&queue_table_text(&t, stats.queues.iter()))
+    print_text(&t.render())?;
+    note_consumer_created(stats.queues.iter());
+    Ok(())
 }
 
 async fn stats(a: StatsArgs) -> Result<()> {
@@ -763,7 +764,9 @@ async fn stats(a: StatsArgs) -> Result<()> {
         return if a.conn.json {
             print_json(&stats_json(&s))
         } else {
-            print_text(&stats_text(&s))
+            print_text(&stats_text(&s))?;
+            note_consumer_created(s.queues.iter());
+            Ok(())
         };
     }
     let mut stream = client
