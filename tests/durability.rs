@@ -711,7 +711,13 @@ async fn compaction_keeps_the_log_proportional_to_the_live_data() {
         .unwrap();
     // A queue only a worker named (a typo): it holds nothing and its creation is not
     // logged, so the snapshot leaves it out as the log does.
-    assert!(broker.lease("churm", lease_params(1)).await.unwrap().is_empty());
+    assert!(
+        broker
+            .lease("churm", lease_params(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let body = "b".repeat(200);
     for _ in 0..300 {
         let jobs = (0..10).map(|_| job(&body)).collect();
