@@ -210,9 +210,8 @@ impl Broker {
             }
         }
         let mut queue = Queue::new(name, policy.clone());
-        if let Some(closest) = &closest {
+        if closest.is_some() {
             queue.mark_created_by_consumer();
-            checks::created_by_consumer(name, closest.as_deref());
         }
         let slot = Arc::new(SharedQueue {
             name: Arc::from(name),
@@ -225,6 +224,10 @@ impl Broker {
             catalog.reserved -= 1;
         }
         self.add_dead_letter_ref(&mut catalog, &policy.dead_letter_queue);
+        drop(catalog);
+        if let Some(closest) = closest {
+            checks::created_by_consumer(name, closest.as_deref());
+        }
         Ok(slot)
     }
 
