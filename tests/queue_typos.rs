@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
+
 use common::TestBroker;
 use common::rpc::{assert_refused, lease, queue_stats, stats};
 use sluice::broker::BrokerConfig;
@@ -179,4 +181,63 @@ async fn with_strict_queues_lease_and_consume_on_an_unknown_queue_are_not_found(
     let _stream = consume(&mut rpc, "reports").await.unwrap();
     let s = stats(&mut rpc).await;
     assert!(s.queues.iter().all(|q| !q.created_by_consumer));
+}
+
+/// What the broker logs, captured: a `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// The lines logged so far that contain `needle`.
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+// One thread (the default test runtime): the broker's tasks log to this thread's
+// subscriber.
+#[tokio::test]
+async fn the_broker_warns_once_naming_the_queue_and_the_closest_name() {
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let broker = TestBroker::start().await;
+    let mut rpc = broker.rpc().await;
+    enqueue(&mut rpc, "emails").await;
+    for _ in 0..3 {
+        assert!(lease(&mut rpc, "email", "typo-worker", 1).await.is_empty());
+    }
+    let warned = log.lines_with("created queue \"email\"");
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(warned[0].contains("WARN"), "{}", warned[0]);
+    assert!(
+        warned[0].contains("(did you mean \"emails\"?)"),
+        "{}",
+        warned[0]
+    );
+    // Nothing is said of queues that producers or policies name.
+    enqueue(&mut rpc, "reports").await;
+    lease(&mut rpc, "reports", "worker", 1).await;
+    lease(&mut rpc, "emails.dlq", "worker", 1).await;
+    assert!(log.lines_with("created queue \"reports\"").is_empty());
+    assert!(log.lines_with("created queue \"emails.dlq\"").is_empty());
 }
