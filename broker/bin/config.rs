@@ -169,6 +169,12 @@ pub struct ServeArgs {
     /// Most topics; creating one more (by Publish or CreateTopic) is RESOURCE_EXHAUSTED.
     #[arg(long, env = "SLUICE_MAX_TOPICS", default_value_t = 10_000)]
     pub max_topics: usize,
+    /// Lease and Consume on a queue that does not exist answer NOT_FOUND (naming the queue
+    /// and the closest existing name) instead of creating it. Off: the queue is created,
+    /// logged as a warning and flagged `created_by_consumer` in Stats until a producer,
+    /// policy or binding names it (workers may start before the first enqueue).
+    #[arg(long, env = "SLUICE_STRICT_QUEUES")]
+    pub strict_queues: bool,
     /// Budget for retained payload bytes across the broker (topic logs, and queued, held
     /// and finished-but-in-history jobs); past it Publish and Enqueue are
     /// RESOURCE_EXHAUSTED. `auto` (the default): half of the machine's memory, or of the
@@ -313,6 +319,7 @@ impl ServeArgs {
                 max_subscriptions: self.max_subscriptions,
                 max_queues: self.max_queues,
                 max_topics: self.max_topics,
+                strict_queues: self.strict_queues,
                 max_memory_bytes: match self.max_memory_bytes {
                     MemoryBudgetArg::Auto => auto_memory_budget(),
                     MemoryBudgetArg::Bytes(n) => n,

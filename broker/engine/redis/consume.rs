@@ -220,7 +220,7 @@ impl RedisEngine {
         if let Some(v) = spec.visibility_timeout_ms {
             checks::visibility("visibility_timeout_ms", v)?;
         }
-        self.ensure_queue("queue", &spec.queue).await?;
+        self.ensure_queue("queue", &spec.queue, true).await?;
         let consumer = if spec.consumer.is_empty() {
             spec.address.clone()
         } else {

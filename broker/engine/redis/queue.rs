@@ -15,7 +15,9 @@
 //!   `paused`, the rate limit's bucket (`tok` thousandths of a token at `tok_at`), the
 //!   time the limits held visible jobs back (as `domain::queue::throttle`: `rl_ms` counted
 //!   by the rate limit up to `rl_until`, `if_ms` by `max_in_flight` plus the open interval
-//!   since `if_since`), and counters: `blocked`, `retrying`, `enqueued`, `completed`,
+//!   since `if_since`), `by_consumer` (1 while only Lease or Consume has named the queue:
+//!   set by the define script for them, cleared by what puts a job in or sets a policy or
+//!   pause), and counters: `blocked`, `retrying`, `enqueued`, `completed`,
 //!   `failed`, `dead`, `cancelled`. A queue exists while its meta hash does.
 //! * `:rates` hash: jobs enqueued and acked per second over the last 10 seconds, as
 //!   `domain::rate::RateMeter` counts them: slot `second % 10` holds a count (`e<slot>`,
@@ -507,17 +509,23 @@ impl QueueStore {
             .map_err(|e| script_error(doing, lease, e))
     }
 
+    /// Runs define.lua in `mode` with `policy`; a queue it creates is marked created by a
+    /// consumer when `by_consumer`.
     async fn define(
         &self,
         name: &str,
         mode: &str,
         policy: &QueuePolicy,
+        by_consumer: bool,
     ) -> Result<bool, BrokerError> {
         let keys = QueueKeys::new(name);
         let mut inv = script!("define.lua").key(keys.base());
         inv.arg(name).arg(mode).arg(encode_policy(policy));
         for (field, value) in policy_args(policy) {
             inv.arg(field).arg(value);
+        }
+        if by_consumer {
+            inv.arg("by_consumer").arg(1);
         }
         let created: i64 = self
             .run(&format!("defining queue {name:?}"), None, &inv)
@@ -540,18 +548,19 @@ impl QueueStore {
     /// between the two leaves a queue that works but is missing from [`QueueStore::names`]
     /// until it is deleted and created again.
     pub(crate) async fn create(&self, name: &str, policy: &QueuePolicy) -> Result<(), BrokerError> {
-        self.define(name, "create", policy).await?;
+        self.define(name, "create", policy, false).await?;
         self.catalog_add(name).await
     }
 
-    /// Creates the queue with `policy` if it is missing; returns whether it did. Catalog
-    /// order as in [`QueueStore::create`].
+    /// Creates the queue with `policy` if it is missing, marked created by a consumer when
+    /// `by_consumer`; returns whether it did. Catalog order as in [`QueueStore::create`].
     pub(crate) async fn ensure(
         &self,
         name: &str,
         policy: &QueuePolicy,
+        by_consumer: bool,
     ) -> Result<bool, BrokerError> {
-        let created = self.define(name, "ensure", policy).await?;
+        let created = self.define(name, "ensure", policy, by_consumer).await?;
         if created {
             self.catalog_add(name).await?;
         }
@@ -565,7 +574,7 @@ impl QueueStore {
         name: &str,
         policy: &QueuePolicy,
     ) -> Result<(), BrokerError> {
-        self.define(name, "set", policy).await.map(|_| ())
+        self.define(name, "set", policy, false).await.map(|_| ())
     }
 
     /// The queue's policy and whether it is paused; `None` if it does not exist.
@@ -982,7 +991,7 @@ impl QueueStore {
         let Some(target) = job.dead_letter_queue.clone() else {
             return Ok(());
         };
-        self.ensure(&target, &QueuePolicy::default_for(&target))
+        self.ensure(&target, &QueuePolicy::default_for(&target), false)
             .await?;
         let mut headers = job.headers;
         headers.insert(HEADER_ORIGINAL_QUEUE.into(), origin.to_owned());
@@ -1040,6 +1049,7 @@ impl QueueStore {
             in_flight_limited_ms,
             enqueued_in_window,
             acked_in_window,
+            by_consumer,
         ] = n[..]
         else {
             return Err(malformed("counts", format!("{} numbers", n.len())));
@@ -1065,6 +1075,7 @@ impl QueueStore {
             in_flight_limited_ms,
             enqueue_rate: enqueued_in_window as f64 / WINDOW_SECS as f64,
             ack_rate: acked_in_window as f64 / WINDOW_SECS as f64,
+            created_by_consumer: by_consumer == 1,
         })
     }
 

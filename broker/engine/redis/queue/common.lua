@@ -109,6 +109,16 @@ local function mnum(field)
   return tonumber(M[field] or '0') or 0
 end
 
+-- Something named the queue on purpose (a job came in, a policy or pause was set): it is
+-- no longer only a consumer's (`Queue::named_by_producer`). A binding's jobs need a
+-- policy that names the binding, so that set cleared it already.
+local function named_by_producer()
+  if M.by_consumer then
+    redis.call('HDEL', K_META, 'by_consumer')
+    M.by_consumer = nil
+  end
+end
+
 local function mincr(field, by)
   redis.call('HINCRBY', K_META, field, by)
 end

@@ -127,5 +127,6 @@ if blocked > 0 then
 end
 mincr('enqueued', new)
 rate_record('e', now, new)
+named_by_producer()
 wake()
 return out

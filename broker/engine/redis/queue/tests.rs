@@ -63,7 +63,7 @@ async fn redis_queue_enqueue_lease_ack() {
         err.to_string(),
         "queue \"q\" already exists (use UpdateQueue)"
     );
-    assert!(!s.ensure("q", &policy("q")).await.unwrap());
+    assert!(!s.ensure("q", &policy("q"), false).await.unwrap());
     assert_eq!(s.names().await.unwrap(), vec!["q".to_owned()]);
     let (p, paused) = s.info("q").await.unwrap().unwrap();
     assert_eq!((p, paused), (policy("q"), false));
@@ -572,7 +572,7 @@ async fn redis_queue_visible_jobs_publish_a_wake_up() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let (srv, s) = store().await;
-    assert!(s.ensure("q", &policy("q")).await.unwrap());
+    assert!(s.ensure("q", &policy("q"), false).await.unwrap());
     assert_eq!(s.names().await.unwrap(), vec!["q".to_owned()]);
     let channel = QueueKeys::new("q").key("wake");
     let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", srv.port))
@@ -1021,4 +1021,52 @@ async fn redis_queue_ack_then_lease_in_one_script() {
     // A queue that does not exist is an error, as for a lease.
     let err = s.ack_lease("nope", &[], lease_args).await.unwrap_err();
     assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
+}
+
+#[tokio::test]
+async fn redis_queue_created_by_consumer_until_something_names_it() {
+    let (_srv, s) = store().await;
+    let marked = |name: &'static str| {
+        let s = s.clone();
+        async move {
+            assert!(s.ensure(name, &policy(name), true).await.unwrap());
+            assert!(s.counts(name).await.unwrap().created_by_consumer);
+        }
+    };
+    // Leases leave the mark: only consumers named the queue.
+    marked("typo").await;
+    assert!(lease(&s, "typo", 10).await.is_empty());
+    assert!(s.counts("typo").await.unwrap().created_by_consumer);
+    // An ensure of an existing queue (a second node's Lease) does not mark it again.
+    marked("early").await;
+    s.enqueue("early", vec![job("a")]).await.unwrap();
+    assert!(!s.counts("early").await.unwrap().created_by_consumer);
+    assert!(!s.ensure("early", &policy("early"), true).await.unwrap());
+    assert!(!s.counts("early").await.unwrap().created_by_consumer);
+
+    // A dead letter clears it in its dead-letter queue.
+    marked("src.dlq").await;
+    s.create("src", &policy("src")).await.unwrap();
+    s.enqueue(
+        "src",
+        vec![NewJob {
+            max_attempts: Some(1),
+            ..job("b")
+        }],
+    )
+    .await
+    .unwrap();
+    let d = lease(&s, "src", 1).await.remove(0);
+    s.nack(&d.lease_id, "boom".into(), None, false)
+        .await
+        .unwrap();
+    assert_eq!(s.move_dead_letters("src").await.unwrap(), 1);
+    assert!(!s.counts("src.dlq").await.unwrap().created_by_consumer);
+
+    // So do a policy and a pause.
+    s.set_policy("typo", &policy("typo")).await.unwrap();
+    assert!(!s.counts("typo").await.unwrap().created_by_consumer);
+    marked("paused").await;
+    s.set_paused("paused", true).await.unwrap();
+    assert!(!s.counts("paused").await.unwrap().created_by_consumer);
 }
