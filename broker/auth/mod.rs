@@ -262,6 +262,30 @@ impl Access {
     }
 }
 
+/// Who may read a job: its producer, its workers, its admins (GetJob, and the console's
+/// job page).
+pub(crate) const JOB_READERS: &[Action] = &[Action::Enqueue, Action::Consume, Action::Admin];
+/// Who may put jobs into a queue or take them back out (cancel): its producers and
+/// admins.
+pub(crate) const QUEUE_WRITERS: &[Action] = &[Action::Enqueue, Action::Admin];
+
+/// What a request carrying `authorization` (an `authorization` header's or metadata's
+/// value) may do: anything when `auth` is `None` (no tokens file), else its token's
+/// grant. gRPC and the operations console both ask this, so one token means the same on
+/// both.
+pub(crate) fn request_access(
+    auth: Option<&Authenticator>,
+    authorization: Option<&[u8]>,
+) -> Result<Access, BrokerError> {
+    match auth {
+        None => Ok(Access::open()),
+        Some(auth) => auth
+            .authenticate(authorization)
+            .map(Access::granted)
+            .map_err(AuthFailure::into_error),
+    }
+}
+
 /// The SHA-256 of a token, in lower-case hex: what the tokens file stores.
 pub fn hash_token(token: &str) -> String {
     Sha256::digest(token.as_bytes())

@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::{BodyExt as _, Full};
 use hyper::header::{HOST, HeaderMap};
-use hyper::{Request, StatusCode};
-use sluice::broker::{Broker, BrokerConfig};
+use hyper::{Method, Request, StatusCode};
+use sluice::broker::{Authenticator, Broker, BrokerConfig, ServeOptions};
 use sluice::broker::{HttpOptions, serve_http_with};
 use sluice::client::Rpc;
 use tokio::net::{TcpListener, TcpStream};
@@ -38,7 +38,23 @@ impl Harness {
 
     /// Serves an existing broker (e.g. one opened on a data directory).
     pub async fn serve(broker: Broker, sample_ms: u64) -> Self {
-        let grpc = TestBroker::serving(broker.clone()).await;
+        Self::serve_with(broker, sample_ms, None).await
+    }
+
+    /// Starts a broker whose gRPC and console both check `auth`'s tokens.
+    pub async fn start_with_auth(auth: Authenticator) -> Self {
+        Self::serve_with(Broker::new(BrokerConfig::default()), 200, Some(auth)).await
+    }
+
+    async fn serve_with(broker: Broker, sample_ms: u64, auth: Option<Authenticator>) -> Self {
+        let grpc = TestBroker::serving_with(
+            broker.clone(),
+            ServeOptions {
+                auth: auth.clone(),
+                ..test_broker::serve_options()
+            },
+        )
+        .await;
         let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
         let http = http_listener.local_addr().expect("HTTP addr");
         let http_task = tokio::spawn(serve_http_with(
@@ -46,6 +62,7 @@ impl Harness {
             broker.clone(),
             HttpOptions {
                 sample_interval: Duration::from_millis(sample_ms),
+                auth,
                 ..HttpOptions::default()
             },
             std::future::pending(),
@@ -84,23 +101,48 @@ pub struct HttpResponse {
 
 /// Opens an HTTP/1.1 request and returns the response head and its body stream.
 pub async fn http_open(addr: SocketAddr, path: &str) -> hyper::Response<hyper::body::Incoming> {
+    http_send(addr, Request::get(path), Full::new(Bytes::new())).await
+}
+
+/// Sends `request` (with a `Host` header added) with `body`.
+async fn http_send(
+    addr: SocketAddr,
+    request: hyper::http::request::Builder,
+    body: Full<Bytes>,
+) -> hyper::Response<hyper::body::Incoming> {
     let stream = TcpStream::connect(addr).await.expect("connect HTTP");
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .expect("HTTP handshake");
     tokio::spawn(conn);
-    let request = Request::get(path)
+    let request = request
         .header(HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())
+        .body(body)
         .expect("request");
     sender.send_request(request).await.expect("HTTP request")
 }
 
 /// GETs `path` and reads the whole body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
+    http_request(addr, Method::GET, path, &[], "").await
+}
+
+/// Sends a request with `headers` and `body` and reads the whole response.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse {
+    let mut request = Request::builder().method(method.clone()).uri(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let body = Full::new(Bytes::from(body.to_owned()));
     let response = tokio::time::timeout(Duration::from_secs(10), async {
-        let res = http_open(addr, path).await;
+        let res = http_send(addr, request, body).await;
         let status = res.status();
         let headers = res.headers().clone();
         let body = res
@@ -116,5 +158,5 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
         }
     })
     .await;
-    response.unwrap_or_else(|_| panic!("GET {path} timed out"))
+    response.unwrap_or_else(|_| panic!("{method} {path} timed out"))
 }
