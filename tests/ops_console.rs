@@ -9,16 +9,53 @@ mod common;
 
 use bytes::Bytes;
 use common::test_broker::rpc::{get_job, lease};
-use common::{Harness, HttpResponse, http_request};
+use common::test_broker::{TestBroker, serve_options};
+use common::{HttpResponse, http_request};
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
-use sluice::broker::{Authenticator, Tokens, hash_token};
+use sluice::broker::{Authenticator, HttpOptions, ServeOptions, Tokens, hash_token};
 use sluice::client::{Client, ConnectOptions, Rpc};
 use sluice::pb;
 
 const ADMIN: &str = "admin-token";
 const WORKER: &str = "worker-token";
 const TEAM: &str = "team-token";
+
+/// A broker of the engine under test (`SLUICE_TEST_ENGINE`) with gRPC and the operations
+/// HTTP server, both checking the same tokens when there are any.
+struct Harness {
+    grpc: TestBroker,
+    http: std::net::SocketAddr,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        Self::serve(None).await
+    }
+
+    async fn start_with_auth(auth: Authenticator) -> Self {
+        Self::serve(Some(auth)).await
+    }
+
+    async fn serve(auth: Option<Authenticator>) -> Self {
+        let grpc = TestBroker::start_serving(ServeOptions {
+            auth: auth.clone(),
+            ..serve_options()
+        })
+        .await;
+        let http = grpc
+            .serve_http(HttpOptions {
+                auth,
+                ..HttpOptions::default()
+            })
+            .await;
+        Self { grpc, http }
+    }
+
+    async fn rpc(&self) -> Rpc {
+        self.grpc.rpc().await
+    }
+}
 
 /// A caller of the console API: its token, if any.
 struct Console<'a> {
@@ -145,7 +182,7 @@ async fn dead_job(rpc: &mut Rpc, queue: &str) -> String {
 
 #[tokio::test]
 async fn a_dead_job_is_found_shown_redriven_and_completes() {
-    let h = Harness::start(200).await;
+    let h = Harness::start().await;
     let mut rpc = h.rpc().await;
     let id = dead_job(&mut rpc, "emails").await;
     let c = Console::open(&h);
@@ -236,7 +273,7 @@ async fn a_dead_job_is_found_shown_redriven_and_completes() {
 
 #[tokio::test]
 async fn jobs_are_listed_a_page_at_a_time() {
-    let h = Harness::start(200).await;
+    let h = Harness::start().await;
     let mut rpc = h.rpc().await;
     let ids = enqueue(&mut rpc, "orders", &[b"1", b"2", b"3", b"4", b"5"]).await;
     let c = Console::open(&h);
@@ -261,7 +298,7 @@ async fn jobs_are_listed_a_page_at_a_time() {
 
 #[tokio::test]
 async fn queue_actions_pause_resume_cancel_purge_and_delete() {
-    let h = Harness::start(200).await;
+    let h = Harness::start().await;
     let mut rpc = h.rpc().await;
     let ids = enqueue(&mut rpc, "orders", &[b"1", b"2", b"3"]).await;
     let c = Console::open(&h);
@@ -274,7 +311,10 @@ async fn queue_actions_pause_resume_cancel_purge_and_delete() {
             .map(|q| q["paused"].as_bool().unwrap())
     };
 
-    assert_eq!(ok(c.post("/queues/orders/pause", "").await)["done"], "paused");
+    assert_eq!(
+        ok(c.post("/queues/orders/pause", "").await)["done"],
+        "paused"
+    );
     assert_eq!(paused(&c.json("/queues").await), Some(true));
     assert!(lease(&mut rpc, "orders", "w", 1).await.is_empty());
     assert_eq!(
@@ -285,7 +325,10 @@ async fn queue_actions_pause_resume_cancel_purge_and_delete() {
 
     let cancelled = ok(c.post(&format!("/jobs/{}/cancel", ids[0]), "").await);
     assert_eq!(cancelled["state"], "cancelled");
-    assert_eq!(get_job(&mut rpc, &ids[0], "orders").await.state, pb::JobState::Cancelled as i32);
+    assert_eq!(
+        get_job(&mut rpc, &ids[0], "orders").await.state,
+        pb::JobState::Cancelled as i32
+    );
 
     let purged = ok(c.post("/queues/orders/purge", "").await);
     assert_eq!(purged["done"], "purged 2 job(s)");
@@ -295,7 +338,10 @@ async fn queue_actions_pause_resume_cancel_purge_and_delete() {
         "a purge leaves no live job"
     );
 
-    assert_eq!(ok(c.post("/queues/orders/delete", "").await)["done"], "deleted");
+    assert_eq!(
+        ok(c.post("/queues/orders/delete", "").await)["done"],
+        "deleted"
+    );
     assert_eq!(paused(&c.json("/queues").await), None);
     refused(
         c.get("/queues/orders/jobs").await,
@@ -306,7 +352,7 @@ async fn queue_actions_pause_resume_cancel_purge_and_delete() {
 
 #[tokio::test]
 async fn topics_show_their_retained_messages_a_page_at_a_time() {
-    let h = Harness::start(200).await;
+    let h = Harness::start().await;
     let mut rpc = h.rpc().await;
     rpc.publish(pb::PublishRequest {
         topic: "user.registered".into(),
@@ -357,7 +403,7 @@ async fn topics_show_their_retained_messages_a_page_at_a_time() {
 
 #[tokio::test]
 async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
-    let h = Harness::start(200).await;
+    let h = Harness::start().await;
     let mut rpc = h.rpc().await;
     let id = dead_job(&mut rpc, "emails").await;
     let c = Console::open(&h);
@@ -431,7 +477,11 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
     refused(foreign, StatusCode::FORBIDDEN, &["origin", "evil.example"]);
 
     let job = get_job(&mut rpc, &id, "emails.dlq").await;
-    assert_eq!(job.state, pb::JobState::Pending as i32, "nothing was redriven");
+    assert_eq!(
+        job.state,
+        pb::JobState::Pending as i32,
+        "nothing was redriven"
+    );
     let queues = c.json("/queues").await;
     assert!(
         queues
@@ -472,7 +522,7 @@ fn tokens() -> Tokens {
 #[tokio::test]
 async fn with_tokens_every_page_and_action_is_checked_like_grpc() {
     let h = Harness::start_with_auth(Authenticator::from_tokens(tokens())).await;
-    let mut admin_rpc = Client::connect_with(h.url(), ConnectOptions::new().token(ADMIN))
+    let mut admin_rpc = Client::connect_with(h.grpc.url(), ConnectOptions::new().token(ADMIN))
         .await
         .unwrap()
         .rpc();

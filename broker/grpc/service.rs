@@ -143,7 +143,6 @@ impl<T> Stream for Guarded<T> {
     }
 }
 
-
 /// A policy reaches beyond its queue: a topic binding reads topics, so it needs
 /// `subscribe` covering its pattern, and a dead-letter queue receives jobs, so it needs
 /// `enqueue` or `admin` on it. Without these checks, admin on one queue would read every

@@ -73,12 +73,18 @@ pub(super) fn routes<E: Engine>() -> Router<AppState<E>> {
         .route("/console/api/queues/{queue}/purge", post(purge::<E>))
         .route("/console/api/queues/{queue}/pause", post(pause::<E>))
         .route("/console/api/queues/{queue}/resume", post(resume::<E>))
-        .route("/console/api/queues/{queue}/delete", post(delete_queue::<E>))
+        .route(
+            "/console/api/queues/{queue}/delete",
+            post(delete_queue::<E>),
+        )
         .route("/console/api/jobs/{id}", get(job::<E>))
         .route("/console/api/jobs/{id}/cancel", post(cancel::<E>))
         .route("/console/api/topics", get(topics::<E>))
         .route("/console/api/topics/{topic}/messages", get(messages::<E>))
-        .route("/console/api/topics/{topic}/delete", post(delete_topic::<E>))
+        .route(
+            "/console/api/topics/{topic}/delete",
+            post(delete_topic::<E>),
+        )
 }
 
 async fn page() -> Html<&'static str> {
@@ -124,8 +130,11 @@ impl From<BrokerError> for ConsoleError {
 
 impl IntoResponse for ConsoleError {
     fn into_response(self) -> Response {
-        let mut response =
-            (self.status, Json(serde_json::json!({ "error": self.message }))).into_response();
+        let mut response = (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             // The page asks for a token; a browser must not pop up its own dialog.
             response.headers_mut().insert(
@@ -192,7 +201,9 @@ fn same_origin(headers: &HeaderMap) -> Result<(), ConsoleError> {
         if host.is_empty() || !origin_host.eq_ignore_ascii_case(host) {
             return Err(ConsoleError::new(
                 StatusCode::FORBIDDEN,
-                format!("origin: {origin:?} is not this server ({host:?}); cross-site actions are refused"),
+                format!(
+                    "origin: {origin:?} is not this server ({host:?}); cross-site actions are refused"
+                ),
             ));
         }
     }
@@ -208,10 +219,7 @@ struct SessionView {
     token_name: Option<String>,
 }
 
-async fn session<E: Engine>(
-    State(state): State<AppState<E>>,
-    caller: Caller,
-) -> Json<SessionView> {
+async fn session<E: Engine>(State(state): State<AppState<E>>, caller: Caller) -> Json<SessionView> {
     Json(SessionView {
         auth_required: state.auth.is_some(),
         token_name: caller.name,
@@ -464,24 +472,31 @@ fn parse_state(state: Option<&str>) -> Result<Option<JobState>, ConsoleError> {
                 let known: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
                 BrokerError::invalid(
                     "state",
-                    format!("{s:?} is not a job state (one of: all, {})", known.join(", ")),
+                    format!(
+                        "{s:?} is not a job state (one of: all, {})",
+                        known.join(", ")
+                    ),
                 )
                 .into()
             }),
     }
 }
 
-fn parse_count(field: &str, value: Option<&str>, default: usize, max: usize) -> Result<usize, ConsoleError> {
+fn parse_count(
+    field: &str,
+    value: Option<&str>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ConsoleError> {
     let Some(value) = value.filter(|v| !v.is_empty()) else {
         return Ok(default);
     };
     match value.parse::<usize>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
-        _ => Err(BrokerError::invalid(
-            field,
-            format!("{value:?} is not a number from 1 to {max}"),
-        )
-        .into()),
+        _ => Err(
+            BrokerError::invalid(field, format!("{value:?} is not a number from 1 to {max}"))
+                .into(),
+        ),
     }
 }
 
@@ -600,7 +615,9 @@ async fn redrive<E: Engine>(
     Path(queue): Path<String>,
     body: Bytes,
 ) -> Answer<RedriveView> {
-    caller.access.check(Action::Admin, "dead_letter_queue", &queue)?;
+    caller
+        .access
+        .check(Action::Admin, "dead_letter_queue", &queue)?;
     let body: RedriveBody = if body.is_empty() {
         RedriveBody::default()
     } else {
@@ -742,7 +759,12 @@ async fn messages<E: Engine>(
     caller
         .access
         .check_pattern(Action::Subscribe, "topic", &pattern)?;
-    let limit = parse_count("limit", query.limit.as_deref(), DEFAULT_PAGE_SIZE, MAX_MESSAGES)?;
+    let limit = parse_count(
+        "limit",
+        query.limit.as_deref(),
+        DEFAULT_PAGE_SIZE,
+        MAX_MESSAGES,
+    )?;
     let from = match query.from.as_deref().filter(|f| !f.is_empty()) {
         None => None,
         Some(f) => Some(f.parse::<u64>().map_err(|_| {
@@ -761,7 +783,9 @@ async fn messages<E: Engine>(
         .into_iter()
         .find(|t| t.name == topic)
         .ok_or_else(|| BrokerError::NotFound(format!("topic: no topic named {topic:?}")))?;
-    let start = from.unwrap_or(counts.first_sequence).max(counts.first_sequence);
+    let start = from
+        .unwrap_or(counts.first_sequence)
+        .max(counts.first_sequence);
     let mut page = MessagePage {
         messages: Vec::new(),
         next_from: None,

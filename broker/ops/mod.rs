@@ -111,7 +111,10 @@ pub async fn serve_http_with<E: Engine>(
         .route("/api/events", get(dashboard::events::<E>))
         .merge(console::routes::<E>())
         .with_state(state);
-    tracing::info!(?addr, "sluice serving HTTP (metrics, health, dashboard, console)");
+    tracing::info!(
+        ?addr,
+        "sluice serving HTTP (metrics, health, dashboard, console)"
+    );
     let server = axum::serve(listener, app).with_graceful_shutdown({
         let stop = stop.clone();
         async move {

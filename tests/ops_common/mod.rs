@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::header::{HOST, HeaderMap};
 use hyper::{Method, Request, StatusCode};
-use sluice::broker::{Authenticator, Broker, BrokerConfig, ServeOptions};
+use sluice::broker::{Broker, BrokerConfig};
 use sluice::broker::{HttpOptions, serve_http_with};
 use sluice::client::Rpc;
 use tokio::net::{TcpListener, TcpStream};
@@ -38,23 +38,7 @@ impl Harness {
 
     /// Serves an existing broker (e.g. one opened on a data directory).
     pub async fn serve(broker: Broker, sample_ms: u64) -> Self {
-        Self::serve_with(broker, sample_ms, None).await
-    }
-
-    /// Starts a broker whose gRPC and console both check `auth`'s tokens.
-    pub async fn start_with_auth(auth: Authenticator) -> Self {
-        Self::serve_with(Broker::new(BrokerConfig::default()), 200, Some(auth)).await
-    }
-
-    async fn serve_with(broker: Broker, sample_ms: u64, auth: Option<Authenticator>) -> Self {
-        let grpc = TestBroker::serving_with(
-            broker.clone(),
-            ServeOptions {
-                auth: auth.clone(),
-                ..test_broker::serve_options()
-            },
-        )
-        .await;
+        let grpc = TestBroker::serving(broker.clone()).await;
         let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
         let http = http_listener.local_addr().expect("HTTP addr");
         let http_task = tokio::spawn(serve_http_with(
@@ -62,7 +46,6 @@ impl Harness {
             broker.clone(),
             HttpOptions {
                 sample_interval: Duration::from_millis(sample_ms),
-                auth,
                 ..HttpOptions::default()
             },
             std::future::pending(),
