@@ -256,6 +256,11 @@ impl Access {
         }
     }
 
+    /// The name of the token in force (`None` when authentication is off).
+    pub fn token_name(&self) -> Option<String> {
+        self.read(None, |g| Some(g.name().to_owned()))
+    }
+
     /// Whether `action` on `name` is allowed (for listings that show only what may be seen).
     pub fn allows_name(&self, action: Action, name: &str) -> bool {
         self.read(true, |g| g.allows_name(action, name))

@@ -153,8 +153,6 @@ type Answer<T> = Result<Json<T>, ConsoleError>;
 /// reads anything else, so a refused request changes nothing.
 pub(crate) struct Caller {
     access: Access,
-    /// The token's name (`None` without a tokens file).
-    name: Option<String>,
 }
 
 impl<E: Engine> FromRequestParts<AppState<E>> for Caller {
@@ -171,13 +169,9 @@ impl<E: Engine> FromRequestParts<AppState<E>> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        let access = request_access(state.auth.as_ref(), authorization)?;
-        let name = state
-            .auth
-            .as_ref()
-            .and_then(|auth| auth.authenticate(authorization).ok())
-            .map(|grant| grant.name().to_owned());
-        Ok(Self { access, name })
+        Ok(Self {
+            access: request_access(state.auth.as_ref(), authorization)?,
+        })
     }
 }
 
@@ -222,7 +216,7 @@ struct SessionView {
 async fn session<E: Engine>(State(state): State<AppState<E>>, caller: Caller) -> Json<SessionView> {
     Json(SessionView {
         auth_required: state.auth.is_some(),
-        token_name: caller.name,
+        token_name: caller.access.token_name(),
     })
 }
 
