@@ -330,6 +330,14 @@ async fn queue_actions_pause_resume_cancel_purge_and_delete() {
         pb::JobState::Cancelled as i32
     );
 
+    // A finished job cannot be cancelled again.
+    refused(
+        c.post(&format!("/jobs/{}/cancel?queue=orders", ids[0]), "")
+            .await,
+        StatusCode::CONFLICT,
+        &[&ids[0]],
+    );
+
     let purged = ok(c.post("/queues/orders/purge", "").await);
     assert_eq!(purged["done"], "purged 2 job(s)");
     assert_eq!(
@@ -432,6 +440,18 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
         c.get("/jobs/not-a-job").await,
         StatusCode::BAD_REQUEST,
         &["not-a-job"],
+    );
+    refused(
+        c.get("/jobs/01a24c6f-4955-719c-a34a-240000000099?queue=emails")
+            .await,
+        StatusCode::NOT_FOUND,
+        &["01a24c6f-4955-719c-a34a-240000000099"],
+    );
+    refused(
+        c.post("/jobs/01a24c6f-4955-719c-a34a-240000000099/cancel", "")
+            .await,
+        StatusCode::NOT_FOUND,
+        &["01a24c6f-4955-719c-a34a-240000000099"],
     );
     refused(
         c.get("/topics/nope/messages").await,
