@@ -256,7 +256,8 @@ impl ServeArgs {
                 self.listen
             ));
         }
-        // The operations server has no authentication of its own: tokens do not cover it.
+        // Tokens cover only the console (/console) of the operations server; its metrics,
+        // health and dashboard are open, so it stays on loopback unless told otherwise.
         if let Some(http) = self.http
             && !http.ip().is_loopback()
             && !self.insecure

@@ -136,7 +136,11 @@ async fn run<E: Engine>(
         tokio::spawn(serve_http_with(
             listener,
             engine.clone(),
-            args.http_options(),
+            // The console checks the same tokens as gRPC.
+            sluice::broker::HttpOptions {
+                auth: options.auth.clone(),
+                ..args.http_options()
+            },
             token.cancelled_owned(),
         ))
     });

@@ -10,7 +10,10 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::broker::auth::{Access, Action, Authenticator, Credentials, Recheck, StreamGuard};
+use crate::broker::auth::{
+    Access, Action, Authenticator, Credentials, JOB_READERS, QUEUE_WRITERS, Recheck, StreamGuard,
+    request_access,
+};
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::names::Pattern;
 use crate::broker::domain::queue::Enqueued;
@@ -47,13 +50,8 @@ impl<E: Engine> BrokerService<E> {
     /// What a request may do, from its `authorization` metadata. Every RPC asks first,
     /// before it looks at its message, so a refused request changes nothing.
     fn access<T>(&self, req: &Request<T>) -> Result<Access, Status> {
-        let Some(auth) = &self.auth else {
-            return Ok(Access::open());
-        };
         let header = req.metadata().get("authorization").map(|v| v.as_bytes());
-        auth.authenticate(header)
-            .map(Access::granted)
-            .map_err(|failure| Status::from(failure.into_error()))
+        Ok(request_access(self.auth.as_ref(), header)?)
     }
 
     /// A stream's credentials, from its `authorization` metadata (`None` without a
@@ -144,12 +142,6 @@ impl<T> Stream for Guarded<T> {
         }
     }
 }
-
-/// Who may read a job: its producer, its workers, its admins.
-const JOB_READERS: &[Action] = &[Action::Enqueue, Action::Consume, Action::Admin];
-/// Who may put jobs into a queue or take them back out (cancel): its producers and
-/// admins.
-const QUEUE_WRITERS: &[Action] = &[Action::Enqueue, Action::Admin];
 
 /// A policy reaches beyond its queue: a topic binding reads topics, so it needs
 /// `subscribe` covering its pattern, and a dead-letter queue receives jobs, so it needs
