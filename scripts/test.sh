@@ -45,7 +45,7 @@ echo "== the integration tests again, served by the Redis engine (a redis-server
 # tests/redis_cluster.rs, run above.
 SLUICE_TEST_ENGINE=redis cargo nextest run --no-fail-fast \
   --test queues --test topics --test consume --test worker --test errors \
-  --test lifecycle --test producer_streams --test balance
+  --test lifecycle --test producer_streams --test balance --test tracing
 
 echo "== Rust doc tests"
 cargo test --doc --quiet
