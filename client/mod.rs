@@ -706,6 +706,17 @@ impl Lease {
         self.job.lease_deadline_unix_ms
     }
 
+    /// A consumer span (`process <queue>`) to handle this job in: the child of the trace
+    /// context the job carries (see [`trace`]), with its id, kind and attempt. The
+    /// [`Worker`] runs each job's handler in it.
+    pub fn span(&self) -> tracing::Span {
+        let span = trace::consumer_span(self.queue(), self.headers());
+        span.record("messaging.message.id", self.job_id());
+        span.record("sluice.job.kind", self.kind());
+        span.record("sluice.job.attempt", self.attempt());
+        span
+    }
+
     /// The whole leased job as the broker sent it.
     pub fn job(&self) -> &pb::LeasedJob {
         &self.job

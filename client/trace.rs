@@ -9,20 +9,9 @@
 //! the context the job carries. Without that layer nothing is written: there is no context
 //! to pass on, and the headers stay as the caller made them.
 //!
-//! ```no_run
-//! # async fn demo(client: sluice::client::Client) -> sluice::client::Result<()> {
-//! use futures::StreamExt;
-//! use tracing::Instrument;
-//!
-//! let mut events = client.subscribe("user.*").raw().await?;
-//! while let Some(delivery) = events.next().await {
-//!     let delivery = delivery?;
-//!     // The handling is a child of the span that published the message.
-//!     let span = sluice::client::trace::consumer_span(&delivery.topic, &delivery.headers);
-//!     async { /* handle it */ }.instrument(span).await;
-//! }
-//! # Ok(()) }
-//! ```
+//! Subscribers and `lease` callers get the same consumer span from
+//! [`Delivery::span`](crate::client::Delivery::span) and
+//! [`Lease::span`](crate::client::Lease::span).
 
 use std::collections::HashMap;
 
@@ -80,7 +69,8 @@ pub fn set_remote_parent(span: &tracing::Span, parent: opentelemetry::Context) {
 }
 
 /// A consumer span for handling a message or job from `source` (a topic or queue), child
-/// of the context its `headers` carry. Its fields `messaging.message.id`,
+/// of the context its `headers` carry (what [`crate::client::Delivery::span`] and
+/// [`crate::client::Lease::span`] make). Its fields `messaging.message.id`,
 /// `sluice.job.kind` and `sluice.job.attempt` are left for the caller to record.
 pub fn consumer_span(source: &str, headers: &HashMap<String, String>) -> tracing::Span {
     let span = tracing::info_span!(

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::client::codec::{Codec, Json, Protobuf};
 use crate::client::error::{ClientError, Result};
 use crate::client::retry::Reconnect;
-use crate::client::{Client, Consumer, Lease, trace};
+use crate::client::{Client, Consumer, Lease};
 use crate::pb;
 
 /// Most handlers one worker may run at once.
@@ -558,10 +558,7 @@ impl Worker {
                     let shared = shared.clone();
                     // Each job is handled in a consumer span, child of the trace context
                     // the job carries (the producer's, or the broker's when it traces).
-                    let span = trace::consumer_span(lease.queue(), lease.headers());
-                    span.record("messaging.message.id", lease.job_id());
-                    span.record("sluice.job.kind", lease.kind());
-                    span.record("sluice.job.attempt", lease.attempt());
+                    let span = lease.span();
                     running.spawn(async move { shared.process(lease).await }.instrument(span));
                 }
                 Some(Err(ClientError::Refused {

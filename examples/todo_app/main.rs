@@ -915,7 +915,7 @@ async fn store_notifications(app: App) {
                 }
             };
             // Stored in a consumer span, child of the notification worker's handling.
-            let span = sluice::client::trace::consumer_span(&delivery.topic, &delivery.headers);
+            let span = delivery.span();
             let _in_span = span.enter();
             let n = delivery.value;
             let db = app.db();
