@@ -47,6 +47,11 @@ pub fn inject(context: &opentelemetry::Context, headers: &mut HashMap<String, St
         return false;
     }
     TraceContextPropagator::new().inject_context(context, headers);
+    // The propagator writes `tracestate` even when it is empty: that would add a header
+    // (one more against the limit) that says nothing.
+    if headers.get(TRACESTATE).is_some_and(String::is_empty) {
+        headers.remove(TRACESTATE);
+    }
     true
 }
 
@@ -182,6 +187,22 @@ mod tests {
         let mut headers = HashMap::new();
         assert!(!inject(&opentelemetry::Context::new(), &mut headers));
         assert!(headers.is_empty());
+
+        // An empty trace state adds no `tracestate` header.
+        let stateless = opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from(7),
+            SpanId::from(8),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        ));
+        assert!(inject(&stateless, &mut headers));
+        assert_eq!(
+            headers.keys().collect::<Vec<_>>(),
+            [TRACEPARENT],
+            "{headers:?}"
+        );
+        headers.clear();
 
         let own = "00-11111111111111111111111111111111-2222222222222222-01".to_owned();
         let mut headers = HashMap::from([(TRACEPARENT.to_owned(), own.clone())]);
