@@ -198,6 +198,11 @@ pub struct ServeArgs {
     /// off when unset. Like `--listen`, a non-loopback address needs `--insecure`.
     #[arg(long, env = "SLUICE_HTTP", value_name = "ADDR")]
     pub http: Option<SocketAddr>,
+    /// OpenTelemetry collector to export the broker's spans to, over OTLP/gRPC
+    /// (`http://127.0.0.1:4317`); off when unset. The broker traces the messages and jobs
+    /// that carry a W3C `traceparent` header (or requests with `traceparent` metadata).
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Where the write-ahead log lives (created with mode 0700; files are 0600).
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
     pub data_dir: PathBuf,
