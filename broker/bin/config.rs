@@ -350,6 +350,7 @@ impl ServeArgs {
             fsync: self.fsync,
             segment_bytes: self.segment_bytes,
             repair: self.repair,
+            preallocate: true,
             ..StoreConfig::default()
         }
     }
