@@ -75,8 +75,8 @@ struct Facts {
     topo: &'static str,
     bullmq: bool,
     nodes: usize,
-    /// Sluice driven through its streams (EnqueueStream, Consume) rather than unary calls.
-    streams: bool,
+    /// Sluice's workers on Consume streams rather than unary Lease and Ack calls.
+    consume: bool,
     resume_after_failover_ms: Option<f64>,
 }
 
@@ -423,16 +423,17 @@ async fn sluice_worker(
 }
 
 /// The S2 shape over `nodes`: producers bounded by [`MAX_BACKLOG`] (closed loop) or by
-/// `jobs` in total (cost run); returns the workers' meter and the tasks. With `streams`,
-/// producers use EnqueueStream and workers the Consume stream (credits = batch, acks on
-/// the stream with the next credits); otherwise unary Enqueue, Lease and Ack.
+/// `jobs` in total (cost run); returns the workers' meter and the tasks. Producers send
+/// unary Enqueue calls, [`Settings::in_flight`] at a time each (as BullMQ's producers keep
+/// that many `add` calls going). With `consume`, workers are Consume streams (credits =
+/// batch, acks sent with the next credits); otherwise unary Lease and Ack calls.
 async fn sluice_load(
     nodes: &Nodes,
     s: &Settings,
     queue: &str,
     batch: usize,
     jobs: Option<u64>,
-    streams: bool,
+    consume: bool,
 ) -> Res<(Meter, Vec<tokio::task::JoinHandle<()>>)> {
     let meter = Meter::new();
     let enqueued = Arc::new(AtomicU64::new(0));
@@ -440,7 +441,7 @@ async fn sluice_load(
     for w in 0..4 {
         let (queue, meter) = (queue.to_string(), meter.clone());
         let addr = nodes.addr(w);
-        if streams {
+        if consume {
             tasks.push(tokio::spawn(async move {
                 let name = format!("w{w}");
                 if consume_worker(addr, queue, name, batch as u32, meter.clone(), None)
@@ -460,13 +461,8 @@ async fn sluice_load(
             sluice_worker(c, queue, batch, meter, done, None).await;
         }));
     }
-    let how = if streams {
-        Produce::Stream
-    } else {
-        Produce::Unary
-    };
     for p in 0..2 {
-        let producer = Producer::open(nodes.addr(p), how).await?;
+        let producer = Producer::open(nodes.addr(p), Produce::Unary).await?;
         for _ in 0..s.in_flight {
             let (c, meter, enq) = (producer.clone(), meter.clone(), enqueued.clone());
             let req = enqueue_req(queue, batch, 0, 0);
@@ -511,10 +507,10 @@ async fn sluice_throughput(
     nodes: &Nodes,
     s: &Settings,
     batch: usize,
-    streams: bool,
+    consume: bool,
 ) -> Res<(f64, String)> {
     let queue = format!("bench.s6.{}.{}", run_id(), fastrand_suffix());
-    let (meter, tasks) = sluice_load(nodes, s, &queue, batch, None, streams).await?;
+    let (meter, tasks) = sluice_load(nodes, s, &queue, batch, None, consume).await?;
     let (n, el) = meter.measure(s).await;
     for t in tasks {
         let _ = t.await;
@@ -532,7 +528,7 @@ async fn sluice_cost(
     nodes: &Nodes,
     s: &Settings,
     batch: usize,
-    streams: bool,
+    consume: bool,
 ) -> Res<Cost> {
     let queue = format!("bench.s6c.{}.{}", run_id(), fastrand_suffix());
     let jobs = cost_jobs(batch);
@@ -569,7 +565,7 @@ async fn sluice_cost(
         drain.ack(pb::AckRequest { acks }).await?;
     }
     let cost = measured_cost(topo, jobs, || async {
-        let (meter, tasks) = sluice_load(nodes, s, &queue, batch, Some(jobs), streams).await?;
+        let (meter, tasks) = sluice_load(nodes, s, &queue, batch, Some(jobs), consume).await?;
         let done = wait_until(Duration::from_millis(2), Duration::from_secs(60), || {
             let c = meter.count.load(Ordering::Relaxed);
             async move { c >= jobs }
@@ -785,19 +781,19 @@ fn bullmq_args(s: &Settings, batch: usize, wait: u32) -> Vec<String> {
 /// What one system of a setup is.
 #[derive(Clone, Copy)]
 enum Sys {
-    /// Sluice nodes, driven through the streams (EnqueueStream, Consume) or unary calls.
+    /// Sluice nodes, workers on Consume streams or unary Lease and Ack calls.
     Sluice {
         nodes: usize,
-        streams: bool,
+        consume: bool,
     },
     BullMq,
 }
 
 fn label(sys: Sys, topo: &Topology, replicas: u32) -> String {
     match sys {
-        Sys::Sluice { nodes, streams } => format!(
+        Sys::Sluice { nodes, consume } => format!(
             "Sluice on Redis ({}), {nodes} node{}, {}, --redis-replicas {replicas}",
-            if streams { "streams" } else { "unary" },
+            if consume { "Consume" } else { "Lease/Ack" },
             if nodes == 1 { "" } else { "s" },
             topo.name()
         ),
@@ -864,15 +860,15 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
             for sys in [
                 Sys::Sluice {
                     nodes: 1,
-                    streams: true,
+                    consume: true,
                 },
                 Sys::Sluice {
                     nodes: 3,
-                    streams: true,
+                    consume: true,
                 },
                 Sys::Sluice {
                     nodes: 1,
-                    streams: false,
+                    consume: false,
                 },
                 Sys::BullMq,
             ] {
@@ -890,7 +886,7 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                         Sys::Sluice { nodes, .. } => nodes,
                         Sys::BullMq => 0,
                     },
-                    streams: matches!(sys, Sys::Sluice { streams: true, .. }),
+                    consume: matches!(sys, Sys::Sluice { consume: true, .. }),
                     ..Facts::default()
                 };
                 let mut push = |variant: String, outcome: Outcome, facts: Facts| {
@@ -910,7 +906,7 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                     });
                 };
                 match sys {
-                    Sys::Sluice { nodes: n, streams } => {
+                    Sys::Sluice { nodes: n, consume } => {
                         let nodes = match Nodes::start(topo.seeds(), replicas, n).await {
                             Ok(x) => x,
                             Err(e) => {
@@ -926,8 +922,8 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                             let mut f = facts(batch);
                             let r = async {
                                 let (per_s, errs) =
-                                    sluice_throughput(&nodes, s, batch, streams).await?;
-                                let cost = sluice_cost(&topo, &nodes, s, batch, streams).await?;
+                                    sluice_throughput(&nodes, s, batch, consume).await?;
+                                let cost = sluice_cost(&topo, &nodes, s, batch, consume).await?;
                                 f.per_s = Some(per_s);
                                 f.top_level_per_job = Some(cost.per_job(cost.top_level));
                                 Ok::<_, BoxError>(Outcome::Measured {
@@ -938,7 +934,7 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                             .await;
                             push(throughput_variant(batch), outcome(r), f);
                         }
-                        if streams {
+                        if consume {
                             push(
                                 latency_variant(),
                                 outcome(sluice_latency(&nodes, s).await),
@@ -1157,11 +1153,11 @@ pub fn verdicts(rows: &[S6Row]) -> Vec<String> {
                 .and_then(|r| r.facts.per_s) else {
                     continue;
                 };
-                for (nodes, streams) in [(1usize, true), (3, true), (1, false)] {
+                for (nodes, consume) in [(1usize, true), (3, true), (1, false)] {
                     if let Some(v) = find(&|f| {
                         !f.bullmq
                             && f.nodes == nodes
-                            && f.streams == streams
+                            && f.consume == consume
                             && f.topo == topo
                             && f.replicas == replicas
                             && f.batch == batch
@@ -1170,7 +1166,7 @@ pub fn verdicts(rows: &[S6Row]) -> Vec<String> {
                     {
                         out.push(format!(
                             "S6 {topo}, replicas {replicas}, batch {batch}: Sluice ({}, {nodes} node{}) >= 2x BullMQ jobs/s: {} ({} vs {} jobs/s, {:.2}x)",
-                            if streams { "streams" } else { "unary" },
+                            if consume { "Consume" } else { "Lease/Ack" },
                             if nodes == 1 { "" } else { "s" },
                             yes(v >= 2.0 * b),
                             thousands(v as u64),
@@ -1214,12 +1210,12 @@ pub fn report(md: &mut String, rows: &[S6Row], bullmq: &Result<String, String>, 
          Cluster (AOF on, `cluster-node-timeout 1000`), measured with replicas 0 and 1.\n\
          - Sluice: in-process `RedisEngine`s in the harness process, each served by \
          `sluice::broker::serve` on its own loopback port (1 node, or 3 nodes with the 2 \
-         producers and 4 workers spread over them). \"Streams\": producers on EnqueueStream \
-         (batch jobs a request), workers on the Consume stream with credits = batch, acking \
-         what they got together with the next credits (the Redis engine then acks and leases \
-         in one script, as BullMQ's `moveToFinished` fetches the next job). \"Unary\": \
-         Enqueue (batch), Lease (max_jobs = batch, 100 ms long poll) and one Ack call per \
-         lease.\n\
+         producers and 4 workers spread over them). Producers: unary Enqueue (batch jobs a \
+         call), 4 calls in flight each, as BullMQ's. \"Consume\": workers on the Consume \
+         stream with credits = batch, acking what they got together with the next credits \
+         (the Redis engine then acks and leases in one script, as BullMQ's `moveToFinished` \
+         fetches the next job). \"Lease/Ack\": unary Lease (max_jobs = batch, 100 ms long \
+         poll) and one Ack call per lease.\n\
          - BullMQ: {} in one Node.js process (`benches/compare/bullmq/bench.js`), queue \
          prefix `{{s6}}` (one cluster slot), 2 `Queue`s (own connections) with 4 `add` / \
          `addBulk(batch)` loops each, 4 `Worker`s with `concurrency` = batch (BullMQ has no \

@@ -65,8 +65,11 @@ impl Session {
         if !self.leased.is_empty() {
             return Some(ConsumeEvent::Jobs(std::mem::take(&mut self.leased)));
         }
+        // Set when an ack-and-lease found nothing: the next look waits for a wake-up (the
+        // watch is armed) rather than asking Redis again at once.
+        let mut looked = false;
         loop {
-            if self.credits > 0 {
+            if self.credits > 0 && !std::mem::take(&mut looked) {
                 // Armed before looking, so a job made visible meanwhile is not missed.
                 if self.watch.is_none() {
                     let channel = QueueKeys::new(&self.queue).key("wake");
@@ -119,7 +122,10 @@ impl Session {
                                 if !mine.is_empty() && foreign.is_empty() && refused.is_empty() =>
                             {
                                 match self.ack_and_lease(mine).await {
-                                    Ok(None) => continue,
+                                    Ok(None) => {
+                                        looked = true;
+                                        continue;
+                                    }
                                     Ok(Some(event)) => return Some(event),
                                     Err(e) => return Some(self.fail(e)),
                                 }
