@@ -44,7 +44,7 @@
 //! * `proto/`: `sluice/v1/sluice.proto` is the wire contract, `proto/mod.rs` and
 //!   `proto/codec.rs` are [`pb`].
 //! * `client/`: the typed client; it never imports `broker`. `client/trace.rs` is the
-//!   trace context (`traceparent`) both sides read and write; `otlp.rs` the exporter.
+//!   trace context (`traceparent`) both sides read and write; `client/otlp.rs` the exporter (`sluice::otlp`).
 //! * `broker/domain/`: pure state machines (queue, topic log, dedup, names, limits, time)
 //!   that take `now` as an argument. A change to lease expiry goes in `domain/queue/`
 //!   (`deadlines.rs` groups the deadlines, `Queue::tick` expires them).
@@ -82,6 +82,7 @@ pub mod broker;
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "otlp")]
+#[path = "client/otlp.rs"]
 pub mod otlp;
 
 /// Compiles the README's Rust examples as doc tests, so they cannot rot.

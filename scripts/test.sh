@@ -51,6 +51,6 @@ SLUICE_TEST_ENGINE=redis cargo nextest run --no-fail-fast \
 echo "== Rust doc tests"
 cargo test --doc --quiet
 
-echo "== end-to-end tests (example system, Python client, grpcurl, the console in Chromium)"
+echo "== end-to-end tests (example system, Python, grpcurl and TypeScript clients, the console in Chromium)"
 cargo build --examples --bins
 timeout 600 python3 -m pytest tests/e2e -p no:cacheprovider -q
