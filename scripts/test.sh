@@ -53,4 +53,4 @@ cargo test --doc --quiet
 
 echo "== end-to-end tests (example system, Python, grpcurl and TypeScript clients, the console in Chromium)"
 cargo build --examples --bins
-timeout 600 python3 -m pytest tests/e2e -p no:cacheprovider -q
+timeout 1200 python3 -m pytest tests/e2e -p no:cacheprovider -q
