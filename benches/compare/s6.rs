@@ -423,10 +423,11 @@ async fn sluice_worker(
 }
 
 /// The S2 shape over `nodes`: producers bounded by [`MAX_BACKLOG`] (closed loop) or by
-/// `jobs` in total (cost run); returns the workers' meter and the tasks. Producers send
-/// unary Enqueue calls, [`Settings::in_flight`] at a time each (as BullMQ's producers keep
-/// that many `add` calls going). With `consume`, workers are Consume streams (credits =
-/// batch, acks sent with the next credits); otherwise unary Lease and Ack calls.
+/// `jobs` in total (cost run); returns the workers' meter and the tasks. Producers keep
+/// [`Settings::in_flight`] requests going each (as BullMQ's keep that many `add` calls),
+/// on EnqueueStream with `consume` and as unary Enqueue calls otherwise. With `consume`,
+/// workers are Consume streams (credits = batch, acks sent with the next credits);
+/// otherwise unary Lease and Ack calls.
 async fn sluice_load(
     nodes: &Nodes,
     s: &Settings,
@@ -461,8 +462,13 @@ async fn sluice_load(
             sluice_worker(c, queue, batch, meter, done, None).await;
         }));
     }
+    let how = if consume {
+        Produce::Stream
+    } else {
+        Produce::Unary
+    };
     for p in 0..2 {
-        let producer = Producer::open(nodes.addr(p), Produce::Unary).await?;
+        let producer = Producer::open(nodes.addr(p), how).await?;
         for _ in 0..s.in_flight {
             let (c, meter, enq) = (producer.clone(), meter.clone(), enqueued.clone());
             let req = enqueue_req(queue, batch, 0, 0);
@@ -1210,12 +1216,12 @@ pub fn report(md: &mut String, rows: &[S6Row], bullmq: &Result<String, String>, 
          Cluster (AOF on, `cluster-node-timeout 1000`), measured with replicas 0 and 1.\n\
          - Sluice: in-process `RedisEngine`s in the harness process, each served by \
          `sluice::broker::serve` on its own loopback port (1 node, or 3 nodes with the 2 \
-         producers and 4 workers spread over them). Producers: unary Enqueue (batch jobs a \
-         call), 4 calls in flight each, as BullMQ's. \"Consume\": workers on the Consume \
-         stream with credits = batch, acking what they got together with the next credits \
+         producers and 4 workers spread over them), 4 requests in flight per producer as \
+         BullMQ's. \"Consume\": producers on EnqueueStream (batch jobs a request), workers \
+         on the Consume stream with credits = batch, acking what they got together with the next credits \
          (the Redis engine then acks and leases in one script, as BullMQ's `moveToFinished` \
-         fetches the next job). \"Lease/Ack\": unary Lease (max_jobs = batch, 100 ms long \
-         poll) and one Ack call per lease.\n\
+         fetches the next job). \"Lease/Ack\": unary Enqueue (batch), Lease (max_jobs = \
+         batch, 100 ms long poll) and one Ack call per lease.\n\
          - BullMQ: {} in one Node.js process (`benches/compare/bullmq/bench.js`), queue \
          prefix `{{s6}}` (one cluster slot), 2 `Queue`s (own connections) with 4 `add` / \
          `addBulk(batch)` loops each, 4 `Worker`s with `concurrency` = batch (BullMQ has no \
