@@ -235,24 +235,28 @@ fn plan(args: &Args, s: &Settings) -> Vec<Case> {
         }
     }
     if want("S3") {
-        cases.push(Case {
-            id: "S3",
-            variant: format!(
-                "publish->deliver, open loop {} msg/s, batch 1",
-                thousands(S3_RATE)
-            ),
-            storage: Storage::Memory,
-            kind: Kind::S3Topic,
-        });
-        cases.push(Case {
-            id: "S3",
-            variant: format!(
-                "enqueue->lease, open loop {} msg/s, batch 1",
-                thousands(S3_RATE)
-            ),
-            storage: Storage::Memory,
-            kind: Kind::S3Queue,
-        });
+        // The durable rows run the same open loops on durable storage: every message waits
+        // for its fsync before it is delivered, so their p99 is read against the disk's.
+        for storage in [Storage::Memory, Storage::Durable] {
+            cases.push(Case {
+                id: "S3",
+                variant: format!(
+                    "publish->deliver, open loop {} msg/s, batch 1",
+                    thousands(S3_RATE)
+                ),
+                storage,
+                kind: Kind::S3Topic,
+            });
+            cases.push(Case {
+                id: "S3",
+                variant: format!(
+                    "enqueue->lease, open loop {} msg/s, batch 1",
+                    thousands(S3_RATE)
+                ),
+                storage,
+                kind: Kind::S3Queue,
+            });
+        }
     }
     if want("S4") {
         let fanouts: &[usize] = if args.quick {
@@ -505,8 +509,8 @@ async fn run_case(
         System::Rabbit => match case.kind {
             S1 { subs, batch } => rabbit::s1(s, subs, batch, storage).await,
             S2 { batch } => rabbit::s2(s, batch, storage).await,
-            S3Topic => rabbit::s3_topic(s, S3_RATE).await,
-            S3Queue => rabbit::s3_queue(s, S3_RATE).await,
+            S3Topic => rabbit::s3_topic(s, S3_RATE, storage).await,
+            S3Queue => rabbit::s3_queue(s, S3_RATE, storage).await,
             S4 { subs } => rabbit::s4(s, S4_RATE, subs).await,
             // RabbitMQ confirms ~5-10k msg/s here: larger sets do not fit the time budget.
             S5Backlog { n, .. } => rabbit::s5_backlog(s, n.min(RABBIT_S5_CAP)).await,
@@ -521,8 +525,8 @@ async fn run_case(
         System::JetStream => match case.kind {
             S1 { subs, batch } => nats::js_s1(s, subs, batch, storage).await,
             S2 { batch } => nats::js_s2(s, batch, storage).await,
-            S3Topic => nats::js_s3_topic(s, S3_RATE).await,
-            S3Queue => nats::js_s3_queue(s, S3_RATE).await,
+            S3Topic => nats::js_s3_topic(s, S3_RATE, storage).await,
+            S3Queue => nats::js_s3_queue(s, S3_RATE, storage).await,
             S4 { subs } => nats::js_s4(s, S4_RATE, subs).await,
             S5Backlog { n, .. } => nats::js_s5_backlog(s, n).await,
             S5Expiry { .. } => unreachable!("filtered by not_applicable"),
@@ -628,10 +632,13 @@ fn main_text(r: &Row) -> (&str, &str) {
     }
 }
 
+fn yes(met: bool) -> &'static str {
+    if met { "MET" } else { "MISSED" }
+}
+
 /// Issue 5 targets, judged from this run's rows.
 fn verdicts(rows: &[Row]) -> Vec<String> {
     let mut out = Vec::new();
-    let yes = |b: bool| if b { "MET" } else { "MISSED" };
     for sys in [System::Sluice, System::SluiceStreams] {
         let Some(r) = measured(rows, sys, |c| {
             matches!(
@@ -683,8 +690,9 @@ fn verdicts(rows: &[Row]) -> Vec<String> {
         }
     }
     for sys in [System::Sluice, System::SluiceStreams] {
-        if let Some(r) = measured(rows, sys, |c| matches!(c.kind, Kind::S3Topic))
-            && let Some(p99) = number_after(main_text(r).0, "p99")
+        if let Some(r) = measured(rows, sys, |c| {
+            matches!(c.kind, Kind::S3Topic) && c.storage == Storage::Memory
+        }) && let Some(p99) = number_after(main_text(r).0, "p99")
         {
             out.push(format!(
                 "S3 publish->deliver p99 <= 500 µs at 10k msg/s, {}: {} (measured {} µs)",
@@ -695,8 +703,9 @@ fn verdicts(rows: &[Row]) -> Vec<String> {
         }
     }
     for sys in [System::Sluice, System::SluiceStreams] {
-        if let Some(r) = measured(rows, sys, |c| matches!(c.kind, Kind::S3Queue))
-            && let Some(p99) = number_after(main_text(r).0, "p99")
+        if let Some(r) = measured(rows, sys, |c| {
+            matches!(c.kind, Kind::S3Queue) && c.storage == Storage::Memory
+        }) && let Some(p99) = number_after(main_text(r).0, "p99")
         {
             out.push(format!(
                 "S3 enqueue->lease p99 <= 500 µs at 10k msg/s, {}: {} (measured {} µs)",
@@ -732,6 +741,172 @@ fn verdicts(rows: &[Row]) -> Vec<String> {
     out
 }
 
+/// The first figure of the measured row of `system` in `storage`'s table whose kind
+/// `kind` accepts (a rate, or S3's p50).
+fn figure(
+    rows: &[Row],
+    system: System,
+    storage: Storage,
+    kind: impl Fn(Kind) -> bool,
+) -> Option<f64> {
+    measured(rows, system, |c| c.storage == storage && kind(c.kind))
+        .and_then(|r| number_after(main_text(r).0, ""))
+}
+
+/// "`target`, `system`: MET (measured 21,955 `unit` = 1.23x `base_name` at 17,850 `unit`;
+/// needs 2x)" for a rate that must reach `factor` x `base`, or why it was not judged.
+fn at_least(
+    target: &str,
+    system: System,
+    value: f64,
+    base: Option<f64>,
+    factor: f64,
+    base_name: &str,
+    unit: &str,
+) -> String {
+    match base {
+        Some(b) if b > 0.0 => format!(
+            "{target}, {}: {} (measured {} {unit} = {:.2}x {base_name} at {} {unit}; needs {factor}x)",
+            system.label(),
+            yes(value >= factor * b),
+            thousands(value as u64),
+            value / b,
+            thousands(b as u64)
+        ),
+        _ => format!(
+            "{target}, {}: not judged (no measured {base_name} figure in this run; measured {} {unit})",
+            system.label(),
+            thousands(value as u64)
+        ),
+    }
+}
+
+/// A durable S3 row's p99 against the disk's own write + fdatasync p99 of this run:
+/// (p99 µs, p99 / preallocated p99, p99 / appending p99).
+fn fsync_ratio(r: &Row, d: &disk::Disk) -> Option<(f64, f64, f64)> {
+    if r.case.storage != Storage::Durable || !matches!(r.case.kind, Kind::S3Topic | Kind::S3Queue) {
+        return None;
+    }
+    let p99 = number_after(main_text(r).0, "p99")?;
+    let disk_p99 = |l: &disk::SyncLoop| l.latency.value_at_quantile(0.99).max(1) as f64;
+    Some((
+        p99,
+        p99 / disk_p99(&d.preallocated),
+        p99 / disk_p99(&d.appending),
+    ))
+}
+
+/// "p99 378 µs = 2.1x the disk's fsync p99 (preallocated 180 µs; 1.6x appending 240 µs)".
+fn fsync_ratio_text(ratio: (f64, f64, f64), d: &disk::Disk) -> String {
+    format!(
+        "p99 {} µs = {:.1}x the disk's fsync p99 (preallocated {} µs; {:.1}x appending {} µs)",
+        thousands(ratio.0 as u64),
+        ratio.1,
+        thousands(d.preallocated.latency.value_at_quantile(0.99)),
+        ratio.2,
+        thousands(d.appending.latency.value_at_quantile(0.99))
+    )
+}
+
+/// Issue 22 targets (the durable path at the disk's limit), judged from this run's rows
+/// and its disk probe: every base is a figure of the same run.
+fn durable_verdicts(rows: &[Row], disk: Option<&disk::Disk>, in_flight: usize) -> Vec<String> {
+    use Storage::{Durable, Memory};
+    let mut out = Vec::new();
+    let s1 = |sys| {
+        figure(rows, sys, Durable, |k| {
+            matches!(k, Kind::S1 { subs: 1, batch: 1 })
+        })
+    };
+    let s2 = |sys, storage, b| {
+        figure(
+            rows,
+            sys,
+            storage,
+            move |k| matches!(k, Kind::S2 { batch } if batch == b),
+        )
+    };
+    for sys in [System::Sluice, System::SluiceStreams] {
+        if let Some(v) = s1(sys) {
+            let target = "S1 1:1 batch 1 durable";
+            out.push(at_least(
+                &format!("{target} >= 2x RabbitMQ"),
+                sys,
+                v,
+                s1(System::Rabbit),
+                2.0,
+                "RabbitMQ (durable)",
+                "msg/s",
+            ));
+            out.push(at_least(
+                &format!("{target} >= 70% of {in_flight} in flight x preallocated fdatasync/s"),
+                sys,
+                v,
+                disk.map(|d| d.in_flight_limit(in_flight) as f64),
+                0.7,
+                "the disk's limit",
+                "msg/s",
+            ));
+        }
+        if let Some(v) = s2(sys, Durable, 1) {
+            let target = "S2 batch 1 durable";
+            out.push(at_least(
+                &format!("{target} >= JetStream file"),
+                sys,
+                v,
+                s2(System::JetStream, Durable, 1),
+                1.0,
+                "JetStream (file)",
+                "jobs/s",
+            ));
+            out.push(at_least(
+                &format!("{target} >= 2x RabbitMQ"),
+                sys,
+                v,
+                s2(System::Rabbit, Durable, 1),
+                2.0,
+                "RabbitMQ (durable)",
+                "jobs/s",
+            ));
+        }
+        if let Some(v) = s2(sys, Durable, 100) {
+            out.push(at_least(
+                "S2 batch 100 durable >= 60% of its own memory row",
+                sys,
+                v,
+                s2(sys, Memory, 100),
+                0.6,
+                "its memory row",
+                "jobs/s",
+            ));
+        }
+        for r in rows.iter().filter(|r| {
+            r.system == sys
+                && r.case.storage == Durable
+                && matches!(r.case.kind, Kind::S3Topic | Kind::S3Queue)
+                && matches!(r.outcome, Outcome::Measured { .. })
+        }) {
+            let what = match r.case.kind {
+                Kind::S3Topic => "publish->deliver",
+                _ => "enqueue->lease",
+            };
+            let target = format!(
+                "S3 durable {what} p99 <= 3x the disk's fsync p99 (preallocated), {}",
+                sys.label()
+            );
+            out.push(match disk.and_then(|d| Some((fsync_ratio(r, d)?, d))) {
+                Some((ratio, d)) => format!(
+                    "{target}: {} ({})",
+                    yes(ratio.1 <= 3.0),
+                    fsync_ratio_text(ratio, d)
+                ),
+                None => format!("{target}: not judged (no disk figure in this run)"),
+            });
+        }
+    }
+    out
+}
+
 fn outcome_cells(o: &Outcome) -> (String, String) {
     match o {
         Outcome::Measured { main, extra } => (main.clone(), extra.clone()),
@@ -756,6 +931,29 @@ fn command_for(args: &Args, case: &Case, system: System) -> String {
         }
     }
     c
+}
+
+/// The "disk" row heading a durable table: the disk's sync rate for throughput tables, its
+/// sync latency for S3's latency tables.
+fn disk_row(kind: Kind, d: &disk::Disk, in_flight: usize) -> String {
+    let head = "| disk: fdatasync, same filesystem (limit, no broker) |";
+    let tail = "| measured once per run (Disk section) |";
+    if matches!(kind, Kind::S3Topic | Kind::S3Queue) {
+        format!(
+            "{head} {} preallocated | write + fdatasync, one at a time; appending {} {tail}",
+            sluice_peer::percentiles_short(&d.preallocated.latency),
+            sluice_peer::percentiles_short(&d.appending.latency)
+        )
+    } else {
+        format!(
+            "{head} {} syncs/s preallocated, x{in_flight} in flight = {}/s | appending {} syncs/s; write + fdatasync p99 {} µs appending, {} µs preallocated {tail}",
+            thousands(d.preallocated.per_sec),
+            thousands(d.in_flight_limit(in_flight)),
+            thousands(d.appending.per_sec),
+            thousands(d.appending.latency.value_at_quantile(0.99)),
+            thousands(d.preallocated.latency.value_at_quantile(0.99))
+        )
+    }
 }
 
 /// The disk probe's one-line summary for the console.
@@ -804,7 +1002,7 @@ fn disk_section(md: &mut String, s: &Settings, disk: &Result<disk::Disk, String>
         thousands(d.appending.per_sec),
         thousands(d.preallocated.per_sec)
     );
-    for (name, q) in [("p50", 0.50), ("p99", 0.99)] {
+    for (name, q) in [("p50", 0.50), ("p99", 0.99), ("p99.9", 0.999)] {
         let _ = writeln!(
             md,
             "| write + fdatasync {name} | {} µs | {} µs |",
@@ -834,6 +1032,17 @@ fn disk_section(md: &mut String, s: &Settings, disk: &Result<disk::Disk, String>
                 100.0 * v / limit as f64,
                 s.in_flight,
                 thousands(limit)
+            );
+        }
+    }
+    for r in rows {
+        if let Some(ratio) = fsync_ratio(r, d) {
+            let _ = writeln!(
+                md,
+                "- S3 durable {}, {}: {}",
+                r.case.variant,
+                r.system.label(),
+                fsync_ratio_text(ratio, d)
             );
         }
     }
@@ -915,7 +1124,10 @@ fn report(
          - Latency (S3, S4): open loop, a pacing thread starts every send at its intended \
          time on its own task, and receivers record `receive time - intended send time` in \
          an HdrHistogram (µs, 3 significant digits), so a stalled broker is charged for every \
-         message it delayed (coordinated-omission correction).\n\
+         message it delayed (coordinated-omission correction). The durable S3 rows run the \
+         same loops on each system's durable storage (Sluice answers and delivers only after \
+         the fdatasync); each gives its p99 as a multiple of the disk's own write + fdatasync \
+         p99 of this run (Disk section), preallocated and appending.\n\
          - Memory: RSS growth of the broker process (Sluice child, beam.smp, nats-server, \
          redis-server) read from `/proc/<pid>/status`.",
         s.warmup.as_millis(),
@@ -928,6 +1140,15 @@ fn report(
     if !verdict.is_empty() {
         let _ = writeln!(md, "## Issue 5 targets (this run)\n");
         for v in &verdict {
+            let _ = writeln!(md, "- {v}");
+        }
+        let _ = writeln!(md);
+    }
+    let measured_disk = disk.and_then(|d| d.as_ref().ok());
+    let durable = durable_verdicts(rows, measured_disk, s.in_flight);
+    if !durable.is_empty() {
+        let _ = writeln!(md, "## Issue 22 targets (this run)\n");
+        for v in &durable {
             let _ = writeln!(md, "- {v}");
         }
         let _ = writeln!(md);
@@ -954,20 +1175,16 @@ fn report(
             if r.case.storage == Storage::Durable
                 && let Some(Ok(d)) = disk
             {
-                let _ = writeln!(
-                    md,
-                    "| disk: fdatasync, same filesystem (limit, no broker) | {} syncs/s preallocated, x{} in flight = {}/s | appending {} syncs/s; write + fdatasync p99 {} µs appending, {} µs preallocated | measured once per run (Disk section) |",
-                    thousands(d.preallocated.per_sec),
-                    s.in_flight,
-                    thousands(d.in_flight_limit(s.in_flight)),
-                    thousands(d.appending.per_sec),
-                    thousands(d.appending.latency.value_at_quantile(0.99)),
-                    thousands(d.preallocated.latency.value_at_quantile(0.99))
-                );
+                let _ = writeln!(md, "{}", disk_row(r.case.kind, d, s.in_flight));
             }
             last = head;
         }
-        let (main, extra) = outcome_cells(&r.outcome);
+        let (main, mut extra) = outcome_cells(&r.outcome);
+        if let Some(Ok(d)) = disk
+            && let Some(ratio) = fsync_ratio(r, d)
+        {
+            extra = format!("{}; {extra}", fsync_ratio_text(ratio, d));
+        }
         let _ = writeln!(
             md,
             "| {} | {} | {} | `{}` |",
@@ -1118,7 +1335,18 @@ fn main() -> Result<(), BoxError> {
                     }
                 };
                 let secs = t0.elapsed().as_secs_f64();
-                let (main, extra) = outcome_cells(&outcome);
+                let (main, mut extra) = outcome_cells(&outcome);
+                let row = Row {
+                    case: case.clone(),
+                    system,
+                    outcome,
+                    secs,
+                };
+                if let Some(Ok(d)) = &disk
+                    && let Some(ratio) = fsync_ratio(&row, d)
+                {
+                    extra = format!("{}; {extra}", fsync_ratio_text(ratio, d));
+                }
                 println!(
                     "{:<3} {:<70} {:<8} {:<30} {:<45} {} [{:.1} s]",
                     case.id,
@@ -1129,12 +1357,7 @@ fn main() -> Result<(), BoxError> {
                     extra,
                     secs
                 );
-                rows.push(Row {
-                    case: case.clone(),
-                    system,
-                    outcome,
-                    secs,
-                });
+                rows.push(row);
                 // Let the peers settle (queue deletion, GC) between figures.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -1161,6 +1384,11 @@ fn main() -> Result<(), BoxError> {
         let load_end = loadavg();
         println!("\n== Issue 5 targets ==");
         for v in verdicts(&rows).into_iter().chain(s6::verdicts(&s6_rows)) {
+            println!("{v}");
+        }
+        let measured_disk = disk.as_ref().and_then(|d| d.as_ref().ok());
+        println!("\n== Issue 22 targets ==");
+        for v in durable_verdicts(&rows, measured_disk, s.in_flight) {
             println!("{v}");
         }
         println!(
