@@ -1147,7 +1147,12 @@ fn report(
     let measured_disk = disk.and_then(|d| d.as_ref().ok());
     let durable = durable_verdicts(rows, measured_disk, s.in_flight);
     if !durable.is_empty() {
-        let _ = writeln!(md, "## Issue 22 targets (this run)\n");
+        // The targets are stated for `--fsync always`; another policy's verdicts say so.
+        let _ = writeln!(
+            md,
+            "## Issue 22 targets (this run; durable table `{}`)\n",
+            s.sluice_durable_args.join(" ")
+        );
         for v in &durable {
             let _ = writeln!(md, "- {v}");
         }
@@ -1387,7 +1392,10 @@ fn main() -> Result<(), BoxError> {
             println!("{v}");
         }
         let measured_disk = disk.as_ref().and_then(|d| d.as_ref().ok());
-        println!("\n== Issue 22 targets ==");
+        println!(
+            "\n== Issue 22 targets (durable table `{}`) ==",
+            s.sluice_durable_args.join(" ")
+        );
         for v in durable_verdicts(&rows, measured_disk, s.in_flight) {
             println!("{v}");
         }
