@@ -21,6 +21,7 @@ mod s6;
 mod sluice_peer;
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -190,6 +191,15 @@ struct Row {
     system: System,
     outcome: Outcome,
     secs: f64,
+    /// For a durable row, the disk probe taken just before its scenario's durable rows.
+    disk: Option<Arc<disk::Disk>>,
+}
+
+/// One disk probe of the run: which durable rows it precedes, and its figures.
+struct Probe {
+    /// "S1": the scenario whose durable rows follow it.
+    before: &'static str,
+    result: Result<Arc<disk::Disk>, String>,
 }
 
 const S3_RATE: u64 = 10_000;
@@ -781,10 +791,11 @@ fn at_least(
     }
 }
 
-/// A durable S3 row's p99 against the disk's own write + fdatasync p99 of this run:
-/// (p99 µs, p99 / preallocated p99, p99 / appending p99).
-fn fsync_ratio(r: &Row, d: &disk::Disk) -> Option<(f64, f64, f64)> {
-    if r.case.storage != Storage::Durable || !matches!(r.case.kind, Kind::S3Topic | Kind::S3Queue) {
+/// A durable S3 row's p99 against the disk's own write + fdatasync p99, probed just
+/// before the row's scenario: (p99 µs, p99 / preallocated p99, p99 / appending p99).
+fn fsync_ratio(r: &Row) -> Option<(f64, f64, f64)> {
+    let d = r.disk.as_deref()?;
+    if !matches!(r.case.kind, Kind::S3Topic | Kind::S3Queue) {
         return None;
     }
     let p99 = number_after(main_text(r).0, "p99")?;
@@ -796,28 +807,31 @@ fn fsync_ratio(r: &Row, d: &disk::Disk) -> Option<(f64, f64, f64)> {
     ))
 }
 
-/// "p99 378 µs = 2.1x the disk's fsync p99 (preallocated 180 µs; 1.6x appending 240 µs)".
-fn fsync_ratio_text(ratio: (f64, f64, f64), d: &disk::Disk) -> String {
-    format!(
+/// "p99 378 µs = 2.1x the disk's fsync p99 (preallocated 180 µs; 1.6x appending 240 µs)"
+/// for a durable S3 row.
+fn fsync_ratio_text(r: &Row) -> Option<String> {
+    let ratio = fsync_ratio(r)?;
+    let d = r.disk.as_deref()?;
+    Some(format!(
         "p99 {} µs = {:.1}x the disk's fsync p99 (preallocated {} µs; {:.1}x appending {} µs)",
         thousands(ratio.0 as u64),
         ratio.1,
         thousands(d.preallocated.latency.value_at_quantile(0.99)),
         ratio.2,
         thousands(d.appending.latency.value_at_quantile(0.99))
-    )
+    ))
 }
 
 /// Issue 22 targets (the durable path at the disk's limit), judged from this run's rows
-/// and its disk probe: every base is a figure of the same run.
-fn durable_verdicts(rows: &[Row], disk: Option<&disk::Disk>, in_flight: usize) -> Vec<String> {
+/// and the disk probes taken before them: every base is a figure of the same run.
+fn durable_verdicts(rows: &[Row], in_flight: usize) -> Vec<String> {
     use Storage::{Durable, Memory};
     let mut out = Vec::new();
-    let s1 = |sys| {
-        figure(rows, sys, Durable, |k| {
-            matches!(k, Kind::S1 { subs: 1, batch: 1 })
-        })
-    };
+    let s1_batch1 =
+        |c: &Case| c.storage == Durable && matches!(c.kind, Kind::S1 { subs: 1, batch: 1 });
+    let s1 = |sys| measured(rows, sys, s1_batch1).and_then(|r| number_after(main_text(r).0, ""));
+    // The S1 row's own probe: the disk's state when that scenario ran.
+    let s1_disk = |sys| measured(rows, sys, s1_batch1).and_then(|r| r.disk.clone());
     let s2 = |sys, storage, b| {
         figure(
             rows,
@@ -842,7 +856,7 @@ fn durable_verdicts(rows: &[Row], disk: Option<&disk::Disk>, in_flight: usize) -
                 &format!("{target} >= 70% of {in_flight} in flight x preallocated fdatasync/s"),
                 sys,
                 v,
-                disk.map(|d| d.in_flight_limit(in_flight) as f64),
+                s1_disk(sys).map(|d| d.in_flight_limit(in_flight) as f64),
                 0.7,
                 "the disk's limit",
                 "msg/s",
@@ -894,13 +908,9 @@ fn durable_verdicts(rows: &[Row], disk: Option<&disk::Disk>, in_flight: usize) -
                 "S3 durable {what} p99 <= 3x the disk's fsync p99 (preallocated), {}",
                 sys.label()
             );
-            out.push(match disk.and_then(|d| Some((fsync_ratio(r, d)?, d))) {
-                Some((ratio, d)) => format!(
-                    "{target}: {} ({})",
-                    yes(ratio.1 <= 3.0),
-                    fsync_ratio_text(ratio, d)
-                ),
-                None => format!("{target}: not judged (no disk figure in this run)"),
+            out.push(match (fsync_ratio(r), fsync_ratio_text(r)) {
+                (Some(ratio), Some(text)) => format!("{target}: {} ({text})", yes(ratio.1 <= 3.0)),
+                _ => format!("{target}: not judged (no disk figure in this run)"),
             });
         }
     }
@@ -937,7 +947,7 @@ fn command_for(args: &Args, case: &Case, system: System) -> String {
 /// sync latency for S3's latency tables.
 fn disk_row(kind: Kind, d: &disk::Disk, in_flight: usize) -> String {
     let head = "| disk: fdatasync, same filesystem (limit, no broker) |";
-    let tail = "| measured once per run (Disk section) |";
+    let tail = "| probed just before this scenario's durable rows (Disk section) |";
     if matches!(kind, Kind::S3Topic | Kind::S3Queue) {
         format!(
             "{head} {} preallocated | write + fdatasync, one at a time; appending {} {tail}",
@@ -968,66 +978,72 @@ fn disk_summary(d: &disk::Disk, in_flight: usize) -> String {
     )
 }
 
-/// The report's Disk section: the figures, what they mean, and the durable S1 batch 1
-/// rows of this run as a share of the ceiling the disk sets.
-fn disk_section(md: &mut String, s: &Settings, disk: &Result<disk::Disk, String>, rows: &[Row]) {
+/// The report's Disk section: each probe's figures, what they mean, and the durable rows
+/// that follow each probe as a share of the limit it found.
+fn disk_section(md: &mut String, s: &Settings, probes: &[Probe], rows: &[Row]) {
     let _ = writeln!(md, "## Disk (the durable path's physical limit)\n");
-    let d = match disk {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = writeln!(md, "The disk probe failed: {e}\n");
-            return;
-        }
-    };
+    let filesystem = probes
+        .iter()
+        .find_map(|p| p.result.as_ref().ok())
+        .map(|d| d.filesystem.clone())
+        .unwrap_or_else(|| "unknown filesystem".into());
     let _ = writeln!(
         md,
-        "Measured once in this run, before the first figure, in a fresh directory made like \
-         the durable Sluice's data directory ({}): 512 B written then `fdatasync` \
+        "Measured just before each scenario's durable rows (a disk shared with other writers \
+         changes its pace within minutes), in a fresh directory made like the durable \
+         Sluice's data directory ({filesystem}): 512 B written then `fdatasync` \
          (`File::sync_data`), back to back, {} ms warm-up then a {} ms window; appending grows \
          the file, so every sync also commits its new size (Sluice's WAL appends); \
          preallocated overwrites a 64 MiB file written and synced beforehand, so only the \
-         data goes to disk. A durable answer waits for a sync: {} writers in flight that \
-         each wait for a sync of their own are answered at most {} x the syncs/s (group \
+         data goes to disk. A durable answer waits for a sync: {n} writers in flight that \
+         each wait for a sync of their own are answered at most {n} x the syncs/s (group \
          commit can share one sync between them).\n",
-        d.filesystem,
         s.warmup.as_millis(),
         s.window.as_millis(),
-        s.in_flight,
-        s.in_flight
-    );
-    let _ = writeln!(md, "| figure | appending | preallocated |\n|---|---|---|");
-    let _ = writeln!(
-        md,
-        "| write + fdatasync per second | {} | {} |",
-        thousands(d.appending.per_sec),
-        thousands(d.preallocated.per_sec)
-    );
-    for (name, q) in [("p50", 0.50), ("p99", 0.99), ("p99.9", 0.999)] {
-        let _ = writeln!(
-            md,
-            "| write + fdatasync {name} | {} µs | {} µs |",
-            thousands(d.appending.latency.value_at_quantile(q)),
-            thousands(d.preallocated.latency.value_at_quantile(q))
-        );
-    }
-    let _ = writeln!(
-        md,
-        "| {n} in flight x syncs/s | {} /s | {} /s |\n",
-        thousands(d.appending.per_sec * s.in_flight as u64),
-        thousands(d.in_flight_limit(s.in_flight)),
         n = s.in_flight
     );
-    let limit = d.in_flight_limit(s.in_flight);
-    for sys in [System::Sluice, System::SluiceStreams] {
-        if let Some(r) = measured(rows, sys, |c| {
-            matches!(c.kind, Kind::S1 { subs: 1, batch: 1 }) && c.storage == Storage::Durable
-        }) && let Some(v) = number_after(main_text(r).0, "")
-            && limit > 0
+    let _ = writeln!(
+        md,
+        "| probe | appending syncs/s | appending write + fdatasync | preallocated syncs/s | preallocated write + fdatasync | {} in flight x preallocated |\n|---|---|---|---|---|---|",
+        s.in_flight
+    );
+    for p in probes {
+        match &p.result {
+            Ok(d) => {
+                let _ = writeln!(
+                    md,
+                    "| before {} durable | {} | {} | {} | {} | {} /s |",
+                    p.before,
+                    thousands(d.appending.per_sec),
+                    sluice_peer::percentiles_short(&d.appending.latency),
+                    thousands(d.preallocated.per_sec),
+                    sluice_peer::percentiles_short(&d.preallocated.latency),
+                    thousands(d.in_flight_limit(s.in_flight))
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    md,
+                    "| before {} durable | probe failed: {e} | | | | |",
+                    p.before
+                );
+            }
+        }
+    }
+    let _ = writeln!(md);
+    for r in rows {
+        if r.case.storage == Storage::Durable
+            && matches!(r.case.kind, Kind::S1 { subs: 1, batch: 1 })
+            && matches!(r.system, System::Sluice | System::SluiceStreams)
+            && let Some(d) = &r.disk
+            && let Some(v) = number_after(main_text(r).0, "")
+            && d.in_flight_limit(s.in_flight) > 0
         {
+            let limit = d.in_flight_limit(s.in_flight);
             let _ = writeln!(
                 md,
                 "- S1 batch 1 durable, {}: {} msg/s = {:.0}% of {} in flight x preallocated ({}/s)",
-                sys.label(),
+                r.system.label(),
                 thousands(v as u64),
                 100.0 * v / limit as f64,
                 s.in_flight,
@@ -1036,13 +1052,12 @@ fn disk_section(md: &mut String, s: &Settings, disk: &Result<disk::Disk, String>
         }
     }
     for r in rows {
-        if let Some(ratio) = fsync_ratio(r, d) {
+        if let Some(text) = fsync_ratio_text(r) {
             let _ = writeln!(
                 md,
-                "- S3 durable {}, {}: {}",
+                "- S3 durable {}, {}: {text}",
                 r.case.variant,
-                r.system.label(),
-                fsync_ratio_text(ratio, d)
+                r.system.label()
             );
         }
     }
@@ -1053,7 +1068,7 @@ fn report(
     args: &Args,
     s: &Settings,
     rows: &[Row],
-    disk: Option<&Result<disk::Disk, String>>,
+    probes: &[Probe],
     versions: &[(String, String)],
     load: (&str, &str),
     total: Duration,
@@ -1144,8 +1159,7 @@ fn report(
         }
         let _ = writeln!(md);
     }
-    let measured_disk = disk.and_then(|d| d.as_ref().ok());
-    let durable = durable_verdicts(rows, measured_disk, s.in_flight);
+    let durable = durable_verdicts(rows, s.in_flight);
     if !durable.is_empty() {
         // The targets are stated for `--fsync always`; another policy's verdicts say so.
         let _ = writeln!(
@@ -1158,8 +1172,8 @@ fn report(
         }
         let _ = writeln!(md);
     }
-    if let Some(disk) = disk {
-        disk_section(&mut md, s, disk, rows);
+    if !probes.is_empty() {
+        disk_section(&mut md, s, probes, rows);
     }
     let _ = writeln!(md, "## Results\n");
     let mut last = ("", String::new(), Storage::Memory);
@@ -1177,18 +1191,14 @@ fn report(
                 md,
                 "| system | result | details | reproduce |\n|---|---|---|---|"
             );
-            if r.case.storage == Storage::Durable
-                && let Some(Ok(d)) = disk
-            {
+            if let Some(d) = &r.disk {
                 let _ = writeln!(md, "{}", disk_row(r.case.kind, d, s.in_flight));
             }
             last = head;
         }
         let (main, mut extra) = outcome_cells(&r.outcome);
-        if let Some(Ok(d)) = disk
-            && let Some(ratio) = fsync_ratio(r, d)
-        {
-            extra = format!("{}; {extra}", fsync_ratio_text(ratio, d));
+        if let Some(text) = fsync_ratio_text(r) {
+            extra = format!("{text}; {extra}");
         }
         let _ = writeln!(
             md,
@@ -1300,29 +1310,40 @@ fn main() -> Result<(), BoxError> {
         for (k, v) in &versions {
             println!("{k}: {v}");
         }
-        // The disk's own sync rate, measured while nothing else runs, whenever a durable
-        // figure will be: the ceiling those figures are read against.
-        let durable_measured = cases.iter().any(|c| {
-            c.storage == Storage::Durable
+        let mut rows = Vec::new();
+        let mut probes: Vec<Probe> = Vec::new();
+        for case in &cases {
+            // The disk's own sync rate, measured while no figure runs, just before each
+            // scenario's durable rows: the ceiling they are read against, taken close to
+            // them because other writers on a shared disk change its pace within minutes.
+            let durable_measured = case.storage == Storage::Durable
                 && systems
                     .iter()
-                    .any(|&sys| relevant(sys, c) && not_applicable(sys, c).is_none())
-        });
-        let disk = if durable_measured {
-            let (warmup, window) = (s.warmup, s.window);
-            let d = tokio::task::spawn_blocking(move || disk::measure(warmup, window))
-                .await?
-                .map_err(|e| one_line(&e.to_string()));
-            match &d {
-                Ok(d) => println!("disk ({}): {}", d.filesystem, disk_summary(d, s.in_flight)),
-                Err(e) => println!("disk: probe failed: {e}"),
+                    .any(|&sys| relevant(sys, case) && not_applicable(sys, case).is_none());
+            if durable_measured && probes.last().is_none_or(|p| p.before != case.id) {
+                let (warmup, window) = (s.warmup, s.window);
+                let result = tokio::task::spawn_blocking(move || disk::measure(warmup, window))
+                    .await?
+                    .map(Arc::new)
+                    .map_err(|e| one_line(&e.to_string()));
+                match &result {
+                    Ok(d) => println!(
+                        "disk before {} durable ({}): {}",
+                        case.id,
+                        d.filesystem,
+                        disk_summary(d, s.in_flight)
+                    ),
+                    Err(e) => println!("disk before {} durable: probe failed: {e}", case.id),
+                }
+                probes.push(Probe {
+                    before: case.id,
+                    result,
+                });
             }
-            Some(d)
-        } else {
-            None
-        };
-        let mut rows = Vec::new();
-        for case in &cases {
+            let disk = match (case.storage, probes.last()) {
+                (Storage::Durable, Some(p)) if p.before == case.id => p.result.clone().ok(),
+                _ => None,
+            };
             for &system in &systems {
                 if !relevant(system, case) {
                     continue;
@@ -1346,11 +1367,10 @@ fn main() -> Result<(), BoxError> {
                     system,
                     outcome,
                     secs,
+                    disk: disk.clone(),
                 };
-                if let Some(Ok(d)) = &disk
-                    && let Some(ratio) = fsync_ratio(&row, d)
-                {
-                    extra = format!("{}; {extra}", fsync_ratio_text(ratio, d));
+                if let Some(text) = fsync_ratio_text(&row) {
+                    extra = format!("{text}; {extra}");
                 }
                 println!(
                     "{:<3} {:<70} {:<8} {:<30} {:<45} {} [{:.1} s]",
@@ -1391,12 +1411,11 @@ fn main() -> Result<(), BoxError> {
         for v in verdicts(&rows).into_iter().chain(s6::verdicts(&s6_rows)) {
             println!("{v}");
         }
-        let measured_disk = disk.as_ref().and_then(|d| d.as_ref().ok());
         println!(
             "\n== Issue 22 targets (durable table `{}`) ==",
             s.sluice_durable_args.join(" ")
         );
-        for v in durable_verdicts(&rows, measured_disk, s.in_flight) {
+        for v in durable_verdicts(&rows, s.in_flight) {
             println!("{v}");
         }
         println!(
@@ -1411,7 +1430,7 @@ fn main() -> Result<(), BoxError> {
                 &args,
                 &s,
                 &rows,
-                disk.as_ref(),
+                &probes,
                 &versions,
                 (&load_start, &load_end),
                 total,
