@@ -11,12 +11,16 @@
 //!   on `sluice = { version = "0.1", default-features = false, features = ["client"] }`,
 //!   which leaves out the broker and what only it needs (axum, clap, prometheus-client,
 //!   the write-ahead log's and the TLS server's crates).
+//! * `otlp` (implied by `server`): [`otlp`], exporting a process's `tracing` spans to an
+//!   OpenTelemetry collector over OTLP/gRPC.
 //!
 //! [`pb`] is always built.
 //!
 //! # Public API
 //!
-//! * [`client`]: all of it ([`client::Client`], the workers, producers and subscriptions).
+//! * [`client`]: all of it ([`client::Client`], the workers, producers and subscriptions,
+//!   and [`client::trace`], the W3C trace context messages and jobs carry).
+//! * [`otlp`]: [`otlp::Exporter`], the OTLP span exporter.
 //! * [`pb`]: the messages and gRPC stubs generated from `proto/sluice/v1/sluice.proto`,
 //!   and the codec both sides use.
 //! * [`broker`], the items it lists at its top level:
@@ -39,7 +43,8 @@
 //!
 //! * `proto/`: `sluice/v1/sluice.proto` is the wire contract, `proto/mod.rs` and
 //!   `proto/codec.rs` are [`pb`].
-//! * `client/`: the typed client; it never imports `broker`.
+//! * `client/`: the typed client; it never imports `broker`. `client/trace.rs` is the
+//!   trace context (`traceparent`) both sides read and write; `otlp.rs` the exporter.
 //! * `broker/domain/`: pure state machines (queue, topic log, dedup, names, limits, time)
 //!   that take `now` as an argument. A change to lease expiry goes in `domain/queue/`
 //!   (`deadlines.rs` groups the deadlines, `Queue::tick` expires them).
@@ -76,6 +81,8 @@ pub mod pb;
 pub mod broker;
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 
 /// Compiles the README's Rust examples as doc tests, so they cannot rot.
 #[cfg(doctest)]

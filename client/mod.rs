@@ -35,6 +35,7 @@ mod producer;
 mod request;
 mod retry;
 mod subscribe;
+pub mod trace;
 mod transport;
 mod worker;
 
@@ -44,6 +45,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tonic::transport::Channel;
+use tracing::Instrument;
 
 use crate::pb;
 use crate::pb::broker_client::BrokerClient;
@@ -70,19 +72,39 @@ pub struct Client {
     rpc: Rpc,
 }
 
-/// One Publish request, for the unary call or a [`Publisher`] stream.
-fn publish_request(topic: &str, messages: Vec<Message>) -> pb::PublishRequest {
+/// One Publish request, for the unary call or a [`Publisher`] stream, sent in `span` (see
+/// [`trace::producer_span`]): its messages carry the span's trace context.
+fn publish_request(
+    span: &tracing::Span,
+    topic: &str,
+    messages: Vec<Message>,
+) -> pb::PublishRequest {
+    let context = trace::context_of(span);
     pb::PublishRequest {
         topic: topic.to_owned(),
-        messages: messages.into_iter().map(|m| m.0).collect(),
+        messages: messages
+            .into_iter()
+            .map(|mut m| {
+                trace::inject_missing(&context, &mut m.0.headers);
+                m.0
+            })
+            .collect(),
     }
 }
 
-/// One Enqueue request, for the unary call or an [`Enqueuer`] stream.
-fn enqueue_request(queue: &str, jobs: Vec<Job>) -> pb::EnqueueRequest {
+/// One Enqueue request, for the unary call or an [`Enqueuer`] stream, sent in `span`: its
+/// jobs carry the span's trace context.
+fn enqueue_request(span: &tracing::Span, queue: &str, jobs: Vec<Job>) -> pb::EnqueueRequest {
+    let context = trace::context_of(span);
     pb::EnqueueRequest {
         queue: queue.to_owned(),
-        jobs: jobs.into_iter().map(|j| j.0).collect(),
+        jobs: jobs
+            .into_iter()
+            .map(|mut j| {
+                trace::inject_missing(&context, &mut j.0.headers);
+                j.0
+            })
+            .collect(),
     }
 }
 
@@ -207,10 +229,12 @@ impl Client {
         topic: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<pb::PublishResult>> {
-        Ok(self
-            .rpc
-            .clone()
-            .publish(publish_request(topic, messages))
+        let span = trace::producer_span("publish", topic);
+        let request = publish_request(&span, topic, messages);
+        let mut rpc = self.rpc.clone();
+        Ok(rpc
+            .publish(request)
+            .instrument(span)
             .await?
             .into_inner()
             .results)
@@ -265,15 +289,7 @@ impl Client {
 
     /// Enqueues up to 1,000 jobs into one queue in one call, all or none.
     pub async fn enqueue_batch(&self, queue: &str, jobs: Vec<Job>) -> Result<Vec<Enqueued>> {
-        let request = enqueue_request(queue, jobs);
-        let results = self
-            .rpc
-            .clone()
-            .enqueue(request)
-            .await?
-            .into_inner()
-            .results;
-        Ok(enqueued(results))
+        send_enqueue(&self.rpc, queue, jobs).await
     }
 
     /// An enqueuer that sends its requests over one `EnqueueStream` call; see
@@ -519,23 +535,23 @@ impl EnqueueBuilder {
 
     /// Enqueues the job.
     pub async fn send(self) -> Result<Enqueued> {
-        let request = pb::EnqueueRequest {
-            queue: self.queue,
-            jobs: vec![self.job.0],
-        };
-        let mut results = self
-            .rpc
-            .clone()
-            .enqueue(request)
-            .await?
-            .into_inner()
-            .results;
-        let r = results.remove(0);
-        Ok(Enqueued {
-            job_id: r.job_id,
-            duplicate: r.duplicate,
-        })
+        let mut results = send_enqueue(&self.rpc, &self.queue, vec![self.job]).await?;
+        Ok(results.remove(0))
     }
+}
+
+/// The unary Enqueue of `jobs` into `queue`, in a producer span.
+async fn send_enqueue(rpc: &Rpc, queue: &str, jobs: Vec<Job>) -> Result<Vec<Enqueued>> {
+    let span = trace::producer_span("enqueue", queue);
+    let request = enqueue_request(&span, queue, jobs);
+    let results = rpc
+        .clone()
+        .enqueue(request)
+        .instrument(span)
+        .await?
+        .into_inner()
+        .results;
+    Ok(enqueued(results))
 }
 
 /// A lease request; see [`Client::lease`].
@@ -688,6 +704,17 @@ impl Lease {
     /// When the lease expires unless extended, unix ms.
     pub fn deadline_unix_ms(&self) -> u64 {
         self.job.lease_deadline_unix_ms
+    }
+
+    /// A consumer span (`process <queue>`) to handle this job in: the child of the trace
+    /// context the job carries (see [`trace`]), with its id, kind and attempt. The
+    /// [`Worker`] runs each job's handler in it.
+    pub fn span(&self) -> tracing::Span {
+        let span = trace::consumer_span(self.queue(), self.headers());
+        span.record("messaging.message.id", self.job_id());
+        span.record("sluice.job.kind", self.kind());
+        span.record("sluice.job.attempt", self.attempt());
+        span
     }
 
     /// The whole leased job as the broker sent it.

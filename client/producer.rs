@@ -14,9 +14,10 @@ use std::pin::Pin;
 use crate::client::Rpc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use crate::client::error::{ClientError, Result};
-use crate::client::{Enqueued, Job, Message, enqueue_request, enqueued, publish_request};
+use crate::client::{Enqueued, Job, Message, enqueue_request, enqueued, publish_request, trace};
 use crate::pb;
 
 /// Requests one stream keeps unanswered at most; the broker holds as many (it answers each
@@ -186,7 +187,9 @@ impl Publisher {
         topic: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<pb::PublishResult>> {
-        let answer = self.pipeline.call(publish_request(topic, messages)).await?;
+        let span = trace::producer_span("publish", topic);
+        let request = publish_request(&span, topic, messages);
+        let answer = self.pipeline.call(request).instrument(span).await?;
         refused(answer.refused)?;
         Ok(answer.results)
     }
@@ -217,7 +220,9 @@ impl Enqueuer {
 
     /// Enqueues up to 1,000 jobs into one queue as one request, all or none.
     pub async fn enqueue_batch(&self, queue: &str, jobs: Vec<Job>) -> Result<Vec<Enqueued>> {
-        let answer = self.pipeline.call(enqueue_request(queue, jobs)).await?;
+        let span = trace::producer_span("enqueue", queue);
+        let request = enqueue_request(&span, queue, jobs);
+        let answer = self.pipeline.call(request).instrument(span).await?;
         refused(answer.refused)?;
         Ok(enqueued(answer.results))
     }

@@ -47,6 +47,27 @@ pub struct Delivery<T> {
     pub publish_time_unix_ms: u64,
 }
 
+impl<T> Delivery<T> {
+    /// A consumer span (`process <topic>`) to handle this message in: the child of the
+    /// publisher's trace context the message carries (see [`crate::client::trace`]).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice::client::Client) -> sluice::client::Result<()> {
+    /// use futures::StreamExt;
+    /// use tracing::Instrument;
+    ///
+    /// let mut events = client.subscribe("user.*").raw().await?;
+    /// while let Some(delivery) = events.next().await {
+    ///     let delivery = delivery?;
+    ///     async { /* handle it */ }.instrument(delivery.span()).await;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn span(&self) -> tracing::Span {
+        crate::client::trace::consumer_span(&self.topic, &self.headers)
+    }
+}
+
 /// A subscription being set up; see [`crate::client::Client::subscribe`].
 #[must_use = "finish with .raw(), .json() or .decoded()"]
 #[derive(Debug)]

@@ -52,6 +52,15 @@ impl tower::Service<http::Request<tonic::body::Body>> for Transport {
                 .headers_mut()
                 .insert(http::header::AUTHORIZATION, value.clone());
         }
+        // The caller's trace context, so the broker's span of this call joins its trace
+        // (the generated stubs call this inside the caller's span).
+        if let Some(traceparent) = crate::client::trace::current_traceparent()
+            && let Ok(value) = HeaderValue::try_from(traceparent)
+        {
+            request
+                .headers_mut()
+                .insert(crate::client::trace::TRACEPARENT, value);
+        }
         tower::Service::call(&mut self.channel, request)
     }
 }

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::client::codec::{Codec, Json, Protobuf};
 use crate::client::error::{ClientError, Result};
@@ -555,7 +556,10 @@ impl Worker {
             match next {
                 Some(Ok(lease)) => {
                     let shared = shared.clone();
-                    running.spawn(async move { shared.process(lease).await });
+                    // Each job is handled in a consumer span, child of the trace context
+                    // the job carries (the producer's, or the broker's when it traces).
+                    let span = lease.span();
+                    running.spawn(async move { shared.process(lease).await }.instrument(span));
                 }
                 Some(Err(ClientError::Refused {
                     lease_id, message, ..
@@ -698,7 +702,8 @@ impl Shared {
 
     /// Runs the handler in its own task (so a panic is caught) while extending the lease.
     async fn supervise(&self, lease: &mut Lease, fut: HandlerFuture) -> Settle {
-        let mut task = tokio::spawn(fut);
+        // A spawned task starts outside every span: it is put back in the job's.
+        let mut task = tokio::spawn(fut.in_current_span());
         let period = self.visibility_timeout / 2;
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -45,11 +45,12 @@ echo "== the integration tests again, served by the Redis engine (a redis-server
 # tests/redis_cluster.rs, run above.
 SLUICE_TEST_ENGINE=redis cargo nextest run --no-fail-fast \
   --test queues --test topics --test consume --test worker --test errors \
-  --test lifecycle --test producer_streams --test balance
+  --test lifecycle --test producer_streams --test balance --test queue_typos \
+  --test ops_console --test tracing
 
 echo "== Rust doc tests"
 cargo test --doc --quiet
 
-echo "== end-to-end tests (example system, Python client, grpcurl)"
+echo "== end-to-end tests (example system, Python client, grpcurl, the console in Chromium)"
 cargo build --examples --bins
 timeout 600 python3 -m pytest tests/e2e -p no:cacheprovider -q

@@ -358,6 +358,47 @@ async fn cli_produces_consumes_and_reports() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_marks_a_queue_only_consumers_name() {
+    let h = Harness::start(200).await;
+    ok(&h, &["enqueue", "ops.mail", "hello"]).await;
+    // A worker with a typo in its queue name.
+    let empty = ok(&h, &["lease", "ops.mial"]).await;
+    assert_eq!(empty, "no job visible in ops.mial\n");
+
+    for command in [&["queues"][..], &["stats"][..]] {
+        let out = sluice(&h, command).await;
+        assert!(out.status.success(), "sluice {command:?} failed");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let rows = table(text.split("\n\n").next().unwrap());
+        let status: HashMap<&str, &str> = rows
+            .iter()
+            .map(|r| (r["QUEUE"].as_str(), r["STATUS"].as_str()))
+            .collect();
+        assert_eq!(status["ops.mail"], "active", "{command:?}");
+        assert_eq!(status["ops.mial"], "active,consumer-created", "{command:?}");
+        // The note goes to stderr, so stdout stays a table.
+        let note = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            note.contains("check the worker's queue name for a typo"),
+            "{note}"
+        );
+    }
+    let stats = json(&h, &["stats", "--json", "--queue", "ops.mial"]).await;
+    assert_eq!(stats["queues"][0]["created_by_consumer"], true);
+
+    // The first enqueue names it: no longer flagged, and no note.
+    ok(&h, &["enqueue", "ops.mial", "now it is real"]).await;
+    let out = sluice(&h, &["queues"]).await;
+    let rows = table(&String::from_utf8(out.stdout).unwrap());
+    assert!(rows.iter().all(|r| r["STATUS"] == "active"));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_dead_jobs_redrive_purge_and_errors() {
     let h = Harness::start(200).await;
     let mut c = h.rpc().await;

@@ -341,6 +341,9 @@ async fn dashboard_updates_live_in_chromium() {
         .await;
     assert_eq!(orders["pending"], "15");
     assert_eq!(orders["leased"], "2");
+    // No queue has a limit yet: the limits' columns are hidden.
+    let no_limits = "document.getElementById('queues').classList.contains('no-limits')";
+    assert_eq!(cdp.eval(s, no_limits).await, true);
     assert_eq!(orders["enqueued"], "25");
     assert_eq!(orders["consumers"], "1");
     let email = cdp
@@ -466,6 +469,87 @@ async fn dashboard_updates_live_in_chromium() {
         |v| v.as_u64().is_some_and(|n| n >= 3),
     )
     .await;
+
+    // A queue's limits, and a queue only a worker (with a typo) names.
+    c.create_queue(pb::CreateQueueRequest {
+        name: "mail.limited".into(),
+        policy: Some(pb::QueuePolicy {
+            max_in_flight: Some(2),
+            rate_limit: Some(pb::RateLimit {
+                per_second: 1,
+                burst: 3,
+            }),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    enqueue(&mut c, "mail.limited", 5, 0).await;
+    // max_in_flight cuts the lease short at 2, and holds the rest back from then on.
+    assert_eq!(
+        rpc::lease(&mut c, "mail.limited", "mailer", 10).await.len(),
+        2
+    );
+    assert!(
+        rpc::lease(&mut c, "orders.proces", "typo-worker", 1)
+            .await
+            .is_empty()
+    );
+    let limited = cdp
+        .wait_for(
+            s,
+            &row_js("tr[data-queue=\"mail.limited\"]"),
+            "mail.limited holding jobs back",
+            // The rate limit's time, then max_in_flight's: only the latter grows.
+            |v| {
+                v["held_back"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("0 ms + ") && t != "0 ms + 0 ms")
+            },
+        )
+        .await;
+    assert_eq!(limited["in_flight"], "2 / 2");
+    assert_eq!(cdp.eval(s, no_limits).await, false);
+    // Two of three tokens taken; the bucket refills one a second.
+    let rate = limited["rate_limit"].as_str().unwrap();
+    assert!(
+        ["1/s, 1 / 3", "1/s, 2 / 3", "1/s, 3 / 3"].contains(&rate),
+        "rate limit cell {rate:?}"
+    );
+    let orders = cdp
+        .eval(s, &row_js("tr[data-queue=\"orders.process\"]"))
+        .await;
+    assert_eq!(
+        (
+            &orders["in_flight"],
+            &orders["rate_limit"],
+            &orders["held_back"]
+        ),
+        (&json!("-"), &json!("-"), &json!("-"))
+    );
+    let typo_row = r#"document.querySelector('tr[data-queue="orders.proces"]')"#;
+    cdp.wait_for(
+        s,
+        &format!("{typo_row}?.classList.contains('consumer-created')"),
+        "the typo's queue marked created by a consumer",
+        |v| v == true,
+    )
+    .await;
+    let note = cdp
+        .eval(
+            s,
+            &format!("getComputedStyle({typo_row}.querySelector('td.name'), '::after').content"),
+        )
+        .await;
+    assert_eq!(note, "\" no producer\"");
+    assert_eq!(
+        cdp.eval(
+            s,
+            r#"document.querySelector('tr[data-queue="orders.process"]').classList.contains('consumer-created')"#
+        )
+        .await,
+        false
+    );
 
     // Laptop size: nothing sticks out sideways.
     let width = cdp.eval(s, "document.documentElement.scrollWidth").await;

@@ -256,6 +256,127 @@ fn message(payload: &str) -> pb::PublishMessage {
 
 // ---- tests ------------------------------------------------------------------------------
 
+/// Whether the exposition has a sample `name` for queue `queue`.
+fn has_queue_sample(m: &Exposition, name: &str, queue: &str) -> bool {
+    m.samples
+        .iter()
+        .any(|s| s.name == name && s.labels.get("queue").map(String::as_str) == Some(queue))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_rate_and_in_flight_limits_and_consumer_created_queues() {
+    let h = Harness::start(100).await;
+    let mut c = h.rpc().await;
+    // Two leases at once at most; 1 job a second in bursts of 3.
+    c.create_queue(pb::CreateQueueRequest {
+        name: "ops.limited".into(),
+        policy: Some(pb::QueuePolicy {
+            max_in_flight: Some(2),
+            rate_limit: Some(pb::RateLimit {
+                per_second: 1,
+                burst: 3,
+            }),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    c.enqueue(pb::EnqueueRequest {
+        queue: "ops.limited".into(),
+        jobs: (0..6).map(|i| job(&format!("job {i}"))).collect(),
+    })
+    .await
+    .unwrap();
+    c.enqueue(pb::EnqueueRequest {
+        queue: "ops.free".into(),
+        jobs: vec![job("free")],
+    })
+    .await
+    .unwrap();
+    // max_in_flight cuts the lease short at 2 (the bucket had 3 tokens).
+    let held = rpc::lease(&mut c, "ops.limited", "limited-worker", 10).await;
+    assert_eq!(held.len(), 2);
+    // A worker whose queue name has a typo.
+    assert!(
+        rpc::lease(&mut c, "ops.limitd", "typo-worker", 1)
+            .await
+            .is_empty()
+    );
+
+    // The held-back time grows while a lease waits behind max_in_flight.
+    let m = common::test_broker::eventually(|| async {
+        let m = parse_exposition(&http_get(h.http, "/metrics").await.body);
+        let q = [("queue", "ops.limited")];
+        if m.value("sluice_queue_in_flight_limited_seconds_total", &q) > 0.0 {
+            Ok(m)
+        } else {
+            Err("max_in_flight has held nothing back yet")
+        }
+    })
+    .await;
+    let q = [("queue", "ops.limited")];
+    assert_eq!(m.value("sluice_queue_max_in_flight", &q), 2.0);
+    assert_eq!(m.value("sluice_queue_in_flight", &q), 2.0);
+    assert_eq!(m.value("sluice_queue_rate_limit_per_second", &q), 1.0);
+    assert_eq!(m.value("sluice_queue_rate_limit_burst", &q), 3.0);
+    // Two of the three tokens were taken; the bucket refills one a second.
+    let tokens = m.value("sluice_queue_rate_limit_tokens", &q);
+    assert!((1.0..=3.0).contains(&tokens), "{tokens} tokens");
+    // max_in_flight (room 2) cut the lease short, not the rate limit (3 tokens).
+    assert_eq!(m.value("sluice_queue_rate_limited_seconds_total", &q), 0.0);
+    assert_eq!(m.value("sluice_queue_created_by_consumer", &q), 0.0);
+    // A queue without limits has no limit gauges (absent: no limit, never a limit of 0),
+    // and held-back counters that stay at 0.
+    for name in [
+        "sluice_queue_max_in_flight",
+        "sluice_queue_in_flight",
+        "sluice_queue_rate_limit_per_second",
+        "sluice_queue_rate_limit_burst",
+        "sluice_queue_rate_limit_tokens",
+    ] {
+        assert!(
+            !has_queue_sample(&m, name, "ops.free"),
+            "{name} of ops.free"
+        );
+    }
+    let free = [("queue", "ops.free")];
+    assert_eq!(
+        m.value("sluice_queue_rate_limited_seconds_total", &free),
+        0.0
+    );
+    assert_eq!(
+        m.value("sluice_queue_in_flight_limited_seconds_total", &free),
+        0.0
+    );
+    assert_eq!(m.value("sluice_queue_created_by_consumer", &free), 0.0);
+    // The typo's queue is flagged until a producer names it.
+    let typo = [("queue", "ops.limitd")];
+    assert_eq!(m.value("sluice_queue_created_by_consumer", &typo), 1.0);
+    for (family, kind) in [
+        ("sluice_queue_max_in_flight", "gauge"),
+        ("sluice_queue_rate_limit_tokens", "gauge"),
+        ("sluice_queue_rate_limited_seconds", "counter"),
+        ("sluice_queue_in_flight_limited_seconds", "counter"),
+        ("sluice_queue_created_by_consumer", "gauge"),
+    ] {
+        assert_eq!(m.families[family].kind, kind, "{family}");
+        assert!(!m.families[family].help.is_empty(), "{family}");
+    }
+    c.enqueue(pb::EnqueueRequest {
+        queue: "ops.limitd".into(),
+        jobs: vec![job("named now")],
+    })
+    .await
+    .unwrap();
+    let m = parse_exposition(&http_get(h.http, "/metrics").await.body);
+    assert_eq!(m.value("sluice_queue_created_by_consumer", &typo), 0.0);
+
+    // An ack frees a slot: the in-flight gauge follows.
+    rpc::ack(&mut c, &held[..1]).await;
+    let m = parse_exposition(&http_get(h.http, "/metrics").await.body);
+    assert_eq!(m.value("sluice_queue_in_flight", &q), 1.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_exactly_what_happened() {
     let h = Harness::start(100).await;

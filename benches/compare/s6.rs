@@ -16,6 +16,9 @@
 //! that scripts ran), enqueue->lease latency at an open-loop 5,000 jobs/s, and on the
 //! cluster the time writes are unavailable after the primary owning the queue's slot is
 //! SIGKILLed.
+//!
+//! `SLUICE_S6_SETUPS` (comma separated: `single`, `replicated`, `cluster`; default all)
+//! runs only those setups, for profiling one of them; the failover figure needs `cluster`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,7 +35,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::*;
-use crate::sluice_peer::{Client, connect, percentiles_short};
+use crate::sluice_peer::{Client, Produce, Producer, connect, consume_worker, percentiles_short};
 
 /// Open-loop rate of the latency figure.
 pub const RATE: u64 = 5_000;
@@ -45,7 +48,7 @@ fn throughput_variant(batch: usize) -> String {
 /// Variant text of the latency rows.
 fn latency_variant() -> String {
     format!(
-        "enqueue->lease, open loop {} jobs/s, batch 1, 4 workers (lease / concurrency 100), on Redis",
+        "enqueue->lease, open loop {} jobs/s, batch 1, 4 workers (Consume credits / concurrency 100), on Redis",
         thousands(RATE)
     )
 }
@@ -72,6 +75,8 @@ struct Facts {
     topo: &'static str,
     bullmq: bool,
     nodes: usize,
+    /// Sluice driven through its streams (EnqueueStream, Consume) rather than unary calls.
+    streams: bool,
     resume_after_failover_ms: Option<f64>,
 }
 
@@ -418,20 +423,36 @@ async fn sluice_worker(
 }
 
 /// The S2 shape over `nodes`: producers bounded by [`MAX_BACKLOG`] (closed loop) or by
-/// `jobs` in total (cost run); returns the workers' meter and the tasks.
+/// `jobs` in total (cost run); returns the workers' meter and the tasks. With `streams`,
+/// producers use EnqueueStream and workers the Consume stream (credits = batch, acks on
+/// the stream with the next credits); otherwise unary Enqueue, Lease and Ack.
 async fn sluice_load(
     nodes: &Nodes,
     s: &Settings,
     queue: &str,
     batch: usize,
     jobs: Option<u64>,
+    streams: bool,
 ) -> Res<(Meter, Vec<tokio::task::JoinHandle<()>>)> {
     let meter = Meter::new();
     let enqueued = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for w in 0..4 {
-        let c = connect(nodes.addr(w)).await?;
         let (queue, meter) = (queue.to_string(), meter.clone());
+        let addr = nodes.addr(w);
+        if streams {
+            tasks.push(tokio::spawn(async move {
+                let name = format!("w{w}");
+                if consume_worker(addr, queue, name, batch as u32, meter.clone(), None)
+                    .await
+                    .is_err()
+                {
+                    meter.error();
+                }
+            }));
+            continue;
+        }
+        let c = connect(addr).await?;
         tasks.push(tokio::spawn(async move {
             let done = move |m: &Meter| {
                 m.stopped() || jobs.is_some_and(|n| m.count.load(Ordering::Relaxed) >= n)
@@ -439,10 +460,15 @@ async fn sluice_load(
             sluice_worker(c, queue, batch, meter, done, None).await;
         }));
     }
+    let how = if streams {
+        Produce::Stream
+    } else {
+        Produce::Unary
+    };
     for p in 0..2 {
-        let c = connect(nodes.addr(p)).await?;
+        let producer = Producer::open(nodes.addr(p), how).await?;
         for _ in 0..s.in_flight {
-            let (mut c, meter, enq) = (c.clone(), meter.clone(), enqueued.clone());
+            let (c, meter, enq) = (producer.clone(), meter.clone(), enqueued.clone());
             let req = enqueue_req(queue, batch, 0, 0);
             tasks.push(tokio::spawn(async move {
                 while !meter.stopped() {
@@ -460,12 +486,12 @@ async fn sluice_load(
                             return;
                         }
                         req.jobs.truncate((n - start).min(batch as u64) as usize);
-                        if c.enqueue(req).await.is_err() {
+                        if c.enqueue(&req).await.is_err() {
                             meter.error();
                         }
                         continue;
                     }
-                    match c.enqueue(req).await {
+                    match c.enqueue(&req).await {
                         Ok(_) => {
                             enq.fetch_add(batch as u64, Ordering::Relaxed);
                         }
@@ -481,13 +507,19 @@ async fn sluice_load(
     Ok((meter, tasks))
 }
 
-async fn sluice_throughput(nodes: &Nodes, s: &Settings, batch: usize) -> Res<(f64, String)> {
+async fn sluice_throughput(
+    nodes: &Nodes,
+    s: &Settings,
+    batch: usize,
+    streams: bool,
+) -> Res<(f64, String)> {
     let queue = format!("bench.s6.{}.{}", run_id(), fastrand_suffix());
-    let (meter, tasks) = sluice_load(nodes, s, &queue, batch, None).await?;
+    let (meter, tasks) = sluice_load(nodes, s, &queue, batch, None, streams).await?;
     let (n, el) = meter.measure(s).await;
     for t in tasks {
         let _ = t.await;
     }
+    drop_queue(nodes, &queue).await;
     let per_s = rate(n, el) as f64;
     Ok((
         per_s,
@@ -495,7 +527,13 @@ async fn sluice_throughput(nodes: &Nodes, s: &Settings, batch: usize) -> Res<(f6
     ))
 }
 
-async fn sluice_cost(topo: &Topology, nodes: &Nodes, s: &Settings, batch: usize) -> Res<Cost> {
+async fn sluice_cost(
+    topo: &Topology,
+    nodes: &Nodes,
+    s: &Settings,
+    batch: usize,
+    streams: bool,
+) -> Res<Cost> {
     let queue = format!("bench.s6c.{}.{}", run_id(), fastrand_suffix());
     let jobs = cost_jobs(batch);
     // The queue exists (and every node knows it) before counting starts.
@@ -530,8 +568,8 @@ async fn sluice_cost(topo: &Topology, nodes: &Nodes, s: &Settings, batch: usize)
             .collect();
         drain.ack(pb::AckRequest { acks }).await?;
     }
-    measured_cost(topo, jobs, || async {
-        let (meter, tasks) = sluice_load(nodes, s, &queue, batch, Some(jobs)).await?;
+    let cost = measured_cost(topo, jobs, || async {
+        let (meter, tasks) = sluice_load(nodes, s, &queue, batch, Some(jobs), streams).await?;
         let done = wait_until(Duration::from_millis(2), Duration::from_secs(60), || {
             let c = meter.count.load(Ordering::Relaxed);
             async move { c >= jobs }
@@ -544,23 +582,38 @@ async fn sluice_cost(topo: &Topology, nodes: &Nodes, s: &Settings, batch: usize)
         done.map(|_| ())
             .ok_or_else(|| BoxError::from(format!("{jobs} jobs not acked within 60 s")))
     })
-    .await
+    .await;
+    drop_queue(nodes, &queue).await;
+    cost
 }
 
+/// Deletes a finished run's queue, so the next runs' sweeps do not visit it (BullMQ's
+/// workers look at their own queue only).
+async fn drop_queue(nodes: &Nodes, queue: &str) {
+    if let Ok(mut c) = connect(nodes.addr(0)).await {
+        let _ = c
+            .delete_queue(pb::DeleteQueueRequest {
+                name: queue.to_string(),
+            })
+            .await;
+    }
+}
+
+/// Enqueue->lease latency at an open-loop [`RATE`]: unary single-job enqueues (each
+/// stamped when it was due), 4 Consume workers with 100 credits each.
 async fn sluice_latency(nodes: &Nodes, s: &Settings) -> Res<Outcome> {
     let queue = format!("bench.s6l.{}.{}", run_id(), fastrand_suffix());
     let meter = Meter::new();
     let mut workers = Vec::new();
     for w in 0..4 {
-        let c = connect(nodes.addr(w)).await?;
-        workers.push(tokio::spawn(sluice_worker(
-            c,
-            queue.clone(),
-            100,
-            meter.clone(),
-            |m: &Meter| m.stopped(),
-            Some(histogram()),
-        )));
+        let (addr, queue, meter) = (nodes.addr(w), queue.clone(), meter.clone());
+        let name = format!("l{w}");
+        workers.push(tokio::spawn(async move {
+            consume_worker(addr, queue, name, 100, meter, Some(histogram()))
+                .await
+                .ok()
+                .flatten()
+        }));
     }
     let mut producers = Vec::new();
     for p in 0..2 {
@@ -585,6 +638,7 @@ async fn sluice_latency(nodes: &Nodes, s: &Settings) -> Res<Outcome> {
             h.add(x)?;
         }
     }
+    drop_queue(nodes, &queue).await;
     Ok(Outcome::Measured {
         main: percentiles_short(&h),
         extra: format!(
@@ -731,14 +785,19 @@ fn bullmq_args(s: &Settings, batch: usize, wait: u32) -> Vec<String> {
 /// What one system of a setup is.
 #[derive(Clone, Copy)]
 enum Sys {
-    Sluice { nodes: usize },
+    /// Sluice nodes, driven through the streams (EnqueueStream, Consume) or unary calls.
+    Sluice {
+        nodes: usize,
+        streams: bool,
+    },
     BullMq,
 }
 
 fn label(sys: Sys, topo: &Topology, replicas: u32) -> String {
     match sys {
-        Sys::Sluice { nodes } => format!(
-            "Sluice on Redis, {nodes} node{}, {}, --redis-replicas {replicas}",
+        Sys::Sluice { nodes, streams } => format!(
+            "Sluice on Redis ({}), {nodes} node{}, {}, --redis-replicas {replicas}",
+            if streams { "streams" } else { "unary" },
             if nodes == 1 { "" } else { "s" },
             topo.name()
         ),
@@ -767,7 +826,14 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
     let setups: [(&'static str, &[u32]); 3] =
         [("single", &[0]), ("replicated", &[1]), ("cluster", &[0, 1])];
     let mut cluster_left = None;
+    let only = std::env::var("SLUICE_S6_SETUPS").ok();
     for (kind, replica_settings) in setups {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|x| x.trim() == kind))
+        {
+            continue;
+        }
         let t0 = Instant::now();
         let topo = match start_topology(kind).await {
             Ok(t) => t,
@@ -796,8 +862,18 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
         );
         for &replicas in replica_settings {
             for sys in [
-                Sys::Sluice { nodes: 1 },
-                Sys::Sluice { nodes: 3 },
+                Sys::Sluice {
+                    nodes: 1,
+                    streams: true,
+                },
+                Sys::Sluice {
+                    nodes: 3,
+                    streams: true,
+                },
+                Sys::Sluice {
+                    nodes: 1,
+                    streams: false,
+                },
                 Sys::BullMq,
             ] {
                 let name = label(sys, &topo, replicas);
@@ -811,9 +887,10 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                     topo: topo_key,
                     bullmq: matches!(sys, Sys::BullMq),
                     nodes: match sys {
-                        Sys::Sluice { nodes } => nodes,
+                        Sys::Sluice { nodes, .. } => nodes,
                         Sys::BullMq => 0,
                     },
+                    streams: matches!(sys, Sys::Sluice { streams: true, .. }),
                     ..Facts::default()
                 };
                 let mut push = |variant: String, outcome: Outcome, facts: Facts| {
@@ -833,7 +910,7 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                     });
                 };
                 match sys {
-                    Sys::Sluice { nodes: n } => {
+                    Sys::Sluice { nodes: n, streams } => {
                         let nodes = match Nodes::start(topo.seeds(), replicas, n).await {
                             Ok(x) => x,
                             Err(e) => {
@@ -848,8 +925,9 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                         for batch in [100usize, 1] {
                             let mut f = facts(batch);
                             let r = async {
-                                let (per_s, errs) = sluice_throughput(&nodes, s, batch).await?;
-                                let cost = sluice_cost(&topo, &nodes, s, batch).await?;
+                                let (per_s, errs) =
+                                    sluice_throughput(&nodes, s, batch, streams).await?;
+                                let cost = sluice_cost(&topo, &nodes, s, batch, streams).await?;
                                 f.per_s = Some(per_s);
                                 f.top_level_per_job = Some(cost.per_job(cost.top_level));
                                 Ok::<_, BoxError>(Outcome::Measured {
@@ -860,11 +938,13 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                             .await;
                             push(throughput_variant(batch), outcome(r), f);
                         }
-                        push(
-                            latency_variant(),
-                            outcome(sluice_latency(&nodes, s).await),
-                            facts(1),
-                        );
+                        if streams {
+                            push(
+                                latency_variant(),
+                                outcome(sluice_latency(&nodes, s).await),
+                                facts(1),
+                            );
+                        }
                         drop(nodes);
                         tokio::time::sleep(Duration::from_millis(150)).await;
                     }
@@ -1077,10 +1157,11 @@ pub fn verdicts(rows: &[S6Row]) -> Vec<String> {
                 .and_then(|r| r.facts.per_s) else {
                     continue;
                 };
-                for nodes in [1usize, 3] {
+                for (nodes, streams) in [(1usize, true), (3, true), (1, false)] {
                     if let Some(v) = find(&|f| {
                         !f.bullmq
                             && f.nodes == nodes
+                            && f.streams == streams
                             && f.topo == topo
                             && f.replicas == replicas
                             && f.batch == batch
@@ -1088,7 +1169,8 @@ pub fn verdicts(rows: &[S6Row]) -> Vec<String> {
                     .and_then(|r| r.facts.per_s)
                     {
                         out.push(format!(
-                            "S6 {topo}, replicas {replicas}, batch {batch}: Sluice ({nodes} node{}) >= 2x BullMQ jobs/s: {} ({} vs {} jobs/s, {:.2}x)",
+                            "S6 {topo}, replicas {replicas}, batch {batch}: Sluice ({}, {nodes} node{}) >= 2x BullMQ jobs/s: {} ({} vs {} jobs/s, {:.2}x)",
+                            if streams { "streams" } else { "unary" },
                             if nodes == 1 { "" } else { "s" },
                             yes(v >= 2.0 * b),
                             thousands(v as u64),
@@ -1132,8 +1214,12 @@ pub fn report(md: &mut String, rows: &[S6Row], bullmq: &Result<String, String>, 
          Cluster (AOF on, `cluster-node-timeout 1000`), measured with replicas 0 and 1.\n\
          - Sluice: in-process `RedisEngine`s in the harness process, each served by \
          `sluice::broker::serve` on its own loopback port (1 node, or 3 nodes with the 2 \
-         producers and 4 workers spread over them). Unary Enqueue (batch), Lease (max_jobs = \
-         batch, 100 ms long poll) and one Ack call per lease.\n\
+         producers and 4 workers spread over them). \"Streams\": producers on EnqueueStream \
+         (batch jobs a request), workers on the Consume stream with credits = batch, acking \
+         what they got together with the next credits (the Redis engine then acks and leases \
+         in one script, as BullMQ's `moveToFinished` fetches the next job). \"Unary\": \
+         Enqueue (batch), Lease (max_jobs = batch, 100 ms long poll) and one Ack call per \
+         lease.\n\
          - BullMQ: {} in one Node.js process (`benches/compare/bullmq/bench.js`), queue \
          prefix `{{s6}}` (one cluster slot), 2 `Queue`s (own connections) with 4 `add` / \
          `addBulk(batch)` loops each, 4 `Worker`s with `concurrency` = batch (BullMQ has no \
@@ -1157,7 +1243,7 @@ pub fn report(md: &mut String, rows: &[S6Row], bullmq: &Result<String, String>, 
          commandstats count what they applied. Background work during the run (Sluice's \
          100 ms sweep per node, BullMQ's stalled-job checks) is included.\n\
          - Latency: open-loop Enqueue / `add` of 1 job at {} jobs/s (2 producers), 4 workers \
-         (Lease 100 / concurrency 100), receive time minus intended send time.\n\
+         (Consume credits 100 / concurrency 100), receive time minus intended send time.\n\
          - Unavailability: 1 Sluice node on the 3+3 cluster with `--redis-replicas 0`, one \
          producer enqueuing 1 job at a time; the primary owning the queue's slot \
          (`RedisCluster::primary_for_key`) is SIGKILLed. (With `--redis-replicas 1` the \

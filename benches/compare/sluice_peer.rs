@@ -140,13 +140,14 @@ pub enum Produce {
 
 /// One producer connection, sending the way its [`Produce`] says.
 #[derive(Clone)]
-enum Producer {
+pub enum Producer {
     Unary(Client),
     Stream(sluice::client::Publisher, sluice::client::Enqueuer),
 }
 
 impl Producer {
-    async fn open(addr: SocketAddr, how: Produce) -> Res<Producer> {
+    /// A producer connected to `addr`.
+    pub async fn open(addr: SocketAddr, how: Produce) -> Res<Producer> {
         Ok(match how {
             Produce::Unary => Producer::Unary(connect(addr).await?),
             Produce::Stream => {
@@ -173,7 +174,8 @@ impl Producer {
         Ok(())
     }
 
-    async fn enqueue(&self, req: &pb::EnqueueRequest) -> Res<()> {
+    /// Enqueues `req`'s jobs.
+    pub async fn enqueue(&self, req: &pb::EnqueueRequest) -> Res<()> {
         match self {
             Producer::Unary(c) => {
                 c.clone().enqueue(req.clone()).await?;
@@ -823,7 +825,7 @@ pub async fn s5_expiry(addr: SocketAddr, s: &Settings, m: u64) -> Res<Outcome> {
 /// A worker on the streaming Consume RPC: grants `credits`, acks every delivered batch on
 /// the stream and grants the same number of credits again. Counts acks sent (the stream
 /// answers refused settlements only, in `errors`).
-async fn consume_worker(
+pub async fn consume_worker(
     addr: SocketAddr,
     queue: String,
     name: String,

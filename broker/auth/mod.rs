@@ -256,9 +256,38 @@ impl Access {
         }
     }
 
+    /// The name of the token in force (`None` when authentication is off).
+    pub fn token_name(&self) -> Option<String> {
+        self.read(None, |g| Some(g.name().to_owned()))
+    }
+
     /// Whether `action` on `name` is allowed (for listings that show only what may be seen).
     pub fn allows_name(&self, action: Action, name: &str) -> bool {
         self.read(true, |g| g.allows_name(action, name))
+    }
+}
+
+/// Who may read a job: its producer, its workers, its admins (GetJob, and the console's
+/// job page).
+pub(crate) const JOB_READERS: &[Action] = &[Action::Enqueue, Action::Consume, Action::Admin];
+/// Who may put jobs into a queue or take them back out (cancel): its producers and
+/// admins.
+pub(crate) const QUEUE_WRITERS: &[Action] = &[Action::Enqueue, Action::Admin];
+
+/// What a request carrying `authorization` (an `authorization` header's or metadata's
+/// value) may do: anything when `auth` is `None` (no tokens file), else its token's
+/// grant. gRPC and the operations console both ask this, so one token means the same on
+/// both.
+pub(crate) fn request_access(
+    auth: Option<&Authenticator>,
+    authorization: Option<&[u8]>,
+) -> Result<Access, BrokerError> {
+    match auth {
+        None => Ok(Access::open()),
+        Some(auth) => auth
+            .authenticate(authorization)
+            .map(Access::granted)
+            .map_err(AuthFailure::into_error),
     }
 }
 

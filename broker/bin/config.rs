@@ -169,6 +169,12 @@ pub struct ServeArgs {
     /// Most topics; creating one more (by Publish or CreateTopic) is RESOURCE_EXHAUSTED.
     #[arg(long, env = "SLUICE_MAX_TOPICS", default_value_t = 10_000)]
     pub max_topics: usize,
+    /// Lease and Consume on a queue that does not exist answer NOT_FOUND (naming the queue
+    /// and the closest existing name) instead of creating it. Off: the queue is created,
+    /// logged as a warning and flagged `created_by_consumer` in Stats until a producer,
+    /// policy or binding names it (workers may start before the first enqueue).
+    #[arg(long, env = "SLUICE_STRICT_QUEUES")]
+    pub strict_queues: bool,
     /// Budget for retained payload bytes across the broker (topic logs, and queued, held
     /// and finished-but-in-history jobs); past it Publish and Enqueue are
     /// RESOURCE_EXHAUSTED. `auto` (the default): half of the machine's memory, or of the
@@ -192,6 +198,11 @@ pub struct ServeArgs {
     /// off when unset. Like `--listen`, a non-loopback address needs `--insecure`.
     #[arg(long, env = "SLUICE_HTTP", value_name = "ADDR")]
     pub http: Option<SocketAddr>,
+    /// OpenTelemetry collector to export the broker's spans to, over OTLP/gRPC
+    /// (`http://127.0.0.1:4317`); off when unset. The broker traces the messages and jobs
+    /// that carry a W3C `traceparent` header (or requests with `traceparent` metadata).
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Where the write-ahead log lives (created with mode 0700; files are 0600).
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
     pub data_dir: PathBuf,
@@ -250,7 +261,8 @@ impl ServeArgs {
                 self.listen
             ));
         }
-        // The operations server has no authentication of its own: tokens do not cover it.
+        // Tokens cover only the console (/console) of the operations server; its metrics,
+        // health and dashboard are open, so it stays on loopback unless told otherwise.
         if let Some(http) = self.http
             && !http.ip().is_loopback()
             && !self.insecure
@@ -313,6 +325,7 @@ impl ServeArgs {
                 max_subscriptions: self.max_subscriptions,
                 max_queues: self.max_queues,
                 max_topics: self.max_topics,
+                strict_queues: self.strict_queues,
                 max_memory_bytes: match self.max_memory_bytes {
                     MemoryBudgetArg::Auto => auto_memory_budget(),
                     MemoryBudgetArg::Bytes(n) => n,
@@ -337,6 +350,7 @@ impl ServeArgs {
             fsync: self.fsync,
             segment_bytes: self.segment_bytes,
             repair: self.repair,
+            preallocate: true,
             ..StoreConfig::default()
         }
     }

@@ -10,8 +10,10 @@ use std::sync::Arc;
 
 use crate::config::{Cli, Command, ServeArgs, StorageKind};
 use sluice::broker::{Broker, DirStorage, Engine, RedisEngine, serve, serve_http_with};
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -30,18 +32,42 @@ async fn main() -> std::process::ExitCode {
             std::io::stderr().is_terminal(),
         ),
     };
-    let logs = tracing_subscriber::fmt()
-        .with_writer(writer)
-        .with_env_filter(
-            EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
-        );
+    let filter =
+        EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt::layer().with_writer(writer);
     // Colour codes only on a terminal: a log redirected to a file or read by a collector
     // must be plain text. On a terminal the library's default stays (it honours NO_COLOR).
-    if to_terminal {
-        logs.init();
+    let logs = if to_terminal {
+        logs
     } else {
-        logs.with_ansi(false).init();
+        logs.with_ansi(false)
+    };
+    let exporter = match &cli.command {
+        Command::Serve(args) => match args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+            None => None,
+            Some(endpoint) => match sluice::otlp::Exporter::start("sluice", endpoint) {
+                Ok(exporter) => Some(exporter),
+                Err(e) => {
+                    eprintln!("sluice: --otlp-endpoint: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            },
+        },
+        _ => None,
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(exporter.as_ref().map(|e| e.layer()))
+        .init();
+    let code = command(cli).await;
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
     }
+    code
+}
+
+/// Runs the command line's command once logging is set up.
+async fn command(cli: Cli) -> std::process::ExitCode {
     match cli.command {
         command @ (Command::Queues(_)
         | Command::Stats(_)
@@ -136,7 +162,11 @@ async fn run<E: Engine>(
         tokio::spawn(serve_http_with(
             listener,
             engine.clone(),
-            args.http_options(),
+            // The console checks the same tokens as gRPC.
+            sluice::broker::HttpOptions {
+                auth: options.auth.clone(),
+                ..args.http_options()
+            },
             token.cancelled_owned(),
         ))
     });

@@ -58,6 +58,9 @@ pub struct Limits {
     /// Budget for retained payload bytes across the broker (topic logs and queued or held
     /// jobs); 0 is no budget. Past it, Publish and Enqueue are RESOURCE_EXHAUSTED.
     pub max_memory_bytes: u64,
+    /// Whether Lease and Consume refuse a queue that does not exist (NOT_FOUND) instead of
+    /// creating it (`--strict-queues`).
+    pub strict_queues: bool,
 }
 
 impl Default for Limits {
@@ -73,6 +76,7 @@ impl Default for Limits {
             max_queues: 10_000,
             max_topics: 10_000,
             max_memory_bytes: 0,
+            strict_queues: false,
         }
     }
 }

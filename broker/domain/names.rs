@@ -47,6 +47,28 @@ fn check_length(field: &str, name: &str) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// Edits (inserted, removed or changed characters) at most between a name and the name
+/// [`closest_name`] suggests for it: one or two slips of the keyboard, not another word.
+const MAX_SUGGESTION_EDITS: usize = 2;
+
+/// The candidate `name` was most likely meant to be: the one fewest edits away, at most
+/// [`MAX_SUGGESTION_EDITS`] and fewer than half of `name`'s length (so a short name does
+/// not match every other short name); ties go to the first in name order. `None` when no
+/// candidate is that close. `name` itself is never suggested.
+pub(crate) fn closest_name<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let within = MAX_SUGGESTION_EDITS.min(name.chars().count().saturating_sub(1) / 2);
+    candidates
+        .into_iter()
+        .filter(|c| *c != name)
+        .map(|c| (strsim::levenshtein(name, c), c))
+        .filter(|(edits, _)| *edits <= within)
+        .min()
+        .map(|(_, c)| c)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum PatternToken {
     Literal(String),
@@ -163,6 +185,24 @@ impl std::fmt::Display for Pattern {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_closest_name_is_a_slip_away() {
+        let queues = ["emails", "emails.dlq", "notifications", "ab"];
+        assert_eq!(closest_name("email", queues), Some("emails"));
+        assert_eq!(closest_name("emials", queues), Some("emails"));
+        assert_eq!(closest_name("notifcation", queues), Some("notifications"));
+        // Three edits is another word; the name itself is no suggestion.
+        assert_eq!(closest_name("mail", queues), None);
+        assert_eq!(closest_name("emails", queues), None);
+        // Short names need proportionally closer matches: "ac" is not a typo of "ab".
+        assert_eq!(closest_name("ac", queues), None);
+        // Ties go to the first in name order.
+        assert_eq!(
+            closest_name("emailsx", ["emailsy", "emailsa"]),
+            Some("emailsa")
+        );
+    }
 
     #[test]
     fn names_follow_the_token_rules() {

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::broker::auth::{Access, Action};
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::limits::{Limits, MAX_RETRY_DELAY_MS, check_duration_ms, checked};
-use crate::broker::domain::names::validate_name;
+use crate::broker::domain::names::{closest_name, validate_name};
 use crate::broker::domain::queue::{LeaseId, LeaseIdError, MAX_VISIBILITY_MS, NewJob};
 use crate::broker::domain::topic::NewMessage;
 
@@ -224,4 +224,42 @@ pub(crate) fn dead_letter_name(field: &str, name: &str, dlq: &str) -> Result<(),
             ),
         )
     })
+}
+
+/// What a Lease or Consume gets for queue `name` that neither exists nor is named by a
+/// policy as its dead-letter queue (see the README, "Queues"): with `--strict-queues`,
+/// NOT_FOUND; otherwise the engine creates it, flagged `created_by_consumer`, and logs
+/// [`created_by_consumer`]. Returns the existing name `name` is most likely a typo of.
+pub(crate) fn consumer_names_unknown_queue<'a>(
+    limits: &Limits,
+    field: &str,
+    name: &str,
+    existing: impl IntoIterator<Item = &'a str>,
+) -> Result<Option<String>, BrokerError> {
+    let closest = closest_name(name, existing).map(str::to_owned);
+    if limits.strict_queues {
+        let hint = did_you_mean(closest.as_deref());
+        return Err(BrokerError::NotFound(format!(
+            "{field}: queue {name:?} does not exist{hint}; the broker runs with --strict-queues, so Lease and Consume do not create queues: create it with CreateQueue, or enqueue to it, first"
+        )));
+    }
+    Ok(closest)
+}
+
+/// Logs, once, by the node that created it, that a Lease or Consume created queue `name`
+/// (`closest`: the existing name it is most likely a typo of).
+pub(crate) fn created_by_consumer(name: &str, closest: Option<&str>) {
+    let hint = did_you_mean(closest);
+    tracing::warn!(
+        queue = name,
+        did_you_mean = closest,
+        "a Lease or Consume created queue {name:?}, which nothing enqueues to and no policy or binding names{hint}. A worker with a typo in its queue name waits here forever; Stats shows the queue as created_by_consumer until something enqueues to it or sets its policy"
+    );
+}
+
+/// ` (did you mean "<closest>"?)`, or nothing.
+fn did_you_mean(closest: Option<&str>) -> String {
+    closest
+        .map(|c| format!(" (did you mean {c:?}?)"))
+        .unwrap_or_default()
 }

@@ -297,6 +297,7 @@ pub(super) fn queue_stats(name: &str, c: &QueueCounts) -> pb::QueueStats {
         rate_tokens: c.rate_tokens,
         rate_limited_ms: c.rate_limited_ms,
         in_flight_limited_ms: c.in_flight_limited_ms,
+        created_by_consumer: c.created_by_consumer,
     }
 }
 

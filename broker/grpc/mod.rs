@@ -10,4 +10,5 @@ mod convert;
 pub(super) mod server;
 pub(super) mod service;
 pub(super) mod status;
+mod trace;
 pub(super) mod wire;

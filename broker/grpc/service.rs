@@ -9,8 +9,12 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
-use crate::broker::auth::{Access, Action, Authenticator, Credentials, Recheck, StreamGuard};
+use crate::broker::auth::{
+    Access, Action, Authenticator, Credentials, JOB_READERS, QUEUE_WRITERS, Recheck, StreamGuard,
+    request_access,
+};
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::names::Pattern;
 use crate::broker::domain::queue::Enqueued;
@@ -19,11 +23,11 @@ use crate::broker::engine::{
     ConsumeCommands, ConsumeEvent, ConsumeSpec, Engine, LeaseParams, Logged, PolicyPatch,
     StatsSnapshot,
 };
-use crate::broker::grpc::convert;
 use crate::broker::grpc::wire::{
     EncodedConsumeResponse, EncodedEnqueueResponse, EncodedEnqueueStreamResponse,
     EncodedLeaseResponse, EncodedSubscribeResponse, ReceivedConsumeRequest, broker_server,
 };
+use crate::broker::grpc::{convert, trace};
 use crate::pb;
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -47,13 +51,17 @@ impl<E: Engine> BrokerService<E> {
     /// What a request may do, from its `authorization` metadata. Every RPC asks first,
     /// before it looks at its message, so a refused request changes nothing.
     fn access<T>(&self, req: &Request<T>) -> Result<Access, Status> {
-        let Some(auth) = &self.auth else {
-            return Ok(Access::open());
-        };
         let header = req.metadata().get("authorization").map(|v| v.as_bytes());
-        auth.authenticate(header)
-            .map(Access::granted)
-            .map_err(|failure| Status::from(failure.into_error()))
+        Ok(request_access(self.auth.as_ref(), header)?)
+    }
+
+    /// A unary produce request's caller: its access (see [`BrokerService::access`]) and
+    /// the trace context of its metadata.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        Ok(Caller {
+            access: self.access(req)?,
+            trace: trace::metadata_parent(req.metadata()),
+        })
     }
 
     /// A stream's credentials, from its `authorization` metadata (`None` without a
@@ -145,12 +153,6 @@ impl<T> Stream for Guarded<T> {
     }
 }
 
-/// Who may read a job: its producer, its workers, its admins.
-const JOB_READERS: &[Action] = &[Action::Enqueue, Action::Consume, Action::Admin];
-/// Who may put jobs into a queue or take them back out (cancel): its producers and
-/// admins.
-const QUEUE_WRITERS: &[Action] = &[Action::Enqueue, Action::Admin];
-
 /// A policy reaches beyond its queue: a topic binding reads topics, so it needs
 /// `subscribe` covering its pattern, and a dead-letter queue receives jobs, so it needs
 /// `enqueue` or `admin` on it. Without these checks, admin on one queue would read every
@@ -230,14 +232,28 @@ fn peer(req: &Request<impl Sized>) -> String {
 /// enough to keep group commits full, small enough that one stream cannot hoard memory.
 const STREAM_PIPELINE: usize = 256;
 
+/// Who sends a produce request: what it may do, and the trace context of its metadata
+/// (the parent of the broker's spans for entries that carry none of their own).
+#[derive(Clone)]
+struct Caller {
+    access: Access,
+    trace: Option<opentelemetry::Context>,
+}
+
 /// Authorizes one Publish request and applies it (the broker validates it), up to the
 /// log append.
 async fn publish_logged<E: Engine>(
     broker: E,
-    access: Access,
-    req: pb::PublishRequest,
+    caller: Caller,
+    mut req: pb::PublishRequest,
 ) -> Result<Logged<Vec<Appended>, E::Commit>, BrokerError> {
-    access.check(Action::Publish, "topic", &req.topic)?;
+    caller.access.check(Action::Publish, "topic", &req.topic)?;
+    let _spans = trace::produced(
+        "publish",
+        &req.topic,
+        caller.trace.as_ref(),
+        req.messages.iter_mut().map(|m| &mut m.headers),
+    );
     let messages = req.messages.into_iter().map(NewMessage::from).collect();
     broker.publish_logged(&req.topic, messages).await
 }
@@ -246,10 +262,16 @@ async fn publish_logged<E: Engine>(
 /// it), up to the log append.
 async fn enqueue_logged<E: Engine>(
     broker: E,
-    access: Access,
-    req: pb::EnqueueRequest,
+    caller: Caller,
+    mut req: pb::EnqueueRequest,
 ) -> Result<Logged<Vec<Enqueued>, E::Commit>, BrokerError> {
-    access.check(Action::Enqueue, "queue", &req.queue)?;
+    caller.access.check(Action::Enqueue, "queue", &req.queue)?;
+    let _spans = trace::produced(
+        "enqueue",
+        &req.queue,
+        caller.trace.as_ref(),
+        req.jobs.iter_mut().map(|j| &mut j.headers),
+    );
     // The one clock reading of the request: delays resolve with it and jobs are stored
     // at it. The broker checks the rest, converting the jobs as it goes.
     let now = crate::broker::domain::time::now_ms();
@@ -269,10 +291,10 @@ async fn enqueue_logged<E: Engine>(
 /// was read is answered.
 fn produce_stream<E, Req, T, Resp, Applied>(
     broker: E,
-    access: Access,
+    caller: Caller,
     ends_on: CancellationToken,
     inbound: tonic::Streaming<Req>,
-    apply: fn(E, Access, Req) -> Applied,
+    apply: fn(E, Caller, Req) -> Applied,
     answer: fn(Result<T, BrokerError>) -> Resp,
 ) -> BoxStream<Resp>
 where
@@ -290,7 +312,7 @@ where
     let answers = inbound
         .take_until(shutdown)
         .then(move |request| {
-            let applied = request.map(|req| apply(applying.clone(), access.clone(), req));
+            let applied = request.map(|req| apply(applying.clone(), caller.clone(), req));
             async move {
                 match applied {
                     Ok(applied) => Ok(applied.await),
@@ -325,8 +347,8 @@ fn answer_parts<T: Default>(answer: Result<T, BrokerError>) -> (T, Option<pb::Re
 #[tonic::async_trait]
 impl<E: Engine> broker_server::Broker for BrokerService<E> {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
-        let access = self.access(&request)?;
-        let logged = publish_logged(self.broker.clone(), access, request.into_inner()).await?;
+        let caller = self.caller(&request)?;
+        let logged = publish_logged(self.broker.clone(), caller, request.into_inner()).await?;
         let results = convert::publish_results(self.broker.confirm(logged).await?);
         Ok(Response::new(pb::PublishResponse { results }))
     }
@@ -340,10 +362,14 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         let credentials = self.credentials(&request)?;
         // Each request is checked with the token's grant in force; a reload need only
         // find the token still known.
+        let trace = trace::metadata_parent(request.metadata());
         let stream = self.hold_stream(credentials, Box::new(|_| Ok(())));
         let answers = produce_stream(
             self.broker.clone(),
-            stream.access.clone(),
+            Caller {
+                access: stream.access.clone(),
+                trace,
+            },
             stream.ends_on.clone(),
             request.into_inner(),
             publish_logged,
@@ -408,8 +434,8 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
     }
 
     async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<EncodedEnqueueResponse> {
-        let access = self.access(&request)?;
-        let logged = enqueue_logged(self.broker.clone(), access, request.into_inner()).await?;
+        let caller = self.caller(&request)?;
+        let logged = enqueue_logged(self.broker.clone(), caller, request.into_inner()).await?;
         let results = self.broker.confirm(logged).await?;
         Ok(Response::new(EncodedEnqueueResponse { results }))
     }
@@ -421,10 +447,14 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         request: Request<tonic::Streaming<pb::EnqueueRequest>>,
     ) -> Reply<Self::EnqueueStreamStream> {
         let credentials = self.credentials(&request)?;
+        let trace = trace::metadata_parent(request.metadata());
         let stream = self.hold_stream(credentials, Box::new(|_| Ok(())));
         let answers = produce_stream(
             self.broker.clone(),
-            stream.access.clone(),
+            Caller {
+                access: stream.access.clone(),
+                trace,
+            },
             stream.ends_on.clone(),
             request.into_inner(),
             enqueue_logged,
@@ -445,10 +475,11 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
             max_jobs: req.max_jobs as usize,
             visibility_timeout_ms: convert::given(req.visibility_timeout_ms),
             wait_ms: req.wait_ms,
-            consumer: req.consumer,
+            consumer: req.consumer.clone(),
             address,
         };
         let jobs = self.broker.lease(&req.queue, params).await?;
+        trace::delivered(&req.queue, &req.consumer, &jobs);
         let queue = match jobs.first() {
             Some(d) => d.lease_id.queue.clone(),
             None => Arc::from(req.queue),
@@ -458,18 +489,20 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
         let access = self.access(&request)?;
+        let span = trace::settle_span("ack", request.metadata());
         let acks = request
             .into_inner()
             .acks
             .into_iter()
             .map(|a| (a.lease_id, convert::given(a.result)))
             .collect();
-        self.broker.ack_as(&access, acks).await?;
+        self.broker.ack_as(&access, acks).instrument(span).await?;
         Ok(Response::new(pb::AckResponse {}))
     }
 
     async fn nack(&self, request: Request<pb::NackRequest>) -> Reply<pb::NackResponse> {
         let access = self.access(&request)?;
+        let span = trace::settle_span("nack", request.metadata());
         let req = request.into_inner();
         let (state, at) = self
             .broker
@@ -480,6 +513,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
                 convert::given(req.retry_delay_ms),
                 req.dead_letter,
             )
+            .instrument(span)
             .await?;
         Ok(Response::new(pb::NackResponse {
             state: pb::JobState::from(state) as i32,
@@ -531,15 +565,19 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
             .map(ConsumeCommands::from);
         let commands = futures::stream::iter([ConsumeCommands::from(first)]).chain(rest);
         let queue: Arc<str> = Arc::from(spec.queue.as_str());
+        let consumer = spec.consumer.clone();
         let events = self.broker.consume(spec, Box::pin(commands)).await?;
         let responses = events.map(move |event| {
             Ok(match event {
                 ConsumeEvent::Failed(e) => return Err(Status::from(e)),
-                ConsumeEvent::Jobs(jobs) => EncodedConsumeResponse {
-                    queue: queue.clone(),
-                    jobs,
-                    errors: Vec::new(),
-                },
+                ConsumeEvent::Jobs(jobs) => {
+                    trace::delivered(&queue, &consumer, &jobs);
+                    EncodedConsumeResponse {
+                        queue: queue.clone(),
+                        jobs,
+                        errors: Vec::new(),
+                    }
+                }
                 ConsumeEvent::Refused(refused) => EncodedConsumeResponse {
                     queue: queue.clone(),
                     jobs: Vec::new(),

@@ -276,6 +276,98 @@ fn encode_queues(
             .iter()
             .map(|(n, c)| (q(n), ConstGauge::new(i64::from(c.paused)))),
     )?;
+    family(
+        e,
+        "sluice_queue_created_by_consumer",
+        "1 while only consumers have named the queue: a Lease or Consume created it and nothing has enqueued to it or set its policy since (most often a worker's typo).",
+        MetricType::Gauge,
+        queues
+            .iter()
+            .map(|(n, c)| (q(n), ConstGauge::new(i64::from(c.created_by_consumer)))),
+    )?;
+    encode_limits(e, queues)
+}
+
+/// Whether a queue has a limit, so its gauges are exported.
+type HasLimit = fn(&QueueCounts) -> bool;
+
+/// The per-queue families of the rate and in-flight limits. Gauges only for queues that
+/// have the limit (no sample means no limit, never a limit of 0); the time each limit held
+/// jobs back for every queue, as counters that keep counting across policy changes.
+fn encode_limits(
+    e: &mut DescriptorEncoder,
+    queues: &[(String, QueueCounts)],
+) -> Result<(), std::fmt::Error> {
+    let q = |name: &str| [("queue", name.to_owned())];
+    let in_flight: HasLimit = |c| c.max_in_flight > 0;
+    let rated: HasLimit = |c| c.rate_limit_per_second > 0;
+    let gauges: [(&str, &str, HasLimit, CountOf); 5] = [
+        (
+            "sluice_queue_max_in_flight",
+            "The policy's max_in_flight: leases a queue may have out at once across all workers.",
+            in_flight,
+            |c| c.max_in_flight.into(),
+        ),
+        (
+            "sluice_queue_in_flight",
+            "Leases a queue with max_in_flight has out now: how much of the limit is in use.",
+            in_flight,
+            |c| c.leased,
+        ),
+        (
+            "sluice_queue_rate_limit_per_second",
+            "The policy's rate limit: jobs a queue hands out per second.",
+            rated,
+            |c| c.rate_limit_per_second.into(),
+        ),
+        (
+            "sluice_queue_rate_limit_burst",
+            "The policy's rate limit burst: jobs the bucket holds when full.",
+            rated,
+            |c| c.rate_limit_burst.into(),
+        ),
+        (
+            "sluice_queue_rate_limit_tokens",
+            "Whole tokens in the rate limit's bucket: jobs it would hand out now.",
+            rated,
+            |c| c.rate_tokens,
+        ),
+    ];
+    for (name, help, has, get) in gauges {
+        family(
+            e,
+            name,
+            help,
+            MetricType::Gauge,
+            queues
+                .iter()
+                .filter(|(_, c)| has(c))
+                .map(|(n, c)| (q(n), ConstGauge::new(get(c) as i64))),
+        )?;
+    }
+    let held_back: [(&str, &str, CountOf); 2] = [
+        (
+            "sluice_queue_rate_limited_seconds",
+            "Time since the broker started that the rate limit held visible jobs back from leases that asked for them.",
+            |c| c.rate_limited_ms,
+        ),
+        (
+            "sluice_queue_in_flight_limited_seconds",
+            "Time since the broker started that max_in_flight held visible jobs back from leases that asked for them, until a lease ended.",
+            |c| c.in_flight_limited_ms,
+        ),
+    ];
+    for (name, help, get) in held_back {
+        family(
+            e,
+            name,
+            help,
+            MetricType::Counter,
+            queues
+                .iter()
+                .map(|(n, c)| (q(n), ConstCounter::new(get(c) as f64 / 1000.0))),
+        )?;
+    }
     Ok(())
 }
 

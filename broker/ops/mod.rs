@@ -7,10 +7,14 @@
 //!   `GET /api/events` (server-sent events, one frame per sample), with
 //!   `GET /api/stats` (the latest frame) and `GET /api/history` (the recent samples).
 //!
+//! * `GET /console`: the operations console ([`console`]): jobs, topics and actions, under
+//!   `/console/api/...`, checked against the tokens file's grants when there is one.
+//!
 //! It follows the broker's shutdown token: when the broker shuts down, open event streams
 //! end and [`serve_http`] returns, within the drain timeout. Its own `shutdown` future
 //! stops only the HTTP server.
 
+pub(super) mod console;
 pub(super) mod dashboard;
 pub(super) mod metrics;
 
@@ -26,6 +30,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::auth::Authenticator;
 use crate::broker::engine::Engine;
 use crate::broker::ops::dashboard::Sampler;
 use crate::broker::ops::metrics::Metrics;
@@ -40,6 +45,9 @@ pub struct HttpOptions {
     pub history: usize,
     /// How long open requests may take to finish after shutdown starts.
     pub drain_timeout: Duration,
+    /// The tokens the console checks, as gRPC does (`None`: no tokens file, the console
+    /// is open and the server must listen on loopback only).
+    pub auth: Option<Authenticator>,
 }
 
 impl Default for HttpOptions {
@@ -48,6 +56,7 @@ impl Default for HttpOptions {
             sample_interval: Duration::from_secs(1),
             history: 600,
             drain_timeout: Duration::from_secs(5),
+            auth: None,
         }
     }
 }
@@ -58,6 +67,8 @@ struct AppState<E> {
     broker: E,
     metrics: Arc<Metrics>,
     sampler: Sampler,
+    /// The console's tokens (see [`HttpOptions::auth`]).
+    auth: Option<Authenticator>,
     /// Cancelled when this server stops (a child of the broker's shutdown token).
     stop: CancellationToken,
 }
@@ -88,6 +99,7 @@ pub async fn serve_http_with<E: Engine>(
         broker: broker.clone(),
         metrics: Arc::new(Metrics::new(&broker)),
         sampler,
+        auth: options.auth.clone(),
         stop: stop.clone(),
     };
     let app = Router::new()
@@ -97,8 +109,12 @@ pub async fn serve_http_with<E: Engine>(
         .route("/api/stats", get(dashboard::latest::<E>))
         .route("/api/history", get(dashboard::history::<E>))
         .route("/api/events", get(dashboard::events::<E>))
+        .merge(console::routes::<E>())
         .with_state(state);
-    tracing::info!(?addr, "sluice serving HTTP (metrics, health, dashboard)");
+    tracing::info!(
+        ?addr,
+        "sluice serving HTTP (metrics, health, dashboard, console)"
+    );
     let server = axum::serve(listener, app).with_graceful_shutdown({
         let stop = stop.clone();
         async move {

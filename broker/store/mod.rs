@@ -102,6 +102,12 @@ pub struct StoreConfig {
     /// twice that snapshot's size; `None` means one segment. (Tests that need a log of
     /// many segments set it very high.)
     pub compact_after_bytes: Option<u64>,
+    /// Segments are written into space allocated (zero-filled) ahead of the appends, and
+    /// the segments a compaction frees are zeroed and reused, so the fdatasync of an
+    /// append has no file size or block map to write (see [`DirStorage`]). Off by
+    /// default, so a segment's length is what it holds (tests read records off file
+    /// sizes); the broker binary turns it on.
+    pub preallocate: bool,
 }
 
 impl Default for StoreConfig {
@@ -112,6 +118,7 @@ impl Default for StoreConfig {
             repair: false,
             max_buffered_bytes: 64 * 1024 * 1024,
             compact_after_bytes: None,
+            preallocate: false,
         }
     }
 }
@@ -145,6 +152,26 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Gives up exclusive use of the storage, once the log on it is closed, so another
     /// broker may open it.
     fn release(&self);
+    /// Creates (or empties) a segment expected to grow to about `len` bytes, for
+    /// appending into space allocated ahead of the appends: what follows the appended
+    /// bytes reads as zeros. The default allocates nothing ahead ([`Storage::create`]).
+    fn create_preallocated(&self, name: &str, len: u64) -> io::Result<Box<dyn StorageFile>> {
+        let _ = len;
+        self.create(name)
+    }
+    /// Overwrites every byte of `name` with zeros, keeping its length and its blocks, and
+    /// makes that durable, so the file can be reused as a new segment. The default empties
+    /// it ([`Storage::create`]).
+    fn zero(&self, name: &str) -> io::Result<()> {
+        self.create(name).map(drop)
+    }
+    /// Renames the zeroed file `from` (see [`Storage::zero`]) to `to` and opens it for
+    /// appending from its start over its zeros, expected to grow to about `len` bytes. The
+    /// default renames it and empties it ([`Storage::create`]).
+    fn reuse(&self, from: &str, to: &str, len: u64) -> io::Result<Box<dyn StorageFile>> {
+        self.rename(from, to)?;
+        self.create_preallocated(to, len)
+    }
 }
 
 /// The file in a data directory whose lock marks the directory as in use.
@@ -209,15 +236,79 @@ impl DirStorage {
     }
 }
 
-struct DirFile(std::fs::File);
+/// Space allocated ahead of the appends at most this much at a time, so a fresh segment
+/// costs no more than this in zeros before its first record.
+const ALLOCATE_STEP: u64 = 1024 * 1024;
+
+/// A file of a [`DirStorage`], appended to at `at`.
+///
+/// A preallocated segment (`step > 0`) is written into space already written with zeros:
+/// an append that would pass the end of that space writes its bytes and the zeros of the
+/// next step in one write. Zeros are written rather than `fallocate`d because on ext4
+/// and XFS `fallocate` leaves "unwritten" extents, and the first write into one converts
+/// it, a metadata change every fdatasync after it must commit to the journal; and a file
+/// extended by `set_len` is sparse, so each write allocates blocks. Over blocks written
+/// once, an append changes only data (and the timestamps, which fdatasync skips), so its
+/// fdatasync is one data write and a cache flush, with no journal commit. Only the
+/// appends that grow the file (one per step, none in a reused segment) pay for one.
+struct DirFile {
+    file: std::fs::File,
+    /// Where the next append goes.
+    at: u64,
+    /// The file's bytes written so far, appended records and zeros ahead of them.
+    allocated: u64,
+    /// Zeros written ahead of the appends at a time; 0 appends plainly.
+    step: u64,
+}
+
+impl DirFile {
+    fn plain(file: std::fs::File) -> Self {
+        Self {
+            file,
+            at: 0,
+            allocated: 0,
+            step: 0,
+        }
+    }
+
+    /// Writes `data` at the append position (positioned writes: the file's own offset
+    /// stays where opening put it).
+    #[cfg(unix)]
+    fn write_at(&mut self, data: &[u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.file, data, self.at)
+    }
+
+    #[cfg(not(unix))]
+    fn write_at(&mut self, data: &[u8]) -> io::Result<()> {
+        use std::io::Seek as _;
+        self.file.seek(io::SeekFrom::Start(self.at))?;
+        io::Write::write_all(&mut self.file, data)
+    }
+}
 
 impl StorageFile for DirFile {
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        io::Write::write_all(&mut self.0, data)
+        let end = self.at + data.len() as u64;
+        if self.step == 0 || end <= self.allocated {
+            if self.step == 0 {
+                io::Write::write_all(&mut self.file, data)?;
+            } else {
+                self.write_at(data)?;
+            }
+        } else {
+            let grown = end.next_multiple_of(self.step);
+            let mut ahead = Vec::with_capacity((grown - self.at) as usize);
+            ahead.extend_from_slice(data);
+            ahead.resize((grown - self.at) as usize, 0);
+            self.write_at(&ahead)?;
+            self.allocated = grown;
+        }
+        self.at = end;
+        Ok(())
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
 }
 
@@ -241,7 +332,7 @@ impl Storage for DirStorage {
         options.write(true).create(true).truncate(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        Ok(Box::new(DirFile(options.open(self.path(name))?)))
+        Ok(Box::new(DirFile::plain(options.open(self.path(name))?)))
     }
 
     fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
@@ -276,6 +367,48 @@ impl Storage for DirStorage {
     fn release(&self) {
         // Closing the file drops its lock.
         lock(&self.lock).take();
+    }
+
+    fn create_preallocated(&self, name: &str, len: u64) -> io::Result<Box<dyn StorageFile>> {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        Ok(Box::new(DirFile {
+            file: options.open(self.path(name))?,
+            at: 0,
+            allocated: 0,
+            step: len.clamp(4096, ALLOCATE_STEP),
+        }))
+    }
+
+    fn zero(&self, name: &str) -> io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path(name))?;
+        let len = file.metadata()?.len();
+        let zeros = vec![0u8; ALLOCATE_STEP.min(len) as usize];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            io::Write::write_all(&mut file, &zeros[..n])?;
+            left -= n as u64;
+        }
+        file.sync_data()
+    }
+
+    fn reuse(&self, from: &str, to: &str, len: u64) -> io::Result<Box<dyn StorageFile>> {
+        self.rename(from, to)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path(to))?;
+        let allocated = file.metadata()?.len();
+        Ok(Box::new(DirFile {
+            file,
+            at: 0,
+            allocated,
+            step: len.clamp(4096, ALLOCATE_STEP),
+        }))
     }
 }
 
@@ -522,6 +655,91 @@ mod tests {
         let second = DirStorage::open(dir.path()).unwrap();
         drop(second);
         DirStorage::open(dir.path()).unwrap();
+    }
+
+    /// Appends one record per name (each pauses a queue of that name) and waits until
+    /// they are durable.
+    async fn append_queues(journal: &Journal, names: impl Iterator<Item = String>) {
+        for name in names {
+            let mut batch = Batch::enabled();
+            batch.queue_paused(&name, true);
+            let commit = journal.append(batch, 1).unwrap();
+            journal.durable(commit).await.unwrap();
+        }
+    }
+
+    fn files(dir: &Path, suffix: &str) -> Vec<(String, Vec<u8>)> {
+        let mut found: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(suffix) && !n.starts_with("snap-"))
+            .map(|n| {
+                let data = std::fs::read(dir.join(&n)).unwrap();
+                (n, data)
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn segments_freed_by_compaction_are_zeroed_reused_and_never_replay_old_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            segment_bytes: 4096,
+            compact_after_bytes: Some(u64::MAX / 4),
+            preallocate: true,
+            ..StoreConfig::default()
+        };
+        let storage: Arc<dyn Storage> = Arc::new(DirStorage::open(dir.path()).unwrap());
+        let recovered = recover(&*storage, false, 0).unwrap();
+        let journal = Arc::new(Journal::start(storage.clone(), &config, &recovered));
+        append_queues(&journal, (0..600).map(|i| format!("old-{i}"))).await;
+        let segments = files(dir.path(), ".wal");
+        assert!(segments.len() >= 4, "{} segments", segments.len());
+        // Preallocated: each segment is written ahead of its records in zeros.
+        assert!(segments.iter().all(|(_, data)| data.len() >= 4096));
+
+        // A compaction replaces every segment so far by an (empty) snapshot.
+        let (base, last) = journal.roll();
+        let compactor = journal.clone();
+        tokio::task::spawn_blocking(move || {
+            compactor.write_snapshot(base, last, Vec::new(), Vec::new(), 1)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let free = files(dir.path(), ".free");
+        assert_eq!(free.len(), wal::MAX_FREE_SEGMENTS);
+        for (name, data) in &free {
+            assert!(data.len() >= 4096, "{name} kept its length");
+            assert!(data.iter().all(|b| *b == 0), "{name} is zeroed");
+        }
+        assert!(files(dir.path(), ".wal").is_empty());
+
+        // The next segments are the free ones, full length from their first record, and
+        // the log read back holds the new records only.
+        append_queues(&journal, (0..3).map(|i| format!("new-{i}"))).await;
+        assert_eq!(files(dir.path(), ".free").len(), wal::MAX_FREE_SEGMENTS - 1);
+        let reused = files(dir.path(), ".wal");
+        assert_eq!(reused.len(), 1);
+        assert!(free.iter().any(|(_, data)| data.len() == reused[0].1.len()));
+        journal.close();
+        drop(journal);
+        let storage: Arc<dyn Storage> = Arc::new(DirStorage::open(dir.path()).unwrap());
+        let recovered = recover(&*storage, false, 1).unwrap();
+        let mut names: Vec<String> = recovered
+            .queues
+            .iter()
+            .map(|q| q.name().to_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["new-0", "new-1", "new-2"]);
+        assert!(
+            recovered.report.truncated.is_empty(),
+            "{:?}",
+            recovered.report.truncated
+        );
     }
 
     #[test]

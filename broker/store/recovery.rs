@@ -123,7 +123,14 @@ enum Scan {
 /// Applies every record of `data` in order; stops at the first bad one.
 fn scan(data: &[u8], newest: bool, mut apply: impl FnMut(pb::Entry)) -> Scan {
     if data.len() < FILE_MAGIC.len() || &data[..FILE_MAGIC.len()] != FILE_MAGIC {
-        let torn = newest && data.len() < FILE_MAGIC.len() && FILE_MAGIC.starts_with(data);
+        // The newest segment may have died while its header was written: part of it, then
+        // nothing (or the zeros of a preallocated or reused segment).
+        let matched = data
+            .iter()
+            .zip(FILE_MAGIC)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let torn = newest && all_zero(&data[matched..]);
         return if torn {
             Scan::Torn(0)
         } else {
@@ -149,6 +156,11 @@ fn scan(data: &[u8], newest: bool, mut apply: impl FnMut(pb::Entry)) -> Scan {
                 }
             },
             Err(err) => {
+                if all_zero(&data[at..]) {
+                    // The space after the last record of a preallocated (or reused, hence
+                    // zeroed) segment: the end of what was written to it.
+                    return Scan::Clean;
+                }
                 if newest && !valid_frame_after(data, at + 1) {
                     return Scan::Torn(at);
                 }
@@ -161,6 +173,33 @@ fn scan(data: &[u8], newest: bool, mut apply: impl FnMut(pb::Entry)) -> Scan {
         }
     }
     Scan::Clean
+}
+
+fn all_zero(data: &[u8]) -> bool {
+    data.iter().all(|b| *b == 0)
+}
+
+/// How many bytes from `at` are torn: up to the end of the file, or in a preallocated
+/// segment up to the zeros after the records whose headers are readable.
+fn torn_bytes(data: &[u8], at: usize) -> usize {
+    let mut i = at;
+    while let Some(header) = data.get(i..i + FRAME_HEADER) {
+        let magic = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+        let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
+        if magic != FRAME_MAGIC || len > MAX_FRAME {
+            break;
+        }
+        i += FRAME_HEADER + len;
+    }
+    match data.get(i..) {
+        Some(rest) if i > at && all_zero(rest) => i - at,
+        // Not even a frame header: the bytes up to the zeros, if any.
+        _ if i == at => data[at..]
+            .iter()
+            .rposition(|b| *b != 0)
+            .map_or(0, |p| p + 1),
+        _ => data.len() - at,
+    }
 }
 
 /// How many records (whole or partial) the torn bytes from `at` held: frame headers are
@@ -634,7 +673,8 @@ impl Recovery<'_> {
         match outcome {
             Scan::Clean => Ok(SegmentEnd::Clean),
             Scan::Torn(at) => {
-                let (bytes, records) = ((data.len() - at) as u64, torn_records(&data, at));
+                let end = at + torn_bytes(&data, at);
+                let (bytes, records) = ((end - at) as u64, torn_records(&data[..end], at));
                 let line = format!(
                     "torn tail: cut {bytes} bytes ({records} unacknowledged, partly written record{}) from {} at byte offset {at}",
                     if records == 1 { "" } else { "s" },
@@ -999,6 +1039,90 @@ mod tests {
             ]
         );
         assert_eq!(missing_segments(1, 1, &[]), [segment_name(1)]);
+    }
+
+    /// A segment file holding one record per name (each defines a queue), then `tail`.
+    fn segment(names: &[&str], tail: &[u8]) -> Vec<u8> {
+        let mut data = FILE_MAGIC.to_vec();
+        for name in names {
+            let mut batch = super::super::Batch::enabled();
+            batch.queue_paused(name, true);
+            data.extend(batch.into_frame(1).expect("one op"));
+        }
+        data.extend_from_slice(tail);
+        data
+    }
+
+    /// The queues a scan of `data` defines, and how it ended.
+    fn scanned(data: &[u8], newest: bool) -> (Vec<String>, Scan) {
+        let mut names = Vec::new();
+        let end = scan(data, newest, |entry| {
+            for op in entry.ops {
+                if let Some(Kind::QueuePaused(p)) = op.op {
+                    names.push(p.name);
+                }
+            }
+        });
+        (names, end)
+    }
+
+    #[test]
+    fn the_zeros_after_the_last_record_end_any_segment() {
+        let data = segment(&["a", "b"], &[0; 5000]);
+        for newest in [true, false] {
+            let (names, end) = scanned(&data, newest);
+            assert_eq!(names, ["a", "b"]);
+            assert!(matches!(end, Scan::Clean), "newest: {newest}");
+        }
+        // A segment preallocated but never written to (its header too) ends the log only
+        // where it may: as the newest segment, which the crash interrupted.
+        let zeros = vec![0u8; 4096];
+        assert!(matches!(scanned(&zeros, true).1, Scan::Torn(0)));
+        assert!(matches!(scanned(&zeros, false).1, Scan::Damaged(0, _)));
+        let mut half = b"SLUI".to_vec();
+        half.resize(4096, 0);
+        assert!(matches!(scanned(&half, true).1, Scan::Torn(0)));
+    }
+
+    #[test]
+    fn a_torn_record_before_the_zeros_is_cut_and_counted_without_them() {
+        let whole = segment(&["a"], &[]);
+        let mut data = segment(&["a", "b"], &[]);
+        let frame = data.len() - whole.len();
+        // The crash kept the header and half the payload of the second record.
+        data.truncate(data.len() - 4);
+        data.resize(8192, 0);
+        let (names, end) = scanned(&data, true);
+        assert_eq!(names, ["a"]);
+        assert!(matches!(end, Scan::Torn(at) if at == whole.len()));
+        assert_eq!(torn_bytes(&data, whole.len()), frame);
+        // Bytes that are not even a frame header count up to the zeros.
+        let mut junk = whole.clone();
+        junk.extend_from_slice(&[7, 7, 7]);
+        junk.resize(8192, 0);
+        assert_eq!(torn_bytes(&junk, whole.len()), 3);
+    }
+
+    #[test]
+    fn anything_but_zeros_after_the_last_record_is_not_the_end() {
+        // A flipped bit in the zeros: torn in the newest segment, damage in an older one.
+        let mut data = segment(&["a"], &[0; 4096]);
+        let last = data.len() - 100;
+        data[last] = 1;
+        assert!(matches!(scanned(&data, true), (_, Scan::Torn(_))));
+        assert!(matches!(scanned(&data, false), (_, Scan::Damaged(..))));
+        // The records of an earlier use of the file, had it been reused without zeroing:
+        // with one starting right where the new records end, it would read as a new
+        // record. This is why a segment is zeroed before it is reused (see
+        // `Shared::recycle`); a stale record anywhere else is refused as damage.
+        let stale = segment(&["old-1", "old-2"], &[]);
+        let mut reused = segment(&["new"], &[]);
+        let at = reused.len();
+        reused.extend_from_slice(&stale[at..]);
+        assert!(matches!(scanned(&reused, false), (_, Scan::Damaged(..))));
+        let mut aligned = segment(&["new"], &[]);
+        aligned.extend_from_slice(&stale[FILE_MAGIC.len()..]);
+        assert_eq!(scanned(&aligned, false).0, ["new", "old-1", "old-2"]);
     }
 
     #[test]

@@ -30,6 +30,20 @@ pub(crate) fn segment_name(id: u64) -> String {
     format!("{id:020}.wal")
 }
 
+/// File name of the zeroed former segment `id`, kept to be reused as a new segment.
+pub(crate) fn free_name(id: u64) -> String {
+    format!("{id:020}.free")
+}
+
+/// Parses a free segment's file name.
+fn parse_free(name: &str) -> Option<u64> {
+    parse_segment(&format!("{}.wal", name.strip_suffix(".free")?))
+}
+
+/// Segments freed by compaction kept for reuse, at most: enough for the log to roll
+/// through while the next compaction runs, without holding much disk.
+pub(super) const MAX_FREE_SEGMENTS: usize = 2;
+
 /// File name of the snapshot holding the state before segment `base`.
 pub(crate) fn snapshot_name(base: u64) -> String {
     format!("snap-{base:020}.wal")
@@ -100,6 +114,10 @@ struct Shared {
     first: u64,
     /// Where the durable log ends, set when the writer fails (see [`DurableEnd`]).
     durable_end: Mutex<Option<DurableEnd>>,
+    /// Whether segments are preallocated and reused ([`StoreConfig::preallocate`]).
+    preallocate: bool,
+    /// Zeroed former segments ([`free_name`]) the writer takes before creating a new one.
+    free: Mutex<Vec<String>>,
 }
 
 /// Where the durable part of the log ends once the writer failed: everything before
@@ -190,7 +208,10 @@ impl Wal {
             manifest: Mutex::new(claimed),
             first,
             durable_end: Mutex::new(None),
+            preallocate: config.preallocate,
+            free: Mutex::new(Vec::new()),
         });
+        shared.adopt_free_segments();
         let thread = std::thread::Builder::new()
             .name("sluice-wal".into())
             .spawn({
@@ -402,6 +423,11 @@ impl Wal {
             .map_err(|e| StoreError::Compaction(Box::new(e)))?;
         let names = storage.list().map_err(|e| io(FileOp::List, e))?;
         for old in names {
+            if let Some(id) = parse_segment(&old).filter(|id| *id < base)
+                && self.shared.recycle(&old, id)
+            {
+                continue;
+            }
             let obsolete = parse_segment(&old).is_some_and(|id| id < base)
                 || parse_snapshot(&old).is_some_and(|id| id < base);
             if obsolete && let Err(e) = storage.remove(&old) {
@@ -444,6 +470,52 @@ impl Shared {
             *claimed = next;
         }
         Ok(())
+    }
+
+    /// Keeps the obsolete segment `name` (number `id`) for reuse, if preallocating and
+    /// fewer than [`MAX_FREE_SEGMENTS`] are kept: zeroes it durably, then renames it.
+    ///
+    /// Zeroed first so that the space after the last record of every segment reads as
+    /// zeros, which recovery takes for the end of the log: the old records would
+    /// otherwise follow the new ones, and one starting where the new ones end would pass
+    /// its checksum and be replayed as new. Zeroed under its old name, which recovery
+    /// already ignores (it is before the snapshot), so a crash midway leaves no file that
+    /// could be taken for a zeroed one. Returns whether it was kept.
+    fn recycle(&self, name: &str, id: u64) -> bool {
+        if !self.preallocate || lock(&self.free).len() >= MAX_FREE_SEGMENTS {
+            return false;
+        }
+        let free = free_name(id);
+        let kept = self
+            .storage
+            .zero(name)
+            .and_then(|()| self.storage.rename(name, &free));
+        match kept {
+            Ok(()) => {
+                lock(&self.free).push(free);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(file = %self.storage.describe(name), error = %e, "compaction could not keep an old segment for reuse; deleting it");
+                false
+            }
+        }
+    }
+
+    /// Takes the free segments a previous run left as the first to reuse (when
+    /// preallocating; beyond [`MAX_FREE_SEGMENTS`], and otherwise, they are deleted).
+    fn adopt_free_segments(&self) {
+        let Ok(names) = self.storage.list() else {
+            return;
+        };
+        let mut free = lock(&self.free);
+        for name in names.into_iter().filter(|n| parse_free(n).is_some()) {
+            if self.preallocate && free.len() < MAX_FREE_SEGMENTS {
+                free.push(name);
+            } else if let Err(e) = self.storage.remove(&name) {
+                tracing::warn!(file = %self.storage.describe(&name), error = %e, "could not delete a free segment");
+            }
+        }
     }
 
     fn mark_failed(&self, reason: StoreError) {
@@ -636,9 +708,18 @@ impl Writer {
         }
         let storage = &self.shared.storage;
         let name = segment_name(id);
-        let mut file = storage
-            .create(&name)
-            .map_err(|e| StoreError::io(FileOp::Create, storage.describe(&name), e))?;
+        let len = self.shared.segment_bytes;
+        let free = if self.shared.preallocate {
+            lock(&self.shared.free).pop()
+        } else {
+            None
+        };
+        let mut file = match (&free, self.shared.preallocate) {
+            (Some(free), _) => storage.reuse(free, &name, len),
+            (None, true) => storage.create_preallocated(&name, len),
+            (None, false) => storage.create(&name),
+        }
+        .map_err(|e| StoreError::io(FileOp::Create, storage.describe(&name), e))?;
         file.write_all(FILE_MAGIC)
             .map_err(|e| StoreError::io(FileOp::Write, storage.describe(&name), e))?;
         self.file = Some((id, file, FILE_MAGIC.len() as u64));
@@ -730,6 +811,9 @@ mod tests {
     #[test]
     fn file_names_round_trip() {
         assert_eq!(parse_segment(&segment_name(42)), Some(42));
+        assert_eq!(parse_free(&free_name(42)), Some(42));
+        assert_eq!(parse_segment(&free_name(42)), None);
+        assert_eq!(parse_free(&segment_name(42)), None);
         assert_eq!(parse_snapshot(&snapshot_name(7)), Some(7));
         assert_eq!(parse_segment(&snapshot_name(7)), None);
         assert_eq!(parse_segment("00000000000000000001.wal.tmp"), None);

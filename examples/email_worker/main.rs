@@ -60,6 +60,12 @@ struct Args {
     rate_burst: u32,
 }
 
+impl shared::ExampleArgs for Args {
+    fn broker(&self) -> &shared::BrokerArgs {
+        &self.broker
+    }
+}
+
 /// Where emails go.
 enum Transport {
     Smtp(AsyncSmtpTransport<Tokio1Executor>),

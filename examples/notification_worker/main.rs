@@ -37,6 +37,12 @@ struct Args {
     worker: shared::WorkerArgs<2>,
 }
 
+impl shared::ExampleArgs for Args {
+    fn broker(&self) -> &shared::BrokerArgs {
+        &self.broker
+    }
+}
+
 struct Notifier {
     client: Client,
     http: reqwest::Client,

@@ -152,6 +152,16 @@ pub struct BrokerArgs {
     /// PEM file of the CA that signed the broker's TLS certificate.
     #[arg(long = "sluice-ca-cert", env = "SLUICE_CA_CERT", value_name = "PATH")]
     pub ca_cert: Option<std::path::PathBuf>,
+    /// OpenTelemetry collector to export this process's spans to, over OTLP/gRPC
+    /// (`http://127.0.0.1:4317`); off when unset. The same variable as the broker's.
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// The flags of an example process.
+pub trait ExampleArgs: clap::Parser {
+    /// How it reaches the broker (and the OTLP collector).
+    fn broker(&self) -> &BrokerArgs;
 }
 
 impl BrokerArgs {
@@ -241,22 +251,39 @@ pub async fn join_system(broker: &BrokerArgs) -> Result<Client, ClientError> {
     Ok(client)
 }
 
-/// The `main` of every example process: logging, then its flags, then `run`. An error
-/// is printed as `<program>: <error>` and exits with status 1.
+/// The `main` of every example process: its flags, then logging (and span export with
+/// `--otlp-endpoint`, as service `program`), then `run`. An error is printed as
+/// `<program>: <error>` and exits with status 1.
 pub async fn process_main<A, F>(program: &str, run: impl FnOnce(A) -> F) -> ExitCode
 where
-    A: clap::Parser,
+    A: ExampleArgs,
     F: Future<Output = Result<(), Box<dyn std::error::Error>>>,
 {
-    init_logging();
     let args = A::parse();
-    match run(args).await {
+    let exporter = match args.broker().otlp_endpoint.as_deref() {
+        Some(endpoint) if !endpoint.is_empty() => {
+            match sluice::otlp::Exporter::start(program, endpoint) {
+                Ok(exporter) => Some(exporter),
+                Err(e) => {
+                    eprintln!("{program}: --otlp-endpoint: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
+    init_logging(exporter.as_ref());
+    let code = match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{program}: {e}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
     }
+    code
 }
 
 /// The flags every example worker takes; `CONCURRENCY` is the default number of
@@ -317,20 +344,26 @@ pub fn unix_secs(t: SystemTime) -> i64 {
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), in colour only when stderr is
-/// a terminal (a log redirected to a file stays plain text).
-pub fn init_logging() {
+/// a terminal (a log redirected to a file stays plain text); with an exporter, spans go to
+/// it too.
+pub fn init_logging(exporter: Option<&sluice::otlp::Exporter>) {
     use std::io::IsTerminal as _;
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        logs.init();
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // On a terminal the library's default stays (it honours NO_COLOR).
+    let logs = if std::io::stderr().is_terminal() {
+        logs
     } else {
-        logs.with_ansi(false).init();
-    }
+        logs.with_ansi(false)
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(exporter.map(|e| e.layer()))
+        .init();
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

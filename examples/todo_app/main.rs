@@ -62,6 +62,12 @@ struct Args {
     db: PathBuf,
 }
 
+impl shared::ExampleArgs for Args {
+    fn broker(&self) -> &shared::BrokerArgs {
+        &self.broker
+    }
+}
+
 const MAX_NAME: usize = 100;
 const MAX_EMAIL: usize = 254;
 const MAX_TITLE: usize = 200;
@@ -908,6 +914,9 @@ async fn store_notifications(app: App) {
                     continue;
                 }
             };
+            // Stored in a consumer span, child of the notification worker's handling.
+            let span = delivery.span();
+            let _in_span = span.enter();
             let n = delivery.value;
             let db = app.db();
             let stored = db
@@ -954,8 +963,44 @@ fn router(app: App) -> Router {
         .route("/queue/status", get(queue_status))
         .route("/jobs/history", get(jobs_history))
         .route("/workers", get(workers))
+        .route_layer(axum::middleware::from_fn(traced))
         .fallback(not_found)
         .with_state(app)
+}
+
+/// Runs a request in a server span named after its route (`POST /users`), child of the
+/// caller's W3C `traceparent` header if it sends one: the events and jobs the request
+/// produces carry this span's trace to the broker and the workers.
+async fn traced(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use sluice::client::trace::{TRACEPARENT, TRACESTATE};
+    use tracing::Instrument as _;
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(
+            || request.uri().path().to_owned(),
+            |p| p.as_str().to_owned(),
+        );
+    let method = request.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let carrier = [TRACEPARENT, TRACESTATE]
+        .into_iter()
+        .filter_map(|name| {
+            let value = request.headers().get(name)?.to_str().ok()?;
+            Some((name.to_owned(), value.to_owned()))
+        })
+        .collect();
+    sluice::client::trace::set_remote_parent(&span, sluice::client::trace::extract(&carrier));
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }
 
 #[tokio::main]

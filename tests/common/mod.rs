@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sluice::broker::testing::redis::RedisServer;
-use sluice::broker::{Broker, BrokerConfig, Engine, RedisConfig, RedisEngine, ServeOptions, serve};
+use sluice::broker::{
+    Broker, BrokerConfig, Engine, HttpOptions, RedisConfig, RedisEngine, ServeOptions, serve,
+    serve_http_with,
+};
 use sluice::client::{Client, ClientError, Lease, Rpc};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -147,6 +150,24 @@ impl TestBroker {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Serves the operations HTTP server of whichever engine this serves, on an ephemeral
+    /// loopback port, until the engine shuts down; returns its address.
+    pub async fn serve_http(&self, options: HttpOptions) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let forever = std::future::pending();
+        match (&self.local, &self.redis) {
+            (Some(broker), _) => {
+                tokio::spawn(serve_http_with(listener, broker.clone(), options, forever))
+            }
+            (None, Some((engine, _))) => {
+                tokio::spawn(serve_http_with(listener, engine.clone(), options, forever))
+            }
+            (None, None) => unreachable!("a TestBroker serves one engine or the other"),
+        };
+        addr
     }
 }
 

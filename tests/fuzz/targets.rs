@@ -469,6 +469,7 @@ fn fuzz_limits() -> Limits {
         max_queues: 6,
         max_topics: 4,
         max_memory_bytes: 512,
+        strict_queues: false,
     }
 }
 

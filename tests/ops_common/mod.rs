@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::{BodyExt as _, Full};
 use hyper::header::{HOST, HeaderMap};
-use hyper::{Request, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use sluice::broker::{Broker, BrokerConfig};
 use sluice::broker::{HttpOptions, serve_http_with};
 use sluice::client::Rpc;
@@ -84,23 +84,48 @@ pub struct HttpResponse {
 
 /// Opens an HTTP/1.1 request and returns the response head and its body stream.
 pub async fn http_open(addr: SocketAddr, path: &str) -> hyper::Response<hyper::body::Incoming> {
+    http_send(addr, Request::get(path), Full::new(Bytes::new())).await
+}
+
+/// Sends `request` (with a `Host` header added) with `body`.
+async fn http_send(
+    addr: SocketAddr,
+    request: hyper::http::request::Builder,
+    body: Full<Bytes>,
+) -> hyper::Response<hyper::body::Incoming> {
     let stream = TcpStream::connect(addr).await.expect("connect HTTP");
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .expect("HTTP handshake");
     tokio::spawn(conn);
-    let request = Request::get(path)
+    let request = request
         .header(HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())
+        .body(body)
         .expect("request");
     sender.send_request(request).await.expect("HTTP request")
 }
 
 /// GETs `path` and reads the whole body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
+    http_request(addr, Method::GET, path, &[], "").await
+}
+
+/// Sends a request with `headers` and `body` and reads the whole response.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse {
+    let mut request = Request::builder().method(method.clone()).uri(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let body = Full::new(Bytes::from(body.to_owned()));
     let response = tokio::time::timeout(Duration::from_secs(10), async {
-        let res = http_open(addr, path).await;
+        let res = http_send(addr, request, body).await;
         let status = res.status();
         let headers = res.headers().clone();
         let body = res
@@ -116,5 +141,5 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
         }
     })
     .await;
-    response.unwrap_or_else(|_| panic!("GET {path} timed out"))
+    response.unwrap_or_else(|_| panic!("{method} {path} timed out"))
 }

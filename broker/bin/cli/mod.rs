@@ -563,10 +563,32 @@ fn queue_table(queues: &[pb::QueueStats]) -> Table {
             count(q.failed),
             count(q.dead),
             q.consumers.to_string(),
-            if q.paused { "paused" } else { "active" }.into(),
+            queue_status(q.paused, q.created_by_consumer),
         ]);
     }
     t
+}
+
+/// A queue's STATUS cell: paused or active, plus `consumer-created` while only consumers
+/// have named it (see [`CONSUMER_CREATED_NOTE`]).
+fn queue_status(paused: bool, created_by_consumer: bool) -> String {
+    let state = if paused { "paused" } else { "active" };
+    if created_by_consumer {
+        format!("{state},consumer-created")
+    } else {
+        state.to_owned()
+    }
+}
+
+/// Said on stderr (stdout keeps the table a table) after a table that shows a
+/// `consumer-created` queue.
+const CONSUMER_CREATED_NOTE: &str = "note: consumer-created: a Lease or Consume created the queue and nothing has enqueued to it or set its policy since; check the worker's queue name for a typo";
+
+/// Says [`CONSUMER_CREATED_NOTE`] on stderr if one of `queues` needs it.
+fn note_consumer_created<'a>(mut queues: impl Iterator<Item = &'a pb::QueueStats>) {
+    if queues.any(|q| q.created_by_consumer) {
+        eprintln!("{CONSUMER_CREATED_NOTE}");
+    }
 }
 
 fn topic_table(topics: &[pb::TopicStats]) -> Table {
@@ -712,7 +734,7 @@ async fn queues(a: QueuesArgs) -> Result<()> {
             count(s.completed),
             count(s.dead),
             s.consumers.to_string(),
-            if q.paused { "paused" } else { "active" }.into(),
+            queue_status(q.paused, s.created_by_consumer),
             if policy.dead_letter_queue.is_empty() {
                 "-".into()
             } else {
@@ -726,7 +748,9 @@ async fn queues(a: QueuesArgs) -> Result<()> {
             limits,
         ]);
     }
-    print_text(&t.render())
+    print_text(&t.render())?;
+    note_consumer_created(stats.queues.iter());
+    Ok(())
 }
 
 async fn stats(a: StatsArgs) -> Result<()> {
@@ -740,7 +764,9 @@ async fn stats(a: StatsArgs) -> Result<()> {
         return if a.conn.json {
             print_json(&stats_json(&s))
         } else {
-            print_text(&stats_text(&s))
+            print_text(&stats_text(&s))?;
+            note_consumer_created(s.queues.iter());
+            Ok(())
         };
     }
     let mut stream = client

@@ -147,6 +147,7 @@ impl Queue {
             rate_tokens: throttle.tokens,
             rate_limited_ms: throttle.rate_limited_ms,
             in_flight_limited_ms: throttle.in_flight_limited_ms,
+            created_by_consumer: self.created_by_consumer,
             ..self.counts.clone()
         }
     }

@@ -69,8 +69,7 @@ pub struct ConsumerState {
 }
 
 /// Counters for stats. Serialized as they are by the dashboard (`ops`), whose JSON rows
-/// use these field names; the limits' figures are left out of them (the page does not
-/// show them; Stats and the CLI do).
+/// use these field names.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct QueueCounts {
     /// Visible, or waiting behind an ordering key.
@@ -102,25 +101,22 @@ pub struct QueueCounts {
     /// Leasing paused.
     pub paused: bool,
     /// The policy's `max_in_flight` (0: no limit); `leased` is how much of it is used.
-    #[serde(skip)]
     pub max_in_flight: u32,
     /// The policy's rate limit, jobs a second (0: no limit).
-    #[serde(skip)]
     pub rate_limit_per_second: u32,
     /// The policy's rate limit burst (0: no limit).
-    #[serde(skip)]
     pub rate_limit_burst: u32,
     /// Whole tokens in the rate limit's bucket: jobs it would let out now.
-    #[serde(skip)]
     pub rate_tokens: u64,
     /// Milliseconds since start that the rate limit held visible jobs back from a lease
     /// that asked for them.
-    #[serde(skip)]
     pub rate_limited_ms: u64,
     /// Milliseconds since start that `max_in_flight` held visible jobs back from a lease
     /// that asked for them (until a lease ended).
-    #[serde(skip)]
     pub in_flight_limited_ms: u64,
+    /// Made by a Lease or Consume and not named since by anything that puts jobs in it or
+    /// sets its policy: most likely a worker's typo (see the README, "Queues").
+    pub created_by_consumer: bool,
 }
 
 /// Whether a lease may settle its job.
@@ -203,6 +199,10 @@ pub struct Queue {
     /// Seqs of jobs whose lease expired since the last [`Queue::take_expired`]: the
     /// broker logs their new state (expiry is a state change that must survive a restart).
     expired: Vec<u64>,
+    /// Made by a Lease or Consume, and since then nothing has named it on purpose: no job
+    /// came in (enqueue, binding, dead letter, redrive) and no policy or pause was set. A
+    /// worker whose queue name has a typo waits on such a queue forever, so Stats shows it.
+    created_by_consumer: bool,
 }
 
 impl Queue {
@@ -235,7 +235,25 @@ impl Queue {
             consumers: FastMap::default(),
             outbox: Vec::new(),
             expired: Vec::new(),
+            created_by_consumer: false,
         }
+    }
+
+    /// Marks the queue as made by a Lease or Consume (see
+    /// [`QueueCounts::created_by_consumer`]).
+    pub fn mark_created_by_consumer(&mut self) {
+        self.created_by_consumer = true;
+    }
+
+    /// Whether only consumers have named the queue so far.
+    pub fn is_created_by_consumer(&self) -> bool {
+        self.created_by_consumer
+    }
+
+    /// Something named the queue on purpose (a job came in, a policy or pause was set):
+    /// it is no longer only a consumer's.
+    fn named_by_producer(&mut self) {
+        self.created_by_consumer = false;
     }
 
     /// The queue's name.
@@ -252,6 +270,7 @@ impl Queue {
     /// limit starts with a full bucket.
     pub fn set_policy(&mut self, policy: QueuePolicy) {
         let old_rate = std::mem::replace(&mut self.policy, policy).rate_limit;
+        self.named_by_producer();
         self.rate_limit_changed(old_rate);
         self.trim_history();
     }
@@ -263,6 +282,7 @@ impl Queue {
 
     /// Pauses or resumes leasing.
     pub fn set_paused(&mut self, paused: bool) {
+        self.named_by_producer();
         self.paused = paused;
     }
 
@@ -361,6 +381,7 @@ impl Queue {
         }
         self.counts.enqueued += new;
         self.enqueue_rate.record(now, new);
+        self.named_by_producer();
         Ok((out, first..self.next_seq))
     }
 

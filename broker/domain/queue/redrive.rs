@@ -47,6 +47,7 @@ impl Queue {
         priority: u8,
         origin: Option<String>,
     ) {
+        self.named_by_producer();
         if let Some(old) = self.seq_of(&id) {
             // The same job has a record here already (it died here before, or it is
             // dead-lettered twice): the new record replaces it.

@@ -1141,3 +1141,50 @@ fn a_changed_rate_limit_starts_full_and_an_unchanged_one_keeps_its_tokens() {
     assert_eq!(q.lease(T0, 10, 60_000, &consumer(), "a").len(), 5);
     assert_eq!(q.next_due(), Some(T0 + 60_000));
 }
+
+#[test]
+fn only_what_names_a_queue_on_purpose_clears_its_created_by_consumer_mark() {
+    let marked = || {
+        let mut q = queue_with(|_| {});
+        q.mark_created_by_consumer();
+        assert!(q.counts(T0).created_by_consumer);
+        q
+    };
+    // Leasing, expiring, purging and counting leave the mark: only consumers named it.
+    let mut q = marked();
+    assert!(lease_one(&mut q, T0, 1_000).is_none());
+    q.tick(T0 + 5_000);
+    q.purge(T0 + 5_000);
+    assert!(q.is_created_by_consumer());
+
+    // A job coming in by Enqueue, a dead letter, or a redrive clears it.
+    enqueue_one(&mut q, T0, job("a"));
+    assert!(!q.counts(T0).created_by_consumer);
+
+    let mut source = queue_with(|p| p.max_attempts = 1);
+    enqueue_one(&mut source, T0, job("b"));
+    let d = lease_one(&mut source, T0, 1_000).unwrap();
+    source
+        .nack(T0, &d.lease_id, "boom".into(), None, false)
+        .unwrap();
+    let mut letters = source.take_dead_letters();
+    let mut dlq = marked();
+    dlq.insert_dead_letter(T0, letters.pop().unwrap());
+    assert!(!dlq.is_created_by_consumer());
+
+    let (moved, _) = dlq.take_for_redrive(T0, &[], 10, |_| true);
+    assert_eq!(moved.len(), 1);
+    let mut origin = marked();
+    for job in moved {
+        origin.restore(T0, job);
+    }
+    assert!(!origin.is_created_by_consumer());
+
+    // So does setting its policy or pausing it.
+    let mut q = marked();
+    q.set_policy(QueuePolicy::default_for("jobs"));
+    assert!(!q.is_created_by_consumer());
+    let mut q = marked();
+    q.set_paused(false);
+    assert!(!q.is_created_by_consumer());
+}

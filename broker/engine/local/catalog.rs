@@ -12,6 +12,7 @@ use crate::broker::domain::names::validate_name;
 use crate::broker::domain::queue::{Queue, QueuePolicy};
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Retention, Topic};
+use crate::broker::engine::checks;
 use crate::broker::engine::local::subscription::SubscriberShared;
 use crate::broker::store::{Batch, Commit};
 use crate::broker::sync::lock;
@@ -38,6 +39,10 @@ pub(in crate::broker) enum Creation {
     /// For a dead letter: its slot was taken when a policy named it, so it is never
     /// refused; a dead-letter queue of its own it takes only if that fits.
     DeadLetters,
+    /// For a Lease or Consume: counted, and unless a policy names it as its dead-letter
+    /// queue, refused with `--strict-queues` or else marked created by a consumer (see
+    /// [`checks::consumer_names_unknown_queue`]).
+    ByConsumer,
 }
 
 impl Broker {
@@ -69,6 +74,25 @@ impl Broker {
             name,
             QueuePolicy::default_for(name),
             Creation::Counted,
+        )
+    }
+
+    /// The queue a Lease or Consume reads from; one that does not exist is created as
+    /// [`Creation::ByConsumer`] says.
+    pub(crate) fn queue_for_consumer(
+        &self,
+        field: &str,
+        name: &str,
+    ) -> Result<Arc<SharedQueue>, BrokerError> {
+        validate_name(field, name)?;
+        if let Some(slot) = self.inner.queues.get(name) {
+            return Ok(slot.value().clone());
+        }
+        self.create_queue_slot(
+            field,
+            name,
+            QueuePolicy::default_for(name),
+            Creation::ByConsumer,
         )
     }
 
@@ -125,12 +149,7 @@ impl Broker {
         what: String,
         in_use: usize,
     ) -> BrokerError {
-        super::super::checks::too_many_queues(
-            self.inner.config.limits.max_queues,
-            field,
-            what,
-            in_use,
-        )
+        checks::too_many_queues(self.inner.config.limits.max_queues, field, what, in_use)
     }
 
     /// Creates the queue `name` with `policy` unless it exists (then returns that one). The
@@ -144,19 +163,33 @@ impl Broker {
         how: Creation,
     ) -> Result<Arc<SharedQueue>, BrokerError> {
         let dlq = policy.dead_letter_queue.clone();
-        if how == Creation::Counted && !dlq.is_empty() {
-            super::super::checks::dead_letter_name(field, name, &dlq)?;
+        if how != Creation::DeadLetters && !dlq.is_empty() {
+            checks::dead_letter_name(field, name, &dlq)?;
         }
         let mut catalog = lock(&self.inner.catalog);
         if let Some(slot) = self.inner.queues.get(name) {
             return Ok(slot.value().clone());
         }
+        // Decided under the catalog's lock: of two leases that race to create the queue,
+        // one creates it (and warns), the other finds it.
+        let unknown = how == Creation::ByConsumer && !catalog.dead_letter_refs.contains_key(name);
+        let closest = if unknown {
+            let names: Vec<Arc<str>> = self.inner.queues.iter().map(|e| e.key().clone()).collect();
+            Some(checks::consumer_names_unknown_queue(
+                &self.inner.config.limits,
+                field,
+                name,
+                names.iter().map(|n| &**n),
+            )?)
+        } else {
+            None
+        };
         let in_use = self.inner.queues.len() + catalog.reserved;
         let own = usize::from(!catalog.dead_letter_refs.contains_key(name));
         let extra = self.dead_letter_slot(&catalog, &dlq, name);
         if in_use + own + extra > self.inner.config.limits.max_queues {
             match how {
-                Creation::Counted => {
+                Creation::Counted | Creation::ByConsumer => {
                     let what = if extra > 0 {
                         format!("queue {name:?} with its dead-letter queue {dlq:?}")
                     } else {
@@ -176,9 +209,13 @@ impl Broker {
                 }
             }
         }
+        let mut queue = Queue::new(name, policy.clone());
+        if closest.is_some() {
+            queue.mark_created_by_consumer();
+        }
         let slot = Arc::new(SharedQueue {
             name: Arc::from(name),
-            queue: Mutex::new(Queue::new(name, policy.clone())),
+            queue: Mutex::new(queue),
             ready: Notify::new(),
             deleted: AtomicBool::new(false),
         });
@@ -187,6 +224,10 @@ impl Broker {
             catalog.reserved -= 1;
         }
         self.add_dead_letter_ref(&mut catalog, &policy.dead_letter_queue);
+        drop(catalog);
+        if let Some(closest) = closest {
+            checks::created_by_consumer(name, closest.as_deref());
+        }
         Ok(slot)
     }
 

@@ -241,7 +241,7 @@ impl Broker {
         if let Some(v) = spec.visibility_timeout_ms {
             check_duration_ms("visibility_timeout_ms", v, MAX_VISIBILITY_MS)?;
         }
-        let slot = self.queue_or_create("queue", &spec.queue)?;
+        let slot = self.queue_for_consumer("queue", &spec.queue)?;
         let consumer: Arc<str> = Arc::from(if spec.consumer.is_empty() {
             spec.address.as_str()
         } else {

@@ -132,7 +132,7 @@ impl Broker {
             check_duration_ms("visibility_timeout_ms", v, MAX_VISIBILITY_MS)?;
         }
         check_duration_ms("wait_ms", params.wait_ms, MAX_LEASE_WAIT_MS)?;
-        let slot = self.queue_or_create("queue", queue)?;
+        let slot = self.queue_for_consumer("queue", queue)?;
         let consumer: Arc<str> = Arc::from(if params.consumer.is_empty() {
             params.address.as_str()
         } else {

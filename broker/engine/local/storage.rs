@@ -299,18 +299,23 @@ impl Broker {
             .inner
             .queues
             .iter()
-            .map(|entry| {
+            .filter_map(|entry| {
                 let q = lock(&entry.value().queue);
+                // Only a Lease or Consume has named it: it holds nothing, and its creation
+                // was never logged, so the snapshot leaves it out as the log does.
+                if q.is_created_by_consumer() {
+                    return None;
+                }
                 let mut history = q.history(usize::MAX);
                 history.reverse();
-                SnapshotQueue {
+                Some(SnapshotQueue {
                     name: entry.key().to_string(),
                     policy: q.policy().clone(),
                     paused: q.is_paused(),
                     live: q.list(None, 0, usize::MAX).0,
                     history,
                     dedup: q.dedup_entries(),
-                }
+                })
             })
             .collect();
         let topics = self

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use super::RedisEngine;
 
-/// Every this many sweeps, topics are trimmed by age (age retention is coarse), the
-/// bindings are read again (a binding made on another node), and redrives a stopped node
-/// left half done are finished.
+/// Every this many sweeps, the catalog of queues is read again, topics are trimmed by age
+/// (age retention is coarse), the bindings are read again (a binding made on another
+/// node), and redrives a stopped node left half done are finished.
 const SLOW_SWEEP_EVERY: u32 = 10;
 
 impl RedisEngine {
@@ -59,17 +59,33 @@ impl RedisEngine {
                 Err(e) => return Err(e),
             }
         }
-        for name in queues.names().await? {
+        // The catalog is read on slow sweeps only: a queue another node made since is
+        // swept by that node meanwhile (and a lease sweeps its own queue first).
+        let stale = crate::broker::sync::lock(&self.inner.catalog).is_none();
+        if slow || stale {
+            let names = queues.names().await?;
+            *crate::broker::sync::lock(&self.inner.catalog) = Some(names);
+        }
+        let mut names: std::collections::BTreeSet<String> =
+            crate::broker::sync::lock(&self.inner.catalog)
+                .iter()
+                .flatten()
+                .cloned()
+                .collect();
+        names.extend(crate::broker::sync::lock(&self.inner.known).iter().cloned());
+        for name in names {
             if self.inner.shutdown.is_cancelled() {
                 return Ok(());
             }
-            match queues.sweep(&name).await {
-                Ok(_) => {}
+            let swept = match queues.sweep(&name).await {
+                Ok(swept) => swept,
                 // Deleted since the catalog was read.
                 Err(crate::broker::BrokerError::NotFound(_)) => continue,
                 Err(e) => return Err(e),
+            };
+            if swept.dead_letters > 0 {
+                queues.move_dead_letters(&name).await?;
             }
-            queues.move_dead_letters(&name).await?;
             if slow {
                 queues.resume_redrives(&name).await?;
             }

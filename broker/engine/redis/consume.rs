@@ -10,7 +10,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::domain::error::BrokerError;
-use crate::broker::domain::queue::{JobState, LeaseId, LeaseIdError};
+use crate::broker::domain::queue::{Delivery, JobState, LeaseId, LeaseIdError};
 use crate::broker::engine::{
     ConsumeCommandStream, ConsumeCommands, ConsumeEvent, ConsumeSpec, ConsumeStream, checks,
 };
@@ -37,6 +37,8 @@ struct Session {
     ended: bool,
     /// Deliveries of this stream not yet settled on it, by seq (the value is the nonce).
     outstanding: HashMap<u64, u64>,
+    /// Jobs leased together with acks that were refused: sent after the refusals.
+    leased: Vec<Delivery>,
 }
 
 impl Drop for Session {
@@ -59,6 +61,9 @@ impl Session {
     async fn next_event(&mut self) -> Option<ConsumeEvent> {
         if self.ended {
             return None;
+        }
+        if !self.leased.is_empty() {
+            return Some(ConsumeEvent::Jobs(std::mem::take(&mut self.leased)));
         }
         loop {
             if self.credits > 0 {
@@ -107,6 +112,21 @@ impl Session {
                     } else {
                         (self.credits + command.credits as u64).min(MAX_CREDITS)
                     };
+                    // A worker that acks what it got and wants more: both in one script.
+                    if self.credits > 0 && command.nacks.is_empty() && command.extends.is_empty() {
+                        match self.engine.sort_acks(&self.queue, &command.acks) {
+                            Sorted { mine, foreign, refused }
+                                if !mine.is_empty() && foreign.is_empty() && refused.is_empty() =>
+                            {
+                                match self.ack_and_lease(mine).await {
+                                    Ok(None) => continue,
+                                    Ok(Some(event)) => return Some(event),
+                                    Err(e) => return Some(self.fail(e)),
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
                     match self.engine.settle(&self.queue, &self.spec, command, &mut self.outstanding).await {
                         Ok(refused) if refused.is_empty() => {}
                         Ok(refused) => return Some(ConsumeEvent::Refused(refused)),
@@ -127,6 +147,62 @@ impl Session {
         }
     }
 
+    /// Acks `acks` (all of this stream's queue) and leases up to the credits in one
+    /// script; the acks are durable before the jobs go out. Returns the event to send, if
+    /// any (`None`: nothing leased, wait).
+    async fn ack_and_lease(
+        &mut self,
+        acks: Vec<(String, LeaseId, Option<Bytes>)>,
+    ) -> Result<Option<ConsumeEvent>, BrokerError> {
+        let max = self
+            .credits
+            .min(self.engine.inner.config.limits.max_batch as u64) as usize;
+        let leases: Vec<(LeaseId, Option<Bytes>)> = acks
+            .iter()
+            .map(|(_, lease, result)| (lease.clone(), result.clone()))
+            .collect();
+        let lease = (
+            max,
+            self.spec.visibility_timeout_ms,
+            self.consumer.as_str(),
+            self.spec.address.as_str(),
+        );
+        let (acked, jobs) = self
+            .engine
+            .inner
+            .queues
+            .ack_lease(&self.queue, &leases, lease)
+            .await?;
+        // All or nothing: when one was stale none was applied, and they go again one by
+        // one in effect, as a command of acks alone does.
+        let refused = if acked.iter().all(Result::is_ok) {
+            for (_, lease, _) in &acks {
+                self.outstanding.remove(&lease.seq);
+            }
+            Vec::new()
+        } else {
+            self.engine
+                .ack_each(&self.queue, acks, &mut self.outstanding)
+                .await?
+        };
+        self.engine
+            .durable(self.engine.queue_commit(&self.queue))
+            .await?;
+        if !jobs.is_empty() {
+            self.credits -= jobs.len() as u64;
+            let leases = jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce));
+            self.outstanding.extend(leases);
+        }
+        Ok(match (refused.is_empty(), jobs.is_empty()) {
+            (true, true) => None,
+            (true, false) => Some(ConsumeEvent::Jobs(jobs)),
+            (false, _) => {
+                self.leased = jobs;
+                Some(ConsumeEvent::Refused(refused))
+            }
+        })
+    }
+
     /// Ends the stream with `e` (Redis failed).
     fn fail(&mut self, e: BrokerError) -> ConsumeEvent {
         self.ended = true;
@@ -144,7 +220,7 @@ impl RedisEngine {
         if let Some(v) = spec.visibility_timeout_ms {
             checks::visibility("visibility_timeout_ms", v)?;
         }
-        self.ensure_queue("queue", &spec.queue).await?;
+        self.ensure_queue("queue", &spec.queue, true).await?;
         let consumer = if spec.consumer.is_empty() {
             spec.address.clone()
         } else {
@@ -166,12 +242,47 @@ impl RedisEngine {
             stopped: false,
             ended: false,
             outstanding: HashMap::new(),
+            leased: Vec::new(),
         };
         let events = futures::stream::unfold(session, |mut session| async move {
             let event = session.next_event().await?;
             Some((event, session))
         });
         Ok(ConsumeStream::new(Box::pin(events)))
+    }
+
+    /// A command's acks by where they go: leases of this stream's `queue` (one script),
+    /// of other queues (unary acks of their own), and refused (bad lease id or result).
+    fn sort_acks(&self, queue: &Arc<str>, acks: &[(Bytes, Option<Bytes>)]) -> Sorted {
+        let limits = &self.inner.config.limits;
+        let mut sorted = Sorted {
+            mine: Vec::new(),
+            foreign: Vec::new(),
+            refused: Vec::new(),
+        };
+        for (received, result) in acks {
+            let text = String::from_utf8_lossy(received).into_owned();
+            let parsed = std::str::from_utf8(received)
+                .map_err(|_| checks::bad_lease_id("acks.lease_id", &text, LeaseIdError::NotUtf8))
+                .and_then(|id| {
+                    LeaseId::try_parse_for(id, queue)
+                        .map_err(|why| checks::bad_lease_id("acks.lease_id", id, why))
+                })
+                .and_then(|lease| {
+                    if let Some(r) = result {
+                        limits.check_payload("acks.result", r.len())?;
+                    }
+                    Ok(lease)
+                });
+            match parsed {
+                Ok(lease) if *lease.queue == **queue => {
+                    sorted.mine.push((text, lease, result.clone()))
+                }
+                Ok(_) => sorted.foreign.push((text, result.clone())),
+                Err(e) => sorted.refused.push((text, e)),
+            }
+        }
+        sorted
     }
 
     /// Applies one command's settlements, durable before the stream goes on; returns the
@@ -184,7 +295,6 @@ impl RedisEngine {
         outstanding: &mut HashMap<u64, u64>,
     ) -> Result<Vec<(String, BrokerError)>, BrokerError> {
         let limits = &self.inner.config.limits;
-        let mut refused = Vec::new();
         let parse = |field: &str, lease_id: &str| {
             LeaseId::try_parse_for(lease_id, queue)
                 .map_err(|why| checks::bad_lease_id(field, lease_id, why))
@@ -200,26 +310,11 @@ impl RedisEngine {
             }
         };
         let mut changed = false;
-        // Acks of this stream's queue go as one script; others as unary acks of their own.
-        let mut mine: Vec<(String, LeaseId, Option<Bytes>)> = Vec::new();
-        let mut foreign = Vec::new();
-        for (received, result) in command.acks {
-            let text = String::from_utf8_lossy(&received).into_owned();
-            let parsed = std::str::from_utf8(&received)
-                .map_err(|_| checks::bad_lease_id("acks.lease_id", &text, LeaseIdError::NotUtf8))
-                .and_then(|id| parse("acks.lease_id", id))
-                .and_then(|lease| {
-                    if let Some(r) = &result {
-                        limits.check_payload("acks.result", r.len())?;
-                    }
-                    Ok(lease)
-                });
-            match parsed {
-                Ok(lease) if *lease.queue == **queue => mine.push((text, lease, result)),
-                Ok(_) => foreign.push((text, result)),
-                Err(e) => refused.push((text, e)),
-            }
-        }
+        let Sorted {
+            mine,
+            foreign,
+            mut refused,
+        } = self.sort_acks(queue, &command.acks);
         if !mine.is_empty() {
             changed = true;
             refused.extend(self.ack_each(queue, mine, outstanding).await?);
@@ -333,6 +428,16 @@ impl RedisEngine {
         // A release can kill a job that was on its last attempt.
         self.route_dead_letters(queue).await;
     }
+}
+
+/// A command's acks, sorted by [`RedisEngine::sort_acks`].
+struct Sorted {
+    /// Leases of the stream's queue: (lease id as received, parsed, result).
+    mine: Vec<(String, LeaseId, Option<Bytes>)>,
+    /// Leases of other queues: (lease id, result).
+    foreign: Vec<(String, Option<Bytes>)>,
+    /// Refused before reaching Redis.
+    refused: Vec<(String, BrokerError)>,
 }
 
 /// Whether `e` says Redis failed (the stream then ends) rather than refusing one

@@ -146,7 +146,7 @@ impl Engine for RedisEngine {
         _now: Millis,
     ) -> Result<Logged<Vec<Enqueued>, RedisCommit>, BrokerError> {
         let jobs = checks::enqueue(&self.inner.config.limits, queue, jobs)?;
-        self.ensure_queue("queue", queue).await?;
+        self.ensure_queue("queue", queue, false).await?;
         let value = match self.inner.queues.enqueue(queue, jobs).await {
             Err(BrokerError::NotFound(_)) => {
                 // Deleted by another node since this one last saw it: nothing was stored.
@@ -213,7 +213,7 @@ impl Engine for RedisEngine {
             checks::visibility("visibility_timeout_ms", v)?;
         }
         check_duration_ms("wait_ms", params.wait_ms, MAX_LEASE_WAIT_MS)?;
-        self.ensure_queue("queue", queue).await?;
+        self.ensure_queue("queue", queue, true).await?;
         let consumer = if params.consumer.is_empty() {
             params.address.as_str()
         } else {
@@ -239,7 +239,7 @@ impl Engine for RedisEngine {
                 // as on a first use.
                 Err(BrokerError::NotFound(_)) => {
                     self.forget_queue(queue);
-                    self.ensure_queue("queue", queue).await?;
+                    self.ensure_queue("queue", queue, true).await?;
                     continue;
                 }
                 other => other?,
@@ -391,8 +391,14 @@ impl Engine for RedisEngine {
             )));
         }
         checks::dead_letter_name("name", name, &policy.dead_letter_queue)?;
-        self.check_queue_room("name", name, &policy.dead_letter_queue)
-            .await?;
+        let (existing, reserved) = self.queues_in_use().await?;
+        self.check_queue_room(
+            &existing,
+            &reserved,
+            "name",
+            name,
+            &policy.dead_letter_queue,
+        )?;
         self.inner.queues.create(name, &policy).await?;
         // The first pump starts the bindings at each topic's next message.
         self.pump(name, &policy.topic_bindings).await?;

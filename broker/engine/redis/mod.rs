@@ -109,6 +109,9 @@ struct Inner {
     /// The topic bindings of every queue that has some, as of this node's last look
     /// (its own policy changes, and the sweep's refresh): a publish here pumps them.
     bindings: Mutex<HashMap<String, Vec<Pattern>>>,
+    /// The catalog's queues as of the sweep's last slow round (read once a second, not
+    /// every sweep); each sweep also covers the queues this node knows.
+    catalog: Mutex<Option<Vec<String>>>,
     stats: StatsHub,
     observer: OnceLock<Arc<dyn Observer>>,
     /// Subscriptions open on this node, against `--max-subscriptions` (a node's own
@@ -147,6 +150,7 @@ impl RedisEngine {
                 shutdown,
                 known: Mutex::new(HashSet::new()),
                 bindings: Mutex::new(HashMap::new()),
+                catalog: Mutex::new(None),
                 stats: StatsHub::default(),
                 observer: OnceLock::new(),
                 subscriptions: Arc::new(AtomicUsize::new(0)),
@@ -176,8 +180,17 @@ impl RedisEngine {
     }
 
     /// Makes sure queue `name` exists (creating it with the default policy, counted
-    /// against `--max-queues`), unless this node has seen it already.
-    async fn ensure_queue(&self, field: &str, name: &str) -> Result<(), BrokerError> {
+    /// against `--max-queues`), unless this node has seen it already. For a Lease or
+    /// Consume (`for_consumer`), a queue that does not exist and that no policy names as
+    /// its dead-letter queue is refused with `--strict-queues`, or else created marked
+    /// created by a consumer, and the node that created it warns (as the in-process
+    /// engine does: [`checks::consumer_names_unknown_queue`]).
+    async fn ensure_queue(
+        &self,
+        field: &str,
+        name: &str,
+        for_consumer: bool,
+    ) -> Result<(), BrokerError> {
         if lock(&self.inner.known).contains(name) {
             return Ok(());
         }
@@ -185,9 +198,26 @@ impl RedisEngine {
         if self.inner.queues.info(name).await?.is_none() {
             let policy = QueuePolicy::default_for(name);
             checks::dead_letter_name(field, name, &policy.dead_letter_queue)?;
-            self.check_queue_room(field, name, &policy.dead_letter_queue)
+            let (existing, reserved) = self.queues_in_use().await?;
+            let closest = if for_consumer && !reserved.contains(name) {
+                Some(checks::consumer_names_unknown_queue(
+                    &self.inner.config.limits,
+                    field,
+                    name,
+                    existing.iter().map(String::as_str),
+                )?)
+            } else {
+                None
+            };
+            self.check_queue_room(&existing, &reserved, field, name, &policy.dead_letter_queue)?;
+            let created = self
+                .inner
+                .queues
+                .ensure(name, &policy, closest.is_some())
                 .await?;
-            self.inner.queues.ensure(name, &policy).await?;
+            if let Some(closest) = closest.filter(|_| created) {
+                checks::created_by_consumer(name, closest.as_deref());
+            }
         }
         lock(&self.inner.known).insert(name.to_owned());
         Ok(())
@@ -211,14 +241,16 @@ impl RedisEngine {
         Ok((existing, reserved))
     }
 
-    /// Refuses to create queue `name` (dead-lettering into `dlq`) past `--max-queues`.
-    async fn check_queue_room(
+    /// Refuses to create queue `name` (dead-lettering into `dlq`) past `--max-queues`, with
+    /// the queues in use as [`RedisEngine::queues_in_use`] read them.
+    fn check_queue_room(
         &self,
+        existing: &BTreeSet<String>,
+        reserved: &BTreeSet<String>,
         field: &str,
         name: &str,
         dlq: &str,
     ) -> Result<(), BrokerError> {
-        let (existing, reserved) = self.queues_in_use().await?;
         let in_use = existing.len() + reserved.len();
         let own = usize::from(!reserved.contains(name));
         let extra = usize::from(

@@ -15,7 +15,9 @@
 //!   `paused`, the rate limit's bucket (`tok` thousandths of a token at `tok_at`), the
 //!   time the limits held visible jobs back (as `domain::queue::throttle`: `rl_ms` counted
 //!   by the rate limit up to `rl_until`, `if_ms` by `max_in_flight` plus the open interval
-//!   since `if_since`), and counters: `blocked`, `retrying`, `enqueued`, `completed`,
+//!   since `if_since`), `by_consumer` (1 while only Lease or Consume has named the queue:
+//!   set by the define script for them, cleared by what puts a job in or sets a policy or
+//!   pause), and counters: `blocked`, `retrying`, `enqueued`, `completed`,
 //!   `failed`, `dead`, `cancelled`. A queue exists while its meta hash does.
 //! * `:rates` hash: jobs enqueued and acked per second over the last 10 seconds, as
 //!   `domain::rate::RateMeter` counts them: slot `second % 10` holds a count (`e<slot>`,
@@ -195,6 +197,113 @@ impl Row {
     fn rest(self) -> std::vec::IntoIter<Value> {
         self.items
     }
+}
+
+/// A lease's arguments after the queue name: `max`, the visibility timeout ('' for the
+/// policy's), the consumer, its address, a jitter seed and `max` fresh nonces.
+fn lease_args(
+    inv: &mut ScriptInvocation<'_>,
+    max: usize,
+    visibility_ms: Option<u64>,
+    consumer: &str,
+    address: &str,
+) {
+    let max = max.max(1);
+    inv.arg(max)
+        .arg(visibility_ms.map_or_else(String::new, |v| v.to_string()))
+        .arg(consumer)
+        .arg(address)
+        .arg(jitter_seed());
+    for _ in 0..max {
+        inv.arg(format!("{:x}", fastrand::u64(1..)));
+    }
+}
+
+/// The deliveries a lease script returned, leases of queue `name`.
+fn deliveries(name: &str, rows: Vec<Value>) -> Result<Vec<Delivery>, BrokerError> {
+    let queue: Arc<str> = Arc::from(name);
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut r = Row::new("lease", row)?;
+        let id: String = r.next()?;
+        let seq: u64 = r.next()?;
+        let kind: String = r.next()?;
+        let payload: Vec<u8> = r.next()?;
+        let headers: Vec<u8> = r.next()?;
+        let priority: u8 = r.next()?;
+        let attempt: u32 = r.next()?;
+        let max_attempts: u32 = r.next()?;
+        let enqueued_at: Millis = r.next()?;
+        let deadline: Millis = r.next()?;
+        let ordering_key: String = r.next()?;
+        let nonce: String = r.next()?;
+        let headers = if headers.is_empty() {
+            Headers::new()
+        } else {
+            HeadersRecord::decode(headers.as_slice())
+                .map_err(|e| malformed("lease headers", e))?
+                .headers
+        };
+        out.push(Delivery {
+            job_id: Uuid::parse_str(&id).map_err(|e| malformed("lease", e))?,
+            lease_id: LeaseId {
+                queue: queue.clone(),
+                seq,
+                nonce: u64::from_str_radix(&nonce, 16).map_err(|e| malformed("lease nonce", e))?,
+            },
+            kind: Arc::from(kind),
+            payload: Bytes::from(payload),
+            headers,
+            priority,
+            attempt,
+            max_attempts,
+            enqueued_at,
+            deadline,
+            ordering_key: ordering_key.strip_prefix('=').map(Arc::from),
+        });
+    }
+    Ok(out)
+}
+
+/// An ack's arguments after the queue name: the count, then seq, nonce and result
+/// ('' for none, else '=' then the bytes) per ack.
+fn ack_args(inv: &mut ScriptInvocation<'_>, queue: &str, acks: &[(LeaseId, Option<Bytes>)]) {
+    inv.arg(acks.len());
+    for (lease, result) in acks {
+        debug_assert_eq!(&*lease.queue, queue, "acks are grouped by queue");
+        inv.arg(lease.seq).arg(format!("{:x}", lease.nonce));
+        match result {
+            Some(r) => inv.arg([b"=".as_slice(), r.as_ref()].concat()),
+            None => inv.arg(""),
+        };
+    }
+}
+
+/// One result per ack from the ack script's reply.
+fn ack_results(
+    acks: &[(LeaseId, Option<Bytes>)],
+    reply: Value,
+) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
+    let mut row = Row::new("ack", reply)?;
+    let _applied: i64 = row.next()?;
+    let mut out = Vec::with_capacity(acks.len());
+    for (lease, _) in acks {
+        let why: String = row.next()?;
+        out.push(match why.as_str() {
+            "live" | "acked" => Ok(()),
+            why => Err(stale(lease, why)),
+        });
+    }
+    Ok(out)
+}
+
+/// What a sweep of one queue did and found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Swept {
+    /// Jobs whose lease expired or whose timer came due.
+    pub(crate) changed: u64,
+    /// Dead letters waiting in the queue's outbox to move to their dead-letter queues.
+    pub(crate) dead_letters: u64,
 }
 
 /// A job's hash fields, read into a [`Job`].
@@ -400,17 +509,23 @@ impl QueueStore {
             .map_err(|e| script_error(doing, lease, e))
     }
 
+    /// Runs define.lua in `mode` with `policy`; a queue it creates is marked created by a
+    /// consumer when `by_consumer`.
     async fn define(
         &self,
         name: &str,
         mode: &str,
         policy: &QueuePolicy,
+        by_consumer: bool,
     ) -> Result<bool, BrokerError> {
         let keys = QueueKeys::new(name);
         let mut inv = script!("define.lua").key(keys.base());
         inv.arg(name).arg(mode).arg(encode_policy(policy));
         for (field, value) in policy_args(policy) {
             inv.arg(field).arg(value);
+        }
+        if by_consumer {
+            inv.arg("by_consumer").arg(1);
         }
         let created: i64 = self
             .run(&format!("defining queue {name:?}"), None, &inv)
@@ -433,18 +548,19 @@ impl QueueStore {
     /// between the two leaves a queue that works but is missing from [`QueueStore::names`]
     /// until it is deleted and created again.
     pub(crate) async fn create(&self, name: &str, policy: &QueuePolicy) -> Result<(), BrokerError> {
-        self.define(name, "create", policy).await?;
+        self.define(name, "create", policy, false).await?;
         self.catalog_add(name).await
     }
 
-    /// Creates the queue with `policy` if it is missing; returns whether it did. Catalog
-    /// order as in [`QueueStore::create`].
+    /// Creates the queue with `policy` if it is missing, marked created by a consumer when
+    /// `by_consumer`; returns whether it did. Catalog order as in [`QueueStore::create`].
     pub(crate) async fn ensure(
         &self,
         name: &str,
         policy: &QueuePolicy,
+        by_consumer: bool,
     ) -> Result<bool, BrokerError> {
-        let created = self.define(name, "ensure", policy).await?;
+        let created = self.define(name, "ensure", policy, by_consumer).await?;
         if created {
             self.catalog_add(name).await?;
         }
@@ -458,7 +574,7 @@ impl QueueStore {
         name: &str,
         policy: &QueuePolicy,
     ) -> Result<(), BrokerError> {
-        self.define(name, "set", policy).await.map(|_| ())
+        self.define(name, "set", policy, false).await.map(|_| ())
     }
 
     /// The queue's policy and whether it is paused; `None` if it does not exist.
@@ -578,63 +694,13 @@ impl QueueStore {
         address: &str,
     ) -> Result<Vec<Delivery>, BrokerError> {
         let keys = QueueKeys::new(name);
-        let max = max.max(1);
         let mut inv = script!("lease.lua").key(keys.base());
-        inv.arg(name)
-            .arg(max)
-            .arg(visibility_ms.map_or_else(String::new, |v| v.to_string()))
-            .arg(consumer)
-            .arg(address)
-            .arg(jitter_seed());
-        for _ in 0..max {
-            inv.arg(format!("{:x}", fastrand::u64(1..)));
-        }
+        inv.arg(name);
+        lease_args(&mut inv, max, visibility_ms, consumer, address);
         let rows: Vec<Value> = self
             .run(&format!("leasing from queue {name:?}"), None, &inv)
             .await?;
-        let queue: Arc<str> = Arc::from(name);
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let mut r = Row::new("lease", row)?;
-            let id: String = r.next()?;
-            let seq: u64 = r.next()?;
-            let kind: String = r.next()?;
-            let payload: Vec<u8> = r.next()?;
-            let headers: Vec<u8> = r.next()?;
-            let priority: u8 = r.next()?;
-            let attempt: u32 = r.next()?;
-            let max_attempts: u32 = r.next()?;
-            let enqueued_at: Millis = r.next()?;
-            let deadline: Millis = r.next()?;
-            let ordering_key: String = r.next()?;
-            let nonce: String = r.next()?;
-            let headers = if headers.is_empty() {
-                Headers::new()
-            } else {
-                HeadersRecord::decode(headers.as_slice())
-                    .map_err(|e| malformed("lease headers", e))?
-                    .headers
-            };
-            out.push(Delivery {
-                job_id: Uuid::parse_str(&id).map_err(|e| malformed("lease", e))?,
-                lease_id: LeaseId {
-                    queue: queue.clone(),
-                    seq,
-                    nonce: u64::from_str_radix(&nonce, 16)
-                        .map_err(|e| malformed("lease nonce", e))?,
-                },
-                kind: Arc::from(kind),
-                payload: Bytes::from(payload),
-                headers,
-                priority,
-                attempt,
-                max_attempts,
-                enqueued_at,
-                deadline,
-                ordering_key: ordering_key.strip_prefix('=').map(Arc::from),
-            });
-        }
-        Ok(out)
+        deliveries(name, rows)
     }
 
     /// Acks leases of `queue`, all or none: one result per ack, and when any is an error
@@ -646,29 +712,52 @@ impl QueueStore {
     ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
         let keys = QueueKeys::new(queue);
         let mut inv = script!("ack.lua").key(keys.base());
-        inv.arg(queue).arg(acks.len());
-        for (lease, result) in &acks {
-            debug_assert_eq!(&*lease.queue, queue, "acks are grouped by queue");
-            inv.arg(lease.seq).arg(format!("{:x}", lease.nonce));
-            match result {
-                Some(r) => inv.arg([b"=".as_slice(), r.as_ref()].concat()),
-                None => inv.arg(""),
-            };
-        }
+        inv.arg(queue);
+        ack_args(&mut inv, queue, &acks);
         let reply: Value = self
             .run(&format!("acking in queue {queue:?}"), None, &inv)
             .await?;
-        let mut row = Row::new("ack", reply)?;
-        let _applied: i64 = row.next()?;
-        let mut out = Vec::with_capacity(acks.len());
-        for (lease, _) in &acks {
-            let why: String = row.next()?;
-            out.push(match why.as_str() {
-                "live" | "acked" => Ok(()),
-                why => Err(stale(lease, why)),
-            });
-        }
-        Ok(out)
+        ack_results(&acks, reply)
+    }
+
+    /// [`Self::ack`] then [`Self::lease`] in one script, one round trip: what a Consume
+    /// stream does when a worker settles jobs and asks for more (as BullMQ's
+    /// `moveToFinished` fetches the next job). The lease runs whether or not the acks
+    /// were applied.
+    pub(crate) async fn ack_lease(
+        &self,
+        queue: &str,
+        acks: &[(LeaseId, Option<Bytes>)],
+        lease: (usize, Option<u64>, &str, &str),
+    ) -> Result<(Vec<Result<(), BrokerError>>, Vec<Delivery>), BrokerError> {
+        static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+            // The two scripts' bodies as functions of their own arguments (a parameter
+            // named ARGV shadows the global), after the shared steps, then the glue.
+            Script::new(&format!(
+                "{COMMON}\nlocal function ack_part(ARGV)\n{}\nend\n\
+                 local function lease_part(ARGV)\n{}\nend\n{}",
+                include_str!("queue/ack.lua"),
+                include_str!("queue/lease.lua"),
+                include_str!("queue/ack_lease.lua"),
+            ))
+        });
+        let (max, visibility_ms, consumer, address) = lease;
+        let keys = QueueKeys::new(queue);
+        let mut inv = SCRIPT.key(keys.base());
+        inv.arg(queue);
+        ack_args(&mut inv, queue, acks);
+        lease_args(&mut inv, max, visibility_ms, consumer, address);
+        let reply: Value = self
+            .run(
+                &format!("acking and leasing in queue {queue:?}"),
+                None,
+                &inv,
+            )
+            .await?;
+        let mut row = Row::new("ack and lease", reply)?;
+        let acked = ack_results(acks, row.next()?)?;
+        let leased = deliveries(queue, row.next()?)?;
+        Ok((acked, leased))
     }
 
     /// Fails a delivery: it retries after `retry_delay_ms` (or the backoff's delay), or
@@ -826,14 +915,19 @@ impl QueueStore {
         rows.into_iter().map(|v| job_of(queue, v)).collect()
     }
 
-    /// Expires due leases and makes due timers visible; returns how many jobs changed.
-    /// Idempotent; 0 for a missing queue.
-    pub(crate) async fn sweep(&self, queue: &str) -> Result<u64, BrokerError> {
+    /// Expires due leases and makes due timers visible; returns how many jobs changed
+    /// and how many dead letters wait to move. Idempotent; zeros for a missing queue.
+    pub(crate) async fn sweep(&self, queue: &str) -> Result<Swept, BrokerError> {
         let keys = QueueKeys::new(queue);
         let mut inv = script!("sweep.lua").key(keys.base());
         inv.arg(queue).arg(jitter_seed());
-        self.run(&format!("sweeping queue {queue:?}"), None, &inv)
-            .await
+        let (changed, dead_letters) = self
+            .run(&format!("sweeping queue {queue:?}"), None, &inv)
+            .await?;
+        Ok(Swept {
+            changed,
+            dead_letters,
+        })
     }
 
     /// Moves the queue's dead letters into their dead-letter queues (created with the
@@ -897,7 +991,7 @@ impl QueueStore {
         let Some(target) = job.dead_letter_queue.clone() else {
             return Ok(());
         };
-        self.ensure(&target, &QueuePolicy::default_for(&target))
+        self.ensure(&target, &QueuePolicy::default_for(&target), false)
             .await?;
         let mut headers = job.headers;
         headers.insert(HEADER_ORIGINAL_QUEUE.into(), origin.to_owned());
@@ -955,6 +1049,7 @@ impl QueueStore {
             in_flight_limited_ms,
             enqueued_in_window,
             acked_in_window,
+            by_consumer,
         ] = n[..]
         else {
             return Err(malformed("counts", format!("{} numbers", n.len())));
@@ -980,6 +1075,7 @@ impl QueueStore {
             in_flight_limited_ms,
             enqueue_rate: enqueued_in_window as f64 / WINDOW_SECS as f64,
             ack_rate: acked_in_window as f64 / WINDOW_SECS as f64,
+            created_by_consumer: by_consumer == 1,
         })
     }
 

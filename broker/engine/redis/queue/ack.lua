@@ -2,6 +2,10 @@
 -- name, count, then per ack: seq, nonce (hex), result ('' for none, else '=' then the
 -- bytes). Returns {applied (0/1), then per ack 'live', 'acked' (a repeat ack: no change)
 -- or why it is stale}.
+--
+-- `finish` and `end_lease` for a whole batch: each job is read once (by `check_lease`)
+-- and written once, and the sets, the history and the consumers' records are updated
+-- once per batch, so Redis's work per acked job stays a few commands.
 local n = tonumber(ARGV[2])
 local out = { 0 }
 if not load_meta() then
@@ -12,36 +16,70 @@ if not load_meta() then
 end
 local now = now_ms()
 local ok = true
+local fields = {}
 for i = 0, n - 1 do
-  local why = check_lease(tonumber(ARGV[3 + i * 3]), ARGV[4 + i * 3], now)
+  local why, f = check_lease(tonumber(ARGV[3 + i * 3]), ARGV[4 + i * 3], now)
   if why ~= 'live' and why ~= 'acked' then
     ok = false
   end
+  fields[i] = f
   out[#out + 1] = why
 end
 if not ok then
   return out
 end
-local acked = 0
+local at = I(now)
+local settled, ended = {}, {}
+local by_consumer = {}
 for i = 0, n - 1 do
-  local seq, nonce, result = tonumber(ARGV[3 + i * 3]), ARGV[4 + i * 3], ARGV[5 + i * 3]
+  local seq, result = tonumber(ARGV[3 + i * 3]), ARGV[5 + i * 3]
+  local f = fields[i]
   -- A lease named twice is acked once: the second finds it settled.
-  if redis.call('ZSCORE', K_LEASED, I(seq)) and jget(seq, 'nonce') == nonce then
-    local name = end_lease(seq, now)
-    if name then
-      local c = consumer_get(name)
-      c.d = c.d + 1
-      c.s = now
-      consumer_put(name, c)
-    end
-    mincr('completed', 1)
-    acked = acked + 1
-    local r = nil
+  if f and not settled[seq] then
+    settled[seq] = true
+    local s = I(seq)
+    ended[#ended + 1] = s
+    local k = job_key(seq)
+    redis.call('HDEL', k, 'deadline')
     if result ~= '' then
-      r = string.sub(result, 2)
+      redis.call('HSET', k, 'state', 'completed', 'fin_at', at, 'upd_at', at,
+        'result', string.sub(result, 2))
+    else
+      redis.call('HSET', k, 'state', 'completed', 'fin_at', at, 'upd_at', at)
     end
-    finish(seq, now, 'completed', r)
+    if f[8] then
+      redis.call('HDEL', k, 'blocked')
+      mincr('blocked', -1)
+    end
+    if f[6] then
+      by_consumer[f[6]] = (by_consumer[f[6]] or 0) + 1
+    end
+    if f[7] then
+      release_ordering_key(f[7], seq, now)
+    end
   end
+end
+local acked = #ended
+if acked > 0 then
+  call_many('ZREM', K_LEASED, ended)
+  call_many('ZREM', K_LIVE, ended)
+  call_many('RPUSH', K_HISTORY, ended)
+  -- A slot under max_in_flight is free again: the open held-back interval ends (as
+  -- `end_lease` does).
+  if M.if_since then
+    mincr('if_ms', math.max(0, now - tonumber(M.if_since)))
+    redis.call('HDEL', K_META, 'if_since')
+    M.if_since = nil
+  end
+  for name, count in pairs(by_consumer) do
+    local c = consumer_get(name)
+    c.h = math.max(0, c.h - count)
+    c.d = c.d + count
+    c.s = now
+    consumer_put(name, c)
+  end
+  mincr('completed', acked)
+  trim_history()
 end
 rate_record('a', now, acked)
 out[1] = 1

@@ -25,6 +25,22 @@ local function I(n)
   return string.format('%d', n)
 end
 
+-- `redis.call(cmd, key, items...)` in chunks: a batch costs a call per 1,000 arguments
+-- rather than one per job (`unpack` is bounded by Lua's stack). `items` holds whole
+-- pairs (score and member, field and value), and 1,000 is even, so no pair is split.
+-- Returns the last call's reply (nil when `items` is empty).
+local function call_many(cmd, key, items)
+  local reply = nil
+  local n = #items
+  local i = 1
+  while i <= n do
+    local j = math.min(i + 999, n)
+    reply = redis.call(cmd, key, unpack(items, i, j))
+    i = j + 1
+  end
+  return reply
+end
+
 -- The end of time: Lua numbers are doubles, exact up to 2^53, so times and delays
 -- saturate there (285 000 years from now) rather than at u64::MAX.
 local END = 9007199254740991
@@ -93,6 +109,16 @@ local function mnum(field)
   return tonumber(M[field] or '0') or 0
 end
 
+-- Something named the queue on purpose (a job came in, a policy or pause was set): it is
+-- no longer only a consumer's (`Queue::named_by_producer`). A binding's jobs need a
+-- policy that names the binding, so that set cleared it already.
+local function named_by_producer()
+  if M.by_consumer then
+    redis.call('HDEL', K_META, 'by_consumer')
+    M.by_consumer = nil
+  end
+end
+
 local function mincr(field, by)
   redis.call('HINCRBY', K_META, field, by)
 end
@@ -136,12 +162,16 @@ end
 
 -- Consumers: one JSON object per name (a address, h leases held, s last seen, d done,
 -- f failed).
-local function consumer_get(name)
-  local raw = redis.call('HGET', K_CONSUMERS, name)
+-- A consumer's record from its stored JSON (`raw` nil: a consumer not seen before).
+local function consumer_decode(raw)
   if raw then
     return cjson.decode(raw)
   end
   return { a = '', h = 0, s = 0, d = 0, f = 0 }
+end
+
+local function consumer_get(name)
+  return consumer_decode(redis.call('HGET', K_CONSUMERS, name))
 end
 
 local function consumer_put(name, c)
@@ -210,15 +240,29 @@ local function end_lease(seq, now)
 end
 
 local function trim_history()
-  local limit = mnum('history_limit')
-  while redis.call('LLEN', K_HISTORY) > limit do
-    local seq = redis.call('LPOP', K_HISTORY)
-    local k = B .. ':job:' .. seq
-    local id = redis.call('HGET', k, 'id')
-    if id and redis.call('HGET', K_IDS, id) == seq then
-      redis.call('HDEL', K_IDS, id)
+  local over = redis.call('LLEN', K_HISTORY) - mnum('history_limit')
+  -- In chunks, so a limit lowered by a million stays within Lua's stack.
+  while over > 0 do
+    local seqs = redis.call('LPOP', K_HISTORY, math.min(over, 500))
+    over = over - #seqs
+    local keys, ids = {}, {}
+    for i, seq in ipairs(seqs) do
+      keys[i] = B .. ':job:' .. seq
+      ids[i] = redis.call('HGET', keys[i], 'id') or ''
     end
-    redis.call('DEL', k)
+    -- An id's entry goes only while it still names this record (a redrive may have given
+    -- the id a newer one).
+    local named = redis.call('HMGET', K_IDS, unpack(ids))
+    local gone = {}
+    for i, seq in ipairs(seqs) do
+      if ids[i] ~= '' and named[i] == seq then
+        gone[#gone + 1] = ids[i]
+      end
+    end
+    if #gone > 0 then
+      redis.call('HDEL', K_IDS, unpack(gone))
+    end
+    redis.call('DEL', unpack(keys))
   end
 end
 
@@ -382,10 +426,13 @@ local function lease_room(now)
 end
 
 -- The stale-lease check shared by ack, nack and extend. Returns 'live', 'acked' or the
--- reason the lease is stale (the caller prefixes "lease <id> is stale: ").
+-- reason the lease is stale (the caller prefixes "lease <id> is stale: "); with 'live',
+-- also the job's fields {id, state, attempts, nonce, deadline, consumer, okey, blocked},
+-- so the caller reads the job once.
 local function check_lease(seq, nonce, now)
   local k = job_key(seq)
-  local f = redis.call('HMGET', k, 'id', 'state', 'attempts', 'nonce', 'deadline')
+  local f = redis.call('HMGET', k, 'id', 'state', 'attempts', 'nonce', 'deadline',
+    'consumer', 'okey', 'blocked')
   local id, state, attempts, jn, deadline = f[1], f[2], f[3], f[4], f[5]
   if not id then
     return 'its job no longer exists (finished and evicted from history, or purged)'
@@ -404,7 +451,7 @@ local function check_lease(seq, nonce, now)
       return 'job ' .. id .. ' was delivered again since (attempt ' .. attempts .. ')'
     end
     if tonumber(deadline) > now then
-      return 'live'
+      return 'live', f
     end
     return 'it expired at ' .. deadline .. ' (now ' .. I(now) ..
       '); the job will be delivered again'

@@ -1,7 +1,8 @@
 -- The queue's counters. ARGV: name. Returns {pending, scheduled, leased, retrying,
 -- enqueued, completed, failed, dead, cancelled, oldest pending age ms, active consumers,
 -- paused (0/1), max in flight, rate per second, rate burst, rate tokens, rate-limited ms,
--- in-flight-limited ms, jobs enqueued and jobs acked over the rate window}.
+-- in-flight-limited ms, jobs enqueued and jobs acked over the rate window, created by a
+-- consumer (0/1)}.
 if not load_meta() then
   return no_queue()
 end
@@ -60,4 +61,4 @@ return { ready + mnum('blocked'), redis.call('ZCARD', K_TIMERS) - retrying,
   redis.call('ZCARD', K_LEASED), retrying, mnum('enqueued'), mnum('completed'),
   mnum('failed'), mnum('dead'), mnum('cancelled'), oldest, active, paused,
   mnum('max_in_flight'), mnum('rate_ps'), mnum('rate_burst'), tokens, rate_limited,
-  in_flight_limited, window.e, window.a }
+  in_flight_limited, window.e, window.a, mnum('by_consumer') }

@@ -1,7 +1,8 @@
 -- Creates a queue or changes its policy. ARGV: name, mode ('create': refuse an existing
 -- queue; 'ensure': leave an existing one alone; 'set': refuse a missing one), the encoded
--- policy, then the meta fields the scripts read, as field/value pairs. Returns 1 if it
--- created the queue.
+-- policy, then the meta fields the scripts read, as field/value pairs (with 'ensure',
+-- also `by_consumer` 1 for a queue a Lease or Consume makes). Returns 1 if it created the
+-- queue.
 local mode = ARGV[2]
 local exists = load_meta()
 if exists and mode == 'create' then
@@ -19,6 +20,9 @@ for i = 4, #ARGV do
   args[#args + 1] = ARGV[i]
 end
 redis.call(unpack(args))
+if mode == 'set' then
+  named_by_producer()
+end
 if not exists then
   redis.call('HSET', K_META, 'seq', 0, 'paused', 0)
 end

@@ -45,6 +45,15 @@ local window = mnum('dedup_ms')
 -- (0 ms) is over before the batch ends.
 local stored = {}
 local out = {}
+-- Seqs for the new jobs, in order, taken at once.
+local seq = 0
+if new > 0 then
+  seq = redis.call('HINCRBY', K_META, 'seq', new) - new
+end
+-- What the batch adds to the queue's sets, written once per batch (`call_many`).
+local ids, live, ready, timers = {}, {}, {}, {}
+local blocked = 0
+local at_now = I(now)
 for i = 0, n - 1 do
   local b = 3 + i * F
   local id, kind, payload, headers = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
@@ -58,14 +67,8 @@ for i = 0, n - 1 do
   if dup then
     out[#out + 1] = { dup, 1 }
   else
-    local seq = redis.call('HINCRBY', K_META, 'seq', 1)
-    local k = job_key(seq)
-    if ik ~= '' then
-      stored[ik] = id
-      redis.call('HSET', K_IDEM, ik, id)
-      redis.call('ZADD', K_IDEMEXP, after(now, window), ik)
-      redis.call('HSET', k, 'ikey', ik)
-    end
+    seq = seq + 1
+    local s = I(seq)
     local at = now
     if run_at ~= '' then
       at = math.min(math.max(tonumber(run_at), now), END)
@@ -75,27 +78,55 @@ for i = 0, n - 1 do
       attempts = tonumber(max_att)
     end
     attempts = math.min(math.max(attempts, 1), 10000)
-    redis.call('HSET', k, 'id', id, 'kind', kind, 'payload', payload, 'headers', headers,
-      'prio', I(prio), 'attempts', 0, 'max_att', I(attempts), 'state', 'pending',
-      'enq_at', I(now), 'run_at', I(at), 'upd_at', I(now))
-    redis.call('HSET', K_IDS, id, I(seq))
-    redis.call('ZADD', K_LIVE, seq, I(seq))
+    -- Where `place` would put a new job: ready now, or a timer.
+    local state = 'pending'
+    local h = { 'id', id, 'kind', kind, 'payload', payload, 'headers', headers,
+      'prio', I(prio), 'attempts', 0, 'max_att', I(attempts), 'state', state,
+      'enq_at', at_now, 'run_at', I(at), 'upd_at', at_now }
+    if ik ~= '' then
+      stored[ik] = id
+      redis.call('HSET', K_IDEM, ik, id)
+      redis.call('ZADD', K_IDEMEXP, after(now, window), ik)
+      h[#h + 1] = 'ikey'
+      h[#h + 1] = ik
+    end
     local active = true
     if ok ~= '' then
       ok = string.sub(ok, 2)
-      redis.call('HSET', k, 'okey', ok)
-      active = redis.call('RPUSH', ord_key(ok), I(seq)) == 1
+      h[#h + 1] = 'okey'
+      h[#h + 1] = ok
+      active = redis.call('RPUSH', ord_key(ok), s) == 1
     end
-    if active then
-      place(seq, now)
+    if not active then
+      h[#h + 1] = 'blocked'
+      h[#h + 1] = 1
+      blocked = blocked + 1
+    elseif at > now then
+      h[16] = 'scheduled'
+      timers[#timers + 1] = I(at)
+      timers[#timers + 1] = s
     else
-      redis.call('HSET', k, 'blocked', 1)
-      mincr('blocked', 1)
+      ready[#ready + 1] = ready_score(prio, seq)
+      ready[#ready + 1] = s
+      WOKE = WOKE + 1
     end
+    redis.call('HSET', job_key(seq), unpack(h))
+    ids[#ids + 1] = id
+    ids[#ids + 1] = s
+    live[#live + 1] = s
+    live[#live + 1] = s
     out[#out + 1] = { id, 0 }
   end
 end
+call_many('HSET', K_IDS, ids)
+call_many('ZADD', K_LIVE, live)
+call_many('ZADD', K_READY, ready)
+call_many('ZADD', K_TIMERS, timers)
+if blocked > 0 then
+  mincr('blocked', blocked)
+end
 mincr('enqueued', new)
 rate_record('e', now, new)
+named_by_producer()
 wake()
 return out

@@ -28,5 +28,6 @@ redis.call('HSET', K_IDS, id, I(seq))
 redis.call('ZADD', K_LIVE, seq, I(seq))
 place(seq, now)
 mincr('enqueued', 1)
+named_by_producer()
 wake()
 return 1

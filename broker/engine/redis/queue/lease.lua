@@ -13,7 +13,8 @@ tick(now, tonumber(ARGV[6]))
 -- Workers without a name are known by their peer address: idle ones are forgotten once
 -- there are many, so the hash stays bounded by the workers that are around.
 local cname = ARGV[4]
-if redis.call('HEXISTS', K_CONSUMERS, cname) == 0 and redis.call('HLEN', K_CONSUMERS) >= 1024 then
+local raw = redis.call('HGET', K_CONSUMERS, cname)
+if not raw and redis.call('HLEN', K_CONSUMERS) >= 1024 then
   local all = redis.call('HGETALL', K_CONSUMERS)
   for i = 1, #all, 2 do
     local c = cjson.decode(all[i + 1])
@@ -22,7 +23,7 @@ if redis.call('HEXISTS', K_CONSUMERS, cname) == 0 and redis.call('HLEN', K_CONSU
     end
   end
 end
-local c = consumer_get(cname)
+local c = consumer_decode(raw)
 c.s = now
 c.a = ARGV[5]
 
@@ -41,23 +42,27 @@ if M.paused ~= '1' then
   local deadline = after(now, vis)
   if allowed > 0 then
     local popped = redis.call('ZPOPMIN', K_READY, allowed)
+    local leased = {}
+    local at = I(now)
     for i = 1, #popped, 2 do
       local seq = tonumber(popped[i])
       local nonce = ARGV[6 + #out + 1]
       local k = job_key(seq)
-      redis.call('HINCRBY', k, 'attempts', 1)
-      redis.call('HSET', k, 'state', 'leased', 'nonce', nonce, 'deadline', I(deadline),
-        'consumer', cname, 'upd_at', I(now))
-      redis.call('ZADD', K_LEASED, deadline, I(seq))
       local f = redis.call('HMGET', k, 'id', 'kind', 'payload', 'headers', 'prio',
         'attempts', 'max_att', 'enq_at', 'okey')
+      local attempts = tonumber(f[6]) + 1
+      redis.call('HSET', k, 'attempts', I(attempts), 'state', 'leased', 'nonce', nonce,
+        'deadline', I(deadline), 'consumer', cname, 'upd_at', at)
+      leased[#leased + 1] = I(deadline)
+      leased[#leased + 1] = popped[i]
       local okey = ''
       if f[9] then
         okey = '=' .. f[9]
       end
-      out[#out + 1] = { f[1], seq, f[2], f[3], f[4], tonumber(f[5]), tonumber(f[6]),
+      out[#out + 1] = { f[1], seq, f[2], f[3], f[4], tonumber(f[5]), attempts,
         tonumber(f[7]), tonumber(f[8]), deadline, okey, nonce }
     end
+    call_many('ZADD', K_LEASED, leased)
     c.h = c.h + #out
   end
   if mnum('rate_ps') > 0 then

@@ -149,7 +149,7 @@ impl QueueStore {
         check_count("rate_per_second", rate_per_second.into(), MAX_REDRIVE_RATE)?;
         check_count("max_jobs", max_jobs, MAX_QUEUE_DEPTH)?;
         for target in allowed {
-            self.ensure(target, &QueuePolicy::default_for(target))
+            self.ensure(target, &QueuePolicy::default_for(target), false)
                 .await?;
         }
         let mut report = self.resume_redrives(dead_letter_queue).await?;
@@ -314,7 +314,7 @@ impl QueueStore {
         let doing = format!("redriving a job into queue {:?}", job.origin);
         let stored: i64 = match self.run(&doing, None, &inv).await {
             Err(BrokerError::NotFound(_)) => {
-                self.ensure(&job.origin, &QueuePolicy::default_for(&job.origin))
+                self.ensure(&job.origin, &QueuePolicy::default_for(&job.origin), false)
                     .await?;
                 self.run(&doing, None, &inv).await?
             }
@@ -390,7 +390,7 @@ mod tests {
     /// Creates `queue` (dead-lettering into `<queue>.dlq`) and kills one job per payload
     /// into its dead-letter queue; returns their ids.
     async fn dead_letters(s: &QueueStore, queue: &str, payloads: &[&str]) -> Vec<Uuid> {
-        s.ensure(queue, &QueuePolicy::default_for(queue))
+        s.ensure(queue, &QueuePolicy::default_for(queue), false)
             .await
             .unwrap();
         let jobs = payloads

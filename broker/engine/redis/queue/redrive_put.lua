@@ -31,5 +31,6 @@ redis.call('HSET', K_IDS, id, I(seq))
 redis.call('ZADD', K_LIVE, seq, I(seq))
 redis.call('ZADD', K_RDSEEN, now, token)
 place(seq, now)
+named_by_producer()
 wake()
 return 1

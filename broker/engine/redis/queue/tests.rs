@@ -63,7 +63,7 @@ async fn redis_queue_enqueue_lease_ack() {
         err.to_string(),
         "queue \"q\" already exists (use UpdateQueue)"
     );
-    assert!(!s.ensure("q", &policy("q")).await.unwrap());
+    assert!(!s.ensure("q", &policy("q"), false).await.unwrap());
     assert_eq!(s.names().await.unwrap(), vec!["q".to_owned()]);
     let (p, paused) = s.info("q").await.unwrap().unwrap();
     assert_eq!((p, paused), (policy("q"), false));
@@ -494,7 +494,7 @@ async fn redis_queue_extend_moves_the_deadline() {
     let deadline = s.extend(&d.lease_id, 60_000).await.unwrap();
     assert!(deadline >= d.deadline + 50_000);
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(s.sweep("q").await.unwrap(), 0);
+    assert_eq!(s.sweep("q").await.unwrap().changed, 0);
     assert!(lease(&s, "q", 1).await.is_empty());
     s.ack("q", vec![(d.lease_id.clone(), None)])
         .await
@@ -572,7 +572,7 @@ async fn redis_queue_visible_jobs_publish_a_wake_up() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let (srv, s) = store().await;
-    assert!(s.ensure("q", &policy("q")).await.unwrap());
+    assert!(s.ensure("q", &policy("q"), false).await.unwrap());
     assert_eq!(s.names().await.unwrap(), vec!["q".to_owned()]);
     let channel = QueueKeys::new("q").key("wake");
     let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", srv.port))
@@ -756,9 +756,9 @@ async fn redis_queue_test_clock_drives_the_scripts_time() {
     assert_eq!(d.deadline, T0 + 1_100);
     // Its lease expires at its deadline only, whatever Redis's own time says.
     set(T0 + 1_099);
-    assert_eq!(s.sweep("q").await.unwrap(), 0);
+    assert_eq!(s.sweep("q").await.unwrap().changed, 0);
     set(T0 + 1_100);
-    assert_eq!(s.sweep("q").await.unwrap(), 1);
+    assert_eq!(s.sweep("q").await.unwrap().changed, 1);
     let j = s.get("q", &id).await.unwrap().unwrap();
     assert_eq!((j.state, j.run_at), (JobState::Retrying, T0 + 1_150));
     let d = lease_at(&s, &set, T0 + 1_150).await;
@@ -974,4 +974,99 @@ async fn redis_queue_rates_and_held_back_times_match_the_in_process_queue() {
             "{name}: {c:?}"
         );
     }
+}
+
+/// A Consume stream's settle-and-refill: acks and the next lease in one script. A stale
+/// ack applies none of the batch's acks, and the lease still happens.
+#[tokio::test]
+async fn redis_queue_ack_then_lease_in_one_script() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    s.enqueue("q", vec![job("a"), job("b"), job("c"), job("d")])
+        .await
+        .unwrap();
+    let first = lease(&s, "q", 1).await.remove(0);
+    let lease_args = (2, Some(60_000), "w", "127.0.0.1:1");
+    let (acked, next) = s
+        .ack_lease(
+            "q",
+            &[(first.lease_id.clone(), Some(Bytes::from_static(b"r")))],
+            lease_args,
+        )
+        .await
+        .unwrap();
+    assert!(acked.iter().all(Result::is_ok), "{acked:?}");
+    assert_eq!(
+        next.iter().map(|d| &d.payload[..]).collect::<Vec<_>>(),
+        [&b"b"[..], b"c"]
+    );
+    let done = s.get("q", &first.job_id).await.unwrap().unwrap();
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(done.result.as_deref(), Some(&b"r"[..]));
+
+    // One stale lease (`first`, acked already under another nonce) among live ones.
+    let stale = LeaseId {
+        nonce: first.lease_id.nonce ^ 1,
+        ..first.lease_id.clone()
+    };
+    let acks = [(next[0].lease_id.clone(), None), (stale, None)];
+    let (acked, more) = s.ack_lease("q", &acks, lease_args).await.unwrap();
+    assert!(acked[0].is_ok() && acked[1].is_err(), "{acked:?}");
+    assert_eq!(more.len(), 1, "the lease happens whatever the acks did");
+    let held = s.get("q", &next[0].job_id).await.unwrap().unwrap();
+    assert_eq!(held.state, JobState::Leased, "all or nothing: not acked");
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!((counts.completed, counts.leased), (1, 3));
+
+    // A queue that does not exist is an error, as for a lease.
+    let err = s.ack_lease("nope", &[], lease_args).await.unwrap_err();
+    assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
+}
+
+#[tokio::test]
+async fn redis_queue_created_by_consumer_until_something_names_it() {
+    let (_srv, s) = store().await;
+    let marked = |name: &'static str| {
+        let s = s.clone();
+        async move {
+            assert!(s.ensure(name, &policy(name), true).await.unwrap());
+            assert!(s.counts(name).await.unwrap().created_by_consumer);
+        }
+    };
+    // Leases leave the mark: only consumers named the queue.
+    marked("typo").await;
+    assert!(lease(&s, "typo", 10).await.is_empty());
+    assert!(s.counts("typo").await.unwrap().created_by_consumer);
+    // An ensure of an existing queue (a second node's Lease) does not mark it again.
+    marked("early").await;
+    s.enqueue("early", vec![job("a")]).await.unwrap();
+    assert!(!s.counts("early").await.unwrap().created_by_consumer);
+    assert!(!s.ensure("early", &policy("early"), true).await.unwrap());
+    assert!(!s.counts("early").await.unwrap().created_by_consumer);
+
+    // A dead letter clears it in its dead-letter queue.
+    marked("src.dlq").await;
+    s.create("src", &policy("src")).await.unwrap();
+    s.enqueue(
+        "src",
+        vec![NewJob {
+            max_attempts: Some(1),
+            ..job("b")
+        }],
+    )
+    .await
+    .unwrap();
+    let d = lease(&s, "src", 1).await.remove(0);
+    s.nack(&d.lease_id, "boom".into(), None, false)
+        .await
+        .unwrap();
+    assert_eq!(s.move_dead_letters("src").await.unwrap(), 1);
+    assert!(!s.counts("src.dlq").await.unwrap().created_by_consumer);
+
+    // So do a policy and a pause.
+    s.set_policy("typo", &policy("typo")).await.unwrap();
+    assert!(!s.counts("typo").await.unwrap().created_by_consumer);
+    marked("paused").await;
+    s.set_paused("paused", true).await.unwrap();
+    assert!(!s.counts("paused").await.unwrap().created_by_consumer);
 }

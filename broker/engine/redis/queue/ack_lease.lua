@@ -1,0 +1,17 @@
+-- Acks then leases in one script (see `QueueStore::ack_lease`). ARGV: name, the ack's count
+-- and triples as ack.lua takes them, then lease.lua's arguments after its name. Returns
+-- {ack.lua's reply, lease.lua's reply}; an unknown queue is an error, as for a lease.
+if not load_meta() then
+  return no_queue()
+end
+local count = tonumber(ARGV[2])
+local acks = { ARGV[1], ARGV[2] }
+for i = 3, 2 + count * 3 do
+  acks[#acks + 1] = ARGV[i]
+end
+local lease = { ARGV[1] }
+for i = 3 + count * 3, #ARGV do
+  lease[#lease + 1] = ARGV[i]
+end
+local acked = ack_part(acks)
+return { acked, lease_part(lease) }
