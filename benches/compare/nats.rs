@@ -477,8 +477,9 @@ async fn js_fanout(
     s: &Settings,
     rate_per_s: u64,
     subs: usize,
+    storage: Storage,
 ) -> Res<(hdrhistogram::Histogram<u64>, OpenLoopStats, Option<i64>)> {
-    let st = JsStream::create("lat", Storage::Memory, stream::RetentionPolicy::Limits).await?;
+    let st = JsStream::create("lat", storage, stream::RetentionPolicy::Limits).await?;
     let r = async {
         let rss0 = pid().and_then(rss_bytes);
         let meter = Meter::new();
@@ -519,21 +520,22 @@ async fn js_fanout(
     r
 }
 
-/// JetStream S3 publish->deliver.
-pub async fn js_s3_topic(s: &Settings, rate_per_s: u64) -> Res<Outcome> {
-    let (h, st, _) = js_fanout(s, rate_per_s, 1).await?;
+/// JetStream S3 publish->deliver (file storage in the durable table).
+pub async fn js_s3_topic(s: &Settings, rate_per_s: u64, storage: Storage) -> Res<Outcome> {
+    let (h, st, _) = js_fanout(s, rate_per_s, 1, storage).await?;
     Ok(latency_outcome(&h, st, "publish awaits PubAck; "))
 }
 
 /// JetStream S4 fan-out (one no-ack consumer per subscriber).
 pub async fn js_s4(s: &Settings, rate_per_s: u64, subs: usize) -> Res<Outcome> {
-    let (h, st, mem) = js_fanout(s, rate_per_s, subs).await?;
+    let (h, st, mem) = js_fanout(s, rate_per_s, subs, Storage::Memory).await?;
     Ok(fanout_outcome(&h, st, mem, rate_per_s, subs, "nats-server"))
 }
 
-/// JetStream S3 enqueue->lease: work-queue stream, 2 workers fetching up to 100.
-pub async fn js_s3_queue(s: &Settings, rate_per_s: u64) -> Res<Outcome> {
-    let st = JsStream::create("s3q", Storage::Memory, stream::RetentionPolicy::WorkQueue).await?;
+/// JetStream S3 enqueue->lease: work-queue stream (file storage in the durable table), 2
+/// workers fetching up to 100.
+pub async fn js_s3_queue(s: &Settings, rate_per_s: u64, storage: Storage) -> Res<Outcome> {
+    let st = JsStream::create("s3q", storage, stream::RetentionPolicy::WorkQueue).await?;
     let r = async {
         let meter = Meter::new();
         let mut workers = Vec::new();

@@ -364,20 +364,23 @@ pub async fn s2(s: &Settings, batch: usize, storage: Storage) -> Res<Outcome> {
     r
 }
 
-/// Open-loop confirmed publishing of one stamped message per send.
+/// Open-loop confirmed publishing of one stamped message per send (persistent in the
+/// durable table).
 async fn open_loop_publish(
     ch: &Channel,
     exchange: &str,
     key: &str,
     rate_per_s: u64,
     s: &Settings,
+    storage: Storage,
 ) -> OpenLoopStats {
     let (ch, ex, key) = (ch.clone(), exchange.to_string(), key.to_string());
+    let p = props(storage);
     open_loop(rate_per_s, s.warmup, s.window, move |seq, intended| {
-        let (ch, ex, key) = (ch.clone(), ex.clone(), key.clone());
+        let (ch, ex, key, p) = (ch.clone(), ex.clone(), key.clone(), p.clone());
         async move {
             let body = payload(128, seq, intended);
-            publish_confirmed(&ch, &ex, &key, &body, 1, &BasicProperties::default()).await
+            publish_confirmed(&ch, &ex, &key, &body, 1, &p).await
         }
     })
     .await
@@ -396,18 +399,20 @@ fn latency_outcome(h: &hdrhistogram::Histogram<u64>, st: OpenLoopStats) -> Outco
     }
 }
 
-/// Fan-out latency to `subs` no-ack subscriber queues (100 channels per connection).
+/// Fan-out latency to `subs` no-ack subscriber queues (100 channels per connection); with
+/// `Storage::Durable`, a durable exchange and queues and persistent messages.
 async fn fanout(
     s: &Settings,
     rate_per_s: u64,
     subs: usize,
+    storage: Storage,
 ) -> Res<(hdrhistogram::Histogram<u64>, OpenLoopStats, Option<i64>)> {
     let ex = format!("bench.lat.{}", run_id());
     let queues: Vec<String> = (0..subs).map(|i| format!("{ex}.q{i}")).collect();
     let r = async {
         let pub_conn = connect().await?;
         let ch = confirm_channel(&pub_conn).await?;
-        declare_fanout(&ch, &ex, Storage::Memory).await?;
+        declare_fanout(&ch, &ex, storage).await?;
         let rss0 = pid().and_then(rss_bytes);
         let meter = Meter::new();
         let mut conns = Vec::new();
@@ -416,8 +421,7 @@ async fn fanout(
             if i % 100 == 0 {
                 conns.push(connect().await?);
             }
-            let mut consumer =
-                subscriber(conns.last().expect("conn"), &ex, q, Storage::Memory).await?;
+            let mut consumer = subscriber(conns.last().expect("conn"), &ex, q, storage).await?;
             let meter = meter.clone();
             readers.push(tokio::spawn(async move {
                 let mut h = histogram();
@@ -437,7 +441,7 @@ async fn fanout(
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mem = rss_delta(rss0, pid().and_then(rss_bytes));
-        let st = open_loop_publish(&ch, &ex, "", rate_per_s, s).await;
+        let st = open_loop_publish(&ch, &ex, "", rate_per_s, s, storage).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         meter.stop.store(true, Ordering::Relaxed);
         let mut h = histogram();
@@ -456,30 +460,26 @@ async fn fanout(
 }
 
 /// S3 publish->deliver.
-pub async fn s3_topic(s: &Settings, rate_per_s: u64) -> Res<Outcome> {
-    let (h, st, _) = fanout(s, rate_per_s, 1).await?;
+pub async fn s3_topic(s: &Settings, rate_per_s: u64, storage: Storage) -> Res<Outcome> {
+    let (h, st, _) = fanout(s, rate_per_s, 1, storage).await?;
     Ok(latency_outcome(&h, st))
 }
 
 /// S4 fan-out.
 pub async fn s4(s: &Settings, rate_per_s: u64, subs: usize) -> Res<Outcome> {
-    let (h, st, mem) = fanout(s, rate_per_s, subs).await?;
+    let (h, st, mem) = fanout(s, rate_per_s, subs, Storage::Memory).await?;
     Ok(fanout_outcome(&h, st, mem, rate_per_s, subs, "beam.smp"))
 }
 
-/// S3 enqueue->lease: confirmed open-loop publishing to a queue, 2 consumers with
-/// prefetch 100 and manual acks.
-pub async fn s3_queue(s: &Settings, rate_per_s: u64) -> Res<Outcome> {
+/// S3 enqueue->lease: confirmed open-loop publishing to a queue (durable, persistent
+/// messages in the durable table), 2 consumers with prefetch 100 and manual acks.
+pub async fn s3_queue(s: &Settings, rate_per_s: u64, storage: Storage) -> Res<Outcome> {
     let queue = format!("bench.s3q.{}", run_id());
     let r = async {
         let conn = connect().await?;
         let ch = confirm_channel(&conn).await?;
-        ch.queue_declare(
-            queue.as_str().into(),
-            qopts(Storage::Memory),
-            FieldTable::default(),
-        )
-        .await?;
+        ch.queue_declare(queue.as_str().into(), qopts(storage), FieldTable::default())
+            .await?;
         let meter = Meter::new();
         let mut workers = Vec::new();
         let mut conns = Vec::new();
@@ -492,7 +492,7 @@ pub async fn s3_queue(s: &Settings, rate_per_s: u64) -> Res<Outcome> {
                 work_consumer(consumer, 100, meter, Some(histogram())).await
             }));
         }
-        let st = open_loop_publish(&ch, "", &queue, rate_per_s, s).await;
+        let st = open_loop_publish(&ch, "", &queue, rate_per_s, s, storage).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         meter.stop.store(true, Ordering::Relaxed);
         let mut h = histogram();
