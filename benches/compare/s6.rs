@@ -425,7 +425,8 @@ async fn sluice_worker(
 /// The S2 shape over `nodes`: producers bounded by [`MAX_BACKLOG`] (closed loop) or by
 /// `jobs` in total (cost run); returns the workers' meter and the tasks. Producers keep
 /// [`Settings::in_flight`] requests going each (as BullMQ's keep that many `add` calls),
-/// on EnqueueStream with `consume` and as unary Enqueue calls otherwise. With `consume`,
+/// over one connection: on as many EnqueueStreams with `consume`, as unary Enqueue calls
+/// otherwise. With `consume`,
 /// workers are Consume streams (credits = batch, acks sent with the next credits);
 /// otherwise unary Lease and Ack calls.
 async fn sluice_load(
@@ -468,9 +469,8 @@ async fn sluice_load(
         Produce::Unary
     };
     for p in 0..2 {
-        let producer = Producer::open(nodes.addr(p), how).await?;
-        for _ in 0..s.in_flight {
-            let (c, meter, enq) = (producer.clone(), meter.clone(), enqueued.clone());
+        for c in Producer::open_many(nodes.addr(p), how, s.in_flight).await? {
+            let (meter, enq) = (meter.clone(), enqueued.clone());
             let req = enqueue_req(queue, batch, 0, 0);
             tasks.push(tokio::spawn(async move {
                 while !meter.stopped() {
@@ -1217,7 +1217,8 @@ pub fn report(md: &mut String, rows: &[S6Row], bullmq: &Result<String, String>, 
          - Sluice: in-process `RedisEngine`s in the harness process, each served by \
          `sluice::broker::serve` on its own loopback port (1 node, or 3 nodes with the 2 \
          producers and 4 workers spread over them), 4 requests in flight per producer as \
-         BullMQ's. \"Consume\": producers on EnqueueStream (batch jobs a request), workers \
+         BullMQ's. \"Consume\": producers on EnqueueStream (batch jobs a request, a stream per \
+         request in flight), workers \
          on the Consume stream with credits = batch, acking what they got together with the next credits \
          (the Redis engine then acks and leases in one script, as BullMQ's `moveToFinished` \
          fetches the next job). \"Lease/Ack\": unary Enqueue (batch), Lease (max_jobs = \

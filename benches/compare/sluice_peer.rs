@@ -146,6 +146,21 @@ pub enum Producer {
 }
 
 impl Producer {
+    /// `n` producers sharing one connection to `addr`; with [`Produce::Stream`] each
+    /// sends on a stream of its own (a stream's requests are applied one after another,
+    /// so `n` requests in flight take `n` streams to be applied side by side).
+    pub async fn open_many(addr: SocketAddr, how: Produce, n: usize) -> Res<Vec<Producer>> {
+        Ok(match how {
+            Produce::Unary => vec![Producer::Unary(connect(addr).await?); n],
+            Produce::Stream => {
+                let client = sluice::client::Client::from_channel(channel(addr).await?);
+                (0..n)
+                    .map(|_| Producer::Stream(client.publisher(), client.enqueuer()))
+                    .collect()
+            }
+        })
+    }
+
     /// A producer connected to `addr`.
     pub async fn open(addr: SocketAddr, how: Produce) -> Res<Producer> {
         Ok(match how {
