@@ -6,13 +6,13 @@ the same click refused, and the job stays where it was."""
 
 import json
 import shutil
-import subprocess
 import tempfile
 
 import pytest
 
 from conftest import ROOT, binary, free_port, wait_until
 from sluice_client import SluiceClient, pb
+from test_security import new_token
 
 try:
     from selenium import webdriver
@@ -22,17 +22,6 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-
-def new_token(name: str) -> tuple[str, str]:
-    """(token, its [[token]] table) from `sluice token`."""
-    out = subprocess.run(
-        [str(binary("sluice")), "token", "--name", name],
-        check=True, capture_output=True, text=True, timeout=30,
-    ).stdout
-    token = next(line[2:] for line in out.splitlines() if line.startswith("# sk_"))
-    table = "".join(f"{line}\n" for line in out.splitlines() if not line.startswith("#"))
-    return token, table
 
 
 @pytest.fixture(scope="module")

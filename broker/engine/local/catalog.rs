@@ -65,16 +65,7 @@ impl Broker {
         field: &str,
         name: &str,
     ) -> Result<Arc<SharedQueue>, BrokerError> {
-        validate_name(field, name)?;
-        if let Some(slot) = self.inner.queues.get(name) {
-            return Ok(slot.value().clone());
-        }
-        self.create_queue_slot(
-            field,
-            name,
-            QueuePolicy::default_for(name),
-            Creation::Counted,
-        )
+        self.queue_created_as(field, name, Creation::Counted)
     }
 
     /// The queue a Lease or Consume reads from; one that does not exist is created as
@@ -84,16 +75,21 @@ impl Broker {
         field: &str,
         name: &str,
     ) -> Result<Arc<SharedQueue>, BrokerError> {
+        self.queue_created_as(field, name, Creation::ByConsumer)
+    }
+
+    /// The queue, created with the default policy as `creation` says if it is missing.
+    fn queue_created_as(
+        &self,
+        field: &str,
+        name: &str,
+        creation: Creation,
+    ) -> Result<Arc<SharedQueue>, BrokerError> {
         validate_name(field, name)?;
         if let Some(slot) = self.inner.queues.get(name) {
             return Ok(slot.value().clone());
         }
-        self.create_queue_slot(
-            field,
-            name,
-            QueuePolicy::default_for(name),
-            Creation::ByConsumer,
-        )
+        self.create_queue_slot(field, name, QueuePolicy::default_for(name), creation)
     }
 
     /// Takes a slot for the dead-letter queue `dlq` a policy names (none for `""`).
