@@ -1221,10 +1221,19 @@ fn deleting_live_jobs_removes_them_from_every_index_and_count() {
     }
     let counts = q.counts(T0 + 1);
     assert_eq!(
-        (counts.pending, counts.scheduled, counts.retrying, counts.leased),
+        (
+            counts.pending,
+            counts.scheduled,
+            counts.retrying,
+            counts.leased
+        ),
         (0, 0, 0, 0)
     );
-    assert_eq!((counts.cancelled, counts.completed), (0, 1), "nothing counted");
+    assert_eq!(
+        (counts.cancelled, counts.completed),
+        (0, 1),
+        "nothing counted"
+    );
     assert_eq!(q.live_jobs(), 0);
     // The deleted lease is stale, and nothing is ever delivered again.
     let err = q.ack(T0 + 2, &d.lease_id, None).unwrap_err();
@@ -1233,7 +1242,10 @@ fn deleting_live_jobs_removes_them_from_every_index_and_count() {
     assert_eq!(q.next_due(), None);
 
     // The completed job leaves history; a second delete finds nothing.
-    assert_eq!(q.delete(T0 + 3, &pending).unwrap().state, JobState::Completed);
+    assert_eq!(
+        q.delete(T0 + 3, &pending).unwrap().state,
+        JobState::Completed
+    );
     assert!(q.history(10).is_empty());
     let err = q.delete(T0 + 3, &pending).unwrap_err();
     assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
@@ -1253,7 +1265,10 @@ fn deleting_an_ordered_job_frees_its_key_for_the_next_one() {
     // A blocked job leaves its place in the line and the blocked count.
     q.delete(T0, &ids[2]).unwrap();
     assert_eq!(q.counts(T0).pending, 2);
-    assert!(lease_one(&mut q, T0, 1_000).is_none(), "k1 still holds the key");
+    assert!(
+        lease_one(&mut q, T0, 1_000).is_none(),
+        "k1 still holds the key"
+    );
 
     // Deleting the leased front of the key makes the next one leasable at once.
     assert_eq!(q.delete(T0, &ids[0]).unwrap().state, JobState::Leased);
