@@ -355,6 +355,17 @@ impl Client {
         Ok(self.rpc.clone().cancel_job(request).await?.into_inner())
     }
 
+    /// Deletes job `job_id` of `queue` whatever its state (a lease on it becomes stale);
+    /// returns the job as it was.
+    pub async fn delete_job(&self, queue: &str, job_id: &str) -> Result<pb::Job> {
+        let request = pb::DeleteJobRequest {
+            queue: queue.to_owned(),
+            job_id: job_id.to_owned(),
+        };
+        let reply = self.rpc.clone().delete_job(request).await?.into_inner();
+        Ok(reply.job.unwrap_or_default())
+    }
+
     /// Creates a queue with a policy (a [`Policy`] or the message itself).
     pub async fn create_queue(
         &self,

@@ -284,6 +284,89 @@ impl FileHook for DiskFault {
     }
 }
 
+/// Deleted jobs stay deleted across restarts, from the log and from a snapshot: a pending
+/// one, a leased one (whose lease does not bring it back), one that held its ordering key
+/// (the key's next job is leasable after the restart) and a completed one in history.
+#[tokio::test]
+async fn deleted_jobs_stay_deleted_after_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (deleted, next, kept);
+    {
+        let broker = open(dir.path());
+        let keyed = |payload: &str| NewJob {
+            ordering_key: Some("o".into()),
+            ..job(payload)
+        };
+        let ids: Vec<String> = broker
+            .enqueue(
+                "work",
+                vec![
+                    keyed("o1"),
+                    keyed("o2"),
+                    job("done"),
+                    job("leased"),
+                    job("pending"),
+                    job("kept"),
+                ],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id.to_string())
+            .collect();
+        // Leases o1 (the key's holder), done and leased; acks done.
+        let held = broker.lease("work", lease_params(3)).await.unwrap();
+        assert_eq!(held.len(), 3);
+        let done = held
+            .iter()
+            .find(|l| l.job_id.to_string() == ids[2])
+            .unwrap();
+        broker
+            .ack(vec![(done.lease_id.to_string(), None)])
+            .await
+            .unwrap();
+        deleted = [
+            ids[0].clone(),
+            ids[2].clone(),
+            ids[3].clone(),
+            ids[4].clone(),
+        ];
+        for id in &deleted {
+            broker.delete_job("work", id).await.unwrap();
+        }
+        (next, kept) = (ids[1].clone(), ids[5].clone());
+        stop(&broker);
+    }
+    // Twice: once replaying the log, once from the snapshot the first restart wrote.
+    for round in 0..2 {
+        let broker = open(dir.path());
+        for id in &deleted {
+            let err = broker.get_job(id, Some("work")).unwrap_err();
+            assert!(
+                matches!(err, BrokerError::NotFound(_)),
+                "round {round}: {err}"
+            );
+        }
+        assert!(broker.job_history("work", 10).unwrap().is_empty());
+        let (live, _) = broker.list_jobs("work", None, 10, "").unwrap();
+        let mut live: Vec<String> = live.iter().map(|j| j.id.to_string()).collect();
+        live.sort();
+        let mut expected = vec![next.clone(), kept.clone()];
+        expected.sort();
+        assert_eq!(live, expected, "round {round}");
+        stop(&broker);
+    }
+    // The ordering key is free: its next job is leased with the other one.
+    let broker = open(dir.path());
+    let got = broker.lease("work", lease_params(10)).await.unwrap();
+    let mut got: Vec<String> = got.iter().map(|l| l.job_id.to_string()).collect();
+    got.sort();
+    let mut expected = vec![next, kept];
+    expected.sort();
+    assert_eq!(got, expected);
+    stop(&broker);
+}
+
 fn assert_unavailable(result: Result<impl std::fmt::Debug, BrokerError>, what: &str) {
     let err = result.expect_err(what);
     assert!(
@@ -344,6 +427,10 @@ async fn fail_stop_case(enospc: bool) {
     );
     assert_unavailable(broker.lease("q", lease_params(1)).await, "lease");
     assert_unavailable(broker.purge_queue("q").await, "purge");
+    assert_unavailable(
+        broker.delete_job("q", &kept.to_string()).await,
+        "delete_job",
+    );
     assert_unavailable(
         broker.create_queue("other", PolicyPatch::default()).await,
         "create_queue",

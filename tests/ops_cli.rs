@@ -520,10 +520,22 @@ async fn cli_dead_jobs_redrive_purge_and_errors() {
     let none = json(&h, &["redrive", "ops.fail.dlq", "--json"]).await;
     assert_eq!(none["redriven"], 0);
 
+    // delete-job takes one pending job out; a second delete finds nothing.
+    let live = json(&h, &["jobs", "ops.fail", "--json"]).await;
+    let victim = live["jobs"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        ok(&h, &["delete-job", "ops.fail", &victim]).await,
+        format!("deleted job {victim} (pending) from ops.fail\n")
+    );
+    let again = sluice(&h, &["delete-job", "ops.fail", &victim, "--json"]).await;
+    assert_eq!(again.status.code(), Some(1));
+    let err = String::from_utf8(again.stderr).unwrap();
+    assert!(err.starts_with("sluice: NOT_FOUND: job_id "), "{err}");
+
     // purge, then purge again.
     assert_eq!(
         ok(&h, &["purge", "ops.fail"]).await,
-        "purged 12 job(s) from ops.fail\n"
+        "purged 11 job(s) from ops.fail\n"
     );
     assert_eq!(
         json(&h, &["purge", "ops.fail", "--json"]).await["purged"],

@@ -1,8 +1,8 @@
 //! The operations console's HTTP API (`/console/api/...`) on a broker served in-process:
-//! jobs by state with paging, a job's page, the actions (redrive, cancel, purge, pause,
-//! resume, delete), topics with their retained messages, refusals of bad input that
-//! change nothing, and, with a tokens file, the same grants as gRPC. The page itself is
-//! clicked through in Chromium by tests/e2e/test_console.py.
+//! jobs by state with paging, a job's page, the actions (redrive, cancel, delete a job,
+//! purge, pause, resume, delete a queue), topics with their retained messages, refusals of
+//! bad input that change nothing, and, with a tokens file, the same grants as gRPC. The
+//! page itself is clicked through in Chromium by tests/e2e/test_console.py.
 
 #[path = "ops_common/mod.rs"]
 mod common;
@@ -338,8 +338,42 @@ async fn queue_actions_pause_resume_cancel_purge_and_delete() {
         &[&ids[0]],
     );
 
+    // Delete: a leased job goes at once (its lease is stale), a cancelled one leaves
+    // history.
+    let leased = lease(&mut rpc, "orders", "w", 1).await.remove(0);
+    assert_eq!(leased.job_id, ids[1]);
+    let deleted = ok(c
+        .post(&format!("/queues/orders/jobs/{}/delete", ids[1]), "")
+        .await);
+    assert_eq!(
+        deleted["done"],
+        format!("job {} deleted (it was leased)", ids[1])
+    );
+    let stale = rpc
+        .ack(pb::AckRequest {
+            acks: vec![pb::LeaseAck {
+                lease_id: leased.lease_id,
+                result: Bytes::new(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");
+    let deleted = ok(c
+        .post(&format!("/queues/orders/jobs/{}/delete", ids[0]), "")
+        .await);
+    assert_eq!(
+        deleted["done"],
+        format!("job {} deleted (it was cancelled)", ids[0])
+    );
+    refused(
+        c.get(&format!("/jobs/{}?queue=orders", ids[0])).await,
+        StatusCode::NOT_FOUND,
+        &[&ids[0]],
+    );
+
     let purged = ok(c.post("/queues/orders/purge", "").await);
-    assert_eq!(purged["done"], "purged 2 job(s)");
+    assert_eq!(purged["done"], "purged 1 job(s)");
     assert_eq!(
         c.json("/queues/orders/jobs").await["jobs"],
         json!([]),
@@ -452,6 +486,29 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
             .await,
         StatusCode::NOT_FOUND,
         &["01a24c6f-4955-719c-a34a-240000000099"],
+    );
+    refused(
+        c.post(
+            "/queues/emails/jobs/01a24c6f-4955-719c-a34a-240000000099/delete",
+            "",
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        &[
+            "job_id",
+            "01a24c6f-4955-719c-a34a-240000000099",
+            "\"emails\"",
+        ],
+    );
+    refused(
+        c.post(&format!("/queues/nope/jobs/{id}/delete"), "").await,
+        StatusCode::NOT_FOUND,
+        &["queue", "\"nope\""],
+    );
+    refused(
+        c.post("/queues/emails/jobs/not-a-job/delete", "").await,
+        StatusCode::BAD_REQUEST,
+        &["job_id", "not-a-job"],
     );
     refused(
         c.get("/topics/nope/messages").await,
@@ -604,6 +661,18 @@ async fn with_tokens_every_page_and_action_is_checked_like_grpc() {
         worker.post(&format!("/jobs/{id}/cancel"), "").await,
         StatusCode::FORBIDDEN,
         &["\"worker\"", "\"emails\"", "enqueue, admin"],
+    );
+    refused(
+        worker
+            .post(&format!("/queues/emails.dlq/jobs/{id}/delete"), "")
+            .await,
+        StatusCode::FORBIDDEN,
+        &["queue", "\"worker\"", "admin", "\"emails.dlq\""],
+    );
+    assert_eq!(
+        worker.json(&format!("/jobs/{id}?queue=emails.dlq")).await["state"],
+        "pending",
+        "a refused delete changes nothing"
     );
     // Retained messages need subscribe, as a replaying Subscribe would.
     admin_rpc

@@ -845,3 +845,103 @@ async fn a_long_poll_wakes_when_a_limit_frees_capacity() {
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(10), "{waited:?}");
 }
+
+/// DeleteJob in each state: a pending or scheduled job is never delivered, a leased one's
+/// ack is refused as stale, a finished one leaves history, an ordering key's next job
+/// becomes leasable at once, and the counters drop with each live job.
+#[tokio::test]
+async fn delete_job_removes_a_job_in_any_state() {
+    use common::rpc::{assert_refused, queue_stats, stats};
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut rpc = broker.rpc().await;
+    let keyed = |payload: &'static str| client.enqueue("del", payload).ordering_key("k");
+    let first = keyed("k1").send().await.unwrap().job_id;
+    let blocked = keyed("k2").send().await.unwrap().job_id;
+    let next = keyed("k3").send().await.unwrap().job_id;
+    let scheduled = client
+        .enqueue("del", "later")
+        .delay(Duration::from_secs(3_600))
+        .send()
+        .await
+        .unwrap()
+        .job_id;
+    let done = client.enqueue("done", "x").send().await.unwrap().job_id;
+    let finished = client.lease("done").send().await.unwrap().remove(0);
+    finished.ack().await.unwrap();
+
+    let leased = client.lease("del").send().await.unwrap().remove(0);
+    assert_eq!(leased.job_id(), first);
+    let s = stats(&mut rpc).await;
+    let q = queue_stats(&s, "del");
+    assert_eq!((q.pending, q.scheduled, q.leased), (2, 1, 1));
+
+    // A job waiting behind its key leaves the line; the key's holder is still leased.
+    let gone = client.delete_job("del", &blocked).await.unwrap();
+    assert_eq!(gone.state, pb::JobState::Pending as i32);
+    assert!(client.lease("del").send().await.unwrap().is_empty());
+
+    // The leased holder: its ack is stale, and the key's next job is leasable at once.
+    let gone = client.delete_job("del", &first).await.unwrap();
+    assert_eq!(gone.state, pb::JobState::Leased as i32);
+    assert_eq!(gone.payload.as_ref(), b"k1");
+    let err = leased.ack().await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    let now = client.lease("del").send().await.unwrap().remove(0);
+    assert_eq!(now.job_id(), next);
+    now.ack().await.unwrap();
+
+    let gone = client.delete_job("del", &scheduled).await.unwrap();
+    assert_eq!(gone.state, pb::JobState::Scheduled as i32);
+    let s = stats(&mut rpc).await;
+    let q = queue_stats(&s, "del");
+    assert_eq!(
+        (q.pending, q.scheduled, q.leased, q.retrying, q.cancelled),
+        (0, 0, 0, 0, 0)
+    );
+
+    // A finished job leaves history.
+    let gone = client.delete_job("done", &done).await.unwrap();
+    assert_eq!(gone.state, pb::JobState::Completed as i32);
+    let history = rpc
+        .job_history(pb::JobHistoryRequest {
+            queue: "done".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(history.jobs.is_empty(), "{history:?}");
+
+    // Unknown ids and queues are NOT_FOUND, a malformed id INVALID_ARGUMENT; each names
+    // the field and the value.
+    let delete = |queue: &str, job_id: &str| {
+        let mut rpc = rpc.clone();
+        let request = pb::DeleteJobRequest {
+            queue: queue.into(),
+            job_id: job_id.into(),
+        };
+        async move { rpc.delete_job(request).await }
+    };
+    assert_refused(
+        delete("done", &done).await,
+        Code::NotFound,
+        &["job_id", &done],
+    );
+    assert_refused(
+        delete("del", &done).await,
+        Code::NotFound,
+        &["job_id", &done, "\"del\""],
+    );
+    assert_refused(
+        delete("nosuch", &done).await,
+        Code::NotFound,
+        &["queue", "\"nosuch\""],
+    );
+    assert_refused(
+        delete("del", "not-a-uuid").await,
+        Code::InvalidArgument,
+        &["job_id", "not-a-uuid"],
+    );
+    assert!(client.get_job(&first).await.is_err());
+}

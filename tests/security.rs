@@ -205,6 +205,13 @@ async fn call_every_rpc(rpc: &mut Rpc) -> Vec<(&'static str, Result<(), tonic::S
         })
     );
     call!(
+        "DeleteJob",
+        rpc.delete_job(pb::DeleteJobRequest {
+            queue: "emails".into(),
+            job_id: uuid::Uuid::now_v7().to_string(),
+        })
+    );
+    call!(
         "ListJobs",
         rpc.list_jobs(pb::ListJobsRequest {
             queue: "emails".into(),
@@ -276,7 +283,7 @@ async fn every_broker_rpc_needs_a_known_token_and_health_does_not() {
     let mut anonymous = b.rpc().await;
     let outcomes = within(call_every_rpc(&mut anonymous)).await;
     // One entry per RPC of the service: a new RPC must be added here.
-    assert_eq!(outcomes.len(), 27);
+    assert_eq!(outcomes.len(), 28);
     for (rpc, outcome) in outcomes {
         let status = outcome.expect_err(rpc);
         assert_eq!(status.code(), Code::Unauthenticated, "{rpc}: {status:?}");
@@ -445,11 +452,33 @@ async fn a_token_may_do_what_its_patterns_cover_and_nothing_else() {
     );
     producer
         .cancel_job(pb::CancelJobRequest {
-            id: pending,
+            id: pending.clone(),
             queue: String::new(),
         })
         .await
         .unwrap();
+    // Deleting a job takes admin on its queue: its producer may cancel it but not delete
+    // it, and the refused delete changes nothing.
+    let delete = || pb::DeleteJobRequest {
+        queue: "emails".into(),
+        job_id: pending.clone(),
+    };
+    assert_refused(
+        producer.delete_job(delete()).await,
+        Code::PermissionDenied,
+        &["queue: token \"producer\" may not admin \"emails\""],
+    );
+    let kept = ops
+        .get_job(pb::GetJobRequest {
+            id: pending.clone(),
+            queue: "emails".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.state, pb::JobState::Cancelled as i32);
+    let gone = ops.delete_job(delete()).await.unwrap().into_inner();
+    assert_eq!(gone.job.unwrap().state, pb::JobState::Cancelled as i32);
 
     // Administration: admin patterns only; listings show what the token administers.
     let create = |name: &str| pb::CreateQueueRequest {

@@ -48,6 +48,8 @@ pub enum Command {
     Redrive(cli::RedriveArgs),
     /// Remove every job of a queue that is not leased.
     Purge(cli::PurgeArgs),
+    /// Delete one job of a queue, whatever its state (its lease, if any, becomes stale).
+    DeleteJob(cli::DeleteJobArgs),
     /// Set or remove a queue's rate and in-flight limits.
     Limit(cli::LimitArgs),
     /// List the workers seen on a queue.

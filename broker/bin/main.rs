@@ -78,6 +78,7 @@ async fn command(cli: Cli) -> std::process::ExitCode {
         | Command::Jobs(_)
         | Command::Redrive(_)
         | Command::Purge(_)
+        | Command::DeleteJob(_)
         | Command::Limit(_)
         | Command::Consumers(_)
         | Command::Token(_)) => crate::cli::run(command).await,

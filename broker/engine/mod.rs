@@ -171,6 +171,12 @@ pub trait Engine: sealed::Sealed + Clone + Send + Sync + 'static {
         id: &str,
         queue: Option<&str>,
     ) -> impl Future<Output = Result<(String, Job), BrokerError>> + Send;
+    /// Deletes a job of `queue` whatever its state; returns it as it was.
+    fn delete_job(
+        &self,
+        queue: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<Job, BrokerError>> + Send;
     /// A page of a queue's live jobs, and the next page's token.
     fn list_jobs(
         &self,

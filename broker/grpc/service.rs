@@ -638,6 +638,19 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         Ok(Response::new(convert::job(&queue, job)))
     }
 
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Reply<pb::DeleteJobResponse> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        access.check(Action::Admin, "queue", &req.queue)?;
+        let job = self.broker.delete_job(&req.queue, &req.job_id).await?;
+        Ok(Response::new(pb::DeleteJobResponse {
+            job: Some(convert::job(&req.queue, job)),
+        }))
+    }
+
     async fn list_jobs(
         &self,
         request: Request<pb::ListJobsRequest>,

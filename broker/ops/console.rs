@@ -77,6 +77,10 @@ pub(super) fn routes<E: Engine>() -> Router<AppState<E>> {
             "/console/api/queues/{queue}/delete",
             post(delete_queue::<E>),
         )
+        .route(
+            "/console/api/queues/{queue}/jobs/{id}/delete",
+            post(delete_job::<E>),
+        )
         .route("/console/api/jobs/{id}", get(job::<E>))
         .route("/console/api/jobs/{id}/cancel", post(cancel::<E>))
         .route("/console/api/topics", get(topics::<E>))
@@ -584,6 +588,20 @@ async fn cancel<E: Engine>(
     caller.access.check_any(QUEUE_WRITERS, "queue", &queue)?;
     let (queue, job) = state.broker.cancel_job(&id, Some(&queue)).await?;
     Ok(Json(JobPage::of(&queue, job)))
+}
+
+/// Deletes one job whatever its state: DeleteJob, with its check (`admin` on the queue).
+async fn delete_job<E: Engine>(
+    State(state): State<AppState<E>>,
+    caller: Caller,
+    Path((queue, id)): Path<(String, String)>,
+) -> Answer<Done> {
+    caller.access.check(Action::Admin, "queue", &queue)?;
+    let job = state.broker.delete_job(&queue, &id).await?;
+    Ok(Json(Done {
+        done: format!("job {id} deleted (it was {})", job.state.as_str()),
+        name: queue,
+    }))
 }
 
 /// What to redrive: the listed dead letters, or every one when the list is empty.

@@ -340,10 +340,7 @@ impl Batch {
     /// A dead job taken out of `from` and put back into its original queue.
     pub(crate) fn redriven(&mut self, from: &str, job: &Redriven) {
         if self.is_enabled() {
-            self.push(Kind::JobRemove(pb::JobRemove {
-                queue: from.to_owned(),
-                id: id_bytes(&job.job_id),
-            }));
+            self.job_removed(from, &job.job_id);
             self.push(Kind::Transfer(pb::Transfer {
                 target: job.target.clone(),
                 id: id_bytes(&job.job_id),
@@ -352,6 +349,17 @@ impl Batch {
                 headers: job.headers.clone(),
                 priority: job.priority as u32,
                 origin: None,
+            }));
+        }
+    }
+
+    /// Job `id` taken out of `queue` without a trace (a delete, or the first half of a
+    /// redrive).
+    pub(crate) fn job_removed(&mut self, queue: &str, id: &Uuid) {
+        if self.is_enabled() {
+            self.push(Kind::JobRemove(pb::JobRemove {
+                queue: queue.to_owned(),
+                id: id_bytes(id),
             }));
         }
     }

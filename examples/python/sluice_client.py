@@ -216,6 +216,13 @@ class SluiceClient:
     def get_job(self, job_id: str) -> pb.Job:
         return self.stub.GetJob(pb.GetJobRequest(id=job_id), timeout=self.timeout)
 
+    def delete_job(self, queue: str, job_id: str) -> pb.Job:
+        """Deletes one job of ``queue`` whatever its state; returns it as it was."""
+        response = self.stub.DeleteJob(
+            pb.DeleteJobRequest(queue=queue, job_id=job_id), timeout=self.timeout
+        )
+        return response.job
+
     def list_jobs(self, queue: str, state: int = pb.JOB_STATE_UNSPECIFIED) -> list:
         """Every job of ``queue`` in ``state`` (all live jobs by default), all pages."""
         jobs, token = [], ""

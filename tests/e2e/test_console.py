@@ -2,12 +2,14 @@
 chromium and chromedriver) against the real `sluice serve` binary started with a tokens
 file: an operator logs in with a token, finds a dead job, redrives it, and sees it
 complete once a worker acks it; a token without `admin` on the dead-letter queue sees
-the same click refused, and the job stays where it was."""
+the same click refused, and the job stays where it was; a leased job deleted from its page
+is gone, and its worker's ack is refused as stale."""
 
 import json
 import shutil
 import tempfile
 
+import grpc
 import pytest
 
 from conftest import ROOT, binary, free_port, wait_until
@@ -184,3 +186,32 @@ def test_a_token_without_admin_on_the_queue_sees_the_action_refused(console, bro
     # Nothing moved: the dead letter still waits in the dead-letter queue.
     waiting = client.list_jobs("emails.dlq")
     assert job_id in [j.id for j in waiting]
+
+
+def test_a_leased_job_is_deleted_from_its_page_and_its_ack_is_refused(console, browser):
+    client = console["client"]
+    job_id = client.enqueue("reports", b'{"month":"2026-11"}', kind="report.build")
+    leased = client.lease("reports", consumer="e2e-worker")
+    assert [j.job_id for j in leased] == [job_id]
+
+    log_in(browser, console["url"], console["ops"])
+    browser.get(f'{console["url"]}#/job/reports/{job_id}')
+    page = wait(browser, f'#job[data-job="{job_id}"]')
+    assert page.get_attribute("data-state") == "leased"
+    click(browser, '#job button[data-action="delete-job"]')
+    # The page asks first; the operator confirms.
+    alert = WebDriverWait(browser, 15).until(ec.alert_is_present())
+    assert job_id in alert.text and "lease becomes stale" in alert.text, alert.text
+    alert.accept()
+    assert f"job {job_id} deleted (it was leased)" in notice(browser, "ok")
+    # The page moves on to the job's queue, where the job is no longer listed.
+    wait(browser, '#queue[data-queue="reports"]')
+    assert not browser.find_elements(By.CSS_SELECTOR, f'tr[data-job="{job_id}"]')
+    screenshot(browser, "console-deleted")
+
+    with pytest.raises(grpc.RpcError) as refused:
+        client.ack(leased[0].lease_id)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+    with pytest.raises(grpc.RpcError) as gone:
+        client.get_job(job_id)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND, gone.value

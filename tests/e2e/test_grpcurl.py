@@ -162,6 +162,7 @@ def test_every_rpc_as_the_readme_shows_it(broker):
 
     later = rpc("Enqueue", {"queue": "mail", "jobs": [{"payload": "aGk=", "delayMs": "60000"}]})["results"][0]["jobId"]
     assert rpc("CancelJob", {"id": later})["state"] == "JOB_STATE_CANCELLED"
+    assert rpc("DeleteJob", {"queue": "mail", "jobId": later})["job"]["state"] == "JOB_STATE_CANCELLED"
     rpc("Enqueue", {"queue": "mail", "jobs": [{"payload": "aGk="}]})
     assert rpc("PurgeQueue", {"name": "mail"})["purged"] == "1"
 

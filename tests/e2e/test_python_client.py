@@ -1,5 +1,6 @@
 """The Python client generated from proto/ drives the broker: enqueue, lease, ack, nack to
-the dead-letter queue, publish and subscribe, and pipelined enqueues on EnqueueStream."""
+the dead-letter queue (and delete the dead letter), publish and subscribe, and pipelined
+enqueues on EnqueueStream."""
 
 import json
 
@@ -46,6 +47,14 @@ def test_nack_dead_letters_a_poison_job(sluice):
     assert [j.id for j in dead] == [job_id]
     assert dead[0].headers["x-sluice-original-queue"] == "py.poison"
     assert dead[0].headers["x-sluice-last-error"] == "field x: not parseable"
+    # The dead letter is deleted from the dead-letter queue; the dead record stays.
+    assert sluice.delete_job("py.poison.dlq", job_id).state == pb.JOB_STATE_PENDING
+    assert sluice.list_jobs("py.poison.dlq") == []
+    assert sluice.get_job(job_id).state == pb.JOB_STATE_DEAD
+    with pytest.raises(grpc.RpcError) as err:
+        sluice.delete_job("py.poison.dlq", job_id)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "job_id" in err.value.details()
 
 
 def test_publish_and_subscribe(sluice):

@@ -235,6 +235,18 @@ pub struct PurgeArgs {
     pub queue: String,
 }
 
+/// `sluice delete-job`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeleteJobArgs {
+    /// Where the broker is and how to print.
+    #[command(flatten)]
+    pub conn: Connection,
+    /// Queue name.
+    pub queue: String,
+    /// Job id.
+    pub job_id: String,
+}
+
 /// `sluice limit`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitArgs {
@@ -653,6 +665,7 @@ pub async fn run(command: crate::config::Command) -> ExitCode {
         Command::Jobs(a) => jobs(a).await,
         Command::Redrive(a) => redrive(a).await,
         Command::Purge(a) => purge(a).await,
+        Command::DeleteJob(a) => delete_job(a).await,
         Command::Limit(a) => limit(a).await,
         Command::Consumers(a) => consumers(a).await,
         Command::Token(a) => token(a),
@@ -1200,6 +1213,26 @@ async fn purge(a: PurgeArgs) -> Result<()> {
             "purged {} job(s) from {}\n",
             count(res.purged),
             a.queue
+        ))
+    }
+}
+
+async fn delete_job(a: DeleteJobArgs) -> Result<()> {
+    let mut client = connect(&a.conn).await?;
+    let res = client
+        .delete_job(pb::DeleteJobRequest {
+            queue: a.queue.clone(),
+            job_id: a.job_id.clone(),
+        })
+        .await?
+        .into_inner();
+    let state = res.job.map_or_else(String::new, |j| state_name(j.state));
+    if a.conn.json {
+        print_json(&json!({ "queue": a.queue, "job_id": a.job_id, "state": state }))
+    } else {
+        print_text(&format!(
+            "deleted job {} ({state}) from {}\n",
+            a.job_id, a.queue
         ))
     }
 }

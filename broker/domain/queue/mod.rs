@@ -787,7 +787,7 @@ impl Queue {
         }
         let Some(f) = self.finished.get(&lease.seq) else {
             return Err(stale(
-                "its job no longer exists (finished and evicted from history, or purged)".into(),
+                "its job no longer exists (finished and evicted from history, or deleted)".into(),
             ));
         };
         let id = || self.id_of(lease.seq, &f.slot);
@@ -1107,6 +1107,20 @@ impl Queue {
         self.counts.cancelled += 1;
         self.finish(seq, now, JobState::Cancelled, None, None);
         self.unplace(seq, state, priority, run_at, blocked);
+    }
+
+    /// Deletes the record of job `id`, whatever its state; returns it as it was. A live job
+    /// is never delivered (again): a lease on it becomes stale, and if it held its ordering
+    /// key the next job of the key becomes visible. A finished one leaves history. Unlike
+    /// a cancel nothing is counted (the record is gone, not finished), and an idempotency
+    /// key stays remembered for its window: a repeat enqueue is still a duplicate.
+    pub fn delete(&mut self, now: Millis, id: &Uuid) -> Result<Job, BrokerError> {
+        let seq = self.seq_of(id).ok_or_else(|| {
+            BrokerError::NotFound(format!("job_id {id} not found in queue {:?}", self.name))
+        })?;
+        let job = self.job_by_seq(seq).expect("a job with a seq has a record");
+        self.forget(seq, now);
+        Ok(job)
     }
 
     /// Cancels every job that is not leased; returns how many.

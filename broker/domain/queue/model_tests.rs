@@ -883,6 +883,8 @@ pub(crate) trait QueueUnderTest: Sized {
     fn check_lease(&self, now: Millis, lease: &LeaseId) -> Option<Result<LeaseCheck, BrokerError>>;
     /// Cancels a job that is not leased.
     fn cancel(&mut self, now: Millis, id: &Uuid) -> Result<Job, BrokerError>;
+    /// Deletes a job whatever its state.
+    fn delete(&mut self, now: Millis, id: &Uuid) -> Result<Job, BrokerError>;
     /// Cancels every job that is not leased.
     fn purge(&mut self, now: Millis) -> Purged;
     /// Expires due leases and fires due timers.
@@ -1005,6 +1007,10 @@ impl QueueUnderTest for Queue {
 
     fn cancel(&mut self, now: Millis, id: &Uuid) -> Result<Job, BrokerError> {
         Queue::cancel(self, now, id)
+    }
+
+    fn delete(&mut self, now: Millis, id: &Uuid) -> Result<Job, BrokerError> {
+        Queue::delete(self, now, id)
     }
 
     fn purge(&mut self, now: Millis) -> Purged {
@@ -1370,7 +1376,8 @@ impl<Q: QueueUnderTest> World<Q> {
             42..=55 => self.ack(),
             56..=63 => self.nack(),
             64..=68 => self.extend(),
-            69..=73 => self.cancel(),
+            69..=71 => self.cancel(),
+            72..=73 => self.delete(),
             74 => self.purge(),
             75..=81 => self.tick(),
             82..=85 => self.inspect(),
@@ -1849,6 +1856,34 @@ impl<Q: QueueUnderTest> World<Q> {
                 ctx,
                 matches!(got, Err(BrokerError::NotFound(_))),
                 "cancel of an unknown job: {got:?}"
+            ),
+        }
+    }
+
+    fn delete(&mut self) {
+        let k = if self.rng.u8(0..5) == 0 { DLQ } else { MAIN };
+        let id = self.pick_id();
+        let now = self.now;
+        self.ctx.op = format!("delete {id} in {} at {now}", NAMES[k]);
+        let got = self.queues[k].delete(now, &id);
+        let m = &mut self.models[k];
+        if !Q::IN_PROCESS {
+            // The Redis store expires due leases and fires due timers first.
+            m.tick(now, |due| self.queues[k].order_expired(due));
+        }
+        let ctx = &self.ctx;
+        match m.find(&id).cloned() {
+            Some(expected) => {
+                m.forget(&id, now);
+                match got {
+                    Ok(job) => compare_job(ctx, &job, &expected, true),
+                    Err(e) => panic!("seed {} step {}: delete failed: {e}", ctx.seed, ctx.step),
+                }
+            }
+            None => ensure!(
+                ctx,
+                matches!(got, Err(BrokerError::NotFound(_))),
+                "delete of an unknown job: {got:?}"
             ),
         }
     }

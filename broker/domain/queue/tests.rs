@@ -1188,3 +1188,97 @@ fn only_what_names_a_queue_on_purpose_clears_its_created_by_consumer_mark() {
     q.set_paused(false);
     assert!(!q.is_created_by_consumer());
 }
+
+#[test]
+fn deleting_live_jobs_removes_them_from_every_index_and_count() {
+    let mut q = queue_with(|p| p.backoff = Backoff::Schedule(vec![5_000]));
+    let pending = enqueue_one(&mut q, T0, job("pending"));
+    let mut later = job("scheduled");
+    later.run_at = Some(T0 + 10_000);
+    let scheduled = enqueue_one(&mut q, T0, later);
+    let retried = enqueue_one(&mut q, T0, job("retrying"));
+    let leased = enqueue_one(&mut q, T0, job("leased"));
+    let first = q.lease(T0, 2, 1_000, &consumer(), "");
+    assert_eq!(payloads(&first), [&b"pending"[..], b"retrying"]);
+    q.nack(T0, &first[1].lease_id, "again".into(), None, false)
+        .unwrap();
+    q.ack(T0, &first[0].lease_id, None).unwrap();
+    let d = lease_one(&mut q, T0, 1_000).unwrap();
+    assert_eq!(d.job_id, leased);
+    let counts = q.counts(T0);
+    assert_eq!(
+        (counts.scheduled, counts.retrying, counts.leased),
+        (1, 1, 1)
+    );
+
+    for (id, state) in [
+        (scheduled, JobState::Scheduled),
+        (retried, JobState::Retrying),
+        (leased, JobState::Leased),
+    ] {
+        assert_eq!(q.delete(T0 + 1, &id).unwrap().state, state);
+        assert!(q.get(&id).is_none());
+    }
+    let counts = q.counts(T0 + 1);
+    assert_eq!(
+        (
+            counts.pending,
+            counts.scheduled,
+            counts.retrying,
+            counts.leased
+        ),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(
+        (counts.cancelled, counts.completed),
+        (0, 1),
+        "nothing counted"
+    );
+    assert_eq!(q.live_jobs(), 0);
+    // The deleted lease is stale, and nothing is ever delivered again.
+    let err = q.ack(T0 + 2, &d.lease_id, None).unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err}");
+    assert!(q.lease(T0 + 60_000, 10, 1_000, &consumer(), "").is_empty());
+    assert_eq!(q.next_due(), None);
+
+    // The completed job leaves history; a second delete finds nothing.
+    assert_eq!(
+        q.delete(T0 + 3, &pending).unwrap().state,
+        JobState::Completed
+    );
+    assert!(q.history(10).is_empty());
+    let err = q.delete(T0 + 3, &pending).unwrap_err();
+    assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
+    assert!(err.to_string().contains(&pending.to_string()), "{err}");
+}
+
+#[test]
+fn deleting_an_ordered_job_frees_its_key_for_the_next_one() {
+    let mut q = queue_with(|_| {});
+    let mut ids = Vec::new();
+    for payload in ["k1", "k2", "k3", "k4"] {
+        let mut j = job(payload);
+        j.ordering_key = Some("K".into());
+        ids.push(enqueue_one(&mut q, T0, j));
+    }
+    let k1 = lease_one(&mut q, T0, 1_000).unwrap();
+    // A blocked job leaves its place in the line and the blocked count.
+    q.delete(T0, &ids[2]).unwrap();
+    assert_eq!(q.counts(T0).pending, 2);
+    assert!(
+        lease_one(&mut q, T0, 1_000).is_none(),
+        "k1 still holds the key"
+    );
+
+    // Deleting the leased front of the key makes the next one leasable at once.
+    assert_eq!(q.delete(T0, &ids[0]).unwrap().state, JobState::Leased);
+    assert!(q.check_lease(T0, &k1.lease_id).is_err());
+    let k2 = lease_one(&mut q, T0, 1_000).unwrap();
+    assert_eq!(k2.payload.as_ref(), b"k2");
+    q.ack(T0, &k2.lease_id, None).unwrap();
+    assert_eq!(
+        lease_one(&mut q, T0, 1_000).unwrap().payload.as_ref(),
+        b"k4"
+    );
+    assert_eq!(q.counts(T0).pending, 0);
+}

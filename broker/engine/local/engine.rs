@@ -147,6 +147,14 @@ impl Engine for Broker {
         Broker::cancel_job(self, id, queue)
     }
 
+    fn delete_job(
+        &self,
+        queue: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<Job, BrokerError>> + Send {
+        Broker::delete_job(self, queue, id)
+    }
+
     async fn list_jobs(
         &self,
         queue: &str,

@@ -438,6 +438,26 @@ impl Broker {
         )))
     }
 
+    /// Deletes job `id` of `queue` whatever its state; returns it as it was, once the
+    /// delete is durable.
+    pub async fn delete_job(&self, queue: &str, id: &str) -> Result<Job, BrokerError> {
+        let uuid = checks::job_id("job_id", id)?;
+        let slot = self.existing_queue("queue", queue)?;
+        self.wait_for_log_space().await?;
+        let now = now_ms();
+        let (job, commit) = {
+            let _change = self.begin()?;
+            self.with_queue(&slot, now, |q, batch| {
+                let job = q.delete(now, &uuid)?;
+                batch.job_removed(&slot.name, &uuid);
+                Ok::<_, BrokerError>(job)
+            })?
+        };
+        let job = job?;
+        self.durable(commit).await?;
+        Ok(job)
+    }
+
     /// A page of a queue's jobs in one state (live ones if `None`).
     pub fn list_jobs(
         &self,

@@ -356,6 +356,14 @@ impl Engine for RedisEngine {
         Err(BrokerError::NotFound(format!("job {id} not found")))
     }
 
+    async fn delete_job(&self, queue: &str, id: &str) -> Result<Job, BrokerError> {
+        let uuid = checks::job_id("job_id", id)?;
+        validate_name("queue", queue)?;
+        let job = self.inner.queues.delete_job(queue, &uuid).await?;
+        self.durable(self.queue_commit(queue)).await?;
+        Ok(job)
+    }
+
     async fn list_jobs(
         &self,
         queue: &str,

@@ -865,6 +865,20 @@ impl QueueStore {
         Ok(job)
     }
 
+    /// Deletes a job whatever its state; returns its record as it was.
+    pub(crate) async fn delete_job(&self, queue: &str, id: &Uuid) -> Result<Job, BrokerError> {
+        let keys = QueueKeys::new(queue);
+        let mut inv = script!("delete_job.lua").key(keys.base());
+        inv.arg(queue).arg(id.to_string()).arg(jitter_seed());
+        let reply: Value = self
+            .run(&format!("deleting a job of queue {queue:?}"), None, &inv)
+            .await?;
+        let mut row = Row::new("delete_job", reply)?;
+        let seq: u64 = row.next()?;
+        let map: HashMap<String, Vec<u8>> = row.next()?;
+        Fields { queue, seq, map }.into_job()
+    }
+
     /// Jobs in `state` (every live one if `None`), oldest first, after seq `after_seq`;
     /// returns the page and the seq to continue after, if more match.
     pub(crate) async fn list(

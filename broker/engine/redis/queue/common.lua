@@ -435,7 +435,7 @@ local function check_lease(seq, nonce, now)
     'consumer', 'okey', 'blocked')
   local id, state, attempts, jn, deadline = f[1], f[2], f[3], f[4], f[5]
   if not id then
-    return 'its job no longer exists (finished and evicted from history, or purged)'
+    return 'its job no longer exists (finished and evicted from history, or deleted)'
   end
   if state == 'completed' or state == 'dead' or state == 'cancelled' then
     if jn ~= nonce then

@@ -198,6 +198,10 @@ impl QueueUnderTest for RedisQueue {
         self.at(now, self.store.cancel(self.name, id))
     }
 
+    fn delete(&mut self, now: Millis, id: &Uuid) -> Result<Job, BrokerError> {
+        self.at(now, self.store.delete_job(self.name, id))
+    }
+
     fn purge(&mut self, now: Millis) -> Purged {
         Purged::Count(self.at(now, self.store.purge(self.name)).expect("purge"))
     }

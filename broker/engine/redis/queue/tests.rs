@@ -438,6 +438,85 @@ async fn redis_queue_cancel_and_purge() {
 }
 
 #[tokio::test]
+async fn redis_queue_delete_job_in_any_state() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    let keyed = |p: &str| NewJob {
+        ordering_key: Some("o".into()),
+        ..job(p)
+    };
+    let later = NewJob {
+        run_at: Some(u64::MAX / 2),
+        ..job("later")
+    };
+    let ids: Vec<Uuid> = s
+        .enqueue(
+            "q",
+            vec![keyed("o1"), keyed("o2"), keyed("o3"), later, job("done")],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let got = lease(&s, "q", 10).await;
+    assert_eq!(payloads(&got), vec![&b"o1"[..], b"done"]);
+    s.ack("q", vec![(got[1].lease_id.clone(), None)])
+        .await
+        .unwrap();
+
+    // The blocked o2 leaves the line; the leased o1 goes and frees the key for o3.
+    assert_eq!(
+        s.delete_job("q", &ids[1]).await.unwrap().state,
+        JobState::Pending
+    );
+    let gone = s.delete_job("q", &ids[0]).await.unwrap();
+    assert_eq!(
+        (gone.state, gone.payload.as_ref()),
+        (JobState::Leased, &b"o1"[..])
+    );
+    let stale = s
+        .ack("q", vec![(got[0].lease_id.clone(), None)])
+        .await
+        .unwrap();
+    let err = stale[0].as_ref().unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err}");
+    assert!(err.to_string().contains("no longer exists"), "{err}");
+    let next = lease(&s, "q", 10).await;
+    assert_eq!(payloads(&next), vec![&b"o3"[..]]);
+
+    assert_eq!(
+        s.delete_job("q", &ids[3]).await.unwrap().state,
+        JobState::Scheduled
+    );
+    assert_eq!(
+        s.delete_job("q", &ids[4]).await.unwrap().state,
+        JobState::Completed
+    );
+    assert!(s.history("q", 10).await.unwrap().is_empty());
+    for id in &ids[..2] {
+        assert!(s.get("q", id).await.unwrap().is_none());
+    }
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!(
+        (
+            counts.pending,
+            counts.scheduled,
+            counts.leased,
+            counts.cancelled
+        ),
+        (0, 0, 1, 0)
+    );
+    let err = s.delete_job("q", &ids[0]).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("job_id {} not found in queue \"q\"", ids[0])
+    );
+    let err = s.delete_job("nosuch", &ids[0]).await.unwrap_err();
+    assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
+}
+
+#[tokio::test]
 async fn redis_queue_list_and_history_pages() {
     let (_srv, s) = store().await;
     let p = QueuePolicy {
