@@ -406,6 +406,8 @@ impl LinkProxy {
 async fn redis_cmd<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> T {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // A loaded machine's server may take longer than the client's default reply timeout.
+    conn.set_response_timeout(Duration::from_secs(10));
     let mut cmd = redis::cmd(args[0]);
     for a in &args[1..] {
         cmd.arg(*a);
@@ -500,6 +502,9 @@ async fn cut_link_then_lose_primary(replicas: u32, after: usize) -> CutOutcome {
     let synced: i64 = {
         let client = redis::Client::open(primary.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        // WAIT answers when the replica has the fence, or after its own 5 s: more than the
+        // client's default reply timeout on a loaded machine.
+        conn.set_response_timeout(Duration::from_secs(10));
         let _: () = redis::cmd("SET")
             .arg("test-fence")
             .arg("")
