@@ -1,5 +1,6 @@
 //! S2-like throughput of the real binary with `--storage memory` versus the WAL. Not a
-//! timed test: ignored by default, run by hand (figures in README, "Durability"):
+//! timed test: ignored by default, run by hand (the README's "Durability" section names
+//! the command; its figures come from `benches/compare`):
 //!
 //! ```text
 //! cargo test --release --test throughput -- --ignored --nocapture
