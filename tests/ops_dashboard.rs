@@ -471,19 +471,7 @@ async fn dashboard_updates_live_in_chromium() {
     .await;
 
     // A queue's limits, and a queue only a worker (with a typo) names.
-    c.create_queue(pb::CreateQueueRequest {
-        name: "mail.limited".into(),
-        policy: Some(pb::QueuePolicy {
-            max_in_flight: Some(2),
-            rate_limit: Some(pb::RateLimit {
-                per_second: 1,
-                burst: 3,
-            }),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
+    common::create_limited_queue(&mut c, "mail.limited").await;
     enqueue(&mut c, "mail.limited", 5, 0).await;
     // max_in_flight cuts the lease short at 2, and holds the rest back from then on.
     assert_eq!(

@@ -268,19 +268,7 @@ async fn metrics_show_the_rate_and_in_flight_limits_and_consumer_created_queues(
     let h = Harness::start(100).await;
     let mut c = h.rpc().await;
     // Two leases at once at most; 1 job a second in bursts of 3.
-    c.create_queue(pb::CreateQueueRequest {
-        name: "ops.limited".into(),
-        policy: Some(pb::QueuePolicy {
-            max_in_flight: Some(2),
-            rate_limit: Some(pb::RateLimit {
-                per_second: 1,
-                burst: 3,
-            }),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
+    common::create_limited_queue(&mut c, "ops.limited").await;
     c.enqueue(pb::EnqueueRequest {
         queue: "ops.limited".into(),
         jobs: (0..6).map(|i| job(&format!("job {i}"))).collect(),

@@ -35,7 +35,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::*;
-use crate::sluice_peer::{Client, Produce, Producer, connect, consume_worker, percentiles_short};
+use crate::sluice_peer::{
+    Produce, Producer, connect, consume_worker, enqueue_of, lease_ack_worker, percentiles_short,
+};
 
 /// Open-loop rate of the latency figure.
 pub const RATE: u64 = 5_000;
@@ -356,70 +358,9 @@ impl Drop for Nodes {
     }
 }
 
+/// `n` jobs of 256 B carrying `seq` and `stamp` (for latency) in one request.
 fn enqueue_req(queue: &str, n: usize, seq: u64, stamp: u64) -> pb::EnqueueRequest {
-    let body = Bytes::from(payload(256, seq, stamp));
-    pb::EnqueueRequest {
-        queue: queue.to_string(),
-        jobs: (0..n)
-            .map(|_| pb::JobSpec {
-                payload: body.clone(),
-                ..Default::default()
-            })
-            .collect(),
-    }
-}
-
-/// Lease `batch` and ack them all, until `done` says so; counts acks in `meter`.
-async fn sluice_worker(
-    mut c: Client,
-    queue: String,
-    batch: usize,
-    meter: Meter,
-    done: impl Fn(&Meter) -> bool,
-    mut hist: Option<hdrhistogram::Histogram<u64>>,
-) -> Option<hdrhistogram::Histogram<u64>> {
-    while !done(&meter) {
-        let jobs = match c
-            .lease(pb::LeaseRequest {
-                queue: queue.clone(),
-                max_jobs: batch as u32,
-                visibility_timeout_ms: 60_000,
-                wait_ms: 100,
-                consumer: String::new(),
-            })
-            .await
-        {
-            Ok(r) => r.into_inner().jobs,
-            Err(_) => {
-                meter.error();
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                continue;
-            }
-        };
-        if jobs.is_empty() {
-            continue;
-        }
-        let n = jobs.len() as u64;
-        let acks = jobs
-            .into_iter()
-            .map(|j| {
-                if let Some(h) = hist.as_mut()
-                    && let Some(st) = stamp_of(&j.payload)
-                {
-                    record_since(h, st);
-                }
-                pb::LeaseAck {
-                    lease_id: j.lease_id,
-                    result: Bytes::new(),
-                }
-            })
-            .collect();
-        match c.ack(pb::AckRequest { acks }).await {
-            Ok(_) => meter.add(n),
-            Err(_) => meter.error(),
-        }
-    }
-    hist
+    enqueue_of(queue, n, Bytes::from(payload(256, seq, stamp)))
 }
 
 /// The S2 shape over `nodes`: producers bounded by [`MAX_BACKLOG`] (closed loop) or by
@@ -460,7 +401,7 @@ async fn sluice_load(
             let done = move |m: &Meter| {
                 m.stopped() || jobs.is_some_and(|n| m.count.load(Ordering::Relaxed) >= n)
             };
-            sluice_worker(c, queue, batch, meter, done, None).await;
+            lease_ack_worker(c, queue, String::new(), batch, meter, done, None).await;
         }));
     }
     let how = if consume {

@@ -222,10 +222,14 @@ fn publish_request(topic: &str, batch: usize, size: usize) -> pb::PublishRequest
 }
 
 fn enqueue_request(queue: &str, batch: usize, size: usize) -> pb::EnqueueRequest {
-    let body = Bytes::from(payload(size, 0, 0));
+    enqueue_of(queue, batch, Bytes::from(payload(size, 0, 0)))
+}
+
+/// An Enqueue of `n` jobs that all carry `body`.
+pub fn enqueue_of(queue: &str, n: usize, body: Bytes) -> pb::EnqueueRequest {
     pb::EnqueueRequest {
         queue: queue.to_string(),
-        jobs: (0..batch)
+        jobs: (0..n)
             .map(|_| pb::JobSpec {
                 payload: body.clone(),
                 ..Default::default()
@@ -334,6 +338,62 @@ pub async fn s1(
     })
 }
 
+/// A unary worker: Lease `batch` (100 ms long poll) and Ack them all in one call, until
+/// `done` says so; counts acks in `meter`, and records each job's latency in `hist` when
+/// given one.
+pub async fn lease_ack_worker(
+    mut c: Client,
+    queue: String,
+    consumer: String,
+    batch: usize,
+    meter: Meter,
+    done: impl Fn(&Meter) -> bool,
+    mut hist: Option<hdrhistogram::Histogram<u64>>,
+) -> Option<hdrhistogram::Histogram<u64>> {
+    while !done(&meter) {
+        let jobs = match c
+            .lease(pb::LeaseRequest {
+                queue: queue.clone(),
+                max_jobs: batch as u32,
+                visibility_timeout_ms: 60_000,
+                wait_ms: 100,
+                consumer: consumer.clone(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().jobs,
+            Err(_) => {
+                meter.error();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+        };
+        if jobs.is_empty() {
+            continue;
+        }
+        let n = jobs.len() as u64;
+        let acks = jobs
+            .into_iter()
+            .map(|j| {
+                if let Some(h) = hist.as_mut()
+                    && let Some(st) = stamp_of(&j.payload)
+                {
+                    record_since(h, st);
+                }
+                pb::LeaseAck {
+                    lease_id: j.lease_id,
+                    result: Bytes::new(),
+                }
+            })
+            .collect();
+        match c.ack(pb::AckRequest { acks }).await {
+            Ok(_) => meter.add(n),
+            Err(_) => meter.error(),
+        }
+    }
+    hist
+}
+
 /// S2: 2 producers (each `in_flight` concurrent Enqueue calls of `batch` jobs) and 4
 /// workers (Lease `batch`, then Ack all of them in one call); acked jobs per second.
 pub async fn s2(addr: SocketAddr, s: &Settings, batch: usize) -> Res<Outcome> {
@@ -368,42 +428,11 @@ pub async fn s2(addr: SocketAddr, s: &Settings, batch: usize) -> Res<Outcome> {
         }
     }
     for w in 0..4 {
-        let mut c = connect(addr).await?;
+        let c = connect(addr).await?;
         let (queue, meter) = (queue.clone(), meter.clone());
         tasks.push(tokio::spawn(async move {
-            while !meter.stopped() {
-                let leased = c
-                    .lease(pb::LeaseRequest {
-                        queue: queue.clone(),
-                        max_jobs: batch as u32,
-                        visibility_timeout_ms: 60_000,
-                        wait_ms: 100,
-                        consumer: format!("w{w}"),
-                    })
-                    .await;
-                let jobs = match leased {
-                    Ok(r) => r.into_inner().jobs,
-                    Err(_) => {
-                        meter.error();
-                        continue;
-                    }
-                };
-                if jobs.is_empty() {
-                    continue;
-                }
-                let n = jobs.len() as u64;
-                let acks = jobs
-                    .into_iter()
-                    .map(|j| pb::LeaseAck {
-                        lease_id: j.lease_id,
-                        result: Bytes::new(),
-                    })
-                    .collect();
-                match c.ack(pb::AckRequest { acks }).await {
-                    Ok(_) => meter.add(n),
-                    Err(_) => meter.error(),
-                }
-            }
+            let done = |m: &Meter| m.stopped();
+            lease_ack_worker(c, queue, format!("w{w}"), batch, meter, done, None).await;
         }));
     }
     let (n, el) = meter.measure(s).await;
@@ -532,58 +561,21 @@ pub async fn s3_queue(addr: SocketAddr, s: &Settings, rate_per_s: u64) -> Res<Ou
     let meter = Meter::new();
     let mut workers = Vec::new();
     for w in 0..2 {
-        let mut c = connect(addr).await?;
+        let c = connect(addr).await?;
         let (queue, meter) = (queue.clone(), meter.clone());
         workers.push(tokio::spawn(async move {
-            let mut h = histogram();
-            while !meter.stopped() {
-                let Ok(r) = c
-                    .lease(pb::LeaseRequest {
-                        queue: queue.clone(),
-                        max_jobs: 100,
-                        visibility_timeout_ms: 60_000,
-                        wait_ms: 100,
-                        consumer: format!("w{w}"),
-                    })
-                    .await
-                else {
-                    meter.error();
-                    continue;
-                };
-                let jobs = r.into_inner().jobs;
-                if jobs.is_empty() {
-                    continue;
-                }
-                for j in &jobs {
-                    if let Some(st) = stamp_of(&j.payload) {
-                        record_since(&mut h, st);
-                    }
-                }
-                let acks = jobs
-                    .into_iter()
-                    .map(|j| pb::LeaseAck {
-                        lease_id: j.lease_id,
-                        result: Bytes::new(),
-                    })
-                    .collect();
-                if c.ack(pb::AckRequest { acks }).await.is_err() {
-                    meter.error();
-                }
-            }
-            h
+            let done = |m: &Meter| m.stopped();
+            let name = format!("w{w}");
+            lease_ack_worker(c, queue, name, 100, meter, done, Some(histogram()))
+                .await
+                .unwrap_or_else(histogram)
         }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let q = queue.clone();
     let stats = open_loop(rate_per_s, s.warmup, s.window, move |seq, intended| {
         let mut c = producer.clone();
-        let req = pb::EnqueueRequest {
-            queue: q.clone(),
-            jobs: vec![pb::JobSpec {
-                payload: Bytes::from(payload(128, seq, intended)),
-                ..Default::default()
-            }],
-        };
+        let req = enqueue_of(&q, 1, Bytes::from(payload(128, seq, intended)));
         async move {
             c.enqueue(req).await?;
             Ok(())

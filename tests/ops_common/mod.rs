@@ -143,3 +143,21 @@ pub async fn http_request(
     .await;
     response.unwrap_or_else(|_| panic!("{method} {path} timed out"))
 }
+
+/// Creates queue `name` with both limits: two leases at once at most, and 1 job a second
+/// in bursts of 3.
+pub async fn create_limited_queue(c: &mut Rpc, name: &str) {
+    c.create_queue(sluice::pb::CreateQueueRequest {
+        name: name.into(),
+        policy: Some(sluice::pb::QueuePolicy {
+            max_in_flight: Some(2),
+            rate_limit: Some(sluice::pb::RateLimit {
+                per_second: 1,
+                burst: 3,
+            }),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+}

@@ -115,25 +115,25 @@ impl Session {
                     } else {
                         (self.credits + command.credits as u64).min(MAX_CREDITS)
                     };
+                    let sorted = self.engine.sort_acks(&self.queue, &command.acks);
                     // A worker that acks what it got and wants more: both in one script.
-                    if self.credits > 0 && command.nacks.is_empty() && command.extends.is_empty() {
-                        match self.engine.sort_acks(&self.queue, &command.acks) {
-                            Sorted { mine, foreign, refused }
-                                if !mine.is_empty() && foreign.is_empty() && refused.is_empty() =>
-                            {
-                                match self.ack_and_lease(mine).await {
-                                    Ok(None) => {
-                                        looked = true;
-                                        continue;
-                                    }
-                                    Ok(Some(event)) => return Some(event),
-                                    Err(e) => return Some(self.fail(e)),
-                                }
+                    let refill = self.credits > 0
+                        && command.nacks.is_empty()
+                        && command.extends.is_empty()
+                        && !sorted.mine.is_empty()
+                        && sorted.foreign.is_empty()
+                        && sorted.refused.is_empty();
+                    if refill {
+                        match self.ack_and_lease(sorted.mine).await {
+                            Ok(None) => {
+                                looked = true;
+                                continue;
                             }
-                            _ => {}
+                            Ok(Some(event)) => return Some(event),
+                            Err(e) => return Some(self.fail(e)),
                         }
                     }
-                    match self.engine.settle(&self.queue, &self.spec, command, &mut self.outstanding).await {
+                    match self.engine.settle(&self.queue, &self.spec, sorted, command, &mut self.outstanding).await {
                         Ok(refused) if refused.is_empty() => {}
                         Ok(refused) => return Some(ConsumeEvent::Refused(refused)),
                         Err(e) => return Some(self.fail(e)),
@@ -291,12 +291,14 @@ impl RedisEngine {
         sorted
     }
 
-    /// Applies one command's settlements, durable before the stream goes on; returns the
-    /// refused ones, each by its lease id. An error means Redis failed.
+    /// Applies one command's settlements (`acks`: its acks as [`Self::sort_acks`] sorted
+    /// them), durable before the stream goes on; returns the refused ones, each by its
+    /// lease id. An error means Redis failed.
     async fn settle(
         &self,
         queue: &Arc<str>,
         spec: &ConsumeSpec,
+        acks: Sorted,
         command: ConsumeCommands,
         outstanding: &mut HashMap<u64, u64>,
     ) -> Result<Vec<(String, BrokerError)>, BrokerError> {
@@ -320,7 +322,7 @@ impl RedisEngine {
             mine,
             foreign,
             mut refused,
-        } = self.sort_acks(queue, &command.acks);
+        } = acks;
         if !mine.is_empty() {
             changed = true;
             refused.extend(self.ack_each(queue, mine, outstanding).await?);
