@@ -50,7 +50,7 @@ pub(crate) const HEADER_SCHEDULE_TICK: &str = "x-sluice-schedule-tick";
 
 /// When a schedule fires.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Trigger {
+pub enum Trigger {
     /// A cron expression (5 fields, or 6 with seconds first), evaluated in `tz`.
     Cron {
         /// The expression as given.
@@ -68,7 +68,7 @@ pub(crate) enum Trigger {
 
 /// What to do with ticks that came due while nobody could fire them (see [`MISSED_GRACE_MS`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum MissedTicks {
+pub enum MissedTicks {
     /// Enqueue one job, for the most recent missed tick.
     #[default]
     RunOnce,
@@ -78,7 +78,7 @@ pub(crate) enum MissedTicks {
 
 /// What to do with a tick while the previous tick's job has not finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum Overlap {
+pub enum Overlap {
     /// Enqueue anyway.
     #[default]
     Allow,
@@ -88,7 +88,7 @@ pub(crate) enum Overlap {
 
 /// The job a schedule enqueues at each tick.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) struct JobTemplate {
+pub struct JobTemplate {
     /// The target queue (created with default policies if it does not exist).
     pub queue: String,
     /// Job type.
@@ -103,7 +103,7 @@ pub(crate) struct JobTemplate {
 
 /// What a user sets on a schedule (CreateSchedule, UpdateSchedule).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ScheduleSpec {
+pub struct ScheduleSpec {
     /// Unique name.
     pub name: String,
     /// When it fires.
@@ -120,7 +120,7 @@ pub(crate) struct ScheduleSpec {
 
 /// A schedule's progress: what changes when it fires or skips.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) struct RunState {
+pub struct RunState {
     /// The last tick handled (fired, or skipped): no tick at or before it ever fires.
     pub last_fire_ms: Option<Millis>,
     /// The next tick to look at (`None` when the trigger has no more ticks).
@@ -137,7 +137,7 @@ pub(crate) struct RunState {
 
 /// A schedule as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Schedule {
+pub struct Schedule {
     /// What the user set.
     pub spec: ScheduleSpec,
     /// Whether firing is paused.

@@ -25,6 +25,7 @@ pub(crate) mod keys;
 pub(crate) mod queue;
 mod redrive;
 pub(crate) mod replication;
+mod schedule;
 pub(crate) mod subscription;
 pub(crate) mod topic;
 pub(crate) mod wake;
