@@ -505,62 +505,6 @@ impl From<RedriveOutcome> for pb::RedriveResponse {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_api_job_state_maps_to_a_domain_state_and_back() {
-        assert_eq!(job_state("state", 0).unwrap(), None);
-        let api: Vec<pb::JobState> = (1..)
-            .map_while(|value| pb::JobState::try_from(value).ok())
-            .collect();
-        assert_eq!(api.len(), JobState::ALL.len());
-        for state in api {
-            let domain = job_state("state", state as i32)
-                .unwrap()
-                .expect("not unspecified");
-            assert_eq!(pb::JobState::from(domain), state);
-        }
-        let err = job_state("state", 8).unwrap_err();
-        assert_eq!(err.to_string(), "state: 8 is not a JobState");
-    }
-
-    #[test]
-    fn an_exponential_backoff_with_one_bound_gets_the_default_other() {
-        let backoff = |b: pb::BackoffPolicy| {
-            let policy = pb::QueuePolicy {
-                backoff: Some(b),
-                ..Default::default()
-            };
-            policy_patch(Some(policy), true).backoff
-        };
-        assert_eq!(
-            backoff(pb::BackoffPolicy {
-                initial_ms: 50,
-                ..Default::default()
-            }),
-            Some(Backoff::Exponential {
-                initial_ms: 50,
-                max_ms: Backoff::DEFAULT_MAX_MS,
-                jitter: true,
-            })
-        );
-        assert_eq!(
-            backoff(pb::BackoffPolicy {
-                no_jitter: true,
-                ..Default::default()
-            }),
-            Some(Backoff::Exponential {
-                initial_ms: Backoff::DEFAULT_INITIAL_MS,
-                max_ms: Backoff::DEFAULT_MAX_MS,
-                jitter: false,
-            })
-        );
-        assert_eq!(backoff(pb::BackoffPolicy::default()), None);
-    }
-}
-
 // ---- Recurring schedules --------------------------------------------------------------
 
 /// A CreateSchedule / UpdateSchedule request as the domain's definition; errors name the
@@ -675,5 +619,61 @@ impl From<&Schedule> for pb::ScheduleInfo {
             skipped_overlap: r.skipped_overlap,
             created_unix_ms: s.created_ms,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_api_job_state_maps_to_a_domain_state_and_back() {
+        assert_eq!(job_state("state", 0).unwrap(), None);
+        let api: Vec<pb::JobState> = (1..)
+            .map_while(|value| pb::JobState::try_from(value).ok())
+            .collect();
+        assert_eq!(api.len(), JobState::ALL.len());
+        for state in api {
+            let domain = job_state("state", state as i32)
+                .unwrap()
+                .expect("not unspecified");
+            assert_eq!(pb::JobState::from(domain), state);
+        }
+        let err = job_state("state", 8).unwrap_err();
+        assert_eq!(err.to_string(), "state: 8 is not a JobState");
+    }
+
+    #[test]
+    fn an_exponential_backoff_with_one_bound_gets_the_default_other() {
+        let backoff = |b: pb::BackoffPolicy| {
+            let policy = pb::QueuePolicy {
+                backoff: Some(b),
+                ..Default::default()
+            };
+            policy_patch(Some(policy), true).backoff
+        };
+        assert_eq!(
+            backoff(pb::BackoffPolicy {
+                initial_ms: 50,
+                ..Default::default()
+            }),
+            Some(Backoff::Exponential {
+                initial_ms: 50,
+                max_ms: Backoff::DEFAULT_MAX_MS,
+                jitter: true,
+            })
+        );
+        assert_eq!(
+            backoff(pb::BackoffPolicy {
+                no_jitter: true,
+                ..Default::default()
+            }),
+            Some(Backoff::Exponential {
+                initial_ms: Backoff::DEFAULT_INITIAL_MS,
+                max_ms: Backoff::DEFAULT_MAX_MS,
+                jitter: false,
+            })
+        );
+        assert_eq!(backoff(pb::BackoffPolicy::default()), None);
     }
 }
