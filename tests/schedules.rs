@@ -46,6 +46,22 @@ async fn list_jobs(rpc: &mut sluice::client::Rpc, queue: &str) -> Vec<pb::Job> {
     }
 }
 
+/// Waits until `queue` holds at least `n` live jobs; returns them.
+async fn jobs_at_least(rpc: &sluice::client::Rpc, queue: &str, n: usize) -> Vec<pb::Job> {
+    eventually(|| {
+        let mut rpc = rpc.clone();
+        async move {
+            let jobs = list_jobs(&mut rpc, queue).await;
+            if jobs.len() >= n {
+                Ok(jobs)
+            } else {
+                Err(format!("{} of {n} jobs in {queue}", jobs.len()))
+            }
+        }
+    })
+    .await
+}
+
 async fn schedule(client: &Client, name: &str) -> pb::ScheduleInfo {
     client
         .list_schedules()
@@ -197,18 +213,7 @@ async fn an_interval_schedule_enqueues_one_job_per_tick_with_its_header_and_key(
         .create_schedule(every_second("beat", "beats"))
         .await
         .unwrap();
-    let jobs = eventually(|| {
-        let mut rpc = rpc.clone();
-        async move {
-            let jobs = list_jobs(&mut rpc, "beats").await;
-            if jobs.len() >= 3 {
-                Ok(jobs)
-            } else {
-                Err(format!("{} jobs so far", jobs.len()))
-            }
-        }
-    })
-    .await;
+    let jobs = jobs_at_least(&rpc, "beats", 3).await;
     let ticks = ticks("beat", &jobs);
     // One job per tick, on the interval anchored at creation.
     for (i, t) in ticks.iter().enumerate() {
@@ -410,18 +415,7 @@ async fn two_redis_nodes_enqueue_exactly_one_job_per_tick() {
         .create_schedule(every_second("shared", "shared-jobs"))
         .await
         .unwrap();
-    let jobs = eventually(|| {
-        let mut rpc = rpc.clone();
-        async move {
-            let jobs = list_jobs(&mut rpc, "shared-jobs").await;
-            if jobs.len() >= 5 {
-                Ok(jobs)
-            } else {
-                Err(format!("{} jobs so far", jobs.len()))
-            }
-        }
-    })
-    .await;
+    let jobs = jobs_at_least(&rpc, "shared-jobs", 5).await;
     let mut per_tick: BTreeMap<u64, usize> = BTreeMap::new();
     for t in ticks("shared", &jobs) {
         *per_tick.entry(t).or_default() += 1;
@@ -482,18 +476,7 @@ async fn a_schedule_survives_a_restart_with_its_last_fire() {
     assert_eq!(after.created_unix_ms, before.created_unix_ms);
     let rpc = client.rpc();
     let fired = after.fired;
-    let jobs = eventually(|| {
-        let mut rpc = rpc.clone();
-        async move {
-            let jobs = list_jobs(&mut rpc, "kept-jobs").await;
-            if jobs.len() as u64 >= fired + 2 {
-                Ok(jobs)
-            } else {
-                Err(format!("{} jobs", jobs.len()))
-            }
-        }
-    })
-    .await;
+    let jobs = jobs_at_least(&rpc, "kept-jobs", (fired + 2) as usize).await;
     let ticks = ticks("kept", &jobs);
     let mut sorted = ticks.clone();
     sorted.sort_unstable();
