@@ -72,6 +72,7 @@ impl Broker {
         now: Millis,
     ) -> Result<Schedule, BrokerError> {
         spec.validate(self.limits())?;
+        self.ensure_schedule_queue(&spec.template.queue, now)?;
         let created = self
             .change_schedule(
                 now,
@@ -96,6 +97,24 @@ impl Broker {
             )
             .await?;
         Ok(created.expect("a created schedule"))
+    }
+
+    /// Makes the schedule's queue exist from the start (as an Enqueue would, and logged as
+    /// a CreateQueue is), so a worker that waits on it before the first tick is not taken
+    /// for one with a typo in its queue name.
+    fn ensure_schedule_queue(&self, queue: &str, now: Millis) -> Result<(), BrokerError> {
+        let _change = self.begin()?;
+        if self.inner.queues.contains_key(queue) {
+            return Ok(());
+        }
+        let slot = self.queue_or_create("job.queue", queue)?;
+        let q = lock(&slot.queue);
+        let mut batch = self.batch();
+        batch.queue_def(&slot.name, q.policy(), q.is_paused());
+        // Durable once the schedule's own record (appended after it) is: log positions
+        // only grow.
+        let _logged_before_the_schedule = self.commit(batch, now)?;
+        Ok(())
     }
 
     /// Replaces a schedule's definition, keeping its progress.

@@ -82,6 +82,9 @@ impl RedisEngine {
         now: Millis,
     ) -> Result<Schedule, BrokerError> {
         spec.validate(&self.inner.config.limits)?;
+        // The queue exists from the start, as with the in-process engine.
+        self.ensure_queue("job.queue", &spec.template.queue, false)
+            .await?;
         let mut c = self.inner.conn.clone();
         let count: usize = redis::cmd("HLEN")
             .arg(catalog("schedules"))
