@@ -1,6 +1,6 @@
 """The Python client generated from proto/ drives the broker: enqueue, lease, ack, nack to
-the dead-letter queue (and delete the dead letter), publish and subscribe, and pipelined
-enqueues on EnqueueStream."""
+the dead-letter queue (and delete the dead letter), publish and subscribe, pipelined
+enqueues on EnqueueStream, queue limits and recurring schedules."""
 
 import json
 import time

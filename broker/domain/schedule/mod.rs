@@ -225,7 +225,8 @@ pub(crate) fn tick_key(name: &str, tick: Millis) -> String {
 }
 
 impl Trigger {
-    /// Checks the trigger; the error names `field` (`trigger.cron` or `trigger.interval_ms`).
+    /// Checks the trigger; a refusal names the request field (`cron.expression`,
+    /// `cron.time_zone` or `interval_ms`) and the value.
     pub(crate) fn validate(&self) -> Result<(), BrokerError> {
         match self {
             Trigger::Cron { expr, tz } => {
