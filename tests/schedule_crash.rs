@@ -24,10 +24,11 @@ use tonic::transport::Channel;
 const QUEUE: &str = "ticks";
 const SCHEDULE: &str = "every-second";
 const PERIOD_MS: u64 = 1_000;
-/// A fire is appended and fsynced within a ticker round (10 ms) of its tick; a tick this
-/// close before a kill may be lost with it (and is then run at the restart, or counted
-/// as missed when a newer tick is due by then).
-const FIRE_LATENCY_MS: u64 = 150;
+/// A fire is appended and fsynced within a ticker round (10 ms) of its tick, give or take
+/// a loaded machine's scheduling delays; a tick this close before a kill may be lost with
+/// it, and is then run at the restart (checked below: the latest tick due at each restart
+/// has its job) or, when a newer tick is due by then, counted as missed.
+const FIRE_LATENCY_MS: u64 = 400;
 
 fn now_ms() -> u64 {
     SystemTime::now()
