@@ -489,3 +489,63 @@ async fn a_schedule_survives_a_restart_with_its_last_fire() {
         "every tick is on the interval anchored at creation: {sorted:?}"
     );
 }
+
+/// A full queue refuses a tick's job: the schedule records nothing for it (no fire, no
+/// skip) and tries again, and fires once there is room.
+#[tokio::test]
+async fn a_full_queue_holds_the_schedule_back_until_there_is_room() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut rpc = client.rpc();
+    client
+        .create_queue(
+            "tiny",
+            pb::QueuePolicy {
+                max_depth: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    client
+        .create_schedule(every_second("into-tiny", "tiny"))
+        .await
+        .unwrap();
+    let [first] = &jobs_at_least(&rpc, "tiny", 1).await[..] else {
+        panic!("one job expected");
+    };
+    // The next tick finds the queue full: it stays due (the schedule keeps trying), with
+    // still one job and one fire.
+    eventually(|| async {
+        let s = schedule(&client, "into-tiny").await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        if now > s.next_fire_unix_ms + 1_500 {
+            Ok(())
+        } else {
+            Err(format!(
+                "the tick at {} is not overdue yet",
+                s.next_fire_unix_ms
+            ))
+        }
+    })
+    .await;
+    let info = schedule(&client, "into-tiny").await;
+    assert_eq!(info.fired, 1);
+    assert_eq!(info.last_job_id, first.id);
+    assert_eq!(list_jobs(&mut rpc, "tiny").await.len(), 1);
+    // Room again: the schedule fires.
+    let leased = lease(&mut rpc, "tiny", "w", 1).await;
+    common::rpc::ack(&mut rpc, &leased).await;
+    eventually(|| async {
+        let s = schedule(&client, "into-tiny").await;
+        if s.fired >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{} fired", s.fired))
+        }
+    })
+    .await;
+}

@@ -16,10 +16,15 @@ use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::schedule::{Decision, MAX_SCHEDULES, Schedule, ScheduleSpec};
 use crate::broker::domain::time::{Millis, now_ms};
 
+use crate::broker::sync::lock;
+
 use super::RedisEngine;
 use super::conn::unavailable;
 use super::keys::catalog;
 use super::queue::schedule::FireOutcome;
+
+/// How long this node waits before trying a schedule whose fire failed again.
+const RETRY_AFTER_FAILURE_MS: Millis = 1_000;
 
 /// How many times a definition change is retried when a fire moved the schedule on
 /// between its read and its write.
@@ -227,8 +232,20 @@ impl RedisEngine {
                 }
                 Err(e) => return Err(e),
             };
-            if let Err(e) = self.fire_schedule(s, now).await {
-                tracing::warn!(schedule = %name, error = %e, "a schedule's job could not be enqueued; the next sweep tries again");
+            if lock(&self.inner.schedule_retry)
+                .get(&name)
+                .is_some_and(|t| *t > now)
+            {
+                continue;
+            }
+            match self.fire_schedule(s, now).await {
+                Ok(()) => {
+                    lock(&self.inner.schedule_retry).remove(&name);
+                }
+                Err(e) => {
+                    tracing::warn!(schedule = %name, error = %e, "a schedule's job could not be enqueued; trying again in {RETRY_AFTER_FAILURE_MS} ms");
+                    lock(&self.inner.schedule_retry).insert(name, now + RETRY_AFTER_FAILURE_MS);
+                }
             }
         }
         Ok(())
