@@ -62,6 +62,19 @@ async fn jobs_at_least(rpc: &sluice::client::Rpc, queue: &str, n: usize) -> Vec<
     .await
 }
 
+/// Waits until schedule `name` has fired at least `n` times; returns it then.
+async fn fired_at_least(client: &Client, name: &str, n: u64) -> pb::ScheduleInfo {
+    eventually(|| async {
+        let s = schedule(client, name).await;
+        if s.fired >= n {
+            Ok(s)
+        } else {
+            Err(format!("{name} fired {} of {n} times", s.fired))
+        }
+    })
+    .await
+}
+
 async fn schedule(client: &Client, name: &str) -> pb::ScheduleInfo {
     client
         .list_schedules()
@@ -383,15 +396,7 @@ async fn overlap_skip_waits_for_the_previous_job_to_finish() {
     assert_eq!(schedule(&client, "slow").await.fired, 1);
     // Done: the next tick fires again.
     common::rpc::ack(&mut rpc, &held).await;
-    eventually(|| async {
-        let s = schedule(&client, "slow").await;
-        if s.fired >= 2 {
-            Ok(())
-        } else {
-            Err(format!("{} fired", s.fired))
-        }
-    })
-    .await;
+    fired_at_least(&client, "slow", 2).await;
 }
 
 /// Two Redis-engine nodes on one Redis, both running the scheduler: every tick has exactly
@@ -453,15 +458,7 @@ async fn a_schedule_survives_a_restart_with_its_last_fire() {
         .create_schedule(every_second("kept", "kept-jobs"))
         .await
         .unwrap();
-    let before = eventually(|| async {
-        let s = schedule(&client, "kept").await;
-        if s.fired >= 2 {
-            Ok(s)
-        } else {
-            Err(format!("{} fired", s.fired))
-        }
-    })
-    .await;
+    let before = fired_at_least(&client, "kept", 2).await;
     first.stop();
     first.broker().shutdown();
     first.broker().close_storage();
@@ -539,13 +536,5 @@ async fn a_full_queue_holds_the_schedule_back_until_there_is_room() {
     // Room again: the schedule fires.
     let leased = lease(&mut rpc, "tiny", "w", 1).await;
     common::rpc::ack(&mut rpc, &leased).await;
-    eventually(|| async {
-        let s = schedule(&client, "into-tiny").await;
-        if s.fired >= 2 {
-            Ok(())
-        } else {
-            Err(format!("{} fired", s.fired))
-        }
-    })
-    .await;
+    fired_at_least(&client, "into-tiny", 2).await;
 }
