@@ -544,20 +544,24 @@ impl Engine for RedisEngine {
         self.inner.observer.get_or_init(make).clone()
     }
 
-    fn create_schedule(
+    // Schedules take Redis's clock, not the request's (see `schedule.rs`).
+
+    async fn create_schedule(
         &self,
         spec: ScheduleSpec,
-        now: Millis,
-    ) -> impl Future<Output = Result<Schedule, BrokerError>> + Send {
-        self.create_schedule_at(spec, now)
+        _now: Millis,
+    ) -> Result<Schedule, BrokerError> {
+        let now = self.redis_now().await?;
+        self.create_schedule_at(spec, now).await
     }
 
     async fn update_schedule(
         &self,
         spec: ScheduleSpec,
-        now: Millis,
+        _now: Millis,
     ) -> Result<Schedule, BrokerError> {
         spec.validate(&self.inner.config.limits)?;
+        let now = self.redis_now().await?;
         let name = spec.name.clone();
         self.change_schedule(&name, |s| s.redefine(spec.clone(), now))
             .await
@@ -575,8 +579,9 @@ impl Engine for RedisEngine {
         &self,
         name: &str,
         paused: bool,
-        now: Millis,
+        _now: Millis,
     ) -> Result<Schedule, BrokerError> {
+        let now = self.redis_now().await?;
         self.change_schedule(name, |s| {
             s.set_paused(paused, now);
             Ok(())

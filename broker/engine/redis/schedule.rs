@@ -8,13 +8,16 @@
 //!   itself: a node that dies in between leaves a stale score, which the next look
 //!   repairs from the schedule's own `next_fire`.
 //!
+//! Time is Redis's (`TIME`), as for every deadline of this engine: a schedule's anchor and
+//! each plan read it, so nodes with skewed clocks agree on when a tick is due.
+//!
 //! Exactly once per tick across nodes: every node plans from the schedule as read, and
 //! the fire script applies the plan only if the schedule is still at the revision read
 //! (and never to a tick at or before the last fire), in the same script as the enqueue.
 
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::schedule::{Decision, MAX_SCHEDULES, Schedule, ScheduleSpec};
-use crate::broker::domain::time::{Millis, now_ms};
+use crate::broker::domain::time::Millis;
 
 use crate::broker::sync::lock;
 
@@ -199,10 +202,21 @@ impl RedisEngine {
         Ok(out)
     }
 
+    /// Redis's clock (`TIME`): ticks are planned on it, as every deadline of this engine
+    /// is, so nodes with skewed clocks fire a tick at the same moment.
+    pub(super) async fn redis_now(&self) -> Result<Millis, BrokerError> {
+        let mut c = self.inner.conn.clone();
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| unavailable("reading Redis's clock", e))?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
     /// Fires (or skips) the schedules due now: reads only the due index's head, plans
     /// each due schedule, and lets the fire script decide which node's plan applies.
     pub(super) async fn run_due_schedules(&self) -> Result<(), BrokerError> {
-        let now = now_ms();
+        let now = self.redis_now().await?;
         let mut c = self.inner.conn.clone();
         let due: Vec<String> = redis::cmd("ZRANGE")
             .arg(catalog("schedule_next"))
