@@ -129,7 +129,8 @@ pub struct RunState {
     pub last_job_id: Option<Uuid>,
     /// Ticks that enqueued a job.
     pub fired: u64,
-    /// Ticks skipped because they were missed (policy `skip`).
+    /// Catch-ups that skipped missed ticks (policy `skip`): one per catch-up, however
+    /// many ticks were missed before it.
     pub skipped_missed: u64,
     /// Ticks skipped because the previous job was still running (overlap `skip`).
     pub skipped_overlap: u64,
