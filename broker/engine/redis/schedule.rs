@@ -17,7 +17,7 @@
 
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::schedule::{Decision, MAX_SCHEDULES, Schedule, ScheduleSpec};
-use crate::broker::domain::time::Millis;
+use crate::broker::domain::time::{Millis, now_ms};
 
 use crate::broker::sync::lock;
 
@@ -25,6 +25,11 @@ use super::RedisEngine;
 use super::conn::unavailable;
 use super::keys::catalog;
 use super::queue::schedule::FireOutcome;
+
+/// How far past this node's clock the sweep reads the due index before asking Redis's
+/// clock: a node whose clock is further behind Redis's finds due ticks that much later
+/// (the other nodes fire them meanwhile).
+const CLOCK_MARGIN_MS: Millis = 1_000;
 
 /// How long this node waits before trying a schedule whose fire failed again.
 const RETRY_AFTER_FAILURE_MS: Millis = 1_000;
@@ -216,19 +221,29 @@ impl RedisEngine {
     /// Fires (or skips) the schedules due now: reads only the due index's head, plans
     /// each due schedule, and lets the fire script decide which node's plan applies.
     pub(super) async fn run_due_schedules(&self) -> Result<(), BrokerError> {
-        let now = self.redis_now().await?;
         let mut c = self.inner.conn.clone();
-        let due: Vec<String> = redis::cmd("ZRANGE")
+        // The index is read up to this node's clock plus a margin, and Redis's clock is
+        // asked only when something may be due: an idle sweep costs one command.
+        let near: Vec<(String, f64)> = redis::cmd("ZRANGE")
             .arg(catalog("schedule_next"))
             .arg("-inf")
-            .arg(now)
+            .arg(now_ms().saturating_add(CLOCK_MARGIN_MS))
             .arg("BYSCORE")
             .arg("LIMIT")
             .arg(0)
             .arg(100)
+            .arg("WITHSCORES")
             .query_async(&mut c)
             .await
             .map_err(|e| unavailable("reading due schedules", e))?;
+        if near.is_empty() {
+            return Ok(());
+        }
+        let now = self.redis_now().await?;
+        let due = near
+            .into_iter()
+            .filter(|(_, at)| *at <= now as f64)
+            .map(|(name, _)| name);
         for name in due {
             if self.inner.shutdown.is_cancelled() {
                 return Ok(());
