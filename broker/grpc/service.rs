@@ -861,6 +861,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
                 .collect(),
         }))
     }
+
     // ---- Recurring schedules: every one needs `admin` on the schedule's queue ----------
 
     async fn create_schedule(&self, request: Request<pb::ScheduleSpec>) -> Reply<pb::ScheduleInfo> {
