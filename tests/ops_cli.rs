@@ -664,3 +664,123 @@ async fn serve_log_on_a_pipe_has_no_colour_codes() {
         "colour codes in a piped log: {log:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_manages_schedules() {
+    let h = Harness::start(200).await;
+    let created = json(
+        &h,
+        &[
+            "schedules",
+            "create",
+            "ops-nightly",
+            "--queue",
+            "ops.reports",
+            "--cron",
+            "0 3 * * *",
+            "--tz",
+            "Europe/Paris",
+            "--kind",
+            "report",
+            "--json",
+        ],
+    )
+    .await;
+    let nightly = &created["schedules"][0];
+    assert_eq!(nightly["trigger"], "cron 0 3 * * * Europe/Paris");
+    assert_eq!(nightly["missed_ticks"], "run_once");
+    assert!(nightly["next_fire_unix_ms"].as_u64().unwrap() > 0);
+    ok(
+        &h,
+        &[
+            "schedules",
+            "create",
+            "ops-beat",
+            "--queue",
+            "ops.beats",
+            "--every-ms",
+            "1000",
+            "--skip-overlap",
+            "--payload",
+            "hi",
+            "--header",
+            "team=ops",
+        ],
+    )
+    .await;
+    let beat = eventually(|| async {
+        let listed = json(&h, &["schedules", "list", "--json"]).await;
+        let beat = listed["schedules"][0].clone();
+        if beat["fired"].as_u64() >= Some(1) {
+            Ok(beat)
+        } else {
+            Err(format!("not fired yet: {beat}"))
+        }
+    })
+    .await;
+    assert_eq!(beat["name"], "ops-beat");
+    assert_eq!(
+        (&beat["overlap"], &beat["payload"]),
+        (&"skip".into(), &"hi".into())
+    );
+    assert_eq!(beat["headers"]["team"], "ops");
+    assert!(is_uuid(beat["last_job_id"].as_str().unwrap()));
+    let text = ok(&h, &["schedules", "list"]).await;
+    assert!(text.starts_with("SCHEDULE "), "{text}");
+    assert!(
+        text.contains("every 1.0s") && text.contains("run-once,skip-overlap"),
+        "{text}"
+    );
+
+    let paused = json(&h, &["schedules", "pause", "ops-beat", "--json"]).await;
+    assert_eq!(paused["schedules"][0]["paused"], true);
+    assert_eq!(paused["schedules"][0]["next_fire_unix_ms"], 0);
+    ok(&h, &["schedules", "resume", "ops-beat"]).await;
+    let updated = json(
+        &h,
+        &[
+            "schedules",
+            "update",
+            "ops-beat",
+            "--queue",
+            "ops.beats",
+            "--every-ms",
+            "2000",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(updated["schedules"][0]["trigger"], "every 2.0s");
+    assert!(
+        updated["schedules"][0]["fired"].as_u64() >= Some(1),
+        "progress kept"
+    );
+
+    let refused = sluice(
+        &h,
+        &[
+            "schedules",
+            "create",
+            "bad",
+            "--queue",
+            "q",
+            "--cron",
+            "0 3 * * *",
+            "--tz",
+            "Mars/Olympus",
+        ],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("INVALID_ARGUMENT: cron.time_zone: \"Mars/Olympus\""),
+        "{stderr}"
+    );
+    let usage = sluice(&h, &["schedules", "create", "bad", "--queue", "q"]).await;
+    assert_eq!(usage.status.code(), Some(2), "no trigger is a usage error");
+
+    ok(&h, &["schedules", "delete", "ops-beat"]).await;
+    ok(&h, &["schedules", "delete", "ops-nightly"]).await;
+    assert_eq!(ok(&h, &["schedules", "list"]).await, "no schedules\n");
+}

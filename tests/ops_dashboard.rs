@@ -539,6 +539,34 @@ async fn dashboard_updates_live_in_chromium() {
         false
     );
 
+    // A recurring schedule shows with its fires and last job.
+    c.create_schedule(pb::ScheduleSpec {
+        name: "heartbeat".into(),
+        trigger: Some(pb::schedule_spec::Trigger::IntervalMs(1_000)),
+        job: Some(pb::ScheduleJob {
+            queue: "beats".into(),
+            kind: "beat".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let heartbeat = cdp
+        .wait_for(
+            s,
+            &row_js("tr[data-schedule=\"heartbeat\"]"),
+            "the heartbeat schedule having fired",
+            |v| v["fired"].as_str().is_some_and(|n| n != "0"),
+        )
+        .await;
+    assert_eq!(heartbeat["trigger"], "every 1000 ms");
+    assert_eq!(heartbeat["queue"], "beats");
+    assert_eq!(heartbeat["paused"], "active");
+    assert!(heartbeat["last_fire"].as_str().unwrap().ends_with(" ago"));
+    assert!(heartbeat["next_fire"].as_str().unwrap().starts_with("in "));
+    assert_ne!(heartbeat["last_job_id"], "-");
+
     // Laptop size: nothing sticks out sideways.
     let width = cdp.eval(s, "document.documentElement.scrollWidth").await;
     assert!(width.as_u64().unwrap() <= 1366, "page is {width} px wide");

@@ -126,6 +126,7 @@ async fn three_nodes_over_a_redis_cluster_act_as_one_broker() {
     a_subscriber_on_c_receives_what_a_and_b_publish(&a, &b, &c).await;
     an_ordering_key_is_leased_on_one_node_at_a_time([&a, &b, &c]).await;
     a_long_poll_on_b_wakes_when_a_enqueues(&a, &b).await;
+    a_schedule_fires_once_per_tick_across_three_nodes([&a, &b, &c]).await;
 
     for node in nodes {
         node.stop().await;
@@ -1223,4 +1224,66 @@ async fn failover_of_a_redis_primary_and_a_sluice_node_loses_nothing_acknowledge
     drop(l);
     drop(nodes);
     drop(cluster);
+}
+
+// ---- Recurring schedules over a cluster ---------------------------------------------------
+
+/// A 1 s schedule made on one node, with every node's sweep trying it (its state in the
+/// queue's slot, its name and due index in the catalog's): one job per tick, on the
+/// interval, listed and deleted from the other nodes.
+async fn a_schedule_fires_once_per_tick_across_three_nodes([a, b, c]: [&Client; 3]) {
+    use sluice::client::ScheduleSpec;
+    let created = a
+        .create_schedule(
+            ScheduleSpec::every(Duration::from_secs(1))
+                .name("cluster-beat")
+                .queue("cluster-beats")
+                .kind("beat"),
+        )
+        .await
+        .unwrap();
+    let jobs = within(async {
+        loop {
+            let jobs = b
+                .rpc()
+                .list_jobs(pb::ListJobsRequest {
+                    queue: "cluster-beats".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .jobs;
+            if jobs.len() >= 4 {
+                return jobs;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let mut ticks: Vec<u64> = jobs
+        .iter()
+        .map(|j| {
+            j.idempotency_key
+                .strip_prefix("schedule:cluster-beat:")
+                .expect("a schedule's key")
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    ticks.sort_unstable();
+    assert!(
+        ticks.windows(2).all(|w| w[1] - w[0] == 1_000),
+        "one job per tick, none skipped: {ticks:?}"
+    );
+    assert!(
+        ticks
+            .iter()
+            .all(|t| (t - created.created_unix_ms) % 1_000 == 0)
+    );
+    let listed = c.list_schedules().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].fired >= 4);
+    b.delete_schedule("cluster-beat").await.unwrap();
+    assert!(a.list_schedules().await.unwrap().is_empty());
 }

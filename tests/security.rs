@@ -274,7 +274,113 @@ async fn call_every_rpc(rpc: &mut Rpc) -> Vec<(&'static str, Result<(), tonic::S
             queue: "emails".into(),
         })
     );
+    call!(
+        "CreateSchedule",
+        rpc.create_schedule(schedule("s", "emails"))
+    );
+    call!(
+        "UpdateSchedule",
+        rpc.update_schedule(schedule("s", "emails"))
+    );
+    call!(
+        "DeleteSchedule",
+        rpc.delete_schedule(pb::DeleteScheduleRequest { name: "s".into() })
+    );
+    call!(
+        "PauseSchedule",
+        rpc.pause_schedule(pb::PauseScheduleRequest { name: "s".into() })
+    );
+    call!(
+        "ResumeSchedule",
+        rpc.resume_schedule(pb::ResumeScheduleRequest { name: "s".into() })
+    );
+    call!(
+        "ListSchedules",
+        rpc.list_schedules(pb::ListSchedulesRequest::default())
+    );
     outcomes
+}
+
+/// A schedule `name` enqueueing into `queue` every minute.
+fn schedule(name: &str, queue: &str) -> pb::ScheduleSpec {
+    pb::ScheduleSpec {
+        name: name.into(),
+        trigger: Some(pb::schedule_spec::Trigger::IntervalMs(60_000)),
+        job: Some(pb::ScheduleJob {
+            queue: queue.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn managing_a_schedule_needs_admin_on_its_queue() {
+    let b = broker_with_tokens().await;
+    let mut team = rpc_with(&b, TEAM).await;
+    let mut producer = rpc_with(&b, PRODUCER).await;
+    let mut ops = rpc_with(&b, OPS).await;
+    team.create_schedule(schedule("team-sweep", "team.jobs"))
+        .await
+        .unwrap();
+    assert_refused(
+        team.create_schedule(schedule("steal", "emails")).await,
+        Code::PermissionDenied,
+        &["job.queue", "token \"team\"", "\"emails\""],
+    );
+    // Enqueue rights on the queue are not enough.
+    assert_refused(
+        producer.create_schedule(schedule("mine", "emails")).await,
+        Code::PermissionDenied,
+        &["token \"producer\"", "admin"],
+    );
+    ops.create_schedule(schedule("ops-report", "emails"))
+        .await
+        .unwrap();
+    // Another queue's schedule: neither changed nor shown.
+    for refused in [
+        team.pause_schedule(pb::PauseScheduleRequest {
+            name: "ops-report".into(),
+        })
+        .await
+        .map(drop),
+        team.delete_schedule(pb::DeleteScheduleRequest {
+            name: "ops-report".into(),
+        })
+        .await
+        .map(drop),
+        team.update_schedule(schedule("ops-report", "emails"))
+            .await
+            .map(drop),
+    ] {
+        assert_refused(refused, Code::PermissionDenied, &["\"emails\""]);
+    }
+    let names = |r: pb::ListSchedulesResponse| -> Vec<String> {
+        r.schedules
+            .into_iter()
+            .map(|s| s.schedule.unwrap().name)
+            .collect()
+    };
+    let listed = team
+        .list_schedules(pb::ListSchedulesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(names(listed), ["team-sweep"]);
+    let listed = ops
+        .list_schedules(pb::ListSchedulesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(names(listed), ["ops-report", "team-sweep"]);
+    let paused = ops
+        .pause_schedule(pb::PauseScheduleRequest {
+            name: "ops-report".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.next_fire_unix_ms, 0, "paused: no next fire");
 }
 
 #[tokio::test]
@@ -283,7 +389,7 @@ async fn every_broker_rpc_needs_a_known_token_and_health_does_not() {
     let mut anonymous = b.rpc().await;
     let outcomes = within(call_every_rpc(&mut anonymous)).await;
     // One entry per RPC of the service: a new RPC must be added here.
-    assert_eq!(outcomes.len(), 28);
+    assert_eq!(outcomes.len(), 34);
     for (rpc, outcome) in outcomes {
         let status = outcome.expect_err(rpc);
         assert_eq!(status.code(), Code::Unauthenticated, "{rpc}: {status:?}");

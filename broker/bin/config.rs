@@ -57,6 +57,8 @@ pub enum Command {
     /// Make a new random bearer token and print it with the SHA-256 line for the tokens
     /// file (`--hash` prints the hash of a token read from stdin instead).
     Token(cli::TokenArgs),
+    /// Manage recurring schedules: list, create, update, delete, pause, resume.
+    Schedules(cli::schedules::SchedulesArgs),
 }
 
 /// Where the broker keeps its state.

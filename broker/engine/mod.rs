@@ -26,6 +26,7 @@ use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::limits::Limits;
 use crate::broker::domain::observe::Observer;
 use crate::broker::domain::queue::{ConsumerState, Delivery, Enqueued, Job, JobState, NewJob};
+use crate::broker::domain::schedule::{Schedule, ScheduleSpec};
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 
@@ -244,4 +245,39 @@ pub trait Engine: sealed::Sealed + Clone + Send + Sync + 'static {
     /// Installs the timing observer made by `make` unless one is installed; returns the
     /// installed one.
     fn install_observer(&self, make: impl FnOnce() -> Arc<dyn Observer>) -> Arc<dyn Observer>;
+
+    // ---- Recurring schedules (answered once durable) ------------------------------------
+
+    /// Creates a schedule at `now` (its first tick is the first after `now`).
+    fn create_schedule(
+        &self,
+        spec: ScheduleSpec,
+        now: Millis,
+    ) -> impl Future<Output = Result<Schedule, BrokerError>> + Send;
+    /// Replaces a schedule's definition, keeping its progress and paused flag.
+    fn update_schedule(
+        &self,
+        spec: ScheduleSpec,
+        now: Millis,
+    ) -> impl Future<Output = Result<Schedule, BrokerError>> + Send;
+    /// Deletes a schedule.
+    fn delete_schedule(
+        &self,
+        name: &str,
+        now: Millis,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+    /// Pauses or resumes a schedule.
+    fn set_schedule_paused(
+        &self,
+        name: &str,
+        paused: bool,
+        now: Millis,
+    ) -> impl Future<Output = Result<Schedule, BrokerError>> + Send;
+    /// One schedule by name.
+    fn get_schedule(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Schedule, BrokerError>> + Send;
+    /// Every schedule, by name.
+    fn list_schedules(&self) -> impl Future<Output = Result<Vec<Schedule>, BrokerError>> + Send;
 }

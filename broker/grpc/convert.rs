@@ -15,6 +15,9 @@ use crate::broker::domain::queue::{
     Backoff, ConsumerState, Job, JobState, MAX_ATTEMPTS, MAX_PRIORITY, NewJob, QueueCounts,
     QueuePolicy, RateLimit,
 };
+use crate::broker::domain::schedule::{
+    JobTemplate, MissedTicks, Overlap, Schedule, ScheduleSpec, Trigger,
+};
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::local::consume::{ConsumeCommands, NackCommand};
@@ -498,6 +501,123 @@ impl From<RedriveOutcome> for pb::RedriveResponse {
         Self {
             redriven: outcome.redriven,
             skipped_ids: outcome.skipped.iter().map(|u| u.to_string()).collect(),
+        }
+    }
+}
+
+// ---- Recurring schedules --------------------------------------------------------------
+
+/// A CreateSchedule / UpdateSchedule request as the domain's definition; errors name the
+/// request field (`cron.time_zone`, `job.priority`, ...).
+pub(super) fn schedule_spec(spec: pb::ScheduleSpec) -> Result<ScheduleSpec, BrokerError> {
+    let trigger = match spec.trigger {
+        Some(pb::schedule_spec::Trigger::Cron(c)) => Trigger::Cron {
+            expr: c.expression,
+            tz: if c.time_zone.is_empty() {
+                "UTC".to_owned()
+            } else {
+                c.time_zone
+            },
+        },
+        Some(pb::schedule_spec::Trigger::IntervalMs(every_ms)) => Trigger::Interval { every_ms },
+        None => {
+            return Err(BrokerError::invalid(
+                "trigger",
+                "set one of `cron` (an expression and a time zone) or `interval_ms`",
+            ));
+        }
+    };
+    let job = spec.job.unwrap_or_default();
+    if job.priority > MAX_PRIORITY as u32 {
+        return Err(BrokerError::over_limit(
+            "job.priority",
+            u64::from(job.priority),
+            MAX_PRIORITY as u64,
+            "",
+        ));
+    }
+    let missed = match pb::MissedTickPolicy::try_from(spec.missed_ticks) {
+        Ok(pb::MissedTickPolicy::Unspecified | pb::MissedTickPolicy::RunOnce) => {
+            MissedTicks::RunOnce
+        }
+        Ok(pb::MissedTickPolicy::Skip) => MissedTicks::Skip,
+        Err(_) => {
+            return Err(BrokerError::invalid(
+                "missed_ticks",
+                format!("{} is not a MissedTickPolicy", spec.missed_ticks),
+            ));
+        }
+    };
+    let overlap = match pb::OverlapPolicy::try_from(spec.overlap) {
+        Ok(pb::OverlapPolicy::Unspecified | pb::OverlapPolicy::Allow) => Overlap::Allow,
+        Ok(pb::OverlapPolicy::Skip) => Overlap::Skip,
+        Err(_) => {
+            return Err(BrokerError::invalid(
+                "overlap",
+                format!("{} is not an OverlapPolicy", spec.overlap),
+            ));
+        }
+    };
+    Ok(ScheduleSpec {
+        name: spec.name,
+        trigger,
+        template: JobTemplate {
+            queue: job.queue,
+            kind: job.kind,
+            payload: job.payload,
+            headers: job.headers,
+            priority: job.priority as u8,
+        },
+        missed,
+        overlap,
+        paused: spec.paused,
+    })
+}
+
+impl From<&Schedule> for pb::ScheduleInfo {
+    fn from(s: &Schedule) -> Self {
+        let trigger = match &s.spec.trigger {
+            Trigger::Cron { expr, tz } => pb::schedule_spec::Trigger::Cron(pb::CronTrigger {
+                expression: expr.clone(),
+                time_zone: tz.clone(),
+            }),
+            Trigger::Interval { every_ms } => pb::schedule_spec::Trigger::IntervalMs(*every_ms),
+        };
+        let t = &s.spec.template;
+        let spec = pb::ScheduleSpec {
+            name: s.spec.name.clone(),
+            trigger: Some(trigger),
+            job: Some(pb::ScheduleJob {
+                queue: t.queue.clone(),
+                kind: t.kind.clone(),
+                payload: t.payload.clone(),
+                headers: t.headers.clone(),
+                priority: u32::from(t.priority),
+            }),
+            missed_ticks: match s.spec.missed {
+                MissedTicks::RunOnce => pb::MissedTickPolicy::RunOnce,
+                MissedTicks::Skip => pb::MissedTickPolicy::Skip,
+            } as i32,
+            overlap: match s.spec.overlap {
+                Overlap::Allow => pb::OverlapPolicy::Allow,
+                Overlap::Skip => pb::OverlapPolicy::Skip,
+            } as i32,
+            paused: s.paused,
+        };
+        let r = &s.state;
+        pb::ScheduleInfo {
+            schedule: Some(spec),
+            last_fire_unix_ms: r.last_fire_ms.unwrap_or(0),
+            next_fire_unix_ms: if s.paused {
+                0
+            } else {
+                r.next_fire_ms.unwrap_or(0)
+            },
+            last_job_id: r.last_job_id.map(|id| id.to_string()).unwrap_or_default(),
+            fired: r.fired,
+            skipped_missed: r.skipped_missed,
+            skipped_overlap: r.skipped_overlap,
+            created_unix_ms: s.created_ms,
         }
     }
 }

@@ -16,8 +16,9 @@ use crate::broker::auth::{
     request_access,
 };
 use crate::broker::domain::error::BrokerError;
-use crate::broker::domain::names::Pattern;
+use crate::broker::domain::names::{Pattern, validate_name};
 use crate::broker::domain::queue::Enqueued;
+use crate::broker::domain::time::now_ms;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::{
     ConsumeCommands, ConsumeEvent, ConsumeSpec, Engine, LeaseParams, Logged, PolicyPatch,
@@ -859,5 +860,93 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
                 .map(|(name, c)| convert::consumer_info(&name, c))
                 .collect(),
         }))
+    }
+
+    // ---- Recurring schedules: every one needs `admin` on the schedule's queue ----------
+
+    async fn create_schedule(&self, request: Request<pb::ScheduleSpec>) -> Reply<pb::ScheduleInfo> {
+        let access = self.access(&request)?;
+        let spec = convert::schedule_spec(request.into_inner())?;
+        access.check(Action::Admin, "job.queue", &spec.template.queue)?;
+        let s = self.broker.create_schedule(spec, now_ms()).await?;
+        Ok(Response::new((&s).into()))
+    }
+
+    async fn update_schedule(&self, request: Request<pb::ScheduleSpec>) -> Reply<pb::ScheduleInfo> {
+        let access = self.access(&request)?;
+        let spec = convert::schedule_spec(request.into_inner())?;
+        access.check(Action::Admin, "job.queue", &spec.template.queue)?;
+        self.schedule_admin(&access, &spec.name).await?;
+        let s = self.broker.update_schedule(spec, now_ms()).await?;
+        Ok(Response::new((&s).into()))
+    }
+
+    async fn delete_schedule(
+        &self,
+        request: Request<pb::DeleteScheduleRequest>,
+    ) -> Reply<pb::DeleteScheduleResponse> {
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        self.schedule_admin(&access, &name).await?;
+        self.broker.delete_schedule(&name, now_ms()).await?;
+        Ok(Response::new(pb::DeleteScheduleResponse {}))
+    }
+
+    async fn pause_schedule(
+        &self,
+        request: Request<pb::PauseScheduleRequest>,
+    ) -> Reply<pb::ScheduleInfo> {
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        self.schedule_admin(&access, &name).await?;
+        let s = self
+            .broker
+            .set_schedule_paused(&name, true, now_ms())
+            .await?;
+        Ok(Response::new((&s).into()))
+    }
+
+    async fn resume_schedule(
+        &self,
+        request: Request<pb::ResumeScheduleRequest>,
+    ) -> Reply<pb::ScheduleInfo> {
+        let access = self.access(&request)?;
+        let name = request.into_inner().name;
+        self.schedule_admin(&access, &name).await?;
+        let s = self
+            .broker
+            .set_schedule_paused(&name, false, now_ms())
+            .await?;
+        Ok(Response::new((&s).into()))
+    }
+
+    async fn list_schedules(
+        &self,
+        request: Request<pb::ListSchedulesRequest>,
+    ) -> Reply<pb::ListSchedulesResponse> {
+        let access = self.access(&request)?;
+        let queue = request.into_inner().queue;
+        if !queue.is_empty() {
+            validate_name("queue", &queue)?;
+        }
+        let schedules = self.broker.list_schedules().await?;
+        Ok(Response::new(pb::ListSchedulesResponse {
+            schedules: schedules
+                .iter()
+                .filter(|s| queue.is_empty() || s.spec.template.queue == queue)
+                .filter(|s| access.allows_name(Action::Admin, &s.spec.template.queue))
+                .map(pb::ScheduleInfo::from)
+                .collect(),
+        }))
+    }
+}
+
+impl<E: Engine> BrokerService<E> {
+    /// Checks that `access` may administer schedule `name` (`admin` on its queue); an
+    /// unknown schedule is NOT_FOUND.
+    async fn schedule_admin(&self, access: &Access, name: &str) -> Result<(), BrokerError> {
+        validate_name("name", name)?;
+        let s = self.broker.get_schedule(name).await?;
+        access.check(Action::Admin, "name", &s.spec.template.queue)
     }
 }

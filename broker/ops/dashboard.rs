@@ -22,6 +22,7 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::domain::queue::QueueCounts;
+use crate::broker::domain::schedule::{Schedule, Trigger};
 use crate::broker::domain::time::Millis;
 use crate::broker::engine::local::stats::TopicCounts;
 use crate::broker::engine::{Engine, StatsSnapshot};
@@ -77,6 +78,56 @@ pub(crate) struct WorkerView {
     pub failed: u64,
 }
 
+/// One recurring schedule's row.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ScheduleView {
+    /// Name.
+    pub name: String,
+    /// `cron <expr> <zone>` or `every <ms> ms`.
+    pub trigger: String,
+    /// The queue its jobs go to.
+    pub queue: String,
+    /// Whether it is paused.
+    pub paused: bool,
+    /// The last tick handled, unix ms (0: none yet).
+    pub last_fire_unix_ms: u64,
+    /// The next tick, unix ms (0: paused, or no more ticks).
+    pub next_fire_unix_ms: u64,
+    /// The job of the last fired tick ("" before the first).
+    pub last_job_id: String,
+    /// Ticks that enqueued a job.
+    pub fired: u64,
+    /// Ticks skipped, as missed or as overlapping.
+    pub skipped: u64,
+}
+
+impl ScheduleView {
+    fn of(s: &Schedule) -> Self {
+        Self {
+            name: s.spec.name.clone(),
+            trigger: match &s.spec.trigger {
+                Trigger::Cron { expr, tz } => format!("cron {expr} {tz}"),
+                Trigger::Interval { every_ms } => format!("every {every_ms} ms"),
+            },
+            queue: s.spec.template.queue.clone(),
+            paused: s.paused,
+            last_fire_unix_ms: s.state.last_fire_ms.unwrap_or(0),
+            next_fire_unix_ms: if s.paused {
+                0
+            } else {
+                s.state.next_fire_ms.unwrap_or(0)
+            },
+            last_job_id: s
+                .state
+                .last_job_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            fired: s.state.fired,
+            skipped: s.state.skipped_missed + s.state.skipped_overlap,
+        }
+    }
+}
+
 /// Whole-broker totals and throughput at one moment: one point of the charts.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Sample {
@@ -114,6 +165,8 @@ pub(crate) struct Frame<'a> {
     pub topics: &'a [TopicCounts],
     /// Workers, most recently seen first.
     pub workers: Vec<WorkerView>,
+    /// Recurring schedules, by name.
+    pub schedules: Vec<ScheduleView>,
     /// The chart point of this frame.
     pub sample: &'a Sample,
 }
@@ -224,6 +277,14 @@ async fn take_frame<E: Engine>(
         }
     };
     let workers = worker_views(broker, &stats).await;
+    // A frame without schedules beats no frame: the queues' figures still show.
+    let schedules = match broker.list_schedules().await {
+        Ok(all) => all.iter().map(ScheduleView::of).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "dashboard: reading schedules failed");
+            Vec::new()
+        }
+    };
     let totals = Totals::of(&stats);
     let sample = sample(&stats, totals, previous);
     let frame = Frame {
@@ -232,6 +293,7 @@ async fn take_frame<E: Engine>(
         queues: stats.queues.iter().map(QueueRow::of).collect(),
         topics: &stats.topics,
         workers,
+        schedules,
         sample: &sample,
     };
     let encoded = encode(&frame);
@@ -388,6 +450,7 @@ mod tests {
             queues: snapshot.queues.iter().map(QueueRow::of).collect(),
             topics: &snapshot.topics,
             workers: Vec::new(),
+            schedules: Vec::new(),
             sample: &sample,
         };
         let json = serde_json::to_value(&frame).expect("frames serialise");

@@ -20,6 +20,7 @@ mod error;
 mod manifest;
 mod record;
 mod recovery;
+mod schedule_record;
 mod wal;
 
 use std::fmt;
@@ -35,6 +36,7 @@ pub(crate) use self::record::{FILE_MAGIC, SnapshotQueue, SnapshotTopic, frame_in
 pub(crate) use self::record::{decode_policy, encode_policy};
 pub(crate) use self::recovery::{Recovered, recover};
 pub use self::recovery::{RecoveryError, RecoveryReport};
+pub(crate) use self::schedule_record::{decode_schedule_def, encode_schedule_def};
 pub(crate) use self::wal::DurableListener;
 
 use crate::broker::domain::error::BrokerError;
@@ -611,11 +613,12 @@ impl Journal {
         last: u64,
         queues: Vec<SnapshotQueue>,
         topics: Vec<SnapshotTopic>,
+        schedules: Vec<crate::broker::domain::schedule::Schedule>,
         now: Millis,
     ) -> Result<u64, StoreError> {
         // The records before the roll must be on disk before the files holding them go.
         self.wal.wait_written_blocking(last)?;
-        let frames = record::snapshot_frames(base, queues, topics, now);
+        let frames = record::snapshot_frames(base, queues, topics, schedules, now);
         self.wal.install_snapshot(base, &frames)
     }
 
@@ -704,7 +707,7 @@ mod tests {
         let (base, last) = journal.roll();
         let compactor = journal.clone();
         tokio::task::spawn_blocking(move || {
-            compactor.write_snapshot(base, last, Vec::new(), Vec::new(), 1)
+            compactor.write_snapshot(base, last, Vec::new(), Vec::new(), Vec::new(), 1)
         })
         .await
         .unwrap()

@@ -19,6 +19,7 @@ use crate::broker::domain::queue::{
     Backoff, DeadLetter, Job, JobRecord, JobState, JobUpdate, Queue, QueuePolicy, RateLimit,
     Redriven,
 };
+use crate::broker::domain::schedule::Schedule;
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{BlockSlice, MessageBlock, MessageRef, Retention};
 
@@ -275,7 +276,7 @@ impl Batch {
         self.ops.is_some()
     }
 
-    fn push(&mut self, op: Kind) {
+    pub(super) fn push(&mut self, op: Kind) {
         if let Some(ops) = &mut self.ops {
             ops.push(pb::Op { op: Some(op) });
         }
@@ -483,6 +484,7 @@ pub(crate) fn snapshot_frames(
     base: u64,
     queues: Vec<SnapshotQueue>,
     topics: Vec<SnapshotTopic>,
+    schedules: Vec<Schedule>,
     now: Millis,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
@@ -526,6 +528,12 @@ pub(crate) fn snapshot_frames(
             if ops.len() >= SNAPSHOT_OPS_PER_ENTRY {
                 flush(&mut out, &mut ops);
             }
+        }
+    }
+    for s in &schedules {
+        ops.push(op(super::schedule_record::schedule_def_op(s)));
+        if ops.len() >= SNAPSHOT_OPS_PER_ENTRY {
+            flush(&mut out, &mut ops);
         }
     }
     for t in topics {

@@ -29,8 +29,10 @@ use super::record::{
     FILE_MAGIC, FRAME_HEADER, FRAME_MAGIC, FrameError, Kind, MAX_FRAME, job_from_image, pb,
     policy_from_pb, read_frame, state_from_pb, valid_frame_after,
 };
+use super::schedule_record::{apply_run, schedule_from_pb};
 use super::wal::{DurableEnd, parse_segment, parse_snapshot, segment_name, snapshot_name};
 use crate::broker::domain::queue::{Job, Queue, QueuePolicy};
+use crate::broker::domain::schedule::Schedule;
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{BlockEntry, Retention, Topic};
 
@@ -104,6 +106,8 @@ pub struct RecoveryReport {
 pub(crate) struct Recovered {
     pub queues: Vec<Queue>,
     pub topics: Vec<Topic>,
+    /// Recurring schedules, with their progress.
+    pub schedules: Vec<Schedule>,
     /// The segment the new log starts with.
     pub next_segment: u64,
     /// What the manifest on disk claims after recovery.
@@ -769,10 +773,11 @@ impl Recovery<'_> {
             .map_or(1, |s| s + 1)
             .max(base.unwrap_or(0))
             .max(1);
-        let (queues, topics) = self.replay.finish(now);
+        let (queues, topics, schedules) = self.replay.finish(now);
         Ok(Recovered {
             queues,
             topics,
+            schedules,
             next_segment,
             claimed,
             write_failure: self.cleanup.failure,
@@ -841,6 +846,7 @@ impl RQueue {
 struct Replay {
     queues: HashMap<String, RQueue>,
     topics: HashMap<String, Topic>,
+    schedules: BTreeMap<String, Schedule>,
     anomalies: u64,
 }
 
@@ -977,12 +983,23 @@ impl Replay {
                 self.topic(&d.topic)
                     .restore_dedup(d.key, d.sequence, d.expires);
             }
+            Kind::ScheduleDef(def) => {
+                let s = schedule_from_pb(def);
+                self.schedules.insert(s.spec.name.clone(), s);
+            }
+            Kind::ScheduleDelete(d) => return self.schedules.remove(&d.name).is_some(),
+            Kind::ScheduleFired(f) => {
+                let (Some(s), Some(run)) = (self.schedules.get_mut(&f.name), f.run) else {
+                    return false;
+                };
+                apply_run(s, run);
+            }
             Kind::SnapshotBegin(_) | Kind::SnapshotEnd(_) => {}
         }
         true
     }
 
-    fn finish(self, now: Millis) -> (Vec<Queue>, Vec<Topic>) {
+    fn finish(self, now: Millis) -> (Vec<Queue>, Vec<Topic>, Vec<Schedule>) {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (name, mut rq) in self.queues {
             let mut queue = Queue::new(&name, rq.policy.clone());
@@ -1019,7 +1036,7 @@ impl Replay {
                 t
             })
             .collect();
-        (queues, topics)
+        (queues, topics, self.schedules.into_values().collect())
     }
 }
 

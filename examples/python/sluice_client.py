@@ -253,6 +253,73 @@ class SluiceClient:
     def stats(self) -> pb.StatsResponse:
         return self.stub.Stats(pb.StatsRequest(), timeout=self.timeout)
 
+    # ---- Recurring schedules (each needs `admin` on the schedule's queue) ---------------
+
+    @staticmethod
+    def schedule_spec(
+        name: str,
+        queue: str,
+        *,
+        cron: Optional[str] = None,
+        time_zone: str = "UTC",
+        every_ms: Optional[int] = None,
+        kind: str = "",
+        payload: bytes = b"",
+        headers: Optional[Mapping[str, str]] = None,
+        priority: int = 0,
+        skip_missed: bool = False,
+        skip_overlap: bool = False,
+        paused: bool = False,
+    ) -> pb.ScheduleSpec:
+        """A schedule's definition: exactly one of ``cron`` (read in ``time_zone``) or
+        ``every_ms``; its jobs go to ``queue`` with ``kind``, ``payload``, ``headers`` and
+        ``priority``."""
+        if (cron is None) == (every_ms is None):
+            raise ValueError("give exactly one of cron= or every_ms=")
+        spec = pb.ScheduleSpec(
+            name=name,
+            job=pb.ScheduleJob(
+                queue=queue, kind=kind, payload=payload, headers=dict(headers or {}), priority=priority
+            ),
+            missed_ticks=pb.MISSED_TICK_POLICY_SKIP if skip_missed else pb.MISSED_TICK_POLICY_RUN_ONCE,
+            overlap=pb.OVERLAP_POLICY_SKIP if skip_overlap else pb.OVERLAP_POLICY_ALLOW,
+            paused=paused,
+        )
+        if cron is not None:
+            spec.cron.CopyFrom(pb.CronTrigger(expression=cron, time_zone=time_zone))
+        else:
+            spec.interval_ms = every_ms
+        return spec
+
+    def create_schedule(self, name: str, queue: str, **spec) -> pb.ScheduleInfo:
+        """Creates a schedule (arguments as ``schedule_spec``); ALREADY_EXISTS if taken."""
+        return self.stub.CreateSchedule(self.schedule_spec(name, queue, **spec), timeout=self.timeout)
+
+    def upsert_schedule(self, name: str, queue: str, **spec) -> pb.ScheduleInfo:
+        """Creates the schedule, or replaces the definition of the one of that name
+        (keeping its progress): what a program registering its schedules at start calls."""
+        request = self.schedule_spec(name, queue, **spec)
+        try:
+            return self.stub.CreateSchedule(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            return self.stub.UpdateSchedule(request, timeout=self.timeout)
+
+    def delete_schedule(self, name: str) -> None:
+        self.stub.DeleteSchedule(pb.DeleteScheduleRequest(name=name), timeout=self.timeout)
+
+    def pause_schedule(self, name: str) -> pb.ScheduleInfo:
+        return self.stub.PauseSchedule(pb.PauseScheduleRequest(name=name), timeout=self.timeout)
+
+    def resume_schedule(self, name: str) -> pb.ScheduleInfo:
+        return self.stub.ResumeSchedule(pb.ResumeScheduleRequest(name=name), timeout=self.timeout)
+
+    def list_schedules(self, queue: str = "") -> list:
+        """Every schedule (of ``queue``, if given), with last and next fire, last job id
+        and counters."""
+        return list(self.stub.ListSchedules(pb.ListSchedulesRequest(queue=queue), timeout=self.timeout).schedules)
+
 
 class Subscription:
     """An open subscription: iterate it for ``pb.Message`` values."""

@@ -8,7 +8,7 @@
 //! | `POST /todos` `{"user_id","title","due_at"?}` | creates a todo; with `due_at` (RFC 3339 UTC) in the future, enqueues a `todo.reminder` job into `emails` to run at `due_at` |
 //! | `GET /todos?user_id=` | lists todos |
 //! | `PUT /todos/{id}/complete` | completes a todo, cancels its pending reminder, publishes `todo.completed` |
-//! | `GET /todos/overdue` | lists overdue todos; publishes `todo.overdue` once per todo |
+//! | `GET /todos/overdue` | lists overdue todos (a read: the overdue scan below publishes) |
 //! | `GET /queue/status` | queue and topic counters (broker `Stats`) |
 //! | `GET /jobs/history?queue=&limit=` | finished jobs (broker `JobHistory`) |
 //! | `GET /workers` | workers per queue (broker `ListConsumers`) |
@@ -17,6 +17,13 @@
 //!
 //! Every response is JSON with `"success": true|false`; errors carry `"error"` naming the
 //! field, the rule and the value.
+//!
+//! The overdue scan: at start the app registers (creates, or updates) the broker schedule
+//! `todo-overdue-scan`, which enqueues a `todo.overdue-scan` job into `todo-maintenance`
+//! every `--overdue-scan-ms` (a minute by default), skipping a tick while the previous
+//! scan still runs. A worker in this process consumes that queue and publishes
+//! `todo.overdue` once per overdue todo (the `overdue_notified` flag keeps it to once,
+//! whichever app instance scans).
 //!
 //! Consistency: a user or todo is written to SQLite first and its event published right
 //! after; if the broker refuses, the row is removed again and the request fails with 503,
@@ -45,7 +52,9 @@ use shared::{
     EMAILS, NOTIFICATION_DELIVERED, NOTIFICATIONS, Notification, TODO_COMPLETED, TODO_OVERDUE,
     TODO_REMINDER, TodoEvent, USER_REGISTERED, UserRegistered,
 };
-use sluice::client::{Client, ClientError, StartAt};
+use sluice::client::{
+    Client, ClientError, Done, JobContext, JobError, Raw, ScheduleSpec, StartAt, Worker,
+};
 use sluice::pb;
 
 /// Todo app of the Sluice example system.
@@ -60,7 +69,17 @@ struct Args {
     /// SQLite database file.
     #[arg(long, env = "TODO_DB", default_value = "todo_app.sqlite3")]
     db: PathBuf,
+    /// How often the overdue scan runs, ms (the broker schedule's interval; at least 1000).
+    #[arg(long, env = "TODO_OVERDUE_SCAN_MS", default_value_t = 60_000)]
+    overdue_scan_ms: u64,
 }
+
+/// The broker schedule that runs the overdue scan.
+const OVERDUE_SCAN_SCHEDULE: &str = "todo-overdue-scan";
+/// The queue its jobs go to, which this app consumes.
+const MAINTENANCE: &str = "todo-maintenance";
+/// The kind of the scan's jobs.
+const OVERDUE_SCAN: &str = "todo.overdue-scan";
 
 impl shared::ExampleArgs for Args {
     fn broker(&self) -> &shared::BrokerArgs {
@@ -644,8 +663,9 @@ async fn complete_todo(State(app): State<App>, Path(id): Path<String>) -> ApiRes
     )
 }
 
-async fn overdue_todos(State(app): State<App>) -> ApiResult {
-    let rows: Vec<(Todo, User)> = {
+/// The overdue todos (not completed, due before now) with their users, oldest due first.
+fn overdue_rows(app: &App) -> Result<Vec<(Todo, User)>, ApiError> {
+    Ok({
         let db = app.db();
         let mut stmt = db.prepare(&format!(
             "SELECT {TODO_COLUMNS} FROM todos
@@ -661,15 +681,35 @@ async fn overdue_todos(State(app): State<App>) -> ApiResult {
             }
         }
         rows
-    };
+    })
+}
+
+/// `GET /todos/overdue`: a read. The overdue scan publishes the events.
+async fn overdue_todos(State(app): State<App>) -> ApiResult {
+    let rows = overdue_rows(&app)?;
+    let notified = rows.iter().filter(|(t, _)| t.overdue_notified).count();
+    ok(
+        StatusCode::OK,
+        json!({
+            "success": true,
+            "count": rows.len(),
+            "todos": rows.iter().map(|(t, _)| t.json()).collect::<Vec<_>>(),
+            "message": format!("{} overdue todo(s), {notified} already notified", rows.len()),
+        }),
+    )
+}
+
+/// The overdue scan (one `todo.overdue-scan` job): publishes `todo.overdue` for each
+/// overdue todo not notified yet, then marks it, so each todo gets one event however
+/// often the scan runs. Returns how many it published.
+async fn scan_overdue(app: &App) -> Result<usize, ApiError> {
     let mut published = 0;
-    for (todo, user) in &rows {
-        // One overdue email per todo, however often this endpoint is called.
+    for (todo, user) in overdue_rows(app)? {
         if todo.overdue_notified {
             continue;
         }
         app.client
-            .publish_json(TODO_OVERDUE, &todo.event(user))
+            .publish_json(TODO_OVERDUE, &todo.event(&user))
             .await?;
         app.db().execute(
             "UPDATE todos SET overdue_notified = 1 WHERE id = ?1",
@@ -677,16 +717,41 @@ async fn overdue_todos(State(app): State<App>) -> ApiResult {
         )?;
         published += 1;
     }
-    ok(
-        StatusCode::OK,
-        json!({
-            "success": true,
-            "count": rows.len(),
-            "todos": rows.iter().map(|(t, _)| t.json()).collect::<Vec<_>>(),
-            "events_published": published,
-            "message": format!("{} overdue todo(s), {published} overdue email(s) queued", rows.len()),
-        }),
-    )
+    Ok(published)
+}
+
+/// Registers the overdue scan's schedule (idempotently: creates it, or brings it to this
+/// interval), then consumes its queue until shutdown.
+async fn run_overdue_scans(app: App, every: Duration) -> Result<(), ClientError> {
+    app.client
+        .upsert_schedule(
+            ScheduleSpec::every(every)
+                .name(OVERDUE_SCAN_SCHEDULE)
+                .queue(MAINTENANCE)
+                .kind(OVERDUE_SCAN)
+                .skip_overlap(),
+        )
+        .await?;
+    let consumer = format!("todo-app-{}", std::process::id());
+    let scanner = app.clone();
+    let report = Worker::new(app.client.clone(), MAINTENANCE)
+        .consumer(consumer)
+        .handle(OVERDUE_SCAN, Raw, move |_job: JobContext<Bytes>| {
+            let app = scanner.clone();
+            async move {
+                match scan_overdue(&app).await {
+                    Ok(n) => {
+                        tracing::info!(published = n, "overdue scan done");
+                        Ok(Done::new())
+                    }
+                    Err(e) => Err(JobError::retry(e.message)),
+                }
+            }
+        })
+        .run(shared::shutdown_signal())
+        .await?;
+    tracing::info!(?report, "overdue scanner stopped");
+    Ok(())
 }
 
 async fn queue_status(State(app): State<App>) -> ApiResult {
@@ -1019,10 +1084,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .await
         .map_err(|e| format!("TODO_LISTEN {}: {e}", args.listen))?;
     let subscriber = tokio::spawn(store_notifications(app.clone()));
+    let every = Duration::from_millis(args.overdue_scan_ms);
+    let scans = tokio::spawn({
+        let app = app.clone();
+        async move {
+            if let Err(e) = run_overdue_scans(app, every).await {
+                tracing::error!(error = %e, "the overdue scan stopped");
+            }
+        }
+    });
     tracing::info!(listen = %listener.local_addr()?, db = %args.db.display(), "todo app listening");
     axum::serve(listener, router(app))
         .with_graceful_shutdown(shared::shutdown_signal())
         .await?;
     subscriber.abort();
+    let _ = scans.await;
     Ok(())
 }

@@ -113,6 +113,11 @@ impl TestBroker {
         served
     }
 
+    /// Serves any engine (e.g. one of several Redis-engine nodes a test made itself).
+    pub async fn serving_engine<E: Engine>(engine: E, options: ServeOptions) -> Self {
+        Self::serve_engine(engine, options).await
+    }
+
     async fn serve_engine<E: Engine>(engine: E, options: ServeOptions) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -4,6 +4,7 @@ reflection: list the services, then enqueue -> lease -> ack."""
 import json
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -175,6 +176,28 @@ def test_every_rpc_as_the_readme_shows_it(broker):
     covered.add("WatchStats")
     assert watched.stdout.count('"takenAtUnixMs"') >= 2, watched.stdout + watched.stderr
     rpc("DeleteQueue", {"name": "mail"})
+
+    # Recurring schedules, as the README's section shows them.
+    nightly = rpc("CreateSchedule", {"name": "nightly-report", "cron": {"expression": "0 3 * * *", "time_zone": "Europe/Paris"}, "job": {"queue": "reports", "kind": "report", "payload": "eyJzY29wZSI6ImFsbCJ9"}, "missed_ticks": "MISSED_TICK_POLICY_RUN_ONCE"})
+    assert int(nightly["nextFireUnixMs"]) > int(nightly["createdUnixMs"])
+    rpc("CreateSchedule", {"name": "heartbeat", "interval_ms": 1000, "job": {"queue": "beats", "kind": "beat"}, "overlap": "OVERLAP_POLICY_SKIP"})
+    deadline = time.monotonic() + 5
+    while not (beats := rpc("ListJobs", {"queue": "beats", "page_size": 1}).get("jobs")):
+        assert time.monotonic() < deadline, "the heartbeat schedule enqueued nothing in 5 s"
+        time.sleep(0.1)
+    [beat] = beats
+    assert beat["headers"]["x-sluice-schedule"] == "heartbeat"
+    tick = beat["idempotencyKey"].removeprefix("schedule:heartbeat:")
+    assert beat["headers"]["x-sluice-schedule-tick"].endswith("Z") and tick.isdigit()
+    listed = rpc("ListSchedules", {})["schedules"]
+    assert [s["schedule"]["name"] for s in listed] == ["heartbeat", "nightly-report"]
+    assert listed[0]["lastJobId"] == beat["id"]
+    updated = rpc("UpdateSchedule", {"name": "heartbeat", "interval_ms": 5000, "job": {"queue": "beats", "kind": "beat"}})
+    assert updated["schedule"]["intervalMs"] == "5000" and updated["lastJobId"] == beat["id"]
+    assert rpc("PauseSchedule", {"name": "heartbeat"})["schedule"]["paused"] is True
+    assert "paused" not in rpc("ResumeSchedule", {"name": "heartbeat"})["schedule"]
+    rpc("DeleteSchedule", {"name": "heartbeat"})
+    assert [s["schedule"]["name"] for s in rpc("ListSchedules", {})["schedules"]] == ["nightly-report"]
 
     assert covered == methods, f"not covered: {methods - covered}"
     health = json.loads(grpcurl(broker, "grpc.health.v1.Health/Check", data={}))

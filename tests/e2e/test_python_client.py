@@ -1,8 +1,9 @@
 """The Python client generated from proto/ drives the broker: enqueue, lease, ack, nack to
-the dead-letter queue (and delete the dead letter), publish and subscribe, and pipelined
-enqueues on EnqueueStream."""
+the dead-letter queue (and delete the dead letter), publish and subscribe, pipelined
+enqueues on EnqueueStream, queue limits and recurring schedules."""
 
 import json
+import time
 
 import grpc
 import pytest
@@ -113,3 +114,32 @@ def test_queue_limits_set_shown_and_removed(sluice):
         sluice.update_queue("py.limited", rate_limit={"burst": 3})
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "policy.rate_limit.per_second" in err.value.details()
+
+
+def test_schedules_created_fired_upserted_and_deleted(sluice):
+    created = sluice.create_schedule("py-beat", "py.beats", every_ms=1000, kind="beat", payload=b"b", skip_overlap=True)
+    assert created.schedule.overlap == pb.OVERLAP_POLICY_SKIP
+    nightly = sluice.create_schedule("py-nightly", "py.reports", cron="0 3 * * *", time_zone="Europe/Paris", paused=True)
+    assert nightly.schedule.paused and nightly.next_fire_unix_ms == 0
+    # The first tick's job, with the schedule's headers and the tick's idempotency key.
+    deadline = time.monotonic() + 5
+    while not (jobs := sluice.list_jobs("py.beats")):
+        assert time.monotonic() < deadline, "no job from py-beat within 5 s"
+        time.sleep(0.05)
+    job = jobs[0]
+    assert job.headers["x-sluice-schedule"] == "py-beat"
+    assert job.idempotency_key.startswith("schedule:py-beat:")
+    # Registering again at a program's start updates in place, keeping the progress.
+    again = sluice.upsert_schedule("py-beat", "py.beats", every_ms=2000, kind="beat")
+    assert again.schedule.interval_ms == 2000 and again.last_job_id == job.id
+    assert [s.schedule.name for s in sluice.list_schedules()] == ["py-beat", "py-nightly"]
+    assert [s.schedule.name for s in sluice.list_schedules(queue="py.reports")] == ["py-nightly"]
+    with pytest.raises(grpc.RpcError) as err:
+        sluice.create_schedule("py-bad", "py.beats", cron="0 3 * * *", time_zone="Mars/Olympus")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cron.time_zone" in err.value.details()
+    with pytest.raises(ValueError):
+        sluice.schedule_spec("x", "q")
+    sluice.delete_schedule("py-beat")
+    sluice.delete_schedule("py-nightly")
+    assert sluice.list_schedules() == []

@@ -93,6 +93,7 @@ impl Broker {
             for slot in topics {
                 self.lock_topic(&slot).enforce_retention(now);
             }
+            self.run_due_schedules(now);
         }
     }
 

@@ -12,6 +12,7 @@ use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::limits::Limits;
 use crate::broker::domain::observe::Observer;
 use crate::broker::domain::queue::{ConsumerState, Delivery, Enqueued, Job, JobState, NewJob};
+use crate::broker::domain::schedule::{Schedule, ScheduleSpec};
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::{
@@ -248,5 +249,46 @@ impl Engine for Broker {
 
     fn install_observer(&self, make: impl FnOnce() -> Arc<dyn Observer>) -> Arc<dyn Observer> {
         Broker::install_observer(self, make)
+    }
+
+    fn create_schedule(
+        &self,
+        spec: ScheduleSpec,
+        now: Millis,
+    ) -> impl Future<Output = Result<Schedule, BrokerError>> + Send {
+        Broker::create_schedule(self, spec, now)
+    }
+
+    fn update_schedule(
+        &self,
+        spec: ScheduleSpec,
+        now: Millis,
+    ) -> impl Future<Output = Result<Schedule, BrokerError>> + Send {
+        Broker::update_schedule(self, spec, now)
+    }
+
+    fn delete_schedule(
+        &self,
+        name: &str,
+        now: Millis,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        Broker::delete_schedule(self, name, now)
+    }
+
+    fn set_schedule_paused(
+        &self,
+        name: &str,
+        paused: bool,
+        now: Millis,
+    ) -> impl Future<Output = Result<Schedule, BrokerError>> + Send {
+        Broker::set_schedule_paused(self, name, paused, now)
+    }
+
+    async fn get_schedule(&self, name: &str) -> Result<Schedule, BrokerError> {
+        Broker::get_schedule(self, name)
+    }
+
+    async fn list_schedules(&self) -> Result<Vec<Schedule>, BrokerError> {
+        Ok(Broker::list_schedules(self))
     }
 }

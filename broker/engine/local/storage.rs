@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::queue::Queue;
+use crate::broker::domain::schedule::{Schedule, ScheduleBook};
 use crate::broker::domain::time::{Millis, now_ms};
 use crate::broker::domain::topic::Topic;
 use crate::broker::store::{
@@ -49,15 +50,15 @@ impl Broker {
         let journal = Arc::new(Journal::start(storage, &store, &recovered));
         let broker = Self::build(config, Some(journal.clone()));
         let _ = broker.inner.recovery.set(recovered.report.clone());
-        broker.install_state(recovered.queues, recovered.topics);
+        broker.install_state(recovered.queues, recovered.topics, recovered.schedules);
         // The recovered state becomes the base of the new log, so every older file (and
         // any torn tail) is gone after this and recovery time stays proportional to the
         // live data. A disk that cannot take it (full, failing) still serves what it
         // holds: the broker starts fail-stopped, read-only.
         let unwritable = recovered.write_failure.or_else(|| {
-            let (queues, topics) = broker.capture();
+            let (queues, topics, schedules) = broker.capture();
             journal
-                .write_snapshot(first, 0, queues, topics, now_ms())
+                .write_snapshot(first, 0, queues, topics, schedules, now_ms())
                 .err()
         });
         match unwritable {
@@ -73,7 +74,19 @@ impl Broker {
 
     /// Puts recovered (or reloaded) queues and topics in place of the current ones: a
     /// queue or topic that is not among them goes, as if deleted.
-    pub(in crate::broker) fn install_state(&self, queues: Vec<Queue>, topics: Vec<Topic>) {
+    pub(in crate::broker) fn install_state(
+        &self,
+        queues: Vec<Queue>,
+        topics: Vec<Topic>,
+        schedules: Vec<Schedule>,
+    ) {
+        {
+            let mut book = ScheduleBook::default();
+            for s in schedules {
+                book.put(s);
+            }
+            lock(&self.inner.schedules).book = book;
+        }
         let mut queues: HashMap<String, Queue> = queues
             .into_iter()
             .map(|q| (q.name().to_owned(), q))
@@ -180,7 +193,7 @@ impl Broker {
         };
         let _exclusive = journal.exclusive();
         let durable = journal.reload(now_ms())?;
-        self.install_state(durable.queues, durable.topics);
+        self.install_state(durable.queues, durable.topics, durable.schedules);
         Ok(())
     }
 
@@ -283,18 +296,20 @@ impl Broker {
         let Some(_slot) = journal.compaction_slot() else {
             return Ok(0);
         };
-        let (base, last, queues, topics) = {
+        let (base, last, queues, topics, schedules) = {
             let _exclusive = journal.exclusive();
             let (base, last) = journal.roll();
-            let (queues, topics) = self.capture();
-            (base, last, queues, topics)
+            let (queues, topics, schedules) = self.capture();
+            (base, last, queues, topics, schedules)
         };
-        Ok(journal.write_snapshot(base, last, queues, topics, now_ms())?)
+        Ok(journal.write_snapshot(base, last, queues, topics, schedules, now_ms())?)
     }
 
     /// Copies the persistent state of every queue and topic (payloads are shared, not
     /// copied). Under the exclusive gate this is exactly the state the log describes.
-    pub(in crate::broker) fn capture(&self) -> (Vec<SnapshotQueue>, Vec<SnapshotTopic>) {
+    pub(in crate::broker) fn capture(
+        &self,
+    ) -> (Vec<SnapshotQueue>, Vec<SnapshotTopic>, Vec<Schedule>) {
         let queues = self
             .inner
             .queues
@@ -333,7 +348,7 @@ impl Broker {
                 }
             })
             .collect();
-        (queues, topics)
+        (queues, topics, self.list_schedules())
     }
 
     /// Waits until a logged change is durable, then hands back its result.

@@ -90,6 +90,7 @@ impl RedisEngine {
                 queues.resume_redrives(&name).await?;
             }
         }
+        self.run_due_schedules().await?;
         if slow {
             for name in self.inner.topics.names().await? {
                 match self.inner.topics.sweep(&name).await {

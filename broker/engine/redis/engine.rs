@@ -17,6 +17,7 @@ use crate::broker::domain::observe::Observer;
 use crate::broker::domain::queue::{
     ConsumerState, Delivery, Enqueued, Job, JobState, LeaseId, NewJob, QueuePolicy,
 };
+use crate::broker::domain::schedule::{Schedule, ScheduleSpec};
 use crate::broker::domain::time::{Millis, now_ms};
 use crate::broker::domain::topic::{Appended, NewMessage, Retention, validate_retention};
 use crate::broker::engine::local::{MAX_LEASE_WAIT_MS, StorageStatus};
@@ -541,5 +542,61 @@ impl Engine for RedisEngine {
 
     fn install_observer(&self, make: impl FnOnce() -> Arc<dyn Observer>) -> Arc<dyn Observer> {
         self.inner.observer.get_or_init(make).clone()
+    }
+
+    // Schedules take Redis's clock, not the request's (see `schedule.rs`).
+
+    async fn create_schedule(
+        &self,
+        spec: ScheduleSpec,
+        _now: Millis,
+    ) -> Result<Schedule, BrokerError> {
+        let now = self.redis_now().await?;
+        self.create_schedule_at(spec, now).await
+    }
+
+    async fn update_schedule(
+        &self,
+        spec: ScheduleSpec,
+        _now: Millis,
+    ) -> Result<Schedule, BrokerError> {
+        spec.validate(&self.inner.config.limits)?;
+        let now = self.redis_now().await?;
+        let name = spec.name.clone();
+        self.change_schedule(&name, |s| s.redefine(spec.clone(), now))
+            .await
+    }
+
+    fn delete_schedule(
+        &self,
+        name: &str,
+        _now: Millis,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        self.delete_schedule_named(name)
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        name: &str,
+        paused: bool,
+        _now: Millis,
+    ) -> Result<Schedule, BrokerError> {
+        let now = self.redis_now().await?;
+        self.change_schedule(name, |s| {
+            s.set_paused(paused, now);
+            Ok(())
+        })
+        .await
+    }
+
+    fn get_schedule(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Schedule, BrokerError>> + Send {
+        self.read_schedule(name)
+    }
+
+    fn list_schedules(&self) -> impl Future<Output = Result<Vec<Schedule>, BrokerError>> + Send {
+        self.all_schedules()
     }
 }

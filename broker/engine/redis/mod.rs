@@ -25,6 +25,7 @@ pub(crate) mod keys;
 pub(crate) mod queue;
 mod redrive;
 pub(crate) mod replication;
+mod schedule;
 pub(crate) mod subscription;
 pub(crate) mod topic;
 pub(crate) mod wake;
@@ -117,6 +118,10 @@ struct Inner {
     /// Subscriptions open on this node, against `--max-subscriptions` (a node's own
     /// resources: each holds a task's worth of reads).
     subscriptions: Arc<AtomicUsize>,
+    /// Schedules whose last fire failed on this node (a full queue, no room for the
+    /// queue), and when this node tries again: the sweep runs every 100 ms, and a warning
+    /// a sweep would be noise.
+    schedule_retry: Mutex<HashMap<String, crate::broker::domain::time::Millis>>,
 }
 
 /// One open subscription's place under `--max-subscriptions`; given back when dropped
@@ -154,6 +159,7 @@ impl RedisEngine {
                 stats: StatsHub::default(),
                 observer: OnceLock::new(),
                 subscriptions: Arc::new(AtomicUsize::new(0)),
+                schedule_retry: Mutex::new(HashMap::new()),
                 config,
             }),
         };

@@ -1138,6 +1138,7 @@ pub(crate) mod binding;
 #[cfg(test)]
 mod model;
 pub(crate) mod redrive;
+pub(crate) mod schedule;
 #[cfg(test)]
 mod test_clock;
 #[cfg(test)]
