@@ -9,5 +9,6 @@ pub(super) mod names;
 pub(super) mod observe;
 pub(super) mod queue;
 pub(super) mod rate;
+pub(super) mod schema;
 pub(super) mod time;
 pub(super) mod topic;

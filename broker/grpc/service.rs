@@ -1,6 +1,7 @@
 //! The gRPC service: checks each request's access and calls the broker. The conversions
 //! between `sluice.v1` messages and domain types live in `grpc::convert`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::broker::auth::{
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::names::Pattern;
 use crate::broker::domain::queue::Enqueued;
+use crate::broker::domain::schema::{SchemaTarget, TargetKind};
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::{
     ConsumeCommands, ConsumeEvent, ConsumeSpec, Engine, LeaseParams, Logged, PolicyPatch,
@@ -218,6 +220,25 @@ fn stats_view(s: &StatsSnapshot, filter: &pb::StatsRequest, access: &Access) -> 
         memory_used_bytes: if sees_memory { s.memory_used_bytes } else { 0 },
         storage: Some(pb::StorageStats::from(&s.storage)),
     }
+}
+
+/// A target's current schema revision (0: none).
+fn revision_of(revisions: &HashMap<SchemaTarget, u32>, target: SchemaTarget) -> u32 {
+    revisions.get(&target).copied().unwrap_or(0)
+}
+
+/// A schema RPC's target, after checking the caller has `admin` on it.
+fn schema_target(
+    access: &Access,
+    target: Option<pb::SchemaTarget>,
+) -> Result<SchemaTarget, BrokerError> {
+    let target = convert::schema_target(target)?;
+    let field = match target.kind {
+        TargetKind::Queue => "target.queue",
+        TargetKind::Topic => "target.topic",
+    };
+    access.check(Action::Admin, field, &target.name)?;
+    Ok(target)
 }
 
 fn peer(req: &Request<impl Sized>) -> String {
@@ -771,16 +792,19 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         request: Request<pb::ListQueuesRequest>,
     ) -> Reply<pb::ListQueuesResponse> {
         let access = self.access(&request)?;
-        Ok(Response::new(pb::ListQueuesResponse {
-            queues: self
-                .broker
-                .list_queues()
-                .await?
-                .into_iter()
-                .filter(|q| access.allows_name(Action::Admin, &q.name))
-                .map(pb::QueueInfo::from)
-                .collect(),
-        }))
+        let mut queues: Vec<pb::QueueInfo> = self
+            .broker
+            .list_queues()
+            .await?
+            .into_iter()
+            .filter(|q| access.allows_name(Action::Admin, &q.name))
+            .map(pb::QueueInfo::from)
+            .collect();
+        let revisions = self.broker.schema_revisions().await?;
+        for q in &mut queues {
+            q.schema_revision = revision_of(&revisions, SchemaTarget::queue(&q.name));
+        }
+        Ok(Response::new(pb::ListQueuesResponse { queues }))
     }
 
     async fn stats(&self, request: Request<pb::StatsRequest>) -> Reply<pb::StatsResponse> {
@@ -788,7 +812,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         let req = request.into_inner();
         check_stats_filter(&access, &req.queues, &req.topics)?;
         // While someone watches, the shared snapshot is at most one tick old: reuse it.
-        let response = match self.broker.recent_stats() {
+        let mut response = match self.broker.recent_stats() {
             Some(shared) => stats_view(&shared, &req, &access),
             None => stats_view(
                 &self.broker.stats(&req.queues, &req.topics).await?,
@@ -796,6 +820,13 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
                 &access,
             ),
         };
+        let revisions = self.broker.schema_revisions().await?;
+        for q in &mut response.queues {
+            q.schema_revision = revision_of(&revisions, SchemaTarget::queue(&q.name));
+        }
+        for t in &mut response.topics {
+            t.schema_revision = revision_of(&revisions, SchemaTarget::topic(&t.name));
+        }
         Ok(Response::new(response))
     }
 
@@ -859,5 +890,39 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
                 .map(|(name, c)| convert::consumer_info(&name, c))
                 .collect(),
         }))
+    }
+
+    // ---- Message schemas -------------------------------------------------------------------
+
+    async fn set_schema(
+        &self,
+        request: Request<pb::SetSchemaRequest>,
+    ) -> Reply<pb::SetSchemaResponse> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        let target = schema_target(&access, req.target)?;
+        let definition = convert::schema_definition(req.schema)?;
+        let (revision, created) = self.broker.set_schema(&target, definition).await?;
+        Ok(Response::new(pb::SetSchemaResponse { revision, created }))
+    }
+
+    async fn get_schema(
+        &self,
+        request: Request<pb::GetSchemaRequest>,
+    ) -> Reply<pb::GetSchemaResponse> {
+        let access = self.access(&request)?;
+        let target = schema_target(&access, request.into_inner().target)?;
+        let history = self.broker.get_schema(&target).await?;
+        Ok(Response::new(pb::GetSchemaResponse::from(history)))
+    }
+
+    async fn delete_schema(
+        &self,
+        request: Request<pb::DeleteSchemaRequest>,
+    ) -> Reply<pb::DeleteSchemaResponse> {
+        let access = self.access(&request)?;
+        let target = schema_target(&access, request.into_inner().target)?;
+        let deleted_revision = self.broker.delete_schema(&target).await?;
+        Ok(Response::new(pb::DeleteSchemaResponse { deleted_revision }))
     }
 }

@@ -38,6 +38,7 @@ pub use self::recovery::{RecoveryError, RecoveryReport};
 pub(crate) use self::wal::DurableListener;
 
 use crate::broker::domain::error::BrokerError;
+use crate::broker::domain::schema::{SchemaHistory, SchemaTarget};
 use crate::broker::domain::time::Millis;
 use crate::broker::sync::{self, lock};
 
@@ -611,11 +612,12 @@ impl Journal {
         last: u64,
         queues: Vec<SnapshotQueue>,
         topics: Vec<SnapshotTopic>,
+        schemas: &[(SchemaTarget, SchemaHistory)],
         now: Millis,
     ) -> Result<u64, StoreError> {
         // The records before the roll must be on disk before the files holding them go.
         self.wal.wait_written_blocking(last)?;
-        let frames = record::snapshot_frames(base, queues, topics, now);
+        let frames = record::snapshot_frames(base, queues, topics, schemas, now);
         self.wal.install_snapshot(base, &frames)
     }
 
@@ -704,7 +706,7 @@ mod tests {
         let (base, last) = journal.roll();
         let compactor = journal.clone();
         tokio::task::spawn_blocking(move || {
-            compactor.write_snapshot(base, last, Vec::new(), Vec::new(), 1)
+            compactor.write_snapshot(base, last, Vec::new(), Vec::new(), &[], 1)
         })
         .await
         .unwrap()

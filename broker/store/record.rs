@@ -19,6 +19,7 @@ use crate::broker::domain::queue::{
     Backoff, DeadLetter, Job, JobRecord, JobState, JobUpdate, Queue, QueuePolicy, RateLimit,
     Redriven,
 };
+use crate::broker::domain::schema::{SchemaHistory, SchemaTarget};
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{BlockSlice, MessageBlock, MessageRef, Retention};
 
@@ -29,6 +30,8 @@ pub(crate) mod pb {
 }
 
 pub(crate) use pb::op::Op as Kind;
+
+pub(crate) mod schemas;
 
 /// First bytes of every segment and snapshot file (format version 1).
 pub(crate) const FILE_MAGIC: &[u8; 8] = b"SLUICE\x01\n";
@@ -483,6 +486,7 @@ pub(crate) fn snapshot_frames(
     base: u64,
     queues: Vec<SnapshotQueue>,
     topics: Vec<SnapshotTopic>,
+    schemas: &[(SchemaTarget, SchemaHistory)],
     now: Millis,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
@@ -566,6 +570,7 @@ pub(crate) fn snapshot_frames(
             }
         }
     }
+    ops.extend(schemas::snapshot_ops(schemas).into_iter().map(op));
     flush(&mut out, &mut ops);
     let end = pb::Entry {
         at: now,

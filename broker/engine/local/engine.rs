@@ -1,5 +1,6 @@
 //! The in-process engine behind the [`Engine`] interface: each method is the broker's own.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::limits::Limits;
 use crate::broker::domain::observe::Observer;
 use crate::broker::domain::queue::{ConsumerState, Delivery, Enqueued, Job, JobState, NewJob};
+use crate::broker::domain::schema::{SchemaDefinition, SchemaHistory, SchemaTarget};
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::{
@@ -248,5 +250,25 @@ impl Engine for Broker {
 
     fn install_observer(&self, make: impl FnOnce() -> Arc<dyn Observer>) -> Arc<dyn Observer> {
         Broker::install_observer(self, make)
+    }
+
+    async fn set_schema(
+        &self,
+        target: &SchemaTarget,
+        definition: SchemaDefinition,
+    ) -> Result<(u32, bool), BrokerError> {
+        Broker::set_schema(self, target, definition).await
+    }
+
+    async fn get_schema(&self, target: &SchemaTarget) -> Result<SchemaHistory, BrokerError> {
+        Broker::get_schema(self, target)
+    }
+
+    async fn delete_schema(&self, target: &SchemaTarget) -> Result<u32, BrokerError> {
+        Broker::delete_schema(self, target).await
+    }
+
+    async fn schema_revisions(&self) -> Result<HashMap<SchemaTarget, u32>, BrokerError> {
+        Ok(Broker::schema_revisions(self))
     }
 }

@@ -15,6 +15,7 @@ mod background;
 mod catalog;
 mod engine;
 pub(crate) mod queues;
+mod schemas;
 mod storage;
 mod topics;
 
@@ -157,6 +158,8 @@ pub(crate) struct Inner {
     pub(crate) stats: crate::broker::engine::local::stats::StatsHub,
     /// What recovery did at startup (WAL storage only), for Stats.
     recovery: OnceLock<RecoveryReport>,
+    /// Message schemas of queues and topics.
+    schemas: schemas::SchemaRegistry,
 }
 
 /// The broker. Clone it freely: clones share one state.
@@ -186,6 +189,7 @@ impl Broker {
                 observer: OnceLock::new(),
                 journal,
                 recovery: OnceLock::new(),
+                schemas: Default::default(),
                 stats: Default::default(),
                 memory: MemoryBudget::new(config.limits.max_memory_bytes),
                 config,

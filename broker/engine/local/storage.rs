@@ -50,14 +50,16 @@ impl Broker {
         let broker = Self::build(config, Some(journal.clone()));
         let _ = broker.inner.recovery.set(recovered.report.clone());
         broker.install_state(recovered.queues, recovered.topics);
+        broker.install_schemas(recovered.schemas);
         // The recovered state becomes the base of the new log, so every older file (and
         // any torn tail) is gone after this and recovery time stays proportional to the
         // live data. A disk that cannot take it (full, failing) still serves what it
         // holds: the broker starts fail-stopped, read-only.
         let unwritable = recovered.write_failure.or_else(|| {
             let (queues, topics) = broker.capture();
+            let schemas = broker.capture_schemas();
             journal
-                .write_snapshot(first, 0, queues, topics, now_ms())
+                .write_snapshot(first, 0, queues, topics, &schemas, now_ms())
                 .err()
         });
         match unwritable {
@@ -283,13 +285,13 @@ impl Broker {
         let Some(_slot) = journal.compaction_slot() else {
             return Ok(0);
         };
-        let (base, last, queues, topics) = {
+        let (base, last, queues, topics, schemas) = {
             let _exclusive = journal.exclusive();
             let (base, last) = journal.roll();
             let (queues, topics) = self.capture();
-            (base, last, queues, topics)
+            (base, last, queues, topics, self.capture_schemas())
         };
-        Ok(journal.write_snapshot(base, last, queues, topics, now_ms())?)
+        Ok(journal.write_snapshot(base, last, queues, topics, &schemas, now_ms())?)
     }
 
     /// Copies the persistent state of every queue and topic (payloads are shared, not
