@@ -57,6 +57,8 @@ pub enum Command {
     /// Make a new random bearer token and print it with the SHA-256 line for the tokens
     /// file (`--hash` prints the hash of a token read from stdin instead).
     Token(cli::TokenArgs),
+    /// Set, show or delete a queue's or topic's message schema (JSON Schema or protobuf).
+    Schema(cli::schema::SchemaArgs),
 }
 
 /// Where the broker keeps its state.

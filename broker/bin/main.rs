@@ -81,7 +81,8 @@ async fn command(cli: Cli) -> std::process::ExitCode {
         | Command::DeleteJob(_)
         | Command::Limit(_)
         | Command::Consumers(_)
-        | Command::Token(_)) => crate::cli::run(command).await,
+        | Command::Token(_)
+        | Command::Schema(_)) => crate::cli::run(command).await,
         Command::Serve(args) => {
             if let Err(e) = args.check() {
                 eprintln!("sluice: {e}");

@@ -7,6 +7,7 @@
 //! exit code is 1 (2 for bad arguments). Progress of long operations (redrive) goes to
 //! stderr, so stdout stays parseable.
 
+pub mod schema;
 pub mod table;
 
 use std::collections::HashMap;
@@ -669,6 +670,7 @@ pub async fn run(command: crate::config::Command) -> ExitCode {
         Command::Limit(a) => limit(a).await,
         Command::Consumers(a) => consumers(a).await,
         Command::Token(a) => token(a),
+        Command::Schema(a) => schema::schema(a).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
