@@ -34,6 +34,7 @@ mod policy;
 mod producer;
 mod request;
 mod retry;
+mod schema;
 mod subscribe;
 pub mod trace;
 mod transport;
@@ -56,6 +57,7 @@ pub use error::{ClientError, Result, root_cause};
 pub use policy::Policy;
 pub use producer::{Enqueuer, Publisher};
 pub use request::{CORRELATION_ID, ERROR_HEADER, REPLY_TO};
+pub use schema::{SchemaSet, TargetSchema};
 pub use subscribe::{Delivery, StartAt, Subscribe};
 pub use transport::{ConnectOptions, MAX_FRAME_BYTES, Rpc, Transport};
 pub use worker::{

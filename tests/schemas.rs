@@ -561,3 +561,23 @@ async fn the_log_keeps_every_revision_across_a_restart() {
         let _ = served.handle.await;
     }
 }
+
+#[tokio::test]
+async fn the_rust_client_sets_reads_and_deletes_schemas() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let schema = client.topic_schema("user.registered");
+    let set = schema.set_json_schema(USER).await.unwrap();
+    assert_eq!((set.revision, set.created), (1, true));
+    assert!(!schema.set_json_schema(USER).await.unwrap().created);
+    let err = client
+        .publish("user.registered", BAD_EMAIL)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("/user/email"), "{err}");
+    assert_eq!(schema.get().await.unwrap().current_revision, 1);
+    assert_eq!(schema.delete().await.unwrap(), 1);
+    client.publish("user.registered", BAD_EMAIL).await.unwrap();
+    let err = client.queue_schema("nothing").get().await.unwrap_err();
+    assert!(err.to_string().contains("has no schema"), "{err}");
+}
