@@ -139,12 +139,15 @@ async fn set_get_and_history() {
         .await
         .unwrap();
     let s = stats(&mut rpc).await;
-    let t = s
-        .topics
-        .iter()
-        .find(|t| t.name == "user.registered")
-        .unwrap();
-    assert_eq!(t.schema_revision, 2);
+    assert_eq!(topic_stats(&s, "user.registered").schema_revision, 2);
+    let mut watched = rpc
+        .watch_stats(pb::WatchStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let frame = watched.message().await.unwrap().expect("a frame");
+    assert_eq!(topic_stats(&frame, "user.registered").schema_revision, 2);
+    drop(watched);
 
     // Deleting keeps the history and numbering goes on.
     let deleted = rpc

@@ -227,6 +227,16 @@ fn revision_of(revisions: &HashMap<SchemaTarget, u32>, target: SchemaTarget) -> 
     revisions.get(&target).copied().unwrap_or(0)
 }
 
+/// Fills in each queue's and topic's current schema revision.
+fn add_schema_revisions(stats: &mut pb::StatsResponse, revisions: &HashMap<SchemaTarget, u32>) {
+    for q in &mut stats.queues {
+        q.schema_revision = revision_of(revisions, SchemaTarget::queue(&q.name));
+    }
+    for t in &mut stats.topics {
+        t.schema_revision = revision_of(revisions, SchemaTarget::topic(&t.name));
+    }
+}
+
 /// A schema RPC's target, after checking the caller has `admin` on it.
 fn schema_target(
     access: &Access,
@@ -820,13 +830,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
                 &access,
             ),
         };
-        let revisions = self.broker.schema_revisions().await?;
-        for q in &mut response.queues {
-            q.schema_revision = revision_of(&revisions, SchemaTarget::queue(&q.name));
-        }
-        for t in &mut response.topics {
-            t.schema_revision = revision_of(&revisions, SchemaTarget::topic(&t.name));
-        }
+        add_schema_revisions(&mut response, &self.broker.schema_revisions().await?);
         Ok(Response::new(response))
     }
 
@@ -856,18 +860,24 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = stream.ends_on.clone().cancelled_owned();
         let watch = self.broker.watch_stats();
+        let broker = self.broker.clone();
         // Successive frames are at least 90% of the interval apart in `taken_at` (the
         // shared snapshot's ticks jitter a little), so no frame repeats the last one.
         let spacing = interval_ms - interval_ms / 10;
         let snapshots = futures::stream::unfold(
             (interval, watch, 0),
             move |(mut interval, mut watch, last)| {
-                let (filter, access) = (filter.clone(), access.clone());
+                let (filter, access, broker) = (filter.clone(), access.clone(), broker.clone());
                 async move {
                     interval.tick().await;
                     let due = if last == 0 { 0 } else { last + spacing };
                     let snapshot = watch.taken_since(due).await?;
-                    let view = stats_view(&snapshot, &filter, &access);
+                    let mut view = stats_view(&snapshot, &filter, &access);
+                    // A frame without them rather than none: the counters still stand.
+                    match broker.schema_revisions().await {
+                        Ok(revisions) => add_schema_revisions(&mut view, &revisions),
+                        Err(e) => tracing::warn!(error = %e, "WatchStats: no schema revisions"),
+                    }
                     Some((Ok(view), (interval, watch, snapshot.taken_at)))
                 }
             },
