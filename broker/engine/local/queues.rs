@@ -15,7 +15,7 @@ use crate::broker::domain::queue::{
     DeadLetter, Delivery, Enqueued, FailOutcome, Job, JobState, LeaseId, MAX_VISIBILITY_MS, NewJob,
     Queue, QueuePolicy,
 };
-use crate::broker::domain::schema::SchemaTarget;
+use crate::broker::domain::schema::TargetKind;
 use crate::broker::domain::time::{Millis, now_ms};
 use crate::broker::engine::checks;
 use crate::broker::engine::local::memory::Accounted;
@@ -105,7 +105,8 @@ impl Broker {
         let limits = &self.inner.config.limits;
         let jobs = checks::enqueue(limits, queue, jobs)?;
         self.check_schema(
-            SchemaTarget::queue(queue),
+            TargetKind::Queue,
+            queue,
             "jobs",
             jobs.iter().map(|j| (&j.payload[..], &j.headers)),
         )?;

@@ -8,7 +8,9 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::limits::Headers;
-use crate::broker::domain::schema::{ActiveSchema, SchemaDefinition, SchemaHistory, SchemaTarget};
+use crate::broker::domain::schema::{
+    ActiveSchema, SchemaDefinition, SchemaHistory, SchemaTarget, TargetKind,
+};
 use crate::broker::domain::time::now_ms;
 use crate::broker::engine::local::Broker;
 
@@ -45,6 +47,11 @@ impl SchemaRegistry {
         self.read().get(target).and_then(|e| e.active.clone())
     }
 
+    /// Whether no target has ever had a schema: the hot paths' one check then.
+    fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, HashMap<SchemaTarget, Entry>> {
         self.targets.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -77,10 +84,18 @@ impl Broker {
     /// [`ActiveSchema::check_batch`]). `entries` names the request's list.
     pub(in crate::broker) fn check_schema<'a>(
         &self,
-        target: SchemaTarget,
+        kind: TargetKind,
+        name: &str,
         entries: &str,
         batch: impl Iterator<Item = (&'a [u8], &'a Headers)>,
     ) -> Result<(), BrokerError> {
+        if self.inner.schemas.is_empty() {
+            return Ok(());
+        }
+        let target = SchemaTarget {
+            kind,
+            name: name.to_owned(),
+        };
         match self.inner.schemas.active(&target) {
             Some(schema) => schema.check_batch(&target, entries, batch),
             None => Ok(()),
