@@ -343,6 +343,17 @@ async fn a_replaced_schema_applies_to_new_messages_only() {
     let queues = list_queues(&mut rpc).await;
     let orders = queues.iter().find(|q| q.name == "orders").unwrap();
     assert_eq!(orders.schema_revision, 2);
+    // The schema belongs to the name: a deleted and re-created queue keeps it.
+    rpc.delete_queue(pb::DeleteQueueRequest {
+        name: "orders".into(),
+    })
+    .await
+    .unwrap();
+    assert_refused(
+        rpc.enqueue(jobs("orders", &[r#"{"id": 4}"#])).await,
+        Code::InvalidArgument,
+        &["schema revision 2"],
+    );
 }
 
 #[tokio::test]
