@@ -171,6 +171,15 @@ async fn set_get_and_history() {
     );
     let third = set(&mut rpc, json_schema(topic("user.registered"), USER)).await;
     assert_eq!(third.revision, 3);
+    let info = rpc
+        .create_topic(pb::CreateTopicRequest {
+            name: "user.registered".into(),
+            retention: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.schema_revision, 3);
     assert_refused(
         rpc.get_schema(pb::GetSchemaRequest {
             target: queue("never.had.one"),
@@ -343,6 +352,14 @@ async fn a_replaced_schema_applies_to_new_messages_only() {
     let queues = list_queues(&mut rpc).await;
     let orders = queues.iter().find(|q| q.name == "orders").unwrap();
     assert_eq!(orders.schema_revision, 2);
+    let paused = rpc
+        .pause_queue(pb::PauseQueueRequest {
+            name: "orders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.schema_revision, 2);
     // The schema belongs to the name: a deleted and re-created queue keeps it.
     rpc.delete_queue(pb::DeleteQueueRequest {
         name: "orders".into(),

@@ -23,7 +23,7 @@ use crate::broker::domain::schema::{SchemaTarget, TargetKind};
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::{
     ConsumeCommands, ConsumeEvent, ConsumeSpec, Engine, LeaseParams, Logged, PolicyPatch,
-    StatsSnapshot,
+    QueueInfo, StatsSnapshot,
 };
 use crate::broker::grpc::wire::{
     EncodedConsumeResponse, EncodedEnqueueResponse, EncodedEnqueueStreamResponse,
@@ -97,6 +97,28 @@ impl<E: Engine> BrokerService<E> {
                 guard: None,
             },
         }
+    }
+}
+
+impl<E: Engine> BrokerService<E> {
+    /// The current schema revision of `target` (0: none).
+    async fn schema_revision(&self, target: SchemaTarget) -> Result<u32, BrokerError> {
+        match self.broker.get_schema(&target).await {
+            Ok(history) => Ok(history.current),
+            Err(BrokerError::NotFound(_)) => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A queue's description as the admin RPCs answer it, with its schema revision.
+    async fn queue_info(&self, info: QueueInfo) -> Reply<pb::QueueInfo> {
+        let schema_revision = self
+            .schema_revision(SchemaTarget::queue(&info.name))
+            .await?;
+        Ok(Response::new(pb::QueueInfo {
+            schema_revision,
+            ..pb::QueueInfo::from(info)
+        }))
     }
 }
 
@@ -447,9 +469,11 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         access.check(Action::Admin, "name", &req.name)?;
         let retention = Retention::from(req.retention.unwrap_or_default());
         let effective = self.broker.create_topic(&req.name, retention).await?;
+        let schema_revision = self.schema_revision(SchemaTarget::topic(&req.name)).await?;
         Ok(Response::new(pb::TopicInfo {
             name: req.name,
             retention: Some(effective.into()),
+            schema_revision,
         }))
     }
 
@@ -729,7 +753,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         let patch = convert::policy_patch(req.policy, false);
         check_policy_reach(&access, &patch)?;
         let info = self.broker.create_queue(&req.name, patch).await?;
-        Ok(Response::new(info.into()))
+        self.queue_info(info).await
     }
 
     async fn update_queue(&self, request: Request<pb::UpdateQueueRequest>) -> Reply<pb::QueueInfo> {
@@ -739,7 +763,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         let patch = convert::policy_patch(req.policy, true);
         check_policy_reach(&access, &patch)?;
         let info = self.broker.update_queue(&req.name, patch).await?;
-        Ok(Response::new(info.into()))
+        self.queue_info(info).await
     }
 
     async fn purge_queue(
@@ -769,7 +793,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         let name = request.into_inner().name;
         access.check(Action::Admin, "name", &name)?;
         let info = self.broker.set_paused(&name, true).await?;
-        Ok(Response::new(info.into()))
+        self.queue_info(info).await
     }
 
     async fn resume_queue(&self, request: Request<pb::ResumeQueueRequest>) -> Reply<pb::QueueInfo> {
@@ -777,7 +801,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         let name = request.into_inner().name;
         access.check(Action::Admin, "name", &name)?;
         let info = self.broker.set_paused(&name, false).await?;
-        Ok(Response::new(info.into()))
+        self.queue_info(info).await
     }
 
     async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Reply<pb::RedriveResponse> {
