@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use prost_reflect::{
-    DescriptorPool, DynamicMessage, MessageDescriptor, ReflectMessage, Value as ProtoValue,
+    DescriptorPool, DynamicMessage, MapKey, MessageDescriptor, ReflectMessage, Value as ProtoValue,
 };
 
 use crate::broker::domain::error::BrokerError;
@@ -397,8 +397,20 @@ fn check_value(value: &ProtoValue, path: &str) -> Result<(), Violation> {
             .try_for_each(|(i, v)| check_value(v, &format!("{path}[{i}]"))),
         ProtoValue::Map(entries) => entries
             .iter()
-            .try_for_each(|(k, v)| check_value(v, &format!("{path}[{k:?}]"))),
+            .try_for_each(|(k, v)| check_value(v, &format!("{path}[{}]", map_key(k)))),
         _ => Ok(()),
+    }
+}
+
+/// A map entry's key as a path shows it: `["sku"]`, `[7]`, `[true]`.
+fn map_key(key: &MapKey) -> String {
+    match key {
+        MapKey::String(s) => format!("{s:?}"),
+        MapKey::Bool(b) => b.to_string(),
+        MapKey::I32(n) => n.to_string(),
+        MapKey::I64(n) => n.to_string(),
+        MapKey::U32(n) => n.to_string(),
+        MapKey::U64(n) => n.to_string(),
     }
 }
 
@@ -572,7 +584,7 @@ mod tests {
             r#"syntax = "proto2";
             package shop.v1;
             message Item { required string sku = 1; optional uint32 count = 2; }
-            message Order { optional string id = 1; repeated Item items = 2; }
+            message Order { optional string id = 1; repeated Item items = 2; map<string, Item> by_sku = 3; }
             "#,
         )
         .expect("write proto");
@@ -627,6 +639,24 @@ mod tests {
             .validator
             .check(&good)
             .expect("a complete order passes");
+
+        // A map value is walked too, and its key shows in the path.
+        let mut keyed = order_msg.clone();
+        keyed.set_field_by_name(
+            "by_sku",
+            ProtoValue::Map(
+                [(
+                    MapKey::String("A-1".into()),
+                    ProtoValue::Message(DynamicMessage::new(item.clone())),
+                )]
+                .into(),
+            ),
+        );
+        let (_, path, rule) = violation(refusal(&schema, &[&encode(&keyed)]));
+        assert_eq!(
+            (path.as_str(), rule.as_str()),
+            ("by_sku[\"A-1\"].sku", "required")
+        );
 
         // Field 9 as a varint: Order has no field 9.
         let mut unknown = good.clone();
