@@ -35,6 +35,7 @@ mod producer;
 mod request;
 mod retry;
 mod schedule;
+mod schema;
 mod subscribe;
 pub mod trace;
 mod transport;
@@ -58,6 +59,7 @@ pub use policy::Policy;
 pub use producer::{Enqueuer, Publisher};
 pub use request::{CORRELATION_ID, ERROR_HEADER, REPLY_TO};
 pub use schedule::ScheduleSpec;
+pub use schema::{SchemaSet, TargetSchema};
 pub use subscribe::{Delivery, StartAt, Subscribe};
 pub use transport::{ConnectOptions, MAX_FRAME_BYTES, Rpc, Transport};
 pub use worker::{

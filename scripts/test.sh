@@ -46,7 +46,7 @@ echo "== the integration tests again, served by the Redis engine (a redis-server
 SLUICE_TEST_ENGINE=redis cargo nextest run --no-fail-fast \
   --test queues --test topics --test consume --test worker --test errors \
   --test lifecycle --test producer_streams --test balance --test queue_typos \
-  --test ops_console --test tracing --test schedules
+  --test ops_console --test tracing --test schedules --test schemas
 
 echo "== Rust doc tests"
 cargo test --doc --quiet

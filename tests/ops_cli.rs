@@ -399,6 +399,78 @@ async fn cli_marks_a_queue_only_consumers_name() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_sets_shows_and_deletes_a_schema() {
+    let h = Harness::start(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("signup.json");
+    std::fs::write(&file, r#"{"required": ["email"]}"#).unwrap();
+    let file = file.to_str().unwrap();
+    let set = ok(
+        &h,
+        &[
+            "schema",
+            "set",
+            "--queue",
+            "ops.signups",
+            "--json-schema",
+            file,
+        ],
+    )
+    .await;
+    assert_eq!(set, "queue \"ops.signups\": schema revision 1 set\n");
+    let again = json(
+        &h,
+        &[
+            "schema",
+            "set",
+            "--json",
+            "--queue",
+            "ops.signups",
+            "--json-schema",
+            file,
+        ],
+    )
+    .await;
+    assert_eq!(again["revision"], 1);
+    assert_eq!(again["created"], false);
+
+    let refused = sluice(&h, &["enqueue", "ops.signups", r#"{"name": "x"}"#]).await;
+    assert!(!refused.status.success());
+    let err = String::from_utf8(refused.stderr).unwrap();
+    assert!(
+        err.contains("INVALID_ARGUMENT") && err.contains("rule: required"),
+        "{err}"
+    );
+    ok(&h, &["enqueue", "ops.signups", r#"{"email": "a@b.c"}"#]).await;
+
+    let got = json(&h, &["schema", "get", "--json", "--queue", "ops.signups"]).await;
+    assert_eq!(got["current_revision"], 1);
+    assert_eq!(got["history"][0]["kind"], "json_schema");
+    assert_eq!(
+        got["history"][0]["schema"]["text"],
+        r#"{"required": ["email"]}"#
+    );
+    let queues = json(&h, &["queues", "--json"]).await;
+    let signups = queues["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "ops.signups")
+        .unwrap();
+    assert_eq!(signups["stats"]["schema_revision"], 1);
+
+    let deleted = ok(&h, &["schema", "delete", "--queue", "ops.signups"]).await;
+    assert!(deleted.contains("schema revision 1 deleted"), "{deleted}");
+    let gone = sluice(&h, &["schema", "delete", "--queue", "ops.signups"]).await;
+    assert!(!gone.status.success());
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("NOT_FOUND"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_dead_jobs_redrive_purge_and_errors() {
     let h = Harness::start(200).await;
     let mut c = h.rpc().await;

@@ -367,6 +367,25 @@ async fn dashboard_updates_live_in_chromium() {
     assert_eq!(topic["published"], "5");
     assert_eq!(topic["subscribers"], "1");
     assert_eq!(topic["range"], "1 .. 5");
+    assert_eq!(topic["schema_revision"], "-");
+    // A schema set on the topic shows as its revision.
+    c.set_schema(pb::SetSchemaRequest {
+        target: Some(pb::SchemaTarget {
+            target: Some(pb::schema_target::Target::Topic("user.registered".into())),
+        }),
+        schema: Some(pb::set_schema_request::Schema::JsonSchema(pb::JsonSchema {
+            text: r#"{"type": "object"}"#.into(),
+        })),
+    })
+    .await
+    .unwrap();
+    cdp.wait_for(
+        s,
+        &row_js("tr[data-topic=\"user.registered\"]"),
+        "the user.registered topic's schema revision",
+        |v| v["schema_revision"] == "rev 1",
+    )
+    .await;
     let worker = cdp
         .wait_for(
             s,

@@ -298,6 +298,19 @@ async fn call_every_rpc(rpc: &mut Rpc) -> Vec<(&'static str, Result<(), tonic::S
         "ListSchedules",
         rpc.list_schedules(pb::ListSchedulesRequest::default())
     );
+    call!("SetSchema", rpc.set_schema(set_schema("emails")));
+    call!(
+        "GetSchema",
+        rpc.get_schema(pb::GetSchemaRequest {
+            target: queue_target("emails"),
+        })
+    );
+    call!(
+        "DeleteSchema",
+        rpc.delete_schema(pb::DeleteSchemaRequest {
+            target: queue_target("emails"),
+        })
+    );
     outcomes
 }
 
@@ -311,6 +324,21 @@ fn schedule(name: &str, queue: &str) -> pb::ScheduleSpec {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+fn queue_target(queue: &str) -> Option<pb::SchemaTarget> {
+    Some(pb::SchemaTarget {
+        target: Some(pb::schema_target::Target::Queue(queue.into())),
+    })
+}
+
+fn set_schema(queue: &str) -> pb::SetSchemaRequest {
+    pb::SetSchemaRequest {
+        target: queue_target(queue),
+        schema: Some(pb::set_schema_request::Schema::JsonSchema(pb::JsonSchema {
+            text: "{}".into(),
+        })),
     }
 }
 
@@ -384,12 +412,47 @@ async fn managing_a_schedule_needs_admin_on_its_queue() {
 }
 
 #[tokio::test]
+async fn schemas_need_admin_on_their_target() {
+    let b = broker_with_tokens().await;
+    let mut producer = rpc_with(&b, PRODUCER).await;
+    let mut team = rpc_with(&b, TEAM).await;
+    assert_refused(
+        producer.set_schema(set_schema("emails")).await,
+        Code::PermissionDenied,
+        &["target.queue: token \"producer\" may not admin \"emails\""],
+    );
+    assert_refused(
+        team.set_schema(set_schema("emails")).await,
+        Code::PermissionDenied,
+        &["may not admin \"emails\""],
+    );
+    team.set_schema(set_schema("team.signups")).await.unwrap();
+    let got = team
+        .get_schema(pb::GetSchemaRequest {
+            target: queue_target("team.signups"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.current_revision, 1);
+    assert_refused(
+        producer
+            .get_schema(pb::GetSchemaRequest {
+                target: queue_target("team.signups"),
+            })
+            .await,
+        Code::PermissionDenied,
+        &["may not admin"],
+    );
+}
+
+#[tokio::test]
 async fn every_broker_rpc_needs_a_known_token_and_health_does_not() {
     let b = broker_with_tokens().await;
     let mut anonymous = b.rpc().await;
     let outcomes = within(call_every_rpc(&mut anonymous)).await;
     // One entry per RPC of the service: a new RPC must be added here.
-    assert_eq!(outcomes.len(), 34);
+    assert_eq!(outcomes.len(), 37);
     for (rpc, outcome) in outcomes {
         let status = outcome.expect_err(rpc);
         assert_eq!(status.code(), Code::Unauthenticated, "{rpc}: {status:?}");

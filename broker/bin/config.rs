@@ -59,6 +59,8 @@ pub enum Command {
     Token(cli::TokenArgs),
     /// Manage recurring schedules: list, create, update, delete, pause, resume.
     Schedules(cli::schedules::SchedulesArgs),
+    /// Set, show or delete a queue's or topic's message schema (JSON Schema or protobuf).
+    Schema(cli::schema::SchemaArgs),
 }
 
 /// Where the broker keeps its state.

@@ -82,7 +82,8 @@ async fn command(cli: Cli) -> std::process::ExitCode {
         | Command::Limit(_)
         | Command::Consumers(_)
         | Command::Token(_)
-        | Command::Schedules(_)) => crate::cli::run(command).await,
+        | Command::Schedules(_)
+        | Command::Schema(_)) => crate::cli::run(command).await,
         Command::Serve(args) => {
             if let Err(e) = args.check() {
                 eprintln!("sluice: {e}");

@@ -14,6 +14,35 @@ pub enum BrokerError {
         /// What is wrong with it, with the limit and the value.
         problem: String,
     },
+    /// A payload does not match the schema of its queue or topic (INVALID_ARGUMENT):
+    /// which entry, where in the payload and which rule. Nothing of the batch is written.
+    #[error(
+        "{entry} does not match schema revision {revision} of {target}: at {path:?}: {detail} (rule: {rule})"
+    )]
+    SchemaViolation {
+        /// The request field, e.g. `jobs[3].payload`.
+        entry: String,
+        /// The queue or topic, e.g. `topic "user.registered"`.
+        target: String,
+        /// The schema revision checked against.
+        revision: u32,
+        /// Where in the payload: a JSON pointer (`/user/email`) or a protobuf field path.
+        path: String,
+        /// The rule broken, e.g. `required`, `type`, `format "email"`.
+        rule: String,
+        /// The validator's words.
+        detail: String,
+    },
+    /// The Redis engine's script found a newer schema than the node checked the batch
+    /// with, and wrote nothing. The node reloads the schema and checks again; a client
+    /// sees this only if the schema kept changing through every retry (UNAVAILABLE).
+    #[error(
+        "the schema changed (now revision {revision}) while the request was checked; nothing was written: send it again"
+    )]
+    SchemaStale {
+        /// The revision the script found current.
+        revision: u32,
+    },
     /// The named queue, topic, job or lease does not exist (NOT_FOUND).
     #[error("{0}")]
     NotFound(String),

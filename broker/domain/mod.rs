@@ -10,5 +10,6 @@ pub(super) mod observe;
 pub(super) mod queue;
 pub(super) mod rate;
 pub(super) mod schedule;
+pub(super) mod schema;
 pub(super) mod time;
 pub(super) mod topic;

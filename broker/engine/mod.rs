@@ -13,6 +13,7 @@ pub(crate) mod checks;
 pub(crate) mod local;
 pub(crate) mod redis;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::broker::domain::limits::Limits;
 use crate::broker::domain::observe::Observer;
 use crate::broker::domain::queue::{ConsumerState, Delivery, Enqueued, Job, JobState, NewJob};
 use crate::broker::domain::schedule::{Schedule, ScheduleSpec};
+use crate::broker::domain::schema::{SchemaDefinition, SchemaHistory, SchemaTarget};
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 
@@ -280,4 +282,32 @@ pub trait Engine: sealed::Sealed + Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Schedule, BrokerError>> + Send;
     /// Every schedule, by name.
     fn list_schedules(&self) -> impl Future<Output = Result<Vec<Schedule>, BrokerError>> + Send;
+
+    // ---- Message schemas (see `domain::schema`) --------------------------------------
+
+    /// Makes `definition` the target's schema (compiled first: a bad one changes
+    /// nothing); returns the current revision and whether it is new (setting the current
+    /// schema again changes nothing). Every Publish or Enqueue that starts after this
+    /// returns is checked against it, on every node.
+    fn set_schema(
+        &self,
+        target: &SchemaTarget,
+        definition: SchemaDefinition,
+    ) -> impl Future<Output = Result<(u32, bool), BrokerError>> + Send;
+    /// A target's revisions and which is current; NOT_FOUND if it never had a schema.
+    fn get_schema(
+        &self,
+        target: &SchemaTarget,
+    ) -> impl Future<Output = Result<SchemaHistory, BrokerError>> + Send;
+    /// Stops validating a target (its history stays); returns the revision that was
+    /// current. NOT_FOUND if none was.
+    fn delete_schema(
+        &self,
+        target: &SchemaTarget,
+    ) -> impl Future<Output = Result<u32, BrokerError>> + Send;
+    /// The current revision of every target that has a schema now (for Stats and
+    /// ListQueues).
+    fn schema_revisions(
+        &self,
+    ) -> impl Future<Output = Result<HashMap<SchemaTarget, u32>, BrokerError>> + Send;
 }

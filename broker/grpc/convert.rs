@@ -18,6 +18,9 @@ use crate::broker::domain::queue::{
 use crate::broker::domain::schedule::{
     JobTemplate, MissedTicks, Overlap, Schedule, ScheduleSpec, Trigger,
 };
+use crate::broker::domain::schema::{
+    SchemaDefinition, SchemaHistory, SchemaRevision, SchemaTarget,
+};
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::local::consume::{ConsumeCommands, NackCommand};
@@ -250,6 +253,8 @@ impl From<QueueInfo> for pb::QueueInfo {
             policy: Some(pb::QueuePolicy::from(&info.policy)),
             name: info.name,
             paused: info.paused,
+            // Filled in by ListQueues from the engine's schema revisions.
+            schema_revision: 0,
         }
     }
 }
@@ -301,6 +306,8 @@ pub(super) fn queue_stats(name: &str, c: &QueueCounts) -> pb::QueueStats {
         rate_limited_ms: c.rate_limited_ms,
         in_flight_limited_ms: c.in_flight_limited_ms,
         created_by_consumer: c.created_by_consumer,
+        // Filled in by Stats from the engine's schema revisions.
+        schema_revision: 0,
     }
 }
 
@@ -316,6 +323,8 @@ impl From<&TopicCounts> for pb::TopicStats {
             gaps: t.gaps,
             publish_rate: t.publish_rate,
             published: t.published,
+            // Filled in by Stats from the engine's schema revisions.
+            schema_revision: 0,
         }
     }
 }
@@ -618,6 +627,80 @@ impl From<&Schedule> for pb::ScheduleInfo {
             skipped_missed: r.skipped_missed,
             skipped_overlap: r.skipped_overlap,
             created_unix_ms: s.created_ms,
+        }
+    }
+}
+
+// ---- Message schemas ------------------------------------------------------------------------
+
+/// A schema request's target, its name checked.
+pub(super) fn schema_target(target: Option<pb::SchemaTarget>) -> Result<SchemaTarget, BrokerError> {
+    use pb::schema_target::Target;
+    match target.and_then(|t| t.target) {
+        Some(Target::Queue(name)) => {
+            validate_name("target.queue", &name)?;
+            Ok(SchemaTarget::queue(&name))
+        }
+        Some(Target::Topic(name)) => {
+            validate_name("target.topic", &name)?;
+            Ok(SchemaTarget::topic(&name))
+        }
+        None => Err(BrokerError::invalid(
+            "target",
+            "must name a queue (`queue`) or a topic (`topic`)",
+        )),
+    }
+}
+
+/// A SetSchema request's schema.
+pub(super) fn schema_definition(
+    schema: Option<pb::set_schema_request::Schema>,
+) -> Result<SchemaDefinition, BrokerError> {
+    use pb::set_schema_request::Schema;
+    match schema {
+        Some(Schema::JsonSchema(j)) => Ok(SchemaDefinition::JsonSchema { text: j.text }),
+        Some(Schema::Protobuf(p)) => Ok(SchemaDefinition::Protobuf {
+            descriptor_set: p.descriptor_set,
+            message_type: p.message_type,
+        }),
+        None => Err(BrokerError::invalid(
+            "schema",
+            "must be set: `json_schema` or `protobuf`",
+        )),
+    }
+}
+
+impl From<SchemaRevision> for pb::SchemaRevision {
+    fn from(r: SchemaRevision) -> Self {
+        use pb::schema_revision::Schema;
+        Self {
+            revision: r.revision,
+            created_unix_ms: r.created_at,
+            schema: Some(match r.definition {
+                SchemaDefinition::JsonSchema { text } => {
+                    Schema::JsonSchema(pb::JsonSchema { text })
+                }
+                SchemaDefinition::Protobuf {
+                    descriptor_set,
+                    message_type,
+                } => Schema::Protobuf(pb::ProtobufSchema {
+                    descriptor_set,
+                    message_type,
+                }),
+            }),
+        }
+    }
+}
+
+impl From<SchemaHistory> for pb::GetSchemaResponse {
+    fn from(h: SchemaHistory) -> Self {
+        Self {
+            current_revision: h.current,
+            history: h
+                .revisions
+                .into_iter()
+                .map(pb::SchemaRevision::from)
+                .collect(),
         }
     }
 }

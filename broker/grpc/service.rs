@@ -1,6 +1,7 @@
 //! The gRPC service: checks each request's access and calls the broker. The conversions
 //! between `sluice.v1` messages and domain types live in `grpc::convert`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,11 +19,12 @@ use crate::broker::auth::{
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::names::{Pattern, validate_name};
 use crate::broker::domain::queue::Enqueued;
+use crate::broker::domain::schema::{SchemaTarget, TargetKind};
 use crate::broker::domain::time::now_ms;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::{
     ConsumeCommands, ConsumeEvent, ConsumeSpec, Engine, LeaseParams, Logged, PolicyPatch,
-    StatsSnapshot,
+    QueueInfo, StatsSnapshot,
 };
 use crate::broker::grpc::wire::{
     EncodedConsumeResponse, EncodedEnqueueResponse, EncodedEnqueueStreamResponse,
@@ -96,6 +98,28 @@ impl<E: Engine> BrokerService<E> {
                 guard: None,
             },
         }
+    }
+}
+
+impl<E: Engine> BrokerService<E> {
+    /// The current schema revision of `target` (0: none).
+    async fn schema_revision(&self, target: SchemaTarget) -> Result<u32, BrokerError> {
+        match self.broker.get_schema(&target).await {
+            Ok(history) => Ok(history.current),
+            Err(BrokerError::NotFound(_)) => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A queue's description as the admin RPCs answer it, with its schema revision.
+    async fn queue_info(&self, info: QueueInfo) -> Reply<pb::QueueInfo> {
+        let schema_revision = self
+            .schema_revision(SchemaTarget::queue(&info.name))
+            .await?;
+        Ok(Response::new(pb::QueueInfo {
+            schema_revision,
+            ..pb::QueueInfo::from(info)
+        }))
     }
 }
 
@@ -219,6 +243,35 @@ fn stats_view(s: &StatsSnapshot, filter: &pb::StatsRequest, access: &Access) -> 
         memory_used_bytes: if sees_memory { s.memory_used_bytes } else { 0 },
         storage: Some(pb::StorageStats::from(&s.storage)),
     }
+}
+
+/// A target's current schema revision (0: none).
+fn revision_of(revisions: &HashMap<SchemaTarget, u32>, target: SchemaTarget) -> u32 {
+    revisions.get(&target).copied().unwrap_or(0)
+}
+
+/// Fills in each queue's and topic's current schema revision.
+fn add_schema_revisions(stats: &mut pb::StatsResponse, revisions: &HashMap<SchemaTarget, u32>) {
+    for q in &mut stats.queues {
+        q.schema_revision = revision_of(revisions, SchemaTarget::queue(&q.name));
+    }
+    for t in &mut stats.topics {
+        t.schema_revision = revision_of(revisions, SchemaTarget::topic(&t.name));
+    }
+}
+
+/// A schema RPC's target, after checking the caller has `admin` on it.
+fn schema_target(
+    access: &Access,
+    target: Option<pb::SchemaTarget>,
+) -> Result<SchemaTarget, BrokerError> {
+    let target = convert::schema_target(target)?;
+    let field = match target.kind {
+        TargetKind::Queue => "target.queue",
+        TargetKind::Topic => "target.topic",
+    };
+    access.check(Action::Admin, field, &target.name)?;
+    Ok(target)
 }
 
 fn peer(req: &Request<impl Sized>) -> String {
@@ -417,9 +470,11 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         access.check(Action::Admin, "name", &req.name)?;
         let retention = Retention::from(req.retention.unwrap_or_default());
         let effective = self.broker.create_topic(&req.name, retention).await?;
+        let schema_revision = self.schema_revision(SchemaTarget::topic(&req.name)).await?;
         Ok(Response::new(pb::TopicInfo {
             name: req.name,
             retention: Some(effective.into()),
+            schema_revision,
         }))
     }
 
@@ -699,7 +754,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         let patch = convert::policy_patch(req.policy, false);
         check_policy_reach(&access, &patch)?;
         let info = self.broker.create_queue(&req.name, patch).await?;
-        Ok(Response::new(info.into()))
+        self.queue_info(info).await
     }
 
     async fn update_queue(&self, request: Request<pb::UpdateQueueRequest>) -> Reply<pb::QueueInfo> {
@@ -709,7 +764,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         let patch = convert::policy_patch(req.policy, true);
         check_policy_reach(&access, &patch)?;
         let info = self.broker.update_queue(&req.name, patch).await?;
-        Ok(Response::new(info.into()))
+        self.queue_info(info).await
     }
 
     async fn purge_queue(
@@ -739,7 +794,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         let name = request.into_inner().name;
         access.check(Action::Admin, "name", &name)?;
         let info = self.broker.set_paused(&name, true).await?;
-        Ok(Response::new(info.into()))
+        self.queue_info(info).await
     }
 
     async fn resume_queue(&self, request: Request<pb::ResumeQueueRequest>) -> Reply<pb::QueueInfo> {
@@ -747,7 +802,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         let name = request.into_inner().name;
         access.check(Action::Admin, "name", &name)?;
         let info = self.broker.set_paused(&name, false).await?;
-        Ok(Response::new(info.into()))
+        self.queue_info(info).await
     }
 
     async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Reply<pb::RedriveResponse> {
@@ -772,16 +827,19 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         request: Request<pb::ListQueuesRequest>,
     ) -> Reply<pb::ListQueuesResponse> {
         let access = self.access(&request)?;
-        Ok(Response::new(pb::ListQueuesResponse {
-            queues: self
-                .broker
-                .list_queues()
-                .await?
-                .into_iter()
-                .filter(|q| access.allows_name(Action::Admin, &q.name))
-                .map(pb::QueueInfo::from)
-                .collect(),
-        }))
+        let mut queues: Vec<pb::QueueInfo> = self
+            .broker
+            .list_queues()
+            .await?
+            .into_iter()
+            .filter(|q| access.allows_name(Action::Admin, &q.name))
+            .map(pb::QueueInfo::from)
+            .collect();
+        let revisions = self.broker.schema_revisions().await?;
+        for q in &mut queues {
+            q.schema_revision = revision_of(&revisions, SchemaTarget::queue(&q.name));
+        }
+        Ok(Response::new(pb::ListQueuesResponse { queues }))
     }
 
     async fn stats(&self, request: Request<pb::StatsRequest>) -> Reply<pb::StatsResponse> {
@@ -789,7 +847,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         let req = request.into_inner();
         check_stats_filter(&access, &req.queues, &req.topics)?;
         // While someone watches, the shared snapshot is at most one tick old: reuse it.
-        let response = match self.broker.recent_stats() {
+        let mut response = match self.broker.recent_stats() {
             Some(shared) => stats_view(&shared, &req, &access),
             None => stats_view(
                 &self.broker.stats(&req.queues, &req.topics).await?,
@@ -797,6 +855,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
                 &access,
             ),
         };
+        add_schema_revisions(&mut response, &self.broker.schema_revisions().await?);
         Ok(Response::new(response))
     }
 
@@ -826,18 +885,24 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = stream.ends_on.clone().cancelled_owned();
         let watch = self.broker.watch_stats();
+        let broker = self.broker.clone();
         // Successive frames are at least 90% of the interval apart in `taken_at` (the
         // shared snapshot's ticks jitter a little), so no frame repeats the last one.
         let spacing = interval_ms - interval_ms / 10;
         let snapshots = futures::stream::unfold(
             (interval, watch, 0),
             move |(mut interval, mut watch, last)| {
-                let (filter, access) = (filter.clone(), access.clone());
+                let (filter, access, broker) = (filter.clone(), access.clone(), broker.clone());
                 async move {
                     interval.tick().await;
                     let due = if last == 0 { 0 } else { last + spacing };
                     let snapshot = watch.taken_since(due).await?;
-                    let view = stats_view(&snapshot, &filter, &access);
+                    let mut view = stats_view(&snapshot, &filter, &access);
+                    // A frame without them rather than none: the counters still stand.
+                    match broker.schema_revisions().await {
+                        Ok(revisions) => add_schema_revisions(&mut view, &revisions),
+                        Err(e) => tracing::warn!(error = %e, "WatchStats: no schema revisions"),
+                    }
                     Some((Ok(view), (interval, watch, snapshot.taken_at)))
                 }
             },
@@ -938,6 +1003,40 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
                 .map(pb::ScheduleInfo::from)
                 .collect(),
         }))
+    }
+
+    // ---- Message schemas -------------------------------------------------------------------
+
+    async fn set_schema(
+        &self,
+        request: Request<pb::SetSchemaRequest>,
+    ) -> Reply<pb::SetSchemaResponse> {
+        let access = self.access(&request)?;
+        let req = request.into_inner();
+        let target = schema_target(&access, req.target)?;
+        let definition = convert::schema_definition(req.schema)?;
+        let (revision, created) = self.broker.set_schema(&target, definition).await?;
+        Ok(Response::new(pb::SetSchemaResponse { revision, created }))
+    }
+
+    async fn get_schema(
+        &self,
+        request: Request<pb::GetSchemaRequest>,
+    ) -> Reply<pb::GetSchemaResponse> {
+        let access = self.access(&request)?;
+        let target = schema_target(&access, request.into_inner().target)?;
+        let history = self.broker.get_schema(&target).await?;
+        Ok(Response::new(pb::GetSchemaResponse::from(history)))
+    }
+
+    async fn delete_schema(
+        &self,
+        request: Request<pb::DeleteSchemaRequest>,
+    ) -> Reply<pb::DeleteSchemaResponse> {
+        let access = self.access(&request)?;
+        let target = schema_target(&access, request.into_inner().target)?;
+        let deleted_revision = self.broker.delete_schema(&target).await?;
+        Ok(Response::new(pb::DeleteSchemaResponse { deleted_revision }))
     }
 }
 

@@ -8,7 +8,9 @@ use crate::broker::domain::error::BrokerError;
 /// request on a produce stream) use this, without building a whole [`Status`].
 pub(crate) fn code(err: &BrokerError) -> Code {
     match err {
-        BrokerError::InvalidArgument { .. } => Code::InvalidArgument,
+        BrokerError::InvalidArgument { .. } | BrokerError::SchemaViolation { .. } => {
+            Code::InvalidArgument
+        }
         BrokerError::NotFound(_) => Code::NotFound,
         BrokerError::AlreadyExists(_) => Code::AlreadyExists,
         BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
@@ -16,9 +18,10 @@ pub(crate) fn code(err: &BrokerError) -> Code {
         BrokerError::DataLoss(_) => Code::DataLoss,
         BrokerError::Unauthenticated(_) => Code::Unauthenticated,
         BrokerError::PermissionDenied(_) => Code::PermissionDenied,
-        BrokerError::Unavailable(_) | BrokerError::ShuttingDown | BrokerError::StorageFailed(_) => {
-            Code::Unavailable
-        }
+        BrokerError::Unavailable(_)
+        | BrokerError::ShuttingDown
+        | BrokerError::StorageFailed(_)
+        | BrokerError::SchemaStale { .. } => Code::Unavailable,
     }
 }
 

@@ -115,7 +115,9 @@ impl ConsoleError {
 impl From<BrokerError> for ConsoleError {
     fn from(err: BrokerError) -> Self {
         let status = match &err {
-            BrokerError::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
+            BrokerError::InvalidArgument { .. } | BrokerError::SchemaViolation { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
             BrokerError::AlreadyExists(_) | BrokerError::FailedPrecondition(_) => {
                 StatusCode::CONFLICT
@@ -126,7 +128,8 @@ impl From<BrokerError> for ConsoleError {
             BrokerError::PermissionDenied(_) => StatusCode::FORBIDDEN,
             BrokerError::Unavailable(_)
             | BrokerError::ShuttingDown
-            | BrokerError::StorageFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | BrokerError::StorageFailed(_)
+            | BrokerError::SchemaStale { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self::new(status, err.to_string())
     }

@@ -6,7 +6,7 @@
 //! `watch` channel. Every open page reads that channel, so the cost of a sample does not
 //! grow with the number of viewers, and a slow viewer only ever misses stale frames.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::domain::queue::QueueCounts;
 use crate::broker::domain::schedule::{Schedule, Trigger};
+use crate::broker::domain::schema::SchemaTarget;
 use crate::broker::domain::time::Millis;
 use crate::broker::engine::local::stats::TopicCounts;
 use crate::broker::engine::{Engine, StatsSnapshot};
@@ -47,14 +48,42 @@ pub(crate) struct QueueRow<'a> {
     pub counts: &'a QueueCounts,
     /// Live jobs (pending, scheduled, leased and retrying), the charts' trend line.
     pub depth: u64,
+    /// The queue's current message schema revision (0: none).
+    pub schema_revision: u32,
 }
 
 impl<'a> QueueRow<'a> {
-    fn of((name, counts): &'a (String, QueueCounts)) -> Self {
+    fn of((name, counts): &'a (String, QueueCounts), schemas: &HashMap<SchemaTarget, u32>) -> Self {
         Self {
             name,
             counts,
             depth: counts.pending + counts.scheduled + counts.leased + counts.retrying,
+            schema_revision: schemas
+                .get(&SchemaTarget::queue(name))
+                .copied()
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// One topic's row: its counters and its schema revision.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TopicRow<'a> {
+    /// The snapshot's counters, as fields of the row.
+    #[serde(flatten)]
+    pub counts: &'a TopicCounts,
+    /// The topic's current message schema revision (0: none).
+    pub schema_revision: u32,
+}
+
+impl<'a> TopicRow<'a> {
+    fn of(counts: &'a TopicCounts, schemas: &HashMap<SchemaTarget, u32>) -> Self {
+        Self {
+            counts,
+            schema_revision: schemas
+                .get(&SchemaTarget::topic(&counts.name))
+                .copied()
+                .unwrap_or(0),
         }
     }
 }
@@ -162,7 +191,7 @@ pub(crate) struct Frame<'a> {
     /// Queues by name.
     pub queues: Vec<QueueRow<'a>>,
     /// Topics by name.
-    pub topics: &'a [TopicCounts],
+    pub topics: Vec<TopicRow<'a>>,
     /// Workers, most recently seen first.
     pub workers: Vec<WorkerView>,
     /// Recurring schedules, by name.
@@ -285,13 +314,26 @@ async fn take_frame<E: Engine>(
             Vec::new()
         }
     };
+    // Revision numbers only: the schemas themselves are shown by GetSchema.
+    let schemas = broker.schema_revisions().await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "dashboard: reading schema revisions failed");
+        HashMap::new()
+    });
     let totals = Totals::of(&stats);
     let sample = sample(&stats, totals, previous);
     let frame = Frame {
         taken_at_unix_ms: stats.taken_at,
         interval_ms,
-        queues: stats.queues.iter().map(QueueRow::of).collect(),
-        topics: &stats.topics,
+        queues: stats
+            .queues
+            .iter()
+            .map(|q| QueueRow::of(q, &schemas))
+            .collect(),
+        topics: stats
+            .topics
+            .iter()
+            .map(|t| TopicRow::of(t, &schemas))
+            .collect(),
         workers,
         schedules,
         sample: &sample,
@@ -447,8 +489,16 @@ mod tests {
         let frame = Frame {
             taken_at_unix_ms: 0,
             interval_ms: 1_000,
-            queues: snapshot.queues.iter().map(QueueRow::of).collect(),
-            topics: &snapshot.topics,
+            queues: snapshot
+                .queues
+                .iter()
+                .map(|q| QueueRow::of(q, &HashMap::new()))
+                .collect(),
+            topics: snapshot
+                .topics
+                .iter()
+                .map(|t| TopicRow::of(t, &HashMap::new()))
+                .collect(),
             workers: Vec::new(),
             schedules: Vec::new(),
             sample: &sample,
@@ -480,6 +530,7 @@ mod tests {
                 "rate_tokens",
                 "retrying",
                 "scheduled",
+                "schema_revision",
             ]
         );
         assert_eq!(json["queues"][0]["name"], "q");
@@ -495,6 +546,7 @@ mod tests {
                 "published",
                 "retained_bytes",
                 "retained_messages",
+                "schema_revision",
                 "subscribers",
             ]
         );

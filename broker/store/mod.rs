@@ -32,7 +32,9 @@ use std::time::Duration;
 
 pub use self::error::{FileOp, ManifestDefect, StoreError};
 pub(crate) use self::record::Batch;
-pub(crate) use self::record::{FILE_MAGIC, SnapshotQueue, SnapshotTopic, frame_into};
+pub(crate) use self::record::{
+    FILE_MAGIC, SnapshotQueue, SnapshotState, SnapshotTopic, frame_into,
+};
 pub(crate) use self::record::{decode_policy, encode_policy};
 pub(crate) use self::recovery::{Recovered, recover};
 pub use self::recovery::{RecoveryError, RecoveryReport};
@@ -611,14 +613,12 @@ impl Journal {
         &self,
         base: u64,
         last: u64,
-        queues: Vec<SnapshotQueue>,
-        topics: Vec<SnapshotTopic>,
-        schedules: Vec<crate::broker::domain::schedule::Schedule>,
+        state: SnapshotState,
         now: Millis,
     ) -> Result<u64, StoreError> {
         // The records before the roll must be on disk before the files holding them go.
         self.wal.wait_written_blocking(last)?;
-        let frames = record::snapshot_frames(base, queues, topics, schedules, now);
+        let frames = record::snapshot_frames(base, state, now);
         self.wal.install_snapshot(base, &frames)
     }
 
@@ -707,7 +707,7 @@ mod tests {
         let (base, last) = journal.roll();
         let compactor = journal.clone();
         tokio::task::spawn_blocking(move || {
-            compactor.write_snapshot(base, last, Vec::new(), Vec::new(), Vec::new(), 1)
+            compactor.write_snapshot(base, last, SnapshotState::default(), 1)
         })
         .await
         .unwrap()

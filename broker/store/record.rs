@@ -20,6 +20,7 @@ use crate::broker::domain::queue::{
     Redriven,
 };
 use crate::broker::domain::schedule::Schedule;
+use crate::broker::domain::schema::{SchemaHistory, SchemaTarget};
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{BlockSlice, MessageBlock, MessageRef, Retention};
 
@@ -30,6 +31,8 @@ pub(crate) mod pb {
 }
 
 pub(crate) use pb::op::Op as Kind;
+
+pub(crate) mod schemas;
 
 /// First bytes of every segment and snapshot file (format version 1).
 pub(crate) const FILE_MAGIC: &[u8; 8] = b"SLUICE\x01\n";
@@ -451,6 +454,17 @@ fn message_to_pb(m: MessageRef<'_>, idempotency_key: Option<String>) -> pb::Mess
     }
 }
 
+/// Everything a snapshot holds, captured under the journal's exclusive gate.
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotState {
+    pub(crate) queues: Vec<SnapshotQueue>,
+    pub(crate) topics: Vec<SnapshotTopic>,
+    /// Recurring schedules, with their progress.
+    pub(crate) schedules: Vec<Schedule>,
+    /// Every target's kept schema revisions.
+    pub(crate) schemas: Vec<(SchemaTarget, SchemaHistory)>,
+}
+
 /// One queue's state for a snapshot.
 #[derive(Debug)]
 pub(crate) struct SnapshotQueue {
@@ -480,13 +494,13 @@ const SNAPSHOT_OPS_PER_ENTRY: usize = 256;
 
 /// The framed content of a snapshot file (header included): a begin marker, the state
 /// in entries of bounded size, an end marker with the entry count.
-pub(crate) fn snapshot_frames(
-    base: u64,
-    queues: Vec<SnapshotQueue>,
-    topics: Vec<SnapshotTopic>,
-    schedules: Vec<Schedule>,
-    now: Millis,
-) -> Vec<u8> {
+pub(crate) fn snapshot_frames(base: u64, state: SnapshotState, now: Millis) -> Vec<u8> {
+    let SnapshotState {
+        queues,
+        topics,
+        schedules,
+        schemas,
+    } = state;
     let mut out = Vec::with_capacity(1024);
     out.extend_from_slice(FILE_MAGIC);
     let mut entries = 0u64;
@@ -574,6 +588,7 @@ pub(crate) fn snapshot_frames(
             }
         }
     }
+    ops.extend(schemas::snapshot_ops(&schemas).into_iter().map(op));
     flush(&mut out, &mut ops);
     let end = pb::Entry {
         at: now,

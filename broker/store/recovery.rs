@@ -25,6 +25,7 @@ use uuid::Uuid;
 use super::Storage;
 use super::error::{FileOp, StoreError};
 use super::manifest::{self, MANIFEST, Manifest};
+use super::record::schemas;
 use super::record::{
     FILE_MAGIC, FRAME_HEADER, FRAME_MAGIC, FrameError, Kind, MAX_FRAME, job_from_image, pb,
     policy_from_pb, read_frame, state_from_pb, valid_frame_after,
@@ -33,6 +34,7 @@ use super::schedule_record::{apply_run, schedule_from_pb};
 use super::wal::{DurableEnd, parse_segment, parse_snapshot, segment_name, snapshot_name};
 use crate::broker::domain::queue::{Job, Queue, QueuePolicy};
 use crate::broker::domain::schedule::Schedule;
+use crate::broker::domain::schema::{SchemaHistory, SchemaTarget};
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{BlockEntry, Retention, Topic};
 
@@ -108,6 +110,8 @@ pub(crate) struct Recovered {
     pub topics: Vec<Topic>,
     /// Recurring schedules, with their progress.
     pub schedules: Vec<Schedule>,
+    /// Every target's schema revisions.
+    pub schemas: Vec<(SchemaTarget, SchemaHistory)>,
     /// The segment the new log starts with.
     pub next_segment: u64,
     /// What the manifest on disk claims after recovery.
@@ -773,11 +777,15 @@ impl Recovery<'_> {
             .map_or(1, |s| s + 1)
             .max(base.unwrap_or(0))
             .max(1);
+        let schemas = std::mem::take(&mut self.replay.schemas)
+            .into_iter()
+            .collect();
         let (queues, topics, schedules) = self.replay.finish(now);
         Ok(Recovered {
             queues,
             topics,
             schedules,
+            schemas,
             next_segment,
             claimed,
             write_failure: self.cleanup.failure,
@@ -847,6 +855,7 @@ struct Replay {
     queues: HashMap<String, RQueue>,
     topics: HashMap<String, Topic>,
     schedules: BTreeMap<String, Schedule>,
+    schemas: BTreeMap<SchemaTarget, SchemaHistory>,
     anomalies: u64,
 }
 
@@ -995,6 +1004,19 @@ impl Replay {
                 apply_run(s, run);
             }
             Kind::SnapshotBegin(_) | Kind::SnapshotEnd(_) => {}
+            Kind::SchemaSet(set) => {
+                let Some((target, revision)) = schemas::revision_from_pb(set) else {
+                    return false;
+                };
+                self.schemas.entry(target).or_default().push(revision);
+            }
+            Kind::SchemaCleared(cleared) => {
+                let target = schemas::cleared_target(cleared);
+                let Some(history) = self.schemas.get_mut(&target) else {
+                    return false;
+                };
+                history.clear();
+            }
         }
         true
     }

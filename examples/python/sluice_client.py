@@ -320,6 +320,58 @@ class SluiceClient:
         and counters."""
         return list(self.stub.ListSchedules(pb.ListSchedulesRequest(queue=queue), timeout=self.timeout).schedules)
 
+    # ---- Message schemas (README, "Message schemas") ------------------------------------
+
+    @staticmethod
+    def _schema_target(queue: Optional[str], topic: Optional[str]) -> pb.SchemaTarget:
+        if (queue is None) == (topic is None):
+            raise ValueError("name exactly one of queue= or topic=")
+        return pb.SchemaTarget(queue=queue) if queue is not None else pb.SchemaTarget(topic=topic)
+
+    def set_json_schema(
+        self, text: str, *, queue: Optional[str] = None, topic: Optional[str] = None
+    ) -> pb.SetSchemaResponse:
+        """Makes a JSON Schema (its text) the schema of a queue or topic. Returns the
+        current ``revision`` and whether it is new (``created``): setting the current
+        schema again changes nothing, so this is safe at every start."""
+        return self.stub.SetSchema(
+            pb.SetSchemaRequest(
+                target=self._schema_target(queue, topic),
+                json_schema=pb.JsonSchema(text=text),
+            ),
+            timeout=self.timeout,
+        )
+
+    def set_protobuf_schema(
+        self,
+        descriptor_set: bytes,
+        message_type: str,
+        *,
+        queue: Optional[str] = None,
+        topic: Optional[str] = None,
+    ) -> pb.SetSchemaResponse:
+        """Makes a protobuf message type (full name) of an encoded FileDescriptorSet
+        (``protoc --include_imports --descriptor_set_out``) the schema of a queue or topic."""
+        return self.stub.SetSchema(
+            pb.SetSchemaRequest(
+                target=self._schema_target(queue, topic),
+                protobuf=pb.ProtobufSchema(descriptor_set=descriptor_set, message_type=message_type),
+            ),
+            timeout=self.timeout,
+        )
+
+    def get_schema(self, *, queue: Optional[str] = None, topic: Optional[str] = None) -> pb.GetSchemaResponse:
+        """The current revision (0 after a delete) and the history, oldest first."""
+        return self.stub.GetSchema(
+            pb.GetSchemaRequest(target=self._schema_target(queue, topic)), timeout=self.timeout
+        )
+
+    def delete_schema(self, *, queue: Optional[str] = None, topic: Optional[str] = None) -> int:
+        """Stops validation (the history stays); returns the revision that was current."""
+        return self.stub.DeleteSchema(
+            pb.DeleteSchemaRequest(target=self._schema_target(queue, topic)), timeout=self.timeout
+        ).deleted_revision
+
 
 class Subscription:
     """An open subscription: iterate it for ``pb.Message`` values."""

@@ -1068,6 +1068,35 @@ async fn traced(request: axum::extract::Request, next: axum::middleware::Next) -
     response
 }
 
+/// The JSON Schemas of the events this app publishes (`examples/schemas/`): the broker
+/// refuses a malformed event with the path of the bad field, so no worker ever sees one.
+const EVENT_SCHEMAS: [(&str, &str); 3] = [
+    (
+        USER_REGISTERED,
+        include_str!("../schemas/user.registered.json"),
+    ),
+    (
+        TODO_COMPLETED,
+        include_str!("../schemas/todo.completed.json"),
+    ),
+    (TODO_OVERDUE, include_str!("../schemas/todo.overdue.json")),
+];
+
+/// Sets [`EVENT_SCHEMAS`] on their topics. Idempotent: the broker makes a new revision
+/// only when a schema's text changed, so every start may run it.
+async fn set_event_schemas(client: &sluice::client::Client) -> Result<(), ClientError> {
+    for (topic, schema) in EVENT_SCHEMAS {
+        let set = client.topic_schema(topic).set_json_schema(schema).await?;
+        tracing::info!(
+            topic,
+            revision = set.revision,
+            new = set.created,
+            "event schema"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     shared::process_main("todo_app", run).await
@@ -1076,6 +1105,7 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let db = open_db(&args.db).map_err(|e| format!("TODO_DB {}: {e}", args.db.display()))?;
     let client = shared::join_system(&args.broker).await?;
+    set_event_schemas(&client).await?;
     let app = App {
         db: Arc::new(Mutex::new(db)),
         client,

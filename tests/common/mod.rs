@@ -138,6 +138,16 @@ impl TestBroker {
         }
     }
 
+    /// Another node serving the same Redis, with its own caches (the Redis engine only;
+    /// `None` on the in-process engine).
+    pub async fn second_node(&self) -> Option<TestBroker> {
+        let (_, server) = self.redis.as_ref()?;
+        let engine = RedisEngine::connect(RedisConfig::new(vec![server.url()]))
+            .await
+            .expect("a second node connects to the same redis-server");
+        Some(Self::serve_engine(engine, serve_options()).await)
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

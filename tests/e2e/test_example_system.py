@@ -14,11 +14,12 @@ from email import message_from_bytes, policy
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
+import grpc
 import pytest
 import requests
 from aiosmtpd.controller import Controller
 
-from conftest import binary, free_port, start_broker, wait_until
+from conftest import ROOT, binary, free_port, start_broker, wait_until
 from sluice_client import SluiceClient, pb
 
 # Bodies are compared without trailing newlines (SMTP adds a line end of its own).
@@ -570,3 +571,39 @@ def test_a_rate_limited_email_queue_sends_30_emails_in_3_s_each_once(system):
     finally:
         system.sluice.update_queue("emails", rate_limit={})
         system.processes.kill("email-worker-limited")
+
+
+def test_a_malformed_user_registered_is_refused_with_the_bad_fields_path(system):
+    """The todo app set JSON Schemas on its event topics at startup (examples/schemas/):
+    a malformed `user.registered` is refused with the path of the bad field and the rule,
+    and nothing of it is published (nor copied into the emails queue by the binding)."""
+    schema = system.sluice.get_schema(topic="user.registered")
+    assert schema.current_revision >= 1
+    with open(ROOT / "examples" / "schemas" / "user.registered.json") as f:
+        assert schema.history[-1].json_schema.text == f.read()
+
+    def counts():
+        stats = system.sluice.stats()
+        topic = next((t for t in stats.topics if t.name == "user.registered"), None)
+        emails = next(q for q in stats.queues if q.name == "emails")
+        return (topic.last_sequence if topic else 0, emails.enqueued)
+
+    create_user(system, "Schema", "schema-check@example.com")
+    before = counts()
+    good = {"user_id": 7, "name": "Eve", "email": "eve@example.com", "registered_at": "2026-12-06T20:00:00Z"}
+    bad = dict(good, email="not-an-address")
+    with pytest.raises(grpc.RpcError) as err:
+        system.sluice.publish("user.registered", json.dumps(bad).encode())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details()
+    assert "messages[0].payload" in details, details
+    assert 'at "/email"' in details, details
+    assert 'rule: format "email"' in details, details
+    missing = {k: v for k, v in good.items() if k != "user_id"}
+    with pytest.raises(grpc.RpcError) as err:
+        system.sluice.publish("user.registered", json.dumps(missing).encode())
+    assert "rule: required" in err.value.details() and "user_id" in err.value.details()
+    assert counts() == before, "nothing was published or enqueued"
+    # The schema is enforced on what the app publishes too: its events pass.
+    create_user(system, "Schema Two", "schema-check-2@example.com")
+    assert counts()[0] == before[0] + 1

@@ -199,6 +199,21 @@ def test_every_rpc_as_the_readme_shows_it(broker):
     rpc("DeleteSchedule", {"name": "heartbeat"})
     assert [s["schedule"]["name"] for s in rpc("ListSchedules", {})["schedules"]] == ["nightly-report"]
 
+    # Message schemas, as the README's "Message schemas" shows them.
+    schema = json.dumps({"type": "object", "required": ["user"], "properties": {"user": {"type": "object", "required": ["email"], "properties": {"email": {"type": "string", "format": "email"}}}}})
+    assert rpc("SetSchema", {"target": {"queue": "signups"}, "json_schema": {"text": schema}}) == {"revision": 1, "created": True}
+    good, bad = "eyJ1c2VyIjp7ImVtYWlsIjoiYWRhQGV4YW1wbGUuY29tIn19", "eyJ1c2VyIjp7ImVtYWlsIjoibm9wZSJ9fQ=="
+    assert rpc("Enqueue", {"queue": "signups", "jobs": [{"payload": good}]})["results"][0]["jobId"]
+    refused = subprocess.run(
+        [shutil.which("grpcurl"), "-plaintext", "-d", json.dumps({"queue": "signups", "jobs": [{"payload": bad}]}), broker, "sluice.v1.Broker/Enqueue"],
+        capture_output=True, text=True, timeout=20,
+    )
+    assert refused.returncode != 0 and "InvalidArgument" in refused.stderr, refused.stderr
+    assert 'at "/user/email"' in refused.stderr and 'rule: format "email"' in refused.stderr, refused.stderr
+    got = rpc("GetSchema", {"target": {"queue": "signups"}})
+    assert got["currentRevision"] == 1 and got["history"][0]["jsonSchema"]["text"] == schema, got
+    assert rpc("DeleteSchema", {"target": {"queue": "signups"}}) == {"deletedRevision": 1}
+
     assert covered == methods, f"not covered: {methods - covered}"
     health = json.loads(grpcurl(broker, "grpc.health.v1.Health/Check", data={}))
     assert health["status"] == "SERVING"

@@ -143,3 +143,22 @@ def test_schedules_created_fired_upserted_and_deleted(sluice):
     sluice.delete_schedule("py-beat")
     sluice.delete_schedule("py-nightly")
     assert sluice.list_schedules() == []
+
+
+def test_schemas_refuse_a_bad_payload_and_keep_history(sluice):
+    schema = json.dumps({"type": "object", "required": ["to"], "properties": {"to": {"format": "email"}}})
+    first = sluice.set_json_schema(schema, queue="py.schema")
+    assert (first.revision, first.created) == (1, True)
+    assert sluice.set_json_schema(schema, queue="py.schema").created is False
+    sluice.enqueue("py.schema", json.dumps({"to": "a@example.com"}).encode())
+    with pytest.raises(grpc.RpcError) as err:
+        sluice.enqueue("py.schema", json.dumps({"to": "nope"}).encode())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "jobs[0].payload" in err.value.details()
+    assert '"/to"' in err.value.details() and 'format "email"' in err.value.details()
+    got = sluice.get_schema(queue="py.schema")
+    assert got.current_revision == 1
+    assert [r.revision for r in got.history] == [1]
+    assert json.loads(got.history[0].json_schema.text) == json.loads(schema)
+    assert sluice.delete_schema(queue="py.schema") == 1
+    sluice.enqueue("py.schema", b"anything")

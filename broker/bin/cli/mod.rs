@@ -8,6 +8,7 @@
 //! stderr, so stdout stays parseable.
 
 pub mod schedules;
+pub mod schema;
 pub mod table;
 
 use std::collections::HashMap;
@@ -671,6 +672,7 @@ pub async fn run(command: crate::config::Command) -> ExitCode {
         Command::Consumers(a) => consumers(a).await,
         Command::Token(a) => token(a),
         Command::Schedules(a) => schedules::schedules(a).await,
+        Command::Schema(a) => schema::schema(a).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! The in-process engine behind the [`Engine`] interface: each method is the broker's own.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use crate::broker::domain::limits::Limits;
 use crate::broker::domain::observe::Observer;
 use crate::broker::domain::queue::{ConsumerState, Delivery, Enqueued, Job, JobState, NewJob};
 use crate::broker::domain::schedule::{Schedule, ScheduleSpec};
+use crate::broker::domain::schema::{SchemaDefinition, SchemaHistory, SchemaTarget};
 use crate::broker::domain::time::Millis;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
 use crate::broker::engine::{
@@ -290,5 +292,25 @@ impl Engine for Broker {
 
     async fn list_schedules(&self) -> Result<Vec<Schedule>, BrokerError> {
         Ok(Broker::list_schedules(self))
+    }
+
+    async fn set_schema(
+        &self,
+        target: &SchemaTarget,
+        definition: SchemaDefinition,
+    ) -> Result<(u32, bool), BrokerError> {
+        Broker::set_schema(self, target, definition).await
+    }
+
+    async fn get_schema(&self, target: &SchemaTarget) -> Result<SchemaHistory, BrokerError> {
+        Broker::get_schema(self, target)
+    }
+
+    async fn delete_schema(&self, target: &SchemaTarget) -> Result<u32, BrokerError> {
+        Broker::delete_schema(self, target).await
+    }
+
+    async fn schema_revisions(&self) -> Result<HashMap<SchemaTarget, u32>, BrokerError> {
+        Ok(Broker::schema_revisions(self))
     }
 }

@@ -16,6 +16,7 @@ mod catalog;
 mod engine;
 pub(crate) mod queues;
 mod schedules;
+mod schemas;
 mod storage;
 mod topics;
 
@@ -160,6 +161,8 @@ pub(crate) struct Inner {
     recovery: OnceLock<RecoveryReport>,
     /// Recurring schedules; locked before a queue when both are (a fire), never after.
     schedules: Mutex<schedules::Schedules>,
+    /// Message schemas of queues and topics.
+    schemas: schemas::SchemaRegistry,
 }
 
 /// The broker. Clone it freely: clones share one state.
@@ -190,6 +193,7 @@ impl Broker {
                 journal,
                 recovery: OnceLock::new(),
                 schedules: Mutex::default(),
+                schemas: Default::default(),
                 stats: Default::default(),
                 memory: MemoryBudget::new(config.limits.max_memory_bytes),
                 config,

@@ -15,6 +15,7 @@ use crate::broker::domain::queue::{
     DeadLetter, Delivery, Enqueued, FailOutcome, Job, JobState, LeaseId, MAX_VISIBILITY_MS, NewJob,
     Queue, QueuePolicy,
 };
+use crate::broker::domain::schema::TargetKind;
 use crate::broker::domain::time::{Millis, now_ms};
 use crate::broker::engine::checks;
 use crate::broker::engine::local::memory::Accounted;
@@ -103,6 +104,12 @@ impl Broker {
     ) -> Result<Logged<Vec<Enqueued>>, BrokerError> {
         let limits = &self.inner.config.limits;
         let jobs = checks::enqueue(limits, queue, jobs)?;
+        self.check_schema(
+            TargetKind::Queue,
+            queue,
+            "jobs",
+            jobs.iter().map(|j| (&j.payload[..], &j.headers)),
+        )?;
         if self.inner.memory.is_limited() {
             let bytes = jobs.iter().map(|j| j.payload.len() as u64).sum();
             self.inner.memory.check("jobs", bytes)?;

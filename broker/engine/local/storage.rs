@@ -14,8 +14,8 @@ use crate::broker::domain::schedule::{Schedule, ScheduleBook};
 use crate::broker::domain::time::{Millis, now_ms};
 use crate::broker::domain::topic::Topic;
 use crate::broker::store::{
-    Batch, Commit, Journal, RecoveryError, RecoveryReport, SnapshotQueue, SnapshotTopic, Storage,
-    StoreConfig, StoreError, recover,
+    Batch, Commit, Journal, RecoveryError, RecoveryReport, SnapshotQueue, SnapshotState,
+    SnapshotTopic, Storage, StoreConfig, StoreError, recover,
 };
 use crate::broker::sync::lock;
 
@@ -51,14 +51,14 @@ impl Broker {
         let broker = Self::build(config, Some(journal.clone()));
         let _ = broker.inner.recovery.set(recovered.report.clone());
         broker.install_state(recovered.queues, recovered.topics, recovered.schedules);
+        broker.install_schemas(recovered.schemas);
         // The recovered state becomes the base of the new log, so every older file (and
         // any torn tail) is gone after this and recovery time stays proportional to the
         // live data. A disk that cannot take it (full, failing) still serves what it
         // holds: the broker starts fail-stopped, read-only.
         let unwritable = recovered.write_failure.or_else(|| {
-            let (queues, topics, schedules) = broker.capture();
             journal
-                .write_snapshot(first, 0, queues, topics, schedules, now_ms())
+                .write_snapshot(first, 0, broker.capture(), now_ms())
                 .err()
         });
         match unwritable {
@@ -296,20 +296,17 @@ impl Broker {
         let Some(_slot) = journal.compaction_slot() else {
             return Ok(0);
         };
-        let (base, last, queues, topics, schedules) = {
+        let (base, last, state) = {
             let _exclusive = journal.exclusive();
             let (base, last) = journal.roll();
-            let (queues, topics, schedules) = self.capture();
-            (base, last, queues, topics, schedules)
+            (base, last, self.capture())
         };
-        Ok(journal.write_snapshot(base, last, queues, topics, schedules, now_ms())?)
+        Ok(journal.write_snapshot(base, last, state, now_ms())?)
     }
 
     /// Copies the persistent state of every queue and topic (payloads are shared, not
     /// copied). Under the exclusive gate this is exactly the state the log describes.
-    pub(in crate::broker) fn capture(
-        &self,
-    ) -> (Vec<SnapshotQueue>, Vec<SnapshotTopic>, Vec<Schedule>) {
+    pub(in crate::broker) fn capture(&self) -> SnapshotState {
         let queues = self
             .inner
             .queues
@@ -348,7 +345,12 @@ impl Broker {
                 }
             })
             .collect();
-        (queues, topics, self.list_schedules())
+        SnapshotState {
+            queues,
+            topics,
+            schedules: self.list_schedules(),
+            schemas: self.capture_schemas(),
+        }
     }
 
     /// Waits until a logged change is durable, then hands back its result.

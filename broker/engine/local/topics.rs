@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::names::{Pattern, validate_name};
 use crate::broker::domain::queue::{NewJob, Queue};
+use crate::broker::domain::schema::TargetKind;
 use crate::broker::domain::time::now_ms;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention, validate_retention};
 use crate::broker::engine::checks;
@@ -40,6 +41,12 @@ impl Broker {
         messages: Vec<NewMessage>,
     ) -> Result<Logged<Vec<Appended>>, BrokerError> {
         checks::publish(&self.inner.config.limits, topic, &messages)?;
+        self.check_schema(
+            TargetKind::Topic,
+            topic,
+            "messages",
+            messages.iter().map(|m| (&m.payload[..], &m.headers)),
+        )?;
         self.wait_for_log_space().await?;
         let (value, commit) = self.publish_locked(topic, messages)?;
         Ok(Logged { value, commit })

@@ -1,6 +1,7 @@
 //! The Redis engine behind the [`Engine`] interface: the shared request checks, then the
 //! queue's or topic's script, then the durability wait.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use crate::broker::domain::queue::{
     ConsumerState, Delivery, Enqueued, Job, JobState, LeaseId, NewJob, QueuePolicy,
 };
 use crate::broker::domain::schedule::{Schedule, ScheduleSpec};
+use crate::broker::domain::schema::{SchemaDefinition, SchemaHistory, SchemaTarget};
 use crate::broker::domain::time::{Millis, now_ms};
 use crate::broker::domain::topic::{Appended, NewMessage, Retention, validate_retention};
 use crate::broker::engine::local::{MAX_LEASE_WAIT_MS, StorageStatus};
@@ -132,7 +134,25 @@ impl Engine for RedisEngine {
         messages: Vec<NewMessage>,
     ) -> Result<Logged<Vec<Appended>, RedisCommit>, BrokerError> {
         checks::publish(&self.inner.config.limits, topic, &messages)?;
-        let value = self.inner.topics.publish(topic, messages).await?;
+        let target = SchemaTarget::topic(topic);
+        let value = self
+            .inner
+            .schemas
+            .with_current(&target, |schema| {
+                let checked = schema.check(
+                    &target,
+                    "messages",
+                    messages.iter().map(|m| (&m.payload[..], &m.headers)),
+                );
+                let (topics, messages) = (&self.inner.topics, &messages);
+                async move {
+                    checked?;
+                    topics
+                        .publish_checked(topic, messages, schema.revision)
+                        .await
+                }
+            })
+            .await?;
         self.pump_published(topic).await?;
         let commit = RedisCommit(
             (self.inner.config.replicas > 0).then(|| TopicKeys::new(topic).base().to_owned()),
@@ -148,7 +168,24 @@ impl Engine for RedisEngine {
     ) -> Result<Logged<Vec<Enqueued>, RedisCommit>, BrokerError> {
         let jobs = checks::enqueue(&self.inner.config.limits, queue, jobs)?;
         self.ensure_queue("queue", queue, false).await?;
-        let value = match self.inner.queues.enqueue(queue, jobs).await {
+        let target = SchemaTarget::queue(queue);
+        let enqueued = self
+            .inner
+            .schemas
+            .with_current(&target, |schema| {
+                let checked = schema.check(
+                    &target,
+                    "jobs",
+                    jobs.iter().map(|j| (&j.payload[..], &j.headers)),
+                );
+                let (queues, jobs) = (&self.inner.queues, &jobs);
+                async move {
+                    checked?;
+                    queues.enqueue_checked(queue, jobs, schema.revision).await
+                }
+            })
+            .await;
+        let value = match enqueued {
             Err(BrokerError::NotFound(_)) => {
                 // Deleted by another node since this one last saw it: nothing was stored.
                 self.forget_queue(queue);
@@ -598,5 +635,25 @@ impl Engine for RedisEngine {
 
     fn list_schedules(&self) -> impl Future<Output = Result<Vec<Schedule>, BrokerError>> + Send {
         self.all_schedules()
+    }
+
+    async fn set_schema(
+        &self,
+        target: &SchemaTarget,
+        definition: SchemaDefinition,
+    ) -> Result<(u32, bool), BrokerError> {
+        self.inner.schemas.set(target, definition).await
+    }
+
+    async fn get_schema(&self, target: &SchemaTarget) -> Result<SchemaHistory, BrokerError> {
+        self.inner.schemas.get(target).await
+    }
+
+    async fn delete_schema(&self, target: &SchemaTarget) -> Result<u32, BrokerError> {
+        self.inner.schemas.delete(target).await
+    }
+
+    async fn schema_revisions(&self) -> Result<HashMap<SchemaTarget, u32>, BrokerError> {
+        self.inner.schemas.revisions().await
     }
 }

@@ -26,6 +26,7 @@ pub(crate) mod queue;
 mod redrive;
 pub(crate) mod replication;
 mod schedule;
+pub(crate) mod schema;
 pub(crate) mod subscription;
 pub(crate) mod topic;
 pub(crate) mod wake;
@@ -50,6 +51,7 @@ use self::conn::RedisConn;
 use self::keys::QueueKeys;
 use self::queue::QueueStore;
 use self::replication::Replication;
+use self::schema::SchemaStore;
 use self::topic::TopicStore;
 use self::wake::Wakes;
 
@@ -100,6 +102,8 @@ struct Inner {
     conn: RedisConn,
     queues: QueueStore,
     topics: TopicStore,
+    /// Message schemas, and this node's compiled cache of them.
+    schemas: SchemaStore,
     wakes: Wakes,
     replication: Replication,
     shutdown: CancellationToken,
@@ -149,6 +153,7 @@ impl RedisEngine {
             inner: Arc::new(Inner {
                 queues: QueueStore::new(conn.clone()),
                 topics: TopicStore::new(conn.clone()),
+                schemas: SchemaStore::new(conn.clone()),
                 conn,
                 wakes,
                 replication,

@@ -156,6 +156,9 @@ fn script_error(doing: &str, lease: Option<&LeaseId>, e: redis::RedisError) -> B
         Some("SLUICE_EXISTS") => BrokerError::AlreadyExists(detail),
         Some("SLUICE_PRECOND") => BrokerError::FailedPrecondition(detail),
         Some("SLUICE_FULL") => BrokerError::ResourceExhausted(detail),
+        Some("SLUICE_SCHEMA") => BrokerError::SchemaStale {
+            revision: detail.trim().parse().unwrap_or(0),
+        },
         Some("SLUICE_STALE") => match lease {
             Some(lease) => stale(lease, &detail),
             None => BrokerError::FailedPrecondition(detail),
@@ -649,15 +652,28 @@ impl QueueStore {
 
     /// Stores jobs in an existing queue, all or none (refused past max depth, counting
     /// only jobs that are not duplicates). One outcome per job, in order.
+    #[cfg(test)]
     pub(crate) async fn enqueue(
         &self,
         name: &str,
         jobs: Vec<NewJob>,
     ) -> Result<Vec<Enqueued>, BrokerError> {
+        self.enqueue_checked(name, &jobs, 0).await
+    }
+
+    /// [`QueueStore::enqueue`] of a batch checked against schema revision
+    /// `schema_revision` (0: none): refused with [`BrokerError::SchemaStale`], storing
+    /// nothing, when the queue's current revision is another.
+    pub(crate) async fn enqueue_checked(
+        &self,
+        name: &str,
+        jobs: &[NewJob],
+        schema_revision: u32,
+    ) -> Result<Vec<Enqueued>, BrokerError> {
         let keys = QueueKeys::new(name);
         let mut inv = script!("enqueue.lua").key(keys.base());
         inv.arg(name).arg(jobs.len());
-        for job in &jobs {
+        for job in jobs {
             inv.arg(Uuid::now_v7().to_string())
                 .arg(&job.kind)
                 .arg(job.payload.as_ref())
@@ -668,6 +684,7 @@ impl QueueStore {
                 .arg(optional(job.idempotency_key.as_deref()))
                 .arg(optional(job.ordering_key.as_deref()));
         }
+        inv.arg(schema_revision);
         let outcomes: Vec<(String, i64)> = self
             .run(&format!("enqueueing to queue {name:?}"), None, &inv)
             .await?;

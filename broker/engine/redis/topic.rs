@@ -210,10 +210,23 @@ impl TopicStore {
     /// subscribers. A message whose idempotency key was published in the last
     /// [`PUBLISH_DEDUP_WINDOW_MS`] (or earlier in the same batch) is not stored again and
     /// answers the original sequence. Batch and entry size limits are the caller's.
+    #[cfg(test)]
     pub(crate) async fn publish(
         &self,
         name: &str,
         messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, BrokerError> {
+        self.publish_checked(name, &messages, 0).await
+    }
+
+    /// [`TopicStore::publish`] of a batch checked against schema revision
+    /// `schema_revision` (0: none): refused with [`BrokerError::SchemaStale`], writing
+    /// nothing, when the topic's current revision is another.
+    pub(crate) async fn publish_checked(
+        &self,
+        name: &str,
+        messages: &[NewMessage],
+        schema_revision: u32,
     ) -> Result<Vec<Appended>, BrokerError> {
         validate_name("topic", name)?;
         if messages.is_empty() {
@@ -230,8 +243,9 @@ impl TopicStore {
             .arg(defaults.max_messages)
             .arg(defaults.max_bytes)
             .arg(defaults.max_age_ms)
-            .arg(PUBLISH_DEDUP_WINDOW_MS);
-        for m in &messages {
+            .arg(PUBLISH_DEDUP_WINDOW_MS)
+            .arg(schema_revision);
+        for m in messages {
             match &m.idempotency_key {
                 Some(k) => invocation.arg(format!("={k}")),
                 None => invocation.arg(""),
@@ -246,7 +260,12 @@ impl TopicStore {
         let out: Vec<i64> = invocation
             .invoke_async(&mut c)
             .await
-            .map_err(|e| unconfirmed(&format!("publishing to topic {name:?}"), e))?;
+            .map_err(|e| match e.code() {
+                Some("SLUICE_SCHEMA") => BrokerError::SchemaStale {
+                    revision: e.detail().and_then(|d| d.trim().parse().ok()).unwrap_or(0),
+                },
+                _ => unconfirmed(&format!("publishing to topic {name:?}"), e),
+            })?;
         if out.first() == Some(&1) {
             self.catalog_add(name).await?;
         }

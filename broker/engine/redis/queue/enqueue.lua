@@ -1,7 +1,13 @@
 -- Stores a batch of jobs, all or none. ARGV: name, job count, then 9 values per job: id,
 -- kind, payload, encoded headers, priority, run_at ('' for now), max attempts ('' for the
 -- policy's), idempotency key and ordering key ('' for none, else '=' then the key).
--- Returns {id, duplicate (0/1)} per job.
+-- Returns {id, duplicate (0/1)} per job. The last ARGV is the schema revision the node
+-- checked the batch with: when the queue's current one differs, nothing is stored
+-- (SLUICE_SCHEMA, with the current revision; see engine/redis/schema.rs).
+local schema_now = redis.call('HGET', B .. ':schema', 'cur') or '0'
+if schema_now ~= ARGV[3 + tonumber(ARGV[2]) * 9] then
+  return fail('SLUICE_SCHEMA', schema_now)
+end
 if not load_meta() then
   return no_queue()
 end

@@ -1,8 +1,13 @@
 -- Publishes a batch to one topic, creating it (with the default retention) if needed.
 -- ARGV: epoch nonce (used if created), default max_messages, max_bytes, max_age_ms,
--- dedup window ms, then per message: idempotency key ('' for none, else '=' .. key),
+-- dedup window ms, the schema revision the node checked the batch with, then per message: idempotency key ('' for none, else '=' .. key),
 -- application key, header count n, n name/value pairs, payload.
 -- Returns {created (0/1), then per message its sequence, negated for a duplicate}.
+-- A newer schema than the node's: nothing is written (see engine/redis/schema.rs).
+local schema_now = redis.call('HGET', base .. ':schema', 'cur') or '0'
+if schema_now ~= ARGV[6] then
+  return redis.error_reply('SLUICE_SCHEMA ' .. schema_now)
+end
 local created = ensure(meta, ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 local now = now_ms()
 local m = redis.call('HMGET', meta, 'next', 'cum', 'last_time', 'epoch')
@@ -12,7 +17,7 @@ local time = math.max(now, tonumber(m[3]))
 local window = ARGV[5]
 local out = { created }
 local stored = 0
-local i = 6
+local i = 7
 while i <= #ARGV do
   local idem, key, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local headers = i + 3
