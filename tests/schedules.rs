@@ -538,3 +538,58 @@ async fn a_full_queue_holds_the_schedule_back_until_there_is_room() {
     common::rpc::ack(&mut rpc, &leased).await;
     fired_at_least(&client, "into-tiny", 2).await;
 }
+
+/// A schema on the schedule's queue applies to its jobs as to any Enqueue: a template that
+/// fails it is refused at CreateSchedule/UpdateSchedule (nothing is made), one that passes
+/// fires, and one that fails a schema set later is held back, not enqueued.
+#[tokio::test]
+async fn a_queue_schema_applies_to_the_schedule_and_its_ticks() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut rpc = client.rpc();
+    let set_schema = |text: &'static str| pb::SetSchemaRequest {
+        target: Some(pb::SchemaTarget {
+            target: Some(pb::schema_target::Target::Queue("typed".into())),
+        }),
+        schema: Some(pb::set_schema_request::Schema::JsonSchema(pb::JsonSchema {
+            text: text.into(),
+        })),
+    };
+    rpc.set_schema(set_schema(r#"{"type": "object", "required": ["n"]}"#))
+        .await
+        .unwrap();
+    let bad = every_second("typed-beat", "typed").payload(r#"{"m": 1}"#);
+    assert_refused(
+        client.rpc().create_schedule(bad.clone().into_proto()).await,
+        Code::InvalidArgument,
+        &["job[0].payload", "required"],
+    );
+    assert!(client.list_schedules().await.unwrap().is_empty());
+
+    let good = every_second("typed-beat", "typed").payload(r#"{"n": 1}"#);
+    client.create_schedule(good.clone()).await.unwrap();
+    assert_refused(
+        client.rpc().update_schedule(bad.into_proto()).await,
+        Code::InvalidArgument,
+        &["job[0].payload", "required"],
+    );
+    let jobs = jobs_at_least(&rpc, "typed", 1).await;
+    assert_eq!(jobs[0].payload, br#"{"n": 1}"#.to_vec());
+
+    // A stricter schema later: the ticks' jobs fail it and are not enqueued.
+    rpc.set_schema(set_schema(
+        r#"{"type": "object", "required": ["n", "extra"]}"#,
+    ))
+    .await
+    .unwrap();
+    let held_at = schedule(&client, "typed-beat").await.fired;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let after = schedule(&client, "typed-beat").await.fired;
+    assert!(
+        after <= held_at + 1,
+        "at most a fire already planned lands after the new schema: {held_at} -> {after}"
+    );
+    for job in list_jobs(&mut rpc, "typed").await {
+        assert_eq!(job.payload, br#"{"n": 1}"#.to_vec());
+    }
+}

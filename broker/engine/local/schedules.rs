@@ -13,8 +13,9 @@ use uuid::Uuid;
 
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::schedule::{
-    Decision, MAX_SCHEDULES, Schedule, ScheduleBook, ScheduleSpec,
+    Decision, JobTemplate, MAX_SCHEDULES, Schedule, ScheduleBook, ScheduleSpec,
 };
+use crate::broker::domain::schema::TargetKind;
 use crate::broker::domain::time::Millis;
 use crate::broker::sync::lock;
 
@@ -72,6 +73,7 @@ impl Broker {
         now: Millis,
     ) -> Result<Schedule, BrokerError> {
         spec.validate(self.limits())?;
+        self.check_template_schema(&spec.template)?;
         self.ensure_schedule_queue(&spec.template.queue, now)?;
         let created = self
             .change_schedule(
@@ -124,6 +126,7 @@ impl Broker {
         now: Millis,
     ) -> Result<Schedule, BrokerError> {
         spec.validate(self.limits())?;
+        self.check_template_schema(&spec.template)?;
         let name = spec.name.clone();
         let updated = self
             .change_schedule(
@@ -193,6 +196,16 @@ impl Broker {
             .ok_or_else(|| not_found(name))
     }
 
+    /// Refuses a template whose payload fails its queue's schema, as an Enqueue would be.
+    fn check_template_schema(&self, template: &JobTemplate) -> Result<(), BrokerError> {
+        self.check_schema(
+            TargetKind::Queue,
+            &template.queue,
+            "job",
+            std::iter::once((&template.payload[..], &template.headers)),
+        )
+    }
+
     /// Fires (or skips) every schedule due at `now`; the expiry ticker calls it each tick.
     /// Looks only at due schedules (the book is ordered by next tick).
     pub(in crate::broker) fn run_due_schedules(&self, now: Millis) {
@@ -231,6 +244,9 @@ impl Broker {
     /// Plans `s` at `now` and applies the decision in its queue: the job (if any) and the
     /// schedule's progress go into one log batch, appended under the queue's lock.
     fn fire(&self, s: &mut Schedule, now: Millis) -> Result<(), BrokerError> {
+        // The queue's schema may have changed since the schedule was made: a job that
+        // fails it is not enqueued (the tick is tried again, as after a full queue).
+        self.check_template_schema(&s.spec.template)?;
         let slot = self.queue_or_create("job.queue", &s.spec.template.queue)?;
         let (outcome, _commit) = self.with_queue(&slot, now, |q, batch| {
             let running = s

@@ -598,6 +598,7 @@ impl Engine for RedisEngine {
         _now: Millis,
     ) -> Result<Schedule, BrokerError> {
         spec.validate(&self.inner.config.limits)?;
+        self.check_template_schema(&spec.template).await?;
         let now = self.redis_now().await?;
         let name = spec.name.clone();
         self.change_schedule(&name, |s| s.redefine(spec.clone(), now))

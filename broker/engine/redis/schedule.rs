@@ -16,7 +16,10 @@
 //! (and never to a tick at or before the last fire), in the same script as the enqueue.
 
 use crate::broker::domain::error::BrokerError;
-use crate::broker::domain::schedule::{Decision, MAX_SCHEDULES, Schedule, ScheduleSpec};
+use crate::broker::domain::schedule::{
+    Decision, JobTemplate, MAX_SCHEDULES, Schedule, ScheduleSpec,
+};
+use crate::broker::domain::schema::SchemaTarget;
 use crate::broker::domain::time::{Millis, now_ms};
 
 use crate::broker::sync::lock;
@@ -25,6 +28,7 @@ use super::RedisEngine;
 use super::conn::unavailable;
 use super::keys::catalog;
 use super::queue::schedule::FireOutcome;
+use super::schema::Cached;
 
 /// How far past this node's clock the sweep reads the due index before asking Redis's
 /// clock: a node whose clock is further behind Redis's finds due ticks that much later
@@ -95,6 +99,7 @@ impl RedisEngine {
         now: Millis,
     ) -> Result<Schedule, BrokerError> {
         spec.validate(&self.inner.config.limits)?;
+        self.check_template_schema(&spec.template).await?;
         // The queue exists from the start, as with the in-process engine.
         self.ensure_queue("job.queue", &spec.template.queue, false)
             .await?;
@@ -280,6 +285,22 @@ impl RedisEngine {
         Ok(())
     }
 
+    /// Refuses a template whose payload fails its queue's current schema (CreateSchedule,
+    /// UpdateSchedule), as an Enqueue would be.
+    pub(super) async fn check_template_schema(
+        &self,
+        template: &JobTemplate,
+    ) -> Result<(), BrokerError> {
+        let target = SchemaTarget::queue(&template.queue);
+        self.inner
+            .schemas
+            .with_current(&target, |schema| {
+                let checked = check_template(&schema, &target, template);
+                async move { checked }
+            })
+            .await
+    }
+
     async fn fire_schedule(&self, mut s: Schedule, now: Millis) -> Result<(), BrokerError> {
         // The overlap check is the script's (it reads the previous job where it lives).
         let decision = s.plan(now, false);
@@ -289,7 +310,23 @@ impl RedisEngine {
         }
         let queue = s.spec.template.queue.clone();
         self.ensure_queue("job.queue", &queue, false).await?;
-        let outcome = match self.inner.queues.schedule_fire(&s, decision).await {
+        let target = SchemaTarget::queue(&queue);
+        let fired = self
+            .inner
+            .schemas
+            .with_current(&target, |schema| {
+                // The queue's schema may have changed since the schedule was made: a job
+                // that fails it is not enqueued (the tick is tried again, as after a full
+                // queue).
+                let checked = check_template(&schema, &target, &s.spec.template);
+                let (queues, s) = (&self.inner.queues, &s);
+                async move {
+                    checked?;
+                    queues.schedule_fire(s, decision, schema.revision).await
+                }
+            })
+            .await;
+        let outcome = match fired {
             Err(BrokerError::NotFound(_)) => {
                 // The queue was deleted since this node saw it: make it again next time.
                 self.forget_queue(&queue);
@@ -303,4 +340,17 @@ impl RedisEngine {
         }
         Ok(())
     }
+}
+
+/// Refuses a template whose payload fails its queue's schema, as an Enqueue would be.
+fn check_template(
+    schema: &Cached,
+    target: &SchemaTarget,
+    template: &JobTemplate,
+) -> Result<(), BrokerError> {
+    schema.check(
+        target,
+        "job",
+        std::iter::once((&template.payload[..], &template.headers)),
+    )
 }

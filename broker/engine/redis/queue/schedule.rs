@@ -134,11 +134,13 @@ impl QueueStore {
 
     /// Applies `decision` (planned from `s` at its revision) in one script: the job of a
     /// fired tick and the schedule's new progress together, or nothing if the schedule
-    /// moved on meanwhile. The queue must exist.
+    /// moved on meanwhile. The queue must exist. `schema_revision` is the queue's schema
+    /// the node checked the job with (enqueue.lua refuses it if no longer current).
     pub(crate) async fn schedule_fire(
         &self,
         s: &Schedule,
         decision: Decision,
+        schema_revision: u32,
     ) -> Result<FireOutcome, BrokerError> {
         let (what, tick, next) = match decision {
             Decision::Wait => return Ok(FireOutcome::Applied(None)),
@@ -162,6 +164,7 @@ impl QueueStore {
             .arg("")
             .arg(optional(job.idempotency_key.as_deref()))
             .arg(optional(None))
+            .arg(schema_revision)
             .arg(&s.spec.name)
             .arg(s.revision)
             .arg(what)

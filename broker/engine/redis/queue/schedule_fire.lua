@@ -3,25 +3,26 @@
 -- nothing. This is what makes a tick fire once across nodes: the decision applies only if
 -- the schedule is still at the revision the node planned from, and never to a tick at or
 -- before the last fire.
--- ARGV: queue name, 1, the job's 9 enqueue fields (see enqueue.lua), then schedule name,
+-- ARGV: queue name, 1, the job's 9 enqueue fields and the schema revision (see
+-- enqueue.lua), then schedule name,
 -- expected revision, decision ('fire', 'skip_missed', 'skip_overlap' or 'advance'), tick,
 -- next tick ('' for none), overlap skip ('1' or '0').
 -- Returns {outcome, job id}: outcome is the decision applied ('fire' may become
 -- 'skip_overlap' when the previous job still runs), or 'stale' / 'gone'.
-local SK = B .. ':sched:' .. ARGV[12]
+local SK = B .. ':sched:' .. ARGV[13]
 local rev = redis.call('HGET', SK, 'rev')
 if not rev then
   return { 'gone', '' }
 end
-if rev ~= ARGV[13] then
+if rev ~= ARGV[14] then
   return { 'stale', '' }
 end
-local decision, tick, next_tick = ARGV[14], ARGV[15], ARGV[16]
+local decision, tick, next_tick = ARGV[15], ARGV[16], ARGV[17]
 local last = redis.call('HGET', SK, 'last_fire')
 if decision ~= 'advance' and last and last ~= '' and tonumber(last) >= tonumber(tick) then
   decision = 'advance'
 end
-if decision == 'fire' and ARGV[17] == '1' then
+if decision == 'fire' and ARGV[18] == '1' then
   local lj = redis.call('HGET', SK, 'last_job')
   if lj and lj ~= '' then
     local seq = redis.call('HGET', K_IDS, lj)
