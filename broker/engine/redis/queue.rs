@@ -732,9 +732,13 @@ impl QueueStore {
     ) -> Result<(Vec<Result<(), BrokerError>>, Vec<Delivery>), BrokerError> {
         static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
             // The two scripts' bodies as functions of their own arguments (a parameter
-            // named ARGV shadows the global), after the shared steps, then the glue.
+            // named ARGV shadows the global), after the shared steps, then the glue. The
+            // meta hash is read once for all three: every write to it in them goes
+            // through `M` too (`mincr`, and each HSET/HDEL beside its `M` field).
             Script::new(&format!(
-                "{COMMON}\nlocal function ack_part(ARGV)\n{}\nend\n\
+                "{COMMON}\nlocal read_meta = load_meta\n\
+                 local function load_meta()\nreturn M ~= nil or read_meta()\nend\n\
+                 local function ack_part(ARGV)\n{}\nend\n\
                  local function lease_part(ARGV)\n{}\nend\n{}",
                 include_str!("queue/ack.lua"),
                 include_str!("queue/lease.lua"),

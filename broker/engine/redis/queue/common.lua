@@ -70,13 +70,19 @@ if string.sub(ARGV[#ARGV] or '', 1, 5) == '\0now=' then
   ARGV[#ARGV] = nil
 end
 
--- Redis's clock, so every node agrees on time.
+-- Redis's clock, so every node agrees on time; read once per script (a script is atomic,
+-- so one instant is its time), which spares a script made of parts (ack-and-lease) a
+-- `TIME` per part.
+local NOW = nil
 local function now_ms()
   if TEST_NOW then
     return TEST_NOW
   end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not NOW then
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return NOW
 end
 
 local function fail(code, msg)
@@ -119,8 +125,13 @@ local function named_by_producer()
   end
 end
 
+-- Keeps `M` in step, so a later part of the same script (ack-and-lease) can go on
+-- reading it instead of the hash.
 local function mincr(field, by)
-  redis.call('HINCRBY', K_META, field, by)
+  local value = redis.call('HINCRBY', K_META, field, by)
+  if M then
+    M[field] = I(value)
+  end
 end
 
 -- The seconds a rate is counted over: `domain::rate::RateMeter`'s window.
