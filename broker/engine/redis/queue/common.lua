@@ -16,6 +16,9 @@ local K_HISTORY = B .. ':history'
 local K_OUTBOX = B .. ':outbox'
 local K_CONSUMERS = B .. ':consumers'
 local K_WAKE = B .. ':wake'
+-- Waiters about to wait for jobs, by token, scored by when their note runs out
+-- (waiting.lua).
+local K_WAITING = B .. ':waiting'
 -- The enqueue and ack rates: per-second counts in 10 slots (see `rate_record`).
 local K_RATES = B .. ':rates'
 
@@ -154,11 +157,14 @@ local function rate_record(kind, now, n)
   end
 end
 
--- Counts jobs made visible, so the script ends with a wake-up for long polls (only if
--- some are still visible when it ends).
+-- Counts jobs made visible, so the script ends with a wake-up for long polls: only if
+-- some waiter's note lasts (waiting.lua) and some jobs are still visible when it ends.
+-- (Without a note nobody waits: every waiter looks again after noting itself.)
 local WOKE = 0
 local function wake()
-  if WOKE > 0 and redis.call('ZCARD', K_READY) > 0 then
+  if WOKE > 0
+    and #redis.call('ZRANGEBYSCORE', K_WAITING, now_ms(), '+inf', 'LIMIT', 0, 1) > 0
+    and redis.call('ZCARD', K_READY) > 0 then
     redis.call('SPUBLISH', K_WAKE, I(WOKE))
   end
 end
