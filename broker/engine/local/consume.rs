@@ -189,7 +189,10 @@ where
                 command = self.commands.next() => {
                     let Some(command) = command else {
                         // The client half-closed: its settlements count once durable.
-                        let confirmed = self.broker.durable(self.unconfirmed).await;
+                        let confirmed = match self.unconfirmed {
+                            Commit::NONE => Ok(()),
+                            unconfirmed => self.broker.durable(unconfirmed).await,
+                        };
                         self.ended = true;
                         return confirmed.err().map(ConsumeEvent::Failed);
                     };
