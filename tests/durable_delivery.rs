@@ -236,6 +236,40 @@ async fn with_interval_fsync_an_answer_waits_for_the_write_and_not_for_the_fsync
     stop(&broker);
 }
 
+/// A Consume worker's next job does not wait for its ack's fsync, which would cost it two
+/// group commits a job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consume_stream_leases_on_while_its_ack_waits_for_the_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Gate::new(Hold::Sync);
+    let broker = open(dir.path(), &gate, FsyncPolicy::Always);
+    within(broker.enqueue("q", job("a"))).await.unwrap();
+    within(broker.enqueue("q", job("b"))).await.unwrap();
+    let served = common::TestBroker::serving(broker.clone()).await;
+    let client = served.client().await;
+    let mut consumer = client.consume("q").prefetch(1).open().await.unwrap();
+    let first = within(consumer.next()).await.unwrap().unwrap();
+    assert_eq!(&first.payload()[..], b"a");
+
+    // The ack (with one more credit) is appended and written; the writer is held in its
+    // fsync, and the next job comes anyway.
+    let ack = gate.hold(async move { first.ack().await }).await;
+    let second = within(consumer.next()).await.unwrap().unwrap();
+    assert_eq!(&second.payload()[..], b"b");
+    within(ack).await.unwrap().unwrap();
+    second.ack().await.unwrap();
+
+    gate.open();
+    eventually(|| async {
+        match broker.stats(&["q".into()], &[]).queues[0].1.completed {
+            2 => Ok(()),
+            n => Err(format!("{n} of 2 jobs completed")),
+        }
+    })
+    .await;
+    stop(&broker);
+}
+
 /// Panics in the writer thread's next write once armed, as a bug in the writer would.
 #[derive(Debug, Default)]
 struct PanicOnWrite {

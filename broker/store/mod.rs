@@ -416,8 +416,9 @@ impl Storage for DirStorage {
     }
 }
 
-/// A log position to wait for before answering. `Commit::NONE` waits for nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// A log position to wait for before answering. `Commit::NONE` waits for nothing; a
+/// later commit is greater, and once durable so is every earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 #[must_use = "a change is acknowledged only after its commit is durable"]
 #[allow(unreachable_pub)] // Named by the sealed `Engine` trait's `Commit`; not constructible outside.
 pub struct Commit(u64);

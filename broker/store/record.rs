@@ -436,9 +436,18 @@ impl Batch {
     pub(crate) fn into_frame(self, at: Millis) -> Option<Vec<u8>> {
         let ops = self.ops.filter(|o| !o.is_empty())?;
         let entry = pb::Entry { at, ops };
-        let payload = entry.encode_to_vec();
-        let mut out = Vec::with_capacity(payload.len() + FRAME_HEADER);
-        frame_into(&mut out, &payload);
+        // Encoded in place after room for the header: one allocation, no copy.
+        let len = entry.encoded_len();
+        let mut out = Vec::with_capacity(FRAME_HEADER + len);
+        out.resize(FRAME_HEADER, 0);
+        entry
+            .encode(&mut out)
+            .expect("a Vec sized by encoded_len holds the message");
+        let len = (len as u32).to_le_bytes();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &out[FRAME_HEADER..]);
+        out[..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+        out[4..8].copy_from_slice(&len);
+        out[8..12].copy_from_slice(&crc.to_le_bytes());
         Some(out)
     }
 }

@@ -89,7 +89,18 @@ struct State {
     /// Listeners of the buffered records, in append order.
     listeners: Vec<Listening>,
     closing: bool,
+    /// Whether the writer waits for appends on `Shared::wake`: only then does an append
+    /// need to notify it (a futex wake-up each), and the first one to see it clears it.
+    writer_asleep: bool,
+    /// Emptied buffers of written chunks, for the next chunks: appends copy into grown
+    /// capacity instead of reallocating from empty every round.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Emptied chunk buffers kept for reuse, at most, and the largest kept (a burst must
+/// not pin its memory).
+const SPARE_BUFFERS: usize = 2;
+const SPARE_BYTES: usize = 4 * 1024 * 1024;
 
 struct Shared {
     state: Mutex<State>,
@@ -191,6 +202,8 @@ impl Wal {
                 last: 0,
                 listeners: Vec::new(),
                 closing: false,
+                writer_asleep: false,
+                spare: Vec::new(),
             }),
             wake: Condvar::new(),
             progress,
@@ -285,7 +298,7 @@ impl Wal {
         if let Some(reason) = self.failure() {
             return Err(reason);
         }
-        let position = {
+        let (position, wake) = {
             let mut st = lock(&self.shared.state);
             if st.closing {
                 return Err(StoreError::Closed);
@@ -294,19 +307,23 @@ impl Wal {
             st.segment_used = true;
             match st.chunks.last_mut() {
                 Some(chunk) if chunk.segment == segment => chunk.data.extend_from_slice(frame),
-                _ => st.chunks.push(SegmentBuffer {
-                    segment,
-                    data: frame.to_vec(),
-                }),
+                _ => {
+                    let mut data = st.spare.pop().unwrap_or_default();
+                    data.extend_from_slice(frame);
+                    st.chunks.push(SegmentBuffer { segment, data });
+                }
             }
             st.buffered += frame.len();
             st.last += 1;
             if let Some(listener) = listener {
                 st.listeners.push(listener);
             }
-            st.last
+            // A busy writer takes this append when it next looks: no wake-up needed.
+            (st.last, std::mem::take(&mut st.writer_asleep))
         };
-        self.shared.wake.notify_one();
+        if wake {
+            self.shared.wake.notify_one();
+        }
         Ok(position)
     }
 
@@ -553,6 +570,10 @@ struct Writer {
     /// Listeners of the records being written, moved from the buffer's list each round
     /// (both keep their capacity, so neither allocates once grown).
     listeners: Vec<Listening>,
+    /// The chunks being written, swapped with the buffer's list each round (likewise).
+    taken: Vec<SegmentBuffer>,
+    /// Buffers of chunks written, handed back to the appenders at the next round.
+    emptied: Vec<Vec<u8>>,
 }
 
 impl Writer {
@@ -564,25 +585,35 @@ impl Writer {
             unsynced: None,
             last_sync: Instant::now(),
             listeners: Vec::new(),
+            taken: Vec::new(),
+            emptied: Vec::new(),
         }
     }
 
     fn run(mut self) {
         loop {
-            let (chunks, last, closing) = {
+            let (last, closing) = {
                 let mut st = lock(&self.shared.state);
+                for data in self.emptied.drain(..) {
+                    if st.spare.len() < SPARE_BUFFERS && data.capacity() <= SPARE_BYTES {
+                        st.spare.push(data);
+                    }
+                }
                 loop {
                     if !st.chunks.is_empty() || st.closing {
                         break;
                     }
+                    st.writer_asleep = true;
                     match (self.shared.fsync, self.unsynced) {
                         (FsyncPolicy::Interval(every), Some(_)) => {
                             let left = every.saturating_sub(self.last_sync.elapsed());
                             if left.is_zero() {
+                                st.writer_asleep = false;
                                 break;
                             }
                             st = sync::wait_timeout(&self.shared.wake, st, left);
                             if self.last_sync.elapsed() >= every {
+                                st.writer_asleep = false;
                                 break;
                             }
                         }
@@ -590,13 +621,15 @@ impl Writer {
                             st = sync::wait(&self.shared.wake, st);
                         }
                     }
+                    st.writer_asleep = false;
                 }
                 st.buffered = 0;
                 self.listeners.append(&mut st.listeners);
-                (std::mem::take(&mut st.chunks), st.last, st.closing)
+                std::mem::swap(&mut st.chunks, &mut self.taken);
+                (st.last, st.closing)
             };
             self.shared.space.notify_waiters();
-            if let Err(reason) = self.write(chunks, last, closing) {
+            if let Err(reason) = self.write(last, closing) {
                 self.fail(reason);
                 return;
             }
@@ -606,20 +639,19 @@ impl Writer {
         }
     }
 
-    /// Writes `chunks` (everything appended up to `last`), fsyncs when the policy says
-    /// so, tells the listeners of these records once they are durable under the policy,
-    /// and only then publishes the progress that answers the requests: whoever hears a
-    /// request's answer can already read what it made visible.
-    fn write(
-        &mut self,
-        chunks: Vec<SegmentBuffer>,
-        last: u64,
-        closing: bool,
-    ) -> Result<(), StoreError> {
-        let wrote = !chunks.is_empty();
-        for chunk in chunks {
-            self.write_chunk(chunk)?;
+    /// Writes the chunks taken (everything appended up to `last`), fsyncs when the
+    /// policy says so, tells the listeners of these records once they are durable under
+    /// the policy, and only then publishes the progress that answers the requests:
+    /// whoever hears a request's answer can already read what it made visible.
+    fn write(&mut self, last: u64, closing: bool) -> Result<(), StoreError> {
+        let mut taken = std::mem::take(&mut self.taken);
+        let wrote = !taken.is_empty();
+        for SegmentBuffer { segment, mut data } in taken.drain(..) {
+            self.write_chunk(segment, &data)?;
+            data.clear();
+            self.emptied.push(data);
         }
+        self.taken = taken;
         if wrote {
             self.unsynced = Some(last);
         }
@@ -666,20 +698,18 @@ impl Writer {
         }
     }
 
-    fn write_chunk(&mut self, chunk: SegmentBuffer) -> Result<(), StoreError> {
-        if self.file.as_ref().map(|f| f.0) != Some(chunk.segment) {
-            self.open_segment(chunk.segment)?;
+    fn write_chunk(&mut self, segment: u64, data: &[u8]) -> Result<(), StoreError> {
+        if self.file.as_ref().map(|f| f.0) != Some(segment) {
+            self.open_segment(segment)?;
         }
         let (id, file, size) = self.file.as_mut().expect("segment open");
-        let name = segment_name(*id);
-        file.write_all(&chunk.data)
-            .map_err(|e| StoreError::Append {
-                bytes: chunk.data.len(),
-                file: self.shared.storage.describe(&name),
-                source: Arc::new(e),
-            })?;
-        *size += chunk.data.len() as u64;
-        let written = chunk.data.len() as u64;
+        file.write_all(data).map_err(|e| StoreError::Append {
+            bytes: data.len(),
+            file: self.shared.storage.describe(&segment_name(*id)),
+            source: Arc::new(e),
+        })?;
+        *size += data.len() as u64;
+        let written = data.len() as u64;
         let full = *size >= self.shared.segment_bytes;
         let segment = *id;
         let due = {

@@ -18,6 +18,7 @@ use crate::broker::domain::queue::{Delivery, LeaseId, LeaseIdError, MAX_VISIBILI
 use crate::broker::domain::time::now_ms;
 use crate::broker::engine::checks;
 use crate::broker::engine::local::{Broker, SharedQueue};
+use crate::broker::store::Commit;
 
 /// Who consumes what.
 #[derive(Debug, Clone)]
@@ -122,6 +123,12 @@ struct Session<S> {
     /// Deliveries of this stream not yet settled on it, by seq (the value is the lease
     /// nonce). When the stream is dropped they are put back at once, as a failed attempt.
     outstanding: Leases,
+    /// The newest commit of this stream's settlements not yet known durable. Leasing goes
+    /// on meanwhile: waiting for each ack's fsync before the next lease would cost a
+    /// worker at batch 1 two fsyncs a job (its ack's, then the one its next ack joins).
+    /// It is awaited whenever the stream would wait anyway and before the stream ends, and
+    /// a log failure ends the stream as before.
+    unconfirmed: Commit,
 }
 
 impl<S> Drop for Session<S> {
@@ -177,11 +184,17 @@ where
             let wake_at = due_in_ms
                 .and_then(|ms| tokio::time::Instant::now().checked_add(Duration::from_millis(ms)));
             let credits = self.credits;
+            let unconfirmed = self.unconfirmed;
             tokio::select! {
                 command = self.commands.next() => {
                     let Some(command) = command else {
+                        // The client half-closed: its settlements count once durable.
+                        let confirmed = match self.unconfirmed {
+                            Commit::NONE => Ok(()),
+                            unconfirmed => self.broker.durable(unconfirmed).await,
+                        };
                         self.ended = true;
-                        return None;
+                        return confirmed.err().map(ConsumeEvent::Failed);
                     };
                     self.stopped |= command.stop;
                     self.credits = if self.stopped {
@@ -190,8 +203,20 @@ where
                         (self.credits + command.credits as u64).min(MAX_CREDITS)
                     };
                     match self.broker.settle(&self.slot, &self.spec.access, command, &mut self.outstanding).await {
-                        Ok(refused) if refused.is_empty() => {}
-                        Ok(refused) => return Some(ConsumeEvent::Refused(refused)),
+                        Ok((refused, commit)) => {
+                            self.unconfirmed = self.unconfirmed.max(commit);
+                            if !refused.is_empty() {
+                                return Some(ConsumeEvent::Refused(refused));
+                            }
+                        }
+                        Err(e) => return Some(self.fail(e)),
+                    }
+                }
+                confirmed = self.broker.durable(unconfirmed), if unconfirmed != Commit::NONE => {
+                    match confirmed {
+                        // Settlements appended meanwhile carry a newer commit.
+                        Ok(()) if self.unconfirmed == unconfirmed => self.unconfirmed = Commit::NONE,
+                        Ok(()) => {}
                         Err(e) => return Some(self.fail(e)),
                     }
                 }
@@ -262,6 +287,7 @@ impl Broker {
             stopped: false,
             ended: false,
             outstanding: Leases::default(),
+            unconfirmed: Commit::NONE,
         };
         let events = futures::stream::unfold(session, |mut session| async move {
             let event = session.next_event().await?;
@@ -272,16 +298,17 @@ impl Broker {
         })
     }
 
-    /// Applies one command's settlements one by one, logged like their unary forms and
-    /// durable before the stream goes on; returns the refused ones. An error means the
-    /// log failed (the broker is fail-stopped).
+    /// Applies one command's settlements one by one, logged like their unary forms;
+    /// returns the refused ones and the commit to wait for before they count (the
+    /// stream leases on meanwhile). An error means the log failed (the broker is
+    /// fail-stopped).
     async fn settle(
         &self,
         slot: &SharedQueue,
         access: &Access,
         command: ConsumeCommands,
         outstanding: &mut Leases,
-    ) -> Result<Vec<(String, BrokerError)>, BrokerError> {
+    ) -> Result<(Vec<(String, BrokerError)>, Commit), BrokerError> {
         let mut refused = Vec::new();
         let limits = self.limits();
         // Leases of a stream name its queue: sharing the name costs no allocation.
@@ -380,9 +407,8 @@ impl Broker {
                 observer.job_acked(&slot.name, Duration::from_millis(ms));
             }
         }
-        self.durable(commit).await?;
         // Each is settled as a one-ack Ack of its own (its fields are named as there), at
-        // this command's time.
+        // this command's time; each waits for its own commit, which follows this one.
         for (lease_id, lease, result) in foreign_acks {
             let settled = async {
                 access.check(Action::Consume, "acks.lease_id", &lease.queue)?;
@@ -396,7 +422,7 @@ impl Broker {
                 refused.push((lease_id, e));
             }
         }
-        Ok(refused)
+        Ok((refused, commit))
     }
 
     /// Puts back what a closed stream held: visible again at once, as a failed attempt.

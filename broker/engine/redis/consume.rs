@@ -18,6 +18,7 @@ use crate::broker::engine::{
 use super::RedisEngine;
 use super::background::POLL;
 use super::keys::QueueKeys;
+use super::queue::WaitingNote;
 use super::wake::Watch;
 
 /// Most credit a stream may hold; more would let one worker hoard a queue.
@@ -39,6 +40,8 @@ struct Session {
     outstanding: HashMap<u64, u64>,
     /// Jobs leased together with acks that were refused: sent after the refusals.
     leased: Vec<Delivery>,
+    /// The stream's note as a waiter on its queue, made before it waits.
+    note: WaitingNote,
 }
 
 impl Drop for Session {
@@ -100,6 +103,15 @@ impl Session {
                     Ok(_) => {}
                     Err(e) => return Some(self.fail(e)),
                 }
+            }
+            // Noted as waiting (renewed every poll) and then one more look, so a job made
+            // visible before the note is not missed.
+            if self.credits > 0 && self.watch.is_some() && self.note.due() {
+                if let Err(e) = self.note.note(&self.engine.inner.queues, &self.queue).await {
+                    return Some(self.fail(e));
+                }
+                looked = false;
+                continue;
             }
             let credits = self.credits;
             let watch = self.watch.as_mut();
@@ -249,6 +261,7 @@ impl RedisEngine {
             ended: false,
             outstanding: HashMap::new(),
             leased: Vec::new(),
+            note: WaitingNote::new(),
         };
         let events = futures::stream::unfold(session, |mut session| async move {
             let event = session.next_event().await?;

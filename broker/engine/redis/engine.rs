@@ -31,6 +31,7 @@ use crate::broker::engine::{
 
 use super::background::POLL;
 use super::keys::{QueueKeys, TopicKeys};
+use super::queue::WaitingNote;
 use super::{RedisCommit, RedisEngine};
 
 impl RedisEngine {
@@ -260,6 +261,7 @@ impl Engine for RedisEngine {
         let max = params.max_jobs.max(1);
         let give_up = tokio::time::Instant::now() + Duration::from_millis(params.wait_ms);
         let mut watch = None;
+        let mut note = WaitingNote::new();
         loop {
             let leased = self
                 .inner
@@ -286,11 +288,18 @@ impl Engine for RedisEngine {
             if !jobs.is_empty() || now >= give_up {
                 return Ok(jobs);
             }
-            // Armed, then one more look, so a job enqueued between the look and the arming
-            // is not missed; then sleep until a wake-up, the poll or the end of the wait.
-            let Some(watch) = watch.as_mut() else {
+            // Armed and noted as waiting (renewed every poll), then one more look, so a job
+            // enqueued between the look and the arming or the note is not missed; then
+            // sleep until a wake-up, the poll or the end of the wait.
+            if watch.is_none() {
                 let channel = QueueKeys::new(queue).key("wake");
                 watch = Some(self.inner.wakes.watch(&[channel]).await);
+            }
+            if note.due() {
+                note.note(&self.inner.queues, queue).await?;
+                continue;
+            }
+            let Some(watch) = watch.as_mut() else {
                 continue;
             };
             // A delayed job or a lease due sooner than the poll: look again then (the

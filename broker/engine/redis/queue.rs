@@ -47,9 +47,12 @@
 //!   done, failed).
 //! * `:outbox` list and `:dl:<seq>` hashes: dead jobs waiting to move to their dead-letter
 //!   queue (a copy of the job's hash, kept even if history drops the job).
+//! * `:waiting` zset: tokens of waiters (long polls, Consume streams with credit) about to
+//!   wait, by when their note runs out (see [`WaitingNote`]); expires with its last note.
 //!
 //! Scripts that make jobs visible end with `SPUBLISH <prefix>:wake <n>` (a shard channel
-//! in the queue's slot), so nodes can wake long polls.
+//! in the queue's slot) while some waiter's note lasts, so nodes can wake long polls; a
+//! queue whose workers never wait publishes nothing.
 //!
 //! Time is Redis's (`TIME` in every script). The node makes the random parts: job ids
 //! (UUIDv7), lease nonces, and the numbers the backoff jitter draws from.
@@ -457,6 +460,50 @@ fn jitter_seed() -> u64 {
     fastrand::u64(0..1 << 40)
 }
 
+/// How long a waiter's note on its queue lasts (queue/waiting.lua). A waiter renews it
+/// once every poll interval while it waits, so a note outlives a renewal or two that
+/// came late, and one left by a waiter that stopped waiting (or a node that died) costs
+/// at most this long of wake-ups nobody needed.
+const WAITING_NOTE_MS: u64 = 4 * super::wake::POLL_INTERVAL.as_millis() as u64;
+
+/// One waiter's note on its queue: without one, the scripts that make jobs visible
+/// publish no wake-up (a busy queue's workers never wait, and pay nothing for it).
+#[derive(Debug)]
+pub(crate) struct WaitingNote {
+    token: String,
+    noted: Option<tokio::time::Instant>,
+}
+
+impl WaitingNote {
+    /// A note for a new waiter (made on its first wait).
+    pub(crate) fn new() -> Self {
+        Self {
+            token: format!("{:x}", fastrand::u64(..)),
+            noted: None,
+        }
+    }
+
+    /// Whether the waiter must note itself (again) before it waits; after noting, it
+    /// looks once more, so a job made visible before the note is not missed.
+    pub(crate) fn due(&self) -> bool {
+        self.noted
+            .is_none_or(|at| at.elapsed() >= super::wake::POLL_INTERVAL)
+    }
+
+    /// Notes (or renews) the waiter on `queue`.
+    pub(crate) async fn note(
+        &mut self,
+        queues: &QueueStore,
+        queue: &str,
+    ) -> Result<(), BrokerError> {
+        queues
+            .note_waiting(queue, &self.token, WAITING_NOTE_MS)
+            .await?;
+        self.noted = Some(tokio::time::Instant::now());
+        Ok(())
+    }
+}
+
 /// The work queues of the Redis engine. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct QueueStore {
@@ -749,9 +796,13 @@ impl QueueStore {
     ) -> Result<(Vec<Result<(), BrokerError>>, Vec<Delivery>), BrokerError> {
         static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
             // The two scripts' bodies as functions of their own arguments (a parameter
-            // named ARGV shadows the global), after the shared steps, then the glue.
+            // named ARGV shadows the global), after the shared steps, then the glue. The
+            // meta hash is read once for all three: every write to it in them goes
+            // through `M` too (`mincr`, and each HSET/HDEL beside its `M` field).
             Script::new(&format!(
-                "{COMMON}\nlocal function ack_part(ARGV)\n{}\nend\n\
+                "{COMMON}\nlocal read_meta = load_meta\n\
+                 local function load_meta()\nreturn M ~= nil or read_meta()\nend\n\
+                 local function ack_part(ARGV)\n{}\nend\n\
                  local function lease_part(ARGV)\n{}\nend\n{}",
                 include_str!("queue/ack.lua"),
                 include_str!("queue/lease.lua"),
@@ -1148,6 +1199,24 @@ impl QueueStore {
         inv.arg(queue);
         self.run(&format!("reading when queue {queue:?} is due"), None, &inv)
             .await
+    }
+
+    /// Notes that the waiter `token` is about to wait for visible jobs of `queue`, for
+    /// `for_ms` (see queue/waiting.lua): until then the scripts that make jobs visible
+    /// publish wake-ups. Look once more after it, before waiting.
+    pub(crate) async fn note_waiting(
+        &self,
+        queue: &str,
+        token: &str,
+        for_ms: u64,
+    ) -> Result<(), BrokerError> {
+        let keys = QueueKeys::new(queue);
+        let mut inv = script!("waiting.lua").key(keys.base());
+        inv.arg(queue).arg(token).arg(for_ms);
+        let _: i64 = self
+            .run(&format!("waiting for queue {queue:?}"), None, &inv)
+            .await?;
+        Ok(())
     }
 }
 

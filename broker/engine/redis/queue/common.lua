@@ -16,6 +16,9 @@ local K_HISTORY = B .. ':history'
 local K_OUTBOX = B .. ':outbox'
 local K_CONSUMERS = B .. ':consumers'
 local K_WAKE = B .. ':wake'
+-- Waiters about to wait for jobs, by token, scored by when their note runs out
+-- (waiting.lua).
+local K_WAITING = B .. ':waiting'
 -- The enqueue and ack rates: per-second counts in 10 slots (see `rate_record`).
 local K_RATES = B .. ':rates'
 
@@ -70,13 +73,19 @@ if string.sub(ARGV[#ARGV] or '', 1, 5) == '\0now=' then
   ARGV[#ARGV] = nil
 end
 
--- Redis's clock, so every node agrees on time.
+-- Redis's clock, so every node agrees on time; read once per script (a script is atomic,
+-- so one instant is its time), which spares a script made of parts (ack-and-lease) a
+-- `TIME` per part.
+local NOW = nil
 local function now_ms()
   if TEST_NOW then
     return TEST_NOW
   end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not NOW then
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return NOW
 end
 
 local function fail(code, msg)
@@ -119,8 +128,13 @@ local function named_by_producer()
   end
 end
 
+-- Keeps `M` in step, so a later part of the same script (ack-and-lease) can go on
+-- reading it instead of the hash.
 local function mincr(field, by)
-  redis.call('HINCRBY', K_META, field, by)
+  local value = redis.call('HINCRBY', K_META, field, by)
+  if M then
+    M[field] = I(value)
+  end
 end
 
 -- The seconds a rate is counted over: `domain::rate::RateMeter`'s window.
@@ -143,11 +157,14 @@ local function rate_record(kind, now, n)
   end
 end
 
--- Counts jobs made visible, so the script ends with a wake-up for long polls (only if
--- some are still visible when it ends).
+-- Counts jobs made visible, so the script ends with a wake-up for long polls: only if
+-- some waiter's note lasts (waiting.lua) and some jobs are still visible when it ends.
+-- (Without a note nobody waits: every waiter looks again after noting itself.)
 local WOKE = 0
 local function wake()
-  if WOKE > 0 and redis.call('ZCARD', K_READY) > 0 then
+  if WOKE > 0
+    and #redis.call('ZRANGEBYSCORE', K_WAITING, now_ms(), '+inf', 'LIMIT', 0, 1) > 0
+    and redis.call('ZCARD', K_READY) > 0 then
     redis.call('SPUBLISH', K_WAKE, I(WOKE))
   end
 end

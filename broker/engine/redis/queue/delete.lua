@@ -21,5 +21,5 @@ for _, s in ipairs(redis.call('ZRANGE', B .. ':rdbox', 0, -1)) do
 end
 redis.call('DEL', B .. ':rdbox', B .. ':rdseen', B .. ':bind')
 redis.call('DEL', K_META, K_READY, K_TIMERS, K_LEASED, K_LIVE, K_IDS, K_IDEM, K_IDEMEXP,
-  K_HISTORY, K_OUTBOX, K_CONSUMERS, K_RATES)
+  K_HISTORY, K_OUTBOX, K_CONSUMERS, K_RATES, K_WAITING)
 return 1

@@ -647,7 +647,7 @@ async fn redis_queue_rate_limit_lets_out_the_burst() {
 }
 
 #[tokio::test]
-async fn redis_queue_visible_jobs_publish_a_wake_up() {
+async fn redis_queue_visible_jobs_publish_a_wake_up_only_while_a_waiter_is_noted() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let (srv, s) = store().await;
@@ -675,9 +675,18 @@ async fn redis_queue_visible_jobs_publish_a_wake_up() {
         }
     };
     read_until(&mut sock, &mut seen, "ssubscribe").await;
+    // Nobody noted as waiting: two jobs made visible, no wake-up.
     s.enqueue("q", vec![job("a"), job("b")]).await.unwrap();
+    // A waiter's note: the next job made visible is published, with its count (1).
+    s.note_waiting("q", "w1", 1_000).await.unwrap();
+    s.enqueue("q", vec![job("c")]).await.unwrap();
     read_until(&mut sock, &mut seen, "smessage").await;
-    read_until(&mut sock, &mut seen, "\r\n2\r\n").await;
+    read_until(&mut sock, &mut seen, "\r\n$1\r\n1\r\n").await;
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(
+        !seen.contains("$1\r\n2\r\n"),
+        "published without a waiter: {seen:?}"
+    );
 }
 
 /// On a (one-node) Redis Cluster every script keeps to its queue's slot, and dead letters
