@@ -145,6 +145,36 @@ async fn schedules_are_created_listed_updated_paused_resumed_and_deleted() {
     assert_eq!(created.next_fire_unix_ms % 3_600_000, 0);
     assert_eq!((created.last_fire_unix_ms, created.fired), (0, 0));
 
+    // Stats shows the schedules of the queues it shows.
+    let stats_of = |queues: &[&str]| {
+        let mut rpc = client.rpc();
+        let queues = queues.iter().map(|q| q.to_string()).collect();
+        async move {
+            let stats = rpc
+                .stats(pb::StatsRequest {
+                    queues,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            stats
+                .schedules
+                .into_iter()
+                .map(|s| (s.schedule.unwrap().name, s.next_fire_unix_ms))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        stats_of(&[]).await,
+        [("hourly".to_string(), created.next_fire_unix_ms)]
+    );
+    assert_eq!(
+        stats_of(&["reports"]).await,
+        [("hourly".to_string(), created.next_fire_unix_ms)]
+    );
+    assert!(stats_of(&["elsewhere"]).await.is_empty());
+
     assert_refused(
         client
             .rpc()

@@ -1,7 +1,7 @@
 //! The gRPC service: checks each request's access and calls the broker. The conversions
 //! between `sluice.v1` messages and domain types live in `grpc::convert`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use crate::broker::auth::{
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::names::{Pattern, validate_name};
 use crate::broker::domain::queue::Enqueued;
+use crate::broker::domain::schedule::Schedule;
 use crate::broker::domain::schema::{SchemaTarget, TargetKind};
 use crate::broker::domain::time::now_ms;
 use crate::broker::domain::topic::{Appended, NewMessage, Retention};
@@ -242,6 +243,8 @@ fn stats_view(s: &StatsSnapshot, filter: &pb::StatsRequest, access: &Access) -> 
         },
         memory_used_bytes: if sees_memory { s.memory_used_bytes } else { 0 },
         storage: Some(pb::StorageStats::from(&s.storage)),
+        // Stats adds them (`add_schedules`); WatchStats frames leave them out.
+        schedules: Vec::new(),
     }
 }
 
@@ -258,6 +261,18 @@ fn add_schema_revisions(stats: &mut pb::StatsResponse, revisions: &HashMap<Schem
     for t in &mut stats.topics {
         t.schema_revision = revision_of(revisions, SchemaTarget::topic(&t.name));
     }
+}
+
+/// The schedules of the queues `stats` shows (the same grant, `admin` on the queue, lets a
+/// token list them).
+fn add_schedules(stats: &mut pb::StatsResponse, schedules: &[Schedule]) {
+    let shown: HashSet<&str> = stats.queues.iter().map(|q| q.name.as_str()).collect();
+    let mine: Vec<pb::ScheduleInfo> = schedules
+        .iter()
+        .filter(|s| shown.contains(s.spec.template.queue.as_str()))
+        .map(pb::ScheduleInfo::from)
+        .collect();
+    stats.schedules = mine;
 }
 
 /// A schema RPC's target, after checking the caller has `admin` on it.
@@ -856,6 +871,7 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
             ),
         };
         add_schema_revisions(&mut response, &self.broker.schema_revisions().await?);
+        add_schedules(&mut response, &self.broker.list_schedules().await?);
         Ok(Response::new(response))
     }
 

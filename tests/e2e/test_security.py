@@ -67,7 +67,9 @@ def secured(processes, tmp_path_factory):
         + 'publish = ["user.registered", "todo.>"]\n'
         + 'subscribe = ["user.registered", "todo.>", "notification.delivered"]\n'
         + 'enqueue = ["emails"]\n'
-        + 'admin = ["emails", "notifications"]\n'
+        # Its event schemas (topics) and its overdue scan's schedule and queue.
+        + 'admin = ["emails", "notifications", "user.registered", "todo.>", "todo-maintenance"]\n'
+        + 'consume = ["todo-maintenance"]\n'
         + worker_table
         + 'publish = ["notification.delivered"]\n'
         + 'subscribe = ["user.registered", "todo.>"]\n'
