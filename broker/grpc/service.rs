@@ -978,13 +978,8 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         request: Request<pb::PauseScheduleRequest>,
     ) -> Reply<pb::ScheduleInfo> {
         let access = self.access(&request)?;
-        let name = request.into_inner().name;
-        self.schedule_admin(&access, &name).await?;
-        let s = self
-            .broker
-            .set_schedule_paused(&name, true, now_ms())
-            .await?;
-        Ok(Response::new((&s).into()))
+        self.set_schedule_paused(&access, &request.into_inner().name, true)
+            .await
     }
 
     async fn resume_schedule(
@@ -992,13 +987,8 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
         request: Request<pb::ResumeScheduleRequest>,
     ) -> Reply<pb::ScheduleInfo> {
         let access = self.access(&request)?;
-        let name = request.into_inner().name;
-        self.schedule_admin(&access, &name).await?;
-        let s = self
-            .broker
-            .set_schedule_paused(&name, false, now_ms())
-            .await?;
-        Ok(Response::new((&s).into()))
+        self.set_schedule_paused(&access, &request.into_inner().name, false)
+            .await
     }
 
     async fn list_schedules(
@@ -1057,6 +1047,21 @@ impl<E: Engine> broker_server::Broker for BrokerService<E> {
 }
 
 impl<E: Engine> BrokerService<E> {
+    /// PauseSchedule and ResumeSchedule: the grant check, then the change.
+    async fn set_schedule_paused(
+        &self,
+        access: &Access,
+        name: &str,
+        paused: bool,
+    ) -> Reply<pb::ScheduleInfo> {
+        self.schedule_admin(access, name).await?;
+        let s = self
+            .broker
+            .set_schedule_paused(name, paused, now_ms())
+            .await?;
+        Ok(Response::new((&s).into()))
+    }
+
     /// Checks that `access` may administer schedule `name` (`admin` on its queue); an
     /// unknown schedule is NOT_FOUND.
     async fn schedule_admin(&self, access: &Access, name: &str) -> Result<(), BrokerError> {
