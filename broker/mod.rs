@@ -45,8 +45,8 @@ pub use self::engine::redis::{RedisCommit, RedisConfig, RedisEngine};
 
 // Pluggable storage: the write-ahead log over a `Storage`, and what recovery reports.
 pub use self::store::{
-    DirStorage, FileOp, FsyncPolicy, ManifestDefect, RecoveryError, RecoveryReport, Storage,
-    StorageFile, StoreConfig, StoreError,
+    DirStorage, FileOp, FileSyncer, FsyncPolicy, ManifestDefect, RecoveryError, RecoveryReport,
+    Storage, StorageFile, StoreConfig, StoreError,
 };
 
 // Bearer tokens.

@@ -237,6 +237,11 @@ pub struct ServeArgs {
     /// runs when the log outgrows a segment and twice the last snapshot.
     #[arg(long, env = "SLUICE_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub segment_bytes: u64,
+    /// With `--fsync always`: how many fsyncs of the log may run at once. The writer keeps
+    /// writing while each sync thread syncs a group written before it started, so a
+    /// request waits for about one sync instead of up to two; 1 syncs one group at a time.
+    #[arg(long, env = "SLUICE_WAL_SYNC_THREADS", default_value_t = StoreConfig::DEFAULT_SYNC_THREADS)]
+    pub wal_sync_threads: usize,
     /// Start even if the log is damaged outside its torn tail, cutting it at the first
     /// bad record, or misses files its MANIFEST names, starting with those that are there
     /// (what is dropped is logged).
@@ -298,6 +303,12 @@ impl ServeArgs {
                 return Err(format!("{flag} 0 is below the minimum of 1"));
             }
         }
+        if !(1..=16).contains(&self.wal_sync_threads) {
+            return Err(format!(
+                "--wal-sync-threads {} is outside the allowed range 1 to 16",
+                self.wal_sync_threads
+            ));
+        }
         if self.segment_bytes < 4096 {
             return Err(format!(
                 "--segment-bytes {} is below the minimum of 4096",
@@ -357,6 +368,7 @@ impl ServeArgs {
             segment_bytes: self.segment_bytes,
             repair: self.repair,
             preallocate: true,
+            sync_threads: self.wal_sync_threads,
             ..StoreConfig::default()
         }
     }

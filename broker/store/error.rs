@@ -13,6 +13,8 @@ use super::manifest::HEADER;
 pub enum FileOp {
     /// Creating a file.
     Create,
+    /// Opening a file.
+    Open,
     /// Writing (and syncing) a whole file.
     Write,
     /// Fsyncing a file.
@@ -35,6 +37,7 @@ impl fmt::Display for FileOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             FileOp::Create => "create",
+            FileOp::Open => "open",
             FileOp::Write => "write",
             FileOp::Fsync => "fsync",
             FileOp::FsyncDir => "fsync the directory of",

@@ -112,6 +112,16 @@ pub struct StoreConfig {
     /// default, so a segment's length is what it holds (tests read records off file
     /// sizes); the broker binary turns it on.
     pub preallocate: bool,
+    /// How many fsyncs of the log may run at once under [`FsyncPolicy::Always`]: the
+    /// writer keeps writing while up to this many threads each sync a group written
+    /// before it started, so a record waits for about one sync instead of up to two. 1
+    /// syncs on the writer's thread, one sync at a time.
+    pub sync_threads: usize,
+}
+
+impl StoreConfig {
+    /// Fsyncs of the log at once by default (see [`StoreConfig::sync_threads`]).
+    pub const DEFAULT_SYNC_THREADS: usize = 2;
 }
 
 impl Default for StoreConfig {
@@ -123,6 +133,7 @@ impl Default for StoreConfig {
             max_buffered_bytes: 64 * 1024 * 1024,
             compact_after_bytes: None,
             preallocate: false,
+            sync_threads: Self::DEFAULT_SYNC_THREADS,
         }
     }
 }
@@ -132,6 +143,22 @@ pub trait StorageFile: Send {
     /// Appends all of `data`.
     fn write_all(&mut self, data: &[u8]) -> io::Result<()>;
     /// Makes everything written so far durable (fdatasync).
+    fn sync(&mut self) -> io::Result<()>;
+    /// Another handle on this file that makes what was written to it durable, for a
+    /// thread other than the appender's, while appends go on. Each handle must open its
+    /// own file description: Linux reports a write-back error once per description, so
+    /// handles sharing one could each miss an error another's sync consumed. `Ok(None)`
+    /// when the storage has no such handles: the log then syncs through
+    /// [`StorageFile::sync`] alone, one sync at a time.
+    fn syncer(&self) -> io::Result<Option<Box<dyn FileSyncer>>> {
+        Ok(None)
+    }
+}
+
+/// A handle that makes a [`StorageFile`]'s writes durable from another thread (see
+/// [`StorageFile::syncer`]).
+pub trait FileSyncer: Send {
+    /// Makes everything written to the file before this call durable (fdatasync).
     fn sync(&mut self) -> io::Result<()>;
 }
 
@@ -257,6 +284,8 @@ const ALLOCATE_STEP: u64 = 1024 * 1024;
 /// appends that grow the file (one per step, none in a reused segment) pay for one.
 struct DirFile {
     file: std::fs::File,
+    /// Where it is, to open sync handles ([`StorageFile::syncer`]).
+    path: PathBuf,
     /// Where the next append goes.
     at: u64,
     /// The file's bytes written so far, appended records and zeros ahead of them.
@@ -266,9 +295,10 @@ struct DirFile {
 }
 
 impl DirFile {
-    fn plain(file: std::fs::File) -> Self {
+    fn plain(file: std::fs::File, path: PathBuf) -> Self {
         Self {
             file,
+            path,
             at: 0,
             allocated: 0,
             step: 0,
@@ -314,6 +344,20 @@ impl StorageFile for DirFile {
     fn sync(&mut self) -> io::Result<()> {
         self.file.sync_data()
     }
+
+    fn syncer(&self) -> io::Result<Option<Box<dyn FileSyncer>>> {
+        let file = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+        Ok(Some(Box::new(DirSyncer(file))))
+    }
+}
+
+/// A [`DirFile`]'s sync handle: its own open file description of the file.
+struct DirSyncer(std::fs::File);
+
+impl FileSyncer for DirSyncer {
+    fn sync(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
 }
 
 impl Storage for DirStorage {
@@ -336,7 +380,8 @@ impl Storage for DirStorage {
         options.write(true).create(true).truncate(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        Ok(Box::new(DirFile::plain(options.open(self.path(name))?)))
+        let path = self.path(name);
+        Ok(Box::new(DirFile::plain(options.open(&path)?, path)))
     }
 
     fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
@@ -378,8 +423,10 @@ impl Storage for DirStorage {
         options.write(true).create(true).truncate(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let path = self.path(name);
         Ok(Box::new(DirFile {
-            file: options.open(self.path(name))?,
+            file: options.open(&path)?,
+            path,
             at: 0,
             allocated: 0,
             step: len.clamp(4096, ALLOCATE_STEP),
@@ -403,12 +450,12 @@ impl Storage for DirStorage {
 
     fn reuse(&self, from: &str, to: &str, len: u64) -> io::Result<Box<dyn StorageFile>> {
         self.rename(from, to)?;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(self.path(to))?;
+        let path = self.path(to);
+        let file = std::fs::OpenOptions::new().write(true).open(&path)?;
         let allocated = file.metadata()?.len();
         Ok(Box::new(DirFile {
             file,
+            path,
             at: 0,
             allocated,
             step: len.clamp(4096, ALLOCATE_STEP),

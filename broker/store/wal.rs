@@ -25,6 +25,10 @@ use super::record::FILE_MAGIC;
 use super::{FsyncPolicy, Storage, StorageFile, StoreConfig};
 use crate::broker::sync::{self, lock};
 
+mod syncers;
+
+use self::syncers::Syncers;
+
 /// File name of segment `id`.
 pub(crate) fn segment_name(id: u64) -> String {
     format!("{id:020}.wal")
@@ -129,6 +133,8 @@ struct Shared {
     preallocate: bool,
     /// Zeroed former segments ([`free_name`]) the writer takes before creating a new one.
     free: Mutex<Vec<String>>,
+    /// Fsyncs at once ([`StoreConfig::sync_threads`]).
+    sync_threads: usize,
 }
 
 /// Where the durable part of the log ends once the writer failed: everything before
@@ -223,6 +229,7 @@ impl Wal {
             durable_end: Mutex::new(None),
             preallocate: config.preallocate,
             free: Mutex::new(Vec::new()),
+            sync_threads: config.sync_threads.max(1),
         });
         shared.adopt_free_segments();
         let thread = std::thread::Builder::new()
@@ -545,6 +552,21 @@ impl Shared {
     }
 }
 
+/// Tells the listeners of records just made durable, in append order, and empties the
+/// list. Of a run of appends with one listener (a busy topic) only the last is told: marks
+/// only grow.
+fn tell_listeners(listeners: &mut Vec<Listening>) {
+    let mut listeners = listeners.drain(..).peekable();
+    while let Some((listener, mark)) = listeners.next() {
+        let same_next = listeners
+            .peek()
+            .is_some_and(|(next, _)| std::ptr::addr_eq(Arc::as_ptr(next), Arc::as_ptr(&listener)));
+        if !same_next {
+            listener.durable(mark);
+        }
+    }
+}
+
 /// Parses a segment file name.
 pub(crate) fn parse_segment(name: &str) -> Option<u64> {
     let id = name.strip_suffix(".wal")?;
@@ -574,11 +596,20 @@ struct Writer {
     taken: Vec<SegmentBuffer>,
     /// Buffers of chunks written, handed back to the appenders at the next round.
     emptied: Vec<Vec<u8>>,
+    /// The threads that sync while the writer writes (policy `always`, more than one
+    /// sync at a time).
+    syncers: Option<Syncers>,
+    /// Whether the open segment is synced by `syncers` (its storage gave sync handles).
+    overlapped: bool,
 }
 
 impl Writer {
     fn new(shared: Arc<Shared>) -> Self {
+        let syncers = (shared.fsync == FsyncPolicy::Always && shared.sync_threads > 1)
+            .then(|| Syncers::start(&shared, shared.sync_threads));
         Self {
+            syncers,
+            overlapped: false,
             shared,
             file: None,
             synced: 0,
@@ -600,7 +631,7 @@ impl Writer {
                     }
                 }
                 loop {
-                    if !st.chunks.is_empty() || st.closing {
+                    if !st.chunks.is_empty() || st.closing || self.sync_failed() {
                         break;
                     }
                     st.writer_asleep = true;
@@ -629,6 +660,10 @@ impl Writer {
                 (st.last, st.closing)
             };
             self.shared.space.notify_waiters();
+            if let Some(reason) = self.syncers.as_ref().and_then(Syncers::failure) {
+                self.fail(reason);
+                return;
+            }
             if let Err(reason) = self.write(last, closing) {
                 self.fail(reason);
                 return;
@@ -637,6 +672,11 @@ impl Writer {
                 return;
             }
         }
+    }
+
+    /// Whether a sync thread failed (the log must then fail).
+    fn sync_failed(&self) -> bool {
+        self.syncers.as_ref().is_some_and(Syncers::failed)
     }
 
     /// Writes the chunks taken (everything appended up to `last`), fsyncs when the
@@ -652,6 +692,25 @@ impl Writer {
             self.emptied.push(data);
         }
         self.taken = taken;
+        if self.overlapped
+            && let (Some(syncers), Some((_, _, bytes))) = (&self.syncers, &self.file)
+        {
+            // A sync thread syncs these (with whatever is written before it starts) and
+            // answers them; the writer goes on writing meanwhile.
+            if wrote {
+                syncers.hand_over(last, *bytes, &mut self.listeners);
+                // Nobody waits for `written` under `always` (answers wait for `synced`),
+                // so this wakes no one.
+                self.shared.progress.send_if_modified(|p| {
+                    p.written = last;
+                    false
+                });
+            }
+            if closing {
+                syncers.drain()?;
+            }
+            return Ok(());
+        }
         if wrote {
             self.unsynced = Some(last);
         }
@@ -684,18 +743,9 @@ impl Writer {
         Ok(())
     }
 
-    /// Tells the listeners of the records just made durable, in append order. Of a run of
-    /// appends with one listener (a busy topic) only the last is told: marks only grow.
+    /// Tells the listeners of the records just made durable.
     fn notify_listeners(&mut self) {
-        let mut listeners = self.listeners.drain(..).peekable();
-        while let Some((listener, mark)) = listeners.next() {
-            let same_next = listeners.peek().is_some_and(|(next, _)| {
-                std::ptr::addr_eq(Arc::as_ptr(next), Arc::as_ptr(&listener))
-            });
-            if !same_next {
-                listener.durable(mark);
-            }
-        }
+        tell_listeners(&mut self.listeners);
     }
 
     fn write_chunk(&mut self, segment: u64, data: &[u8]) -> Result<(), StoreError> {
@@ -732,8 +782,12 @@ impl Writer {
 
     fn open_segment(&mut self, id: u64) -> Result<(), StoreError> {
         // Everything in the previous segment is synced before a newer one exists:
-        // recovery treats damage anywhere but in the newest segment as real damage.
+        // recovery treats damage anywhere but in the newest segment as real damage. The
+        // groups in flight go first, so no sync thread still holds the old file's group.
         if self.file.is_some() {
+            if let Some(syncers) = &self.syncers {
+                syncers.drain()?;
+            }
             self.sync()?;
         }
         let storage = &self.shared.storage;
@@ -752,6 +806,19 @@ impl Writer {
         .map_err(|e| StoreError::io(FileOp::Create, storage.describe(&name), e))?;
         file.write_all(FILE_MAGIC)
             .map_err(|e| StoreError::io(FileOp::Write, storage.describe(&name), e))?;
+        self.overlapped = false;
+        if let Some(syncers) = &self.syncers {
+            // Opened before any record is written, so each handle hears of every
+            // write-back error of the records.
+            let handles = (0..syncers.threads())
+                .map(|_| file.syncer())
+                .collect::<Result<Option<Vec<_>>, _>>()
+                .map_err(|e| StoreError::io(FileOp::Open, storage.describe(&name), e))?;
+            if let Some(handles) = handles {
+                syncers.new_segment(id, handles);
+                self.overlapped = true;
+            }
+        }
         self.file = Some((id, file, FILE_MAGIC.len() as u64));
         self.synced = FILE_MAGIC.len() as u64;
         storage
@@ -789,7 +856,10 @@ impl Writer {
             Some((id, _, written)) => DurableEnd {
                 segment: *id,
                 bytes: match self.shared.fsync {
-                    FsyncPolicy::Always => self.synced,
+                    FsyncPolicy::Always => match self.syncers.as_ref().map(Syncers::released) {
+                        Some((segment, bytes)) if segment == *id => bytes.max(self.synced),
+                        _ => self.synced,
+                    },
                     FsyncPolicy::Interval(_) => *written,
                 },
             },

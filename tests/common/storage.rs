@@ -7,7 +7,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use sluice::broker::{DirStorage, Storage, StorageFile};
+use sluice::broker::{DirStorage, FileSyncer, Storage, StorageFile};
 
 /// What happens before each write and fsync of a file of a [`HookedStorage`], and before
 /// each change to its directory; an error is returned in place of the call's.
@@ -55,6 +55,29 @@ impl<H: FileHook> StorageFile for HookedFile<H> {
         self.inner.write_all(data)
     }
 
+    fn sync(&mut self) -> io::Result<()> {
+        self.hook.before_sync()?;
+        self.inner.sync()
+    }
+
+    fn syncer(&self) -> io::Result<Option<Box<dyn FileSyncer>>> {
+        Ok(self.inner.syncer()?.map(|inner| {
+            Box::new(HookedSyncer {
+                inner,
+                hook: self.hook.clone(),
+            }) as Box<dyn FileSyncer>
+        }))
+    }
+}
+
+/// A [`HookedFile`]'s sync handle (the WAL's sync threads use these): the same hook runs
+/// before each of its syncs.
+struct HookedSyncer<H> {
+    inner: Box<dyn FileSyncer>,
+    hook: Arc<H>,
+}
+
+impl<H: FileHook> FileSyncer for HookedSyncer<H> {
     fn sync(&mut self) -> io::Result<()> {
         self.hook.before_sync()?;
         self.inner.sync()
