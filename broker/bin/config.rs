@@ -423,6 +423,28 @@ mod tests {
     }
 
     #[test]
+    fn wal_sync_threads_come_from_the_flag_within_their_range() {
+        assert_eq!(
+            serve(&[]).store_config().sync_threads,
+            StoreConfig::DEFAULT_SYNC_THREADS
+        );
+        assert_eq!(
+            serve(&["--wal-sync-threads", "4"])
+                .store_config()
+                .sync_threads,
+            4
+        );
+        assert!(serve(&["--wal-sync-threads", "16"]).check().is_ok());
+        for bad in ["0", "17"] {
+            let refused = serve(&["--wal-sync-threads", bad]).check().unwrap_err();
+            assert_eq!(
+                refused,
+                format!("--wal-sync-threads {bad} is outside the allowed range 1 to 16")
+            );
+        }
+    }
+
+    #[test]
     fn topic_and_memory_limits_come_from_flags() {
         let limits = serve(&["--max-topics", "10", "--max-memory-bytes", "12345"])
             .broker_config()
