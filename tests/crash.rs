@@ -35,11 +35,12 @@ const PUBLISHER: usize = 9;
 const SEGMENT_BYTES: &str = "131072";
 
 fn spawn_broker(dir: &Path) -> Child {
-    spawn_broker_with(dir, "always", SEGMENT_BYTES)
+    spawn_broker_with(dir, "always", SEGMENT_BYTES, "1")
 }
 
 /// Starts the binary on a port of its own choosing; [`connect`] reads which from its log.
-fn spawn_broker_with(dir: &Path, fsync: &str, segment_bytes: &str) -> Child {
+/// With `--wal-sync-threads <sync_threads>`.
+fn spawn_broker_with(dir: &Path, fsync: &str, segment_bytes: &str, sync_threads: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")
@@ -51,6 +52,8 @@ fn spawn_broker_with(dir: &Path, fsync: &str, segment_bytes: &str) -> Child {
             "wal",
             "--fsync",
             fsync,
+            "--wal-sync-threads",
+            sync_threads,
         ])
         .env("SLUICE_LOG", SERVE_LOG)
         .stdout(Stdio::piped())
@@ -392,7 +395,7 @@ async fn subscribe(
 /// ended by a SIGKILL at a random moment (a third of them during recovery), then a
 /// restart that drains the queue and lets the subscriber catch up; asserts the ledger.
 async fn crash_ledger(fsync: &str, seed: u64) {
-    crash_ledger_with(fsync, seed, SEGMENT_BYTES).await;
+    crash_ledger_with(fsync, seed, SEGMENT_BYTES, "1").await;
 }
 
 /// Polls the segment files of `dir` until `stop` is set; returns how many files (inodes)
@@ -415,9 +418,14 @@ async fn watch_reuse(dir: std::path::PathBuf, stop: Arc<AtomicBool>) -> usize {
     names.values().filter(|n| n.len() > 1).count()
 }
 
-/// [`crash_ledger`] with segments of `segment_bytes`; returns how many segment files the
-/// broker reused during the run (see [`watch_reuse`]).
-async fn crash_ledger_with(fsync: &str, seed: u64, segment_bytes: &str) -> usize {
+/// [`crash_ledger`] with segments of `segment_bytes` and `sync_threads` fsyncs at once;
+/// returns how many segment files the broker reused during the run (see [`watch_reuse`]).
+async fn crash_ledger_with(
+    fsync: &str,
+    seed: u64,
+    segment_bytes: &str,
+    sync_threads: &str,
+) -> usize {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let stop_watching = Arc::new(AtomicBool::new(false));
@@ -430,7 +438,7 @@ async fn crash_ledger_with(fsync: &str, seed: u64, segment_bytes: &str) -> usize
     let mut kills_during_recovery = 0;
 
     for cycle in 0..KILL_CYCLES {
-        let mut child = spawn_broker_with(dir.path(), fsync, segment_bytes);
+        let mut child = spawn_broker_with(dir.path(), fsync, segment_bytes, sync_threads);
         if cycle % 3 == 1 {
             // Kill it while it recovers (or just after): no client is running, so no lease
             // is in flight, and the next start must still find everything.
@@ -438,7 +446,7 @@ async fn crash_ledger_with(fsync: &str, seed: u64, segment_bytes: &str) -> usize
             child.kill().unwrap();
             child.wait().unwrap();
             kills_during_recovery += 1;
-            child = spawn_broker_with(dir.path(), fsync, segment_bytes);
+            child = spawn_broker_with(dir.path(), fsync, segment_bytes, sync_threads);
         }
         let mut client = connect(&mut child).await;
         if cycle == 0 {
@@ -503,7 +511,7 @@ async fn crash_ledger_with(fsync: &str, seed: u64, segment_bytes: &str) -> usize
 
     // Final run: drain the queue, and let the subscriber catch up with the newest
     // acknowledged publish.
-    let mut child = spawn_broker_with(dir.path(), fsync, segment_bytes);
+    let mut child = spawn_broker_with(dir.path(), fsync, segment_bytes, sync_threads);
     let client = connect(&mut child).await;
     let stop = Arc::new(AtomicBool::new(false));
     let subscriber = tokio::spawn(subscribe(client.clone(), topic.clone(), stop.clone()));
@@ -634,9 +642,16 @@ async fn sigkill_with_interval_fsync_loses_no_acknowledged_work() {
 /// reuse, when the kills come: the ledger holds, and files were reused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_while_segments_are_reused_loses_no_acknowledged_work() {
-    let reused = crash_ledger_with("always", 0x5E65, "16384").await;
+    let reused = crash_ledger_with("always", 0x5E65, "16384", "1").await;
     eprintln!("segment files reused: {reused}");
     assert!(reused > 0, "no segment file was reused");
+}
+
+/// With 3 fsyncs at once (`--wal-sync-threads 3`), groups synced out of order and
+/// segments rolled while syncs are in flight: the ledger holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_with_overlapped_fsyncs_loses_no_acknowledged_work() {
+    crash_ledger_with("always", 0x0F5C, "65536", "3").await;
 }
 
 /// A second broker on a data directory in use exits at once, naming the directory and the

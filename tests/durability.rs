@@ -382,14 +382,19 @@ fn assert_unavailable(result: Result<impl std::fmt::Debug, BrokerError>, what: &
     );
 }
 
-async fn fail_stop_case(enospc: bool) {
+/// With `sync_threads` fsyncs of the log at once.
+async fn fail_stop_case(enospc: bool, sync_threads: usize) {
     let dir = tempfile::tempdir().unwrap();
     let fault = Arc::new(DiskFault {
         enospc,
         ..DiskFault::default()
     });
     let storage = HookedStorage::open(dir.path(), fault.clone());
-    let (broker, _) = open_with(storage, StoreConfig::default()).unwrap();
+    let config = StoreConfig {
+        sync_threads,
+        ..StoreConfig::default()
+    };
+    let (broker, _) = open_with(storage, config).unwrap();
     let kept = broker.enqueue("q", vec![job("before")]).await.unwrap()[0].id;
     let leased = broker.lease("q", lease_params(1)).await.unwrap();
     fault.fail.store(true, Ordering::SeqCst);
@@ -451,12 +456,24 @@ async fn fail_stop_case(enospc: bool) {
 
 #[tokio::test]
 async fn a_failed_fsync_stops_every_acknowledgement() {
-    fail_stop_case(false).await;
+    fail_stop_case(false, 1).await;
 }
 
 #[tokio::test]
 async fn a_full_disk_never_gives_a_false_ok() {
-    fail_stop_case(true).await;
+    fail_stop_case(true, 1).await;
+}
+
+/// The same with 3 fsyncs at once (`--wal-sync-threads 3`): the failing fsync runs on a
+/// sync thread, and no group after the last one released is acknowledged.
+#[tokio::test]
+async fn a_failed_fsync_stops_every_acknowledgement_with_overlapped_fsyncs() {
+    fail_stop_case(false, 3).await;
+}
+
+#[tokio::test]
+async fn a_full_disk_never_gives_a_false_ok_with_overlapped_fsyncs() {
+    fail_stop_case(true, 3).await;
 }
 
 /// Every job of every queue (live and finished) has an intact payload.

@@ -237,9 +237,10 @@ pub struct ServeArgs {
     /// runs when the log outgrows a segment and twice the last snapshot.
     #[arg(long, env = "SLUICE_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub segment_bytes: u64,
-    /// With `--fsync always`: how many fsyncs of the log may run at once. The writer keeps
-    /// writing while each sync thread syncs a group written before it started, so a
-    /// request waits for about one sync instead of up to two; 1 syncs one group at a time.
+    /// With `--fsync always`: how many fsyncs of the log may run at once. Above 1 the
+    /// writer keeps writing while each sync thread syncs a group written before it
+    /// started, so a request waits for about one sync instead of up to two, at the cost
+    /// of a thread hand-off per group; 1 (the default) syncs one group at a time.
     #[arg(long, env = "SLUICE_WAL_SYNC_THREADS", default_value_t = StoreConfig::DEFAULT_SYNC_THREADS)]
     pub wal_sync_threads: usize,
     /// Start even if the log is damaged outside its torn tail, cutting it at the first

@@ -112,16 +112,17 @@ pub struct StoreConfig {
     /// default, so a segment's length is what it holds (tests read records off file
     /// sizes); the broker binary turns it on.
     pub preallocate: bool,
-    /// How many fsyncs of the log may run at once under [`FsyncPolicy::Always`]: the
-    /// writer keeps writing while up to this many threads each sync a group written
-    /// before it started, so a record waits for about one sync instead of up to two. 1
-    /// syncs on the writer's thread, one sync at a time.
+    /// How many fsyncs of the log may run at once under [`FsyncPolicy::Always`]: above 1,
+    /// the writer keeps writing while up to this many threads each sync a group written
+    /// before it started, so a record waits for about one sync instead of up to two, for a
+    /// thread hand-off per group. 1 (the default) syncs on the writer's thread, one sync
+    /// at a time: on a machine short of cores the hand-off costs more than it saves.
     pub sync_threads: usize,
 }
 
 impl StoreConfig {
     /// Fsyncs of the log at once by default (see [`StoreConfig::sync_threads`]).
-    pub const DEFAULT_SYNC_THREADS: usize = 2;
+    pub const DEFAULT_SYNC_THREADS: usize = 1;
 }
 
 impl Default for StoreConfig {
