@@ -508,6 +508,8 @@ impl WaitingNote {
 #[derive(Clone)]
 pub(crate) struct QueueStore {
     conn: RedisConn,
+    /// Enqueues waiting to share a script call with the one in flight on their queue.
+    groups: Arc<coalesce::Groups>,
     /// A test's clock (ms): the scripts' time instead of Redis's `TIME` (see
     /// [`QueueStore::with_clock`]).
     #[cfg(test)]
@@ -519,6 +521,7 @@ impl QueueStore {
     pub(crate) fn new(conn: RedisConn) -> Self {
         Self {
             conn,
+            groups: Arc::default(),
             #[cfg(test)]
             clock: None,
         }
@@ -530,6 +533,7 @@ impl QueueStore {
     pub(crate) fn with_clock(conn: RedisConn, clock: Arc<std::sync::atomic::AtomicU64>) -> Self {
         Self {
             conn,
+            groups: Arc::default(),
             clock: Some(clock),
         }
     }
@@ -710,31 +714,55 @@ impl QueueStore {
 
     /// [`QueueStore::enqueue`] of a batch checked against schema revision
     /// `schema_revision` (0: none): refused with [`BrokerError::SchemaStale`], storing
-    /// nothing, when the queue's current revision is another.
+    /// nothing, when the queue's current revision is another. Batches that arrive while
+    /// another enqueue to the queue is in flight share one script call (`coalesce`).
     pub(crate) async fn enqueue_checked(
         &self,
         name: &str,
         jobs: &[NewJob],
         schema_revision: u32,
     ) -> Result<Vec<Enqueued>, BrokerError> {
+        let jobs = jobs.iter().map(coalesce::ScriptJob::new).collect();
+        coalesce::enqueue(self, name, jobs, schema_revision).await
+    }
+
+    /// One enqueue.lua call storing `requests` (each all or none; the whole call all or
+    /// none) checked against `schema_revision`: the outcomes of every job, in order.
+    async fn enqueue_call(
+        &self,
+        name: &str,
+        requests: &[&[coalesce::ScriptJob]],
+        schema_revision: u32,
+    ) -> Result<Vec<Enqueued>, BrokerError> {
+        /// enqueue.lua taking each merged request's job count after the revision.
+        static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(&format!(
+                "{COMMON}\nlocal MERGED_COUNTS = true\n{}",
+                include_str!("queue/enqueue.lua")
+            ))
+        });
         let keys = QueueKeys::new(name);
-        let mut inv = script!("enqueue.lua").key(keys.base());
-        inv.arg(name).arg(jobs.len());
-        for job in jobs {
-            inv.arg(Uuid::now_v7().to_string())
-                .arg(&job.kind)
-                .arg(job.payload.as_ref())
-                .arg(encode_headers(&job.headers))
-                .arg(job.priority)
-                .arg(job.run_at.map_or_else(String::new, |t| t.to_string()))
-                .arg(job.max_attempts.map_or_else(String::new, |n| n.to_string()))
-                .arg(optional(job.idempotency_key.as_deref()))
-                .arg(optional(job.ordering_key.as_deref()));
+        let mut inv = SCRIPT.key(keys.base());
+        let total: usize = requests.iter().map(|r| r.len()).sum();
+        inv.arg(name).arg(total);
+        for job in requests.iter().copied().flatten() {
+            job.args(&mut inv);
         }
         inv.arg(schema_revision);
+        if requests.len() > 1 {
+            for r in requests {
+                inv.arg(r.len());
+            }
+        }
         let outcomes: Vec<(String, i64)> = self
             .run(&format!("enqueueing to queue {name:?}"), None, &inv)
             .await?;
+        if outcomes.len() != total {
+            return Err(malformed(
+                "enqueue",
+                format!("{} outcomes for {total} jobs", outcomes.len()),
+            ));
+        }
         outcomes
             .into_iter()
             .map(|(id, duplicate)| {
@@ -1221,6 +1249,7 @@ impl QueueStore {
 }
 
 pub(crate) mod binding;
+mod coalesce;
 #[cfg(test)]
 mod model;
 pub(crate) mod redrive;

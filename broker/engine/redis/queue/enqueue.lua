@@ -1,11 +1,18 @@
 -- Stores a batch of jobs, all or none. ARGV: name, job count, then 9 values per job: id,
 -- kind, payload, encoded headers, priority, run_at ('' for now), max attempts ('' for the
 -- policy's), idempotency key and ordering key ('' for none, else '=' then the key).
--- Returns {id, duplicate (0/1)} per job. The last ARGV is the schema revision the node
--- checked the batch with: when the queue's current one differs, nothing is stored
--- (SLUICE_SCHEMA, with the current revision; see engine/redis/schema.rs).
+-- Returns {id, duplicate (0/1)} per job. After the jobs comes the schema revision the
+-- node checked the batch with: when the queue's current one differs, nothing is stored
+-- (SLUICE_SCHEMA, with the current revision; see engine/redis/schema.rs). Then, when
+-- `MERGED_COUNTS` is set, for a call that merges several requests (queue/coalesce.rs),
+-- each request's job count in order; none for a single request. Idempotency keys then
+-- behave as if the requests ran one after another: a key repeated within a request is a
+-- duplicate of its first job, one repeated from an earlier request only while the window
+-- lasts (not at 0 ms).
 local schema_now = redis.call('HGET', B .. ':schema', 'cur') or '0'
-if schema_now ~= ARGV[3 + tonumber(ARGV[2]) * 9] then
+local n = tonumber(ARGV[2])
+local F = 9
+if schema_now ~= ARGV[3 + n * F] then
   return fail('SLUICE_SCHEMA', schema_now)
 end
 if not load_meta() then
@@ -13,8 +20,18 @@ if not load_meta() then
 end
 local now = now_ms()
 prune_idem(now)
-local n = tonumber(ARGV[2])
-local F = 9
+local window = mnum('dedup_ms')
+-- The job indexes (0-based) where a merged call's second and later requests start. The
+-- script that includes this file says whether the counts follow the revision
+-- (`MERGED_COUNTS`): the fire script's own arguments follow it instead.
+local starts = {}
+if MERGED_COUNTS then
+  local at = 0
+  for a = 4 + n * F, #ARGV do
+    at = at + tonumber(ARGV[a])
+    starts[at] = true
+  end
+end
 
 -- The job an idempotency key names while its window lasts.
 local function idem_get(key)
@@ -25,19 +42,27 @@ local function idem_get(key)
   return nil
 end
 
--- How many jobs are new: not duplicates of remembered keys or of each other.
+-- How many jobs are new: not duplicates of remembered keys or of each other. `seen`
+-- holds the last request (1-based) that named each key: a repeat there is a duplicate,
+-- and one from an earlier request too while the window outlasts this instant.
 local seen = {}
 local new = 0
+local req = 1
 for i = 0, n - 1 do
+  if starts[i] then
+    req = req + 1
+  end
   local ik = ARGV[3 + i * F + 7]
   if ik == '' then
     new = new + 1
   else
     ik = string.sub(ik, 2)
-    if not seen[ik] and not idem_get(ik) then
+    local before = seen[ik]
+    local dup = before == req or (before ~= nil and window > 0)
+    if not dup and not idem_get(ik) then
       new = new + 1
     end
-    seen[ik] = true
+    seen[ik] = req
   end
 end
 local live = redis.call('ZCARD', K_LIVE)
@@ -46,9 +71,9 @@ if live + new > mnum('max_depth') then
     ' live jobs + ' .. I(new) .. ' new exceeds max_depth ' .. M.max_depth)
 end
 
-local window = mnum('dedup_ms')
--- Keys stored by this batch: a repeat in the batch is a duplicate even when the window
--- (0 ms) is over before the batch ends.
+-- Keys stored by this request: a repeat in the request is a duplicate even when the
+-- window (0 ms) is over before the request ends; an earlier request's key is found by
+-- `idem_get` while its window lasts.
 local stored = {}
 local out = {}
 -- Seqs for the new jobs, in order, taken at once.
@@ -61,6 +86,9 @@ local ids, live, ready, timers = {}, {}, {}, {}
 local blocked = 0
 local at_now = I(now)
 for i = 0, n - 1 do
+  if starts[i] then
+    stored = {}
+  end
   local b = 3 + i * F
   local id, kind, payload, headers = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
   local prio = math.min(tonumber(ARGV[b + 4]), 9)

@@ -19,10 +19,11 @@ use crate::broker::store::{decode_schedule_def, encode_schedule_def};
 use super::{COMMON, QueueKeys, QueueStore, encode_headers, malformed, optional};
 
 /// The fire script: [`COMMON`], then enqueue.lua wrapped as the function `enqueue_job`
-/// (the very enqueue every producer runs, not a copy), then schedule_fire.lua.
+/// (the very enqueue every producer runs, not a copy; one request, its own arguments after
+/// the revision), then schedule_fire.lua.
 static FIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{COMMON}\nlocal function enqueue_job()\n{}\nend\n{}",
+        "{COMMON}\nlocal MERGED_COUNTS = false\nlocal function enqueue_job()\n{}\nend\n{}",
         include_str!("enqueue.lua"),
         include_str!("schedule_fire.lua")
     ))

@@ -1158,3 +1158,195 @@ async fn redis_queue_created_by_consumer_until_something_names_it() {
     s.set_paused("paused", true).await.unwrap();
     assert!(!s.counts("paused").await.unwrap().created_by_consumer);
 }
+
+/// Script calls Redis has run so far (INFO commandstats: EVALSHA).
+async fn script_calls(s: &QueueStore) -> u64 {
+    let mut c = s.conn.clone();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Enqueues each batch of `requests` (checked against `revisions[i]`, 0 if missing) to
+/// `q` at once: on the test's single-threaded runtime the first one's call is in flight
+/// while all the others arrive, in order. Returns each request's result and the script
+/// calls they took.
+async fn enqueue_together(
+    s: &QueueStore,
+    q: &str,
+    requests: &[Vec<NewJob>],
+    revisions: &[u32],
+) -> (Vec<Result<Vec<Enqueued>, BrokerError>>, u64) {
+    assert!(
+        requests.len() <= 30,
+        "join_all polls more futures unordered"
+    );
+    let before = script_calls(s).await;
+    let results = futures::future::join_all(
+        requests
+            .iter()
+            .enumerate()
+            .map(|(i, jobs)| s.enqueue_checked(q, jobs, revisions.get(i).copied().unwrap_or(0))),
+    )
+    .await;
+    (results, script_calls(s).await - before)
+}
+
+/// Loads the enqueue script (into queue `warm`), so the calls counted after it are one
+/// EVALSHA each (a first EVALSHA refused as NOSCRIPT counts too).
+async fn load_enqueue_script(s: &QueueStore) {
+    s.create("warm", &policy("warm")).await.unwrap();
+    s.enqueue("warm", vec![job("warm")]).await.unwrap();
+}
+
+fn keyed(payload: &str, key: &str) -> NewJob {
+    NewJob {
+        idempotency_key: Some(key.into()),
+        ..job(payload)
+    }
+}
+
+#[tokio::test]
+async fn redis_queue_concurrent_enqueues_share_one_script_call() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    load_enqueue_script(&s).await;
+    let requests: Vec<Vec<NewJob>> = (0..20)
+        .map(|i| vec![job(&format!("{i}a")), job(&format!("{i}b"))])
+        .collect();
+    let (results, calls) = enqueue_together(&s, "q", &requests, &[]).await;
+    // The first request alone, then the 19 that arrived while it ran, merged.
+    assert_eq!(calls, 2);
+    let mut ids = Vec::new();
+    for r in results {
+        let out = r.unwrap();
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|e| !e.duplicate));
+        ids.extend(out.iter().map(|e| e.id));
+    }
+    // Each request got its own jobs' ids, stored in arrival order.
+    let got = lease(&s, "q", 100).await;
+    let expected: Vec<&[u8]> = requests.iter().flatten().map(|j| &j.payload[..]).collect();
+    assert_eq!(payloads(&got), expected);
+    assert_eq!(got.iter().map(|d| d.job_id).collect::<Vec<_>>(), ids);
+}
+
+#[tokio::test]
+async fn redis_queue_a_merged_enqueue_over_max_depth_refuses_only_the_request_that_overflows() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        max_depth: 5,
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    load_enqueue_script(&s).await;
+    s.enqueue("q", vec![job("old")]).await.unwrap();
+    let requests = vec![
+        vec![job("first")],
+        vec![job("a1"), job("a2")],
+        vec![job("b1"), job("b2"), job("b3")],
+        vec![job("c1")],
+    ];
+    let (results, calls) = enqueue_together(&s, "q", &requests, &[]).await;
+    // The first alone, the merged call refused as full, then a, b and c alone.
+    assert_eq!(calls, 5);
+    assert_eq!(results[0].as_ref().unwrap().len(), 1);
+    assert_eq!(results[1].as_ref().unwrap().len(), 2);
+    let err = results[2].as_ref().unwrap_err();
+    assert!(matches!(err, BrokerError::ResourceExhausted(_)), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "queue \"q\" is full: 4 live jobs + 3 new exceeds max_depth 5"
+    );
+    assert_eq!(results[3].as_ref().unwrap().len(), 1);
+    let got = lease(&s, "q", 10).await;
+    assert_eq!(
+        payloads(&got),
+        vec![&b"old"[..], b"first", b"a1", b"a2", b"c1"]
+    );
+}
+
+#[tokio::test]
+async fn redis_queue_idempotency_keys_across_merged_requests_act_in_arrival_order() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    load_enqueue_script(&s).await;
+    let requests = vec![
+        vec![job("first")],
+        vec![keyed("a", "k1"), keyed("a-again", "k1")],
+        vec![keyed("b", "k1"), keyed("b2", "k2")],
+        vec![keyed("c", "k2")],
+    ];
+    let (results, calls) = enqueue_together(&s, "q", &requests, &[]).await;
+    assert_eq!(calls, 2);
+    let out: Vec<Vec<Enqueued>> = results.into_iter().map(Result::unwrap).collect();
+    let (x, y) = (out[1][0].id, out[2][1].id);
+    let flags = |o: &[Enqueued]| o.iter().map(|e| (e.id, e.duplicate)).collect::<Vec<_>>();
+    assert_eq!(flags(&out[1]), vec![(x, false), (x, true)]);
+    assert_eq!(flags(&out[2]), vec![(x, true), (y, false)]);
+    assert_eq!(flags(&out[3]), vec![(y, true)]);
+    assert_ne!(x, y);
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!((counts.enqueued, counts.pending), (3, 3));
+
+    // With no window a key is new again in each later request, as if they ran one after
+    // another, and a repeat within a request is still a duplicate of its first.
+    let p = QueuePolicy {
+        dedup_window_ms: 0,
+        ..policy("z")
+    };
+    s.create("z", &p).await.unwrap();
+    let requests = vec![
+        vec![job("first")],
+        vec![keyed("a", "k"), keyed("a-again", "k")],
+        vec![keyed("b", "k")],
+    ];
+    let (results, calls) = enqueue_together(&s, "z", &requests, &[]).await;
+    assert_eq!(calls, 2);
+    let out: Vec<Vec<Enqueued>> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        flags(&out[1]),
+        vec![(out[1][0].id, false), (out[1][0].id, true)]
+    );
+    assert!(!out[2][0].duplicate);
+    assert_ne!(out[2][0].id, out[1][0].id);
+    let got = lease(&s, "z", 10).await;
+    assert_eq!(payloads(&got), vec![&b"first"[..], b"a", b"b"]);
+}
+
+#[tokio::test]
+async fn redis_queue_merged_enqueues_share_a_call_only_with_their_schema_revision() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    load_enqueue_script(&s).await;
+    let mut c = s.conn.clone();
+    redis::cmd("HSET")
+        .arg(QueueKeys::new("q").key("schema"))
+        .arg("cur")
+        .arg(3)
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let requests: Vec<Vec<NewJob>> = (0..5).map(|i| vec![job(&i.to_string())]).collect();
+    let (results, calls) = enqueue_together(&s, "q", &requests, &[3, 3, 0, 0, 3]).await;
+    // The first alone; then 1, then 2 and 3 (refused together as stale), then 4.
+    assert_eq!(calls, 4);
+    for i in [0, 1, 4] {
+        assert_eq!(results[i].as_ref().unwrap().len(), 1, "request {i}");
+    }
+    for i in [2, 3] {
+        assert_eq!(
+            results[i].as_ref().unwrap_err(),
+            &BrokerError::SchemaStale { revision: 3 },
+            "request {i}"
+        );
+    }
+    let got = lease(&s, "q", 10).await;
+    assert_eq!(payloads(&got), vec![&b"0"[..], b"1", b"4"]);
+}
