@@ -491,12 +491,23 @@ async fn cut_link_then_lose_primary(replicas: u32, after: usize) -> CutOutcome {
     let mut acknowledged = Vec::new();
     for i in 0..BEFORE {
         let key = format!("before-{i}");
-        let job = client
-            .enqueue(QUEUE, key.clone())
-            .idempotency_key(key)
-            .send()
-            .await
-            .unwrap();
+        // The link is up, but on a loaded machine a replica can miss the 500 ms WAIT: that
+        // answer says the outcome is unknown, and the documented remedy is a retry with the
+        // same idempotency key (which answers with the same job).
+        let mut attempts = 0;
+        let job = loop {
+            attempts += 1;
+            match client
+                .enqueue(QUEUE, key.clone())
+                .idempotency_key(key.clone())
+                .send()
+                .await
+            {
+                Ok(job) => break job,
+                Err(e) if attempts < 5 && e.code() == Some(tonic::Code::Unavailable) => continue,
+                Err(e) => panic!("enqueue {key} before the cut: {e}"),
+            }
+        };
         acknowledged.push(job.job_id);
     }
     // Whatever `replicas` is, the jobs before the cut are on the replica before it.
