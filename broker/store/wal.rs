@@ -8,6 +8,8 @@
 //! while the previous ones ran. An append may carry a [`DurableListener`], told (on the
 //! writer thread, before any waiter is woken) once its record is durable under the
 //! policy, whether or not the request that appended it is still waiting.
+//! With more than one sync thread ([`StoreConfig::sync_threads`]) the writer hands each
+//! written group to a sync thread instead and goes on writing (see `syncers`).
 //! Any write or fsync error is final (fail-stop): the writer records the reason, logs
 //! it, wakes every waiter with it and stops; nothing is acknowledged after it, because
 //! the page cache can no longer be trusted to match the disk.
