@@ -8,25 +8,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::{TestBroker, within};
+use common::{TestBroker, publish_request as publish, within};
 use futures::StreamExt;
 use sluice::broker::{Broker, BrokerConfig, DirStorage, StoreConfig};
 use sluice::client::{ClientError, Job, Message};
 use sluice::pb;
 use tonic::Code;
-
-fn publish(topic: &str, payloads: &[&str]) -> pb::PublishRequest {
-    pb::PublishRequest {
-        topic: topic.into(),
-        messages: payloads
-            .iter()
-            .map(|p| pb::PublishMessage {
-                payload: Bytes::from(p.to_string()),
-                ..Default::default()
-            })
-            .collect(),
-    }
-}
 
 fn enqueue(queue: &str, payload: &str, priority: u32) -> pb::EnqueueRequest {
     pb::EnqueueRequest {

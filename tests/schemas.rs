@@ -7,8 +7,8 @@
 mod common;
 
 use bytes::Bytes;
-use common::TestBroker;
 use common::rpc::{assert_refused, assert_status, list_queues, queue_stats, stats, topic_stats};
+use common::{TestBroker, publish_request as messages};
 use sluice::broker::{Broker, BrokerConfig, DirStorage, StoreConfig};
 use sluice::client::Rpc;
 use sluice::pb;
@@ -60,19 +60,6 @@ fn jobs(name: &str, payloads: &[&str]) -> pb::EnqueueRequest {
         jobs: payloads
             .iter()
             .map(|p| pb::JobSpec {
-                payload: Bytes::from(p.to_string()),
-                ..Default::default()
-            })
-            .collect(),
-    }
-}
-
-fn messages(name: &str, payloads: &[&str]) -> pb::PublishRequest {
-    pb::PublishRequest {
-        topic: name.into(),
-        messages: payloads
-            .iter()
-            .map(|p| pb::PublishMessage {
                 payload: Bytes::from(p.to_string()),
                 ..Default::default()
             })

@@ -20,6 +20,20 @@ pub mod storage;
 
 /// The server options of the tests: a short drain, so stopping a broker never holds a
 /// test up for long.
+/// A PublishRequest of one message per payload to `topic`.
+pub fn publish_request(topic: &str, payloads: &[&str]) -> sluice::pb::PublishRequest {
+    sluice::pb::PublishRequest {
+        topic: topic.into(),
+        messages: payloads
+            .iter()
+            .map(|p| sluice::pb::PublishMessage {
+                payload: bytes::Bytes::from(p.to_string()),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
 pub fn serve_options() -> ServeOptions {
     ServeOptions {
         drain_timeout: Duration::from_secs(2),
