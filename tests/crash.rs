@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{SERVE_LOG, serve_addrs};
+use common::{SERVE_LOG, connect_child as connect};
 use sluice::pb;
 use sluice::pb::broker_client::BrokerClient;
 use tonic::transport::Channel;
@@ -60,24 +60,6 @@ fn spawn_broker_with(dir: &Path, fsync: &str, segment_bytes: &str, sync_threads:
         .stderr(Stdio::inherit())
         .spawn()
         .expect("starting the sluice binary")
-}
-
-/// Connects to `child` once it logs the address it listens on (it binds before logging).
-///
-/// Each call has a deadline: once the broker is killed, its port is free, and another
-/// test's listener may take it; a call that reconnects there must fail, as it would
-/// against a dead broker, rather than wait forever for an answer that never comes.
-async fn connect(child: &mut Child) -> BrokerClient<Channel> {
-    let stdout = child.stdout.take().expect("the broker's stdout is piped");
-    let addr = serve_addrs(stdout, false).await.grpc;
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("a valid URL")
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .expect("connect to the broker");
-    BrokerClient::new(channel)
 }
 
 fn payload(producer: usize, n: u64) -> (String, Bytes) {

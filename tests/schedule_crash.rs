@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{SERVE_LOG, serve_addrs};
+use common::{SERVE_LOG, connect_child as connect};
 use sluice::broker::testing::redis::RedisServer;
 use sluice::pb;
 use sluice::pb::broker_client::BrokerClient;
@@ -57,19 +57,6 @@ fn spawn_wal(dir: &Path) -> Child {
         "--fsync",
         "always",
     ])
-}
-
-async fn connect(child: &mut Child) -> BrokerClient<Channel> {
-    let stdout = child.stdout.take().expect("the broker's stdout is piped");
-    let addr = serve_addrs(stdout, false).await.grpc;
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .expect("connect to the broker");
-    BrokerClient::new(channel)
 }
 
 async fn create_schedule(client: &mut BrokerClient<Channel>) -> pb::ScheduleInfo {

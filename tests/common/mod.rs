@@ -20,6 +20,27 @@ pub mod storage;
 
 /// The server options of the tests: a short drain, so stopping a broker never holds a
 /// test up for long.
+/// Connects to a `sluice serve --listen 127.0.0.1:0` child with a piped stdout once it
+/// logs the address it listens on (it binds before logging).
+///
+/// Each call has a deadline: once the broker is killed, its port is free, and another
+/// test's listener may take it; a call that reconnects there must fail, as it would
+/// against a dead broker, rather than wait forever for an answer that never comes.
+pub async fn connect_child(
+    child: &mut std::process::Child,
+) -> sluice::pb::broker_client::BrokerClient<tonic::transport::Channel> {
+    let stdout = child.stdout.take().expect("the broker's stdout is piped");
+    let addr = serve_addrs(stdout, false).await.grpc;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("a valid URL")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("connect to the broker");
+    sluice::pb::broker_client::BrokerClient::new(channel)
+}
+
 /// A PublishRequest of one message per payload to `topic`.
 pub fn publish_request(topic: &str, payloads: &[&str]) -> sluice::pb::PublishRequest {
     sluice::pb::PublishRequest {
