@@ -662,7 +662,10 @@ impl Writer {
                 (st.last, st.closing)
             };
             self.shared.space.notify_waiters();
-            if let Some(reason) = self.syncers.as_ref().and_then(Syncers::failure) {
+            // The flag first: the error itself is behind the sync threads' lock.
+            if self.sync_failed()
+                && let Some(reason) = self.syncers.as_ref().and_then(Syncers::failure)
+            {
                 self.fail(reason);
                 return;
             }
