@@ -218,7 +218,8 @@ impl Engine for RedisEngine {
             self.inner.wakes.clone(),
             spec,
             ends_on,
-        );
+        )
+        .await?;
         // The slot goes with the stream: given back when the stream is dropped.
         Ok(Box::pin(batches.map(move |batch| {
             let _held = &slot;

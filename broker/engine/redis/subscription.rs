@@ -93,17 +93,22 @@ fn wake_channel(name: &str) -> String {
 /// order and without gaps per topic (a gap left by retention is reported, or ends the
 /// stream with DATA_LOSS under [`GapPolicy::EndStream`]). It ends when `ends_on` is
 /// cancelled, or with an error.
-pub(crate) fn subscribe(
+///
+/// The start positions are fixed before this returns (so before the caller answers the
+/// Subscribe call): a subscriber from the latest message gets every message published
+/// after its call was answered, as on the in-process engine.
+pub(crate) async fn subscribe(
     store: TopicStore,
     wakes: Wakes,
     spec: SubscribeSpec,
     ends_on: CancellationToken,
-) -> impl Stream<Item = Result<SubscriptionBatch, BrokerError>> + Send + 'static {
+) -> Result<impl Stream<Item = Result<SubscriptionBatch, BrokerError>> + Send + 'static, BrokerError>
+{
     let following = Following {
         subscribers: store.subscribers().clone(),
         topics: BTreeSet::new(),
     };
-    let reader = Reader {
+    let mut reader = Reader {
         following,
         store,
         wakes,
@@ -116,13 +121,19 @@ pub(crate) fn subscribe(
         rotate: 0,
         ended: false,
     };
-    futures::stream::unfold(reader, |mut reader| async move {
+    let ends_on = reader.ends_on.clone();
+    tokio::select! {
+        // Ending already: the stream ends at once (`next_batch` sees the token).
+        _ = ends_on.cancelled() => {}
+        opened = reader.open() => opened?,
+    }
+    Ok(futures::stream::unfold(reader, |mut reader| async move {
         let item = reader.next_batch().await?;
         if item.is_err() {
             reader.ended = true;
         }
         Some((item, reader))
-    })
+    }))
 }
 
 impl Reader {
@@ -416,6 +427,24 @@ mod tests {
         }
     }
 
+    impl Setup {
+        /// A subscription on this setup's store, ending at its shutdown, opened.
+        async fn open(
+            &self,
+            spec: SubscribeSpec,
+        ) -> futures::stream::BoxStream<'static, Result<SubscriptionBatch, BrokerError>> {
+            subscribe(
+                self.store.clone(),
+                self.wakes.clone(),
+                spec,
+                self.shutdown.child_token(),
+            )
+            .await
+            .unwrap()
+            .boxed()
+        }
+    }
+
     fn spec(pattern: &str, start: Start) -> SubscribeSpec {
         SubscribeSpec {
             pattern: Pattern::parse("pattern", pattern).unwrap(),
@@ -475,13 +504,7 @@ mod tests {
         let s = setup().await;
         s.store.publish("ev.a", msgs(&["a1", "a2"])).await.unwrap();
         s.store.publish("other", msgs(&["no"])).await.unwrap();
-        let stream = subscribe(
-            s.store.clone(),
-            s.wakes.clone(),
-            spec("ev.*", Start::Earliest),
-            s.shutdown.child_token(),
-        );
-        let mut stream = Box::pin(stream);
+        let mut stream = s.open(spec("ev.*", Start::Earliest)).await;
         assert_eq!(
             take(&mut stream, 2).await,
             [
@@ -519,31 +542,16 @@ mod tests {
             .block
             .publish_time;
 
-        let mut by_seq = Box::pin(subscribe(
-            s.store.clone(),
-            s.wakes.clone(),
-            spec("t", Start::Sequence(2)),
-            s.shutdown.child_token(),
-        ));
+        let mut by_seq = s.open(spec("t", Start::Sequence(2))).await;
         let got = take(&mut by_seq, 3).await;
         assert_eq!(got.iter().map(|m| m.1).collect::<Vec<_>>(), [2, 3, 4]);
 
-        let mut by_time = Box::pin(subscribe(
-            s.store.clone(),
-            s.wakes.clone(),
-            spec("t", Start::Time(at)),
-            s.shutdown.child_token(),
-        ));
+        let mut by_time = s.open(spec("t", Start::Time(at))).await;
         assert_eq!(take(&mut by_time, 1).await[0].1, 4);
 
         let mut resumed = spec("t", Start::Latest);
         resumed.resume_from.insert("t".into(), 3);
-        let mut resumed = Box::pin(subscribe(
-            s.store.clone(),
-            s.wakes.clone(),
-            resumed,
-            s.shutdown.child_token(),
-        ));
+        let mut resumed = s.open(resumed).await;
         let got = take(&mut resumed, 2).await;
         assert_eq!(got.iter().map(|m| m.1).collect::<Vec<_>>(), [3, 4]);
     }
@@ -563,12 +571,7 @@ mod tests {
 
         let mut notify = spec("t", Start::Sequence(1));
         notify.max_batch = 2;
-        let mut stream = Box::pin(subscribe(
-            s.store.clone(),
-            s.wakes.clone(),
-            notify,
-            s.shutdown.child_token(),
-        ));
+        let mut stream = s.open(notify).await;
         let first = stream.next().await.unwrap().unwrap();
         assert_eq!(
             first.gaps,
@@ -591,12 +594,7 @@ mod tests {
 
         let mut end = spec("t", Start::Sequence(1));
         end.on_gap = GapPolicy::EndStream;
-        let mut stream = Box::pin(subscribe(
-            s.store.clone(),
-            s.wakes.clone(),
-            end,
-            s.shutdown.child_token(),
-        ));
+        let mut stream = s.open(end).await;
         let err = stream.next().await.unwrap().unwrap_err();
         assert_eq!(
             err,
@@ -622,17 +620,21 @@ mod tests {
         s.store.create("t", Retention::default()).await.unwrap();
         s.store.create("u", Retention::default()).await.unwrap();
         s.store.publish("t", msgs(&["1"])).await.unwrap();
-        let open = |store: &TopicStore, pattern: &str| {
-            Box::pin(subscribe(
-                store.clone(),
-                s.wakes.clone(),
-                spec(pattern, Start::Earliest),
-                s.shutdown.child_token(),
-            ))
+        let open = async |store: &TopicStore, pattern: &str| {
+            Box::pin(
+                subscribe(
+                    store.clone(),
+                    s.wakes.clone(),
+                    spec(pattern, Start::Earliest),
+                    s.shutdown.child_token(),
+                )
+                .await
+                .unwrap(),
+            )
         };
-        let mut here = open(&s.store, "t");
-        let mut there = open(&s.other, "t");
-        let mut wild = open(&s.other, ">");
+        let mut here = open(&s.store, "t").await;
+        let mut there = open(&s.other, "t").await;
+        let mut wild = open(&s.other, ">").await;
         for stream in [&mut here, &mut there, &mut wild] {
             assert_eq!(take(stream, 1).await[0].1, 1);
         }
@@ -665,16 +667,35 @@ mod tests {
         drop((here, there));
     }
 
+    /// Regression: the start was fixed at the stream's first poll, after the Subscribe
+    /// call had been answered, so a subscriber from the latest message missed what was
+    /// published in between (seen as a 10 s hang of `tests/topics.rs` under load).
+    #[tokio::test]
+    async fn a_subscription_from_the_latest_message_starts_when_it_is_opened() {
+        let s = setup().await;
+        s.store.create("t", Retention::default()).await.unwrap();
+        s.store.create("u", Retention::default()).await.unwrap();
+        s.store.publish("t", msgs(&["old"])).await.unwrap();
+        let mut latest = s.open(spec(">", Start::Latest)).await;
+        // Published after the subscription opened and before it was ever polled.
+        s.other.publish("t", msgs(&["new-t"])).await.unwrap();
+        s.other.publish("u", msgs(&["new-u"])).await.unwrap();
+        let mut got = take(&mut latest, 2).await;
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("t".to_owned(), 2, "new-t".to_owned()),
+                ("u".to_owned(), 1, "new-u".to_owned())
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn a_publish_on_another_connection_wakes_the_subscriber_before_its_poll() {
         let s = setup().await;
         s.store.create("live", Retention::default()).await.unwrap();
-        let mut stream = Box::pin(subscribe(
-            s.store.clone(),
-            s.wakes.clone(),
-            spec("live", Start::Latest),
-            s.shutdown.child_token(),
-        ));
+        let mut stream = s.open(spec("live", Start::Latest)).await;
         // Let it open and settle into its wait (the hub's connect wakes it once).
         let idle = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
         assert!(idle.is_err(), "nothing to deliver yet");
@@ -702,12 +723,16 @@ mod tests {
         let s = setup().await;
         s.store.publish("t", msgs(&["1"])).await.unwrap();
         let ends_on = s.shutdown.child_token();
-        let mut stream = Box::pin(subscribe(
-            s.store.clone(),
-            s.wakes.clone(),
-            spec("t", Start::Earliest),
-            ends_on.clone(),
-        ));
+        let mut stream = Box::pin(
+            subscribe(
+                s.store.clone(),
+                s.wakes.clone(),
+                spec("t", Start::Earliest),
+                ends_on.clone(),
+            )
+            .await
+            .unwrap(),
+        );
         assert_eq!(take(&mut stream, 1).await[0].1, 1);
         // Deleted and created again: a new topic, read from its start.
         s.other.delete("t").await.unwrap();
@@ -746,12 +771,16 @@ mod tests {
         let shutdown = CancellationToken::new();
         let wakes = Wakes::start(vec![server.url()], shutdown.clone());
         store.publish("c.one", msgs(&["1", "2"])).await.unwrap();
-        let mut stream = Box::pin(subscribe(
-            store.clone(),
-            wakes,
-            spec("c.*", Start::Earliest),
-            shutdown.child_token(),
-        ));
+        let mut stream = Box::pin(
+            subscribe(
+                store.clone(),
+                wakes,
+                spec("c.*", Start::Earliest),
+                shutdown.child_token(),
+            )
+            .await
+            .unwrap(),
+        );
         assert_eq!(take(&mut stream, 2).await.len(), 2);
         // A topic in another slot, created later, and a publish woken through the
         // cluster connection's pushes.
