@@ -17,7 +17,9 @@
 //!   by the rate limit up to `rl_until`, `if_ms` by `max_in_flight` plus the open interval
 //!   since `if_since`), `by_consumer` (1 while only Lease or Consume has named the queue:
 //!   set by the define script for them, cleared by what puts a job in or sets a policy or
-//!   pause), and counters: `blocked`, `retrying`, `enqueued`, `completed`,
+//!   pause), `due` (a time at or before the earliest lease deadline, timer and
+//!   idempotency-window end, so the scripts skip those scans until then; see `due_by` in
+//!   common.lua), and counters: `blocked`, `retrying`, `enqueued`, `completed`,
 //!   `failed`, `dead`, `cancelled`. A queue exists while its meta hash does.
 //! * `:rates` hash: jobs enqueued and acked per second over the last 10 seconds, as
 //!   `domain::rate::RateMeter` counts them: slot `second % 10` holds a count (`e<slot>`,

@@ -137,6 +137,21 @@ local function mincr(field, by)
   end
 end
 
+-- `due` in the meta hash is a time at or before the earliest score in the leased, timers
+-- and idempotency-window sets, so `tick` skips its three scans until then: on a busy
+-- queue whose leases are acked in time they run about once a visibility timeout instead
+-- of on every lease. Every ZADD to those sets goes through `due_by`; each scan sets `due`
+-- anew (`rescan_due`). Absent (a queue from before the field) reads as 0: scan now.
+local function due_by(t)
+  local cur = M and M.due or redis.call('HGET', K_META, 'due')
+  if cur and t < tonumber(cur) then
+    redis.call('HSET', K_META, 'due', I(t))
+    if M then
+      M.due = I(t)
+    end
+  end
+end
+
 -- The seconds a rate is counted over: `domain::rate::RateMeter`'s window.
 local RATE_WINDOW = 10
 
@@ -208,6 +223,7 @@ local function place(seq, now)
       mincr('retrying', 1)
     end
     redis.call('ZADD', K_TIMERS, run_at, I(seq))
+    due_by(run_at)
   else
     redis.call('HSET', k, 'state', 'pending')
     local prio = tonumber(redis.call('HGET', k, 'prio'))
@@ -382,9 +398,26 @@ local function prune_idem(now)
   end
 end
 
--- Expires due leases (each a failed attempt at its deadline) and makes due timers
--- visible. Returns how many jobs changed.
+-- Sets `due` to the earliest score in the three sets (the end of time if all are empty).
+local function rescan_due()
+  local due = END
+  for _, key in ipairs({ K_LEASED, K_TIMERS, K_IDEMEXP }) do
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if first[2] then
+      due = math.min(due, tonumber(first[2]))
+    end
+  end
+  redis.call('HSET', K_META, 'due', I(due))
+  M.due = I(due)
+end
+
+-- Expires due leases (each a failed attempt at its deadline), makes due timers visible
+-- and forgets idempotency keys whose window ended; nothing to do before `due`. Returns
+-- how many jobs changed.
 local function tick(now, rand)
+  if now < mnum('due') then
+    return 0
+  end
   local changed = 0
   local due = redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'WITHSCORES')
   for i = 1, #due, 2 do
@@ -410,6 +443,7 @@ local function tick(now, rand)
     changed = changed + 1
   end
   prune_idem(now)
+  rescan_due()
   return changed
 end
 

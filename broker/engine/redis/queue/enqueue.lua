@@ -19,7 +19,9 @@ if not load_meta() then
   return no_queue()
 end
 local now = now_ms()
-prune_idem(now)
+if now >= mnum('due') then
+  prune_idem(now)
+end
 local window = mnum('dedup_ms')
 -- The job indexes (0-based) where a merged call's second and later requests start. The
 -- script that includes this file says whether the counts follow the revision
@@ -121,6 +123,7 @@ for i = 0, n - 1 do
       stored[ik] = id
       redis.call('HSET', K_IDEM, ik, id)
       redis.call('ZADD', K_IDEMEXP, after(now, window), ik)
+      due_by(after(now, window))
       h[#h + 1] = 'ikey'
       h[#h + 1] = ik
     end
@@ -156,6 +159,9 @@ call_many('HSET', K_IDS, ids)
 call_many('ZADD', K_LIVE, live)
 call_many('ZADD', K_READY, ready)
 call_many('ZADD', K_TIMERS, timers)
+for i = 1, #timers, 2 do
+  due_by(tonumber(timers[i]))
+end
 if blocked > 0 then
   mincr('blocked', blocked)
 end

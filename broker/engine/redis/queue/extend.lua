@@ -13,6 +13,7 @@ elseif why ~= 'live' then
 end
 local deadline = after(now, tonumber(ARGV[4]))
 redis.call('ZADD', K_LEASED, deadline, I(seq))
+due_by(deadline)
 redis.call('HSET', job_key(seq), 'deadline', I(deadline), 'upd_at', I(now))
 local name = jget(seq, 'consumer')
 if name then

@@ -62,7 +62,10 @@ if M.paused ~= '1' then
       out[#out + 1] = { f[1], seq, f[2], f[3], f[4], tonumber(f[5]), attempts,
         tonumber(f[7]), tonumber(f[8]), deadline, okey, nonce }
     end
-    call_many('ZADD', K_LEASED, leased)
+    if #leased > 0 then
+      call_many('ZADD', K_LEASED, leased)
+      due_by(deadline)
+    end
     c.h = c.h + #out
   end
   if mnum('rate_ps') > 0 then

@@ -12,6 +12,15 @@ async fn store() -> (RedisServer, QueueStore) {
     (server, QueueStore::new(conn))
 }
 
+/// A store on its own server whose scripts take the time from the returned clock (ms),
+/// which starts at `t0` and moves only when the test sets it.
+async fn clocked_store(t0: Millis) -> (RedisServer, QueueStore, Arc<std::sync::atomic::AtomicU64>) {
+    let server = RedisServer::start();
+    let conn = connect(&[server.url()]).await.expect("connect");
+    let clock = Arc::new(std::sync::atomic::AtomicU64::new(t0));
+    (server, QueueStore::with_clock(conn, clock.clone()), clock)
+}
+
 /// A policy with short leases and fixed, small retry delays (no jitter).
 fn policy(name: &str) -> QueuePolicy {
     QueuePolicy {
@@ -820,10 +829,7 @@ async fn redis_queue_a_new_death_replaces_the_dead_letter_record() {
 #[tokio::test]
 async fn redis_queue_test_clock_drives_the_scripts_time() {
     const T0: Millis = 1_700_000_000_000;
-    let srv = RedisServer::start();
-    let conn = connect(&[srv.url()]).await.expect("connect");
-    let clock = Arc::new(std::sync::atomic::AtomicU64::new(T0));
-    let s = QueueStore::with_clock(conn, clock.clone());
+    let (_srv, s, clock) = clocked_store(T0).await;
     let set = |t: Millis| clock.store(t, std::sync::atomic::Ordering::SeqCst);
     s.create("q", &policy("q")).await.unwrap();
     assert_eq!(s.info("q").await.unwrap().unwrap().0, policy("q"));
@@ -946,10 +952,7 @@ async fn redis_queue_a_key_repeated_in_a_batch_is_a_duplicate_with_no_window() {
 async fn redis_queue_rates_and_held_back_times_match_the_in_process_queue() {
     use crate::broker::domain::queue::{Queue, RateLimit};
     const T0: Millis = 1_700_000_000_000;
-    let srv = RedisServer::start();
-    let conn = connect(&[srv.url()]).await.expect("connect");
-    let clock = Arc::new(std::sync::atomic::AtomicU64::new(T0));
-    let s = QueueStore::with_clock(conn, clock.clone());
+    let (_srv, s, clock) = clocked_store(T0).await;
     let set = |t: Millis| clock.store(t, std::sync::atomic::Ordering::SeqCst);
     let consumer: Arc<str> = Arc::from("w");
     for (name, rate_limit, max_in_flight) in [
@@ -1161,6 +1164,11 @@ async fn redis_queue_created_by_consumer_until_something_names_it() {
 
 /// Script calls Redis has run so far (INFO commandstats: EVALSHA).
 async fn script_calls(s: &QueueStore) -> u64 {
+    command_calls(s, "evalsha").await
+}
+
+/// How many times Redis ran `command` (lower case), scripts' calls included.
+async fn command_calls(s: &QueueStore, command: &str) -> u64 {
     let mut c = s.conn.clone();
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
@@ -1168,7 +1176,7 @@ async fn script_calls(s: &QueueStore) -> u64 {
         .await
         .unwrap();
     info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
         .and_then(|rest| rest.split(',').next())
         .map_or(0, |n| n.parse().unwrap())
 }
@@ -1349,4 +1357,107 @@ async fn redis_queue_merged_enqueues_share_a_call_only_with_their_schema_revisio
     }
     let got = lease(&s, "q", 10).await;
     assert_eq!(payloads(&got), vec![&b"0"[..], b"1", b"4"]);
+}
+
+/// The scripts skip their due-time scans (expired leases, due timers, ended idempotency
+/// windows) until the meta hash's `due`, kept at or before the earliest of them: a lease
+/// on a queue with nothing due scans nothing, and every deadline still takes effect on
+/// time, one an extend moved earlier and one on a queue with no `due` yet included.
+#[tokio::test]
+async fn redis_queue_skips_its_due_time_scans_until_something_is_due() {
+    const T0: Millis = 1_700_000_000_000;
+    let (_srv, s, clock) = clocked_store(T0).await;
+    let set = |t: Millis| clock.store(t, std::sync::atomic::Ordering::SeqCst);
+    let scans = || command_calls(&s, "zrangebyscore");
+    let p = QueuePolicy {
+        dedup_window_ms: 10_000,
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let first = s
+        .enqueue("q", vec![keyed("a", "k"), job("b"), job("c")])
+        .await
+        .unwrap();
+    let a = s
+        .lease("q", 1, Some(60_000), "w", "x")
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(a.job_id, first[0].id);
+
+    // Nothing due before the idempotency window ends (T0 + 10 s): no scans.
+    set(T0 + 1);
+    let before = scans().await;
+    let b = s
+        .lease("q", 1, Some(60_000), "w", "x")
+        .await
+        .unwrap()
+        .remove(0);
+    let again = s.enqueue("q", vec![keyed("a-again", "k")]).await.unwrap();
+    assert!(again[0].duplicate);
+    assert_eq!(scans().await, before, "nothing was due");
+
+    // An extend that moves a deadline earlier makes it due then.
+    set(T0 + 2);
+    assert_eq!(s.extend(&a.lease_id, 50).await.unwrap(), T0 + 52);
+    set(T0 + 51);
+    let c = lease(&s, "q", 1).await.remove(0);
+    assert_eq!(c.job_id, first[2].id);
+    assert_eq!(
+        s.get("q", &a.job_id).await.unwrap().unwrap().state,
+        JobState::Leased
+    );
+    set(T0 + 52);
+    assert!(
+        lease(&s, "q", 1).await.is_empty(),
+        "a retries after its backoff"
+    );
+    let j = s.get("q", &a.job_id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.run_at), (JobState::Retrying, T0 + 102));
+    assert!(scans().await > before);
+    // Its retry timer is due at T0 + 102; c's lease (100 ms) ends at T0 + 151.
+    set(T0 + 101);
+    assert!(lease(&s, "q", 1).await.is_empty());
+    let a2 = lease_at(&s, &set, T0 + 102).await;
+    assert_eq!((a2.job_id, a2.attempt), (a.job_id, 2));
+    set(T0 + 150);
+    assert!(lease(&s, "q", 1).await.is_empty());
+    assert_eq!(
+        s.get("q", &c.job_id).await.unwrap().unwrap().state,
+        JobState::Leased
+    );
+    set(T0 + 151);
+    assert!(lease(&s, "q", 1).await.is_empty());
+    let j = s.get("q", &c.job_id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.run_at), (JobState::Retrying, T0 + 201));
+    let c2 = lease_at(&s, &set, T0 + 201).await;
+    assert_eq!((c2.job_id, c2.attempt), (c.job_id, 2));
+
+    // The window ends on time: the key is new again.
+    set(T0 + 9_999);
+    assert!(s.enqueue("q", vec![keyed("d", "k")]).await.unwrap()[0].duplicate);
+    set(T0 + 10_000);
+    assert!(!s.enqueue("q", vec![keyed("e", "k")]).await.unwrap()[0].duplicate);
+
+    // A queue with no `due` yet (made before the field) scans on its first lease.
+    let mut conn = s.conn.clone();
+    redis::cmd("HDEL")
+        .arg(QueueKeys::new("q").key("meta"))
+        .arg("due")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    set(T0 + 60_000);
+    let before = scans().await;
+    let leased = lease(&s, "q", 10).await;
+    assert!(scans().await > before);
+    // The leases of a2 and c2 ended long ago, and so did their retries' backoff (timed
+    // from each deadline): both are leased again, with e; b's lease (60 s) lasts until
+    // T0 + 60_001.
+    assert_eq!(payloads(&leased), vec![&b"a"[..], b"c", b"e"]);
+    assert_eq!((leased[0].attempt, leased[1].attempt), (3, 3));
+    assert_eq!(
+        s.get("q", &b.job_id).await.unwrap().unwrap().state,
+        JobState::Leased
+    );
 }
