@@ -1,6 +1,7 @@
 -- Acks then leases in one script (see `QueueStore::ack_lease`). ARGV: name, the ack's count
 -- and triples as ack.lua takes them, then lease.lua's arguments after its name. Returns
 -- {ack.lua's reply, lease.lua's reply}; an unknown queue is an error, as for a lease.
+-- Consumer records are read once and written once (`UNWRITTEN`).
 if not load_meta() then
   return no_queue()
 end
@@ -13,5 +14,9 @@ local lease = { ARGV[1] }
 for i = 3 + count * 3, #ARGV do
   lease[#lease + 1] = ARGV[i]
 end
+-- The worker's record, changed by both parts, is written once.
+UNWRITTEN = {}
 local acked = ack_part(acks)
-return { acked, lease_part(lease) }
+local leased = lease_part(lease)
+consumer_flush()
+return { acked, leased }

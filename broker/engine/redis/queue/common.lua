@@ -202,12 +202,38 @@ local function consumer_decode(raw)
   return { a = '', h = 0, s = 0, d = 0, f = 0 }
 end
 
+-- The consumer records this script call has read or written, by name: a record is read
+-- from Redis once per call.
+local CONSUMERS = {}
+-- When a table (ack-and-lease sets it), the records to write at the end of the call
+-- (`consumer_flush`) instead of at each change: its ack and its lease change the same
+-- worker's record, which is then written once.
+local UNWRITTEN = nil
+
 local function consumer_get(name)
-  return consumer_decode(redis.call('HGET', K_CONSUMERS, name))
+  local c = CONSUMERS[name]
+  if c == nil then
+    c = consumer_decode(redis.call('HGET', K_CONSUMERS, name))
+    CONSUMERS[name] = c
+  end
+  return c
 end
 
 local function consumer_put(name, c)
-  redis.call('HSET', K_CONSUMERS, name, cjson.encode(c))
+  CONSUMERS[name] = c
+  if UNWRITTEN then
+    UNWRITTEN[name] = true
+  else
+    redis.call('HSET', K_CONSUMERS, name, cjson.encode(c))
+  end
+end
+
+-- Writes the records `consumer_put` held back, and writes at once again.
+local function consumer_flush()
+  for name in pairs(UNWRITTEN or {}) do
+    redis.call('HSET', K_CONSUMERS, name, cjson.encode(CONSUMERS[name]))
+  end
+  UNWRITTEN = nil
 end
 
 -- Puts an active job into ready or timers by its run time.

@@ -13,17 +13,21 @@ tick(now, tonumber(ARGV[6]))
 -- Workers without a name are known by their peer address: idle ones are forgotten once
 -- there are many, so the hash stays bounded by the workers that are around.
 local cname = ARGV[4]
-local raw = redis.call('HGET', K_CONSUMERS, cname)
-if not raw and redis.call('HLEN', K_CONSUMERS) >= 1024 then
-  local all = redis.call('HGETALL', K_CONSUMERS)
-  for i = 1, #all, 2 do
-    local c = cjson.decode(all[i + 1])
-    if c.h == 0 and c.s + 60000 <= now then
-      redis.call('HDEL', K_CONSUMERS, all[i])
+local c = CONSUMERS[cname]
+if c == nil then
+  local raw = redis.call('HGET', K_CONSUMERS, cname)
+  if not raw and redis.call('HLEN', K_CONSUMERS) >= 1024 then
+    local all = redis.call('HGETALL', K_CONSUMERS)
+    for i = 1, #all, 2 do
+      local idle = cjson.decode(all[i + 1])
+      if idle.h == 0 and idle.s + 60000 <= now then
+        redis.call('HDEL', K_CONSUMERS, all[i])
+      end
     end
   end
+  c = consumer_decode(raw)
+  CONSUMERS[cname] = c
 end
-local c = consumer_decode(raw)
 c.s = now
 c.a = ARGV[5]
 

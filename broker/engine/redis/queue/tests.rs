@@ -1108,6 +1108,40 @@ async fn redis_queue_ack_then_lease_in_one_script() {
     assert_eq!(held.state, JobState::Leased, "all or nothing: not acked");
     let counts = s.counts("q").await.unwrap();
     assert_eq!((counts.completed, counts.leased), (1, 3));
+    // The worker's record, changed by both parts and written once, adds both up.
+    let consumers = s.consumers("q").await.unwrap();
+    assert_eq!(consumers.len(), 1);
+    let w = &consumers[0].1;
+    assert_eq!(
+        (w.done, w.leases_held, w.address.as_str()),
+        (1, 3, "127.0.0.1:1")
+    );
+
+    // Acks of another worker's leases with this worker's next lease: each record counts
+    // its own side.
+    let (acked, leased) = s
+        .ack_lease(
+            "q",
+            &[
+                (next[0].lease_id.clone(), None),
+                (next[1].lease_id.clone(), None),
+            ],
+            (1, Some(60_000), "v", "127.0.0.1:2"),
+        )
+        .await
+        .unwrap();
+    assert!(acked.iter().all(Result::is_ok), "{acked:?}");
+    assert!(leased.is_empty(), "nothing left to lease");
+    let consumers: HashMap<String, ConsumerState> = s
+        .consumers("q")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(name, state)| (name.to_string(), state))
+        .collect();
+    assert_eq!((consumers["w"].done, consumers["w"].leases_held), (3, 1));
+    assert_eq!((consumers["v"].done, consumers["v"].leases_held), (0, 0));
+    assert_eq!(consumers["v"].address, "127.0.0.1:2");
 
     // A queue that does not exist is an error, as for a lease.
     let err = s.ack_lease("nope", &[], lease_args).await.unwrap_err();
