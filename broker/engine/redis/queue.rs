@@ -19,7 +19,8 @@
 //!   set by the define script for them, cleared by what puts a job in or sets a policy or
 //!   pause), `due` (a time at or before the earliest lease deadline, timer and
 //!   idempotency-window end, so the scripts skip those scans until then; see `due_by` in
-//!   common.lua), and counters: `blocked`, `retrying`, `enqueued`, `completed`,
+//!   common.lua), `esec`/`asec` (the second the enqueue and ack rates last counted in,
+//!   see `:rates`), and counters: `blocked`, `retrying`, `enqueued`, `completed`,
 //!   `failed`, `dead`, `cancelled`. A queue exists while its meta hash does.
 //! * `:rates` hash: jobs enqueued and acked per second over the last 10 seconds, as
 //!   `domain::rate::RateMeter` counts them: slot `second % 10` holds a count (`e<slot>`,

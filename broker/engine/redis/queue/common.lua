@@ -165,10 +165,21 @@ local function rate_record(kind, now, n)
   end
   local second = math.floor(now / 1000)
   local slot = I(second % RATE_WINDOW)
+  -- The meta hash (read already) names the second this kind last counted in, `<kind>sec`:
+  -- while that is this second, its slot holds this second, and one command counts.
+  local mark = kind .. 'sec'
+  if M and M[mark] == I(second) then
+    redis.call('HINCRBY', K_RATES, kind .. slot, n)
+    return
+  end
   if redis.call('HGET', K_RATES, kind .. 's' .. slot) == I(second) then
     redis.call('HINCRBY', K_RATES, kind .. slot, n)
   else
     redis.call('HSET', K_RATES, kind .. 's' .. slot, I(second), kind .. slot, I(n))
+  end
+  if M then
+    redis.call('HSET', K_META, mark, I(second))
+    M[mark] = I(second)
   end
 end
 
