@@ -433,8 +433,17 @@ mod tests {
             &self,
             spec: SubscribeSpec,
         ) -> futures::stream::BoxStream<'static, Result<SubscriptionBatch, BrokerError>> {
+            self.open_on(&self.store, spec).await
+        }
+
+        /// [`Setup::open`] through `store` (another node's store, say).
+        async fn open_on(
+            &self,
+            store: &TopicStore,
+            spec: SubscribeSpec,
+        ) -> futures::stream::BoxStream<'static, Result<SubscriptionBatch, BrokerError>> {
             subscribe(
-                self.store.clone(),
+                store.clone(),
                 self.wakes.clone(),
                 spec,
                 self.shutdown.child_token(),
@@ -620,21 +629,9 @@ mod tests {
         s.store.create("t", Retention::default()).await.unwrap();
         s.store.create("u", Retention::default()).await.unwrap();
         s.store.publish("t", msgs(&["1"])).await.unwrap();
-        let open = async |store: &TopicStore, pattern: &str| {
-            Box::pin(
-                subscribe(
-                    store.clone(),
-                    s.wakes.clone(),
-                    spec(pattern, Start::Earliest),
-                    s.shutdown.child_token(),
-                )
-                .await
-                .unwrap(),
-            )
-        };
-        let mut here = open(&s.store, "t").await;
-        let mut there = open(&s.other, "t").await;
-        let mut wild = open(&s.other, ">").await;
+        let mut here = s.open(spec("t", Start::Earliest)).await;
+        let mut there = s.open_on(&s.other, spec("t", Start::Earliest)).await;
+        let mut wild = s.open_on(&s.other, spec(">", Start::Earliest)).await;
         for stream in [&mut here, &mut there, &mut wild] {
             assert_eq!(take(stream, 1).await[0].1, 1);
         }

@@ -143,7 +143,12 @@ end
 -- of on every lease. Every ZADD to those sets goes through `due_by`; each scan sets `due`
 -- anew (`rescan_due`). Absent (a queue from before the field) reads as 0: scan now.
 local function due_by(t)
-  local cur = M and M.due or redis.call('HGET', K_META, 'due')
+  local cur
+  if M then
+    cur = M.due
+  else
+    cur = redis.call('HGET', K_META, 'due')
+  end
   if cur and t < tonumber(cur) then
     redis.call('HSET', K_META, 'due', I(t))
     if M then
@@ -165,21 +170,22 @@ local function rate_record(kind, now, n)
   end
   local second = math.floor(now / 1000)
   local slot = I(second % RATE_WINDOW)
+  local sec = I(second)
   -- The meta hash (read already) names the second this kind last counted in, `<kind>sec`:
   -- while that is this second, its slot holds this second, and one command counts.
   local mark = kind .. 'sec'
-  if M and M[mark] == I(second) then
+  if M and M[mark] == sec then
     redis.call('HINCRBY', K_RATES, kind .. slot, n)
     return
   end
-  if redis.call('HGET', K_RATES, kind .. 's' .. slot) == I(second) then
+  if redis.call('HGET', K_RATES, kind .. 's' .. slot) == sec then
     redis.call('HINCRBY', K_RATES, kind .. slot, n)
   else
-    redis.call('HSET', K_RATES, kind .. 's' .. slot, I(second), kind .. slot, I(n))
+    redis.call('HSET', K_RATES, kind .. 's' .. slot, sec, kind .. slot, I(n))
   end
   if M then
-    redis.call('HSET', K_META, mark, I(second))
-    M[mark] = I(second)
+    redis.call('HSET', K_META, mark, sec)
+    M[mark] = sec
   end
 end
 

@@ -159,8 +159,12 @@ call_many('HSET', K_IDS, ids)
 call_many('ZADD', K_LIVE, live)
 call_many('ZADD', K_READY, ready)
 call_many('ZADD', K_TIMERS, timers)
-for i = 1, #timers, 2 do
-  due_by(tonumber(timers[i]))
+if #timers > 0 then
+  local first = END
+  for i = 1, #timers, 2 do
+    first = math.min(first, tonumber(timers[i]))
+  end
+  due_by(first)
 end
 if blocked > 0 then
   mincr('blocked', blocked)
