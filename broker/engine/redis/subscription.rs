@@ -688,6 +688,30 @@ mod tests {
         );
     }
 
+    /// Opening happens in the call, so a Redis that cannot be read is the call's error
+    /// (UNAVAILABLE), not a stream that fails later.
+    #[tokio::test]
+    async fn a_subscription_that_cannot_open_is_refused_by_the_call() {
+        let mut s = setup().await;
+        s.store.create("t", Retention::default()).await.unwrap();
+        s._server.kill();
+        let opened = tokio::time::timeout(
+            Duration::from_secs(10),
+            subscribe(
+                s.store.clone(),
+                s.wakes.clone(),
+                spec("t", Start::Latest),
+                s.shutdown.child_token(),
+            ),
+        )
+        .await
+        .expect("an answer in time");
+        let Err(err) = opened else {
+            panic!("opened against a stopped Redis");
+        };
+        assert!(matches!(err, BrokerError::Unavailable(_)), "{err}");
+    }
+
     #[tokio::test]
     async fn a_publish_on_another_connection_wakes_the_subscriber_before_its_poll() {
         let s = setup().await;
