@@ -80,11 +80,11 @@
 //! * Job ids are UUIDv7s made by the node, not ids that encode the seq.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use prost::Message as _;
-use redis::{FromRedisValue, Script, ScriptInvocation, Value};
+use redis::{FromRedisValue, Value};
 use uuid::Uuid;
 
 use crate::broker::domain::error::BrokerError;
@@ -100,22 +100,11 @@ use crate::broker::store::{decode_policy, encode_policy};
 
 use super::conn::{RedisConn, unavailable};
 use super::keys::{QueueKeys, catalog};
+use library::Call;
 
-/// What every script starts with: key names and the state machine's shared steps.
+/// What every queue function starts with: key names and the state machine's shared
+/// steps (the top of the library, see [`library`]).
 const COMMON: &str = include_str!("queue/common.lua");
-
-/// A script: [`COMMON`] followed by the operation's own file, built once.
-macro_rules! script {
-    ($file:literal) => {{
-        static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-            Script::new(&format!(
-                "{COMMON}\n{}",
-                include_str!(concat!("queue/", $file))
-            ))
-        });
-        &*SCRIPT
-    }};
-}
 
 /// Dead letters read from an outbox at a time.
 const DEAD_LETTER_BATCH: usize = 100;
@@ -169,6 +158,11 @@ fn script_error(doing: &str, lease: Option<&LeaseId>, e: redis::RedisError) -> B
             Some(lease) => stale(lease, &detail),
             None => BrokerError::FailedPrecondition(detail),
         },
+        // Redis refuses a function that may write before running it, so nothing changed.
+        Some("OOM") => BrokerError::ResourceExhausted(format!(
+            "redis is out of memory (used memory above its maxmemory): {doing} was refused \
+             and changed nothing; free memory or raise maxmemory"
+        )),
         _ => unavailable(doing, e),
     }
 }
@@ -211,7 +205,7 @@ impl Row {
 /// A lease's arguments after the queue name: `max`, the visibility timeout ('' for the
 /// policy's), the consumer, its address, a jitter seed and `max` fresh nonces.
 fn lease_args(
-    inv: &mut ScriptInvocation<'_>,
+    inv: &mut Call,
     max: usize,
     visibility_ms: Option<u64>,
     consumer: &str,
@@ -276,7 +270,7 @@ fn deliveries(name: &str, rows: Vec<Value>) -> Result<Vec<Delivery>, BrokerError
 
 /// An ack's arguments after the queue name: the count, then seq, nonce and result
 /// ('' for none, else '=' then the bytes) per ack.
-fn ack_args(inv: &mut ScriptInvocation<'_>, queue: &str, acks: &[(LeaseId, Option<Bytes>)]) {
+fn ack_args(inv: &mut Call, queue: &str, acks: &[(LeaseId, Option<Bytes>)]) {
     inv.arg(acks.len());
     for (lease, result) in acks {
         debug_assert_eq!(&*lease.queue, queue, "acks are grouped by queue");
@@ -541,12 +535,12 @@ impl QueueStore {
         }
     }
 
-    /// Runs a script invocation.
+    /// Runs a call of a queue function.
     async fn run<T: FromRedisValue>(
         &self,
         doing: &str,
         lease: Option<&LeaseId>,
-        invocation: &ScriptInvocation<'_>,
+        call: &Call,
     ) -> Result<T, BrokerError> {
         let mut c = self.conn.clone();
         #[cfg(test)]
@@ -555,13 +549,12 @@ impl QueueStore {
                 inner: c,
                 now: clock.load(std::sync::atomic::Ordering::SeqCst),
             };
-            return invocation
-                .invoke_async(&mut c)
+            return call
+                .invoke(&mut c)
                 .await
                 .map_err(|e| script_error(doing, lease, e));
         }
-        invocation
-            .invoke_async(&mut c)
+        call.invoke(&mut c)
             .await
             .map_err(|e| script_error(doing, lease, e))
     }
@@ -576,7 +569,7 @@ impl QueueStore {
         by_consumer: bool,
     ) -> Result<bool, BrokerError> {
         let keys = QueueKeys::new(name);
-        let mut inv = script!("define.lua").key(keys.base());
+        let mut inv = Call::new("define", keys.base());
         inv.arg(name).arg(mode).arg(encode_policy(policy));
         for (field, value) in policy_args(policy) {
             inv.arg(field).arg(value);
@@ -658,7 +651,7 @@ impl QueueStore {
     /// Pauses or resumes leasing. NotFound if missing.
     pub(crate) async fn set_paused(&self, name: &str, paused: bool) -> Result<(), BrokerError> {
         let keys = QueueKeys::new(name);
-        let mut inv = script!("set_paused.lua").key(keys.base());
+        let mut inv = Call::new("set_paused", keys.base());
         inv.arg(name).arg(if paused { "1" } else { "0" });
         self.run::<i64>(&format!("pausing queue {name:?}"), None, &inv)
             .await
@@ -670,7 +663,7 @@ impl QueueStore {
     /// NotFound if missing.
     pub(crate) async fn delete(&self, name: &str) -> Result<(), BrokerError> {
         let keys = QueueKeys::new(name);
-        let mut inv = script!("delete.lua").key(keys.base());
+        let mut inv = Call::new("delete", keys.base());
         inv.arg(name);
         self.run::<i64>(&format!("deleting queue {name:?}"), None, &inv)
             .await?;
@@ -686,7 +679,7 @@ impl QueueStore {
     /// Cancels every job that is not leased; returns how many.
     pub(crate) async fn purge(&self, name: &str) -> Result<u64, BrokerError> {
         let keys = QueueKeys::new(name);
-        let mut inv = script!("purge.lua").key(keys.base());
+        let mut inv = Call::new("purge", keys.base());
         inv.arg(name).arg(jitter_seed());
         self.run(&format!("purging queue {name:?}"), None, &inv)
             .await
@@ -737,15 +730,8 @@ impl QueueStore {
         requests: &[&[coalesce::ScriptJob]],
         schema_revision: u32,
     ) -> Result<Vec<Enqueued>, BrokerError> {
-        /// enqueue.lua taking each merged request's job count after the revision.
-        static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-            Script::new(&format!(
-                "{COMMON}\nlocal MERGED_COUNTS = true\n{}",
-                include_str!("queue/enqueue.lua")
-            ))
-        });
         let keys = QueueKeys::new(name);
-        let mut inv = SCRIPT.key(keys.base());
+        let mut inv = Call::new("enqueue", keys.base());
         let total: usize = requests.iter().map(|r| r.len()).sum();
         inv.arg(name).arg(total);
         for job in requests.iter().copied().flatten() {
@@ -789,7 +775,7 @@ impl QueueStore {
         address: &str,
     ) -> Result<Vec<Delivery>, BrokerError> {
         let keys = QueueKeys::new(name);
-        let mut inv = script!("lease.lua").key(keys.base());
+        let mut inv = Call::new("lease", keys.base());
         inv.arg(name);
         lease_args(&mut inv, max, visibility_ms, consumer, address);
         let rows: Vec<Value> = self
@@ -806,7 +792,7 @@ impl QueueStore {
         acks: Vec<(LeaseId, Option<Bytes>)>,
     ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = script!("ack.lua").key(keys.base());
+        let mut inv = Call::new("ack", keys.base());
         inv.arg(queue);
         ack_args(&mut inv, queue, &acks);
         let reply: Value = self
@@ -825,24 +811,9 @@ impl QueueStore {
         acks: &[(LeaseId, Option<Bytes>)],
         lease: (usize, Option<u64>, &str, &str),
     ) -> Result<(Vec<Result<(), BrokerError>>, Vec<Delivery>), BrokerError> {
-        static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-            // The two scripts' bodies as functions of their own arguments (a parameter
-            // named ARGV shadows the global), after the shared steps, then the glue. The
-            // meta hash is read once for all three: every write to it in them goes
-            // through `M` too (`mincr`, and each HSET/HDEL beside its `M` field).
-            Script::new(&format!(
-                "{COMMON}\nlocal read_meta = load_meta\n\
-                 local function load_meta()\nreturn M ~= nil or read_meta()\nend\n\
-                 local function ack_part(ARGV)\n{}\nend\n\
-                 local function lease_part(ARGV)\n{}\nend\n{}",
-                include_str!("queue/ack.lua"),
-                include_str!("queue/lease.lua"),
-                include_str!("queue/ack_lease.lua"),
-            ))
-        });
         let (max, visibility_ms, consumer, address) = lease;
         let keys = QueueKeys::new(queue);
-        let mut inv = SCRIPT.key(keys.base());
+        let mut inv = Call::new("ack_lease", keys.base());
         inv.arg(queue);
         ack_args(&mut inv, queue, acks);
         lease_args(&mut inv, max, visibility_ms, consumer, address);
@@ -870,7 +841,7 @@ impl QueueStore {
         dead_letter: bool,
     ) -> Result<(JobState, Option<Millis>), BrokerError> {
         let keys = QueueKeys::new(&lease.queue);
-        let mut inv = script!("nack.lua").key(keys.base());
+        let mut inv = Call::new("nack", keys.base());
         inv.arg(&*lease.queue)
             .arg(lease.seq)
             .arg(format!("{:x}", lease.nonce))
@@ -906,7 +877,7 @@ impl QueueStore {
         held: impl IntoIterator<Item = (u64, u64)>,
     ) -> Result<u64, BrokerError> {
         let keys = QueueKeys::new(name);
-        let mut inv = script!("release.lua").key(keys.base());
+        let mut inv = Call::new("release", keys.base());
         inv.arg(name).arg(error).arg(jitter_seed());
         for (seq, nonce) in held {
             inv.arg(seq).arg(format!("{nonce:x}"));
@@ -922,7 +893,7 @@ impl QueueStore {
         visibility_ms: u64,
     ) -> Result<Millis, BrokerError> {
         let keys = QueueKeys::new(&lease.queue);
-        let mut inv = script!("extend.lua").key(keys.base());
+        let mut inv = Call::new("extend", keys.base());
         inv.arg(&*lease.queue)
             .arg(lease.seq)
             .arg(format!("{:x}", lease.nonce))
@@ -934,7 +905,7 @@ impl QueueStore {
     /// The job with `id`, live or in history.
     pub(crate) async fn get(&self, queue: &str, id: &Uuid) -> Result<Option<Job>, BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = script!("get.lua").key(keys.base());
+        let mut inv = Call::new("get", keys.base());
         inv.arg(queue).arg(id.to_string());
         let reply: Value = self
             .run(&format!("reading a job of queue {queue:?}"), None, &inv)
@@ -948,7 +919,7 @@ impl QueueStore {
     /// Cancels a scheduled, pending or retrying job; returns its record as cancelled.
     pub(crate) async fn cancel(&self, queue: &str, id: &Uuid) -> Result<Job, BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = script!("cancel.lua").key(keys.base());
+        let mut inv = Call::new("cancel", keys.base());
         inv.arg(queue).arg(id.to_string()).arg(jitter_seed());
         let reply: Value = self
             .run(&format!("cancelling a job of queue {queue:?}"), None, &inv)
@@ -967,7 +938,7 @@ impl QueueStore {
     /// Deletes a job whatever its state; returns its record as it was.
     pub(crate) async fn delete_job(&self, queue: &str, id: &Uuid) -> Result<Job, BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = script!("delete_job.lua").key(keys.base());
+        let mut inv = Call::new("delete_job", keys.base());
         inv.arg(queue).arg(id.to_string()).arg(jitter_seed());
         let reply: Value = self
             .run(&format!("deleting a job of queue {queue:?}"), None, &inv)
@@ -988,7 +959,7 @@ impl QueueStore {
         after_seq: Option<u64>,
     ) -> Result<(Vec<Job>, Option<u64>), BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = script!("list.lua").key(keys.base());
+        let mut inv = Call::new("list", keys.base());
         inv.arg(queue)
             .arg(state.map_or("", JobState::as_str))
             .arg(after_seq.unwrap_or(0))
@@ -1016,7 +987,7 @@ impl QueueStore {
             return Ok(Vec::new());
         }
         let keys = QueueKeys::new(queue);
-        let mut inv = script!("history.lua").key(keys.base());
+        let mut inv = Call::new("history", keys.base());
         inv.arg(queue).arg(limit);
         let rows: Vec<Value> = self
             .run(
@@ -1032,7 +1003,7 @@ impl QueueStore {
     /// and how many dead letters wait to move. Idempotent; zeros for a missing queue.
     pub(crate) async fn sweep(&self, queue: &str) -> Result<Swept, BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = script!("sweep.lua").key(keys.base());
+        let mut inv = Call::new("sweep", keys.base());
         inv.arg(queue).arg(jitter_seed());
         let (changed, dead_letters) = self
             .run(&format!("sweeping queue {queue:?}"), None, &inv)
@@ -1051,7 +1022,7 @@ impl QueueStore {
         let keys = QueueKeys::new(queue);
         let mut moved = 0;
         loop {
-            let mut inv = script!("dead_letters.lua").key(keys.base());
+            let mut inv = Call::new("dead_letters", keys.base());
             inv.arg(queue).arg(DEAD_LETTER_BATCH);
             let rows: Vec<Value> = self
                 .run(
@@ -1075,7 +1046,7 @@ impl QueueStore {
                 }
                 done.push(seq);
             }
-            let mut inv = script!("dead_letters_done.lua").key(keys.base());
+            let mut inv = Call::new("dead_letters_done", keys.base());
             inv.arg(queue);
             for seq in &done {
                 inv.arg(*seq);
@@ -1115,7 +1086,7 @@ impl QueueStore {
             job.finished_at.unwrap_or(job.updated_at).to_string(),
         );
         let keys = QueueKeys::new(&target);
-        let mut inv = script!("insert_dead_letter.lua").key(keys.base());
+        let mut inv = Call::new("insert_dead_letter", keys.base());
         inv.arg(&target)
             .arg(format!("{origin}/{seq}"))
             .arg(job.id.to_string())
@@ -1136,7 +1107,7 @@ impl QueueStore {
     /// The queue's counters.
     pub(crate) async fn counts(&self, queue: &str) -> Result<QueueCounts, BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = script!("counts.lua").key(keys.base());
+        let mut inv = Call::new("counts", keys.base());
         inv.arg(queue);
         let n: Vec<u64> = self
             .run(&format!("counting queue {queue:?}"), None, &inv)
@@ -1226,7 +1197,7 @@ impl QueueStore {
     /// limit's next token while it holds visible jobs back), for the sweeper.
     pub(crate) async fn next_due(&self, queue: &str) -> Result<Option<Millis>, BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = script!("next_due.lua").key(keys.base());
+        let mut inv = Call::new("next_due", keys.base());
         inv.arg(queue);
         self.run(&format!("reading when queue {queue:?} is due"), None, &inv)
             .await
@@ -1242,7 +1213,7 @@ impl QueueStore {
         for_ms: u64,
     ) -> Result<(), BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = script!("waiting.lua").key(keys.base());
+        let mut inv = Call::new("waiting", keys.base());
         inv.arg(queue).arg(token).arg(for_ms);
         let _: i64 = self
             .run(&format!("waiting for queue {queue:?}"), None, &inv)
@@ -1253,6 +1224,7 @@ impl QueueStore {
 
 pub(crate) mod binding;
 mod coalesce;
+mod library;
 #[cfg(test)]
 mod model;
 pub(crate) mod redrive;

@@ -1,10 +1,13 @@
--- Acks then leases in one script (see `QueueStore::ack_lease`). ARGV: name, the ack's count
--- and triples as ack.lua takes them, then lease.lua's arguments after its name. Returns
+-- Acks then leases in one call (see `QueueStore::ack_lease`): ack.lua, then lease.lua
+-- (`ack_part` and `lease_part`, library.rs's glue). ARGV: name, the ack's count and
+-- triples as ack.lua takes them, then lease.lua's arguments after its name. Returns
 -- {ack.lua's reply, lease.lua's reply}; an unknown queue is an error, as for a lease.
--- Consumer records are read once and written once (`UNWRITTEN`).
+-- The meta hash is read once for both parts (`KEEP_META`), and consumer records are read
+-- once and written once (`UNWRITTEN`).
 if not load_meta() then
   return no_queue()
 end
+KEEP_META = true
 local count = tonumber(ARGV[2])
 local acks = { ARGV[1], ARGV[2] }
 for i = 3, 2 + count * 3 do

@@ -9,27 +9,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use std::sync::LazyLock;
-
 use bytes::Bytes;
-use redis::Script;
 use uuid::Uuid;
 
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::limits::Headers;
 use crate::broker::engine::redis::conn::unavailable;
 
-use super::{COMMON, QueueKeys, QueueStore, encode_headers, malformed};
-
-/// A script of this file: the queues' [`COMMON`] followed by its own `.lua` file (next
-/// to this one; `queue.rs`'s `script!` resolves paths from `queue.rs`), built once.
-macro_rules! script {
-    ($file:literal) => {{
-        static SCRIPT: LazyLock<Script> =
-            LazyLock::new(|| Script::new(&format!("{COMMON}\n{}", include_str!($file))));
-        &*SCRIPT
-    }};
-}
+use super::library::Call;
+use super::{QueueKeys, QueueStore, encode_headers, malformed};
 
 /// A queue's binding state as read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -128,7 +116,7 @@ impl QueueStore {
         fields: &[String],
     ) -> Result<(), BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = script!("bind_sync.lua").key(keys.base());
+        let mut inv = Call::new("bind_sync", keys.base());
         inv.arg(queue).arg(starts.len());
         for (topic, cursor) in starts {
             inv.arg(topic).arg(cursor);
@@ -159,7 +147,7 @@ impl QueueStore {
         messages: &[BoundMessage],
     ) -> Result<Pumped, BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = script!("bind_pump.lua").key(keys.base());
+        let mut inv = Call::new("bind_pump", keys.base());
         inv.arg(queue)
             .arg(topic)
             .arg(expected.unwrap_or(""))

@@ -33,7 +33,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use redis::ScriptInvocation;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -81,7 +80,7 @@ impl ScriptJob {
     }
 
     /// Appends the job's arguments.
-    pub(crate) fn args(&self, inv: &mut ScriptInvocation<'_>) {
+    pub(crate) fn args(&self, inv: &mut super::library::Call) {
         inv.arg(&self.id)
             .arg(&self.kind)
             .arg(self.payload.as_ref())

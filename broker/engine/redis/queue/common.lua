@@ -1,26 +1,65 @@
--- Shared by every queue script: prepended to each one (see queue.rs). KEYS[1] is the
--- queue's key prefix `sluice:{q:<name>}`; every other key is built from it here, so it
--- carries the same hash tag and stays in the queue's cluster slot. ARGV[1] is the queue
--- name, for messages.
-local B = KEYS[1]
-local NAME = ARGV[1]
-local K_META = B .. ':meta'
-local K_READY = B .. ':ready'
-local K_TIMERS = B .. ':timers'
-local K_LEASED = B .. ':leased'
-local K_LIVE = B .. ':live'
-local K_IDS = B .. ':ids'
-local K_IDEM = B .. ':idem'
-local K_IDEMEXP = B .. ':idemexp'
-local K_HISTORY = B .. ':history'
-local K_OUTBOX = B .. ':outbox'
-local K_CONSUMERS = B .. ':consumers'
-local K_WAKE = B .. ':wake'
+-- Shared by every queue script: the top of the queue library (see queue/library.rs),
+-- run once when Redis loads it. Each call starts with `begin`, which sets the call's
+-- state below from its keys and arguments. KEYS[1] is the queue's key prefix
+-- `sluice:{q:<name>}`; every other key is built from it, so it carries the same hash tag
+-- and stays in the queue's cluster slot. ARGV[1] is the queue name, for messages.
+local B, NAME
+local K_META, K_READY, K_TIMERS, K_LEASED, K_LIVE, K_IDS, K_IDEM, K_IDEMEXP
+local K_HISTORY, K_OUTBOX, K_CONSUMERS, K_WAKE
 -- Waiters about to wait for jobs, by token, scored by when their note runs out
 -- (waiting.lua).
-local K_WAITING = B .. ':waiting'
+local K_WAITING
 -- The enqueue and ack rates: per-second counts in 10 slots (see `rate_record`).
-local K_RATES = B .. ':rates'
+local K_RATES
+-- The call's keys and arguments, for a body that runs another body (library.rs's glue).
+local CALL_KEYS, CALL_ARGV
+-- A test's clock (test builds only, see queue/test_clock.rs): a last argument
+-- "\0now=<ms>" is the time, taken off ARGV before the body reads it.
+local TEST_NOW
+-- Redis's time, read once per call (`now_ms`).
+local NOW
+-- The meta hash as a table (`load_meta`), and whether a body run after another in the
+-- same call (ack-and-lease) goes on using it instead of reading the hash again: every
+-- write to the hash in the bodies goes through `M` too (`mincr`, and each HSET/HDEL beside
+-- its `M` field).
+local M, KEEP_META
+-- Jobs made visible by the call (`wake`).
+local WOKE
+-- Consumer records read or written by the call, and those to write at its end (see
+-- `consumer_get`).
+local CONSUMERS, UNWRITTEN
+-- Whether an enqueue call passes each merged request's job count (enqueue.lua).
+local MERGED_COUNTS
+
+local function begin(keys, argv)
+  B = keys[1]
+  NAME = argv[1]
+  K_META = B .. ':meta'
+  K_READY = B .. ':ready'
+  K_TIMERS = B .. ':timers'
+  K_LEASED = B .. ':leased'
+  K_LIVE = B .. ':live'
+  K_IDS = B .. ':ids'
+  K_IDEM = B .. ':idem'
+  K_IDEMEXP = B .. ':idemexp'
+  K_HISTORY = B .. ':history'
+  K_OUTBOX = B .. ':outbox'
+  K_CONSUMERS = B .. ':consumers'
+  K_WAKE = B .. ':wake'
+  K_WAITING = B .. ':waiting'
+  K_RATES = B .. ':rates'
+  CALL_KEYS, CALL_ARGV = keys, argv
+  TEST_NOW = nil
+  if string.sub(argv[#argv] or '', 1, 5) == '\0now=' then
+    TEST_NOW = tonumber(string.sub(argv[#argv], 6))
+    argv[#argv] = nil
+  end
+  NOW = nil
+  M, KEEP_META = nil, false
+  WOKE = 0
+  CONSUMERS, UNWRITTEN = {}, nil
+  MERGED_COUNTS = false
+end
 
 -- Integers as decimal text: Lua's own number formatting switches to exponents past 14
 -- digits, and Rust parses these fields as u64.
@@ -65,18 +104,9 @@ local function dl_key(seq)
   return B .. ':dl:' .. I(seq)
 end
 
--- A test's clock (test builds only, see queue/test_clock.rs): a last argument
--- "\0now=<ms>" is the time, taken off ARGV before the script reads it.
-local TEST_NOW = nil
-if string.sub(ARGV[#ARGV] or '', 1, 5) == '\0now=' then
-  TEST_NOW = tonumber(string.sub(ARGV[#ARGV], 6))
-  ARGV[#ARGV] = nil
-end
-
--- Redis's clock, so every node agrees on time; read once per script (a script is atomic,
--- so one instant is its time), which spares a script made of parts (ack-and-lease) a
--- `TIME` per part.
-local NOW = nil
+-- Redis's clock, so every node agrees on time; read once per call (a call is atomic, so
+-- one instant is its time), which spares a call made of parts (ack-and-lease) a `TIME`
+-- per part.
 local function now_ms()
   if TEST_NOW then
     return TEST_NOW
@@ -100,9 +130,11 @@ local function no_queue()
   return fail('SLUICE_NOTFOUND', 'queue ' .. quoted(NAME) .. ' does not exist')
 end
 
--- The meta hash as a table (nil if the queue does not exist).
-local M = nil
+-- Reads the meta hash into `M`; false if the queue does not exist.
 local function load_meta()
+  if KEEP_META and M then
+    return true
+  end
   local raw = redis.call('HGETALL', K_META)
   if #raw == 0 then
     return false
@@ -192,7 +224,6 @@ end
 -- Counts jobs made visible, so the script ends with a wake-up for long polls: only if
 -- some waiter's note lasts (waiting.lua) and some jobs are still visible when it ends.
 -- (Without a note nobody waits: every waiter looks again after noting itself.)
-local WOKE = 0
 local function wake()
   if WOKE > 0
     and #redis.call('ZRANGEBYSCORE', K_WAITING, now_ms(), '+inf', 'LIMIT', 0, 1) > 0
@@ -219,14 +250,10 @@ local function consumer_decode(raw)
   return { a = '', h = 0, s = 0, d = 0, f = 0 }
 end
 
--- The consumer records this script call has read or written, by name: a record is read
--- from Redis once per call.
-local CONSUMERS = {}
--- When a table (ack-and-lease sets it), the records to write at the end of the call
--- (`consumer_flush`) instead of at each change: its ack and its lease change the same
--- worker's record, which is then written once.
-local UNWRITTEN = nil
-
+-- `CONSUMERS` holds the records this call has read or written, by name: a record is
+-- read from Redis once per call. When `UNWRITTEN` is a table (ack-and-lease sets it), the
+-- records to write at the end of the call (`consumer_flush`) instead of at each change:
+-- its ack and its lease change the same worker's record, which is then written once.
 local function consumer_get(name)
   local c = CONSUMERS[name]
   if c == nil then

@@ -27,11 +27,10 @@
 //! claims its jobs and runs step 2 after the first's step 4.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::{Script, Value};
+use redis::Value;
 use uuid::Uuid;
 
 use crate::broker::domain::error::BrokerError;
@@ -39,17 +38,8 @@ use crate::broker::domain::limits::{Headers, MAX_QUEUE_DEPTH, MAX_REDRIVE_RATE, 
 use crate::broker::domain::queue::{BROKER_HEADER_PREFIX, QueuePolicy};
 use crate::broker::engine::local::RedriveOutcome;
 
-use super::{COMMON, Fields, QueueKeys, QueueStore, Row, encode_headers, malformed};
-
-/// A script of this file: the queues' [`COMMON`] followed by its own `.lua` file (next
-/// to this one; `queue.rs`'s `script!` resolves paths from `queue.rs`), built once.
-macro_rules! script {
-    ($file:literal) => {{
-        static SCRIPT: LazyLock<Script> =
-            LazyLock::new(|| Script::new(&format!("{COMMON}\n{}", include_str!($file))));
-        &*SCRIPT
-    }};
-}
+use super::library::Call;
+use super::{Fields, QueueKeys, QueueStore, Row, encode_headers, malformed};
 
 /// How long a redrive owns the jobs it parks before another redrive may claim them.
 const PARK_MS: u64 = 60_000;
@@ -113,7 +103,7 @@ impl QueueStore {
         max_jobs: u64,
     ) -> Result<BTreeSet<String>, BrokerError> {
         let keys = QueueKeys::new(dead_letter_queue);
-        let mut inv = script!("redrive_targets.lua").key(keys.base());
+        let mut inv = Call::new("redrive_targets", keys.base());
         inv.arg(dead_letter_queue).arg(most(max_jobs));
         for id in ids {
             inv.arg(id.to_string());
@@ -200,7 +190,7 @@ impl QueueStore {
         let keys = QueueKeys::new(dead_letter_queue);
         let mut report = RedriveReport::default();
         loop {
-            let mut inv = script!("redrive_claim.lua").key(keys.base());
+            let mut inv = Call::new("redrive_claim", keys.base());
             inv.arg(dead_letter_queue).arg(CLAIM_BATCH).arg(PARK_MS);
             let rows: Vec<Value> = self
                 .run(
@@ -227,7 +217,7 @@ impl QueueStore {
         allowed: &BTreeSet<String>,
     ) -> Result<(Vec<Parked>, Vec<Uuid>), BrokerError> {
         let keys = QueueKeys::new(dead_letter_queue);
-        let mut inv = script!("redrive_take.lua").key(keys.base());
+        let mut inv = Call::new("redrive_take", keys.base());
         inv.arg(dead_letter_queue)
             .arg(budget.max(1))
             .arg(format!("{:016x}", fastrand::u64(..)))
@@ -274,7 +264,7 @@ impl QueueStore {
             tokens.entry(&job.origin).or_default().push(&job.token);
         }
         let keys = QueueKeys::new(dead_letter_queue);
-        let mut inv = script!("redrive_done.lua").key(keys.base());
+        let mut inv = Call::new("redrive_done", keys.base());
         inv.arg(dead_letter_queue);
         for job in &parked {
             inv.arg(job.seq);
@@ -287,7 +277,7 @@ impl QueueStore {
         .await?;
         for (origin, tokens) in tokens {
             let keys = QueueKeys::new(origin);
-            let mut inv = script!("redrive_forget.lua").key(keys.base());
+            let mut inv = Call::new("redrive_forget", keys.base());
             inv.arg(origin).arg(&tokens);
             self.run::<i64>(
                 &format!("finishing a redrive into queue {origin:?}"),
@@ -303,7 +293,7 @@ impl QueueStore {
     /// land, so an origin deleted since the redrive began is created again.
     async fn put_redriven(&self, job: &Letter) -> Result<bool, BrokerError> {
         let keys = QueueKeys::new(&job.origin);
-        let mut inv = script!("redrive_put.lua").key(keys.base());
+        let mut inv = Call::new("redrive_put", keys.base());
         inv.arg(&job.origin)
             .arg(&job.token)
             .arg(job.id.to_string())

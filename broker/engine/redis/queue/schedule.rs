@@ -6,9 +6,7 @@
 //! `last_fire`, `next_fire` ('' for none), `last_job`, `fired`, `skipped_missed`,
 //! `skipped_overlap`. Queue deletion leaves it (the next fire creates the queue again).
 
-use std::sync::LazyLock;
-
-use redis::{Script, Value};
+use redis::Value;
 use uuid::Uuid;
 
 use crate::broker::domain::error::BrokerError;
@@ -16,21 +14,8 @@ use crate::broker::domain::schedule::{Decision, Overlap, RunState, Schedule};
 use crate::broker::engine::redis::conn::unavailable;
 use crate::broker::store::{decode_schedule_def, encode_schedule_def};
 
-use super::{COMMON, QueueKeys, QueueStore, encode_headers, malformed, optional};
-
-/// The fire script: [`COMMON`], then enqueue.lua wrapped as the function `enqueue_job`
-/// (the very enqueue every producer runs, not a copy; one request, its own arguments after
-/// the revision), then schedule_fire.lua.
-static FIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{COMMON}\nlocal MERGED_COUNTS = false\nlocal function enqueue_job()\n{}\nend\n{}",
-        include_str!("enqueue.lua"),
-        include_str!("schedule_fire.lua")
-    ))
-});
-
-static PUT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{COMMON}\n{}", include_str!("schedule_put.lua"))));
+use super::library::Call;
+use super::{QueueKeys, QueueStore, encode_headers, malformed, optional};
 
 /// What a fire did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +80,7 @@ impl QueueStore {
     ) -> Result<bool, BrokerError> {
         let queue = &s.spec.template.queue;
         let keys = QueueKeys::new(queue);
-        let mut inv = PUT.key(keys.base());
+        let mut inv = Call::new("schedule_put", keys.base());
         inv.arg(queue)
             .arg(&s.spec.name)
             .arg(expected.map_or_else(String::new, |r| r.to_string()));
@@ -153,7 +138,7 @@ impl QueueStore {
         let queue = &s.spec.template.queue;
         let job = s.job_for(tick);
         let keys = QueueKeys::new(queue);
-        let mut inv = FIRE.key(keys.base());
+        let mut inv = Call::new("schedule_fire", keys.base());
         inv.arg(queue)
             .arg(1)
             .arg(Uuid::now_v7().to_string())

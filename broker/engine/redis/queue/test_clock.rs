@@ -28,7 +28,7 @@ impl ConnectionLike for ClockConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         let is_script = matches!(
             cmd.args_iter().next(),
-            Some(Arg::Simple(b"EVALSHA" | b"EVAL"))
+            Some(Arg::Simple(b"FCALL" | b"EVALSHA" | b"EVAL"))
         );
         if !is_script {
             return self.inner.req_packed_command(cmd);

@@ -1196,9 +1196,9 @@ async fn redis_queue_created_by_consumer_until_something_names_it() {
     assert!(!s.counts("paused").await.unwrap().created_by_consumer);
 }
 
-/// Script calls Redis has run so far (INFO commandstats: EVALSHA).
+/// Queue function calls Redis has run so far (INFO commandstats: FCALL).
 async fn script_calls(s: &QueueStore) -> u64 {
-    command_calls(s, "evalsha").await
+    command_calls(s, "fcall").await
 }
 
 /// How many times Redis ran `command` (lower case), scripts' calls included.
@@ -1241,7 +1241,7 @@ async fn enqueue_together(
 }
 
 /// Loads the enqueue script (into queue `warm`), so the calls counted after it are one
-/// EVALSHA each (a first EVALSHA refused as NOSCRIPT counts too).
+/// FCALL each (a first FCALL refused for want of the library counts too).
 async fn load_enqueue_script(s: &QueueStore) {
     s.create("warm", &policy("warm")).await.unwrap();
     s.enqueue("warm", vec![job("warm")]).await.unwrap();
@@ -1494,4 +1494,86 @@ async fn redis_queue_skips_its_due_time_scans_until_something_is_due() {
         s.get("q", &b.job_id).await.unwrap().unwrap().state,
         JobState::Leased
     );
+}
+
+/// Libraries loaded on the store's server, by name.
+async fn libraries(s: &QueueStore) -> Vec<String> {
+    let mut c = s.conn.clone();
+    let list: Vec<HashMap<String, Value>> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    list.iter()
+        .map(|lib| match &lib["library_name"] {
+            Value::BulkString(b) => String::from_utf8(b.clone()).unwrap(),
+            other => panic!("library name {other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn redis_queue_functions_are_loaded_again_after_a_function_flush() {
+    let (_srv, s) = store().await;
+    // The first call finds no library and loads it.
+    s.create("q", &policy("q")).await.unwrap();
+    s.enqueue("q", vec![job("a")]).await.unwrap();
+    let loaded = libraries(&s).await;
+    assert_eq!(loaded.len(), 1, "{loaded:?}");
+    assert!(loaded[0].starts_with("sluice_q_"), "{loaded:?}");
+
+    let mut c = s.conn.clone();
+    let () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(libraries(&s).await.is_empty());
+    // The queue's data is untouched, and the next call brings the library back.
+    s.enqueue("q", vec![job("b")]).await.unwrap();
+    assert_eq!(payloads(&lease(&s, "q", 10).await), [&b"a"[..], b"b"]);
+    assert_eq!(libraries(&s).await, loaded);
+}
+
+/// Sets the server's `maxmemory` (bytes; 0 for none).
+async fn set_maxmemory(s: &QueueStore, bytes: u64) {
+    let mut c = s.conn.clone();
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(bytes)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn redis_queue_out_of_memory_refuses_writes_whole_and_still_answers_reads() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    let first = s.enqueue("q", vec![job("a")]).await.unwrap()[0].id;
+    set_maxmemory(&s, 1).await;
+
+    let err = s.enqueue("q", vec![job("b")]).await.unwrap_err();
+    assert!(matches!(err, BrokerError::ResourceExhausted(_)), "{err}");
+    assert!(err.to_string().contains("maxmemory"), "{err}");
+    assert!(
+        err.to_string().contains("enqueueing to queue \"q\""),
+        "{err}"
+    );
+    let err = s.lease("q", 1, None, "w", "127.0.0.1:1").await.unwrap_err();
+    assert!(matches!(err, BrokerError::ResourceExhausted(_)), "{err}");
+
+    // Reads still run, and show that nothing changed.
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!((counts.enqueued, counts.pending, counts.leased), (1, 1, 0));
+    assert_eq!(
+        s.get("q", &first).await.unwrap().unwrap().state,
+        JobState::Pending
+    );
+    assert_eq!(s.list("q", None, 10, None).await.unwrap().0.len(), 1);
+
+    set_maxmemory(&s, 0).await;
+    s.enqueue("q", vec![job("b")]).await.unwrap();
+    assert_eq!(payloads(&lease(&s, "q", 10).await), [&b"a"[..], b"b"]);
 }
