@@ -34,7 +34,8 @@
 //! * `:live` zset: every live (unfinished) job by seq, for listing and max depth.
 //! * `:job:<seq>` hash per job: `id`, `kind`, `payload`, `headers` (the log's
 //!   `map<string, string>` encoding), `prio`, `attempts`, `max_att`, `ikey`, `okey`,
-//!   `state`, `enq_at`, `run_at`, `upd_at`, `fin_at`, `deadline` (while leased), `nonce`
+//!   `state`, `enq_at`, `run_at`, `upd_at`, `fin_at`, `deadline` (the lease's, read only
+//!   while leased: an ack leaves it), `nonce`
 //!   (hex, of the latest delivery), `consumer`, `error`, `result`, `dlq`, `origin`,
 //!   `blocked` (waiting behind its ordering key), `dltoken` (see dead letters).
 //! * `:ids` hash: job id to seq, for every job that has a hash.
@@ -374,7 +375,13 @@ impl Fields<'_> {
         job.run_at = self.num("run_at")?.unwrap_or(0);
         job.updated_at = self.num("upd_at")?.unwrap_or(0);
         job.finished_at = self.num("fin_at")?;
-        job.lease_deadline = self.num("deadline")?;
+        // An acked job keeps its last lease's deadline (ack.lua leaves it): only a live
+        // lease has one.
+        job.lease_deadline = if state == JobState::Leased {
+            self.num("deadline")?
+        } else {
+            None
+        };
         job.lease_nonce = match self.text("nonce")? {
             Some(hex) => u64::from_str_radix(&hex, 16)
                 .map_err(|_| self.bad("nonce", format!("{hex:?} is not hexadecimal")))?,

@@ -39,8 +39,8 @@ for i = 0, n - 1 do
     settled[seq] = true
     local s = I(seq)
     ended[#ended + 1] = s
+    -- The lease's `deadline` stays: it is read only while a job is leased.
     local k = job_key(seq)
-    redis.call('HDEL', k, 'deadline')
     if result ~= '' then
       redis.call('HSET', k, 'state', 'completed', 'fin_at', at, 'upd_at', at,
         'result', string.sub(result, 2))
@@ -63,7 +63,7 @@ local acked = #ended
 if acked > 0 then
   call_many('ZREM', K_LEASED, ended)
   call_many('ZREM', K_LIVE, ended)
-  call_many('RPUSH', K_HISTORY, ended)
+  local len = call_many('RPUSH', K_HISTORY, ended)
   -- A slot under max_in_flight is free again: the open held-back interval ends (as
   -- `end_lease` does).
   if M.if_since then
@@ -79,7 +79,7 @@ if acked > 0 then
     consumer_put(name, c)
   end
   mincr('completed', acked)
-  trim_history()
+  trim_history(len)
 end
 rate_record('a', now, acked)
 out[1] = 1

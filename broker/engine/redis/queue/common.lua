@@ -342,8 +342,10 @@ local function end_lease(seq, now)
   return name
 end
 
-local function trim_history()
-  local over = redis.call('LLEN', K_HISTORY) - mnum('history_limit')
+-- Trims history to the policy's limit; `len` is its length when the caller knows it (an
+-- RPUSH answers it), sparing an LLEN.
+local function trim_history(len)
+  local over = (len or redis.call('LLEN', K_HISTORY)) - mnum('history_limit')
   -- In chunks, so a limit lowered by a million stays within Lua's stack.
   while over > 0 do
     local seqs = redis.call('LPOP', K_HISTORY, math.min(over, 500))
@@ -397,7 +399,7 @@ local function finish(seq, now, state, result)
     redis.call('HSET', k, 'result', result)
   end
   redis.call('ZREM', K_LIVE, I(seq))
-  redis.call('RPUSH', K_HISTORY, I(seq))
+  local len = redis.call('RPUSH', K_HISTORY, I(seq))
   local okey = redis.call('HGET', k, 'okey')
   if okey then
     release_ordering_key(okey, seq, now)
@@ -407,7 +409,7 @@ local function finish(seq, now, state, result)
     redis.call('COPY', k, dl_key(seq), 'REPLACE')
     redis.call('RPUSH', K_OUTBOX, I(seq))
   end
-  trim_history()
+  trim_history(len)
 end
 
 -- Delay before retry number `retry`; `rand` is a node-made random number for jitter.
