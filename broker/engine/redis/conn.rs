@@ -5,6 +5,8 @@
 //! `--redis redis://127.0.0.1:7000` works whether that address is a standalone server or
 //! one seed of a cluster.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -15,9 +17,18 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 use crate::broker::domain::error::BrokerError;
 
 /// A cheap-clone connection (both kinds multiplex requests over their sockets and
-/// reconnect by themselves).
+/// reconnect by themselves). Clones share one count of the requests sent.
 #[derive(Clone)]
-pub(crate) enum RedisConn {
+pub(crate) struct RedisConn {
+    link: Link,
+    /// Requests sent to Redis, each one network round trip: a command, or a pipeline of
+    /// several (see [`RedisConn::requests`]).
+    requests: Arc<AtomicU64>,
+}
+
+/// The two kinds of connection.
+#[derive(Clone)]
+enum Link {
     /// A standalone server.
     Single(ConnectionManager),
     /// A Redis Cluster: commands are routed by their keys' slots.
@@ -25,17 +36,42 @@ pub(crate) enum RedisConn {
 }
 
 impl RedisConn {
+    fn new(link: Link) -> Self {
+        Self {
+            link,
+            requests: Arc::default(),
+        }
+    }
+
     /// Whether this is a cluster (scripts must then keep every key in one slot).
     pub(crate) fn is_cluster(&self) -> bool {
-        matches!(self, Self::Cluster(_))
+        matches!(self.link, Link::Cluster(_))
+    }
+
+    /// The cluster connection, to route a request to a chosen node; counts it as sent.
+    pub(crate) fn cluster_request(&mut self) -> Option<&mut ClusterConnection> {
+        match &mut self.link {
+            Link::Cluster(c) => {
+                self.requests.fetch_add(1, Ordering::Relaxed);
+                Some(c)
+            }
+            Link::Single(_) => None,
+        }
+    }
+
+    /// How many requests this connection and its clones have sent: its round trips to
+    /// Redis (a pipeline, such as a WAIT with its fence write, is one).
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 }
 
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Single(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        match &mut self.link {
+            Link::Single(c) => c.req_packed_command(cmd),
+            Link::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -45,16 +81,17 @@ impl ConnectionLike for RedisConn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        match &mut self.link {
+            Link::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Link::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            Self::Single(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+        match &self.link {
+            Link::Single(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
         }
     }
 }
@@ -102,7 +139,7 @@ pub(crate) async fn connect_with(
             .get_async_connection()
             .await
             .map_err(|e| unavailable("connecting to the cluster", e))?;
-        Ok(RedisConn::Cluster(conn))
+        Ok(RedisConn::new(Link::Cluster(conn)))
     } else {
         // A few quick reconnect attempts: a request to a Redis that is down fails in about
         // a second (UNAVAILABLE) instead of waiting out the library's default of six.
@@ -112,6 +149,42 @@ pub(crate) async fn connect_with(
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| unavailable(&format!("connecting to {first}"), e))?;
-        Ok(RedisConn::Single(conn))
+        Ok(RedisConn::new(Link::Single(conn)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::testing::redis::RedisServer;
+
+    #[tokio::test]
+    async fn requests_count_round_trips_with_a_pipeline_once_across_clones() {
+        let server = RedisServer::start();
+        let mut conn = connect(&[server.url()]).await.unwrap();
+        let before = conn.requests();
+        let () = redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let (a, b): (String, String) = redis::pipe()
+            .cmd("GET")
+            .arg("k")
+            .cmd("GET")
+            .arg("k")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!((a.as_str(), b.as_str()), ("v", "v"));
+        assert_eq!(conn.requests() - before, 2);
+        let mut clone = conn.clone();
+        let _: String = redis::cmd("GET")
+            .arg("k")
+            .query_async(&mut clone)
+            .await
+            .unwrap();
+        assert_eq!(conn.requests() - before, 3);
     }
 }

@@ -190,6 +190,13 @@ impl RedisEngine {
         self.inner.conn.is_cluster()
     }
 
+    /// Requests this node has sent to Redis so far: its network round trips, a pipeline
+    /// (such as a WAIT with its fence write) counting once. Pub/sub deliveries to the
+    /// node are not requests. The benchmark divides it by jobs (`benches/compare/s6.rs`).
+    pub fn redis_requests(&self) -> u64 {
+        self.inner.conn.requests()
+    }
+
     /// Makes sure queue `name` exists (creating it with the default policy, counted
     /// against `--max-queues`), unless this node has seen it already. For a Lease or
     /// Consume (`for_consumer`), a queue that does not exist and that no policy names as

@@ -151,15 +151,16 @@ impl Inner {
             .arg(ms);
         let mut conn = self.conn.clone();
         let request = async {
-            let values = match (&mut conn, shard) {
-                (RedisConn::Cluster(c), Some(slot)) => {
+            let cluster = shard.and_then(|slot| Some((slot, conn.cluster_request()?)));
+            let values = match cluster {
+                Some((slot, c)) => {
                     let route = SingleNodeRoutingInfo::SpecificNode(Route::with_slot(
                         slot,
                         SlotAddr::Master,
                     ));
                     c.route_pipeline(pipe, 0, 2, route).await?
                 }
-                (conn, _) => pipe.query_async::<Vec<redis::Value>>(conn).await?,
+                None => pipe.query_async::<Vec<redis::Value>>(&mut conn).await?,
             };
             let acked = values.into_iter().nth(1).unwrap_or(redis::Value::Nil);
             Ok::<i64, redis::RedisError>(redis::from_redis_value(acked)?)
