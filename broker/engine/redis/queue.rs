@@ -42,8 +42,9 @@
 //! * `:idem` hash (idempotency key to the first job's id) and `:idemexp` zset (key by the
 //!   end of its window): keys are pruned by the scripts, and a queue's delete finds them
 //!   all (string keys with their own expiry could not be listed without a scan).
-//! * `:history` list: seqs of finished jobs in finish order, trimmed to the policy's
-//!   history limit (a trimmed job's hash and id go with it).
+//! * `:history` list: finished jobs in finish order as `<seq>:<id>` (`<seq>` alone in
+//!   entries written before ids were added), trimmed to the policy's history limit (a
+//!   trimmed job's hash and id go with it; the id in the entry spares reading the job).
 //! * `:ord:<key>` list per ordering key: its live jobs in enqueue order; only the front
 //!   one is in `ready`/`timers`/`leased`, the others are `blocked`, so one key is never
 //!   leased twice at once.

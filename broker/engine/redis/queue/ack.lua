@@ -29,7 +29,7 @@ if not ok then
   return out
 end
 local at = I(now)
-local settled, ended = {}, {}
+local settled, ended, entries = {}, {}, {}
 local by_consumer = {}
 for i = 0, n - 1 do
   local seq, result = tonumber(ARGV[3 + i * 3]), ARGV[5 + i * 3]
@@ -39,6 +39,7 @@ for i = 0, n - 1 do
     settled[seq] = true
     local s = I(seq)
     ended[#ended + 1] = s
+    entries[#entries + 1] = history_entry(seq, f[1])
     -- The lease's `deadline` stays: it is read only while a job is leased.
     local k = job_key(seq)
     if result ~= '' then
@@ -63,7 +64,7 @@ local acked = #ended
 if acked > 0 then
   call_many('ZREM', K_LEASED, ended)
   call_many('ZREM', K_LIVE, ended)
-  local len = call_many('RPUSH', K_HISTORY, ended)
+  local len = call_many('RPUSH', K_HISTORY, entries)
   -- A slot under max_in_flight is free again: the open held-back interval ends (as
   -- `end_lease` does).
   if M.if_since then

@@ -23,8 +23,9 @@ local NOW
 -- write to the hash in the bodies goes through `M` too (`mincr`, and each HSET/HDEL beside
 -- its `M` field).
 local M, KEEP_META
--- Jobs made visible by the call (`wake`).
-local WOKE
+-- Jobs made visible by the call, and whether the call may also have taken visible jobs
+-- away, or woke without making any visible (`wake`).
+local WOKE, READY_UNSURE
 -- Consumer records read or written by the call, and those to write at its end (see
 -- `consumer_get`).
 local CONSUMERS, UNWRITTEN
@@ -56,7 +57,7 @@ local function begin(keys, argv)
   end
   NOW = nil
   M, KEEP_META = nil, false
-  WOKE = 0
+  WOKE, READY_UNSURE = 0, false
   CONSUMERS, UNWRITTEN = {}, nil
   MERGED_COUNTS = false
 end
@@ -222,12 +223,13 @@ local function rate_record(kind, now, n)
 end
 
 -- Counts jobs made visible, so the script ends with a wake-up for long polls: only if
--- some waiter's note lasts (waiting.lua) and some jobs are still visible when it ends.
--- (Without a note nobody waits: every waiter looks again after noting itself.)
+-- some waiter's note lasts (waiting.lua) and some jobs are still visible when it ends
+-- (sure without a look unless the call took some away, `READY_UNSURE`). (Without a note
+-- nobody waits: every waiter looks again after noting itself.)
 local function wake()
   if WOKE > 0
     and #redis.call('ZRANGEBYSCORE', K_WAITING, now_ms(), '+inf', 'LIMIT', 0, 1) > 0
-    and redis.call('ZCARD', K_READY) > 0 then
+    and (not READY_UNSURE or redis.call('ZCARD', K_READY) > 0) then
     redis.call('SPUBLISH', K_WAKE, I(WOKE))
   end
 end
@@ -311,6 +313,7 @@ local function unplace(seq)
   local state = redis.call('HGET', k, 'state')
   if state == 'pending' then
     redis.call('ZREM', K_READY, I(seq))
+    READY_UNSURE = true
   elseif state == 'scheduled' or state == 'retrying' then
     if state == 'retrying' then
       mincr('retrying', -1)
@@ -342,18 +345,31 @@ local function end_lease(seq, now)
   return name
 end
 
+-- A history entry: '<seq>:<id>', so trimming knows the id without reading the job.
+-- Entries written before ids were added are '<seq>' alone.
+local function history_entry(seq, id)
+  return I(seq) .. ':' .. (id or '')
+end
+
+-- The seq (as text) of a history entry, either form.
+local function history_seq(entry)
+  return string.match(entry, '^%d+')
+end
+
 -- Trims history to the policy's limit; `len` is its length when the caller knows it (an
 -- RPUSH answers it), sparing an LLEN.
 local function trim_history(len)
   local over = (len or redis.call('LLEN', K_HISTORY)) - mnum('history_limit')
   -- In chunks, so a limit lowered by a million stays within Lua's stack.
   while over > 0 do
-    local seqs = redis.call('LPOP', K_HISTORY, math.min(over, 500))
-    over = over - #seqs
-    local keys, ids = {}, {}
-    for i, seq in ipairs(seqs) do
-      keys[i] = B .. ':job:' .. seq
-      ids[i] = redis.call('HGET', keys[i], 'id') or ''
+    local entries = redis.call('LPOP', K_HISTORY, math.min(over, 500))
+    over = over - #entries
+    local seqs, keys, ids = {}, {}, {}
+    for i, entry in ipairs(entries) do
+      local seq, id = string.match(entry, '^(%d+):(.*)$')
+      seqs[i] = seq or entry
+      keys[i] = B .. ':job:' .. seqs[i]
+      ids[i] = id or redis.call('HGET', keys[i], 'id') or ''
     end
     -- An id's entry goes only while it still names this record (a redrive may have given
     -- the id a newer one).
@@ -399,8 +415,9 @@ local function finish(seq, now, state, result)
     redis.call('HSET', k, 'result', result)
   end
   redis.call('ZREM', K_LIVE, I(seq))
-  local len = redis.call('RPUSH', K_HISTORY, I(seq))
-  local okey = redis.call('HGET', k, 'okey')
+  local f = redis.call('HMGET', k, 'okey', 'id')
+  local len = redis.call('RPUSH', K_HISTORY, history_entry(seq, f[2]))
+  local okey = f[1]
   if okey then
     release_ordering_key(okey, seq, now)
   end
@@ -588,9 +605,12 @@ end
 local function forget_record(old, now)
   local ok = B .. ':job:' .. old
   local seq = tonumber(old)
-  local state = redis.call('HGET', ok, 'state')
+  local f = redis.call('HMGET', ok, 'state', 'id')
+  local state = f[1]
   if state == 'completed' or state == 'dead' or state == 'cancelled' then
-    redis.call('LREM', K_HISTORY, 0, old)
+    if redis.call('LREM', K_HISTORY, 0, history_entry(seq, f[2])) == 0 then
+      redis.call('LREM', K_HISTORY, 0, old)
+    end
   elseif state then
     if not end_lease(seq, now) then
       unplace(seq)

@@ -3,8 +3,9 @@ if not load_meta() then
   return no_queue()
 end
 local out = {}
-local seqs = redis.call('LRANGE', K_HISTORY, -tonumber(ARGV[2]), -1)
-for i = #seqs, 1, -1 do
-  out[#out + 1] = { tonumber(seqs[i]), redis.call('HGETALL', B .. ':job:' .. seqs[i]) }
+local entries = redis.call('LRANGE', K_HISTORY, -tonumber(ARGV[2]), -1)
+for i = #entries, 1, -1 do
+  local seq = history_seq(entries[i])
+  out[#out + 1] = { tonumber(seq), redis.call('HGETALL', B .. ':job:' .. seq) }
 end
 return out

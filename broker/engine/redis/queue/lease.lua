@@ -46,6 +46,7 @@ if M.paused ~= '1' then
   local deadline = after(now, vis)
   if allowed > 0 then
     local popped = redis.call('ZPOPMIN', K_READY, allowed)
+    READY_UNSURE = true
     local leased = {}
     local at = I(now)
     for i = 1, #popped, 2 do

@@ -8,8 +8,8 @@ local found = {}
 if state == 'completed' or state == 'dead' or state == 'cancelled' then
   -- History is bounded by the policy, so sorting the matches is cheap.
   local seqs = {}
-  for _, s in ipairs(redis.call('LRANGE', K_HISTORY, 0, -1)) do
-    local seq = tonumber(s)
+  for _, entry in ipairs(redis.call('LRANGE', K_HISTORY, 0, -1)) do
+    local seq = tonumber(history_seq(entry))
     if seq > after and jget(seq, 'state') == state then
       seqs[#seqs + 1] = seq
     end

@@ -5,7 +5,8 @@ end
 redis.call('HSET', K_META, 'paused', ARGV[2])
 named_by_producer()
 if ARGV[2] == '0' then
-  WOKE = 1
+  -- Whatever is visible now can be leased: wake waiters if there is any.
+  WOKE, READY_UNSURE = 1, true
   wake()
 end
 return 1

@@ -1577,3 +1577,74 @@ async fn redis_queue_out_of_memory_refuses_writes_whole_and_still_answers_reads(
     s.enqueue("q", vec![job("b")]).await.unwrap();
     assert_eq!(payloads(&lease(&s, "q", 10).await), [&b"a"[..], b"b"]);
 }
+
+#[tokio::test]
+async fn redis_queue_history_entries_carry_ids_and_older_ones_still_read_and_trim() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        history_limit: 2,
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let jobs: Vec<NewJob> = (0..4).map(|i| job(&i.to_string())).collect();
+    s.enqueue("q", jobs).await.unwrap();
+    let ack_all = |got: &[Delivery]| got.iter().map(|d| (d.lease_id.clone(), None)).collect();
+    let first = lease(&s, "q", 2).await;
+    s.ack("q", ack_all(&first)).await.unwrap();
+    let key = QueueKeys::new("q").key("history");
+    let mut c = s.conn.clone();
+    let entries: Vec<String> = redis::cmd("LRANGE")
+        .arg(&key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let expected: Vec<String> = first
+        .iter()
+        .map(|d| format!("{}:{}", d.lease_id.seq, d.job_id))
+        .collect();
+    assert_eq!(entries, expected);
+
+    // Entries as an older build wrote them: the seq alone.
+    let () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: u64 = redis::cmd("RPUSH")
+        .arg(&key)
+        .arg(first[0].lease_id.seq)
+        .arg(first[1].lease_id.seq)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let history = s.history("q", 10).await.unwrap();
+    assert_eq!(
+        history.iter().map(|j| j.seq).collect::<Vec<_>>(),
+        vec![first[1].lease_id.seq, first[0].lease_id.seq]
+    );
+    let (done, _) = s
+        .list("q", Some(JobState::Completed), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(done.len(), 2);
+
+    // Two more finish: the old entries are trimmed, their jobs and ids with them.
+    let second = lease(&s, "q", 2).await;
+    s.ack("q", ack_all(&second)).await.unwrap();
+    for d in &first {
+        assert!(s.get("q", &d.job_id).await.unwrap().is_none());
+    }
+    let ids: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(QueueKeys::new("q").key("ids"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    let history = s.history("q", 10).await.unwrap();
+    assert_eq!(
+        history.iter().map(|j| j.seq).collect::<Vec<_>>(),
+        vec![second[1].lease_id.seq, second[0].lease_id.seq]
+    );
+}
