@@ -72,7 +72,7 @@ pub struct S6Row {
 struct Facts {
     batch: usize,
     per_s: Option<f64>,
-    top_level_per_job: Option<f64>,
+    round_trips_per_job: Option<f64>,
     replicas: u32,
     topo: &'static str,
     bullmq: bool,
@@ -175,6 +175,8 @@ async fn info(port: u16, section: &str) -> Res<String> {
 struct Calls {
     commands: u64,
     scripts: u64,
+    /// Microseconds Redis spent in script calls (`usec`, the commands they ran included).
+    script_usec: u64,
 }
 
 async fn commandstats(ports: &[u16]) -> Res<Calls> {
@@ -190,17 +192,20 @@ async fn commandstats(ports: &[u16]) -> Res<Calls> {
             if name == "info" || name == "monitor" {
                 continue;
             }
-            let calls: u64 = rest
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("calls="))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            let field = |key: &str| -> u64 {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(key))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            let calls = field("calls=");
             sum.commands += calls;
             if matches!(
                 name,
                 "eval" | "evalsha" | "eval_ro" | "evalsha_ro" | "fcall" | "fcall_ro"
             ) {
                 sum.scripts += calls;
+                sum.script_usec += field("usec=");
             }
         }
     }
@@ -273,11 +278,12 @@ impl Cost {
             )
         });
         format!(
-            "cost over {} jobs: {:.3} top-level commands{requests}, {:.2} commands incl. those run by scripts, {:.3} script calls per job on primaries; replicas applied {:.2} commands per job",
+            "cost over {} jobs: {:.3} top-level commands{requests}, {:.2} commands incl. those run by scripts, {:.3} script calls per job on primaries, {:.0} µs of Redis time in scripts per job (with MONITOR on); replicas applied {:.2} commands per job",
             thousands(self.jobs),
             self.per_job(self.top_level),
             self.per_job(self.primaries.commands),
             self.per_job(self.primaries.scripts),
+            self.per_job(self.primaries.script_usec),
             self.per_job(self.replicas.commands)
         )
     }
@@ -311,10 +317,12 @@ where
         primaries: Calls {
             commands: p1.commands - p0.commands,
             scripts: p1.scripts - p0.scripts,
+            script_usec: p1.script_usec - p0.script_usec,
         },
         replicas: Calls {
             commands: r1.commands.saturating_sub(r0.commands),
             scripts: r1.scripts.saturating_sub(r0.scripts),
+            script_usec: r1.script_usec.saturating_sub(r0.script_usec),
         },
         top_level: m1.saturating_sub(m0),
         node_requests: None,
@@ -899,7 +907,7 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                                     sluice_throughput(&nodes, s, batch, consume).await?;
                                 let cost = sluice_cost(&topo, &nodes, s, batch, consume).await?;
                                 f.per_s = Some(per_s);
-                                f.top_level_per_job = Some(cost.round_trips_per_job());
+                                f.round_trips_per_job = Some(cost.round_trips_per_job());
                                 Ok::<_, BoxError>(Outcome::Measured {
                                     main: format!("{} jobs/s acked", thousands(per_s as u64)),
                                     extra: format!("{}; {errs}", cost.text()),
@@ -938,7 +946,7 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                                         let (c, cost) = bullmq(&topo, "cost", &a, Some(jobs)).await?;
                                         let cost = cost.ok_or("no cost")?;
                                         f.per_s = Some(per_s);
-                                        f.top_level_per_job = Some(cost.round_trips_per_job());
+                                        f.round_trips_per_job = Some(cost.round_trips_per_job());
                                         Ok(Outcome::Measured {
                                             main: format!(
                                                 "{} jobs/s acked",
@@ -1153,7 +1161,7 @@ pub fn verdicts(rows: &[S6Row]) -> Vec<String> {
         }
     }
     for r in rows.iter().filter(|r| !r.facts.bullmq && r.facts.nodes > 0) {
-        if let Some(t) = r.facts.top_level_per_job {
+        if let Some(t) = r.facts.round_trips_per_job {
             let limit = if r.facts.batch >= 100 { 0.05 } else { 4.0 };
             out.push(format!(
                 "S6 Redis round trips per job <= {limit} at batch {}, {}: {} (measured {t:.3} requests from the nodes, a pipeline counting once)",
@@ -1211,7 +1219,9 @@ pub fn report(md: &mut String, rows: &[S6Row], bullmq: &Result<String, String>, 
          over the primaries before and after counts every command, including those scripts \
          ran; MONITOR on the primaries tells the top-level commands clients sent (one round \
          trip each unless pipelined) from the ones scripts ran (`[0 lua]`). Replicas' \
-         commandstats count what they applied. For Sluice, the nodes also count the \
+         commandstats count what they applied; their `usec` of script calls (the commands \
+         the scripts ran included; MONITOR adds to it, for both systems alike) is the Redis \
+         time in scripts per job, the figure that bounds a primary's jobs/s. For Sluice, the nodes also count the \
          requests they send (`RedisEngine::redis_requests`): network round trips, where a \
          pipeline counts once (a WAIT goes with its fence write, `SET <tag>:wait-fence`, in \
          one pipeline, so it is one round trip but two top-level commands); the round-trip \
