@@ -96,6 +96,37 @@ impl ConnectionLike for RedisConn {
     }
 }
 
+/// The oldest Redis the engine runs on: its queues are a Functions library (`FCALL`) and
+/// its wake-ups sharded pub/sub (`SPUBLISH`), both new in 7.0.
+const MIN_REDIS_MAJOR: u32 = 7;
+
+/// Refuses a server older than Redis 7.0 (by `redis_version` in `INFO server`; Valkey
+/// reports the Redis version it matches there too), naming the version found.
+fn check_version(addr: &str, info_server: &str) -> Result<(), BrokerError> {
+    let Some(version) = info_server
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(str::trim)
+    else {
+        return Ok(());
+    };
+    let major = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok());
+    match major {
+        Some(m) if m < MIN_REDIS_MAJOR => Err(BrokerError::invalid(
+            "redis",
+            format!(
+                "{addr} runs Redis {version}; Sluice needs Redis {MIN_REDIS_MAJOR}.0 or later \
+                 (its queues are a Functions library called with FCALL, its wake-ups \
+                 sharded pub/sub)"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The error a user sees when Redis cannot be reached or refuses a command: UNAVAILABLE,
 /// naming what was being done.
 pub(crate) fn unavailable(doing: &str, e: redis::RedisError) -> BrokerError {
@@ -125,6 +156,12 @@ pub(crate) async fn connect_with(
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| unavailable(&format!("connecting to {first}"), e))?;
+    let server: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut probe)
+        .await
+        .map_err(|e| unavailable(&format!("INFO server on {first}"), e))?;
+    check_version(first, &server)?;
     let info: String = redis::cmd("INFO")
         .arg("cluster")
         .query_async(&mut probe)
@@ -157,6 +194,25 @@ pub(crate) async fn connect_with(
 mod tests {
     use super::*;
     use crate::broker::testing::redis::RedisServer;
+
+    #[test]
+    fn a_redis_older_than_7_is_refused_naming_its_version() {
+        let old = "# Server\r\nredis_version:6.2.14\r\nredis_mode:standalone\r\n";
+        let err = check_version("redis://127.0.0.1:6380", old).unwrap_err();
+        assert!(matches!(err, BrokerError::InvalidArgument { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("Redis 6.2.14"), "{text}");
+        assert!(text.contains("Redis 7.0 or later"), "{text}");
+        assert!(text.contains("redis://127.0.0.1:6380"), "{text}");
+        for ok in [
+            "redis_version:7.0.15",
+            "redis_version:7.2.4",
+            "redis_version:8.0.0",
+            "",
+        ] {
+            assert!(check_version("a", ok).is_ok(), "{ok}");
+        }
+    }
 
     #[tokio::test]
     async fn requests_count_round_trips_with_a_pipeline_once_across_clones() {
