@@ -263,11 +263,22 @@ struct Cost {
     /// Requests Sluice's nodes sent (`RedisEngine::redis_requests`): network round trips,
     /// a pipeline counting once. None for BullMQ.
     node_requests: Option<u64>,
+    /// Microseconds in script calls on the primaries over a second run of the same jobs
+    /// without MONITOR (which formats every command and would count in this figure).
+    quiet_script_usec: Option<u64>,
 }
 
 impl Cost {
     fn per_job(&self, n: u64) -> f64 {
         n as f64 / self.jobs.max(1) as f64
+    }
+
+    /// This cost with the script time of `quiet`, the same jobs measured without MONITOR.
+    fn timed_by(self, quiet: &Cost) -> Cost {
+        Cost {
+            quiet_script_usec: Some(quiet.primaries.script_usec),
+            ..self
+        }
     }
 
     fn text(&self) -> String {
@@ -278,12 +289,17 @@ impl Cost {
             )
         });
         format!(
-            "cost over {} jobs: {:.3} top-level commands{requests}, {:.2} commands incl. those run by scripts, {:.3} script calls per job on primaries, {:.0} µs of Redis time in scripts per job (with MONITOR on); replicas applied {:.2} commands per job",
+            "cost over {} jobs: {:.3} top-level commands{requests}, {:.2} commands incl. those run by scripts, {:.3} script calls per job on primaries, {:.0} µs of Redis time in scripts per job ({}); replicas applied {:.2} commands per job",
             thousands(self.jobs),
             self.per_job(self.top_level),
             self.per_job(self.primaries.commands),
             self.per_job(self.primaries.scripts),
-            self.per_job(self.primaries.script_usec),
+            self.per_job(self.quiet_script_usec.unwrap_or(self.primaries.script_usec)),
+            if self.quiet_script_usec.is_some() {
+                "a second run without MONITOR"
+            } else {
+                "with MONITOR on"
+            },
             self.per_job(self.replicas.commands)
         )
     }
@@ -295,23 +311,32 @@ impl Cost {
 }
 
 /// Measures what `run` costs in Redis: `run` must return once `jobs` jobs are acked, and
-/// call `mark` right before its load starts.
-async fn measured_cost<F, Fut>(topo: &Topology, jobs: u64, run: F) -> Res<Cost>
+/// call `mark` right before its load starts. With `monitor`, MONITOR counts the top-level
+/// commands (0 without it).
+async fn measured_cost<F, Fut>(topo: &Topology, jobs: u64, monitor: bool, run: F) -> Res<Cost>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Res<()>>,
 {
     let (primaries, replicas) = topo.ports();
-    let mon = Monitors::start(&primaries).await?;
+    let mon = match monitor {
+        true => Some(Monitors::start(&primaries).await?),
+        false => None,
+    };
     let p0 = commandstats(&primaries).await?;
     let r0 = commandstats(&replicas).await?;
-    let m0 = mon.top_level.load(Ordering::Relaxed);
+    let m0 = mon
+        .as_ref()
+        .map_or(0, |m| m.top_level.load(Ordering::Relaxed));
     run().await?;
     // Replicas apply asynchronously: give them a moment.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let p1 = commandstats(&primaries).await?;
     let r1 = commandstats(&replicas).await?;
-    let m1 = mon.stop().await;
+    let m1 = match mon {
+        Some(m) => m.stop().await,
+        None => 0,
+    };
     Ok(Cost {
         jobs,
         primaries: Calls {
@@ -326,6 +351,7 @@ where
         },
         top_level: m1.saturating_sub(m0),
         node_requests: None,
+        quiet_script_usec: None,
     })
 }
 
@@ -499,6 +525,7 @@ async fn sluice_cost(
     s: &Settings,
     batch: usize,
     consume: bool,
+    monitor: bool,
 ) -> Res<Cost> {
     let queue = format!("bench.s6c.{}.{}", run_id(), fastrand_suffix());
     let jobs = cost_jobs(batch);
@@ -542,7 +569,7 @@ async fn sluice_cost(
             .sum::<u64>()
     };
     let before = requests();
-    let cost = measured_cost(topo, jobs, || async {
+    let cost = measured_cost(topo, jobs, monitor, || async {
         let (meter, tasks) = sluice_load(nodes, s, &queue, batch, Some(jobs), consume).await?;
         let done = wait_until(Duration::from_millis(2), Duration::from_secs(60), || {
             let c = meter.count.load(Ordering::Relaxed);
@@ -693,6 +720,7 @@ async fn bullmq(
     mode: &str,
     args: &[String],
     cost_jobs: Option<u64>,
+    monitor: bool,
 ) -> Res<(serde_json::Value, Option<Cost>)> {
     let mut cmd = tokio::process::Command::new("node");
     cmd.arg("bench.js")
@@ -721,7 +749,7 @@ async fn bullmq(
     let mut result = None;
     let cost = match cost_jobs {
         Some(jobs) => Some(
-            measured_cost(topo, jobs, || async {
+            measured_cost(topo, jobs, monitor, || async {
                 stdin.write_all(b"go\n").await?;
                 result = lines.next_line().await?;
                 Ok(())
@@ -905,7 +933,11 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                             let r = async {
                                 let (per_s, errs) =
                                     sluice_throughput(&nodes, s, batch, consume).await?;
-                                let cost = sluice_cost(&topo, &nodes, s, batch, consume).await?;
+                                let quiet =
+                                    sluice_cost(&topo, &nodes, s, batch, consume, false).await?;
+                                let cost = sluice_cost(&topo, &nodes, s, batch, consume, true)
+                                    .await?
+                                    .timed_by(&quiet);
                                 f.per_s = Some(per_s);
                                 f.round_trips_per_job = Some(cost.round_trips_per_job());
                                 Ok::<_, BoxError>(Outcome::Measured {
@@ -938,13 +970,19 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                                 None => outcome(
                                     async {
                                         let a = bullmq_args(s, batch, replicas);
-                                        let (v, _) = bullmq(&topo, "throughput", &a, None).await?;
+                                        let (v, _) = bullmq(&topo, "throughput", &a, None, false).await?;
                                         let per_s = v["per_s"].as_f64().unwrap_or(0.0);
                                         let mut a = a.clone();
                                         let jobs = cost_jobs(batch);
                                         a.extend(["--jobs".into(), jobs.to_string()]);
-                                        let (c, cost) = bullmq(&topo, "cost", &a, Some(jobs)).await?;
-                                        let cost = cost.ok_or("no cost")?;
+                                        let (_, quiet) =
+                                            bullmq(&topo, "cost", &a, Some(jobs), false).await?;
+                                        let (c, cost) =
+                                            bullmq(&topo, "cost", &a, Some(jobs), true).await?;
+                                        let cost = cost
+                                            .zip(quiet)
+                                            .map(|(c, q)| c.timed_by(&q))
+                                            .ok_or("no cost")?;
                                         f.per_s = Some(per_s);
                                         f.round_trips_per_job = Some(cost.round_trips_per_job());
                                         Ok(Outcome::Measured {
@@ -971,7 +1009,7 @@ pub async fn run(s: &Settings, bullmq_ready: &Result<String, String>) -> Vec<S6R
                                 async {
                                     let mut a = bullmq_args(s, 100, replicas);
                                     a.extend(["--rate".into(), RATE.to_string()]);
-                                    let (v, _) = bullmq(&topo, "latency", &a, None).await?;
+                                    let (v, _) = bullmq(&topo, "latency", &a, None, false).await?;
                                     let g = |k: &str| v[k].as_u64().unwrap_or(0);
                                     Ok(Outcome::Measured {
                                         main: format!(
@@ -1219,9 +1257,10 @@ pub fn report(md: &mut String, rows: &[S6Row], bullmq: &Result<String, String>, 
          over the primaries before and after counts every command, including those scripts \
          ran; MONITOR on the primaries tells the top-level commands clients sent (one round \
          trip each unless pipelined) from the ones scripts ran (`[0 lua]`). Replicas' \
-         commandstats count what they applied; their `usec` of script calls (the commands \
-         the scripts ran included; MONITOR adds to it, for both systems alike) is the Redis \
-         time in scripts per job, the figure that bounds a primary's jobs/s. For Sluice, the nodes also count the \
+         commandstats count what they applied. The Redis time in scripts per job (`usec` \
+         of the script calls, the commands they ran included: the figure that bounds a \
+         primary's jobs/s) comes from a second cost run of the same jobs without MONITOR, \
+         which formats every command it shows. For Sluice, the nodes also count the \
          requests they send (`RedisEngine::redis_requests`): network round trips, where a \
          pipeline counts once (a WAIT goes with its fence write, `SET <tag>:wait-fence`, in \
          one pipeline, so it is one round trip but two top-level commands); the round-trip \
