@@ -12,7 +12,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, Slot, SlotAddr};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use crate::broker::domain::error::BrokerError;
 
@@ -48,14 +49,23 @@ impl RedisConn {
         matches!(self.link, Link::Cluster(_))
     }
 
-    /// The cluster connection, to route a request to a chosen node; counts it as sent.
-    pub(crate) fn cluster_request(&mut self) -> Option<&mut ClusterConnection> {
-        match &mut self.link {
-            Link::Cluster(c) => {
+    /// Sends `pipe` (`count` commands) as one request: on a cluster to the primary of
+    /// `slot` when given (a pipeline without keys would go to any node), else as
+    /// `query_async` routes it.
+    pub(crate) async fn pipeline_to(
+        &mut self,
+        pipe: Pipeline,
+        count: usize,
+        slot: Option<Slot>,
+    ) -> RedisResult<Vec<Value>> {
+        match (&mut self.link, slot) {
+            (Link::Cluster(c), Some(slot)) => {
                 self.requests.fetch_add(1, Ordering::Relaxed);
-                Some(c)
+                let route =
+                    SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot, SlotAddr::Master));
+                c.route_pipeline(pipe, 0, count, route).await
             }
-            Link::Single(_) => None,
+            _ => pipe.query_async(self).await,
         }
     }
 

@@ -39,7 +39,7 @@ use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::cluster_routing::{Route, SingleNodeRoutingInfo, Slot, SlotAddr};
+use redis::cluster_routing::Slot;
 use tokio::sync::oneshot;
 
 use super::conn::RedisConn;
@@ -151,17 +151,7 @@ impl Inner {
             .arg(ms);
         let mut conn = self.conn.clone();
         let request = async {
-            let cluster = shard.and_then(|slot| Some((slot, conn.cluster_request()?)));
-            let values = match cluster {
-                Some((slot, c)) => {
-                    let route = SingleNodeRoutingInfo::SpecificNode(Route::with_slot(
-                        slot,
-                        SlotAddr::Master,
-                    ));
-                    c.route_pipeline(pipe, 0, 2, route).await?
-                }
-                None => pipe.query_async::<Vec<redis::Value>>(&mut conn).await?,
-            };
+            let values = conn.pipeline_to(pipe, 2, shard).await?;
             let acked = values.into_iter().nth(1).unwrap_or(redis::Value::Nil);
             Ok::<i64, redis::RedisError>(redis::from_redis_value(acked)?)
         };

@@ -4,8 +4,8 @@
 //! Every queue operation shares the steps of `common.lua` (key names, the meta table, the
 //! lease and history steps, about fifty functions). Sent as `EVAL` scripts, each call ran
 //! that prelude again, making its closures before doing any work: about 10 µs per call,
-//! a tenth of what Redis spends on a job at batch 1 (see BENCHMARKS.md, "The queue scripts
-//! as Redis Functions"). As a library the prelude runs once, when Redis loads it; a call
+//! a tenth of what Redis spends on a job at batch 1 (see BENCHMARKS.md, "The queue as a
+//! Redis Functions library"). As a library the prelude runs once, when Redis loads it; a call
 //! only sets the call's state (`begin` in common.lua) and runs the operation's own body.
 //!
 //! Each body file becomes `local function q_<name>(KEYS, ARGV)` (parameters with the
@@ -34,17 +34,16 @@ struct Body {
 
 macro_rules! body {
     ($name:literal) => {
-        Body {
-            name: $name,
-            source: include_str!(concat!($name, ".lua")),
-            read_only: false,
-        }
+        body!($name, false)
     };
     ($name:literal, read_only) => {
+        body!($name, true)
+    };
+    ($name:literal, $read_only:literal) => {
         Body {
             name: $name,
             source: include_str!(concat!($name, ".lua")),
-            read_only: true,
+            read_only: $read_only,
         }
     };
 }
@@ -118,13 +117,13 @@ fn build() -> Library {
     let mut code = String::with_capacity(64 * 1024);
     code.push_str(COMMON);
     code.push('\n');
+    let mut glued = false;
     for body in BODIES {
-        if body.name == "schedule_fire" || body.name == "ack_lease" {
-            // Both come after `q_ack`, `q_lease` and `q_enqueue`, so the glue goes here
-            // once.
-            if !code.contains("local function ack_part") {
-                code.push_str(GLUE);
-            }
+        // Both come after `q_ack`, `q_lease` and `q_enqueue`: the glue goes before the
+        // first of them.
+        if matches!(body.name, "schedule_fire" | "ack_lease") && !glued {
+            code.push_str(GLUE);
+            glued = true;
         }
         code.push_str(&format!(
             "local function q_{}(KEYS, ARGV)\n{}\nend\n",

@@ -2,7 +2,7 @@
 //! themselves instead of waiting for Redis's `TIME`.
 //!
 //! A store built with [`QueueStore::with_clock`](super::QueueStore::with_clock) sends its
-//! scripts through [`ClockConn`], which appends `"\0now=<ms>"` to every script call's
+//! function calls through [`ClockConn`], which appends `"\0now=<ms>"` to every `FCALL`'s
 //! arguments. `common.lua` takes that last argument off `ARGV` before the script reads it
 //! and answers it from `now_ms()`. No other argument starts with a NUL byte (the last one
 //! of a call is a number, a hex nonce, a queue name, a job id, or `''`/`=`-prefixed text),
@@ -26,10 +26,7 @@ pub(super) struct ClockConn {
 
 impl ConnectionLike for ClockConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        let is_script = matches!(
-            cmd.args_iter().next(),
-            Some(Arg::Simple(b"FCALL" | b"EVALSHA" | b"EVAL"))
-        );
+        let is_script = matches!(cmd.args_iter().next(), Some(Arg::Simple(b"FCALL")));
         if !is_script {
             return self.inner.req_packed_command(cmd);
         }
