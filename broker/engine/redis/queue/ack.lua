@@ -8,7 +8,7 @@
 -- once per batch, so Redis's work per acked job stays a few commands.
 local n = tonumber(ARGV[2])
 local out = { 0 }
-if not load_meta() then
+if not load_meta(META_ACK) then
   for i = 1, n do
     out[#out + 1] = 'queue ' .. quoted(NAME) .. ' no longer exists'
   end
@@ -70,7 +70,7 @@ if acked > 0 then
   if M.if_since then
     mincr('if_ms', math.max(0, now - tonumber(M.if_since)))
     redis.call('HDEL', K_META, 'if_since')
-    M.if_since = nil
+    M.if_since = false
   end
   for name, count in pairs(by_consumer) do
     local c = consumer_get(name)

@@ -4,7 +4,7 @@
 -- {ack.lua's reply, lease.lua's reply}; an unknown queue is an error, as for a lease.
 -- The meta hash is read once for both parts (`KEEP_META`), and consumer records are read
 -- once and written once (`UNWRITTEN`).
-if not load_meta() then
+if not load_meta(META_ACK_LEASE) then
   return no_queue()
 end
 KEEP_META = true

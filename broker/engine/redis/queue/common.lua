@@ -33,22 +33,26 @@ local CONSUMERS, UNWRITTEN
 local MERGED_COUNTS
 
 local function begin(keys, argv)
-  B = keys[1]
+  -- The key names depend on the prefix alone, and library state lasts between calls: a
+  -- queue's calls in a row (a busy queue's) build them once.
+  if keys[1] ~= B then
+    B = keys[1]
+    K_META = B .. ':meta'
+    K_READY = B .. ':ready'
+    K_TIMERS = B .. ':timers'
+    K_LEASED = B .. ':leased'
+    K_LIVE = B .. ':live'
+    K_IDS = B .. ':ids'
+    K_IDEM = B .. ':idem'
+    K_IDEMEXP = B .. ':idemexp'
+    K_HISTORY = B .. ':history'
+    K_OUTBOX = B .. ':outbox'
+    K_CONSUMERS = B .. ':consumers'
+    K_WAKE = B .. ':wake'
+    K_WAITING = B .. ':waiting'
+    K_RATES = B .. ':rates'
+  end
   NAME = argv[1]
-  K_META = B .. ':meta'
-  K_READY = B .. ':ready'
-  K_TIMERS = B .. ':timers'
-  K_LEASED = B .. ':leased'
-  K_LIVE = B .. ':live'
-  K_IDS = B .. ':ids'
-  K_IDEM = B .. ':idem'
-  K_IDEMEXP = B .. ':idemexp'
-  K_HISTORY = B .. ':history'
-  K_OUTBOX = B .. ':outbox'
-  K_CONSUMERS = B .. ':consumers'
-  K_WAKE = B .. ':wake'
-  K_WAITING = B .. ':waiting'
-  K_RATES = B .. ':rates'
   CALL_KEYS, CALL_ARGV = keys, argv
   TEST_NOW = nil
   if string.sub(argv[#argv] or '', 1, 5) == '\0now=' then
@@ -131,9 +135,43 @@ local function no_queue()
   return fail('SLUICE_NOTFOUND', 'queue ' .. quoted(NAME) .. ' does not exist')
 end
 
--- Reads the meta hash into `M`; false if the queue does not exist.
-local function load_meta()
+-- A meta table read in part (`load_meta` with fields): a field it lacks is read when
+-- first asked for, and kept for the call. An absent field reads as false, as in `HMGET`.
+local META_REST = {
+  __index = function(m, field)
+    local value = redis.call('HGET', K_META, field)
+    rawset(m, field, value)
+    return value
+  end,
+}
+
+-- Fields the hot bodies read, each list led by `seq`, which every queue has from its
+-- creation (define.lua), so its absence means no queue. Reading these few with one
+-- `HMGET` instead of the whole hash (about 30 fields, the encoded policy and every
+-- counter) saves most of the meta read's Lua time (BENCHMARKS.md, issue 19).
+local META_ENQUEUE = { 'seq', 'due', 'dedup_ms', 'max_depth', 'max_attempts', 'esec',
+  'by_consumer' }
+local META_LEASE = { 'seq', 'due', 'paused', 'max_in_flight', 'rate_ps', 'vis' }
+local META_ACK = { 'seq', 'if_since', 'history_limit', 'asec' }
+local META_ACK_LEASE = { 'seq', 'if_since', 'history_limit', 'asec', 'due', 'paused',
+  'max_in_flight', 'rate_ps', 'vis' }
+
+-- Reads the meta hash into `M`: the whole hash, or with `fields` those fields (the others
+-- when first asked for, `META_REST`). False if the queue does not exist. Absent fields
+-- read as nil or false: the bodies test them only for truth or with `or`.
+local function load_meta(fields)
   if KEEP_META and M then
+    return true
+  end
+  if fields then
+    local raw = redis.call('HMGET', K_META, unpack(fields))
+    if not raw[1] then
+      return false
+    end
+    M = setmetatable({}, META_REST)
+    for i, field in ipairs(fields) do
+      M[field] = raw[i]
+    end
     return true
   end
   local raw = redis.call('HGETALL', K_META)
@@ -157,7 +195,7 @@ end
 local function named_by_producer()
   if M.by_consumer then
     redis.call('HDEL', K_META, 'by_consumer')
-    M.by_consumer = nil
+    M.by_consumer = false
   end
 end
 
@@ -332,7 +370,7 @@ local function end_lease(seq, now)
   if M.if_since then
     mincr('if_ms', math.max(0, now - tonumber(M.if_since)))
     redis.call('HDEL', K_META, 'if_since')
-    M.if_since = nil
+    M.if_since = false
   end
   local k = job_key(seq)
   redis.call('HDEL', k, 'deadline')
@@ -540,7 +578,7 @@ end
 local function bucket_milli(now)
   local ps = mnum('rate_ps')
   local burst = mnum('rate_burst') * 1000
-  if M.tok == nil then
+  if not M.tok then
     return burst
   end
   local gained = math.max(0, now - mnum('tok_at')) * ps

@@ -15,7 +15,7 @@ local F = 9
 if schema_now ~= ARGV[3 + n * F] then
   return fail('SLUICE_SCHEMA', schema_now)
 end
-if not load_meta() then
+if not load_meta(META_ENQUEUE) then
   return no_queue()
 end
 local now = now_ms()

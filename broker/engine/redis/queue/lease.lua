@@ -4,7 +4,7 @@
 -- number (jitter of expiries' backoff), then `max` lease nonces (hex). Returns one array
 -- per delivery: id, seq, kind, payload, headers, priority, attempt, max attempts,
 -- enqueued at, deadline, ordering key ('' or '=' then the key), nonce.
-if not load_meta() then
+if not load_meta(META_LEASE) then
   return no_queue()
 end
 local now = now_ms()

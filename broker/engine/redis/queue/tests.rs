@@ -1648,3 +1648,60 @@ async fn redis_queue_history_entries_carry_ids_and_older_ones_still_read_and_tri
         vec![second[1].lease_id.seq, second[0].lease_id.seq]
     );
 }
+
+/// The library keeps a queue's key names between calls and reads only the meta fields the
+/// hot bodies name: calls alternating between queues each reach their own queue, and a
+/// field outside those lists (the rate limit's burst, the dead-letter queue) is still read.
+#[tokio::test]
+async fn redis_queue_calls_alternating_between_queues_each_reach_their_own() {
+    let (_srv, s) = store().await;
+    let mut limited = policy("b");
+    limited.rate_limit = Some(crate::broker::domain::queue::RateLimit {
+        per_second: 1,
+        burst: 2,
+    });
+    s.create("a", &policy("a")).await.unwrap();
+    s.create("b", &limited).await.unwrap();
+    for i in 0..3 {
+        s.enqueue("a", vec![job(&format!("a{i}"))]).await.unwrap();
+        s.enqueue("b", vec![job(&format!("b{i}"))]).await.unwrap();
+    }
+    // The burst (2) lets two of b's three out, in order; a's lease takes a's own.
+    let b = lease(&s, "b", 3).await;
+    assert_eq!(payloads(&b), [&b"b0"[..], b"b1"]);
+    let a = lease(&s, "a", 1).await;
+    assert_eq!(payloads(&a), [&b"a0"[..]]);
+    let (acked, next) = s
+        .ack_lease(
+            "b",
+            &[(b[0].lease_id.clone(), None)],
+            (1, None, "w", "127.0.0.1:1"),
+        )
+        .await
+        .unwrap();
+    assert!(acked[0].is_ok(), "{acked:?}");
+    assert!(next.is_empty(), "the rate limit holds b2 back");
+    let (acked, next) = s
+        .ack_lease(
+            "a",
+            &[(a[0].lease_id.clone(), None)],
+            (2, None, "w", "127.0.0.1:1"),
+        )
+        .await
+        .unwrap();
+    assert!(acked[0].is_ok(), "{acked:?}");
+    assert_eq!(payloads(&next), [&b"a1"[..], b"a2"]);
+    let (ca, cb) = (s.counts("a").await.unwrap(), s.counts("b").await.unwrap());
+    assert_eq!(
+        (ca.enqueued, ca.completed, ca.leased, ca.pending),
+        (3, 1, 2, 0)
+    );
+    assert_eq!(
+        (cb.enqueued, cb.completed, cb.leased, cb.pending),
+        (3, 1, 1, 1)
+    );
+    // A queue that does not exist, between calls on queues that do.
+    let err = s.enqueue("c", vec![job("c")]).await.unwrap_err();
+    assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
+    assert_eq!(lease(&s, "a", 1).await.len(), 0);
+}
