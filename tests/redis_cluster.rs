@@ -1308,3 +1308,42 @@ async fn a_schedule_fires_once_per_tick_across_three_nodes([a, b, c]: [&Client; 
     b.delete_schedule("cluster-beat").await.unwrap();
     assert!(a.list_schedules().await.unwrap().is_empty());
 }
+
+/// A node counts the requests of its own upkeep (the sweep) apart from those serving
+/// clients, so a cost per job leaves the sweep out (S6 reports it per second per node):
+/// an idle node's requests are all its sweep's, and serving clients adds to the other
+/// count only.
+#[tokio::test]
+async fn a_nodes_sweep_requests_are_counted_apart_from_those_serving_clients() {
+    let server = RedisServer::start();
+    let node = Node::start(RedisConfig {
+        sweep_interval: Duration::from_millis(10),
+        ..RedisConfig::new(vec![server.url()])
+    })
+    .await;
+    let client = node.client().await;
+    client.enqueue("upkeep", "a").send().await.unwrap();
+    let counts = || {
+        let all = node.engine.redis_requests();
+        let background = node.engine.redis_background_requests();
+        (all - background, background)
+    };
+    // Let the first sweeps run, then watch an idle node.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (serving, swept) = counts();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (serving_idle, swept_idle) = counts();
+    assert!(
+        swept_idle >= swept + 5,
+        "the sweep ran every 10 ms: {swept} then {swept_idle} requests"
+    );
+    assert_eq!(serving_idle, serving, "an idle node serves nobody");
+    let mut leases = client.lease("upkeep").send().await.unwrap();
+    assert_eq!(leases.len(), 1);
+    leases.remove(0).ack().await.unwrap();
+    let (serving_after, _) = counts();
+    assert!(
+        serving_after >= serving_idle + 2,
+        "a lease and an ack are requests serving clients: {serving_idle} then {serving_after}"
+    );
+}

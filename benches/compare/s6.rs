@@ -260,9 +260,13 @@ struct Cost {
     primaries: Calls,
     replicas: Calls,
     top_level: u64,
-    /// Requests Sluice's nodes sent (`RedisEngine::redis_requests`): network round trips,
-    /// a pipeline counting once. None for BullMQ.
+    /// Requests Sluice's nodes sent serving the jobs (`RedisEngine::redis_requests` less
+    /// `redis_background_requests`): network round trips, a pipeline counting once. None
+    /// for BullMQ.
     node_requests: Option<u64>,
+    /// Requests of the nodes' sweeps over the run (`redis_background_requests`), and
+    /// their rate per node per second: upkeep, whatever the job rate. None for BullMQ.
+    node_background: Option<(u64, f64)>,
     /// Microseconds in script calls on the primaries over a second run of the same jobs
     /// without MONITOR (which formats every command and would count in this figure).
     quiet_script_usec: Option<u64>,
@@ -284,12 +288,18 @@ impl Cost {
     fn text(&self) -> String {
         let requests = self.node_requests.map_or(String::new(), |n| {
             format!(
-                ", {:.3} requests from the nodes (network round trips; a WAIT with its fence write is one pipeline)",
+                ", {:.3} requests from the nodes serving the jobs (network round trips; a WAIT with its fence write is one pipeline)",
+                self.per_job(n)
+            )
+        });
+        let background = self.node_background.map_or(String::new(), |(n, per_s)| {
+            format!(
+                " and {:.3} from their sweeps ({per_s:.0} a second per node, whatever the job rate)",
                 self.per_job(n)
             )
         });
         format!(
-            "cost over {} jobs: {:.3} top-level commands{requests}, {:.2} commands incl. those run by scripts, {:.3} script calls per job on primaries, {:.0} µs of Redis time in scripts per job ({}); replicas applied {:.2} commands per job",
+            "cost over {} jobs: {:.3} top-level commands{requests}{background}, {:.2} commands incl. those run by scripts, {:.3} script calls per job on primaries, {:.0} µs of Redis time in scripts per job ({}); replicas applied {:.2} commands per job",
             thousands(self.jobs),
             self.per_job(self.top_level),
             self.per_job(self.primaries.commands),
@@ -304,7 +314,8 @@ impl Cost {
         )
     }
 
-    /// Round trips per job: the nodes' requests where counted, else top-level commands.
+    /// Round trips per job: the nodes' requests serving the jobs where counted (enqueue,
+    /// lease, ack and WAIT, as the target counts them), else top-level commands.
     fn round_trips_per_job(&self) -> f64 {
         self.per_job(self.node_requests.unwrap_or(self.top_level))
     }
@@ -351,6 +362,7 @@ where
         },
         top_level: m1.saturating_sub(m0),
         node_requests: None,
+        node_background: None,
         quiet_script_usec: None,
     })
 }
@@ -562,13 +574,15 @@ async fn sluice_cost(
         drain.ack(pb::AckRequest { acks }).await?;
     }
     let requests = || {
-        nodes
-            .engines
-            .iter()
-            .map(|e| e.redis_requests())
-            .sum::<u64>()
+        nodes.engines.iter().fold((0, 0), |(all, upkeep), e| {
+            (
+                all + e.redis_requests(),
+                upkeep + e.redis_background_requests(),
+            )
+        })
     };
     let before = requests();
+    let started = Instant::now();
     let cost = measured_cost(topo, jobs, monitor, || async {
         let (meter, tasks) = sluice_load(nodes, s, &queue, batch, Some(jobs), consume).await?;
         let done = wait_until(Duration::from_millis(2), Duration::from_secs(60), || {
@@ -584,9 +598,16 @@ async fn sluice_cost(
             .ok_or_else(|| BoxError::from(format!("{jobs} jobs not acked within 60 s")))
     })
     .await
-    .map(|c| Cost {
-        node_requests: Some(requests() - before),
-        ..c
+    .map(|c| {
+        let (all, upkeep) = requests();
+        let (all, upkeep) = (all - before.0, upkeep - before.1);
+        let per_node_s =
+            upkeep as f64 / started.elapsed().as_secs_f64() / nodes.engines.len() as f64;
+        Cost {
+            node_requests: Some(all - upkeep),
+            node_background: Some((upkeep, per_node_s)),
+            ..c
+        }
     });
     drop_queue(nodes, &queue).await;
     cost
@@ -1202,7 +1223,7 @@ pub fn verdicts(rows: &[S6Row]) -> Vec<String> {
         if let Some(t) = r.facts.round_trips_per_job {
             let limit = if r.facts.batch >= 100 { 0.05 } else { 4.0 };
             out.push(format!(
-                "S6 Redis round trips per job <= {limit} at batch {}, {}: {} (measured {t:.3} requests from the nodes, a pipeline counting once)",
+                "S6 Redis round trips per job <= {limit} at batch {}, {}: {} (measured {t:.3} requests from the nodes serving the jobs, a pipeline counting once; their sweeps' are apart)",
                 r.facts.batch,
                 r.system,
                 yes(t <= limit)
@@ -1263,9 +1284,12 @@ pub fn report(md: &mut String, rows: &[S6Row], bullmq: &Result<String, String>, 
          which formats every command it shows. For Sluice, the nodes also count the \
          requests they send (`RedisEngine::redis_requests`): network round trips, where a \
          pipeline counts once (a WAIT goes with its fence write, `SET <tag>:wait-fence`, in \
-         one pipeline, so it is one round trip but two top-level commands); the round-trip \
-         verdicts read that count. Background work during the run (Sluice's \
-         100 ms sweep per node, BullMQ's stalled-job checks) is included.\n\
+         one pipeline, so it is one round trip but two top-level commands), and apart from \
+         them those of their 100 ms sweeps (`redis_background_requests`: upkeep per node \
+         per second, whatever the job rate). The round-trip verdicts read the requests \
+         serving the jobs (enqueue, lease, ack and WAIT, as the target names them); the \
+         sweeps' are shown beside them. The commandstats figures include all background \
+         work during the run (Sluice's sweeps, BullMQ's stalled-job checks).\n\
          - Latency: open-loop Enqueue / `add` of 1 job at {} jobs/s (2 producers), 4 workers \
          (Consume credits 100 / concurrency 100), receive time minus intended send time.\n\
          - Unavailability: 1 Sluice node on the 3+3 cluster with `--redis-replicas 0`, one \

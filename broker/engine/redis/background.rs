@@ -26,7 +26,8 @@ impl RedisEngine {
                 _ = self.inner.shutdown.cancelled() => return,
             }
             round = round.wrapping_add(1);
-            match self.sweep_once(round % SLOW_SWEEP_EVERY == 1).await {
+            let slow = round % SLOW_SWEEP_EVERY == 1;
+            match super::conn::background(self.sweep_once(slow)).await {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!("redis sweep works again");

@@ -24,7 +24,37 @@ pub(crate) struct RedisConn {
     link: Link,
     /// Requests sent to Redis, each one network round trip: a command, or a pipeline of
     /// several (see [`RedisConn::requests`]).
-    requests: Arc<AtomicU64>,
+    requests: Arc<Requests>,
+}
+
+/// The requests a connection and its clones sent: all of them, and those sent by the
+/// node's own upkeep ([`background`]).
+#[derive(Default)]
+struct Requests {
+    all: AtomicU64,
+    background: AtomicU64,
+}
+
+impl Requests {
+    /// Counts one request (in the background count too inside [`background`]).
+    fn count(&self) {
+        self.all.fetch_add(1, Ordering::Relaxed);
+        if BACKGROUND.try_with(|_| ()).is_ok() {
+            self.background.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+tokio::task_local! {
+    /// Set while the node's upkeep runs (see [`background`]).
+    static BACKGROUND: ();
+}
+
+/// Runs `work`, the node's own upkeep (the sweep), counting its requests apart from those
+/// serving clients ([`RedisConn::background_requests`]): upkeep costs requests per second
+/// per node, whatever the job rate, so a cost per job leaves it out and names it apart.
+pub(crate) async fn background<F: Future>(work: F) -> F::Output {
+    BACKGROUND.scope((), work).await
 }
 
 /// The two kinds of connection.
@@ -60,7 +90,7 @@ impl RedisConn {
     ) -> RedisResult<Vec<Value>> {
         match (&mut self.link, slot) {
             (Link::Cluster(c), Some(slot)) => {
-                self.requests.fetch_add(1, Ordering::Relaxed);
+                self.requests.count();
                 let route =
                     SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot, SlotAddr::Master));
                 c.route_pipeline(pipe, 0, count, route).await
@@ -72,13 +102,18 @@ impl RedisConn {
     /// How many requests this connection and its clones have sent: its round trips to
     /// Redis (a pipeline, such as a WAIT with its fence write, is one).
     pub(crate) fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.requests.all.load(Ordering::Relaxed)
+    }
+
+    /// How many of [`RedisConn::requests`] the node's upkeep sent ([`background`]).
+    pub(crate) fn background_requests(&self) -> u64 {
+        self.requests.background.load(Ordering::Relaxed)
     }
 }
 
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.requests.count();
         match &mut self.link {
             Link::Single(c) => c.req_packed_command(cmd),
             Link::Cluster(c) => c.req_packed_command(cmd),
@@ -91,7 +126,7 @@ impl ConnectionLike for RedisConn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.requests.count();
         match &mut self.link {
             Link::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Link::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
@@ -252,5 +287,43 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(conn.requests() - before, 3);
+        assert_eq!(conn.background_requests(), 0);
+
+        // The upkeep's requests count in both, a clone's and a pipeline's too.
+        let mut upkeep = conn.clone();
+        background(async move {
+            let _: String = redis::cmd("GET")
+                .arg("k")
+                .query_async(&mut upkeep)
+                .await
+                .unwrap();
+            let _: (String, String) = redis::pipe()
+                .cmd("GET")
+                .arg("k")
+                .cmd("GET")
+                .arg("k")
+                .query_async(&mut upkeep)
+                .await
+                .unwrap();
+        })
+        .await;
+        assert_eq!(conn.requests() - before, 5);
+        assert_eq!(conn.background_requests(), 2);
+        // Outside the scope, and in a task spawned from it, a request serves clients.
+        let mut after = conn.clone();
+        background(async move {
+            tokio::spawn(async move {
+                let _: String = redis::cmd("GET")
+                    .arg("k")
+                    .query_async(&mut after)
+                    .await
+                    .unwrap();
+            })
+            .await
+            .unwrap();
+        })
+        .await;
+        assert_eq!(conn.requests() - before, 6);
+        assert_eq!(conn.background_requests(), 2);
     }
 }

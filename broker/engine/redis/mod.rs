@@ -197,6 +197,14 @@ impl RedisEngine {
         self.inner.conn.requests()
     }
 
+    /// How many of [`RedisEngine::redis_requests`] the node's own upkeep sent: the sweep
+    /// every `sweep_interval` (expiries and due jobs of queues nobody leases from, dead
+    /// letters, the catalog, bindings, schedules, topic trimming). Its cost is per second
+    /// and per node, whatever the job rate; the rest are the requests that served clients.
+    pub fn redis_background_requests(&self) -> u64 {
+        self.inner.conn.background_requests()
+    }
+
     /// Makes sure queue `name` exists (creating it with the default policy, counted
     /// against `--max-queues`), unless this node has seen it already. For a Lease or
     /// Consume (`for_consumer`), a queue that does not exist and that no policy names as
