@@ -1123,14 +1123,14 @@ fn report(
          JetStream memory storage, Redis (no persistence configured). Durable table: Sluice \
          `{}`, RabbitMQ durable queues + persistent messages, JetStream file storage. What \
          an answer promises differs: Sluice answers a durable write after its fdatasync \
-         (group commit); RabbitMQ confirms a persistent message once it is written to disk \
-         (S2's workers ack theirs: one fsync per confirm), or once every queue it reached \
-         has delivered it to a no-ack consumer, without a disk write (S1's and S3's topic \
-         subscribers: `benches/compare/rabbit_confirms.py` counted 2 fsyncs for 3,000 such \
-         messages, against 3,002 with no consumer), so its durable S1 and S3 rows promise \
-         less; JetStream acknowledges file-stored messages before any fsync (nats-server \
-         syncs file stores every 2 minutes by default, `sync_interval`), so its durable rows \
-         promise less.\n\
+         (group commit); RabbitMQ confirms a persistent message once it is written to disk, \
+         but one that every queue has already handed to a no-ack consumer without any write \
+         (`benches/compare/rabbit_confirms.py`: 2 fsyncs for 3,000 such publishes, against \
+         3,002 with no consumer and 3,003 with an acking one), so in the durable table its \
+         topic subscribers ack (a `multiple` ack every 32 deliveries) and its confirms come \
+         after the write, as its S2 workers' do; JetStream acknowledges file-stored messages \
+         before any fsync (nats-server syncs file stores every 2 minutes by default, \
+         `sync_interval`), so its durable rows promise less.\n\
          - Sluice runs as the release binary (`target/release/sluice serve`, a fresh process \
          per figure, so its RSS can be read from `/proc/<pid>/status`); the raw-tonic \
          baseline serves the same `sluice.v1` RPCs in the harness process with no broker \

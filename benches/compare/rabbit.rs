@@ -2,9 +2,13 @@
 //!
 //! Equal acks: publishers use publisher confirms and wait for every batch to be confirmed;
 //! work-queue consumers use manual acks (one `multiple` ack per received batch) with a
-//! prefetch equal to the batch size; topic subscribers consume with `no_ack` (Sluice
-//! subscriptions are not acked either). Durable table: durable queues and exchanges and
-//! persistent messages (delivery mode 2).
+//! prefetch equal to the batch size; topic subscribers consume with `no_ack` in the memory
+//! table (Sluice subscriptions are not acked either). Durable table: durable queues and
+//! exchanges and persistent messages (delivery mode 2), and topic subscribers ack (one
+//! `multiple` ack per [`SUBSCRIBER_ACK_EVERY`] deliveries): RabbitMQ confirms a persistent
+//! message that every queue has handed to a no-ack consumer without writing it to disk
+//! (`rabbit_confirms.py`), which would make its durable topic rows promise no more than
+//! its memory rows, where Sluice's answer a publish after its fsync.
 //!
 //! Its load loops (publishers, fillers, workers, subscribers) look like the other peers'
 //! on purpose and are not shared: each peer is measured through its own client code, and
@@ -161,13 +165,21 @@ async fn declare_fanout(ch: &Channel, name: &str, storage: Storage) -> Res<()> {
     Ok(())
 }
 
-/// A subscriber queue bound to `exchange`, consumed without acks on its own channel.
+/// How many deliveries a durable topic subscriber acks at once (`multiple`).
+const SUBSCRIBER_ACK_EVERY: u64 = 32;
+
+/// Deliveries a durable subscriber may hold unacked: far above what it holds back between
+/// two acks, so the prefetch never throttles it.
+const SUBSCRIBER_PREFETCH: u16 = 4096;
+
+/// A subscriber queue bound to `exchange`, consumed on its own channel: without acks in
+/// the memory table, with acks (see [`Subscriber::received`]) in the durable table.
 async fn subscriber(
     conn: &Connection,
     exchange: &str,
     queue: &str,
     storage: Storage,
-) -> Res<lapin::Consumer> {
+) -> Res<Subscriber> {
     let ch = conn.create_channel().await?;
     ch.queue_declare(queue.into(), qopts(storage), FieldTable::default())
         .await?;
@@ -179,17 +191,54 @@ async fn subscriber(
         FieldTable::default(),
     )
     .await?;
-    Ok(ch
+    let acks = storage == Storage::Durable;
+    if acks {
+        ch.basic_qos(SUBSCRIBER_PREFETCH, BasicQosOptions::default())
+            .await?;
+    }
+    let consumer = ch
         .basic_consume(
             queue.into(),
             "".into(),
             BasicConsumeOptions {
-                no_ack: true,
+                no_ack: !acks,
                 ..Default::default()
             },
             FieldTable::default(),
         )
-        .await?)
+        .await?;
+    Ok(Subscriber {
+        consumer,
+        acks,
+        unacked: 0,
+    })
+}
+
+/// A topic subscriber's consumer, and whether it acks what it receives.
+struct Subscriber {
+    consumer: lapin::Consumer,
+    acks: bool,
+    unacked: u64,
+}
+
+impl Subscriber {
+    /// The next delivery (as `Consumer::next`).
+    async fn next(&mut self) -> Option<lapin::Result<lapin::message::Delivery>> {
+        self.consumer.next().await
+    }
+
+    /// Counts `d` as received: a durable subscriber acks it and everything before it once
+    /// [`SUBSCRIBER_ACK_EVERY`] are unacked.
+    async fn received(&mut self, d: &lapin::message::Delivery) {
+        if !self.acks {
+            return;
+        }
+        self.unacked += 1;
+        if self.unacked >= SUBSCRIBER_ACK_EVERY {
+            self.unacked = 0;
+            let _ = d.ack(BasicAckOptions { multiple: true }).await;
+        }
+    }
 }
 
 async fn cleanup(queues: &[String], exchange: Option<&str>) {
@@ -210,7 +259,8 @@ async fn cleanup(queues: &[String], exchange: Option<&str>) {
     }
 }
 
-/// S1: fanout exchange, `subs` queues consumed with no_ack, one confirmed publisher.
+/// S1: fanout exchange, `subs` subscriber queues (see [`subscriber`]), one confirmed
+/// publisher.
 pub async fn s1(s: &Settings, subs: usize, batch: usize, storage: Storage) -> Res<Outcome> {
     let ex = format!("bench.s1.{}", run_id());
     let queues: Vec<String> = (0..subs).map(|i| format!("{ex}.q{i}")).collect();
@@ -229,7 +279,10 @@ pub async fn s1(s: &Settings, subs: usize, batch: usize, storage: Storage) -> Re
             tasks.push(tokio::spawn(async move {
                 while !meter.stopped() {
                     match tokio::time::timeout(Duration::from_millis(100), consumer.next()).await {
-                        Ok(Some(Ok(_))) => meter.add(1),
+                        Ok(Some(Ok(d))) => {
+                            consumer.received(&d).await;
+                            meter.add(1);
+                        }
                         Ok(_) => break,
                         Err(_) => {}
                     }
@@ -399,8 +452,9 @@ fn latency_outcome(h: &hdrhistogram::Histogram<u64>, st: OpenLoopStats) -> Outco
     }
 }
 
-/// Fan-out latency to `subs` no-ack subscriber queues (100 channels per connection); with
-/// `Storage::Durable`, a durable exchange and queues and persistent messages.
+/// Fan-out latency to `subs` subscriber queues (100 channels per connection; see
+/// [`subscriber`]); with `Storage::Durable`, a durable exchange and queues, persistent
+/// messages and acking subscribers.
 async fn fanout(
     s: &Settings,
     rate_per_s: u64,
@@ -431,6 +485,7 @@ async fn fanout(
                             if let Some(st) = stamp_of(&d.data) {
                                 record_since(&mut h, st);
                             }
+                            consumer.received(&d).await;
                         }
                         Ok(_) => break,
                         Err(_) => {}
