@@ -433,6 +433,25 @@ async fn wait_replication(port: u16, what: &str, ready: impl Fn(&str) -> bool) {
     }
 }
 
+/// A standalone primary and one replica linked to it through a [`LinkProxy`], in sync.
+async fn primary_with_proxied_replica() -> (RedisServer, LinkProxy, RedisServer) {
+    let primary = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let proxy = LinkProxy::start(primary.port).await;
+    let proxy_port = proxy.port.to_string();
+    let replica = tokio::task::spawn_blocking(move || {
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &proxy_port])
+    })
+    .await
+    .unwrap();
+    wait_replication(primary.port, "the replica to sync", |i| {
+        i.contains("state=online")
+    })
+    .await;
+    (primary, proxy, replica)
+}
+
 /// What one run of [`cut_link_then_lose_primary`] measured.
 #[derive(Debug)]
 struct CutOutcome {
@@ -465,20 +484,7 @@ struct CutOutcome {
 async fn cut_link_then_lose_primary(replicas: u32, after: usize) -> CutOutcome {
     const BEFORE: usize = 20;
     const QUEUE: &str = "durable";
-    let mut primary = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let proxy = LinkProxy::start(primary.port).await;
-    let proxy_port = proxy.port.to_string();
-    let replica = tokio::task::spawn_blocking(move || {
-        RedisServer::start_with(&["--replicaof", "127.0.0.1", &proxy_port])
-    })
-    .await
-    .unwrap();
-    wait_replication(primary.port, "the replica to sync", |i| {
-        i.contains("state=online")
-    })
-    .await;
+    let (mut primary, proxy, replica) = primary_with_proxied_replica().await;
 
     let timeout = Duration::from_millis(500);
     let node = Node::start(RedisConfig {
@@ -1346,4 +1352,52 @@ async fn a_nodes_sweep_requests_are_counted_apart_from_those_serving_clients() {
         serving_after >= serving_idle + 2,
         "a lease and an ack are requests serving clients: {serving_idle} then {serving_after}"
     );
+}
+
+/// A Consume stream's acks are confirmed on the replica lazily, as the in-process engine's
+/// are for fsync: with the replication link cut, a worker that acks with fresh credit
+/// still gets its next job at once (no WAIT between an ack and the next lease); once the
+/// stream would wait, it confirms the ack, and a confirm that cannot happen ends the
+/// stream as UNAVAILABLE (the ack's outcome is unknown) instead of passing silently.
+#[tokio::test]
+async fn a_consume_stream_leases_on_while_its_acks_replicate_and_ends_when_they_cannot() {
+    const QUEUE: &str = "lazy";
+    let (primary, proxy, _replica) = primary_with_proxied_replica().await;
+    let timeout = Duration::from_millis(1500);
+    let node = Node::start(RedisConfig {
+        replicas: 1,
+        replica_timeout: timeout,
+        ..RedisConfig::new(vec![primary.url()])
+    })
+    .await;
+    let client = node.client().await;
+    let jobs = (0..3).map(|i| Job::new(format!("{i}"))).collect();
+    client.enqueue_batch(QUEUE, jobs).await.unwrap();
+    let mut consumer = client.consume(QUEUE).prefetch(1).open().await.unwrap();
+    let first = within(consumer.next()).await.unwrap().unwrap();
+
+    proxy.cut();
+    let acked_at = Instant::now();
+    first.ack().await.unwrap();
+    let second = within(consumer.next()).await.unwrap().unwrap();
+    let next_after = acked_at.elapsed();
+    assert!(
+        next_after < timeout,
+        "the next job waited {next_after:?} for the ack's WAIT (timeout {timeout:?})"
+    );
+    assert_eq!(second.payload().as_ref(), b"1");
+
+    // Holding `second` with no credit left, the stream would wait: it confirms the ack,
+    // which cannot reach the replica.
+    let end = within(consumer.next()).await;
+    match end {
+        Some(Err(e)) => assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}"),
+        other => panic!("the stream went on without its ack on the replica: {other:?}"),
+    }
+    assert!(
+        acked_at.elapsed() >= timeout / 2,
+        "the stream ended after {:?}, before the WAIT could run out",
+        acked_at.elapsed()
+    );
+    node.stop().await;
 }

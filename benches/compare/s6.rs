@@ -1264,10 +1264,12 @@ pub fn report(md: &mut String, rows: &[S6Row], bullmq: &Result<String, String>, 
          batched fetch or completion: every job is moved to active and to completed by its \
          own script call), jobs removed on completion.\n\
          - Durability: Sluice with `--redis-replicas 1` answers Enqueue and Ack after `WAIT 1` \
-         confirmed them on a replica. BullMQ has no such option; its replicas-1 rows send \
-         `WAIT 1 1000` on the producer's connection after each add, so enqueues are \
-         confirmed like Sluice's, but completions (acks) are not: these rows promise less \
-         than Sluice's, and there is no BullMQ equivalent of an acked-and-replicated \
+         confirmed them on a replica; a Consume stream's acks (which have no answer) are \
+         confirmed whenever the stream would wait and before it ends, not before each next \
+         lease, as the WAL engine does for fsync. BullMQ has no such option; its replicas-1 \
+         rows send `WAIT 1 1000` on the producer's connection after each add, so enqueues \
+         are confirmed like Sluice's, but completions (acks) are not: these rows promise \
+         less than Sluice's, and there is no BullMQ equivalent of an acked-and-replicated \
          completion.\n\
          - Throughput: closed loop, every system's producers pause while 20,000 jobs wait \
          unacked (unbounded producers saturate Redis and starve the workers: the figure would \

@@ -42,6 +42,12 @@ struct Session {
     leased: Vec<Delivery>,
     /// The stream's note as a waiter on its queue, made before it waits.
     note: WaitingNote,
+    /// Whether acks of this stream (an ack-and-lease) may not be on the replicas yet.
+    /// Leasing goes on meanwhile, as on the in-process engine: waiting for each ack's
+    /// `WAIT` before the next jobs go out would put a replication round trip in every
+    /// worker's cycle. It is confirmed whenever the stream would wait anyway and before
+    /// the stream ends; a `WAIT` that fails ends the stream.
+    unconfirmed: bool,
 }
 
 impl Drop for Session {
@@ -114,11 +120,23 @@ impl Session {
                 continue;
             }
             let credits = self.credits;
+            let unconfirmed = self.unconfirmed;
+            let (engine, queue) = (&self.engine, &self.queue);
+            // Lazy: built (and its commit's key named) only when polled.
+            let confirm = async move { engine.durable(engine.queue_commit(queue)).await };
             let watch = self.watch.as_mut();
             tokio::select! {
                 command = self.commands.next() => {
                     let Some(command) = command else {
+                        // The client half-closed: its acks count once on the replicas.
                         self.ended = true;
+                        if self.unconfirmed {
+                            let confirmed = self
+                                .engine
+                                .durable(self.engine.queue_commit(&self.queue))
+                                .await;
+                            return confirmed.err().map(ConsumeEvent::Failed);
+                        }
                         return None;
                     };
                     self.stopped |= command.stop;
@@ -151,6 +169,14 @@ impl Session {
                         Err(e) => return Some(self.fail(e)),
                     }
                 }
+                confirmed = confirm, if unconfirmed => {
+                    // Covers every ack made before it (the WAIT's fence): nothing else ran
+                    // meanwhile, since the other branches end this one.
+                    match confirmed {
+                        Ok(()) => self.unconfirmed = false,
+                        Err(e) => return Some(self.fail(e)),
+                    }
+                }
                 _ = async {
                     match watch {
                         Some(watch) => { watch.wait(POLL).await; }
@@ -166,8 +192,8 @@ impl Session {
     }
 
     /// Acks `acks` (all of this stream's queue) and leases up to the credits in one
-    /// script; the acks are durable before the jobs go out. Returns the event to send, if
-    /// any (`None`: nothing leased, wait).
+    /// script; the acks are confirmed on the replicas later (`unconfirmed`), not before
+    /// the jobs go out. Returns the event to send, if any (`None`: nothing leased, wait).
     async fn ack_and_lease(
         &mut self,
         acks: Vec<(String, LeaseId, Option<Bytes>)>,
@@ -203,9 +229,7 @@ impl Session {
                 .ack_each(&self.queue, acks, &mut self.outstanding)
                 .await?
         };
-        self.engine
-            .durable(self.engine.queue_commit(&self.queue))
-            .await?;
+        self.unconfirmed |= self.engine.inner.config.replicas > 0;
         if !jobs.is_empty() {
             self.credits -= jobs.len() as u64;
             let leases = jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce));
@@ -262,6 +286,7 @@ impl RedisEngine {
             outstanding: HashMap::new(),
             leased: Vec::new(),
             note: WaitingNote::new(),
+            unconfirmed: false,
         };
         let events = futures::stream::unfold(session, |mut session| async move {
             let event = session.next_event().await?;
