@@ -1401,3 +1401,63 @@ async fn a_consume_stream_leases_on_while_its_acks_replicate_and_ends_when_they_
     );
     node.stop().await;
 }
+
+/// A Consume stream confirms its acks before it ends: a worker that acks with fresh credit
+/// (the acks not yet confirmed, the next job already out) and then half-closes the stream
+/// sees it end with UNAVAILABLE when the acks cannot reach the replica, not with OK.
+#[tokio::test]
+async fn a_consume_stream_confirms_its_acks_before_it_ends() {
+    const QUEUE: &str = "lazy-end";
+    let (primary, proxy, _replica) = primary_with_proxied_replica().await;
+    let node = Node::start(RedisConfig {
+        replicas: 1,
+        replica_timeout: Duration::from_millis(1000),
+        ..RedisConfig::new(vec![primary.url()])
+    })
+    .await;
+    let client = node.client().await;
+    let jobs = (0..3).map(|i| Job::new(format!("{i}"))).collect();
+    client.enqueue_batch(QUEUE, jobs).await.unwrap();
+    let (requests, outbound) = tokio::sync::mpsc::channel(4);
+    requests
+        .send(pb::ConsumeRequest {
+            queue: QUEUE.into(),
+            credits: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut inbound = client
+        .rpc()
+        .consume(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within(inbound.message()).await.unwrap().unwrap().jobs;
+    assert_eq!(first.len(), 1);
+
+    proxy.cut();
+    requests
+        .send(pb::ConsumeRequest {
+            credits: 1,
+            acks: vec![pb::LeaseAck {
+                lease_id: first[0].lease_id.clone(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let next = within(inbound.message()).await.unwrap().unwrap().jobs;
+    assert_eq!(
+        next.len(),
+        1,
+        "the next job goes out before the ack is confirmed"
+    );
+    drop(requests);
+    match within(inbound.message()).await {
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status}"),
+        Ok(end) => panic!("the stream ended without its ack on the replica: {end:?}"),
+    }
+    node.stop().await;
+}
