@@ -24,6 +24,11 @@ use super::wake::Watch;
 /// Most credit a stream may hold; more would let one worker hoard a queue.
 const MAX_CREDITS: u64 = 10_000;
 
+/// How long a stream with unconfirmed acks waits before it confirms them (see
+/// `Session::unconfirmed`): longer than a busy worker takes to ack its job and ask for the
+/// next, far shorter than any replica timeout.
+const CONFIRM_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// One consume stream's state between two of its messages.
 struct Session {
     engine: RedisEngine,
@@ -122,8 +127,14 @@ impl Session {
             let credits = self.credits;
             let unconfirmed = self.unconfirmed;
             let (engine, queue) = (&self.engine, &self.queue);
-            // Lazy: built (and its commit's key named) only when polled.
-            let confirm = async move { engine.durable(engine.queue_commit(queue)).await };
+            // Lazy: built (and its commit's key named) only when polled; and only once the
+            // stream has waited `CONFIRM_AFTER`, so a worker's next ack, which usually comes
+            // sooner, does not leave a WAIT behind it each time (a WAIT holds up the node's
+            // later commands to that primary on the connection it travels on).
+            let confirm = async move {
+                tokio::time::sleep(CONFIRM_AFTER).await;
+                engine.durable(engine.queue_commit(queue)).await
+            };
             let watch = self.watch.as_mut();
             tokio::select! {
                 command = self.commands.next() => {
