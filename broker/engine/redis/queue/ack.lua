@@ -65,13 +65,7 @@ if acked > 0 then
   call_many('ZREM', K_LEASED, ended)
   call_many('ZREM', K_LIVE, ended)
   local len = call_many('RPUSH', K_HISTORY, entries)
-  -- A slot under max_in_flight is free again: the open held-back interval ends (as
-  -- `end_lease` does).
-  if M.if_since then
-    mincr('if_ms', math.max(0, now - tonumber(M.if_since)))
-    redis.call('HDEL', K_META, 'if_since')
-    M.if_since = false
-  end
+  held_back_ends(now)
   for name, count in pairs(by_consumer) do
     local c = consumer_get(name)
     c.h = math.max(0, c.h - count)

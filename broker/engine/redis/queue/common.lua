@@ -153,8 +153,22 @@ local META_ENQUEUE = { 'seq', 'due', 'dedup_ms', 'max_depth', 'max_attempts', 'e
   'by_consumer' }
 local META_LEASE = { 'seq', 'due', 'paused', 'max_in_flight', 'rate_ps', 'vis' }
 local META_ACK = { 'seq', 'if_since', 'history_limit', 'asec' }
-local META_ACK_LEASE = { 'seq', 'if_since', 'history_limit', 'asec', 'due', 'paused',
-  'max_in_flight', 'rate_ps', 'vis' }
+-- Both parts' fields (each once), built when the library loads (where Lua's library
+-- functions such as `ipairs` are not yet available, hence the plain loops).
+local META_ACK_LEASE = {}
+do
+  local seen = {}
+  local parts = { META_ACK, META_LEASE }
+  for p = 1, #parts do
+    local list = parts[p]
+    for i = 1, #list do
+      if not seen[list[i]] then
+        seen[list[i]] = true
+        META_ACK_LEASE[#META_ACK_LEASE + 1] = list[i]
+      end
+    end
+  end
+end
 
 -- Reads the meta hash into `M`: the whole hash, or with `fields` those fields (the others
 -- when first asked for, `META_REST`). False if the queue does not exist. Absent fields
@@ -360,18 +374,22 @@ local function unplace(seq)
   end
 end
 
--- Ends the live lease of `seq`; returns its consumer (or nil).
-local function end_lease(seq, now)
-  if redis.call('ZREM', K_LEASED, I(seq)) == 0 then
-    return nil
-  end
-  -- A slot under max_in_flight is free again: the open held-back interval ends (as
-  -- `Queue::note_lease_ended`).
+-- A lease ended, so a slot under max_in_flight is free again: the open held-back
+-- interval ends (as `Queue::note_lease_ended`).
+local function held_back_ends(now)
   if M.if_since then
     mincr('if_ms', math.max(0, now - tonumber(M.if_since)))
     redis.call('HDEL', K_META, 'if_since')
     M.if_since = false
   end
+end
+
+-- Ends the live lease of `seq`; returns its consumer (or nil).
+local function end_lease(seq, now)
+  if redis.call('ZREM', K_LEASED, I(seq)) == 0 then
+    return nil
+  end
+  held_back_ends(now)
   local k = job_key(seq)
   redis.call('HDEL', k, 'deadline')
   local name = redis.call('HGET', k, 'consumer')
@@ -389,9 +407,18 @@ local function history_entry(seq, id)
   return I(seq) .. ':' .. (id or '')
 end
 
+-- The seq (as text) and id of a history entry; the id is nil in the older form.
+local function history_parts(entry)
+  local seq, id = string.match(entry, '^(%d+):(.*)$')
+  if seq then
+    return seq, id
+  end
+  return entry, nil
+end
+
 -- The seq (as text) of a history entry, either form.
 local function history_seq(entry)
-  return string.match(entry, '^%d+')
+  return (history_parts(entry))
 end
 
 -- Trims history to the policy's limit; `len` is its length when the caller knows it (an
@@ -404,9 +431,9 @@ local function trim_history(len)
     over = over - #entries
     local seqs, keys, ids = {}, {}, {}
     for i, entry in ipairs(entries) do
-      local seq, id = string.match(entry, '^(%d+):(.*)$')
-      seqs[i] = seq or entry
-      keys[i] = B .. ':job:' .. seqs[i]
+      local seq, id = history_parts(entry)
+      seqs[i] = seq
+      keys[i] = B .. ':job:' .. seq
       ids[i] = id or redis.call('HGET', keys[i], 'id') or ''
     end
     -- An id's entry goes only while it still names this record (a redrive may have given

@@ -1651,7 +1651,7 @@ async fn redis_queue_history_entries_carry_ids_and_older_ones_still_read_and_tri
 
 /// The library keeps a queue's key names between calls and reads only the meta fields the
 /// hot bodies name: calls alternating between queues each reach their own queue, and a
-/// field outside those lists (the rate limit's burst, the dead-letter queue) is still read.
+/// field outside those lists (the rate limit's burst) is still read.
 #[tokio::test]
 async fn redis_queue_calls_alternating_between_queues_each_reach_their_own() {
     let (_srv, s) = store().await;
