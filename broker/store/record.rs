@@ -32,6 +32,7 @@ pub(crate) mod pb {
 
 pub(crate) use pb::op::Op as Kind;
 
+mod direct;
 pub(crate) mod schemas;
 
 /// First bytes of every segment and snapshot file (format version 1).
@@ -111,7 +112,10 @@ pub(crate) fn valid_frame_after(data: &[u8], from: usize) -> bool {
 /// ignores everything, so the broker's hooks cost one branch.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
-    ops: Option<Vec<pb::Op>>,
+    /// The frame being built: room for the header, then each op encoded as it is
+    /// recorded (`Entry.ops`, field 2; `Entry.at` is added last, since fields may come
+    /// in any order). Empty until the first op; `None` when disabled.
+    frame: Option<Vec<u8>>,
 }
 
 fn id_bytes(id: &Uuid) -> Bytes {
@@ -264,32 +268,43 @@ pub(crate) fn job_from_image(image: pb::JobImage) -> Option<Job> {
 impl Batch {
     /// A batch that records nothing (memory storage).
     pub(crate) fn disabled() -> Self {
-        Self { ops: None }
+        Self { frame: None }
     }
 
     /// A batch that records.
     pub(crate) fn enabled() -> Self {
         Self {
-            ops: Some(Vec::new()),
+            frame: Some(Vec::new()),
         }
     }
 
     /// Whether changes are recorded at all.
     pub(crate) fn is_enabled(&self) -> bool {
-        self.ops.is_some()
+        self.frame.is_some()
+    }
+
+    /// The frame to append the next op to, its header's room made on the first; `None`
+    /// when disabled.
+    fn frame(&mut self) -> Option<&mut Vec<u8>> {
+        let frame = self.frame.as_mut()?;
+        if frame.is_empty() {
+            frame.reserve(256);
+            frame.resize(FRAME_HEADER, 0);
+        }
+        Some(frame)
     }
 
     pub(super) fn push(&mut self, op: Kind) {
-        if let Some(ops) = &mut self.ops {
-            ops.push(pb::Op { op: Some(op) });
+        if let Some(frame) = self.frame() {
+            prost::encoding::message::encode(2, &pb::Op { op: Some(op) }, frame);
         }
     }
 
     /// A new job in `queue` (an enqueue, or a binding's copy of a published message), as
     /// [`Queue::enqueue_recorded`] hands it over.
     pub(crate) fn new_job(&mut self, queue: &str, job: JobRecord<'_>) {
-        if self.is_enabled() {
-            self.push(Kind::Job(job_image(queue, job)));
+        if let Some(frame) = self.frame() {
+            direct::push_job(frame, queue, &job);
         }
     }
 
@@ -312,16 +327,9 @@ impl Batch {
     }
 
     fn job_update(&mut self, queue: &str, update: JobUpdate) {
-        self.push(Kind::JobUpdate(pb::JobUpdate {
-            queue: queue.to_owned(),
-            id: id_bytes(&update.id),
-            state: state_to_pb(update.state) as i32,
-            attempts: update.attempts,
-            run_at: update.run_at,
-            last_error: update.last_error,
-            result: update.result,
-            dead_letter_queue: update.dead_letter_queue,
-        }));
+        if let Some(frame) = self.frame() {
+            direct::push_job_update(frame, queue, &update);
+        }
     }
 
     /// A dead job on its way to its dead-letter queue. Recorded with the death, under the
@@ -432,18 +440,13 @@ impl Batch {
         }
     }
 
-    /// Encodes the batch as one framed [`pb::Entry`]; `None` if it holds nothing.
+    /// Finishes the batch as one framed [`pb::Entry`]; `None` if it holds nothing.
     pub(crate) fn into_frame(self, at: Millis) -> Option<Vec<u8>> {
-        let ops = self.ops.filter(|o| !o.is_empty())?;
-        let entry = pb::Entry { at, ops };
-        // Encoded in place after room for the header: one allocation, no copy.
-        let len = entry.encoded_len();
-        let mut out = Vec::with_capacity(FRAME_HEADER + len);
-        out.resize(FRAME_HEADER, 0);
-        entry
-            .encode(&mut out)
-            .expect("a Vec sized by encoded_len holds the message");
-        let len = (len as u32).to_le_bytes();
+        let mut out = self.frame.filter(|f| !f.is_empty())?;
+        if at != 0 {
+            prost::encoding::uint64::encode(1, &at, &mut out);
+        }
+        let len = ((out.len() - FRAME_HEADER) as u32).to_le_bytes();
         let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &out[FRAME_HEADER..]);
         out[..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
         out[4..8].copy_from_slice(&len);
