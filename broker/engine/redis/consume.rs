@@ -133,7 +133,7 @@ impl Session {
             // later commands to that primary on the connection it travels on).
             let confirm = async move {
                 tokio::time::sleep(CONFIRM_AFTER).await;
-                engine.durable(engine.queue_commit(queue)).await
+                engine.queue_durable(queue).await
             };
             let watch = self.watch.as_mut();
             tokio::select! {
@@ -142,10 +142,7 @@ impl Session {
                         // The client half-closed: its acks count once on the replicas.
                         self.ended = true;
                         if self.unconfirmed {
-                            let confirmed = self
-                                .engine
-                                .durable(self.engine.queue_commit(&self.queue))
-                                .await;
+                            let confirmed = self.engine.queue_durable(&self.queue).await;
                             return confirmed.err().map(ConsumeEvent::Failed);
                         }
                         return None;
@@ -419,7 +416,7 @@ impl RedisEngine {
             }
         }
         if changed {
-            self.durable(self.queue_commit(queue)).await?;
+            self.queue_durable(queue).await?;
         }
         for (lease_id, result) in foreign {
             let acked = self
@@ -481,7 +478,7 @@ impl RedisEngine {
             tracing::debug!(queue = &**queue, error = %e, "closed stream's leases left to expire");
             return;
         }
-        let _ = self.durable(self.queue_commit(queue)).await;
+        let _ = self.queue_durable(queue).await;
         // A release can kill a job that was on its last attempt.
         self.route_dead_letters(queue).await;
     }

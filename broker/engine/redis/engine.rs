@@ -73,7 +73,7 @@ impl RedisEngine {
         if !stale.is_empty() {
             return Err(checks::stale_acks(&stale, total));
         }
-        self.durable(self.queue_commit(&queue)).await
+        self.queue_durable(&queue).await
     }
 
     /// Moves the dead letters of `queue` on to their dead-letter queues now rather than
@@ -339,7 +339,7 @@ impl Engine for RedisEngine {
             .queues
             .nack(&lease, error, retry_delay_ms, dead_letter)
             .await?;
-        self.durable(self.queue_commit(&lease.queue)).await?;
+        self.queue_durable(&lease.queue).await?;
         if outcome.0 == JobState::Dead {
             self.route_dead_letters(&lease.queue).await;
         }
@@ -398,7 +398,7 @@ impl Engine for RedisEngine {
                 continue;
             }
             let job = self.inner.queues.cancel(&name, &uuid).await?;
-            self.durable(self.queue_commit(&name)).await?;
+            self.queue_durable(&name).await?;
             return Ok((name, job));
         }
         Err(BrokerError::NotFound(format!("job {id} not found")))
@@ -408,7 +408,7 @@ impl Engine for RedisEngine {
         let uuid = checks::job_id("job_id", id)?;
         validate_name("queue", queue)?;
         let job = self.inner.queues.delete_job(queue, &uuid).await?;
-        self.durable(self.queue_commit(queue)).await?;
+        self.queue_durable(queue).await?;
         Ok(job)
     }
 
@@ -458,7 +458,7 @@ impl Engine for RedisEngine {
         self.inner.queues.create(name, &policy).await?;
         // The first pump starts the bindings at each topic's next message.
         self.pump(name, &policy.topic_bindings).await?;
-        self.durable(self.queue_commit(name)).await?;
+        self.queue_durable(name).await?;
         Ok(Self::info(name, (policy, false)))
     }
 
@@ -470,14 +470,14 @@ impl Engine for RedisEngine {
             .await?;
         self.inner.queues.set_policy(name, &policy).await?;
         self.pump(name, &policy.topic_bindings).await?;
-        self.durable(self.queue_commit(name)).await?;
+        self.queue_durable(name).await?;
         Ok(Self::info(name, (policy, paused)))
     }
 
     async fn purge_queue(&self, name: &str) -> Result<u64, BrokerError> {
         self.existing_queue(name).await?;
         let purged = self.inner.queues.purge(name).await?;
-        self.durable(self.queue_commit(name)).await?;
+        self.queue_durable(name).await?;
         Ok(purged)
     }
 
@@ -485,13 +485,13 @@ impl Engine for RedisEngine {
         validate_name("name", name)?;
         self.forget_queue(name);
         self.inner.queues.delete(name).await?;
-        self.durable(self.queue_commit(name)).await
+        self.queue_durable(name).await
     }
 
     async fn set_paused(&self, name: &str, paused: bool) -> Result<QueueInfo, BrokerError> {
         let (policy, _) = self.existing_queue(name).await?;
         self.inner.queues.set_paused(name, paused).await?;
-        self.durable(self.queue_commit(name)).await?;
+        self.queue_durable(name).await?;
         Ok(Self::info(name, (policy, paused)))
     }
 

@@ -377,6 +377,11 @@ impl RedisEngine {
         )
     }
 
+    /// Waits until the changes made so far to queue `name` are on the replicas.
+    async fn queue_durable(&self, name: &str) -> Result<(), BrokerError> {
+        self.durable(self.queue_commit(name)).await
+    }
+
     /// Waits until a change to the shard holding `commit`'s key is on the replicas.
     async fn durable(&self, commit: RedisCommit) -> Result<(), BrokerError> {
         match commit.0 {

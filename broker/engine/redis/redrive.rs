@@ -48,7 +48,7 @@ impl RedisEngine {
             )
             .await?;
         for origin in report.by_origin.keys() {
-            self.durable(self.queue_commit(origin)).await?;
+            self.queue_durable(origin).await?;
         }
         Ok(report.into_outcome())
     }

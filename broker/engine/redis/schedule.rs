@@ -143,8 +143,7 @@ impl RedisEngine {
             return Err(exists());
         }
         self.index_schedule(&s).await?;
-        self.durable(self.queue_commit(&s.spec.template.queue))
-            .await?;
+        self.queue_durable(&s.spec.template.queue).await?;
         Ok(s)
     }
 
@@ -161,8 +160,7 @@ impl RedisEngine {
             change(&mut s)?;
             if self.inner.queues.schedule_put(&s, Some(read)).await? {
                 self.index_schedule(&s).await?;
-                self.durable(self.queue_commit(&s.spec.template.queue))
-                    .await?;
+                self.queue_durable(&s.spec.template.queue).await?;
                 return Ok(s);
             }
         }
@@ -191,7 +189,7 @@ impl RedisEngine {
             .query_async::<()>(&mut c)
             .await
             .map_err(|e| unavailable("deleting a schedule from the catalog", e))?;
-        self.durable(self.queue_commit(&queue)).await
+        self.queue_durable(&queue).await
     }
 
     /// Every schedule, by name.
