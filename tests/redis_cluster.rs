@@ -7,7 +7,8 @@
 //!   key is never leased on two nodes at once; a long poll on one node wakes when
 //!   another enqueues.
 //! * Failover ledger (the real `sluice` binary, `--redis-replicas 1`, over a 3+3 Redis
-//!   Cluster): producers, workers and a publisher spread over three nodes while the Redis
+//!   Cluster): producers, workers (unary Lease/Ack, and a Consume stream whose acks count
+//!   once the stream ends OK) and a publisher spread over three nodes while the Redis
 //!   primary of the queue's slot is SIGKILLed (its replica takes over) and one Sluice node
 //!   is SIGKILLed; nothing acknowledged is lost, nothing acked is delivered again.
 //! * What `--redis-replicas` buys: with the replication link cut before the primary dies,
@@ -737,6 +738,8 @@ struct FailoverLedger {
     deliveries: HashMap<String, u32>,
     /// Jobs whose ack was acknowledged.
     acked: HashSet<String>,
+    /// Of those, acked on a Consume stream that then ended OK.
+    stream_acked: usize,
     /// Leased, ack not (yet) acknowledged.
     in_flight: HashSet<String>,
     /// Jobs of which an ack was refused as stale (the lease was lost: with a node, or
@@ -945,6 +948,148 @@ async fn ledger_worker(
     }
 }
 
+/// How long a ledger Consume stream runs before it closes and opens another.
+const CONSUME_SESSION: Duration = Duration::from_millis(300);
+
+/// Consumes over Consume streams until `stop`, acking each job on the stream with fresh
+/// credit. Each stream runs for about [`CONSUME_SESSION`], then asks for no more jobs, acks
+/// what still comes, half-closes and reads to the end. A stream's acks have no answer of
+/// their own: they count as acknowledged only when the stream then ends with OK (the node
+/// confirms them on the replicas first). On any other end (a node or a Redis primary
+/// killed, a refusal) they are uncertain and the jobs may come back, as may jobs received
+/// and not acked.
+async fn ledger_consume_worker(
+    client: Client,
+    name: String,
+    ledger: Arc<Mutex<FailoverLedger>>,
+    stop: Arc<AtomicBool>,
+    give_up: Instant,
+) {
+    while !stop.load(Ordering::Relaxed) && Instant::now() < give_up {
+        let (requests, outbound) = tokio::sync::mpsc::channel(8);
+        requests
+            .send(pb::ConsumeRequest {
+                queue: LEDGER_QUEUE.into(),
+                consumer: name.clone(),
+                visibility_timeout_ms: LEDGER_VISIBILITY.as_millis() as u64,
+                credits: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let opened = bounded(async {
+            client
+                .rpc()
+                .consume(tokio_stream::wrappers::ReceiverStream::new(outbound))
+                .await
+                .map_err(ClientError::from)
+        })
+        .await;
+        let mut inbound = match opened {
+            Some(Ok(response)) => response.into_inner(),
+            Some(Err(e)) => {
+                assert!(retryable(&e), "consume refused: {e}");
+                ledger.lock().unwrap().error(&e);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            None => continue,
+        };
+        let mut requests = Some(requests);
+        let mut stopping = false;
+        // Lease id -> job id, for the acks sent on this stream and not yet confirmed.
+        let mut unconfirmed: HashMap<String, String> = HashMap::new();
+        let closes_at = Instant::now() + CONSUME_SESSION;
+        let ended_ok = loop {
+            let wait = if stopping {
+                Duration::from_millis(100)
+            } else {
+                closes_at.saturating_duration_since(Instant::now())
+            };
+            let message = match tokio::time::timeout(wait, inbound.message()).await {
+                Ok(message) => message,
+                // Nothing for a while: ask for no more jobs, then half-close.
+                Err(_) if requests.is_some() => {
+                    if stopping {
+                        requests = None;
+                    } else {
+                        stopping = true;
+                        let stop = pb::ConsumeRequest {
+                            stop: true,
+                            ..Default::default()
+                        };
+                        if requests.as_ref().unwrap().send(stop).await.is_err() {
+                            break false;
+                        }
+                    }
+                    continue;
+                }
+                // Half-closed and no end within the wait: the node is gone.
+                Err(_) => match bounded(async { Ok(inbound.message().await) }).await {
+                    Some(Ok(message)) => message,
+                    _ => break false,
+                },
+            };
+            let response = match message {
+                Ok(Some(response)) => response,
+                // Ended OK: only after a half-close does that confirm the acks.
+                Ok(None) => break requests.is_none(),
+                Err(status) => {
+                    ledger.lock().unwrap().error(&ClientError::from(status));
+                    break false;
+                }
+            };
+            let mut acks = Vec::new();
+            {
+                let mut l = ledger.lock().unwrap();
+                for refused in &response.errors {
+                    if let Some(job) = unconfirmed.remove(&refused.lease_id) {
+                        l.refused_acks.insert(job);
+                    }
+                }
+                for job in &response.jobs {
+                    if l.acked.contains(&job.job_id) {
+                        l.violations
+                            .push(format!("job {} delivered again after its ack", job.job_id));
+                    }
+                    *l.deliveries.entry(job.job_id.clone()).or_default() += 1;
+                    l.in_flight.insert(job.job_id.clone());
+                    if requests.is_some() {
+                        unconfirmed.insert(job.lease_id.clone(), job.job_id.clone());
+                        acks.push(pb::LeaseAck {
+                            lease_id: job.lease_id.clone(),
+                            ..Default::default()
+                        });
+                    }
+                }
+            }
+            if let Some(sender) = &requests
+                && !acks.is_empty()
+            {
+                let more = pb::ConsumeRequest {
+                    credits: if stopping { 0 } else { acks.len() as u32 },
+                    acks,
+                    ..Default::default()
+                };
+                if sender.send(more).await.is_err() {
+                    break false;
+                }
+            }
+        };
+        let mut l = ledger.lock().unwrap();
+        for job in unconfirmed.into_values() {
+            if ended_ok {
+                l.in_flight.remove(&job);
+                l.acked.insert(job);
+                l.stream_acked += 1;
+            } else {
+                // Its ack may or may not have landed: the job may come back.
+                l.refused_acks.insert(job);
+            }
+        }
+    }
+}
+
 /// Publishes batches of 10 with idempotency keys until `stop`, retrying each batch with
 /// the same keys until acknowledged.
 async fn ledger_publisher(
@@ -1033,6 +1178,19 @@ async fn failover_of_a_redis_primary_and_a_sluice_node_loses_nothing_acknowledge
     }
     let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
     let admin = Client::connect(urls[0].clone()).await.unwrap();
+    // Every completed job stays readable, so an ack whose outcome the workers never
+    // learned can be checked at the end (the default history keeps 1,000).
+    admin
+        .rpc()
+        .create_queue(pb::CreateQueueRequest {
+            name: LEDGER_QUEUE.into(),
+            policy: Some(pb::QueuePolicy {
+                history_limit: 100_000,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
     admin
         .rpc()
         .create_topic(pb::CreateTopicRequest {
@@ -1059,7 +1217,7 @@ async fn failover_of_a_redis_primary_and_a_sluice_node_loses_nothing_acknowledge
             give_up,
         )));
     }
-    for w in 0..3 {
+    for w in 0..2 {
         tasks.push(tokio::spawn(ledger_worker(
             any_client(&urls),
             format!("worker-{w}"),
@@ -1069,6 +1227,14 @@ async fn failover_of_a_redis_primary_and_a_sluice_node_loses_nothing_acknowledge
             give_up,
         )));
     }
+    // A Consume worker too: its acks are confirmed on the replicas lazily.
+    tasks.push(tokio::spawn(ledger_consume_worker(
+        any_client(&urls),
+        "consumer".into(),
+        ledger.clone(),
+        stop.clone(),
+        give_up,
+    )));
     tasks.push(tokio::spawn(ledger_publisher(
         any_client(&urls),
         topic.clone(),
@@ -1207,7 +1373,8 @@ async fn failover_of_a_redis_primary_and_a_sluice_node_loses_nothing_acknowledge
         "failover ledger (seed {seed}, {:.1} s): Redis primary {victim} killed after {} \
          acknowledged enqueues, failed over in {:.1} s, new replica in sync after {:.1} s; \
          sluice node {dead_node} killed after {before_node_kill}; {before_stop} at stop; \
-         {} enqueues acknowledged, {} jobs delivered, {} acks acknowledged, {duplicates} \
+         {} enqueues acknowledged, {} jobs delivered, {} acks acknowledged ({} on Consume \
+         streams), {duplicates} \
          duplicate deliveries (allowed {allowed_duplicates}), {} lost, {} violations; \
          {} publishes acknowledged, {} replayed ({} holes), {} lost; retried errors: {:?}",
         started.elapsed().as_secs_f64(),
@@ -1217,6 +1384,7 @@ async fn failover_of_a_redis_primary_and_a_sluice_node_loses_nothing_acknowledge
         l.enqueued.len(),
         l.deliveries.len(),
         l.acked.len(),
+        l.stream_acked,
         lost.len(),
         l.violations.len(),
         l.published.len(),
@@ -1247,6 +1415,10 @@ async fn failover_of_a_redis_primary_and_a_sluice_node_loses_nothing_acknowledge
         "sequences missing from the replay: {holes:?}"
     );
     assert!(l.enqueued.len() > 100, "too little work to mean anything");
+    assert!(
+        l.stream_acked > 50,
+        "too few acks confirmed on Consume streams to mean anything"
+    );
     assert!(l.published.len() > 50, "too few publishes to mean anything");
     drop(l);
     drop(nodes);
