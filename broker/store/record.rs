@@ -41,6 +41,13 @@ pub(crate) const FILE_MAGIC: &[u8; 8] = b"SLUICE\x01\n";
 pub(crate) const FRAME_MAGIC: u32 = 0x5352_4C53;
 /// Frame header bytes.
 pub(crate) const FRAME_HEADER: usize = 12;
+/// `Entry.at`'s field number (see `wal.proto`).
+const ENTRY_AT: u32 = 1;
+/// `Entry.ops`'s field number.
+const ENTRY_OPS: u32 = 2;
+/// Room the first op of a batch reserves: a few settlements' records fit in it.
+const FIRST_OP_ROOM: usize = 256;
+
 /// Largest frame payload accepted on read: a batch is bounded by the request size limit,
 /// far below this.
 pub(crate) const MAX_FRAME: usize = 1 << 30;
@@ -285,25 +292,25 @@ impl Batch {
 
     /// The frame to append the next op to, its header's room made on the first; `None`
     /// when disabled.
-    fn frame(&mut self) -> Option<&mut Vec<u8>> {
+    fn open_frame(&mut self) -> Option<&mut Vec<u8>> {
         let frame = self.frame.as_mut()?;
         if frame.is_empty() {
-            frame.reserve(256);
+            frame.reserve(FRAME_HEADER + FIRST_OP_ROOM);
             frame.resize(FRAME_HEADER, 0);
         }
         Some(frame)
     }
 
     pub(super) fn push(&mut self, op: Kind) {
-        if let Some(frame) = self.frame() {
-            prost::encoding::message::encode(2, &pb::Op { op: Some(op) }, frame);
+        if let Some(frame) = self.open_frame() {
+            prost::encoding::message::encode(ENTRY_OPS, &pb::Op { op: Some(op) }, frame);
         }
     }
 
     /// A new job in `queue` (an enqueue, or a binding's copy of a published message), as
     /// [`Queue::enqueue_recorded`] hands it over.
     pub(crate) fn new_job(&mut self, queue: &str, job: JobRecord<'_>) {
-        if let Some(frame) = self.frame() {
+        if let Some(frame) = self.open_frame() {
             direct::push_job(frame, queue, &job);
         }
     }
@@ -327,7 +334,7 @@ impl Batch {
     }
 
     fn job_update(&mut self, queue: &str, update: JobUpdate) {
-        if let Some(frame) = self.frame() {
+        if let Some(frame) = self.open_frame() {
             direct::push_job_update(frame, queue, &update);
         }
     }
@@ -444,7 +451,7 @@ impl Batch {
     pub(crate) fn into_frame(self, at: Millis) -> Option<Vec<u8>> {
         let mut out = self.frame.filter(|f| !f.is_empty())?;
         if at != 0 {
-            prost::encoding::uint64::encode(1, &at, &mut out);
+            prost::encoding::uint64::encode(ENTRY_AT, &at, &mut out);
         }
         let len = ((out.len() - FRAME_HEADER) as u32).to_le_bytes();
         let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &out[FRAME_HEADER..]);

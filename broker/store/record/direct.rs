@@ -16,10 +16,8 @@ use prost::encoding::{WireType, encode_varint, encoded_len_varint, key_len};
 use crate::broker::domain::limits::Headers;
 use crate::broker::domain::queue::{JobRecord, JobUpdate};
 
-use super::state_to_pb;
+use super::{ENTRY_OPS, state_to_pb};
 
-/// `Entry.ops`.
-const ENTRY_OPS: u32 = 2;
 /// `Op.job`.
 const OP_JOB: u32 = 4;
 /// `Op.job_update`.
