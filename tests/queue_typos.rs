@@ -9,7 +9,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::TestBroker;
-use common::rpc::{assert_refused, lease, queue_stats, stats};
+use common::rpc::{ConsumeStream, assert_refused, lease, open_consume, queue_stats, stats};
 use sluice::broker::BrokerConfig;
 use sluice::client::Rpc;
 use sluice::pb;
@@ -28,13 +28,6 @@ async fn enqueue(rpc: &mut Rpc, queue: &str) {
     .unwrap();
 }
 
-/// The client side of an open consume stream (the stream ends when it is dropped) and its
-/// server side.
-type ConsumeStream = (
-    tokio::sync::mpsc::Sender<pb::ConsumeRequest>,
-    tonic::Streaming<pb::ConsumeResponse>,
-);
-
 /// Opens a consume stream on `queue`: the call's own outcome (a refusal comes back as the
 /// call's status, before any job).
 async fn consume(rpc: &mut Rpc, queue: &str) -> Result<ConsumeStream, tonic::Status> {
@@ -44,11 +37,7 @@ async fn consume(rpc: &mut Rpc, queue: &str) -> Result<ConsumeStream, tonic::Sta
         credits: 1,
         ..Default::default()
     };
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(first).await.unwrap();
-    let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let response = rpc.consume(requests).await?;
-    Ok((tx, response.into_inner()))
+    open_consume(rpc, first).await
 }
 
 /// Whether Stats flags queue `name` as created by a consumer.

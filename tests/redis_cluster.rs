@@ -34,6 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use common::rpc::open_consume;
 use common::{long_poll, serve_options, within};
 
 /// One Sluice node served in this process from a [`RedisEngine`].
@@ -966,27 +967,21 @@ async fn ledger_consume_worker(
     give_up: Instant,
 ) {
     while !stop.load(Ordering::Relaxed) && Instant::now() < give_up {
-        let (requests, outbound) = tokio::sync::mpsc::channel(8);
-        requests
-            .send(pb::ConsumeRequest {
-                queue: LEDGER_QUEUE.into(),
-                consumer: name.clone(),
-                visibility_timeout_ms: LEDGER_VISIBILITY.as_millis() as u64,
-                credits: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let first = pb::ConsumeRequest {
+            queue: LEDGER_QUEUE.into(),
+            consumer: name.clone(),
+            visibility_timeout_ms: LEDGER_VISIBILITY.as_millis() as u64,
+            credits: 10,
+            ..Default::default()
+        };
         let opened = bounded(async {
-            client
-                .rpc()
-                .consume(tokio_stream::wrappers::ReceiverStream::new(outbound))
+            open_consume(&mut client.rpc(), first)
                 .await
                 .map_err(ClientError::from)
         })
         .await;
-        let mut inbound = match opened {
-            Some(Ok(response)) => response.into_inner(),
+        let (requests, mut inbound) = match opened {
+            Some(Ok(stream)) => stream,
             Some(Err(e)) => {
                 assert!(retryable(&e), "consume refused: {e}");
                 ledger.lock().unwrap().error(&e);
@@ -1590,21 +1585,12 @@ async fn a_consume_stream_confirms_its_acks_before_it_ends() {
     let client = node.client().await;
     let jobs = (0..3).map(|i| Job::new(format!("{i}"))).collect();
     client.enqueue_batch(QUEUE, jobs).await.unwrap();
-    let (requests, outbound) = tokio::sync::mpsc::channel(4);
-    requests
-        .send(pb::ConsumeRequest {
-            queue: QUEUE.into(),
-            credits: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut inbound = client
-        .rpc()
-        .consume(tokio_stream::wrappers::ReceiverStream::new(outbound))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = pb::ConsumeRequest {
+        queue: QUEUE.into(),
+        credits: 1,
+        ..Default::default()
+    };
+    let (requests, mut inbound) = open_consume(&mut client.rpc(), first).await.unwrap();
     let first = within(inbound.message()).await.unwrap().unwrap().jobs;
     assert_eq!(first.len(), 1);
 

@@ -9,7 +9,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::rpc::assert_refused;
+use common::rpc::{ConsumeStream, assert_refused, open_consume};
 use common::{SERVE_LOG, TestBroker, eventually, health, serve_addrs, serve_options, within};
 use futures::StreamExt;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -977,13 +977,7 @@ async fn a_consume_stream_needs_consume_and_refuses_acks_of_other_queues() {
         &["queue: token \"producer\" may not consume \"emails\""],
     );
 
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(open(1)).await.unwrap();
-    let mut events = worker
-        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut events) = open_consume(&mut worker, open(1)).await.unwrap();
     let jobs = within(events.next()).await.unwrap().unwrap().jobs;
     assert_eq!(jobs.len(), 1);
     // The worker acks its own job and, on the same stream, one of a queue it may not
@@ -1079,27 +1073,13 @@ fn subscribe_to(pattern: &str) -> pb::SubscribeRequest {
 }
 
 /// A consume stream of `queue` with one credit, and the sender of its next requests.
-async fn open_consume(
-    rpc: &mut Rpc,
-    queue: &str,
-) -> (
-    tokio::sync::mpsc::Sender<pb::ConsumeRequest>,
-    tonic::Streaming<pb::ConsumeResponse>,
-) {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::ConsumeRequest {
+async fn consume_one(rpc: &mut Rpc, queue: &str) -> ConsumeStream {
+    let first = pb::ConsumeRequest {
         queue: queue.into(),
         credits: 1,
         ..Default::default()
-    })
-    .await
-    .unwrap();
-    let events = rpc
-        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    (tx, events)
+    };
+    open_consume(rpc, first).await.unwrap()
 }
 
 #[tokio::test]
@@ -1115,7 +1095,7 @@ async fn a_reload_ends_every_open_stream_of_a_revoked_token() {
         .await
         .unwrap()
         .into_inner();
-    let (_commands, consume) = open_consume(&mut worker, "emails").await;
+    let (_commands, consume) = consume_one(&mut worker, "emails").await;
     let mut watch = ops
         .watch_stats(pb::WatchStatsRequest {
             interval_ms: 100,
@@ -1181,7 +1161,7 @@ async fn a_reload_that_withdraws_a_grant_ends_only_the_streams_that_needed_it() 
         .await
         .unwrap()
         .into_inner();
-    let (commands, mut consume) = open_consume(&mut worker, "emails").await;
+    let (commands, mut consume) = consume_one(&mut worker, "emails").await;
     let filtered = ops
         .watch_stats(pb::WatchStatsRequest {
             interval_ms: 100,

@@ -129,3 +129,24 @@ pub async fn list_queues(rpc: &mut Rpc) -> Vec<pb::QueueInfo> {
         .into_inner()
         .queues
 }
+
+/// The client side of an open raw Consume stream (the stream half-closes when it is
+/// dropped) and its server side.
+pub type ConsumeStream = (
+    tokio::sync::mpsc::Sender<pb::ConsumeRequest>,
+    tonic::Streaming<pb::ConsumeResponse>,
+);
+
+/// Opens a raw Consume stream whose first request is `first`: the call's own outcome (a
+/// refusal comes back as the call's status, before any job).
+pub async fn open_consume(
+    rpc: &mut Rpc,
+    first: pb::ConsumeRequest,
+) -> Result<ConsumeStream, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(first).await.expect("the receiver is held below");
+    let response = rpc
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?;
+    Ok((tx, response.into_inner()))
+}
