@@ -1619,3 +1619,319 @@ async fn a_consume_stream_confirms_its_acks_before_it_ends() {
     }
     node.stop().await;
 }
+
+// ---- lease-ahead: Consume streams hold jobs for quick workers ------------------------------
+
+/// A Consume stream's two ends, as `open_consume` returns them.
+type ConsumeEnds = (
+    tokio::sync::mpsc::Sender<pb::ConsumeRequest>,
+    tonic::Streaming<pb::ConsumeResponse>,
+);
+
+/// Opens a Consume stream on `queue` with one credit.
+async fn consume_one_at_a_time(client: &Client, queue: &str) -> ConsumeEnds {
+    let first = pb::ConsumeRequest {
+        queue: queue.into(),
+        credits: 1,
+        ..Default::default()
+    };
+    open_consume(&mut client.rpc(), first).await.unwrap()
+}
+
+/// The next jobs on `inbound` (panics on an error, an end, refusals or 5 s of silence).
+async fn next_jobs(inbound: &mut tonic::Streaming<pb::ConsumeResponse>) -> Vec<pb::LeasedJob> {
+    let message = within(inbound.message()).await.unwrap().unwrap();
+    assert!(message.errors.is_empty(), "{:?}", message.errors);
+    message.jobs
+}
+
+/// Acks `job` and asks for one more, as a quick worker does.
+async fn ack_and_ask(
+    requests: &tokio::sync::mpsc::Sender<pb::ConsumeRequest>,
+    job: &pb::LeasedJob,
+) {
+    let ack = pb::ConsumeRequest {
+        credits: 1,
+        acks: vec![pb::LeaseAck {
+            lease_id: job.lease_id.clone(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    requests.send(ack).await.unwrap();
+}
+
+/// Enqueues jobs with payloads `0..n` to `queue`.
+async fn enqueue_numbered(client: &Client, queue: &str, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let jobs = chunk.iter().map(|i| Job::new(i.to_string())).collect();
+        client.enqueue_batch(queue, jobs).await.unwrap();
+    }
+}
+
+/// A private Redis, one node on it that leases up to `lease_ahead` jobs ahead, a client of
+/// the node, and `jobs` jobs numbered from 0 waiting in `queue`.
+async fn node_with_backlog(
+    lease_ahead: usize,
+    queue: &str,
+    jobs: usize,
+) -> (RedisServer, Node, Client) {
+    let server = RedisServer::start();
+    let node = Node::start(RedisConfig {
+        lease_ahead,
+        ..RedisConfig::new(vec![server.url()])
+    })
+    .await;
+    let client = node.client().await;
+    enqueue_numbered(&client, queue, jobs).await;
+    (server, node, client)
+}
+
+/// The queue's Stats.
+async fn queue_counts(client: &Client, queue: &str) -> pb::QueueStats {
+    let stats = common::rpc::stats(&mut client.rpc()).await;
+    common::rpc::queue_stats(&stats, queue).clone()
+}
+
+/// A worker on a Consume stream with one credit that acks each job and asks for the next
+/// at once is served from jobs its node leased ahead: its next job needs no Redis round
+/// trip. Each job still comes exactly once, in order, as a first attempt, and the
+/// stream's end leaves nothing leased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_consume_worker_is_served_from_jobs_leased_ahead_each_once_in_order() {
+    const QUEUE: &str = "ahead-quick";
+    const JOBS: usize = 1_000;
+    let (_server, node, client) =
+        node_with_backlog(RedisConfig::DEFAULT_LEASE_AHEAD, QUEUE, JOBS).await;
+    let requests_before = node.engine.redis_requests() - node.engine.redis_background_requests();
+
+    let (requests, mut inbound) = consume_one_at_a_time(&client, QUEUE).await;
+    let mut seen = Vec::with_capacity(JOBS);
+    while seen.len() < JOBS {
+        let jobs = next_jobs(&mut inbound).await;
+        assert_eq!(jobs.len(), 1, "one credit, one job");
+        let job = &jobs[0];
+        assert_eq!(job.attempt, 1, "{job:?}");
+        seen.push(String::from_utf8(job.payload.to_vec()).unwrap());
+        ack_and_ask(&requests, job).await;
+    }
+    let expected: Vec<String> = (0..JOBS).map(|i| i.to_string()).collect();
+    assert_eq!(seen, expected, "each job once, in order");
+    drop(requests);
+    let end = within(inbound.message()).await.unwrap();
+    assert!(end.is_none(), "a half-closed stream ends OK: {end:?}");
+
+    let (served_ahead, given_back) = node.engine.lease_ahead_counts();
+    let serving =
+        node.engine.redis_requests() - node.engine.redis_background_requests() - requests_before;
+    println!(
+        "{JOBS} jobs: {served_ahead} served from jobs leased ahead, {given_back} given back, \
+         {serving} Redis requests"
+    );
+    assert!(
+        served_ahead > 0,
+        "the quick worker was served from jobs leased ahead"
+    );
+    let counts = queue_counts(&client, QUEUE).await;
+    assert_eq!(
+        (
+            counts.completed,
+            counts.leased,
+            counts.pending,
+            counts.failed
+        ),
+        (JOBS as u64, 0, 0, 0)
+    );
+    node.stop().await;
+}
+
+/// Serves `queue` to a quick worker until some jobs came from what the node leased ahead;
+/// returns the last job, not acked.
+async fn until_served_ahead(
+    node: &Node,
+    (requests, inbound): &mut ConsumeEnds,
+    limit: usize,
+) -> pb::LeasedJob {
+    let before = node.engine.lease_ahead_counts().0;
+    for _ in 0..limit {
+        let mut jobs = next_jobs(inbound).await;
+        assert_eq!(jobs.len(), 1, "one credit, one job");
+        if node.engine.lease_ahead_counts().0 > before {
+            return jobs.remove(0);
+        }
+        ack_and_ask(requests, &jobs[0]).await;
+    }
+    panic!("no job came from jobs leased ahead within {limit} jobs");
+}
+
+/// Jobs leased ahead go back, unleased and uncounted, whenever the worker does not take
+/// them: after it stops asking for 50 ms, when the queue is paused (no more of them go
+/// out), when it half-closes and when its connection drops. Each time the jobs held are
+/// visible again as first attempts, nothing counts as failed, and the acks the worker sent
+/// are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_leased_ahead_go_back_unleased_whenever_the_worker_does_not_take_them() {
+    const QUEUE: &str = "ahead-back";
+    const JOBS: usize = 3_000;
+    let (_server, node, client) =
+        node_with_backlog(RedisConfig::DEFAULT_LEASE_AHEAD, QUEUE, JOBS).await;
+    let mut rpc = client.rpc();
+    let mut acked = 0;
+    // Counts the worker's acks so far from Stats (acks on a stream have no answer).
+    let settled = |want_leased: u64| {
+        let client = client.clone();
+        async move {
+            common::eventually_within(Duration::from_secs(5), || {
+                let client = client.clone();
+                async move {
+                    let counts = queue_counts(&client, QUEUE).await;
+                    if counts.leased == want_leased {
+                        Ok(counts)
+                    } else {
+                        Err(format!("{} leased, want {want_leased}", counts.leased))
+                    }
+                }
+            })
+            .await
+        }
+    };
+
+    // 1. The worker keeps its job and asks for nothing: the held jobs go back.
+    let mut ends = consume_one_at_a_time(&client, QUEUE).await;
+    let kept = until_served_ahead(&node, &mut ends, JOBS / 4).await;
+    let counts = settled(1).await;
+    acked += counts.completed;
+    assert!(
+        node.engine.lease_ahead_counts().1 > 0,
+        "some were given back"
+    );
+    assert_eq!(counts.failed, 0, "{counts:?}");
+    assert_eq!(
+        counts.pending + counts.completed + 1,
+        JOBS as u64,
+        "{counts:?}"
+    );
+
+    // 2. It goes on quickly, then the queue is paused: the held jobs go back and no more
+    // come, whatever credits the worker sends.
+    ack_and_ask(&ends.0, &kept).await;
+    let kept = until_served_ahead(&node, &mut ends, JOBS / 4).await;
+    rpc.pause_queue(pb::PauseQueueRequest { name: QUEUE.into() })
+        .await
+        .unwrap();
+    // Well within the 50 ms the held jobs would wait for a credit: the pause, not the
+    // wait, sends them back.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    ack_and_ask(&ends.0, &kept).await;
+    let late = tokio::time::timeout(Duration::from_millis(300), ends.1.message()).await;
+    assert!(
+        late.is_err(),
+        "nothing goes out of a paused queue: {late:?}"
+    );
+    let counts = settled(0).await;
+    assert_eq!(counts.failed, 0, "{counts:?}");
+    rpc.resume_queue(pb::ResumeQueueRequest { name: QUEUE.into() })
+        .await
+        .unwrap();
+
+    // 3. It goes on, then half-closes: held jobs back, its acks applied, the stream ends OK.
+    let last = until_served_ahead(&node, &mut ends, JOBS / 4).await;
+    ack_and_ask(&ends.0, &last).await;
+    let (requests, mut inbound) = ends;
+    drop(requests);
+    // The answer to the last credit may still come before the end.
+    loop {
+        match within(inbound.message()).await {
+            Ok(Some(message)) => {
+                assert!(message.errors.is_empty(), "{:?}", message.errors)
+            }
+            Ok(None) => break,
+            Err(status) => panic!("the stream ends OK: {status}"),
+        }
+    }
+    // The jobs delivered after the last ack are put back as failed attempts (the worker
+    // held them); none of the held-ahead ones count.
+    let counts = settled(0).await;
+    assert!(counts.completed > acked, "{counts:?}");
+    let failed_by_close = counts.failed;
+    assert!(
+        failed_by_close <= 1,
+        "only a job the worker held counts: {counts:?}"
+    );
+
+    // 4. A connection that drops while jobs are held ahead: the same, from the node.
+    let other = node.client().await;
+    let mut ends = consume_one_at_a_time(&other, QUEUE).await;
+    let kept = until_served_ahead(&node, &mut ends, JOBS / 4).await;
+    ack_and_ask(&ends.0, &kept).await;
+    drop(ends);
+    drop(other);
+    let counts = settled(0).await;
+    assert!(counts.failed <= failed_by_close + 1, "{counts:?}");
+
+    // Whatever was given back comes again as a first attempt unless the worker held it.
+    let mut first_attempts = 0;
+    let mut again = 0;
+    loop {
+        let jobs = common::rpc::lease(&mut rpc, QUEUE, "checker", 500).await;
+        if jobs.is_empty() {
+            break;
+        }
+        for job in &jobs {
+            if job.attempt == 1 {
+                first_attempts += 1;
+            } else {
+                again += 1;
+            }
+        }
+        common::rpc::ack(&mut rpc, &jobs).await;
+    }
+    let counts = queue_counts(&client, QUEUE).await;
+    assert_eq!(counts.completed, JOBS as u64, "{counts:?}");
+    // A job released by one stream's end may have been acked by the next stream already.
+    assert!(
+        again <= counts.failed,
+        "only jobs a worker held come back as retries: {again} retries, {counts:?}"
+    );
+    assert!(first_attempts > 0);
+    node.stop().await;
+}
+
+/// A worker that takes longer than a few Redis round trips per job gets no jobs held
+/// ahead: it would gain little, and the jobs would wait on the node instead of going to
+/// another worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consume_worker_gets_no_jobs_held_ahead() {
+    const QUEUE: &str = "ahead-slow";
+    let (_server, node, client) =
+        node_with_backlog(RedisConfig::DEFAULT_LEASE_AHEAD, QUEUE, 20).await;
+    let (requests, mut inbound) = consume_one_at_a_time(&client, QUEUE).await;
+    for _ in 0..10 {
+        let jobs = next_jobs(&mut inbound).await;
+        assert_eq!(jobs.len(), 1);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        ack_and_ask(&requests, &jobs[0]).await;
+    }
+    assert_eq!(node.engine.lease_ahead_counts(), (0, 0));
+    let counts = queue_counts(&client, QUEUE).await;
+    assert_eq!(
+        counts.leased, 1,
+        "only the worker's job is leased: {counts:?}"
+    );
+    node.stop().await;
+}
+
+/// `--redis-lease-ahead 0` leases only what the credits ask for, however quick the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_ahead_0_leases_only_what_the_credits_ask_for() {
+    const QUEUE: &str = "ahead-off";
+    let (_server, node, client) = node_with_backlog(0, QUEUE, 300).await;
+    let (requests, mut inbound) = consume_one_at_a_time(&client, QUEUE).await;
+    for _ in 0..300 {
+        let jobs = next_jobs(&mut inbound).await;
+        assert_eq!(jobs.len(), 1);
+        ack_and_ask(&requests, &jobs[0]).await;
+    }
+    assert_eq!(node.engine.lease_ahead_counts(), (0, 0));
+    node.stop().await;
+}

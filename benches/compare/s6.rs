@@ -382,6 +382,12 @@ impl Nodes {
         for _ in 0..n {
             let mut config = RedisConfig::new(seeds.clone());
             config.replicas = replicas;
+            // For A/B runs of the lease-ahead (README, "Lease-ahead on Consume streams").
+            if let Ok(depth) = std::env::var("SLUICE_REDIS_LEASE_AHEAD") {
+                config.lease_ahead = depth
+                    .parse()
+                    .map_err(|e| format!("SLUICE_REDIS_LEASE_AHEAD={depth:?}: {e}"))?;
+            }
             let engine = RedisEngine::connect(config)
                 .await
                 .map_err(|e| format!("RedisEngine::connect: {e}"))?;
@@ -582,6 +588,13 @@ async fn sluice_cost(
         })
     };
     let before = requests();
+    let ahead = || {
+        nodes.engines.iter().fold((0, 0), |(served, back), e| {
+            let (s, b) = e.lease_ahead_counts();
+            (served + s, back + b)
+        })
+    };
+    let ahead_before = ahead();
     let started = Instant::now();
     let cost = measured_cost(topo, jobs, monitor, || async {
         let (meter, tasks) = sluice_load(nodes, s, &queue, batch, Some(jobs), consume).await?;
@@ -603,6 +616,13 @@ async fn sluice_cost(
         let (all, upkeep) = (all - before.0, upkeep - before.1);
         let per_node_s =
             upkeep as f64 / started.elapsed().as_secs_f64() / nodes.engines.len() as f64;
+        let (served, back) = ahead();
+        eprintln!(
+            "S6 cost run, {jobs} jobs at batch {batch}: {} served from jobs leased ahead, {} \
+             given back",
+            served - ahead_before.0,
+            back - ahead_before.1
+        );
         Cost {
             node_requests: Some(all - upkeep),
             node_background: Some((upkeep, per_node_s)),
@@ -1256,7 +1276,9 @@ pub fn report(md: &mut String, rows: &[S6Row], bullmq: &Result<String, String>, 
          request in flight), workers \
          on the Consume stream with credits = batch, acking what they got together with the next credits \
          (the Redis engine then acks and leases in one script, as BullMQ's `moveToFinished` \
-         fetches the next job). \"Lease/Ack\": unary Enqueue (batch), Lease (max_jobs = \
+         fetches the next job; with its default `--redis-lease-ahead 256` a node leases ahead \
+         of a quick worker's credits and answers its next credit from the jobs it holds: \
+         README, \"Lease-ahead on Consume streams\"). \"Lease/Ack\": unary Enqueue (batch), Lease (max_jobs = \
          batch, 100 ms long poll) and one Ack call per lease.\n\
          - BullMQ: {} in one Node.js process (`benches/compare/bullmq/bench.js`), queue \
          prefix `{{s6}}` (one cluster slot), 2 `Queue`s (own connections) with 4 `add` / \

@@ -228,6 +228,11 @@ pub struct ServeArgs {
     /// it the request is UNAVAILABLE with its outcome unknown.
     #[arg(long, env = "SLUICE_REDIS_TIMEOUT_MS", default_value_t = 1_000)]
     pub redis_timeout_ms: u64,
+    /// With `--storage redis`: most jobs a Consume stream leases ahead of its worker's
+    /// credits while the worker keeps up, so its next job needs no Redis round trip; 0
+    /// leases only what the credits ask for. Held jobs that wait 50 ms go back unleased.
+    #[arg(long, env = "SLUICE_REDIS_LEASE_AHEAD", default_value_t = RedisConfig::DEFAULT_LEASE_AHEAD)]
+    pub redis_lease_ahead: usize,
     /// When the log is fsynced: `always` (before answering; concurrent requests share one
     /// fsync) or `interval:<ms>` (answer once written to the kernel, fsync every <ms>: a
     /// process crash loses nothing acknowledged, a machine crash up to that much).
@@ -330,6 +335,7 @@ impl ServeArgs {
         RedisConfig {
             replicas: self.redis_replicas,
             replica_timeout: Duration::from_millis(self.redis_timeout_ms),
+            lease_ahead: self.redis_lease_ahead,
             limits: self.broker_config().limits,
             ..RedisConfig::new(self.redis.clone())
         }

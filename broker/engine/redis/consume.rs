@@ -1,12 +1,31 @@
 //! Consume streams on the Redis engine: the same session as the in-process engine's (credit
 //! flow control, settlements on the stream, held jobs put back when the stream closes),
 //! with leases and settlements as the queue's scripts and wake-ups from pub/sub.
+//!
+//! **Lease-ahead.** A worker that acks its job and asks for the next would otherwise wait
+//! for a Redis round trip every cycle (worker -> node -> Redis and back), and Redis would
+//! see one script call per job. A stream whose worker comes back for more before the last
+//! lease call even returned leases jobs ahead of its credits instead: it holds up to
+//! `depth` of them on the node and serves the worker's next credit from them at once, while
+//! one call at a time acks what the worker settled meanwhile and leases what it took. The
+//! depth doubles whenever the worker finds nothing held although it came back within a
+//! few of the calls' round trips ([`QUICK_ROUND_TRIPS`]), up to `--redis-lease-ahead`; it drops to 0 when the queue runs dry,
+//! when the jobs held wait [`AHEAD_HOLD`] for a credit, and on a pause or a stop. Jobs
+//! held are leased in Redis (their visibility timeout runs, ListConsumers counts them) and
+//! given back when not delivered: visible again at once, as if never leased (no attempt
+//! counted). A slow worker (one that comes back after more than a few round trips) never
+//! gets any held for it, and acks on the stream are applied at most one call later (they have
+//! no answer; the stream confirms them before it ends, as before).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::domain::error::BrokerError;
@@ -27,7 +46,39 @@ const MAX_CREDITS: u64 = 10_000;
 /// How long a stream with unconfirmed acks waits before it confirms them (see
 /// `Session::unconfirmed`): longer than a busy worker takes to ack its job and ask for the
 /// next, far shorter than any replica timeout.
-const CONFIRM_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
+const CONFIRM_AFTER: Duration = Duration::from_millis(2);
+
+/// How long jobs leased ahead wait for the worker to ask for one before they are given
+/// back: a worker that was fast and now is not (a slow job) must not keep them from other
+/// workers, nor spend much of their visibility timeout.
+const AHEAD_HOLD: Duration = Duration::from_millis(50);
+
+/// A worker that comes back for more within this many lease round trips of its last
+/// job gets jobs held ahead: it would otherwise spend a good part of its cycle (a fifth or
+/// more) waiting for Redis. A slower one gains too little for the jobs it would hold.
+const QUICK_ROUND_TRIPS: u32 = 4;
+
+/// An ack (as received, parsed, its result) of the stream's queue.
+type Ack = (String, LeaseId, Option<Bytes>);
+
+/// What an ack-and-lease script answers: each ack's outcome (all applied or none), and the
+/// jobs leased.
+type Settled = (Vec<Result<(), BrokerError>>, Vec<Delivery>);
+
+/// A stream's lease call, running while the stream serves its worker.
+type Call = Pin<Box<dyn Future<Output = CallDone> + Send>>;
+
+/// What a lease call did.
+struct CallDone {
+    /// The acks it carried.
+    acks: Vec<Ack>,
+    /// How many jobs it asked for.
+    asked: usize,
+    /// When it was sent.
+    started: Instant,
+    /// What the script answered, or Redis failed.
+    result: Result<Settled, BrokerError>,
+}
 
 /// One consume stream's state between two of its messages.
 struct Session {
@@ -38,33 +89,64 @@ struct Session {
     commands: ConsumeCommandStream,
     shutdown: CancellationToken,
     watch: Option<Watch>,
+    /// The queue's pause channel (watched with its wake channel).
+    pause_channel: String,
     credits: u64,
     stopped: bool,
     ended: bool,
     /// Deliveries of this stream not yet settled on it, by seq (the value is the nonce).
     outstanding: HashMap<u64, u64>,
-    /// Jobs leased together with acks that were refused: sent after the refusals.
-    leased: Vec<Delivery>,
+    /// Settlements refused, to send before any more jobs.
+    refused: Vec<(String, BrokerError)>,
     /// The stream's note as a waiter on its queue, made before it waits.
     note: WaitingNote,
-    /// Whether acks of this stream (an ack-and-lease) may not be on the replicas yet.
-    /// Leasing goes on meanwhile, as on the in-process engine: waiting for each ack's
-    /// `WAIT` before the next jobs go out would put a replication round trip in every
-    /// worker's cycle. It is confirmed whenever the stream would wait anyway and before
-    /// the stream ends; a `WAIT` that fails ends the stream.
+    /// Whether acks of this stream may not be on the replicas yet. Leasing goes on
+    /// meanwhile, as on the in-process engine: waiting for each ack's `WAIT` before the
+    /// next jobs go out would put a replication round trip in every worker's cycle. It is
+    /// confirmed whenever the stream would wait anyway and before the stream ends; a
+    /// `WAIT` that fails ends the stream.
     unconfirmed: bool,
+    /// Acks received and not yet sent to Redis: the next call carries them.
+    deferred: Vec<Ack>,
+    /// The lease call under way, if any (one at a time).
+    call: Option<Call>,
+    /// Whether the last lease found fewer jobs than it asked for: the next look waits for
+    /// a wake-up (or the poll) rather than asking Redis again at once.
+    drained: bool,
+    /// Jobs leased and not yet sent, oldest first: those the credits asked for, on their
+    /// way out, and behind them those leased ahead of the credits (see the module docs).
+    ahead: VecDeque<Delivery>,
+    /// How many at the back of `ahead` were leased ahead of the credits.
+    beyond: usize,
+    /// How many jobs to lease ahead now, and at most (`--redis-lease-ahead`).
+    depth: usize,
+    max_depth: usize,
+    /// Since when the jobs held have waited for the worker: the last delivery, or when
+    /// the first of them came.
+    held_since: Instant,
+    /// When the worker was last sent jobs.
+    last_sent: Option<Instant>,
+    /// How long the last lease call took.
+    round_trip: Duration,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if self.outstanding.is_empty() {
+        let call = self.call.take();
+        let acks = std::mem::take(&mut self.deferred);
+        let ahead: Vec<Delivery> = self.ahead.drain(..).collect();
+        let mut outstanding = std::mem::take(&mut self.outstanding);
+        if call.is_none() && acks.is_empty() && ahead.is_empty() && outstanding.is_empty() {
             return;
         }
-        let leases = std::mem::take(&mut self.outstanding);
+        for (_, lease, _) in &acks {
+            outstanding.remove(&lease.seq);
+        }
         // Without a runtime (process exit) the leases simply expire.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (engine, queue) = (self.engine.clone(), self.queue.clone());
-            runtime.spawn(async move { engine.release(&queue, leases).await });
+            runtime
+                .spawn(async move { engine.wind_up(&queue, call, acks, ahead, outstanding).await });
         }
     }
 }
@@ -73,59 +155,38 @@ impl Session {
     /// The stream's next message: leased jobs as soon as there are credits and visible
     /// jobs, refusals after a command with refused settlements; `None` at the end.
     async fn next_event(&mut self) -> Option<ConsumeEvent> {
-        if self.ended {
-            return None;
-        }
-        if !self.leased.is_empty() {
-            return Some(ConsumeEvent::Jobs(std::mem::take(&mut self.leased)));
-        }
-        // Set when an ack-and-lease found nothing: the next look waits for a wake-up (the
-        // watch is armed) rather than asking Redis again at once.
-        let mut looked = false;
         loop {
-            if self.credits > 0 && !std::mem::take(&mut looked) {
-                // Armed before looking, so a job made visible meanwhile is not missed.
-                if self.watch.is_none() {
-                    let channel = QueueKeys::new(&self.queue).key("wake");
-                    self.watch = Some(self.engine.inner.wakes.watch(&[channel]).await);
-                }
-                let max = self
-                    .credits
-                    .min(self.engine.inner.config.limits.max_batch as u64);
-                let leased = self
-                    .engine
-                    .inner
-                    .queues
-                    .lease(
-                        &self.queue,
-                        max as usize,
-                        self.spec.visibility_timeout_ms,
-                        &self.consumer,
-                        &self.spec.address,
-                    )
-                    .await;
-                match leased {
-                    Ok(jobs) if !jobs.is_empty() => {
-                        self.credits -= jobs.len() as u64;
-                        let leases = jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce));
-                        self.outstanding.extend(leases);
-                        return Some(ConsumeEvent::Jobs(jobs));
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Some(self.fail(e)),
-                }
+            if self.ended {
+                return None;
             }
+            if !self.refused.is_empty() {
+                return Some(ConsumeEvent::Refused(std::mem::take(&mut self.refused)));
+            }
+            if self.credits > 0 && !self.ahead.is_empty() {
+                let jobs = self.take_ahead();
+                self.refill().await;
+                return Some(ConsumeEvent::Jobs(jobs));
+            }
+            self.refill().await;
             // Noted as waiting (renewed every poll) and then one more look, so a job made
             // visible before the note is not missed.
-            if self.credits > 0 && self.watch.is_some() && self.note.due() {
+            if self.drained
+                && self.call.is_none()
+                && self.credits > 0
+                && self.watch.is_some()
+                && self.note.due()
+            {
                 if let Err(e) = self.note.note(&self.engine.inner.queues, &self.queue).await {
                     return Some(self.fail(e));
                 }
-                looked = false;
+                self.drained = false;
                 continue;
             }
-            let credits = self.credits;
-            let unconfirmed = self.unconfirmed;
+            let waiting = self.drained && self.call.is_none() && self.want() > 0;
+            let watching = waiting || !self.ahead.is_empty();
+            let holding = self.credits == 0 && !self.ahead.is_empty();
+            let hold_ends = self.held_since + AHEAD_HOLD;
+            let confirming = self.unconfirmed && self.call.is_none() && self.deferred.is_empty();
             let (engine, queue) = (&self.engine, &self.queue);
             // Lazy: built (and its commit's key named) only when polled; and only once the
             // stream has waited `CONFIRM_AFTER`, so a worker's next ack, which usually comes
@@ -135,62 +196,59 @@ impl Session {
                 tokio::time::sleep(CONFIRM_AFTER).await;
                 engine.queue_durable(queue).await
             };
+            let calling = self.call.is_some();
+            let call = self.call.as_mut();
             let watch = self.watch.as_mut();
             tokio::select! {
-                command = self.commands.next() => {
-                    let Some(command) = command else {
-                        // The client half-closed: its acks count once on the replicas.
-                        self.ended = true;
-                        if self.unconfirmed {
-                            let confirmed = self.engine.queue_durable(&self.queue).await;
-                            return confirmed.err().map(ConsumeEvent::Failed);
-                        }
-                        return None;
-                    };
-                    self.stopped |= command.stop;
-                    self.credits = if self.stopped {
-                        0
-                    } else {
-                        (self.credits + command.credits as u64).min(MAX_CREDITS)
-                    };
-                    let sorted = self.engine.sort_acks(&self.queue, &command.acks);
-                    // A worker that acks what it got and wants more: both in one script.
-                    let refill = self.credits > 0
-                        && command.nacks.is_empty()
-                        && command.extends.is_empty()
-                        && !sorted.mine.is_empty()
-                        && sorted.foreign.is_empty()
-                        && sorted.refused.is_empty();
-                    if refill {
-                        match self.ack_and_lease(sorted.mine).await {
-                            Ok(None) => {
-                                looked = true;
-                                continue;
-                            }
-                            Ok(Some(event)) => return Some(event),
-                            Err(e) => return Some(self.fail(e)),
-                        }
+                done = async move {
+                    match call {
+                        Some(call) => call.await,
+                        None => std::future::pending().await,
                     }
-                    match self.engine.settle(&self.queue, &self.spec, sorted, command, &mut self.outstanding).await {
-                        Ok(refused) if refused.is_empty() => {}
-                        Ok(refused) => return Some(ConsumeEvent::Refused(refused)),
-                        Err(e) => return Some(self.fail(e)),
+                }, if calling => {
+                    self.call = None;
+                    if let Err(e) = self.finish_call(done).await {
+                        return Some(self.fail(e));
                     }
                 }
-                confirmed = confirm, if unconfirmed => {
-                    // Covers every ack made before it (the WAIT's fence): nothing else ran
-                    // meanwhile, since the other branches end this one.
+                command = self.commands.next() => {
+                    let Some(command) = command else {
+                        // The client half-closed: what it settled is applied and
+                        // confirmed on the replicas before the stream ends OK.
+                        self.ended = true;
+                        return self.close().await;
+                    };
+                    if let Err(e) = self.command(command).await {
+                        return Some(self.fail(e));
+                    }
+                }
+                confirmed = confirm, if confirming => {
+                    // Covers every ack made before it (the WAIT's fence): no call ran
+                    // meanwhile, since a command or a call's end ends this branch.
                     match confirmed {
                         Ok(()) => self.unconfirmed = false,
                         Err(e) => return Some(self.fail(e)),
                     }
                 }
-                _ = async {
+                fired = async {
                     match watch {
-                        Some(watch) => { watch.wait(POLL).await; }
-                        None => tokio::time::sleep(POLL).await,
+                        Some(watch) => watch.wait(POLL).await,
+                        None => {
+                            tokio::time::sleep(POLL).await;
+                            Vec::new()
+                        }
                     }
-                }, if credits > 0 => {}
+                }, if watching => {
+                    if fired.contains(&self.pause_channel) {
+                        self.depth = 0;
+                        self.give_back_ahead().await;
+                    }
+                    self.drained = false;
+                }
+                _ = tokio::time::sleep_until(hold_ends), if holding => {
+                    self.depth = 0;
+                    self.give_back_ahead().await;
+                }
                 _ = self.shutdown.cancelled() => {
                     self.ended = true;
                     return None;
@@ -199,58 +257,240 @@ impl Session {
         }
     }
 
-    /// Acks `acks` (all of this stream's queue) and leases up to the credits in one
-    /// script; the acks are confirmed on the replicas later (`unconfirmed`), not before
-    /// the jobs go out. Returns the event to send, if any (`None`: nothing leased, wait).
-    async fn ack_and_lease(
-        &mut self,
-        acks: Vec<(String, LeaseId, Option<Bytes>)>,
-    ) -> Result<Option<ConsumeEvent>, BrokerError> {
-        let max = self
-            .credits
-            .min(self.engine.inner.config.limits.max_batch as u64) as usize;
-        let leases: Vec<(LeaseId, Option<Bytes>)> = acks
-            .iter()
-            .map(|(_, lease, result)| (lease.clone(), result.clone()))
-            .collect();
-        let lease = (
-            max,
-            self.spec.visibility_timeout_ms,
-            self.consumer.as_str(),
-            self.spec.address.as_str(),
-        );
-        let (acked, jobs) = self
-            .engine
-            .inner
-            .queues
-            .ack_lease(&self.queue, &leases, lease)
-            .await?;
-        // All or nothing: when one was stale none was applied, and they go again one by
-        // one in effect, as a command of acks alone does.
-        let refused = if acked.iter().all(Result::is_ok) {
-            for (_, lease, _) in &acks {
-                self.outstanding.remove(&lease.seq);
-            }
-            Vec::new()
-        } else {
-            self.engine
-                .ack_each(&self.queue, acks, &mut self.outstanding)
-                .await?
-        };
-        self.unconfirmed |= self.engine.inner.config.replicas > 0;
-        if !jobs.is_empty() {
-            self.credits -= jobs.len() as u64;
-            let leases = jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce));
-            self.outstanding.extend(leases);
+    /// How many jobs a lease call should ask for now: the worker's credits and the depth
+    /// to hold ahead, less what is held already.
+    fn want(&self) -> usize {
+        if self.stopped {
+            return 0;
         }
-        Ok(match (refused.is_empty(), jobs.is_empty()) {
-            (true, true) => None,
-            (true, false) => Some(ConsumeEvent::Jobs(jobs)),
-            (false, _) => {
-                self.leased = jobs;
-                Some(ConsumeEvent::Refused(refused))
+        let target = (self.credits as usize).saturating_add(self.depth);
+        target
+            .saturating_sub(self.ahead.len())
+            .min(self.engine.inner.config.limits.max_batch)
+    }
+
+    /// Jobs held ahead, as many as the credits allow, now the worker's leases.
+    fn take_ahead(&mut self) -> Vec<Delivery> {
+        let n = (self.credits as usize)
+            .min(self.ahead.len())
+            .min(self.engine.inner.config.limits.max_batch);
+        let asked_for = self.ahead.len() - self.beyond;
+        let jobs: Vec<Delivery> = self.ahead.drain(..n).collect();
+        self.credits -= n as u64;
+        let served_ahead = n.saturating_sub(asked_for);
+        self.beyond -= served_ahead;
+        let served = &self.engine.inner.served_ahead;
+        served.fetch_add(served_ahead as u64, std::sync::atomic::Ordering::Relaxed);
+        let leases = jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce));
+        self.outstanding.extend(leases);
+        let now = Instant::now();
+        self.last_sent = Some(now);
+        self.held_since = now;
+        jobs
+    }
+
+    /// Starts a lease call if none runs and there is something to do: acks to apply, or
+    /// jobs wanted from a queue that did not just run dry.
+    async fn refill(&mut self) {
+        if self.call.is_some() || self.ended {
+            return;
+        }
+        let asked = self.want();
+        if self.deferred.is_empty() && (asked == 0 || self.drained) {
+            return;
+        }
+        if asked > 0 && self.watch.is_none() {
+            // Armed before looking, so a job made visible meanwhile is not missed.
+            let channels = [
+                QueueKeys::new(&self.queue).key("wake"),
+                self.pause_channel.clone(),
+            ];
+            self.watch = Some(self.engine.inner.wakes.watch(&channels).await);
+        }
+        let acks = std::mem::take(&mut self.deferred);
+        let (engine, queue) = (self.engine.clone(), self.queue.clone());
+        let (consumer, address) = (self.consumer.clone(), self.spec.address.clone());
+        let visibility = self.spec.visibility_timeout_ms;
+        self.call = Some(Box::pin(async move {
+            let started = Instant::now();
+            let queues = &engine.inner.queues;
+            let leases: Vec<(LeaseId, Option<Bytes>)> = acks
+                .iter()
+                .map(|(_, lease, result)| (lease.clone(), result.clone()))
+                .collect();
+            let result = if asked == 0 {
+                queues
+                    .ack(&queue, leases)
+                    .await
+                    .map(|acked| (acked, Vec::new()))
+            } else if leases.is_empty() {
+                queues
+                    .lease(&queue, asked, visibility, &consumer, &address)
+                    .await
+                    .map(|jobs| (Vec::new(), jobs))
+            } else {
+                let lease = (asked, visibility, consumer.as_str(), address.as_str());
+                queues.ack_lease(&queue, &leases, lease).await
+            };
+            CallDone {
+                acks,
+                asked,
+                started,
+                result,
             }
-        })
+        }));
+    }
+
+    /// Takes in what a lease call did: its acks settled (or refused), its jobs held.
+    async fn finish_call(&mut self, done: CallDone) -> Result<(), BrokerError> {
+        let CallDone {
+            acks,
+            asked,
+            started,
+            result,
+        } = done;
+        let (acked, jobs) = match result {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // Unknown whether its acks were applied: the stream's end acks them again
+                // (harmless) rather than putting their jobs back.
+                self.deferred.extend(acks);
+                return Err(e);
+            }
+        };
+        self.round_trip = started.elapsed();
+        if !acks.is_empty() {
+            // All or nothing: when one was stale none was applied, and they go again one
+            // by one in effect, as a command of acks alone does.
+            if acked.iter().all(Result::is_ok) {
+                for (_, lease, _) in &acks {
+                    self.outstanding.remove(&lease.seq);
+                }
+            } else {
+                let refused = self
+                    .engine
+                    .ack_each(&self.queue, acks, &mut self.outstanding)
+                    .await?;
+                self.refused.extend(refused);
+            }
+            self.unconfirmed |= self.engine.inner.config.replicas > 0;
+        }
+        if asked > 0 {
+            self.drained = jobs.len() < asked;
+            if self.drained {
+                // The queue ran dry (or a limit held it back): holding jobs ahead would
+                // only keep them from other workers.
+                self.depth = 0;
+            }
+        }
+        if self.stopped {
+            self.engine.give_back(&self.queue, jobs).await;
+        } else if !jobs.is_empty() {
+            if self.ahead.is_empty() {
+                self.held_since = Instant::now();
+            }
+            self.ahead.extend(jobs);
+            self.beyond = self.ahead.len().saturating_sub(self.credits as usize);
+        }
+        Ok(())
+    }
+
+    /// Takes in one command of the worker: credits, settlements, a stop.
+    async fn command(&mut self, command: ConsumeCommands) -> Result<(), BrokerError> {
+        self.stopped |= command.stop;
+        let granted = command.credits as u64;
+        if self.stopped {
+            self.credits = 0;
+            self.depth = 0;
+            self.give_back_ahead().await;
+        } else {
+            self.credits = (self.credits + granted).min(MAX_CREDITS);
+            // The worker came back for more quickly and finds nothing held: it waits for
+            // Redis every cycle, so hold more ahead.
+            let quick = self
+                .last_sent
+                .is_some_and(|sent| sent.elapsed() < self.round_trip * QUICK_ROUND_TRIPS);
+            if granted > 0 && quick && self.ahead.is_empty() && !self.drained {
+                let grown = (self.depth * 2).max(granted as usize);
+                self.depth = grown.min(self.max_depth);
+            }
+        }
+        let sorted = self.engine.sort_acks(&self.queue, &command.acks);
+        let acks_only = command.nacks.is_empty()
+            && command.extends.is_empty()
+            && sorted.foreign.is_empty()
+            && sorted.refused.is_empty();
+        if acks_only {
+            // Applied by the next call, together with the next lease.
+            self.deferred.extend(sorted.mine);
+            return Ok(());
+        }
+        // Nacks, extends, other queues' acks, refusals: the call under way first, then
+        // everything of this command and the acks before it, in order, durable before the
+        // stream goes on.
+        if let Some(call) = self.call.take() {
+            let done = call.await;
+            self.finish_call(done).await?;
+        }
+        let mut sorted = sorted;
+        let mut mine = std::mem::take(&mut self.deferred);
+        mine.append(&mut sorted.mine);
+        sorted.mine = mine;
+        let refused = self
+            .engine
+            .settle(
+                &self.queue,
+                &self.spec,
+                sorted,
+                command,
+                &mut self.outstanding,
+            )
+            .await?;
+        self.refused.extend(refused);
+        Ok(())
+    }
+
+    /// The end of a half-closed stream: the call under way finished, held jobs given
+    /// back, deferred acks applied, every ack confirmed on the replicas. Returns the last
+    /// event: refusals, or the failure that ends the stream.
+    async fn close(&mut self) -> Option<ConsumeEvent> {
+        if let Some(call) = self.call.take() {
+            let done = call.await;
+            if let Err(e) = self.finish_call(done).await {
+                return Some(ConsumeEvent::Failed(e));
+            }
+        }
+        self.give_back_ahead().await;
+        if !self.deferred.is_empty() {
+            let acks = std::mem::take(&mut self.deferred);
+            match self
+                .engine
+                .ack_each(&self.queue, acks, &mut self.outstanding)
+                .await
+            {
+                Ok(refused) => self.refused.extend(refused),
+                Err(e) => return Some(ConsumeEvent::Failed(e)),
+            }
+            self.unconfirmed |= self.engine.inner.config.replicas > 0;
+        }
+        if self.unconfirmed {
+            if let Err(e) = self.engine.queue_durable(&self.queue).await {
+                return Some(ConsumeEvent::Failed(e));
+            }
+            self.unconfirmed = false;
+        }
+        if self.refused.is_empty() {
+            None
+        } else {
+            Some(ConsumeEvent::Refused(std::mem::take(&mut self.refused)))
+        }
+    }
+
+    /// Gives back every job held ahead.
+    async fn give_back_ahead(&mut self) {
+        self.beyond = 0;
+        let held: Vec<Delivery> = self.ahead.drain(..).collect();
+        self.engine.give_back(&self.queue, held).await;
     }
 
     /// Ends the stream with `e` (Redis failed).
@@ -280,6 +520,7 @@ impl RedisEngine {
             .ends_on
             .clone()
             .unwrap_or_else(|| self.inner.shutdown.clone());
+        let spec_queue = spec.queue.clone();
         let session = Session {
             engine: self.clone(),
             queue: Arc::from(spec.queue.as_str()),
@@ -288,13 +529,28 @@ impl RedisEngine {
             commands,
             shutdown,
             watch: None,
+            pause_channel: QueueKeys::new(&spec_queue).key("pause"),
             credits: 0,
             stopped: false,
             ended: false,
             outstanding: HashMap::new(),
-            leased: Vec::new(),
+            refused: Vec::new(),
             note: WaitingNote::new(),
             unconfirmed: false,
+            deferred: Vec::new(),
+            call: None,
+            drained: false,
+            ahead: VecDeque::new(),
+            beyond: 0,
+            depth: 0,
+            max_depth: self
+                .inner
+                .config
+                .lease_ahead
+                .min(self.inner.config.limits.max_batch),
+            held_since: Instant::now(),
+            last_sent: None,
+            round_trip: Duration::ZERO,
         };
         let events = futures::stream::unfold(session, |mut session| async move {
             let event = session.next_event().await?;
@@ -463,6 +719,59 @@ impl RedisEngine {
             acks = rest;
         }
         Ok(refused)
+    }
+
+    /// Gives back jobs a stream leased ahead and did not deliver (see the module docs).
+    /// If Redis cannot be reached their leases expire instead, each then a failed attempt.
+    async fn give_back(&self, queue: &str, jobs: Vec<Delivery>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let held = jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce));
+        let counted = &self.inner.given_back;
+        counted.fetch_add(jobs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = self.inner.queues.unlease(queue, held).await {
+            tracing::debug!(queue, error = %e, "jobs leased ahead left to expire");
+        }
+    }
+
+    /// What a stream that went away (dropped, not half-closed) leaves: the call under way
+    /// finished, the acks its worker sent applied (they were the worker's word), the jobs
+    /// held ahead given back, and what the worker still held put back as failed attempts.
+    async fn wind_up(
+        &self,
+        queue: &Arc<str>,
+        call: Option<Call>,
+        mut acks: Vec<Ack>,
+        mut ahead: Vec<Delivery>,
+        mut outstanding: HashMap<u64, u64>,
+    ) {
+        if let Some(call) = call {
+            let done = call.await;
+            match done.result {
+                Ok((acked, jobs)) => {
+                    ahead.extend(jobs);
+                    if !acked.iter().all(Result::is_ok) {
+                        acks.extend(done.acks);
+                    }
+                }
+                // Unknown whether they were applied: acking again is harmless.
+                Err(_) => acks.extend(done.acks),
+            }
+        }
+        let acked = !acks.is_empty();
+        if acked {
+            let mut settled = HashMap::new();
+            if let Err(e) = self.ack_each(queue, acks, &mut settled).await {
+                tracing::debug!(queue = &**queue, error = %e, "a closed stream's acks not applied");
+            }
+        }
+        self.give_back(queue, ahead).await;
+        if !outstanding.is_empty() {
+            self.release(queue, std::mem::take(&mut outstanding)).await;
+        } else if acked {
+            let _ = self.queue_durable(queue).await;
+        }
     }
 
     /// Puts back what a closed stream held: visible again at once (together), each a

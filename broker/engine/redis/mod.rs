@@ -32,7 +32,7 @@ pub(crate) mod topic;
 pub(crate) mod wake;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -70,9 +70,15 @@ pub struct RedisConfig {
     pub limits: Limits,
     /// How often each node sweeps (lease expiry, due timers, dead letters, retention).
     pub sweep_interval: Duration,
+    /// Most jobs a consume stream leases ahead of its worker's credits (see
+    /// `consume.rs`, "lease-ahead"); 0 leases only what the credits ask for.
+    pub lease_ahead: usize,
 }
 
 impl RedisConfig {
+    /// The default of [`Self::lease_ahead`].
+    pub const DEFAULT_LEASE_AHEAD: usize = 256;
+
     /// Defaults for `seeds`: no replicas to wait for, a 1 s replica timeout, the default
     /// limits and a 100 ms sweep.
     pub fn new(seeds: Vec<String>) -> Self {
@@ -82,6 +88,7 @@ impl RedisConfig {
             replica_timeout: Duration::from_secs(1),
             limits: Limits::default(),
             sweep_interval: Duration::from_millis(100),
+            lease_ahead: Self::DEFAULT_LEASE_AHEAD,
         }
     }
 }
@@ -126,6 +133,10 @@ struct Inner {
     /// queue), and when this node tries again: the sweep runs every 100 ms, and a warning
     /// a sweep would be noise.
     schedule_retry: Mutex<HashMap<String, crate::broker::domain::time::Millis>>,
+    /// Jobs Consume streams sent from what they leased ahead, and jobs they gave back
+    /// undelivered (see `consume.rs`).
+    served_ahead: AtomicU64,
+    given_back: AtomicU64,
 }
 
 /// One open subscription's place under `--max-subscriptions`; given back when dropped
@@ -165,6 +176,8 @@ impl RedisEngine {
                 observer: OnceLock::new(),
                 subscriptions: Arc::new(AtomicUsize::new(0)),
                 schedule_retry: Mutex::new(HashMap::new()),
+                served_ahead: AtomicU64::new(0),
+                given_back: AtomicU64::new(0),
                 config,
             }),
         };
@@ -203,6 +216,16 @@ impl RedisEngine {
     /// and per node, whatever the job rate; the rest are the requests that served clients.
     pub fn redis_background_requests(&self) -> u64 {
         self.inner.conn.background_requests()
+    }
+
+    /// Jobs this node's Consume streams sent from what they had leased ahead of their
+    /// workers' credits (no Redis round trip between a worker's ack and its next job),
+    /// and jobs they gave back undelivered: see the README, "Sluice on Redis".
+    pub fn lease_ahead_counts(&self) -> (u64, u64) {
+        (
+            self.inner.served_ahead.load(Ordering::Relaxed),
+            self.inner.given_back.load(Ordering::Relaxed),
+        )
     }
 
     /// Makes sure queue `name` exists (creating it with the default policy, counted

@@ -894,6 +894,29 @@ impl QueueStore {
             .await
     }
 
+    /// Puts back the leases `(seq, nonce)` of queue `name` that a consume stream took
+    /// ahead of its worker's credits and never delivered: visible again at once, as if
+    /// never leased (no attempt counted, rate tokens returned), all in one script.
+    /// Returns how many were still live to put back.
+    pub(crate) async fn unlease(
+        &self,
+        name: &str,
+        held: impl IntoIterator<Item = (u64, u64)>,
+    ) -> Result<u64, BrokerError> {
+        let keys = QueueKeys::new(name);
+        let mut inv = Call::new("unlease", keys.base());
+        inv.arg(name);
+        for (seq, nonce) in held {
+            inv.arg(seq).arg(format!("{nonce:x}"));
+        }
+        self.run(
+            &format!("putting back leases of queue {name:?}"),
+            None,
+            &inv,
+        )
+        .await
+    }
+
     /// Moves a live lease's deadline to now + `visibility_ms`; returns it.
     pub(crate) async fn extend(
         &self,

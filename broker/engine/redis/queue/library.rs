@@ -60,6 +60,7 @@ const BODIES: &[Body] = &[
     body!("ack"),
     body!("nack"),
     body!("release"),
+    body!("unlease"),
     body!("extend"),
     body!("get", read_only),
     body!("cancel"),

@@ -1705,3 +1705,63 @@ async fn redis_queue_calls_alternating_between_queues_each_reach_their_own() {
     assert!(matches!(err, BrokerError::NotFound(_)), "{err}");
     assert_eq!(lease(&s, "a", 1).await.len(), 0);
 }
+
+/// Jobs a consume stream leased ahead and never delivered go back as if never leased: the
+/// attempt is not counted, the consumer no longer holds them, the rate limit's tokens come
+/// back, nothing counts as failed, and a lease that is not live any more is left alone.
+#[tokio::test]
+async fn redis_queue_unleased_jobs_go_back_as_if_never_leased() {
+    let (_srv, s) = store().await;
+    let p = QueuePolicy {
+        rate_limit: Some(crate::broker::domain::queue::RateLimit {
+            per_second: 1,
+            burst: 3,
+        }),
+        ..policy("q")
+    };
+    s.create("q", &p).await.unwrap();
+    let jobs: Vec<NewJob> = (0..3).map(|i| job(&i.to_string())).collect();
+    s.enqueue("q", jobs).await.unwrap();
+    let got = lease(&s, "q", 3).await;
+    assert_eq!(payloads(&got), vec![b"0".as_ref(), b"1", b"2"]);
+    assert!(lease(&s, "q", 3).await.is_empty(), "the burst is spent");
+    // Job 0 was delivered and acked; 1 and 2 were held ahead. A stale nonce is ignored.
+    s.ack("q", vec![(got[0].lease_id.clone(), None)])
+        .await
+        .unwrap();
+    let held = [&got[1], &got[2]].map(|d| (d.lease_id.seq, d.lease_id.nonce));
+    let stale = (got[0].lease_id.seq, got[0].lease_id.nonce);
+    let stranger = (got[1].lease_id.seq, got[1].lease_id.nonce ^ 1);
+    assert_eq!(s.unlease("q", [stale, stranger]).await.unwrap(), 0);
+    assert_eq!(s.unlease("q", held).await.unwrap(), 2);
+    assert_eq!(s.unlease("q", held).await.unwrap(), 0, "only once");
+
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!(
+        (
+            counts.pending,
+            counts.leased,
+            counts.failed,
+            counts.completed
+        ),
+        (2, 0, 0, 1)
+    );
+    assert_eq!(counts.rate_tokens, 2, "the two tokens came back");
+    let consumers = s.consumers("q").await.unwrap();
+    assert_eq!(consumers.len(), 1);
+    assert_eq!(consumers[0].1.leases_held, 0);
+    assert_eq!(consumers[0].1.failed, 0);
+    for d in &got[1..] {
+        let job = s.get("q", &d.job_id).await.unwrap().unwrap();
+        assert_eq!((job.state, job.attempts), (JobState::Pending, 0));
+    }
+    // The old leases are stale; the jobs come again as first attempts, in order.
+    let refused = s
+        .ack("q", vec![(got[1].lease_id.clone(), None)])
+        .await
+        .unwrap();
+    assert!(refused[0].is_err(), "{refused:?}");
+    let again = lease(&s, "q", 3).await;
+    assert_eq!(payloads(&again), vec![b"1".as_ref(), b"2"]);
+    assert!(again.iter().all(|d| d.attempt == 1), "{again:?}");
+}

@@ -1,0 +1,28 @@
+-- Puts back jobs that a node leased ahead for a consume stream and never delivered
+-- (consume.rs, "lease-ahead"): visible again at once, as if never leased. The attempt is
+-- not counted and the rate limit gets its tokens back. ARGV: name, then the seq and nonce
+-- (hex) of each. Leases settled, expired or delivered again meanwhile are left alone.
+-- Returns how many were put back.
+if not load_meta() then
+  return 0
+end
+local now = now_ms()
+local back = 0
+for i = 2, #ARGV - 1, 2 do
+  local seq = tonumber(ARGV[i])
+  if check_lease(seq, ARGV[i + 1], now) == 'live' then
+    end_lease(seq, now)
+    local k = job_key(seq)
+    redis.call('HINCRBY', k, 'attempts', -1)
+    redis.call('HDEL', k, 'nonce', 'consumer')
+    place(seq, now)
+    back = back + 1
+  end
+end
+if back > 0 and mnum('rate_ps') > 0 then
+  local milli = math.min(bucket_milli(now) + back * 1000, mnum('rate_burst') * 1000)
+  local at = math.max(mnum('tok_at'), now)
+  redis.call('HSET', K_META, 'tok', I(milli), 'tok_at', I(at))
+end
+wake()
+return back
