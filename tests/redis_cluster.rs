@@ -790,6 +790,26 @@ async fn bounded<T>(
     tokio::time::timeout(Duration::from_secs(5), fut).await.ok()
 }
 
+/// A worker's call as [`bounded`] ended: its value, or `None` when the worker should go
+/// round again (a timeout, or a retryable failure, noted in the ledger after a short
+/// pause). A refusal that no failover explains fails the test, naming `what`.
+async fn or_retry<T>(
+    ledger: &Mutex<FailoverLedger>,
+    what: &str,
+    outcome: Option<Result<T, ClientError>>,
+) -> Option<T> {
+    match outcome {
+        Some(Ok(value)) => Some(value),
+        Some(Err(e)) => {
+            assert!(retryable(&e), "{what} refused: {e}");
+            ledger.lock().unwrap().error(&e);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            None
+        }
+        None => None,
+    }
+}
+
 /// Enqueues batches of 10 with idempotency keys until `stop`, retrying each batch with the
 /// same keys until it is acknowledged (or `give_up` passes).
 async fn ledger_producer(
@@ -878,15 +898,8 @@ async fn ledger_worker(
                 .send(),
         )
         .await;
-        let leases = match leased {
-            Some(Ok(leases)) => leases,
-            Some(Err(e)) => {
-                assert!(retryable(&e), "lease refused: {e}");
-                ledger.lock().unwrap().error(&e);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-            None => continue,
+        let Some(leases) = or_retry(&ledger, "lease", leased).await else {
+            continue;
         };
         if leases.is_empty() {
             continue;
@@ -980,15 +993,8 @@ async fn ledger_consume_worker(
                 .map_err(ClientError::from)
         })
         .await;
-        let (requests, mut inbound) = match opened {
-            Some(Ok(stream)) => stream,
-            Some(Err(e)) => {
-                assert!(retryable(&e), "consume refused: {e}");
-                ledger.lock().unwrap().error(&e);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-            None => continue,
+        let Some((requests, mut inbound)) = or_retry(&ledger, "consume", opened).await else {
+            continue;
         };
         let mut requests = Some(requests);
         let mut stopping = false;

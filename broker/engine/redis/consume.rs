@@ -520,7 +520,7 @@ impl RedisEngine {
             .ends_on
             .clone()
             .unwrap_or_else(|| self.inner.shutdown.clone());
-        let spec_queue = spec.queue.clone();
+        let pause_channel = QueueKeys::new(&spec.queue).key("pause");
         let session = Session {
             engine: self.clone(),
             queue: Arc::from(spec.queue.as_str()),
@@ -529,7 +529,7 @@ impl RedisEngine {
             commands,
             shutdown,
             watch: None,
-            pause_channel: QueueKeys::new(&spec_queue).key("pause"),
+            pause_channel,
             credits: 0,
             stopped: false,
             ended: false,
@@ -728,10 +728,13 @@ impl RedisEngine {
             return;
         }
         let held = jobs.iter().map(|d| (d.lease_id.seq, d.lease_id.nonce));
-        let counted = &self.inner.given_back;
-        counted.fetch_add(jobs.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = self.inner.queues.unlease(queue, held).await {
-            tracing::debug!(queue, error = %e, "jobs leased ahead left to expire");
+        match self.inner.queues.unlease(queue, held).await {
+            // Those still leased to the stream: the rest were settled or expired meanwhile.
+            Ok(back) => {
+                let counted = &self.inner.given_back;
+                counted.fetch_add(back, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(queue, error = %e, "jobs leased ahead left to expire"),
         }
     }
 

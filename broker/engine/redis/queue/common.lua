@@ -5,7 +5,7 @@
 -- and stays in the queue's cluster slot. ARGV[1] is the queue name, for messages.
 local B, NAME
 local K_META, K_READY, K_TIMERS, K_LEASED, K_LIVE, K_IDS, K_IDEM, K_IDEMEXP
-local K_HISTORY, K_OUTBOX, K_CONSUMERS, K_WAKE
+local K_HISTORY, K_OUTBOX, K_CONSUMERS, K_WAKE, K_PAUSE
 -- Waiters about to wait for jobs, by token, scored by when their note runs out
 -- (waiting.lua).
 local K_WAITING
@@ -49,6 +49,7 @@ local function begin(keys, argv)
     K_OUTBOX = B .. ':outbox'
     K_CONSUMERS = B .. ':consumers'
     K_WAKE = B .. ':wake'
+    K_PAUSE = B .. ':pause'
     K_WAITING = B .. ':waiting'
     K_RATES = B .. ':rates'
   end

@@ -6,7 +6,7 @@ end
 redis.call('HSET', K_META, 'paused', ARGV[2])
 named_by_producer()
 if ARGV[2] == '1' then
-  redis.call('SPUBLISH', B .. ':pause', '1')
+  redis.call('SPUBLISH', K_PAUSE, '1')
 end
 if ARGV[2] == '0' then
   -- Whatever is visible now can be leased: wake waiters if there is any.

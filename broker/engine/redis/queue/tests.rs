@@ -30,6 +30,14 @@ fn policy(name: &str) -> QueuePolicy {
     }
 }
 
+/// `policy(name)` with a rate limit of `per_second` and a bucket of `burst`.
+fn rate_limited(name: &str, per_second: u32, burst: u32) -> QueuePolicy {
+    QueuePolicy {
+        rate_limit: Some(crate::broker::domain::queue::RateLimit { per_second, burst }),
+        ..policy(name)
+    }
+}
+
 fn job(payload: &str) -> NewJob {
     NewJob {
         payload: Bytes::from(payload.to_owned()),
@@ -640,13 +648,7 @@ async fn redis_queue_max_in_flight_and_policy_change() {
 #[tokio::test]
 async fn redis_queue_rate_limit_lets_out_the_burst() {
     let (_srv, s) = store().await;
-    let p = QueuePolicy {
-        rate_limit: Some(crate::broker::domain::queue::RateLimit {
-            per_second: 1,
-            burst: 2,
-        }),
-        ..policy("q")
-    };
+    let p = rate_limited("q", 1, 2);
     s.create("q", &p).await.unwrap();
     let jobs: Vec<NewJob> = (0..4).map(|i| job(&i.to_string())).collect();
     s.enqueue("q", jobs).await.unwrap();
@@ -1655,11 +1657,7 @@ async fn redis_queue_history_entries_carry_ids_and_older_ones_still_read_and_tri
 #[tokio::test]
 async fn redis_queue_calls_alternating_between_queues_each_reach_their_own() {
     let (_srv, s) = store().await;
-    let mut limited = policy("b");
-    limited.rate_limit = Some(crate::broker::domain::queue::RateLimit {
-        per_second: 1,
-        burst: 2,
-    });
+    let limited = rate_limited("b", 1, 2);
     s.create("a", &policy("a")).await.unwrap();
     s.create("b", &limited).await.unwrap();
     for i in 0..3 {
@@ -1712,13 +1710,7 @@ async fn redis_queue_calls_alternating_between_queues_each_reach_their_own() {
 #[tokio::test]
 async fn redis_queue_unleased_jobs_go_back_as_if_never_leased() {
     let (_srv, s) = store().await;
-    let p = QueuePolicy {
-        rate_limit: Some(crate::broker::domain::queue::RateLimit {
-            per_second: 1,
-            burst: 3,
-        }),
-        ..policy("q")
-    };
+    let p = rate_limited("q", 1, 3);
     s.create("q", &p).await.unwrap();
     let jobs: Vec<NewJob> = (0..3).map(|i| job(&i.to_string())).collect();
     s.enqueue("q", jobs).await.unwrap();
