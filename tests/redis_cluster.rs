@@ -691,12 +691,19 @@ struct SluiceProcess {
 }
 
 impl SluiceProcess {
+    /// A node with `--redis-replicas 1`, as the failover ledger runs them.
     async fn start(seeds: &[String]) -> Self {
+        Self::start_with(seeds, 1).await
+    }
+
+    async fn start_with(seeds: &[String], replicas: u32) -> Self {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["serve", "--listen", "127.0.0.1:0", "--storage", "redis"])
             .arg("--redis")
             .arg(seeds.join(","))
-            .args(["--redis-replicas", "1", "--redis-timeout-ms", "1000"])
+            .arg("--redis-replicas")
+            .arg(replicas.to_string())
+            .args(["--redis-timeout-ms", "1000"])
             .env("SLUICE_LOG", common::SERVE_LOG)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -1940,4 +1947,69 @@ async fn lease_ahead_0_leases_only_what_the_credits_ask_for() {
     }
     assert_eq!(node.engine.lease_ahead_counts(), (0, 0));
     node.stop().await;
+}
+
+/// A node SIGKILLed while it holds jobs leased ahead for a quick worker loses none of
+/// them: they are leased in Redis, so they expire at their visibility timeout and come
+/// again from another node (as a second attempt, as any lease of a dead node does), and
+/// every job is completed in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_held_ahead_by_a_killed_node_come_back_after_their_visibility_timeout() {
+    const QUEUE: &str = "ahead-kill";
+    const JOBS: usize = 2_000;
+    let (server, survivor, checker) =
+        node_with_backlog(RedisConfig::DEFAULT_LEASE_AHEAD, QUEUE, JOBS).await;
+    let mut doomed = SluiceProcess::start_with(&[server.url()], 0).await;
+    let worker = Client::connect(doomed.url.clone()).await.unwrap();
+    let first = pb::ConsumeRequest {
+        queue: QUEUE.into(),
+        credits: 1,
+        visibility_timeout_ms: 1_000,
+        ..Default::default()
+    };
+    let (requests, mut inbound) = open_consume(&mut worker.rpc(), first).await.unwrap();
+    // Work quickly until the doomed node holds jobs beside the one its worker has.
+    let mut leased_at_kill = 0;
+    for n in 1..JOBS {
+        let jobs = next_jobs(&mut inbound).await;
+        if n % 10 == 0 {
+            leased_at_kill = queue_counts(&checker, QUEUE).await.leased;
+            if leased_at_kill > 1 {
+                break;
+            }
+        }
+        ack_and_ask(&requests, &jobs[0]).await;
+    }
+    assert!(leased_at_kill > 1, "the node never held jobs ahead");
+    doomed.kill();
+
+    // Another node's worker finishes the queue; what the dead node held comes back.
+    let mut rpc = checker.rpc();
+    let mut retries = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let drained = loop {
+        let jobs = common::rpc::lease(&mut rpc, QUEUE, "survivor", 500).await;
+        retries += jobs.iter().filter(|j| j.attempt > 1).count() as u64;
+        if !jobs.is_empty() {
+            common::rpc::ack(&mut rpc, &jobs).await;
+        }
+        let counts = queue_counts(&checker, QUEUE).await;
+        if counts.completed == JOBS as u64 {
+            break counts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every job completed: {counts:?}"
+        );
+        if jobs.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    println!("{leased_at_kill} leased when the node died; {retries} came again; {drained:?}");
+    assert_eq!((drained.leased, drained.pending, drained.dead), (0, 0, 0));
+    assert!(
+        retries >= leased_at_kill,
+        "the {leased_at_kill} jobs leased to the dead node came again: {retries} retries"
+    );
+    survivor.stop().await;
 }
