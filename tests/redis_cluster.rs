@@ -129,6 +129,7 @@ async fn three_nodes_over_a_redis_cluster_act_as_one_broker() {
     an_ordering_key_is_leased_on_one_node_at_a_time([&a, &b, &c]).await;
     a_long_poll_on_b_wakes_when_a_enqueues(&a, &b).await;
     a_schedule_fires_once_per_tick_across_three_nodes([&a, &b, &c]).await;
+    stats_on_any_node_count_every_nodes_work(&a, &b, &c, &cluster).await;
 
     for node in nodes {
         node.stop().await;
@@ -233,6 +234,79 @@ async fn a_subscriber_on_c_receives_what_a_and_b_publish(a: &Client, b: &Client,
         received.len()
     );
     assert!(switches > 1, "the publishers did not interleave");
+}
+
+/// `used_memory` and `maxmemory` of the Redis server on `port`.
+async fn redis_memory(port: u16) -> (u64, u64) {
+    let info: String = redis_cmd(port, &["INFO", "memory"]).await;
+    let field = |name: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("INFO memory has {name}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (field("used_memory"), field("maxmemory"))
+}
+
+/// Stats on C show what A and B did: a topic's publishes and publish rate, a queue's
+/// enqueues and enqueue rate, and Redis's memory over every primary (its `maxmemory`
+/// the budget once every primary has one).
+async fn stats_on_any_node_count_every_nodes_work(
+    a: &Client,
+    b: &Client,
+    c: &Client,
+    cluster: &RedisCluster,
+) {
+    const TOPIC: &str = "xnode-rates";
+    const QUEUE: &str = "xnode-rates";
+    for _ in 0..3 {
+        a.publish(TOPIC, "a").await.unwrap();
+    }
+    for _ in 0..4 {
+        b.publish(TOPIC, "b").await.unwrap();
+    }
+    a.enqueue(QUEUE, "a").send().await.unwrap();
+    b.enqueue(QUEUE, "b").send().await.unwrap();
+    let stats = c.stats().await.unwrap();
+    let topic = stats.topics.iter().find(|t| t.name == TOPIC).unwrap();
+    assert_eq!(topic.published, 7);
+    assert_eq!(
+        topic.publish_rate, 0.7,
+        "7 publishes in the last 10 s, on two nodes"
+    );
+    let queue = stats.queues.iter().find(|q| q.name == QUEUE).unwrap();
+    assert_eq!((queue.enqueued, queue.enqueue_rate), (2, 0.2));
+
+    let primaries = cluster.primaries();
+    let mut each = Vec::new();
+    for port in &primaries {
+        each.push(redis_memory(*port).await);
+    }
+    let largest = each.iter().map(|(used, _)| *used).max().unwrap();
+    let sum: u64 = each.iter().map(|(used, _)| *used).sum();
+    assert!(
+        stats.memory_used_bytes > largest && stats.memory_used_bytes < 2 * sum,
+        "memory in use is every primary's: {} bytes, primaries {each:?}",
+        stats.memory_used_bytes
+    );
+    assert_eq!(stats.memory_budget_bytes, 0, "no primary has a maxmemory");
+    // A limit on some primaries only is no limit on the cluster; on all, their sum.
+    const LIMIT: u64 = 512 << 20;
+    let limit = LIMIT.to_string();
+    let () = redis_cmd(primaries[0], &["CONFIG", "SET", "maxmemory", &limit]).await;
+    assert_eq!(c.stats().await.unwrap().memory_budget_bytes, 0);
+    for port in &primaries[1..] {
+        let () = redis_cmd(*port, &["CONFIG", "SET", "maxmemory", &limit]).await;
+    }
+    assert_eq!(
+        c.stats().await.unwrap().memory_budget_bytes,
+        LIMIT * primaries.len() as u64
+    );
+    for port in &primaries {
+        let () = redis_cmd(*port, &["CONFIG", "SET", "maxmemory", "0"]).await;
+    }
 }
 
 /// One lease of an ordering-keyed job, as its worker saw it.

@@ -99,6 +99,31 @@ impl RedisConn {
         }
     }
 
+    /// Redis's memory over every primary (each shard's data lives on its primary; replicas
+    /// hold copies): the bytes in use (`used_memory`, summed) and the limit (`maxmemory`,
+    /// summed; 0 when any primary has none, as the cluster then has no overall limit).
+    pub(crate) async fn memory(&mut self) -> RedisResult<RedisMemory> {
+        // On a cluster `INFO` goes to every primary and comes back as a map of their
+        // replies by address; on one server it is that server's text.
+        let reply: Value = redis::cmd("INFO").arg("memory").query_async(self).await?;
+        let mut texts = Vec::new();
+        info_texts(&reply, &mut texts);
+        let mut memory = RedisMemory::default();
+        let mut unlimited = false;
+        for text in &texts {
+            memory.servers += 1;
+            memory.used_bytes += info_field(text, "used_memory").unwrap_or(0);
+            match info_field(text, "maxmemory") {
+                Some(max) if max > 0 => memory.limit_bytes += max,
+                _ => unlimited = true,
+            }
+        }
+        if unlimited {
+            memory.limit_bytes = 0;
+        }
+        Ok(memory)
+    }
+
     /// How many requests this connection and its clones have sent: its round trips to
     /// Redis (a pipeline, such as a WAIT with its fence write, is one).
     pub(crate) fn requests(&self) -> u64 {
@@ -170,6 +195,45 @@ fn check_version(addr: &str, info_server: &str) -> Result<(), BrokerError> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Redis's memory, over every primary ([`RedisConn::memory`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RedisMemory {
+    /// Bytes Redis uses, summed over the primaries.
+    pub(crate) used_bytes: u64,
+    /// The primaries' `maxmemory`, summed; 0 when any has none.
+    pub(crate) limit_bytes: u64,
+    /// How many primaries answered.
+    pub(crate) servers: usize,
+}
+
+/// The texts in an `INFO` reply: one server's, or each primary's of a cluster's map.
+fn info_texts(reply: &Value, out: &mut Vec<String>) {
+    match reply {
+        Value::BulkString(bytes) => out.push(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(text) => out.push(text.clone()),
+        Value::VerbatimString { text, .. } => out.push(text.clone()),
+        Value::Map(pairs) => {
+            for (_, value) in pairs {
+                info_texts(value, out);
+            }
+        }
+        Value::Array(values) => {
+            for value in values {
+                info_texts(value, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A numeric `name:value` line of an `INFO` text.
+fn info_field(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key == name).then(|| value.trim().parse().ok())?
+    })
 }
 
 /// The error a user sees when Redis cannot be reached or refuses a command: UNAVAILABLE,
@@ -257,6 +321,49 @@ mod tests {
         ] {
             assert!(check_version("a", ok).is_ok(), "{ok}");
         }
+    }
+
+    #[test]
+    fn info_fields_are_read_by_exact_name() {
+        let text = "# Memory\r\nused_memory:1024\r\nused_memory_human:1.00K\r\nmaxmemory:0\r\n";
+        assert_eq!(info_field(text, "used_memory"), Some(1024));
+        assert_eq!(info_field(text, "maxmemory"), Some(0));
+        assert_eq!(info_field(text, "used_memory_human"), None, "not a number");
+        assert_eq!(info_field(text, "used"), None);
+        // A cluster's reply: each primary's text under its address.
+        let map = Value::Map(vec![
+            (
+                Value::BulkString(b"127.0.0.1:1".to_vec()),
+                Value::VerbatimString {
+                    format: redis::VerbatimFormat::Text,
+                    text: "used_memory:1\r\n".into(),
+                },
+            ),
+            (
+                Value::BulkString(b"127.0.0.1:2".to_vec()),
+                Value::BulkString(b"used_memory:2\r\n".to_vec()),
+            ),
+        ]);
+        let mut texts = Vec::new();
+        info_texts(&map, &mut texts);
+        assert_eq!(texts, ["used_memory:1\r\n", "used_memory:2\r\n"]);
+    }
+
+    #[tokio::test]
+    async fn one_servers_memory_is_its_used_memory_and_maxmemory() {
+        let server = RedisServer::start();
+        let mut conn = connect(&[server.url()]).await.unwrap();
+        let memory = conn.memory().await.unwrap();
+        assert_eq!((memory.servers, memory.limit_bytes), (1, 0), "{memory:?}");
+        assert!(memory.used_bytes > 100_000, "{memory:?}");
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(64 << 20)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(conn.memory().await.unwrap().limit_bytes, 64 << 20);
     }
 
     #[tokio::test]

@@ -30,6 +30,7 @@ use crate::broker::engine::{
 };
 
 use super::background::POLL;
+use super::conn::unavailable;
 use super::keys::{QueueKeys, TopicKeys};
 use super::queue::WaitingNote;
 use super::{RedisCommit, RedisEngine};
@@ -543,6 +544,18 @@ impl Engine for RedisEngine {
             },
             ..StatsSnapshot::default()
         };
+        // The memory figures are Redis's own (README, "The Redis engine"): what the
+        // primaries use and their `maxmemory`, the limit that refuses writes here.
+        // (A node needs INFO already: it reads `INFO server` and `INFO cluster` to connect.)
+        let memory = self
+            .inner
+            .conn
+            .clone()
+            .memory()
+            .await
+            .map_err(|e| unavailable("reading Redis's memory (INFO memory)", e))?;
+        snapshot.memory_used_bytes = memory.used_bytes;
+        snapshot.memory_budget_bytes = memory.limit_bytes;
         for name in self.inner.queues.names().await? {
             if !named(queues, &name) {
                 continue;

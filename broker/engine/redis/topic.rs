@@ -21,6 +21,7 @@ use redis::{Script, Value};
 use crate::broker::domain::error::BrokerError;
 use crate::broker::domain::limits::Headers;
 use crate::broker::domain::names::validate_name;
+use crate::broker::domain::rate::WINDOW_SECS;
 use crate::broker::domain::topic::{
     Appended, BlockEntry, BlockSlice, MessageBlock, NewMessage, PUBLISH_DEDUP_WINDOW_MS, Retention,
     validate_retention,
@@ -347,18 +348,20 @@ impl TopicStore {
 
     /// The topic's counters, for the whole cluster: `subscribers` adds up every node's
     /// open subscriptions (as of its last write, see [`subscribers`]), `gaps` counts the
-    /// gap notices of every node, `published` every message since the topic was created.
-    /// `publish_rate` is not kept (0).
+    /// gap notices of every node, `published` every message since the topic was created,
+    /// `publish_rate` the messages of the last [`WINDOW_SECS`] seconds a second (every
+    /// node's publishes, counted by the publish script).
     pub(crate) async fn counts(&self, name: &str) -> Result<TopicCounts, BrokerError> {
         let keys = TopicKeys::new(name);
         let mut c = self.conn.clone();
-        let out: Option<(u64, u64, u64, u64, u64)> = STATS
+        let out: Option<(u64, u64, u64, u64, u64, u64)> = STATS
             .key(keys.base())
             .arg(subscribers::STALE_MS)
             .invoke_async(&mut c)
             .await
             .map_err(|e| unavailable(&format!("reading the counters of topic {name:?}"), e))?;
-        let (first, next, bytes, subscribers, gaps) = out.ok_or_else(|| not_found(name))?;
+        let (first, next, bytes, subscribers, gaps, in_window) =
+            out.ok_or_else(|| not_found(name))?;
         let retained = next - first;
         Ok(TopicCounts {
             name: name.to_owned(),
@@ -367,9 +370,9 @@ impl TopicStore {
             retained_messages: retained,
             retained_bytes: bytes,
             published: next - 1,
+            publish_rate: in_window as f64 / WINDOW_SECS as f64,
             subscribers: subscribers.min(u64::from(u32::MAX)) as u32,
             gaps,
-            ..TopicCounts::default()
         })
     }
 

@@ -17,8 +17,9 @@
 -- to assign), cum (cumulative bytes of the last message), last_time, epoch (a nonce set
 -- when the topic is created: idempotency keys and subscribers' cursors belong to one
 -- incarnation of a name), max_messages, max_bytes, max_age_ms, gaps (gap notices sent by
--- subscriptions, gap.lua). `:subs` is a hash of each node's count of open subscriptions
--- (subs_put.lua).
+-- subscriptions, gap.lua), psec (the second the publish rate last counted in). `:subs`
+-- is a hash of each node's count of open subscriptions (subs_put.lua); `:rates` holds the
+-- publish counts of the last RATE_WINDOW seconds (publish.lua, stats.lua).
 
 -- Numbers as Redis arguments: Lua would print large ones as `1.7e+12`.
 local function num(x)
@@ -100,3 +101,7 @@ end
 local base = KEYS[1]
 local meta = base .. ':meta'
 local log = base .. ':log'
+local rates = base .. ':rates'
+
+-- The seconds a rate is counted over: `domain::rate::WINDOW_SECS`.
+local RATE_WINDOW = 10

@@ -4,7 +4,8 @@
 if redis.call('EXISTS', meta) == 0 then
   return 0
 end
--- The nodes' subscriber counts go too: a topic created again is counted afresh.
-redis.call('DEL', meta, log, base .. ':subs')
+-- The nodes' subscriber counts and the publish rate go too: a topic created again is
+-- counted afresh.
+redis.call('DEL', meta, log, base .. ':subs', rates)
 redis.call('SPUBLISH', base .. ':wake', '1')
 return 1

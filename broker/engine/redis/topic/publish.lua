@@ -10,7 +10,7 @@ if schema_now ~= ARGV[6] then
 end
 local created = ensure(meta, ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 local now = now_ms()
-local m = redis.call('HMGET', meta, 'next', 'cum', 'last_time', 'epoch')
+local m = redis.call('HMGET', meta, 'next', 'cum', 'last_time', 'epoch', 'psec')
 local next, cum, epoch = tonumber(m[1]), tonumber(m[2]), m[4]
 -- Publish times never go backwards, even if Redis's clock does (a failover).
 local time = math.max(now, tonumber(m[3]))
@@ -52,7 +52,19 @@ while i <= #ARGV do
   end
 end
 if stored > 0 then
-  redis.call('HSET', meta, 'next', num(next), 'cum', num(cum), 'last_time', num(time))
+  -- The publish rate: per-second counts in RATE_WINDOW slots of `:rates` (field `p<slot>`,
+  -- its second in `ps<slot>`), as `domain::rate::RateMeter` keeps them. The meta hash
+  -- names the second last counted in (`psec`): while that is now, one HINCRBY counts.
+  local second = math.floor(now / 1000)
+  local slot = num(second % RATE_WINDOW)
+  local sec = num(second)
+  if m[5] == sec or redis.call('HGET', rates, 'ps' .. slot) == sec then
+    redis.call('HINCRBY', rates, 'p' .. slot, stored)
+  else
+    redis.call('HSET', rates, 'ps' .. slot, sec, 'p' .. slot, num(stored))
+  end
+  redis.call('HSET', meta, 'next', num(next), 'cum', num(cum), 'last_time', num(time),
+    'psec', sec)
   enforce(meta, log, now)
   redis.call('SPUBLISH', base .. ':wake', '1')
 end

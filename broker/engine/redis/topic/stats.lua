@@ -1,5 +1,5 @@
 -- {first, next, retained payload bytes, open subscriptions on every node, gap notices
--- sent}, or nil if the topic does not exist. ARGV: stale ms (a node's count not written
+-- sent, messages published in the rate window ending now}, or nil if the topic does not exist. ARGV: stale ms (a node's count not written
 -- for that long is not counted: see subs_put.lua).
 local m = redis.call('HMGET', meta, 'first', 'next', 'cum', 'gaps')
 if not m[1] then
@@ -21,4 +21,18 @@ for i = 2, #all, 2 do
     subscribers = subscribers + tonumber(count)
   end
 end
-return { m[1], m[2], num(bytes), num(subscribers), m[4] or '0' }
+-- The publishes of the seconds in the window ending now (`RateMeter::per_second`).
+local second = math.floor(now / 1000)
+local r = redis.call('HGETALL', rates)
+local fields = {}
+for i = 1, #r, 2 do
+  fields[r[i]] = r[i + 1]
+end
+local published = 0
+for slot = 0, RATE_WINDOW - 1 do
+  local s = tonumber(fields['ps' .. slot] or '-1')
+  if s >= 0 and s + RATE_WINDOW > second and s <= second then
+    published = published + tonumber(fields['p' .. slot] or '0')
+  end
+end
+return { m[1], m[2], num(bytes), num(subscribers), m[4] or '0', num(published) }
