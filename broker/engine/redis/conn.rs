@@ -124,6 +124,22 @@ impl RedisConn {
         Ok(memory)
     }
 
+    /// The fewest replicas connected to any primary (`connected_slaves` of
+    /// `INFO replication`, which a cluster routes to every primary).
+    pub(crate) async fn fewest_replicas(&mut self) -> RedisResult<u64> {
+        let reply: Value = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(self)
+            .await?;
+        let mut texts = Vec::new();
+        info_texts(&reply, &mut texts);
+        Ok(texts
+            .iter()
+            .map(|text| info_field(text, "connected_slaves").unwrap_or(0))
+            .min()
+            .unwrap_or(0))
+    }
+
     /// How many requests this connection and its clones have sent: its round trips to
     /// Redis (a pipeline, such as a WAIT with its fence write, is one).
     pub(crate) fn requests(&self) -> u64 {
@@ -259,6 +275,12 @@ pub(crate) async fn connect_with(
     let first = seeds
         .first()
         .ok_or_else(|| BrokerError::invalid("redis", "no Redis address given"))?;
+    // Every seed must be a Redis URL, though a standalone server uses only the first: a
+    // typo in another would otherwise surface only when the cluster needs that seed.
+    for seed in seeds {
+        redis::Client::open(seed.as_str())
+            .map_err(|e| BrokerError::invalid("redis", format!("{seed:?}: {e}")))?;
+    }
     let client = redis::Client::open(first.as_str())
         .map_err(|e| BrokerError::invalid("redis", format!("{first:?}: {e}")))?;
     let mut probe = client
@@ -347,6 +369,34 @@ mod tests {
         let mut texts = Vec::new();
         info_texts(&map, &mut texts);
         assert_eq!(texts, ["used_memory:1\r\n", "used_memory:2\r\n"]);
+    }
+
+    #[tokio::test]
+    async fn every_seed_must_be_a_redis_url() {
+        let server = RedisServer::start();
+        let err = connect(&[server.url(), "http://elsewhere:7000".into()])
+            .await
+            .err()
+            .expect("a seed that is no Redis URL is refused");
+        assert!(matches!(err, BrokerError::InvalidArgument { .. }), "{err}");
+        assert!(
+            err.to_string().contains("\"http://elsewhere:7000\""),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn replicas_are_counted_on_the_primary() {
+        let primary = RedisServer::start();
+        let mut conn = connect(&[primary.url()]).await.unwrap();
+        assert_eq!(conn.fewest_replicas().await.unwrap(), 0);
+        let port = primary.port.to_string();
+        let _replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while conn.fewest_replicas().await.unwrap() < 1 {
+            assert!(std::time::Instant::now() < deadline, "the replica connects");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]

@@ -156,7 +156,23 @@ impl RedisEngine {
     pub async fn connect(config: RedisConfig) -> Result<Self, BrokerError> {
         // Replies wait at most a second past the replica timeout (a WAIT's longest).
         let response_timeout = config.replica_timeout + Duration::from_secs(1);
-        let conn = conn::connect_with(&config.seeds, response_timeout).await?;
+        let mut conn = conn::connect_with(&config.seeds, response_timeout).await?;
+        // Replicas may join later, so too few is no reason to refuse to start; but until
+        // they do every write waits out its WAIT and is UNAVAILABLE, which the log says.
+        if config.replicas > 0 {
+            match conn.fewest_replicas().await {
+                Ok(connected) if connected < u64::from(config.replicas) => tracing::warn!(
+                    replicas = config.replicas,
+                    connected,
+                    "--redis-replicas {}: a Redis primary has {connected} replica(s) \
+                     connected; writes are refused (UNAVAILABLE, outcome unknown) until {} are",
+                    config.replicas,
+                    config.replicas
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not count the primaries' replicas"),
+            }
+        }
         let shutdown = CancellationToken::new();
         let wakes = Wakes::start(config.seeds.clone(), shutdown.clone());
         let replication = Replication::new(conn.clone(), config.replicas, config.replica_timeout);
