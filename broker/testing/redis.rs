@@ -103,6 +103,17 @@ impl RedisServer {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// `CONFIG SET <name> <value>` on this server (e.g. `maxmemory` to make it refuse
+    /// writes); panics if the server refuses it.
+    pub fn config_set(&self, name: &str, value: &str) {
+        let reply = cli(self.port, &["CONFIG", "SET", name, value]);
+        assert!(
+            reply.as_deref().is_some_and(|r| r.starts_with("OK")),
+            "CONFIG SET {name} {value} on port {}: {reply:?}",
+            self.port
+        );
+    }
+
     /// Kills the process now (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

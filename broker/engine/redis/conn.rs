@@ -253,8 +253,16 @@ fn info_field(text: &str, name: &str) -> Option<u64> {
 }
 
 /// The error a user sees when Redis cannot be reached or refuses a command: UNAVAILABLE,
-/// naming what was being done.
+/// naming what was being done; RESOURCE_EXHAUSTED when Redis refused a write for its
+/// `maxmemory`. That refusal changed nothing: Redis refuses a function that may write
+/// before it runs, and a script (`EVAL`) at its first write, never midway.
 pub(crate) fn unavailable(doing: &str, e: redis::RedisError) -> BrokerError {
+    if e.code() == Some("OOM") {
+        return BrokerError::ResourceExhausted(format!(
+            "redis is out of memory (used memory above its maxmemory): {doing} was refused \
+             and changed nothing; free memory or raise maxmemory"
+        ));
+    }
     BrokerError::Unavailable(format!("redis: {doing}: {e}"))
 }
 
@@ -406,13 +414,7 @@ mod tests {
         let memory = conn.memory().await.unwrap();
         assert_eq!((memory.servers, memory.limit_bytes), (1, 0), "{memory:?}");
         assert!(memory.used_bytes > 100_000, "{memory:?}");
-        let () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg(64 << 20)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        server.config_set("maxmemory", &(64 << 20).to_string());
         assert_eq!(conn.memory().await.unwrap().limit_bytes, 64 << 20);
     }
 

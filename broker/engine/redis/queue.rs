@@ -160,11 +160,8 @@ fn script_error(doing: &str, lease: Option<&LeaseId>, e: redis::RedisError) -> B
             Some(lease) => stale(lease, &detail),
             None => BrokerError::FailedPrecondition(detail),
         },
-        // Redis refuses a function that may write before running it, so nothing changed.
-        Some("OOM") => BrokerError::ResourceExhausted(format!(
-            "redis is out of memory (used memory above its maxmemory): {doing} was refused \
-             and changed nothing; free memory or raise maxmemory"
-        )),
+        // Redis failing, or refusing a write for its maxmemory (`unavailable` tells them
+        // apart).
         _ => unavailable(doing, e),
     }
 }

@@ -525,6 +525,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_publish_past_maxmemory_is_resource_exhausted_and_writes_nothing() {
+        let server = RedisServer::start();
+        let s = store(&server).await;
+        s.publish("t", vec![msg("a")]).await.unwrap();
+        server.config_set("maxmemory", "1");
+        let err = s.publish("t", vec![msg("b"), msg("c")]).await.unwrap_err();
+        assert!(matches!(err, BrokerError::ResourceExhausted(_)), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("maxmemory"), "{text}");
+        assert!(text.contains("publishing to topic \"t\""), "{text}");
+        // Reads still answer, and nothing of the refused batch is there.
+        let counts = s.counts("t").await.unwrap();
+        assert_eq!((counts.published, counts.retained_messages), (1, 1));
+        server.config_set("maxmemory", "0");
+        let next = s.publish("t", vec![msg("b")]).await.unwrap();
+        assert_eq!(
+            next[0].sequence, 2,
+            "no sequence was used by the refused batch"
+        );
+    }
+
+    #[tokio::test]
     async fn publishes_read_back_in_order_with_explicit_gap_free_ids() {
         let server = RedisServer::start();
         let s = store(&server).await;

@@ -1537,24 +1537,12 @@ async fn redis_queue_functions_are_loaded_again_after_a_function_flush() {
     assert_eq!(libraries(&s).await, loaded);
 }
 
-/// Sets the server's `maxmemory` (bytes; 0 for none).
-async fn set_maxmemory(s: &QueueStore, bytes: u64) {
-    let mut c = s.conn.clone();
-    let () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg(bytes)
-        .query_async(&mut c)
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn redis_queue_out_of_memory_refuses_writes_whole_and_still_answers_reads() {
-    let (_srv, s) = store().await;
+    let (srv, s) = store().await;
     s.create("q", &policy("q")).await.unwrap();
     let first = s.enqueue("q", vec![job("a")]).await.unwrap()[0].id;
-    set_maxmemory(&s, 1).await;
+    srv.config_set("maxmemory", "1");
 
     let err = s.enqueue("q", vec![job("b")]).await.unwrap_err();
     assert!(matches!(err, BrokerError::ResourceExhausted(_)), "{err}");
@@ -1575,7 +1563,7 @@ async fn redis_queue_out_of_memory_refuses_writes_whole_and_still_answers_reads(
     );
     assert_eq!(s.list("q", None, 10, None).await.unwrap().0.len(), 1);
 
-    set_maxmemory(&s, 0).await;
+    srv.config_set("maxmemory", "0");
     s.enqueue("q", vec![job("b")]).await.unwrap();
     assert_eq!(payloads(&lease(&s, "q", 10).await), [&b"a"[..], b"b"]);
 }
