@@ -233,11 +233,27 @@ async fn cli_produces_consumes_and_reports() {
             &Value::from(0)
         )
     );
+    // Memory is shown to a caller without tokens (as to an admin of `>`): the payload
+    // bytes of the jobs still held, in both forms.
+    let used = stats["memory_used_bytes"].as_u64().unwrap();
+    assert!(used > 0, "{stats}");
     let text = ok(&h, &["stats"]).await;
     let rows = table(text.split("\n\n").next().unwrap());
     assert_eq!(rows[0]["QUEUE"], "ops.cli");
     assert_eq!(rows[0]["COMPLETED"], "2");
     assert!(text.contains("no topics"));
+    let memory = text.lines().find(|l| l.starts_with("memory: ")).unwrap();
+    assert_eq!(
+        memory
+            .trim_start_matches("memory: ")
+            .split(' ')
+            .next()
+            .unwrap()
+            .replace(',', ""),
+        used.to_string(),
+        "{memory}"
+    );
+    assert!(memory.ends_with(" bytes in use, no budget"), "{memory}");
     let watched = ok(
         &h,
         &[

@@ -510,7 +510,26 @@ fn stats_json(s: &pb::StatsResponse) -> Value {
         "queues": s.queues,
         "topics": s.topics,
         "storage": storage,
+        "memory_budget_bytes": s.memory_budget_bytes,
+        "memory_used_bytes": s.memory_used_bytes,
     })
+}
+
+/// One line on memory, when the broker shows it to this caller (an admin of `>`): the
+/// bytes in use and the budget (the in-process engine's payload bytes and
+/// `--max-memory-bytes`; on Redis, Redis's own use and `maxmemory`).
+fn memory_text(s: &pb::StatsResponse) -> Option<String> {
+    if s.memory_used_bytes == 0 && s.memory_budget_bytes == 0 {
+        return None;
+    }
+    let budget = match s.memory_budget_bytes {
+        0 => "no budget".to_owned(),
+        b => format!("budget {} bytes", count(b)),
+    };
+    Some(format!(
+        "memory: {} bytes in use, {budget}\n",
+        count(s.memory_used_bytes)
+    ))
 }
 
 /// One line on the storage: its engine and policy, a fail-stop first of all, and what
@@ -647,6 +666,9 @@ fn stats_text(s: &pb::StatsResponse) -> String {
     if let Some(storage) = &s.storage {
         out.push('\n');
         out.push_str(&storage_text(storage));
+    }
+    if let Some(memory) = memory_text(s) {
+        out.push_str(&memory);
     }
     out
 }
