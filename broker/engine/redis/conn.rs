@@ -103,11 +103,7 @@ impl RedisConn {
     /// hold copies): the bytes in use (`used_memory`, summed) and the limit (`maxmemory`,
     /// summed; 0 when any primary has none, as the cluster then has no overall limit).
     pub(crate) async fn memory(&mut self) -> RedisResult<RedisMemory> {
-        // On a cluster `INFO` goes to every primary and comes back as a map of their
-        // replies by address; on one server it is that server's text.
-        let reply: Value = redis::cmd("INFO").arg("memory").query_async(self).await?;
-        let mut texts = Vec::new();
-        info_texts(&reply, &mut texts);
+        let texts = self.info_of_primaries("memory").await?;
         let mut memory = RedisMemory::default();
         let mut unlimited = false;
         for text in &texts {
@@ -127,17 +123,21 @@ impl RedisConn {
     /// The fewest replicas connected to any primary (`connected_slaves` of
     /// `INFO replication`, which a cluster routes to every primary).
     pub(crate) async fn fewest_replicas(&mut self) -> RedisResult<u64> {
-        let reply: Value = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(self)
-            .await?;
-        let mut texts = Vec::new();
-        info_texts(&reply, &mut texts);
+        let texts = self.info_of_primaries("replication").await?;
         Ok(texts
             .iter()
             .map(|text| info_field(text, "connected_slaves").unwrap_or(0))
             .min()
             .unwrap_or(0))
+    }
+
+    /// `INFO <section>` of every primary: on a cluster `INFO` goes to each of them and
+    /// comes back as a map of their replies by address; on one server it is its text.
+    async fn info_of_primaries(&mut self, section: &str) -> RedisResult<Vec<String>> {
+        let reply: Value = redis::cmd("INFO").arg(section).query_async(self).await?;
+        let mut texts = Vec::new();
+        info_texts(&reply, &mut texts);
+        Ok(texts)
     }
 
     /// How many requests this connection and its clones have sent: its round trips to
@@ -285,12 +285,14 @@ pub(crate) async fn connect_with(
         .ok_or_else(|| BrokerError::invalid("redis", "no Redis address given"))?;
     // Every seed must be a Redis URL, though a standalone server uses only the first: a
     // typo in another would otherwise surface only when the cluster needs that seed.
-    for seed in seeds {
+    let mut clients = seeds.iter().map(|seed| {
         redis::Client::open(seed.as_str())
-            .map_err(|e| BrokerError::invalid("redis", format!("{seed:?}: {e}")))?;
+            .map_err(|e| BrokerError::invalid("redis", format!("{seed:?}: {e}")))
+    });
+    let client = clients.next().expect("a first seed")?;
+    for other in clients {
+        other?;
     }
-    let client = redis::Client::open(first.as_str())
-        .map_err(|e| BrokerError::invalid("redis", format!("{first:?}: {e}")))?;
     let mut probe = client
         .get_multiplexed_async_connection()
         .await
