@@ -40,6 +40,34 @@ use super::{RedisCommit, RedisEngine};
 /// Stats call flooding Redis.
 const STATS_IN_FLIGHT: usize = 32;
 
+/// The counts (`count`) of each of `names` that `wanted` keeps, with its name, in name
+/// order: one call per name, [`STATS_IN_FLIGHT`] at a time (on a cluster they go to their
+/// own shards side by side). A name deleted meanwhile (NOT_FOUND) is left out.
+async fn counts_of<T, Fut>(
+    names: Vec<String>,
+    wanted: impl Fn(&str) -> bool,
+    count: impl Fn(String) -> Fut,
+) -> Result<Vec<(String, T)>, BrokerError>
+where
+    Fut: Future<Output = Result<T, BrokerError>>,
+{
+    let mut counted = futures::stream::iter(names.into_iter().filter(|n| wanted(n)))
+        .map(|name| {
+            let counting = count(name.clone());
+            async move { (name, counting.await) }
+        })
+        .buffered(STATS_IN_FLIGHT);
+    let mut out = Vec::new();
+    while let Some((name, counts)) = counted.next().await {
+        match counts {
+            Ok(counts) => out.push((name, counts)),
+            Err(BrokerError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 impl RedisEngine {
     /// A queue's policy and pause state, or NOT_FOUND naming `field`'s queue.
     async fn existing_queue(&self, name: &str) -> Result<(QueuePolicy, bool), BrokerError> {
@@ -561,34 +589,23 @@ impl Engine for RedisEngine {
             .map_err(|e| unavailable("reading Redis's memory (INFO memory)", e))?;
         snapshot.memory_used_bytes = memory.used_bytes;
         snapshot.memory_budget_bytes = memory.limit_bytes;
-        // One counts call per queue and topic, STATS_IN_FLIGHT at a time (on a cluster
-        // they go to their own shards side by side), kept in name order; one that was
-        // deleted meanwhile is left out.
-        let names: Vec<String> = self.inner.queues.names().await?;
-        let mut counted = futures::stream::iter(names.into_iter().filter(|n| named(queues, n)))
-            .map(|name| async move {
-                let counts = self.inner.queues.counts(&name).await;
-                (name, counts)
-            })
-            .buffered(STATS_IN_FLIGHT);
-        while let Some((name, counts)) = counted.next().await {
-            match counts {
-                Ok(counts) => snapshot.queues.push((name, counts)),
-                Err(BrokerError::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let names: Vec<String> = self.inner.topics.names().await?;
-        let mut counted = futures::stream::iter(names.into_iter().filter(|n| named(topics, n)))
-            .map(|name| async move { self.inner.topics.counts(&name).await })
-            .buffered(STATS_IN_FLIGHT);
-        while let Some(counts) = counted.next().await {
-            match counts {
-                Ok(counts) => snapshot.topics.push(counts),
-                Err(BrokerError::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let names = self.inner.queues.names().await?;
+        snapshot.queues = counts_of(
+            names,
+            |n| named(queues, n),
+            |name| async move { self.inner.queues.counts(&name).await },
+        )
+        .await?;
+        let names = self.inner.topics.names().await?;
+        snapshot.topics = counts_of(
+            names,
+            |n| named(topics, n),
+            |name| async move { self.inner.topics.counts(&name).await },
+        )
+        .await?
+        .into_iter()
+        .map(|(_, counts)| counts)
+        .collect();
         Ok(snapshot)
     }
 

@@ -665,6 +665,23 @@ local function check_lease(seq, nonce, now)
   return 'job ' .. id .. ' is ' .. state .. ' since this lease ended (attempt ' .. attempts .. ')'
 end
 
+-- Calls `each(seq, fields)` for every (seq, nonce) pair of `argv` from index `from` on
+-- whose lease is still live (`check_lease`'s fields), in order, each checked just before
+-- its call; leases settled, expired or delivered again meanwhile are left alone. Returns
+-- how many were live. For the scripts that put back a stream's leases (release, unlease).
+local function each_live_lease(argv, from, now, each)
+  local n = 0
+  for i = from, #argv - 1, 2 do
+    local seq = tonumber(argv[i])
+    local why, f = check_lease(seq, argv[i + 1], now)
+    if why == 'live' then
+      each(seq, f)
+      n = n + 1
+    end
+  end
+  return n
+end
+
 -- Forgets the record of job `seq` (as a string, from `:ids`) entirely, live or finished,
 -- without counting it anywhere: a dead letter or a redriven job that replaces an earlier
 -- record of the same id.

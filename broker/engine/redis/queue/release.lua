@@ -6,20 +6,16 @@ if not load_meta() then
   return 0
 end
 local now = now_ms()
-local released = 0
-for i = 4, #ARGV - 1, 2 do
-  local seq = tonumber(ARGV[i])
-  if check_lease(seq, ARGV[i + 1], now) == 'live' then
-    local name = jget(seq, 'consumer')
-    fail_attempt(seq, now, ARGV[2], 0, false, tonumber(ARGV[3]))
-    if name then
-      local c = consumer_get(name)
-      c.s = now
-      consumer_put(name, c)
-    end
-    released = released + 1
+local released = each_live_lease(ARGV, 4, now, function(seq, f)
+  -- The worker's name, as check_lease read it with the lease.
+  local name = f[6]
+  fail_attempt(seq, now, ARGV[2], 0, false, tonumber(ARGV[3]))
+  if name then
+    local c = consumer_get(name)
+    c.s = now
+    consumer_put(name, c)
   end
-end
+end)
 if released > 0 then
   wake()
 end

@@ -7,18 +7,13 @@ if not load_meta() then
   return 0
 end
 local now = now_ms()
-local back = 0
-for i = 2, #ARGV - 1, 2 do
-  local seq = tonumber(ARGV[i])
-  if check_lease(seq, ARGV[i + 1], now) == 'live' then
-    end_lease(seq, now)
-    local k = job_key(seq)
-    redis.call('HINCRBY', k, 'attempts', -1)
-    redis.call('HDEL', k, 'nonce', 'consumer')
-    place(seq, now)
-    back = back + 1
-  end
-end
+local back = each_live_lease(ARGV, 2, now, function(seq)
+  end_lease(seq, now)
+  local k = job_key(seq)
+  redis.call('HINCRBY', k, 'attempts', -1)
+  redis.call('HDEL', k, 'nonce', 'consumer')
+  place(seq, now)
+end)
 if back > 0 and mnum('rate_ps') > 0 then
   local milli = math.min(bucket_milli(now) + back * 1000, mnum('rate_burst') * 1000)
   local at = math.max(mnum('tok_at'), now)
