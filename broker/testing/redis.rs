@@ -114,6 +114,25 @@ impl RedisServer {
         );
     }
 
+    /// Makes this server unable to persist, as a full or lost disk would: it gets a save
+    /// point, its directory goes away and a snapshot fails, so from then on it refuses
+    /// writes with `MISCONF` (`stop-writes-on-bgsave-error`, on by default) and still
+    /// answers reads. Returns once a write is refused.
+    pub fn fail_persistence(&self) {
+        self.config_set("save", "3600 1");
+        let _ = std::fs::remove_dir_all(&self.dir);
+        cli(self.port, &["BGSAVE"]);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let reply = cli(self.port, &["SET", "sluice-test-probe", "1"]).unwrap_or_default();
+            if reply.starts_with("MISCONF") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis on port {} still accepts writes", self.port);
+    }
+
     /// Kills the process now (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -253,17 +253,24 @@ fn info_field(text: &str, name: &str) -> Option<u64> {
 }
 
 /// The error a user sees when Redis cannot be reached or refuses a command: UNAVAILABLE,
-/// naming what was being done; RESOURCE_EXHAUSTED when Redis refused a write for its
-/// `maxmemory`. That refusal changed nothing: Redis refuses a function that may write
-/// before it runs, and a script (`EVAL`) at its first write, never midway.
+/// naming what was being done. Two refusals of a write say that nothing changed: Redis
+/// refuses a function that may write before it runs, and a script (`EVAL`) at its first
+/// write, never midway. Past its `maxmemory` that is RESOURCE_EXHAUSTED; when it cannot
+/// persist (`MISCONF`: its AOF or snapshot failed, such as on a full disk) it stays
+/// UNAVAILABLE, as it lasts until Redis's disk is fixed.
 pub(crate) fn unavailable(doing: &str, e: redis::RedisError) -> BrokerError {
-    if e.code() == Some("OOM") {
-        return BrokerError::ResourceExhausted(format!(
+    match e.code() {
+        Some("OOM") => BrokerError::ResourceExhausted(format!(
             "redis is out of memory (used memory above its maxmemory): {doing} was refused \
              and changed nothing; free memory or raise maxmemory"
-        ));
+        )),
+        Some("MISCONF") => BrokerError::Unavailable(format!(
+            "redis cannot persist writes ({}): {doing} was refused and changed nothing; \
+             free disk space on the Redis host (or fix its AOF or snapshot) and retry",
+            e.detail().unwrap_or("MISCONF").trim()
+        )),
+        _ => BrokerError::Unavailable(format!("redis: {doing}: {e}")),
     }
-    BrokerError::Unavailable(format!("redis: {doing}: {e}"))
 }
 
 /// Connects to `seeds` (`redis://host:port` URLs; several only for a cluster), replies

@@ -547,6 +547,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_publish_to_a_redis_that_cannot_persist_is_refused_and_writes_nothing() {
+        let server = RedisServer::start();
+        let s = store(&server).await;
+        s.publish("t", vec![msg("a")]).await.unwrap();
+        server.fail_persistence();
+        let err = s.publish("t", vec![msg("b")]).await.unwrap_err();
+        assert!(matches!(err, BrokerError::Unavailable(_)), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("redis cannot persist writes"), "{text}");
+        assert!(
+            text.contains("publishing to topic \"t\" was refused and changed nothing"),
+            "{text}"
+        );
+        assert_eq!(s.counts("t").await.unwrap().published, 1);
+    }
+
+    #[tokio::test]
     async fn publishes_read_back_in_order_with_explicit_gap_free_ids() {
         let server = RedisServer::start();
         let s = store(&server).await;

@@ -1568,6 +1568,28 @@ async fn redis_queue_out_of_memory_refuses_writes_whole_and_still_answers_reads(
     assert_eq!(payloads(&lease(&s, "q", 10).await), [&b"a"[..], b"b"]);
 }
 
+/// A Redis that cannot persist (its disk full or gone) refuses every write before it
+/// runs: UNAVAILABLE saying so and that nothing changed; reads still answer.
+#[tokio::test]
+async fn redis_queue_writes_on_a_redis_that_cannot_persist_are_refused_whole() {
+    let (srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    s.enqueue("q", vec![job("a")]).await.unwrap();
+    srv.fail_persistence();
+    for err in [
+        s.enqueue("q", vec![job("b")]).await.unwrap_err(),
+        s.lease("q", 1, None, "w", "127.0.0.1:1").await.unwrap_err(),
+    ] {
+        assert!(matches!(err, BrokerError::Unavailable(_)), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("redis cannot persist writes"), "{text}");
+        assert!(text.contains("was refused and changed nothing"), "{text}");
+        assert!(text.contains("free disk space"), "{text}");
+    }
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!((counts.enqueued, counts.pending, counts.leased), (1, 1, 0));
+}
+
 #[tokio::test]
 async fn redis_queue_history_entries_carry_ids_and_older_ones_still_read_and_trim() {
     let (_srv, s) = store().await;
