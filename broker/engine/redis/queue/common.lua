@@ -16,8 +16,8 @@ local CALL_KEYS, CALL_ARGV
 -- A test's clock (test builds only, see queue/test_clock.rs): a last argument
 -- "\0now=<ms>" is the time, taken off ARGV before the body reads it.
 local TEST_NOW
--- Redis's time, read once per call (`now_ms`).
-local NOW
+-- Redis's time, read once per call (`now_ms`), and as decimal text (`now_text`).
+local NOW, NOW_TEXT
 -- The meta hash as a table (`load_meta`), and whether a body run after another in the
 -- same call (ack-and-lease) goes on using it instead of reading the hash again: every
 -- write to the hash in the bodies goes through `M` too (`mincr`, and each HSET/HDEL beside
@@ -60,7 +60,7 @@ local function begin(keys, argv)
     TEST_NOW = tonumber(string.sub(argv[#argv], 6))
     argv[#argv] = nil
   end
-  NOW = nil
+  NOW, NOW_TEXT = nil, nil
   M, KEEP_META = nil, false
   WOKE, READY_UNSURE = 0, false
   CONSUMERS, UNWRITTEN = {}, nil
@@ -87,6 +87,18 @@ local function call_many(cmd, key, items)
     i = j + 1
   end
   return reply
+end
+
+-- The meta and rates hashes are read and written several times in every call. Stored as
+-- a listpack (Redis's choice for a small hash) each of those accesses scans every field;
+-- a hash holding a value longer than Redis's default `hash-max-listpack-value` (64 bytes)
+-- is kept as a hash table instead, where each is one lookup (about 5% of an enqueue's
+-- instructions, measured with callgrind: BENCHMARKS.md). The field changes nothing else:
+-- no script reads it.
+local HASH_TABLE_NOTE = 'kept as a hash table: this value is longer than hash-max-listpack-value'
+
+local function keep_as_hash_table(key)
+  redis.call('HSET', key, 'layout', HASH_TABLE_NOTE)
 end
 
 -- The end of time: Lua numbers are doubles, exact up to 2^53, so times and delays
@@ -124,6 +136,16 @@ local function now_ms()
   return NOW
 end
 
+-- `now_ms()` as decimal text, made once per call. Arguments of `redis.call` should be
+-- text: Redis formats a Lua number with `%.17g`, which for a time in ms costs about as
+-- much as the command it is passed to (measured with callgrind, BENCHMARKS.md).
+local function now_text()
+  if not NOW_TEXT then
+    NOW_TEXT = I(now_ms())
+  end
+  return NOW_TEXT
+end
+
 local function fail(code, msg)
   return redis.error_reply(code .. ' ' .. msg)
 end
@@ -151,7 +173,7 @@ local META_REST = {
 -- `HMGET` instead of the whole hash (about 30 fields, the encoded policy and every
 -- counter) saves most of the meta read's Lua time (BENCHMARKS.md, issue 19).
 local META_ENQUEUE = { 'seq', 'due', 'dedup_ms', 'max_depth', 'max_attempts', 'esec',
-  'by_consumer' }
+  'by_consumer', 'enqueued' }
 local META_LEASE = { 'seq', 'due', 'paused', 'max_in_flight', 'rate_ps', 'vis' }
 local META_ACK = { 'seq', 'if_since', 'history_limit', 'asec' }
 -- Both parts' fields (each once), built when the library loads (where Lua's library
@@ -281,14 +303,15 @@ end
 -- nobody waits: every waiter looks again after noting itself.)
 local function wake()
   if WOKE > 0
-    and #redis.call('ZRANGEBYSCORE', K_WAITING, now_ms(), '+inf', 'LIMIT', 0, 1) > 0
+    and #redis.call('ZRANGEBYSCORE', K_WAITING, now_text(), '+inf', 'LIMIT', '0', '1') > 0
     and (not READY_UNSURE or redis.call('ZCARD', K_READY) > 0) then
     redis.call('SPUBLISH', K_WAKE, I(WOKE))
   end
 end
 
+-- As text, for `redis.call` (see `now_text`).
 local function ready_score(prio, seq)
-  return (9 - prio) * 17592186044416 + seq
+  return I((9 - prio) * 17592186044416 + seq)
 end
 
 local function jget(seq, field)
@@ -546,7 +569,7 @@ end
 
 -- Forgets idempotency keys whose window ended.
 local function prune_idem(now)
-  local old = redis.call('ZRANGEBYSCORE', K_IDEMEXP, '-inf', now, 'LIMIT', 0, 1000)
+  local old = redis.call('ZRANGEBYSCORE', K_IDEMEXP, '-inf', I(now), 'LIMIT', '0', '1000')
   for _, key in ipairs(old) do
     redis.call('HDEL', K_IDEM, key)
     redis.call('ZREM', K_IDEMEXP, key)
@@ -574,7 +597,8 @@ local function tick(now, rand)
     return 0
   end
   local changed = 0
-  local due = redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'WITHSCORES')
+  local at = I(now)
+  local due = redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', at, 'WITHSCORES')
   for i = 1, #due, 2 do
     local seq = tonumber(due[i])
     local deadline = tonumber(due[i + 1])
@@ -583,7 +607,7 @@ local function tick(now, rand)
       nil, false, rand)
     changed = changed + 1
   end
-  local timers = redis.call('ZRANGEBYSCORE', K_TIMERS, '-inf', now)
+  local timers = redis.call('ZRANGEBYSCORE', K_TIMERS, '-inf', at)
   for _, s in ipairs(timers) do
     local seq = tonumber(s)
     local k = job_key(seq)
@@ -591,7 +615,7 @@ local function tick(now, rand)
     if redis.call('HGET', k, 'state') == 'retrying' then
       mincr('retrying', -1)
     end
-    redis.call('HSET', k, 'state', 'pending', 'upd_at', I(now))
+    redis.call('HSET', k, 'state', 'pending', 'upd_at', at)
     local prio = tonumber(redis.call('HGET', k, 'prio'))
     redis.call('ZADD', K_READY, ready_score(prio, seq), s)
     WOKE = WOKE + 1

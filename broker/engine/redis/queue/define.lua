@@ -26,6 +26,8 @@ end
 if not exists then
   redis.call('HSET', K_META, 'seq', 0, 'paused', 0)
 end
+keep_as_hash_table(K_META)
+keep_as_hash_table(K_RATES)
 load_meta()
 -- A changed rate limit starts with a full bucket; the same one keeps its state.
 if old_rate ~= (M.rate_ps .. '/' .. M.rate_burst) then

@@ -78,11 +78,9 @@ end
 -- `idem_get` while its window lasts.
 local stored = {}
 local out = {}
--- Seqs for the new jobs, in order, taken at once.
-local seq = 0
-if new > 0 then
-  seq = redis.call('HINCRBY', K_META, 'seq', new) - new
-end
+-- Seqs for the new jobs, in order, after the queue's last (written back with the count
+-- at the end, one HSET for both).
+local seq = mnum('seq')
 -- What the batch adds to the queue's sets, written once per batch (`call_many`).
 local ids, live, ready, timers = {}, {}, {}, {}
 local blocked = 0
@@ -117,7 +115,7 @@ for i = 0, n - 1 do
     -- Where `place` would put a new job: ready now, or a timer.
     local state = 'pending'
     local h = { 'id', id, 'kind', kind, 'payload', payload, 'headers', headers,
-      'prio', I(prio), 'attempts', 0, 'max_att', I(attempts), 'state', state,
+      'prio', I(prio), 'attempts', '0', 'max_att', I(attempts), 'state', state,
       'enq_at', at_now, 'run_at', I(at), 'upd_at', at_now }
     if ik ~= '' then
       stored[ik] = id
@@ -169,7 +167,10 @@ end
 if blocked > 0 then
   mincr('blocked', blocked)
 end
-mincr('enqueued', new)
+if new > 0 then
+  M.seq, M.enqueued = I(seq), I(mnum('enqueued') + new)
+  redis.call('HSET', K_META, 'seq', M.seq, 'enqueued', M.enqueued)
+end
 rate_record('e', now, new)
 named_by_producer()
 wake()

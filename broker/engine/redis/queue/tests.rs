@@ -1767,3 +1767,40 @@ async fn redis_queue_unleased_jobs_go_back_as_if_never_leased() {
     assert_eq!(payloads(&again), vec![b"1".as_ref(), b"2"]);
     assert!(again.iter().all(|d| d.attempt == 1), "{again:?}");
 }
+
+/// The meta and rates hashes, touched several times by every call, are hash tables (one
+/// lookup per field) rather than listpacks (a scan of every field); enqueue's one write of
+/// the sequence and the count keeps both right.
+#[tokio::test]
+async fn redis_queue_hot_hashes_are_hash_tables_and_counts_stay_right() {
+    let (_srv, s) = store().await;
+    s.create("q", &policy("q")).await.unwrap();
+    s.enqueue("q", vec![job("a"), job("b")]).await.unwrap();
+    let keyed = NewJob {
+        idempotency_key: Some("k".into()),
+        ..job("c")
+    };
+    s.enqueue("q", vec![keyed.clone(), keyed]).await.unwrap();
+    let keys = QueueKeys::new("q");
+    let mut c = s.conn.clone();
+    for key in [keys.key("meta"), keys.key("rates")] {
+        let encoding: String = redis::cmd("OBJECT")
+            .arg("ENCODING")
+            .arg(&key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(encoding, "hashtable", "{key}");
+    }
+    let counts = s.counts("q").await.unwrap();
+    assert_eq!(counts.enqueued, 3, "{counts:?}");
+    let seqs: Vec<u64> = lease(&s, "q", 10)
+        .await
+        .iter()
+        .map(|d| d.lease_id.seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+    s.enqueue("q", vec![job("d")]).await.unwrap();
+    assert_eq!(lease(&s, "q", 1).await[0].lease_id.seq, 4);
+    assert_eq!(s.counts("q").await.unwrap().enqueued, 4);
+}
