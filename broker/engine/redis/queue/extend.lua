@@ -5,7 +5,7 @@ if not load_meta() then
 end
 local now = now_ms()
 local seq = tonumber(ARGV[2])
-local why = check_lease(seq, ARGV[3], now)
+local why, f = check_lease(seq, ARGV[3], now)
 if why == 'acked' then
   return fail('SLUICE_STALE', 'its job was already acked')
 elseif why ~= 'live' then
@@ -15,7 +15,8 @@ local deadline = after(now, tonumber(ARGV[4]))
 redis.call('ZADD', K_LEASED, deadline, I(seq))
 due_by(deadline)
 redis.call('HSET', job_key(seq), 'deadline', I(deadline), 'upd_at', I(now))
-local name = jget(seq, 'consumer')
+-- The worker holding the lease, as check_lease read it.
+local name = f[6]
 if name then
   local c = consumer_get(name)
   c.s = now

@@ -6,13 +6,14 @@ if not load_meta() then
 end
 local now = now_ms()
 local seq = tonumber(ARGV[2])
-local why = check_lease(seq, ARGV[3], now)
+local why, f = check_lease(seq, ARGV[3], now)
 if why == 'acked' then
   return fail('SLUICE_STALE', 'its job was already acked')
 elseif why ~= 'live' then
   return fail('SLUICE_STALE', why)
 end
-local name = jget(seq, 'consumer')
+-- The worker holding the lease, as check_lease read it.
+local name = f[6]
 local delay = nil
 if ARGV[5] ~= '' then
   delay = tonumber(ARGV[5])
