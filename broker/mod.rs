@@ -41,7 +41,7 @@ pub use self::domain::error::BrokerError;
 pub use self::domain::limits::Limits;
 pub use self::engine::Engine;
 pub use self::engine::local::{Broker, BrokerConfig};
-pub use self::engine::redis::{RedisCommit, RedisConfig, RedisEngine};
+pub use self::engine::redis::{RedisCommit, RedisConfig, RedisEngine, redacted_seeds};
 
 // Pluggable storage: the write-ahead log over a `Storage`, and what recovery reports.
 pub use self::store::{

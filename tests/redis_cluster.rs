@@ -2087,3 +2087,64 @@ async fn jobs_held_ahead_by_a_killed_node_come_back_after_their_visibility_timeo
     );
     survivor.stop().await;
 }
+
+/// A managed Redis needs a password, given in the `--redis` URL: the real binary serves
+/// with it, and neither its log nor its refusal of a wrong one shows it.
+#[tokio::test]
+async fn the_binary_uses_a_redis_password_and_never_shows_it() {
+    let server = RedisServer::start();
+    server.config_set("requirepass", "s3cret-pw");
+    let port = server.port;
+    let dir = std::env::temp_dir().join(format!("sluice-redis-pw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--storage", "redis"])
+        .arg("--redis")
+        .arg(format!("redis://:s3cret-pw@127.0.0.1:{port}"))
+        .env("SLUICE_LOG", common::SERVE_LOG)
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .expect("starting the sluice binary");
+    let start = Instant::now();
+    let log = loop {
+        let log = std::fs::read_to_string(&out_path).unwrap_or_default();
+        if log.contains("sluice serving gRPC") {
+            break log;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20) && child.try_wait().unwrap().is_none(),
+            "the node did not serve: {log}{}",
+            std::fs::read_to_string(&err_path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = log + &std::fs::read_to_string(&err_path).unwrap();
+    assert!(
+        log.contains(&format!("redis://:***@127.0.0.1:{port}")),
+        "{log}"
+    );
+    assert!(!log.contains("s3cret-pw"), "{log}");
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--storage", "redis"])
+        .arg("--redis")
+        .arg(format!("redis://:wrong-pw@127.0.0.1:{port}"))
+        .env("SLUICE_LOG", common::SERVE_LOG)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&refused.stdout).to_string()
+        + &String::from_utf8_lossy(&refused.stderr);
+    assert!(!text.contains("wrong-pw"), "{text}");
+    assert!(
+        text.contains(&format!("redis://:***@127.0.0.1:{port}")),
+        "{text}"
+    );
+    assert!(text.to_lowercase().contains("auth"), "{text}");
+    eprintln!("{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

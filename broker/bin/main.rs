@@ -132,7 +132,7 @@ async fn command(cli: Cli) -> std::process::ExitCode {
                 StorageKind::Redis => match RedisEngine::connect(args.redis_config()).await {
                     Ok(engine) => {
                         tracing::info!(
-                            redis = ?args.redis,
+                            redis = %sluice::broker::redacted_seeds(&args.redis),
                             cluster = engine.is_cluster(),
                             replicas = args.redis_replicas,
                             "state in Redis"
@@ -141,7 +141,10 @@ async fn command(cli: Cli) -> std::process::ExitCode {
                     }
                     Err(e) => {
                         tracing::error!("{e}");
-                        eprintln!("sluice: cannot use --redis {}: {e}", args.redis.join(","));
+                        eprintln!(
+                            "sluice: cannot use --redis {}: {e}",
+                            sluice::broker::redacted_seeds(&args.redis)
+                        );
                         std::process::ExitCode::from(1)
                     }
                 },

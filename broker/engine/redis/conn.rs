@@ -186,6 +186,33 @@ impl ConnectionLike for RedisConn {
 /// its wake-ups sharded pub/sub (`SPUBLISH`), both new in 7.0.
 const MIN_REDIS_MAJOR: u32 = 7;
 
+/// `url` as it may be shown in a log line or an error: a password in its user info
+/// (`redis://user:secret@host`, `redis://:secret@host`) replaced by `***`. A managed Redis
+/// needs one, and `--redis` is how it is given; it must not reach logs, terminals or
+/// error messages. A user name alone (no `:`) is no secret and stays.
+pub(crate) fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    // The last `@` ends the user info, even in a password that was not percent-encoded.
+    let Some((user_info, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match user_info.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// [`redacted_url`] of each seed, comma separated, as `--redis` takes them.
+pub fn redacted_seeds(seeds: &[String]) -> String {
+    seeds
+        .iter()
+        .map(|s| redacted_url(s))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Refuses a server older than Redis 7.0 (by `redis_version` in `INFO server`; Valkey
 /// reports the Redis version it matches there too), naming the version found.
 fn check_version(addr: &str, info_server: &str) -> Result<(), BrokerError> {
@@ -290,11 +317,12 @@ pub(crate) async fn connect_with(
     let first = seeds
         .first()
         .ok_or_else(|| BrokerError::invalid("redis", "no Redis address given"))?;
+    let shown = redacted_url(first);
     // Every seed must be a Redis URL, though a standalone server uses only the first: a
     // typo in another would otherwise surface only when the cluster needs that seed.
     let mut clients = seeds.iter().map(|seed| {
         redis::Client::open(seed.as_str())
-            .map_err(|e| BrokerError::invalid("redis", format!("{seed:?}: {e}")))
+            .map_err(|e| BrokerError::invalid("redis", format!("{:?}: {e}", redacted_url(seed))))
     });
     let client = clients.next().expect("a first seed")?;
     for other in clients {
@@ -303,23 +331,25 @@ pub(crate) async fn connect_with(
     let mut probe = client
         .get_multiplexed_async_connection()
         .await
-        .map_err(|e| unavailable(&format!("connecting to {first}"), e))?;
+        .map_err(|e| unavailable(&format!("connecting to {shown}"), e))?;
     let server: String = redis::cmd("INFO")
         .arg("server")
         .query_async(&mut probe)
         .await
-        .map_err(|e| unavailable(&format!("INFO server on {first}"), e))?;
-    check_version(first, &server)?;
+        .map_err(|e| unavailable(&format!("INFO server on {shown}"), e))?;
+    check_version(&shown, &server)?;
     let info: String = redis::cmd("INFO")
         .arg("cluster")
         .query_async(&mut probe)
         .await
-        .map_err(|e| unavailable(&format!("INFO cluster on {first}"), e))?;
+        .map_err(|e| unavailable(&format!("INFO cluster on {shown}"), e))?;
     if info.contains("cluster_enabled:1") {
         let cluster = ClusterClientBuilder::new(seeds.to_vec())
             .response_timeout(response_timeout)
             .build()
-            .map_err(|e| BrokerError::invalid("redis", format!("{seeds:?}: {e}")))?;
+            .map_err(|e| {
+                BrokerError::invalid("redis", format!("{}: {e}", redacted_seeds(seeds)))
+            })?;
         let conn = cluster
             .get_async_connection()
             .await
@@ -333,7 +363,7 @@ pub(crate) async fn connect_with(
             .set_number_of_retries(3);
         let conn = ConnectionManager::new_with_config(client, config)
             .await
-            .map_err(|e| unavailable(&format!("connecting to {first}"), e))?;
+            .map_err(|e| unavailable(&format!("connecting to {shown}"), e))?;
         Ok(RedisConn::new(Link::Single(conn)))
     }
 }
@@ -386,6 +416,57 @@ mod tests {
         let mut texts = Vec::new();
         info_texts(&map, &mut texts);
         assert_eq!(texts, ["used_memory:1\r\n", "used_memory:2\r\n"]);
+    }
+
+    #[test]
+    fn a_password_in_a_redis_url_is_never_shown() {
+        for (url, shown) in [
+            ("redis://:s3cret@host:6379", "redis://:***@host:6379"),
+            (
+                "redis://app:s3cret@host:6379/0",
+                "redis://app:***@host:6379/0",
+            ),
+            (
+                "rediss://app:p@ss:w0rd@host:6380",
+                "rediss://app:***@host:6380",
+            ),
+            ("redis://app@host:6379", "redis://app@host:6379"),
+            ("redis://host:6379", "redis://host:6379"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redacted_url(url), shown, "{url}");
+        }
+        assert_eq!(
+            redacted_seeds(&["redis://:a@h1:1".into(), "redis://h2:2".into()]),
+            "redis://:***@h1:1,redis://h2:2"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_password_protected_server_takes_the_urls_password_and_never_shows_it() {
+        let server = RedisServer::start();
+        server.config_set("requirepass", "s3cret-pw");
+        let port = server.port;
+        let mut conn = connect(&[format!("redis://:s3cret-pw@127.0.0.1:{port}")])
+            .await
+            .expect("the password in the URL is used");
+        assert!(conn.memory().await.is_ok());
+        for (url, why) in [
+            (format!("redis://:wrong-pw@127.0.0.1:{port}"), "wrong"),
+            (server.url(), "none"),
+        ] {
+            let err = connect(std::slice::from_ref(&url))
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("a {why} password is refused"));
+            assert!(matches!(err, BrokerError::Unavailable(_)), "{err}");
+            let text = err.to_string();
+            assert!(!text.contains("wrong-pw"), "{text}");
+            assert!(
+                text.to_lowercase().contains("auth"),
+                "names authentication: {text}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -48,6 +48,7 @@ use crate::broker::engine::local::stats::StatsHub;
 use crate::broker::sync::lock;
 
 use self::conn::RedisConn;
+pub use self::conn::redacted_seeds;
 use self::keys::QueueKeys;
 use self::queue::QueueStore;
 use self::replication::Replication;

@@ -26,7 +26,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::domain::error::BrokerError;
-use crate::broker::engine::redis::conn::{RedisConn, unavailable};
+use crate::broker::engine::redis::conn::{RedisConn, redacted_seeds, redacted_url, unavailable};
 use crate::broker::sync::lock;
 
 /// The longest a waiter waits without looking at Redis again, whether or not a wake
@@ -289,25 +289,26 @@ async fn connect(
     let first = seeds
         .first()
         .ok_or_else(|| BrokerError::invalid("redis", "no Redis address given"))?;
+    let shown = redacted_url(first);
     let client = redis::Client::open(first.as_str())
-        .map_err(|e| BrokerError::invalid("redis", format!("{first:?}: {e}")))?;
+        .map_err(|e| BrokerError::invalid("redis", format!("{shown:?}: {e}")))?;
     let info = client.get_connection_info().clone();
     let settings = info
         .redis_settings()
         .clone()
         .set_protocol(ProtocolVersion::RESP3);
     let client = redis::Client::open(info.set_redis_settings(settings))
-        .map_err(|e| BrokerError::invalid("redis", format!("{first:?}: {e}")))?;
+        .map_err(|e| BrokerError::invalid("redis", format!("{shown:?}: {e}")))?;
     let config = AsyncConnectionConfig::new().set_push_sender(pushes.clone());
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await
-        .map_err(|e| unavailable(&format!("connecting to {first}"), e))?;
+        .map_err(|e| unavailable(&format!("connecting to {shown}"), e))?;
     let info: String = redis::cmd("INFO")
         .arg("cluster")
         .query_async(&mut conn)
         .await
-        .map_err(|e| unavailable(&format!("INFO cluster on {first}"), e))?;
+        .map_err(|e| unavailable(&format!("INFO cluster on {shown}"), e))?;
     if !info.contains("cluster_enabled:1") {
         return Ok(SubConn::Single(conn));
     }
@@ -315,7 +316,7 @@ async fn connect(
         .use_protocol(ProtocolVersion::RESP3)
         .push_sender(pushes)
         .build()
-        .map_err(|e| BrokerError::invalid("redis", format!("{seeds:?}: {e}")))?;
+        .map_err(|e| BrokerError::invalid("redis", format!("{}: {e}", redacted_seeds(seeds))))?;
     let conn = cluster
         .get_async_connection()
         .await
@@ -477,6 +478,25 @@ mod tests {
         publish(&other, &a).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(watch.wait(Duration::from_secs(10)).await, [a.as_str()]);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_password_protected_server_wakes_the_watch() {
+        let server = RedisServer::start();
+        server.config_set("requirepass", "s3cret-pw");
+        let url = format!("redis://:s3cret-pw@127.0.0.1:{}", server.port);
+        let shutdown = CancellationToken::new();
+        let wakes = Wakes::start(vec![url.clone()], shutdown.clone());
+        let other = connect(&[url]).await.unwrap();
+        let channel = "sluice:{t:p}:wake".to_string();
+        until_connected(&wakes, true).await;
+        let mut watch = wakes.watch(std::slice::from_ref(&channel)).await;
+        publish(&other, &channel).await.unwrap();
+        assert_eq!(
+            watch.wait(Duration::from_secs(10)).await,
+            [channel.as_str()]
+        );
         shutdown.cancel();
     }
 
