@@ -2088,6 +2088,73 @@ async fn jobs_held_ahead_by_a_killed_node_come_back_after_their_visibility_timeo
     survivor.stop().await;
 }
 
+/// `sluice serve --storage redis --redis <seed>` on a free port, logging at the tests'
+/// level.
+fn node_command(seed: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--storage", "redis"])
+        .args(["--redis", seed])
+        .env("SLUICE_LOG", common::SERVE_LOG);
+    cmd
+}
+
+/// A node process whose log (stdout) is kept for the test to read; killed when dropped.
+struct LoggedNode {
+    child: std::process::Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<u8>>>,
+}
+
+impl LoggedNode {
+    /// Starts `cmd` and waits until it serves.
+    async fn start(mut cmd: std::process::Command) -> Self {
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the sluice binary");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let tee = Tee {
+            inner: child.stdout.take().expect("piped stdout"),
+            copy: log.clone(),
+        };
+        let addr = common::serve_addrs(tee, false).await.grpc;
+        Self { child, addr, log }
+    }
+
+    fn log(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
+    }
+}
+
+impl Drop for LoggedNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A reader that keeps a copy of what is read through it.
+struct Tee<R> {
+    inner: R,
+    copy: Arc<Mutex<Vec<u8>>>,
+}
+
+impl<R: std::io::Read> std::io::Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.lock().unwrap().extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// What a node that refuses to start prints, stdout and stderr together.
+fn refusal(mut cmd: std::process::Command) -> String {
+    let out = cmd.output().expect("running the sluice binary");
+    assert_eq!(out.status.code(), Some(1), "the node refuses to start");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
 /// A managed Redis needs a password, given in the `--redis` URL: the real binary serves
 /// with it, and neither its log nor its refusal of a wrong one shows it.
 #[tokio::test]
@@ -2095,56 +2162,105 @@ async fn the_binary_uses_a_redis_password_and_never_shows_it() {
     let server = RedisServer::start();
     server.config_set("requirepass", "s3cret-pw");
     let port = server.port;
-    let dir = std::env::temp_dir().join(format!("sluice-redis-pw-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--storage", "redis"])
-        .arg("--redis")
-        .arg(format!("redis://:s3cret-pw@127.0.0.1:{port}"))
-        .env("SLUICE_LOG", common::SERVE_LOG)
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .expect("starting the sluice binary");
-    let start = Instant::now();
-    let log = loop {
-        let log = std::fs::read_to_string(&out_path).unwrap_or_default();
-        if log.contains("sluice serving gRPC") {
-            break log;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20) && child.try_wait().unwrap().is_none(),
-            "the node did not serve: {log}{}",
-            std::fs::read_to_string(&err_path).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    let log = log + &std::fs::read_to_string(&err_path).unwrap();
+    let node = LoggedNode::start(node_command(&format!(
+        "redis://:s3cret-pw@127.0.0.1:{port}"
+    )))
+    .await;
+    let client = Client::connect(format!("http://{}", node.addr))
+        .await
+        .unwrap();
+    client
+        .enqueue("behind-a-password", "x")
+        .send()
+        .await
+        .unwrap();
+    let log = node.log();
     assert!(
         log.contains(&format!("redis://:***@127.0.0.1:{port}")),
         "{log}"
     );
     assert!(!log.contains("s3cret-pw"), "{log}");
 
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--storage", "redis"])
-        .arg("--redis")
-        .arg(format!("redis://:wrong-pw@127.0.0.1:{port}"))
-        .env("SLUICE_LOG", common::SERVE_LOG)
-        .output()
-        .unwrap();
-    assert_eq!(refused.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&refused.stdout).to_string()
-        + &String::from_utf8_lossy(&refused.stderr);
+    let text = refusal(node_command(&format!("redis://:wrong-pw@127.0.0.1:{port}")));
     assert!(!text.contains("wrong-pw"), "{text}");
     assert!(
         text.contains(&format!("redis://:***@127.0.0.1:{port}")),
         "{text}"
     );
     assert!(text.to_lowercase().contains("auth"), "{text}");
-    eprintln!("{text}");
+}
+
+/// A Redis that takes TLS only (as managed ones often do): a `rediss://` seed reaches it
+/// when its certificate chains to a trusted root (the system's, or `SSL_CERT_FILE` for a
+/// private CA), commands and the wake-up subscriber both; an untrusted certificate stops
+/// the node at start, saying so.
+#[tokio::test]
+async fn the_binary_reaches_redis_over_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("sluice-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str, pem: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let (ca_file, cert_file, key_file) = (
+        path("ca.pem", ca.pem()),
+        path("redis.pem", cert.pem()),
+        path("redis.key", key.serialize_pem()),
+    );
+    let tls_port = sluice::broker::testing::redis::free_port().to_string();
+    let _server = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &cert_file,
+        "--tls-key-file",
+        &key_file,
+        "--tls-ca-cert-file",
+        &ca_file,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let node_trusting = |ca: Option<&str>| {
+        let mut cmd = node_command(&format!("rediss://127.0.0.1:{tls_port}"));
+        cmd.env_remove("SSL_CERT_DIR").env_remove("SSL_CERT_FILE");
+        if let Some(ca) = ca {
+            cmd.env("SSL_CERT_FILE", ca);
+        }
+        cmd
+    };
+
+    let text = refusal(node_trusting(None)).to_lowercase();
+    assert!(text.contains("certificate"), "{text}");
+
+    let node = LoggedNode::start(node_trusting(Some(&ca_file))).await;
+    let client = Client::connect(format!("http://{}", node.addr))
+        .await
+        .unwrap();
+    client
+        .rpc()
+        .create_queue(pb::CreateQueueRequest {
+            name: "over-tls".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let poll = long_poll(&client, "over-tls", Duration::from_secs(10)).await;
+    let job = client.enqueue("over-tls", "secret").send().await.unwrap();
+    let leases = within(poll).await.unwrap().unwrap();
+    assert_eq!(leases[0].job_id(), job.job_id);
+    // The wake-up subscriber connected over TLS too (it would warn until it did).
+    let log = node.log();
+    assert!(!log.contains("wake-up subscriber"), "{log}");
+    drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -155,6 +155,11 @@ impl RedisEngine {
     /// starts this node's wake-up subscriber, sweep and subscriber-count heartbeat. Must
     /// be called inside a Tokio runtime; the tasks end on [`RedisEngine::shutdown`].
     pub async fn connect(config: RedisConfig) -> Result<Self, BrokerError> {
+        // `rediss://` seeds: TLS by rustls, which needs a process-wide crypto provider
+        // (the same ring the gRPC side uses); one installed already is kept.
+        if config.seeds.iter().any(|s| s.starts_with("rediss://")) {
+            let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+        }
         // Replies wait at most a second past the replica timeout (a WAIT's longest).
         let response_timeout = config.replica_timeout + Duration::from_secs(1);
         let mut conn = conn::connect_with(&config.seeds, response_timeout).await?;
