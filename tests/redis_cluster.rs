@@ -2264,3 +2264,40 @@ async fn the_binary_reaches_redis_over_tls() {
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A Redis Cluster whose nodes need a password: the seeds' password reaches every node
+/// the client discovers (queues on different shards), and the wake-up subscriber's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_password_protected_cluster_serves_every_shard() {
+    let cluster = RedisCluster::start(3, 0);
+    // Enough queues that every shard holds some (asked before the password is set).
+    let queues: Vec<String> = (0..12).map(|i| format!("pw-{i}")).collect();
+    let shards: HashSet<u16> = queues
+        .iter()
+        .map(|q| cluster.primary_for_key(&format!("sluice:{{q:{q}}}")))
+        .collect();
+    assert_eq!(shards.len(), 3, "the queues span every shard");
+    for port in cluster.primaries() {
+        let _: String = redis_cmd(port, &["CONFIG", "SET", "requirepass", "s3cret-pw"]).await;
+    }
+    let seeds: Vec<String> = cluster
+        .seeds()
+        .iter()
+        .map(|s| s.replacen("redis://", "redis://:s3cret-pw@", 1))
+        .collect();
+    let node = Node::start(RedisConfig::new(seeds)).await;
+    let client = node.client().await;
+    for q in &queues {
+        let job = client.enqueue(q, "x").send().await.unwrap();
+        let mut leased = client.lease(q).send().await.unwrap();
+        let lease = leased.pop().expect("the job is leased");
+        assert_eq!(lease.job_id(), job.job_id, "{q}");
+        lease.ack().await.unwrap();
+    }
+    // A long poll is woken by the (authenticated) subscriber.
+    let poll = long_poll(&client, &queues[0], Duration::from_secs(10)).await;
+    let job = client.enqueue(&queues[0], "wake").send().await.unwrap();
+    let leases = within(poll).await.unwrap().unwrap();
+    assert_eq!(leases[0].job_id(), job.job_id);
+    node.stop().await;
+}
