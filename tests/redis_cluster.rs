@@ -2188,6 +2188,19 @@ async fn the_binary_uses_a_redis_password_and_never_shows_it() {
         "{text}"
     );
     assert!(text.to_lowercase().contains("auth"), "{text}");
+
+    // Given in the environment, `--help` does not show it either.
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--help"])
+        .env(
+            "SLUICE_REDIS",
+            format!("redis://:s3cret-pw@127.0.0.1:{port}"),
+        )
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("SLUICE_REDIS"), "{help}");
+    assert!(!help.contains("s3cret-pw"), "{help}");
 }
 
 /// A Redis that takes TLS only (as managed ones often do): a `rediss://` seed reaches it

@@ -217,8 +217,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_STORAGE", value_enum, default_value_t = StorageKind::Wal)]
     pub storage: StorageKind,
     /// With `--storage redis`: `redis://host:port` of a standalone server, or
-    /// comma-separated seed nodes of a Redis Cluster.
-    #[arg(long, env = "SLUICE_REDIS", value_name = "URLS", value_delimiter = ',')]
+    /// comma-separated seed nodes of a Redis Cluster. A password goes in the URL
+    /// (`redis://:password@host:port`), so `--help` does not show the variable's value.
+    #[arg(
+        long,
+        env = "SLUICE_REDIS",
+        value_name = "URLS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub redis: Vec<String>,
     /// With `--storage redis`: replicas every change must reach before it is answered
     /// (Redis `WAIT`); 0 answers once the primary has it.
