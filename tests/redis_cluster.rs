@@ -758,10 +758,12 @@ const LEDGER_QUEUE: &str = "ledger";
 /// enough that a lease whose answer was lost comes back before the drain ends.
 const LEDGER_VISIBILITY: Duration = Duration::from_secs(6);
 
-/// A `sluice serve --storage redis` process, SIGKILLed by PID when dropped.
+/// A `sluice serve --storage redis` process, SIGKILLed by PID when dropped; its log
+/// (stdout) is kept for the test to read.
 struct SluiceProcess {
     child: std::process::Child,
     url: String,
+    log: Arc<Mutex<Vec<u8>>>,
 }
 
 impl SluiceProcess {
@@ -771,24 +773,36 @@ impl SluiceProcess {
     }
 
     async fn start_with(seeds: &[String], replicas: u32) -> Self {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--storage", "redis"])
-            .arg("--redis")
-            .arg(seeds.join(","))
-            .arg("--redis-replicas")
+        let mut cmd = node_command(&seeds.join(","));
+        cmd.arg("--redis-replicas")
             .arg(replicas.to_string())
-            .args(["--redis-timeout-ms", "1000"])
-            .env("SLUICE_LOG", common::SERVE_LOG)
+            .args(["--redis-timeout-ms", "1000"]);
+        Self::spawn(cmd).await
+    }
+
+    /// Starts `cmd` (a [`node_command`]) and waits until it serves.
+    async fn spawn(mut cmd: std::process::Command) -> Self {
+        let mut child = cmd
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("starting the sluice binary");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let addr = common::serve_addrs(stdout, false).await.grpc;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let tee = Tee {
+            inner: child.stdout.take().expect("piped stdout"),
+            copy: log.clone(),
+        };
+        let addr = common::serve_addrs(tee, false).await.grpc;
         Self {
             child,
             url: format!("http://{addr}"),
+            log,
         }
+    }
+
+    /// What the node logged so far.
+    fn log(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
     }
 
     fn kill(&mut self) {
@@ -2098,42 +2112,6 @@ fn node_command(seed: &str) -> std::process::Command {
     cmd
 }
 
-/// A node process whose log (stdout) is kept for the test to read; killed when dropped.
-struct LoggedNode {
-    child: std::process::Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<u8>>>,
-}
-
-impl LoggedNode {
-    /// Starts `cmd` and waits until it serves.
-    async fn start(mut cmd: std::process::Command) -> Self {
-        let mut child = cmd
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("starting the sluice binary");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let tee = Tee {
-            inner: child.stdout.take().expect("piped stdout"),
-            copy: log.clone(),
-        };
-        let addr = common::serve_addrs(tee, false).await.grpc;
-        Self { child, addr, log }
-    }
-
-    fn log(&self) -> String {
-        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
-    }
-}
-
-impl Drop for LoggedNode {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A reader that keeps a copy of what is read through it.
 struct Tee<R> {
     inner: R,
@@ -2162,13 +2140,11 @@ async fn the_binary_uses_a_redis_password_and_never_shows_it() {
     let server = RedisServer::start();
     server.config_set("requirepass", "s3cret-pw");
     let port = server.port;
-    let node = LoggedNode::start(node_command(&format!(
+    let node = SluiceProcess::spawn(node_command(&format!(
         "redis://:s3cret-pw@127.0.0.1:{port}"
     )))
     .await;
-    let client = Client::connect(format!("http://{}", node.addr))
-        .await
-        .unwrap();
+    let client = Client::connect(node.url.clone()).await.unwrap();
     client
         .enqueue("behind-a-password", "x")
         .send()
@@ -2255,10 +2231,8 @@ async fn the_binary_reaches_redis_over_tls() {
     let text = refusal(node_trusting(None)).to_lowercase();
     assert!(text.contains("certificate"), "{text}");
 
-    let node = LoggedNode::start(node_trusting(Some(&ca_file))).await;
-    let client = Client::connect(format!("http://{}", node.addr))
-        .await
-        .unwrap();
+    let node = SluiceProcess::spawn(node_trusting(Some(&ca_file))).await;
+    let client = Client::connect(node.url.clone()).await.unwrap();
     client
         .rpc()
         .create_queue(pb::CreateQueueRequest {

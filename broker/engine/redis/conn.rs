@@ -213,6 +213,13 @@ pub fn redacted_seeds(seeds: &[String]) -> String {
         .join(",")
 }
 
+/// The refusal of a seed Redis's client cannot use (not a Redis URL, a cluster client
+/// that cannot be built): INVALID_ARGUMENT naming it as `shown` (a [`redacted_url`] or
+/// [`redacted_seeds`]).
+pub(crate) fn invalid_seed(shown: &str, e: redis::RedisError) -> BrokerError {
+    BrokerError::invalid("redis", format!("{shown:?}: {e}"))
+}
+
 /// Refuses a server older than Redis 7.0 (by `redis_version` in `INFO server`; Valkey
 /// reports the Redis version it matches there too), naming the version found.
 fn check_version(addr: &str, info_server: &str) -> Result<(), BrokerError> {
@@ -321,8 +328,7 @@ pub(crate) async fn connect_with(
     // Every seed must be a Redis URL, though a standalone server uses only the first: a
     // typo in another would otherwise surface only when the cluster needs that seed.
     let mut clients = seeds.iter().map(|seed| {
-        redis::Client::open(seed.as_str())
-            .map_err(|e| BrokerError::invalid("redis", format!("{:?}: {e}", redacted_url(seed))))
+        redis::Client::open(seed.as_str()).map_err(|e| invalid_seed(&redacted_url(seed), e))
     });
     let client = clients.next().expect("a first seed")?;
     for other in clients {
@@ -347,9 +353,7 @@ pub(crate) async fn connect_with(
         let cluster = ClusterClientBuilder::new(seeds.to_vec())
             .response_timeout(response_timeout)
             .build()
-            .map_err(|e| {
-                BrokerError::invalid("redis", format!("{}: {e}", redacted_seeds(seeds)))
-            })?;
+            .map_err(|e| invalid_seed(&redacted_seeds(seeds), e))?;
         let conn = cluster
             .get_async_connection()
             .await
@@ -442,6 +446,14 @@ mod tests {
         );
     }
 
+    /// What `connect` answers `seeds` with, which must be a refusal.
+    async fn refusal(seeds: &[String], why: &str) -> BrokerError {
+        connect(seeds)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{why} is refused"))
+    }
+
     #[tokio::test]
     async fn a_password_protected_server_takes_the_urls_password_and_never_shows_it() {
         let server = RedisServer::start();
@@ -455,10 +467,7 @@ mod tests {
             (format!("redis://:wrong-pw@127.0.0.1:{port}"), "wrong"),
             (server.url(), "none"),
         ] {
-            let err = connect(std::slice::from_ref(&url))
-                .await
-                .err()
-                .unwrap_or_else(|| panic!("a {why} password is refused"));
+            let err = refusal(&[url], &format!("a {why} password")).await;
             assert!(matches!(err, BrokerError::Unavailable(_)), "{err}");
             let text = err.to_string();
             assert!(!text.contains("wrong-pw"), "{text}");
@@ -472,10 +481,11 @@ mod tests {
     #[tokio::test]
     async fn every_seed_must_be_a_redis_url() {
         let server = RedisServer::start();
-        let err = connect(&[server.url(), "http://elsewhere:7000".into()])
-            .await
-            .err()
-            .expect("a seed that is no Redis URL is refused");
+        let err = refusal(
+            &[server.url(), "http://elsewhere:7000".into()],
+            "a seed that is no Redis URL",
+        )
+        .await;
         assert!(matches!(err, BrokerError::InvalidArgument { .. }), "{err}");
         assert!(
             err.to_string().contains("\"http://elsewhere:7000\""),

@@ -26,7 +26,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::domain::error::BrokerError;
-use crate::broker::engine::redis::conn::{RedisConn, redacted_seeds, redacted_url, unavailable};
+use crate::broker::engine::redis::conn::{
+    RedisConn, invalid_seed, redacted_seeds, redacted_url, unavailable,
+};
 use crate::broker::sync::lock;
 
 /// The longest a waiter waits without looking at Redis again, whether or not a wake
@@ -290,15 +292,14 @@ async fn connect(
         .first()
         .ok_or_else(|| BrokerError::invalid("redis", "no Redis address given"))?;
     let shown = redacted_url(first);
-    let client = redis::Client::open(first.as_str())
-        .map_err(|e| BrokerError::invalid("redis", format!("{shown:?}: {e}")))?;
+    let client = redis::Client::open(first.as_str()).map_err(|e| invalid_seed(&shown, e))?;
     let info = client.get_connection_info().clone();
     let settings = info
         .redis_settings()
         .clone()
         .set_protocol(ProtocolVersion::RESP3);
     let client = redis::Client::open(info.set_redis_settings(settings))
-        .map_err(|e| BrokerError::invalid("redis", format!("{shown:?}: {e}")))?;
+        .map_err(|e| invalid_seed(&shown, e))?;
     let config = AsyncConnectionConfig::new().set_push_sender(pushes.clone());
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
@@ -316,7 +317,7 @@ async fn connect(
         .use_protocol(ProtocolVersion::RESP3)
         .push_sender(pushes)
         .build()
-        .map_err(|e| BrokerError::invalid("redis", format!("{}: {e}", redacted_seeds(seeds))))?;
+        .map_err(|e| invalid_seed(&redacted_seeds(seeds), e))?;
     let conn = cluster
         .get_async_connection()
         .await

@@ -16,8 +16,8 @@ local CALL_KEYS, CALL_ARGV
 -- A test's clock (test builds only, see queue/test_clock.rs): a last argument
 -- "\0now=<ms>" is the time, taken off ARGV before the body reads it.
 local TEST_NOW
--- Redis's time, read once per call (`now_ms`), and as decimal text (`now_text`).
-local NOW, NOW_TEXT
+-- Redis's time, read once per call (`now_ms`).
+local NOW
 -- The meta hash as a table (`load_meta`), and whether a body run after another in the
 -- same call (ack-and-lease) goes on using it instead of reading the hash again: every
 -- write to the hash in the bodies goes through `M` too (`mincr`, and each HSET/HDEL beside
@@ -60,7 +60,7 @@ local function begin(keys, argv)
     TEST_NOW = tonumber(string.sub(argv[#argv], 6))
     argv[#argv] = nil
   end
-  NOW, NOW_TEXT = nil, nil
+  NOW = nil
   M, KEEP_META = nil, false
   WOKE, READY_UNSURE = 0, false
   CONSUMERS, UNWRITTEN = {}, nil
@@ -134,16 +134,6 @@ local function now_ms()
     NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
   return NOW
-end
-
--- `now_ms()` as decimal text, made once per call. Arguments of `redis.call` should be
--- text: Redis formats a Lua number with `%.17g`, which for a time in ms costs about as
--- much as the command it is passed to (measured with callgrind, BENCHMARKS.md).
-local function now_text()
-  if not NOW_TEXT then
-    NOW_TEXT = I(now_ms())
-  end
-  return NOW_TEXT
 end
 
 local function fail(code, msg)
@@ -303,13 +293,15 @@ end
 -- nobody waits: every waiter looks again after noting itself.)
 local function wake()
   if WOKE > 0
-    and #redis.call('ZRANGEBYSCORE', K_WAITING, now_text(), '+inf', 'LIMIT', '0', '1') > 0
+    and #redis.call('ZRANGEBYSCORE', K_WAITING, I(now_ms()), '+inf', 'LIMIT', '0', '1') > 0
     and (not READY_UNSURE or redis.call('ZCARD', K_READY) > 0) then
     redis.call('SPUBLISH', K_WAKE, I(WOKE))
   end
 end
 
--- As text, for `redis.call` (see `now_text`).
+-- As text, as every time and score passed to `redis.call` is: Redis formats a Lua number
+-- with `%.17g`, which for a time in ms or a score costs about as much as the command it
+-- is passed to (measured with callgrind, BENCHMARKS.md).
 local function ready_score(prio, seq)
   return I((9 - prio) * 17592186044416 + seq)
 end
