@@ -2288,3 +2288,38 @@ async fn a_password_protected_cluster_serves_every_shard() {
     assert_eq!(leases[0].job_id(), job.job_id);
     node.stop().await;
 }
+
+/// A Redis that may evict keys under memory pressure would drop acknowledged jobs
+/// silently: the real binary refuses to start on one, naming the policy and the fix; and
+/// when a running node's Redis is switched to evicting, the node's log says so within a
+/// few slow sweeps (and says when it is fixed).
+#[tokio::test]
+async fn the_binary_refuses_a_redis_that_evicts_keys() {
+    let server = RedisServer::start();
+    server.config_set("maxmemory-policy", "allkeys-lru");
+    let text = refusal(node_command(&server.url()));
+    assert!(text.contains("maxmemory-policy is allkeys-lru"), "{text}");
+    assert!(text.contains("noeviction"), "{text}");
+
+    server.config_set("maxmemory-policy", "noeviction");
+    let node = SluiceProcess::spawn(node_command(&server.url())).await;
+    let client = Client::connect(node.url.clone()).await.unwrap();
+    client.enqueue("kept", "x").send().await.unwrap();
+    server.config_set("maxmemory-policy", "volatile-lru");
+    logged(&node, "maxmemory-policy is volatile-lru").await;
+    server.config_set("maxmemory-policy", "noeviction");
+    logged(&node, "noeviction again").await;
+}
+
+/// Waits up to 10 s for `node`'s log to hold `what`.
+async fn logged(node: &SluiceProcess, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.log().contains(what) {
+        assert!(
+            Instant::now() < deadline,
+            "the log says {what:?}: {}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -106,12 +106,7 @@ impl RedisServer {
     /// `CONFIG SET <name> <value>` on this server (e.g. `maxmemory` to make it refuse
     /// writes); panics if the server refuses it.
     pub fn config_set(&self, name: &str, value: &str) {
-        let reply = cli(self.port, &["CONFIG", "SET", name, value]);
-        assert!(
-            reply.as_deref().is_some_and(|r| r.starts_with("OK")),
-            "CONFIG SET {name} {value} on port {}: {reply:?}",
-            self.port
-        );
+        config_set(self.port, name, value);
     }
 
     /// Makes this server unable to persist, as a full or lost disk would: it gets a save
@@ -147,6 +142,15 @@ impl Drop for RedisServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `CONFIG SET <name> <value>` on the server at `port`; panics if it refuses.
+fn config_set(port: u16, name: &str, value: &str) {
+    let reply = cli(port, &["CONFIG", "SET", name, value]);
+    assert!(
+        reply.as_deref().is_some_and(|r| r.starts_with("OK")),
+        "CONFIG SET {name} {value} on port {port}: {reply:?}"
+    );
 }
 
 /// `redis-cli -p <port> <args>`: its stdout, or `None` when it could not run or failed.
@@ -313,6 +317,12 @@ impl RedisCluster {
         self.living()
             .map(|port| format!("redis://127.0.0.1:{port}"))
             .collect()
+    }
+
+    /// `CONFIG SET <name> <value>` on the cluster's node at `port` only (nodes keep their
+    /// own configuration); panics if it refuses.
+    pub fn config_set(&self, port: u16, name: &str, value: &str) {
+        config_set(port, name, value);
     }
 
     /// The ports of the primaries that serve slots now (as a living node sees them).

@@ -20,6 +20,7 @@ impl RedisEngine {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
         let mut round: u32 = 0;
+        let mut evicting = false;
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
@@ -27,6 +28,9 @@ impl RedisEngine {
             }
             round = round.wrapping_add(1);
             let slow = round % SLOW_SWEEP_EVERY == 1;
+            if slow {
+                evicting = self.watch_eviction(evicting).await;
+            }
             match super::conn::background(self.sweep_once(slow)).await {
                 Ok(()) if failing => {
                     failing = false;
@@ -40,6 +44,25 @@ impl RedisEngine {
                 Err(_) => {}
             }
         }
+    }
+
+    /// Looks again at the primaries' eviction policy (checked at start, but it can be
+    /// changed at run time, and a promoted replica brings its own): an error in the log
+    /// while any evicts keys, once each time that starts, and a line when it stops.
+    /// Returns whether one evicts now (`was`: whether one did at the last look).
+    async fn watch_eviction(&self, was: bool) -> bool {
+        let mut conn = self.inner.conn.clone();
+        let Ok(policies) = super::conn::background(conn.eviction_policies()).await else {
+            // Redis unreachable: the sweep says so.
+            return was;
+        };
+        let now = !policies.is_empty();
+        if now && !was {
+            tracing::error!("{}", super::conn::evicting_refusal(&policies));
+        } else if was && !now {
+            tracing::info!("redis maxmemory-policy is noeviction again on every primary");
+        }
+        now
     }
 
     /// One sweep over every queue (and the slow part when `slow`).

@@ -120,6 +120,15 @@ impl RedisConn {
         Ok(memory)
     }
 
+    /// The eviction policies (`maxmemory_policy` of `INFO memory`) of the primaries that
+    /// would delete keys under memory pressure, each once; empty when every primary has
+    /// `noeviction` (or does not say). An evicted job hash, lease or message is an
+    /// acknowledged write lost without a trace, so the node refuses such a Redis.
+    pub(crate) async fn eviction_policies(&mut self) -> RedisResult<Vec<String>> {
+        let texts = self.info_of_primaries("memory").await?;
+        Ok(evicting_policies(&texts))
+    }
+
     /// The fewest replicas connected to any primary (`connected_slaves` of
     /// `INFO replication`, which a cluster routes to every primary).
     pub(crate) async fn fewest_replicas(&mut self) -> RedisResult<u64> {
@@ -284,6 +293,35 @@ fn info_field(text: &str, name: &str) -> Option<u64> {
         let (key, value) = line.split_once(':')?;
         (key == name).then(|| value.trim().parse().ok())?
     })
+}
+
+/// The policies other than `noeviction` named in `INFO memory` texts, each once.
+fn evicting_policies(texts: &[String]) -> Vec<String> {
+    let mut policies: Vec<String> = Vec::new();
+    for text in texts {
+        let policy = text
+            .lines()
+            .find_map(|line| line.strip_prefix("maxmemory_policy:"));
+        match policy.map(str::trim) {
+            Some(policy) if policy != "noeviction" && !policies.iter().any(|p| p == policy) => {
+                policies.push(policy.to_string())
+            }
+            _ => {}
+        }
+    }
+    policies
+}
+
+/// The refusal of a Redis whose primaries evict keys (`policies`, from
+/// [`RedisConn::eviction_policies`]).
+pub(crate) fn evicting_refusal(policies: &[String]) -> BrokerError {
+    BrokerError::FailedPrecondition(format!(
+        "redis maxmemory-policy is {}, which deletes keys when Redis reaches its maxmemory: \
+         Sluice would lose jobs and messages it has acknowledged; set maxmemory-policy \
+         noeviction on every primary (CONFIG SET maxmemory-policy noeviction, and in \
+         redis.conf), so a full Redis refuses writes (RESOURCE_EXHAUSTED) instead",
+        policies.join(", ")
+    ))
 }
 
 /// The error a user sees when Redis cannot be reached or refuses a command: UNAVAILABLE,
@@ -516,6 +554,62 @@ mod tests {
         assert!(memory.used_bytes > 100_000, "{memory:?}");
         server.config_set("maxmemory", &(64 << 20).to_string());
         assert_eq!(conn.memory().await.unwrap().limit_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn eviction_policies_are_those_other_than_noeviction_each_once() {
+        let texts: Vec<String> = [
+            "# Memory\r\nmaxmemory:0\r\nmaxmemory_policy:noeviction\r\n",
+            "maxmemory_policy:allkeys-lru\r\n",
+            "maxmemory_policy:volatile-ttl\r\n",
+            "maxmemory_policy:allkeys-lru\r\n",
+            "used_memory:1\r\n",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(evicting_policies(&texts), ["allkeys-lru", "volatile-ttl"]);
+        assert!(evicting_policies(&texts[..1]).is_empty());
+        assert!(
+            evicting_policies(&texts[4..]).is_empty(),
+            "not said: not refused"
+        );
+    }
+
+    /// A Redis that evicts keys would drop acknowledged jobs silently: the engine refuses
+    /// it at start, naming the policy and the setting that fixes it, on one server and on
+    /// a cluster where only one primary evicts (volatile policies too: idempotency keys
+    /// carry a TTL, and evicting one early lets a retry enqueue twice).
+    #[tokio::test]
+    async fn a_redis_that_evicts_keys_is_refused_at_start() {
+        use crate::broker::engine::redis::{RedisConfig, RedisEngine};
+        use crate::broker::testing::redis::RedisCluster;
+        let refused = |result: Result<RedisEngine, BrokerError>, policy: &str| {
+            let err = result.err().expect("an evicting Redis is refused");
+            assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err}");
+            let text = err.to_string();
+            assert!(text.contains(policy), "{text}");
+            assert!(text.contains("maxmemory-policy noeviction"), "{text}");
+            assert!(text.contains("acknowledged"), "{text}");
+        };
+        let server = RedisServer::start();
+        server.config_set("maxmemory-policy", "allkeys-lru");
+        refused(
+            RedisEngine::connect(RedisConfig::new(vec![server.url()])).await,
+            "allkeys-lru",
+        );
+        server.config_set("maxmemory-policy", "noeviction");
+        let engine = RedisEngine::connect(RedisConfig::new(vec![server.url()]))
+            .await
+            .expect("noeviction is served");
+        engine.shutdown();
+
+        let cluster = RedisCluster::start(3, 0);
+        let primaries = cluster.primaries();
+        cluster.config_set(primaries[1], "maxmemory-policy", "volatile-lru");
+        refused(
+            RedisEngine::connect(RedisConfig::new(cluster.seeds())).await,
+            "volatile-lru",
+        );
     }
 
     #[tokio::test]

@@ -163,6 +163,13 @@ impl RedisEngine {
         // Replies wait at most a second past the replica timeout (a WAIT's longest).
         let response_timeout = config.replica_timeout + Duration::from_secs(1);
         let mut conn = conn::connect_with(&config.seeds, response_timeout).await?;
+        let evicting = conn
+            .eviction_policies()
+            .await
+            .map_err(|e| conn::unavailable("INFO memory", e))?;
+        if !evicting.is_empty() {
+            return Err(conn::evicting_refusal(&evicting));
+        }
         // Replicas may join later, so too few is no reason to refuse to start; but until
         // they do every write waits out its WAIT and is UNAVAILABLE, which the log says.
         if config.replicas > 0 {
