@@ -2323,3 +2323,50 @@ async fn logged(node: &SluiceProcess, what: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A queue a node knows can vanish under it: deleted through another node, or lost with
+/// Redis's data (a restart without persistence). Nothing was stored by the enqueue that
+/// finds it gone, so the node makes the queue again and enqueues, as a first use would,
+/// instead of refusing the request.
+#[tokio::test]
+async fn an_enqueue_to_a_queue_that_vanished_makes_it_again() {
+    let server = RedisServer::start();
+    let config = || RedisConfig::new(vec![server.url()]);
+    let (a, b) = (Node::start(config()).await, Node::start(config()).await);
+    let (a_client, b_client) = (a.client().await, b.client().await);
+    a_client.enqueue("vanishing", "one").send().await.unwrap();
+
+    b_client
+        .rpc()
+        .delete_queue(pb::DeleteQueueRequest {
+            name: "vanishing".into(),
+        })
+        .await
+        .unwrap();
+    a_client.enqueue("vanishing", "two").send().await.unwrap();
+    let leased = b_client
+        .lease("vanishing")
+        .max_jobs(10)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1, "only the job enqueued after the delete");
+    assert_eq!(&leased[0].payload()[..], b"two");
+    b_client.ack_batch(leased).await.unwrap();
+
+    // Redis loses everything, its functions library too.
+    let () = redis_cmd(server.port, &["FLUSHALL"]).await;
+    let () = redis_cmd(server.port, &["FUNCTION", "FLUSH"]).await;
+    a_client.enqueue("vanishing", "three").send().await.unwrap();
+    let leased = a_client
+        .lease("vanishing")
+        .max_jobs(10)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(&leased[0].payload()[..], b"three");
+    a_client.ack_batch(leased).await.unwrap();
+    a.stop().await;
+    b.stop().await;
+}

@@ -28,6 +28,7 @@ use crate::broker::engine::{
     QueueInfo, RedriveOutcome, StatsSnapshot, StatsWatch, SubscribeSpec, SubscriptionStream,
     checks,
 };
+use crate::broker::sync::lock;
 
 use super::background::POLL;
 use super::conn::unavailable;
@@ -202,33 +203,43 @@ impl Engine for RedisEngine {
         _now: Millis,
     ) -> Result<Logged<Vec<Enqueued>, RedisCommit>, BrokerError> {
         let jobs = checks::enqueue(&self.inner.config.limits, queue, jobs)?;
-        self.ensure_queue("queue", queue, false).await?;
-        let target = SchemaTarget::queue(queue);
-        let enqueued = self
-            .inner
-            .schemas
-            .with_current(&target, |schema| {
-                let checked = schema.check(
-                    &target,
-                    "jobs",
-                    jobs.iter().map(|j| (&j.payload[..], &j.headers)),
-                );
-                let (queues, jobs) = (&self.inner.queues, &jobs);
-                async move {
-                    checked?;
-                    queues.enqueue_checked(queue, jobs, schema.revision).await
+        // A queue this node knew may be gone when the script runs: deleted by another
+        // node, or lost with Redis's data. Nothing was stored then, so it is created again
+        // (as on a first use, which a later Enqueue would be anyway) and the jobs go once
+        // more. Gone again at once, it is a delete racing this request, which is refused.
+        let mut known = lock(&self.inner.known).contains(queue);
+        let value = loop {
+            self.ensure_queue("queue", queue, false).await?;
+            let target = SchemaTarget::queue(queue);
+            let enqueued = self
+                .inner
+                .schemas
+                .with_current(&target, |schema| {
+                    let checked = schema.check(
+                        &target,
+                        "jobs",
+                        jobs.iter().map(|j| (&j.payload[..], &j.headers)),
+                    );
+                    let (queues, jobs) = (&self.inner.queues, &jobs);
+                    async move {
+                        checked?;
+                        queues.enqueue_checked(queue, jobs, schema.revision).await
+                    }
+                })
+                .await;
+            match enqueued {
+                Err(BrokerError::NotFound(_)) if known => {
+                    self.forget_queue(queue);
+                    known = false;
                 }
-            })
-            .await;
-        let value = match enqueued {
-            Err(BrokerError::NotFound(_)) => {
-                // Deleted by another node since this one last saw it: nothing was stored.
-                self.forget_queue(queue);
-                return Err(BrokerError::FailedPrecondition(format!(
-                    "queue {queue:?} was deleted while this request was on its way; nothing was enqueued: send it again to enqueue into a new queue of that name"
-                )));
+                Err(BrokerError::NotFound(_)) => {
+                    self.forget_queue(queue);
+                    return Err(BrokerError::FailedPrecondition(format!(
+                        "queue {queue:?} was deleted while this request was on its way; nothing was enqueued: send it again to enqueue into a new queue of that name"
+                    )));
+                }
+                other => break other?,
             }
-            other => other?,
         };
         Ok(Logged {
             value,
