@@ -224,3 +224,44 @@ async fn shutdown_ends_consume_streams() {
     assert!(within(consumer.next()).await.is_none());
     within(&mut broker.handle).await.unwrap();
 }
+
+/// Deleting a queue ends its Consume streams with NOT_FOUND naming it (as RabbitMQ cancels
+/// a deleted queue's consumers), on every node, rather than leaving them waiting on a
+/// queue no enqueue reaches; a new stream consumes from the new queue of that name.
+#[tokio::test]
+async fn deleting_a_queue_ends_its_consume_streams() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut consumer = client.consume("gone").prefetch(5).open().await.unwrap();
+    enqueue_n(&client, "gone", 1).await;
+    let first = within(consumer.next()).await.unwrap().unwrap();
+    assert_eq!(&first.payload()[..], b"0");
+    broker
+        .rpc()
+        .await
+        .delete_queue(pb::DeleteQueueRequest {
+            name: "gone".into(),
+        })
+        .await
+        .unwrap();
+    let ended = within(consumer.next()).await.expect("an end, not silence");
+    let err = ended.expect_err("the stream ends with an error");
+    assert_eq!(err.code(), Some(Code::NotFound), "{err}");
+    assert!(err.to_string().contains("\"gone\""), "{err}");
+    assert!(within(consumer.next()).await.is_none(), "and then nothing");
+
+    enqueue_n(&client, "gone", 1).await;
+    let mut again = client.consume("gone").prefetch(5).open().await.unwrap();
+    let job = within(again.next()).await.unwrap().unwrap();
+    assert_eq!(job.attempt(), 1, "a job of the new queue");
+    job.ack().await.unwrap();
+    // The first stream's lease went with the old queue.
+    let stale = first.ack().await.unwrap_err();
+    assert!(
+        matches!(
+            stale.code(),
+            Some(Code::NotFound | Code::FailedPrecondition)
+        ),
+        "{stale}"
+    );
+}

@@ -2370,3 +2370,71 @@ async fn an_enqueue_to_a_queue_that_vanished_makes_it_again() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A Consume stream on `queue` with 10 credits.
+async fn consume_10(rpc: &mut sluice::client::Rpc, queue: &str) -> common::rpc::ConsumeStream {
+    let first = pb::ConsumeRequest {
+        queue: queue.into(),
+        credits: 10,
+        ..Default::default()
+    };
+    open_consume(rpc, first).await.unwrap()
+}
+
+/// Redis dies under a serving node and comes back empty (no persistence): while it is
+/// down requests are UNAVAILABLE naming Redis, within a bounded time, and streams and
+/// long polls end or answer rather than hang; once it is back the same node serves
+/// again without a restart, its queues made again on first use.
+#[tokio::test]
+async fn a_node_serves_again_after_its_redis_restarts_empty() {
+    let mut server = RedisServer::start();
+    let node = Node::start(RedisConfig::new(vec![server.url()])).await;
+    let client = node.client().await;
+    client.enqueue("phoenix", "before").send().await.unwrap();
+    let mut rpc = client.rpc();
+    let (_tx, mut consume) = consume_10(&mut rpc, "phoenix-stream").await;
+    let poll = long_poll(&client, "phoenix-poll", Duration::from_secs(20)).await;
+
+    server.kill();
+    let started = Instant::now();
+    let err = client.enqueue("phoenix", "down").send().await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err}");
+    assert!(err.to_string().contains("redis"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), consume.message())
+        .await
+        .expect("the consume stream ends");
+    let status = ended.expect_err("with an error");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    let polled = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("the long poll answers")
+        .unwrap();
+    let err = polled.expect_err("the long poll fails");
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err}");
+
+    server.restart();
+    let started = Instant::now();
+    while let Err(e) = client.enqueue("phoenix", "after").send().await {
+        assert!(started.elapsed() < Duration::from_secs(10), "still {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What Redis held is gone with it (no persistence: README, "What survives what").
+    let leased = client.lease("phoenix").max_jobs(10).send().await.unwrap();
+    let payloads: Vec<_> = leased.iter().map(|l| l.payload().clone()).collect();
+    assert_eq!(payloads, [&b"after"[..]]);
+    client.ack_batch(leased).await.unwrap();
+    let (_tx, mut consume) = consume_10(&mut rpc, "phoenix-stream").await;
+    client
+        .enqueue("phoenix-stream", "streamed")
+        .send()
+        .await
+        .unwrap();
+    let jobs = next_jobs(&mut consume).await;
+    assert_eq!(&jobs[0].payload[..], b"streamed");
+    node.stop().await;
+}

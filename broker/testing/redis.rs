@@ -19,6 +19,8 @@ pub struct RedisServer {
     /// Its port on 127.0.0.1.
     pub port: u16,
     dir: PathBuf,
+    /// The `redis-server` arguments after the common ones (for [`RedisServer::restart`]).
+    extra: Vec<String>,
 }
 
 /// A port nobody listens on right now (the OS picks it; it is free again once the
@@ -52,21 +54,12 @@ impl RedisServer {
                 std::env::temp_dir().join(format!("sluice-redis-{}-{port}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).expect("a directory for redis-server");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .arg("--dir")
-                .arg(&dir)
-                // Later arguments override earlier ones, so `extra` may turn on the AOF.
-                .args(extra(&dir))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server is installed and on PATH");
+            let extra = extra(&dir);
             let mut server = Self {
-                child: Some(child),
+                child: Some(spawn(port, &dir, &extra)),
                 port,
                 dir,
+                extra,
             };
             if server.wait_ready(Duration::from_secs(10)) {
                 return server;
@@ -75,6 +68,20 @@ impl RedisServer {
             server.kill();
         }
         panic!("redis-server did not start on a free port in 5 tries");
+    }
+
+    /// Starts the server again on the same port, directory and arguments, after a
+    /// [`RedisServer::kill`] (it is killed first if still running): empty without
+    /// persistence, as a restarted Redis that kept nothing; with the AOF on, with what it
+    /// wrote. Waits until it answers PING.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Some(spawn(self.port, &self.dir, &self.extra));
+        assert!(
+            self.wait_ready(Duration::from_secs(10)),
+            "redis-server restarts on port {}",
+            self.port
+        );
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -142,6 +149,21 @@ impl Drop for RedisServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `redis-server` on `port` without persistence, in `dir`, with `extra` arguments.
+fn spawn(port: u16, dir: &Path, extra: &[String]) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .arg("--dir")
+        .arg(dir)
+        // Later arguments override earlier ones, so `extra` may turn on the AOF.
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed and on PATH")
 }
 
 /// `CONFIG SET <name> <value>` on the server at `port`; panics if it refuses.

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -166,6 +167,16 @@ where
             if self.credits > 0 {
                 notified.as_mut().enable();
             }
+            // Deleting a queue wakes every waiter; its streams end, as a deleted queue's
+            // consumers are cancelled in RabbitMQ, rather than wait on a queue that no
+            // enqueue reaches any more (a new queue of that name is another queue).
+            if self.slot.deleted.load(Ordering::Acquire) {
+                return Some(self.fail(BrokerError::NotFound(format!(
+                    "queue {:?} was deleted; this Consume stream ends: open a new one to \
+                     consume from a queue of that name",
+                    self.slot.name
+                ))));
+            }
             let mut due_in_ms = None;
             if self.credits > 0 {
                 match self.lease() {
@@ -250,7 +261,7 @@ where
         Ok((leased, next_due.map(|due| due.saturating_sub(now))))
     }
 
-    /// Ends the stream with `e` (the broker's log failed).
+    /// Ends the stream with `e` (the broker's log failed, or the queue was deleted).
     fn fail(&mut self, e: BrokerError) -> ConsumeEvent {
         self.ended = true;
         ConsumeEvent::Failed(e)

@@ -128,6 +128,8 @@ struct Session {
     last_sent: Option<Instant>,
     /// How long the last lease call took.
     round_trip: Duration,
+    /// Whether a call of this stream has succeeded: its queue existed since it opened.
+    served: bool,
 }
 
 impl Drop for Session {
@@ -351,6 +353,27 @@ impl Session {
         } = done;
         let (acked, jobs) = match result {
             Ok(outcome) => outcome,
+            Err(BrokerError::NotFound(_)) if !self.served => {
+                // The stream's first call, and the queue this node knew is gone (deleted
+                // through another node, or lost with Redis's data): opening the stream
+                // is the queue's first use, which makes it, as a Lease would.
+                self.deferred.extend(acks);
+                self.engine.forget_queue(&self.queue);
+                return self.engine.ensure_queue("queue", &self.queue, true).await;
+            }
+            Err(BrokerError::NotFound(_)) => {
+                // Gone under a running stream: it ends, as on the in-process engine (a
+                // new queue of that name is another queue). Its jobs went with it.
+                self.engine.forget_queue(&self.queue);
+                self.outstanding.clear();
+                self.ahead.clear();
+                self.beyond = 0;
+                return Err(BrokerError::NotFound(format!(
+                    "queue {:?} no longer exists (deleted, or lost with Redis's data); this \
+                     Consume stream ends: open a new one to consume from a queue of that name",
+                    self.queue
+                )));
+            }
             Err(e) => {
                 // Unknown whether its acks were applied: the stream's end acks them again
                 // (harmless) rather than putting their jobs back.
@@ -359,6 +382,7 @@ impl Session {
             }
         };
         self.round_trip = started.elapsed();
+        self.served = true;
         if !acks.is_empty() {
             // All or nothing: when one was stale none was applied, and they go again one
             // by one in effect, as a command of acks alone does.
@@ -551,6 +575,7 @@ impl RedisEngine {
             held_since: Instant::now(),
             last_sent: None,
             round_trip: Duration::ZERO,
+            served: false,
         };
         let events = futures::stream::unfold(session, |mut session| async move {
             let event = session.next_event().await?;

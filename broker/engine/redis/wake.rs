@@ -501,47 +501,6 @@ mod tests {
         shutdown.cancel();
     }
 
-    /// A `redis-server` on a given port (the port of one that was killed), killed on drop.
-    struct SamePort(std::process::Child, std::path::PathBuf);
-
-    impl SamePort {
-        fn start(port: u16) -> Self {
-            let dir = std::env::temp_dir()
-                .join(format!("sluice-redis-again-{}-{port}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let child = std::process::Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&dir)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            // Owned at once, so a failed wait below still kills it.
-            let server = Self(child, dir);
-            let start = Instant::now();
-            loop {
-                let out = std::process::Command::new("redis-cli")
-                    .args(["-p", &port.to_string(), "PING"])
-                    .output();
-                if out.is_ok_and(|o| o.stdout.starts_with(b"PONG")) {
-                    return server;
-                }
-                assert!(start.elapsed() < Duration::from_secs(10), "no restart");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    impl Drop for SamePort {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-            let _ = std::fs::remove_dir_all(&self.1);
-        }
-    }
-
     #[tokio::test]
     async fn resubscribes_after_a_redis_restart() {
         let mut server = RedisServer::start();
@@ -559,7 +518,7 @@ mod tests {
         watch.wait(POLL_INTERVAL).await;
         assert!(start.elapsed() < Duration::from_secs(5));
 
-        let _again = SamePort::start(port);
+        server.restart();
         until_connected(&wakes, true).await;
         // The reconnect wakes every waiter once (wakes may have been lost); take that.
         tokio::time::sleep(Duration::from_millis(50)).await;
