@@ -2230,6 +2230,15 @@ async fn the_binary_reaches_redis_over_tls() {
 
     let text = refusal(node_trusting(None)).to_lowercase();
     assert!(text.contains("certificate"), "{text}");
+    // A scheme that does not match the server is refused naming the other one.
+    let plain = refusal(node_command(&format!("redis://127.0.0.1:{tls_port}")));
+    assert!(plain.contains("give rediss://"), "{plain}");
+    let plain_server = RedisServer::start();
+    let tls = refusal(node_command(&format!(
+        "rediss://127.0.0.1:{}",
+        plain_server.port
+    )));
+    assert!(tls.contains("give redis://"), "{tls}");
 
     let node = SluiceProcess::spawn(node_trusting(Some(&ca_file))).await;
     let client = Client::connect(node.url.clone()).await.unwrap();

@@ -226,7 +226,57 @@ pub fn redacted_seeds(seeds: &[String]) -> String {
 /// that cannot be built): INVALID_ARGUMENT naming it as `shown` (a [`redacted_url`] or
 /// [`redacted_seeds`]).
 pub(crate) fn invalid_seed(shown: &str, e: redis::RedisError) -> BrokerError {
-    BrokerError::invalid("redis", format!("{shown:?}: {e}"))
+    BrokerError::invalid(
+        "redis",
+        format!(
+            "{shown:?} cannot be used as Redis seeds ({e}): give \
+             redis://[user:password@]host:port, rediss:// for TLS, several comma-separated \
+             for a cluster's seeds"
+        ),
+    )
+}
+
+/// The refusal of the first seed when connecting to it or asking it `INFO` failed
+/// (`doing`). A reply that does not parse as Redis's protocol means something else
+/// listens there: said so, since the parser's own text (unexpected bytes, over several
+/// lines) does not. A scheme that does not match the server fails without naming TLS (a
+/// TLS-only Redis resets a plain connection; a plain one never answers a handshake), so
+/// those failures name the other scheme.
+fn probe_failed(shown: &str, doing: &str, e: redis::RedisError) -> BrokerError {
+    let tls = shown.starts_with("rediss://");
+    let hint = if e.is_connection_refusal() {
+        None
+    } else if !tls && e.is_connection_dropped() {
+        Some(
+            "a Redis that takes TLS only drops plain connections: if this one does, give rediss://",
+        )
+    } else if tls && (e.is_timeout() || e.to_string().contains("timed out")) {
+        Some(
+            "a Redis without TLS never answers a TLS handshake: if this one has none, give redis://",
+        )
+    } else {
+        None
+    };
+    if let Some(hint) = hint {
+        return BrokerError::Unavailable(format!("redis: {doing} {shown}: {e} ({hint})"));
+    }
+    match e.kind() {
+        redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType => {
+            let detail = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            BrokerError::invalid(
+                "redis",
+                format!(
+                    "the server at {shown} did not answer in Redis's protocol ({detail}): is \
+                     it a Redis server? (one that takes TLS only needs rediss://)"
+                ),
+            )
+        }
+        _ => unavailable(&format!("{doing} {shown}"), e),
+    }
 }
 
 /// Refuses a server older than Redis 7.0 (by `redis_version` in `INFO server`; Valkey
@@ -375,18 +425,18 @@ pub(crate) async fn connect_with(
     let mut probe = client
         .get_multiplexed_async_connection()
         .await
-        .map_err(|e| unavailable(&format!("connecting to {shown}"), e))?;
+        .map_err(|e| probe_failed(&shown, "connecting to", e))?;
     let server: String = redis::cmd("INFO")
         .arg("server")
         .query_async(&mut probe)
         .await
-        .map_err(|e| unavailable(&format!("INFO server on {shown}"), e))?;
+        .map_err(|e| probe_failed(&shown, "INFO server on", e))?;
     check_version(&shown, &server)?;
     let info: String = redis::cmd("INFO")
         .arg("cluster")
         .query_async(&mut probe)
         .await
-        .map_err(|e| unavailable(&format!("INFO cluster on {shown}"), e))?;
+        .map_err(|e| probe_failed(&shown, "INFO cluster on", e))?;
     if info.contains("cluster_enabled:1") {
         let cluster = ClusterClientBuilder::new(seeds.to_vec())
             .response_timeout(response_timeout)
@@ -554,6 +604,40 @@ mod tests {
         assert!(memory.used_bytes > 100_000, "{memory:?}");
         server.config_set("maxmemory", &(64 << 20).to_string());
         assert_eq!(conn.memory().await.unwrap().limit_bytes, 64 << 20);
+    }
+
+    /// What a new user gets wrong first: a seed without a scheme, and an address where
+    /// something other than Redis listens (here an HTTP server). Both refusals say what
+    /// was expected, on one line.
+    #[tokio::test]
+    async fn a_seed_that_is_not_a_redis_url_or_not_redis_is_refused_saying_what_is_expected() {
+        let err = refusal(&["127.0.0.1:6379".into()], "a seed without a scheme").await;
+        assert!(matches!(err, BrokerError::InvalidArgument { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("\"127.0.0.1:6379\" cannot be used as Redis seeds"),
+            "{text}"
+        );
+        assert!(text.contains("redis://[user:password@]host:port"), "{text}");
+
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = http.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut socket, _)) = http.accept().await {
+                let _ = socket
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let err = refusal(&[format!("redis://127.0.0.1:{port}")], "an HTTP server").await;
+        let text = err.to_string();
+        assert!(
+            text.contains("did not answer in Redis's protocol"),
+            "{text}"
+        );
+        assert!(text.contains("is it a Redis server?"), "{text}");
+        assert!(!text.contains('\n'), "{text}");
     }
 
     #[test]
