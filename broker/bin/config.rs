@@ -262,6 +262,9 @@ pub struct ServeArgs {
     pub repair: bool,
 }
 
+/// Most `--redis-timeout-ms` allows (a minute).
+const MAX_REDIS_TIMEOUT_MS: u64 = 60_000;
+
 impl ServeArgs {
     /// Refuses settings that are unsafe or inconsistent.
     pub fn check(&self) -> Result<(), String> {
@@ -315,6 +318,15 @@ impl ServeArgs {
             if value == 0 {
                 return Err(format!("{flag} 0 is below the minimum of 1"));
             }
+        }
+        // A request waits this long for its replicas before it is answered UNAVAILABLE:
+        // past a minute a client has long given up (and WAIT with 0 would block for
+        // good, holding up the node's other commands on that connection).
+        if !(1..=MAX_REDIS_TIMEOUT_MS).contains(&self.redis_timeout_ms) {
+            return Err(format!(
+                "--redis-timeout-ms {} is outside the allowed range 1 to {MAX_REDIS_TIMEOUT_MS}",
+                self.redis_timeout_ms
+            ));
         }
         if !(1..=16).contains(&self.wal_sync_threads) {
             return Err(format!(
@@ -454,6 +466,28 @@ mod tests {
             assert_eq!(
                 refused,
                 format!("--wal-sync-threads {bad} is outside the allowed range 1 to 16")
+            );
+        }
+    }
+
+    #[test]
+    fn the_redis_replica_timeout_is_within_its_range() {
+        let redis = ["--storage", "redis", "--redis", "redis://127.0.0.1:6379"];
+        let with = |timeout: &str| {
+            let mut args = redis.to_vec();
+            args.extend(["--redis-timeout-ms", timeout]);
+            serve(&args)
+        };
+        assert!(serve(&redis).check().is_ok(), "the default");
+        assert!(with("60000").check().is_ok());
+        assert_eq!(
+            with("250").redis_config().replica_timeout,
+            Duration::from_millis(250)
+        );
+        for bad in ["0", "60001"] {
+            assert_eq!(
+                with(bad).check().unwrap_err(),
+                format!("--redis-timeout-ms {bad} is outside the allowed range 1 to 60000")
             );
         }
     }
