@@ -881,3 +881,38 @@ async fn every_duration_and_count_is_range_checked() {
     assert_eq!((stats.leased, stats.retrying, stats.enqueued), (1, 0, 1));
     assert!(client.stats().await.unwrap().topics.is_empty());
 }
+
+/// `--max-queues` holds when many requests create queues at once: each auto-created queue
+/// takes two places (itself and its dead-letter queue), so 40 concurrent first enqueues to
+/// distinct queues under `--max-queues 6` make exactly 3 queues and their 3 dead-letter
+/// queues; every other request is RESOURCE_EXHAUSTED naming the limit and stores nothing.
+/// (On Redis, counting and creating are two steps; the catalog lock makes them one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_queues_holds_under_concurrent_creation() {
+    let broker = TestBroker::start_with(broker_config(|l| l.max_queues = 6)).await;
+    let client = broker.client().await;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client.enqueue(&format!("c{i}"), "x").send().await
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => accepted += 1,
+            Err(err) => {
+                assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+                assert!(err.to_string().contains("6"), "{err}");
+            }
+        }
+    }
+    let mut rpc = client.rpc();
+    let queues = list_queues(&mut rpc).await;
+    assert_eq!(accepted, 3, "{queues:?}");
+    assert_eq!(queues.len(), 3, "{queues:?}");
+    let stats = client.stats().await.unwrap();
+    let pending: u64 = stats.queues.iter().map(|q| q.pending).sum();
+    assert_eq!(pending, 3, "one job in each queue made: {:?}", stats.queues);
+}

@@ -2447,3 +2447,45 @@ async fn a_node_serves_again_after_its_redis_restarts_empty() {
     assert_eq!(&jobs[0].payload[..], b"streamed");
     node.stop().await;
 }
+
+/// `--max-queues` holds across nodes: three nodes creating queues at once (first
+/// enqueues to distinct names) make no more than the limit between them, as one node would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_queues_holds_across_nodes_creating_at_once() {
+    let server = RedisServer::start();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let mut config = RedisConfig::new(vec![server.url()]);
+        config.limits.max_queues = 8;
+        nodes.push(Node::start(config).await);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..45 {
+        let client = nodes[i % 3].client().await;
+        tasks.push(tokio::spawn(async move {
+            client.enqueue(&format!("race-{i}"), "x").send().await
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => accepted += 1,
+            Err(err) => assert_eq!(err.code(), Some(tonic::Code::ResourceExhausted), "{err}"),
+        }
+    }
+    // Each queue takes two places: itself and its dead-letter queue.
+    assert_eq!(accepted, 4);
+    let queues = nodes[1]
+        .client()
+        .await
+        .rpc()
+        .list_queues(pb::ListQueuesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .queues;
+    assert_eq!(queues.len(), 4, "{queues:?}");
+    for node in nodes {
+        node.stop().await;
+    }
+}

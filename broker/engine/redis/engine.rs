@@ -486,21 +486,24 @@ impl Engine for RedisEngine {
     async fn create_queue(&self, name: &str, patch: PolicyPatch) -> Result<QueueInfo, BrokerError> {
         validate_name("name", name)?;
         let policy = patch.apply_to(name, QueuePolicy::default_for(name))?;
-        if self.inner.queues.info(name).await?.is_some() {
-            return Err(BrokerError::AlreadyExists(format!(
-                "queue {name:?} already exists (use UpdateQueue)"
-            )));
-        }
         checks::dead_letter_name("name", name, &policy.dead_letter_queue)?;
-        let (existing, reserved) = self.queues_in_use().await?;
-        self.check_queue_room(
-            &existing,
-            &reserved,
-            "name",
-            name,
-            &policy.dead_letter_queue,
-        )?;
-        self.inner.queues.create(name, &policy).await?;
+        self.creating_queues(async {
+            if self.inner.queues.info(name).await?.is_some() {
+                return Err(BrokerError::AlreadyExists(format!(
+                    "queue {name:?} already exists (use UpdateQueue)"
+                )));
+            }
+            let (existing, reserved) = self.queues_in_use().await?;
+            self.check_queue_room(
+                &existing,
+                &reserved,
+                "name",
+                name,
+                &policy.dead_letter_queue,
+            )?;
+            self.inner.queues.create(name, &policy).await
+        })
+        .await?;
         // The first pump starts the bindings at each topic's next message.
         self.pump(name, &policy.topic_bindings).await?;
         self.queue_durable(name).await?;
@@ -511,9 +514,17 @@ impl Engine for RedisEngine {
         let (current, paused) = self.existing_queue(name).await?;
         let old = current.dead_letter_queue.clone();
         let policy = patch.apply_to(name, current)?;
-        self.check_dead_letter_room(&old, &policy.dead_letter_queue)
+        if old == policy.dead_letter_queue {
+            self.inner.queues.set_policy(name, &policy).await?;
+        } else {
+            // A new dead-letter queue takes a place under --max-queues.
+            self.creating_queues(async {
+                self.check_dead_letter_room(&old, &policy.dead_letter_queue)
+                    .await?;
+                self.inner.queues.set_policy(name, &policy).await
+            })
             .await?;
-        self.inner.queues.set_policy(name, &policy).await?;
+        }
         self.pump(name, &policy.topic_bindings).await?;
         self.queue_durable(name).await?;
         Ok(Self::info(name, (policy, paused)))

@@ -18,6 +18,7 @@
 
 mod background;
 pub(crate) mod binding;
+mod catalog_lock;
 pub(crate) mod conn;
 mod consume;
 mod engine;
@@ -138,6 +139,8 @@ struct Inner {
     /// undelivered (see `consume.rs`).
     served_ahead: AtomicU64,
     given_back: AtomicU64,
+    /// This node's queue creators, one at a time (see `catalog_lock.rs`).
+    creating: tokio::sync::Mutex<()>,
 }
 
 /// One open subscription's place under `--max-subscriptions`; given back when dropped
@@ -207,6 +210,7 @@ impl RedisEngine {
                 schedule_retry: Mutex::new(HashMap::new()),
                 served_ahead: AtomicU64::new(0),
                 given_back: AtomicU64::new(0),
+                creating: tokio::sync::Mutex::new(()),
                 config,
             }),
         };
@@ -276,26 +280,40 @@ impl RedisEngine {
         if self.inner.queues.info(name).await?.is_none() {
             let policy = QueuePolicy::default_for(name);
             checks::dead_letter_name(field, name, &policy.dead_letter_queue)?;
-            let (existing, reserved) = self.queues_in_use().await?;
-            let closest = if for_consumer && !reserved.contains(name) {
-                Some(checks::consumer_names_unknown_queue(
-                    &self.inner.config.limits,
+            self.creating_queues(async {
+                let (existing, reserved) = self.queues_in_use().await?;
+                if existing.contains(name) {
+                    // Made by another request while this one waited for the lock.
+                    return Ok(());
+                }
+                let closest = if for_consumer && !reserved.contains(name) {
+                    Some(checks::consumer_names_unknown_queue(
+                        &self.inner.config.limits,
+                        field,
+                        name,
+                        existing.iter().map(String::as_str),
+                    )?)
+                } else {
+                    None
+                };
+                self.check_queue_room(
+                    &existing,
+                    &reserved,
                     field,
                     name,
-                    existing.iter().map(String::as_str),
-                )?)
-            } else {
-                None
-            };
-            self.check_queue_room(&existing, &reserved, field, name, &policy.dead_letter_queue)?;
-            let created = self
-                .inner
-                .queues
-                .ensure(name, &policy, closest.is_some())
-                .await?;
-            if let Some(closest) = closest.filter(|_| created) {
-                checks::created_by_consumer(name, closest.as_deref());
-            }
+                    &policy.dead_letter_queue,
+                )?;
+                let created = self
+                    .inner
+                    .queues
+                    .ensure(name, &policy, closest.is_some())
+                    .await?;
+                if let Some(closest) = closest.filter(|_| created) {
+                    checks::created_by_consumer(name, closest.as_deref());
+                }
+                Ok(())
+            })
+            .await?;
         }
         lock(&self.inner.known).insert(name.to_owned());
         Ok(())
