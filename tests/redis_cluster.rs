@@ -2489,3 +2489,25 @@ async fn max_queues_holds_across_nodes_creating_at_once() {
         node.stop().await;
     }
 }
+
+/// A node starts and serves while the first of its cluster seeds is down (a Redis node
+/// that died, as one of a list of seeds may have): its commands and its wake-up
+/// subscriber both reach the cluster through the seeds that answer.
+#[tokio::test]
+async fn a_node_starts_while_its_first_seed_is_down() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 0))
+        .await
+        .unwrap();
+    let mut seeds = vec![format!(
+        "redis://127.0.0.1:{}",
+        sluice::broker::testing::redis::free_port()
+    )];
+    seeds.extend(cluster.seeds());
+    let node = Node::start(RedisConfig::new(seeds)).await;
+    let client = node.client().await;
+    let poll = long_poll(&client, "first-seed-down", Duration::from_secs(10)).await;
+    client.enqueue("first-seed-down", "x").send().await.unwrap();
+    let leased = within(poll).await.unwrap().unwrap();
+    assert_eq!(leased.len(), 1);
+    node.stop().await;
+}

@@ -402,6 +402,95 @@ pub(crate) async fn connect(seeds: &[String]) -> Result<RedisConn, BrokerError> 
     connect_with(seeds, Duration::from_secs(2)).await
 }
 
+/// What [`probe`] found: which seed answered, and whether it is a Redis Cluster node.
+pub(crate) struct Probed {
+    /// Its index in the seeds.
+    pub(crate) seed: usize,
+    /// Whether it runs in cluster mode (`INFO cluster`).
+    pub(crate) cluster: bool,
+}
+
+/// Finds the first of `seeds` that answers (every one must be a Redis URL, though a
+/// standalone server uses only the first: a typo in another would otherwise surface only
+/// when the cluster needs that seed), refusing a Redis older than 7.0. A cluster's seeds
+/// are tried in turn, so a node starts while some of them are down (the cluster client
+/// then learns the rest from the one that answered): the seeds must not be a single point
+/// of failure. A standalone server answering after the first seed did not is refused:
+/// several seeds name one cluster, and using another standalone server would be another
+/// Redis, with other data.
+pub(crate) async fn probe(seeds: &[String]) -> Result<Probed, BrokerError> {
+    if seeds.is_empty() {
+        return Err(BrokerError::invalid("redis", "no Redis address given"));
+    }
+    let clients = seeds
+        .iter()
+        .map(|seed| {
+            redis::Client::open(seed.as_str()).map_err(|e| invalid_seed(&redacted_url(seed), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut first_failure = None;
+    for (seed, client) in clients.iter().enumerate() {
+        let shown = redacted_url(&seeds[seed]);
+        match probe_one(client, &shown).await {
+            Ok(cluster) if seed > 0 && !cluster => {
+                return Err(BrokerError::invalid(
+                    "redis",
+                    format!(
+                        "{} did not answer and {shown} is a standalone server: several \
+                         seeds must be nodes of one Redis Cluster",
+                        redacted_url(&seeds[0])
+                    ),
+                ));
+            }
+            Ok(cluster) => {
+                if seed > 0 {
+                    tracing::warn!(
+                        answered = %shown,
+                        "redis: {} earlier seed(s) did not answer; using {shown}",
+                        seed
+                    );
+                }
+                return Ok(Probed { seed, cluster });
+            }
+            // Down or unreachable: the next seed may answer.
+            Err(e @ BrokerError::Unavailable(_)) => {
+                first_failure.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let failure = first_failure.expect("every seed failed");
+    Err(match (failure, seeds.len()) {
+        (failure, 1) => failure,
+        (BrokerError::Unavailable(m), n) => BrokerError::Unavailable(format!(
+            "{m} (and none of the other {} seeds answered)",
+            n - 1
+        )),
+        (failure, _) => failure,
+    })
+}
+
+/// Asks one seed `INFO server` (its version) and `INFO cluster`: whether it is a cluster
+/// node.
+async fn probe_one(client: &redis::Client, shown: &str) -> Result<bool, BrokerError> {
+    let mut probe = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| probe_failed(shown, "connecting to", e))?;
+    let server: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut probe)
+        .await
+        .map_err(|e| probe_failed(shown, "INFO server on", e))?;
+    check_version(shown, &server)?;
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut probe)
+        .await
+        .map_err(|e| probe_failed(shown, "INFO cluster on", e))?;
+    Ok(info.contains("cluster_enabled:1"))
+}
+
 /// [`connect`] where a reply may take up to `response_timeout` (a `WAIT` for replicas
 /// takes up to its own timeout, so this must be longer than that); past it the request is
 /// UNAVAILABLE.
@@ -409,35 +498,11 @@ pub(crate) async fn connect_with(
     seeds: &[String],
     response_timeout: Duration,
 ) -> Result<RedisConn, BrokerError> {
-    let first = seeds
-        .first()
-        .ok_or_else(|| BrokerError::invalid("redis", "no Redis address given"))?;
-    let shown = redacted_url(first);
-    // Every seed must be a Redis URL, though a standalone server uses only the first: a
-    // typo in another would otherwise surface only when the cluster needs that seed.
-    let mut clients = seeds.iter().map(|seed| {
-        redis::Client::open(seed.as_str()).map_err(|e| invalid_seed(&redacted_url(seed), e))
-    });
-    let client = clients.next().expect("a first seed")?;
-    for other in clients {
-        other?;
-    }
-    let mut probe = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| probe_failed(&shown, "connecting to", e))?;
-    let server: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut probe)
-        .await
-        .map_err(|e| probe_failed(&shown, "INFO server on", e))?;
-    check_version(&shown, &server)?;
-    let info: String = redis::cmd("INFO")
-        .arg("cluster")
-        .query_async(&mut probe)
-        .await
-        .map_err(|e| probe_failed(&shown, "INFO cluster on", e))?;
-    if info.contains("cluster_enabled:1") {
+    let probed = probe(seeds).await?;
+    let client = redis::Client::open(seeds[probed.seed].as_str())
+        .map_err(|e| invalid_seed(&redacted_url(&seeds[probed.seed]), e))?;
+    let shown = redacted_url(&seeds[probed.seed]);
+    if probed.cluster {
         let cluster = ClusterClientBuilder::new(seeds.to_vec())
             .response_timeout(response_timeout)
             .build()
@@ -638,6 +703,39 @@ mod tests {
         );
         assert!(text.contains("is it a Redis server?"), "{text}");
         assert!(!text.contains('\n'), "{text}");
+    }
+
+    /// Seeds that do not answer are passed over for one that does, when it is a cluster
+    /// node; a standalone server behind a seed that did not answer is another Redis, and
+    /// refused; when none answers, the refusal says so.
+    #[tokio::test]
+    async fn seeds_that_do_not_answer_are_passed_over_for_a_cluster_node_only() {
+        use crate::broker::testing::redis::{RedisCluster, free_port};
+        let dead = format!("redis://127.0.0.1:{}", free_port());
+        let cluster = RedisCluster::start(3, 0);
+        let mut seeds = vec![dead.clone()];
+        seeds.extend(cluster.seeds());
+        let probed = probe(&seeds).await.expect("a cluster node answers");
+        assert_eq!((probed.seed, probed.cluster), (1, true));
+        let mut conn = connect(&seeds).await.expect("connects past the dead seed");
+        assert_eq!(conn.memory().await.unwrap().servers, 3);
+
+        let server = RedisServer::start();
+        let err = refusal(&[dead.clone(), server.url()], "a standalone fallback").await;
+        assert!(matches!(err, BrokerError::InvalidArgument { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("is a standalone server"), "{text}");
+        assert!(text.contains(&dead), "{text}");
+
+        let also_dead = format!("redis://127.0.0.1:{}", free_port());
+        let err = refusal(&[dead.clone(), also_dead], "no seed answering").await;
+        assert!(matches!(err, BrokerError::Unavailable(_)), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&dead), "{text}");
+        assert!(
+            text.contains("none of the other 1 seeds answered"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::domain::error::BrokerError;
 use crate::broker::engine::redis::conn::{
-    RedisConn, invalid_seed, redacted_seeds, redacted_url, unavailable,
+    RedisConn, invalid_seed, probe, redacted_seeds, redacted_url, unavailable,
 };
 use crate::broker::sync::lock;
 
@@ -283,34 +283,28 @@ impl SubConn {
 }
 
 /// Opens the subscriber connection (RESP3, pushes to `pushes`): a cluster or a standalone
-/// server, as `INFO cluster` on the first seed says.
+/// server, as the first seed that answers says ([`probe`]).
 async fn connect(
     seeds: &[String],
     pushes: mpsc::UnboundedSender<PushInfo>,
 ) -> Result<SubConn, BrokerError> {
-    let first = seeds
-        .first()
-        .ok_or_else(|| BrokerError::invalid("redis", "no Redis address given"))?;
-    let shown = redacted_url(first);
-    let client = redis::Client::open(first.as_str()).map_err(|e| invalid_seed(&shown, e))?;
-    let info = client.get_connection_info().clone();
-    let settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP3);
-    let client = redis::Client::open(info.set_redis_settings(settings))
-        .map_err(|e| invalid_seed(&shown, e))?;
-    let config = AsyncConnectionConfig::new().set_push_sender(pushes.clone());
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .map_err(|e| unavailable(&format!("connecting to {shown}"), e))?;
-    let info: String = redis::cmd("INFO")
-        .arg("cluster")
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| unavailable(&format!("INFO cluster on {shown}"), e))?;
-    if !info.contains("cluster_enabled:1") {
+    let probed = probe(seeds).await?;
+    let seed = &seeds[probed.seed];
+    let shown = redacted_url(seed);
+    if !probed.cluster {
+        let client = redis::Client::open(seed.as_str()).map_err(|e| invalid_seed(&shown, e))?;
+        let info = client.get_connection_info().clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(settings))
+            .map_err(|e| invalid_seed(&shown, e))?;
+        let config = AsyncConnectionConfig::new().set_push_sender(pushes.clone());
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| unavailable(&format!("connecting to {shown}"), e))?;
         return Ok(SubConn::Single(conn));
     }
     let cluster = ClusterClientBuilder::new(seeds.to_vec())
@@ -449,6 +443,25 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// The subscriber passes over a seed that does not answer for one that does, as the
+    /// command connection does (`conn::probe`), and hears what is published there.
+    #[tokio::test]
+    async fn subscribes_through_the_first_cluster_seed_that_answers() {
+        use crate::broker::testing::redis::{RedisCluster, free_port};
+        let cluster = RedisCluster::start(3, 0);
+        let mut seeds = vec![format!("redis://127.0.0.1:{}", free_port())];
+        seeds.extend(cluster.seeds());
+        let shutdown = CancellationToken::new();
+        let wakes = Wakes::start(seeds.clone(), shutdown.clone());
+        until_connected(&wakes, true).await;
+        let channel = "sluice:{q:jobs}:wake".to_string();
+        let mut watch = wakes.watch(std::slice::from_ref(&channel)).await;
+        let other = connect(&seeds).await.unwrap();
+        publish(&other, &channel).await.unwrap();
+        assert_eq!(watch.wait(Duration::from_secs(10)).await, [channel]);
+        shutdown.cancel();
     }
 
     #[tokio::test]
