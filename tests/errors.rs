@@ -627,6 +627,63 @@ async fn dead_letter_queues_and_redrive_targets_count_against_max_queues() {
     assert_eq!(stats_of(&client, "q0").await.unwrap().pending, 1);
 }
 
+/// Concurrent redrives into queues that no longer exist count against `--max-queues`
+/// together: four redrives at once, each needing two places (the origin and its default
+/// dead-letter queue) with four free (of 6: "dl" and the "dl.dlq" its policy names take
+/// two), make exactly two of them; the others are refused and move nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_redrives_hold_max_queues_between_them() {
+    let broker = TestBroker::start_with(broker_config(|l| l.max_queues = 6)).await;
+    let client = broker.client().await;
+    let mut rpc = client.rpc();
+    for i in 0..4 {
+        let name = format!("o{i}");
+        rpc.create_queue(pb::CreateQueueRequest {
+            name: name.clone(),
+            policy: Some(pb::QueuePolicy {
+                dead_letter_queue: "dl".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+        rpc.enqueue(enqueue(&name, vec![spec("x")])).await.unwrap();
+        dead_letter_one(&mut rpc, &name).await;
+        rpc.delete_queue(pb::DeleteQueueRequest { name })
+            .await
+            .unwrap();
+    }
+    let letters = common::rpc::list_jobs(&mut rpc, "dl").await;
+    assert_eq!(letters.len(), 4);
+    let mut tasks = Vec::new();
+    for letter in letters {
+        let mut rpc = client.rpc();
+        tasks.push(tokio::spawn(async move {
+            rpc.redrive(pb::RedriveRequest {
+                dead_letter_queue: "dl".into(),
+                job_ids: vec![letter.id],
+                ..Default::default()
+            })
+            .await
+        }));
+    }
+    let mut redriven = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(done) => redriven += done.into_inner().redriven,
+            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status}"),
+        }
+    }
+    assert_eq!(redriven, 2);
+    let queues = list_queues(&mut rpc).await;
+    assert_eq!(queues.len(), 3, "dl and two origins: {queues:?}");
+    assert_eq!(
+        stats_of(&client, "dl").await.unwrap().pending,
+        2,
+        "the rest stay"
+    );
+}
+
 /// Issue 17, item 9: every duration and count of a policy or request has a maximum. Each
 /// field is tried at its limit + 1 and at u64::MAX (or u32::MAX where the field is 32-bit):
 /// INVALID_ARGUMENT naming the field, the limit and the value, and nothing changes. On the

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use crate::broker::auth::{Access, Action};
 use crate::broker::domain::error::BrokerError;
+use crate::broker::domain::limits::{MAX_QUEUE_DEPTH, MAX_REDRIVE_RATE, check_count};
 use crate::broker::domain::names::{Pattern, validate_name};
+use crate::broker::domain::queue::QueuePolicy;
 use crate::broker::engine::{RedriveOutcome, checks};
 
 use super::RedisEngine;
@@ -37,7 +39,21 @@ impl RedisEngine {
         for target in &targets {
             access.check_any(&[Action::Enqueue, Action::Admin], field, target)?;
         }
-        self.check_redrive_room(field, targets.iter()).await?;
+        check_count("rate_per_second", rate_per_second.into(), MAX_REDRIVE_RATE)?;
+        check_count("max_jobs", max_jobs, MAX_QUEUE_DEPTH)?;
+        // Counted and made under the catalog lock, as any queue creation is, so
+        // concurrent redrives cannot pass --max-queues between them. The redrive itself
+        // (which may run for long at its rate) goes after; its targets exist by then.
+        self.creating_queues(async {
+            self.check_redrive_room(field, targets.iter()).await?;
+            for target in &targets {
+                queues
+                    .ensure(target, &QueuePolicy::default_for(target), false)
+                    .await?;
+            }
+            Ok(())
+        })
+        .await?;
         let report = queues
             .redrive(
                 dead_letter_queue,
