@@ -2322,15 +2322,14 @@ async fn the_binary_refuses_a_redis_that_evicts_keys() {
 
 /// Waits up to 10 s for `node`'s log to hold `what`.
 async fn logged(node: &SluiceProcess, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !node.log().contains(what) {
-        assert!(
-            Instant::now() < deadline,
-            "the log says {what:?}: {}",
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually(|| async {
+        let log = node.log();
+        match log.contains(what) {
+            true => Ok(()),
+            false => Err(format!("the log does not say {what:?} yet: {log}")),
+        }
+    })
+    .await
 }
 
 /// A queue a node knows can vanish under it: deleted through another node, or lost with
@@ -2380,16 +2379,6 @@ async fn an_enqueue_to_a_queue_that_vanished_makes_it_again() {
     b.stop().await;
 }
 
-/// A Consume stream on `queue` with 10 credits.
-async fn consume_10(rpc: &mut sluice::client::Rpc, queue: &str) -> common::rpc::ConsumeStream {
-    let first = pb::ConsumeRequest {
-        queue: queue.into(),
-        credits: 10,
-        ..Default::default()
-    };
-    open_consume(rpc, first).await.unwrap()
-}
-
 /// Redis dies under a serving node and comes back empty (no persistence): while it is
 /// down requests are UNAVAILABLE naming Redis, within a bounded time, and streams and
 /// long polls end or answer rather than hang; once it is back the same node serves
@@ -2401,7 +2390,8 @@ async fn a_node_serves_again_after_its_redis_restarts_empty() {
     let client = node.client().await;
     client.enqueue("phoenix", "before").send().await.unwrap();
     let mut rpc = client.rpc();
-    let (_tx, mut consume) = consume_10(&mut rpc, "phoenix-stream").await;
+    let (_tx, mut consume) =
+        common::rpc::consume_with_credits(&mut rpc, "phoenix-stream", 10).await;
     let poll = long_poll(&client, "phoenix-poll", Duration::from_secs(20)).await;
 
     server.kill();
@@ -2414,30 +2404,25 @@ async fn a_node_serves_again_after_its_redis_restarts_empty() {
         "{:?}",
         started.elapsed()
     );
-    let ended = tokio::time::timeout(Duration::from_secs(10), consume.message())
+    let status = within(consume.message())
         .await
-        .expect("the consume stream ends");
-    let status = ended.expect_err("with an error");
+        .expect_err("the consume stream ends with an error");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
-    let polled = tokio::time::timeout(Duration::from_secs(10), poll)
+    let err = within(poll)
         .await
-        .expect("the long poll answers")
-        .unwrap();
-    let err = polled.expect_err("the long poll fails");
+        .unwrap()
+        .expect_err("the long poll fails");
     assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err}");
 
     server.restart();
-    let started = Instant::now();
-    while let Err(e) = client.enqueue("phoenix", "after").send().await {
-        assert!(started.elapsed() < Duration::from_secs(10), "still {e}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::eventually(|| client.enqueue("phoenix", "after").send()).await;
     // What Redis held is gone with it (no persistence: README, "What survives what").
     let leased = client.lease("phoenix").max_jobs(10).send().await.unwrap();
     let payloads: Vec<_> = leased.iter().map(|l| l.payload().clone()).collect();
     assert_eq!(payloads, [&b"after"[..]]);
     client.ack_batch(leased).await.unwrap();
-    let (_tx, mut consume) = consume_10(&mut rpc, "phoenix-stream").await;
+    let (_tx, mut consume) =
+        common::rpc::consume_with_credits(&mut rpc, "phoenix-stream", 10).await;
     client
         .enqueue("phoenix-stream", "streamed")
         .send()

@@ -1074,12 +1074,7 @@ fn subscribe_to(pattern: &str) -> pb::SubscribeRequest {
 
 /// A consume stream of `queue` with one credit, and the sender of its next requests.
 async fn consume_one(rpc: &mut Rpc, queue: &str) -> ConsumeStream {
-    let first = pb::ConsumeRequest {
-        queue: queue.into(),
-        credits: 1,
-        ..Default::default()
-    };
-    open_consume(rpc, first).await.unwrap()
+    common::rpc::consume_with_credits(rpc, queue, 1).await
 }
 
 #[tokio::test]

@@ -150,3 +150,13 @@ pub async fn open_consume(
         .await?;
     Ok((tx, response.into_inner()))
 }
+
+/// [`open_consume`] of `queue` with `credits`, every other field at its default.
+pub async fn consume_with_credits(rpc: &mut Rpc, queue: &str, credits: u32) -> ConsumeStream {
+    let first = pb::ConsumeRequest {
+        queue: queue.into(),
+        credits,
+        ..Default::default()
+    };
+    open_consume(rpc, first).await.unwrap()
+}

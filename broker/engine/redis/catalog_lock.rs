@@ -10,7 +10,10 @@
 //! first use, CreateQueue, a new dead-letter queue); nothing on the path of a job takes it.
 
 use std::future::Future;
+use std::sync::LazyLock;
 use std::time::Duration;
+
+use redis::Script;
 
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -33,8 +36,12 @@ const WAIT_AT_MOST: Duration = Duration::from_secs(6);
 const RETRY_EVERY: Duration = Duration::from_millis(5);
 
 /// Frees the key if this holder still holds it (an expired key may be another's by now).
-const FREE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-                    return redis.call('DEL', KEYS[1]) end return 0";
+static FREE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+         return redis.call('DEL', KEYS[1]) end return 0",
+    )
+});
 
 impl RedisEngine {
     /// Runs `work` (which may count the queues and create some) holding the catalog lock,
@@ -71,11 +78,7 @@ impl RedisEngine {
             tokio::time::sleep(RETRY_EVERY).await;
         }
         let result = work.await;
-        let freed: Result<i64, _> = redis::Script::new(FREE)
-            .key(&key)
-            .arg(&token)
-            .invoke_async(&mut conn)
-            .await;
+        let freed: Result<i64, _> = FREE.key(&key).arg(&token).invoke_async(&mut conn).await;
         if let Err(e) = freed {
             // It expires by itself; creation elsewhere waits for that meanwhile.
             tracing::warn!(error = %e, "could not free the queue catalog's lock");

@@ -402,10 +402,12 @@ pub(crate) async fn connect(seeds: &[String]) -> Result<RedisConn, BrokerError> 
     connect_with(seeds, Duration::from_secs(2)).await
 }
 
-/// What [`probe`] found: which seed answered, and whether it is a Redis Cluster node.
+/// What [`probe`] found: the seed that answered, and whether it is a Redis Cluster node.
 pub(crate) struct Probed {
-    /// Its index in the seeds.
-    pub(crate) seed: usize,
+    /// The seed's client.
+    pub(crate) client: redis::Client,
+    /// The seed as it may be shown ([`redacted_url`]).
+    pub(crate) shown: String,
     /// Whether it runs in cluster mode (`INFO cluster`).
     pub(crate) cluster: bool,
 }
@@ -429,9 +431,9 @@ pub(crate) async fn probe(seeds: &[String]) -> Result<Probed, BrokerError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut first_failure = None;
-    for (seed, client) in clients.iter().enumerate() {
+    for (seed, client) in clients.into_iter().enumerate() {
         let shown = redacted_url(&seeds[seed]);
-        match probe_one(client, &shown).await {
+        match probe_one(&client, &shown).await {
             Ok(cluster) if seed > 0 && !cluster => {
                 return Err(BrokerError::invalid(
                     "redis",
@@ -450,7 +452,11 @@ pub(crate) async fn probe(seeds: &[String]) -> Result<Probed, BrokerError> {
                         seed
                     );
                 }
-                return Ok(Probed { seed, cluster });
+                return Ok(Probed {
+                    client,
+                    shown,
+                    cluster,
+                });
             }
             // Down or unreachable: the next seed may answer.
             Err(e @ BrokerError::Unavailable(_)) => {
@@ -498,11 +504,12 @@ pub(crate) async fn connect_with(
     seeds: &[String],
     response_timeout: Duration,
 ) -> Result<RedisConn, BrokerError> {
-    let probed = probe(seeds).await?;
-    let client = redis::Client::open(seeds[probed.seed].as_str())
-        .map_err(|e| invalid_seed(&redacted_url(&seeds[probed.seed]), e))?;
-    let shown = redacted_url(&seeds[probed.seed]);
-    if probed.cluster {
+    let Probed {
+        client,
+        shown,
+        cluster,
+    } = probe(seeds).await?;
+    if cluster {
         let cluster = ClusterClientBuilder::new(seeds.to_vec())
             .response_timeout(response_timeout)
             .build()
@@ -716,7 +723,8 @@ mod tests {
         let mut seeds = vec![dead.clone()];
         seeds.extend(cluster.seeds());
         let probed = probe(&seeds).await.expect("a cluster node answers");
-        assert_eq!((probed.seed, probed.cluster), (1, true));
+        assert_eq!(probed.shown, seeds[1]);
+        assert!(probed.cluster);
         let mut conn = connect(&seeds).await.expect("connects past the dead seed");
         assert_eq!(conn.memory().await.unwrap().servers, 3);
 

@@ -359,7 +359,11 @@ impl Session {
                 // is the queue's first use, which makes it, as a Lease would.
                 self.deferred.extend(acks);
                 self.engine.forget_queue(&self.queue);
-                return self.engine.ensure_queue("queue", &self.queue, true).await;
+                return self
+                    .engine
+                    .ensure_queue("queue", &self.queue, true)
+                    .await
+                    .map(drop);
             }
             Err(BrokerError::NotFound(_)) => {
                 // Gone under a running stream: it ends, as on the in-process engine (a

@@ -28,7 +28,6 @@ use crate::broker::engine::{
     QueueInfo, RedriveOutcome, StatsSnapshot, StatsWatch, SubscribeSpec, SubscriptionStream,
     checks,
 };
-use crate::broker::sync::lock;
 
 use super::background::POLL;
 use super::conn::unavailable;
@@ -207,9 +206,9 @@ impl Engine for RedisEngine {
         // node, or lost with Redis's data. Nothing was stored then, so it is created again
         // (as on a first use, which a later Enqueue would be anyway) and the jobs go once
         // more. Gone again at once, it is a delete racing this request, which is refused.
-        let mut known = lock(&self.inner.known).contains(queue);
+        let mut retried = false;
         let value = loop {
-            self.ensure_queue("queue", queue, false).await?;
+            let known = self.ensure_queue("queue", queue, false).await?;
             let target = SchemaTarget::queue(queue);
             let enqueued = self
                 .inner
@@ -228,9 +227,9 @@ impl Engine for RedisEngine {
                 })
                 .await;
             match enqueued {
-                Err(BrokerError::NotFound(_)) if known => {
+                Err(BrokerError::NotFound(_)) if known && !retried => {
                     self.forget_queue(queue);
-                    known = false;
+                    retried = true;
                 }
                 Err(BrokerError::NotFound(_)) => {
                     self.forget_queue(queue);

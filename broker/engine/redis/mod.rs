@@ -266,15 +266,16 @@ impl RedisEngine {
     /// Consume (`for_consumer`), a queue that does not exist and that no policy names as
     /// its dead-letter queue is refused with `--strict-queues`, or else created marked
     /// created by a consumer, and the node that created it warns (as the in-process
-    /// engine does: [`checks::consumer_names_unknown_queue`]).
+    /// engine does: [`checks::consumer_names_unknown_queue`]). `Ok(true)`: this node had
+    /// seen it already and asked Redis nothing, so it may have vanished since.
     async fn ensure_queue(
         &self,
         field: &str,
         name: &str,
         for_consumer: bool,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<bool, BrokerError> {
         if lock(&self.inner.known).contains(name) {
-            return Ok(());
+            return Ok(true);
         }
         crate::broker::domain::names::validate_name(field, name)?;
         if self.inner.queues.info(name).await?.is_none() {
@@ -316,7 +317,7 @@ impl RedisEngine {
             .await?;
         }
         lock(&self.inner.known).insert(name.to_owned());
-        Ok(())
+        Ok(false)
     }
 
     /// What `--max-queues` counts, as the in-process engine counts it: every queue, and

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::domain::error::BrokerError;
 use crate::broker::engine::redis::conn::{
-    RedisConn, invalid_seed, probe, redacted_seeds, redacted_url, unavailable,
+    Probed, RedisConn, invalid_seed, probe, redacted_seeds, unavailable,
 };
 use crate::broker::sync::lock;
 
@@ -288,11 +288,12 @@ async fn connect(
     seeds: &[String],
     pushes: mpsc::UnboundedSender<PushInfo>,
 ) -> Result<SubConn, BrokerError> {
-    let probed = probe(seeds).await?;
-    let seed = &seeds[probed.seed];
-    let shown = redacted_url(seed);
-    if !probed.cluster {
-        let client = redis::Client::open(seed.as_str()).map_err(|e| invalid_seed(&shown, e))?;
+    let Probed {
+        client,
+        shown,
+        cluster,
+    } = probe(seeds).await?;
+    if !cluster {
         let info = client.get_connection_info().clone();
         let settings = info
             .redis_settings()
