@@ -528,6 +528,21 @@ async fn primary_with_proxied_replica() -> (RedisServer, LinkProxy, RedisServer)
     (primary, proxy, replica)
 }
 
+/// A node with `--redis-replicas 1` (each WAIT `timeout`) on a primary whose replica is
+/// linked through a [`LinkProxy`]: the node, the primary, the proxy and the replica.
+async fn node_with_proxied_replica(
+    timeout: Duration,
+) -> (Node, RedisServer, LinkProxy, RedisServer) {
+    let (primary, proxy, replica) = primary_with_proxied_replica().await;
+    let node = Node::start(RedisConfig {
+        replicas: 1,
+        replica_timeout: timeout,
+        ..RedisConfig::new(vec![primary.url()])
+    })
+    .await;
+    (node, primary, proxy, replica)
+}
+
 /// What one run of [`cut_link_then_lose_primary`] measured.
 #[derive(Debug)]
 struct CutOutcome {
@@ -749,6 +764,53 @@ async fn with_one_replica_a_cut_link_refuses_enqueues_and_loses_nothing_acknowle
     );
     assert_eq!(outcome.lost, 0, "{outcome:?}");
     assert_eq!(outcome.retried_duplicates, 0, "{outcome:?}");
+}
+
+/// A WAIT for replicas holds up only the answers that wait for it. With the replication
+/// link cut an enqueue waits out its WAIT (then UNAVAILABLE); meanwhile the same node
+/// leases and reads at once. WAIT blocks the connection it travels on, so it has one of its
+/// own: on the node's shared connection the lease and the read would have waited behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wait_for_replicas_does_not_hold_up_the_nodes_other_requests() {
+    let timeout = Duration::from_secs(3);
+    let (node, primary, proxy, _replica) = node_with_proxied_replica(timeout).await;
+    let client = node.client().await;
+    let job = client.enqueue("ready", "x").send().await.unwrap();
+    proxy.cut();
+    wait_replication(primary.port, "the primary to lose its replica", |i| {
+        i.contains("connected_slaves:0")
+    })
+    .await;
+    let stuck = tokio::spawn({
+        let client = client.clone();
+        async move { client.enqueue("stuck", "y").send().await }
+    });
+    // Until the enqueue's WAIT blocks on the primary.
+    let start = Instant::now();
+    loop {
+        let clients: String = redis_cmd(primary.port, &["INFO", "clients"]).await;
+        if clients.contains("blocked_clients:1") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the WAIT never blocked:\n{clients}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let asked = Instant::now();
+    let leased = client.lease("ready").send().await.unwrap();
+    let read = client.get_job(&job.job_id).await.unwrap();
+    let took = asked.elapsed();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(read.id, job.job_id);
+    assert!(
+        took < timeout / 2,
+        "a lease and a read took {took:?} while a WAIT (timeout {timeout:?}) was blocked"
+    );
+    let refused = stuck.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Some(tonic::Code::Unavailable), "{refused}");
+    node.stop().await;
 }
 
 // ---- failover ledger: the real binary over a Redis Cluster --------------------------------
@@ -1630,14 +1692,8 @@ async fn a_nodes_sweep_requests_are_counted_apart_from_those_serving_clients() {
 #[tokio::test]
 async fn a_consume_stream_leases_on_while_its_acks_replicate_and_ends_when_they_cannot() {
     const QUEUE: &str = "lazy";
-    let (primary, proxy, _replica) = primary_with_proxied_replica().await;
     let timeout = Duration::from_millis(1500);
-    let node = Node::start(RedisConfig {
-        replicas: 1,
-        replica_timeout: timeout,
-        ..RedisConfig::new(vec![primary.url()])
-    })
-    .await;
+    let (node, _primary, proxy, _replica) = node_with_proxied_replica(timeout).await;
     let client = node.client().await;
     let jobs = (0..3).map(|i| Job::new(format!("{i}"))).collect();
     client.enqueue_batch(QUEUE, jobs).await.unwrap();
@@ -1676,13 +1732,8 @@ async fn a_consume_stream_leases_on_while_its_acks_replicate_and_ends_when_they_
 #[tokio::test]
 async fn a_consume_stream_confirms_its_acks_before_it_ends() {
     const QUEUE: &str = "lazy-end";
-    let (primary, proxy, _replica) = primary_with_proxied_replica().await;
-    let node = Node::start(RedisConfig {
-        replicas: 1,
-        replica_timeout: Duration::from_millis(1000),
-        ..RedisConfig::new(vec![primary.url()])
-    })
-    .await;
+    let (node, _primary, proxy, _replica) =
+        node_with_proxied_replica(Duration::from_millis(1000)).await;
     let client = node.client().await;
     let jobs = (0..3).map(|i| Job::new(format!("{i}"))).collect();
     client.enqueue_batch(QUEUE, jobs).await.unwrap();

@@ -159,6 +159,19 @@ impl RedisConn {
     pub(crate) fn background_requests(&self) -> u64 {
         self.requests.background.load(Ordering::Relaxed)
     }
+
+    /// A connection of its own to the same Redis (`seeds`, as this one was made), whose
+    /// requests count with this one's: for a command that blocks the connection it
+    /// travels on (`WAIT`), so the requests multiplexed on this one do not queue behind it.
+    pub(crate) async fn sibling(
+        &self,
+        seeds: &[String],
+        response_timeout: Duration,
+    ) -> Result<RedisConn, BrokerError> {
+        let mut sibling = connect_with(seeds, response_timeout).await?;
+        sibling.requests = self.requests.clone();
+        Ok(sibling)
+    }
 }
 
 impl ConnectionLike for RedisConn {

@@ -192,8 +192,8 @@ impl Session {
             let (engine, queue) = (&self.engine, &self.queue);
             // Lazy: built (and its commit's key named) only when polled; and only once the
             // stream has waited `CONFIRM_AFTER`, so a worker's next ack, which usually comes
-            // sooner, does not leave a WAIT behind it each time (a WAIT holds up the node's
-            // later commands to that primary on the connection it travels on).
+            // sooner, does not leave a WAIT behind it each time (one WAIT then covers
+            // many acks, and the replica is asked once per pause instead of per job).
             let confirm = async move {
                 tokio::time::sleep(CONFIRM_AFTER).await;
                 engine.queue_durable(queue).await

@@ -191,7 +191,16 @@ impl RedisEngine {
         }
         let shutdown = CancellationToken::new();
         let wakes = Wakes::start(config.seeds.clone(), shutdown.clone());
-        let replication = Replication::new(conn.clone(), config.replicas, config.replica_timeout);
+        // A WAIT blocks the connection it travels on until the replicas answer: on the
+        // shared connection every request of this node to that primary would wait behind
+        // it, a replication round trip each time. So WAITs get a connection of their own
+        // (their fence write makes them cover every connection's writes).
+        let wait_conn = if config.replicas > 0 {
+            conn.sibling(&config.seeds, response_timeout).await?
+        } else {
+            conn.clone()
+        };
+        let replication = Replication::new(wait_conn, config.replicas, config.replica_timeout);
         let engine = Self {
             inner: Arc::new(Inner {
                 queues: QueueStore::new(conn.clone()),

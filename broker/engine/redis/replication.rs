@@ -5,18 +5,14 @@
 //! # Which writes a WAIT covers
 //!
 //! Redis's WAIT waits for the replication offset of the *connection* it is sent on (the
-//! offset after that connection's last write). redis-rs multiplexes ONE connection per
-//! node (`ConnectionManager` for a standalone server; `ClusterConnection` keeps one
-//! `MultiplexedConnection` per node address), so a WAIT sent on the shared [`RedisConn`]
-//! after the writes travels on the same socket and covers them; the tests check it by
-//! reading the writes on the replica right after a confirm.
-//!
-//! That alone would break after a reconnect: the new connection has written nothing, so
-//! its WAIT returns at once, covering none of the writes made on the old one. So every
-//! WAIT is preceded, in the same pipeline, by a fence write (`SET <tag>:wait-fence ""` in
-//! the key's own slot): it moves the connection's offset to the primary's current end of
-//! the replication stream, so the WAIT covers every write the primary took before it,
-//! whichever connection made it.
+//! offset after that connection's last write). So every WAIT is preceded, in the same
+//! pipeline, by a fence write (`SET <tag>:wait-fence ""` in the key's own slot): it moves
+//! the connection's offset to the primary's current end of the replication stream, so the
+//! WAIT covers every write the primary took before it, whichever connection made it. That
+//! is what lets WAITs travel on a connection of their own (the engine gives
+//! [`Replication`] one, see "Costs and limits" below), and what keeps a WAIT right after a reconnect,
+//! when the new connection has written nothing yet. The tests check it by writing on one
+//! connection, confirming on another and reading the writes on the replica right after.
 //!
 //! # Sharing
 //!
@@ -28,11 +24,13 @@
 //!
 //! # Costs and limits
 //!
-//! WAIT blocks its connection on the server: while it waits, later commands of this node
-//! on the same connection to that primary wait behind it (one replication round trip when
-//! replicas are healthy, up to the timeout when they are not). The connection's own
-//! response timeout (redis-rs: 500 ms by default) also ends a longer WAIT; either way the
-//! caller gets the same `Unavailable`.
+//! WAIT blocks its connection on the server: while it waits, later commands on the same
+//! connection to that primary wait behind it (one replication round trip when replicas
+//! are healthy, up to the timeout when they are not). The engine therefore hands
+//! [`Replication`] a connection of its own (`RedisConn::sibling`): leases, scripts and
+//! reads of the node never queue behind a WAIT. The connection's own response timeout
+//! (set a second past the replica timeout) also ends a longer WAIT; either way the caller
+//! gets the same `Unavailable`.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -273,8 +271,13 @@ mod tests {
             .await
             .unwrap();
         // Generous: on a loaded machine the replica may take a while to acknowledge; a
-        // confirmed write returns as soon as it does.
-        let replication = Replication::new(conn.clone(), 1, Duration::from_secs(5));
+        // confirmed write returns as soon as it does. The WAIT travels on a connection of
+        // its own, as the engine sends it: the fence makes it cover the other's writes.
+        let own = conn
+            .sibling(&[primary.url()], Duration::from_secs(6))
+            .await
+            .unwrap();
+        let replication = Replication::new(own, 1, Duration::from_secs(5));
         let key = QueueKeys::new("jobs").key("ready");
         for i in 0..100 {
             let mut c = conn.clone();
@@ -285,7 +288,13 @@ mod tests {
                 .await
                 .unwrap();
         }
+        let requests = conn.requests();
         replication.confirm(&key).await.unwrap();
+        assert_eq!(
+            conn.requests(),
+            requests + 1,
+            "the WAIT with its fence is one request, counted with the node's"
+        );
         // Read on the replica right away: the WAIT covered every write before it.
         let client = redis::Client::open(replica.url()).unwrap();
         let mut r = client.get_multiplexed_async_connection().await.unwrap();
