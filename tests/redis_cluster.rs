@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use sluice::broker::testing::redis::{RedisCluster, RedisServer};
 use sluice::broker::{RedisConfig, RedisEngine, serve};
-use sluice::client::{Client, ClientError, Job, StartAt};
+use sluice::client::{Client, ClientError, Delivery, Job, StartAt};
 use sluice::pb;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -205,17 +205,7 @@ async fn a_subscriber_on_c_receives_what_a_and_b_publish(a: &Client, b: &Client,
             );
         }
     }
-    let mut received = Vec::new();
-    while received.len() < 2 * EACH {
-        let delivery = within(stream.next())
-            .await
-            .expect("the subscription goes on")
-            .expect("a delivery, not an error");
-        received.push((
-            delivery.sequence,
-            String::from_utf8(delivery.value.to_vec()).unwrap(),
-        ));
-    }
+    let received = deliveries(&mut stream, 2 * EACH).await;
     let sequences: Vec<u64> = received.iter().map(|(s, _)| *s).collect();
     let expected: Vec<u64> = (1..=(2 * EACH) as u64).collect();
     assert_eq!(sequences, expected, "in order, without gaps");
@@ -234,6 +224,25 @@ async fn a_subscriber_on_c_receives_what_a_and_b_publish(a: &Client, b: &Client,
         received.len()
     );
     assert!(switches > 1, "the publishers did not interleave");
+}
+
+/// The next `n` deliveries of a subscription as (sequence, payload), each within 5 s.
+async fn deliveries(
+    stream: &mut (impl futures::Stream<Item = sluice::client::Result<Delivery<bytes::Bytes>>> + Unpin),
+    n: usize,
+) -> Vec<(u64, String)> {
+    let mut received = Vec::with_capacity(n);
+    while received.len() < n {
+        let delivery = within(stream.next())
+            .await
+            .expect("the subscription goes on")
+            .expect("a delivery, not an error");
+        received.push((
+            delivery.sequence,
+            String::from_utf8(delivery.value.to_vec()).unwrap(),
+        ));
+    }
+    received
 }
 
 /// `used_memory` and `maxmemory` of the Redis server on `port`.
@@ -810,6 +819,228 @@ async fn a_wait_for_replicas_does_not_hold_up_the_nodes_other_requests() {
     );
     let refused = stuck.await.unwrap().unwrap_err();
     assert_eq!(refused.code(), Some(tonic::Code::Unavailable), "{refused}");
+    node.stop().await;
+}
+
+// ---- resharding: a queue's or topic's slot moves to another primary ----------------------
+
+/// `MIGRATE` of `key` from the primary on `from` to the one on `to`: `OK`, `NOKEY`, or the
+/// server's refusal (`BUSYKEY` when `to` has the key already).
+async fn migrate(from: u16, to: u16, key: &str) -> redis::RedisResult<String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{from}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(to)
+        .arg(key)
+        .arg(0)
+        .arg(5000)
+        .query_async(&mut conn)
+        .await
+}
+
+/// A Redis Cluster of 3 primaries (no replicas), a node on it and a client of the node.
+async fn node_on_a_cluster() -> (RedisCluster, Node, Client) {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 0))
+        .await
+        .unwrap();
+    let node = Node::start(RedisConfig::new(cluster.seeds())).await;
+    let client = node.client().await;
+    (cluster, node, client)
+}
+
+/// A hash slot on its way from one primary to another, as `redis-cli --cluster reshard`
+/// moves it: marked importing and migrating, its keys copied one at a time, then given to
+/// the new owner.
+struct SlotMove {
+    from: u16,
+    to: u16,
+    slot: String,
+    to_id: String,
+    primaries: Vec<u16>,
+}
+
+impl SlotMove {
+    /// Starts moving the slot of hash tag `tag` (`{q:name}`) to another primary and
+    /// copies half of its keys (at least `keys` of them must be there).
+    async fn halfway(cluster: &RedisCluster, tag: &str, keys: usize) -> SlotMove {
+        let from = cluster.primary_for_key(tag);
+        let primaries = cluster.primaries();
+        let to = *primaries.iter().find(|&&p| p != from).unwrap();
+        let slot: i64 = redis_cmd(from, &["CLUSTER", "KEYSLOT", tag]).await;
+        let slot = slot.to_string();
+        let from_id: String = redis_cmd(from, &["CLUSTER", "MYID"]).await;
+        let to_id: String = redis_cmd(to, &["CLUSTER", "MYID"]).await;
+        let _: () = redis_cmd(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]).await;
+        let _: () = redis_cmd(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]).await;
+        let present: Vec<String> =
+            redis_cmd(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "10000"]).await;
+        assert!(present.len() >= keys, "the slot's keys: {present:?}");
+        for key in &present[..present.len() / 2] {
+            assert_eq!(migrate(from, to, key).await.unwrap(), "OK", "{key}");
+        }
+        SlotMove {
+            from,
+            to,
+            slot,
+            to_id,
+            primaries,
+        }
+    }
+
+    /// Copies the rest and gives the slot to the new owner. Panics when a key cannot be
+    /// copied: a script wrote it on the new owner while the old one still had it.
+    async fn finish(&self) {
+        loop {
+            let left: Vec<String> = redis_cmd(
+                self.from,
+                &["CLUSTER", "GETKEYSINSLOT", &self.slot, "10000"],
+            )
+            .await;
+            if left.is_empty() {
+                break;
+            }
+            for key in &left {
+                if let Err(e) = migrate(self.from, self.to, key).await {
+                    panic!("{key} could not move ({e}): a script wrote it on the new owner");
+                }
+            }
+        }
+        for &port in &self.primaries {
+            let _: () = redis_cmd(
+                port,
+                &["CLUSTER", "SETSLOT", &self.slot, "NODE", &self.to_id],
+            )
+            .await;
+        }
+    }
+
+    /// Keys of the slot on the old owner (none once it moved, unless a script wrote there
+    /// after it left).
+    async fn left_behind(&self) -> i64 {
+        redis_cmd(self.from, &["CLUSTER", "COUNTKEYSINSLOT", &self.slot]).await
+    }
+}
+
+/// A queue's hash slot moves to another primary while a node serves it. A script must not
+/// run on half of a queue meanwhile (it would see keys not yet copied as missing, and a key
+/// it wrote on the new owner would stop the copy of the old one with BUSYKEY): an enqueue
+/// and a lease sent halfway wait for the migration (or are refused UNAVAILABLE having
+/// changed nothing), every key moves, and afterwards every job is there once, the leased
+/// ones still leased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queue_keeps_its_jobs_while_its_slot_moves_to_another_primary() {
+    const QUEUE: &str = "moving";
+    let (cluster, node, client) = node_on_a_cluster().await;
+    for i in 0..20 {
+        client.enqueue(QUEUE, format!("{i}")).send().await.unwrap();
+    }
+    let held = client.lease(QUEUE).max_jobs(5).send().await.unwrap();
+    assert_eq!(held.len(), 5);
+
+    let moving = SlotMove::halfway(&cluster, &format!("{{q:{QUEUE}}}"), 20).await;
+    let during = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .enqueue(QUEUE, "during")
+                .idempotency_key("during")
+                .send()
+                .await
+        }
+    });
+    let leasing = tokio::spawn({
+        let client = client.clone();
+        async move { client.lease(QUEUE).max_jobs(3).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    moving.finish().await;
+
+    // Each request either waited for the migration or was refused having changed nothing.
+    let mut leased_during = Vec::new();
+    match within(leasing).await.unwrap() {
+        Ok(leases) => leased_during = leases,
+        Err(e) => assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}"),
+    }
+    if let Err(e) = within(during).await.unwrap() {
+        assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+        client
+            .enqueue(QUEUE, "during")
+            .idempotency_key("during")
+            .send()
+            .await
+            .unwrap();
+    }
+    let mut payloads: Vec<String> = Vec::new();
+    for lease in held.into_iter().chain(leased_during) {
+        payloads.push(String::from_utf8(lease.payload().to_vec()).unwrap());
+        lease.ack().await.unwrap();
+    }
+    loop {
+        let leases = client.lease(QUEUE).max_jobs(100).send().await.unwrap();
+        if leases.is_empty() {
+            break;
+        }
+        for lease in leases {
+            payloads.push(String::from_utf8(lease.payload().to_vec()).unwrap());
+            lease.ack().await.unwrap();
+        }
+    }
+    payloads.sort();
+    let mut expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+    expected.push("during".into());
+    expected.sort();
+    assert_eq!(payloads, expected, "every job once, after the move");
+    assert_eq!(moving.left_behind().await, 0);
+    node.stop().await;
+}
+
+/// A topic's hash slot moves to another primary while a node publishes to it: a publish
+/// sent halfway waits for the migration (or is refused UNAVAILABLE having stored nothing),
+/// and afterwards a subscriber from the start reads every acknowledged message in order,
+/// under its sequence, without gaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_topic_keeps_its_log_while_its_slot_moves_to_another_primary() {
+    const TOPIC: &str = "moving-log";
+    let (cluster, node, client) = node_on_a_cluster().await;
+    let mut acknowledged = Vec::new();
+    for i in 0..10 {
+        let payload = format!("m{i}");
+        acknowledged.push((
+            client.publish(TOPIC, payload.clone()).await.unwrap(),
+            payload,
+        ));
+    }
+
+    let moving = SlotMove::halfway(&cluster, &format!("{{t:{TOPIC}}}"), 2).await;
+    let during = tokio::spawn({
+        let client = client.clone();
+        async move { client.publish(TOPIC, "during").await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    moving.finish().await;
+    match within(during).await.unwrap() {
+        Ok(sequence) => acknowledged.push((sequence, "during".into())),
+        Err(e) => assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}"),
+    }
+    let sequence = client.publish(TOPIC, "after").await.unwrap();
+    acknowledged.push((sequence, "after".into()));
+
+    let mut stream = client
+        .subscribe(TOPIC)
+        .start(StartAt::Sequence(1))
+        .raw()
+        .await
+        .unwrap();
+    let received = deliveries(&mut stream, acknowledged.len()).await;
+    let expected: Vec<u64> = (1..=acknowledged.len() as u64).collect();
+    let sequences: Vec<u64> = received.iter().map(|(s, _)| *s).collect();
+    assert_eq!(sequences, expected, "in order, without gaps");
+    assert_eq!(
+        received, acknowledged,
+        "each under its acknowledged sequence"
+    );
+    assert_eq!(moving.left_behind().await, 0);
     node.stop().await;
 }
 

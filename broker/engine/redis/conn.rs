@@ -392,7 +392,8 @@ pub(crate) fn evicting_refusal(policies: &[String]) -> BrokerError {
 /// refuses a function that may write before it runs, and a script (`EVAL`) at its first
 /// write, never midway. Past its `maxmemory` that is RESOURCE_EXHAUSTED; when it cannot
 /// persist (`MISCONF`: its AOF or snapshot failed, such as on a full disk) it stays
-/// UNAVAILABLE, as it lasts until Redis's disk is fixed.
+/// UNAVAILABLE, as it lasts until Redis's disk is fixed; so does a script refused while its
+/// slot migrates (`TRYAGAIN`, see `keys::slot_guard`).
 pub(crate) fn unavailable(doing: &str, e: redis::RedisError) -> BrokerError {
     match e.code() {
         Some("OOM") => BrokerError::ResourceExhausted(format!(
@@ -403,6 +404,12 @@ pub(crate) fn unavailable(doing: &str, e: redis::RedisError) -> BrokerError {
             "redis cannot persist writes ({}): {doing} was refused and changed nothing; \
              free disk space on the Redis host (or fix its AOF or snapshot) and retry",
             e.detail().unwrap_or("MISCONF").trim()
+        )),
+        // Only after the cluster client's own retries: the slot stayed in migration.
+        Some("TRYAGAIN") => BrokerError::Unavailable(format!(
+            "redis cluster is moving this queue's or topic's hash slot to another primary \
+             (resharding): {doing} was refused and changed nothing; retry once the \
+             migration ends"
         )),
         _ => BrokerError::Unavailable(format!("redis: {doing}: {e}")),
     }

@@ -57,6 +57,27 @@ impl TopicKeys {
     pub(crate) fn base(&self) -> &str {
         &self.tag
     }
+
+    /// This topic's [`slot_guard`], declared by each of its scripts.
+    pub(crate) fn slot_guard(&self) -> String {
+        slot_guard(&self.tag)
+    }
+}
+
+/// The slot guard of a script on the keys under `base`: a key of the same slot that is
+/// never written, declared as the script's second key.
+///
+/// A queue's or topic's script builds most of its keys from `base` (job hashes, the ready
+/// set, the log), so Redis cannot check them before it runs. While a cluster moves the
+/// slot to another primary (resharding), its keys are copied one at a time: a script
+/// running then on either node would see half of the queue, and write beside keys still
+/// to be copied. Redis refuses a command with several declared keys while any of them is
+/// missing in a slot being migrated (`ASK` from the old owner, `TRYAGAIN` from the new
+/// one), and the guard is always missing: so no script runs during a migration (the
+/// cluster client retries `TRYAGAIN` until it ends, and the request is refused UNAVAILABLE,
+/// having changed nothing, if it lasts longer), and outside one the guard costs nothing.
+pub(crate) fn slot_guard(base: &str) -> String {
+    format!("{base}:slot-guard")
 }
 
 /// The catalog: the set of queue names and the set of topic names.

@@ -124,8 +124,10 @@ impl TopicStore {
     /// the topic is gone).
     pub(crate) async fn note_gap(&self, name: &str) -> Result<(), BrokerError> {
         let mut c = self.conn.clone();
+        let keys = TopicKeys::new(name);
         let _: i64 = GAP
-            .key(TopicKeys::new(name).base())
+            .key(keys.base())
+            .key(keys.slot_guard())
             .invoke_async(&mut c)
             .await
             .map_err(|e| unavailable(&format!("counting a gap of topic {name:?}"), e))?;
@@ -160,6 +162,7 @@ impl TopicStore {
         let mut c = self.conn.clone();
         let _created: i64 = CREATE
             .key(keys.base())
+            .key(keys.slot_guard())
             .arg(epoch())
             .arg(retention.max_messages)
             .arg(retention.max_bytes)
@@ -179,6 +182,7 @@ impl TopicStore {
         let mut c = self.conn.clone();
         let existed: i64 = DELETE
             .key(keys.base())
+            .key(keys.slot_guard())
             .invoke_async(&mut c)
             .await
             .map_err(|e| unconfirmed(&format!("deleting topic {name:?}"), e))?;
@@ -240,6 +244,7 @@ impl TopicStore {
         let defaults = Retention::default();
         let mut invocation = PUBLISH.key(keys.base());
         invocation
+            .key(keys.slot_guard())
             .arg(epoch())
             .arg(defaults.max_messages)
             .arg(defaults.max_bytes)
@@ -293,6 +298,7 @@ impl TopicStore {
         let count = max.min(u32::MAX as usize);
         let out: Value = READ
             .key(keys.base())
+            .key(keys.slot_guard())
             .arg(from_seq)
             .arg(count)
             .invoke_async(&mut c)
@@ -339,6 +345,7 @@ impl TopicStore {
         let mut c = self.conn.clone();
         let seq: Option<u64> = SEQ_AT
             .key(keys.base())
+            .key(keys.slot_guard())
             .arg(unix_ms)
             .invoke_async(&mut c)
             .await
@@ -356,6 +363,7 @@ impl TopicStore {
         let mut c = self.conn.clone();
         let out: Option<(u64, u64, u64, u64, u64, u64)> = STATS
             .key(keys.base())
+            .key(keys.slot_guard())
             .arg(subscribers::STALE_MS)
             .invoke_async(&mut c)
             .await
@@ -384,6 +392,7 @@ impl TopicStore {
         let mut c = self.conn.clone();
         let exists: i64 = SWEEP
             .key(keys.base())
+            .key(keys.slot_guard())
             .invoke_async(&mut c)
             .await
             .map_err(|e| unavailable(&format!("applying the retention of topic {name:?}"), e))?;

@@ -23,6 +23,7 @@ use redis::aio::ConnectionLike;
 use redis::{Cmd, FromRedisValue, RedisResult, Script, ToRedisArgs};
 
 use super::COMMON;
+use crate::broker::engine::redis::keys::slot_guard;
 
 /// A body and whether it only reads (registered `no-writes`, so it still runs when Redis is
 /// out of memory, as a read-only `EVAL` did).
@@ -169,14 +170,19 @@ pub(crate) struct Call {
 }
 
 impl Call {
-    /// A call of the body `name` (a file of this folder, without `.lua`) on `key`.
+    /// A call of the body `name` (a file of this folder, without `.lua`) on the queue
+    /// whose keys start with `key` (with its [`slot_guard`], so it never runs while the
+    /// queue's slot migrates).
     pub(crate) fn new(name: &str, key: &str) -> Call {
         debug_assert!(
             BODIES.iter().any(|b| b.name == name),
             "no queue function {name}"
         );
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(format!("{}{name}", LIBRARY.prefix)).arg(1).arg(key);
+        cmd.arg(format!("{}{name}", LIBRARY.prefix))
+            .arg(2)
+            .arg(key)
+            .arg(slot_guard(key));
         Call { cmd }
     }
 
