@@ -1044,6 +1044,51 @@ async fn a_topic_keeps_its_log_while_its_slot_moves_to_another_primary() {
     node.stop().await;
 }
 
+/// How long long polls on `waiter` take to return after `enqueuer` enqueues into `queue`
+/// (5 rounds: the poll waits, 20 ms later one job is enqueued; each job acked).
+async fn wake_latencies(enqueuer: &Client, waiter: &Client, queue: &str) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    for _ in 0..5 {
+        let poll = long_poll(waiter, queue, Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        enqueuer.enqueue(queue, "wake").send().await.unwrap();
+        let sent = Instant::now();
+        let leased = within(poll).await.unwrap().unwrap();
+        latencies.push(sent.elapsed());
+        for lease in leased {
+            lease.ack().await.unwrap();
+        }
+    }
+    latencies
+}
+
+/// A node keeps waking its waiters within milliseconds after a queue's slot moved to
+/// another primary: Redis drops the shard channel subscriptions of a slot that leaves it
+/// (a `sunsubscribe` push), and the node subscribes again through the new owner. Without
+/// that, every wake of that queue was lost and its long polls returned only at their
+/// next look, a quarter of a second later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_polls_still_wake_at_once_after_their_queues_slot_moved() {
+    const QUEUE: &str = "wake-moving";
+    let (cluster, node, a) = node_on_a_cluster().await;
+    let node_b = Node::start(RedisConfig::new(cluster.seeds())).await;
+    let b = node_b.client().await;
+    let before = wake_latencies(&a, &b, QUEUE).await;
+    let moving = SlotMove::halfway(&cluster, &format!("{{q:{QUEUE}}}"), 2).await;
+    moving.finish().await;
+    let after = wake_latencies(&a, &b, QUEUE).await;
+    eprintln!("wake latency before the move {before:?}, after {after:?}");
+    // A missed wake costs a poll interval (250 ms, about 230 ms here); a load spike
+    // may slow one round, not all five.
+    let fastest = after.iter().min().unwrap();
+    assert!(
+        *fastest < Duration::from_millis(120),
+        "no long poll woke at once after the move: {after:?}"
+    );
+    node_b.stop().await;
+    node.stop().await;
+}
+
 // ---- failover ledger: the real binary over a Redis Cluster --------------------------------
 
 const LEDGER_QUEUE: &str = "ledger";

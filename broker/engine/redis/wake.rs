@@ -325,6 +325,11 @@ fn message_channel(push: &PushInfo) -> Option<String> {
     if push.kind != PushKind::SMessage {
         return None;
     }
+    push_channel(push)
+}
+
+/// The channel a push is about (its first element).
+fn push_channel(push: &PushInfo) -> Option<String> {
     match push.data.first()? {
         Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
         Value::SimpleString(s) => Some(s.clone()),
@@ -394,6 +399,22 @@ async fn run(
                                 // The cluster connection reconnects and re-subscribes by
                                 // itself; a standalone one is rebuilt here.
                                 if !cluster {
+                                    break;
+                                }
+                            }
+                            Some(push) if push.kind == PushKind::SUnsubscribe => {
+                                // The node never unsubscribes: the server dropped the
+                                // channel because its slot moved to another primary
+                                // (resharding). Subscribed again, the cluster client finds
+                                // the new owner; wakes sent meanwhile are lost, so its
+                                // waiters look once.
+                                let Some(channel) = push_channel(&push) else { continue };
+                                if !lock(&hub.channels).contains_key(&channel) {
+                                    continue;
+                                }
+                                hub.fire(&channel);
+                                if let Err(e) = conn.ssubscribe(&channel).await {
+                                    tracing::warn!("redis wake-up subscriber: SSUBSCRIBE {channel} again: {e}");
                                     break;
                                 }
                             }
