@@ -405,6 +405,11 @@ pub(crate) fn unavailable(doing: &str, e: redis::RedisError) -> BrokerError {
              free disk space on the Redis host (or fix its AOF or snapshot) and retry",
             e.detail().unwrap_or("MISCONF").trim()
         )),
+        Some("READONLY") => BrokerError::Unavailable(format!(
+            "redis answered READONLY: the server --redis names is now a read-only replica \
+             (a failover demoted it?): {doing} was refused and changed nothing; point --redis \
+             at the current primary"
+        )),
         // Only after the cluster client's own retries: the slot stayed in migration.
         Some("TRYAGAIN") => BrokerError::Unavailable(format!(
             "redis cluster is moving this queue's or topic's hash slot to another primary \
@@ -514,7 +519,42 @@ async fn probe_one(client: &redis::Client, shown: &str) -> Result<bool, BrokerEr
         .query_async(&mut probe)
         .await
         .map_err(|e| probe_failed(shown, "INFO cluster on", e))?;
-    Ok(info.contains("cluster_enabled:1"))
+    let cluster = info.contains("cluster_enabled:1");
+    if !cluster {
+        // A cluster client finds the primaries from any node; a standalone server is the
+        // one every write goes to.
+        let replication: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut probe)
+            .await
+            .map_err(|e| probe_failed(shown, "INFO replication on", e))?;
+        check_primary(shown, &replication)?;
+    }
+    Ok(cluster)
+}
+
+/// Refuses a standalone server that is a replica (`role:slave` in `INFO replication`):
+/// it refuses every write (`READONLY`), so a node on it could serve nothing. A managed
+/// Redis's reader endpoint is the usual way to get here.
+fn check_primary(addr: &str, info_replication: &str) -> Result<(), BrokerError> {
+    let field = |name: &str| {
+        info_replication
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    if field("role") != Some("slave") {
+        return Ok(());
+    }
+    let host = field("master_host").unwrap_or("?");
+    let port = field("master_port").unwrap_or("?");
+    Err(BrokerError::invalid(
+        "redis",
+        format!(
+            "{addr} is a read-only replica (of {host}:{port}); Sluice writes on every queue \
+             and topic operation: point --redis at the primary"
+        ),
+    ))
 }
 
 /// [`connect`] where a reply may take up to `response_timeout` (a `WAIT` for replicas
@@ -669,6 +709,55 @@ mod tests {
         assert!(matches!(err, BrokerError::InvalidArgument { .. }), "{err}");
         assert!(
             err.to_string().contains("\"http://elsewhere:7000\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_replica_is_no_primary() {
+        let replica = "# Replication\r\nrole:slave\r\nmaster_host:10.0.0.5\r\nmaster_port:6379\r\n";
+        let err = check_primary("redis://10.0.0.6:6379", replica).unwrap_err();
+        assert!(matches!(err, BrokerError::InvalidArgument { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("redis://10.0.0.6:6379 is a read-only replica (of 10.0.0.5:6379)")
+                && text.contains("point --redis at the primary"),
+            "{text}"
+        );
+        assert!(check_primary("a", "# Replication\r\nrole:master\r\n").is_ok());
+        assert!(check_primary("a", "").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_standalone_replica_is_refused_and_a_demoted_primary_refuses_writes_clearly() {
+        let primary = RedisServer::start();
+        let port = primary.port.to_string();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+        let err = refusal(&[replica.url()], "a replica as the server").await;
+        assert!(
+            err.to_string()
+                .contains(&format!("is a read-only replica (of 127.0.0.1:{port})")),
+            "{err}"
+        );
+        // A primary demoted while a node uses it: writes are refused READONLY.
+        let mut conn = connect(&[primary.url()]).await.unwrap();
+        let other = RedisServer::start();
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(other.port)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let refused = redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap_err();
+        let err = unavailable("an enqueue", refused);
+        assert!(
+            matches!(&err, BrokerError::Unavailable(m) if m.contains("redis answered READONLY")
+                && m.contains("an enqueue was refused and changed nothing")),
             "{err}"
         );
     }
