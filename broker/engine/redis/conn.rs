@@ -508,27 +508,19 @@ async fn probe_one(client: &redis::Client, shown: &str) -> Result<bool, BrokerEr
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| probe_failed(shown, "connecting to", e))?;
-    let server: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut probe)
-        .await
-        .map_err(|e| probe_failed(shown, "INFO server on", e))?;
-    check_version(shown, &server)?;
-    let info: String = redis::cmd("INFO")
-        .arg("cluster")
-        .query_async(&mut probe)
-        .await
-        .map_err(|e| probe_failed(shown, "INFO cluster on", e))?;
-    let cluster = info.contains("cluster_enabled:1");
+    let mut info = async |section: &str| -> Result<String, BrokerError> {
+        redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut probe)
+            .await
+            .map_err(|e| probe_failed(shown, &format!("INFO {section} on"), e))
+    };
+    check_version(shown, &info("server").await?)?;
+    let cluster = info("cluster").await?.contains("cluster_enabled:1");
     if !cluster {
         // A cluster client finds the primaries from any node; a standalone server is the
         // one every write goes to.
-        let replication: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut probe)
-            .await
-            .map_err(|e| probe_failed(shown, "INFO replication on", e))?;
-        check_primary(shown, &replication)?;
+        check_primary(shown, &info("replication").await?)?;
     }
     Ok(cluster)
 }
