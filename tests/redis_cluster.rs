@@ -822,6 +822,44 @@ async fn a_wait_for_replicas_does_not_hold_up_the_nodes_other_requests() {
     node.stop().await;
 }
 
+/// A Redis user scoped to Sluice's keys and channels, with the dangerous commands taken
+/// away, is enough for a node: the ACL the README shows.
+#[tokio::test]
+async fn the_node_serves_with_a_redis_user_scoped_to_its_keys() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let acl = [
+        "ACL",
+        "SETUSER",
+        "sluice",
+        "on",
+        ">pw",
+        "~sluice:*",
+        "&sluice:*",
+        "+@all",
+        "-@dangerous",
+        "+info",
+        "+function|load",
+        "+function|list",
+    ];
+    let _: () = redis_cmd(server.port, &acl).await;
+    let url = format!("redis://sluice:pw@127.0.0.1:{}", server.port);
+    let node = Node::start(RedisConfig::new(vec![url])).await;
+    let client = node.client().await;
+    client.enqueue("scoped", "job").send().await.unwrap();
+    let poll = long_poll(&client, "scoped-wait", Duration::from_secs(5)).await;
+    client.enqueue("scoped-wait", "woken").send().await.unwrap();
+    assert_eq!(within(poll).await.unwrap().unwrap().len(), 1);
+    let mut leases = client.lease("scoped").send().await.unwrap();
+    leases.remove(0).ack().await.unwrap();
+    let sequence = client.publish("scoped-topic", "m").await.unwrap();
+    assert_eq!(sequence, 1);
+    let stats = client.stats().await.unwrap();
+    assert!(stats.queues.iter().any(|q| q.name == "scoped"), "{stats:?}");
+    node.stop().await;
+}
+
 // ---- resharding: a queue's or topic's slot moves to another primary ----------------------
 
 /// `MIGRATE` of `key` from the primary on `from` to the one on `to`: `OK`, `NOKEY`, or the

@@ -393,7 +393,8 @@ pub(crate) fn evicting_refusal(policies: &[String]) -> BrokerError {
 /// write, never midway. Past its `maxmemory` that is RESOURCE_EXHAUSTED; when it cannot
 /// persist (`MISCONF`: its AOF or snapshot failed, such as on a full disk) it stays
 /// UNAVAILABLE, as it lasts until Redis's disk is fixed; so does a script refused while its
-/// slot migrates (`TRYAGAIN`, see `keys::slot_guard`).
+/// slot migrates (`TRYAGAIN`, see `keys::slot_guard`). A command the Redis user may not
+/// run (`NOPERM`) is FAILED_PRECONDITION naming it: no retry helps until an admin grants it.
 pub(crate) fn unavailable(doing: &str, e: redis::RedisError) -> BrokerError {
     match e.code() {
         Some("OOM") => BrokerError::ResourceExhausted(format!(
@@ -404,6 +405,13 @@ pub(crate) fn unavailable(doing: &str, e: redis::RedisError) -> BrokerError {
             "redis cannot persist writes ({}): {doing} was refused and changed nothing; \
              free disk space on the Redis host (or fix its AOF or snapshot) and retry",
             e.detail().unwrap_or("MISCONF").trim()
+        )),
+        Some("NOPERM") => BrokerError::FailedPrecondition(format!(
+            "the Redis user of --redis may not run a command Sluice needs ({}): {doing} was \
+             refused and changed nothing; grant it what the README's \"Many nodes\" section \
+             shows (such as ACL SETUSER <user> ~sluice:* &sluice:* +@all -@dangerous +info \
+             +function|load +function|list)",
+            e.detail().unwrap_or("NOPERM").trim()
         )),
         Some("READONLY") => BrokerError::Unavailable(format!(
             "redis answered READONLY: the server --redis names is now a read-only replica \
@@ -750,6 +758,39 @@ mod tests {
         assert!(
             matches!(&err, BrokerError::Unavailable(m) if m.contains("redis answered READONLY")
                 && m.contains("an enqueue was refused and changed nothing")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_command_the_redis_user_may_not_run_is_refused_naming_it() {
+        let server = RedisServer::start();
+        let mut admin = connect(&[server.url()]).await.unwrap();
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("limited")
+            .arg("on")
+            .arg(">pw")
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all")
+            .arg("-function")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let url = format!("redis://limited:pw@127.0.0.1:{}", server.port);
+        let mut limited = connect(&[url]).await.unwrap();
+        let refused = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("#!lua name=t\nredis.register_function('t', function() return 1 end)")
+            .query_async::<()>(&mut limited)
+            .await
+            .unwrap_err();
+        let err = unavailable("defining queue \"q\"", refused);
+        assert!(
+            matches!(&err, BrokerError::FailedPrecondition(m)
+                if m.contains("function|load") && m.contains("may not run a command")
+                    && m.contains("refused and changed nothing")),
             "{err}"
         );
     }
