@@ -1035,8 +1035,8 @@ async fn a_queue_keeps_its_jobs_while_its_slot_moves_to_another_primary() {
 
 /// A topic's hash slot moves to another primary while a node publishes to it: a publish
 /// sent halfway waits for the migration (or is refused UNAVAILABLE having stored nothing),
-/// and afterwards a subscriber from the start reads every acknowledged message in order,
-/// under its sequence, without gaps.
+/// a subscriber on another node reads on across the move, and afterwards a subscriber from
+/// the start reads every acknowledged message in order, under its sequence, without gaps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_topic_keeps_its_log_while_its_slot_moves_to_another_primary() {
     const TOPIC: &str = "moving-log";
@@ -1049,6 +1049,18 @@ async fn a_topic_keeps_its_log_while_its_slot_moves_to_another_primary() {
             payload,
         ));
     }
+
+    // A subscriber on another node, reading live across the move.
+    let node_b = Node::start(RedisConfig::new(cluster.seeds())).await;
+    let mut live = node_b
+        .client()
+        .await
+        .subscribe(TOPIC)
+        .start(StartAt::Sequence(1))
+        .raw()
+        .await
+        .unwrap();
+    let mut read_live = deliveries(&mut live, acknowledged.len()).await;
 
     let moving = SlotMove::halfway(&cluster, &format!("{{t:{TOPIC}}}"), 2).await;
     let during = tokio::spawn({
@@ -1078,7 +1090,14 @@ async fn a_topic_keeps_its_log_while_its_slot_moves_to_another_primary() {
         received, acknowledged,
         "each under its acknowledged sequence"
     );
+    let more = acknowledged.len() - read_live.len();
+    read_live.extend(deliveries(&mut live, more).await);
+    assert_eq!(
+        read_live, acknowledged,
+        "the live subscriber read across the move"
+    );
     assert_eq!(moving.left_behind().await, 0);
+    node_b.stop().await;
     node.stop().await;
 }
 
