@@ -977,14 +977,16 @@ async fn a_queue_keeps_its_jobs_while_its_slot_moves_to_another_primary() {
     assert_eq!(held.len(), 5);
 
     let moving = SlotMove::halfway(&cluster, &format!("{{q:{QUEUE}}}"), 20).await;
+    let sent = Instant::now();
     let during = tokio::spawn({
         let client = client.clone();
         async move {
-            client
+            let answer = client
                 .enqueue(QUEUE, "during")
                 .idempotency_key("during")
                 .send()
-                .await
+                .await;
+            (answer, sent.elapsed())
         }
     });
     let leasing = tokio::spawn({
@@ -1000,7 +1002,12 @@ async fn a_queue_keeps_its_jobs_while_its_slot_moves_to_another_primary() {
         Ok(leases) => leased_during = leases,
         Err(e) => assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}"),
     }
-    if let Err(e) = within(during).await.unwrap() {
+    let (during, took) = within(during).await.unwrap();
+    eprintln!(
+        "an enqueue sent halfway through the move was answered after {took:?} (the move \
+         ended 500 ms after it was sent)"
+    );
+    if let Err(e) = during {
         assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
         client
             .enqueue(QUEUE, "during")

@@ -204,6 +204,13 @@ impl ConnectionLike for RedisConn {
     }
 }
 
+/// The shortest wait (ms) of the cluster client before it sends a request again after a
+/// redirection it cannot follow yet: `TRYAGAIN` while a slot migrates, a primary down until
+/// its replica is promoted. The library's default, 1,280 ms, held every request of a
+/// migration or a failover for at least that long after the cluster was ready again; its
+/// later waits still grow (10 ms x 2^attempt), so 16 attempts still span minutes.
+pub(crate) const MIN_RETRY_WAIT_MS: u64 = 100;
+
 /// The oldest Redis the engine runs on: its queues are a Functions library (`FCALL`) and
 /// its wake-ups sharded pub/sub (`SPUBLISH`), both new in 7.0.
 const MIN_REDIS_MAJOR: u32 = 7;
@@ -572,6 +579,7 @@ pub(crate) async fn connect_with(
     if cluster {
         let cluster = ClusterClientBuilder::new(seeds.to_vec())
             .response_timeout(response_timeout)
+            .min_retry_wait(MIN_RETRY_WAIT_MS)
             .build()
             .map_err(|e| invalid_seed(&redacted_seeds(seeds), e))?;
         let conn = cluster

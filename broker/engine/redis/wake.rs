@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::domain::error::BrokerError;
 use crate::broker::engine::redis::conn::{
-    Probed, RedisConn, invalid_seed, probe, redacted_seeds, unavailable,
+    MIN_RETRY_WAIT_MS, Probed, RedisConn, invalid_seed, probe, redacted_seeds, unavailable,
 };
 use crate::broker::sync::lock;
 
@@ -311,6 +311,7 @@ async fn connect(
     let cluster = ClusterClientBuilder::new(seeds.to_vec())
         .use_protocol(ProtocolVersion::RESP3)
         .push_sender(pushes)
+        .min_retry_wait(MIN_RETRY_WAIT_MS)
         .build()
         .map_err(|e| invalid_seed(&redacted_seeds(seeds), e))?;
     let conn = cluster
