@@ -1016,20 +1016,18 @@ async fn a_queue_keeps_its_jobs_while_its_slot_moves_to_another_primary() {
             .await
             .unwrap();
     }
-    let mut payloads: Vec<String> = Vec::new();
-    for lease in held.into_iter().chain(leased_during) {
-        payloads.push(String::from_utf8(lease.payload().to_vec()).unwrap());
-        lease.ack().await.unwrap();
-    }
+    let mut leases: Vec<_> = held.into_iter().chain(leased_during).collect();
     loop {
-        let leases = client.lease(QUEUE).max_jobs(100).send().await.unwrap();
-        if leases.is_empty() {
+        let more = client.lease(QUEUE).max_jobs(100).send().await.unwrap();
+        if more.is_empty() {
             break;
         }
-        for lease in leases {
-            payloads.push(String::from_utf8(lease.payload().to_vec()).unwrap());
-            lease.ack().await.unwrap();
-        }
+        leases.extend(more);
+    }
+    let mut payloads: Vec<String> = Vec::new();
+    for lease in leases {
+        payloads.push(String::from_utf8(lease.payload().to_vec()).unwrap());
+        lease.ack().await.unwrap();
     }
     payloads.sort();
     let mut expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();

@@ -302,11 +302,7 @@ fn probe_failed(shown: &str, doing: &str, e: redis::RedisError) -> BrokerError {
 /// Refuses a server older than Redis 7.0 (by `redis_version` in `INFO server`; Valkey
 /// reports the Redis version it matches there too), naming the version found.
 fn check_version(addr: &str, info_server: &str) -> Result<(), BrokerError> {
-    let Some(version) = info_server
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .map(str::trim)
-    else {
+    let Some(version) = info_text(info_server, "redis_version") else {
         return Ok(());
     };
     let major = version
@@ -359,9 +355,14 @@ fn info_texts(reply: &Value, out: &mut Vec<String>) {
 
 /// A numeric `name:value` line of an `INFO` text.
 fn info_field(text: &str, name: &str) -> Option<u64> {
+    info_text(text, name)?.parse().ok()
+}
+
+/// The value of field `name` (matched whole) in an `INFO` text, trimmed.
+fn info_text<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     text.lines().find_map(|line| {
         let (key, value) = line.split_once(':')?;
-        (key == name).then(|| value.trim().parse().ok())?
+        (key == name).then(|| value.trim())
     })
 }
 
@@ -369,10 +370,7 @@ fn info_field(text: &str, name: &str) -> Option<u64> {
 fn evicting_policies(texts: &[String]) -> Vec<String> {
     let mut policies: Vec<String> = Vec::new();
     for text in texts {
-        let policy = text
-            .lines()
-            .find_map(|line| line.strip_prefix("maxmemory_policy:"));
-        match policy.map(str::trim) {
+        match info_text(text, "maxmemory_policy") {
             Some(policy) if policy != "noeviction" && !policies.iter().any(|p| p == policy) => {
                 policies.push(policy.to_string())
             }
@@ -544,17 +542,11 @@ async fn probe_one(client: &redis::Client, shown: &str) -> Result<bool, BrokerEr
 /// it refuses every write (`READONLY`), so a node on it could serve nothing. A managed
 /// Redis's reader endpoint is the usual way to get here.
 fn check_primary(addr: &str, info_replication: &str) -> Result<(), BrokerError> {
-    let field = |name: &str| {
-        info_replication
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    };
-    if field("role") != Some("slave") {
+    if info_text(info_replication, "role") != Some("slave") {
         return Ok(());
     }
-    let host = field("master_host").unwrap_or("?");
-    let port = field("master_port").unwrap_or("?");
+    let host = info_text(info_replication, "master_host").unwrap_or("?");
+    let port = info_text(info_replication, "master_port").unwrap_or("?");
     Err(BrokerError::invalid(
         "redis",
         format!(

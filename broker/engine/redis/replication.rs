@@ -10,9 +10,10 @@
 //! the connection's offset to the primary's current end of the replication stream, so the
 //! WAIT covers every write the primary took before it, whichever connection made it. That
 //! is what lets WAITs travel on a connection of their own (the engine gives
-//! [`Replication`] one, see "Costs and limits" below), and what keeps a WAIT right after a reconnect,
-//! when the new connection has written nothing yet. The tests check it by writing on one
-//! connection, confirming on another and reading the writes on the replica right after.
+//! [`Replication`] one, see "Costs and limits" below), and what keeps a WAIT right after a
+//! reconnect, when the new connection has written nothing yet. The tests check it by
+//! writing on one connection, confirming on another and reading the writes on the replica
+//! right after.
 //!
 //! # Sharing
 //!
